@@ -1,0 +1,41 @@
+# Tiered image duplicate detection. `make install` then `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED ?= ../shared
+WEIGHTS_DIR ?= $(SHARED)/models
+KERAS_HOME ?= $(HOME)/.keras
+DATA ?=
+OUT ?= out
+CONFIG ?= configs/default.yaml
+ARGS ?=
+export SHARED
+
+.PHONY: install test dedupe bench eval weights clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+dedupe: install
+	@test -n "$(DATA)" || { echo "usage: make dedupe DATA=path/to/images [OUT=out] [CONFIG=configs/default.yaml] [ARGS='--set key=value']" >&2; exit 2; }
+	$(PY) -m pipeline dedupe "$(DATA)" --out "$(OUT)" --config "$(CONFIG)" $(ARGS)
+
+weights:
+	$(PY) -m pipeline weights --from "$(WEIGHTS_DIR)"
+
+bench: install
+	$(PY) -m bench.run --out docs/benchmarks.md $(ARGS)
+
+eval: install
+	$(PY) -m bench.eval --out docs/benchmarks.md $(ARGS)
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

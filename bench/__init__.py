@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`) and the accuracy harness (`make eval`); not part of the package."""

@@ -1,0 +1,223 @@
+"""The one typed configuration object, loaded from YAML and `--set key=value` overrides.
+
+Every knob of every stage lives here, grouped by stage; `configs/default.yaml` mirrors it with a
+comment per key. Unknown keys and wrongly typed values are rejected with a message that says what
+to fix (the CLI turns `ConfigError` into exit code 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix (bad file, unknown key, wrong type or range)."""
+
+
+@dataclass
+class ScanConfig:
+    follow_symlinks: bool = True  # followed, with loop protection
+    skip_hidden: bool = True  # names starting with "." (files and folders)
+    # Files with these extensions are reported (with an error) even when their content is not a
+    # recognised image; other files are kept only when their content sniffs as an image.
+    image_extensions: list[str] = field(default_factory=lambda: [
+        ".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pgm",
+        ".ppm", ".pbm", ".pnm", ".ico", ".jp2", ".heic", ".heif", ".avif"])
+    max_file_bytes: int = 256 * 1024 * 1024  # larger files are recorded as errors, not read
+
+
+@dataclass
+class ScreenConfig:
+    hash: Literal["ahash", "phash", "dhash", "whash"] = "ahash"
+    hash_size: int = 8  # bits = hash_size**2 (8 -> 64-bit hash)
+    max_pixels: int = 200_000_000  # decompression-bomb guard: larger images are errors
+    decode_size: int = 256  # JPEG draft decodes to the smallest scale >= this (pixels, short side)
+    dihedral: bool = True  # also hash flips/90-degree rotations so mirrored/rotated copies meet
+    trim_borders: bool = True  # also hash the image with uniform borders (letterbox) removed
+    border_tolerance: int = 12  # max channel difference from the edge colour that counts as border
+    # candidate search
+    max_distance: int = 10  # Hamming distance <= this makes a near candidate pair
+    max_candidates: int = 30  # per image: keep only its K nearest (hub guard)
+    backend: Literal["mih", "brute"] = "mih"  # multi-index hash or brute force
+    exact_group_pairs: int = 50  # exact-copy groups larger than this emit a star, not all pairs
+
+
+@dataclass
+class VerifyConfig:
+    max_side: int = 512  # ORB runs on the image resized so its longer side is <= this
+    n_features: int = 500  # ORB keypoints per image (cap)
+    ratio: float = 0.8  # Lowe's ratio test
+    min_keypoints: int = 25  # fewer keypoints on either image -> "inconclusive"
+    ransac_threshold: float = 8.0  # reprojection error (pixels, at max_side scale)
+    model: Literal["homography", "affine"] = "homography"
+    min_good_matches: int = 8  # fewer ratio-test matches -> no RANSAC, zero inliers
+    seed: int = 12345  # OpenCV RNG seed, so RANSAC is deterministic
+
+
+@dataclass
+class EmbedConfig:
+    backbone: Literal["MobileNetV2", "MobileNet"] = "MobileNetV2"
+    alpha: float = 0.5
+    input_size: int = 224
+    weights: str = "imagenet"  # "imagenet" (Keras cache, $KERAS_HOME/models) or a path to .h5
+    batch_size: int = 64
+    threads: int = 0  # TensorFlow intra-op threads per worker; 0 = the worker's thread count
+
+
+@dataclass
+class DecideConfig:
+    # A pair is a duplicate when (see pipeline/decide.py for the full rule):
+    #   cosine >= cosine_threshold and ORB did not reject it, or
+    #   ORB inliers >= strong_inliers and cosine >= cosine_floor (or cosine not computed).
+    verify_min_inliers: int = 15  # ORB inliers at or above this: the geometry agrees
+    verify_reject_inliers: int = 6  # below this with enough keypoints: ORB rejects the pair
+    strong_inliers: int = 40  # geometry so clear that a lower cosine suffices
+    cosine_threshold: float = 0.80
+    cosine_floor: float = 0.55
+    screen_only_distance: int = 4  # with tiers=screen: duplicates are pairs at <= this distance
+
+
+@dataclass
+class DaskConfig:
+    scheduler: str = "local"  # "local" (a LocalCluster sized to the machine), "sync", or an address
+    n_workers: int = 0  # local cluster: 0 = one per core
+    threads_per_worker: int = 1
+    partition_size: int = 256  # images per screen/feature task
+    pairs_per_task: int = 2000  # candidate pairs per verify/confirm task
+    memory_limit: str = "auto"
+
+
+@dataclass
+class Config:
+    tiers: Literal["screen", "verify", "confirm"] = "confirm"  # last tier to run
+    work_dir: str = ""  # features store; "" = OUT/_work (removed after a successful run)
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    screen: ScreenConfig = field(default_factory=ScreenConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    decide: DecideConfig = field(default_factory=DecideConfig)
+    dask: DaskConfig = field(default_factory=DaskConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin in (list, typing.List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = get_args(tp)
+        return [_check_type(f"{key}[]", v, item_tp) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} does not fit {tp}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        return str(value)
+    return value
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}' (known here: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _check_type(full, value, hints[key]))
+
+
+def _validate(cfg: Config) -> None:
+    s = cfg.screen
+    bits = s.hash_size * s.hash_size
+    checks = [
+        (s.hash_size >= 8 and s.hash_size % 8 == 0,
+         "screen.hash_size must be a multiple of 8 (8 -> 64-bit hash, 16 -> 256-bit)"),
+        (0 <= s.max_distance < bits, f"screen.max_distance must be in [0, {bits - 1}]"),
+        (s.max_candidates >= 1, "screen.max_candidates must be >= 1"),
+        (s.exact_group_pairs >= 1, "screen.exact_group_pairs must be >= 1"),
+        (s.decode_size >= 32, "screen.decode_size must be >= 32"),
+        (s.max_pixels > 0, "screen.max_pixels must be > 0"),
+        (cfg.verify.max_side >= 64, "verify.max_side must be >= 64"),
+        (cfg.verify.n_features >= 10, "verify.n_features must be >= 10"),
+        (0 < cfg.verify.ratio < 1, "verify.ratio must be in (0, 1)"),
+        (cfg.embed.batch_size >= 1, "embed.batch_size must be >= 1"),
+        (cfg.embed.input_size >= 32, "embed.input_size must be >= 32"),
+        (-1 <= cfg.decide.cosine_floor <= cfg.decide.cosine_threshold <= 1,
+         "decide: need -1 <= cosine_floor <= cosine_threshold <= 1"),
+        (cfg.dask.partition_size >= 1, "dask.partition_size must be >= 1"),
+        (cfg.dask.pairs_per_task >= 1, "dask.pairs_per_task must be >= 1"),
+        (cfg.dask.n_workers >= 0, "dask.n_workers must be >= 0"),
+        (cfg.dask.threads_per_worker >= 1, "dask.threads_per_worker must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`screen.max_distance=12` -> ("screen.max_distance", 12); values are parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set screen.max_distance=12")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if given), then each `key=value` override, then validation."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found: pass an existing YAML file to --config")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {str(p)!r} cannot be read as YAML: {exc}") from None
+        _apply(cfg, data)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _apply(cfg, nested)
+    _validate(cfg)
+    return cfg
