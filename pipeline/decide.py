@@ -1,0 +1,103 @@
+"""Stage 6, decide + cluster: turn tier scores into `is_duplicate`, `stage`, `reason`; group into clusters.
+
+The rule (thresholds in `DecideConfig`, calibrated in docs/benchmarks.md):
+
+* exact: byte-identical files are duplicates (no further tier runs).
+* tiers=screen: a near pair is a duplicate when its hash distance <= `screen_only_distance`.
+* verify: ORB "no-match" (enough keypoints, fewer than `verify_reject_inliers` inliers) rejects the
+  pair here; with tiers=verify, "match" (>= `verify_min_inliers` inliers) accepts it and an
+  inconclusive pair falls back to the screen rule.
+* confirm: a pair that reached the confirm tier is a duplicate when its cosine >=
+  `cosine_threshold`, or when ORB found strong geometry (>= `strong_inliers`) and the cosine is at
+  least `cosine_floor` (heavy recolouring lowers the cosine but not the keypoint geometry).
+
+Clusters are connected components of the duplicate pairs; `cluster_id` is the `image_id` of the
+member whose path sorts first, so the same input always gives the same ids.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from pipeline.config import Config
+
+
+def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """Add `stage`, `is_duplicate`, `reason` to candidate pairs (columns from earlier tiers).
+
+    Expects `kind` ("exact"/"near"), `hash_distance`, and when those tiers ran `orb_status`,
+    `orb_inliers`, `orb_reason`, `cosine`.
+    """
+    d = cfg.decide
+    out = pairs.copy()
+    n = len(out)
+    stage = np.full(n, "screen", dtype=object)
+    dup = np.zeros(n, dtype=bool)
+    reason = np.full(n, "", dtype=object)
+
+    exact = (out["kind"] == "exact").to_numpy()
+    dist = out["hash_distance"].to_numpy(dtype=np.float64)
+    stage[exact] = "exact"
+    dup[exact] = True
+    reason[exact] = "identical bytes (sha256)"
+
+    near = ~exact
+    screen_ok = dist <= d.screen_only_distance
+    if cfg.tiers == "screen":
+        dup[near] = screen_ok[near]
+        reason[near] = np.where(screen_ok[near], f"hash distance <= {d.screen_only_distance}",
+                                f"hash distance > {d.screen_only_distance}")
+    else:
+        status = out["orb_status"].to_numpy(dtype=object)
+        inliers = out["orb_inliers"].fillna(0).to_numpy(dtype=np.int64)
+        orb_reason = out["orb_reason"].fillna("").to_numpy(dtype=object)
+        rejected = near & (status == "no-match")
+        stage[near] = "verify"
+        reason[near] = orb_reason[near]
+        if cfg.tiers == "verify":
+            match = near & (status == "match")
+            inconclusive = near & ~rejected & ~match
+            dup[match] = True
+            dup[inconclusive] = screen_ok[inconclusive]
+            reason[inconclusive] = [f"{r}; hash distance {int(x)} vs screen_only_distance "
+                                    f"{d.screen_only_distance}" for r, x in zip(orb_reason[inconclusive],
+                                                                                dist[inconclusive])]
+        else:
+            cosine = out["cosine"].to_numpy(dtype=np.float64)
+            confirmed = near & ~rejected & ~np.isnan(cosine)
+            stage[confirmed] = "confirm"
+            strong = inliers >= d.strong_inliers
+            accept = confirmed & ((cosine >= d.cosine_threshold) | (strong & (cosine >= d.cosine_floor)))
+            dup[accept] = True
+            for i in np.flatnonzero(confirmed):
+                verdict = "duplicate" if dup[i] else "different"
+                rule = (f"cosine {cosine[i]:.3f} >= {d.cosine_threshold}" if cosine[i] >= d.cosine_threshold
+                        else f"cosine {cosine[i]:.3f} >= {d.cosine_floor} with {inliers[i]} ORB inliers"
+                        if dup[i] else f"cosine {cosine[i]:.3f} < {d.cosine_threshold}")
+                reason[i] = f"{verdict}: {rule}; {orb_reason[i]}"
+            # pairs whose embedding failed stay at verify with ORB's verdict
+            lost = near & ~rejected & np.isnan(cosine)
+            dup[lost] = status[lost] == "match"
+            reason[lost] = [f"{r}; no embedding" for r in orb_reason[lost]]
+    out["stage"] = stage
+    out["is_duplicate"] = dup
+    out["reason"] = reason
+    return out
+
+
+def clusters(n_images: int, idx_a: np.ndarray, idx_b: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
+    """Cluster id per image (rows in path order) from duplicate edges; -1 for singletons."""
+    result = np.full(n_images, -1, dtype=np.int64)
+    if n_images == 0 or len(idx_a) == 0:
+        return result
+    graph = coo_matrix((np.ones(len(idx_a), dtype=np.int8), (idx_a, idx_b)), shape=(n_images, n_images))
+    _, labels = connected_components(graph, directed=False)
+    sizes = np.bincount(labels)
+    # first member (lowest row = first path) of each component names the cluster
+    first = np.full(labels.max() + 1, n_images, dtype=np.int64)
+    np.minimum.at(first, labels, np.arange(n_images))
+    in_cluster = sizes[labels] > 1
+    result[in_cluster] = image_ids[first[labels[in_cluster]]]
+    return result

@@ -1,0 +1,135 @@
+"""Stage 1, scan: walk the folder tree and list the image files, streaming.
+
+Files are kept when their first bytes carry an image signature (whatever their extension), or when
+their extension says "image" (then a file whose content is not an image is still listed, with the
+reason in `error`, so a mislabelled or empty file is never silently lost). Directories are read in
+sorted order, so the listing (and every id derived from it) is deterministic. Symlinks are followed
+once per real directory, which breaks loops. Nothing is opened for writing.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.config import ScanConfig
+
+# (offset, magic bytes, format name). Enough to recognise what Pillow can decode.
+SIGNATURES: list[tuple[int, bytes, str]] = [
+    (0, b"\xff\xd8\xff", "JPEG"),
+    (0, b"\x89PNG\r\n\x1a\n", "PNG"),
+    (0, b"GIF87a", "GIF"),
+    (0, b"GIF89a", "GIF"),
+    (0, b"BM", "BMP"),
+    (0, b"II*\x00", "TIFF"),
+    (0, b"MM\x00*", "TIFF"),
+    (0, b"II+\x00", "TIFF"),
+    (0, b"MM\x00+", "TIFF"),
+    (8, b"WEBP", "WEBP"),
+    (0, b"\x00\x00\x01\x00", "ICO"),
+    (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
+    (0, b"\xff\x4f\xff\x51", "JPEG2000"),
+    (4, b"ftypheic", "HEIF"),
+    (4, b"ftypheix", "HEIF"),
+    (4, b"ftypmif1", "HEIF"),
+    (4, b"ftypavif", "AVIF"),
+]
+_PNM = {b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"P7"}
+SNIFF_BYTES = 32
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative to the scanned root, POSIX separators
+    abs_path: str
+    bytes: int
+    mtime: float
+    error: str | None = None  # set when the file is listed but cannot be an image
+
+
+def sniff(head: bytes) -> str | None:
+    """Image format name from the first bytes, or None."""
+    for offset, magic, name in SIGNATURES:
+        if head[offset:offset + len(magic)] == magic:
+            if name == "WEBP" and head[:4] != b"RIFF":
+                continue
+            if name == "BMP" and len(head) < 14:
+                continue
+            return name
+    if head[:2] in _PNM and len(head) > 2 and head[2:3] in (b" ", b"\n", b"\r", b"\t", b"#"):
+        return "PPM"
+    return None
+
+
+def _classify(abs_path: str, size: int, cfg: ScanConfig) -> tuple[bool, str | None]:
+    """(keep?, error) for one regular file."""
+    ext_is_image = os.path.splitext(abs_path)[1].lower() in cfg.image_extensions
+    if size > cfg.max_file_bytes:
+        return ext_is_image, f"file too large: {size} bytes exceeds scan.max_file_bytes={cfg.max_file_bytes}"
+    try:
+        with open(abs_path, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+    except OSError as exc:
+        return ext_is_image, f"cannot read: {exc.strerror or exc}"
+    if sniff(head):
+        return True, None
+    if not ext_is_image:
+        return False, None
+    if size == 0:
+        return True, "empty file"
+    return True, "not an image: content matches no known image format"
+
+
+def iter_files(root: str | Path, cfg: ScanConfig) -> Iterator[FileEntry]:
+    """Yield every image file under `root` (depth-first, sorted), one at a time."""
+    root_abs = os.path.abspath(root)
+    seen_dirs: set[tuple[int, int]] = set()
+    st = os.stat(root_abs)
+    seen_dirs.add((st.st_dev, st.st_ino))
+    stack: list[tuple[str, str]] = [(root_abs, "")]
+    while stack:
+        dir_abs, dir_rel = stack.pop()
+        try:
+            with os.scandir(dir_abs) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue  # unreadable folder: nothing inside it can be listed
+        subdirs = []
+        for entry in entries:
+            if cfg.skip_hidden and entry.name.startswith("."):
+                continue
+            rel = f"{dir_rel}/{entry.name}" if dir_rel else entry.name
+            try:
+                is_link = entry.is_symlink()
+                if is_link and not cfg.follow_symlinks:
+                    continue
+                st = entry.stat(follow_symlinks=True)
+            except OSError:
+                if entry.is_symlink():
+                    continue  # dangling link
+                raise
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in seen_dirs:
+                    continue  # symlink loop or a folder reached twice
+                seen_dirs.add(key)
+                subdirs.append((entry.path, rel))
+            elif stat.S_ISREG(st.st_mode):
+                keep, error = _classify(entry.path, st.st_size, cfg)
+                if keep:
+                    yield FileEntry(rel, os.path.abspath(entry.path), st.st_size, st.st_mtime, error)
+        stack.extend(reversed(subdirs))
+
+
+def batched(entries: Iterator[FileEntry], size: int) -> Iterator[list[FileEntry]]:
+    """Group the stream into partitions of `size` files without listing everything first."""
+    batch: list[FileEntry] = []
+    for entry in entries:
+        batch.append(entry)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

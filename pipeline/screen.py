@@ -1,0 +1,152 @@
+"""Stage 2, screen: per image, one read and one decode -> sha256, size, format and perceptual hashes.
+
+`screen_partition` is a plain function over one partition of scanned files; `run.py` maps it over
+Dask. Each file is read once: the sha256 is taken of those bytes and Pillow decodes the same
+bytes (JPEGs in draft mode at the smallest DCT scale that still has `screen.decode_size` pixels on
+the short side). Besides the plain hash, the screen hashes the 7 other dihedral orientations
+(so a mirrored or rotated copy meets its original in the candidate search) and the image with
+uniform borders trimmed (letterbox, pillarbox, screenshot margins). A file that cannot be read or
+decoded gets its reason in `error`; nothing is raised.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Callable
+
+import imagehash
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline.config import ScreenConfig
+from pipeline.decode import DecodeError, dihedral, load_image
+from pipeline.scan import FileEntry
+
+N_VARIANTS = 9  # 0 plain, 1..7 the other dihedral orientations, 8 border-trimmed
+TRIMMED = 8
+HASH_SIZE_WORK = 128  # hashes are computed from a copy at most this large (cheap transposes)
+
+HASHERS: dict[str, Callable[..., imagehash.ImageHash]] = {
+    "ahash": imagehash.average_hash,
+    "phash": imagehash.phash,
+    "dhash": imagehash.dhash,
+    "whash": imagehash.whash,
+}
+
+COLUMNS = ["path", "abs_path", "bytes", "mtime", "width", "height", "format", "sha256", "hash",
+           "error", "codes", "variant_mask"]
+
+
+def hash_words(h: imagehash.ImageHash) -> np.ndarray:
+    """ImageHash -> uint64 words, most significant bit first (same bit order as its hex string)."""
+    return np.frombuffer(np.packbits(h.hash.flatten()).tobytes(), dtype=">u8").astype(np.uint64)
+
+
+def words_to_hex(words: np.ndarray) -> str:
+    return "".join(f"{int(w):016x}" for w in words)
+
+
+def trim_box(img: Image.Image, tolerance: int, min_keep: float = 0.3) -> tuple[int, int, int, int] | None:
+    """Box of the content inside uniform borders, or None when there is no border to trim.
+
+    A border row/column is one whose pixels (>= 90 % of them) lie within `tolerance` of the row's
+    median colour: plain bars, and frames with a little text (a title bar) on them.
+    """
+    a = np.asarray(img.convert("RGB"), dtype=np.int16)
+    h, w = a.shape[:2]
+    if h < 8 or w < 8:
+        return None
+
+    def uniform(lines: np.ndarray) -> np.ndarray:  # lines: (n, length, 3)
+        med = np.median(lines, axis=1, keepdims=True)
+        close = (np.abs(lines - med) <= tolerance).all(axis=2)
+        return close.mean(axis=1) >= 0.9
+
+    rows = uniform(a)
+    cols = uniform(a.transpose(1, 0, 2))
+    top = int(np.argmin(rows)) if not rows.all() else h
+    bottom = h - int(np.argmin(rows[::-1])) if not rows.all() else 0
+    left = int(np.argmin(cols)) if not cols.all() else w
+    right = w - int(np.argmin(cols[::-1])) if not cols.all() else 0
+    if bottom - top < min_keep * h or right - left < min_keep * w:
+        return None  # mostly uniform (blank) image: nothing meaningful to trim to
+    cut = max(top, h - bottom) / h, max(left, w - right) / w
+    if max(cut) < 0.02:
+        return None
+    return left, top, right, bottom
+
+
+def image_hashes(img: Image.Image, cfg: ScreenConfig) -> tuple[np.ndarray, int]:
+    """(codes (N_VARIANTS, W) uint64, variant bitmask) for a decoded RGB image."""
+    hasher = HASHERS[cfg.hash]
+    words = cfg.hash_size * cfg.hash_size // 64
+    codes = np.zeros((N_VARIANTS, words), dtype=np.uint64)
+    small = img.copy()
+    small.thumbnail((max(HASH_SIZE_WORK, 4 * cfg.hash_size),) * 2, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    grey = small.convert("L")
+    mask = 0
+    for t in range(8 if cfg.dihedral else 1):
+        codes[t] = hash_words(hasher(dihedral(grey, t), hash_size=cfg.hash_size))
+        mask |= 1 << t
+    if cfg.trim_borders:
+        box = trim_box(small, cfg.border_tolerance)
+        if box is not None:
+            trimmed = hash_words(hasher(grey.crop(box), hash_size=cfg.hash_size))
+            if not np.array_equal(trimmed, codes[0]):
+                codes[TRIMMED] = trimmed
+                mask |= 1 << TRIMMED
+    return codes, mask
+
+
+def screen_file(entry: FileEntry, cfg: ScreenConfig) -> dict:
+    row = {"path": entry.path, "abs_path": entry.abs_path, "bytes": entry.bytes, "mtime": entry.mtime,
+           "width": None, "height": None, "format": None, "sha256": None, "hash": None,
+           "error": entry.error, "codes": None, "variant_mask": 0}
+    if entry.error:
+        return row
+    try:
+        with open(entry.abs_path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        row["error"] = f"cannot read: {exc.strerror or exc}"
+        return row
+    row["bytes"] = len(data)
+    row["sha256"] = hashlib.sha256(data).hexdigest()
+    if not data:
+        row["error"] = "empty file"
+        return row
+    try:
+        img, (width, height), fmt = load_image(io.BytesIO(data), min_side=cfg.decode_size,
+                                               max_pixels=cfg.max_pixels)
+        row.update(width=width, height=height, format=fmt)
+        codes, mask = image_hashes(img, cfg)
+    except DecodeError as exc:
+        row["error"] = str(exc)
+        return row
+    except Exception as exc:  # a decoder bug on one hostile file must not stop the run
+        row["error"] = f"cannot decode: {type(exc).__name__}: {exc}"
+        return row
+    row["hash"] = words_to_hex(codes[0])
+    row["codes"] = codes.tobytes()
+    row["variant_mask"] = mask
+    return row
+
+
+def screen_partition(entries: list[FileEntry], cfg: ScreenConfig) -> pd.DataFrame:
+    """Screen one partition of files -> one row per file (see COLUMNS)."""
+    frame = pd.DataFrame([screen_file(e, cfg) for e in entries], columns=COLUMNS)
+    return frame.astype({"bytes": "int64", "mtime": "float64", "width": "Int64", "height": "Int64",
+                         "variant_mask": "int64"})
+
+
+def unpack_codes(frame: pd.DataFrame, cfg: ScreenConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Screen rows -> (codes (N, N_VARIANTS, W) uint64, variant_mask (N, N_VARIANTS) bool)."""
+    words = cfg.hash_size * cfg.hash_size // 64
+    codes = np.zeros((len(frame), N_VARIANTS, words), dtype=np.uint64)
+    for i, blob in enumerate(frame["codes"].to_numpy()):
+        if blob is not None:
+            codes[i] = np.frombuffer(blob, dtype=np.uint64).reshape(N_VARIANTS, words)
+    bits = frame["variant_mask"].to_numpy(dtype=np.int64)
+    mask = ((bits[:, None] >> np.arange(N_VARIANTS)) & 1).astype(bool)
+    return codes, mask

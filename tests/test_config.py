@@ -1,0 +1,49 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_default_yaml_matches_built_in_defaults():
+    # configs/default.yaml documents every knob; it must not drift from pipeline/config.py
+    assert load_config(REPO / "configs" / "default.yaml") == Config()
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["screen.max_distance=12", "decide.cosine_threshold=0.9", "tiers=verify",
+                             "screen.dihedral=false", "dask.scheduler=tcp://127.0.0.1:8786"])
+    assert cfg.screen.max_distance == 12 and cfg.decide.cosine_threshold == 0.9
+    assert cfg.tiers == "verify" and cfg.screen.dihedral is False
+    assert cfg.dask.scheduler == "tcp://127.0.0.1:8786"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("screen.max_distanse=3", "unknown config key 'screen.max_distanse'"),
+    ("nope=1", "unknown config key 'nope'"),
+    ("screen.max_distance=abc", "expected a whole number"),
+    ("screen.hash=md5", "not one of"),
+    ("tiers=everything", "not one of"),
+    ("screen.max_distance=64", "screen.max_distance must be in"),
+    ("screen.hash_size=5", "multiple of 8"),
+    ("screen=3", "expected a mapping"),
+    ("novalue", "expected key=value"),
+])
+def test_bad_overrides_say_what_to_fix(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("screen: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot be read as YAML"):
+        load_config(bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("screen:\n  max_candidates: 0\n")
+    with pytest.raises(ConfigError, match="max_candidates"):
+        load_config(wrong)

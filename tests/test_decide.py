@@ -1,0 +1,47 @@
+import numpy as np
+import pandas as pd
+
+from pipeline.config import Config, load_config
+from pipeline.decide import clusters, decide
+
+
+def _pairs(rows):
+    cols = ["kind", "hash_distance", "orb_status", "orb_inliers", "orb_reason", "cosine"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def test_confirm_rule():
+    cfg = Config()
+    d = cfg.decide
+    p = decide(_pairs([
+        ("exact", 0, None, None, None, np.nan),
+        ("near", 3, "match", 80, "orb: 80 inliers", d.cosine_threshold + 0.05),
+        ("near", 9, "no-match", 1, "orb: 1 inlier", np.nan),
+        ("near", 9, "inconclusive", 0, "orb inconclusive", d.cosine_threshold - 0.3),
+        ("near", 9, "match", d.strong_inliers, "orb: strong", d.cosine_floor + 0.01),
+        ("near", 9, "match", d.strong_inliers - 1, "orb: fewer", d.cosine_floor + 0.01),
+        ("near", 2, "inconclusive", 0, "orb inconclusive", d.cosine_threshold + 0.01),
+    ]), cfg)
+    assert p["stage"].tolist() == ["exact", "confirm", "verify", "confirm", "confirm", "confirm", "confirm"]
+    assert p["is_duplicate"].tolist() == [True, True, False, False, True, False, True]
+    assert p["reason"].str.len().gt(0).all()
+
+
+def test_screen_and_verify_only_rules():
+    rows = [("near", 2, "inconclusive", 0, "orb inconclusive", np.nan),
+            ("near", 9, "inconclusive", 0, "orb inconclusive", np.nan),
+            ("near", 9, "match", 50, "orb: 50", np.nan),
+            ("near", 1, "no-match", 0, "orb: 0", np.nan)]
+    screen = decide(_pairs(rows), load_config(None, ["tiers=screen"]))
+    assert screen["stage"].eq("screen").all()
+    assert screen["is_duplicate"].tolist() == [True, False, False, True]
+    verify = decide(_pairs(rows), load_config(None, ["tiers=verify"]))
+    assert verify["stage"].eq("verify").all()
+    assert verify["is_duplicate"].tolist() == [True, False, True, False]
+
+
+def test_clusters_are_components_named_by_first_member():
+    ids = np.array([100, 101, 102, 103, 104, 105])
+    got = clusters(6, np.array([0, 3, 1]), np.array([4, 5, 4]), ids)
+    assert got.tolist() == [100, 100, -1, 103, 100, 103]
+    assert clusters(6, np.array([], int), np.array([], int), ids).tolist() == [-1] * 6
