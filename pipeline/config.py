@@ -45,38 +45,59 @@ class ScreenConfig:
     max_distance: int = 10  # Hamming distance <= this makes a near candidate pair
     max_candidates: int = 30  # per image: keep only its K nearest (hub guard)
     backend: Literal["mih", "brute"] = "mih"  # multi-index hash or brute force
-    exact_group_pairs: int = 50  # exact-copy groups larger than this emit a star, not all pairs
+    exact_group_pairs: int = 50  # exact-copy groups of more than this + 1 files emit a star, not all pairs
 
 
 @dataclass
 class VerifyConfig:
     max_side: int = 512  # ORB runs on the image resized so its longer side is <= this
+    upscale_below: int = 256  # images whose longer side is below this are enlarged to max_side (0 = never)
     n_features: int = 500  # ORB keypoints per image (cap)
+    grid: int = 4  # keypoints spread over grid x grid cells (1 = plain strongest-N ORB)
+    oversample: int = 3  # with grid > 1: detect oversample * n_features candidates, then spread
+    scale_factor: float = 1.2  # ORB pyramid scale step
+    n_levels: int = 8  # ORB pyramid levels
+    fast_threshold: int = 20  # ORB FAST corner threshold (lower finds more keypoints on flat images)
     ratio: float = 0.8  # Lowe's ratio test
     min_keypoints: int = 25  # fewer keypoints on either image -> "inconclusive"
     ransac_threshold: float = 8.0  # reprojection error (pixels, at max_side scale)
-    model: Literal["homography", "affine"] = "homography"
+    # RANSAC model: "affine" (6-DOF, estimateAffine2D), "similarity" (4-DOF, estimateAffinePartial2D)
+    # or "homography" (findHomography); affine measured best (see pipeline/verify.py, _ransac)
+    model: Literal["homography", "affine", "similarity"] = "affine"
+    ransac_max_iters: int = 2000  # RANSAC iterations cap
+    ransac_confidence: float = 0.995  # RANSAC stops early once this confident
     min_good_matches: int = 8  # fewer ratio-test matches -> no RANSAC, zero inliers
+    match_inliers: int = 15  # inliers >= this -> status "match"
+    reject_inliers: int = 6  # inliers < this (with enough keypoints) -> "no-match"; between: "inconclusive"
     seed: int = 12345  # OpenCV RNG seed, so RANSAC is deterministic
+    opencv_threads: int = 1  # OpenCV threads inside a verify task (Dask parallelises; 0 = leave as is)
+    max_open_partitions: int = 8  # a pair task loads at most this many feature files at a time
 
 
 @dataclass
 class EmbedConfig:
-    backbone: Literal["MobileNetV2", "MobileNet"] = "MobileNetV2"
-    alpha: float = 0.5
-    input_size: int = 224
+    backbone: Literal["MobileNetV2", "MobileNet"] = "MobileNetV2"  # MobileNet = v1
+    alpha: float = 0.5  # width multiplier; must have ImageNet weights (see pipeline/weights.py)
+    input_size: int = 224  # square model input (pixels); 96-224 have their own Keras weights
     weights: str = "imagenet"  # "imagenet" (Keras cache, $KERAS_HOME/models) or a path to .h5
-    batch_size: int = 64
+    # When the imagenet file is not in the Keras cache: download it once (as Keras does) if the
+    # download host answers within seconds. false (or env DEDUPE_OFFLINE=1) = never download.
+    download: bool = True
+    # How an image becomes input_size x input_size: "squash" resizes the whole image ignoring the
+    # aspect ratio; "crop" resizes the short side then takes the centre square (drops the edges).
+    resize: Literal["squash", "crop"] = "squash"
+    # Embed the image with uniform borders (letterbox/pillarbox bars, frames) cut off first, as
+    # the screen's trimmed hash variant does (same detector, screen.border_tolerance).
+    trim_borders: bool = True
+    batch_size: int = 64  # images per inference call (the last batch is padded: one traced shape)
     threads: int = 0  # TensorFlow intra-op threads per worker; 0 = the worker's thread count
 
 
 @dataclass
 class DecideConfig:
-    # A pair is a duplicate when (see pipeline/decide.py for the full rule):
-    #   cosine >= cosine_threshold and ORB did not reject it, or
-    #   ORB inliers >= strong_inliers and cosine >= cosine_floor (or cosine not computed).
-    verify_min_inliers: int = 15  # ORB inliers at or above this: the geometry agrees
-    verify_reject_inliers: int = 6  # below this with enough keypoints: ORB rejects the pair
+    # A pair is a duplicate when (see pipeline/decide.py for the full rule): ORB did not reject it
+    # (verify.reject_inliers) and cosine >= cosine_threshold, or ORB inliers >= strong_inliers and
+    # cosine >= cosine_floor.
     strong_inliers: int = 40  # geometry so clear that a lower cosine suffices
     cosine_threshold: float = 0.80
     cosine_floor: float = 0.55
@@ -175,6 +196,13 @@ def _validate(cfg: Config) -> None:
         (cfg.verify.max_side >= 64, "verify.max_side must be >= 64"),
         (cfg.verify.n_features >= 10, "verify.n_features must be >= 10"),
         (0 < cfg.verify.ratio < 1, "verify.ratio must be in (0, 1)"),
+        (cfg.verify.grid >= 1 and cfg.verify.oversample >= 1, "verify.grid and verify.oversample must be >= 1"),
+        (0 < cfg.verify.reject_inliers <= cfg.verify.match_inliers,
+         "verify: need 0 < reject_inliers <= match_inliers"),
+        (cfg.verify.upscale_below <= cfg.verify.max_side, "verify.upscale_below must be <= verify.max_side"),
+        (cfg.verify.ransac_max_iters >= 1, "verify.ransac_max_iters must be >= 1"),
+        (0 < cfg.verify.ransac_confidence < 1, "verify.ransac_confidence must be in (0, 1)"),
+        (cfg.verify.max_open_partitions >= 2, "verify.max_open_partitions must be >= 2"),
         (cfg.embed.batch_size >= 1, "embed.batch_size must be >= 1"),
         (cfg.embed.input_size >= 32, "embed.input_size must be >= 32"),
         (-1 <= cfg.decide.cosine_floor <= cfg.decide.cosine_threshold <= 1,

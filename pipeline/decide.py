@@ -4,8 +4,8 @@ The rule (thresholds in `DecideConfig`, calibrated in docs/benchmarks.md):
 
 * exact: byte-identical files are duplicates (no further tier runs).
 * tiers=screen: a near pair is a duplicate when its hash distance <= `screen_only_distance`.
-* verify: ORB "no-match" (enough keypoints, fewer than `verify_reject_inliers` inliers) rejects the
-  pair here; with tiers=verify, "match" (>= `verify_min_inliers` inliers) accepts it and an
+* verify: ORB "no-match" (enough keypoints, fewer than `verify.reject_inliers` inliers) rejects the
+  pair here; with tiers=verify, "match" (>= `verify.match_inliers` inliers) accepts it and an
   inconclusive pair falls back to the screen rule.
 * confirm: a pair that reached the confirm tier is a duplicate when its cosine >=
   `cosine_threshold`, or when ORB found strong geometry (>= `strong_inliers`) and the cosine is at
@@ -38,7 +38,7 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     reason = np.full(n, "", dtype=object)
 
     exact = (out["kind"] == "exact").to_numpy()
-    dist = out["hash_distance"].to_numpy(dtype=np.float64)
+    dist = out["hash_distance"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
     stage[exact] = "exact"
     dup[exact] = True
     reason[exact] = "identical bytes (sha256)"
@@ -50,9 +50,9 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
         reason[near] = np.where(screen_ok[near], f"hash distance <= {d.screen_only_distance}",
                                 f"hash distance > {d.screen_only_distance}")
     else:
-        status = out["orb_status"].to_numpy(dtype=object)
-        inliers = out["orb_inliers"].fillna(0).to_numpy(dtype=np.int64)
-        orb_reason = out["orb_reason"].fillna("").to_numpy(dtype=object)
+        status = out["orb_status"].astype(object).fillna("").to_numpy(dtype=object)
+        inliers = out["orb_inliers"].astype("Float64").fillna(0).to_numpy(dtype=np.int64)
+        orb_reason = out["orb_reason"].astype(object).fillna("").to_numpy(dtype=object)
         rejected = near & (status == "no-match")
         stage[near] = "verify"
         reason[near] = orb_reason[near]
@@ -65,7 +65,7 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
                                     f"{d.screen_only_distance}" for r, x in zip(orb_reason[inconclusive],
                                                                                 dist[inconclusive])]
         else:
-            cosine = out["cosine"].to_numpy(dtype=np.float64)
+            cosine = out["cosine"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
             confirmed = near & ~rejected & ~np.isnan(cosine)
             stage[confirmed] = "confirm"
             strong = inliers >= d.strong_inliers

@@ -49,6 +49,9 @@ def dask_client(cfg: Config, scheduler: str | None) -> Iterator[object | None]:
         yield None
         return
     from distributed import Client, LocalCluster
+    if not log.isEnabledFor(logging.DEBUG):  # nannies starting, comms closing: noise for a batch job
+        for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if target == "local":
         n_workers = cfg.dask.n_workers or os.cpu_count() or 1
         with LocalCluster(n_workers=n_workers, threads_per_worker=cfg.dask.threads_per_worker,

@@ -52,7 +52,7 @@ def write_json(data: dict, path: Path) -> None:
 
 def images_frame(images: pd.DataFrame) -> pd.DataFrame:
     out = images.copy()
-    out["mtime"] = pd.to_datetime(out["mtime"], unit="s", utc=True)
+    out["mtime"] = pd.to_datetime(out["mtime"], unit="s", utc=True).dt.floor("us")
     out["cluster_id"] = out["cluster_id"].where(out["cluster_id"] >= 0).astype("Int64")
     return out
 

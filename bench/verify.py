@@ -1,0 +1,198 @@
+"""Benchmark of the verify tier (ORB): speed and precision/recall on a generated benchmark.
+
+`python -m bench.verify [--photos N] [--repeats R] [--models similarity,affine,homography]`
+
+The benchmark: N real photos from ../shared/data/photos, each with generated edited copies
+(crop to 70 %, 50 % resize, 5 degree rotation, JPEG quality 30, text overlay, mirror — the mirror
+pair carries transform=4 as the screen would give it) as positives; as negatives, each photo paired
+with its nearest *other* photo by 64-bit aHash (the kind of pair the screen sends on, "hard") and
+with a random other photo ("random"). Figures: features/s (features_partition, one process, one
+OpenCV thread) and pairs/s (verify_partition incl. reading features and RANSAC), median of repeated
+runs; per model, the inlier distributions of positives and negatives and precision/recall of
+status "match" (decided pairs: status "match" vs the rest).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
+
+from bench.report import median, stamp, table, update_section
+from pipeline import verify
+from pipeline.config import Config
+from pipeline.decode import load_image
+
+SHARED = Path(os.environ.get("SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
+
+EDITS = ["crop70", "resize50", "rotate5", "jpeg30", "text", "mirror"]
+
+
+def edit(img: Image.Image, name: str) -> Image.Image:
+    w, h = img.size
+    if name == "crop70":
+        cw, ch = round(w * 0.7), round(h * 0.7)
+        x, y = (w - cw) // 2, (h - ch) // 2
+        return img.crop((x, y, x + cw, y + ch))
+    if name == "resize50":
+        return img.resize((w // 2, h // 2), Image.Resampling.LANCZOS)
+    if name == "rotate5":
+        return img.rotate(5, resample=Image.Resampling.BICUBIC)
+    if name == "jpeg30":
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=30)
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    if name == "text":
+        out = img.copy()
+        draw = ImageDraw.Draw(out)
+        font = ImageFont.load_default(size=max(12, h // 8))
+        draw.text((w // 20, h // 3), "SAMPLE COPY 2024", fill=(255, 255, 255), font=font,
+                  stroke_width=2, stroke_fill=(0, 0, 0))
+        return out
+    if name == "mirror":
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    raise ValueError(name)
+
+
+def ahash(path: str) -> int:
+    img, _, _ = load_image(path, min_side=64)
+    g = np.asarray(img.convert("L").resize((8, 8), Image.Resampling.BOX), dtype=np.float32)
+    bits = (g > g.mean()).ravel()
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def build(n_photos: int, tmp: Path, seed: int = 7):
+    """-> images (indexed by idx: abs_path, error), pairs (idx_a, idx_b, transform, label, kind)."""
+    photos = sorted(p for p in (SHARED / "data" / "photos").iterdir()
+                    if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    rng = random.Random(seed)
+    photos = sorted(rng.sample(photos, min(n_photos, len(photos))))
+    tmp.mkdir(parents=True, exist_ok=True)
+    paths, pairs = [], []
+    for p in photos:
+        paths.append(str(p))
+    for i, p in enumerate(photos):
+        img = Image.open(p).convert("RGB")
+        for e in EDITS:
+            out = tmp / f"{i:04d}-{e}.png"
+            edit(img, e).save(out)  # PNG: the only loss is the edit itself (jpeg30 is baked in)
+            paths.append(str(out))
+            pairs.append((i, len(paths) - 1, 4 if e == "mirror" else 0, True, e))
+    hashes = np.array([ahash(str(p)) for p in photos], dtype=np.uint64)
+    for i in range(len(photos)):
+        d = np.array([bin(int(h) ^ int(hashes[i])).count("1") for h in hashes])
+        d[i] = 999
+        pairs.append((i, int(np.argmin(d)), 0, False, "hard-neg"))
+        j = rng.randrange(len(photos) - 1)
+        pairs.append((i, j + (j >= i), 0, False, "random-neg"))
+    images = pd.DataFrame({"abs_path": paths, "error": [None] * len(paths)})
+    images.index.name = "idx"
+    pairs = pd.DataFrame(pairs, columns=["idx_a", "idx_b", "transform", "label", "kind"])
+    pairs["transform"] = pairs["transform"].astype("int8")
+    pairs = pairs.drop_duplicates(["idx_a", "idx_b", "transform"]).reset_index(drop=True)
+    return images, pairs
+
+
+def pr(res: pd.DataFrame, label: pd.Series) -> tuple[float, float]:
+    pred = res["orb_status"].eq("match")
+    tp = int((pred & label).sum())
+    fp = int((pred & ~label).sum())
+    fn = int((~pred & label).sum())
+    return tp / max(1, tp + fp), tp / max(1, tp + fn)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--photos", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--models", default="similarity,affine,homography")
+    ap.add_argument("--out", default=None, help="benchmarks file (default docs/benchmarks.md)")
+    args = ap.parse_args(argv)
+    if not (SHARED / "data" / "photos").is_dir():
+        print(f"{SHARED}/data/photos missing: nothing to benchmark", file=sys.stderr)
+        return 1
+
+    with tempfile.TemporaryDirectory(prefix="bench-verify-") as tmp:
+        tmp = Path(tmp)
+        images, pairs = build(args.photos, tmp / "img")
+        label = pairs["label"]
+        rows_model, rows_kind, speed = [], [], []
+        default_model = Config().verify.model
+        for model in args.models.split(","):
+            cfg = Config()
+            cfg.verify.model = model
+            work = tmp / f"work-{model}"
+            res = verify.run_verify(pairs, images, cfg, str(work))
+            p, r = pr(res, label)
+            pos, neg = res["orb_inliers"][label], res["orb_inliers"][~label]
+            hard = res["orb_inliers"][pairs["kind"].eq("hard-neg")]
+            rows_model.append([model, p, r, int(pos.min()), float(pos.quantile(0.05)), float(pos.median()),
+                               float(hard.quantile(0.95)), int(neg.max())])
+
+            # speed: the same feature/pair tasks the orchestrator would run, timed in-process
+            keys = pd.DataFrame({"idx": np.r_[pairs["idx_a"], pairs["idx_b"]],
+                                 "transform": np.r_[np.zeros(len(pairs), np.int64), pairs["transform"]]}
+                                ).drop_duplicates()
+            rows = pd.DataFrame({"key": verify.feature_key(keys["idx"], keys["transform"]),
+                                 "abs_path": images.loc[keys["idx"], "abs_path"].to_numpy(),
+                                 "transform": keys["transform"].astype("int8").to_numpy()})
+            f_times, p_times = [], []
+            for rep in range(args.repeats):
+                t0 = time.perf_counter()
+                summ = verify.features_partition(rows, cfg, str(tmp / f"speed-{model}"), rep)
+                f_times.append(time.perf_counter() - t0)
+            part_of = dict(zip(summ["key"], summ["part_path"]))
+            job = pd.DataFrame({"key_a": verify.feature_key(pairs["idx_a"], 0),
+                                "key_b": verify.feature_key(pairs["idx_b"], pairs["transform"])})
+            job["path_a_part"] = job["key_a"].map(part_of)
+            job["path_b_part"] = job["key_b"].map(part_of)
+            for rep in range(args.repeats):
+                t0 = time.perf_counter()
+                again = verify.verify_partition(job, cfg)
+                p_times.append(time.perf_counter() - t0)
+            assert again["orb_inliers"].tolist() == res["orb_inliers"].tolist(), "not deterministic"
+            speed.append([model, len(rows) / median(f_times), len(job) / median(p_times)])
+            if model == default_model:
+                for kind, g in res.groupby(pairs["kind"]):
+                    st = g["orb_status"].value_counts()
+                    rows_kind.append([kind, len(g), int(g["orb_inliers"].min()),
+                                      float(g["orb_inliers"].median()), int(g["orb_inliers"].max()),
+                                      int(st.get("match", 0)), int(st.get("inconclusive", 0)),
+                                      int(st.get("no-match", 0))])
+            print(model, rows_model[-1], speed[-1], flush=True)
+
+    cfg = Config().verify
+    n_pos, n_neg = int(label.sum()), int((~label).sum())
+    body = stamp() + (
+        f"\nGenerated benchmark: {args.photos} photos from `../shared/data/photos`, {n_pos} positive pairs "
+        f"(edited copies: {', '.join(EDITS)}; mirror with transform=4) and {n_neg} negative pairs "
+        f"(each photo with its nearest other photo by aHash, and with a random other photo). "
+        f"ORB on images bounded to {cfg.max_side} px, {cfg.n_features} keypoints, ratio {cfg.ratio}, "
+        f"RANSAC threshold {cfg.ransac_threshold} px; status \"match\" at >= {cfg.match_inliers} inliers, "
+        f"\"no-match\" below {cfg.reject_inliers}. Speed: one process, one OpenCV thread (= per core), "
+        f"median of {args.repeats} runs; pairs/s includes reading the features from the store and RANSAC, "
+        f"features are computed once per (image, transform).\n\n"
+        "Geometric model comparison (precision/recall of status \"match\"; inlier counts):\n\n"
+        + table(["model", "precision", "recall", "min inliers pos", "p5 pos", "median pos",
+                 "p95 hard neg", "max neg"], rows_model)
+        + "\nSpeed per core:\n\n"
+        + table(["model", "features/s", "pairs/s"], speed)
+        + f"\nPer kind of pair (default model `{default_model}`):\n\n"
+        + table(["kind", "pairs", "min inliers", "median", "max", "match", "inconclusive", "no-match"],
+                rows_kind))
+    kwargs = {"path": args.out} if args.out else {}
+    path = update_section("verify", "verify tier (ORB)", body, **kwargs)
+    print(f"wrote section 'verify tier (ORB)' to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

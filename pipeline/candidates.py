@@ -1,0 +1,301 @@
+"""The candidates stage: which pairs of images go on to the verify tier.
+
+* `exact_pairs`: byte-identical files (same sha256). Nothing further to check.
+* `near_pairs`: pairs whose perceptual hashes are within `screen.max_distance` bits, found with a
+  Hamming index (`pipeline.search`, multi-index hashing by default), at most
+  `screen.max_candidates` nearest per image (a pair is kept when either image has the other among
+  its K nearest), so hubs (blank images, logos) cannot explode the pair count.
+
+Hash variants. `codes[i, v]` is image i's hash: v = 0 plain, v = 1..7 the hash of
+`decode.dihedral(image, v)`, v = 8 the hash of the border-trimmed image. The index holds each
+image's plain and trimmed hash; every present variant queries it (dihedral ones when
+`screen.dihedral`, trimmed when `screen.trim_borders`). A pair's `hash_distance` is the smallest
+distance over both directions (a's variants against b's index entries and b's against a's), and
+`transform` is the dihedral transform t such that `decode.dihedral(image_b, t)` is aligned with
+image_a: if a's variant v matched, dihedral(a, v) ~ b, so t = DIHEDRAL_INVERSE[v]; if b's variant v
+matched, dihedral(b, v) ~ a, so t = v; plain and trimmed matches give 0. Among equally close
+matches the first of (a plain, b plain, a trimmed, b trimmed, a's dihedral 1..7, b's dihedral
+1..7) wins, so an undistorted match is preferred.
+
+Parallelism: the index is built once in the driver, broadcast to every Dask worker
+(`client.scatter(..., broadcast=True)`), and blocks of query images run as tasks; without a
+client the same blocks run in-process. The result does not depend on the blocking.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from numba import njit
+
+from .config import ScreenConfig
+from .decode import DIHEDRAL_INVERSE
+from .search import HammingIndex, _popcount, make_index
+
+PLAIN = 0
+TRIMMED = 8
+N_VARIANTS = 9
+
+__all__ = ["exact_pairs", "exact_representatives", "near_pairs", "near_pairs_partition",
+           "build_index", "query_variants"]
+
+
+# --------------------------------------------------------------------------------------------
+# exact duplicates
+
+
+def _sha_groups(sha256: pd.Series):
+    """-> (sorted row positions, group id per sorted position, group sizes) over non-null sha."""
+    values = pd.Series(sha256).reset_index(drop=True)
+    valid = values.notna().to_numpy().copy()
+    if valid.any():
+        valid &= (values.astype(str) != "").to_numpy()
+    pos = np.flatnonzero(valid).astype(np.int64)
+    if pos.size == 0:
+        return pos, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    codes, _ = pd.factorize(values.iloc[pos], sort=False)
+    order = np.lexsort((pos, codes))  # by group, then row
+    pos, codes = pos[order], codes[order].astype(np.int64)
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1])
+    sizes = np.diff(np.concatenate([starts, [pos.size]]))
+    gid = np.repeat(np.arange(starts.size), sizes)
+    return pos, gid, sizes
+
+
+def exact_pairs(sha256: pd.Series, group_limit: int) -> pd.DataFrame:
+    """Pairs of byte-identical files: DataFrame(idx_a < idx_b, int64), sorted by (idx_a, idx_b).
+
+    Rows are images in path order (row position = idx); null/empty sha256 (errors) are ignored.
+    A group of n identical files gives all n(n-1)/2 pairs when n <= group_limit + 1, otherwise a
+    star from its first member (lowest idx) to each other member: the clusters are the same.
+    """
+    pos, gid, sizes = _sha_groups(sha256)
+    empty = pd.DataFrame({"idx_a": np.zeros(0, np.int64), "idx_b": np.zeros(0, np.int64)})
+    if pos.size == 0:
+        return empty
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    n = sizes[gid]
+    t = np.arange(pos.size) - starts[gid]  # position within the group
+    full = n <= group_limit + 1
+    cnt = np.where(full, n - 1 - t, np.where(t == 0, n - 1, 0)).astype(np.int64)
+    total = int(cnt.sum())
+    if total == 0:
+        return empty
+    src = np.repeat(np.arange(pos.size), cnt)
+    within = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    a = pos[src]
+    b = pos[src + 1 + within]
+    order = np.lexsort((b, a))
+    return pd.DataFrame({"idx_a": a[order].astype(np.int64), "idx_b": b[order].astype(np.int64)})
+
+
+def exact_representatives(sha256: pd.Series) -> np.ndarray:
+    """bool (N,): False for every exact copy except the first (lowest idx) of its sha256 group.
+
+    Pass it as `representatives` to `near_pairs`: copies reach their near neighbours through
+    their representative (exact pairs + near pairs give the same clusters).
+    """
+    values = pd.Series(sha256).reset_index(drop=True)
+    rep = np.ones(len(values), bool)
+    pos, gid, sizes = _sha_groups(values)
+    if pos.size:
+        first = np.concatenate([[True], gid[1:] != gid[:-1]])
+        rep[pos[~first]] = False
+    return rep
+
+
+# --------------------------------------------------------------------------------------------
+# near duplicates
+
+
+def query_variants(cfg: ScreenConfig, V: int) -> np.ndarray:
+    """Variant numbers that query the index under `cfg` (subset of 0..V-1)."""
+    vs = [PLAIN]
+    if cfg.dihedral:
+        vs += [v for v in range(1, 8) if v < V]
+    if cfg.trim_borders and TRIMMED < V:
+        vs.append(TRIMMED)
+    return np.array(vs, dtype=np.int64)
+
+
+def _index_variants(cfg: ScreenConfig, V: int) -> np.ndarray:
+    vs = [PLAIN]
+    if cfg.trim_borders and TRIMMED < V:
+        vs.append(TRIMMED)
+    return np.array(vs, dtype=np.int64)
+
+
+def _prepare(codes, variant_mask, cfg: ScreenConfig, representatives):
+    codes = np.asarray(codes)
+    if codes.ndim == 2:
+        codes = codes[:, None, :]
+    if codes.ndim != 3:
+        raise ValueError(f"codes must have shape (N, V, W), got {codes.shape}")
+    codes = np.ascontiguousarray(codes, dtype=np.uint64)
+    N, V, W = codes.shape
+    if V > N_VARIANTS:
+        raise ValueError(f"at most {N_VARIANTS} hash variants per image, got {V}")
+    mask = np.asarray(variant_mask, dtype=bool)
+    if mask.ndim == 1:
+        mask = mask[:, None]
+    if mask.shape != (N, V):
+        raise ValueError(f"variant_mask must have shape {(N, V)}, got {mask.shape}")
+    part = mask[:, PLAIN].copy()
+    if representatives is not None:
+        rep = np.asarray(representatives, dtype=bool)
+        if rep.shape != (N,):
+            raise ValueError(f"representatives must have shape ({N},), got {rep.shape}")
+        part &= rep
+    use = np.zeros((N, V), bool)
+    qv = query_variants(cfg, V)
+    use[:, qv] = mask[:, qv]
+    use &= part[:, None]
+    idx_use = np.zeros((N, V), bool)
+    iv = _index_variants(cfg, V)
+    idx_use[:, iv] = use[:, iv]
+    return codes, use, idx_use
+
+
+def build_index(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
+                representatives: np.ndarray | None = None) -> HammingIndex:
+    """The Hamming index over every taking-part image's plain (and trimmed) hash."""
+    codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
+    img, var = np.nonzero(idx_use)
+    return make_index(codes[img, var], img.astype(np.int64), cfg.backend,
+                      max_distance=cfg.max_distance)
+
+
+def near_pairs_partition(index: HammingIndex, queries: np.ndarray, query_owners: np.ndarray,
+                         cfg: ScreenConfig, query_variant: np.ndarray | None = None) -> pd.DataFrame:
+    """One block of query images (their rows contiguous): each image's K nearest other images.
+
+    Returns directed rows `owner_a` (the query image), `owner_b`, `hash_distance` (int16),
+    `query_row` (row of `queries` that matched) and, with `query_variant`, `variant` (that row's
+    variant number).
+    """
+    a, b, d, row = index.search(queries, query_owners, cfg.max_distance, cfg.max_candidates)
+    out = pd.DataFrame({"owner_a": a.astype(np.int64), "owner_b": b.astype(np.int64),
+                        "hash_distance": d.astype(np.int16), "query_row": row.astype(np.int64)})
+    if query_variant is not None:
+        out["variant"] = np.asarray(query_variant, dtype=np.int8)[row]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _pair_best(codes, use, idx_use, a, b, order_side, order_var, inverse):
+    """Smallest distance over both directions for each pair, and the transform of the first
+    (in candidate order) query/entry combination achieving it."""
+    n = a.shape[0]
+    V = codes.shape[1]
+    W = codes.shape[2]
+    dist = np.empty(n, np.int16)
+    trans = np.empty(n, np.int8)
+    for i in range(n):
+        best = 1 << 30
+        bt = 0
+        for c in range(order_side.shape[0]):
+            side = order_side[c]
+            v = order_var[c]
+            q = a[i] if side == 0 else b[i]
+            e = b[i] if side == 0 else a[i]
+            if v >= V or not use[q, v]:
+                continue
+            for ev in range(V):
+                if not idx_use[e, ev]:
+                    continue
+                d = 0
+                for w in range(W):
+                    d += _popcount(codes[q, v, w] ^ codes[e, ev, w])
+                if d < best:
+                    best = d
+                    if v == 0 or v == 8:
+                        bt = 0
+                    elif side == 0:
+                        bt = inverse[v]
+                    else:
+                        bt = v
+        dist[i] = best
+        trans[i] = bt
+    return dist, trans
+
+
+# candidate order for choosing the transform among equally close matches: (side, variant)
+_ORDER = [(0, 0), (1, 0), (0, 8), (1, 8)] + [(0, v) for v in range(1, 8)] + [(1, v) for v in range(1, 8)]
+
+
+def _blocks(owners: np.ndarray, block_rows: int) -> list[tuple[int, int]]:
+    """Split contiguous query rows into blocks of about `block_rows` rows at owner boundaries."""
+    n = owners.size
+    if n == 0:
+        return []
+    out, start = [], 0
+    while start < n:
+        end = min(n, start + block_rows)
+        while end < n and owners[end] == owners[end - 1]:
+            end += 1
+        out.append((start, end))
+        start = end
+    return out
+
+
+def near_pairs(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, client=None,
+               representatives: np.ndarray | None = None, block_rows: int | None = None,
+               index: HammingIndex | None = None) -> pd.DataFrame:
+    """Near-duplicate candidate pairs by hash distance (see the module docstring).
+
+    codes (N, V, W) uint64 (V = 1 or up to 9 variants), variant_mask (N, V) bool,
+    representatives (N,) bool or None (all valid images). Returns a DataFrame `idx_a < idx_b`
+    (int64), `hash_distance` (int16), `transform` (int8), one row per unordered pair, sorted by
+    (idx_a, idx_b); identical with and without a Dask `client`. `block_rows` sets the query rows
+    per task (default: about 8 tasks per worker thread, 20k-200k rows each).
+    """
+    codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
+    N, V, W = codes.shape
+    empty = pd.DataFrame({"idx_a": np.zeros(0, np.int64), "idx_b": np.zeros(0, np.int64),
+                          "hash_distance": np.zeros(0, np.int16), "transform": np.zeros(0, np.int8)})
+    if index is None:
+        img, var = np.nonzero(idx_use)
+        index = make_index(codes[img, var], img.astype(np.int64), cfg.backend,
+                           max_distance=cfg.max_distance)
+    q_img, q_var = np.nonzero(use)  # row-major: by image, then variant (contiguous per owner)
+    if q_img.size == 0:
+        return empty
+    queries = codes[q_img, q_var]
+    q_img = q_img.astype(np.int64)
+    q_var = q_var.astype(np.int8)
+    if block_rows is None:
+        n_threads = 1
+        if client is not None:
+            try:
+                n_threads = max(1, sum(client.nthreads().values()))
+            except Exception:
+                n_threads = 2
+        block_rows = int(np.clip(-(-q_img.size // (8 * n_threads)), 20_000, 200_000))
+    blocks = _blocks(q_img, block_rows)
+    if client is None:
+        parts = [near_pairs_partition(index, queries[s:e], q_img[s:e], cfg, q_var[s:e])
+                 for s, e in blocks]
+    else:
+        index_future = client.scatter(index, broadcast=True)
+        payload = client.scatter([(queries[s:e], q_img[s:e], q_var[s:e]) for s, e in blocks])
+        futures = client.map(_run_block, [index_future] * len(blocks), payload,
+                             [cfg] * len(blocks), pure=False)
+        parts = client.gather(futures)
+        del index_future, payload, futures
+    found = pd.concat(parts, ignore_index=True) if parts else None
+    if found is None or found.empty:
+        return empty
+    a = np.minimum(found["owner_a"].to_numpy(), found["owner_b"].to_numpy())
+    b = np.maximum(found["owner_a"].to_numpy(), found["owner_b"].to_numpy())
+    key = np.unique(a * np.int64(N) + b)
+    a, b = key // N, key % N
+    order_side = np.array([s for s, _ in _ORDER], dtype=np.int64)
+    order_var = np.array([v for _, v in _ORDER], dtype=np.int64)
+    dist, trans = _pair_best(codes, use, idx_use, a, b, order_side, order_var,
+                             np.asarray(DIHEDRAL_INVERSE, dtype=np.int8))
+    return pd.DataFrame({"idx_a": a.astype(np.int64), "idx_b": b.astype(np.int64),
+                         "hash_distance": dist, "transform": trans})
+
+
+def _run_block(index: HammingIndex, block, cfg: ScreenConfig) -> pd.DataFrame:
+    queries, owners, variants = block
+    return near_pairs_partition(index, queries, owners, cfg, variants)

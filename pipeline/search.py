@@ -1,0 +1,658 @@
+"""Hamming-distance search over packed binary hashes: brute force and multi-index hashing.
+
+Hashes are packed as uint64 arrays of shape (M, W) (W = bits / 64; a 64-bit aHash has W = 1).
+Each index entry has an *owner* (an image id); one image may own several entries (its plain and
+its border-trimmed hash) and may query with several rows (its dihedral variants). Every backend
+answers the same question, deterministically and identically:
+
+    for each distinct query owner o (its query rows contiguous in `queries`), the <= k distinct
+    index owners p != o with the smallest d(o, p) = min Hamming distance over (o's query rows x
+    p's index entries), keeping d <= max_distance, ties broken by p ascending.
+
+`search` returns four arrays (owner_a = o, owner_b = p, dist int32, query_row = the lowest row of
+`queries` achieving the minimum), ordered by query owner (in order of first appearance), then
+distance, then p.
+
+Backends
+--------
+* `BruteForceIndex` — the reference: popcount of every query row against every index entry.
+  O(Q x M); fine up to ~1e5 entries.
+* `MultiIndexHash` — multi-index hashing (Norouzi et al.): the bits are cut into m chunks; by the
+  pigeonhole principle, if d(q, c) <= T then some chunk i has chunk distance <= r_i whenever
+  sum_i (r_i + 1) >= T + 1 (so r_i = floor(T/m) or one less). For each chunk the query enumerates
+  every flip mask of <= r_i bits and looks the flipped value up in a CSR table (entries sorted by
+  chunk value, the full codes of each chunk's order stored contiguously so the verification scan
+  is sequential); a neighbour is counted only at the first chunk where it qualifies. m is picked by
+  a small cost model over the number of distinct codes and the expected threshold.
+
+Hubs. Identical codes are collapsed before searching (the index works on distinct codes, each
+with a sorted list of owners). For one (query row, distinct code) at most the first k owners
+(other than the query owner) can enter the query's top-k (any later owner is beaten by k smaller
+owners at the same or a smaller distance), so only those are visited: a hub of n images sharing
+one hash costs O(n x k), not O(n^2). What remains quadratic: a cluster of n *distinct* codes all
+within T of one another (e.g. n blank images with a few bits of noise each) still makes each of
+its members enumerate and verify all n codes (O(n^2) popcounts, output still capped at k per
+image). Kernels are single-threaded numba functions that release the GIL; parallelism comes from
+running blocks of queries in separate Dask tasks.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from functools import lru_cache
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from llvmlite import ir
+from numba import njit
+from numba.core import cgutils
+from numba.core import types as nbtypes
+from numba.extending import intrinsic
+
+__all__ = ["HammingIndex", "BruteForceIndex", "MultiIndexHash", "make_index", "pack_hex",
+           "unpack_hex", "hamming", "BACKENDS"]
+
+
+# --------------------------------------------------------------------------------------------
+# numba primitives
+
+
+@intrinsic
+def _popcount(typingctx, x):
+    """llvm.ctpop.i64: one POPCNT instruction (vectorised to VPOPCNTQ where the CPU has it)."""
+    if not isinstance(x, nbtypes.Integer):
+        return None
+    sig = nbtypes.int64(x)
+
+    def codegen(context, builder, signature, args):
+        val = context.cast(builder, args[0], signature.args[0], nbtypes.uint64)
+        fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
+        return builder.call(fn, [val])
+
+    return sig, codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """llvm.prefetch of arr[idx] (1-D array) into all cache levels; a hint, never faults."""
+    if not isinstance(arr, nbtypes.Array) or arr.ndim != 1 or not isinstance(idx, nbtypes.Integer):
+        return None
+    sig = nbtypes.void(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        aryty, idxty = signature.args
+        ary = context.make_array(aryty)(context, builder, args[0])
+        i = context.cast(builder, args[1], idxty, nbtypes.intp)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [i], wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def _visit(u, d, row, o, k, optr, olist, best_d, best_row, touched, nt):
+    """Offer distinct code `u` at distance `d` (from query row `row`) to query owner `o`.
+
+    Only the first k owners of u other than o can make o's top-k (owners are sorted ascending).
+    Returns the new number of touched owners.
+    """
+    taken = 0
+    for t in range(optr[u], optr[u + 1]):
+        p = olist[t]
+        if p == o:
+            continue
+        bd = best_d[p]
+        if bd < 0:
+            touched[nt] = p
+            nt += 1
+            best_d[p] = d
+            best_row[p] = row
+        elif d < bd:
+            best_d[p] = d
+            best_row[p] = row
+        taken += 1
+        if taken >= k:
+            break
+    return nt
+
+
+@njit(cache=True, nogil=True)
+def _flush(o, k, n_owner, best_d, best_row, touched, nt, out_a, out_b, out_d, out_r, n_out):
+    """Emit the top-k of the touched owners by (distance, owner); reset the scratch arrays.
+
+    Returns (out_a, out_b, out_d, out_r, n_out), the output arrays grown when needed.
+    """
+    if nt == 0:
+        return out_a, out_b, out_d, out_r, n_out
+    keys = np.empty(nt, np.int64)
+    for i in range(nt):
+        p = touched[i]
+        keys[i] = np.int64(best_d[p]) * n_owner + p
+    keys.sort()
+    take = min(k, nt)
+    if n_out + take > out_a.shape[0]:
+        cap = max(2 * out_a.shape[0], n_out + take)
+        na = np.empty(cap, np.int64)
+        nb = np.empty(cap, np.int64)
+        nd = np.empty(cap, np.int32)
+        nr = np.empty(cap, np.int64)
+        na[:n_out] = out_a[:n_out]
+        nb[:n_out] = out_b[:n_out]
+        nd[:n_out] = out_d[:n_out]
+        nr[:n_out] = out_r[:n_out]
+        out_a, out_b, out_d, out_r = na, nb, nd, nr
+    for i in range(take):
+        p = keys[i] % n_owner
+        out_a[n_out] = o
+        out_b[n_out] = p
+        out_d[n_out] = best_d[p]
+        out_r[n_out] = best_row[p]
+        n_out += 1
+    for i in range(nt):
+        best_d[touched[i]] = -1
+    return out_a, out_b, out_d, out_r, n_out
+
+
+@njit(cache=True, nogil=True)
+def _alloc(n_groups, k, n_owner):
+    cap = max(1024, n_groups * min(k, 4))
+    best_d = np.full(n_owner, -1, np.int32)
+    best_row = np.zeros(n_owner, np.int64)
+    touched = np.empty(n_owner, np.int64)
+    return (best_d, best_row, touched, np.empty(cap, np.int64), np.empty(cap, np.int64),
+            np.empty(cap, np.int32), np.empty(cap, np.int64))
+
+
+_TILE = 2048
+
+
+@njit(cache=True, nogil=True)
+def _brute_kernel(queries, gstart, gowner, T, k, n_owner, codes, own):
+    """Reference: every query row against every (non-deduplicated) index entry."""
+    M, W = codes.shape
+    G = gowner.shape[0]
+    best_d, best_row, touched, out_a, out_b, out_d, out_r = _alloc(G, k, n_owner)
+    n_out = 0
+    buf = np.empty(_TILE, np.int32)
+    for g in range(G):
+        o = gowner[g]
+        nt = 0
+        for row in range(gstart[g], gstart[g + 1]):
+            for j0 in range(0, M, _TILE):
+                j1 = min(M, j0 + _TILE)
+                if W == 1:
+                    q0 = queries[row, 0]
+                    for j in range(j0, j1):
+                        buf[j - j0] = _popcount(q0 ^ codes[j, 0])
+                else:
+                    for j in range(j0, j1):
+                        s = 0
+                        for w in range(W):
+                            s += _popcount(queries[row, w] ^ codes[j, w])
+                        buf[j - j0] = s
+                for j in range(j0, j1):
+                    d = buf[j - j0]
+                    if d <= T:
+                        p = own[j]
+                        if p != o:
+                            bd = best_d[p]
+                            if bd < 0:
+                                touched[nt] = p
+                                nt += 1
+                                best_d[p] = d
+                                best_row[p] = row
+                            elif d < bd:
+                                best_d[p] = d
+                                best_row[p] = row
+        out_a, out_b, out_d, out_r, n_out = _flush(o, k, n_owner, best_d, best_row, touched, nt,
+                                                   out_a, out_b, out_d, out_r, n_out)
+    return out_a[:n_out], out_b[:n_out], out_d[:n_out], out_r[:n_out]
+
+
+@njit(cache=True, nogil=True)
+def _scan_unique_kernel(queries, gstart, gowner, T, k, n_owner, ucodes, optr, olist):
+    """Linear scan over the distinct codes (MIH's fallback when the threshold is too large)."""
+    U, W = ucodes.shape
+    G = gowner.shape[0]
+    best_d, best_row, touched, out_a, out_b, out_d, out_r = _alloc(G, k, n_owner)
+    n_out = 0
+    for g in range(G):
+        o = gowner[g]
+        nt = 0
+        for row in range(gstart[g], gstart[g + 1]):
+            for u in range(U):
+                d = 0
+                for w in range(W):
+                    d += _popcount(queries[row, w] ^ ucodes[u, w])
+                if d <= T:
+                    nt = _visit(u, d, row, o, k, optr, olist, best_d, best_row, touched, nt)
+        out_a, out_b, out_d, out_r, n_out = _flush(o, k, n_owner, best_d, best_row, touched, nt,
+                                                   out_a, out_b, out_d, out_r, n_out)
+    return out_a[:n_out], out_b[:n_out], out_d[:n_out], out_r[:n_out]
+
+
+@njit(cache=True, nogil=True)
+def _mih_kernel(queries, gstart, gowner, T, k, n_owner, cword, cshift, cmask, cr, flips, nflips,
+                ccodes, cids, coff, contiguous, optr, olist):
+    """Multi-index hashing search.
+
+    Chunk ci covers bits [cshift, cshift + len) of word cword[ci] (mask cmask[ci]) and is probed
+    with every flip mask of <= cr[ci] bits (flips[ci, :nflips[ci]]). coff[ci] is the CSR offset
+    table over chunk values; positions index cids[ci] (distinct-code id) and, when `contiguous`,
+    ccodes[ci] (that code's words, in chunk ci's order); otherwise ccodes[0] is indexed by id.
+    Per chunk, the bucket offsets and the first code of every probed bucket are prefetched
+    before any is read, so the cache misses of one query overlap instead of queueing.
+    """
+    W = queries.shape[1]
+    m = cword.shape[0]
+    G = gowner.shape[0]
+    U = cids.shape[1]
+    best_d, best_row, touched, out_a, out_b, out_d, out_r = _alloc(G, k, n_owner)
+    n_out = 0
+    nf_max = flips.shape[1]
+    keys = np.empty(nf_max, np.int64)
+    st = np.empty(nf_max, np.int64)
+    en = np.empty(nf_max, np.int64)
+    coff_flat = coff.reshape(-1)
+    ccodes_flat = ccodes.reshape(-1)
+    row_len = coff.shape[1]
+    for g in range(G):
+        o = gowner[g]
+        nt = 0
+        for row in range(gstart[g], gstart[g + 1]):
+            for ci in range(m):
+                r = cr[ci]
+                if r < 0:
+                    continue
+                nf = nflips[ci]
+                qv = (queries[row, cword[ci]] >> cshift[ci]) & cmask[ci]
+                base_off = ci * row_len
+                for f in range(nf):
+                    key = np.int64(qv ^ flips[ci, f])
+                    keys[f] = key
+                    _prefetch(coff_flat, base_off + key)
+                cc = ci if contiguous else 0
+                for f in range(nf):
+                    key = keys[f]
+                    s = np.int64(coff[ci, key])
+                    st[f] = s
+                    en[f] = np.int64(coff[ci, key + 1])
+                    if contiguous and s < U:
+                        _prefetch(ccodes_flat, (cc * U + s) * W)
+                for f in range(nf):
+                    for pos in range(st[f], en[f]):
+                        cp = pos if contiguous else np.int64(cids[ci, pos])
+                        if W == 1:
+                            d = _popcount(queries[row, 0] ^ ccodes[cc, cp, 0])
+                        else:
+                            d = 0
+                            for w in range(W):
+                                d += _popcount(queries[row, w] ^ ccodes[cc, cp, w])
+                        if d > T:
+                            continue
+                        # count it only at the first chunk where it qualifies
+                        dup = False
+                        for cj in range(ci):
+                            rj = cr[cj]
+                            if rj >= 0:
+                                wj = cword[cj]
+                                x = ((queries[row, wj] ^ ccodes[cc, cp, wj]) >> cshift[cj]) & cmask[cj]
+                                if _popcount(x) <= rj:
+                                    dup = True
+                                    break
+                        if dup:
+                            continue
+                        nt = _visit(cids[ci, pos], d, row, o, k, optr, olist, best_d, best_row,
+                                    touched, nt)
+        out_a, out_b, out_d, out_r, n_out = _flush(o, k, n_owner, best_d, best_row, touched, nt,
+                                                   out_a, out_b, out_d, out_r, n_out)
+    return out_a[:n_out], out_b[:n_out], out_d[:n_out], out_r[:n_out]
+
+
+@njit(cache=True, nogil=True)
+def _pair_distance_kernel(a, b):
+    n, W = a.shape
+    out = np.empty(n, np.int32)
+    for i in range(n):
+        s = 0
+        for w in range(W):
+            s += _popcount(a[i, w] ^ b[i, w])
+        out[i] = s
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _as_codes(codes: np.ndarray) -> np.ndarray:
+    codes = np.asarray(codes)
+    if codes.ndim == 1:
+        codes = codes[:, None]
+    if codes.ndim != 2 or codes.shape[1] < 1:
+        raise ValueError(f"codes must have shape (M, W) with W >= 1, got {codes.shape}")
+    return np.ascontiguousarray(codes, dtype=np.uint64)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise Hamming distance of two (n, W) uint64 arrays (int32)."""
+    a, b = _as_codes(a), _as_codes(b)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    return _pair_distance_kernel(a, b)
+
+
+def pack_hex(hex_strings) -> np.ndarray:
+    """Hex strings (imagehash `str(h)`, bits row-major, big-endian) -> (N, W) uint64.
+
+    Every string must have the same length, a multiple of 16 hex digits (64 bits). None or ""
+    gives an all-zero row (mark such rows invalid in the caller's mask).
+    """
+    items = list(hex_strings)
+    lengths = {len(s) for s in items if s}
+    if len(lengths) > 1:
+        raise ValueError(f"hex strings of different lengths: {sorted(lengths)}")
+    n_hex = lengths.pop() if lengths else 16
+    if n_hex % 16:
+        raise ValueError(f"hash of {n_hex * 4} bits is not a multiple of 64 bits")
+    W = n_hex // 16
+    out = np.zeros((len(items), W), np.uint64)
+    for i, s in enumerate(items):
+        if s:
+            for w in range(W):
+                out[i, w] = int(s[16 * w:16 * (w + 1)], 16)
+    return out
+
+
+def unpack_hex(codes: np.ndarray) -> list[str]:
+    """Inverse of pack_hex."""
+    codes = _as_codes(codes)
+    return ["".join(f"{int(x):016x}" for x in row) for row in codes]
+
+
+def _groups(query_owners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Contiguous runs of equal owners -> (starts with the end appended, owner of each run)."""
+    q = np.asarray(query_owners, dtype=np.int64)
+    if q.size == 0:
+        return np.zeros(1, np.int64), np.zeros(0, np.int64)
+    cut = np.flatnonzero(q[1:] != q[:-1]) + 1
+    starts = np.concatenate([[0], cut, [q.size]]).astype(np.int64)
+    gowner = q[starts[:-1]]
+    if np.unique(gowner).size != gowner.size:
+        raise ValueError("the query rows of one owner must be contiguous in `queries`")
+    return starts, gowner
+
+
+class _Base:
+    """Shared bookkeeping: owner ids are mapped to dense ids 0..P-1 (order preserved)."""
+
+    def __init__(self, codes: np.ndarray, owners: np.ndarray):
+        self.codes = _as_codes(codes)
+        owners = np.asarray(owners, dtype=np.int64)
+        if owners.shape != (self.codes.shape[0],):
+            raise ValueError(f"owners must have shape ({self.codes.shape[0]},), got {owners.shape}")
+        self.owner_values, self.owner_dense = np.unique(owners, return_inverse=True)
+        self.owner_dense = self.owner_dense.astype(np.int64).reshape(-1)
+        self.W = self.codes.shape[1]
+        self.n_entries = self.codes.shape[0]
+
+    def _prepare(self, queries, query_owners, max_distance, k):
+        queries = _as_codes(queries) if np.asarray(queries).size else np.zeros((0, self.W), np.uint64)
+        if queries.shape[1] != self.W:
+            raise ValueError(f"queries have {queries.shape[1]} words, the index {self.W}")
+        query_owners = np.asarray(query_owners, dtype=np.int64)
+        if query_owners.shape != (queries.shape[0],):
+            raise ValueError("query_owners must have one entry per query row")
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        if max_distance < 0:
+            raise ValueError("max_distance must be >= 0")
+        starts, gowner = _groups(query_owners)
+        # dense id of each query owner; owners absent from the index get -1 (never equal to p)
+        pos = np.searchsorted(self.owner_values, gowner)
+        pos_c = np.minimum(pos, max(self.owner_values.size - 1, 0))
+        if self.owner_values.size:
+            present = self.owner_values[pos_c] == gowner
+        else:
+            present = np.zeros(gowner.size, bool)
+        gdense = np.where(present, pos_c, -1).astype(np.int64)
+        return queries, starts, gowner, gdense
+
+    def _empty(self):
+        z = np.zeros(0, np.int64)
+        return z, z.copy(), np.zeros(0, np.int32), z.copy()
+
+
+class BruteForceIndex(_Base):
+    """Reference backend: every query row against every index entry (numba popcount)."""
+
+    name = "brute"
+
+    def __init__(self, codes: np.ndarray, owners: np.ndarray, **_ignored):
+        super().__init__(codes, owners)
+
+    def search(self, queries, query_owners, max_distance: int, k: int):
+        return _search_groups(self, queries, query_owners, max_distance, k,
+                              lambda q, st, gd, T, kk, n: _brute_kernel(
+                                  q, st, gd, T, kk, n, self.codes, self.owner_dense))
+
+
+def _search_groups(index: _Base, queries, query_owners, max_distance, k, run):
+    queries, starts, gowner, gdense = index._prepare(queries, query_owners, max_distance, k)
+    G = gowner.size
+    if G == 0 or index.n_entries == 0:
+        return index._empty()
+    n_owner = max(int(index.owner_values.size), 1)
+    T = int(max_distance)
+    # Owners absent from the index get a private dense id beyond the index's range, so that the
+    # kernels can tell groups apart; they never match p (p < n_owner).
+    absent = gdense < 0
+    gd = gdense.copy()
+    gd[absent] = n_owner + np.arange(int(absent.sum()), dtype=np.int64)
+    a, b, d, r = run(queries, starts, gd, T, int(k), n_owner)
+    owner_a = np.empty(a.size, np.int64)
+    inside = a < n_owner
+    owner_a[inside] = index.owner_values[a[inside]]
+    if (~inside).any():
+        owner_a[~inside] = gowner[absent][a[~inside] - n_owner]
+    owner_b = index.owner_values[b] if b.size else np.zeros(0, np.int64)
+    return owner_a, owner_b.astype(np.int64), d.astype(np.int32), r.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# multi-index hashing
+
+
+@lru_cache(maxsize=256)
+def _flip_masks(bits: int, r: int) -> np.ndarray:
+    """All masks of <= r set bits within `bits` bits, by popcount then value."""
+    if r < 0:
+        return np.zeros(0, np.uint64)
+    out = []
+    for j in range(min(r, bits) + 1):
+        level = []
+        for combo in itertools.combinations(range(bits), j):
+            v = 0
+            for c in combo:
+                v |= 1 << c
+            level.append(v)
+        out.extend(sorted(level))
+    return np.array(out, dtype=np.uint64)
+
+
+def _n_masks(bits: int, r: int) -> int:
+    return sum(math.comb(bits, j) for j in range(min(r, bits) + 1)) if r >= 0 else 0
+
+
+def _chunk_lengths(c: int) -> list[int]:
+    base, extra = divmod(64, c)
+    return [base + 1] * extra + [base] * (c - extra)
+
+
+def _radii(lengths: list[int], T: int) -> list[int]:
+    """Per-chunk radii r_i with sum(r_i + 1) = T + 1 (pigeonhole); larger radii on shorter chunks."""
+    m = len(lengths)
+    base, rem = divmod(T + 1, m)
+    order = sorted(range(m), key=lambda i: (lengths[i], i))
+    r = [base - 1] * m
+    for i in order[:rem]:
+        r[i] = base
+    return r
+
+
+# cost model constants (relative to one sequential code verification)
+_PROBE_COST = 4.0  # a bucket lookup: random access into the offsets table
+_TABLE_COST = 0.5  # building/holding one offsets-table slot, per query row amortised below
+_MAX_CHUNK_BITS = 22
+
+
+def plan_chunks(n_codes: int, W: int, max_distance: int, n_queries: int | None = None) -> dict:
+    """Pick chunks per 64-bit word for MIH by estimated cost (per-query probes + verifications,
+    plus the offsets tables). Returns {'chunks_per_word', 'lengths', 'cost_per_query', ...}."""
+    U = max(int(n_codes), 1)
+    Q = max(int(n_queries if n_queries is not None else n_codes), 1)
+    best = None
+    for c in range(math.ceil(64 / _MAX_CHUNK_BITS), 17):
+        lengths = _chunk_lengths(c) * W
+        radii = _radii(lengths, max_distance)
+        per_query = sum(_n_masks(b, r) * (_PROBE_COST + U / 2.0 ** b) for b, r in zip(lengths, radii))
+        build = _TABLE_COST * sum(2.0 ** b for b in lengths) + U * len(lengths) * 2.0
+        total = Q * per_query + build
+        if best is None or total < best["total"]:
+            best = {"chunks_per_word": c, "lengths": lengths, "radii": radii,
+                    "cost_per_query": per_query, "total": total}
+    return best
+
+
+class MultiIndexHash(_Base):
+    """Multi-index hashing over the distinct codes (see the module docstring).
+
+    `max_distance` is the threshold the chunking is planned for (searching with another threshold
+    is still exact; only the speed changes). `chunks_per_word` overrides the cost model.
+    `contiguous` (default: when the copies take <= 1 GiB) stores each chunk's codes in that chunk's
+    order, so verification reads memory sequentially.
+    """
+
+    name = "mih"
+
+    def __init__(self, codes: np.ndarray, owners: np.ndarray, max_distance: int = 10,
+                 chunks_per_word: int | None = None, contiguous: bool | None = None):
+        super().__init__(codes, owners)
+        W = self.W
+        # distinct codes and their owners (CSR, owners ascending, each (code, owner) once)
+        if self.codes.shape[0]:
+            if W == 1:
+                ucodes, inv = np.unique(self.codes[:, 0], return_inverse=True)
+                ucodes = ucodes[:, None]
+            else:
+                view = self.codes.view(np.dtype((np.void, 8 * W))).reshape(-1)
+                _, first, inv = np.unique(view, return_index=True, return_inverse=True)
+                ucodes = self.codes[first]
+            inv = inv.reshape(-1).astype(np.int64)
+        else:
+            ucodes, inv = np.zeros((0, W), np.uint64), np.zeros(0, np.int64)
+        self.ucodes = np.ascontiguousarray(ucodes, dtype=np.uint64)
+        U = self.ucodes.shape[0]
+        pair = np.unique(inv * max(int(self.owner_values.size), 1) + self.owner_dense)
+        n_own = max(int(self.owner_values.size), 1)
+        pu, po = pair // n_own, pair % n_own
+        self.optr = np.zeros(U + 1, np.int64)
+        np.cumsum(np.bincount(pu, minlength=U), out=self.optr[1:])
+        self.olist = po.astype(np.int64)
+        self.plan = plan_chunks(U, W, int(max_distance))
+        c = int(chunks_per_word or self.plan["chunks_per_word"])
+        lengths = _chunk_lengths(c)
+        if max(lengths) > 30:
+            raise ValueError("chunks_per_word must be >= 3 (chunks of <= 22 bits)")
+        self.chunks_per_word = c
+        self.lengths = lengths * W
+        m = len(self.lengths)
+        self.cword = np.repeat(np.arange(W, dtype=np.int64), c)
+        shifts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        self.cshift = np.tile(shifts, W)
+        self.cmask = np.array([(1 << b) - 1 for b in self.lengths], dtype=np.uint64)
+        bmax = max(lengths)
+        off_dtype = np.int32 if U < 2**31 - 1 else np.int64
+        if contiguous is None:
+            contiguous = m * U * W * 8 <= 1 << 30
+        self.contiguous = bool(contiguous)
+        self.coff = np.zeros((m, (1 << bmax) + 1), off_dtype)
+        self.cids = np.empty((m, U), np.int32 if U < 2**31 - 1 else np.int64)
+        self.ccodes = np.empty((m, U, W) if self.contiguous else (1, U, W), np.uint64)
+        if not self.contiguous:
+            self.ccodes[0] = self.ucodes
+        for ci in range(m):
+            vals = (self.ucodes[:, self.cword[ci]] >> np.uint64(self.cshift[ci])) & self.cmask[ci]
+            order = np.argsort(vals, kind="stable")
+            self.cids[ci] = order
+            counts = np.bincount(vals[order].astype(np.int64), minlength=1 << bmax)
+            np.cumsum(counts, out=self.coff[ci, 1:])
+            if self.contiguous:
+                self.ccodes[ci] = self.ucodes[order]
+        # the raw entries are not needed any more (keeps the broadcast index small)
+        self.codes = np.zeros((0, W), np.uint64)
+        self.owner_dense = np.zeros(0, np.int64)
+
+    @property
+    def n_codes(self) -> int:
+        return self.ucodes.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.owner_values, self.owner_dense, self.ucodes,
+                                      self.optr, self.olist, self.coff, self.cids, self.ccodes))
+
+    def search(self, queries, query_owners, max_distance: int, k: int):
+        T = int(max_distance)
+        radii = _radii(self.lengths, T)
+        probes = sum(_n_masks(b, r) for b, r in zip(self.lengths, radii))
+        U = self.n_codes
+        per_query = sum(_n_masks(b, r) * (_PROBE_COST + U / 2.0 ** b)
+                        for b, r in zip(self.lengths, radii))
+        if per_query >= U or probes > 200_000:
+            # the threshold is too large for this chunking: a linear scan is cheaper
+            return _search_groups(self, queries, query_owners, T, k,
+                                  lambda q, st, gd, T_, kk, n: _scan_unique_kernel(
+                                      q, st, gd, T_, kk, n, self.ucodes, self.optr, self.olist))
+        m = len(self.lengths)
+        nflips = np.array([_n_masks(b, r) for b, r in zip(self.lengths, radii)], dtype=np.int64)
+        flips = np.zeros((m, max(int(nflips.max()), 1)), np.uint64)
+        for ci, (b, r) in enumerate(zip(self.lengths, radii)):
+            f = _flip_masks(b, r)
+            flips[ci, :f.size] = f
+        cr = np.array(radii, dtype=np.int64)
+        return _search_groups(self, queries, query_owners, T, k,
+                              lambda q, st, gd, T_, kk, n: _mih_kernel(
+                                  q, st, gd, T_, kk, n, self.cword, self.cshift, self.cmask, cr,
+                                  flips, nflips, self.ccodes, self.cids, self.coff,
+                                  self.contiguous, self.optr, self.olist))
+
+
+# --------------------------------------------------------------------------------------------
+# interface and factory
+
+
+@runtime_checkable
+class HammingIndex(Protocol):
+    def search(self, queries: np.ndarray, query_owners: np.ndarray, max_distance: int, k: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+BACKENDS = {"brute": BruteForceIndex, "mih": MultiIndexHash}
+
+
+def make_index(codes: np.ndarray, owners: np.ndarray, backend: str = "mih", **options) -> HammingIndex:
+    """Build a Hamming index. `backend`: "mih" (multi-index hashing) or "brute" (reference).
+
+    Options: `max_distance` (the threshold MIH plans its chunking for), `chunks_per_word`,
+    `contiguous` (MIH only; ignored by brute force).
+    """
+    try:
+        cls = BACKENDS[backend]
+    except KeyError:
+        raise ValueError(f"unknown search backend {backend!r}; choose one of {sorted(BACKENDS)}") from None
+    return cls(codes, owners, **options)

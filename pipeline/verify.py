@@ -1,0 +1,463 @@
+"""Verify tier: ORB keypoints + Hamming kNN + Lowe ratio test + RANSAC geometric check.
+
+Work is split in two kinds of task so that no process holds every descriptor:
+
+1. `features_partition` — per image partition: decode once (JPEG draft), bound the size
+   (`verify.max_side`), apply the dihedral transform the pair needs (ORB is not mirror-invariant),
+   compute at most `verify.n_features` ORB keypoints, write one Parquet file to the feature store.
+   Features are computed once per (image, transform) key, never per pair.
+2. `verify_partition` — per chunk of pairs: read only the feature partitions the chunk needs
+   (`store.read_rows`, cached per worker), match, run RANSAC, return the numbers.
+
+`run_verify` is the thin Dask wrapper the orchestrator calls; with `client=None` it runs the same
+functions in-process (and gives the same numbers: everything is deterministic, RANSAC is seeded).
+
+Feature keys are `idx * 8 + transform` (`feature_key`). Pair semantics: `dihedral(image_b, t)`
+aligns b with a, so a pair needs keys (idx_a, 0) and (idx_b, t).
+
+Score (`orb_score`): inliers / min(n_keypoints_a, n_keypoints_b), in [0, 1] — the fraction of the
+poorer image's keypoints that the geometry explains. The raw `orb_inliers` is what the status
+thresholds use (`verify.match_inliers`, `verify.reject_inliers`); the score is for ranking and
+for analysts comparing pairs of very different keypoint counts.
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from . import store
+from .config import Config, VerifyConfig
+from .decode import DecodeError, dihedral, load_image, open_checked, resize_max_side
+
+STATUSES = ("match", "no-match", "inconclusive")
+RESULT_COLUMNS = ["orb_matches", "orb_inliers", "orb_score", "orb_status", "orb_reason"]
+
+_local = threading.local()  # cv2 ORB / matcher objects are not shared between threads
+
+
+def feature_key(idx, transform):
+    """(image index, dihedral transform 0..7) -> int64 feature key (works on scalars and arrays)."""
+    return np.asarray(idx, dtype=np.int64) * 8 + np.asarray(transform, dtype=np.int64)
+
+
+@contextmanager
+def _cv_threads(n: int):
+    """Run with OpenCV's own thread pool at `n` threads (Dask provides the parallelism)."""
+    if n <= 0:
+        yield
+        return
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(n)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
+
+
+def _orb(cfg: VerifyConfig):
+    params = (cfg.n_features, cfg.grid, cfg.oversample, cfg.scale_factor, cfg.n_levels,
+              cfg.fast_threshold)
+    cached = getattr(_local, "orb", None)
+    if cached is None or cached[0] != params:
+        detect = cfg.n_features * (max(1, cfg.oversample) if cfg.grid > 1 else 1)
+        orb = cv2.ORB_create(nfeatures=detect, scaleFactor=cfg.scale_factor,
+                             nlevels=cfg.n_levels, fastThreshold=cfg.fast_threshold)
+        _local.orb = cached = (params, orb)
+    return cached[1]
+
+
+def _matcher():
+    m = getattr(_local, "matcher", None)
+    if m is None:
+        m = _local.matcher = cv2.BFMatcher(cv2.NORM_HAMMING, crossCheck=False)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Per image
+
+
+def _bounded(img: Image.Image, cfg: VerifyConfig) -> Image.Image:
+    """Longer side <= max_side; images whose longer side is below `upscale_below` are enlarged to
+    max_side (ORB ignores a 31 px border, so a 160x100 thumbnail would have almost no keypoints,
+    and matching works best when both images sit at the same pyramid scale)."""
+    w, h = img.size
+    longest = max(w, h)
+    if longest > cfg.max_side:
+        return resize_max_side(img, cfg.max_side)
+    if cfg.upscale_below and longest < cfg.upscale_below:
+        s = cfg.max_side / longest
+        return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC)
+    return img
+
+
+def _spread(kps, size: tuple[int, int], cfg: VerifyConfig) -> list:
+    """Keep n_features of the detected keypoints, spread over a grid x grid layout: each cell
+    keeps its strongest (up to an equal share), the rest of the budget goes to the strongest
+    left over. Without this, a text overlay or a logo (dense strong corners) takes nearly all
+    keypoints and an overlaid copy of a photo has nothing left to match (measured: 9 of 30
+    text-overlay copies below 15 inliers with plain top-N ORB)."""
+    n = len(kps)
+    if n <= cfg.n_features:
+        return list(kps)
+    w, h = size
+    g = cfg.grid
+    pts = np.array([k.pt for k in kps], dtype=np.float32)
+    resp = np.array([k.response for k in kps], dtype=np.float32)
+    cell = (np.minimum((pts[:, 1] * g / h).astype(np.int64), g - 1) * g
+            + np.minimum((pts[:, 0] * g / w).astype(np.int64), g - 1))
+    order = np.lexsort((np.arange(n), -resp, cell))  # by cell, strongest first, stable
+    sorted_cell = cell[order]
+    start = np.searchsorted(sorted_cell, sorted_cell, side="left")
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n) - start
+    quota = -(-cfg.n_features // (g * g))
+    chosen = rank < quota
+    if chosen.sum() > cfg.n_features:  # cannot happen with ceil quota unless all cells full
+        idx = np.flatnonzero(chosen)
+        idx = idx[np.lexsort((idx, -resp[idx]))][:cfg.n_features]
+        chosen[:] = False
+        chosen[idx] = True
+    room = cfg.n_features - int(chosen.sum())
+    if room > 0:
+        rest = np.flatnonzero(~chosen)
+        rest = rest[np.lexsort((rest, -resp[rest]))][:room]
+        chosen[rest] = True
+    return [kps[i] for i in np.flatnonzero(chosen)]
+
+
+def orb_features(img: Image.Image, cfg: VerifyConfig) -> dict:
+    """ORB on `img` bounded to `cfg.max_side` -> keypoints (n,2 float32, xy in the bounded frame),
+    descriptors (n,32 uint8), width/height of the bounded frame, scale (bounded / given width)."""
+    small = _bounded(img, cfg)
+    grey = np.asarray(small.convert("L"))
+    orb = _orb(cfg)
+    if cfg.grid > 1:
+        kps = _spread(orb.detect(grey, None), small.size, cfg)
+        kps, desc = orb.compute(grey, kps) if kps else ((), None)
+    else:
+        kps, desc = orb.detectAndCompute(grey, None)
+    if desc is None or not kps:
+        xy = np.zeros((0, 2), np.float32)
+        desc = np.zeros((0, 32), np.uint8)
+    else:
+        xy = np.array([k.pt for k in kps], dtype=np.float32).reshape(-1, 2)
+        desc = np.ascontiguousarray(desc, dtype=np.uint8)
+    return {"keypoints": xy, "descriptors": desc, "width": small.size[0], "height": small.size[1],
+            "scale": small.size[0] / img.size[0]}
+
+
+def _draft_min_side(path: str, cfg: Config) -> int:
+    """Short side the JPEG draft decode must keep so that the longer side stays >= max_side."""
+    with open_checked(path, cfg.screen.max_pixels) as im:
+        w, h = im.size
+    return max(1, -(-cfg.verify.max_side * min(w, h) // max(w, h)))
+
+
+def features_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int) -> pd.DataFrame:
+    """ORB features for `rows` (key, abs_path, transform) -> one feature-store file.
+
+    Each distinct file is decoded once, however many transforms of it are wanted. A decode failure
+    is recorded in `error` (no keypoints), never raised. Returns the small summary
+    key, part_path, n_keypoints, error.
+    """
+    vcfg = cfg.verify
+    out = []
+    with _cv_threads(vcfg.opencv_threads):
+        for path, group in rows.groupby("abs_path", sort=False):
+            base, error = None, None
+            try:
+                min_side = _draft_min_side(path, cfg)
+                img, _, _ = load_image(path, min_side=min_side, max_pixels=cfg.screen.max_pixels)
+                base = _bounded(img, vcfg)
+            except DecodeError as exc:
+                error = str(exc)
+            except Exception as exc:  # never let one file kill the partition
+                error = f"cannot decode: {type(exc).__name__}: {exc}"
+            for key, t in zip(group["key"].to_numpy(), group["transform"].to_numpy()):
+                if base is None:
+                    out.append((int(key), 0, b"", b"", 0, 0, error))
+                    continue
+                f = orb_features(dihedral(base, int(t)), vcfg)
+                out.append((int(key), len(f["keypoints"]), f["keypoints"].tobytes(),
+                            f["descriptors"].tobytes(), f["width"], f["height"], None))
+    frame = pd.DataFrame(out, columns=["key", "n_keypoints", "keypoints", "descriptors", "width",
+                                       "height", "error"])
+    frame = frame.astype({"key": "int64", "n_keypoints": "int32", "width": "int32", "height": "int32"})
+    # explicit object column: None (not NaN, not pandas' string dtype) where the decode worked
+    frame["error"] = pd.Series([r[6] for r in out], index=frame.index, dtype=object)
+    part_path = store.write_partition(out_dir, part, frame)
+    summary = frame[["key", "n_keypoints", "error"]].copy()
+    summary.insert(1, "part_path", part_path)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Per pair
+
+
+def _unpack(row) -> dict:
+    n = int(row["n_keypoints"]) if pd.notna(row["n_keypoints"]) else 0
+    kp = row["keypoints"]
+    desc = row["descriptors"]
+    return {
+        "keypoints": np.frombuffer(kp, np.float32).reshape(-1, 2) if n else np.zeros((0, 2), np.float32),
+        "descriptors": np.frombuffer(desc, np.uint8).reshape(-1, 32) if n else np.zeros((0, 32), np.uint8),
+        "error": row["error"] if isinstance(row["error"], str) else None,
+    }
+
+
+def _ransac(src: np.ndarray, dst: np.ndarray, cfg: VerifyConfig) -> int:
+    """Inliers of the configured geometric model, seeded so the result is reproducible.
+
+    Default "affine" (estimateAffine2D), chosen by measurement: inlier separation and pairs/s on
+    the generated benchmark (bench/verify.py, all three models side by side in docs/benchmarks.md),
+    plus RANSAC alone timed on 30 random pairs of different photos and on the bridge edits
+    (one core, OpenCV 5.0):
+      - homography: different photos get the most spurious inliers (max 7 vs 5 over 198
+        negatives; 8 DOF fit any 4 random matches), and RANSAC on such pairs never reaches its
+        confidence, so it runs all iterations: 2.3 ms per negative pair, more than the matching
+        itself (1.7 ms) — a candidate set that is mostly negatives would halve pairs/s.
+      - similarity (estimateAffinePartial2D): fewest spurious inliers (2-3), 0.05 ms, but it
+        cannot model a non-uniform resize: the bridge photo squashed to a square
+        (square-128/256/512) falls to 12-14 inliers vs 29-53 with affine/homography.
+      - affine: 3-4 spurious inliers, 0.06 ms, and keeps the squashed copies (29-53 inliers).
+    Edited copies (crop, resize, small rotation, re-encode, overlay) are affine maps, so the
+    homography's extra perspective freedom buys nothing on positives.
+    """
+    cv2.setRNGSeed(cfg.seed)
+    if cfg.model == "homography":
+        _, mask = cv2.findHomography(src, dst, cv2.RANSAC, cfg.ransac_threshold,
+                                     maxIters=cfg.ransac_max_iters, confidence=cfg.ransac_confidence)
+    elif cfg.model == "affine":
+        _, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC,
+                                       ransacReprojThreshold=cfg.ransac_threshold,
+                                       maxIters=cfg.ransac_max_iters, confidence=cfg.ransac_confidence)
+    else:  # "similarity"
+        _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC,
+                                              ransacReprojThreshold=cfg.ransac_threshold,
+                                              maxIters=cfg.ransac_max_iters,
+                                              confidence=cfg.ransac_confidence)
+    return 0 if mask is None else int(np.count_nonzero(mask))
+
+
+def _good_matches(da: np.ndarray, db: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Hamming kNN (k=2) a->b + Lowe ratio test, one-to-one: (query idx, train idx) arrays."""
+    if len(da) == 0 or len(db) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    knn = _matcher().knnMatch(da, db, k=2)
+    q, t, d = [], [], []
+    for pair in knn:
+        if len(pair) == 2 and pair[0].distance < ratio * pair[1].distance:
+            m = pair[0]
+            q.append(m.queryIdx)
+            t.append(m.trainIdx)
+            d.append(m.distance)
+    if not q:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    q, t, d = np.asarray(q), np.asarray(t), np.asarray(d)
+    # several a-keypoints may pick the same b-keypoint: keep the closest one (stable: ties keep
+    # the lower query index), so a repeated texture cannot inflate the inlier count
+    order = np.lexsort((q, d))
+    _, first = np.unique(t[order], return_index=True)
+    keep = np.sort(order[first])
+    return q[keep], t[keep]
+
+
+def verify_pair(fa: dict, fb: dict, cfg: VerifyConfig) -> tuple[int, int, float, str]:
+    """(orb_matches, orb_inliers, orb_score, status) for two feature dicts (`orb_features`)."""
+    return _verify(fa, fb, cfg)[:4]
+
+
+def _verify(fa: dict, fb: dict, cfg: VerifyConfig) -> tuple[int, int, float, str, str]:
+    na, nb = len(fa["keypoints"]), len(fb["keypoints"])
+    qi, ti = _good_matches(fa["descriptors"], fb["descriptors"], cfg.ratio)
+    matches = len(qi)
+    inliers = 0
+    if matches >= max(cfg.min_good_matches, 4):
+        inliers = _ransac(fa["keypoints"][qi], fb["keypoints"][ti], cfg)
+    score = float(min(1.0, inliers / min(na, nb))) if min(na, nb) else 0.0
+    if min(na, nb) < cfg.min_keypoints:
+        which = "a" if na < nb else "b"
+        status = "inconclusive"
+        reason = (f"orb inconclusive: {min(na, nb)} keypoints in image {which} (flat or tiny); "
+                  f"{inliers} inliers of {matches} matches")
+    elif inliers >= cfg.match_inliers:
+        status, reason = "match", f"orb: {inliers} inliers of {matches} matches"
+    elif inliers < cfg.reject_inliers:
+        status, reason = "no-match", f"orb: {inliers} inliers of {matches} matches (geometry disagrees)"
+    else:
+        status = "inconclusive"
+        reason = (f"orb inconclusive: {inliers} inliers of {matches} matches "
+                  f"(between {cfg.reject_inliers} and {cfg.match_inliers})")
+    return matches, inliers, score, status, reason
+
+
+def _error_result(side: str, error: str) -> tuple:
+    return 0, 0, 0.0, "inconclusive", f"orb inconclusive: image {side} not decoded ({error})"
+
+
+def _result_frame(results: list[tuple], index) -> pd.DataFrame:
+    frame = pd.DataFrame(results, columns=RESULT_COLUMNS, index=index)
+    return frame.astype({"orb_matches": "int32", "orb_inliers": "int32", "orb_score": "float32",
+                         "orb_status": object, "orb_reason": object})
+
+
+def _sub_batches(paths_a: np.ndarray, paths_b: np.ndarray, max_parts: int) -> list[np.ndarray]:
+    """Positions of the pairs grouped so each group touches at most `max_parts` feature files
+    (pairs sorted by their file pair first), so a task never loads every partition at once."""
+    order = np.lexsort((paths_b, paths_a))
+    groups, current, parts = [], [], set()
+    for i in order:
+        need = {paths_a[i], paths_b[i]} - parts
+        if current and len(parts) + len(need) > max_parts:
+            groups.append(np.asarray(current))
+            current, parts = [], set()
+            need = {paths_a[i], paths_b[i]}
+        current.append(i)
+        parts |= need
+    if current:
+        groups.append(np.asarray(current))
+    return groups
+
+
+def verify_partition(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """Verify pairs (key_a, key_b, path_a_part, path_b_part) -> RESULT_COLUMNS, same row order.
+
+    A key whose path is empty/null (image not decoded upstream) or whose feature row carries an
+    error gives an "inconclusive" row with the reason.
+    """
+    vcfg = cfg.verify
+    n = len(pairs)
+    results: list[tuple | None] = [None] * n
+    ka = pairs["key_a"].to_numpy(np.int64)
+    kb = pairs["key_b"].to_numpy(np.int64)
+    pa = pairs["path_a_part"].fillna("").astype(str).to_numpy()
+    pb = pairs["path_b_part"].fillna("").astype(str).to_numpy()
+    err_a = pairs["error_a"].to_numpy() if "error_a" in pairs else np.full(n, None, object)
+    err_b = pairs["error_b"].to_numpy() if "error_b" in pairs else np.full(n, None, object)
+    todo = []
+    for i in range(n):
+        if not pa[i] or not pb[i]:
+            side, e = ("a", err_a[i]) if not pa[i] else ("b", err_b[i])
+            results[i] = _error_result(side, e if isinstance(e, str) else "no features")
+        else:
+            todo.append(i)
+    todo = np.asarray(todo, dtype=np.int64)
+    with _cv_threads(vcfg.opencv_threads):
+        if len(todo):
+            for group in _sub_batches(pa[todo], pb[todo], max(2, vcfg.max_open_partitions)):
+                idx = todo[group]
+                paths = list(dict.fromkeys(np.concatenate([pa[idx], pb[idx]]).tolist()))
+                keys = np.concatenate([ka[idx], kb[idx]])
+                rows = store.read_rows(paths, keys)
+                feats = {}
+                for key, row in zip(rows.index.to_numpy(), rows.to_dict("records")):
+                    feats[int(key)] = _unpack(row)
+                for i in idx:
+                    fa, fb = feats[int(ka[i])], feats[int(kb[i])]
+                    if fa["error"] or fb["error"]:
+                        side, e = ("a", fa["error"]) if fa["error"] else ("b", fb["error"])
+                        results[i] = _error_result(side, e)
+                    else:
+                        results[i] = _verify(fa, fb, vcfg)
+    return _result_frame(results, pairs.index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def _locality_order(idx_a: np.ndarray, idx_b: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    """`nodes` reordered so images of one connected component of the pair graph are adjacent:
+    pairs then mostly join features within one or two partitions (minimum-label propagation,
+    vectorised; components of candidate graphs are small because the screen caps neighbours)."""
+    pos = pd.Index(nodes)
+    a, b = pos.get_indexer(idx_a), pos.get_indexer(idx_b)
+    label = np.arange(len(nodes))
+    while True:
+        low = np.minimum(label[a], label[b])
+        new = label.copy()
+        np.minimum.at(new, a, low)
+        np.minimum.at(new, b, low)
+        new = new[new]  # pointer jumping
+        if np.array_equal(new, label):
+            break
+        label = new
+    return nodes[np.lexsort((nodes, label))]
+
+
+def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir: str,
+               client=None) -> pd.DataFrame:
+    """ORB-verify candidate pairs (idx_a, idx_b, transform) -> RESULT_COLUMNS aligned with `pairs`.
+
+    `images` is indexed by idx with abs_path and error. Features are computed once per needed
+    (image, transform) key in tasks of `dask.partition_size` images, then pairs are verified in tasks of `dask.pairs_per_task`. With `client`
+    (a dask.distributed Client) tasks run on the cluster, else in this process. Feature files go
+    to a new folder `work_dir/orb-<random>` (removed with the work dir by the caller).
+    """
+    if len(pairs) == 0:
+        return _result_frame([], pairs.index)
+    # a fresh folder per call: the worker-side partition cache is keyed by file path, so a second
+    # run in the same process must never see the previous run's part-000000.parquet
+    out_dir = str(Path(work_dir) / f"orb-{uuid.uuid4().hex[:12]}")
+    idx_a = pairs["idx_a"].to_numpy(np.int64)
+    idx_b = pairs["idx_b"].to_numpy(np.int64)
+    t_b = pairs["transform"].to_numpy(np.int64)
+    key_a = feature_key(idx_a, 0)
+    key_b = feature_key(idx_b, t_b)
+
+    # which (image, transform) keys are needed, skipping images that failed upstream
+    err = images["error"] if "error" in images else pd.Series(None, index=images.index, dtype=object)
+    bad = set(images.index[err.notna()].tolist())
+    keys = pd.DataFrame({"idx": np.concatenate([idx_a, idx_b]),
+                         "transform": np.concatenate([np.zeros_like(t_b), t_b])}).drop_duplicates()
+    keys = keys[~keys["idx"].isin(bad)]
+    keys["key"] = feature_key(keys["idx"], keys["transform"])
+    keys["abs_path"] = images.loc[keys["idx"], "abs_path"].to_numpy()
+    keys["transform"] = keys["transform"].astype("int8")
+
+    # feature tasks: partition_size images each (all transforms of an image in the same task)
+    order = _locality_order(idx_a, idx_b, pd.unique(keys["idx"].to_numpy()))
+    rank = pd.Series(np.arange(len(order)), index=order)
+    keys["chunk"] = rank.loc[keys["idx"]].to_numpy() // cfg.dask.partition_size
+    keys = keys.sort_values(["chunk", "idx", "transform"], kind="stable")
+    chunks = [g[["key", "abs_path", "transform"]].reset_index(drop=True)
+              for _, g in keys.groupby("chunk", sort=True)]
+    parts = list(range(len(chunks)))
+    if client is not None:
+        futures = client.map(features_partition, chunks, [cfg] * len(chunks),
+                             [out_dir] * len(chunks), parts, pure=False)
+        summaries = client.gather(futures)
+    else:
+        summaries = [features_partition(c, cfg, out_dir, p) for c, p in zip(chunks, parts)]
+    summary = (pd.concat(summaries, ignore_index=True) if summaries
+               else pd.DataFrame(columns=["key", "part_path", "n_keypoints", "error"]))
+    part_of = pd.Series(summary["part_path"].to_numpy(), index=summary["key"].to_numpy(np.int64))
+
+    # pair tasks, ordered by the feature files they touch
+    job = pd.DataFrame({"key_a": key_a, "key_b": key_b,
+                        "path_a_part": part_of.reindex(key_a).to_numpy(),
+                        "path_b_part": part_of.reindex(key_b).to_numpy(),
+                        "error_a": err.reindex(idx_a).to_numpy(),
+                        "error_b": err.reindex(idx_b).to_numpy()},
+                       index=np.arange(len(pairs)))
+    job = job.iloc[np.lexsort((job["path_b_part"].fillna("").to_numpy(),
+                               job["path_a_part"].fillna("").to_numpy()))]
+    step = cfg.dask.pairs_per_task
+    tasks = [job.iloc[i:i + step] for i in range(0, len(job), step)]
+    if client is not None:
+        futures = client.map(verify_partition, tasks, [cfg] * len(tasks), pure=False)
+        results = client.gather(futures)
+    else:
+        results = [verify_partition(t, cfg) for t in tasks]
+    result = pd.concat(results).sort_index()
+    result.index = pairs.index
+    return result

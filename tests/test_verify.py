@@ -1,0 +1,228 @@
+"""Verify tier (ORB): real photos with generated edits, the labelled bridge edits, the store path,
+determinism, errors, and Dask vs in-process equality."""
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline import verify
+from pipeline.config import Config
+
+
+def _edit(img: Image.Image, name: str) -> Image.Image:
+    w, h = img.size
+    if name == "crop70":
+        cw, ch = round(w * 0.7), round(h * 0.7)
+        return img.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+    if name == "resize50":
+        return img.resize((w // 2, h // 2), Image.Resampling.LANCZOS)
+    if name == "rotate5":
+        return img.rotate(5, resample=Image.Resampling.BICUBIC)
+    if name == "jpeg30":
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=30)
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    if name == "text":
+        out = img.copy()
+        font = ImageFont.load_default(size=max(12, h // 8))
+        ImageDraw.Draw(out).text((w // 20, h // 3), "SAMPLE COPY 2024", fill=(255, 255, 255), font=font,
+                                 stroke_width=2, stroke_fill=(0, 0, 0))
+        return out
+    if name == "mirror":
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    raise ValueError(name)
+
+
+EDITS = ["crop70", "resize50", "rotate5", "jpeg30", "text"]
+
+
+@pytest.fixture(scope="module")
+def few_photos(photo_paths):
+    if len(photo_paths) < 4:
+        pytest.skip("need at least 4 photos in ../shared/data/photos")
+    step = len(photo_paths) // 4
+    return [photo_paths[i * step] for i in range(4)]
+
+
+@pytest.fixture()
+def small_set(few_photos, tmp_path):
+    """images (idx: abs_path, error) + pairs (idx_a, idx_b, transform): 3 photos, a crop, a mirror,
+    a corrupt file; positives, negatives, a mirror pair both with transform 4 and 0."""
+    paths = [str(p) for p in few_photos[:3]]
+    img = Image.open(few_photos[0]).convert("RGB")
+    crop = tmp_path / "crop.png"
+    _edit(img, "crop70").save(crop)
+    mirror = tmp_path / "mirror.png"
+    _edit(img, "mirror").save(mirror)
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" + bytes(200))
+    paths += [str(crop), str(mirror), str(corrupt)]
+    images = pd.DataFrame({"abs_path": paths, "error": [None] * len(paths)})
+    pairs = pd.DataFrame({"idx_a": [0, 0, 0, 0, 1, 1, 0, 2],
+                          "idx_b": [3, 4, 4, 1, 2, 3, 5, 5],
+                          "transform": np.array([0, 4, 0, 0, 0, 0, 0, 0], dtype=np.int8)},
+                         index=pd.Index([10, 11, 12, 13, 14, 15, 16, 17]))
+    return images, pairs
+
+
+def test_orb_features_contract(few_photos):
+    cfg = Config().verify
+    img = Image.open(few_photos[0]).convert("RGB")
+    big = img.resize((img.width * 3, img.height * 3))
+    f = verify.orb_features(big, cfg)
+    assert f["keypoints"].dtype == np.float32 and f["keypoints"].shape[1] == 2
+    assert f["descriptors"].dtype == np.uint8 and f["descriptors"].shape == (len(f["keypoints"]), 32)
+    assert 0 < len(f["keypoints"]) <= cfg.n_features
+    assert max(f["width"], f["height"]) == cfg.max_side
+    assert f["scale"] == pytest.approx(f["width"] / big.width)
+    assert (f["keypoints"][:, 0] < f["width"]).all() and (f["keypoints"][:, 1] < f["height"]).all()
+
+
+def test_edits_give_clearly_more_inliers_than_different_photos(few_photos):
+    cfg = Config().verify
+    originals = [Image.open(p).convert("RGB") for p in few_photos[:3]]
+    feats = [verify.orb_features(im, cfg) for im in originals]
+    positives = {}
+    for i, im in enumerate(originals):
+        for e in EDITS:
+            m, inl, score, status = verify.verify_pair(feats[i], verify.orb_features(_edit(im, e), cfg), cfg)
+            positives[(i, e)] = inl
+            assert status == "match", (few_photos[i].name, e, m, inl)
+            assert 0 < score <= 1
+    negatives = {}
+    for i in range(3):
+        for j in range(i + 1, 3):
+            m, inl, score, status = verify.verify_pair(feats[i], feats[j], cfg)
+            negatives[(i, j)] = inl
+            assert status != "match", (i, j, m, inl)
+    assert min(positives.values()) >= 3 * max(1, max(negatives.values())), (positives, negatives)
+
+
+@pytest.mark.parametrize("kind", ["blank", "flat-gradient", "tiny"])
+def test_blank_or_flat_image_is_inconclusive(few_photos, kind):
+    cfg = Config().verify
+    photo = verify.orb_features(Image.open(few_photos[0]).convert("RGB"), cfg)
+    if kind == "blank":
+        img = Image.new("RGB", (400, 300), (255, 255, 255))
+    elif kind == "flat-gradient":
+        ramp = np.tile(np.linspace(90, 110, 400, dtype=np.uint8), (300, 1))
+        img = Image.fromarray(np.dstack([ramp] * 3))
+    else:
+        img = Image.new("RGB", (6, 4), (30, 60, 90))
+    flat = verify.orb_features(img, cfg)
+    assert len(flat["keypoints"]) < cfg.min_keypoints
+    for fa, fb, side in ((photo, flat, "b"), (flat, photo, "a")):
+        *_, status, reason = verify._verify(fa, fb, cfg)
+        assert status == "inconclusive"
+        assert "keypoints in image " + side in reason
+
+
+def test_bridge_edits_verify_against_original(labelled_dir):
+    root = labelled_dir / "threatexchange_pdq"
+    with open(root / "labels.csv", newline="") as fh:
+        files = [r["path"] for r in csv.DictReader(fh)
+                 if r["group_id"] == "bridge" and r["path"].startswith("pdq/data/bridge-mods/")]
+    assert "pdq/data/bridge-mods/aaa-orig.jpg" in files and len(files) > 5
+    paths = [str(root / f) for f in sorted(files)]
+    images = pd.DataFrame({"abs_path": paths, "error": [None] * len(paths)})
+    orig = sorted(files).index("pdq/data/bridge-mods/aaa-orig.jpg")
+    others = [i for i in range(len(paths)) if i != orig]
+    pairs = pd.DataFrame({"idx_a": orig, "idx_b": others, "transform": np.zeros(len(others), np.int8)})
+    cfg = Config()
+    import tempfile
+    with tempfile.TemporaryDirectory() as work:
+        res = verify.run_verify(pairs, images, cfg, work)
+    bad = res[res["orb_status"] != "match"]
+    assert bad.empty, [(paths[pairs.loc[i, "idx_b"]], r) for i, r in bad["orb_reason"].items()]
+
+
+def test_run_verify_store_path_mirror_and_corrupt(small_set, tmp_path):
+    images, pairs = small_set
+    res = verify.run_verify(pairs, images, Config(), str(tmp_path / "work"))
+    assert list(res.index) == list(pairs.index)
+    assert list(res.columns) == verify.RESULT_COLUMNS
+    assert str(res["orb_inliers"].dtype) == "int32" and str(res["orb_score"].dtype) == "float32"
+    st = res["orb_status"]
+    assert st[10] == "match"  # crop
+    assert st[11] == "match"  # mirrored copy aligned with transform 4
+    assert st[12] != "match"  # ... but not without it (ORB is not mirror-invariant)
+    assert res.loc[12, "orb_inliers"] * 4 < res.loc[11, "orb_inliers"]
+    assert st[13] != "match" and st[14] != "match"  # different photos
+    for i in (16, 17):  # corrupt file: an inconclusive row with the decode error, not an exception
+        assert st[i] == "inconclusive"
+        assert "not decoded" in res.loc[i, "orb_reason"]
+    assert res.loc[10, "orb_reason"].startswith("orb: ")
+    assert ((res["orb_score"] >= 0) & (res["orb_score"] <= 1)).all()
+
+
+def test_features_partition_records_decode_error(tmp_path, few_photos):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(50))
+    missing = tmp_path / "gone.jpg"
+    rows = pd.DataFrame({"key": np.array([0, 8, 16, 20], np.int64),
+                         "abs_path": [str(bad), str(missing), str(few_photos[0]), str(few_photos[0])],
+                         "transform": np.array([0, 0, 0, 4], np.int8)})
+    summary = verify.features_partition(rows, Config(), str(tmp_path / "f"), 3)
+    assert list(summary.columns) == ["key", "part_path", "n_keypoints", "error"]
+    assert summary["error"].iloc[0] and summary["error"].iloc[1]
+    assert summary["n_keypoints"].iloc[0] == 0
+    assert summary["error"].iloc[2] is None and summary["n_keypoints"].iloc[2] > 100
+    stored = pd.read_parquet(summary["part_path"].iloc[0])
+    assert list(stored["key"]) == [0, 8, 16, 20]
+    assert {"key", "n_keypoints", "keypoints", "descriptors", "width", "height", "error"} <= set(stored)
+
+
+def test_features_once_per_image_transform(small_set, tmp_path, monkeypatch):
+    images, pairs = small_set
+    seen = []
+    real = verify.features_partition
+
+    def spy(rows, cfg, out_dir, part):
+        seen.extend(rows["key"].tolist())
+        return real(rows, cfg, out_dir, part)
+
+    monkeypatch.setattr(verify, "features_partition", spy)
+    cfg = Config()
+    cfg.dask.partition_size = 2
+    verify.run_verify(pairs, images, cfg, str(tmp_path))
+    need = set(verify.feature_key(pairs["idx_a"], 0)) | set(verify.feature_key(pairs["idx_b"], pairs["transform"]))
+    assert sorted(seen) == sorted(int(k) for k in need)  # each needed key exactly once
+
+
+def test_deterministic_and_chunking_invariant(small_set, tmp_path):
+    images, pairs = small_set
+    first = verify.run_verify(pairs, images, Config(), str(tmp_path / "a"))
+    again = verify.run_verify(pairs, images, Config(), str(tmp_path / "a"))
+    cfg = Config()
+    cfg.dask.partition_size = 1
+    cfg.dask.pairs_per_task = 3
+    cfg.verify.max_open_partitions = 2
+    chunked = verify.run_verify(pairs, images, cfg, str(tmp_path / "b"))
+    pd.testing.assert_frame_equal(first, again)
+    pd.testing.assert_frame_equal(first, chunked)
+
+
+def test_empty_pairs(tmp_path):
+    pairs = pd.DataFrame({"idx_a": [], "idx_b": [], "transform": []})
+    images = pd.DataFrame({"abs_path": [], "error": []})
+    res = verify.run_verify(pairs, images, Config(), str(tmp_path))
+    assert len(res) == 0 and list(res.columns) == verify.RESULT_COLUMNS
+
+
+@pytest.mark.slow
+def test_dask_cluster_equals_in_process(small_set, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    images, pairs = small_set
+    cfg = Config()
+    cfg.dask.partition_size = 2
+    cfg.dask.pairs_per_task = 3
+    local = verify.run_verify(pairs, images, cfg, str(tmp_path / "local"))
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        remote = verify.run_verify(pairs, images, cfg, str(tmp_path / "dask"), client=client)
+    pd.testing.assert_frame_equal(local, remote)
