@@ -24,12 +24,14 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
-dedupe: install
+dedupe: install weights
 	@test -n "$(DATA)" || { echo "usage: make dedupe DATA=path/to/images [OUT=out] [CONFIG=configs/default.yaml] [ARGS='--set key=value']" >&2; exit 2; }
 	$(PY) -m pipeline dedupe "$(DATA)" --out "$(OUT)" --config "$(CONFIG)" $(ARGS)
 
-weights:
-	$(PY) -m pipeline weights --from "$(WEIGHTS_DIR)"
+# Seed the Keras cache from a local mirror of the weights, when there is one (offline machines).
+weights: install
+	@if [ -d "$(WEIGHTS_DIR)" ]; then $(PY) -m pipeline weights --from "$(WEIGHTS_DIR)"; \
+	else echo "no weights mirror at $(WEIGHTS_DIR): Keras downloads the weights on first use (needs network)"; fi
 
 bench: install
 	$(PY) -m bench.run --out docs/benchmarks.md $(ARGS)

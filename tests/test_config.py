@@ -47,3 +47,22 @@ def test_bad_files(tmp_path):
     wrong.write_text("screen:\n  max_candidates: 0\n")
     with pytest.raises(ConfigError, match="max_candidates"):
         load_config(wrong)
+
+
+def test_default_yaml_documents_every_key():
+    import dataclasses
+
+    import yaml
+    data = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    missing = []
+
+    def walk(obj, section, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.name not in section:
+                missing.append(prefix + f.name)
+            elif dataclasses.is_dataclass(value):
+                walk(value, section[f.name], f"{prefix}{f.name}.")
+
+    walk(Config(), data)
+    assert not missing, f"configs/default.yaml lacks {missing}"

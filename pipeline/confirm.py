@@ -1,0 +1,370 @@
+"""The confirm tier: ImageNet MobileNet embeddings per (image, transform), cosine per pair.
+
+Each image that reaches this tier is embedded once per transform it is needed in (key =
+`idx * 8 + transform`, the dihedral transform that aligns it with its partner), in tasks of
+`dask.partition_size` keys that write their embeddings to the feature store (one Parquet file per
+task, `embedding` = float32 little-endian bytes, L2-normalised). Pair tasks of
+`dask.pairs_per_task` then read only the partitions they need and compute cosine.
+
+The model is built once per worker process (module-level cache keyed by the embed config and the
+weights file), with TensorFlow's intra-op threads set to `embed.threads` or the worker's thread
+count, and called through a `tf.function` traced for one fixed batch shape (the last batch is
+padded), which is ~2x faster than `model.predict` per batch (docs/benchmarks.md).
+
+Image to model input: `decode.load_image(min_side=input_size)` (JPEG draft decode), uniform
+borders cut off (`embed.trim_borders`, the screen's detector: letterboxed copies score like the
+original), the dihedral transform, then `embed.resize`: "squash" (whole image to input_size x input_size, aspect ratio
+ignored) or "crop" (short side to input_size, centre square). Squash is the default: measured on
+the shared photos (bench/confirm.py) it separates true pairs -- crops, letterboxed copies, JPEG
+resize -- from unrelated photos at least as well as centre crop, and it never discards content at
+the edges that a cropped copy might keep.
+
+Embeddings are deterministic: same input -> bitwise same vector whatever the batch composition,
+run, or scheduler (tests/test_confirm.py checks in-process vs a LocalCluster).
+
+TensorFlow is imported lazily (inside `Embedder`), so importing this module is cheap.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline import decode, store
+from pipeline.config import Config, EmbedConfig
+from pipeline.weights import check_weights_available, resolve_weights
+
+log = logging.getLogger(__name__)
+
+EMBED_SUBDIR = "confirm_embeddings"  # under the work dir
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorFlow set-up (once per process)
+
+_TF_LOCK = threading.Lock()
+_TF_THREADS: int | None = None  # intra-op threads this process's TF runtime was configured with
+
+
+def worker_threads() -> int:
+    """Threads of the Dask worker running this code, else the CPUs this process may use."""
+    try:
+        from distributed import get_worker
+        worker = get_worker()
+        n = getattr(worker, "nthreads", None) or getattr(getattr(worker, "state", None), "nthreads", None)
+        if n:
+            return int(n)
+    except (ImportError, ValueError):
+        pass
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _configure_tf(threads: int):
+    """Import TensorFlow and set its thread pools before the runtime starts (only possible once
+    per process; a later different request is logged and ignored)."""
+    global _TF_THREADS
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    with _TF_LOCK:
+        if _TF_THREADS is None:
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(1 if threads <= 2 else 2)
+                _TF_THREADS = threads
+            except RuntimeError:  # runtime already initialised by someone else in this process
+                _TF_THREADS = tf.config.threading.get_intra_op_parallelism_threads() or -1
+                log.info("TensorFlow already initialised; intra-op threads stay %s", _TF_THREADS)
+        elif _TF_THREADS != threads:
+            log.info("TensorFlow intra-op threads already set to %s in this process (asked %s)",
+                     _TF_THREADS, threads)
+    return tf
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixels -> model input
+
+def to_input(img: Image.Image, size: int, mode: str = "squash") -> np.ndarray:
+    """An RGB image -> uint8 array (size, size, 3): "squash" or centre-"crop" (see module doc)."""
+    if mode == "crop":
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    else:
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return arr
+
+
+def load_input(path: str, transform: int, cfg: Config) -> np.ndarray:
+    """Decode (draft scale >= input_size), apply the dihedral transform, resize. Raises DecodeError."""
+    e = cfg.embed
+    img, _, _ = decode.load_image(path, min_side=e.input_size, max_pixels=cfg.screen.max_pixels)
+    if e.trim_borders:
+        img = trim_borders(img, cfg.screen.border_tolerance)
+    img = decode.dihedral(img, int(transform))
+    return to_input(img, e.input_size, e.resize)
+
+
+def trim_borders(img: Image.Image, tolerance: int) -> Image.Image:
+    """The image without uniform borders (the screen's detector, run on a <= 128 px copy, the
+    size the screen hashes at). Photos whose four edge lines are not uniform skip the detector."""
+    from pipeline.screen import trim_box
+    small = img.copy()
+    small.thumbnail((128, 128), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    a = np.asarray(small, dtype=np.int16)
+    edges = (a[0], a[-1], a[:, 0], a[:, -1])
+    if not any((np.abs(e - np.median(e, axis=0)) <= tolerance).all(axis=1).mean() >= 0.9 for e in edges):
+        return img
+    box = trim_box(small, tolerance)
+    if box is None:
+        return img
+    sx, sy = img.width / small.width, img.height / small.height
+    left, top = math.ceil(box[0] * sx), math.ceil(box[1] * sy)
+    right, bottom = max(left + 1, math.floor(box[2] * sx)), max(top + 1, math.floor(box[3] * sy))
+    return img.crop((left, top, right, bottom))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+class Embedder:
+    """A MobileNet(V2) without classifier top, average-pooled, ImageNet weights from `weights_path`
+    (a file checked by pipeline.weights). Use `get_embedder` to share one per process."""
+
+    def __init__(self, cfg: EmbedConfig, weights_path):
+        self.cfg = cfg
+        self.size = int(cfg.input_size)
+        self.batch_size = int(cfg.batch_size)
+        self.threads = int(cfg.threads or worker_threads())
+        tf = _configure_tf(self.threads)
+        import keras
+        if cfg.backbone == "MobileNetV2":
+            app, self._preprocess = (keras.applications.MobileNetV2,
+                                     keras.applications.mobilenet_v2.preprocess_input)
+        elif cfg.backbone == "MobileNet":
+            app, self._preprocess = (keras.applications.MobileNet,
+                                     keras.applications.mobilenet.preprocess_input)
+        else:
+            raise ValueError(f"embed.backbone={cfg.backbone!r}: expected MobileNetV2 or MobileNet")
+        if weights_path is None or str(weights_path) in ("", "imagenet"):
+            raise ValueError("Embedder needs a resolved weights file (pipeline.weights.resolve_weights);"
+                             " it never loads random or implicitly downloaded weights")
+        self.weights_path = str(weights_path)
+        self.model = app(include_top=False, pooling="avg", alpha=float(cfg.alpha),
+                         input_shape=(self.size, self.size, 3), weights=self.weights_path)
+        self.dim = int(self.model.output_shape[-1])
+        spec = tf.TensorSpec((self.batch_size, self.size, self.size, 3), tf.float32)
+        model = self.model
+        self._tf = tf
+        self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec],
+                               reduce_retracing=False)
+
+    def preprocess(self, arrays: np.ndarray) -> np.ndarray:
+        """uint8 (n, s, s, 3) -> float32 in the backbone's input range (its preprocess_input)."""
+        return np.asarray(self._preprocess(arrays.astype(np.float32)), dtype=np.float32)
+
+    def raw(self, batch: np.ndarray, use_predict: bool = False) -> np.ndarray:
+        """Model outputs (not normalised) for preprocessed float32 (n, s, s, 3), n any size: run in
+        fixed-shape batches (the last padded with zeros) through the compiled function, or through
+        `model.predict` (only for benchmarking)."""
+        n, b = len(batch), self.batch_size
+        out = np.empty((n, self.dim), dtype=np.float32)
+        for start in range(0, n, b):
+            chunk = batch[start:start + b]
+            m = len(chunk)
+            if m < b:
+                chunk = np.concatenate([chunk, np.zeros((b - m,) + chunk.shape[1:], np.float32)])
+            if use_predict:
+                res = self.model.predict(chunk, batch_size=b, verbose=0)
+            else:
+                res = self._fn(self._tf.constant(chunk)).numpy()
+            out[start:start + m] = res[:m]
+        return out
+
+    def embed_arrays(self, arrays: np.ndarray, use_predict: bool = False) -> np.ndarray:
+        """uint8 (n, s, s, 3) model-size images -> (n, d) float32 L2-normalised embeddings."""
+        if len(arrays) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return l2_normalise(self.raw(self.preprocess(arrays), use_predict=use_predict))
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        """PIL images (any size/mode) -> (n, d) float32 L2-normalised, resized per `embed.resize`."""
+        arrays = np.stack([to_input(im, self.size, self.cfg.resize) for im in images]) if images else \
+            np.zeros((0, self.size, self.size, 3), np.uint8)
+        return self.embed_arrays(arrays)
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.sqrt(np.sum(x.astype(np.float64) ** 2, axis=1, keepdims=True))
+    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+_MODELS: dict[tuple, Embedder] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def get_embedder(cfg: EmbedConfig, weights_path=None) -> Embedder:
+    """The process-wide Embedder for this embed config (built on first use, then reused by every
+    task this worker process runs). Resolves the weights when `weights_path` is not given."""
+    if weights_path is None:
+        weights_path = resolve_weights(cfg, allow_download=cfg.download)
+    key = (dataclasses.astuple(cfg), str(weights_path))
+    with _MODELS_LOCK:
+        emb = _MODELS.get(key)
+        if emb is None:
+            emb = _MODELS[key] = Embedder(cfg, weights_path)
+    return emb
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+
+def encode(vec: np.ndarray) -> bytes:
+    return np.asarray(vec, dtype="<f4").tobytes()
+
+
+def decode_embedding(blob) -> np.ndarray | None:
+    if blob is None or (isinstance(blob, float) and np.isnan(blob)):
+        return None
+    return np.frombuffer(blob, dtype="<f4")
+
+
+def _prepare_chunk(items: list[tuple[int, object, int]], cfg: Config) -> list[tuple[int, np.ndarray | None, str | None]]:
+    """(position, path, transform) -> (position, model-size uint8 array or None, error or None)."""
+    out = []
+    for pos, path, t in items:
+        if not isinstance(path, str) or not path:
+            out.append((pos, None, "no path for this image"))
+            continue
+        try:
+            out.append((pos, load_input(path, int(t), cfg), None))
+        except decode.DecodeError as exc:
+            out.append((pos, None, str(exc)))
+        except Exception as exc:  # never let one bad file kill the partition
+            out.append((pos, None, f"cannot prepare image: {type(exc).__name__}: {exc}"))
+    return out
+
+
+def embed_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int) -> pd.DataFrame:
+    """Embed `rows` (key, abs_path, transform) into `out_dir/part-<part>.parquet` (key, embedding,
+    error). Decode errors are recorded per row, never raised. Returns key, part_path, error.
+
+    The next batch is decoded in a helper thread while TensorFlow embeds the current one (Pillow
+    and TF both release the GIL; measured +3 % (busy machine) to +14 % (quiet) images/s in one
+    process on 2 cores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    embedder = get_embedder(cfg.embed)
+    keys = rows["key"].to_numpy(dtype=np.int64)
+    items = list(zip(range(len(rows)), rows["abs_path"].tolist(), rows["transform"].tolist()))
+    errors: list[str | None] = [None] * len(rows)
+    blobs: list[bytes | None] = [None] * len(rows)
+    b = embedder.batch_size
+    chunks = [items[i:i + b] for i in range(0, len(items), b)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="confirm-decode") as pool:
+        future = pool.submit(_prepare_chunk, chunks[0], cfg) if chunks else None
+        for i in range(len(chunks)):
+            prepared = future.result()
+            if i + 1 < len(chunks):
+                future = pool.submit(_prepare_chunk, chunks[i + 1], cfg)
+            ok = [(pos, arr) for pos, arr, err in prepared if err is None]
+            for pos, _, err in prepared:
+                errors[pos] = err
+            if ok:
+                vecs = embedder.embed_arrays(np.stack([arr for _, arr in ok]))
+                for (pos, _), vec in zip(ok, vecs):
+                    blobs[pos] = encode(vec)
+    frame = pd.DataFrame({"key": keys, "embedding": pd.Series(blobs, dtype=object),
+                          "error": pd.Series(errors, dtype=object)})
+    part_path = store.write_partition(out_dir, part, frame)
+    return pd.DataFrame({"key": keys, "part_path": part_path, "error": pd.Series(errors, dtype=object)})
+
+
+def cosine_partition(pairs: pd.DataFrame, cfg: Config) -> pd.Series:
+    """Cosine (float32, in [-1, 1]) for pairs (key_a, key_b, part_a, part_b); NaN when either
+    embedding is missing. Indexed like `pairs`."""
+    if len(pairs) == 0:
+        return pd.Series(np.zeros(0, np.float32), index=pairs.index, name="cosine")
+    ka = pairs["key_a"].to_numpy(dtype=np.int64)
+    kb = pairs["key_b"].to_numpy(dtype=np.int64)
+    parts = pd.concat([pairs["part_a"], pairs["part_b"]])
+    paths = sorted({p for p in parts if isinstance(p, str) and p})
+    keys = np.unique(np.concatenate([ka, kb]))
+    vectors: dict[int, np.ndarray] = {}
+    if paths:
+        found = store.read_rows(paths, keys)
+        if "embedding" in found.columns:
+            for key, blob in found["embedding"].items():
+                vec = decode_embedding(blob)
+                if vec is not None:
+                    vectors[int(key)] = vec
+    dim = next((len(v) for v in vectors.values()), 1)
+    nan = np.full(dim, np.nan, np.float32)
+    a = np.stack([vectors.get(int(k), nan) for k in ka]).astype(np.float64)
+    b = np.stack([vectors.get(int(k), nan) for k in kb]).astype(np.float64)
+    cos = np.clip(np.sum(a * b, axis=1), -1.0, 1.0).astype(np.float32)
+    return pd.Series(cos, index=pairs.index, name="cosine")
+
+
+def _chunks(frame: pd.DataFrame, size: int) -> list[pd.DataFrame]:
+    return [frame.iloc[i:i + size] for i in range(0, len(frame), size)]
+
+
+def run_confirm(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir: str,
+                client=None) -> pd.Series:
+    """Cosine for each pair (idx_a, idx_b, transform: dihedral(image_b, transform) aligns b with a),
+    aligned with `pairs.index` (float32, NaN where an image could not be embedded).
+
+    `images` is indexed by idx with an `abs_path` column. Each needed (image, transform) is embedded
+    once, in tasks of `dask.partition_size` keys (sorted, so the task split and batch composition
+    are the same on every run), then cosine runs in tasks of `dask.pairs_per_task` pairs; with
+    `client` the tasks go to the Dask cluster, otherwise they run in this process.
+    """
+    if len(pairs) == 0:
+        return pd.Series(np.zeros(0, np.float32), index=pairs.index, name="cosine")
+    check_weights_available(cfg)  # fail fast (and download once, in the driver) before any task
+    ka = pairs["idx_a"].to_numpy(dtype=np.int64) * 8
+    kb = pairs["idx_b"].to_numpy(dtype=np.int64) * 8 + pairs["transform"].to_numpy(dtype=np.int64)
+    keys = np.unique(np.concatenate([ka, kb]))
+    idx = keys // 8
+    abs_paths = images["abs_path"].reindex(idx).to_numpy(dtype=object)
+    rows = pd.DataFrame({"key": keys, "abs_path": abs_paths, "transform": (keys % 8).astype(np.int8)})
+    out_dir = str(Path(work_dir) / EMBED_SUBDIR)
+    chunks = _chunks(rows, cfg.dask.partition_size)
+    if client is not None:
+        futures = client.map(embed_partition, chunks, [cfg] * len(chunks), [out_dir] * len(chunks),
+                             list(range(len(chunks))), pure=False)
+        summaries = client.gather(futures)
+    else:
+        summaries = [embed_partition(c, cfg, out_dir, i) for i, c in enumerate(chunks)]
+    summary = pd.concat(summaries, ignore_index=True)
+    part_of = pd.Series(summary["part_path"].to_numpy(), index=summary["key"].to_numpy())
+    failed = int(summary["error"].notna().sum())
+    if failed:
+        log.info("confirm: %d of %d (image, transform) embeddings failed", failed, len(summary))
+    task_pairs = pd.DataFrame({"key_a": ka, "key_b": kb,
+                               "part_a": part_of.reindex(ka).to_numpy(dtype=object),
+                               "part_b": part_of.reindex(kb).to_numpy(dtype=object)},
+                              index=pairs.index)
+    pair_chunks = _chunks(task_pairs, cfg.dask.pairs_per_task)
+    if client is not None:
+        futures = client.map(cosine_partition, pair_chunks, [cfg] * len(pair_chunks), pure=False)
+        results = client.gather(futures)
+    else:
+        results = [cosine_partition(c, cfg) for c in pair_chunks]
+    cosine = pd.concat(results)
+    return cosine.reindex(pairs.index).astype(np.float32).rename("cosine")

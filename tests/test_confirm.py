@@ -1,0 +1,207 @@
+"""The confirm tier with the real ImageNet weights: copies score high, unrelated photos low, and
+embeddings are bitwise identical across runs, batch compositions and scheduler kinds."""
+from __future__ import annotations
+
+import copy
+import sys
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw
+
+from pipeline import confirm, decode
+from pipeline.config import Config
+
+pytestmark = pytest.mark.slow
+V2_05 = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+
+
+@pytest.fixture(scope="module")
+def cfg(models_dir) -> Config:
+    c = Config()
+    c.embed.weights = str(models_dir / V2_05)
+    c.embed.batch_size = 16
+    c.dask.partition_size = 8
+    c.dask.pairs_per_task = 5
+    return c
+
+
+@pytest.fixture(scope="module")
+def embedder(cfg):
+    return confirm.get_embedder(cfg.embed)
+
+
+def _save(img: Image.Image, path, quality=92):
+    img.save(path, quality=quality)
+    return str(path)
+
+
+def make_copies(src: Image.Image) -> dict[str, tuple[Image.Image, int, int]]:
+    """name -> (edited copy, jpeg quality, transform aligning the copy with the original)."""
+    w, h = src.size
+    small = src.resize((w * 3 // 4, h * 3 // 4), Image.Resampling.BILINEAR)
+    cw, ch = int(w * 0.8), int(h * 0.8)
+    crop = src.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+    text = src.copy()
+    draw = ImageDraw.Draw(text)
+    for i in range(3):
+        draw.text((10, 10 + i * h // 4), "(c) 2024 SAMPLE WATERMARK", fill=(255, 255, 255))
+    draw.rectangle((0, h - h // 8, w, h), fill=(0, 0, 0))
+    mirrored = src.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return {"jpeg30_resize75": (small, 30, 0), "crop80": (crop, 90, 0), "text": (text, 90, 0),
+            "mirrored": (mirrored, 90, 4)}
+
+
+@pytest.fixture(scope="module")
+def dataset(photo_paths, tmp_path_factory):
+    """4 photos from different sources, their 4 copies each, and one corrupt file."""
+    root = tmp_path_factory.mktemp("confirm_images")
+    chosen = []
+    for prefix in ("bsds__", "pixabay__", "inet5__"):
+        chosen += [p for p in photo_paths if p.name.startswith(prefix)][:2]
+    chosen = chosen[:1] + chosen[2:3] + chosen[4:5] + chosen[1:2]  # bsds, pixabay, inet5, bsds
+    paths, pairs = [], []
+    for i, p in enumerate(chosen):
+        img, _, _ = decode.load_image(p)
+        orig_idx = len(paths)
+        paths.append(_save(img, root / f"orig{i}.jpg"))
+        for name, (edited, quality, t) in make_copies(img).items():
+            pairs.append((orig_idx, len(paths), t, True, name))
+            paths.append(_save(edited, root / f"orig{i}_{name}.jpg", quality))
+    origs = [0, 5, 10, 15]
+    for a in origs:
+        for b in origs:
+            if a < b:
+                pairs.append((a, b, 0, False, "unrelated"))
+    corrupt = root / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    pairs.append((0, len(paths), 0, False, "corrupt"))
+    paths.append(str(corrupt))
+    # idx values need not be 0..n-1
+    images = pd.DataFrame({"abs_path": paths}, index=pd.Index(np.arange(len(paths)) * 3 + 7, name="idx"))
+    frame = pd.DataFrame(pairs, columns=["idx_a", "idx_b", "transform", "same", "kind"])
+    frame[["idx_a", "idx_b"]] = frame[["idx_a", "idx_b"]] * 3 + 7
+    frame["transform"] = frame["transform"].astype(np.int8)
+    frame.index = frame.index + 100
+    return images, frame
+
+
+def _embeddings(work_dir) -> pd.DataFrame:
+    files = sorted((work_dir / confirm.EMBED_SUBDIR).glob("part-*.parquet"))
+    return pd.concat([pq.read_table(f).to_pandas() for f in files]).set_index("key").sort_index()
+
+
+@pytest.fixture(scope="module")
+def inprocess_run(dataset, cfg, embedder, tmp_path_factory):
+    images, pairs = dataset
+    work = tmp_path_factory.mktemp("work_inproc")
+    cos = confirm.run_confirm(pairs, images, cfg, str(work))
+    return cos, _embeddings(work)
+
+
+def test_copies_high_unrelated_low(dataset, inprocess_run):
+    images, pairs = dataset
+    cos, _ = inprocess_run
+    assert cos.dtype == np.float32 and cos.index.equals(pairs.index)
+    result = pairs.assign(cosine=cos)
+    print(result.to_string(), file=sys.stderr)
+    true = result[result.same]
+    assert (true.cosine > 0.8).all(), true
+    unrelated = result[result.kind == "unrelated"]
+    assert (unrelated.cosine < 0.65).all(), unrelated
+    assert true.cosine.min() - unrelated.cosine.max() > 0.2
+    assert np.isnan(result.loc[result.kind == "corrupt", "cosine"]).all()
+
+
+def test_mirrored_needs_alignment(dataset, cfg, embedder):
+    images, pairs = dataset
+    row = pairs[pairs.kind == "mirrored"].iloc[0]
+    a = Image.open(images.abs_path[row.idx_a])
+    b = Image.open(images.abs_path[row.idx_b])
+    aligned = decode.dihedral(b, int(row["transform"]))
+    va, vb, vb_aligned = embedder.embed([a, b, aligned])
+    assert float(va @ vb_aligned) > float(va @ vb)
+
+
+def test_embeddings_normalised_and_batch_independent(photo_paths, embedder, cfg):
+    imgs = [decode.load_image(p, min_side=224)[0] for p in photo_paths[:20]]
+    full = embedder.embed(imgs)
+    assert full.dtype == np.float32 and full.shape == (20, embedder.dim)
+    np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1.0, rtol=1e-5)
+    # alone (padded batch), in another composition, and across batch boundaries: bitwise equal
+    assert np.array_equal(embedder.embed(imgs[7:8])[0], full[7])
+    assert np.array_equal(embedder.embed(imgs[::-1]), full[::-1])
+    assert embedder.embed([]).shape == (0, embedder.dim)
+    assert confirm.get_embedder(cfg.embed) is embedder  # one model per process
+
+
+def test_rerun_bitwise_identical(dataset, cfg, inprocess_run, tmp_path):
+    images, pairs = dataset
+    cos1, emb1 = inprocess_run
+    cos2 = confirm.run_confirm(pairs, images, cfg, str(tmp_path))
+    emb2 = _embeddings(tmp_path)
+    assert emb1.index.equals(emb2.index)
+    assert emb1.embedding.equals(emb2.embedding)
+    assert np.array_equal(cos1.to_numpy(), cos2.to_numpy(), equal_nan=True)
+
+
+def test_embed_partition_records_errors(dataset, cfg, embedder, tmp_path):
+    images, _ = dataset
+    rows = pd.DataFrame({"key": np.array([8 * 7, 8 * 7 + 4, 8 * 999, 8 * 1000], np.int64),
+                         "abs_path": [images.abs_path.iloc[0], images.abs_path.iloc[0],
+                                      images.abs_path.iloc[-1], None],
+                         "transform": np.array([0, 4, 0, 0], np.int8)})
+    summary = confirm.embed_partition(rows, cfg, str(tmp_path), 3)
+    assert list(summary.columns) == ["key", "part_path", "error"]
+    assert summary.part_path.iloc[0].endswith("part-000003.parquet")
+    assert summary.error.iloc[:2].isna().all() and summary.error.iloc[2:].notna().all()
+    stored = pq.read_table(summary.part_path.iloc[0]).to_pandas()
+    assert list(stored.columns) == ["key", "embedding", "error"]
+    assert stored.embedding.iloc[2] is None
+    pairs = pd.DataFrame({"key_a": [56, 56, 56], "key_b": [60, 7992, 123456],
+                          "part_a": summary.part_path.iloc[0], "part_b": [summary.part_path.iloc[0]] * 2 + [None]},
+                         index=[5, 6, 7])
+    cos = confirm.cosine_partition(pairs, cfg)
+    assert cos.index.tolist() == [5, 6, 7]
+    assert 0.3 < cos[5] < 1.0  # flip-lr of the same photo: related, not identical
+    assert np.isnan(cos[6]) and np.isnan(cos[7])
+
+
+def test_centre_crop_mode_shape():
+    img = Image.new("RGB", (300, 100), (10, 20, 30))
+    assert confirm.to_input(img, 224, "crop").shape == (224, 224, 3)
+    assert confirm.to_input(img, 224, "squash").shape == (224, 224, 3)
+
+
+def test_mobilenet_v1_backbone(models_dir, photo_paths):
+    c = Config().embed
+    c.backbone, c.alpha, c.batch_size = "MobileNet", 0.25, 4
+    c.weights = str(models_dir / "mobilenet_2_5_224_tf_no_top.h5")
+    emb = confirm.get_embedder(c)
+    imgs = [decode.load_image(p, min_side=224)[0] for p in photo_paths[:2]]
+    vecs = emb.embed(imgs + [imgs[0].resize((200, 140))])
+    assert vecs.shape == (3, 256)
+    assert float(vecs[0] @ vecs[2]) > float(vecs[0] @ vecs[1])
+
+
+def _models_loaded() -> int:
+    mod = sys.modules.get("pipeline.confirm")
+    return len(mod._MODELS) if mod else 0
+
+
+def test_same_embeddings_on_local_cluster(dataset, cfg, inprocess_run, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    images, pairs = dataset
+    cos1, emb1 = inprocess_run
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0", memory_limit="2GiB") as cluster, \
+            distributed.Client(cluster) as client:
+        cos2 = confirm.run_confirm(pairs, images, copy.deepcopy(cfg), str(tmp_path), client=client)
+        models = client.run(_models_loaded)  # worker address -> models built in that process
+    emb2 = _embeddings(tmp_path)
+    assert sum(models.values()) >= 1 and max(models.values()) == 1, models
+    assert emb1.index.equals(emb2.index)
+    assert emb1.embedding.equals(emb2.embedding)  # bitwise, although workers use 1 TF thread
+    assert np.array_equal(cos1.to_numpy(), cos2.to_numpy(), equal_nan=True)

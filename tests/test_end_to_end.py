@@ -1,0 +1,166 @@
+"""The CLI as a user runs it: outputs per the contract, exit codes, bad input, Dask schedulers."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+PAIR_COLUMNS = ["path_a", "path_b", "image_id_a", "image_id_b", "hash_distance", "orb_matches", "orb_inliers",
+                "orb_score", "cosine", "stage", "is_duplicate", "reason"]
+IMAGE_COLUMNS = ["image_id", "path", "bytes", "mtime", "width", "height", "format", "sha256", "hash", "error",
+                 "cluster_id"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def screen_run(labelled_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("screen-run")
+    data = labelled_dir / "imagededup_tests"
+    result = cli("dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync", "--quiet")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_outputs_follow_the_contract(screen_run):
+    images = pd.read_parquet(screen_run / "images.parquet")
+    pairs = pd.read_parquet(screen_run / "pairs.parquet")
+    assert list(images.columns) == IMAGE_COLUMNS and list(pairs.columns) == PAIR_COLUMNS
+    assert (screen_run / "run.json").is_file() and (screen_run / "report.html").is_file()
+    assert str(images["mtime"].dtype).startswith("datetime64") and images["image_id"].dtype == "int64"
+    assert pairs["is_duplicate"].dtype == bool and pairs["hash_distance"].dtype == "int16"
+    assert len(images) == 34 and images["image_id"].is_unique
+    assert (pairs["path_a"] < pairs["path_b"]).all()
+    assert set(pairs["stage"]) <= {"exact", "screen"}
+    assert pairs["orb_inliers"].isna().all() and pairs["cosine"].isna().all()  # tiers not run
+    assert not [n for n in os.listdir(screen_run) if n.startswith(".") or n.startswith("_work")]
+
+
+def test_corrupt_file_is_a_row_with_its_error(screen_run):
+    images = pd.read_parquet(screen_run / "images.parquet").set_index("path")
+    for name in ("tests/data/mixed_images/ukbench09268_corrupt.jpg",
+                 "tests/data/mixed_nested_images/ukbench09268_corrupt.jpg"):
+        assert images.loc[name, "error"]
+        assert pd.isna(images.loc[name, "cluster_id"])
+
+
+def test_format_variants_are_found(screen_run):
+    pairs = pd.read_parquet(screen_run / "pairs.parquet")
+    variants = {f"tests/data/formats_images/ukbench09380.{ext}" for ext in ("bmp", "jpeg", "png", "svg", "webp")}
+    variants.add("tests/data/base_images/ukbench09380.jpg")
+    found = pairs[pairs["path_a"].isin(variants) & pairs["path_b"].isin(variants) & pairs["is_duplicate"]]
+    # all six files end up connected, and the re-encoded WebP is a near (not exact) pair
+    images = pd.read_parquet(screen_run / "images.parquet").set_index("path")
+    assert images.loc[sorted(variants), "cluster_id"].nunique() == 1
+    assert images.loc[sorted(variants), "cluster_id"].notna().all()
+    webp = found[(found["path_a"].str.endswith(".webp")) | (found["path_b"].str.endswith(".webp"))]
+    assert (webp["stage"] == "screen").any()
+
+
+def test_bad_usage_exits_2_with_a_clear_message(tmp_path):
+    missing = cli("dedupe", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    bad_key = cli("dedupe", str(tmp_path), "--set", "screen.max_distanse=3")
+    assert bad_key.returncode == 2 and "unknown config key 'screen.max_distanse'" in bad_key.stderr
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("screen: {max_distance: [1, 2\n")
+    bad_cfg = cli("dedupe", str(tmp_path), "--config", str(cfg))
+    assert bad_cfg.returncode == 2 and "cannot be read as YAML" in bad_cfg.stderr
+    no_args = cli("dedupe")
+    assert no_args.returncode == 2
+
+
+def test_empty_folder_and_bad_files_complete(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    assert main(["dedupe", str(data), "--out", str(tmp_path / "o1"), "--tiers", "screen", "--scheduler", "sync",
+                 "--quiet"]) == 0
+    assert len(pd.read_parquet(tmp_path / "o1" / "images.parquet")) == 0
+    (data / "empty.jpg").write_bytes(b"")
+    (data / "text.png").write_text("not a png")
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(data / "ok.png")
+    (data / "trunc.jpg").write_bytes((data / "ok.png").read_bytes()[:40])
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    assert main(["dedupe", str(data), "--out", str(tmp_path / "o2"), "--tiers", "screen", "--scheduler", "sync",
+                 "--quiet"]) == 0
+    images = pd.read_parquet(tmp_path / "o2" / "images.parquet").set_index("path")
+    assert images.loc["empty.jpg", "error"] == "empty file"
+    assert images.loc["text.png", "error"] and images.loc["trunc.jpg", "error"]
+    assert pd.isna(images.loc["ok.png", "error"])
+    assert before == {p.name: p.read_bytes() for p in data.iterdir()}  # inputs untouched
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _frames(out: Path):
+    images = pd.read_parquet(out / "images.parquet").sort_values("path").reset_index(drop=True)
+    pairs = pd.read_parquet(out / "pairs.parquet").sort_values(["path_a", "path_b"]).reset_index(drop=True)
+    return images, pairs
+
+
+@pytest.mark.slow
+def test_real_dask_scheduler_and_worker_give_the_same_output(labelled_dir, models_dir, tmp_path):
+    """A real `dask scheduler` + `dask worker` on 127.0.0.1: same Parquet content as local and sync."""
+    data = labelled_dir / "threatexchange_pdq"
+    keras_home = tmp_path / "keras"
+    (keras_home / "models").mkdir(parents=True)
+    for f in models_dir.glob("*.h5"):
+        os.symlink(f, keras_home / "models" / f.name)
+    env = dict(os.environ, KERAS_HOME=str(keras_home), PYTHONPATH=str(REPO))
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = [str(Path(sys.executable).parent / "dask")]
+    scheduler = subprocess.Popen(dask + ["scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                         "--dashboard-address", ":0"], env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(dask + ["worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1",
+                                      "--dashboard-address", ":0"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        from distributed import Client
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=120)
+        runs = {}
+        for name, sched in (("remote", address), ("local", "local"), ("sync", "sync")):
+            out = tmp_path / name
+            result = subprocess.run([sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", str(out),
+                                     "--scheduler", sched, "--quiet"], capture_output=True, text=True, env=env,
+                                    cwd=REPO, timeout=900)
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[name] = _frames(out)
+        for name in ("local", "sync"):
+            pd.testing.assert_frame_equal(runs["remote"][0], runs[name][0])
+            pd.testing.assert_frame_equal(runs["remote"][1], runs[name][1])
+        pairs = runs["remote"][1]
+        assert pairs["cosine"].notna().any() and pairs["orb_inliers"].notna().any()
+    finally:
+        worker.terminate()
+        scheduler.terminate()
+        worker.wait(30)
+        scheduler.wait(30)
+
+
+def test_unreachable_scheduler_is_a_usage_error(tmp_path):
+    (tmp_path / "d").mkdir()
+    result = cli("dedupe", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--tiers", "screen",
+                 "--scheduler", f"tcp://127.0.0.1:{_free_port()}")
+    assert result.returncode == 2 and "cannot reach the Dask scheduler" in result.stderr
