@@ -17,11 +17,18 @@ matched, dihedral(b, v) ~ a, so t = v; plain and trimmed matches give 0. Among e
 matches the first of (a plain, b plain, a trimmed, b trimmed, a's dihedral 1..7, b's dihedral
 1..7) wins, so an undistorted match is preferred.
 
+High-recall mode (`screen.mode: hash+embedding`, see the last section): `embedding_pairs` adds
+each representative image's `screen.embedding_k` nearest neighbours by MobileNet cosine (FAISS,
+exact or IVF), `union_pairs` merges them with the hash pairs (a pair found by both keeps its hash
+row; an embedding-only pair gets `pair_hash_distance` and transform 0).
+
 Parallelism: the index is built once in the driver, broadcast to every Dask worker
 (`client.scatter(..., broadcast=True)`), and blocks of query images run as tasks; without a
 client the same blocks run in-process. The result does not depend on the blocking.
 """
 from __future__ import annotations
+
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -36,7 +43,8 @@ TRIMMED = 8
 N_VARIANTS = 9
 
 __all__ = ["exact_pairs", "exact_representatives", "near_pairs", "near_pairs_partition",
-           "build_index", "query_variants"]
+           "build_index", "query_variants", "embedding_pairs", "build_embedding_index",
+           "iter_embeddings", "pair_hash_distance", "union_pairs"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,3 +307,170 @@ def near_pairs(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, c
 def _run_block(index: HammingIndex, block, cfg: ScreenConfig) -> pd.DataFrame:
     queries, owners, variants = block
     return near_pairs_partition(index, queries, owners, cfg, variants)
+
+
+# --------------------------------------------------------------------------------------------
+# high-recall mode: nearest neighbours by embedding cosine (screen.mode = "hash+embedding")
+#
+# The embeddings are the confirm tier's (L2-normalised MobileNet vectors of every representative
+# image, transform 0, key = idx * 8), read from the feature store's Parquet partitions. Only the
+# FAISS index lives in the driver: "flat" holds N x d float32 (1280-d: 5 KB per image, 1 GB at
+# 200k images) and searches exactly; "ivf" holds N x d float16 (2.5 KB per image) in inverted
+# lists and visits `embedding_nprobe` of ~4 sqrt(N) lists per query (training reads a sample of
+# at most max(39 nlist, 50k) vectors). Queries are streamed from the partitions again in
+# batches, so no N x N matrix and no second N x d copy is ever built.
+
+_KNN_BATCH = 4096  # query vectors per FAISS search call
+
+
+def _faiss():
+    """Import FAISS with passive OpenMP waiting: its default spin-waiting made the exact search 3x
+    slower on a busy 2-core machine (bench/high_recall.py: 8.6 s -> 2.8 s at N = 10k). Only takes
+    effect when this process has not started an OpenMP runtime yet; OMP_WAIT_POLICY set by the
+    user wins."""
+    import os
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import faiss
+    return faiss
+
+
+def iter_embeddings(part_paths) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(image idx (int64), float32 (n, d) vectors) per feature-store partition, transform-0 keys
+    with an embedding only (failed images are skipped), in the order of `part_paths`."""
+    import pyarrow.parquet as pq
+    for path in dict.fromkeys(p for p in part_paths if isinstance(p, str) and p):
+        table = pq.read_table(path, columns=["key", "embedding"])
+        keys = table.column("key").to_numpy().astype(np.int64)
+        blobs = table.column("embedding").to_pylist()
+        ok = [i for i, b in enumerate(blobs) if b is not None and keys[i] % 8 == 0]
+        if not ok:
+            continue
+        vecs = np.frombuffer(b"".join(blobs[i] for i in ok), dtype="<f4").reshape(len(ok), -1)
+        yield keys[ok] // 8, np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+def _count_rows(part_paths) -> int:
+    import pyarrow.parquet as pq
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in dict.fromkeys(part_paths))
+
+
+def _ivf_nlist(n: int) -> int:
+    return int(max(1, min(round(4 * np.sqrt(n)), n // 39)))
+
+
+def build_embedding_index(part_paths, cfg: ScreenConfig):
+    """-> (faiss index over the inner product, idx of each index row, kind "flat" | "ivf")."""
+    faiss = _faiss()
+    n_rows = _count_rows(part_paths)
+    kind = cfg.embedding_index
+    if kind == "auto":
+        kind = "flat" if n_rows <= cfg.embedding_exact_max else "ivf"
+    ids: list[np.ndarray] = []
+    index = None
+    if kind == "ivf":
+        nlist = _ivf_nlist(max(n_rows, 1))
+        n_train = min(n_rows, max(39 * nlist, 50_000))
+        stride = max(1, n_rows // max(n_train, 1))
+        sample, seen = [], 0
+        for idx, vecs in iter_embeddings(part_paths):
+            pick = (np.arange(seen, seen + len(idx)) % stride) == 0
+            sample.append(vecs[pick])
+            seen += len(idx)
+        if not sample:
+            return None, np.zeros(0, np.int64), kind
+        train = np.concatenate(sample)[:n_train]
+        d = train.shape[1]
+        nlist = min(nlist, len(train))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                              faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = 1234  # deterministic k-means
+        index.train(train)
+        index.nprobe = int(min(cfg.embedding_nprobe, nlist))
+        del train, sample
+    for idx, vecs in iter_embeddings(part_paths):
+        if index is None:
+            index = faiss.IndexFlatIP(vecs.shape[1])
+        index.add(vecs)
+        ids.append(idx)
+    return index, (np.concatenate(ids) if ids else np.zeros(0, np.int64)), kind
+
+
+def embedding_pairs(part_paths, cfg: ScreenConfig) -> pd.DataFrame:
+    """Each embedded image's `embedding_k` nearest other images by cosine, those at
+    >= `embedding_min_cosine`: one row per unordered pair, idx_a < idx_b (int64), `cosine`
+    (float32, the larger of the two directions' scores), sorted by (idx_a, idx_b). At most
+    embedding_k rows per image, so at most N * embedding_k pairs."""
+    empty = pd.DataFrame({"idx_a": np.zeros(0, np.int64), "idx_b": np.zeros(0, np.int64),
+                          "cosine": np.zeros(0, np.float32)})
+    index, ids, _ = build_embedding_index(part_paths, cfg)
+    if index is None or len(ids) < 2:
+        return empty
+    k = int(cfg.embedding_k)
+    kk = min(k + 1, len(ids))  # + 1: the image itself is (nearly always) its own nearest
+    qa, qb, qs = [], [], []
+    for idx, vecs in iter_embeddings(part_paths):
+        for s in range(0, len(idx), _KNN_BATCH):
+            q_idx, q = idx[s:s + _KNN_BATCH], vecs[s:s + _KNN_BATCH]
+            sim, rows = index.search(q, kk)
+            nb = np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
+            keep = (rows >= 0) & (nb != q_idx[:, None])
+            keep &= np.cumsum(keep, axis=1) <= k  # at most k others per query
+            keep &= sim >= cfg.embedding_min_cosine
+            r, c = np.nonzero(keep)
+            qa.append(q_idx[r])
+            qb.append(nb[r, c])
+            qs.append(sim[r, c].astype(np.float32))
+    if not qa:
+        return empty
+    a0, b0, s0 = np.concatenate(qa), np.concatenate(qb), np.concatenate(qs)
+    if a0.size == 0:
+        return empty
+    frame = pd.DataFrame({"idx_a": np.minimum(a0, b0), "idx_b": np.maximum(a0, b0),
+                          "cosine": np.clip(s0, -1.0, 1.0)})
+    frame = frame.groupby(["idx_a", "idx_b"], sort=True, as_index=False)["cosine"].max()
+    return frame.astype({"idx_a": "int64", "idx_b": "int64", "cosine": "float32"})
+
+
+def pair_hash_distance(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
+                       idx_a: np.ndarray, idx_b: np.ndarray,
+                       representatives: np.ndarray | None = None) -> np.ndarray:
+    """The hash distance `near_pairs` would report for given pairs (smallest over the screen's
+    query variants against the index variants, both directions), int16."""
+    codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
+    a = np.asarray(idx_a, dtype=np.int64)
+    b = np.asarray(idx_b, dtype=np.int64)
+    if a.size == 0:
+        return np.zeros(0, np.int16)
+    order_side = np.array([s for s, _ in _ORDER], dtype=np.int64)
+    order_var = np.array([v for _, v in _ORDER], dtype=np.int64)
+    dist, _ = _pair_best(codes, use, idx_use, a, b, order_side, order_var,
+                         np.asarray(DIHEDRAL_INVERSE, dtype=np.int8))
+    return dist
+
+
+def union_pairs(hash_pairs: pd.DataFrame, emb_pairs: pd.DataFrame, codes: np.ndarray,
+                variant_mask: np.ndarray, cfg: ScreenConfig,
+                representatives: np.ndarray | None = None) -> pd.DataFrame:
+    """Hash candidates plus embedding neighbours. A pair found by both keeps its hash row; a pair
+    only found by embedding gets the smallest hash distance over the screen's variants and
+    transform 0 (the embeddings compared are the untransformed images). Adds `source` ("hash",
+    "embedding", "both") and `embedding_cosine` (NaN for hash-only pairs); sorted by (idx_a, idx_b)."""
+    N = max(int(np.asarray(codes).shape[0]), 1)
+    hk = hash_pairs["idx_a"].to_numpy(np.int64) * N + hash_pairs["idx_b"].to_numpy(np.int64)
+    ek = emb_pairs["idx_a"].to_numpy(np.int64) * N + emb_pairs["idx_b"].to_numpy(np.int64)
+    in_hash = np.isin(ek, hk)
+    out_hash = hash_pairs.copy()
+    cos_of = pd.Series(emb_pairs["cosine"].to_numpy(np.float32), index=ek)
+    out_hash["source"] = np.where(np.isin(hk, ek), "both", "hash")
+    out_hash["embedding_cosine"] = cos_of.reindex(hk).to_numpy(np.float32)
+    only = emb_pairs[~in_hash]
+    a, b = only["idx_a"].to_numpy(np.int64), only["idx_b"].to_numpy(np.int64)
+    extra = pd.DataFrame({"idx_a": a, "idx_b": b,
+                          "hash_distance": pair_hash_distance(codes, variant_mask, cfg, a, b, representatives),
+                          "transform": np.zeros(a.size, np.int8), "source": "embedding",
+                          "embedding_cosine": only["cosine"].to_numpy(np.float32)})
+    out = pd.concat([out_hash, extra], ignore_index=True)
+    out = out.sort_values(["idx_a", "idx_b"], kind="stable").reset_index(drop=True)
+    return out.astype({"idx_a": "int64", "idx_b": "int64", "hash_distance": "int16", "transform": "int8",
+                       "embedding_cosine": "float32"})

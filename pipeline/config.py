@@ -46,6 +46,18 @@ class ScreenConfig:
     max_candidates: int = 30  # per image: keep only its K nearest (hub guard)
     backend: Literal["mih", "brute"] = "mih"  # multi-index hash or brute force
     exact_group_pairs: int = 50  # exact-copy groups of more than this + 1 files emit a star, not all pairs
+    # High-recall mode. "hash": candidates from the hash search only. "hash+embedding": also embed
+    # every representative image with the confirm tier's MobileNet (the embeddings are reused by
+    # confirm) and add each image's embedding_k nearest neighbours by cosine (FAISS).
+    mode: Literal["hash", "hash+embedding"] = "hash"
+    embedding_k: int = 10  # hash+embedding: nearest neighbours per image by cosine (hub guard)
+    embedding_min_cosine: float = 0.5  # hash+embedding: neighbours below this cosine are not candidates
+    # hash+embedding: "flat" exact inner-product search; "ivf" approximate (inverted lists over
+    # float16 vectors: half the memory, ~30x less work at 1M images); "auto" = flat up to
+    # embedding_exact_max representative images, ivf above
+    embedding_index: Literal["auto", "flat", "ivf"] = "auto"
+    embedding_exact_max: int = 200_000  # "auto": largest N searched exactly
+    embedding_nprobe: int = 32  # "ivf": inverted lists visited per query (more = closer to exact, slower)
 
 
 @dataclass
@@ -95,12 +107,13 @@ class EmbedConfig:
 
 @dataclass
 class DecideConfig:
-    # A pair is a duplicate when (see pipeline/decide.py for the full rule): ORB did not reject it
-    # (verify.reject_inliers) and cosine >= cosine_threshold, or ORB inliers >= strong_inliers and
-    # cosine >= cosine_floor.
-    strong_inliers: int = 40  # geometry so clear that a lower cosine suffices
-    cosine_threshold: float = 0.80
-    cosine_floor: float = 0.55
+    # The rule (pipeline/decide.py): ORB inliers >= accept_inliers -> duplicate at the verify tier
+    # (no embedding needed); ORB "no-match" -> different; the rest goes to confirm, where it is a
+    # duplicate when cosine >= cosine_threshold, or inliers >= support_inliers and cosine >= cosine_floor.
+    accept_inliers: int = 25  # geometry this clear needs no confirmation (false pairs: max 17 of 108k)
+    cosine_threshold: float = 0.78  # cosine alone at or above this: duplicate
+    support_inliers: int = 10  # with this much geometry ...
+    cosine_floor: float = 0.65  # ... a cosine at or above this suffices
     screen_only_distance: int = 4  # with tiers=screen: duplicates are pairs at <= this distance
 
 
@@ -191,6 +204,10 @@ def _validate(cfg: Config) -> None:
         (0 <= s.max_distance < bits, f"screen.max_distance must be in [0, {bits - 1}]"),
         (s.max_candidates >= 1, "screen.max_candidates must be >= 1"),
         (s.exact_group_pairs >= 1, "screen.exact_group_pairs must be >= 1"),
+        (s.embedding_k >= 1, "screen.embedding_k must be >= 1"),
+        (-1 <= s.embedding_min_cosine <= 1, "screen.embedding_min_cosine must be in [-1, 1]"),
+        (s.embedding_exact_max >= 1, "screen.embedding_exact_max must be >= 1"),
+        (s.embedding_nprobe >= 1, "screen.embedding_nprobe must be >= 1"),
         (s.decode_size >= 32, "screen.decode_size must be >= 32"),
         (s.max_pixels > 0, "screen.max_pixels must be > 0"),
         (cfg.verify.max_side >= 64, "verify.max_side must be >= 64"),
@@ -207,6 +224,8 @@ def _validate(cfg: Config) -> None:
         (cfg.embed.input_size >= 32, "embed.input_size must be >= 32"),
         (-1 <= cfg.decide.cosine_floor <= cfg.decide.cosine_threshold <= 1,
          "decide: need -1 <= cosine_floor <= cosine_threshold <= 1"),
+        (0 <= cfg.decide.support_inliers <= cfg.decide.accept_inliers,
+         "decide: need 0 <= support_inliers <= accept_inliers"),
         (cfg.dask.partition_size >= 1, "dask.partition_size must be >= 1"),
         (cfg.dask.pairs_per_task >= 1, "dask.pairs_per_task must be >= 1"),
         (cfg.dask.n_workers >= 0, "dask.n_workers must be >= 0"),

@@ -324,26 +324,16 @@ def _chunks(frame: pd.DataFrame, size: int) -> list[pd.DataFrame]:
     return [frame.iloc[i:i + size] for i in range(0, len(frame), size)]
 
 
-def run_confirm(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir: str,
-                client=None) -> pd.Series:
-    """Cosine for each pair (idx_a, idx_b, transform: dihedral(image_b, transform) aligns b with a),
-    aligned with `pairs.index` (float32, NaN where an image could not be embedded).
-
-    `images` is indexed by idx with an `abs_path` column. Each needed (image, transform) is embedded
-    once, in tasks of `dask.partition_size` keys (sorted, so the task split and batch composition
-    are the same on every run), then cosine runs in tasks of `dask.pairs_per_task` pairs; with
-    `client` the tasks go to the Dask cluster, otherwise they run in this process.
-    """
-    if len(pairs) == 0:
-        return pd.Series(np.zeros(0, np.float32), index=pairs.index, name="cosine")
-    check_weights_available(cfg)  # fail fast (and download once, in the driver) before any task
-    ka = pairs["idx_a"].to_numpy(dtype=np.int64) * 8
-    kb = pairs["idx_b"].to_numpy(dtype=np.int64) * 8 + pairs["transform"].to_numpy(dtype=np.int64)
-    keys = np.unique(np.concatenate([ka, kb]))
+def embed_keys(keys: np.ndarray, images: pd.DataFrame, cfg: Config, out_dir: str, client=None) -> pd.DataFrame:
+    """Embed each key (idx * 8 + transform) into `out_dir`, in tasks of `dask.partition_size` sorted
+    keys (Dask when `client`, else in-process). Returns key, part_path, error (one row per key)."""
+    keys = np.unique(np.asarray(keys, dtype=np.int64))
+    if keys.size == 0:
+        return pd.DataFrame({"key": np.zeros(0, np.int64), "part_path": pd.Series(dtype=object),
+                             "error": pd.Series(dtype=object)})
     idx = keys // 8
     abs_paths = images["abs_path"].reindex(idx).to_numpy(dtype=object)
     rows = pd.DataFrame({"key": keys, "abs_path": abs_paths, "transform": (keys % 8).astype(np.int8)})
-    out_dir = str(Path(work_dir) / EMBED_SUBDIR)
     chunks = _chunks(rows, cfg.dask.partition_size)
     if client is not None:
         futures = client.map(embed_partition, chunks, [cfg] * len(chunks), [out_dir] * len(chunks),
@@ -351,8 +341,41 @@ def run_confirm(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir
         summaries = client.gather(futures)
     else:
         summaries = [embed_partition(c, cfg, out_dir, i) for i, c in enumerate(chunks)]
-    summary = pd.concat(summaries, ignore_index=True)
-    part_of = pd.Series(summary["part_path"].to_numpy(), index=summary["key"].to_numpy())
+    return pd.concat(summaries, ignore_index=True)
+
+
+def run_confirm(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir: str,
+                client=None, precomputed=None) -> pd.Series:
+    """Cosine for each pair (idx_a, idx_b, transform: dihedral(image_b, transform) aligns b with a),
+    aligned with `pairs.index` (float32, NaN where an image could not be embedded).
+
+    `images` is indexed by idx with an `abs_path` column. Each needed (image, transform) is embedded
+    once, in tasks of `dask.partition_size` keys (sorted, so the task split and batch composition
+    are the same on every run), then cosine runs in tasks of `dask.pairs_per_task` pairs; with
+    `client` the tasks go to the Dask cluster, otherwise they run in this process.
+
+    `precomputed`: embeddings already in the feature store (e.g. the screen's high-recall mode
+    embedded every image with transform 0), a mapping or Series key -> part_path (a key whose
+    embedding failed may map to its part too: its cosine is NaN, it is not retried). Those keys
+    are not embedded again. The result's `attrs` say how many keys were embedded here and reused.
+    """
+    if len(pairs) == 0:
+        return pd.Series(np.zeros(0, np.float32), index=pairs.index, name="cosine")
+    check_weights_available(cfg)  # fail fast (and download once, in the driver) before any task
+    ka = pairs["idx_a"].to_numpy(dtype=np.int64) * 8
+    kb = pairs["idx_b"].to_numpy(dtype=np.int64) * 8 + pairs["transform"].to_numpy(dtype=np.int64)
+    keys = np.unique(np.concatenate([ka, kb]))
+    known = pd.Series(dtype=object)
+    if precomputed is not None and len(precomputed):
+        known = pd.Series(precomputed, dtype=object) if not isinstance(precomputed, pd.Series) \
+            else precomputed.astype(object)
+        known.index = known.index.astype(np.int64)
+        known = known[known.index.isin(keys)]
+    todo = keys[~np.isin(keys, known.index.to_numpy())]
+    out_dir = str(Path(work_dir) / EMBED_SUBDIR)
+    summary = embed_keys(todo, images, cfg, out_dir, client=client)
+    part_of = pd.concat([known, pd.Series(summary["part_path"].to_numpy(dtype=object),
+                                          index=summary["key"].to_numpy(dtype=np.int64))])
     failed = int(summary["error"].notna().sum())
     if failed:
         log.info("confirm: %d of %d (image, transform) embeddings failed", failed, len(summary))
@@ -366,5 +389,6 @@ def run_confirm(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir
         results = client.gather(futures)
     else:
         results = [cosine_partition(c, cfg) for c in pair_chunks]
-    cosine = pd.concat(results)
-    return cosine.reindex(pairs.index).astype(np.float32).rename("cosine")
+    cosine = pd.concat(results).reindex(pairs.index).astype(np.float32).rename("cosine")
+    cosine.attrs = {"embedded_keys": int(len(summary)), "reused_keys": int(len(known))}
+    return cosine

@@ -1,15 +1,17 @@
 """Stage 6, decide + cluster: turn tier scores into `is_duplicate`, `stage`, `reason`; group into clusters.
 
-The rule (thresholds in `DecideConfig`, calibrated in docs/benchmarks.md):
+The rule (thresholds in `DecideConfig` and `VerifyConfig`, calibrated in docs/benchmarks.md):
 
 * exact: byte-identical files are duplicates (no further tier runs).
 * tiers=screen: a near pair is a duplicate when its hash distance <= `screen_only_distance`.
-* verify: ORB "no-match" (enough keypoints, fewer than `verify.reject_inliers` inliers) rejects the
-  pair here; with tiers=verify, "match" (>= `verify.match_inliers` inliers) accepts it and an
-  inconclusive pair falls back to the screen rule.
-* confirm: a pair that reached the confirm tier is a duplicate when its cosine >=
-  `cosine_threshold`, or when ORB found strong geometry (>= `strong_inliers`) and the cosine is at
-  least `cosine_floor` (heavy recolouring lowers the cosine but not the keypoint geometry).
+* verify: ORB "no-match" (enough keypoints, fewer than `verify.reject_inliers` inliers) rejects
+  the pair; ORB inliers >= `accept_inliers` accept it (geometry that clear was never seen between
+  different photos). Only the pairs in between (and the inconclusive ones: too few keypoints) go on
+  to the confirm tier (`needs_confirm`). With tiers=verify, "match" (>= `verify.match_inliers`)
+  accepts and an inconclusive pair falls back to the screen rule.
+* confirm: a duplicate when cosine >= `cosine_threshold`, or when ORB found some geometry
+  (>= `support_inliers`) and cosine >= `cosine_floor` (heavy crops and recolouring lower the
+  cosine; the keypoints still agree).
 
 Clusters are connected components of the duplicate pairs; `cluster_id` is the `image_id` of the
 member whose path sorts first, so the same input always gives the same ids.
@@ -22,6 +24,20 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipeline.config import Config
+
+
+def _status(pairs: pd.DataFrame) -> np.ndarray:
+    return pairs["orb_status"].astype(object).fillna("").to_numpy(dtype=object)
+
+
+def _inliers(pairs: pd.DataFrame) -> np.ndarray:
+    return pairs["orb_inliers"].astype("Float64").fillna(0).to_numpy(dtype=np.int64)
+
+
+def needs_confirm(pairs: pd.DataFrame, cfg: Config) -> np.ndarray:
+    """Near pairs that the verify tier neither rejected nor accepted outright."""
+    near = (pairs["kind"] == "near").to_numpy()
+    return near & (_status(pairs) != "no-match") & (_inliers(pairs) < cfg.decide.accept_inliers)
 
 
 def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
@@ -49,38 +65,47 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
         dup[near] = screen_ok[near]
         reason[near] = np.where(screen_ok[near], f"hash distance <= {d.screen_only_distance}",
                                 f"hash distance > {d.screen_only_distance}")
-    else:
-        status = out["orb_status"].astype(object).fillna("").to_numpy(dtype=object)
-        inliers = out["orb_inliers"].astype("Float64").fillna(0).to_numpy(dtype=np.int64)
-        orb_reason = out["orb_reason"].astype(object).fillna("").to_numpy(dtype=object)
-        rejected = near & (status == "no-match")
-        stage[near] = "verify"
-        reason[near] = orb_reason[near]
-        if cfg.tiers == "verify":
-            match = near & (status == "match")
-            inconclusive = near & ~rejected & ~match
-            dup[match] = True
-            dup[inconclusive] = screen_ok[inconclusive]
-            reason[inconclusive] = [f"{r}; hash distance {int(x)} vs screen_only_distance "
-                                    f"{d.screen_only_distance}" for r, x in zip(orb_reason[inconclusive],
-                                                                                dist[inconclusive])]
+        return _assign(out, stage, dup, reason)
+
+    status = _status(out)
+    inliers = _inliers(out)
+    orb_reason = out["orb_reason"].astype(object).fillna("").to_numpy(dtype=object)
+    stage[near] = "verify"
+    reason[near] = orb_reason[near]
+    if cfg.tiers == "verify":
+        match = near & (status == "match")
+        inconclusive = near & (status != "no-match") & ~match
+        dup[match] = True
+        dup[inconclusive] = screen_ok[inconclusive]
+        reason[inconclusive] = [f"{r}; hash distance {int(x)} vs screen_only_distance {d.screen_only_distance}"
+                                for r, x in zip(orb_reason[inconclusive], dist[inconclusive])]
+        return _assign(out, stage, dup, reason)
+
+    accepted = near & (status != "no-match") & (inliers >= d.accept_inliers)
+    dup[accepted] = True
+    reason[accepted] = [f"duplicate: {r} (>= accept_inliers {d.accept_inliers})" for r in orb_reason[accepted]]
+    cosine = out["cosine"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
+    routed = needs_confirm(out, cfg)
+    confirmed = routed & ~np.isnan(cosine)
+    stage[confirmed] = "confirm"
+    by_cosine = cosine >= d.cosine_threshold
+    by_support = (inliers >= d.support_inliers) & (cosine >= d.cosine_floor)
+    dup[confirmed] = (by_cosine | by_support)[confirmed]
+    for i in np.flatnonzero(confirmed):
+        if by_cosine[i]:
+            rule = f"duplicate: cosine {cosine[i]:.3f} >= {d.cosine_threshold}"
+        elif by_support[i]:
+            rule = f"duplicate: cosine {cosine[i]:.3f} >= {d.cosine_floor} with {inliers[i]} ORB inliers"
         else:
-            cosine = out["cosine"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
-            confirmed = near & ~rejected & ~np.isnan(cosine)
-            stage[confirmed] = "confirm"
-            strong = inliers >= d.strong_inliers
-            accept = confirmed & ((cosine >= d.cosine_threshold) | (strong & (cosine >= d.cosine_floor)))
-            dup[accept] = True
-            for i in np.flatnonzero(confirmed):
-                verdict = "duplicate" if dup[i] else "different"
-                rule = (f"cosine {cosine[i]:.3f} >= {d.cosine_threshold}" if cosine[i] >= d.cosine_threshold
-                        else f"cosine {cosine[i]:.3f} >= {d.cosine_floor} with {inliers[i]} ORB inliers"
-                        if dup[i] else f"cosine {cosine[i]:.3f} < {d.cosine_threshold}")
-                reason[i] = f"{verdict}: {rule}; {orb_reason[i]}"
-            # pairs whose embedding failed stay at verify with ORB's verdict
-            lost = near & ~rejected & np.isnan(cosine)
-            dup[lost] = status[lost] == "match"
-            reason[lost] = [f"{r}; no embedding" for r in orb_reason[lost]]
+            rule = f"different: cosine {cosine[i]:.3f} < {d.cosine_threshold}"
+        reason[i] = f"{rule}; {orb_reason[i]}"
+    lost = routed & np.isnan(cosine)  # an embedding failed: ORB's verdict stands
+    dup[lost] = status[lost] == "match"
+    reason[lost] = [f"{r}; no embedding" for r in orb_reason[lost]]
+    return _assign(out, stage, dup, reason)
+
+
+def _assign(out: pd.DataFrame, stage, dup, reason) -> pd.DataFrame:
     out["stage"] = stage
     out["is_duplicate"] = dup
     out["reason"] = reason

@@ -28,6 +28,7 @@ from pipeline.config import Config, ConfigError
 
 log = logging.getLogger("pipeline")
 TIER_ORDER = {"screen": 0, "verify": 1, "confirm": 2}
+SCREEN_EMBED_SUBDIR = "screen_embeddings"  # high-recall mode's embeddings, under work_dir/embed
 
 
 class Progress:
@@ -124,16 +125,46 @@ def run_screen(root: Path, cfg: Config, client, progress: Progress) -> pd.DataFr
     return images
 
 
-def build_pairs(images: pd.DataFrame, cfg: Config, client) -> pd.DataFrame:
+def representatives(images: pd.DataFrame) -> pd.Series:
+    """Valid images that are the first of their byte-identical group: only these take part in
+    the near search and the later tiers."""
+    valid = images["error"].isna() & images["codes"].notna()
+    return valid & ~images["sha256"].duplicated(keep="first")
+
+
+def screen_embeddings(images: pd.DataFrame, cfg: Config, work_dir: Path, client) -> pd.DataFrame:
+    """High-recall mode: the confirm tier's embedding (transform 0, key idx * 8) of every
+    representative image, in the feature store under work_dir/embed/screen_embeddings.
+    Returns key, part_path, error; run_confirm reuses them (`precomputed`)."""
+    from pipeline import confirm
+    idx = np.flatnonzero(representatives(images).to_numpy()).astype(np.int64)
+    frame = images.set_index(pd.RangeIndex(len(images)))
+    return confirm.embed_keys(idx * 8, frame, cfg, str(work_dir / "embed" / SCREEN_EMBED_SUBDIR),
+                              client=client)
+
+
+def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] | None = None,
+                timings: dict | None = None) -> pd.DataFrame:
+    """Exact pairs + near candidates (hash; plus embedding neighbours when `emb_parts`, the
+    screen embeddings' partition files, are given)."""
     exact = candidates.exact_pairs(images["sha256"], cfg.screen.exact_group_pairs)
     exact = exact.assign(hash_distance=np.int16(0), transform=np.int8(0), kind="exact")
     # only the first file of each byte-identical group takes part in the near search and later tiers
     valid = images["error"].isna() & images["codes"].notna()
-    representative = valid & ~images["sha256"].duplicated(keep="first")
+    representative = representatives(images)
     codes, mask = screen.unpack_codes(images, cfg.screen)
     mask &= valid.to_numpy()[:, None]
     near = candidates.near_pairs(codes, mask, cfg.screen, client=client,
                                  representatives=representative.to_numpy())
+    if emb_parts is not None:
+        t = time.perf_counter()
+        emb = candidates.embedding_pairs(emb_parts, cfg.screen)
+        if timings is not None:
+            timings["embedding_knn"] = time.perf_counter() - t
+        near = candidates.union_pairs(near, emb, codes, mask, cfg.screen,
+                                      representatives=representative.to_numpy())
+    else:
+        near = near.assign(source="hash")
     near = near.assign(kind="near")
     pairs = pd.concat([exact, near], ignore_index=True)
     return pairs.astype({"idx_a": "int64", "idx_b": "int64", "hash_distance": "int16", "transform": "int8"})
@@ -149,7 +180,8 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {str(out)!r} exists and is not a folder: choose another --out")
     weights_info = None
-    if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:
+    high_recall = cfg.screen.mode == "hash+embedding"
+    if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"] or high_recall:
         from pipeline import weights  # fail before any heavy work when the weights are missing
         weights_info = weights.check_weights_available(cfg.embed)
     progress = Progress(quiet)
@@ -167,19 +199,32 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         counts["errors"] = int(images["error"].notna().sum())
         log.info("screened %d files (%d with errors)", counts["files"], counts["errors"])
 
-        t = time.perf_counter()
-        pairs = build_pairs(images, cfg, client)
-        timings["candidates"] = time.perf_counter() - t
-        counts["exact_pairs"] = int((pairs["kind"] == "exact").sum())
-        counts["near_candidates"] = int((pairs["kind"] == "near").sum())
-        log.info("%d exact pairs, %d near candidates", counts["exact_pairs"], counts["near_candidates"])
-
-        frame = images.set_index(pd.RangeIndex(len(images)))
-        for col, dtype in (("orb_matches", "Int32"), ("orb_inliers", "Int32"), ("orb_score", "Float32"),
-                           ("orb_status", "object"), ("orb_reason", "object"), ("cosine", "Float32")):
-            pairs[col] = pd.Series(pd.NA, index=pairs.index, dtype=dtype)
-        near = pairs.index[pairs["kind"] == "near"]
         try:
+            screen_emb = None
+            if high_recall:
+                t = time.perf_counter()
+                with progress.bar("embed", unit="img") as bar:
+                    screen_emb = screen_embeddings(images, cfg, work_dir, client)
+                    bar.update(len(screen_emb))
+                timings["screen_embed"] = time.perf_counter() - t
+                counts["screen_embedded"] = len(screen_emb)
+                counts["screen_embed_errors"] = int(screen_emb["error"].notna().sum())
+            t = time.perf_counter()
+            pairs = build_pairs(images, cfg, client, timings=timings,
+                                emb_parts=None if screen_emb is None else screen_emb["part_path"].tolist())
+            timings["candidates"] = time.perf_counter() - t
+            counts["exact_pairs"] = int((pairs["kind"] == "exact").sum())
+            counts["near_candidates"] = int((pairs["kind"] == "near").sum())
+            if high_recall:
+                counts["embedding_only_candidates"] = int((pairs["source"] == "embedding").sum())
+                counts["hash_and_embedding_candidates"] = int((pairs["source"] == "both").sum())
+            log.info("%d exact pairs, %d near candidates", counts["exact_pairs"], counts["near_candidates"])
+
+            frame = images.set_index(pd.RangeIndex(len(images)))
+            for col, dtype in (("orb_matches", "Int32"), ("orb_inliers", "Int32"), ("orb_score", "Float32"),
+                               ("orb_status", "object"), ("orb_reason", "object"), ("cosine", "Float32")):
+                pairs[col] = pd.Series(pd.NA, index=pairs.index, dtype=dtype)
+            near = pairs.index[pairs["kind"] == "near"]
             if TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"] and len(near):
                 from pipeline import verify
                 t = time.perf_counter()
@@ -191,15 +236,24 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
                 timings["verify"] = time.perf_counter() - t
                 counts["verified_pairs"] = len(near)
                 counts["verify_rejected"] = int((pairs["orb_status"] == "no-match").sum())
+                counts["verify_accepted"] = int(((pairs["kind"] == "near") & (pairs["orb_status"] != "no-match")
+                                                 & (pairs["orb_inliers"].fillna(0) >= cfg.decide.accept_inliers)).sum())
             if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:
                 from pipeline import confirm
-                alive = pairs.index[(pairs["kind"] == "near") & (pairs["orb_status"] != "no-match")]
+                # only what the verify tier neither rejected nor accepted outright (pipeline/decide.py)
+                alive = pairs.index[decide.needs_confirm(pairs, cfg)]
                 t = time.perf_counter()
                 if len(alive):
                     with progress.bar("confirm", total=len(alive), unit="pair") as bar:
+                        reuse = None if screen_emb is None else \
+                            pd.Series(screen_emb["part_path"].to_numpy(dtype=object),
+                                      index=screen_emb["key"].to_numpy(dtype=np.int64))
                         cos = confirm.run_confirm(pairs.loc[alive, ["idx_a", "idx_b", "transform"]], frame,
-                                                  cfg, str(work_dir / "embed"), client=client)
+                                                  cfg, str(work_dir / "embed"), client=client,
+                                                  precomputed=reuse)
                         bar.update(len(alive))
+                    counts["confirm_embedded"] = int(cos.attrs.get("embedded_keys", 0))
+                    counts["confirm_reused"] = int(cos.attrs.get("reused_keys", 0))
                     pairs.loc[alive, "cosine"] = cos.astype("float32")
                 timings["confirm"] = time.perf_counter() - t
                 counts["confirmed_pairs"] = len(alive)

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config, load_config
-from pipeline.decide import clusters, decide
+from pipeline.decide import clusters, decide, needs_confirm
 
 
 def _pairs(rows):
@@ -13,18 +13,23 @@ def _pairs(rows):
 def test_confirm_rule():
     cfg = Config()
     d = cfg.decide
-    p = decide(_pairs([
+    rows = [
         ("exact", 0, None, None, None, np.nan),
-        ("near", 3, "match", 80, "orb: 80 inliers", d.cosine_threshold + 0.05),
-        ("near", 9, "no-match", 1, "orb: 1 inlier", np.nan),
-        ("near", 9, "inconclusive", 0, "orb inconclusive", d.cosine_threshold - 0.3),
-        ("near", 9, "match", d.strong_inliers, "orb: strong", d.cosine_floor + 0.01),
-        ("near", 9, "match", d.strong_inliers - 1, "orb: fewer", d.cosine_floor + 0.01),
+        ("near", 3, "match", d.accept_inliers, "orb: many inliers", np.nan),  # accepted at verify
+        ("near", 9, "no-match", 1, "orb: 1 inlier", np.nan),  # rejected at verify
+        ("near", 9, "inconclusive", 0, "orb inconclusive", d.cosine_threshold - 0.01),
+        ("near", 9, "match", d.support_inliers, "orb: some", d.cosine_floor + 0.01),
+        ("near", 9, "inconclusive", d.support_inliers - 1, "orb: fewer", d.cosine_floor + 0.01),
         ("near", 2, "inconclusive", 0, "orb inconclusive", d.cosine_threshold + 0.01),
-    ]), cfg)
-    assert p["stage"].tolist() == ["exact", "confirm", "verify", "confirm", "confirm", "confirm", "confirm"]
-    assert p["is_duplicate"].tolist() == [True, True, False, False, True, False, True]
+        ("near", 2, "inconclusive", 0, "orb inconclusive", np.nan),  # embedding failed
+    ]
+    routed = needs_confirm(_pairs(rows), cfg)
+    assert routed.tolist() == [False, False, False, True, True, True, True, True]
+    p = decide(_pairs(rows), cfg)
+    assert p["stage"].tolist() == ["exact", "verify", "verify", "confirm", "confirm", "confirm", "confirm", "verify"]
+    assert p["is_duplicate"].tolist() == [True, True, False, False, True, False, True, False]
     assert p["reason"].str.len().gt(0).all()
+    assert p["reason"].iloc[-1].endswith("no embedding")
 
 
 def test_screen_and_verify_only_rules():

@@ -1,0 +1,97 @@
+"""Cost of the high-recall screen's neighbour search (`screen.mode: hash+embedding`).
+
+    python -m bench.high_recall --n 20000            # flat vs IVF vs blocked numpy top-k
+
+Synthetic L2-normalised 1280-d vectors with near-duplicate structure (groups of 1-5 noisy copies
+of a random direction, like MobileNet embeddings of edited copies), written to the feature store
+as the pipeline writes them, then searched by `pipeline.candidates.embedding_pairs` ("flat":
+exact FAISS inner product; "ivf": inverted lists over float16 vectors) and by a blocked numpy
+matmul + argpartition (the no-dependency alternative). Prints seconds, images/s and the IVF
+recall of the exact pairs. The embedding cost itself (ms/image) is in the pipeline's run.json
+(`timings_s.screen_embed` / `counts.screen_embedded`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+
+import numpy as np
+import pandas as pd
+
+from pipeline import candidates, store
+from pipeline.config import ScreenConfig
+
+
+def make_store(directory: str, n: int, d: int, part_size: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 6, size=n)
+    owner = np.repeat(np.arange(n), sizes)[:n]
+    centres = rng.standard_normal((owner.max() + 1, d)).astype(np.float32)
+    vecs = centres[owner] + 0.6 * rng.standard_normal((n, d)).astype(np.float32)
+    vecs = np.maximum(vecs, 0)  # ReLU-pooled features are non-negative, as MobileNet's are
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    paths = []
+    for p, s in enumerate(range(0, n, part_size)):
+        keys = np.arange(s, min(n, s + part_size), dtype=np.int64)
+        frame = pd.DataFrame({"key": keys * 8,
+                              "embedding": [v.astype("<f4").tobytes() for v in vecs[keys]],
+                              "error": pd.Series([None] * len(keys), dtype=object)})
+        paths.append(store.write_partition(directory, p, frame))
+    return paths
+
+
+def numpy_topk(parts: list[str], k: int, floor: float, block: int = 2048) -> set:
+    idx, vecs = map(np.concatenate, zip(*candidates.iter_embeddings(parts)))
+    out = set()
+    for s in range(0, len(idx), block):
+        sim = vecs[s:s + block] @ vecs.T  # block x N, never N x N
+        rows = np.arange(sim.shape[0])
+        sim[rows, s + rows] = -np.inf
+        top = np.argpartition(-sim, k, axis=1)[:, :k]
+        for r, cols in enumerate(top):
+            for c in cols:
+                if sim[r, c] >= floor:
+                    a, b = idx[s + r], idx[c]
+                    out.add((min(a, b), max(a, b)))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--d", type=int, default=1280)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--min-cosine", type=float, default=0.5)
+    ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--no-numpy", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    cfg = dataclasses.replace(ScreenConfig(), mode="hash+embedding", embedding_k=args.k,
+                              embedding_min_cosine=args.min_cosine, embedding_nprobe=args.nprobe)
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = make_store(tmp, args.n, args.d, 256, args.seed)
+        print(f"N={args.n} d={args.d} k={args.k} min_cosine={args.min_cosine} "
+              f"(flat index {args.n * args.d * 4 / 2**20:.0f} MiB float32, ivf {args.n * args.d * 2 / 2**20:.0f} MiB float16)")
+        results = {}
+        for kind in ("flat", "ivf"):
+            t = time.perf_counter()
+            got = candidates.embedding_pairs(parts, dataclasses.replace(cfg, embedding_index=kind))
+            dt = time.perf_counter() - t
+            results[kind] = set(zip(got["idx_a"].tolist(), got["idx_b"].tolist()))
+            print(f"{kind:5s}: {dt:7.2f} s  ({args.n / dt:8.0f} images/s)  {len(got)} pairs "
+                  f"({len(got) / args.n:.2f} per image)")
+        exact = results["flat"]
+        print(f"ivf recall of the exact pairs: {len(results['ivf'] & exact) / max(len(exact), 1):.4f} "
+              f"(nprobe {args.nprobe} of {candidates._ivf_nlist(args.n)} lists)")
+        if not args.no_numpy:
+            t = time.perf_counter()
+            ref = numpy_topk(parts, args.k, args.min_cosine)
+            dt = time.perf_counter() - t
+            print(f"numpy: {dt:7.2f} s  ({args.n / dt:8.0f} images/s)  same pairs as flat: {ref == exact}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
