@@ -176,15 +176,39 @@ def near_pairs_partition(index: HammingIndex, queries: np.ndarray, query_owners:
                          cfg: ScreenConfig, query_variant: np.ndarray | None = None) -> pd.DataFrame:
     """One block of query images (their rows contiguous): each image's K nearest other images.
 
-    Returns directed rows `owner_a` (the query image), `owner_b`, `hash_distance` (int16),
-    `query_row` (row of `queries` that matched) and, with `query_variant`, `variant` (that row's
-    variant number).
+    Plain and trimmed query rows match within `screen.max_distance`; the flipped/rotated rows only
+    within `screen.dihedral_max_distance` (a true mirrored or rotated copy lands at 0-2 bits, while
+    seven extra queries at the full distance would mostly add false candidates). Returns directed
+    rows `owner_a` (the query image), `owner_b`, `hash_distance` (int16), `query_row` (row of
+    `queries` that matched) and, with `query_variant`, `variant` (that row's variant number).
     """
-    a, b, d, row = index.search(queries, query_owners, cfg.max_distance, cfg.max_candidates)
-    out = pd.DataFrame({"owner_a": a.astype(np.int64), "owner_b": b.astype(np.int64),
-                        "hash_distance": d.astype(np.int16), "query_row": row.astype(np.int64)})
+    k = cfg.max_candidates
+    if query_variant is None:
+        groups = [(np.arange(len(queries)), cfg.max_distance)]
+    else:
+        variant = np.asarray(query_variant)
+        rotated = (variant >= 1) & (variant <= 7)
+        groups = [(np.flatnonzero(~rotated), cfg.max_distance),
+                  (np.flatnonzero(rotated), min(cfg.dihedral_max_distance, cfg.max_distance))]
+    found = []
+    for rows, limit in groups:
+        if rows.size == 0:
+            continue
+        a, b, d, row = index.search(queries[rows], query_owners[rows], limit, k)
+        found.append(pd.DataFrame({"owner_a": a.astype(np.int64), "owner_b": b.astype(np.int64),
+                                   "hash_distance": d.astype(np.int16), "query_row": rows[row].astype(np.int64)}))
+    if not found:
+        out = pd.DataFrame({"owner_a": np.zeros(0, np.int64), "owner_b": np.zeros(0, np.int64),
+                            "hash_distance": np.zeros(0, np.int16), "query_row": np.zeros(0, np.int64)})
+    elif len(found) == 1:
+        out = found[0]
+    else:  # each image's K nearest of the union (the top K of two top-K lists is exact)
+        out = (pd.concat(found, ignore_index=True)
+               .sort_values(["owner_a", "hash_distance", "owner_b", "query_row"], kind="stable")
+               .drop_duplicates(["owner_a", "owner_b"], keep="first"))
+        out = out[out.groupby("owner_a", sort=False).cumcount() < k].reset_index(drop=True)
     if query_variant is not None:
-        out["variant"] = np.asarray(query_variant, dtype=np.int8)[row]
+        out["variant"] = np.asarray(query_variant, dtype=np.int8)[out["query_row"].to_numpy()]
     return out
 
 

@@ -39,11 +39,12 @@ class ScreenConfig:
     max_pixels: int = 200_000_000  # decompression-bomb guard: larger images are errors
     decode_size: int = 256  # JPEG draft decodes to the smallest scale >= this (pixels, short side)
     dihedral: bool = True  # also hash flips/90-degree rotations so mirrored/rotated copies meet
+    dihedral_max_distance: int = 4  # flipped/rotated hashes match only this close (true copies: 0-2)
     trim_borders: bool = True  # also hash the image with uniform borders (letterbox) removed
     border_tolerance: int = 12  # max channel difference from the edge colour that counts as border
     # candidate search
     max_distance: int = 10  # Hamming distance <= this makes a near candidate pair
-    max_candidates: int = 30  # per image: keep only its K nearest (hub guard)
+    max_candidates: int = 15  # per image: keep only its K nearest (hub guard)
     backend: Literal["mih", "brute"] = "mih"  # multi-index hash or brute force
     exact_group_pairs: int = 50  # exact-copy groups of more than this + 1 files emit a star, not all pairs
     # High-recall mode. "hash": candidates from the hash search only. "hash+embedding": also embed
@@ -203,6 +204,7 @@ def _validate(cfg: Config) -> None:
          "screen.hash_size must be a multiple of 8 (8 -> 64-bit hash, 16 -> 256-bit)"),
         (0 <= s.max_distance < bits, f"screen.max_distance must be in [0, {bits - 1}]"),
         (s.max_candidates >= 1, "screen.max_candidates must be >= 1"),
+        (s.dihedral_max_distance >= 0, "screen.dihedral_max_distance must be >= 0"),
         (s.exact_group_pairs >= 1, "screen.exact_group_pairs must be >= 1"),
         (s.embedding_k >= 1, "screen.embedding_k must be >= 1"),
         (-1 <= s.embedding_min_cosine <= 1, "screen.embedding_min_cosine must be in [-1, 1]"),

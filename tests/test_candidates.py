@@ -146,7 +146,7 @@ def random_variant_data(seed: int, n: int = 4000):
 
 def test_near_pairs_backends_agree_and_find_planted():
     codes, mask = random_variant_data(11)
-    c = cfg(max_distance=8, max_candidates=4)
+    c = cfg(max_distance=8, max_candidates=4, dihedral_max_distance=8)
     mih = near_pairs(codes, mask, c)
     brute = near_pairs(codes, mask, dataclasses.replace(c, backend="brute"))
     pd.testing.assert_frame_equal(mih, brute)
@@ -163,10 +163,24 @@ def test_dask_cluster_equals_in_process():
     distributed = pytest.importorskip("distributed")
     codes, mask = random_variant_data(12, n=6000)
     rep = np.random.default_rng(3).random(6000) < 0.95
-    c = cfg(max_distance=9, max_candidates=3)
+    c = cfg(max_distance=9, max_candidates=3, dihedral_max_distance=9)
     local = near_pairs(codes, mask, c, representatives=rep)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         remote = near_pairs(codes, mask, c, client=client, representatives=rep, block_rows=1500)
     pd.testing.assert_frame_equal(local, remote)
     assert len(local) > 500
+
+
+def test_rotated_variants_match_only_within_their_own_limit():
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, np.iinfo(np.uint64).max, size=(4, 9, 1), dtype=np.uint64, endpoint=True)
+    mask = np.zeros((4, 9), bool)
+    mask[:, :8] = True
+    six = np.uint64(0b111111)
+    codes[1, 0] = codes[0, 0] ^ six  # plain hashes 6 bits apart: a candidate at max_distance 8
+    codes[3, 0] = codes[2, 4] ^ six  # 2's mirrored hash 6 bits from 3: beyond dihedral_max_distance 4
+    got = near_pairs(codes, mask, cfg(max_distance=8, dihedral_max_distance=4))
+    assert set(zip(got.idx_a, got.idx_b)) == {(0, 1)}
+    wide = near_pairs(codes, mask, cfg(max_distance=8, dihedral_max_distance=8))
+    assert {(0, 1), (2, 3)} <= set(zip(wide.idx_a, wide.idx_b))
