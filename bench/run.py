@@ -9,7 +9,7 @@ import argparse
 import subprocess
 import sys
 
-BENCHMARKS = ["search", "screen", "verify", "confirm", "end_to_end"]
+BENCHMARKS = ["search", "screen", "verify", "confirm", "high_recall", "end_to_end", "calibrate"]
 
 
 def main() -> int:
