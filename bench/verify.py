@@ -10,6 +10,12 @@ with a random other photo ("random"). Figures: features/s (features_partition, o
 OpenCV thread) and pairs/s (verify_partition incl. reading features and RANSAC), median of repeated
 runs; per model, the inlier distributions of positives and negatives and precision/recall of
 status "match" (decided pairs: status "match" vs the rest).
+
+Baselines measured in the same run, interleaved with the current code (default model): pairs/s
+with the previous matcher (cv2 BFMatcher.knnMatch returning DMatch lists + ratio test and
+one-to-one in Python: `verify_partition(..., reference=True)`), and features/s with the previous
+ORB path (detect -> spread over Python KeyPoint lists -> compute: `_orb_features_previous` below).
+Both give the same numbers bit for bit (checked here), so the ratios are pure speed.
 """
 from __future__ import annotations
 
@@ -101,6 +107,27 @@ def build(n_photos: int, tmp: Path, seed: int = 7):
     return images, pairs
 
 
+def _orb_features_previous(img: Image.Image, cfg) -> dict:
+    """The verify tier's per-image ORB before the speed-up: KeyPoint objects through Python
+    (list comprehensions for xy and responses) — the features/s baseline."""
+    small = verify._bounded(img, cfg)
+    grey = np.asarray(small.convert("L"))
+    orb = verify._orb(cfg)
+    kps = orb.detect(grey, None)
+    if len(kps) > cfg.n_features:
+        pts = np.array([k.pt for k in kps], dtype=np.float32)
+        resp = np.array([k.response for k in kps], dtype=np.float32)
+        kps = [kps[i] for i in verify._spread(pts, resp, small.size, cfg)]
+    kps, desc = orb.compute(grey, kps) if kps else ((), None)
+    if desc is None or not kps:
+        xy, desc = np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8)
+    else:
+        xy = np.array([k.pt for k in kps], dtype=np.float32).reshape(-1, 2)
+        desc = np.ascontiguousarray(desc, dtype=np.uint8)
+    return {"keypoints": xy, "descriptors": desc, "width": small.size[0], "height": small.size[1],
+            "scale": small.size[0] / img.size[0]}
+
+
 def pr(res: pd.DataFrame, label: pd.Series) -> tuple[float, float]:
     pred = res["orb_status"].eq("match")
     tp = int((pred & label).sum())
@@ -124,7 +151,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         images, pairs = build(args.photos, tmp / "img")
         label = pairs["label"]
-        rows_model, rows_kind, speed = [], [], []
+        rows_model, rows_kind, speed, versus = [], [], [], []
         default_model = Config().verify.model
         for model in args.models.split(","):
             cfg = Config()
@@ -144,22 +171,48 @@ def main(argv=None) -> int:
             rows = pd.DataFrame({"key": verify.feature_key(keys["idx"], keys["transform"]),
                                  "abs_path": images.loc[keys["idx"], "abs_path"].to_numpy(),
                                  "transform": keys["transform"].astype("int8").to_numpy()})
-            f_times, p_times = [], []
+            f_times, p_times, f_prev, p_prev = [], [], [], []
+            baseline = model == default_model
+            current = verify.orb_features
             for rep in range(args.repeats):
                 t0 = time.perf_counter()
                 summ = verify.features_partition(rows, cfg, str(tmp / f"speed-{model}"), rep)
                 f_times.append(time.perf_counter() - t0)
+                if baseline:  # the previous per-image path, interleaved (same machine load)
+                    verify.orb_features = _orb_features_previous
+                    try:
+                        t0 = time.perf_counter()
+                        prev = verify.features_partition(rows, cfg, str(tmp / "speed-previous"), rep)
+                        f_prev.append(time.perf_counter() - t0)
+                    finally:
+                        verify.orb_features = current
+            if baseline:
+                new_rows = pd.read_parquet(summ["part_path"].iloc[0])
+                old_rows = pd.read_parquet(prev["part_path"].iloc[0])
+                assert new_rows.equals(old_rows), "features differ from the previous path"
             part_of = dict(zip(summ["key"], summ["part_path"]))
             job = pd.DataFrame({"key_a": verify.feature_key(pairs["idx_a"], 0),
                                 "key_b": verify.feature_key(pairs["idx_b"], pairs["transform"])})
             job["path_a_part"] = job["key_a"].map(part_of)
             job["path_b_part"] = job["key_b"].map(part_of)
+            verify.verify_partition(job.iloc[:2], cfg)  # numba kernel loaded (cache) before timing
             for rep in range(args.repeats):
                 t0 = time.perf_counter()
                 again = verify.verify_partition(job, cfg)
                 p_times.append(time.perf_counter() - t0)
+                if baseline:
+                    t0 = time.perf_counter()
+                    ref = verify.verify_partition(job, cfg, reference=True)
+                    p_prev.append(time.perf_counter() - t0)
             assert again["orb_inliers"].tolist() == res["orb_inliers"].tolist(), "not deterministic"
             speed.append([model, len(rows) / median(f_times), len(job) / median(p_times)])
+            if baseline:
+                pd.testing.assert_frame_equal(again, ref)  # same numbers as the previous matcher
+                prev_speed = [len(rows) / median(f_prev), len(job) / median(p_prev)]
+                versus = [["previous (KeyPoint lists; BFMatcher.knnMatch + Python)", *prev_speed],
+                          ["current (array spread; numba matcher)", *speed[-1][1:]],
+                          ["current / previous", speed[-1][1] / prev_speed[0],
+                           speed[-1][2] / prev_speed[1]]]
             if model == default_model:
                 for kind, g in res.groupby(pairs["kind"]):
                     st = g["orb_status"].value_counts()
@@ -185,6 +238,9 @@ def main(argv=None) -> int:
                  "p95 hard neg", "max neg"], rows_model)
         + "\nSpeed per core:\n\n"
         + table(["model", "features/s", "pairs/s"], speed)
+        + (f"\nCurrent code vs the previous implementation, same run, interleaved repeats, model "
+           f"`{default_model}` (identical features and results, asserted):\n\n"
+           + table(["implementation", "features/s", "pairs/s"], versus) if versus else "")
         + f"\nPer kind of pair (default model `{default_model}`):\n\n"
         + table(["kind", "pairs", "min inliers", "median", "max", "match", "inconclusive", "no-match"],
                 rows_kind))

@@ -226,3 +226,43 @@ def test_dask_cluster_equals_in_process(small_set, tmp_path):
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         remote = verify.run_verify(pairs, images, cfg, str(tmp_path / "dask"), client=client)
     pd.testing.assert_frame_equal(local, remote)
+
+
+def test_numba_matcher_equals_bfmatcher_reference(few_photos):
+    """The numba kernel gives the cv2 BFMatcher.knnMatch path's matches, in the same order, on
+    real pairs (edits, mirror, different photos) and on hand-made ties and degenerate sizes."""
+    cfg = Config().verify
+    originals = [Image.open(p).convert("RGB") for p in few_photos[:3]]
+    feats = [verify.orb_features(im, cfg) for im in originals]
+    feats += [verify.orb_features(_edit(originals[0], e), cfg) for e in EDITS + ["mirror"]]
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (60, 32), dtype=np.uint8)
+    ties = np.concatenate([base, base[:20]])  # exact duplicates: d1 == d2 for those rows
+    near = base.copy()
+    near[:, 0] ^= 1  # every descriptor one bit away from its twin
+    for d in (base, ties, near, base[:1], base[:2], np.zeros((0, 32), np.uint8)):
+        feats.append({"keypoints": np.zeros((len(d), 2), np.float32), "descriptors": d})
+    for ratio in (0.8, 0.7, 1.0):
+        for fa in feats:
+            for fb in feats:
+                q, t = verify._good_matches(fa, fb, ratio)
+                rq, rt = verify._good_matches_reference(fa, fb, ratio)
+                assert q.dtype == np.int64 and t.dtype == np.int64
+                np.testing.assert_array_equal(q, rq)
+                np.testing.assert_array_equal(t, rt)
+
+
+def test_reference_matcher_gives_the_same_results(small_set, tmp_path):
+    images, pairs = small_set
+    cfg = Config()
+    verify.run_verify(pairs, images, cfg, str(tmp_path))
+    part = {int(k): str(p) for p in sorted(tmp_path.glob("orb-*/part-*.parquet"))
+            for k in pd.read_parquet(p, columns=["key"])["key"]}
+    ka = verify.feature_key(pairs["idx_a"], 0)
+    kb = verify.feature_key(pairs["idx_b"], pairs["transform"])
+    job = pd.DataFrame({"key_a": ka, "key_b": kb,
+                        "path_a_part": [part.get(int(k)) for k in ka],
+                        "path_b_part": [part.get(int(k)) for k in kb]}, index=pairs.index)
+    assert part
+    pd.testing.assert_frame_equal(verify.verify_partition(job, cfg),
+                                  verify.verify_partition(job, cfg, reference=True))
