@@ -63,8 +63,8 @@ class ScreenConfig:
 
 @dataclass
 class VerifyConfig:
-    max_side: int = 512  # ORB runs on the image resized so its longer side is <= this
-    upscale_below: int = 256  # images whose longer side is below this are enlarged to max_side (0 = never)
+    max_side: int = 384  # ORB runs on the image resized so its longer side is <= this
+    upscale_below: int = 192  # images whose longer side is below this are enlarged to max_side (0 = never)
     n_features: int = 500  # ORB keypoints per image (cap)
     grid: int = 4  # keypoints spread over grid x grid cells (1 = plain strongest-N ORB)
     oversample: int = 3  # with grid > 1: detect oversample * n_features candidates, then spread
