@@ -26,6 +26,7 @@ from pipeline.scan import FileEntry
 N_VARIANTS = 9  # 0 plain, 1..7 the other dihedral orientations, 8 border-trimmed
 TRIMMED = 8
 HASH_SIZE_WORK = 128  # hashes are computed from a copy at most this large (cheap transposes)
+TRIM_PROBE = 64  # uniform borders are looked for on a copy at most this large
 
 HASHERS: dict[str, Callable[..., imagehash.ImageHash]] = {
     "ahash": imagehash.average_hash,
@@ -53,7 +54,12 @@ def trim_box(img: Image.Image, tolerance: int, min_keep: float = 0.3) -> tuple[i
     A border row/column is one whose pixels (>= 90 % of them) lie within `tolerance` of the row's
     median colour: plain bars, and frames with a little text (a title bar) on them.
     """
-    a = np.asarray(img.convert("RGB"), dtype=np.int16)
+    full_w, full_h = img.size
+    probe = img.convert("RGB")
+    if max(full_w, full_h) > TRIM_PROBE:  # borders are coarse: find them on a small copy (cheap median)
+        probe = probe.copy()
+        probe.thumbnail((TRIM_PROBE, TRIM_PROBE), Image.Resampling.BILINEAR)
+    a = np.asarray(probe, dtype=np.int16)
     h, w = a.shape[:2]
     if h < 8 or w < 8:
         return None
@@ -74,7 +80,25 @@ def trim_box(img: Image.Image, tolerance: int, min_keep: float = 0.3) -> tuple[i
     cut = max(top, h - bottom) / h, max(left, w - right) / w
     if max(cut) < 0.02:
         return None
-    return left, top, right, bottom
+    sx, sy = full_w / w, full_h / h
+    return (int(np.floor(left * sx)), int(np.floor(top * sy)), int(np.ceil(right * sx)), int(np.ceil(bottom * sy)))
+
+
+# The dihedral transforms of decode.DIHEDRAL applied to a (rows, cols) array.
+GRID_DIHEDRAL = [
+    lambda a: a,
+    lambda a: np.rot90(a, 1),
+    lambda a: np.rot90(a, 2),
+    lambda a: np.rot90(a, 3),
+    lambda a: a[:, ::-1],
+    lambda a: a.T,
+    lambda a: a[::-1, :],
+    lambda a: a[::-1, ::-1].T,
+]
+
+
+def _words(bits: np.ndarray) -> np.ndarray:
+    return np.frombuffer(np.packbits(bits.flatten()).tobytes(), dtype=">u8").astype(np.uint64)
 
 
 def image_hashes(img: Image.Image, cfg: ScreenConfig) -> tuple[np.ndarray, int]:
@@ -86,9 +110,17 @@ def image_hashes(img: Image.Image, cfg: ScreenConfig) -> tuple[np.ndarray, int]:
     small.thumbnail((max(HASH_SIZE_WORK, 4 * cfg.hash_size),) * 2, Image.Resampling.BILINEAR, reducing_gap=2.0)
     grey = small.convert("L")
     mask = 0
-    for t in range(8 if cfg.dihedral else 1):
-        codes[t] = hash_words(hasher(dihedral(grey, t), hash_size=cfg.hash_size))
-        mask |= 1 << t
+    turns = 8 if cfg.dihedral else 1
+    if cfg.hash == "ahash":
+        # aHash thresholds a symmetric downscale: flipping the image flips its bit grid, so the
+        # variants are exact permutations of one hash (no 7 more resizes)
+        bits = hasher(grey, hash_size=cfg.hash_size).hash
+        for t in range(turns):
+            codes[t] = _words(GRID_DIHEDRAL[t](bits))
+    else:  # pHash/dHash/wHash are not flip-equivariant: hash each orientation
+        for t in range(turns):
+            codes[t] = hash_words(hasher(dihedral(grey, t), hash_size=cfg.hash_size))
+    mask |= (1 << turns) - 1
     if cfg.trim_borders:
         box = trim_box(small, cfg.border_tolerance)
         if box is not None:
