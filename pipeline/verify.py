@@ -523,7 +523,11 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     out_dir = str(Path(work_dir) / f"orb-{uuid.uuid4().hex[:12]}")
     idx_a = pairs["idx_a"].to_numpy(np.int64)
     idx_b = pairs["idx_b"].to_numpy(np.int64)
-    t_b = pairs["transform"].to_numpy(np.int64)
+    # ORB descriptors are steered to each keypoint's orientation and the affine RANSAC model
+    # rotates, so a rotated copy (t = 1-3) matches the plain features; only mirroring changes the
+    # descriptors, and every mirrored transform (4-7) is a left-right flip plus a rotation. So at
+    # most two feature sets per image: plain and flipped.
+    t_b = np.where(pairs["transform"].to_numpy(np.int64) >= 4, 4, 0)
     key_a = feature_key(idx_a, 0)
     key_b = feature_key(idx_b, t_b)
 
