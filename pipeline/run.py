@@ -56,7 +56,7 @@ def dask_client(cfg: Config, scheduler: str | None) -> Iterator[object | None]:
     if target == "local":
         n_workers = cfg.dask.n_workers or os.cpu_count() or 1
         with LocalCluster(n_workers=n_workers, threads_per_worker=cfg.dask.threads_per_worker,
-                          processes=True, dashboard_address=None, memory_limit=cfg.dask.memory_limit,
+                          processes=True, dashboard_address=":0", memory_limit=cfg.dask.memory_limit,
                           silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
             yield client
         return
