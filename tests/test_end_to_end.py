@@ -150,13 +150,36 @@ def test_real_dask_scheduler_and_worker_give_the_same_output(labelled_dir, model
         for name in ("local", "sync"):
             pd.testing.assert_frame_equal(runs["remote"][0], runs[name][0])
             pd.testing.assert_frame_equal(runs["remote"][1], runs[name][1])
-        pairs = runs["remote"][1]
+        images, pairs = runs["remote"]
         assert pairs["cosine"].notna().any() and pairs["orb_inliers"].notna().any()
+        # the acceptance of the confirm tier: the bridge's edits form one cluster with the original,
+        # and none of the seven unrelated LabelMe photos is in any cluster
+        images = images.set_index("path")
+        orig = images.loc["pdq/data/bridge-mods/aaa-orig.jpg", "cluster_id"]
+        assert pd.notna(orig)
+        for edit in ("blur-a-little", "blur-a-lot", "high-contrast", "high-saturation", "sharpen-a-little",
+                     "sharpen-a-lot", "shrink-a-little", "shrink-a-lot"):
+            assert images.loc[f"pdq/data/bridge-mods/{edit}.jpg", "cluster_id"] == orig, edit
+        labelme = images[images.index.str.contains("labelme-subset")]
+        assert len(labelme) == 7 and labelme["cluster_id"].isna().all()
     finally:
         worker.terminate()
         scheduler.terminate()
         worker.wait(30)
         scheduler.wait(30)
+
+
+def test_missing_weights_stop_the_run_before_any_work(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(data / "a.png")
+    env = dict(os.environ, PYTHONPATH=str(REPO), KERAS_HOME=str(tmp_path / "empty-keras"), DEDUPE_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", str(tmp_path / "o"),
+                             "--quiet"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5" in result.stderr
+    assert str(tmp_path / "empty-keras") in result.stderr  # says where to put it
+    assert not (tmp_path / "o").exists()  # stopped at the check: no screen, no cluster, no output folder
 
 
 def test_unreachable_scheduler_is_a_usage_error(tmp_path):
