@@ -190,7 +190,7 @@ def separation_text(results: dict[str, dict], default: str) -> str:
                f"percentiles of true pairs (crops and letterbox keep the whole frame's content in view), and border "
                f"trimming lifts letterbox/pillarbox/text-bar copies at no cost to false pairs. Weakest copies: "
                f"strong crops (60%), tiny copies (25%, 128 px thumbnails: upscaled to 224), greyscale, text overlays "
-               f"and the screenshot frame -- these need ORB's geometry (decide.strong_inliers + cosine_floor).\n")
+               f"and the screenshot frame -- these need ORB's geometry (decide.accept_inliers, or support_inliers + cosine_floor).\n")
     per = []
     for name in sorted(res["true"], key=lambda k: (suite.CATEGORIES.index(res["category"][k]), k)):
         v = np.asarray(res["true"][name])

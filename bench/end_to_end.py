@@ -62,10 +62,10 @@ def generate(bench_dir: Path, per_source: int, seed: int = 0) -> Path:
     return out
 
 
-def run_once(data: Path, tiers: str) -> dict:
+def run_once(data: Path, tiers: str, overrides: list[str] = ()) -> dict:
     with tempfile.TemporaryDirectory(prefix="dedupe-e2e-") as out:
         cmd = [sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", out, "--tiers", tiers, "--quiet",
-               "--log-level", "WARNING"]
+               "--log-level", "WARNING", *[a for o in overrides for a in ("--set", o)]]
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO)
         peak = 0

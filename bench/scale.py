@@ -1,0 +1,90 @@
+"""Candidate counts and screen cost at 100k+ images, for each screen option.
+
+The data: every real photo plus `--rounds` x 31 seeded transformed copies (bench/transforms.py; each
+round draws new random parameters for the random transforms, while the deterministic ones repeat
+byte for byte, so the folder also holds exact copies, as real folders do). Generated once into
+--bench-dir. Each option runs through the real CLI with `--tiers screen` (scan, screen, and for
+the high-recall mode the embeddings + kNN), and optionally the full cascade for the default mode:
+wall time, peak memory (summed RSS of the CLI and its Dask workers) and candidates per image.
+
+    python -m bench.scale [--rounds 4] [--full] [--bench-dir /tmp/dedupe-bench]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from bench import transforms
+from bench.end_to_end import run_once
+from bench.report import stamp, table, update_section
+
+
+def _render(job):
+    src, name, seed, group, tag, out_dir = job
+    data, ext, _ = transforms.render(Path(src), name, seed, group)
+    rel = f"images/{tag}_{name}{ext}"
+    (Path(out_dir) / rel).write_bytes(data)
+    return rel
+
+
+def generate(bench_dir: Path, rounds: int, seed: int = 0) -> Path:
+    photos = sorted(p for p in transforms.DEFAULT_PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    names = [t.name for t in transforms.TRANSFORMS]
+    out = bench_dir / f"scale-v{transforms.SUITE_VERSION}-seed{seed}-n{len(photos)}-r{rounds}"
+    if (out / "labels.csv").exists():
+        return out
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows, jobs = [], []
+    for gi, path in enumerate(photos):
+        group = f"g{gi:04d}"
+        rel = f"images/{group}_original{path.suffix.lower()}"
+        (out / rel).write_bytes(path.read_bytes())
+        rows.append([rel, group, "original"])
+        for r in range(rounds):
+            jobs += [(str(path), name, seed, f"{group}-r{r}", f"{group}_r{r}", str(out)) for name in names]
+    with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
+        for job, rel in zip(jobs, pool.map(_render, jobs, chunksize=64)):
+            rows.append([rel, job[3].split("-")[0], job[1]])
+    with (out / "labels.tmp").open("w", newline="") as f:
+        csv.writer(f).writerows([["path", "group_id", "transform"], *rows])
+    os.replace(out / "labels.tmp", out / "labels.csv")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of the 31 transforms per photo")
+    parser.add_argument("--full", action="store_true", help="also the full cascade in the default mode")
+    parser.add_argument("--bench-dir", default=str(transforms.DEFAULT_BENCH_DIR))
+    parser.add_argument("--out", default=None, help="benchmarks markdown file")
+    args = parser.parse_args()
+    data = generate(Path(args.bench_dir), args.rounds)
+    n = sum(1 for _ in (data / "images").iterdir())
+    options = [("hash (default)", "screen", []),
+               ("hash, no dihedral/trim variants", "screen", ["screen.dihedral=false", "screen.trim_borders=false"]),
+               ("hash+embedding (high-recall)", "screen", ["screen.mode=hash+embedding"])]
+    if args.full:
+        options.append(("hash (default), full cascade", "confirm", []))
+    rows = []
+    for label, tiers, sets in options:
+        r = run_once(data, tiers, sets)
+        c, t = r["counts"], r["timings"]
+        rows.append([label, tiers, f"{r['wall']:.0f}", f"{r['peak_gb']:.2f}", f"{c['near_candidates'] / n:.2f}",
+                     f"{c.get('embedding_only_candidates', 0) / n:.2f}",
+                     ", ".join(f"{k} {v:.0f}" for k, v in t.items())])
+        print(rows[-1], flush=True)
+    body = stamp() + (
+        f"\n{n:,} images: the real photos and {args.rounds} rounds of the 31 transforms of each "
+        "(random transforms drawn anew each round; deterministic ones repeat as byte-identical copies). "
+        "One run per option (a long benchmark); candidates per image = near candidate pairs / images.\n\n")
+    body += table(["option", "tiers", "wall s", "peak GB", "candidates / image", "of which from embeddings / image",
+                   "stage seconds"], rows)
+    kwargs = {"path": args.out} if args.out else {}
+    update_section("scale", "scale: candidates and screen cost at 100k+ images", body, **kwargs)
+
+
+if __name__ == "__main__":
+    main()
