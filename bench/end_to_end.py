@@ -30,10 +30,11 @@ from bench.report import median, stamp, table, update_section
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _render_one(job):
-    src, name, seed, group, out_dir = job
+def render_job(job) -> str:
+    """(source, transform, seed, group, file tag, out dir) -> the written file, relative to out dir."""
+    src, name, seed, group, tag, out_dir = job
     data, ext, _ = transforms.render(Path(src), name, seed, group)
-    rel = f"images/{group}_{name}{ext}"
+    rel = f"images/{tag}_{name}{ext}"
     (Path(out_dir) / rel).write_bytes(data)
     return rel
 
@@ -52,9 +53,9 @@ def generate(bench_dir: Path, per_source: int, seed: int = 0) -> Path:
         rel = f"images/{group}_original{path.suffix.lower()}"
         (out / rel).write_bytes(path.read_bytes())
         rows.append([rel, group, "original"])
-        jobs += [(str(path), name, seed, group, str(out)) for name in names]
+        jobs += [(str(path), name, seed, group, group, str(out)) for name in names]
     with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
-        for job, rel in zip(jobs, pool.map(_render_one, jobs, chunksize=32)):
+        for job, rel in zip(jobs, pool.map(render_job, jobs, chunksize=32)):
             rows.append([rel, job[3], job[1]])
     with (out / "labels.tmp").open("w", newline="") as f:
         csv.writer(f).writerows([["path", "group_id", "transform"], *rows])

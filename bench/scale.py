@@ -18,16 +18,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from bench import transforms
-from bench.end_to_end import run_once
+from bench.end_to_end import render_job, run_once
 from bench.report import stamp, table, update_section
-
-
-def _render(job):
-    src, name, seed, group, tag, out_dir = job
-    data, ext, _ = transforms.render(Path(src), name, seed, group)
-    rel = f"images/{tag}_{name}{ext}"
-    (Path(out_dir) / rel).write_bytes(data)
-    return rel
 
 
 def generate(bench_dir: Path, rounds: int, seed: int = 0) -> Path:
@@ -46,7 +38,7 @@ def generate(bench_dir: Path, rounds: int, seed: int = 0) -> Path:
         for r in range(rounds):
             jobs += [(str(path), name, seed, f"{group}-r{r}", f"{group}_r{r}", str(out)) for name in names]
     with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
-        for job, rel in zip(jobs, pool.map(_render, jobs, chunksize=64)):
+        for job, rel in zip(jobs, pool.map(render_job, jobs, chunksize=64)):
             rows.append([rel, job[3].split("-")[0], job[1]])
     with (out / "labels.tmp").open("w", newline="") as f:
         csv.writer(f).writerows([["path", "group_id", "transform"], *rows])
@@ -69,6 +61,7 @@ def main() -> None:
     if args.full:
         options.append(("hash (default), full cascade", "confirm", []))
     rows = []
+    kwargs = {"path": args.out} if args.out else {}
     for label, tiers, sets in options:
         r = run_once(data, tiers, sets)
         c, t = r["counts"], r["timings"]
@@ -76,14 +69,13 @@ def main() -> None:
                      f"{c.get('embedding_only_candidates', 0) / n:.2f}",
                      ", ".join(f"{k} {v:.0f}" for k, v in t.items())])
         print(rows[-1], flush=True)
-    body = stamp() + (
-        f"\n{n:,} images: the real photos and {args.rounds} rounds of the 31 transforms of each "
-        "(random transforms drawn anew each round; deterministic ones repeat as byte-identical copies). "
-        "One run per option (a long benchmark); candidates per image = near candidate pairs / images.\n\n")
-    body += table(["option", "tiers", "wall s", "peak GB", "candidates / image", "of which from embeddings / image",
-                   "stage seconds"], rows)
-    kwargs = {"path": args.out} if args.out else {}
-    update_section("scale", "scale: candidates and screen cost at 100k+ images", body, **kwargs)
+        body = stamp() + (
+            f"\n{n:,} images: the real photos and {args.rounds} rounds of the 31 transforms of each "
+            "(random transforms drawn anew each round; deterministic ones repeat as byte-identical copies). "
+            "One run per option (a long benchmark); candidates per image = near candidate pairs / images.\n\n")
+        body += table(["option", "tiers", "wall s", "peak GB", "candidates / image",
+                       "of which from embeddings / image", "stage seconds"], rows)
+        update_section("scale", "scale: candidates and screen cost at 100k+ images", body, **kwargs)  # after each run
 
 
 if __name__ == "__main__":
