@@ -129,7 +129,7 @@ def representatives(images: pd.DataFrame) -> pd.Series:
     """Valid images that are the first of their byte-identical group: only these take part in
     the near search and the later tiers."""
     valid = images["error"].isna() & images["codes"].notna()
-    return valid & ~images["sha256"].duplicated(keep="first")
+    return valid & candidates.exact_representatives(images["sha256"])
 
 
 def screen_embeddings(images: pd.DataFrame, cfg: Config, work_dir: Path, client) -> pd.DataFrame:
@@ -149,7 +149,6 @@ def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] 
     screen embeddings' partition files, are given)."""
     exact = candidates.exact_pairs(images["sha256"], cfg.screen.exact_group_pairs)
     exact = exact.assign(hash_distance=np.int16(0), transform=np.int8(0), kind="exact")
-    # only the first file of each byte-identical group takes part in the near search and later tiers
     valid = images["error"].isna() & images["codes"].notna()
     representative = representatives(images)
     codes, mask = screen.unpack_codes(images, cfg.screen)
