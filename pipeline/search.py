@@ -94,6 +94,22 @@ def _prefetch(typingctx, arr, idx):
     return sig, codegen
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _offer(p, d, row, best_d, best_row, touched, nt):
+    """Owner `p` seen at distance `d` from query row `row`: keep its best; returns the new count
+    of touched owners (the first sighting appends `p` to `touched`)."""
+    bd = best_d[p]
+    if bd < 0:
+        touched[nt] = p
+        nt += 1
+        best_d[p] = d
+        best_row[p] = row
+    elif d < bd:
+        best_d[p] = d
+        best_row[p] = row
+    return nt
+
+
 @njit(cache=True, nogil=True)
 def _visit(u, d, row, o, k, optr, olist, best_d, best_row, touched, nt):
     """Offer distinct code `u` at distance `d` (from query row `row`) to query owner `o`.
@@ -106,15 +122,7 @@ def _visit(u, d, row, o, k, optr, olist, best_d, best_row, touched, nt):
         p = olist[t]
         if p == o:
             continue
-        bd = best_d[p]
-        if bd < 0:
-            touched[nt] = p
-            nt += 1
-            best_d[p] = d
-            best_row[p] = row
-        elif d < bd:
-            best_d[p] = d
-            best_row[p] = row
+        nt = _offer(p, d, row, best_d, best_row, touched, nt)
         taken += 1
         if taken >= k:
             break
@@ -200,15 +208,7 @@ def _brute_kernel(queries, gstart, gowner, T, k, n_owner, codes, own):
                     if d <= T:
                         p = own[j]
                         if p != o:
-                            bd = best_d[p]
-                            if bd < 0:
-                                touched[nt] = p
-                                nt += 1
-                                best_d[p] = d
-                                best_row[p] = row
-                            elif d < bd:
-                                best_d[p] = d
-                                best_row[p] = row
+                            nt = _offer(p, d, row, best_d, best_row, touched, nt)
         out_a, out_b, out_d, out_r, n_out = _flush(o, k, n_owner, best_d, best_row, touched, nt,
                                                    out_a, out_b, out_d, out_r, n_out)
     return out_a[:n_out], out_b[:n_out], out_d[:n_out], out_r[:n_out]

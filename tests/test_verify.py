@@ -3,39 +3,15 @@ determinism, errors, and Dask vs in-process equality."""
 from __future__ import annotations
 
 import csv
-import io
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from bench.verify import edit  # the same edits the benchmark scores
 from pipeline import verify
 from pipeline.config import Config
-
-
-def _edit(img: Image.Image, name: str) -> Image.Image:
-    w, h = img.size
-    if name == "crop70":
-        cw, ch = round(w * 0.7), round(h * 0.7)
-        return img.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
-    if name == "resize50":
-        return img.resize((w // 2, h // 2), Image.Resampling.LANCZOS)
-    if name == "rotate5":
-        return img.rotate(5, resample=Image.Resampling.BICUBIC)
-    if name == "jpeg30":
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=30)
-        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    if name == "text":
-        out = img.copy()
-        font = ImageFont.load_default(size=max(12, h // 8))
-        ImageDraw.Draw(out).text((w // 20, h // 3), "SAMPLE COPY 2024", fill=(255, 255, 255), font=font,
-                                 stroke_width=2, stroke_fill=(0, 0, 0))
-        return out
-    if name == "mirror":
-        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    raise ValueError(name)
 
 
 EDITS = ["crop70", "resize50", "rotate5", "jpeg30", "text"]
@@ -56,9 +32,9 @@ def small_set(few_photos, tmp_path):
     paths = [str(p) for p in few_photos[:3]]
     img = Image.open(few_photos[0]).convert("RGB")
     crop = tmp_path / "crop.png"
-    _edit(img, "crop70").save(crop)
+    edit(img, "crop70").save(crop)
     mirror = tmp_path / "mirror.png"
-    _edit(img, "mirror").save(mirror)
+    edit(img, "mirror").save(mirror)
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" + bytes(200))
     paths += [str(crop), str(mirror), str(corrupt)]
@@ -90,7 +66,7 @@ def test_edits_give_clearly_more_inliers_than_different_photos(few_photos):
     positives = {}
     for i, im in enumerate(originals):
         for e in EDITS:
-            m, inl, score, status = verify.verify_pair(feats[i], verify.orb_features(_edit(im, e), cfg), cfg)
+            m, inl, score, status = verify.verify_pair(feats[i], verify.orb_features(edit(im, e), cfg), cfg)
             positives[(i, e)] = inl
             assert status == "match", (few_photos[i].name, e, m, inl)
             assert 0 < score <= 1
@@ -234,7 +210,7 @@ def test_numba_matcher_equals_bfmatcher_reference(few_photos):
     cfg = Config().verify
     originals = [Image.open(p).convert("RGB") for p in few_photos[:3]]
     feats = [verify.orb_features(im, cfg) for im in originals]
-    feats += [verify.orb_features(_edit(originals[0], e), cfg) for e in EDITS + ["mirror"]]
+    feats += [verify.orb_features(edit(originals[0], e), cfg) for e in EDITS + ["mirror"]]
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (60, 32), dtype=np.uint8)
     ties = np.concatenate([base, base[:20]])  # exact duplicates: d1 == d2 for those rows
