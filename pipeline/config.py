@@ -40,7 +40,8 @@ class ScreenConfig:
     decode_size: int = 256  # JPEG draft decodes to the smallest scale >= this (pixels, short side)
     dihedral: bool = True  # also hash flips/90-degree rotations so mirrored/rotated copies meet
     dihedral_max_distance: int = 4  # flipped/rotated hashes match only this close (true copies: 0-2)
-    trim_borders: bool = True  # also hash the image with uniform borders (letterbox) removed
+    trim_borders: bool = True  # also hash the picture inside uniform borders (letterbox, pillarbox)
+    trim_frames: bool = True  # ... and inside a UI frame (a screenshot of a viewer window), see pipeline/borders.py
     border_tolerance: int = 12  # max channel difference from the edge colour that counts as border
     # candidate search
     max_distance: int = 10  # Hamming distance <= this makes a near candidate pair
@@ -99,8 +100,8 @@ class EmbedConfig:
     # How an image becomes input_size x input_size: "squash" resizes the whole image ignoring the
     # aspect ratio; "crop" resizes the short side then takes the centre square (drops the edges).
     resize: Literal["squash", "crop"] = "squash"
-    # Embed the image with uniform borders (letterbox/pillarbox bars, frames) cut off first, as
-    # the screen's trimmed hash variant does (same detector, screen.border_tolerance).
+    # Embed the picture inside uniform borders and UI frames (letterbox bars, a viewer window),
+    # as the screen's trimmed hash does (same detector, screen.border_tolerance / trim_frames).
     trim_borders: bool = True
     batch_size: int = 32  # images per inference call (the last batch is padded: one traced shape); 32 measured fastest
     threads: int = 0  # TensorFlow intra-op threads per worker; 0 = the worker's thread count

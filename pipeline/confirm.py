@@ -12,8 +12,8 @@ count, and called through a `tf.function` traced for one fixed batch shape (the 
 padded), which is ~2x faster than `model.predict` per batch (docs/benchmarks.md).
 
 Image to model input: `decode.load_image(min_side=input_size)` (JPEG draft decode), uniform
-borders cut off (`embed.trim_borders`, the screen's detector: letterboxed copies score like the
-original), the dihedral transform, then `embed.resize`: "squash" (whole image to input_size x input_size, aspect ratio
+borders and UI frames cut off (`embed.trim_borders`, the screen's detector in `pipeline.borders`:
+letterboxed and screenshotted copies score like the original), the dihedral transform, then `embed.resize`: "squash" (whole image to input_size x input_size, aspect ratio
 ignored) or "crop" (short side to input_size, centre square). Squash is the default: measured on
 the shared photos (bench/confirm.py) it separates true pairs -- crops, letterboxed copies, JPEG
 resize -- from unrelated photos at least as well as centre crop, and it never discards content at
@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline import decode, store
+from pipeline import borders, decode, store
 from pipeline.config import Config, EmbedConfig
 from pipeline.weights import check_weights_available, resolve_weights
 
@@ -113,22 +113,17 @@ def load_input(path: str, transform: int, cfg: Config) -> np.ndarray:
     e = cfg.embed
     img, _, _ = decode.load_image(path, min_side=e.input_size, max_pixels=cfg.screen.max_pixels)
     if e.trim_borders:
-        img = trim_borders(img, cfg.screen.border_tolerance)
+        img = trim_borders(img, cfg)
     img = decode.dihedral(img, int(transform))
     return to_input(img, e.input_size, e.resize)
 
 
-def trim_borders(img: Image.Image, tolerance: int) -> Image.Image:
-    """The image without uniform borders (the screen's detector, run on a <= 128 px copy, the
-    size the screen hashes at). Photos whose four edge lines are not uniform skip the detector."""
-    from pipeline.screen import trim_box
+def trim_borders(img: Image.Image, cfg: Config) -> Image.Image:
+    """The picture inside uniform borders and UI frames (`pipeline.borders.content_box`, run on a
+    <= 128 px copy, the size the screen hashes at)."""
     small = img.copy()
-    small.thumbnail((128, 128), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    a = np.asarray(small, dtype=np.int16)
-    edges = (a[0], a[-1], a[:, 0], a[:, -1])
-    if not any((np.abs(e - np.median(e, axis=0)) <= tolerance).all(axis=1).mean() >= 0.9 for e in edges):
-        return img
-    box = trim_box(small, tolerance)
+    small.thumbnail((borders.PROBE, borders.PROBE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    box = borders.content_box(small, cfg.screen.border_tolerance, frames=cfg.screen.trim_frames)
     if box is None:
         return img
     sx, sy = img.width / small.width, img.height / small.height

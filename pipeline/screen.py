@@ -4,8 +4,9 @@
 Dask. Each file is read once: the sha256 is taken of those bytes and Pillow decodes the same
 bytes (JPEGs in draft mode at the smallest DCT scale that still has `screen.decode_size` pixels on
 the short side). Besides the plain hash, the screen hashes the 7 other dihedral orientations
-(so a mirrored or rotated copy meets its original in the candidate search) and the image with
-uniform borders trimmed (letterbox, pillarbox, screenshot margins). A file that cannot be read or
+(so a mirrored or rotated copy meets its original in the candidate search) and the picture
+inside uniform borders or a UI frame (letterbox, pillarbox, a screenshot of a viewer window:
+`pipeline.borders`). A file that cannot be read or
 decoded gets its reason in `error`; nothing is raised.
 """
 from __future__ import annotations
@@ -19,14 +20,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from pipeline.borders import content_box
 from pipeline.config import ScreenConfig
 from pipeline.decode import DecodeError, dihedral, load_image
 from pipeline.scan import FileEntry
 
-N_VARIANTS = 9  # 0 plain, 1..7 the other dihedral orientations, 8 border-trimmed
+N_VARIANTS = 9  # 0 plain, 1..7 the other dihedral orientations, 8 the content box (borders, frames cut)
 TRIMMED = 8
 HASH_SIZE_WORK = 128  # hashes are computed from a copy at most this large (cheap transposes)
-TRIM_PROBE = 64  # uniform borders are looked for on a copy at most this large
 
 HASHERS: dict[str, Callable[..., imagehash.ImageHash]] = {
     "ahash": imagehash.average_hash,
@@ -46,42 +47,6 @@ def hash_words(h: imagehash.ImageHash) -> np.ndarray:
 
 def words_to_hex(words: np.ndarray) -> str:
     return "".join(f"{int(w):016x}" for w in words)
-
-
-def trim_box(img: Image.Image, tolerance: int, min_keep: float = 0.3) -> tuple[int, int, int, int] | None:
-    """Box of the content inside uniform borders, or None when there is no border to trim.
-
-    A border row/column is one whose pixels (>= 90 % of them) lie within `tolerance` of the row's
-    median colour: plain bars, and frames with a little text (a title bar) on them.
-    """
-    full_w, full_h = img.size
-    probe = img.convert("RGB")
-    if max(full_w, full_h) > TRIM_PROBE:  # borders are coarse: find them on a small copy (cheap median)
-        probe = probe.copy()
-        probe.thumbnail((TRIM_PROBE, TRIM_PROBE), Image.Resampling.BILINEAR)
-    a = np.asarray(probe, dtype=np.int16)
-    h, w = a.shape[:2]
-    if h < 8 or w < 8:
-        return None
-
-    def uniform(lines: np.ndarray) -> np.ndarray:  # lines: (n, length, 3)
-        med = np.median(lines, axis=1, keepdims=True)
-        close = (np.abs(lines - med) <= tolerance).all(axis=2)
-        return close.mean(axis=1) >= 0.9
-
-    rows = uniform(a)
-    cols = uniform(a.transpose(1, 0, 2))
-    top = int(np.argmin(rows)) if not rows.all() else h
-    bottom = h - int(np.argmin(rows[::-1])) if not rows.all() else 0
-    left = int(np.argmin(cols)) if not cols.all() else w
-    right = w - int(np.argmin(cols[::-1])) if not cols.all() else 0
-    if bottom - top < min_keep * h or right - left < min_keep * w:
-        return None  # mostly uniform (blank) image: nothing meaningful to trim to
-    cut = max(top, h - bottom) / h, max(left, w - right) / w
-    if max(cut) < 0.02:
-        return None
-    sx, sy = full_w / w, full_h / h
-    return (int(np.floor(left * sx)), int(np.floor(top * sy)), int(np.ceil(right * sx)), int(np.ceil(bottom * sy)))
 
 
 # The dihedral transforms of decode.DIHEDRAL applied to a (rows, cols) array.
@@ -122,7 +87,7 @@ def image_hashes(img: Image.Image, cfg: ScreenConfig) -> tuple[np.ndarray, int]:
             codes[t] = hash_words(hasher(dihedral(grey, t), hash_size=cfg.hash_size))
     mask |= (1 << turns) - 1
     if cfg.trim_borders:
-        box = trim_box(small, cfg.border_tolerance)
+        box = content_box(small, cfg.border_tolerance, frames=cfg.trim_frames)
         if box is not None:
             trimmed = hash_words(hasher(grey.crop(box), hash_size=cfg.hash_size))
             if not np.array_equal(trimmed, codes[0]):

@@ -10,7 +10,7 @@ from pipeline.config import ScreenConfig
 from pipeline.decode import DIHEDRAL_INVERSE, dihedral, load_image
 from pipeline.scan import FileEntry, iter_files
 from pipeline.config import ScanConfig
-from pipeline.screen import N_VARIANTS, TRIMMED, screen_partition, trim_box, unpack_codes
+from pipeline.screen import N_VARIANTS, TRIMMED, screen_partition, unpack_codes
 
 
 def _entry(path):
@@ -141,12 +141,6 @@ def test_trimmed_variant_undoes_letterbox(tmp_path, photo_paths):
     trimmed = bin(int(codes[0, 0, 0]) ^ int(codes[1, TRIMMED, 0])).count("1")
     assert mask[1, TRIMMED] and not mask[0, TRIMMED]
     assert trimmed <= 4 < plain
-
-
-def test_trim_box_leaves_blank_and_plain_images_alone():
-    assert trim_box(Image.new("RGB", (100, 80), (255, 255, 255)), 12) is None
-    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8))
-    assert trim_box(noise, 12) is None
 
 
 def test_other_hash_kinds_and_sizes(photo_paths):
