@@ -118,9 +118,9 @@ def frame_box(a: np.ndarray, tolerance: int) -> tuple[int, int, int, int] | None
     V = np.concatenate([np.zeros((len(xs), 1), np.int32), np.cumsum(ev[:, xs].T, axis=1, dtype=np.int32)], axis=1)
     span_x = (xs[None, :] - xs[:, None]).astype(float)  # [left, right]
     span_y = (ys[None, :] - ys[:, None]).astype(float)  # [top, bottom]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h_cover = (H[:, xs][:, None, :] - H[:, xs][:, :, None]) / np.where(span_x > 0, span_x, np.inf)  # [row, l, r]
-        v_cover = (V[:, ys][:, None, :] - V[:, ys][:, :, None]) / np.where(span_y > 0, span_y, np.inf)  # [col, t, b]
+    # (pairs with right <= left or bottom <= top divide by inf: coverage 0, never valid)
+    h_cover = (H[:, xs][:, None, :] - H[:, xs][:, :, None]) / np.where(span_x > 0, span_x, np.inf)  # [row, l, r]
+    v_cover = (V[:, ys][:, None, :] - V[:, ys][:, :, None]) / np.where(span_y > 0, span_y, np.inf)  # [col, t, b]
 
     def past(P: np.ndarray, at: np.ndarray, size: int, sign: int) -> np.ndarray:
         """How far each line in P runs on past positions `at` (sign -1: before, +1: after): the
