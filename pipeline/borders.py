@@ -30,6 +30,7 @@ CANDIDATE_SIDE = 0.15  # lines with fewer edge pixels than this fraction are not
 MAX_CANDIDATES = 14  # strongest candidate lines per axis (rectangles tried: this ** 4)
 MIN_MEAN_COVER = 0.8  # mean over the 4 sides of the fraction of the side lying on an edge
 MIN_SIDE_COVER = 0.3  # the weakest side (a light sky against light chrome leaves gaps)
+AREA_WEIGHT = 0.2  # score = mean cover + this x area fraction (0.1-0.3 measure alike)
 MAX_OVERSHOOT = 0.5  # a side's edge must stop at the corner: coverage just past it
 OVERSHOOT_GAP, OVERSHOOT_LEN = 2, 10  # ... measured past the corner's blur, over this many pixels
 MIN_FLAT_OUTSIDE = 0.55  # the surroundings are chrome: this fraction of them is flat
@@ -88,7 +89,7 @@ def frame_box(a: np.ndarray, tolerance: int) -> tuple[int, int, int, int] | None
 
     Candidate sides are the rows/columns with the most edge pixels; every rectangle of four
     candidates is scored at once from prefix sums (coverage of each side, and of each side's
-    continuation past its corners). The best-covered valid rectangle wins (the larger on ties),
+    continuation past its corners). The valid rectangle with the best coverage and area wins,
     if the pixels around it are mostly flat (steps between neighbours within `tolerance`).
     """
     h, w = a.shape[:2]
@@ -144,7 +145,9 @@ def frame_box(a: np.ndarray, tolerance: int) -> tuple[int, int, int, int] | None
              & (sides.min(axis=0) >= MIN_SIDE_COVER) & (overshoot <= MAX_OVERSHOOT))
     if not valid.any():
         return None
-    score = np.where(valid, mean_cover + 1e-6 * span_y[T, B] * span_x[L, R], -1.0)  # larger on ties
+    # the photo is the largest well-covered rectangle: a line through the picture (a horizon, a
+    # doorframe) makes a smaller one that may be covered a little better
+    score = np.where(valid, mean_cover + AREA_WEIGHT * span_y[T, B] * span_x[L, R] / (h * w), -1.0)
     t, b, l, r = np.unravel_index(int(np.argmax(score)), score.shape)
     # each side line sits on the boundary's blur: the photo starts one pixel inside it
     left, top, right, bottom = int(xs[l]) + 1, int(ys[t]) + 1, int(xs[r]), int(ys[b])
