@@ -84,6 +84,14 @@ def _strongest_lines(strength: np.ndarray, n: int) -> np.ndarray:
     return np.sort(idx[np.argsort(-strength[idx], kind="stable")][:n])
 
 
+def _step(planes: np.ndarray, gap: int, axis: int) -> np.ndarray:
+    """Largest channel difference between pixels `gap` apart along `axis` of (3, h, w) planes."""
+    far = planes[:, gap:] if axis == 1 else planes[:, :, gap:]
+    near = planes[:, :-gap] if axis == 1 else planes[:, :, :-gap]
+    d = np.abs(far - near)
+    return np.maximum(np.maximum(d[0], d[1]), d[2])
+
+
 def frame_box(a: np.ndarray, tolerance: int) -> tuple[int, int, int, int] | None:
     """(left, top, right, bottom) of a photo shown inside a UI frame in `a` (h, w, 3 int16), or None.
 
@@ -95,17 +103,18 @@ def frame_box(a: np.ndarray, tolerance: int) -> tuple[int, int, int, int] | None
     h, w = a.shape[:2]
     if h < 16 or w < 16:
         return None
+    planes = np.ascontiguousarray(a.transpose(2, 0, 1))  # per channel: the steps below are plane ops
     busy = np.zeros((h, w), bool)  # a step to the next pixel beyond `tolerance`: not flat
-    busy[:, 1:] |= np.abs(np.diff(a, axis=1)).max(axis=2) > tolerance
-    busy[1:] |= np.abs(np.diff(a, axis=0)).max(axis=2) > tolerance
+    busy[:, 1:] |= _step(planes, 1, 2) > tolerance
+    busy[1:] |= _step(planes, 1, 1) > tolerance
     ring = np.ones((h, w), bool)
     ring[MARGIN + 1:-MARGIN - 1, MARGIN + 1:-MARGIN - 1] = False
     if 1.0 - busy[ring].mean() < MIN_FLAT_RING:
         return None  # photo texture runs up to the edge: no frame around it (most photos stop here)
     eh = np.zeros((h, w), bool)  # eh[y, x]: a step across row y (between rows y-1 and y+1)
-    eh[1:-1] = np.abs(a[2:] - a[:-2]).max(axis=2) > EDGE_STEP
+    eh[1:-1] = _step(planes, 2, 1) > EDGE_STEP
     ev = np.zeros((h, w), bool)
-    ev[:, 1:-1] = np.abs(a[:, 2:] - a[:, :-2]).max(axis=2) > EDGE_STEP
+    ev[:, 1:-1] = _step(planes, 2, 2) > EDGE_STEP
     row_strength, col_strength = eh.sum(axis=1), ev.sum(axis=0)
     for s in (row_strength, col_strength):
         s[:MARGIN + 1] = 0
@@ -135,20 +144,24 @@ def frame_box(a: np.ndarray, tolerance: int) -> tuple[int, int, int, int] | None
 
     h_before, h_after = past(H, xs, w, -1), past(H, xs, w, 1)  # [row, x]
     v_before, v_after = past(V, ys, h, -1), past(V, ys, h, 1)  # [col, y]
-    T, B, L, R = np.ix_(range(len(ys)), range(len(ys)), range(len(xs)), range(len(xs)))
-    sides = np.stack(np.broadcast_arrays(h_cover[T, L, R], h_cover[B, L, R], v_cover[L, T, B], v_cover[R, T, B]))
+    # rectangles = (top, bottom) pairs tall enough x (left, right) pairs wide enough
+    tb, lr = np.argwhere(span_y >= MIN_SIDE * h), np.argwhere(span_x >= MIN_SIDE * w)
+    if len(tb) == 0 or len(lr) == 0:
+        return None
+    t, b, l, r = tb[:, :1], tb[:, 1:], lr[:, 0], lr[:, 1]  # [tb, 1] and [lr]: broadcast to [tb, lr]
+    sides = np.stack(np.broadcast_arrays(h_cover[t, l, r], h_cover[b, l, r], v_cover[l, t, b], v_cover[r, t, b]))
     overshoot = np.stack(np.broadcast_arrays(
-        h_before[T, L], h_after[T, R], h_before[B, L], h_after[B, R],
-        v_before[L, T], v_after[L, B], v_before[R, T], v_after[R, B])).max(axis=0)
+        h_before[t, l], h_after[t, r], h_before[b, l], h_after[b, r],
+        v_before[l, t], v_after[l, b], v_before[r, t], v_after[r, b])).max(axis=0)
     mean_cover = sides.mean(axis=0)
-    valid = ((span_y[T, B] >= MIN_SIDE * h) & (span_x[L, R] >= MIN_SIDE * w) & (mean_cover >= MIN_MEAN_COVER)
-             & (sides.min(axis=0) >= MIN_SIDE_COVER) & (overshoot <= MAX_OVERSHOOT))
+    valid = (mean_cover >= MIN_MEAN_COVER) & (sides.min(axis=0) >= MIN_SIDE_COVER) & (overshoot <= MAX_OVERSHOOT)
     if not valid.any():
         return None
     # the photo is the largest well-covered rectangle: a line through the picture (a horizon, a
     # doorframe) makes a smaller one that may be covered a little better
-    score = np.where(valid, mean_cover + AREA_WEIGHT * span_y[T, B] * span_x[L, R] / (h * w), -1.0)
-    t, b, l, r = np.unravel_index(int(np.argmax(score)), score.shape)
+    score = np.where(valid, mean_cover + AREA_WEIGHT * span_y[t, b] * span_x[l, r] / (h * w), -1.0)
+    i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+    (t, b), (l, r) = tb[i], lr[j]
     # each side line sits on the boundary's blur: the photo starts one pixel inside it
     left, top, right, bottom = int(xs[l]) + 1, int(ys[t]) + 1, int(xs[r]), int(ys[b])
     outside = np.ones((h, w), bool)
