@@ -2,7 +2,7 @@
 
 Baseline: `imagehash.average_hash(Image.open(p))` per file with a process pool of the same size —
 what a first script would do. Ours: `pipeline.screen.screen_partition` (one read, sha256, draft
-decode, EXIF, 8 dihedral hashes + the border-trimmed hash) over partitions, on the same pool, and
+decode, EXIF, 8 dihedral hashes + the content-box hash) over partitions, on the same pool, and
 through the real Dask local cluster. Run on the real photos and on the same photos upscaled to
 ~12 MP (generated here, cached in --bench-dir).
 
@@ -102,7 +102,8 @@ def main() -> None:
     body = stamp() + (
         f"\nImages/s, median of {args.repeats} runs, {workers} processes each. Baseline: "
         "`imagehash.average_hash(Image.open(p))` in a process pool of the same size. Ours does more per "
-        "image (sha256 of the bytes, EXIF orientation, 8 dihedral hashes, the border-trimmed hash) and "
+        "image (sha256 of the bytes, EXIF orientation, 8 dihedral hashes, the hash of the picture inside "
+        "uniform borders or a UI frame) and "
         "still wins on large JPEGs through draft decoding. Goal: >= 2x the baseline on 12 MP.\n\n")
     body += table(["set", "images", "baseline img/s", "ours (pool) img/s", "ours (Dask) img/s",
                    "ours/baseline (pool)", "ours/baseline (Dask)"], rows)
