@@ -72,7 +72,9 @@ def main() -> None:
         body = stamp() + (
             f"\n{n:,} images: the real photos and {args.rounds} rounds of the 31 transforms of each "
             "(random transforms drawn anew each round; deterministic ones repeat as byte-identical copies). "
-            "One run per option (a long benchmark); candidates per image = near candidate pairs / images.\n\n")
+            "One run per option (a long benchmark); candidates per image = near candidate pairs / images. "
+            "The default screen does the same work in the first, third and fourth rows: their scan+screen "
+            "seconds show the run-to-run noise (the first run also fills the page cache).\n\n")
         body += table(["option", "tiers", "wall s", "peak GB", "candidates / image",
                        "of which from embeddings / image", "stage seconds"], rows)
         update_section("scale", "scale: candidates and screen cost at 100k+ images", body, **kwargs)  # after each run

