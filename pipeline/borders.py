@@ -27,7 +27,7 @@ PROBE = 128  # the detectors run on a copy at most this large (the size the scre
 EDGE_STEP = 20  # a 2-pixel step of more than this (any channel) is an edge pixel
 MIN_SIDE = 0.3  # the framed photo spans at least this fraction of the width and of the height
 CANDIDATE_SIDE = 0.15  # lines with fewer edge pixels than this fraction are not side candidates
-MAX_CANDIDATES = 14  # strongest candidate lines per axis (rectangles tried: this ** 4)
+MAX_CANDIDATES = 14  # strongest candidate lines per axis (rectangles tried: at most this ** 4)
 MIN_MEAN_COVER = 0.8  # mean over the 4 sides of the fraction of the side lying on an edge
 MIN_SIDE_COVER = 0.3  # the weakest side (a light sky against light chrome leaves gaps)
 AREA_WEIGHT = 0.2  # score = mean cover + this x area fraction (0.1-0.3 measure alike)
