@@ -36,7 +36,7 @@ from numba import njit
 
 from .config import ScreenConfig
 from .decode import DIHEDRAL_INVERSE
-from .search import HammingIndex, _popcount, make_index
+from .search import HammingIndex, make_index, popcount
 
 PLAIN = 0
 TRIMMED = 8
@@ -236,7 +236,7 @@ def _pair_best(codes, use, idx_use, a, b, order_side, order_var, inverse):
                     continue
                 d = 0
                 for w in range(W):
-                    d += _popcount(codes[q, v, w] ^ codes[e, ev, w])
+                    d += popcount(codes[q, v, w] ^ codes[e, ev, w])
                 if d < best:
                     best = d
                     if v == 0 or v == 8:

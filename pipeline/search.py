@@ -50,7 +50,7 @@ from numba.core import types as nbtypes
 from numba.extending import intrinsic
 
 __all__ = ["HammingIndex", "BruteForceIndex", "MultiIndexHash", "make_index", "pack_hex",
-           "unpack_hex", "hamming", "BACKENDS"]
+           "unpack_hex", "hamming", "popcount", "BACKENDS"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ __all__ = ["HammingIndex", "BruteForceIndex", "MultiIndexHash", "make_index", "p
 
 
 @intrinsic
-def _popcount(typingctx, x):
+def popcount(typingctx, x):
     """llvm.ctpop.i64: one POPCNT instruction (vectorised to VPOPCNTQ where the CPU has it)."""
     if not isinstance(x, nbtypes.Integer):
         return None
@@ -196,12 +196,12 @@ def _brute_kernel(queries, gstart, gowner, T, k, n_owner, codes, own):
                 if W == 1:
                     q0 = queries[row, 0]
                     for j in range(j0, j1):
-                        buf[j - j0] = _popcount(q0 ^ codes[j, 0])
+                        buf[j - j0] = popcount(q0 ^ codes[j, 0])
                 else:
                     for j in range(j0, j1):
                         s = 0
                         for w in range(W):
-                            s += _popcount(queries[row, w] ^ codes[j, w])
+                            s += popcount(queries[row, w] ^ codes[j, w])
                         buf[j - j0] = s
                 for j in range(j0, j1):
                     d = buf[j - j0]
@@ -228,7 +228,7 @@ def _scan_unique_kernel(queries, gstart, gowner, T, k, n_owner, ucodes, optr, ol
             for u in range(U):
                 d = 0
                 for w in range(W):
-                    d += _popcount(queries[row, w] ^ ucodes[u, w])
+                    d += popcount(queries[row, w] ^ ucodes[u, w])
                 if d <= T:
                     nt = _visit(u, d, row, o, k, optr, olist, best_d, best_row, touched, nt)
         out_a, out_b, out_d, out_r, n_out = _flush(o, k, n_owner, best_d, best_row, touched, nt,
@@ -288,11 +288,11 @@ def _mih_kernel(queries, gstart, gowner, T, k, n_owner, cword, cshift, cmask, cr
                     for pos in range(st[f], en[f]):
                         cp = pos if contiguous else np.int64(cids[ci, pos])
                         if W == 1:
-                            d = _popcount(queries[row, 0] ^ ccodes[cc, cp, 0])
+                            d = popcount(queries[row, 0] ^ ccodes[cc, cp, 0])
                         else:
                             d = 0
                             for w in range(W):
-                                d += _popcount(queries[row, w] ^ ccodes[cc, cp, w])
+                                d += popcount(queries[row, w] ^ ccodes[cc, cp, w])
                         if d > T:
                             continue
                         # count it only at the first chunk where it qualifies
@@ -302,7 +302,7 @@ def _mih_kernel(queries, gstart, gowner, T, k, n_owner, cword, cshift, cmask, cr
                             if rj >= 0:
                                 wj = cword[cj]
                                 x = ((queries[row, wj] ^ ccodes[cc, cp, wj]) >> cshift[cj]) & cmask[cj]
-                                if _popcount(x) <= rj:
+                                if popcount(x) <= rj:
                                     dup = True
                                     break
                         if dup:
@@ -321,7 +321,7 @@ def _pair_distance_kernel(a, b):
     for i in range(n):
         s = 0
         for w in range(W):
-            s += _popcount(a[i, w] ^ b[i, w])
+            s += popcount(a[i, w] ^ b[i, w])
         out[i] = s
     return out
 

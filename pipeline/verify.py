@@ -35,13 +35,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
 from PIL import Image
 
 from . import store
 from .config import Config, VerifyConfig
 from .decode import DecodeError, dihedral, load_image, open_checked, resize_max_side
+from .search import popcount  # the one ctpop intrinsic, shared with the hash search
 
 STATUSES = ("match", "no-match", "inconclusive")
 RESULT_COLUMNS = ["orb_matches", "orb_inliers", "orb_score", "orb_status", "orb_reason"]
@@ -276,14 +276,6 @@ def _ransac(src: np.ndarray, dst: np.ndarray, cfg: VerifyConfig) -> int:
     return 0 if mask is None else int(np.count_nonzero(mask))
 
 
-@intrinsic
-def _popcount(typingctx, x):
-    """LLVM ctpop on a uint64: one POPCNT instruction, vectorised (VPOPCNTQ) where the CPU has it."""
-    def codegen(context, builder, signature, args):
-        return builder.ctpop(args[0])
-    return types.uint64(types.uint64), codegen
-
-
 @njit(cache=True, nogil=True)
 def _match_kernel(a, bt, ratio):
     """2-NN Hamming matching a -> b + Lowe ratio test + one-to-one, on packed descriptors.
@@ -309,8 +301,8 @@ def _match_kernel(a, bt, ratio):
         a0, a1, a2, a3 = a[i, 0], a[i, 1], a[i, 2], a[i, 3]
         d1 = big
         for j in range(nb):
-            d = np.int32(_popcount(a0 ^ b0[j]) + _popcount(a1 ^ b1[j])
-                         + _popcount(a2 ^ b2[j]) + _popcount(a3 ^ b3[j]))
+            d = np.int32(popcount(a0 ^ b0[j]) + popcount(a1 ^ b1[j])
+                         + popcount(a2 ^ b2[j]) + popcount(a3 ^ b3[j]))
             dist[j] = d
             d1 = min(d1, d)
         ties = np.int32(0)
