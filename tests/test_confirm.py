@@ -1,5 +1,11 @@
 """The confirm tier with the real ImageNet weights: copies score high, unrelated photos low, and
-embeddings are bitwise identical across runs, batch compositions and scheduler kinds."""
+embeddings agree across runs, batch compositions and scheduler kinds.
+
+Tolerance: embeddings are compared with atol EMB_ATOL = 1e-5 (cosines likewise). TensorFlow's CPU
+kernels (oneDNN) pick their blocking and summation order by batch size, thread count and the CPU's
+instruction set (AVX2 vs AVX-512), so the same image in another batch differs in the last float32
+bits (1.4e-7 seen on an AMD EPYC without AVX-512). 1e-5 is ~70x that and ~1000x below the
+smallest margin the decision rule cares about (thresholds are set to 0.01)."""
 from __future__ import annotations
 
 import copy
@@ -15,6 +21,7 @@ from pipeline import confirm, decode
 from pipeline.config import Config
 
 pytestmark = pytest.mark.slow
+EMB_ATOL = 1e-5
 V2_05 = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
 
 
@@ -130,21 +137,33 @@ def test_embeddings_normalised_and_batch_independent(photo_paths, embedder, cfg)
     full = embedder.embed(imgs)
     assert full.dtype == np.float32 and full.shape == (20, embedder.dim)
     np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1.0, rtol=1e-5)
-    # alone (padded batch), in another composition, and across batch boundaries: bitwise equal
-    assert np.array_equal(embedder.embed(imgs[7:8])[0], full[7])
-    assert np.array_equal(embedder.embed(imgs[::-1]), full[::-1])
+    # alone (padded batch), in another composition, and across batch boundaries: equal within EMB_ATOL
+    np.testing.assert_allclose(embedder.embed(imgs[7:8])[0], full[7], rtol=0, atol=EMB_ATOL)
+    np.testing.assert_allclose(embedder.embed(imgs[::-1]), full[::-1], rtol=0, atol=EMB_ATOL)
     assert embedder.embed([]).shape == (0, embedder.dim)
     assert confirm.get_embedder(cfg.embed) is embedder  # one model per process
 
 
-def test_rerun_bitwise_identical(dataset, cfg, inprocess_run, tmp_path):
+def _same_embeddings(emb1: pd.DataFrame, emb2: pd.DataFrame) -> None:
+    assert emb1.index.equals(emb2.index)
+    a = [confirm.decode_embedding(b) for b in emb1.embedding]
+    b = [confirm.decode_embedding(b) for b in emb2.embedding]
+    assert [v is None for v in a] == [v is None for v in b]  # the same images failed
+    np.testing.assert_allclose(np.stack([v for v in a if v is not None]),
+                               np.stack([v for v in b if v is not None]), rtol=0, atol=EMB_ATOL)
+
+
+def _same_cosines(cos1: pd.Series, cos2: pd.Series) -> None:
+    assert np.array_equal(np.isnan(cos1.to_numpy()), np.isnan(cos2.to_numpy()))
+    np.testing.assert_allclose(cos1.to_numpy(), cos2.to_numpy(), rtol=0, atol=EMB_ATOL)
+
+
+def test_rerun_identical(dataset, cfg, inprocess_run, tmp_path):
     images, pairs = dataset
     cos1, emb1 = inprocess_run
     cos2 = confirm.run_confirm(pairs, images, cfg, str(tmp_path))
-    emb2 = _embeddings(tmp_path)
-    assert emb1.index.equals(emb2.index)
-    assert emb1.embedding.equals(emb2.embedding)
-    assert np.array_equal(cos1.to_numpy(), cos2.to_numpy(), equal_nan=True)
+    _same_embeddings(emb1, _embeddings(tmp_path))
+    _same_cosines(cos1, cos2)
 
 
 def test_embed_partition_records_errors(dataset, cfg, embedder, tmp_path):
@@ -202,6 +221,5 @@ def test_same_embeddings_on_local_cluster(dataset, cfg, inprocess_run, tmp_path)
         models = client.run(_models_loaded)  # worker address -> models built in that process
     emb2 = _embeddings(tmp_path)
     assert sum(models.values()) >= 1 and max(models.values()) == 1, models
-    assert emb1.index.equals(emb2.index)
-    assert emb1.embedding.equals(emb2.embedding)  # bitwise, although workers use 1 TF thread
-    assert np.array_equal(cos1.to_numpy(), cos2.to_numpy(), equal_nan=True)
+    _same_embeddings(emb1, emb2)  # workers use 1 TF thread, this process more: sums differ in order
+    _same_cosines(cos1, cos2)
