@@ -7,7 +7,8 @@ WEIGHTS_DIR ?= $(SHARED)/models
 KERAS_HOME ?= $(HOME)/.keras
 DATA ?=
 OUT ?= out
-CONFIG ?= configs/default.yaml
+PRESET ?= default
+CONFIG ?=
 ARGS ?=
 export SHARED
 
@@ -25,12 +26,12 @@ test: install
 	$(PY) -m pytest -q
 
 dedupe: install weights
-	@test -n "$(DATA)" || { echo "usage: make dedupe DATA=path/to/images [OUT=out] [CONFIG=configs/default.yaml] [ARGS='--set key=value']" >&2; exit 2; }
-	$(PY) -m pipeline dedupe "$(DATA)" --out "$(OUT)" --config "$(CONFIG)" $(ARGS)
+	@test -n "$(DATA)" || { echo "usage: make dedupe DATA=path/to/images [OUT=out] [PRESET=default|fast|high-recall|strict] [CONFIG=my.yaml] [ARGS='--set key=value']" >&2; exit 2; }
+	DEDUPE_PROG=make $(PY) -m pipeline dedupe "$(DATA)" --out "$(OUT)" --preset "$(PRESET)" $(if $(CONFIG),--config "$(CONFIG)") $(ARGS)
 
 # Seed the Keras cache from a local mirror of the weights, when there is one (offline machines).
 weights: install
-	@if [ -d "$(WEIGHTS_DIR)" ]; then $(PY) -m pipeline weights --from "$(WEIGHTS_DIR)"; \
+	@if [ -d "$(WEIGHTS_DIR)" ]; then DEDUPE_PROG=make $(PY) -m pipeline weights --from "$(WEIGHTS_DIR)"; \
 	else echo "no weights mirror at $(WEIGHTS_DIR): Keras downloads the weights on first use (needs network)"; fi
 
 bench: install

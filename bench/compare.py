@@ -24,11 +24,16 @@ def _by_set(run: dict) -> dict:
     return {r["set"]: r for r in run["results"]}
 
 
+def _options(run: dict) -> str:
+    given = ([f"--preset {run['preset']}"] if run.get("preset") else []) + list(run.get("overrides") or [])
+    return " ".join(given) or "defaults"
+
+
 def render(runs: list[tuple[str, dict]]) -> str:
     labels = [label for label, _ in runs]
     sets = list(dict.fromkeys(s for _, run in runs for s in _by_set(run)))
     out = ["Runs compared (pipeline overrides in brackets): " + "; ".join(
-        f"**{label}** [{' '.join(run.get('overrides') or []) or 'defaults'}]" for label, run in runs) + "\n"]
+        f"**{label}** [{_options(run)}]" for label, run in runs) + "\n"]
     rows = []
     for name in sets:
         for label, run in runs:

@@ -46,8 +46,8 @@ HASH_DISTANCE = 10
 # ---------------------------------------------------------------------------------------------
 # running the pipeline
 
-def run_pipeline(data: Path, out: Path, overrides: list[str], timeout: float) -> dict:
-    """`python -m pipeline dedupe DATA --out OUT --quiet --set ...` -> {"ok", "seconds", "stderr"}."""
+def run_pipeline(data: Path, out: Path, overrides: list[str], timeout: float, preset: str | None = None) -> dict:
+    """`python -m pipeline dedupe DATA --out OUT --quiet [--preset P] --set ...` -> {"ok", "seconds", "stderr"}."""
     if out.exists():
         shutil.rmtree(out)  # a clean run, not an incremental rerun
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +55,8 @@ def run_pipeline(data: Path, out: Path, overrides: list[str], timeout: float) ->
     if not any(s.split("=", 1)[0].strip() == "embed.weights" for s in sets) and MODELS.is_dir():
         sets.append(f"embed.weights={MODELS}")  # the shared weights folder: no Keras cache needed
     cmd = [sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", str(out), "--quiet"]
+    if preset:
+        cmd += ["--preset", preset]
     for s in sets:
         cmd += ["--set", s]
     t0 = time.perf_counter()
@@ -215,7 +217,7 @@ def evaluate_set(name: str, root: Path, args, overrides: list[str]) -> dict:
     out = Path(args.bench_dir) / "runs" / name
     if not args.no_pipeline:
         log(f"[{name}] pipeline on {len(labels)} labelled files ...")
-        run = run_pipeline(root, out, overrides, args.timeout)
+        run = run_pipeline(root, out, overrides, args.timeout, preset=args.preset)
         res["run"] = run
         if run["ok"]:
             res["score"] = sc.score(out, labels, root=root)
@@ -265,8 +267,9 @@ files; their best-F1 thresholds are fitted on the set itself (an optimistic ceil
 
 def render(results: list[dict], args, overrides: list[str]) -> str:
     body = [report.stamp()]
-    if overrides:
-        body.append(f"Pipeline overrides: `{' '.join('--set ' + s for s in overrides)}`\n")
+    if overrides or args.preset:
+        given = ([f"--preset {args.preset}"] if args.preset else []) + [f"--set {s}" for s in overrides]
+        body.append(f"Pipeline options: `{' '.join(given)}`\n")
     body.append(DEFINITIONS)
     rows = []
     for r in results:
@@ -414,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sources", type=int, default=150, help="source photos of the generated set")
     ap.add_argument("--distractors", type=int, default=None, help="untouched other photos (default = --sources)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default=None, help="passed to the pipeline as --preset (fast, default, "
+                    "high-recall, strict)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="passed to the pipeline as --set (repeatable)")
     ap.add_argument("--json", help="write every number to this JSON file")
@@ -460,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     path = report.update_section(SECTION, TITLE, render(results, args, args.overrides), doc)
     log(f"wrote section '{SECTION}' of {path}")
     if args.json:
-        Path(args.json).write_text(json.dumps(_jsonable({"overrides": args.overrides, "seed": args.seed,
+        Path(args.json).write_text(json.dumps(_jsonable({"overrides": args.overrides, "preset": args.preset, "seed": args.seed,
                                                          "sources": args.sources, "results": results}), indent=1))
         log(f"wrote {args.json}")
     failed = [r["set"] for r in results if r.get("run") and not r["run"]["ok"]]

@@ -1,19 +1,48 @@
-"""Command line: `dedupe DATA --out OUT [...]` (also `python -m pipeline dedupe ...`).
+"""Command line: `dedupe dedupe DATA --out OUT [...]` (also `python -m pipeline dedupe ...`).
 
 Exit codes: 0 the run completed (unreadable files are recorded in the output, not fatal);
-2 usage or configuration error, with a message saying what to fix; 1 the run failed.
+2 usage or configuration error, with a message saying what to fix; 1 the run failed or was
+stopped (SIGTERM, SIGINT): its temporary files are removed and the previous outputs are untouched.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, preset_names
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+DEDUPE_EPILOG = """\
+examples:
+  {prog} dedupe photos/ --out out                       the full cascade, default settings
+  {prog} dedupe photos/ --out out --preset high-recall  also heavy crops and edits (embeds every image)
+  {prog} dedupe photos/ --out out --preset fast         hashes + ORB only, no TensorFlow
+  {prog} dedupe photos/ --out out --set screen.max_distance=12 --set decide.cosine_threshold=0.8
+  {prog} dedupe photos/ --out out --scheduler tcp://10.0.0.5:8786   on an existing Dask cluster
+
+presets (--preset): {presets}; each is a YAML file of the keys it changes; --config FILE
+  and --set KEY=VALUE apply on top, in that order.
+
+outputs (in OUT):
+  pairs.parquet   one row per candidate pair: paths, image ids, the evidence of each tier
+                  (hash_distance, orb_*, cosine), stage, is_duplicate, reason and rule code
+  images.parquet  one row per file seen: id, path, size, mtime, dimensions, format, sha256,
+                  hash, error (null when fine), cluster_id (null when unique)
+  run.json        config, versions, weights, counts and timings per stage
+  report.html     clusters, closest rejected pairs and files with errors, for people
+
+exit codes:
+  0  the run completed (unreadable files are rows with an error, not failures)
+  2  usage or configuration error (missing folder, bad YAML, unknown key, missing model weights,
+     unreachable scheduler, OUT in use by another run), with a message saying what to fix
+  1  the run failed or was stopped by SIGTERM/SIGINT: temporary files are removed and the
+     previous outputs, if any, are untouched
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,13 +51,42 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dedupe", description="Find duplicate and near-duplicate images in a folder tree.")
+class Stopped(BaseException):
+    """SIGTERM received: unwinds the run like Ctrl-C does (a BaseException, so no stage's
+    `except Exception` can swallow it), running every `finally` that removes temporary files."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    signal.signal(signum, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
+    raise Stopped(signum)
+
+
+def prog_name() -> str:
+    """How the user invoked us, for examples and messages."""
+    if os.environ.get("DEDUPE_PROG"):
+        return os.environ["DEDUPE_PROG"]
+    return "python -m pipeline" if os.path.basename(sys.argv[0] or "") == "__main__.py" else "dedupe"
+
+
+def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Find duplicate and near-duplicate images in a folder tree.",
+                     epilog=f"run `{prog} dedupe --help` for examples, outputs and exit codes",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = sub.add_parser("dedupe", help="run the cascade on a folder and write Parquet + report")
+    run = sub.add_parser("dedupe", help="run the cascade on a folder and write Parquet + report",
+                         description="Run the duplicate-detection cascade (screen -> verify -> confirm) "
+                                     "on a folder tree and write the results to OUT.",
+                         epilog=DEDUPE_EPILOG.format(prog=prog, presets=", ".join(preset_names())),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("data", help="folder of images (scanned recursively)")
     run.add_argument("--out", default="out", help="output folder (default: out)")
-    run.add_argument("--config", default=None, help="YAML config (default: built-in defaults = configs/default.yaml)")
+    run.add_argument("--preset", default=None, choices=preset_names(),
+                     help="named settings: fast, default, high-recall or strict (see below)")
+    run.add_argument("--config", default=None, help="YAML config file (keys as in the default preset)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set screen.max_distance=12 (repeatable)")
     run.add_argument("--tiers", choices=["screen", "verify", "confirm"], default=None,
@@ -36,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scheduler", default=None,
                      help="'local' (default), 'sync' (in-process, for debugging) or a Dask scheduler "
                           "address such as tcp://127.0.0.1:8786 (DASK_SCHEDULER_ADDRESS works too)")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--quiet", action="store_true", help="no progress bars or heartbeat lines")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     weights = sub.add_parser("weights", help="seed the Keras weights cache from a local folder")
@@ -45,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    prog = prog_name()
+    os.environ.setdefault("DEDUPE_PROG", prog)  # messages deeper down name the same command
+    args = build_parser(prog).parse_args(argv)
     if args.command == "weights":
         from pipeline.weights import weights_command
         try:
@@ -59,21 +119,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("pipeline")
+    previous = signal.signal(signal.SIGTERM, _stop)  # Airflow, systemd, kill: stop cleanly, exit 1
     try:
         overrides = list(args.overrides) + ([f"tiers={args.tiers}"] if args.tiers else [])
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, preset=args.preset)
         from pipeline.run import run  # heavy imports only after the config is known to be good
         started = time.perf_counter()
         manifest = run(args.data, args.out, cfg, scheduler=args.scheduler, quiet=args.quiet)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted: the previous outputs (if any) are untouched", file=sys.stderr)
+    except (KeyboardInterrupt, Stopped) as exc:
+        what = signal.Signals(exc.signum).name if isinstance(exc, Stopped) else "SIGINT"
+        print(f"stopped by {what}: temporary files removed; the previous outputs (if any) are untouched",
+              file=sys.stderr)
         return EXIT_FAILED
     except Exception:
         log.exception("the run failed; the previous outputs (if any) are untouched")
         return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     c = manifest["counts"]
     log.info("done in %.1fs: %d files (%d errors), %d duplicate pairs, %d clusters -> %s",
              time.perf_counter() - started, c["files"], c["errors"], c["duplicate_pairs"], c["clusters"],

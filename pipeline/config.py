@@ -127,6 +127,9 @@ class DaskConfig:
     partition_size: int = 256  # images per screen/feature task
     pairs_per_task: int = 2000  # candidate pairs per verify/confirm task
     memory_limit: str = "auto"
+    # local cluster: where the Dask dashboard listens (logged at start); "" = no dashboard. When
+    # the port is taken, Dask picks a free one and the log says which.
+    dashboard_address: str = ":8787"
 
 
 @dataclass
@@ -251,18 +254,40 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file (if given), then each `key=value` override, then validation."""
+# Named presets (`--preset NAME`): YAML files shipped with the package (the repository's configs/).
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(preset_names())}")
+    return path
+
+
+def _read_yaml(p: Path) -> dict:
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found: pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read as YAML: {exc}") from None
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                preset: str | None = None) -> Config:
+    """Defaults, then the preset (if named), then the YAML file (if given), then each `key=value`
+    override, then validation."""
     cfg = Config()
+    if preset:
+        _apply(cfg, _read_yaml(preset_path(preset)))
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found: pass an existing YAML file to --config")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ConfigError(f"config file {str(p)!r} cannot be read as YAML: {exc}") from None
-        _apply(cfg, data)
+        _apply(cfg, _read_yaml(Path(path)))
     for item in overrides or []:
         key, value = parse_override(item)
         nested: Any = value

@@ -39,6 +39,7 @@ from PIL import Image
 
 from pipeline import borders, decode, store
 from pipeline.config import Config, EmbedConfig
+from pipeline.progress import Progress, map_tasks, stage_of
 from pipeline.weights import check_weights_available, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -319,7 +320,8 @@ def _chunks(frame: pd.DataFrame, size: int) -> list[pd.DataFrame]:
     return [frame.iloc[i:i + size] for i in range(0, len(frame), size)]
 
 
-def embed_keys(keys: np.ndarray, images: pd.DataFrame, cfg: Config, out_dir: str, client=None) -> pd.DataFrame:
+def embed_keys(keys: np.ndarray, images: pd.DataFrame, cfg: Config, out_dir: str, client=None,
+               progress: Progress | None = None, stage_name: str = "embed") -> pd.DataFrame:
     """Embed each key (idx * 8 + transform) into `out_dir`, in tasks of `dask.partition_size` sorted
     keys (Dask when `client`, else in-process). Returns key, part_path, error (one row per key)."""
     keys = np.unique(np.asarray(keys, dtype=np.int64))
@@ -330,17 +332,18 @@ def embed_keys(keys: np.ndarray, images: pd.DataFrame, cfg: Config, out_dir: str
     abs_paths = images["abs_path"].reindex(idx).to_numpy(dtype=object)
     rows = pd.DataFrame({"key": keys, "abs_path": abs_paths, "transform": (keys % 8).astype(np.int8)})
     chunks = _chunks(rows, cfg.dask.partition_size)
-    if client is not None:
-        futures = client.map(embed_partition, chunks, [cfg] * len(chunks), [out_dir] * len(chunks),
-                             list(range(len(chunks))), pure=False)
-        summaries = client.gather(futures)
-    else:
-        summaries = [embed_partition(c, cfg, out_dir, i) for i, c in enumerate(chunks)]
+    with stage_of(progress)(stage_name, total=len(rows), unit="img") as tracker:
+        summaries = map_tasks(client, _embed_task, list(enumerate(chunks)), cfg, out_dir, star=True,
+                              tracker=tracker, weight=lambda task: len(task[1]))
     return pd.concat(summaries, ignore_index=True)
 
 
+def _embed_task(part: int, rows: pd.DataFrame, cfg: Config, out_dir: str) -> pd.DataFrame:
+    return embed_partition(rows, cfg, out_dir, part)
+
+
 def run_confirm(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir: str,
-                client=None, precomputed=None) -> pd.Series:
+                client=None, precomputed=None, progress: Progress | None = None) -> pd.Series:
     """Cosine for each pair (idx_a, idx_b, transform: dihedral(image_b, transform) aligns b with a),
     aligned with `pairs.index` (float32, NaN where an image could not be embedded).
 
@@ -368,7 +371,7 @@ def run_confirm(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir
         known = known[known.index.isin(keys)]
     todo = keys[~np.isin(keys, known.index.to_numpy())]
     out_dir = str(Path(work_dir) / EMBED_SUBDIR)
-    summary = embed_keys(todo, images, cfg, out_dir, client=client)
+    summary = embed_keys(todo, images, cfg, out_dir, client=client, progress=progress)
     part_of = pd.concat([known, pd.Series(summary["part_path"].to_numpy(dtype=object),
                                           index=summary["key"].to_numpy(dtype=np.int64))])
     failed = int(summary["error"].notna().sum())
@@ -379,11 +382,8 @@ def run_confirm(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir
                                "part_b": part_of.reindex(kb).to_numpy(dtype=object)},
                               index=pairs.index)
     pair_chunks = _chunks(task_pairs, cfg.dask.pairs_per_task)
-    if client is not None:
-        futures = client.map(cosine_partition, pair_chunks, [cfg] * len(pair_chunks), pure=False)
-        results = client.gather(futures)
-    else:
-        results = [cosine_partition(c, cfg) for c in pair_chunks]
+    with stage_of(progress)("confirm", total=len(task_pairs), unit="pair") as tracker:
+        results = map_tasks(client, cosine_partition, pair_chunks, cfg, tracker=tracker, weight=len)
     cosine = pd.concat(results).reindex(pairs.index).astype(np.float32).rename("cosine")
     cosine.attrs = {"embedded_keys": int(len(summary)), "reused_keys": int(len(known))}
     return cosine

@@ -13,6 +13,9 @@ The rule (thresholds in `DecideConfig` and `VerifyConfig`, calibrated in docs/be
   (>= `support_inliers`) and cosine >= `cosine_floor` (heavy crops and recolouring lower the
   cosine; the keypoints still agree).
 
+Every pair also gets a machine-readable `rule` code (the keys of `RULES`) beside the human
+`reason`, so analysts can filter on why a pair was decided without parsing text.
+
 Clusters are connected components of the duplicate pairs; `cluster_id` is the `image_id` of the
 member whose path sorts first, so the same input always gives the same ids.
 """
@@ -24,6 +27,23 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipeline.config import Config
+
+# rule code -> what it means. Part of the output contract (pairs.parquet `rule`): codes are only
+# ever added, never renamed.
+RULES = {
+    "exact_bytes": "byte-identical files (same sha256): duplicate",
+    "screen_hash_close": "tiers=screen: hash distance <= decide.screen_only_distance: duplicate",
+    "screen_hash_far": "tiers=screen: hash distance > decide.screen_only_distance: different",
+    "verify_orb_accept": "ORB inliers >= decide.accept_inliers: duplicate without an embedding",
+    "verify_orb_reject": "ORB found enough keypoints but fewer than verify.reject_inliers inliers: different",
+    "verify_orb_match": "tiers=verify: ORB inliers >= verify.match_inliers: duplicate",
+    "verify_inconclusive_hash_close": "tiers=verify: ORB inconclusive, hash distance <= decide.screen_only_distance: duplicate",
+    "verify_inconclusive_hash_far": "tiers=verify: ORB inconclusive, hash distance > decide.screen_only_distance: different",
+    "confirm_cosine": "cosine >= decide.cosine_threshold: duplicate",
+    "confirm_cosine_orb": "cosine >= decide.cosine_floor with ORB inliers >= decide.support_inliers: duplicate",
+    "confirm_cosine_low": "cosine below the thresholds: different",
+    "confirm_no_embedding": "an embedding could not be made: ORB's verdict stands (match: duplicate)",
+}
 
 
 def _status(pairs: pd.DataFrame) -> np.ndarray:
@@ -52,12 +72,14 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     stage = np.full(n, "screen", dtype=object)
     dup = np.zeros(n, dtype=bool)
     reason = np.full(n, "", dtype=object)
+    rule = np.full(n, "", dtype=object)
 
     exact = (out["kind"] == "exact").to_numpy()
     dist = out["hash_distance"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
     stage[exact] = "exact"
     dup[exact] = True
     reason[exact] = "identical bytes (sha256)"
+    rule[exact] = "exact_bytes"
 
     near = ~exact
     screen_ok = dist <= d.screen_only_distance
@@ -65,13 +87,15 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
         dup[near] = screen_ok[near]
         reason[near] = np.where(screen_ok[near], f"hash distance <= {d.screen_only_distance}",
                                 f"hash distance > {d.screen_only_distance}")
-        return _assign(out, stage, dup, reason)
+        rule[near] = np.where(screen_ok[near], "screen_hash_close", "screen_hash_far")
+        return _assign(out, stage, dup, reason, rule)
 
     status = _status(out)
     inliers = _inliers(out)
     orb_reason = out["orb_reason"].astype(object).fillna("").to_numpy(dtype=object)
     stage[near] = "verify"
     reason[near] = orb_reason[near]
+    rule[near & (status == "no-match")] = "verify_orb_reject"
     if cfg.tiers == "verify":
         match = near & (status == "match")
         inconclusive = near & (status != "no-match") & ~match
@@ -79,11 +103,15 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
         dup[inconclusive] = screen_ok[inconclusive]
         reason[inconclusive] = [f"{r}; hash distance {int(x)} vs screen_only_distance {d.screen_only_distance}"
                                 for r, x in zip(orb_reason[inconclusive], dist[inconclusive])]
-        return _assign(out, stage, dup, reason)
+        rule[match] = "verify_orb_match"
+        rule[inconclusive] = np.where(screen_ok[inconclusive], "verify_inconclusive_hash_close",
+                                      "verify_inconclusive_hash_far")
+        return _assign(out, stage, dup, reason, rule)
 
     accepted = near & (status != "no-match") & (inliers >= d.accept_inliers)
     dup[accepted] = True
     reason[accepted] = [f"duplicate: {r} (>= accept_inliers {d.accept_inliers})" for r in orb_reason[accepted]]
+    rule[accepted] = "verify_orb_accept"
     cosine = out["cosine"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
     routed = needs_confirm(out, cfg)
     confirmed = routed & ~np.isnan(cosine)
@@ -93,22 +121,27 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     dup[confirmed] = (by_cosine | by_support)[confirmed]
     for i in np.flatnonzero(confirmed):
         if by_cosine[i]:
-            rule = f"duplicate: cosine {cosine[i]:.3f} >= {d.cosine_threshold}"
+            text, rule[i] = f"duplicate: cosine {cosine[i]:.3f} >= {d.cosine_threshold}", "confirm_cosine"
         elif by_support[i]:
-            rule = f"duplicate: cosine {cosine[i]:.3f} >= {d.cosine_floor} with {inliers[i]} ORB inliers"
+            text = f"duplicate: cosine {cosine[i]:.3f} >= {d.cosine_floor} with {inliers[i]} ORB inliers"
+            rule[i] = "confirm_cosine_orb"
         else:
-            rule = f"different: cosine {cosine[i]:.3f} < {d.cosine_threshold}"
-        reason[i] = f"{rule}; {orb_reason[i]}"
+            text, rule[i] = f"different: cosine {cosine[i]:.3f} < {d.cosine_threshold}", "confirm_cosine_low"
+        reason[i] = f"{text}; {orb_reason[i]}"
     lost = routed & np.isnan(cosine)  # an embedding failed: ORB's verdict stands
     dup[lost] = status[lost] == "match"
     reason[lost] = [f"{r}; no embedding" for r in orb_reason[lost]]
-    return _assign(out, stage, dup, reason)
+    rule[lost] = "confirm_no_embedding"
+    return _assign(out, stage, dup, reason, rule)
 
 
-def _assign(out: pd.DataFrame, stage, dup, reason) -> pd.DataFrame:
+def _assign(out: pd.DataFrame, stage, dup, reason, rule) -> pd.DataFrame:
+    if (rule == "").any():  # every verdict must name its rule (a new branch above forgot to)
+        raise AssertionError("decide: a pair was decided without a rule code")
     out["stage"] = stage
     out["is_duplicate"] = dup
     out["reason"] = reason
+    out["rule"] = rule
     return out
 
 

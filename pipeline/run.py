@@ -14,32 +14,22 @@ import platform
 import shutil
 import sys
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 import pipeline
-from pipeline import candidates, decide, scan, screen, write
+from pipeline import candidates, decide, outdir, scan, screen, write
 from pipeline.config import Config, ConfigError
+from pipeline.progress import Progress
 
 log = logging.getLogger("pipeline")
 TIER_ORDER = {"screen": 0, "verify": 1, "confirm": 2}
 SCREEN_EMBED_SUBDIR = "screen_embeddings"  # high-recall mode's embeddings, under work_dir/embed
-
-
-class Progress:
-    """tqdm per stage, silent when asked or when stderr is not a terminal."""
-
-    def __init__(self, quiet: bool):
-        self.enabled = not quiet and sys.stderr.isatty()
-
-    def bar(self, desc: str, total: int | None = None, unit: str = "it") -> tqdm:
-        return tqdm(total=total, desc=f"{desc:<10}", unit=unit, disable=not self.enabled, leave=True,
-                    dynamic_ncols=True)
 
 
 @contextlib.contextmanager
@@ -56,8 +46,12 @@ def dask_client(cfg: Config, scheduler: str | None) -> Iterator[object | None]:
     if target == "local":
         n_workers = cfg.dask.n_workers or os.cpu_count() or 1
         with LocalCluster(n_workers=n_workers, threads_per_worker=cfg.dask.threads_per_worker,
-                          processes=True, dashboard_address=":0", memory_limit=cfg.dask.memory_limit,
+                          processes=True, dashboard_address=cfg.dask.dashboard_address or None,
+                          memory_limit=cfg.dask.memory_limit,
                           silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
+            if cfg.dask.dashboard_address:
+                log.info("Dask dashboard: %s (%d workers x %d threads)", client.dashboard_link, n_workers,
+                         cfg.dask.threads_per_worker)
             yield client
         return
     try:
@@ -66,28 +60,10 @@ def dask_client(cfg: Config, scheduler: str | None) -> Iterator[object | None]:
         raise ConfigError(f"cannot reach the Dask scheduler at {target!r} ({exc}): check --scheduler, "
                           "DASK_SCHEDULER_ADDRESS or dask.scheduler, or use --scheduler local") from None
     try:
+        log.info("connected to the Dask scheduler at %s (dashboard: %s)", target, client.dashboard_link)
         yield client
     finally:
         client.close()
-
-
-def map_ordered(client, fn: Callable, items: list, *args, bar: tqdm | None = None) -> list:
-    """fn(item, *args) for every item, on the cluster (or in-process), results in input order."""
-    if client is None:
-        results = []
-        for item in items:
-            results.append(fn(item, *args))
-            if bar is not None:
-                bar.update(1)
-        return results
-    from distributed import as_completed
-    scattered = [client.scatter(a, broadcast=True) if isinstance(a, (pd.DataFrame, np.ndarray)) else a
-                 for a in args]
-    futures = client.map(fn, items, *[[a] * len(items) for a in scattered], pure=False)
-    for _ in as_completed(futures):
-        if bar is not None:
-            bar.update(1)
-    return client.gather(futures)
 
 
 def image_ids(paths: Iterable[str]) -> np.ndarray:
@@ -102,22 +78,29 @@ def image_ids(paths: Iterable[str]) -> np.ndarray:
 def run_screen(root: Path, cfg: Config, client, progress: Progress) -> pd.DataFrame:
     batches = scan.batched(scan.iter_files(root, cfg.scan), cfg.dask.partition_size)
     frames: list[pd.DataFrame] = []
-    with progress.bar("screen", unit="img") as bar:
-        if client is None:
+    walked = 0
+    with progress.stage("screen", unit="img") as tracker:
+        if client is None:  # walk and screen interleave: the total grows until the walk ends
             for batch in batches:
+                walked += len(batch)
+                tracker.set_total(walked, final=False)
                 frames.append(screen.screen_partition(batch, cfg.screen))
-                bar.update(len(batch))
+                tracker.update(len(batch))
         else:
             from distributed import as_completed
             pending = as_completed()
             futures = []
-            for batch in batches:  # submit while the walk goes on
-                fut = client.submit(screen.screen_partition, batch, cfg.screen, pure=False)
-                futures.append(fut)
-                pending.add(fut)
+            for batch in batches:  # submit while the walk goes on, count what finished meanwhile
+                futures.append(client.submit(screen.screen_partition, batch, cfg.screen, pure=False))
+                pending.add(futures[-1])
+                walked += len(batch)
+                tracker.set_total(walked, final=False)
+                for fut in pending.next_batch(block=False):
+                    tracker.update(len(fut.result()))
             for fut in pending:
-                bar.update(len(fut.result()))
+                tracker.update(len(fut.result()))
             frames = client.gather(futures)
+        tracker.set_total(walked)
     images = (pd.concat(frames, ignore_index=True) if frames
               else pd.DataFrame({c: pd.Series(dtype="object") for c in screen.COLUMNS}))
     images = images.sort_values("path", kind="stable").reset_index(drop=True)
@@ -132,7 +115,8 @@ def representatives(images: pd.DataFrame) -> pd.Series:
     return valid & candidates.exact_representatives(images["sha256"])
 
 
-def screen_embeddings(images: pd.DataFrame, cfg: Config, work_dir: Path, client) -> pd.DataFrame:
+def screen_embeddings(images: pd.DataFrame, cfg: Config, work_dir: Path, client,
+                      progress: Progress | None = None) -> pd.DataFrame:
     """High-recall mode: the confirm tier's embedding (transform 0, key idx * 8) of every
     representative image, in the feature store under work_dir/embed/screen_embeddings.
     Returns key, part_path, error; run_confirm reuses them (`precomputed`)."""
@@ -140,7 +124,7 @@ def screen_embeddings(images: pd.DataFrame, cfg: Config, work_dir: Path, client)
     idx = np.flatnonzero(representatives(images).to_numpy()).astype(np.int64)
     frame = images.set_index(pd.RangeIndex(len(images)))
     return confirm.embed_keys(idx * 8, frame, cfg, str(work_dir / "embed" / SCREEN_EMBED_SUBDIR),
-                              client=client)
+                              client=client, progress=progress, stage_name="screen-embed")
 
 
 def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] | None = None,
@@ -171,7 +155,12 @@ def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] 
 
 def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = None,
         quiet: bool = False) -> dict:
-    """Run the whole cascade; returns the manifest written to OUT/run.json."""
+    """Run the whole cascade; returns the manifest written to OUT/run.json.
+
+    Holds OUT's lock for the whole run (a second run into the same OUT stops with ConfigError),
+    and removes its work folder however the run ends (an exception, Ctrl-C, SIGTERM turned into an
+    exception by the CLI); folders of runs killed outright are removed by the next run.
+    """
     root = Path(root)
     out = Path(out)
     if not root.is_dir():
@@ -179,16 +168,31 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {str(out)!r} exists and is not a folder: choose another --out")
     weights_info = None
-    high_recall = cfg.screen.mode == "hash+embedding"
-    if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"] or high_recall:
+    if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"] or cfg.screen.mode == "hash+embedding":
         from pipeline import weights  # fail before any heavy work when the weights are missing
         weights_info = weights.check_weights_available(cfg.embed)
-    progress = Progress(quiet)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output folder {str(out)!r} ({exc.strerror}): "
+                          "choose another --out") from None
+    with outdir.locked(out):
+        work_dir = Path(cfg.work_dir) if cfg.work_dir else out / f"{outdir.WORK_PREFIX}{os.getpid()}"
+        outdir.remove_stale_work(out, keep=work_dir)
+        try:
+            return _cascade(root, out, cfg, scheduler, Progress(quiet), work_dir, weights_info)
+        finally:
+            if not cfg.work_dir:
+                shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress: Progress,
+             work_dir: Path, weights_info: dict | None) -> dict:
+    high_recall = cfg.screen.mode == "hash+embedding"
     started = datetime.now(timezone.utc)
+    run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     timings: dict[str, float] = {}
     counts: dict[str, int] = {}
-    out.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(cfg.work_dir) if cfg.work_dir else out / f"_work-{os.getpid()}"
 
     with dask_client(cfg, scheduler) as client:
         t = time.perf_counter()
@@ -198,67 +202,59 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         counts["errors"] = int(images["error"].notna().sum())
         log.info("screened %d files (%d with errors)", counts["files"], counts["errors"])
 
-        try:
-            screen_emb = None
-            if high_recall:
-                t = time.perf_counter()
-                with progress.bar("embed", unit="img") as bar:
-                    screen_emb = screen_embeddings(images, cfg, work_dir, client)
-                    bar.update(len(screen_emb))
-                timings["screen_embed"] = time.perf_counter() - t
-                counts["screen_embedded"] = len(screen_emb)
-                counts["screen_embed_errors"] = int(screen_emb["error"].notna().sum())
+        screen_emb = None
+        if high_recall:
             t = time.perf_counter()
+            screen_emb = screen_embeddings(images, cfg, work_dir, client, progress)
+            timings["screen_embed"] = time.perf_counter() - t
+            counts["screen_embedded"] = len(screen_emb)
+            counts["screen_embed_errors"] = int(screen_emb["error"].notna().sum())
+        t = time.perf_counter()
+        with progress.stage("candidates", unit="img") as tracker:
             pairs = build_pairs(images, cfg, client, timings=timings,
                                 emb_parts=None if screen_emb is None else screen_emb["part_path"].tolist())
-            timings["candidates"] = time.perf_counter() - t
-            counts["exact_pairs"] = int((pairs["kind"] == "exact").sum())
-            counts["near_candidates"] = int((pairs["kind"] == "near").sum())
-            if high_recall:
-                counts["embedding_only_candidates"] = int((pairs["source"] == "embedding").sum())
-                counts["hash_and_embedding_candidates"] = int((pairs["source"] == "both").sum())
-            log.info("%d exact pairs, %d near candidates", counts["exact_pairs"], counts["near_candidates"])
+            tracker.update(len(images))
+        timings["candidates"] = time.perf_counter() - t
+        counts["exact_pairs"] = int((pairs["kind"] == "exact").sum())
+        counts["near_candidates"] = int((pairs["kind"] == "near").sum())
+        if high_recall:
+            counts["embedding_only_candidates"] = int((pairs["source"] == "embedding").sum())
+            counts["hash_and_embedding_candidates"] = int((pairs["source"] == "both").sum())
+        log.info("%d exact pairs, %d near candidates", counts["exact_pairs"], counts["near_candidates"])
 
-            frame = images.set_index(pd.RangeIndex(len(images)))
-            for col, dtype in (("orb_matches", "Int32"), ("orb_inliers", "Int32"), ("orb_score", "Float32"),
-                               ("orb_status", "object"), ("orb_reason", "object"), ("cosine", "Float32")):
-                pairs[col] = pd.Series(pd.NA, index=pairs.index, dtype=dtype)
-            near = pairs.index[pairs["kind"] == "near"]
-            if TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"] and len(near):
-                from pipeline import verify
-                t = time.perf_counter()
-                with progress.bar("verify", total=len(near), unit="pair") as bar:
-                    scores = verify.run_verify(pairs.loc[near, ["idx_a", "idx_b", "transform"]], frame, cfg,
-                                               str(work_dir / "orb"), client=client)
-                    bar.update(len(near))
-                pairs.loc[near, scores.columns] = scores
-                timings["verify"] = time.perf_counter() - t
-                counts["verified_pairs"] = len(near)
-                counts["verify_rejected"] = int((pairs["orb_status"] == "no-match").sum())
-                counts["verify_accepted"] = int(((pairs["kind"] == "near") & (pairs["orb_status"] != "no-match")
-                                                 & (pairs["orb_inliers"].fillna(0) >= cfg.decide.accept_inliers)).sum())
-            if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:
-                from pipeline import confirm
-                # only what the verify tier neither rejected nor accepted outright (pipeline/decide.py)
-                alive = pairs.index[decide.needs_confirm(pairs, cfg)]
-                t = time.perf_counter()
-                if len(alive):
-                    with progress.bar("confirm", total=len(alive), unit="pair") as bar:
-                        reuse = None if screen_emb is None else \
-                            pd.Series(screen_emb["part_path"].to_numpy(dtype=object),
-                                      index=screen_emb["key"].to_numpy(dtype=np.int64))
-                        cos = confirm.run_confirm(pairs.loc[alive, ["idx_a", "idx_b", "transform"]], frame,
-                                                  cfg, str(work_dir / "embed"), client=client,
-                                                  precomputed=reuse)
-                        bar.update(len(alive))
-                    counts["confirm_embedded"] = int(cos.attrs.get("embedded_keys", 0))
-                    counts["confirm_reused"] = int(cos.attrs.get("reused_keys", 0))
-                    pairs.loc[alive, "cosine"] = cos.astype("float32")
-                timings["confirm"] = time.perf_counter() - t
-                counts["confirmed_pairs"] = len(alive)
-        finally:
-            if not cfg.work_dir:
-                shutil.rmtree(work_dir, ignore_errors=True)
+        frame = images.set_index(pd.RangeIndex(len(images)))
+        for col, dtype in (("orb_matches", "Int32"), ("orb_inliers", "Int32"), ("orb_score", "Float32"),
+                           ("orb_status", "object"), ("orb_reason", "object"), ("cosine", "Float32")):
+            pairs[col] = pd.Series(pd.NA, index=pairs.index, dtype=dtype)
+        near = pairs.index[pairs["kind"] == "near"]
+        if TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"] and len(near):
+            from pipeline import verify
+            t = time.perf_counter()
+            scores = verify.run_verify(pairs.loc[near, ["idx_a", "idx_b", "transform"]], frame, cfg,
+                                       str(work_dir / "orb"), client=client, progress=progress)
+            pairs.loc[near, scores.columns] = scores
+            timings["verify"] = time.perf_counter() - t
+            counts["verified_pairs"] = len(near)
+            counts["verify_rejected"] = int((pairs["orb_status"] == "no-match").sum())
+            counts["verify_accepted"] = int(((pairs["kind"] == "near") & (pairs["orb_status"] != "no-match")
+                                             & (pairs["orb_inliers"].fillna(0) >= cfg.decide.accept_inliers)).sum())
+        if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:
+            from pipeline import confirm
+            # only what the verify tier neither rejected nor accepted outright (pipeline/decide.py)
+            alive = pairs.index[decide.needs_confirm(pairs, cfg)]
+            t = time.perf_counter()
+            if len(alive):
+                reuse = None if screen_emb is None else \
+                    pd.Series(screen_emb["part_path"].to_numpy(dtype=object),
+                              index=screen_emb["key"].to_numpy(dtype=np.int64))
+                cos = confirm.run_confirm(pairs.loc[alive, ["idx_a", "idx_b", "transform"]], frame,
+                                          cfg, str(work_dir / "embed"), client=client,
+                                          precomputed=reuse, progress=progress)
+                counts["confirm_embedded"] = int(cos.attrs.get("embedded_keys", 0))
+                counts["confirm_reused"] = int(cos.attrs.get("reused_keys", 0))
+                pairs.loc[alive, "cosine"] = cos.astype("float32")
+            timings["confirm"] = time.perf_counter() - t
+            counts["confirmed_pairs"] = len(alive)
 
     t = time.perf_counter()
     pairs = decide.decide(pairs, cfg)
@@ -272,7 +268,8 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
 
     pairs = contract_pairs(pairs, images)
     manifest = {
-        "tool": "dedupe-pipeline", "version": pipeline.__version__,
+        "tool": "dedupe-pipeline", "version": pipeline.__version__, "run_id": run_id,
+        "contract_version": write.CONTRACT_VERSION,
         "root": str(root.resolve()), "out": str(out.resolve()),
         "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
         "scheduler": scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or cfg.dask.scheduler,
@@ -297,17 +294,31 @@ def contract_pairs(pairs: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
         "orb_matches": pairs["orb_matches"].to_numpy(), "orb_inliers": pairs["orb_inliers"].to_numpy(),
         "orb_score": pairs["orb_score"].to_numpy(), "cosine": pairs["cosine"].to_numpy(),
         "stage": pairs["stage"].to_numpy(), "is_duplicate": pairs["is_duplicate"].to_numpy(),
-        "reason": pairs["reason"].to_numpy(),
+        "reason": pairs["reason"].to_numpy(), "rule": pairs["rule"].to_numpy(),
         "abs_path_a": a["abs_path"].to_numpy(), "abs_path_b": b["abs_path"].to_numpy(),
     })
     return out.sort_values(["path_a", "path_b"], kind="stable").reset_index(drop=True)
 
 
+# distribution names whose versions shape the results (read from package metadata: nothing is
+# imported, so the driver does not pay for TensorFlow just to name its version)
+VERSIONED = {"numpy": ["numpy"], "pillow": ["pillow"], "imagehash": ["imagehash"],
+             "opencv": ["opencv-python-headless", "opencv-python"], "pandas": ["pandas"],
+             "pyarrow": ["pyarrow"], "dask": ["dask"], "distributed": ["distributed"], "numba": ["numba"],
+             "tensorflow": ["tensorflow-cpu", "tensorflow"], "keras": ["keras"],
+             "faiss": ["faiss-cpu", "faiss"], "scipy": ["scipy"]}
+
+
 def versions() -> dict:
-    found = {"python": platform.python_version()}
-    for name in ("numpy", "PIL", "imagehash", "cv2", "pandas", "pyarrow", "dask", "distributed", "numba",
-                 "tensorflow", "keras"):
-        module = sys.modules.get(name)
-        if module is not None:
-            found[name] = getattr(module, "__version__", "?")
+    from importlib import metadata
+    found = {"python": platform.python_version(), "dedupe-pipeline": pipeline.__version__}
+    for name, dists in VERSIONED.items():
+        for dist in dists:
+            try:
+                found[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        else:
+            found[name] = None  # not installed
     return found

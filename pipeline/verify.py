@@ -41,6 +41,7 @@ from PIL import Image
 from . import store
 from .config import Config, VerifyConfig
 from .decode import DecodeError, dihedral, load_image, open_checked, resize_max_side
+from .progress import Progress, map_tasks, stage_of
 from .search import popcount  # the one ctpop intrinsic, shared with the hash search
 
 STATUSES = ("match", "no-match", "inconclusive")
@@ -431,6 +432,10 @@ def _sub_batches(paths_a: np.ndarray, paths_b: np.ndarray, max_parts: int) -> li
     return groups
 
 
+def _features_task(part: int, rows: pd.DataFrame, cfg: Config, out_dir: str) -> pd.DataFrame:
+    return features_partition(rows, cfg, out_dir, part)
+
+
 def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) -> pd.DataFrame:
     """Verify pairs (key_a, key_b, path_a_part, path_b_part) -> RESULT_COLUMNS, same row order.
 
@@ -500,13 +505,14 @@ def _locality_order(idx_a: np.ndarray, idx_b: np.ndarray, nodes: np.ndarray) -> 
 
 
 def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir: str,
-               client=None) -> pd.DataFrame:
+               client=None, progress: Progress | None = None) -> pd.DataFrame:
     """ORB-verify candidate pairs (idx_a, idx_b, transform) -> RESULT_COLUMNS aligned with `pairs`.
 
     `images` is indexed by idx with abs_path and error. Features are computed once per needed
     (image, transform) key in tasks of `dask.partition_size` images, then pairs are verified in tasks of `dask.pairs_per_task`. With `client`
     (a dask.distributed Client) tasks run on the cluster, else in this process. Feature files go
-    to a new folder `work_dir/orb-<random>` (removed with the work dir by the caller).
+    to a new folder `work_dir/orb-<random>` (removed with the work dir by the caller). `progress`
+    shows two stages: "features" (images) and "verify" (pairs), advanced per finished task.
     """
     if len(pairs) == 0:
         return _result_frame([], pairs.index)
@@ -540,13 +546,10 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     keys = keys.sort_values(["chunk", "idx", "transform"], kind="stable")
     chunks = [g[["key", "abs_path", "transform"]].reset_index(drop=True)
               for _, g in keys.groupby("chunk", sort=True)]
-    parts = list(range(len(chunks)))
-    if client is not None:
-        futures = client.map(features_partition, chunks, [cfg] * len(chunks),
-                             [out_dir] * len(chunks), parts, pure=False)
-        summaries = client.gather(futures)
-    else:
-        summaries = [features_partition(c, cfg, out_dir, p) for c, p in zip(chunks, parts)]
+    stage = stage_of(progress)
+    with stage("features", total=int(keys["idx"].nunique()), unit="img") as tracker:
+        summaries = map_tasks(client, _features_task, list(enumerate(chunks)), cfg, out_dir, star=True,
+                              tracker=tracker, weight=lambda task: int(task[1]["key"].floordiv(8).nunique()))
     summary = (pd.concat(summaries, ignore_index=True) if summaries
                else pd.DataFrame(columns=["key", "part_path", "n_keypoints", "error"]))
     part_of = pd.Series(summary["part_path"].to_numpy(), index=summary["key"].to_numpy(np.int64))
@@ -562,11 +565,8 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
                                job["path_a_part"].fillna("").to_numpy()))]
     step = cfg.dask.pairs_per_task
     tasks = [job.iloc[i:i + step] for i in range(0, len(job), step)]
-    if client is not None:
-        futures = client.map(verify_partition, tasks, [cfg] * len(tasks), pure=False)
-        results = client.gather(futures)
-    else:
-        results = [verify_partition(t, cfg) for t in tasks]
+    with stage("verify", total=len(job), unit="pair") as tracker:
+        results = map_tasks(client, verify_partition, tasks, cfg, tracker=tracker, weight=len)
     result = pd.concat(results).sort_index()
     result.index = pairs.index
     return result

@@ -174,8 +174,7 @@ def verify_file(path: str | Path, expected_name: str | None = None) -> str:
                     "sha256 is %s; using it unchecked", path, name, sha)
     elif sha != pinned:
         raise WeightsError(f"weights file {path} has sha256 {sha}, expected {pinned} for {name}: the "
-                           f"file is corrupt or truncated; delete it and copy a good one (or run "
-                           f"`make weights`)")
+                           f"file is corrupt or truncated; delete it and copy a good one (`{seed_command()}`)")
     return sha
 
 
@@ -207,9 +206,18 @@ def network_available(url: str = DOWNLOAD_PROBE_URL, timeout: float = NETWORK_PR
     return bool(result and result[0])
 
 
+def seed_command(folder: str = "FOLDER") -> str:
+    """The command that seeds the cache, in the words of the tool the user ran (the CLI and the
+    Makefile set DEDUPE_PROG): `make weights`, `python -m pipeline weights` or `dedupe weights`."""
+    prog = os.environ.get("DEDUPE_PROG", "dedupe")
+    if prog == "make":
+        return f"make weights WEIGHTS_DIR={folder}"
+    return f"{prog} weights --from {folder}"
+
+
 def _instructions(name: str, dirs: list[Path]) -> str:
-    return (f"copy {name} into {dirs[0]}/ (or run `make weights`, which copies it from "
-            f"$(SHARED)/models), or set embed.weights to its path")
+    return (f"put {name} into {dirs[0]}/ (`{seed_command()}` copies and checks it from a FOLDER that "
+            f"holds it), or point the run at the file with --set embed.weights=/path/to/{name}")
 
 
 def _download(url: str, dest: Path, expected_name: str) -> Path:
@@ -311,7 +319,7 @@ def seed_cache(from_dir: str | Path, keras_home: str | Path | None = None) -> li
     src = Path(from_dir).expanduser()
     if not src.is_dir():
         raise WeightsError(f"weights folder {src} does not exist: pass the folder holding the .h5 files "
-                           f"(e.g. ../shared/models, or WEIGHTS_DIR=... for make weights)")
+                           f"({seed_command('FOLDER')})")
     target = Path(keras_home).expanduser() / "models" if keras_home else cache_dirs()[0]
     sums = _read_sums(src)
     found = sorted(p for p in src.iterdir() if p.is_file() and p.name in PINNED_SHA256)

@@ -2,6 +2,11 @@
 
 Every file is written to a temporary name in the output folder and renamed into place, so a
 crashed run never leaves a half-written file where the last good one was.
+
+Contract version 2 (README "Output"): the v1 columns keep their names and meaning; v2 adds the
+`rule` code to pairs, stores `stage`/`rule` as dictionary columns (pandas `category`), writes
+nullable integers so pandas reads them back as `Int32`/`Int64` (never float64), and puts the run's
+provenance (contract version, run id, config, versions) in each Parquet file's schema metadata.
 """
 from __future__ import annotations
 
@@ -13,9 +18,13 @@ import os
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+CONTRACT_VERSION = 2
+_DICT = pa.dictionary(pa.int8(), pa.string())
 
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.int64()), ("path", pa.string()), ("bytes", pa.int64()),
@@ -27,8 +36,18 @@ PAIRS_SCHEMA = pa.schema([
     ("path_a", pa.string()), ("path_b", pa.string()), ("image_id_a", pa.int64()),
     ("image_id_b", pa.int64()), ("hash_distance", pa.int16()), ("orb_matches", pa.int32()),
     ("orb_inliers", pa.int32()), ("orb_score", pa.float32()), ("cosine", pa.float32()),
-    ("stage", pa.string()), ("is_duplicate", pa.bool_()), ("reason", pa.string()),
+    ("stage", _DICT), ("is_duplicate", pa.bool_()), ("reason", pa.string()), ("rule", _DICT),
 ])
+# What `pd.read_parquet` gives back for each column (the pandas side of the contract); the frame
+# is cast to these before writing so the file's pandas metadata records them.
+IMAGES_DTYPES = {"image_id": "int64", "path": "object", "bytes": "int64", "width": "Int32",
+                 "height": "Int32", "format": "object", "sha256": "object", "hash": "object",
+                 "error": "object", "cluster_id": "Int64"}
+PAIRS_DTYPES = {"path_a": "object", "path_b": "object", "image_id_a": "int64", "image_id_b": "int64",
+                "hash_distance": "int16", "orb_matches": "Int32", "orb_inliers": "Int32",
+                "orb_score": "Float32", "cosine": "Float32", "stage": "category", "is_duplicate": "bool",
+                "reason": "object", "rule": "category"}
+STAGES = ["exact", "screen", "verify", "confirm"]
 
 
 def _atomic(path: Path, write) -> None:
@@ -41,8 +60,24 @@ def _atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
-def write_table(frame: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
-    table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+def provenance(manifest: dict) -> dict[bytes, bytes]:
+    """The run's identity for a Parquet file's schema metadata (keys `dedupe.*`, JSON values)."""
+    return {f"dedupe.{k}".encode(): json.dumps(v, default=str).encode() for k, v in {
+        "contract_version": CONTRACT_VERSION, "run_id": manifest.get("run_id"),
+        "tool_version": manifest.get("version"), "started": manifest.get("started"),
+        "root": manifest.get("root"), "config": manifest.get("config"),
+        "versions": manifest.get("versions"), "weights": manifest.get("weights"),
+    }.items()}
+
+
+def write_table(frame: pd.DataFrame, schema: pa.Schema, path: Path, dtypes: dict | None = None,
+                metadata: dict[bytes, bytes] | None = None) -> None:
+    frame = frame[schema.names]
+    if dtypes:
+        frame = frame.astype(dtypes)
+    table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     _atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
@@ -53,7 +88,15 @@ def write_json(data: dict, path: Path) -> None:
 def images_frame(images: pd.DataFrame) -> pd.DataFrame:
     out = images.copy()
     out["mtime"] = pd.to_datetime(out["mtime"], unit="s", utc=True).dt.floor("us")
-    out["cluster_id"] = out["cluster_id"].where(out["cluster_id"] >= 0).astype("Int64")
+    # -1 (singleton) -> null without a float64 detour: ids are 63-bit and float64 keeps 53
+    ids = out["cluster_id"].to_numpy(dtype=np.int64)
+    out["cluster_id"] = pd.arrays.IntegerArray(ids, ids < 0)
+    return out
+
+
+def pairs_frame(pairs: pd.DataFrame) -> pd.DataFrame:
+    out = pairs.copy()
+    out["stage"] = pd.Categorical(out["stage"], categories=STAGES)
     return out
 
 
@@ -120,8 +163,9 @@ def write_outputs(out_dir: Path, images: pd.DataFrame, pairs: pd.DataFrame, mani
                   report: bool = True) -> None:
     """images/pairs: the run's frames (with abs paths for the report); writes the four files."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_table(images_frame(images), IMAGES_SCHEMA, out_dir / "images.parquet")
-    write_table(pairs, PAIRS_SCHEMA, out_dir / "pairs.parquet")
+    meta = provenance(manifest)
+    write_table(images_frame(images), IMAGES_SCHEMA, out_dir / "images.parquet", IMAGES_DTYPES, meta)
+    write_table(pairs_frame(pairs), PAIRS_SCHEMA, out_dir / "pairs.parquet", PAIRS_DTYPES, meta)
     if report:
         write_report(out_dir / "report.html", images, pairs, manifest)
     write_json(manifest, out_dir / "run.json")  # last: its presence marks a complete run

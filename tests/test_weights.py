@@ -83,7 +83,8 @@ def _assert_instructive(exc: WeightsError, home: Path):
     text = str(exc)
     assert V2_05 in text
     assert str(home / "models") in text
-    assert "make weights" in text and "embed.weights" in text
+    assert "weights --from" in text and "embed.weights" in text
+    assert "$(" not in text  # no Make syntax for people who installed with pip
 
 
 def test_empty_cache_offline_fails_fast(empty_home, monkeypatch):
@@ -150,3 +151,14 @@ def test_seed_cache_errors(tmp_path, empty_home, models_dir):
     with pytest.raises(WeightsError, match="sha256"):
         weights.seed_cache(src)
     assert not (empty_home / "models" / V2_05).exists()
+
+
+def test_instructions_speak_the_command_the_user_ran(monkeypatch, empty_home):
+    monkeypatch.setenv(weights.OFFLINE_ENV, "1")
+    for prog, expected in (("dedupe", "`dedupe weights --from FOLDER`"),
+                           ("python -m pipeline", "`python -m pipeline weights --from FOLDER`"),
+                           ("make", "`make weights WEIGHTS_DIR=FOLDER`")):
+        monkeypatch.setenv("DEDUPE_PROG", prog)
+        with pytest.raises(WeightsError) as info:
+            weights.resolve_weights(EmbedConfig(), allow_download=True)
+        assert expected in str(info.value)

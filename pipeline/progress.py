@@ -1,0 +1,143 @@
+"""Progress that tells the truth, on a terminal and in a batch log, and the task runner that feeds it.
+
+On a terminal: one tqdm bar per stage with its total, advanced as each task finishes. Without a
+terminal (cron, Airflow, systemd): a log line when a stage starts and ends, and a heartbeat line
+(done/total, rate, ETA) every `heartbeat_s` seconds while it runs, from a timer thread, so a long
+task with nothing finishing still shows the job is alive.
+
+`map_tasks` runs one function over a list of tasks on a Dask client (or in this process) and
+advances a tracker as each task completes; stages use it instead of a bare `client.gather`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import threading
+import time
+from typing import Callable, Iterator, Sequence
+
+log = logging.getLogger("pipeline")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class Tracker:
+    """One stage's counter. `update(n)` as work finishes; `set_total(n)` when the total becomes
+    known or grows (the screen learns its total as the walk goes on)."""
+
+    def __init__(self, name: str, total: int | None, unit: str, bar=None):
+        self.name, self.total, self.unit, self.bar = name, total, unit, bar
+        self.done = 0
+        self.started = time.monotonic()
+        self.total_final = total is not None
+        self._lock = threading.Lock()
+
+    def update(self, n: int = 1) -> None:
+        with self._lock:
+            self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def set_total(self, total: int, final: bool = True) -> None:
+        self.total, self.total_final = total, final
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
+    def status(self) -> str:
+        elapsed = time.monotonic() - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        if self.total is None:
+            return f"{self.name}: {self.done} {self.unit} done, {rate:.1f} {self.unit}/s, {_duration(elapsed)} elapsed"
+        total = f"{self.total}" if self.total_final else f"{self.total}+ (still counting)"
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        eta = ""
+        if self.total_final and rate > 0 and self.done < self.total:
+            eta = f", ETA {_duration((self.total - self.done) / rate)}"
+        return (f"{self.name}: {self.done}/{total} {self.unit} ({pct:.0f}%), {rate:.1f} {self.unit}/s, "
+                f"{_duration(elapsed)} elapsed{eta}")
+
+
+class Progress:
+    """Stage trackers: tqdm bars on a terminal, start/heartbeat/end log lines otherwise.
+
+    `quiet` turns the bars and heartbeats off (start and end lines stay, at INFO)."""
+
+    def __init__(self, quiet: bool = False, heartbeat_s: float = 30.0, stream=None):
+        stream = stream if stream is not None else sys.stderr
+        self.quiet = quiet
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.heartbeat_s = heartbeat_s
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total: int | None = None, unit: str = "it") -> Iterator[Tracker]:
+        bar = None
+        if self.tty and not self.quiet:
+            from tqdm import tqdm
+            bar = tqdm(total=total, desc=f"{name:<10}", unit=unit, leave=True, dynamic_ncols=True)
+        tracker = Tracker(name, total, unit, bar)
+        log.info("%s: started%s", name, "" if total is None else f" ({total} {unit})")
+        stop = threading.Event()
+        beat = None
+        if bar is None and not self.quiet:
+            def heartbeat():
+                while not stop.wait(self.heartbeat_s):
+                    log.info("%s", tracker.status())
+            beat = threading.Thread(target=heartbeat, name=f"heartbeat-{name}", daemon=True)
+            beat.start()
+        try:
+            yield tracker
+        finally:
+            stop.set()
+            if beat is not None:
+                beat.join(timeout=1)
+            if bar is not None:
+                bar.close()
+        elapsed = time.monotonic() - tracker.started
+        log.info("%s: finished %d %s in %.1fs", name, tracker.done, unit, elapsed)
+
+
+NO_PROGRESS = Progress(quiet=True, stream=None)
+
+
+@contextlib.contextmanager
+def silent_stage(name: str, total: int | None = None, unit: str = "it") -> Iterator[Tracker]:
+    """A tracker that reports nothing (stages called without a Progress, e.g. from tests)."""
+    yield Tracker(name, total, unit)
+
+
+def stage_of(progress: Progress | None):
+    """`progress.stage`, or a silent one when there is no Progress."""
+    return progress.stage if progress is not None else silent_stage
+
+
+def map_tasks(client, fn: Callable, tasks: Sequence, *args, tracker: Tracker | None = None,
+              weight: Callable[[object], int] = lambda task: 1, star: bool = False) -> list:
+    """[fn(task, *args) for task in tasks] (`star`: fn(*task, *args)), on the Dask `client` when
+    given, else in this process; results in task order. `tracker.update(weight(task))` as each
+    task finishes."""
+    tasks = list(tasks)
+    if client is None:
+        results = []
+        for task in tasks:
+            results.append(fn(*task, *args) if star else fn(task, *args))
+            if tracker is not None:
+                tracker.update(weight(task))
+        return results
+    from distributed import as_completed
+    columns = list(zip(*tasks)) if star else [tasks]
+    if not tasks:
+        return []
+    futures = client.map(fn, *columns, *[[a] * len(tasks) for a in args], pure=False)
+    weights = {f.key: weight(t) for f, t in zip(futures, tasks)}
+    for fut in as_completed(futures):
+        if fut.status == "error":
+            fut.result()  # raise the task's exception here, with its traceback
+        if tracker is not None:
+            tracker.update(weights[fut.key])
+    return client.gather(futures)

@@ -1,0 +1,173 @@
+"""What an operator relies on around a run: signals, the OUT lock, leftovers of killed runs,
+progress in a batch log, the dashboard, presets and the help text."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline import outdir
+from pipeline.cli import main
+from pipeline.config import Config, ConfigError, load_config, preset_names
+from pipeline.progress import Progress, map_tasks
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """sha256 of every file (the run lock's holder record aside: it names the latest run)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != outdir.LOCK_NAME}
+
+
+@pytest.fixture(scope="module")
+def photo_set(photo_paths, tmp_path_factory) -> Path:
+    """160 real photos and a resized, re-encoded copy of each: enough ORB work that a signal sent
+    when the verify tier starts arrives while it runs."""
+    root = tmp_path_factory.mktemp("operator-photos")
+    for p in photo_paths[:160]:
+        img = Image.open(p).convert("RGB")
+        img.save(root / f"{p.stem}.jpg", quality=92)
+        img.resize((img.width * 3 // 4, img.height * 3 // 4)).save(root / f"{p.stem}_small.jpg", quality=70)
+    return root
+
+
+@pytest.mark.slow
+def test_sigterm_mid_verify_exits_1_and_leaves_the_previous_outputs(photo_set, tmp_path):
+    out = tmp_path / "out"
+    assert main(["dedupe", str(photo_set), "--out", str(out), "--tiers", "screen", "--scheduler", "sync",
+                 "--quiet"]) == 0
+    before = _tree(out)
+    inputs = _tree(photo_set)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", str(photo_set), "--out", str(out),
+                             "--log-level", "INFO"], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    lines = []
+    try:
+        for line in proc.stderr:  # the log, line by line, until the verify tier starts
+            lines.append(line)
+            if "features: started" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        else:
+            pytest.fail("the run ended before its verify tier started:\n" + "".join(lines))
+        rest = proc.stderr.read()
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 1, rest
+    assert "stopped by SIGTERM" in rest
+    assert "verify: finished" not in rest  # it really was stopped mid-verify
+    assert _tree(out) == before  # byte-identical previous outputs
+    assert not [n for n in os.listdir(out) if n.startswith(outdir.WORK_PREFIX) or n.endswith(".tmp")]
+    assert _tree(photo_set) == inputs
+
+
+def test_next_run_removes_what_killed_runs_left(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(data / "a.png")
+    out = tmp_path / "out"
+    (out / "_work-99999" / "orb").mkdir(parents=True)  # as a kill -9 leaves them
+    (out / "_work-99999" / "orb" / "part-000000.parquet").write_bytes(b"x")
+    (out / ".pairs.parquet.0123abcd.tmp").write_bytes(b"half a file")
+    assert main(["dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync", "--quiet"]) == 0
+    assert sorted(os.listdir(out)) == [".dedupe.lock", "images.parquet", "pairs.parquet", "report.html", "run.json"]
+
+
+def test_a_second_run_into_the_same_out_exits_2_naming_the_holder(tmp_path, capsys):
+    data = tmp_path / "d"
+    data.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    with outdir.locked(out):
+        rc = main(["dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"pid {os.getpid()}" in err and "in use" in err and "another --out" in err
+    # released: the next run goes through
+    assert main(["dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync", "--quiet"]) == 0
+
+
+def test_unwritable_out_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "file").write_text("x")
+    rc = main(["dedupe", str(tmp_path / "d"), "--out", str(tmp_path / "file" / "out"), "--tiers", "screen",
+               "--scheduler", "sync", "--quiet"])
+    assert rc == 2 and "choose another --out" in capsys.readouterr().err
+
+
+def test_batch_log_has_stage_lines_and_a_heartbeat(caplog):
+    progress = Progress(quiet=False, heartbeat_s=0.05, stream=open(os.devnull, "w"))  # not a terminal
+    caplog.set_level(logging.INFO, logger="pipeline")
+    with progress.stage("verify", total=4, unit="pair") as tracker:
+        results = map_tasks(None, lambda task, k: (time.sleep(0.08), task * k)[1], [1, 2, 3, 4], 10,
+                            tracker=tracker)
+    assert results == [10, 20, 30, 40]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "verify: started (4 pair)"
+    assert messages[-1].startswith("verify: finished 4 pair in")
+    beats = [m for m in messages if m.startswith("verify: ") and "pair/s" in m]
+    assert beats, messages  # heartbeat lines while it ran: done/total, rate
+    assert any("/4 pair" in b and "%" in b for b in beats)
+    assert any("ETA" in b for b in beats)
+
+
+def test_quiet_has_no_heartbeat(caplog):
+    caplog.set_level(logging.INFO, logger="pipeline")
+    with Progress(quiet=True, heartbeat_s=0.01).stage("screen", total=1, unit="img") as tracker:
+        time.sleep(0.05)
+        tracker.update(1)
+    assert [r.getMessage().split(" in ")[0] for r in caplog.records] == ["screen: started (1 img)",
+                                                                         "screen: finished 1 img"]
+
+
+@pytest.mark.slow
+def test_local_cluster_dashboard_is_served_with_bokeh(caplog):
+    from pipeline.run import dask_client
+    cfg = Config()
+    cfg.dask.n_workers = 1
+    cfg.dask.dashboard_address = "127.0.0.1:0"
+    caplog.set_level(logging.INFO, logger="pipeline")
+    with dask_client(cfg, "local") as client:
+        link = client.dashboard_link
+        body = urllib.request.urlopen(link, timeout=30).read().decode("utf-8", "replace")
+    assert any(link in r.getMessage() for r in caplog.records)  # logged at INFO
+    assert "needs bokeh" not in body.lower() and "<html" in body.lower()
+
+
+def test_presets_load_and_differ_where_they_say():
+    assert preset_names() == ["default", "fast", "high-recall", "strict"]
+    assert load_config(preset="default") == Config()
+    assert load_config(preset="fast").tiers == "verify"
+    assert load_config(preset="high-recall").screen.mode == "hash+embedding"
+    strict = load_config(preset="strict")
+    assert strict.decide.cosine_threshold > Config().decide.cosine_threshold
+    assert strict.decide.accept_inliers > Config().decide.accept_inliers
+    # --set still wins over a preset
+    assert load_config(None, ["screen.mode=hash"], preset="high-recall").screen.mode == "hash"
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(preset="turbo")
+
+
+def test_help_has_examples_outputs_and_exit_codes():
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("DEDUPE_PROG", None)
+    result = subprocess.run([sys.executable, "-m", "pipeline", "dedupe", "--help"], capture_output=True,
+                            text=True, env=env, cwd=REPO, timeout=60)
+    assert result.returncode == 0
+    text = result.stdout
+    assert "python -m pipeline dedupe photos/ --out out --preset high-recall" in text  # the command used
+    for needle in ("exit codes:", "pairs.parquet", "images.parquet", "run.json", "SIGTERM", "--preset"):
+        assert needle in text, needle
