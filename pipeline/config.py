@@ -237,9 +237,61 @@ def _validate(cfg: Config) -> None:
         (cfg.dask.n_workers >= 0, "dask.n_workers must be >= 0"),
         (cfg.dask.threads_per_worker >= 1, "dask.threads_per_worker must be >= 1"),
     ]
+    v, e, d = cfg.verify, cfg.embed, cfg.decide
+    checks += [
+        (cfg.scan.max_file_bytes > 0, "scan.max_file_bytes must be > 0 (bytes; files larger are recorded as errors)"),
+        (all(isinstance(x, str) and x.startswith(".") and len(x) > 1 for x in cfg.scan.image_extensions),
+         "scan.image_extensions: each entry must be an extension with its dot, e.g. .jpg"),
+        (0 <= s.border_tolerance <= 255, "screen.border_tolerance must be in [0, 255] (a channel difference)"),
+        (1.0 < v.scale_factor <= 2.0, "verify.scale_factor must be in (1.0, 2.0]: ORB's pyramid step "
+                                      "(1.0 finds no keypoints at all; the default is 1.2)"),
+        (1 <= v.n_levels <= 16, "verify.n_levels must be in [1, 16]"),
+        (0 <= v.fast_threshold <= 255, "verify.fast_threshold must be in [0, 255]"),
+        (v.min_keypoints >= 1, "verify.min_keypoints must be >= 1"),
+        (v.ransac_threshold > 0, "verify.ransac_threshold must be > 0 (pixels)"),
+        (v.min_good_matches >= 3, "verify.min_good_matches must be >= 3 (RANSAC needs 3 points for a model)"),
+        (v.opencv_threads >= 0, "verify.opencv_threads must be >= 0"),
+        (v.upscale_below >= 0, "verify.upscale_below must be >= 0"),
+        (0 < e.alpha <= 1.4, "embed.alpha must be in (0, 1.4] (a MobileNet width multiplier)"),
+        (e.threads >= 0, "embed.threads must be >= 0"),
+        (d.accept_inliers >= 1, "decide.accept_inliers must be >= 1"),
+        (d.screen_only_distance >= 0, "decide.screen_only_distance must be >= 0"),
+    ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_memory_limit(cfg.dask.memory_limit)
+    check_scheduler(cfg.dask.scheduler, "dask.scheduler")
+
+
+SCHEDULER_SCHEMES = ("tcp://", "tls://", "inproc://", "ucx://", "ws://", "wss://")
+
+
+def check_scheduler(target: str, where: str = "--scheduler") -> None:
+    """"local", "sync" or a Dask scheduler address (scheme://host:port or host:port)."""
+    if target in ("local", "sync"):
+        return
+    if "://" in target:
+        ok = target.startswith(SCHEDULER_SCHEMES) and len(target.split("://", 1)[1]) > 0
+    else:
+        host, _, port = target.rpartition(":")
+        ok = bool(host) and port.isdigit()
+    if not ok:
+        raise ConfigError(f"{where}: {target!r} is not 'local', 'sync' or a Dask scheduler address such as "
+                          f"tcp://127.0.0.1:8786 (schemes: {', '.join(s[:-3] for s in SCHEDULER_SCHEMES)})")
+
+
+def check_memory_limit(value: str) -> None:
+    """Dask's memory_limit: "auto", "0"/"none" (no limit), or a size such as 4GB, 3.5GiB, 2e9."""
+    if str(value).strip().lower() in ("auto", "0", "none", ""):
+        return
+    from dask.utils import parse_bytes
+    try:
+        ok = parse_bytes(str(value)) > 0
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"dask.memory_limit: {value!r} is not a size: use auto, 0 (no limit) or e.g. 4GB, 3.5GiB")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

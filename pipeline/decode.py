@@ -7,11 +7,14 @@ screen). Failures raise `DecodeError` with a short reason that ends up in the ou
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from pipeline import paths
 
 # Pillow's own bomb check raises only above 2x MAX_IMAGE_PIXELS; we check the size ourselves.
 Image.MAX_IMAGE_PIXELS = None
@@ -66,6 +69,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def open_checked(path: str | Path, max_pixels: int) -> Image.Image:
     """Open (header only) and check the pixel count; raises DecodeError."""
     try:
+        if isinstance(path, bytes) or (isinstance(path, str) and paths.is_long(path)):
+            # a name that is not UTF-8 (Pillow opens str paths only), or beyond PATH_MAX
+            with paths.open_bytes(path) as fh:
+                path = io.BytesIO(fh.read())
         img = Image.open(path)
     except FileNotFoundError:
         raise DecodeError("file disappeared before it was read") from None

@@ -1,4 +1,13 @@
-"""The output folder's housekeeping: one run at a time, and no leftovers from killed runs.
+"""The output folder's housekeeping: one run at a time, outputs published as one unit, and no
+leftovers from killed runs.
+
+Publishing: a run writes all its files into `OUT/.dedupe/tmp-<run id>/`, fsyncs them, renames
+the folder to `OUT/.dedupe/gen-<run id>/` and then swaps the symlink `OUT/.dedupe/current` to it
+with one atomic rename. `OUT/pairs.parquet`, `OUT/images.parquet`, `OUT/run.json` and
+`OUT/report.html` are symlinks through `current`, so every reader path resolves into exactly one
+generation: a crash or a full disk at any point leaves the previous set whole, and a reader that
+resolves `current` once (or checks `run.json`'s `files` sha256 list) never mixes two runs. The
+previous generation is kept (for a rollback by hand); older ones are removed.
 
 A run holds an exclusive lock on `OUT/.dedupe.lock` (`fcntl.flock`, released by the kernel when
 the process dies, even by kill -9) for its whole life. The lock file names the holder (pid, host,
@@ -16,15 +25,18 @@ import os
 import shutil
 import socket
 import sys
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pipeline.config import ConfigError
 
 log = logging.getLogger("pipeline")
 LOCK_NAME = ".dedupe.lock"
 WORK_PREFIX = "_work-"
+STATE_DIR = ".dedupe"  # generations and the `current` link
+PUBLISHED = ("images.parquet", "pairs.parquet", "run.json", "report.html")  # linked into OUT
 
 
 def _holder(fd: int) -> str:
@@ -70,9 +82,76 @@ def remove_stale_work(out: Path, keep: Path | None = None) -> list[str]:
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
-    for entry in sorted(out.glob(".*.tmp")):  # write.py's temporary names, from a run killed mid-write
+    for entry in sorted(out.glob(".*.tmp")):  # temporary names of a run killed mid-write
         entry.unlink(missing_ok=True)
         removed.append(entry.name)
+    state = out / STATE_DIR
+    for entry in sorted(state.glob("tmp-*")) + sorted(state.glob(".*.tmp")):  # never published
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(f"{STATE_DIR}/{entry.name}")
     if removed:
         log.info("removed %d temporary file(s)/folder(s) left by killed runs: %s", len(removed), ", ".join(removed))
     return removed
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in [*folder.rglob("*"), folder]:
+        if path.is_symlink():
+            continue
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _replace_symlink(link: Path, target: str) -> None:
+    """Point `link` at `target` atomically (a new link under a temporary name, renamed over)."""
+    if link.is_symlink() and os.readlink(link) == target:
+        return
+    tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex[:8]}.tmp")
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def publish(out: Path, run_id: str, write: Callable[[Path], None]) -> Path:
+    """`write(folder)` fills a new generation folder; then it becomes OUT's outputs in one atomic
+    symlink swap. Returns the generation folder. On any error the previous outputs stay."""
+    state = out / STATE_DIR
+    state.mkdir(exist_ok=True)
+    tmp = state / f"tmp-{run_id}"
+    gen = state / f"gen-{run_id}"
+    try:
+        tmp.mkdir()
+        write(tmp)
+        _fsync_tree(tmp)
+        os.rename(tmp, gen)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    previous = os.readlink(state / "current") if (state / "current").is_symlink() else None
+    _replace_symlink(state / "current", gen.name)  # the commit point
+    _fsync_dir(state)
+    for name in PUBLISHED:  # stable names in OUT, through `current` (made once, or after an old layout)
+        if (gen / name).exists():
+            _replace_symlink(out / name, f"{STATE_DIR}/current/{name}")
+    _fsync_dir(out)
+    for old in state.glob("gen-*"):
+        if old.name not in (gen.name, previous):
+            shutil.rmtree(old, ignore_errors=True)
+    return gen
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 import pipeline
-from pipeline import candidates, decide, outdir, scan, screen, write
-from pipeline.config import Config, ConfigError
+from pipeline import candidates, decide, outdir, paths, scan, screen, write
+from pipeline.config import Config, ConfigError, check_scheduler
 from pipeline.progress import Progress
 
 log = logging.getLogger("pipeline")
@@ -47,7 +47,8 @@ def dask_client(cfg: Config, scheduler: str | None) -> Iterator[object | None]:
         n_workers = cfg.dask.n_workers or os.cpu_count() or 1
         with LocalCluster(n_workers=n_workers, threads_per_worker=cfg.dask.threads_per_worker,
                           processes=True, dashboard_address=cfg.dask.dashboard_address or None,
-                          memory_limit=cfg.dask.memory_limit,
+                          memory_limit=0 if str(cfg.dask.memory_limit).lower() in ("0", "none", "")
+                          else cfg.dask.memory_limit,
                           silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
             if cfg.dask.dashboard_address:
                 log.info("Dask dashboard: %s (%d workers x %d threads)", client.dashboard_link, n_workers,
@@ -66,10 +67,12 @@ def dask_client(cfg: Config, scheduler: str | None) -> Iterator[object | None]:
         client.close()
 
 
-def image_ids(paths: Iterable[str]) -> np.ndarray:
-    """Stable 63-bit ids from relative paths: the same file keeps its id as the folder grows."""
-    ids = np.fromiter((int.from_bytes(hashlib.blake2b(p.encode("utf-8"), digest_size=8).digest(), "big") >> 1
-                       for p in paths), dtype=np.int64)
+def image_ids(names: Iterable[str | bytes]) -> np.ndarray:
+    """Stable 63-bit ids from relative paths (their bytes): the same file keeps its id as the
+    folder grows. For a valid UTF-8 name the bytes are its UTF-8 encoding."""
+    ids = np.fromiter((int.from_bytes(hashlib.blake2b(p if isinstance(p, bytes) else p.encode("utf-8"),
+                                                      digest_size=8).digest(), "big") >> 1
+                       for p in names), dtype=np.int64)
     if len(np.unique(ids)) != len(ids):  # astronomically unlikely; refuse rather than merge images
         raise RuntimeError("image_id collision between two paths")
     return ids
@@ -103,9 +106,15 @@ def run_screen(root: Path, cfg: Config, client, progress: Progress) -> pd.DataFr
         tracker.set_total(walked)
     images = (pd.concat(frames, ignore_index=True) if frames
               else pd.DataFrame({c: pd.Series(dtype="object") for c in screen.COLUMNS}))
+    # names as the filesystem holds them -> the outputs' text form (pipeline/paths.py); the id
+    # and the raw bytes come from the exact name, so nothing is lost
+    raw = [paths.raw_bytes(p) for p in images["path"]]
+    images["raw_path"] = [None if paths.is_utf8(b) else b for b in raw]
+    images["image_id"] = image_ids(raw)
+    images["path"] = [paths.text_form(p) for p in images["path"]]
+    images["error"] = [paths.clean_text(e) if isinstance(e, str) else e for e in images["error"]]
     images = images.sort_values("path", kind="stable").reset_index(drop=True)
-    images.insert(0, "image_id", image_ids(images["path"]))
-    return images
+    return images[["image_id", *[c for c in images.columns if c != "image_id"]]]
 
 
 def representatives(images: pd.DataFrame) -> pd.Series:
@@ -167,6 +176,9 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         raise ConfigError(f"input folder {str(root)!r} does not exist or is not a folder: pass DATA=<folder of images>")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {str(out)!r} exists and is not a folder: choose another --out")
+    check_scheduler(scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or cfg.dask.scheduler,
+                    "--scheduler" if scheduler else "DASK_SCHEDULER_ADDRESS"
+                    if os.environ.get("DASK_SCHEDULER_ADDRESS") else "dask.scheduler")
     weights_info = None
     if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"] or cfg.screen.mode == "hash+embedding":
         from pipeline import weights  # fail before any heavy work when the weights are missing
@@ -270,16 +282,13 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
     manifest = {
         "tool": "dedupe-pipeline", "version": pipeline.__version__, "run_id": run_id,
         "contract_version": write.CONTRACT_VERSION,
-        "root": str(root.resolve()), "out": str(out.resolve()),
+        "root": paths.text_form(str(root.resolve())), "out": paths.text_form(str(out.resolve())),
         "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
         "scheduler": scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or cfg.dask.scheduler,
         "config": cfg.to_dict(), "counts": counts, "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "weights": weights_info, "versions": versions(),
     }
-    t = time.perf_counter()
-    write.write_outputs(out, images, pairs, manifest)
-    manifest["timings_s"]["write"] = round(time.perf_counter() - t, 3)
-    write.write_json(manifest, out / "run.json")
+    outdir.publish(out, run_id, lambda folder: write.write_outputs(folder, images, pairs, manifest))
     return manifest
 
 
@@ -294,7 +303,7 @@ def contract_pairs(pairs: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
         "orb_matches": pairs["orb_matches"].to_numpy(), "orb_inliers": pairs["orb_inliers"].to_numpy(),
         "orb_score": pairs["orb_score"].to_numpy(), "cosine": pairs["cosine"].to_numpy(),
         "stage": pairs["stage"].to_numpy(), "is_duplicate": pairs["is_duplicate"].to_numpy(),
-        "reason": pairs["reason"].to_numpy(), "rule": pairs["rule"].to_numpy(),
+        "reason": [paths.clean_text(r) for r in pairs["reason"]], "rule": pairs["rule"].to_numpy(),
         "abs_path_a": a["abs_path"].to_numpy(), "abs_path_b": b["abs_path"].to_numpy(),
     })
     return out.sort_values(["path_a", "path_b"], kind="stable").reset_index(drop=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from pipeline import paths
 from pipeline.config import ScanConfig
 
 # (offset, magic bytes, format name). Enough to recognise what Pillow can decode.
@@ -69,7 +70,7 @@ def _classify(abs_path: str, size: int, cfg: ScanConfig) -> tuple[bool, str | No
     if size > cfg.max_file_bytes:
         return ext_is_image, f"file too large: {size} bytes exceeds scan.max_file_bytes={cfg.max_file_bytes}"
     try:
-        with open(abs_path, "rb") as fh:
+        with paths.open_bytes(abs_path) as fh:
             head = fh.read(SNIFF_BYTES)
     except OSError as exc:
         return ext_is_image, f"cannot read: {exc.strerror or exc}"
@@ -91,35 +92,36 @@ def iter_files(root: str | Path, cfg: ScanConfig) -> Iterator[FileEntry]:
     stack: list[tuple[str, str]] = [(root_abs, "")]
     while stack:
         dir_abs, dir_rel = stack.pop()
+        listed = []
         try:
-            with os.scandir(dir_abs) as it:
-                entries = sorted(it, key=lambda e: e.name)
+            # stat while the folder is open: a folder deeper than PATH_MAX is read through its fd
+            with paths.scandir(dir_abs) as it:
+                for entry in sorted(it, key=lambda e: e.name):
+                    if cfg.skip_hidden and entry.name.startswith("."):
+                        continue
+                    try:
+                        if entry.is_symlink() and not cfg.follow_symlinks:
+                            continue
+                        st = entry.stat(follow_symlinks=True)
+                    except OSError:
+                        continue  # a dangling link, or an entry gone since the listing
+                    listed.append((entry.name, st))
         except OSError:
             continue  # unreadable folder: nothing inside it can be listed
         subdirs = []
-        for entry in entries:
-            if cfg.skip_hidden and entry.name.startswith("."):
-                continue
-            rel = f"{dir_rel}/{entry.name}" if dir_rel else entry.name
-            try:
-                is_link = entry.is_symlink()
-                if is_link and not cfg.follow_symlinks:
-                    continue
-                st = entry.stat(follow_symlinks=True)
-            except OSError:
-                if entry.is_symlink():
-                    continue  # dangling link
-                raise
+        for name, st in listed:
+            rel = f"{dir_rel}/{name}" if dir_rel else name
+            path = os.path.join(dir_abs, name)
             if stat.S_ISDIR(st.st_mode):
                 key = (st.st_dev, st.st_ino)
                 if key in seen_dirs:
                     continue  # symlink loop or a folder reached twice
                 seen_dirs.add(key)
-                subdirs.append((entry.path, rel))
+                subdirs.append((path, rel))
             elif stat.S_ISREG(st.st_mode):
-                keep, error = _classify(entry.path, st.st_size, cfg)
+                keep, error = _classify(path, st.st_size, cfg)
                 if keep:
-                    yield FileEntry(rel, os.path.abspath(entry.path), st.st_size, st.st_mtime, error)
+                    yield FileEntry(rel, path, st.st_size, st.st_mtime, error)
         stack.extend(reversed(subdirs))
 
 

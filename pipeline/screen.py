@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from pipeline import paths
 from pipeline.borders import content_box
 from pipeline.config import ScreenConfig
 from pipeline.decode import DecodeError, dihedral, load_image
@@ -97,13 +98,20 @@ def image_hashes(img: Image.Image, cfg: ScreenConfig) -> tuple[np.ndarray, int]:
 
 
 def screen_file(entry: FileEntry, cfg: ScreenConfig) -> dict:
-    row = {"path": entry.path, "abs_path": entry.abs_path, "bytes": entry.bytes, "mtime": entry.mtime,
+    row = _screen_file(entry, cfg)
+    row["error"] = paths.clean_text(row["error"])  # a message may quote a name that is not UTF-8
+    return row
+
+
+def _screen_file(entry: FileEntry, cfg: ScreenConfig) -> dict:
+    row = {"path": paths.internal(entry.path), "abs_path": paths.internal(entry.abs_path),
+           "bytes": entry.bytes, "mtime": entry.mtime,
            "width": None, "height": None, "format": None, "sha256": None, "hash": None,
            "error": entry.error, "codes": None, "variant_mask": 0}
     if entry.error:
         return row
     try:
-        with open(entry.abs_path, "rb") as fh:
+        with paths.open_bytes(entry.abs_path) as fh:
             data = fh.read()
     except OSError as exc:
         row["error"] = f"cannot read: {exc.strerror or exc}"

@@ -1,7 +1,7 @@
 """Stage 7, write: the output contract as Parquet, the run manifest and the HTML report.
 
-Every file is written to a temporary name in the output folder and renamed into place, so a
-crashed run never leaves a half-written file where the last good one was.
+The files of one run are written into a fresh generation folder that pipeline/outdir.py then
+publishes in one atomic step, so readers see the previous run's set or this one's, never a mix.
 
 Contract version 2 (README "Output"): the v1 columns keep their names and meaning; v2 adds the
 `rule` code to pairs, stores `stage`/`rule` as dictionary columns (pandas `category`), writes
@@ -11,6 +11,7 @@ provenance (contract version, run id, config, versions) in each Parquet file's s
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -23,6 +24,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import paths
+
 CONTRACT_VERSION = 2
 _DICT = pa.dictionary(pa.int8(), pa.string())
 
@@ -30,7 +33,7 @@ IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.int64()), ("path", pa.string()), ("bytes", pa.int64()),
     ("mtime", pa.timestamp("us", tz="UTC")), ("width", pa.int32()), ("height", pa.int32()),
     ("format", pa.string()), ("sha256", pa.string()), ("hash", pa.string()), ("error", pa.string()),
-    ("cluster_id", pa.int64()),
+    ("cluster_id", pa.int64()), ("raw_path", pa.binary()),
 ])
 PAIRS_SCHEMA = pa.schema([
     ("path_a", pa.string()), ("path_b", pa.string()), ("image_id_a", pa.int64()),
@@ -42,7 +45,7 @@ PAIRS_SCHEMA = pa.schema([
 # is cast to these before writing so the file's pandas metadata records them.
 IMAGES_DTYPES = {"image_id": "int64", "path": "object", "bytes": "int64", "width": "Int32",
                  "height": "Int32", "format": "object", "sha256": "object", "hash": "object",
-                 "error": "object", "cluster_id": "Int64"}
+                 "error": "object", "cluster_id": "Int64", "raw_path": "object"}
 PAIRS_DTYPES = {"path_a": "object", "path_b": "object", "image_id_a": "int64", "image_id_b": "int64",
                 "hash_distance": "int16", "orb_matches": "Int32", "orb_inliers": "Int32",
                 "orb_score": "Float32", "cosine": "Float32", "stage": "category", "is_duplicate": "bool",
@@ -75,6 +78,13 @@ def write_table(frame: pd.DataFrame, schema: pa.Schema, path: Path, dtypes: dict
     frame = frame[schema.names]
     if dtypes:
         frame = frame.astype(dtypes)
+    for field in schema:  # a file name quoted in a message may hold undecodable bytes (paths.py)
+        if pa.types.is_string(field.type) or (pa.types.is_dictionary(field.type)
+                                              and pa.types.is_string(field.type.value_type)):
+            col = frame[field.name]
+            if col.dtype == object and not all(paths.is_utf8(v) for v in col if isinstance(v, str)):
+                frame = frame.assign(**{field.name: [paths.clean_text(v) if isinstance(v, str) else v
+                                                     for v in col]})
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
@@ -161,11 +171,22 @@ def write_report(path: Path, images: pd.DataFrame, pairs: pd.DataFrame, manifest
 
 def write_outputs(out_dir: Path, images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict,
                   report: bool = True) -> None:
-    """images/pairs: the run's frames (with abs paths for the report); writes the four files."""
+    """images/pairs: the run's frames (with abs paths for the report); writes the files into
+    `out_dir` (a new generation folder, see pipeline/outdir.py), `run.json` last, listing the
+    sha256 of its siblings so a reader can check it holds one run's set."""
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = provenance(manifest)
     write_table(images_frame(images), IMAGES_SCHEMA, out_dir / "images.parquet", IMAGES_DTYPES, meta)
     write_table(pairs_frame(pairs), PAIRS_SCHEMA, out_dir / "pairs.parquet", PAIRS_DTYPES, meta)
     if report:
         write_report(out_dir / "report.html", images, pairs, manifest)
-    write_json(manifest, out_dir / "run.json")  # last: its presence marks a complete run
+    manifest["files"] = {p.name: _sha256(p) for p in sorted(out_dir.iterdir()) if p.is_file()}
+    write_json(manifest, out_dir / "run.json")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

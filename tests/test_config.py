@@ -66,3 +66,33 @@ def test_default_yaml_documents_every_key():
 
     walk(Config(), data)
     assert not missing, f"configs/default.yaml lacks {missing}"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("dask.memory_limit=lots", "dask.memory_limit"),
+    ("dask.memory_limit=-4GB", "dask.memory_limit"),
+    ("dask.scheduler=foo://bar:1", "not 'local', 'sync' or a Dask scheduler address"),
+    ("dask.scheduler=justahost", "Dask scheduler address"),
+    ("verify.scale_factor=1.0", "verify.scale_factor"),
+    ("scan.max_file_bytes=-1", "scan.max_file_bytes"),
+    ("scan.max_file_bytes=0", "scan.max_file_bytes"),
+    ("scan.image_extensions=[jpg]", "scan.image_extensions"),
+    ("screen.border_tolerance=300", "screen.border_tolerance"),
+    ("verify.min_good_matches=1", "verify.min_good_matches"),
+    ("verify.ransac_threshold=0", "verify.ransac_threshold"),
+    ("embed.alpha=0", "embed.alpha"),
+    ("decide.accept_inliers=0", "accept_inliers"),
+])
+def test_meaningless_values_are_refused_with_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("value", ["auto", "4GB", "3.5GiB", "0", "2e9"])
+def test_memory_limits_dask_accepts(value):
+    assert load_config(None, [f"dask.memory_limit={value}"]).dask.memory_limit == value
+
+
+def test_scheduler_addresses_accepted():
+    for target in ("local", "sync", "tcp://127.0.0.1:8786", "tls://scheduler:8786", "10.0.0.5:8786"):
+        load_config(None, [f"dask.scheduler={target}"])

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 PAIR_COLUMNS = ["path_a", "path_b", "image_id_a", "image_id_b", "hash_distance", "orb_matches", "orb_inliers",
                 "orb_score", "cosine", "stage", "is_duplicate", "reason", "rule"]
 IMAGE_COLUMNS = ["image_id", "path", "bytes", "mtime", "width", "height", "format", "sha256", "hash", "error",
-                 "cluster_id"]
+                 "cluster_id", "raw_path"]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -49,7 +49,7 @@ def test_outputs_follow_the_contract(screen_run):
     assert set(pairs["stage"]) <= {"exact", "screen"}
     assert pairs["orb_inliers"].isna().all() and pairs["cosine"].isna().all()  # tiers not run
     leftovers = [n for n in os.listdir(screen_run) if n.startswith(".") or n.startswith("_work")]
-    assert leftovers == [".dedupe.lock"]  # the run lock stays (pipeline/outdir.py); no temp files
+    assert sorted(leftovers) == [".dedupe", ".dedupe.lock"]  # generations + the run lock; no temp files
 
 
 def test_corrupt_file_is_a_row_with_its_error(screen_run):

@@ -82,8 +82,11 @@ def test_next_run_removes_what_killed_runs_left(tmp_path):
     (out / "_work-99999" / "orb").mkdir(parents=True)  # as a kill -9 leaves them
     (out / "_work-99999" / "orb" / "part-000000.parquet").write_bytes(b"x")
     (out / ".pairs.parquet.0123abcd.tmp").write_bytes(b"half a file")
+    (out / ".dedupe" / "tmp-20260101T000000Z-deadbeef").mkdir(parents=True)  # killed mid-write
     assert main(["dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync", "--quiet"]) == 0
-    assert sorted(os.listdir(out)) == [".dedupe.lock", "images.parquet", "pairs.parquet", "report.html", "run.json"]
+    assert sorted(os.listdir(out)) == [".dedupe", ".dedupe.lock", "images.parquet", "pairs.parquet", "report.html",
+                                       "run.json"]
+    assert [p.name for p in (out / ".dedupe").iterdir() if not p.name.startswith("gen-")] == ["current"]
 
 
 def test_a_second_run_into_the_same_out_exits_2_naming_the_holder(tmp_path, capsys):
@@ -171,3 +174,51 @@ def test_help_has_examples_outputs_and_exit_codes():
     assert "python -m pipeline dedupe photos/ --out out --preset high-recall" in text  # the command used
     for needle in ("exit codes:", "pairs.parquet", "images.parquet", "run.json", "SIGTERM", "--preset"):
         assert needle in text, needle
+
+
+def _screen_run(data: Path, out: Path) -> int:
+    return main(["dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync", "--quiet"])
+
+
+def test_outputs_are_one_generation_and_run_json_lists_their_sha256(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (80 * i, 20, 200)).save(data / f"{i}.png")
+    out = tmp_path / "out"
+    assert _screen_run(data, out) == 0
+    first = (out / "run.json").resolve().parent
+    assert _screen_run(data, out) == 0
+    second = (out / "run.json").resolve().parent
+    assert first != second and first.exists()  # the previous generation is kept, one back
+    for name in outdir.PUBLISHED:
+        assert (out / name).is_symlink() and (out / name).resolve().parent == second
+    import json
+    manifest = json.loads((out / "run.json").read_text())
+    assert second.name == f"gen-{manifest['run_id']}"
+    assert manifest["files"] == {n: hashlib.sha256((second / n).read_bytes()).hexdigest()
+                                 for n in ("images.parquet", "pairs.parquet", "report.html")}
+    assert _screen_run(data, out) == 0
+    assert not first.exists()  # two back: removed
+
+
+def test_a_failure_while_writing_leaves_the_previous_set_whole(tmp_path, monkeypatch):
+    data = tmp_path / "d"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(data / "a.png")
+    out = tmp_path / "out"
+    assert _screen_run(data, out) == 0
+    before = _tree(out)
+    from pipeline import write
+    real = write.write_table
+
+    def disk_full(frame, schema, path, *args, **kwargs):
+        if path.name == "pairs.parquet":  # images.parquet is already written by then
+            raise OSError(28, "No space left on device")
+        return real(frame, schema, path, *args, **kwargs)
+
+    monkeypatch.setattr(write, "write_table", disk_full)
+    Image.new("RGB", (64, 64), (200, 2, 3)).save(data / "b.png")
+    assert _screen_run(data, out) == 1
+    assert _tree(out) == before
+    assert not list((out / ".dedupe").glob("tmp-*"))

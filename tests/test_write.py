@@ -25,9 +25,10 @@ def test_images_table_types(tmp_path):
         "image_id": [1, 2], "path": ["a.jpg", "b.jpg"], "bytes": [10, 20],
         "mtime": pd.to_datetime([1.7e9, 1.7e9], unit="s", utc=True), "width": pd.array([5, None], dtype="Int64"),
         "height": pd.array([5, None], dtype="Int64"), "format": ["JPEG", None], "sha256": ["x", "y"],
-        "hash": ["00", None], "error": [None, "empty file"], "cluster_id": pd.array([None, None], dtype="Int64"),
+        "hash": ["00", None], "error": [None, "empty file"], "cluster_id": pd.array([None, None], dtype="Int64"), "raw_path": [None, b"b\xff.jpg"],
     })
     write_table(frame, IMAGES_SCHEMA, tmp_path / "images.parquet")
     back = pd.read_parquet(tmp_path / "images.parquet")
     assert back["error"].tolist()[1] == "empty file" and pd.isna(back["width"].iloc[1])
     assert back["bytes"].dtype == "int64"
+    assert back["raw_path"].tolist() == [None, b"b\xff.jpg"]

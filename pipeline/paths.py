@@ -1,0 +1,103 @@
+"""File names as the filesystem holds them: any bytes, any length.
+
+Two things a folder tree can hold that plain `open(path)` and UTF-8 text cannot:
+
+* **Names that are not valid UTF-8** (old NAS shares, USB sticks, archives from other locales).
+  Python hands them over as `str` with the bad bytes as lone surrogates (PEP 383); those cannot be
+  written to Parquet or HTML. `text_form` is the documented text: the name's bytes decoded as UTF-8
+  with every undecodable byte written as `\\xNN`; `raw_bytes` keeps the exact bytes for the
+  `raw_path` column (null when the name is valid UTF-8), so nothing is lost.
+* **Paths longer than PATH_MAX** (4096 bytes on Linux, reached by deep nesting). The kernel refuses
+  them whole, but opens them one folder at a time: `open_bytes` and `scandir` walk such a path with
+  directory file descriptors.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+# Longer paths are opened component by component (PATH_MAX is 4096 with the final NUL; a little
+# margin for the kernel's own additions).
+LONG_PATH_BYTES = 4000
+
+
+def raw_bytes(name: str | bytes) -> bytes:
+    """The exact bytes of a name Python got from the filesystem."""
+    return os.fsencode(name)
+
+
+def text_form(name: str | bytes) -> str:
+    """Lossless-enough text for outputs: UTF-8, undecodable bytes as `\\xNN` (see `raw_bytes`)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def is_utf8(name: str | bytes) -> bool:
+    try:
+        name.decode("utf-8") if isinstance(name, bytes) else name.encode("utf-8")
+    except UnicodeError:
+        return False
+    return True
+
+
+def internal(name: str) -> str | bytes:
+    """How a name travels through the stages' frames: as str when it is valid UTF-8, else as its
+    bytes (pandas and Arrow cannot hold the lone surrogates Python uses for undecodable bytes;
+    `open`, `os.stat` and `open_bytes` take bytes paths as they are)."""
+    return name if is_utf8(name) else os.fsencode(name)
+
+
+def clean_text(value: str | None) -> str | None:
+    """Any text that may quote a file name (an error message) made writable as UTF-8."""
+    if value is None or is_utf8(value):
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_long(path: str | bytes) -> bool:
+    return len(os.fsencode(path)) >= LONG_PATH_BYTES
+
+
+def _open_dir_chain(path: str) -> int:
+    """A directory fd for an absolute path of any length, opened one component at a time."""
+    parts = [p for p in os.fsencode(path).split(b"/") if p]
+    fd = os.open(b"/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_bytes(path: str | bytes):
+    """`open(path, "rb")` for a path of any length (str or bytes)."""
+    if not is_long(path):
+        return open(path, "rb")
+    parent, name = os.path.split(os.path.abspath(path))
+    dir_fd = _open_dir_chain(parent)
+    try:
+        fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    return os.fdopen(fd, "rb")
+
+
+@contextlib.contextmanager
+def scandir(path: str) -> Iterator[Iterator[os.DirEntry]]:
+    """`os.scandir(path)` for a folder whose entries' paths may exceed PATH_MAX. Then the folder
+    is read through its fd: entries have only their name in `.path` (callers join names
+    themselves) and `.stat()` works relative to the fd, whatever the path's length."""
+    if len(os.fsencode(path)) + 257 < LONG_PATH_BYTES:  # + "/" + the longest name (255)
+        with os.scandir(path) as it:
+            yield it
+        return
+    fd = _open_dir_chain(os.path.abspath(path))
+    try:
+        with os.scandir(fd) as it:
+            yield it
+    finally:
+        os.close(fd)
