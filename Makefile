@@ -12,7 +12,7 @@ CONFIG ?=
 ARGS ?=
 export SHARED
 
-.PHONY: install test dedupe bench eval weights clean
+.PHONY: install test reliability dedupe bench eval weights clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(PY) -m pytest -q
+
+# the bad-input and fault suite alone (it is part of make test too)
+reliability: install
+	$(PY) -m pytest -q -m reliability
 
 dedupe: install weights
 	@test -n "$(DATA)" || { echo "usage: make dedupe DATA=path/to/images [OUT=out] [PRESET=default|fast|high-recall|strict] [CONFIG=my.yaml] [ARGS='--set key=value']" >&2; exit 2; }

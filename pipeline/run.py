@@ -288,7 +288,9 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
         "config": cfg.to_dict(), "counts": counts, "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "weights": weights_info, "versions": versions(),
     }
-    outdir.publish(out, run_id, lambda folder: write.write_outputs(folder, images, pairs, manifest))
+    with progress.stage("write", total=len(images) + len(pairs), unit="row") as tracker:
+        outdir.publish(out, run_id, lambda folder: write.write_outputs(folder, images, pairs, manifest))
+        tracker.update(len(images) + len(pairs))
     return manifest
 
 

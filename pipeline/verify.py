@@ -203,7 +203,11 @@ def features_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int)
                 if base is None:
                     out.append((int(key), 0, b"", b"", 0, 0, error))
                     continue
-                f = orb_features(dihedral(base, int(t)), vcfg)
+                try:
+                    f = orb_features(dihedral(base, int(t)), vcfg)
+                except cv2.error as exc:  # e.g. a 1 x 4000 sliver: OpenCV's pyramid cannot shrink it
+                    out.append((int(key), 0, b"", b"", 0, 0, f"no features: OpenCV: {str(exc).strip()[-120:]}"))
+                    continue
                 out.append((int(key), len(f["keypoints"]), f["keypoints"].tobytes(),
                             f["descriptors"].tobytes(), f["width"], f["height"], None))
     frame = pd.DataFrame(out, columns=["key", "n_keypoints", "keypoints", "descriptors", "width",

@@ -1,0 +1,271 @@
+"""The reliability suite: every kind of bad input and the faults a scheduler brings.
+
+One real run over a generated corpus of bad and odd files (tests/reliability_corpus.py) must exit 0
+with the right row for each, leave the inputs untouched and write consistent outputs; each bad
+configuration and environment must exit 2 with a message naming what to fix; and a run killed
+(kill -9) in any stage, or stopped by SIGTERM, must leave the previous outputs whole, after which
+the next run cleans up and succeeds. `make reliability` runs this file alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image, ImageFilter
+
+from pipeline import outdir
+from pipeline.cli import main
+from tests.reliability_corpus import KINDS
+
+pytestmark = pytest.mark.reliability
+REPO = Path(__file__).resolve().parent.parent
+MAX_FILE_BYTES = 1_000_000  # the corpus's "too large" file is above this
+
+
+def _snapshot(root: Path) -> dict[bytes, tuple]:
+    """Every entry under root (links not followed): mode, size, mtime_ns, sha256 of files. Read
+    through folder fds (os.fwalk), so the corpus's path beyond PATH_MAX is covered too."""
+    out = {}
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(os.fsencode(root)):
+        for name in dirnames + filenames:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            digest = None
+            if stat.S_ISREG(st.st_mode):
+                fd = os.open(name, os.O_RDONLY, dir_fd=dirfd)
+                with os.fdopen(fd, "rb") as fh:
+                    digest = hashlib.sha256(fh.read()).hexdigest()
+            out[os.path.join(dirpath, name)] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    expected: dict[bytes, tuple[str, str]] = {}
+    for kind in KINDS:
+        for rel, expect in kind.make(root):
+            expected[rel] = (expect, kind.name)
+    return root, expected
+
+
+@pytest.fixture(scope="module")
+def corpus_run(corpus, tmp_path_factory):
+    root, expected = corpus
+    before = _snapshot(root)
+    out = tmp_path_factory.mktemp("corpus-out")
+    rc = main(["dedupe", str(root), "--out", str(out), "--tiers", "verify", "--scheduler", "sync", "--quiet",
+               "--set", f"scan.max_file_bytes={MAX_FILE_BYTES}"])
+    return rc, out, before
+
+
+def test_corpus_has_at_least_80_kinds():
+    assert len(KINDS) >= 80, len(KINDS)
+    assert len({k.name for k in KINDS}) == len(KINDS)
+
+
+def test_bad_input_run_exits_0_with_the_right_row_for_each_kind(corpus, corpus_run):
+    root, expected = corpus
+    rc, out, _ = corpus_run
+    assert rc == 0
+    images = pd.read_parquet(out / "images.parquet")
+    raw = [r if r is not None else p.encode("utf-8") for p, r in zip(images["path"], images["raw_path"])]
+    rows = dict(zip(raw, images.itertuples()))
+    problems = []
+    for rel, (expect, kind) in expected.items():
+        row = rows.get(rel)
+        if expect == "skipped":
+            if row is not None:
+                problems.append(f"{kind}: {rel!r} should not be listed")
+        elif row is None:
+            problems.append(f"{kind}: {rel!r} has no row")
+        elif expect == "ok" and not pd.isna(row.error):
+            problems.append(f"{kind}: {rel!r} should decode, got error {row.error!r}")
+        elif expect == "error" and (pd.isna(row.error) or not str(row.error).strip()):
+            problems.append(f"{kind}: {rel!r} should be an error row with its reason")
+    assert not problems, "\n".join(problems)
+    # no row that the corpus did not make (nothing invented, nothing listed twice)
+    listed = {rel for rel, (expect, _) in expected.items() if expect != "skipped"}
+    assert set(raw) == listed
+    assert images["image_id"].is_unique
+
+
+def test_inputs_are_untouched(corpus, corpus_run):
+    root, _ = corpus
+    _, _, before = corpus_run
+    assert _snapshot(root) == before
+
+
+def test_outputs_are_consistent(corpus_run):
+    _, out, _ = corpus_run
+    images = pd.read_parquet(out / "images.parquet")
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    ids = set(images["image_id"])
+    assert set(pairs["image_id_a"]) <= ids and set(pairs["image_id_b"]) <= ids
+    assert images.loc[images["error"].notna(), "cluster_id"].isna().all()  # broken files join no cluster
+    assert images["cluster_id"].dropna().isin(images["image_id"]).all()
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["counts"]["files"] == len(images)
+    assert manifest["counts"]["errors"] == int(images["error"].notna().sum())
+    gen = (out / "run.json").resolve().parent
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((gen / name).read_bytes()).hexdigest() == digest
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "<script>alert(1)</script>" not in html  # the hostile name is escaped
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration and environment: exit 2 with a message that says what to fix
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+BAD_CONFIGS = [
+    (["--set", "screen.max_distanse=3"], "unknown config key 'screen.max_distanse'"),
+    (["--set", "screen.max_distance=lots"], "expected a whole number"),
+    (["--set", "screen.max_distance=64"], "screen.max_distance must be in"),
+    (["--set", "screen.hash=md5"], "is not one of"),
+    (["--set", "screen.hash_size=5"], "multiple of 8"),
+    (["--set", "tiers=everything"], "is not one of"),
+    (["--set", "dask.memory_limit=lots"], "dask.memory_limit"),
+    (["--set", "dask.n_workers=-1"], "dask.n_workers"),
+    (["--set", "verify.scale_factor=1.0"], "verify.scale_factor"),
+    (["--set", "verify.ratio=1.5"], "verify.ratio"),
+    (["--set", "scan.max_file_bytes=-1"], "scan.max_file_bytes"),
+    (["--set", "decide.cosine_threshold=2"], "cosine"),
+    (["--set", "embed.batch_size=0"], "embed.batch_size"),
+    (["--set", "novalue"], "expected key=value"),
+    (["--scheduler", "foo://bar:1"], "not 'local', 'sync' or a Dask scheduler address"),
+    (["--preset", "turbo"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("args, needle", BAD_CONFIGS, ids=[" ".join(a) for a, _ in BAD_CONFIGS])
+def test_bad_configuration_exits_2_with_its_key(tmp_path, capsys, args, needle):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(SystemExit) if args[0] == "--preset" else _no_raise():
+        rc = main(["dedupe", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--tiers", "screen",
+                   "--scheduler", "sync", *args])
+        assert rc == 2
+    assert needle in capsys.readouterr().err
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _environments(tmp: Path) -> list[tuple[str, list[str], str]]:
+    (tmp / "d").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp / "d" / "a.png")
+    (tmp / "afile").write_text("x")
+    (tmp / "bad.yaml").write_text("screen: [unclosed\n")
+    (tmp / "list.yaml").write_text("- a\n- b\n")
+    locked = tmp / "locked"
+    locked.mkdir()
+    return [
+        ("missing DATA", [str(tmp / "nope"), "--out", str(tmp / "o1")], "does not exist"),
+        ("DATA is a file", [str(tmp / "afile"), "--out", str(tmp / "o2")], "not a folder"),
+        ("OUT is a file", [str(tmp / "d"), "--out", str(tmp / "afile")], "not a folder"),
+        ("OUT's parent is a file", [str(tmp / "d"), "--out", str(tmp / "afile" / "o")], "choose another --out"),
+        ("config file missing", [str(tmp / "d"), "--out", str(tmp / "o3"), "--config", str(tmp / "no.yaml")],
+         "not found"),
+        ("config not YAML", [str(tmp / "d"), "--out", str(tmp / "o4"), "--config", str(tmp / "bad.yaml")],
+         "cannot be read as YAML"),
+        ("config not a mapping", [str(tmp / "d"), "--out", str(tmp / "o5"), "--config", str(tmp / "list.yaml")],
+         "expected a mapping"),
+        ("scheduler not listening", [str(tmp / "d"), "--out", str(tmp / "o6"), "--scheduler",
+                                     f"tcp://127.0.0.1:{_free_port()}"], "cannot reach the Dask scheduler"),
+    ]
+
+
+def test_bad_environments_exit_2_with_what_to_fix(tmp_path, capsys):
+    failures = []
+    for name, args, needle in _environments(tmp_path):
+        rc = main(["dedupe", *args, "--tiers", "screen", "--quiet"])
+        err = capsys.readouterr().err
+        if rc != 2 or needle not in err:
+            failures.append(f"{name}: rc={rc}, stderr={err[-300:]!r}")
+    assert not failures, "\n".join(failures)
+
+
+# ---------------------------------------------------------------------------------------------
+# faults: kill -9 in each stage, SIGTERM; the previous outputs stay whole, the next run cleans up
+
+@pytest.fixture(scope="module")
+def fault_data(photo_paths, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fault-data")
+    for p in photo_paths[:120]:
+        img = Image.open(p).convert("RGB")
+        img.save(root / f"{p.stem}.jpg", quality=90)
+        img.crop((8, 8, img.width - 8, img.height - 8)).save(root / f"{p.stem}_crop.png")
+    for p in photo_paths[120:150]:  # blurred copies: too few keypoints for ORB, so confirm embeds them
+        img = Image.open(p).convert("RGB")
+        img.save(root / f"{p.stem}.jpg", quality=90)
+        img.filter(ImageFilter.GaussianBlur(6)).save(root / f"{p.stem}_blur.jpg", quality=90)
+    return root
+
+
+def _outputs(out: Path) -> dict[str, str]:
+    return {name: hashlib.sha256((out / name).read_bytes()).hexdigest()
+            for name in outdir.PUBLISHED if (out / name).exists()}
+
+
+def _is_complete_set(out: Path) -> bool:
+    manifest = json.loads((out / "run.json").read_text())
+    gen = (out / "run.json").resolve().parent
+    return all(hashlib.sha256((gen / n).read_bytes()).hexdigest() == d for n, d in manifest["files"].items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, sig", [("screen", signal.SIGKILL), ("features", signal.SIGKILL),
+                                        ("embed", signal.SIGKILL), ("write", signal.SIGKILL),
+                                        ("verify", signal.SIGTERM)])
+def test_a_run_killed_in_any_stage_leaves_the_previous_outputs(fault_data, tmp_path, stage, sig):
+    out = tmp_path / "out"
+    assert main(["dedupe", str(fault_data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync",
+                 "--quiet"]) == 0
+    before = _outputs(out)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", str(fault_data), "--out", str(out),
+                             "--scheduler", "sync", "--log-level", "INFO"],
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if f"{stage}: started" in line:
+                os.killpg(proc.pid, sig)
+                break
+        else:
+            pytest.fail(f"the run ended before its {stage} stage:\n" + "".join(seen[-20:]))
+        proc.stderr.read()
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == (-signal.SIGKILL if sig == signal.SIGKILL else 1)
+    after = _outputs(out)
+    # the old set, or (killed after the commit point of the write stage) the new one, whole
+    assert after == before or (stage == "write" and _is_complete_set(out)), (before, after)
+    # the next run cleans up what the killed one left and succeeds
+    assert main(["dedupe", str(fault_data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync",
+                 "--quiet"]) == 0
+    leftovers = [n for n in os.listdir(out) if n.startswith(outdir.WORK_PREFIX) or n.endswith(".tmp")]
+    leftovers += [n for n in os.listdir(out / outdir.STATE_DIR) if n.startswith("tmp-") or n.endswith(".tmp")]
+    assert not leftovers
+    assert _is_complete_set(out)
