@@ -43,7 +43,9 @@ RULES = {
     "confirm_cosine_orb": "cosine >= decide.cosine_floor with ORB inliers >= decide.support_inliers: duplicate",
     "confirm_cosine_low": "cosine below the thresholds: different",
     "confirm_no_embedding": "an embedding could not be made: ORB's verdict stands (match: duplicate)",
+    "file_changed": "a file was rewritten or removed during the run: not decided (different); the next run includes it",
 }
+CHANGED_ERROR = "changed during the run (size or mtime differ from the screen): not compared; the next run includes it"
 
 
 def _status(pairs: pd.DataFrame) -> np.ndarray:
@@ -142,6 +144,19 @@ def _assign(out: pd.DataFrame, stage, dup, reason, rule) -> pd.DataFrame:
     out["is_duplicate"] = dup
     out["reason"] = reason
     out["rule"] = rule
+    return out
+
+
+def mark_changed(pairs: pd.DataFrame, changed: np.ndarray) -> pd.DataFrame:
+    """Pairs touching an image that changed during the run (`changed`: bool per image row) are
+    not duplicates, whatever their scores: the tiers may have seen two versions of the file."""
+    hit = changed[pairs["idx_a"].to_numpy()] | changed[pairs["idx_b"].to_numpy()]
+    if not hit.any():
+        return pairs
+    out = pairs.copy()
+    out.loc[hit, "is_duplicate"] = False
+    out.loc[hit, "rule"] = "file_changed"
+    out.loc[hit, "reason"] = "a file changed during the run: not decided; the next run includes it"
     return out
 
 

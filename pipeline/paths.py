@@ -86,6 +86,18 @@ def open_bytes(path: str | bytes):
     return os.fdopen(fd, "rb")
 
 
+def stat(path: str | bytes) -> os.stat_result:
+    """`os.stat(path)` for a path of any length."""
+    if not is_long(path):
+        return os.stat(path)
+    parent, name = os.path.split(os.path.abspath(os.fsencode(path)))
+    dir_fd = _open_dir_chain(os.fsdecode(parent))
+    try:
+        return os.stat(name, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 @contextlib.contextmanager
 def scandir(path: str) -> Iterator[Iterator[os.DirEntry]]:
     """`os.scandir(path)` for a folder whose entries' paths may exceed PATH_MAX. Then the folder

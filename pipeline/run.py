@@ -268,8 +268,17 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
             timings["confirm"] = time.perf_counter() - t
             counts["confirmed_pairs"] = len(alive)
 
+    # a file rewritten while the tiers ran is marked, not silently mixed (its hash is from before)
+    changed = np.asarray(scan.changed_since(images["abs_path"], images["bytes"], images["mtime"]), dtype=bool)
+    changed &= images["error"].isna().to_numpy()
+    images.loc[changed, "error"] = decide.CHANGED_ERROR
+    counts["changed_during_run"] = int(changed.sum())
+    counts["errors"] = int(images["error"].notna().sum())
+    if changed.any():
+        log.warning("%d file(s) changed during the run; they are marked and left undecided", int(changed.sum()))
+
     t = time.perf_counter()
-    pairs = decide.decide(pairs, cfg)
+    pairs = decide.mark_changed(decide.decide(pairs, cfg), changed)
     dup = pairs[pairs["is_duplicate"]]
     images["cluster_id"] = decide.clusters(len(images), dup["idx_a"].to_numpy(), dup["idx_b"].to_numpy(),
                                            images["image_id"].to_numpy())

@@ -125,6 +125,20 @@ def iter_files(root: str | Path, cfg: ScanConfig) -> Iterator[FileEntry]:
         stack.extend(reversed(subdirs))
 
 
+def changed_since(abs_paths, sizes, mtimes) -> list[bool]:
+    """For each file: True when it is gone or its size or mtime differ from what the scan and
+    screen recorded (it was rewritten while the run went on, so its features may mix versions)."""
+    flags = []
+    for path, size, mtime in zip(abs_paths, sizes, mtimes):
+        try:
+            st = paths.stat(path)
+        except OSError:
+            flags.append(True)
+            continue
+        flags.append(st.st_size != size or st.st_mtime != mtime)
+    return flags
+
+
 def batched(entries: Iterator[FileEntry], size: int) -> Iterator[list[FileEntry]]:
     """Group the stream into partitions of `size` files without listing everything first."""
     batch: list[FileEntry] = []

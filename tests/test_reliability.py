@@ -269,3 +269,33 @@ def test_a_run_killed_in_any_stage_leaves_the_previous_outputs(fault_data, tmp_p
     leftovers += [n for n in os.listdir(out / outdir.STATE_DIR) if n.startswith("tmp-") or n.endswith(".tmp")]
     assert not leftovers
     assert _is_complete_set(out)
+
+
+def test_a_file_rewritten_between_screen_and_verify_is_marked_not_mixed(photo_paths, tmp_path, monkeypatch):
+    data = tmp_path / "d"
+    data.mkdir()
+    for p in photo_paths[:3]:
+        img = Image.open(p).convert("RGB")
+        img.save(data / f"{p.stem}.jpg", quality=90)
+        img.resize((img.width // 2, img.height // 2)).save(data / f"{p.stem}_half.jpg", quality=85)
+    victim = data / f"{photo_paths[0].stem}_half.jpg"
+    from pipeline import verify
+    real = verify.run_verify
+
+    def rewrite_then_verify(*args, **kwargs):  # someone saves over a file while the run goes on
+        Image.open(photo_paths[5]).convert("RGB").save(victim, quality=60)
+        os.utime(victim, ns=(1, 1))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(verify, "run_verify", rewrite_then_verify)
+    out = tmp_path / "out"
+    assert main(["dedupe", str(data), "--out", str(out), "--tiers", "verify", "--scheduler", "sync", "--quiet"]) == 0
+    images = pd.read_parquet(out / "images.parquet").set_index("path")
+    assert "changed during the run" in images.loc[victim.name, "error"]
+    assert pd.isna(images.loc[victim.name, "cluster_id"])
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    touched = pairs[(pairs["path_a"] == victim.name) | (pairs["path_b"] == victim.name)]
+    assert len(touched) and (touched["rule"] == "file_changed").all() and not touched["is_duplicate"].any()
+    others = pairs[~pairs.index.isin(touched.index)]
+    assert others["is_duplicate"].sum() == 2  # the two untouched originals still pair with their copies
+    assert json.loads((out / "run.json").read_text())["counts"]["changed_during_run"] == 1
