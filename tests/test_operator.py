@@ -43,6 +43,7 @@ def photo_set(photo_paths, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.reliability
 def test_sigterm_mid_verify_exits_1_and_leaves_the_previous_outputs(photo_set, tmp_path):
     out = tmp_path / "out"
     assert main(["dedupe", str(photo_set), "--out", str(out), "--tiers", "screen", "--scheduler", "sync",
@@ -74,6 +75,7 @@ def test_sigterm_mid_verify_exits_1_and_leaves_the_previous_outputs(photo_set, t
     assert _tree(photo_set) == inputs
 
 
+@pytest.mark.reliability
 def test_next_run_removes_what_killed_runs_left(tmp_path):
     data = tmp_path / "d"
     data.mkdir()
@@ -89,6 +91,7 @@ def test_next_run_removes_what_killed_runs_left(tmp_path):
     assert [p.name for p in (out / ".dedupe").iterdir() if not p.name.startswith("gen-")] == ["current"]
 
 
+@pytest.mark.reliability
 def test_a_second_run_into_the_same_out_exits_2_naming_the_holder(tmp_path, capsys):
     data = tmp_path / "d"
     data.mkdir()
@@ -202,6 +205,7 @@ def test_outputs_are_one_generation_and_run_json_lists_their_sha256(tmp_path):
     assert not first.exists()  # two back: removed
 
 
+@pytest.mark.reliability
 def test_a_failure_while_writing_leaves_the_previous_set_whole(tmp_path, monkeypatch):
     data = tmp_path / "d"
     data.mkdir()
