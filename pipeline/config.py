@@ -130,6 +130,19 @@ class DaskConfig:
 
 
 @dataclass
+class ReportConfig:
+    # OUT/report/ (pipeline/report.py): every cluster, paged; thumbnails made once per shown image
+    keep: Literal["largest_pixels", "largest_file", "oldest", "newest", "shortest_path",
+                  "preferred_folder"] = "largest_pixels"  # suggested keeper (pipeline/results.py)
+    prefer: list[str] = field(default_factory=list)  # keep=preferred_folder: path prefixes, best first
+    page_size: int = 20  # clusters per page
+    thumb_size: int = 160  # thumbnail longer side (pixels)
+    draw_pairs: int = 200  # duplicate pairs drawn with their ORB matches (the first, in page order)
+    draw_rejected: int = 50  # ... and the closest rejected pairs drawn
+    rejected_pairs: int = 500  # closest rejected pairs listed
+
+
+@dataclass
 class Config:
     tiers: Literal["screen", "verify", "confirm"] = "confirm"  # last tier to run
     work_dir: str = ""  # features store; "" = OUT/_work (removed after a successful run)
@@ -139,6 +152,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     decide: DecideConfig = field(default_factory=DecideConfig)
     dask: DaskConfig = field(default_factory=DaskConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -233,10 +247,24 @@ def _validate(cfg: Config) -> None:
         (cfg.dask.pairs_per_task >= 1, "dask.pairs_per_task must be >= 1"),
         (cfg.dask.n_workers >= 0, "dask.n_workers must be >= 0"),
         (cfg.dask.threads_per_worker >= 1, "dask.threads_per_worker must be >= 1"),
+        (cfg.report.page_size >= 1, "report.page_size must be >= 1"),
+        (cfg.report.thumb_size >= 16, "report.thumb_size must be >= 16"),
+        (min(cfg.report.draw_pairs, cfg.report.draw_rejected, cfg.report.rejected_pairs) >= 0,
+         "report.draw_pairs, draw_rejected and rejected_pairs must be >= 0"),
+        (cfg.report.keep != "preferred_folder" or bool(cfg.report.prefer),
+         "report.keep=preferred_folder needs report.prefer: a list of path prefixes"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def config_from_dict(data: dict) -> Config:
+    """A Config from `Config.to_dict()` output (e.g. run.json's "config"), validated."""
+    cfg = Config()
+    _apply(cfg, data)
+    _validate(cfg)
+    return cfg
 
 
 def parse_override(item: str) -> tuple[str, Any]:
