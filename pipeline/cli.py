@@ -41,11 +41,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     weights = sub.add_parser("weights", help="seed the Keras weights cache from a local folder")
     weights.add_argument("--from", dest="from_dir", required=True, help="folder holding the .h5 weight files")
+
+    report = sub.add_parser("report", help="rebuild OUT/report/ from a finished run's outputs")
+    report.add_argument("out", help="output folder of a finished run")
+    report.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a report setting, e.g. --set report.keep=oldest (repeatable)")
     return parser
+
+
+def report_command(args) -> int:
+    """Rebuild the report with the run's config plus `--set report.*` overrides."""
+    from pipeline.config import Config, config_from_dict
+    from pipeline.results import load_run
+    try:
+        run = load_run(args.out)
+        try:
+            base = config_from_dict(run.manifest.get("config") or {})
+        except ConfigError:  # another version's config: rebuild with the defaults
+            base = Config()
+        bad = [o for o in args.overrides if not o.strip().startswith("report.")]
+        if bad:
+            raise ConfigError(f"--set {bad[0]!r}: only report.* settings apply to a rebuilt report")
+        cfg = load_config(None, args.overrides, base=base)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from pipeline.report import write_report
+    print(write_report(run.out_dir, run.images, run.pairs, run.manifest, cfg))
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "report":
+        return report_command(args)
     if args.command == "weights":
         from pipeline.weights import weights_command
         try:

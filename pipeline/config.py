@@ -6,6 +6,7 @@ to fix (the CLI turns `ConfigError` into exit code 2).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -279,9 +280,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file (if given), then each `key=value` override, then validation."""
-    cfg = Config()
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: Config | None = None) -> Config:
+    """Defaults (or a copy of `base`), then the YAML file (if given), then each `key=value`
+    override, then validation."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
     if path:
         p = Path(path)
         if not p.is_file():
