@@ -130,11 +130,15 @@ class DaskConfig:
     memory_limit: str = "auto"
 
 
+# which member of a cluster to keep (pipeline/results.py): the report's suggestion, `dedupe plan --keep`
+KeepPolicy = Literal["largest_pixels", "largest_file", "oldest", "newest", "shortest_path", "preferred_folder"]
+KEEP_POLICIES: tuple[str, ...] = get_args(KeepPolicy)
+
+
 @dataclass
 class ReportConfig:
     # OUT/report/ (pipeline/report.py): every cluster, paged; thumbnails made once per shown image
-    keep: Literal["largest_pixels", "largest_file", "oldest", "newest", "shortest_path",
-                  "preferred_folder"] = "largest_pixels"  # suggested keeper (pipeline/results.py)
+    keep: KeepPolicy = "largest_pixels"  # suggested keeper (pipeline/results.py)
     prefer: list[str] = field(default_factory=list)  # keep=preferred_folder: path prefixes, best first
     page_size: int = 20  # clusters per page
     thumb_size: int = 160  # thumbnail longer side (pixels)

@@ -33,7 +33,8 @@ from typing import Callable, Iterable, Union
 import numpy as np
 import pandas as pd
 
-KEEP_POLICIES = ("largest_pixels", "largest_file", "oldest", "newest", "shortest_path", "preferred_folder")
+from pipeline.config import KEEP_POLICIES
+
 Keep = Union[str, Callable[[pd.DataFrame], int]]
 
 # rule code -> meaning (the same codes as pairs.parquet's `rule` column)
