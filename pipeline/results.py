@@ -65,7 +65,7 @@ def derive_rule(pairs: pd.DataFrame) -> pd.Series:
     screen = stage == "screen"
     rule[screen] = np.where(dup[screen], "screen_hash_close", "screen_hash_far")
     confirm = stage == "confirm"
-    with_orb = reason.str.contains(" with ", regex=False).to_numpy()
+    with_orb = reason.str.match(r"duplicate: cosine \S+ >= \S+ with \d+ ORB inliers").to_numpy()
     rule[confirm] = np.where(~dup[confirm], "confirm_cosine_low",
                              np.where(with_orb[confirm], "confirm_cosine_orb", "confirm_cosine"))
     verify = stage == "verify"

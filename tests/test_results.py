@@ -109,3 +109,45 @@ def test_readme_examples_run(review_run, monkeypatch):
     namespace: dict = {}
     for code in blocks:
         exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+
+
+def orb_reason(status, inliers):
+    """The verify tier's reason texts (pipeline/verify.py `_verify`, `_error_result`)."""
+    if status is None:
+        return None
+    if inliers == 0:  # an error text that happens to contain " with " must not confuse the derivation
+        return "orb inconclusive: image a not decoded (broken with bad bytes)"
+    return {"match": f"orb: {inliers} inliers of 40 matches",
+            "no-match": f"orb: {inliers} inliers of 40 matches (geometry disagrees)",
+            "inconclusive": f"orb inconclusive: {inliers} inliers of 40 matches (between 5 and 15)"}[status]
+
+
+@pytest.mark.parametrize("tiers, rows", [
+    ("confirm", [("exact", 0, None, None, None, "exact_bytes"),
+                 ("near", 6, "no-match", 2, None, "verify_orb_reject"),
+                 ("near", 6, "match", 30, None, "verify_orb_accept"),
+                 ("near", 6, "inconclusive", 12, 0.9, "confirm_cosine"),
+                 ("near", 6, "inconclusive", 12, 0.7, "confirm_cosine_orb"),
+                 ("near", 6, "inconclusive", 3, 0.5, "confirm_cosine_low"),
+                 ("near", 6, "inconclusive", 0, None, "confirm_no_embedding"),
+                 ("near", 6, "match", 20, None, "confirm_no_embedding")]),
+    ("verify", [("near", 2, "match", 20, None, "verify_orb_match"),
+                ("near", 2, "no-match", 1, None, "verify_orb_reject"),
+                ("near", 2, "inconclusive", 0, None, "verify_inconclusive_hash_close"),
+                ("near", 9, "inconclusive", 0, None, "verify_inconclusive_hash_far")]),
+    ("screen", [("near", 2, None, None, None, "screen_hash_close"), ("near", 9, None, None, None, "screen_hash_far")]),
+])
+def test_rule_derivation_covers_every_branch_of_decide(tiers, rows):
+    """Reasons as pipeline/decide.py writes them, for every branch of the rule."""
+    from pipeline import decide
+    from pipeline.config import load_config
+    cfg = load_config(None, [f"tiers={tiers}"])
+    frame = pd.DataFrame({
+        "kind": [r[0] for r in rows], "hash_distance": pd.array([r[1] for r in rows], dtype="int16"),
+        "orb_status": pd.Series([r[2] for r in rows], dtype=object),
+        "orb_inliers": pd.array([r[3] for r in rows], dtype="Int32"),
+        "orb_reason": [orb_reason(r[2], r[3]) for r in rows],
+        "cosine": pd.array([r[4] for r in rows], dtype="Float32"),
+    })
+    decided = decide.decide(frame, cfg)
+    assert derive_rule(decided).tolist() == [r[5] for r in rows]
