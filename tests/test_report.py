@@ -158,3 +158,16 @@ def test_report_command_rebuilds_with_overrides(review_run, tmp_path):
     assert main(["report", str(out), "--set", "screen.max_distance=3"]) == 2
     assert main(["report", str(out), "--set", "report.keep=biggest"]) == 2
     assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_report_of_the_scale_benchmarks_synthetic_run(photo_paths, tmp_path):
+    """bench/report_scale.py's synthetic frames (small here) go through the report writer."""
+    from bench.report_scale import synthetic_run
+    images, pairs, manifest = synthetic_run(400, 40, photo_paths[:20], rejected=300)
+    cfg = load_config(None, ["report.draw_pairs=2", "report.draw_rejected=1", "report.rejected_pairs=50"])
+    write_report(tmp_path, images, pairs, manifest, cfg)
+    data = read_data(tmp_path / "report")
+    assert len(data["clusters"]) == 40
+    assert sum(len(c[1]) for c in data["clusters"]) == int((images["cluster_id"] >= 0).sum())
+    assert len(data["errors"]) == int(images["error"].notna().sum())
+    assert len(data["rejected"]) == 50 and len(list((tmp_path / "report" / "pairs").iterdir())) == 3
