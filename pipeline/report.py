@@ -68,7 +68,7 @@ def script_json(data) -> str:
 
 
 def closeness_order(pairs: pd.DataFrame) -> np.ndarray:
-    """Positions of `pairs`, closest first (see the module docstring); `by` names the metric."""
+    """Positions of `pairs`, closest first (see the module docstring)."""
     cos = pairs["cosine"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
     inl = pairs["orb_inliers"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
     dist = pairs["hash_distance"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.inf)
@@ -78,6 +78,7 @@ def closeness_order(pairs: pd.DataFrame) -> np.ndarray:
 
 
 def closeness_by(pairs: pd.DataFrame) -> np.ndarray:
+    """Which evidence ranks each pair's closeness: cosine, ORB inliers or hash distance."""
     has_cos = pairs["cosine"].notna().to_numpy()
     has_inl = pairs["orb_inliers"].notna().to_numpy()
     return np.where(has_cos, "cosine", np.where(has_inl, "ORB inliers", "hash distance"))

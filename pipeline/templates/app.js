@@ -188,6 +188,7 @@
       ["rule", p[P.rule] + (D.rules[p[P.rule]] ? " \u2014 " + D.rules[p[P.rule]] : "")],
       ["duplicate", p[P.dup] ? "yes" : "no"],
       ["reason", p[P.reason] || DASH]];
+    if (!p[P.dup]) rows.push(["closeness ranked by", p[P.by]]);
     box.appendChild(el("table", {id: "evidence"}, rows.map(function (r) {
       return el("tr", null, [el("th", {text: r[0]}), el("td", {text: r[1]})]); })));
     box.appendChild(sides);
