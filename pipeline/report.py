@@ -6,7 +6,8 @@ Layout (everything relative, so the folder opens from disk, `file://`, with no n
     OUT/report/index.html           summary (rendered here, jinja2 autoescape) + the app
     OUT/report/data.js              `window.DEDUPE_REPORT = {...}`: every cluster, pair, error
     OUT/report/app.js, style.css    the app (plain JS): pages, search, filters, pair view
-    OUT/report/thumbs/<image_id>.jpg    one per image shown, made once
+    OUT/report/thumbs/<image_id>.jpg    one per image shown, made once (a rebuild reuses those of
+                                        unchanged files: thumbs.json records each one's sha256)
     OUT/report/pairs/<id_a>-<id_b>.jpg  ORB matches drawn for the first `report.draw_pairs`
                                         duplicate pairs in page order and the `report.draw_rejected`
                                         closest rejected pairs
@@ -45,6 +46,7 @@ from pipeline.results import RULE_CODES, derive_rule, keeper_ids, normalize_imag
 
 log = logging.getLogger("pipeline")
 STATIC = ("app.js", "style.css")
+THUMB_INDEX = "thumbs.json"  # image_id -> "sha256:thumb_size" of each thumbnail made
 DRAW_HEIGHT = 320  # each image's height in a pair drawing (pixels)
 INLIER, OUTLIER = (40, 200, 70), (235, 60, 50)
 
@@ -138,6 +140,26 @@ def draw_pair(abs_a: str, abs_b: str, cfg: Config, dest: Path, height: int = DRA
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], outline=colour)
     canvas.save(dest, "JPEG", quality=82)
     return {"matches": ev["matches"], "inliers": ev["inliers"], "mirrored": ev["mirrored"]}
+
+
+def _thumb_index(report_dir: Path) -> dict[str, str]:
+    """image_id -> "sha256:size" of the thumbnails an earlier report made (reused on a rebuild)."""
+    try:
+        return json.loads((report_dir / THUMB_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _reuse(old: Path, new: Path) -> bool:
+    """Carry an earlier thumbnail of the same bytes over (a hard link; a copy across devices)."""
+    try:
+        os.link(old, new)
+    except OSError:
+        try:
+            shutil.copyfile(old, new)
+        except OSError:
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,6 +280,7 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
             pairs[abs_col] = [str(Path(manifest.get("root") or ".") / p) for p in pairs[col]]
     data = build_data(images, pairs, manifest, rcfg)
     abs_of = dict(zip(images["image_id"].astype(str), images["abs_path"]))
+    sha_of = dict(zip(images["image_id"].astype(str), images["sha256"]))
 
     tmp = out_dir / f".report-{uuid.uuid4().hex[:12]}"
     (tmp / "thumbs").mkdir(parents=True)
@@ -265,8 +288,19 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
     try:
         workers = os.cpu_count() or 1  # Pillow and OpenCV release the GIL while decoding/matching
         with ThreadPoolExecutor(workers) as pool:
-            jobs = [pool.submit(make_thumb, abs_of[row[0]], tmp / "thumbs" / f"{row[0]}.jpg", rcfg.thumb_size)
-                    if row[7] is None else None for row in data["images"]]
+            previous = _thumb_index(out_dir / "report")
+            made: dict[str, str] = {}
+            jobs = []
+            for row in data["images"]:
+                key = f"{sha_of.get(row[0])}:{rcfg.thumb_size}"
+                dest = tmp / "thumbs" / f"{row[0]}.jpg"
+                if row[7] is not None:
+                    jobs.append(None)
+                elif previous.get(row[0]) == key and _reuse(out_dir / "report" / "thumbs" / dest.name, dest):
+                    jobs.append(True)
+                else:
+                    jobs.append(pool.submit(make_thumb, abs_of[row[0]], dest, rcfg.thumb_size))
+                made[row[0]] = key
             drawn = _draw_list(data, rcfg)
             draws = {}
             for i in drawn:
@@ -274,12 +308,16 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
                 name = f"{a[0]}-{b[0]}.jpg"
                 draws[i] = (name, pool.submit(draw_pair, abs_of[a[0]], abs_of[b[0]], cfg, tmp / "pairs" / name))
             for row, job in zip(data["images"], jobs):
-                row.append(bool(job.result()) if job is not None else False)  # [8]: has a thumbnail
+                ok = job if isinstance(job, bool) or job is None else job.result()
+                row.append(bool(ok))  # [8]: has a thumbnail
+                if not ok:
+                    made.pop(row[0], None)
             for i, (name, job) in draws.items():
                 if job.result() is not None:
                     data["pairs"][i][11] = name
         data["meta"]["generated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         (tmp / "data.js").write_text(f"window.DEDUPE_REPORT = {script_json(data)};\n", encoding="utf-8")
+        (tmp / THUMB_INDEX).write_text(json.dumps(made), encoding="utf-8")
         for name in STATIC:
             (tmp / name).write_bytes(_static(name))
         env = _env()

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from conftest import EVIL_FOLDER
 from pipeline import verify
@@ -171,3 +172,25 @@ def test_report_of_the_scale_benchmarks_synthetic_run(photo_paths, tmp_path):
     assert sum(len(c[1]) for c in data["clusters"]) == int((images["cluster_id"] >= 0).sum())
     assert len(data["errors"]) == int(images["error"].notna().sum())
     assert len(data["rejected"]) == 50 and len(list((tmp_path / "report" / "pairs").iterdir())) == 3
+
+
+def test_a_rebuild_reuses_the_thumbnails_of_unchanged_files(review_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("images.parquet", "pairs.parquet", "run.json"):
+        shutil.copy(review_run / name, out / name)
+    assert main_report(out) == 0
+    thumbs = sorted((out / "report" / "thumbs").iterdir())
+    marked = thumbs[0]
+    marked.write_bytes(marked.read_bytes() + b"reused")  # a made thumbnail would not end like this
+    assert main_report(out) == 0
+    assert (out / "report" / "thumbs" / marked.name).read_bytes().endswith(b"reused")
+    assert sorted(p.name for p in (out / "report" / "thumbs").iterdir()) == [p.name for p in thumbs]
+    assert main_report(out, "report.thumb_size=96") == 0  # another size: made again
+    with Image.open(out / "report" / "thumbs" / marked.name) as im:
+        assert max(im.size) == 96
+
+
+def main_report(out, *overrides):
+    from pipeline.cli import main
+    return main(["report", str(out), *[a for o in overrides for a in ("--set", o)]])
