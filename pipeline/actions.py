@@ -145,17 +145,20 @@ class UndoLog:
     def __init__(self, path: Path):
         self.path = path
         self.trash = path.with_name(path.stem + ".trash")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")
+        self._f: TextIO | None = None  # opened on the first action: no empty logs
 
     def write(self, entry: dict) -> None:
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a", encoding="utf-8")
         entry = {"time": datetime.now(timezone.utc).isoformat(), **entry}
         self._f.write(json.dumps(entry) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 def _link(op: str, keeper: str, dest: str) -> None:

@@ -176,6 +176,7 @@ def test_a_hard_link_of_the_keeper_is_not_removed(photo_paths, tmp_path, capsys)
     assert main(["apply", str(tmp_path / "out" / "plan.parquet"), "--action", "delete", "--execute"]) == 1
     assert "refused: z_alias.jpg: is the keeper's own file under another name" in capsys.readouterr().err
     assert snapshot(data) == before
+    assert not list((tmp_path / "out").glob("undo-*"))  # nothing done: no log
 
 
 def test_move_onto_an_existing_file_fails_and_keeps_both(run_dir, capsys):
