@@ -179,11 +179,9 @@ def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: 
 
     Image ids are strings: they are 63-bit and JavaScript numbers keep 53 bits."""
     clustered = images[images["cluster_id"].notna()]
-    sizes = clustered.groupby("cluster_id").size()
-    order = sizes.sort_values(ascending=False, kind="stable")
-    # ties between equal sizes: by the cluster's first path (= the cluster id's path)
-    first_path = clustered.groupby("cluster_id")["path"].min()
-    cluster_order = (pd.DataFrame({"size": order, "first": first_path.reindex(order.index)})
+    # largest first; equal sizes by the cluster's first path
+    by_cluster = clustered.groupby("cluster_id")["path"]
+    cluster_order = (pd.DataFrame({"size": by_cluster.size(), "first": by_cluster.min()})
                      .sort_values(["size", "first"], ascending=[False, True], kind="stable").index)
     keepers = keeper_ids(clustered, rcfg.keep, rcfg.prefer) if len(clustered) else pd.Series(dtype="int64")
 

@@ -78,7 +78,7 @@ def test_clusters_pairs_and_evidence_render(review_run, tmp_path):
         i = b.evaluate("window.DEDUPE_REPORT.pairs.findIndex(function(p){return p[6] !== null && p[11]})")
         cosine = b.evaluate(f"window.DEDUPE_REPORT.pairs[{i}][6]")
         b.evaluate(f"location.hash = 'pair={i}'")
-        b.wait_for("document.querySelector('#pair-view img.drawing') && "
+        b.wait_for(f"document.querySelector('#pair-view[data-pair=\"{i}\"] img.drawing') && "
                    "document.querySelector('#pair-view img.drawing').naturalWidth > 0")
         rows = b.evaluate("Array.from(document.querySelectorAll('#evidence tr')).map(function(r){"
                           "return [r.cells[0].textContent, r.cells[1].textContent]})")
@@ -91,7 +91,7 @@ def test_clusters_pairs_and_evidence_render(review_run, tmp_path):
         # a verify-only pair shows a dash for the cosine
         j = b.evaluate("window.DEDUPE_REPORT.pairs.findIndex(function(p){return p[6] === null && p[4] !== null})")
         b.evaluate(f"location.hash = 'pair={j}'")
-        b.wait_for(f"document.querySelector('#evidence')")
+        b.wait_for(f"document.querySelector('#pair-view[data-pair=\"{j}\"] #evidence')")
         assert b.evaluate("document.querySelectorAll('#evidence tr')[4].cells[1].textContent") == "\u2014"
 
         # closest rejected pairs and errors

@@ -162,7 +162,7 @@
     var p = D.pairs[i];
     if (!p) { app.appendChild(el("p", {text: "No such pair."})); return; }
     var a = D.images[p[P.a]], b = D.images[p[P.b]];
-    var box = el("div", {id: "pair-view"}, [
+    var box = el("div", {id: "pair-view", "data-pair": String(i)}, [
       el("p", null, [el("a", {href: "#", id: "back", text: "\u2190 back"})]),
       el("h2", {text: p[P.dup] ? "Duplicate pair" : "Rejected pair"})]);
     var sides = el("div", {cls: "side"}, [p[P.a], p[P.b]].map(function (k) {
