@@ -12,7 +12,7 @@ CONFIG ?=
 ARGS ?=
 export SHARED
 
-.PHONY: install test reliability dedupe bench eval weights clean
+.PHONY: install test reliability dedupe bench eval weights browser clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,13 @@ dedupe: install weights
 weights: install
 	@if [ -d "$(WEIGHTS_DIR)" ]; then DEDUPE_PROG=make $(PY) -m pipeline weights --from "$(WEIGHTS_DIR)"; \
 	else echo "no weights mirror at $(WEIGHTS_DIR): Keras downloads the weights on first use (needs network)"; fi
+
+# Chromium for the report's browser test (tests/test_report_browser.py skips without it): Debian's
+# package, installed with apt when missing (needs root, as CI has).
+browser:
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "chromium is missing: run 'sudo apt-get install chromium' (the browser test skips without it)" >&2; exit 1; fi
 
 bench: install
 	$(PY) -m bench.run --out docs/benchmarks.md $(ARGS)

@@ -1,4 +1,5 @@
-"""Command line: `dedupe dedupe DATA --out OUT [...]` (also `python -m pipeline dedupe ...`).
+"""Command line: `dedupe dedupe DATA --out OUT [...]` (also `python -m pipeline dedupe ...`), and
+`dedupe plan|apply|undo` to act on the results, `dedupe report` to rebuild the report.
 
 Exit codes: 0 the run completed (unreadable files are recorded in the output, not fatal);
 2 usage or configuration error, with a message saying what to fix; 1 the run failed or was
@@ -13,7 +14,7 @@ import signal
 import sys
 import time
 
-from pipeline.config import ConfigError, load_config, preset_names
+from pipeline.config import KEEP_POLICIES, ConfigError, load_config, preset_names
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -34,7 +35,13 @@ outputs (in OUT):
   images.parquet  one row per file seen: id, path, size, mtime, dimensions, format, sha256,
                   hash, error (null when fine), cluster_id (null when unique)
   run.json        config, versions, weights, counts and timings per stage
-  report.html     clusters, closest rejected pairs and files with errors, for people
+  report/         the review page (report/index.html; report.html links to it): every cluster,
+                  each pair side by side with its evidence, the closest rejected pairs, errors
+
+after a run:
+  {prog} plan OUT --keep largest_pixels     a keep/remove plan per cluster (OUT/plan.parquet)
+  {prog} apply OUT/plan.parquet --action move --to /trash [--execute]   dry run unless --execute
+  {prog} undo UNDO_LOG                        put back what apply changed
 
 exit codes:
   0  the run completed (unreadable files are rows with an error, not failures)
@@ -99,13 +106,113 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
 
     weights = sub.add_parser("weights", help="seed the Keras weights cache from a local folder")
     weights.add_argument("--from", dest="from_dir", required=True, help="folder holding the .h5 weight files")
+
+    plan = sub.add_parser("plan", help="write a keep/remove plan for a finished run's clusters")
+    plan.add_argument("out", help="output folder of a finished run")
+    plan.add_argument("--keep", required=True, choices=KEEP_POLICIES, help="which member of each cluster to keep")
+    plan.add_argument("--prefer", action="append", default=[], metavar="DIR",
+                      help="with --keep preferred_folder: a folder (relative to DATA, or absolute) whose files "
+                           "are kept first (repeatable, best first)")
+    plan.add_argument("--output", default=None, help="plan file, .parquet or .csv (default: OUT/plan.parquet)")
+
+    apply = sub.add_parser("apply", help="carry out a plan on the files (a dry run unless --execute)")
+    apply.add_argument("plan", help="plan file from `dedupe plan`")
+    apply.add_argument("--action", required=True, choices=["move", "hardlink", "symlink", "delete"],
+                       help="what to do with each file to remove")
+    apply.add_argument("--to", default=None, help="with --action move: folder to move the files to")
+    mode = apply.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", dest="execute", action="store_false", default=False,
+                      help="print what would be done (the default)")
+    mode.add_argument("--execute", dest="execute", action="store_true", help="do it (writes an undo log first)")
+    apply.add_argument("--log", default=None, help="undo log (default: undo-<time>.jsonl beside the plan)")
+
+    undo = sub.add_parser("undo", help="restore the files an `apply --execute` changed, from its undo log")
+    undo.add_argument("log", help="undo log written by `dedupe apply --execute`")
+
+    report = sub.add_parser("report", help="rebuild OUT/report/ from a finished run's outputs")
+    report.add_argument("out", help="output folder of a finished run")
+    report.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a report setting, e.g. --set report.keep=oldest (repeatable)")
     return parser
+
+
+def plan_command(args) -> int:
+    from pipeline.actions import PlanError, make_plan, write_plan
+    from pipeline.results import load_run
+    if args.keep == "preferred_folder" and not args.prefer:
+        print("error: --keep preferred_folder needs at least one --prefer DIR", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        run = load_run(args.out)
+        plan = make_plan(run, args.keep, args.prefer)
+        path = write_plan(plan, args.output or os.path.join(args.out, "plan.parquet"))
+    except (FileNotFoundError, PlanError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    removals = plan[plan["action"] == "remove"]
+    print(f"{path}: {plan['cluster_id'].nunique()} clusters, {len(removals)} files to remove "
+          f"({int(removals['bytes'].sum())} bytes), keeper policy {args.keep}")
+    return EXIT_OK
+
+
+def apply_command(args) -> int:
+    from pipeline.actions import PlanError, apply_plan, default_log_path, read_plan
+    try:
+        plan = read_plan(args.plan)
+        log = (args.log or default_log_path(args.plan)) if args.execute else None
+        outcome = apply_plan(plan, args.action, to=args.to, execute=args.execute, log_path=log)
+    except PlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    verb = "done" if args.execute else "would be done (dry run: nothing changed; add --execute)"
+    print(f"{len(outcome.done)} {verb}, {len(outcome.refused)} refused, {len(outcome.failed)} failed")
+    if args.execute and outcome.done:
+        print(f"undo log: {log}  (restore with: dedupe undo {log})")
+    return EXIT_OK if outcome.ok else EXIT_FAILED
+
+
+def undo_command(args) -> int:
+    from pipeline.actions import PlanError, undo
+    try:
+        outcome = undo(args.log)
+    except PlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{len(outcome.done)} restored, {len(outcome.failed)} not restored")
+    return EXIT_OK if outcome.ok else EXIT_FAILED
+
+
+def report_command(args) -> int:
+    """Rebuild the report with the run's config plus `--set report.*` overrides."""
+    from pipeline.config import Config, config_from_dict
+    from pipeline.results import load_run
+    try:
+        run = load_run(args.out)
+        try:
+            base = config_from_dict(run.manifest.get("config") or {})
+        except ConfigError:  # another version's config: rebuild with the defaults
+            base = Config()
+        bad = [o for o in args.overrides if not o.strip().startswith("report.")]
+        if bad:
+            raise ConfigError(f"--set {bad[0]!r}: only report.* settings apply to a rebuilt report")
+        cfg = load_config(None, args.overrides, base=base)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from pipeline.outdir import current_generation
+    from pipeline.report import write_report
+    # rebuilt inside the run's published generation, which OUT/report and OUT/report.html point into
+    print(write_report(current_generation(run.out_dir) or run.out_dir, run.images, run.pairs, run.manifest, cfg))
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     prog = prog_name()
     os.environ.setdefault("DEDUPE_PROG", prog)  # messages deeper down name the same command
     args = build_parser(prog).parse_args(argv)
+    commands = {"plan": plan_command, "apply": apply_command, "undo": undo_command, "report": report_command}
+    if args.command in commands:
+        return commands[args.command](args)
     if args.command == "weights":
         from pipeline.weights import weights_command
         try:

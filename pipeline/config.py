@@ -6,6 +6,7 @@ to fix (the CLI turns `ConfigError` into exit code 2).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -132,6 +133,23 @@ class DaskConfig:
     dashboard_address: str = ":8787"
 
 
+# which member of a cluster to keep (pipeline/results.py): the report's suggestion, `dedupe plan --keep`
+KeepPolicy = Literal["largest_pixels", "largest_file", "oldest", "newest", "shortest_path", "preferred_folder"]
+KEEP_POLICIES: tuple[str, ...] = get_args(KeepPolicy)
+
+
+@dataclass
+class ReportConfig:
+    # OUT/report/ (pipeline/report.py): every cluster, paged; thumbnails made once per shown image
+    keep: KeepPolicy = "largest_pixels"  # suggested keeper (pipeline/results.py)
+    prefer: list[str] = field(default_factory=list)  # keep=preferred_folder: path prefixes, best first
+    page_size: int = 20  # clusters per page
+    thumb_size: int = 160  # thumbnail longer side (pixels)
+    draw_pairs: int = 200  # duplicate pairs drawn with their ORB matches (the first, in page order)
+    draw_rejected: int = 50  # ... and the closest rejected pairs drawn
+    rejected_pairs: int = 500  # closest rejected pairs listed
+
+
 @dataclass
 class Config:
     tiers: Literal["screen", "verify", "confirm"] = "confirm"  # last tier to run
@@ -142,6 +160,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     decide: DecideConfig = field(default_factory=DecideConfig)
     dask: DaskConfig = field(default_factory=DaskConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -236,6 +255,12 @@ def _validate(cfg: Config) -> None:
         (cfg.dask.pairs_per_task >= 1, "dask.pairs_per_task must be >= 1"),
         (cfg.dask.n_workers >= 0, "dask.n_workers must be >= 0"),
         (cfg.dask.threads_per_worker >= 1, "dask.threads_per_worker must be >= 1"),
+        (cfg.report.page_size >= 1, "report.page_size must be >= 1"),
+        (cfg.report.thumb_size >= 16, "report.thumb_size must be >= 16"),
+        (min(cfg.report.draw_pairs, cfg.report.draw_rejected, cfg.report.rejected_pairs) >= 0,
+         "report.draw_pairs, draw_rejected and rejected_pairs must be >= 0"),
+        (cfg.report.keep != "preferred_folder" or bool(cfg.report.prefer),
+         "report.keep=preferred_folder needs report.prefer: a list of path prefixes"),
     ]
     v, e, d = cfg.verify, cfg.embed, cfg.decide
     checks += [
@@ -294,6 +319,14 @@ def check_memory_limit(value: str) -> None:
         raise ConfigError(f"dask.memory_limit: {value!r} is not a size: use auto, 0 (no limit) or e.g. 4GB, 3.5GiB")
 
 
+def config_from_dict(data: dict) -> Config:
+    """A Config from `Config.to_dict()` output (e.g. run.json's "config"), validated."""
+    cfg = Config()
+    _apply(cfg, data)
+    _validate(cfg)
+    return cfg
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """`screen.max_distance=12` -> ("screen.max_distance", 12); values are parsed as YAML."""
     if "=" not in item:
@@ -332,10 +365,10 @@ def _read_yaml(p: Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                preset: str | None = None) -> Config:
-    """Defaults, then the preset (if named), then the YAML file (if given), then each `key=value`
-    override, then validation."""
-    cfg = Config()
+                preset: str | None = None, base: Config | None = None) -> Config:
+    """Defaults (or a copy of `base`), then the preset (if named), then the YAML file (if given),
+    then each `key=value` override, then validation."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
     if preset:
         _apply(cfg, _read_yaml(preset_path(preset)))
     if path:

@@ -36,7 +36,7 @@ log = logging.getLogger("pipeline")
 LOCK_NAME = ".dedupe.lock"
 WORK_PREFIX = "_work-"
 STATE_DIR = ".dedupe"  # generations and the `current` link
-PUBLISHED = ("images.parquet", "pairs.parquet", "run.json", "report.html")  # linked into OUT
+PUBLISHED = ("images.parquet", "pairs.parquet", "run.json", "report.html", "report")  # linked into OUT
 
 
 def _holder(fd: int) -> str:
@@ -112,6 +112,8 @@ def _replace_symlink(link: Path, target: str) -> None:
     """Point `link` at `target` atomically (a new link under a temporary name, renamed over)."""
     if link.is_symlink() and os.readlink(link) == target:
         return
+    if link.is_dir() and not link.is_symlink():  # a folder left by an older layout: links replace it
+        shutil.rmtree(link)
     tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex[:8]}.tmp")
     os.symlink(target, tmp)
     try:
@@ -155,3 +157,9 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def current_generation(out: Path) -> Path | None:
+    """The folder OUT's published outputs live in, or None for an output of an older layout."""
+    link = Path(out) / STATE_DIR / "current"
+    return link.resolve() if link.is_symlink() else None

@@ -179,6 +179,12 @@ def _draft_min_side(path: str, cfg: Config) -> int:
     return max(1, -(-cfg.verify.max_side * min(w, h) // max(w, h)))
 
 
+def _load_bounded(path: str, cfg: Config) -> Image.Image:
+    """The picture ORB sees: decoded at the smallest draft scale that keeps max_side, bounded."""
+    img, _, _ = load_image(path, min_side=_draft_min_side(path, cfg), max_pixels=cfg.screen.max_pixels)
+    return _bounded(img, cfg.verify)
+
+
 def features_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int) -> pd.DataFrame:
     """ORB features for `rows` (key, abs_path, transform) -> one feature-store file.
 
@@ -192,9 +198,7 @@ def features_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int)
         for path, group in rows.groupby("abs_path", sort=False):
             base, error = None, None
             try:
-                min_side = _draft_min_side(path, cfg)
-                img, _, _ = load_image(path, min_side=min_side, max_pixels=cfg.screen.max_pixels)
-                base = _bounded(img, vcfg)
+                base = _load_bounded(path, cfg)
             except DecodeError as exc:
                 error = str(exc)
             except Exception as exc:  # never let one file kill the partition
@@ -247,8 +251,9 @@ def _unpack(row) -> dict:
     return f
 
 
-def _ransac(src: np.ndarray, dst: np.ndarray, cfg: VerifyConfig) -> int:
-    """Inliers of the configured geometric model, seeded so the result is reproducible.
+def _ransac(src: np.ndarray, dst: np.ndarray, cfg: VerifyConfig) -> np.ndarray:
+    """Inlier mask (bool per match) of the configured geometric model, seeded so the result is
+    reproducible.
 
     Default "affine" (estimateAffine2D), chosen by measurement: inlier separation and pairs/s on
     the generated benchmark (bench/verify.py, all three models side by side in docs/benchmarks.md),
@@ -278,7 +283,7 @@ def _ransac(src: np.ndarray, dst: np.ndarray, cfg: VerifyConfig) -> int:
                                               ransacReprojThreshold=cfg.ransac_threshold,
                                               maxIters=cfg.ransac_max_iters,
                                               confidence=cfg.ransac_confidence)
-    return 0 if mask is None else int(np.count_nonzero(mask))
+    return np.zeros(len(src), bool) if mask is None else mask.reshape(-1).astype(bool)
 
 
 @njit(cache=True, nogil=True)
@@ -384,13 +389,52 @@ def verify_pair(fa: dict, fb: dict, cfg: VerifyConfig) -> tuple[int, int, float,
     return _verify(fa, fb, cfg)[:4]
 
 
+def _geometry(fa: dict, fb: dict, cfg: VerifyConfig, matcher=None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Matches (query idx into a, train idx into b) and their RANSAC inlier mask."""
+    qi, ti = (matcher or _good_matches)(fa, fb, cfg.ratio)
+    if len(qi) >= max(cfg.min_good_matches, 4):
+        mask = _ransac(fa["keypoints"][qi], fb["keypoints"][ti], cfg)
+    else:
+        mask = np.zeros(len(qi), bool)
+    return qi, ti, mask
+
+
+def pair_evidence(path_a: str, path_b: str, cfg: Config) -> dict:
+    """The verify tier's evidence for one pair of files, recomputed (for the report's drawings).
+
+    Same decode, ORB features, matching and seeded RANSAC as the run, so the counts equal the
+    run's `orb_matches`/`orb_inliers`. The run knows which dihedral transform aligned b with a;
+    the output does not keep it, so b is tried plain and mirrored (the two feature sets the verify
+    tier uses) and the one with more inliers wins. Returns sizes (w, h) of the two pictures ORB
+    saw, `keypoints_a`/`keypoints_b` (m x 2 float32, xy of the matched keypoints in those
+    pictures, b's mapped back to its unmirrored frame), `inlier` (m bool), `matches`, `inliers`,
+    `mirrored`. Raises DecodeError when a file cannot be decoded.
+    """
+    vcfg = cfg.verify
+    with _cv_threads(vcfg.opencv_threads):
+        base_a, base_b = _load_bounded(path_a, cfg), _load_bounded(path_b, cfg)
+        fa = orb_features(base_a, vcfg)
+        best = None
+        for t in (0, 4):
+            fb = orb_features(dihedral(base_b, t), vcfg)
+            qi, ti, mask = _geometry(fa, fb, vcfg)
+            if best is None or mask.sum() > best[4].sum():
+                best = (t, fb, qi, ti, mask)
+    t, fb, qi, ti, mask = best
+    xy_b = fb["keypoints"][ti].copy()
+    if t == 4:  # left-right flip: x -> width - x (keypoint xy are pixel-centre coordinates)
+        xy_b[:, 0] = fb["width"] - 1 - xy_b[:, 0]
+    return {"size_a": base_a.size, "size_b": base_b.size, "keypoints_a": fa["keypoints"][qi],
+            "keypoints_b": xy_b, "inlier": mask, "matches": len(qi), "inliers": int(mask.sum()),
+            "mirrored": t == 4}
+
+
 def _verify(fa: dict, fb: dict, cfg: VerifyConfig, matcher=None) -> tuple[int, int, float, str, str]:
     na, nb = len(fa["keypoints"]), len(fb["keypoints"])
-    qi, ti = (matcher or _good_matches)(fa, fb, cfg.ratio)
+    qi, _, mask = _geometry(fa, fb, cfg, matcher)
     matches = len(qi)
-    inliers = 0
-    if matches >= max(cfg.min_good_matches, 4):
-        inliers = _ransac(fa["keypoints"][qi], fb["keypoints"][ti], cfg)
+    inliers = int(np.count_nonzero(mask))
     score = float(min(1.0, inliers / min(na, nb))) if min(na, nb) else 0.0
     if min(na, nb) < cfg.min_keypoints:
         which = "a" if na < nb else "b"

@@ -10,10 +10,7 @@ provenance (contract version, run id, config, versions) in each Parquet file's s
 """
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
-import io
 import json
 import os
 import uuid
@@ -110,65 +107,6 @@ def pairs_frame(pairs: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _thumb(abs_path: str, size: int = 120) -> str:
-    """A small inline JPEG (data URI) for the report; empty when the file cannot be shown."""
-    from pipeline.decode import DecodeError, load_image  # local: only the report needs pixels
-    try:
-        img, _, _ = load_image(abs_path, min_side=size)
-    except (DecodeError, OSError):
-        return ""
-    img.thumbnail((size, size))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=70)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def write_report(path: Path, images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict,
-                 max_clusters: int = 60, max_members: int = 8, max_pairs: int = 40) -> None:
-    """A self-contained HTML page: counts, the largest clusters, borderline rejections, errors."""
-    esc = html.escape
-    counts = manifest.get("counts", {})
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Duplicate report</title><style>",
-             "body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}",
-             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}",
-             ".cl{border:1px solid #ccc;margin:1em 0;padding:.5em}.cl figure{display:inline-block;",
-             "margin:4px;width:130px;font-size:11px;word-break:break-all}img{max-width:120px;max-height:120px}",
-             "</style></head><body>", f"<h1>Duplicate report</h1><p>Root: <code>{esc(str(manifest.get('root')))}</code>"
-             f" — run {esc(str(manifest.get('finished')))}</p>", "<h2>Counts</h2><table>"]
-    parts += [f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in counts.items()]
-    parts.append("</table>")
-
-    clustered = images[images["cluster_id"] >= 0]
-    sizes = clustered.groupby("cluster_id").size().sort_values(ascending=False, kind="stable")
-    parts.append(f"<h2>Clusters ({len(sizes)}; largest {min(len(sizes), max_clusters)} shown)</h2>")
-    for cid, size in sizes.head(max_clusters).items():
-        members = clustered[clustered["cluster_id"] == cid].head(max_members)
-        parts.append(f"<div class='cl'><b>cluster {cid}</b> — {size} images<br>")
-        for m in members.itertuples():
-            parts.append(f"<figure><img src='{_thumb(m.abs_path)}' alt=''><figcaption>{esc(m.path)}"
-                         "</figcaption></figure>")
-        parts.append("</div>")
-
-    near_miss = pairs[~pairs["is_duplicate"] & pairs["stage"].isin(["verify", "confirm"])]
-    if "cosine" in near_miss and near_miss["cosine"].notna().any():
-        near_miss = near_miss.sort_values("cosine", ascending=False, na_position="last")
-    parts.append(f"<h2>Closest rejected pairs ({min(len(near_miss), max_pairs)} of {len(near_miss)})</h2><table>"
-                 "<tr><th>a</th><th>b</th><th>distance</th><th>ORB inliers</th><th>cosine</th><th>reason</th></tr>")
-    for p in near_miss.head(max_pairs).itertuples():
-        parts.append(f"<tr><td><img src='{_thumb(p.abs_path_a, 90)}' alt=''><br>{esc(p.path_a)}</td>"
-                     f"<td><img src='{_thumb(p.abs_path_b, 90)}' alt=''><br>{esc(p.path_b)}</td>"
-                     f"<td>{p.hash_distance}</td><td>{p.orb_inliers}</td><td>{p.cosine}</td>"
-                     f"<td>{esc(str(p.reason))}</td></tr>")
-    parts.append("</table>")
-
-    errors = images[images["error"].notna()]
-    parts.append(f"<h2>Files with errors ({len(errors)})</h2><table><tr><th>path</th><th>error</th></tr>")
-    parts += [f"<tr><td>{esc(r.path)}</td><td>{esc(str(r.error))}</td></tr>" for r in errors.head(500).itertuples()]
-    parts.append("</table></body></html>")
-    text = "\n".join(parts)
-    _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def write_outputs(out_dir: Path, images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict,
                   report: bool = True) -> None:
     """images/pairs: the run's frames (with abs paths for the report); writes the files into
@@ -179,7 +117,8 @@ def write_outputs(out_dir: Path, images: pd.DataFrame, pairs: pd.DataFrame, mani
     write_table(images_frame(images), IMAGES_SCHEMA, out_dir / "images.parquet", IMAGES_DTYPES, meta)
     write_table(pairs_frame(pairs), PAIRS_SCHEMA, out_dir / "pairs.parquet", PAIRS_DTYPES, meta)
     if report:
-        write_report(out_dir / "report.html", images, pairs, manifest)
+        from pipeline.report import write_report  # OUT/report/ + OUT/report.html (pixels, jinja2)
+        write_report(out_dir, images, pairs, manifest)
     manifest["files"] = {p.name: _sha256(p) for p in sorted(out_dir.iterdir()) if p.is_file()}
     write_json(manifest, out_dir / "run.json")
 

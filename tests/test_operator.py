@@ -86,8 +86,8 @@ def test_next_run_removes_what_killed_runs_left(tmp_path):
     (out / ".pairs.parquet.0123abcd.tmp").write_bytes(b"half a file")
     (out / ".dedupe" / "tmp-20260101T000000Z-deadbeef").mkdir(parents=True)  # killed mid-write
     assert main(["dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync", "--quiet"]) == 0
-    assert sorted(os.listdir(out)) == [".dedupe", ".dedupe.lock", "images.parquet", "pairs.parquet", "report.html",
-                                       "run.json"]
+    assert sorted(os.listdir(out)) == [".dedupe", ".dedupe.lock", "images.parquet", "pairs.parquet", "report",
+                                       "report.html", "run.json"]
     assert [p.name for p in (out / ".dedupe").iterdir() if not p.name.startswith("gen-")] == ["current"]
 
 

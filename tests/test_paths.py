@@ -3,6 +3,7 @@ UTF-8, and paths longer than PATH_MAX."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 
@@ -71,4 +72,7 @@ def test_run_with_a_non_utf8_name_and_a_5kb_path_exits_0_with_a_row_for_each(pho
     pairs = pd.read_parquet(out / "pairs.parquet")
     assert ((pairs["rule"] == "exact_bytes") & pairs["is_duplicate"]).sum() == 1
     assert images["cluster_id"].notna().sum() >= 2
-    assert "bad-\\xff\\xfe-name.jpg" in (out / "report.html").read_text(encoding="utf-8")
+    data_js = (out / "report" / "data.js").read_text(encoding="utf-8")
+    assert json.dumps("bad-\\xff\\xfe-name.jpg")[1:-1] in data_js  # the text form, JSON-escaped
+    thumb = out / "report" / "thumbs" / f"{bad['image_id']}.jpg"
+    assert thumb.is_file()  # the file behind the odd name was read for its thumbnail

@@ -222,7 +222,7 @@ def fault_data(photo_paths, tmp_path_factory):
 
 def _outputs(out: Path) -> dict[str, str]:
     return {name: hashlib.sha256((out / name).read_bytes()).hexdigest()
-            for name in outdir.PUBLISHED if (out / name).exists()}
+            for name in outdir.PUBLISHED if (out / name).is_file()}
 
 
 def _is_complete_set(out: Path) -> bool:

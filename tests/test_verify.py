@@ -242,3 +242,27 @@ def test_reference_matcher_gives_the_same_results(small_set, tmp_path):
     assert part
     pd.testing.assert_frame_equal(verify.verify_partition(job, cfg),
                                   verify.verify_partition(job, cfg, reference=True))
+
+
+def test_pair_evidence_reproduces_the_tier(small_set, tmp_path):
+    """The report's drawings: same matches and inliers as run_verify, b tried plain and mirrored."""
+    images, pairs = small_set
+    res = verify.run_verify(pairs, images, Config(), str(tmp_path / "work"))
+    paths = images["abs_path"]
+    for label in (10, 11, 13):  # crop (plain), mirror (transform 4), a different photo
+        a, b = paths[pairs.loc[label, "idx_a"]], paths[pairs.loc[label, "idx_b"]]
+        ev = verify.pair_evidence(a, b, Config())
+        assert (ev["matches"], ev["inliers"]) == (res.loc[label, "orb_matches"], res.loc[label, "orb_inliers"])
+        assert ev["inlier"].dtype == bool and len(ev["inlier"]) == ev["matches"]
+        assert ev["keypoints_a"].shape == ev["keypoints_b"].shape == (ev["matches"], 2)
+        assert ev["mirrored"] == (label == 11)
+    # mirror copy: after mapping b back to its own frame, an inlier at x in a sits at width - x in b
+    ev = verify.pair_evidence(paths[0], paths[4], Config())
+    inl = ev["inlier"]
+    wa, wb = ev["size_a"][0], ev["size_b"][0]
+    xa = ev["keypoints_a"][inl, 0] / wa
+    xb = ev["keypoints_b"][inl, 0] / wb
+    assert np.median(np.abs((1 - xa) - xb)) < 0.02
+    assert ev["inliers"] >= Config().verify.match_inliers
+    with pytest.raises(verify.DecodeError):
+        verify.pair_evidence(paths[0], paths[5], Config())

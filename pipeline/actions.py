@@ -1,0 +1,310 @@
+"""Acting on a run's results, safely: plan -> apply (dry run first) -> undo.
+
+`make_plan` turns a finished run into a keep/remove plan: one row per image in a cluster, the
+keeper chosen by a policy (pipeline/results.py), with the size, modification time and sha256 the
+run recorded. `apply_plan` carries out one action on the "remove" rows:
+
+- move: to `--to DIR`, under the same relative path;
+- hardlink / symlink: the file is replaced by a link to the cluster's keeper;
+- delete: the file goes to a trash folder beside the undo log (so a delete can be undone).
+
+Safety rules, checked per file just before acting (a refused file is reported and left alone;
+the others go on):
+
+- a file whose size, modification time or sha256 differ from the run's is refused (it was edited
+  after the run: the decision may no longer hold);
+- nothing is removed from a cluster unless its keeper exists and is unchanged (never the last
+  copy), and a file that *is* the keeper under another name (same inode) is never removed;
+- every action is written to the undo log (JSON lines, flushed to disk) before it is carried out;
+  `undo` replays the log backwards and restores the tree byte for byte, and is safe to run again.
+
+The pipeline itself never modifies input files; only `apply --execute` does.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, TextIO
+
+import pandas as pd
+
+from pipeline.results import Keep, Run
+
+ACTIONS = ("move", "hardlink", "symlink", "delete")
+PLAN_COLUMNS = ["cluster_id", "path", "abs_path", "action", "keeper", "keeper_abs_path", "bytes", "mtime",
+                "sha256", "image_id"]
+
+
+class PlanError(ValueError):
+    """A plan or log that cannot be used as given (the CLI exits 2)."""
+
+
+def make_plan(run: Run, keep: Keep = "largest_pixels", prefer: Iterable[str] = ()) -> pd.DataFrame:
+    """The keep/remove plan of a run: PLAN_COLUMNS, clusters largest first, keeper first in each."""
+    members = run.clusters(keep=keep, prefer=prefer)
+    keeper = members[members["keeper"]].set_index("cluster_id")
+    plan = pd.DataFrame({
+        "cluster_id": members["cluster_id"].astype("int64").to_numpy(),
+        "path": members["path"].to_numpy(), "abs_path": members["abs_path"].to_numpy(),
+        "action": ["keep" if k else "remove" for k in members["keeper"]],
+        "keeper": keeper["path"].reindex(members["cluster_id"]).to_numpy(),
+        "keeper_abs_path": keeper["abs_path"].reindex(members["cluster_id"]).to_numpy(),
+        "bytes": members["bytes"].astype("int64").to_numpy(),
+        "mtime": pd.to_datetime(members["mtime"], utc=True).dt.floor("us").to_numpy(),
+        "sha256": members["sha256"].to_numpy(), "image_id": members["image_id"].astype("int64").to_numpy(),
+    })
+    plan["mtime"] = pd.to_datetime(plan["mtime"], utc=True)
+    order = plan.assign(_k=plan["action"] != "keep").reset_index(drop=True)
+    order["_c"] = pd.factorize(order["cluster_id"])[0]  # keep the clusters' order (largest first)
+    return order.sort_values(["_c", "_k", "path"], kind="stable").drop(columns=["_c", "_k"]).reset_index(drop=True)
+
+
+def write_plan(plan: pd.DataFrame, path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix not in (".parquet", ".csv"):
+        raise PlanError(f"plan file {str(path)!r}: use a .parquet or .csv name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".parquet":
+        plan.to_parquet(tmp, index=False)
+    else:
+        plan.assign(mtime=plan["mtime"].map(lambda t: t.isoformat())).to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def read_plan(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"plan file {str(path)!r} not found: make one with `dedupe plan OUT --keep POLICY`")
+    try:
+        plan = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype={"sha256": str})
+    except Exception as exc:
+        raise PlanError(f"plan file {str(path)!r} cannot be read: {exc}") from None
+    missing = [c for c in PLAN_COLUMNS if c not in plan]
+    if missing:
+        raise PlanError(f"plan file {str(path)!r} lacks the columns {missing}: make it with `dedupe plan`")
+    plan["mtime"] = pd.to_datetime(plan["mtime"], utc=True)
+    bad = set(plan["action"]) - {"keep", "remove"}
+    if bad:
+        raise PlanError(f"plan file {str(path)!r}: unknown action(s) {sorted(bad)} (keep or remove)")
+    return plan
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _us(ts: pd.Timestamp) -> int:
+    return ts.value // 1000
+
+
+def changed(abs_path: str, row) -> str | None:
+    """Why the file is not the one the run saw (None when it is): missing, size, mtime, sha256."""
+    try:
+        st = os.stat(abs_path)
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if st.st_size != int(row.bytes):
+        return f"changed since the run: size {int(row.bytes)} -> {st.st_size} bytes"
+    # the run stored st_mtime (a float) to the microsecond: allow its rounding, nothing more
+    if abs(st.st_mtime_ns // 1000 - _us(row.mtime)) > 1:
+        now = datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat(timespec="seconds")
+        return f"changed since the run: modified {now} (run saw {row.mtime.isoformat(timespec='seconds')})"
+    if sha256_file(abs_path) != row.sha256:
+        return "changed since the run: content (sha256) differs"
+    return None
+
+
+@dataclass
+class Outcome:
+    done: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused and not self.failed
+
+
+class UndoLog:
+    """JSON lines, one per action, each flushed to disk before the action runs."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.trash = path.with_name(path.stem + ".trash")
+        self._f: TextIO | None = None  # opened on the first action: no empty logs
+
+    def write(self, entry: dict) -> None:
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a", encoding="utf-8")
+        entry = {"time": datetime.now(timezone.utc).isoformat(), **entry}
+        self._f.write(json.dumps(entry) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
+def _link(op: str, keeper: str, dest: str) -> None:
+    if op == "hardlink":
+        os.link(keeper, dest)
+    else:  # relative, so the link survives moving the whole tree
+        os.symlink(os.path.relpath(keeper, os.path.dirname(dest)), dest)
+
+
+def _act(op: str, row, to: Path | None, log: UndoLog) -> None:
+    src = row.abs_path
+    if op == "move":
+        dst = to / row.path
+        if os.path.lexists(dst):
+            raise FileExistsError(f"destination {dst} exists")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        log.write({"op": "move", "path": row.path, "src": src, "dst": str(dst), "sha256": row.sha256})
+        shutil.move(src, dst)
+        return
+    trash = log.trash / row.path
+    if os.path.lexists(trash):
+        raise FileExistsError(f"trash entry {trash} exists")
+    trash.parent.mkdir(parents=True, exist_ok=True)
+    log.write({"op": op, "path": row.path, "src": src, "trash": str(trash), "keeper": row.keeper_abs_path,
+               "sha256": row.sha256})
+    shutil.move(src, trash)
+    if op == "delete":
+        return
+    try:
+        _link(op, row.keeper_abs_path, src)
+    except OSError:
+        shutil.move(trash, src)  # e.g. a hard link across file systems: put the file back
+        raise
+
+
+def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, execute: bool = False,
+               log_path: str | Path | None = None, echo: Callable[[str], None] = print,
+               warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Outcome:
+    """Carry out `action` on the plan's "remove" rows (only with execute=True; else print what
+    would happen, after the same checks). Returns what was done, refused and failed."""
+    if action not in ACTIONS:
+        raise PlanError(f"unknown action {action!r}: use one of {', '.join(ACTIONS)}")
+    if (action == "move") != (to is not None):
+        raise PlanError("--to DIR is needed with --action move (and only with it)")
+    to = Path(to).resolve() if to is not None else None
+    verb = {"move": "move", "hardlink": "hard-link", "symlink": "symlink", "delete": "delete"}[action]
+    out = Outcome()
+    log = UndoLog(Path(log_path)) if execute else None
+    try:
+        for _, group in plan.groupby("cluster_id", sort=False):
+            keepers = group[group["action"] == "keep"]
+            removals = group[group["action"] == "remove"]
+            if len(keepers) != 1:
+                for r in removals.itertuples():
+                    out.refused.append((r.path, f"its cluster has {len(keepers)} keepers in the plan (needs one)"))
+                continue
+            keeper = next(keepers.itertuples())
+            why = changed(keeper.abs_path, keeper)
+            for r in removals.itertuples():
+                if why is None:  # re-check cheaply per file: an earlier step may have touched it
+                    why_now = None if os.path.exists(keeper.abs_path) else "is missing"
+                else:
+                    why_now = why
+                if why_now is not None:
+                    out.refused.append((r.path, f"the keeper {keeper.path} {why_now}: nothing removed from this cluster"))
+                    continue
+                reason = changed(r.abs_path, r)
+                if reason is None and os.path.samefile(r.abs_path, keeper.abs_path):
+                    reason = "is the keeper's own file under another name (same inode)"
+                if reason is not None:
+                    out.refused.append((r.path, reason))
+                    continue
+                target = f" -> {to / r.path}" if action == "move" else (
+                    f" -> {keeper.path}" if action in ("hardlink", "symlink") else "")
+                if not execute:
+                    echo(f"would {verb}: {r.path}{target}")
+                    out.done.append(r.path)
+                    continue
+                try:
+                    _act(action, r, to, log)
+                except OSError as exc:
+                    out.failed.append((r.path, str(exc)))
+                    continue
+                echo(f"{verb}: {r.path}{target}")
+                out.done.append(r.path)
+    finally:
+        if log is not None:
+            log.close()
+    for path, reason in out.refused:
+        warn(f"refused: {path}: {reason}; not touched")
+    for path, reason in out.failed:
+        warn(f"failed: {path}: {reason}")
+    return out
+
+
+def default_log_path(plan_path: str | Path) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return Path(plan_path).resolve().parent / f"undo-{stamp}.jsonl"
+
+
+def _made_by_apply(entry: dict, path: str) -> bool:
+    """Is `path` the link that `apply` put in place of the original?"""
+    if entry["op"] == "symlink":
+        return os.path.islink(path)
+    if entry["op"] == "hardlink":
+        return os.path.exists(entry["keeper"]) and os.path.samefile(path, entry["keeper"])
+    return False
+
+
+def undo(log_path: str | Path, echo: Callable[[str], None] = print,
+         warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Outcome:
+    """Replay an undo log backwards. Entries already undone (or never carried out) are skipped,
+    so running it twice is harmless; a path someone changed since `apply` is left alone."""
+    log_path = Path(log_path)
+    if not log_path.is_file():
+        raise PlanError(f"undo log {str(log_path)!r} not found")
+    entries = []
+    for n, line in enumerate(log_path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise PlanError(f"undo log {str(log_path)!r}, line {n}: not JSON") from None
+    out = Outcome()
+    for e in reversed(entries):
+        src = e["src"]
+        held = e["dst"] if e["op"] == "move" else e["trash"]  # where the original is now
+        if not os.path.lexists(held):
+            if os.path.lexists(src) and not _made_by_apply(e, src):
+                continue  # the original is in place: never carried out, or already undone
+            out.failed.append((e["path"], f"the original is neither at {held} nor at {src}"))
+            continue
+        if os.path.lexists(src):
+            if not _made_by_apply(e, src):
+                out.failed.append((e["path"], f"{src} exists and is not the link `apply` made: left alone"))
+                continue
+            os.unlink(src)
+        Path(src).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(held, src)
+        echo(f"restored: {e['path']}")
+        out.done.append(e["path"])
+    trash = log_path.with_name(log_path.stem + ".trash")
+    if trash.is_dir():  # drop the emptied trash folders (a file left there means a failure above)
+        for folder, dirs, files in os.walk(trash, topdown=False):
+            if not os.listdir(folder):
+                os.rmdir(folder)
+    for path, reason in out.failed:
+        warn(f"not restored: {path}: {reason}")
+    return out

@@ -1,0 +1,342 @@
+"""The review report: OUT/report/index.html, its data file, thumbnails and pair drawings.
+
+Layout (everything relative, so the folder opens from disk, `file://`, with no network):
+
+    OUT/report.html                 small page that sends the browser to report/index.html
+    OUT/report/index.html           summary (rendered here, jinja2 autoescape) + the app
+    OUT/report/data.js              `window.DEDUPE_REPORT = {...}`: every cluster, pair, error
+    OUT/report/app.js, style.css    the app (plain JS): pages, search, filters, pair view
+    OUT/report/thumbs/<image_id>.jpg    one per image shown, made once (a rebuild reuses those of
+                                        unchanged files: thumbs.json records each one's sha256)
+    OUT/report/pairs/<id_a>-<id_b>.jpg  ORB matches drawn for the first `report.draw_pairs`
+                                        duplicate pairs in page order and the `report.draw_rejected`
+                                        closest rejected pairs
+
+The data is a script that sets a global rather than JSON read with fetch(): browsers refuse
+fetch() on file:// pages. It is JSON with `<`, `>`, `&` and the two JavaScript line separators
+escaped, so no path can end the script or inject markup; the app builds the page with
+textContent, never innerHTML, for anything from the data.
+
+Closeness of a rejected pair (how the "closest rejected" list is ranked): pairs that reached the
+confirm tier come first, by cosine (high first); then pairs the verify tier decided, by ORB
+inliers (more first); then pairs decided on the hash alone, by hash distance (small first). Each
+tier only sees pairs the one before could not settle, so a later tier's pair is the closer call.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from pipeline.config import Config, ConfigError, ReportConfig, config_from_dict
+from pipeline.decode import DecodeError, load_image
+from pipeline.results import RULE_CODES, derive_rule, keeper_ids, normalize_images
+
+log = logging.getLogger("pipeline")
+STATIC = ("app.js", "style.css")
+THUMB_INDEX = "thumbs.json"  # image_id -> "sha256:thumb_size" of each thumbnail made
+DRAW_HEIGHT = 320  # each image's height in a pair drawing (pixels)
+INLIER, OUTLIER = (40, 200, 70), (235, 60, 50)
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"),
+                              autoescape=True, undefined=jinja2.StrictUndefined)
+
+
+def _static(name: str) -> bytes:
+    return (resources.files("pipeline") / "templates" / name).read_bytes()
+
+
+def script_json(data) -> str:
+    """JSON that is safe inside a <script> (in a page or a .js file): no `</`, no markup."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(ch, esc)
+    return text
+
+
+def closeness_order(pairs: pd.DataFrame) -> np.ndarray:
+    """Positions of `pairs`, closest first (see the module docstring)."""
+    cos = pairs["cosine"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
+    inl = pairs["orb_inliers"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
+    dist = pairs["hash_distance"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.inf)
+    tier = np.where(~np.isnan(cos), 0, np.where(~np.isnan(inl), 1, 2))
+    # lexsort: last key first
+    return np.lexsort((dist, -np.nan_to_num(inl, nan=-1), -np.nan_to_num(cos, nan=-2), tier))
+
+
+def closeness_by(pairs: pd.DataFrame) -> np.ndarray:
+    """Which evidence ranks each pair's closeness: cosine, ORB inliers or hash distance."""
+    has_cos = pairs["cosine"].notna().to_numpy()
+    has_inl = pairs["orb_inliers"].notna().to_numpy()
+    return np.where(has_cos, "cosine", np.where(has_inl, "ORB inliers", "hash distance"))
+
+
+def _report_config(manifest: dict) -> tuple[Config, ReportConfig]:
+    try:
+        cfg = config_from_dict(manifest.get("config") or {})
+    except ConfigError as exc:  # outputs of another version: draw with the defaults
+        log.warning("report: run.json config not understood (%s); using defaults", exc)
+        cfg = Config()
+    return cfg, cfg.report
+
+
+# ------------------------------------------------------------------------------------------------
+# Pixels
+
+
+def make_thumb(abs_path: str, dest: Path, size: int) -> bool:
+    """A JPEG thumbnail (longer side `size`) decoded at reduced scale; False when undecodable."""
+    try:
+        img, _, _ = load_image(abs_path, min_side=size)
+        img.thumbnail((size, size), Image.Resampling.LANCZOS)
+        img.save(dest, "JPEG", quality=80)
+    except Exception:  # a thumbnail is a nicety: a hostile file must not fail the run
+        return False
+    return True
+
+
+def draw_pair(abs_a: str, abs_b: str, cfg: Config, dest: Path, height: int = DRAW_HEIGHT) -> dict | None:
+    """The two images side by side with the ORB matches as lines (inliers green, outliers red),
+    recomputed with the verify tier's code (`verify.pair_evidence`). None when undecodable."""
+    from pipeline import verify  # OpenCV only when drawing
+    try:
+        ev = verify.pair_evidence(abs_a, abs_b, cfg)
+        shown = []
+        for path in (abs_a, abs_b):
+            img, _, _ = load_image(path, min_side=height, max_pixels=cfg.screen.max_pixels)
+            w = max(1, round(img.width * height / img.height))
+            shown.append(img.resize((w, height), Image.Resampling.BILINEAR))
+    except Exception:  # (DecodeError, cv2.error on a 1-pixel sliver, ...): no drawing, never a failed run
+        return None
+    gap = 12
+    canvas = Image.new("RGB", (shown[0].width + gap + shown[1].width, height), (255, 255, 255))
+    canvas.paste(shown[0], (0, 0))
+    canvas.paste(shown[1], (shown[0].width + gap, 0))
+    sa = np.array([shown[0].width / ev["size_a"][0], height / ev["size_a"][1]])
+    sb = np.array([shown[1].width / ev["size_b"][0], height / ev["size_b"][1]])
+    pa = ev["keypoints_a"] * sa
+    pb = ev["keypoints_b"] * sb + np.array([shown[0].width + gap, 0])
+    draw = ImageDraw.Draw(canvas)
+    for want in (False, True):  # outliers first, inliers on top
+        colour = INLIER if want else OUTLIER
+        for (xa, ya), (xb, yb) in zip(pa[ev["inlier"] == want], pb[ev["inlier"] == want]):
+            draw.line([(xa, ya), (xb, yb)], fill=colour, width=1)
+            for x, y in ((xa, ya), (xb, yb)):
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], outline=colour)
+    canvas.save(dest, "JPEG", quality=82)
+    return {"matches": ev["matches"], "inliers": ev["inliers"], "mirrored": ev["mirrored"]}
+
+
+def _thumb_index(report_dir: Path) -> dict[str, str]:
+    """image_id -> "sha256:size" of the thumbnails an earlier report made (reused on a rebuild)."""
+    try:
+        return json.loads((report_dir / THUMB_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _reuse(old: Path, new: Path) -> bool:
+    """Carry an earlier thumbnail of the same bytes over (a hard link; a copy across devices)."""
+    try:
+        os.link(old, new)
+    except OSError:
+        try:
+            shutil.copyfile(old, new)
+        except OSError:
+            return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+
+def _num(x, digits: int | None = None):
+    if x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x)):
+        return None
+    if digits is None:
+        return int(x)
+    return round(float(x), digits)
+
+
+def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: ReportConfig) -> dict:
+    """The report's data (what data.js holds) from normalised images and pairs with `rule`.
+
+    Image ids are strings: they are 63-bit and JavaScript numbers keep 53 bits."""
+    clustered = images[images["cluster_id"].notna()]
+    # largest first; equal sizes by the cluster's first path
+    by_cluster = clustered.groupby("cluster_id")["path"]
+    cluster_order = (pd.DataFrame({"size": by_cluster.size(), "first": by_cluster.min()})
+                     .sort_values(["size", "first"], ascending=[False, True], kind="stable").index)
+    keepers = keeper_ids(clustered, rcfg.keep, rcfg.prefer) if len(clustered) else pd.Series(dtype="int64")
+
+    dup = pairs["is_duplicate"].astype(bool).to_numpy()
+    rejected = np.flatnonzero(~dup)
+    rejected = rejected[closeness_order(pairs.iloc[rejected])][:rcfg.rejected_pairs]
+    shown_pairs = np.concatenate([np.flatnonzero(dup), rejected])
+    shown_pairs.sort()
+    pairs = pairs.iloc[shown_pairs].reset_index(drop=True)
+    rejected_pos = np.searchsorted(shown_pairs, rejected)
+
+    errors = images[images["error"].notna()]
+    wanted = set(clustered["image_id"].tolist()) | set(pairs["image_id_a"].tolist()) | \
+        set(pairs["image_id_b"].tolist()) | set(errors["image_id"].tolist())
+    shown = images[images["image_id"].isin(wanted)].sort_values("path", kind="stable").reset_index(drop=True)
+    pos = pd.Series(np.arange(len(shown)), index=shown["image_id"].to_numpy())
+
+    mtime = pd.to_datetime(shown["mtime"], utc=True).dt.strftime("%Y-%m-%d %H:%M").to_numpy(dtype=object)
+    img_rows = [[str(i), p, _num(b), _num(w), _num(h), f if isinstance(f, str) else None, m if isinstance(m, str) else None,
+                 e if isinstance(e, str) else None]
+                for i, p, b, w, h, f, m, e in zip(shown["image_id"], shown["path"], shown["bytes"], shown["width"],
+                                                  shown["height"], shown["format"], mtime, shown["error"])]
+
+    pa_pos = pos.reindex(pairs["image_id_a"].to_numpy()).to_numpy()
+    pb_pos = pos.reindex(pairs["image_id_b"].to_numpy()).to_numpy()
+    by = closeness_by(pairs)
+    pair_rows = []
+    for k, r in enumerate(pairs.itertuples(index=False)):
+        pair_rows.append([int(pa_pos[k]), int(pb_pos[k]), _num(r.hash_distance), _num(r.orb_matches),
+                          _num(r.orb_inliers), _num(r.orb_score, 3), _num(r.cosine, 6), str(r.stage), str(r.rule),
+                          bool(r.is_duplicate), r.reason if isinstance(r.reason, str) else "", None, str(by[k])])
+
+    # duplicate pairs of each cluster (both ends in it), in path order
+    cid_of = pd.Series(images["cluster_id"].fillna(-1).to_numpy(dtype=np.int64), index=images["image_id"].to_numpy())
+    ca = cid_of.reindex(pairs["image_id_a"].to_numpy()).to_numpy()
+    cb = cid_of.reindex(pairs["image_id_b"].to_numpy()).to_numpy()
+    same = (ca == cb) & (ca >= 0) & pairs["is_duplicate"].astype(bool).to_numpy()
+    pair_groups = pd.Series(np.flatnonzero(same)).groupby(ca[same]).apply(list) \
+        if same.any() else pd.Series(dtype=object)
+    member_groups = pd.Series(pos.reindex(clustered["image_id"].to_numpy()).to_numpy()) \
+        .groupby(clustered["cluster_id"].to_numpy(dtype=np.int64)).apply(lambda s: sorted(s.tolist()))
+    cluster_rows = []
+    for cid in cluster_order:
+        cid = int(cid)
+        members = member_groups.get(cid, [])
+        keeper = int(pos[keepers[cid]]) if cid in keepers.index else None
+        cluster_rows.append([str(cid), members, keeper, pair_groups.get(cid, [])])
+
+    counts = manifest.get("counts", {})
+    return {
+        "meta": {"root": manifest.get("root"), "finished": manifest.get("finished"), "counts": counts,
+                 "page_size": rcfg.page_size, "keep": rcfg.keep, "rejected_total": int((~dup).sum()),
+                 "rejected_limit": rcfg.rejected_pairs},
+        "images": img_rows, "pairs": pair_rows, "clusters": cluster_rows,
+        "rejected": [int(i) for i in rejected_pos],
+        "errors": [int(pos[i]) for i in errors.sort_values("path")["image_id"]],
+        "rules": RULE_CODES,
+    }
+
+
+def _draw_list(data: dict, rcfg: ReportConfig) -> list[int]:
+    """Pairs to draw: the first draw_pairs duplicate pairs in page order that ORB saw, then the
+    draw_rejected closest rejected ones that ORB saw."""
+    pairs = data["pairs"]
+    had_orb = [p[4] is not None for p in pairs]
+    picked = []
+    for cluster in data["clusters"]:
+        for i in cluster[3]:
+            if len(picked) >= rcfg.draw_pairs:
+                break
+            if had_orb[i]:
+                picked.append(i)
+    picked += [i for i in data["rejected"] if had_orb[i]][:rcfg.draw_rejected]
+    return picked
+
+
+def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict,
+                 cfg: Config | None = None) -> Path:
+    """Write OUT/report/ and OUT/report.html; returns the index page's path.
+
+    `images`/`pairs`: the run's frames (in memory or as read from the Parquet files: abs paths
+    are rebuilt from the manifest's root when missing); `cfg` defaults to run.json's config."""
+    out_dir = Path(out_dir)
+    if cfg is None:
+        cfg, rcfg = _report_config(manifest)
+    else:
+        rcfg = cfg.report
+    images = normalize_images(images, manifest.get("root"))
+    pairs = pairs.reset_index(drop=True)
+    if "rule" not in pairs:
+        pairs = pairs.assign(rule=derive_rule(pairs))
+    for col, abs_col in (("path_a", "abs_path_a"), ("path_b", "abs_path_b")):
+        if abs_col not in pairs:
+            pairs[abs_col] = [str(Path(manifest.get("root") or ".") / p) for p in pairs[col]]
+    data = build_data(images, pairs, manifest, rcfg)
+    abs_of = dict(zip(images["image_id"].astype(str), images["abs_path"]))
+    sha_of = dict(zip(images["image_id"].astype(str), images["sha256"]))
+
+    tmp = out_dir / f".report-{uuid.uuid4().hex[:12]}"
+    (tmp / "thumbs").mkdir(parents=True)
+    (tmp / "pairs").mkdir()
+    try:
+        workers = os.cpu_count() or 1  # Pillow and OpenCV release the GIL while decoding/matching
+        with ThreadPoolExecutor(workers) as pool:
+            previous = _thumb_index(out_dir / "report")
+            made: dict[str, str] = {}
+            jobs = []
+            for row in data["images"]:
+                key = f"{sha_of.get(row[0])}:{rcfg.thumb_size}"
+                dest = tmp / "thumbs" / f"{row[0]}.jpg"
+                if row[7] is not None:
+                    jobs.append(None)
+                elif previous.get(row[0]) == key and _reuse(out_dir / "report" / "thumbs" / dest.name, dest):
+                    jobs.append(True)
+                else:
+                    jobs.append(pool.submit(make_thumb, abs_of[row[0]], dest, rcfg.thumb_size))
+                made[row[0]] = key
+            drawn = _draw_list(data, rcfg)
+            draws = {}
+            for i in drawn:
+                a, b = data["images"][data["pairs"][i][0]], data["images"][data["pairs"][i][1]]
+                name = f"{a[0]}-{b[0]}.jpg"
+                draws[i] = (name, pool.submit(draw_pair, abs_of[a[0]], abs_of[b[0]], cfg, tmp / "pairs" / name))
+            for row, job in zip(data["images"], jobs):
+                ok = job if isinstance(job, bool) or job is None else job.result()
+                row.append(bool(ok))  # [8]: has a thumbnail
+                if not ok:
+                    made.pop(row[0], None)
+            for i, (name, job) in draws.items():
+                if job.result() is not None:
+                    data["pairs"][i][11] = name
+        data["meta"]["generated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        (tmp / "data.js").write_text(f"window.DEDUPE_REPORT = {script_json(data)};\n", encoding="utf-8")
+        (tmp / THUMB_INDEX).write_text(json.dumps(made), encoding="utf-8")
+        for name in STATIC:
+            (tmp / name).write_bytes(_static(name))
+        env = _env()
+        counts = manifest.get("counts", {})
+        page = env.get_template("index.html.j2").render(
+            root=manifest.get("root"), finished=manifest.get("finished"), counts=counts,
+            n_clusters=len(data["clusters"]), n_pairs=len(data["pairs"]), n_errors=len(data["errors"]),
+            rules=RULE_CODES, keep=rcfg.keep, decide=(manifest.get("config") or {}).get("decide", {}),
+            tiers=(manifest.get("config") or {}).get("tiers"))
+        (tmp / "index.html").write_text(page, encoding="utf-8")
+        final = out_dir / "report"
+        old = out_dir / f".report-old-{uuid.uuid4().hex[:12]}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    redirect = env.get_template("redirect.html.j2").render(n_clusters=len(data["clusters"]))
+    link = out_dir / "report.html"
+    tmp_link = out_dir / f".report.html.{uuid.uuid4().hex}.tmp"
+    tmp_link.write_text(redirect, encoding="utf-8")
+    os.replace(tmp_link, link)
+    return final / "index.html"

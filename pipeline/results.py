@@ -1,0 +1,182 @@
+"""Results API: a finished run's outputs as pandas frames, for analysts and for `dedupe plan`.
+
+    >>> from pipeline.results import load_run
+    >>> run = load_run("out")                       # the --out folder of a finished run
+    >>> run.images, run.pairs, run.manifest         # images.parquet, pairs.parquet, run.json
+    >>> members = run.clusters(keep="largest_pixels")
+    >>> members[members.keeper]                     # one suggested keeper per cluster
+    >>> run.pairs[run.pairs.rule == "verify_orb_accept"]
+
+`pairs` always has a `rule` column: the machine-readable code of the decision rule that decided
+the pair (`RULE_CODES`). Outputs written before pairs.parquet carried it get it derived from
+`stage`, `is_duplicate` and the human `reason`.
+
+Keeper policies (`KEEP_POLICIES`, or a callable): which member of a cluster to keep. Ties always
+fall back to the next key and finally to the path, so the choice is deterministic.
+
+- largest_pixels: most pixels, then the largest file;
+- largest_file: most bytes, then most pixels;
+- oldest / newest: by modification time;
+- shortest_path: fewest characters in the path (e.g. `photo.jpg` over `backup/old/photo (1).jpg`);
+- preferred_folder: the first member under the first matching prefix of `prefer` (paths relative
+  to the scanned folder, or absolute), then largest_pixels;
+- a callable `f(members) -> image_id`, called once per cluster with that cluster's member rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Union
+
+import numpy as np
+import pandas as pd
+
+from pipeline.decide import RULES
+from pipeline.config import KEEP_POLICIES
+
+Keep = Union[str, Callable[[pd.DataFrame], int]]
+
+# rule code -> meaning (the same codes as pairs.parquet's `rule` column)
+RULE_CODES = RULES  # the decision rule's codes (pipeline/decide.py), one list for the whole project
+
+
+def derive_rule(pairs: pd.DataFrame) -> pd.Series:
+    """The `rule` code of each pair from `stage`, `is_duplicate` and `reason` (the texts written by
+    pipeline/decide.py), for outputs that have no `rule` column."""
+    stage = pairs["stage"].astype(str).to_numpy()
+    dup = pairs["is_duplicate"].astype(bool).to_numpy()
+    reason = pairs["reason"].astype(object).fillna("").astype(str)
+    rule = np.full(len(pairs), "", dtype=object)
+    rule[stage == "exact"] = "exact_bytes"
+    screen = stage == "screen"
+    rule[screen] = np.where(dup[screen], "screen_hash_close", "screen_hash_far")
+    confirm = stage == "confirm"
+    with_orb = reason.str.match(r"duplicate: cosine \S+ >= \S+ with \d+ ORB inliers").to_numpy()
+    rule[confirm] = np.where(~dup[confirm], "confirm_cosine_low",
+                             np.where(with_orb[confirm], "confirm_cosine_orb", "confirm_cosine"))
+    verify = stage == "verify"
+    no_embedding = reason.str.endswith("; no embedding").to_numpy()
+    accepted = reason.str.startswith("duplicate: orb").to_numpy()
+    disagrees = reason.str.contains("(geometry disagrees)", regex=False).to_numpy()
+    fallback = reason.str.contains("; hash distance ", regex=False).to_numpy()
+    rule[verify] = "verify_orb_match"  # tiers=verify, ORB "match": the reason is just the counts
+    rule[verify & fallback] = np.where(dup[verify & fallback], "verify_inconclusive_hash_close",
+                                       "verify_inconclusive_hash_far")
+    rule[verify & accepted] = "verify_orb_accept"
+    rule[verify & disagrees] = "verify_orb_reject"
+    rule[verify & no_embedding] = "confirm_no_embedding"
+    return pd.Series(rule, index=pairs.index, name="rule")
+
+
+def _in_folder(paths: pd.Series, prefix: str) -> np.ndarray:
+    prefix = prefix.rstrip("/\\")
+    return (paths == prefix).to_numpy() | paths.str.startswith(prefix + "/").to_numpy() | \
+        paths.str.startswith(prefix + os.sep).to_numpy()
+
+
+def keeper_ids(members: pd.DataFrame, keep: Keep = "largest_pixels", prefer: Iterable[str] = ()) -> pd.Series:
+    """cluster_id -> image_id of the member to keep. `members`: cluster_id, image_id, path,
+    abs_path, bytes, width, height, mtime (as `Run.clusters` gives them)."""
+    if callable(keep):
+        return members.groupby("cluster_id", sort=False).apply(lambda g: int(keep(g)), include_groups=False)
+    if keep not in KEEP_POLICIES:
+        raise ValueError(f"unknown keep policy {keep!r}: use one of {', '.join(KEEP_POLICIES)} or a callable")
+    m = pd.DataFrame({
+        "cluster_id": members["cluster_id"].to_numpy(), "image_id": members["image_id"].to_numpy(),
+        "path": members["path"].astype(str).to_numpy(),
+        "pixels": -(members["width"].astype("Float64").fillna(0) * members["height"].astype("Float64")
+                    .fillna(0)).to_numpy(dtype=np.float64),
+        "bytes": -members["bytes"].astype("Float64").fillna(0).to_numpy(dtype=np.float64),
+        "mtime": pd.to_datetime(members["mtime"], utc=True).astype("int64").to_numpy(),
+        "length": members["path"].astype(str).str.len().to_numpy(),
+    })
+    keys = {"largest_pixels": ["pixels", "bytes"], "largest_file": ["bytes", "pixels"],
+            "oldest": ["mtime"], "shortest_path": ["length"], "preferred_folder": ["rank", "pixels", "bytes"]}
+    if keep == "newest":
+        m["mtime"] = -m["mtime"]
+        order = ["mtime"]
+    else:
+        order = keys[keep]
+    if keep == "preferred_folder":
+        prefer = list(prefer)
+        if not prefer:
+            raise ValueError("keep='preferred_folder' needs prefer=[folder, ...] (paths relative to the scanned folder)")
+        rank = np.full(len(m), len(prefer))
+        for i, prefix in reversed(list(enumerate(prefer))):
+            col = "abs_path" if os.path.isabs(prefix) else "path"
+            rank[_in_folder(members[col].astype(str).reset_index(drop=True), prefix)] = i
+        m["rank"] = rank
+    first = m.sort_values([*order, "path"], kind="stable").drop_duplicates("cluster_id")
+    return pd.Series(first["image_id"].to_numpy(), index=first["cluster_id"].to_numpy(), name="keeper")
+
+
+def normalize_images(images: pd.DataFrame, root: str | None = None) -> pd.DataFrame:
+    """Images as the pipeline gives them (in memory: cluster_id -1 for singletons, mtime in
+    seconds) or as images.parquet stores them -> cluster_id nullable Int64, mtime UTC timestamps,
+    abs_path (from `root` when missing), pixels."""
+    out = images.copy()
+    cid = out["cluster_id"].astype("Int64")  # exact for int64 (63-bit ids do not fit a float64)
+    out["cluster_id"] = cid.where(cid >= 0)  # in memory, -1 marks a singleton
+    if not pd.api.types.is_datetime64_any_dtype(out["mtime"]):
+        out["mtime"] = pd.to_datetime(out["mtime"], unit="s", utc=True)
+    if "abs_path" not in out:
+        base = Path(root) if root else Path(".")
+        out["abs_path"] = [str(base / p) for p in out["path"]]
+    out["pixels"] = (out["width"].astype("Float64") * out["height"].astype("Float64")).astype("Int64")
+    return out
+
+
+@dataclass
+class Run:
+    """One finished run: `images`, `pairs` (with `rule`), `manifest` (run.json), `out_dir`."""
+    out_dir: Path
+    images: pd.DataFrame
+    pairs: pd.DataFrame
+    manifest: dict
+
+    @property
+    def root(self) -> Path:
+        """The scanned folder (absolute, as recorded in run.json)."""
+        return Path(self.manifest["root"])
+
+    def duplicates(self) -> pd.DataFrame:
+        """Pairs decided as duplicates."""
+        return self.pairs[self.pairs["is_duplicate"].astype(bool)]
+
+    def clusters(self, keep: Keep = "largest_pixels", prefer: Iterable[str] = ()) -> pd.DataFrame:
+        """One row per image in a cluster: cluster_id, cluster_size, image_id, path, abs_path,
+        bytes, width, height, pixels, format, mtime, sha256 and `keeper` (True for the member the
+        `keep` policy keeps). Largest clusters first, members by path.
+
+            >>> members = run.clusters(keep="preferred_folder", prefer=["originals"])
+            >>> members.groupby("cluster_id").size().describe()
+        """
+        m = self.images[self.images["cluster_id"].notna()].copy()
+        m["cluster_size"] = m.groupby("cluster_id")["image_id"].transform("size")
+        m = m.sort_values(["cluster_size", "cluster_id", "path"], ascending=[False, True, True], kind="stable")
+        cols = ["cluster_id", "cluster_size", "image_id", "path", "abs_path", "bytes", "width", "height",
+                "pixels", "format", "mtime", "sha256"]
+        m = m[cols].reset_index(drop=True)
+        kept = keeper_ids(m, keep, prefer) if len(m) else pd.Series(dtype="int64")
+        m["keeper"] = m["image_id"].to_numpy() == kept.reindex(m["cluster_id"].to_numpy()).to_numpy()
+        return m
+
+
+def load_run(out_dir: str | Path) -> Run:
+    """Read OUT/images.parquet, OUT/pairs.parquet and OUT/run.json of a finished run.
+
+        >>> run = load_run("out")
+        >>> run.pairs.groupby("rule").size()
+    """
+    out_dir = Path(out_dir)
+    manifest_path = out_dir / "run.json"
+    if not manifest_path.is_file():  # run.json is written last: without it the run is incomplete
+        raise FileNotFoundError(f"{manifest_path} not found: {out_dir} is not the output folder of a finished run")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    images = normalize_images(pd.read_parquet(out_dir / "images.parquet"), manifest.get("root"))
+    pairs = pd.read_parquet(out_dir / "pairs.parquet")
+    if "rule" not in pairs:
+        pairs["rule"] = derive_rule(pairs)
+    return Run(out_dir=out_dir, images=images, pairs=pairs, manifest=manifest)

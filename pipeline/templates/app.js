@@ -1,0 +1,236 @@
+// Duplicate report: renders window.DEDUPE_REPORT (data.js) one page at a time.
+// Plain DOM; every value from the data goes through textContent or an attribute, never innerHTML.
+(function () {
+  "use strict";
+  var D = window.DEDUPE_REPORT;
+  // row layouts (pipeline/report.py build_data)
+  var I = {id: 0, path: 1, bytes: 2, w: 3, h: 4, format: 5, mtime: 6, error: 7, thumb: 8};
+  var P = {a: 0, b: 1, dist: 2, matches: 3, inliers: 4, score: 5, cos: 6, stage: 7, rule: 8, dup: 9,
+           reason: 10, drawing: 11, by: 12};
+  var C = {id: 0, members: 1, keeper: 2, pairs: 3};
+  var app = document.getElementById("app");
+  var state = {view: "clusters", page: 0, pair: null};
+  var lowerPaths = D.images.map(function (im) { return im[I.path].toLowerCase(); });
+
+  function el(tag, attrs, children) {
+    var node = document.createElement(tag);
+    if (attrs) Object.keys(attrs).forEach(function (k) {
+      if (k === "text") node.textContent = attrs[k];
+      else if (k === "cls") node.className = attrs[k];
+      else node.setAttribute(k, attrs[k]);
+    });
+    (children || []).forEach(function (c) {
+      if (c !== null && c !== undefined) node.appendChild(typeof c === "string" ? document.createTextNode(c) : c);
+    });
+    return node;
+  }
+  var DASH = "\u2014";
+  function fmtCos(x) { return x === null ? DASH : x.toFixed(3); }
+  function fmtNum(x) { return x === null ? DASH : String(x); }
+  function fmtScore(x) { return x === null ? DASH : x.toFixed(3); }
+  function fmtBytes(n) {
+    if (n === null) return DASH;
+    var units = ["B", "KB", "MB", "GB"], i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+  }
+  function thumb(imgIdx, cls) {
+    var im = D.images[imgIdx];
+    if (!im[I.thumb]) return el("div", {cls: "nothumb " + (cls || ""), text: "no preview"});
+    return el("img", {cls: cls || "thumb", src: "thumbs/" + im[I.id] + ".jpg", alt: im[I.path], loading: "lazy"});
+  }
+
+  // ---- filters -------------------------------------------------------------------------------
+  function readFilters() {
+    function num(id) { var v = document.getElementById(id).value; return v === "" ? null : Number(v); }
+    return {q: document.getElementById("q").value.trim().toLowerCase(),
+            stage: document.getElementById("stage").value, rule: document.getElementById("rule").value,
+            minCos: num("min-cos"), minInl: num("min-inl"), maxDist: num("max-dist")};
+  }
+  function pairFilterActive(f) {
+    return f.stage || f.rule || f.minCos !== null || f.minInl !== null || f.maxDist !== null;
+  }
+  function pairPasses(p, f) {
+    if (f.stage && p[P.stage] !== f.stage) return false;
+    if (f.rule && p[P.rule] !== f.rule) return false;
+    if (f.minCos !== null && (p[P.cos] === null || p[P.cos] < f.minCos)) return false;
+    if (f.minInl !== null && (p[P.inliers] === null || p[P.inliers] < f.minInl)) return false;
+    if (f.maxDist !== null && (p[P.dist] === null || p[P.dist] > f.maxDist)) return false;
+    return true;
+  }
+  function pathMatches(imgIdx, f) { return !f.q || lowerPaths[imgIdx].indexOf(f.q) >= 0; }
+  function clusterPasses(c, f) {
+    if (f.q && !c[C.members].some(function (m) { return pathMatches(m, f); })) return false;
+    if (pairFilterActive(f) && !c[C.pairs].some(function (i) { return pairPasses(D.pairs[i], f); })) return false;
+    return true;
+  }
+
+  // ---- pieces --------------------------------------------------------------------------------
+  function pager(total, size, onPage) {
+    var pages = Math.max(1, Math.ceil(total / size));
+    var page = Math.min(state.page, pages - 1);
+    var prev = el("button", {type: "button", text: "\u2190 previous"});
+    var next = el("button", {type: "button", text: "next \u2192"});
+    prev.disabled = page === 0; next.disabled = page >= pages - 1;
+    prev.addEventListener("click", function () { onPage(page - 1); });
+    next.addEventListener("click", function () { onPage(page + 1); });
+    return {page: page, node: el("div", {cls: "pager"}, [prev, "page " + (page + 1) + " of " + pages +
+      " (" + total + " shown)", next])};
+  }
+  function memberFigure(imgIdx, isKeeper) {
+    var im = D.images[imgIdx];
+    var details = fmtBytes(im[I.bytes]) + " \u00b7 " + (im[I.w] === null ? "?" : im[I.w] + "\u00d7" + im[I.h]) +
+      " \u00b7 " + (im[I.format] || "?") + " \u00b7 " + (im[I.mtime] || "?");
+    return el("figure", {cls: "member" + (isKeeper ? " keeper" : "")}, [
+      thumb(imgIdx), el("figcaption", null, [
+        isKeeper ? el("span", {cls: "badge", text: "keep"}) : null, isKeeper ? " " : null,
+        el("span", {cls: "path", text: im[I.path]}), el("br"), el("span", {cls: "muted", text: details})])]);
+  }
+  function pairRow(i, rank) {
+    var p = D.pairs[i], a = D.images[p[P.a]], b = D.images[p[P.b]];
+    var verdict = p[P.dup] ? el("span", {cls: "badge", text: "duplicate"}) : el("span", {cls: "badge reject", text: "different"});
+    return el("tr", {cls: "pair-row"}, [
+      rank === undefined ? null : el("td", {cls: "num", text: String(rank)}),
+      el("td", null, [thumb(p[P.a], "mini"), el("br"), el("span", {text: a[I.path]})]),
+      el("td", null, [thumb(p[P.b], "mini"), el("br"), el("span", {text: b[I.path]})]),
+      el("td", {cls: "num", text: fmtNum(p[P.dist])}),
+      el("td", {cls: "num", text: p[P.matches] === null ? DASH : p[P.inliers] + " / " + p[P.matches]}),
+      el("td", {cls: "num", text: fmtCos(p[P.cos])}),
+      el("td", null, [verdict, el("br"), el("code", {text: p[P.rule]}), el("br"), el("span", {cls: "muted", text: p[P.stage]})]),
+      el("td", null, [el("a", {href: "#pair=" + i, text: p[P.drawing] ? "view matches" : "view"})])]);
+  }
+  function pairTable(rows, ranked) {
+    var head = ["image a", "image b", "hash distance", "ORB inliers / matches", "cosine", "decision", ""];
+    if (ranked) head.unshift("rank");
+    return el("table", {cls: "pairs"}, [el("tr", null, head.map(function (h) { return el("th", {text: h}); }))].concat(rows));
+  }
+  function clusterBlock(ci) {
+    var c = D.clusters[ci];
+    var box = el("div", {cls: "cluster", id: "cluster-" + c[C.id]}, [
+      el("h3", {text: "Cluster " + (ci + 1) + " \u00b7 " + c[C.members].length + " images \u00b7 " +
+        c[C.pairs].length + " duplicate pairs"}),
+      el("div", {cls: "members"}, c[C.members].map(function (m) { return memberFigure(m, m === c[C.keeper]); }))]);
+    var limit = 8, shown = c[C.pairs].slice(0, limit);
+    var table = pairTable(shown.map(function (i) { return pairRow(i); }));
+    box.appendChild(table);
+    if (c[C.pairs].length > limit) {
+      var more = el("button", {type: "button", text: "show all " + c[C.pairs].length + " pairs"});
+      more.addEventListener("click", function () {
+        c[C.pairs].slice(limit).forEach(function (i) { table.appendChild(pairRow(i)); });
+        more.remove();
+      });
+      box.appendChild(more);
+    }
+    return box;
+  }
+
+  // ---- views ---------------------------------------------------------------------------------
+  function viewClusters(f) {
+    var hits = [];
+    for (var i = 0; i < D.clusters.length; i++) if (clusterPasses(D.clusters[i], f)) hits.push(i);
+    var size = D.meta.page_size;
+    var pg = pager(hits.length, size, go);
+    app.appendChild(pg.node);
+    var list = el("div", {id: "clusters"});
+    hits.slice(pg.page * size, (pg.page + 1) * size).forEach(function (ci) { list.appendChild(clusterBlock(ci)); });
+    if (!hits.length) list.appendChild(el("p", {text: D.clusters.length ? "No cluster matches the filters." : "No duplicates found."}));
+    app.appendChild(list);
+    app.appendChild(pager(hits.length, size, go).node);
+  }
+  function viewRejected(f) {
+    var hits = D.rejected.map(function (i, r) { return [i, r + 1]; }).filter(function (x) {
+      var p = D.pairs[x[0]];
+      return pairPasses(p, f) && (!f.q || pathMatches(p[P.a], f) || pathMatches(p[P.b], f));
+    });
+    app.appendChild(el("p", {cls: "muted", text: "The " + D.rejected.length + " closest of " + D.meta.rejected_total +
+      " rejected pairs, closest first (ranked by cosine, then ORB inliers, then hash distance: see below)."}));
+    var size = 50, pg = pager(hits.length, size, go);
+    app.appendChild(pg.node);
+    app.appendChild(pairTable(hits.slice(pg.page * size, (pg.page + 1) * size).map(function (x) {
+      return pairRow(x[0], x[1]); }), true));
+  }
+  function viewErrors(f) {
+    var hits = D.errors.filter(function (i) { return pathMatches(i, f); });
+    var size = 200, pg = pager(hits.length, size, go);
+    app.appendChild(pg.node);
+    app.appendChild(el("table", {id: "errors"}, [el("tr", null, [el("th", {text: "path"}), el("th", {text: "error"})])]
+      .concat(hits.slice(pg.page * size, (pg.page + 1) * size).map(function (i) {
+        return el("tr", {cls: "error-row"}, [el("td", {text: D.images[i][I.path]}), el("td", {text: D.images[i][I.error]})]);
+      }))));
+  }
+  function viewPair(i) {
+    var p = D.pairs[i];
+    if (!p) { app.appendChild(el("p", {text: "No such pair."})); return; }
+    var a = D.images[p[P.a]], b = D.images[p[P.b]];
+    var box = el("div", {id: "pair-view", "data-pair": String(i)}, [
+      el("p", null, [el("a", {href: "#", id: "back", text: "\u2190 back"})]),
+      el("h2", {text: p[P.dup] ? "Duplicate pair" : "Rejected pair"})]);
+    var sides = el("div", {cls: "side"}, [p[P.a], p[P.b]].map(function (k) {
+        var im = D.images[k];
+        return el("figure", null, [thumb(k, "big"), el("figcaption", null, [el("span", {cls: "path", text: im[I.path]}), el("br"),
+          el("span", {cls: "muted", text: fmtBytes(im[I.bytes]) + " \u00b7 " + im[I.w] + "\u00d7" + im[I.h] + " \u00b7 " +
+            (im[I.format] || "?") + " \u00b7 " + (im[I.mtime] || "?")})])]);
+      }));
+    if (p[P.drawing]) {
+      box.appendChild(el("img", {cls: "drawing", src: "pairs/" + p[P.drawing], alt: "ORB matches between the two images"}));
+      box.appendChild(el("p", {cls: "muted"}, ["ORB matches recomputed for this report: ",
+        el("span", {cls: "inlier", text: "green = inliers"}), ", ", el("span", {cls: "outlier", text: "red = outliers"}), "."]));
+    } else if (p[P.inliers] !== null) {
+      box.appendChild(el("p", {cls: "muted", text: "Matches are drawn for the first pairs of the report only (report.draw_pairs)."}));
+    }
+    var rows = [
+      ["screen: hash distance", fmtNum(p[P.dist])],
+      ["verify: ORB matches", fmtNum(p[P.matches])],
+      ["verify: ORB inliers", fmtNum(p[P.inliers])],
+      ["verify: ORB score", fmtScore(p[P.score])],
+      ["confirm: cosine", fmtCos(p[P.cos])],
+      ["stage (last tier)", p[P.stage]],
+      ["rule", p[P.rule] + (D.rules[p[P.rule]] ? " \u2014 " + D.rules[p[P.rule]] : "")],
+      ["duplicate", p[P.dup] ? "yes" : "no"],
+      ["reason", p[P.reason] || DASH]];
+    if (!p[P.dup]) rows.push(["closeness ranked by", p[P.by]]);
+    box.appendChild(el("table", {id: "evidence"}, rows.map(function (r) {
+      return el("tr", null, [el("th", {text: r[0]}), el("td", {text: r[1]})]); })));
+    box.appendChild(sides);
+    app.appendChild(box);
+    document.getElementById("back").addEventListener("click", function (e) { e.preventDefault(); history.back(); });
+  }
+
+  // ---- routing -------------------------------------------------------------------------------
+  function parseHash() {
+    var out = {};
+    location.hash.replace(/^#/, "").split("&").forEach(function (kv) {
+      if (!kv) return;
+      var at = kv.indexOf("=");
+      out[decodeURIComponent(at < 0 ? kv : kv.slice(0, at))] = at < 0 ? "" : decodeURIComponent(kv.slice(at + 1));
+    });
+    return out;
+  }
+  function go(page) { location.hash = "view=" + state.view + "&page=" + (page + 1); }
+  function render() {
+    var h = parseHash();
+    state.pair = h.pair !== undefined ? Number(h.pair) : null;
+    state.view = h.view || (state.pair !== null ? state.view : "clusters");
+    state.page = Math.max(0, (Number(h.page) || 1) - 1);
+    app.textContent = "";
+    ["clusters", "rejected", "errors"].forEach(function (v) {
+      document.getElementById("tab-" + v).className = v === state.view && state.pair === null ? "active" : "";
+    });
+    document.getElementById("controls").style.display = state.pair === null ? "" : "none";
+    var f = readFilters();
+    if (state.pair !== null) viewPair(state.pair);
+    else if (state.view === "rejected") viewRejected(f);
+    else if (state.view === "errors") viewErrors(f);
+    else viewClusters(f);
+    window.scrollTo(0, 0);
+  }
+  ["q", "stage", "rule", "min-cos", "min-inl", "max-dist"].forEach(function (id) {
+    document.getElementById(id).addEventListener("input", function () {
+      if (state.page !== 0) go(0); else render();
+    });
+  });
+  window.addEventListener("hashchange", render);
+  render();
+  window.DEDUPE_READY_MS = performance.now();  // navigation start -> first page rendered
+  document.body.setAttribute("data-ready", "1");  // for tests
+})();

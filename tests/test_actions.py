@@ -1,0 +1,206 @@
+"""plan -> apply -> undo on real files: a real run over real photos and copies, then the CLI."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.actions import PLAN_COLUMNS, read_plan
+from pipeline.cli import main
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under root -> (kind, sha256 of the bytes, link count, mtime_ns)."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            p = Path(folder) / name
+            st = os.lstat(p)
+            kind = "symlink" if p.is_symlink() else "file"
+            out[str(p.relative_to(root))] = (kind, hashlib.sha256(p.read_bytes()).hexdigest(), st.st_nlink,
+                                             st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture()
+def run_dir(photo_paths, tmp_path):
+    """DATA: two photos with copies (exact, re-encoded, resized) and a singleton; OUT of a real run
+    (screen tier); the plan beside it (outside DATA). Returns tmp_path."""
+    data = tmp_path / "data"
+    for sub in ("originals", "copies", "other"):
+        (data / sub).mkdir(parents=True)
+    a, b, c = photo_paths[0], photo_paths[len(photo_paths) // 2], photo_paths[-1]
+    (data / "originals" / "a.jpg").write_bytes(a.read_bytes())
+    (data / "copies" / "a_copy.jpg").write_bytes(a.read_bytes())
+    img = Image.open(a).convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=60)
+    (data / "copies" / "a_q60.jpg").write_bytes(buf.getvalue())
+    (data / "originals" / "b.jpg").write_bytes(b.read_bytes())
+    small = Image.open(b).convert("RGB")
+    small.resize((small.width // 2, small.height // 2)).save(data / "copies" / "b_half.jpg", quality=90)
+    (data / "other" / "c.jpg").write_bytes(c.read_bytes())
+    assert main(["dedupe", str(data), "--out", str(tmp_path / "out"), "--tiers", "screen", "--scheduler", "sync",
+                 "--quiet"]) == 0
+    assert main(["plan", str(tmp_path / "out"), "--keep", "preferred_folder", "--prefer", "originals",
+                 "--output", str(tmp_path / "plan.parquet")]) == 0
+    return tmp_path
+
+
+def test_plan_rows(run_dir):
+    plan = read_plan(run_dir / "plan.parquet")
+    assert list(plan.columns) == PLAN_COLUMNS
+    assert sorted(plan["path"]) == ["copies/a_copy.jpg", "copies/a_q60.jpg", "copies/b_half.jpg",
+                                    "originals/a.jpg", "originals/b.jpg"]
+    assert sorted(plan.loc[plan["action"] == "keep", "path"]) == ["originals/a.jpg", "originals/b.jpg"]
+    assert plan.groupby("cluster_id")["action"].apply(lambda s: (s == "keep").sum()).eq(1).all()
+    for r in plan.itertuples():
+        assert Path(r.abs_path).is_file() and r.sha256 == hashlib.sha256(Path(r.abs_path).read_bytes()).hexdigest()
+        assert r.bytes == Path(r.abs_path).stat().st_size
+        assert r.keeper == ("originals/a.jpg" if Path(r.path).stem.startswith("a") else "originals/b.jpg")
+    # CSV holds the same plan
+    assert main(["plan", str(run_dir / "out"), "--keep", "preferred_folder", "--prefer", "originals",
+                 "--output", str(run_dir / "plan.csv")]) == 0
+    pd.testing.assert_frame_equal(read_plan(run_dir / "plan.csv"), plan, check_dtype=False)
+    # another policy, another keeper
+    assert main(["plan", str(run_dir / "out"), "--keep", "shortest_path", "--output", str(run_dir / "p2.csv")]) == 0
+    p2 = read_plan(run_dir / "p2.csv")
+    assert sorted(p2.loc[p2["action"] == "keep", "path"]) == ["originals/a.jpg", "originals/b.jpg"]
+
+
+def test_dry_run_changes_nothing(run_dir, capsys):
+    before = snapshot(run_dir / "data")
+    for action, extra in (("delete", []), ("move", ["--to", str(run_dir / "moved")]), ("hardlink", []),
+                          ("symlink", [])):
+        assert main(["apply", str(run_dir / "plan.parquet"), "--action", action, *extra]) == 0
+        printed = capsys.readouterr().out
+        assert printed.count("\nwould ") + printed.startswith("would ") == 3
+        assert "dry run: nothing changed" in printed
+    assert snapshot(run_dir / "data") == before
+    assert not (run_dir / "moved").exists() and not list(run_dir.glob("undo-*"))
+
+
+@pytest.mark.parametrize("action", ["move", "hardlink", "symlink", "delete"])
+def test_apply_then_undo_restores_the_tree_byte_for_byte(run_dir, action, capsys):
+    data = run_dir / "data"
+    before = snapshot(data)
+    log = run_dir / "logs" / "undo.jsonl"
+    extra = ["--to", str(run_dir / "moved")] if action == "move" else []
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", action, "--execute", "--log", str(log),
+                 *extra]) == 0
+    removed = ["copies/a_copy.jpg", "copies/a_q60.jpg", "copies/b_half.jpg"]
+    keeper = {"copies/a_copy.jpg": "originals/a.jpg", "copies/a_q60.jpg": "originals/a.jpg",
+              "copies/b_half.jpg": "originals/b.jpg"}
+    after = snapshot(data)
+    for k in ("originals/a.jpg", "originals/b.jpg", "other/c.jpg"):
+        assert after[k][:2] == before[k][:2]  # keepers and singletons untouched
+    for r in removed:
+        if action == "move":
+            assert r not in after and hashlib.sha256((run_dir / "moved" / r).read_bytes()).hexdigest() == before[r][1]
+        elif action == "delete":
+            assert r not in after
+            assert hashlib.sha256((run_dir / "logs" / "undo.trash" / r).read_bytes()).hexdigest() == before[r][1]
+        elif action == "hardlink":
+            assert os.path.samefile(data / r, data / keeper[r]) and after[r][2] >= 2
+        else:
+            assert (data / r).is_symlink() and os.path.samefile(data / r, data / keeper[r])
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["op"] for e in entries] == [action] * 3 and sorted(e["path"] for e in entries) == removed
+
+    capsys.readouterr()
+    assert main(["undo", str(log)]) == 0
+    assert "3 restored" in capsys.readouterr().out
+    assert snapshot(data) == before  # same paths, bytes, kinds, link counts, mtimes
+    assert not (run_dir / "logs" / "undo.trash").exists()
+    assert main(["undo", str(log)]) == 0  # again: nothing left to do, nothing broken
+    assert snapshot(data) == before
+
+
+def test_a_file_edited_after_the_run_is_refused(run_dir, capsys):
+    data = run_dir / "data"
+    with open(data / "copies" / "a_q60.jpg", "ab") as f:
+        f.write(b"edited")
+    os.utime(data / "copies" / "b_half.jpg", (1_000_000_000, 1_000_000_000))  # touched, same bytes
+    before = snapshot(data)
+    code = main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute",
+                 "--log", str(run_dir / "undo.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "refused: copies/a_q60.jpg: changed since the run: size" in err
+    assert "refused: copies/b_half.jpg: changed since the run: modified 2001-09-09" in err
+    after = snapshot(data)
+    assert "copies/a_copy.jpg" not in after  # the unchanged one went ahead
+    assert after["copies/a_q60.jpg"] == before["copies/a_q60.jpg"]
+    assert after["copies/b_half.jpg"] == before["copies/b_half.jpg"]
+
+
+def test_same_bytes_new_content_is_refused_by_sha256(run_dir, capsys):
+    f = run_dir / "data" / "copies" / "a_copy.jpg"
+    st = f.stat()
+    raw = bytearray(f.read_bytes())
+    raw[-3] ^= 0xFF  # same size, same mtime after utime: only the hash tells
+    f.write_bytes(bytes(raw))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete"]) == 1
+    assert "refused: copies/a_copy.jpg: changed since the run: content (sha256) differs" in capsys.readouterr().err
+
+
+def test_never_the_last_copy(run_dir, capsys):
+    data = run_dir / "data"
+    (data / "originals" / "b.jpg").unlink()  # the keeper of cluster b is gone
+    code = main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute",
+                 "--log", str(run_dir / "undo.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert ("refused: copies/b_half.jpg: the keeper originals/b.jpg is missing: nothing removed from this "
+            "cluster") in err
+    assert (data / "copies" / "b_half.jpg").is_file()
+    assert not (data / "copies" / "a_copy.jpg").exists()  # the other cluster went ahead
+
+
+def test_a_hard_link_of_the_keeper_is_not_removed(photo_paths, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jpg").write_bytes(photo_paths[0].read_bytes())
+    os.link(data / "a.jpg", data / "z_alias.jpg")  # one file, two names
+    assert main(["dedupe", str(data), "--out", str(tmp_path / "out"), "--tiers", "screen", "--scheduler", "sync",
+                 "--quiet"]) == 0
+    assert main(["plan", str(tmp_path / "out"), "--keep", "shortest_path"]) == 0
+    before = snapshot(data)
+    assert main(["apply", str(tmp_path / "out" / "plan.parquet"), "--action", "delete", "--execute"]) == 1
+    assert "refused: z_alias.jpg: is the keeper's own file under another name" in capsys.readouterr().err
+    assert snapshot(data) == before
+    assert not list((tmp_path / "out").glob("undo-*"))  # nothing done: no log
+
+
+def test_move_onto_an_existing_file_fails_and_keeps_both(run_dir, capsys):
+    (run_dir / "moved" / "copies").mkdir(parents=True)
+    (run_dir / "moved" / "copies" / "a_copy.jpg").write_bytes(b"someone else's")
+    code = main(["apply", str(run_dir / "plan.parquet"), "--action", "move", "--to", str(run_dir / "moved"),
+                 "--execute", "--log", str(run_dir / "undo.jsonl")])
+    assert code == 1 and "failed: copies/a_copy.jpg: destination" in capsys.readouterr().err
+    assert (run_dir / "data" / "copies" / "a_copy.jpg").is_file()
+    assert (run_dir / "moved" / "copies" / "a_copy.jpg").read_bytes() == b"someone else's"
+    assert main(["undo", str(run_dir / "undo.jsonl")]) == 0
+    assert (run_dir / "data" / "copies" / "a_q60.jpg").is_file()
+
+
+def test_usage_errors_exit_2(run_dir, tmp_path, capsys):
+    plan = str(run_dir / "plan.parquet")
+    assert main(["plan", str(tmp_path / "nope"), "--keep", "oldest"]) == 2
+    assert main(["plan", str(run_dir / "out"), "--keep", "preferred_folder"]) == 2
+    assert main(["plan", str(run_dir / "out"), "--keep", "oldest", "--output", str(tmp_path / "p.txt")]) == 2
+    assert main(["apply", plan, "--action", "move"]) == 2
+    assert main(["apply", plan, "--action", "delete", "--to", str(tmp_path)]) == 2
+    assert main(["apply", str(tmp_path / "none.parquet"), "--action", "delete"]) == 2
+    assert main(["undo", str(tmp_path / "none.jsonl")]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["apply", plan, "--action", "shred"])
+    assert exc.value.code == 2
+    assert "--to DIR is needed with --action move" in capsys.readouterr().err

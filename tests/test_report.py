@@ -1,0 +1,198 @@
+"""The review report on a real run (real decoders, ORB, MobileNet): files, data, ranking, escaping."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import EVIL_FOLDER
+from pipeline import verify
+from pipeline.config import Config, load_config
+from pipeline.report import closeness_order, script_json, write_report
+from pipeline.results import load_run
+
+DATA_PREFIX = "window.DEDUPE_REPORT = "
+
+
+def read_data(report_dir):
+    text = (report_dir / "data.js").read_text(encoding="utf-8")
+    assert text.startswith(DATA_PREFIX) and text.rstrip().endswith(";")
+    return json.loads(text[len(DATA_PREFIX):].rstrip().rstrip(";"))
+
+
+def test_report_files_and_every_cluster(review_run):
+    report = review_run / "report"
+    assert 'url=report/index.html' in (review_run / "report.html").read_text()
+    for name in ("index.html", "data.js", "app.js", "style.css"):
+        assert (report / name).is_file(), name
+    hidden = sorted(p.name for p in review_run.iterdir() if p.name.startswith("."))
+    assert hidden == [".dedupe", ".dedupe.lock"]  # generations and the run lock; no temp folders left
+    assert not [p for p in (review_run / "report").iterdir() if p.name.startswith(".")]
+    run = load_run(review_run)
+    data = read_data(report)
+    members = run.clusters(keep="largest_pixels")
+    assert len(data["clusters"]) == members["cluster_id"].nunique() >= 4
+    ids = [row[0] for row in data["images"]]
+    # clusters compared by their members (the cluster_id in images.parquet may be rounded by an
+    # older writer; the report takes the run's ids from memory)
+    expected = {frozenset(g["image_id"].astype(str)): str(g.loc[g["keeper"], "image_id"].item())
+                for _, g in members.groupby("cluster_id")}
+    got = {frozenset(ids[i] for i in c[1]): ids[c[2]] for c in data["clusters"]}
+    assert got == expected
+    # clusters largest first; every duplicate pair listed under its cluster
+    sizes = [len(c[1]) for c in data["clusters"]]
+    assert sizes == sorted(sizes, reverse=True)
+    assert sum(len(c[3]) for c in data["clusters"]) == int(run.pairs["is_duplicate"].sum())
+    # one thumbnail per shown decodable image; the broken file is listed under errors without one
+    for row in data["images"]:
+        assert row[8] == (row[7] is None) == (report / "thumbs" / f"{row[0]}.jpg").is_file(), row
+    assert [data["images"][i][1] for i in data["errors"]] == ["edits/broken.jpg"]
+
+
+def test_cosine_and_missing_values_are_kept_as_numbers_or_null(review_run):
+    data = read_data(review_run / "report")
+    pairs = data["pairs"]
+    assert any(p[6] is not None for p in pairs) and any(p[6] is None for p in pairs)
+    assert all(p[6] is None or isinstance(p[6], float) for p in pairs)
+    assert "NaN" not in (review_run / "report" / "data.js").read_text()
+
+
+def test_closest_rejected_are_ranked_by_closeness(review_run):
+    run = load_run(review_run)
+    data = read_data(review_run / "report")
+    rejected = [data["pairs"][i] for i in data["rejected"]]
+    assert len(rejected) == int((~run.pairs["is_duplicate"]).sum()) > 10
+    assert not any(p[9] for p in rejected)
+    # cosine pairs first (by cosine), then ORB-only pairs by inliers, then hash-only by distance
+    keys = [(0, -p[6], 0, 0) if p[6] is not None else (1, 0, -p[4], p[2]) if p[4] is not None else (2, 0, 0, p[2])
+            for p in rejected]
+    assert keys == sorted(keys)
+
+
+def test_closeness_order_definition():
+    pairs = pd.DataFrame({
+        "cosine": pd.array([None, 0.5, None, 0.7, None, None], dtype="Float32"),
+        "orb_inliers": pd.array([9, 3, None, 2, 9, 12], dtype="Int32"),
+        "hash_distance": np.array([4, 9, 1, 9, 2, 9], dtype=np.int16),
+    })
+    assert closeness_order(pairs).tolist() == [3, 1, 5, 4, 0, 2]
+
+
+def test_drawn_pairs_show_the_runs_evidence(review_run):
+    """Drawings exist for the drawn pairs, and the recomputed ORB numbers are the run's."""
+    run = load_run(review_run)
+    data = read_data(review_run / "report")
+    drawn = [p for p in data["pairs"] if p[11]]
+    assert drawn and all((review_run / "report" / "pairs" / p[11]).is_file() for p in drawn)
+    assert all(p[4] is not None for p in drawn)  # only pairs the verify tier saw are drawn
+    cfg = Config()
+    verified = run.pairs[run.pairs["orb_inliers"].notna()]
+    for r in verified.itertuples():
+        ev = verify.pair_evidence(str(run.root / r.path_a), str(run.root / r.path_b), cfg)
+        if r.is_duplicate:
+            assert (ev["matches"], ev["inliers"]) == (r.orb_matches, r.orb_inliers), (r.path_a, r.path_b)
+        else:  # the run tried one orientation (from the hash); the report the better of two
+            assert ev["inliers"] >= r.orb_inliers
+
+
+def test_user_controlled_text_is_escaped(review_run):
+    index = (review_run / "report" / "index.html").read_text(encoding="utf-8")
+    data_js = (review_run / "report" / "data.js").read_text(encoding="utf-8")
+    assert "</" not in data_js and "<img" not in data_js and "<" not in data_js
+    assert EVIL_FOLDER not in index  # the root and counts are autoescaped; paths come from data.js
+    data = read_data(review_run / "report")
+    assert any(row[1].startswith(EVIL_FOLDER + "/") for row in data["images"])  # the text survives intact
+    assert json.loads(script_json({"p": "</script><b>&\u2028"})) == {"p": "</script><b>&\u2028"}
+    assert "</" not in script_json({"p": "</script>"})
+
+
+def test_report_from_the_parquet_outputs_and_limits(review_run, tmp_path):
+    """`write_report` also works from a finished run's files (abs paths rebuilt from the root),
+    and the drawing caps hold; writing again replaces the folder."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("images.parquet", "pairs.parquet", "run.json"):
+        shutil.copy(review_run / name, out / name)
+    run = load_run(out)
+    cfg = load_config(None, ["report.draw_pairs=2", "report.draw_rejected=1", "report.rejected_pairs=5",
+                             "report.page_size=2", "report.keep=shortest_path"])
+    write_report(out, run.images, run.pairs.drop(columns=["rule"]), run.manifest, cfg)
+    data = read_data(out / "report")
+    assert len(list((out / "report" / "pairs").iterdir())) == 3
+    assert len(data["rejected"]) == 5 and data["meta"]["page_size"] == 2
+    assert {p[8] for p in data["pairs"]} <= set(data["rules"])  # rule codes derived from the reasons
+    members = run.clusters(keep="shortest_path")
+    keepers = set(members.loc[members["keeper"], "image_id"].astype(str))
+    assert {data["images"][c[2]][0] for c in data["clusters"]} == keepers
+    (out / "report" / "thumbs" / "stale.jpg").write_bytes(b"x")
+    write_report(out, run.images, run.pairs, run.manifest, cfg)
+    assert not (out / "report" / "thumbs" / "stale.jpg").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["images.parquet", "pairs.parquet", "report", "report.html",
+                                                     "run.json"]
+
+
+@pytest.mark.parametrize("tiers", ["screen", "verify"])
+def test_report_of_earlier_tiers(review_data, tmp_path, tiers):
+    from pipeline.cli import main
+    out = tmp_path / "out"
+    assert main(["dedupe", str(review_data), "--out", str(out), "--tiers", tiers, "--scheduler", "sync",
+                 "--quiet"]) == 0
+    data = read_data(out / "report")
+    assert data["clusters"]
+    assert all(p[6] is None for p in data["pairs"])  # no cosine without the confirm tier
+    if tiers == "screen":
+        assert not (out / "report" / "pairs").exists() or not list((out / "report" / "pairs").iterdir())
+
+
+def test_report_command_rebuilds_with_overrides(review_run, tmp_path):
+    from pipeline.cli import main
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("images.parquet", "pairs.parquet", "run.json"):
+        shutil.copy(review_run / name, out / name)
+    assert main(["report", str(out), "--set", "report.keep=newest", "--set", "report.draw_pairs=0",
+                 "--set", "report.draw_rejected=0"]) == 0
+    data = read_data(out / "report")
+    assert data["meta"]["keep"] == "newest" and not list((out / "report" / "pairs").iterdir())
+    assert main(["report", str(out), "--set", "screen.max_distance=3"]) == 2
+    assert main(["report", str(out), "--set", "report.keep=biggest"]) == 2
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_report_of_the_scale_benchmarks_synthetic_run(photo_paths, tmp_path):
+    """bench/report_scale.py's synthetic frames (small here) go through the report writer."""
+    from bench.report_scale import synthetic_run
+    images, pairs, manifest = synthetic_run(400, 40, photo_paths[:20], rejected=300)
+    cfg = load_config(None, ["report.draw_pairs=2", "report.draw_rejected=1", "report.rejected_pairs=50"])
+    write_report(tmp_path, images, pairs, manifest, cfg)
+    data = read_data(tmp_path / "report")
+    assert len(data["clusters"]) == 40
+    assert sum(len(c[1]) for c in data["clusters"]) == int((images["cluster_id"] >= 0).sum())
+    assert len(data["errors"]) == int(images["error"].notna().sum())
+    assert len(data["rejected"]) == 50 and len(list((tmp_path / "report" / "pairs").iterdir())) == 3
+
+
+def test_a_rebuild_reuses_the_thumbnails_of_unchanged_files(review_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("images.parquet", "pairs.parquet", "run.json"):
+        shutil.copy(review_run / name, out / name)
+    assert main_report(out) == 0
+    thumbs = sorted((out / "report" / "thumbs").iterdir())
+    marked = thumbs[0]
+    marked.write_bytes(marked.read_bytes() + b"reused")  # a made thumbnail would not end like this
+    assert main_report(out) == 0
+    assert (out / "report" / "thumbs" / marked.name).read_bytes().endswith(b"reused")
+    assert sorted(p.name for p in (out / "report" / "thumbs").iterdir()) == [p.name for p in thumbs]
+    assert main_report(out, "report.thumb_size=96") == 0  # another size: made again
+    with Image.open(out / "report" / "thumbs" / marked.name) as im:
+        assert max(im.size) == 96
+
+
+def main_report(out, *overrides):
+    from pipeline.cli import main
+    return main(["report", str(out), *[a for o in overrides for a in ("--set", o)]])

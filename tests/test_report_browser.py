@@ -1,0 +1,132 @@
+"""The report in a real browser: headless Chromium over the DevTools protocol, on a real run.
+
+Counts what the page rendered (clusters, members, keepers, pair rows, errors), opens the pair view,
+pages, searches and filters, takes screenshots, and fails on any console error, uncaught
+exception, failed load (a missing thumbnail or script) or JavaScript dialog.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from bench.browser import Browser, find_chromium
+from conftest import EVIL_FOLDER
+from pipeline.cli import main
+from pipeline.results import load_run
+
+pytestmark = pytest.mark.skipif(find_chromium() is None,
+                                reason="chromium is not installed: `make browser` installs it (apt)")
+pytest.importorskip("websocket", reason="websocket-client is missing: `make install` installs the test extras")
+
+ALL_IMAGES_LOADED = "Array.from(document.images).every(function(i){return i.complete})"
+
+
+def count(b: Browser, selector: str) -> int:
+    return b.evaluate(f"document.querySelectorAll({selector!r}).length")
+
+
+def set_filter(b: Browser, element_id: str, value: str) -> None:
+    b.evaluate(f"(function(){{var e=document.getElementById({json.dumps(element_id)}); e.value={json.dumps(value)};"
+               "e.dispatchEvent(new Event('input'));})()")
+
+
+def eager_images(b: Browser) -> None:
+    """Load every image now (they are lazy) so a missing file shows up as a failed load."""
+    b.evaluate("document.querySelectorAll('img').forEach(function(i){i.loading='eager'})")
+    b.wait_for(ALL_IMAGES_LOADED)
+
+
+def test_clusters_pairs_and_evidence_render(review_run, tmp_path):
+    run = load_run(review_run)
+    members = run.clusters()
+    n_clusters = members["cluster_id"].nunique()
+    with Browser() as b:
+        b.open((review_run / "report" / "index.html").as_uri())
+        pairs_per_cluster = b.evaluate("window.DEDUPE_REPORT.clusters.map(function(c){return c[3].length})")
+        assert count(b, "#clusters .cluster") == n_clusters
+        assert count(b, "#clusters .member") == len(members)
+        assert count(b, "#clusters .member.keeper") == n_clusters
+        assert count(b, "#clusters .pair-row") == sum(min(8, n) for n in pairs_per_cluster)
+        assert count(b, "#clusters .pair-row") > 0
+        # the HTML-named folder is shown as text, never as markup
+        assert b.evaluate("Array.from(document.querySelectorAll('.path')).some(function(e){"
+                          f"return e.textContent.indexOf({json.dumps(EVIL_FOLDER)}) === 0}})")
+        assert count(b, "img[src=x]") == 0
+        eager_images(b)
+        assert b.evaluate("Array.from(document.querySelectorAll('img.thumb')).every(function(i){"
+                          "return i.naturalWidth > 0})")
+        b.screenshot(tmp_path / "clusters.png")
+
+        # search and filters
+        set_filter(b, "q", "p3_rot90")
+        assert count(b, "#clusters .cluster") == 1
+        set_filter(b, "q", "")
+        set_filter(b, "stage", "confirm")
+        assert count(b, "#clusters .cluster") == int(run.pairs.loc[run.pairs["is_duplicate"], "stage"]
+                                                     .astype(str).eq("confirm").sum()) == 1
+        set_filter(b, "stage", "")
+        set_filter(b, "min-inl", "300")
+        want = members[members["image_id"].isin(
+            run.pairs.loc[run.pairs["is_duplicate"] & (run.pairs["orb_inliers"] >= 300), "image_id_a"])]
+        assert count(b, "#clusters .cluster") == want["cluster_id"].nunique() >= 1
+        set_filter(b, "min-inl", "")
+
+        # pair view: a confirm-stage pair has every tier's evidence and a drawing
+        i = b.evaluate("window.DEDUPE_REPORT.pairs.findIndex(function(p){return p[6] !== null && p[11]})")
+        cosine = b.evaluate(f"window.DEDUPE_REPORT.pairs[{i}][6]")
+        b.evaluate(f"location.hash = 'pair={i}'")
+        b.wait_for(f"document.querySelector('#pair-view[data-pair=\"{i}\"] img.drawing') && "
+                   "document.querySelector('#pair-view img.drawing').naturalWidth > 0")
+        rows = b.evaluate("Array.from(document.querySelectorAll('#evidence tr')).map(function(r){"
+                          "return [r.cells[0].textContent, r.cells[1].textContent]})")
+        evidence = dict(rows)
+        assert evidence["confirm: cosine"] == f"{cosine:.3f}"
+        assert evidence["stage (last tier)"] == "confirm" and evidence["duplicate"] == "yes"
+        assert count(b, "#pair-view img.big") == 2
+        eager_images(b)
+        b.screenshot(tmp_path / "pair.png")
+        # a verify-only pair shows a dash for the cosine
+        j = b.evaluate("window.DEDUPE_REPORT.pairs.findIndex(function(p){return p[6] === null && p[4] !== null})")
+        b.evaluate(f"location.hash = 'pair={j}'")
+        b.wait_for(f"document.querySelector('#pair-view[data-pair=\"{j}\"] #evidence')")
+        assert b.evaluate("document.querySelectorAll('#evidence tr')[4].cells[1].textContent") == "\u2014"
+
+        # closest rejected pairs and errors
+        b.evaluate("location.hash = 'view=rejected'")
+        b.wait_for("document.querySelectorAll('.pair-row').length > 0")
+        n_rejected = int((~run.pairs["is_duplicate"]).sum())
+        assert count(b, ".pair-row") == min(50, n_rejected)
+        assert b.evaluate("document.querySelector('.pair-row td').textContent") == "1"
+        b.evaluate("location.hash = 'view=errors'")
+        b.wait_for("document.querySelectorAll('.error-row').length > 0")
+        assert count(b, ".error-row") == 1
+        assert b.errors() == []
+    for name in ("clusters.png", "pair.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.size == (1280, 900)
+
+
+def test_every_cluster_is_reachable_page_by_page(review_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("images.parquet", "pairs.parquet", "run.json"):
+        shutil.copy(review_run / name, out / name)
+    assert main(["report", str(out), "--set", "report.page_size=2"]) == 0
+    n_clusters = load_run(out).clusters()["cluster_id"].nunique()
+    seen = []
+    with Browser() as b:
+        b.open((out / "report" / "index.html").as_uri())
+        while True:
+            seen += b.evaluate("Array.from(document.querySelectorAll('#clusters .cluster')).map(function(e){"
+                               "return e.id})")
+            if b.evaluate("document.querySelector('.pager button:last-child').disabled"):
+                break
+            b.evaluate("document.querySelector('.pager button:last-child').click()")
+            b.wait_for(f"document.querySelectorAll('#clusters .cluster').length && "
+                       f"document.querySelector('#clusters .cluster').id !== {seen[-1]!r}")
+        eager_images(b)
+        assert b.errors() == []
+    assert len(seen) == len(set(seen)) == n_clusters > 2

@@ -1,0 +1,153 @@
+"""Results API: loading a real run, rule codes, clusters and keeper policies, the README examples."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.cli import main
+from pipeline.results import KEEP_POLICIES, RULE_CODES, derive_rule, keeper_ids, load_run
+
+REPO = Path(__file__).resolve().parent.parent
+# what each rule code says about is_duplicate (None: either)
+VERDICT = {"exact_bytes": True, "screen_hash_close": True, "screen_hash_far": False, "verify_orb_accept": True,
+           "verify_orb_reject": False, "verify_orb_match": True, "verify_inconclusive_hash_close": True,
+           "verify_inconclusive_hash_far": False, "confirm_cosine": True, "confirm_cosine_orb": True,
+           "confirm_cosine_low": False, "confirm_no_embedding": None}
+
+
+@pytest.fixture(scope="module")
+def tier_runs(review_data, review_run, tmp_path_factory):
+    runs = {"confirm": review_run}
+    for tiers in ("screen", "verify"):
+        out = tmp_path_factory.mktemp(f"results-{tiers}") / "out"
+        assert main(["dedupe", str(review_data), "--out", str(out), "--tiers", tiers, "--scheduler", "sync",
+                     "--quiet", "--set", "screen.max_distance=16"]) == 0
+        runs[tiers] = out
+    return runs
+
+
+def test_load_run(review_run):
+    run = load_run(review_run)
+    assert run.manifest["counts"]["files"] == len(run.images) == 21
+    assert {"rule", "reason", "stage", "is_duplicate"} <= set(run.pairs.columns)
+    assert run.images["abs_path"].map(lambda p: Path(p).is_file()).all()
+    assert run.images.loc[run.images["error"].notna(), "path"].tolist() == ["edits/broken.jpg"]
+    assert len(run.duplicates()) == run.manifest["counts"]["duplicate_pairs"]
+    with pytest.raises(FileNotFoundError, match="not the output folder of a finished run"):
+        load_run(review_run.parent)
+
+
+@pytest.mark.parametrize("tiers", ["screen", "verify", "confirm"])
+def test_rule_codes_derived_from_the_reasons_agree_with_the_verdicts(tier_runs, tiers):
+    pairs = pd.read_parquet(tier_runs[tiers] / "pairs.parquet")
+    rule = derive_rule(pairs)
+    assert set(rule) <= set(RULE_CODES), set(rule) - set(RULE_CODES)
+    for code, dup in zip(rule, pairs["is_duplicate"]):
+        assert VERDICT[code] in (None, dup), code
+    expected = {"screen": {"exact_bytes", "screen_hash_close", "screen_hash_far"},
+                "verify": {"exact_bytes", "verify_orb_match", "verify_orb_reject"},
+                "confirm": {"exact_bytes", "verify_orb_accept", "verify_orb_reject", "confirm_cosine_orb"}}[tiers]
+    assert expected <= set(rule)
+
+
+def test_clusters_one_keeper_each(review_run):
+    run = load_run(review_run)
+    members = run.clusters()
+    assert members.groupby("cluster_id")["keeper"].sum().eq(1).all()
+    assert (members["cluster_size"] == members.groupby("cluster_id")["image_id"].transform("size")).all()
+    assert members["cluster_size"].is_monotonic_decreasing
+    assert len(members) == run.manifest["counts"]["images_in_clusters"]
+
+
+def _members():
+    t = pd.Timestamp
+    return pd.DataFrame({
+        "cluster_id": [1, 1, 1, 1, 2, 2],
+        "image_id": [10, 11, 12, 13, 20, 21],
+        "path": ["b/long/name/x.jpg", "a/x.jpg", "keep/x (1).png", "x.jpg", "p.jpg", "q.jpg"],
+        "abs_path": ["/d/b/long/name/x.jpg", "/d/a/x.jpg", "/d/keep/x (1).png", "/d/x.jpg", "/d/p.jpg", "/d/q.jpg"],
+        "bytes": [900, 100, 100, 50, 5, 5],
+        "width": [100, 400, 400, 200, 10, 10], "height": [100, 300, 300, 200, 10, 10],
+        "mtime": [t("2020-01-01", tz="UTC"), t("2021-01-01", tz="UTC"), t("2019-01-01", tz="UTC"),
+                  t("2022-01-01", tz="UTC"), t("2020-01-01", tz="UTC"), t("2020-01-01", tz="UTC")],
+    })
+
+
+@pytest.mark.parametrize("keep, prefer, want", [
+    ("largest_pixels", (), {1: 11, 2: 20}),  # 11 and 12 tie on pixels and bytes: path decides
+    ("largest_file", (), {1: 10, 2: 20}),
+    ("oldest", (), {1: 12, 2: 20}),
+    ("newest", (), {1: 13, 2: 20}),
+    ("shortest_path", (), {1: 13, 2: 20}),
+    ("preferred_folder", ["keep", "b"], {1: 12, 2: 20}),
+    ("preferred_folder", ["/d/b/"], {1: 10, 2: 20}),
+    (lambda g: g["image_id"].max(), (), {1: 13, 2: 21}),
+])
+def test_keeper_policies(keep, prefer, want):
+    assert keeper_ids(_members(), keep, prefer).to_dict() == want
+
+
+def test_keeper_policy_errors():
+    with pytest.raises(ValueError, match="unknown keep policy"):
+        keeper_ids(_members(), "biggest")
+    with pytest.raises(ValueError, match="needs prefer"):
+        keeper_ids(_members(), "preferred_folder")
+    assert set(KEEP_POLICIES) == {"largest_pixels", "largest_file", "oldest", "newest", "shortest_path",
+                                  "preferred_folder"}
+
+
+def test_readme_examples_run(review_run, monkeypatch):
+    """Every ```python block of the README's "Results API" section runs against a real run in ./out."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Results API", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks
+    monkeypatch.chdir(review_run.parent)
+    namespace: dict = {}
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+
+
+def orb_reason(status, inliers):
+    """The verify tier's reason texts (pipeline/verify.py `_verify`, `_error_result`)."""
+    if status is None:
+        return None
+    if inliers == 0:  # an error text that happens to contain " with " must not confuse the derivation
+        return "orb inconclusive: image a not decoded (broken with bad bytes)"
+    return {"match": f"orb: {inliers} inliers of 40 matches",
+            "no-match": f"orb: {inliers} inliers of 40 matches (geometry disagrees)",
+            "inconclusive": f"orb inconclusive: {inliers} inliers of 40 matches (between 5 and 15)"}[status]
+
+
+@pytest.mark.parametrize("tiers, rows", [
+    ("confirm", [("exact", 0, None, None, None, "exact_bytes"),
+                 ("near", 6, "no-match", 2, None, "verify_orb_reject"),
+                 ("near", 6, "match", 30, None, "verify_orb_accept"),
+                 ("near", 6, "inconclusive", 12, 0.9, "confirm_cosine"),
+                 ("near", 6, "inconclusive", 12, 0.7, "confirm_cosine_orb"),
+                 ("near", 6, "inconclusive", 3, 0.5, "confirm_cosine_low"),
+                 ("near", 6, "inconclusive", 0, None, "confirm_no_embedding"),
+                 ("near", 6, "match", 20, None, "confirm_no_embedding")]),
+    ("verify", [("near", 2, "match", 20, None, "verify_orb_match"),
+                ("near", 2, "no-match", 1, None, "verify_orb_reject"),
+                ("near", 2, "inconclusive", 0, None, "verify_inconclusive_hash_close"),
+                ("near", 9, "inconclusive", 0, None, "verify_inconclusive_hash_far")]),
+    ("screen", [("near", 2, None, None, None, "screen_hash_close"), ("near", 9, None, None, None, "screen_hash_far")]),
+])
+def test_rule_derivation_covers_every_branch_of_decide(tiers, rows):
+    """Reasons as pipeline/decide.py writes them, for every branch of the rule."""
+    from pipeline import decide
+    from pipeline.config import load_config
+    cfg = load_config(None, [f"tiers={tiers}"])
+    frame = pd.DataFrame({
+        "kind": [r[0] for r in rows], "hash_distance": pd.array([r[1] for r in rows], dtype="int16"),
+        "orb_status": pd.Series([r[2] for r in rows], dtype=object),
+        "orb_inliers": pd.array([r[3] for r in rows], dtype="Int32"),
+        "orb_reason": [orb_reason(r[2], r[3]) for r in rows],
+        "cosine": pd.array([r[4] for r in rows], dtype="Float32"),
+    })
+    decided = decide.decide(frame, cfg)
+    assert derive_rule(decided).tolist() == [r[5] for r in rows]
