@@ -28,7 +28,7 @@ class ScanConfig:
     # recognised image; other files are kept only when their content sniffs as an image.
     image_extensions: list[str] = field(default_factory=lambda: [
         ".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pgm",
-        ".ppm", ".pbm", ".pnm", ".ico", ".jp2", ".heic", ".heif", ".avif"])
+        ".ppm", ".pbm", ".pnm", ".ico", ".jp2", ".heic", ".heif", ".hif", ".avif", ".apng"])
     max_file_bytes: int = 256 * 1024 * 1024  # larger files are recorded as errors, not read
 
 
