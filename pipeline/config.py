@@ -64,6 +64,12 @@ class ScreenConfig:
 
 @dataclass
 class VerifyConfig:
+    # Keypoints: "orb" (binary, fast) or "sift" (float, ~5x slower per image, more robust to blur
+    # and scale); with sift the orb_* output columns hold SIFT's numbers.
+    method: Literal["orb", "sift"] = "orb"
+    # Pairs with too few keypoints (flat graphics, logos, UI screenshots) are compared by their
+    # pixels: SSIM and colour-histogram correlation (thresholds in DecideConfig)
+    pixel_check: bool = False
     max_side: int = 384  # ORB runs on the image resized so its longer side is <= this
     upscale_below: int = 192  # images whose longer side is below this are enlarged to max_side (0 = never)
     n_features: int = 500  # ORB keypoints per image (cap)
@@ -117,6 +123,10 @@ class DecideConfig:
     support_inliers: int = 10  # with this much geometry ...
     cosine_floor: float = 0.65  # ... a cosine at or above this suffices
     screen_only_distance: int = 4  # with tiers=screen: duplicates are pairs at <= this distance
+    # verify.pixel_check: a pair with too few keypoints is a duplicate when SSIM >= pixel_ssim and
+    # hist_corr >= pixel_hist_corr, different otherwise (calibrated with bench/pixel_check.py)
+    pixel_ssim: float = 0.8
+    pixel_hist_corr: float = 0.8
 
 
 @dataclass
@@ -227,6 +237,8 @@ def _validate(cfg: Config) -> None:
         (cfg.embed.input_size >= 32, "embed.input_size must be >= 32"),
         (-1 <= cfg.decide.cosine_floor <= cfg.decide.cosine_threshold <= 1,
          "decide: need -1 <= cosine_floor <= cosine_threshold <= 1"),
+        (-1 <= cfg.decide.pixel_ssim <= 1 and -1 <= cfg.decide.pixel_hist_corr <= 1,
+         "decide: pixel_ssim and pixel_hist_corr must be in [-1, 1]"),
         (0 <= cfg.decide.support_inliers <= cfg.decide.accept_inliers,
          "decide: need 0 <= support_inliers <= accept_inliers"),
         (cfg.dask.partition_size >= 1, "dask.partition_size must be >= 1"),

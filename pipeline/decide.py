@@ -12,6 +12,9 @@ The rule (thresholds in `DecideConfig` and `VerifyConfig`, calibrated in docs/be
 * confirm: a duplicate when cosine >= `cosine_threshold`, or when ORB found some geometry
   (>= `support_inliers`) and cosine >= `cosine_floor` (heavy crops and recolouring lower the
   cosine; the keypoints still agree).
+* pixel check (`verify.pixel_check`): a pair with too few keypoints (flat graphics) whose pixels
+  were compared is decided at the verify tier: a duplicate when SSIM >= `pixel_ssim` and the
+  colour-histogram correlation >= `pixel_hist_corr`, different otherwise; it is not embedded.
 
 Clusters are connected components of the duplicate pairs; `cluster_id` is the `image_id` of the
 member whose path sorts first, so the same input always gives the same ids.
@@ -25,6 +28,14 @@ from scipy.sparse.csgraph import connected_components
 
 from pipeline.config import Config
 
+# Machine-readable codes of the decisions this module makes, with what each means.
+RULES = {
+    "verify_pixel_match": "too few keypoints; SSIM >= pixel_ssim and colour-histogram correlation "
+                          ">= pixel_hist_corr",
+    "verify_pixel_mismatch": "too few keypoints; SSIM < pixel_ssim or colour-histogram correlation "
+                             "< pixel_hist_corr",
+}
+
 
 def _status(pairs: pd.DataFrame) -> np.ndarray:
     return pairs["orb_status"].astype(object).fillna("").to_numpy(dtype=object)
@@ -34,10 +45,39 @@ def _inliers(pairs: pd.DataFrame) -> np.ndarray:
     return pairs["orb_inliers"].astype("Float64").fillna(0).to_numpy(dtype=np.int64)
 
 
+def pixel_checked(pairs: pd.DataFrame) -> np.ndarray:
+    """Near pairs the verify tier compared by pixels (`ssim` set: verify.pixel_check)."""
+    if "ssim" not in pairs:
+        return np.zeros(len(pairs), dtype=bool)
+    return (pairs["kind"] == "near").to_numpy() & pairs["ssim"].notna().to_numpy()
+
+
+def pixel_rule(pairs: pd.DataFrame, cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The pixel check's verdicts: (checked mask, is_duplicate, rule code, reason), one per pair
+    (code and reason empty where not checked)."""
+    d = cfg.decide
+    checked = pixel_checked(pairs)
+    n = len(pairs)
+    ssim = pairs["ssim"].astype("Float64").to_numpy(np.float64, na_value=np.nan) if n and "ssim" in pairs \
+        else np.full(n, np.nan)
+    hist = pairs["hist_corr"].astype("Float64").to_numpy(np.float64, na_value=np.nan) if n and "hist_corr" in pairs \
+        else np.full(n, np.nan)
+    dup = checked & (ssim >= d.pixel_ssim) & (hist >= d.pixel_hist_corr)
+    code = np.where(dup, "verify_pixel_match", np.where(checked, "verify_pixel_mismatch", "")).astype(object)
+    reason = np.full(n, "", dtype=object)
+    for i in np.flatnonzero(checked):
+        verdict = "duplicate" if dup[i] else "different"
+        reason[i] = (f"{verdict}: pixel check SSIM {ssim[i]:.3f} (>= {d.pixel_ssim}?), colour histogram "
+                     f"correlation {hist[i]:.3f} (>= {d.pixel_hist_corr}?)")
+    return checked, dup, code, reason
+
+
 def needs_confirm(pairs: pd.DataFrame, cfg: Config) -> np.ndarray:
-    """Near pairs that the verify tier neither rejected nor accepted outright."""
+    """Near pairs that the verify tier neither rejected nor accepted outright (nor decided by
+    the pixel check)."""
     near = (pairs["kind"] == "near").to_numpy()
-    return near & (_status(pairs) != "no-match") & (_inliers(pairs) < cfg.decide.accept_inliers)
+    return (near & (_status(pairs) != "no-match") & (_inliers(pairs) < cfg.decide.accept_inliers)
+            & ~pixel_checked(pairs))
 
 
 def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
@@ -72,13 +112,15 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     orb_reason = out["orb_reason"].astype(object).fillna("").to_numpy(dtype=object)
     stage[near] = "verify"
     reason[near] = orb_reason[near]
+    pixel, pixel_dup, _, pixel_reason = pixel_rule(out, cfg)
     if cfg.tiers == "verify":
         match = near & (status == "match")
-        inconclusive = near & (status != "no-match") & ~match
+        inconclusive = near & (status != "no-match") & ~match & ~pixel
         dup[match] = True
         dup[inconclusive] = screen_ok[inconclusive]
         reason[inconclusive] = [f"{r}; hash distance {int(x)} vs screen_only_distance {d.screen_only_distance}"
                                 for r, x in zip(orb_reason[inconclusive], dist[inconclusive])]
+        _assign_pixel(dup, reason, pixel, pixel_dup, pixel_reason, orb_reason)
         return _assign(out, stage, dup, reason)
 
     accepted = near & (status != "no-match") & (inliers >= d.accept_inliers)
@@ -102,7 +144,14 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     lost = routed & np.isnan(cosine)  # an embedding failed: ORB's verdict stands
     dup[lost] = status[lost] == "match"
     reason[lost] = [f"{r}; no embedding" for r in orb_reason[lost]]
+    _assign_pixel(dup, reason, pixel, pixel_dup, pixel_reason, orb_reason)
     return _assign(out, stage, dup, reason)
+
+
+def _assign_pixel(dup, reason, pixel, pixel_dup, pixel_reason, orb_reason) -> None:
+    """Pixel-checked pairs (stage stays "verify"): the pixel check's verdict, ORB's reason after it."""
+    dup[pixel] = pixel_dup[pixel]
+    reason[pixel] = [f"{p}; {r}" for p, r in zip(pixel_reason[pixel], orb_reason[pixel])]
 
 
 def _assign(out: pd.DataFrame, stage, dup, reason) -> pd.DataFrame:

@@ -221,7 +221,8 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
 
             frame = images.set_index(pd.RangeIndex(len(images)))
             for col, dtype in (("orb_matches", "Int32"), ("orb_inliers", "Int32"), ("orb_score", "Float32"),
-                               ("orb_status", "object"), ("orb_reason", "object"), ("cosine", "Float32")):
+                               ("orb_status", "object"), ("orb_reason", "object"), ("cosine", "Float32"),
+                               ("ssim", "Float32"), ("hist_corr", "Float32")):
                 pairs[col] = pd.Series(pd.NA, index=pairs.index, dtype=dtype)
             near = pairs.index[pairs["kind"] == "near"]
             if TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"] and len(near):
@@ -296,6 +297,7 @@ def contract_pairs(pairs: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
         "hash_distance": pairs["hash_distance"].to_numpy(),
         "orb_matches": pairs["orb_matches"].to_numpy(), "orb_inliers": pairs["orb_inliers"].to_numpy(),
         "orb_score": pairs["orb_score"].to_numpy(), "cosine": pairs["cosine"].to_numpy(),
+        "ssim": pairs["ssim"].to_numpy(), "hist_corr": pairs["hist_corr"].to_numpy(),
         "stage": pairs["stage"].to_numpy(), "is_duplicate": pairs["is_duplicate"].to_numpy(),
         "reason": pairs["reason"].to_numpy(),
         "abs_path_a": a["abs_path"].to_numpy(), "abs_path_b": b["abs_path"].to_numpy(),

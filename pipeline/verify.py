@@ -1,4 +1,5 @@
-"""Verify tier: ORB keypoints + Hamming kNN + Lowe ratio test + RANSAC geometric check.
+"""Verify tier: ORB (or SIFT) keypoints + 2-NN matching + Lowe ratio test + RANSAC geometric check,
+and a pixel check (SSIM + colour histogram) for the pairs whose keypoints cannot settle them.
 
 Work is split in two kinds of task so that no process holds every descriptor:
 
@@ -24,6 +25,18 @@ Score (`orb_score`): inliers / min(n_keypoints_a, n_keypoints_b), in [0, 1] — 
 poorer image's keypoints that the geometry explains. The raw `orb_inliers` is what the status
 thresholds use (`verify.match_inliers`, `verify.reject_inliers`); the score is for ranking and
 for analysts comparing pairs of very different keypoint counts.
+
+`verify.method: sift` swaps ORB for SIFT (cv2.SIFT_create, 128 float32 per descriptor): the same
+grid spread, ratio test, one-to-one filter and RANSAC, with an L2 2-NN (`_match_l2`). The output
+columns keep their names (orb_matches, orb_inliers, orb_score) and then hold SIFT's numbers.
+
+Pixel check (`verify.pixel_check`): flat images (logos, UI screenshots, text on colour) give ORB
+too few keypoints, so ORB calls the pair inconclusive. For those pairs the tier compares the
+pixels instead: SSIM of the two images squashed to PIXEL_SIDE x PIXEL_SIDE grey, b turned by the
+pair's dihedral transform (the screen's alignment; squashing commutes with flips and quarter
+turns), and the correlation of their HSV histograms (cv2.compareHist HISTCMP_CORREL). Each
+feature row carries its image's thumbnail and histogram, so this costs no extra decode.
+`pipeline.decide` turns the two numbers into a verdict (thresholds in DecideConfig).
 """
 from __future__ import annotations
 
@@ -41,10 +54,14 @@ from PIL import Image
 from . import store
 from .config import Config, VerifyConfig
 from .decode import DecodeError, dihedral, load_image, open_checked, resize_max_side
+from .screen import GRID_DIHEDRAL
 from .search import popcount  # the one ctpop intrinsic, shared with the hash search
 
 STATUSES = ("match", "no-match", "inconclusive")
-RESULT_COLUMNS = ["orb_matches", "orb_inliers", "orb_score", "orb_status", "orb_reason"]
+RESULT_COLUMNS = ["orb_matches", "orb_inliers", "orb_score", "orb_status", "orb_reason", "ssim", "hist_corr"]
+DESCRIPTOR = {"orb": (np.uint8, 32), "sift": (np.float32, 128)}  # method -> (dtype, width)
+PIXEL_SIDE = 64  # pixel check: images squashed to this square (grey) before SSIM
+HIST_BINS = (16, 4, 4)  # pixel check: H x S x V histogram bins
 
 _local = threading.local()  # cv2 ORB / matcher objects are not shared between threads
 
@@ -80,12 +97,24 @@ def _orb(cfg: VerifyConfig):
     return cached[1]
 
 
-def _matcher():
-    """cv2 brute-force Hamming matcher: only for `_good_matches_reference` (tests, bench)."""
-    m = getattr(_local, "matcher", None)
-    if m is None:
-        m = _local.matcher = cv2.BFMatcher(cv2.NORM_HAMMING, crossCheck=False)
-    return m
+def _sift(cfg: VerifyConfig):
+    params = (cfg.n_features, cfg.grid, cfg.oversample)
+    cached = getattr(_local, "sift", None)
+    if cached is None or cached[0] != params:
+        detect = cfg.n_features * (max(1, cfg.oversample) if cfg.grid > 1 else 1)
+        _local.sift = cached = (params, cv2.SIFT_create(nfeatures=detect))
+    return cached[1]
+
+
+def _matcher(norm: int = cv2.NORM_HAMMING):
+    """cv2 brute-force matcher: Hamming for `_good_matches_reference` on ORB (tests, bench), L2
+    for SIFT's float descriptors."""
+    cache = getattr(_local, "matchers", None)
+    if cache is None:
+        cache = _local.matchers = {}
+    if norm not in cache:
+        cache[norm] = cv2.BFMatcher(norm, crossCheck=False)
+    return cache[norm]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +169,17 @@ def _spread(pts: np.ndarray, resp: np.ndarray, size: tuple[int, int], cfg: Verif
     return np.flatnonzero(chosen)
 
 
+def features(img: Image.Image, cfg: VerifyConfig) -> dict:
+    """Keypoint features of `img` with the configured `verify.method` (orb or sift)."""
+    return sift_features(img, cfg) if cfg.method == "sift" else orb_features(img, cfg)
+
+
+def sift_features(img: Image.Image, cfg: VerifyConfig) -> dict:
+    """As `orb_features`, with SIFT: descriptors (n,128 float32). The same grid spread keeps a
+    text overlay from taking every keypoint."""
+    return _keypoint_features(img, cfg, _sift(cfg), DESCRIPTOR["sift"])
+
+
 def orb_features(img: Image.Image, cfg: VerifyConfig) -> dict:
     """ORB on `img` bounded to `cfg.max_side` -> keypoints (n,2 float32, xy in the bounded frame),
     descriptors (n,32 uint8), width/height of the bounded frame, scale (bounded / given width).
@@ -149,9 +189,13 @@ def orb_features(img: Image.Image, cfg: VerifyConfig) -> dict:
     (bench/verify.py, same keypoints and descriptors bit for bit): 14 % less ORB time than the
     earlier per-KeyPoint Python lists, and faster than one detectAndCompute over all candidates
     (descriptors for 3x the keypoints cost more than the second pyramid build)."""
+    return _keypoint_features(img, cfg, _orb(cfg), DESCRIPTOR["orb"])
+
+
+def _keypoint_features(img: Image.Image, cfg: VerifyConfig, orb, descriptor: tuple) -> dict:
+    dtype, width = descriptor
     small = _bounded(img, cfg)
     grey = np.asarray(small.convert("L"))
-    orb = _orb(cfg)
     if cfg.grid > 1:
         kps = orb.detect(grey, None)
         if len(kps) > cfg.n_features:
@@ -163,12 +207,48 @@ def orb_features(img: Image.Image, cfg: VerifyConfig) -> dict:
         kps, desc = orb.detectAndCompute(grey, None)
     if desc is None or not kps:
         xy = np.zeros((0, 2), np.float32)
-        desc = np.zeros((0, 32), np.uint8)
+        desc = np.zeros((0, width), dtype)
     else:
         xy = np.ascontiguousarray(cv2.KeyPoint_convert(kps).reshape(-1, 2), dtype=np.float32)
-        desc = np.ascontiguousarray(desc, dtype=np.uint8)
+        desc = np.ascontiguousarray(desc, dtype=dtype)
     return {"keypoints": xy, "descriptors": desc, "width": small.size[0], "height": small.size[1],
             "scale": small.size[0] / img.size[0]}
+
+
+def pixel_features(img: Image.Image) -> tuple[bytes, bytes]:
+    """The pixel check's per-image data: (PIXEL_SIDE^2 grey uint8 thumbnail, squashed; normalised
+    HSV histogram, float32), both of the untransformed image."""
+    small = img.resize((PIXEL_SIDE, PIXEL_SIDE), Image.Resampling.BOX if min(img.size) >= PIXEL_SIDE
+                       else Image.Resampling.BILINEAR)
+    hsv = cv2.cvtColor(np.asarray(small.convert("RGB")), cv2.COLOR_RGB2HSV)
+    hist = cv2.calcHist([hsv], [0, 1, 2], None, list(HIST_BINS), [0, 180, 0, 256, 0, 256]).ravel()
+    hist = (hist / max(1.0, float(hist.sum()))).astype(np.float32)
+    return np.asarray(small.convert("L"), np.uint8).tobytes(), hist.tobytes()
+
+
+def ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean structural similarity (Wang et al. 2004: Gaussian window 7 px, sigma 1.5, K1 0.01,
+    K2 0.03, 8-bit range) of two grey images of the same shape."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+    def blur(a):
+        return cv2.GaussianBlur(a, (7, 7), 1.5, borderType=cv2.BORDER_REFLECT)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    num = (2 * mx * my + c1) * (2 * cxy + c2)
+    den = (mx * mx + my * my + c1) * (vx + vy + c2)
+    return float(np.mean(num / den))
+
+
+def pixel_check(fa: dict, fb: dict, transform: int) -> tuple[float, float]:
+    """(ssim, hist_corr) of a and b turned by the pair's dihedral `transform` (b -> a)."""
+    ta = np.frombuffer(fa["thumb"], np.uint8).reshape(PIXEL_SIDE, PIXEL_SIDE)
+    tb = GRID_DIHEDRAL[int(transform)](np.frombuffer(fb["thumb"], np.uint8).reshape(PIXEL_SIDE, PIXEL_SIDE))
+    ha, hb = np.frombuffer(fa["hist"], np.float32), np.frombuffer(fb["hist"], np.float32)
+    # a histogram does not change under flips and rotations: no alignment needed
+    return ssim(ta, np.ascontiguousarray(tb)), float(cv2.compareHist(ha, hb, cv2.HISTCMP_CORREL))
 
 
 def _draft_min_side(path: str, cfg: Config) -> int:
@@ -179,10 +259,11 @@ def _draft_min_side(path: str, cfg: Config) -> int:
 
 
 def features_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int) -> pd.DataFrame:
-    """ORB features for `rows` (key, abs_path, transform) -> one feature-store file.
+    """ORB/SIFT features for `rows` (key, abs_path, transform) -> one feature-store file.
 
     Each distinct file is decoded once, however many transforms of it are wanted. A decode failure
-    is recorded in `error` (no keypoints), never raised. Returns the small summary
+    is recorded in `error` (no keypoints), never raised. With `verify.pixel_check` each row also
+    carries the image's thumbnail and histogram (`pixel_features`). Returns the small summary
     key, part_path, n_keypoints, error.
     """
     vcfg = cfg.verify
@@ -198,15 +279,16 @@ def features_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int)
                 error = str(exc)
             except Exception as exc:  # never let one file kill the partition
                 error = f"cannot decode: {type(exc).__name__}: {exc}"
+            thumb, hist = pixel_features(base) if vcfg.pixel_check and base is not None else (b"", b"")
             for key, t in zip(group["key"].to_numpy(), group["transform"].to_numpy()):
                 if base is None:
-                    out.append((int(key), 0, b"", b"", 0, 0, error))
+                    out.append((int(key), 0, b"", b"", 0, 0, error, b"", b""))
                     continue
-                f = orb_features(dihedral(base, int(t)), vcfg)
+                f = features(dihedral(base, int(t)), vcfg)
                 out.append((int(key), len(f["keypoints"]), f["keypoints"].tobytes(),
-                            f["descriptors"].tobytes(), f["width"], f["height"], None))
+                            f["descriptors"].tobytes(), f["width"], f["height"], None, thumb, hist))
     frame = pd.DataFrame(out, columns=["key", "n_keypoints", "keypoints", "descriptors", "width",
-                                       "height", "error"])
+                                       "height", "error", "thumb", "hist"])
     frame = frame.astype({"key": "int64", "n_keypoints": "int32", "width": "int32", "height": "int32"})
     # explicit object column: None (not NaN, not pandas' string dtype) where the decode worked
     frame["error"] = pd.Series([r[6] for r in out], index=frame.index, dtype=object)
@@ -229,16 +311,23 @@ def _packed(desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, np.ascontiguousarray(rows.T)
 
 
-def _unpack(row) -> dict:
+def _unpack(row, method: str = "orb") -> dict:
+    """A feature-store row -> feature dict; `method` says how the descriptor bytes are laid out
+    (ORB: 32 uint8, SIFT: 128 float32 little-endian, as OpenCV gives them)."""
     n = int(row["n_keypoints"]) if pd.notna(row["n_keypoints"]) else 0
     kp = row["keypoints"]
     desc = row["descriptors"]
+    dtype, width = DESCRIPTOR[method]
     f = {
         "keypoints": np.frombuffer(kp, np.float32).reshape(-1, 2) if n else np.zeros((0, 2), np.float32),
-        "descriptors": np.frombuffer(desc, np.uint8).reshape(-1, 32) if n else np.zeros((0, 32), np.uint8),
+        "descriptors": np.frombuffer(desc, dtype).reshape(-1, width) if n else np.zeros((0, width), dtype),
         "error": row["error"] if isinstance(row["error"], str) else None,
+        # the pixel check's thumbnail and histogram (empty when verify.pixel_check is off)
+        "thumb": row.get("thumb") if isinstance(row.get("thumb"), bytes) else b"",
+        "hist": row.get("hist") if isinstance(row.get("hist"), bytes) else b"",
     }
-    f["d64"], f["d64t"] = _packed(f["descriptors"])
+    if method == "orb":
+        f["d64"], f["d64t"] = _packed(f["descriptors"])
     return f
 
 
@@ -337,25 +426,31 @@ def _match_kernel(a, bt, ratio):
 
 
 def _good_matches(fa: dict, fb: dict, ratio: float) -> tuple[np.ndarray, np.ndarray]:
-    """Hamming kNN (k=2) a->b + Lowe ratio test, one-to-one: (query idx, train idx) arrays.
+    """2-NN a->b + Lowe ratio test, one-to-one: (query idx, train idx) arrays.
 
-    Numba kernel on packed descriptors: ~10x faster than cv2 BFMatcher.knnMatch + the Python loop
-    (`_good_matches_reference`, kept as the reference and the benchmark baseline), same result."""
+    ORB: a numba Hamming kernel on packed descriptors, ~10x faster than cv2 BFMatcher.knnMatch +
+    the Python loop (`_good_matches_reference`, kept as the reference and the benchmark
+    baseline), same result. SIFT (float descriptors): cv2 BFMatcher(NORM_L2).knnMatch with the
+    same ratio test and one-to-one filter (`_good_matches_reference`; measured 1.2 ms per pair of
+    ~300 keypoints, faster than a numpy float64 distance matrix at 4.6 ms)."""
     na, nb = len(fa["descriptors"]), len(fb["descriptors"])
     if na == 0 or nb < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if fa["descriptors"].dtype != np.uint8:
+        return _good_matches_reference(fa, fb, ratio)
     a = fa["d64"] if "d64" in fa else _packed(fa["descriptors"])[0]
     bt = fb["d64t"] if "d64t" in fb else _packed(fb["descriptors"])[1]
     return _match_kernel(a, bt, float(ratio))
 
 
 def _good_matches_reference(fa: dict, fb: dict, ratio: float) -> tuple[np.ndarray, np.ndarray]:
-    """The previous matcher: cv2 BFMatcher.knnMatch (k=2) returning DMatch lists, ratio test and
-    one-to-one in Python (~1.7 ms per pair). Tests check `_good_matches` against it."""
+    """cv2 BFMatcher.knnMatch (k=2) returning DMatch lists, ratio test and one-to-one in Python:
+    the previous ORB matcher (~1.7 ms per pair; tests check `_good_matches` against it) and the
+    SIFT matcher (L2 on float descriptors)."""
     da, db = fa["descriptors"], fb["descriptors"]
     if len(da) == 0 or len(db) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    knn = _matcher().knnMatch(da, db, k=2)
+    knn = _matcher(cv2.NORM_HAMMING if da.dtype == np.uint8 else cv2.NORM_L2).knnMatch(da, db, k=2)
     q, t, d = [], [], []
     for pair in knn:
         if len(pair) == 2 and pair[0].distance < ratio * pair[1].distance:
@@ -380,6 +475,7 @@ def verify_pair(fa: dict, fb: dict, cfg: VerifyConfig) -> tuple[int, int, float,
 
 
 def _verify(fa: dict, fb: dict, cfg: VerifyConfig, matcher=None) -> tuple[int, int, float, str, str]:
+    name = cfg.method  # "orb" or "sift": the reasons say which keypoints spoke
     na, nb = len(fa["keypoints"]), len(fb["keypoints"])
     qi, ti = (matcher or _good_matches)(fa, fb, cfg.ratio)
     matches = len(qi)
@@ -390,27 +486,33 @@ def _verify(fa: dict, fb: dict, cfg: VerifyConfig, matcher=None) -> tuple[int, i
     if min(na, nb) < cfg.min_keypoints:
         which = "a" if na < nb else "b"
         status = "inconclusive"
-        reason = (f"orb inconclusive: {min(na, nb)} keypoints in image {which} (flat or tiny); "
+        reason = (f"{name} inconclusive: {min(na, nb)} keypoints in image {which} (flat or tiny); "
                   f"{inliers} inliers of {matches} matches")
     elif inliers >= cfg.match_inliers:
-        status, reason = "match", f"orb: {inliers} inliers of {matches} matches"
+        status, reason = "match", f"{name}: {inliers} inliers of {matches} matches"
     elif inliers < cfg.reject_inliers:
-        status, reason = "no-match", f"orb: {inliers} inliers of {matches} matches (geometry disagrees)"
+        status, reason = "no-match", f"{name}: {inliers} inliers of {matches} matches (geometry disagrees)"
     else:
         status = "inconclusive"
-        reason = (f"orb inconclusive: {inliers} inliers of {matches} matches "
+        reason = (f"{name} inconclusive: {inliers} inliers of {matches} matches "
                   f"(between {cfg.reject_inliers} and {cfg.match_inliers})")
     return matches, inliers, score, status, reason
 
 
-def _error_result(side: str, error: str) -> tuple:
-    return 0, 0, 0.0, "inconclusive", f"orb inconclusive: image {side} not decoded ({error})"
+def _error_result(side: str, error: str, method: str = "orb") -> tuple:
+    return 0, 0, 0.0, "inconclusive", f"{method} inconclusive: image {side} not decoded ({error})", np.nan, np.nan
+
+
+def needs_pixel_check(fa: dict, fb: dict, cfg: VerifyConfig) -> bool:
+    """The keypoints cannot settle this pair: too few of them on either image (flat graphics)."""
+    return cfg.pixel_check and min(len(fa["keypoints"]), len(fb["keypoints"])) < cfg.min_keypoints
 
 
 def _result_frame(results: list[tuple], index) -> pd.DataFrame:
     frame = pd.DataFrame(results, columns=RESULT_COLUMNS, index=index)
     return frame.astype({"orb_matches": "int32", "orb_inliers": "int32", "orb_score": "float32",
-                         "orb_status": object, "orb_reason": object})
+                         "orb_status": object, "orb_reason": object, "ssim": "float32",
+                         "hist_corr": "float32"})
 
 
 def _sub_batches(paths_a: np.ndarray, paths_b: np.ndarray, max_parts: int) -> list[np.ndarray]:
@@ -432,7 +534,8 @@ def _sub_batches(paths_a: np.ndarray, paths_b: np.ndarray, max_parts: int) -> li
 
 
 def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) -> pd.DataFrame:
-    """Verify pairs (key_a, key_b, path_a_part, path_b_part) -> RESULT_COLUMNS, same row order.
+    """Verify pairs (key_a, key_b, path_a_part, path_b_part, transform) -> RESULT_COLUMNS, same
+    row order (`transform` only matters for the pixel check; missing = 0).
 
     A key whose path is empty/null (image not decoded upstream) or whose feature row carries an
     error gives an "inconclusive" row with the reason. `reference=True` matches with the previous
@@ -448,11 +551,12 @@ def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) 
     pb = pairs["path_b_part"].fillna("").astype(str).to_numpy()
     err_a = pairs["error_a"].to_numpy() if "error_a" in pairs else np.full(n, None, object)
     err_b = pairs["error_b"].to_numpy() if "error_b" in pairs else np.full(n, None, object)
+    tr = pairs["transform"].to_numpy(np.int64) if "transform" in pairs else np.zeros(n, np.int64)
     todo = []
     for i in range(n):
         if not pa[i] or not pb[i]:
             side, e = ("a", err_a[i]) if not pa[i] else ("b", err_b[i])
-            results[i] = _error_result(side, e if isinstance(e, str) else "no features")
+            results[i] = _error_result(side, e if isinstance(e, str) else "no features", vcfg.method)
         else:
             todo.append(i)
     todo = np.asarray(todo, dtype=np.int64)
@@ -465,14 +569,16 @@ def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) 
                 rows = store.read_rows(paths, keys)
                 feats = {}
                 for key, row in zip(rows.index.to_numpy(), rows.to_dict("records")):
-                    feats[int(key)] = _unpack(row)
+                    feats[int(key)] = _unpack(row, vcfg.method)
                 for i in idx:
                     fa, fb = feats[int(ka[i])], feats[int(kb[i])]
                     if fa["error"] or fb["error"]:
                         side, e = ("a", fa["error"]) if fa["error"] else ("b", fb["error"])
-                        results[i] = _error_result(side, e)
+                        results[i] = _error_result(side, e, vcfg.method)
                     else:
-                        results[i] = _verify(fa, fb, vcfg, matcher)
+                        pixels = (pixel_check(fa, fb, tr[i]) if needs_pixel_check(fa, fb, vcfg)
+                                  and fa["thumb"] and fb["thumb"] else (np.nan, np.nan))
+                        results[i] = _verify(fa, fb, vcfg, matcher) + pixels
     return _result_frame(results, pairs.index)
 
 
@@ -553,6 +659,7 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
 
     # pair tasks, ordered by the feature files they touch
     job = pd.DataFrame({"key_a": key_a, "key_b": key_b,
+                        "transform": pairs["transform"].to_numpy(np.int64),
                         "path_a_part": part_of.reindex(key_a).to_numpy(),
                         "path_b_part": part_of.reindex(key_b).to_numpy(),
                         "error_a": err.reindex(idx_a).to_numpy(),

@@ -27,6 +27,7 @@ PAIRS_SCHEMA = pa.schema([
     ("path_a", pa.string()), ("path_b", pa.string()), ("image_id_a", pa.int64()),
     ("image_id_b", pa.int64()), ("hash_distance", pa.int16()), ("orb_matches", pa.int32()),
     ("orb_inliers", pa.int32()), ("orb_score", pa.float32()), ("cosine", pa.float32()),
+    ("ssim", pa.float32()), ("hist_corr", pa.float32()),  # pixel check (verify.pixel_check)
     ("stage", pa.string()), ("is_duplicate", pa.bool_()), ("reason", pa.string()),
 ])
 

@@ -17,7 +17,7 @@ from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 PAIR_COLUMNS = ["path_a", "path_b", "image_id_a", "image_id_b", "hash_distance", "orb_matches", "orb_inliers",
-                "orb_score", "cosine", "stage", "is_duplicate", "reason"]
+                "orb_score", "cosine", "ssim", "hist_corr", "stage", "is_duplicate", "reason"]
 IMAGE_COLUMNS = ["image_id", "path", "bytes", "mtime", "width", "height", "format", "sha256", "hash", "error",
                  "cluster_id"]
 
