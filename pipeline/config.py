@@ -126,7 +126,7 @@ class DecideConfig:
     # verify.pixel_check: a pair with too few keypoints is a duplicate when SSIM >= pixel_ssim and
     # hist_corr >= pixel_hist_corr, different otherwise (calibrated with bench/pixel_check.py)
     pixel_ssim: float = 0.8
-    pixel_hist_corr: float = 0.8
+    pixel_hist_corr: float = 0.5
 
 
 @dataclass

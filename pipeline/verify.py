@@ -30,13 +30,19 @@ for analysts comparing pairs of very different keypoint counts.
 grid spread, ratio test, one-to-one filter and RANSAC, with an L2 2-NN (`_match_l2`). The output
 columns keep their names (orb_matches, orb_inliers, orb_score) and then hold SIFT's numbers.
 
-Pixel check (`verify.pixel_check`): flat images (logos, UI screenshots, text on colour) give ORB
-too few keypoints, so ORB calls the pair inconclusive. For those pairs the tier compares the
-pixels instead: SSIM of the two images squashed to PIXEL_SIDE x PIXEL_SIDE grey, b turned by the
-pair's dihedral transform (the screen's alignment; squashing commutes with flips and quarter
-turns), and the correlation of their HSV histograms (cv2.compareHist HISTCMP_CORREL). Each
-feature row carries its image's thumbnail and histogram, so this costs no extra decode.
-`pipeline.decide` turns the two numbers into a verdict (thresholds in DecideConfig).
+Pixel check (`verify.pixel_check`): keypoints cannot settle pairs of flat images (logos, UI
+screenshots, text on colour): either there are too few of them (ORB inconclusive), or they sit on
+a shared layout, so two different logos in the same shapes or two screens of one app with
+different text match geometrically (bench/pixel_check.py: ORB "matched" 52 of 60 such negatives).
+So when either image has too few keypoints or both are flat (`flat_share` >= FLAT_SHARE), the
+tier compares pixels: the two images squashed to PIXEL_SIDE x PIXEL_SIDE grey, b aligned on a
+with the RANSAC model when the keypoints matched (a crop lines up), else with the pair's dihedral
+transform (the screen's alignment; squashing commutes with flips and quarter turns); then
+`ssim` = the local SSIM that all but the worst SSIM_TAIL percent of the overlap reaches (a
+different word in a button is a small area; a mean over a mostly blank image would hide it), and
+`hist_corr` = the correlation of their HSV histograms (cv2.compareHist HISTCMP_CORREL). Each
+feature row carries its image's thumbnail, histogram and flatness, so this costs no extra
+decode. `pipeline.decide` turns the two numbers into a verdict (thresholds in DecideConfig).
 """
 from __future__ import annotations
 
@@ -60,8 +66,12 @@ from .search import popcount  # the one ctpop intrinsic, shared with the hash se
 STATUSES = ("match", "no-match", "inconclusive")
 RESULT_COLUMNS = ["orb_matches", "orb_inliers", "orb_score", "orb_status", "orb_reason", "ssim", "hist_corr"]
 DESCRIPTOR = {"orb": (np.uint8, 32), "sift": (np.float32, 128)}  # method -> (dtype, width)
-PIXEL_SIDE = 64  # pixel check: images squashed to this square (grey) before SSIM
+PIXEL_SIDE = 128  # pixel check: images squashed to this square (grey) before SSIM
 HIST_BINS = (16, 4, 4)  # pixel check: H x S x V histogram bins
+# Flat: this share of the thumbnail's pixels have a 3x3 neighbourhood within 4 grey levels.
+# Generated logos/UI/text: >= 0.87; shared photos: median 0.11, 99th percentile 0.85.
+FLAT_SHARE = 0.8
+SSIM_TAIL = 1.5  # percent of the overlap allowed to differ (a watermark covers ~1 %)
 
 _local = threading.local()  # cv2 ORB / matcher objects are not shared between threads
 
@@ -215,20 +225,39 @@ def _keypoint_features(img: Image.Image, cfg: VerifyConfig, orb, descriptor: tup
             "scale": small.size[0] / img.size[0]}
 
 
-def pixel_features(img: Image.Image) -> tuple[bytes, bytes]:
-    """The pixel check's per-image data: (PIXEL_SIDE^2 grey uint8 thumbnail, squashed; normalised
-    HSV histogram, float32), both of the untransformed image."""
+def flat_share(grey: np.ndarray) -> float:
+    """Share of pixels whose 3x3 neighbourhood spans <= 4 grey levels (flat graphics: most)."""
+    kernel = np.ones((3, 3), np.uint8)
+    spread = cv2.dilate(grey, kernel).astype(np.int16) - cv2.erode(grey, kernel)
+    return float(np.mean(spread <= 4))
+
+
+def pixel_features(img: Image.Image) -> tuple[bytes, bytes, float]:
+    """The pixel check's per-image data: PIXEL_SIDE^2 grey uint8 thumbnail (squashed), normalised
+    HSV histogram (float32 bytes), flat share."""
     small = img.resize((PIXEL_SIDE, PIXEL_SIDE), Image.Resampling.BOX if min(img.size) >= PIXEL_SIDE
                        else Image.Resampling.BILINEAR)
     hsv = cv2.cvtColor(np.asarray(small.convert("RGB")), cv2.COLOR_RGB2HSV)
-    hist = cv2.calcHist([hsv], [0, 1, 2], None, list(HIST_BINS), [0, 180, 0, 256, 0, 256]).ravel()
-    hist = (hist / max(1.0, float(hist.sum()))).astype(np.float32)
-    return np.asarray(small.convert("L"), np.uint8).tobytes(), hist.tobytes()
+    hist = cv2.calcHist([hsv], [0, 1, 2], None, list(HIST_BINS), [0, 180, 0, 256, 0, 256])
+    # soft bins (1/4, 1/2, 1/4 over neighbours; hue wraps): a flat colour near a bin edge that a
+    # re-encode moves across it must not drop the correlation to ~0 (measured: 0.004 -> 0.46)
+    for axis in range(3):
+        wrap = np.roll(hist, 1, axis), np.roll(hist, -1, axis)
+        if axis:  # saturation and value do not wrap: repeat the edge bins
+            edge = [slice(None)] * 3
+            edge[axis] = slice(0, 1)
+            wrap[0][tuple(edge)] = hist[tuple(edge)]
+            edge[axis] = slice(-1, None)
+            wrap[1][tuple(edge)] = hist[tuple(edge)]
+        hist = 0.5 * hist + 0.25 * wrap[0] + 0.25 * wrap[1]
+    hist = (hist.ravel() / max(1.0, float(hist.sum()))).astype(np.float32)
+    grey = np.asarray(small.convert("L"), np.uint8)
+    return grey.tobytes(), hist.tobytes(), flat_share(grey)
 
 
-def ssim(x: np.ndarray, y: np.ndarray) -> float:
-    """Mean structural similarity (Wang et al. 2004: Gaussian window 7 px, sigma 1.5, K1 0.01,
-    K2 0.03, 8-bit range) of two grey images of the same shape."""
+def ssim_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Local structural similarity (Wang et al. 2004: Gaussian window 7 px, sigma 1.5, K1 0.01,
+    K2 0.03, 8-bit range) of two grey images of the same shape, per pixel."""
     x, y = x.astype(np.float64), y.astype(np.float64)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 
@@ -237,18 +266,55 @@ def ssim(x: np.ndarray, y: np.ndarray) -> float:
 
     mx, my = blur(x), blur(y)
     vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
-    num = (2 * mx * my + c1) * (2 * cxy + c2)
-    den = (mx * mx + my * my + c1) * (vx + vy + c2)
-    return float(np.mean(num / den))
+    return (2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
 
 
-def pixel_check(fa: dict, fb: dict, transform: int) -> tuple[float, float]:
-    """(ssim, hist_corr) of a and b turned by the pair's dihedral `transform` (b -> a)."""
-    ta = np.frombuffer(fa["thumb"], np.uint8).reshape(PIXEL_SIDE, PIXEL_SIDE)
-    tb = GRID_DIHEDRAL[int(transform)](np.frombuffer(fb["thumb"], np.uint8).reshape(PIXEL_SIDE, PIXEL_SIDE))
+def _residual(t_have: int, t_want: int) -> int:
+    """r such that turning an image already turned by `t_have` by r gives `t_want`."""
+    probe = np.arange(6).reshape(2, 3)
+    base = GRID_DIHEDRAL[t_have](probe)
+    want = GRID_DIHEDRAL[t_want](probe)
+    return next(r for r in range(8) if np.array_equal(GRID_DIHEDRAL[r](base), want))
+
+
+def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = None) -> tuple[float, float]:
+    """(ssim, hist_corr) of a and b aligned on a. The thumbnails are of the feature rows' images
+    (a plain, b turned by fb["transform"]); `model` (a RANSAC 2x3 or 3x3 map from a's keypoint
+    frame to b's) aligns them when given, else the rest of the dihedral `transform`."""
+    side = PIXEL_SIDE
+    ta = np.frombuffer(fa["thumb"], np.uint8).reshape(side, side)
+    tb = np.frombuffer(fb["thumb"], np.uint8).reshape(side, side)
+    # a thumbnail made from a larger source is sharper (text edges): blur it to the other's
+    # detail, or every resized copy of a graphic with text loses SSIM at its edges
+    ratio = max(fa["width"], fa["height"]) / max(1, max(fb["width"], fb["height"]))
+    if ratio > 1.2:
+        ta = cv2.GaussianBlur(ta, (0, 0), 0.5 * np.sqrt(ratio * ratio - 1))
+    elif ratio < 1 / 1.2:
+        tb = cv2.GaussianBlur(tb, (0, 0), 0.5 * np.sqrt(1 / (ratio * ratio) - 1))
+    valid = np.ones((side, side), np.uint8)
+    if model is not None:
+        m = np.vstack([model, [0, 0, 1]]) if model.shape == (2, 3) else model
+        # thumb a -> a's frame -> (model) b's frame -> thumb b; warp with the inverse map
+        to_a = np.diag([fa["width"] / side, fa["height"] / side, 1.0])
+        to_thumb_b = np.diag([side / fb["width"], side / fb["height"], 1.0])
+        warp = to_thumb_b @ m @ to_a
+        # near the identity (re-encode, resize: the squash aligns them already) a sub-pixel warp
+        # would only blur text edges (measured: SSIM 0.90 -> 0.18 on a resized copy)
+        if np.abs(warp[:2, :2] - np.eye(2)).max() > 0.03 or np.abs(warp[:2, 2]).max() > 1.5 \
+                or np.abs(warp[2, :2]).max() > 1e-4:
+            flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+            tb = cv2.warpPerspective(tb, warp, (side, side), flags=flags, borderValue=0)
+            valid = cv2.warpPerspective(valid, warp, (side, side),
+                                        flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0)
+            valid = cv2.erode(valid, np.ones((7, 7), np.uint8))  # the SSIM window must not see the edge
+    elif fb["transform"] != transform:
+        tb = np.ascontiguousarray(GRID_DIHEDRAL[_residual(fb["transform"], int(transform))](tb))
     ha, hb = np.frombuffer(fa["hist"], np.float32), np.frombuffer(fb["hist"], np.float32)
-    # a histogram does not change under flips and rotations: no alignment needed
-    return ssim(ta, np.ascontiguousarray(tb)), float(cv2.compareHist(ha, hb, cv2.HISTCMP_CORREL))
+    hist = float(cv2.compareHist(ha, hb, cv2.HISTCMP_CORREL))  # flips and turns do not change it
+    local = ssim_map(ta, tb)[valid.astype(bool)]
+    if local.size < side * side // 10:  # the model puts b mostly outside a: not the same picture
+        return 0.0, hist
+    return float(np.percentile(local, SSIM_TAIL)), hist
 
 
 def _draft_min_side(path: str, cfg: Config) -> int:
@@ -279,17 +345,19 @@ def features_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int)
                 error = str(exc)
             except Exception as exc:  # never let one file kill the partition
                 error = f"cannot decode: {type(exc).__name__}: {exc}"
-            thumb, hist = pixel_features(base) if vcfg.pixel_check and base is not None else (b"", b"")
             for key, t in zip(group["key"].to_numpy(), group["transform"].to_numpy()):
                 if base is None:
-                    out.append((int(key), 0, b"", b"", 0, 0, error, b"", b""))
+                    out.append((int(key), 0, b"", b"", 0, 0, error, b"", b"", 0.0))
                     continue
-                f = features(dihedral(base, int(t)), vcfg)
+                turned = dihedral(base, int(t))
+                f = features(turned, vcfg)
+                pixels = pixel_features(turned) if vcfg.pixel_check else (b"", b"", 0.0)
                 out.append((int(key), len(f["keypoints"]), f["keypoints"].tobytes(),
-                            f["descriptors"].tobytes(), f["width"], f["height"], None, thumb, hist))
+                            f["descriptors"].tobytes(), f["width"], f["height"], None, *pixels))
     frame = pd.DataFrame(out, columns=["key", "n_keypoints", "keypoints", "descriptors", "width",
-                                       "height", "error", "thumb", "hist"])
-    frame = frame.astype({"key": "int64", "n_keypoints": "int32", "width": "int32", "height": "int32"})
+                                       "height", "error", "thumb", "hist", "flat"])
+    frame = frame.astype({"key": "int64", "n_keypoints": "int32", "width": "int32", "height": "int32",
+                          "flat": "float32"})
     # explicit object column: None (not NaN, not pandas' string dtype) where the decode worked
     frame["error"] = pd.Series([r[6] for r in out], index=frame.index, dtype=object)
     part_path = store.write_partition(out_dir, part, frame)
@@ -322,17 +390,19 @@ def _unpack(row, method: str = "orb") -> dict:
         "keypoints": np.frombuffer(kp, np.float32).reshape(-1, 2) if n else np.zeros((0, 2), np.float32),
         "descriptors": np.frombuffer(desc, dtype).reshape(-1, width) if n else np.zeros((0, width), dtype),
         "error": row["error"] if isinstance(row["error"], str) else None,
-        # the pixel check's thumbnail and histogram (empty when verify.pixel_check is off)
+        # the pixel check's thumbnail, histogram, flatness (empty when verify.pixel_check is off)
         "thumb": row.get("thumb") if isinstance(row.get("thumb"), bytes) else b"",
         "hist": row.get("hist") if isinstance(row.get("hist"), bytes) else b"",
+        "flat": float(row.get("flat") or 0.0),
+        "width": int(row.get("width") or 0), "height": int(row.get("height") or 0),
     }
     if method == "orb":
         f["d64"], f["d64t"] = _packed(f["descriptors"])
     return f
 
 
-def _ransac(src: np.ndarray, dst: np.ndarray, cfg: VerifyConfig) -> int:
-    """Inliers of the configured geometric model, seeded so the result is reproducible.
+def _ransac(src: np.ndarray, dst: np.ndarray, cfg: VerifyConfig) -> tuple[int, np.ndarray | None]:
+    """(inliers, model) of the configured geometric model, seeded so the result is reproducible.
 
     Default "affine" (estimateAffine2D), chosen by measurement: inlier separation and pairs/s on
     the generated benchmark (bench/verify.py, all three models side by side in docs/benchmarks.md),
@@ -351,18 +421,18 @@ def _ransac(src: np.ndarray, dst: np.ndarray, cfg: VerifyConfig) -> int:
     """
     cv2.setRNGSeed(cfg.seed)
     if cfg.model == "homography":
-        _, mask = cv2.findHomography(src, dst, cv2.RANSAC, cfg.ransac_threshold,
+        model, mask = cv2.findHomography(src, dst, cv2.RANSAC, cfg.ransac_threshold,
                                      maxIters=cfg.ransac_max_iters, confidence=cfg.ransac_confidence)
     elif cfg.model == "affine":
-        _, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC,
+        model, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC,
                                        ransacReprojThreshold=cfg.ransac_threshold,
                                        maxIters=cfg.ransac_max_iters, confidence=cfg.ransac_confidence)
     else:  # "similarity"
-        _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC,
+        model, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC,
                                               ransacReprojThreshold=cfg.ransac_threshold,
                                               maxIters=cfg.ransac_max_iters,
                                               confidence=cfg.ransac_confidence)
-    return 0 if mask is None else int(np.count_nonzero(mask))
+    return (0, None) if mask is None else (int(np.count_nonzero(mask)), model)
 
 
 @njit(cache=True, nogil=True)
@@ -475,13 +545,18 @@ def verify_pair(fa: dict, fb: dict, cfg: VerifyConfig) -> tuple[int, int, float,
 
 
 def _verify(fa: dict, fb: dict, cfg: VerifyConfig, matcher=None) -> tuple[int, int, float, str, str]:
+    return _verify_model(fa, fb, cfg, matcher)[0]
+
+
+def _verify_model(fa: dict, fb: dict, cfg: VerifyConfig, matcher=None) -> tuple[tuple, np.ndarray | None]:
+    """(orb_matches, orb_inliers, orb_score, status, reason), RANSAC model (None without one)."""
     name = cfg.method  # "orb" or "sift": the reasons say which keypoints spoke
     na, nb = len(fa["keypoints"]), len(fb["keypoints"])
     qi, ti = (matcher or _good_matches)(fa, fb, cfg.ratio)
     matches = len(qi)
-    inliers = 0
+    inliers, model = 0, None
     if matches >= max(cfg.min_good_matches, 4):
-        inliers = _ransac(fa["keypoints"][qi], fb["keypoints"][ti], cfg)
+        inliers, model = _ransac(fa["keypoints"][qi], fb["keypoints"][ti], cfg)
     score = float(min(1.0, inliers / min(na, nb))) if min(na, nb) else 0.0
     if min(na, nb) < cfg.min_keypoints:
         which = "a" if na < nb else "b"
@@ -496,7 +571,7 @@ def _verify(fa: dict, fb: dict, cfg: VerifyConfig, matcher=None) -> tuple[int, i
         status = "inconclusive"
         reason = (f"{name} inconclusive: {inliers} inliers of {matches} matches "
                   f"(between {cfg.reject_inliers} and {cfg.match_inliers})")
-    return matches, inliers, score, status, reason
+    return (matches, inliers, score, status, reason), (model if status == "match" else None)
 
 
 def _error_result(side: str, error: str, method: str = "orb") -> tuple:
@@ -504,8 +579,12 @@ def _error_result(side: str, error: str, method: str = "orb") -> tuple:
 
 
 def needs_pixel_check(fa: dict, fb: dict, cfg: VerifyConfig) -> bool:
-    """The keypoints cannot settle this pair: too few of them on either image (flat graphics)."""
-    return cfg.pixel_check and min(len(fa["keypoints"]), len(fb["keypoints"])) < cfg.min_keypoints
+    """The keypoints cannot settle this pair: too few of them on either image, or both images
+    flat (their keypoints sit on shared shapes and layout, see the module doc)."""
+    if not (cfg.pixel_check and fa["thumb"] and fb["thumb"]):
+        return False
+    few = min(len(fa["keypoints"]), len(fb["keypoints"])) < cfg.min_keypoints
+    return few or min(fa["flat"], fb["flat"]) >= FLAT_SHARE
 
 
 def _result_frame(results: list[tuple], index) -> pd.DataFrame:
@@ -570,15 +649,17 @@ def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) 
                 feats = {}
                 for key, row in zip(rows.index.to_numpy(), rows.to_dict("records")):
                     feats[int(key)] = _unpack(row, vcfg.method)
+                    feats[int(key)]["transform"] = int(key) % 8  # the turn this row's image has
                 for i in idx:
                     fa, fb = feats[int(ka[i])], feats[int(kb[i])]
                     if fa["error"] or fb["error"]:
                         side, e = ("a", fa["error"]) if fa["error"] else ("b", fb["error"])
                         results[i] = _error_result(side, e, vcfg.method)
                     else:
-                        pixels = (pixel_check(fa, fb, tr[i]) if needs_pixel_check(fa, fb, vcfg)
-                                  and fa["thumb"] and fb["thumb"] else (np.nan, np.nan))
-                        results[i] = _verify(fa, fb, vcfg, matcher) + pixels
+                        result, model = _verify_model(fa, fb, vcfg, matcher)
+                        pixels = (pixel_check(fa, fb, tr[i], model) if needs_pixel_check(fa, fb, vcfg)
+                                  else (np.nan, np.nan))
+                        results[i] = result + pixels
     return _result_frame(results, pairs.index)
 
 
