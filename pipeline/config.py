@@ -94,10 +94,27 @@ class VerifyConfig:
     max_open_partitions: int = 8  # a pair task loads at most this many feature files at a time
 
 
+# keras.applications models usable as the confirm tier's backbone (pipeline/weights.py holds their
+# weight files; a test keeps the two lists equal)
+BACKBONES = (
+    "MobileNetV2", "MobileNet", "MobileNetV3Small", "MobileNetV3Large",
+    "EfficientNetB0", "EfficientNetB1", "EfficientNetB2", "EfficientNetB3", "EfficientNetB4", "EfficientNetB5",
+    "EfficientNetB6", "EfficientNetB7", "EfficientNetV2B0", "EfficientNetV2B1", "EfficientNetV2B2",
+    "EfficientNetV2B3", "EfficientNetV2S", "EfficientNetV2M", "EfficientNetV2L",
+    "ResNet50", "ResNet101", "ResNet152", "ResNet50V2", "ResNet101V2", "ResNet152V2", "VGG16", "VGG19",
+    "DenseNet121", "DenseNet169", "DenseNet201", "ConvNeXtTiny", "ConvNeXtSmall", "ConvNeXtBase",
+    "ConvNeXtLarge", "ConvNeXtXLarge", "InceptionV3", "InceptionResNetV2", "Xception", "NASNetMobile",
+    "NASNetLarge",
+)
+
+
 @dataclass
 class EmbedConfig:
-    backbone: Literal["MobileNetV2", "MobileNet"] = "MobileNetV2"  # MobileNet = v1
-    alpha: float = 0.5  # width multiplier; must have ImageNet weights (see pipeline/weights.py)
+    # MobileNet = v1. Only MobileNetV2 0.5/0.35 and MobileNet 0.25 weights ship in ../shared/models;
+    # the others need their Keras weight file (the run stops first and names it)
+    backbone: Literal[BACKBONES] = "MobileNetV2"
+    # width multiplier of MobileNet/V2/V3 (must have ImageNet weights, pipeline/weights.py); others ignore it
+    alpha: float = 0.5
     input_size: int = 224  # square model input (pixels); 96-224 have their own Keras weights
     weights: str = "imagenet"  # "imagenet" (Keras cache, $KERAS_HOME/models) or a path to .h5
     # When the imagenet file is not in the Keras cache: download it once (as Keras does) if the
