@@ -64,12 +64,13 @@ class ScreenConfig:
 
 @dataclass
 class VerifyConfig:
-    # Keypoints: "orb" (binary, fast) or "sift" (float, ~5x slower per image, more robust to blur
-    # and scale); with sift the orb_* output columns hold SIFT's numbers.
+    # Keypoints: "orb" (binary, fast) or "sift" (128 floats per keypoint, ~6x slower per image);
+    # with sift the orb_* output columns hold SIFT's numbers (docs/benchmarks.md compares them).
     method: Literal["orb", "sift"] = "orb"
-    # Pairs with too few keypoints (flat graphics, logos, UI screenshots) are compared by their
-    # pixels: SSIM and colour-histogram correlation (thresholds in DecideConfig)
-    pixel_check: bool = False
+    # Flat pairs (too few keypoints, or both images flat: logos, UI screenshots, text on colour) are
+    # compared by their pixels: SSIM and colour-histogram correlation (thresholds in DecideConfig).
+    # On by default: same figures on the photo sets, precision 1.0 vs 0.69 (cosine) on flat graphics
+    pixel_check: bool = True
     max_side: int = 384  # ORB runs on the image resized so its longer side is <= this
     upscale_below: int = 192  # images whose longer side is below this are enlarged to max_side (0 = never)
     n_features: int = 500  # ORB keypoints per image (cap)
@@ -140,7 +141,7 @@ class DecideConfig:
     support_inliers: int = 10  # with this much geometry ...
     cosine_floor: float = 0.65  # ... a cosine at or above this suffices
     screen_only_distance: int = 4  # with tiers=screen: duplicates are pairs at <= this distance
-    # verify.pixel_check: a pair with too few keypoints is a duplicate when SSIM >= pixel_ssim and
+    # verify.pixel_check: a flat pair is a duplicate when SSIM >= pixel_ssim and
     # hist_corr >= pixel_hist_corr, different otherwise (calibrated with bench/pixel_check.py)
     pixel_ssim: float = 0.8
     pixel_hist_corr: float = 0.5

@@ -12,9 +12,11 @@ The rule (thresholds in `DecideConfig` and `VerifyConfig`, calibrated in docs/be
 * confirm: a duplicate when cosine >= `cosine_threshold`, or when ORB found some geometry
   (>= `support_inliers`) and cosine >= `cosine_floor` (heavy crops and recolouring lower the
   cosine; the keypoints still agree).
-* pixel check (`verify.pixel_check`): a pair with too few keypoints (flat graphics) whose pixels
-  were compared is decided at the verify tier: a duplicate when SSIM >= `pixel_ssim` and the
-  colour-histogram correlation >= `pixel_hist_corr`, different otherwise; it is not embedded.
+* pixel check (`verify.pixel_check`): a flat pair (too few keypoints, or both images flat: logos,
+  UI screenshots, text on colour) whose pixels were compared is decided at the verify tier, over
+  ORB's verdict (keypoints on a shared layout match between different graphics): a duplicate
+  when SSIM >= `pixel_ssim` and the colour-histogram correlation >= `pixel_hist_corr`,
+  different otherwise; it is not embedded.
 
 Clusters are connected components of the duplicate pairs; `cluster_id` is the `image_id` of the
 member whose path sorts first, so the same input always gives the same ids.
@@ -30,10 +32,10 @@ from pipeline.config import Config
 
 # Machine-readable codes of the decisions this module makes, with what each means.
 RULES = {
-    "verify_pixel_match": "too few keypoints; SSIM >= pixel_ssim and colour-histogram correlation "
-                          ">= pixel_hist_corr",
-    "verify_pixel_mismatch": "too few keypoints; SSIM < pixel_ssim or colour-histogram correlation "
-                             "< pixel_hist_corr",
+    "verify_pixel_match": "flat pair (pixel check): SSIM >= pixel_ssim and colour-histogram "
+                          "correlation >= pixel_hist_corr",
+    "verify_pixel_mismatch": "flat pair (pixel check): SSIM < pixel_ssim or colour-histogram "
+                             "correlation < pixel_hist_corr",
 }
 
 
