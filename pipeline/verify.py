@@ -33,7 +33,7 @@ columns keep their names (orb_matches, orb_inliers, orb_score) and then hold SIF
 Pixel check (`verify.pixel_check`): keypoints cannot settle pairs of flat images (logos, UI
 screenshots, text on colour): either there are too few of them (ORB inconclusive), or they sit on
 a shared layout, so two different logos in the same shapes or two screens of one app with
-different text match geometrically (bench/pixel_check.py: ORB "matched" 52 of 60 such negatives).
+different text match geometrically (bench/pixel_check.py: ORB "matched" 170 of 200 such negatives).
 So when either image has too few keypoints or both are flat (`flat_share` >= FLAT_SHARE), the
 tier compares pixels: the two images squashed to PIXEL_SIDE x PIXEL_SIDE grey, b aligned on a
 with the RANSAC model when the keypoints matched (a crop lines up), else with the pair's dihedral
