@@ -276,3 +276,15 @@ def test_one_photo_in_eight_formats_is_one_cluster(photo_paths, models_dir, tmp_
     assert same["cluster_id"].notna().all() and same["cluster_id"].nunique() == 1
     assert pd.isna(images.loc["other.heic", "cluster_id"])
     assert set(images["format"]) >= {"JPEG", "PNG", "TIFF", "WEBP", "HEIF"}
+
+
+def test_heic_decodes_in_a_dask_worker_process(photo, tmp_path):
+    # the opener is registered when pipeline.decode is imported, so a fresh worker process that
+    # unpickles a decode task can read HEIC without any set-up of its own
+    distributed = pytest.importorskip("distributed")
+    path = tmp_path / "p.heic"
+    photo.save(path, "HEIF", quality=80)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") \
+            as cluster, distributed.Client(cluster) as client:
+        size, fmt = client.submit(lambda p: load_image(p)[1:], str(path)).result()
+    assert size == photo.size and fmt == "HEIF"

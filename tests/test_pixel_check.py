@@ -103,3 +103,11 @@ def test_end_to_end_pixel_columns(tmp_path, cfg):
     same = images.loc[["logo.png", "logo-copy.jpg", "logo-marked.png"], "cluster_id"]
     assert same.notna().all() and same.nunique() == 1
     assert pd.isna(images.loc["other-logo.png", "cluster_id"])
+
+
+def test_calibration_script_writes_its_section(tmp_path, capsys):
+    from bench import pixel_check
+    out = tmp_path / "benchmarks.md"
+    assert pixel_check.main(["--graphics", "3", "--no-embeddings", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "<!-- section:pixel-check -->" in text and "precision" in text and "Held-out set" in text
