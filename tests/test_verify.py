@@ -299,3 +299,11 @@ def test_sift_through_the_feature_store(small_set, tmp_path):
     assert res.loc[10, "orb_reason"].startswith("sift: ")
     assert st[16] == "inconclusive" and "not decoded" in res.loc[16, "orb_reason"]
     assert res["ssim"].isna().all()  # photos have keypoints: no pixel check
+
+
+def test_options_speed_script(tmp_path, photo_paths):
+    from bench import options
+    out = tmp_path / "benchmarks.md"
+    assert options.main(["--photos", "4", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| orb |" in text and "| sift |" in text and "Pixel check" in text
