@@ -307,8 +307,8 @@ def contract_pairs(pairs: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
 
 def versions() -> dict:
     found = {"python": platform.python_version()}
-    for name in ("numpy", "PIL", "imagehash", "cv2", "pandas", "pyarrow", "dask", "distributed", "numba",
-                 "tensorflow", "keras"):
+    for name in ("numpy", "PIL", "pillow_heif", "imagehash", "cv2", "pandas", "pyarrow", "dask", "distributed",
+                 "numba", "tensorflow", "keras"):
         module = sys.modules.get(name)
         if module is not None:
             found[name] = getattr(module, "__version__", "?")
