@@ -69,8 +69,10 @@ def pixel_rule(pairs: pd.DataFrame, cfg: Config) -> tuple[np.ndarray, np.ndarray
     reason = np.full(n, "", dtype=object)
     for i in np.flatnonzero(checked):
         verdict = "duplicate" if dup[i] else "different"
-        reason[i] = (f"{verdict}: pixel check SSIM {ssim[i]:.3f} (>= {d.pixel_ssim}?), colour histogram "
-                     f"correlation {hist[i]:.3f} (>= {d.pixel_hist_corr}?)")
+        s_op = ">=" if ssim[i] >= d.pixel_ssim else "<"
+        h_op = ">=" if hist[i] >= d.pixel_hist_corr else "<"
+        reason[i] = (f"{verdict}: pixel check SSIM {ssim[i]:.3f} {s_op} {d.pixel_ssim}, colour histogram "
+                     f"correlation {hist[i]:.3f} {h_op} {d.pixel_hist_corr}")
     return checked, dup, code, reason
 
 

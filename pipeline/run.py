@@ -236,6 +236,7 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
                 timings["verify"] = time.perf_counter() - t
                 counts["verified_pairs"] = len(near)
                 counts["verify_rejected"] = int((pairs["orb_status"] == "no-match").sum())
+                counts["pixel_checked"] = int(pairs["ssim"].notna().sum())
                 counts["verify_accepted"] = int(((pairs["kind"] == "near") & (pairs["orb_status"] != "no-match")
                                                  & (pairs["orb_inliers"].fillna(0) >= cfg.decide.accept_inliers)).sum())
             if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:
