@@ -29,7 +29,7 @@ class ScanConfig:
     # recognised image; other files are kept only when their content sniffs as an image.
     image_extensions: list[str] = field(default_factory=lambda: [
         ".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pgm",
-        ".ppm", ".pbm", ".pnm", ".ico", ".jp2", ".heic", ".heif", ".avif"])
+        ".ppm", ".pbm", ".pnm", ".ico", ".jp2", ".heic", ".heif", ".hif", ".avif", ".apng"])
     max_file_bytes: int = 256 * 1024 * 1024  # larger files are recorded as errors, not read
 
 
@@ -65,6 +65,13 @@ class ScreenConfig:
 
 @dataclass
 class VerifyConfig:
+    # Keypoints: "orb" (binary, fast) or "sift" (128 floats per keypoint, ~6x slower per image);
+    # with sift the orb_* output columns hold SIFT's numbers (docs/benchmarks.md compares them).
+    method: Literal["orb", "sift"] = "orb"
+    # Flat pairs (too few keypoints, or both images flat: logos, UI screenshots, text on colour) are
+    # compared by their pixels: SSIM and colour-histogram correlation (thresholds in DecideConfig).
+    # On by default: same figures on the photo sets, precision 1.0 vs 0.69 (cosine) on flat graphics
+    pixel_check: bool = True
     max_side: int = 384  # ORB runs on the image resized so its longer side is <= this
     upscale_below: int = 192  # images whose longer side is below this are enlarged to max_side (0 = never)
     n_features: int = 500  # ORB keypoints per image (cap)
@@ -89,10 +96,27 @@ class VerifyConfig:
     max_open_partitions: int = 8  # a pair task loads at most this many feature files at a time
 
 
+# keras.applications models usable as the confirm tier's backbone (pipeline/weights.py holds their
+# weight files; a test keeps the two lists equal)
+BACKBONES = (
+    "MobileNetV2", "MobileNet", "MobileNetV3Small", "MobileNetV3Large",
+    "EfficientNetB0", "EfficientNetB1", "EfficientNetB2", "EfficientNetB3", "EfficientNetB4", "EfficientNetB5",
+    "EfficientNetB6", "EfficientNetB7", "EfficientNetV2B0", "EfficientNetV2B1", "EfficientNetV2B2",
+    "EfficientNetV2B3", "EfficientNetV2S", "EfficientNetV2M", "EfficientNetV2L",
+    "ResNet50", "ResNet101", "ResNet152", "ResNet50V2", "ResNet101V2", "ResNet152V2", "VGG16", "VGG19",
+    "DenseNet121", "DenseNet169", "DenseNet201", "ConvNeXtTiny", "ConvNeXtSmall", "ConvNeXtBase",
+    "ConvNeXtLarge", "ConvNeXtXLarge", "InceptionV3", "InceptionResNetV2", "Xception", "NASNetMobile",
+    "NASNetLarge",
+)
+
+
 @dataclass
 class EmbedConfig:
-    backbone: Literal["MobileNetV2", "MobileNet"] = "MobileNetV2"  # MobileNet = v1
-    alpha: float = 0.5  # width multiplier; must have ImageNet weights (see pipeline/weights.py)
+    # MobileNet = v1. Only MobileNetV2 0.5/0.35 and MobileNet 0.25 weights ship in ../shared/models;
+    # the others need their Keras weight file (the run stops first and names it)
+    backbone: Literal[BACKBONES] = "MobileNetV2"
+    # width multiplier of MobileNet/V2/V3 (must have ImageNet weights, pipeline/weights.py); others ignore it
+    alpha: float = 0.5
     input_size: int = 224  # square model input (pixels); 96-224 have their own Keras weights
     weights: str = "imagenet"  # "imagenet" (Keras cache, $KERAS_HOME/models) or a path to .h5
     # When the imagenet file is not in the Keras cache: download it once (as Keras does) if the
@@ -118,6 +142,10 @@ class DecideConfig:
     support_inliers: int = 10  # with this much geometry ...
     cosine_floor: float = 0.65  # ... a cosine at or above this suffices
     screen_only_distance: int = 4  # with tiers=screen: duplicates are pairs at <= this distance
+    # verify.pixel_check: a flat pair is a duplicate when SSIM >= pixel_ssim and
+    # hist_corr >= pixel_hist_corr, different otherwise (calibrated with bench/pixel_check.py)
+    pixel_ssim: float = 0.8
+    pixel_hist_corr: float = 0.5
 
 
 @dataclass
@@ -249,6 +277,8 @@ def _validate(cfg: Config) -> None:
         (cfg.embed.input_size >= 32, "embed.input_size must be >= 32"),
         (-1 <= cfg.decide.cosine_floor <= cfg.decide.cosine_threshold <= 1,
          "decide: need -1 <= cosine_floor <= cosine_threshold <= 1"),
+        (-1 <= cfg.decide.pixel_ssim <= 1 and -1 <= cfg.decide.pixel_hist_corr <= 1,
+         "decide: pixel_ssim and pixel_hist_corr must be in [-1, 1]"),
         (0 <= cfg.decide.support_inliers <= cfg.decide.accept_inliers,
          "decide: need 0 <= support_inliers <= accept_inliers"),
         (cfg.dask.partition_size >= 1, "dask.partition_size must be >= 1"),

@@ -40,7 +40,7 @@ from PIL import Image
 from pipeline import borders, decode, store
 from pipeline.config import Config, EmbedConfig
 from pipeline.progress import Progress, map_tasks, stage_of
-from pipeline.weights import check_weights_available, resolve_weights
+from pipeline.weights import PREPROCESS, check_weights_available, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,9 @@ def trim_borders(img: Image.Image, cfg: Config) -> Image.Image:
 # The model
 
 class Embedder:
-    """A MobileNet(V2) without classifier top, average-pooled, ImageNet weights from `weights_path`
-    (a file checked by pipeline.weights). Use `get_embedder` to share one per process."""
+    """A keras.applications backbone (`embed.backbone`) without classifier top, average-pooled,
+    ImageNet weights from `weights_path` (a file checked by pipeline.weights), inputs prepared by
+    the backbone's own `preprocess_input`. Use `get_embedder` to share one per process."""
 
     def __init__(self, cfg: EmbedConfig, weights_path):
         self.cfg = cfg
@@ -147,20 +148,17 @@ class Embedder:
         self.threads = int(cfg.threads or worker_threads())
         tf = _configure_tf(self.threads)
         import keras
-        if cfg.backbone == "MobileNetV2":
-            app, self._preprocess = (keras.applications.MobileNetV2,
-                                     keras.applications.mobilenet_v2.preprocess_input)
-        elif cfg.backbone == "MobileNet":
-            app, self._preprocess = (keras.applications.MobileNet,
-                                     keras.applications.mobilenet.preprocess_input)
-        else:
-            raise ValueError(f"embed.backbone={cfg.backbone!r}: expected MobileNetV2 or MobileNet")
+        if cfg.backbone not in PREPROCESS:
+            raise ValueError(f"embed.backbone={cfg.backbone!r}: expected one of {', '.join(PREPROCESS)}")
+        app = getattr(keras.applications, cfg.backbone)
+        self._preprocess = getattr(keras.applications, PREPROCESS[cfg.backbone]).preprocess_input
         if weights_path is None or str(weights_path) in ("", "imagenet"):
             raise ValueError("Embedder needs a resolved weights file (pipeline.weights.resolve_weights);"
                              " it never loads random or implicitly downloaded weights")
         self.weights_path = str(weights_path)
-        self.model = app(include_top=False, pooling="avg", alpha=float(cfg.alpha),
-                         input_shape=(self.size, self.size, 3), weights=self.weights_path)
+        extra = {"alpha": float(cfg.alpha)} if cfg.backbone.startswith("MobileNet") else {}
+        self.model = app(include_top=False, pooling="avg", input_shape=(self.size, self.size, 3),
+                         weights=self.weights_path, **extra)
         self.dim = int(self.model.output_shape[-1])
         spec = tf.TensorSpec((self.batch_size, self.size, self.size, 3), tf.float32)
         model = self.model

@@ -12,6 +12,11 @@ The rule (thresholds in `DecideConfig` and `VerifyConfig`, calibrated in docs/be
 * confirm: a duplicate when cosine >= `cosine_threshold`, or when ORB found some geometry
   (>= `support_inliers`) and cosine >= `cosine_floor` (heavy crops and recolouring lower the
   cosine; the keypoints still agree).
+* pixel check (`verify.pixel_check`): a flat pair (too few keypoints, or both images flat: logos,
+  UI screenshots, text on colour) whose pixels were compared is decided at the verify tier, over
+  ORB's verdict (keypoints on a shared layout match between different graphics): a duplicate
+  when SSIM >= `pixel_ssim` and the colour-histogram correlation >= `pixel_hist_corr`,
+  different otherwise; it is not embedded.
 
 Every pair also gets a machine-readable `rule` code (the keys of `RULES`) beside the human
 `reason`, so analysts can filter on why a pair was decided without parsing text.
@@ -43,6 +48,10 @@ RULES = {
     "confirm_cosine_orb": "cosine >= decide.cosine_floor with ORB inliers >= decide.support_inliers: duplicate",
     "confirm_cosine_low": "cosine below the thresholds: different",
     "confirm_no_embedding": "an embedding could not be made: ORB's verdict stands (match: duplicate)",
+    "verify_pixel_match": "flat pair (pixel check): SSIM >= decide.pixel_ssim and colour-histogram "
+                          "correlation >= decide.pixel_hist_corr: duplicate",
+    "verify_pixel_mismatch": "flat pair (pixel check): SSIM < decide.pixel_ssim or colour-histogram "
+                             "correlation < decide.pixel_hist_corr: different",
     "file_changed": "a file was rewritten or removed during the run: not decided (different); the next run includes it",
 }
 CHANGED_ERROR = "changed during the run (size or mtime differ from the screen): not compared; the next run includes it"
@@ -56,10 +65,41 @@ def _inliers(pairs: pd.DataFrame) -> np.ndarray:
     return pairs["orb_inliers"].astype("Float64").fillna(0).to_numpy(dtype=np.int64)
 
 
+def pixel_checked(pairs: pd.DataFrame) -> np.ndarray:
+    """Near pairs the verify tier compared by pixels (`ssim` set: verify.pixel_check)."""
+    if "ssim" not in pairs:
+        return np.zeros(len(pairs), dtype=bool)
+    return (pairs["kind"] == "near").to_numpy() & pairs["ssim"].notna().to_numpy()
+
+
+def pixel_rule(pairs: pd.DataFrame, cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The pixel check's verdicts: (checked mask, is_duplicate, rule code, reason), one per pair
+    (code and reason empty where not checked)."""
+    d = cfg.decide
+    checked = pixel_checked(pairs)
+    n = len(pairs)
+    ssim = pairs["ssim"].astype("Float64").to_numpy(np.float64, na_value=np.nan) if n and "ssim" in pairs \
+        else np.full(n, np.nan)
+    hist = pairs["hist_corr"].astype("Float64").to_numpy(np.float64, na_value=np.nan) if n and "hist_corr" in pairs \
+        else np.full(n, np.nan)
+    dup = checked & (ssim >= d.pixel_ssim) & (hist >= d.pixel_hist_corr)
+    code = np.where(dup, "verify_pixel_match", np.where(checked, "verify_pixel_mismatch", "")).astype(object)
+    reason = np.full(n, "", dtype=object)
+    for i in np.flatnonzero(checked):
+        verdict = "duplicate" if dup[i] else "different"
+        s_op = ">=" if ssim[i] >= d.pixel_ssim else "<"
+        h_op = ">=" if hist[i] >= d.pixel_hist_corr else "<"
+        reason[i] = (f"{verdict}: pixel check SSIM {ssim[i]:.3f} {s_op} {d.pixel_ssim}, colour histogram "
+                     f"correlation {hist[i]:.3f} {h_op} {d.pixel_hist_corr}")
+    return checked, dup, code, reason
+
+
 def needs_confirm(pairs: pd.DataFrame, cfg: Config) -> np.ndarray:
-    """Near pairs that the verify tier neither rejected nor accepted outright."""
+    """Near pairs that the verify tier neither rejected nor accepted outright (nor decided by
+    the pixel check)."""
     near = (pairs["kind"] == "near").to_numpy()
-    return near & (_status(pairs) != "no-match") & (_inliers(pairs) < cfg.decide.accept_inliers)
+    return (near & (_status(pairs) != "no-match") & (_inliers(pairs) < cfg.decide.accept_inliers)
+            & ~pixel_checked(pairs))
 
 
 def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
@@ -98,9 +138,10 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     stage[near] = "verify"
     reason[near] = orb_reason[near]
     rule[near & (status == "no-match")] = "verify_orb_reject"
+    pixel, pixel_dup, _, pixel_reason = pixel_rule(out, cfg)
     if cfg.tiers == "verify":
         match = near & (status == "match")
-        inconclusive = near & (status != "no-match") & ~match
+        inconclusive = near & (status != "no-match") & ~match & ~pixel
         dup[match] = True
         dup[inconclusive] = screen_ok[inconclusive]
         reason[inconclusive] = [f"{r}; hash distance {int(x)} vs screen_only_distance {d.screen_only_distance}"
@@ -108,6 +149,7 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
         rule[match] = "verify_orb_match"
         rule[inconclusive] = np.where(screen_ok[inconclusive], "verify_inconclusive_hash_close",
                                       "verify_inconclusive_hash_far")
+        _assign_pixel(dup, reason, rule, pixel, pixel_dup, pixel_reason, orb_reason)
         return _assign(out, stage, dup, reason, rule)
 
     accepted = near & (status != "no-match") & (inliers >= d.accept_inliers)
@@ -134,7 +176,15 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     dup[lost] = status[lost] == "match"
     reason[lost] = [f"{r}; no embedding" for r in orb_reason[lost]]
     rule[lost] = "confirm_no_embedding"
+    _assign_pixel(dup, reason, rule, pixel, pixel_dup, pixel_reason, orb_reason)
     return _assign(out, stage, dup, reason, rule)
+
+
+def _assign_pixel(dup, reason, rule, pixel, pixel_dup, pixel_reason, orb_reason) -> None:
+    """Pixel-checked pairs (stage stays "verify"): the pixel check's verdict, ORB's reason after it."""
+    dup[pixel] = pixel_dup[pixel]
+    reason[pixel] = [f"{p}; {r}" for p, r in zip(pixel_reason[pixel], orb_reason[pixel])]
+    rule[pixel] = np.where(pixel_dup[pixel], "verify_pixel_match", "verify_pixel_mismatch")
 
 
 def _assign(out: pd.DataFrame, stage, dup, reason, rule) -> pd.DataFrame:

@@ -1,23 +1,42 @@
 """Decoding an image file into canonical pixels, shared by every tier.
 
-One function, `load_image`, turns any file Pillow can read into an RGB image with EXIF orientation
-applied, at the smallest scale that is still at least `min_side` pixels on its short side (JPEG
-draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT, which is the cost floor of the
-screen). Failures raise `DecodeError` with a short reason that ends up in the output's `error`.
+One function, `load_image`, turns any file Pillow can read into an 8-bit sRGB image with EXIF
+orientation applied, at the smallest scale that is still at least `min_side` pixels on its short
+side (JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT, which is the cost
+floor of the screen; HEIC/HEIF files decode an embedded thumbnail instead when one is large
+enough). Failures raise `DecodeError` with a short reason that ends up in the output's `error`.
+
+Formats: everything Pillow reads (JPEG, PNG, TIFF, WebP, GIF, BMP, AVIF with Pillow >= 11.2, ...)
+plus HEIC/HEIF through pillow-heif (8-, 10- and 12-bit; libheif applies the HEIF rotation/mirror
+boxes itself and pillow-heif resets the EXIF orientation to 1). Animated GIF/WebP/APNG and
+multi-page TIFF give their first frame. 16-bit images are scaled to 8 bits; float images are read
+as 0..1 (or 0..255) when their values fit, else stretched min..max. Colour: an embedded ICC
+profile (Adobe RGB, Display P3, a CMYK press profile, ...) is converted to sRGB with LittleCMS
+(`to_rgb`, the one conversion every tier uses); CMYK without a profile uses Pillow's plain formula.
+TIFFs Pillow cannot open (float RGB) are decoded by OpenCV.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import threading
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
-from PIL import Image, ImageOps
+import pillow_heif
+from PIL import Image, ImageCms, ImageOps
 
 from pipeline import paths
 
 # Pillow's own bomb check raises only above 2x MAX_IMAGE_PIXELS; we check the size ourselves.
 Image.MAX_IMAGE_PIXELS = None
+
+# HEIC/HEIF opener, registered at import so every process that decodes (the driver, each Dask
+# worker: they all import this module before decoding) knows the format. One decode thread: Dask
+# already runs one task per core.
+pillow_heif.register_heif_opener(decode_threads=1, depth_images=False, aux_images=False)
 
 # Dihedral transforms by index: 0 identity, 1-3 rotations, 4-7 mirrored. `DIHEDRAL_INVERSE[t]`
 # undoes `t`. Shared by the screen (hash variants) and the verify tier (aligning a pair).
@@ -43,27 +62,112 @@ def dihedral(img: Image.Image, t: int) -> Image.Image:
     return img if t == 0 else img.transpose(DIHEDRAL[t])
 
 
+def to_8bit(arr: np.ndarray, is_float: bool) -> np.ndarray:
+    """A 16/32-bit integer or float array -> uint8. Integers above 255 are taken as 16-bit (/257)
+    up to 65535, else stretched by their maximum; floats within 0..1 are scaled by 255, within
+    0..255 kept, anything else stretched min..max (NaN/inf -> 0)."""
+    arr = np.asarray(arr, dtype=np.float64)
+    if is_float:
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if is_float and lo >= 0 and hi <= 1.0:
+        arr = arr * 255.0
+    elif lo >= 0 and hi <= 255:
+        pass
+    elif not is_float and lo >= 0 and hi <= 65535:
+        arr = arr / 257.0
+    elif hi > lo:
+        arr = (arr - lo) * (255.0 / (hi - lo))
+    else:
+        arr = np.zeros_like(arr)
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+_SRGB = ImageCms.createProfile("sRGB")
+_cms = threading.local()  # LittleCMS transforms keep a per-transform cache: one set per thread
+_ICC_INPUT = {"RGB": "RGB ", "CMYK": "CMYK", "L": "GRAY"}  # image mode -> ICC colour space it needs
+
+
+def _icc_transform(icc: bytes, mode: str):
+    """A cached LittleCMS transform `mode` -> sRGB for this ICC profile, or None when the profile
+    is sRGB already, broken, or not for this mode (then the plain conversion is used)."""
+    cache = getattr(_cms, "transforms", None)
+    if cache is None:
+        cache = _cms.transforms = {}
+    key = (hashlib.blake2b(icc, digest_size=16).digest(), mode)
+    if key in cache:
+        return cache[key]
+    transform = None
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        space = profile.profile.xcolor_space
+        desc = (profile.profile.profile_description or "").lower()
+        # sRGB-tagged files (most camera JPEGs) are already what every tier expects: skip the work
+        if space == _ICC_INPUT.get(mode) and "srgb" not in desc:
+            transform = ImageCms.buildTransform(profile, _SRGB, mode, "RGB",
+                                                renderingIntent=ImageCms.Intent.PERCEPTUAL)
+    except (OSError, ValueError, TypeError, ImageCms.PyCMSError):
+        transform = None  # an unreadable profile: decode the pixels as stored
+    if len(cache) >= 64:  # a folder rarely has more profiles than this; bound the memory anyway
+        cache.clear()
+    cache[key] = transform
+    return transform
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Palette, alpha, 16-bit, CMYK, grey, bilevel -> RGB (alpha composited on white)."""
-    if img.mode == "RGB":
+    """Any mode -> 8-bit sRGB: palette, alpha (composited on white), 16-bit, float, grey, bilevel,
+    CMYK; an embedded ICC profile is converted to sRGB (`_icc_transform`)."""
+    icc = img.info.get("icc_profile")
+    if img.mode == "RGB" and not icc:
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size else 0
-        arr = arr * (255.0 / hi) if hi > 255 else arr
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(to_8bit(np.asarray(img), is_float=False), mode="L")
     elif img.mode == "F":
-        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        lo, hi = (arr.min(), arr.max()) if arr.size else (0, 0)
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.astype(np.uint8), mode="L")
+        img = Image.fromarray(to_8bit(np.asarray(img), is_float=True), mode="L")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
+        img = Image.alpha_composite(background, img).convert("RGB")
+    transform = _icc_transform(icc, img.mode) if icc and img.mode in _ICC_INPUT else None
+    if transform is not None:
+        return ImageCms.applyTransform(img, transform)
     return img.convert("RGB")
+
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _read_bytes(path) -> bytes:
+    if isinstance(path, io.BytesIO):
+        return path.getvalue()
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def _opencv_tiff(path, max_pixels: int) -> Image.Image | None:
+    """A TIFF that Pillow cannot open (float or many-channel samples) decoded by OpenCV, or None
+    when the file is not a TIFF or OpenCV cannot read it either."""
+    try:
+        data = _read_bytes(path)
+    except OSError:
+        return None
+    if data[:4] not in _TIFF_MAGIC:
+        return None
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.ndim not in (2, 3) or arr.size == 0:
+        return None
+    if arr.shape[0] * arr.shape[1] > max_pixels:
+        raise DecodeError(f"image too large: {arr.shape[1]}x{arr.shape[0]} pixels exceeds "
+                          f"screen.max_pixels={max_pixels}")
+    if arr.ndim == 3:
+        arr = arr[..., :3][..., ::-1] if arr.shape[2] >= 3 else arr[..., 0]  # BGR(A) -> RGB
+    if arr.dtype != np.uint8:
+        arr = to_8bit(arr, is_float=arr.dtype.kind == "f")
+    img = Image.fromarray(np.ascontiguousarray(arr))
+    img.format = "TIFF"
+    return img
 
 
 def open_checked(path: str | Path, max_pixels: int) -> Image.Image:
@@ -79,7 +183,9 @@ def open_checked(path: str | Path, max_pixels: int) -> Image.Image:
     except PermissionError:
         raise DecodeError("permission denied") from None
     except Image.UnidentifiedImageError:
-        raise DecodeError("not a recognised image format") from None
+        img = _opencv_tiff(path, max_pixels)
+        if img is None:
+            raise DecodeError("not a recognised image format") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise DecodeError(f"cannot open: {exc}") from None
     w, h = img.size
@@ -95,8 +201,9 @@ def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 
     """Decode `path` -> (RGB image, (width, height) of the full image after EXIF rotation, format).
 
     With `min_side`, JPEGs are decoded in draft mode at the smallest DCT scale whose short side is
-    still >= min_side (the returned image may be larger than that; callers resize). Animated
-    images give their first frame.
+    still >= min_side, and HEIC/HEIF files from an embedded thumbnail whose short side is >=
+    min_side when they have one (the returned image may be larger than min_side; callers resize).
+    Animated images and multi-page TIFFs give their first frame.
     """
     img = open_checked(path, max_pixels)
     fmt = img.format or "UNKNOWN"
@@ -115,6 +222,11 @@ def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 
                 scale = max(1, min(8, short // min_side))
                 if scale > 1:
                     img.draft("RGB", (w // scale, h // scale))
+            elif min_side and fmt == "HEIF" and min(w, h) > min_side:
+                # pillow-heif picks the smallest embedded thumbnail at least this large (same
+                # orientation and colour profile as the image), or keeps the full image
+                short = min(w, h)
+                img.draft(img.mode, (-(-w * min_side // short), -(-h * min_side // short)))
             img.load()
             if orientation != 1:
                 img = ImageOps.exif_transpose(img)

@@ -236,7 +236,8 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
 
         frame = images.set_index(pd.RangeIndex(len(images)))
         for col, dtype in (("orb_matches", "Int32"), ("orb_inliers", "Int32"), ("orb_score", "Float32"),
-                           ("orb_status", "object"), ("orb_reason", "object"), ("cosine", "Float32")):
+                           ("orb_status", "object"), ("orb_reason", "object"), ("cosine", "Float32"),
+                           ("ssim", "Float32"), ("hist_corr", "Float32")):
             pairs[col] = pd.Series(pd.NA, index=pairs.index, dtype=dtype)
         near = pairs.index[pairs["kind"] == "near"]
         if TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"] and len(near):
@@ -248,6 +249,7 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
             timings["verify"] = time.perf_counter() - t
             counts["verified_pairs"] = len(near)
             counts["verify_rejected"] = int((pairs["orb_status"] == "no-match").sum())
+            counts["pixel_checked"] = int(pairs["ssim"].notna().sum())
             counts["verify_accepted"] = int(((pairs["kind"] == "near") & (pairs["orb_status"] != "no-match")
                                              & (pairs["orb_inliers"].fillna(0) >= cfg.decide.accept_inliers)).sum())
         if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:
@@ -313,6 +315,7 @@ def contract_pairs(pairs: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
         "hash_distance": pairs["hash_distance"].to_numpy(),
         "orb_matches": pairs["orb_matches"].to_numpy(), "orb_inliers": pairs["orb_inliers"].to_numpy(),
         "orb_score": pairs["orb_score"].to_numpy(), "cosine": pairs["cosine"].to_numpy(),
+        "ssim": pairs["ssim"].to_numpy(), "hist_corr": pairs["hist_corr"].to_numpy(),
         "stage": pairs["stage"].to_numpy(), "is_duplicate": pairs["is_duplicate"].to_numpy(),
         "reason": [paths.clean_text(r) for r in pairs["reason"]], "rule": pairs["rule"].to_numpy(),
         "abs_path_a": a["abs_path"].to_numpy(), "abs_path_b": b["abs_path"].to_numpy(),

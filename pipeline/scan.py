@@ -32,10 +32,17 @@ SIGNATURES: list[tuple[int, bytes, str]] = [
     (0, b"\x00\x00\x01\x00", "ICO"),
     (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
     (0, b"\xff\x4f\xff\x51", "JPEG2000"),
+    # ISO base media (HEIF family): the major brand after "ftyp"
     (4, b"ftypheic", "HEIF"),
     (4, b"ftypheix", "HEIF"),
+    (4, b"ftypheim", "HEIF"),
+    (4, b"ftypheis", "HEIF"),
+    (4, b"ftyphevc", "HEIF"),
+    (4, b"ftyphevx", "HEIF"),
     (4, b"ftypmif1", "HEIF"),
+    (4, b"ftypmsf1", "HEIF"),
     (4, b"ftypavif", "AVIF"),
+    (4, b"ftypavis", "AVIF"),
 ]
 _PNM = {b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"P7"}
 SNIFF_BYTES = 32

@@ -1,4 +1,5 @@
-"""Verify tier: ORB keypoints + Hamming kNN + Lowe ratio test + RANSAC geometric check.
+"""Verify tier: ORB (or SIFT) keypoints + 2-NN matching + Lowe ratio test + RANSAC geometric check,
+and a pixel check (SSIM + colour histogram) for the pairs whose keypoints cannot settle them.
 
 Work is split in two kinds of task so that no process holds every descriptor:
 
@@ -24,6 +25,24 @@ Score (`orb_score`): inliers / min(n_keypoints_a, n_keypoints_b), in [0, 1] — 
 poorer image's keypoints that the geometry explains. The raw `orb_inliers` is what the status
 thresholds use (`verify.match_inliers`, `verify.reject_inliers`); the score is for ranking and
 for analysts comparing pairs of very different keypoint counts.
+
+`verify.method: sift` swaps ORB for SIFT (cv2.SIFT_create, 128 float32 per descriptor): the same
+grid spread, ratio test, one-to-one filter and RANSAC, with an L2 2-NN (`_match_l2`). The output
+columns keep their names (orb_matches, orb_inliers, orb_score) and then hold SIFT's numbers.
+
+Pixel check (`verify.pixel_check`): keypoints cannot settle pairs of flat images (logos, UI
+screenshots, text on colour): either there are too few of them (ORB inconclusive), or they sit on
+a shared layout, so two different logos in the same shapes or two screens of one app with
+different text match geometrically (bench/pixel_check.py: ORB "matched" 170 of 200 such negatives).
+So when either image has too few keypoints or both are flat (`flat_share` >= FLAT_SHARE), the
+tier compares pixels: the two images squashed to PIXEL_SIDE x PIXEL_SIDE grey, b aligned on a
+with the RANSAC model when the keypoints matched (a crop lines up), else with the pair's dihedral
+transform (the screen's alignment; squashing commutes with flips and quarter turns); then
+`ssim` = the local SSIM that all but the worst SSIM_TAIL percent of the overlap reaches (a
+different word in a button is a small area; a mean over a mostly blank image would hide it), and
+`hist_corr` = the correlation of their HSV histograms (cv2.compareHist HISTCMP_CORREL). Each
+feature row carries its image's thumbnail, histogram and flatness, so this costs no extra
+decode. `pipeline.decide` turns the two numbers into a verdict (thresholds in DecideConfig).
 """
 from __future__ import annotations
 
@@ -42,10 +61,18 @@ from . import store
 from .config import Config, VerifyConfig
 from .decode import DecodeError, dihedral, load_image, open_checked, resize_max_side
 from .progress import Progress, map_tasks, stage_of
+from .screen import GRID_DIHEDRAL
 from .search import popcount  # the one ctpop intrinsic, shared with the hash search
 
 STATUSES = ("match", "no-match", "inconclusive")
-RESULT_COLUMNS = ["orb_matches", "orb_inliers", "orb_score", "orb_status", "orb_reason"]
+RESULT_COLUMNS = ["orb_matches", "orb_inliers", "orb_score", "orb_status", "orb_reason", "ssim", "hist_corr"]
+DESCRIPTOR = {"orb": (np.uint8, 32), "sift": (np.float32, 128)}  # method -> (dtype, width)
+PIXEL_SIDE = 128  # pixel check: images squashed to this square (grey) before SSIM
+HIST_BINS = (16, 4, 4)  # pixel check: H x S x V histogram bins
+# Flat: this share of the thumbnail's pixels have a 3x3 neighbourhood within 4 grey levels.
+# Generated logos/UI/text: >= 0.87; shared photos: median 0.11, 99th percentile 0.85.
+FLAT_SHARE = 0.8
+SSIM_TAIL = 1.5  # percent of the overlap allowed to differ (a watermark covers ~1 %)
 
 _local = threading.local()  # cv2 ORB / matcher objects are not shared between threads
 
@@ -81,12 +108,24 @@ def _orb(cfg: VerifyConfig):
     return cached[1]
 
 
-def _matcher():
-    """cv2 brute-force Hamming matcher: only for `_good_matches_reference` (tests, bench)."""
-    m = getattr(_local, "matcher", None)
-    if m is None:
-        m = _local.matcher = cv2.BFMatcher(cv2.NORM_HAMMING, crossCheck=False)
-    return m
+def _sift(cfg: VerifyConfig):
+    params = (cfg.n_features, cfg.grid, cfg.oversample)
+    cached = getattr(_local, "sift", None)
+    if cached is None or cached[0] != params:
+        detect = cfg.n_features * (max(1, cfg.oversample) if cfg.grid > 1 else 1)
+        _local.sift = cached = (params, cv2.SIFT_create(nfeatures=detect))
+    return cached[1]
+
+
+def _matcher(norm: int = cv2.NORM_HAMMING):
+    """cv2 brute-force matcher: Hamming for `_good_matches_reference` on ORB (tests, bench), L2
+    for SIFT's float descriptors."""
+    cache = getattr(_local, "matchers", None)
+    if cache is None:
+        cache = _local.matchers = {}
+    if norm not in cache:
+        cache[norm] = cv2.BFMatcher(norm, crossCheck=False)
+    return cache[norm]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +180,17 @@ def _spread(pts: np.ndarray, resp: np.ndarray, size: tuple[int, int], cfg: Verif
     return np.flatnonzero(chosen)
 
 
+def features(img: Image.Image, cfg: VerifyConfig) -> dict:
+    """Keypoint features of `img` with the configured `verify.method` (orb or sift)."""
+    return sift_features(img, cfg) if cfg.method == "sift" else orb_features(img, cfg)
+
+
+def sift_features(img: Image.Image, cfg: VerifyConfig) -> dict:
+    """As `orb_features`, with SIFT: descriptors (n,128 float32). The same grid spread keeps a
+    text overlay from taking every keypoint."""
+    return _keypoint_features(img, cfg, _sift(cfg), DESCRIPTOR["sift"])
+
+
 def orb_features(img: Image.Image, cfg: VerifyConfig) -> dict:
     """ORB on `img` bounded to `cfg.max_side` -> keypoints (n,2 float32, xy in the bounded frame),
     descriptors (n,32 uint8), width/height of the bounded frame, scale (bounded / given width).
@@ -150,9 +200,13 @@ def orb_features(img: Image.Image, cfg: VerifyConfig) -> dict:
     (bench/verify.py, same keypoints and descriptors bit for bit): 14 % less ORB time than the
     earlier per-KeyPoint Python lists, and faster than one detectAndCompute over all candidates
     (descriptors for 3x the keypoints cost more than the second pyramid build)."""
+    return _keypoint_features(img, cfg, _orb(cfg), DESCRIPTOR["orb"])
+
+
+def _keypoint_features(img: Image.Image, cfg: VerifyConfig, orb, descriptor: tuple) -> dict:
+    dtype, width = descriptor
     small = _bounded(img, cfg)
     grey = np.asarray(small.convert("L"))
-    orb = _orb(cfg)
     if cfg.grid > 1:
         kps = orb.detect(grey, None)
         if len(kps) > cfg.n_features:
@@ -164,12 +218,104 @@ def orb_features(img: Image.Image, cfg: VerifyConfig) -> dict:
         kps, desc = orb.detectAndCompute(grey, None)
     if desc is None or not kps:
         xy = np.zeros((0, 2), np.float32)
-        desc = np.zeros((0, 32), np.uint8)
+        desc = np.zeros((0, width), dtype)
     else:
         xy = np.ascontiguousarray(cv2.KeyPoint_convert(kps).reshape(-1, 2), dtype=np.float32)
-        desc = np.ascontiguousarray(desc, dtype=np.uint8)
+        desc = np.ascontiguousarray(desc, dtype=dtype)
     return {"keypoints": xy, "descriptors": desc, "width": small.size[0], "height": small.size[1],
             "scale": small.size[0] / img.size[0]}
+
+
+def flat_share(grey: np.ndarray) -> float:
+    """Share of pixels whose 3x3 neighbourhood spans <= 4 grey levels (flat graphics: most)."""
+    kernel = np.ones((3, 3), np.uint8)
+    spread = cv2.dilate(grey, kernel).astype(np.int16) - cv2.erode(grey, kernel)
+    return float(np.mean(spread <= 4))
+
+
+def pixel_features(img: Image.Image) -> tuple[bytes, bytes, float]:
+    """The pixel check's per-image data: PIXEL_SIDE^2 grey uint8 thumbnail (squashed), normalised
+    HSV histogram (float32 bytes), flat share."""
+    small = img.resize((PIXEL_SIDE, PIXEL_SIDE), Image.Resampling.BOX if min(img.size) >= PIXEL_SIDE
+                       else Image.Resampling.BILINEAR)
+    hsv = cv2.cvtColor(np.asarray(small.convert("RGB")), cv2.COLOR_RGB2HSV)
+    hist = cv2.calcHist([hsv], [0, 1, 2], None, list(HIST_BINS), [0, 180, 0, 256, 0, 256])
+    # soft bins (1/4, 1/2, 1/4 over neighbours; hue wraps): a flat colour near a bin edge that a
+    # re-encode moves across it must not drop the correlation to ~0 (measured: 0.004 -> 0.46)
+    for axis in range(3):
+        wrap = np.roll(hist, 1, axis), np.roll(hist, -1, axis)
+        if axis:  # saturation and value do not wrap: repeat the edge bins
+            edge = [slice(None)] * 3
+            edge[axis] = slice(0, 1)
+            wrap[0][tuple(edge)] = hist[tuple(edge)]
+            edge[axis] = slice(-1, None)
+            wrap[1][tuple(edge)] = hist[tuple(edge)]
+        hist = 0.5 * hist + 0.25 * wrap[0] + 0.25 * wrap[1]
+    hist = (hist.ravel() / max(1.0, float(hist.sum()))).astype(np.float32)
+    grey = np.asarray(small.convert("L"), np.uint8)
+    return grey.tobytes(), hist.tobytes(), flat_share(grey)
+
+
+def ssim_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Local structural similarity (Wang et al. 2004: Gaussian window 7 px, sigma 1.5, K1 0.01,
+    K2 0.03, 8-bit range) of two grey images of the same shape, per pixel."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+    def blur(a):
+        return cv2.GaussianBlur(a, (7, 7), 1.5, borderType=cv2.BORDER_REFLECT)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    return (2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+
+
+def _residual(t_have: int, t_want: int) -> int:
+    """r such that turning an image already turned by `t_have` by r gives `t_want`."""
+    probe = np.arange(6).reshape(2, 3)
+    base = GRID_DIHEDRAL[t_have](probe)
+    want = GRID_DIHEDRAL[t_want](probe)
+    return next(r for r in range(8) if np.array_equal(GRID_DIHEDRAL[r](base), want))
+
+
+def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = None) -> tuple[float, float]:
+    """(ssim, hist_corr) of a and b aligned on a. The thumbnails are of the feature rows' images
+    (a plain, b turned by fb["transform"]); `model` (a RANSAC 2x3 or 3x3 map from a's keypoint
+    frame to b's) aligns them when given, else the rest of the dihedral `transform`."""
+    side = PIXEL_SIDE
+    ta = np.frombuffer(fa["thumb"], np.uint8).reshape(side, side)
+    tb = np.frombuffer(fb["thumb"], np.uint8).reshape(side, side)
+    # a thumbnail made from a larger source is sharper (text edges): blur it to the other's
+    # detail, or every resized copy of a graphic with text loses SSIM at its edges
+    ratio = max(fa["width"], fa["height"]) / max(1, max(fb["width"], fb["height"]))
+    if ratio > 1.2:
+        ta = cv2.GaussianBlur(ta, (0, 0), 0.5 * np.sqrt(ratio * ratio - 1))
+    elif ratio < 1 / 1.2:
+        tb = cv2.GaussianBlur(tb, (0, 0), 0.5 * np.sqrt(1 / (ratio * ratio) - 1))
+    valid = np.ones((side, side), np.uint8)
+    if model is not None:
+        m = np.vstack([model, [0, 0, 1]]) if model.shape == (2, 3) else model
+        # thumb a -> a's frame -> (model) b's frame -> thumb b; warp with the inverse map
+        to_a = np.diag([fa["width"] / side, fa["height"] / side, 1.0])
+        to_thumb_b = np.diag([side / fb["width"], side / fb["height"], 1.0])
+        warp = to_thumb_b @ m @ to_a
+        # near the identity (re-encode, resize: the squash aligns them already) a sub-pixel warp
+        # would only blur text edges (measured: SSIM 0.90 -> 0.18 on a resized copy)
+        if np.abs(warp[:2, :2] - np.eye(2)).max() > 0.03 or np.abs(warp[:2, 2]).max() > 1.5 \
+                or np.abs(warp[2, :2]).max() > 1e-4:
+            flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+            tb = cv2.warpPerspective(tb, warp, (side, side), flags=flags, borderValue=0)
+            valid = cv2.warpPerspective(valid, warp, (side, side),
+                                        flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0)
+            valid = cv2.erode(valid, np.ones((7, 7), np.uint8))  # the SSIM window must not see the edge
+    elif fb["transform"] != transform:
+        tb = np.ascontiguousarray(GRID_DIHEDRAL[_residual(fb["transform"], int(transform))](tb))
+    ha, hb = np.frombuffer(fa["hist"], np.float32), np.frombuffer(fb["hist"], np.float32)
+    hist = float(cv2.compareHist(ha, hb, cv2.HISTCMP_CORREL))  # flips and turns do not change it
+    local = ssim_map(ta, tb)[valid.astype(bool)]
+    if local.size < side * side // 10:  # the model puts b mostly outside a: not the same picture
+        return 0.0, hist
+    return float(np.percentile(local, SSIM_TAIL)), hist
 
 
 def _draft_min_side(path: str, cfg: Config) -> int:
@@ -186,10 +332,11 @@ def _load_bounded(path: str, cfg: Config) -> Image.Image:
 
 
 def features_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int) -> pd.DataFrame:
-    """ORB features for `rows` (key, abs_path, transform) -> one feature-store file.
+    """ORB/SIFT features for `rows` (key, abs_path, transform) -> one feature-store file.
 
     Each distinct file is decoded once, however many transforms of it are wanted. A decode failure
-    is recorded in `error` (no keypoints), never raised. Returns the small summary
+    is recorded in `error` (no keypoints), never raised. With `verify.pixel_check` each row also
+    carries the image's thumbnail and histogram (`pixel_features`). Returns the small summary
     key, part_path, n_keypoints, error.
     """
     vcfg = cfg.verify
@@ -205,18 +352,22 @@ def features_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int)
                 error = f"cannot decode: {type(exc).__name__}: {exc}"
             for key, t in zip(group["key"].to_numpy(), group["transform"].to_numpy()):
                 if base is None:
-                    out.append((int(key), 0, b"", b"", 0, 0, error))
+                    out.append((int(key), 0, b"", b"", 0, 0, error, b"", b"", 0.0))
                     continue
+                turned = dihedral(base, int(t))
                 try:
-                    f = orb_features(dihedral(base, int(t)), vcfg)
+                    f = features(turned, vcfg)
                 except cv2.error as exc:  # e.g. a 1 x 4000 sliver: OpenCV's pyramid cannot shrink it
-                    out.append((int(key), 0, b"", b"", 0, 0, f"no features: OpenCV: {str(exc).strip()[-120:]}"))
+                    out.append((int(key), 0, b"", b"", 0, 0, f"no features: OpenCV: {str(exc).strip()[-120:]}",
+                                b"", b"", 0.0))
                     continue
+                pixels = pixel_features(turned) if vcfg.pixel_check else (b"", b"", 0.0)
                 out.append((int(key), len(f["keypoints"]), f["keypoints"].tobytes(),
-                            f["descriptors"].tobytes(), f["width"], f["height"], None))
+                            f["descriptors"].tobytes(), f["width"], f["height"], None, *pixels))
     frame = pd.DataFrame(out, columns=["key", "n_keypoints", "keypoints", "descriptors", "width",
-                                       "height", "error"])
-    frame = frame.astype({"key": "int64", "n_keypoints": "int32", "width": "int32", "height": "int32"})
+                                       "height", "error", "thumb", "hist", "flat"])
+    frame = frame.astype({"key": "int64", "n_keypoints": "int32", "width": "int32", "height": "int32",
+                          "flat": "float32"})
     # explicit object column: None (not NaN, not pandas' string dtype) where the decode worked
     frame["error"] = pd.Series([r[6] for r in out], index=frame.index, dtype=object)
     part_path = store.write_partition(out_dir, part, frame)
@@ -238,22 +389,31 @@ def _packed(desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, np.ascontiguousarray(rows.T)
 
 
-def _unpack(row) -> dict:
+def _unpack(row, method: str = "orb") -> dict:
+    """A feature-store row -> feature dict; `method` says how the descriptor bytes are laid out
+    (ORB: 32 uint8, SIFT: 128 float32 little-endian, as OpenCV gives them)."""
     n = int(row["n_keypoints"]) if pd.notna(row["n_keypoints"]) else 0
     kp = row["keypoints"]
     desc = row["descriptors"]
+    dtype, width = DESCRIPTOR[method]
     f = {
         "keypoints": np.frombuffer(kp, np.float32).reshape(-1, 2) if n else np.zeros((0, 2), np.float32),
-        "descriptors": np.frombuffer(desc, np.uint8).reshape(-1, 32) if n else np.zeros((0, 32), np.uint8),
+        "descriptors": np.frombuffer(desc, dtype).reshape(-1, width) if n else np.zeros((0, width), dtype),
         "error": row["error"] if isinstance(row["error"], str) else None,
+        # the pixel check's thumbnail, histogram, flatness (empty when verify.pixel_check is off)
+        "thumb": row.get("thumb") if isinstance(row.get("thumb"), bytes) else b"",
+        "hist": row.get("hist") if isinstance(row.get("hist"), bytes) else b"",
+        "flat": float(row.get("flat") or 0.0),
+        "width": int(row.get("width") or 0), "height": int(row.get("height") or 0),
     }
-    f["d64"], f["d64t"] = _packed(f["descriptors"])
+    if method == "orb":
+        f["d64"], f["d64t"] = _packed(f["descriptors"])
     return f
 
 
-def _ransac(src: np.ndarray, dst: np.ndarray, cfg: VerifyConfig) -> np.ndarray:
-    """Inlier mask (bool per match) of the configured geometric model, seeded so the result is
-    reproducible.
+def _ransac(src: np.ndarray, dst: np.ndarray, cfg: VerifyConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """(inlier mask: bool per match, model or None) of the configured geometric model, seeded so
+    the result is reproducible.
 
     Default "affine" (estimateAffine2D), chosen by measurement: inlier separation and pairs/s on
     the generated benchmark (bench/verify.py, all three models side by side in docs/benchmarks.md),
@@ -272,18 +432,20 @@ def _ransac(src: np.ndarray, dst: np.ndarray, cfg: VerifyConfig) -> np.ndarray:
     """
     cv2.setRNGSeed(cfg.seed)
     if cfg.model == "homography":
-        _, mask = cv2.findHomography(src, dst, cv2.RANSAC, cfg.ransac_threshold,
+        model, mask = cv2.findHomography(src, dst, cv2.RANSAC, cfg.ransac_threshold,
                                      maxIters=cfg.ransac_max_iters, confidence=cfg.ransac_confidence)
     elif cfg.model == "affine":
-        _, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC,
+        model, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC,
                                        ransacReprojThreshold=cfg.ransac_threshold,
                                        maxIters=cfg.ransac_max_iters, confidence=cfg.ransac_confidence)
     else:  # "similarity"
-        _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC,
+        model, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC,
                                               ransacReprojThreshold=cfg.ransac_threshold,
                                               maxIters=cfg.ransac_max_iters,
                                               confidence=cfg.ransac_confidence)
-    return np.zeros(len(src), bool) if mask is None else mask.reshape(-1).astype(bool)
+    if mask is None:
+        return np.zeros(len(src), bool), None
+    return mask.reshape(-1).astype(bool), model
 
 
 @njit(cache=True, nogil=True)
@@ -347,25 +509,31 @@ def _match_kernel(a, bt, ratio):
 
 
 def _good_matches(fa: dict, fb: dict, ratio: float) -> tuple[np.ndarray, np.ndarray]:
-    """Hamming kNN (k=2) a->b + Lowe ratio test, one-to-one: (query idx, train idx) arrays.
+    """2-NN a->b + Lowe ratio test, one-to-one: (query idx, train idx) arrays.
 
-    Numba kernel on packed descriptors: ~10x faster than cv2 BFMatcher.knnMatch + the Python loop
-    (`_good_matches_reference`, kept as the reference and the benchmark baseline), same result."""
+    ORB: a numba Hamming kernel on packed descriptors, ~10x faster than cv2 BFMatcher.knnMatch +
+    the Python loop (`_good_matches_reference`, kept as the reference and the benchmark
+    baseline), same result. SIFT (float descriptors): cv2 BFMatcher(NORM_L2).knnMatch with the
+    same ratio test and one-to-one filter (`_good_matches_reference`; measured 1.2 ms per pair of
+    ~300 keypoints, faster than a numpy float64 distance matrix at 4.6 ms)."""
     na, nb = len(fa["descriptors"]), len(fb["descriptors"])
     if na == 0 or nb < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if fa["descriptors"].dtype != np.uint8:
+        return _good_matches_reference(fa, fb, ratio)
     a = fa["d64"] if "d64" in fa else _packed(fa["descriptors"])[0]
     bt = fb["d64t"] if "d64t" in fb else _packed(fb["descriptors"])[1]
     return _match_kernel(a, bt, float(ratio))
 
 
 def _good_matches_reference(fa: dict, fb: dict, ratio: float) -> tuple[np.ndarray, np.ndarray]:
-    """The previous matcher: cv2 BFMatcher.knnMatch (k=2) returning DMatch lists, ratio test and
-    one-to-one in Python (~1.7 ms per pair). Tests check `_good_matches` against it."""
+    """cv2 BFMatcher.knnMatch (k=2) returning DMatch lists, ratio test and one-to-one in Python:
+    the previous ORB matcher (~1.7 ms per pair; tests check `_good_matches` against it) and the
+    SIFT matcher (L2 on float descriptors)."""
     da, db = fa["descriptors"], fb["descriptors"]
     if len(da) == 0 or len(db) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    knn = _matcher().knnMatch(da, db, k=2)
+    knn = _matcher(cv2.NORM_HAMMING if da.dtype == np.uint8 else cv2.NORM_L2).knnMatch(da, db, k=2)
     q, t, d = [], [], []
     for pair in knn:
         if len(pair) == 2 and pair[0].distance < ratio * pair[1].distance:
@@ -390,14 +558,12 @@ def verify_pair(fa: dict, fb: dict, cfg: VerifyConfig) -> tuple[int, int, float,
 
 
 def _geometry(fa: dict, fb: dict, cfg: VerifyConfig, matcher=None
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Matches (query idx into a, train idx into b) and their RANSAC inlier mask."""
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Matches (query idx into a, train idx into b), their RANSAC inlier mask and model."""
     qi, ti = (matcher or _good_matches)(fa, fb, cfg.ratio)
     if len(qi) >= max(cfg.min_good_matches, 4):
-        mask = _ransac(fa["keypoints"][qi], fb["keypoints"][ti], cfg)
-    else:
-        mask = np.zeros(len(qi), bool)
-    return qi, ti, mask
+        return (qi, ti, *_ransac(fa["keypoints"][qi], fb["keypoints"][ti], cfg))
+    return qi, ti, np.zeros(len(qi), bool), None
 
 
 def pair_evidence(path_a: str, path_b: str, cfg: Config) -> dict:
@@ -414,11 +580,11 @@ def pair_evidence(path_a: str, path_b: str, cfg: Config) -> dict:
     vcfg = cfg.verify
     with _cv_threads(vcfg.opencv_threads):
         base_a, base_b = _load_bounded(path_a, cfg), _load_bounded(path_b, cfg)
-        fa = orb_features(base_a, vcfg)
+        fa = features(base_a, vcfg)
         best = None
         for t in (0, 4):
-            fb = orb_features(dihedral(base_b, t), vcfg)
-            qi, ti, mask = _geometry(fa, fb, vcfg)
+            fb = features(dihedral(base_b, t), vcfg)
+            qi, ti, mask, _ = _geometry(fa, fb, vcfg)
             if best is None or mask.sum() > best[4].sum():
                 best = (t, fb, qi, ti, mask)
     t, fb, qi, ti, mask = best
@@ -431,35 +597,51 @@ def pair_evidence(path_a: str, path_b: str, cfg: Config) -> dict:
 
 
 def _verify(fa: dict, fb: dict, cfg: VerifyConfig, matcher=None) -> tuple[int, int, float, str, str]:
+    return _verify_model(fa, fb, cfg, matcher)[0]
+
+
+def _verify_model(fa: dict, fb: dict, cfg: VerifyConfig, matcher=None) -> tuple[tuple, np.ndarray | None]:
+    """(orb_matches, orb_inliers, orb_score, status, reason), RANSAC model (None without one)."""
+    name = cfg.method  # "orb" or "sift": the reasons say which keypoints spoke
     na, nb = len(fa["keypoints"]), len(fb["keypoints"])
-    qi, _, mask = _geometry(fa, fb, cfg, matcher)
+    qi, _, mask, model = _geometry(fa, fb, cfg, matcher)
     matches = len(qi)
     inliers = int(np.count_nonzero(mask))
     score = float(min(1.0, inliers / min(na, nb))) if min(na, nb) else 0.0
     if min(na, nb) < cfg.min_keypoints:
         which = "a" if na < nb else "b"
         status = "inconclusive"
-        reason = (f"orb inconclusive: {min(na, nb)} keypoints in image {which} (flat or tiny); "
+        reason = (f"{name} inconclusive: {min(na, nb)} keypoints in image {which} (flat or tiny); "
                   f"{inliers} inliers of {matches} matches")
     elif inliers >= cfg.match_inliers:
-        status, reason = "match", f"orb: {inliers} inliers of {matches} matches"
+        status, reason = "match", f"{name}: {inliers} inliers of {matches} matches"
     elif inliers < cfg.reject_inliers:
-        status, reason = "no-match", f"orb: {inliers} inliers of {matches} matches (geometry disagrees)"
+        status, reason = "no-match", f"{name}: {inliers} inliers of {matches} matches (geometry disagrees)"
     else:
         status = "inconclusive"
-        reason = (f"orb inconclusive: {inliers} inliers of {matches} matches "
+        reason = (f"{name} inconclusive: {inliers} inliers of {matches} matches "
                   f"(between {cfg.reject_inliers} and {cfg.match_inliers})")
-    return matches, inliers, score, status, reason
+    return (matches, inliers, score, status, reason), (model if status == "match" else None)
 
 
-def _error_result(side: str, error: str) -> tuple:
-    return 0, 0, 0.0, "inconclusive", f"orb inconclusive: image {side} not decoded ({error})"
+def _error_result(side: str, error: str, method: str = "orb") -> tuple:
+    return 0, 0, 0.0, "inconclusive", f"{method} inconclusive: image {side} not decoded ({error})", np.nan, np.nan
+
+
+def needs_pixel_check(fa: dict, fb: dict, cfg: VerifyConfig) -> bool:
+    """The keypoints cannot settle this pair: too few of them on either image, or both images
+    flat (their keypoints sit on shared shapes and layout, see the module doc)."""
+    if not (cfg.pixel_check and fa["thumb"] and fb["thumb"]):
+        return False
+    few = min(len(fa["keypoints"]), len(fb["keypoints"])) < cfg.min_keypoints
+    return few or min(fa["flat"], fb["flat"]) >= FLAT_SHARE
 
 
 def _result_frame(results: list[tuple], index) -> pd.DataFrame:
     frame = pd.DataFrame(results, columns=RESULT_COLUMNS, index=index)
     return frame.astype({"orb_matches": "int32", "orb_inliers": "int32", "orb_score": "float32",
-                         "orb_status": object, "orb_reason": object})
+                         "orb_status": object, "orb_reason": object, "ssim": "float32",
+                         "hist_corr": "float32"})
 
 
 def _sub_batches(paths_a: np.ndarray, paths_b: np.ndarray, max_parts: int) -> list[np.ndarray]:
@@ -485,7 +667,8 @@ def _features_task(part: int, rows: pd.DataFrame, cfg: Config, out_dir: str) -> 
 
 
 def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) -> pd.DataFrame:
-    """Verify pairs (key_a, key_b, path_a_part, path_b_part) -> RESULT_COLUMNS, same row order.
+    """Verify pairs (key_a, key_b, path_a_part, path_b_part, transform) -> RESULT_COLUMNS, same
+    row order (`transform` only matters for the pixel check; missing = 0).
 
     A key whose path is empty/null (image not decoded upstream) or whose feature row carries an
     error gives an "inconclusive" row with the reason. `reference=True` matches with the previous
@@ -501,11 +684,12 @@ def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) 
     pb = pairs["path_b_part"].fillna("").astype(str).to_numpy()
     err_a = pairs["error_a"].to_numpy() if "error_a" in pairs else np.full(n, None, object)
     err_b = pairs["error_b"].to_numpy() if "error_b" in pairs else np.full(n, None, object)
+    tr = pairs["transform"].to_numpy(np.int64) if "transform" in pairs else np.zeros(n, np.int64)
     todo = []
     for i in range(n):
         if not pa[i] or not pb[i]:
             side, e = ("a", err_a[i]) if not pa[i] else ("b", err_b[i])
-            results[i] = _error_result(side, e if isinstance(e, str) else "no features")
+            results[i] = _error_result(side, e if isinstance(e, str) else "no features", vcfg.method)
         else:
             todo.append(i)
     todo = np.asarray(todo, dtype=np.int64)
@@ -518,14 +702,18 @@ def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) 
                 rows = store.read_rows(paths, keys)
                 feats = {}
                 for key, row in zip(rows.index.to_numpy(), rows.to_dict("records")):
-                    feats[int(key)] = _unpack(row)
+                    feats[int(key)] = _unpack(row, vcfg.method)
+                    feats[int(key)]["transform"] = int(key) % 8  # the turn this row's image has
                 for i in idx:
                     fa, fb = feats[int(ka[i])], feats[int(kb[i])]
                     if fa["error"] or fb["error"]:
                         side, e = ("a", fa["error"]) if fa["error"] else ("b", fb["error"])
-                        results[i] = _error_result(side, e)
+                        results[i] = _error_result(side, e, vcfg.method)
                     else:
-                        results[i] = _verify(fa, fb, vcfg, matcher)
+                        result, model = _verify_model(fa, fb, vcfg, matcher)
+                        pixels = (pixel_check(fa, fb, tr[i], model) if needs_pixel_check(fa, fb, vcfg)
+                                  else (np.nan, np.nan))
+                        results[i] = result + pixels
     return _result_frame(results, pairs.index)
 
 
@@ -604,6 +792,7 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
 
     # pair tasks, ordered by the feature files they touch
     job = pd.DataFrame({"key_a": key_a, "key_b": key_b,
+                        "transform": pairs["transform"].to_numpy(np.int64),
                         "path_a_part": part_of.reindex(key_a).to_numpy(),
                         "path_b_part": part_of.reindex(key_b).to_numpy(),
                         "error_a": err.reindex(idx_a).to_numpy(),

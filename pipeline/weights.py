@@ -1,4 +1,10 @@
-"""Finding, checking and seeding the ImageNet MobileNet weights of the confirm tier.
+"""Finding, checking and seeding the ImageNet weights of the confirm tier's backbone.
+
+Backbones (`embed.backbone`): MobileNetV2 and MobileNet (v1) with their alpha/input-size weight
+files, MobileNetV3Small/Large (alpha 0.75 or 1.0), and every other keras.applications model with
+an average-pooled head (`KERAS_BACKBONES`: EfficientNet B0-B7 and V2, ResNet/ResNetV2, VGG,
+DenseNet, ConvNeXt, Inception, Xception, NASNet), each with the `preprocess_input` of its own
+Keras module (`PREPROCESS`).
 
 `embed.weights: imagenet` means the standard Keras cache, `$KERAS_HOME/models/<keras file name>`
 (`KERAS_HOME` defaults to `~/.keras`), exactly where `keras.applications.MobileNetV2(weights=
@@ -73,7 +79,161 @@ PINNED_SHA256.update({
     "mobilenet_2_5_224_tf_no_top.h5":
         "dbdb03ee2a22fd895301636cd328b234bb3a9952358f436d82f46b81e0d5b0bf",
 })
+# The other keras.applications backbones with an average-pooled head, as Keras names and fetches
+# their no-top ImageNet weights (read from the installed Keras: keras/src/applications/*.py,
+# `file_utils.get_file(file_name, origin, file_hash=...)`): backbone -> (cache file name, URL,
+# the hash Keras pins, default input size). Keras pins sha256 for ConvNeXt and md5 for all the
+# others; both are checked (md5 only proves the download is the file Keras expects, not more).
+KERAS_BACKBONES: dict[str, tuple[str, str, str, int]] = {
+    "EfficientNetB0": ("efficientnetb0_notop.h5",
+                      "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
+                      "50bc09e76180e00e4465e1a485ddc09d", 224),
+    "EfficientNetB1": ("efficientnetb1_notop.h5",
+                      "https://storage.googleapis.com/keras-applications/efficientnetb1_notop.h5",
+                      "74c4e6b3e1f6a1eea24c589628592432", 224),
+    "EfficientNetB2": ("efficientnetb2_notop.h5",
+                      "https://storage.googleapis.com/keras-applications/efficientnetb2_notop.h5",
+                      "111f8e2ac8aa800a7a99e3239f7bfb39", 224),
+    "EfficientNetB3": ("efficientnetb3_notop.h5",
+                      "https://storage.googleapis.com/keras-applications/efficientnetb3_notop.h5",
+                      "af6d107764bb5b1abb91932881670226", 224),
+    "EfficientNetB4": ("efficientnetb4_notop.h5",
+                      "https://storage.googleapis.com/keras-applications/efficientnetb4_notop.h5",
+                      "ebc24e6d6c33eaebbd558eafbeedf1ba", 224),
+    "EfficientNetB5": ("efficientnetb5_notop.h5",
+                      "https://storage.googleapis.com/keras-applications/efficientnetb5_notop.h5",
+                      "38879255a25d3c92d5e44e04ae6cec6f", 224),
+    "EfficientNetB6": ("efficientnetb6_notop.h5",
+                      "https://storage.googleapis.com/keras-applications/efficientnetb6_notop.h5",
+                      "9ecce42647a20130c1f39a5d4cb75743", 224),
+    "EfficientNetB7": ("efficientnetb7_notop.h5",
+                      "https://storage.googleapis.com/keras-applications/efficientnetb7_notop.h5",
+                      "cbcfe4450ddf6f3ad90b1b398090fe4a", 224),
+    "EfficientNetV2B0": ("efficientnetv2-b0_notop.h5",
+                        "https://storage.googleapis.com/tensorflow/keras-applications/efficientnet_v2/efficientnetv2-b0_notop.h5",
+                        "893217f2bb855e2983157299931e43ff", 224),
+    "EfficientNetV2B1": ("efficientnetv2-b1_notop.h5",
+                        "https://storage.googleapis.com/tensorflow/keras-applications/efficientnet_v2/efficientnetv2-b1_notop.h5",
+                        "0e80663031ca32d657f9caa404b6ec37", 224),
+    "EfficientNetV2B2": ("efficientnetv2-b2_notop.h5",
+                        "https://storage.googleapis.com/tensorflow/keras-applications/efficientnet_v2/efficientnetv2-b2_notop.h5",
+                        "1dfe2e7a5d45b6632553a8961ea609eb", 224),
+    "EfficientNetV2B3": ("efficientnetv2-b3_notop.h5",
+                        "https://storage.googleapis.com/tensorflow/keras-applications/efficientnet_v2/efficientnetv2-b3_notop.h5",
+                        "f6abf7b5849ac99a89b50dd3fd532856", 224),
+    "EfficientNetV2S": ("efficientnetv2-s_notop.h5",
+                       "https://storage.googleapis.com/tensorflow/keras-applications/efficientnet_v2/efficientnetv2-s_notop.h5",
+                       "af0682fb74e8c54910f2d4393339c070", 224),
+    "EfficientNetV2M": ("efficientnetv2-m_notop.h5",
+                       "https://storage.googleapis.com/tensorflow/keras-applications/efficientnet_v2/efficientnetv2-m_notop.h5",
+                       "1b8dc055df72dde80d614482840fe342", 224),
+    "EfficientNetV2L": ("efficientnetv2-l_notop.h5",
+                       "https://storage.googleapis.com/tensorflow/keras-applications/efficientnet_v2/efficientnetv2-l_notop.h5",
+                       "b0b66b5c863aef5b46e8608fe1711615", 224),
+    "ResNet50": ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                "https://storage.googleapis.com/tensorflow/keras-applications/resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                "4d473c1dd8becc155b73f8504c6f6626", 224),
+    "ResNet101": ("resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                 "https://storage.googleapis.com/tensorflow/keras-applications/resnet/resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                 "88cf7a10940856eca736dc7b7e228a21", 224),
+    "ResNet152": ("resnet152_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                 "https://storage.googleapis.com/tensorflow/keras-applications/resnet/resnet152_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                 "ee4c566cf9a93f14d82f913c2dc6dd0c", 224),
+    "ResNet50V2": ("resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                  "https://storage.googleapis.com/tensorflow/keras-applications/resnet/resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                  "fac2f116257151a9d068a22e544a4917", 224),
+    "ResNet101V2": ("resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   "https://storage.googleapis.com/tensorflow/keras-applications/resnet/resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   "c0ed64b8031c3730f411d2eb4eea35b5", 224),
+    "ResNet152V2": ("resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   "https://storage.googleapis.com/tensorflow/keras-applications/resnet/resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   "ed17cf2e0169df9d443503ef94b23b33", 224),
+    "VGG16": ("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+             "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+             "6d6bbae143d832006294945121d1f1fc", 224),
+    "VGG19": ("vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+             "https://storage.googleapis.com/tensorflow/keras-applications/vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+             "253f8cb515780f3b799900260a226db6", 224),
+    "DenseNet121": ("densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   "https://storage.googleapis.com/tensorflow/keras-applications/densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   "30ee3e1110167f948a6b9946edeeb738", 224),
+    "DenseNet169": ("densenet169_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   "https://storage.googleapis.com/tensorflow/keras-applications/densenet/densenet169_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   "b8c4d4c20dd625c148057b9ff1c1176b", 224),
+    "DenseNet201": ("densenet201_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   "https://storage.googleapis.com/tensorflow/keras-applications/densenet/densenet201_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   "c13680b51ded0fb44dff2d8f86ac8bb1", 224),
+    "ConvNeXtTiny": ("convnext_tiny_notop.h5",
+                    "https://storage.googleapis.com/tensorflow/keras-applications/convnext/convnext_tiny_notop.h5",
+                    "d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1", 224),
+    "ConvNeXtSmall": ("convnext_small_notop.h5",
+                     "https://storage.googleapis.com/tensorflow/keras-applications/convnext/convnext_small_notop.h5",
+                     "6fc8009faa2f00c1c1dfce59feea9b0745eb260a7dd11bee65c8e20843da6eab", 224),
+    "ConvNeXtBase": ("convnext_base_notop.h5",
+                    "https://storage.googleapis.com/tensorflow/keras-applications/convnext/convnext_base_notop.h5",
+                    "40a20c5548a5e9202f69735ecc06c990e6b7c9d2de39f0361e27baeb24cb7c45", 224),
+    "ConvNeXtLarge": ("convnext_large_notop.h5",
+                     "https://storage.googleapis.com/tensorflow/keras-applications/convnext/convnext_large_notop.h5",
+                     "96f02b6f0753d4f543261bc9d09bed650f24dd6bc02ddde3066135b63d23a1cd", 224),
+    "ConvNeXtXLarge": ("convnext_xlarge_notop.h5",
+                      "https://storage.googleapis.com/tensorflow/keras-applications/convnext/convnext_xlarge_notop.h5",
+                      "de3f8a54174130e0cecdc71583354753d557fcf1f4487331558e2a16ba0cfe05", 224),
+    "InceptionV3": ("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   "bcbd6486424b2319ff4ef7d526e38f63", 299),
+    "InceptionResNetV2": ("inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                         "https://storage.googleapis.com/tensorflow/keras-applications/inception_resnet_v2/inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                         "d19885ff4a710c122648d3b5c3b684e4", 299),
+    "Xception": ("xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                "https://storage.googleapis.com/tensorflow/keras-applications/xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                "b0042744bf5b25fce3cb969f33bebb97", 299),
+    "NASNetMobile": ("nasnet_mobile_no_top.h5",
+                    "https://storage.googleapis.com/tensorflow/keras-applications/nasnet/NASNet-mobile-no-top.h5",
+                    "1ed92395b5b598bdda52abe5c0dbfd63", 224),
+    "NASNetLarge": ("nasnet_large_no_top.h5",
+                   "https://storage.googleapis.com/tensorflow/keras-applications/nasnet/NASNet-large-no-top.h5",
+                   "d81d89dc07e6e56530c4e77faddd61b5", 331),
+}
+
+# MobileNetV3: one file per (size, alpha); Keras publishes 224 px weights for alpha 0.75 and 1.0
+V3_ALPHAS = (0.75, 1.0)
+V3_MD5 = {("small", 0.75): "ebdb5cc8e0b497cd13a7c275d475c819", ("small", 1.0): "d3e8ec802a04aa4fc771ee12a9a9b836",
+          ("large", 0.75): "40af19a13ebea4e2ee0c676887f69a2e", ("large", 1.0): "07fb09a5933dd0c8eaafa16978110389"}
+V3_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v3/"
+
+# keras.applications module whose preprocess_input each backbone needs
+PREPROCESS = {"MobileNetV2": "mobilenet_v2", "MobileNet": "mobilenet", "MobileNetV3Small": "mobilenet_v3",
+              "MobileNetV3Large": "mobilenet_v3", "VGG16": "vgg16", "VGG19": "vgg19",
+              "InceptionV3": "inception_v3", "InceptionResNetV2": "inception_resnet_v2",
+              "Xception": "xception"}
+for _name in KERAS_BACKBONES:
+    PREPROCESS.setdefault(_name, "efficientnet_v2" if _name.startswith("EfficientNetV2") else
+                          "efficientnet" if _name.startswith("EfficientNet") else
+                          "resnet_v2" if _name.startswith("ResNet") and _name.endswith("V2") else
+                          "resnet" if _name.startswith("ResNet") else
+                          "densenet" if _name.startswith("DenseNet") else
+                          "convnext" if _name.startswith("ConvNeXt") else
+                          "nasnet" if _name.startswith("NASNet") else "")
+BACKBONES = tuple(PREPROCESS)  # every backbone embed.backbone accepts
+FIXED_INPUT = {"NASNetMobile": 224, "NASNetLarge": 331}  # Keras loads their weights only at this size
+MIN_INPUT = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
+
+# Hashes Keras itself pins: sha256 where it pins sha256 (ConvNeXt, checked like ours), md5 for
+# the rest (checked as md5).
+PINNED_MD5: dict[str, str] = {}
+for _name, (_file, _url, _hash, _size) in KERAS_BACKBONES.items():
+    if len(_hash) == 64:
+        PINNED_SHA256[_file] = _hash
+    else:
+        PINNED_MD5[_file] = _hash
+for (_kind, _a), _hash in V3_MD5.items():
+    PINNED_MD5[f"weights_mobilenet_v3_{_kind}_224_{_a}_float_no_top_v2.h5"] = _hash
 _NAME_BY_SHA = {sha: name for name, sha in PINNED_SHA256.items() if sha}
+
+
+def known_file(name: str) -> bool:
+    """A weight file name this module can check (pinned or known unpinned)."""
+    return name in PINNED_SHA256 or name in PINNED_MD5
 
 
 class WeightsError(ConfigError):
@@ -101,11 +261,29 @@ def weights_file_name(cfg: EmbedConfig) -> str:
                                f"for alpha in {list(V1_ALPHAS)}")
         rows = size if size in V1_SIZES else 224
         return f"mobilenet_{_V1_ALPHA_TEXT[alpha]}_{rows}_tf_no_top.h5"
-    raise WeightsError(f"embed.backbone={cfg.backbone!r}: expected MobileNetV2 or MobileNet")
+    if cfg.backbone in ("MobileNetV3Small", "MobileNetV3Large"):
+        if alpha not in V3_ALPHAS:
+            raise WeightsError(f"embed.alpha={cfg.alpha}: ImageNet weights for {cfg.backbone} exist only "
+                               f"for alpha in {list(V3_ALPHAS)}")
+        kind = "small" if cfg.backbone.endswith("Small") else "large"
+        return f"weights_mobilenet_v3_{kind}_224_{alpha}_float_no_top_v2.h5"
+    if cfg.backbone in KERAS_BACKBONES:
+        if cfg.backbone in FIXED_INPUT and size != FIXED_INPUT[cfg.backbone]:
+            raise WeightsError(f"embed.input_size={size}: {cfg.backbone}'s ImageNet weights load only at "
+                               f"{FIXED_INPUT[cfg.backbone]} px; set embed.input_size={FIXED_INPUT[cfg.backbone]}")
+        if size < MIN_INPUT.get(cfg.backbone, 32):
+            raise WeightsError(f"embed.input_size={size}: {cfg.backbone} needs at least "
+                               f"{MIN_INPUT[cfg.backbone]} px")
+        return KERAS_BACKBONES[cfg.backbone][0]
+    raise WeightsError(f"embed.backbone={cfg.backbone!r}: expected one of {', '.join(BACKBONES)}")
 
 
 def weights_url(cfg: EmbedConfig) -> str:
     cfg = _embed_cfg(cfg)
+    if cfg.backbone in KERAS_BACKBONES:
+        return KERAS_BACKBONES[cfg.backbone][1]
+    if cfg.backbone.startswith("MobileNetV3"):
+        return V3_URL + weights_file_name(cfg)
     return BASE_URLS[cfg.backbone] + weights_file_name(cfg)
 
 
@@ -150,6 +328,23 @@ def sha256_file(path: str | Path) -> str:
     return value
 
 
+def md5_file(path: str | Path) -> str:
+    """md5 hex of a file (the hash Keras pins for most of its weights), cached like sha256_file."""
+    st = os.stat(path)
+    key = ("md5:" + os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    with _SHA_LOCK:
+        if key in _SHA_CACHE:
+            return _SHA_CACHE[key]
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    with _SHA_LOCK:
+        _SHA_CACHE[key] = value
+    return value
+
+
 def verify_file(path: str | Path, expected_name: str | None = None) -> str:
     """Check a weights file against the pinned table; returns its sha256.
 
@@ -160,16 +355,22 @@ def verify_file(path: str | Path, expected_name: str | None = None) -> str:
     """
     path = Path(path)
     sha = sha256_file(path)
-    name = path.name if path.name in PINNED_SHA256 else _NAME_BY_SHA.get(sha)
+    name = path.name if known_file(path.name) else _NAME_BY_SHA.get(sha)
     if name is None:
-        log.warning("weights file %s (sha256 %s) is not a known Keras MobileNet file; using it "
+        log.warning("weights file %s (sha256 %s) is not a known Keras weights file; using it "
                     "unchecked", path, sha)
         return sha
     if expected_name and name != expected_name:
         raise WeightsError(f"weights file {path} is {name}, but the embed config (backbone, alpha, "
                            f"input_size) needs {expected_name}: fix embed.weights or embed.alpha")
     pinned = PINNED_SHA256.get(name)
-    if pinned is None:
+    if pinned is None and name in PINNED_MD5:
+        md5 = md5_file(path)
+        if md5 != PINNED_MD5[name]:
+            raise WeightsError(f"weights file {path} has md5 {md5}, expected {PINNED_MD5[name]} (the hash "
+                               f"Keras pins) for {name}: the file is corrupt or truncated; delete it and "
+                               f"copy a good one")
+    elif pinned is None:
         log.warning("weights file %s: no pinned sha256 for %s (cannot be verified here), "
                     "sha256 is %s; using it unchecked", path, name, sha)
     elif sha != pinned:
@@ -231,6 +432,9 @@ def _download(url: str, dest: Path, expected_name: str) -> Path:
         pinned = PINNED_SHA256.get(expected_name)
         if pinned and sha != pinned:
             raise WeightsError(f"downloaded {url} has sha256 {sha}, expected {pinned}")
+        md5 = PINNED_MD5.get(expected_name)
+        if md5 and md5_file(tmp) != md5:
+            raise WeightsError(f"downloaded {url} does not have the md5 Keras pins ({md5})")
         os.replace(tmp, dest)
     except WeightsError:
         raise
@@ -296,8 +500,9 @@ def check_weights_available(cfg) -> dict:
     embed = _embed_cfg(cfg)
     path = resolve_weights(embed, allow_download=bool(getattr(embed, "download", True)))
     sha = sha256_file(path)
-    return {"path": str(path), "file": weights_file_name(embed), "sha256": sha,
-            "pinned": PINNED_SHA256.get(weights_file_name(embed)) == sha}
+    name = weights_file_name(embed)
+    return {"path": str(path), "file": name, "sha256": sha,
+            "pinned": PINNED_SHA256.get(name) == sha or name in PINNED_MD5}
 
 
 def _read_sums(from_dir: Path) -> dict[str, str]:
@@ -322,9 +527,9 @@ def seed_cache(from_dir: str | Path, keras_home: str | Path | None = None) -> li
                            f"({seed_command('FOLDER')})")
     target = Path(keras_home).expanduser() / "models" if keras_home else cache_dirs()[0]
     sums = _read_sums(src)
-    found = sorted(p for p in src.iterdir() if p.is_file() and p.name in PINNED_SHA256)
+    found = sorted(p for p in src.iterdir() if p.is_file() and known_file(p.name))
     if not found:
-        raise WeightsError(f"no known Keras MobileNet weight files in {src} (expected names like "
+        raise WeightsError(f"no known Keras weight files in {src} (expected names like "
                            f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5)")
     target.mkdir(parents=True, exist_ok=True)
     out = []
@@ -355,7 +560,8 @@ def weights_command(from_dir: str | Path, keras_home: str | Path | None = None) 
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for p in paths:
-        pinned = "verified" if PINNED_SHA256.get(p.name) else "NOT pinned (unverified)"
+        pinned = ("verified" if PINNED_SHA256.get(p.name) else "verified (md5 pinned by Keras)"
+                  if p.name in PINNED_MD5 else "NOT pinned (unverified)")
         print(f"{p}  sha256 {sha256_file(p)[:16]}...  {pinned}")
     print(f"{len(paths)} weight file(s) in {paths[0].parent}")
     return 0

@@ -37,6 +37,7 @@ PAIRS_SCHEMA = pa.schema([
     ("image_id_b", pa.int64()), ("hash_distance", pa.int16()), ("orb_matches", pa.int32()),
     ("orb_inliers", pa.int32()), ("orb_score", pa.float32()), ("cosine", pa.float32()),
     ("stage", _DICT), ("is_duplicate", pa.bool_()), ("reason", pa.string()), ("rule", _DICT),
+    ("ssim", pa.float32()), ("hist_corr", pa.float32()),  # pixel check (verify.pixel_check)
 ])
 # What `pd.read_parquet` gives back for each column (the pandas side of the contract); the frame
 # is cast to these before writing so the file's pandas metadata records them.
@@ -46,7 +47,7 @@ IMAGES_DTYPES = {"image_id": "int64", "path": "object", "bytes": "int64", "width
 PAIRS_DTYPES = {"path_a": "object", "path_b": "object", "image_id_a": "int64", "image_id_b": "int64",
                 "hash_distance": "int16", "orb_matches": "Int32", "orb_inliers": "Int32",
                 "orb_score": "Float32", "cosine": "Float32", "stage": "category", "is_duplicate": "bool",
-                "reason": "object", "rule": "category"}
+                "reason": "object", "rule": "category", "ssim": "Float32", "hist_corr": "Float32"}
 STAGES = ["exact", "screen", "verify", "confirm"]
 
 

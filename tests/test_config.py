@@ -25,6 +25,8 @@ def test_overrides_are_typed():
     ("nope=1", "unknown config key 'nope'"),
     ("screen.max_distance=abc", "expected a whole number"),
     ("screen.hash=md5", "not one of"),
+    ("verify.method=surf", "not one of"),
+    ("verify.pixel_check=maybe", "expected true/false"),
     ("tiers=everything", "not one of"),
     ("screen.max_distance=64", "screen.max_distance must be in"),
     ("screen.hash_size=5", "multiple of 8"),

@@ -194,15 +194,26 @@ def test_centre_crop_mode_shape():
     assert confirm.to_input(img, 224, "squash").shape == (224, 224, 3)
 
 
-def test_mobilenet_v1_backbone(models_dir, photo_paths):
+@pytest.mark.parametrize("backbone, alpha, file, dim", [
+    ("MobileNet", 0.25, "mobilenet_2_5_224_tf_no_top.h5", 256),
+    ("MobileNetV2", 0.35, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5", 1280),
+])
+def test_other_backbones_with_real_weights(models_dir, photo_paths, backbone, alpha, file, dim):
     c = Config().embed
-    c.backbone, c.alpha, c.batch_size = "MobileNet", 0.25, 4
-    c.weights = str(models_dir / "mobilenet_2_5_224_tf_no_top.h5")
+    c.backbone, c.alpha, c.batch_size = backbone, alpha, 4
+    c.weights = str(models_dir / file)
     emb = confirm.get_embedder(c)
     imgs = [decode.load_image(p, min_side=224)[0] for p in photo_paths[:2]]
     vecs = emb.embed(imgs + [imgs[0].resize((200, 140))])
-    assert vecs.shape == (3, 256)
+    assert vecs.shape == (3, dim)
     assert float(vecs[0] @ vecs[2]) > float(vecs[0] @ vecs[1])
+
+
+def test_embedder_never_builds_without_a_weights_file():
+    c = Config().embed
+    c.backbone = "ResNet50"
+    with pytest.raises(ValueError, match="never loads random"):
+        confirm.Embedder(c, None)
 
 
 def _models_loaded() -> int:

@@ -19,7 +19,8 @@ from pipeline.write import CONTRACT_VERSION, IMAGES_DTYPES, PAIRS_DTYPES, STAGES
 
 pytestmark = pytest.mark.slow
 
-DIFFERENT_RULES = {"screen_hash_far", "verify_orb_reject", "verify_inconclusive_hash_far", "confirm_cosine_low"}
+DIFFERENT_RULES = {"screen_hash_far", "verify_orb_reject", "verify_inconclusive_hash_far", "confirm_cosine_low",
+                   "verify_pixel_mismatch", "file_changed"}
 EITHER_RULES = {"confirm_no_embedding"}  # the verdict is ORB's
 
 
@@ -93,7 +94,7 @@ def test_stage_rule_and_evidence_agree(images, pairs):
     assert set(pairs["rule"]) <= set(RULES)
     assert {"verify_orb_accept", "verify_orb_reject"} <= set(pairs["rule"])
     assert pairs["reason"].str.len().gt(0).all()
-    assert pairs["rule"].astype(str).str.split("_").str[0].isin(["exact", "screen", "verify", "confirm"]).all()
+    assert pairs["rule"].astype(str).str.split("_").str[0].isin(["exact", "screen", "verify", "confirm", "file"]).all()
     different = pairs["rule"].isin(DIFFERENT_RULES)
     fixed = ~pairs["rule"].isin(EITHER_RULES)
     assert (pairs.loc[fixed, "is_duplicate"] == ~different[fixed]).all()

@@ -50,3 +50,26 @@ def test_clusters_are_components_named_by_first_member():
     got = clusters(6, np.array([0, 3, 1]), np.array([4, 5, 4]), ids)
     assert got.tolist() == [100, 100, -1, 103, 100, 103]
     assert clusters(6, np.array([], int), np.array([], int), ids).tolist() == [-1] * 6
+
+
+def test_pixel_check_decides_flat_pairs_at_verify():
+    from pipeline.decide import RULES, pixel_rule
+    cfg = Config()
+    d = cfg.decide
+    rows = [("near", 3, "inconclusive", 0, "orb inconclusive: 4 keypoints", np.nan),
+            ("near", 3, "inconclusive", 0, "orb inconclusive: 4 keypoints", np.nan),
+            ("near", 3, "inconclusive", 0, "orb inconclusive: 4 keypoints", np.nan),
+            ("near", 3, "inconclusive", 0, "orb inconclusive: 4 keypoints", 0.9)]  # not pixel-checked
+    pairs = _pairs(rows)
+    pairs["ssim"] = pd.array([d.pixel_ssim + 0.01, d.pixel_ssim - 0.01, d.pixel_ssim + 0.01, None], dtype="Float32")
+    pairs["hist_corr"] = pd.array([d.pixel_hist_corr + 0.01, 0.99, d.pixel_hist_corr - 0.01, None], dtype="Float32")
+    assert needs_confirm(pairs, cfg).tolist() == [False, False, False, True]
+    checked, dup, code, _ = pixel_rule(pairs, cfg)
+    assert checked.tolist() == [True, True, True, False] and set(code[checked]) <= set(RULES)
+    assert code.tolist() == ["verify_pixel_match", "verify_pixel_mismatch", "verify_pixel_mismatch", ""]
+    for tiers in ("verify", "confirm"):
+        p = decide(pairs, load_config(None, [f"tiers={tiers}"]))
+        assert p["is_duplicate"].tolist()[:3] == [True, False, False]
+        assert p["stage"].tolist()[:3] == ["verify"] * 3
+        assert p["reason"].iloc[0].startswith("duplicate: pixel check")
+    assert decide(pairs, cfg)["stage"].iloc[3] == "confirm"

@@ -17,7 +17,7 @@ from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 PAIR_COLUMNS = ["path_a", "path_b", "image_id_a", "image_id_b", "hash_distance", "orb_matches", "orb_inliers",
-                "orb_score", "cosine", "stage", "is_duplicate", "reason", "rule"]
+                "orb_score", "cosine", "stage", "is_duplicate", "reason", "rule", "ssim", "hist_corr"]
 IMAGE_COLUMNS = ["image_id", "path", "bytes", "mtime", "width", "height", "format", "sha256", "hash", "error",
                  "cluster_id", "raw_path"]
 
@@ -181,6 +181,12 @@ def test_missing_weights_stop_the_run_before_any_work(tmp_path):
     assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5" in result.stderr
     assert str(tmp_path / "empty-keras") in result.stderr  # says where to put it
     assert not (tmp_path / "o").exists()  # stopped at the check: no screen, no cluster, no output folder
+    # another backbone whose weights are not here: the same clear stop, naming its file
+    other = subprocess.run([sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", str(tmp_path / "o"),
+                            "--quiet", "--set", "embed.backbone=EfficientNetB0"], capture_output=True, text=True,
+                           env=env, cwd=REPO, timeout=120)
+    assert other.returncode == 2 and "efficientnetb0_notop.h5" in other.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_unreachable_scheduler_is_a_usage_error(tmp_path):

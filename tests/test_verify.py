@@ -266,3 +266,68 @@ def test_pair_evidence_reproduces_the_tier(small_set, tmp_path):
     assert ev["inliers"] >= Config().verify.match_inliers
     with pytest.raises(verify.DecodeError):
         verify.pair_evidence(paths[0], paths[5], Config())
+
+
+# -- SIFT (verify.method: sift)
+
+def _sift_cfg() -> Config:
+    from pipeline.config import load_config
+    return load_config(None, ["verify.method=sift"])
+
+
+def test_sift_features_contract(few_photos):
+    cfg = _sift_cfg().verify
+    f = verify.features(Image.open(few_photos[0]).convert("RGB"), cfg)
+    assert f["descriptors"].dtype == np.float32 and f["descriptors"].shape == (len(f["keypoints"]), 128)
+    assert 0 < len(f["keypoints"]) <= cfg.n_features
+
+
+def test_sift_accepts_edits_and_rejects_different_photos(few_photos):
+    cfg = _sift_cfg().verify
+    originals = [Image.open(p).convert("RGB") for p in few_photos[:3]]
+    feats = [verify.features(im, cfg) for im in originals]
+    positives, negatives = {}, {}
+    for i, im in enumerate(originals):
+        for e in EDITS:
+            m, inl, score, status = verify.verify_pair(feats[i], verify.features(edit(im, e), cfg), cfg)
+            positives[(i, e)] = inl
+            assert status == "match", (few_photos[i].name, e, m, inl)
+    for i in range(3):
+        for j in range(i + 1, 3):
+            m, inl, score, status = verify.verify_pair(feats[i], feats[j], cfg)
+            negatives[(i, j)] = inl
+            assert status == "no-match", (i, j, m, inl)
+    assert min(positives.values()) >= 3 * max(1, max(negatives.values())), (positives, negatives)
+
+
+def test_sift_matcher_equals_opencv_knn(few_photos):
+    # the L2 2-NN + ratio + one-to-one on float descriptors gives what cv2's knnMatch gives
+    import cv2
+    cfg = _sift_cfg().verify
+    img = Image.open(few_photos[1]).convert("RGB")
+    fa, fb = verify.features(img, cfg), verify.features(edit(img, "crop70"), cfg)
+    q, t = verify._good_matches(fa, fb, cfg.ratio)
+    knn = cv2.BFMatcher(cv2.NORM_L2).knnMatch(fa["descriptors"], fb["descriptors"], k=2)
+    ratio_ok = {(p[0].queryIdx, p[0].trainIdx) for p in knn if p[0].distance < cfg.ratio * p[1].distance}
+    got = set(zip(q.tolist(), t.tolist()))
+    assert got <= ratio_ok and len(got) >= 0.9 * len(ratio_ok) and len(set(t.tolist())) == len(t)
+
+
+def test_sift_through_the_feature_store(small_set, tmp_path):
+    # float descriptors written to and read back from the per-partition Parquet store
+    images, pairs = small_set
+    res = verify.run_verify(pairs, images, _sift_cfg(), str(tmp_path / "work"))
+    st = res["orb_status"]
+    assert st[10] == "match" and st[11] == "match"  # crop; mirrored copy with transform 4
+    assert st[13] == "no-match" and st[14] == "no-match"  # different photos
+    assert res.loc[10, "orb_reason"].startswith("sift: ")
+    assert st[16] == "inconclusive" and "not decoded" in res.loc[16, "orb_reason"]
+    assert res["ssim"].isna().all()  # photos have keypoints: no pixel check
+
+
+def test_options_speed_script(tmp_path, photo_paths):
+    from bench import options
+    out = tmp_path / "benchmarks.md"
+    assert options.main(["--photos", "4", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| orb |" in text and "| sift |" in text and "Pixel check" in text

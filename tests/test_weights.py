@@ -37,7 +37,8 @@ def test_keras_file_names():
     with pytest.raises(WeightsError, match="alpha"):
         weights.weights_file_name(EmbedConfig(alpha=0.6))
     assert issubclass(WeightsError, ConfigError)
-    assert len(weights.PINNED_SHA256) == 6 * 5 + 4 * 4
+    # the MobileNet v1/v2 files by name, plus the 5 ConvNeXt files whose sha256 Keras pins
+    assert len(weights.PINNED_SHA256) == 6 * 5 + 4 * 4 + 5
 
 
 def test_pinned_table_matches_shared_sums(models_dir):
@@ -162,3 +163,70 @@ def test_instructions_speak_the_command_the_user_ran(monkeypatch, empty_home):
         with pytest.raises(WeightsError) as info:
             weights.resolve_weights(EmbedConfig(), allow_download=True)
         assert expected in str(info.value)
+
+
+# -- the other keras.applications backbones
+
+def test_backbone_lists_agree():
+    from pipeline import config
+    assert set(config.BACKBONES) == set(weights.BACKBONES) == set(weights.PREPROCESS)
+    for name in weights.BACKBONES:  # every backbone has a file name, a URL and a hash Keras pins
+        cfg = EmbedConfig(backbone=name, alpha=1.0 if name.startswith("MobileNetV3") else 0.5,
+                          input_size=weights.FIXED_INPUT.get(name, 224))
+        file = weights.weights_file_name(cfg)
+        assert weights.weights_url(cfg).startswith("https://storage.googleapis.com/")
+        if not name.startswith("MobileNet") or name.startswith("MobileNetV3"):
+            assert weights.PINNED_SHA256.get(file) or weights.PINNED_MD5.get(file), name
+
+
+@pytest.mark.parametrize("name", ["MobileNetV3Small", "EfficientNetB0", "ResNet50V2", "DenseNet121",
+                                  "ConvNeXtTiny", "NASNetMobile"])
+def test_table_matches_what_keras_fetches(name, monkeypatch):
+    # build the model with weights="imagenet" but catch Keras's download request: the file name,
+    # URL and hash must be the ones pinned here
+    keras = pytest.importorskip("keras")
+    from keras.src.utils import file_utils
+
+    class Asked(Exception):
+        pass
+
+    def fake_get_file(fname, origin=None, file_hash=None, **kw):
+        raise Asked(fname, origin, file_hash)
+
+    monkeypatch.setattr(file_utils, "get_file", fake_get_file)
+    cfg = EmbedConfig(backbone=name, alpha=1.0 if name.startswith("MobileNetV3") else 0.5)
+    with pytest.raises(Asked) as asked:
+        getattr(keras.applications, name)(include_top=False, weights="imagenet", pooling="avg",
+                                          input_shape=(224, 224, 3))
+    fname, origin, file_hash = asked.value.args
+    assert fname == weights.weights_file_name(cfg) and origin == weights.weights_url(cfg)
+    assert file_hash in (weights.PINNED_SHA256.get(fname), weights.PINNED_MD5.get(fname))
+
+
+@pytest.mark.parametrize("name", [b for b in weights.BACKBONES if b not in ("MobileNetV2", "MobileNet")])
+def test_missing_backbone_weights_fail_clearly_offline(name, empty_home, monkeypatch):
+    monkeypatch.setenv(weights.OFFLINE_ENV, "1")
+    cfg = EmbedConfig(backbone=name, alpha=1.0 if name.startswith("MobileNetV3") else 0.5,
+                      input_size=weights.FIXED_INPUT.get(name, 224))
+    with pytest.raises(WeightsError) as info:
+        weights.check_weights_available(cfg)
+    text = str(info.value)
+    assert weights.weights_file_name(cfg) in text and str(empty_home / "models") in text
+    with pytest.raises(WeightsError, match="downloading is off"):
+        weights.check_weights_available(EmbedConfig(backbone=name, download=False,
+                                                    alpha=cfg.alpha, input_size=cfg.input_size))
+
+
+def test_md5_pinned_file_is_checked(tmp_path, empty_home):
+    name = weights.KERAS_BACKBONES["ResNet50"][0]
+    fake = tmp_path / name
+    fake.write_bytes(b"not the resnet weights")
+    with pytest.raises(WeightsError, match="md5"):
+        weights.resolve_weights(EmbedConfig(backbone="ResNet50", weights=str(fake)), allow_download=False)
+
+
+def test_backbone_input_size_limits():
+    with pytest.raises(WeightsError, match="331"):
+        weights.weights_file_name(EmbedConfig(backbone="NASNetLarge", input_size=224))
+    with pytest.raises(WeightsError, match="alpha"):
+        weights.weights_file_name(EmbedConfig(backbone="MobileNetV3Large", alpha=0.5))

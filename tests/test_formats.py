@@ -1,0 +1,290 @@
+"""Every photo format the decoder promises, written here from a real photo and hashed like the
+screen does: each must land within a few bits of the original JPEG's hash, and one photo saved
+in eight formats must end up in one cluster."""
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+
+import cv2
+import numpy as np
+import pandas as pd
+import pillow_heif
+import pytest
+from PIL import Image, ImageCms, features
+
+from pipeline import decode
+from pipeline.config import ScreenConfig, load_config
+from pipeline.decode import DecodeError, load_image
+from pipeline.screen import image_hashes
+
+# a re-encode moves an aHash by 0-2 bits; 4 is screen.dihedral_max_distance, far below the
+# 10-bit candidate distance and far from unrelated photos (~32)
+CLOSE = 4
+
+
+@pytest.fixture(scope="module")
+def photos(photo_paths):
+    """Two real photos (the second is a different picture, for multi-frame files)."""
+    return [Image.open(p).convert("RGB") for p in photo_paths[:2]]
+
+
+@pytest.fixture(scope="module")
+def photo(photos):
+    return photos[0]
+
+
+def hash_of(source) -> np.ndarray:
+    img, _, _ = load_image(source, min_side=256)
+    return image_hashes(img, ScreenConfig())[0][0]
+
+
+def distance(a: np.ndarray, b: np.ndarray) -> int:
+    return int(sum(bin(int(x) ^ int(y)).count("1") for x, y in zip(a, b)))
+
+
+def jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92, **kw)
+    return buf.getvalue()
+
+
+def saved(img: Image.Image, fmt: str, **kw) -> io.BytesIO:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return io.BytesIO(buf.getvalue())
+
+
+def heic_10bit(img: Image.Image) -> bytes:
+    """A 10-bit HEIC: pillow-heif stores 16-bit input as 10 bits."""
+    data = (np.asarray(img, dtype=np.uint16) * 257).tobytes()
+    heif = pillow_heif.from_bytes(mode="RGB;16", size=img.size, data=data)
+    buf = io.BytesIO()
+    heif.save(buf, quality=85)
+    return buf.getvalue()
+
+
+# -- ICC helpers: an Adobe RGB (1998) matrix/TRC profile written byte by byte (ImageCms can only
+# create sRGB, LAB and XYZ profiles itself)
+
+def _s15(x: float) -> bytes:
+    return struct.pack(">i", round(x * 65536))
+
+
+def _xyz(x, y, z) -> bytes:
+    return b"XYZ \0\0\0\0" + _s15(x) + _s15(y) + _s15(z)
+
+
+def adobe_rgb_profile() -> bytes:
+    """ICC v2 display profile: Adobe RGB primaries (D50-adapted colorants), gamma 563/256."""
+    desc_text = b"Adobe RGB test profile\0"
+    desc = (b"desc\0\0\0\0" + struct.pack(">I", len(desc_text)) + desc_text
+            + b"\0" * 8 + b"\0" * 3 + b"\0" * 67)  # no Unicode, no ScriptCode description
+    trc = b"curv\0\0\0\0" + struct.pack(">IH", 1, 563) + b"\0\0"
+    tags = [(b"desc", desc), (b"wtpt", _xyz(0.9642, 1.0, 0.8249)), (b"cprt", b"text\0\0\0\0none\0\0\0\0"),
+            (b"rXYZ", _xyz(0.6097559, 0.3111145, 0.0194702)), (b"gXYZ", _xyz(0.2052401, 0.6256561, 0.0608902)),
+            (b"bXYZ", _xyz(0.1492240, 0.0632141, 0.7445396)), (b"rTRC", trc), (b"gTRC", trc), (b"bTRC", trc)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, body = b"", b""
+    for sig, data in tags:
+        table += sig + struct.pack(">II", offset + len(body), len(data))
+        body += data + b"\0" * (-len(data) % 4)
+    size = offset + len(body)
+    header = (struct.pack(">I", size) + b"none" + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ "
+              + struct.pack(">6H", 2024, 1, 1, 0, 0, 0) + b"acsp" + b"\0" * 24 + struct.pack(">I", 0)
+              + _s15(0.9642) + _s15(1.0) + _s15(0.8249) + b"\0" * 48)
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+def to_profile(img: Image.Image, icc: bytes) -> Image.Image:
+    srgb = ImageCms.createProfile("sRGB")
+    return ImageCms.profileToProfile(img, srgb, ImageCms.ImageCmsProfile(io.BytesIO(icc)), outputMode="RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_heic_8_and_10_bit_decode_close_to_the_original(photo):
+    original = hash_of(io.BytesIO(jpeg_bytes(photo)))
+    heic8 = saved(photo, "HEIF", quality=85)
+    heic10 = io.BytesIO(heic_10bit(photo))
+    assert Image.open(heic8).info["bit_depth"] == 8 and Image.open(heic10).info["bit_depth"] == 10
+    for data in (heic8, heic10):
+        data.seek(0)
+        img, size, fmt = load_image(data)
+        assert fmt == "HEIF" and img.mode == "RGB" and size == photo.size
+        # pixels, not just the hash: HEVC at quality 85 stays within a few levels on average
+        assert np.abs(np.asarray(img, float) - np.asarray(photo, float)).mean() < 6
+        data.seek(0)
+        assert distance(hash_of(data), original) <= CLOSE
+
+
+def test_heic_orientation_is_applied(photo):
+    # a camera stores the sensor's pixels plus "rotate 90"; the decoded image must be upright
+    original = hash_of(io.BytesIO(jpeg_bytes(photo)))
+    stored = photo.transpose(Image.Transpose.ROTATE_90)  # what the sensor wrote
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 clockwise to display
+    data = saved(stored, "HEIF", quality=85, exif=exif.tobytes())
+    img, size, _ = load_image(data)
+    assert img.size == size == photo.size
+    data.seek(0)
+    assert distance(hash_of(data), original) <= CLOSE
+
+
+def test_heic_icc_profile_is_converted_to_srgb(photo):
+    icc = adobe_rgb_profile()
+    data = saved(to_profile(photo, icc), "HEIF", quality=90, icc_profile=icc)
+    assert Image.open(data).info.get("icc_profile") == icc
+    data.seek(0)
+    img, _, _ = load_image(data)
+    assert np.abs(np.asarray(img, float) - np.asarray(photo, float)).mean() < 5
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow has no AVIF plugin")
+def test_avif(photo):
+    original = hash_of(io.BytesIO(jpeg_bytes(photo)))
+    img, size, fmt = load_image(saved(photo, "AVIF", quality=70))
+    assert fmt == "AVIF" and size == photo.size
+    assert distance(hash_of(saved(photo, "AVIF", quality=70)), original) <= CLOSE
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG", "TIFF"])  # PNG with save_all = APNG
+def test_animated_and_multipage_give_the_first_frame(photos, fmt):
+    first, second = photos[0], photos[1].resize(photos[0].size)
+    frames = [first, second] if fmt != "GIF" else [f.quantize(256) for f in (first, second)]
+    data = saved(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert Image.open(data).n_frames == 2
+    data.seek(0)
+    h = hash_of(data)
+    near, far = hash_of(io.BytesIO(jpeg_bytes(first))), hash_of(io.BytesIO(jpeg_bytes(second)))
+    assert distance(near, far) > 3 * CLOSE  # the test photos really differ
+    assert distance(h, near) <= CLOSE
+
+
+def test_16_bit_images(photo):
+    original = hash_of(io.BytesIO(jpeg_bytes(photo)))
+    rgb16 = np.asarray(photo, np.uint16)[..., ::-1] * 257
+    for ext, arr in ((".png", rgb16), (".tiff", rgb16), (".png", rgb16[..., 1])):  # RGB and grey
+        ok, enc = cv2.imencode(ext, arr)
+        assert ok
+        data = io.BytesIO(enc.tobytes())
+        img, size, _ = load_image(data)
+        assert size == photo.size and img.mode == "RGB"
+        data.seek(0)
+        assert distance(hash_of(data), original) <= CLOSE
+    grey = np.asarray(photo.convert("L"), float)
+    ok, enc = cv2.imencode(".png", rgb16[..., 1])
+    img, _, _ = load_image(io.BytesIO(enc.tobytes()))
+    # the 16-bit range maps onto 0..255 (/257), not stretched: the green channel comes back
+    assert np.abs(np.asarray(img.convert("L"), float) - np.asarray(photo, float)[..., 1]).max() <= 1
+    assert grey.mean() > 0
+
+
+def test_float_tiffs(photo):
+    original = hash_of(io.BytesIO(jpeg_bytes(photo)))
+    unit = np.asarray(photo, np.float32) / 255
+    single = saved(Image.fromarray(unit.mean(axis=2), mode="F"), "TIFF")  # Pillow reads mode F
+    assert Image.open(single).mode == "F"
+    single.seek(0)
+    ok, enc = cv2.imencode(".tiff", np.ascontiguousarray(unit[..., ::-1]))  # float RGB: OpenCV decodes it
+    assert ok
+    rgb = io.BytesIO(enc.tobytes())
+    img, size, fmt = load_image(rgb)
+    assert fmt == "TIFF" and size == photo.size
+    assert np.abs(np.asarray(img, float) - np.asarray(photo, float)).max() <= 1
+    for data in (single, rgb):
+        data.seek(0)
+        assert distance(hash_of(data), original) <= CLOSE
+
+
+def test_cmyk_jpeg(photo):
+    original = hash_of(io.BytesIO(jpeg_bytes(photo)))
+    data = io.BytesIO(jpeg_bytes(photo.convert("CMYK")))
+    assert Image.open(data).mode == "CMYK"
+    data.seek(0)
+    img, _, _ = load_image(data)
+    assert img.mode == "RGB" and np.abs(np.asarray(img, float) - np.asarray(photo, float)).mean() < 5
+    data.seek(0)
+    assert distance(hash_of(data), original) <= CLOSE
+
+
+def test_icc_tagged_jpeg_comes_back_as_srgb(photo_paths):
+    # the most colourful of 20 real photos: Adobe RGB and sRGB numbers differ most on saturated
+    # colours (neutral greys are the same in both)
+    photos = [Image.open(p).convert("RGB") for p in photo_paths[:20]]
+    chroma = [np.ptp(np.asarray(p, float), axis=2) for p in photos]
+    pick = int(np.argmax([c.mean() for c in chroma]))
+    photo, saturated = photos[pick], chroma[pick] >= np.percentile(chroma[pick], 90)
+    icc = adobe_rgb_profile()
+    wide = to_profile(photo, icc)
+    data = io.BytesIO(jpeg_bytes(wide, icc_profile=icc))
+    img, _, _ = load_image(data)
+    plain, _, _ = load_image(io.BytesIO(jpeg_bytes(photo)))  # the same JPEG noise, no profile
+
+    def error(x):  # mean level difference on the saturated tenth
+        return np.abs(np.asarray(x, float) - np.asarray(photo, float))[saturated].mean()
+
+    # the conversion matters (stored numbers ~8 levels off sRGB on saturated colours, measured)
+    # and undoes it: within one level of a plain sRGB JPEG's own noise (~2.5 measured)
+    assert error(wide) > 6
+    assert error(img) < error(plain) + 1.0
+    everywhere = [np.abs(np.asarray(x, float) - np.asarray(photo, float)).mean() for x in (img, plain)]
+    assert everywhere[0] < everywhere[1] + 0.5
+    # every tier decodes through to_rgb: the verify and confirm paths see the same sRGB pixels
+    data.seek(0)
+    again, _, _ = load_image(data, min_side=64)
+    assert again.mode == "RGB" and again.width < img.width / 2  # DCT-scaled, still converted:
+    mean = [np.asarray(x, float).reshape(-1, 3).mean(axis=0) for x in (again, img, wide)]
+    assert np.abs(mean[0] - mean[1]).max() < 1.5 < np.abs(mean[2] - mean[1]).max()
+
+
+def test_broken_profile_and_truncated_heic_are_clear(photo):
+    # a garbage ICC blob is ignored (pixels as stored), never a failure
+    img = photo.copy()
+    img.info["icc_profile"] = b"not a profile" * 20
+    assert np.array_equal(np.asarray(decode.to_rgb(img)), np.asarray(photo))
+    heic = saved(photo, "HEIF", quality=80).getvalue()
+    with pytest.raises(DecodeError, match="cannot|truncated"):
+        load_image(io.BytesIO(heic[: len(heic) // 2]))
+
+
+def test_one_photo_in_eight_formats_is_one_cluster(photo_paths, models_dir, tmp_path):
+    from pipeline.run import run
+    photo = Image.open(photo_paths[2]).convert("RGB")
+    data = tmp_path / "data"
+    data.mkdir()
+    photo.save(data / "p.jpg", quality=90)
+    photo.save(data / "p.png")
+    photo.save(data / "p.tif")
+    photo.save(data / "p.webp", quality=80)
+    photo.save(data / "p8.heic", "HEIF", quality=80)
+    (data / "p10.heic").write_bytes(heic_10bit(photo))
+    photo.save(data / "p.heif", "HEIF", quality=60, chroma=444)
+    if features.check("avif"):
+        photo.save(data / "p.avif", quality=60)
+    other = Image.open(photo_paths[3]).convert("RGB")  # a different photo stays out of the cluster
+    other.save(data / "other.heic", "HEIF", quality=80)
+    weights = models_dir / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+    cfg = load_config(None, [f"embed.weights={weights}"])
+    run(data, tmp_path / "out", cfg, scheduler="sync", quiet=True)
+    images = pd.read_parquet(tmp_path / "out" / "images.parquet").set_index("path")
+    assert images["error"].isna().all(), images["error"].dropna().to_dict()
+    same = images.drop(index="other.heic")
+    assert len(same) == (8 if features.check("avif") else 7)
+    assert same["cluster_id"].notna().all() and same["cluster_id"].nunique() == 1
+    assert pd.isna(images.loc["other.heic", "cluster_id"])
+    assert set(images["format"]) >= {"JPEG", "PNG", "TIFF", "WEBP", "HEIF"}
+
+
+def test_heic_decodes_in_a_dask_worker_process(photo, tmp_path):
+    # the opener is registered when pipeline.decode is imported, so a fresh worker process that
+    # unpickles a decode task can read HEIC without any set-up of its own
+    distributed = pytest.importorskip("distributed")
+    path = tmp_path / "p.heic"
+    photo.save(path, "HEIF", quality=80)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") \
+            as cluster, distributed.Client(cluster) as client:
+        size, fmt = client.submit(lambda p: load_image(p)[1:], str(path)).result()
+    assert size == photo.size and fmt == "HEIF"

@@ -1,0 +1,113 @@
+"""The pixel check (verify.pixel_check): flat graphics that keypoints cannot settle are decided by
+SSIM and colour histograms, on a generated set other than the one the thresholds were chosen on."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from bench.pixel_check import build_set, edit, graphic, _palette
+from pipeline import decide, verify
+from pipeline.config import load_config
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(None, ["verify.pixel_check=true"])
+
+
+@pytest.fixture(scope="module")
+def flat_set(tmp_path_factory, cfg):
+    """18 graphics (logos, UI screens, text on colour; seed 7, calibration used 0 and 1) with 4
+    edited copies each and 2 hard negatives, through the real verify tier and decide."""
+    folder = tmp_path_factory.mktemp("flat")
+    images, pairs = build_set(folder, 18, seed=7)
+    res = verify.run_verify(pairs[["idx_a", "idx_b", "transform"]], images, cfg, str(folder / "work"))
+    scored = pairs.join(res)
+    scored["kind"], scored["hash_distance"], scored["cosine"] = "near", 4, np.nan
+    return decide.decide(scored, cfg)
+
+
+def test_flat_graphics_are_decided_by_the_pixel_check(flat_set, cfg):
+    checked = decide.pixel_checked(flat_set)
+    assert checked.mean() > 0.9  # keypoints cannot settle these: nearly all are pixel-checked
+    assert not decide.needs_confirm(flat_set, cfg)[checked].any()
+    p = flat_set[checked]
+    true, dup = p["true"].to_numpy(), p["is_duplicate"].to_numpy()
+    false_pairs = int((dup & ~true).sum())
+    precision = (dup & true).sum() / max(1, dup.sum())
+    recall = (dup & true).sum() / true.sum()
+    # 36 negatives: precision >= 0.99 means none may pass; recall measured 0.94 on 1,200 pairs
+    assert false_pairs == 0 and precision >= 0.99, p.loc[dup & ~true, ["what", "ssim", "hist_corr"]]
+    assert recall >= 0.85, p.loc[true & ~dup, ["what", "ssim", "hist_corr"]]
+    assert (p["stage"] == "verify").all() and p["reason"].str.contains("pixel check").all()
+
+
+def test_without_the_pixel_check_keypoints_accept_shared_layouts(flat_set, cfg):
+    # why the check exists: ORB alone "matches" most negatives that share shapes or a layout
+    negatives = flat_set[~flat_set["true"]]
+    assert (negatives["orb_status"] == "match").mean() > 0.5
+
+
+def test_alignment_by_dihedral_transform_and_by_ransac_model(cfg):
+    rng = np.random.default_rng(11)
+    img = graphic("logo", _palette(rng), 5, "Harbor")
+    rotated = img.transpose(Image.Transpose.ROTATE_90)  # the screen finds transform 3 (b -> a)
+    cropped = img.crop((40, 20, 440, 300)).resize((480, 320))
+
+    def feats(im, t=0):
+        base = verify._bounded(im, cfg.verify)
+        f = verify.features(base, cfg.verify)
+        thumb, hist, flat = verify.pixel_features(base)
+        return dict(f, thumb=thumb, hist=hist, flat=flat, transform=t)
+
+    a = feats(img)
+    s_aligned, h = verify.pixel_check(a, feats(rotated), 3)
+    s_unaligned, _ = verify.pixel_check(a, feats(rotated), 0)
+    assert s_aligned > 0.9 > cfg.decide.pixel_ssim > s_unaligned and h > 0.99
+    b = feats(cropped)
+    (_, inliers, _, status, _), model = verify._verify_model(a, b, cfg.verify)
+    assert status == "match" and model is not None
+    assert verify.pixel_check(a, b, 0, model)[0] > cfg.decide.pixel_ssim > verify.pixel_check(a, b, 0, None)[0]
+
+
+def test_photos_are_not_flat_graphics_are(photo_paths):
+    photos = [Image.open(p).convert("RGB") for p in photo_paths[:40]]
+    flat = [verify.pixel_features(p)[2] for p in photos]
+    assert np.mean(np.asarray(flat) >= verify.FLAT_SHARE) <= 0.1  # measured ~1-2 % of 800 photos
+    rng = np.random.default_rng(3)
+    for kind in ("logo", "ui", "text"):
+        g = graphic(kind, _palette(rng), 9, "Summit")
+        assert verify.pixel_features(g)[2] >= verify.FLAT_SHARE
+        assert verify.pixel_features(edit(g, "jpeg"))[2] >= verify.FLAT_SHARE
+
+
+def test_end_to_end_pixel_columns(tmp_path, cfg):
+    from pipeline.run import run
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(5)
+    palette = _palette(rng)
+    logo = graphic("logo", palette, 21, "Cedar")
+    logo.save(data / "logo.png")
+    edit(logo, "jpeg").save(data / "logo-copy.jpg")
+    edit(logo, "watermark").save(data / "logo-marked.png")
+    graphic("logo", palette, 22, "Cedar").save(data / "other-logo.png")  # same colours, other shapes
+    run(data, tmp_path / "out", load_config(None, ["tiers=verify", "verify.pixel_check=true"]),
+        scheduler="sync", quiet=True)
+    images = pd.read_parquet(tmp_path / "out" / "images.parquet").set_index("path")
+    pairs = pd.read_parquet(tmp_path / "out" / "pairs.parquet")
+    assert pairs["ssim"].dtype == np.float32 and pairs["hist_corr"].dtype == np.float32
+    assert pairs["ssim"].notna().any()
+    same = images.loc[["logo.png", "logo-copy.jpg", "logo-marked.png"], "cluster_id"]
+    assert same.notna().all() and same.nunique() == 1
+    assert pd.isna(images.loc["other-logo.png", "cluster_id"])
+
+
+def test_calibration_script_writes_its_section(tmp_path, capsys):
+    from bench import pixel_check
+    out = tmp_path / "benchmarks.md"
+    assert pixel_check.main(["--graphics", "3", "--no-embeddings", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "<!-- section:pixel-check -->" in text and "precision" in text and "Held-out set" in text
