@@ -38,6 +38,9 @@ class ScreenConfig:
     hash: Literal["ahash", "phash", "dhash", "whash"] = "ahash"
     hash_size: int = 8  # bits = hash_size**2 (8 -> 64-bit hash)
     max_pixels: int = 200_000_000  # decompression-bomb guard: larger images are errors
+    # memory guard per image: an image whose decoded pixels (at the smallest scale its format can
+    # decode: JPEG 1/8, HEIC thumbnails; PNG/TIFF full size) would take more bytes is an error
+    max_decode_bytes: int = 512 * 2**20
     decode_size: int = 256  # JPEG draft decodes to the smallest scale >= this (pixels, short side)
     dihedral: bool = True  # also hash flips/90-degree rotations so mirrored/rotated copies meet
     dihedral_max_distance: int = 4  # flipped/rotated hashes match only this close (true copies: 0-2)
@@ -263,6 +266,7 @@ def _validate(cfg: Config) -> None:
         (s.embedding_nprobe >= 1, "screen.embedding_nprobe must be >= 1"),
         (s.decode_size >= 32, "screen.decode_size must be >= 32"),
         (s.max_pixels > 0, "screen.max_pixels must be > 0"),
+        (s.max_decode_bytes >= 2**20, "screen.max_decode_bytes must be >= 1048576 (1 MiB)"),
         (cfg.verify.max_side >= 64, "verify.max_side must be >= 64"),
         (cfg.verify.n_features >= 10, "verify.n_features must be >= 10"),
         (0 < cfg.verify.ratio < 1, "verify.ratio must be in (0, 1)"),

@@ -112,7 +112,8 @@ def to_input(img: Image.Image, size: int, mode: str = "squash") -> np.ndarray:
 def load_input(path: str, transform: int, cfg: Config) -> np.ndarray:
     """Decode (draft scale >= input_size), apply the dihedral transform, resize. Raises DecodeError."""
     e = cfg.embed
-    img, _, _ = decode.load_image(path, min_side=e.input_size, max_pixels=cfg.screen.max_pixels)
+    img, _, _ = decode.load_image(path, min_side=e.input_size, max_pixels=cfg.screen.max_pixels,
+                                  max_decode_bytes=cfg.screen.max_decode_bytes)
     if e.trim_borders:
         img = trim_borders(img, cfg)
     img = decode.dihedral(img, int(transform))

@@ -196,8 +196,32 @@ def open_checked(path: str | Path, max_pixels: int) -> Image.Image:
     return img
 
 
+# Memory: what one decoded image may cost (screen.max_decode_bytes), and above which size an image
+# whose format has no reduced-scale decode is shrunk right after decoding, before any conversion
+# copies it (every later step then works on the small copy).
+DEFAULT_MAX_DECODE_BYTES = 512 * 2**20
+_REDUCIBLE = {"L", "LA", "RGB", "RGBA", "RGBX", "RGBa", "I", "F", "I;16", "CMYK"}
+REDUCE_ABOVE_PIXELS = 24_000_000
+
+
+def decoded_bytes(img: Image.Image) -> int:
+    """Bytes Pillow holds for `img` decoded at its current (draft) size: 8-bit single-band modes
+    take 1 byte a pixel, 16-bit ones 2, every other mode 4 (RGB is stored padded to 4)."""
+    mode = img.mode
+    per_pixel = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    return img.size[0] * img.size[1] * per_pixel
+
+
+def _check_budget(img: Image.Image, max_decode_bytes: int) -> None:
+    need = decoded_bytes(img)
+    if need > max_decode_bytes:
+        raise DecodeError(f"image too large to decode: {img.size[0]}x{img.size[1]} {img.mode} needs "
+                          f"{need / 2**20:.0f} MiB even at the smallest scale its format allows, above "
+                          f"screen.max_decode_bytes={max_decode_bytes}")
+
+
 def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 200_000_000,
-               ) -> tuple[Image.Image, tuple[int, int], str]:
+               max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> tuple[Image.Image, tuple[int, int], str]:
     """Decode `path` -> (RGB image, (width, height) of the full image after EXIF rotation, format).
 
     With `min_side`, JPEGs are decoded in draft mode at the smallest DCT scale whose short side is
@@ -210,6 +234,9 @@ def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Possibly corrupt EXIF data": not fatal
+            drafts = bool(min_side) and fmt in ("JPEG", "HEIF")  # can decode at a reduced scale
+            if not drafts:  # refuse by header, before getexif (a PNG's EXIF may follow its pixels:
+                _check_budget(img, max_decode_bytes)  # reading it decodes the whole image)
             orientation = 1
             try:
                 orientation = int(img.getexif().get(0x0112, 1) or 1)
@@ -227,7 +254,14 @@ def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 
                 # orientation and colour profile as the image), or keeps the full image
                 short = min(w, h)
                 img.draft(img.mode, (-(-w * min_side // short), -(-h * min_side // short)))
+            if drafts:
+                _check_budget(img, max_decode_bytes)  # at the draft scale chosen above
             img.load()
+            if min_side and img.size[0] * img.size[1] > REDUCE_ABOVE_PIXELS:
+                factor = min(img.size) // min_side
+                if factor >= 2:  # box-reduce now: conversions below then copy the small image
+                    small = (max(1, img.size[0] // factor), max(1, img.size[1] // factor))
+                    img = img.reduce(factor) if img.mode in _REDUCIBLE else img.resize(small, Image.Resampling.NEAREST)
             if orientation != 1:
                 img = ImageOps.exif_transpose(img)
             img = to_rgb(img)

@@ -118,7 +118,8 @@ def draw_pair(abs_a: str, abs_b: str, cfg: Config, dest: Path, height: int = DRA
         ev = verify.pair_evidence(abs_a, abs_b, cfg)
         shown = []
         for path in (abs_a, abs_b):
-            img, _, _ = load_image(path, min_side=height, max_pixels=cfg.screen.max_pixels)
+            img, _, _ = load_image(path, min_side=height, max_pixels=cfg.screen.max_pixels,
+                                  max_decode_bytes=cfg.screen.max_decode_bytes)
             w = max(1, round(img.width * height / img.height))
             shown.append(img.resize((w, height), Image.Resampling.BILINEAR))
     except Exception:  # (DecodeError, cv2.error on a 1-pixel sliver, ...): no drawing, never a failed run

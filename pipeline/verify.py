@@ -327,7 +327,8 @@ def _draft_min_side(path: str, cfg: Config) -> int:
 
 def _load_bounded(path: str, cfg: Config) -> Image.Image:
     """The picture ORB sees: decoded at the smallest draft scale that keeps max_side, bounded."""
-    img, _, _ = load_image(path, min_side=_draft_min_side(path, cfg), max_pixels=cfg.screen.max_pixels)
+    img, _, _ = load_image(path, min_side=_draft_min_side(path, cfg), max_pixels=cfg.screen.max_pixels,
+                          max_decode_bytes=cfg.screen.max_decode_bytes)
     return _bounded(img, cfg.verify)
 
 

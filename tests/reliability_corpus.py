@@ -71,15 +71,15 @@ def _png_header_only(width: int, height: int) -> bytes:
         chunk(b"IEND", b"")
 
 
-def _png_bomb(width: int, height: int) -> bytes:
-    """A real, complete PNG of width x height black pixels (grey), compressed to a few KB."""
-    row = b"\x00" + b"\x00" * width
+def _png_bomb(width: int, height: int, rgb: bool = False) -> bytes:
+    """A real, complete PNG of width x height black pixels (grey or RGB), compressed to a few KB."""
+    row = b"\x00" + b"\x00" * width * (3 if rgb else 1)
     comp = zlib.compressobj(9)
     data = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
 
     def chunk(tag: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2 if rgb else 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
@@ -310,6 +310,10 @@ KINDS: list[Kind] = [
     Kind("PNG claiming 100000x100000", "bombs", _file("bombs/huge_header.png", lambda: _png_header_only(100000, 100000), "error")),
     Kind("JPEG claiming 65000x65000", "bombs", _file("bombs/huge.jpg", lambda: _jpeg_claiming(65000, 65000), "error")),
     Kind("GIF with a 65535x65535 screen", "bombs", _file("bombs/screen.gif", lambda: b"GIF89a\xff\xff\xff\xff\x00\x00\x00" + b"," + b"\x00" * 4 + b"\x01\x00\x01\x00\x00\x02\x02D\x01\x00;", "error")),
+    Kind("PNG bomb 14000x14000 grey (196 MP, under the pixel limit)", "bombs",
+         _file("bombs/bomb196.png", lambda: _png_bomb(14000, 14000), "ok")),
+    Kind("PNG bomb 12000x12000 RGB (576 MB to decode)", "bombs",
+         _file("bombs/bomb_rgb.png", lambda: _png_bomb(12000, 12000, rgb=True), "error")),
     Kind("PNG bomb 20000x12000 (240 MP)", "bombs", _file("bombs/bomb240.png", lambda: _png_bomb(20000, 12000), "error")),
     # sizes
     Kind("file above scan.max_file_bytes", "sizes", _file("sizes/big.png", lambda: _png_bytes(Image.fromarray(

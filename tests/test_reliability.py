@@ -299,3 +299,34 @@ def test_a_file_rewritten_between_screen_and_verify_is_marked_not_mixed(photo_pa
     others = pairs[~pairs.index.isin(touched.index)]
     assert others["is_duplicate"].sum() == 2  # the two untouched originals still pair with their copies
     assert json.loads((out / "run.json").read_text())["counts"]["changed_during_run"] == 1
+
+
+PEAK_PROBE = r"""
+import os, sys
+from pipeline.config import ScreenConfig
+from pipeline.scan import FileEntry
+from pipeline.screen import screen_file
+path = sys.argv[1]
+row = screen_file(FileEntry("x.png", path, os.path.getsize(path), os.stat(path).st_mtime), ScreenConfig())
+print(row["error"] or "ok")
+# VmHWM: this process's own peak (ru_maxrss would carry the forking parent's peak over exec)
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) // 1024)
+"""
+
+
+def test_bombs_decode_within_the_memory_budget_or_are_refused_by_header(tmp_path):
+    """Stated budget: screening one accepted image peaks below 1 GiB of process memory (the grey
+    196-megapixel bomb decodes, then is reduced before any conversion); an image that would need
+    more than screen.max_decode_bytes to decode is refused from its header."""
+    from tests.reliability_corpus import _png_bomb
+    grey, rgb = tmp_path / "grey.png", tmp_path / "rgb.png"
+    grey.write_bytes(_png_bomb(14000, 14000))
+    rgb.write_bytes(_png_bomb(12000, 12000, rgb=True))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    results = {}
+    for name, path in (("grey", grey), ("rgb", rgb)):
+        out = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(path)], capture_output=True, text=True,
+                             env=env, cwd=REPO, timeout=300, check=True).stdout.split("\n")
+        results[name] = (out[0], int(out[1]))
+    assert results["grey"][0] == "ok" and results["grey"][1] < 1024, results
+    assert "too large to decode" in results["rgb"][0] and results["rgb"][1] < 512, results
