@@ -73,8 +73,8 @@ def main() -> None:
             table(["what", "count"], [[f"bad-input file kinds: {g}", n] for g, n in sorted(groups.items())]
                   + [["bad configurations", len(BAD_CONFIGS)], ["bad environments", n_env],
                      ["all input kinds", len(KINDS) + len(BAD_CONFIGS) + n_env], ["faults", len(faults)]]),
-            "\nFaults: " + "; ".join(faults) + " (the last three in tests/test_operator.py and "
-            "tests/test_reliability.py).\n",
+            "\nFaults: " + "; ".join(faults) + " (SIGTERM, disk full and two runs in tests/test_operator.py, "
+            "the rest in tests/test_reliability.py).\n",
             "Peak memory of one process screening one file (VmHWM of a fresh process each; the baseline is "
             "the interpreter with the pipeline's imports):\n",
             table(["file", "bytes", "result", "peak MB (VmHWM)"],
