@@ -41,7 +41,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from pipeline.config import Config, ConfigError, ReportConfig, config_from_dict
-from pipeline.decode import DecodeError, load_image
+from pipeline.decode import load_image
 from pipeline.results import RULE_CODES, derive_rule, keeper_ids, normalize_images
 
 log = logging.getLogger("pipeline")

@@ -12,12 +12,11 @@ import logging
 import os
 import platform
 import shutil
-import sys
 import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd

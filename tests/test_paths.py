@@ -8,7 +8,6 @@ import os
 import shutil
 
 import pandas as pd
-import pytest
 from PIL import Image
 
 from pipeline import paths
