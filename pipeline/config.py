@@ -136,6 +136,9 @@ class DaskConfig:
 class Config:
     tiers: Literal["screen", "verify", "confirm"] = "confirm"  # last tier to run
     work_dir: str = ""  # features store; "" = OUT/_work (removed after a successful run)
+    # The persistent catalog that makes re-runs incremental (pipeline/catalog.py): "" = OUT/catalog,
+    # "none" = no catalog (every run starts from nothing), else a folder.
+    catalog: str = ""
     scan: ScanConfig = field(default_factory=ScanConfig)
     screen: ScreenConfig = field(default_factory=ScreenConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)

@@ -47,6 +47,7 @@ class FileEntry:
     bytes: int
     mtime: float
     error: str | None = None  # set when the file is listed but cannot be an image
+    mtime_ns: int = 0  # modification time in integer nanoseconds (what the catalog compares)
 
 
 def sniff(head: bytes) -> str | None:
@@ -119,7 +120,7 @@ def iter_files(root: str | Path, cfg: ScanConfig) -> Iterator[FileEntry]:
             elif stat.S_ISREG(st.st_mode):
                 keep, error = _classify(entry.path, st.st_size, cfg)
                 if keep:
-                    yield FileEntry(rel, os.path.abspath(entry.path), st.st_size, st.st_mtime, error)
+                    yield FileEntry(rel, os.path.abspath(entry.path), st.st_size, st.st_mtime, error, st.st_mtime_ns)
         stack.extend(reversed(subdirs))
 
 
