@@ -94,6 +94,13 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
     run.add_argument("--scheduler", default=None,
                      help="'local' (default), 'sync' (in-process, for debugging) or a Dask scheduler "
                           "address such as tcp://127.0.0.1:8786 (DASK_SCHEDULER_ADDRESS works too)")
+    run.add_argument("--catalog", default=None, metavar="DIR",
+                     help="catalog folder kept between runs (default: OUT/catalog; same as --set catalog=DIR)")
+    run.add_argument("--no-catalog", action="store_true",
+                     help="run from scratch without a catalog (same as --set catalog=none)")
+    run.add_argument("--rehash", action="store_true",
+                     help="read every file and compare its sha256 with the catalog, instead of trusting "
+                          "an unchanged size and modification time")
     run.add_argument("--quiet", action="store_true", help="no progress bars or heartbeat lines")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -121,11 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("pipeline")
     previous = signal.signal(signal.SIGTERM, _stop)  # Airflow, systemd, kill: stop cleanly, exit 1
     try:
+        if args.catalog is not None and args.no_catalog:
+            raise ConfigError("--catalog and --no-catalog contradict each other: pass one of them")
         overrides = list(args.overrides) + ([f"tiers={args.tiers}"] if args.tiers else [])
+        overrides += [f"catalog={args.catalog}"] if args.catalog is not None else []
+        overrides += ["catalog=none"] if args.no_catalog else []
         cfg = load_config(args.config, overrides, preset=args.preset)
         from pipeline.run import run  # heavy imports only after the config is known to be good
         started = time.perf_counter()
-        manifest = run(args.data, args.out, cfg, scheduler=args.scheduler, quiet=args.quiet)
+        manifest = run(args.data, args.out, cfg, scheduler=args.scheduler, quiet=args.quiet, rehash=args.rehash)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import outdir
+from pipeline import catalog, outdir
 from pipeline.cli import main
 from pipeline.config import Config, ConfigError, load_config, preset_names
 from pipeline.progress import Progress, map_tasks
@@ -25,9 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _tree(folder: Path) -> dict[str, str]:
-    """sha256 of every file (the run lock's holder record aside: it names the latest run)."""
+    """sha256 of every file (the run locks' holder records aside: they name the latest run)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != outdir.LOCK_NAME}
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (outdir.LOCK_NAME, catalog.LOCK_NAME)}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,8 @@ def test_next_run_removes_what_killed_runs_left(tmp_path):
     (out / "_work-99999" / "orb" / "part-000000.parquet").write_bytes(b"x")
     (out / ".pairs.parquet.0123abcd.tmp").write_bytes(b"half a file")
     assert main(["dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync", "--quiet"]) == 0
-    assert sorted(os.listdir(out)) == [".dedupe.lock", "images.parquet", "pairs.parquet", "report.html", "run.json"]
+    assert sorted(os.listdir(out)) == [".dedupe.lock", "catalog", "images.parquet", "pairs.parquet", "report.html",
+                                       "run.json"]
 
 
 def test_a_second_run_into_the_same_out_exits_2_naming_the_holder(tmp_path, capsys):
