@@ -149,6 +149,7 @@ class Catalog:
     features: pd.DataFrame = field(default_factory=lambda: _empty(FEATURE_COLUMNS))
     problems: list[str] = field(default_factory=list)
     _checked: dict[str, bool] = field(default_factory=dict)
+    bad_files: set[str] = field(default_factory=set)  # failed their check: never listed again
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -203,6 +204,8 @@ class Catalog:
         else:
             ok = True
         self._checked[rel] = ok
+        if not ok:
+            self.bad_files.add(rel)
         return ok
 
     @property
@@ -505,7 +508,7 @@ def features_table(cat: Catalog, present_sha: set, new_rows: list[pd.DataFrame],
     """Old feature rows of contents still present (of the kinds that ran this time: only the
     current settings' rows), plus the new rows."""
     old = cat.features
-    old = old[old["sha256"].isin(present_sha)]
+    old = old[old["sha256"].isin(present_sha) & ~old["part"].isin(cat.bad_files)]
     for kind, fp in ran.items():
         old = old[(old["kind"] != kind) | (old["fp"] == fp)]
     frames = [f for f in [old, *new_rows] if len(f)]

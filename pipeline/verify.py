@@ -550,7 +550,8 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
         keys = keys[~keys["key"].isin(known.index)]
 
     # feature tasks: partition_size images each (all transforms of an image in the same task)
-    order = _locality_order(idx_a, idx_b, pd.unique(keys["idx"].to_numpy()))
+    order = _locality_order(idx_a, idx_b, pd.unique(np.concatenate([idx_a, idx_b])))
+    order = order[np.isin(order, keys["idx"].to_numpy())]  # (precomputed ones aside)
     rank = pd.Series(np.arange(len(order)), index=order)
     keys["chunk"] = rank.loc[keys["idx"]].to_numpy() // cfg.dask.partition_size
     keys = keys.sort_values(["chunk", "idx", "transform"], kind="stable")
