@@ -43,7 +43,7 @@ TRIMMED = 8
 N_VARIANTS = 9
 
 __all__ = ["exact_pairs", "exact_representatives", "near_pairs", "near_pairs_partition",
-           "directed_neighbours", "pairs_from_neighbours", "gained_neighbours", "incremental_neighbours",
+           "directed_neighbours", "pairs_from_neighbours", "reach_pairs", "gained_neighbours", "incremental_neighbours",
            "build_index", "query_variants", "embedding_pairs", "build_embedding_index",
            "iter_embeddings", "pair_hash_distance", "union_pairs"]
 
@@ -361,36 +361,51 @@ def pairs_from_neighbours(directed: pd.DataFrame, codes: np.ndarray, variant_mas
                          "hash_distance": dist, "transform": trans})
 
 
-def gained_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
-                      added: np.ndarray, owners: np.ndarray,
-                      representatives: np.ndarray | None = None) -> np.ndarray:
-    """bool (N,): images of `owners` that have an image of `added` within reach in their OWN
-    direction (one of their query variants against the added image's index entries, at the limit
-    of that variant), i.e. whose K-nearest list may change because of the added images.
+def reach_pairs(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
+                added: np.ndarray, owners: np.ndarray,
+                representatives: np.ndarray | None = None) -> pd.DataFrame:
+    """Pairs (owner, added image) where the added image is within reach of the owner in the
+    OWNER's direction (one of its query variants against the added image's index entries, at the
+    limit of that variant): rows `owner`, `added`, `hash_distance` (the owner-side distance).
 
     The roles are swapped so only the added images query: an index over the owners' query
     variants (plain and trimmed rows within `max_distance`, dihedral rows within
     `dihedral_max_distance`) is searched with the added images' index entries, uncapped."""
     codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
     N = codes.shape[0]
-    out = np.zeros(N, bool)
+    empty = pd.DataFrame({"owner": np.zeros(0, np.int64), "added": np.zeros(0, np.int64),
+                          "hash_distance": np.zeros(0, np.int16)})
     added = np.asarray(added, bool) & idx_use.any(axis=1)
     owners = np.asarray(owners, bool) & ~added
     if not added.any() or not owners.any():
-        return out
+        return empty
     q_img, q_var = np.nonzero(idx_use & added[:, None])
     queries = codes[q_img, q_var]
     ouse = use & owners[:, None]
     dihedral_var = np.zeros(use.shape[1], bool)
     dihedral_var[1:min(8, use.shape[1])] = True
+    found = [empty]
     for rows, limit in ((ouse & ~dihedral_var[None, :], cfg.max_distance),
                         (ouse & dihedral_var[None, :], min(cfg.dihedral_max_distance, cfg.max_distance))):
         e_img, e_var = np.nonzero(rows)
         if e_img.size == 0:
             continue
         index = make_index(codes[e_img, e_var], e_img.astype(np.int64), cfg.backend, max_distance=limit)
-        _, hit, _, _ = index.search(queries, q_img.astype(np.int64), limit, max(N, 1))
-        out[hit] = True
+        a, hit, d, _ = index.search(queries, q_img.astype(np.int64), limit, max(N, 1))
+        found.append(pd.DataFrame({"owner": hit.astype(np.int64), "added": a.astype(np.int64),
+                                   "hash_distance": d.astype(np.int16)}))
+    out = pd.concat(found, ignore_index=True)
+    return (out.sort_values(["owner", "added", "hash_distance"], kind="stable")
+            .drop_duplicates(["owner", "added"], keep="first").reset_index(drop=True))
+
+
+def gained_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
+                      added: np.ndarray, owners: np.ndarray,
+                      representatives: np.ndarray | None = None) -> np.ndarray:
+    """bool (N,): images of `owners` that have an image of `added` within reach in their own
+    direction (`reach_pairs`), i.e. whose K-nearest list may change because of the added images."""
+    out = np.zeros(np.asarray(codes).shape[0], bool)
+    out[reach_pairs(codes, variant_mask, cfg, added, owners, representatives)["owner"].to_numpy()] = True
     return out
 
 

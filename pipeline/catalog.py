@@ -241,7 +241,7 @@ class Catalog:
     # -- writing (the caller holds the lock) --------------------------------------------------
 
     def commit(self, *, root: str, run_id: str, fps: dict, images: pd.DataFrame, neighbours: pd.DataFrame | None,
-               evidence: pd.DataFrame, features: pd.DataFrame) -> dict:
+               evidence: pd.DataFrame, features: pd.DataFrame, config: dict | None = None) -> dict:
         """Write the new tables, then switch the manifest atomically; remove files no manifest of
         this or the previous generation names. Returns the new manifest."""
         previous = self.manifest
@@ -265,7 +265,8 @@ class Catalog:
             parts[rel] = old_parts.get(rel) or _entry(self.directory, rel)
         manifest = {"format": FORMAT, "generation": generation, "run_id": run_id, "root": root,
                     "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "fingerprints": fingerprints_, "tables": tables, "parts": parts,
+                    "fingerprints": fingerprints_, "config": config or previous.get("config"),
+                    "tables": tables, "parts": parts,
                     "counts": {"images": int(len(images)), "pairs_with_evidence": int(len(evidence)),
                                "features": int(len(features))}}
         tmp = self.directory / f".{MANIFEST}.{uuid.uuid4().hex}.tmp"

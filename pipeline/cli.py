@@ -45,6 +45,21 @@ exit codes:
 """
 
 
+QUERY_EPILOG = """\
+examples:
+  {prog} query new.jpg --catalog out/catalog                 a table on the terminal
+  {prog} query a.jpg b.png --catalog out/catalog --output hits.csv
+  {prog} query photos/new.jpg --catalog out/catalog --add    also record it in the catalog
+
+output columns: query, path (catalog image, relative to its folder), image_id, hash_distance,
+  orb_matches, orb_inliers, orb_score, cosine, stage, is_duplicate, reason, rule (as in
+  pairs.parquet), query_error (why a query image could not be used)
+
+exit codes: 0 done; 2 usage error (no catalog, missing image, bad --output extension, catalog in
+  use with --add); 1 failure
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse exits 2 on usage errors already; keep its message
         self.print_usage(sys.stderr)
@@ -104,6 +119,24 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars or heartbeat lines")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
+    query = sub.add_parser("query", help="which catalog images does each image duplicate?",
+                           description="Compare images with a catalog built by `dedupe` (OUT/catalog by "
+                                       "default): the same tiers and decision rule as the batch job.",
+                           epilog=QUERY_EPILOG.format(prog=prog),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    query.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s) to look up")
+    query.add_argument("--catalog", required=True, metavar="DIR", help="the catalog folder (e.g. OUT/catalog)")
+    query.add_argument("--output", default=None, metavar="FILE",
+                       help="write the rows to FILE (.parquet, .csv or .json) instead of a table on the terminal")
+    query.add_argument("--add", action="store_true",
+                       help="also add the images (which must lie inside the catalog's folder) to the catalog")
+    query.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting of the catalog's config (not screen.*), e.g. "
+                            "--set decide.cosine_threshold=0.8")
+    query.add_argument("--scheduler", default="sync",
+                       help="'sync' (default: in-process, quickest for a few images), 'local' or an address")
+    query.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
     weights = sub.add_parser("weights", help="seed the Keras weights cache from a local folder")
     weights.add_argument("--from", dest="from_dir", required=True, help="folder holding the .h5 weight files")
     return parser
@@ -123,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # TensorFlow's C++ start-up chatter (oneDNN notices) is noise in a batch log; workers inherit this
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.command == "query":
+        return _query_command(args)
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("pipeline")
@@ -155,3 +190,40 @@ def main(argv: list[str] | None = None) -> int:
              time.perf_counter() - started, c["files"], c["errors"], c["duplicate_pairs"], c["clusters"],
              args.out)
     return EXIT_OK
+
+
+def _query_command(args) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("pipeline")
+    try:
+        if args.output and os.path.splitext(args.output)[1].lower() not in (".parquet", ".csv", ".json"):
+            raise ConfigError(f"--output {args.output!r}: the extension must be .parquet, .csv or .json")
+        from pipeline import query
+        from pipeline.run import dask_client
+        cfg_probe = None
+        if args.scheduler != "sync":
+            from pipeline.config import Config
+            cfg_probe = Config()
+        with dask_client(cfg_probe or _SyncConfig(), args.scheduler) as client:
+            result = query.query(args.images, args.catalog, overrides=args.overrides, add=args.add, client=client)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    except Exception:
+        log.exception("the query failed")
+        return EXIT_FAILED
+    if args.output:
+        query.write_result(result, args.output)
+    else:
+        print(query.format_table(result))
+    return EXIT_OK
+
+
+class _SyncConfig:
+    """The in-process scheduler needs no settings."""
+
+    class dask:
+        scheduler = "sync"

@@ -282,6 +282,25 @@ def _read_yaml(p: Path) -> dict:
     return data
 
 
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    """A Config from a stored `to_dict()` (e.g. the settings a catalog was built with), then
+    `key=value` overrides, then validation."""
+    cfg = Config()
+    _apply(cfg, data or {})
+    _apply_overrides(cfg, overrides)
+    _validate(cfg)
+    return cfg
+
+
+def _apply_overrides(cfg: Config, overrides: list[str] | None) -> None:
+    for item in overrides or []:
+        key, value = parse_override(item)
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _apply(cfg, nested)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 preset: str | None = None) -> Config:
     """Defaults, then the preset (if named), then the YAML file (if given), then each `key=value`
@@ -291,11 +310,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply(cfg, _read_yaml(preset_path(preset)))
     if path:
         _apply(cfg, _read_yaml(Path(path)))
-    for item in overrides or []:
-        key, value = parse_override(item)
-        nested: Any = value
-        for part in reversed(key.split(".")):
-            nested = {part: nested}
-        _apply(cfg, nested)
+    _apply_overrides(cfg, overrides)
     _validate(cfg)
     return cfg

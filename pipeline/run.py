@@ -508,7 +508,7 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
         committed = cat.commit(root=str(root.resolve()), run_id=run_id, fps=fps,
                                images=catalog.images_table(images, fps),
                                neighbours=catalog.neighbours_table(search_info["neighbours"], images),
-                               evidence=evidence, features=features)
+                               evidence=evidence, features=features, config=cfg.to_dict())
         reuse["problems"] = list(cat.problems)
         reuse["catalog_generation"] = committed["generation"]
         manifest["timings_s"]["catalog"] = round(time.perf_counter() - t, 3)

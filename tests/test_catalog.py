@@ -236,3 +236,101 @@ def test_kill_9_mid_run_leaves_a_usable_catalog(grown, tmp_path):
     assert result["reuse"]["problems"] == []
     assert result["reuse"]["verify"]["pairs_verified"] == 0  # the last good catalog was used
     assert_same_outputs(out, grown["scratch"])
+
+
+# ---------------------------------------------------------------------------------------------
+# dedupe query
+
+
+def _batch_rows(out: Path, path: str) -> pd.DataFrame:
+    """The batch job's pairs of `path`, as (other path, evidence, verdict) rows."""
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    mine = pairs[(pairs["path_a"] == path) | (pairs["path_b"] == path)]
+    other = mine["path_a"].where(mine["path_b"] == path, mine["path_b"])
+    return mine.assign(path=other.to_numpy())
+
+
+COMPARED = ["path", "hash_distance", "orb_matches", "orb_inliers", "orb_score", "cosine", "is_duplicate", "rule"]
+
+
+def _same_rows(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    got = got[COMPARED].sort_values("path").reset_index(drop=True)
+    want = want[COMPARED].sort_values("path").reset_index(drop=True)
+    for frame in (got, want):
+        frame["rule"] = frame["rule"].astype(str)
+        frame["hash_distance"] = frame["hash_distance"].astype("int64")
+    pd.testing.assert_frame_equal(got, want, check_exact=False, atol=FLOAT_ATOL, rtol=0, check_dtype=False)
+
+
+def test_query_of_a_catalog_image_gives_the_batch_pairs(grown):
+    from pipeline.query import query
+    cat_dir = grown["out"] / "catalog"
+    manifest = (cat_dir / catalog.MANIFEST).read_bytes()
+    for rel in ("b/g0001_half.jpg", "a/g0001_original.jpg", "moved/renamed.jpg"):
+        got = query([grown["data"] / rel], cat_dir)
+        want = _batch_rows(grown["out"], rel)
+        assert (got["query"] == str(grown["data"] / rel)).all()
+        _same_rows(got, want)
+    assert (cat_dir / catalog.MANIFEST).read_bytes() == manifest  # nothing added without add=True
+
+
+def test_query_of_a_new_image_equals_adding_it_to_the_folder(grown, tmp_path):
+    from pipeline.query import query
+    new = tmp_path / "new.jpg"
+    with Image.open(grown["data"] / "a" / "g0002_original.jpg") as im:
+        im.convert("RGB").resize((im.width * 2 // 3, im.height * 2 // 3)).save(new, quality=80)
+    got = query([new], grown["out"] / "catalog")
+    assert got["is_duplicate"].any() and "a/g0002_original.jpg" in set(got.loc[got["is_duplicate"], "path"])
+    # the batch job on the folder with this image added (its path sorts last, as the query's side does)
+    data = tmp_path / "data"
+    shutil.copytree(grown["data"], data)
+    (data / "zz").mkdir()
+    shutil.copyfile(new, data / "zz" / "new.jpg")
+    out = tmp_path / "out"
+    run(data, out, "--no-catalog")
+    _same_rows(got, _batch_rows(out, "zz/new.jpg"))
+
+
+def test_query_cli_outputs_and_errors(grown, tmp_path, capsys):
+    cat_dir = str(grown["out"] / "catalog")
+    image = str(grown["data"] / "b" / "g0001_half.jpg")
+    for ext in ("parquet", "csv", "json"):
+        target = tmp_path / f"hits.{ext}"
+        assert main(["query", image, "--catalog", cat_dir, "--output", str(target)]) == 0
+        frame = {"parquet": pd.read_parquet, "csv": pd.read_csv, "json": pd.read_json}[ext](target)
+        assert len(frame) and frame["is_duplicate"].any() and "rule" in frame
+    copy = tmp_path / "copy.jpg"  # a byte copy of a catalog image, outside the folder
+    shutil.copyfile(grown["data"] / "a" / "g0001_original.jpg", copy)
+    assert main(["query", image, str(copy), "--catalog", cat_dir]) == 0
+    table = capsys.readouterr().out
+    assert "a/g0001_original.jpg" in table and "exact_bytes" in table
+    assert main(["query", image, "--catalog", cat_dir, "--output", str(tmp_path / "x.txt")]) == 2
+    assert "extension" in capsys.readouterr().err
+    assert main(["query", image, "--catalog", str(tmp_path / "nothing")]) == 2
+    assert "no catalog" in capsys.readouterr().err
+    assert main(["query", str(tmp_path / "missing.jpg"), "--catalog", cat_dir]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["query", image, "--catalog", cat_dir, "--set", "screen.hash=phash"]) == 2
+    assert "screen settings" in capsys.readouterr().err
+
+
+def test_query_add_records_the_image_for_the_next_run(grown, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(grown["data"], data)
+    out = tmp_path / "out"
+    run(data, out)  # a catalog of this copy of the folder
+    with Image.open(data / "a" / "g0002_original.jpg") as im:
+        im.convert("RGB").rotate(90, expand=True).save(data / "b" / "added.jpg", quality=88)
+    outside = tmp_path / "elsewhere.jpg"
+    shutil.copyfile(data / "b" / "added.jpg", outside)
+    assert main(["query", str(outside), "--catalog", str(out / "catalog"), "--add"]) == 2  # not in the folder
+    assert main(["query", str(data / "b" / "added.jpg"), "--catalog", str(out / "catalog"), "--add"]) == 0
+    cat = catalog.Catalog.load(out / "catalog")
+    assert "b/added.jpg" in set(cat.images["path"])
+    manifest = run(data, out)
+    reuse = manifest["reuse"]
+    assert reuse["screen"]["screened"] == 0  # the added image was already known
+    assert reuse["candidates"]["added"] == 0
+    fresh = tmp_path / "fresh"
+    run(data, fresh, "--no-catalog")
+    assert_same_outputs(out, fresh)
