@@ -235,6 +235,29 @@ class Catalog:
                            dtype=object)
         return series, counts
 
+    def orphan_parts(self, kind: str, fp: str, sha_of_cid: pd.Series) -> pd.DataFrame:
+        """Feature parts a killed run finished (complete files: the store writes each part to a
+        temporary name and renames it) but never listed: key, part_path, error of the rows whose
+        content is still present, to be adopted instead of recomputed."""
+        base = self.directory / "features" / kind / fp
+        listed = set(self.manifest.get("parts", {}))
+        frames = []
+        for path in sorted(base.rglob("part-*.parquet")) if base.exists() else []:
+            if str(path.relative_to(self.directory)) in listed:
+                continue
+            try:
+                table = pq.read_table(path, columns=["key", "error"]).to_pandas()
+            except Exception:  # not a whole Parquet file: garbage, removed at the next commit
+                continue
+            table["part_path"] = str(path)
+            frames.append(table)
+        if not frames:
+            return pd.DataFrame({"key": np.zeros(0, np.int64), "part_path": pd.Series(dtype=object),
+                                 "error": pd.Series(dtype=object)})
+        found = pd.concat(frames, ignore_index=True)
+        found = found[pd.Index(found["key"] // 8).isin(sha_of_cid.index)]
+        return found.drop_duplicates("key", keep="last").reset_index(drop=True)
+
     def feature_dir(self, kind: str, fp: str, run_id: str) -> Path:
         return self.directory / "features" / kind / fp / run_id
 

@@ -319,6 +319,19 @@ def _by_content(images: pd.DataFrame, cids: np.ndarray) -> pd.DataFrame:
     return frame
 
 
+def _adopt(cat: catalog.Catalog, kind: str, fp: str, pre: pd.Series, sha_of_cid: pd.Series,
+           new_features: list[pd.DataFrame]) -> tuple[pd.Series, int]:
+    """Add the complete feature parts a killed run left (same settings) to `pre`; they are listed
+    in the catalog at this run's commit. Returns the new `pre` and how many keys were adopted."""
+    orphans = cat.orphan_parts(kind, fp, sha_of_cid)
+    orphans = orphans[~orphans["key"].isin(pre.index)]
+    if not len(orphans):
+        return pre, 0
+    new_features.append(catalog.new_feature_rows(cat, kind, fp, orphans, sha_of_cid))
+    extra = pd.Series(orphans["part_path"].to_numpy(dtype=object), index=orphans["key"].to_numpy(np.int64))
+    return pd.concat([pre, extra]), int(len(orphans))
+
+
 def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress: Progress,
              work_dir: Path, weights_info: dict | None, cat: catalog.Catalog | None = None,
              rehash: bool = False, catalog_note: str | None = None) -> dict:
@@ -407,6 +420,7 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
                     pre, fcounts = cat.feature_parts("orb", fps["orb_features"],
                                                      np.concatenate([sha[ia[~hit]], sha[ib[~hit]]]),
                                                      np.concatenate([np.zeros_like(tb), tb]))
+                    pre, adopted = _adopt(cat, "orb", fps["orb_features"], pre, sha_of_cid, new_features)
                     scores = verify.run_verify(job, by_content, cfg,
                                                str(cat.directory / "features" / "orb" / fps["orb_features"]),
                                                client=client, progress=progress, precomputed=pre)
@@ -415,6 +429,7 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
                     for col in scores.columns:
                         _set(pairs, todo, col, scores[col])
                     info.update(features_reused=fcounts["reused"], features_computed=int(len(made)),
+                                features_adopted_from_killed_run=adopted,
                                 features_redone_settings_changed=fcounts["settings_changed"])
                     stale = int(catalog.lookup_evidence(cat, sha[ia[~hit]], sha[ib[~hit]], tt[~hit], "orb_any", "")[0].sum())
                     info["why_verified"] = {"settings_changed": stale, "new_pair": int(len(todo)) - stale}
@@ -457,6 +472,7 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
                     pre, fcounts = cat.feature_parts("embed", fps["embed"],
                                                      np.concatenate([sha[ia[~hit]], sha[ib[~hit]]]),
                                                      np.concatenate([np.zeros_like(tt[~hit]), tt[~hit]]))
+                    pre, adopted_emb = _adopt(cat, "embed", fps["embed"], pre, sha_of_cid, new_features)
                     edir = cat.feature_dir("embed", fps["embed"], run_id)
                     cos = confirm.run_confirm(job, by_content, cfg, str(edir), client=client,
                                               precomputed=pre, progress=progress)
@@ -466,6 +482,7 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
                     counts["confirm_embedded"] = int(cos.attrs.get("embedded_keys", 0))
                     counts["confirm_reused"] = int(cos.attrs.get("reused_keys", 0))
                     info.update(embeddings_reused=fcounts["reused"], embeddings_computed=int(len(made)),
+                                embeddings_adopted_from_killed_run=adopted_emb,
                                 embeddings_redone_settings_changed=fcounts["settings_changed"])
                 reuse["confirm"] = info
                 ran_features["embed"] = fps["embed"]

@@ -217,10 +217,34 @@ def test_kill_9_mid_run_leaves_a_usable_catalog(grown, tmp_path):
     shutil.copytree(grown["out"], out)
     manifest_before = (out / "catalog" / catalog.MANIFEST).read_bytes()
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    # ORB settings changed, so the run has feature work to be killed in
+    changed = ["--set", "verify.n_features=450"]  # so the run has ORB work to be killed in
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", str(grown["data"]), "--out", str(out),
-                             *COMMON[:2], "--set", "decide.accept_inliers=60", "--set", "verify.n_features=450"],
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+                             *COMMON, *changed], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        for line in proc.stderr:
+            if "verify: started" in line:  # the features are written, no pair is scored yet
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert (out / "catalog" / catalog.MANIFEST).read_bytes() == manifest_before
+    # the last good catalog is used as it was
+    result = run(grown["data"], out)
+    assert result["reuse"]["problems"] == []
+    assert result["reuse"]["verify"]["pairs_verified"] == 0
+    assert_same_outputs(out, grown["scratch"])
+
+
+def test_features_a_killed_run_finished_are_adopted(grown, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    changed = ["--set", "verify.n_features=450"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", str(grown["data"]), "--out", str(out),
+                             *COMMON, *changed], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     try:
         for line in proc.stderr:
             if "verify: started" in line:
@@ -230,12 +254,12 @@ def test_kill_9_mid_run_leaves_a_usable_catalog(grown, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == -signal.SIGKILL
-    assert (out / "catalog" / catalog.MANIFEST).read_bytes() == manifest_before
-    result = run(grown["data"], out)
-    assert result["reuse"]["problems"] == []
-    assert result["reuse"]["verify"]["pairs_verified"] == 0  # the last good catalog was used
-    assert_same_outputs(out, grown["scratch"])
+    result = run(grown["data"], out, *changed)
+    verify = result["reuse"]["verify"]
+    assert verify["features_adopted_from_killed_run"] > 0 and verify["features_computed"] == 0
+    fresh = tmp_path / "fresh"
+    run(grown["data"], fresh, "--no-catalog", *changed)
+    assert_same_outputs(out, fresh)
 
 
 # ---------------------------------------------------------------------------------------------
