@@ -358,3 +358,18 @@ def test_query_add_records_the_image_for_the_next_run(grown, tmp_path):
     fresh = tmp_path / "fresh"
     run(data, fresh, "--no-catalog")
     assert_same_outputs(out, fresh)
+
+
+def test_the_airflow_example_calls_the_cli_with_valid_arguments():
+    import ast
+    import shlex
+
+    from pipeline.cli import build_parser
+    source = (REPO / "examples" / "airflow_dedupe_dag.py").read_text()
+    tree = ast.parse(source)
+    command = next(kw.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+                   for kw in node.keywords if kw.arg == "bash_command")
+    assert isinstance(command, ast.JoinedStr)
+    text = "".join(v.value if isinstance(v, ast.Constant) else "X" for v in command.values)
+    args = build_parser().parse_args(shlex.split(text)[1:])  # what the DAG runs parses as the job
+    assert args.command == "dedupe" and args.out == "X" and not args.no_catalog
