@@ -200,12 +200,9 @@ def _query_command(args) -> int:
         if args.output and os.path.splitext(args.output)[1].lower() not in (".parquet", ".csv", ".json"):
             raise ConfigError(f"--output {args.output!r}: the extension must be .parquet, .csv or .json")
         from pipeline import query
+        from pipeline.config import Config
         from pipeline.run import dask_client
-        cfg_probe = None
-        if args.scheduler != "sync":
-            from pipeline.config import Config
-            cfg_probe = Config()
-        with dask_client(cfg_probe or _SyncConfig(), args.scheduler) as client:
+        with dask_client(Config(), args.scheduler) as client:
             result = query.query(args.images, args.catalog, overrides=args.overrides, add=args.add, client=client)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -221,9 +218,3 @@ def _query_command(args) -> int:
         print(query.format_table(result))
     return EXIT_OK
 
-
-class _SyncConfig:
-    """The in-process scheduler needs no settings."""
-
-    class dask:
-        scheduler = "sync"

@@ -83,10 +83,13 @@ def _reused_row(entry: scan.FileEntry, rec: dict) -> dict:
             "variant_mask": rec["variant_mask"], "mtime_ns": entry.mtime_ns}
 
 
+_UNCHANGED = "\0unchanged"  # a --rehash row whose bytes match the catalog (replaced by its record)
+
+
 def _recheck_partition(entries: list[scan.FileEntry], known_sha: list[str], cfg) -> pd.DataFrame:
     """--rehash: read each file; screen it only when its sha256 differs from the catalog's.
     Returns the screened rows plus, for unchanged files, rows with `codes` None and error
-    "unchanged" (the driver replaces them with the catalog record)."""
+    _UNCHANGED (the driver replaces them with the catalog record)."""
     rows = []
     for entry, sha in zip(entries, known_sha):
         try:
@@ -96,7 +99,7 @@ def _recheck_partition(entries: list[scan.FileEntry], known_sha: list[str], cfg)
             digest = None
         if digest == sha:
             rows.append(dict(screen.screen_file(scan.FileEntry(entry.path, entry.abs_path, entry.bytes,
-                                                                entry.mtime, "unchanged", entry.mtime_ns), cfg)))
+                                                                entry.mtime, _UNCHANGED, entry.mtime_ns), cfg)))
         else:
             rows.append(screen.screen_file(entry, cfg))
     frame = pd.DataFrame(rows, columns=screen.COLUMNS)
@@ -178,7 +181,7 @@ def run_screen(root: Path, cfg: Config, client, progress: Progress, known: dict 
     images = (pd.concat(frames, ignore_index=True) if frames
               else pd.DataFrame({c: pd.Series(dtype="object") for c in screen.COLUMNS}))
     if known is not None:
-        unchanged = (images["error"] == "unchanged").to_numpy()
+        unchanged = (images["error"] == _UNCHANGED).to_numpy()
         for entry_row in images[unchanged].to_dict("records"):
             rec = known[entry_row["path"]]
             entry = scan.FileEntry(entry_row["path"], entry_row["abs_path"], int(entry_row["bytes"]),
