@@ -91,15 +91,40 @@ _SCREEN_SEARCH = {"max_distance", "max_candidates", "backend", "exact_group_pair
                   "dihedral_max_distance"}
 
 
+# the code and libraries that make each kind of result: a new version of either invalidates it
+_CODE = {"screen": (["screen.py", "decode.py", "borders.py"], ["pillow", "imagehash", "numpy"]),
+         "orb_features": (["verify.py", "decode.py"], ["opencv-python-headless", "opencv-python", "pillow", "numpy"]),
+         "embed": (["confirm.py", "decode.py", "borders.py"], ["tensorflow-cpu", "tensorflow", "keras", "pillow"])}
+
+
+def _code(kind: str) -> str:
+    from importlib import metadata
+    files, dists = _CODE[kind]
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for name in files:
+        h.update((here / name).read_bytes())
+    for dist in dists:
+        try:
+            h.update(f"{dist}={metadata.version(dist)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{dist}=-".encode())
+    return h.hexdigest()[:16]
+
+
 def fingerprints(cfg: Config, weights_info: dict | None = None) -> dict[str, str]:
     """One fingerprint per kind of stored result, over the settings that shape it (and only
-    those): a changed decide.* threshold invalidates nothing; verify.* the ORB results; embed.*
-    the embeddings; screen hashing keys the hashes (and with them everything downstream)."""
+    those), the source of the modules that compute it and the versions of the libraries they use:
+    a changed decide.* threshold invalidates nothing; verify.* the ORB results; embed.* the
+    embeddings; screen hashing keys the hashes (and with them everything downstream)."""
     s, v, e = cfg.to_dict()["screen"], cfg.to_dict()["verify"], cfg.to_dict()["embed"]
     screen = {k: x for k, x in s.items() if k not in _SCREEN_SEARCH}
+    screen["code"] = _code("screen")
     orb_features = {k: x for k, x in v.items() if k not in _ORB_MATCH_ONLY | _NO_EFFECT}
     orb_features["decode_max_pixels"] = s["max_pixels"]
+    orb_features["code"] = _code("orb_features")
     embed = {k: x for k, x in e.items() if k not in _NO_EFFECT}
+    embed["code"] = _code("embed")
     embed.update(border_tolerance=s["border_tolerance"], trim_frames=s["trim_frames"],
                  decode_max_pixels=s["max_pixels"],
                  weights_sha256=(weights_info or {}).get("sha256"))

@@ -373,3 +373,15 @@ def test_the_airflow_example_calls_the_cli_with_valid_arguments():
     text = "".join(v.value if isinstance(v, ast.Constant) else "X" for v in command.values)
     args = build_parser().parse_args(shlex.split(text)[1:])  # what the DAG runs parses as the job
     assert args.command == "dedupe" and args.out == "X" and not args.no_catalog
+
+
+def test_a_new_version_of_the_orb_code_recomputes_orb_only(grown, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    real = catalog._code
+    monkeypatch.setattr(catalog, "_code", lambda kind: real(kind) + ("-new" if kind == "orb_features" else ""))
+    reuse = run(grown["data"], out)["reuse"]
+    assert reuse["screen"]["screened"] == 0 and reuse["verify"]["pairs_reused"] == 0
+    assert reuse["verify"]["features_redone_settings_changed"] > 0
+    assert reuse["confirm"].get("embeddings_computed", 0) == 0
+    assert_same_outputs(out, grown["scratch"])
