@@ -24,6 +24,7 @@ examples:
   {prog} dedupe photos/ --out out --preset fast         hashes + ORB only, no TensorFlow
   {prog} dedupe photos/ --out out --set screen.max_distance=12 --set decide.cosine_threshold=0.8
   {prog} dedupe photos/ --out out --scheduler tcp://10.0.0.5:8786   on an existing Dask cluster
+  {prog} dedupe photos/ --out out                       again: incremental (OUT/catalog)
 
 presets (--preset): {presets}; each is a YAML file of the keys it changes; --config FILE
   and --set KEY=VALUE apply on top, in that order.
@@ -35,6 +36,9 @@ outputs (in OUT):
                   hash, error (null when fine), cluster_id (null when unique)
   run.json        config, versions, weights, counts and timings per stage
   report.html     clusters, closest rejected pairs and files with errors, for people
+  catalog/        what the next run into this OUT reuses: it reads only new or changed files and
+                  scores only new pairs (--catalog DIR elsewhere, --no-catalog for none); also
+                  what `{prog} query IMAGE --catalog OUT/catalog` looks images up in
 
 exit codes:
   0  the run completed (unreadable files are rows with an error, not failures)
@@ -131,8 +135,8 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
     query.add_argument("--add", action="store_true",
                        help="also add the images (which must lie inside the catalog's folder) to the catalog")
     query.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a setting of the catalog's config (not screen.*), e.g. "
-                            "--set decide.cosine_threshold=0.8")
+                       help="override a setting of the catalog's config (its screen hashing settings "
+                            "must stay), e.g. --set decide.cosine_threshold=0.8")
     query.add_argument("--scheduler", default="sync",
                        help="'sync' (default: in-process, quickest for a few images), 'local' or an address")
     query.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

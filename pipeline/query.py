@@ -69,9 +69,9 @@ def query(paths: list[str | Path], catalog_dir: str | Path, cfg: Config | None =
                           "(it is kept in OUT/catalog) or pass --catalog DIR")
     opener = catalog.opened(cat_dir) if add else contextlib.nullcontext(catalog.Catalog.load(cat_dir))
     with opener as cat:
-        if not cat.manifest:
-            raise ConfigError(f"the catalog at {str(cat_dir)!r} cannot be read ({'; '.join(cat.problems)}): "
-                              "re-run the batch job to rebuild it")
+        if cat.problems:  # a table failed its checksum: answering from the rest would be wrong
+            raise ConfigError(f"the catalog at {str(cat_dir)!r} is damaged ({'; '.join(cat.problems)}): "
+                              "re-run the batch job into it to rebuild it")
         cfg = _settings(cat, cfg, overrides)
         weights_info = None
         if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:

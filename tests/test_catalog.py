@@ -199,6 +199,24 @@ def test_corrupt_catalog_files_are_reported_and_rebuilt(grown, tmp_path, caplog)
     assert again["reuse"]["problems"] == [] and again["reuse"]["verify"]["pairs_verified"] == 0
 
 
+def test_a_corrupt_manifest_means_a_rebuild_and_query_refuses_a_damaged_catalog(grown, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    cat_dir = out / "catalog"
+    manifest = json.loads((cat_dir / catalog.MANIFEST).read_text())
+    images_table = cat_dir / manifest["tables"]["images"]["file"]
+    images_table.write_bytes(images_table.read_bytes()[:100])  # truncated
+    image = str(grown["data"] / "b" / "g0001_half.jpg")
+    assert main(["query", image, "--catalog", str(cat_dir)]) == 2
+    assert "damaged" in capsys.readouterr().err
+    (cat_dir / catalog.MANIFEST).write_text("{not json")
+    result = run(grown["data"], out)
+    assert any("manifest" in p for p in result["reuse"]["problems"])
+    assert result["reuse"]["screen"]["reused"] == 0  # nothing trusted
+    assert_same_outputs(out, grown["scratch"])
+    assert main(["query", image, "--catalog", str(cat_dir)]) == 0  # rebuilt
+
+
 def test_a_second_run_on_the_same_catalog_exits_2_naming_the_holder(grown, tmp_path, capsys):
     cat_dir = tmp_path / "shared-catalog"
     cat_dir.mkdir()
