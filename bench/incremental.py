@@ -224,9 +224,8 @@ def main() -> None:
                  f"{sc['added']:,} images added: from scratch {sc['full']:.2f} s, incremental {sc['incremental']:.2f} s "
                  f"(results equal); the reverse search that finds the old images within reach of a new one, timed "
                  f"alone: {sc['reverse']:.2f} s ({sc['rederived_gained_neighbour']:,} lists re-derived, "
-                 f"{sc['lists_reused']:,} reused). The reverse search indexes every old image's query variants on "
-                 "each run, so it costs nearly as much as the search from scratch; the catalog's saving is in "
-                 "the screen, verify and confirm tiers, not here.\n")
+                 f"{sc['lists_reused']:,} reused). With aHash the reverse search needs no index of its own: "
+                 "the added images' entries and their rotations query the usual index (`gained_neighbours`).\n")
     kwargs = {"path": args.out} if args.out else {}
     update_section("incremental", "incremental runs with the catalog", body, **kwargs)
     print(body)

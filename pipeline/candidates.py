@@ -401,12 +401,57 @@ def reach_pairs(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
 
 def gained_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
                       added: np.ndarray, owners: np.ndarray,
-                      representatives: np.ndarray | None = None) -> np.ndarray:
+                      representatives: np.ndarray | None = None,
+                      index: HammingIndex | None = None) -> np.ndarray:
     """bool (N,): images of `owners` that have an image of `added` within reach in their own
-    direction (`reach_pairs`), i.e. whose K-nearest list may change because of the added images."""
-    out = np.zeros(np.asarray(codes).shape[0], bool)
-    out[reach_pairs(codes, variant_mask, cfg, added, owners, representatives)["owner"].to_numpy()] = True
-    return out
+    direction (`reach_pairs`), i.e. whose K-nearest list may change because of the added images.
+
+    aHash: its flipped/rotated hashes are bit permutations of one grid, so an owner's rotated query
+    row against an added image's entry is at the same distance as the owner's plain hash against
+    that entry rotated back. Then the usual index of plain and trimmed entries (`index`, built over
+    every taking-part image when not given) answers everything, searched only with the added
+    images' entries and their rotations: a superset of the owners within reach (a rotated entry may
+    also meet an owner's trimmed hash), which costs a few extra re-derived lists, never a missed
+    one. Other hashes are hashed per orientation: `reach_pairs` indexes the owners' variants."""
+    N = np.asarray(codes).shape[0]
+    out = np.zeros(N, bool)
+    if cfg.hash != "ahash":
+        out[reach_pairs(codes, variant_mask, cfg, added, owners, representatives)["owner"].to_numpy()] = True
+        return out
+    codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
+    N, V, W = codes.shape
+    added = np.asarray(added, bool) & idx_use.any(axis=1)
+    owners = np.asarray(owners, bool) & ~added
+    if not added.any() or not owners.any():
+        return out
+    if index is None:
+        img, var = np.nonzero(idx_use)
+        index = make_index(codes[img, var], img.astype(np.int64), cfg.backend, max_distance=cfg.max_distance)
+    q_img, q_var = np.nonzero(idx_use & added[:, None])  # plain and trimmed entries, at max_distance
+    groups = [(codes[q_img, q_var], q_img, cfg.max_distance)]
+    owners_rotate = use[:, 1:min(8, V)].any(axis=1) & owners
+    if owners_rotate.any():  # owners query with rotated rows: those match within dihedral_max_distance
+        limit = min(cfg.dihedral_max_distance, cfg.max_distance)
+        r_img, r_var = np.nonzero(use[:, 1:min(8, V)] & added[:, None])  # the added plain hash, rotated
+        rows, owners_of = [codes[r_img, r_var + 1]], [r_img]
+        t_img = np.flatnonzero(idx_use[:, TRIMMED] & added) if V > TRIMMED else np.zeros(0, np.int64)
+        if t_img.size:  # the added trimmed hash, rotated (the screen stores no such variant)
+            from .screen import GRID_DIHEDRAL  # how the screen turns an aHash bit grid
+            side = cfg.hash_size
+            bits = np.unpackbits(codes[t_img, TRIMMED].astype(">u8").view(np.uint8), axis=1)
+            grids = bits.reshape(-1, side, side)
+            for t in range(1, 8):
+                turned = np.stack([GRID_DIHEDRAL[t](g) for g in grids]).reshape(len(t_img), -1)
+                rows.append(np.packbits(turned, axis=1).view(">u8").astype(np.uint64))
+                owners_of.append(t_img)
+        order = np.argsort(np.concatenate(owners_of), kind="stable")  # rows of one image contiguous
+        groups.append((np.concatenate(rows)[order], np.concatenate(owners_of)[order], limit))
+    for queries, query_owners, limit in groups:
+        if len(queries):
+            _, hit, _, _ = index.search(np.ascontiguousarray(queries, np.uint64),
+                                        query_owners.astype(np.int64), limit, max(N, 1))
+            out[hit] = True
+    return out & owners
 
 
 def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
@@ -420,7 +465,7 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
     reused unless one of their neighbours is gone (a farther image may move up) or an added image
     is within their reach (it may push a neighbour out of the top K). Added images and those are
     searched against the whole index; the result equals a search from scratch."""
-    codes_p, use, _ = _prepare(codes, variant_mask, cfg, representatives)
+    codes_p, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
     N = codes_p.shape[0]
     part = use[:, PLAIN]
     same = np.asarray(same, bool) & part
@@ -434,10 +479,12 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
     lost = np.zeros(N, bool)
     broken = (nb < 0) | ~same[np.maximum(nb, 0)]
     lost[owner[broken]] = True
-    gained = gained_neighbours(codes, variant_mask, cfg, added, same, representatives)
+    img, var = np.nonzero(idx_use)
+    index = make_index(codes_p[img, var], img.astype(np.int64), cfg.backend, max_distance=cfg.max_distance)
+    gained = gained_neighbours(codes, variant_mask, cfg, added, same, representatives, index=index)
     redo = added | ((lost | gained) & same)
     fresh = directed_neighbours(codes, variant_mask, cfg, client=client, representatives=representatives,
-                                query_owners=redo)
+                                query_owners=redo, index=index)
     kept = prev[~redo[owner]]
     directed = (pd.concat([kept, fresh], ignore_index=True)
                 .sort_values(["owner_a", "hash_distance", "owner_b"], kind="stable")

@@ -55,9 +55,11 @@ def grow(seed: int, k: int, n0: int = 300, n_new: int = 20, drop: float = 0.05):
     return cfg, codes, mask, previous, origin >= 0
 
 
+@pytest.mark.parametrize("hash_name", ["ahash", "phash"])  # aHash: rotations by permutation; else indexed
 @pytest.mark.parametrize("seed", range(8))
-def test_incremental_lists_equal_from_scratch(seed):
+def test_incremental_lists_equal_from_scratch(seed, hash_name):
     cfg, codes, mask, previous, same = grow(seed, k=2 + seed % 4)
+    cfg = dataclasses.replace(cfg, hash=hash_name)
     got, stats = incremental_neighbours(codes, mask, cfg, previous, same)
     want = directed_neighbours(codes, mask, cfg)
     pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True))
@@ -72,6 +74,17 @@ def test_a_new_neighbour_can_push_an_old_pair_out_of_the_top_k(monkeypatch):
     monkeypatch.setattr(candidates, "gained_neighbours", lambda *a, **k: np.zeros(len(codes), bool))
     got, _ = incremental_neighbours(codes, mask, cfg, previous, same)
     assert not got.reset_index(drop=True).equals(directed_neighbours(codes, mask, cfg))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_ahash_shortcut_finds_every_image_within_reach(seed):
+    cfg, codes, mask, previous, same = grow(seed, k=3)
+    exact = candidates.reach_pairs(codes, mask, cfg, ~same, same)
+    within = np.zeros(len(codes), bool)
+    within[exact["owner"].to_numpy()] = True
+    fast = candidates.gained_neighbours(codes, mask, cfg, ~same, same)  # cfg.hash == "ahash"
+    assert within.any() and not (within & ~fast).any()  # a superset: nothing missed
+    assert fast.sum() <= 2 * within.sum()  # and not much more
 
 
 def test_nothing_changed_searches_nothing():
