@@ -43,7 +43,7 @@ TRIMMED = 8
 N_VARIANTS = 9
 
 __all__ = ["exact_pairs", "exact_representatives", "near_pairs", "near_pairs_partition",
-           "directed_neighbours", "pairs_from_neighbours", "reach_pairs", "gained_neighbours", "incremental_neighbours",
+           "directed_neighbours", "pairs_from_neighbours", "reach_pairs", "reach_of", "gained_neighbours", "incremental_neighbours",
            "build_index", "query_variants", "embedding_pairs", "build_embedding_index",
            "iter_embeddings", "pair_hash_distance", "union_pairs"]
 
@@ -452,6 +452,52 @@ def gained_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenCo
                                         query_owners.astype(np.int64), limit, max(N, 1))
             out[hit] = True
     return out & owners
+
+
+@njit(cache=True, nogil=True)
+def _own_direction(codes, use, idx_use, a, b, limit_plain, limit_rotated):
+    """Distance from a's query rows to b's index entries, each row within its limit; -1 if none."""
+    n = a.shape[0]
+    V = codes.shape[1]
+    W = codes.shape[2]
+    out = np.full(n, -1, np.int16)
+    for i in range(n):
+        best = 1 << 30
+        for v in range(V):
+            if not use[a[i], v]:
+                continue
+            limit = limit_rotated if 1 <= v <= 7 else limit_plain
+            for e in range(V):
+                if not idx_use[b[i], e]:
+                    continue
+                d = 0
+                for w in range(W):
+                    d += popcount(codes[a[i], v, w] ^ codes[b[i], e, w])
+                if d <= limit and d < best:
+                    best = d
+        if best < (1 << 30):
+            out[i] = best
+    return out
+
+
+def reach_of(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, added: np.ndarray,
+             owners: np.ndarray, representatives: np.ndarray | None = None,
+             index: HammingIndex | None = None) -> pd.DataFrame:
+    """`reach_pairs` for a few added images (e.g. `dedupe query`): with aHash, the owners within
+    reach come from `gained_neighbours` (the usual `index`, no index of every owner variant) and
+    their distances from a direct comparison. Same rows as `reach_pairs`."""
+    if cfg.hash != "ahash":
+        return reach_pairs(codes, variant_mask, cfg, added, owners, representatives)
+    near = gained_neighbours(codes, variant_mask, cfg, added, owners, representatives, index=index)
+    codes_p, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
+    added = np.asarray(added, bool) & idx_use.any(axis=1)
+    o_rows, n_rows = np.flatnonzero(near), np.flatnonzero(added)
+    o = np.repeat(o_rows, n_rows.size).astype(np.int64)
+    n = np.tile(n_rows, o_rows.size).astype(np.int64)
+    d = _own_direction(codes_p, use, idx_use, o, n, cfg.max_distance,
+                       min(cfg.dihedral_max_distance, cfg.max_distance))
+    keep = d >= 0
+    return pd.DataFrame({"owner": o[keep], "added": n[keep], "hash_distance": d[keep].astype(np.int16)})
 
 
 def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,

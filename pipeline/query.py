@@ -130,7 +130,8 @@ def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp
     index = candidates.build_index(codes, mask, cfg.screen, representatives=old_rep)
     forward = candidates.directed_neighbours(codes, mask, cfg.screen, representatives=part, index=index,
                                              query_owners=asking)
-    reach = candidates.reach_pairs(codes, mask, cfg.screen, added=asking, owners=old_rep, representatives=part)
+    reach = candidates.reach_of(codes, mask, cfg.screen, added=asking, owners=old_rep, representatives=part,
+                                index=index)
     admitted = reach.iloc[0:0]
     if len(reach):
         owners = np.zeros(len(rows), bool)

@@ -85,6 +85,11 @@ def test_the_ahash_shortcut_finds_every_image_within_reach(seed):
     fast = candidates.gained_neighbours(codes, mask, cfg, ~same, same)  # cfg.hash == "ahash"
     assert within.any() and not (within & ~fast).any()  # a superset: nothing missed
     assert fast.sum() <= 2 * within.sum()  # and not much more
+    # the query's version: the same (owner, added, distance) rows as the exhaustive search
+    got = candidates.reach_of(codes, mask, cfg, ~same, same)
+    key = ["owner", "added"]
+    pd.testing.assert_frame_equal(got.sort_values(key).reset_index(drop=True),
+                                  exact.sort_values(key).reset_index(drop=True))
 
 
 def test_nothing_changed_searches_nothing():
