@@ -403,3 +403,25 @@ def test_a_new_version_of_the_orb_code_recomputes_orb_only(grown, tmp_path, monk
     assert reuse["verify"]["features_redone_settings_changed"] > 0
     assert reuse["confirm"].get("embeddings_computed", 0) == 0
     assert_same_outputs(out, grown["scratch"])
+
+
+@pytest.mark.slow
+def test_incremental_run_on_a_local_cluster_equals_a_run_from_scratch(grown, tmp_path):
+    # a copy of the folder (the catalog's records are per folder: all files are read again, but
+    # features and pair scores are found by content) plus a new image, on a real LocalCluster
+    data = tmp_path / "data"
+    shutil.copytree(grown["data"], data)
+    with Image.open(data / "a" / "g0002_original.jpg") as im:
+        im.convert("RGB").resize((im.width * 3 // 4, im.height * 3 // 4)).save(data / "b" / "new.jpg", quality=80)
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    args = ["dedupe", str(data), "--out", str(out), "--scheduler", "local", "--quiet",
+            "--set", "decide.accept_inliers=60", "--set", "dask.n_workers=2", "--set", "dask.dashboard_address="]
+    assert main(args) == 0
+    reuse = json.loads((out / "run.json").read_text())["reuse"]
+    assert "another folder" in reuse["screen"]["not_reused"] and reuse["screen"]["reused"] == 0
+    assert reuse["candidates"]["added"] == 1 and reuse["candidates"]["lists_reused"] > 0
+    assert reuse["verify"]["pairs_reused"] > 0 and reuse["verify"]["pairs_verified"] > 0
+    fresh = tmp_path / "fresh"
+    run(data, fresh, "--no-catalog")
+    assert_same_outputs(out, fresh)
