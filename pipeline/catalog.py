@@ -390,8 +390,12 @@ def opened(directory: str | Path) -> Iterator[Catalog]:
         before = _files(directory)
         try:
             yield Catalog.load(directory)
-        except BaseException:  # a failed or stopped run: remove what it wrote, the manifest stays as it was
-            for rel in sorted(_files(directory) - before):
+        except BaseException:  # a failed or stopped run: remove what it wrote that no manifest names
+            named: set[str] = set()
+            with contextlib.suppress(OSError, ValueError):  # stopped after its commit: keep that
+                current = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+                named = {e["file"] for e in current.get("tables", {}).values()} | set(current.get("parts", {}))
+            for rel in sorted(_files(directory) - before - named):
                 (directory / rel).unlink(missing_ok=True)
             raise
 

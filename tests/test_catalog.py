@@ -425,3 +425,23 @@ def test_incremental_run_on_a_local_cluster_equals_a_run_from_scratch(grown, tmp
     fresh = tmp_path / "fresh"
     run(data, fresh, "--no-catalog")
     assert_same_outputs(out, fresh)
+
+
+def test_a_run_stopped_after_its_commit_keeps_the_new_catalog(grown, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    from pipeline import write
+    real = write.write_json
+
+    def stop_at_run_json(data, path):  # the catalog is committed, then Ctrl-C
+        if Path(path).name == "run.json":
+            raise KeyboardInterrupt
+        return real(data, path)
+
+    monkeypatch.setattr(write, "write_json", stop_at_run_json)
+    assert main(["dedupe", str(grown["data"]), "--out", str(out), *COMMON, "--set", "verify.ratio=0.75"]) == 1
+    monkeypatch.setattr(write, "write_json", real)
+    cat = catalog.Catalog.load(out / "catalog")
+    assert cat.problems == [] and cat.manifest["generation"] > 1
+    for rel in cat.manifest["parts"]:
+        assert cat.verify_file(rel)
