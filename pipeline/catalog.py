@@ -418,17 +418,18 @@ def remove(directory: str | Path) -> None:
 
 
 def known_records(cat: Catalog | None, fps: dict, root: str, reuse: dict) -> dict | None:
-    """Per-image records a run may reuse (same DATA root, same screen settings): path -> record."""
+    """Per-image records of the catalog's folder: path -> record; `stale` when made with other
+    screen settings (then the file is screened again)."""
     if cat is None:
         return None
     if cat.root is not None and cat.root != root:
         reuse["not_reused"] = f"the catalog was made for another folder ({cat.root})"
         return {}
-    recs = cat.images[cat.images["screen_fp"] == fps["screen"]]
-    if len(recs) < len(cat.images):
-        reuse["settings_changed"] = int(len(cat.images) - len(recs))
-    recs = recs.astype(object).where(recs.notna(), None)
-    return {r["path"]: r for r in recs.to_dict("records")}
+    recs = cat.images.astype(object).where(cat.images.notna(), None)
+    out = {r["path"]: r for r in recs.to_dict("records")}
+    for r in out.values():  # made with other screen settings (or code): to be screened again
+        r["stale"] = r["screen_fp"] != fps["screen"]
+    return out
 
 
 def previous_lists(cat: Catalog | None, images: pd.DataFrame, representative: np.ndarray, fps: dict,

@@ -32,9 +32,24 @@ TIER_ORDER = {"screen": 0, "verify": 1, "confirm": 2}
 SCREEN_EMBED_SUBDIR = "screen_embeddings"  # high-recall mode's embeddings, under work_dir/embed
 
 
+class _LazyClient:
+    """A Client made on first use: a run that finds everything in its catalog (a threshold-only
+    change, nothing new) never starts the local cluster."""
+
+    def __init__(self, start: Callable[[], object]):
+        self._start = start
+        self._client = None
+
+    def __getattr__(self, name: str):
+        if self._client is None:
+            self._client = self._start()
+        return getattr(self._client, name)
+
+
 @contextlib.contextmanager
-def dask_client(cfg: Config, scheduler: str | None) -> Iterator[object | None]:
-    """None for "sync" (in-process); a LocalCluster for "local"; else connect to the address."""
+def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Iterator[object | None]:
+    """None for "sync" (in-process); a LocalCluster for "local" (with `lazy`, started when first
+    used); else connect to the address."""
     target = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or cfg.dask.scheduler
     if target == "sync":
         yield None
@@ -43,6 +58,10 @@ def dask_client(cfg: Config, scheduler: str | None) -> Iterator[object | None]:
     if not log.isEnabledFor(logging.DEBUG):  # nannies starting, comms closing: noise for a batch job
         for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    if target == "local" and lazy:
+        with contextlib.ExitStack() as stack:
+            yield _LazyClient(lambda: stack.enter_context(dask_client(cfg, "local")))
+        return
     if target == "local":
         n_workers = cfg.dask.n_workers or os.cpu_count() or 1
         with LocalCluster(n_workers=n_workers, threads_per_worker=cfg.dask.threads_per_worker,
@@ -115,7 +134,7 @@ def run_screen(root: Path, cfg: Config, client, progress: Progress, known: dict 
     batches = scan.batched(scan.iter_files(root, cfg.scan), cfg.dask.partition_size)
     frames: list[pd.DataFrame] = []
     reused_rows: list[dict] = []
-    why = {"new": 0, "changed_size_or_mtime": 0, "content_changed": 0, "scan_error": 0}
+    why = {"new": 0, "changed_size_or_mtime": 0, "content_changed": 0, "scan_error": 0, "screen_settings_changed": 0}
     walked = 0
 
     def split(batch):
@@ -130,6 +149,9 @@ def run_screen(root: Path, cfg: Config, client, progress: Progress, known: dict 
                 todo.append(entry)
             elif rec is None:
                 why["new"] += 1
+                todo.append(entry)
+            elif rec["stale"]:
+                why["screen_settings_changed"] += 1
                 todo.append(entry)
             elif rehash and isinstance(rec["sha256"], str):
                 check.append(entry)
@@ -162,21 +184,22 @@ def run_screen(root: Path, cfg: Config, client, progress: Progress, known: dict 
                     tracker.update(len(args[0]))
         else:
             from distributed import as_completed
-            pending = as_completed()
+            pending = None  # made with the first task (a lazy client starts only when needed)
             futures = []
             for batch in batches:  # submit while the walk goes on, count what finished meanwhile
                 work, skipped = tasks(batch)
                 tracker.update(skipped)
                 for fn, args in work:
                     futures.append(client.submit(fn, *args, pure=False))
+                    pending = pending or as_completed()
                     pending.add(futures[-1])
                 walked += len(batch)
                 tracker.set_total(walked, final=False)
-                for fut in pending.next_batch(block=False):
+                for fut in pending.next_batch(block=False) if pending is not None else []:
                     tracker.update(len(fut.result()))
-            for fut in pending:
+            for fut in pending if pending is not None else []:
                 tracker.update(len(fut.result()))
-            frames = client.gather(futures)
+            frames = client.gather(futures) if futures else []
         tracker.set_total(walked)
     images = (pd.concat(frames, ignore_index=True) if frames
               else pd.DataFrame({c: pd.Series(dtype="object") for c in screen.COLUMNS}))
@@ -187,7 +210,7 @@ def run_screen(root: Path, cfg: Config, client, progress: Progress, known: dict 
             entry = scan.FileEntry(entry_row["path"], entry_row["abs_path"], int(entry_row["bytes"]),
                                    float(entry_row["mtime"]), None, int(entry_row["mtime_ns"]))
             reused_rows.append(_reused_row(entry, rec))
-        why["content_changed"] = int((~unchanged).sum()) - why["new"] - why["changed_size_or_mtime"] - why["scan_error"]
+        why["content_changed"] = int((~unchanged).sum()) - sum(v for k, v in why.items() if k != "content_changed")
         images = images[~unchanged]
         if reused_rows:
             reused = pd.DataFrame(reused_rows, columns=screen.COLUMNS).astype(
@@ -352,7 +375,7 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
     verified = False
     confirmed = None
 
-    with dask_client(cfg, scheduler) as client:
+    with dask_client(cfg, scheduler, lazy=cat is not None) as client:
         t = time.perf_counter()
         reuse["screen"] = {}
         known = catalog.known_records(cat, fps, str(root.resolve()), reuse["screen"])

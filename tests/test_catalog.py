@@ -3,6 +3,7 @@ they affect, and the catalog survives what a scheduler does (locks, kills, corru
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -174,7 +175,7 @@ def test_screen_change_rehashes(grown, tmp_path):
     shutil.copytree(grown["out"], out)
     manifest = run(grown["data"], out, "--tiers", "screen", "--set", "screen.border_tolerance=10")
     assert manifest["reuse"]["screen"]["reused"] == 0
-    assert manifest["reuse"]["screen"]["settings_changed"] == manifest["counts"]["files"]
+    assert manifest["reuse"]["screen"]["why_screened"]["screen_settings_changed"] == manifest["counts"]["files"]
     assert manifest["reuse"]["candidates"]["searched_all_because"] == "screen or search settings changed"
 
 
@@ -449,3 +450,21 @@ def test_a_run_stopped_after_its_commit_keeps_the_new_catalog(grown, tmp_path, m
     assert cat.problems == []
     for rel in cat.manifest["parts"]:
         assert cat.verify_file(rel)
+
+
+def test_a_threshold_change_starts_no_cluster(grown, tmp_path, caplog):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    caplog.set_level(logging.INFO, logger="pipeline")
+    assert main(["dedupe", str(grown["data"]), "--out", str(out), "--scheduler", "local", "--quiet",
+                 "--set", "decide.accept_inliers=60", "--set", "decide.cosine_threshold=0.9",
+                 "--set", "dask.dashboard_address=127.0.0.1:0"]) == 0
+    assert "Dask dashboard" not in caplog.text  # everything came from the catalog: no cluster started
+    reuse = json.loads((out / "run.json").read_text())["reuse"]
+    assert reuse["screen"]["screened"] == 0 and reuse["verify"]["pairs_verified"] == 0
+    # and a run with work to do does start it (the check above can fail)
+    caplog.clear()
+    assert main(["dedupe", str(grown["data"]), "--out", str(out), "--scheduler", "local", "--quiet",
+                 "--set", "decide.accept_inliers=60", "--set", "verify.ratio=0.7",
+                 "--set", "dask.dashboard_address=127.0.0.1:0"]) == 0
+    assert "Dask dashboard" in caplog.text
