@@ -224,9 +224,10 @@ def main() -> None:
              f"({median(incr_w) / median(scratch_w):.2f}x), threshold-only {median(thresh_w):.1f} s. "
              "Stage seconds of the incremental run (median): "
              + ", ".join(f"{k} {median([t.get(k, 0.0) for t in stage_t]):.1f}" for k in stage_t[0])
-             + "; the rest of its wall time is the Python and Dask start-up (local cluster). The confirm "
-             "stage is mostly loading TensorFlow and the model in a worker, paid whenever a new pair needs "
-             "an embedding.\n\n")
+             + "; the local cluster starts with the first task (inside scan+screen), the rest of the wall "
+             "time is Python start-up and imports. The confirm stage is mostly loading TensorFlow and the "
+             "model in a worker, paid whenever a new pair needs an embedding; the threshold-only re-run "
+             "starts no cluster.\n\n")
     body += (f"The real photos only ({photos['photos']} files), then {photos['new']} resized copies of some of them "
              f"added (one run each): first run {photos['first']:.1f} s; re-run with the catalog "
              f"{photos['incremental']:.1f} s ({photos['verified']} of {photos['candidates']} candidate pairs verified) "
