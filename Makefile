@@ -12,7 +12,7 @@ CONFIG ?=
 ARGS ?=
 export SHARED
 
-.PHONY: install test reliability dedupe bench eval weights browser clean
+.PHONY: install test reliability dedupe bench eval weights browser clean airflow-example
 
 install: $(VENV)/.installed
 
@@ -51,5 +51,25 @@ bench: install
 eval: install
 	$(PY) -m bench.eval --out docs/benchmarks.md $(ARGS)
 
+# The Airflow DAG example (examples/airflow_dedupe_dag.py) run once with dag.test(), twice over the
+# same OUT (the second run is incremental). Airflow lives in its own virtualenv (from PyPI, ~2 min).
+AIRFLOW_VENV ?= .venv-airflow
+AIRFLOW_VERSION ?= 2.10.5
+AIRFLOW_DATA ?= $(SHARED)/data/labelled/imagededup_tests
+AIRFLOW_OUT ?= out/airflow-example
+airflow-example: install weights
+	@test -x $(AIRFLOW_VENV)/bin/airflow || { $(PYTHON) -m venv $(AIRFLOW_VENV) && \
+		$(AIRFLOW_VENV)/bin/pip install -q "apache-airflow==$(AIRFLOW_VERSION)"; }
+	@home=$$(mktemp -d) && export AIRFLOW_HOME=$$home AIRFLOW__CORE__LOAD_EXAMPLES=False \
+		AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=sqlite:///$$home/airflow.db \
+		AIRFLOW_VAR_DEDUPE_BIN="$(abspath $(VENV))/bin/dedupe" AIRFLOW_VAR_DEDUPE_DATA="$(abspath $(AIRFLOW_DATA))" \
+		AIRFLOW_VAR_DEDUPE_OUT="$(abspath $(AIRFLOW_OUT))" && \
+		$(AIRFLOW_VENV)/bin/airflow db migrate > $$home/db.log 2>&1 && \
+		for i in 1 2; do \
+			$(AIRFLOW_VENV)/bin/python examples/run_airflow_example.py examples/airflow_dedupe_dag.py \
+				> $$home/run-$$i.out 2> $$home/run-$$i.log || { tail -20 $$home/run-$$i.log; rm -rf $$home; exit 1; }; \
+			tail -1 $$home/run-$$i.out; \
+		done; rm -rf $$home
+
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) out .pytest_cache

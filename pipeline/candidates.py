@@ -43,6 +43,7 @@ TRIMMED = 8
 N_VARIANTS = 9
 
 __all__ = ["exact_pairs", "exact_representatives", "near_pairs", "near_pairs_partition",
+           "directed_neighbours", "pairs_from_neighbours", "reach_pairs", "reach_of", "gained_neighbours", "incremental_neighbours",
            "build_index", "query_variants", "embedding_pairs", "build_embedding_index",
            "iter_embeddings", "pair_hash_distance", "union_pairs"]
 
@@ -280,17 +281,34 @@ def near_pairs(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, c
     (idx_a, idx_b); identical with and without a Dask `client`. `block_rows` sets the query rows
     per task (default: about 8 tasks per worker thread, 20k-200k rows each).
     """
+    found = directed_neighbours(codes, variant_mask, cfg, client=client, representatives=representatives,
+                                block_rows=block_rows, index=index)
+    return pairs_from_neighbours(found, codes, variant_mask, cfg, representatives)
+
+
+def _empty_directed() -> pd.DataFrame:
+    return pd.DataFrame({"owner_a": np.zeros(0, np.int64), "owner_b": np.zeros(0, np.int64),
+                         "hash_distance": np.zeros(0, np.int16)})
+
+
+def directed_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, client=None,
+                        representatives: np.ndarray | None = None, block_rows: int | None = None,
+                        index: HammingIndex | None = None,
+                        query_owners: np.ndarray | None = None) -> pd.DataFrame:
+    """Each querying image's K nearest other images (the per-image cap of `near_pairs`): directed
+    rows `owner_a` (the querying image), `owner_b`, `hash_distance` (int16), sorted by owner_a,
+    distance, owner_b. The index holds every taking-part image; `query_owners` (N,) bool limits
+    which images query (default: all), so a catalog can re-derive only some images' lists."""
     codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
     N, V, W = codes.shape
-    empty = pd.DataFrame({"idx_a": np.zeros(0, np.int64), "idx_b": np.zeros(0, np.int64),
-                          "hash_distance": np.zeros(0, np.int16), "transform": np.zeros(0, np.int8)})
     if index is None:
         img, var = np.nonzero(idx_use)
         index = make_index(codes[img, var], img.astype(np.int64), cfg.backend,
                            max_distance=cfg.max_distance)
-    q_img, q_var = np.nonzero(use)  # row-major: by image, then variant (contiguous per owner)
+    quse = use if query_owners is None else use & np.asarray(query_owners, bool)[:, None]
+    q_img, q_var = np.nonzero(quse)  # row-major: by image, then variant (contiguous per owner)
     if q_img.size == 0:
-        return empty
+        return _empty_directed()
     queries = codes[q_img, q_var]
     q_img = q_img.astype(np.int64)
     q_var = q_var.astype(np.int8)
@@ -303,7 +321,7 @@ def near_pairs(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, c
                 n_threads = 2
         block_rows = int(np.clip(-(-q_img.size // (8 * n_threads)), 20_000, 200_000))
     blocks = _blocks(q_img, block_rows)
-    if client is None:
+    if client is None or len(blocks) <= 1:  # one block: shipping the index costs more than it saves
         parts = [near_pairs_partition(index, queries[s:e], q_img[s:e], cfg, q_var[s:e])
                  for s, e in blocks]
     else:
@@ -315,9 +333,24 @@ def near_pairs(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, c
         del index_future, payload, futures
     found = pd.concat(parts, ignore_index=True) if parts else None
     if found is None or found.empty:
+        return _empty_directed()
+    return (found[["owner_a", "owner_b", "hash_distance"]]
+            .astype({"owner_a": "int64", "owner_b": "int64", "hash_distance": "int16"})
+            .reset_index(drop=True))
+
+
+def pairs_from_neighbours(directed: pd.DataFrame, codes: np.ndarray, variant_mask: np.ndarray,
+                          cfg: ScreenConfig, representatives: np.ndarray | None = None) -> pd.DataFrame:
+    """Directed top-K rows -> one row per unordered pair (kept when either side has the other in
+    its list), with the pair's smallest distance over both directions and its transform."""
+    codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
+    N = max(codes.shape[0], 1)
+    empty = pd.DataFrame({"idx_a": np.zeros(0, np.int64), "idx_b": np.zeros(0, np.int64),
+                          "hash_distance": np.zeros(0, np.int16), "transform": np.zeros(0, np.int8)})
+    if directed is None or directed.empty:
         return empty
-    a = np.minimum(found["owner_a"].to_numpy(), found["owner_b"].to_numpy())
-    b = np.maximum(found["owner_a"].to_numpy(), found["owner_b"].to_numpy())
+    a = np.minimum(directed["owner_a"].to_numpy(np.int64), directed["owner_b"].to_numpy(np.int64))
+    b = np.maximum(directed["owner_a"].to_numpy(np.int64), directed["owner_b"].to_numpy(np.int64))
     key = np.unique(a * np.int64(N) + b)
     a, b = key // N, key % N
     order_side = np.array([s for s, _ in _ORDER], dtype=np.int64)
@@ -326,6 +359,187 @@ def near_pairs(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, c
                              np.asarray(DIHEDRAL_INVERSE, dtype=np.int8))
     return pd.DataFrame({"idx_a": a.astype(np.int64), "idx_b": b.astype(np.int64),
                          "hash_distance": dist, "transform": trans})
+
+
+def reach_pairs(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
+                added: np.ndarray, owners: np.ndarray,
+                representatives: np.ndarray | None = None) -> pd.DataFrame:
+    """Pairs (owner, added image) where the added image is within reach of the owner in the
+    OWNER's direction (one of its query variants against the added image's index entries, at the
+    limit of that variant): rows `owner`, `added`, `hash_distance` (the owner-side distance).
+
+    The roles are swapped so only the added images query: an index over the owners' query
+    variants (plain and trimmed rows within `max_distance`, dihedral rows within
+    `dihedral_max_distance`) is searched with the added images' index entries, uncapped."""
+    codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
+    N = codes.shape[0]
+    empty = pd.DataFrame({"owner": np.zeros(0, np.int64), "added": np.zeros(0, np.int64),
+                          "hash_distance": np.zeros(0, np.int16)})
+    added = np.asarray(added, bool) & idx_use.any(axis=1)
+    owners = np.asarray(owners, bool) & ~added
+    if not added.any() or not owners.any():
+        return empty
+    q_img, q_var = np.nonzero(idx_use & added[:, None])
+    queries = codes[q_img, q_var]
+    ouse = use & owners[:, None]
+    dihedral_var = np.zeros(use.shape[1], bool)
+    dihedral_var[1:min(8, use.shape[1])] = True
+    found = [empty]
+    for rows, limit in ((ouse & ~dihedral_var[None, :], cfg.max_distance),
+                        (ouse & dihedral_var[None, :], min(cfg.dihedral_max_distance, cfg.max_distance))):
+        e_img, e_var = np.nonzero(rows)
+        if e_img.size == 0:
+            continue
+        index = make_index(codes[e_img, e_var], e_img.astype(np.int64), cfg.backend, max_distance=limit)
+        a, hit, d, _ = index.search(queries, q_img.astype(np.int64), limit, max(N, 1))
+        found.append(pd.DataFrame({"owner": hit.astype(np.int64), "added": a.astype(np.int64),
+                                   "hash_distance": d.astype(np.int16)}))
+    out = pd.concat(found, ignore_index=True)
+    return (out.sort_values(["owner", "added", "hash_distance"], kind="stable")
+            .drop_duplicates(["owner", "added"], keep="first").reset_index(drop=True))
+
+
+def gained_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
+                      added: np.ndarray, owners: np.ndarray,
+                      representatives: np.ndarray | None = None,
+                      index: HammingIndex | None = None) -> np.ndarray:
+    """bool (N,): images of `owners` that have an image of `added` within reach in their own
+    direction (`reach_pairs`), i.e. whose K-nearest list may change because of the added images.
+
+    aHash: its flipped/rotated hashes are bit permutations of one grid, so an owner's rotated query
+    row against an added image's entry is at the same distance as the owner's plain hash against
+    that entry rotated back. Then the usual index of plain and trimmed entries (`index`, built over
+    every taking-part image when not given) answers everything, searched only with the added
+    images' entries and their rotations: a superset of the owners within reach (a rotated entry may
+    also meet an owner's trimmed hash), which costs a few extra re-derived lists, never a missed
+    one. Other hashes are hashed per orientation: `reach_pairs` indexes the owners' variants."""
+    N = np.asarray(codes).shape[0]
+    out = np.zeros(N, bool)
+    if cfg.hash != "ahash":
+        out[reach_pairs(codes, variant_mask, cfg, added, owners, representatives)["owner"].to_numpy()] = True
+        return out
+    codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
+    N, V, W = codes.shape
+    added = np.asarray(added, bool) & idx_use.any(axis=1)
+    owners = np.asarray(owners, bool) & ~added
+    if not added.any() or not owners.any():
+        return out
+    if index is None:
+        img, var = np.nonzero(idx_use)
+        index = make_index(codes[img, var], img.astype(np.int64), cfg.backend, max_distance=cfg.max_distance)
+    q_img, q_var = np.nonzero(idx_use & added[:, None])  # plain and trimmed entries, at max_distance
+    groups = [(codes[q_img, q_var], q_img, cfg.max_distance)]
+    owners_rotate = use[:, 1:min(8, V)].any(axis=1) & owners
+    if owners_rotate.any():  # owners query with rotated rows: those match within dihedral_max_distance
+        limit = min(cfg.dihedral_max_distance, cfg.max_distance)
+        r_img, r_var = np.nonzero(use[:, 1:min(8, V)] & added[:, None])  # the added plain hash, rotated
+        rows, owners_of = [codes[r_img, r_var + 1]], [r_img]
+        t_img = np.flatnonzero(idx_use[:, TRIMMED] & added) if V > TRIMMED else np.zeros(0, np.int64)
+        if t_img.size:  # the added trimmed hash, rotated (the screen stores no such variant)
+            from .screen import GRID_DIHEDRAL  # how the screen turns an aHash bit grid
+            side = cfg.hash_size
+            bits = np.unpackbits(codes[t_img, TRIMMED].astype(">u8").view(np.uint8), axis=1)
+            grids = bits.reshape(-1, side, side)
+            for t in range(1, 8):
+                turned = np.stack([GRID_DIHEDRAL[t](g) for g in grids]).reshape(len(t_img), -1)
+                rows.append(np.packbits(turned, axis=1).view(">u8").astype(np.uint64))
+                owners_of.append(t_img)
+        order = np.argsort(np.concatenate(owners_of), kind="stable")  # rows of one image contiguous
+        groups.append((np.concatenate(rows)[order], np.concatenate(owners_of)[order], limit))
+    for queries, query_owners, limit in groups:
+        if len(queries):
+            _, hit, _, _ = index.search(np.ascontiguousarray(queries, np.uint64),
+                                        query_owners.astype(np.int64), limit, max(N, 1))
+            out[hit] = True
+    return out & owners
+
+
+@njit(cache=True, nogil=True)
+def _own_direction(codes, use, idx_use, a, b, limit_plain, limit_rotated):
+    """Distance from a's query rows to b's index entries, each row within its limit; -1 if none."""
+    n = a.shape[0]
+    V = codes.shape[1]
+    W = codes.shape[2]
+    out = np.full(n, -1, np.int16)
+    for i in range(n):
+        best = 1 << 30
+        for v in range(V):
+            if not use[a[i], v]:
+                continue
+            limit = limit_rotated if 1 <= v <= 7 else limit_plain
+            for e in range(V):
+                if not idx_use[b[i], e]:
+                    continue
+                d = 0
+                for w in range(W):
+                    d += popcount(codes[a[i], v, w] ^ codes[b[i], e, w])
+                if d <= limit and d < best:
+                    best = d
+        if best < (1 << 30):
+            out[i] = best
+    return out
+
+
+def reach_of(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, added: np.ndarray,
+             owners: np.ndarray, representatives: np.ndarray | None = None,
+             index: HammingIndex | None = None) -> pd.DataFrame:
+    """`reach_pairs` for a few added images (e.g. `dedupe query`): with aHash, the owners within
+    reach come from `gained_neighbours` (the usual `index`, no index of every owner variant) and
+    their distances from a direct comparison. Same rows as `reach_pairs`."""
+    if cfg.hash != "ahash":
+        return reach_pairs(codes, variant_mask, cfg, added, owners, representatives)
+    near = gained_neighbours(codes, variant_mask, cfg, added, owners, representatives, index=index)
+    codes_p, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
+    added = np.asarray(added, bool) & idx_use.any(axis=1)
+    o_rows, n_rows = np.flatnonzero(near), np.flatnonzero(added)
+    o = np.repeat(o_rows, n_rows.size).astype(np.int64)
+    n = np.tile(n_rows, o_rows.size).astype(np.int64)
+    d = _own_direction(codes_p, use, idx_use, o, n, cfg.max_distance,
+                       min(cfg.dihedral_max_distance, cfg.max_distance))
+    keep = d >= 0
+    return pd.DataFrame({"owner": o[keep], "added": n[keep], "hash_distance": d[keep].astype(np.int16)})
+
+
+def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
+                           previous: pd.DataFrame, same: np.ndarray, client=None,
+                           representatives: np.ndarray | None = None) -> tuple[pd.DataFrame, dict]:
+    """The K-nearest lists of `directed_neighbours` over all images, re-deriving only those that
+    can have changed since `previous` (the last run's directed rows, owner_a/owner_b as current
+    row numbers, -1 for an image that is gone or changed).
+
+    `same` (N,) bool: images that took part last time with the same hashes. Their lists are
+    reused unless one of their neighbours is gone (a farther image may move up) or an added image
+    is within their reach (it may push a neighbour out of the top K). Added images and those are
+    searched against the whole index; the result equals a search from scratch."""
+    codes_p, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
+    N = codes_p.shape[0]
+    part = use[:, PLAIN]
+    same = np.asarray(same, bool) & part
+    added = part & ~same
+    prev = previous if previous is not None else _empty_directed()
+    prev = prev[prev["owner_a"].to_numpy() >= 0]
+    owner = prev["owner_a"].to_numpy(np.int64)
+    prev = prev[same[owner]]
+    owner = prev["owner_a"].to_numpy(np.int64)
+    nb = prev["owner_b"].to_numpy(np.int64)
+    lost = np.zeros(N, bool)
+    broken = (nb < 0) | ~same[np.maximum(nb, 0)]
+    lost[owner[broken]] = True
+    img, var = np.nonzero(idx_use)
+    index = make_index(codes_p[img, var], img.astype(np.int64), cfg.backend, max_distance=cfg.max_distance)
+    gained = gained_neighbours(codes, variant_mask, cfg, added, same, representatives, index=index)
+    redo = added | ((lost | gained) & same)
+    fresh = directed_neighbours(codes, variant_mask, cfg, client=client, representatives=representatives,
+                                query_owners=redo, index=index)
+    kept = prev[~redo[owner]]
+    directed = (pd.concat([kept, fresh], ignore_index=True)
+                .sort_values(["owner_a", "hash_distance", "owner_b"], kind="stable")
+                .reset_index(drop=True)
+                .astype({"owner_a": "int64", "owner_b": "int64", "hash_distance": "int16"}))
+    stats = {"images": int(part.sum()), "added": int(added.sum()), "lists_reused": int((same & ~redo).sum()),
+             "rederived_lost_neighbour": int((lost & same & ~gained).sum()),
+             "rederived_gained_neighbour": int((gained & same).sum())}
+    return directed, stats
 
 
 def _run_block(index: HammingIndex, block, cfg: ScreenConfig) -> pd.DataFrame:

@@ -25,6 +25,7 @@ examples:
   {prog} dedupe photos/ --out out --preset fast         hashes + ORB only, no TensorFlow
   {prog} dedupe photos/ --out out --set screen.max_distance=12 --set decide.cosine_threshold=0.8
   {prog} dedupe photos/ --out out --scheduler tcp://10.0.0.5:8786   on an existing Dask cluster
+  {prog} dedupe photos/ --out out                       again: incremental (OUT/catalog)
 
 presets (--preset): {presets}; each is a YAML file of the keys it changes; --config FILE
   and --set KEY=VALUE apply on top, in that order.
@@ -37,6 +38,9 @@ outputs (in OUT):
   run.json        config, versions, weights, counts and timings per stage
   report/         the review page (report/index.html; report.html links to it): every cluster,
                   each pair side by side with its evidence, the closest rejected pairs, errors
+  catalog/        what the next run into this OUT reuses: it reads only new or changed files and
+                  scores only new pairs (--catalog DIR elsewhere, --no-catalog for none); also
+                  what `{prog} query IMAGE --catalog OUT/catalog` looks images up in
 
 after a run:
   {prog} plan OUT --keep largest_pixels     a keep/remove plan per cluster (OUT/plan.parquet)
@@ -49,6 +53,21 @@ exit codes:
      unreachable scheduler, OUT in use by another run), with a message saying what to fix
   1  the run failed or was stopped by SIGTERM/SIGINT: temporary files are removed and the
      previous outputs, if any, are untouched
+"""
+
+
+QUERY_EPILOG = """\
+examples:
+  {prog} query new.jpg --catalog out/catalog                 a table on the terminal
+  {prog} query a.jpg b.png --catalog out/catalog --output hits.csv
+  {prog} query photos/new.jpg --catalog out/catalog --add    also record it in the catalog
+
+output columns: query, path (catalog image, relative to its folder), image_id, hash_distance,
+  orb_matches, orb_inliers, orb_score, cosine, stage, is_duplicate, reason, rule (as in
+  pairs.parquet), query_error (why a query image could not be used)
+
+exit codes: 0 done; 2 usage error (no catalog, missing image, bad --output extension, catalog in
+  use with --add); 1 failure
 """
 
 
@@ -101,8 +120,33 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
     run.add_argument("--scheduler", default=None,
                      help="'local' (default), 'sync' (in-process, for debugging) or a Dask scheduler "
                           "address such as tcp://127.0.0.1:8786 (DASK_SCHEDULER_ADDRESS works too)")
+    run.add_argument("--catalog", default=None, metavar="DIR",
+                     help="catalog folder kept between runs (default: OUT/catalog; same as --set catalog=DIR)")
+    run.add_argument("--no-catalog", action="store_true",
+                     help="run from scratch without a catalog (same as --set catalog=none)")
+    run.add_argument("--rehash", action="store_true",
+                     help="read every file and compare its sha256 with the catalog, instead of trusting "
+                          "an unchanged size and modification time")
     run.add_argument("--quiet", action="store_true", help="no progress bars or heartbeat lines")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    query = sub.add_parser("query", help="which catalog images does each image duplicate?",
+                           description="Compare images with a catalog built by `dedupe` (OUT/catalog by "
+                                       "default): the same tiers and decision rule as the batch job.",
+                           epilog=QUERY_EPILOG.format(prog=prog),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    query.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s) to look up")
+    query.add_argument("--catalog", required=True, metavar="DIR", help="the catalog folder (e.g. OUT/catalog)")
+    query.add_argument("--output", default=None, metavar="FILE",
+                       help="write the rows to FILE (.parquet, .csv or .json) instead of a table on the terminal")
+    query.add_argument("--add", action="store_true",
+                       help="also add the images (which must lie inside the catalog's folder) to the catalog")
+    query.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting of the catalog's config (its screen hashing settings "
+                            "must stay), e.g. --set decide.cosine_threshold=0.8")
+    query.add_argument("--scheduler", default="sync",
+                       help="'sync' (default: in-process, quickest for a few images), 'local' or an address")
+    query.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     weights = sub.add_parser("weights", help="seed the Keras weights cache from a local folder")
     weights.add_argument("--from", dest="from_dir", required=True, help="folder holding the .h5 weight files")
@@ -223,16 +267,22 @@ def main(argv: list[str] | None = None) -> int:
 
     # TensorFlow's C++ start-up chatter (oneDNN notices) is noise in a batch log; workers inherit this
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.command == "query":
+        return _query_command(args)
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("pipeline")
     previous = signal.signal(signal.SIGTERM, _stop)  # Airflow, systemd, kill: stop cleanly, exit 1
     try:
+        if args.catalog is not None and args.no_catalog:
+            raise ConfigError("--catalog and --no-catalog contradict each other: pass one of them")
         overrides = list(args.overrides) + ([f"tiers={args.tiers}"] if args.tiers else [])
+        overrides += [f"catalog={args.catalog}"] if args.catalog is not None else []
+        overrides += ["catalog=none"] if args.no_catalog else []
         cfg = load_config(args.config, overrides, preset=args.preset)
         from pipeline.run import run  # heavy imports only after the config is known to be good
         started = time.perf_counter()
-        manifest = run(args.data, args.out, cfg, scheduler=args.scheduler, quiet=args.quiet)
+        manifest = run(args.data, args.out, cfg, scheduler=args.scheduler, quiet=args.quiet, rehash=args.rehash)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -251,3 +301,31 @@ def main(argv: list[str] | None = None) -> int:
              time.perf_counter() - started, c["files"], c["errors"], c["duplicate_pairs"], c["clusters"],
              args.out)
     return EXIT_OK
+
+
+def _query_command(args) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("pipeline")
+    try:
+        if args.output and os.path.splitext(args.output)[1].lower() not in (".parquet", ".csv", ".json"):
+            raise ConfigError(f"--output {args.output!r}: the extension must be .parquet, .csv or .json")
+        from pipeline import query
+        from pipeline.config import Config
+        from pipeline.run import dask_client
+        with dask_client(Config(), args.scheduler) as client:
+            result = query.query(args.images, args.catalog, overrides=args.overrides, add=args.add, client=client)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    except Exception:
+        log.exception("the query failed")
+        return EXIT_FAILED
+    if args.output:
+        query.write_result(result, args.output)
+    else:
+        print(query.format_table(result))
+    return EXIT_OK
+

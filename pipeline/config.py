@@ -185,6 +185,9 @@ class ReportConfig:
 class Config:
     tiers: Literal["screen", "verify", "confirm"] = "confirm"  # last tier to run
     work_dir: str = ""  # features store; "" = OUT/_work (removed after a successful run)
+    # The persistent catalog that makes re-runs incremental (pipeline/catalog.py): "" = OUT/catalog,
+    # "none" = no catalog (every run starts from nothing), else a folder.
+    catalog: str = ""
     scan: ScanConfig = field(default_factory=ScanConfig)
     screen: ScreenConfig = field(default_factory=ScreenConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
@@ -353,14 +356,6 @@ def check_memory_limit(value: str) -> None:
         raise ConfigError(f"dask.memory_limit: {value!r} is not a size: use auto, 0 (no limit) or e.g. 4GB, 3.5GiB")
 
 
-def config_from_dict(data: dict) -> Config:
-    """A Config from `Config.to_dict()` output (e.g. run.json's "config"), validated."""
-    cfg = Config()
-    _apply(cfg, data)
-    _validate(cfg)
-    return cfg
-
-
 def parse_override(item: str) -> tuple[str, Any]:
     """`screen.max_distance=12` -> ("screen.max_distance", 12); values are parsed as YAML."""
     if "=" not in item:
@@ -398,6 +393,25 @@ def _read_yaml(p: Path) -> dict:
     return data
 
 
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    """A Config from a stored `to_dict()` (e.g. the settings a catalog was built with), then
+    `key=value` overrides, then validation."""
+    cfg = Config()
+    _apply(cfg, data or {})
+    _apply_overrides(cfg, overrides)
+    _validate(cfg)
+    return cfg
+
+
+def _apply_overrides(cfg: Config, overrides: list[str] | None) -> None:
+    for item in overrides or []:
+        key, value = parse_override(item)
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _apply(cfg, nested)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 preset: str | None = None, base: Config | None = None) -> Config:
     """Defaults (or a copy of `base`), then the preset (if named), then the YAML file (if given),
@@ -407,11 +421,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply(cfg, _read_yaml(preset_path(preset)))
     if path:
         _apply(cfg, _read_yaml(Path(path)))
-    for item in overrides or []:
-        key, value = parse_override(item)
-        nested: Any = value
-        for part in reversed(key.split(".")):
-            nested = {part: nested}
-        _apply(cfg, nested)
+    _apply_overrides(cfg, overrides)
     _validate(cfg)
     return cfg

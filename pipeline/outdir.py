@@ -49,14 +49,16 @@ def _holder(fd: int) -> str:
 
 
 @contextlib.contextmanager
-def locked(out: Path) -> Iterator[None]:
-    """Hold OUT's run lock; ConfigError (exit 2) naming the holder when another run has it."""
-    path = out / LOCK_NAME
+def locked(out: Path, name: str = LOCK_NAME, what: str = "output folder",
+           option: str = "--out") -> Iterator[None]:
+    """Hold OUT's run lock; ConfigError (exit 2) naming the holder when another run has it.
+    (`name`, `what`, `option`: the same lock for another folder, e.g. the catalog.)"""
+    path = out / name
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise ConfigError(f"cannot write in the output folder {str(out)!r} ({exc.strerror}): "
-                          "choose a writable --out") from None
+        raise ConfigError(f"cannot write in the {what} {str(out)!r} ({exc.strerror}): "
+                          f"choose a writable {option}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

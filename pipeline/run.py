@@ -16,13 +16,13 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
 import pipeline
-from pipeline import candidates, decide, outdir, paths, scan, screen, write
+from pipeline import candidates, catalog, decide, outdir, paths, scan, screen, write
 from pipeline.config import Config, ConfigError, check_scheduler
 from pipeline.progress import Progress
 
@@ -31,9 +31,24 @@ TIER_ORDER = {"screen": 0, "verify": 1, "confirm": 2}
 SCREEN_EMBED_SUBDIR = "screen_embeddings"  # high-recall mode's embeddings, under work_dir/embed
 
 
+class _LazyClient:
+    """A Client made on first use: a run that finds everything in its catalog (a threshold-only
+    change, nothing new) never starts the local cluster."""
+
+    def __init__(self, start: Callable[[], object]):
+        self._start = start
+        self._client = None
+
+    def __getattr__(self, name: str):
+        if self._client is None:
+            self._client = self._start()
+        return getattr(self._client, name)
+
+
 @contextlib.contextmanager
-def dask_client(cfg: Config, scheduler: str | None) -> Iterator[object | None]:
-    """None for "sync" (in-process); a LocalCluster for "local"; else connect to the address."""
+def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Iterator[object | None]:
+    """None for "sync" (in-process); a LocalCluster for "local" (with `lazy`, started when first
+    used); else connect to the address."""
     target = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or cfg.dask.scheduler
     if target == "sync":
         yield None
@@ -42,6 +57,10 @@ def dask_client(cfg: Config, scheduler: str | None) -> Iterator[object | None]:
     if not log.isEnabledFor(logging.DEBUG):  # nannies starting, comms closing: noise for a batch job
         for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    if target == "local" and lazy:
+        with contextlib.ExitStack() as stack:
+            yield _LazyClient(lambda: stack.enter_context(dask_client(cfg, "local")))
+        return
     if target == "local":
         n_workers = cfg.dask.n_workers or os.cpu_count() or 1
         with LocalCluster(n_workers=n_workers, threads_per_worker=cfg.dask.threads_per_worker,
@@ -77,34 +96,133 @@ def image_ids(names: Iterable[str | bytes]) -> np.ndarray:
     return ids
 
 
-def run_screen(root: Path, cfg: Config, client, progress: Progress) -> pd.DataFrame:
+def _reused_row(entry: scan.FileEntry, rec: dict) -> dict:
+    """A screen row for an unchanged file, from its catalog record (no read, no decode)."""
+    return {"path": paths.internal(entry.path), "abs_path": paths.internal(entry.abs_path),
+            "bytes": entry.bytes, "mtime": entry.mtime,
+            "width": rec["width"], "height": rec["height"], "format": rec["format"], "sha256": rec["sha256"],
+            "hash": rec["hash"], "error": rec["error"], "codes": rec["codes"],
+            "variant_mask": rec["variant_mask"], "mtime_ns": entry.mtime_ns}
+
+
+_UNCHANGED = "\0unchanged"  # a --rehash row whose bytes match the catalog (replaced by its record)
+
+
+def _recheck_partition(entries: list[scan.FileEntry], known_sha: list[str], cfg) -> pd.DataFrame:
+    """--rehash: read each file; screen it only when its sha256 differs from the catalog's.
+    Returns the screened rows plus, for unchanged files, rows with `codes` None and error
+    _UNCHANGED (the driver replaces them with the catalog record)."""
+    rows = []
+    for entry, sha in zip(entries, known_sha):
+        try:
+            with paths.open_bytes(entry.abs_path) as fh:
+                digest = hashlib.sha256(fh.read()).hexdigest()
+        except OSError:
+            digest = None
+        if digest == sha:
+            rows.append(dict(screen.screen_file(scan.FileEntry(entry.path, entry.abs_path, entry.bytes,
+                                                                entry.mtime, _UNCHANGED, entry.mtime_ns), cfg)))
+        else:
+            rows.append(screen.screen_file(entry, cfg))
+    frame = pd.DataFrame(rows, columns=screen.COLUMNS)
+    return frame.astype({"bytes": "int64", "mtime": "float64", "width": "Int64", "height": "Int64",
+                         "variant_mask": "int64", "mtime_ns": "int64"})
+
+
+def run_screen(root: Path, cfg: Config, client, progress: Progress, known: dict | None = None,
+               rehash: bool = False, reuse: dict | None = None) -> pd.DataFrame:
+    """Walk and screen. `known`: catalog records by path (made with the same screen settings);
+    a file whose size and mtime_ns match its record is not read (with `rehash`, it is read and
+    its sha256 compared instead). `reuse` receives the counts and why files were screened."""
     batches = scan.batched(scan.iter_files(root, cfg.scan), cfg.dask.partition_size)
     frames: list[pd.DataFrame] = []
+    reused_rows: list[dict] = []
+    why = {"new": 0, "changed_size_or_mtime": 0, "content_changed": 0, "scan_error": 0, "screen_settings_changed": 0}
     walked = 0
+
+    def split(batch):
+        """-> (screen these, recheck these and their known sha256)"""
+        if known is None:
+            return batch, [], []
+        todo, check, shas = [], [], []
+        for entry in batch:
+            rec = known.get(paths.text_form(entry.path))
+            if entry.error:
+                why["scan_error"] += 1
+                todo.append(entry)
+            elif rec is None:
+                why["new"] += 1
+                todo.append(entry)
+            elif rec["stale"]:
+                why["screen_settings_changed"] += 1
+                todo.append(entry)
+            elif rehash and isinstance(rec["sha256"], str):
+                check.append(entry)
+                shas.append(rec["sha256"])
+            elif rec["bytes"] == entry.bytes and rec["mtime_ns"] == entry.mtime_ns and not rehash:
+                reused_rows.append(_reused_row(entry, rec))
+            else:
+                why["changed_size_or_mtime"] += 1
+                todo.append(entry)
+        return todo, check, shas
+
+    def tasks(batch):
+        todo, check, shas = split(batch)
+        out = []
+        if todo:
+            out.append((screen.screen_partition, (todo, cfg.screen)))
+        if check:
+            out.append((_recheck_partition, (check, shas, cfg.screen)))
+        return out, len(batch) - len(todo) - len(check)
+
     with progress.stage("screen", unit="img") as tracker:
         if client is None:  # walk and screen interleave: the total grows until the walk ends
             for batch in batches:
                 walked += len(batch)
                 tracker.set_total(walked, final=False)
-                frames.append(screen.screen_partition(batch, cfg.screen))
-                tracker.update(len(batch))
+                work, skipped = tasks(batch)
+                tracker.update(skipped)
+                for fn, args in work:
+                    frames.append(fn(*args))
+                    tracker.update(len(args[0]))
         else:
             from distributed import as_completed
-            pending = as_completed()
+            pending = None  # made with the first task (a lazy client starts only when needed)
             futures = []
             for batch in batches:  # submit while the walk goes on, count what finished meanwhile
-                futures.append(client.submit(screen.screen_partition, batch, cfg.screen, pure=False))
-                pending.add(futures[-1])
+                work, skipped = tasks(batch)
+                tracker.update(skipped)
+                for fn, args in work:
+                    futures.append(client.submit(fn, *args, pure=False))
+                    pending = pending or as_completed()
+                    pending.add(futures[-1])
                 walked += len(batch)
                 tracker.set_total(walked, final=False)
-                for fut in pending.next_batch(block=False):
+                for fut in pending.next_batch(block=False) if pending is not None else []:
                     tracker.update(len(fut.result()))
-            for fut in pending:
+            for fut in pending if pending is not None else []:
                 tracker.update(len(fut.result()))
-            frames = client.gather(futures)
+            frames = client.gather(futures) if futures else []
         tracker.set_total(walked)
     images = (pd.concat(frames, ignore_index=True) if frames
               else pd.DataFrame({c: pd.Series(dtype="object") for c in screen.COLUMNS}))
+    if known is not None:
+        unchanged = (images["error"] == _UNCHANGED).to_numpy()
+        for entry_row in images[unchanged].to_dict("records"):
+            rec = known[paths.text_form(entry_row["path"])]
+            entry = scan.FileEntry(entry_row["path"], entry_row["abs_path"], int(entry_row["bytes"]),
+                                   float(entry_row["mtime"]), None, int(entry_row["mtime_ns"]))
+            reused_rows.append(_reused_row(entry, rec))
+        why["content_changed"] = int((~unchanged).sum()) - sum(v for k, v in why.items() if k != "content_changed")
+        images = images[~unchanged]
+        if reused_rows:
+            reused = pd.DataFrame(reused_rows, columns=screen.COLUMNS).astype(
+                {"bytes": "int64", "mtime": "float64", "width": "Int64", "height": "Int64",
+                 "variant_mask": "int64", "mtime_ns": "int64"})
+            images = pd.concat([images, reused], ignore_index=True) if len(images) else reused
+        if reuse is not None:
+            reuse.update(files=walked, reused=len(reused_rows), screened=walked - len(reused_rows),
+                         why_screened={k: v for k, v in why.items() if v})
     # names as the filesystem holds them -> the outputs' text form (pipeline/paths.py); the id
     # and the raw bytes come from the exact name, so nothing is lost
     raw = [paths.raw_bytes(p) for p in images["path"]]
@@ -136,17 +254,28 @@ def screen_embeddings(images: pd.DataFrame, cfg: Config, work_dir: Path, client,
 
 
 def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] | None = None,
-                timings: dict | None = None) -> pd.DataFrame:
+                timings: dict | None = None, previous: tuple[pd.DataFrame, np.ndarray] | None = None,
+                info: dict | None = None) -> pd.DataFrame:
     """Exact pairs + near candidates (hash; plus embedding neighbours when `emb_parts`, the
-    screen embeddings' partition files, are given)."""
+    screen embeddings' partition files, are given).
+
+    `previous`: the catalog's K-nearest lists (in current row numbers) and which images are
+    unchanged since; then only the lists a change can affect are searched again (same result).
+    `info` (a dict) receives the directed lists ("neighbours") and the search counts ("search")."""
     exact = candidates.exact_pairs(images["sha256"], cfg.screen.exact_group_pairs)
     exact = exact.assign(hash_distance=np.int16(0), transform=np.int8(0), kind="exact")
     valid = images["error"].isna() & images["codes"].notna()
     representative = representatives(images)
     codes, mask = screen.unpack_codes(images, cfg.screen)
     mask &= valid.to_numpy()[:, None]
-    near = candidates.near_pairs(codes, mask, cfg.screen, client=client,
-                                 representatives=representative.to_numpy())
+    if previous is None:
+        directed = candidates.directed_neighbours(codes, mask, cfg.screen, client=client,
+                                                  representatives=representative.to_numpy())
+        search = {"images": int((representative & valid).sum()), "searched": "all (no usable catalog lists)"}
+    else:
+        directed, search = candidates.incremental_neighbours(codes, mask, cfg.screen, previous[0], previous[1],
+                                                             client=client, representatives=representative.to_numpy())
+    near = candidates.pairs_from_neighbours(directed, codes, mask, cfg.screen, representative.to_numpy())
     if emb_parts is not None:
         t = time.perf_counter()
         emb = candidates.embedding_pairs(emb_parts, cfg.screen)
@@ -158,16 +287,23 @@ def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] 
         near = near.assign(source="hash")
     near = near.assign(kind="near")
     pairs = pd.concat([exact, near], ignore_index=True)
-    return pairs.astype({"idx_a": "int64", "idx_b": "int64", "hash_distance": "int16", "transform": "int8"})
+    pairs = pairs.astype({"idx_a": "int64", "idx_b": "int64", "hash_distance": "int16", "transform": "int8"})
+    if info is not None:
+        info.update(neighbours=directed, search=search)
+    return pairs
 
 
 def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = None,
-        quiet: bool = False) -> dict:
+        quiet: bool = False, rehash: bool = False) -> dict:
     """Run the whole cascade; returns the manifest written to OUT/run.json.
 
     Holds OUT's lock for the whole run (a second run into the same OUT stops with ConfigError),
     and removes its work folder however the run ends (an exception, Ctrl-C, SIGTERM turned into an
     exception by the CLI); folders of runs killed outright are removed by the next run.
+
+    With a catalog (`catalog:`, default OUT/catalog; pipeline/catalog.py) the run also holds the
+    catalog's lock, reuses what the catalog knows and commits what it learnt; `rehash` reads every
+    file to compare its sha256 instead of trusting an unchanged size and mtime.
     """
     root = Path(root)
     out = Path(out)
@@ -187,31 +323,86 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
     except OSError as exc:
         raise ConfigError(f"cannot create the output folder {str(out)!r} ({exc.strerror}): "
                           "choose another --out") from None
+    catalog_dir = catalog.resolve(cfg, out)
+    catalog_note = None
+    if catalog_dir is not None and cfg.screen.mode == "hash+embedding":
+        catalog_note = "screen.mode hash+embedding does not use the catalog yet: this run starts from nothing"
+        log.info("catalog: %s", catalog_note)
+        catalog_dir = None
     with outdir.locked(out):
         work_dir = Path(cfg.work_dir) if cfg.work_dir else out / f"{outdir.WORK_PREFIX}{os.getpid()}"
         outdir.remove_stale_work(out, keep=work_dir)
         try:
-            return _cascade(root, out, cfg, scheduler, Progress(quiet), work_dir, weights_info)
+            with (catalog.opened(catalog_dir) if catalog_dir is not None
+                  else contextlib.nullcontext(None)) as cat:
+                return _cascade(root, out, cfg, scheduler, Progress(quiet), work_dir, weights_info,
+                                cat=cat, rehash=rehash, catalog_note=catalog_note)
         finally:
             if not cfg.work_dir:
                 shutil.rmtree(work_dir, ignore_errors=True)
 
 
+def _set(pairs: pd.DataFrame, rows, column: str, values) -> None:
+    """pairs.loc[rows, column] = values, keeping the column's (nullable) dtype."""
+    if len(rows):
+        pairs.loc[rows, column] = pd.array(list(values), dtype=pairs[column].dtype)
+
+
+def _by_content(images: pd.DataFrame, cids: np.ndarray) -> pd.DataFrame:
+    """abs_path and error of one image per content, indexed by content id (what the verify and
+    confirm tiers key their features by when a catalog is used)."""
+    rep = representatives(images).to_numpy()
+    frame = images.loc[rep, ["abs_path", "error"]].copy()
+    frame.index = pd.Index(cids[rep], dtype=np.int64)
+    return frame
+
+
+def _adopt(cat: catalog.Catalog, kind: str, fp: str, pre: pd.Series, sha_of_cid: pd.Series,
+           new_features: list[pd.DataFrame]) -> tuple[pd.Series, int]:
+    """Add the complete feature parts a killed run left (same settings) to `pre`; they are listed
+    in the catalog at this run's commit. Returns the new `pre` and how many keys were adopted."""
+    orphans = cat.orphan_parts(kind, fp, sha_of_cid)
+    orphans = orphans[~orphans["key"].isin(pre.index)]
+    if not len(orphans):
+        return pre, 0
+    new_features.append(catalog.new_feature_rows(cat, kind, fp, orphans, sha_of_cid))
+    extra = pd.Series(orphans["part_path"].to_numpy(dtype=object), index=orphans["key"].to_numpy(np.int64))
+    return pd.concat([pre, extra]), int(len(orphans))
+
+
 def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress: Progress,
-             work_dir: Path, weights_info: dict | None) -> dict:
+             work_dir: Path, weights_info: dict | None, cat: catalog.Catalog | None = None,
+             rehash: bool = False, catalog_note: str | None = None) -> dict:
     high_recall = cfg.screen.mode == "hash+embedding"
     started = datetime.now(timezone.utc)
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     timings: dict[str, float] = {}
     counts: dict[str, int] = {}
+    fps = catalog.fingerprints(cfg, weights_info)
+    reuse: dict = {"catalog": str(cat.directory) if cat is not None else None}
+    if catalog_note:
+        reuse["note"] = catalog_note
+    new_features: list[pd.DataFrame] = []
+    ran_features: dict[str, str] = {}
+    verified = False
+    confirmed = None
 
-    with dask_client(cfg, scheduler) as client:
+    with dask_client(cfg, scheduler, lazy=cat is not None) as client:
         t = time.perf_counter()
-        images = run_screen(root, cfg, client, progress)
+        reuse["screen"] = {}
+        known = catalog.known_records(cat, fps, paths.text_form(str(root.resolve())), reuse["screen"])
+        images = run_screen(root, cfg, client, progress, known=known, rehash=rehash, reuse=reuse["screen"])
         timings["scan+screen"] = time.perf_counter() - t
         counts["files"] = len(images)
         counts["errors"] = int(images["error"].notna().sum())
         log.info("screened %d files (%d with errors)", counts["files"], counts["errors"])
+        if cat is not None:
+            has_sha = images["sha256"].notna().to_numpy()
+            cids = np.full(len(images), -1, np.int64)
+            cids[has_sha] = catalog.check_content_ids(images.loc[has_sha, "sha256"])
+            sha_of_cid = pd.Series(images["sha256"].to_numpy(dtype=object)[has_sha], index=cids[has_sha])
+            sha_of_cid = sha_of_cid[~sha_of_cid.index.duplicated()]
+            by_content = _by_content(images, cids)
 
         screen_emb = None
         if high_recall:
@@ -221,10 +412,15 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
             counts["screen_embedded"] = len(screen_emb)
             counts["screen_embed_errors"] = int(screen_emb["error"].notna().sum())
         t = time.perf_counter()
+        search_info: dict = {}
+        reuse["candidates"] = {}
         with progress.stage("candidates", unit="img") as tracker:
-            pairs = build_pairs(images, cfg, client, timings=timings,
+            previous = catalog.previous_lists(cat, images, representatives(images).to_numpy(), fps,
+                                              reuse["candidates"])
+            pairs = build_pairs(images, cfg, client, timings=timings, previous=previous, info=search_info,
                                 emb_parts=None if screen_emb is None else screen_emb["part_path"].tolist())
             tracker.update(len(images))
+        reuse["candidates"].update(search_info.get("search", {}))
         timings["candidates"] = time.perf_counter() - t
         counts["exact_pairs"] = int((pairs["kind"] == "exact").sum())
         counts["near_candidates"] = int((pairs["kind"] == "near").sum())
@@ -239,12 +435,46 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
                            ("ssim", "Float32"), ("hist_corr", "Float32")):
             pairs[col] = pd.Series(pd.NA, index=pairs.index, dtype=dtype)
         near = pairs.index[pairs["kind"] == "near"]
+        sha = images["sha256"].to_numpy(dtype=object)
         if TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"] and len(near):
             from pipeline import verify
             t = time.perf_counter()
-            scores = verify.run_verify(pairs.loc[near, ["idx_a", "idx_b", "transform"]], frame, cfg,
-                                       str(work_dir / "orb"), client=client, progress=progress)
-            pairs.loc[near, scores.columns] = scores
+            if cat is None:
+                scores = verify.run_verify(pairs.loc[near, ["idx_a", "idx_b", "transform"]], frame, cfg,
+                                           str(work_dir / "orb"), client=client, progress=progress)
+                pairs.loc[near, scores.columns] = scores
+            else:  # pairs already scored with these settings are taken from the catalog
+                sub = pairs.loc[near]
+                ia, ib = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy()
+                tt = sub["transform"].to_numpy(np.int64)
+                hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "orb", fps["orb"])
+                for col in catalog.ORB_COLUMNS:
+                    _set(pairs, near[hit], col, found.loc[hit, col])
+                todo = near[~hit]
+                info = {"pairs_reused": int(hit.sum()), "pairs_verified": int(len(todo))}
+                if len(todo):
+                    job = pd.DataFrame({"idx_a": cids[ia[~hit]], "idx_b": cids[ib[~hit]],
+                                        "transform": tt[~hit]}, index=todo)
+                    tb = np.where(tt[~hit] >= 4, 4, 0)
+                    pre, fcounts = cat.feature_parts("orb", fps["orb_features"],
+                                                     np.concatenate([sha[ia[~hit]], sha[ib[~hit]]]),
+                                                     np.concatenate([np.zeros_like(tb), tb]))
+                    pre, adopted = _adopt(cat, "orb", fps["orb_features"], pre, sha_of_cid, new_features)
+                    scores = verify.run_verify(job, by_content, cfg,
+                                               str(cat.directory / "features" / "orb" / fps["orb_features"]),
+                                               client=client, progress=progress, precomputed=pre)
+                    made = pd.DataFrame(scores.attrs.pop("features", {"key": [], "part_path": [], "error": []}))
+                    new_features.append(catalog.new_feature_rows(cat, "orb", fps["orb_features"], made, sha_of_cid))
+                    for col in scores.columns:
+                        _set(pairs, todo, col, scores[col])
+                    info.update(features_reused=fcounts["reused"], features_computed=int(len(made)),
+                                features_adopted_from_killed_run=adopted,
+                                features_redone_settings_changed=fcounts["settings_changed"])
+                    stale = int(catalog.lookup_evidence(cat, sha[ia[~hit]], sha[ib[~hit]], tt[~hit], "orb_any", "")[0].sum())
+                    info["why_verified"] = {"settings_changed": stale, "new_pair": int(len(todo)) - stale}
+                reuse["verify"] = info
+                ran_features["orb"] = fps["orb_features"]
+            verified = True
             timings["verify"] = time.perf_counter() - t
             counts["verified_pairs"] = len(near)
             counts["verify_rejected"] = int((pairs["orb_status"] == "no-match").sum())
@@ -254,18 +484,48 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
         if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:
             from pipeline import confirm
             # only what the verify tier neither rejected nor accepted outright (pipeline/decide.py)
-            alive = pairs.index[decide.needs_confirm(pairs, cfg)]
+            routed = decide.needs_confirm(pairs, cfg)
+            alive = pairs.index[routed]
+            confirmed = routed[pairs.index.get_indexer(near)] if len(near) else np.zeros(0, bool)
             t = time.perf_counter()
-            if len(alive):
-                reuse = None if screen_emb is None else \
+            if len(alive) and cat is None:
+                reuse_emb = None if screen_emb is None else \
                     pd.Series(screen_emb["part_path"].to_numpy(dtype=object),
                               index=screen_emb["key"].to_numpy(dtype=np.int64))
                 cos = confirm.run_confirm(pairs.loc[alive, ["idx_a", "idx_b", "transform"]], frame,
                                           cfg, str(work_dir / "embed"), client=client,
-                                          precomputed=reuse, progress=progress)
+                                          precomputed=reuse_emb, progress=progress)
                 counts["confirm_embedded"] = int(cos.attrs.get("embedded_keys", 0))
                 counts["confirm_reused"] = int(cos.attrs.get("reused_keys", 0))
                 pairs.loc[alive, "cosine"] = cos.astype("float32")
+            elif len(alive):
+                sub = pairs.loc[alive]
+                ia, ib = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy()
+                tt = sub["transform"].to_numpy(np.int64)
+                hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "cosine", fps["embed"])
+                _set(pairs, alive[hit], "cosine", found.loc[hit, "cosine"])
+                todo = alive[~hit]
+                info = {"pairs_reused": int(hit.sum()), "pairs_embedded": int(len(todo))}
+                if len(todo):
+                    job = pd.DataFrame({"idx_a": cids[ia[~hit]], "idx_b": cids[ib[~hit]],
+                                        "transform": tt[~hit]}, index=todo)
+                    pre, fcounts = cat.feature_parts("embed", fps["embed"],
+                                                     np.concatenate([sha[ia[~hit]], sha[ib[~hit]]]),
+                                                     np.concatenate([np.zeros_like(tt[~hit]), tt[~hit]]))
+                    pre, adopted_emb = _adopt(cat, "embed", fps["embed"], pre, sha_of_cid, new_features)
+                    edir = cat.feature_dir("embed", fps["embed"], run_id)
+                    cos = confirm.run_confirm(job, by_content, cfg, str(edir), client=client,
+                                              precomputed=pre, progress=progress)
+                    made = catalog.parts_summary(edir)
+                    new_features.append(catalog.new_feature_rows(cat, "embed", fps["embed"], made, sha_of_cid))
+                    _set(pairs, todo, "cosine", cos.astype("float32"))
+                    counts["confirm_embedded"] = int(cos.attrs.get("embedded_keys", 0))
+                    counts["confirm_reused"] = int(cos.attrs.get("reused_keys", 0))
+                    info.update(embeddings_reused=fcounts["reused"], embeddings_computed=int(len(made)),
+                                embeddings_adopted_from_killed_run=adopted_emb,
+                                embeddings_redone_settings_changed=fcounts["settings_changed"])
+                reuse["confirm"] = info
+                ran_features["embed"] = fps["embed"]
             timings["confirm"] = time.perf_counter() - t
             counts["confirmed_pairs"] = len(alive)
 
@@ -288,7 +548,8 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
     counts["clusters"] = int(images.loc[images["cluster_id"] >= 0, "cluster_id"].nunique())
     counts["images_in_clusters"] = int((images["cluster_id"] >= 0).sum())
 
-    pairs = contract_pairs(pairs, images)
+    scored = pairs.loc[near]
+    pairs_out = contract_pairs(pairs, images)
     manifest = {
         "tool": "dedupe-pipeline", "version": pipeline.__version__, "run_id": run_id,
         "contract_version": write.CONTRACT_VERSION,
@@ -296,11 +557,27 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
         "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
         "scheduler": scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or cfg.dask.scheduler,
         "config": cfg.to_dict(), "counts": counts, "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "weights": weights_info, "versions": versions(),
+        "weights": weights_info, "versions": versions(), "reuse": reuse,
     }
-    with progress.stage("write", total=len(images) + len(pairs), unit="row") as tracker:
-        outdir.publish(out, run_id, lambda folder: write.write_outputs(folder, images, pairs, manifest))
-        tracker.update(len(images) + len(pairs))
+    if cat is not None:  # the catalog first: the outputs' run.json then says what it committed
+        t = time.perf_counter()
+        present = set(images["sha256"].dropna())
+        rows = pd.DataFrame({"sha_a": sha[scored["idx_a"].to_numpy()], "sha_b": sha[scored["idx_b"].to_numpy()],
+                             "transform": scored["transform"].to_numpy(np.int64),
+                             **{c: scored[c].to_numpy() for c in catalog.ORB_COLUMNS},
+                             "cosine": scored["cosine"].to_numpy()})
+        evidence = catalog.evidence_table(cat, present, rows, fps, verified, confirmed)
+        features = catalog.features_table(cat, present, new_features, ran_features)
+        committed = cat.commit(root=paths.text_form(str(root.resolve())), run_id=run_id, fps=fps,
+                               images=catalog.images_table(images, fps),
+                               neighbours=catalog.neighbours_table(search_info["neighbours"], images),
+                               evidence=evidence, features=features, config=cfg.to_dict())
+        reuse["problems"] = list(cat.problems)
+        reuse["catalog_generation"] = committed["generation"]
+        manifest["timings_s"]["catalog"] = round(time.perf_counter() - t, 3)
+    with progress.stage("write", total=len(images) + len(pairs_out), unit="row") as tracker:
+        outdir.publish(out, run_id, lambda folder: write.write_outputs(folder, images, pairs_out, manifest))
+        tracker.update(len(images) + len(pairs_out))
     return manifest
 
 

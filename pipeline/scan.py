@@ -55,6 +55,7 @@ class FileEntry:
     bytes: int
     mtime: float
     error: str | None = None  # set when the file is listed but cannot be an image
+    mtime_ns: int = 0  # modification time in integer nanoseconds (what the catalog compares)
 
 
 def sniff(head: bytes) -> str | None:
@@ -128,7 +129,7 @@ def iter_files(root: str | Path, cfg: ScanConfig) -> Iterator[FileEntry]:
             elif stat.S_ISREG(st.st_mode):
                 keep, error = _classify(path, st.st_size, cfg)
                 if keep:
-                    yield FileEntry(rel, path, st.st_size, st.st_mtime, error)
+                    yield FileEntry(rel, path, st.st_size, st.st_mtime, error, st.st_mtime_ns)
         stack.extend(reversed(subdirs))
 
 

@@ -38,7 +38,7 @@ HASHERS: dict[str, Callable[..., imagehash.ImageHash]] = {
 }
 
 COLUMNS = ["path", "abs_path", "bytes", "mtime", "width", "height", "format", "sha256", "hash",
-           "error", "codes", "variant_mask"]
+           "error", "codes", "variant_mask", "mtime_ns"]
 
 
 def hash_words(h: imagehash.ImageHash) -> np.ndarray:
@@ -107,7 +107,7 @@ def _screen_file(entry: FileEntry, cfg: ScreenConfig) -> dict:
     row = {"path": paths.internal(entry.path), "abs_path": paths.internal(entry.abs_path),
            "bytes": entry.bytes, "mtime": entry.mtime,
            "width": None, "height": None, "format": None, "sha256": None, "hash": None,
-           "error": entry.error, "codes": None, "variant_mask": 0}
+           "error": entry.error, "codes": None, "variant_mask": 0, "mtime_ns": entry.mtime_ns}
     if entry.error:
         return row
     try:
@@ -142,7 +142,7 @@ def screen_partition(entries: list[FileEntry], cfg: ScreenConfig) -> pd.DataFram
     """Screen one partition of files -> one row per file (see COLUMNS)."""
     frame = pd.DataFrame([screen_file(e, cfg) for e in entries], columns=COLUMNS)
     return frame.astype({"bytes": "int64", "mtime": "float64", "width": "Int64", "height": "Int64",
-                         "variant_mask": "int64"})
+                         "variant_mask": "int64", "mtime_ns": "int64"})
 
 
 def unpack_codes(frame: pd.DataFrame, cfg: ScreenConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -742,7 +742,7 @@ def _locality_order(idx_a: np.ndarray, idx_b: np.ndarray, nodes: np.ndarray) -> 
 
 
 def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir: str,
-               client=None, progress: Progress | None = None) -> pd.DataFrame:
+               client=None, progress: Progress | None = None, precomputed=None) -> pd.DataFrame:
     """ORB-verify candidate pairs (idx_a, idx_b, transform) -> RESULT_COLUMNS aligned with `pairs`.
 
     `images` is indexed by idx with abs_path and error. Features are computed once per needed
@@ -750,6 +750,10 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     (a dask.distributed Client) tasks run on the cluster, else in this process. Feature files go
     to a new folder `work_dir/orb-<random>` (removed with the work dir by the caller). `progress`
     shows two stages: "features" (images) and "verify" (pairs), advanced per finished task.
+
+    `precomputed`: features already in a store (a Series key -> part_path, e.g. the catalog's);
+    those keys are not computed again. `result.attrs["features"]` holds the summary (lists key,
+    part_path, n_keypoints, error) of the features computed by this call.
     """
     if len(pairs) == 0:
         return _result_frame([], pairs.index)
@@ -775,9 +779,16 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     keys["key"] = feature_key(keys["idx"], keys["transform"])
     keys["abs_path"] = images.loc[keys["idx"], "abs_path"].to_numpy()
     keys["transform"] = keys["transform"].astype("int8")
+    known = pd.Series(dtype=object)
+    if precomputed is not None and len(precomputed):
+        known = pd.Series(precomputed, dtype=object)
+        known.index = known.index.astype(np.int64)
+        known = known[known.index.isin(keys["key"].to_numpy())]
+        keys = keys[~keys["key"].isin(known.index)]
 
     # feature tasks: partition_size images each (all transforms of an image in the same task)
-    order = _locality_order(idx_a, idx_b, pd.unique(keys["idx"].to_numpy()))
+    order = _locality_order(idx_a, idx_b, pd.unique(np.concatenate([idx_a, idx_b])))
+    order = order[np.isin(order, keys["idx"].to_numpy())]  # (precomputed ones aside)
     rank = pd.Series(np.arange(len(order)), index=order)
     keys["chunk"] = rank.loc[keys["idx"]].to_numpy() // cfg.dask.partition_size
     keys = keys.sort_values(["chunk", "idx", "transform"], kind="stable")
@@ -789,7 +800,8 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
                               tracker=tracker, weight=lambda task: int(task[1]["key"].floordiv(8).nunique()))
     summary = (pd.concat(summaries, ignore_index=True) if summaries
                else pd.DataFrame(columns=["key", "part_path", "n_keypoints", "error"]))
-    part_of = pd.Series(summary["part_path"].to_numpy(), index=summary["key"].to_numpy(np.int64))
+    part_of = pd.concat([known, pd.Series(summary["part_path"].to_numpy(dtype=object),
+                                          index=summary["key"].to_numpy(np.int64))])
 
     # pair tasks, ordered by the feature files they touch
     job = pd.DataFrame({"key_a": key_a, "key_b": key_b,
@@ -807,4 +819,5 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
         results = map_tasks(client, verify_partition, tasks, cfg, tracker=tracker, weight=len)
     result = pd.concat(results).sort_index()
     result.index = pairs.index
+    result.attrs["features"] = summary.to_dict("list")  # plain lists: attrs are compared and copied
     return result

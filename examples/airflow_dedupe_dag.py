@@ -1,0 +1,38 @@
+"""Airflow DAG: run the duplicate detection nightly over a growing collection.
+
+Each run goes into the same OUT, so it reuses OUT/catalog: only new or changed files are read
+and only new pairs are scored (README, "Incremental runs and the catalog"). Copy this file into
+your DAGs folder and set the three paths (or the Airflow Variables named below).
+
+Exit codes of the job: 0 done; 1 failed or stopped (retry); 2 configuration error or OUT/catalog
+in use by another run (do not retry blindly: fix the settings, or let the other run finish).
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow import DAG
+from airflow.models import Variable
+from airflow.operators.bash import BashOperator
+
+DEDUPE = Variable.get("dedupe_bin", default_var="/srv/dedupe/.venv/bin/dedupe")
+DATA = Variable.get("dedupe_data", default_var="/data/photos")
+OUT = Variable.get("dedupe_out", default_var="/data/dedupe")
+
+with DAG(
+    dag_id="dedupe_nightly",
+    description="tiered image duplicate detection, incremental via OUT/catalog",
+    schedule="0 2 * * *",
+    start_date=datetime(2024, 1, 1),
+    catchup=False,
+    max_active_runs=1,  # one run per OUT (the job also refuses a second one: exit 2)
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=10)},
+    tags=["dedupe"],
+) as dag:
+    BashOperator(
+        task_id="dedupe",
+        bash_command=f"{DEDUPE} dedupe {DATA} --out {OUT} --quiet",
+        # SIGTERM from Airflow (timeout, mark failed) stops the job cleanly: exit 1, outputs and
+        # catalog as they were before the run
+        execution_timeout=timedelta(hours=6),
+    )

@@ -1,0 +1,332 @@
+"""`dedupe query IMAGE... --catalog DIR`: which catalog images does each image duplicate?
+
+The same cascade and rule as the batch job, for a few images against a catalog built by it
+(pipeline/catalog.py), with the catalog's settings unless overridden:
+
+1. screen each query image (one read, one decode: sha256, hashes and their variants);
+2. candidates: catalog files with the same sha256 (exact; the query file's own record aside),
+   and near pairs by hash exactly as the
+   batch job forms them: the query's K nearest catalog images, plus each catalog image that would
+   take the query into its own K nearest (its list re-derived from the catalog's hashes; a tie at
+   the K-th distance counts as taken, as the query has no place in the folder's path order);
+3. verify and confirm with the catalog's stored ORB features, embeddings and pair scores where
+   they were made with the same settings, computing only what is missing;
+4. decide with `pipeline.decide` (same `rule` codes).
+
+Nothing is written to the catalog unless `add=True` (`--add`): then the query images, which must
+lie inside the catalog's folder, become catalog records with their features and pair scores, as if
+the batch job had seen them (the next batch run finds them unchanged).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import candidates, catalog, decide, scan, screen
+from pipeline.config import Config, ConfigError, config_from_dict
+
+log = logging.getLogger("pipeline")
+
+OUTPUT_COLUMNS = ["query", "path", "image_id", "hash_distance", "orb_matches", "orb_inliers", "orb_score",
+                  "cosine", "stage", "is_duplicate", "reason", "rule", "query_error"]
+TIER_ORDER = {"screen": 0, "verify": 1, "confirm": 2}
+
+
+def _query_entries(paths: list[str | Path]) -> list[scan.FileEntry]:
+    entries = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise ConfigError(f"query image {str(p)!r} does not exist or is not a file")
+        st = path.stat()
+        with open(path, "rb") as fh:
+            head = fh.read(scan.SNIFF_BYTES)
+        error = None if scan.sniff(head) else "not an image: content matches no known image format"
+        entries.append(scan.FileEntry(str(p), str(path.resolve()), st.st_size, st.st_mtime, error, st.st_mtime_ns))
+    return entries
+
+
+def _settings(cat: catalog.Catalog, cfg: Config | None, overrides: list[str] | None) -> Config:
+    if cfg is not None:
+        return cfg
+    return config_from_dict(cat.manifest.get("config") or {}, overrides)
+
+
+def query(paths: list[str | Path], catalog_dir: str | Path, cfg: Config | None = None,
+          overrides: list[str] | None = None, add: bool = False, client=None, progress=None) -> pd.DataFrame:
+    """One row per (query image, catalog image it was compared with): OUTPUT_COLUMNS, duplicates
+    first. `cfg`: the settings (default: the catalog's, with `overrides` applied). A query image
+    that cannot be decoded gets one row with `query_error` set."""
+    cat_dir = Path(catalog_dir)
+    if not (cat_dir / catalog.MANIFEST).is_file():
+        raise ConfigError(f"no catalog at {str(cat_dir)!r}: build one with `dedupe dedupe DATA --out OUT` "
+                          "(it is kept in OUT/catalog) or pass --catalog DIR")
+    opener = catalog.opened(cat_dir) if add else contextlib.nullcontext(catalog.Catalog.load(cat_dir))
+    with opener as cat:
+        if cat.problems:  # a table failed its checksum: answering from the rest would be wrong
+            raise ConfigError(f"the catalog at {str(cat_dir)!r} is damaged ({'; '.join(cat.problems)}): "
+                              "re-run the batch job into it to rebuild it")
+        cfg = _settings(cat, cfg, overrides)
+        weights_info = None
+        if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:
+            from pipeline import weights
+            weights_info = weights.check_weights_available(cfg.embed)
+        fps = catalog.fingerprints(cfg, weights_info)
+        if cat.fingerprint("screen") != fps["screen"]:
+            raise ConfigError("the catalog's hashes were made with other screen settings than this query's: "
+                              "query with the catalog's settings (no --set screen.*) or re-run the batch job")
+        with tempfile.TemporaryDirectory(prefix="dedupe-query-") as tmp:
+            return _query(_query_entries(paths), cat, cfg, fps, add, Path(tmp), client, progress)
+
+
+def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp: Path, client, progress):
+    from pipeline.run import image_ids, representatives  # one definition of both
+    root = Path(cat.root)
+    old = cat.images.sort_values("path", kind="stable").reset_index(drop=True)
+    old = old.assign(abs_path=[str(root / p) for p in old["path"]])
+    q = screen.screen_partition(entries, cfg.screen)
+    n_old = len(old)
+    cols = ["path", "abs_path", "sha256", "error", "codes", "variant_mask"]
+    rows = pd.concat([old[cols], q[cols]], ignore_index=True)
+    codes, mask = screen.unpack_codes(rows, cfg.screen)
+    valid = (rows["error"].isna() & rows["codes"].notna()).to_numpy()
+    is_query = np.arange(len(rows)) >= n_old
+    old_rep = np.zeros(len(rows), bool)
+    old_rep[:n_old] = representatives(old).to_numpy()
+    qvalid = is_query & valid
+    part = old_rep | qvalid
+    sha = rows["sha256"].to_numpy(dtype=object)
+
+    # exact: every catalog file with the same bytes
+    by_sha = pd.Series(np.arange(n_old), index=old["sha256"].to_numpy(dtype=object))
+    ea, eb = [], []
+    abs_paths = rows["abs_path"].to_numpy(dtype=object)
+    for qi in np.flatnonzero(qvalid):
+        hits = by_sha[by_sha.index == sha[qi]].to_numpy()
+        hits = hits[abs_paths[hits] != abs_paths[qi]]  # the catalog's record of the query file itself
+        ea += hits.tolist()
+        eb += [qi] * len(hits)
+    exact = pd.DataFrame({"idx_a": np.asarray(ea, np.int64), "idx_b": np.asarray(eb, np.int64),
+                          "hash_distance": np.int16(0), "transform": np.int8(0), "kind": "exact"})
+
+    # near: the query's K nearest catalog images, and catalog images that would take the query
+    # into their K nearest. A query with the same bytes as a catalog image ("twin") stands for
+    # that image, exactly as a byte copy in the folder does: its pairs are that image's pairs.
+    rep_row = pd.Series(np.flatnonzero(old_rep), index=sha[old_rep])
+    twin = np.full(len(rows), -1, np.int64)
+    for qi in np.flatnonzero(qvalid):
+        if sha[qi] in rep_row.index:
+            twin[qi] = int(rep_row[sha[qi]])
+    fresh = qvalid & (twin < 0)
+    part = old_rep | fresh
+    asking = fresh.copy()
+    asking[twin[twin >= 0]] = True
+    index = candidates.build_index(codes, mask, cfg.screen, representatives=old_rep)
+    forward = candidates.directed_neighbours(codes, mask, cfg.screen, representatives=part, index=index,
+                                             query_owners=asking)
+    reach = candidates.reach_of(codes, mask, cfg.screen, added=asking, owners=old_rep, representatives=part,
+                                index=index)
+    admitted = reach.iloc[0:0]
+    if len(reach):
+        owners = np.zeros(len(rows), bool)
+        owners[reach["owner"].to_numpy()] = True
+        lists = candidates.directed_neighbours(codes, mask, cfg.screen, representatives=old_rep, index=index,
+                                               query_owners=owners)
+        count = lists.groupby("owner_a").size()
+        kth = lists.groupby("owner_a")["hash_distance"].max()
+        o, a = reach["owner"].to_numpy(), reach["added"].to_numpy()
+        full = count.reindex(o).fillna(0).to_numpy() >= cfg.screen.max_candidates
+        worst = kth.reindex(o).fillna(np.inf).to_numpy()
+        in_list = pd.MultiIndex.from_arrays([o, a]).isin(
+            pd.MultiIndex.from_arrays([lists["owner_a"].to_numpy(), lists["owner_b"].to_numpy()]))
+        is_twin_row = a < n_old  # a catalog image standing for a query: its own list decides exactly
+        ok = np.where(is_twin_row, in_list, ~full | (reach["hash_distance"].to_numpy() <= worst))
+        admitted = reach[ok]
+    directed = pd.concat([forward, pd.DataFrame({"owner_a": admitted["owner"].to_numpy(np.int64),
+                                                 "owner_b": admitted["added"].to_numpy(np.int64),
+                                                 "hash_distance": admitted["hash_distance"].to_numpy(np.int16)})],
+                         ignore_index=True)
+    near = candidates.pairs_from_neighbours(directed, codes, mask, cfg.screen, part)
+    near = near[sha[near["idx_a"].to_numpy()] != sha[near["idx_b"].to_numpy()]].assign(kind="near")
+    pairs = pd.concat([exact, near], ignore_index=True).astype(
+        {"idx_a": "int64", "idx_b": "int64", "hash_distance": "int16", "transform": "int8"})
+    for col, dtype in (("orb_matches", "Int32"), ("orb_inliers", "Int32"), ("orb_score", "Float32"),
+                       ("orb_status", "object"), ("orb_reason", "object"), ("cosine", "Float32"),
+                       ("ssim", "Float32"), ("hist_corr", "Float32")):
+        pairs[col] = pd.Series(pd.NA, index=pairs.index, dtype=dtype)
+
+    # verify and confirm by content, reusing the catalog's features and scores
+    has_sha = rows["sha256"].notna().to_numpy()
+    cids = np.full(len(rows), -1, np.int64)
+    cids[has_sha] = catalog.check_content_ids(rows.loc[has_sha, "sha256"])
+    by_content = rows.loc[part, ["abs_path", "error"]].set_index(pd.Index(cids[part], dtype=np.int64))
+    by_content = by_content[~by_content.index.duplicated(keep="first")]
+    sha_of_cid = pd.Series(sha[has_sha], index=cids[has_sha])
+    sha_of_cid = sha_of_cid[~sha_of_cid.index.duplicated()]
+    new_features: list[pd.DataFrame] = []
+    near_idx = pairs.index[pairs["kind"] == "near"]
+    from pipeline.run import _set
+    if TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"] and len(near_idx):
+        from pipeline import verify
+        sub = pairs.loc[near_idx]
+        ia, ib, tt = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy(), sub["transform"].to_numpy(np.int64)
+        hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "orb", fps["orb"])
+        for col in catalog.ORB_COLUMNS:
+            _set(pairs, near_idx[hit], col, found.loc[hit, col])
+        todo = near_idx[~hit]
+        if len(todo):
+            job = pd.DataFrame({"idx_a": cids[ia[~hit]], "idx_b": cids[ib[~hit]], "transform": tt[~hit]}, index=todo)
+            tb = np.where(tt[~hit] >= 4, 4, 0)
+            pre, _ = cat.feature_parts("orb", fps["orb_features"], np.concatenate([sha[ia[~hit]], sha[ib[~hit]]]),
+                                       np.concatenate([np.zeros_like(tb), tb]))
+            where = cat.directory / "features" / "orb" / fps["orb_features"] if add else tmp / "orb"
+            scores = verify.run_verify(job, by_content, cfg, str(where), client=client, progress=progress,
+                                       precomputed=pre)
+            made = pd.DataFrame(scores.attrs.pop("features", {"key": [], "part_path": [], "error": []}))
+            if add:
+                new_features.append(catalog.new_feature_rows(cat, "orb", fps["orb_features"], made, sha_of_cid))
+            for col in scores.columns:
+                _set(pairs, todo, col, scores[col])
+    confirmed = None
+    if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:
+        from pipeline import confirm
+        routed = decide.needs_confirm(pairs, cfg)
+        alive = pairs.index[routed]
+        confirmed = routed[pairs.index.get_indexer(near_idx)]
+        if len(alive):
+            sub = pairs.loc[alive]
+            ia, ib, tt = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy(), sub["transform"].to_numpy(np.int64)
+            hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "cosine", fps["embed"])
+            _set(pairs, alive[hit], "cosine", found.loc[hit, "cosine"])
+            todo = alive[~hit]
+            if len(todo):
+                job = pd.DataFrame({"idx_a": cids[ia[~hit]], "idx_b": cids[ib[~hit]], "transform": tt[~hit]},
+                                   index=todo)
+                pre, _ = cat.feature_parts("embed", fps["embed"], np.concatenate([sha[ia[~hit]], sha[ib[~hit]]]),
+                                           np.concatenate([np.zeros_like(tt[~hit]), tt[~hit]]))
+                edir = cat.feature_dir("embed", fps["embed"], f"query-{os.getpid()}-{os.urandom(4).hex()}") \
+                    if add else tmp / "embed"
+                cos = confirm.run_confirm(job, by_content, cfg, str(edir), client=client, precomputed=pre,
+                                          progress=progress)
+                if add:
+                    new_features.append(catalog.new_feature_rows(cat, "embed", fps["embed"],
+                                                                 catalog.parts_summary(edir), sha_of_cid))
+                _set(pairs, todo, "cosine", cos.astype("float32"))
+    pairs = decide.decide(pairs, cfg)
+
+    if add:
+        _add(cat, cfg, fps, old, q, entries, pairs, near_idx, confirmed, sha, new_features)
+
+    # one output row per (query, catalog image): a pair of two catalog images counts for every
+    # query that is a twin of one of them
+    ia, ib = pairs["idx_a"].to_numpy(), pairs["idx_b"].to_numpy()
+    sel, qrow, crow = [], [], []
+    for i in np.flatnonzero(ib >= n_old):
+        sel.append(i), qrow.append(ib[i]), crow.append(ia[i])
+    for qi in np.flatnonzero(twin >= 0):
+        x = twin[qi]
+        for i in np.flatnonzero(((ia == x) | (ib == x)) & (ib < n_old) & (pairs["kind"] == "near").to_numpy()):
+            sel.append(i), qrow.append(qi), crow.append(ib[i] if ia[i] == x else ia[i])
+    sel, qrow, crow = np.asarray(sel, np.int64), np.asarray(qrow, np.int64), np.asarray(crow, np.int64)
+    picked = pairs.iloc[sel]
+    paths = rows["path"].to_numpy(dtype=object)
+    out = pd.DataFrame({
+        "query": paths[qrow], "path": paths[crow],
+        "image_id": _ids(paths[crow], image_ids),
+        **{c: picked[c].to_numpy() for c in ["hash_distance", "orb_matches", "orb_inliers", "orb_score", "cosine",
+                                             "stage", "is_duplicate", "reason", "rule"]},
+        "query_error": pd.Series([None] * len(picked), dtype=object)})
+    failed = q[q["error"].notna() | q["codes"].isna()]
+    if len(failed):
+        out = pd.concat([out, pd.DataFrame({"query": failed["path"].to_numpy(dtype=object),
+                                            "query_error": failed["error"].to_numpy(dtype=object)})],
+                        ignore_index=True)
+    out = out.astype({"orb_matches": "Int32", "orb_inliers": "Int32", "orb_score": "Float32", "cosine": "Float32",
+                      "hash_distance": "Int16", "image_id": "Int64"})
+    dup = out["is_duplicate"].astype(object).where(out["is_duplicate"].notna(), False).to_numpy(dtype=bool)
+    order = np.lexsort((out["path"].fillna("").to_numpy(dtype=str), ~dup, out["query"].to_numpy(dtype=str)))
+    return out.iloc[order][OUTPUT_COLUMNS].reset_index(drop=True)
+
+
+def _ids(paths: np.ndarray, image_ids) -> np.ndarray:
+    """image_id per path (paths may repeat: several queries can meet one catalog image)."""
+    if not len(paths):
+        return np.zeros(0, np.int64)
+    uniq, inverse = np.unique(paths.astype(str), return_inverse=True)
+    return image_ids(uniq)[inverse]
+
+
+def _add(cat, cfg, fps, old, q, entries, pairs, near_idx, confirmed, sha, new_features) -> None:
+    """--add: the query images become catalog records (paths relative to the catalog's folder),
+    with their K-nearest lists, features and pair scores."""
+    from pipeline.run import representatives
+    root = Path(cat.root).resolve()
+    rel = []
+    for e in entries:
+        try:
+            rel.append(Path(e.abs_path).relative_to(root).as_posix())
+        except ValueError:
+            raise ConfigError(f"--add: {e.path!r} is not inside the catalog's folder {str(root)!r}: "
+                              "copy it there first (the catalog mirrors that folder)") from None
+    added = q.assign(path=rel, abs_path=[e.abs_path for e in entries])
+    keep_old = old[~old["path"].isin(rel)]
+    images = pd.concat([keep_old.drop(columns=["screen_fp"]), added[catalog.IMAGE_COLUMNS[:-1] + ["abs_path"]]],
+                       ignore_index=True).sort_values("path", kind="stable").reset_index(drop=True)
+    rep = representatives(images).to_numpy()
+    previous = catalog.previous_lists(cat, images, rep, fps, {})
+    codes, mask = screen.unpack_codes(images, cfg.screen)
+    valid = (images["error"].isna() & images["codes"].notna()).to_numpy()
+    mask &= valid[:, None]
+    if previous is None:
+        directed = candidates.directed_neighbours(codes, mask, cfg.screen, representatives=rep)
+    else:
+        directed, _ = candidates.incremental_neighbours(codes, mask, cfg.screen, previous[0], previous[1],
+                                                        representatives=rep)
+    present = set(images["sha256"].dropna())
+    scored = pairs.loc[near_idx]
+    ev_rows = pd.DataFrame({"sha_a": sha[scored["idx_a"].to_numpy()], "sha_b": sha[scored["idx_b"].to_numpy()],
+                            "transform": scored["transform"].to_numpy(np.int64),
+                            **{c: scored[c].to_numpy() for c in catalog.ORB_COLUMNS},
+                            "cosine": scored["cosine"].to_numpy()})
+    verified = TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"]
+    evidence = catalog.evidence_table(cat, present, ev_rows, fps, verified, confirmed)
+    ran = {}
+    features = catalog.features_table(cat, present, new_features, ran)
+    cat.commit(root=str(root), run_id=cat.manifest.get("run_id", ""), fps={"screen": fps["screen"],
+               "neighbours": fps["neighbours"]}, images=catalog.images_table(images, fps),
+               neighbours=catalog.neighbours_table(directed, images), evidence=evidence, features=features,
+               config=cat.manifest.get("config"))
+    log.info("added %d image(s) to the catalog %s", len(rel), cat.directory)
+
+
+def write_result(result: pd.DataFrame, output: str | Path) -> None:
+    """Parquet, CSV or JSON by the file's extension (written atomically)."""
+    from pipeline.write import _atomic
+    path = Path(output)
+    ext = path.suffix.lower()
+    if ext == ".parquet":
+        _atomic(path, lambda tmp: result.to_parquet(tmp, index=False))
+    elif ext == ".csv":
+        _atomic(path, lambda tmp: result.to_csv(tmp, index=False))
+    elif ext == ".json":
+        _atomic(path, lambda tmp: result.to_json(tmp, orient="records", indent=1))
+    else:
+        raise ConfigError(f"--output {str(output)!r}: the extension must be .parquet, .csv or .json")
+
+
+def format_table(result: pd.DataFrame) -> str:
+    """A terminal table: per query, its duplicates (then the other compared images)."""
+    if result.empty:
+        return "no catalog image is a candidate for the query image(s)"
+    shown = result[["query", "path", "is_duplicate", "rule", "hash_distance", "orb_inliers", "cosine",
+                    "query_error"]].copy()
+    if shown["query_error"].isna().all():
+        shown = shown.drop(columns="query_error")
+    shown["cosine"] = shown["cosine"].map(lambda x: "" if pd.isna(x) else f"{x:.3f}")
+    return shown.astype(object).where(shown.notna(), "").to_string(index=False)

@@ -1,0 +1,470 @@
+"""The catalog: a re-run after changes equals a run from scratch, settings changes redo only what
+they affect, and the catalog survives what a scheduler does (locks, kills, corrupt files)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from bench import transforms
+from pipeline import catalog, outdir
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+# enough pairs reach the confirm tier to exercise the stored embeddings and cosines
+COMMON = ["--scheduler", "sync", "--quiet", "--set", "decide.accept_inliers=60"]
+FLOAT_ATOL = 1e-5  # orb_score and cosine are float32; stored values are the same numbers
+
+
+def run(data: Path, out: Path, *args: str) -> dict:
+    assert main(["dedupe", str(data), "--out", str(out), *COMMON, *args]) == 0
+    return json.loads((out / "run.json").read_text())
+
+
+def assert_same_outputs(a: Path, b: Path) -> None:
+    """pairs.parquet and images.parquet equal up to row order, floats within FLOAT_ATOL."""
+    for name, key in (("pairs", ["path_a", "path_b"]), ("images", ["path"])):
+        x = pd.read_parquet(a / f"{name}.parquet").sort_values(key).reset_index(drop=True)
+        y = pd.read_parquet(b / f"{name}.parquet").sort_values(key).reset_index(drop=True)
+        pd.testing.assert_frame_equal(x, y, check_exact=False, atol=FLOAT_ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def generated(photos_dir, tmp_path_factory) -> dict[str, Path]:
+    """Set A (8 photos with 4-6 edited copies each + 10 other photos) and set B (2 + 2 more,
+    drawn from the same photos, so some of B are byte copies of A's files)."""
+    base = tmp_path_factory.mktemp("catalog-sets")
+    transforms.generate(base / "A", photos_dir, seed=1, sources=8, distractors=10)
+    transforms.generate(base / "B", photos_dir, seed=2, sources=2, distractors=2)
+    return {"A": base / "A" / "images", "B": base / "B" / "images"}
+
+
+@pytest.fixture(scope="module")
+def grown(generated, tmp_path_factory):
+    """Run on A with the catalog; then add B, a resized copy of an A photo, move one file,
+    delete some of A and run again into the same OUT (incremental) and into a new OUT (scratch)."""
+    base = tmp_path_factory.mktemp("catalog-runs")
+    data = base / "data"
+    shutil.copytree(generated["A"], data / "a")
+    first = run(data, base / "out")
+    shutil.copytree(generated["B"], data / "b")
+    src = data / "a" / "g0001_original.jpg"
+    with Image.open(src) as im:
+        im.convert("RGB").resize((im.width // 2, im.height // 2)).save(data / "b" / "g0001_half.jpg", quality=85)
+    (data / "moved").mkdir()
+    os.replace(data / "a" / "d0004_distractor.jpg", data / "moved" / "renamed.jpg")
+    removed = ["g0000_original.jpg", "d0002_distractor.jpg", "g0003_original.jpg"]
+    for name in removed:
+        (data / "a" / name).unlink()
+    second = run(data, base / "out")
+    scratch = run(data, base / "scratch", "--no-catalog")
+    return {"data": data, "out": base / "out", "scratch": base / "scratch", "first": first,
+            "second": second, "fresh": scratch, "n_added": sum(1 for _ in generated["B"].iterdir()) + 1}
+
+
+def test_rerun_after_adding_and_deleting_equals_a_run_from_scratch(grown):
+    assert_same_outputs(grown["out"], grown["scratch"])
+    reuse = grown["second"]["reuse"]
+    assert grown["fresh"]["reuse"]["catalog"] is None
+    files = grown["second"]["counts"]["files"]
+    # only the added files and the moved one were read
+    assert reuse["screen"]["screened"] == grown["n_added"] + 1
+    assert reuse["screen"]["reused"] == files - grown["n_added"] - 1
+    assert reuse["candidates"]["added"] >= 1 and reuse["candidates"]["lists_reused"] > 0
+    assert reuse["verify"]["pairs_reused"] > 0 and reuse["verify"]["pairs_verified"] > 0
+    assert reuse["problems"] == []
+    pairs = pd.read_parquet(grown["out"] / "pairs.parquet")
+    gone = {"a/g0000_original.jpg", "a/d0002_distractor.jpg", "a/g0003_original.jpg", "a/d0004_distractor.jpg"}
+    assert not (set(pairs["path_a"]) | set(pairs["path_b"])) & gone
+    assert "b/g0001_half.jpg" in set(pairs.loc[pairs["is_duplicate"], "path_a"]) | \
+        set(pairs.loc[pairs["is_duplicate"], "path_b"])
+
+
+def test_a_moved_file_costs_no_feature_work(grown):
+    cat = catalog.Catalog.load(grown["out"] / "catalog")
+    images = cat.images.set_index("path")
+    assert "moved/renamed.jpg" in images.index and "a/d0004_distractor.jpg" not in images.index
+    # no feature of the moved file's content was computed twice (one row per content + transform)
+    feats = cat.features
+    assert not feats.duplicated(["kind", "fp", "sha256", "transform"]).any()
+    # and nothing of the deleted files' contents is kept unless another file has the same bytes
+    present = set(images["sha256"].dropna())
+    assert set(feats["sha256"]) <= present
+    assert set(cat.evidence["sha_a"]) <= present and set(cat.evidence["sha_b"]) <= present
+
+
+def test_unchanged_rerun_reuses_everything(grown, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    manifest = run(grown["data"], out)
+    reuse = manifest["reuse"]
+    assert reuse["screen"]["screened"] == 0
+    assert reuse["candidates"]["added"] == 0
+    assert reuse["candidates"]["rederived_lost_neighbour"] == reuse["candidates"]["rederived_gained_neighbour"] == 0
+    assert reuse["verify"]["pairs_verified"] == 0
+    assert reuse.get("confirm", {}).get("pairs_embedded", 0) == 0
+    assert_same_outputs(out, grown["scratch"])
+
+
+def test_rehash_reads_every_file_and_still_reuses_unchanged_content(grown, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    target = grown["data"] / "a" / "g0001_original.jpg"
+    before = target.stat()
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # touched, same bytes
+    try:
+        manifest = run(grown["data"], out, "--rehash")
+    finally:
+        os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert manifest["reuse"]["screen"]["screened"] == 0  # every sha256 matched
+    assert manifest["reuse"]["screen"]["reused"] == manifest["counts"]["files"]
+
+
+def test_decide_change_redecides_from_stored_scores(grown, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    parts_before = sorted((out / "catalog" / "features").rglob("part-*.parquet"))
+    change = ["--set", "decide.cosine_threshold=0.9", "--set", "decide.support_inliers=20"]
+    manifest = run(grown["data"], out, *change)
+    reuse = manifest["reuse"]
+    assert reuse["screen"]["screened"] == 0 and reuse["verify"]["pairs_verified"] == 0
+    assert reuse["confirm"]["pairs_embedded"] == 0 and reuse["confirm"]["pairs_reused"] > 0
+    assert sorted((out / "catalog" / "features").rglob("part-*.parquet")) == parts_before  # no ORB, no model
+    fresh = tmp_path / "fresh"
+    run(grown["data"], fresh, "--no-catalog", *change)
+    assert_same_outputs(out, fresh)
+
+
+def test_verify_change_recomputes_orb_only(grown, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    manifest = run(grown["data"], out, "--set", "verify.n_features=400")
+    reuse = manifest["reuse"]
+    assert reuse["screen"]["screened"] == 0
+    assert reuse["verify"]["pairs_reused"] == 0
+    assert reuse["verify"]["why_verified"]["settings_changed"] == reuse["verify"]["pairs_verified"] > 0
+    assert reuse["verify"]["features_redone_settings_changed"] > 0
+    assert reuse["confirm"].get("embeddings_redone_settings_changed", 0) == 0
+    # a setting that only affects matching keeps the features
+    manifest = run(grown["data"], out, "--set", "verify.n_features=400", "--set", "verify.ratio=0.75")
+    assert manifest["reuse"]["verify"]["features_computed"] == 0
+    assert manifest["reuse"]["verify"]["features_reused"] > 0
+
+
+def test_embed_change_recomputes_embeddings_only(grown, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    manifest = run(grown["data"], out, "--set", "embed.resize=crop")
+    reuse = manifest["reuse"]
+    assert reuse["screen"]["screened"] == 0 and reuse["verify"]["pairs_verified"] == 0
+    assert reuse["confirm"]["pairs_reused"] == 0 and reuse["confirm"]["embeddings_computed"] > 0
+    assert reuse["confirm"]["embeddings_redone_settings_changed"] > 0
+
+
+def test_screen_change_rehashes(grown, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    manifest = run(grown["data"], out, "--tiers", "screen", "--set", "screen.border_tolerance=10")
+    assert manifest["reuse"]["screen"]["reused"] == 0
+    assert manifest["reuse"]["screen"]["why_screened"]["screen_settings_changed"] == manifest["counts"]["files"]
+    assert manifest["reuse"]["candidates"]["searched_all_because"] == "screen or search settings changed"
+
+
+def test_corrupt_catalog_files_are_reported_and_rebuilt(grown, tmp_path, caplog):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    cat_dir = out / "catalog"
+    manifest = json.loads((cat_dir / catalog.MANIFEST).read_text())
+    evidence = cat_dir / manifest["tables"]["evidence"]["file"]
+    evidence.write_bytes(evidence.read_bytes()[:-50] + b"\0" * 50)  # same size, other bytes
+    part = cat_dir / sorted(manifest["parts"])[0]
+    part.write_bytes(b"not parquet")
+    result = run(grown["data"], out)
+    problems = result["reuse"]["problems"]
+    assert any("evidence" in p and "checksum" in p for p in problems)
+    assert any(p.startswith(str(part.relative_to(cat_dir))) for p in problems) or \
+        any("features" in p for p in problems)
+    assert "checksum mismatch" in caplog.text
+    assert result["reuse"]["verify"]["pairs_verified"] > 0  # evidence lost: pairs scored again
+    assert_same_outputs(out, grown["scratch"])
+    again = run(grown["data"], out)  # the rebuilt catalog is whole again
+    assert again["reuse"]["problems"] == [] and again["reuse"]["verify"]["pairs_verified"] == 0
+
+
+def test_a_corrupt_manifest_means_a_rebuild_and_query_refuses_a_damaged_catalog(grown, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    cat_dir = out / "catalog"
+    manifest = json.loads((cat_dir / catalog.MANIFEST).read_text())
+    images_table = cat_dir / manifest["tables"]["images"]["file"]
+    images_table.write_bytes(images_table.read_bytes()[:100])  # truncated
+    image = str(grown["data"] / "b" / "g0001_half.jpg")
+    assert main(["query", image, "--catalog", str(cat_dir)]) == 2
+    assert "damaged" in capsys.readouterr().err
+    (cat_dir / catalog.MANIFEST).write_text("{not json")
+    result = run(grown["data"], out)
+    assert any("manifest" in p for p in result["reuse"]["problems"])
+    assert result["reuse"]["screen"]["reused"] == 0  # nothing trusted
+    assert_same_outputs(out, grown["scratch"])
+    assert main(["query", image, "--catalog", str(cat_dir)]) == 0  # rebuilt
+
+
+def test_a_second_run_on_the_same_catalog_exits_2_naming_the_holder(grown, tmp_path, capsys):
+    cat_dir = tmp_path / "shared-catalog"
+    cat_dir.mkdir()
+    with outdir.locked(cat_dir, name=catalog.LOCK_NAME, what="catalog", option="--catalog"):
+        code = main(["dedupe", str(grown["data"]), "--out", str(tmp_path / "o"), "--catalog", str(cat_dir),
+                     *COMMON])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "catalog" in err and f"pid {os.getpid()}" in err and "in use" in err
+    assert main(["dedupe", str(grown["data"]), "--out", str(tmp_path / "o"), "--catalog", "x", "--no-catalog",
+                 *COMMON]) == 2
+
+
+def test_kill_9_mid_run_leaves_a_usable_catalog(grown, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    manifest_before = (out / "catalog" / catalog.MANIFEST).read_bytes()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    changed = ["--set", "verify.n_features=450"]  # so the run has ORB work to be killed in
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", str(grown["data"]), "--out", str(out),
+                             *COMMON, *changed], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        for line in proc.stderr:
+            if "verify: started" in line:  # the features are written, no pair is scored yet
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert (out / "catalog" / catalog.MANIFEST).read_bytes() == manifest_before
+    # the last good catalog is used as it was
+    result = run(grown["data"], out)
+    assert result["reuse"]["problems"] == []
+    assert result["reuse"]["verify"]["pairs_verified"] == 0
+    assert_same_outputs(out, grown["scratch"])
+
+
+def test_features_a_killed_run_finished_are_adopted(grown, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    changed = ["--set", "verify.n_features=450"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", str(grown["data"]), "--out", str(out),
+                             *COMMON, *changed], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        for line in proc.stderr:
+            if "verify: started" in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    result = run(grown["data"], out, *changed)
+    verify = result["reuse"]["verify"]
+    assert verify["features_adopted_from_killed_run"] > 0 and verify["features_computed"] == 0
+    fresh = tmp_path / "fresh"
+    run(grown["data"], fresh, "--no-catalog", *changed)
+    assert_same_outputs(out, fresh)
+
+
+# ---------------------------------------------------------------------------------------------
+# dedupe query
+
+
+def _batch_rows(out: Path, path: str) -> pd.DataFrame:
+    """The batch job's pairs of `path`, as (other path, evidence, verdict) rows."""
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    mine = pairs[(pairs["path_a"] == path) | (pairs["path_b"] == path)]
+    other = mine["path_a"].where(mine["path_b"] == path, mine["path_b"])
+    return mine.assign(path=other.to_numpy())
+
+
+COMPARED = ["path", "hash_distance", "orb_matches", "orb_inliers", "orb_score", "cosine", "is_duplicate", "rule"]
+
+
+def _same_rows(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    got = got[COMPARED].sort_values("path").reset_index(drop=True)
+    want = want[COMPARED].sort_values("path").reset_index(drop=True)
+    for frame in (got, want):
+        frame["rule"] = frame["rule"].astype(str)
+        frame["hash_distance"] = frame["hash_distance"].astype("int64")
+    pd.testing.assert_frame_equal(got, want, check_exact=False, atol=FLOAT_ATOL, rtol=0, check_dtype=False)
+
+
+def test_query_of_a_catalog_image_gives_the_batch_pairs(grown):
+    from pipeline.query import query
+    cat_dir = grown["out"] / "catalog"
+    manifest = (cat_dir / catalog.MANIFEST).read_bytes()
+    for rel in ("b/g0001_half.jpg", "a/g0001_original.jpg", "moved/renamed.jpg"):
+        got = query([grown["data"] / rel], cat_dir)
+        want = _batch_rows(grown["out"], rel)
+        assert (got["query"] == str(grown["data"] / rel)).all()
+        _same_rows(got, want)
+    assert (cat_dir / catalog.MANIFEST).read_bytes() == manifest  # nothing added without add=True
+
+
+def test_query_of_a_new_image_equals_adding_it_to_the_folder(grown, tmp_path):
+    from pipeline.query import query
+    new = tmp_path / "new.jpg"
+    with Image.open(grown["data"] / "a" / "g0002_original.jpg") as im:
+        im.convert("RGB").resize((im.width * 2 // 3, im.height * 2 // 3)).save(new, quality=80)
+    got = query([new], grown["out"] / "catalog")
+    assert got["is_duplicate"].any() and "a/g0002_original.jpg" in set(got.loc[got["is_duplicate"], "path"])
+    # the batch job on the folder with this image added (its path sorts last, as the query's side does)
+    data = tmp_path / "data"
+    shutil.copytree(grown["data"], data)
+    (data / "zz").mkdir()
+    shutil.copyfile(new, data / "zz" / "new.jpg")
+    out = tmp_path / "out"
+    run(data, out, "--no-catalog")
+    _same_rows(got, _batch_rows(out, "zz/new.jpg"))
+
+
+def test_query_cli_outputs_and_errors(grown, tmp_path, capsys):
+    cat_dir = str(grown["out"] / "catalog")
+    image = str(grown["data"] / "b" / "g0001_half.jpg")
+    for ext in ("parquet", "csv", "json"):
+        target = tmp_path / f"hits.{ext}"
+        assert main(["query", image, "--catalog", cat_dir, "--output", str(target)]) == 0
+        frame = {"parquet": pd.read_parquet, "csv": pd.read_csv, "json": pd.read_json}[ext](target)
+        assert len(frame) and frame["is_duplicate"].any() and "rule" in frame
+    copy = tmp_path / "copy.jpg"  # a byte copy of a catalog image, outside the folder
+    shutil.copyfile(grown["data"] / "a" / "g0001_original.jpg", copy)
+    assert main(["query", image, str(copy), "--catalog", cat_dir]) == 0
+    table = capsys.readouterr().out
+    assert "a/g0001_original.jpg" in table and "exact_bytes" in table
+    assert main(["query", image, "--catalog", cat_dir, "--output", str(tmp_path / "x.txt")]) == 2
+    assert "extension" in capsys.readouterr().err
+    assert main(["query", image, "--catalog", str(tmp_path / "nothing")]) == 2
+    assert "no catalog" in capsys.readouterr().err
+    assert main(["query", str(tmp_path / "missing.jpg"), "--catalog", cat_dir]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["query", image, "--catalog", cat_dir, "--set", "screen.hash=phash"]) == 2
+    assert "screen settings" in capsys.readouterr().err
+
+
+def test_query_add_records_the_image_for_the_next_run(grown, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(grown["data"], data)
+    out = tmp_path / "out"
+    run(data, out)  # a catalog of this copy of the folder
+    with Image.open(data / "a" / "g0002_original.jpg") as im:
+        im.convert("RGB").rotate(90, expand=True).save(data / "b" / "added.jpg", quality=88)
+    outside = tmp_path / "elsewhere.jpg"
+    shutil.copyfile(data / "b" / "added.jpg", outside)
+    assert main(["query", str(outside), "--catalog", str(out / "catalog"), "--add"]) == 2  # not in the folder
+    assert main(["query", str(data / "b" / "added.jpg"), "--catalog", str(out / "catalog"), "--add"]) == 0
+    cat = catalog.Catalog.load(out / "catalog")
+    assert "b/added.jpg" in set(cat.images["path"])
+    manifest = run(data, out)
+    reuse = manifest["reuse"]
+    assert reuse["screen"]["screened"] == 0  # the added image was already known
+    assert reuse["candidates"]["added"] == 0
+    fresh = tmp_path / "fresh"
+    run(data, fresh, "--no-catalog")
+    assert_same_outputs(out, fresh)
+
+
+def test_the_airflow_example_calls_the_cli_with_valid_arguments():
+    import ast
+    import shlex
+
+    from pipeline.cli import build_parser
+    source = (REPO / "examples" / "airflow_dedupe_dag.py").read_text()
+    tree = ast.parse(source)
+    command = next(kw.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+                   for kw in node.keywords if kw.arg == "bash_command")
+    assert isinstance(command, ast.JoinedStr)
+    text = "".join(v.value if isinstance(v, ast.Constant) else "X" for v in command.values)
+    args = build_parser().parse_args(shlex.split(text)[1:])  # what the DAG runs parses as the job
+    assert args.command == "dedupe" and args.out == "X" and not args.no_catalog
+
+
+def test_a_new_version_of_the_orb_code_recomputes_orb_only(grown, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    real = catalog._code
+    monkeypatch.setattr(catalog, "_code", lambda kind: real(kind) + ("-new" if kind == "orb_features" else ""))
+    reuse = run(grown["data"], out)["reuse"]
+    assert reuse["screen"]["screened"] == 0 and reuse["verify"]["pairs_reused"] == 0
+    assert reuse["verify"]["features_redone_settings_changed"] > 0
+    assert reuse["confirm"].get("embeddings_computed", 0) == 0
+    assert_same_outputs(out, grown["scratch"])
+
+
+@pytest.mark.slow
+def test_incremental_run_on_a_local_cluster_equals_a_run_from_scratch(grown, tmp_path):
+    # a copy of the folder (the catalog's records are per folder: all files are read again, but
+    # features and pair scores are found by content) plus a new image, on a real LocalCluster
+    data = tmp_path / "data"
+    shutil.copytree(grown["data"], data)
+    with Image.open(data / "a" / "g0002_original.jpg") as im:
+        im.convert("RGB").resize((im.width * 3 // 4, im.height * 3 // 4)).save(data / "b" / "new.jpg", quality=80)
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    args = ["dedupe", str(data), "--out", str(out), "--scheduler", "local", "--quiet",
+            "--set", "decide.accept_inliers=60", "--set", "dask.n_workers=2", "--set", "dask.dashboard_address="]
+    assert main(args) == 0
+    reuse = json.loads((out / "run.json").read_text())["reuse"]
+    assert "another folder" in reuse["screen"]["not_reused"] and reuse["screen"]["reused"] == 0
+    assert reuse["candidates"]["added"] == 1 and reuse["candidates"]["lists_reused"] > 0
+    assert reuse["verify"]["pairs_reused"] > 0 and reuse["verify"]["pairs_verified"] > 0
+    fresh = tmp_path / "fresh"
+    run(data, fresh, "--no-catalog")
+    assert_same_outputs(out, fresh)
+
+
+def test_a_run_stopped_after_its_commit_keeps_the_new_catalog(grown, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    generation = json.loads((out / "catalog" / catalog.MANIFEST).read_text())["generation"]
+    from pipeline import write
+    real = write.write_json
+    calls = []
+
+    def stop_at_the_final_run_json(data, path):  # run.json is written after the commit: Ctrl-C there
+        calls.append(Path(path).name)
+        if calls.count("run.json") == 1:
+            raise KeyboardInterrupt
+        return real(data, path)
+
+    monkeypatch.setattr(write, "write_json", stop_at_the_final_run_json)
+    assert main(["dedupe", str(grown["data"]), "--out", str(out), *COMMON, "--set", "verify.ratio=0.75"]) == 1
+    monkeypatch.setattr(write, "write_json", real)
+    cat = catalog.Catalog.load(out / "catalog")
+    assert cat.manifest["generation"] == generation + 1  # the commit happened
+    assert cat.problems == []
+    for rel in cat.manifest["parts"]:
+        assert cat.verify_file(rel)
+
+
+def test_a_threshold_change_starts_no_cluster(grown, tmp_path, caplog):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    caplog.set_level(logging.INFO, logger="pipeline")
+    assert main(["dedupe", str(grown["data"]), "--out", str(out), "--scheduler", "local", "--quiet",
+                 "--set", "decide.accept_inliers=60", "--set", "decide.cosine_threshold=0.9",
+                 "--set", "dask.dashboard_address=127.0.0.1:0"]) == 0
+    assert "Dask dashboard" not in caplog.text  # everything came from the catalog: no cluster started
+    reuse = json.loads((out / "run.json").read_text())["reuse"]
+    assert reuse["screen"]["screened"] == 0 and reuse["verify"]["pairs_verified"] == 0
+    # and a run with work to do does start it (the check above can fail)
+    caplog.clear()
+    assert main(["dedupe", str(grown["data"]), "--out", str(out), "--scheduler", "local", "--quiet",
+                 "--set", "decide.accept_inliers=60", "--set", "verify.ratio=0.7",
+                 "--set", "dask.dashboard_address=127.0.0.1:0"]) == 0
+    assert "Dask dashboard" in caplog.text

@@ -1,0 +1,99 @@
+"""The catalog's incremental candidate search equals a search from scratch (per-image cap K)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import candidates
+from pipeline.candidates import directed_neighbours, incremental_neighbours
+from pipeline.config import ScreenConfig
+from pipeline.screen import GRID_DIHEDRAL
+
+
+def _words(bits: np.ndarray) -> np.uint64:
+    return np.frombuffer(np.packbits(bits.flatten()).tobytes(), ">u8")[0]
+
+
+def clustered_codes(rng, n: int, centres: np.ndarray):
+    """aHash-like codes: noisy copies of a few centres, 8 dihedral variants, some trimmed ones."""
+    bits = centres[rng.integers(0, len(centres), n)] ^ (rng.random((n, 8, 8)) < 0.06)
+    codes = np.zeros((n, 9, 1), np.uint64)
+    mask = np.zeros((n, 9), bool)
+    for i in range(n):
+        for v in range(8):
+            codes[i, v, 0] = _words(GRID_DIHEDRAL[v](bits[i]))
+        mask[i, :8] = True
+        if rng.random() < 0.3:
+            codes[i, 8, 0] = _words(bits[i] ^ (rng.random((8, 8)) < 0.1))
+            mask[i, 8] = True
+    return codes, mask
+
+
+def grow(seed: int, k: int, n0: int = 300, n_new: int = 20, drop: float = 0.05):
+    """Run 1 on n0 images; then drop some, insert new ones at random path positions. Returns the
+    new codes/mask, the previous directed lists in new row numbers, `same`."""
+    rng = np.random.default_rng(seed)
+    centres = rng.random((12, 8, 8)) < 0.5
+    cfg = dataclasses.replace(ScreenConfig(), max_candidates=k, max_distance=10)
+    codes0, mask0 = clustered_codes(rng, n0, centres)
+    prev = directed_neighbours(codes0, mask0, cfg)
+    keep = rng.random(n0) > drop
+    new_codes, new_mask = clustered_codes(rng, n_new, centres)
+    old_rows = np.flatnonzero(keep)
+    codes = np.concatenate([codes0[keep], new_codes])
+    mask = np.concatenate([mask0[keep], new_mask])
+    order = np.argsort(np.concatenate([old_rows.astype(float), rng.random(n_new) * n0]), kind="stable")
+    codes, mask = codes[order], mask[order]
+    origin = np.concatenate([old_rows, -np.ones(n_new, np.int64)])[order]
+    now = np.full(n0, -1)
+    now[origin[origin >= 0]] = np.flatnonzero(origin >= 0)
+    previous = pd.DataFrame({"owner_a": now[prev["owner_a"]], "owner_b": now[prev["owner_b"]],
+                             "hash_distance": prev["hash_distance"]})
+    return cfg, codes, mask, previous, origin >= 0
+
+
+@pytest.mark.parametrize("hash_name", ["ahash", "phash"])  # aHash: rotations by permutation; else indexed
+@pytest.mark.parametrize("seed", range(8))
+def test_incremental_lists_equal_from_scratch(seed, hash_name):
+    cfg, codes, mask, previous, same = grow(seed, k=2 + seed % 4)
+    cfg = dataclasses.replace(cfg, hash=hash_name)
+    got, stats = incremental_neighbours(codes, mask, cfg, previous, same)
+    want = directed_neighbours(codes, mask, cfg)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True))
+    assert stats["added"] == 20 and stats["lists_reused"] > 0  # some lists really were reused
+    pairs = candidates.pairs_from_neighbours(got, codes, mask, cfg)
+    pd.testing.assert_frame_equal(pairs, candidates.near_pairs(codes, mask, cfg))
+
+
+def test_a_new_neighbour_can_push_an_old_pair_out_of_the_top_k(monkeypatch):
+    # without re-deriving the lists of old images that gained a neighbour, the result differs
+    cfg, codes, mask, previous, same = grow(3, k=2)
+    monkeypatch.setattr(candidates, "gained_neighbours", lambda *a, **k: np.zeros(len(codes), bool))
+    got, _ = incremental_neighbours(codes, mask, cfg, previous, same)
+    assert not got.reset_index(drop=True).equals(directed_neighbours(codes, mask, cfg))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_ahash_shortcut_finds_every_image_within_reach(seed):
+    cfg, codes, mask, previous, same = grow(seed, k=3)
+    exact = candidates.reach_pairs(codes, mask, cfg, ~same, same)
+    within = np.zeros(len(codes), bool)
+    within[exact["owner"].to_numpy()] = True
+    fast = candidates.gained_neighbours(codes, mask, cfg, ~same, same)  # cfg.hash == "ahash"
+    assert within.any() and not (within & ~fast).any()  # a superset: nothing missed
+    assert fast.sum() <= 2 * within.sum()  # and not much more
+    # the query's version: the same (owner, added, distance) rows as the exhaustive search
+    got = candidates.reach_of(codes, mask, cfg, ~same, same)
+    key = ["owner", "added"]
+    pd.testing.assert_frame_equal(got.sort_values(key).reset_index(drop=True),
+                                  exact.sort_values(key).reset_index(drop=True))
+
+
+def test_nothing_changed_searches_nothing():
+    cfg, codes, mask, previous, same = grow(5, k=3, n_new=0, drop=0.0)
+    got, stats = incremental_neighbours(codes, mask, cfg, previous, same)
+    assert stats["added"] == 0 and stats["lists_reused"] == int(mask[:, 0].sum())
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), directed_neighbours(codes, mask, cfg))
