@@ -318,11 +318,8 @@ def sha256_file(path: str | Path) -> str:
     with _SHA_LOCK:
         if key in _SHA_CACHE:
             return _SHA_CACHE[key]
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    value = digest.hexdigest()
+        value = hashlib.file_digest(fh, "sha256").hexdigest()
     with _SHA_LOCK:
         _SHA_CACHE[key] = value
     return value
@@ -335,11 +332,8 @@ def md5_file(path: str | Path) -> str:
     with _SHA_LOCK:
         if key in _SHA_CACHE:
             return _SHA_CACHE[key]
-    digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    value = digest.hexdigest()
+        value = hashlib.file_digest(fh, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
     with _SHA_LOCK:
         _SHA_CACHE[key] = value
     return value

@@ -125,8 +125,5 @@ def write_outputs(out_dir: Path, images: pd.DataFrame, pairs: pd.DataFrame, mani
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -98,7 +98,7 @@ def test_end_to_end_pixel_columns(tmp_path, cfg):
         scheduler="sync", quiet=True)
     images = pd.read_parquet(tmp_path / "out" / "images.parquet").set_index("path")
     pairs = pd.read_parquet(tmp_path / "out" / "pairs.parquet")
-    assert pairs["ssim"].dtype == np.float32 and pairs["hist_corr"].dtype == np.float32
+    assert str(pairs["ssim"].dtype) == str(pairs["hist_corr"].dtype) == "Float32"  # nullable, as documented
     assert pairs["ssim"].notna().any()
     same = images.loc[["logo.png", "logo-copy.jpg", "logo-marked.png"], "cluster_id"]
     assert same.notna().all() and same.nunique() == 1
