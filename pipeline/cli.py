@@ -27,17 +27,21 @@ examples:
   {prog} dedupe photos/ --out out --scheduler tcp://10.0.0.5:8786   on an existing Dask cluster
   {prog} dedupe photos/ --out out                       again: incremental (OUT/catalog)
 
-presets (--preset): {presets}; each is a YAML file of the keys it changes; --config FILE
-  and --set KEY=VALUE apply on top, in that order.
+presets (--preset): {presets}; YAML files (default lists every key, the others only what they
+  change); --config FILE and --set KEY=VALUE apply on top, in that order.
 
 outputs (in OUT):
   pairs.parquet   one row per candidate pair: paths, image ids, the evidence of each tier
-                  (hash_distance, orb_*, cosine), stage, is_duplicate, reason and rule code
+                  (hash_distance, orb_*, cosine, and ssim/hist_corr for flat pairs), stage,
+                  is_duplicate, reason and rule code
   images.parquet  one row per file seen: id, path, size, mtime, dimensions, format, sha256,
-                  hash, error (null when fine), cluster_id (null when unique)
-  run.json        config, versions, weights, counts and timings per stage
+                  hash, error (null when fine), cluster_id (null when unique), raw_path (the
+                  name's bytes when it is not UTF-8)
+  run.json        config, versions, weights, counts, timings and catalog reuse per stage, and
+                  the sha256 of the files above
   report/         the review page (report/index.html; report.html links to it): every cluster,
                   each pair side by side with its evidence, the closest rejected pairs, errors
+  (these names link into .dedupe/gen-<run id>/, switched as one unit when a run succeeds)
   catalog/        what the next run into this OUT reuses: it reads only new or changed files and
                   scores only new pairs (--catalog DIR elsewhere, --no-catalog for none); also
                   what `{prog} query IMAGE --catalog OUT/catalog` looks images up in
@@ -50,7 +54,8 @@ after a run:
 exit codes:
   0  the run completed (unreadable files are rows with an error, not failures)
   2  usage or configuration error (missing folder, bad YAML, unknown key, missing model weights,
-     unreachable scheduler, OUT in use by another run), with a message saying what to fix
+     unreachable scheduler, OUT that cannot be written, OUT or catalog in use by another run),
+     with a message saying what to fix
   1  the run failed or was stopped by SIGTERM/SIGINT: temporary files are removed and the
      previous outputs, if any, are untouched
 """

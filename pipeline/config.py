@@ -68,7 +68,7 @@ class ScreenConfig:
 
 @dataclass
 class VerifyConfig:
-    # Keypoints: "orb" (binary, fast) or "sift" (128 floats per keypoint, ~6x slower per image);
+    # Keypoints: "orb" (binary, fast) or "sift" (128 floats per keypoint, ~19x slower per image);
     # with sift the orb_* output columns hold SIFT's numbers (docs/benchmarks.md compares them).
     method: Literal["orb", "sift"] = "orb"
     # Flat pairs (too few keypoints, or both images flat: logos, UI screenshots, text on colour) are
@@ -184,7 +184,7 @@ class ReportConfig:
 @dataclass
 class Config:
     tiers: Literal["screen", "verify", "confirm"] = "confirm"  # last tier to run
-    work_dir: str = ""  # features store; "" = OUT/_work (removed after a successful run)
+    work_dir: str = ""  # features of a run without catalog; "" = OUT/_work-<pid> (removed when the run ends)
     # The persistent catalog that makes re-runs incremental (pipeline/catalog.py): "" = OUT/catalog,
     # "none" = no catalog (every run starts from nothing), else a folder.
     catalog: str = ""

@@ -63,8 +63,8 @@ def locked(out: Path, name: str = LOCK_NAME, what: str = "output folder",
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"the output folder {str(out)!r} is in use by {_holder(fd)}: wait for that run "
-                              "to finish, or choose another --out") from None
+            raise ConfigError(f"the {what} {str(out)!r} is in use by {_holder(fd)}: wait for that run "
+                              f"to finish, or choose another {option}") from None
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "command": " ".join(sys.argv)[:500]}

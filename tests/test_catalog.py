@@ -226,7 +226,8 @@ def test_a_second_run_on_the_same_catalog_exits_2_naming_the_holder(grown, tmp_p
                      *COMMON])
     assert code == 2
     err = capsys.readouterr().err
-    assert "catalog" in err and f"pid {os.getpid()}" in err and "in use" in err
+    assert f"the catalog {str(cat_dir)!r} is in use" in err and f"pid {os.getpid()}" in err
+    assert "another --catalog" in err  # the option that fixes it, not --out
     assert main(["dedupe", str(grown["data"]), "--out", str(tmp_path / "o"), "--catalog", "x", "--no-catalog",
                  *COMMON]) == 2
 
