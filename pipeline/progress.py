@@ -102,8 +102,6 @@ class Progress:
         log.info("%s: finished %d %s in %.1fs", name, tracker.done, unit, elapsed)
 
 
-NO_PROGRESS = Progress(quiet=True, stream=None)
-
 
 @contextlib.contextmanager
 def silent_stage(name: str, total: int | None = None, unit: str = "it") -> Iterator[Tracker]:
