@@ -556,6 +556,42 @@ def parts_summary(directory: Path) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)
 
 
+def gather_embeddings(part_of: pd.Series, key_of_row: pd.Series, out_dir: str | Path,
+                      partition_size: int) -> pd.DataFrame:
+    """The high-recall screen's input from the catalog: the transform-0 embeddings of `key_of_row`
+    (row idx -> catalog key content_id * 8; `part_of`: catalog key -> part path), rewritten under
+    `out_dir` keyed idx * 8, sorted and split as a run from scratch writes them, so the kNN sees the
+    same vectors in the same order (and finds the same neighbours). Holds the wanted embeddings
+    (~5 kB per image with the default model) while it writes. Returns key, part_path, error."""
+    from pipeline import store
+    wanted = pd.DataFrame({"idx": key_of_row.index.to_numpy(np.int64), "ckey": key_of_row.to_numpy(np.int64)})
+    wanted["part"] = part_of.reindex(wanted["ckey"].to_numpy()).to_numpy(dtype=object)
+    frames = []
+    for part, group in wanted.groupby("part", sort=True):
+        table = pq.read_table(part, columns=["key", "embedding", "error"]).to_pandas().set_index("key")
+        rows = table.reindex(group["ckey"].to_numpy())
+        frames.append(pd.DataFrame({"key": group["idx"].to_numpy(np.int64) * 8,
+                                    "embedding": rows["embedding"].to_numpy(dtype=object),
+                                    "error": rows["error"].to_numpy(dtype=object)}))
+    missing = wanted["part"].isna().to_numpy()
+    if missing.any():  # not embedded (cannot happen after the screen-embed step; kept explicit)
+        frames.append(pd.DataFrame({"key": wanted["idx"].to_numpy(np.int64)[missing] * 8,
+                                    "embedding": pd.Series([None] * int(missing.sum()), dtype=object),
+                                    "error": "no embedding in the catalog"}))
+    if not frames:
+        return pd.DataFrame({"key": np.zeros(0, np.int64), "part_path": pd.Series(dtype=object),
+                             "error": pd.Series(dtype=object)})
+    frame = pd.concat(frames, ignore_index=True).sort_values("key", kind="stable").reset_index(drop=True)
+    frame["error"] = frame["error"].astype(object).where(frame["error"].notna(), None)
+    out = []
+    for n, start in enumerate(range(0, len(frame), partition_size)):
+        chunk = frame.iloc[start:start + partition_size].reset_index(drop=True)
+        path = store.write_partition(out_dir, n, chunk)
+        out.append(pd.DataFrame({"key": chunk["key"].to_numpy(np.int64), "part_path": path,
+                                 "error": chunk["error"].to_numpy(dtype=object)}))
+    return pd.concat(out, ignore_index=True)
+
+
 def features_table(cat: Catalog, present_sha: set, new_rows: list[pd.DataFrame], ran: dict) -> pd.DataFrame:
     """Old feature rows of contents still present (of the kinds that ran this time: only the
     current settings' rows), plus the new rows."""

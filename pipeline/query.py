@@ -73,6 +73,9 @@ def query(paths: list[str | Path], catalog_dir: str | Path, cfg: Config | None =
             raise ConfigError(f"the catalog at {str(cat_dir)!r} is damaged ({'; '.join(cat.problems)}): "
                               "re-run the batch job into it to rebuild it")
         cfg = _settings(cat, cfg, overrides)
+        if cfg.screen.mode == "hash+embedding":
+            log.warning("query: the catalog was built in high-recall mode; a query forms hash candidates "
+                        "only (embedding neighbours are found by the batch job)")
         weights_info = None
         if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:
             from pipeline import weights

@@ -324,11 +324,6 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         raise ConfigError(f"cannot create the output folder {str(out)!r} ({exc.strerror}): "
                           "choose another --out") from None
     catalog_dir = catalog.resolve(cfg, out)
-    catalog_note = None
-    if catalog_dir is not None and cfg.screen.mode == "hash+embedding":
-        catalog_note = "screen.mode hash+embedding does not use the catalog yet: this run starts from nothing"
-        log.info("catalog: %s", catalog_note)
-        catalog_dir = None
     with outdir.locked(out):
         work_dir = Path(cfg.work_dir) if cfg.work_dir else out / f"{outdir.WORK_PREFIX}{os.getpid()}"
         outdir.remove_stale_work(out, keep=work_dir)
@@ -336,7 +331,7 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
             with (catalog.opened(catalog_dir) if catalog_dir is not None
                   else contextlib.nullcontext(None)) as cat:
                 return _cascade(root, out, cfg, scheduler, Progress(quiet), work_dir, weights_info,
-                                cat=cat, rehash=rehash, catalog_note=catalog_note)
+                                cat=cat, rehash=rehash)
         finally:
             if not cfg.work_dir:
                 shutil.rmtree(work_dir, ignore_errors=True)
@@ -370,9 +365,38 @@ def _adopt(cat: catalog.Catalog, kind: str, fp: str, pre: pd.Series, sha_of_cid:
     return pd.concat([pre, extra]), int(len(orphans))
 
 
+def _screen_embeddings_from_catalog(cat: catalog.Catalog, images: pd.DataFrame, cids: np.ndarray,
+                                    sha_of_cid: pd.Series, by_content: pd.DataFrame, fps: dict, cfg: Config,
+                                    work_dir: Path, run_id: str, client, progress: Progress,
+                                    new_features: list[pd.DataFrame]) -> tuple[pd.DataFrame, pd.Series, dict]:
+    """High-recall mode with a catalog: embed only the representatives whose content has no stored
+    transform-0 embedding (the confirm tier's, same model and settings), then lay every
+    representative's embedding out under work_dir as a run from scratch does (same kNN input).
+    Returns (screen_emb as screen_embeddings returns it, catalog key -> part, reuse counts)."""
+    from pipeline import confirm
+    rows = np.flatnonzero(representatives(images).to_numpy())
+    ckeys = cids[rows] * 8
+    sha = images["sha256"].to_numpy(dtype=object)
+    pre, fcounts = cat.feature_parts("embed", fps["embed"], sha[rows], np.zeros(len(rows), np.int64))
+    pre, adopted = _adopt(cat, "embed", fps["embed"], pre, sha_of_cid, new_features)
+    todo = ckeys[~np.isin(ckeys, pre.index.to_numpy())]
+    made = confirm.embed_keys(todo, by_content, cfg, str(cat.feature_dir("embed", fps["embed"], f"{run_id}-screen")),
+                              client=client, progress=progress, stage_name="screen-embed")
+    new_features.append(catalog.new_feature_rows(cat, "embed", fps["embed"], made, sha_of_cid))
+    part_of = pd.concat([pre, pd.Series(made["part_path"].to_numpy(dtype=object),
+                                        index=made["key"].to_numpy(np.int64))])
+    part_of = part_of[~part_of.index.duplicated(keep="last")]
+    screen_emb = catalog.gather_embeddings(part_of, pd.Series(ckeys, index=rows),
+                                           work_dir / "embed" / SCREEN_EMBED_SUBDIR, cfg.dask.partition_size)
+    info = {"images": int(len(rows)), "embeddings_reused": int(len(rows) - len(todo)),
+            "embeddings_computed": int(len(todo)), "embeddings_adopted_from_killed_run": adopted,
+            "embeddings_redone_settings_changed": fcounts["settings_changed"]}
+    return screen_emb, part_of, info
+
+
 def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress: Progress,
              work_dir: Path, weights_info: dict | None, cat: catalog.Catalog | None = None,
-             rehash: bool = False, catalog_note: str | None = None) -> dict:
+             rehash: bool = False) -> dict:
     high_recall = cfg.screen.mode == "hash+embedding"
     started = datetime.now(timezone.utc)
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
@@ -380,8 +404,6 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
     counts: dict[str, int] = {}
     fps = catalog.fingerprints(cfg, weights_info)
     reuse: dict = {"catalog": str(cat.directory) if cat is not None else None}
-    if catalog_note:
-        reuse["note"] = catalog_note
     new_features: list[pd.DataFrame] = []
     ran_features: dict[str, str] = {}
     verified = False
@@ -405,9 +427,15 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
             by_content = _by_content(images, cids)
 
         screen_emb = None
+        screen_emb_by_cid = None  # with a catalog: the screen embeddings' catalog keys -> parts
         if high_recall:
             t = time.perf_counter()
-            screen_emb = screen_embeddings(images, cfg, work_dir, client, progress)
+            if cat is None:
+                screen_emb = screen_embeddings(images, cfg, work_dir, client, progress)
+            else:
+                screen_emb, screen_emb_by_cid, reuse["screen_embed"] = _screen_embeddings_from_catalog(
+                    cat, images, cids, sha_of_cid, by_content, fps, cfg, work_dir, run_id, client, progress,
+                    new_features)
             timings["screen_embed"] = time.perf_counter() - t
             counts["screen_embedded"] = len(screen_emb)
             counts["screen_embed_errors"] = int(screen_emb["error"].notna().sum())
@@ -512,6 +540,8 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
                     pre, fcounts = cat.feature_parts("embed", fps["embed"],
                                                      np.concatenate([sha[ia[~hit]], sha[ib[~hit]]]),
                                                      np.concatenate([np.zeros_like(tt[~hit]), tt[~hit]]))
+                    if screen_emb_by_cid is not None:  # this run's screen embeddings (not listed yet)
+                        pre = pd.concat([pre, screen_emb_by_cid[~screen_emb_by_cid.index.isin(pre.index)]])
                     pre, adopted_emb = _adopt(cat, "embed", fps["embed"], pre, sha_of_cid, new_features)
                     edir = cat.feature_dir("embed", fps["embed"], run_id)
                     cos = confirm.run_confirm(job, by_content, cfg, str(edir), client=client,

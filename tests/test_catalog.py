@@ -469,3 +469,39 @@ def test_a_threshold_change_starts_no_cluster(grown, tmp_path, caplog):
                  "--set", "decide.accept_inliers=60", "--set", "verify.ratio=0.7",
                  "--set", "dask.dashboard_address=127.0.0.1:0"]) == 0
     assert "Dask dashboard" in caplog.text
+
+
+def test_high_recall_rerun_embeds_only_new_content_and_equals_a_run_from_scratch(generated, tmp_path, monkeypatch):
+    """screen.mode hash+embedding with the catalog: the screen embeddings are stored per content,
+    a re-run embeds only new contents, and its outputs equal a run from scratch."""
+    from pipeline import confirm
+    data = tmp_path / "data"
+    shutil.copytree(generated["A"], data / "a")
+    first = run(data, tmp_path / "out", "--preset", "high-recall")
+    assert first["reuse"]["screen_embed"]["embeddings_computed"] == first["counts"]["screen_embedded"] > 0
+    shutil.copytree(generated["B"], data / "b")
+    for name in ["g0000_original.jpg", "d0002_distractor.jpg"]:
+        (data / "a" / name).unlink()
+    calls: list[tuple[str, list[int]]] = []
+    real = confirm.embed_partition
+    monkeypatch.setattr(confirm, "embed_partition",
+                        lambda rows, cfg, out_dir, part: calls.append((out_dir, rows["key"].tolist()))
+                        or real(rows, cfg, out_dir, part))
+    second = run(data, tmp_path / "out", "--preset", "high-recall")
+    monkeypatch.undo()
+    # the confirm tier took the untransformed images' embeddings from the screen's (no second inference)
+    confirm_keys = [k for d, keys in calls if not d.endswith("-screen") for k in keys]
+    assert calls and not [k for k in confirm_keys if k % 8 == 0]
+    scratch = run(data, tmp_path / "scratch", "--preset", "high-recall", "--no-catalog")
+    assert_same_outputs(tmp_path / "out", tmp_path / "scratch")
+    info = second["reuse"]["screen_embed"]
+    assert info["images"] == scratch["counts"]["screen_embedded"]
+    # B's files are new contents (or byte copies of A's, which are not representatives)
+    assert 0 < info["embeddings_computed"] <= sum(1 for _ in generated["B"].iterdir())
+    assert info["embeddings_reused"] == info["images"] - info["embeddings_computed"] > 0
+    assert second["counts"]["embedding_only_candidates"] == scratch["counts"]["embedding_only_candidates"]
+    # an unchanged re-run embeds nothing and still gives the same outputs
+    third = run(data, tmp_path / "out", "--preset", "high-recall")
+    assert third["reuse"]["screen_embed"]["embeddings_computed"] == 0
+    assert third["reuse"].get("confirm", {}).get("pairs_embedded", 0) == 0
+    assert_same_outputs(tmp_path / "out", tmp_path / "scratch")

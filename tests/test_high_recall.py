@@ -77,6 +77,7 @@ def base_cfg(models_dir) -> Config:
 def _cfg(base: Config, mode: str, work_dir: Path | None = None) -> Config:
     c = copy.deepcopy(base)
     c.screen.mode = mode
+    c.catalog = "none"  # the stores of a run without a catalog are inspected (tests/test_catalog.py has the other)
     if work_dir is not None:
         c.work_dir = str(work_dir)  # kept after the run: the stores are inspected below
     return c
