@@ -45,9 +45,10 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import outdir
+from pipeline import outdir, store
 from pipeline.config import Config, ConfigError
 
 log = logging.getLogger("pipeline")
@@ -63,6 +64,12 @@ NEIGHBOUR_COLUMNS = ["owner", "neighbour", "hash_distance"]
 EVIDENCE_COLUMNS = ["sha_a", "sha_b", "transform", "orb_fp", "orb_matches", "orb_inliers", "orb_score",
                     "orb_status", "orb_reason", "ssim", "hist_corr", "embed_fp", "cosine"]
 FEATURE_COLUMNS = ["kind", "fp", "sha256", "transform", "key", "part", "error"]
+# Feature parts are compacted at commit (per kind and settings) when there are more part files than
+# this (a nightly run adds a few small ones) ...
+COMPACT_MAX_PARTS = 64
+# ... or when more than this fraction of their stored rows belong to contents no longer present.
+COMPACT_DEAD_FRACTION = 0.5
+COMPACT_ROWS_PER_PART = 256  # rows per compacted part (as a run writes them: dask.partition_size)
 # the verify tier's evidence (keypoints, and the pixel check's numbers for flat pairs)
 ORB_COLUMNS = ["orb_matches", "orb_inliers", "orb_score", "orb_status", "orb_reason", "ssim", "hist_corr"]
 
@@ -300,6 +307,7 @@ class Catalog:
         fingerprints_.update(fps)
         if neighbours is None:  # this run did not search (nothing to keep)
             neighbours = _empty(NEIGHBOUR_COLUMNS)
+        features, compacted = self.compact(features, tag)
         for name, frame in (("images", images), ("neighbours", neighbours), ("evidence", evidence),
                             ("features", features)):
             rel = f"tables/{name}-{tag}.parquet"
@@ -314,7 +322,7 @@ class Catalog:
                     "fingerprints": fingerprints_, "config": config or previous.get("config"),
                     "tables": tables, "parts": parts,
                     "counts": {"images": int(len(images)), "pairs_with_evidence": int(len(evidence)),
-                               "features": int(len(features))}}
+                               "features": int(len(features))}, "compacted": compacted}
         tmp = self.directory / f".{MANIFEST}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=1)
@@ -325,6 +333,56 @@ class Catalog:
         self.manifest = manifest
         self.collect_garbage(keep=[previous, manifest])
         return manifest
+
+    def compact(self, features: pd.DataFrame, tag: str) -> tuple[pd.DataFrame, list[dict]]:
+        """Rewrite the referenced rows of each (kind, fp) whose parts are too many or mostly dead
+        (COMPACT_MAX_PARTS, COMPACT_DEAD_FRACTION) into new parts of COMPACT_ROWS_PER_PART rows,
+        reading one old part at a time. Returns the features table pointing at the new parts and
+        what was compacted. The old parts stay until garbage collection (two generations later)."""
+        done = []
+        if not len(features):
+            return features, done
+        features = features.copy()
+        for (kind, fp), group in features.groupby(["kind", "fp"], sort=True):
+            parts = sorted(pd.unique(group["part"].astype(str)))
+            stored = sum(_num_rows(self.directory / p) for p in parts)
+            if len(parts) <= COMPACT_MAX_PARTS and len(group) >= stored * (1 - COMPACT_DEAD_FRACTION):
+                continue
+            out_dir = self.directory / "features" / kind / fp / f"compact-{tag}"
+            part_of_key: dict[int, str] = {}
+            buffer: list[pa.Table] = []
+
+            def flush() -> None:  # (a part whose error column is all null has type null: promote)
+                merged = pa.concat_tables(buffer, promote_options="default").sort_by("key")
+                buffer.clear()
+                if merged.num_rows:
+                    path = store.write_partition(out_dir, len(set(part_of_key.values())), merged)
+                    part_of_key.update(dict.fromkeys(merged["key"].to_pylist(),
+                                                     str(Path(path).relative_to(self.directory))))
+
+            for part in parts:
+                rows = group[group["part"] == part]
+                listed = part in self.manifest.get("parts", {})  # else written by this run
+                if listed and not self.verify_file(part):  # corrupt: its features are recomputed later
+                    features = features.drop(index=rows.index)
+                    continue
+                table = pq.read_table(self.directory / part)
+                buffer.append(table.filter(pc.is_in(table["key"], value_set=pa.array(rows["key"].to_numpy(np.int64)))))
+                if sum(t.num_rows for t in buffer) >= COMPACT_ROWS_PER_PART:
+                    flush()
+            if buffer:
+                flush()
+            mine = features.index[(features["kind"] == kind) & (features["fp"] == fp)]
+            features.loc[mine, "part"] = features.loc[mine, "key"].map(part_of_key).to_numpy(dtype=object)
+            features = features[features["part"].notna()]  # rows whose part did not hold their key
+            mine = features.index[(features["kind"] == kind) & (features["fp"] == fp)]
+            written = len(set(part_of_key.values()))
+            kept = len(mine)
+            done.append({"kind": kind, "fp": fp, "parts_before": len(parts), "rows_stored_before": int(stored),
+                         "rows_kept": int(kept), "parts_after": written})
+            log.info("catalog: compacted %s features (%d parts, %d rows -> %d parts, %d rows)", kind,
+                     len(parts), stored, written, kept)
+        return features, done
 
     def collect_garbage(self, keep: list[dict]) -> list[str]:
         """Remove files under tables/ and features/ that none of the `keep` manifests names (left by
@@ -350,6 +408,14 @@ class Catalog:
         if removed:
             log.info("catalog: removed %d file(s) no longer referenced", len(removed))
         return removed
+
+
+def _num_rows(path: Path) -> int:
+    """Rows in a Parquet file; 0 when it cannot be read (compaction then checks and drops it)."""
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:
+        return 0
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
@@ -563,7 +629,6 @@ def gather_embeddings(part_of: pd.Series, key_of_row: pd.Series, out_dir: str | 
     `out_dir` keyed idx * 8, sorted and split as a run from scratch writes them, so the kNN sees the
     same vectors in the same order (and finds the same neighbours). Holds the wanted embeddings
     (~5 kB per image with the default model) while it writes. Returns key, part_path, error."""
-    from pipeline import store
     wanted = pd.DataFrame({"idx": key_of_row.index.to_numpy(np.int64), "ckey": key_of_row.to_numpy(np.int64)})
     wanted["part"] = part_of.reindex(wanted["ckey"].to_numpy()).to_numpy(dtype=object)
     frames = []

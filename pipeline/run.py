@@ -604,6 +604,7 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
                                evidence=evidence, features=features, config=cfg.to_dict())
         reuse["problems"] = list(cat.problems)
         reuse["catalog_generation"] = committed["generation"]
+        reuse["catalog_compacted"] = committed.get("compacted", [])
         manifest["timings_s"]["catalog"] = round(time.perf_counter() - t, 3)
     with progress.stage("write", total=len(images) + len(pairs_out), unit="row") as tracker:
         outdir.publish(out, run_id, lambda folder: write.write_outputs(folder, images, pairs_out, manifest))

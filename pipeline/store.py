@@ -19,13 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def write_partition(directory: str | Path, part: int, frame: pd.DataFrame) -> str:
+def write_partition(directory: str | Path, part: int, frame: pd.DataFrame | pa.Table) -> str:
     """Write `frame` (must have an int64 `key` column) atomically; returns the file path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"part-{part:06d}.parquet"
     tmp = directory / f".part-{part:06d}.{uuid.uuid4().hex}.tmp"
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
+    table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
+    pq.write_table(table, tmp)
     os.replace(tmp, final)
     return str(final)
 
