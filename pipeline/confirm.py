@@ -270,6 +270,32 @@ def _interpreter(model_path: Path, threads: int):
         return Interpreter(model_path=str(model_path), num_threads=threads)
 
 
+# Keras preprocess_input modules whose function is "tf" mode (x / 127.5 - 1) or the identity (the
+# model rescales itself), as Keras computes them on float32 numpy arrays
+_TF_MODE = {"mobilenet", "mobilenet_v2", "inception_v3", "inception_resnet_v2", "xception", "resnet_v2", "nasnet"}
+_IDENTITY = {"mobilenet_v3", "efficientnet", "efficientnet_v2", "convnext"}
+
+
+def _tf_mode(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32, copy=True)
+    x /= 127.5
+    x -= 1.0
+    return x
+
+
+def numpy_preprocess(backbone: str):
+    """The backbone's `preprocess_input` in plain numpy where it is "tf" mode or the identity (the
+    same float32 operations as Keras, so the same bits), which lets a TFLite worker run without
+    importing Keras or TensorFlow; Keras's own function otherwise (caffe/torch modes)."""
+    module = PREPROCESS[backbone]
+    if module in _TF_MODE:
+        return _tf_mode
+    if module in _IDENTITY:
+        return lambda x: np.asarray(x, dtype=np.float32)
+    import keras
+    return getattr(keras.applications, module).preprocess_input
+
+
 class TFLiteEmbedder(Embedder):
     """The same backbone and weights as `Embedder`, converted to TensorFlow Lite (`tflite_model`)
     and run by its interpreter with XNNPACK; same preprocessing, fixed batch shape and outputs
@@ -294,8 +320,7 @@ class TFLiteEmbedder(Embedder):
         self._in = self._interp.get_input_details()[0]["index"]
         out = self._interp.get_output_details()[0]
         self._out, self.dim = out["index"], int(out["shape"][-1])
-        import keras
-        self._preprocess = getattr(keras.applications, PREPROCESS[cfg.backbone]).preprocess_input
+        self._preprocess = numpy_preprocess(cfg.backbone)
         self._lock = threading.Lock()  # one interpreter, its tensors shared: one batch at a time
 
     def raw(self, batch: np.ndarray, use_predict: bool = False) -> np.ndarray:

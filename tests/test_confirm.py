@@ -336,3 +336,34 @@ def test_tflite_on_local_cluster_matches_in_process(dataset, cfg, inprocess_run,
     ok = ~np.isnan(cos_keras.to_numpy())
     assert np.array_equal(ok, ~np.isnan(cos1.to_numpy()))
     assert np.abs(cos1.to_numpy()[ok] - cos_keras.to_numpy()[ok]).max() <= COS_TOL
+
+
+@pytest.mark.parametrize("backbone", ["MobileNetV2", "MobileNet", "MobileNetV3Small", "EfficientNetB0",
+                                      "ResNet50V2", "Xception"])
+def test_numpy_preprocess_is_keras_preprocess(backbone):
+    import keras
+    from pipeline.weights import PREPROCESS
+    x = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+    ref = getattr(keras.applications, PREPROCESS[backbone]).preprocess_input(x.astype(np.float32))
+    out = confirm.numpy_preprocess(backbone)(x.astype(np.float32))
+    assert out.dtype == np.float32 and np.array_equal(out, np.asarray(ref))  # same operations, same bits
+
+
+def test_tflite_interpreter_falls_back_to_tf_lite(cfg, monkeypatch):
+    """Without the ai-edge-litert package, TensorFlow's own tf.lite interpreter runs the same file
+    with the same outputs."""
+    e = dataclasses.replace(cfg.embed, runtime="tflite", batch_size=2)
+    path = confirm.tflite_model(e, e.weights)
+    x = confirm._tf_mode(np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3)).astype(np.float32))
+
+    def run(interp):
+        interp.resize_tensor_input(interp.get_input_details()[0]["index"], [2, 224, 224, 3])
+        interp.allocate_tensors()
+        interp.set_tensor(interp.get_input_details()[0]["index"], x)
+        interp.invoke()
+        return interp.get_tensor(interp.get_output_details()[0]["index"]).copy()
+    first = run(confirm._interpreter(path, 1))
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # import now fails
+    fallback = confirm._interpreter(path, 1)
+    assert type(fallback).__module__.startswith("tensorflow")
+    np.testing.assert_allclose(run(fallback), first, rtol=0, atol=EMB_ATOL)
