@@ -30,6 +30,7 @@ V2_05 = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
 def cfg(models_dir) -> Config:
     c = Config()
     c.embed.weights = str(models_dir / V2_05)
+    c.embed.runtime = "keras"  # the Keras path here; TFLite tests name their runtime
     c.embed.batch_size = 16
     c.dask.partition_size = 8
     c.dask.pairs_per_task = 5
