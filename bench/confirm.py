@@ -43,6 +43,7 @@ ALIGN = {"hflip": 4, "vflip": 6, "rot90": decode.DIHEDRAL_INVERSE[1], "rot180": 
 def base_config() -> Config:
     cfg = Config()
     cfg.embed.weights = str(suite.SHARED / "models" / WEIGHTS)
+    cfg.embed.runtime = "keras"  # this benchmark compares Keras call paths (bench/embed.py: runtimes)
     return cfg
 
 

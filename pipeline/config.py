@@ -132,7 +132,13 @@ class EmbedConfig:
     # as the screen's trimmed hash does (same detector, screen.border_tolerance / trim_frames).
     trim_borders: bool = True
     batch_size: int = 32  # images per inference call (the last batch is padded: one traced shape); 32 measured fastest
-    threads: int = 0  # TensorFlow intra-op threads per worker; 0 = the worker's thread count
+    threads: int = 0  # inference threads per worker process (TF intra-op / TFLite); 0 = the worker's thread count
+    # keras: the Keras model through a compiled tf.function. tflite: the same weights converted
+    # once to TensorFlow Lite (cached beside the weights, keyed by their sha256) and run with
+    # XNNPACK (measured 2.2x Keras's images/s at 1 thread, as each Dask worker runs, 1.2x at 2;
+    # cosines within 4e-6: docs/benchmarks.md "embed").
+    # auto: tflite when this TensorFlow can convert and run it, else keras.
+    runtime: Literal["keras", "tflite", "auto"] = "auto"
 
 
 @dataclass

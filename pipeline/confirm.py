@@ -9,7 +9,12 @@ task, `embedding` = float32 little-endian bytes, L2-normalised). Pair tasks of
 The model is built once per worker process (module-level cache keyed by the embed config and the
 weights file), with TensorFlow's intra-op threads set to `embed.threads` or the worker's thread
 count, and called through a `tf.function` traced for one fixed batch shape (the last batch is
-padded), which is ~2x faster than `model.predict` per batch (docs/benchmarks.md).
+padded), which is ~2x faster than `model.predict` per batch (docs/benchmarks.md). With
+`embed.runtime: tflite` the same weights are converted once to TensorFlow Lite (cached beside the
+Keras weights, keyed by their sha256 and the model settings; converted in the driver before any
+task) and run by the TFLite interpreter with XNNPACK and the same thread count (`TFLiteEmbedder`:
+cosines within 1e-3 of Keras, bench/embed.py). On a cluster the keys are split so the number of
+tasks is a multiple of the worker threads (`task_size`), so no worker idles through the last task.
 
 Image to model input: `decode.load_image(min_side=input_size)` (JPEG draft decode), uniform
 borders and UI frames cut off (`embed.trim_borders`, the screen's detector in `pipeline.borders`:
@@ -26,6 +31,7 @@ TensorFlow is imported lazily (inside `Embedder`), so importing this module is c
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -151,15 +157,13 @@ class Embedder:
         import keras
         if cfg.backbone not in PREPROCESS:
             raise ValueError(f"embed.backbone={cfg.backbone!r}: expected one of {', '.join(PREPROCESS)}")
-        app = getattr(keras.applications, cfg.backbone)
         self._preprocess = getattr(keras.applications, PREPROCESS[cfg.backbone]).preprocess_input
         if weights_path is None or str(weights_path) in ("", "imagenet"):
             raise ValueError("Embedder needs a resolved weights file (pipeline.weights.resolve_weights);"
                              " it never loads random or implicitly downloaded weights")
         self.weights_path = str(weights_path)
-        extra = {"alpha": float(cfg.alpha)} if cfg.backbone.startswith("MobileNet") else {}
-        self.model = app(include_top=False, pooling="avg", input_shape=(self.size, self.size, 3),
-                         weights=self.weights_path, **extra)
+        self.runtime = "keras"
+        self.model = build_model(cfg, self.weights_path)
         self.dim = int(self.model.output_shape[-1])
         spec = tf.TensorSpec((self.batch_size, self.size, self.size, 3), tf.float32)
         model = self.model
@@ -185,9 +189,13 @@ class Embedder:
             if use_predict:
                 res = self.model.predict(chunk, batch_size=b, verbose=0)
             else:
-                res = self._fn(self._tf.constant(chunk)).numpy()
+                res = self.run_batch(chunk)
             out[start:start + m] = res[:m]
         return out
+
+    def run_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Model outputs for exactly `batch_size` preprocessed float32 images."""
+        return self._fn(self._tf.constant(batch)).numpy()
 
     def embed_arrays(self, arrays: np.ndarray, use_predict: bool = False) -> np.ndarray:
         """uint8 (n, s, s, 3) model-size images -> (n, d) float32 L2-normalised embeddings."""
@@ -200,6 +208,131 @@ class Embedder:
         arrays = np.stack([to_input(im, self.size, self.cfg.resize) for im in images]) if images else \
             np.zeros((0, self.size, self.size, 3), np.uint8)
         return self.embed_arrays(arrays)
+
+
+def build_model(cfg: EmbedConfig, weights_path: str):
+    """The Keras backbone, no top, average-pooled, with the ImageNet weights in `weights_path`."""
+    import keras
+    app = getattr(keras.applications, cfg.backbone)
+    extra = {"alpha": float(cfg.alpha)} if cfg.backbone.startswith("MobileNet") else {}
+    return app(include_top=False, pooling="avg", input_shape=(int(cfg.input_size), int(cfg.input_size), 3),
+               weights=str(weights_path), **extra)
+
+
+def tf_version() -> str:
+    """The installed TensorFlow's version, read without importing it."""
+    from importlib import metadata
+    for dist in ("tensorflow-cpu", "tensorflow"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "none"
+
+
+_CONVERT_LOCK = threading.Lock()
+
+
+def tflite_model(cfg: EmbedConfig, weights_path) -> Path:
+    """The TensorFlow Lite conversion of the Keras model for `cfg` and these weights, converted on
+    first use and cached (`weights.tflite_path`; written to a temporary name then renamed, so a
+    concurrent process sees either no file or a whole one). Same input and output as the Keras
+    model (preprocessing stays outside); float32 weights, no quantisation."""
+    from pipeline.weights import tflite_path
+    path = tflite_path(cfg, weights_path, tf_version())
+    with _CONVERT_LOCK:
+        if path.is_file():
+            return path
+        _configure_tf(int(cfg.threads or worker_threads()))
+        import tensorflow as tf
+        model = build_model(cfg, str(weights_path))
+        blob = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+        log.info("converted %s to TensorFlow Lite: %s", Path(weights_path).name, path)
+    return path
+
+
+def _interpreter(model_path: Path, threads: int):
+    """A TFLite interpreter (XNNPACK, TFLite's default CPU delegate, with `threads` threads): from
+    the ai-edge-litert package when installed, else TensorFlow's own tf.lite."""
+    import warnings
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        _configure_tf(threads)
+        import tensorflow as tf
+        Interpreter = tf.lite.Interpreter
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice, once per worker
+        return Interpreter(model_path=str(model_path), num_threads=threads)
+
+
+# Keras preprocess_input modules whose function is "tf" mode (x / 127.5 - 1) or the identity (the
+# model rescales itself), as Keras computes them on float32 numpy arrays
+_TF_MODE = {"mobilenet", "mobilenet_v2", "inception_v3", "inception_resnet_v2", "xception", "resnet_v2", "nasnet"}
+_IDENTITY = {"mobilenet_v3", "efficientnet", "efficientnet_v2", "convnext"}
+
+
+def _tf_mode(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32, copy=True)
+    x /= 127.5
+    x -= 1.0
+    return x
+
+
+def numpy_preprocess(backbone: str):
+    """The backbone's `preprocess_input` in plain numpy where it is "tf" mode or the identity (the
+    same float32 operations as Keras, so the same bits), which lets a TFLite worker run without
+    importing Keras or TensorFlow; Keras's own function otherwise (caffe/torch modes)."""
+    module = PREPROCESS[backbone]
+    if module in _TF_MODE:
+        return _tf_mode
+    if module in _IDENTITY:
+        return lambda x: np.asarray(x, dtype=np.float32)
+    import keras
+    return getattr(keras.applications, module).preprocess_input
+
+
+class TFLiteEmbedder(Embedder):
+    """The same backbone and weights as `Embedder`, converted to TensorFlow Lite (`tflite_model`)
+    and run by its interpreter with XNNPACK; same preprocessing, fixed batch shape and outputs
+    within float rounding (tests/test_confirm.py: cosines within 1e-3 on real photos)."""
+
+    def __init__(self, cfg: EmbedConfig, weights_path):
+        if weights_path is None or str(weights_path) in ("", "imagenet"):
+            raise ValueError("TFLiteEmbedder needs a resolved weights file (pipeline.weights.resolve_weights)")
+        if cfg.backbone not in PREPROCESS:
+            raise ValueError(f"embed.backbone={cfg.backbone!r}: expected one of {', '.join(PREPROCESS)}")
+        self.cfg = cfg
+        self.runtime = "tflite"
+        self.size = int(cfg.input_size)
+        self.batch_size = int(cfg.batch_size)
+        self.threads = int(cfg.threads or worker_threads())
+        self.weights_path = str(weights_path)
+        self.model_path = tflite_model(cfg, weights_path)
+        self._interp = _interpreter(self.model_path, self.threads)
+        inp = self._interp.get_input_details()[0]
+        self._interp.resize_tensor_input(inp["index"], [self.batch_size, self.size, self.size, 3])
+        self._interp.allocate_tensors()
+        self._in = self._interp.get_input_details()[0]["index"]
+        out = self._interp.get_output_details()[0]
+        self._out, self.dim = out["index"], int(out["shape"][-1])
+        self._preprocess = numpy_preprocess(cfg.backbone)
+        self._lock = threading.Lock()  # one interpreter, its tensors shared: one batch at a time
+
+    def raw(self, batch: np.ndarray, use_predict: bool = False) -> np.ndarray:
+        if use_predict:
+            raise ValueError("use_predict is a Keras runtime option")
+        return super().raw(batch)
+
+    def run_batch(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            self._interp.set_tensor(self._in, np.ascontiguousarray(batch, dtype=np.float32))
+            self._interp.invoke()
+            return self._interp.get_tensor(self._out).copy()
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -217,12 +350,50 @@ def get_embedder(cfg: EmbedConfig, weights_path=None) -> Embedder:
     task this worker process runs). Resolves the weights when `weights_path` is not given."""
     if weights_path is None:
         weights_path = resolve_weights(cfg, allow_download=cfg.download)
-    key = (dataclasses.astuple(cfg), str(weights_path))
+    runtime = resolve_runtime(cfg, weights_path)
+    key = (dataclasses.astuple(cfg), runtime, str(weights_path))
     with _MODELS_LOCK:
         emb = _MODELS.get(key)
         if emb is None:
-            emb = _MODELS[key] = Embedder(cfg, weights_path)
+            emb = _MODELS[key] = (TFLiteEmbedder if runtime == "tflite" else Embedder)(cfg, weights_path)
     return emb
+
+
+_RUNTIMES: dict[tuple, str] = {}
+
+
+def resolve_runtime(cfg: EmbedConfig, weights_path=None) -> str:
+    """"keras" or "tflite" for `embed.runtime` ("auto": tflite when the model converts here and
+    its interpreter loads, else keras, logged once per process)."""
+    if cfg.runtime != "auto":
+        return cfg.runtime
+    if weights_path is None:
+        weights_path = resolve_weights(cfg, allow_download=cfg.download)
+    key = (dataclasses.astuple(cfg), str(weights_path))
+    if key not in _RUNTIMES:
+        try:
+            _interpreter(tflite_model(cfg, weights_path), int(cfg.threads or worker_threads()))
+            _RUNTIMES[key] = "tflite"
+        except Exception as exc:  # no tf.lite in this TensorFlow, a backbone it cannot convert, ...
+            log.warning("embed.runtime=auto: TensorFlow Lite unavailable here (%s: %s); using Keras",
+                        type(exc).__name__, exc)
+            _RUNTIMES[key] = "keras"
+    return _RUNTIMES[key]
+
+
+def prepare_runtime(cfg: Config) -> Config:
+    """In the driver, before any embedding task: `cfg` with `embed.runtime` resolved ("auto" ->
+    keras or tflite) and, for tflite, the model converted and cached once here rather than by
+    every worker at once."""
+    if cfg.embed.runtime == "keras":
+        return cfg
+    weights_path = resolve_weights(cfg.embed, allow_download=cfg.embed.download)
+    runtime = resolve_runtime(cfg.embed, weights_path)
+    if runtime == "tflite":
+        tflite_model(cfg.embed, weights_path)
+    out = copy.copy(cfg)
+    out.embed = dataclasses.replace(cfg.embed, runtime=runtime)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,14 +498,39 @@ def embed_keys(keys: np.ndarray, images: pd.DataFrame, cfg: Config, out_dir: str
     if keys.size == 0:
         return pd.DataFrame({"key": np.zeros(0, np.int64), "part_path": pd.Series(dtype=object),
                              "error": pd.Series(dtype=object)})
+    cfg = prepare_runtime(cfg)
     idx = keys // 8
     abs_paths = images["abs_path"].reindex(idx).to_numpy(dtype=object)
     rows = pd.DataFrame({"key": keys, "abs_path": abs_paths, "transform": (keys % 8).astype(np.int8)})
-    chunks = _chunks(rows, cfg.dask.partition_size)
+    chunks = _chunks(rows, task_size(len(rows), cfg, cluster_slots(client)))
     with stage_of(progress)(stage_name, total=len(rows), unit="img") as tracker:
         summaries = map_tasks(client, _embed_task, list(enumerate(chunks)), cfg, out_dir, star=True,
                               tracker=tracker, weight=lambda task: len(task[1]))
     return pd.concat(summaries, ignore_index=True)
+
+
+def cluster_slots(client) -> int:
+    """Tasks the cluster runs at once (its worker threads); 1 in-process."""
+    if client is None:
+        return 1
+    try:
+        return max(1, int(sum(client.nthreads().values())))
+    except Exception:  # a client without workers yet, or not a distributed Client
+        return 1
+
+
+def task_size(n: int, cfg: Config, slots: int) -> int:
+    """Keys per embedding task: at most `dask.partition_size`, and enough tasks to keep every
+    slot busy to the end (a multiple of `slots`: 737 keys in tasks of 256 on 2 workers left one
+    worker idle for a whole task), in whole batches (the last batch of a task is padded)."""
+    size = max(1, int(cfg.dask.partition_size))
+    if slots <= 1 or n <= 0:
+        return size
+    tasks = -(-n // size)
+    tasks = -(-tasks // slots) * slots
+    b = max(1, int(cfg.embed.batch_size))
+    per = -(-n // tasks)
+    return min(size, max(b, -(-per // b) * b)) if size >= b else size
 
 
 def _embed_task(part: int, rows: pd.DataFrame, cfg: Config, out_dir: str) -> pd.DataFrame:

@@ -487,6 +487,27 @@ def _writable_dir(d: Path) -> bool:
     return os.access(d, os.W_OK)
 
 
+# Bumped when the conversion itself changes (what the .tflite file contains for given weights).
+TFLITE_FORMAT = 1
+
+
+def tflite_path(cfg, weights_path: str | Path, tf_version: str) -> Path:
+    """Where the TensorFlow Lite conversion of these weights is cached: beside the Keras weights
+    cache (`<cache dir>/dedupe-tflite/`), named by everything that shapes it (backbone, alpha,
+    input size, the weights' sha256, the converting TensorFlow's version): a different file or
+    setting gets its own conversion, never a stale one. The first writable cache dir is used."""
+    embed = _embed_cfg(cfg)
+    sha = sha256_file(weights_path)
+    name = (f"{embed.backbone}-a{float(embed.alpha):g}-{int(embed.input_size)}-{sha[:20]}"
+            f"-tf{tf_version}-v{TFLITE_FORMAT}.tflite")
+    dirs = cache_dirs()
+    for d in dirs:
+        if (d / "dedupe-tflite" / name).is_file():
+            return d / "dedupe-tflite" / name
+    target = next((d for d in dirs if _writable_dir(d)), dirs[-1])
+    return target / "dedupe-tflite" / name
+
+
 def check_weights_available(cfg) -> dict:
     """Called by the orchestrator before any heavy work when the confirm tier will run: resolves
     (downloading once if allowed and online) and checks the weights; raises `WeightsError`.

@@ -9,6 +9,7 @@ smallest margin the decision rule cares about (thresholds are set to 0.01)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 
 import numpy as np
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline import confirm, decode
+from pipeline import confirm, decode, weights
 from pipeline.config import Config
 
 pytestmark = pytest.mark.slow
@@ -29,6 +30,7 @@ V2_05 = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
 def cfg(models_dir) -> Config:
     c = Config()
     c.embed.weights = str(models_dir / V2_05)
+    c.embed.runtime = "keras"  # the Keras path here; TFLite tests name their runtime
     c.embed.batch_size = 16
     c.dask.partition_size = 8
     c.dask.pairs_per_task = 5
@@ -234,3 +236,135 @@ def test_same_embeddings_on_local_cluster(dataset, cfg, inprocess_run, tmp_path)
     assert sum(models.values()) >= 1 and max(models.values()) == 1, models
     _same_embeddings(emb1, emb2)  # workers use 1 TF thread, this process more: sums differ in order
     _same_cosines(cos1, cos2)
+
+
+# --- runtimes and task split ----------------------------------------------------------------
+
+COS_TOL = 1e-3  # TFLite vs Keras: same float32 weights, other kernels (XNNPACK): cosines within this
+
+
+def _labelled_set(labelled_dir):
+    import csv
+    folder = labelled_dir / "fastneardup_caltech101_rand_resize"
+    if not (folder / "labels.csv").is_file():
+        pytest.skip(f"{folder}/labels.csv is missing")
+    with (folder / "labels.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [str(folder / r["path"]) for r in rows], [r["group_id"] for r in rows]
+
+
+def test_tflite_cosines_match_keras_on_labelled_photos(labelled_dir, cfg, embedder):
+    """The TFLite conversion of the real weights gives the Keras model's cosines within COS_TOL
+    over every pair of a real labelled set (true copies and unrelated photos alike)."""
+    paths, groups = _labelled_set(labelled_dir)
+    arrays = np.stack([confirm.load_input(p, 0, cfg) for p in paths])
+    lite = confirm.get_embedder(dataclasses.replace(cfg.embed, runtime="tflite"))
+    assert lite.runtime == "tflite" and embedder.runtime == "keras"
+    assert lite.model_path.is_file() and lite.model_path.suffix == ".tflite"
+    vk, vt = embedder.embed_arrays(arrays), lite.embed_arrays(arrays)
+    np.testing.assert_allclose(np.linalg.norm(vt, axis=1), 1.0, rtol=1e-5)
+    diff = np.abs(vk @ vk.T - vt @ vt.T)
+    assert diff.max() <= COS_TOL, diff.max()
+    # and still a duplicate detector: same-group pairs above different-group pairs on average
+    same = np.equal.outer(np.array(groups), np.array(groups))
+    off = ~np.eye(len(paths), dtype=bool)
+    cos = vt @ vt.T
+    assert cos[same & off].mean() > cos[~same].mean() + 0.2
+    # batch composition does not matter beyond float rounding
+    np.testing.assert_allclose(lite.embed_arrays(arrays[5:6])[0], vt[5], rtol=0, atol=EMB_ATOL)
+
+
+def test_tflite_conversion_cached_once(cfg, tmp_path, monkeypatch):
+    """Converted once into the Keras cache under a name keyed by the weights' sha256 and model
+    settings; later embedders (any process) load that file instead of converting again."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    e = dataclasses.replace(cfg.embed, runtime="tflite", batch_size=4)
+    path = confirm.tflite_model(e, e.weights)
+    assert path.parent.parent == tmp_path / "keras" / "models" and path.is_file()
+    assert "MobileNetV2-a0.5-224-" in path.name and weights.sha256_file(e.weights)[:20] in path.name
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # written atomically
+    stamp = path.stat().st_mtime_ns
+    converted = []
+    monkeypatch.setattr(confirm, "build_model", lambda *a: converted.append(a))
+    assert confirm.tflite_model(e, e.weights) == path and path.stat().st_mtime_ns == stamp
+    emb = confirm.TFLiteEmbedder(e, e.weights)  # loads the cached file, builds no Keras model
+    assert converted == [] and emb.model_path == path and emb.dim == 1280
+    other = weights.tflite_path(dataclasses.replace(e, alpha=0.35), e.weights, confirm.tf_version())
+    assert other != path
+
+
+def test_auto_runtime_falls_back_to_keras(cfg, monkeypatch, caplog):
+    e = dataclasses.replace(cfg.embed, runtime="auto", batch_size=3)
+
+    def broken(*a):
+        raise RuntimeError("converter unavailable")
+    monkeypatch.setattr(confirm, "tflite_model", broken)
+    monkeypatch.setattr(confirm, "_RUNTIMES", {})
+    assert confirm.resolve_runtime(e, e.weights) == "keras"
+    assert "converter unavailable" in caplog.text
+    c = copy.deepcopy(cfg)
+    c.embed = e
+    assert confirm.prepare_runtime(c).embed.runtime == "keras"
+    assert confirm.prepare_runtime(cfg) is cfg  # keras: nothing to resolve
+
+
+@pytest.mark.parametrize("n, slots, size, tasks", [
+    (737, 1, 256, 3),   # in-process: tasks of dask.partition_size
+    (737, 2, 192, 4),   # 2 workers: 4 tasks of whole batches, not 256 + 256 + 225 (one worker idle)
+    (100, 2, 64, 2),
+    (33, 4, 32, 2),     # never below one batch
+    (10_000, 2, 256, 40),
+])
+def test_task_size_keeps_every_worker_busy(n, slots, size, tasks):
+    c = Config()
+    assert confirm.task_size(n, c, slots) == size
+    assert -(-n // size) == tasks
+
+
+def test_tflite_on_local_cluster_matches_in_process(dataset, cfg, inprocess_run, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    images, pairs = dataset
+    cos_keras, _ = inprocess_run
+    c = copy.deepcopy(cfg)
+    c.embed.runtime = "tflite"
+    cos1 = confirm.run_confirm(pairs, images, c, str(tmp_path / "in"))
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0", memory_limit="2GiB") as cluster, \
+            distributed.Client(cluster) as client:
+        cos2 = confirm.run_confirm(pairs, images, c, str(tmp_path / "dask"), client=client)
+    _same_embeddings(_embeddings(tmp_path / "in"), _embeddings(tmp_path / "dask"))
+    _same_cosines(cos1, cos2)
+    ok = ~np.isnan(cos_keras.to_numpy())
+    assert np.array_equal(ok, ~np.isnan(cos1.to_numpy()))
+    assert np.abs(cos1.to_numpy()[ok] - cos_keras.to_numpy()[ok]).max() <= COS_TOL
+
+
+@pytest.mark.parametrize("backbone", ["MobileNetV2", "MobileNet", "MobileNetV3Small", "EfficientNetB0",
+                                      "ResNet50V2", "Xception"])
+def test_numpy_preprocess_is_keras_preprocess(backbone):
+    import keras
+    from pipeline.weights import PREPROCESS
+    x = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+    ref = getattr(keras.applications, PREPROCESS[backbone]).preprocess_input(x.astype(np.float32))
+    out = confirm.numpy_preprocess(backbone)(x.astype(np.float32))
+    assert out.dtype == np.float32 and np.array_equal(out, np.asarray(ref))  # same operations, same bits
+
+
+def test_tflite_interpreter_falls_back_to_tf_lite(cfg, monkeypatch):
+    """Without the ai-edge-litert package, TensorFlow's own tf.lite interpreter runs the same file
+    with the same outputs."""
+    e = dataclasses.replace(cfg.embed, runtime="tflite", batch_size=2)
+    path = confirm.tflite_model(e, e.weights)
+    x = confirm._tf_mode(np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3)).astype(np.float32))
+
+    def run(interp):
+        interp.resize_tensor_input(interp.get_input_details()[0]["index"], [2, 224, 224, 3])
+        interp.allocate_tensors()
+        interp.set_tensor(interp.get_input_details()[0]["index"], x)
+        interp.invoke()
+        return interp.get_tensor(interp.get_output_details()[0]["index"]).copy()
+    first = run(confirm._interpreter(path, 1))
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # import now fails
+    fallback = confirm._interpreter(path, 1)
+    assert type(fallback).__module__.startswith("tensorflow")
+    np.testing.assert_allclose(run(fallback), first, rtol=0, atol=EMB_ATOL)
