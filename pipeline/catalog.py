@@ -102,7 +102,8 @@ _SCREEN_SEARCH = {"max_distance", "max_candidates", "backend", "exact_group_pair
 # the code and libraries that make each kind of result: a new version of either invalidates it
 _CODE = {"screen": (["screen.py", "decode.py", "borders.py"], ["pillow", "imagehash", "numpy"]),
          "orb_features": (["verify.py", "decode.py"], ["opencv-python-headless", "opencv-python", "pillow", "numpy"]),
-         "embed": (["confirm.py", "decode.py", "borders.py"], ["tensorflow-cpu", "tensorflow", "keras", "pillow"])}
+         "embed": (["confirm.py", "decode.py", "borders.py"],
+                   ["tensorflow-cpu", "tensorflow", "keras", "ai-edge-litert", "pillow"])}
 
 
 def _code(kind: str) -> str:
