@@ -156,8 +156,9 @@ class DaskConfig:
     # "auto": in-process for small work, else a LocalCluster started while the walk goes on;
     # "local" (a LocalCluster sized to the machine), "sync" (in-process), or a scheduler address
     scheduler: str = "auto"
-    # "auto": at most this many files to screen -> in-process (a cluster's start-up and one model
-    # build per worker cost more than the second core saves below it; docs/benchmarks.md "scheduler")
+    # "auto": at most this many files to screen -> in-process on one thread per core (below it a
+    # cluster's start-up, worker imports and one model build per worker cost more than separate
+    # processes save; `python -m bench.scheduler` measures the crossover on a machine)
     auto_max_files: int = 2000
     n_workers: int = 0  # local cluster: 0 = one per core
     threads_per_worker: int = 1

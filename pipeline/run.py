@@ -80,10 +80,14 @@ class AutoClient:
             self._thread.start()
             log.info("auto scheduler: more than %d files to screen, starting the local cluster", self.limit)
 
+    on_in_process: Callable[[], None] | None = None  # called once when the choice is in-process
+
     def walk_done(self) -> None:
         if self.choice is None:
             self.choice = "sync"
             log.info("auto scheduler: %d files to screen (<= %d), running in-process", self.work, self.limit)
+            if self.on_in_process is not None:
+                self.on_in_process()
 
     def ready(self) -> bool:
         return self.choice == "local" and not self._thread.is_alive()
@@ -347,6 +351,42 @@ def run_screen(root: Path, cfg: Config, client, progress: Progress, known: dict 
     return images[["image_id", *[c for c in images.columns if c != "image_id"]]]
 
 
+@contextlib.contextmanager
+def _joined(threads: list) -> Iterator[None]:
+    """Join the threads (None entries skipped) on the way out: a process must not exit while one
+    is inside TensorFlow's import."""
+    try:
+        yield
+    finally:
+        for thread in threads:
+            if thread is not None:
+                thread.join()
+
+
+def _build_model_ahead(cfg: Config):
+    """In-process runs (the driver is the only worker): import TensorFlow and build the model in a
+    background thread while the cheaper tiers run, so the confirm tier (or the screen embeddings)
+    finds it ready instead of paying the seconds of start-up after them. The same process-wide
+    model the tasks get (`confirm.get_embedder`, which waits for a build in progress); a failure
+    here is left to the tier itself to raise. Only with `in_process_threads` (the "auto" path):
+    `--scheduler sync` stays a plain single-threaded run."""
+    from pipeline.progress import thread_pool
+    if thread_pool() is None:
+        return None
+    import threading
+
+    def build():
+        try:
+            from pipeline import confirm
+            confirm.get_embedder(cfg.embed)
+        except Exception:  # e.g. missing weights: the tier reports it where it is needed
+            log.debug("building the model ahead failed", exc_info=True)
+
+    thread = threading.Thread(target=build, name="model-ahead", daemon=True)
+    thread.start()
+    return thread
+
+
 def _call(fn, args):
     return fn(*args)
 
@@ -504,11 +544,15 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
     verified = False
     confirmed = None
 
+    ahead: list = []  # model-building threads (_build_model_ahead), joined before the run returns
     with dask_client(cfg, scheduler, lazy=cat is not None) as client, \
-            (in_process_threads(_local_cores(cfg)) if isinstance(client, AutoClient) else contextlib.nullcontext()):
+            (in_process_threads(_local_cores(cfg)) if isinstance(client, AutoClient) else contextlib.nullcontext()), \
+            _joined(ahead):
         t = time.perf_counter()
         reuse["screen"] = {}
         known = catalog.known_records(cat, fps, paths.text_form(str(root.resolve())), reuse["screen"])
+        if high_recall and isinstance(client, AutoClient):  # every image is embedded: load the model during the screen
+            client.on_in_process = lambda: ahead.append(_build_model_ahead(cfg))
         images = run_screen(root, cfg, client, progress, known=known, rehash=rehash, reuse=reuse["screen"])
         if isinstance(client, AutoClient):  # settled by the screen: None (in-process) or the cluster
             used = client.choice
@@ -551,6 +595,9 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
             counts["embedding_only_candidates"] = int((pairs["source"] == "embedding").sum())
             counts["hash_and_embedding_candidates"] = int((pairs["source"] == "both").sum())
         log.info("%d exact pairs, %d near candidates", counts["exact_pairs"], counts["near_candidates"])
+        if client is None and not high_recall and counts["near_candidates"] and \
+                TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:
+            ahead.append(_build_model_ahead(cfg))  # in-process: TensorFlow loads while the verify tier runs
 
         frame = images.set_index(pd.RangeIndex(len(images)))
         for col, dtype in (("orb_matches", "Int32"), ("orb_inliers", "Int32"), ("orb_score", "Float32"),
