@@ -99,7 +99,7 @@ def bench_verify_rates(n_photos: int, cfg) -> dict:
 
 def verify_rates_table(by_prefix: dict, counts: dict, rates: dict | None) -> str:
     """Per-core rates of the verify tier inside the run (task compute seconds) vs bench.verify's."""
-    feats, pairs = by_prefix.get("_features_task"), by_prefix.get("verify_partition")
+    feats, pairs = by_prefix.get("features_task"), by_prefix.get("verify_partition")
     if not feats or not pairs:
         return ""
     n_feat = counts.get("verify_features", 0)
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="benchmarks markdown file (default docs/benchmarks.md)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from dask.utils import key_split
     from distributed import Client, LocalCluster
 
     from pipeline import run as prun
@@ -140,16 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     with LocalCluster(n_workers=n_workers, threads_per_worker=cfg.dask.threads_per_worker, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         cluster_start = time.perf_counter() - t
+        from distributed import get_task_stream
         t0 = time.time()
-        with tempfile.TemporaryDirectory(prefix="bench-profile-") as out:
+        # the scheduler records the task stream only while someone listens: from before the run
+        with tempfile.TemporaryDirectory(prefix="bench-profile-") as out, \
+                get_task_stream(client=client) as recorded:
             t = time.perf_counter()
             manifest = prun.run(data, out, cfg, scheduler=cluster.scheduler_address, quiet=True)
             wall = time.perf_counter() - t
-        stream = client.get_task_stream(start=t0)
+        stream = recorded.data
         by_prefix: dict[str, dict] = {}
         for task in stream:
-            prefix = task["key"][0] if isinstance(task["key"], tuple) else str(task["key"])
-            prefix = prefix.rsplit("-", 1)[0]
+            prefix = key_split(task["key"])  # "verify_partition-<uuid>" -> "verify_partition"
             rec = by_prefix.setdefault(prefix, {"tasks": 0, "compute": 0.0, "other": 0.0,
                                                 "start": float("inf"), "stop": 0.0})
             rec["tasks"] += 1
