@@ -132,7 +132,12 @@ def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Itera
         return
     if target == "auto":
         with contextlib.ExitStack() as stack:
-            yield AutoClient(cfg, stack)
+            auto = AutoClient(cfg, stack)
+            try:
+                yield auto
+            finally:  # a run that fails during the walk: let a starting cluster come up, then close it
+                if auto._thread is not None:
+                    auto._thread.join()
         return
     from distributed import Client, LocalCluster
     if not log.isEnabledFor(logging.DEBUG):  # nannies starting, comms closing: noise for a batch job
