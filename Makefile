@@ -12,7 +12,7 @@ CONFIG ?=
 ARGS ?=
 export SHARED
 
-.PHONY: install test reliability dedupe bench eval weights browser clean airflow-example
+.PHONY: install test reliability dedupe bench eval weights browser clean airflow-example fastdup
 
 install: $(VENV)/.installed
 
@@ -45,8 +45,22 @@ browser:
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	else echo "chromium is missing: run 'sudo apt-get install chromium' (the browser test skips without it)" >&2; exit 1; fi
 
+# make bench also compares with fastdup (bench/fastdup.py); without network for PyPI that one skips
 bench: install
+	-@$(MAKE) --no-print-directory fastdup
 	$(PY) -m bench.run --out docs/benchmarks.md $(ARGS)
+
+# fastdup, the peer in bench/fastdup.py, in its own virtualenv (its pinned dependencies stay out of
+# ours); it runs offline-safe: SENTRY_OPT_OUT=1 FASTDUP_PRODUCTION=1 (no telemetry, no update check)
+FASTDUP_VENV ?= .venv-fastdup
+FASTDUP_VERSION ?= 2.54
+fastdup: $(FASTDUP_VENV)/.installed
+
+$(FASTDUP_VENV)/.installed:
+	$(PYTHON) -m venv $(FASTDUP_VENV)
+	$(FASTDUP_VENV)/bin/pip install -q "fastdup==$(FASTDUP_VERSION)"
+	SENTRY_OPT_OUT=1 FASTDUP_PRODUCTION=1 $(FASTDUP_VENV)/bin/python -c "import fastdup"
+	touch $@
 
 eval: install
 	$(PY) -m bench.eval --out docs/benchmarks.md $(ARGS)
@@ -72,4 +86,4 @@ airflow-example: install weights
 		done; rm -rf $$home
 
 clean:
-	rm -rf $(VENV) $(AIRFLOW_VENV) out .pytest_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) $(FASTDUP_VENV) out .pytest_cache

@@ -1,7 +1,7 @@
 """`make bench`: every benchmark in turn, each in its own process, each writing its own section of
 docs/benchmarks.md (machine, exact command, medians and same-run ratios).
 
-    python -m bench.run [--out docs/benchmarks.md] [--only search,screen,verify,confirm,embed,end_to_end]
+    python -m bench.run [--out docs/benchmarks.md] [--only search,screen,verify,confirm,embed,end_to_end,profile,scheduler,fastdup]
 """
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import argparse
 import subprocess
 import sys
 
-BENCHMARKS = ["search", "screen", "verify", "confirm", "embed", "high_recall", "end_to_end", "calibrate"]
+BENCHMARKS = ["search", "screen", "verify", "confirm", "embed", "high_recall", "end_to_end", "calibrate", "profile",
+              "scheduler", "fastdup"]
 
 
 def main() -> int:

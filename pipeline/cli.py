@@ -123,7 +123,8 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
     run.add_argument("--tiers", choices=["screen", "verify", "confirm"], default=None,
                      help="last tier to run (same as --set tiers=...)")
     run.add_argument("--scheduler", default=None,
-                     help="'local' (default), 'sync' (in-process, for debugging) or a Dask scheduler "
+                     help="'auto' (default: in-process for small work, else a local cluster), 'local', "
+                          "'sync' (in-process, one thread, for debugging) or a Dask scheduler "
                           "address such as tcp://127.0.0.1:8786 (DASK_SCHEDULER_ADDRESS works too)")
     run.add_argument("--catalog", default=None, metavar="DIR",
                      help="catalog folder kept between runs (default: OUT/catalog; same as --set catalog=DIR)")

@@ -159,7 +159,13 @@ class DecideConfig:
 
 @dataclass
 class DaskConfig:
-    scheduler: str = "local"  # "local" (a LocalCluster sized to the machine), "sync", or an address
+    # "auto": in-process for small work, else a LocalCluster started while the walk goes on;
+    # "local" (a LocalCluster sized to the machine), "sync" (in-process), or a scheduler address
+    scheduler: str = "auto"
+    # "auto": at most this many files to screen -> in-process on one thread per core (below it a
+    # cluster's start-up, worker imports and one model build per worker cost more than separate
+    # processes save; `python -m bench.scheduler` measures the crossover on a machine)
+    auto_max_files: int = 2000
     n_workers: int = 0  # local cluster: 0 = one per core
     threads_per_worker: int = 1
     partition_size: int = 256  # images per screen/feature task
@@ -297,6 +303,7 @@ def _validate(cfg: Config) -> None:
         (cfg.dask.partition_size >= 1, "dask.partition_size must be >= 1"),
         (cfg.dask.pairs_per_task >= 1, "dask.pairs_per_task must be >= 1"),
         (cfg.dask.n_workers >= 0, "dask.n_workers must be >= 0"),
+        (cfg.dask.auto_max_files >= 0, "dask.auto_max_files must be >= 0"),
         (cfg.dask.threads_per_worker >= 1, "dask.threads_per_worker must be >= 1"),
         (cfg.report.page_size >= 1, "report.page_size must be >= 1"),
         (cfg.report.thumb_size >= 16, "report.thumb_size must be >= 16"),
@@ -336,8 +343,8 @@ SCHEDULER_SCHEMES = ("tcp://", "tls://", "inproc://", "ucx://", "ws://", "wss://
 
 
 def check_scheduler(target: str, where: str = "--scheduler") -> None:
-    """"local", "sync" or a Dask scheduler address (scheme://host:port or host:port)."""
-    if target in ("local", "sync"):
+    """"auto", "local", "sync" or a Dask scheduler address (scheme://host:port or host:port)."""
+    if target in ("auto", "local", "sync"):
         return
     if "://" in target:
         ok = target.startswith(SCHEDULER_SCHEMES) and len(target.split("://", 1)[1]) > 0
@@ -345,7 +352,7 @@ def check_scheduler(target: str, where: str = "--scheduler") -> None:
         host, _, port = target.rpartition(":")
         ok = bool(host) and port.isdigit()
     if not ok:
-        raise ConfigError(f"{where}: {target!r} is not 'local', 'sync' or a Dask scheduler address such as "
+        raise ConfigError(f"{where}: {target!r} is not 'auto', 'local', 'sync' or a Dask scheduler address such as "
                           f"tcp://127.0.0.1:8786 (schemes: {', '.join(s[:-3] for s in SCHEDULER_SCHEMES)})")
 
 

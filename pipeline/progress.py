@@ -114,13 +114,47 @@ def stage_of(progress: Progress | None):
     return progress.stage if progress is not None else silent_stage
 
 
+_local_threads = threading.local()
+
+
+@contextlib.contextmanager
+def in_process_threads(n: int) -> Iterator[None]:
+    """Tasks run in this process (no client) go to a pool of `n` threads while this is active
+    (the "auto" scheduler's small-work path: decode, OpenCV, the numba matcher and TensorFlow
+    release the GIL, so a second core is used without starting a cluster). Results keep the task
+    order, so outputs are the same as one thread's."""
+    from concurrent.futures import ThreadPoolExecutor
+    previous = getattr(_local_threads, "pool", None)
+    with ThreadPoolExecutor(max_workers=max(1, n), thread_name_prefix="in-process") as pool:
+        _local_threads.pool = pool if n > 1 else None
+        try:
+            yield
+        finally:
+            _local_threads.pool = previous
+
+
+def thread_pool():
+    """The active `in_process_threads` pool of this thread, or None."""
+    return getattr(_local_threads, "pool", None)
+
+
 def map_tasks(client, fn: Callable, tasks: Sequence, *args, tracker: Tracker | None = None,
               weight: Callable[[object], int] = lambda task: 1, star: bool = False) -> list:
     """[fn(task, *args) for task in tasks] (`star`: fn(*task, *args)), on the Dask `client` when
-    given, else in this process; results in task order. `tracker.update(weight(task))` as each
-    task finishes."""
+    given, else in this process (on the `in_process_threads` pool when one is active); results
+    in task order. `tracker.update(weight(task))` as each task finishes."""
     tasks = list(tasks)
     if client is None:
+        pool = thread_pool()
+        if pool is not None and len(tasks) > 1:
+            from concurrent.futures import as_completed as done_order
+            futures = [pool.submit(fn, *task, *args) if star else pool.submit(fn, task, *args) for task in tasks]
+            weights = {f: weight(t) for f, t in zip(futures, tasks)}
+            for fut in done_order(futures):
+                fut.result()  # a task's exception here, with its traceback
+                if tracker is not None:
+                    tracker.update(weights[fut])
+            return [f.result() for f in futures]
         results = []
         for task in tasks:
             results.append(fn(*task, *args) if star else fn(task, *args))
@@ -133,7 +167,7 @@ def map_tasks(client, fn: Callable, tasks: Sequence, *args, tracker: Tracker | N
         return []
     futures = client.map(fn, *columns, *[[a] * len(tasks) for a in args], pure=False)
     weights = {f.key: weight(t) for f, t in zip(futures, tasks)}
-    for fut in as_completed(futures):
+    for fut in as_completed(futures, loop=client.loop):  # the client need not be the default one
         if fut.status == "error":
             fut.result()  # raise the task's exception here, with its traceback
         if tracker is not None:

@@ -24,7 +24,7 @@ import pandas as pd
 import pipeline
 from pipeline import candidates, catalog, decide, outdir, paths, scan, screen, write
 from pipeline.config import Config, ConfigError, check_scheduler
-from pipeline.progress import Progress
+from pipeline.progress import Progress, in_process_threads, map_tasks
 
 log = logging.getLogger("pipeline")
 TIER_ORDER = {"screen": 0, "verify": 1, "confirm": 2}
@@ -45,13 +45,99 @@ class _LazyClient:
         return getattr(self._client, name)
 
 
+class AutoClient:
+    """dask.scheduler "auto": in-process while the work is small, a LocalCluster when it is not.
+
+    The screen tells it how many files it has to read (`add_work`) as the walk goes on: past
+    `dask.auto_max_files` the cluster starts in a background thread and the walk continues
+    meanwhile (`ready()` says when tasks can go to it); a walk that ends below (`walk_done`) runs
+    everything in this process, with no cluster start, no worker imports and one model build, on a
+    pool of one thread per core (`progress.in_process_threads`, opened by the caller).
+    After the screen, `resolved()` is what the later stages use: None (in-process) or the client.
+    """
+
+    def __init__(self, cfg: Config, stack: contextlib.ExitStack):
+        self._cfg, self._stack = cfg, stack
+        self.limit = cfg.dask.auto_max_files
+        self.work = 0
+        self.choice: str | None = None  # "sync" | "local", once decided
+        self._thread = None
+        self._client = None
+        self._error: BaseException | None = None
+
+    def add_work(self, n: int) -> None:
+        self.work += n
+        if self.choice is None and self.work > self.limit:
+            self.choice = "local"
+            import threading
+
+            def start():
+                try:
+                    self._client = self._stack.enter_context(dask_client(self._cfg, "local"))
+                except BaseException as exc:  # raised in the driver at the first use
+                    self._error = exc
+            self._thread = threading.Thread(target=start, name="dask-cluster-start", daemon=True)
+            self._thread.start()
+            log.info("auto scheduler: more than %d files to screen, starting the local cluster", self.limit)
+
+    on_in_process: Callable[[], None] | None = None  # called once when the choice is in-process
+
+    def walk_done(self) -> None:
+        if self.choice is None:
+            self.choice = "sync"
+            log.info("auto scheduler: %d files to screen (<= %d), running in-process", self.work, self.limit)
+            if self.on_in_process is not None:
+                self.on_in_process()
+
+    def ready(self) -> bool:
+        return self.choice == "local" and not self._thread.is_alive()
+
+    def resolved(self):
+        if self.choice != "local":
+            return None
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._client
+
+    def __getattr__(self, name: str):  # used as a Client: wait for the cluster
+        client = self.resolved()
+        if client is None:
+            raise RuntimeError("auto scheduler chose in-process: there is no client")
+        return getattr(client, name)
+
+
+def _local_cores(cfg: Config) -> int:
+    """Workers a local cluster would start: dask.n_workers, else the CPUs this process may use."""
+    if cfg.dask.n_workers:
+        return cfg.dask.n_workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def target_of(cfg: Config, scheduler: str | None) -> str:
+    """The scheduler asked for: --scheduler, else DASK_SCHEDULER_ADDRESS, else dask.scheduler."""
+    return scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or cfg.dask.scheduler
+
+
 @contextlib.contextmanager
 def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Iterator[object | None]:
-    """None for "sync" (in-process); a LocalCluster for "local" (with `lazy`, started when first
-    used); else connect to the address."""
-    target = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or cfg.dask.scheduler
+    """None for "sync" (in-process); an AutoClient for "auto"; a LocalCluster for "local" (with
+    `lazy`, started when first used); else connect to the address."""
+    target = target_of(cfg, scheduler)
     if target == "sync":
         yield None
+        return
+    if target == "auto":
+        with contextlib.ExitStack() as stack:
+            auto = AutoClient(cfg, stack)
+            try:
+                yield auto
+            finally:  # a run that fails during the walk: let a starting cluster come up, then close it
+                if auto._thread is not None:
+                    auto._thread.join()
         return
     from distributed import Client, LocalCluster
     if not log.isEnabledFor(logging.DEBUG):  # nannies starting, comms closing: noise for a batch job
@@ -67,11 +153,17 @@ def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Itera
                           processes=True, dashboard_address=cfg.dask.dashboard_address or None,
                           memory_limit=0 if str(cfg.dask.memory_limit).lower() in ("0", "none", "")
                           else cfg.dask.memory_limit,
-                          silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
-            if cfg.dask.dashboard_address:
-                log.info("Dask dashboard: %s (%d workers x %d threads)", client.dashboard_link, n_workers,
-                         cfg.dask.threads_per_worker)
-            yield client
+                          silence_logs=logging.WARNING) as cluster:
+            # not the default client (a context variable): the auto scheduler starts the cluster in
+            # another thread than the one that closes it
+            client = Client(cluster, set_as_default=False)
+            try:
+                if cfg.dask.dashboard_address:
+                    log.info("Dask dashboard: %s (%d workers x %d threads)", client.dashboard_link, n_workers,
+                             cfg.dask.threads_per_worker)
+                yield client
+            finally:
+                client.close()
         return
     try:
         client = Client(target, timeout="15s")
@@ -133,7 +225,10 @@ def run_screen(root: Path, cfg: Config, client, progress: Progress, known: dict 
                rehash: bool = False, reuse: dict | None = None) -> pd.DataFrame:
     """Walk and screen. `known`: catalog records by path (made with the same screen settings);
     a file whose size and mtime_ns match its record is not read (with `rehash`, it is read and
-    its sha256 compared instead). `reuse` receives the counts and why files were screened."""
+    its sha256 compared instead). `reuse` receives the counts and why files were screened.
+
+    `client`: None (in-process), a Dask client, or an AutoClient, which this function settles
+    (by the number of files it has to read); the later stages then use `auto.resolved()`."""
     batches = scan.batched(scan.iter_files(root, cfg.scan), cfg.dask.partition_size)
     frames: list[pd.DataFrame] = []
     reused_rows: list[dict] = []
@@ -175,34 +270,61 @@ def run_screen(root: Path, cfg: Config, client, progress: Progress, known: dict 
             out.append((_recheck_partition, (check, shas, cfg.screen)))
         return out, len(batch) - len(todo) - len(check)
 
+    auto = client if isinstance(client, AutoClient) else None
     with progress.stage("screen", unit="img") as tracker:
-        if client is None:  # walk and screen interleave: the total grows until the walk ends
-            for batch in batches:
-                walked += len(batch)
-                tracker.set_total(walked, final=False)
-                work, skipped = tasks(batch)
-                tracker.update(skipped)
-                for fn, args in work:
-                    frames.append(fn(*args))
-                    tracker.update(len(args[0]))
-        else:
+        from collections import deque
+        held: deque = deque()  # "auto": tasks walked before the choice is made or the cluster is up
+        futures, pending = [], None  # pending: made with the first task (a lazy client starts then)
+        results: dict[int, pd.DataFrame] = {}  # in-process results by task number
+
+        def run_here(n, fn, args):
+            results[n] = fn(*args)
+            tracker.update(len(args[0]))
+
+        def submit(n, fn, args):
+            nonlocal pending
             from distributed import as_completed
-            pending = None  # made with the first task (a lazy client starts only when needed)
-            futures = []
-            for batch in batches:  # submit while the walk goes on, count what finished meanwhile
-                work, skipped = tasks(batch)
-                tracker.update(skipped)
-                for fn, args in work:
-                    futures.append(client.submit(fn, *args, pure=False))
-                    pending = pending or as_completed()
-                    pending.add(futures[-1])
-                walked += len(batch)
-                tracker.set_total(walked, final=False)
-                for fut in pending.next_batch(block=False) if pending is not None else []:
-                    tracker.update(len(fut.result()))
-            for fut in pending if pending is not None else []:
+            futures.append((n, client.submit(fn, *args, pure=False)))
+            pending = pending or as_completed(loop=client.loop)
+            pending.add(futures[-1][1])
+
+        n_tasks = 0
+        for batch in batches:  # walk and screen interleave: the total grows until the walk ends
+            work, skipped = tasks(batch)
+            tracker.update(skipped)
+            walked += len(batch)
+            tracker.set_total(walked, final=False)
+            for fn, args in work:
+                if auto is not None:
+                    auto.add_work(len(args[0]))
+                    held.append((n_tasks, fn, args))
+                elif client is None:
+                    run_here(n_tasks, fn, args)
+                else:
+                    submit(n_tasks, fn, args)
+                n_tasks += 1
+            if auto is not None and auto.ready():  # the cluster came up: hand it what was walked
+                client = auto.resolved()
+                while held:
+                    submit(*held.popleft())
+                auto = None
+            for fut in pending.next_batch(block=False) if pending is not None else []:
                 tracker.update(len(fut.result()))
-            frames = client.gather(futures) if futures else []
+        if auto is not None:
+            auto.walk_done()
+            client = auto.resolved()  # None: in-process; else wait for the cluster
+            if client is None:  # the in-process threads (progress.in_process_threads), task order kept
+                done = map_tasks(None, _call, [(fn, args) for _, fn, args in held], star=True, tracker=tracker,
+                                 weight=lambda task: len(task[1][0]))
+                results.update(zip([n for n, _, _ in held], done))
+                held.clear()
+            while held:
+                submit(*held.popleft())
+        for fut in pending if pending is not None else []:
+            tracker.update(len(fut.result()))
+        if futures:
+            results.update(zip([n for n, _ in futures], client.gather([f for _, f in futures])))
+        frames = [results[n] for n in sorted(results)]
         tracker.set_total(walked)
     images = (pd.concat(frames, ignore_index=True) if frames
               else pd.DataFrame({c: pd.Series(dtype="object") for c in screen.COLUMNS}))
@@ -232,6 +354,46 @@ def run_screen(root: Path, cfg: Config, client, progress: Progress, known: dict 
     images["error"] = [paths.clean_text(e) if isinstance(e, str) else e for e in images["error"]]
     images = images.sort_values("path", kind="stable").reset_index(drop=True)
     return images[["image_id", *[c for c in images.columns if c != "image_id"]]]
+
+
+@contextlib.contextmanager
+def _joined(threads: list) -> Iterator[None]:
+    """Join the threads (None entries skipped) on the way out: a process must not exit while one
+    is inside TensorFlow's import."""
+    try:
+        yield
+    finally:
+        for thread in threads:
+            if thread is not None:
+                thread.join()
+
+
+def _build_model_ahead(cfg: Config):
+    """In-process runs (the driver is the only worker): import TensorFlow and build the model in a
+    background thread while the cheaper tiers run, so the confirm tier (or the screen embeddings)
+    finds it ready instead of paying the seconds of start-up after them. The same process-wide
+    model the tasks get (`confirm.get_embedder`, which waits for a build in progress); a failure
+    here is left to the tier itself to raise. Only with `in_process_threads` (the "auto" path):
+    `--scheduler sync` stays a plain single-threaded run."""
+    from pipeline.progress import thread_pool
+    if thread_pool() is None:
+        return None
+    import threading
+
+    def build():
+        try:
+            from pipeline import confirm
+            confirm.get_embedder(cfg.embed)
+        except Exception:  # e.g. missing weights: the tier reports it where it is needed
+            log.debug("building the model ahead failed", exc_info=True)
+
+    thread = threading.Thread(target=build, name="model-ahead", daemon=True)
+    thread.start()
+    return thread
+
+
+def _call(fn, args):
+    return fn(*args)
 
 
 def representatives(images: pd.DataFrame) -> pd.Series:
@@ -344,10 +506,10 @@ def _set(pairs: pd.DataFrame, rows, column: str, values) -> None:
 
 
 def _by_content(images: pd.DataFrame, cids: np.ndarray) -> pd.DataFrame:
-    """abs_path and error of one image per content, indexed by content id (what the verify and
+    """abs_path, error and size of one image per content, indexed by content id (what the verify and
     confirm tiers key their features by when a catalog is used)."""
     rep = representatives(images).to_numpy()
-    frame = images.loc[rep, ["abs_path", "error"]].copy()
+    frame = images.loc[rep, ["abs_path", "error", "width", "height"]].copy()
     frame.index = pd.Index(cids[rep], dtype=np.int64)
     return frame
 
@@ -409,11 +571,21 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
     verified = False
     confirmed = None
 
-    with dask_client(cfg, scheduler, lazy=cat is not None) as client:
+    ahead: list = []  # model-building threads (_build_model_ahead), joined before the run returns
+    with dask_client(cfg, scheduler, lazy=cat is not None) as client, \
+            (in_process_threads(_local_cores(cfg)) if isinstance(client, AutoClient) else contextlib.nullcontext()), \
+            _joined(ahead):
         t = time.perf_counter()
         reuse["screen"] = {}
         known = catalog.known_records(cat, fps, paths.text_form(str(root.resolve())), reuse["screen"])
+        if high_recall and isinstance(client, AutoClient):  # every image is embedded: load the model during the screen
+            client.on_in_process = lambda: ahead.append(_build_model_ahead(cfg))
         images = run_screen(root, cfg, client, progress, known=known, rehash=rehash, reuse=reuse["screen"])
+        if isinstance(client, AutoClient):  # settled by the screen: None (in-process) or the cluster
+            used = client.choice
+            client = client.resolved()
+        else:
+            used = "sync" if client is None else "local" if target_of(cfg, scheduler) == "local" else "remote"
         timings["scan+screen"] = time.perf_counter() - t
         counts["files"] = len(images)
         counts["errors"] = int(images["error"].notna().sum())
@@ -456,6 +628,9 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
             counts["embedding_only_candidates"] = int((pairs["source"] == "embedding").sum())
             counts["hash_and_embedding_candidates"] = int((pairs["source"] == "both").sum())
         log.info("%d exact pairs, %d near candidates", counts["exact_pairs"], counts["near_candidates"])
+        if client is None and not high_recall and counts["near_candidates"] and \
+                TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:
+            ahead.append(_build_model_ahead(cfg))  # in-process: TensorFlow loads while the verify tier runs
 
         frame = images.set_index(pd.RangeIndex(len(images)))
         for col, dtype in (("orb_matches", "Int32"), ("orb_inliers", "Int32"), ("orb_score", "Float32"),
@@ -471,6 +646,7 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
                 scores = verify.run_verify(pairs.loc[near, ["idx_a", "idx_b", "transform"]], frame, cfg,
                                            str(work_dir / "orb"), client=client, progress=progress)
                 pairs.loc[near, scores.columns] = scores
+                counts["verify_features"] = len(scores.attrs.get("features", {}).get("key", []))
             else:  # pairs already scored with these settings are taken from the catalog
                 sub = pairs.loc[near]
                 ia, ib = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy()
@@ -492,6 +668,7 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
                                                str(cat.directory / "features" / "orb" / fps["orb_features"]),
                                                client=client, progress=progress, precomputed=pre)
                     made = pd.DataFrame(scores.attrs.pop("features", {"key": [], "part_path": [], "error": []}))
+                    counts["verify_features"] = len(made)
                     new_features.append(catalog.new_feature_rows(cat, "orb", fps["orb_features"], made, sha_of_cid))
                     for col in scores.columns:
                         _set(pairs, todo, col, scores[col])
@@ -585,7 +762,7 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
         "contract_version": write.CONTRACT_VERSION,
         "root": paths.text_form(str(root.resolve())), "out": paths.text_form(str(out.resolve())),
         "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
-        "scheduler": scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or cfg.dask.scheduler,
+        "scheduler": target_of(cfg, scheduler), "scheduler_used": used,
         "config": cfg.to_dict(), "counts": counts, "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "weights": weights_info, "versions": versions(), "reuse": reuse,
     }

@@ -318,22 +318,37 @@ def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = N
     return float(np.percentile(local, SSIM_TAIL)), hist
 
 
-def _draft_min_side(path: str, cfg: Config) -> int:
-    """Short side the JPEG draft decode must keep so that the longer side stays >= max_side."""
-    with open_checked(path, cfg.screen.max_pixels) as im:
-        w, h = im.size
+def _draft_min_side(path: str, cfg: Config, size: tuple[int, int] | None = None) -> int:
+    """Short side the JPEG draft decode must keep so that the longer side stays >= max_side.
+    `size`: the image's (width, height) when already known (the screen recorded it; EXIF turns do
+    not change min/max), which saves opening the file a second time."""
+    if size is None:
+        with open_checked(path, cfg.screen.max_pixels) as im:
+            size = im.size
+    w, h = size
     return max(1, -(-cfg.verify.max_side * min(w, h) // max(w, h)))
 
 
-def _load_bounded(path: str, cfg: Config) -> Image.Image:
+def _load_bounded(path: str, cfg: Config, size: tuple[int, int] | None = None) -> Image.Image:
     """The picture ORB sees: decoded at the smallest draft scale that keeps max_side, bounded."""
-    img, _, _ = load_image(path, min_side=_draft_min_side(path, cfg), max_pixels=cfg.screen.max_pixels,
+    img, _, _ = load_image(path, min_side=_draft_min_side(path, cfg, size), max_pixels=cfg.screen.max_pixels,
                           max_decode_bytes=cfg.screen.max_decode_bytes)
     return _bounded(img, cfg.verify)
 
 
+def _known_size(group: pd.DataFrame) -> tuple[int, int] | None:
+    """(width, height) from a feature task's rows, when the caller passed valid ones."""
+    if "width" not in group or "height" not in group:
+        return None
+    w, h = group["width"].iloc[0], group["height"].iloc[0]
+    if pd.isna(w) or pd.isna(h) or int(w) < 1 or int(h) < 1:
+        return None
+    return int(w), int(h)
+
+
 def features_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int) -> pd.DataFrame:
-    """ORB/SIFT features for `rows` (key, abs_path, transform) -> one feature-store file.
+    """ORB/SIFT features for `rows` (key, abs_path, transform; optional width, height: the image's
+    size as the screen recorded it) -> one feature-store file.
 
     Each distinct file is decoded once, however many transforms of it are wanted. A decode failure
     is recorded in `error` (no keypoints), never raised. With `verify.pixel_check` each row also
@@ -346,7 +361,7 @@ def features_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int)
         for path, group in rows.groupby("abs_path", sort=False):
             base, error = None, None
             try:
-                base = _load_bounded(path, cfg)
+                base = _load_bounded(path, cfg, _known_size(group))
             except DecodeError as exc:
                 error = str(exc)
             except Exception as exc:  # never let one file kill the partition
@@ -778,6 +793,9 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     keys = keys[~keys["idx"].isin(bad)]
     keys["key"] = feature_key(keys["idx"], keys["transform"])
     keys["abs_path"] = images.loc[keys["idx"], "abs_path"].to_numpy()
+    for col in ("width", "height"):  # the screen's sizes: the feature task need not open the file for them
+        if col in images:
+            keys[col] = images.loc[keys["idx"], col].to_numpy()
     keys["transform"] = keys["transform"].astype("int8")
     known = pd.Series(dtype=object)
     if precomputed is not None and len(precomputed):
@@ -792,8 +810,8 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     rank = pd.Series(np.arange(len(order)), index=order)
     keys["chunk"] = rank.loc[keys["idx"]].to_numpy() // cfg.dask.partition_size
     keys = keys.sort_values(["chunk", "idx", "transform"], kind="stable")
-    chunks = [g[["key", "abs_path", "transform"]].reset_index(drop=True)
-              for _, g in keys.groupby("chunk", sort=True)]
+    columns = [c for c in ("key", "abs_path", "transform", "width", "height") if c in keys]
+    chunks = [g[columns].reset_index(drop=True) for _, g in keys.groupby("chunk", sort=True)]
     stage = stage_of(progress)
     with stage("features", total=int(keys["idx"].nunique()), unit="img") as tracker:
         summaries = map_tasks(client, _features_task, list(enumerate(chunks)), cfg, out_dir, star=True,

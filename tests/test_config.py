@@ -73,7 +73,7 @@ def test_default_yaml_documents_every_key():
 @pytest.mark.parametrize("override, needle", [
     ("dask.memory_limit=lots", "dask.memory_limit"),
     ("dask.memory_limit=-4GB", "dask.memory_limit"),
-    ("dask.scheduler=foo://bar:1", "not 'local', 'sync' or a Dask scheduler address"),
+    ("dask.scheduler=foo://bar:1", "not 'auto', 'local', 'sync' or a Dask scheduler address"),
     ("dask.scheduler=justahost", "Dask scheduler address"),
     ("verify.scale_factor=1.0", "verify.scale_factor"),
     ("scan.max_file_bytes=-1", "scan.max_file_bytes"),
@@ -96,5 +96,5 @@ def test_memory_limits_dask_accepts(value):
 
 
 def test_scheduler_addresses_accepted():
-    for target in ("local", "sync", "tcp://127.0.0.1:8786", "tls://scheduler:8786", "10.0.0.5:8786"):
+    for target in ("auto", "local", "sync", "tcp://127.0.0.1:8786", "tls://scheduler:8786", "10.0.0.5:8786"):
         load_config(None, [f"dask.scheduler={target}"])

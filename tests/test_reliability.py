@@ -146,7 +146,7 @@ BAD_CONFIGS = [
     (["--set", "decide.cosine_threshold=2"], "cosine"),
     (["--set", "embed.batch_size=0"], "embed.batch_size"),
     (["--set", "novalue"], "expected key=value"),
-    (["--scheduler", "foo://bar:1"], "not 'local', 'sync' or a Dask scheduler address"),
+    (["--scheduler", "foo://bar:1"], "not 'auto', 'local', 'sync' or a Dask scheduler address"),
     (["--preset", "turbo"], "invalid choice"),
 ]
 

@@ -331,3 +331,39 @@ def test_options_speed_script(tmp_path, photo_paths):
     assert options.main(["--photos", "4", "--out", str(out)]) == 0
     text = out.read_text()
     assert "| orb |" in text and "| sift |" in text and "Pixel check" in text
+
+
+def test_known_sizes_save_the_second_open_and_change_nothing(small_set, tmp_path, monkeypatch, labelled_dir):
+    """With the screen's width/height passed along, a feature task opens each file once (for
+    the decode) instead of twice; the features are the same bytes. EXIF-turned photos included
+    (the screen's size is after the turn: min/max do not change)."""
+    from pipeline.decode import load_image
+    images, pairs = small_set
+    turned = sorted((labelled_dir / "threatexchange_pdq").rglob("exif-rotn-[68].jpg"))  # stored turned
+    assert len(turned) == 2
+    paths = list(images["abs_path"]) + [str(p) for p in turned]
+    sizes = []
+    for p in paths:
+        try:
+            sizes.append(load_image(p)[1])
+        except Exception:
+            sizes.append((None, None))
+    rows = pd.DataFrame({"key": np.arange(len(paths), dtype=np.int64) * 8, "abs_path": paths,
+                         "transform": np.zeros(len(paths), np.int8)})
+    plain = verify.features_partition(rows, Config(), str(tmp_path / "plain"), 0)
+    opened = []
+    real = verify.open_checked
+
+    def spy(path, *args, **kwargs):
+        opened.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(verify, "open_checked", spy)
+    sized = rows.assign(width=pd.array([w for w, _ in sizes], dtype="Int64"),
+                        height=pd.array([h for _, h in sizes], dtype="Int64"))
+    known = verify.features_partition(sized, Config(), str(tmp_path / "sized"), 0)
+    assert opened == [p for p, (w, _) in zip(paths, sizes) if w is None]  # only the undecodable one
+    a = pd.read_parquet(plain["part_path"].iloc[0])
+    b = pd.read_parquet(known["part_path"].iloc[0])
+    pd.testing.assert_frame_equal(a, b)
+    assert (a["n_keypoints"] > 0).sum() >= len(paths) - 1

@@ -1,0 +1,113 @@
+"""Fixed cost: the "auto" scheduler (in-process for small work, a local cluster started during the
+walk otherwise, same outputs), nothing heavy imported where it is not used, the model built once
+per process and reused across stages and runs, and no pair verified twice."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline import confirm, run, verify
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _frames(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    images = pd.read_parquet(out / "images.parquet").drop(columns=["mtime"])
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    return images, pairs
+
+
+@pytest.fixture(scope="module")
+def data(labelled_dir) -> Path:
+    return labelled_dir / "threatexchange_pdq"  # 37 files: edits, rotations, EXIF turns, negatives
+
+
+@pytest.mark.slow
+def test_auto_runs_small_work_in_process_and_large_on_a_cluster_with_the_same_outputs(data, tmp_path):
+    base = ["tiers=verify", "catalog=none", "dask.dashboard_address="]
+    small = run.run(data, tmp_path / "small", load_config(None, base), quiet=True)
+    assert small["scheduler"] == "auto" and small["scheduler_used"] == "sync"
+    # a limit below the folder's size: the cluster starts during the walk and gets every task
+    large = run.run(data, tmp_path / "large", load_config(None, base + ["dask.auto_max_files=5",
+                                                                        "dask.partition_size=4"]), quiet=True)
+    assert large["scheduler_used"] == "local"
+    for a, b in zip(_frames(tmp_path / "small"), _frames(tmp_path / "large")):
+        pd.testing.assert_frame_equal(a, b)
+    assert large["counts"]["files"] == small["counts"]["files"] == 37
+    assert small["counts"]["verified_pairs"] > 0
+
+
+def test_auto_with_nothing_to_screen_never_starts_a_cluster(data, tmp_path):
+    """A catalog rerun that reads no file stays in-process (no cluster start for a no-op)."""
+    cfg = load_config(None, ["tiers=screen", "dask.auto_max_files=0", "dask.dashboard_address="])
+    first = run.run(data, tmp_path / "out", cfg, quiet=True)
+    assert first["scheduler_used"] == "local"
+    again = run.run(data, tmp_path / "out", cfg, quiet=True)
+    assert again["reuse"]["screen"]["screened"] == 0
+    assert again["scheduler_used"] == "sync"
+
+
+@pytest.mark.slow
+def test_no_tensorflow_in_the_driver_or_the_workers_of_a_verify_run(data, tmp_path):
+    """Screen and verify never import TensorFlow (seconds per process, and memory): checked in a
+    fresh driver process and in every worker of the cluster it ran on."""
+    from distributed import Client, LocalCluster
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        script = ("import sys, json; from pipeline import run; from pipeline.config import load_config\n"
+                  "m = run.run(sys.argv[1], sys.argv[2], load_config(None, ['tiers=verify', 'catalog=none']),"
+                  " scheduler=sys.argv[3], quiet=True)\n"
+                  "print(json.dumps({'verified': m['counts']['verified_pairs'],"
+                  " 'heavy': sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)}))")
+        proc = subprocess.run([sys.executable, "-c", script, str(data), str(tmp_path / "out"),
+                               cluster.scheduler_address], capture_output=True, text=True, cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        driver = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert driver["verified"] > 0 and driver["heavy"] == []
+        workers = client.run(lambda: sorted(m for m in ("tensorflow", "keras") if m in sys.modules))
+        assert len(workers) == 2 and all(found == [] for found in workers.values()), workers
+        ran = client.run(lambda: "pipeline.verify" in sys.modules)
+        assert all(ran.values())  # the workers did run the verify tier
+
+
+def test_the_model_is_built_once_per_process_across_stages_and_runs(review_data, tmp_path, monkeypatch):
+    """High-recall mode embeds at the screen and again at confirm, and a second run in the same
+    process (a catalog's next run) embeds again: one model in the process cache, the same object
+    throughout (whatever embedder class the runtime picks)."""
+    models: dict = {}
+    monkeypatch.setattr(confirm, "_MODELS", models)
+    cfg = load_config(None, ["screen.mode=hash+embedding", "screen.embedding_min_cosine=0.3"])
+    first = run.run(review_data, tmp_path / "a", cfg, quiet=True)
+    assert first["scheduler_used"] == "sync"
+    assert first["counts"]["screen_embedded"] > 0 and first["counts"]["confirmed_pairs"] > 0
+    assert len(models) == 1
+    built = next(iter(models.values()))
+    run.run(review_data, tmp_path / "b", cfg, quiet=True)
+    assert len(models) == 1 and next(iter(models.values())) is built
+
+
+def test_no_pair_is_verified_twice(data, tmp_path, monkeypatch):
+    """Every near candidate is matched exactly once, in one task, however many hash variants
+    (plain, flipped, turned, trimmed) found it, and exact copies are not matched at all."""
+    seen: list[tuple[int, int]] = []
+    real = verify.verify_partition
+
+    def spy(pairs, cfg, reference=False):
+        seen.extend(zip(pairs["key_a"].tolist(), pairs["key_b"].tolist()))
+        return real(pairs, cfg, reference)
+
+    monkeypatch.setattr(verify, "verify_partition", spy)
+    cfg = load_config(None, ["tiers=verify", "catalog=none", "dask.pairs_per_task=7"])
+    manifest = run.run(data, tmp_path / "out", cfg, scheduler="sync", quiet=True)
+    images = [k // 8 for pair in seen for k in pair]
+    assert len(seen) == manifest["counts"]["verified_pairs"] > 20
+    assert len({(a // 8, b // 8) for a, b in seen}) == len(seen)  # one row per image pair
+    assert len(set(images)) > 10
