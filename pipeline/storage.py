@@ -167,6 +167,7 @@ def iter_objects(url: str, cfg: ScanConfig) -> Iterator[scan.FileEntry]:
             listed = sorted(fs.ls(folder, detail=True, refresh=True), key=lambda i: i["name"])
         except FileNotFoundError:
             continue  # a prefix emptied since its parent was listed
+        fs.invalidate_cache(folder)  # s3fs keeps every listing otherwise: memory grows with the bucket
         subdirs = []
         for info in listed:
             name = info["name"].rstrip("/")
