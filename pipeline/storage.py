@@ -287,8 +287,15 @@ def locked(out: str) -> Iterator[None]:
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(sys.argv)[:500]}
     try:
-        with fs.open(lock, "xb") as fh:
-            fh.write(json.dumps(info).encode("utf-8"))
+        try:
+            with fs.open(lock, "xb") as fh:
+                fh.write(json.dumps(info).encode("utf-8"))
+        except (ValueError, NotImplementedError):  # a backend without exclusive create
+            log.warning("%s cannot create objects exclusively: two runs started at the same moment "
+                        "could both take OUT's lock", fs.protocol)
+            if fs.exists(lock):
+                raise FileExistsError(lock) from None
+            fs.pipe_file(lock, json.dumps(info).encode("utf-8"))
     except FileExistsError:
         raise ConfigError(f"the output location {out!r} is in use by {_holder(fs, lock)}: wait for that run to "
                           f"finish, or choose another --out (if that run was killed, delete "

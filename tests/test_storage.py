@@ -339,3 +339,27 @@ def test_urls_joins_and_masked_options():
                                "client_kwargs": {"aws_session_token": "t", "region_name": "eu-west-1"}})
     assert masked == {"key": "***", "secret": "***", "endpoint_url": "http://127.0.0.1:9000",
                       "client_kwargs": {"aws_session_token": "***", "region_name": "eu-west-1"}}
+
+
+def test_lock_without_exclusive_create_falls_back_to_check_then_write(monkeypatch):
+    """A backend that refuses mode "xb": the lock is still taken, and a second run is refused."""
+    import fsspec.implementations.memory as memory
+
+    from pipeline import storage
+    from pipeline.config import ConfigError
+    real_open = memory.MemoryFileSystem._open
+
+    def no_exclusive(self, path, mode="rb", **kwargs):
+        if mode == "xb":
+            raise ValueError("mode xb not supported")
+        return real_open(self, path, mode, **kwargs)
+
+    monkeypatch.setattr(memory.MemoryFileSystem, "_open", no_exclusive)
+    storage.configure({})
+    out = "memory://locktest/out"
+    with storage.locked(out):
+        assert storage.filesystem(out)[0].exists("/locktest/out/.dedupe.lock")
+        with pytest.raises(ConfigError, match="is in use by pid"):
+            with storage.locked(out):
+                pass
+    assert not storage.filesystem(out)[0].exists("/locktest/out/.dedupe.lock")
