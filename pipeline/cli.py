@@ -25,6 +25,8 @@ examples:
   {prog} dedupe photos/ --out out --preset fast         hashes + ORB only, no TensorFlow
   {prog} dedupe photos/ --out out --set screen.max_distance=12 --set decide.cosine_threshold=0.8
   {prog} dedupe photos/ --out out --scheduler tcp://10.0.0.5:8786   on an existing Dask cluster
+  {prog} dedupe s3://bucket/photos --out s3://bucket/dedupe --scheduler tcp://10.0.0.5:8786
+                                                        images and outputs in object storage
   {prog} dedupe photos/ --out out                       again: incremental (OUT/catalog)
 
 presets (--preset): {presets}; YAML files (default lists every key, the others only what they
@@ -54,8 +56,9 @@ after a run:
 exit codes:
   0  the run completed (unreadable files are rows with an error, not failures)
   2  usage or configuration error (missing folder, bad YAML, unknown key, missing model weights,
-     unreachable scheduler, OUT that cannot be written, OUT or catalog in use by another run),
-     with a message saying what to fix
+     unreachable scheduler, OUT that cannot be written, OUT or catalog in use by another run;
+     on object storage: unknown scheme or backend, refused storage.options, bad credentials,
+     missing bucket, empty prefix), with a message saying what to fix
   1  the run failed or was stopped by SIGTERM/SIGINT: temporary files are removed and the
      previous outputs, if any, are untouched
 """
@@ -113,8 +116,8 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
                                      "on a folder tree and write the results to OUT.",
                          epilog=DEDUPE_EPILOG.format(prog=prog, presets=", ".join(preset_names())),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("data", help="folder of images (scanned recursively)")
-    run.add_argument("--out", default="out", help="output folder (default: out)")
+    run.add_argument("data", help="folder of images (scanned recursively), or a URL such as s3://bucket/prefix")
+    run.add_argument("--out", default="out", help="output folder or URL (default: out)")
     run.add_argument("--preset", default=None, choices=preset_names(),
                      help="named settings: fast, default, high-recall or strict (see below)")
     run.add_argument("--config", default=None, help="YAML config file (keys as in the default preset)")

@@ -194,6 +194,15 @@ class ReportConfig:
 
 
 @dataclass
+class StorageConfig:
+    # keyword arguments of the fsspec filesystem for DATA, OUT and work_dir URLs (s3://, gs://,
+    # az://, ...), e.g. {endpoint_url: "http://minio:9000"} for an S3-compatible server; the same
+    # options go to every Dask worker (pipeline/storage.py). Credentials: prefer the backend's
+    # environment variables; secret-looking keys are masked in run.json.
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     tiers: Literal["screen", "verify", "confirm"] = "confirm"  # last tier to run
     work_dir: str = ""  # features of a run without catalog; "" = OUT/_work-<pid> (removed when the run ends)
@@ -207,6 +216,7 @@ class Config:
     decide: DecideConfig = field(default_factory=DecideConfig)
     dask: DaskConfig = field(default_factory=DaskConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -218,6 +228,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         if value not in get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (key: value), got {value!r}")
+        return dict(value)
     if origin in (list, typing.List):
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

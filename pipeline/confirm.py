@@ -37,13 +37,12 @@ import logging
 import math
 import os
 import threading
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline import borders, decode, store
+from pipeline import borders, decode, storage, store
 from pipeline.config import Config, EmbedConfig
 from pipeline.progress import Progress, map_tasks, stage_of
 from pipeline.weights import PREPROCESS, check_weights_available, resolve_weights
@@ -565,7 +564,7 @@ def run_confirm(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir
         known.index = known.index.astype(np.int64)
         known = known[known.index.isin(keys)]
     todo = keys[~np.isin(keys, known.index.to_numpy())]
-    out_dir = str(Path(work_dir) / EMBED_SUBDIR)
+    out_dir = storage.join(work_dir, EMBED_SUBDIR)
     summary = embed_keys(todo, images, cfg, out_dir, client=client, progress=progress)
     part_of = pd.concat([known, pd.Series(summary["part_path"].to_numpy(dtype=object),
                                           index=summary["key"].to_numpy(dtype=np.int64))])

@@ -28,7 +28,7 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageCms, ImageOps
 
-from pipeline import paths
+from pipeline import paths, storage
 
 # Pillow's own bomb check raises only above 2x MAX_IMAGE_PIXELS; we check the size ourselves.
 Image.MAX_IMAGE_PIXELS = None
@@ -173,7 +173,9 @@ def _opencv_tiff(path, max_pixels: int) -> Image.Image | None:
 def open_checked(path: str | Path, max_pixels: int) -> Image.Image:
     """Open (header only) and check the pixel count; raises DecodeError."""
     try:
-        if isinstance(path, bytes) or (isinstance(path, str) and paths.is_long(path)):
+        if storage.is_url(path):  # an object in a store: one GET, decoded from memory
+            path = io.BytesIO(storage.read_bytes(path))
+        elif isinstance(path, bytes) or (isinstance(path, str) and paths.is_long(path)):
             # a name that is not UTF-8 (Pillow opens str paths only), or beyond PATH_MAX
             with paths.open_bytes(path) as fh:
                 path = io.BytesIO(fh.read())

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 import pipeline
-from pipeline import candidates, catalog, decide, outdir, paths, scan, screen, write
+from pipeline import candidates, catalog, decide, outdir, paths, scan, screen, storage, write
 from pipeline.config import Config, ConfigError, check_scheduler
 from pipeline.progress import Progress, in_process_threads, map_tasks
 
@@ -161,6 +161,7 @@ def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Itera
                 if cfg.dask.dashboard_address:
                     log.info("Dask dashboard: %s (%d workers x %d threads)", client.dashboard_link, n_workers,
                              cfg.dask.threads_per_worker)
+                _share_storage_options(client, cfg)
                 yield client
             finally:
                 client.close()
@@ -172,9 +173,16 @@ def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Itera
                           "DASK_SCHEDULER_ADDRESS or dask.scheduler, or use --scheduler local") from None
     try:
         log.info("connected to the Dask scheduler at %s (dashboard: %s)", target, client.dashboard_link)
+        _share_storage_options(client, cfg)
         yield client
     finally:
         client.close()
+
+
+def _share_storage_options(client, cfg: Config) -> None:
+    """Every worker (present and future) opens object stores with this run's storage.options
+    (registered under one name: a shared cluster's next run replaces them)."""
+    client.register_plugin(storage.OptionsPlugin(cfg.storage.options), name=storage.OptionsPlugin.name)
 
 
 def image_ids(names: Iterable[str | bytes]) -> np.ndarray:
@@ -207,7 +215,7 @@ def _recheck_partition(entries: list[scan.FileEntry], known_sha: list[str], cfg)
     rows = []
     for entry, sha in zip(entries, known_sha):
         try:
-            with paths.open_bytes(entry.abs_path) as fh:
+            with storage.open_input(entry.abs_path) as fh:
                 digest = hashlib.sha256(fh.read()).hexdigest()
         except OSError:
             digest = None
@@ -221,7 +229,7 @@ def _recheck_partition(entries: list[scan.FileEntry], known_sha: list[str], cfg)
                          "variant_mask": "int64", "mtime_ns": "int64"})
 
 
-def run_screen(root: Path, cfg: Config, client, progress: Progress, known: dict | None = None,
+def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known: dict | None = None,
                rehash: bool = False, reuse: dict | None = None) -> pd.DataFrame:
     """Walk and screen. `known`: catalog records by path (made with the same screen settings);
     a file whose size and mtime_ns match its record is not read (with `rehash`, it is read and
@@ -229,7 +237,8 @@ def run_screen(root: Path, cfg: Config, client, progress: Progress, known: dict 
 
     `client`: None (in-process), a Dask client, or an AutoClient, which this function settles
     (by the number of files it has to read); the later stages then use `auto.resolved()`."""
-    batches = scan.batched(scan.iter_files(root, cfg.scan), cfg.dask.partition_size)
+    listing = storage.iter_objects(root, cfg.scan) if storage.is_url(root) else scan.iter_files(root, cfg.scan)
+    batches = scan.batched(listing, cfg.dask.partition_size)
     frames: list[pd.DataFrame] = []
     reused_rows: list[dict] = []
     why = {"new": 0, "changed_size_or_mtime": 0, "content_changed": 0, "scan_error": 0, "screen_settings_changed": 0}
@@ -403,7 +412,7 @@ def representatives(images: pd.DataFrame) -> pd.Series:
     return valid & candidates.exact_representatives(images["sha256"])
 
 
-def screen_embeddings(images: pd.DataFrame, cfg: Config, work_dir: Path, client,
+def screen_embeddings(images: pd.DataFrame, cfg: Config, work_dir: Path | str, client,
                       progress: Progress | None = None) -> pd.DataFrame:
     """High-recall mode: the confirm tier's embedding (transform 0, key idx * 8) of every
     representative image, in the feature store under work_dir/embed/screen_embeddings.
@@ -411,7 +420,7 @@ def screen_embeddings(images: pd.DataFrame, cfg: Config, work_dir: Path, client,
     from pipeline import confirm
     idx = np.flatnonzero(representatives(images).to_numpy()).astype(np.int64)
     frame = images.set_index(pd.RangeIndex(len(images)))
-    return confirm.embed_keys(idx * 8, frame, cfg, str(work_dir / "embed" / SCREEN_EMBED_SUBDIR),
+    return confirm.embed_keys(idx * 8, frame, cfg, storage.join(work_dir, "embed", SCREEN_EMBED_SUBDIR),
                               client=client, progress=progress, stage_name="screen-embed")
 
 
@@ -467,12 +476,25 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
     catalog's lock, reuses what the catalog knows and commits what it learnt; `rehash` reads every
     file to compare its sha256 instead of trusting an unchanged size and mtime.
     """
-    root = Path(root)
-    out = Path(out)
-    if not root.is_dir():
-        raise ConfigError(f"input folder {str(root)!r} does not exist or is not a folder: pass DATA=<folder of images>")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {str(out)!r} exists and is not a folder: choose another --out")
+    root, out = storage.local_form(root), storage.local_form(out)
+    on_store = [str(p) for p in (root, out, cfg.work_dir) if storage.is_url(p)]
+    if storage.is_url(cfg.catalog):
+        raise ConfigError(f"catalog {cfg.catalog!r}: a catalog on object storage is not supported yet: "
+                          "use --catalog LOCAL_DIR or --no-catalog")
+    storage.configure(cfg.storage.options)
+    for url in on_store:
+        storage.filesystem(url)  # a bad scheme, a missing backend or refused options: exit 2 now
+    if storage.is_url(root):
+        storage.check_input(root)
+    else:
+        root = Path(root)
+        if not root.is_dir():
+            raise ConfigError(f"input folder {str(root)!r} does not exist or is not a folder: "
+                              "pass DATA=<folder of images>")
+    if not storage.is_url(out):
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output path {str(out)!r} exists and is not a folder: choose another --out")
     check_scheduler(scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or cfg.dask.scheduler,
                     "--scheduler" if scheduler else "DASK_SCHEDULER_ADDRESS"
                     if os.environ.get("DASK_SCHEDULER_ADDRESS") else "dask.scheduler")
@@ -481,21 +503,37 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         from pipeline import weights  # fail before any heavy work when the weights are missing
         weights_info = weights.check_weights_available(cfg.embed)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if not storage.is_url(out):
+            out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the output folder {str(out)!r} ({exc.strerror}): "
                           "choose another --out") from None
-    catalog_dir = catalog.resolve(cfg, out)
-    with outdir.locked(out):
-        work_dir = Path(cfg.work_dir) if cfg.work_dir else out / f"{outdir.WORK_PREFIX}{os.getpid()}"
-        outdir.remove_stale_work(out, keep=work_dir)
+    catalog_note = None
+    if on_store and (cfg.catalog or "").strip().lower() not in catalog.DISABLED:
+        if cfg.catalog:
+            raise ConfigError(f"a catalog with DATA, OUT or work_dir on object storage ({on_store[0]}) is not "
+                              "supported yet: use --no-catalog")
+        catalog_note = "DATA or OUT on object storage: no catalog yet, this run starts from nothing"
+        log.info("catalog: %s", catalog_note)
+    catalog_dir = None if catalog_note else catalog.resolve(cfg, out)
+    remote_out = storage.is_url(out)
+    with storage.locked(out) if remote_out else outdir.locked(out):
+        work_dir = (cfg.work_dir if storage.is_url(cfg.work_dir) else Path(cfg.work_dir)) if cfg.work_dir \
+            else storage.join(out, f"{outdir.WORK_PREFIX}{os.getpid()}") if remote_out \
+            else out / f"{outdir.WORK_PREFIX}{os.getpid()}"
+        if remote_out:
+            storage.remove_stale_work(out, keep=work_dir)
+        else:
+            outdir.remove_stale_work(out, keep=work_dir)
         try:
             with (catalog.opened(catalog_dir) if catalog_dir is not None
                   else contextlib.nullcontext(None)) as cat:
                 return _cascade(root, out, cfg, scheduler, Progress(quiet), work_dir, weights_info,
-                                cat=cat, rehash=rehash)
+                                cat=cat, rehash=rehash, catalog_note=catalog_note)
         finally:
-            if not cfg.work_dir:
+            if not cfg.work_dir and storage.is_url(work_dir):
+                storage.remove_tree(work_dir)
+            elif not cfg.work_dir:
                 shutil.rmtree(work_dir, ignore_errors=True)
 
 
@@ -556,9 +594,9 @@ def _screen_embeddings_from_catalog(cat: catalog.Catalog, images: pd.DataFrame, 
     return screen_emb, part_of, info
 
 
-def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress: Progress,
-             work_dir: Path, weights_info: dict | None, cat: catalog.Catalog | None = None,
-             rehash: bool = False) -> dict:
+def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | None, progress: Progress,
+             work_dir: Path | str, weights_info: dict | None, cat: catalog.Catalog | None = None,
+             rehash: bool = False, catalog_note: str | None = None) -> dict:
     high_recall = cfg.screen.mode == "hash+embedding"
     started = datetime.now(timezone.utc)
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
@@ -566,18 +604,22 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
     counts: dict[str, int] = {}
     fps = catalog.fingerprints(cfg, weights_info)
     reuse: dict = {"catalog": str(cat.directory) if cat is not None else None}
+    if catalog_note:
+        reuse["note"] = catalog_note
     new_features: list[pd.DataFrame] = []
     ran_features: dict[str, str] = {}
     verified = False
     confirmed = None
 
+    # a URL as given; a local folder resolved (its name in the text form of pipeline/paths.py)
+    root_text, out_text = (p if storage.is_url(p) else paths.text_form(str(p.resolve())) for p in (root, out))
     ahead: list = []  # model-building threads (_build_model_ahead), joined before the run returns
     with dask_client(cfg, scheduler, lazy=cat is not None) as client, \
             (in_process_threads(_local_cores(cfg)) if isinstance(client, AutoClient) else contextlib.nullcontext()), \
             _joined(ahead):
         t = time.perf_counter()
         reuse["screen"] = {}
-        known = catalog.known_records(cat, fps, paths.text_form(str(root.resolve())), reuse["screen"])
+        known = catalog.known_records(cat, fps, root_text, reuse["screen"])
         if high_recall and isinstance(client, AutoClient):  # every image is embedded: load the model during the screen
             client.on_in_process = lambda: ahead.append(_build_model_ahead(cfg))
         images = run_screen(root, cfg, client, progress, known=known, rehash=rehash, reuse=reuse["screen"])
@@ -644,7 +686,7 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
             t = time.perf_counter()
             if cat is None:
                 scores = verify.run_verify(pairs.loc[near, ["idx_a", "idx_b", "transform"]], frame, cfg,
-                                           str(work_dir / "orb"), client=client, progress=progress)
+                                           storage.join(work_dir, "orb"), client=client, progress=progress)
                 pairs.loc[near, scores.columns] = scores
                 counts["verify_features"] = len(scores.attrs.get("features", {}).get("key", []))
             else:  # pairs already scored with these settings are taken from the catalog
@@ -698,7 +740,7 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
                     pd.Series(screen_emb["part_path"].to_numpy(dtype=object),
                               index=screen_emb["key"].to_numpy(dtype=np.int64))
                 cos = confirm.run_confirm(pairs.loc[alive, ["idx_a", "idx_b", "transform"]], frame,
-                                          cfg, str(work_dir / "embed"), client=client,
+                                          cfg, storage.join(work_dir, "embed"), client=client,
                                           precomputed=reuse_emb, progress=progress)
                 counts["confirm_embedded"] = int(cos.attrs.get("embedded_keys", 0))
                 counts["confirm_reused"] = int(cos.attrs.get("reused_keys", 0))
@@ -737,7 +779,8 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
             counts["confirmed_pairs"] = len(alive)
 
     # a file rewritten while the tiers ran is marked, not silently mixed (its hash is from before)
-    changed = np.asarray(scan.changed_since(images["abs_path"], images["bytes"], images["mtime"]), dtype=bool)
+    changed = np.asarray((storage.changed_since if storage.is_url(root) else scan.changed_since)(
+        images["abs_path"], images["bytes"], images["mtime"]), dtype=bool)
     changed &= images["error"].isna().to_numpy()
     images.loc[changed, "error"] = decide.CHANGED_ERROR
     counts["changed_during_run"] = int(changed.sum())
@@ -760,10 +803,11 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
     manifest = {
         "tool": "dedupe-pipeline", "version": pipeline.__version__, "run_id": run_id,
         "contract_version": write.CONTRACT_VERSION,
-        "root": paths.text_form(str(root.resolve())), "out": paths.text_form(str(out.resolve())),
+        "root": root_text, "out": out_text,
         "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
         "scheduler": target_of(cfg, scheduler), "scheduler_used": used,
-        "config": cfg.to_dict(), "counts": counts, "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "config": {**cfg.to_dict(), "storage": {"options": storage.redacted(cfg.storage.options)}},
+        "counts": counts, "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "weights": weights_info, "versions": versions(), "reuse": reuse,
     }
     if cat is not None:  # the catalog first: the outputs' run.json then says what it committed
@@ -775,7 +819,7 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
                              "cosine": scored["cosine"].to_numpy()})
         evidence = catalog.evidence_table(cat, present, rows, fps, verified, confirmed)
         features = catalog.features_table(cat, present, new_features, ran_features)
-        committed = cat.commit(root=paths.text_form(str(root.resolve())), run_id=run_id, fps=fps,
+        committed = cat.commit(root=root_text, run_id=run_id, fps=fps,
                                images=catalog.images_table(images, fps),
                                neighbours=catalog.neighbours_table(search_info["neighbours"], images),
                                evidence=evidence, features=features, config=cfg.to_dict())
@@ -784,7 +828,8 @@ def _cascade(root: Path, out: Path, cfg: Config, scheduler: str | None, progress
         reuse["catalog_compacted"] = committed.get("compacted", [])
         manifest["timings_s"]["catalog"] = round(time.perf_counter() - t, 3)
     with progress.stage("write", total=len(images) + len(pairs_out), unit="row") as tracker:
-        outdir.publish(out, run_id, lambda folder: write.write_outputs(folder, images, pairs_out, manifest))
+        (storage.publish if storage.is_url(out) else outdir.publish)(
+            out, run_id, lambda folder: write.write_outputs(folder, images, pairs_out, manifest))
         tracker.update(len(images) + len(pairs_out))
     return manifest
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline import paths
+from pipeline import paths, scan, storage
 from pipeline.borders import content_box
 from pipeline.config import ScreenConfig
 from pipeline.decode import DecodeError, dihedral, load_image
@@ -111,10 +111,13 @@ def _screen_file(entry: FileEntry, cfg: ScreenConfig) -> dict:
     if entry.error:
         return row
     try:
-        with paths.open_bytes(entry.abs_path) as fh:
+        with storage.open_input(entry.abs_path) as fh:
             data = fh.read()
     except OSError as exc:
         row["error"] = f"cannot read: {exc.strerror or exc}"
+        return row
+    if data and storage.is_url(entry.abs_path) and not scan.sniff(data[:scan.SNIFF_BYTES]):
+        row["error"] = "not an image: content matches no known image format"  # as scan says of a local file
         return row
     row["bytes"] = len(data)
     row["sha256"] = hashlib.sha256(data).hexdigest()

@@ -4,10 +4,11 @@ A tier computes its per-image features (ORB descriptors, embeddings) in tasks ov
 partitions; each task writes one file and returns its path. Pair tasks then read only the
 partitions they need, keyed by an integer key (cached per worker process), so no single process
 ever holds every descriptor. With a remote Dask cluster the work dir must be on storage that all
-workers see (as the images are).
+workers see (as the images are): a shared folder or a store URL (pipeline/storage.py).
 """
 from __future__ import annotations
 
+import io
 import os
 import uuid
 from collections import OrderedDict
@@ -18,14 +19,23 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
+
 
 def write_partition(directory: str | Path, part: int, frame: pd.DataFrame | pa.Table) -> str:
-    """Write `frame` (must have an int64 `key` column) atomically; returns the file path."""
+    """Write `frame` (must have an int64 `key` column) atomically; returns the file path (or URL:
+    on a store the file is one PUT, atomic by itself)."""
+    table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
+    if storage.is_url(directory):
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        final = storage.join(directory, f"part-{part:06d}.parquet")
+        storage.write_bytes(final, buf.getvalue())
+        return final
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"part-{part:06d}.parquet"
     tmp = directory / f".part-{part:06d}.{uuid.uuid4().hex}.tmp"
-    table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
     pq.write_table(table, tmp)
     os.replace(tmp, final)
     return str(final)
@@ -44,7 +54,8 @@ class _PartitionCache:
             if path in self._data:
                 self._data.move_to_end(path)
                 return self._data[path]
-        frame = pq.read_table(path).to_pandas().set_index("key")
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
+        frame = pq.read_table(source).to_pandas().set_index("key")
         with self._lock:
             self._data[path] = frame
             while len(self._data) > self.capacity:

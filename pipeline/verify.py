@@ -49,7 +49,7 @@ from __future__ import annotations
 import threading
 import uuid
 from contextlib import contextmanager
-from pathlib import Path
+import io
 
 import cv2
 import numpy as np
@@ -57,7 +57,7 @@ import pandas as pd
 from numba import njit
 from PIL import Image
 
-from . import store
+from . import storage, store
 from .config import Config, VerifyConfig
 from .decode import DecodeError, dihedral, load_image, open_checked, resize_max_side
 from .progress import Progress, map_tasks, stage_of
@@ -331,6 +331,13 @@ def _draft_min_side(path: str, cfg: Config, size: tuple[int, int] | None = None)
 
 def _load_bounded(path: str, cfg: Config, size: tuple[int, int] | None = None) -> Image.Image:
     """The picture ORB sees: decoded at the smallest draft scale that keeps max_side, bounded."""
+    if storage.is_url(path):  # one GET for the header look and the decode
+        try:
+            path = io.BytesIO(storage.read_bytes(path))
+        except FileNotFoundError:
+            raise DecodeError("file disappeared before it was read") from None
+        except OSError as exc:
+            raise DecodeError(f"cannot read: {exc.strerror or exc}") from None
     img, _, _ = load_image(path, min_side=_draft_min_side(path, cfg, size), max_pixels=cfg.screen.max_pixels,
                           max_decode_bytes=cfg.screen.max_decode_bytes)
     return _bounded(img, cfg.verify)
@@ -774,7 +781,7 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
         return _result_frame([], pairs.index)
     # a fresh folder per call: the worker-side partition cache is keyed by file path, so a second
     # run in the same process must never see the previous run's part-000000.parquet
-    out_dir = str(Path(work_dir) / f"orb-{uuid.uuid4().hex[:12]}")
+    out_dir = storage.join(work_dir, f"orb-{uuid.uuid4().hex[:12]}")
     idx_a = pairs["idx_a"].to_numpy(np.int64)
     idx_b = pairs["idx_b"].to_numpy(np.int64)
     # ORB descriptors are steered to each keypoint's orientation and the affine RANSAC model

@@ -1,0 +1,370 @@
+"""Images and outputs on object storage (S3, GCS, Azure, ...): any fsspec URL for DATA, OUT and
+work_dir.
+
+Local paths (and `file://` URLs, turned into paths by `local_form`) never come here: they keep the
+local code (pipeline/paths.py, pipeline/outdir.py). For a URL:
+
+* **Options.** `storage.options` of the config are the keyword arguments of the fsspec filesystem
+  (e.g. `endpoint_url`, `anon`, `profile`); credentials come from the backend's usual sources
+  (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE / AWS_ENDPOINT_URL for S3,
+  GOOGLE_APPLICATION_CREDENTIALS for GCS, AZURE_STORAGE_* for Azure). The driver calls `configure`;
+  every Dask worker gets the same options through `OptionsPlugin` and makes its own filesystem,
+  so image bytes go from the store to the worker that reads them, never through the scheduler.
+* **Scan.** `iter_objects` lists the prefix one "folder" at a time (sorted, like the local walk)
+  with each object's size and last-modified time; only objects without an image extension are
+  sniffed (a 32-byte ranged read), the others are checked when the screen reads them.
+* **Publish.** A single PUT is atomic on an object store and there is no rename. `publish` uploads
+  the run's files under `OUT/.dedupe/gen-<run id>/`, then writes the pointer object
+  `OUT/.dedupe/current` (the commit point: it names the generation), then copies the files to
+  their stable names in OUT with `run.json` last. Each object a reader opens is whole; a reader that
+  must never mix two runs reads `.dedupe/current` and then the generation it names (or checks the
+  sha256 list in `run.json`). The previous generation is kept, older ones are removed.
+* **Lock.** `locked` creates `OUT/.dedupe.lock` with an exclusive create (S3 `If-None-Match: *`);
+  a second run finds it and stops naming the holder. A run killed outright (kill -9, a lost host)
+  leaves the object behind: the next run stops and says which object to delete.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from pipeline import scan
+from pipeline.config import ConfigError, ScanConfig
+
+log = logging.getLogger("pipeline")
+LOCK_NAME = ".dedupe.lock"
+STATE_DIR = ".dedupe"
+WORK_PREFIX = "_work-"
+# keys of storage.options never written to run.json or the Parquet metadata
+SECRET_WORDS = ("secret", "token", "password", "key", "credential", "sas", "signature")
+
+_options: dict = {}
+
+
+def local_form(path: str | os.PathLike) -> str | os.PathLike:
+    """`file:///x` -> `/x`; anything else unchanged."""
+    if isinstance(path, str) and path.startswith("file://"):
+        return path[len("file://"):] or "/"
+    return path
+
+
+def is_url(path) -> bool:
+    """A store URL (scheme://...), not a local path or a file:// URL."""
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def configure(options: dict | None) -> None:
+    """The filesystem options of this process (the driver, or a worker through OptionsPlugin)."""
+    global _options
+    _options = dict(options or {})
+
+
+class OptionsPlugin(WorkerPlugin):
+    """A Dask worker plugin that hands the run's storage options to every worker (present and
+    future); each worker then opens the store itself."""
+
+    name = "dedupe-storage"
+
+    def __init__(self, options: dict):
+        self.options = dict(options)
+
+    def setup(self, worker) -> None:
+        configure(self.options)
+
+
+def redacted(options: dict) -> dict:
+    """storage.options for run.json: secret-looking values replaced by "***"."""
+    def clean(key, value):
+        if isinstance(value, dict):
+            return {k: clean(k, v) for k, v in value.items()}
+        return "***" if any(w in str(key).lower() for w in SECRET_WORDS) else value
+    return {k: clean(k, v) for k, v in options.items()}
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path without the scheme) for `url`, with this process's options.
+    ConfigError (exit 2) for an unknown scheme, a missing backend or options it refuses."""
+    import fsspec
+    protocol = url.split("://", 1)[0]
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise ConfigError(f"{url!r}: unknown storage scheme {protocol}:// (use a local path or an fsspec URL "
+                          "such as s3://bucket/prefix, gs://..., az://...)") from None
+    except ImportError as exc:
+        raise ConfigError(f"{url!r}: the {protocol}:// backend is not installed ({exc}); install it, e.g. "
+                          "pip install 'dedupe-pipeline[gcs]' or '[azure]' (s3fs ships with the package)") from None
+    try:
+        fs = cls(**_options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"storage.options are not accepted by the {protocol}:// backend ({exc}): "
+                          "fix storage.options in the config") from None
+    return fs, fs._strip_protocol(url).rstrip("/")
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """`base/part/...` for a URL or a local path (a local result is what str(Path(...)) gives)."""
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+def _url(fs, path: str) -> str:
+    return fs.unstrip_protocol(path)
+
+
+def _access_error(url: str, exc: Exception, what: str, option: str) -> ConfigError:
+    if isinstance(exc, TypeError):  # some backends check their options only when first used
+        return ConfigError(f"storage.options are not accepted by the {url.split('://')[0]}:// backend ({exc}): "
+                           "fix storage.options in the config")
+    if isinstance(exc, PermissionError):
+        why = ("access denied: check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+               "AWS_PROFILE for S3, or storage.options) and that they may read and write there")
+    elif isinstance(exc, FileNotFoundError):
+        why = "no such bucket or container: create it first, or fix the URL"
+    else:
+        why = f"the store did not answer as expected: {type(exc).__name__}: {exc}"
+    return ConfigError(f"{what} {url!r} ({option}): {why}")
+
+
+def check_input(url: str) -> None:
+    """DATA on a store: the bucket answers and the prefix holds objects; ConfigError otherwise."""
+    fs, root = filesystem(url)
+    try:
+        found = fs.ls(root, detail=False, refresh=True)
+    except FileNotFoundError:
+        try:  # an empty prefix, or no bucket at all?
+            fs.ls(root.split("/", 1)[0], detail=False, refresh=True)
+        except Exception as exc:
+            raise _access_error(url, exc, "input location", "DATA") from None
+        found = []
+    except Exception as exc:  # credentials, network, a malformed bucket name
+        raise _access_error(url, exc, "input location", "DATA") from None
+    if not found:
+        raise ConfigError(f"input location {url!r} holds no objects: pass DATA=<bucket/prefix of images>")
+
+
+def iter_objects(url: str, cfg: ScanConfig) -> Iterator[scan.FileEntry]:
+    """Every image object under `url`, as scan.iter_files gives local files: sorted, depth-first,
+    streamed one listing call ("folder") at a time. abs_path is the object's URL."""
+    fs, root = filesystem(url)
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            listed = sorted(fs.ls(folder, detail=True, refresh=True), key=lambda i: i["name"])
+        except FileNotFoundError:
+            continue  # a prefix emptied since its parent was listed
+        fs.invalidate_cache(folder)  # s3fs keeps every listing otherwise: memory grows with the bucket
+        subdirs = []
+        for info in listed:
+            name = info["name"].rstrip("/")
+            base = name.rsplit("/", 1)[-1]
+            if not base or name == folder or (cfg.skip_hidden and base.startswith(".")):
+                continue
+            if info.get("type") == "directory":
+                subdirs.append(name)
+                continue
+            size = int(info.get("size") or 0)
+            keep, error = _classify(fs, name, size, cfg)
+            if keep:
+                mtime = _mtime(info)
+                yield scan.FileEntry(name[len(root) + 1:], _url(fs, name), size, mtime, error,
+                                     int(round(mtime * 1e9)))
+        stack.extend(reversed(subdirs))
+
+
+def _classify(fs, name: str, size: int, cfg: ScanConfig) -> tuple[bool, str | None]:
+    """As scan._classify, but an object with an image extension is not read here (the screen
+    reads it anyway and checks its content): a listing of millions makes no GET per object."""
+    ext_is_image = os.path.splitext(name)[1].lower() in cfg.image_extensions
+    if size > cfg.max_file_bytes:
+        return ext_is_image, f"file too large: {size} bytes exceeds scan.max_file_bytes={cfg.max_file_bytes}"
+    if ext_is_image:
+        return True, None
+    if size == 0:
+        return False, None
+    try:
+        head = fs.cat_file(name, start=0, end=scan.SNIFF_BYTES)
+    except OSError:
+        return False, None
+    return bool(scan.sniff(head)), None
+
+
+def _mtime(info: dict) -> float:
+    """Last-modified time (seconds since the epoch) from an fsspec listing entry (S3, GCS, Azure)."""
+    for key in ("LastModified", "last_modified", "updated", "mtime", "modified", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if isinstance(value, datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    return 0.0
+
+
+def read_bytes(url: str) -> bytes:
+    """The whole object. FileNotFoundError / PermissionError carry a readable strerror (the
+    screen and decode turn them into the row's error)."""
+    fs, path = filesystem(url)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "no such object (deleted after it was listed?)", url) from None
+    except PermissionError:
+        raise PermissionError(errno.EACCES, "access denied by the store", url) from None
+
+
+def open_input(path):
+    """A binary file object for a local path (any length) or an object URL (read whole)."""
+    if is_url(path):
+        return io.BytesIO(read_bytes(path))
+    from pipeline import paths
+    return paths.open_bytes(path)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """One PUT: readers see the old object or the new one, never a part."""
+    fs, path = filesystem(url)
+    fs.pipe_file(path, data)
+
+
+def remove_tree(url: str) -> None:
+    fs, path = filesystem(url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=True)
+
+
+def changed_since(urls, sizes, mtimes) -> list[bool]:
+    """scan.changed_since for objects: gone, or another size or last-modified time (an object is
+    rewritten only by a new PUT, which sets both)."""
+    by_folder: dict[str, dict] = {}
+    flags = []
+    for url, size, mtime in zip(urls, sizes, mtimes):
+        fs, path = filesystem(url)
+        folder = path.rsplit("/", 1)[0]
+        if folder not in by_folder:
+            try:
+                by_folder[folder] = {i["name"]: i for i in fs.ls(folder, detail=True, refresh=True)}
+            except OSError:
+                by_folder[folder] = {}
+        info = by_folder[folder].get(path)
+        flags.append(info is None or int(info.get("size") or 0) != size or _mtime(info) != mtime)
+    return flags
+
+
+def _holder(fs, lock: str) -> str:
+    try:
+        info = json.loads(fs.cat_file(lock).decode("utf-8") or "{}")
+    except (OSError, ValueError):
+        return "another dedupe run"
+    return (f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
+            f" ({info.get('command', '')})")
+
+
+@contextlib.contextmanager
+def locked(out: str) -> Iterator[None]:
+    """OUT's run lock on a store: the object OUT/.dedupe.lock, created exclusively, removed at the
+    end. ConfigError naming the holder when it exists (or saying what to fix when it cannot be made)."""
+    fs, root = filesystem(out)
+    lock = f"{root}/{LOCK_NAME}"
+    info = {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv)[:500]}
+    try:
+        try:
+            with fs.open(lock, "xb") as fh:
+                fh.write(json.dumps(info).encode("utf-8"))
+        except (ValueError, NotImplementedError):  # a backend without exclusive create
+            log.warning("%s cannot create objects exclusively: two runs started at the same moment "
+                        "could both take OUT's lock", fs.protocol)
+            if fs.exists(lock):
+                raise FileExistsError(lock) from None
+            fs.pipe_file(lock, json.dumps(info).encode("utf-8"))
+    except FileExistsError:
+        raise ConfigError(f"the output location {out!r} is in use by {_holder(fs, lock)}: wait for that run to "
+                          f"finish, or choose another --out (if that run was killed, delete "
+                          f"{_url(fs, lock)} and run again)") from None
+    except Exception as exc:
+        raise _access_error(out, exc, "cannot write in the output location", "--out") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fs.rm_file(lock)
+
+
+def remove_stale_work(out: str, keep: str | None = None) -> list[str]:
+    """Work prefixes (OUT/_work-*) of killed runs (only while holding the lock)."""
+    fs, root = filesystem(out)
+    keep_path = filesystem(keep)[1] if keep and is_url(keep) else None
+    removed = []
+    try:
+        listed = fs.ls(root, detail=False, refresh=True)
+    except FileNotFoundError:
+        return removed
+    for name in sorted(listed):
+        name = name.rstrip("/")
+        if name.rsplit("/", 1)[-1].startswith(WORK_PREFIX) and name != keep_path:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(name, recursive=True)
+            removed.append(name.rsplit("/", 1)[-1])
+    if removed:
+        log.info("removed %d work prefix(es) left by killed runs: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def publish(out: str, run_id: str, write) -> str:
+    """`write(folder)` fills a local temporary folder; its files become OUT's outputs on the store
+    (see the module docstring for the order and what a reader sees). Returns the generation URL."""
+    fs, root = filesystem(out)
+    gen_name = f"gen-{run_id}"
+    gen = f"{root}/{STATE_DIR}/{gen_name}"
+    with tempfile.TemporaryDirectory(prefix="dedupe-publish-") as tmp:
+        folder = Path(tmp) / gen_name
+        folder.mkdir()
+        write(folder)
+        names = sorted((p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
+                       key=lambda n: (n == "run.json", n))  # run.json last
+        try:
+            for name in names:
+                fs.put_file(str(folder / name), f"{gen}/{name}")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                fs.rm(gen, recursive=True)
+            raise
+    pointer = f"{root}/{STATE_DIR}/current"
+    try:
+        previous = fs.cat_file(pointer).decode("utf-8").strip()
+    except FileNotFoundError:
+        previous = None
+    fs.pipe_file(pointer, gen_name.encode("utf-8"))  # the commit point
+    for name in names:
+        fs.copy(f"{gen}/{name}", f"{root}/{name}")
+    # report pages of an older run that this one does not have
+    published = set(names)
+    with contextlib.suppress(FileNotFoundError):
+        for path in fs.find(f"{root}/report"):
+            if path[len(root) + 1:] not in published:
+                fs.rm_file(path)
+    with contextlib.suppress(FileNotFoundError):
+        for path in fs.ls(f"{root}/{STATE_DIR}", detail=False, refresh=True):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("gen-") and name not in (gen_name, previous):
+                fs.rm(path, recursive=True)
+    return _url(fs, gen)
