@@ -24,7 +24,6 @@ Writes section "embed" of docs/benchmarks.md. Needs ../shared (or $SHARED).
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import os
 import shutil

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -350,7 +351,8 @@ def get_embedder(cfg: EmbedConfig, weights_path=None) -> Embedder:
     if weights_path is None:
         weights_path = resolve_weights(cfg, allow_download=cfg.download)
     runtime = resolve_runtime(cfg, weights_path)
-    key = (dataclasses.astuple(cfg), runtime, str(weights_path))
+    # "auto" and what it resolved to are one model (the driver resolves it before the tasks)
+    key = (dataclasses.astuple(dataclasses.replace(cfg, runtime=runtime)), str(weights_path))
     with _MODELS_LOCK:
         emb = _MODELS.get(key)
         if emb is None:
