@@ -24,7 +24,9 @@ row; an embedding-only pair gets `pair_hash_distance` and transform 0).
 
 Parallelism: the index is built once in the driver, broadcast to every Dask worker
 (`client.scatter(..., broadcast=True)`), and blocks of query images run as tasks; without a
-client the same blocks run in-process. The result does not depend on the blocking.
+client the same blocks run in-process. The result does not depend on the blocking. Past
+`screen.search_shard_size` images on a cluster (`screen.search_sharding`), the index is sharded
+instead and built on the workers (`sharded_neighbours`, section "sharded search"): same lists.
 """
 from __future__ import annotations
 
