@@ -304,12 +304,12 @@ def directed_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Screen
     which images query (default: all), so a catalog can re-derive only some images' lists."""
     codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
     N, V, W = codes.shape
+    if index is None and query_owners is None and _sharded(cfg, client, int(idx_use.any(axis=1).sum())):
+        return sharded_directed_neighbours(codes, use, idx_use, cfg, client=client, block_rows=block_rows)
     if index is None:
         img, var = np.nonzero(idx_use)
         index = make_index(codes[img, var], img.astype(np.int64), cfg.backend,
                            max_distance=cfg.max_distance)
-    if index is None and query_owners is None and _sharded(cfg, client, int(idx_use.any(axis=1).sum())):
-        return sharded_directed_neighbours(codes, use, idx_use, cfg, client=client, block_rows=block_rows)
     quse = use if query_owners is None else use & np.asarray(query_owners, bool)[:, None]
     q_img, q_var = np.nonzero(quse)  # row-major: by image, then variant (contiguous per owner)
     if q_img.size == 0:

@@ -65,12 +65,29 @@ def test_sharded_lists_equal_one_index(seed, clustered, shard_size, rows):
         assert (want.groupby("owner_a").size() == 4).mean() > 0.5
 
 
-def test_config_switch_gives_the_same_pairs():
+def _spy(monkeypatch) -> list:
+    """Record every call of the sharded search (so a test knows the switch took that path)."""
+    import pipeline.candidates as candidates
+    calls, original = [], candidates.sharded_neighbours
+
+    def spy(parts, cfg, **kw):
+        calls.append(len(parts))
+        return original(parts, cfg, **kw)
+    monkeypatch.setattr(candidates, "sharded_neighbours", spy)
+    return calls
+
+
+def test_config_switch_gives_the_same_pairs(monkeypatch):
+    calls = _spy(monkeypatch)
     codes, mask = planted(3)
     c = cfg(max_distance=9, max_candidates=3, dihedral_max_distance=4)
     off = near_pairs(codes, mask, dataclasses.replace(c, search_sharding="single"))
+    auto = near_pairs(codes, mask, dataclasses.replace(c, search_shard_size=800))  # auto: no client, one index
+    assert calls == []
     on = near_pairs(codes, mask, dataclasses.replace(c, search_sharding="sharded", search_shard_size=800))
+    assert len(calls) == 1
     pd.testing.assert_frame_equal(off, on)
+    pd.testing.assert_frame_equal(off, auto)
     got = set(zip(on.idx_a.tolist(), on.idx_b.tolist()))
     assert sum((i, i + 1) in got for i in range(0, 3000, 2)) > 800  # most planted pairs (rotated ones only within 4 bits)
 
@@ -90,8 +107,9 @@ def test_shard_groups_cover_every_non_empty_partition_once():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed,clustered", CASES)
-def test_sharded_on_a_local_cluster_equals_one_index(seed, clustered):
+def test_sharded_on_a_local_cluster_equals_one_index(seed, clustered, monkeypatch):
     distributed = pytest.importorskip("distributed")
+    calls = _spy(monkeypatch)
     codes, mask = planted(seed, n=6000, clustered=clustered)
     c = cfg(max_distance=9, max_candidates=3, dihedral_max_distance=9)
     want_lists = directed_neighbours(codes, mask, c)
@@ -103,6 +121,7 @@ def test_sharded_on_a_local_cluster_equals_one_index(seed, clustered):
         got = near_pairs(codes, mask, on, client=client)
         auto = near_pairs(codes, mask, dataclasses.replace(c, search_sharding="auto", search_shard_size=1000),
                           client=client)
+    assert len(calls) == 3  # every search on the cluster took the sharded path
     pd.testing.assert_frame_equal(want_lists, lists)
     pd.testing.assert_frame_equal(want, got)
     pd.testing.assert_frame_equal(want, auto)
@@ -120,7 +139,7 @@ def test_whole_cascade_same_pairs_with_sharding_forced_on(review_data, review_ru
     repo = Path(__file__).resolve().parent.parent
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "pipeline", "dedupe", str(review_data), "--out", str(out),
-                             "--scheduler", "local", "--quiet", "--set", "screen.mode=hash+embedding",
+                             "--scheduler", "local", "--no-catalog", "--quiet", "--set", "screen.mode=hash+embedding",
                              "--set", "screen.embedding_min_cosine=0.3", "--set", "screen.search_sharding=sharded",
                              "--set", "screen.search_shard_size=4"],
                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(repo)),
