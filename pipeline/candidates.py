@@ -24,7 +24,9 @@ row; an embedding-only pair gets `pair_hash_distance` and transform 0).
 
 Parallelism: the index is built once in the driver, broadcast to every Dask worker
 (`client.scatter(..., broadcast=True)`), and blocks of query images run as tasks; without a
-client the same blocks run in-process. The result does not depend on the blocking.
+client the same blocks run in-process. The result does not depend on the blocking. Past
+`screen.search_shard_size` images on a cluster (`screen.search_sharding`), the index is sharded
+instead and built on the workers (`sharded_neighbours`, section "sharded search"): same lists.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ TRIMMED = 8
 N_VARIANTS = 9
 
 __all__ = ["exact_pairs", "exact_representatives", "near_pairs", "near_pairs_partition",
-           "directed_neighbours", "pairs_from_neighbours", "reach_pairs", "reach_of", "gained_neighbours", "incremental_neighbours",
+           "directed_neighbours", "pairs_from_neighbours",
+           "sharded_neighbours", "sharded_directed_neighbours", "hash_partitions", "shard_groups", "reach_pairs", "reach_of", "gained_neighbours", "incremental_neighbours",
            "build_index", "query_variants", "embedding_pairs", "build_embedding_index",
            "iter_embeddings", "pair_hash_distance", "union_pairs"]
 
@@ -301,6 +304,8 @@ def directed_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Screen
     which images query (default: all), so a catalog can re-derive only some images' lists."""
     codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
     N, V, W = codes.shape
+    if index is None and query_owners is None and _sharded(cfg, client, int(idx_use.any(axis=1).sum())):
+        return sharded_directed_neighbours(codes, use, idx_use, cfg, client=client, block_rows=block_rows)
     if index is None:
         img, var = np.nonzero(idx_use)
         index = make_index(codes[img, var], img.astype(np.int64), cfg.backend,
@@ -337,6 +342,139 @@ def directed_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Screen
     return (found[["owner_a", "owner_b", "hash_distance"]]
             .astype({"owner_a": "int64", "owner_b": "int64", "hash_distance": "int16"})
             .reset_index(drop=True))
+
+
+# --------------------------------------------------------------------------------------------
+# sharded search: no process holds every hash
+#
+# A hash partition is a tuple (img int64 (n,) ascending global image numbers, codes uint64
+# (n, V, W), use bool (n, V) query rows, idx_use bool (n, V) index entries), as `_prepare` makes
+# them. Consecutive partitions are grouped into index shards of about `screen.search_shard_size`
+# entries, each built on a worker from its partitions; every partition's query rows probe every
+# shard and the per-shard K-nearest lists are merged per partition. The merge is exact: an image
+# p in o's global top K (by distance, then p) has its true distance in the shard holding p's
+# entries, and every image beating it there beats it globally, so it is in that shard's top K;
+# the smallest distance per (o, p) over the shards, cut to K, is the global list. The driver
+# holds O(partitions): counts and futures, never codes. Data moved: each query partition is sent
+# to every shard (S x the query rows); work: the per-shard searches (about one full-index search
+# plus S x the bucket probes per query row).
+
+
+def _sharded(cfg: ScreenConfig, client, n_entries: int) -> bool:
+    mode = cfg.search_sharding
+    if mode == "sharded":
+        return True
+    return mode == "auto" and client is not None and n_entries > cfg.search_shard_size
+
+
+def _part_entries(part) -> int:
+    return int(part[3].sum())
+
+
+def _build_shard(cfg: ScreenConfig, *parts) -> HammingIndex:
+    """The index over the entries of some consecutive hash partitions (runs on a worker)."""
+    codes = [p[1][p[3]] for p in parts]
+    owners = [np.repeat(p[0], p[3].sum(axis=1)) for p in parts]  # np.nonzero order: by image, then variant
+    W = parts[0][1].shape[2]
+    codes = np.concatenate(codes) if codes else np.zeros((0, W), np.uint64)
+    return make_index(codes, np.concatenate(owners).astype(np.int64), cfg.backend, max_distance=cfg.max_distance)
+
+
+def _search_shard(index: HammingIndex, part, cfg: ScreenConfig) -> pd.DataFrame:
+    """One partition's query rows against one shard: each query image's K nearest in the shard."""
+    img, codes, use, _ = part
+    q_img, q_var = np.nonzero(use)
+    if q_img.size == 0:
+        return _empty_directed()
+    found = near_pairs_partition(index, codes[q_img, q_var], img[q_img].astype(np.int64), cfg,
+                                 q_var.astype(np.int8))
+    return found[["owner_a", "owner_b", "hash_distance"]]
+
+
+def _merge_lists(k: int, *found: pd.DataFrame) -> pd.DataFrame:
+    """Per-shard K-nearest lists of one partition -> the K nearest over all shards."""
+    out = pd.concat(found, ignore_index=True) if found else _empty_directed()
+    out = (out.sort_values(["owner_a", "hash_distance", "owner_b"], kind="stable")
+           .drop_duplicates(["owner_a", "owner_b"], keep="first"))
+    out = out[out.groupby("owner_a", sort=False).cumcount() < k]
+    return (out.reset_index(drop=True)
+            .astype({"owner_a": "int64", "owner_b": "int64", "hash_distance": "int16"}))
+
+
+def shard_groups(entries: list[int], shard_size: int, n_workers: int = 1) -> list[list[int]]:
+    """Consecutive partitions -> index shards of about `shard_size` entries (at least `n_workers`
+    shards when there are that many non-empty partitions, so every worker builds and searches one)."""
+    total = sum(entries)
+    n_shards = max(1, -(-total // max(shard_size, 1)))
+    if n_shards > 1 and n_workers > 1:  # a multiple of the workers: none idles at the end
+        n_shards = -(-n_shards // n_workers) * n_workers
+    n_shards = max(n_shards, min(n_workers, sum(e > 0 for e in entries)))
+    target = total / n_shards
+    groups, current, acc = [], [], 0
+    for i, e in enumerate(entries):
+        if e == 0:
+            continue
+        current.append(i)
+        acc += e
+        if acc >= target * (len(groups) + 1) - 1e-9 and len(groups) < n_shards - 1:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return groups
+
+
+def sharded_neighbours(parts: list, cfg: ScreenConfig, client=None, shard_size: int | None = None,
+                       gather: bool = True):
+    """`directed_neighbours` over hash partitions (or futures of them, e.g. made on the workers),
+    with the index sharded (see the section comment). Returns the directed rows, sorted by owner_a,
+    distance, owner_b, or with `gather=False` (and a client) one future per partition of them."""
+    shard_size = int(shard_size or cfg.search_shard_size)
+    k = int(cfg.max_candidates)
+    if client is None:
+        groups = shard_groups([_part_entries(p) for p in parts], shard_size)
+        shards = [_build_shard(cfg, *[parts[i] for i in g]) for g in groups]
+        lists = [_merge_lists(k, *[_search_shard(s, p, cfg) for s in shards]) for p in parts]
+        return pd.concat(lists, ignore_index=True) if lists else _empty_directed()
+    workers = sorted(client.scheduler_info()["workers"])
+    entries = client.gather(client.map(_part_entries, parts, pure=False))
+    groups = shard_groups(entries, shard_size, len(workers))
+    # one shard per worker in turn: the search tasks follow their (large) index
+    shards = [client.submit(_build_shard, cfg, *[parts[i] for i in g], pure=False,
+                            workers=[workers[j % len(workers)]], allow_other_workers=True)
+              for j, g in enumerate(groups)]
+    merged = [client.submit(_merge_lists, k, *[client.submit(_search_shard, s, p, cfg, pure=False)
+                                               for s in shards], pure=False)
+              for p in parts]
+    if not gather:
+        return merged
+    lists = client.gather(merged)
+    return pd.concat(lists, ignore_index=True) if lists else _empty_directed()
+
+
+def hash_partitions(codes: np.ndarray, use: np.ndarray, idx_use: np.ndarray, rows: int) -> list:
+    """Prepared arrays (as `_prepare` returns them) -> hash partitions of about `rows` images,
+    keeping only images that take part."""
+    img = np.flatnonzero(use.any(axis=1) | idx_use.any(axis=1)).astype(np.int64)
+    return [(img[s:s + rows], codes[img[s:s + rows]], use[img[s:s + rows]], idx_use[img[s:s + rows]])
+            for s in range(0, img.size, max(rows, 1))]
+
+
+def sharded_directed_neighbours(codes: np.ndarray, use: np.ndarray, idx_use: np.ndarray, cfg: ScreenConfig,
+                                client=None, block_rows: int | None = None) -> pd.DataFrame:
+    """`directed_neighbours` for codes the caller already holds: cut into partitions, sent to the
+    workers, searched there with `sharded_neighbours`."""
+    n_img = int((use.any(axis=1) | idx_use.any(axis=1)).sum())
+    if n_img == 0:
+        return _empty_directed()
+    n_threads = 1
+    if client is not None:
+        n_threads = max(1, sum(client.nthreads().values()))
+    rows = int(block_rows or np.clip(-(-n_img // (8 * n_threads)), 20_000, 200_000))
+    parts = hash_partitions(codes, use, idx_use, rows)
+    if client is not None:
+        parts = client.scatter(parts)
+    return sharded_neighbours(parts, cfg, client=client)
 
 
 def pairs_from_neighbours(directed: pd.DataFrame, codes: np.ndarray, variant_mask: np.ndarray,

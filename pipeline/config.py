@@ -51,6 +51,13 @@ class ScreenConfig:
     max_distance: int = 10  # Hamming distance <= this makes a near candidate pair
     max_candidates: int = 15  # per image: keep only its K nearest (hub guard)
     backend: Literal["mih", "brute"] = "mih"  # multi-index hash or brute force
+    # Sharded search on a Dask cluster: the index is cut into shards of about search_shard_size
+    # entries built on the workers, every query partition probes every shard, and each image's K
+    # nearest are merged per query partition (same lists as one index). "auto": sharded when a
+    # Dask client is used and more than search_shard_size images take part; "sharded" always (also
+    # in-process, without a client); "single": one index built in the driver.
+    search_sharding: Literal["auto", "sharded", "single"] = "auto"
+    search_shard_size: int = 5_000_000
     exact_group_pairs: int = 50  # exact-copy groups of more than this + 1 files emit a star, not all pairs
     # High-recall mode. "hash": candidates from the hash search only. "hash+embedding": also embed
     # every representative image with the confirm tier's MobileNet (the embeddings are reused by
@@ -287,6 +294,7 @@ def _validate(cfg: Config) -> None:
          "screen.hash_size must be a multiple of 8 (8 -> 64-bit hash, 16 -> 256-bit)"),
         (0 <= s.max_distance < bits, f"screen.max_distance must be in [0, {bits - 1}]"),
         (s.max_candidates >= 1, "screen.max_candidates must be >= 1"),
+        (s.search_shard_size >= 1, "screen.search_shard_size must be >= 1"),
         (s.dihedral_max_distance >= 0, "screen.dihedral_max_distance must be >= 0"),
         (s.exact_group_pairs >= 1, "screen.exact_group_pairs must be >= 1"),
         (s.embedding_k >= 1, "screen.embedding_k must be >= 1"),

@@ -1,0 +1,180 @@
+"""The cost model: `python -m bench.cost_model` writes docs/cost-model.md.
+
+Per stage, seconds per image per core and bytes per image in the store, from the measured points
+in docs/benchmarks.md (each constant below names its section); every point is predicted back by
+the model with its error; then 10M and 1B images are projected to core-hours, hours on a given
+number of cores, and storage. The hash search is modelled by multi-index hashing's own cost units
+(`pipeline.search.plan_chunks`: bucket probes + expected verifications per query), so its
+superlinear growth is in the model, not a straight line through two points.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.search import plan_chunks
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "cost-model.md"
+
+# measured points (docs/benchmarks.md; stage seconds are wall seconds on 2 cores)
+E2E_10K = dict(name="10k end-to-end", section="end-to-end run (>= 10,000 images), full cascade row", images=10_465, cores=2,
+               screen=16.0, candidates=0.9, verify=47.2, confirm=9.8, write=0.9, pairs=67_756)
+SCALE_100K = dict(name="100k scale", section="scale: candidates and screen cost at 100k+ images, full cascade row", images=100_625,
+                  cores=2, screen=168.0, candidates=2.0, verify=245.0, confirm=26.0, write=1.0,
+                  pairs=round(3.95 * 100_625))
+SEARCH = [dict(section="candidate search (one index)", n=1_000_000, threshold=10, seconds=11.749, cores=2, shards=1),
+          dict(section="candidate search (one index)", n=100_000, threshold=10, seconds=0.468, cores=2, shards=1)]
+# "sharded candidate search (10M hashes)": a loaded machine, so each is predicted with the unit of
+# the same run's one-index search of the first 1M hashes (75.6 s)
+_SAME_RUN = dict(n=1_000_000, seconds=75.596)
+SHARD = [dict(section="sharded candidate search", n=10_000_000, threshold=8, seconds=2718.4, cores=2, shards=2,
+              same_run=_SAME_RUN),
+         dict(section="sharded candidate search", n=1_000_000, threshold=8, seconds=126.0, cores=2, shards=2,
+              same_run=_SAME_RUN)]
+MODEL_LOAD_S = 2.5  # confirm: model build + weights load once per worker process (confirm section)
+# bytes per image in the store (measured; pairs.parquet scaled by the candidates per image)
+STORE = {
+    "note": "Measured: the catalog on the incremental benchmark (2,427 images, section \"incremental runs "
+            "with the catalog\": 44.9 MB, of which ORB features 43.4 MB: they exist only for images in a near "
+            "pair, so a collection with fewer near pairs stores less); images.parquet and pairs.parquet of a "
+            "default run on the generated eval set (1,050 images: 85,781 B; 5,650 pairs: 101,231 B = 17.9 B "
+            "per pair, times 3.95 pairs per image); report thumbnails from the 100k report section (180 MiB); "
+            "the high-recall mode's screen embeddings are 1280 float32 per image.",
+    "per_image": {"catalog (ORB features, embeddings, images, K-nearest lists, evidence)": 44.9e6 / 2427,
+                  "images.parquet": 85_781 / 1050, "pairs.parquet": 17.9 * 3.95,
+                  "report (thumbnails + data; grows with the clusters shown, so an upper bound)": (180 + 8) * 2**20 / 100_000,
+                  "high-recall mode only: screen embeddings": 1280 * 4},
+}
+
+
+def search_units(n: int, threshold: int, shards: int = 1, shard_entries: int | None = None) -> float:
+    """Cost units of a whole search: every image queries every shard (plan_chunks per shard)."""
+    per_shard = shard_entries or -(-n // shards)
+    return n * shards * plan_chunks(per_shard, 1, threshold)["cost_per_query"]
+
+
+def fit():
+    pts = [E2E_10K, SCALE_100K]
+    m = {}
+    m["screen"] = sum(p["screen"] * p["cores"] for p in pts) / sum(p["images"] for p in pts)
+    m["verify_pair"] = sum(p["verify"] * p["cores"] for p in pts) / sum(p["pairs"] for p in pts)
+    # confirm: the model load once per worker plus a cost per image, the latter from the larger run
+    m["confirm"] = (SCALE_100K["confirm"] * 2 - MODEL_LOAD_S * 2) / SCALE_100K["images"]
+    m["write"] = sum(p["write"] * p["cores"] for p in pts) / sum(p["images"] for p in pts)
+    one = SEARCH[0]
+    m["unit"] = one["seconds"] * one["cores"] / search_units(one["n"], one["threshold"])
+    return m
+
+
+def predict(m, p) -> dict:
+    c = p["cores"]
+    return {"screen": m["screen"] * p["images"] / c, "verify": m["verify_pair"] * p["pairs"] / c,
+            "confirm": (m["confirm"] * p["images"] + MODEL_LOAD_S * c) / c, "write": m["write"] * p["images"] / c}
+
+
+def pct(pred, meas) -> str:
+    return f"{100 * (pred - meas) / meas:+.0f} %"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--pairs-per-image", type=float, default=3.95, help="near candidates per image (100k run: 3.95)")
+    ap.add_argument("--cores-10m", type=int, default=64)
+    ap.add_argument("--cores-1b", type=int, default=2000)
+    args = ap.parse_args(argv)
+    m = fit()
+    lines = ["# Cost model", "",
+             "Written by `python -m bench.cost_model` from the measured points in "
+             "[benchmarks.md](benchmarks.md) (2-core machine, shared; each point's section is named). "
+             "Per stage: seconds per image per core (core-seconds divided by images), then each measured "
+             "point predicted back, then 10M and 1B images projected.", "",
+             "## Per stage", "",
+             "| stage | model | per image per core | from |", "|---|---|---|---|",
+             f"| scan + screen (decode, sha256, 9 hashes) | a x images | {1e3 * m['screen']:.2f} ms | 10k and 100k end-to-end runs (pooled) |",
+             f"| candidates: hash search | MIH cost units x {m['unit'] * 1e9:.2f} ns | see below (grows with N) | 1M-hash search |",
+             f"| verify (ORB features + match + RANSAC, pixel check) | b x pairs, pairs = {args.pairs_per_image} x images | "
+             f"{1e3 * m['verify_pair']:.2f} ms per pair = {1e3 * m['verify_pair'] * args.pairs_per_image:.2f} ms per image | 10k and 100k runs (pooled) |",
+             f"| confirm (MobileNet on pairs ORB left open) | {MODEL_LOAD_S} s per worker + c x images | {1e3 * m['confirm']:.2f} ms | 100k run |",
+             f"| decide + write | d x images | {1e3 * m['write']:.3f} ms | 10k and 100k runs (pooled) |", ""]
+    lines += ["The hash search: one query costs `plan_chunks(U, W, T)['cost_per_query']` units (bucket probes "
+              "x 4 + expected verifications; U = index entries), so a one-index search of N codes costs "
+              "N x cost(N) units and the sharded search (S shards of N/S) N x S x cost(N/S): the probes are paid "
+              "once per shard. Unit = core-seconds of the 1M one-index search / its units.", ""]
+    lines += ["## Measured points predicted back", "",
+              "| point | stage | measured s | model s | error |", "|---|---|---|---|---|"]
+    for p in (E2E_10K, SCALE_100K):
+        pr = predict(m, p)
+        for st in ("screen", "verify", "confirm", "write"):
+            lines.append(f"| {p['images']:,} images ({p['name']}) | {st} | {p[st]:.1f} | {pr[st]:.1f} | {pct(pr[st], p[st])} |")
+        # the whole candidates stage of a real run: the hash search (plain + trimmed rows at T = 10,
+        # 7 dihedral rows at T = 4, 2 index entries per image) is most of it
+        n = p["images"]
+        pred = (2 * search_units(n, 10, 1, 2 * n) + 7 * search_units(n, 4, 1, 2 * n)) * m["unit"] / p["cores"]
+        lines.append(f"| {n:,} images ({p['name']}) | candidates (real hashes, 9 variants) | {p['candidates']:.1f} | "
+                     f"{pred:.1f} | {pct(pred, p['candidates'])} |")
+    for s in SEARCH + SHARD:
+        unit = m["unit"]
+        note = ""
+        if "same_run" in s:  # a loaded machine: the unit from the one-index search of the same run
+            b = s["same_run"]
+            unit = b["seconds"] * s["cores"] / search_units(b["n"], s["threshold"])
+            note = f"; unit from the same run's one-index {b['n']:,}: {unit * 1e9:.1f} ns"
+        pred = search_units(s["n"], s["threshold"], s["shards"]) * unit / s["cores"]
+        what = "one index" if s["shards"] == 1 else f"sharded, {s['shards']} shards"
+        lines.append(f"| {s['n']:,} hashes, T = {s['threshold']} ({what}{note}) | search | {s['seconds']:.1f} | "
+                     f"{pred:.1f} | {pct(pred, s['seconds'])} |")
+    lines += ["", "Fitted points: the 1M one-index search (the unit) and confirm at 100k are 0 % by "
+              "construction; screen, verify and write are pooled over the 10k and 100k runs, so their errors "
+              "show how well one per-image (per-pair) figure serves both. Independent checks: the 100k search, "
+              "the candidates stage of both runs, confirm at 10k and the sharded searches. Confirm at 10k is "
+              "under-predicted: the 2.5 s per worker counts the model load but not importing TensorFlow, "
+              "a fixed cost that weighs at 10k and vanishes at scale. Write is about a second in both runs "
+              "(rounded to 0.1 s in the tables), so its relative errors say little. The real candidates stage "
+              "also does exact pairs, the pair distances and Python around the search: the model counts the "
+              "search only, over random codes: real hashes are clustered (a photo and its copies), so each query "
+              "verifies more codes; at 100k the model is half the measured stage, at 10k the stage is mostly "
+              "fixed costs. Read the candidates projections as a lower bound (about 2x). The sharded searches ran on a loaded machine; with the same run's one-index unit "
+              "the model under-predicts them by 17-25 %: the extra shards' table builds and the merge, which "
+              "the model does not count.", ""]
+    # projections
+    rows = []
+    for n, cores in ((10_000_000, args.cores_10m), (1_000_000_000, args.cores_1b)):
+        pairs = args.pairs_per_image * n
+        shards = max(1, -(-2 * n // 5_000_000))  # plain + trimmed entries per image, default shard size
+        # per image: plain + trimmed rows at T = 10 against every shard; the 7 dihedral rows at T = 4
+        search_cs = (2 * search_units(n, 10, shards, 5_000_000) + 7 * search_units(n, 4, shards, 5_000_000)) * m["unit"]
+        stages = {"screen": m["screen"] * n, "candidates (sharded)": search_cs,
+                  "verify": m["verify_pair"] * pairs, "confirm": m["confirm"] * n, "decide + write": m["write"] * n}
+        total = sum(stages.values())
+        rows.append((n, cores, shards, stages, total))
+    lines += ["## Projections", "",
+              f"Default settings (aHash with 7 dihedral + 1 trimmed variant, T = 10, K = 15), "
+              f"{args.pairs_per_image} near candidates per image (the 100k run's figure; it depends on the "
+              "collection), index shards of 5M entries (2 entries per image). Core-hours are at this machine's "
+              "per-core speed.", "",
+              "| images | stage | core-hours | share |", "|---|---|---|---|"]
+    for n, cores, shards, stages, total in rows:
+        for st, cs in stages.items():
+            lines.append(f"| {n:,} | {st} | {cs / 3600:,.1f} | {100 * cs / total:.0f} % |")
+        lines.append(f"| {n:,} | **total** | **{total / 3600:,.0f}** | on {cores:,} cores: **{total / 3600 / cores:.1f} h** |")
+    if STORE:
+        lines += ["", "## Storage", "", STORE["note"], "",
+                  "| item | bytes per image | 10M images | 1B images |", "|---|---|---|---|"]
+        for item, b in STORE["per_image"].items():
+            lines.append(f"| {item} | {b:,.0f} | {b * 1e7 / 1e9:,.1f} GB | {b * 1e9 / 1e12:,.1f} TB |")
+    lines += ["", "## What the model says", ""]
+    n1, _, s1, st1, t1 = rows[1]
+    lines += [
+        f"- Per-image decoding and ORB dominate up to ~10M images: screen + verify are ~{100 * (rows[0][3]['screen'] + rows[0][3]['verify']) / rows[0][4]:.0f} % of the work at 10M.",
+        f"- At 1B the hash search as built (every query probes every one of {s1:,} shards) is "
+        f"{100 * st1['candidates (sharded)'] / t1:.0f} % of the work: the probes per query grow with the number of shards. "
+        "Routing each query only to the shards that can hold its neighbours (shards keyed by multi-index chunk "
+        "values, the query sent to the chunk values within its radius) removes that factor; not built yet.",
+        "- Storage is dominated by the ORB features kept in the catalog for images in a near pair."]
+    Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

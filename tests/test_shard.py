@@ -1,0 +1,153 @@
+"""Sharded candidate search: the same K-nearest lists and pairs as one index, in-process and on a
+real 2-worker LocalCluster, on random and clustered hashes with planted near pairs."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.candidates import (_prepare, directed_neighbours, hash_partitions, near_pairs,
+                                 shard_groups, sharded_neighbours)
+from pipeline.config import ScreenConfig
+
+
+def cfg(**kw) -> ScreenConfig:
+    return dataclasses.replace(ScreenConfig(), **kw)
+
+
+def _noise(rng, d: int) -> np.uint64:
+    out = np.uint64(0)
+    for bit in rng.choice(64, size=d, replace=False):
+        out |= np.uint64(1) << np.uint64(int(bit))
+    return out
+
+
+def planted(seed: int, n: int = 3000, clustered: bool = False):
+    """9-variant codes: random (or a few dense clusters: many images within the threshold of one
+    another, so the K cap bites) with near pairs planted on all variants."""
+    rng = np.random.default_rng(seed)
+    if clustered:
+        centres = rng.integers(0, np.iinfo(np.uint64).max, size=12, dtype=np.uint64, endpoint=True)
+        base = centres[rng.integers(0, 12, size=(n, 9))]
+        codes = np.empty((n, 9, 1), np.uint64)
+        for i in range(n):
+            for v in range(9):
+                codes[i, v, 0] = base[i, v] ^ _noise(rng, int(rng.integers(0, 7)))
+    else:
+        codes = rng.integers(0, np.iinfo(np.uint64).max, size=(n, 9, 1), dtype=np.uint64, endpoint=True)
+    mask = rng.random((n, 9)) < 0.6
+    mask[:, 0] = True
+    for i in range(0, n - 1, 2):
+        v, target = int(rng.integers(0, 9)), int(rng.choice([0, 8]))
+        codes[i + 1, target] = codes[i, v] ^ _noise(rng, int(rng.integers(0, 9)))
+        mask[i, v] = mask[i + 1, target] = True
+    mask[rng.random(n) < 0.02] = False  # invalid images take no part
+    return codes, mask
+
+
+CASES = [(1, False), (2, True)]
+
+
+@pytest.mark.parametrize("seed,clustered", CASES)
+@pytest.mark.parametrize("shard_size,rows", [(1, 500), (700, 333), (2500, 1000), (10**9, 4000)])
+def test_sharded_lists_equal_one_index(seed, clustered, shard_size, rows):
+    codes, mask = planted(seed, clustered=clustered)
+    c = cfg(max_distance=8, max_candidates=4, dihedral_max_distance=5)
+    rep = np.random.default_rng(seed).random(len(codes)) < 0.97
+    want = directed_neighbours(codes, mask, c, representatives=rep)
+    p_codes, use, idx_use = _prepare(codes, mask, c, rep)
+    got = sharded_neighbours(hash_partitions(p_codes, use, idx_use, rows), c, shard_size=shard_size)
+    pd.testing.assert_frame_equal(want, got)
+    assert len(want) > 1000
+    if clustered:  # the cap bites: some lists are full and longer ones were cut
+        assert (want.groupby("owner_a").size() == 4).mean() > 0.5
+
+
+def _spy(monkeypatch) -> list:
+    """Record every call of the sharded search (so a test knows the switch took that path)."""
+    import pipeline.candidates as candidates
+    calls, original = [], candidates.sharded_neighbours
+
+    def spy(parts, cfg, **kw):
+        calls.append(len(parts))
+        return original(parts, cfg, **kw)
+    monkeypatch.setattr(candidates, "sharded_neighbours", spy)
+    return calls
+
+
+def test_config_switch_gives_the_same_pairs(monkeypatch):
+    calls = _spy(monkeypatch)
+    codes, mask = planted(3)
+    c = cfg(max_distance=9, max_candidates=3, dihedral_max_distance=4)
+    off = near_pairs(codes, mask, dataclasses.replace(c, search_sharding="single"))
+    auto = near_pairs(codes, mask, dataclasses.replace(c, search_shard_size=800))  # auto: no client, one index
+    assert calls == []
+    on = near_pairs(codes, mask, dataclasses.replace(c, search_sharding="sharded", search_shard_size=800))
+    assert len(calls) == 1
+    pd.testing.assert_frame_equal(off, on)
+    pd.testing.assert_frame_equal(off, auto)
+    got = set(zip(on.idx_a.tolist(), on.idx_b.tolist()))
+    assert sum((i, i + 1) in got for i in range(0, 3000, 2)) > 800  # most planted pairs (rotated ones only within 4 bits)
+
+
+def test_shard_groups_cover_every_non_empty_partition_once():
+    entries = [5, 0, 7, 3, 0, 9, 1, 4]
+    for size in (1, 4, 10, 100):
+        for workers in (1, 2, 3):
+            groups = shard_groups(entries, size, workers)
+            flat = [i for g in groups for i in g]
+            assert flat == [i for i, e in enumerate(entries) if e]  # consecutive, in order, once
+            assert len(groups) >= min(workers, 6)
+    assert len(shard_groups(entries, 100, 1)) == 1
+    assert len(shard_groups(entries, 10, 1)) == 3
+    assert shard_groups([0, 0], 10, 2) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed,clustered", CASES)
+def test_sharded_on_a_local_cluster_equals_one_index(seed, clustered, monkeypatch):
+    distributed = pytest.importorskip("distributed")
+    calls = _spy(monkeypatch)
+    codes, mask = planted(seed, n=6000, clustered=clustered)
+    c = cfg(max_distance=9, max_candidates=3, dihedral_max_distance=9)
+    want_lists = directed_neighbours(codes, mask, c)
+    want = near_pairs(codes, mask, c)
+    on = dataclasses.replace(c, search_sharding="sharded", search_shard_size=1500)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        lists = directed_neighbours(codes, mask, on, client=client, block_rows=700)
+        got = near_pairs(codes, mask, on, client=client)
+        auto = near_pairs(codes, mask, dataclasses.replace(c, search_sharding="auto", search_shard_size=1000),
+                          client=client)
+    assert len(calls) == 3  # every search on the cluster took the sharded path
+    pd.testing.assert_frame_equal(want_lists, lists)
+    pd.testing.assert_frame_equal(want, got)
+    pd.testing.assert_frame_equal(want, auto)
+    assert len(want) > 1500
+
+
+@pytest.mark.slow
+def test_whole_cascade_same_pairs_with_sharding_forced_on(review_data, review_run, tmp_path):
+    """The real review set through every tier on a local cluster with the search sharded into
+    shards of 4 images: the same images and pairs as the one-index run (sync, `review_run`)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "pipeline", "dedupe", str(review_data), "--out", str(out),
+                             "--scheduler", "local", "--no-catalog", "--quiet", "--set", "screen.mode=hash+embedding",
+                             "--set", "screen.embedding_min_cosine=0.3", "--set", "screen.search_sharding=sharded",
+                             "--set", "screen.search_shard_size=4"],
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(repo)),
+                            cwd=repo, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, keys in (("images.parquet", ["path"]), ("pairs.parquet", ["path_a", "path_b"])):
+        want = pd.read_parquet(review_run / name).sort_values(keys).reset_index(drop=True)
+        got = pd.read_parquet(out / name).sort_values(keys).reset_index(drop=True)
+        pd.testing.assert_frame_equal(want.drop(columns=["abs_path_a", "abs_path_b"], errors="ignore"),
+                                      got.drop(columns=["abs_path_a", "abs_path_b"], errors="ignore"))
+    assert len(want) > 10
