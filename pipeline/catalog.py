@@ -554,6 +554,9 @@ def lookup_evidence(cat: Catalog | None, sha_a, sha_b, transform, what: str, fp:
     ev = cat.evidence
     fp_col = "orb_fp" if what.startswith("orb") else "embed_fp"
     ev = ev[ev[fp_col].notna()] if what.endswith("_any") else ev[ev[fp_col] == fp]
+    # only rows of the contents asked about get a key (a query asks about a few of 100k+ rows)
+    ev = ev[ev["sha_a"].isin(pd.unique(np.asarray(sha_a, dtype=object))).to_numpy()
+            & ev["sha_b"].isin(pd.unique(np.asarray(sha_b, dtype=object))).to_numpy()]
     table = ev.set_index(_pair_key(ev["sha_a"], ev["sha_b"], ev["transform"]))[columns]
     table = table[~table.index.duplicated(keep="last")]
     keys = _pair_key(sha_a, sha_b, transform)

@@ -92,7 +92,8 @@ def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp
     from pipeline.run import image_ids, representatives  # one definition of both
     root = Path(cat.root)
     old = cat.images.sort_values("path", kind="stable").reset_index(drop=True)
-    old = old.assign(abs_path=[str(root / p) for p in old["path"]])
+    prefix = os.path.join(str(root), "")  # string joins: a Path per catalog row costs ~1 s per 100k
+    old = old.assign(abs_path=[prefix + p for p in old["path"]])
     q = screen.screen_partition(entries, cfg.screen)
     n_old = len(old)
     cols = ["path", "abs_path", "sha256", "error", "codes", "variant_mask"]
