@@ -330,8 +330,8 @@ def directed_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Screen
         parts = [near_pairs_partition(index, queries[s:e], q_img[s:e], cfg, q_var[s:e])
                  for s, e in blocks]
     else:
-        index_future = client.scatter(index, broadcast=True)
-        payload = client.scatter([(queries[s:e], q_img[s:e], q_var[s:e]) for s, e in blocks])
+        index_future = client.scatter(index, broadcast=True, hash=False)  # fresh keys (see sharded_directed_neighbours)
+        payload = client.scatter([(queries[s:e], q_img[s:e], q_var[s:e]) for s, e in blocks], hash=False)
         futures = client.map(_run_block, [index_future] * len(blocks), payload,
                              [cfg] * len(blocks), pure=False)
         parts = client.gather(futures)
@@ -473,7 +473,8 @@ def sharded_directed_neighbours(codes: np.ndarray, use: np.ndarray, idx_use: np.
     rows = int(block_rows or np.clip(-(-n_img // (8 * n_threads)), 20_000, 200_000))
     parts = hash_partitions(codes, use, idx_use, rows)
     if client is not None:
-        parts = client.scatter(parts)
+        parts = client.scatter(parts, hash=False)  # fresh keys: a same-data scatter right after
+        # the last search released its futures would share their keys and be cancelled with them
     return sharded_neighbours(parts, cfg, client=client)
 
 
