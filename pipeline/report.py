@@ -24,6 +24,7 @@ tier only sees pairs the one before could not settle, so a later tier's pair is 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ from pipeline.results import RULE_CODES, derive_rule, keeper_ids, normalize_imag
 log = logging.getLogger("pipeline")
 STATIC = ("app.js", "style.css")
 THUMB_INDEX = "thumbs.json"  # image_id -> "sha256:thumb_size" of each thumbnail made
+DRAW_INDEX = "drawings.json"  # drawing name -> "sha256_a:sha256_b:settings" of each pair drawn
 DRAW_HEIGHT = 320  # each image's height in a pair drawing (pixels)
 INLIER, OUTLIER = (40, 200, 70), (235, 60, 50)
 
@@ -143,12 +145,21 @@ def draw_pair(abs_a: str, abs_b: str, cfg: Config, dest: Path, height: int = DRA
     return {"matches": ev["matches"], "inliers": ev["inliers"], "mirrored": ev["mirrored"]}
 
 
-def _thumb_index(report_dir: Path) -> dict[str, str]:
-    """image_id -> "sha256:size" of the thumbnails an earlier report made (reused on a rebuild)."""
+def _made_index(report_dir: Path, name: str = THUMB_INDEX) -> dict[str, str]:
+    """What an earlier report made (THUMB_INDEX: image_id -> "sha256:size"; DRAW_INDEX: drawing ->
+    "sha_a:sha_b:settings"), reused when the same bytes and settings come again."""
     try:
-        return json.loads((report_dir / THUMB_INDEX).read_text(encoding="utf-8"))
+        return json.loads((report_dir / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+
+
+def _draw_settings(cfg: Config) -> str:
+    """What a drawing depends on besides the two images' bytes: the verify tier's settings."""
+    import hashlib
+    return hashlib.sha256(json.dumps([dataclasses.asdict(cfg.verify), cfg.screen.max_pixels,
+                                      cfg.screen.max_decode_bytes, DRAW_HEIGHT], sort_keys=True,
+                                     default=str).encode()).hexdigest()[:12]
 
 
 def _reuse(old: Path, new: Path) -> bool:
@@ -260,12 +271,15 @@ def _draw_list(data: dict, rcfg: ReportConfig) -> list[int]:
 
 
 def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict,
-                 cfg: Config | None = None) -> Path:
+                 cfg: Config | None = None, reuse_from: str | Path | None = None) -> Path:
     """Write OUT/report/ and OUT/report.html; returns the index page's path.
 
     `images`/`pairs`: the run's frames (in memory or as read from the Parquet files: abs paths
-    are rebuilt from the manifest's root when missing); `cfg` defaults to run.json's config."""
+    are rebuilt from the manifest's root when missing); `cfg` defaults to run.json's config.
+    `reuse_from`: an earlier report folder (default: out_dir/report, a rebuild in place) whose
+    thumbnails and drawings of the same bytes and settings are linked instead of made again."""
     out_dir = Path(out_dir)
+    earlier = Path(reuse_from) if reuse_from is not None else out_dir / "report"
     if cfg is None:
         cfg, rcfg = _report_config(manifest)
     else:
@@ -287,7 +301,7 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
     try:
         workers = os.cpu_count() or 1  # Pillow and OpenCV release the GIL while decoding/matching
         with ThreadPoolExecutor(workers) as pool:
-            previous = _thumb_index(out_dir / "report")
+            previous = _made_index(earlier)
             made: dict[str, str] = {}
             jobs = []
             for row in data["images"]:
@@ -295,28 +309,36 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
                 dest = tmp / "thumbs" / f"{row[0]}.jpg"
                 if row[7] is not None:
                     jobs.append(None)
-                elif previous.get(row[0]) == key and _reuse(out_dir / "report" / "thumbs" / dest.name, dest):
+                elif previous.get(row[0]) == key and _reuse(earlier / "thumbs" / dest.name, dest):
                     jobs.append(True)
                 else:
                     jobs.append(pool.submit(make_thumb, abs_of[row[0]], dest, rcfg.thumb_size))
                 made[row[0]] = key
             drawn = _draw_list(data, rcfg)
-            draws = {}
+            drawn_before, settings = _made_index(earlier, DRAW_INDEX), _draw_settings(cfg)
+            draws, drew = {}, {}
             for i in drawn:
                 a, b = data["images"][data["pairs"][i][0]], data["images"][data["pairs"][i][1]]
                 name = f"{a[0]}-{b[0]}.jpg"
-                draws[i] = (name, pool.submit(draw_pair, abs_of[a[0]], abs_of[b[0]], cfg, tmp / "pairs" / name))
+                drew[name] = f"{sha_of.get(a[0])}:{sha_of.get(b[0])}:{settings}"
+                if drawn_before.get(name) == drew[name] and _reuse(earlier / "pairs" / name, tmp / "pairs" / name):
+                    draws[i] = (name, True)
+                else:
+                    draws[i] = (name, pool.submit(draw_pair, abs_of[a[0]], abs_of[b[0]], cfg, tmp / "pairs" / name))
             for row, job in zip(data["images"], jobs):
                 ok = job if isinstance(job, bool) or job is None else job.result()
                 row.append(bool(ok))  # [8]: has a thumbnail
                 if not ok:
                     made.pop(row[0], None)
             for i, (name, job) in draws.items():
-                if job.result() is not None:
+                if job is True or job.result() is not None:
                     data["pairs"][i][11] = name
+                else:
+                    drew.pop(name, None)
         data["meta"]["generated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         (tmp / "data.js").write_text(f"window.DEDUPE_REPORT = {script_json(data)};\n", encoding="utf-8")
         (tmp / THUMB_INDEX).write_text(json.dumps(made), encoding="utf-8")
+        (tmp / DRAW_INDEX).write_text(json.dumps(drew), encoding="utf-8")
         for name in STATIC:
             (tmp / name).write_bytes(_static(name))
         env = _env()

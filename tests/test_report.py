@@ -196,3 +196,25 @@ def test_a_rebuild_reuses_the_thumbnails_of_unchanged_files(review_run, tmp_path
 def main_report(out, *overrides):
     from pipeline.cli import main
     return main(["report", str(out), *[a for o in overrides for a in ("--set", o)]])
+
+
+def test_a_new_run_reuses_the_last_reports_thumbnails_and_drawings(review_run, tmp_path):
+    """Each run writes its report into a new generation folder: thumbnails and match drawings of
+    unchanged bytes (and, for drawings, unchanged verify settings) come from the last report."""
+    run = load_run(review_run)
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    for d in (first, second, third):
+        d.mkdir()
+    write_report(first, run.images, run.pairs, run.manifest)
+    thumb = sorted((first / "report" / "thumbs").iterdir())[0]
+    drawing = sorted((first / "report" / "pairs").iterdir())[0]
+    for f in (thumb, drawing):  # a file made again would not end like this
+        f.write_bytes(f.read_bytes() + b"reused")
+    write_report(second, run.images, run.pairs, run.manifest, reuse_from=first / "report")
+    assert (second / "report" / "thumbs" / thumb.name).read_bytes().endswith(b"reused")
+    assert (second / "report" / "pairs" / drawing.name).read_bytes().endswith(b"reused")
+    assert read_data(second / "report")["pairs"] == read_data(first / "report")["pairs"]
+    cfg = load_config(None, ["verify.ratio=0.7"])  # drawings depend on the verify settings
+    write_report(third, run.images, run.pairs, run.manifest, cfg=cfg, reuse_from=first / "report")
+    assert (third / "report" / "thumbs" / thumb.name).read_bytes().endswith(b"reused")
+    assert not (third / "report" / "pairs" / drawing.name).read_bytes().endswith(b"reused")
