@@ -6,11 +6,12 @@ Layout (everything relative, so the folder opens from disk, `file://`, with no n
     OUT/report/index.html           summary (rendered here, jinja2 autoescape) + the app
     OUT/report/data.js              `window.DEDUPE_REPORT = {...}`: every cluster, pair, error
     OUT/report/app.js, style.css    the app (plain JS): pages, search, filters, pair view
-    OUT/report/thumbs/<image_id>.jpg    one per image shown, made once (a rebuild reuses those of
-                                        unchanged files: thumbs.json records each one's sha256)
+    OUT/report/thumbs/<image_id>.jpg    one per image shown, made once (a rebuild, and the next
+                                        run's report, link those of unchanged files: thumbs.json
+                                        records each one's sha256)
     OUT/report/pairs/<id_a>-<id_b>.jpg  ORB matches drawn for the first `report.draw_pairs`
                                         duplicate pairs in page order and the `report.draw_rejected`
-                                        closest rejected pairs
+                                        closest rejected pairs (reused likewise: drawings.json)
 
 The data is a script that sets a global rather than JSON read with fetch(): browsers refuse
 fetch() on file:// pages. It is JSON with `<`, `>`, `&` and the two JavaScript line separators
