@@ -633,25 +633,21 @@ def gather_embeddings(part_of: pd.Series, key_of_row: pd.Series, out_dir: str | 
     `out_dir` keyed idx * 8, sorted and split as a run from scratch writes them, so the kNN sees the
     same vectors in the same order (and finds the same neighbours). Holds the wanted embeddings
     (~5 kB per image with the default model) while it writes. Returns key, part_path, error."""
-    wanted = pd.DataFrame({"idx": key_of_row.index.to_numpy(np.int64), "ckey": key_of_row.to_numpy(np.int64)})
-    wanted["part"] = part_of.reindex(wanted["ckey"].to_numpy()).to_numpy(dtype=object)
-    frames = []
-    for part, group in wanted.groupby("part", sort=True):
-        table = pq.read_table(part, columns=["key", "embedding", "error"]).to_pandas().set_index("key")
-        rows = table.reindex(group["ckey"].to_numpy())
-        frames.append(pd.DataFrame({"key": group["idx"].to_numpy(np.int64) * 8,
-                                    "embedding": rows["embedding"].to_numpy(dtype=object),
-                                    "error": rows["error"].to_numpy(dtype=object)}))
-    missing = wanted["part"].isna().to_numpy()
-    if missing.any():  # not embedded (cannot happen after the screen-embed step; kept explicit)
-        frames.append(pd.DataFrame({"key": wanted["idx"].to_numpy(np.int64)[missing] * 8,
-                                    "embedding": pd.Series([None] * int(missing.sum()), dtype=object),
-                                    "error": "no embedding in the catalog"}))
-    if not frames:
+    ckeys = key_of_row.to_numpy(np.int64)
+    if not len(ckeys):
         return pd.DataFrame({"key": np.zeros(0, np.int64), "part_path": pd.Series(dtype=object),
                              "error": pd.Series(dtype=object)})
-    frame = pd.concat(frames, ignore_index=True).sort_values("key", kind="stable").reset_index(drop=True)
-    frame["error"] = frame["error"].astype(object).where(frame["error"].notna(), None)
+    parts = part_of.reindex(ckeys)
+    found = store.read_rows(list(pd.unique(parts.dropna())), ckeys[parts.notna().to_numpy()]) \
+        if parts.notna().any() else pd.DataFrame(columns=["embedding", "error"])
+    rows = found[~found.index.duplicated()].reindex(ckeys)  # (a content in two parts: either copy)
+    # a key with no part cannot happen after the screen-embed step; kept explicit
+    error = rows["error"].where(parts.notna().to_numpy(), "no embedding in the catalog")
+    frame = pd.DataFrame({"key": key_of_row.index.to_numpy(np.int64) * 8,
+                          "embedding": rows["embedding"].to_numpy(dtype=object),
+                          "error": error.to_numpy(dtype=object)}).sort_values("key", kind="stable").reset_index(drop=True)
+    for col in ("embedding", "error"):
+        frame[col] = frame[col].astype(object).where(frame[col].notna(), None)
     out = []
     for n, start in enumerate(range(0, len(frame), partition_size)):
         chunk = frame.iloc[start:start + partition_size].reset_index(drop=True)
