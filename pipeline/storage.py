@@ -278,11 +278,12 @@ def _holder(fs, lock: str) -> str:
 
 
 @contextlib.contextmanager
-def locked(out: str) -> Iterator[None]:
+def locked(out: str, name: str = LOCK_NAME, what: str = "output location", option: str = "--out") -> Iterator[None]:
     """OUT's run lock on a store: the object OUT/.dedupe.lock, created exclusively, removed at the
-    end. ConfigError naming the holder when it exists (or saying what to fix when it cannot be made)."""
+    end. ConfigError naming the holder when it exists (or saying what to fix when it cannot be made).
+    (`name`, `what`, `option`: the same lock for another prefix, e.g. the catalog.)"""
     fs, root = filesystem(out)
-    lock = f"{root}/{LOCK_NAME}"
+    lock = f"{root}/{name}"
     info = {"pid": os.getpid(), "host": socket.gethostname(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(sys.argv)[:500]}
@@ -292,16 +293,16 @@ def locked(out: str) -> Iterator[None]:
                 fh.write(json.dumps(info).encode("utf-8"))
         except (ValueError, NotImplementedError):  # a backend without exclusive create
             log.warning("%s cannot create objects exclusively: two runs started at the same moment "
-                        "could both take OUT's lock", fs.protocol)
+                        "could both take the lock of %s", fs.protocol, out)
             if fs.exists(lock):
                 raise FileExistsError(lock) from None
             fs.pipe_file(lock, json.dumps(info).encode("utf-8"))
     except FileExistsError:
-        raise ConfigError(f"the output location {out!r} is in use by {_holder(fs, lock)}: wait for that run to "
-                          f"finish, or choose another --out (if that run was killed, delete "
+        raise ConfigError(f"the {what} {out!r} is in use by {_holder(fs, lock)}: wait for that run to "
+                          f"finish, or choose another {option} (if that run was killed, delete "
                           f"{_url(fs, lock)} and run again)") from None
     except Exception as exc:
-        raise _access_error(out, exc, "cannot write in the output location", "--out") from None
+        raise _access_error(out, exc, f"cannot write in the {what}", option) from None
     try:
         yield
     finally:
