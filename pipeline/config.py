@@ -202,7 +202,7 @@ class ReportConfig:
 
 @dataclass
 class StorageConfig:
-    # keyword arguments of the fsspec filesystem for DATA, OUT and work_dir URLs (s3://, gs://,
+    # keyword arguments of the fsspec filesystem for DATA, OUT, work_dir and catalog URLs (s3://, gs://,
     # az://, ...), e.g. {endpoint_url: "http://minio:9000"} for an S3-compatible server; the same
     # options go to every Dask worker (pipeline/storage.py). Credentials: prefer the backend's
     # environment variables; secret-looking keys are masked in run.json.
@@ -214,7 +214,7 @@ class Config:
     tiers: Literal["screen", "verify", "confirm"] = "confirm"  # last tier to run
     work_dir: str = ""  # features of a run without catalog; "" = OUT/_work-<pid> (removed when the run ends)
     # The persistent catalog that makes re-runs incremental (pipeline/catalog.py): "" = OUT/catalog,
-    # "none" = no catalog (every run starts from nothing), else a folder.
+    # "none" = no catalog (every run starts from nothing), else a folder or a store URL (s3://...).
     catalog: str = ""
     scan: ScanConfig = field(default_factory=ScanConfig)
     screen: ScreenConfig = field(default_factory=ScreenConfig)
