@@ -324,11 +324,15 @@ class Catalog:
             text = cat.files.read(MANIFEST)
         except FileNotFoundError:
             return cat
-        except Exception as exc:  # an unreachable store, no access: say what to fix
-            if cat.files.remote:
+        except Exception as exc:
+            if cat.files.remote:  # an unreachable store, no access: say what to fix
                 raise storage._access_error(str(cat.directory), exc, "cannot read the catalog", "--catalog") from None
-            raise
+            if not isinstance(exc, OSError):
+                raise
+            text = exc  # e.g. a folder named manifest.json: reported below as unreadable
         try:
+            if isinstance(text, OSError):
+                raise text
             manifest = json.loads(text.decode("utf-8"))
             if manifest.get("format") != FORMAT:
                 raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT}")
@@ -616,7 +620,7 @@ def known_records(cat: Catalog | None, fps: dict, root: str, reuse: dict) -> dic
     screen settings (then the file is screened again)."""
     if cat is None:
         return None
-    if cat.root is not None and cat.root != root:
+    if cat.root is not None and _root_key(cat.root) != _root_key(root):
         reuse["not_reused"] = f"the catalog was made for another folder ({cat.root})"
         return {}
     recs = cat.images.astype(object).where(cat.images.notna(), None)
@@ -624,6 +628,11 @@ def known_records(cat: Catalog | None, fps: dict, root: str, reuse: dict) -> dic
     for r in out.values():  # made with other screen settings (or code): to be screened again
         r["stale"] = r["screen_fp"] != fps["screen"]
     return out
+
+
+def _root_key(root: str) -> str:
+    """A URL with or without its trailing "/" names the same prefix."""
+    return root.rstrip("/") if storage.is_url(root) else root
 
 
 def previous_lists(cat: Catalog | None, images: pd.DataFrame, representative: np.ndarray, fps: dict,

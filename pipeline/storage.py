@@ -1,5 +1,5 @@
-"""Images and outputs on object storage (S3, GCS, Azure, ...): any fsspec URL for DATA, OUT and
-work_dir.
+"""Images, outputs and the catalog on object storage (S3, GCS, Azure, ...): any fsspec URL for
+DATA, OUT, work_dir and the catalog (the catalog's own layout and commit: pipeline/catalog.py).
 
 Local paths (and `file://` URLs, turned into paths by `local_form`) never come here: they keep the
 local code (pipeline/paths.py, pipeline/outdir.py). For a URL:
@@ -21,7 +21,8 @@ local code (pipeline/paths.py, pipeline/outdir.py). For a URL:
   sha256 list in `run.json`). The previous generation is kept, older ones are removed.
 * **Lock.** `locked` creates `OUT/.dedupe.lock` with an exclusive create (S3 `If-None-Match: *`);
   a second run finds it and stops naming the holder. A run killed outright (kill -9, a lost host)
-  leaves the object behind: the next run stops and says which object to delete.
+  leaves the object behind: the next run stops and says which object to delete. A catalog on a
+  store is locked the same way (`CATALOG/.catalog.lock`).
 """
 from __future__ import annotations
 
