@@ -329,10 +329,9 @@ class Catalog:
                 raise storage._access_error(str(cat.directory), exc, "cannot read the catalog", "--catalog") from None
             if not isinstance(exc, OSError):
                 raise
-            text = exc  # e.g. a folder named manifest.json: reported below as unreadable
+            cat._problem(f"{cat.files.full(MANIFEST)}: unreadable manifest ({exc}); the catalog is rebuilt from scratch")
+            return cat
         try:
-            if isinstance(text, OSError):
-                raise text
             manifest = json.loads(text.decode("utf-8"))
             if manifest.get("format") != FORMAT:
                 raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT}")
@@ -368,7 +367,7 @@ class Catalog:
 
     def _checked_bytes(self, rel: str, entry: dict | None = None) -> bytes | None:
         """The bytes of `rel` when they are what the manifest names (size and sha256), else None
-        (reported once as a problem)."""
+        (reported as a problem)."""
         entry = entry or self.manifest.get("parts", {}).get(rel)
         data = None
         if entry is None:
@@ -377,8 +376,7 @@ class Catalog:
             self._problem(f"{rel}: missing; its records are recomputed")
         else:
             if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                if rel not in self._checked:
-                    self._problem(f"{rel}: checksum mismatch (corrupt); its records are recomputed")
+                self._problem(f"{rel}: checksum mismatch (corrupt); its records are recomputed")
                 data = None
         self._checked[rel] = data is not None
         if data is None:

@@ -331,6 +331,31 @@ def remove_stale_work(out: str, keep: str | None = None) -> list[str]:
     return removed
 
 
+REUSED = ("report/thumbs.json", "report/drawings.json", "report/thumbs/", "report/pairs/")
+
+
+@contextlib.contextmanager
+def last_generation(out: str) -> Iterator[Path | None]:
+    """A local copy of what a run reuses from OUT's current generation on the store: its report's
+    thumbnails and drawings with their indexes (REUSED), in a temporary folder removed on exit;
+    None when there is none or the copy fails (then everything is made again). A small GET per
+    thumbnail instead of a GET of each shown image (and a decode, and ORB for each drawing)."""
+    fs, root = filesystem(out)
+    with tempfile.TemporaryDirectory(prefix="dedupe-last-") as tmp:
+        try:
+            gen = f"{root}/{STATE_DIR}/{fs.cat_file(f'{root}/{STATE_DIR}/current').decode('utf-8').strip()}"
+            fs.invalidate_cache(f"{gen}/report")
+            wanted = [p for p in fs.find(f"{gen}/report") if p[len(gen) + 1:].startswith(REUSED)]
+            if wanted:  # one batch call (concurrent requests)
+                fs.get(wanted, [str(Path(tmp, p[len(gen) + 1:])) for p in wanted])
+        except Exception as exc:  # no generation yet, or a failed copy (never a partial file reused)
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("the last report's thumbnails could not be copied (%s); they are made again", exc)
+            yield None
+            return
+        yield Path(tmp)
+
+
 def publish(out: str, run_id: str, write) -> str:
     """`write(folder)` fills a local temporary folder; its files become OUT's outputs on the store
     (see the module docstring for the order and what a reader sees). Returns the generation URL."""
@@ -343,9 +368,11 @@ def publish(out: str, run_id: str, write) -> str:
         write(folder)
         names = sorted((p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
                        key=lambda n: (n == "run.json", n))  # run.json last
-        try:
-            for name in names:
-                fs.put_file(str(folder / name), f"{gen}/{name}")
+        try:  # many small report files: one batch call (concurrent requests), run.json after it
+            head = names[:-1] if names and names[-1] == "run.json" else names
+            for batch in (head, names[len(head):]):
+                if batch:
+                    fs.put([str(folder / n) for n in batch], [f"{gen}/{n}" for n in batch])
         except BaseException:
             with contextlib.suppress(Exception):
                 fs.rm(gen, recursive=True)
@@ -356,14 +383,15 @@ def publish(out: str, run_id: str, write) -> str:
     except FileNotFoundError:
         previous = None
     fs.pipe_file(pointer, gen_name.encode("utf-8"))  # the commit point
-    for name in names:
-        fs.copy(f"{gen}/{name}", f"{root}/{name}")
+    for batch in (head, names[len(head):]):  # server-side copies, batched; run.json last
+        if batch:
+            fs.copy([f"{gen}/{n}" for n in batch], [f"{root}/{n}" for n in batch])
     # report pages of an older run that this one does not have
     published = set(names)
     with contextlib.suppress(FileNotFoundError):
-        for path in fs.find(f"{root}/report"):
-            if path[len(root) + 1:] not in published:
-                fs.rm_file(path)
+        stale = [path for path in fs.find(f"{root}/report") if path[len(root) + 1:] not in published]
+        if stale:
+            fs.rm(stale)
     with contextlib.suppress(FileNotFoundError):
         for path in fs.ls(f"{root}/{STATE_DIR}", detail=False, refresh=True):
             name = path.rstrip("/").rsplit("/", 1)[-1]

@@ -657,14 +657,11 @@ def test_query_against_a_catalog_in_the_bucket(s3, bucket, dataset, tmp_path, mo
 
 def test_a_rerun_reads_only_new_and_rewritten_objects(s3, bucket, dataset, tmp_path, monkeypatch):
     """The server's own request log: the re-run GETs the new object and the rewritten one, and
-    no other image (an object without an image extension may be sniffed, 32 bytes, when listed).
-    The report is left out here: its thumbnails are made from the clustered images' bytes, a GET
-    each on every run (the reuse of the last report's thumbnails works on local OUT only)."""
-    from pipeline import write
+    no other image (an object without an image extension may be sniffed, 32 bytes, when listed):
+    not the screen, and not the report either, which copies the last report's thumbnails of
+    unchanged bytes instead of making them again from the images."""
     _, env, log_path = s3
     _aws_env(monkeypatch, env)
-    real = write.write_outputs
-    monkeypatch.setattr(write, "write_outputs", lambda *a, **k: real(*a, **{**k, "report": False}))
     client, fs = _s3_client(env), _fs(env)
     prefix = "reread/data"
     _upload(client, dataset, prefix)
@@ -675,14 +672,16 @@ def test_a_rerun_reads_only_new_and_rewritten_objects(s3, bucket, dataset, tmp_p
     first = _object_gets(log_path, since, prefix)
     files = _run_json(fs, out)["counts"]["files"]
     assert len(set(first) - {"edits/notes.txt"}) == files  # the first run reads every image
-    p4 = next((dataset / "originals").glob("p4.*")).name
-    fs.pipe_file(f"{BUCKET}/{prefix}/new/p4_again.jpg", (dataset / "originals" / p4).read_bytes())
+    # a byte copy of an image already shown in the report (its thumbnail is reused), and a rewrite
+    p0 = next((dataset / "originals").glob("p0.*")).name
+    fs.pipe_file(f"{BUCKET}/{prefix}/new/p0_again.jpg", (dataset / "originals" / p0).read_bytes())
     rewritten = next((dataset / "edits").glob("p8_rotate_8.*")).name
     fs.pipe_file(f"{BUCKET}/{prefix}/edits/{rewritten}", (dataset / "edits" / rewritten).read_bytes() + b"\0")
     since = _log_lines(log_path)
     assert _dedupe(f"{data}/", *args) == 0  # the same prefix, with its trailing "/"
-    assert set(_object_gets(log_path, since, prefix)) - {"edits/notes.txt"} == {"new/p4_again.jpg",
+    assert set(_object_gets(log_path, since, prefix)) - {"edits/notes.txt"} == {"new/p0_again.jpg",
                                                                                 f"edits/{rewritten}"}
+    assert fs.find(f"{BUCKET}/reread/out/report/thumbs")  # the report still shows every cluster
     reuse = _run_json(fs, out)["reuse"]["screen"]
     assert reuse["screened"] == 2 and reuse["reused"] == files - 1
     assert reuse["why_screened"] == {"new": 1, "changed_size_or_mtime": 1}
