@@ -716,7 +716,7 @@ def iter_embeddings(part_paths) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     with an embedding only (failed images are skipped), in the order of `part_paths`."""
     import pyarrow.parquet as pq
     for path in dict.fromkeys(p for p in part_paths if isinstance(p, str) and p):
-        table = pq.read_table(path, columns=["key", "embedding"])
+        table = pq.read_table(_parquet_source(path), columns=["key", "embedding"])
         keys = table.column("key").to_numpy().astype(np.int64)
         blobs = table.column("embedding").to_pylist()
         ok = [i for i, b in enumerate(blobs) if b is not None and keys[i] % 8 == 0]
@@ -726,9 +726,16 @@ def iter_embeddings(part_paths) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         yield keys[ok] // 8, np.ascontiguousarray(vecs, dtype=np.float32)
 
 
+def _parquet_source(path: str):
+    """A feature part for pyarrow: a local path, or a store URL's bytes read through fsspec with
+    the run's storage.options (pyarrow's own S3 client would not see them)."""
+    from pipeline import storage
+    return storage.open_input(path) if storage.is_url(path) else path
+
+
 def _count_rows(part_paths) -> int:
     import pyarrow.parquet as pq
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in dict.fromkeys(part_paths))
+    return sum(pq.ParquetFile(_parquet_source(p)).metadata.num_rows for p in dict.fromkeys(part_paths))
 
 
 def _ivf_nlist(n: int) -> int:

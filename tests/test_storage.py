@@ -688,3 +688,22 @@ def test_a_rerun_reads_only_new_and_rewritten_objects(s3, bucket, dataset, tmp_p
     assert _dedupe(data, "--out", str(tmp_path / "scratch"), "--tiers", "screen", "--scheduler", "sync",
                    "--quiet", "--no-catalog") == 0
     _assert_same_outputs(_read_outputs(out, env), _read_outputs(tmp_path / "scratch", env))
+
+
+@pytest.mark.slow
+def test_high_recall_mode_with_the_catalog_in_the_bucket_equals_a_run_from_scratch(s3, bucket, tmp_path, monkeypatch):
+    """screen.mode hash+embedding: the screen embeddings are catalog features in the bucket and
+    the kNN reads them back from there (storage.options reach that read too)."""
+    _, env, _ = s3
+    _aws_env(monkeypatch, env)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint from storage.options only
+    fs = _fs(env)
+    out = f"s3://{BUCKET}/high-recall/out"
+    args = ["--preset", "high-recall", "--scheduler", "sync", "--quiet",
+            "--set", f"storage.options={{endpoint_url: '{env['AWS_ENDPOINT_URL']}'}}"]
+    assert _dedupe(bucket, "--out", out, *args) == 0
+    assert _dedupe(bucket, "--out", out, *args) == 0  # nothing changed: every embedding from the catalog
+    reuse = _run_json(fs, out)["reuse"]
+    assert reuse["screen_embed"]["embeddings_computed"] == 0 and reuse["screen_embed"]["embeddings_reused"] > 0
+    assert _dedupe(bucket, "--out", str(tmp_path / "scratch"), "--no-catalog", *args) == 0
+    _assert_same_outputs(_read_outputs(out, env), _read_outputs(tmp_path / "scratch", env))
