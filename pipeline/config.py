@@ -195,7 +195,7 @@ class ReportConfig:
     prefer: list[str] = field(default_factory=list)  # keep=preferred_folder: path prefixes, best first
     page_size: int = 20  # clusters per page
     thumb_size: int = 160  # thumbnail longer side (pixels)
-    draw_pairs: int = 200  # duplicate pairs drawn with their ORB matches (the first, in page order)
+    draw_pairs: int = 200  # duplicate pairs drawn with their ORB matches (one per cluster in page order first)
     draw_rejected: int = 50  # ... and the closest rejected pairs drawn
     rejected_pairs: int = 500  # closest rejected pairs listed
 

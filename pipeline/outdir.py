@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import sys
 import uuid
 from datetime import datetime, timezone
@@ -100,10 +101,15 @@ def remove_stale_work(out: Path, keep: Path | None = None) -> list[str]:
 
 
 def _fsync_tree(folder: Path) -> None:
+    """fsync every file and folder the new generation wrote. A file with more than one link is an
+    earlier generation's report thumbnail or drawing linked in (report.write_report's reuse): its
+    data was made durable when that generation was published and the new link is a directory entry,
+    covered by the folder's fsync. (At 10k images, fsyncing ~9k such links took ~9 s a run.)"""
     for path in [*folder.rglob("*"), folder]:
-        if path.is_symlink():
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
             continue
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if stat.S_ISDIR(st.st_mode) else 0))
         try:
             os.fsync(fd)
         finally:
