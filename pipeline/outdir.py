@@ -100,11 +100,32 @@ def remove_stale_work(out: Path, keep: Path | None = None) -> list[str]:
     return removed
 
 
+def _syncfs(folder: Path) -> bool:
+    """Flush every dirty file of the filesystem holding `folder` with one syncfs(2) call (Linux);
+    False where it is missing or fails (the caller then fsyncs file by file)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return False
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return syncfs(fd) == 0  # Linux >= 5.8 also reports writeback errors here
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(folder: Path) -> None:
-    """fsync every file and folder the new generation wrote. A file with more than one link is an
-    earlier generation's report thumbnail or drawing linked in (report.write_report's reuse): its
-    data was made durable when that generation was published and the new link is a directory entry,
-    covered by the folder's fsync. (At 10k images, fsyncing ~9k such links took ~9 s a run.)"""
+    """Make what the new generation wrote durable before the commit. One syncfs(2) where there is
+    one: fsyncing ~9k report thumbnails one by one took ~11 s at 10k images (~1.2 ms each, a
+    journal commit per call), syncfs ~0.1 s. Else every file and folder is fsynced, except a file
+    with more than one link: an earlier generation's thumbnail or drawing linked in (report reuse),
+    durable since that generation's publish (its new link is a directory entry, covered by the
+    folder's fsync)."""
+    if _syncfs(folder):
+        return
     for path in [*folder.rglob("*"), folder]:
         st = path.lstat()
         if stat.S_ISLNK(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
