@@ -35,16 +35,11 @@ def test_images_table_types(tmp_path):
 
 
 def test_publish_fsyncs_what_the_generation_wrote_not_the_links_it_reused(tmp_path, monkeypatch):
-    """Where syncfs(2) is missing, a generation's new files and folders are fsynced one by one
-    before the commit; a file hard-linked from an earlier generation (a reused report thumbnail) was
-    made durable when that one was published."""
+    """A generation's new files and folders are fsynced before the commit; a file hard-linked from
+    an earlier generation (a reused report thumbnail) was made durable when that one was published."""
     import os
-    import sys
 
     from pipeline import outdir
-    if sys.platform.startswith("linux"):
-        assert outdir._syncfs(tmp_path)  # the one-call flush publish uses on Linux
-    monkeypatch.setattr(outdir, "_syncfs", lambda folder: False)
     earlier = tmp_path / "earlier.jpg"
     earlier.write_bytes(b"thumb")
     synced = []
