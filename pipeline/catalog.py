@@ -214,7 +214,7 @@ _ORB_MATCH_ONLY = {"ratio", "min_keypoints", "ransac_threshold", "model", "ransa
 _NO_EFFECT = {"opencv_threads", "max_open_partitions", "download", "batch_size", "threads"}
 _SCREEN_SEARCH = {"max_distance", "max_candidates", "backend", "exact_group_pairs", "mode", "embedding_k",
                   "embedding_min_cosine", "embedding_index", "embedding_exact_max", "embedding_nprobe",
-                  "dihedral_max_distance"}
+                  "embedding_shard_size", "dihedral_max_distance", "search_sharding", "search_shard_size"}
 
 
 # the code and libraries that make each kind of result: a new version of either invalidates it

@@ -449,7 +449,7 @@ def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] 
     near = candidates.pairs_from_neighbours(directed, codes, mask, cfg.screen, representative.to_numpy())
     if emb_parts is not None:
         t = time.perf_counter()
-        emb = candidates.embedding_pairs(emb_parts, cfg.screen)
+        emb = candidates.embedding_pairs(emb_parts, cfg.screen, client=client)
         if timings is not None:
             timings["embedding_knn"] = time.perf_counter() - t
         near = candidates.union_pairs(near, emb, codes, mask, cfg.screen,
