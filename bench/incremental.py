@@ -168,7 +168,7 @@ def main() -> None:
             link_tree(source, data)  # back to the first run's state (hard links: same mtimes)
             n_add, n_remove = change(data, seed=r, add_frac=0.01, remove_frac=0.005)
             out = tmp / f"out-{r}"
-            shutil.copytree(tmp / "out-first", out)
+            shutil.copytree(tmp / "out-first", out, symlinks=True)  # OUT's layout as the job left it
             w_inc, m_inc = cli("dedupe", str(data), "--out", str(out))
             w_scr, m_scr = cli("dedupe", str(data), "--out", str(tmp / f"scratch-{r}"), "--no-catalog")
             same_outputs(out, tmp / f"scratch-{r}")

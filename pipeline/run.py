@@ -818,7 +818,7 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
         manifest["timings_s"]["catalog"] = round(time.perf_counter() - t, 3)
     with progress.stage("write", total=len(images) + len(pairs_out), unit="row") as tracker, \
             (storage.last_generation(out) if storage.is_url(out)  # its report's thumbnails are reused
-             else contextlib.nullcontext(outdir.current_generation(out))) as last:
+             else contextlib.nullcontext(out)) as last:  # (OUT/report: a link to the current one, or a copy's folder)
         (storage.publish if storage.is_url(out) else outdir.publish)(
             out, run_id, lambda folder: write.write_outputs(folder, images, pairs_out, manifest,
                                                             previous_report=last / "report" if last else None))

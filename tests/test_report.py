@@ -233,3 +233,21 @@ def test_drawings_go_one_per_cluster_first():
     assert _draw_list(data, ReportConfig(draw_pairs=2, draw_rejected=1)) == [0, 4, 9]
     assert _draw_list(data, ReportConfig(draw_pairs=100, draw_rejected=0)) == [0, 4, 5, 1, 2]
     assert _draw_list(data, ReportConfig(draw_pairs=0, draw_rejected=0)) == []
+
+
+def test_a_run_into_a_copied_out_reuses_its_report(review_data, tmp_path):
+    """OUT copied with its links followed (cp -r, shutil.copytree) holds a plain report/ folder:
+    a run into the copy still reuses its thumbnails (the screen-only tiers keep this quick)."""
+    from pipeline.cli import main
+    first = tmp_path / "first"
+    assert main(["dedupe", str(review_data), "--out", str(first), "--tiers", "screen", "--scheduler", "sync",
+                 "--quiet", "--no-catalog"]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    assert not (copy / "report").is_symlink() and (copy / "report" / "thumbs").is_dir()
+    marked = sorted((copy / "report" / "thumbs").iterdir())[0]
+    marked.write_bytes(marked.read_bytes() + b"reused")  # a made thumbnail would not end like this
+    assert main(["dedupe", str(review_data), "--out", str(copy), "--tiers", "screen", "--scheduler", "sync",
+                 "--quiet", "--no-catalog"]) == 0
+    assert (copy / "report").is_symlink()  # the copy now has the usual layout again
+    assert (copy / "report" / "thumbs" / marked.name).read_bytes().endswith(b"reused")
