@@ -4,7 +4,6 @@ in eight formats must end up in one cluster."""
 from __future__ import annotations
 
 import io
-import shutil
 import struct
 
 import cv2
