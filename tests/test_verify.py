@@ -367,3 +367,52 @@ def test_known_sizes_save_the_second_open_and_change_nothing(small_set, tmp_path
     b = pd.read_parquet(known["part_path"].iloc[0])
     pd.testing.assert_frame_equal(a, b)
     assert (a["n_keypoints"] > 0).sum() >= len(paths) - 1
+
+
+def test_pair_tasks_read_thumbnails_only_for_the_pixel_check(few_photos, tmp_path):
+    """verify_partition leaves the 16 KiB thumbnails out of its read and fetches them only for
+    the pairs the pixel check decides; the numbers equal the per-pair path on full rows."""
+    from bench.pixel_check import _palette, edit as gedit, graphic
+    from pipeline import store
+
+    rng = np.random.default_rng(3)
+    logo = graphic("logo", _palette(rng), 7, "ACME")
+    paths = [str(p) for p in few_photos[:2]]
+    for name, img in (("crop.png", edit(Image.open(few_photos[0]).convert("RGB"), "crop70")),
+                      ("logo.png", logo), ("logo_copy.jpg", gedit(logo, "jpeg")),
+                      ("other_logo.png", graphic("logo", _palette(rng), 7, "ZETA"))):
+        img.save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    cfg = Config()
+    assert cfg.verify.pixel_check
+    rows = pd.DataFrame({"key": verify.feature_key(np.arange(len(paths)), 0), "abs_path": paths,
+                         "transform": np.zeros(len(paths), np.int8)})
+    part = verify.features_partition(rows, cfg, str(tmp_path / "feat"), 0)["part_path"].iloc[0]
+    # photo pairs (keypoints decide) and logo pairs (flat: the pixel check decides)
+    ia, ib = np.array([0, 0, 3, 3]), np.array([2, 1, 4, 5])
+    job = pd.DataFrame({"key_a": verify.feature_key(ia, 0), "key_b": verify.feature_key(ib, 0),
+                        "path_a_part": part, "path_b_part": part, "transform": 0})
+
+    store._CACHE._data.clear()
+    photos = verify.verify_partition(job.iloc[:2], cfg)
+    assert photos["ssim"].isna().all()  # no pixel check ...
+    assert not any(cols and "thumb" in cols for _, cols in store._CACHE._data)  # ... so no thumbnail read
+    got = verify.verify_partition(job, cfg)
+    assert got["ssim"].iloc[2:].notna().all()  # the logo pairs are pixel-checked
+    assert any(cols == ("thumb",) for _, cols in store._CACHE._data)
+
+    full = pd.read_parquet(part).set_index("key")  # every column, as one row each
+    for i in range(len(job)):
+        fa, fb = (verify._unpack(full.loc[k].to_dict()) for k in (job["key_a"].iloc[i], job["key_b"].iloc[i]))
+        fa["transform"] = fb["transform"] = 0
+        result, model = verify._verify_model(fa, fb, cfg.verify)
+        pixels = (verify.pixel_check(fa, fb, 0, model) if verify.needs_pixel_check(fa, fb, cfg.verify)
+                  else (np.nan, np.nan))
+        expect = result + pixels
+        row = got.iloc[i]
+        assert tuple(row[["orb_matches", "orb_inliers", "orb_status", "orb_reason"]]) == \
+            (expect[0], expect[1], expect[3], expect[4])
+        np.testing.assert_allclose(row[["orb_score", "ssim", "hist_corr"]].to_numpy(float),
+                                   np.array([expect[2], expect[5], expect[6]], float), rtol=1e-6)
+    assert got["orb_status"].iloc[0] == "match"
+    assert got["ssim"].iloc[2] > 0.9 > got["ssim"].iloc[3]  # the logo's copy, not the other logo
