@@ -48,6 +48,12 @@ def timed_features(rows: pd.DataFrame, out_dir: str) -> float:
     return time.thread_time() - start
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (MiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=200)
@@ -88,14 +94,16 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     cpu[place].append(timed_features(rows, out))
                 print(f"round {r + 1}: {place}: {cpu[place][-1]:.2f} s CPU", flush=True)
+        rss = {place: next(iter(c.run(peak_rss_mib).values())) for place, c in clients.items()}
     base = median(cpu["in-process"])
     body_rows = [[place, f"{median(v):.2f}", f"{1000 * median(v) / len(rows):.2f}", f"{len(rows) / median(v):.0f}",
-                  f"{median(v) / base:.2f}x"] for place, v in cpu.items()]
+                  f"{median(v) / base:.2f}x", f"{rss[place]:.0f}" if place in rss else ""]
+                 for place, v in cpu.items()]
     body = (stamp() + f"\n{len(rows)} random files of `{folder}`, one `verify.features_partition` call each "
             f"(default settings), {args.rounds} rounds interleaved; CPU seconds of the thread running it, "
             "medians.\n\n"
             + table(["where", "CPU s", "ms / image", "images / CPU s",
-                     "vs in-process"], body_rows)
+                     "vs in-process", "worker peak RSS MiB"], body_rows)
             + "\nDask starts its workers with MALLOC_TRIM_THRESHOLD_=65536 (to hand freed memory back to the "
               "OS at once); setting it also stops glibc from raising its mmap threshold, so every image-sized "
               "buffer (decoded image, resized copies, ORB's pyramid) is mapped and page-faulted afresh. The "
