@@ -42,7 +42,7 @@ transform (the screen's alignment; squashing commutes with flips and quarter tur
 different word in a button is a small area; a mean over a mostly blank image would hide it), and
 `hist_corr` = the correlation of their HSV histograms (cv2.compareHist HISTCMP_CORREL). Each
 feature row carries its image's thumbnail, histogram and flatness, so this costs no extra
-decode; pair tasks read the thumbnails only for the pairs the check decides. `pipeline.decide` turns the two numbers into a verdict (thresholds in DecideConfig).
+decode. `pipeline.decide` turns the two numbers into a verdict (thresholds in DecideConfig).
 """
 from __future__ import annotations
 
