@@ -46,21 +46,18 @@ class _PartitionCache:
 
     def __init__(self, capacity: int = 16):
         self.capacity = capacity
-        self._data: OrderedDict[tuple, pd.DataFrame] = OrderedDict()  # (path, columns) -> frame
+        self._data: OrderedDict[str, pd.DataFrame] = OrderedDict()
         self._lock = Lock()
 
-    def get(self, path: str, columns: tuple[str, ...] | None = None) -> pd.DataFrame:
-        entry = (path, columns)
+    def get(self, path: str) -> pd.DataFrame:
         with self._lock:
-            if entry in self._data:
-                self._data.move_to_end(entry)
-                return self._data[entry]
+            if path in self._data:
+                self._data.move_to_end(path)
+                return self._data[path]
         source = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
-        # Parquet is columnar: columns not asked for are neither read nor decompressed
-        wanted = None if columns is None else ["key", *columns]
-        frame = pq.read_table(source, columns=wanted).to_pandas().set_index("key")
+        frame = pq.read_table(source).to_pandas().set_index("key")
         with self._lock:
-            self._data[entry] = frame
+            self._data[path] = frame
             while len(self._data) > self.capacity:
                 self._data.popitem(last=False)
         return frame
@@ -69,11 +66,9 @@ class _PartitionCache:
 _CACHE = _PartitionCache()
 
 
-def read_rows(paths: list[str], keys, columns: list[str] | None = None) -> pd.DataFrame:
-    """Rows for `keys` (each present in one of `paths`), indexed by key, in the order of `keys`.
-    `columns`: only these (besides the key); None = all."""
-    cols = None if columns is None else tuple(columns)
-    frames = [_CACHE.get(p, cols) for p in dict.fromkeys(paths)]
+def read_rows(paths: list[str], keys) -> pd.DataFrame:
+    """Rows for `keys` (each present in one of `paths`), indexed by key, in the order of `keys`."""
+    frames = [_CACHE.get(p) for p in dict.fromkeys(paths)]
     wanted = pd.Index(pd.unique(pd.Series(keys, dtype="int64")))
     pieces = [f.loc[f.index.intersection(wanted)] for f in frames]
     found = pd.concat(pieces) if pieces else pd.DataFrame()

@@ -434,24 +434,6 @@ def _unpack(row, method: str = "orb") -> dict:
     return f
 
 
-# The pixel check's thumbnails (16 KiB a row, as much as the descriptors) are left out of the
-# read: only the few pairs that need the check read them (`verify_partition`).
-_PAIR_COLUMNS = ["n_keypoints", "keypoints", "descriptors", "width", "height", "error", "hist", "flat"]
-
-
-def _read_features(paths: list[str], keys: np.ndarray, method: str = "orb") -> dict[int, dict]:
-    """key -> feature dict (`_unpack`, without the thumbnail) for `keys`, read from the feature
-    files `paths`; each distinct key is unpacked once."""
-    rows = store.read_rows(paths, keys, columns=_PAIR_COLUMNS)
-    cols = {c: rows[c].to_numpy(dtype=object) for c in _PAIR_COLUMNS}
-    feats = {}
-    for j, key in enumerate(rows.index.to_numpy(np.int64).tolist()):
-        f = _unpack({c: cols[c][j] for c in _PAIR_COLUMNS}, method)
-        f["transform"] = key % 8  # the turn this row's image has
-        feats[key] = f
-    return feats
-
-
 def _ransac(src: np.ndarray, dst: np.ndarray, cfg: VerifyConfig) -> tuple[np.ndarray, np.ndarray | None]:
     """(inlier mask: bool per match, model or None) of the configured geometric model, seeded so
     the result is reproducible.
@@ -672,8 +654,7 @@ def _error_result(side: str, error: str, method: str = "orb") -> tuple:
 def needs_pixel_check(fa: dict, fb: dict, cfg: VerifyConfig) -> bool:
     """The keypoints cannot settle this pair: too few of them on either image, or both images
     flat (their keypoints sit on shared shapes and layout, see the module doc)."""
-    # rows made with the pixel check carry a histogram (and a thumbnail, read only for these pairs)
-    if not (cfg.pixel_check and fa["hist"] and fb["hist"]):
+    if not (cfg.pixel_check and fa["thumb"] and fb["thumb"]):
         return False
     few = min(len(fa["keypoints"]), len(fb["keypoints"])) < cfg.min_keypoints
     return few or min(fa["flat"], fb["flat"]) >= FLAT_SHARE
@@ -740,26 +721,22 @@ def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) 
             for group in _sub_batches(pa[todo], pb[todo], max(2, vcfg.max_open_partitions)):
                 idx = todo[group]
                 paths = list(dict.fromkeys(np.concatenate([pa[idx], pb[idx]]).tolist()))
-                feats = _read_features(paths, np.concatenate([ka[idx], kb[idx]]), vcfg.method)
-                flat = []  # pairs for the pixel check: their thumbnails are read after the loop
+                keys = np.concatenate([ka[idx], kb[idx]])
+                rows = store.read_rows(paths, keys)
+                feats = {}
+                for key, row in zip(rows.index.to_numpy(), rows.to_dict("records")):
+                    feats[int(key)] = _unpack(row, vcfg.method)
+                    feats[int(key)]["transform"] = int(key) % 8  # the turn this row's image has
                 for i in idx:
                     fa, fb = feats[int(ka[i])], feats[int(kb[i])]
                     if fa["error"] or fb["error"]:
                         side, e = ("a", fa["error"]) if fa["error"] else ("b", fb["error"])
                         results[i] = _error_result(side, e, vcfg.method)
-                        continue
-                    result, model = _verify_model(fa, fb, vcfg, matcher)
-                    if needs_pixel_check(fa, fb, vcfg):
-                        flat.append((i, result, model))
                     else:
-                        results[i] = result + (np.nan, np.nan)
-                if flat:
-                    want = np.unique([k for i, _, _ in flat for k in (ka[i], kb[i])])
-                    thumbs = store.read_rows(paths, want, columns=["thumb"])["thumb"]
-                    for key, thumb in zip(thumbs.index.to_numpy(), thumbs.to_numpy()):
-                        feats[int(key)]["thumb"] = thumb
-                    for i, result, model in flat:
-                        results[i] = result + pixel_check(feats[int(ka[i])], feats[int(kb[i])], tr[i], model)
+                        result, model = _verify_model(fa, fb, vcfg, matcher)
+                        pixels = (pixel_check(fa, fb, tr[i], model) if needs_pixel_check(fa, fb, vcfg)
+                                  else (np.nan, np.nan))
+                        results[i] = result + pixels
     return _result_frame(results, pairs.index)
 
 
