@@ -31,6 +31,8 @@ SHARD = [dict(section="sharded candidate search", n=10_000_000, threshold=8, sec
               same_run=_SAME_RUN),
          dict(section="sharded candidate search", n=1_000_000, threshold=8, seconds=126.0, cores=2, shards=2,
               same_run=_SAME_RUN)]
+# "sharded embedding kNN": the high-recall mode's kNN, sharded IVF against one IVF index, same run
+EMB_SHARD = dict(section="sharded embedding kNN", n=299_776, shards=4, ratio=2.23)
 MODEL_LOAD_S = 2.5  # confirm: model build + weights load once per worker process (confirm section)
 # bytes per image in the store (measured; pairs.parquet scaled by the candidates per image)
 STORE = {
@@ -171,7 +173,14 @@ def main(argv=None) -> None:
         f"{100 * st1['candidates (sharded)'] / t1:.0f} % of the work: the probes per query grow with the number of shards. "
         "Routing each query only to the shards that can hold its neighbours (shards keyed by multi-index chunk "
         "values, the query sent to the chunk values within its radius) removes that factor; not built yet.",
-        "- Storage is dominated by the ORB features kept in the catalog for images in a near pair."]
+        "- Storage is dominated by the ORB features kept in the catalog for images in a near pair.",
+        f"- Not projected: the high-recall mode (the projection is the default settings'). Its embedding kNN is "
+        f"sharded too (section \"{EMB_SHARD['section']}\": {EMB_SHARD['n']:,} vectors in {EMB_SHARD['shards']} IVF "
+        f"shards took {EMB_SHARD['ratio']:.2f}x one index's time). Each shard trains its own ~4 sqrt(n) lists and "
+        "every query visits `embedding_nprobe` of them per shard, so the IVF work per query grows with the square "
+        f"root of the shard count: at 1B in shards of 500k ({1_000_000_000 // 500_000:,} shards) ~"
+        f"{(1_000_000_000 // 500_000) ** 0.5:.0f}x one index's. One coarse quantizer shared by all shards, each "
+        "query sent only to the shards holding its nprobe lists, would remove that factor; not built yet."]
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

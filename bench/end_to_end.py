@@ -69,12 +69,13 @@ def run_once(data: Path, tiers: str, overrides: list[str] = ()) -> dict:
                "--log-level", "WARNING", *[a for o in overrides for a in ("--set", o)]]
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO)
-        peak = 0
+        peak = driver_peak = 0
         parent = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
-                rss = parent.memory_info().rss + sum(c.memory_info().rss for c in parent.children(recursive=True))
-                peak = max(peak, rss)
+                driver = parent.memory_info().rss
+                rss = driver + sum(c.memory_info().rss for c in parent.children(recursive=True))
+                peak, driver_peak = max(peak, rss), max(driver_peak, driver)
             except psutil.Error:
                 pass
             time.sleep(0.2)
@@ -82,7 +83,7 @@ def run_once(data: Path, tiers: str, overrides: list[str] = ()) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"pipeline failed ({proc.returncode}): {' '.join(cmd)}")
         manifest = json.loads((Path(out) / "run.json").read_text())
-    return {"wall": wall, "peak_gb": peak / 1e9, "counts": manifest["counts"], "timings": manifest["timings_s"]}
+    return {"wall": wall, "peak_gb": peak / 1e9, "driver_peak_gb": driver_peak / 1e9, "counts": manifest["counts"], "timings": manifest["timings_s"]}
 
 
 def main() -> None:

@@ -11,6 +11,15 @@ driver's and each worker's peak resident set (VmHWM of /proc/self/status, reset 
 searched by the one-index search (`directed_neighbours`, index built in the driver and broadcast)
 and by the sharded one, with the two results compared row for row. A long benchmark (~15 min on
 2 cores); not part of `make bench`.
+
+`python -m bench.shard --embeddings` (section "sharded embedding kNN"): the high-recall mode's
+kNN instead. N synthetic 1280-d unit vectors written by the workers as feature-store partitions of
+256 images (as a run writes its screen embeddings), planted near copies (cosine ~0.96) inside a
+partition and across neighbouring ones; the sharded kNN (`candidates.sharded_embedding_pairs`,
+index shards built and searched on 2 worker processes) against the one-index search in the driver
+(`embedding_pairs`, search_sharding single), both with the kind `embedding_index: auto` picks for
+N (IVF above `embedding_exact_max`): time, planted recall, driver and worker peaks. Then the first
+`--flat-n` vectors with the exact (flat) index both ways, pairs compared.
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from bench.report import stamp, table, update_section
+from pipeline import candidates, store
 from pipeline.candidates import directed_neighbours, shard_groups, sharded_neighbours
 from pipeline.config import ScreenConfig
 
@@ -94,19 +104,155 @@ def reset_hwm() -> bool:
         return False
 
 
+def _unit_vectors(p: int, n: int, d: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, p, 7]).standard_normal((n, d), dtype=np.float32)
+
+
+def embedding_part(directory: str, p: int, n: int, d: int, n_plant: int, seed: int) -> str:
+    """Partition p of the synthetic screen embeddings, written to the feature store by a worker:
+    random directions, the planted rows of `planted` replaced by a noisy copy of their partner
+    (noise 0.3 x the norm: cosine ~0.96). Keys idx * 8 as a run stores them."""
+    vecs = _unit_vectors(p, n, d, seed)
+    rows, partners, _ = planted(p, n, n_plant, 0)
+    prev = _unit_vectors(p - 1, n, d, seed) if p > 0 else None
+    src = np.where((partners >= p * n)[:, None], vecs[np.clip(partners - p * n, 0, n - 1)],
+                   prev[np.clip(partners - (p - 1) * n, 0, n - 1)] if prev is not None else 0)
+    noise = np.random.default_rng([seed, p, 8]).standard_normal((rows.size, d), dtype=np.float32)
+    vecs[rows] = src + 0.3 * noise * (np.linalg.norm(src, axis=1, keepdims=True) / np.sqrt(d))
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    keys = (p * n + np.arange(n, dtype=np.int64)) * 8
+    frame = pd.DataFrame({"key": keys, "embedding": [v.astype("<f4").tobytes() for v in vecs]})
+    return store.write_partition(directory, p, frame)
+
+
+def planted_embedding_pairs(n_parts: int, n: int, n_plant: int) -> set:
+    out = set()
+    for p in range(n_parts):
+        rows, partners, _ = planted(p, n, n_plant, 0)
+        out |= {(int(min(a, b)), int(max(a, b))) for a, b in zip(p * n + rows, partners)}
+    return out
+
+
+def main_embeddings(args) -> None:
+    import tempfile
+    from distributed import Client, LocalCluster
+    cfg = dataclasses.replace(ScreenConfig(), mode="hash+embedding", embedding_k=args.k)
+    n_parts = args.n // args.part
+    n = n_parts * args.part
+    shard_size = args.shard_size or max(1, n // 4)
+    on = dataclasses.replace(cfg, search_sharding="sharded", embedding_shard_size=shard_size)
+    off = dataclasses.replace(cfg, search_sharding="single")
+    kind = candidates._embedding_kind(cfg, n)
+    gib = 2**30
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp, \
+            LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                         dashboard_address=":0") as cluster, Client(cluster) as client:
+        t0 = time.perf_counter()
+        paths = client.gather([client.submit(embedding_part, tmp, p, args.part, args.d, args.plant, args.seed,
+                                             pure=False) for p in range(n_parts)])
+        t_gen = time.perf_counter() - t0
+        truth = planted_embedding_pairs(n_parts, args.part, args.plant)
+        # warm-up (FAISS and the store loaded in every worker), then every peak reset
+        candidates.embedding_pairs(paths[:8], dataclasses.replace(on, embedding_shard_size=args.part), client=client)
+        client.run(reset_hwm)
+        reset_hwm()
+        driver_idle = vm_hwm()
+        t1 = time.perf_counter()
+        sharded = candidates.embedding_pairs(paths, on, client=client)
+        t_sharded = time.perf_counter() - t1
+        driver_sharded = vm_hwm()
+        worker_peak = client.run(vm_hwm)
+        counts = client.gather(client.map(candidates._count_part, paths, pure=False))
+        n_shards = len(shard_groups(counts, shard_size, args.workers))
+        print("sharded", n, kind, n_shards, t_sharded, driver_sharded / gib, worker_peak, flush=True)
+        reset_hwm()
+        t2 = time.perf_counter()
+        single = candidates.embedding_pairs(paths, off, client=client)
+        t_single = time.perf_counter() - t2
+        driver_single = vm_hwm()
+        print("single", t_single, driver_single / gib, flush=True)
+        # the exact index both ways on the first flat_n vectors: the same pairs?
+        flat_paths = paths[:max(1, args.flat_n // args.part)]
+        flat_n = len(flat_paths) * args.part
+        t3 = time.perf_counter()
+        flat_sharded = candidates.embedding_pairs(
+            flat_paths, dataclasses.replace(on, embedding_index="flat", embedding_shard_size=max(1, flat_n // 4)),
+            client=client)
+        t4 = time.perf_counter()
+        flat_single = candidates.embedding_pairs(flat_paths, dataclasses.replace(off, embedding_index="flat"))
+        t5 = time.perf_counter()
+    as_set = lambda f: set(zip(f["idx_a"].tolist(), f["idx_b"].tolist()))  # noqa: E731
+    rec_sharded = len(truth & as_set(sharded)) / len(truth)
+    rec_single = len(truth & as_set(single)) / len(truth)
+    same_pairs = flat_sharded[["idx_a", "idx_b"]].equals(flat_single[["idx_a", "idx_b"]])
+    max_dcos = float("nan")
+    if same_pairs and len(flat_single):
+        max_dcos = float(np.abs(flat_sharded["cosine"].to_numpy(np.float64)
+                                - flat_single["cosine"].to_numpy(np.float64)).max())
+    both = len(as_set(sharded) & as_set(single))
+    flat_shards = len(shard_groups(counts[:len(flat_paths)], max(1, flat_n // 4), args.workers))
+    body = stamp() + (
+        f"\n{n:,} synthetic L2-normalised {args.d}-d vectors (random directions) written by the workers as "
+        f"feature-store partitions of {args.part} images, {len(truth):,} planted near copies (cosine ~0.96; "
+        f"half across two partitions; two copies of one vector make a pair too); k = {args.k}, "
+        f"min cosine {cfg.embedding_min_cosine}. Index kind as "
+        f"`embedding_index: auto` picks for {n:,} vectors: **{kind}**"
+        f"{f' (nprobe {cfg.embedding_nprobe})' if kind == 'ivf' else ''}. Sharded: "
+        f"`sharded_embedding_pairs`, {n_shards} FAISS shards of ~{n // n_shards:,} vectors built and searched on a "
+        f"LocalCluster of {args.workers} worker processes x 1 thread, every partition against every shard, the "
+        f"k + 1 best merged per partition. One index: `embedding_pairs` with `search_sharding: single` "
+        f"(the index built in the driver, FAISS on all cores). Peak memory = VmHWM, reset before each search; the "
+        f"driver process also hosts the scheduler. One run (a long benchmark).\n\n")
+    body += table(
+        ["kNN", "vectors", "index", "shards", "seconds", "planted recall", "pairs", "driver peak GiB",
+         "worker peaks GiB"],
+        [["sharded", f"{n:,}", kind, n_shards, t_sharded, f"{100 * rec_sharded:.2f} %", f"{len(sharded):,}",
+          driver_sharded / gib, ", ".join(f"{v / gib:.2f}" for v in worker_peak.values())],
+         ["one index (driver)", f"{n:,}", kind, 1, t_single, f"{100 * rec_single:.2f} %", f"{len(single):,}",
+          driver_single / gib, ""],
+         ["sharded", f"{flat_n:,}", "flat", flat_shards, t4 - t3, "", f"{len(flat_sharded):,}", "", ""],
+         ["one index (driver)", f"{flat_n:,}", "flat", 1, t5 - t4, "", f"{len(flat_single):,}", "", ""]])
+    body += (
+        f"\n- Same-run ratio at {n:,}: sharded / one index = **{t_sharded / max(t_single, 1e-9):.2f}x** the time; "
+        f"driver peak {driver_sharded / gib:.2f} vs {driver_single / gib:.2f} GiB (idle driver after the reset: "
+        f"{driver_idle / gib:.2f} GiB); {both:,} pairs found by both, {len(sharded) - both:,} only sharded, "
+        f"{len(single) - both:,} only one index"
+        f"{' (IVF is approximate: each shard trains its own lists)' if kind == 'ivf' else ''}.\n"
+        f"- Flat (exact) at {flat_n:,}: the same pairs: **{same_pairs}**, largest cosine difference "
+        f"{max_dcos:.1e}; sharded / one index = {(t4 - t3) / max(t5 - t4, 1e-9):.2f}x the time.\n"
+        f"- Generating the vectors on the workers: {t_gen:.1f} s (not in the search times).\n")
+    update_section("shard_embedding", f"sharded embedding kNN ({n:,} vectors)", body,
+                   **({"path": args.out} if args.out else {}))
+    print(body)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=10_000_000)
-    ap.add_argument("--part", type=int, default=250_000, help="hashes per partition (even)")
-    ap.add_argument("--plant", type=int, default=500, help="planted pairs per partition")
+    ap.add_argument("--n", type=int, default=None, help="default 10,000,000 (--embeddings: 300,000)")
+    ap.add_argument("--part", type=int, default=None, help="hashes per partition (even; default 250,000, "
+                    "--embeddings: 256 vectors)")
+    ap.add_argument("--plant", type=int, default=None, help="planted pairs per partition (default 500, "
+                    "--embeddings: 8)")
     ap.add_argument("--baseline-n", type=int, default=1_000_000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threshold", type=int, default=10)
-    ap.add_argument("--k", type=int, default=15)
+    ap.add_argument("--k", type=int, default=None, help="default 15 (--embeddings: 10)")
     ap.add_argument("--shard-size", type=int, default=None, help="default: screen.search_shard_size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="benchmarks file (default docs/benchmarks.md)")
+    ap.add_argument("--embeddings", action="store_true",
+                    help="the embedding kNN instead (see the docstring; --shard-size default n / 4)")
+    ap.add_argument("--d", type=int, default=1280, help="--embeddings: dimensions")
+    ap.add_argument("--flat-n", type=int, default=20_000, help="--embeddings: vectors of the flat comparison")
+    ap.add_argument("--tmp", default=None, help="--embeddings: folder for the vectors' partitions")
     args = ap.parse_args(argv)
+    defaults = ({"n": 300_000, "part": 256, "plant": 8, "k": 10} if args.embeddings else
+                {"n": 10_000_000, "part": 250_000, "plant": 500, "k": 15})
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.embeddings:
+        return main_embeddings(args)
     from distributed import Client, LocalCluster, wait
 
     cfg = dataclasses.replace(ScreenConfig(), max_distance=args.threshold, max_candidates=args.k,

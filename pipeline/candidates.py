@@ -20,7 +20,10 @@ matches the first of (a plain, b plain, a trimmed, b trimmed, a's dihedral 1..7,
 High-recall mode (`screen.mode: hash+embedding`, see the last section): `embedding_pairs` adds
 each representative image's `screen.embedding_k` nearest neighbours by MobileNet cosine (FAISS,
 exact or IVF), `union_pairs` merges them with the hash pairs (a pair found by both keeps its hash
-row; an embedding-only pair gets `pair_hash_distance` and transform 0).
+row; an embedding-only pair gets `pair_hash_distance` and transform 0). Past
+`screen.embedding_shard_size` embeddings on a cluster (same `screen.search_sharding` switch), the
+FAISS index is sharded over the workers (`sharded_embedding_pairs`): with the exact index the
+same pairs.
 
 Parallelism: the index is built once in the driver, broadcast to every Dask worker
 (`client.scatter(..., broadcast=True)`), and blocks of query images run as tasks; without a
@@ -47,7 +50,7 @@ N_VARIANTS = 9
 __all__ = ["exact_pairs", "exact_representatives", "near_pairs", "near_pairs_partition",
            "directed_neighbours", "pairs_from_neighbours",
            "sharded_neighbours", "sharded_directed_neighbours", "hash_partitions", "shard_groups", "reach_pairs", "reach_of", "gained_neighbours", "incremental_neighbours",
-           "build_index", "query_variants", "embedding_pairs", "build_embedding_index",
+           "build_index", "query_variants", "embedding_pairs", "sharded_embedding_pairs", "build_embedding_index",
            "iter_embeddings", "pair_hash_distance", "union_pairs"]
 
 
@@ -695,7 +698,9 @@ def _run_block(index: HammingIndex, block, cfg: ScreenConfig) -> pd.DataFrame:
 # 200k images) and searches exactly; "ivf" holds N x d float16 (2.5 KB per image) in inverted
 # lists and visits `embedding_nprobe` of ~4 sqrt(N) lists per query (training reads a sample of
 # at most max(39 nlist, 50k) vectors). Queries are streamed from the partitions again in
-# batches, so no N x N matrix and no second N x d copy is ever built.
+# batches, so no N x N matrix and no second N x d copy is ever built. Past
+# `screen.embedding_shard_size` embeddings on a cluster the index is sharded instead (section
+# "sharded embedding search" below).
 
 _KNN_BATCH = 4096  # query vectors per FAISS search call
 
@@ -711,12 +716,27 @@ def _faiss():
     return faiss
 
 
+def _open_part(path: str):
+    """A feature-store partition for pyarrow: the local path, or the object's bytes from a store
+    (read with the run's storage options, as pipeline/store.py does)."""
+    from . import storage
+    if storage.is_url(path):
+        import io
+        return io.BytesIO(storage.read_bytes(path))
+    return path
+
+
+def _embedding_parts(part_paths) -> list[str]:
+    """The distinct partition files, in first-seen order (the caller may pass one per image)."""
+    return list(dict.fromkeys(p for p in part_paths if isinstance(p, str) and p))
+
+
 def iter_embeddings(part_paths) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(image idx (int64), float32 (n, d) vectors) per feature-store partition, transform-0 keys
     with an embedding only (failed images are skipped), in the order of `part_paths`."""
     import pyarrow.parquet as pq
-    for path in dict.fromkeys(p for p in part_paths if isinstance(p, str) and p):
-        table = pq.read_table(path, columns=["key", "embedding"])
+    for path in _embedding_parts(part_paths):
+        table = pq.read_table(_open_part(path), columns=["key", "embedding"])
         keys = table.column("key").to_numpy().astype(np.int64)
         blobs = table.column("embedding").to_pylist()
         ok = [i for i, b in enumerate(blobs) if b is not None and keys[i] % 8 == 0]
@@ -726,22 +746,34 @@ def iter_embeddings(part_paths) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         yield keys[ok] // 8, np.ascontiguousarray(vecs, dtype=np.float32)
 
 
-def _count_rows(part_paths) -> int:
+def _count_part(path: str) -> int:
     import pyarrow.parquet as pq
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in dict.fromkeys(part_paths))
+    return int(pq.ParquetFile(_open_part(path)).metadata.num_rows)
+
+
+def _count_rows(part_paths) -> int:
+    return sum(_count_part(p) for p in _embedding_parts(part_paths))
 
 
 def _ivf_nlist(n: int) -> int:
     return int(max(1, min(round(4 * np.sqrt(n)), n // 39)))
 
 
-def build_embedding_index(part_paths, cfg: ScreenConfig):
-    """-> (faiss index over the inner product, idx of each index row, kind "flat" | "ivf")."""
-    faiss = _faiss()
-    n_rows = _count_rows(part_paths)
+def _embedding_kind(cfg: ScreenConfig, n_rows: int) -> str:
+    """The index kind, "flat" or "ivf", for `n_rows` stored embeddings (all of them, also when
+    sharded: "auto" bounds the exact search's total work, N x N, which sharding does not change)."""
     kind = cfg.embedding_index
     if kind == "auto":
         kind = "flat" if n_rows <= cfg.embedding_exact_max else "ivf"
+    return kind
+
+
+def build_embedding_index(part_paths, cfg: ScreenConfig, kind: str | None = None):
+    """-> (faiss index over the inner product, idx of each index row, kind "flat" | "ivf").
+    `kind` (default: from `embedding_index` and the number of stored rows) forces the kind."""
+    faiss = _faiss()
+    n_rows = _count_rows(part_paths)
+    kind = kind or _embedding_kind(cfg, n_rows)
     ids: list[np.ndarray] = []
     index = None
     if kind == "ivf":
@@ -773,40 +805,188 @@ def build_embedding_index(part_paths, cfg: ScreenConfig):
     return index, (np.concatenate(ids) if ids else np.zeros(0, np.int64)), kind
 
 
-def embedding_pairs(part_paths, cfg: ScreenConfig) -> pd.DataFrame:
+def _empty_embedding_pairs() -> pd.DataFrame:
+    return pd.DataFrame({"idx_a": np.zeros(0, np.int64), "idx_b": np.zeros(0, np.int64),
+                         "cosine": np.zeros(0, np.float32)})
+
+
+def _kept_neighbours(q_idx: np.ndarray, sim: np.ndarray, nb: np.ndarray, cfg: ScreenConfig):
+    """Rows of k + 1 nearest (best first, nb -1 where none) -> directed (a, b, cosine): the query
+    itself dropped, at most k others, those at >= embedding_min_cosine."""
+    keep = (nb >= 0) & (nb != q_idx[:, None])
+    keep &= np.cumsum(keep, axis=1) <= int(cfg.embedding_k)  # at most k others per query
+    keep &= sim >= cfg.embedding_min_cosine
+    r, c = np.nonzero(keep)
+    return q_idx[r], nb[r, c], sim[r, c].astype(np.float32)
+
+
+def _pair_rows(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> pd.DataFrame:
+    """Directed (a, b, cosine) -> one row per unordered pair with the larger cosine, sorted."""
+    if a.size == 0:
+        return _empty_embedding_pairs()
+    frame = pd.DataFrame({"idx_a": np.minimum(a, b), "idx_b": np.maximum(a, b),
+                          "cosine": np.clip(s, -1.0, 1.0)})
+    frame = frame.groupby(["idx_a", "idx_b"], sort=True, as_index=False)["cosine"].max()
+    return frame.astype({"idx_a": "int64", "idx_b": "int64", "cosine": "float32"})
+
+
+def embedding_pairs(part_paths, cfg: ScreenConfig, client=None) -> pd.DataFrame:
     """Each embedded image's `embedding_k` nearest other images by cosine, those at
     >= `embedding_min_cosine`: one row per unordered pair, idx_a < idx_b (int64), `cosine`
     (float32, the larger of the two directions' scores), sorted by (idx_a, idx_b). At most
-    embedding_k rows per image, so at most N * embedding_k pairs."""
-    empty = pd.DataFrame({"idx_a": np.zeros(0, np.int64), "idx_b": np.zeros(0, np.int64),
-                          "cosine": np.zeros(0, np.float32)})
+    embedding_k rows per image, so at most N * embedding_k pairs.
+
+    One index in this process, or, with `screen.search_sharding` "sharded" (or "auto" with a Dask
+    `client` and more than `screen.embedding_shard_size` stored embeddings), index shards built on
+    the workers (`sharded_embedding_pairs`)."""
+    mode = cfg.search_sharding
+    if mode == "sharded" or (mode == "auto" and client is not None):
+        parts = _embedding_parts(part_paths)
+        counts = (client.gather(client.map(_count_part, parts, pure=False)) if client is not None
+                  else [_count_part(p) for p in parts])
+        if mode == "sharded" or sum(counts) > cfg.embedding_shard_size:
+            return sharded_embedding_pairs(parts, cfg, client=client, counts=counts)
     index, ids, _ = build_embedding_index(part_paths, cfg)
     if index is None or len(ids) < 2:
-        return empty
-    k = int(cfg.embedding_k)
-    kk = min(k + 1, len(ids))  # + 1: the image itself is (nearly always) its own nearest
+        return _empty_embedding_pairs()
+    kk = min(int(cfg.embedding_k) + 1, len(ids))  # + 1: the image itself is (nearly always) its own nearest
     qa, qb, qs = [], [], []
     for idx, vecs in iter_embeddings(part_paths):
         for s in range(0, len(idx), _KNN_BATCH):
             q_idx, q = idx[s:s + _KNN_BATCH], vecs[s:s + _KNN_BATCH]
             sim, rows = index.search(q, kk)
             nb = np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
-            keep = (rows >= 0) & (nb != q_idx[:, None])
-            keep &= np.cumsum(keep, axis=1) <= k  # at most k others per query
-            keep &= sim >= cfg.embedding_min_cosine
-            r, c = np.nonzero(keep)
-            qa.append(q_idx[r])
-            qb.append(nb[r, c])
-            qs.append(sim[r, c].astype(np.float32))
+            a, b, c = _kept_neighbours(q_idx, sim, nb, cfg)
+            qa.append(a)
+            qb.append(b)
+            qs.append(c)
     if not qa:
-        return empty
-    a0, b0, s0 = np.concatenate(qa), np.concatenate(qb), np.concatenate(qs)
-    if a0.size == 0:
-        return empty
-    frame = pd.DataFrame({"idx_a": np.minimum(a0, b0), "idx_b": np.maximum(a0, b0),
-                          "cosine": np.clip(s0, -1.0, 1.0)})
-    frame = frame.groupby(["idx_a", "idx_b"], sort=True, as_index=False)["cosine"].max()
-    return frame.astype({"idx_a": "int64", "idx_b": "int64", "cosine": "float32"})
+        return _empty_embedding_pairs()
+    return _pair_rows(np.concatenate(qa), np.concatenate(qb), np.concatenate(qs))
+
+
+# --------------------------------------------------------------------------------------------
+# sharded embedding search: no process holds every embedding
+#
+# The feature-store partitions (files) are grouped, consecutively, into index shards of about
+# `screen.embedding_shard_size` stored rows (`shard_groups`, as for the hash search); each shard's
+# FAISS index is built on a worker from its files (flat or IVF as the total number of rows gives,
+# see `_embedding_kind`; an IVF shard trains its own ~4 sqrt(n) lists on its own sample). Every
+# partition's vectors, read from its file by the task, are searched against every shard, in the
+# batches of the one-index search, for their k + 1 best in the shard. Per partition the shard lists
+# are merged: the k + 1 best over all shards by (cosine, then index row: shard, row in shard),
+# then the same rule as one index (self dropped, at most k, >= min cosine). The merge is exact:
+# an image among the query's k + 1 best overall is among the k + 1 best of its own shard. With flat
+# shards the pairs equal the one-index search's; the only freedom is among exactly equal cosines
+# at the k + 1 cut, where FAISS's own order depends on its internal blocking. The driver holds the
+# file list, counts, futures and the pair frame (at most N x k rows).
+
+
+def _build_embedding_shard(paths: list[str], cfg: ScreenConfig, kind: str, threads: int | None = None):
+    """(index, idx of each row) over some partition files (runs on a worker)."""
+    faiss = _faiss()
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    index, ids, _ = build_embedding_index(paths, cfg, kind=kind)
+    return index, ids
+
+
+def _empty_knn(kk: int):
+    return (np.zeros(0, np.int64), np.zeros((0, kk), np.float32), np.full((0, kk), -1, np.int64),
+            np.zeros((0, kk), np.int64))
+
+
+def _search_embedding_shard(shard, path: str, shard_no: int, cfg: ScreenConfig, threads: int | None = None):
+    """One partition's vectors against one shard: (query idx (n,), cosine (n, k+1), neighbour idx
+    (n, k+1), -1 where none, order key (n, k+1): shard_no << 40 | row in the shard)."""
+    index, ids = shard
+    kk = int(cfg.embedding_k) + 1
+    found = [_empty_knn(kk)]
+    if index is None or len(ids) == 0:
+        return found[0]
+    if threads:
+        _faiss().omp_set_num_threads(threads)
+    take = min(kk, len(ids))
+    for idx, vecs in iter_embeddings([path]):
+        for s in range(0, len(idx), _KNN_BATCH):
+            sim, rows = index.search(vecs[s:s + _KNN_BATCH], take)
+            n = len(rows)
+            sim_p = np.full((n, kk), -np.inf, np.float32)
+            nb = np.full((n, kk), -1, np.int64)
+            key = np.zeros((n, kk), np.int64)
+            sim_p[:, :take] = np.where(rows >= 0, sim, -np.inf)
+            nb[:, :take] = np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
+            key[:, :take] = (np.int64(shard_no) << 40) | np.maximum(rows, 0)
+            found.append((idx[s:s + _KNN_BATCH], sim_p, nb, key))
+    return tuple(np.concatenate([f[i] for f in found]) for i in range(4))
+
+
+def _best_of(kk: int, a, b):
+    """Two shard results for the same queries -> the kk best of both by (cosine desc, key).
+    (A shard without embeddings answers with no rows at all.)"""
+    if len(a[0]) == 0 or len(b[0]) == 0:
+        return b if len(a[0]) == 0 else a
+    sim = np.concatenate([a[1], b[1]], axis=1)
+    nb = np.concatenate([a[2], b[2]], axis=1)
+    key = np.concatenate([a[3], b[3]], axis=1)
+    key = np.where(nb >= 0, key, np.iinfo(np.int64).max)
+    order = np.lexsort((key, -sim), axis=1)[:, :kk]  # -(-inf) sorts the empty slots last
+    take = lambda x: np.take_along_axis(x, order, axis=1)  # noqa: E731
+    return a[0], take(sim), take(nb), take(key)
+
+
+def _merge_embedding_lists(cfg: ScreenConfig, *found) -> pd.DataFrame:
+    """One partition's per-shard results -> its pairs (one row per unordered pair, larger cosine)."""
+    kk = int(cfg.embedding_k) + 1
+    best = found[0]
+    for more in found[1:]:
+        best = _best_of(kk, best, more)
+    if len(best[0]) == 0:
+        return _empty_embedding_pairs()
+    return _pair_rows(*_kept_neighbours(best[0], best[1], best[2], cfg))
+
+
+def sharded_embedding_pairs(part_paths, cfg: ScreenConfig, client=None, shard_size: int | None = None,
+                            counts: list[int] | None = None) -> pd.DataFrame:
+    """`embedding_pairs` with the index sharded (see the section comment): on the `client`'s
+    workers, or without one shard after shard in this process. `counts`: stored rows per distinct
+    partition file (read from the files' metadata when not given)."""
+    parts = _embedding_parts(part_paths)
+    shard_size = int(shard_size or cfg.embedding_shard_size)
+    if counts is None:
+        counts = (client.gather(client.map(_count_part, parts, pure=False)) if client is not None
+                  else [_count_part(p) for p in parts])
+    kind = _embedding_kind(cfg, sum(counts))
+    if client is None:
+        groups = shard_groups(counts, shard_size)
+        best: list = [None] * len(parts)
+        for s, g in enumerate(groups):  # one shard in memory at a time
+            shard = _build_embedding_shard([parts[i] for i in g], cfg, kind)
+            for p, path in enumerate(parts):
+                got = _search_embedding_shard(shard, path, s, cfg)
+                best[p] = got if best[p] is None else _best_of(int(cfg.embedding_k) + 1, best[p], got)
+            del shard
+        frames = [_merge_embedding_lists(cfg, b) for b in best if b is not None]
+    else:
+        workers = sorted(client.scheduler_info()["workers"])
+        groups = shard_groups(counts, shard_size, len(workers))
+        # one shard per worker in turn (the search tasks follow their index); FAISS on one thread
+        # per task, as the worker's threads already run tasks side by side
+        shards = [client.submit(_build_embedding_shard, [parts[i] for i in g], cfg, kind, 1, pure=False,
+                                workers=[workers[j % len(workers)]], allow_other_workers=True)
+                  for j, g in enumerate(groups)]
+        merged = [client.submit(_merge_embedding_lists, cfg,
+                                *[client.submit(_search_embedding_shard, shard, path, s, cfg, 1, pure=False)
+                                  for s, shard in enumerate(shards)], pure=False)
+                  for path in parts] if shards else []
+        frames = client.gather(merged)
+        del shards, merged
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return _empty_embedding_pairs()
+    out = pd.concat(frames, ignore_index=True)
+    out = out.groupby(["idx_a", "idx_b"], sort=True, as_index=False)["cosine"].max()
+    return out.astype({"idx_a": "int64", "idx_b": "int64", "cosine": "float32"})
 
 
 def pair_hash_distance(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,

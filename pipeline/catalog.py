@@ -1,6 +1,7 @@
 """The catalog: what a run learnt, kept between runs so the next one redoes only what changed.
 
-A folder (default `OUT/catalog`, `catalog:` in the config, `--catalog DIR`):
+A folder or an object-store prefix (default `OUT/catalog`, `catalog:` in the config, `--catalog
+DIR|URL`; any fsspec URL, pipeline/storage.py), laid out the same either way:
 
     manifest.json                      the only entry point: generation, DATA root, settings
                                        fingerprints, and every file below with its size and sha256
@@ -19,23 +20,29 @@ Features and pair evidence are keyed by content (sha256 + transform), so a renam
 costs nothing. The key used by the feature files is `content_id(sha256) * 8 + transform`
 (content_id: the first 60 bits of the sha256).
 
-Safety. Only a run holding `.catalog.lock` (flock, like OUT's lock) writes. Files are never
-modified: a run writes new files, then atomically replaces `manifest.json`. A run killed at any
+Safety. Only a run holding `.catalog.lock` writes (locally a flock, like OUT's lock; on a store an
+object created exclusively, like OUT's lock there). Files are never modified: a run writes new
+files, then replaces `manifest.json` atomically (locally a rename; on a store one PUT, which
+readers see whole or not at all), so the manifest is the commit point. A run killed at any
 point leaves the last manifest and every file it names intact; files named by no manifest are
 removed by a later commit (the previous generation's files are kept one more generation, for
 readers such as `dedupe query` that opened the previous manifest). Every file is checked against
 its sha256 in the manifest before it is trusted (tables when the catalog is opened, feature parts
 before a run reads them); a mismatch is logged, listed in run.json (`reuse.problems`) and the
 affected records are recomputed.
+
+One code path serves both: `_Files` reads, lists and removes through an fsspec filesystem (local
+folders through fsspec's LocalFileSystem); only a write differs (locally a temporary name, fsync
+and rename; on a store a single PUT, atomic by itself).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
-import shutil
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -48,7 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import outdir, store
+from pipeline import outdir, storage, store
 from pipeline.config import Config, ConfigError
 
 log = logging.getLogger("pipeline")
@@ -78,12 +85,123 @@ ORB_COLUMNS = ["orb_matches", "orb_inliers", "orb_score", "orb_status", "orb_rea
 # where, and under which settings
 
 
-def resolve(cfg: Config, out: Path) -> Path | None:
-    """The catalog folder for this run: None when disabled (`catalog: none`)."""
-    value = (cfg.catalog or "").strip()
+def resolve(cfg: Config, out: Path | str) -> Path | str | None:
+    """The catalog folder (a Path) or store prefix (a URL) for this run: None when disabled
+    (`catalog: none`). Default: OUT/catalog, on the store when OUT is."""
+    value = storage.local_form((cfg.catalog or "").strip())
     if value.lower() in DISABLED:
         return None
-    return Path(value) if value else Path(out) / "catalog"
+    if value:
+        return value.rstrip("/") if storage.is_url(value) else Path(value)
+    return storage.join(out, "catalog") if storage.is_url(out) else Path(out) / "catalog"
+
+
+class _Files:
+    """The catalog's files by relative name ("tables/images-x.parquet"), in a local folder or under
+    a store prefix, through one fsspec filesystem (LocalFileSystem for a folder). `full` gives what
+    the stages read and write (a local path, or an object URL the workers open themselves)."""
+
+    def __init__(self, location: Path | str):
+        self.remote = storage.is_url(location)
+        if self.remote:
+            self.fs, self.base = storage.filesystem(str(location))
+            self.location: Path | str = str(location).rstrip("/")
+        else:
+            from fsspec.implementations.local import LocalFileSystem
+            self.fs = LocalFileSystem()
+            self.location = Path(location)
+            self.base = self.fs._strip_protocol(str(Path(location).absolute())).rstrip("/")
+
+    def full(self, rel: str) -> str:
+        return f"{self.location}/{rel}" if self.remote else str(self.location / rel)
+
+    def rel(self, full: str) -> str:
+        """The relative name of a path or URL under the catalog (local paths resolved: links)."""
+        if self.remote:
+            prefix = f"{self.location}/"
+            if not str(full).startswith(prefix):
+                raise ValueError(f"{full!r} is not under the catalog {self.location!r}")
+            return str(full)[len(prefix):]
+        return str(Path(full).resolve().relative_to(Path(self.location).resolve()))
+
+    def _path(self, rel: str) -> str:
+        return f"{self.base}/{rel}"
+
+    def read(self, rel: str) -> bytes:
+        return self.fs.cat_file(self._path(rel))
+
+    def read_or_none(self, rel: str) -> bytes | None:
+        """The file's bytes, None when there is none (read, not looked up in a cached listing:
+        the workers write objects this process has not listed)."""
+        try:
+            return self.read(rel)
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    def table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        if self.remote:  # one GET, then parsed in memory
+            return pq.read_table(io.BytesIO(self.read(rel)), columns=columns)
+        return pq.read_table(self.full(rel), columns=columns)
+
+    def num_rows(self, rel: str) -> int:
+        """Rows in a Parquet file; 0 when it cannot be read (compaction then checks and drops it)."""
+        try:
+            with self.fs.open(self._path(rel), "rb") as fh:  # the footer only
+                return pq.ParquetFile(fh).metadata.num_rows
+        except Exception:
+            return 0
+
+    def write(self, rel: str, data: bytes, durable: bool = False) -> None:
+        """Readers see the old file or the new one, never a part: one PUT on a store; locally a
+        temporary name, renamed over (fsynced, with its folder, when `durable`)."""
+        if self.remote:
+            self.fs.pipe_file(self._path(rel), data)
+            return
+        path = self.location / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                if durable:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if durable:
+            _fsync_dir(path.parent)
+
+    def find(self, sub: str, pattern: str = "") -> list[str]:
+        """Relative names of the files under `sub` (recursively) whose base name starts with
+        `pattern`, sorted."""
+        base = self._path(sub).rstrip("/")
+        if self.remote:
+            self.fs.invalidate_cache(base)  # workers wrote objects this process has not listed
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in found:
+            rel = name[len(self.base) + 1:]
+            if name.startswith(f"{self.base}/") and rel.rsplit("/", 1)[-1].startswith(pattern):
+                out.append(rel)
+        return sorted(out)
+
+    def remove(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._path(rel))
+
+    def remove_empty_folders(self, sub: str) -> None:
+        """Local folders left empty (a store has no folders)."""
+        if self.remote:
+            return
+        base = self.location / sub
+        for path in sorted(base.rglob("*"), reverse=True) if base.exists() else []:  # deepest first
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
 
 
 def _fp(data) -> str:
@@ -96,7 +214,7 @@ _ORB_MATCH_ONLY = {"ratio", "min_keypoints", "ransac_threshold", "model", "ransa
 _NO_EFFECT = {"opencv_threads", "max_open_partitions", "download", "batch_size", "threads"}
 _SCREEN_SEARCH = {"max_distance", "max_candidates", "backend", "exact_group_pairs", "mode", "embedding_k",
                   "embedding_min_cosine", "embedding_index", "embedding_exact_max", "embedding_nprobe",
-                  "dihedral_max_distance"}
+                  "embedding_shard_size", "dihedral_max_distance", "search_sharding", "search_shard_size"}
 
 
 # the code and libraries that make each kind of result: a new version of either invalidates it
@@ -157,9 +275,16 @@ def check_content_ids(sha256) -> np.ndarray:
     return content_ids(sha256)
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+def exists(location: Path | str) -> bool:
+    """Is there a catalog (its manifest) at `location`?"""
+    files = _Files(location)
+    try:
+        files.fs.invalidate_cache(files._path(MANIFEST))
+        return files.fs.isfile(files._path(MANIFEST))
+    except Exception as exc:  # an unreachable store, no access: say what to fix
+        if files.remote:
+            raise storage._access_error(str(location), exc, "cannot read the catalog", "--catalog") from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +297,7 @@ def _empty(columns: list[str]) -> pd.DataFrame:
 
 @dataclass
 class Catalog:
-    directory: Path
+    directory: Path | str  # a local folder, or a store URL
     manifest: dict = field(default_factory=dict)
     images: pd.DataFrame = field(default_factory=lambda: _empty(IMAGE_COLUMNS))
     neighbours: pd.DataFrame = field(default_factory=lambda: _empty(NEIGHBOUR_COLUMNS))
@@ -181,6 +306,11 @@ class Catalog:
     problems: list[str] = field(default_factory=list)
     _checked: dict[str, bool] = field(default_factory=dict)
     bad_files: set[str] = field(default_factory=set)  # failed their check: never listed again
+    files: _Files | None = None
+
+    def __post_init__(self):
+        if self.files is None:
+            self.files = _Files(self.directory)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -188,16 +318,25 @@ class Catalog:
     def load(cls, directory: str | Path) -> "Catalog":
         """Read the manifest and its tables, each checked against its sha256. A missing catalog is
         an empty one; a corrupt table is reported (`problems`, a warning) and treated as empty."""
-        cat = cls(Path(directory))
-        path = cat.directory / MANIFEST
-        if not path.exists():
+        directory = storage.local_form(directory)
+        cat = cls(str(directory).rstrip("/") if storage.is_url(directory) else Path(directory))
+        try:
+            text = cat.files.read(MANIFEST)
+        except FileNotFoundError:
+            return cat
+        except Exception as exc:
+            if cat.files.remote:  # an unreachable store, no access: say what to fix
+                raise storage._access_error(str(cat.directory), exc, "cannot read the catalog", "--catalog") from None
+            if not isinstance(exc, OSError):
+                raise
+            cat._problem(f"{cat.files.full(MANIFEST)}: unreadable manifest ({exc}); the catalog is rebuilt from scratch")
             return cat
         try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
+            manifest = json.loads(text.decode("utf-8"))
             if manifest.get("format") != FORMAT:
                 raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT}")
         except (OSError, ValueError) as exc:
-            cat._problem(f"{path}: unreadable manifest ({exc}); the catalog is rebuilt from scratch")
+            cat._problem(f"{cat.files.full(MANIFEST)}: unreadable manifest ({exc}); the catalog is rebuilt from scratch")
             return cat
         cat.manifest = manifest
         for name, columns in (("images", IMAGE_COLUMNS), ("neighbours", NEIGHBOUR_COLUMNS),
@@ -205,10 +344,11 @@ class Catalog:
             entry = manifest.get("tables", {}).get(name)
             if not entry:
                 continue
-            if not cat.verify_file(entry["file"], entry):
+            data = cat._checked_bytes(entry["file"], entry)
+            if data is None:
                 continue
             try:
-                frame = pq.read_table(cat.directory / entry["file"]).to_pandas()
+                frame = pq.read_table(io.BytesIO(data)).to_pandas()
             except Exception as exc:  # checked above; still, never trust a table that does not parse
                 cat._problem(f"{entry['file']}: cannot be read ({exc}); rebuilt")
                 continue
@@ -221,23 +361,27 @@ class Catalog:
 
     def verify_file(self, rel: str, entry: dict | None = None) -> bool:
         """Is `rel` (relative to the catalog) present with the size and sha256 the manifest names?"""
-        if rel in self._checked:
-            return self._checked[rel]
+        if rel not in self._checked:
+            self._checked_bytes(rel, entry)
+        return self._checked[rel]
+
+    def _checked_bytes(self, rel: str, entry: dict | None = None) -> bytes | None:
+        """The bytes of `rel` when they are what the manifest names (size and sha256), else None
+        (reported as a problem)."""
         entry = entry or self.manifest.get("parts", {}).get(rel)
-        path = self.directory / rel
-        ok = False
+        data = None
         if entry is None:
             self._problem(f"{rel}: not listed in the manifest; not used")
-        elif not path.is_file():
+        elif (data := self.files.read_or_none(rel)) is None:
             self._problem(f"{rel}: missing; its records are recomputed")
-        elif path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
-            self._problem(f"{rel}: checksum mismatch (corrupt); its records are recomputed")
         else:
-            ok = True
-        self._checked[rel] = ok
-        if not ok:
+            if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                self._problem(f"{rel}: checksum mismatch (corrupt); its records are recomputed")
+                data = None
+        self._checked[rel] = data is not None
+        if data is None:
             self.bad_files.add(rel)
-        return ok
+        return data
 
     @property
     def root(self) -> str | None:
@@ -262,25 +406,24 @@ class Catalog:
                            .astype({"transform": "int64"}), on=["sha256", "transform"], how="inner")
         counts = {"reused": int(len(hit)), "wanted": int(len(want)),
                   "settings_changed": int(len(other)) - int(other.merge(hit, on=["sha256", "transform"]).shape[0])}
-        series = pd.Series([str(self.directory / p) for p in hit["part"]], index=hit["key"].to_numpy(np.int64),
+        series = pd.Series([self.files.full(p) for p in hit["part"]], index=hit["key"].to_numpy(np.int64),
                            dtype=object)
         return series, counts
 
     def orphan_parts(self, kind: str, fp: str, sha_of_cid: pd.Series) -> pd.DataFrame:
         """Feature parts a killed run finished (complete files: the store writes each part to a
-        temporary name and renames it) but never listed: key, part_path, error of the rows whose
-        content is still present, to be adopted instead of recomputed."""
-        base = self.directory / "features" / kind / fp
+        temporary name and renames it, or as one PUT) but never listed: key, part_path, error of
+        the rows whose content is still present, to be adopted instead of recomputed."""
         listed = set(self.manifest.get("parts", {}))
         frames = []
-        for path in sorted(base.rglob("part-*.parquet")) if base.exists() else []:
-            if str(path.relative_to(self.directory)) in listed:
+        for rel in self.files.find(f"features/{kind}/{fp}", "part-"):
+            if rel in listed or not rel.endswith(".parquet"):
                 continue
             try:
-                table = pq.read_table(path, columns=["key", "error"]).to_pandas()
+                table = self.files.table(rel, columns=["key", "error"]).to_pandas()
             except Exception:  # not a whole Parquet file: garbage, removed at the next commit
                 continue
-            table["part_path"] = str(path)
+            table["part_path"] = self.files.full(rel)
             frames.append(table)
         if not frames:
             return pd.DataFrame({"key": np.zeros(0, np.int64), "part_path": pd.Series(dtype=object),
@@ -289,8 +432,12 @@ class Catalog:
         found = found[pd.Index(found["key"] // 8).isin(sha_of_cid.index)]
         return found.drop_duplicates("key", keep="last").reset_index(drop=True)
 
-    def feature_dir(self, kind: str, fp: str, run_id: str) -> Path:
-        return self.directory / "features" / kind / fp / run_id
+    def feature_root(self, kind: str, fp: str) -> str:
+        """Where features of `kind` made with settings `fp` go (verify adds a folder per run)."""
+        return self.files.full(f"features/{kind}/{fp}")
+
+    def feature_dir(self, kind: str, fp: str, run_id: str) -> str:
+        return self.files.full(f"features/{kind}/{fp}/{run_id}")
 
     # -- writing (the caller holds the lock) --------------------------------------------------
 
@@ -301,8 +448,6 @@ class Catalog:
         previous = self.manifest
         generation = int(previous.get("generation", 0)) + 1
         tag = f"{generation:06d}-{uuid.uuid4().hex[:8]}"
-        tables_dir = self.directory / "tables"
-        tables_dir.mkdir(parents=True, exist_ok=True)
         tables = {}
         fingerprints_ = dict(previous.get("fingerprints", {}))
         fingerprints_.update(fps)
@@ -312,25 +457,24 @@ class Catalog:
         for name, frame in (("images", images), ("neighbours", neighbours), ("evidence", evidence),
                             ("features", features)):
             rel = f"tables/{name}-{tag}.parquet"
-            _write_parquet(frame, self.directory / rel)
-            tables[name] = _entry(self.directory, rel)
+            data = _parquet_bytes(frame)
+            self.files.write(rel, data)
+            tables[name] = {"file": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         parts = {}
         old_parts = previous.get("parts", {})
         for rel in sorted(pd.unique(features["part"].astype(str))) if len(features) else []:
-            parts[rel] = old_parts.get(rel) or _entry(self.directory, rel)
+            parts[rel] = old_parts.get(rel) or _entry(self.files, rel)
+        if config and config.get("storage", {}).get("options"):  # never credentials in the catalog
+            config = {**config, "storage": {**config["storage"],
+                                            "options": storage.redacted(config["storage"]["options"])}}
         manifest = {"format": FORMAT, "generation": generation, "run_id": run_id, "root": root,
                     "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "fingerprints": fingerprints_, "config": config or previous.get("config"),
                     "tables": tables, "parts": parts,
                     "counts": {"images": int(len(images)), "pairs_with_evidence": int(len(evidence)),
                                "features": int(len(features))}, "compacted": compacted}
-        tmp = self.directory / f".{MANIFEST}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(manifest, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.directory / MANIFEST)
-        _fsync_dir(self.directory)
+        # the commit point: every file it names is written
+        self.files.write(MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"), durable=True)
         self.manifest = manifest
         self.collect_garbage(keep=[previous, manifest])
         return manifest
@@ -346,10 +490,10 @@ class Catalog:
         features = features.copy()
         for (kind, fp), group in features.groupby(["kind", "fp"], sort=True):
             parts = sorted(pd.unique(group["part"].astype(str)))
-            stored = sum(_num_rows(self.directory / p) for p in parts)
+            stored = sum(self.files.num_rows(p) for p in parts)
             if len(parts) <= COMPACT_MAX_PARTS and len(group) >= stored * (1 - COMPACT_DEAD_FRACTION):
                 continue
-            out_dir = self.directory / "features" / kind / fp / f"compact-{tag}"
+            out_dir = self.feature_dir(kind, fp, f"compact-{tag}")
             part_of_key: dict[int, str] = {}
             buffer: list[pa.Table] = []
 
@@ -359,7 +503,7 @@ class Catalog:
                 if merged.num_rows:
                     path = store.write_partition(out_dir, len(set(part_of_key.values())), merged)
                     part_of_key.update(dict.fromkeys(merged["key"].to_pylist(),
-                                                     str(Path(path).relative_to(self.directory))))
+                                                     self.files.rel(path)))
 
             for part in parts:
                 rows = group[group["part"] == part]
@@ -367,7 +511,7 @@ class Catalog:
                 if listed and not self.verify_file(part):  # corrupt: its features are recomputed later
                     features = features.drop(index=rows.index)
                     continue
-                table = pq.read_table(self.directory / part)
+                table = self.files.table(part)
                 buffer.append(table.filter(pc.is_in(table["key"], value_set=pa.array(rows["key"].to_numpy(np.int64)))))
                 if sum(t.num_rows for t in buffer) >= COMPACT_ROWS_PER_PART:
                     flush()
@@ -394,41 +538,29 @@ class Catalog:
             named |= set(m.get("parts", {}))
         removed = []
         for sub in ("tables", "features"):
-            base = self.directory / sub
-            if not base.exists():
-                continue
-            for path in sorted(base.rglob("*")):
-                if path.is_file() and str(path.relative_to(self.directory)) not in named:
-                    path.unlink(missing_ok=True)
-                    removed.append(str(path.relative_to(self.directory)))
-            for path in sorted(base.rglob("*"), reverse=True):  # empty folders, deepest first
-                if path.is_dir() and not any(path.iterdir()):
-                    path.rmdir()
-        for path in self.directory.glob(f".{MANIFEST}.*.tmp"):
-            path.unlink(missing_ok=True)
+            for rel in self.files.find(sub):
+                if rel not in named:
+                    self.files.remove(rel)
+                    removed.append(rel)
+            self.files.remove_empty_folders(sub)
+        if not self.files.remote:  # a manifest's temporary name left by a killed run
+            for path in Path(self.directory).glob(f".{MANIFEST}.*.tmp"):
+                path.unlink(missing_ok=True)
         if removed:
             log.info("catalog: removed %d file(s) no longer referenced", len(removed))
         return removed
 
 
-def _num_rows(path: Path) -> int:
-    """Rows in a Parquet file; 0 when it cannot be read (compaction then checks and drops it)."""
-    try:
-        return pq.ParquetFile(path).metadata.num_rows
-    except Exception:
-        return 0
-
-
-def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def _parquet_bytes(frame: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
     table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
 
 
-def _entry(directory: Path, rel: str) -> dict:
-    path = directory / rel
-    return {"file": rel, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+def _entry(files: _Files, rel: str) -> dict:
+    data = files.read(rel)
+    return {"file": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -443,39 +575,38 @@ def _fsync_dir(directory: Path) -> None:
 @contextlib.contextmanager
 def opened(directory: str | Path) -> Iterator[Catalog]:
     """Hold the catalog's lock (a second run exits 2 naming the holder) and load it."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ConfigError(f"catalog path {str(directory)!r} exists and is not a folder: choose another --catalog")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the catalog folder {str(directory)!r} ({exc.strerror}): "
-                          "choose another --catalog") from None
-    with outdir.locked(directory, name=LOCK_NAME, what="catalog", option="--catalog"):
-        before = _files(directory)
+    directory = storage.local_form(directory)
+    if storage.is_url(directory):
+        directory = str(directory).rstrip("/")
+        lock = storage.locked(directory, name=LOCK_NAME, what="catalog", option="--catalog")
+    else:
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise ConfigError(f"catalog path {str(directory)!r} exists and is not a folder: choose another --catalog")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the catalog folder {str(directory)!r} ({exc.strerror}): "
+                              "choose another --catalog") from None
+        lock = outdir.locked(directory, name=LOCK_NAME, what="catalog", option="--catalog")
+    with lock:
+        files = _Files(directory)
+        before = _written(files)
         try:
             yield Catalog.load(directory)
         except BaseException:  # a failed or stopped run: remove what it wrote that no manifest names
             named: set[str] = set()
             with contextlib.suppress(OSError, ValueError):  # stopped after its commit: keep that
-                current = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+                current = json.loads(files.read(MANIFEST).decode("utf-8"))
                 named = {e["file"] for e in current.get("tables", {}).values()} | set(current.get("parts", {}))
-            for rel in sorted(_files(directory) - before - named):
-                (directory / rel).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # best effort: the next commit removes the rest
+                for rel in sorted(_written(files) - before - named):
+                    files.remove(rel)
             raise
 
 
-def _files(directory: Path) -> set[str]:
-    out = set()
-    for sub in ("tables", "features"):
-        base = directory / sub
-        if base.exists():
-            out |= {str(p.relative_to(directory)) for p in base.rglob("*") if p.is_file()}
-    return out
-
-
-def remove(directory: str | Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
+def _written(files: _Files) -> set[str]:
+    return set(files.find("tables")) | set(files.find("features"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +618,7 @@ def known_records(cat: Catalog | None, fps: dict, root: str, reuse: dict) -> dic
     screen settings (then the file is screened again)."""
     if cat is None:
         return None
-    if cat.root is not None and cat.root != root:
+    if cat.root is not None and _root_key(cat.root) != _root_key(root):
         reuse["not_reused"] = f"the catalog was made for another folder ({cat.root})"
         return {}
     recs = cat.images.astype(object).where(cat.images.notna(), None)
@@ -495,6 +626,11 @@ def known_records(cat: Catalog | None, fps: dict, root: str, reuse: dict) -> dic
     for r in out.values():  # made with other screen settings (or code): to be screened again
         r["stale"] = r["screen_fp"] != fps["screen"]
     return out
+
+
+def _root_key(root: str) -> str:
+    """A URL with or without its trailing "/" names the same prefix."""
+    return root.rstrip("/") if storage.is_url(root) else root
 
 
 def previous_lists(cat: Catalog | None, images: pd.DataFrame, representative: np.ndarray, fps: dict,
@@ -606,19 +742,23 @@ def new_feature_rows(cat: Catalog, kind: str, fp: str, summary: pd.DataFrame, sh
     if summary is None or not len(summary):
         return _empty(FEATURE_COLUMNS)
     keys = summary["key"].to_numpy(np.int64)
-    parts = [str(Path(p).resolve().relative_to(cat.directory.resolve())) for p in summary["part_path"]]
+    parts = [cat.files.rel(p) for p in summary["part_path"]]
     return pd.DataFrame({"kind": kind, "fp": fp,
                          "sha256": sha_of_cid.reindex(keys // 8).to_numpy(dtype=object),
                          "transform": (keys % 8).astype(np.int8), "key": keys, "part": parts,
                          "error": summary["error"].astype(object).where(summary["error"].notna(), None).to_numpy()})
 
 
-def parts_summary(directory: Path) -> pd.DataFrame:
-    """key, part_path, error of every part file under `directory` (features a run just wrote)."""
+def parts_summary(directory: Path | str) -> pd.DataFrame:
+    """key, part_path, error of every part file under `directory` (features a run just wrote; a
+    folder or a store URL)."""
+    files = _Files(directory)
     rows = []
-    for path in sorted(Path(directory).rglob("part-*.parquet")):
-        table = pq.read_table(path, columns=["key", "error"]).to_pandas()
-        table["part_path"] = str(path)
+    for rel in files.find("", "part-"):
+        if not rel.endswith(".parquet"):
+            continue
+        table = files.table(rel, columns=["key", "error"]).to_pandas()
+        table["part_path"] = files.full(rel)
         rows.append(table)
     if not rows:
         return pd.DataFrame({"key": np.zeros(0, np.int64), "part_path": pd.Series(dtype=object),

@@ -26,7 +26,7 @@ examples:
   {prog} dedupe photos/ --out out --set screen.max_distance=12 --set decide.cosine_threshold=0.8
   {prog} dedupe photos/ --out out --scheduler tcp://10.0.0.5:8786   on an existing Dask cluster
   {prog} dedupe s3://bucket/photos --out s3://bucket/dedupe --scheduler tcp://10.0.0.5:8786
-                                                        images and outputs in object storage
+                                                        images, outputs and catalog in object storage
   {prog} dedupe photos/ --out out                       again: incremental (OUT/catalog)
 
 presets (--preset): {presets}; YAML files (default lists every key, the others only what they
@@ -45,7 +45,7 @@ outputs (in OUT):
                   each pair side by side with its evidence, the closest rejected pairs, errors
   (these names link into .dedupe/gen-<run id>/, switched as one unit when a run succeeds)
   catalog/        what the next run into this OUT reuses: it reads only new or changed files and
-                  scores only new pairs (--catalog DIR elsewhere, --no-catalog for none); also
+                  scores only new pairs (--catalog DIR|URL elsewhere, --no-catalog for none); also
                   what `{prog} query IMAGE --catalog OUT/catalog` looks images up in
 
 after a run:
@@ -69,6 +69,7 @@ examples:
   {prog} query new.jpg --catalog out/catalog                 a table on the terminal
   {prog} query a.jpg b.png --catalog out/catalog --output hits.csv
   {prog} query photos/new.jpg --catalog out/catalog --add    also record it in the catalog
+  {prog} query new.jpg --catalog s3://bucket/out/catalog     a catalog in object storage (no --add)
 
 output columns: query, path (catalog image, relative to its folder), image_id, hash_distance,
   orb_matches, orb_inliers, orb_score, cosine, stage, is_duplicate, reason, rule (as in
@@ -129,8 +130,9 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
                      help="'auto' (default: in-process for small work, else a local cluster), 'local', "
                           "'sync' (in-process, one thread, for debugging) or a Dask scheduler "
                           "address such as tcp://127.0.0.1:8786 (DASK_SCHEDULER_ADDRESS works too)")
-    run.add_argument("--catalog", default=None, metavar="DIR",
-                     help="catalog folder kept between runs (default: OUT/catalog; same as --set catalog=DIR)")
+    run.add_argument("--catalog", default=None, metavar="DIR|URL",
+                     help="catalog folder or store URL kept between runs (default: OUT/catalog; same as "
+                          "--set catalog=DIR)")
     run.add_argument("--no-catalog", action="store_true",
                      help="run from scratch without a catalog (same as --set catalog=none)")
     run.add_argument("--rehash", action="store_true",
@@ -145,7 +147,8 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
                            epilog=QUERY_EPILOG.format(prog=prog),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     query.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s) to look up")
-    query.add_argument("--catalog", required=True, metavar="DIR", help="the catalog folder (e.g. OUT/catalog)")
+    query.add_argument("--catalog", required=True, metavar="DIR|URL",
+                       help="the catalog folder or store URL (e.g. OUT/catalog, s3://bucket/out/catalog)")
     query.add_argument("--output", default=None, metavar="FILE",
                        help="write the rows to FILE (.parquet, .csv or .json) instead of a table on the terminal")
     query.add_argument("--add", action="store_true",
@@ -320,9 +323,11 @@ def _query_command(args) -> int:
         if args.output and os.path.splitext(args.output)[1].lower() not in (".parquet", ".csv", ".json"):
             raise ConfigError(f"--output {args.output!r}: the extension must be .parquet, .csv or .json")
         from pipeline import query
-        from pipeline.config import Config
+        from pipeline.config import config_from_dict
         from pipeline.run import dask_client
-        with dask_client(Config(), args.scheduler) as client:
+        # workers get the store options given with --set storage.options=… (a catalog on a store)
+        settings = config_from_dict({}, [o for o in args.overrides if o.startswith("storage.")])
+        with dask_client(settings, args.scheduler) as client:
             result = query.query(args.images, args.catalog, overrides=args.overrides, add=args.add, client=client)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

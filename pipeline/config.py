@@ -71,6 +71,11 @@ class ScreenConfig:
     embedding_index: Literal["auto", "flat", "ivf"] = "auto"
     embedding_exact_max: int = 200_000  # "auto": largest N searched exactly
     embedding_nprobe: int = 32  # "ivf": inverted lists visited per query (more = closer to exact, slower)
+    # hash+embedding with search_sharding (as for the hash search; "auto": a Dask client and more
+    # than this many embeddings): FAISS index shards of about this many embeddings, built on the
+    # workers; every partition is searched against every shard and the k nearest merged (flat:
+    # the same pairs as one index). 1280-d: 2.5 KB (ivf) or 5 KB (flat) per embedding in a shard.
+    embedding_shard_size: int = 500_000
 
 
 @dataclass
@@ -195,14 +200,14 @@ class ReportConfig:
     prefer: list[str] = field(default_factory=list)  # keep=preferred_folder: path prefixes, best first
     page_size: int = 20  # clusters per page
     thumb_size: int = 160  # thumbnail longer side (pixels)
-    draw_pairs: int = 200  # duplicate pairs drawn with their ORB matches (the first, in page order)
+    draw_pairs: int = 200  # duplicate pairs drawn with their ORB matches (one per cluster in page order first)
     draw_rejected: int = 50  # ... and the closest rejected pairs drawn
     rejected_pairs: int = 500  # closest rejected pairs listed
 
 
 @dataclass
 class StorageConfig:
-    # keyword arguments of the fsspec filesystem for DATA, OUT and work_dir URLs (s3://, gs://,
+    # keyword arguments of the fsspec filesystem for DATA, OUT, work_dir and catalog URLs (s3://, gs://,
     # az://, ...), e.g. {endpoint_url: "http://minio:9000"} for an S3-compatible server; the same
     # options go to every Dask worker (pipeline/storage.py). Credentials: prefer the backend's
     # environment variables; secret-looking keys are masked in run.json.
@@ -214,7 +219,7 @@ class Config:
     tiers: Literal["screen", "verify", "confirm"] = "confirm"  # last tier to run
     work_dir: str = ""  # features of a run without catalog; "" = OUT/_work-<pid> (removed when the run ends)
     # The persistent catalog that makes re-runs incremental (pipeline/catalog.py): "" = OUT/catalog,
-    # "none" = no catalog (every run starts from nothing), else a folder.
+    # "none" = no catalog (every run starts from nothing), else a folder or a store URL (s3://...).
     catalog: str = ""
     scan: ScanConfig = field(default_factory=ScanConfig)
     screen: ScreenConfig = field(default_factory=ScreenConfig)
@@ -301,6 +306,7 @@ def _validate(cfg: Config) -> None:
         (-1 <= s.embedding_min_cosine <= 1, "screen.embedding_min_cosine must be in [-1, 1]"),
         (s.embedding_exact_max >= 1, "screen.embedding_exact_max must be >= 1"),
         (s.embedding_nprobe >= 1, "screen.embedding_nprobe must be >= 1"),
+        (s.embedding_shard_size >= 1, "screen.embedding_shard_size must be >= 1"),
         (s.decode_size >= 32, "screen.decode_size must be >= 32"),
         (s.max_pixels > 0, "screen.max_pixels must be > 0"),
         (s.max_decode_bytes >= 2**20, "screen.max_decode_bytes must be >= 1048576 (1 MiB)"),

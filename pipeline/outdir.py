@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import sys
 import uuid
 from datetime import datetime, timezone
@@ -99,15 +100,37 @@ def remove_stale_work(out: Path, keep: Path | None = None) -> list[str]:
     return removed
 
 
+FSYNC_THREADS = 32  # concurrent fsyncs share the filesystem's journal commits
+
+
+def _fsync_path(path: Path) -> None:
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
+        return
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if stat.S_ISDIR(st.st_mode) else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(folder: Path) -> None:
-    for path in [*folder.rglob("*"), folder]:
-        if path.is_symlink():
-            continue
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """fsync every file and folder the new generation wrote, before the commit.
+
+    From FSYNC_THREADS threads: one by one, ~9k report thumbnails took ~11 s at 10k images (~1.2 ms
+    each, one journal commit per call); concurrent calls are committed together (3,000 files:
+    7.5 s one by one, 0.25 s from 32 threads). Not syncfs(2), which also waits for every other
+    process's writes on the filesystem. A file with more than one link is skipped: an earlier
+    generation's thumbnail or drawing linked in (report reuse), durable since that generation's
+    publish (its new link is a directory entry, covered by the folder's fsync)."""
+    from concurrent.futures import ThreadPoolExecutor
+    entries = list(folder.rglob("*"))
+    with ThreadPoolExecutor(FSYNC_THREADS) as pool:
+        list(pool.map(_fsync_path, [p for p in entries if not p.is_dir()]))
+    # folders last, deepest first: each then records entries whose files are already durable
+    for path in sorted((p for p in entries if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        _fsync_path(path)
+    _fsync_path(folder)
 
 
 def _replace_symlink(link: Path, target: str) -> None:

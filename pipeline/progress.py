@@ -138,6 +138,10 @@ def thread_pool():
     return getattr(_local_threads, "pool", None)
 
 
+def _call_task(task, fn: Callable, star: bool, args: tuple):
+    return fn(*task, *args) if star else fn(task, *args)
+
+
 def map_tasks(client, fn: Callable, tasks: Sequence, *args, tracker: Tracker | None = None,
               weight: Callable[[object], int] = lambda task: 1, star: bool = False) -> list:
     """[fn(task, *args) for task in tasks] (`star`: fn(*task, *args)), on the Dask `client` when
@@ -162,10 +166,13 @@ def map_tasks(client, fn: Callable, tasks: Sequence, *args, tracker: Tracker | N
                 tracker.update(weight(task))
         return results
     from distributed import as_completed
-    columns = list(zip(*tasks)) if star else [tasks]
     if not tasks:
         return []
-    futures = client.map(fn, *columns, *[[a] * len(tasks) for a in args], pure=False)
+    # the tasks' data (frames of paths or pairs: ~15 MB for 70k pairs) goes to the workers as
+    # scattered data, not inside the task graph (which the scheduler holds and warns about);
+    # hash=False: fresh keys, so a repeated call never shares data with a finished one
+    data = client.scatter(tasks, hash=False)
+    futures = client.map(_call_task, data, fn=fn, star=star, args=args, pure=False)
     weights = {f.key: weight(t) for f, t in zip(futures, tasks)}
     for fut in as_completed(futures, loop=client.loop):  # the client need not be the default one
         if fut.status == "error":

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import candidates, catalog, decide, scan, screen
+from pipeline import candidates, catalog, decide, scan, screen, storage
 from pipeline.config import Config, ConfigError, config_from_dict
 
 log = logging.getLogger("pipeline")
@@ -63,8 +63,18 @@ def query(paths: list[str | Path], catalog_dir: str | Path, cfg: Config | None =
     """One row per (query image, catalog image it was compared with): OUTPUT_COLUMNS, duplicates
     first. `cfg`: the settings (default: the catalog's, with `overrides` applied). A query image
     that cannot be decoded gets one row with `query_error` set."""
-    cat_dir = Path(catalog_dir)
-    if not (cat_dir / catalog.MANIFEST).is_file():
+    cat_dir = storage.local_form(catalog_dir)
+    if storage.is_url(cat_dir):
+        cat_dir = str(cat_dir).rstrip("/")
+        if add:
+            raise ConfigError(f"--add with a catalog on object storage ({cat_dir}) is not supported: upload "
+                              "the images into the catalog's DATA prefix and run the batch job again")
+        # the store's options before the catalog's config is read: the defaults with --set storage.options=…
+        storage.configure(config_from_dict({}, [o for o in overrides or [] if o.startswith("storage.")])
+                          .storage.options if cfg is None else cfg.storage.options)
+    else:
+        cat_dir = Path(cat_dir)
+    if not catalog.exists(cat_dir):
         raise ConfigError(f"no catalog at {str(cat_dir)!r}: build one with `dedupe dedupe DATA --out OUT` "
                           "(it is kept in OUT/catalog) or pass --catalog DIR")
     opener = catalog.opened(cat_dir) if add else contextlib.nullcontext(catalog.Catalog.load(cat_dir))
@@ -90,9 +100,9 @@ def query(paths: list[str | Path], catalog_dir: str | Path, cfg: Config | None =
 
 def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp: Path, client, progress):
     from pipeline.run import image_ids, representatives  # one definition of both
-    root = Path(cat.root)
     old = cat.images.sort_values("path", kind="stable").reset_index(drop=True)
-    prefix = os.path.join(str(root), "")  # string joins: a Path per catalog row costs ~1 s per 100k
+    # string joins: a Path per catalog row costs ~1 s per 100k (a store URL keeps its "//")
+    prefix = cat.root.rstrip("/") + "/" if storage.is_url(cat.root) else os.path.join(str(Path(cat.root)), "")
     old = old.assign(abs_path=[prefix + p for p in old["path"]])
     q = screen.screen_partition(entries, cfg.screen)
     n_old = len(old)
@@ -189,7 +199,7 @@ def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp
             tb = np.where(tt[~hit] >= 4, 4, 0)
             pre, _ = cat.feature_parts("orb", fps["orb_features"], np.concatenate([sha[ia[~hit]], sha[ib[~hit]]]),
                                        np.concatenate([np.zeros_like(tb), tb]))
-            where = cat.directory / "features" / "orb" / fps["orb_features"] if add else tmp / "orb"
+            where = cat.feature_root("orb", fps["orb_features"]) if add else tmp / "orb"
             scores = verify.run_verify(job, by_content, cfg, str(where), client=client, progress=progress,
                                        precomputed=pre)
             made = pd.DataFrame(scores.attrs.pop("features", {"key": [], "part_path": [], "error": []}))

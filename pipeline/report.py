@@ -9,9 +9,10 @@ Layout (everything relative, so the folder opens from disk, `file://`, with no n
     OUT/report/thumbs/<image_id>.jpg    one per image shown, made once (a rebuild, and the next
                                         run's report, link those of unchanged files: thumbs.json
                                         records each one's sha256)
-    OUT/report/pairs/<id_a>-<id_b>.jpg  ORB matches drawn for the first `report.draw_pairs`
-                                        duplicate pairs in page order and the `report.draw_rejected`
-                                        closest rejected pairs (reused likewise: drawings.json)
+    OUT/report/pairs/<id_a>-<id_b>.jpg  ORB matches drawn for `report.draw_pairs` duplicate pairs
+                                        (one per cluster in page order, then a second, ...) and the
+                                        `report.draw_rejected` closest rejected pairs (reused
+                                        likewise: drawings.json)
 
 The data is a script that sets a global rather than JSON read with fetch(): browsers refuse
 fetch() on file:// pages. It is JSON with `<`, `>`, `&` and the two JavaScript line separators
@@ -256,17 +257,19 @@ def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: 
 
 
 def _draw_list(data: dict, rcfg: ReportConfig) -> list[int]:
-    """Pairs to draw: the first draw_pairs duplicate pairs in page order that ORB saw, then the
-    draw_rejected closest rejected ones that ORB saw."""
+    """Pairs to draw: each cluster's first duplicate pair that ORB saw, clusters in page order, then
+    each cluster's second, ... up to draw_pairs; then the draw_rejected closest rejected ones that
+    ORB saw. One per cluster first: the evidence of the first draw_pairs clusters rather than every
+    pair of the first two or three; and a re-run that grows some clusters draws again only for the
+    clusters that moved into the first draw_pairs (the others' drawings are reused)."""
     pairs = data["pairs"]
     had_orb = [p[4] is not None for p in pairs]
-    picked = []
-    for cluster in data["clusters"]:
-        for i in cluster[3]:
-            if len(picked) >= rcfg.draw_pairs:
-                break
-            if had_orb[i]:
-                picked.append(i)
+    per_cluster = [[i for i in cluster[3] if had_orb[i]] for cluster in data["clusters"]]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < rcfg.draw_pairs and any(depth < len(c) for c in per_cluster):
+        picked += [c[depth] for c in per_cluster if depth < len(c)][:rcfg.draw_pairs - len(picked)]
+        depth += 1
     picked += [i for i in data["rejected"] if had_orb[i]][:rcfg.draw_rejected]
     return picked
 

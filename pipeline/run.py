@@ -460,7 +460,7 @@ def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] 
     near = candidates.pairs_from_neighbours(directed, codes, mask, cfg.screen, representative.to_numpy())
     if emb_parts is not None:
         t = time.perf_counter()
-        emb = candidates.embedding_pairs(emb_parts, cfg.screen)
+        emb = candidates.embedding_pairs(emb_parts, cfg.screen, client=client)
         if timings is not None:
             timings["embedding_knn"] = time.perf_counter() - t
         near = candidates.union_pairs(near, emb, codes, mask, cfg.screen,
@@ -488,10 +488,8 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
     file to compare its sha256 instead of trusting an unchanged size and mtime.
     """
     root, out = storage.local_form(root), storage.local_form(out)
-    on_store = [str(p) for p in (root, out, cfg.work_dir) if storage.is_url(p)]
-    if storage.is_url(cfg.catalog):
-        raise ConfigError(f"catalog {cfg.catalog!r}: a catalog on object storage is not supported yet: "
-                          "use --catalog LOCAL_DIR or --no-catalog")
+    catalog_dir = catalog.resolve(cfg, out)  # None, a folder, or a store URL (default: OUT/catalog)
+    on_store = [str(p) for p in (root, out, cfg.work_dir, catalog_dir) if storage.is_url(p)]
     storage.configure(cfg.storage.options)
     for url in on_store:
         storage.filesystem(url)  # a bad scheme, a missing backend or refused options: exit 2 now
@@ -519,14 +517,6 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
     except OSError as exc:
         raise ConfigError(f"cannot create the output folder {str(out)!r} ({exc.strerror}): "
                           "choose another --out") from None
-    catalog_note = None
-    if on_store and (cfg.catalog or "").strip().lower() not in catalog.DISABLED:
-        if cfg.catalog:
-            raise ConfigError(f"a catalog with DATA, OUT or work_dir on object storage ({on_store[0]}) is not "
-                              "supported yet: use --no-catalog")
-        catalog_note = "DATA or OUT on object storage: no catalog yet, this run starts from nothing"
-        log.info("catalog: %s", catalog_note)
-    catalog_dir = None if catalog_note else catalog.resolve(cfg, out)
     remote_out = storage.is_url(out)
     with storage.locked(out) if remote_out else outdir.locked(out):
         work_dir = (cfg.work_dir if storage.is_url(cfg.work_dir) else Path(cfg.work_dir)) if cfg.work_dir \
@@ -540,7 +530,7 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
             with (catalog.opened(catalog_dir) if catalog_dir is not None
                   else contextlib.nullcontext(None)) as cat:
                 return _cascade(root, out, cfg, scheduler, Progress(quiet), work_dir, weights_info,
-                                cat=cat, rehash=rehash, catalog_note=catalog_note)
+                                cat=cat, rehash=rehash)
         finally:
             if not cfg.work_dir and storage.is_url(work_dir):
                 storage.remove_tree(work_dir)
@@ -578,7 +568,7 @@ def _adopt(cat: catalog.Catalog, kind: str, fp: str, pre: pd.Series, sha_of_cid:
 
 def _screen_embeddings_from_catalog(cat: catalog.Catalog, images: pd.DataFrame, cids: np.ndarray,
                                     sha_of_cid: pd.Series, by_content: pd.DataFrame, fps: dict, cfg: Config,
-                                    work_dir: Path, run_id: str, client, progress: Progress,
+                                    work_dir: Path | str, run_id: str, client, progress: Progress,
                                     new_features: list[pd.DataFrame]) -> tuple[pd.DataFrame, pd.Series, dict]:
     """High-recall mode with a catalog: embed only the representatives whose content has no stored
     transform-0 embedding (the confirm tier's, same model and settings), then lay every
@@ -598,7 +588,8 @@ def _screen_embeddings_from_catalog(cat: catalog.Catalog, images: pd.DataFrame, 
                                         index=made["key"].to_numpy(np.int64))])
     part_of = part_of[~part_of.index.duplicated(keep="last")]
     screen_emb = catalog.gather_embeddings(part_of, pd.Series(ckeys, index=rows),
-                                           work_dir / "embed" / SCREEN_EMBED_SUBDIR, cfg.dask.partition_size)
+                                           storage.join(work_dir, "embed", SCREEN_EMBED_SUBDIR),
+                                           cfg.dask.partition_size)
     info = {"images": int(len(rows)), "embeddings_reused": int(len(rows) - len(todo)),
             "embeddings_computed": int(len(todo)), "embeddings_adopted_from_killed_run": adopted,
             "embeddings_redone_settings_changed": fcounts["settings_changed"]}
@@ -607,7 +598,7 @@ def _screen_embeddings_from_catalog(cat: catalog.Catalog, images: pd.DataFrame, 
 
 def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | None, progress: Progress,
              work_dir: Path | str, weights_info: dict | None, cat: catalog.Catalog | None = None,
-             rehash: bool = False, catalog_note: str | None = None) -> dict:
+             rehash: bool = False) -> dict:
     high_recall = cfg.screen.mode == "hash+embedding"
     started = datetime.now(timezone.utc)
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
@@ -615,8 +606,6 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
     counts: dict[str, int] = {}
     fps = catalog.fingerprints(cfg, weights_info)
     reuse: dict = {"catalog": str(cat.directory) if cat is not None else None}
-    if catalog_note:
-        reuse["note"] = catalog_note
     new_features: list[pd.DataFrame] = []
     ran_features: dict[str, str] = {}
     verified = False
@@ -718,7 +707,7 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
                                                      np.concatenate([np.zeros_like(tb), tb]))
                     pre, adopted = _adopt(cat, "orb", fps["orb_features"], pre, sha_of_cid, new_features)
                     scores = verify.run_verify(job, by_content, cfg,
-                                               str(cat.directory / "features" / "orb" / fps["orb_features"]),
+                                               cat.feature_root("orb", fps["orb_features"]),
                                                client=client, progress=progress, precomputed=pre)
                     made = pd.DataFrame(scores.attrs.pop("features", {"key": [], "part_path": [], "error": []}))
                     counts["verify_features"] = len(made)
@@ -838,8 +827,9 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
         reuse["catalog_generation"] = committed["generation"]
         reuse["catalog_compacted"] = committed.get("compacted", [])
         manifest["timings_s"]["catalog"] = round(time.perf_counter() - t, 3)
-    with progress.stage("write", total=len(images) + len(pairs_out), unit="row") as tracker:
-        last = None if storage.is_url(out) else outdir.current_generation(out)  # its report's thumbnails are reused
+    with progress.stage("write", total=len(images) + len(pairs_out), unit="row") as tracker, \
+            (storage.last_generation(out) if storage.is_url(out)  # its report's thumbnails are reused
+             else contextlib.nullcontext(outdir.current_generation(out))) as last:
         (storage.publish if storage.is_url(out) else outdir.publish)(
             out, run_id, lambda folder: write.write_outputs(folder, images, pairs_out, manifest,
                                                             previous_report=last / "report" if last else None))

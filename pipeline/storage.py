@@ -1,5 +1,5 @@
-"""Images and outputs on object storage (S3, GCS, Azure, ...): any fsspec URL for DATA, OUT and
-work_dir.
+"""Images, outputs and the catalog on object storage (S3, GCS, Azure, ...): any fsspec URL for
+DATA, OUT, work_dir and the catalog (the catalog's own layout and commit: pipeline/catalog.py).
 
 Local paths (and `file://` URLs, turned into paths by `local_form`) never come here: they keep the
 local code (pipeline/paths.py, pipeline/outdir.py). For a URL:
@@ -21,7 +21,8 @@ local code (pipeline/paths.py, pipeline/outdir.py). For a URL:
   sha256 list in `run.json`). The previous generation is kept, older ones are removed.
 * **Lock.** `locked` creates `OUT/.dedupe.lock` with an exclusive create (S3 `If-None-Match: *`);
   a second run finds it and stops naming the holder. A run killed outright (kill -9, a lost host)
-  leaves the object behind: the next run stops and says which object to delete.
+  leaves the object behind: the next run stops and says which object to delete. A catalog on a
+  store is locked the same way (`CATALOG/.catalog.lock`).
 """
 from __future__ import annotations
 
@@ -278,11 +279,12 @@ def _holder(fs, lock: str) -> str:
 
 
 @contextlib.contextmanager
-def locked(out: str) -> Iterator[None]:
+def locked(out: str, name: str = LOCK_NAME, what: str = "output location", option: str = "--out") -> Iterator[None]:
     """OUT's run lock on a store: the object OUT/.dedupe.lock, created exclusively, removed at the
-    end. ConfigError naming the holder when it exists (or saying what to fix when it cannot be made)."""
+    end. ConfigError naming the holder when it exists (or saying what to fix when it cannot be made).
+    (`name`, `what`, `option`: the same lock for another prefix, e.g. the catalog.)"""
     fs, root = filesystem(out)
-    lock = f"{root}/{LOCK_NAME}"
+    lock = f"{root}/{name}"
     info = {"pid": os.getpid(), "host": socket.gethostname(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(sys.argv)[:500]}
@@ -292,16 +294,16 @@ def locked(out: str) -> Iterator[None]:
                 fh.write(json.dumps(info).encode("utf-8"))
         except (ValueError, NotImplementedError):  # a backend without exclusive create
             log.warning("%s cannot create objects exclusively: two runs started at the same moment "
-                        "could both take OUT's lock", fs.protocol)
+                        "could both take the lock of %s", fs.protocol, out)
             if fs.exists(lock):
                 raise FileExistsError(lock) from None
             fs.pipe_file(lock, json.dumps(info).encode("utf-8"))
     except FileExistsError:
-        raise ConfigError(f"the output location {out!r} is in use by {_holder(fs, lock)}: wait for that run to "
-                          f"finish, or choose another --out (if that run was killed, delete "
+        raise ConfigError(f"the {what} {out!r} is in use by {_holder(fs, lock)}: wait for that run to "
+                          f"finish, or choose another {option} (if that run was killed, delete "
                           f"{_url(fs, lock)} and run again)") from None
     except Exception as exc:
-        raise _access_error(out, exc, "cannot write in the output location", "--out") from None
+        raise _access_error(out, exc, f"cannot write in the {what}", option) from None
     try:
         yield
     finally:
@@ -329,6 +331,31 @@ def remove_stale_work(out: str, keep: str | None = None) -> list[str]:
     return removed
 
 
+REUSED = ("report/thumbs.json", "report/drawings.json", "report/thumbs/", "report/pairs/")
+
+
+@contextlib.contextmanager
+def last_generation(out: str) -> Iterator[Path | None]:
+    """A local copy of what a run reuses from OUT's current generation on the store: its report's
+    thumbnails and drawings with their indexes (REUSED), in a temporary folder removed on exit;
+    None when there is none or the copy fails (then everything is made again). A small GET per
+    thumbnail instead of a GET of each shown image (and a decode, and ORB for each drawing)."""
+    fs, root = filesystem(out)
+    with tempfile.TemporaryDirectory(prefix="dedupe-last-") as tmp:
+        try:
+            gen = f"{root}/{STATE_DIR}/{fs.cat_file(f'{root}/{STATE_DIR}/current').decode('utf-8').strip()}"
+            fs.invalidate_cache(f"{gen}/report")
+            wanted = [p for p in fs.find(f"{gen}/report") if p[len(gen) + 1:].startswith(REUSED)]
+            if wanted:  # one batch call (concurrent requests)
+                fs.get(wanted, [str(Path(tmp, p[len(gen) + 1:])) for p in wanted])
+        except Exception as exc:  # no generation yet, or a failed copy (never a partial file reused)
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("the last report's thumbnails could not be copied (%s); they are made again", exc)
+            yield None
+            return
+        yield Path(tmp)
+
+
 def publish(out: str, run_id: str, write) -> str:
     """`write(folder)` fills a local temporary folder; its files become OUT's outputs on the store
     (see the module docstring for the order and what a reader sees). Returns the generation URL."""
@@ -341,9 +368,11 @@ def publish(out: str, run_id: str, write) -> str:
         write(folder)
         names = sorted((p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
                        key=lambda n: (n == "run.json", n))  # run.json last
-        try:
-            for name in names:
-                fs.put_file(str(folder / name), f"{gen}/{name}")
+        try:  # many small report files: one batch call (concurrent requests), run.json after it
+            head = names[:-1] if names and names[-1] == "run.json" else names
+            for batch in (head, names[len(head):]):
+                if batch:
+                    fs.put([str(folder / n) for n in batch], [f"{gen}/{n}" for n in batch])
         except BaseException:
             with contextlib.suppress(Exception):
                 fs.rm(gen, recursive=True)
@@ -354,14 +383,15 @@ def publish(out: str, run_id: str, write) -> str:
     except FileNotFoundError:
         previous = None
     fs.pipe_file(pointer, gen_name.encode("utf-8"))  # the commit point
-    for name in names:
-        fs.copy(f"{gen}/{name}", f"{root}/{name}")
+    for batch in (head, names[len(head):]):  # server-side copies, batched; run.json last
+        if batch:
+            fs.copy([f"{gen}/{n}" for n in batch], [f"{root}/{n}" for n in batch])
     # report pages of an older run that this one does not have
     published = set(names)
     with contextlib.suppress(FileNotFoundError):
-        for path in fs.find(f"{root}/report"):
-            if path[len(root) + 1:] not in published:
-                fs.rm_file(path)
+        stale = [path for path in fs.find(f"{root}/report") if path[len(root) + 1:] not in published]
+        if stale:
+            fs.rm(stale)
     with contextlib.suppress(FileNotFoundError):
         for path in fs.ls(f"{root}/{STATE_DIR}", detail=False, refresh=True):
             name = path.rstrip("/").rsplit("/", 1)[-1]

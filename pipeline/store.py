@@ -15,6 +15,7 @@ from collections import OrderedDict
 from pathlib import Path
 from threading import Lock
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,13 +23,20 @@ import pyarrow.parquet as pq
 from pipeline import storage
 
 
+# Rows per Parquet row group. Parts are written sorted by key, so each row group's key range is
+# tight and a reader that wants a few keys decodes only the row groups holding them (an incremental
+# run or a query reads a few images out of many parts: ~32 rows each, not a whole ~6 MB ORB part).
+ROW_GROUP_ROWS = 32
+
+
 def write_partition(directory: str | Path, part: int, frame: pd.DataFrame | pa.Table) -> str:
-    """Write `frame` (must have an int64 `key` column) atomically; returns the file path (or URL:
-    on a store the file is one PUT, atomic by itself)."""
+    """Write `frame` (must have an int64 `key` column) atomically, sorted by key, in row groups of
+    ROW_GROUP_ROWS; returns the file path (or URL: on a store the file is one PUT, atomic by itself)."""
     table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.sort_by("key")
     if storage.is_url(directory):
         buf = io.BytesIO()
-        pq.write_table(table, buf)
+        pq.write_table(table, buf, row_group_size=ROW_GROUP_ROWS)
         final = storage.join(directory, f"part-{part:06d}.parquet")
         storage.write_bytes(final, buf.getvalue())
         return final
@@ -36,40 +44,87 @@ def write_partition(directory: str | Path, part: int, frame: pd.DataFrame | pa.T
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"part-{part:06d}.parquet"
     tmp = directory / f".part-{part:06d}.{uuid.uuid4().hex}.tmp"
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
     os.replace(tmp, final)
     return str(final)
 
 
-class _PartitionCache:
-    """A small LRU of loaded partitions (DataFrames indexed by key), one per worker process."""
+def _key_ranges(meta: pq.FileMetaData) -> np.ndarray:
+    """(min, max) key of each row group, from the footer's statistics (any key when absent)."""
+    col = meta.schema.to_arrow_schema().get_field_index("key")
+    ranges = np.empty((meta.num_row_groups, 2), dtype=np.int64)
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(col).statistics
+        ranges[g] = (stats.min, stats.max) if stats is not None and stats.has_min_max else \
+            (np.iinfo(np.int64).min, np.iinfo(np.int64).max)
+    return ranges
 
-    def __init__(self, capacity: int = 16):
-        self.capacity = capacity
-        self._data: OrderedDict[str, pd.DataFrame] = OrderedDict()
+
+class _PartitionCache:
+    """A small LRU of loaded row groups (DataFrames indexed by key) and of each part's row-group
+    key ranges, one per worker process. Parts are immutable once written (every writer makes a
+    new path), so entries never go stale."""
+
+    def __init__(self, capacity_rows: int = 4096, capacity_parts: int = 4096):
+        self.capacity_rows = capacity_rows  # ~ 16 partitions of 256 images, as before row groups
+        self.capacity_parts = capacity_parts
+        self._groups: OrderedDict[tuple[str, int], pd.DataFrame] = OrderedDict()
+        self._rows = 0
+        self._ranges: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = Lock()
 
-    def get(self, path: str) -> pd.DataFrame:
+    def _open(self, path: str) -> pq.ParquetFile:
+        return pq.ParquetFile(io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path)
+
+    def get(self, path: str, wanted: np.ndarray | None = None) -> pd.DataFrame:
+        """The part's rows whose key is in `wanted` (sorted int64; None = every row)."""
         with self._lock:
-            if path in self._data:
-                self._data.move_to_end(path)
-                return self._data[path]
-        source = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
-        frame = pq.read_table(source).to_pandas().set_index("key")
+            ranges = self._ranges.get(path)
+        pf = None
+        if ranges is None:
+            pf = self._open(path)
+            ranges = _key_ranges(pf.metadata)
+            with self._lock:
+                self._ranges[path] = ranges
+                while len(self._ranges) > self.capacity_parts:
+                    self._ranges.popitem(last=False)
+        if wanted is None:
+            need = np.arange(len(ranges))
+        else:  # row groups whose key range holds a wanted key
+            need = np.flatnonzero(np.searchsorted(wanted, ranges[:, 1], side="right")
+                                  > np.searchsorted(wanted, ranges[:, 0], side="left"))
         with self._lock:
-            self._data[path] = frame
-            while len(self._data) > self.capacity:
-                self._data.popitem(last=False)
-        return frame
+            have = {g: self._groups[(path, g)] for g in need if (path, g) in self._groups}
+            for g in have:
+                self._groups.move_to_end((path, g))
+        missing = [int(g) for g in need if g not in have]
+        if missing:
+            pf = pf or self._open(path)
+            frame = pf.read_row_groups(missing).to_pandas().set_index("key")
+            sizes = [pf.metadata.row_group(g).num_rows for g in missing]
+            bounds = np.cumsum([0, *sizes])
+            with self._lock:
+                for g, lo, hi in zip(missing, bounds[:-1], bounds[1:]):
+                    have[g] = self._groups[(path, g)] = frame.iloc[lo:hi]
+                    self._rows += hi - lo
+                while self._rows > self.capacity_rows and len(self._groups) > 1:
+                    self._rows -= len(self._groups.popitem(last=False)[1])
+        if not have:
+            return pd.DataFrame()
+        found = pd.concat([have[g] for g in sorted(have)]) if len(have) > 1 else next(iter(have.values()))
+        return found if wanted is None else found.loc[found.index.isin(wanted)]
 
 
 _CACHE = _PartitionCache()
 
 
 def read_rows(paths: list[str], keys) -> pd.DataFrame:
-    """Rows for `keys` (each present in one of `paths`), indexed by key, in the order of `keys`."""
-    frames = [_CACHE.get(p) for p in dict.fromkeys(paths)]
+    """Rows for `keys` (each present in one of `paths`), indexed by key, in the order of `keys`.
+    Only the row groups holding wanted keys are read (ROW_GROUP_ROWS)."""
     wanted = pd.Index(pd.unique(pd.Series(keys, dtype="int64")))
-    pieces = [f.loc[f.index.intersection(wanted)] for f in frames]
+    sorted_wanted = np.sort(wanted.to_numpy())
+    pieces = [_CACHE.get(p, sorted_wanted) for p in dict.fromkeys(paths)]
+    pieces = [f for f in pieces if len(f)]
     found = pd.concat(pieces) if pieces else pd.DataFrame()
+    found = found[~found.index.duplicated()]
     return found.reindex(wanted)

@@ -532,3 +532,16 @@ def test_feature_parts_are_compacted_and_still_give_the_same_results(grown, tmp_
     assert again["reuse"]["verify"]["features_computed"] == 0
     run(grown["data"], tmp_path / "scratch", "--no-catalog", "--set", "verify.ratio=0.7")
     assert_same_outputs(out, tmp_path / "scratch")
+
+
+def test_search_settings_key_the_neighbour_lists_not_the_hashes():
+    """How the candidate search runs (sharding, shard sizes, K, distances) re-searches from the
+    stored hashes; it never re-hashes a catalog's images."""
+    from pipeline.config import load_config
+    base = catalog.fingerprints(load_config(None, []))
+    for setting in ("screen.search_sharding=sharded", "screen.search_shard_size=1000",
+                    "screen.embedding_shard_size=1000", "screen.max_distance=6"):
+        fp = catalog.fingerprints(load_config(None, [setting]))
+        assert fp["screen"] == base["screen"] and fp["neighbours"] != base["neighbours"], setting
+    fp = catalog.fingerprints(load_config(None, ["screen.decode_size=48"]))
+    assert fp["screen"] != base["screen"]

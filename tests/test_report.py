@@ -218,3 +218,18 @@ def test_a_new_run_reuses_the_last_reports_thumbnails_and_drawings(review_run, t
     write_report(third, run.images, run.pairs, run.manifest, cfg=cfg, reuse_from=first / "report")
     assert (third / "report" / "thumbs" / thumb.name).read_bytes().endswith(b"reused")
     assert not (third / "report" / "pairs" / drawing.name).read_bytes().endswith(b"reused")
+
+
+def test_drawings_go_one_per_cluster_first():
+    """report.draw_pairs is spent on each cluster's first ORB-seen pair (page order), then each
+    cluster's second, ...; rejected drawings come after and only for pairs ORB saw."""
+    from pipeline.config import ReportConfig
+    from pipeline.report import _draw_list
+    orb = [0, 0, 0, None, 0, 0, 0, 0, None, 0]  # p[4] (ORB inliers): None = ORB never saw the pair
+    data = {"pairs": [[0, 1, 3, 10, v] for v in orb],
+            "clusters": [["c1", [], None, [0, 1, 2]], ["c2", [], None, [3, 4]], ["c3", [], None, [5]]],
+            "rejected": [8, 9, 7]}
+    assert _draw_list(data, ReportConfig(draw_pairs=4, draw_rejected=5)) == [0, 4, 5, 1, 9, 7]
+    assert _draw_list(data, ReportConfig(draw_pairs=2, draw_rejected=1)) == [0, 4, 9]
+    assert _draw_list(data, ReportConfig(draw_pairs=100, draw_rejected=0)) == [0, 4, 5, 1, 2]
+    assert _draw_list(data, ReportConfig(draw_pairs=0, draw_rejected=0)) == []

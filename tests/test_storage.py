@@ -1,15 +1,17 @@
-"""DATA and OUT on object storage: a real S3-compatible server (moto's server mode) on 127.0.0.1,
-started and stopped here, with credentials checked (IAM auth on).
+"""DATA, OUT and the catalog on object storage: a real S3-compatible server (moto's server mode)
+on 127.0.0.1, started and stopped here, with credentials checked (IAM auth on).
 
-The end-to-end test runs the whole cascade on images in a bucket with an external `dask scheduler`
+The end-to-end tests run the whole cascade on images in a bucket with an external `dask scheduler`
 and two `dask worker` processes, each in its own empty folder (no shared local disk: the feature
-files go to the bucket too), and compares the outputs read back from the bucket with a local run
-on the same files. Nothing here talks to anything but 127.0.0.1.
+files and the catalog go to the bucket too), and compare the outputs read back from the bucket with
+a local run on the same files, and an incremental re-run with a run from scratch. Nothing here
+talks to anything but 127.0.0.1.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -54,7 +56,8 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """moto_server on 127.0.0.1 with auth on; yields (endpoint, env with a valid key for it)."""
+    """moto_server on 127.0.0.1 with auth on; yields (endpoint, env with a valid key for it, the
+    server's request log)."""
     if not (BIN / "moto_server").exists():
         pytest.skip("moto[server] is not installed (make install installs the test extras)")
     port = _free_port()
@@ -62,7 +65,8 @@ def s3(tmp_path_factory):
     # the first 3 requests (the IAM set-up below) are not checked; every later one is
     server_env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3", AWS_ACCESS_KEY_ID="setup",
                       AWS_SECRET_ACCESS_KEY="setup", AWS_DEFAULT_REGION="us-east-1")
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"  # one line per request
+    log = open(log_path, "wb")
     proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env=server_env,
                             stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -80,7 +84,7 @@ def s3(tmp_path_factory):
                    AWS_EC2_METADATA_DISABLED="true",  # never ask a cloud metadata service
                    AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
                    PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
-        yield endpoint, env
+        yield endpoint, env, log_path
     finally:
         proc.terminate()
         proc.wait(30)
@@ -125,7 +129,7 @@ def dataset(photo_paths, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bucket(s3, dataset) -> str:
     """The dataset uploaded to s3://photos/data/; returns the DATA URL."""
-    _, env = s3
+    _, env, _ = s3
     client = _s3_client(env)
     client.create_bucket(Bucket=BUCKET)
     for path in sorted(dataset.rglob("*")):
@@ -152,10 +156,14 @@ def _sorted(images: pd.DataFrame, pairs: pd.DataFrame):
             pairs.sort_values(["path_a", "path_b"]).reset_index(drop=True))
 
 
-@pytest.mark.slow
-def test_cascade_on_a_bucket_with_remote_workers_equals_a_local_run(s3, bucket, dataset, models_dir, tmp_path):
-    _, env = s3
-    driver = tmp_path / "driver"
+@pytest.fixture(scope="module")
+def cluster(s3, models_dir, tmp_path_factory):
+    """An external `dask scheduler` and two `dask worker` processes, each worker in its own empty
+    folder with its own Keras cache (no shared disk). Yields (address, driver env, driver folder,
+    the workers' folders)."""
+    _, env, _ = s3
+    base = tmp_path_factory.mktemp("cluster")
+    driver = base / "driver"
     driver.mkdir()
     env = dict(env, KERAS_HOME=str(_keras_home(models_dir, driver / "keras")))
     port = _free_port()
@@ -164,32 +172,38 @@ def test_cascade_on_a_bucket_with_remote_workers_equals_a_local_run(s3, bucket, 
                                "--dashboard-address", ":0"], env=env, cwd=driver,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     worker_dirs = []
-    for n in (1, 2):  # each worker: its own empty folder and its own Keras cache, no shared disk
-        home = tmp_path / f"worker{n}"
-        cwd = home / "cwd"
-        cwd.mkdir(parents=True)
-        worker_dirs.append(cwd)
-        wenv = dict(env, KERAS_HOME=str(_keras_home(models_dir, home / "keras")))
-        procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
-                                       "--host", "127.0.0.1", "--dashboard-address", ":0",
-                                       "--local-directory", str(cwd), "--name", f"w{n}"], env=wenv, cwd=cwd,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
+        for n in (1, 2):  # each worker: its own empty folder and its own Keras cache, no shared disk
+            home = base / f"worker{n}"
+            cwd = home / "cwd"
+            cwd.mkdir(parents=True)
+            worker_dirs.append(cwd)
+            wenv = dict(env, KERAS_HOME=str(_keras_home(models_dir, home / "keras")))
+            procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1",
+                                           "--nthreads", "1", "--host", "127.0.0.1", "--dashboard-address", ":0",
+                                           "--local-directory", str(cwd), "--name", f"w{n}"], env=wenv, cwd=cwd,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         from distributed import Client
         with Client(address, timeout="60s") as client:
             client.wait_for_workers(2, timeout=120)
-        out = f"s3://{BUCKET}/runs/first"
-        result = _run([bucket, "--out", out, "--scheduler", address, "--quiet", *TIERS], env, driver)
-        assert result.returncode == 0, result.stderr[-4000:]
-        local_out = tmp_path / "local-out"
-        result = _run([str(dataset), "--out", str(local_out), "--scheduler", "sync", "--no-catalog", "--quiet",
-                       *TIERS], env, driver)
-        assert result.returncode == 0, result.stderr[-4000:]
+        yield address, env, driver, worker_dirs
     finally:
         for proc in reversed(procs):
             proc.terminate()
         for proc in procs:
             proc.wait(60)
+
+
+@pytest.mark.slow
+def test_cascade_on_a_bucket_with_remote_workers_equals_a_local_run(s3, cluster, bucket, dataset, tmp_path):
+    address, env, driver, worker_dirs = cluster
+    out = f"s3://{BUCKET}/runs/first"
+    result = _run([bucket, "--out", out, "--scheduler", address, "--quiet", *TIERS], env, driver)
+    assert result.returncode == 0, result.stderr[-4000:]
+    local_out = tmp_path / "local-out"
+    result = _run([str(dataset), "--out", str(local_out), "--scheduler", "sync", "--no-catalog", "--quiet",
+                   *TIERS], env, driver)
+    assert result.returncode == 0, result.stderr[-4000:]
 
     storage_opts = {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"],
                     "endpoint_url": env["AWS_ENDPOINT_URL"]}
@@ -230,16 +244,22 @@ def test_cascade_on_a_bucket_with_remote_workers_equals_a_local_run(s3, bucket, 
         import hashlib
         assert hashlib.sha256(fs.cat_file(f"{root}/{name}")).hexdigest() == digest, name
     assert fs.exists(f"{root}/report/index.html")
-    # the lock and the work prefix (the workers' feature files) are gone; nothing was written locally
+    # the lock and the work prefix are gone; the catalog (with the workers' feature files) is in
+    # the bucket, unlocked; nothing was written locally
     left = [p.rsplit("/", 1)[-1] for p in fs.ls(root, refresh=True)]
     assert ".dedupe.lock" not in left and not [p for p in left if p.startswith("_work-")]
+    assert manifest["reuse"]["catalog"] == f"{out}/catalog" and manifest["reuse"]["catalog_generation"] == 1
+    cat = json.loads(fs.cat_file(f"{root}/catalog/manifest.json"))
+    assert cat["root"] == bucket and cat["parts"] and not fs.exists(f"{root}/catalog/.catalog.lock")
+    for rel, entry in cat["parts"].items():
+        assert fs.size(f"{root}/catalog/{rel}") == entry["bytes"], rel
     for cwd in worker_dirs:
         assert not list(cwd.rglob("*.parquet")), cwd
     assert not list(driver.rglob("*.parquet"))
 
 
 def test_bad_credentials_and_missing_bucket_are_usage_errors(s3, bucket, tmp_path):
-    _, env = s3
+    _, env, _ = s3
     bad = dict(env, AWS_ACCESS_KEY_ID="AKIAWRONGWRONGWRONG0", AWS_SECRET_ACCESS_KEY="wrong")
     result = _run([bucket, "--out", f"s3://{BUCKET}/runs/bad", "--tiers", "screen", "--quiet"], bad, tmp_path,
                   timeout=300)
@@ -258,7 +278,7 @@ def test_bad_credentials_and_missing_bucket_are_usage_errors(s3, bucket, tmp_pat
 
 
 def test_a_locked_output_prefix_names_the_lock_to_remove(s3, bucket, tmp_path):
-    _, env = s3
+    _, env, _ = s3
     fs = _fs(env)
     fs.pipe_file(f"{BUCKET}/runs/locked/.dedupe.lock", json.dumps({"pid": 4242, "host": "elsewhere"}).encode())
     result = _run([bucket, "--out", f"s3://{BUCKET}/runs/locked", "--tiers", "screen", "--quiet"], env, tmp_path,
@@ -272,7 +292,7 @@ def test_a_locked_output_prefix_names_the_lock_to_remove(s3, bucket, tmp_path):
 def test_an_object_deleted_after_listing_is_an_error_row(s3, bucket, dataset, tmp_path, monkeypatch):
     """The listing sees the object, then it is deleted before the screen reads it: one error row
     with the reason, the run completes (exit 0)."""
-    _, env = s3
+    _, env, _ = s3
     for k, v in env.items():
         if k.startswith("AWS_"):
             monkeypatch.setenv(k, v)
@@ -314,8 +334,8 @@ def test_bad_scheme_missing_backend_and_refused_options_exit_2(tmp_path, monkeyp
         ([str(data), "--out", "gs://bucket/out"], "backend is not installed"),
         ([str(data), "--out", "s3://bucket/out", "--set", "storage.options={no_such_option: 1, endpoint_url: 'http://127.0.0.1:9', key: k, secret: s}"],
          "storage.options are not accepted"),
-        ([str(data), "--out", str(tmp_path / "o"), "--catalog", "s3://bucket/catalog"],
-         "a catalog on object storage is not supported yet"),
+        ([str(data), "--out", str(tmp_path / "o"), "--catalog", "nosuch://bucket/catalog"],
+         "unknown storage scheme nosuch://"),
         ([str(data), "--out", str(tmp_path / "o"), "--set", "storage.options=[1]"], "expected a mapping"),
     ]
     for args, message in cases:
@@ -363,3 +383,327 @@ def test_lock_without_exclusive_create_falls_back_to_check_then_write(monkeypatc
             with storage.locked(out):
                 pass
     assert not storage.filesystem(out)[0].exists("/locktest/out/.dedupe.lock")
+
+
+# ---------------------------------------------------------------------------------------------
+# the catalog in the bucket
+
+
+def _aws_env(monkeypatch, env: dict) -> None:
+    """This process talks to the moto server as the runs do (for in-process runs and checks)."""
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+
+
+def _upload(client, folder: Path, prefix: str) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+
+def _read_outputs(out: str | Path, env: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    opts = {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"],
+            "endpoint_url": env["AWS_ENDPOINT_URL"]} if str(out).startswith("s3://") else None
+    return _sorted(pd.read_parquet(f"{out}/images.parquet", storage_options=opts),
+                   pd.read_parquet(f"{out}/pairs.parquet", storage_options=opts))
+
+
+def _assert_same_outputs(a: tuple, b: tuple) -> None:
+    """images and pairs equal (same objects, so the same mtimes too); floats within 1e-5 (float32
+    scores, the stored values are the same numbers)."""
+    for x, y in zip(a, b):
+        pd.testing.assert_frame_equal(x, y, check_exact=False, atol=1e-5, rtol=0)
+
+
+def _run_json(fs, out: str) -> dict:
+    return json.loads(fs.cat_file(f"{out.removeprefix('s3://')}/run.json"))
+
+
+def _object_gets(log_path: Path, since: int, prefix: str) -> list[str]:
+    """Keys under `prefix` whose bytes were read (GET of the object, not a listing) in the server's
+    request log after its first `since` lines."""
+    lines = log_path.read_text(errors="replace").splitlines()[since:]
+    marker = f'"GET /{BUCKET}/{prefix}/'
+    return sorted(line.split(marker, 1)[1].split(" ", 1)[0] for line in lines if marker in line)
+
+
+def _log_lines(log_path: Path) -> int:
+    return len(log_path.read_text(errors="replace").splitlines())
+
+
+def _dedupe(*args: str) -> int:
+    from pipeline.cli import main
+    return main(["dedupe", *args])
+
+
+@pytest.mark.slow
+def test_a_catalog_in_the_bucket_makes_the_rerun_incremental_and_equal_to_a_run_from_scratch(
+        s3, cluster, bucket, dataset, photo_paths, tmp_path):
+    """Run on a bucket (the catalog defaults to OUT/catalog in the bucket; the workers write the
+    feature parts there), add, move and delete objects, run again: the same outputs as a run from
+    scratch, and run.json says what was reused (unchanged objects not read, pairs not rescored)."""
+    from bench import transforms
+    address, env, driver, worker_dirs = cluster
+    client, fs = _s3_client(env), _fs(env)
+    prefix = "grow/data"
+    data, out = f"s3://{BUCKET}/{prefix}", f"s3://{BUCKET}/grow/out"
+    _upload(client, dataset, prefix)
+    result = _run([data, "--out", out, "--scheduler", address, "--quiet", *TIERS], env, driver)
+    assert result.returncode == 0, result.stderr[-4000:]
+    first = _run_json(fs, out)
+    assert first["reuse"]["screen"]["reused"] == 0 and first["reuse"]["catalog"] == f"{out}/catalog"
+
+    # add a resized copy of p10, a byte copy of p3 and a photo of no group; move one edit; delete two
+    p10 = next((dataset / "originals").glob("p10.*"))
+    resized, ext, _ = transforms.render(p10, "resize_50", seed=1, group="p10")
+    p3 = next((dataset / "originals" / "2024").glob("p3.*"))
+    step = len(photo_paths) // N_PHOTOS
+    used = {photo_paths[i * step] for i in range(N_PHOTOS)}
+    extra = next(p for p in photo_paths if p not in used)
+    added = {f"edits/p10_resize_50b{ext}": resized, f"new/p3_copy{p3.suffix}": p3.read_bytes(),
+             f"new/extra{extra.suffix.lower()}": extra.read_bytes()}
+    for rel, body in added.items():
+        fs.pipe_file(f"{BUCKET}/{prefix}/{rel}", body)
+    blur = next((dataset / "edits").glob("p7_blur.*")).name
+    fs.copy(f"{BUCKET}/{prefix}/edits/{blur}", f"{BUCKET}/{prefix}/moved/{blur}")
+    gone = [f"edits/{blur}", f"originals/{next((dataset / 'originals').glob('p0.*')).name}",
+            f"edits/{next((dataset / 'edits').glob('p2_resize_50.*')).name}"]
+    for rel in gone:
+        fs.rm_file(f"{BUCKET}/{prefix}/{rel}")
+
+    result = _run([data, "--out", out, "--scheduler", address, "--quiet", *TIERS], env, driver)
+    assert result.returncode == 0, result.stderr[-4000:]
+    second = _run_json(fs, out)
+    scratch = tmp_path / "scratch"
+    result = _run([data, "--out", str(scratch), "--scheduler", "sync", "--no-catalog", "--quiet", *TIERS],
+                  env, driver)
+    assert result.returncode == 0, result.stderr[-4000:]
+    _assert_same_outputs(_read_outputs(out, env), _read_outputs(scratch, env))
+
+    reuse = second["reuse"]
+    new = len(added) + 1  # the moved object is a new key (its content's features are reused)
+    assert reuse["screen"]["screened"] == new and reuse["screen"]["why_screened"] == {"new": new}
+    assert reuse["screen"]["reused"] == second["counts"]["files"] - new  # not read again
+    assert reuse["candidates"]["added"] >= 1 and reuse["candidates"]["lists_reused"] > 0
+    assert reuse["verify"]["pairs_reused"] > 0 and reuse["verify"]["pairs_verified"] > 0
+    assert reuse["confirm"]["pairs_reused"] > 0
+    assert reuse["problems"] == [] and reuse["catalog_generation"] == 2
+    pairs = _read_outputs(out, env)[1]
+    assert not (set(pairs["path_a"]) | set(pairs["path_b"])) & set(gone)
+    dup = pairs[pairs["is_duplicate"]]
+    assert {f"edits/p10_resize_50b{ext}", f"new/p3_copy{p3.suffix}"} <= set(dup["path_a"]) | set(dup["path_b"])
+
+    # an unchanged re-run reads no object and scores no pair
+    result = _run([data, "--out", out, "--scheduler", address, "--quiet", *TIERS], env, driver)
+    assert result.returncode == 0, result.stderr[-4000:]
+    third = _run_json(fs, out)["reuse"]
+    assert third["screen"]["screened"] == 0 and third["verify"]["pairs_verified"] == 0
+    assert third.get("confirm", {}).get("pairs_embedded", 0) == 0 and third["catalog_generation"] == 3
+    _assert_same_outputs(_read_outputs(out, env), _read_outputs(scratch, env))
+    # the catalog's files all come from its last two generations; nothing was written locally
+    manifest = json.loads(fs.cat_file(f"{BUCKET}/grow/out/catalog/manifest.json"))
+    for rel, entry in {**{e["file"]: e for e in manifest["tables"].values()}, **manifest["parts"]}.items():
+        assert fs.size(f"{BUCKET}/grow/out/catalog/{rel}") == entry["bytes"], rel
+    for cwd in worker_dirs:
+        assert not list(cwd.rglob("*.parquet")), cwd
+
+
+def test_a_second_run_on_a_catalog_in_the_bucket_exits_2_naming_the_holder(s3, bucket, tmp_path, monkeypatch):
+    from pipeline import catalog, storage
+    _, env, _ = s3
+    _aws_env(monkeypatch, env)
+    fs = _fs(env)
+    url = f"s3://{BUCKET}/lock/catalog"
+    args = [bucket, "--out", f"s3://{BUCKET}/lock/out", "--catalog", url, "--tiers", "screen", "--quiet"]
+    storage.configure({})
+    with storage.locked(url, name=catalog.LOCK_NAME, what="catalog", option="--catalog"):  # what a run holds
+        result = _run(args, env, tmp_path, timeout=300)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"the catalog {url!r} is in use by pid {os.getpid()}" in result.stderr
+        assert "another --catalog" in result.stderr and f"{url}/{catalog.LOCK_NAME}" in result.stderr
+    assert not fs.exists(f"{BUCKET}/lock/out/.dedupe.lock")  # the refused run let OUT go
+    result = _run(args, env, tmp_path, timeout=300)  # the holder is done: the run goes through
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert fs.exists(f"{BUCKET}/lock/catalog/manifest.json") and not fs.exists(f"{BUCKET}/lock/catalog/.catalog.lock")
+
+
+def test_a_corrupt_catalog_object_is_reported_and_rebuilt(s3, bucket, tmp_path, monkeypatch):
+    _, env, _ = s3
+    _aws_env(monkeypatch, env)
+    fs = _fs(env)
+    out = f"s3://{BUCKET}/corrupt/out"
+    args = ["--tiers", "verify", "--scheduler", "sync", "--quiet"]
+    assert _dedupe(bucket, "--out", out, *args) == 0
+    root = f"{BUCKET}/corrupt/out/catalog"
+    manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
+    evidence = f"{root}/{manifest['tables']['evidence']['file']}"
+    body = fs.cat_file(evidence)
+    fs.pipe_file(evidence, body[:-50] + b"\0" * 50)  # same size, other bytes
+    part = sorted(manifest["parts"])[0]
+    fs.pipe_file(f"{root}/{part}", b"not parquet")
+    assert _dedupe(bucket, "--out", out, *args) == 0
+    reuse = _run_json(fs, out)["reuse"]
+    assert any("evidence" in p and "checksum mismatch" in p for p in reuse["problems"]), reuse["problems"]
+    assert reuse["verify"]["pairs_verified"] > 0  # the evidence was lost: pairs scored again
+    assert _dedupe(bucket, "--out", str(tmp_path / "scratch"), "--no-catalog", *args) == 0
+    _assert_same_outputs(_read_outputs(out, env), _read_outputs(tmp_path / "scratch", env))
+    assert _dedupe(bucket, "--out", out, *args) == 0  # the rebuilt catalog is whole again
+    again = _run_json(fs, out)["reuse"]
+    assert again["problems"] == [] and again["verify"]["pairs_verified"] == 0
+
+
+def test_catalog_parts_in_the_bucket_are_compacted_and_still_give_the_same_results(s3, bucket, tmp_path,
+                                                                                  monkeypatch):
+    from pipeline import catalog
+    _, env, _ = s3
+    _aws_env(monkeypatch, env)
+    fs = _fs(env)
+    out = f"s3://{BUCKET}/compact/out"
+    args = ["--tiers", "verify", "--scheduler", "sync", "--quiet"]
+    assert _dedupe(bucket, "--out", out, *args) == 0
+    before = json.loads(fs.cat_file(f"{BUCKET}/compact/out/catalog/manifest.json"))
+    monkeypatch.setattr(catalog, "COMPACT_MAX_PARTS", 0)  # compact whatever there is
+    assert _dedupe(bucket, "--out", out, *args) == 0
+    compacted = _run_json(fs, out)["reuse"]["catalog_compacted"]
+    assert [c["kind"] for c in compacted] == ["orb"] and compacted[0]["rows_kept"] == before["counts"]["features"]
+    manifest = json.loads(fs.cat_file(f"{BUCKET}/compact/out/catalog/manifest.json"))
+    assert manifest["parts"] and all("/compact-" in rel for rel in manifest["parts"])
+    monkeypatch.setattr(catalog, "COMPACT_MAX_PARTS", 64)
+    # a matching setting changed: every pair is verified again from the compacted features
+    assert _dedupe(bucket, "--out", out, *args, "--set", "verify.ratio=0.7") == 0
+    verify = _run_json(fs, out)["reuse"]["verify"]
+    assert verify["features_reused"] > 0 and verify["features_computed"] == 0
+    assert _dedupe(bucket, "--out", str(tmp_path / "scratch"), "--no-catalog", *args, "--set", "verify.ratio=0.7") == 0
+    _assert_same_outputs(_read_outputs(out, env), _read_outputs(tmp_path / "scratch", env))
+    # the old generation's parts stay one more generation, older ones are removed
+    left = {p.split("/catalog/", 1)[1] for p in fs.find(f"{BUCKET}/compact/out/catalog/features")}
+    assert not set(before["parts"]) & left
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_the_last_catalog_in_the_bucket_and_its_finished_features_are_adopted(
+        s3, bucket, tmp_path, monkeypatch):
+    _, env, _ = s3
+    _aws_env(monkeypatch, env)
+    fs = _fs(env)
+    out = f"s3://{BUCKET}/killed/out"
+    args = ["--tiers", "verify", "--scheduler", "sync"]
+    changed = ["--set", "verify.n_features=450"]  # so the run has ORB work to be killed in
+    assert _dedupe(bucket, "--out", out, *args, "--quiet") == 0
+    manifest_before = fs.cat_file(f"{BUCKET}/killed/out/catalog/manifest.json")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", bucket, "--out", out, *args, *changed],
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        for line in proc.stderr:
+            if "verify: started" in line:  # the features are in the bucket, no pair is scored yet
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert fs.cat_file(f"{BUCKET}/killed/out/catalog/manifest.json") == manifest_before  # the last good one
+    # a killed run leaves its lock objects: the next run names them (no lease on a store)
+    result = _run([bucket, "--out", out, *args, "--quiet", *changed], env, tmp_path, timeout=300)
+    assert result.returncode == 2 and f"delete {out}/.dedupe.lock" in result.stderr, result.stderr[-2000:]
+    fs.rm_file(f"{BUCKET}/killed/out/.dedupe.lock")
+    result = _run([bucket, "--out", out, *args, "--quiet", *changed], env, tmp_path, timeout=300)
+    assert result.returncode == 2 and f"delete {out}/catalog/.catalog.lock" in result.stderr, result.stderr[-2000:]
+    fs.rm_file(f"{BUCKET}/killed/out/catalog/.catalog.lock")
+    assert _dedupe(bucket, "--out", out, *args, "--quiet", *changed) == 0
+    reuse = _run_json(fs, out)["reuse"]
+    assert reuse["problems"] == []
+    assert reuse["verify"]["features_adopted_from_killed_run"] > 0 and reuse["verify"]["features_computed"] == 0
+    assert _dedupe(bucket, "--out", str(tmp_path / "scratch"), "--no-catalog", *args, "--quiet", *changed) == 0
+    _assert_same_outputs(_read_outputs(out, env), _read_outputs(tmp_path / "scratch", env))
+    assert not [p for p in fs.ls(f"{BUCKET}/killed/out", refresh=True) if "/_work-" in p]  # the killed run's
+
+
+def test_query_against_a_catalog_in_the_bucket(s3, bucket, dataset, tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+    from pipeline.query import query
+    _, env, _ = s3
+    _aws_env(monkeypatch, env)
+    out = f"s3://{BUCKET}/query/out"
+    assert _dedupe(bucket, "--out", out, "--tiers", "verify", "--scheduler", "sync", "--quiet") == 0
+    pairs = _read_outputs(out, env)[1]
+    rel = "edits/p1_crop_90_centre.jpg"
+    image = dataset / rel  # the same bytes as the catalog's object, read from a local copy
+    got = query([image], f"{out}/catalog")
+    mine = pairs[(pairs["path_a"] == rel) | (pairs["path_b"] == rel)]
+    want = mine.assign(path=mine["path_a"].where(mine["path_b"] == rel, mine["path_b"]).to_numpy())
+    cols = ["path", "hash_distance", "orb_matches", "orb_inliers", "is_duplicate", "rule"]
+    # the batch job's pairs of that object, plus the object itself (an exact copy of the query)
+    itself = got[got["path"] == rel]
+    assert len(itself) == 1 and itself["is_duplicate"].all() and itself["stage"].iloc[0] == "exact"
+    g = got[got["path"] != rel][cols].sort_values("path").reset_index(drop=True)
+    w = want[cols].sort_values("path").reset_index(drop=True)
+    for frame in (g, w):
+        frame["rule"] = frame["rule"].astype(str)
+        frame["hash_distance"] = frame["hash_distance"].astype("int64")
+    pd.testing.assert_frame_equal(g, w, check_dtype=False)
+    assert g["is_duplicate"].any()
+    assert main(["query", str(image), "--catalog", f"{out}/catalog"]) == 0
+    assert "originals/2024/p1.jpg" in capsys.readouterr().out
+    assert main(["query", str(image), "--catalog", f"{out}/catalog", "--add"]) == 2
+    assert "--add with a catalog on object storage" in capsys.readouterr().err
+    assert main(["query", str(image), "--catalog", f"s3://{BUCKET}/query/nothing"]) == 2
+    assert "no catalog at" in capsys.readouterr().err
+
+
+def test_a_rerun_reads_only_new_and_rewritten_objects(s3, bucket, dataset, tmp_path, monkeypatch):
+    """The server's own request log: the re-run GETs the new object and the rewritten one, and
+    no other image (an object without an image extension may be sniffed, 32 bytes, when listed):
+    not the screen, and not the report either, which copies the last report's thumbnails of
+    unchanged bytes instead of making them again from the images."""
+    _, env, log_path = s3
+    _aws_env(monkeypatch, env)
+    client, fs = _s3_client(env), _fs(env)
+    prefix = "reread/data"
+    _upload(client, dataset, prefix)
+    data, out = f"s3://{BUCKET}/{prefix}", f"s3://{BUCKET}/reread/out"
+    args = ["--out", out, "--tiers", "screen", "--scheduler", "sync", "--quiet"]
+    since = _log_lines(log_path)
+    assert _dedupe(data, *args) == 0
+    first = _object_gets(log_path, since, prefix)
+    files = _run_json(fs, out)["counts"]["files"]
+    assert len(set(first) - {"edits/notes.txt"}) == files  # the first run reads every image
+    # a byte copy of an image already shown in the report (its thumbnail is reused), and a rewrite
+    p0 = next((dataset / "originals").glob("p0.*")).name
+    fs.pipe_file(f"{BUCKET}/{prefix}/new/p0_again.jpg", (dataset / "originals" / p0).read_bytes())
+    rewritten = next((dataset / "edits").glob("p8_rotate_8.*")).name
+    fs.pipe_file(f"{BUCKET}/{prefix}/edits/{rewritten}", (dataset / "edits" / rewritten).read_bytes() + b"\0")
+    since = _log_lines(log_path)
+    assert _dedupe(f"{data}/", *args) == 0  # the same prefix, with its trailing "/"
+    assert set(_object_gets(log_path, since, prefix)) - {"edits/notes.txt"} == {"new/p0_again.jpg",
+                                                                                f"edits/{rewritten}"}
+    assert fs.find(f"{BUCKET}/reread/out/report/thumbs")  # the report still shows every cluster
+    reuse = _run_json(fs, out)["reuse"]["screen"]
+    assert reuse["screened"] == 2 and reuse["reused"] == files - 1
+    assert reuse["why_screened"] == {"new": 1, "changed_size_or_mtime": 1}
+    assert _dedupe(data, "--out", str(tmp_path / "scratch"), "--tiers", "screen", "--scheduler", "sync",
+                   "--quiet", "--no-catalog") == 0
+    _assert_same_outputs(_read_outputs(out, env), _read_outputs(tmp_path / "scratch", env))
+
+
+@pytest.mark.slow
+def test_high_recall_mode_with_the_catalog_in_the_bucket_equals_a_run_from_scratch(s3, bucket, tmp_path, monkeypatch):
+    """screen.mode hash+embedding: the screen embeddings are catalog features in the bucket and
+    the kNN reads them back from there (storage.options reach that read too)."""
+    _, env, _ = s3
+    _aws_env(monkeypatch, env)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint from storage.options only
+    fs = _fs(env)
+    out = f"s3://{BUCKET}/high-recall/out"
+    args = ["--preset", "high-recall", "--scheduler", "sync", "--quiet",
+            "--set", f"storage.options={{endpoint_url: '{env['AWS_ENDPOINT_URL']}'}}"]
+    assert _dedupe(bucket, "--out", out, *args) == 0
+    assert _dedupe(bucket, "--out", out, *args) == 0  # nothing changed: every embedding from the catalog
+    reuse = _run_json(fs, out)["reuse"]
+    assert reuse["screen_embed"]["embeddings_computed"] == 0 and reuse["screen_embed"]["embeddings_reused"] > 0
+    assert _dedupe(bucket, "--out", str(tmp_path / "scratch"), "--no-catalog", *args) == 0
+    _assert_same_outputs(_read_outputs(out, env), _read_outputs(tmp_path / "scratch", env))

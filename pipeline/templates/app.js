@@ -176,7 +176,7 @@
       box.appendChild(el("p", {cls: "muted"}, ["ORB matches recomputed for this report: ",
         el("span", {cls: "inlier", text: "green = inliers"}), ", ", el("span", {cls: "outlier", text: "red = outliers"}), "."]));
     } else if (p[P.inliers] !== null) {
-      box.appendChild(el("p", {cls: "muted", text: "Matches are drawn for the first pairs of the report only (report.draw_pairs)."}));
+      box.appendChild(el("p", {cls: "muted", text: "Matches are drawn for one pair of each of the first clusters only (report.draw_pairs)."}));
     }
     var rows = [
       ["screen: hash distance", fmtNum(p[P.dist])],
