@@ -15,6 +15,10 @@ the cluster's start-up is timed on its own. Three sources, one run:
   check, model, Parquet/serialisation, other), by the innermost matching frame of each sample.
   Threads a task starts itself (confirm's decode-ahead thread, TensorFlow's pool) are not sampled:
   their time shows as the task thread waiting inside the model call.
+
+The verify tier's per-core rates inside the run are set against bench.verify's, measured in this
+process right after the run, both per second of task time and per CPU second (the workers' CPU
+during each verify stage, `StageCPU`): on a shared machine the first also counts waiting for a core.
 """
 from __future__ import annotations
 
@@ -70,7 +74,8 @@ def categorise(tree: dict) -> dict[str, int]:
 
 def bench_verify_rates(n_photos: int, cfg) -> dict:
     """bench.verify's per-core figures, measured now in this process (one thread): features/s of
-    features_partition and pairs/s of verify_partition on its generated photo benchmark."""
+    features_partition and pairs/s of verify_partition on its generated photo benchmark, per
+    second of wall time and per CPU second of this process (`*_cpu`)."""
     import cv2
 
     from bench import verify as bverify
@@ -83,38 +88,75 @@ def bench_verify_rates(n_photos: int, cfg) -> dict:
         rows = pd.DataFrame({"key": verify.feature_key(keys["idx"], keys["transform"]),
                              "abs_path": images.loc[keys["idx"], "abs_path"].to_numpy(),
                              "transform": keys["transform"].astype("int8").to_numpy()})
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         summ = verify.features_partition(rows, cfg, tmp, 0)
-        f_rate = len(rows) / (time.perf_counter() - t)
+        f_rate, f_cpu = len(rows) / (time.perf_counter() - t), len(rows) / (time.process_time() - c)
         part = dict(zip(summ["key"], summ["part_path"]))
         job = pd.DataFrame({"key_a": verify.feature_key(pairs["idx_a"], 0),
                             "key_b": verify.feature_key(pairs["idx_b"], pairs["transform"])})
         job["path_a_part"], job["path_b_part"] = job["key_a"].map(part), job["key_b"].map(part)
         verify.verify_partition(job.iloc[:2], cfg)  # compiled kernel loaded before timing
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         verify.verify_partition(job, cfg)
-        p_rate = len(job) / (time.perf_counter() - t)
-    return {"features": f_rate, "pairs": p_rate, "photos": n_photos}
+        p_rate, p_cpu = len(job) / (time.perf_counter() - t), len(job) / (time.process_time() - c)
+    return {"features": f_rate, "pairs": p_rate, "features_cpu": f_cpu, "pairs_cpu": p_cpu, "photos": n_photos}
 
 
-def verify_rates_table(by_prefix: dict, counts: dict, rates: dict | None) -> str:
-    """Per-core rates of the verify tier inside the run (task compute seconds) vs bench.verify's."""
+class StageCPU:
+    """The workers' CPU seconds (all their threads) during each of the verify tier's two task
+    maps: `verify.map_tasks` wrapped in the driver, worker `time.process_time` read before and
+    after. Per CPU second the rates do not depend on how much of the cores other jobs took."""
+
+    def __init__(self, client):
+        self.client, self.cpu = client, {}
+
+    def __enter__(self):
+        from pipeline import verify
+        self._orig = orig = verify.map_tasks
+
+        def timed(client, fn, tasks, *args, **kwargs):
+            before = sum(self.client.run(time.process_time).values())
+            out = orig(client, fn, tasks, *args, **kwargs)
+            name = getattr(fn, "__name__", str(fn))
+            self.cpu[name] = self.cpu.get(name, 0.0) + sum(self.client.run(time.process_time).values()) - before
+            return out
+
+        verify.map_tasks = timed
+        return self
+
+    def __exit__(self, *exc):
+        from pipeline import verify
+        verify.map_tasks = self._orig
+
+
+def verify_rates_table(by_prefix: dict, counts: dict, rates: dict | None, cpu: dict | None = None) -> str:
+    """Per-core rates of the verify tier inside the run vs bench.verify's: per second of task
+    compute (wall) and per CPU second of the workers (`cpu`: StageCPU.cpu)."""
     feats, pairs = by_prefix.get("features_task"), by_prefix.get("verify_partition")
     if not feats or not pairs:
         return ""
-    n_feat = counts.get("verify_features", 0)
+    cpu = cpu or {}
     rows = []
+
+    def add(label, n, compute, bare, cpu_s, bare_cpu):
+        rows.append([label, f"{n / compute:,.0f}", f"{bare:,.0f}" if rates else "",
+                     f"{n / compute / bare:.2f}" if rates else "",
+                     f"{n / cpu_s:,.0f}" if cpu_s else "", f"{bare_cpu:,.0f}" if rates else "",
+                     f"{n / cpu_s / bare_cpu:.2f}" if rates and cpu_s else ""])
+
+    n_feat = counts.get("verify_features", 0)
     if n_feat:
-        rows.append(["features/s per core", f"{n_feat / feats['compute']:.0f}",
-                     f"{rates['features']:.0f}" if rates else "", f"{n_feat / feats['compute'] / rates['features']:.2f}"
-                     if rates else ""])
-    n_pairs = counts.get("verified_pairs", 0)
-    rows.append(["pairs/s per core", f"{n_pairs / pairs['compute']:,.0f}", f"{rates['pairs']:,.0f}" if rates else "",
-                 f"{n_pairs / pairs['compute'] / rates['pairs']:.2f}" if rates else ""])
-    return ("\nVerify tier: per-core rates inside the run (features or pairs / task compute seconds) vs "
-            f"bench.verify's in-process figures measured right after it ({rates['photos'] if rates else 0} "
-            "photos and their edited copies, one thread):\n\n"
-            + table(["rate", "in the run", "bench.verify", "run / bench"], rows))
+        add("features/s per core", n_feat, feats["compute"], rates and rates["features"],
+            cpu.get("_features_task"), rates and rates["features_cpu"])
+    add("pairs/s per core", counts.get("verified_pairs", 0), pairs["compute"], rates and rates["pairs"],
+        cpu.get("verify_partition"), rates and rates["pairs_cpu"])
+    return ("\nVerify tier: per-core rates inside the run vs bench.verify's in-process figures measured right "
+            f"after it ({rates['photos'] if rates else 0} photos and their edited copies, one thread). *wall*: "
+            "features or pairs / task compute seconds (Dask's task stream; a task waiting for a core other "
+            "jobs hold counts); *CPU*: / the workers' CPU seconds during the stage (all their threads), "
+            "against bench.verify's per CPU second of its process:\n\n"
+            + table(["rate", "run, wall", "bench.verify, wall", "run / bench", "run, CPU", "bench.verify, CPU",
+                     "run / bench (CPU)"], rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,14 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(preset=args.preset, overrides=["catalog=none"])
     n_workers = cfg.dask.n_workers or os.cpu_count() or 1
     t = time.perf_counter()
-    with LocalCluster(n_workers=n_workers, threads_per_worker=cfg.dask.threads_per_worker, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+    with prun.worker_environ(), \
+            LocalCluster(n_workers=n_workers, threads_per_worker=cfg.dask.threads_per_worker, processes=True,
+                         dashboard_address=None) as cluster, Client(cluster) as client:
         cluster_start = time.perf_counter() - t
         from distributed import get_task_stream
         t0 = time.time()
         # the scheduler records the task stream only while someone listens: from before the run
         with tempfile.TemporaryDirectory(prefix="bench-profile-") as out, \
-                get_task_stream(client=client) as recorded:
+                get_task_stream(client=client) as recorded, StageCPU(client) as stage_cpu:
             t = time.perf_counter()
             manifest = prun.run(data, out, cfg, scheduler=cluster.scheduler_address, quiet=True)
             wall = time.perf_counter() - t
@@ -186,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             + table(["task", "tasks", "compute s", "s / task", "span s", "busy", "transfer etc. s"], rows)
             + "\nInside the tasks (Dask's sampling profiler, share of the task thread's samples):\n\n"
             + table(["task", "where the time goes"], inside)
-            + verify_rates_table(by_prefix, manifest["counts"], rates)
+            + verify_rates_table(by_prefix, manifest["counts"], rates, stage_cpu.cpu)
             + "\nCounts: " + ", ".join(f"{k} {v:,}" for k, v in manifest["counts"].items()) + "\n")
     print(body)
     kwargs = {"path": args.out} if args.out else {}

@@ -122,6 +122,16 @@ def target_of(cfg: Config, scheduler: str | None) -> str:
     return scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or cfg.dask.scheduler
 
 
+def worker_environ():
+    """Config for the local cluster's worker processes: glibc's own allocator thresholds instead
+    of Dask's default MALLOC_TRIM_THRESHOLD_=65536 (hand freed memory back to the OS at once),
+    which also pins the mmap threshold, so every image-sized buffer is mapped and faulted in
+    afresh: measured 20-30 % more CPU per feature task in a worker than in-process (docs/
+    benchmarks.md, profile section). A value set in the environment still wins."""
+    import dask
+    return dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+
+
 @contextlib.contextmanager
 def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Iterator[object | None]:
     """None for "sync" (in-process); an AutoClient for "auto"; a LocalCluster for "local" (with
@@ -149,11 +159,12 @@ def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Itera
         return
     if target == "local":
         n_workers = cfg.dask.n_workers or os.cpu_count() or 1
-        with LocalCluster(n_workers=n_workers, threads_per_worker=cfg.dask.threads_per_worker,
-                          processes=True, dashboard_address=cfg.dask.dashboard_address or None,
-                          memory_limit=0 if str(cfg.dask.memory_limit).lower() in ("0", "none", "")
-                          else cfg.dask.memory_limit,
-                          silence_logs=logging.WARNING) as cluster:
+        with worker_environ(), \
+                LocalCluster(n_workers=n_workers, threads_per_worker=cfg.dask.threads_per_worker,
+                             processes=True, dashboard_address=cfg.dask.dashboard_address or None,
+                             memory_limit=0 if str(cfg.dask.memory_limit).lower() in ("0", "none", "")
+                             else cfg.dask.memory_limit,
+                             silence_logs=logging.WARNING) as cluster:
             # not the default client (a context variable): the auto scheduler starts the cluster in
             # another thread than the one that closes it
             client = Client(cluster, set_as_default=False)

@@ -30,3 +30,26 @@ def test_profile_samples_go_to_the_innermost_activity():
     assert got["decode"] == 15 and got["resize"] == 5 and got["ORB features"] == 30
     assert got["Parquet / serialisation"] == 4 and got["matching"] == 25 and got["RANSAC"] == 10
     assert sum(got.values()) == 100  # 6 + 5 own samples of the two task frames go to "other"
+
+
+def test_profile_rates_table_sets_run_against_bench_per_wall_and_cpu_second():
+    by_prefix = {"features_task": {"compute": 100.0}, "verify_partition": {"compute": 20.0}}
+    counts = {"verify_features": 5000, "verified_pairs": 40000}
+    rates = {"features": 100.0, "pairs": 4000.0, "features_cpu": 125.0, "pairs_cpu": 4000.0, "photos": 40}
+    text = profile.verify_rates_table(by_prefix, counts, rates, {"_features_task": 50.0, "verify_partition": 12.5})
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and "per core" in line}
+    assert rows["features/s per core"] == ["50", "100", "0.50", "100", "125", "0.80"]
+    assert rows["pairs/s per core"] == ["2,000", "4,000", "0.50", "3,200", "4,000", "0.80"]
+
+
+def test_worker_alloc_benchmark_writes_its_section(tmp_path, photo_paths):
+    from bench import worker_alloc
+    out = tmp_path / "benchmarks.md"
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for p in photo_paths[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    assert worker_alloc.main(["--folder", str(folder), "--images", "3", "--rounds", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "<!-- section:worker-alloc -->" in text and "worker, as the pipeline starts it" in text

@@ -111,3 +111,21 @@ def test_no_pair_is_verified_twice(data, tmp_path, monkeypatch):
     assert len(seen) == manifest["counts"]["verified_pairs"] > 20
     assert len({(a // 8, b // 8) for a, b in seen}) == len(seen)  # one row per image pair
     assert len(set(images)) > 10
+
+
+def test_local_cluster_workers_keep_the_default_allocator_thresholds(monkeypatch):
+    """The pipeline's local cluster does not pass Dask's MALLOC_TRIM_THRESHOLD_=65536 to its
+    workers (it pins glibc's mmap threshold: image buffers are faulted in afresh each time); a
+    value the user sets in the environment still reaches them."""
+    import os
+
+    from pipeline.config import load_config
+    from pipeline.run import dask_client
+
+    cfg = load_config(None, ["dask.n_workers=1", "dask.dashboard_address="])
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with dask_client(cfg, "local") as client:
+        assert set(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {None}
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")
+    with dask_client(cfg, "local") as client:
+        assert set(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {"1048576"}
