@@ -76,8 +76,8 @@ class _PartitionCache:
     def _open(self, path: str) -> pq.ParquetFile:
         return pq.ParquetFile(io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path)
 
-    def get(self, path: str, wanted: np.ndarray | None = None) -> pd.DataFrame:
-        """The part's rows whose key is in `wanted` (sorted int64; None = every row)."""
+    def get(self, path: str, wanted: np.ndarray) -> pd.DataFrame:
+        """The part's rows whose key is in `wanted` (sorted int64)."""
         with self._lock:
             ranges = self._ranges.get(path)
         pf = None
@@ -88,18 +88,17 @@ class _PartitionCache:
                 self._ranges[path] = ranges
                 while len(self._ranges) > self.capacity_parts:
                     self._ranges.popitem(last=False)
-        if wanted is None:
-            need = np.arange(len(ranges))
-        else:  # row groups whose key range holds a wanted key
-            need = np.flatnonzero(np.searchsorted(wanted, ranges[:, 1], side="right")
-                                  > np.searchsorted(wanted, ranges[:, 0], side="left"))
+        # row groups whose key range holds a wanted key
+        need = np.flatnonzero(np.searchsorted(wanted, ranges[:, 1], side="right")
+                              > np.searchsorted(wanted, ranges[:, 0], side="left"))
         with self._lock:
             have = {g: self._groups[(path, g)] for g in need if (path, g) in self._groups}
             for g in have:
                 self._groups.move_to_end((path, g))
         missing = [int(g) for g in need if g not in have]
         if missing:
-            pf = pf or self._open(path)
+            if pf is None:
+                pf = self._open(path)
             frame = pf.read_row_groups(missing).to_pandas().set_index("key")
             sizes = [pf.metadata.row_group(g).num_rows for g in missing]
             bounds = np.cumsum([0, *sizes])
@@ -112,7 +111,7 @@ class _PartitionCache:
         if not have:
             return pd.DataFrame()
         found = pd.concat([have[g] for g in sorted(have)]) if len(have) > 1 else next(iter(have.values()))
-        return found if wanted is None else found.loc[found.index.isin(wanted)]
+        return found.loc[found.index.isin(wanted)]
 
 
 _CACHE = _PartitionCache()

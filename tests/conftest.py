@@ -85,3 +85,18 @@ def review_run(review_data, models_dir, tmp_path_factory) -> Path:
                             capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+def kill_when_logged(proc, marker: str, timeout: float = 120) -> None:
+    """SIGKILL `proc` (a Popen with text stderr) as soon as a stderr line holds `marker` (a kill -9
+    mid-run, as a scheduler or the OOM killer does); waits for it to end, killed or not."""
+    import signal
+    try:
+        for line in proc.stderr:
+            if marker in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

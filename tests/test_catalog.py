@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from bench import transforms
+from conftest import kill_when_logged
 from pipeline import catalog, outdir
 from pipeline.cli import main
 
@@ -240,15 +241,7 @@ def test_kill_9_mid_run_leaves_a_usable_catalog(grown, tmp_path):
     changed = ["--set", "verify.n_features=450"]  # so the run has ORB work to be killed in
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", str(grown["data"]), "--out", str(out),
                              *COMMON, *changed], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    try:
-        for line in proc.stderr:
-            if "verify: started" in line:  # the features are written, no pair is scored yet
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when_logged(proc, "verify: started")  # the features are written, no pair is scored yet
     assert proc.returncode == -signal.SIGKILL
     assert (out / "catalog" / catalog.MANIFEST).read_bytes() == manifest_before
     # the last good catalog is used as it was
@@ -265,15 +258,7 @@ def test_features_a_killed_run_finished_are_adopted(grown, tmp_path):
     changed = ["--set", "verify.n_features=450"]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", str(grown["data"]), "--out", str(out),
                              *COMMON, *changed], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    try:
-        for line in proc.stderr:
-            if "verify: started" in line:
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when_logged(proc, "verify: started")
     result = run(grown["data"], out, *changed)
     verify = result["reuse"]["verify"]
     assert verify["features_adopted_from_killed_run"] > 0 and verify["features_computed"] == 0

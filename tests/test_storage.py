@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import kill_when_logged
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 BUCKET = "photos"
@@ -596,15 +598,7 @@ def test_kill_9_leaves_the_last_catalog_in_the_bucket_and_its_finished_features_
     manifest_before = fs.cat_file(f"{BUCKET}/killed/out/catalog/manifest.json")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", bucket, "--out", out, *args, *changed],
                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-    try:
-        for line in proc.stderr:
-            if "verify: started" in line:  # the features are in the bucket, no pair is scored yet
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when_logged(proc, "verify: started")  # the features are in the bucket, no pair is scored yet
     assert proc.returncode == -signal.SIGKILL
     assert fs.cat_file(f"{BUCKET}/killed/out/catalog/manifest.json") == manifest_before  # the last good one
     # a killed run leaves its lock objects: the next run names them (no lease on a store)
