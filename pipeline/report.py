@@ -8,7 +8,9 @@ Layout (everything relative, so the folder opens from disk, `file://`, with no n
     OUT/report/app.js, style.css    the app (plain JS): pages, search, filters, pair view
     OUT/report/thumbs/<image_id>.jpg    one per image shown, made once (a rebuild, and the next
                                         run's report, link those of unchanged files: thumbs.json
-                                        records each one's sha256)
+                                        records each one's sha256); in a run, taken from the
+                                        verify tier's feature rows when it decoded the image
+                                        (`thumbs_from_store`), else decoded (`make_thumb`)
     OUT/report/pairs/<id_a>-<id_b>.jpg  ORB matches drawn for `report.draw_pairs` duplicate pairs
                                         (one per cluster in page order, then a second, ...) and the
                                         `report.draw_rejected` closest rejected pairs (reused
@@ -27,6 +29,7 @@ tier only sees pairs the one before could not settle, so a later tier's pair is 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -103,15 +106,55 @@ def _report_config(manifest: dict) -> tuple[Config, ReportConfig]:
 # Pixels
 
 
+def thumb_jpeg(img: Image.Image, size: int) -> bytes:
+    """The report's thumbnail of decoded pixels (shrunk in place): longer side at most `size`,
+    JPEG quality 80."""
+    img.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+def thumb_from_decoded(img: Image.Image, full_size: tuple[int, int] | None, size: int) -> bytes:
+    """The thumbnail `make_thumb` would make, from a picture another tier already decoded and
+    scaled (the verify tier's, longer side verify.max_side), so the report need not decode the
+    file again. b"" when that picture cannot stand in for the file: its size unknown, the image
+    smaller than `size` (make_thumb keeps its own size; the scaled picture may have been
+    enlarged) or the picture smaller than `size`."""
+    if full_size is None or max(full_size) < size or max(img.size) < size:
+        return b""
+    return thumb_jpeg(img.copy(), size)
+
+
 def make_thumb(abs_path: str, dest: Path, size: int) -> bool:
     """A JPEG thumbnail (longer side `size`) decoded at reduced scale; False when undecodable."""
     try:
         img, _, _ = load_image(abs_path, min_side=size)
-        img.thumbnail((size, size), Image.Resampling.LANCZOS)
-        img.save(dest, "JPEG", quality=80)
+        dest.write_bytes(thumb_jpeg(img, size))
     except Exception:  # a thumbnail is a nicety: a hostile file must not fail the run
         return False
     return True
+
+
+def thumbs_from_store(part_path: str, wanted: list[tuple[str, int, str, Path]], size: int) -> dict[str, bool]:
+    """Thumbnails the verify tier made while it had the images decoded (feature-store columns
+    `report_thumb`, `report_thumb_size`): `wanted` lists (image_id, key, abs_path, dest) of one
+    part. A row without one of this `size` (made with another report.thumb_size, before the
+    column existed, or not at all) falls back to `make_thumb`. Returns image_id -> made."""
+    from pipeline import store
+    try:
+        found = store.read_columns(part_path, [w[1] for w in wanted], ["report_thumb", "report_thumb_size"])
+    except Exception:  # an unreadable part: decode instead, as without it
+        found = pd.DataFrame()
+    made = {}
+    for image_id, key, abs_path, dest in wanted:
+        data = found.at[key, "report_thumb"] if key in found.index else None
+        if isinstance(data, bytes) and data and found.at[key, "report_thumb_size"] == size:
+            dest.write_bytes(data)
+            made[image_id] = True
+        else:
+            made[image_id] = make_thumb(abs_path, dest, size)
+    return made
 
 
 def draw_pair(abs_a: str, abs_b: str, cfg: Config, dest: Path, height: int = DRAW_HEIGHT) -> dict | None:
@@ -275,13 +318,17 @@ def _draw_list(data: dict, rcfg: ReportConfig) -> list[int]:
 
 
 def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict,
-                 cfg: Config | None = None, reuse_from: str | Path | None = None) -> Path:
+                 cfg: Config | None = None, reuse_from: str | Path | None = None,
+                 stored_thumbs: pd.DataFrame | None = None) -> Path:
     """Write OUT/report/ and OUT/report.html; returns the index page's path.
 
     `images`/`pairs`: the run's frames (in memory or as read from the Parquet files: abs paths
     are rebuilt from the manifest's root when missing); `cfg` defaults to run.json's config.
     `reuse_from`: an earlier report folder (default: out_dir/report, a rebuild in place) whose
-    thumbnails and drawings of the same bytes and settings are linked instead of made again."""
+    thumbnails and drawings of the same bytes and settings are linked instead of made again.
+    `stored_thumbs`: where the verify tier left thumbnails of the images it decoded (indexed by
+    sha256: part_path, key of a feature-store row; `thumbs_from_store`), taken instead of decoding
+    the file again when of this report.thumb_size."""
     out_dir = Path(out_dir)
     earlier = Path(reuse_from) if reuse_from is not None else out_dir / "report"
     if cfg is None:
@@ -308,16 +355,25 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
             previous = _made_index(earlier)
             made: dict[str, str] = {}
             jobs = []
+            from_store: dict[str, list] = {}  # feature part -> thumbnails to take from it
+            where = stored_thumbs if stored_thumbs is not None else pd.DataFrame(columns=["part_path", "key"])
             for row in data["images"]:
                 key = f"{sha_of.get(row[0])}:{rcfg.thumb_size}"
                 dest = tmp / "thumbs" / f"{row[0]}.jpg"
+                sha = sha_of.get(row[0])
                 if row[7] is not None:
                     jobs.append(None)
                 elif previous.get(row[0]) == key and _reuse(earlier / "thumbs" / dest.name, dest):
                     jobs.append(True)
+                elif sha in where.index:
+                    part, fkey = where.at[sha, "part_path"], int(where.at[sha, "key"])
+                    from_store.setdefault(part, []).append((row[0], fkey, abs_of[row[0]], dest))
+                    jobs.append(part)
                 else:
                     jobs.append(pool.submit(make_thumb, abs_of[row[0]], dest, rcfg.thumb_size))
                 made[row[0]] = key
+            store_jobs = {part: pool.submit(thumbs_from_store, part, wanted, rcfg.thumb_size)
+                          for part, wanted in from_store.items()}
             drawn = _draw_list(data, rcfg)
             drawn_before, settings = _made_index(earlier, DRAW_INDEX), _draw_settings(cfg)
             draws, drew = {}, {}
@@ -330,7 +386,8 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
                 else:
                     draws[i] = (name, pool.submit(draw_pair, abs_of[a[0]], abs_of[b[0]], cfg, tmp / "pairs" / name))
             for row, job in zip(data["images"], jobs):
-                ok = job if isinstance(job, bool) or job is None else job.result()
+                ok = store_jobs[job].result()[row[0]] if isinstance(job, str) else \
+                    job if isinstance(job, bool) or job is None else job.result()
                 row.append(bool(ok))  # [8]: has a thumbnail
                 if not ok:
                     made.pop(row[0], None)

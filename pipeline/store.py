@@ -127,3 +127,23 @@ def read_rows(paths: list[str], keys) -> pd.DataFrame:
     found = pd.concat(pieces) if pieces else pd.DataFrame()
     found = found[~found.index.duplicated()]
     return found.reindex(wanted)
+
+
+def read_columns(path: str, keys, columns: list[str]) -> pd.DataFrame:
+    """`columns` of the rows for `keys` in one part, indexed by key, reading only the row groups
+    that hold them and only those columns (not the descriptors); a column the part does not have
+    (written before it existed) comes back as nulls. Not cached: for a one-off reader such as the
+    report, not the pair tasks."""
+    pf = pq.ParquetFile(io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path)
+    have = set(pf.schema_arrow.names)
+    wanted = np.sort(pd.unique(pd.Series(keys, dtype="int64")).astype(np.int64))
+    ranges = _key_ranges(pf.metadata)
+    groups = np.flatnonzero(np.searchsorted(wanted, ranges[:, 1], side="right")
+                            > np.searchsorted(wanted, ranges[:, 0], side="left"))
+    frame = pf.read_row_groups([int(g) for g in groups], columns=["key", *[c for c in columns if c in have]]) \
+        .to_pandas().set_index("key")
+    frame = frame[frame.index.isin(wanted)]
+    for c in columns:
+        if c not in frame:
+            frame[c] = None
+    return frame[columns]

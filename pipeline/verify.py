@@ -353,14 +353,26 @@ def _known_size(group: pd.DataFrame) -> tuple[int, int] | None:
     return int(w), int(h)
 
 
+def _report_thumb(base: Image.Image | None, group: pd.DataFrame, cfg: Config) -> tuple[bytes, int]:
+    """The report's thumbnail of a file from the picture decoded for its features, so the report
+    need not decode the file again (pipeline/report.py `thumbs_from_store`): (JPEG bytes,
+    report.thumb_size it was made for), or (b"", 0) when the picture cannot give it."""
+    if base is None:
+        return b"", 0
+    from .report import thumb_from_decoded  # (jinja2 and the rest of the report on first use only)
+    data = thumb_from_decoded(base, _known_size(group), cfg.report.thumb_size)
+    return data, (cfg.report.thumb_size if data else 0)
+
+
 def features_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int) -> pd.DataFrame:
     """ORB/SIFT features for `rows` (key, abs_path, transform; optional width, height: the image's
     size as the screen recorded it) -> one feature-store file.
 
     Each distinct file is decoded once, however many transforms of it are wanted. A decode failure
     is recorded in `error` (no keypoints), never raised. With `verify.pixel_check` each row also
-    carries the image's thumbnail and histogram (`pixel_features`). Returns the small summary
-    key, part_path, n_keypoints, error.
+    carries the image's thumbnail and histogram (`pixel_features`). Each row also carries the
+    report's thumbnail of the file (`report_thumb`, `report_thumb_size`: `_report_thumb`, made
+    once per file). Returns the small summary key, part_path, n_keypoints, error.
     """
     vcfg = cfg.verify
     out = []
@@ -373,24 +385,26 @@ def features_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int)
                 error = str(exc)
             except Exception as exc:  # never let one file kill the partition
                 error = f"cannot decode: {type(exc).__name__}: {exc}"
+            shown = _report_thumb(base, group, cfg)  # (bytes, size), on each row of the file
             for key, t in zip(group["key"].to_numpy(), group["transform"].to_numpy()):
                 if base is None:
-                    out.append((int(key), 0, b"", b"", 0, 0, error, b"", b"", 0.0))
+                    out.append((int(key), 0, b"", b"", 0, 0, error, b"", b"", 0.0, b"", 0))
                     continue
                 turned = dihedral(base, int(t))
                 try:
                     f = features(turned, vcfg)
                 except cv2.error as exc:  # e.g. a 1 x 4000 sliver: OpenCV's pyramid cannot shrink it
                     out.append((int(key), 0, b"", b"", 0, 0, f"no features: OpenCV: {str(exc).strip()[-120:]}",
-                                b"", b"", 0.0))
+                                b"", b"", 0.0, *shown))
                     continue
                 pixels = pixel_features(turned) if vcfg.pixel_check else (b"", b"", 0.0)
                 out.append((int(key), len(f["keypoints"]), f["keypoints"].tobytes(),
-                            f["descriptors"].tobytes(), f["width"], f["height"], None, *pixels))
+                            f["descriptors"].tobytes(), f["width"], f["height"], None, *pixels, *shown))
     frame = pd.DataFrame(out, columns=["key", "n_keypoints", "keypoints", "descriptors", "width",
-                                       "height", "error", "thumb", "hist", "flat"])
+                                       "height", "error", "thumb", "hist", "flat", "report_thumb",
+                                       "report_thumb_size"])
     frame = frame.astype({"key": "int64", "n_keypoints": "int32", "width": "int32", "height": "int32",
-                          "flat": "float32"})
+                          "flat": "float32", "report_thumb_size": "int32"})
     # explicit object column: None (not NaN, not pandas' string dtype) where the decode worked
     frame["error"] = pd.Series([r[6] for r in out], index=frame.index, dtype=object)
     part_path = store.write_partition(out_dir, part, frame)

@@ -251,3 +251,75 @@ def test_a_run_into_a_copied_out_reuses_its_report(review_data, tmp_path):
                  "--quiet", "--no-catalog"]) == 0
     assert (copy / "report").is_symlink()  # the copy now has the usual layout again
     assert (copy / "report" / "thumbs" / marked.name).read_bytes().endswith(b"reused")
+
+
+def _counting_make_thumb(monkeypatch):
+    """Record the files whose report thumbnail was made by decoding them again (make_thumb)."""
+    from pipeline import report
+    decoded = []
+    real = report.make_thumb
+
+    def counted(abs_path, dest, size):
+        decoded.append(str(abs_path))
+        return real(abs_path, dest, size)
+    monkeypatch.setattr(report, "make_thumb", counted)
+    return decoded
+
+
+@pytest.mark.parametrize("catalog", [False, True])
+def test_thumbnails_come_from_the_verify_tiers_decode(review_data, tmp_path, monkeypatch, catalog):
+    """Every shown image the verify tier decoded gets its thumbnail from that decode (its feature
+    row), not from a second decode: make_thumb runs only for images without a feature row (errors
+    aside, none here: exact copies share their content's row). The thumbnail is the one make_thumb
+    gives, to the eye (same size and orientation; 4 x 4 means within a few levels)."""
+    from pipeline.cli import main
+    from pipeline.report import make_thumb
+    decoded = _counting_make_thumb(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["dedupe", str(review_data), "--out", str(out), "--tiers", "verify", "--scheduler", "sync",
+                 "--quiet", *([] if catalog else ["--no-catalog"])]) == 0
+    run = load_run(out)
+    data = read_data(out / "report")
+    shown = [row for row in data["images"] if row[7] is None]
+    verified = run.pairs[run.pairs["orb_inliers"].notna()]
+    had_features = set(verified["image_id_a"].astype(str)) | set(verified["image_id_b"].astype(str))
+    assert len(had_features) >= 10 and all(row[8] for row in shown)  # every shown image has one
+    path_of = dict(zip(run.images["image_id"].astype(str), run.images["path"]))
+    sha_of = dict(zip(run.images["image_id"].astype(str), run.images["sha256"]))
+    with_row = {sha_of[i] for i in had_features}
+    assert not [p for p in decoded if any(p.endswith(path_of[i]) for i in had_features)]
+    # an image whose content never reached the verify tier is still decoded for its thumbnail
+    assert len(decoded) == sum(sha_of[row[0]] not in with_row for row in shown)
+    for row in shown:
+        if row[0] not in had_features:
+            continue
+        thumb = out / "report" / "thumbs" / f"{row[0]}.jpg"
+        ref = tmp_path / "ref.jpg"
+        assert make_thumb(str(review_data / path_of[row[0]]), ref, 160)
+        with Image.open(thumb) as a, Image.open(ref) as b:
+            assert abs(a.size[0] - b.size[0]) <= 1 and abs(a.size[1] - b.size[1]) <= 1 and max(a.size) == 160
+            # (resampled twice, 384 px then 160, fine texture differs by a few levels pixel by
+            # pixel: compare what the eye sees, 4 x 4 pixel means, and the colour per channel)
+            small = (b.size[0] // 4, b.size[1] // 4)
+            a, b = a.convert("RGB"), b.convert("RGB")
+            sa = np.asarray(a.resize(small, Image.Resampling.BOX), dtype=np.float64)
+            sb = np.asarray(b.resize(small, Image.Resampling.BOX), dtype=np.float64)
+            assert np.abs(sa - sb).mean() < 3.0, row[1]
+            assert np.abs(sa.mean(axis=(0, 1)) - sb.mean(axis=(0, 1))).max() < 1.5, row[1]
+
+
+def test_a_catalog_rerun_with_another_thumb_size_decodes_again(review_data, tmp_path, monkeypatch):
+    """The feature rows a catalog keeps hold thumbnails of the size they were made for: a re-run
+    with another report.thumb_size (same features, reused) makes its thumbnails from the files."""
+    from pipeline.cli import main
+    out = tmp_path / "out"
+    args = ["dedupe", str(review_data), "--out", str(out), "--tiers", "verify", "--scheduler", "sync", "--quiet"]
+    assert main(args) == 0
+    (out / "report").unlink()  # (a link to the generation's report): no earlier report to reuse
+    decoded = _counting_make_thumb(monkeypatch)
+    assert main([*args, "--set", "report.thumb_size=96", "--set", "decide.accept_inliers=16"]) == 0
+    shown = [row for row in read_data(out / "report")["images"] if row[7] is None]
+    assert shown and all(row[8] for row in shown) and len(decoded) == len(shown)
+    for row in shown:
+        with Image.open(out / "report" / "thumbs" / f"{row[0]}.jpg") as im:
+            assert max(im.size) == 96
