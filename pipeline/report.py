@@ -157,12 +157,44 @@ def thumbs_from_store(part_path: str, wanted: list[tuple[str, int, str, Path]], 
     return made
 
 
-def draw_pair(abs_a: str, abs_b: str, cfg: Config, dest: Path, height: int = DRAW_HEIGHT) -> dict | None:
-    """The two images side by side with the ORB matches as lines (inliers green, outliers red),
-    recomputed with the verify tier's code (`verify.pair_evidence`). None when undecodable."""
+FEATURE_COLUMNS = ["n_keypoints", "keypoints", "descriptors", "width", "height", "error"]
+
+
+def _stored_rows(part_path: str, keys: list[int], method: str) -> dict[int, dict]:
+    """The verify tier's feature rows for `keys` of one part, as feature dicts (`verify._unpack`);
+    {} when the part cannot be read (the drawing then computes its features)."""
+    from pipeline import store, verify
+    try:
+        found = store.read_columns(part_path, keys, FEATURE_COLUMNS)
+    except Exception:
+        return {}
+    return {int(k): verify._unpack(row, method) for k, row in zip(found.index, found.to_dict("records"))
+            if not (isinstance(row["error"], str) or pd.isna(row["n_keypoints"]))}
+
+
+def _draw_sources(where: pd.DataFrame, sha_a, sha_b) -> tuple[tuple[str, int], dict[int, tuple[str, int]]] | None:
+    """(part, key) of image a's plain feature row and image b's rows by transform (0, 4): the
+    rows the verify tier matched for this pair; None when they are not all at hand."""
+    if sha_a not in where.index or sha_b not in where.index:
+        return None
+    ra, rb = where.loc[sha_a], where.loc[sha_b]
+    if int(ra["key"]) % 8 != 0:
+        return None
+    fbs = {int(rb["key"]) % 8: (rb["part_path"], int(rb["key"]))}
+    if pd.notna(rb["mirrored_key"]):
+        fbs[4] = (rb["mirrored_part_path"], int(rb["mirrored_key"]))
+    return (ra["part_path"], int(ra["key"])), fbs
+
+
+def draw_pair(abs_a: str, abs_b: str, cfg: Config, dest: Path, height: int = DRAW_HEIGHT,
+              stored: tuple[dict, dict[int, dict]] | None = None) -> dict | None:
+    """The two images side by side with the ORB matches as lines (inliers green, outliers red):
+    from the verify tier's own feature rows when `stored` gives them (a's plain features, b's by
+    transform: `verify.stored_evidence`), else recomputed with its code (`verify.pair_evidence`).
+    None when undecodable."""
     from pipeline import verify  # OpenCV only when drawing
     try:
-        ev = verify.pair_evidence(abs_a, abs_b, cfg)
+        ev = verify.stored_evidence(*stored, cfg) if stored else verify.pair_evidence(abs_a, abs_b, cfg)
         shown = []
         for path in (abs_a, abs_b):
             img, _, _ = load_image(path, min_side=height, max_pixels=cfg.screen.max_pixels,
@@ -319,16 +351,16 @@ def _draw_list(data: dict, rcfg: ReportConfig) -> list[int]:
 
 def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict,
                  cfg: Config | None = None, reuse_from: str | Path | None = None,
-                 stored_thumbs: pd.DataFrame | None = None) -> Path:
+                 stored_features: pd.DataFrame | None = None) -> Path:
     """Write OUT/report/ and OUT/report.html; returns the index page's path.
 
     `images`/`pairs`: the run's frames (in memory or as read from the Parquet files: abs paths
     are rebuilt from the manifest's root when missing); `cfg` defaults to run.json's config.
     `reuse_from`: an earlier report folder (default: out_dir/report, a rebuild in place) whose
     thumbnails and drawings of the same bytes and settings are linked instead of made again.
-    `stored_thumbs`: where the verify tier left thumbnails of the images it decoded (indexed by
-    sha256: part_path, key of a feature-store row; `thumbs_from_store`), taken instead of decoding
-    the file again when of this report.thumb_size."""
+    `stored_features`: where the verify tier's feature rows are (run.stored_features: by sha256),
+    whose thumbnails (when of this report.thumb_size: `thumbs_from_store`) and keypoints
+    (`draw_pair`) are taken instead of decoding the files again."""
     out_dir = Path(out_dir)
     earlier = Path(reuse_from) if reuse_from is not None else out_dir / "report"
     if cfg is None:
@@ -356,7 +388,8 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
             made: dict[str, str] = {}
             jobs = []
             from_store: dict[str, list] = {}  # feature part -> thumbnails to take from it
-            where = stored_thumbs if stored_thumbs is not None else pd.DataFrame(columns=["part_path", "key"])
+            where = stored_features if stored_features is not None else \
+                pd.DataFrame(columns=["part_path", "key", "mirrored_part_path", "mirrored_key"])
             for row in data["images"]:
                 key = f"{sha_of.get(row[0])}:{rcfg.thumb_size}"
                 dest = tmp / "thumbs" / f"{row[0]}.jpg"
@@ -376,7 +409,7 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
                           for part, wanted in from_store.items()}
             drawn = _draw_list(data, rcfg)
             drawn_before, settings = _made_index(earlier, DRAW_INDEX), _draw_settings(cfg)
-            draws, drew = {}, {}
+            draws, drew, todo = {}, {}, []
             for i in drawn:
                 a, b = data["images"][data["pairs"][i][0]], data["images"][data["pairs"][i][1]]
                 name = f"{a[0]}-{b[0]}.jpg"
@@ -384,7 +417,22 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
                 if drawn_before.get(name) == drew[name] and _reuse(earlier / "pairs" / name, tmp / "pairs" / name):
                     draws[i] = (name, True)
                 else:
-                    draws[i] = (name, pool.submit(draw_pair, abs_of[a[0]], abs_of[b[0]], cfg, tmp / "pairs" / name))
+                    todo.append((i, name, a[0], b[0], _draw_sources(where, sha_of.get(a[0]), sha_of.get(b[0]))))
+            # the feature rows of the pairs to draw, one read per part
+            want: dict[str, set[int]] = {}
+            for *_, src in todo:
+                for part, key in [src[0], *src[1].values()] if src else []:
+                    want.setdefault(part, set()).add(key)
+            rows: dict[int, dict] = {}
+            for got in pool.map(lambda pk: _stored_rows(pk[0], sorted(pk[1]), cfg.verify.method), want.items()):
+                rows.update(got)
+            for i, name, id_a, id_b, src in todo:
+                stored = None
+                if src and src[0][1] in rows:
+                    fbs = {t: rows[key] for t, (_, key) in src[1].items() if key in rows}
+                    stored = (rows[src[0][1]], fbs) if fbs else None
+                draws[i] = (name, pool.submit(draw_pair, abs_of[id_a], abs_of[id_b], cfg, tmp / "pairs" / name,
+                                              stored=stored))
             for row, job in zip(data["images"], jobs):
                 ok = store_jobs[job].result()[row[0]] if isinstance(job, str) else \
                     job if isinstance(job, bool) or job is None else job.result()

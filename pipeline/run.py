@@ -610,7 +610,7 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
     ran_features: dict[str, str] = {}
     verified = False
     confirmed = None
-    thumbs = None  # the report's thumbnails the verify tier made (stored_thumbs)
+    thumbs = None  # where the verify tier's feature rows are, for the report (stored_features)
 
     # a URL as given; a local folder resolved (its name in the text form of pipeline/paths.py)
     root_text, out_text = (p if storage.is_url(p) else paths.text_form(str(p.resolve())) for p in (root, out))
@@ -691,7 +691,7 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
                 pairs.loc[near, scores.columns] = scores
                 counts["verify_features"] = len(scores.attrs.get("features", {}).get("key", []))
                 made = scores.attrs.get("features", {})
-                thumbs = stored_thumbs(pd.Series(made.get("part_path", []), index=made.get("key", []), dtype=object),
+                thumbs = stored_features(pd.Series(made.get("part_path", []), index=made.get("key", []), dtype=object),
                                        pd.Series(images["sha256"].to_numpy(dtype=object)))
             else:  # pairs already scored with these settings are taken from the catalog
                 sub = pairs.loc[near]
@@ -716,7 +716,7 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
                     made = pd.DataFrame(scores.attrs.pop("features", {"key": [], "part_path": [], "error": []}))
                     counts["verify_features"] = len(made)
                     new_features.append(catalog.new_feature_rows(cat, "orb", fps["orb_features"], made, sha_of_cid))
-                    thumbs = stored_thumbs(pd.concat([pre, pd.Series(made["part_path"].to_numpy(dtype=object),
+                    thumbs = stored_features(pd.concat([pre, pd.Series(made["part_path"].to_numpy(dtype=object),
                                                                      index=made["key"].to_numpy(np.int64))]),
                                            sha_of_cid)
                     for col in scores.columns:
@@ -840,21 +840,27 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
         (storage.publish if storage.is_url(out) else outdir.publish)(
             out, run_id, lambda folder: write.write_outputs(folder, images, pairs_out, manifest,
                                                             previous_report=last / "report" if last else None,
-                                                            stored_thumbs=thumbs))
+                                                            stored_features=thumbs))
         tracker.update(len(images) + len(pairs_out))
     return manifest
 
 
-def stored_thumbs(part_of: pd.Series, sha_of_id: pd.Series) -> pd.DataFrame:
-    """Where the verify tier's feature rows hold the report's thumbnail of each content (every
-    row of a decoded file carries it: verify.features_partition): `part_of` is the rows' key
-    (id * 8 + transform) -> part path, `sha_of_id` the id -> sha256 (ids: image rows, or content
-    ids with a catalog). Indexed by sha256, so exact copies share one: part_path, key."""
+def stored_features(part_of: pd.Series, sha_of_id: pd.Series) -> pd.DataFrame:
+    """Where the verify tier's feature rows are, for the report (its thumbnails: every row of a
+    decoded file carries one, verify.features_partition; its drawings: the rows' keypoints).
+    `part_of`: the rows' key (id * 8 + transform) -> part path; `sha_of_id`: id -> sha256 (ids:
+    image rows, or content ids with a catalog). Indexed by sha256, so exact copies share one:
+    part_path, key of the content's plain row (else its mirrored one), mirrored_part_path,
+    mirrored_key of its mirrored row (transform 4) when it has one (null otherwise)."""
     keys = np.asarray(part_of.index, dtype=np.int64)
     frame = pd.DataFrame({"sha256": sha_of_id.reindex(keys // 8).to_numpy(dtype=object),
                           "part_path": part_of.to_numpy(dtype=object), "key": keys})
     frame = frame[frame["sha256"].notna() & frame["part_path"].notna()].sort_values("key", kind="stable")
-    return frame.drop_duplicates("sha256").set_index("sha256")
+    mirrored = frame[frame["key"] % 8 == 4].drop_duplicates("sha256").set_index("sha256")
+    frame = frame.drop_duplicates("sha256").set_index("sha256")
+    frame["mirrored_part_path"] = mirrored["part_path"].reindex(frame.index)
+    frame["mirrored_key"] = mirrored["key"].reindex(frame.index).astype("Int64")
+    return frame
 
 
 def contract_pairs(pairs: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:

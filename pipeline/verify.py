@@ -618,9 +618,18 @@ def pair_evidence(path_a: str, path_b: str, cfg: Config) -> dict:
     with _cv_threads(vcfg.opencv_threads):
         base_a, base_b = _load_bounded(path_a, cfg), _load_bounded(path_b, cfg)
         fa = features(base_a, vcfg)
-        best = None
-        for t in (0, 4):
-            fb = features(dihedral(base_b, t), vcfg)
+        fbs = {t: features(dihedral(base_b, t), vcfg) for t in (0, 4)}
+    return stored_evidence(fa, fbs, cfg)
+
+
+def stored_evidence(fa: dict, fbs: dict[int, dict], cfg: Config) -> dict:
+    """`pair_evidence` from features already computed: `fa` of image a (transform 0), `fbs` of
+    image b by transform (0 plain, 4 mirrored; one or both), e.g. the verify tier's own feature
+    rows (`_unpack`), so the report draws the run's matches without decoding for ORB again."""
+    vcfg = cfg.verify
+    best = None
+    with _cv_threads(vcfg.opencv_threads):
+        for t, fb in sorted(fbs.items()):
             qi, ti, mask, _ = _geometry(fa, fb, vcfg)
             if best is None or mask.sum() > best[4].sum():
                 best = (t, fb, qi, ti, mask)
@@ -628,9 +637,9 @@ def pair_evidence(path_a: str, path_b: str, cfg: Config) -> dict:
     xy_b = fb["keypoints"][ti].copy()
     if t == 4:  # left-right flip: x -> width - x (keypoint xy are pixel-centre coordinates)
         xy_b[:, 0] = fb["width"] - 1 - xy_b[:, 0]
-    return {"size_a": base_a.size, "size_b": base_b.size, "keypoints_a": fa["keypoints"][qi],
-            "keypoints_b": xy_b, "inlier": mask, "matches": len(qi), "inliers": int(mask.sum()),
-            "mirrored": t == 4}
+    return {"size_a": (fa["width"], fa["height"]), "size_b": (fb["width"], fb["height"]),
+            "keypoints_a": fa["keypoints"][qi], "keypoints_b": xy_b, "inlier": mask, "matches": len(qi),
+            "inliers": int(mask.sum()), "mirrored": t == 4}
 
 
 def _verify(fa: dict, fb: dict, cfg: VerifyConfig, matcher=None) -> tuple[int, int, float, str, str]:

@@ -323,3 +323,35 @@ def test_a_catalog_rerun_with_another_thumb_size_decodes_again(review_data, tmp_
     for row in shown:
         with Image.open(out / "report" / "thumbs" / f"{row[0]}.jpg") as im:
             assert max(im.size) == 96
+
+
+def test_drawings_use_the_verify_tiers_features(review_data, tmp_path, monkeypatch):
+    """A run's drawings match the stored feature rows (no ORB recomputed: pair_evidence is not
+    called), and their numbers are the verify tier's for the duplicate pairs drawn."""
+    from pipeline.cli import main
+    from pipeline import report
+    called = []
+    monkeypatch.setattr(verify, "pair_evidence", lambda *a, **k: called.append(a) or None)
+    got = {}
+    real = report.draw_pair
+
+    def recorded(abs_a, abs_b, cfg, dest, height=report.DRAW_HEIGHT, stored=None):
+        got[dest.name] = real(abs_a, abs_b, cfg, dest, height, stored=stored)
+        return got[dest.name]
+    monkeypatch.setattr(report, "draw_pair", recorded)
+    out = tmp_path / "out"
+    assert main(["dedupe", str(review_data), "--out", str(out), "--tiers", "verify", "--scheduler", "sync",
+                 "--quiet", "--no-catalog"]) == 0
+    run = load_run(out)
+    data = read_data(out / "report")
+    drawn = [p for p in data["pairs"] if p[11]]
+    assert drawn and not called and len(got) == len(drawn)
+    dup = run.pairs[run.pairs["is_duplicate"] & run.pairs["orb_inliers"].notna()]
+    by_name = {f"{r.image_id_a}-{r.image_id_b}.jpg": r for r in dup.itertuples()}
+    checked = 0
+    for name, ev in got.items():
+        if name in by_name:
+            r = by_name[name]
+            assert (ev["matches"], ev["inliers"]) == (r.orb_matches, r.orb_inliers), name
+            checked += 1
+    assert checked >= 3
