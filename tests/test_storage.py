@@ -363,6 +363,35 @@ def test_urls_joins_and_masked_options():
                       "client_kwargs": {"aws_session_token": "***", "region_name": "eu-west-1"}}
 
 
+def test_report_thumbnails_and_features_from_feature_parts_on_a_store(photo_paths, tmp_path, monkeypatch):
+    """The report reads the verify tier's thumbnails and keypoints from feature parts on a store
+    (a work dir or catalog URL) as from a folder: no file decoded again; a row made for another
+    report.thumb_size falls back to decoding the file."""
+    from PIL import Image
+    from pipeline import report, storage, verify
+    from pipeline.config import Config
+    storage.configure({})
+    cfg = Config()
+    files = [str(p) for p in photo_paths[:3]]
+    rows = pd.DataFrame({"key": [0, 8, 16], "abs_path": files, "transform": np.zeros(3, np.int8)})
+    sizes = [Image.open(f).size for f in files]
+    rows["width"], rows["height"] = [w for w, _ in sizes], [h for _, h in sizes]
+    part = verify.features_partition(rows, cfg, "memory://thumbs/feat", 0)["part_path"].iloc[0]
+    assert part.startswith("memory://")
+    decoded = []
+    monkeypatch.setattr(report, "make_thumb", lambda *a: decoded.append(a) or False)
+    wanted = [(str(i), 8 * i, f, tmp_path / f"{i}.jpg") for i, f in enumerate(files)]
+    assert report.thumbs_from_store(part, wanted, cfg.report.thumb_size) == {"0": True, "1": True, "2": True}
+    assert not decoded
+    for *_, dest in wanted:
+        with Image.open(dest) as im:
+            assert max(im.size) == cfg.report.thumb_size
+    assert report.thumbs_from_store(part, wanted, 96) == {"0": False, "1": False, "2": False}
+    assert len(decoded) == 3  # another size: decoded (here: the stand-in that makes nothing)
+    feats = report._stored_rows(part, [0, 8], cfg.verify.method)
+    assert sorted(feats) == [0, 8] and len(feats[0]["keypoints"]) > 100
+
+
 def test_lock_without_exclusive_create_falls_back_to_check_then_write(monkeypatch):
     """A backend that refuses mode "xb": the lock is still taken, and a second run is refused."""
     import fsspec.implementations.memory as memory
