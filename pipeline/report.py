@@ -172,29 +172,30 @@ def _stored_rows(part_path: str, keys: list[int], method: str) -> dict[int, dict
             if not (isinstance(row["error"], str) or pd.isna(row["n_keypoints"]))}
 
 
-def _draw_sources(where: pd.DataFrame, sha_a, sha_b) -> tuple[tuple[str, int], dict[int, tuple[str, int]]] | None:
-    """(part, key) of image a's plain feature row and image b's rows by transform (0, 4): the
-    rows the verify tier matched for this pair; None when they are not all at hand."""
+def _draw_sources(where: pd.DataFrame, sha_a, sha_b) -> tuple[dict, dict] | None:
+    """Each image's feature rows at hand, {transform: (part, key)} (0 plain, 4 mirrored): the
+    rows the verify tier matched for this pair are among them; None when an image has none."""
     if sha_a not in where.index or sha_b not in where.index:
         return None
-    ra, rb = where.loc[sha_a], where.loc[sha_b]
-    if int(ra["key"]) % 8 != 0:
-        return None
-    fbs = {int(rb["key"]) % 8: (rb["part_path"], int(rb["key"]))}
-    if pd.notna(rb["mirrored_key"]):
-        fbs[4] = (rb["mirrored_part_path"], int(rb["mirrored_key"]))
-    return (ra["part_path"], int(ra["key"])), fbs
+    out = []
+    for r in (where.loc[sha_a], where.loc[sha_b]):
+        rows = {int(r["key"]) % 8: (r["part_path"], int(r["key"]))}
+        if pd.notna(r["mirrored_key"]):
+            rows[4] = (r["mirrored_part_path"], int(r["mirrored_key"]))
+        out.append(rows)
+    return out[0], out[1]
 
 
 def draw_pair(abs_a: str, abs_b: str, cfg: Config, dest: Path, height: int = DRAW_HEIGHT,
-              stored: tuple[dict, dict[int, dict]] | None = None) -> dict | None:
+              stored: tuple[dict, dict, tuple] | None = None) -> dict | None:
     """The two images side by side with the ORB matches as lines (inliers green, outliers red):
-    from the verify tier's own feature rows when `stored` gives them (a's plain features, b's by
-    transform: `verify.stored_evidence`), else recomputed with its code (`verify.pair_evidence`).
-    None when undecodable."""
+    from the verify tier's own feature rows when `stored` gives them (each image's by transform,
+    and the run's orb_matches, orb_inliers: `verify.stored_evidence`), else recomputed with its
+    code (`verify.pair_evidence`). None when undecodable."""
     from pipeline import verify  # OpenCV only when drawing
     try:
-        ev = verify.stored_evidence(*stored, cfg) if stored else verify.pair_evidence(abs_a, abs_b, cfg)
+        ev = verify.stored_evidence(stored[0], stored[1], cfg, expect=stored[2]) if stored \
+            else verify.pair_evidence(abs_a, abs_b, cfg)
         shown = []
         for path in (abs_a, abs_b):
             img, _, _ = load_image(path, min_side=height, max_pixels=cfg.screen.max_pixels,
@@ -391,9 +392,9 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
             where = stored_features if stored_features is not None else \
                 pd.DataFrame(columns=["part_path", "key", "mirrored_part_path", "mirrored_key"])
             for row in data["images"]:
-                key = f"{sha_of.get(row[0])}:{rcfg.thumb_size}"
-                dest = tmp / "thumbs" / f"{row[0]}.jpg"
                 sha = sha_of.get(row[0])
+                key = f"{sha}:{rcfg.thumb_size}"
+                dest = tmp / "thumbs" / f"{row[0]}.jpg"
                 if row[7] is not None:
                     jobs.append(None)
                 elif previous.get(row[0]) == key and _reuse(earlier / "thumbs" / dest.name, dest):
@@ -421,16 +422,15 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
             # the feature rows of the pairs to draw, one read per part
             want: dict[str, set[int]] = {}
             for *_, src in todo:
-                for part, key in [src[0], *src[1].values()] if src else []:
+                for part, key in [*src[0].values(), *src[1].values()] if src else []:
                     want.setdefault(part, set()).add(key)
             rows: dict[int, dict] = {}
             for got in pool.map(lambda pk: _stored_rows(pk[0], sorted(pk[1]), cfg.verify.method), want.items()):
                 rows.update(got)
             for i, name, id_a, id_b, src in todo:
-                stored = None
-                if src and src[0][1] in rows:
-                    fbs = {t: rows[key] for t, (_, key) in src[1].items() if key in rows}
-                    stored = (rows[src[0][1]], fbs) if fbs else None
+                fas, fbs = ({t: rows[key] for t, (_, key) in side.items() if key in rows} for side in src or ({}, {}))
+                run_numbers = tuple(data["pairs"][i][3:5])  # orb_matches, orb_inliers: the tier's orientation
+                stored = (fas, fbs, run_numbers) if (0 in fas and fbs) or (0 in fbs and 4 in fas) else None
                 draws[i] = (name, pool.submit(draw_pair, abs_of[id_a], abs_of[id_b], cfg, tmp / "pairs" / name,
                                               stored=stored))
             for row, job in zip(data["images"], jobs):

@@ -131,9 +131,9 @@ def read_rows(paths: list[str], keys) -> pd.DataFrame:
 
 def read_columns(path: str, keys, columns: list[str]) -> pd.DataFrame:
     """`columns` of the rows for `keys` in one part, indexed by key, reading only the row groups
-    that hold them and only those columns (not the descriptors); a column the part does not have
-    (written before it existed) comes back as nulls. Not cached: for a one-off reader such as the
-    report, not the pair tasks."""
+    that hold them and only those columns (the report's thumbnails without the descriptors); a
+    column the part does not have (written before it existed) comes back as nulls. Not cached:
+    for a one-off reader such as the report, not the pair tasks."""
     pf = pq.ParquetFile(io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path)
     have = set(pf.schema_arrow.names)
     wanted = np.sort(pd.unique(pd.Series(keys, dtype="int64")).astype(np.int64))

@@ -619,26 +619,41 @@ def pair_evidence(path_a: str, path_b: str, cfg: Config) -> dict:
         base_a, base_b = _load_bounded(path_a, cfg), _load_bounded(path_b, cfg)
         fa = features(base_a, vcfg)
         fbs = {t: features(dihedral(base_b, t), vcfg) for t in (0, 4)}
-    return stored_evidence(fa, fbs, cfg)
+    return stored_evidence({0: fa}, fbs, cfg)
 
 
-def stored_evidence(fa: dict, fbs: dict[int, dict], cfg: Config) -> dict:
-    """`pair_evidence` from features already computed: `fa` of image a (transform 0), `fbs` of
-    image b by transform (0 plain, 4 mirrored; one or both), e.g. the verify tier's own feature
-    rows (`_unpack`), so the report draws the run's matches without decoding for ORB again."""
+def stored_evidence(fas: dict[int, dict], fbs: dict[int, dict], cfg: Config,
+                    expect: tuple[int, int] | None = None) -> dict:
+    """`pair_evidence` from features already computed, e.g. the verify tier's own feature rows
+    (`_unpack`), so the report draws the run's matches without decoding for ORB again. `fas`,
+    `fbs`: each image's features by transform (0 plain, 4 mirrored; what is at hand). Tried: a
+    plain against b plain and mirrored, and b plain against a mirrored (the tier pairs images in
+    its own order, so the mirrored row may be either one's, and matching is not symmetric). The
+    one giving `expect` (the run's orb_matches, orb_inliers: the tier's own orientation) wins,
+    else the most inliers. Raises ValueError when no plain row is at hand for either image."""
     vcfg = cfg.verify
+    tries = [(fas[0], fbs[t], t, False) for t in (0, 4) if 0 in fas and t in fbs]
+    if 0 in fbs and 4 in fas:
+        tries.append((fbs[0], fas[4], 4, True))
+    if not tries:
+        raise ValueError("no plain feature row for either image")
     best = None
     with _cv_threads(vcfg.opencv_threads):
-        for t, fb in sorted(fbs.items()):
-            qi, ti, mask, _ = _geometry(fa, fb, vcfg)
-            if best is None or mask.sum() > best[4].sum():
-                best = (t, fb, qi, ti, mask)
-    t, fb, qi, ti, mask = best
-    xy_b = fb["keypoints"][ti].copy()
+        for fq, ft, t, swapped in tries:
+            qi, ti, mask, _ = _geometry(fq, ft, vcfg)
+            if expect is not None and (len(qi), int(mask.sum())) == tuple(expect):
+                best = (fq, ft, t, swapped, qi, ti, mask)
+                break
+            if best is None or mask.sum() > best[-1].sum():
+                best = (fq, ft, t, swapped, qi, ti, mask)
+    fq, ft, t, swapped, qi, ti, mask = best
+    xy_q, xy_t = fq["keypoints"][qi], ft["keypoints"][ti].copy()
     if t == 4:  # left-right flip: x -> width - x (keypoint xy are pixel-centre coordinates)
-        xy_b[:, 0] = fb["width"] - 1 - xy_b[:, 0]
-    return {"size_a": (fa["width"], fa["height"]), "size_b": (fb["width"], fb["height"]),
-            "keypoints_a": fa["keypoints"][qi], "keypoints_b": xy_b, "inlier": mask, "matches": len(qi),
+        xy_t[:, 0] = ft["width"] - 1 - xy_t[:, 0]
+    if swapped:  # matched b -> mirrored a: back to a on the left
+        (fq, xy_q), (ft, xy_t) = (ft, xy_t), (fq, xy_q)
+    return {"size_a": (fq["width"], fq["height"]), "size_b": (ft["width"], ft["height"]),
+            "keypoints_a": xy_q, "keypoints_b": xy_t, "inlier": mask, "matches": len(qi),
             "inliers": int(mask.sum()), "mirrored": t == 4}
 
 

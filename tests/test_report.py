@@ -327,7 +327,7 @@ def test_a_catalog_rerun_with_another_thumb_size_decodes_again(review_data, tmp_
 
 def test_drawings_use_the_verify_tiers_features(review_data, tmp_path, monkeypatch):
     """A run's drawings match the stored feature rows (no ORB recomputed: pair_evidence is not
-    called), and their numbers are the verify tier's for the duplicate pairs drawn."""
+    called), and their numbers are the verify tier's for every pair drawn."""
     from pipeline.cli import main
     from pipeline import report
     called = []
@@ -346,12 +346,38 @@ def test_drawings_use_the_verify_tiers_features(review_data, tmp_path, monkeypat
     data = read_data(out / "report")
     drawn = [p for p in data["pairs"] if p[11]]
     assert drawn and not called and len(got) == len(drawn)
-    dup = run.pairs[run.pairs["is_duplicate"] & run.pairs["orb_inliers"].notna()]
-    by_name = {f"{r.image_id_a}-{r.image_id_b}.jpg": r for r in dup.itertuples()}
+    seen = run.pairs[run.pairs["orb_inliers"].notna()]  # duplicates and the closest rejected
+    by_name = {f"{r.image_id_a}-{r.image_id_b}.jpg": r for r in seen.itertuples()}
     checked = 0
     for name, ev in got.items():
         if name in by_name:
             r = by_name[name]
             assert (ev["matches"], ev["inliers"]) == (r.orb_matches, r.orb_inliers), name
             checked += 1
-    assert checked >= 3
+    assert checked == len(got) >= 3
+
+
+def test_stored_evidence_finds_the_mirrored_row_on_either_image(photo_paths, tmp_path):
+    """The verify tier pairs images in its own order, so for a mirrored copy the mirrored feature
+    row may be the report's image a's: the drawing still shows the mirrored match, with the
+    numbers the tier got in its orientation (b plain against a mirrored), a's points on a."""
+    from bench import transforms
+    from pipeline.decode import dihedral
+    cfg = Config()
+    data, ext, _ = transforms.render(photo_paths[0], "hflip", seed=0, group="p0")
+    (tmp_path / f"flip{ext}").write_bytes(data)
+    a = verify._load_bounded(str(photo_paths[0]), cfg)
+    b = verify._load_bounded(str(tmp_path / f"flip{ext}"), cfg)
+    fa0, fa4 = verify.features(a, cfg.verify), verify.features(dihedral(a, 4), cfg.verify)
+    fb0 = verify.features(b, cfg.verify)
+    ev = verify.stored_evidence({0: fa0, 4: fa4}, {0: fb0}, cfg)
+    matches, inliers, *_ = verify._verify(fb0, fa4, cfg.verify)  # the tier's orientation
+    assert inliers >= 50 and ev["mirrored"] and (ev["matches"], ev["inliers"]) == (matches, inliers)
+    assert verify.stored_evidence({0: fa0}, {0: fb0}, cfg)["inliers"] < inliers // 2  # plain only: a poor fit
+    assert ev["size_a"] == a.size and ev["size_b"] == b.size
+    xa, xb = ev["keypoints_a"][ev["inlier"]], ev["keypoints_b"][ev["inlier"]]
+    # b is a mirrored: a point (x, y) on a is (width - 1 - x, y) on b, within RANSAC's threshold
+    assert np.median(np.abs(xa[:, 0] - (a.width - 1 - xb[:, 0]))) < 2.0
+    assert np.median(np.abs(xa[:, 1] - xb[:, 1])) < 2.0
+    with pytest.raises(ValueError):
+        verify.stored_evidence({4: fa4}, {4: fb0}, cfg)
