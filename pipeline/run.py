@@ -859,7 +859,8 @@ def stored_features(part_of: pd.Series, sha_of_id: pd.Series) -> pd.DataFrame:
     mirrored = frame[frame["key"] % 8 == 4].drop_duplicates("sha256").set_index("sha256")
     frame = frame.drop_duplicates("sha256").set_index("sha256")
     frame["mirrored_part_path"] = mirrored["part_path"].reindex(frame.index)
-    frame["mirrored_key"] = mirrored["key"].reindex(frame.index).astype("Int64")
+    # (nullable Int64 before the reindex: content keys are 63-bit and float64 keeps 53)
+    frame["mirrored_key"] = mirrored["key"].astype("Int64").reindex(frame.index)
     return frame
 
 

@@ -325,7 +325,8 @@ def test_a_catalog_rerun_with_another_thumb_size_decodes_again(review_data, tmp_
             assert max(im.size) == 96
 
 
-def test_drawings_use_the_verify_tiers_features(review_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("catalog", [False, True])
+def test_drawings_use_the_verify_tiers_features(review_data, tmp_path, monkeypatch, catalog):
     """A run's drawings match the stored feature rows (no ORB recomputed: pair_evidence is not
     called), and their numbers are the verify tier's for every pair drawn."""
     from pipeline.cli import main
@@ -341,7 +342,7 @@ def test_drawings_use_the_verify_tiers_features(review_data, tmp_path, monkeypat
     monkeypatch.setattr(report, "draw_pair", recorded)
     out = tmp_path / "out"
     assert main(["dedupe", str(review_data), "--out", str(out), "--tiers", "verify", "--scheduler", "sync",
-                 "--quiet", "--no-catalog"]) == 0
+                 "--quiet", *([] if catalog else ["--no-catalog"])]) == 0
     run = load_run(out)
     data = read_data(out / "report")
     drawn = [p for p in data["pairs"] if p[11]]
@@ -381,3 +382,13 @@ def test_stored_evidence_finds_the_mirrored_row_on_either_image(photo_paths, tmp
     assert np.median(np.abs(xa[:, 1] - xb[:, 1])) < 2.0
     with pytest.raises(ValueError):
         verify.stored_evidence({4: fa4}, {4: fb0}, cfg)
+
+
+def test_where_the_feature_rows_are_keeps_63_bit_keys():
+    """Content keys (catalog) are 63-bit: the mirrored row's key must not pass through float64."""
+    from pipeline.run import stored_features
+    keys = np.array([4352186540941166408, 4352186540941166412, 5720232531078387320], dtype=np.int64)
+    where = stored_features(pd.Series(["p0", "p1", "p2"], index=keys, dtype=object),
+                            pd.Series(["s1", "s2"], index=keys[[0, 2]] // 8))
+    assert where.loc["s1", "key"] == keys[0] and where.loc["s1", "mirrored_key"] == keys[1]
+    assert where.loc["s1", "mirrored_part_path"] == "p1" and pd.isna(where.loc["s2", "mirrored_key"])
