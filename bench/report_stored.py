@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -98,6 +99,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="benchmarks markdown file")
     args = ap.parse_args()
     out = Path(args.run)
+    load_start = os.getloadavg()[0]
     run = load_run(out)
     cfg = config_from_dict(run.manifest["config"])
     images = run.images.copy()
@@ -136,7 +138,8 @@ def main() -> int:
         f"`thumb_from_decoded` {ms_stored:.2f} ms vs `make_thumb` {ms_make:.2f} ms "
         f"({ms_stored / ms_make:.2f}x). The feature task (decode, ORB, pixel-check data) over the same "
         f"{n_timed} images, alternating, median of 5: {task_with:.2f} s with the thumbnail, {task_without:.2f} s "
-        f"without ({task_with / task_without:.2f}x).\n")
+        f"without ({task_with / task_without:.2f}x). 1-min load average at the start / end: "
+        f"{load_start:.1f} / {os.getloadavg()[0]:.1f} (2 cores).\n")
     update_section("report_stored", "Report from the verify tier's feature rows", body,
                    **({"path": args.out} if args.out else {}))
     print(body)
