@@ -1,9 +1,10 @@
 """The report of a real run from the verify tier's feature rows vs decoding the files again.
 
-    python -m bench.report_stored --run OUT [--repeats 3] [--out docs/benchmarks.md]
+    python -m bench.report_stored [--run OUT] [--repeats 3] [--out docs/benchmarks.md]
 
-OUT: a finished default run with its catalog (`dedupe DATA --out OUT`, e.g. on the 10,465-image
-generated folder of bench/end_to_end.py). `pipeline.report.write_report` writes the same report
+OUT: a finished default run with its catalog (`dedupe DATA --out OUT`); without --run, a default
+run is made first on bench/end_to_end.py's generated folder (10,465 images with --per-source 12,
+generated when missing). `pipeline.report.write_report` writes the same report
 twice per repeat, alternating: with `stored_features` (what a run passes: thumbnails taken from the
 feature rows, drawings matched from their keypoints) and without (every thumbnail decoded with
 `make_thumb`, every drawing's ORB recomputed with `verify.pair_evidence`: what a run did before,
@@ -18,6 +19,8 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench import transforms
+from bench.end_to_end import generate
 from bench.report import median, stamp, table, update_section
 from pipeline import catalog, report, verify
 from pipeline.config import config_from_dict
@@ -94,11 +99,21 @@ def feature_task_cost(images: pd.DataFrame, cfg, n: int = 200, repeats: int = 5)
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True, help="OUT of a finished default run (with its catalog)")
+    ap.add_argument("--run", default=None, help="OUT of a finished default run (with its catalog); "
+                    "default: make one on bench/end_to_end.py's generated folder")
+    ap.add_argument("--per-source", type=int, default=12, help="without --run: transformed copies per photo")
+    ap.add_argument("--bench-dir", default=str(transforms.DEFAULT_BENCH_DIR))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None, help="benchmarks markdown file")
     args = ap.parse_args()
-    out = Path(args.run)
+    if args.run is None:
+        data = generate(Path(args.bench_dir), args.per_source) / "images"
+        out = Path(args.bench_dir) / "report-stored-out"
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", str(out), "--quiet"],
+                       check=True)
+    else:
+        out = Path(args.run)
     load_start = os.getloadavg()[0]
     run = load_run(out)
     cfg = config_from_dict(run.manifest["config"])
