@@ -387,6 +387,78 @@ def test_lock_without_exclusive_create_falls_back_to_check_then_write(monkeypatc
     assert not storage.filesystem(out)[0].exists("/locktest/out/.dedupe.lock")
 
 
+
+def _foreign_lock(fs, path: str) -> None:
+    fs.pipe_file(path, json.dumps({"pid": 4242, "host": "elsewhere", "started": "earlier", "command": "dedupe",
+                                   "token": "theirs"}).encode())
+
+
+def test_a_live_lock_is_kept_and_a_lock_past_its_lease_is_taken_over(caplog):
+    """A store lock is a lease: refused while its holder renews it, taken over (with a warning
+    naming the old holder) once it has not been renewed for lease_s; the old holder's object is
+    replaced by this run's, and removed at the end."""
+    from pipeline import storage
+    from pipeline.config import ConfigError
+    storage.configure({})
+    out = "memory://leasetest/out"
+    fs, root = storage.filesystem(out)
+    lock = f"{root}/.dedupe.lock"
+    _foreign_lock(fs, lock)
+    with pytest.raises(ConfigError, match="in use by pid 4242 on elsewhere.*taken over 5 s after"):
+        with storage.locked(out, lease_s=5):
+            pass
+    assert json.loads(fs.cat_file(lock))["token"] == "theirs"  # a live lock is left alone
+    time.sleep(1.2)
+    with caplog.at_level("WARNING", logger="pipeline"):
+        with storage.locked(out, lease_s=1):
+            mine = json.loads(fs.cat_file(lock))
+            assert mine["pid"] == os.getpid() and mine["token"] != "theirs"
+    assert "taking over the lock" in caplog.text and "pid 4242 on elsewhere" in caplog.text
+    assert not fs.exists(lock)
+
+
+def test_a_held_lock_is_renewed_so_it_never_looks_abandoned():
+    """The holder rewrites its lock every refresh_s: after longer than the lease, a second run is
+    still refused; a lock taken over by another run is not removed by the first at its end."""
+    from pipeline import storage
+    from pipeline.config import ConfigError
+    storage.configure({})
+    out = "memory://leasetest/renewed"
+    fs, root = storage.filesystem(out)
+    lock = f"{root}/.dedupe.lock"
+    with storage.locked(out, lease_s=1.0, refresh_s=0.2):
+        first = storage._lock_record(fs, lock)
+        time.sleep(1.5)
+        assert storage._lock_record(fs, lock)["age_s"] < 1.0  # renewed meanwhile
+        with pytest.raises(ConfigError, match=f"in use by pid {os.getpid()}"):
+            with storage.locked(out, lease_s=1.0):
+                pass
+        _foreign_lock(fs, lock)  # as if this run had stalled past its lease and been taken over
+        time.sleep(0.5)
+    assert json.loads(fs.cat_file(lock))["token"] == "theirs" != first["token"]
+    fs.rm_file(lock)
+
+
+def test_a_lock_in_the_bucket_past_its_lease_is_taken_over(s3, monkeypatch):
+    """The same against the S3 server, where the age is the object's LastModified (1 s steps)."""
+    _, env, _ = s3
+    _aws_env(monkeypatch, env)
+    from pipeline import storage
+    from pipeline.config import ConfigError
+    storage.configure({})
+    fs = _fs(env)
+    fs.mkdir(f"{BUCKET}-lease")
+    out = f"s3://{BUCKET}-lease/out"
+    _foreign_lock(fs, f"{BUCKET}-lease/out/.dedupe.lock")
+    with pytest.raises(ConfigError, match="in use by pid 4242"):
+        with storage.locked(out, lease_s=30):
+            pass
+    time.sleep(2.5)
+    with storage.locked(out, lease_s=1):
+        assert json.loads(fs.cat_file(f"{BUCKET}-lease/out/.dedupe.lock"))["pid"] == os.getpid()
+    assert not fs.exists(f"{BUCKET}-lease/out/.dedupe.lock")
+
+
 # ---------------------------------------------------------------------------------------------
 # the catalog in the bucket
 
@@ -601,7 +673,7 @@ def test_kill_9_leaves_the_last_catalog_in_the_bucket_and_its_finished_features_
     kill_when_logged(proc, "verify: started")  # the features are in the bucket, no pair is scored yet
     assert proc.returncode == -signal.SIGKILL
     assert fs.cat_file(f"{BUCKET}/killed/out/catalog/manifest.json") == manifest_before  # the last good one
-    # a killed run leaves its lock objects: the next run names them (no lease on a store)
+    # a killed run leaves its lock objects: a run within their lease names them
     result = _run([bucket, "--out", out, *args, "--quiet", *changed], env, tmp_path, timeout=300)
     assert result.returncode == 2 and f"delete {out}/.dedupe.lock" in result.stderr, result.stderr[-2000:]
     fs.rm_file(f"{BUCKET}/killed/out/.dedupe.lock")
