@@ -519,7 +519,6 @@ def test_cascade_on_google_cloud_storage_equals_a_local_run(gcs, dataset, tmp_pa
     result = _run([str(dataset), "--out", str(local_out), "--no-catalog", *args], gcs, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
 
-    opts = {"token": "anon", "project": "test"}
     read = subprocess.run([sys.executable, "-c", (
         "import sys, pandas as pd\n"
         "o = {'token': 'anon', 'project': 'test'}\n"
