@@ -87,7 +87,7 @@ def test_sharded_ivf_finds_the_exact_neighbours_when_visiting_every_list(planted
     assert agree > 0.99, agree
     both = want.merge(got, on=["idx_a", "idx_b"], suffixes=("_flat", "_ivf"))
     np.testing.assert_allclose(both["cosine_ivf"], both["cosine_flat"], rtol=0, atol=2e-3)
-    # default nprobe (32 of each shard's ~4 sqrt(n) lists, i.e. all of them at this size): planted pairs
+    # default nprobe (32 of the shared quantizer's 77 lists): planted pairs
     assert truth <= _as_set(candidates.sharded_embedding_pairs(
         paths, dataclasses.replace(c, embedding_index="ivf"), shard_size=1000))
 
