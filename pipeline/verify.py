@@ -233,18 +233,18 @@ def _keypoint_features(img: Image.Image, cfg: VerifyConfig, orb, descriptor: tup
             "scale": small.size[0] / img.size[0]}
 
 
-def flat_share(grey: np.ndarray) -> float:
-    """Share of pixels whose 3x3 neighbourhood spans <= 4 grey levels (flat graphics: most)."""
-    # morphological gradient = dilate - erode (never negative, so uint8 cannot wrap)
-    spread = cv2.morphologyEx(grey, cv2.MORPH_GRADIENT, _KERNEL_3X3)
-    return np.count_nonzero(spread <= 4) / spread.size
-
-
 _KERNEL_3X3 = np.ones((3, 3), np.uint8)
 # soft histogram bins: the neighbours of each bin along H (wraps), S and V (edge bins repeat)
 _SOFT_NEIGHBOURS = [((np.arange(n) - 1) % n, (np.arange(n) + 1) % n) if axis == 0 else
                     (np.maximum(np.arange(n) - 1, 0), np.minimum(np.arange(n) + 1, n - 1))
                     for axis, n in enumerate(HIST_BINS)]
+
+
+def flat_share(grey: np.ndarray) -> float:
+    """Share of pixels whose 3x3 neighbourhood spans <= 4 grey levels (flat graphics: most)."""
+    # morphological gradient = dilate - erode (never negative, so uint8 cannot wrap)
+    spread = cv2.morphologyEx(grey, cv2.MORPH_GRADIENT, _KERNEL_3X3)
+    return np.count_nonzero(spread <= 4) / spread.size
 
 
 def pixel_thumbnail(img: Image.Image) -> Image.Image:
