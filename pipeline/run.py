@@ -348,6 +348,9 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
         tracker.set_total(walked)
     images = (pd.concat(frames, ignore_index=True) if frames
               else pd.DataFrame({c: pd.Series(dtype="object") for c in screen.COLUMNS}))
+    frames.clear()  # the partitions' frames: held once, in `images`, from here on
+    results.clear()
+    futures.clear()
     if known is not None:
         unchanged = (images["error"] == _UNCHANGED).to_numpy()
         for entry_row in images[unchanged].to_dict("records"):
