@@ -127,7 +127,8 @@ def main() -> None:
         "whose \"started\" line came last; \"start\" is before the screen). Whole cascade, default "
         "settings, a catalog in OUT, `--scheduler local` (2 workers). Sizes are whole groups of the "
         "end-to-end folder, so pairs per image stay alike; bytes per image = the slope of the peak "
-        "between the two sizes.\n\n")
+        "between the two sizes. \"confirm\" runs to the write stage, so it holds decide and the catalog commit; "
+        "\"write\" holds the report.\n\n")
     body += table(["tree", "files", "pairs / image", "driver peak MB", "peak in stage", "peak per stage (MB)"], rows)
     sizes = sorted({n for _, n in results})
     if len(sizes) >= 2:
