@@ -12,7 +12,7 @@ CONFIG ?=
 ARGS ?=
 export SHARED
 
-.PHONY: install test reliability dedupe bench eval weights browser clean airflow-example fastdup
+.PHONY: install test reliability dedupe bench eval weights browser clean airflow-example fastdup azurite
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,16 @@ browser:
 	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	else echo "chromium is missing: run 'sudo apt-get install chromium' (the browser test skips without it)" >&2; exit 1; fi
+
+# Azurite (Azure's blob storage emulator, from npm) for tests/test_storage.py's az:// run; the test
+# skips with a message without it
+AZURITE_VERSION ?= 3.37.0
+azurite: .azurite/.installed
+
+.azurite/.installed:
+	@command -v npm >/dev/null 2>&1 || { echo "npm is missing: the az:// test skips (apt-get install npm)" >&2; exit 1; }
+	npm install --prefix .azurite --no-audit --no-fund --loglevel=error "azurite@$(AZURITE_VERSION)"
+	touch $@
 
 # make bench also compares with fastdup (bench/fastdup.py); without network for PyPI that one skips
 bench: install

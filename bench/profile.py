@@ -38,7 +38,8 @@ from bench.report import stamp, table, update_section
 CATEGORIES = [
     ("matching", lambda f, n: n in ("_match_kernel", "_good_matches", "_good_matches_reference")),
     ("RANSAC", lambda f, n: n == "_ransac"),
-    ("pixel check", lambda f, n: n in ("pixel_features", "pixel_check", "ssim_map", "flat_share")),
+    ("pixel check", lambda f, n: n in ("pixel_features", "pixel_thumbnail", "soft_hsv_histogram", "pixel_check",
+                                      "ssim_map", "flat_share")),
     ("ORB features", lambda f, n: n in ("_keypoint_features", "_spread")),
     ("model", lambda f, n: "tensorflow" in f or "/keras/" in f or n in ("raw", "embed_arrays", "_configure_tf")),
     ("resize", lambda f, n: n in ("resize", "reduce", "thumbnail", "_bounded", "resize_max_side", "to_input",

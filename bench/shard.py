@@ -200,7 +200,9 @@ def main_embeddings(args) -> None:
         f"{f' (nprobe {cfg.embedding_nprobe})' if kind == 'ivf' else ''}. Sharded: "
         f"`sharded_embedding_pairs`, {n_shards} FAISS shards of ~{n // n_shards:,} vectors built and searched on a "
         f"LocalCluster of {args.workers} worker processes x 1 thread, every partition against every shard, the "
-        f"k + 1 best merged per partition. One index: `embedding_pairs` with `search_sharding: single` "
+        f"k + 1 best merged per partition"
+        f"{' (IVF: the shards share one coarse quantizer trained on a worker from the sample one index takes, and each partition is assigned to its lists once)' if kind == 'ivf' else ''}"
+        f". One index: `embedding_pairs` with `search_sharding: single` "
         f"(the index built in the driver, FAISS on all cores). Peak memory = VmHWM, reset before each search; the "
         f"driver process also hosts the scheduler. One run (a long benchmark).\n\n")
     body += table(
@@ -217,7 +219,7 @@ def main_embeddings(args) -> None:
         f"driver peak {driver_sharded / gib:.2f} vs {driver_single / gib:.2f} GiB (idle driver after the reset: "
         f"{driver_idle / gib:.2f} GiB); {both:,} pairs found by both, {len(sharded) - both:,} only sharded, "
         f"{len(single) - both:,} only one index"
-        f"{' (IVF is approximate: each shard trains its own lists)' if kind == 'ivf' else ''}.\n"
+        f"{' (one quantizer: the lists visited are one index’s)' if kind == 'ivf' else ''}.\n"
         f"- Flat (exact) at {flat_n:,}: the same pairs: **{same_pairs}**, largest cosine difference "
         f"{max_dcos:.1e}; sharded / one index = {(t4 - t3) / max(t5 - t4, 1e-9):.2f}x the time.\n"
         f"- Generating the vectors on the workers: {t_gen:.1f} s (not in the search times).\n")

@@ -1,6 +1,7 @@
 """Benchmark of the verify tier (ORB): speed and precision/recall on a generated benchmark.
 
 `python -m bench.verify [--photos N] [--repeats R] [--models similarity,affine,homography]`
+`python -m bench.verify --stages DIR [--sample 500] [--repeats R]`  (per-image CPU by step)
 
 The benchmark: N real photos from ../shared/data/photos, each with generated edited copies
 (crop to 70 %, 50 % resize, 5 degree rotation, JPEG quality 30, text overlay, mirror — the mirror
@@ -28,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
@@ -35,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from bench.report import median, stamp, table, update_section
 from pipeline import verify
 from pipeline.config import Config
-from pipeline.decode import load_image
+from pipeline.decode import load_image, resize_max_side
 
 SHARED = Path(os.environ.get("SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
 
@@ -128,6 +130,195 @@ def _orb_features_previous(img: Image.Image, cfg) -> dict:
             "scale": small.size[0] / img.size[0]}
 
 
+def _flat_share_previous(grey: np.ndarray) -> float:
+    kernel = np.ones((3, 3), np.uint8)
+    spread = cv2.dilate(grey, kernel).astype(np.int16) - cv2.erode(grey, kernel)
+    return float(np.mean(spread <= 4))
+
+
+def _pixel_features_previous(img: Image.Image) -> tuple[bytes, bytes, float]:
+    """The pixel check's per-image data before the speed-up (np.roll soft bins, an RGB copy): the
+    baseline of `--stages`."""
+    small = img.resize((verify.PIXEL_SIDE, verify.PIXEL_SIDE), Image.Resampling.BOX
+                       if min(img.size) >= verify.PIXEL_SIDE else Image.Resampling.BILINEAR)
+    hsv = cv2.cvtColor(np.asarray(small.convert("RGB")), cv2.COLOR_RGB2HSV)
+    hist = cv2.calcHist([hsv], [0, 1, 2], None, list(verify.HIST_BINS), [0, 180, 0, 256, 0, 256])
+    for axis in range(3):
+        wrap = np.roll(hist, 1, axis), np.roll(hist, -1, axis)
+        if axis:
+            edge = [slice(None)] * 3
+            edge[axis] = slice(0, 1)
+            wrap[0][tuple(edge)] = hist[tuple(edge)]
+            edge[axis] = slice(-1, None)
+            wrap[1][tuple(edge)] = hist[tuple(edge)]
+        hist = 0.5 * hist + 0.25 * wrap[0] + 0.25 * wrap[1]
+    hist = (hist.ravel() / max(1.0, float(hist.sum()))).astype(np.float32)
+    grey = np.asarray(small.convert("L"), np.uint8)
+    return grey.tobytes(), hist.tobytes(), _flat_share_previous(grey)
+
+
+def _bounded_previous(img: Image.Image, cfg) -> Image.Image:
+    """The picture ORB sees before the speed-up: Pillow's antialiased bilinear for every shrink."""
+    w, h = img.size
+    longest = max(w, h)
+    if longest > cfg.max_side:
+        return resize_max_side(img, cfg.max_side)
+    if cfg.upscale_below and longest < cfg.upscale_below:
+        s = cfg.max_side / longest
+        return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC)
+    return img
+
+
+# the previous per-image helpers, swapped in for the baseline of --stages
+PREVIOUS = {"pixel_features": _pixel_features_previous, "_bounded": _bounded_previous}
+
+
+def _sample(folder: Path, n: int, seed: int = 0) -> list[str]:
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in
+                   (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".gif", ".bmp", ".heic", ".avif"))
+    random.Random(seed).shuffle(names)
+    return [str(folder / name) for name in names[:n]]
+
+
+def _step_times(path: str, cfg) -> dict[str, float]:
+    """CPU seconds of each step of one image's features (transform 0), as features_partition does
+    them, plus the pixel check's parts (timed apart, on the same pictures)."""
+    vcfg = cfg.verify
+    orb = verify._orb(vcfg)
+    clock = time.process_time
+    out = {}
+    t0 = clock()
+    img, _, _ = load_image(path, min_side=verify._draft_min_side(path, cfg), max_pixels=cfg.screen.max_pixels)
+    t1 = clock()
+    out["decode (open + draft decode + to_rgb)"] = t1 - t0
+    small = verify._bounded(img, vcfg)
+    t2 = clock()
+    out["_bounded (resize to max_side)"] = t2 - t1
+    _bounded_previous(img, vcfg)
+    out["_bounded, previous (Pillow)"] = clock() - t2
+    t2 = clock()
+    grey = np.asarray(small.convert("L"))
+    t3 = clock()
+    out["convert L"] = t3 - t2
+    kps = orb.detect(grey, None)
+    t4 = clock()
+    out["ORB detect"] = t4 - t3
+    if len(kps) > vcfg.n_features:
+        xy = cv2.KeyPoint_convert(kps).reshape(-1, 2)
+        resp = np.fromiter((k.response for k in kps), np.float32, len(kps))
+        kps = [kps[i] for i in verify._spread(xy, resp, small.size, vcfg)]
+    t5 = clock()
+    out["grid spread"] = t5 - t4
+    if kps:
+        orb.compute(grey, kps)
+    t6 = clock()
+    out["ORB compute"] = t6 - t5
+    pixels = verify.pixel_features(small)
+    t7 = clock()
+    out["pixel_features"] = t7 - t6
+    assert _pixel_features_previous(small) == pixels, path  # bit for bit
+    out["pixel_features, previous"] = clock() - t7
+    # its parts
+    t0 = clock()
+    thumb = verify.pixel_thumbnail(small)
+    t1 = clock()
+    rgb = np.asarray(thumb)
+    t2 = clock()
+    verify.soft_hsv_histogram(rgb)
+    t3 = clock()
+    tgrey = np.asarray(thumb.convert("L"))
+    t4 = clock()
+    verify.flat_share(tgrey)
+    t5 = clock()
+    out.update({"  thumbnail resize": t1 - t0, "  RGB array": t2 - t1, "  HSV soft histogram": t3 - t2,
+                "  grey thumbnail": t4 - t3, "  flat share": t5 - t4})
+    return out
+
+
+def stages(folder: Path, n: int, repeats: int, out: str | None) -> int:
+    """Per-image CPU of each step of the verify tier's feature stage on a sample of `folder`, and
+    features_partition as a whole, current vs the previous helpers (interleaved, identical rows
+    asserted)."""
+    cv2.setNumThreads(1)
+    cfg = Config()
+    files = _sample(folder, n)
+    if not files:
+        print(f"no images in {folder}", file=sys.stderr)
+        return 1
+    for path in files[:20]:  # warm: ORB object, LittleCMS, page cache
+        _step_times(path, cfg)
+    per_step: dict[str, list[list[float]]] = {}
+    for _ in range(repeats):
+        for i, path in enumerate(files):
+            for step, sec in _step_times(path, cfg).items():
+                per_step.setdefault(step, [[] for _ in files])[i].append(sec)
+    rows = []
+    for step, by_file in per_step.items():
+        med = np.array([np.median(x) for x in by_file]) * 1e3  # per image: median over repeats
+        rows.append([step, float(np.median(med)), float(med.mean())])
+
+    # features_partition as a whole: every file with transform 0, one in five also mirrored (4)
+    sizes = [Image.open(p).size for p in files]
+    keys = [(i * 8 + t, p, t, w, h) for i, (p, (w, h)) in enumerate(zip(files, sizes))
+            for t in ((0, 4) if i % 5 == 0 else (0,))]
+    task = pd.DataFrame(keys, columns=["key", "abs_path", "transform", "width", "height"])
+    task["transform"] = task["transform"].astype("int8")
+    cur_cpu, prev_cpu = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-verify-stages-") as tmp:
+        current = {name: getattr(verify, name) for name in PREVIOUS}
+        for rep in range(repeats + 1):  # the first of each is a warm-up
+            t0 = time.process_time()
+            summ = verify.features_partition(task, cfg, f"{tmp}/current", rep)
+            if rep:
+                cur_cpu.append(time.process_time() - t0)
+            for name, fn in PREVIOUS.items():
+                setattr(verify, name, fn)
+            try:
+                t0 = time.process_time()
+                prev = verify.features_partition(task, cfg, f"{tmp}/previous", rep)
+                if rep:
+                    prev_cpu.append(time.process_time() - t0)
+            finally:
+                for name, fn in current.items():
+                    setattr(verify, name, fn)
+        new_rows = pd.read_parquet(summ["part_path"].iloc[0])
+        old_rows = pd.read_parquet(prev["part_path"].iloc[0])
+    n_img = len(files)
+    whole = [["previous helpers", 1e3 * median(prev_cpu) / n_img],
+             ["current", 1e3 * median(cur_cpu) / n_img],
+             ["current / previous", median(cur_cpu) / median(prev_cpu)]]
+    # how far the pictures ORB sees moved (OpenCV's bilinear for shrinks below 2x)
+    same = {col: float((new_rows[col] == old_rows[col]).mean()) for col in ("keypoints", "descriptors", "thumb")}
+    agree = [["keys with identical keypoints / descriptors / thumbnail",
+              f"{same['keypoints']:.3f} / {same['descriptors']:.3f} / {same['thumb']:.3f}"],
+             ["mean keypoints per key, previous / current",
+              f"{old_rows['n_keypoints'].mean():.1f} / {new_rows['n_keypoints'].mean():.1f}"],
+             ["mean flat share, previous / current", f"{old_rows['flat'].mean():.4f} / {new_rows['flat'].mean():.4f}"]]
+    fmts = pd.Series([Image.open(p).format for p in files]).value_counts()
+    body = stamp() + (
+        f"\nPer-image CPU (time.process_time, one thread, OpenCV at one thread) of the verify tier's "
+        f"feature stage on {n_img} files sampled (seed 0) from `{folder}` "
+        f"({', '.join(f'{k} {v}' for k, v in fmts.items())}), default config (ORB, max_side "
+        f"{cfg.verify.max_side}, {cfg.verify.n_features} keypoints, pixel check on). Each step "
+        f"timed per image, median of {repeats} repeats per image, then the median and mean over "
+        f"images (ms). Steps as `features_partition` runs them for one (image, transform 0) key; "
+        f"the pixel check's parts are timed apart on the same pictures.\n\n"
+        + table(["step", "median ms / image", "mean ms / image"], rows)
+        + f"\n`features_partition` on the sample ({len(task)} keys: every file plain, one in five also "
+        f"mirrored; decode, features, pixel data and the Parquet write), CPU ms per image, median of "
+        f"{repeats} interleaved runs, previous helpers (`PREVIOUS` in bench/verify.py: Pillow's "
+        f"antialiased bilinear for every shrink, the np.roll soft bins) vs current. pixel_features is "
+        f"asserted equal to the previous one bit for bit on every image; the shrink below 2x by "
+        f"OpenCV's bilinear moves pixels, so the rows' agreement is shown instead:\n\n"
+        + table(["helpers", "CPU ms / image"], whole) + "\n" + table(["rows, current vs previous", ""], agree))
+    kwargs = {"path": out} if out else {}
+    path = update_section("verify-stages", "verify tier: per-image CPU by step (bench.verify --stages)",
+                          body, **kwargs)
+    print(body)
+    print(f"wrote section 'verify-stages' to {path}")
+    return 0
+
+
 def pr(res: pd.DataFrame, label: pd.Series) -> tuple[float, float]:
     pred = res["orb_status"].eq("match")
     tp = int((pred & label).sum())
@@ -142,7 +333,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", default="similarity,affine,homography")
     ap.add_argument("--out", default=None, help="benchmarks file (default docs/benchmarks.md)")
+    ap.add_argument("--stages", default=None, metavar="DIR",
+                    help="instead: per-image CPU of each feature step on a sample of the images in DIR")
+    ap.add_argument("--sample", type=int, default=500, help="with --stages: files sampled")
     args = ap.parse_args(argv)
+    if args.stages:
+        return stages(Path(args.stages), args.sample, args.repeats, args.out)
     if not (SHARED / "data" / "photos").is_dir():
         print(f"{SHARED}/data/photos missing: nothing to benchmark", file=sys.stderr)
         return 1

@@ -768,35 +768,65 @@ def _embedding_kind(cfg: ScreenConfig, n_rows: int) -> str:
     return kind
 
 
-def build_embedding_index(part_paths, cfg: ScreenConfig, kind: str | None = None):
-    """-> (faiss index over the inner product, idx of each index row, kind "flat" | "ivf").
-    `kind` (default: from `embedding_index` and the number of stored rows) forces the kind."""
+def _ivf_plan(n_rows: int) -> tuple[int, int, int]:
+    """(nlist, training rows, sampling stride) of an IVF index over `n_rows` stored rows."""
+    nlist = _ivf_nlist(max(n_rows, 1))
+    n_train = min(n_rows, max(39 * nlist, 50_000))
+    return nlist, n_train, max(1, n_rows // max(n_train, 1))
+
+
+def ivf_sample(part_paths, stride: int) -> np.ndarray:
+    """The training sample's vectors in some partition files: the images whose idx is a multiple
+    of `stride` (the same rows whichever process reads which file, so one index and the shards
+    train on the same sample, in part order)."""
+    picked = [vecs[idx % stride == 0] for idx, vecs in iter_embeddings(part_paths)]
+    picked = [v for v in picked if len(v)]
+    return np.concatenate(picked) if picked else np.zeros((0, 0), np.float32)
+
+
+def train_ivf(cfg: ScreenConfig, nlist: int, n_train: int, *samples: np.ndarray):
+    """An empty, trained IVF index (float16 lists, inner product) from the samples (in order, the
+    first n_train rows); None without any vector."""
     faiss = _faiss()
-    n_rows = _count_rows(part_paths)
-    kind = kind or _embedding_kind(cfg, n_rows)
+    samples = [x for x in samples if len(x)]
+    if not samples:
+        return None
+    train = np.concatenate(samples)[:n_train]
+    nlist = min(nlist, len(train))
+    quantizer = faiss.IndexFlatIP(train.shape[1])
+    index = faiss.IndexIVFScalarQuantizer(quantizer, train.shape[1], nlist, faiss.ScalarQuantizer.QT_fp16,
+                                          faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = 1234  # deterministic k-means
+    index.train(train)
+    index.nprobe = int(min(cfg.embedding_nprobe, nlist))
+    return index
+
+
+def _train_ivf_shared(cfg: ScreenConfig, nlist: int, n_train: int, *samples: np.ndarray):
+    """train_ivf on a worker -> the index serialised (uint8 array: what the shards start from)."""
+    index = train_ivf(cfg, nlist, n_train, *samples)
+    return None if index is None else _faiss().serialize_index(index)
+
+
+def build_embedding_index(part_paths, cfg: ScreenConfig, kind: str | None = None, trained=None):
+    """-> (faiss index over the inner product, idx of each index row, kind "flat" | "ivf").
+    `kind` (default: from `embedding_index` and the number of stored rows) forces the kind;
+    `trained` (ivf: a serialised trained index, `_train_ivf_shared`) is filled instead of training
+    one on these files' own sample."""
+    faiss = _faiss()
     ids: list[np.ndarray] = []
     index = None
-    if kind == "ivf":
-        nlist = _ivf_nlist(max(n_rows, 1))
-        n_train = min(n_rows, max(39 * nlist, 50_000))
-        stride = max(1, n_rows // max(n_train, 1))
-        sample, seen = [], 0
-        for idx, vecs in iter_embeddings(part_paths):
-            pick = (np.arange(seen, seen + len(idx)) % stride) == 0
-            sample.append(vecs[pick])
-            seen += len(idx)
-        if not sample:
-            return None, np.zeros(0, np.int64), kind
-        train = np.concatenate(sample)[:n_train]
-        d = train.shape[1]
-        nlist = min(nlist, len(train))
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
-                                              faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = 1234  # deterministic k-means
-        index.train(train)
-        index.nprobe = int(min(cfg.embedding_nprobe, nlist))
-        del train, sample
+    if trained is not None:
+        kind = "ivf"
+        index = faiss.deserialize_index(trained)
+    else:
+        n_rows = _count_rows(part_paths)
+        kind = kind or _embedding_kind(cfg, n_rows)
+        if kind == "ivf":
+            nlist, n_train, stride = _ivf_plan(n_rows)
+            index = train_ivf(cfg, nlist, n_train, ivf_sample(part_paths, stride))
+            if index is None:
+                return None, np.zeros(0, np.int64), kind
     for idx, vecs in iter_embeddings(part_paths):
         if index is None:
             index = faiss.IndexFlatIP(vecs.shape[1])
@@ -871,8 +901,12 @@ def embedding_pairs(part_paths, cfg: ScreenConfig, client=None) -> pd.DataFrame:
 # The feature-store partitions (files) are grouped, consecutively, into index shards of about
 # `screen.embedding_shard_size` stored rows (`shard_groups`, as for the hash search); each shard's
 # FAISS index is built on a worker from its files (flat or IVF as the total number of rows gives,
-# see `_embedding_kind`; an IVF shard trains its own ~4 sqrt(n) lists on its own sample). Every
-# partition's vectors, read from its file by the task, are searched against every shard, in the
+# see `_embedding_kind`). IVF shards share one coarse quantizer, trained once on a worker from the
+# sample one index would take (`ivf_sample`, `_train_ivf_shared`): each partition's queries are
+# assigned to their `embedding_nprobe` lists once (`_assign_lists`), and every shard scans only
+# its part of those lists (`search_preassigned`), so the work per query does not grow with the
+# number of shards and the lists visited are those of one index. Every partition's vectors, read
+# from its file by the task, are searched against every shard, in the
 # batches of the one-index search, for their k + 1 best in the shard. Per partition the shard lists
 # are merged: the k + 1 best over all shards by (cosine, then index row: shard, row in shard),
 # then the same rule as one index (self dropped, at most k, >= min cosine). The merge is exact:
@@ -882,13 +916,30 @@ def embedding_pairs(part_paths, cfg: ScreenConfig, client=None) -> pd.DataFrame:
 # file list, counts, futures and the pair frame (at most N x k rows).
 
 
-def _build_embedding_shard(paths: list[str], cfg: ScreenConfig, kind: str, threads: int | None = None):
-    """(index, idx of each row) over some partition files (runs on a worker)."""
+def _build_embedding_shard(paths: list[str], cfg: ScreenConfig, kind: str, threads: int | None = None,
+                           trained=None):
+    """(index, idx of each row) over some partition files (runs on a worker); `trained`: the
+    shared IVF quantizer (serialised), whose lists the shard fills."""
     faiss = _faiss()
     if threads:
         faiss.omp_set_num_threads(threads)
-    index, ids, _ = build_embedding_index(paths, cfg, kind=kind)
+    index, ids, _ = build_embedding_index(paths, cfg, kind=kind, trained=trained)
     return index, ids
+
+
+def _assign_lists(trained, path: str, threads: int | None = None):
+    """One partition's queries -> (their nprobe lists, distances to those centroids), in the order
+    iter_embeddings gives them: computed once, used by every IVF shard."""
+    faiss = _faiss()
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    if trained is None:
+        return None
+    index = faiss.deserialize_index(trained)
+    found = [index.quantizer.search(vecs, index.nprobe) for _, vecs in iter_embeddings([path])]
+    if not found:
+        return None
+    return np.concatenate([f[1] for f in found]), np.concatenate([f[0] for f in found])
 
 
 def _empty_knn(kk: int):
@@ -896,9 +947,11 @@ def _empty_knn(kk: int):
             np.zeros((0, kk), np.int64))
 
 
-def _search_embedding_shard(shard, path: str, shard_no: int, cfg: ScreenConfig, threads: int | None = None):
+def _search_embedding_shard(shard, path: str, shard_no: int, cfg: ScreenConfig, threads: int | None = None,
+                            assigned=None):
     """One partition's vectors against one shard: (query idx (n,), cosine (n, k+1), neighbour idx
-    (n, k+1), -1 where none, order key (n, k+1): shard_no << 40 | row in the shard)."""
+    (n, k+1), -1 where none, order key (n, k+1): shard_no << 40 | row in the shard). `assigned`:
+    the queries' IVF lists (`_assign_lists`) when the shards share one quantizer."""
     index, ids = shard
     kk = int(cfg.embedding_k) + 1
     found = [_empty_knn(kk)]
@@ -907,9 +960,16 @@ def _search_embedding_shard(shard, path: str, shard_no: int, cfg: ScreenConfig, 
     if threads:
         _faiss().omp_set_num_threads(threads)
     take = min(kk, len(ids))
+    at = 0  # row of the partition's queries (assigned lists are in the same order)
     for idx, vecs in iter_embeddings([path]):
         for s in range(0, len(idx), _KNN_BATCH):
-            sim, rows = index.search(vecs[s:s + _KNN_BATCH], take)
+            q = vecs[s:s + _KNN_BATCH]
+            if assigned is None:
+                sim, rows = index.search(q, take)
+            else:
+                lists, dist = assigned[0][at:at + len(q)], assigned[1][at:at + len(q)]
+                sim, rows = index.search_preassigned(q, take, lists, dist)
+            at += len(q)
             n = len(rows)
             sim_p = np.full((n, kk), -np.inf, np.float32)
             nb = np.full((n, kk), -1, np.int64)
@@ -957,30 +1017,42 @@ def sharded_embedding_pairs(part_paths, cfg: ScreenConfig, client=None, shard_si
         counts = (client.gather(client.map(_count_part, parts, pure=False)) if client is not None
                   else [_count_part(p) for p in parts])
     kind = _embedding_kind(cfg, sum(counts))
+    nlist, n_train, stride = _ivf_plan(sum(counts))
     if client is None:
         groups = shard_groups(counts, shard_size)
+        trained = (_train_ivf_shared(cfg, nlist, n_train, *[ivf_sample([p], stride) for p in parts])
+                   if kind == "ivf" else None)
         best: list = [None] * len(parts)
         for s, g in enumerate(groups):  # one shard in memory at a time
-            shard = _build_embedding_shard([parts[i] for i in g], cfg, kind)
+            shard = _build_embedding_shard([parts[i] for i in g], cfg, kind, trained=trained)
             for p, path in enumerate(parts):
-                got = _search_embedding_shard(shard, path, s, cfg)
+                got = _search_embedding_shard(shard, path, s, cfg,
+                                              assigned=_assign_lists(trained, path) if trained is not None else None)
                 best[p] = got if best[p] is None else _best_of(int(cfg.embedding_k) + 1, best[p], got)
             del shard
         frames = [_merge_embedding_lists(cfg, b) for b in best if b is not None]
     else:
         workers = sorted(client.scheduler_info()["workers"])
         groups = shard_groups(counts, shard_size, len(workers))
+        trained = assigned = None
+        if kind == "ivf":  # one quantizer for every shard, trained on a worker (the sample never
+            # comes to the driver), and each partition's lists assigned once
+            samples = [client.submit(ivf_sample, [p], stride, pure=False) for p in parts]
+            trained = client.submit(_train_ivf_shared, cfg, nlist, n_train, *samples, pure=False)
+            assigned = [client.submit(_assign_lists, trained, p, 1, pure=False) for p in parts]
+            del samples
         # one shard per worker in turn (the search tasks follow their index); FAISS on one thread
         # per task, as the worker's threads already run tasks side by side
-        shards = [client.submit(_build_embedding_shard, [parts[i] for i in g], cfg, kind, 1, pure=False,
+        shards = [client.submit(_build_embedding_shard, [parts[i] for i in g], cfg, kind, 1, trained, pure=False,
                                 workers=[workers[j % len(workers)]], allow_other_workers=True)
                   for j, g in enumerate(groups)]
         merged = [client.submit(_merge_embedding_lists, cfg,
-                                *[client.submit(_search_embedding_shard, shard, path, s, cfg, 1, pure=False)
+                                *[client.submit(_search_embedding_shard, shard, path, s, cfg, 1,
+                                                None if assigned is None else assigned[p], pure=False)
                                   for s, shard in enumerate(shards)], pure=False)
-                  for path in parts] if shards else []
+                  for p, path in enumerate(parts)] if shards else []
         frames = client.gather(merged)
-        del shards, merged
+        del shards, merged, trained, assigned
     frames = [f for f in frames if len(f)]
     if not frames:
         return _empty_embedding_pairs()

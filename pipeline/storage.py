@@ -20,9 +20,10 @@ local code (pipeline/paths.py, pipeline/outdir.py). For a URL:
   must never mix two runs reads `.dedupe/current` and then the generation it names (or checks the
   sha256 list in `run.json`). The previous generation is kept, older ones are removed.
 * **Lock.** `locked` creates `OUT/.dedupe.lock` with an exclusive create (S3 `If-None-Match: *`);
-  a second run finds it and stops naming the holder. A run killed outright (kill -9, a lost host)
-  leaves the object behind: the next run stops and says which object to delete. A catalog on a
-  store is locked the same way (`CATALOG/.catalog.lock`).
+  a second run finds it and stops naming the holder. The holder rewrites the object every
+  LOCK_REFRESH_S (a lease): a run killed outright (kill -9, a lost host) stops renewing it, and the
+  next run takes over a lock whose last-modified time is older than LOCK_LEASE_S, with a warning
+  naming the old holder. A catalog on a store is locked the same way (`CATALOG/.catalog.lock`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ import os
 import socket
 import sys
 import tempfile
+import threading
+import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -46,6 +50,11 @@ from pipeline.config import ConfigError, ScanConfig
 
 log = logging.getLogger("pipeline")
 LOCK_NAME = ".dedupe.lock"
+# A store has no process to ask whether a lock's holder is alive: the holder renews the lock object
+# every LOCK_REFRESH_S, and a lock not renewed for LOCK_LEASE_S (clock skew between hosts and the
+# store included) is a dead run's and is taken over.
+LOCK_REFRESH_S = 60.0
+LOCK_LEASE_S = 600.0
 STATE_DIR = ".dedupe"
 WORK_PREFIX = "_work-"
 # keys of storage.options never written to run.json or the Parquet metadata
@@ -269,46 +278,122 @@ def changed_since(urls, sizes, mtimes) -> list[bool]:
     return flags
 
 
-def _holder(fs, lock: str) -> str:
+def _lock_record(fs, lock: str) -> dict | None:
+    """The lock object's content (pid, host, started, command, token) and its age in seconds by
+    its last-modified time; None when there is no lock."""
     try:
-        info = json.loads(fs.cat_file(lock).decode("utf-8") or "{}")
+        info = fs.info(lock, refresh=True)  # a fresh look: s3fs caches listings
+    except FileNotFoundError:
+        return None
+    except OSError:
+        info = {}
+    try:
+        record = json.loads(fs.cat_file(lock).decode("utf-8") or "{}")
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError):
+        record = {}
+    modified = _mtime(info)
+    record["age_s"] = time.time() - modified if modified else 0.0
+    return record
+
+
+def _holder(record: dict | None) -> str:
+    if not record or "pid" not in record:
         return "another dedupe run"
-    return (f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
-            f" ({info.get('command', '')})")
+    return (f"pid {record.get('pid')} on {record.get('host')}, started {record.get('started')}"
+            f" ({record.get('command', '')})")
+
+
+def _create_exclusive(fs, lock: str, data: bytes) -> None:
+    """Create `lock`; FileExistsError when it exists."""
+    try:
+        with fs.open(lock, "xb") as fh:
+            fh.write(data)
+    except (ValueError, NotImplementedError):  # a backend without exclusive create
+        log.warning("%s cannot create objects exclusively: two runs started at the same moment "
+                    "could both take the lock of %s", fs.protocol, lock)
+        if fs.exists(lock):
+            raise FileExistsError(lock) from None
+        fs.pipe_file(lock, data)
+
+
+class _Lease(threading.Thread):
+    """Renews the lock object every `refresh` seconds while the run holds it (same content: only
+    its last-modified time moves). A lock found to hold another run's token was taken over (this
+    run was stalled longer than the lease): renewing stops and the error is logged."""
+
+    def __init__(self, fs, lock: str, data: bytes, token: str, refresh: float):
+        super().__init__(name="dedupe-lock-lease", daemon=True)
+        self.fs, self.lock, self.data, self.token, self.refresh = fs, lock, data, token, refresh
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.refresh):
+            try:
+                current = json.loads(self.fs.cat_file(self.lock).decode("utf-8") or "{}")
+                if current.get("token") != self.token:
+                    log.error("the lock %s was taken over by %s: this run stalled longer than its "
+                              "lease; its outputs may race that run's", _url(self.fs, self.lock),
+                              _holder(current))
+                    return
+                self.fs.pipe_file(self.lock, self.data)
+            except FileNotFoundError:
+                log.error("the lock %s was removed while this run held it", _url(self.fs, self.lock))
+                return
+            except Exception as exc:  # a store hiccup: try again at the next beat
+                log.warning("could not renew the lock %s: %s", _url(self.fs, self.lock), exc)
 
 
 @contextlib.contextmanager
-def locked(out: str, name: str = LOCK_NAME, what: str = "output location", option: str = "--out") -> Iterator[None]:
-    """OUT's run lock on a store: the object OUT/.dedupe.lock, created exclusively, removed at the
-    end. ConfigError naming the holder when it exists (or saying what to fix when it cannot be made).
-    (`name`, `what`, `option`: the same lock for another prefix, e.g. the catalog.)"""
+def locked(out: str, name: str = LOCK_NAME, what: str = "output location", option: str = "--out",
+           lease_s: float = LOCK_LEASE_S, refresh_s: float | None = None) -> Iterator[None]:
+    """OUT's run lock on a store: the object OUT/.dedupe.lock, created exclusively, renewed every
+    `refresh_s` (default: LOCK_REFRESH_S, at most a quarter of the lease), removed at the end. A lock
+    left by a run that stopped renewing it `lease_s` ago is taken over (a warning names that run);
+    a live one gives a ConfigError naming the holder (or saying what to fix when the lock cannot be
+    made). (`name`, `what`, `option`: the same lock for another prefix, e.g. the catalog.)"""
     fs, root = filesystem(out)
     lock = f"{root}/{name}"
-    info = {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv)[:500]}
+    token = uuid.uuid4().hex
+    data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "command": " ".join(sys.argv)[:500], "token": token}).encode("utf-8")
     try:
         try:
-            with fs.open(lock, "xb") as fh:
-                fh.write(json.dumps(info).encode("utf-8"))
-        except (ValueError, NotImplementedError):  # a backend without exclusive create
-            log.warning("%s cannot create objects exclusively: two runs started at the same moment "
-                        "could both take the lock of %s", fs.protocol, out)
-            if fs.exists(lock):
-                raise FileExistsError(lock) from None
-            fs.pipe_file(lock, json.dumps(info).encode("utf-8"))
+            _create_exclusive(fs, lock, data)
+        except FileExistsError:
+            record = _lock_record(fs, lock)
+            if record is not None and record["age_s"] <= lease_s:
+                raise
+            if record is not None:
+                log.warning("taking over the lock %s of %s: not renewed for %.0f s (lease %.0f s), "
+                            "so that run is gone", _url(fs, lock), _holder(record), record["age_s"], lease_s)
+                # remove only the lock judged stale: another run that took it over meanwhile has
+                # written its own token
+                again = _lock_record(fs, lock)
+                if again is not None and again.get("token") == record.get("token"):
+                    with contextlib.suppress(FileNotFoundError):
+                        fs.rm_file(lock)
+            _create_exclusive(fs, lock, data)
     except FileExistsError:
-        raise ConfigError(f"the {what} {out!r} is in use by {_holder(fs, lock)}: wait for that run to "
-                          f"finish, or choose another {option} (if that run was killed, delete "
-                          f"{_url(fs, lock)} and run again)") from None
+        raise ConfigError(f"the {what} {out!r} is in use by {_holder(_lock_record(fs, lock))}: wait for "
+                          f"that run to finish, or choose another {option} (a killed run's lock is taken "
+                          f"over {lease_s:.0f} s after its last renewal; to go on now, once you know that "
+                          f"run is gone, delete {_url(fs, lock)})") from None
     except Exception as exc:
         raise _access_error(out, exc, f"cannot write in the {what}", option) from None
+    lease = _Lease(fs, lock, data, token, refresh_s if refresh_s is not None else min(LOCK_REFRESH_S, lease_s / 4))
+    lease.start()
     try:
         yield
     finally:
+        lease.stopped.set()
+        lease.join()
         with contextlib.suppress(OSError):
-            fs.rm_file(lock)
+            current = json.loads(fs.cat_file(lock).decode("utf-8") or "{}")
+            if current.get("token") == token:  # never remove the lock of a run that took over
+                fs.rm_file(lock)
 
 
 def remove_stale_work(out: str, keep: str | None = None) -> list[str]:

@@ -111,3 +111,19 @@ def test_calibration_script_writes_its_section(tmp_path, capsys):
     assert pixel_check.main(["--graphics", "3", "--no-embeddings", "--out", str(out)]) == 0
     text = out.read_text()
     assert "<!-- section:pixel-check -->" in text and "precision" in text and "Held-out set" in text
+
+
+def test_soft_histogram_of_one_colour():
+    """One flat colour: the mass spreads 1/4, 1/2, 1/4 over each axis's neighbours; hue wraps
+    around, saturation and value repeat their edge bins (so an edge bin keeps 3/4)."""
+    # HSV (OpenCV): hue 0 (bin 0 of 16: wraps to bin 15), saturation 255 (last of 4), value 255
+    hist = verify.soft_hsv_histogram(np.full((8, 8, 3), (255, 0, 0), np.uint8)).reshape(verify.HIST_BINS)
+    hue = np.zeros(16)
+    hue[[15, 0, 1]] = 0.25, 0.5, 0.25
+    edge = np.array([0, 0, 0.25, 0.75])
+    expected = hue[:, None, None] * edge[None, :, None] * edge[None, None, :]
+    np.testing.assert_array_equal(hist, expected.astype(np.float32))  # exact: sums of quarters
+    # a middle bin on every axis: 1/8 at the centre, the rest on its neighbours
+    mid = verify.soft_hsv_histogram(np.full((4, 4, 3), (40, 100, 60), np.uint8)).reshape(verify.HIST_BINS)
+    assert mid.max() == np.float32(0.125) and mid.sum() == pytest.approx(1.0, abs=1e-6)
+    assert np.count_nonzero(mid) == 27

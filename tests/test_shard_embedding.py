@@ -87,9 +87,23 @@ def test_sharded_ivf_finds_the_exact_neighbours_when_visiting_every_list(planted
     assert agree > 0.99, agree
     both = want.merge(got, on=["idx_a", "idx_b"], suffixes=("_flat", "_ivf"))
     np.testing.assert_allclose(both["cosine_ivf"], both["cosine_flat"], rtol=0, atol=2e-3)
-    # default nprobe (32 of each shard's ~4 sqrt(n) lists, i.e. all of them at this size): planted pairs
+    # default nprobe (32 of the shared quantizer's 77 lists): planted pairs
     assert truth <= _as_set(candidates.sharded_embedding_pairs(
         paths, dataclasses.replace(c, embedding_index="ivf"), shard_size=1000))
+
+
+@pytest.mark.parametrize("shard_size", [700, 1300])
+def test_sharded_ivf_equals_one_ivf_index(planted, shard_size):
+    """IVF shards share one coarse quantizer, trained on the sample one index takes: each query
+    visits the same lists as in one index, so the pairs are one IVF index's (float16 lists: the
+    cosines are the same numbers)."""
+    paths, truth = planted
+    c = cfg(embedding_index="ivf", embedding_nprobe=1)  # 1 of 77 lists: far from exhaustive
+    want = candidates.embedding_pairs(paths, dataclasses.replace(c, search_sharding="single"))
+    got = candidates.sharded_embedding_pairs(paths, c, shard_size=shard_size)
+    assert_same_pairs(want, got, tol=1e-6)
+    exact = candidates.embedding_pairs(paths, cfg(search_sharding="single"))
+    assert _as_set(exact) - _as_set(want)  # nprobe 1 does miss neighbours: which lists are visited matters
 
 
 def test_settings_pick_the_path(planted, monkeypatch):

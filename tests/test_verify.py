@@ -367,3 +367,25 @@ def test_known_sizes_save_the_second_open_and_change_nothing(small_set, tmp_path
     b = pd.read_parquet(known["part_path"].iloc[0])
     pd.testing.assert_frame_equal(a, b)
     assert (a["n_keypoints"] > 0).sum() >= len(paths) - 1
+
+
+def test_shrink_below_2x_stays_close_to_pillows_filter(few_photos):
+    """`_bounded` shrinks by less than 2x with OpenCV's plain bilinear (faster than Pillow's
+    antialiased one): same size as `resize_max_side`, pixels within a few grey levels (measured:
+    mean 0.2-2.6 on the shared photos, most at ~2x), and the two pictures match each other."""
+    from pipeline.decode import resize_max_side
+    cfg = Config().verify
+    for path in few_photos:
+        img = Image.open(path).convert("RGB")
+        for longest in (cfg.max_side + 6, int(cfg.max_side * 1.25), 2 * cfg.max_side - 1):
+            s = longest / max(img.size)
+            src = img.resize((round(img.width * s), round(img.height * s)), Image.Resampling.LANCZOS)
+            fast, pillow = verify._bounded(src, cfg), resize_max_side(src, cfg.max_side)
+            assert fast.size == pillow.size and fast.mode == "RGB"
+            diff = np.abs(np.asarray(fast, np.int16) - np.asarray(pillow, np.int16))
+            assert diff.mean() < 4.0
+            assert verify.verify_pair(verify.orb_features(fast, cfg), verify.orb_features(pillow, cfg),
+                                      cfg)[3] == "match"
+    # 2x and more: Pillow's filter as before (bit for bit)
+    big = Image.open(few_photos[0]).convert("RGB").resize((2 * cfg.max_side, cfg.max_side + 10))
+    assert verify._bounded(big, cfg).tobytes() == resize_max_side(big, cfg.max_side).tobytes()
