@@ -668,7 +668,7 @@ def neighbours_table(directed: pd.DataFrame, images: pd.DataFrame) -> pd.DataFra
 
 
 def images_table(images: pd.DataFrame, fps: dict) -> pd.DataFrame:
-    out = images[[c for c in IMAGE_COLUMNS if c != "screen_fp"]].copy()
+    out = images[[c for c in IMAGE_COLUMNS if c != "screen_fp"]].copy(deep=False)  # (new columns only)
     out["screen_fp"] = fps["screen"]
     return out.astype({"bytes": "int64", "mtime_ns": "int64", "width": "Int64", "height": "Int64",
                        "variant_mask": "int64"})
@@ -701,40 +701,68 @@ def lookup_evidence(cat: Catalog | None, sha_a, sha_b, transform, what: str, fp:
     return hit, found
 
 
+_EVIDENCE_NUMBERS = {"orb_matches": "Int32", "orb_inliers": "Int32", "orb_score": "Float32", "ssim": "Float32",
+                     "hist_corr": "Float32", "cosine": "Float32"}
+
+
+def _evidence_values(column: str, values) -> np.ndarray | pd.api.extensions.ExtensionArray:
+    """One evidence column as the table stores it: transform int8, numbers nullable, text objects
+    with None for missing."""
+    if column == "transform":
+        return np.asarray(values, dtype=np.int64).astype(np.int8)
+    series = pd.Series(values, dtype=object) if not isinstance(values, pd.Series) else values.reset_index(drop=True)
+    if column in _EVIDENCE_NUMBERS:
+        return pd.to_numeric(series, errors="coerce").astype(_EVIDENCE_NUMBERS[column]).array
+    series = series.astype(object)
+    return series.where(series.notna(), None).to_numpy(dtype=object)
+
+
 def evidence_table(cat: Catalog | None, present_sha: set, rows: pd.DataFrame, fps: dict,
                    verified: bool, confirmed: np.ndarray | None) -> pd.DataFrame:
     """The new evidence table: the old rows whose two contents still exist, updated with this
     run's near pairs (`rows`: sha_a, sha_b, transform, ORB_COLUMNS, cosine). ORB numbers are
     stored when the verify tier ran (`verified`), cosines for the pairs that reached the confirm
-    tier (`confirmed` mask); other stored values are kept."""
+    tier (`confirmed` mask); other stored values are kept. Old rows keep their order (one per
+    (sha_a, sha_b, transform), the last); new pairs follow, sorted by that key when there are old
+    rows. Built column by column (no Python object per value: a row per scored pair)."""
     old = cat.evidence if cat is not None else _empty(EVIDENCE_COLUMNS)
     keep = old["sha_a"].isin(present_sha).to_numpy() & old["sha_b"].isin(present_sha).to_numpy()
     old = old[keep]
-    table = old.set_index(pd.Index(_pair_key(old["sha_a"], old["sha_b"], old["transform"]), dtype=object))
-    table = table[~table.index.duplicated(keep="last")][EVIDENCE_COLUMNS].astype(object)
-    keys = pd.Index(_pair_key(rows["sha_a"], rows["sha_b"], rows["transform"]), dtype=object)
-    new_keys = keys.difference(table.index)
-    if len(new_keys):
-        table = pd.concat([table, pd.DataFrame(index=new_keys, columns=EVIDENCE_COLUMNS, dtype=object)])
-    base = pd.DataFrame({"sha_a": rows["sha_a"].to_numpy(dtype=object), "sha_b": rows["sha_b"].to_numpy(dtype=object),
-                         "transform": rows["transform"].to_numpy(np.int64)}, index=keys)
-    table.loc[keys, ["sha_a", "sha_b", "transform"]] = base.astype(object).to_numpy()
+    old_t = old["transform"].to_numpy(np.int64) if len(old) else np.zeros(0, np.int64)
+    old = old.assign(transform=old_t).drop_duplicates(["sha_a", "sha_b", "transform"], keep="last")
+    rows = rows.reset_index(drop=True)
+    rows = rows.assign(transform=rows["transform"].to_numpy(np.int64))
+    rows = rows[~rows.duplicated(["sha_a", "sha_b", "transform"], keep="last")]  # (the last value wins)
+    if confirmed is not None:
+        confirmed = np.asarray(confirmed, bool)[rows.index.to_numpy()]
+    rows = rows.reset_index(drop=True)
+
+    def key(frame):
+        return pd.MultiIndex.from_arrays([frame["sha_a"].to_numpy(dtype=object), frame["sha_b"].to_numpy(dtype=object),
+                                          frame["transform"].to_numpy(np.int64)])
+    at = key(old).get_indexer(key(rows)) if len(old) and len(rows) else np.full(len(rows), -1, np.int64)
+    added = rows[at < 0]
+    if len(old):  # (sorted only after old rows: what Index.difference did here, kept for equal files)
+        added = added.sort_values(["sha_a", "sha_b", "transform"], kind="stable")
+    pos = at.copy()
+    pos[added.index.to_numpy()] = len(old) + np.arange(len(added))
+    table = {c: _evidence_values(c, pd.concat([old[c].astype(object), added[c].astype(object)],
+                                               ignore_index=True) if c in ("sha_a", "sha_b", "transform")
+                                 else old[c].reset_index(drop=True).reindex(range(len(old) + len(added)))).copy()
+             for c in EVIDENCE_COLUMNS}  # (copies: filled in place below)
+
+    def put(column: str, where: np.ndarray, values) -> None:
+        table[column][where] = _evidence_values(column, values)
+
     if verified and len(rows):
-        orb = rows[ORB_COLUMNS].astype(object).where(rows[ORB_COLUMNS].notna(), None).to_numpy()
-        table.loc[keys, ORB_COLUMNS] = orb
-        table.loc[keys, "orb_fp"] = fps["orb"]
+        for c in ORB_COLUMNS:
+            put(c, pos, rows[c])
+        put("orb_fp", pos, np.full(len(rows), fps["orb"], dtype=object))
     if confirmed is not None and confirmed.any():
-        ck = keys[confirmed]
-        table.loc[ck, "cosine"] = rows["cosine"].to_numpy()[confirmed].astype(object)
-        table.loc[ck, "embed_fp"] = fps["embed"]
-    out = table.reset_index(drop=True)
-    out["transform"] = out["transform"].astype(np.int8)
-    for col, dtype in (("orb_matches", "Int32"), ("orb_inliers", "Int32"), ("orb_score", "Float32"),
-                       ("ssim", "Float32"), ("hist_corr", "Float32"), ("cosine", "Float32")):
-        out[col] = pd.to_numeric(out[col], errors="coerce").astype(dtype)
-    for col in ("sha_a", "sha_b", "orb_fp", "orb_status", "orb_reason", "embed_fp"):
-        out[col] = out[col].astype(object).where(out[col].notna(), None)
-    return out[EVIDENCE_COLUMNS]
+        put("cosine", pos[confirmed], rows["cosine"][confirmed])
+        put("embed_fp", pos[confirmed], np.full(int(confirmed.sum()), fps["embed"], dtype=object))
+    return pd.DataFrame({c: pd.Series(v, dtype=object) if isinstance(v, np.ndarray) and v.dtype == object else v
+                         for c, v in table.items()})[EVIDENCE_COLUMNS]
 
 
 def new_feature_rows(cat: Catalog, kind: str, fp: str, summary: pd.DataFrame, sha_of_cid: pd.Series) -> pd.DataFrame:

@@ -109,7 +109,7 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     `orb_inliers`, `orb_reason`, `cosine`.
     """
     d = cfg.decide
-    out = pairs.copy()
+    out = pairs.copy(deep=False)  # whole columns are replaced below, never written into
     n = len(out)
     stage = np.full(n, "screen", dtype=object)
     dup = np.zeros(n, dtype=bool)

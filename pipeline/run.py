@@ -348,6 +348,9 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
         tracker.set_total(walked)
     images = (pd.concat(frames, ignore_index=True) if frames
               else pd.DataFrame({c: pd.Series(dtype="object") for c in screen.COLUMNS}))
+    frames.clear()  # the partitions' frames: held once, in `images`, from here on
+    results.clear()
+    futures.clear()
     if known is not None:
         unchanged = (images["error"] == _UNCHANGED).to_numpy()
         for entry_row in images[unchanged].to_dict("records"):
@@ -541,7 +544,7 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
 def _set(pairs: pd.DataFrame, rows, column: str, values) -> None:
     """pairs.loc[rows, column] = values, keeping the column's (nullable) dtype."""
     if len(rows):
-        pairs.loc[rows, column] = pd.array(list(values), dtype=pairs[column].dtype)
+        pairs.loc[rows, column] = pd.array(values, dtype=pairs[column].dtype)  # (an array: no index alignment)
 
 
 def _by_content(images: pd.DataFrame, cids: np.ndarray) -> pd.DataFrame:
@@ -624,6 +627,7 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
         if high_recall and isinstance(client, AutoClient):  # every image is embedded: load the model during the screen
             client.on_in_process = lambda: ahead.append(_build_model_ahead(cfg))
         images = run_screen(root, cfg, client, progress, known=known, rehash=rehash, reuse=reuse["screen"])
+        del known  # a record per catalog image: not needed past the screen
         if isinstance(client, AutoClient):  # settled by the screen: None (in-process) or the cluster
             used = client.choice
             client = client.resolved()
@@ -633,11 +637,12 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
         counts["files"] = len(images)
         counts["errors"] = int(images["error"].notna().sum())
         log.info("screened %d files (%d with errors)", counts["files"], counts["errors"])
+        sha = images["sha256"].to_numpy(dtype=object)  # one Python string per image, shared below
         if cat is not None:
             has_sha = images["sha256"].notna().to_numpy()
             cids = np.full(len(images), -1, np.int64)
             cids[has_sha] = catalog.check_content_ids(images.loc[has_sha, "sha256"])
-            sha_of_cid = pd.Series(images["sha256"].to_numpy(dtype=object)[has_sha], index=cids[has_sha])
+            sha_of_cid = pd.Series(sha[has_sha], index=cids[has_sha])
             sha_of_cid = sha_of_cid[~sha_of_cid.index.duplicated()]
             by_content = _by_content(images, cids)
 
@@ -663,6 +668,7 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
             pairs = build_pairs(images, cfg, client, timings=timings, previous=previous, info=search_info,
                                 emb_parts=None if screen_emb is None else screen_emb["part_path"].tolist())
             tracker.update(len(images))
+            del previous
         reuse["candidates"].update(search_info.get("search", {}))
         timings["candidates"] = time.perf_counter() - t
         counts["exact_pairs"] = int((pairs["kind"] == "exact").sum())
@@ -681,7 +687,6 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
                            ("ssim", "Float32"), ("hist_corr", "Float32")):
             pairs[col] = pd.Series(pd.NA, index=pairs.index, dtype=dtype)
         near = pairs.index[pairs["kind"] == "near"]
-        sha = images["sha256"].to_numpy(dtype=object)
         if TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"] and len(near):
             from pipeline import verify
             t = time.perf_counter()
@@ -785,6 +790,8 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
             timings["confirm"] = time.perf_counter() - t
             counts["confirmed_pairs"] = len(alive)
 
+        # the tiers' working frames (copies of pair rows, their results) go before decide and write
+        sub = job = scores = found = pre = cos = None
     # a file rewritten while the tiers ran is marked, not silently mixed (its hash is from before)
     changed = np.asarray((storage.changed_since if storage.is_url(root) else scan.changed_since)(
         images["abs_path"], images["bytes"], images["mtime"]), dtype=bool)
@@ -797,16 +804,15 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
 
     t = time.perf_counter()
     pairs = decide.mark_changed(decide.decide(pairs, cfg), changed)
-    dup = pairs[pairs["is_duplicate"]]
-    images["cluster_id"] = decide.clusters(len(images), dup["idx_a"].to_numpy(), dup["idx_b"].to_numpy(),
+    dup = pairs["is_duplicate"].to_numpy(bool)
+    images["cluster_id"] = decide.clusters(len(images), pairs["idx_a"].to_numpy()[dup], pairs["idx_b"].to_numpy()[dup],
                                            images["image_id"].to_numpy())
     timings["decide"] = time.perf_counter() - t
     counts["duplicate_pairs"] = int(pairs["is_duplicate"].sum())
     counts["clusters"] = int(images.loc[images["cluster_id"] >= 0, "cluster_id"].nunique())
     counts["images_in_clusters"] = int((images["cluster_id"] >= 0).sum())
 
-    scored = pairs.loc[near]
-    pairs_out = contract_pairs(pairs, images)
+    scored = pairs.index.get_indexer(near)  # positions of the near pairs (the catalog's evidence)
     manifest = {
         "tool": "dedupe-pipeline", "version": pipeline.__version__, "run_id": run_id,
         "contract_version": write.CONTRACT_VERSION,
@@ -819,11 +825,12 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
     }
     if cat is not None:  # the catalog first: the outputs' run.json then says what it committed
         t = time.perf_counter()
-        present = set(images["sha256"].dropna())
-        rows = pd.DataFrame({"sha_a": sha[scored["idx_a"].to_numpy()], "sha_b": sha[scored["idx_b"].to_numpy()],
-                             "transform": scored["transform"].to_numpy(np.int64),
-                             **{c: scored[c].to_numpy() for c in catalog.ORB_COLUMNS},
-                             "cosine": scored["cosine"].to_numpy()})
+        present = set(sha[has_sha])
+        rows = pd.DataFrame({"sha_a": sha[pairs["idx_a"].to_numpy()[scored]],
+                             "sha_b": sha[pairs["idx_b"].to_numpy()[scored]],
+                             "transform": pairs["transform"].to_numpy(np.int64)[scored],
+                             **{c: pairs[c].to_numpy()[scored] for c in catalog.ORB_COLUMNS},
+                             "cosine": pairs["cosine"].to_numpy()[scored]})
         evidence = catalog.evidence_table(cat, present, rows, fps, verified, confirmed)
         features = catalog.features_table(cat, present, new_features, ran_features)
         committed = cat.commit(root=root_text, run_id=run_id, fps=fps,
@@ -834,6 +841,10 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
         reuse["catalog_generation"] = committed["generation"]
         reuse["catalog_compacted"] = committed.get("compacted", [])
         manifest["timings_s"]["catalog"] = round(time.perf_counter() - t, 3)
+        del rows, evidence, features, committed
+    # the outputs need only the contract's columns: the internal pair frame goes before the writing
+    pairs_out = contract_pairs(pairs, images)
+    del pairs
     with progress.stage("write", total=len(images) + len(pairs_out), unit="row") as tracker, \
             (storage.last_generation(out) if storage.is_url(out)  # its report's thumbnails are reused
              else contextlib.nullcontext(out)) as last:  # (OUT/report: a link to the current one, or a copy's folder)
@@ -865,21 +876,39 @@ def stored_features(part_of: pd.Series, sha_of_id: pd.Series) -> pd.DataFrame:
 
 
 def contract_pairs(pairs: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
-    """Internal pair rows -> the output contract's columns (plus abs paths for the report)."""
-    a = images.iloc[pairs["idx_a"].to_numpy()]
-    b = images.iloc[pairs["idx_b"].to_numpy()]
+    """Internal pair rows -> the output contract's columns (plus abs paths for the report).
+
+    Built column by column from the images' columns taken at the pair rows (Arrow strings stay
+    Arrow: no Python string per pair, no copy of whole image rows), sorted by path_a, path_b."""
+    ia, ib = pairs["idx_a"].to_numpy(np.int64), pairs["idx_b"].to_numpy(np.int64)
+
+    def take(column: str, rows: np.ndarray):
+        values = images[column]
+        return values.array.take(rows) if values.dtype != object else values.to_numpy()[rows]
+
+    def text(column: str):
+        values = pairs[column]
+        if values.dtype == object:  # Python strings may carry undecodable bytes of a name (paths.py)
+            return [paths.clean_text(r) for r in values]
+        return values.array  # Arrow strings are valid UTF-8 already
+
     out = pd.DataFrame({
-        "path_a": a["path"].to_numpy(), "path_b": b["path"].to_numpy(),
-        "image_id_a": a["image_id"].to_numpy(), "image_id_b": b["image_id"].to_numpy(),
+        "path_a": take("path", ia), "path_b": take("path", ib),
+        "image_id_a": images["image_id"].to_numpy()[ia], "image_id_b": images["image_id"].to_numpy()[ib],
         "hash_distance": pairs["hash_distance"].to_numpy(),
         "orb_matches": pairs["orb_matches"].to_numpy(), "orb_inliers": pairs["orb_inliers"].to_numpy(),
         "orb_score": pairs["orb_score"].to_numpy(), "cosine": pairs["cosine"].to_numpy(),
         "ssim": pairs["ssim"].to_numpy(), "hist_corr": pairs["hist_corr"].to_numpy(),
-        "stage": pairs["stage"].to_numpy(), "is_duplicate": pairs["is_duplicate"].to_numpy(),
-        "reason": [paths.clean_text(r) for r in pairs["reason"]], "rule": pairs["rule"].to_numpy(),
-        "abs_path_a": a["abs_path"].to_numpy(), "abs_path_b": b["abs_path"].to_numpy(),
+        "stage": text("stage"), "is_duplicate": pairs["is_duplicate"].to_numpy(),
+        "reason": text("reason"), "rule": text("rule"),
+        "abs_path_a": take("abs_path", ia), "abs_path_b": take("abs_path", ib),
     })
-    return out.sort_values(["path_a", "path_b"], kind="stable").reset_index(drop=True)
+    path = images["path"]
+    if path.is_monotonic_increasing and path.is_unique:  # rows in path order (run_screen): sort the row numbers
+        order = np.lexsort((ib, ia))
+    else:
+        order = out.sort_values(["path_a", "path_b"], kind="stable").index.to_numpy()
+    return out.take(order).reset_index(drop=True)
 
 
 # distribution names whose versions shape the results (read from package metadata: nothing is

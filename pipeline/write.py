@@ -94,7 +94,7 @@ def write_json(data: dict, path: Path) -> None:
 
 
 def images_frame(images: pd.DataFrame) -> pd.DataFrame:
-    out = images.copy()
+    out = images.copy(deep=False)  # whole columns are replaced below, never written into
     out["mtime"] = pd.to_datetime(out["mtime"], unit="s", utc=True).dt.floor("us")
     # -1 (singleton) -> null without a float64 detour: ids are 63-bit and float64 keeps 53
     ids = out["cluster_id"].to_numpy(dtype=np.int64)
@@ -103,7 +103,7 @@ def images_frame(images: pd.DataFrame) -> pd.DataFrame:
 
 
 def pairs_frame(pairs: pd.DataFrame) -> pd.DataFrame:
-    out = pairs.copy()
+    out = pairs.copy(deep=False)  # (as above)
     out["stage"] = pd.Categorical(out["stage"], categories=STAGES)
     return out
 

@@ -53,3 +53,16 @@ def test_worker_alloc_benchmark_writes_its_section(tmp_path, photo_paths):
     assert worker_alloc.main(["--folder", str(folder), "--images", "3", "--rounds", "1", "--out", str(out)]) == 0
     text = out.read_text()
     assert "<!-- section:worker-alloc -->" in text and "worker, as the pipeline starts it" in text
+
+
+def test_driver_memory_subset_takes_whole_groups_as_hard_links(tmp_path):
+    from bench import driver_memory
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("g0000_original.jpg", "g0000_crop.jpg", "g0001_original.jpg", "g0001_flip.jpg", "g0002_original.jpg"):
+        (images / name).write_bytes(name.encode())
+    folder = driver_memory.subset(images, 3, tmp_path / "subsets")
+    assert sorted(p.name for p in folder.iterdir()) == ["g0000_crop.jpg", "g0000_original.jpg",
+                                                        "g0001_flip.jpg", "g0001_original.jpg"]
+    assert (folder / "g0001_flip.jpg").stat().st_ino == (images / "g0001_flip.jpg").stat().st_ino
+    assert driver_memory.subset(images, 0, tmp_path / "subsets") == images  # 0: the whole folder

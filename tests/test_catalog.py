@@ -530,3 +530,42 @@ def test_search_settings_key_the_neighbour_lists_not_the_hashes():
         assert fp["screen"] == base["screen"] and fp["neighbours"] != base["neighbours"], setting
     fp = catalog.fingerprints(load_config(None, ["screen.decode_size=48"]))
     assert fp["screen"] != base["screen"]
+
+
+def test_evidence_table_keeps_old_rows_and_updates_the_scored_pairs(tmp_path):
+    """Column by column, as the catalog relies on: old rows of contents still present keep their
+    order and values (the last of a repeated key), this run's scored pairs overwrite their ORB
+    numbers, only confirmed pairs their cosine, and new pairs follow sorted by key."""
+    h = [c * 64 for c in "abcdef"]
+    cat = catalog.Catalog(tmp_path)
+    cat.evidence = pd.DataFrame({
+        "sha_a": [h[1], h[0], h[0], h[0], h[4]], "sha_b": [h[2], h[1], h[1], h[2], h[5]],
+        "transform": pd.array([0, 0, 0, 3, 0], dtype="int8"), "orb_fp": ["o1", "o1", "o1", "o1", "o1"],
+        "orb_matches": pd.array([10, 20, 21, 30, 40], dtype="Int32"),
+        "orb_inliers": pd.array([1, 2, 3, None, 4], dtype="Int32"),
+        "orb_score": pd.array([0.5, 0.25, 0.75, None, 1.0], dtype="Float32"),
+        "orb_status": ["match", "no-match", "match", None, "match"], "orb_reason": ["r0", "r1", "r2", None, "r4"],
+        "ssim": pd.array([None] * 5, dtype="Float32"), "hist_corr": pd.array([None] * 5, dtype="Float32"),
+        "embed_fp": ["e1", None, "e1", None, None],
+        "cosine": pd.array([0.9, None, 0.8, None, None], dtype="Float32")})
+    rows = pd.DataFrame({  # an old pair, two new pairs (given unsorted); contents e, f are gone
+        "sha_a": [h[0], h[2], h[1]], "sha_b": [h[1], h[3], h[3]], "transform": [0, 5, 0],
+        "orb_matches": [50.0, 60.0, float("nan")], "orb_inliers": [5.0, 6.0, float("nan")],
+        "orb_score": [0.125, 0.5, float("nan")], "orb_status": ["match", "match", None],
+        "orb_reason": ["n0", "n1", None], "ssim": [float("nan")] * 3, "hist_corr": [float("nan")] * 3,
+        "cosine": [0.5, 0.25, 0.75]})
+    present = set(h[:4])
+    out = catalog.evidence_table(cat, present, rows, {"orb": "o2", "embed": "e2"}, True,
+                                 [False, True, True])
+    assert out.columns.tolist() == catalog.EVIDENCE_COLUMNS
+    assert [(a[0], b[0], t) for a, b, t in zip(out["sha_a"], out["sha_b"], out["transform"])] == \
+        [("b", "c", 0), ("a", "b", 0), ("a", "c", 3), ("b", "d", 0), ("c", "d", 5)]
+    assert out["transform"].dtype == "int8"
+    assert {c: str(out[c].dtype) for c in ("orb_matches", "orb_score", "cosine")} == \
+        {"orb_matches": "Int32", "orb_score": "Float32", "cosine": "Float32"}
+    assert out["orb_matches"].tolist() == [10, 50, 30, pd.NA, 60]  # a re-scored pair takes the new numbers
+    assert out["orb_fp"].tolist() == ["o1", "o2", "o1", "o2", "o2"]
+    assert out["orb_status"].tolist() == ["match", "match", None, None, "match"]  # text: None, never NaN
+    # the old pair was not confirmed this time: its stored cosine (of the last repeated row) stays
+    assert out["cosine"].tolist() == [pytest.approx(0.9), pytest.approx(0.8), pd.NA, 0.75, 0.25]
+    assert out["embed_fp"].tolist() == ["e1", "e1", None, "e2", "e2"]

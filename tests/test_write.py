@@ -62,3 +62,33 @@ def test_publish_fsyncs_what_the_generation_wrote_not_the_links_it_reused(tmp_pa
             tmp} <= names
     assert f"{tmp}/report/thumbs/old.jpg" not in names
     assert (gen / "report" / "thumbs" / "old.jpg").read_bytes() == b"thumb"
+
+
+def test_contract_pairs_are_sorted_by_path_whatever_the_row_order():
+    """contract_pairs sorts by row number when the images are in path order (as the screen gives
+    them) and by the paths otherwise: the same rows either way."""
+    import numpy as np
+
+    from pipeline import run
+    names = [f"d/{c}.jpg" for c in "pbxaqc"]
+    images = pd.DataFrame({"image_id": np.arange(6, dtype=np.int64) + 100, "path": names,
+                           "abs_path": [f"/r/{p}" for p in names]})
+    ia, ib = np.array([4, 0, 1, 0, 3, 2]), np.array([5, 2, 2, 4, 5, 5])
+    n = len(ia)
+    pairs = pd.DataFrame({"idx_a": ia, "idx_b": ib, "hash_distance": np.arange(n, dtype=np.int16),
+                          **{c: pd.array([None] * n, dtype="Int32") for c in ("orb_matches", "orb_inliers")},
+                          **{c: pd.array([None] * n, dtype="Float32") for c in ("orb_score", "cosine", "ssim", "hist_corr")},
+                          "stage": ["screen"] * n, "is_duplicate": [True] * n, "reason": [f"r{i}" for i in range(n)],
+                          "rule": ["screen_hash_close"] * n})
+    ordered = images.sort_values("path").reset_index(drop=True)
+    new_row = {old: new for new, old in enumerate(images.sort_values("path").index)}
+    in_order = pairs.assign(idx_a=[new_row[i] for i in ia], idx_b=[new_row[i] for i in ib])
+    for imgs, prs in ((images, pairs), (ordered, in_order)):
+        out = run.contract_pairs(prs, imgs)
+        keys = list(zip(out["path_a"], out["path_b"]))
+        assert keys == sorted(keys)
+        assert out["hash_distance"].tolist() == [dict(zip(zip(ia, ib), range(n)))[(names.index(a), names.index(b))]
+                                                 for a, b in keys]
+        assert out["abs_path_a"].tolist() == [f"/r/{a}" for a, _ in keys]
+        assert out["image_id_b"].tolist() == [100 + names.index(b) for _, b in keys]
+        assert out["reason"].tolist() == [f"r{h}" for h in out["hash_distance"]]

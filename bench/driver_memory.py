@@ -1,0 +1,147 @@
+"""The driver's memory: peak RSS of the CLI process alone (not its Dask workers) per stage, and the
+bytes per image it adds, from two folder sizes of the same pair density.
+
+The data: the end-to-end folder (bench/end_to_end.py, every real photo + 12 transformed copies)
+and a subset of whole groups of it (hard links), so both sizes have about the same pairs per image;
+the slope between them is the driver's cost per image, the intercept its fixed cost (the cluster's
+scheduler, imports). Each size runs the whole cascade through the CLI with default settings (a
+catalog in OUT) on a local cluster, the driver's RSS sampled every 0.1 s and attributed to the
+stage whose "started" line it logged last. `--baseline DIR` also runs another source tree (e.g. an
+earlier commit: `git archive COMMIT | tar -x -C DIR`) alternately with this one, same data, same
+run, so the two read as a same-run comparison.
+
+    python -m bench.driver_memory [--sizes 5000,0] [--baseline DIR] [--bench-dir /tmp/dedupe-bench]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from bench import transforms
+from bench.end_to_end import generate
+from bench.report import stamp, table, update_section
+
+REPO = Path(__file__).resolve().parent.parent
+STAGE_LINE = re.compile(r"\b([a-z][\w-]*): started\b")
+
+
+def subset(images: Path, n: int, out: Path) -> Path:
+    """The first whole groups (file names `gNNNN_...`) of `images` holding at least n files, as hard
+    links under `out` (made once)."""
+    files = sorted(p.name for p in images.iterdir())
+    if n <= 0 or n >= len(files):
+        return images
+    groups: dict[str, list[str]] = {}
+    for name in files:
+        groups.setdefault(name.split("_", 1)[0], []).append(name)
+    chosen: list[str] = []
+    for names in groups.values():
+        if len(chosen) >= n:
+            break
+        chosen += names
+    folder = out / f"subset-{n}" / "images"
+    if not folder.is_dir() or sum(1 for _ in folder.iterdir()) != len(chosen):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in chosen:
+            if not (folder / name).exists():
+                os.link(images / name, folder / name)
+    return folder
+
+
+def run_driver(data: Path, source: Path | None = None) -> dict:
+    """One CLI run (whole cascade, local cluster): the driver's peak RSS, per stage and overall."""
+    env = dict(os.environ)
+    if source is not None:  # another source tree first on the path (its `pipeline` package)
+        env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    with tempfile.TemporaryDirectory(prefix="dedupe-drvmem-") as out:
+        cmd = [sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", out, "--scheduler", "local",
+               "--log-level", "INFO"]
+        proc = subprocess.Popen(cmd, cwd=source or REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, errors="replace")
+        stage = ["start"]
+        lines: list[str] = []
+
+        def read():
+            for line in proc.stderr:
+                lines.append(line)
+                found = STAGE_LINE.search(line)
+                if found:
+                    stage[0] = found.group(1)
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        driver = psutil.Process(proc.pid)
+        peaks: dict[str, int] = {}
+        while proc.poll() is None:
+            try:
+                rss = driver.memory_info().rss
+            except psutil.Error:
+                break
+            peaks[stage[0]] = max(peaks.get(stage[0], 0), rss)
+            time.sleep(0.1)
+        proc.wait()
+        reader.join()
+        if proc.returncode != 0:
+            raise SystemExit(f"pipeline failed ({proc.returncode}): {' '.join(cmd)}\n{''.join(lines[-20:])}")
+        counts = json.loads((Path(out) / "run.json").read_text())["counts"]
+    top = max(peaks, key=peaks.get)
+    return {"peak": peaks[top], "peak_stage": top, "stages": peaks, "counts": counts}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="5000,0", help="files per run; 0 = the whole folder")
+    parser.add_argument("--per-source", type=int, default=12, help="transformed copies per photo (the folder)")
+    parser.add_argument("--baseline", default=None, help="another source tree to run alongside (same data)")
+    parser.add_argument("--bench-dir", default=str(transforms.DEFAULT_BENCH_DIR))
+    parser.add_argument("--out", default=None, help="benchmarks markdown file")
+    args = parser.parse_args()
+    data = generate(Path(args.bench_dir), args.per_source) / "images"
+    folders = [subset(data, int(s), Path(args.bench_dir) / "driver-memory") for s in args.sizes.split(",")]
+    trees = {"this tree": None} if not args.baseline else {"baseline": Path(args.baseline), "this tree": None}
+    results: dict[tuple[str, int], dict] = {}
+    for i, folder in enumerate(folders):
+        n = sum(1 for _ in folder.iterdir())
+        for name, source in trees.items():
+            r = run_driver(folder, source)
+            results[(name, n)] = r
+            print(name, n, round(r["peak"] / 1e6), r["peak_stage"], flush=True)
+    rows = []
+    for (name, n), r in results.items():
+        c = r["counts"]
+        stages = ", ".join(f"{k} {v / 1e6:.0f}" for k, v in r["stages"].items())
+        rows.append([name, f"{n:,}", f"{(c['exact_pairs'] + c['near_candidates']) / n:.2f}",
+                     f"{r['peak'] / 1e6:.0f}", r["peak_stage"], stages])
+    body = stamp() + (
+        "\nThe driver alone (the CLI process, which also hosts the local cluster's scheduler; not the "
+        "workers): peak RSS over the run and the peak within each stage (MB, attributed to the stage "
+        "whose \"started\" line came last; \"start\" is before the screen). Whole cascade, default "
+        "settings, a catalog in OUT, `--scheduler local` (2 workers). Sizes are whole groups of the "
+        "end-to-end folder, so pairs per image stay alike; bytes per image = the slope of the peak "
+        "between the two sizes. \"confirm\" runs to the write stage, so it holds decide and the catalog commit; "
+        "\"write\" holds the report.\n\n")
+    body += table(["tree", "files", "pairs / image", "driver peak MB", "peak in stage", "peak per stage (MB)"], rows)
+    sizes = sorted({n for _, n in results})
+    if len(sizes) >= 2:
+        lo, hi = sizes[0], sizes[-1]
+        body += "\n"
+        for name in trees:
+            slope = (results[(name, hi)]["peak"] - results[(name, lo)]["peak"]) / (hi - lo)
+            fixed = results[(name, lo)]["peak"] - slope * lo
+            body += (f"- {name}: {slope / 1e3:.1f} kB per image between {lo:,} and {hi:,} files "
+                     f"(intercept {fixed / 1e6:.0f} MB)\n")
+    kwargs = {"path": args.out} if args.out else {}
+    update_section("driver_memory", "driver memory per image (whole cascade)", body, **kwargs)
+
+
+if __name__ == "__main__":
+    main()
