@@ -333,7 +333,7 @@ def test_bad_scheme_missing_backend_and_refused_options_exit_2(tmp_path, monkeyp
     data.mkdir()
     cases = [
         (["nosuch://bucket/x", "--out", str(tmp_path / "o")], "unknown storage scheme nosuch://"),
-        ([str(data), "--out", "gs://bucket/out"], "backend is not installed"),
+        ([str(data), "--out", "oci://bucket/out"], "backend is not installed"),  # fsspec knows it, ocifs is absent
         ([str(data), "--out", "s3://bucket/out", "--set", "storage.options={no_such_option: 1, endpoint_url: 'http://127.0.0.1:9', key: k, secret: s}"],
          "storage.options are not accepted"),
         ([str(data), "--out", str(tmp_path / "o"), "--catalog", "nosuch://bucket/catalog"],
