@@ -1022,12 +1022,13 @@ def sharded_embedding_pairs(part_paths, cfg: ScreenConfig, client=None, shard_si
         groups = shard_groups(counts, shard_size)
         trained = (_train_ivf_shared(cfg, nlist, n_train, *[ivf_sample([p], stride) for p in parts])
                    if kind == "ivf" else None)
+        # each partition's lists assigned once, for every shard (as on a cluster)
+        assigned = [_assign_lists(trained, path) for path in parts] if trained is not None else [None] * len(parts)
         best: list = [None] * len(parts)
         for s, g in enumerate(groups):  # one shard in memory at a time
             shard = _build_embedding_shard([parts[i] for i in g], cfg, kind, trained=trained)
             for p, path in enumerate(parts):
-                got = _search_embedding_shard(shard, path, s, cfg,
-                                              assigned=_assign_lists(trained, path) if trained is not None else None)
+                got = _search_embedding_shard(shard, path, s, cfg, assigned=assigned[p])
                 best[p] = got if best[p] is None else _best_of(int(cfg.embedding_k) + 1, best[p], got)
             del shard
         frames = [_merge_embedding_lists(cfg, b) for b in best if b is not None]

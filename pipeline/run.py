@@ -697,7 +697,7 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
                 counts["verify_features"] = len(scores.attrs.get("features", {}).get("key", []))
                 made = scores.attrs.get("features", {})
                 thumbs = stored_features(pd.Series(made.get("part_path", []), index=made.get("key", []), dtype=object),
-                                       pd.Series(images["sha256"].to_numpy(dtype=object)))
+                                       pd.Series(sha))
             else:  # pairs already scored with these settings are taken from the catalog
                 sub = pairs.loc[near]
                 ia, ib = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy()
