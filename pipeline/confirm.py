@@ -36,6 +36,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -63,6 +64,8 @@ _TF_THREADS: int | None = None  # intra-op threads this process's TF runtime was
 def worker_threads() -> int:
     """Threads of the Dask worker running this code, else the CPUs this process may use."""
     try:
+        if "distributed" not in sys.modules:  # a worker has imported it; a plain process need not (~0.4 s)
+            raise ImportError
         from distributed import get_worker
         worker = get_worker()
         n = getattr(worker, "nthreads", None) or getattr(getattr(worker, "state", None), "nthreads", None)

@@ -43,8 +43,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from distributed.diagnostics.plugin import WorkerPlugin
-
 from pipeline import scan
 from pipeline.config import ConfigError, ScanConfig
 
@@ -81,17 +79,31 @@ def configure(options: dict | None) -> None:
     _options = dict(options or {})
 
 
-class OptionsPlugin(WorkerPlugin):
-    """A Dask worker plugin that hands the run's storage options to every worker (present and
-    future); each worker then opens the store itself."""
+def _options_plugin_class():
+    """OptionsPlugin: a Dask worker plugin that hands the run's storage options to every worker
+    (present and future); each worker then opens the store itself."""
+    from distributed.diagnostics.plugin import WorkerPlugin
 
-    name = "dedupe-storage"
+    class OptionsPlugin(WorkerPlugin):
+        name = "dedupe-storage"
 
-    def __init__(self, options: dict):
-        self.options = dict(options)
+        def __init__(self, options: dict):
+            self.options = dict(options)
 
-    def setup(self, worker) -> None:
-        configure(self.options)
+        def setup(self, worker) -> None:
+            configure(self.options)
+
+    OptionsPlugin.__module__, OptionsPlugin.__qualname__ = __name__, "OptionsPlugin"
+    return OptionsPlugin
+
+
+def __getattr__(name: str):
+    """`storage.OptionsPlugin`, made on first use: importing distributed costs ~0.4 s, which an
+    in-process run (and every small folder) never needs. Cached, so pickling finds the same class."""
+    if name == "OptionsPlugin":
+        globals()[name] = _options_plugin_class()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def redacted(options: dict) -> dict:
