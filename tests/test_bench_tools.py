@@ -66,3 +66,34 @@ def test_driver_memory_subset_takes_whole_groups_as_hard_links(tmp_path):
                                                         "g0001_flip.jpg", "g0001_original.jpg"]
     assert (folder / "g0001_flip.jpg").stat().st_ino == (images / "g0001_flip.jpg").stat().st_ino
     assert driver_memory.subset(images, 0, tmp_path / "subsets") == images  # 0: the whole folder
+
+
+def test_floor_benchmark_skips_without_fastdup(tmp_path, monkeypatch, capsys):
+    from bench import floor
+    monkeypatch.setattr(fastdup, "FASTDUP_VENV", tmp_path / "missing")
+    out = tmp_path / "benchmarks.md"
+    assert floor.main(["--sizes", "small", "--rounds", "1", "--out", str(out)]) == 0
+    assert "make fastdup" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_floor_work_is_the_tiers_own_per_file_work(photo_paths):
+    """Each floor does real work on real photos: ORB finds keypoints (the verify tier's own
+    features up to its cap), the screen succeeds, the model embeds every file of a batch."""
+    import dataclasses
+
+    from bench import floor
+    from pipeline import confirm
+    from pipeline.config import Config
+    cfg = Config()
+    cfg.embed = dataclasses.replace(cfg.embed, threads=1)
+    cfg = confirm.prepare_runtime(cfg)
+    floor._init(cfg)
+    paths = [str(p) for p in photo_paths[:3]]
+    for path in paths:
+        assert floor._floor(("decode", path)) is True
+        assert floor._floor(("screen", path)) == 1
+        assert 0 < floor._floor(("decode + verify features", path)) <= cfg.verify.n_features
+        assert 0 < floor._floor(("decode + ORB (OpenCV defaults)", path)) <= cfg.verify.n_features
+    assert floor._embed(paths) == 3
+    assert floor._floor(("screen", "/nonexistent/x.jpg")) == 0  # a file that cannot be read: counted, no raise
