@@ -14,6 +14,8 @@ one function over the folder's files (no Dask, no outputs, no pairs, no start-up
   n_features keypoints and OpenCV's default pyramid (the cheapest ORB any verify tier could run);
 - decode + verify features: + the verify tier's own `orb_features` (grid spread, oversampling);
 - screen: the screen's whole per-file work (`screen.screen_file`: read, sha256, decode, hashes);
+- one decode, screen + verify: read, sha256, one decode at ORB's scale, the screen's hashes and the
+  verify tier's features from that one picture (the least per-file work a default run could do);
 - embed: the high-recall screen's per-file work: decode at the model's input size and the confirm
   tier's model (its resolved runtime, one inference thread per process) in batches of
   embed.batch_size.
@@ -36,7 +38,8 @@ from pathlib import Path
 from bench import fastdup as fastdup_bench
 from bench.report import median, stamp, table, update_section
 
-FLOORS = ["decode", "decode + ORB (OpenCV defaults)", "decode + verify features", "screen", "embed"]
+FLOORS = ["decode", "decode + ORB (OpenCV defaults)", "decode + verify features", "screen",
+          "one decode, screen + verify", "embed"]
 _CFG = None
 
 
@@ -81,6 +84,18 @@ def _floor(task: tuple[str, str]) -> int:
             row = screen.screen_file(scan.FileEntry(os.path.basename(path), path, st.st_size, st.st_mtime,
                                                     None, st.st_mtime_ns), _CFG.screen)
             return int(row["error"] is None)
+        if kind == "one decode, screen + verify":
+            import hashlib
+            import io
+            from pipeline import screen, verify
+            from pipeline.decode import load_image
+            with open(path, "rb") as fh:
+                data = fh.read()
+            hashlib.sha256(data).hexdigest()
+            img, _, _ = load_image(io.BytesIO(data), min_side=verify._draft_min_side(path, _CFG),
+                                   max_pixels=_CFG.screen.max_pixels, max_decode_bytes=_CFG.screen.max_decode_bytes)
+            screen.image_hashes(img, _CFG.screen)
+            return len(verify.orb_features(img, _CFG.verify)["keypoints"])
         img = _decode(path)
         if kind == "decode":
             return img.size[0] > 0

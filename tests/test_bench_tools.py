@@ -95,5 +95,6 @@ def test_floor_work_is_the_tiers_own_per_file_work(photo_paths):
         assert floor._floor(("screen", path)) == 1
         assert 0 < floor._floor(("decode + verify features", path)) <= cfg.verify.n_features
         assert 0 < floor._floor(("decode + ORB (OpenCV defaults)", path)) <= cfg.verify.n_features
+        assert floor._floor(("one decode, screen + verify", path)) == floor._floor(("decode + verify features", path))
     assert floor._embed(paths) == 3
     assert floor._floor(("screen", "/nonexistent/x.jpg")) == 0  # a file that cannot be read: counted, no raise
