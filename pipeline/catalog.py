@@ -5,8 +5,9 @@ DIR|URL`; any fsspec URL, pipeline/storage.py), laid out the same either way:
 
     manifest.json                      the only entry point: generation, DATA root, settings
                                        fingerprints, and every file below with its size and sha256
-    tables/images-<gen>.parquet        per file: path, size, mtime_ns, sha256, decode facts, hashes
-                                       with their variants (the screen's `codes`), error, screen_fp
+    tables/images-<gen>.parquet        per file: path, size, mtime_ns, ETag (objects on a store),
+                                       sha256, decode facts, hashes with their variants (the
+                                       screen's `codes`), error, screen_fp
     tables/neighbours-<gen>.parquet    each image's K nearest (owner, neighbour paths, distance)
     tables/evidence-<gen>.parquet      per pair of CONTENTS (sha256 a, sha256 b, transform): the ORB
                                        numbers with the fingerprint of the settings that made them,
@@ -65,8 +66,11 @@ MANIFEST = "manifest.json"
 LOCK_NAME = ".catalog.lock"
 DISABLED = ("none", "off", "false", "no")
 
-IMAGE_COLUMNS = ["path", "bytes", "mtime_ns", "sha256", "width", "height", "format", "hash", "error",
+IMAGE_COLUMNS = ["path", "bytes", "mtime_ns", "etag", "sha256", "width", "height", "format", "hash", "error",
                  "codes", "variant_mask", "screen_fp"]
+# columns added since FORMAT 1's first tables: an older table lacks them and is read with nulls (a
+# reader that predates them selects its own columns), so they need no new format
+ADDED_COLUMNS = {"images": ["etag"]}
 NEIGHBOUR_COLUMNS = ["owner", "neighbour", "hash_distance"]
 EVIDENCE_COLUMNS = ["sha_a", "sha_b", "transform", "orb_fp", "orb_matches", "orb_inliers", "orb_score",
                     "orb_status", "orb_reason", "ssim", "hist_corr", "embed_fp", "cosine"]
@@ -352,6 +356,9 @@ class Catalog:
             except Exception as exc:  # checked above; still, never trust a table that does not parse
                 cat._problem(f"{entry['file']}: cannot be read ({exc}); rebuilt")
                 continue
+            for column in ADDED_COLUMNS.get(name, []):
+                if column not in frame.columns:
+                    frame[column] = None
             setattr(cat, name, frame[columns])
         return cat
 

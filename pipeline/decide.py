@@ -54,7 +54,8 @@ RULES = {
                              "correlation < decide.pixel_hist_corr: different",
     "file_changed": "a file was rewritten or removed during the run: not decided (different); the next run includes it",
 }
-CHANGED_ERROR = "changed during the run (size or mtime differ from the screen): not compared; the next run includes it"
+CHANGED_ERROR = ("changed during the run (size, mtime or ETag differ from the screen): not compared; the next run "
+                 "includes it")
 
 
 def _status(pairs: pd.DataFrame) -> np.ndarray:

@@ -288,7 +288,7 @@ def _add(cat, cfg, fps, old, q, entries, pairs, near_idx, confirmed, sha, new_fe
         except ValueError:
             raise ConfigError(f"--add: {e.path!r} is not inside the catalog's folder {str(root)!r}: "
                               "copy it there first (the catalog mirrors that folder)") from None
-    added = q.assign(path=rel, abs_path=[e.abs_path for e in entries])
+    added = q.assign(path=rel, abs_path=[e.abs_path for e in entries], etag=None)  # local files: no ETag
     keep_old = old[~old["path"].isin(rel)]
     images = pd.concat([keep_old.drop(columns=["screen_fp"]), added[catalog.IMAGE_COLUMNS[:-1] + ["abs_path"]]],
                        ignore_index=True).sort_values("path", kind="stable").reset_index(drop=True)

@@ -207,16 +207,35 @@ def image_ids(names: Iterable[str | bytes]) -> np.ndarray:
     return ids
 
 
+def etag_differs(rec: dict, entry: scan.FileEntry) -> bool:
+    """Does the object's ETag differ from its catalog record's? Only when both have one: a local
+    file has none, nor a record from a catalog written before ETags were kept (then size and
+    mtime_ns decide, as before)."""
+    etag = rec.get("etag")
+    return isinstance(etag, str) and entry.etag is not None and etag != entry.etag
+
+
 def _reused_row(entry: scan.FileEntry, rec: dict) -> dict:
     """A screen row for an unchanged file, from its catalog record (no read, no decode)."""
     return {"path": paths.internal(entry.path), "abs_path": paths.internal(entry.abs_path),
             "bytes": entry.bytes, "mtime": entry.mtime,
             "width": rec["width"], "height": rec["height"], "format": rec["format"], "sha256": rec["sha256"],
             "hash": rec["hash"], "error": rec["error"], "codes": rec["codes"],
-            "variant_mask": rec["variant_mask"], "mtime_ns": entry.mtime_ns}
+            "variant_mask": rec["variant_mask"], "mtime_ns": entry.mtime_ns, "etag": entry.etag}
 
 
 _UNCHANGED = "\0unchanged"  # a --rehash row whose bytes match the catalog (replaced by its record)
+# the screen's row plus the object's ETag from the listing (None for a local file). Added here, not
+# in screen.py, whose source is part of the screen results' fingerprint (catalog._CODE): editing it
+# would make every catalog's records stale
+SCREEN_COLUMNS = [*screen.COLUMNS, "etag"]
+_SCREEN_DTYPES = {"bytes": "int64", "mtime": "float64", "width": "Int64", "height": "Int64",
+                  "variant_mask": "int64", "mtime_ns": "int64"}
+
+
+def _screen_partition(entries: list[scan.FileEntry], cfg) -> pd.DataFrame:
+    """screen.screen_partition, with each entry's ETag (SCREEN_COLUMNS)."""
+    return screen.screen_partition(entries, cfg).assign(etag=pd.Series([e.etag for e in entries], dtype=object))
 
 
 def _recheck_partition(entries: list[scan.FileEntry], known_sha: list[str], cfg) -> pd.DataFrame:
@@ -235,16 +254,16 @@ def _recheck_partition(entries: list[scan.FileEntry], known_sha: list[str], cfg)
                                                                 entry.mtime, _UNCHANGED, entry.mtime_ns), cfg)))
         else:
             rows.append(screen.screen_file(entry, cfg))
-    frame = pd.DataFrame(rows, columns=screen.COLUMNS)
-    return frame.astype({"bytes": "int64", "mtime": "float64", "width": "Int64", "height": "Int64",
-                         "variant_mask": "int64", "mtime_ns": "int64"})
+        rows[-1]["etag"] = entry.etag
+    return pd.DataFrame(rows, columns=SCREEN_COLUMNS).astype(_SCREEN_DTYPES)
 
 
 def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known: dict | None = None,
                rehash: bool = False, reuse: dict | None = None) -> pd.DataFrame:
     """Walk and screen. `known`: catalog records by path (made with the same screen settings);
-    a file whose size and mtime_ns match its record is not read (with `rehash`, it is read and
-    its sha256 compared instead). `reuse` receives the counts and why files were screened.
+    a file whose size and mtime_ns match its record, and whose ETag does too when both have one
+    (objects on a store: `etag_differs`), is not read (with `rehash`, it is read and its sha256
+    compared instead). `reuse` receives the counts and why files were screened.
 
     `client`: None (in-process), a Dask client, or an AutoClient, which this function settles
     (by the number of files it has to read); the later stages then use `auto.resolved()`."""
@@ -252,7 +271,8 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
     batches = scan.batched(listing, cfg.dask.partition_size)
     frames: list[pd.DataFrame] = []
     reused_rows: list[dict] = []
-    why = {"new": 0, "changed_size_or_mtime": 0, "content_changed": 0, "scan_error": 0, "screen_settings_changed": 0}
+    why = {"new": 0, "changed_size_or_mtime": 0, "changed_etag": 0, "content_changed": 0, "scan_error": 0,
+           "screen_settings_changed": 0}
     walked = 0
 
     def split(batch):
@@ -274,18 +294,21 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
             elif rehash and isinstance(rec["sha256"], str):
                 check.append(entry)
                 shas.append(rec["sha256"])
-            elif rec["bytes"] == entry.bytes and rec["mtime_ns"] == entry.mtime_ns and not rehash:
-                reused_rows.append(_reused_row(entry, rec))
-            else:
+            elif rec["bytes"] != entry.bytes or rec["mtime_ns"] != entry.mtime_ns or rehash:
                 why["changed_size_or_mtime"] += 1
                 todo.append(entry)
+            elif etag_differs(rec, entry):  # rewritten within the mtime's resolution (1 s on S3)
+                why["changed_etag"] += 1
+                todo.append(entry)
+            else:
+                reused_rows.append(_reused_row(entry, rec))
         return todo, check, shas
 
     def tasks(batch):
         todo, check, shas = split(batch)
         out = []
         if todo:
-            out.append((screen.screen_partition, (todo, cfg.screen)))
+            out.append((_screen_partition, (todo, cfg.screen)))
         if check:
             out.append((_recheck_partition, (check, shas, cfg.screen)))
         return out, len(batch) - len(todo) - len(check)
@@ -347,7 +370,7 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
         frames = [results[n] for n in sorted(results)]
         tracker.set_total(walked)
     images = (pd.concat(frames, ignore_index=True) if frames
-              else pd.DataFrame({c: pd.Series(dtype="object") for c in screen.COLUMNS}))
+              else pd.DataFrame({c: pd.Series(dtype="object") for c in SCREEN_COLUMNS}))
     frames.clear()  # the partitions' frames: held once, in `images`, from here on
     results.clear()
     futures.clear()
@@ -356,14 +379,13 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
         for entry_row in images[unchanged].to_dict("records"):
             rec = known[paths.text_form(entry_row["path"])]
             entry = scan.FileEntry(entry_row["path"], entry_row["abs_path"], int(entry_row["bytes"]),
-                                   float(entry_row["mtime"]), None, int(entry_row["mtime_ns"]))
+                                   float(entry_row["mtime"]), None, int(entry_row["mtime_ns"]),
+                                   entry_row["etag"] if isinstance(entry_row["etag"], str) else None)
             reused_rows.append(_reused_row(entry, rec))
         why["content_changed"] = int((~unchanged).sum()) - sum(v for k, v in why.items() if k != "content_changed")
         images = images[~unchanged]
         if reused_rows:
-            reused = pd.DataFrame(reused_rows, columns=screen.COLUMNS).astype(
-                {"bytes": "int64", "mtime": "float64", "width": "Int64", "height": "Int64",
-                 "variant_mask": "int64", "mtime_ns": "int64"})
+            reused = pd.DataFrame(reused_rows, columns=SCREEN_COLUMNS).astype(_SCREEN_DTYPES)
             images = pd.concat([images, reused], ignore_index=True) if len(images) else reused
         if reuse is not None:
             reuse.update(files=walked, reused=len(reused_rows), screened=walked - len(reused_rows),
@@ -793,8 +815,9 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
         # the tiers' working frames (copies of pair rows, their results) go before decide and write
         sub = job = scores = found = pre = cos = None
     # a file rewritten while the tiers ran is marked, not silently mixed (its hash is from before)
-    changed = np.asarray((storage.changed_since if storage.is_url(root) else scan.changed_since)(
-        images["abs_path"], images["bytes"], images["mtime"]), dtype=bool)
+    changed = np.asarray(storage.changed_since(images["abs_path"], images["bytes"], images["mtime"], images["etag"])
+                         if storage.is_url(root) else
+                         scan.changed_since(images["abs_path"], images["bytes"], images["mtime"]), dtype=bool)
     changed &= images["error"].isna().to_numpy()
     images.loc[changed, "error"] = decide.CHANGED_ERROR
     counts["changed_during_run"] = int(changed.sum())

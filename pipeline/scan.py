@@ -56,6 +56,7 @@ class FileEntry:
     mtime: float
     error: str | None = None  # set when the file is listed but cannot be an image
     mtime_ns: int = 0  # modification time in integer nanoseconds (what the catalog compares)
+    etag: str | None = None  # an object's entity tag from the store's listing (None for a local file)
 
 
 def sniff(head: bytes) -> str | None:

@@ -11,8 +11,8 @@ local code (pipeline/paths.py, pipeline/outdir.py). For a URL:
   every Dask worker gets the same options through `OptionsPlugin` and makes its own filesystem,
   so image bytes go from the store to the worker that reads them, never through the scheduler.
 * **Scan.** `iter_objects` lists the prefix one "folder" at a time (sorted, like the local walk)
-  with each object's size and last-modified time; only objects without an image extension are
-  sniffed (a 32-byte ranged read), the others are checked when the screen reads them.
+  with each object's size, last-modified time and ETag; only objects without an image extension
+  are sniffed (a 32-byte ranged read), the others are checked when the screen reads them.
 * **Publish.** A single PUT is atomic on an object store and there is no rename. `publish` uploads
   the run's files under `OUT/.dedupe/gen-<run id>/`, then writes the pointer object
   `OUT/.dedupe/current` (the commit point: it names the generation), then copies the files to
@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import itertools
 import json
 import logging
 import os
@@ -204,7 +205,7 @@ def iter_objects(url: str, cfg: ScanConfig) -> Iterator[scan.FileEntry]:
             if keep:
                 mtime = _mtime(info)
                 yield scan.FileEntry(name[len(root) + 1:], _url(fs, name), size, mtime, error,
-                                     int(round(mtime * 1e9)))
+                                     int(round(mtime * 1e9)), _etag(info))
         stack.extend(reversed(subdirs))
 
 
@@ -240,6 +241,22 @@ def _mtime(info: dict) -> float:
     return 0.0
 
 
+def _etag(info: dict) -> str | None:
+    """The object's entity tag from an fsspec listing entry (S3 "ETag", GCS and Azure "etag"),
+    without its quotes; None when the backend lists none (fsspec's memory://).
+
+    A PUT of other bytes gives a new tag even within the same second, which the last-modified
+    time (1 s on S3) cannot tell apart. S3's tag is the MD5 of a single-part upload but not of a
+    multipart one (a hash of the parts' MD5s), so it is compared with the same object's earlier
+    tag only, never taken for a content hash; a metadata-only update may change it on GCS and
+    Azure, which costs one read of that object."""
+    for key in ("ETag", "etag"):
+        value = info.get(key)
+        if isinstance(value, str) and value.strip().strip('"'):
+            return value.strip().strip('"')
+    return None
+
+
 def read_bytes(url: str) -> bytes:
     """The whole object. FileNotFoundError / PermissionError carry a readable strerror (the
     screen and decode turn them into the row's error)."""
@@ -272,21 +289,26 @@ def remove_tree(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def changed_since(urls, sizes, mtimes) -> list[bool]:
+def changed_since(urls, sizes, mtimes, etags=None) -> list[bool]:
     """scan.changed_since for objects: gone, or another size or last-modified time (an object is
-    rewritten only by a new PUT, which sets both)."""
+    rewritten only by a new PUT, which sets both), or another ETag where both the scan and the
+    listing now have one (`etags`: the scan's, None entries for none): a rewrite within the
+    last-modified time's resolution (1 s on S3) keeps the size and time but not the tag."""
     by_folder: dict[str, dict] = {}
     flags = []
-    for url, size, mtime in zip(urls, sizes, mtimes):
+    for url, size, mtime, etag in zip(urls, sizes, mtimes, itertools.repeat(None) if etags is None else etags):
         fs, path = filesystem(url)
         folder = path.rsplit("/", 1)[0]
         if folder not in by_folder:
+            fs.invalidate_cache(folder)  # adlfs answers ls from its cache even with refresh=True
             try:
                 by_folder[folder] = {i["name"]: i for i in fs.ls(folder, detail=True, refresh=True)}
             except OSError:
                 by_folder[folder] = {}
         info = by_folder[folder].get(path)
-        flags.append(info is None or int(info.get("size") or 0) != size or _mtime(info) != mtime)
+        now = None if info is None else _etag(info)
+        flags.append(info is None or int(info.get("size") or 0) != size or _mtime(info) != mtime
+                     or (isinstance(etag, str) and now is not None and now != etag))
     return flags
 
 

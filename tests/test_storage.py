@@ -949,6 +949,261 @@ def test_a_rerun_reads_only_new_and_rewritten_objects(s3, bucket, dataset, tmp_p
     _assert_same_outputs(_read_outputs(out, env), _read_outputs(tmp_path / "scratch", env))
 
 
+# ---------------------------------------------------------------------------------------------
+# ETags: a rewrite that keeps the size and the last-modified time (1 s on S3) is still seen
+
+
+def test_etags_are_read_from_each_backends_listing_entry():
+    """What s3fs, gcsfs and adlfs list (the keys and quoting their emulators answered with),
+    normalised; memory:// lists none."""
+    from pipeline import run, scan, storage
+    from pipeline.config import ScanConfig
+    assert storage._etag({"ETag": '"900150983cd24fb0d6963f7d28e17f72"'}) == "900150983cd24fb0d6963f7d28e17f72"
+    assert storage._etag({"ETag": '"3858f62230ac3c915f300c664312c11f-2"'}) == "3858f62230ac3c915f300c664312c11f-2"
+    assert storage._etag({"etag": "kAFQmDzST7DWlj99KOF/cg==", "md5Hash": "x"}) == "kAFQmDzST7DWlj99KOF/cg=="
+    assert storage._etag({"etag": '"0x8DB1F2A3C4D5E6F"'}) == "0x8DB1F2A3C4D5E6F"
+    assert storage._etag({"name": "b/x.jpg", "size": 3}) is None and storage._etag({"ETag": '""'}) is None
+
+    import fsspec
+    fsspec.filesystem("memory").pipe_file("/etag-mem/x.jpg", b"\xff\xd8\xff" + bytes(40))
+    storage.configure({})
+    [entry] = list(storage.iter_objects("memory://etag-mem", ScanConfig()))
+    assert entry.path == "x.jpg" and entry.etag is None
+
+    def record(etag):
+        return {"bytes": 43, "mtime_ns": entry.mtime_ns, "etag": etag}
+    tagged = scan.FileEntry("x.jpg", "s3://b/x.jpg", 43, 1.0, None, entry.mtime_ns, "aaa")
+    assert run.etag_differs(record("bbb"), tagged)
+    assert not run.etag_differs(record("aaa"), tagged)
+    assert not run.etag_differs(record(None), tagged)  # a catalog written before ETags were kept
+    assert not run.etag_differs(record("bbb"), entry)  # a listing without them
+
+
+def test_iter_objects_gives_the_s3_etag_and_changed_since_sees_a_rewrite_within_the_second(s3, monkeypatch):
+    """moto's listing carries each object's ETag (the MD5 of a single-part upload); two PUTs of
+    the same size within one second keep size and last-modified time, so only the ETag tells
+    the second from the first."""
+    import hashlib
+    from pipeline import storage
+    from pipeline.config import ScanConfig
+    _, env, _ = s3
+    _aws_env(monkeypatch, env)
+    fs = _fs(env)
+    fs.mkdir(f"{BUCKET}-etag")
+    first, second = b"\xff\xd8\xff" + b"a" * 61, b"\xff\xd8\xff" + b"b" * 61
+    fs.pipe_file(f"{BUCKET}-etag/d/y.jpg", first)
+    storage.configure({})
+    for _ in range(20):  # the two PUTs may straddle a second boundary: then try again
+        fs.pipe_file(f"{BUCKET}-etag/d/x.jpg", first)
+        [x, y] = list(storage.iter_objects(f"s3://{BUCKET}-etag/d", ScanConfig()))
+        fs.pipe_file(f"{BUCKET}-etag/d/x.jpg", second)
+        [x2, _] = list(storage.iter_objects(f"s3://{BUCKET}-etag/d", ScanConfig()))
+        if x2.mtime_ns == x.mtime_ns:
+            break
+    else:
+        pytest.fail("20 pairs of PUTs never fell within one second")
+    assert (x.path, y.path) == ("x.jpg", "y.jpg")
+    assert x.etag == y.etag == hashlib.md5(first).hexdigest()
+    assert x2.etag == hashlib.md5(second).hexdigest() and x2.bytes == x.bytes
+    url = [x.abs_path]
+    # size and last-modified time alone miss the rewrite; with the ETag it is seen
+    assert storage.changed_since(url, [x.bytes], [x.mtime]) == [False]
+    assert storage.changed_since(url, [x.bytes], [x.mtime], [x.etag]) == [True]
+    assert storage.changed_since(url, [x2.bytes], [x2.mtime], [x2.etag]) == [False]
+    assert storage.changed_since(url, [x.bytes], [x.mtime], [None]) == [False]  # no tag recorded: as before
+
+
+def test_an_object_rewritten_within_its_second_during_the_run_is_marked_changed(s3, bucket, dataset, tmp_path,
+                                                                               monkeypatch):
+    """The run lists an object, then it is rewritten (same size, other bytes) within the second of
+    its first PUT: the end-of-run check finds the listing's size and last-modified time unchanged
+    but not its ETag, and marks the file as changed during the run instead of deciding on it."""
+    from pipeline import cli, decide, storage
+    _, env, _ = s3
+    _aws_env(monkeypatch, env)
+    fs = _fs(env)
+    prefix = f"{BUCKET}/etag-during"
+    photo = (dataset / "originals" / "p0.jpg").read_bytes()
+    fs.pipe_file(f"{prefix}/a.jpg", photo)
+    listed, seen = storage.iter_objects, []
+
+    def put_list_then_rewrite(url, cfg):
+        fs.pipe_file(f"{prefix}/b.jpg", photo)  # the first PUT, just before the listing
+        for entry in listed(url, cfg):
+            if entry.path == "b.jpg":
+                fs.pipe_file(f"{prefix}/b.jpg", _other_bytes_same_size(photo))
+                seen.append(storage._mtime(fs.info(f"{prefix}/b.jpg", refresh=True)) == entry.mtime)
+            yield entry
+
+    monkeypatch.setattr(storage, "iter_objects", put_list_then_rewrite)
+    for attempt in range(10):  # the two PUTs may straddle a second boundary: then run again
+        out = tmp_path / f"out{attempt}"
+        assert cli.main(["dedupe", f"s3://{prefix}", "--out", str(out), "--tiers", "screen", "--scheduler",
+                         "sync", "--quiet", "--no-catalog"]) == 0
+        if seen[-1]:
+            break
+    else:
+        pytest.fail("10 rewrites never fell within the second of the first PUT")
+    images = pd.read_parquet(out / "images.parquet").set_index("path")
+    assert images.loc["b.jpg", "error"] == decide.CHANGED_ERROR and pd.isna(images.loc["a.jpg", "error"])
+    assert json.loads((out / "run.json").read_text())["counts"]["changed_during_run"] == 1
+
+
+# lists DATA, copies its first object to a scratch prefix, rewrites that copy with other bytes of
+# the same size: the ETags of each listing, as JSON (run with a backend's env, in its own process)
+_LIST_AND_REWRITE = """
+import json, sys
+from pipeline import storage
+from pipeline.config import ScanConfig
+data, scratch = sys.argv[1], sys.argv[2]
+storage.configure(json.loads(sys.argv[3]))
+fs, root = storage.filesystem(scratch)
+
+def etags(url):
+    return {e.path: e.etag for e in storage.iter_objects(url, ScanConfig())}
+
+listed = etags(data)
+body = storage.read_bytes(storage.join(data, sorted(listed)[0]))
+fs.pipe_file(root + "/x.jpg", body)
+before = etags(scratch)
+fs.pipe_file(root + "/x.jpg", body[:-1] + bytes([body[-1] ^ 1]))
+print(json.dumps({"data": listed, "before": before, "after": etags(scratch)}))
+"""
+
+
+def _etags_listed(env: dict, data: str, scratch: str, options: dict) -> dict:
+    done = subprocess.run([sys.executable, "-c", _LIST_AND_REWRITE, data, scratch, json.dumps(options)], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _check_listed_etags(got: dict) -> None:
+    assert len(got["data"]) > N_PHOTOS and all(isinstance(t, str) and t for t in got["data"].values()), got
+    assert not any(t.startswith('"') or t.endswith('"') for t in got["data"].values())  # normalised
+    assert list(got["before"]) == list(got["after"]) == ["x.jpg"]
+    assert got["before"]["x.jpg"] != got["after"]["x.jpg"], got
+
+
+def test_a_gcs_listing_carries_etags_that_change_on_a_rewrite(gcs):
+    """iter_objects gives every object its ETag on gcp-storage-emulator, and a same-size rewrite
+    changes it."""
+    _check_listed_etags(_etags_listed(gcs, "gs://gphotos/data", "gs://gphotos/etag",
+                                      {"token": "anon", "project": "test"}))
+
+
+def test_an_azure_listing_carries_etags_that_change_on_a_rewrite(azure):
+    """The same on Azurite (Azure's last-modified time has 1 s resolution, as S3's)."""
+    _check_listed_etags(_etags_listed(azure, "az://aphotos/data", "az://aphotos/etag", {}))
+
+
+def _edit_catalog_images(fs, catalog: str, change) -> None:
+    """Replace the images table of the catalog at `catalog` (bucket/prefix) by change(table),
+    named in its manifest with its size and sha256 as a commit names a table (so it is trusted)."""
+    import hashlib
+    import io
+    manifest = json.loads(fs.cat_file(f"{catalog}/manifest.json"))
+    entry = manifest["tables"]["images"]
+    table = change(pd.read_parquet(io.BytesIO(fs.cat_file(f"{catalog}/{entry['file']}"))))
+    buf = io.BytesIO()
+    table.to_parquet(buf, index=False)
+    data = buf.getvalue()
+    rel = entry["file"].replace(".parquet", "-edited.parquet")
+    fs.pipe_file(f"{catalog}/{rel}", data)
+    manifest["tables"]["images"] = {"file": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    fs.pipe_file(f"{catalog}/manifest.json", json.dumps(manifest).encode("utf-8"))
+
+
+def _other_bytes_same_size(data: bytes) -> bytes:
+    """One bit flipped in a JPEG's entropy-coded data, mid-file and away from any marker (the
+    byte, and the one before it, are not 0xFF, and it stays below 0xF0): other bytes, the same
+    size, still a JPEG."""
+    edited = bytearray(data)
+    i = len(edited) // 2
+    while edited[i] >= 0xF0 or edited[i - 1] == 0xFF:
+        i += 1
+    edited[i] ^= 0x01
+    return bytes(edited)
+
+
+def test_a_same_size_rewrite_within_the_second_is_screened_again_by_its_etag(s3, bucket, dataset, tmp_path,
+                                                                            monkeypatch):
+    """The catalog keeps each object's ETag. moto cannot set an object's last-modified time, so
+    the same-second case is made on the catalog's side: after a same-size rewrite, the record's
+    mtime_ns is set to the new listing's (what a rewrite within the recorded second leaves). Then
+    the re-run reads that object, and only that one, because its ETag differs (`changed_etag`),
+    and its outputs equal a run from scratch. A catalog written before ETags were kept (no etag
+    column) still reuses every unchanged object and gains their ETags; with no ETag recorded the
+    same-second rewrite is missed, which is the limit the ETag removes."""
+    import hashlib
+    from pipeline import storage
+    from pipeline.config import ScanConfig
+    _, env, log_path = s3
+    _aws_env(monkeypatch, env)
+    client, fs = _s3_client(env), _fs(env)
+    prefix = "etag/data"
+    _upload(client, dataset, prefix)
+    data, out = f"s3://{BUCKET}/{prefix}", f"s3://{BUCKET}/etag/out"
+    cat = f"{BUCKET}/etag/out/catalog"
+    args = ["--out", out, "--tiers", "screen", "--scheduler", "sync", "--quiet"]
+    assert _dedupe(data, *args) == 0
+    storage.configure({})
+
+    def listing() -> dict:
+        return {e.path: e for e in storage.iter_objects(data, ScanConfig())}
+
+    def catalog_images() -> pd.DataFrame:
+        manifest = json.loads(fs.cat_file(f"{cat}/manifest.json"))
+        import io
+        return pd.read_parquet(io.BytesIO(fs.cat_file(f"{cat}/{manifest['tables']['images']['file']}")))
+
+    listed = listing()
+    stored = catalog_images().set_index("path")
+    assert stored["etag"].notna().all()
+    assert all(stored.loc[p, "etag"] == e.etag for p, e in listed.items())
+
+    # a catalog from before ETags: every unchanged object reused, none read, the ETags added
+    _edit_catalog_images(fs, cat, lambda t: t.drop(columns=["etag"]))
+    since = _log_lines(log_path)
+    assert _dedupe(data, *args) == 0
+    assert set(_object_gets(log_path, since, prefix)) <= {"edits/notes.txt"}  # (a sniff of its head)
+    reuse = _run_json(fs, out)["reuse"]["screen"]
+    assert reuse["screened"] == 0 and reuse["reused"] == len(listed), reuse
+    stored = catalog_images().set_index("path")
+    assert all(stored.loc[p, "etag"] == e.etag for p, e in listed.items())
+
+    # a same-size rewrite, its record's mtime_ns made the new listing's: found by the ETag alone
+    target = f"originals/{next((dataset / 'originals').glob('p2.*')).name}"
+    new = _other_bytes_same_size(client.get_object(Bucket=BUCKET, Key=f"{prefix}/{target}")["Body"].read())
+    fs.pipe_file(f"{BUCKET}/{prefix}/{target}", new)
+    now = listing()[target]
+    assert now.etag != stored.loc[target, "etag"] and now.bytes == stored.loc[target, "bytes"]
+
+    def same_second(table: pd.DataFrame) -> pd.DataFrame:
+        table.loc[table["path"] == target, "mtime_ns"] = now.mtime_ns
+        return table
+    _edit_catalog_images(fs, cat, same_second)
+    since = _log_lines(log_path)
+    assert _dedupe(data, *args) == 0
+    assert set(_object_gets(log_path, since, prefix)) - {"edits/notes.txt"} == {target}
+    reuse = _run_json(fs, out)["reuse"]["screen"]
+    assert reuse["why_screened"] == {"changed_etag": 1} and reuse["screened"] == 1, reuse
+    images = _read_outputs(out, env)[0].set_index("path")
+    assert images.loc[target, "sha256"] == hashlib.sha256(new).hexdigest() and pd.isna(images.loc[target, "error"])
+    assert _dedupe(data, "--out", str(tmp_path / "scratch"), "--tiers", "screen", "--scheduler", "sync",
+                   "--quiet", "--no-catalog") == 0
+    _assert_same_outputs(_read_outputs(out, env), _read_outputs(tmp_path / "scratch", env))
+
+    # the same case with no ETag recorded is missed (the old limit): the stale record is reused
+    again = _other_bytes_same_size(new)
+    fs.pipe_file(f"{BUCKET}/{prefix}/{target}", again)
+    now = listing()[target]
+    _edit_catalog_images(fs, cat, lambda t: same_second(t).drop(columns=["etag"]))
+    assert _dedupe(data, *args) == 0
+    assert _run_json(fs, out)["reuse"]["screen"]["screened"] == 0
+    assert _read_outputs(out, env)[0].set_index("path").loc[target, "sha256"] == hashlib.sha256(new).hexdigest()
+
+
 @pytest.mark.slow
 def test_high_recall_mode_with_the_catalog_in_the_bucket_equals_a_run_from_scratch(s3, bucket, tmp_path, monkeypatch):
     """screen.mode hash+embedding: the screen embeddings are catalog features in the bucket and
