@@ -83,7 +83,11 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def update_section(name: str, title: str, body: str, path: str | Path = DEFAULT_PATH) -> Path:
-    """Replace (or append) section `name` of the benchmarks file with `title` + `body`."""
+    """Replace (or append) section `name` of the benchmarks file with `title` + `body`.
+    `path` "-": print the section instead (no file is written)."""
+    if str(path) == "-":
+        print(f"## {title}\n\n{body.rstrip()}")
+        return Path("-")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = path.read_text(encoding="utf-8") if path.exists() else HEADER

@@ -98,3 +98,11 @@ def test_floor_work_is_the_tiers_own_per_file_work(photo_paths):
         assert floor._floor(("one decode, screen + verify", path)) == floor._floor(("decode + verify features", path))
     assert floor._embed(paths) == 3
     assert floor._floor(("screen", "/nonexistent/x.jpg")) == 0  # a file that cannot be read: counted, no raise
+
+
+def test_out_dash_prints_the_section_and_writes_no_file(tmp_path, monkeypatch, capsys):
+    from bench.report import update_section
+    monkeypatch.chdir(tmp_path)
+    update_section("x", "A title", "body text", "-")
+    assert "## A title" in capsys.readouterr().out and "body text" not in [p.name for p in tmp_path.iterdir()]
+    assert list(tmp_path.iterdir()) == []
