@@ -363,6 +363,17 @@ def directed_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Screen
 # plus S x the bucket probes per query row).
 
 
+def _worker_addresses(client) -> list[str]:
+    """The cluster's workers, asked of the scheduler now. Not `client.scheduler_info()["workers"]`:
+    distributed's periodic refresh (without per-worker details) can replace that answer before it
+    is returned, so it is sometimes empty on a busy machine."""
+    workers = sorted(client.nthreads())
+    if not workers:  # a remote cluster whose workers have not joined yet: wait, as tasks would
+        client.wait_for_workers(1)
+        workers = sorted(client.nthreads())
+    return workers
+
+
 def _sharded(cfg: ScreenConfig, client, n_entries: int) -> bool:
     mode = cfg.search_sharding
     if mode == "sharded":
@@ -439,7 +450,7 @@ def sharded_neighbours(parts: list, cfg: ScreenConfig, client=None, shard_size: 
         shards = [_build_shard(cfg, *[parts[i] for i in g]) for g in groups]
         lists = [_merge_lists(k, *[_search_shard(s, p, cfg) for s in shards]) for p in parts]
         return pd.concat(lists, ignore_index=True) if lists else _empty_directed()
-    workers = sorted(client.scheduler_info()["workers"])
+    workers = _worker_addresses(client)
     entries = client.gather(client.map(_part_entries, parts, pure=False))
     groups = shard_groups(entries, shard_size, len(workers))
     # one shard per worker in turn: the search tasks follow their (large) index
@@ -1033,7 +1044,7 @@ def sharded_embedding_pairs(part_paths, cfg: ScreenConfig, client=None, shard_si
             del shard
         frames = [_merge_embedding_lists(cfg, b) for b in best if b is not None]
     else:
-        workers = sorted(client.scheduler_info()["workers"])
+        workers = _worker_addresses(client)
         groups = shard_groups(counts, shard_size, len(workers))
         trained = assigned = None
         if kind == "ivf":  # one quantizer for every shard, trained on a worker (the sample never

@@ -117,6 +117,8 @@ def test_sharded_on_a_local_cluster_equals_one_index(seed, clustered, monkeypatc
     on = dataclasses.replace(c, search_sharding="sharded", search_shard_size=1500)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        # the cached scheduler info as distributed's periodic refresh can leave it (no workers listed)
+        monkeypatch.setattr(client, "scheduler_info", lambda *a, **k: {"workers": {}})
         lists = directed_neighbours(codes, mask, on, client=client, block_rows=700)
         got = near_pairs(codes, mask, on, client=client)
         auto = near_pairs(codes, mask, dataclasses.replace(c, search_sharding="auto", search_shard_size=1000),
