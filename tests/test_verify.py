@@ -470,24 +470,22 @@ def test_mirrored_turn_is_flip_then_turn_minus_4():
 
 
 @pytest.mark.parametrize("flip", [False, True])
-def test_pixel_check_uses_the_orientation_kept(few_photos, tmp_path, flip):
-    """A pair the keypoints cannot settle (min_keypoints above any count): the pixel check aligns
-    b as the orientation whose keypoints won. b = a turned by 270 degrees, and the screen says 5
-    (flip, then 90 degrees): unmirrored, turn 1 aligns b, so SSIM is high; a b that really is
-    a's transpose keeps the mirrored check and its alignment."""
+def test_no_match_either_way_keeps_the_screens_orientation(few_photos, tmp_path, flip):
+    """A pair the keypoints cannot settle (min_keypoints above any count: "inconclusive" both
+    ways, as on flat graphics) is not unmirrored on a few more inliers: the pixel check aligns b
+    by the screen's transform 5 (flip, then 90 degrees), which lines up a b that really is a's
+    transpose; a b that is a turned by 270 degrees is then not aligned (SSIM low), as before the
+    unmirrored retry: that case needs keypoints."""
     cfg = Config()
     cfg.verify.min_keypoints = 10 ** 6
     img = Image.open(few_photos[1]).convert("RGB")
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     img.save(a)
-    # dihedral(b, 5) gives a back from the transpose of a; turn 1 does from a turned by 270
     (verify.dihedral(img, 5) if flip else img.transpose(Image.Transpose.ROTATE_270)).save(b)
     fa = _feature_dict(a, 0, cfg)
     fb, fb0 = _feature_dict(b, 4, cfg), _feature_dict(b, 0, cfg)
     kept = verify.check_pair(fa, fb, 5, cfg.verify, fb0)
-    assert kept[3] == "inconclusive" and not np.isnan(kept[5])
-    assert kept[4].endswith(verify.PLAIN_NOTE) != flip
-    assert kept[5] > 0.9  # SSIM of b aligned as kept
-    if not flip:  # the mirrored alignment of the same pair does not line up
-        mirrored = verify.check_pair(fa, fb, 5, cfg.verify)
-        assert mirrored[5] < kept[5] - 0.2
+    assert kept[3] == "inconclusive" and verify.PLAIN_NOTE not in kept[4]
+    assert kept == verify.check_pair(fa, fb, 5, cfg.verify)  # the same as with no plain features
+    assert (kept[5] > 0.9) == flip  # SSIM of b aligned by the screen's transform
+
