@@ -196,9 +196,8 @@ def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp
         todo = near_idx[~hit]
         if len(todo):
             job = pd.DataFrame({"idx_a": cids[ia[~hit]], "idx_b": cids[ib[~hit]], "transform": tt[~hit]}, index=todo)
-            tb = np.where(tt[~hit] >= 4, 4, 0)
-            pre, _ = cat.feature_parts("orb", fps["orb_features"], np.concatenate([sha[ia[~hit]], sha[ib[~hit]]]),
-                                       np.concatenate([np.zeros_like(tb), tb]))
+            pre, _ = cat.feature_parts("orb", fps["orb_features"],
+                                       *verify.needed_features(sha[ia[~hit]], sha[ib[~hit]], tt[~hit]))
             where = cat.feature_root("orb", fps["orb_features"]) if add else tmp / "orb"
             scores = verify.run_verify(job, by_content, cfg, str(where), client=client, progress=progress,
                                        precomputed=pre)

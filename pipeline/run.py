@@ -732,10 +732,9 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
                 if len(todo):
                     job = pd.DataFrame({"idx_a": cids[ia[~hit]], "idx_b": cids[ib[~hit]],
                                         "transform": tt[~hit]}, index=todo)
-                    tb = np.where(tt[~hit] >= 4, 4, 0)
                     pre, fcounts = cat.feature_parts("orb", fps["orb_features"],
-                                                     np.concatenate([sha[ia[~hit]], sha[ib[~hit]]]),
-                                                     np.concatenate([np.zeros_like(tb), tb]))
+                                                     *verify.needed_features(sha[ia[~hit]], sha[ib[~hit]],
+                                                                             tt[~hit]))
                     pre, adopted = _adopt(cat, "orb", fps["orb_features"], pre, sha_of_cid, new_features)
                     scores = verify.run_verify(job, by_content, cfg,
                                                cat.feature_root("orb", fps["orb_features"]),

@@ -19,7 +19,9 @@ Work is split in two kinds of task so that no process holds every descriptor:
 functions in-process (and gives the same numbers: everything is deterministic, RANSAC is seeded).
 
 Feature keys are `idx * 8 + transform` (`feature_key`). Pair semantics: `dihedral(image_b, t)`
-aligns b with a, so a pair needs keys (idx_a, 0) and (idx_b, t).
+aligns b with a, so a pair needs keys (idx_a, 0) and (idx_b, 0 or 4: ORB handles the turns, only
+the flip changes descriptors; see `run_verify`); a mirrored pair (t >= 4) also needs (idx_b, 0),
+because `check_pair` tries it unmirrored when the mirrored check is not a match.
 
 Score (`orb_score`): inliers / min(n_keypoints_a, n_keypoints_b), in [0, 1] — the fraction of the
 poorer image's keypoints that the geometry explains. The raw `orb_inliers` is what the status
@@ -707,6 +709,35 @@ def _error_result(side: str, error: str, method: str = "orb") -> tuple:
     return 0, 0, 0.0, "inconclusive", f"{method} inconclusive: image {side} not decoded ({error})", np.nan, np.nan
 
 
+PLAIN_NOTE = "; b unmirrored (the hash's orientation was mirrored)"
+
+
+def check_pair(fa: dict, fb: dict, transform: int, cfg: VerifyConfig, fb_plain: dict | None = None,
+               matcher=None) -> tuple:
+    """RESULT_COLUMNS for one pair: keypoints of a (plain) against b turned for `transform`
+    (`fb`), then the pixel check when the keypoints cannot settle the pair.
+
+    A mirrored transform (>= 4) is the screen's guess: the hash of b's flipped picture was the
+    closest, which a nearly symmetric picture can give by chance, and ORB descriptors do not match
+    across a mirror. So when that check is not a match and b's plain features (`fb_plain`) are
+    given, a plain against b plain is tried too, and kept only when it is a match; the reason
+    then says b was unmirrored. Only a match: on the 10k benchmark ~600 mirrored pairs found a
+    few more noise inliers unmirrored (3-4 against 0-1) and none of those changed a verdict,
+    while a flat mirrored logo (no match either way, the pixel check decides) must keep the
+    screen's alignment. The pixel check uses the orientation kept: its RANSAC model when there
+    is one, else its turn; in decode.DIHEDRAL's numbering every mirrored t is the left-right flip
+    followed by the rotation t - 4 (4 = flip, 5 = flip then rot90, ...), so dropping the flip
+    leaves turn t - 4 of b's plain picture."""
+    result, model = _verify_model(fa, fb, cfg, matcher)
+    turn = int(transform)
+    if (fb_plain is not None and not fb_plain["error"] and turn >= 4 and result[3] != "match"):
+        plain, plain_model = _verify_model(fa, fb_plain, cfg, matcher)
+        if plain[3] == "match":
+            result, model, fb, turn = plain[:4] + (plain[4] + PLAIN_NOTE,), plain_model, fb_plain, turn - 4
+    pixels = pixel_check(fa, fb, turn, model) if needs_pixel_check(fa, fb, cfg) else (np.nan, np.nan)
+    return result + pixels
+
+
 def needs_pixel_check(fa: dict, fb: dict, cfg: VerifyConfig) -> bool:
     """The keypoints cannot settle this pair: too few of them on either image, or both images
     flat (their keypoints sit on shared shapes and layout, see the module doc)."""
@@ -723,17 +754,21 @@ def _result_frame(results: list[tuple], index) -> pd.DataFrame:
                          "hist_corr": "float32"})
 
 
-def _sub_batches(paths_a: np.ndarray, paths_b: np.ndarray, max_parts: int) -> list[np.ndarray]:
+def _sub_batches(paths_a: np.ndarray, paths_b: np.ndarray, max_parts: int,
+                 paths_b0: np.ndarray | None = None) -> list[np.ndarray]:
     """Positions of the pairs grouped so each group touches at most `max_parts` feature files
-    (pairs sorted by their file pair first), so a task never loads every partition at once."""
+    (pairs sorted by their file pair first), so a task never loads every partition at once.
+    `paths_b0`: the file of b's plain row for the mirrored pairs ("" when not needed; it is
+    almost always b's own file: an image's transforms are computed in one task)."""
     order = np.lexsort((paths_b, paths_a))
     groups, current, parts = [], [], set()
     for i in order:
-        need = {paths_a[i], paths_b[i]} - parts
+        wanted = {paths_a[i], paths_b[i]} | ({paths_b0[i]} if paths_b0 is not None and paths_b0[i] else set())
+        need = wanted - parts
         if current and len(parts) + len(need) > max_parts:
             groups.append(np.asarray(current))
             current, parts = [], set()
-            need = {paths_a[i], paths_b[i]}
+            need = wanted
         current.append(i)
         parts |= need
     if current:
@@ -747,7 +782,9 @@ def _features_task(part: int, rows: pd.DataFrame, cfg: Config, out_dir: str) -> 
 
 def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) -> pd.DataFrame:
     """Verify pairs (key_a, key_b, path_a_part, path_b_part, transform) -> RESULT_COLUMNS, same
-    row order (`transform` only matters for the pixel check; missing = 0).
+    row order (`transform`: the pixel check's alignment and, when >= 4, the unmirrored retry;
+    missing = 0). Optional key_b0, path_b0_part: b's plain row for the mirrored pairs (-1 / null
+    when absent: then only the mirrored check runs), see `check_pair`.
 
     A key whose path is empty/null (image not decoded upstream) or whose feature row carries an
     error gives an "inconclusive" row with the reason. `reference=True` matches with the previous
@@ -764,6 +801,11 @@ def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) 
     err_a = pairs["error_a"].to_numpy() if "error_a" in pairs else np.full(n, None, object)
     err_b = pairs["error_b"].to_numpy() if "error_b" in pairs else np.full(n, None, object)
     tr = pairs["transform"].to_numpy(np.int64) if "transform" in pairs else np.zeros(n, np.int64)
+    # b's plain row for the mirrored pairs (run_verify adds it; -1 / "" when not there)
+    kb0 = pairs["key_b0"].to_numpy(np.int64) if "key_b0" in pairs else np.full(n, -1, np.int64)
+    pb0 = (pairs["path_b0_part"].fillna("").astype(str).to_numpy() if "path_b0_part" in pairs
+           else np.full(n, "", object))
+    pb0 = np.where(kb0 >= 0, pb0, "")
     todo = []
     for i in range(n):
         if not pa[i] or not pb[i]:
@@ -774,10 +816,11 @@ def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) 
     todo = np.asarray(todo, dtype=np.int64)
     with _cv_threads(vcfg.opencv_threads):
         if len(todo):
-            for group in _sub_batches(pa[todo], pb[todo], max(2, vcfg.max_open_partitions)):
+            for group in _sub_batches(pa[todo], pb[todo], max(2, vcfg.max_open_partitions), pb0[todo]):
                 idx = todo[group]
-                paths = list(dict.fromkeys(np.concatenate([pa[idx], pb[idx]]).tolist()))
-                keys = np.concatenate([ka[idx], kb[idx]])
+                plain = idx[pb0[idx] != ""]
+                paths = list(dict.fromkeys(np.concatenate([pa[idx], pb[idx], pb0[plain]]).tolist()))
+                keys = np.concatenate([ka[idx], kb[idx], kb0[plain]])
                 rows = store.read_rows(paths, keys)
                 feats = {}
                 for key, row in zip(rows.index.to_numpy(), rows.to_dict("records")):
@@ -789,15 +832,24 @@ def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) 
                         side, e = ("a", fa["error"]) if fa["error"] else ("b", fb["error"])
                         results[i] = _error_result(side, e, vcfg.method)
                     else:
-                        result, model = _verify_model(fa, fb, vcfg, matcher)
-                        pixels = (pixel_check(fa, fb, tr[i], model) if needs_pixel_check(fa, fb, vcfg)
-                                  else (np.nan, np.nan))
-                        results[i] = result + pixels
+                        fb0 = feats.get(int(kb0[i])) if pb0[i] else None
+                        results[i] = check_pair(fa, fb, tr[i], vcfg, fb0, matcher)
     return _result_frame(results, pairs.index)
 
 
 # ---------------------------------------------------------------------------------------------
 # Orchestration
+
+
+def needed_features(ids_a, ids_b, transform) -> tuple[np.ndarray, np.ndarray]:
+    """(image id, feature transform) of every feature row the pairs need, repeats included:
+    a plain, b plain or flipped (4) as the pair's transform says, and b plain again for the
+    mirrored pairs (`check_pair` also tries them unmirrored). Ids may be indices or sha256s."""
+    t_b = np.where(np.asarray(transform, dtype=np.int64) >= 4, 4, 0)
+    ids_b = np.asarray(ids_b)
+    mirrored = ids_b[t_b == 4]
+    return (np.concatenate([np.asarray(ids_a), ids_b, mirrored]),
+            np.concatenate([np.zeros(len(t_b), np.int64), t_b, np.zeros(len(mirrored), np.int64)]))
 
 
 def _locality_order(idx_a: np.ndarray, idx_b: np.ndarray, nodes: np.ndarray) -> np.ndarray:
@@ -847,12 +899,15 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     t_b = np.where(pairs["transform"].to_numpy(np.int64) >= 4, 4, 0)
     key_a = feature_key(idx_a, 0)
     key_b = feature_key(idx_b, t_b)
+    # a mirrored pair is also checked plain (`check_pair`): b's plain features too
+    mirrored = t_b == 4
+    key_b0 = np.where(mirrored, feature_key(idx_b, 0), -1)
 
     # which (image, transform) keys are needed, skipping images that failed upstream
     err = images["error"] if "error" in images else pd.Series(None, index=images.index, dtype=object)
     bad = set(images.index[err.notna()].tolist())
-    keys = pd.DataFrame({"idx": np.concatenate([idx_a, idx_b]),
-                         "transform": np.concatenate([np.zeros_like(t_b), t_b])}).drop_duplicates()
+    need_idx, need_t = needed_features(idx_a, idx_b, pairs["transform"].to_numpy(np.int64))
+    keys = pd.DataFrame({"idx": need_idx, "transform": need_t}).drop_duplicates()
     keys = keys[~keys["idx"].isin(bad)]
     keys["key"] = feature_key(keys["idx"], keys["transform"])
     keys["abs_path"] = images.loc[keys["idx"], "abs_path"].to_numpy()
@@ -889,6 +944,8 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
                         "transform": pairs["transform"].to_numpy(np.int64),
                         "path_a_part": part_of.reindex(key_a).to_numpy(),
                         "path_b_part": part_of.reindex(key_b).to_numpy(),
+                        "key_b0": key_b0,
+                        "path_b0_part": part_of.reindex(key_b0).to_numpy(),
                         "error_a": err.reindex(idx_a).to_numpy(),
                         "error_b": err.reindex(idx_b).to_numpy()},
                        index=np.arange(len(pairs)))

@@ -166,7 +166,9 @@ def test_features_once_per_image_transform(small_set, tmp_path, monkeypatch):
     cfg = Config()
     cfg.dask.partition_size = 2
     verify.run_verify(pairs, images, cfg, str(tmp_path))
-    need = set(verify.feature_key(pairs["idx_a"], 0)) | set(verify.feature_key(pairs["idx_b"], pairs["transform"]))
+    mirrored = pairs["transform"] >= 4  # b plain too: a mirrored pair is also checked unmirrored
+    need = (set(verify.feature_key(pairs["idx_a"], 0)) | set(verify.feature_key(pairs["idx_b"], pairs["transform"]))
+            | set(verify.feature_key(pairs["idx_b"][mirrored], 0)))
     assert sorted(seen) == sorted(int(k) for k in need)  # each needed key exactly once
 
 
@@ -391,3 +393,99 @@ def test_shrink_below_2x_stays_close_to_pillows_filter(few_photos):
     # 2x and more: Pillow's filter as before (bit for bit)
     big = Image.open(few_photos[0]).convert("RGB").resize((2 * cfg.max_side, cfg.max_side + 10))
     assert verify._bounded(big, cfg).tobytes() == resize_max_side(big, cfg.max_side).tobytes()
+
+
+# -- a mirrored transform from the screen that is not a mirror: checked unmirrored too
+
+# A photo whose blurred copy and 8-degree rotated copy (the benchmark's "blur" and "rotate_8"
+# edits) hash closest with b mirrored: aHash 4 bits flipped against 6 plain.
+LOOKALIKE = "inet5__n03761084_13411_microwave.jpg"
+
+
+def _feature_dict(path, t: int, cfg: Config) -> dict:
+    """A feature row as verify_partition sees it, made straight from the file (b turned by t)."""
+    turned = verify.dihedral(verify._load_bounded(str(path), cfg), t)
+    f = verify.features(turned, cfg.verify)
+    thumb, hist, flat = verify.pixel_features(turned)
+    f.update(thumb=thumb, hist=hist, flat=flat, error=None, transform=t)
+    f["d64"], f["d64t"] = verify._packed(f["descriptors"])
+    return f
+
+
+@pytest.fixture(scope="module")
+def lookalike(photos_dir, tmp_path_factory):
+    src = photos_dir / LOOKALIKE
+    if not src.exists():
+        pytest.skip(f"{src} is missing")
+    from PIL import ImageFilter
+    from bench.transforms import _rotate_inscribed  # the benchmark's rotate_8 edit
+    img = Image.open(src).convert("RGB")
+    d = tmp_path_factory.mktemp("lookalike")
+    paths = [d / "blur.jpg", d / "rotate_8.jpg", d / "mirror.jpg"]
+    img.filter(ImageFilter.GaussianBlur(2.0)).save(paths[0], quality=92)
+    _rotate_inscribed(img, -8).save(paths[1], quality=92)
+    img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(paths[2], quality=92)
+    return paths
+
+
+def _screen_transform(path_a, path_b, cfg: Config) -> tuple[int, list[int]]:
+    """The dihedral variant of b whose aHash is closest to a's plain one (the screen's pick)."""
+    from pipeline.decode import load_image
+    from pipeline.screen import image_hashes
+    ha, hb = (image_hashes(load_image(str(p))[0], cfg.screen)[0] for p in (path_a, path_b))
+    dist = [int(sum(bin(int(w)).count("1") for w in ha[0] ^ hb[t])) for t in range(8)]
+    return int(np.argmin(dist)), dist
+
+
+def test_mirrored_hash_on_an_unmirrored_copy_is_checked_plain(lookalike, tmp_path):
+    cfg = Config()
+    blur, rotated, mirror = lookalike
+    t, dist = _screen_transform(blur, rotated, cfg)
+    assert t >= 4 and dist[t] <= cfg.screen.dihedral_max_distance < dist[0], dist  # the case itself
+    # the mirrored check alone (what the tier did before) cannot accept it
+    fa = _feature_dict(blur, 0, cfg)
+    alone = verify.check_pair(fa, _feature_dict(rotated, 4, cfg), t, cfg.verify)
+    assert alone[3] != "match" and alone[1] < cfg.verify.match_inliers
+    images = pd.DataFrame({"abs_path": [str(p) for p in lookalike], "error": [None] * 3})
+    pairs = pd.DataFrame({"idx_a": [0, 0], "idx_b": [1, 2], "transform": np.array([t, 4], np.int8)})
+    res = verify.run_verify(pairs, images, cfg, str(tmp_path / "work"))
+    assert res.loc[0, "orb_status"] == "match"
+    assert res.loc[0, "orb_inliers"] >= cfg.verify.match_inliers > alone[1]
+    assert res.loc[0, "orb_reason"].endswith(verify.PLAIN_NOTE)
+    # a real mirror copy is still accepted by its mirrored features, with no second check
+    assert res.loc[1, "orb_status"] == "match" and verify.PLAIN_NOTE not in res.loc[1, "orb_reason"]
+    made = set(res.attrs["features"]["key"])
+    assert {int(verify.feature_key(1, 0)), int(verify.feature_key(1, 4)), int(verify.feature_key(2, 0))} <= made
+    assert int(verify.feature_key(2, 4)) in made
+
+
+def test_mirrored_turn_is_flip_then_turn_minus_4():
+    """decode.DIHEDRAL numbering: t >= 4 is the left-right flip followed by rotation t - 4, so a
+    pair kept unmirrored is aligned for the pixel check by turn t - 4 of b's plain picture."""
+    from pipeline.screen import GRID_DIHEDRAL
+    probe = np.arange(12).reshape(3, 4)
+    for t in range(4, 8):
+        assert np.array_equal(GRID_DIHEDRAL[t](probe), GRID_DIHEDRAL[t - 4](GRID_DIHEDRAL[4](probe)))
+        assert verify._residual(4, t) == t - 4
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_no_match_either_way_keeps_the_screens_orientation(few_photos, tmp_path, flip):
+    """A pair the keypoints cannot settle (min_keypoints above any count: "inconclusive" both
+    ways, as on flat graphics) is not unmirrored on a few more inliers: the pixel check aligns b
+    by the screen's transform 5 (flip, then 90 degrees), which lines up a b that really is a's
+    transpose; a b that is a turned by 270 degrees is then not aligned (SSIM low), as before the
+    unmirrored retry: that case needs keypoints."""
+    cfg = Config()
+    cfg.verify.min_keypoints = 10 ** 6
+    img = Image.open(few_photos[1]).convert("RGB")
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    img.save(a)
+    (verify.dihedral(img, 5) if flip else img.transpose(Image.Transpose.ROTATE_270)).save(b)
+    fa = _feature_dict(a, 0, cfg)
+    fb, fb0 = _feature_dict(b, 4, cfg), _feature_dict(b, 0, cfg)
+    kept = verify.check_pair(fa, fb, 5, cfg.verify, fb0)
+    assert kept[3] == "inconclusive" and verify.PLAIN_NOTE not in kept[4]
+    assert kept == verify.check_pair(fa, fb, 5, cfg.verify)  # the same as with no plain features
+    assert (kept[5] > 0.9) == flip  # SSIM of b aligned by the screen's transform
+
