@@ -28,6 +28,9 @@ while every image still goes through ORB.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import io
 import multiprocessing
 import os
 import sys
@@ -35,8 +38,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
+
 from bench import fastdup as fastdup_bench
+from bench import transforms
 from bench.report import median, stamp, table, update_section
+from pipeline import confirm, scan, screen, verify
+from pipeline.config import Config
+from pipeline.decode import load_image
 
 FLOORS = ["decode", "decode + ORB (OpenCV defaults)", "decode + verify features", "screen",
           "one decode, screen + verify", "embed"]
@@ -44,19 +54,15 @@ _CFG = None
 
 
 def _init(cfg) -> None:
-    """Worker set-up outside the clock: imports, the config, one OpenCV thread and one inference
-    thread per process (as the tiers run them), the model built."""
+    """Worker set-up outside the clock: the config, one OpenCV thread and one inference thread
+    per process (as the tiers run them), the model built."""
     global _CFG
-    import cv2
-    from pipeline import confirm
     cv2.setNumThreads(1)
     _CFG = cfg
     confirm.get_embedder(cfg.embed)
 
 
 def _embed(paths: list[str]) -> int:
-    import numpy as np
-    from pipeline import confirm
     arrays = []
     for path in paths:
         try:
@@ -66,10 +72,10 @@ def _embed(paths: list[str]) -> int:
     return len(confirm.get_embedder(_CFG.embed).embed_arrays(np.stack(arrays))) if arrays else 0
 
 
-def _decode(path: str):
-    from pipeline import verify
-    from pipeline.decode import load_image
-    img, _, _ = load_image(path, min_side=verify._draft_min_side(path, _CFG),
+def _decode(path: str, source=None):
+    """The picture ORB needs: draft-decoded at the scale that keeps verify.max_side (from
+    `source`, the file's bytes already read, when given)."""
+    img, _, _ = load_image(path if source is None else source, min_side=verify._draft_min_side(path, _CFG),
                            max_pixels=_CFG.screen.max_pixels, max_decode_bytes=_CFG.screen.max_decode_bytes)
     return img
 
@@ -79,32 +85,22 @@ def _floor(task: tuple[str, str]) -> int:
     kind, path = task
     try:
         if kind == "screen":
-            from pipeline import scan, screen
             st = os.stat(path)
             row = screen.screen_file(scan.FileEntry(os.path.basename(path), path, st.st_size, st.st_mtime,
                                                     None, st.st_mtime_ns), _CFG.screen)
             return int(row["error"] is None)
         if kind == "one decode, screen + verify":
-            import hashlib
-            import io
-            from pipeline import screen, verify
-            from pipeline.decode import load_image
             with open(path, "rb") as fh:
                 data = fh.read()
             hashlib.sha256(data).hexdigest()
-            img, _, _ = load_image(io.BytesIO(data), min_side=verify._draft_min_side(path, _CFG),
-                                   max_pixels=_CFG.screen.max_pixels, max_decode_bytes=_CFG.screen.max_decode_bytes)
+            img = _decode(path, io.BytesIO(data))
             screen.image_hashes(img, _CFG.screen)
             return len(verify.orb_features(img, _CFG.verify)["keypoints"])
         img = _decode(path)
         if kind == "decode":
             return img.size[0] > 0
         if kind == "decode + verify features":
-            from pipeline import verify
             return len(verify.orb_features(img, _CFG.verify)["keypoints"])
-        import cv2
-        import numpy as np
-        from pipeline import verify
         grey = np.asarray(verify._bounded(img, _CFG.verify).convert("L"))
         kps, _ = cv2.ORB_create(nfeatures=_CFG.verify.n_features).detectAndCompute(grey, None)
         return len(kps)
@@ -113,8 +109,6 @@ def _floor(task: tuple[str, str]) -> int:
 
 
 def files_of(folder: Path) -> list[str]:
-    from pipeline import scan
-    from pipeline.config import Config
     return [e.abs_path for e in scan.iter_files(folder, Config().scan) if e.error is None]
 
 
@@ -125,7 +119,7 @@ def time_floor(pool, kind: str, files: list[str], batch: int) -> float:
     else:
         fn, tasks = _floor, [(kind, f) for f in files]
         warm = tasks[:2 * os.cpu_count()]
-    pool.map(fn, warm, chunksize=1)  # warm: lazy imports, the model's first call
+    pool.map(fn, warm, chunksize=1)  # warm: the decoders' and the model's first calls
     t = time.perf_counter()
     for _ in pool.imap_unordered(fn, tasks, chunksize=1 if kind == "embed" else 32):
         pass
@@ -136,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="10k", help="comma-separated: small (the shared photos) and/or 10k")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--bench-dir", default=os.path.join(tempfile.gettempdir(), "dedupe-bench"))
+    ap.add_argument("--bench-dir", default=str(transforms.DEFAULT_BENCH_DIR))
     ap.add_argument("--out", default="docs/benchmarks.md", help="'-' to print only")
     args = ap.parse_args(argv)
     py = fastdup_bench.fastdup_python()
@@ -145,9 +139,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 0
     cores = len(os.sched_getaffinity(0))
-    import dataclasses
-    from pipeline import confirm
-    from pipeline.config import Config
     cfg = Config()
     cfg.embed = dataclasses.replace(cfg.embed, threads=1)
     cfg = confirm.prepare_runtime(cfg)  # the runtime resolved (and a TFLite model converted) once, here

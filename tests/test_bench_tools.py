@@ -2,13 +2,18 @@
 and the profile attributes each sample to the innermost known activity."""
 from __future__ import annotations
 
+import pytest
+
 from bench import fastdup, profile
 
 
-def test_fastdup_benchmark_skips_without_its_virtualenv(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("bench", ["fastdup", "floor"])
+def test_fastdup_benchmarks_skip_without_its_virtualenv(tmp_path, monkeypatch, capsys, bench):
+    import importlib
+    module = importlib.import_module(f"bench.{bench}")
     monkeypatch.setattr(fastdup, "FASTDUP_VENV", tmp_path / "missing")
     out = tmp_path / "benchmarks.md"
-    assert fastdup.main(["--sizes", "small", "--rounds", "1", "--out", str(out)]) == 0
+    assert module.main(["--sizes", "small", "--rounds", "1", "--out", str(out)]) == 0
     assert "make fastdup" in capsys.readouterr().err
     assert not out.exists()
 
@@ -66,15 +71,6 @@ def test_driver_memory_subset_takes_whole_groups_as_hard_links(tmp_path):
                                                         "g0001_flip.jpg", "g0001_original.jpg"]
     assert (folder / "g0001_flip.jpg").stat().st_ino == (images / "g0001_flip.jpg").stat().st_ino
     assert driver_memory.subset(images, 0, tmp_path / "subsets") == images  # 0: the whole folder
-
-
-def test_floor_benchmark_skips_without_fastdup(tmp_path, monkeypatch, capsys):
-    from bench import floor
-    monkeypatch.setattr(fastdup, "FASTDUP_VENV", tmp_path / "missing")
-    out = tmp_path / "benchmarks.md"
-    assert floor.main(["--sizes", "small", "--rounds", "1", "--out", str(out)]) == 0
-    assert "make fastdup" in capsys.readouterr().err
-    assert not out.exists()
 
 
 def test_floor_work_is_the_tiers_own_per_file_work(photo_paths):
