@@ -180,3 +180,29 @@ def map_tasks(client, fn: Callable, tasks: Sequence, *args, tracker: Tracker | N
         if tracker is not None:
             tracker.update(weights[fut.key])
     return client.gather(futures)
+
+
+def completed(client, tasks: Sequence[tuple[Callable, tuple]], threads: int = 1) -> Iterator[tuple[int, object]]:
+    """(task number, result) of each task (fn, args) as it finishes, in no set order: on the Dask
+    `client`'s workers when given (each result fetched as its task ends and released once the
+    caller moves on, so this process holds only what the caller keeps), else on `threads` threads
+    of this process. For work whose results are written out one by one (the report's pixels)."""
+    if not tasks:
+        return
+    if client is None:
+        from concurrent.futures import ThreadPoolExecutor, as_completed as done_order
+        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="tasks") as pool:
+            number = {pool.submit(fn, *args): n for n, (fn, args) in enumerate(tasks)}
+            for fut in done_order(list(number)):
+                yield number.pop(fut), fut.result()
+        return
+    from distributed import as_completed
+    futures = [client.submit(fn, *args, pure=False) for fn, args in tasks]
+    number = {fut.key: n for n, fut in enumerate(futures)}
+    pending = as_completed(futures, loop=client.loop)  # (the client need not be the default one)
+    del futures  # as_completed holds each future until it yields it
+    for fut in pending:
+        result = fut.result()  # a task's exception here, with its traceback
+        n = number.pop(fut.key)
+        del fut
+        yield n, result

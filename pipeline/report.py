@@ -36,7 +36,6 @@ import math
 import os
 import shutil
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -48,6 +47,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.config import Config, ConfigError, ReportConfig, config_from_dict
 from pipeline.decode import load_image
+from pipeline.progress import completed
 from pipeline.results import RULE_CODES, derive_rule, keeper_ids, normalize_images
 
 log = logging.getLogger("pipeline")
@@ -56,6 +56,8 @@ THUMB_INDEX = "thumbs.json"  # image_id -> "sha256:thumb_size" of each thumbnail
 DRAW_INDEX = "drawings.json"  # drawing name -> "sha256_a:sha256_b:settings" of each pair drawn
 DRAW_HEIGHT = 320  # each image's height in a pair drawing (pixels)
 INLIER, OUTLIER = (40, 200, 70), (235, 60, 50)
+THUMBS_PER_TASK = 64  # thumbnails decoded per task (those taken from feature parts: one task per part)
+DRAWINGS_PER_TASK = 8  # pair drawings per task (their feature rows read once per part and task)
 
 
 def _env() -> jinja2.Environment:
@@ -128,36 +130,39 @@ def thumb_from_decoded(img: Image.Image, full_size: tuple[int, int] | None, size
     return thumb_jpeg(img.copy(), size, reducing_gap=1.0)
 
 
-def make_thumb(abs_path: str, dest: Path, size: int) -> bool:
-    """A JPEG thumbnail (longer side `size`) decoded at reduced scale; False when undecodable."""
+def make_thumb(abs_path: str, size: int) -> bytes:
+    """A JPEG thumbnail (longer side `size`) decoded at reduced scale; b"" when undecodable."""
     try:
         img, _, _ = load_image(abs_path, min_side=size)
-        dest.write_bytes(thumb_jpeg(img, size))
+        return thumb_jpeg(img, size)
     except Exception:  # a thumbnail is a nicety: a hostile file must not fail the run
-        return False
-    return True
+        return b""
 
 
-def thumbs_from_store(part_path: str, wanted: list[tuple[str, int, str, Path]], size: int) -> dict[str, bool]:
+def make_thumbs(wanted: list[tuple[str, str]], size: int) -> dict[str, bytes]:
+    """`make_thumb` of each (image_id, abs_path): image_id -> JPEG bytes (b"" when undecodable)."""
+    return {image_id: make_thumb(abs_path, size) for image_id, abs_path in wanted}
+
+
+def thumbs_from_store(part_path: str, wanted: list[tuple[str, int, str]], size: int) -> dict[str, bytes]:
     """Thumbnails the verify tier made while it had the images decoded (feature-store columns
-    `report_thumb`, `report_thumb_size`): `wanted` lists (image_id, key, abs_path, dest) of one
-    part. A row without one of this `size` (made with another report.thumb_size, before the
-    column existed, or not at all) falls back to `make_thumb`. Returns image_id -> made."""
+    `report_thumb`, `report_thumb_size`): `wanted` lists (image_id, key, abs_path) of one part. A
+    row without one of this `size` (made with another report.thumb_size, before the column
+    existed, or not at all) falls back to `make_thumb`. Returns image_id -> JPEG bytes (b"" when
+    none could be made)."""
     from pipeline import store
     try:
         found = store.read_columns(part_path, [w[1] for w in wanted], ["report_thumb", "report_thumb_size"])
     except Exception:  # an unreadable part: decode instead, as without it
         found = pd.DataFrame()
     made = {}
-    for image_id, key, abs_path, dest in wanted:
+    for image_id, key, abs_path in wanted:
         data = found.at[key, "report_thumb"] if key in found.index else None
         if isinstance(data, bytes) and data and found.at[key, "report_thumb_size"] == size:
-            dest.write_bytes(data)
-            made[image_id] = True
+            made[image_id] = data
         else:
-            made[image_id] = make_thumb(abs_path, dest, size)
+            made[image_id] = make_thumb(abs_path, size)
     return made
-
 
 FEATURE_COLUMNS = ["n_keypoints", "keypoints", "descriptors", "width", "height", "error"]
 
@@ -188,12 +193,13 @@ def _draw_sources(where: pd.DataFrame, sha_a, sha_b) -> tuple[dict, dict] | None
     return out[0], out[1]
 
 
-def draw_pair(abs_a: str, abs_b: str, cfg: Config, dest: Path, height: int = DRAW_HEIGHT,
-              stored: tuple[dict, dict, tuple] | None = None) -> dict | None:
-    """The two images side by side with the ORB matches as lines (inliers green, outliers red):
-    from the verify tier's own feature rows when `stored` gives them (each image's by transform,
-    and the run's orb_matches, orb_inliers: `verify.stored_evidence`), else recomputed with its
-    code (`verify.pair_evidence`). None when undecodable."""
+def draw_pair(abs_a: str, abs_b: str, cfg: Config, height: int = DRAW_HEIGHT,
+              stored: tuple[dict, dict, tuple] | None = None) -> tuple[bytes, dict] | None:
+    """The two images side by side with the ORB matches as lines (inliers green, outliers red), as
+    (JPEG bytes, {matches, inliers, mirrored}): from the verify tier's own feature rows when
+    `stored` gives them (each image's by transform, and the run's orb_matches, orb_inliers:
+    `verify.stored_evidence`), else recomputed with its code (`verify.pair_evidence`). None when
+    undecodable."""
     from pipeline import verify  # OpenCV only when drawing
     try:
         ev = verify.stored_evidence(stored[0], stored[1], cfg, expect=stored[2]) if stored \
@@ -221,8 +227,30 @@ def draw_pair(abs_a: str, abs_b: str, cfg: Config, dest: Path, height: int = DRA
             draw.line([(xa, ya), (xb, yb)], fill=colour, width=1)
             for x, y in ((xa, ya), (xb, yb)):
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], outline=colour)
-    canvas.save(dest, "JPEG", quality=82)
-    return {"matches": ev["matches"], "inliers": ev["inliers"], "mirrored": ev["mirrored"]}
+    buf = io.BytesIO()
+    canvas.save(buf, "JPEG", quality=82)
+    return buf.getvalue(), {"matches": ev["matches"], "inliers": ev["inliers"], "mirrored": ev["mirrored"]}
+
+
+def draw_pairs(todo: list[tuple[str, str, str, tuple[dict, dict] | None, tuple]], cfg: Config
+               ) -> dict[str, tuple[bytes, dict] | None]:
+    """`draw_pair` of each (name, abs_a, abs_b, sources, run_numbers): `sources` each image's
+    feature rows {transform: (part, key)} (`_draw_sources`; None: none stored, ORB recomputed),
+    read once per part for the whole list; `run_numbers` the verify tier's orb_matches,
+    orb_inliers. Returns name -> draw_pair's result."""
+    want: dict[str, set[int]] = {}
+    for *_, src, _numbers in todo:
+        for part, key in [*src[0].values(), *src[1].values()] if src else []:
+            want.setdefault(part, set()).add(key)
+    rows: dict[int, dict] = {}
+    for part, keys in want.items():
+        rows.update(_stored_rows(part, sorted(keys), cfg.verify.method))
+    out = {}
+    for name, abs_a, abs_b, src, numbers in todo:
+        fas, fbs = ({t: rows[key] for t, (_, key) in side.items() if key in rows} for side in src or ({}, {}))
+        stored = (fas, fbs, tuple(numbers)) if (0 in fas and fbs) or (0 in fbs and 4 in fas) else None
+        out[name] = draw_pair(abs_a, abs_b, cfg, stored=stored)
+    return out
 
 
 def _made_index(report_dir: Path, name: str = THUMB_INDEX) -> dict[str, str]:
@@ -354,7 +382,7 @@ def _draw_list(data: dict, rcfg: ReportConfig) -> list[int]:
 
 def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict,
                  cfg: Config | None = None, reuse_from: str | Path | None = None,
-                 stored_features: pd.DataFrame | None = None) -> Path:
+                 stored_features: pd.DataFrame | None = None, client=None) -> Path:
     """Write OUT/report/ and OUT/report.html; returns the index page's path.
 
     `images`/`pairs`: the run's frames (in memory or as read from the Parquet files: abs paths
@@ -363,7 +391,10 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
     thumbnails and drawings of the same bytes and settings are linked instead of made again.
     `stored_features`: where the verify tier's feature rows are (run.stored_features: by sha256),
     whose thumbnails (when of this report.thumb_size: `thumbs_from_store`) and keypoints
-    (`draw_pair`) are taken instead of decoding the files again."""
+    (`draw_pair`) are taken instead of decoding the files again. `client`: a Dask client whose
+    workers make the thumbnails and drawings (they read the images and feature parts where they
+    are, and return JPEG bytes that this process writes as each task ends), so the driver decodes
+    no image; without one, this process's threads do."""
     out_dir = Path(out_dir)
     earlier = Path(reuse_from) if reuse_from is not None else out_dir / "report"
     if cfg is None:
@@ -385,67 +416,61 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
     (tmp / "thumbs").mkdir(parents=True)
     (tmp / "pairs").mkdir()
     try:
-        workers = os.cpu_count() or 1  # Pillow and OpenCV release the GIL while decoding/matching
-        with ThreadPoolExecutor(workers) as pool:
-            previous = _made_index(earlier)
-            made: dict[str, str] = {}
-            jobs = []
-            from_store: dict[str, list] = {}  # feature part -> thumbnails to take from it
-            where = stored_features if stored_features is not None else \
-                pd.DataFrame(columns=["part_path", "key", "mirrored_part_path", "mirrored_key"])
-            for row in data["images"]:
-                sha = sha_of.get(row[0])
-                key = f"{sha}:{rcfg.thumb_size}"
-                dest = tmp / "thumbs" / f"{row[0]}.jpg"
-                if row[7] is not None:
-                    jobs.append(None)
-                elif previous.get(row[0]) == key and _reuse(earlier / "thumbs" / dest.name, dest):
-                    jobs.append(True)
-                elif sha in where.index:
-                    part, fkey = where.at[sha, "part_path"], int(where.at[sha, "key"])
-                    from_store.setdefault(part, []).append((row[0], fkey, abs_of[row[0]], dest))
-                    jobs.append(part)
-                else:
-                    jobs.append(pool.submit(make_thumb, abs_of[row[0]], dest, rcfg.thumb_size))
-                made[row[0]] = key
-            store_jobs = {part: pool.submit(thumbs_from_store, part, wanted, rcfg.thumb_size)
-                          for part, wanted in from_store.items()}
-            drawn = _draw_list(data, rcfg)
-            drawn_before, settings = _made_index(earlier, DRAW_INDEX), _draw_settings(cfg)
-            draws, drew, todo = {}, {}, []
-            for i in drawn:
-                a, b = data["images"][data["pairs"][i][0]], data["images"][data["pairs"][i][1]]
-                name = f"{a[0]}-{b[0]}.jpg"
-                drew[name] = f"{sha_of.get(a[0])}:{sha_of.get(b[0])}:{settings}"
-                if drawn_before.get(name) == drew[name] and _reuse(earlier / "pairs" / name, tmp / "pairs" / name):
-                    draws[i] = (name, True)
-                else:
-                    todo.append((i, name, a[0], b[0], _draw_sources(where, sha_of.get(a[0]), sha_of.get(b[0]))))
-            # the feature rows of the pairs to draw, one read per part
-            want: dict[str, set[int]] = {}
-            for *_, src in todo:
-                for part, key in [*src[0].values(), *src[1].values()] if src else []:
-                    want.setdefault(part, set()).add(key)
-            rows: dict[int, dict] = {}
-            for got in pool.map(lambda pk: _stored_rows(pk[0], sorted(pk[1]), cfg.verify.method), want.items()):
-                rows.update(got)
-            for i, name, id_a, id_b, src in todo:
-                fas, fbs = ({t: rows[key] for t, (_, key) in side.items() if key in rows} for side in src or ({}, {}))
-                run_numbers = tuple(data["pairs"][i][3:5])  # orb_matches, orb_inliers: the tier's orientation
-                stored = (fas, fbs, run_numbers) if (0 in fas and fbs) or (0 in fbs and 4 in fas) else None
-                draws[i] = (name, pool.submit(draw_pair, abs_of[id_a], abs_of[id_b], cfg, tmp / "pairs" / name,
-                                              stored=stored))
-            for row, job in zip(data["images"], jobs):
-                ok = store_jobs[job].result()[row[0]] if isinstance(job, str) else \
-                    job if isinstance(job, bool) or job is None else job.result()
-                row.append(bool(ok))  # [8]: has a thumbnail
-                if not ok:
-                    made.pop(row[0], None)
-            for i, (name, job) in draws.items():
-                if job is True or job.result() is not None:
-                    data["pairs"][i][11] = name
-                else:
-                    drew.pop(name, None)
+        previous = _made_index(earlier)
+        made: dict[str, str] = {}
+        has_thumb: dict[str, bool] = {}
+        jobs: list[tuple] = []  # (kind, fn, args): the pixel work, on the cluster or this process's threads
+        from_store: dict[str, list] = {}  # feature part -> thumbnails to take from it
+        decode: list[tuple[str, str]] = []  # thumbnails to decode from the files
+        where = stored_features if stored_features is not None else \
+            pd.DataFrame(columns=["part_path", "key", "mirrored_part_path", "mirrored_key"])
+        for row in data["images"]:
+            sha = sha_of.get(row[0])
+            key = f"{sha}:{rcfg.thumb_size}"
+            made[row[0]] = key
+            if row[7] is not None:
+                has_thumb[row[0]] = False
+            elif previous.get(row[0]) == key and _reuse(earlier / "thumbs" / f"{row[0]}.jpg",
+                                                        tmp / "thumbs" / f"{row[0]}.jpg"):
+                has_thumb[row[0]] = True
+            elif sha in where.index:
+                from_store.setdefault(where.at[sha, "part_path"], []).append(
+                    (row[0], int(where.at[sha, "key"]), abs_of[row[0]]))
+            else:
+                decode.append((row[0], abs_of[row[0]]))
+        jobs += [("thumbs", thumbs_from_store, (part, wanted, rcfg.thumb_size)) for part, wanted in from_store.items()]
+        jobs += [("thumbs", make_thumbs, (decode[i:i + THUMBS_PER_TASK], rcfg.thumb_size))
+                 for i in range(0, len(decode), THUMBS_PER_TASK)]
+        drawn = _draw_list(data, rcfg)
+        drawn_before, settings = _made_index(earlier, DRAW_INDEX), _draw_settings(cfg)
+        drew, todo, index_of = {}, [], {}
+        for i in drawn:
+            a, b = data["images"][data["pairs"][i][0]], data["images"][data["pairs"][i][1]]
+            name = f"{a[0]}-{b[0]}.jpg"
+            drew[name] = f"{sha_of.get(a[0])}:{sha_of.get(b[0])}:{settings}"
+            index_of[name] = i
+            if drawn_before.get(name) == drew[name] and _reuse(earlier / "pairs" / name, tmp / "pairs" / name):
+                data["pairs"][i][11] = name
+            else:  # run_numbers: orb_matches, orb_inliers (the tier's orientation)
+                todo.append((name, abs_of[a[0]], abs_of[b[0]], _draw_sources(where, sha_of.get(a[0]), sha_of.get(b[0])),
+                             tuple(data["pairs"][i][3:5])))
+        jobs += [("pairs", draw_pairs, (todo[i:i + DRAWINGS_PER_TASK], cfg))
+                 for i in range(0, len(todo), DRAWINGS_PER_TASK)]
+        for n, result in completed(client, [(fn, args) for _, fn, args in jobs], threads=os.cpu_count() or 1):
+            kind = jobs[n][0]
+            for name, made_now in result.items():  # written as each task ends: nothing piles up here
+                if kind == "thumbs":
+                    if made_now:
+                        (tmp / "thumbs" / f"{name}.jpg").write_bytes(made_now)
+                    has_thumb[name] = bool(made_now)
+                elif made_now is not None:
+                    (tmp / "pairs" / name).write_bytes(made_now[0])
+                    data["pairs"][index_of[name]][11] = name
+        for row in data["images"]:
+            row.append(has_thumb[row[0]])  # [8]: has a thumbnail
+            if not row[8]:
+                made.pop(row[0], None)
+        drew = {name: v for name, v in drew.items() if data["pairs"][index_of[name]][11] == name}
         data["meta"]["generated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         (tmp / "data.js").write_text(f"window.DEDUPE_REPORT = {script_json(data)};\n", encoding="utf-8")
         (tmp / THUMB_INDEX).write_text(json.dumps(made), encoding="utf-8")

@@ -117,6 +117,14 @@ def _local_cores(cfg: Config) -> int:
         return os.cpu_count() or 1
 
 
+def running(client):
+    """The client when its cluster is up, else None: work that this process can do as well (the
+    report's pixels) does not start a cluster that a run served from its catalog never needed."""
+    if isinstance(client, _LazyClient):
+        return client._client
+    return client
+
+
 def target_of(cfg: Config, scheduler: str | None) -> str:
     """The scheduler asked for: --scheduler, else DASK_SCHEDULER_ADDRESS, else dask.scheduler."""
     return scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or cfg.dask.scheduler
@@ -624,6 +632,14 @@ def _screen_embeddings_from_catalog(cat: catalog.Catalog, images: pd.DataFrame, 
 def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | None, progress: Progress,
              work_dir: Path | str, weights_info: dict | None, cat: catalog.Catalog | None = None,
              rehash: bool = False) -> dict:
+    # the client stays open to the end: its workers also make the report's thumbnails and drawings
+    with dask_client(cfg, scheduler, lazy=cat is not None) as client:
+        return _stages(client, root, out, cfg, scheduler, progress, work_dir, weights_info, cat, rehash)
+
+
+def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: str | None, progress: Progress,
+            work_dir: Path | str, weights_info: dict | None, cat: catalog.Catalog | None, rehash: bool) -> dict:
+    """The stages in order, on `client` (see dask_client)."""
     high_recall = cfg.screen.mode == "hash+embedding"
     started = datetime.now(timezone.utc)
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
@@ -640,8 +656,7 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
     # a URL as given; a local folder resolved (its name in the text form of pipeline/paths.py)
     root_text, out_text = (p if storage.is_url(p) else paths.text_form(str(p.resolve())) for p in (root, out))
     ahead: list = []  # model-building threads (_build_model_ahead), joined before the run returns
-    with dask_client(cfg, scheduler, lazy=cat is not None) as client, \
-            (in_process_threads(_local_cores(cfg)) if isinstance(client, AutoClient) else contextlib.nullcontext()), \
+    with (in_process_threads(_local_cores(cfg)) if isinstance(client, AutoClient) else contextlib.nullcontext()), \
             _joined(ahead):
         t = time.perf_counter()
         reuse["screen"] = {}
@@ -873,7 +888,7 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
         (storage.publish if storage.is_url(out) else outdir.publish)(
             out, run_id, lambda folder: write.write_outputs(folder, images, pairs_out, manifest,
                                                             previous_report=last / "report" if last else None,
-                                                            stored_features=thumbs))
+                                                            stored_features=thumbs, client=running(client)))
         tracker.update(len(images) + len(pairs_out))
     return manifest
 

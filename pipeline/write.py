@@ -110,20 +110,21 @@ def pairs_frame(pairs: pd.DataFrame) -> pd.DataFrame:
 
 def write_outputs(out_dir: Path, images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict,
                   report: bool = True, previous_report: Path | None = None,
-                  stored_features: pd.DataFrame | None = None) -> None:
+                  stored_features: pd.DataFrame | None = None, client=None) -> None:
     """images/pairs: the run's frames (with abs paths for the report); writes the files into
     `out_dir` (a new generation folder, see pipeline/outdir.py), `run.json` last, listing the
     sha256 of its siblings so a reader can check it holds one run's set. `previous_report`: the
     last generation's report, whose thumbnails and drawings of unchanged files are reused.
-    `stored_features`: the verify tier's feature rows, for the report's thumbnails and drawings
-    (report.write_report)."""
+    `stored_features`: the verify tier's feature rows, for the report's thumbnails and drawings;
+    `client`: a Dask client whose workers make them (report.write_report)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = provenance(manifest)
     write_table(images_frame(images), IMAGES_SCHEMA, out_dir / "images.parquet", IMAGES_DTYPES, meta)
     write_table(pairs_frame(pairs), PAIRS_SCHEMA, out_dir / "pairs.parquet", PAIRS_DTYPES, meta)
     if report:
         from pipeline.report import write_report  # OUT/report/ + OUT/report.html (pixels, jinja2)
-        write_report(out_dir, images, pairs, manifest, reuse_from=previous_report, stored_features=stored_features)
+        write_report(out_dir, images, pairs, manifest, reuse_from=previous_report, stored_features=stored_features,
+                     client=client)
     manifest["files"] = {p.name: _sha256(p) for p in sorted(out_dir.iterdir()) if p.is_file()}
     write_json(manifest, out_dir / "run.json")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 
 import numpy as np
@@ -14,6 +15,7 @@ from pipeline import verify
 from pipeline.config import Config, load_config
 from pipeline.report import closeness_order, script_json, write_report
 from pipeline.results import load_run
+from pipeline.run import image_ids
 
 DATA_PREFIX = "window.DEDUPE_REPORT = "
 
@@ -259,9 +261,9 @@ def _counting_make_thumb(monkeypatch):
     decoded = []
     real = report.make_thumb
 
-    def counted(abs_path, dest, size):
+    def counted(abs_path, size):
         decoded.append(str(abs_path))
-        return real(abs_path, dest, size)
+        return real(abs_path, size)
     monkeypatch.setattr(report, "make_thumb", counted)
     return decoded
 
@@ -295,7 +297,7 @@ def test_thumbnails_come_from_the_verify_tiers_decode(review_data, tmp_path, mon
             continue
         thumb = out / "report" / "thumbs" / f"{row[0]}.jpg"
         ref = tmp_path / "ref.jpg"
-        assert make_thumb(str(review_data / path_of[row[0]]), ref, 160)
+        ref.write_bytes(make_thumb(str(review_data / path_of[row[0]]), 160))
         with Image.open(thumb) as a, Image.open(ref) as b:
             assert abs(a.size[0] - b.size[0]) <= 1 and abs(a.size[1] - b.size[1]) <= 1 and max(a.size) == 160
             # (resampled twice, 384 px then 160, fine texture differs by a few levels pixel by
@@ -336,9 +338,11 @@ def test_drawings_use_the_verify_tiers_features(review_data, tmp_path, monkeypat
     got = {}
     real = report.draw_pair
 
-    def recorded(abs_a, abs_b, cfg, dest, height=report.DRAW_HEIGHT, stored=None):
-        got[dest.name] = real(abs_a, abs_b, cfg, dest, height, stored=stored)
-        return got[dest.name]
+    def recorded(abs_a, abs_b, cfg, height=report.DRAW_HEIGHT, stored=None):
+        made = real(abs_a, abs_b, cfg, height, stored=stored)
+        name = "-".join(str(image_ids([Path(p).relative_to(review_data).as_posix()])[0]) for p in (abs_a, abs_b)) + ".jpg"
+        got[name] = made[1] if made else None
+        return made
     monkeypatch.setattr(report, "draw_pair", recorded)
     out = tmp_path / "out"
     assert main(["dedupe", str(review_data), "--out", str(out), "--tiers", "verify", "--scheduler", "sync",
@@ -392,3 +396,28 @@ def test_where_the_feature_rows_are_keeps_63_bit_keys():
                             pd.Series(["s1", "s2"], index=keys[[0, 2]] // 8))
     assert where.loc["s1", "key"] == keys[0] and where.loc["s1", "mirrored_key"] == keys[1]
     assert where.loc["s1", "mirrored_part_path"] == "p1" and pd.isna(where.loc["s2", "mirrored_key"])
+
+
+def test_a_clusters_workers_make_the_reports_pixels(review_data, tmp_path, monkeypatch):
+    """With a Dask cluster, the workers make the report's thumbnails and drawings and the driver
+    only writes the bytes they return (it decodes no image for the report), and those are the
+    files an in-process run makes."""
+    from pipeline import report
+    from pipeline.cli import main
+    args = [str(review_data), "--tiers", "verify", "--quiet"]
+    assert main(["dedupe", *args, "--out", str(tmp_path / "sync"), "--scheduler", "sync"]) == 0
+    in_driver = []
+    for name in ("make_thumb", "draw_pair", "_stored_rows"):  # what thumbnails and drawings call
+        real = getattr(report, name)
+        monkeypatch.setattr(report, name, lambda *a, _real=real, _name=name, **k: in_driver.append(_name)
+                            or _real(*a, **k))
+    assert main(["dedupe", *args, "--out", str(tmp_path / "local"), "--scheduler", "local"]) == 0
+    assert not in_driver
+    for folder in ("thumbs", "pairs"):
+        made = {p.name: p.read_bytes() for p in (tmp_path / "local" / "report" / folder).iterdir()}
+        expected = {p.name: p.read_bytes() for p in (tmp_path / "sync" / "report" / folder).iterdir()}
+        assert made and made.keys() == expected.keys(), folder
+        assert [n for n in made if made[n] != expected[n]] == [], folder
+    data = read_data(tmp_path / "local" / "report")
+    assert all(row[8] for row in data["images"] if row[7] is None)
+    assert [p[11] for p in data["pairs"]] == [p[11] for p in read_data(tmp_path / "sync" / "report")["pairs"]]

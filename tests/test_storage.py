@@ -9,6 +9,7 @@ talks to anything but 127.0.0.1.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -342,7 +343,6 @@ def test_bad_scheme_missing_backend_and_refused_options_exit_2(tmp_path, monkeyp
     ]
     for args, message in cases:
         import contextlib
-        import io
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             code = main(["dedupe", *args, "--tiers", "screen", "--scheduler", "sync", "--quiet"])
@@ -379,14 +379,14 @@ def test_report_thumbnails_and_features_from_feature_parts_on_a_store(photo_path
     part = verify.features_partition(rows, cfg, "memory://thumbs/feat", 0)["part_path"].iloc[0]
     assert part.startswith("memory://")
     decoded = []
-    monkeypatch.setattr(report, "make_thumb", lambda *a: decoded.append(a) or False)
-    wanted = [(str(i), 8 * i, f, tmp_path / f"{i}.jpg") for i, f in enumerate(files)]
-    assert report.thumbs_from_store(part, wanted, cfg.report.thumb_size) == {"0": True, "1": True, "2": True}
-    assert not decoded
-    for *_, dest in wanted:
-        with Image.open(dest) as im:
+    monkeypatch.setattr(report, "make_thumb", lambda *a: decoded.append(a) or b"")
+    wanted = [(str(i), 8 * i, f) for i, f in enumerate(files)]
+    made = report.thumbs_from_store(part, wanted, cfg.report.thumb_size)
+    assert sorted(made) == ["0", "1", "2"] and not decoded
+    for data in made.values():
+        with Image.open(io.BytesIO(data)) as im:
             assert max(im.size) == cfg.report.thumb_size
-    assert report.thumbs_from_store(part, wanted, 96) == {"0": False, "1": False, "2": False}
+    assert report.thumbs_from_store(part, wanted, 96) == {"0": b"", "1": b"", "2": b""}
     assert len(decoded) == 3  # another size: decoded (here: the stand-in that makes nothing)
     feats = report._stored_rows(part, [0, 8], cfg.verify.method)
     assert sorted(feats) == [0, 8] and len(feats[0]["keypoints"]) > 100
