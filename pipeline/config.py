@@ -203,6 +203,11 @@ class ReportConfig:
     draw_pairs: int = 200  # duplicate pairs drawn with their ORB matches (one per cluster in page order first)
     draw_rejected: int = 50  # ... and the closest rejected pairs drawn
     rejected_pairs: int = 500  # closest rejected pairs listed
+    # the largest clusters listed (and files with errors, first by path): the report's data, its
+    # thumbnails and the driver's work stay bounded on any folder; every cluster and error is in
+    # the Parquet outputs, and `dedupe plan` acts on all of them
+    max_clusters: int = 20000
+    max_errors: int = 20000
 
 
 @dataclass
@@ -337,6 +342,8 @@ def _validate(cfg: Config) -> None:
         (cfg.report.thumb_size >= 16, "report.thumb_size must be >= 16"),
         (min(cfg.report.draw_pairs, cfg.report.draw_rejected, cfg.report.rejected_pairs) >= 0,
          "report.draw_pairs, draw_rejected and rejected_pairs must be >= 0"),
+        (min(cfg.report.max_clusters, cfg.report.max_errors) >= 1,
+         "report.max_clusters and report.max_errors must be >= 1"),
         (cfg.report.keep != "preferred_folder" or bool(cfg.report.prefer),
          "report.keep=preferred_folder needs report.prefer: a list of path prefixes"),
     ]

@@ -299,21 +299,30 @@ def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: 
 
     Image ids are strings: they are 63-bit and JavaScript numbers keep 53 bits."""
     clustered = images[images["cluster_id"].notna()]
-    # largest first; equal sizes by the cluster's first path
+    # largest first; equal sizes by the cluster's first path; the first report.max_clusters listed
     by_cluster = clustered.groupby("cluster_id")["path"]
     cluster_order = (pd.DataFrame({"size": by_cluster.size(), "first": by_cluster.min()})
                      .sort_values(["size", "first"], ascending=[False, True], kind="stable").index)
+    clusters_total = len(cluster_order)
+    cluster_order = cluster_order[:rcfg.max_clusters]
+    if len(cluster_order) < clusters_total:
+        clustered = clustered[clustered["cluster_id"].isin(cluster_order)]
     keepers = keeper_ids(clustered, rcfg.keep, rcfg.prefer) if len(clustered) else pd.Series(dtype="int64")
 
     dup = pairs["is_duplicate"].astype(bool).to_numpy()
     rejected = np.flatnonzero(~dup)
     rejected = rejected[closeness_order(pairs.iloc[rejected])][:rcfg.rejected_pairs]
-    shown_pairs = np.concatenate([np.flatnonzero(dup), rejected])
+    listed = dup.copy()
+    if len(cluster_order) < clusters_total:  # the duplicate pairs of the listed clusters only
+        listed &= pairs["image_id_a"].isin(clustered["image_id"]).to_numpy()
+    shown_pairs = np.concatenate([np.flatnonzero(listed), rejected])
     shown_pairs.sort()
     pairs = pairs.iloc[shown_pairs].reset_index(drop=True)
     rejected_pos = np.searchsorted(shown_pairs, rejected)
 
     errors = images[images["error"].notna()]
+    errors_total = len(errors)
+    errors = errors.sort_values("path", kind="stable").iloc[:rcfg.max_errors]
     wanted = set(clustered["image_id"].tolist()) | set(pairs["image_id_a"].tolist()) | \
         set(pairs["image_id_b"].tolist()) | set(errors["image_id"].tolist())
     shown = images[images["image_id"].isin(wanted)].sort_values("path", kind="stable").reset_index(drop=True)
@@ -354,10 +363,11 @@ def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: 
     return {
         "meta": {"root": manifest.get("root"), "finished": manifest.get("finished"), "counts": counts,
                  "page_size": rcfg.page_size, "keep": rcfg.keep, "rejected_total": int((~dup).sum()),
-                 "rejected_limit": rcfg.rejected_pairs},
+                 "rejected_limit": rcfg.rejected_pairs, "clusters_total": clusters_total,
+                 "errors_total": errors_total},
         "images": img_rows, "pairs": pair_rows, "clusters": cluster_rows,
         "rejected": [int(i) for i in rejected_pos],
-        "errors": [int(pos[i]) for i in errors.sort_values("path")["image_id"]],
+        "errors": [int(pos[i]) for i in errors["image_id"]],
         "rules": RULE_CODES,
     }
 
@@ -482,6 +492,7 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
         page = env.get_template("index.html.j2").render(
             root=manifest.get("root"), finished=manifest.get("finished"), counts=counts,
             n_clusters=len(data["clusters"]), n_pairs=len(data["pairs"]), n_errors=len(data["errors"]),
+            clusters_total=data["meta"]["clusters_total"], errors_total=data["meta"]["errors_total"],
             rules=RULE_CODES, keep=rcfg.keep, decide=(manifest.get("config") or {}).get("decide", {}),
             tiers=(manifest.get("config") or {}).get("tiers"))
         (tmp / "index.html").write_text(page, encoding="utf-8")
@@ -493,7 +504,7 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    redirect = env.get_template("redirect.html.j2").render(n_clusters=len(data["clusters"]))
+    redirect = env.get_template("redirect.html.j2").render(n_clusters=data["meta"]["clusters_total"])
     link = out_dir / "report.html"
     tmp_link = out_dir / f".report.html.{uuid.uuid4().hex}.tmp"
     tmp_link.write_text(redirect, encoding="utf-8")

@@ -421,3 +421,42 @@ def test_a_clusters_workers_make_the_reports_pixels(review_data, tmp_path, monke
     data = read_data(tmp_path / "local" / "report")
     assert all(row[8] for row in data["images"] if row[7] is None)
     assert [p[11] for p in data["pairs"]] == [p[11] for p in read_data(tmp_path / "sync" / "report")["pairs"]]
+
+
+def test_the_report_lists_the_largest_clusters_up_to_its_cap(review_run, tmp_path):
+    """report.max_clusters / max_errors: the largest clusters are listed, with their duplicate pairs
+    and members' thumbnails only; the page says how many there are in all, and the closest
+    rejected pairs are the same as uncapped."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("images.parquet", "pairs.parquet", "run.json"):
+        shutil.copy(review_run / name, out / name)
+    run = load_run(out)
+    full = read_data(review_run / "report")
+    total = len(full["clusters"])
+    assert total >= 4
+    cfg = load_config(None, ["report.max_clusters=2", "report.max_errors=1"])
+    write_report(out, run.images, run.pairs, run.manifest, cfg)
+    data = read_data(out / "report")
+    members = lambda d, c: frozenset(d["images"][i][0] for i in c[1])  # noqa: E731
+    assert [members(data, c) for c in data["clusters"]] == [members(full, c) for c in full["clusters"][:2]]
+    assert data["meta"]["clusters_total"] == total and data["meta"]["errors_total"] == len(data["errors"]) == 1
+    shown = set().union(*[members(data, c) for c in data["clusters"]])
+    dup_pairs = [p for p in data["pairs"] if p[9]]
+    assert dup_pairs and all({data["images"][p[0]][0], data["images"][p[1]][0]} <= shown for p in dup_pairs)
+    assert sum(len(c[3]) for c in data["clusters"]) == len(dup_pairs)
+    assert len(data["rejected"]) == len(full["rejected"])
+    rejected = lambda d: [(d["images"][d["pairs"][i][0]][0], d["images"][d["pairs"][i][1]][0])  # noqa: E731
+                          for i in d["rejected"]]
+    assert rejected(data) == rejected(full)
+    page = " ".join((out / "report" / "index.html").read_text(encoding="utf-8").split())
+    assert f"Clusters (the 2 largest of {total})" in page and "report.max_clusters" in page
+    assert "report.max_errors" not in page  # the one file with an error is listed
+    # without rejected pairs, the images listed are the listed clusters' members and the error
+    # listed, and only they get thumbnails
+    cfg = load_config(None, ["report.max_clusters=2", "report.max_errors=1", "report.rejected_pairs=0"])
+    write_report(out, run.images, run.pairs, run.manifest, cfg)
+    data = read_data(out / "report")
+    assert {row[0] for row in data["images"] if row[7] is None} == shown
+    assert len(data["images"]) == len(shown) + 1 < len(full["images"])
+    assert {p.stem for p in (out / "report" / "thumbs").iterdir()} == shown

@@ -130,3 +130,22 @@ def test_every_cluster_is_reachable_page_by_page(review_run, tmp_path):
         eager_images(b)
         assert b.errors() == []
     assert len(seen) == len(set(seen)) == n_clusters > 2
+
+
+def test_a_capped_report_says_so_and_shows_the_largest_clusters(review_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("images.parquet", "pairs.parquet", "run.json"):
+        shutil.copy(review_run / name, out / name)
+    assert main(["report", str(out), "--set", "report.max_clusters=2"]) == 0
+    sizes = load_run(out).clusters().groupby("cluster_id").size().sort_values(ascending=False)
+    with Browser() as b:
+        b.open((out / "report" / "index.html").as_uri())
+        assert count(b, "#clusters .cluster") == 2
+        assert count(b, "#clusters .member") == int(sizes.iloc[:2].sum())
+        note = b.evaluate("document.getElementById('capped').innerText")
+        assert f"the 2 largest of {len(sizes)} clusters" in " ".join(note.split())
+        tab = b.evaluate("document.getElementById('tab-clusters').innerText")
+        assert " ".join(tab.split()) == f"Clusters (the 2 largest of {len(sizes)})"
+        eager_images(b)
+        assert b.errors() == []
