@@ -198,6 +198,18 @@ def _assign(out: pd.DataFrame, stage, dup, reason, rule) -> pd.DataFrame:
     return out
 
 
+# pairs decided at a time by a run (`decide_rows`): the verdicts' reasons, a string per pair,
+# exist for one part only (the run keeps `is_duplicate` and writes pairs.parquet part by part)
+PART_ROWS = 250_000
+
+
+def decide_rows(pairs: pd.DataFrame, cfg: Config, changed: np.ndarray, rows: np.ndarray) -> pd.DataFrame:
+    """`decide` and `mark_changed` of the pairs at positions `rows`, in that order. A pair's
+    verdict depends on its own columns only, so deciding in parts gives the rows deciding the
+    whole frame gives."""
+    return mark_changed(decide(pairs.iloc[rows], cfg), changed)
+
+
 def mark_changed(pairs: pd.DataFrame, changed: np.ndarray) -> pd.DataFrame:
     """Pairs touching an image that changed during the run (`changed`: bool per image row) are
     not duplicates, whatever their scores: the tiers may have seen two versions of the file."""

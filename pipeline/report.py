@@ -294,31 +294,51 @@ def _num(x, digits: int | None = None):
     return round(float(x), digits)
 
 
-def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: ReportConfig) -> dict:
-    """The report's data (what data.js holds) from normalised images and pairs with `rule`.
-
-    Image ids are strings: they are 63-bit and JavaScript numbers keep 53 bits."""
+def listed_clusters(images: pd.DataFrame, rcfg: ReportConfig) -> tuple[pd.Index, int]:
+    """(the cluster ids the report lists, how many clusters there are): largest first, equal sizes
+    by the cluster's first path, the first report.max_clusters. `images`: path, cluster_id."""
     clustered = images[images["cluster_id"].notna()]
-    # largest first; equal sizes by the cluster's first path; the first report.max_clusters listed
     by_cluster = clustered.groupby("cluster_id")["path"]
-    cluster_order = (pd.DataFrame({"size": by_cluster.size(), "first": by_cluster.min()})
-                     .sort_values(["size", "first"], ascending=[False, True], kind="stable").index)
-    clusters_total = len(cluster_order)
-    cluster_order = cluster_order[:rcfg.max_clusters]
-    if len(cluster_order) < clusters_total:
-        clustered = clustered[clustered["cluster_id"].isin(cluster_order)]
-    keepers = keeper_ids(clustered, rcfg.keep, rcfg.prefer) if len(clustered) else pd.Series(dtype="int64")
+    order = (pd.DataFrame({"size": by_cluster.size(), "first": by_cluster.min()})
+             .sort_values(["size", "first"], ascending=[False, True], kind="stable").index)
+    return order[:rcfg.max_clusters], len(order)
 
+
+def shown_pairs(images: pd.DataFrame, pairs: pd.DataFrame, rcfg: ReportConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of the pairs the report shows, ascending; positions of its closest rejected
+    pairs, closest first): the duplicate pairs of the listed clusters and the report.rejected_pairs
+    closest rejected ones. `pairs`: is_duplicate, image_id_a and closeness_order's columns; a run
+    takes the pairs it hands to `write_report` with this (their decisions are made part by part)."""
+    listed, total = listed_clusters(images, rcfg)
     dup = pairs["is_duplicate"].astype(bool).to_numpy()
     rejected = np.flatnonzero(~dup)
     rejected = rejected[closeness_order(pairs.iloc[rejected])][:rcfg.rejected_pairs]
-    listed = dup.copy()
-    if len(cluster_order) < clusters_total:  # the duplicate pairs of the listed clusters only
-        listed &= pairs["image_id_a"].isin(clustered["image_id"]).to_numpy()
-    shown_pairs = np.concatenate([np.flatnonzero(listed), rejected])
-    shown_pairs.sort()
-    pairs = pairs.iloc[shown_pairs].reset_index(drop=True)
-    rejected_pos = np.searchsorted(shown_pairs, rejected)
+    shown = dup.copy()
+    if len(listed) < total:  # the duplicate pairs of the listed clusters only
+        members = images.loc[images["cluster_id"].isin(listed), "image_id"]
+        shown &= pairs["image_id_a"].isin(members).to_numpy()
+    shown = np.concatenate([np.flatnonzero(shown), rejected])
+    shown.sort()
+    return shown, rejected
+
+
+def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: ReportConfig,
+               rejected_total: int | None = None) -> dict:
+    """The report's data (what data.js holds) from normalised images and pairs with `rule`.
+    `rejected_total`: how many pairs were rejected in all, when `pairs` holds only those
+    `shown_pairs` selects (a run's); counted from `pairs` otherwise.
+
+    Image ids are strings: they are 63-bit and JavaScript numbers keep 53 bits."""
+    cluster_order, clusters_total = listed_clusters(images, rcfg)
+    clustered = images[images["cluster_id"].isin(cluster_order)]
+    keepers = keeper_ids(clustered, rcfg.keep, rcfg.prefer) if len(clustered) else pd.Series(dtype="int64")
+
+    dup = pairs["is_duplicate"].astype(bool).to_numpy()
+    if rejected_total is None:
+        rejected_total = int((~dup).sum())
+    shown, rejected = shown_pairs(images, pairs, rcfg)
+    pairs = pairs.iloc[shown].reset_index(drop=True)
+    rejected_pos = np.searchsorted(shown, rejected)
 
     errors = images[images["error"].notna()]
     errors_total = len(errors)
@@ -362,7 +382,7 @@ def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: 
     counts = manifest.get("counts", {})
     return {
         "meta": {"root": manifest.get("root"), "finished": manifest.get("finished"), "counts": counts,
-                 "page_size": rcfg.page_size, "keep": rcfg.keep, "rejected_total": int((~dup).sum()),
+                 "page_size": rcfg.page_size, "keep": rcfg.keep, "rejected_total": rejected_total,
                  "rejected_limit": rcfg.rejected_pairs, "clusters_total": clusters_total,
                  "errors_total": errors_total},
         "images": img_rows, "pairs": pair_rows, "clusters": cluster_rows,
@@ -392,7 +412,8 @@ def _draw_list(data: dict, rcfg: ReportConfig) -> list[int]:
 
 def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict,
                  cfg: Config | None = None, reuse_from: str | Path | None = None,
-                 stored_features: pd.DataFrame | None = None, client=None) -> Path:
+                 stored_features: pd.DataFrame | None = None, client=None,
+                 rejected_total: int | None = None) -> Path:
     """Write OUT/report/ and OUT/report.html; returns the index page's path.
 
     `images`/`pairs`: the run's frames (in memory or as read from the Parquet files: abs paths
@@ -404,7 +425,8 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
     (`draw_pair`) are taken instead of decoding the files again. `client`: a Dask client whose
     workers make the thumbnails and drawings (they read the images and feature parts where they
     are, and return JPEG bytes that this process writes as each task ends), so the driver decodes
-    no image; without one, this process's threads do."""
+    no image; without one, this process's threads do. `rejected_total`: how many pairs were
+    rejected in all when `pairs` holds only those the report shows (`shown_pairs`: a run's)."""
     out_dir = Path(out_dir)
     earlier = Path(reuse_from) if reuse_from is not None else out_dir / "report"
     if cfg is None:
@@ -418,7 +440,7 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
     for col, abs_col in (("path_a", "abs_path_a"), ("path_b", "abs_path_b")):
         if abs_col not in pairs:
             pairs[abs_col] = [str(Path(manifest.get("root") or ".") / p) for p in pairs[col]]
-    data = build_data(images, pairs, manifest, rcfg)
+    data = build_data(images, pairs, manifest, rcfg, rejected_total)
     abs_of = dict(zip(images["image_id"].astype(str), images["abs_path"]))
     sha_of = dict(zip(images["image_id"].astype(str), images["sha256"]))
 

@@ -840,12 +840,19 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         log.warning("%d file(s) changed during the run; they are marked and left undecided", int(changed.sum()))
 
     t = time.perf_counter()
-    pairs = decide.mark_changed(decide.decide(pairs, cfg), changed)
-    dup = pairs["is_duplicate"].to_numpy(bool)
+    # decided a part at a time, keeping the verdicts and the rule codes used: the reasons are made
+    # again, a part at a time, as pairs.parquet is written (`contract_parts`)
+    dup = np.zeros(len(pairs), dtype=bool)
+    rules: set[str] = set()
+    for start in range(0, len(pairs), decide.PART_ROWS):
+        part = decide.decide_rows(pairs, cfg, changed, np.arange(start, min(start + decide.PART_ROWS, len(pairs))))
+        dup[start:start + len(part)] = part["is_duplicate"].to_numpy(bool)
+        rules.update(part["rule"].unique().tolist())
+        del part
     images["cluster_id"] = decide.clusters(len(images), pairs["idx_a"].to_numpy()[dup], pairs["idx_b"].to_numpy()[dup],
                                            images["image_id"].to_numpy())
     timings["decide"] = time.perf_counter() - t
-    counts["duplicate_pairs"] = int(pairs["is_duplicate"].sum())
+    counts["duplicate_pairs"] = int(dup.sum())
     counts["clusters"] = int(images.loc[images["cluster_id"] >= 0, "cluster_id"].nunique())
     counts["images_in_clusters"] = int((images["cluster_id"] >= 0).sum())
 
@@ -879,18 +886,46 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         reuse["catalog_compacted"] = committed.get("compacted", [])
         manifest["timings_s"]["catalog"] = round(time.perf_counter() - t, 3)
         del rows, evidence, features, committed
-    # the outputs need only the contract's columns: the internal pair frame goes before the writing
-    pairs_out = contract_pairs(pairs, images)
-    del pairs
-    with progress.stage("write", total=len(images) + len(pairs_out), unit="row") as tracker, \
+    # pairs.parquet part by part, in its row order, each part decided again (the reasons of one
+    # part at a time); the report gets the pairs it shows (the duplicates of the clusters it lists
+    # and the closest rejected ones)
+    order = output_order(pairs, images)
+
+    def contract_parts() -> Iterator[pd.DataFrame]:
+        for start in range(0, max(len(order), 1), decide.PART_ROWS):  # (one empty part for no pairs)
+            yield contract_pairs(decide.decide_rows(pairs, cfg, changed, order[start:start + decide.PART_ROWS]), images)
+            tracker.update(min(decide.PART_ROWS, len(order) - start))
+
+    from pipeline.report import shown_pairs
+    cid = images["cluster_id"].astype("Int64")
+    shown, _ = shown_pairs(pd.DataFrame({"path": images["path"], "image_id": images["image_id"],
+                                         "cluster_id": cid.where(cid >= 0)}),
+                           pd.DataFrame({"is_duplicate": dup[order],
+                                         "image_id_a": images["image_id"].to_numpy()[pairs["idx_a"].to_numpy()[order]],
+                                         **{c: pairs[c].to_numpy()[order]
+                                            for c in ("cosine", "orb_inliers", "hash_distance")}}), cfg.report)
+    report_pairs = contract_pairs(decide.decide_rows(pairs, cfg, changed, order[shown]), images)
+    with progress.stage("write", total=len(images) + len(pairs), unit="row") as tracker, \
             (storage.last_generation(out) if storage.is_url(out)  # its report's thumbnails are reused
              else contextlib.nullcontext(out)) as last:  # (OUT/report: a link to the current one, or a copy's folder)
         (storage.publish if storage.is_url(out) else outdir.publish)(
-            out, run_id, lambda folder: write.write_outputs(folder, images, pairs_out, manifest,
+            out, run_id, lambda folder: write.write_outputs(folder, images, contract_parts(), manifest,
                                                             previous_report=last / "report" if last else None,
-                                                            stored_features=thumbs, client=running(client)))
-        tracker.update(len(images) + len(pairs_out))
+                                                            stored_features=thumbs, client=running(client),
+                                                            report_pairs=report_pairs, rules=sorted(rules),
+                                                            rejected_total=int((~dup).sum())))
+        tracker.update(len(images))
     return manifest
+
+
+def output_order(pairs: pd.DataFrame, images: pd.DataFrame) -> np.ndarray:
+    """Positions of the internal pair rows in the outputs' order: path_a, then path_b."""
+    ia, ib = pairs["idx_a"].to_numpy(np.int64), pairs["idx_b"].to_numpy(np.int64)
+    path = images["path"]
+    if path.is_monotonic_increasing and path.is_unique:  # rows in path order (run_screen): sort the row numbers
+        return np.lexsort((ib, ia))
+    return pd.DataFrame({"a": path.to_numpy(dtype=object)[ia], "b": path.to_numpy(dtype=object)[ib]}) \
+        .sort_values(["a", "b"], kind="stable").index.to_numpy()
 
 
 def stored_features(part_of: pd.Series, sha_of_id: pd.Series) -> pd.DataFrame:

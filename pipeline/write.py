@@ -15,6 +15,7 @@ import json
 import os
 import uuid
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -73,6 +74,38 @@ def provenance(manifest: dict) -> dict[bytes, bytes]:
 
 def write_table(frame: pd.DataFrame, schema: pa.Schema, path: Path, dtypes: dict | None = None,
                 metadata: dict[bytes, bytes] | None = None) -> None:
+    table = _table(frame, schema, dtypes, metadata)
+    _atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def write_table_parts(parts: Iterable[pd.DataFrame], schema: pa.Schema, path: Path, dtypes: dict | None = None,
+                      metadata: dict[bytes, bytes] | None = None) -> int:
+    """`write_table` of a frame that comes in parts, in row order (at least one, possibly empty):
+    each part becomes a row group, so only one part is in memory. The parts must agree on their
+    categories (the file's pandas metadata is the first part's). Returns the rows written."""
+    rows = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal rows
+        writer = None
+        try:
+            for frame in parts:
+                table = _table(frame, schema, dtypes, metadata)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer.write_table(table)
+                rows += len(frame)
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise ValueError(f"{path.name}: no part to write")
+    _atomic(path, write)
+    return rows
+
+
+def _table(frame: pd.DataFrame, schema: pa.Schema, dtypes: dict | None = None,
+           metadata: dict[bytes, bytes] | None = None) -> pa.Table:
     frame = frame[schema.names]
     if dtypes:
         frame = frame.astype(dtypes)
@@ -86,7 +119,7 @@ def write_table(frame: pd.DataFrame, schema: pa.Schema, path: Path, dtypes: dict
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    _atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    return table
 
 
 def write_json(data: dict, path: Path) -> None:
@@ -102,29 +135,44 @@ def images_frame(images: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def pairs_frame(pairs: pd.DataFrame) -> pd.DataFrame:
+def pairs_frame(pairs: pd.DataFrame, rules: list[str] | None = None) -> pd.DataFrame:
+    """`rules`: the rule codes of the whole file, as the categories of every part's `rule`
+    (the categories a single write gives: the codes present, sorted)."""
     out = pairs.copy(deep=False)  # (as above)
     out["stage"] = pd.Categorical(out["stage"], categories=STAGES)
+    if rules is not None:
+        out["rule"] = pd.Categorical(out["rule"], categories=sorted(rules))
     return out
 
 
-def write_outputs(out_dir: Path, images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict,
+def write_outputs(out_dir: Path, images: pd.DataFrame, pairs: pd.DataFrame | Iterable[pd.DataFrame], manifest: dict,
                   report: bool = True, previous_report: Path | None = None,
-                  stored_features: pd.DataFrame | None = None, client=None) -> None:
-    """images/pairs: the run's frames (with abs paths for the report); writes the files into
+                  stored_features: pd.DataFrame | None = None, client=None,
+                  report_pairs: pd.DataFrame | None = None, rejected_total: int | None = None,
+                  rules: list[str] | None = None) -> None:
+    """images/pairs: the run's rows (with abs paths for the report); writes the files into
     `out_dir` (a new generation folder, see pipeline/outdir.py), `run.json` last, listing the
     sha256 of its siblings so a reader can check it holds one run's set. `previous_report`: the
     last generation's report, whose thumbnails and drawings of unchanged files are reused.
     `stored_features`: the verify tier's feature rows, for the report's thumbnails and drawings;
-    `client`: a Dask client whose workers make them (report.write_report)."""
+    `client`: a Dask client whose workers make them (report.write_report).
+
+    `pairs` may come in parts (an iterable of frames in row order, written one at a time; `rules`:
+    every rule code in them); then `report_pairs` holds the pairs the report shows
+    (report.shown_pairs) and `rejected_total` how many were rejected in all."""
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = provenance(manifest)
     write_table(images_frame(images), IMAGES_SCHEMA, out_dir / "images.parquet", IMAGES_DTYPES, meta)
-    write_table(pairs_frame(pairs), PAIRS_SCHEMA, out_dir / "pairs.parquet", PAIRS_DTYPES, meta)
+    if isinstance(pairs, pd.DataFrame):
+        write_table(pairs_frame(pairs), PAIRS_SCHEMA, out_dir / "pairs.parquet", PAIRS_DTYPES, meta)
+        report_pairs = pairs
+    else:
+        write_table_parts((pairs_frame(part, rules) for part in pairs), PAIRS_SCHEMA, out_dir / "pairs.parquet",
+                          PAIRS_DTYPES, meta)
     if report:
         from pipeline.report import write_report  # OUT/report/ + OUT/report.html (pixels, jinja2)
-        write_report(out_dir, images, pairs, manifest, reuse_from=previous_report, stored_features=stored_features,
-                     client=client)
+        write_report(out_dir, images, report_pairs, manifest, reuse_from=previous_report,
+                     stored_features=stored_features, client=client, rejected_total=rejected_total)
     manifest["files"] = {p.name: _sha256(p) for p in sorted(out_dir.iterdir()) if p.is_file()}
     write_json(manifest, out_dir / "run.json")
 

@@ -217,14 +217,16 @@ def test_a_failure_while_writing_leaves_the_previous_set_whole(tmp_path, monkeyp
     assert _screen_run(data, out) == 0
     before = _tree(out)
     from pipeline import write
-    real = write.write_table
 
-    def disk_full(frame, schema, path, *args, **kwargs):
-        if path.name == "pairs.parquet":  # images.parquet is already written by then
-            raise OSError(28, "No space left on device")
-        return real(frame, schema, path, *args, **kwargs)
+    def disk_full(real):
+        def write_or_fail(frame, schema, path, *args, **kwargs):
+            if path.name == "pairs.parquet":  # images.parquet is already written by then
+                raise OSError(28, "No space left on device")
+            return real(frame, schema, path, *args, **kwargs)
+        return write_or_fail
 
-    monkeypatch.setattr(write, "write_table", disk_full)
+    for name in ("write_table", "write_table_parts"):  # (a run writes pairs.parquet in parts)
+        monkeypatch.setattr(write, name, disk_full(getattr(write, name)))
     Image.new("RGB", (64, 64), (200, 2, 3)).save(data / "b.png")
     assert _screen_run(data, out) == 1
     assert _tree(out) == before

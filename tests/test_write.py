@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline.write import IMAGES_SCHEMA, _atomic, write_json, write_table
+from pipeline.write import IMAGES_SCHEMA, _atomic, write_json, write_table, write_table_parts
 
 
 def test_failed_write_keeps_the_last_good_file(tmp_path):
@@ -18,6 +18,28 @@ def test_failed_write_keeps_the_last_good_file(tmp_path):
         _atomic(target, crash)
     assert json.loads(target.read_text()) == {"run": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temp file left behind
+
+
+def test_a_part_that_fails_leaves_the_last_good_file(tmp_path):
+    """write_table_parts: a part that fails (the decide or the disk) after others were written
+    leaves the previous file whole and no temp file; parts write one row group each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    schema = pa.schema([("n", pa.int64())])
+    target = tmp_path / "pairs.parquet"
+    assert write_table_parts([pd.DataFrame({"n": [1, 2]}), pd.DataFrame({"n": [3]})], schema, target) == 3
+    assert pq.ParquetFile(target).metadata.num_row_groups == 2
+
+    def failing():
+        yield pd.DataFrame({"n": [7]})
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError):
+        write_table_parts(failing(), schema, target)
+    assert pd.read_parquet(target)["n"].tolist() == [1, 2, 3]
+    assert [p.name for p in tmp_path.iterdir()] == ["pairs.parquet"]
+    with pytest.raises(ValueError, match="no part"):
+        write_table_parts([], schema, tmp_path / "empty.parquet")
+    assert [p.name for p in tmp_path.iterdir()] == ["pairs.parquet"]
 
 
 def test_images_table_types(tmp_path):
@@ -92,3 +114,33 @@ def test_contract_pairs_are_sorted_by_path_whatever_the_row_order():
         assert out["abs_path_a"].tolist() == [f"/r/{a}" for a, _ in keys]
         assert out["image_id_b"].tolist() == [100 + names.index(b) for _, b in keys]
         assert out["reason"].tolist() == [f"r{h}" for h in out["hash_distance"]]
+
+
+def test_pairs_written_in_parts_are_the_pairs_written_whole(review_data, review_run, tmp_path, monkeypatch):
+    """A run decides and writes pairs.parquet a part at a time (decide.PART_ROWS pairs: the
+    reasons of one part in memory): with parts of 7 pairs the files hold the same rows, types
+    and categories as the review run's single part, in row groups of 7, and the report shows
+    the same pairs, clusters and rejected pairs."""
+    import pyarrow.parquet as pq
+
+    from pipeline import decide
+    from pipeline.cli import main
+    monkeypatch.setattr(decide, "PART_ROWS", 7)
+    out = tmp_path / "out"
+    assert main(["dedupe", str(review_data), "--out", str(out), "--scheduler", "sync", "--quiet",
+                 "--set", "screen.mode=hash+embedding", "--set", "screen.embedding_min_cosine=0.3"]) == 0
+    for name in ("pairs.parquet", "images.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(review_run / name), obj=name)
+    whole = pq.ParquetFile(review_run / "pairs.parquet")
+    parts = pq.ParquetFile(out / "pairs.parquet")
+    assert whole.metadata.num_row_groups == 1
+    assert parts.metadata.num_row_groups == -(-whole.metadata.num_rows // 7) > 3
+    assert parts.schema_arrow.equals(whole.schema_arrow)  # (pandas metadata aside)
+    assert pd.read_parquet(out / "pairs.parquet")["rule"].cat.categories.is_monotonic_increasing
+
+    def data(folder):
+        text = (folder / "report" / "data.js").read_text(encoding="utf-8")
+        found = json.loads(text[text.index("{"):text.rindex("}") + 1])
+        return {k: found[k] for k in ("images", "pairs", "clusters", "rejected", "errors")}, \
+            found["meta"]["rejected_total"]
+    assert data(out) == data(review_run)
