@@ -50,8 +50,11 @@ STORE = {
             "the high-recall mode's screen embeddings are 1280 float32 per image.",
     "per_image": {"catalog (ORB features, embeddings, images, K-nearest lists, evidence)": 44.9e6 / 2427,
                   "images.parquet": 85_781 / 1050, "pairs.parquet": 17.9 * 3.95,
-                  "report (thumbnails + data; grows with the clusters shown, so an upper bound)": (180 + 8) * 2**20 / 100_000,
+                  "report (thumbnails + data)": (180 + 8) * 2**20 / 100_000,
                   "high-recall mode only: screen embeddings": 1280 * 4},
+    # items that stop growing: the report lists at most report.max_clusters (20,000) clusters, twice
+    # the 100k report section's 10,000 (so about twice its 188 MiB, more for larger clusters)
+    "cap": {"report (thumbnails + data)": 2 * (180 + 8) * 2**20},
 }
 
 
@@ -174,7 +177,12 @@ def main(argv=None) -> None:
         lines += ["", "## Storage", "", STORE["note"], "",
                   "| item | bytes per image | 10M images | 1B images |", "|---|---|---|---|"]
         for item, b in STORE["per_image"].items():
-            lines.append(f"| {item} | {b:,.0f} | {b * 1e7 / 1e9:,.1f} GB | {b * 1e9 / 1e12:,.1f} TB |")
+            cap = STORE.get("cap", {}).get(item)
+            if cap is None:
+                lines.append(f"| {item} | {b:,.0f} | {b * 1e7 / 1e9:,.1f} GB | {b * 1e9 / 1e12:,.1f} TB |")
+            else:  # grows per image up to its cap
+                lines.append(f"| {item}, at most report.max_clusters clusters | {b:,.0f} up to {cap / 1e9:,.1f} GB | "
+                             f"≤ {min(b * 1e7, cap) / 1e9:,.1f} GB | ≤ {min(b * 1e9, cap) / 1e9:,.1f} GB |")
     lines += ["", "## What the model says", ""]
     n1, _, s1, st1, t1 = rows[1]
     lines += [

@@ -891,7 +891,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
     # and the closest rejected ones)
     order = output_order(pairs, images)
 
-    def contract_parts() -> Iterator[pd.DataFrame]:
+    def contract_parts(tracker) -> Iterator[pd.DataFrame]:
         for start in range(0, max(len(order), 1), decide.PART_ROWS):  # (one empty part for no pairs)
             yield contract_pairs(decide.decide_rows(pairs, cfg, changed, order[start:start + decide.PART_ROWS]), images)
             tracker.update(min(decide.PART_ROWS, len(order) - start))
@@ -909,7 +909,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
             (storage.last_generation(out) if storage.is_url(out)  # its report's thumbnails are reused
              else contextlib.nullcontext(out)) as last:  # (OUT/report: a link to the current one, or a copy's folder)
         (storage.publish if storage.is_url(out) else outdir.publish)(
-            out, run_id, lambda folder: write.write_outputs(folder, images, contract_parts(), manifest,
+            out, run_id, lambda folder: write.write_outputs(folder, images, contract_parts(tracker), manifest,
                                                             previous_report=last / "report" if last else None,
                                                             stored_features=thumbs, client=running(client),
                                                             report_pairs=report_pairs, rules=sorted(rules),
