@@ -39,6 +39,15 @@ def eager_images(b: Browser) -> None:
     b.wait_for(ALL_IMAGES_LOADED)
 
 
+def outputs_copy(review_run, tmp_path):
+    """A finished run's Parquet files and run.json in a new folder (for `dedupe report` there)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("images.parquet", "pairs.parquet", "run.json"):
+        shutil.copy(review_run / name, out / name)
+    return out
+
+
 def test_clusters_pairs_and_evidence_render(review_run, tmp_path):
     run = load_run(review_run)
     members = run.clusters()
@@ -110,10 +119,7 @@ def test_clusters_pairs_and_evidence_render(review_run, tmp_path):
 
 
 def test_every_cluster_is_reachable_page_by_page(review_run, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    for name in ("images.parquet", "pairs.parquet", "run.json"):
-        shutil.copy(review_run / name, out / name)
+    out = outputs_copy(review_run, tmp_path)
     assert main(["report", str(out), "--set", "report.page_size=2"]) == 0
     n_clusters = load_run(out).clusters()["cluster_id"].nunique()
     seen = []
@@ -133,10 +139,7 @@ def test_every_cluster_is_reachable_page_by_page(review_run, tmp_path):
 
 
 def test_a_capped_report_says_so_and_shows_the_largest_clusters(review_run, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    for name in ("images.parquet", "pairs.parquet", "run.json"):
-        shutil.copy(review_run / name, out / name)
+    out = outputs_copy(review_run, tmp_path)
     assert main(["report", str(out), "--set", "report.max_clusters=2"]) == 0
     sizes = load_run(out).clusters().groupby("cluster_id").size().sort_values(ascending=False)
     with Browser() as b:
