@@ -41,8 +41,9 @@ outputs (in OUT):
                   name's bytes when it is not UTF-8)
   run.json        config, versions, weights, counts, timings and catalog reuse per stage, and
                   the sha256 of the files above
-  report/         the review page (report/index.html; report.html links to it): every cluster,
-                  each pair side by side with its evidence, the closest rejected pairs, errors
+  report/         the review page (report/index.html; report.html links to it): the largest
+                  clusters (report.max_clusters), each pair side by side with its evidence, the
+                  closest rejected pairs, errors
   (these names link into .dedupe/gen-<run id>/, switched as one unit when a run succeeds)
   catalog/        what the next run into this OUT reuses: it reads only new or changed files and
                   scores only new pairs (--catalog DIR|URL elsewhere, --no-catalog for none); also

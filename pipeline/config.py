@@ -195,7 +195,7 @@ KEEP_POLICIES: tuple[str, ...] = get_args(KeepPolicy)
 
 @dataclass
 class ReportConfig:
-    # OUT/report/ (pipeline/report.py): every cluster, paged; thumbnails made once per shown image
+    # OUT/report/ (pipeline/report.py): the largest clusters, paged; thumbnails made once per shown image
     keep: KeepPolicy = "largest_pixels"  # suggested keeper (pipeline/results.py)
     prefer: list[str] = field(default_factory=list)  # keep=preferred_folder: path prefixes, best first
     page_size: int = 20  # clusters per page

@@ -4,7 +4,9 @@ Layout (everything relative, so the folder opens from disk, `file://`, with no n
 
     OUT/report.html                 small page that sends the browser to report/index.html
     OUT/report/index.html           summary (rendered here, jinja2 autoescape) + the app
-    OUT/report/data.js              `window.DEDUPE_REPORT = {...}`: every cluster, pair, error
+    OUT/report/data.js              `window.DEDUPE_REPORT = {...}`: the report.max_clusters largest
+                                    clusters with their pairs, the closest rejected pairs, the
+                                    first report.max_errors errors
     OUT/report/app.js, style.css    the app (plain JS): pages, search, filters, pair view
     OUT/report/thumbs/<image_id>.jpg    one per image shown, made once (a rebuild, and the next
                                         run's report, link those of unchanged files: thumbs.json
