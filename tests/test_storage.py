@@ -247,6 +247,13 @@ def test_cascade_on_a_bucket_with_remote_workers_equals_a_local_run(s3, cluster,
         import hashlib
         assert hashlib.sha256(fs.cat_file(f"{root}/{name}")).hexdigest() == digest, name
     assert fs.exists(f"{root}/report/index.html")
+    # the report's thumbnails and drawings, made by the remote workers (which share no disk with
+    # the driver) and written by the driver from the bytes they sent: the in-process run's files
+    for folder in ("thumbs", "pairs"):
+        made = {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in fs.find(f"{root}/report/{folder}")}
+        expected = {p.name: p.read_bytes() for p in (local_out / "report" / folder).iterdir()}
+        assert made and made.keys() == expected.keys(), folder
+        assert [n for n in made if made[n] != expected[n]] == [], folder
     # the lock and the work prefix are gone; the catalog (with the workers' feature files) is in
     # the bucket, unlocked; nothing was written locally
     left = [p.rsplit("/", 1)[-1] for p in fs.ls(root, refresh=True)]
