@@ -975,12 +975,7 @@ def contract_pairs(pairs: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
         "reason": text("reason"), "rule": text("rule"),
         "abs_path_a": take("abs_path", ia), "abs_path_b": take("abs_path", ib),
     })
-    path = images["path"]
-    if path.is_monotonic_increasing and path.is_unique:  # rows in path order (run_screen): sort the row numbers
-        order = np.lexsort((ib, ia))
-    else:
-        order = out.sort_values(["path_a", "path_b"], kind="stable").index.to_numpy()
-    return out.take(order).reset_index(drop=True)
+    return out.take(output_order(pairs, images)).reset_index(drop=True)
 
 
 # distribution names whose versions shape the results (read from package metadata: nothing is

@@ -708,6 +708,20 @@ def _log_lines(log_path: Path) -> int:
     return len(log_path.read_text(errors="replace").splitlines())
 
 
+def _screen_on_bucket(s3, monkeypatch, dataset: Path, name: str):
+    """The dataset uploaded under `name`/data in the bucket, the AWS environment set: (env, the
+    server's request log, boto3 client, fsspec filesystem, prefix, DATA url, OUT url, the args of
+    an in-process screen-only run into OUT)."""
+    _, env, log_path = s3
+    _aws_env(monkeypatch, env)
+    client, fs = _s3_client(env), _fs(env)
+    prefix = f"{name}/data"
+    _upload(client, dataset, prefix)
+    data, out = f"s3://{BUCKET}/{prefix}", f"s3://{BUCKET}/{name}/out"
+    return env, log_path, client, fs, prefix, data, out, ["--out", out, "--tiers", "screen", "--scheduler", "sync",
+                                                         "--quiet"]
+
+
 def _dedupe(*args: str) -> int:
     from pipeline.cli import main
     return main(["dedupe", *args])
@@ -926,13 +940,7 @@ def test_a_rerun_reads_only_new_and_rewritten_objects(s3, bucket, dataset, tmp_p
     no other image (an object without an image extension may be sniffed, 32 bytes, when listed):
     not the screen, and not the report either, which copies the last report's thumbnails of
     unchanged bytes instead of making them again from the images."""
-    _, env, log_path = s3
-    _aws_env(monkeypatch, env)
-    client, fs = _s3_client(env), _fs(env)
-    prefix = "reread/data"
-    _upload(client, dataset, prefix)
-    data, out = f"s3://{BUCKET}/{prefix}", f"s3://{BUCKET}/reread/out"
-    args = ["--out", out, "--tiers", "screen", "--scheduler", "sync", "--quiet"]
+    env, log_path, client, fs, prefix, data, out, args = _screen_on_bucket(s3, monkeypatch, dataset, "reread")
     since = _log_lines(log_path)
     assert _dedupe(data, *args) == 0
     first = _object_gets(log_path, since, prefix)
@@ -1145,14 +1153,8 @@ def test_a_same_size_rewrite_within_the_second_is_screened_again_by_its_etag(s3,
     import hashlib
     from pipeline import storage
     from pipeline.config import ScanConfig
-    _, env, log_path = s3
-    _aws_env(monkeypatch, env)
-    client, fs = _s3_client(env), _fs(env)
-    prefix = "etag/data"
-    _upload(client, dataset, prefix)
-    data, out = f"s3://{BUCKET}/{prefix}", f"s3://{BUCKET}/etag/out"
+    env, log_path, client, fs, prefix, data, out, args = _screen_on_bucket(s3, monkeypatch, dataset, "etag")
     cat = f"{BUCKET}/etag/out/catalog"
-    args = ["--out", out, "--tiers", "screen", "--scheduler", "sync", "--quiet"]
     assert _dedupe(data, *args) == 0
     storage.configure({})
 
