@@ -11,9 +11,10 @@ weights file), with TensorFlow's intra-op threads set to `embed.threads` or the 
 count, and called through a `tf.function` traced for one fixed batch shape (the last batch is
 padded), which is ~2x faster than `model.predict` per batch (docs/benchmarks.md). With
 `embed.runtime: tflite` the same weights are converted once to TensorFlow Lite (cached beside the
-Keras weights, keyed by their sha256 and the model settings; converted in the driver before any
-task) and run by the TFLite interpreter with XNNPACK and the same thread count (`TFLiteEmbedder`:
-cosines within 1e-3 of Keras, bench/embed.py). On a cluster the keys are split so the number of
+Keras weights, keyed by their sha256 and the model settings; converted before any task by a
+child process of the driver, so no long-lived process imports TensorFlow for it) and run by the
+TFLite interpreter with XNNPACK and the same thread count (`TFLiteEmbedder`: cosines within 1e-3
+of Keras, bench/embed.py). On a cluster the keys are split so the number of
 tasks is a multiple of the worker threads (`task_size`), so no worker idles through the last task.
 
 Image to model input: `decode.load_image(min_side=input_size)` (JPEG draft decode), uniform
@@ -238,24 +239,58 @@ _CONVERT_LOCK = threading.Lock()
 
 def tflite_model(cfg: EmbedConfig, weights_path) -> Path:
     """The TensorFlow Lite conversion of the Keras model for `cfg` and these weights, converted on
-    first use and cached (`weights.tflite_path`; written to a temporary name then renamed, so a
-    concurrent process sees either no file or a whole one). Same input and output as the Keras
-    model (preprocessing stays outside); float32 weights, no quantisation."""
+    first use (in a child process, `_convert_in_child`) and cached (`weights.tflite_path`; written
+    to a temporary name then renamed, so a concurrent process sees either no file or a whole one).
+    Same input and output as the Keras model (preprocessing stays outside); float32 weights, no
+    quantisation."""
     from pipeline.weights import tflite_path
     path = tflite_path(cfg, weights_path, tf_version())
     with _CONVERT_LOCK:
         if path.is_file():
             return path
-        _configure_tf(int(cfg.threads or worker_threads()))
-        import tensorflow as tf
-        model = build_model(cfg, str(weights_path))
-        blob = tf.lite.TFLiteConverter.from_keras_model(model).convert()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
+        _convert_in_child(cfg, weights_path, path, int(cfg.threads or worker_threads()))
         log.info("converted %s to TensorFlow Lite: %s", Path(weights_path).name, path)
     return path
+
+
+def _convert_in_child(cfg: EmbedConfig, weights_path, path: Path, threads: int) -> None:
+    """Run `convert_tflite` in a child Python. Importing TensorFlow and building the Keras model
+    leaves ~0.8 GB in a process for good (measured: the driver's RSS 139 -> 934 MB), and neither
+    the driver nor a TFLite worker otherwise imports TensorFlow. (A subprocess, not
+    multiprocessing: a Dask worker is a daemon process, which may not have multiprocessing
+    children.)"""
+    import json
+    import subprocess
+    spec = json.dumps({"embed": dataclasses.asdict(cfg), "weights": str(weights_path), "path": str(path),
+                       "threads": threads})
+    package_root = str(Path(__file__).resolve().parent.parent)  # the child imports this same `pipeline`
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH"))
+                                                       if p),
+           "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    done = subprocess.run([sys.executable, "-c", "import sys; from pipeline.confirm import convert_tflite; "
+                           "convert_tflite(sys.argv[1])", spec],
+                          env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
+    if done.returncode != 0 or not path.is_file():
+        said = (done.stderr or done.stdout or "").strip().splitlines()  # the exception's line is the last
+        raise RuntimeError(f"converting {Path(weights_path).name} to TensorFlow Lite failed "
+                           f"(exit {done.returncode}): {said[-1] if said else 'no output'}")
+
+
+def convert_tflite(spec: str) -> None:
+    """The conversion itself (`_convert_in_child`'s child): spec = JSON of the embed settings, the
+    weights file, the target path and the thread count."""
+    import json
+    spec = json.loads(spec)
+    cfg = EmbedConfig(**spec["embed"])
+    path = Path(spec["path"])
+    _configure_tf(int(spec["threads"]))
+    import tensorflow as tf
+    model = build_model(cfg, spec["weights"])
+    blob = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
 
 
 def _interpreter(model_path: Path, threads: int):

@@ -279,18 +279,40 @@ def test_tflite_conversion_cached_once(cfg, tmp_path, monkeypatch):
     settings; later embedders (any process) load that file instead of converting again."""
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     e = dataclasses.replace(cfg.embed, runtime="tflite", batch_size=4)
+
+    def in_this_process(*a):
+        raise AssertionError("the Keras model was built in the calling process")
+    # the conversion runs in a child process (which this patch does not reach): the caller never
+    # imports TensorFlow nor builds the Keras model for it
+    monkeypatch.setattr(confirm, "build_model", in_this_process)
     path = confirm.tflite_model(e, e.weights)
     assert path.parent.parent == tmp_path / "keras" / "models" and path.is_file()
     assert "MobileNetV2-a0.5-224-" in path.name and weights.sha256_file(e.weights)[:20] in path.name
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # written atomically
     stamp = path.stat().st_mtime_ns
     converted = []
-    monkeypatch.setattr(confirm, "build_model", lambda *a: converted.append(a))
+    monkeypatch.setattr(confirm, "_convert_in_child", lambda *a: converted.append(a))
     assert confirm.tflite_model(e, e.weights) == path and path.stat().st_mtime_ns == stamp
-    emb = confirm.TFLiteEmbedder(e, e.weights)  # loads the cached file, builds no Keras model
+    emb = confirm.TFLiteEmbedder(e, e.weights)  # loads the cached file, converts nothing
     assert converted == [] and emb.model_path == path and emb.dim == 1280
     other = weights.tflite_path(dataclasses.replace(e, alpha=0.35), e.weights, confirm.tf_version())
     assert other != path
+
+
+def test_tflite_conversion_failure_is_reported(cfg, tmp_path, monkeypatch, caplog):
+    """A conversion that fails in its child process raises with the child's last words, leaves no
+    file (nor a temporary one), and `auto` falls back to Keras with that reason in the log."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    bad = tmp_path / "not-weights.h5"
+    bad.write_bytes(b"this is not an HDF5 file" * 100)
+    e = dataclasses.replace(cfg.embed, runtime="tflite", weights=str(bad))
+    with pytest.raises(RuntimeError, match=r"converting not-weights.h5 to TensorFlow Lite failed \(exit [1-9]"):
+        confirm.tflite_model(e, bad)
+    folder = tmp_path / "keras" / "models" / "dedupe-tflite"
+    assert not folder.exists() or not list(folder.iterdir())
+    monkeypatch.setattr(confirm, "_RUNTIMES", {})
+    assert confirm.resolve_runtime(dataclasses.replace(e, runtime="auto"), bad) == "keras"
+    assert "TensorFlow Lite unavailable here" in caplog.text and "not-weights.h5" in caplog.text
 
 
 def test_auto_runtime_falls_back_to_keras(cfg, monkeypatch, caplog):
