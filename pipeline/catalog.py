@@ -44,6 +44,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -82,6 +83,9 @@ COMPACT_MAX_PARTS = 64
 COMPACT_DEAD_FRACTION = 0.5
 COMPACT_ROWS_PER_PART = 256  # rows per compacted part (as a run writes them: dask.partition_size)
 # the verify tier's evidence (keypoints, and the pixel check's numbers for flat pairs)
+# rows per row group of a table (the commit converts and writes a group at a time: the whole
+# table never exists as Arrow, nor its file in memory)
+TABLE_ROWS_PER_GROUP = 65_536
 ORB_COLUMNS = ["orb_matches", "orb_inliers", "orb_score", "orb_status", "orb_reason", "ssim", "hist_corr"]
 
 
@@ -176,6 +180,36 @@ class _Files:
             raise
         if durable:
             _fsync_dir(path.parent)
+
+    def write_table(self, rel: str, frame: pd.DataFrame) -> dict:
+        """`frame` as the Parquet file `rel`, TABLE_ROWS_PER_GROUP rows converted and written at a
+        time into a local temporary file, then renamed over (a folder) or put as one object (a
+        store; multipart for a big file, visible only once whole). Returns its manifest entry
+        (file, bytes, sha256)."""
+        frame = frame.reset_index(drop=True)
+        schema = pa.Schema.from_pandas(frame, preserve_index=False)  # the whole column's type, not a slice's
+        path = self.location / rel if not self.remote else None
+        if path is None:  # a store: written locally first
+            tmp = Path(tempfile.gettempdir()) / f".dedupe-catalog-{uuid.uuid4().hex}.parquet.tmp"
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+                for start in range(0, len(frame), TABLE_ROWS_PER_GROUP):
+                    part = frame.iloc[start:start + TABLE_ROWS_PER_GROUP]
+                    writer.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False),
+                                       row_group_size=TABLE_ROWS_PER_GROUP)
+            with open(tmp, "rb") as fh:
+                entry = {"file": rel, "bytes": os.fstat(fh.fileno()).st_size,
+                         "sha256": hashlib.file_digest(fh, "sha256").hexdigest()}
+            if self.remote:
+                self.fs.put_file(str(tmp), self._path(rel))
+            else:
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return entry
 
     def find(self, sub: str, pattern: str = "") -> list[str]:
         """Relative names of the files under `sub` (recursively) whose base name starts with
@@ -463,10 +497,7 @@ class Catalog:
         features, compacted = self.compact(features, tag)
         for name, frame in (("images", images), ("neighbours", neighbours), ("evidence", evidence),
                             ("features", features)):
-            rel = f"tables/{name}-{tag}.parquet"
-            data = _parquet_bytes(frame)
-            self.files.write(rel, data)
-            tables[name] = {"file": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            tables[name] = self.files.write_table(f"tables/{name}-{tag}.parquet", frame)
         parts = {}
         old_parts = previous.get("parts", {})
         for rel in sorted(pd.unique(features["part"].astype(str))) if len(features) else []:
@@ -556,13 +587,6 @@ class Catalog:
         if removed:
             log.info("catalog: removed %d file(s) no longer referenced", len(removed))
         return removed
-
-
-def _parquet_bytes(frame: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
 
 
 def _entry(files: _Files, rel: str) -> dict:
@@ -681,10 +705,10 @@ def images_table(images: pd.DataFrame, fps: dict) -> pd.DataFrame:
                        "variant_mask": "int64"})
 
 
-def _pair_key(sha_a, sha_b, transform) -> np.ndarray:
-    return (pd.Series(sha_a, dtype=object).astype(str).to_numpy() + ":" +
-            pd.Series(sha_b, dtype=object).astype(str).to_numpy() + ":" +
-            pd.Series(np.asarray(transform, dtype=np.int64)).astype(str).to_numpy()).astype(object)
+def _pair_index(sha_a, sha_b, transform) -> pd.MultiIndex:
+    """(sha_a, sha_b, transform) as an index to match pairs on (no key string per pair)."""
+    return pd.MultiIndex.from_arrays([np.asarray(sha_a, dtype=object), np.asarray(sha_b, dtype=object),
+                                      np.asarray(transform, dtype=np.int64)])
 
 
 def lookup_evidence(cat: Catalog | None, sha_a, sha_b, transform, what: str, fp: str) -> tuple[np.ndarray, pd.DataFrame]:
@@ -697,15 +721,15 @@ def lookup_evidence(cat: Catalog | None, sha_a, sha_b, transform, what: str, fp:
     ev = cat.evidence
     fp_col = "orb_fp" if what.startswith("orb") else "embed_fp"
     ev = ev[ev[fp_col].notna()] if what.endswith("_any") else ev[ev[fp_col] == fp]
-    # only rows of the contents asked about get a key (a query asks about a few of 100k+ rows)
+    # only rows of the contents asked about (a query asks about a few of 100k+ rows)
     ev = ev[ev["sha_a"].isin(pd.unique(np.asarray(sha_a, dtype=object))).to_numpy()
             & ev["sha_b"].isin(pd.unique(np.asarray(sha_b, dtype=object))).to_numpy()]
-    table = ev.set_index(_pair_key(ev["sha_a"], ev["sha_b"], ev["transform"]))[columns]
-    table = table[~table.index.duplicated(keep="last")]
-    keys = _pair_key(sha_a, sha_b, transform)
-    hit = pd.Index(table.index).get_indexer(keys) >= 0
-    found = table.reindex(keys).reset_index(drop=True)
-    return hit, found
+    stored = _pair_index(ev["sha_a"], ev["sha_b"], ev["transform"])
+    last = ~stored.duplicated(keep="last")  # one row per pair: the last
+    at = stored[last].get_indexer(_pair_index(sha_a, sha_b, transform)) if n and last.any() \
+        else np.full(n, -1, np.int64)
+    found = ev.loc[last, columns].reset_index(drop=True).reindex(at).reset_index(drop=True)
+    return at >= 0, found
 
 
 _EVIDENCE_NUMBERS = {"orb_matches": "Int32", "orb_inliers": "Int32", "orb_score": "Float32", "ssim": "Float32",

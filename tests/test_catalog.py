@@ -569,3 +569,66 @@ def test_evidence_table_keeps_old_rows_and_updates_the_scored_pairs(tmp_path):
     # the old pair was not confirmed this time: its stored cosine (of the last repeated row) stays
     assert out["cosine"].tolist() == [pytest.approx(0.9), pytest.approx(0.8), pd.NA, 0.75, 0.25]
     assert out["embed_fp"].tolist() == ["e1", "e1", None, "e2", "e2"]
+
+
+def test_lookup_evidence_finds_the_last_stored_row_of_each_pair(tmp_path):
+    """Stored evidence is found per (sha_a, sha_b, transform) made with the asked settings (the last
+    of a repeated pair); a pair in the other order, with another transform or other settings is a
+    miss (NA values); "_any" takes any settings; the column types are the table's."""
+    h = [c * 64 for c in "abcd"]
+    cat = catalog.Catalog(tmp_path)
+    cat.evidence = pd.DataFrame({
+        "sha_a": [h[0], h[0], h[0], h[1], h[2]], "sha_b": [h[1], h[1], h[2], h[2], h[3]],
+        "transform": pd.array([0, 0, 3, 0, 0], dtype="int8"), "orb_fp": ["o1", "o1", "o1", "o0", None],
+        "orb_matches": pd.array([10, 11, 30, 40, None], dtype="Int32"),
+        "orb_inliers": pd.array([1, 2, None, 4, None], dtype="Int32"),
+        "orb_score": pd.array([0.5, 0.25, None, 1.0, None], dtype="Float32"),
+        "orb_status": ["match", "no-match", None, "match", None], "orb_reason": ["r0", "r1", None, "r3", None],
+        "ssim": pd.array([None] * 5, dtype="Float32"), "hist_corr": pd.array([None] * 5, dtype="Float32"),
+        "embed_fp": [None, None, None, None, "e1"], "cosine": pd.array([None, None, None, None, 0.5], dtype="Float32")})
+    sha_a = [h[0], h[1], h[0], h[0], h[1], h[0], h[2]]
+    sha_b = [h[1], h[0], h[2], h[2], h[2], h[1], h[3]]
+    tt = [0, 0, 3, 0, 0, 0, 0]
+    hit, found = catalog.lookup_evidence(cat, sha_a, sha_b, tt, "orb", "o1")
+    assert hit.tolist() == [True, False, True, False, False, True, False]
+    assert found.index.tolist() == list(range(7)) and found.columns.tolist() == catalog.ORB_COLUMNS
+    assert found["orb_matches"].tolist() == [11, pd.NA, 30, pd.NA, pd.NA, 11, pd.NA]
+    assert str(found["orb_matches"].dtype) == "Int32" and str(found["orb_score"].dtype) == "Float32"
+    assert found["orb_status"].iloc[0] == "no-match" and found["orb_status"].iloc[[1, 2]].isna().all()
+    hit, _ = catalog.lookup_evidence(cat, sha_a, sha_b, tt, "orb_any", "")
+    assert hit.tolist() == [True, False, True, False, True, True, False]
+    hit, found = catalog.lookup_evidence(cat, sha_a, sha_b, tt, "cosine", "e1")
+    assert hit.tolist() == [False] * 6 + [True] and found["cosine"].tolist()[-1] == pytest.approx(0.5)
+    hit, found = catalog.lookup_evidence(cat, [], [], [], "orb", "o1")
+    assert hit.tolist() == [] and len(found) == 0
+    hit, found = catalog.lookup_evidence(cat, [h[3]], [h[0]], [0], "orb", "o1")  # no stored row of these
+    assert hit.tolist() == [False] and found["orb_matches"].isna().all()
+
+
+def test_tables_are_written_a_row_group_at_a_time(tmp_path, monkeypatch):
+    """A table is converted and written TABLE_ROWS_PER_GROUP rows at a time, with the whole
+    column's type (a text column that is all None in its first group is still text), and reads back
+    equal; its manifest entry names the file's size and sha256; no temporary file is left."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    monkeypatch.setattr(catalog, "TABLE_ROWS_PER_GROUP", 4)
+    frame = pd.DataFrame({"sha_a": [f"{i:064x}" for i in range(10)],
+                          "transform": np.arange(10, dtype=np.int8),
+                          "orb_matches": pd.array([None] * 5 + list(range(5)), dtype="Int32"),
+                          "orb_status": np.array([None] * 5 + ["match"] * 5, dtype=object),
+                          "cosine": pd.array([0.5] * 9 + [None], dtype="Float32")}, index=range(100, 110))
+    files = catalog._Files(tmp_path)
+    entry = files.write_table("tables/t.parquet", frame)
+    data = (tmp_path / "tables" / "t.parquet").read_bytes()
+    assert entry == {"file": "tables/t.parquet", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    meta = pq.ParquetFile(tmp_path / "tables" / "t.parquet").metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4, 4, 2]
+    back = pq.read_table(tmp_path / "tables" / "t.parquet").to_pandas()
+    pd.testing.assert_frame_equal(back, frame.reset_index(drop=True), check_dtype=True)
+    assert pq.read_schema(tmp_path / "tables" / "t.parquet").field("orb_status").type in ("string", "large_string")
+    assert back["orb_status"].isna().tolist() == [True] * 5 + [False] * 5 and back["orb_status"].iloc[5] == "match"
+    empty = files.write_table("tables/e.parquet", frame.iloc[:0])
+    assert empty["bytes"] > 0 and pq.read_table(tmp_path / "tables" / "e.parquet").num_rows == 0
+    assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == ["e.parquet", "t.parquet"]
