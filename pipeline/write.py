@@ -74,8 +74,14 @@ def provenance(manifest: dict) -> dict[bytes, bytes]:
 
 def write_table(frame: pd.DataFrame, schema: pa.Schema, path: Path, dtypes: dict | None = None,
                 metadata: dict[bytes, bytes] | None = None) -> None:
-    table = _table(frame, schema, dtypes, metadata)
-    _atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    _atomic(path, lambda tmp: pq.write_table(_table(frame, schema, dtypes, metadata), tmp, compression="zstd"))
+    _release_arrow_memory()
+
+
+def _release_arrow_memory() -> None:
+    """Arrow's allocator keeps what a written table freed; give it back, so one file's conversion
+    does not sit under the next one's in the driver's peak."""
+    pa.default_memory_pool().release_unused()
 
 
 def write_table_parts(parts: Iterable[pd.DataFrame], schema: pa.Schema, path: Path, dtypes: dict | None = None,
@@ -95,6 +101,8 @@ def write_table_parts(parts: Iterable[pd.DataFrame], schema: pa.Schema, path: Pa
                     writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
                 writer.write_table(table)
                 rows += len(frame)
+                del table, frame
+                _release_arrow_memory()
         finally:
             if writer is not None:
                 writer.close()
