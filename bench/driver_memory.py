@@ -11,6 +11,10 @@ earlier commit: `git archive COMMIT | tar -x -C DIR`) alternately with this one,
 run, so the two read as a same-run comparison.
 
     python -m bench.driver_memory [--sizes 5000,0] [--baseline DIR] [--bench-dir /tmp/dedupe-bench]
+                                  [--fresh-model-cache]
+
+`--fresh-model-cache`: every run starts with no TensorFlow Lite conversion in its model cache (the
+first run on a new machine), written to its own section (driver_memory_fresh).
 """
 from __future__ import annotations
 
@@ -58,9 +62,27 @@ def subset(images: Path, n: int, out: Path) -> Path:
     return folder
 
 
-def run_driver(data: Path, source: Path | None = None) -> dict:
-    """One CLI run (whole cascade, local cluster): the driver's peak RSS, per stage and overall."""
+def fresh_model_cache(folder: Path) -> Path:
+    """A Keras home under `folder` whose models/ holds links to this machine's weight files and no
+    TensorFlow Lite conversion: a run with it converts the model, as the first run on a new
+    machine (or container) does."""
+    from pipeline.weights import cache_dirs
+    models = folder / "models"
+    models.mkdir(parents=True)
+    for d in cache_dirs():
+        for f in d.glob("*.h5") if d.is_dir() else []:
+            if not (models / f.name).exists():
+                (models / f.name).symlink_to(f.resolve())
+    return folder
+
+
+def run_driver(data: Path, source: Path | None = None, fresh: bool = False) -> dict:
+    """One CLI run (whole cascade, local cluster): the driver's peak RSS, per stage and overall.
+    `fresh`: with an empty model cache (`fresh_model_cache`)."""
     env = dict(os.environ)
+    keras_home = tempfile.TemporaryDirectory(prefix="dedupe-drvmem-keras-") if fresh else None
+    if keras_home is not None:
+        env["KERAS_HOME"] = str(fresh_model_cache(Path(keras_home.name) / "keras"))
     if source is not None:  # another source tree first on the path (its `pipeline` package)
         env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with tempfile.TemporaryDirectory(prefix="dedupe-drvmem-") as out:
@@ -93,6 +115,8 @@ def run_driver(data: Path, source: Path | None = None) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"pipeline failed ({proc.returncode}): {' '.join(cmd)}\n{''.join(lines[-20:])}")
         counts = json.loads((Path(out) / "run.json").read_text())["counts"]
+    if keras_home is not None:
+        keras_home.cleanup()
     top = max(peaks, key=peaks.get)
     return {"peak": peaks[top], "peak_stage": top, "stages": peaks, "counts": counts}
 
@@ -104,6 +128,8 @@ def main() -> None:
     parser.add_argument("--baseline", default=None, help="another source tree to run alongside (same data)")
     parser.add_argument("--bench-dir", default=str(transforms.DEFAULT_BENCH_DIR))
     parser.add_argument("--out", default=None, help="benchmarks markdown file")
+    parser.add_argument("--fresh-model-cache", action="store_true",
+                        help="each run starts with no TensorFlow Lite conversion (a new machine's first run)")
     args = parser.parse_args()
     data = generate(Path(args.bench_dir), args.per_source) / "images"
     folders = [subset(data, int(s), Path(args.bench_dir) / "driver-memory") for s in args.sizes.split(",")]
@@ -112,7 +138,7 @@ def main() -> None:
     for i, folder in enumerate(folders):
         n = sum(1 for _ in folder.iterdir())
         for name, source in trees.items():
-            r = run_driver(folder, source)
+            r = run_driver(folder, source, fresh=args.fresh_model_cache)
             results[(name, n)] = r
             print(name, n, round(r["peak"] / 1e6), r["peak_stage"], flush=True)
     rows = []
@@ -128,7 +154,10 @@ def main() -> None:
         "settings, a catalog in OUT, `--scheduler local` (2 workers). Sizes are whole groups of the "
         "end-to-end folder, so pairs per image stay alike; bytes per image = the slope of the peak "
         "between the two sizes. \"confirm\" runs to the write stage, so it holds decide and the catalog commit; "
-        "\"write\" holds the report.\n\n")
+        "\"write\" holds the report."
+        + (" Every run starts with an empty model cache (`--fresh-model-cache`: the weight files linked, no "
+           "TensorFlow Lite conversion), as the first run on a new machine or container does."
+           if args.fresh_model_cache else "") + "\n\n")
     body += table(["tree", "files", "pairs / image", "driver peak MB", "peak in stage", "peak per stage (MB)"], rows)
     sizes = sorted({n for _, n in results})
     if len(sizes) >= 2:
@@ -140,7 +169,10 @@ def main() -> None:
             body += (f"- {name}: {slope / 1e3:.1f} kB per image between {lo:,} and {hi:,} files "
                      f"(intercept {fixed / 1e6:.0f} MB)\n")
     kwargs = {"path": args.out} if args.out else {}
-    update_section("driver_memory", "driver memory per image (whole cascade)", body, **kwargs)
+    if args.fresh_model_cache:
+        update_section("driver_memory_fresh", "driver memory on a new machine's first run", body, **kwargs)
+    else:
+        update_section("driver_memory", "driver memory per image (whole cascade)", body, **kwargs)
 
 
 if __name__ == "__main__":

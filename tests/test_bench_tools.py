@@ -103,3 +103,17 @@ def test_out_dash_prints_the_section_and_writes_no_file(tmp_path, monkeypatch, c
     printed = capsys.readouterr().out
     assert "## A title" in printed and "body text" in printed
     assert list(tmp_path.iterdir()) == []  # no file named "-" (nor any other)
+
+
+def test_driver_memory_fresh_model_cache_links_the_weights_and_no_conversion(tmp_path, monkeypatch):
+    from bench import driver_memory
+    from pipeline import weights
+    home = tmp_path / "home"
+    (home / "models" / "dedupe-tflite").mkdir(parents=True)
+    (home / "models" / "w.h5").write_bytes(b"weights")
+    (home / "models" / "dedupe-tflite" / "m.tflite").write_bytes(b"converted")
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    fresh = driver_memory.fresh_model_cache(tmp_path / "fresh")
+    assert sorted(p.name for p in (fresh / "models").iterdir()) == ["w.h5"]
+    assert (fresh / "models" / "w.h5").read_bytes() == b"weights" and (fresh / "models" / "w.h5").is_symlink()
+    assert weights.cache_dirs(fresh)[0] == fresh / "models"
