@@ -780,10 +780,13 @@ def evidence_table(cat: Catalog | None, present_sha: set, rows: pd.DataFrame, fp
         added = added.sort_values(["sha_a", "sha_b", "transform"], kind="stable")
     pos = at.copy()
     pos[added.index.to_numpy()] = len(old) + np.arange(len(added))
-    table = {c: _evidence_values(c, pd.concat([old[c].astype(object), added[c].astype(object)],
-                                               ignore_index=True) if c in ("sha_a", "sha_b", "transform")
-                                 else old[c].reset_index(drop=True).reindex(range(len(old) + len(added)))).copy()
-             for c in EVIDENCE_COLUMNS}  # (copies: filled in place below)
+    n = len(old) + len(added)
+    table = {c: _evidence_values(c, old[c].reset_index(drop=True).reindex(range(n))).copy()
+             for c in EVIDENCE_COLUMNS if c not in ("sha_a", "sha_b", "transform")}  # (copies: filled in place below)
+    for c in ("sha_a", "sha_b"):  # (one reference per row to the run's strings: no new object)
+        table[c] = np.concatenate([old[c].to_numpy(dtype=object), added[c].to_numpy(dtype=object)])
+    table["transform"] = np.concatenate([old["transform"].to_numpy(np.int64),
+                                         added["transform"].to_numpy(np.int64)]).astype(np.int8)
 
     def put(column: str, where: np.ndarray, values) -> None:
         table[column][where] = _evidence_values(column, values)

@@ -873,8 +873,8 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         rows = pd.DataFrame({"sha_a": sha[pairs["idx_a"].to_numpy()[scored]],
                              "sha_b": sha[pairs["idx_b"].to_numpy()[scored]],
                              "transform": pairs["transform"].to_numpy(np.int64)[scored],
-                             **{c: pairs[c].to_numpy()[scored] for c in catalog.ORB_COLUMNS},
-                             "cosine": pairs["cosine"].to_numpy()[scored]})
+                             # (the columns' own arrays: to_numpy() would make a Python object per number)
+                             **{c: pairs[c].array.take(scored) for c in (*catalog.ORB_COLUMNS, "cosine")}})
         evidence = catalog.evidence_table(cat, present, rows, fps, verified, confirmed)
         features = catalog.features_table(cat, present, new_features, ran_features)
         committed = cat.commit(root=root_text, run_id=run_id, fps=fps,
