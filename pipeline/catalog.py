@@ -82,10 +82,10 @@ COMPACT_MAX_PARTS = 64
 # ... or when more than this fraction of their stored rows belong to contents no longer present.
 COMPACT_DEAD_FRACTION = 0.5
 COMPACT_ROWS_PER_PART = 256  # rows per compacted part (as a run writes them: dask.partition_size)
-# the verify tier's evidence (keypoints, and the pixel check's numbers for flat pairs)
 # rows per row group of a table (the commit converts and writes a group at a time: the whole
 # table never exists as Arrow, nor its file in memory)
 TABLE_ROWS_PER_GROUP = 65_536
+# the verify tier's evidence (keypoints, and the pixel check's numbers for flat pairs)
 ORB_COLUMNS = ["orb_matches", "orb_inliers", "orb_score", "orb_status", "orb_reason", "ssim", "hist_corr"]
 
 
@@ -188,10 +188,10 @@ class _Files:
         (file, bytes, sha256)."""
         frame = frame.reset_index(drop=True)
         schema = pa.Schema.from_pandas(frame, preserve_index=False)  # the whole column's type, not a slice's
-        path = self.location / rel if not self.remote else None
-        if path is None:  # a store: written locally first
+        if self.remote:  # written locally first
             tmp = Path(tempfile.gettempdir()) / f".dedupe-catalog-{uuid.uuid4().hex}.parquet.tmp"
         else:
+            path = self.location / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
