@@ -215,21 +215,40 @@ def image_ids(names: Iterable[str | bytes]) -> np.ndarray:
     return ids
 
 
-def etag_differs(rec: dict, entry: scan.FileEntry) -> bool:
-    """Does the object's ETag differ from its catalog record's? Only when both have one: a local
-    file has none, nor a record from a catalog written before ETags were kept (then size and
-    mtime_ns decide, as before)."""
-    etag = rec.get("etag")
-    return isinstance(etag, str) and entry.etag is not None and etag != entry.etag
+def etag_differs(stored: str | None, entry: scan.FileEntry) -> bool:
+    """Does the object's ETag differ from its catalog record's (`stored`)? Only when both have one:
+    a local file has none, nor a record from a catalog written before ETags were kept (then size
+    and mtime_ns decide, as before)."""
+    return isinstance(stored, str) and entry.etag is not None and stored != entry.etag
 
 
-def _reused_row(entry: scan.FileEntry, rec: dict) -> dict:
-    """A screen row for an unchanged file, from its catalog record (no read, no decode)."""
-    return {"path": paths.internal(entry.path), "abs_path": paths.internal(entry.abs_path),
-            "bytes": entry.bytes, "mtime": entry.mtime,
-            "width": rec["width"], "height": rec["height"], "format": rec["format"], "sha256": rec["sha256"],
-            "hash": rec["hash"], "error": rec["error"], "codes": rec["codes"],
-            "variant_mask": rec["variant_mask"], "mtime_ns": entry.mtime_ns, "etag": entry.etag}
+# the screen's columns a reused row takes from its catalog record (the rest from the listing)
+_RECORD_COLUMNS = ["width", "height", "format", "sha256", "hash", "error", "codes", "variant_mask"]
+
+
+class _Reused:
+    """Files whose catalog record stands in for a screen (no read, no decode): the listing's
+    columns and the record's row, kept as columns (no dict per file) until `frame()`."""
+
+    def __init__(self):
+        self.listing: dict[str, list] = {c: [] for c in ("path", "abs_path", "bytes", "mtime", "mtime_ns", "etag")}
+        self.at: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def add(self, entry: scan.FileEntry, at: int) -> None:
+        for column, value in (("path", paths.internal(entry.path)), ("abs_path", paths.internal(entry.abs_path)),
+                              ("bytes", entry.bytes), ("mtime", entry.mtime), ("mtime_ns", entry.mtime_ns),
+                              ("etag", entry.etag)):
+            self.listing[column].append(value)
+        self.at.append(int(at))
+
+    def frame(self, known) -> pd.DataFrame:
+        """SCREEN_COLUMNS rows: the listing's columns beside the records' (`known`: KnownImages)."""
+        records = known.rows(np.asarray(self.at, np.int64), _RECORD_COLUMNS)
+        listing = pd.DataFrame(self.listing)  # (dtypes inferred, as for screened rows)
+        return pd.concat([listing, records], axis=1)[SCREEN_COLUMNS].astype(_SCREEN_DTYPES)
 
 
 _UNCHANGED = "\0unchanged"  # a --rehash row whose bytes match the catalog (replaced by its record)
@@ -266,19 +285,20 @@ def _recheck_partition(entries: list[scan.FileEntry], known_sha: list[str], cfg)
     return pd.DataFrame(rows, columns=SCREEN_COLUMNS).astype(_SCREEN_DTYPES)
 
 
-def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known: dict | None = None,
+def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known: catalog.KnownImages | None = None,
                rehash: bool = False, reuse: dict | None = None) -> pd.DataFrame:
-    """Walk and screen. `known`: catalog records by path (made with the same screen settings);
-    a file whose size and mtime_ns match its record, and whose ETag does too when both have one
-    (objects on a store: `etag_differs`), is not read (with `rehash`, it is read and its sha256
-    compared instead). `reuse` receives the counts and why files were screened.
+    """Walk and screen. `known`: the catalog's records (catalog.KnownImages, matched by path); a
+    file whose record was made with the same screen settings, with the same size and mtime_ns,
+    and the same ETag when both have one (objects on a store: `etag_differs`), is not read (with
+    `rehash`, it is read and its sha256 compared instead). `reuse` receives the counts and why
+    files were screened.
 
     `client`: None (in-process), a Dask client, or an AutoClient, which this function settles
     (by the number of files it has to read); the later stages then use `auto.resolved()`."""
     listing = storage.iter_objects(root, cfg.scan) if storage.is_url(root) else scan.iter_files(root, cfg.scan)
     batches = scan.batched(listing, cfg.dask.partition_size)
     frames: list[pd.DataFrame] = []
-    reused_rows: list[dict] = []
+    reused = _Reused()
     why = {"new": 0, "changed_size_or_mtime": 0, "changed_etag": 0, "content_changed": 0, "scan_error": 0,
            "screen_settings_changed": 0}
     walked = 0
@@ -288,28 +308,27 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
         if known is None:
             return batch, [], []
         todo, check, shas = [], [], []
-        for entry in batch:
-            rec = known.get(paths.text_form(entry.path))
+        for entry, at in zip(batch, known.find([paths.text_form(e.path) for e in batch])):
             if entry.error:
                 why["scan_error"] += 1
                 todo.append(entry)
-            elif rec is None:
+            elif at < 0:
                 why["new"] += 1
                 todo.append(entry)
-            elif rec["stale"]:
+            elif known.stale[at]:
                 why["screen_settings_changed"] += 1
                 todo.append(entry)
-            elif rehash and isinstance(rec["sha256"], str):
+            elif rehash and isinstance(known.sha256[at], str):
                 check.append(entry)
-                shas.append(rec["sha256"])
-            elif rec["bytes"] != entry.bytes or rec["mtime_ns"] != entry.mtime_ns or rehash:
+                shas.append(known.sha256[at])
+            elif known.bytes[at] != entry.bytes or known.mtime_ns[at] != entry.mtime_ns or rehash:
                 why["changed_size_or_mtime"] += 1
                 todo.append(entry)
-            elif etag_differs(rec, entry):  # rewritten within the mtime's resolution (1 s on S3)
+            elif etag_differs(known.etag[at], entry):  # rewritten within the mtime's resolution (1 s on S3)
                 why["changed_etag"] += 1
                 todo.append(entry)
             else:
-                reused_rows.append(_reused_row(entry, rec))
+                reused.add(entry, at)
         return todo, check, shas
 
     def tasks(batch):
@@ -384,20 +403,22 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
     futures.clear()
     if known is not None:
         unchanged = (images["error"] == _UNCHANGED).to_numpy()
-        for entry_row in images[unchanged].to_dict("records"):
-            rec = known[paths.text_form(entry_row["path"])]
-            entry = scan.FileEntry(entry_row["path"], entry_row["abs_path"], int(entry_row["bytes"]),
-                                   float(entry_row["mtime"]), None, int(entry_row["mtime_ns"]),
-                                   entry_row["etag"] if isinstance(entry_row["etag"], str) else None)
-            reused_rows.append(_reused_row(entry, rec))
+        if unchanged.any():
+            rows = images[unchanged]
+            for entry_row, at in zip(rows.to_dict("records"), known.find([paths.text_form(p) for p in rows["path"]])):
+                reused.add(scan.FileEntry(entry_row["path"], entry_row["abs_path"], int(entry_row["bytes"]),
+                                          float(entry_row["mtime"]), None, int(entry_row["mtime_ns"]),
+                                          entry_row["etag"] if isinstance(entry_row["etag"], str) else None), at)
         why["content_changed"] = int((~unchanged).sum()) - sum(v for k, v in why.items() if k != "content_changed")
         images = images[~unchanged]
-        if reused_rows:
-            reused = pd.DataFrame(reused_rows, columns=SCREEN_COLUMNS).astype(_SCREEN_DTYPES)
-            images = pd.concat([images, reused], ignore_index=True) if len(images) else reused
+        if len(reused):
+            records = reused.frame(known)
+            images = pd.concat([images, records], ignore_index=True) if len(images) else records
+            del records
         if reuse is not None:
-            reuse.update(files=walked, reused=len(reused_rows), screened=walked - len(reused_rows),
+            reuse.update(files=walked, reused=len(reused), screened=walked - len(reused),
                          why_screened={k: v for k, v in why.items() if v})
+        reused = None
     # names as the filesystem holds them -> the outputs' text form (pipeline/paths.py); the id
     # and the raw bytes come from the exact name, so nothing is lost
     raw = [paths.raw_bytes(p) for p in images["path"]]
@@ -664,7 +685,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         if high_recall and isinstance(client, AutoClient):  # every image is embedded: load the model during the screen
             client.on_in_process = lambda: ahead.append(_build_model_ahead(cfg))
         images = run_screen(root, cfg, client, progress, known=known, rehash=rehash, reuse=reuse["screen"])
-        del known  # a record per catalog image: not needed past the screen
+        del known  # arrays over the catalog's images: not needed past the screen
         if isinstance(client, AutoClient):  # settled by the screen: None (in-process) or the cluster
             used = client.choice
             client = client.resolved()
@@ -702,6 +723,8 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         with progress.stage("candidates", unit="img") as tracker:
             previous = catalog.previous_lists(cat, images, representatives(images).to_numpy(), fps,
                                               reuse["candidates"])
+            if cat is not None:  # the old images and lists: used by the screen and just above only
+                cat.drop_tables("images", "neighbours")
             pairs = build_pairs(images, cfg, client, timings=timings, previous=previous, info=search_info,
                                 emb_parts=None if screen_emb is None else screen_emb["part_path"].tolist())
             tracker.update(len(images))
@@ -877,6 +900,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                              **{c: pairs[c].array.take(scored) for c in (*catalog.ORB_COLUMNS, "cosine")}})
         evidence = catalog.evidence_table(cat, present, rows, fps, verified, confirmed)
         features = catalog.features_table(cat, present, new_features, ran_features)
+        cat.drop_tables("evidence", "features")  # (the new tables hold what is kept of them)
         committed = cat.commit(root=root_text, run_id=run_id, fps=fps,
                                images=catalog.images_table(images, fps),
                                neighbours=catalog.neighbours_table(search_info["neighbours"], images),

@@ -632,3 +632,40 @@ def test_tables_are_written_a_row_group_at_a_time(tmp_path, monkeypatch):
     empty = files.write_table("tables/e.parquet", frame.iloc[:0])
     assert empty["bytes"] > 0 and pq.read_table(tmp_path / "tables" / "e.parquet").num_rows == 0
     assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == ["e.parquet", "t.parquet"]
+
+
+def test_known_images_stand_in_for_the_screen_of_unchanged_files(tmp_path):
+    """A re-screen matched against the catalog's records (KnownImages, by path) gives the same
+    rows as screening the files again; a changed, a new and a stale-settings file are screened,
+    and a repeated path in the records counts once (its last row)."""
+    import numpy as np
+    from pipeline import run as run_mod
+    from pipeline.config import load_config
+    from pipeline.progress import Progress
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(data / f"p{i}.png")
+    (data / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    cfg = load_config(None, [])
+    fps = catalog.fingerprints(cfg)
+    first = run_mod.run_screen(data, cfg, None, Progress(True))
+    records = catalog.images_table(first, fps)
+    records = pd.concat([records.iloc[[0]].assign(bytes=1), records], ignore_index=True)  # a repeated path
+    known = catalog.KnownImages(records, fps["screen"])
+    assert len(known) == len(first) and list(known.find(["p1.png", "nope.png"]) >= 0) == [True, False]
+
+    reuse: dict = {}
+    again = run_mod.run_screen(data, cfg, None, Progress(True), known=known, reuse=reuse)
+    assert reuse["reused"] == len(first) and reuse["screened"] == 0
+    pd.testing.assert_frame_equal(again, first)
+
+    Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(data / "p1.png")  # changed
+    Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(data / "new.png")
+    stale = records.assign(screen_fp=np.where(records["path"] == "p2.png", "older", records["screen_fp"]))
+    reuse = {}
+    mixed = run_mod.run_screen(data, cfg, None, Progress(True), known=catalog.KnownImages(stale, fps["screen"]),
+                               reuse=reuse)
+    assert reuse["why_screened"] == {"new": 1, "changed_size_or_mtime": 1, "screen_settings_changed": 1}
+    pd.testing.assert_frame_equal(mixed, run_mod.run_screen(data, cfg, None, Progress(True)))
