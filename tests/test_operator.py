@@ -231,3 +231,25 @@ def test_a_failure_while_writing_leaves_the_previous_set_whole(tmp_path, monkeyp
     assert _screen_run(data, out) == 1
     assert _tree(out) == before
     assert not list((out / ".dedupe").glob("tmp-*"))
+
+
+def test_the_cli_driver_allocates_arrow_memory_from_jemalloc_unless_told_otherwise(monkeypatch):
+    """The CLI's process takes Arrow's memory from jemalloc (it gives freed pages back; Arrow's
+    default mimalloc keeps them, measured in docs/benchmarks.md), unless ARROW_DEFAULT_MEMORY_POOL
+    names a pool; a pyarrow without jemalloc keeps its default."""
+    import pyarrow as pa
+    from pipeline.cli import driver_arrow_pool
+    before = pa.default_memory_pool()
+    try:
+        pa.set_memory_pool(pa.system_memory_pool())
+        monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "system")
+        assert driver_arrow_pool() == "system"  # the operator's choice stands
+        monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL")
+        expected = "jemalloc" if "jemalloc" in pa.supported_memory_backends() else "system"
+        assert driver_arrow_pool() == expected
+        assert pa.array(["a", "b"]).to_pandas().tolist() == ["a", "b"]  # the pool in use works
+        monkeypatch.setattr(pa, "jemalloc_memory_pool", lambda: (_ for _ in ()).throw(NotImplementedError("no")))
+        pa.set_memory_pool(pa.system_memory_pool())
+        assert driver_arrow_pool() == "system"  # built without jemalloc: the pool is left alone
+    finally:
+        pa.set_memory_pool(before)
