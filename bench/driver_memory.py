@@ -11,10 +11,12 @@ earlier commit: `git archive COMMIT | tar -x -C DIR`) alternately with this one,
 run, so the two read as a same-run comparison.
 
     python -m bench.driver_memory [--sizes 5000,0] [--baseline DIR] [--bench-dir /tmp/dedupe-bench]
-                                  [--fresh-model-cache]
+                                  [--fresh-model-cache | --rerun]
 
 `--fresh-model-cache`: every run starts with no TensorFlow Lite conversion in its model cache (the
-first run on a new machine), written to its own section (driver_memory_fresh).
+first run on a new machine), written to its own section (driver_memory_fresh). `--rerun`: the
+measured run is each OUT's second (the catalog present, nothing changed: a nightly run over an
+unchanged collection), written to its own section (driver_memory_rerun).
 """
 from __future__ import annotations
 
@@ -76,9 +78,11 @@ def fresh_model_cache(folder: Path) -> Path:
     return folder
 
 
-def run_driver(data: Path, source: Path | None = None, fresh: bool = False) -> dict:
+def run_driver(data: Path, source: Path | None = None, fresh: bool = False, rerun: bool = False) -> dict:
     """One CLI run (whole cascade, local cluster): the driver's peak RSS, per stage and overall.
-    `fresh`: with an empty model cache (`fresh_model_cache`)."""
+    `fresh`: with an empty model cache (`fresh_model_cache`). `rerun`: the measured run is the
+    second into the same OUT (its catalog made by a first, unmeasured run; nothing changed): the
+    nightly run over a collection that did not change."""
     env = dict(os.environ)
     keras_home = tempfile.TemporaryDirectory(prefix="dedupe-drvmem-keras-") if fresh else None
     if keras_home is not None:
@@ -88,6 +92,11 @@ def run_driver(data: Path, source: Path | None = None, fresh: bool = False) -> d
     with tempfile.TemporaryDirectory(prefix="dedupe-drvmem-") as out:
         cmd = [sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", out, "--scheduler", "local",
                "--log-level", "INFO"]
+        if rerun:
+            first = subprocess.run(cmd, cwd=source or REPO, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True, errors="replace")
+            if first.returncode != 0:
+                raise SystemExit(f"pipeline failed ({first.returncode}): {' '.join(cmd)}\n{first.stderr[-4000:]}")
         proc = subprocess.Popen(cmd, cwd=source or REPO, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, errors="replace")
         stage = ["start"]
@@ -114,11 +123,12 @@ def run_driver(data: Path, source: Path | None = None, fresh: bool = False) -> d
         reader.join()
         if proc.returncode != 0:
             raise SystemExit(f"pipeline failed ({proc.returncode}): {' '.join(cmd)}\n{''.join(lines[-20:])}")
-        counts = json.loads((Path(out) / "run.json").read_text())["counts"]
+        manifest = json.loads((Path(out) / "run.json").read_text())
     if keras_home is not None:
         keras_home.cleanup()
     top = max(peaks, key=peaks.get)
-    return {"peak": peaks[top], "peak_stage": top, "stages": peaks, "counts": counts}
+    return {"peak": peaks[top], "peak_stage": top, "stages": peaks, "counts": manifest["counts"],
+            "reuse": manifest["reuse"]}
 
 
 def main() -> None:
@@ -130,7 +140,11 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="benchmarks markdown file")
     parser.add_argument("--fresh-model-cache", action="store_true",
                         help="each run starts with no TensorFlow Lite conversion (a new machine's first run)")
+    parser.add_argument("--rerun", action="store_true",
+                        help="measure the second run into the same OUT (catalog present, nothing changed)")
     args = parser.parse_args()
+    if args.fresh_model_cache and args.rerun:
+        parser.error("--fresh-model-cache and --rerun measure different runs: pass one of them")
     data = generate(Path(args.bench_dir), args.per_source) / "images"
     folders = [subset(data, int(s), Path(args.bench_dir) / "driver-memory") for s in args.sizes.split(",")]
     trees = {"this tree": None} if not args.baseline else {"baseline": Path(args.baseline), "this tree": None}
@@ -138,7 +152,7 @@ def main() -> None:
     for i, folder in enumerate(folders):
         n = sum(1 for _ in folder.iterdir())
         for name, source in trees.items():
-            r = run_driver(folder, source, fresh=args.fresh_model_cache)
+            r = run_driver(folder, source, fresh=args.fresh_model_cache, rerun=args.rerun)
             results[(name, n)] = r
             print(name, n, round(r["peak"] / 1e6), r["peak_stage"], flush=True)
     rows = []
@@ -157,7 +171,13 @@ def main() -> None:
         "\"write\" holds the report."
         + (" Every run starts with an empty model cache (`--fresh-model-cache`: the weight files linked, no "
            "TensorFlow Lite conversion), as the first run on a new machine or container does."
-           if args.fresh_model_cache else "") + "\n\n")
+           if args.fresh_model_cache else "")
+        + (" Each measured run is the second into its OUT (`--rerun`: a first, unmeasured run made the "
+           "catalog; no file changed), as a nightly run over an unchanged collection is (\"start\" holds the "
+           "catalog's load): every file, "
+           "list and pair score comes from the catalog, so the stages that found nothing to do log no "
+           "\"started\" line and their bytes count under the stage before."
+           if args.rerun else "") + "\n\n")
     body += table(["tree", "files", "pairs / image", "driver peak MB", "peak in stage", "peak per stage (MB)"], rows)
     sizes = sorted({n for _, n in results})
     if len(sizes) >= 2:
@@ -171,6 +191,8 @@ def main() -> None:
     kwargs = {"path": args.out} if args.out else {}
     if args.fresh_model_cache:
         update_section("driver_memory_fresh", "driver memory on a new machine's first run", body, **kwargs)
+    elif args.rerun:
+        update_section("driver_memory_rerun", "driver memory of a re-run over an unchanged folder", body, **kwargs)
     else:
         update_section("driver_memory", "driver memory per image (whole cascade)", body, **kwargs)
 

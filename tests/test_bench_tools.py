@@ -117,3 +117,18 @@ def test_driver_memory_fresh_model_cache_links_the_weights_and_no_conversion(tmp
     assert sorted(p.name for p in (fresh / "models").iterdir()) == ["w.h5"]
     assert (fresh / "models" / "w.h5").read_bytes() == b"weights" and (fresh / "models" / "w.h5").is_symlink()
     assert weights.cache_dirs(fresh)[0] == fresh / "models"
+
+
+def test_driver_memory_rerun_measures_a_second_run_that_reuses_everything(tmp_path):
+    """`--rerun` samples the second run into one OUT: its catalog, made by the first, serves every
+    file (nothing is screened again), and the driver's RSS was sampled."""
+    import numpy as np
+    from PIL import Image
+
+    from bench import driver_memory
+    rng = np.random.default_rng(5)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / f"g{i:04d}_original.png")
+    result = driver_memory.run_driver(tmp_path, rerun=True)
+    assert result["reuse"]["screen"] == {"files": 4, "reused": 4, "screened": 0, "why_screened": {}}
+    assert result["counts"]["files"] == 4 and result["peak"] > 50e6 and "start" in result["stages"]
