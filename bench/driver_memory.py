@@ -128,7 +128,7 @@ def run_driver(data: Path, source: Path | None = None, fresh: bool = False, reru
         keras_home.cleanup()
     top = max(peaks, key=peaks.get)
     return {"peak": peaks[top], "peak_stage": top, "stages": peaks, "counts": manifest["counts"],
-            "reuse": manifest["reuse"]}
+            "reuse": manifest.get("reuse")}  # (the run.json of trees before 1911e4c has none)
 
 
 def main() -> None:

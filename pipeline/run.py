@@ -246,7 +246,16 @@ class _Reused:
 
     def frame(self, known) -> pd.DataFrame:
         """SCREEN_COLUMNS rows: the listing's columns beside the records' (`known`: KnownImages)."""
-        records = known.rows(np.asarray(self.at, np.int64), _RECORD_COLUMNS)
+        at = np.asarray(self.at, np.int64)
+        if (at < 0).any():  # (a row with no record must never borrow another's)
+            raise ValueError("a reused file has no catalog record")
+        records = known.rows(at, _RECORD_COLUMNS)
+        for column in records.columns:
+            # a column none of these records fills (e.g. error, when the catalog's errors were
+            # all of files now gone) stays object with None, as in screened rows: read as the
+            # catalog's text type it would later refuse the errors a run adds
+            if records[column].isna().all():
+                records[column] = pd.Series(np.full(len(records), None, dtype=object), dtype=object)
         listing = pd.DataFrame(self.listing)  # (dtypes inferred, as for screened rows)
         return pd.concat([listing, records], axis=1)[SCREEN_COLUMNS].astype(_SCREEN_DTYPES)
 

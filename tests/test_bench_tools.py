@@ -119,7 +119,7 @@ def test_driver_memory_fresh_model_cache_links_the_weights_and_no_conversion(tmp
     assert weights.cache_dirs(fresh)[0] == fresh / "models"
 
 
-def test_driver_memory_rerun_measures_a_second_run_that_reuses_everything(tmp_path):
+def test_driver_memory_rerun_measures_a_second_run_that_reuses_everything(tmp_path, models_dir):
     """`--rerun` samples the second run into one OUT: its catalog, made by the first, serves every
     file (nothing is screened again), and the driver's RSS was sampled."""
     import numpy as np

@@ -669,3 +669,27 @@ def test_known_images_stand_in_for_the_screen_of_unchanged_files(tmp_path):
                                reuse=reuse)
     assert reuse["why_screened"] == {"new": 1, "changed_size_or_mtime": 1, "screen_settings_changed": 1}
     pd.testing.assert_frame_equal(mixed, run_mod.run_screen(data, cfg, None, Progress(True)))
+
+
+def test_a_rerun_after_the_only_broken_file_is_gone_marks_a_file_changed_during_the_run(tmp_path, monkeypatch):
+    """The catalog's error column is text while it holds an error; once the broken file is gone,
+    the reused rows have no error at all, and a run must still be able to mark a file (here one
+    rewritten while the run went on), run after run."""
+    import numpy as np
+    from pipeline import decide, scan
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(data / f"p{i}.png")
+    (data / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    args = ["--tiers", "screen"]
+    assert run(data, out, *args)["counts"]["errors"] == 1
+    (data / "broken.jpg").unlink()
+    manifest = run(data, out, *args)
+    assert manifest["reuse"]["screen"]["reused"] == 3 and manifest["counts"]["errors"] == 0
+    monkeypatch.setattr(scan, "changed_since", lambda paths, sizes, mtimes: [True] + [False] * (len(list(paths)) - 1))
+    manifest = run(data, out, *args)
+    assert manifest["counts"]["changed_during_run"] == 1
+    images = pd.read_parquet(out / "images.parquet")
+    assert (images["error"] == decide.CHANGED_ERROR).sum() == 1
