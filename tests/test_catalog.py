@@ -648,9 +648,12 @@ def test_known_images_stand_in_for_the_screen_of_unchanged_files(tmp_path):
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(data / f"p{i}.png")
     (data / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    # a name that is not UTF-8: matched to its record by its text form (pipeline/paths.py)
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(data / os.fsdecode(b"caf\xe9.png"))
     cfg = load_config(None, [])
     fps = catalog.fingerprints(cfg)
     first = run_mod.run_screen(data, cfg, None, Progress(True))
+    assert first["raw_path"].notna().sum() == 1
     records = catalog.images_table(first, fps)
     records = pd.concat([records.iloc[[0]].assign(bytes=1), records], ignore_index=True)  # a repeated path
     known = catalog.KnownImages(records, fps["screen"])
