@@ -41,6 +41,7 @@ import uuid
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
+from typing import Iterator
 
 import jinja2
 import numpy as np
@@ -71,13 +72,42 @@ def _static(name: str) -> bytes:
     return (resources.files("pipeline") / "templates" / name).read_bytes()
 
 
-def script_json(data) -> str:
-    """JSON that is safe inside a <script> (in a page or a .js file): no `</`, no markup."""
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+JSON_ROWS = 4096  # rows of a long list turned into JSON text at a time (iter_script_json)
+
+
+def _safe(text: str) -> str:
     for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
                     ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(ch, esc)
     return text
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def iter_script_json(data, rows: int = JSON_ROWS) -> Iterator[str]:
+    """`script_json(data)` in pieces: a dict key by key, a list longer than `rows` that many
+    items at a time. data.js is written from these, so the driver never holds the whole text
+    (at 100k images its pairs alone are tens of MB, and each escape made another copy)."""
+    if isinstance(data, dict):
+        yield "{"
+        for i, (key, value) in enumerate(data.items()):
+            yield ("," if i else "") + _safe(_dumps(key)) + ":"
+            yield from iter_script_json(value, rows)
+        yield "}"
+    elif isinstance(data, list) and len(data) > rows:
+        yield "["
+        for start in range(0, len(data), rows):
+            yield ("," if start else "") + _safe(_dumps(data[start:start + rows])[1:-1])
+        yield "]"
+    else:
+        yield _safe(_dumps(data))
+
+
+def script_json(data) -> str:
+    """JSON that is safe inside a <script> (in a page or a .js file): no `</`, no markup."""
+    return "".join(iter_script_json(data))
 
 
 def closeness_order(pairs: pd.DataFrame) -> np.ndarray:
@@ -359,11 +389,19 @@ def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: 
     pa_pos = pos.reindex(pairs["image_id_a"].to_numpy()).to_numpy()
     pb_pos = pos.reindex(pairs["image_id_b"].to_numpy()).to_numpy()
     by = closeness_by(pairs)
+    # one string object per distinct stage, rule, reason and closeness text: the rows repeat a few
+    # values (a run's reasons: thousands for ~100k pairs) and each row would otherwise hold its own
+    shared: dict[str, str] = {}
+
+    def one(text: str) -> str:
+        return shared.setdefault(text, text)
+
     pair_rows = []
     for k, r in enumerate(pairs.itertuples(index=False)):
+        reason = r.reason if isinstance(r.reason, str) else ""
         pair_rows.append([int(pa_pos[k]), int(pb_pos[k]), _num(r.hash_distance), _num(r.orb_matches),
-                          _num(r.orb_inliers), _num(r.orb_score, 3), _num(r.cosine, 6), str(r.stage), str(r.rule),
-                          bool(r.is_duplicate), r.reason if isinstance(r.reason, str) else "", None, str(by[k])])
+                          _num(r.orb_inliers), _num(r.orb_score, 3), _num(r.cosine, 6), one(str(r.stage)),
+                          one(str(r.rule)), bool(r.is_duplicate), one(reason), None, one(str(by[k]))])
 
     # duplicate pairs of each cluster (both ends in it), in path order
     cid_of = pd.Series(images["cluster_id"].fillna(-1).to_numpy(dtype=np.int64), index=images["image_id"].to_numpy())
@@ -506,7 +544,11 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
                 made.pop(row[0], None)
         drew = {name: v for name, v in drew.items() if data["pairs"][index_of[name]][11] == name}
         data["meta"]["generated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        (tmp / "data.js").write_text(f"window.DEDUPE_REPORT = {script_json(data)};\n", encoding="utf-8")
+        with open(tmp / "data.js", "w", encoding="utf-8") as fh:
+            fh.write("window.DEDUPE_REPORT = ")
+            for piece in iter_script_json(data):
+                fh.write(piece)
+            fh.write(";\n")
         (tmp / THUMB_INDEX).write_text(json.dumps(made), encoding="utf-8")
         (tmp / DRAW_INDEX).write_text(json.dumps(drew), encoding="utf-8")
         for name in STATIC:

@@ -112,6 +112,27 @@ def test_user_controlled_text_is_escaped(review_run):
     assert "</" not in script_json({"p": "</script>"})
 
 
+def test_data_js_is_written_in_pieces_that_join_to_the_one_piece_text():
+    """data.js is streamed (`iter_script_json`: long lists a few rows at a time, so the driver
+    never holds the whole text): the pieces join to exactly the text of one json.dumps, escapes
+    included, wherever the lists are cut."""
+    from pipeline.report import iter_script_json
+    data = {"meta": {"root": "/x/</script>", "n": None, "ok": True},
+            "images": [[str(2**62 + i), f"a/é{i}<b>.jpg", i, None] for i in range(7)],
+            "pairs": [[i, i + 1, 0.5, "inliers >= 12 & \u2028\u2029", False] for i in range(10)],
+            "clusters": [["1", [0, 1], 0, []]], "rejected": [], "errors": []}
+    one = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        one = one.replace(ch, esc)
+    for rows in (1, 2, 3, 6, 7, 9, 10, 11, 4096):
+        pieces = list(iter_script_json(data, rows))
+        assert "".join(pieces) == one, rows
+        if rows < 7:  # a long list is cut: no piece holds all of it
+            assert max(len(p) for p in pieces) < len(one) // 2
+    assert script_json(data) == one and json.loads(one) == data
+
+
 def test_report_from_the_parquet_outputs_and_limits(review_run, tmp_path):
     """`write_report` also works from a finished run's files (abs paths rebuilt from the root),
     and the drawing caps hold; writing again replaces the folder."""
