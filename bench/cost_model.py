@@ -38,6 +38,15 @@ SHARD = [dict(section="sharded candidate search", n=10_000_000, threshold=8, sec
               same_run=_SAME_RUN)]
 # "sharded embedding kNN": the high-recall mode's kNN, sharded IVF against one IVF index, same run
 EMB_SHARD = dict(section="sharded embedding kNN", n=299_776, shards=4, ratio=0.98)
+# the driver's peak RSS (the CLI process, which also hosts a local cluster's scheduler), whole
+# cascade, default settings, a catalog in OUT, a local cluster of 2 workers; `fit` marks the two
+# points the line is drawn through (the widest span), the others are predicted back
+DRIVER = [dict(name="5k end-to-end subset", section="driver memory per image (whole cascade), this tree",
+               images=5_005, pairs_per_image=6.06, peak_mb=454, fit=False),
+          dict(name="10k end-to-end", section="driver memory per image (whole cascade), this tree",
+               images=10_465, pairs_per_image=6.59, peak_mb=518, fit=True),
+          dict(name="100k scale folder", section="driver memory at the 100k scale folder",
+               images=100_625, pairs_per_image=5.09, peak_mb=1_422, fit=True)]
 MODEL_LOAD_S = 2.5  # confirm: model build + weights load once per worker process (confirm section)
 # bytes per image in the store (measured; pairs.parquet scaled by the candidates per image)
 STORE = {
@@ -183,6 +192,27 @@ def main(argv=None) -> None:
             else:  # grows per image up to its cap
                 lines.append(f"| {item}, at most report.max_clusters clusters | {b:,.0f} up to {cap / 1e9:,.1f} GB | "
                              f"≤ {min(b * 1e7, cap) / 1e9:,.1f} GB | ≤ {min(b * 1e9, cap) / 1e9:,.1f} GB |")
+    a, b = [p for p in DRIVER if p["fit"]]
+    per_image_mb = (b["peak_mb"] - a["peak_mb"]) / (b["images"] - a["images"])  # (MB = 1e6 bytes, as measured)
+    fixed_mb = a["peak_mb"] - per_image_mb * a["images"]
+    per_image_kb = per_image_mb * 1e3
+    lines += ["", "## Driver memory", "",
+              "The driver (the `dedupe` process, which also hosts a local cluster's scheduler) still holds a row "
+              "per image and per candidate pair (docs/design-notes.md, \"Not done\"), so its peak grows with the "
+              "folder: a fixed part (imports, the cluster, compiled kernels) plus bytes per image, drawn through "
+              f"the {a['images']:,} and {b['images']:,}-image points (peak RSS, default settings, a catalog, a local "
+              "cluster of 2 workers). Bytes per image depend on the candidate pairs per image (each pair's row, "
+              "its evidence at the catalog commit), so the points' densities are listed.", "",
+              f"Model: **{fixed_mb:,.0f} MB + {per_image_kb:,.1f} kB x images**.", "",
+              "| point | pairs / image | measured MB | model MB | error | from |", "|---|---|---|---|---|---|"]
+    for p in DRIVER:
+        pred = fixed_mb + per_image_mb * p["images"]
+        lines.append(f"| {p['images']:,} images ({p['name']}{', fitted' if p['fit'] else ''}) | "
+                     f"{p['pairs_per_image']:.2f} | {p['peak_mb']:,} | {pred:,.0f} | {pct(pred, p['peak_mb'])} | "
+                     f"benchmarks.md, {p['section']} |")
+    lines += ["", "| images | driver peak (model) |", "|---|---|"]
+    for n in (1_000_000, 10_000_000, 1_000_000_000):
+        lines.append(f"| {n:,} | {(fixed_mb + per_image_mb * n) / 1e3:,.1f} GB |")
     lines += ["", "## What the model says", ""]
     n1, _, s1, st1, t1 = rows[1]
     lines += [
@@ -192,6 +222,12 @@ def main(argv=None) -> None:
         "Routing each query only to the shards that can hold its neighbours (shards keyed by multi-index chunk "
         "values, the query sent to the chunk values within its radius) removes that factor; not built yet.",
         "- Storage is dominated by the ORB features kept in the catalog for images in a near pair.",
+        f"- Memory: each worker's needs are bounded by its shard and task sizes (the search and kNN are sharded), the "
+        f"driver's do: ~{(fixed_mb + per_image_mb * 1e7) / 1e3:,.0f} GB at 10M images, "
+        f"~{(fixed_mb + per_image_mb * 1e9) / 1e6:,.0f} TB at 1B. A 10M-image run needs a driver host with that "
+        "much memory; 1B needs the driver's per-image and per-pair rows moved onto the workers (the screen's "
+        "partitions kept there, pairs decided in partitions, the catalog partitioned by content hash: "
+        "docs/design-notes.md, \"Not done\"); not built yet.",
         f"- Not projected: the high-recall mode (the projection is the default settings'). Its embedding kNN is "
         f"sharded too (section \"{EMB_SHARD['section']}\": {EMB_SHARD['n']:,} vectors in {EMB_SHARD['shards']} IVF "
         f"shards took {EMB_SHARD['ratio']:.2f}x one index's time, the same pairs). The shards share one coarse "

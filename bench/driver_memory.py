@@ -11,12 +11,14 @@ earlier commit: `git archive COMMIT | tar -x -C DIR`) alternately with this one,
 run, so the two read as a same-run comparison.
 
     python -m bench.driver_memory [--sizes 5000,0] [--baseline DIR] [--bench-dir /tmp/dedupe-bench]
-                                  [--fresh-model-cache | --rerun]
+                                  [--fresh-model-cache | --rerun | --scale-rounds 4]
 
 `--fresh-model-cache`: every run starts with no TensorFlow Lite conversion in its model cache (the
 first run on a new machine), written to its own section (driver_memory_fresh). `--rerun`: the
 measured run is each OUT's second (the catalog present, nothing changed: a nightly run over an
-unchanged collection), written to its own section (driver_memory_rerun).
+unchanged collection), written to its own section (driver_memory_rerun). `--scale-rounds 4`: one
+size, the 100,625-file folder of bench/scale.py instead of the subsets (section driver_memory_scale),
+the point docs/cost-model.md draws the driver's bytes per image to.
 """
 from __future__ import annotations
 
@@ -142,11 +144,21 @@ def main() -> None:
                         help="each run starts with no TensorFlow Lite conversion (a new machine's first run)")
     parser.add_argument("--rerun", action="store_true",
                         help="measure the second run into the same OUT (catalog present, nothing changed)")
+    parser.add_argument("--scale-rounds", type=int, default=0,
+                        help="measure the scale folder of bench/scale.py with this many rounds (4: 100,625 "
+                             "files) instead of --sizes")
     args = parser.parse_args()
     if args.fresh_model_cache and args.rerun:
         parser.error("--fresh-model-cache and --rerun measure different runs: pass one of them")
-    data = generate(Path(args.bench_dir), args.per_source) / "images"
-    folders = [subset(data, int(s), Path(args.bench_dir) / "driver-memory") for s in args.sizes.split(",")]
+    if args.scale_rounds and (args.fresh_model_cache or args.rerun):
+        parser.error("--scale-rounds measures a first run with the model cache as it is: "
+                     "pass it without --fresh-model-cache and --rerun")
+    if args.scale_rounds:
+        from bench.scale import generate as generate_scale
+        folders = [generate_scale(Path(args.bench_dir), args.scale_rounds) / "images"]
+    else:
+        data = generate(Path(args.bench_dir), args.per_source) / "images"
+        folders = [subset(data, int(s), Path(args.bench_dir) / "driver-memory") for s in args.sizes.split(",")]
     trees = {"this tree": None} if not args.baseline else {"baseline": Path(args.baseline), "this tree": None}
     results: dict[tuple[str, int], dict] = {}
     for i, folder in enumerate(folders):
@@ -165,9 +177,12 @@ def main() -> None:
         "\nThe driver alone (the CLI process, which also hosts the local cluster's scheduler; not the "
         "workers): peak RSS over the run and the peak within each stage (MB, attributed to the stage "
         "whose \"started\" line came last; \"start\" is before the screen). Whole cascade, default "
-        "settings, a catalog in OUT, `--scheduler local` (2 workers). Sizes are whole groups of the "
-        "end-to-end folder, so pairs per image stay alike; bytes per image = the slope of the peak "
-        "between the two sizes. \"confirm\" runs to the write stage, so it holds decide and the catalog commit; "
+        "settings, a catalog in OUT, `--scheduler local` (2 workers). "
+        + ("The folder is bench/scale.py's (every real photo and its rounds of the 31 transforms), "
+           "at its own pair density. " if args.scale_rounds else
+           "Sizes are whole groups of the end-to-end folder, so pairs per image stay alike; bytes per image = "
+           "the slope of the peak between the two sizes. ")
+        + "\"confirm\" runs to the write stage, so it holds decide and the catalog commit; "
         "\"write\" holds the report."
         + (" Every run starts with an empty model cache (`--fresh-model-cache`: the weight files linked, no "
            "TensorFlow Lite conversion), as the first run on a new machine or container does."
@@ -189,7 +204,9 @@ def main() -> None:
             body += (f"- {name}: {slope / 1e3:.1f} kB per image between {lo:,} and {hi:,} files "
                      f"(intercept {fixed / 1e6:.0f} MB)\n")
     kwargs = {"path": args.out} if args.out else {}
-    if args.fresh_model_cache:
+    if args.scale_rounds:
+        update_section("driver_memory_scale", "driver memory at the 100k scale folder", body, **kwargs)
+    elif args.fresh_model_cache:
         update_section("driver_memory_fresh", "driver memory on a new machine's first run", body, **kwargs)
     elif args.rerun:
         update_section("driver_memory_rerun", "driver memory of a re-run over an unchanged folder", body, **kwargs)

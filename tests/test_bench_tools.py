@@ -132,3 +132,37 @@ def test_driver_memory_rerun_measures_a_second_run_that_reuses_everything(tmp_pa
     result = driver_memory.run_driver(tmp_path, rerun=True)
     assert result["reuse"]["screen"] == {"files": 4, "reused": 4, "screened": 0, "why_screened": {}}
     assert result["counts"]["files"] == 4 and result["peak"] > 50e6 and "start" in result["stages"]
+
+
+def test_cost_model_predicts_the_driver_points_back_and_projects_its_memory(tmp_path):
+    """docs/cost-model.md's driver section: a line through the two fitted points (so they come
+    back at 0 %), every measured point predicted back with its error, and projections that grow
+    with the folder by the fitted bytes per image."""
+    import re
+
+    from bench import cost_model
+    out = tmp_path / "cost.md"
+    cost_model.main(["--out", str(out)])
+    text = out.read_text(encoding="utf-8")
+    section = text.split("## Driver memory", 1)[1].split("\n## ", 1)[0]
+    fixed, per_image = (float(x.replace(",", "")) for x in
+                        re.search(r"Model: \*\*([\d,.]+) MB \+ ([\d,.]+) kB x images\*\*", section).groups())
+    for point in cost_model.DRIVER:
+        row = next(line for line in section.splitlines() if line.startswith(f"| {point['images']:,} images"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert int(cells[2].replace(",", "")) == point["peak_mb"]
+        assert float(cells[3].replace(",", "")) == pytest.approx(fixed + per_image * point["images"] / 1e3, rel=0.01)  # (the model line is rounded)
+        if point["fit"]:
+            assert cells[4] in ("+0 %", "-0 %")
+    projected = {int(m.group(1).replace(",", "")): float(m.group(2).replace(",", ""))
+                 for m in re.finditer(r"^\| ([\d,]+) \| ([\d,.]+) GB \|$", section, re.M)}
+    assert sorted(projected) == [1_000_000, 10_000_000, 1_000_000_000]
+    assert projected[10_000_000] == pytest.approx((fixed + per_image * 1e4) / 1e3, rel=0.01)
+
+
+def test_driver_memory_scale_rounds_refuses_the_other_runs(monkeypatch, capsys):
+    from bench import driver_memory
+    monkeypatch.setattr("sys.argv", ["driver_memory", "--scale-rounds", "4", "--rerun"])
+    with pytest.raises(SystemExit) as exc:
+        driver_memory.main()
+    assert exc.value.code == 2 and "--scale-rounds" in capsys.readouterr().err
