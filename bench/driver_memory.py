@@ -150,6 +150,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.fresh_model_cache and args.rerun:
         parser.error("--fresh-model-cache and --rerun measure different runs: pass one of them")
+    if args.scale_rounds < 0:
+        parser.error("--scale-rounds: pass the number of rounds (4: 100,625 files), or leave it out")
     if args.scale_rounds and (args.fresh_model_cache or args.rerun):
         parser.error("--scale-rounds measures a first run with the model cache as it is: "
                      "pass it without --fresh-model-cache and --rerun")

@@ -93,7 +93,7 @@ def iter_script_json(data, rows: int = JSON_ROWS) -> Iterator[str]:
     if isinstance(data, dict):
         yield "{"
         for i, (key, value) in enumerate(data.items()):
-            yield ("," if i else "") + _safe(_dumps(key)) + ":"
+            yield ("," if i else "") + _safe(_dumps({key: 0})[1:-3]) + ":"  # (json's own key rules)
             yield from iter_script_json(value, rows)
         yield "}"
     elif isinstance(data, list) and len(data) > rows:
