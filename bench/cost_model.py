@@ -223,7 +223,7 @@ def main(argv=None) -> None:
         "values, the query sent to the chunk values within its radius) removes that factor; not built yet.",
         "- Storage is dominated by the ORB features kept in the catalog for images in a near pair.",
         f"- Memory: each worker's needs are bounded by its shard and task sizes (the search and kNN are sharded), the "
-        f"driver's do: ~{(fixed_mb + per_image_mb * 1e7) / 1e3:,.0f} GB at 10M images, "
+        f"driver's grow: ~{(fixed_mb + per_image_mb * 1e7) / 1e3:,.0f} GB at 10M images, "
         f"~{(fixed_mb + per_image_mb * 1e9) / 1e6:,.0f} TB at 1B. A 10M-image run needs a driver host with that "
         "much memory; 1B needs the driver's per-image and per-pair rows moved onto the workers (the screen's "
         "partitions kept there, pairs decided in partitions, the catalog partitioned by content hash: "
