@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from pipeline.catalog import shared_text
 from pipeline.config import Config, ConfigError, ReportConfig, config_from_dict
 from pipeline.decode import load_image
 from pipeline.progress import completed
@@ -391,17 +392,14 @@ def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: 
     by = closeness_by(pairs)
     # one string object per distinct stage, rule, reason and closeness text: the rows repeat a few
     # values (a run's reasons: thousands for ~100k pairs) and each row would otherwise hold its own
-    shared: dict[str, str] = {}
-
-    def one(text: str) -> str:
-        return shared.setdefault(text, text)
-
+    stage, rule, reason, closeness = (shared_text(pd.Series(texts, dtype=object)) for texts in (
+        [str(v) for v in pairs["stage"]], [str(v) for v in pairs["rule"]],
+        [v if isinstance(v, str) else "" for v in pairs["reason"]], [str(v) for v in by]))
     pair_rows = []
     for k, r in enumerate(pairs.itertuples(index=False)):
-        reason = r.reason if isinstance(r.reason, str) else ""
         pair_rows.append([int(pa_pos[k]), int(pb_pos[k]), _num(r.hash_distance), _num(r.orb_matches),
-                          _num(r.orb_inliers), _num(r.orb_score, 3), _num(r.cosine, 6), one(str(r.stage)),
-                          one(str(r.rule)), bool(r.is_duplicate), one(reason), None, one(str(by[k]))])
+                          _num(r.orb_inliers), _num(r.orb_score, 3), _num(r.cosine, 6), stage[k], rule[k],
+                          bool(r.is_duplicate), reason[k], None, closeness[k]])
 
     # duplicate pairs of each cluster (both ends in it), in path order
     cid_of = pd.Series(images["cluster_id"].fillna(-1).to_numpy(dtype=np.int64), index=images["image_id"].to_numpy())
