@@ -203,6 +203,9 @@ class ReportConfig:
     draw_pairs: int = 200  # duplicate pairs drawn with their ORB matches (one per cluster in page order first)
     draw_rejected: int = 50  # ... and the closest rejected pairs drawn
     rejected_pairs: int = 500  # closest rejected pairs listed
+    # duplicate pairs listed per cluster: the closest link of each member always (members - 1 pairs),
+    # then the closest others up to this many (report.cluster_links); pairs.parquet has them all
+    pairs_per_cluster: int = 100
     # the largest clusters listed (and files with errors, first by path): the report's data, its
     # thumbnails and the driver's work stay bounded on any folder; every cluster and error is in
     # the Parquet outputs, and `dedupe plan` acts on all of them
@@ -340,8 +343,9 @@ def _validate(cfg: Config) -> None:
         (cfg.dask.threads_per_worker >= 1, "dask.threads_per_worker must be >= 1"),
         (cfg.report.page_size >= 1, "report.page_size must be >= 1"),
         (cfg.report.thumb_size >= 16, "report.thumb_size must be >= 16"),
-        (min(cfg.report.draw_pairs, cfg.report.draw_rejected, cfg.report.rejected_pairs) >= 0,
-         "report.draw_pairs, draw_rejected and rejected_pairs must be >= 0"),
+        (min(cfg.report.draw_pairs, cfg.report.draw_rejected, cfg.report.rejected_pairs,
+             cfg.report.pairs_per_cluster) >= 0,
+         "report.draw_pairs, draw_rejected, rejected_pairs and pairs_per_cluster must be >= 0"),
         (min(cfg.report.max_clusters, cfg.report.max_errors) >= 1,
          "report.max_clusters and report.max_errors must be >= 1"),
         (cfg.report.keep != "preferred_folder" or bool(cfg.report.prefer),

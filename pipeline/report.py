@@ -5,8 +5,9 @@ Layout (everything relative, so the folder opens from disk, `file://`, with no n
     OUT/report.html                 small page that sends the browser to report/index.html
     OUT/report/index.html           summary (rendered here, jinja2 autoescape) + the app
     OUT/report/data.js              `window.DEDUPE_REPORT = {...}`: the report.max_clusters largest
-                                    clusters with their pairs, the closest rejected pairs, the
-                                    first report.max_errors errors
+                                    clusters with the pairs that link their members
+                                    (`cluster_links`), the closest rejected pairs, the first
+                                    report.max_errors errors
     OUT/report/app.js, style.css    the app (plain JS): pages, search, filters, pair view
     OUT/report/thumbs/<image_id>.jpg    one per image shown, made once (a rebuild, and the next
                                         run's report, link those of unchanged files: thumbs.json
@@ -339,26 +340,73 @@ def listed_clusters(images: pd.DataFrame, rcfg: ReportConfig) -> tuple[pd.Index,
 
 def shown_pairs(images: pd.DataFrame, pairs: pd.DataFrame, rcfg: ReportConfig) -> tuple[np.ndarray, np.ndarray]:
     """(positions of the pairs the report shows, ascending; positions of its closest rejected
-    pairs, closest first): the duplicate pairs of the listed clusters and the report.rejected_pairs
-    closest rejected ones. `pairs`: is_duplicate, image_id_a and closeness_order's columns; a run
-    takes the pairs it hands to `write_report` with this (their decisions are made part by part)."""
+    pairs, closest first): the duplicate pairs the listed clusters show (`cluster_links`) and the
+    report.rejected_pairs closest rejected ones. `pairs`: is_duplicate, image_id_a, image_id_b and
+    closeness_order's columns; a run takes the pairs it hands to `write_report` with this (their
+    decisions are made part by part), and the same call on those pairs selects them all again."""
     listed, total = listed_clusters(images, rcfg)
     dup = pairs["is_duplicate"].astype(bool).to_numpy()
     rejected = np.flatnonzero(~dup)
     rejected = rejected[closeness_order(pairs.iloc[rejected])][:rcfg.rejected_pairs]
-    shown = dup.copy()
-    if len(listed) < total:  # the duplicate pairs of the listed clusters only
-        members = images.loc[images["cluster_id"].isin(listed), "image_id"]
-        shown &= pairs["image_id_a"].isin(members).to_numpy()
-    shown = np.concatenate([np.flatnonzero(shown), rejected])
+    cluster = _cluster_of(images, pairs["image_id_a"])
+    in_listed = np.isin(cluster, np.asarray(listed, dtype=np.int64)) if len(listed) < total else cluster >= 0
+    candidates = np.flatnonzero(dup & in_listed)
+    shown = np.concatenate([candidates[cluster_links(pairs.iloc[candidates], cluster[candidates],
+                                                     rcfg.pairs_per_cluster)], rejected])
     shown.sort()
     return shown, rejected
 
 
+def cluster_links(pairs: pd.DataFrame, cluster: np.ndarray, per_cluster: int) -> np.ndarray:
+    """Which of a cluster's duplicate pairs the report lists (a mask over `pairs`, whose
+    `cluster` gives each one's cluster): the closest link of every member first, a spanning tree
+    of the cluster in closeness order (members - 1 pairs: every member is shown with the evidence
+    that puts it in the cluster), then the closest other pairs while the cluster lists fewer than
+    `per_cluster`. A cluster of n images has up to n(n-1)/2 duplicate pairs: listing them all
+    made the report (and the driver writing it) grow with the pairs, 436k rows for 100k files of
+    ~125 copies each, where a reviewer reads one link per image; pairs.parquet has every pair.
+    Same selection when called again on the selected pairs (the spanning tree of a strict order
+    is unique, and the selection holds it)."""
+    n = len(pairs)
+    keep = np.zeros(n, bool)
+    if n == 0:
+        return keep
+    order = closeness_order(pairs)
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    nodes, ids = pd.factorize(pd.concat([pairs["image_id_a"], pairs["image_id_b"]], ignore_index=True))
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import minimum_spanning_tree
+    # weights: the closeness rank + 1 (0 would be no edge), each distinct, so the tree is unique
+    graph = coo_matrix(((rank + 1).astype(np.float64), (nodes[:n], nodes[n:])), shape=(len(ids), len(ids)))
+    tree = minimum_spanning_tree(graph).tocoo()
+    keep[order[tree.data.astype(np.int64) - 1]] = True
+    rest = order[~keep[order]]  # the others, closest first
+    room = np.maximum(per_cluster - pd.Series(keep).groupby(cluster).transform("sum").to_numpy(), 0)
+    taken = pd.Series(np.ones(len(rest), np.int64)).groupby(cluster[rest]).cumsum().to_numpy()
+    keep[rest[taken <= room[rest]]] = True
+    return keep
+
+
+def _cluster_of(images: pd.DataFrame, image_ids) -> np.ndarray:
+    """The cluster id (int64, -1 for none) of each image in `image_ids`. `images`: image_id,
+    cluster_id (nullable: the ids are 63-bit, so never through float64)."""
+    cluster_of = pd.Series(images["cluster_id"].astype("Int64").array, index=images["image_id"].to_numpy())
+    return cluster_of.reindex(np.asarray(image_ids, dtype=np.int64)).to_numpy(dtype=np.int64, na_value=-1)
+
+
+def duplicate_pairs_per_cluster(images: pd.DataFrame, is_duplicate, image_id_a) -> pd.Series:
+    """How many duplicate pairs each cluster has (by cluster id; a duplicate pair's two images
+    are in one cluster). `images`: image_id, cluster_id."""
+    cluster = _cluster_of(images, np.asarray(image_id_a)[np.asarray(is_duplicate, bool)])
+    return pd.Series(cluster[cluster >= 0]).value_counts()
+
+
 def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: ReportConfig,
-               rejected_total: int | None = None) -> dict:
+               rejected_total: int | None = None, cluster_pairs: pd.Series | None = None) -> dict:
     """The report's data (what data.js holds) from normalised images and pairs with `rule`.
-    `rejected_total`: how many pairs were rejected in all, when `pairs` holds only those
+    `rejected_total` and `cluster_pairs` (duplicate_pairs_per_cluster): how many pairs were
+    rejected in all and how many duplicate pairs each cluster has, when `pairs` holds only those
     `shown_pairs` selects (a run's); counted from `pairs` otherwise.
 
     Image ids are strings: they are 63-bit and JavaScript numbers keep 53 bits."""
@@ -369,6 +417,8 @@ def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: 
     dup = pairs["is_duplicate"].astype(bool).to_numpy()
     if rejected_total is None:
         rejected_total = int((~dup).sum())
+    if cluster_pairs is None:
+        cluster_pairs = duplicate_pairs_per_cluster(images, dup, pairs["image_id_a"])
     shown, rejected = shown_pairs(images, pairs, rcfg)
     pairs = pairs.iloc[shown].reset_index(drop=True)
     rejected_pos = np.searchsorted(shown, rejected)
@@ -415,7 +465,7 @@ def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: 
         cid = int(cid)
         members = member_groups.get(cid, [])
         keeper = int(pos[keepers[cid]]) if cid in keepers.index else None
-        cluster_rows.append([str(cid), members, keeper, pair_groups.get(cid, [])])
+        cluster_rows.append([str(cid), members, keeper, pair_groups.get(cid, []), int(cluster_pairs.get(cid, 0))])
 
     counts = manifest.get("counts", {})
     return {
@@ -451,7 +501,7 @@ def _draw_list(data: dict, rcfg: ReportConfig) -> list[int]:
 def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict,
                  cfg: Config | None = None, reuse_from: str | Path | None = None,
                  stored_features: pd.DataFrame | None = None, client=None,
-                 rejected_total: int | None = None) -> Path:
+                 rejected_total: int | None = None, cluster_pairs: pd.Series | None = None) -> Path:
     """Write OUT/report/ and OUT/report.html; returns the index page's path.
 
     `images`/`pairs`: the run's frames (in memory or as read from the Parquet files: abs paths
@@ -463,8 +513,10 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
     (`draw_pair`) are taken instead of decoding the files again. `client`: a Dask client whose
     workers make the thumbnails and drawings (they read the images and feature parts where they
     are, and return JPEG bytes that this process writes as each task ends), so the driver decodes
-    no image; without one, this process's threads do. `rejected_total`: how many pairs were
-    rejected in all when `pairs` holds only those the report shows (`shown_pairs`: a run's)."""
+    no image; without one, this process's threads do. `rejected_total`, `cluster_pairs`: how many
+    pairs were rejected in all and how many duplicate pairs each cluster has
+    (`duplicate_pairs_per_cluster`) when `pairs` holds only those the report shows (`shown_pairs`:
+    a run's)."""
     out_dir = Path(out_dir)
     earlier = Path(reuse_from) if reuse_from is not None else out_dir / "report"
     if cfg is None:
@@ -478,7 +530,7 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
     for col, abs_col in (("path_a", "abs_path_a"), ("path_b", "abs_path_b")):
         if abs_col not in pairs:
             pairs[abs_col] = [str(Path(manifest.get("root") or ".") / p) for p in pairs[col]]
-    data = build_data(images, pairs, manifest, rcfg, rejected_total)
+    data = build_data(images, pairs, manifest, rcfg, rejected_total, cluster_pairs)
     abs_of = dict(zip(images["image_id"].astype(str), images["abs_path"]))
     sha_of = dict(zip(images["image_id"].astype(str), images["sha256"]))
 

@@ -929,14 +929,18 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
             yield contract_pairs(decide.decide_rows(pairs, cfg, changed, order[start:start + decide.PART_ROWS]), images)
             tracker.update(min(decide.PART_ROWS, len(order) - start))
 
-    from pipeline.report import shown_pairs
+    from pipeline.report import duplicate_pairs_per_cluster, shown_pairs
     cid = images["cluster_id"].astype("Int64")
-    shown, _ = shown_pairs(pd.DataFrame({"path": images["path"], "image_id": images["image_id"],
-                                         "cluster_id": cid.where(cid >= 0)}),
-                           pd.DataFrame({"is_duplicate": dup[order],
-                                         "image_id_a": images["image_id"].to_numpy()[pairs["idx_a"].to_numpy()[order]],
-                                         **{c: pairs[c].to_numpy()[order]
-                                            for c in ("cosine", "orb_inliers", "hash_distance")}}), cfg.report)
+    clustered = pd.DataFrame({"path": images["path"], "image_id": images["image_id"], "cluster_id": cid.where(cid >= 0)})
+    ids = images["image_id"].to_numpy()
+    shown, _ = shown_pairs(clustered, pd.DataFrame({"is_duplicate": dup[order],
+                                                    "image_id_a": ids[pairs["idx_a"].to_numpy()[order]],
+                                                    "image_id_b": ids[pairs["idx_b"].to_numpy()[order]],
+                                                    **{c: pairs[c].to_numpy()[order]
+                                                       for c in ("cosine", "orb_inliers", "hash_distance")}}),
+                           cfg.report)
+    cluster_pairs = duplicate_pairs_per_cluster(clustered, dup, ids[pairs["idx_a"].to_numpy()])
+    del clustered
     report_pairs = contract_pairs(decide.decide_rows(pairs, cfg, changed, order[shown]), images)
     with progress.stage("write", total=len(images) + len(pairs), unit="row") as tracker, \
             (storage.last_generation(out) if storage.is_url(out)  # its report's thumbnails are reused
@@ -946,7 +950,8 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                                                             previous_report=last / "report" if last else None,
                                                             stored_features=thumbs, client=running(client),
                                                             report_pairs=report_pairs, rules=sorted(rules),
-                                                            rejected_total=int((~dup).sum())))
+                                                            rejected_total=int((~dup).sum()),
+                                                            cluster_pairs=cluster_pairs))
         tracker.update(len(images))
     return manifest
 

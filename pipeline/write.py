@@ -157,7 +157,7 @@ def write_outputs(out_dir: Path, images: pd.DataFrame, pairs: pd.DataFrame | Ite
                   report: bool = True, previous_report: Path | None = None,
                   stored_features: pd.DataFrame | None = None, client=None,
                   report_pairs: pd.DataFrame | None = None, rejected_total: int | None = None,
-                  rules: list[str] | None = None) -> None:
+                  rules: list[str] | None = None, cluster_pairs: pd.Series | None = None) -> None:
     """images/pairs: the run's rows (with abs paths for the report); writes the files into
     `out_dir` (a new generation folder, see pipeline/outdir.py), `run.json` last, listing the
     sha256 of its siblings so a reader can check it holds one run's set. `previous_report`: the
@@ -167,7 +167,8 @@ def write_outputs(out_dir: Path, images: pd.DataFrame, pairs: pd.DataFrame | Ite
 
     `pairs` may come in parts (an iterable of frames in row order, written one at a time; `rules`:
     every rule code in them); then `report_pairs` holds the pairs the report shows
-    (report.shown_pairs) and `rejected_total` how many were rejected in all."""
+    (report.shown_pairs), `rejected_total` how many were rejected in all and `cluster_pairs` how
+    many duplicate pairs each cluster has (report.duplicate_pairs_per_cluster)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = provenance(manifest)
     write_table(images_frame(images), IMAGES_SCHEMA, out_dir / "images.parquet", IMAGES_DTYPES, meta)
@@ -180,7 +181,8 @@ def write_outputs(out_dir: Path, images: pd.DataFrame, pairs: pd.DataFrame | Ite
     if report:
         from pipeline.report import write_report  # OUT/report/ + OUT/report.html (pixels, jinja2)
         write_report(out_dir, images, report_pairs, manifest, reuse_from=previous_report,
-                     stored_features=stored_features, client=client, rejected_total=rejected_total)
+                     stored_features=stored_features, client=client, rejected_total=rejected_total,
+                     cluster_pairs=cluster_pairs)
     manifest["files"] = {p.name: _sha256(p) for p in sorted(out_dir.iterdir()) if p.is_file()}
     write_json(manifest, out_dir / "run.json")
 

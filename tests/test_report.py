@@ -483,3 +483,106 @@ def test_the_report_lists_the_largest_clusters_up_to_its_cap(review_run, tmp_pat
     assert {row[0] for row in data["images"] if row[7] is None} == shown
     assert len(data["images"]) == len(shown) + 1 < len(full["images"])
     assert {p.stem for p in (out / "report" / "thumbs").iterdir()} == shown
+
+
+def _clustered_pairs(seed: int = 0):
+    """Images in three clusters (25 images with every pair a duplicate, 4 likewise, a chain of 5)
+    plus singletons, and rejected pairs; closeness values at random. Real 63-bit image ids."""
+    rng = np.random.default_rng(seed)
+    paths = [f"img{i:04d}.jpg" for i in range(60)]
+    ids = image_ids(paths)
+    cluster = np.full(60, -1, np.int64)
+    groups = [list(range(0, 25)), list(range(25, 29)), list(range(29, 34))]
+    rows = []
+    for g in groups[:2]:
+        rows += [(a, b, True) for i, a in enumerate(g) for b in g[i + 1:]]
+    rows += [(a, a + 1, True) for a in groups[2][:-1]]
+    for g in groups:
+        cluster[g] = ids[g[0]]
+    rows += [(a, b, False) for a, b in zip(range(34, 59), range(35, 60))]
+    a, b, dup = (np.array(x) for x in zip(*rows))
+    n = len(rows)
+    reached = rng.random(n)
+    pairs = pd.DataFrame({
+        "is_duplicate": dup, "image_id_a": ids[a], "image_id_b": ids[b],
+        "cosine": pd.array(np.where(reached < 0.5, rng.random(n), np.nan), dtype="Float32"),
+        "orb_inliers": pd.array(np.where(reached < 0.8, rng.integers(0, 300, n), -1), dtype="Int32"),
+        "hash_distance": rng.integers(0, 11, n).astype(np.int16)})
+    pairs.loc[pairs["orb_inliers"] < 0, "orb_inliers"] = pd.NA
+    images = pd.DataFrame({"path": paths, "image_id": ids,
+                           "cluster_id": pd.array(np.where(cluster >= 0, cluster, 0), dtype="Int64")})
+    images.loc[cluster < 0, "cluster_id"] = pd.NA
+    return images, pairs, groups
+
+
+def _spanning_tree_by_kruskal(pairs: pd.DataFrame) -> set[int]:
+    """The reference: Kruskal's algorithm over the pairs in closeness order (closest first)."""
+    parent: dict = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+    tree = set()
+    for i in closeness_order(pairs):
+        ra, rb = find(pairs["image_id_a"].iat[i]), find(pairs["image_id_b"].iat[i])
+        if ra != rb:
+            parent[ra] = rb
+            tree.add(int(i))
+    return tree
+
+
+@pytest.mark.parametrize("per_cluster", [0, 40, 1000])
+def test_a_cluster_lists_the_closest_link_of_each_member_then_its_closest_pairs(per_cluster):
+    """report.pairs_per_cluster: each listed cluster shows a spanning tree of its duplicate pairs
+    in closeness order (every member with the evidence that links it), then its closest other
+    pairs up to the cap; the closest rejected pairs are unchanged; the selection is the same when
+    made again on the selected pairs (a run hands write_report only those)."""
+    from pipeline.config import ReportConfig
+    from pipeline.report import shown_pairs
+    images, pairs, groups = _clustered_pairs()
+    rcfg = ReportConfig(pairs_per_cluster=per_cluster, rejected_pairs=10)
+    shown, rejected = shown_pairs(images, pairs, rcfg)
+    assert list(shown) == sorted(set(shown)) and set(rejected) <= set(shown)
+    dup = pairs["is_duplicate"].to_numpy()
+    assert len(rejected) == 10 and not dup[rejected].any()
+    ids = images["image_id"].to_numpy()
+    for g in groups:
+        members = set(ids[g])
+        mine = np.flatnonzero(dup & pairs["image_id_a"].isin(members).to_numpy())
+        listed = [i for i in shown if i in set(mine)]
+        tree = {int(mine[i]) for i in _spanning_tree_by_kruskal(pairs.iloc[mine].reset_index(drop=True))}
+        assert len(tree) == len(g) - 1 and tree <= set(listed)
+        assert {x for i in tree for x in pairs.loc[i, ["image_id_a", "image_id_b"]]} == members
+        expected = min(len(mine), max(per_cluster, len(g) - 1))
+        assert len(listed) == expected
+        others = [int(mine[i]) for i in closeness_order(pairs.iloc[mine]) if int(mine[i]) not in tree]
+        assert set(listed) - tree == set(others[:expected - len(tree)])  # the closest of the rest
+    again, again_rejected = shown_pairs(images, pairs.iloc[shown].reset_index(drop=True), rcfg)
+    assert list(again) == list(range(len(shown)))
+    assert list(shown[again_rejected]) == list(rejected)
+
+
+def test_the_report_data_counts_every_duplicate_pair_of_a_cluster_it_lists_fewer_of(tmp_path):
+    """A cluster row holds its listed pairs and the count of all its duplicate pairs, from the
+    pairs themselves or, in a run (which hands over the listed pairs only), as given."""
+    from pipeline.report import build_data, duplicate_pairs_per_cluster, shown_pairs
+    images, pairs, groups = _clustered_pairs()
+    n = len(images)
+    images = images.assign(bytes=np.arange(n) + 1000, width=pd.array([100] * n, dtype="Int64"),
+                           height=pd.array([80] * n, dtype="Int64"), format="JPEG", mtime=1.7e9,
+                           error=None, abs_path=[str(tmp_path / p) for p in images["path"]])
+    pairs = pairs.assign(orb_matches=pairs["orb_inliers"], orb_score=pd.array([0.5] * len(pairs), dtype="Float32"),
+                         stage="verify", rule="orb_match", reason="test")
+    cfg = load_config(None, ["report.pairs_per_cluster=30"])
+    full = build_data(images, pairs, {"counts": {}}, cfg.report)
+    totals = [25 * 24 // 2, 4 * 3 // 2, 4]  # two clusters with every pair a duplicate, a chain of 5
+    assert sorted((len(c[1]), len(c[3]), c[4]) for c in full["clusters"]) == sorted(
+        (len(g), min(total, max(30, len(g) - 1)), total) for g, total in zip(groups, totals))
+    counts = duplicate_pairs_per_cluster(images, pairs["is_duplicate"], pairs["image_id_a"])
+    shown, _ = shown_pairs(images, pairs, cfg.report)
+    part = build_data(images, pairs.iloc[shown].reset_index(drop=True), {"counts": {}}, cfg.report,
+                      rejected_total=int((~pairs["is_duplicate"]).sum()), cluster_pairs=counts)
+    assert part["clusters"] == full["clusters"] and part["pairs"] == full["pairs"]
+    assert part["meta"] == full["meta"]

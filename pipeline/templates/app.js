@@ -7,7 +7,7 @@
   var I = {id: 0, path: 1, bytes: 2, w: 3, h: 4, format: 5, mtime: 6, error: 7, thumb: 8};
   var P = {a: 0, b: 1, dist: 2, matches: 3, inliers: 4, score: 5, cos: 6, stage: 7, rule: 8, dup: 9,
            reason: 10, drawing: 11, by: 12};
-  var C = {id: 0, members: 1, keeper: 2, pairs: 3};
+  var C = {id: 0, members: 1, keeper: 2, pairs: 3, total: 4};
   var app = document.getElementById("app");
   var state = {view: "clusters", page: 0, pair: null};
   var lowerPaths = D.images.map(function (im) { return im[I.path].toLowerCase(); });
@@ -108,13 +108,18 @@
     var c = D.clusters[ci];
     var box = el("div", {cls: "cluster", id: "cluster-" + c[C.id]}, [
       el("h3", {text: "Cluster " + (ci + 1) + " \u00b7 " + c[C.members].length + " images \u00b7 " +
-        c[C.pairs].length + " duplicate pairs"}),
+        c[C.total] + " duplicate pairs"}),
       el("div", {cls: "members"}, c[C.members].map(function (m) { return memberFigure(m, m === c[C.keeper]); }))]);
+    if (c[C.pairs].length < c[C.total]) {  // report.pairs_per_cluster: every pair is in pairs.parquet
+      box.appendChild(el("p", {cls: "muted listed-note", text: c[C.pairs].length + " of them listed: the closest " +
+        "link of each image, then the closest others (all " + c[C.total] + " are in pairs.parquet)."}));
+    }
     var limit = 8, shown = c[C.pairs].slice(0, limit);
     var table = pairTable(shown.map(function (i) { return pairRow(i); }));
     box.appendChild(table);
     if (c[C.pairs].length > limit) {
-      var more = el("button", {type: "button", text: "show all " + c[C.pairs].length + " pairs"});
+      var more = el("button", {type: "button", text: "show all " + c[C.pairs].length +
+        (c[C.pairs].length < c[C.total] ? " listed pairs" : " pairs")});
       more.addEventListener("click", function () {
         c[C.pairs].slice(limit).forEach(function (i) { table.appendChild(pairRow(i)); });
         more.remove();
