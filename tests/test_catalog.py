@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -696,3 +697,23 @@ def test_a_rerun_after_the_only_broken_file_is_gone_marks_a_file_changed_during_
     assert manifest["counts"]["changed_during_run"] == 1
     images = pd.read_parquet(out / "images.parquet")
     assert (images["error"] == decide.CHANGED_ERROR).sum() == 1
+
+
+def test_shared_text_keeps_the_values_with_one_string_per_distinct_one():
+    """catalog.shared_text (the evidence's text, the report's pair rows, the verify tier's texts in
+    a run: run._share_texts): the same values, missing ones None, equal texts one object."""
+    from pipeline.run import _share_texts
+    texts = ["orb: 3 inliers of " + str(n % 4) + " matches" for n in range(40)]  # 40 objects, 4 values
+    scores = pd.DataFrame({"orb_matches": np.arange(41, dtype=np.int32),
+                           "orb_status": pd.Series(["match"] * 40 + [None], dtype=object),
+                           "orb_reason": pd.Series(texts + [np.nan], dtype=object)})  # (as verify's frames)
+    expected = scores.copy()
+    _share_texts(scores)
+    assert scores["orb_reason"].iloc[:40].tolist() == texts and scores["orb_reason"].iloc[40] is None
+    assert scores["orb_status"].iloc[40] is None
+    assert len({id(x) for x in scores["orb_reason"].iloc[:40]}) == 4
+    assert len({id(x) for x in scores["orb_status"].iloc[:40]}) == 1
+    assert scores["orb_reason"].dtype == object  # (a str column would make a string per row again when set
+    # into the run's object columns)
+    pd.testing.assert_series_equal(scores["orb_matches"], expected["orb_matches"])
+    assert catalog.shared_text(pd.Series([], dtype=object)).tolist() == []
