@@ -152,3 +152,32 @@ def test_a_capped_report_says_so_and_shows_the_largest_clusters(review_run, tmp_
         assert " ".join(tab.split()) == f"Clusters (the 2 largest of {len(sizes)})"
         eager_images(b)
         assert b.errors() == []
+
+
+def test_a_cluster_with_more_pairs_than_it_lists_says_so(review_run, tmp_path):
+    """report.pairs_per_cluster=0: each cluster lists the closest link of each member only; its
+    heading counts every duplicate pair it has, and a note says how many are listed and that
+    pairs.parquet has them all."""
+    out = outputs_copy(review_run, tmp_path)
+    assert main(["report", str(out), "--set", "report.pairs_per_cluster=0"]) == 0
+    run = load_run(out)
+    members = run.clusters()
+    sizes = members.groupby("cluster_id").size()
+    dup = run.pairs[run.pairs["is_duplicate"]]
+    cluster_of = members.set_index("image_id")["cluster_id"]
+    totals = dup["image_id_a"].map(cluster_of).value_counts()
+    assert (totals > sizes.reindex(totals.index) - 1).any()  # some cluster has a pair beyond its tree
+    with Browser() as b:
+        b.open((out / "report" / "index.html").as_uri())
+        rows = b.evaluate("window.DEDUPE_REPORT.clusters.map(function(c){return [c[1].length, c[3].length, c[4]]})")
+        assert sorted(rows) == sorted([int(sizes[c]), int(sizes[c]) - 1, int(totals[c])] for c in sizes.index)
+        headings = b.evaluate("Array.from(document.querySelectorAll('#clusters .cluster h3'))"
+                              ".map(function(h){return h.textContent})")
+        assert sorted(int(h.split("\u00b7")[2].split()[0]) for h in headings) == sorted(r[2] for r in rows)
+        notes = b.evaluate("Array.from(document.querySelectorAll('#clusters .listed-note'))"
+                           ".map(function(n){return n.textContent})")
+        assert len(notes) == sum(r[1] < r[2] for r in rows) > 0
+        assert all("pairs.parquet" in n for n in notes)
+        assert count(b, "#clusters .pair-row") == sum(min(8, r[1]) for r in rows)
+        eager_images(b)
+        assert b.errors() == []
