@@ -346,6 +346,7 @@ def shown_pairs(images: pd.DataFrame, pairs: pd.DataFrame, rcfg: ReportConfig) -
     decisions are made part by part), and the same call on those pairs selects them all again."""
     listed, total = listed_clusters(images, rcfg)
     dup = pairs["is_duplicate"].astype(bool).to_numpy()
+    pairs = pairs[["image_id_a", "image_id_b", "cosine", "orb_inliers", "hash_distance"]]  # (copies of these only)
     rejected = np.flatnonzero(~dup)
     rejected = rejected[closeness_order(pairs.iloc[rejected])][:rcfg.rejected_pairs]
     cluster = _cluster_of(images, pairs["image_id_a"])
@@ -375,10 +376,14 @@ def cluster_links(pairs: pd.DataFrame, cluster: np.ndarray, per_cluster: int) ->
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
     nodes, ids = pd.factorize(pd.concat([pairs["image_id_a"], pairs["image_id_b"]], ignore_index=True))
+    a, b = np.minimum(nodes[:n], nodes[n:]), np.maximum(nodes[:n], nodes[n:])
+    # one edge per pair of images, its closest row (a repeated row, as in hand-joined outputs,
+    # would otherwise be summed into one weight by scipy)
+    edge = order[~pd.Series(a[order] * np.int64(len(ids)) + b[order]).duplicated().to_numpy()]
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import minimum_spanning_tree
     # weights: the closeness rank + 1 (0 would be no edge), each distinct, so the tree is unique
-    graph = coo_matrix(((rank + 1).astype(np.float64), (nodes[:n], nodes[n:])), shape=(len(ids), len(ids)))
+    graph = coo_matrix(((rank[edge] + 1).astype(np.float64), (a[edge], b[edge])), shape=(len(ids), len(ids)))
     tree = minimum_spanning_tree(graph).tocoo()
     keep[order[tree.data.astype(np.int64) - 1]] = True
     rest = order[~keep[order]]  # the others, closest first

@@ -586,3 +586,14 @@ def test_the_report_data_counts_every_duplicate_pair_of_a_cluster_it_lists_fewer
                       rejected_total=int((~pairs["is_duplicate"]).sum()), cluster_pairs=counts)
     assert part["clusters"] == full["clusters"] and part["pairs"] == full["pairs"]
     assert part["meta"] == full["meta"]
+
+
+def test_a_repeated_pair_row_counts_once_in_the_clusters_links():
+    """Outputs joined by hand can repeat a pair: its closest row is the edge, and every member
+    still gets a listed link."""
+    from pipeline.report import cluster_links
+    pairs = pd.DataFrame({"image_id_a": [1, 1, 2], "image_id_b": [2, 2, 3],
+                          "cosine": pd.array([0.9, 0.95, 0.8], dtype="Float32"),
+                          "orb_inliers": pd.array([None] * 3, dtype="Int32"), "hash_distance": [1, 1, 2]})
+    keep = cluster_links(pairs, np.array([7, 7, 7]), 0)
+    assert keep.tolist() == [False, True, True]  # (1, 2) by its closer row, then (2, 3)

@@ -111,8 +111,10 @@
         c[C.total] + " duplicate pairs"}),
       el("div", {cls: "members"}, c[C.members].map(function (m) { return memberFigure(m, m === c[C.keeper]); }))]);
     if (c[C.pairs].length < c[C.total]) {  // report.pairs_per_cluster: every pair is in pairs.parquet
+      var tree = c[C.pairs].length === c[C.members].length - 1;
       box.appendChild(el("p", {cls: "muted listed-note", text: c[C.pairs].length + " of them listed: the closest " +
-        "link of each image, then the closest others (all " + c[C.total] + " are in pairs.parquet)."}));
+        "link of each image" + (tree ? "" : " and the closest others") + " (all " + c[C.total] +
+        " are in pairs.parquet)."}));
     }
     var limit = 8, shown = c[C.pairs].slice(0, limit);
     var table = pairTable(shown.map(function (i) { return pairRow(i); }));
