@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -183,13 +184,25 @@ class _Files:
         if durable:
             _fsync_dir(path.parent)
 
-    def write_table(self, rel: str, frame: pd.DataFrame) -> dict:
+    def write_table(self, rel: str, frame: pd.DataFrame | EvidenceTable) -> dict:
         """`frame` as the Parquet file `rel`, TABLE_ROWS_PER_GROUP rows converted and written at a
         time into a local temporary file, then renamed over (a folder) or put as one object (a
-        store; multipart for a big file, visible only once whole). Returns its manifest entry
-        (file, bytes, sha256)."""
-        frame = frame.reset_index(drop=True)
-        schema = pa.Schema.from_pandas(frame, preserve_index=False)  # the whole column's type, not a slice's
+        store; multipart for a big file, visible only once whole). A table made as it is written
+        (`EvidenceTable.parts`) comes a group at a time. Returns its manifest entry (file, bytes,
+        sha256)."""
+        if isinstance(frame, pd.DataFrame):
+            frame = frame.reset_index(drop=True)
+            schema = pa.Schema.from_pandas(frame, preserve_index=False)  # the whole column's type, not a slice's
+            groups = (frame.iloc[start:start + TABLE_ROWS_PER_GROUP] for start in range(0, len(frame), TABLE_ROWS_PER_GROUP))
+        else:
+            groups = frame.parts()
+            first = next(groups)
+            # the first group's types; a text column that is all None there is still text
+            schema = pa.Schema.from_pandas(first, preserve_index=False)
+            for i, f in enumerate(schema):
+                if pa.types.is_null(f.type):
+                    schema = schema.set(i, pa.field(f.name, pa.string()))
+            groups = itertools.chain([first], groups)
         if self.remote:  # written locally first
             tmp = Path(tempfile.gettempdir()) / f".dedupe-catalog-{uuid.uuid4().hex}.parquet.tmp"
         else:
@@ -198,10 +211,10 @@ class _Files:
             tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
             with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-                for start in range(0, len(frame), TABLE_ROWS_PER_GROUP):
-                    part = frame.iloc[start:start + TABLE_ROWS_PER_GROUP]
-                    writer.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False),
-                                       row_group_size=TABLE_ROWS_PER_GROUP)
+                for part in groups:
+                    if len(part):
+                        writer.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False),
+                                           row_group_size=TABLE_ROWS_PER_GROUP)
             with open(tmp, "rb") as fh:
                 entry = {"file": rel, "bytes": os.fstat(fh.fileno()).st_size,
                          "sha256": hashlib.file_digest(fh, "sha256").hexdigest()}
@@ -497,7 +510,7 @@ class Catalog:
     # -- writing (the caller holds the lock) --------------------------------------------------
 
     def commit(self, *, root: str, run_id: str, fps: dict, images: pd.DataFrame, neighbours: pd.DataFrame | None,
-               evidence: pd.DataFrame, features: pd.DataFrame, config: dict | None = None) -> dict:
+               evidence: pd.DataFrame | EvidenceTable, features: pd.DataFrame, config: dict | None = None) -> dict:
         """Write the new tables, then switch the manifest atomically; remove files no manifest of
         this or the previous generation names. Returns the new manifest."""
         previous = self.manifest
@@ -604,8 +617,14 @@ class Catalog:
 
 
 def _entry(files: _Files, rel: str) -> dict:
-    data = files.read(rel)
-    return {"file": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    """A file's manifest entry, read a MiB at a time (a feature part is ~13 MB: read whole, each
+    one a transient step in the commit's peak)."""
+    digest, size = hashlib.sha256(), 0
+    with files.fs.open(files._path(rel), "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return {"file": rel, "bytes": size, "sha256": digest.hexdigest()}
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -811,57 +830,86 @@ def shared_text(values) -> np.ndarray:
     return out
 
 
-def evidence_table(cat: Catalog | None, present_sha: set, rows: pd.DataFrame, fps: dict,
-                   verified: bool, confirmed: np.ndarray | None) -> pd.DataFrame:
+class EvidenceTable:
     """The new evidence table: the old rows whose two contents still exist, updated with this
     run's near pairs (`rows`: sha_a, sha_b, transform, ORB_COLUMNS, cosine). ORB numbers are
     stored when the verify tier ran (`verified`), cosines for the pairs that reached the confirm
     tier (`confirmed` mask); other stored values are kept. Old rows keep their order (one per
     (sha_a, sha_b, transform), the last); new pairs follow, sorted by that key when there are old
-    rows. Built column by column (no Python object per value: a row per scored pair)."""
-    old = cat.evidence if cat is not None else _empty(EVIDENCE_COLUMNS)
-    keep = old["sha_a"].isin(present_sha).to_numpy() & old["sha_b"].isin(present_sha).to_numpy()
-    old = old[keep]
-    old_t = old["transform"].to_numpy(np.int64) if len(old) else np.zeros(0, np.int64)
-    old = old.assign(transform=old_t).drop_duplicates(["sha_a", "sha_b", "transform"], keep="last")
-    rows = rows.reset_index(drop=True)
-    rows = rows.assign(transform=rows["transform"].to_numpy(np.int64))
-    rows = rows[~rows.duplicated(["sha_a", "sha_b", "transform"], keep="last")]  # (the last value wins)
-    if confirmed is not None:
-        confirmed = np.asarray(confirmed, bool)[rows.index.to_numpy()]
-    rows = rows.reset_index(drop=True)
+    rows. Only the row order is worked out here (integer arrays); the rows themselves are made
+    `TABLE_ROWS_PER_GROUP` at a time as the table is written (`parts`), so the whole table is
+    never held (at 100k files it was ~110 MB of the driver's peak, on top of `rows`)."""
 
-    if len(old) and len(rows):
-        old_keys, row_keys = _pair_keys(*[(f["sha_a"], f["sha_b"], f["transform"]) for f in (old, rows)])
-        at = old_keys.get_indexer(row_keys)
-        del old_keys, row_keys
-    else:
-        at = np.full(len(rows), -1, np.int64)
-    added = rows[at < 0]
-    if len(old):  # (sorted only after old rows: what Index.difference did here, kept for equal files)
-        added = added.sort_values(["sha_a", "sha_b", "transform"], kind="stable")
-    pos = at.copy()
-    pos[added.index.to_numpy()] = len(old) + np.arange(len(added))
-    n = len(old) + len(added)
-    table = {c: _evidence_values(c, old[c].reset_index(drop=True).reindex(range(n))).copy()
-             for c in EVIDENCE_COLUMNS if c not in ("sha_a", "sha_b", "transform")}  # (copies: filled in place below)
-    for c in ("sha_a", "sha_b"):  # (one string per content of the old rows; the run's own for the new)
-        table[c] = np.concatenate([shared_text(old[c]), added[c].to_numpy(dtype=object)])
-    table["transform"] = np.concatenate([old["transform"].to_numpy(np.int64),
-                                         added["transform"].to_numpy(np.int64)]).astype(np.int8)
+    def __init__(self, cat: Catalog | None, present_sha: set, rows: pd.DataFrame, fps: dict,
+                 verified: bool, confirmed: np.ndarray | None):
+        old = cat.evidence if cat is not None else _empty(EVIDENCE_COLUMNS)
+        keep = old["sha_a"].isin(present_sha).to_numpy() & old["sha_b"].isin(present_sha).to_numpy()
+        old = old[keep]
+        old_t = old["transform"].to_numpy(np.int64) if len(old) else np.zeros(0, np.int64)
+        old = old.assign(transform=old_t).drop_duplicates(["sha_a", "sha_b", "transform"], keep="last")
+        rows = rows.reset_index(drop=True)
+        rows = rows.assign(transform=rows["transform"].to_numpy(np.int64))
+        rows = rows[~rows.duplicated(["sha_a", "sha_b", "transform"], keep="last")]  # (the last value wins)
+        if confirmed is not None:
+            confirmed = np.asarray(confirmed, bool)[rows.index.to_numpy()]
+        rows = rows.reset_index(drop=True)
+        if len(old) and len(rows):
+            old_keys, row_keys = _pair_keys(*[(f["sha_a"], f["sha_b"], f["transform"]) for f in (old, rows)])
+            at = old_keys.get_indexer(row_keys)
+            del old_keys, row_keys
+        else:
+            at = np.full(len(rows), -1, np.int64)
+        added = np.flatnonzero(at < 0)  # rows of new pairs, in the table's order
+        if len(old) and len(added):  # (sorted only after old rows: what Index.difference did here, kept for equal files)
+            key = rows.iloc[added][["sha_a", "sha_b", "transform"]].reset_index(drop=True)
+            added = added[key.sort_values(["sha_a", "sha_b", "transform"], kind="stable").index.to_numpy()]
+        self._old = old.reset_index(drop=True)
+        self._rows, self._confirmed, self._fps, self._verified = rows, confirmed, fps, verified
+        # the table's row r takes this run's values from rows[_source[r]] (-1: an old row kept as it was)
+        self._source = np.concatenate([np.full(len(old), -1, np.int64), added.astype(np.int64)])
+        hit = np.flatnonzero(at >= 0)
+        self._source[at[hit]] = hit
 
-    def put(column: str, where: np.ndarray, values) -> None:
-        table[column][where] = _evidence_values(column, values)
+    def __len__(self) -> int:
+        return len(self._source)
 
-    if verified and len(rows):
-        for c in ORB_COLUMNS:
-            put(c, pos, rows[c])
-        put("orb_fp", pos, np.full(len(rows), fps["orb"], dtype=object))
-    if confirmed is not None and confirmed.any():
-        put("cosine", pos[confirmed], rows["cosine"][confirmed])
-        put("embed_fp", pos[confirmed], np.full(int(confirmed.sum()), fps["embed"], dtype=object))
-    return pd.DataFrame({c: pd.Series(v, dtype=object) if isinstance(v, np.ndarray) and v.dtype == object else v
-                         for c, v in table.items()})[EVIDENCE_COLUMNS]
+    def parts(self) -> Iterator[pd.DataFrame]:
+        """The table in row order, TABLE_ROWS_PER_GROUP rows at a time (one empty part if none)."""
+        for start in range(0, max(len(self), 1), TABLE_ROWS_PER_GROUP):
+            yield self._part(start, min(start + TABLE_ROWS_PER_GROUP, len(self)))
+
+    def frame(self) -> pd.DataFrame:
+        """The whole table at once (a small one: a query's commit, tests)."""
+        return pd.concat(list(self.parts()), ignore_index=True)
+
+    def _part(self, start: int, stop: int) -> pd.DataFrame:
+        old, rows, n_old = self._old, self._rows, len(self._old)
+        n = stop - start
+        mine = self._source[start:stop]
+        old_part = old.iloc[min(start, n_old):min(stop, n_old)].reset_index(drop=True)
+        new_part = rows.iloc[mine[len(old_part):]]  # the added pairs in this part
+        table = {c: _evidence_values(c, old_part[c].reindex(range(n))).copy()  # (copies: filled in place below)
+                 for c in EVIDENCE_COLUMNS if c not in ("sha_a", "sha_b", "transform")}
+        for c in ("sha_a", "sha_b"):  # (one string per content of the old rows; the run's own for the new)
+            table[c] = np.concatenate([shared_text(old_part[c]), new_part[c].to_numpy(dtype=object)])
+        table["transform"] = np.concatenate([old_part["transform"].to_numpy(np.int64),
+                                             new_part["transform"].to_numpy(np.int64)]).astype(np.int8)
+
+        def put(column: str, where: np.ndarray, values) -> None:
+            table[column][where] = _evidence_values(column, values)
+
+        scored = np.flatnonzero(mine >= 0)  # the part's rows this run scored
+        if self._verified and len(scored):
+            for c in ORB_COLUMNS:
+                put(c, scored, rows[c].iloc[mine[scored]])
+            put("orb_fp", scored, np.full(len(scored), self._fps["orb"], dtype=object))
+        if self._confirmed is not None and len(scored):
+            cos = scored[self._confirmed[mine[scored]]]
+            if len(cos):
+                put("cosine", cos, rows["cosine"].iloc[mine[cos]])
+                put("embed_fp", cos, np.full(len(cos), self._fps["embed"], dtype=object))
+        return pd.DataFrame({c: pd.Series(v, dtype=object) if isinstance(v, np.ndarray) and v.dtype == object else v
+                             for c, v in table.items()})[EVIDENCE_COLUMNS]
 
 
 def new_feature_rows(cat: Catalog, kind: str, fp: str, summary: pd.DataFrame, sha_of_cid: pd.Series) -> pd.DataFrame:

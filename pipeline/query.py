@@ -308,7 +308,7 @@ def _add(cat, cfg, fps, old, q, entries, pairs, near_idx, confirmed, sha, new_fe
                             **{c: scored[c].to_numpy() for c in catalog.ORB_COLUMNS},
                             "cosine": scored["cosine"].to_numpy()})
     verified = TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"]
-    evidence = catalog.evidence_table(cat, present, ev_rows, fps, verified, confirmed)
+    evidence = catalog.EvidenceTable(cat, present, ev_rows, fps, verified, confirmed)
     ran = {}
     features = catalog.features_table(cat, present, new_features, ran)
     cat.commit(root=str(root), run_id=cat.manifest.get("run_id", ""), fps={"screen": fps["screen"],

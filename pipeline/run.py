@@ -909,7 +909,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                              "transform": pairs["transform"].to_numpy(np.int64)[scored],
                              # (the columns' own arrays: to_numpy() would make a Python object per number)
                              **{c: pairs[c].array.take(scored) for c in (*catalog.ORB_COLUMNS, "cosine")}})
-        evidence = catalog.evidence_table(cat, present, rows, fps, verified, confirmed)
+        evidence = catalog.EvidenceTable(cat, present, rows, fps, verified, confirmed)  # (made as it is written)
         features = catalog.features_table(cat, present, new_features, ran_features)
         cat.drop_tables("evidence", "features")  # (the new tables hold what is kept of them)
         committed = cat.commit(root=root_text, run_id=run_id, fps=fps,

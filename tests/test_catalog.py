@@ -533,7 +533,7 @@ def test_search_settings_key_the_neighbour_lists_not_the_hashes():
     assert fp["screen"] != base["screen"]
 
 
-def test_evidence_table_keeps_old_rows_and_updates_the_scored_pairs(tmp_path):
+def test_evidence_table_keeps_old_rows_and_updates_the_scored_pairs(tmp_path, monkeypatch):
     """Column by column, as the catalog relies on: old rows of contents still present keep their
     order and values (the last of a repeated key), this run's scored pairs overwrite their ORB
     numbers, only confirmed pairs their cosine, and new pairs follow sorted by key."""
@@ -556,8 +556,9 @@ def test_evidence_table_keeps_old_rows_and_updates_the_scored_pairs(tmp_path):
         "orb_reason": ["n0", "n1", None], "ssim": [float("nan")] * 3, "hist_corr": [float("nan")] * 3,
         "cosine": [0.5, 0.25, 0.75]})
     present = set(h[:4])
-    out = catalog.evidence_table(cat, present, rows, {"orb": "o2", "embed": "e2"}, True,
-                                 [False, True, True])
+    table = catalog.EvidenceTable(cat, present, rows, {"orb": "o2", "embed": "e2"}, True, [False, True, True])
+    out = table.frame()
+    assert len(table) == len(out) == 5
     assert out.columns.tolist() == catalog.EVIDENCE_COLUMNS
     assert [(a[0], b[0], t) for a, b, t in zip(out["sha_a"], out["sha_b"], out["transform"])] == \
         [("b", "c", 0), ("a", "b", 0), ("a", "c", 3), ("b", "d", 0), ("c", "d", 5)]
@@ -570,6 +571,45 @@ def test_evidence_table_keeps_old_rows_and_updates_the_scored_pairs(tmp_path):
     # the old pair was not confirmed this time: its stored cosine (of the last repeated row) stays
     assert out["cosine"].tolist() == [pytest.approx(0.9), pytest.approx(0.8), pd.NA, 0.75, 0.25]
     assert out["embed_fp"].tolist() == ["e1", "e1", None, "e2", "e2"]
+    # made a group at a time as it is written: the same table whatever the groups' size, each
+    # group as long as the writer's row groups (old rows and new pairs in one group or across two)
+    for size in (1, 2, 3, 4):
+        monkeypatch.setattr(catalog, "TABLE_ROWS_PER_GROUP", size)
+        parts = list(table.parts())
+        assert [len(p) for p in parts] == [min(size, 5 - s) for s in range(0, 5, size)]
+        pd.testing.assert_frame_equal(pd.concat(parts, ignore_index=True), out)
+    empty = catalog.EvidenceTable(None, present, rows.iloc[:0], {"orb": "o2", "embed": "e2"}, True, [])
+    assert len(empty) == 0 and [len(p) for p in empty.parts()] == [0]
+    assert empty.frame().columns.tolist() == catalog.EVIDENCE_COLUMNS
+
+
+def test_an_evidence_table_is_written_a_group_at_a_time_with_its_columns_types(tmp_path, monkeypatch):
+    """The catalog writes the evidence as it is made (EvidenceTable.parts): the file reads back as
+    the whole table, in groups of TABLE_ROWS_PER_GROUP rows; a text column with no value in the
+    first group (no pair confirmed there) is still text, and numbers keep their nullable types."""
+    import pyarrow.parquet as pq
+    monkeypatch.setattr(catalog, "TABLE_ROWS_PER_GROUP", 2)
+    h = [c * 64 for c in "abcde"]
+    rows = pd.DataFrame({"sha_a": [h[0], h[0], h[1], h[2], h[3]], "sha_b": [h[1], h[2], h[2], h[3], h[4]],
+                         "transform": [0, 0, 1, 0, 0], "orb_matches": [5, 6, 7, 8, 9],
+                         "orb_inliers": [1, None, 3, 4, 5], "orb_score": [0.5, 0.25, None, 1.0, 0.0],
+                         "orb_status": ["match"] * 5, "orb_reason": ["r"] * 5, "ssim": [None] * 5,
+                         "hist_corr": [None] * 5, "cosine": [None, None, None, 0.5, 0.75]})
+    table = catalog.EvidenceTable(None, set(h), rows, {"orb": "o", "embed": "e"}, True,
+                                  [False, False, False, True, True])
+    entry = catalog._Files(tmp_path).write_table("tables/evidence.parquet", table)
+    path = tmp_path / entry["file"]
+    meta = pq.ParquetFile(path).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [2, 2, 1]
+    schema = pq.read_schema(path)
+    assert schema.field("embed_fp").type in ("string", "large_string")  # None in the whole first group
+    assert str(schema.field("cosine").type) == "float" and str(schema.field("orb_matches").type) == "int32"
+    back = pq.read_table(path).to_pandas()
+    assert back["embed_fp"].iloc[:3].isna().all()
+    assert back["embed_fp"].tolist()[3:] == ["e", "e"]
+    assert str(back["orb_inliers"].dtype) == "Int32" and back["orb_inliers"].isna().tolist() == [False, True] + [False] * 3
+    assert back["cosine"].tolist()[3:] == [0.5, 0.75]
+    assert back["sha_a"].tolist() == rows["sha_a"].tolist() and back["transform"].tolist() == [0, 0, 1, 0, 0]
 
 
 def test_lookup_evidence_finds_the_last_stored_row_of_each_pair(tmp_path):
