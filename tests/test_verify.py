@@ -246,6 +246,30 @@ def test_reference_matcher_gives_the_same_results(small_set, tmp_path):
                                   verify.verify_partition(job, cfg, reference=True))
 
 
+def test_a_verify_task_sends_its_texts_as_categories_and_the_driver_gets_the_same_frame(small_set, tmp_path):
+    """What a Dask task returns carries each distinct status and reason once (categories); turned
+    back in the driver it equals verify_partition's frame (texts as objects, None for none), and
+    rows with the same text share one string."""
+    images, pairs = small_set
+    cfg = Config()
+    verify.run_verify(pairs, images, cfg, str(tmp_path))
+    part = {int(k): str(p) for p in sorted(tmp_path.glob("orb-*/part-*.parquet"))
+            for k in pd.read_parquet(p, columns=["key"])["key"]}
+    ka = verify.feature_key(pairs["idx_a"], 0)
+    kb = verify.feature_key(pairs["idx_b"], pairs["transform"])
+    job = pd.DataFrame({"key_a": ka, "key_b": kb, "path_a_part": [part.get(int(k)) for k in ka],
+                        "path_b_part": [part.get(int(k)) for k in kb]}, index=pairs.index)
+    job.loc[job.index[0], "path_a_part"] = None  # an image with no features: an inconclusive row
+    plain = verify.verify_partition(job, cfg)
+    sent = verify._verify_task(job, cfg)
+    assert all(isinstance(sent[c].dtype, pd.CategoricalDtype) for c in verify.TEXT_COLUMNS)
+    assert len(sent["orb_status"].cat.categories) < len(sent)
+    back = verify._texts_back(sent)
+    pd.testing.assert_frame_equal(back, plain)
+    assert back["orb_status"].dtype == object and back["orb_status"].iloc[0] == "inconclusive"
+    assert len({id(s) for s in back["orb_status"]}) == back["orb_status"].nunique()
+
+
 def test_pair_evidence_reproduces_the_tier(small_set, tmp_path):
     """The report's drawings: same matches and inliers as run_verify, b tried plain and mirrored."""
     images, pairs = small_set
