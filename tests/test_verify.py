@@ -230,18 +230,22 @@ def test_numba_matcher_equals_bfmatcher_reference(few_photos):
                 np.testing.assert_array_equal(t, rt)
 
 
-def test_reference_matcher_gives_the_same_results(small_set, tmp_path):
+def _verify_job(small_set, tmp_path, cfg: Config) -> pd.DataFrame:
+    """verify_partition's input for the small set's pairs, over feature files a run wrote."""
     images, pairs = small_set
-    cfg = Config()
     verify.run_verify(pairs, images, cfg, str(tmp_path))
     part = {int(k): str(p) for p in sorted(tmp_path.glob("orb-*/part-*.parquet"))
             for k in pd.read_parquet(p, columns=["key"])["key"]}
+    assert part
     ka = verify.feature_key(pairs["idx_a"], 0)
     kb = verify.feature_key(pairs["idx_b"], pairs["transform"])
-    job = pd.DataFrame({"key_a": ka, "key_b": kb,
-                        "path_a_part": [part.get(int(k)) for k in ka],
-                        "path_b_part": [part.get(int(k)) for k in kb]}, index=pairs.index)
-    assert part
+    return pd.DataFrame({"key_a": ka, "key_b": kb, "path_a_part": [part.get(int(k)) for k in ka],
+                         "path_b_part": [part.get(int(k)) for k in kb]}, index=pairs.index)
+
+
+def test_reference_matcher_gives_the_same_results(small_set, tmp_path):
+    cfg = Config()
+    job = _verify_job(small_set, tmp_path, cfg)
     pd.testing.assert_frame_equal(verify.verify_partition(job, cfg),
                                   verify.verify_partition(job, cfg, reference=True))
 
@@ -250,15 +254,8 @@ def test_a_verify_task_sends_its_texts_as_categories_and_the_driver_gets_the_sam
     """What a Dask task returns carries each distinct status and reason once (categories); turned
     back in the driver it equals verify_partition's frame (texts as objects, None for none), and
     rows with the same text share one string."""
-    images, pairs = small_set
     cfg = Config()
-    verify.run_verify(pairs, images, cfg, str(tmp_path))
-    part = {int(k): str(p) for p in sorted(tmp_path.glob("orb-*/part-*.parquet"))
-            for k in pd.read_parquet(p, columns=["key"])["key"]}
-    ka = verify.feature_key(pairs["idx_a"], 0)
-    kb = verify.feature_key(pairs["idx_b"], pairs["transform"])
-    job = pd.DataFrame({"key_a": ka, "key_b": kb, "path_a_part": [part.get(int(k)) for k in ka],
-                        "path_b_part": [part.get(int(k)) for k in kb]}, index=pairs.index)
+    job = _verify_job(small_set, tmp_path, cfg)
     job.loc[job.index[0], "path_a_part"] = None  # an image with no features: an inconclusive row
     plain = verify.verify_partition(job, cfg)
     sent = verify._verify_task(job, cfg)
