@@ -849,10 +849,14 @@ class EvidenceTable:
         old = old.assign(transform=old_t).drop_duplicates(["sha_a", "sha_b", "transform"], keep="last")
         rows = rows.reset_index(drop=True)
         rows = rows.assign(transform=rows["transform"].to_numpy(np.int64))
-        rows = rows[~rows.duplicated(["sha_a", "sha_b", "transform"], keep="last")]  # (the last value wins)
-        if confirmed is not None:
-            confirmed = np.asarray(confirmed, bool)[rows.index.to_numpy()]
-        rows = rows.reset_index(drop=True)
+        repeated = rows.duplicated(["sha_a", "sha_b", "transform"], keep="last").to_numpy()
+        if repeated.any():  # (the last value wins; a copy of the rows only when some repeat)
+            rows = rows[~repeated]
+            if confirmed is not None:
+                confirmed = np.asarray(confirmed, bool)[rows.index.to_numpy()]
+            rows = rows.reset_index(drop=True)
+        elif confirmed is not None:
+            confirmed = np.asarray(confirmed, bool)
         if len(old) and len(rows):
             old_keys, row_keys = _pair_keys(*[(f["sha_a"], f["sha_b"], f["transform"]) for f in (old, rows)])
             at = old_keys.get_indexer(row_keys)

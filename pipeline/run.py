@@ -910,6 +910,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                              # (the columns' own arrays: to_numpy() would make a Python object per number)
                              **{c: pairs[c].array.take(scored) for c in (*catalog.ORB_COLUMNS, "cosine")}})
         evidence = catalog.EvidenceTable(cat, present, rows, fps, verified, confirmed)  # (made as it is written)
+        del rows  # (the table holds what it needs of them)
         features = catalog.features_table(cat, present, new_features, ran_features)
         cat.drop_tables("evidence", "features")  # (the new tables hold what is kept of them)
         committed = cat.commit(root=root_text, run_id=run_id, fps=fps,
@@ -920,7 +921,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         reuse["catalog_generation"] = committed["generation"]
         reuse["catalog_compacted"] = committed.get("compacted", [])
         manifest["timings_s"]["catalog"] = round(time.perf_counter() - t, 3)
-        del rows, evidence, features, committed
+        del evidence, features, committed
     # pairs.parquet part by part, in its row order, each part decided again (the reasons of one
     # part at a time); the report gets the pairs it shows (the duplicates of the clusters it lists
     # and the closest rejected ones)

@@ -549,14 +549,16 @@ def test_evidence_table_keeps_old_rows_and_updates_the_scored_pairs(tmp_path, mo
         "ssim": pd.array([None] * 5, dtype="Float32"), "hist_corr": pd.array([None] * 5, dtype="Float32"),
         "embed_fp": ["e1", None, "e1", None, None],
         "cosine": pd.array([0.9, None, 0.8, None, None], dtype="Float32")})
-    rows = pd.DataFrame({  # an old pair, two new pairs (given unsorted); contents e, f are gone
-        "sha_a": [h[0], h[2], h[1]], "sha_b": [h[1], h[3], h[3]], "transform": [0, 5, 0],
-        "orb_matches": [50.0, 60.0, float("nan")], "orb_inliers": [5.0, 6.0, float("nan")],
-        "orb_score": [0.125, 0.5, float("nan")], "orb_status": ["match", "match", None],
-        "orb_reason": ["n0", "n1", None], "ssim": [float("nan")] * 3, "hist_corr": [float("nan")] * 3,
-        "cosine": [0.5, 0.25, 0.75]})
+    rows = pd.DataFrame({  # an old pair, two new pairs (given unsorted), one of them twice (the
+        # last row wins); contents e, f are gone
+        "sha_a": [h[0], h[2], h[1], h[2]], "sha_b": [h[1], h[3], h[3], h[3]], "transform": [0, 5, 0, 5],
+        "orb_matches": [50.0, 59.0, float("nan"), 60.0], "orb_inliers": [5.0, 6.0, float("nan"), 6.0],
+        "orb_score": [0.125, 0.5, float("nan"), 0.5], "orb_status": ["match", "no-match", None, "match"],
+        "orb_reason": ["n0", "n9", None, "n1"], "ssim": [float("nan")] * 4, "hist_corr": [float("nan")] * 4,
+        "cosine": [0.5, 0.125, 0.75, 0.25]})
     present = set(h[:4])
-    table = catalog.EvidenceTable(cat, present, rows, {"orb": "o2", "embed": "e2"}, True, [False, True, True])
+    table = catalog.EvidenceTable(cat, present, rows, {"orb": "o2", "embed": "e2"}, True,
+                                  [False, False, True, True])
     out = table.frame()
     assert len(table) == len(out) == 5
     assert out.columns.tolist() == catalog.EVIDENCE_COLUMNS
@@ -578,6 +580,10 @@ def test_evidence_table_keeps_old_rows_and_updates_the_scored_pairs(tmp_path, mo
         parts = list(table.parts())
         assert [len(p) for p in parts] == [min(size, 5 - s) for s in range(0, 5, size)]
         pd.testing.assert_frame_equal(pd.concat(parts, ignore_index=True), out)
+    # the same pairs, none repeated (the rows are then not copied)
+    once = catalog.EvidenceTable(cat, present, rows.iloc[[0, 2, 3]], {"orb": "o2", "embed": "e2"}, True,
+                                 [False, True, True])
+    pd.testing.assert_frame_equal(once.frame(), out)
     empty = catalog.EvidenceTable(None, present, rows.iloc[:0], {"orb": "o2", "embed": "e2"}, True, [])
     assert len(empty) == 0 and [len(p) for p in empty.parts()] == [0]
     assert empty.frame().columns.tolist() == catalog.EVIDENCE_COLUMNS
