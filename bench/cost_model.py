@@ -46,7 +46,7 @@ DRIVER = [dict(name="5k end-to-end subset", section="driver memory per image (wh
           dict(name="10k end-to-end", section="driver memory per image (whole cascade), this tree",
                images=10_465, pairs_per_image=6.59, peak_mb=519, fit=True),
           dict(name="100k scale folder", section="driver memory at the 100k scale folder",
-               images=100_625, pairs_per_image=5.09, peak_mb=1_278, fit=True)]
+               images=100_625, pairs_per_image=5.09, peak_mb=1_183, fit=True)]
 MODEL_LOAD_S = 2.5  # confirm: model build + weights load once per worker process (confirm section)
 # bytes per image in the store (measured; pairs.parquet scaled by the candidates per image)
 STORE = {
