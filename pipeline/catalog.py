@@ -883,7 +883,7 @@ class EvidenceTable:
             yield self._part(start, min(start + TABLE_ROWS_PER_GROUP, len(self)))
 
     def frame(self) -> pd.DataFrame:
-        """The whole table at once (a small one: a query's commit, tests)."""
+        """The whole table at once (small tables: tests; the commit writes `parts`)."""
         return pd.concat(list(self.parts()), ignore_index=True)
 
     def _part(self, start: int, stop: int) -> pd.DataFrame:
