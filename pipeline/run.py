@@ -360,12 +360,22 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
             results[n] = fn(*args)
             tracker.update(len(args[0]))
 
+        files_of: dict[str, int] = {}  # task key -> its number of files (the progress counts them)
+
         def submit(n, fn, args):
             nonlocal pending
             from distributed import as_completed
             futures.append((n, client.submit(fn, *args, pure=False)))
+            files_of[futures[-1][1].key] = len(args[0])
             pending = pending or as_completed(loop=client.loop)
             pending.add(futures[-1][1])
+
+        def finished(fut):
+            # counted from the task's files: fetching the frame here would bring every
+            # partition to this process twice (gathered again below)
+            if fut.status == "error":
+                fut.result()  # the task's exception, with its traceback
+            tracker.update(files_of[fut.key])
 
         n_tasks = 0
         for batch in batches:  # walk and screen interleave: the total grows until the walk ends
@@ -388,7 +398,7 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
                     submit(*held.popleft())
                 auto = None
             for fut in pending.next_batch(block=False) if pending is not None else []:
-                tracker.update(len(fut.result()))
+                finished(fut)
         if auto is not None:
             auto.walk_done()
             client = auto.resolved()  # None: in-process; else wait for the cluster
@@ -400,7 +410,7 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
             while held:
                 submit(*held.popleft())
         for fut in pending if pending is not None else []:
-            tracker.update(len(fut.result()))
+            finished(fut)
         if futures:
             results.update(zip([n for n, _ in futures], client.gather([f for _, f in futures])))
         frames = [results[n] for n in sorted(results)]

@@ -54,6 +54,36 @@ def test_auto_with_nothing_to_screen_never_starts_a_cluster(data, tmp_path):
     assert again["scheduler_used"] == "sync"
 
 
+def test_screen_on_a_cluster_counts_every_file_and_fetches_each_partition_once(data, tmp_path, caplog,
+                                                                               monkeypatch):
+    """The screen's progress counts a task's files as it ends (not by fetching its frame, which
+    the gather at the end fetches again): every file is counted, each partition crosses to the
+    driver once, and the frame is the in-process one."""
+    import logging
+    import shutil
+
+    from distributed import Client, Future, LocalCluster
+
+    from pipeline.progress import Progress
+    folder = tmp_path / "data"
+    shutil.copytree(data, folder)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")  # an error row is counted too
+    cfg = load_config(None, ["dask.partition_size=4", "dask.dashboard_address="])
+    here = run.run_screen(folder, cfg, None, Progress(quiet=True))
+    fetched = []
+    result = Future.result
+    monkeypatch.setattr(Future, "result", lambda self, *a, **k: fetched.append(self.key) or result(self, *a, **k))
+    caplog.set_level(logging.INFO, logger="pipeline")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        images = run.run_screen(folder, cfg, client, Progress(quiet=True))
+    assert fetched == []  # only the one gather brought the frames
+    finished = [r.getMessage() for r in caplog.records if r.getMessage().startswith("screen: finished")]
+    assert len(finished) == 1 and finished[0].startswith(f"screen: finished {len(here)} img"), finished
+    assert len(here) > 3 * 4 and here["error"].notna().sum() >= 1  # several tasks, an error row among them
+    pd.testing.assert_frame_equal(images, here)
+
+
 @pytest.mark.slow
 def test_no_tensorflow_in_the_driver_or_the_workers_of_a_verify_run(data, tmp_path):
     """Screen and verify never import TensorFlow (seconds per process, and memory): checked in a
