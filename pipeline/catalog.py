@@ -79,8 +79,9 @@ EVIDENCE_COLUMNS = ["sha_a", "sha_b", "transform", "orb_fp", "orb_matches", "orb
 FEATURE_COLUMNS = ["kind", "fp", "sha256", "transform", "key", "part", "error"]
 TABLE_COLUMNS = {"images": IMAGE_COLUMNS, "neighbours": NEIGHBOUR_COLUMNS, "evidence": EVIDENCE_COLUMNS,
                  "features": FEATURE_COLUMNS}
-# Feature parts are compacted at commit (per kind and settings) when there are more part files than
-# this (a nightly run adds a few small ones) ...
+# Feature parts are compacted at commit (per kind and settings) when more than this many part
+# files are small, under half of COMPACT_ROWS_PER_PART rows (a nightly run adds a few small ones;
+# a large run's parts are full, and rewriting them would only copy every descriptor) ...
 COMPACT_MAX_PARTS = 64
 # ... or when more than this fraction of their stored rows belong to contents no longer present.
 COMPACT_DEAD_FRACTION = 0.5
@@ -545,8 +546,8 @@ class Catalog:
         return manifest
 
     def compact(self, features: pd.DataFrame, tag: str) -> tuple[pd.DataFrame, list[dict]]:
-        """Rewrite the referenced rows of each (kind, fp) whose parts are too many or mostly dead
-        (COMPACT_MAX_PARTS, COMPACT_DEAD_FRACTION) into new parts of COMPACT_ROWS_PER_PART rows,
+        """Rewrite the referenced rows of each (kind, fp) whose small parts are too many or whose
+        parts are mostly dead (COMPACT_MAX_PARTS, COMPACT_DEAD_FRACTION) into new parts of COMPACT_ROWS_PER_PART rows,
         reading one old part at a time. Returns the features table pointing at the new parts and
         what was compacted. The old parts stay until garbage collection (two generations later)."""
         done = []
@@ -555,8 +556,10 @@ class Catalog:
         features = features.copy()
         for (kind, fp), group in features.groupby(["kind", "fp"], sort=True):
             parts = sorted(pd.unique(group["part"].astype(str)))
-            stored = sum(self.files.num_rows(p) for p in parts)
-            if len(parts) <= COMPACT_MAX_PARTS and len(group) >= stored * (1 - COMPACT_DEAD_FRACTION):
+            sizes = [self.files.num_rows(p) for p in parts]
+            stored = sum(sizes)
+            small = sum(size < COMPACT_ROWS_PER_PART // 2 for size in sizes)
+            if small <= COMPACT_MAX_PARTS and len(group) >= stored * (1 - COMPACT_DEAD_FRACTION):
                 continue
             out_dir = self.feature_dir(kind, fp, f"compact-{tag}")
             part_of_key: dict[int, str] = {}

@@ -520,6 +520,31 @@ def test_feature_parts_are_compacted_and_still_give_the_same_results(grown, tmp_
     assert_same_outputs(out, tmp_path / "scratch")
 
 
+def test_only_small_parts_count_towards_compaction(tmp_path, monkeypatch):
+    """Many full parts (a large first run's) are left as written: rewriting them would copy every
+    descriptor into as many parts again. Many small parts (nightly runs') are merged."""
+    from pipeline import store
+    cat = catalog.Catalog(tmp_path / "catalog")
+    rows = []
+    for p in range(3):  # 3 parts of 4 rows each
+        keys = np.arange(p * 4, p * 4 + 4, dtype=np.int64) * 8
+        path = store.write_partition(cat.feature_dir("orb", "f1", "run-1"), p,
+                                     pd.DataFrame({"key": keys, "blob": [b"x" * 10] * 4}))
+        rows += [{"kind": "orb", "fp": "f1", "sha256": f"{k:064d}", "transform": 0, "key": int(k),
+                  "part": cat.files.rel(path), "error": None} for k in keys]
+    features = pd.DataFrame(rows, columns=catalog.FEATURE_COLUMNS)
+    monkeypatch.setattr(catalog, "COMPACT_MAX_PARTS", 2)  # fewer than the 3 parts
+    monkeypatch.setattr(catalog, "COMPACT_ROWS_PER_PART", 8)  # 4 rows: not small (under 8 // 2)
+    kept, done = cat.compact(features, "t1")
+    assert done == [] and kept.equals(features)
+    monkeypatch.setattr(catalog, "COMPACT_ROWS_PER_PART", 16)  # now every part is small
+    kept, done = cat.compact(features, "t2")
+    assert done == [{"kind": "orb", "fp": "f1", "parts_before": 3, "rows_stored_before": 12, "rows_kept": 12,
+                     "parts_after": 1}]
+    assert kept["part"].nunique() == 1 and "/compact-t2" in kept["part"].iloc[0]
+    assert sorted(kept["key"]) == sorted(features["key"])
+
+
 def test_search_settings_key_the_neighbour_lists_not_the_hashes():
     """How the candidate search runs (sharding, shard sizes, K, distances) re-searches from the
     stored hashes; it never re-hashes a catalog's images."""
