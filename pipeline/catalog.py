@@ -785,12 +785,14 @@ def _pair_keys(*pairs: tuple) -> list[pd.MultiIndex]:
 
 
 def lookup_evidence(cat: Catalog | None, sha_a, sha_b, transform, what: str, fp: str) -> tuple[np.ndarray, pd.DataFrame]:
-    """Stored evidence for pairs of contents: (hit mask, frame of the columns), `what` = "orb"
-    (ORB_COLUMNS, made with settings `fp`) or "cosine"; "orb_any"/"cosine_any": made with any settings."""
+    """Stored evidence for pairs of contents: (hit mask, frame of the columns of the hits, one row
+    per hit in order), `what` = "orb" (ORB_COLUMNS, made with settings `fp`) or "cosine";
+    "orb_any"/"cosine_any": made with any settings. Rows only for the hits: a first run asks
+    about every pair and finds none."""
     n = len(sha_a)
     columns = ORB_COLUMNS if what.startswith("orb") else ["cosine"]
     if cat is None or not len(cat.evidence):
-        return np.zeros(n, bool), pd.DataFrame(index=range(n), columns=columns)
+        return np.zeros(n, bool), pd.DataFrame(columns=columns)
     ev = cat.evidence
     fp_col = "orb_fp" if what.startswith("orb") else "embed_fp"
     keep = (ev[fp_col].notna() if what.endswith("_any") else ev[fp_col] == fp).to_numpy(bool)
@@ -802,7 +804,7 @@ def lookup_evidence(cat: Catalog | None, sha_a, sha_b, transform, what: str, fp:
     stored, asked = _pair_keys((ev["sha_a"], ev["sha_b"], ev["transform"]), (sha_a, sha_b, transform))
     last = ~stored.duplicated(keep="last")  # one row per pair: the last
     at = stored[last].get_indexer(asked) if n and last.any() else np.full(n, -1, np.int64)
-    found = ev.loc[last, columns].reset_index(drop=True).reindex(at).reset_index(drop=True)
+    found = ev.loc[last, columns].reset_index(drop=True).take(at[at >= 0]).reset_index(drop=True)
     return at >= 0, found
 
 

@@ -192,7 +192,7 @@ def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp
         ia, ib, tt = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy(), sub["transform"].to_numpy(np.int64)
         hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "orb", fps["orb"])
         for col in catalog.ORB_COLUMNS:
-            _set(pairs, near_idx[hit], col, found.loc[hit, col])
+            _set(pairs, near_idx[hit], col, found[col])
         todo = near_idx[~hit]
         if len(todo):
             job = pd.DataFrame({"idx_a": cids[ia[~hit]], "idx_b": cids[ib[~hit]], "transform": tt[~hit]}, index=todo)
@@ -216,7 +216,7 @@ def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp
             sub = pairs.loc[alive]
             ia, ib, tt = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy(), sub["transform"].to_numpy(np.int64)
             hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "cosine", fps["embed"])
-            _set(pairs, alive[hit], "cosine", found.loc[hit, "cosine"])
+            _set(pairs, alive[hit], "cosine", found["cosine"])
             todo = alive[~hit]
             if len(todo):
                 job = pd.DataFrame({"idx_a": cids[ia[~hit]], "idx_b": cids[ib[~hit]], "transform": tt[~hit]},

@@ -779,12 +779,12 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                 thumbs = stored_features(pd.Series(made.get("part_path", []), index=made.get("key", []), dtype=object),
                                        pd.Series(sha))
             else:  # pairs already scored with these settings are taken from the catalog
-                sub = pairs.loc[near]
+                sub = pairs.loc[near, ["idx_a", "idx_b", "transform"]]
                 ia, ib = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy()
                 tt = sub["transform"].to_numpy(np.int64)
                 hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "orb", fps["orb"])
                 for col in catalog.ORB_COLUMNS:
-                    _set(pairs, near[hit], col, found.loc[hit, col])
+                    _set(pairs, near[hit], col, found[col])
                 todo = near[~hit]
                 info = {"pairs_reused": int(hit.sum()), "pairs_verified": int(len(todo))}
                 if len(todo):
@@ -838,11 +838,11 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                 counts["confirm_reused"] = int(cos.attrs.get("reused_keys", 0))
                 pairs.loc[alive, "cosine"] = cos.astype("float32")
             elif len(alive):
-                sub = pairs.loc[alive]
+                sub = pairs.loc[alive, ["idx_a", "idx_b", "transform"]]
                 ia, ib = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy()
                 tt = sub["transform"].to_numpy(np.int64)
                 hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "cosine", fps["embed"])
-                _set(pairs, alive[hit], "cosine", found.loc[hit, "cosine"])
+                _set(pairs, alive[hit], "cosine", found["cosine"])
                 todo = alive[~hit]
                 info = {"pairs_reused": int(hit.sum()), "pairs_embedded": int(len(todo))}
                 if len(todo):

@@ -646,7 +646,7 @@ def test_an_evidence_table_is_written_a_group_at_a_time_with_its_columns_types(t
 def test_lookup_evidence_finds_the_last_stored_row_of_each_pair(tmp_path):
     """Stored evidence is found per (sha_a, sha_b, transform) made with the asked settings (the last
     of a repeated pair); a pair in the other order, with another transform or other settings is a
-    miss (NA values); "_any" takes any settings; the column types are the table's."""
+    miss; `found` has a row per hit, in order; "_any" takes any settings; the column types are the table's."""
     h = [c * 64 for c in "abcd"]
     cat = catalog.Catalog(tmp_path)
     cat.evidence = pd.DataFrame({
@@ -663,18 +663,21 @@ def test_lookup_evidence_finds_the_last_stored_row_of_each_pair(tmp_path):
     tt = [0, 0, 3, 0, 0, 0, 0]
     hit, found = catalog.lookup_evidence(cat, sha_a, sha_b, tt, "orb", "o1")
     assert hit.tolist() == [True, False, True, False, False, True, False]
-    assert found.index.tolist() == list(range(7)) and found.columns.tolist() == catalog.ORB_COLUMNS
-    assert found["orb_matches"].tolist() == [11, pd.NA, 30, pd.NA, pd.NA, 11, pd.NA]
+    assert found.index.tolist() == list(range(3)) and found.columns.tolist() == catalog.ORB_COLUMNS
+    assert found["orb_matches"].tolist() == [11, 30, 11]
+    assert found["orb_inliers"].tolist() == [2, pd.NA, 2]
     assert str(found["orb_matches"].dtype) == "Int32" and str(found["orb_score"].dtype) == "Float32"
-    assert found["orb_status"].iloc[0] == "no-match" and found["orb_status"].iloc[[1, 2]].isna().all()
+    assert found["orb_status"].iloc[0] == "no-match" and pd.isna(found["orb_status"].iloc[1])
     hit, _ = catalog.lookup_evidence(cat, sha_a, sha_b, tt, "orb_any", "")
     assert hit.tolist() == [True, False, True, False, True, True, False]
     hit, found = catalog.lookup_evidence(cat, sha_a, sha_b, tt, "cosine", "e1")
-    assert hit.tolist() == [False] * 6 + [True] and found["cosine"].tolist()[-1] == pytest.approx(0.5)
+    assert hit.tolist() == [False] * 6 + [True] and found["cosine"].tolist() == [pytest.approx(0.5)]
     hit, found = catalog.lookup_evidence(cat, [], [], [], "orb", "o1")
     assert hit.tolist() == [] and len(found) == 0
     hit, found = catalog.lookup_evidence(cat, [h[3]], [h[0]], [0], "orb", "o1")  # no stored row of these
-    assert hit.tolist() == [False] and found["orb_matches"].isna().all()
+    assert hit.tolist() == [False] and len(found) == 0 and found.columns.tolist() == catalog.ORB_COLUMNS
+    hit, found = catalog.lookup_evidence(catalog.Catalog(tmp_path / "empty"), sha_a, sha_b, tt, "orb", "o1")
+    assert hit.tolist() == [False] * 7 and len(found) == 0 and found.columns.tolist() == catalog.ORB_COLUMNS
 
 
 def test_tables_are_written_a_row_group_at_a_time(tmp_path, monkeypatch):
