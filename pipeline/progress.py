@@ -142,6 +142,12 @@ def _call_task(task, fn: Callable, star: bool, args: tuple):
     return fn(*task, *args) if star else fn(task, *args)
 
 
+# tasks whose data `map_tasks` scatters at once: scattering the 256 verify tasks of 512k pairs
+# in one call took the driver's RSS up 140 MB (100 MB of it kept), 16 at a time 49 MB, in the
+# same time (docs/benchmarks.md, driver memory at the 100k scale folder)
+SCATTER_TASKS = 16
+
+
 def map_tasks(client, fn: Callable, tasks: Sequence, *args, tracker: Tracker | None = None,
               weight: Callable[[object], int] = lambda task: 1, star: bool = False) -> list:
     """[fn(task, *args) for task in tasks] (`star`: fn(*task, *args)), on the Dask `client` when
@@ -169,10 +175,14 @@ def map_tasks(client, fn: Callable, tasks: Sequence, *args, tracker: Tracker | N
     if not tasks:
         return []
     # the tasks' data (frames of paths or pairs: ~15 MB for 70k pairs) goes to the workers as
-    # scattered data, not inside the task graph (which the scheduler holds and warns about);
-    # hash=False: fresh keys, so a repeated call never shares data with a finished one
-    data = client.scatter(tasks, hash=False)
-    futures = client.map(_call_task, data, fn=fn, star=star, args=args, pure=False)
+    # scattered data, not inside the task graph (which the scheduler holds and warns about),
+    # SCATTER_TASKS tasks at a time: one scatter of every task serializes them all at once,
+    # into one message per worker; hash=False: fresh keys, so a repeated call never shares data
+    # with a finished one
+    futures = []
+    for start in range(0, len(tasks), SCATTER_TASKS):
+        data = client.scatter(tasks[start:start + SCATTER_TASKS], hash=False)
+        futures += client.map(_call_task, data, fn=fn, star=star, args=args, pure=False)
     weights = {f.key: weight(t) for f, t in zip(futures, tasks)}
     for fut in as_completed(futures, loop=client.loop):  # the client need not be the default one
         if fut.status == "error":

@@ -133,6 +133,31 @@ def test_batch_log_has_stage_lines_and_a_heartbeat(caplog):
     assert any("ETA" in b for b in beats)
 
 
+def _times(task, k):
+    return task * k
+
+
+def _pair_times(a, b, k):
+    return a * b * k
+
+
+def test_tasks_sent_to_a_cluster_a_few_at_a_time_keep_their_order_and_counts(monkeypatch):
+    """map_tasks scatters its tasks' data SCATTER_TASKS at a time (not all in one message): the
+    results still come back in task order, plain and star, and the tracker counts every task."""
+    import distributed
+
+    from pipeline import progress
+    monkeypatch.setattr(progress, "SCATTER_TASKS", 3)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        with Progress(quiet=True).stage("verify", total=10, unit="pair") as tracker:
+            assert map_tasks(client, _times, list(range(10)), 10, tracker=tracker) == [10 * t for t in range(10)]
+        assert tracker.done == 10
+        tasks = [(a, a + 1) for a in range(7)]
+        assert map_tasks(client, _pair_times, tasks, 2, star=True) == [a * (a + 1) * 2 for a in range(7)]
+        assert map_tasks(client, _times, [], 2) == []
+
+
 def test_quiet_has_no_heartbeat(caplog):
     caplog.set_level(logging.INFO, logger="pipeline")
     with Progress(quiet=True, heartbeat_s=0.01).stage("screen", total=1, unit="img") as tracker:
