@@ -142,9 +142,9 @@ def _call_task(task, fn: Callable, star: bool, args: tuple):
     return fn(*task, *args) if star else fn(task, *args)
 
 
-# tasks whose data `map_tasks` scatters at once: scattering the 256 verify tasks of 512k pairs
-# in one call took the driver's RSS up 140 MB (100 MB of it kept), 16 at a time 49 MB, in the
-# same time (docs/benchmarks.md, driver memory at the 100k scale folder)
+# tasks whose data `map_tasks` scatters at once: scattering 256 verify-like tasks of 512k pairs
+# in one call took the driver's RSS up 143 MiB (97 MiB of it kept), 16 at a time 49 MiB, in
+# about the same time (docs/benchmarks.md, "driver memory of sending tasks to a cluster")
 SCATTER_TASKS = 16
 
 
