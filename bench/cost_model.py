@@ -42,11 +42,11 @@ EMB_SHARD = dict(section="sharded embedding kNN", n=299_776, shards=4, ratio=0.9
 # cascade, default settings, a catalog in OUT, a local cluster of 2 workers; `fit` marks the two
 # points the line is drawn through (the widest span), the others are predicted back
 DRIVER = [dict(name="5k end-to-end subset", section="driver memory per image (whole cascade), this tree",
-               images=5_005, pairs_per_image=6.06, peak_mb=459, fit=False),
+               images=5_005, pairs_per_image=6.06, peak_mb=437, fit=False),
           dict(name="10k end-to-end", section="driver memory per image (whole cascade), this tree",
-               images=10_465, pairs_per_image=6.59, peak_mb=519, fit=True),
+               images=10_465, pairs_per_image=6.59, peak_mb=496, fit=True),
           dict(name="100k scale folder", section="driver memory at the 100k scale folder",
-               images=100_625, pairs_per_image=5.09, peak_mb=1_183, fit=True)]
+               images=100_625, pairs_per_image=5.09, peak_mb=1_031, fit=True)]
 MODEL_LOAD_S = 2.5  # confirm: model build + weights load once per worker process (confirm section)
 # bytes per image in the store (measured; pairs.parquet scaled by the candidates per image)
 STORE = {
