@@ -547,9 +547,10 @@ class Catalog:
 
     def compact(self, features: pd.DataFrame, tag: str) -> tuple[pd.DataFrame, list[dict]]:
         """Rewrite the referenced rows of each (kind, fp) whose small parts are too many or whose
-        parts are mostly dead (COMPACT_MAX_PARTS, COMPACT_DEAD_FRACTION) into new parts of COMPACT_ROWS_PER_PART rows,
-        reading one old part at a time. Returns the features table pointing at the new parts and
-        what was compacted. The old parts stay until garbage collection (two generations later)."""
+        parts are mostly dead (COMPACT_MAX_PARTS, COMPACT_DEAD_FRACTION) into new parts of
+        COMPACT_ROWS_PER_PART rows, reading one old part at a time. Returns the features table
+        pointing at the new parts and what was compacted. The old parts stay until garbage
+        collection (two generations later)."""
         done = []
         if not len(features):
             return features, done
