@@ -20,17 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 
 from bench.report import median, stamp, table, update_section
+from bench.shard import reset_hwm, vm_hwm
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _status(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def result_like(task: pd.DataFrame) -> pd.DataFrame:
@@ -69,16 +64,16 @@ def measure(pairs: int, at_once: bool) -> dict:
     tasks = verify_like_tasks(pairs, cfg.dask.pairs_per_task)
     if at_once:
         progress.SCATTER_TASKS = len(tasks)  # one scatter of every task (as before)
+    me = psutil.Process()
     with run.dask_client(cfg, "local") as client:
         client.wait_for_workers(2)
-        before = _status("VmRSS")
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # VmHWM := VmRSS
+        before = me.memory_info().rss
+        reset_hwm()  # VmHWM := VmRSS
         start = time.perf_counter()
         results = progress.map_tasks(client, result_like, tasks)
         seconds = time.perf_counter() - start
         assert sum(len(r) for r in results) == pairs
-        return {"peak": _status("VmHWM") - before, "kept": _status("VmRSS") - before, "seconds": seconds,
+        return {"peak": vm_hwm() - before, "kept": me.memory_info().rss - before, "seconds": seconds,
                 "tasks": len(tasks), "batch": progress.SCATTER_TASKS}
 
 
