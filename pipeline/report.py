@@ -536,8 +536,12 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
         if abs_col not in pairs:
             pairs[abs_col] = [str(Path(manifest.get("root") or ".") / p) for p in pairs[col]]
     data = build_data(images, pairs, manifest, rcfg, rejected_total, cluster_pairs)
-    abs_of = dict(zip(images["image_id"].astype(str), images["abs_path"]))
-    sha_of = dict(zip(images["image_id"].astype(str), images["sha256"]))
+    # paths and content of the images data.js lists only (a dict over every image of a 100k-file
+    # run was ~40 MB of Python strings at the driver's peak)
+    listed = images[images["image_id"].astype("int64").isin([int(row[0]) for row in data["images"]])]
+    abs_of = dict(zip(listed["image_id"].astype(str), listed["abs_path"]))
+    sha_of = dict(zip(listed["image_id"].astype(str), listed["sha256"]))
+    del listed
 
     tmp = out_dir / f".report-{uuid.uuid4().hex[:12]}"
     (tmp / "thumbs").mkdir(parents=True)
