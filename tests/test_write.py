@@ -120,12 +120,14 @@ def test_pairs_written_in_parts_are_the_pairs_written_whole(review_data, review_
     """A run decides and writes pairs.parquet a part at a time (decide.PART_ROWS pairs: the
     reasons of one part in memory): with parts of 7 pairs the files hold the same rows, types
     and categories as the review run's single part, in row groups of 7, and the report shows
-    the same pairs, clusters and rejected pairs."""
+    the same pairs, clusters and rejected pairs. images.parquet, written in row groups of 5
+    (write.IMAGE_ROWS_PER_GROUP), holds the same rows and types as written whole."""
     import pyarrow.parquet as pq
 
-    from pipeline import decide
+    from pipeline import decide, write
     from pipeline.cli import main
     monkeypatch.setattr(decide, "PART_ROWS", 7)
+    monkeypatch.setattr(write, "IMAGE_ROWS_PER_GROUP", 5)
     out = tmp_path / "out"
     assert main(["dedupe", str(review_data), "--out", str(out), "--scheduler", "sync", "--quiet",
                  "--set", "screen.mode=hash+embedding", "--set", "screen.embedding_min_cosine=0.3"]) == 0
@@ -136,6 +138,10 @@ def test_pairs_written_in_parts_are_the_pairs_written_whole(review_data, review_
     assert whole.metadata.num_row_groups == 1
     assert parts.metadata.num_row_groups == -(-whole.metadata.num_rows // 7) > 3
     assert parts.schema_arrow.equals(whole.schema_arrow)  # (pandas metadata aside)
+    images_whole, images_parts = (pq.ParquetFile(folder / "images.parquet") for folder in (review_run, out))
+    assert images_whole.metadata.num_row_groups == 1
+    assert images_parts.metadata.num_row_groups == -(-images_whole.metadata.num_rows // 5) > 3
+    assert images_parts.schema_arrow.equals(images_whole.schema_arrow)
     assert pd.read_parquet(out / "pairs.parquet")["rule"].cat.categories.is_monotonic_increasing
 
     def data(folder):
