@@ -365,7 +365,12 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
         def submit(n, fn, args):
             nonlocal pending
             from distributed import as_completed
-            futures.append((n, client.submit(fn, *args, pure=False)))
+            # the per-file lists go to the workers as data, not inside the task: the client's and
+            # the scheduler's message logs (distributed.admin.low-level-log-length: 1000 messages
+            # a stream) keep the tasks sent, and with them every screened file's entry (~60 MB of
+            # this process at 100k files); hash=False: fresh keys, never shared with another task
+            data = client.scatter(list(args[:-1]), hash=False)
+            futures.append((n, client.submit(fn, *data, args[-1], pure=False)))
             files_of[futures[-1][1].key] = len(args[0])
             pending = pending or as_completed(loop=client.loop)
             pending.add(futures[-1][1])

@@ -54,11 +54,28 @@ def test_auto_with_nothing_to_screen_never_starts_a_cluster(data, tmp_path):
     assert again["scheduler_used"] == "sync"
 
 
+def _tasks_in_scheduler_log(dask_scheduler) -> list[bytes]:
+    """The compute-task messages the scheduler's streams to its workers keep in their logs
+    (distributed.admin.low-level-log-length), pickled."""
+    import pickle
+    return [pickle.dumps(msg["run_spec"].data) for stream in dask_scheduler.stream_comms.values()
+            for payload in stream.recent_message_log if isinstance(payload, list)
+            for msg in payload if isinstance(msg, dict) and msg.get("op") == "compute-task"]
+
+
+def _tasks_in_client_log(client) -> list[bytes]:
+    """The task graphs the client's stream to the scheduler keeps in its log, as sent."""
+    return [b"".join(bytes(frame) for frame in msg["expr_ser"].frames)
+            for payload in client.scheduler_comm.recent_message_log if isinstance(payload, list)
+            for msg in payload if isinstance(msg, dict) and msg.get("op") == "update-graph"]
+
+
 def test_screen_on_a_cluster_counts_every_file_and_fetches_each_partition_once(data, tmp_path, caplog,
                                                                                monkeypatch):
     """The screen's progress counts a task's files as it ends (not by fetching its frame, which
     the gather at the end fetches again): every file is counted, each partition crosses to the
-    driver once, and the frame is the in-process one."""
+    driver once, and the frame is the in-process one. The file lists go to the workers as data,
+    so the tasks the client's and the scheduler's message logs keep hold no file entry."""
     import logging
     import shutil
 
@@ -77,7 +94,11 @@ def test_screen_on_a_cluster_counts_every_file_and_fetches_each_partition_once(d
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         images = run.run_screen(folder, cfg, client, Progress(quiet=True))
+        kept = client.run_on_scheduler(_tasks_in_scheduler_log) + _tasks_in_client_log(client)
     assert fetched == []  # only the one gather brought the frames
+    # the file lists went to the workers as data: the tasks the message logs keep name no file
+    names = [p.name.encode() for p in folder.rglob("*") if p.is_file()]
+    assert len(kept) >= 3 and not [n for n in names if any(n in task for task in kept)]
     finished = [r.getMessage() for r in caplog.records if r.getMessage().startswith("screen: finished")]
     assert len(finished) == 1 and finished[0].startswith(f"screen: finished {len(here)} img"), finished
     assert len(here) > 3 * 4 and here["error"].notna().sum() >= 1  # several tasks, an error row among them
