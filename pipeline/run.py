@@ -7,6 +7,7 @@ as arguments and returns a frame.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
@@ -494,6 +495,27 @@ def _call(fn, args):
     return fn(*args)
 
 
+_LIBC: list = []  # the C library, once looked up (an empty list: not yet; [None]: no malloc_trim)
+
+
+def release_freed_memory() -> bool:
+    """Hand the C heap's freed pages back to the OS (glibc's malloc_trim), between the stages of
+    the driver. glibc keeps what a stage freed (the tasks' unpickled results, the frames it built
+    and dropped) in its arenas for reuse, and a later stage seldom reuses those holes: at 100k
+    files the verify stage left 111 MB of them and the run's peak fell 1,028 -> 952 MB
+    (docs/benchmarks.md, "driver memory"). Returns False where there is no malloc_trim (not glibc)."""
+    if not _LIBC:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            _LIBC.append(libc if hasattr(libc, "malloc_trim") else None)
+        except OSError:
+            _LIBC.append(None)
+    if _LIBC[0] is None:
+        return False
+    _LIBC[0].malloc_trim(0)
+    return True
+
+
 def representatives(images: pd.DataFrame) -> pd.Series:
     """Valid images that are the first of their byte-identical group: only these take part in
     the near search and the later tiers."""
@@ -710,6 +732,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
             client.on_in_process = lambda: ahead.append(_build_model_ahead(cfg))
         images = run_screen(root, cfg, client, progress, known=known, rehash=rehash, reuse=reuse["screen"])
         del known  # arrays over the catalog's images: not needed past the screen
+        release_freed_memory()  # (the screen's partitions, concatenated into `images`)
         if isinstance(client, AutoClient):  # settled by the screen: None (in-process) or the cluster
             used = client.choice
             client = client.resolved()
@@ -753,6 +776,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                                 emb_parts=None if screen_emb is None else screen_emb["part_path"].tolist())
             tracker.update(len(images))
             del previous
+        release_freed_memory()
         reuse["candidates"].update(search_info.get("search", {}))
         timings["candidates"] = time.perf_counter() - t
         counts["exact_pairs"] = int((pairs["kind"] == "exact").sum())
@@ -825,6 +849,8 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
             counts["pixel_checked"] = int(pairs["ssim"].notna().sum())
             counts["verify_accepted"] = int(((pairs["kind"] == "near") & (pairs["orb_status"] != "no-match")
                                              & (pairs["orb_inliers"].fillna(0) >= cfg.decide.accept_inliers)).sum())
+            scores = found = None
+            release_freed_memory()  # (the tasks' results, unpickled and copied into `pairs`)
         if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:
             from pipeline import confirm
             # only what the verify tier neither rejected nor accepted outright (pipeline/decide.py)
@@ -877,6 +903,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
 
         # the tiers' working frames (copies of pair rows, their results) go before decide and write
         sub = job = scores = found = pre = cos = None
+        release_freed_memory()
     # a file rewritten while the tiers ran is marked, not silently mixed (its hash is from before)
     changed = np.asarray(storage.changed_since(images["abs_path"], images["bytes"], images["mtime"], images["etag"])
                          if storage.is_url(root) else
@@ -937,6 +964,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         reuse["catalog_compacted"] = committed.get("compacted", [])
         manifest["timings_s"]["catalog"] = round(time.perf_counter() - t, 3)
         del evidence, features, committed
+        release_freed_memory()
     # pairs.parquet part by part, in its row order, each part decided again (the reasons of one
     # part at a time); the report gets the pairs it shows (the duplicates of the clusters it lists
     # and the closest rejected ones)
@@ -946,6 +974,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         for start in range(0, max(len(order), 1), decide.PART_ROWS):  # (one empty part for no pairs)
             yield contract_pairs(decide.decide_rows(pairs, cfg, changed, order[start:start + decide.PART_ROWS]), images)
             tracker.update(min(decide.PART_ROWS, len(order) - start))
+            release_freed_memory()  # (the part just written)
 
     from pipeline.report import duplicate_pairs_per_cluster, shown_pairs
     cid = images["cluster_id"].astype("Int64")
