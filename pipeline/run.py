@@ -502,8 +502,9 @@ def release_freed_memory() -> bool:
     """Hand the C heap's freed pages back to the OS (glibc's malloc_trim), between the stages of
     the driver. glibc keeps what a stage freed (the tasks' unpickled results, the frames it built
     and dropped) in its arenas for reuse, and a later stage seldom reuses those holes: at 100k
-    files the verify stage left 111 MB of them and the run's peak fell 1,028 -> 952 MB
-    (docs/benchmarks.md, "driver memory"). Returns False where there is no malloc_trim (not glibc)."""
+    files the verify stage left 111 MB of them, and trimming alone took the run's peak 1,028 -> 952
+    MB (docs/benchmarks.md, the 2026-12-03 10:57 entry). Returns False where there is no
+    malloc_trim (not glibc)."""
     if not _LIBC:
         try:
             libc = ctypes.CDLL("libc.so.6")
