@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -368,8 +369,8 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
             from distributed import as_completed
             # the per-file lists go to the workers as data, not inside the task: the client's and
             # the scheduler's message logs (distributed.admin.low-level-log-length: 1000 messages
-            # a stream) keep the tasks sent, and with them every screened file's entry (~60 MB of
-            # this process at 100k files); hash=False: fresh keys, never shared with another task
+            # a stream) keep the tasks sent, and with them every screened file's entry (6 MB traced
+            # at 10k files, ten times that at 100k); hash=False: fresh keys, not shared with another task
             data = client.scatter(list(args[:-1]), hash=False)
             futures.append((n, client.submit(fn, *data, args[-1], pure=False)))
             files_of[futures[-1][1].key] = len(args[0])
@@ -495,7 +496,13 @@ def _call(fn, args):
     return fn(*args)
 
 
-_LIBC: list = []  # the C library, once looked up (an empty list: not yet; [None]: no malloc_trim)
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (looked up once)."""
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
 
 
 def release_freed_memory() -> bool:
@@ -505,15 +512,10 @@ def release_freed_memory() -> bool:
     files the verify stage left 111 MB of them, and trimming alone took the run's peak 1,028 -> 952
     MB (docs/benchmarks.md, the 2026-12-03 10:57 entry). Returns False where there is no
     malloc_trim (not glibc)."""
-    if not _LIBC:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            _LIBC.append(libc if hasattr(libc, "malloc_trim") else None)
-        except OSError:
-            _LIBC.append(None)
-    if _LIBC[0] is None:
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    _LIBC[0].malloc_trim(0)
+    trim(0)
     return True
 
 
