@@ -26,6 +26,7 @@ import shutil
 import socket
 import stat
 import sys
+import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -103,8 +104,8 @@ def remove_stale_work(out: Path, keep: Path | None = None) -> list[str]:
 FSYNC_THREADS = 32  # concurrent fsyncs share the filesystem's journal commits
 
 
-def _fsync_path(path: Path) -> None:
-    st = path.lstat()
+def _fsync_path(path: str | Path) -> None:
+    st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
         return
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if stat.S_ISDIR(st.st_mode) else 0))
@@ -112,6 +113,21 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _walk_files(folder: str, folders: list[str]) -> Iterator[str]:
+    """Every non-folder entry under `folder`, as the walk finds it (not listed first); each folder
+    seen is appended to `folders`, `folder` itself first."""
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        folders.append(current)
+        with os.scandir(current) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                else:
+                    yield entry.path
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -122,15 +138,30 @@ def _fsync_tree(folder: Path) -> None:
     7.5 s one by one, 0.25 s from 32 threads). Not syncfs(2), which also waits for every other
     process's writes on the filesystem. A file with more than one link is skipped: an earlier
     generation's thumbnail or drawing linked in (report reuse), durable since that generation's
-    publish (its new link is a directory entry, covered by the folder's fsync)."""
+    publish (its new link is a directory entry, covered by the folder's fsync).
+
+    The threads take the files from one walk as it goes: a list of every path and a pool future
+    per file (`pool.map`) were ~86 MB of the driver's peak at 100k files (~80k report thumbnails;
+    docs/benchmarks.md, driver_memory_notes)."""
     from concurrent.futures import ThreadPoolExecutor
-    entries = list(folder.rglob("*"))
+    folders: list[str] = []
+    files = _walk_files(str(folder), folders)
+    lock = threading.Lock()
+
+    def drain() -> None:
+        while True:
+            with lock:  # (a generator is not safe to advance from two threads at once)
+                path = next(files, None)
+            if path is None:
+                return
+            _fsync_path(path)
+
     with ThreadPoolExecutor(FSYNC_THREADS) as pool:
-        list(pool.map(_fsync_path, [p for p in entries if not p.is_dir()]))
+        for done in [pool.submit(drain) for _ in range(FSYNC_THREADS)]:
+            done.result()  # (an fsync's error, raised here)
     # folders last, deepest first: each then records entries whose files are already durable
-    for path in sorted((p for p in entries if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+    for path in sorted(folders, key=lambda p: p.count(os.sep), reverse=True):
         _fsync_path(path)
-    _fsync_path(folder)
 
 
 def _replace_symlink(link: Path, target: str) -> None:

@@ -86,6 +86,56 @@ def test_publish_fsyncs_what_the_generation_wrote_not_the_links_it_reused(tmp_pa
     assert (gen / "report" / "thumbs" / "old.jpg").read_bytes() == b"thumb"
 
 
+def test_publish_fsyncs_every_file_once_then_the_folders_deepest_first(tmp_path, monkeypatch):
+    """More files than fsync threads, in nested folders: each file is fsynced once, every folder
+    after all the files, deeper folders before their parents, and the pool is handed one job per
+    thread, not a future per file; an fsync that fails stops the publish (the previous outputs
+    stay)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline import outdir
+    monkeypatch.setattr(outdir, "FSYNC_THREADS", 4)
+    submitted = []
+    real_submit = ThreadPoolExecutor.submit
+    monkeypatch.setattr(ThreadPoolExecutor, "submit",
+                        lambda pool, fn, *a, **k: (submitted.append(fn), real_submit(pool, fn, *a, **k))[1])
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(outdir.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                        real_fsync(fd)))
+    files = [f"d{i % 3}/e{i % 2}/f{i:03d}.bin" for i in range(60)] + ["top.bin", "d0/g.bin"]
+
+    def write(folder):
+        for name in files:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(name.encode())
+
+    out = tmp_path / "out"
+    out.mkdir()
+    outdir.publish(out, "r1", write)
+    tmp = out / outdir.STATE_DIR / "tmp-r1"
+    names = [os.path.relpath(p, tmp) for p in synced if p.startswith(str(tmp))]
+    assert sorted(n for n in names if n.endswith(".bin")) == sorted(files)  # each once
+    folders = names[len(files):]
+    assert all(not n.endswith(".bin") for n in folders)  # folders after every file
+    assert sorted(folders) == sorted({"."} | {os.path.dirname(f) for f in files if "/" in f}
+                                     | {f.split("/")[0] for f in files if "/" in f})
+    assert [n.count("/") + (n != ".") for n in folders] == sorted((n.count("/") + (n != ".") for n in folders),
+                                                                  reverse=True)
+    assert len(submitted) == 4
+
+    def failing(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("f007.bin"):
+            raise OSError(5, "Input/output error")
+        return real_fsync(fd)
+    monkeypatch.setattr(outdir.os, "fsync", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        outdir.publish(out, "r2", write)
+    assert os.readlink(out / outdir.STATE_DIR / "current") == "gen-r1"
+    assert not (out / outdir.STATE_DIR / "tmp-r2").exists()
+
+
 def test_contract_pairs_are_sorted_by_path_whatever_the_row_order():
     """contract_pairs sorts by row number when the images are in path order (as the screen gives
     them) and by the paths otherwise: the same rows either way."""
