@@ -526,6 +526,13 @@ def representatives(images: pd.DataFrame) -> pd.Series:
     return valid & candidates.exact_representatives(images["sha256"])
 
 
+def by_row(images: pd.DataFrame) -> pd.DataFrame:
+    """`images` indexed by row number, as the tiers look images up: the screen's frame itself when
+    it already is (a copy of every row was ~24 MB of a 100k-file run, held to its end)."""
+    rows = pd.RangeIndex(len(images))
+    return images if images.index.equals(rows) else images.set_index(rows)
+
+
 def screen_embeddings(images: pd.DataFrame, cfg: Config, work_dir: Path | str, client,
                       progress: Progress | None = None) -> pd.DataFrame:
     """High-recall mode: the confirm tier's embedding (transform 0, key idx * 8) of every
@@ -533,8 +540,7 @@ def screen_embeddings(images: pd.DataFrame, cfg: Config, work_dir: Path | str, c
     Returns key, part_path, error; run_confirm reuses them (`precomputed`)."""
     from pipeline import confirm
     idx = np.flatnonzero(representatives(images).to_numpy()).astype(np.int64)
-    frame = images.set_index(pd.RangeIndex(len(images)))
-    return confirm.embed_keys(idx * 8, frame, cfg, storage.join(work_dir, "embed", SCREEN_EMBED_SUBDIR),
+    return confirm.embed_keys(idx * 8, by_row(images), cfg, storage.join(work_dir, "embed", SCREEN_EMBED_SUBDIR),
                               client=client, progress=progress, stage_name="screen-embed")
 
 
@@ -792,7 +798,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                 TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:
             ahead.append(_build_model_ahead(cfg))  # in-process: TensorFlow loads while the verify tier runs
 
-        frame = images.set_index(pd.RangeIndex(len(images)))
+        frame = by_row(images)
         for col, dtype in (("orb_matches", "Int32"), ("orb_inliers", "Int32"), ("orb_score", "Float32"),
                            ("orb_status", "object"), ("orb_reason", "object"), ("cosine", "Float32"),
                            ("ssim", "Float32"), ("hist_corr", "Float32")):

@@ -280,6 +280,22 @@ def test_the_driver_hands_freed_heap_back_to_the_os():
     assert mb["freed"] - mb["trimmed"] > 120, mb  # most of the 200 MB handed back
 
 
+def test_the_tiers_read_the_screens_frame_itself_not_a_copy():
+    """run.by_row: the screen's frame, already indexed by row number, is passed to the tiers as it
+    is (a copy of every image's row was held to the end of a run); a frame with another index is
+    re-indexed by row, its rows unchanged."""
+    import pandas as pd
+
+    from pipeline.run import by_row
+    images = pd.DataFrame({"abs_path": ["/a.jpg", "/b.jpg", "/c.jpg"], "error": [None, "x", None]})
+    assert by_row(images) is images
+    other = images.set_index(pd.Index([7, 3, 5]))
+    rows = by_row(other)
+    assert rows.index.tolist() == [0, 1, 2]
+    assert rows["abs_path"].tolist() == ["/a.jpg", "/b.jpg", "/c.jpg"]
+    assert other.index.tolist() == [7, 3, 5]  # (the caller's frame is left as it was)
+
+
 def test_the_cli_driver_allocates_arrow_memory_from_jemalloc_unless_told_otherwise(monkeypatch):
     """The CLI's process takes Arrow's memory from jemalloc (it gives freed pages back; Arrow's
     default mimalloc keeps them, measured in docs/benchmarks.md), unless ARROW_DEFAULT_MEMORY_POOL
