@@ -207,7 +207,14 @@ def completed(client, tasks: Sequence[tuple[Callable, tuple]], threads: int = 1)
                 yield number.pop(fut), fut.result()
         return
     from distributed import as_completed
-    futures = [client.submit(fn, *args, pure=False) for fn, args in tasks]
+    # each task's arguments (lists of image paths) go as scattered data, SCATTER_TASKS tasks at a
+    # time, as in `map_tasks`: inside the task they stay in the client's and the in-process
+    # scheduler's message logs (a report's thumbnail tasks: ~13 MB of the driver's peak at 100k files)
+    futures = []
+    for start in range(0, len(tasks), SCATTER_TASKS):
+        chunk = tasks[start:start + SCATTER_TASKS]
+        data = client.scatter([args for _, args in chunk], hash=False)
+        futures += [client.submit(_call_task, d, fn, True, (), pure=False) for (fn, _), d in zip(chunk, data)]
     number = {fut.key: n for n, fut in enumerate(futures)}
     pending = as_completed(futures, loop=client.loop)  # (the client need not be the default one)
     del futures  # as_completed holds each future until it yields it

@@ -105,6 +105,28 @@ def test_screen_on_a_cluster_counts_every_file_and_fetches_each_partition_once(d
     pd.testing.assert_frame_equal(images, here)
 
 
+def _echo_names(names: list[str], suffix: str) -> dict[str, str]:
+    return {name: name + suffix for name in names}
+
+
+def test_completed_yields_every_task_once_and_its_arguments_travel_as_data():
+    """progress.completed (the report's pixel work) on a cluster: every task's result once, under
+    its own number, more tasks than are scattered at a time; the task arguments (the report's
+    file lists) go to the workers as data, so the tasks the message logs keep name no file."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.progress import SCATTER_TASKS, completed
+    tasks = [(_echo_names, ([f"thumb-{n:03d}-{i}.jpg" for i in range(3)], f"#{n}"))
+             for n in range(2 * SCATTER_TASKS + 3)]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        got = dict(completed(client, tasks))
+        kept = client.run_on_scheduler(_tasks_in_scheduler_log) + _tasks_in_client_log(client)
+    assert sorted(got) == list(range(len(tasks)))
+    assert all(got[n] == {name: name + f"#{n}" for name in tasks[n][1][0]} for n in got)
+    assert len(kept) >= 3 and not [n for n in range(len(tasks)) if any(f"thumb-{n:03d}".encode() in t for t in kept)]
+
+
 @pytest.mark.slow
 def test_no_tensorflow_in_the_driver_or_the_workers_of_a_verify_run(data, tmp_path):
     """Screen and verify never import TensorFlow (seconds per process, and memory): checked in a
