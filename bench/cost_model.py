@@ -46,10 +46,11 @@ DRIVER = [dict(name="5k end-to-end subset", section="driver memory per image (wh
           dict(name="10k end-to-end", section="driver memory per image (whole cascade), this tree",
                images=10_465, pairs_per_image=6.59, peak_mb=496, fit=True),
           dict(name="100k scale folder", section="driver memory at the 100k scale folder",
-               images=100_625, pairs_per_image=5.09, peak_mb=960, fit=True)]
+               images=100_625, pairs_per_image=5.09, peak_mb=926, fit=True)]
 # (the 5k and 10k points were measured at ceaad12, before 320f17f-2da92f6 took 1,093 -> 960 MB off
-# the 100k point in a same-run comparison; re-measured there they would fall a little too, which
-# makes the slope drawn here, if anything, a little low)
+# the 100k point in a same-run comparison, and the 100k point at 12fae59 (926 MB; 960 MB at 2da92f6
+# in an earlier run, not a same-run comparison); re-measured there the small points would fall a
+# little too, which makes the slope drawn here, if anything, a little low)
 MODEL_LOAD_S = 2.5  # confirm: model build + weights load once per worker process (confirm section)
 # bytes per image in the store (measured; pairs.parquet scaled by the candidates per image)
 STORE = {
