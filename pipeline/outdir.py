@@ -141,7 +141,7 @@ def _fsync_tree(folder: Path) -> None:
     publish (its new link is a directory entry, covered by the folder's fsync).
 
     The threads take the files from one walk as it goes: a list of every path and a pool future
-    per file (`pool.map`) were ~86 MB of the driver's peak at 100k files (~80k report thumbnails;
+    per file (`pool.map`) were ~86 MB of the driver's peak at 100k files (~98k files, most of them report thumbnails;
     docs/benchmarks.md, driver_memory_notes)."""
     from concurrent.futures import ThreadPoolExecutor
     folders: list[str] = []
