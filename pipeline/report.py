@@ -49,7 +49,6 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from pipeline.catalog import shared_text
 from pipeline.config import Config, ConfigError, ReportConfig, config_from_dict
 from pipeline.decode import load_image
 from pipeline.progress import completed
@@ -75,6 +74,9 @@ def _static(name: str) -> bytes:
 
 
 JSON_ROWS = 4096  # rows of a long list turned into JSON text at a time (iter_script_json)
+# the pair columns the report reads (build_data, shown_pairs): a run hands it these only
+PAIR_COLUMNS = ("image_id_a", "image_id_b", "hash_distance", "orb_matches", "orb_inliers", "orb_score", "cosine",
+                "stage", "is_duplicate", "reason", "rule")
 
 
 def _safe(text: str) -> str:
@@ -98,10 +100,11 @@ def iter_script_json(data, rows: int = JSON_ROWS) -> Iterator[str]:
             yield ("," if i else "") + _safe(_dumps({key: 0})[1:-3]) + ":"  # (json's own key rules)
             yield from iter_script_json(value, rows)
         yield "}"
-    elif isinstance(data, list) and len(data) > rows:
+    elif isinstance(data, Rows) or (isinstance(data, list) and len(data) > rows):
         yield "["
         for start in range(0, len(data), rows):
-            yield ("," if start else "") + _safe(_dumps(data[start:start + rows])[1:-1])
+            part = data.rows(start, start + rows) if isinstance(data, Rows) else data[start:start + rows]
+            yield ("," if start else "") + _safe(_dumps(part)[1:-1])
         yield "]"
     else:
         yield _safe(_dumps(data))
@@ -110,6 +113,69 @@ def iter_script_json(data, rows: int = JSON_ROWS) -> Iterator[str]:
 def script_json(data) -> str:
     """JSON that is safe inside a <script> (in a page or a .js file): no `</`, no markup."""
     return "".join(iter_script_json(data))
+
+
+class Rows:
+    """A long list of data.js rows kept as columns: each row is made as a list when it is read,
+    and data.js reads them JSON_ROWS at a time (`iter_script_json`). Held as lists of Python
+    values, a row was ~0.25 kB (a pair's) to ~0.45 kB (an image's), and a 100k-file run's report
+    lists ~98k of each through the write stage.
+
+    `columns`: name -> (values, to_json), in row order; `values` is any array that slices
+    (a pandas or numpy array) and `to_json` turns a slice of it into a list of JSON values. A
+    column's values can be set in place (`values(name)[i] = ...`), as the report marks the drawn
+    pairs and the images with a thumbnail. Reads and compares like a list of lists."""
+
+    def __init__(self, n: int, **columns: tuple):
+        self.n, self.columns = n, dict(columns)
+
+    def values(self, name: str):
+        return self.columns[name][0]
+
+    def add(self, name: str, values, to_json=None) -> None:
+        self.columns[name] = (values, to_json or _plain)
+
+    def rows(self, start: int, stop: int) -> list[list]:
+        stop = min(stop, self.n)
+        cols = [to_json(values[start:stop]) for values, to_json in self.columns.values()]
+        return [list(r) for r in zip(*cols)] if cols else [[] for _ in range(start, stop)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        i %= self.n
+        return self.rows(i, i + 1)[0]
+
+    def __iter__(self) -> Iterator[list]:
+        for start in range(0, self.n, JSON_ROWS):
+            yield from self.rows(start, start + JSON_ROWS)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (list, Rows)) and len(self) == len(other) and list(self) == list(other)
+
+
+def _plain(values) -> list:  # numpy numbers and bools as Python's; object arrays as they are
+    return values.tolist() if isinstance(values, np.ndarray) else list(values)
+
+
+def _texts(values) -> list:
+    return [v if isinstance(v, str) else None for v in values]
+
+
+def _distinct_texts(values, text) -> np.ndarray:
+    """`text(v)` of each value, as an object array holding one string per distinct value (made
+    once per distinct value, not per row)."""
+    codes, uniques = pd.factorize(values, use_na_sentinel=False)
+    return np.array([text(u) for u in uniques], dtype=object).take(codes) if len(codes) else np.array([], dtype=object)
+
+
+def _numbers(digits: int | None = None):
+    return lambda values: [_num(v, digits) for v in values]
 
 
 def closeness_order(pairs: pd.DataFrame) -> np.ndarray:
@@ -173,16 +239,17 @@ def make_thumb(abs_path: str, size: int) -> bytes:
         return b""
 
 
-def make_thumbs(wanted: list[tuple[str, str]], size: int) -> dict[str, bytes]:
-    """`make_thumb` of each (image_id, abs_path): image_id -> JPEG bytes (b"" when undecodable)."""
-    return {image_id: make_thumb(abs_path, size) for image_id, abs_path in wanted}
+def make_thumbs(wanted: list[tuple[int, str]], size: int) -> dict[int, bytes]:
+    """`make_thumb` of each (name, abs_path): name -> JPEG bytes (b"" when undecodable). Names
+    are the caller's (write_report's: the image's position in the report's rows)."""
+    return {name: make_thumb(abs_path, size) for name, abs_path in wanted}
 
 
-def thumbs_from_store(part_path: str, wanted: list[tuple[str, int, str]], size: int) -> dict[str, bytes]:
+def thumbs_from_store(part_path: str, wanted: list[tuple[int, int, str]], size: int) -> dict[int, bytes]:
     """Thumbnails the verify tier made while it had the images decoded (feature-store columns
-    `report_thumb`, `report_thumb_size`): `wanted` lists (image_id, key, abs_path) of one part. A
+    `report_thumb`, `report_thumb_size`): `wanted` lists (name, key, abs_path) of one part. A
     row without one of this `size` (made with another report.thumb_size, before the column
-    existed, or not at all) falls back to `make_thumb`. Returns image_id -> JPEG bytes (b"" when
+    existed, or not at all) falls back to `make_thumb`. Returns name -> JPEG bytes (b"" when
     none could be made)."""
     from pipeline import store
     try:
@@ -190,12 +257,12 @@ def thumbs_from_store(part_path: str, wanted: list[tuple[str, int, str]], size: 
     except Exception:  # an unreadable part: decode instead, as without it
         found = pd.DataFrame()
     made = {}
-    for image_id, key, abs_path in wanted:
+    for name, key, abs_path in wanted:
         data = found.at[key, "report_thumb"] if key in found.index else None
         if isinstance(data, bytes) and data and found.at[key, "report_thumb_size"] == size:
-            made[image_id] = data
+            made[name] = data
         else:
-            made[image_id] = make_thumb(abs_path, size)
+            made[name] = make_thumb(abs_path, size)
     return made
 
 FEATURE_COLUMNS = ["n_keypoints", "keypoints", "descriptors", "width", "height", "error"]
@@ -321,7 +388,7 @@ def _reuse(old: Path, new: Path) -> bool:
 
 
 def _num(x, digits: int | None = None):
-    if x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x)):
+    if x is None or x is pd.NA or (isinstance(x, (float, np.floating)) and math.isnan(x)):
         return None
     if digits is None:
         return int(x)
@@ -425,36 +492,40 @@ def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: 
     if cluster_pairs is None:
         cluster_pairs = duplicate_pairs_per_cluster(images, dup, pairs["image_id_a"])
     shown, rejected = shown_pairs(images, pairs, rcfg)
-    pairs = pairs.iloc[shown].reset_index(drop=True)
+    if len(shown) < len(pairs):  # (a run's pairs are the shown ones already: no copy of them)
+        pairs = pairs.iloc[shown].reset_index(drop=True)
     rejected_pos = np.searchsorted(shown, rejected)
 
     errors = images[images["error"].notna()]
     errors_total = len(errors)
     errors = errors.sort_values("path", kind="stable").iloc[:rcfg.max_errors]
-    wanted = set(clustered["image_id"].tolist()) | set(pairs["image_id_a"].tolist()) | \
-        set(pairs["image_id_b"].tolist()) | set(errors["image_id"].tolist())
+    wanted = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in (
+        clustered["image_id"], pairs["image_id_a"], pairs["image_id_b"], errors["image_id"])])
     shown = images[images["image_id"].isin(wanted)].sort_values("path", kind="stable").reset_index(drop=True)
     pos = pd.Series(np.arange(len(shown)), index=shown["image_id"].to_numpy())
 
-    mtime = pd.to_datetime(shown["mtime"], utc=True).dt.strftime("%Y-%m-%d %H:%M").to_numpy(dtype=object)
-    img_rows = [[str(i), p, _num(b), _num(w), _num(h), f if isinstance(f, str) else None, m if isinstance(m, str) else None,
-                 e if isinstance(e, str) else None]
-                for i, p, b, w, h, f, m, e in zip(shown["image_id"], shown["path"], shown["bytes"], shown["width"],
-                                                  shown["height"], shown["format"], mtime, shown["error"])]
+    mtime = pd.to_datetime(shown["mtime"], utc=True).dt.strftime("%Y-%m-%d %H:%M").array
+    img_rows = Rows(len(shown), image_id=(shown["image_id"].to_numpy(np.int64), lambda v: [str(i) for i in v.tolist()]),
+                    path=(shown["path"].array, _texts), bytes=(shown["bytes"].array, _numbers()),
+                    width=(shown["width"].array, _numbers()), height=(shown["height"].array, _numbers()),
+                    format=(shown["format"].array, _texts), mtime=(mtime, _texts), error=(shown["error"].array, _texts))
 
     pa_pos = pos.reindex(pairs["image_id_a"].to_numpy()).to_numpy()
     pb_pos = pos.reindex(pairs["image_id_b"].to_numpy()).to_numpy()
     by = closeness_by(pairs)
     # one string object per distinct stage, rule, reason and closeness text: the rows repeat a few
     # values (a run's reasons: thousands for ~100k pairs) and each row would otherwise hold its own
-    stage, rule, reason, closeness = (shared_text(pd.Series(texts, dtype=object)) for texts in (
-        [str(v) for v in pairs["stage"]], [str(v) for v in pairs["rule"]],
-        [v if isinstance(v, str) else "" for v in pairs["reason"]], [str(v) for v in by]))
-    pair_rows = []
-    for k, r in enumerate(pairs.itertuples(index=False)):
-        pair_rows.append([int(pa_pos[k]), int(pb_pos[k]), _num(r.hash_distance), _num(r.orb_matches),
-                          _num(r.orb_inliers), _num(r.orb_score, 3), _num(r.cosine, 6), stage[k], rule[k],
-                          bool(r.is_duplicate), reason[k], None, closeness[k]])
+    stage, rule, reason, closeness = (_distinct_texts(values, text) for values, text in (
+        (pairs["stage"], str), (pairs["rule"], str),
+        (pairs["reason"], lambda v: v if isinstance(v, str) else ""), (by, str)))
+    pair_rows = Rows(len(pairs), a=(pa_pos.astype(np.int64), _plain), b=(pb_pos.astype(np.int64), _plain),
+                     hash_distance=(pairs["hash_distance"].array, _numbers()),
+                     orb_matches=(pairs["orb_matches"].array, _numbers()),
+                     orb_inliers=(pairs["orb_inliers"].array, _numbers()),
+                     orb_score=(pairs["orb_score"].array, _numbers(3)), cosine=(pairs["cosine"].array, _numbers(6)),
+                     stage=(stage, _plain), rule=(rule, _plain),
+                     is_duplicate=(pairs["is_duplicate"].astype(bool).to_numpy(), _plain), reason=(reason, _plain),
+                     drawing=(np.full(len(pairs), None, dtype=object), _plain), closeness=(closeness, _plain))
 
     # duplicate pairs of each cluster (both ends in it), in path order
     cid_of = pd.Series(images["cluster_id"].fillna(-1).to_numpy(dtype=np.int64), index=images["image_id"].to_numpy())
@@ -532,83 +603,84 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
     pairs = pairs.reset_index(drop=True)
     if "rule" not in pairs:
         pairs = pairs.assign(rule=derive_rule(pairs))
-    for col, abs_col in (("path_a", "abs_path_a"), ("path_b", "abs_path_b")):
-        if abs_col not in pairs:
-            pairs[abs_col] = [str(Path(manifest.get("root") or ".") / p) for p in pairs[col]]
     data = build_data(images, pairs, manifest, rcfg, rejected_total, cluster_pairs)
-    # paths and content of the images data.js lists only (a dict over every image of a 100k-file
-    # run was ~40 MB of Python strings at the driver's peak)
-    listed = images[images["image_id"].astype("int64").isin([int(row[0]) for row in data["images"]])]
-    abs_of = dict(zip(listed["image_id"].astype(str), listed["abs_path"]))
-    sha_of = dict(zip(listed["image_id"].astype(str), listed["sha256"]))
-    del listed
+    del pairs  # (data holds the rows it shows)
+    # the listed images' paths and content, by their position in data["images"]: taken from the
+    # images' own arrays as each is needed (dicts by image id of the ~98k listed images of a
+    # 100k-file run were ~40 MB of Python strings at the driver's peak)
+    listed = data["images"]
+    ids = listed.values("image_id")
+    at = pd.Index(images["image_id"].astype("int64")).get_indexer(ids)
+    abs_at, sha_at = images["abs_path"].array.take(at), images["sha256"].array.take(at)
+    error_at = listed.values("error")
 
     tmp = out_dir / f".report-{uuid.uuid4().hex[:12]}"
     (tmp / "thumbs").mkdir(parents=True)
     (tmp / "pairs").mkdir()
     try:
         previous = _made_index(earlier)
-        made: dict[str, str] = {}
-        has_thumb: dict[str, bool] = {}
+        has_thumb = np.zeros(len(listed), dtype=bool)  # by position in data["images"]
         jobs: list[tuple] = []  # (kind, fn, args): the pixel work, on the cluster or this process's threads
-        from_store: dict[str, list] = {}  # feature part -> thumbnails to take from it
-        decode: list[tuple[str, str]] = []  # thumbnails to decode from the files
+        from_store: dict[str, list] = {}  # feature part -> thumbnails to take from it (by position)
+        decode: list[tuple[int, str]] = []  # thumbnails to decode from the files (by position)
         where = stored_features if stored_features is not None else \
             pd.DataFrame(columns=["part_path", "key", "mirrored_part_path", "mirrored_key"])
-        for row in data["images"]:
-            sha = sha_of.get(row[0])
-            key = f"{sha}:{rcfg.thumb_size}"
-            made[row[0]] = key
-            if row[7] is not None:
-                has_thumb[row[0]] = False
-            elif previous.get(row[0]) == key and _reuse(earlier / "thumbs" / f"{row[0]}.jpg",
-                                                        tmp / "thumbs" / f"{row[0]}.jpg"):
-                has_thumb[row[0]] = True
+        for k in range(len(listed)):
+            sha, name = sha_at[k], str(ids[k])
+            if isinstance(error_at[k], str):
+                continue
+            if previous.get(name) == f"{sha}:{rcfg.thumb_size}" and _reuse(earlier / "thumbs" / f"{name}.jpg",
+                                                                         tmp / "thumbs" / f"{name}.jpg"):
+                has_thumb[k] = True
             elif sha in where.index:
                 from_store.setdefault(where.at[sha, "part_path"], []).append(
-                    (row[0], int(where.at[sha, "key"]), abs_of[row[0]]))
+                    (k, int(where.at[sha, "key"]), abs_at[k]))
             else:
-                decode.append((row[0], abs_of[row[0]]))
+                decode.append((k, abs_at[k]))
+        del previous
         jobs += [("thumbs", thumbs_from_store, (part, wanted, rcfg.thumb_size)) for part, wanted in from_store.items()]
         jobs += [("thumbs", make_thumbs, (decode[i:i + THUMBS_PER_TASK], rcfg.thumb_size))
                  for i in range(0, len(decode), THUMBS_PER_TASK)]
         drawn = _draw_list(data, rcfg)
         drawn_before, settings = _made_index(earlier, DRAW_INDEX), _draw_settings(cfg)
         drew, todo, index_of = {}, [], {}
+        drawing = data["pairs"].values("drawing")
         for i in drawn:
-            a, b = data["images"][data["pairs"][i][0]], data["images"][data["pairs"][i][1]]
-            name = f"{a[0]}-{b[0]}.jpg"
-            drew[name] = f"{sha_of.get(a[0])}:{sha_of.get(b[0])}:{settings}"
+            pair = data["pairs"][i]
+            ka, kb = pair[0], pair[1]
+            name = f"{ids[ka]}-{ids[kb]}.jpg"
+            drew[name] = f"{sha_at[ka]}:{sha_at[kb]}:{settings}"
             index_of[name] = i
             if drawn_before.get(name) == drew[name] and _reuse(earlier / "pairs" / name, tmp / "pairs" / name):
-                data["pairs"][i][11] = name
+                drawing[i] = name
             else:  # run_numbers: orb_matches, orb_inliers (the tier's orientation)
-                todo.append((name, abs_of[a[0]], abs_of[b[0]], _draw_sources(where, sha_of.get(a[0]), sha_of.get(b[0])),
-                             tuple(data["pairs"][i][3:5])))
+                todo.append((name, abs_at[ka], abs_at[kb], _draw_sources(where, sha_at[ka], sha_at[kb]),
+                             tuple(pair[3:5])))
         jobs += [("pairs", draw_pairs, (todo[i:i + DRAWINGS_PER_TASK], cfg))
                  for i in range(0, len(todo), DRAWINGS_PER_TASK)]
         for n, result in completed(client, [(fn, args) for _, fn, args in jobs], threads=os.cpu_count() or 1):
             kind = jobs[n][0]
             for name, made_now in result.items():  # written as each task ends: nothing piles up here
-                if kind == "thumbs":
+                if kind == "thumbs":  # (name: the image's position in data["images"])
                     if made_now:
-                        (tmp / "thumbs" / f"{name}.jpg").write_bytes(made_now)
+                        (tmp / "thumbs" / f"{ids[name]}.jpg").write_bytes(made_now)
                     has_thumb[name] = bool(made_now)
                 elif made_now is not None:
                     (tmp / "pairs" / name).write_bytes(made_now[0])
-                    data["pairs"][index_of[name]][11] = name
-        for row in data["images"]:
-            row.append(has_thumb[row[0]])  # [8]: has a thumbnail
-            if not row[8]:
-                made.pop(row[0], None)
-        drew = {name: v for name, v in drew.items() if data["pairs"][index_of[name]][11] == name}
+                    drawing[index_of[name]] = name
+        listed.add("has_thumb", has_thumb)  # [8]: has a thumbnail
+        drew = {name: v for name, v in drew.items() if drawing[index_of[name]] == name}
         data["meta"]["generated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with open(tmp / "data.js", "w", encoding="utf-8") as fh:
             fh.write("window.DEDUPE_REPORT = ")
             for piece in iter_script_json(data):
                 fh.write(piece)
             fh.write(";\n")
-        (tmp / THUMB_INDEX).write_text(json.dumps(made), encoding="utf-8")
+        with open(tmp / THUMB_INDEX, "w", encoding="utf-8") as fh:  # image_id -> "sha256:size" of each made
+            fh.write("{")
+            for n, k in enumerate(np.flatnonzero(has_thumb)):
+                fh.write(("," if n else "") + json.dumps(str(ids[k])) + ":" + json.dumps(f"{sha_at[k]}:{rcfg.thumb_size}"))
+            fh.write("}")
         (tmp / DRAW_INDEX).write_text(json.dumps(drew), encoding="utf-8")
         for name in STATIC:
             (tmp / name).write_bytes(_static(name))

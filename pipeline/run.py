@@ -985,7 +985,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
             tracker.update(min(decide.PART_ROWS, len(order) - start))
             release_freed_memory()  # (the part just written)
 
-    from pipeline.report import duplicate_pairs_per_cluster, shown_pairs
+    from pipeline.report import PAIR_COLUMNS, duplicate_pairs_per_cluster, shown_pairs
     cid = images["cluster_id"].astype("Int64")
     clustered = pd.DataFrame({"path": images["path"], "image_id": images["image_id"], "cluster_id": cid.where(cid >= 0)})
     ids = images["image_id"].to_numpy()
@@ -997,7 +997,10 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                            cfg.report)
     cluster_pairs = duplicate_pairs_per_cluster(clustered, dup, ids[pairs["idx_a"].to_numpy()])
     del clustered
-    report_pairs = contract_pairs(decide.decide_rows(pairs, cfg, changed, order[shown]), images)
+    # (only the columns the report reads: the path texts of its ~1 pair per listed image were
+    # ~28 MB at 100k files, held through the write stage)
+    report_pairs = contract_pairs(decide.decide_rows(pairs, cfg, changed, order[shown]), images,
+                                  columns=PAIR_COLUMNS)
     with progress.stage("write", total=len(images) + len(pairs), unit="row") as tracker, \
             (storage.last_generation(out) if storage.is_url(out)  # its report's thumbnails are reused
              else contextlib.nullcontext(out)) as last:  # (OUT/report: a link to the current one, or a copy's folder)
@@ -1050,8 +1053,9 @@ def stored_features(part_of: pd.Series, sha_of_id: pd.Series) -> pd.DataFrame:
     return frame
 
 
-def contract_pairs(pairs: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
-    """Internal pair rows -> the output contract's columns (plus abs paths for the report).
+def contract_pairs(pairs: pd.DataFrame, images: pd.DataFrame, columns: Iterable[str] | None = None) -> pd.DataFrame:
+    """Internal pair rows -> the output contract's columns (plus abs paths for the report), or only
+    `columns` of them (the report's: report.PAIR_COLUMNS, no path texts).
 
     Built column by column from the images' columns taken at the pair rows (Arrow strings stay
     Arrow: no Python string per pair, no copy of whole image rows), sorted by path_a, path_b."""
@@ -1067,17 +1071,20 @@ def contract_pairs(pairs: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
             return [paths.clean_text(r) for r in values]
         return values.array  # Arrow strings are valid UTF-8 already
 
-    out = pd.DataFrame({
-        "path_a": take("path", ia), "path_b": take("path", ib),
-        "image_id_a": images["image_id"].to_numpy()[ia], "image_id_b": images["image_id"].to_numpy()[ib],
-        "hash_distance": pairs["hash_distance"].to_numpy(),
-        "orb_matches": pairs["orb_matches"].to_numpy(), "orb_inliers": pairs["orb_inliers"].to_numpy(),
-        "orb_score": pairs["orb_score"].to_numpy(), "cosine": pairs["cosine"].to_numpy(),
-        "ssim": pairs["ssim"].to_numpy(), "hist_corr": pairs["hist_corr"].to_numpy(),
-        "stage": text("stage"), "is_duplicate": pairs["is_duplicate"].to_numpy(),
-        "reason": text("reason"), "rule": text("rule"),
-        "abs_path_a": take("abs_path", ia), "abs_path_b": take("abs_path", ib),
-    })
+    def number(column: str):
+        return lambda: pairs[column].to_numpy()
+
+    made = {
+        "path_a": lambda: take("path", ia), "path_b": lambda: take("path", ib),
+        "image_id_a": lambda: images["image_id"].to_numpy()[ia], "image_id_b": lambda: images["image_id"].to_numpy()[ib],
+        **{c: number(c) for c in ("hash_distance", "orb_matches", "orb_inliers", "orb_score", "cosine", "ssim",
+                                  "hist_corr")},
+        "stage": lambda: text("stage"), "is_duplicate": number("is_duplicate"),
+        "reason": lambda: text("reason"), "rule": lambda: text("rule"),
+        "abs_path_a": lambda: take("abs_path", ia), "abs_path_b": lambda: take("abs_path", ib),
+    }
+    wanted = list(made) if columns is None else [c for c in made if c in set(columns)]
+    out = pd.DataFrame({c: made[c]() for c in wanted}, index=pd.RangeIndex(len(pairs)))
     return out.take(output_order(pairs, images)).reset_index(drop=True)
 
 

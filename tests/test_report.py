@@ -160,6 +160,26 @@ def test_report_from_the_parquet_outputs_and_limits(review_run, tmp_path):
                                                      "run.json"]
 
 
+def test_a_runs_report_is_the_one_its_parquet_outputs_make(review_run, tmp_path):
+    """A run hands the report only the pair columns it reads (report.PAIR_COLUMNS) and the listed
+    images' paths are looked up by position: the report it writes is the one `write_report` makes
+    from the finished run's files (every column), row for row, with the same thumbnails and
+    drawings indexed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("images.parquet", "pairs.parquet", "run.json"):
+        shutil.copy(review_run / name, out / name)
+    run = load_run(out)
+    write_report(out, run.images, run.pairs, run.manifest)
+    ran, rebuilt = read_data(review_run / "report"), read_data(out / "report")
+    for data in (ran, rebuilt):
+        data["meta"].pop("generated")
+    assert ran["pairs"] and ran["clusters"] and any(p[11] for p in ran["pairs"])
+    assert rebuilt == ran
+    for index in ("thumbs.json", "drawings.json"):
+        assert json.loads((out / "report" / index).read_text()) == json.loads((review_run / "report" / index).read_text())
+
+
 @pytest.mark.parametrize("tiers", ["screen", "verify"])
 def test_report_of_earlier_tiers(review_data, tmp_path, tiers):
     from pipeline.cli import main

@@ -142,6 +142,7 @@ def test_contract_pairs_are_sorted_by_path_whatever_the_row_order():
     import numpy as np
 
     from pipeline import run
+    from pipeline.report import PAIR_COLUMNS
     names = [f"d/{c}.jpg" for c in "pbxaqc"]
     images = pd.DataFrame({"image_id": np.arange(6, dtype=np.int64) + 100, "path": names,
                            "abs_path": [f"/r/{p}" for p in names]})
@@ -163,6 +164,10 @@ def test_contract_pairs_are_sorted_by_path_whatever_the_row_order():
                                                  for a, b in keys]
         assert out["abs_path_a"].tolist() == [f"/r/{a}" for a, _ in keys]
         assert out["image_id_b"].tolist() == [100 + names.index(b) for _, b in keys]
+        # the report's columns only (a run hands the report no path texts): the same rows
+        few = run.contract_pairs(prs, imgs, columns=PAIR_COLUMNS)
+        assert set(few.columns) == set(PAIR_COLUMNS) and "path_a" not in few
+        pd.testing.assert_frame_equal(few, out[list(few.columns)])
         assert out["reason"].tolist() == [f"r{h}" for h in out["hash_distance"]]
 
 
