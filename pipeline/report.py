@@ -74,6 +74,10 @@ def _static(name: str) -> bytes:
 
 
 JSON_ROWS = 4096  # rows of a long list turned into JSON text at a time (iter_script_json)
+# the image columns the report reads (build_data, keeper_ids, the thumbnails): write_report keeps
+# these only, so its copies of the listed images' rows carry no other column
+IMAGE_COLUMNS = ("image_id", "path", "abs_path", "sha256", "bytes", "mtime", "width", "height", "format", "error",
+                 "cluster_id")
 # the pair columns the report reads (build_data, shown_pairs): a run hands it these only
 PAIR_COLUMNS = ("image_id_a", "image_id_b", "hash_distance", "orb_matches", "orb_inliers", "orb_score", "cosine",
                 "stage", "is_duplicate", "reason", "rule")
@@ -483,7 +487,10 @@ def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: 
 
     Image ids are strings: they are 63-bit and JavaScript numbers keep 53 bits."""
     cluster_order, clusters_total = listed_clusters(images, rcfg)
-    clustered = images[images["cluster_id"].isin(cluster_order)]
+    # (rows taken with the columns they are read for only: at 100k files most images are listed)
+    clustered = images.loc[images["cluster_id"].isin(cluster_order),
+                           ["cluster_id", "image_id", "path", "bytes", "width", "height", "mtime",
+                            *(["abs_path"] if rcfg.keep == "preferred_folder" else [])]]
     keepers = keeper_ids(clustered, rcfg.keep, rcfg.prefer) if len(clustered) else pd.Series(dtype="int64")
 
     dup = pairs["is_duplicate"].astype(bool).to_numpy()
@@ -501,7 +508,9 @@ def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: 
     errors = errors.sort_values("path", kind="stable").iloc[:rcfg.max_errors]
     wanted = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in (
         clustered["image_id"], pairs["image_id_a"], pairs["image_id_b"], errors["image_id"])])
-    shown = images[images["image_id"].isin(wanted)].sort_values("path", kind="stable").reset_index(drop=True)
+    shown = images.loc[images["image_id"].isin(wanted), ["image_id", "path", "bytes", "width", "height", "format",
+                                                          "mtime", "error"]] \
+        .sort_values("path", kind="stable").reset_index(drop=True)
     pos = pd.Series(np.arange(len(shown)), index=shown["image_id"].to_numpy())
 
     mtime = pd.to_datetime(shown["mtime"], utc=True).dt.strftime("%Y-%m-%d %H:%M").array
@@ -599,7 +608,7 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
         cfg, rcfg = _report_config(manifest)
     else:
         rcfg = cfg.report
-    images = normalize_images(images, manifest.get("root"))
+    images = normalize_images(images[[c for c in IMAGE_COLUMNS if c in images]], manifest.get("root"))
     pairs = pairs.reset_index(drop=True)
     if "rule" not in pairs:
         pairs = pairs.assign(rule=derive_rule(pairs))

@@ -180,6 +180,30 @@ def test_a_runs_report_is_the_one_its_parquet_outputs_make(review_run, tmp_path)
         assert json.loads((out / "report" / index).read_text()) == json.loads((review_run / "report" / index).read_text())
 
 
+def test_the_reports_keepers_follow_a_preferred_folder_given_as_an_absolute_path(review_run, tmp_path):
+    """The report reads only the image columns it needs (report.IMAGE_COLUMNS, and of them per
+    use): keep=preferred_folder with an absolute prefix still compares the members' abs paths."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("images.parquet", "pairs.parquet", "run.json"):
+        shutil.copy(review_run / name, out / name)
+    run = load_run(out)
+    prefer = str(Path(run.manifest["root"]) / "edits")
+    cfg = Config()
+    cfg.report.keep, cfg.report.prefer = "preferred_folder", [prefer]
+    write_report(out, run.images, run.pairs, run.manifest, cfg)
+    data = read_data(out / "report")
+    shown = {data["images"][c[2]][0] for c in data["clusters"]}
+
+    def keepers(**keep):
+        members = run.clusters(**keep)
+        return set(members.loc[members["keeper"], "image_id"].astype(str))
+    assert shown == keepers(keep="preferred_folder", prefer=[prefer])
+    assert shown != keepers(keep="largest_pixels")  # (the folder decides some cluster's keeper)
+    assert all(data["images"][c[2]][1].startswith("edits/") for c in data["clusters"]
+               if any(data["images"][m][1].startswith("edits/") for m in c[1]))
+
+
 @pytest.mark.parametrize("tiers", ["screen", "verify"])
 def test_report_of_earlier_tiers(review_data, tmp_path, tiers):
     from pipeline.cli import main
