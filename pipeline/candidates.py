@@ -25,11 +25,13 @@ row; an embedding-only pair gets `pair_hash_distance` and transform 0). Past
 FAISS index is sharded over the workers (`sharded_embedding_pairs`): with the exact index the
 same pairs.
 
-Parallelism: the index is built once in the driver, broadcast to every Dask worker
+Parallelism: with `screen.search_sharding` "single", or a catalog re-run's re-derived lists, the
+index is built once in the driver, broadcast to every Dask worker
 (`client.scatter(..., broadcast=True)`), and blocks of query images run as tasks; without a
-client the same blocks run in-process. The result does not depend on the blocking. Past
-`screen.search_shard_size` images on a cluster (`screen.search_sharding`), the index is sharded
-instead and built on the workers (`sharded_neighbours`, section "sharded search"): same lists.
+client the same blocks run in-process. The result does not depend on the blocking. On a cluster
+(`screen.search_sharding` "auto") the index is built on the workers instead, one shard of it, or
+past `screen.search_shard_size` images several (`sharded_neighbours`, section "sharded search"):
+same lists, and the driver compiles no numba kernel.
 """
 from __future__ import annotations
 
@@ -307,8 +309,13 @@ def directed_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Screen
     which images query (default: all), so a catalog can re-derive only some images' lists."""
     codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
     N, V, W = codes.shape
-    if index is None and query_owners is None and _sharded(cfg, client, int(idx_use.any(axis=1).sum())):
-        return sharded_directed_neighbours(codes, use, idx_use, cfg, client=client, block_rows=block_rows)
+    if index is None and query_owners is None:
+        spread = _sharded(cfg, client, int(idx_use.any(axis=1).sum()))
+        if spread or (client is not None and cfg.search_sharding == "auto"):
+            # on a cluster the index is built and searched on the workers (one shard below
+            # search_shard_size): the driver compiles no numba kernel (~66 MB it would keep)
+            return sharded_directed_neighbours(codes, use, idx_use, cfg, client=client, block_rows=block_rows,
+                                               one_shard=not spread)
     if index is None:
         img, var = np.nonzero(idx_use)
         index = make_index(codes[img, var], img.astype(np.int64), cfg.backend,
@@ -439,10 +446,11 @@ def shard_groups(entries: list[int], shard_size: int, n_workers: int = 1) -> lis
 
 
 def sharded_neighbours(parts: list, cfg: ScreenConfig, client=None, shard_size: int | None = None,
-                       gather: bool = True):
+                       gather: bool = True, one_shard: bool = False):
     """`directed_neighbours` over hash partitions (or futures of them, e.g. made on the workers),
-    with the index sharded (see the section comment). Returns the directed rows, sorted by owner_a,
-    distance, owner_b, or with `gather=False` (and a client) one future per partition of them."""
+    with the index sharded (see the section comment; `one_shard`: one index over every partition,
+    built on a worker). Returns the directed rows, sorted by owner_a, distance, owner_b, or with
+    `gather=False` (and a client) one future per partition of them."""
     shard_size = int(shard_size or cfg.search_shard_size)
     k = int(cfg.max_candidates)
     if client is None:
@@ -452,7 +460,8 @@ def sharded_neighbours(parts: list, cfg: ScreenConfig, client=None, shard_size: 
         return pd.concat(lists, ignore_index=True) if lists else _empty_directed()
     workers = _worker_addresses(client)
     entries = client.gather(client.map(_part_entries, parts, pure=False))
-    groups = shard_groups(entries, shard_size, len(workers))
+    groups = [[i for i, e in enumerate(entries) if e > 0]] if one_shard else shard_groups(entries, shard_size, len(workers))
+    groups = [g for g in groups if g]
     # one shard per worker in turn: the search tasks follow their (large) index
     shards = [client.submit(_build_shard, cfg, *[parts[i] for i in g], pure=False,
                             workers=[workers[j % len(workers)]], allow_other_workers=True)
@@ -475,9 +484,9 @@ def hash_partitions(codes: np.ndarray, use: np.ndarray, idx_use: np.ndarray, row
 
 
 def sharded_directed_neighbours(codes: np.ndarray, use: np.ndarray, idx_use: np.ndarray, cfg: ScreenConfig,
-                                client=None, block_rows: int | None = None) -> pd.DataFrame:
+                                client=None, block_rows: int | None = None, one_shard: bool = False) -> pd.DataFrame:
     """`directed_neighbours` for codes the caller already holds: cut into partitions, sent to the
-    workers, searched there with `sharded_neighbours`."""
+    workers, searched there with `sharded_neighbours` (`one_shard`: one index)."""
     n_img = int((use.any(axis=1) | idx_use.any(axis=1)).sum())
     if n_img == 0:
         return _empty_directed()
@@ -489,13 +498,38 @@ def sharded_directed_neighbours(codes: np.ndarray, use: np.ndarray, idx_use: np.
     if client is not None:
         parts = client.scatter(parts, hash=False)  # fresh keys: a same-data scatter right after
         # the last search released its futures would share their keys and be cancelled with them
-    return sharded_neighbours(parts, cfg, client=client)
+    return sharded_neighbours(parts, cfg, client=client, one_shard=one_shard)
+
+
+def _best_over_variants(codes, use, idx_use, a, b) -> tuple[np.ndarray, np.ndarray]:
+    """`_pair_best` with the screen's candidate order: (distance int16, transform int8) per pair."""
+    order_side = np.array([s for s, _ in _ORDER], dtype=np.int64)
+    order_var = np.array([v for _, v in _ORDER], dtype=np.int64)
+    return _pair_best(codes, use, idx_use, a, b, order_side, order_var, np.asarray(DIHEDRAL_INVERSE, dtype=np.int8))
+
+
+def pair_best(codes, use, idx_use, a: np.ndarray, b: np.ndarray, client=None) -> tuple[np.ndarray, np.ndarray]:
+    """Each pair's smallest distance over both directions and its transform (prepared arrays, as
+    `_prepare` returns them), in this process or, with a Dask `client`, on the workers: there the
+    driver never compiles the numba kernel, which costs it ~66 MB of memory for the rest of the
+    run (LLVM and the compiled code). The tasks get the prepared arrays as scattered data."""
+    if client is None or a.size == 0:
+        return _best_over_variants(codes, use, idx_use, a, b)
+    from .progress import map_tasks
+    n_tasks = max(1, min(len(client.nthreads()) or 1, -(-a.size // 50_000)))
+    cuts = np.linspace(0, a.size, n_tasks + 1).astype(np.int64)
+    found = map_tasks(client, _best_over_variants, [(codes, use, idx_use, a[s:e], b[s:e])
+                                                    for s, e in zip(cuts[:-1], cuts[1:])], star=True)
+    return (np.concatenate([d for d, _ in found]).astype(np.int16, copy=False),
+            np.concatenate([t for _, t in found]).astype(np.int8, copy=False))
 
 
 def pairs_from_neighbours(directed: pd.DataFrame, codes: np.ndarray, variant_mask: np.ndarray,
-                          cfg: ScreenConfig, representatives: np.ndarray | None = None) -> pd.DataFrame:
+                          cfg: ScreenConfig, representatives: np.ndarray | None = None,
+                          client=None) -> pd.DataFrame:
     """Directed top-K rows -> one row per unordered pair (kept when either side has the other in
-    its list), with the pair's smallest distance over both directions and its transform."""
+    its list), with the pair's smallest distance over both directions and its transform (on the
+    workers with a Dask `client`: `pair_best`)."""
     codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
     N = max(codes.shape[0], 1)
     empty = pd.DataFrame({"idx_a": np.zeros(0, np.int64), "idx_b": np.zeros(0, np.int64),
@@ -506,10 +540,7 @@ def pairs_from_neighbours(directed: pd.DataFrame, codes: np.ndarray, variant_mas
     b = np.maximum(directed["owner_a"].to_numpy(np.int64), directed["owner_b"].to_numpy(np.int64))
     key = np.unique(a * np.int64(N) + b)
     a, b = key // N, key % N
-    order_side = np.array([s for s, _ in _ORDER], dtype=np.int64)
-    order_var = np.array([v for _, v in _ORDER], dtype=np.int64)
-    dist, trans = _pair_best(codes, use, idx_use, a, b, order_side, order_var,
-                             np.asarray(DIHEDRAL_INVERSE, dtype=np.int8))
+    dist, trans = pair_best(codes, use, idx_use, a, b, client=client)
     return pd.DataFrame({"idx_a": a.astype(np.int64), "idx_b": b.astype(np.int64),
                          "hash_distance": dist, "transform": trans})
 
@@ -1075,24 +1106,22 @@ def sharded_embedding_pairs(part_paths, cfg: ScreenConfig, client=None, shard_si
 
 def pair_hash_distance(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
                        idx_a: np.ndarray, idx_b: np.ndarray,
-                       representatives: np.ndarray | None = None) -> np.ndarray:
+                       representatives: np.ndarray | None = None, client=None) -> np.ndarray:
     """The hash distance `near_pairs` would report for given pairs (smallest over the screen's
-    query variants against the index variants, both directions), int16."""
+    query variants against the index variants, both directions), int16 (on the workers with a
+    Dask `client`: `pair_best`)."""
     codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
     a = np.asarray(idx_a, dtype=np.int64)
     b = np.asarray(idx_b, dtype=np.int64)
     if a.size == 0:
         return np.zeros(0, np.int16)
-    order_side = np.array([s for s, _ in _ORDER], dtype=np.int64)
-    order_var = np.array([v for _, v in _ORDER], dtype=np.int64)
-    dist, _ = _pair_best(codes, use, idx_use, a, b, order_side, order_var,
-                         np.asarray(DIHEDRAL_INVERSE, dtype=np.int8))
+    dist, _ = pair_best(codes, use, idx_use, a, b, client=client)
     return dist
 
 
 def union_pairs(hash_pairs: pd.DataFrame, emb_pairs: pd.DataFrame, codes: np.ndarray,
                 variant_mask: np.ndarray, cfg: ScreenConfig,
-                representatives: np.ndarray | None = None) -> pd.DataFrame:
+                representatives: np.ndarray | None = None, client=None) -> pd.DataFrame:
     """Hash candidates plus embedding neighbours. A pair found by both keeps its hash row; a pair
     only found by embedding gets the smallest hash distance over the screen's variants and
     transform 0 (the embeddings compared are the untransformed images). Adds `source` ("hash",
@@ -1108,7 +1137,8 @@ def union_pairs(hash_pairs: pd.DataFrame, emb_pairs: pd.DataFrame, codes: np.nda
     only = emb_pairs[~in_hash]
     a, b = only["idx_a"].to_numpy(np.int64), only["idx_b"].to_numpy(np.int64)
     extra = pd.DataFrame({"idx_a": a, "idx_b": b,
-                          "hash_distance": pair_hash_distance(codes, variant_mask, cfg, a, b, representatives),
+                          "hash_distance": pair_hash_distance(codes, variant_mask, cfg, a, b, representatives,
+                                                              client=client),
                           "transform": np.zeros(a.size, np.int8), "source": "embedding",
                           "embedding_cosine": only["cosine"].to_numpy(np.float32)})
     out = pd.concat([out_hash, extra], ignore_index=True)

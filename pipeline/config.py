@@ -53,9 +53,10 @@ class ScreenConfig:
     backend: Literal["mih", "brute"] = "mih"  # multi-index hash or brute force
     # Sharded search on a Dask cluster: the index is cut into shards of about search_shard_size
     # entries built on the workers, every query partition probes every shard, and each image's K
-    # nearest are merged per query partition (same lists as one index). "auto": sharded when a
-    # Dask client is used and more than search_shard_size images take part; "sharded" always (also
-    # in-process, without a client); "single": one index built in the driver.
+    # nearest are merged per query partition (same lists as one index). "auto": with a Dask client
+    # the index is built and searched on the workers, sharded past search_shard_size images, one
+    # shard below (the driver compiles no search kernel); in-process, one index; "sharded" always
+    # (also in-process, without a client); "single": one index built in the driver.
     search_sharding: Literal["auto", "sharded", "single"] = "auto"
     search_shard_size: int = 5_000_000
     exact_group_pairs: int = 50  # exact-copy groups of more than this + 1 files emit a star, not all pairs

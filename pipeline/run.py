@@ -566,14 +566,15 @@ def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] 
     else:
         directed, search = candidates.incremental_neighbours(codes, mask, cfg.screen, previous[0], previous[1],
                                                              client=client, representatives=representative.to_numpy())
-    near = candidates.pairs_from_neighbours(directed, codes, mask, cfg.screen, representative.to_numpy())
+    near = candidates.pairs_from_neighbours(directed, codes, mask, cfg.screen, representative.to_numpy(),
+                                            client=running(client))
     if emb_parts is not None:
         t = time.perf_counter()
         emb = candidates.embedding_pairs(emb_parts, cfg.screen, client=client)
         if timings is not None:
             timings["embedding_knn"] = time.perf_counter() - t
         near = candidates.union_pairs(near, emb, codes, mask, cfg.screen,
-                                      representatives=representative.to_numpy())
+                                      representatives=representative.to_numpy(), client=running(client))
     else:
         near = near.assign(source="hash")
     near = near.assign(kind="near")
