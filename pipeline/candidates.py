@@ -449,7 +449,7 @@ def sharded_neighbours(parts: list, cfg: ScreenConfig, client=None, shard_size: 
                        gather: bool = True, one_shard: bool = False):
     """`directed_neighbours` over hash partitions (or futures of them, e.g. made on the workers),
     with the index sharded (see the section comment; `one_shard`: one index over every partition,
-    built on a worker). Returns the directed rows, sorted by owner_a, distance, owner_b, or with
+    a copy built on each worker). Returns the directed rows, sorted by owner_a, distance, owner_b, or with
     `gather=False` (and a client) one future per partition of them."""
     shard_size = int(shard_size or cfg.search_shard_size)
     k = int(cfg.max_candidates)
@@ -460,15 +460,26 @@ def sharded_neighbours(parts: list, cfg: ScreenConfig, client=None, shard_size: 
         return pd.concat(lists, ignore_index=True) if lists else _empty_directed()
     workers = _worker_addresses(client)
     entries = client.gather(client.map(_part_entries, parts, pure=False))
-    groups = [[i for i, e in enumerate(entries) if e > 0]] if one_shard else shard_groups(entries, shard_size, len(workers))
-    groups = [g for g in groups if g]
-    # one shard per worker in turn: the search tasks follow their (large) index
-    shards = [client.submit(_build_shard, cfg, *[parts[i] for i in g], pure=False,
-                            workers=[workers[j % len(workers)]], allow_other_workers=True)
-              for j, g in enumerate(groups)]
-    merged = [client.submit(_merge_lists, k, *[client.submit(_search_shard, s, p, cfg, pure=False)
-                                               for s in shards], pure=False)
-              for p in parts]
+    if one_shard:
+        # one index over every partition, a copy built on each worker (as the driver's single index
+        # is broadcast), and the partitions searched in turn next to each copy
+        every = [parts[i] for i, e in enumerate(entries) if e > 0]
+        copies = [client.submit(_build_shard, cfg, *every, pure=False, workers=[w], allow_other_workers=True)
+                  for w in workers] if every else []
+        merged = [client.submit(_merge_lists, k, *([client.submit(
+                      _search_shard, copies[j % len(copies)], p, cfg, pure=False,
+                      workers=[workers[j % len(workers)]], allow_other_workers=True)] if copies else []),
+                      pure=False)
+                  for j, p in enumerate(parts)]
+    else:
+        groups = shard_groups(entries, shard_size, len(workers))
+        # one shard per worker in turn: the search tasks follow their (large) index
+        shards = [client.submit(_build_shard, cfg, *[parts[i] for i in g], pure=False,
+                                workers=[workers[j % len(workers)]], allow_other_workers=True)
+                  for j, g in enumerate(groups)]
+        merged = [client.submit(_merge_lists, k, *[client.submit(_search_shard, s, p, cfg, pure=False)
+                                                   for s in shards], pure=False)
+                  for p in parts]
     if not gather:
         return merged
     lists = client.gather(merged)
