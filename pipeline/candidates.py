@@ -705,7 +705,16 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
     `same` (N,) bool: images that took part last time with the same hashes. Their lists are
     reused unless one of their neighbours is gone (a farther image may move up) or an added image
     is within their reach (it may push a neighbour out of the top K). Added images and those are
-    searched against the whole index; the result equals a search from scratch."""
+    searched against the whole index; the result equals a search from scratch.
+
+    With a Dask `client` the whole re-derivation is one task on a worker (the driver compiles no
+    numba kernel; a nightly run re-derives few lists)."""
+    if client is not None:
+        from .progress import map_tasks
+        [(directed, stats)] = map_tasks(client, incremental_neighbours,
+                                        [(codes, variant_mask, cfg, previous, same, None, representatives)],
+                                        star=True)
+        return directed, stats
     codes_p, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
     N = codes_p.shape[0]
     part = use[:, PLAIN]
@@ -724,7 +733,7 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
     index = make_index(codes_p[img, var], img.astype(np.int64), cfg.backend, max_distance=cfg.max_distance)
     gained = gained_neighbours(codes, variant_mask, cfg, added, same, representatives, index=index)
     redo = added | ((lost | gained) & same)
-    fresh = directed_neighbours(codes, variant_mask, cfg, client=client, representatives=representatives,
+    fresh = directed_neighbours(codes, variant_mask, cfg, representatives=representatives,
                                 query_owners=redo, index=index)
     kept = prev[~redo[owner]]
     directed = (pd.concat([kept, fresh], ignore_index=True)

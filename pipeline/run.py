@@ -565,7 +565,8 @@ def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] 
         search = {"images": int((representative & valid).sum()), "searched": "all (no usable catalog lists)"}
     else:
         directed, search = candidates.incremental_neighbours(codes, mask, cfg.screen, previous[0], previous[1],
-                                                             client=client, representatives=representative.to_numpy())
+                                                             client=running(client),
+                                                             representatives=representative.to_numpy())
     near = candidates.pairs_from_neighbours(directed, codes, mask, cfg.screen, representative.to_numpy(),
                                             client=running(client))
     if emb_parts is not None:

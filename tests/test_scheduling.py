@@ -152,35 +152,50 @@ def test_no_tensorflow_in_the_driver_or_the_workers_of_a_verify_run(data, tmp_pa
 
 
 def test_on_a_cluster_the_driver_compiles_no_search_kernel_and_finds_the_same_pairs(data, tmp_path):
-    """With a cluster, the hash search's index is built and searched on the workers (one shard
-    below screen.search_shard_size) and each pair's best distance over the variants is computed
-    there too: a fresh driver process compiles none of the numba kernels (LLVM and the code stay
-    in its memory for the run, ~66 MB) and writes the pairs of an in-process run."""
+    """With a cluster, the hash search's index is built and searched on the workers (one index
+    below screen.search_shard_size, a copy on each worker), each pair's best distance over the
+    variants is computed there, and a catalog re-run re-derives its lists in a task: a fresh driver
+    process compiles none of the numba kernels (LLVM and the code stay in its memory for the run,
+    ~66 MB), first run or re-run, and writes the pairs of an in-process run."""
+    import shutil
+
     from distributed import Client, LocalCluster
-    settings = ["tiers=screen", "catalog=none"]
+    from PIL import Image
+    folder = tmp_path / "data"
+    shutil.copytree(data, folder)
+    script = ("import sys, json; from pipeline import candidates, run, search, verify\n"
+              "from pipeline.config import load_config\n"
+              "from numba.core.registry import CPUDispatcher\n"
+              "m = run.run(sys.argv[1], sys.argv[2], load_config(None, ['tiers=screen']), scheduler=sys.argv[3],"
+              " quiet=True)\n"
+              "print(json.dumps({'near': m['counts']['near_candidates'], 'search': m['reuse']['candidates'],"
+              " 'compiled': sorted(f'{mod.__name__}.{n}' for mod in (candidates, search, verify)"
+              " for n, f in vars(mod).items() if isinstance(f, CPUDispatcher) and f.signatures)}))")
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        script = ("import sys, json; from pipeline import candidates, run, search, verify\n"
-                  "from pipeline.config import load_config\n"
-                  "from numba.core.registry import CPUDispatcher\n"
-                  f"m = run.run(sys.argv[1], sys.argv[2], load_config(None, {settings!r}),"
-                  " scheduler=sys.argv[3], quiet=True)\n"
-                  "print(json.dumps({'near': m['counts']['near_candidates'], 'compiled': sorted("
-                  "f'{mod.__name__}.{n}' for mod in (candidates, search, verify) for n, f in vars(mod).items()"
-                  " if isinstance(f, CPUDispatcher) and f.signatures)}))")
-        proc = subprocess.run([sys.executable, "-c", script, str(data), str(tmp_path / "cluster"),
-                               cluster.scheduler_address], capture_output=True, text=True, cwd=REPO,
-                              env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        driver = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert driver["near"] > 0 and driver["compiled"] == [], driver
+        def driver() -> dict:
+            proc = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "cluster"),
+                                   cluster.scheduler_address], capture_output=True, text=True, cwd=REPO,
+                                  env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+        first = driver()
+        assert first["near"] > 0 and first["compiled"] == [], first
+        source = next(p for p in sorted(folder.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        with Image.open(source) as im:  # a new, edited copy: the re-run searches for its neighbours
+            im.convert("RGB").resize((im.width * 3 // 4, im.height * 3 // 4)).save(folder / "added-copy.jpg",
+                                                                                 quality=80)
+        again = driver()
+        assert again["search"].get("added") == 1 and again["search"].get("lists_reused", 0) > 0, again
+        assert again["near"] > first["near"] and again["compiled"] == [], again
 
         def kernels_run_here():
             from pipeline import candidates, search
             return bool(candidates._pair_best.signatures), bool(search._mih_kernel.signatures)
         ran = client.run(kernels_run_here)
         assert any(pair for pair, _ in ran.values()) and any(mih for _, mih in ran.values()), ran
-    run.run(data, tmp_path / "here", load_config(None, settings), scheduler="sync", quiet=True)
+    run.run(folder, tmp_path / "here", load_config(None, ["tiers=screen", "catalog=none"]), scheduler="sync",
+            quiet=True)
     pd.testing.assert_frame_equal(_frames(tmp_path / "cluster")[1], _frames(tmp_path / "here")[1])
 
 
