@@ -519,18 +519,27 @@ def _best_over_variants(codes, use, idx_use, a, b) -> tuple[np.ndarray, np.ndarr
     return _pair_best(codes, use, idx_use, a, b, order_side, order_var, np.asarray(DIHEDRAL_INVERSE, dtype=np.int8))
 
 
+PAIRS_PER_TASK = 1_000_000  # pairs per `pair_best` task (each task's worker needs every image's codes)
+
+
+def _best_of_chunk(codes, use, idx_use, chunk) -> tuple[np.ndarray, np.ndarray]:
+    return _best_over_variants(codes, use, idx_use, *chunk)
+
+
 def pair_best(codes, use, idx_use, a: np.ndarray, b: np.ndarray, client=None) -> tuple[np.ndarray, np.ndarray]:
     """Each pair's smallest distance over both directions and its transform (prepared arrays, as
     `_prepare` returns them), in this process or, with a Dask `client`, on the workers: there the
     driver never compiles the numba kernel, which costs it ~66 MB of memory for the rest of the
-    run (LLVM and the compiled code). The tasks get the prepared arrays as scattered data."""
+    run (LLVM and the compiled code). The prepared arrays are scattered once and the pairs go in
+    chunks of PAIRS_PER_TASK, at most one task per worker."""
     if client is None or a.size == 0:
         return _best_over_variants(codes, use, idx_use, a, b)
-    from .progress import map_tasks
-    n_tasks = max(1, min(len(client.nthreads()) or 1, -(-a.size // 50_000)))
+    n_tasks = max(1, min(len(client.nthreads()) or 1, -(-a.size // PAIRS_PER_TASK)))
     cuts = np.linspace(0, a.size, n_tasks + 1).astype(np.int64)
-    found = map_tasks(client, _best_over_variants, [(codes, use, idx_use, a[s:e], b[s:e])
-                                                    for s, e in zip(cuts[:-1], cuts[1:])], star=True)
+    arrays = client.scatter([codes, use, idx_use], hash=False)  # (data, not inside the tasks)
+    chunks = client.scatter([(a[s:e], b[s:e]) for s, e in zip(cuts[:-1], cuts[1:])], hash=False)
+    found = client.gather([client.submit(_best_of_chunk, *arrays, chunk, pure=False) for chunk in chunks])
+    del arrays, chunks
     return (np.concatenate([d for d, _ in found]).astype(np.int16, copy=False),
             np.concatenate([t for _, t in found]).astype(np.int8, copy=False))
 

@@ -123,7 +123,16 @@ def test_sharded_on_a_local_cluster_equals_one_index(seed, clustered, monkeypatc
         got = near_pairs(codes, mask, on, client=client)
         auto = near_pairs(codes, mask, dataclasses.replace(c, search_sharding="auto", search_shard_size=1000),
                           client=client)
-    assert len(calls) == 3  # every search on the cluster took the sharded path
+        # below search_shard_size: one index, a copy on each worker; each pair's best distance over
+        # the variants on the workers too, in several tasks
+        import pipeline.candidates as candidates
+        monkeypatch.setattr(candidates, "PAIRS_PER_TASK", 500)
+        one = directed_neighbours(codes, mask, c, client=client)
+        best = candidates.pairs_from_neighbours(one, codes, mask, c, client=client)
+    assert len(calls) == 4  # every search on the cluster took the sharded path
+    pd.testing.assert_frame_equal(want_lists, one)
+    pd.testing.assert_frame_equal(candidates.pairs_from_neighbours(want_lists, codes, mask, c), best)
+    assert len(best) > 2 * 500
     pd.testing.assert_frame_equal(want_lists, lists)
     pd.testing.assert_frame_equal(want, got)
     pd.testing.assert_frame_equal(want, auto)
