@@ -42,15 +42,13 @@ EMB_SHARD = dict(section="sharded embedding kNN", n=299_776, shards=4, ratio=0.9
 # cascade, default settings, a catalog in OUT, a local cluster of 2 workers; `fit` marks the two
 # points the line is drawn through (the widest span), the others are predicted back
 DRIVER = [dict(name="5k end-to-end subset", section="driver memory per image (whole cascade), this tree",
-               images=5_005, pairs_per_image=6.06, peak_mb=437, fit=False),
+               images=5_005, pairs_per_image=6.06, peak_mb=369, fit=False),
           dict(name="10k end-to-end", section="driver memory per image (whole cascade), this tree",
-               images=10_465, pairs_per_image=6.59, peak_mb=496, fit=True),
+               images=10_465, pairs_per_image=6.59, peak_mb=423, fit=True),
           dict(name="100k scale folder", section="driver memory at the 100k scale folder",
-               images=100_625, pairs_per_image=5.09, peak_mb=926, fit=True)]
-# (the 5k and 10k points were measured at ceaad12, before 320f17f-2da92f6 took 1,093 -> 960 MB off
-# the 100k point in a same-run comparison, and the 100k point at 12fae59 (926 MB; 960 MB at 2da92f6
-# in an earlier run, not a same-run comparison); re-measured there the small points would fall a
-# little too, which makes the slope drawn here, if anything, a little low)
+               images=100_625, pairs_per_image=5.09, peak_mb=796, fit=True)]
+# (the 5k and 10k points measured at 7118a3b, 17:08 UTC, the 100k point at 7118a3b in a same-run
+# comparison with 24a43bf: 879 -> 796 MB; docs/benchmarks.md, driver_memory_notes)
 MODEL_LOAD_S = 2.5  # confirm: model build + weights load once per worker process (confirm section)
 # bytes per image in the store (measured; pairs.parquet scaled by the candidates per image)
 STORE = {
@@ -203,11 +201,11 @@ def main(argv=None) -> None:
     lines += ["", "## Driver memory", "",
               "The driver (the `dedupe` process, which also hosts a local cluster's scheduler) still holds a row "
               "per image and per candidate pair (docs/design-notes.md, \"Not done\"), so its peak grows with the "
-              "folder: a fixed part (imports, the cluster, compiled kernels) plus bytes per image, drawn through "
+              "folder: a fixed part (imports, the cluster) plus bytes per image, drawn through "
               f"the {a['images']:,} and {b['images']:,}-image points (peak RSS, default settings, a catalog, a local "
               "cluster of 2 workers). Bytes per image depend on the candidate pairs per image (each pair's row, "
               "its evidence at the catalog commit), so the points' densities are listed.", "",
-              f"Model: **{fixed_mb:,.0f} MB + {per_image_kb:,.1f} kB x images**.", "",
+              f"Model: **{fixed_mb:,.0f} MB + {per_image_kb:,.2f} kB x images**.", "",
               "| point | pairs / image | measured MB | model MB | error | from |", "|---|---|---|---|---|---|"]
     for p in DRIVER:
         pred = fixed_mb + per_image_mb * p["images"]
