@@ -18,14 +18,20 @@ first run on a new machine), written to its own section (driver_memory_fresh). `
 measured run is each OUT's second (the catalog present, nothing changed: a nightly run over an
 unchanged collection), written to its own section (driver_memory_rerun). `--scale-rounds 4`: one
 size, the 100,625-file folder of bench/scale.py instead of the subsets (section driver_memory_scale),
-the point docs/cost-model.md draws the driver's bytes per image to.
+the point docs/cost-model.md draws the driver's bytes per image to. `--external`: each size also
+runs with the scheduler in its own process (`dask scheduler` + `dask worker --nworkers 2` on
+127.0.0.1, started afresh per run, the workers in their own empty folder), as on a real cluster:
+the driver's RSS then holds the pipeline's own tables and no scheduler, whose RSS is sampled beside
+it (section driver_memory_external).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -80,20 +86,57 @@ def fresh_model_cache(folder: Path) -> Path:
     return folder
 
 
-def run_driver(data: Path, source: Path | None = None, fresh: bool = False, rerun: bool = False) -> dict:
+@contextlib.contextmanager
+def external_cluster(env: dict, workers: int = 2):
+    """A `dask scheduler` and `dask worker --nworkers N --nthreads 1` on 127.0.0.1, each process
+    in its own empty folder (no shared working directory), with `env` (the tree's PYTHONPATH: the
+    workers unpickle its `pipeline` functions). Yields (address, the scheduler's pid)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(Path(sys.executable).parent / "dask")
+    with tempfile.TemporaryDirectory(prefix="dedupe-drvmem-sched-") as sdir, \
+            tempfile.TemporaryDirectory(prefix="dedupe-drvmem-worker-") as wdir:
+        procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                   "--dashboard-address", ":0"], cwd=sdir, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+        procs.append(subprocess.Popen([dask, "worker", address, "--nworkers", str(workers), "--nthreads", "1",
+                                       "--host", "127.0.0.1", "--dashboard-address", ":0",
+                                       "--local-directory", wdir], cwd=wdir, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        try:
+            from distributed import Client
+            with Client(address, timeout="60s") as client:
+                client.wait_for_workers(workers, timeout=120)
+            yield address, procs[0].pid
+        finally:
+            for p in reversed(procs):
+                p.terminate()
+            for p in reversed(procs):
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def run_driver(data: Path, source: Path | None = None, fresh: bool = False, rerun: bool = False,
+               external: bool = False) -> dict:
     """One CLI run (whole cascade, local cluster): the driver's peak RSS, per stage and overall.
     `fresh`: with an empty model cache (`fresh_model_cache`). `rerun`: the measured run is the
     second into the same OUT (its catalog made by a first, unmeasured run; nothing changed): the
-    nightly run over a collection that did not change."""
+    nightly run over a collection that did not change. `external`: on an `external_cluster`
+    instead (its scheduler's peak RSS is returned too, as "scheduler_peak")."""
     env = dict(os.environ)
     keras_home = tempfile.TemporaryDirectory(prefix="dedupe-drvmem-keras-") if fresh else None
     if keras_home is not None:
         env["KERAS_HOME"] = str(fresh_model_cache(Path(keras_home.name) / "keras"))
     if source is not None:  # another source tree first on the path (its `pipeline` package)
         env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    with tempfile.TemporaryDirectory(prefix="dedupe-drvmem-") as out:
-        cmd = [sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", out, "--scheduler", "local",
-               "--log-level", "INFO"]
+    with (external_cluster(env) if external else contextlib.nullcontext((None, None))) as (address, sched_pid), \
+            tempfile.TemporaryDirectory(prefix="dedupe-drvmem-") as out:
+        cmd = [sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", out,
+               "--scheduler", address or "local", "--log-level", "INFO"]
         if rerun:
             first = subprocess.run(cmd, cwd=source or REPO, env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True, errors="replace")
@@ -113,10 +156,14 @@ def run_driver(data: Path, source: Path | None = None, fresh: bool = False, reru
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         driver = psutil.Process(proc.pid)
+        scheduler = psutil.Process(sched_pid) if sched_pid else None
         peaks: dict[str, int] = {}
+        sched_peak = 0
         while proc.poll() is None:
             try:
                 rss = driver.memory_info().rss
+                if scheduler is not None:
+                    sched_peak = max(sched_peak, scheduler.memory_info().rss)
             except psutil.Error:
                 break
             peaks[stage[0]] = max(peaks.get(stage[0], 0), rss)
@@ -130,7 +177,7 @@ def run_driver(data: Path, source: Path | None = None, fresh: bool = False, reru
         keras_home.cleanup()
     top = max(peaks, key=peaks.get)
     return {"peak": peaks[top], "peak_stage": top, "stages": peaks, "counts": manifest["counts"],
-            "reuse": manifest.get("reuse")}  # (the run.json of trees before 1911e4c has none)
+            "reuse": manifest.get("reuse"), "scheduler_peak": sched_peak if external else None}  # (the run.json of trees before 1911e4c has none)
 
 
 def main() -> None:
@@ -147,7 +194,13 @@ def main() -> None:
     parser.add_argument("--scale-rounds", type=int, default=0,
                         help="measure the scale folder of bench/scale.py with this many rounds (4: 100,625 "
                              "files) instead of --sizes")
+    parser.add_argument("--external", action="store_true",
+                        help="also run each size on an external scheduler + 2 workers (the scheduler out of "
+                             "the driver), alternating with the local cluster")
     args = parser.parse_args()
+    if args.external and (args.fresh_model_cache or args.rerun):
+        parser.error("--external compares where the scheduler runs on a first run: "
+                     "pass it without --fresh-model-cache and --rerun")
     if args.fresh_model_cache and args.rerun:
         parser.error("--fresh-model-cache and --rerun measure different runs: pass one of them")
     if args.scale_rounds < 0:
@@ -162,24 +215,36 @@ def main() -> None:
         data = generate(Path(args.bench_dir), args.per_source) / "images"
         folders = [subset(data, int(s), Path(args.bench_dir) / "driver-memory") for s in args.sizes.split(",")]
     trees = {"this tree": None} if not args.baseline else {"baseline": Path(args.baseline), "this tree": None}
-    results: dict[tuple[str, int], dict] = {}
+    modes = ("local", "external") if args.external else ("local",)
+    results: dict[tuple[str, str, int], dict] = {}
     for i, folder in enumerate(folders):
         n = sum(1 for _ in folder.iterdir())
         for name, source in trees.items():
-            r = run_driver(folder, source, fresh=args.fresh_model_cache, rerun=args.rerun)
-            results[(name, n)] = r
-            print(name, n, round(r["peak"] / 1e6), r["peak_stage"], flush=True)
+            for mode in modes:
+                r = run_driver(folder, source, fresh=args.fresh_model_cache, rerun=args.rerun,
+                               external=mode == "external")
+                results[(name, mode, n)] = r
+                print(name, mode, n, round(r["peak"] / 1e6), r["peak_stage"], flush=True)
     rows = []
-    for (name, n), r in results.items():
+    for (name, mode, n), r in results.items():
         c = r["counts"]
         stages = ", ".join(f"{k} {v / 1e6:.0f}" for k, v in r["stages"].items())
-        rows.append([name, f"{n:,}", f"{(c['exact_pairs'] + c['near_candidates']) / n:.2f}",
-                     f"{r['peak'] / 1e6:.0f}", r["peak_stage"], stages])
+        row = [name, f"{n:,}", f"{(c['exact_pairs'] + c['near_candidates']) / n:.2f}",
+               f"{r['peak'] / 1e6:.0f}", r["peak_stage"], stages]
+        if args.external:
+            sched = "in the driver" if r["scheduler_peak"] is None else f"{r['scheduler_peak'] / 1e6:.0f}"
+            row[1:1] = [mode]
+            row[-1:-1] = [sched]
+        rows.append(row)
     body = stamp() + (
         "\nThe driver alone (the CLI process, which also hosts the local cluster's scheduler; not the "
         "workers): peak RSS over the run and the peak within each stage (MB, attributed to the stage "
         "whose \"started\" line came last; \"start\" is before the screen). Whole cascade, default "
         "settings, a catalog in OUT, `--scheduler local` (2 workers). "
+        + ("Here each size also runs, alternating with it, on an external scheduler (`--scheduler "
+           "tcp://127.0.0.1:PORT` of a `dask scheduler` and `dask worker --nworkers 2 --nthreads 1` started "
+           "afresh for the run, each in its own empty folder), as on a real cluster: the driver then hosts "
+           "no scheduler, and the scheduler process's own peak RSS is beside it. " if args.external else "")
         + ("The folder is bench/scale.py's (every real photo and its rounds of the 31 transforms), "
            "at its own pair density. " if args.scale_rounds else
            "Sizes are whole groups of the end-to-end folder, so pairs per image stay alike; bytes per image = "
@@ -195,18 +260,28 @@ def main() -> None:
            "list and pair score comes from the catalog, so the stages that found nothing to do log no "
            "\"started\" line and their bytes count under the stage before."
            if args.rerun else "") + "\n\n")
-    body += table(["tree", "files", "pairs / image", "driver peak MB", "peak in stage", "peak per stage (MB)"], rows)
-    sizes = sorted({n for _, n in results})
+    header = ["tree", "files", "pairs / image", "driver peak MB", "peak in stage", "peak per stage (MB)"]
+    if args.external:
+        header[1:1] = ["scheduler"]
+        header[-1:-1] = ["scheduler process peak MB"]
+    body += table(header, rows)
+    sizes = sorted({n for _, _, n in results})
     if len(sizes) >= 2:
         lo, hi = sizes[0], sizes[-1]
         body += "\n"
         for name in trees:
-            slope = (results[(name, hi)]["peak"] - results[(name, lo)]["peak"]) / (hi - lo)
-            fixed = results[(name, lo)]["peak"] - slope * lo
-            body += (f"- {name}: {slope / 1e3:.1f} kB per image between {lo:,} and {hi:,} files "
-                     f"(intercept {fixed / 1e6:.0f} MB)\n")
+            for mode in modes:
+                slope = (results[(name, mode, hi)]["peak"] - results[(name, mode, lo)]["peak"]) / (hi - lo)
+                fixed = results[(name, mode, lo)]["peak"] - slope * lo
+                label = f"{name}, {mode} scheduler" if args.external else name
+                body += (f"- {label}: {slope / 1e3:.1f} kB per image between {lo:,} and {hi:,} files "
+                         f"(intercept {fixed / 1e6:.0f} MB)\n")
     kwargs = {"path": args.out} if args.out else {}
-    if args.scale_rounds:
+    if args.external:
+        update_section("driver_memory_external" + ("_scale" if args.scale_rounds else ""),
+                       "driver memory with the scheduler in its own process"
+                       + (" (100k scale folder)" if args.scale_rounds else ""), body, **kwargs)
+    elif args.scale_rounds:
         update_section("driver_memory_scale", "driver memory at the 100k scale folder", body, **kwargs)
     elif args.fresh_model_cache:
         update_section("driver_memory_fresh", "driver memory on a new machine's first run", body, **kwargs)

@@ -134,6 +134,26 @@ def test_driver_memory_rerun_measures_a_second_run_that_reuses_everything(tmp_pa
     assert result["counts"]["files"] == 4 and result["peak"] > 50e6 and "start" in result["stages"]
 
 
+def test_driver_memory_external_samples_the_driver_and_its_own_scheduler_apart(tmp_path, models_dir):
+    """`--external`: the run goes through a real `dask scheduler` + 2 workers on 127.0.0.1 (the
+    scheduler out of the driver), with the same outputs as on a local cluster, and both processes'
+    RSS sampled."""
+    import numpy as np
+    from PIL import Image
+
+    from bench import driver_memory
+    rng = np.random.default_rng(6)
+    for i in range(3):
+        pixels = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"g{i:04d}_original.png")
+        Image.fromarray(pixels).resize((96, 72)).save(tmp_path / f"g{i:04d}_bigger.png")
+    external = driver_memory.run_driver(tmp_path, external=True)
+    local = driver_memory.run_driver(tmp_path)
+    assert external["counts"] == local["counts"] and external["counts"]["files"] == 6
+    assert external["counts"]["near_candidates"] >= 3
+    assert external["scheduler_peak"] > 50e6 and external["peak"] > 50e6 and local["scheduler_peak"] is None
+
+
 def test_cost_model_predicts_the_driver_points_back_and_projects_its_memory(tmp_path):
     """docs/cost-model.md's driver section: a line through the two fitted points (so they come
     back at 0 %), every measured point predicted back with its error, and projections that grow
