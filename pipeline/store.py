@@ -153,3 +153,18 @@ def read_columns(path: str, keys, columns: list[str]) -> pd.DataFrame:
         if c not in frame:
             frame[c] = None
     return frame[columns]
+
+
+def part_paths(part_of: pd.Series, keys) -> pd.Series:
+    """The part file of each key (`part_of`: key -> part path; None where it has none), as an
+    object column sharing one Python string per part file. A pandas `str` column (pandas 3's
+    default for text) makes a new Python string per row when its values are taken out: a
+    verify job's three path columns were ~3 x 100 B per pair in the driver (+200 MB at 100k
+    files), and a frame built from those values turned them into `str` columns again."""
+    codes, paths = pd.factorize(part_of, use_na_sentinel=True)
+    code_of = pd.Series(codes, index=part_of.index)
+    at = code_of.reindex(np.asarray(keys, dtype=np.int64), fill_value=-1).to_numpy(np.int64)
+    shared = np.asarray(paths, dtype=object)
+    out = shared.take(np.maximum(at, 0)) if len(shared) else np.full(len(at), None, dtype=object)
+    out[at < 0] = None
+    return pd.Series(out, dtype=object)

@@ -967,17 +967,19 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
                                           index=summary["key"].to_numpy(np.int64))])
 
     # pair tasks, ordered by the feature files they touch
+    # (the path columns share one string per part file: store.part_paths)
     job = pd.DataFrame({"key_a": key_a, "key_b": key_b,
                         "transform": pairs["transform"].to_numpy(np.int64),
-                        "path_a_part": part_of.reindex(key_a).to_numpy(),
-                        "path_b_part": part_of.reindex(key_b).to_numpy(),
+                        "path_a_part": store.part_paths(part_of, key_a),
+                        "path_b_part": store.part_paths(part_of, key_b),
                         "key_b0": key_b0,
-                        "path_b0_part": part_of.reindex(key_b0).to_numpy(),
-                        "error_a": err.reindex(idx_a).to_numpy(),
-                        "error_b": err.reindex(idx_b).to_numpy()},
-                       index=np.arange(len(pairs)))
-    job = job.iloc[np.lexsort((job["path_b_part"].fillna("").to_numpy(),
-                               job["path_a_part"].fillna("").to_numpy()))]
+                        "path_b0_part": store.part_paths(part_of, key_b0),
+                        "error_a": pd.Series(err.reindex(idx_a).to_numpy(dtype=object), dtype=object),
+                        "error_b": pd.Series(err.reindex(idx_b).to_numpy(dtype=object), dtype=object)})
+    job.index = np.arange(len(pairs))
+    # sorted by part files (missing first), as codes: sorting the texts copied them per row
+    job = job.iloc[np.lexsort((pd.factorize(job["path_b_part"], sort=True)[0],
+                               pd.factorize(job["path_a_part"], sort=True)[0]))]
     step = cfg.dask.pairs_per_task
     tasks = [job.iloc[i:i + step] for i in range(0, len(job), step)]
     with stage("verify", total=len(job), unit="pair") as tracker:

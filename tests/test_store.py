@@ -54,3 +54,18 @@ def test_parts_written_in_one_row_group_still_read(tmp_path):
     pq.write_table(__import__("pyarrow").Table.from_pandas(frame, preserve_index=False), path)
     got = store.read_rows([path], np.array([16, 400], np.int64))
     assert got.index.tolist() == [16, 400] and got["n"].tolist() == [2, 50]
+
+
+def test_part_paths_share_one_string_per_part_file_and_none_where_missing():
+    """A pandas `str` Series hands out a new Python string per row; the verify and confirm jobs'
+    path columns are made of one string per part file instead (object columns)."""
+    part_of = pd.Series(["/w/part-000001.parquet", "/w/part-000000.parquet", "/w/part-000001.parquet"],
+                        index=np.array([8, 16, 24], np.int64))
+    keys = np.array([24, 8, 40, -1, 16, 8, 24], np.int64)
+    got = store.part_paths(part_of, keys)
+    assert got.dtype == object and got.index.equals(pd.RangeIndex(len(keys)))
+    assert got.tolist() == ["/w/part-000001.parquet", "/w/part-000001.parquet", None, None,
+                            "/w/part-000000.parquet", "/w/part-000001.parquet", "/w/part-000001.parquet"]
+    assert len({id(p) for p in got if p is not None}) == 2  # one object per part file
+    assert store.part_paths(pd.Series([], dtype=object), keys).isna().all()
+    assert len(store.part_paths(part_of, np.zeros(0, np.int64))) == 0
