@@ -957,8 +957,10 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
     if cat is not None:  # the catalog first: the outputs' run.json then says what it committed
         t = time.perf_counter()
         present = set(sha[has_sha])
-        rows = pd.DataFrame({"sha_a": sha[pairs["idx_a"].to_numpy()[scored]],
-                             "sha_b": sha[pairs["idx_b"].to_numpy()[scored]],
+        # sha256 as object columns sharing the images' strings: a str column would copy each
+        # 64-character text into Arrow, ~72 B per pair and side, held through the commit
+        rows = pd.DataFrame({"sha_a": pd.Series(sha[pairs["idx_a"].to_numpy()[scored]], dtype=object),
+                             "sha_b": pd.Series(sha[pairs["idx_b"].to_numpy()[scored]], dtype=object),
                              "transform": pairs["transform"].to_numpy(np.int64)[scored],
                              # (the columns' own arrays: to_numpy() would make a Python object per number)
                              **{c: pairs[c].array.take(scored) for c in (*catalog.ORB_COLUMNS, "cosine")}})

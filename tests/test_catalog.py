@@ -609,6 +609,11 @@ def test_evidence_table_keeps_old_rows_and_updates_the_scored_pairs(tmp_path, mo
     once = catalog.EvidenceTable(cat, present, rows.iloc[[0, 2, 3]], {"orb": "o2", "embed": "e2"}, True,
                                  [False, True, True])
     pd.testing.assert_frame_equal(once.frame(), out)
+    # the run passes the sha256 as object columns sharing the images' strings: the same table
+    shared = rows.assign(**{c: pd.Series(rows[c].to_numpy(dtype=object), dtype=object) for c in ("sha_a", "sha_b")})
+    assert shared["sha_a"].dtype == object
+    pd.testing.assert_frame_equal(catalog.EvidenceTable(cat, present, shared, {"orb": "o2", "embed": "e2"}, True,
+                                                        [False, False, True, True]).frame(), out)
     empty = catalog.EvidenceTable(None, present, rows.iloc[:0], {"orb": "o2", "embed": "e2"}, True, [])
     assert len(empty) == 0 and [len(p) for p in empty.parts()] == [0]
     assert empty.frame().columns.tolist() == catalog.EVIDENCE_COLUMNS
