@@ -756,9 +756,12 @@ def previous_lists(cat: Catalog | None, images: pd.DataFrame, representative: np
 
 
 def neighbours_table(directed: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
+    """Each image's nearest, by path. Object columns sharing the images' path strings: as `str`
+    columns each path was copied into Arrow per row, ~K x 2 copies per image held through the
+    commit (the writer converts a row group at a time)."""
     paths = images["path"].to_numpy(dtype=object)
-    return pd.DataFrame({"owner": paths[directed["owner_a"].to_numpy(np.int64)],
-                         "neighbour": paths[directed["owner_b"].to_numpy(np.int64)],
+    return pd.DataFrame({"owner": pd.Series(paths[directed["owner_a"].to_numpy(np.int64)], dtype=object),
+                         "neighbour": pd.Series(paths[directed["owner_b"].to_numpy(np.int64)], dtype=object),
                          "hash_distance": directed["hash_distance"].to_numpy(np.int16)})
 
 

@@ -796,3 +796,21 @@ def test_shared_text_keeps_the_values_with_one_string_per_distinct_one():
     # into the run's object columns)
     pd.testing.assert_series_equal(scores["orb_matches"], expected["orb_matches"])
     assert catalog.shared_text(pd.Series([], dtype=object)).tolist() == []
+
+
+def test_neighbours_table_shares_the_images_path_strings_and_reads_back_as_text(tmp_path):
+    """The K-nearest lists by path: object columns holding the images' own path strings (no copy
+    per row), written and read back as the same text."""
+    images = pd.DataFrame({"path": pd.Series(["a/x.jpg", "b/é y.png", "c.gif"], dtype=object)})
+    directed = pd.DataFrame({"owner_a": [0, 0, 1, 2], "owner_b": [1, 2, 0, 0], "hash_distance": [3, 5, 3, 5]})
+    table = catalog.neighbours_table(directed, images)
+    assert table.columns.tolist() == catalog.NEIGHBOUR_COLUMNS
+    assert table["owner"].dtype == object and table["neighbour"].dtype == object
+    paths = images["path"].tolist()
+    assert all(v is paths[i] for v, i in zip(table["owner"], directed["owner_a"]))
+    assert all(v is paths[i] for v, i in zip(table["neighbour"], directed["owner_b"]))
+    entry = catalog._Files(tmp_path).write_table("tables/neighbours.parquet", table)
+    back = pd.read_parquet(tmp_path / entry["file"])
+    assert back["owner"].tolist() == ["a/x.jpg", "a/x.jpg", "b/é y.png", "c.gif"]
+    assert back["neighbour"].tolist() == ["b/é y.png", "c.gif", "a/x.jpg", "a/x.jpg"]
+    assert back["hash_distance"].tolist() == [3, 5, 3, 5]
