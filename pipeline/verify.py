@@ -986,7 +986,7 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     with stage("verify", total=len(job), unit="pair") as tracker:
         results = map_tasks(client, _verify_task, tasks, cfg, tracker=tracker, weight=len)
     # the job (~80 B a pair) and the tasks' own results (~60 B a pair) go as soon as their rows
-    # are copied on: held to the end, they were ~100 MB of the driver's peak at 100k files
+    # are copied on (100k files, one run: the verify stage's driver peak 694 -> 664 MB)
     del tasks, job
     result = pd.concat([_texts_back(r) for r in results])
     del results
