@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import psutil
 
-from bench import transforms
+from bench import cluster, transforms
 from bench.end_to_end import generate
 from bench.report import stamp, table, update_section
 
@@ -88,36 +87,13 @@ def fresh_model_cache(folder: Path) -> Path:
 
 @contextlib.contextmanager
 def external_cluster(env: dict, workers: int = 2):
-    """A `dask scheduler` and `dask worker --nworkers N --nthreads 1` on 127.0.0.1, each process
-    in its own empty folder (no shared working directory), with `env` (the tree's PYTHONPATH: the
-    workers unpickle its `pipeline` functions). Yields (address, the scheduler's pid)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"tcp://127.0.0.1:{port}"
-    dask = str(Path(sys.executable).parent / "dask")
+    """A `dask scheduler` and `dask worker --nworkers N --nthreads 1` on 127.0.0.1 (bench/cluster.py),
+    each process in its own empty folder (no shared working directory), with `env` (the tree's
+    PYTHONPATH: the workers unpickle its `pipeline` functions). Yields (address, the scheduler's pid)."""
     with tempfile.TemporaryDirectory(prefix="dedupe-drvmem-sched-") as sdir, \
-            tempfile.TemporaryDirectory(prefix="dedupe-drvmem-worker-") as wdir:
-        procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                   "--dashboard-address", ":0"], cwd=sdir, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-        procs.append(subprocess.Popen([dask, "worker", address, "--nworkers", str(workers), "--nthreads", "1",
-                                       "--host", "127.0.0.1", "--dashboard-address", ":0",
-                                       "--local-directory", wdir], cwd=wdir, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        try:
-            from distributed import Client
-            with Client(address, timeout="60s") as client:
-                client.wait_for_workers(workers, timeout=120)
-            yield address, procs[0].pid
-        finally:
-            for p in reversed(procs):
-                p.terminate()
-            for p in reversed(procs):
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            tempfile.TemporaryDirectory(prefix="dedupe-drvmem-worker-") as wdir, \
+            cluster.external_cluster(env, Path(sdir), [cluster.Worker(Path(wdir), nworkers=workers)]) as found:
+        yield found
 
 
 def run_driver(data: Path, source: Path | None = None, fresh: bool = False, rerun: bool = False,

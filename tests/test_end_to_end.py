@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from bench.cluster import Worker, external_cluster, free_port
 from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,12 +104,6 @@ def test_empty_folder_and_bad_files_complete(tmp_path):
     assert before == {p.name: p.read_bytes() for p in data.iterdir()}  # inputs untouched
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _frames(out: Path):
     images = pd.read_parquet(out / "images.parquet").sort_values("path").reset_index(drop=True)
     pairs = pd.read_parquet(out / "pairs.parquet").sort_values(["path_a", "path_b"]).reset_index(drop=True)
@@ -125,19 +119,9 @@ def test_real_dask_scheduler_and_worker_give_the_same_output(labelled_dir, model
     for f in models_dir.glob("*.h5"):
         os.symlink(f, keras_home / "models" / f.name)
     env = dict(os.environ, KERAS_HOME=str(keras_home), PYTHONPATH=str(REPO))
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    dask = [str(Path(sys.executable).parent / "dask")]
-    scheduler = subprocess.Popen(dask + ["scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                         "--dashboard-address", ":0"], env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
-    worker = subprocess.Popen(dask + ["worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1",
-                                      "--dashboard-address", ":0"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        from distributed import Client
-        with Client(address, timeout="60s") as client:
-            client.wait_for_workers(2, timeout=120)
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "workers").mkdir()
+    with external_cluster(env, tmp_path / "scheduler", [Worker(tmp_path / "workers", nworkers=2)]) as (address, _):
         runs = {}
         for name, sched in (("remote", address), ("local", "local"), ("sync", "sync")):
             out = tmp_path / name
@@ -161,11 +145,6 @@ def test_real_dask_scheduler_and_worker_give_the_same_output(labelled_dir, model
             assert images.loc[f"pdq/data/bridge-mods/{edit}.jpg", "cluster_id"] == orig, edit
         labelme = images[images.index.str.contains("labelme-subset")]
         assert len(labelme) == 7 and labelme["cluster_id"].isna().all()
-    finally:
-        worker.terminate()
-        scheduler.terminate()
-        worker.wait(30)
-        scheduler.wait(30)
 
 
 def test_missing_weights_stop_the_run_before_any_work(tmp_path):
@@ -190,5 +169,5 @@ def test_missing_weights_stop_the_run_before_any_work(tmp_path):
 def test_unreachable_scheduler_is_a_usage_error(tmp_path):
     (tmp_path / "d").mkdir()
     result = cli("dedupe", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--tiers", "screen",
-                 "--scheduler", f"tcp://127.0.0.1:{_free_port()}")
+                 "--scheduler", f"tcp://127.0.0.1:{free_port()}")
     assert result.returncode == 2 and "cannot reach the Dask scheduler" in result.stderr

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bench.cluster import Worker, external_cluster, free_port
 from conftest import kill_when_logged
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,12 +36,6 @@ EDITS = {0: ["exact_copy", "jpeg_q50", "hflip"], 1: ["crop_90_centre", "text_ove
 # ORB settles most of these edits on its own; asking it for more inliers sends some to MobileNet
 TIERS = ["--set", "decide.accept_inliers=200"]
 N_PHOTOS = 24
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -63,7 +57,7 @@ def s3(tmp_path_factory):
     server's request log)."""
     if not (BIN / "moto_server").exists():
         pytest.skip("moto[server] is not installed (make install installs the test extras)")
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     # the first 3 requests (the IAM set-up below) are not checked; every later one is
     server_env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3", AWS_ACCESS_KEY_ID="setup",
@@ -169,32 +163,16 @@ def cluster(s3, models_dir, tmp_path_factory):
     driver = base / "driver"
     driver.mkdir()
     env = dict(env, KERAS_HOME=str(_keras_home(models_dir, driver / "keras")))
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--dashboard-address", ":0"], env=env, cwd=driver,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    worker_dirs = []
-    try:
-        for n in (1, 2):  # each worker: its own empty folder and its own Keras cache, no shared disk
-            home = base / f"worker{n}"
-            cwd = home / "cwd"
-            cwd.mkdir(parents=True)
-            worker_dirs.append(cwd)
-            wenv = dict(env, KERAS_HOME=str(_keras_home(models_dir, home / "keras")))
-            procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1",
-                                           "--nthreads", "1", "--host", "127.0.0.1", "--dashboard-address", ":0",
-                                           "--local-directory", str(cwd), "--name", f"w{n}"], env=wenv, cwd=cwd,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        from distributed import Client
-        with Client(address, timeout="60s") as client:
-            client.wait_for_workers(2, timeout=120)
+    workers, worker_dirs = [], []
+    for n in (1, 2):  # each worker: its own empty folder and its own Keras cache, no shared disk
+        home = base / f"worker{n}"
+        cwd = home / "cwd"
+        cwd.mkdir(parents=True)
+        worker_dirs.append(cwd)
+        workers.append(Worker(cwd, env=dict(env, KERAS_HOME=str(_keras_home(models_dir, home / "keras"))),
+                              name=f"w{n}"))
+    with external_cluster(env, driver, workers) as (address, _):
         yield address, env, driver, worker_dirs
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            proc.wait(60)
 
 
 @pytest.mark.slow
@@ -507,7 +485,7 @@ def gcs(dataset, tmp_path_factory):
     pytest.importorskip("gcsfs", reason="gcsfs is not installed (make install installs the test extras)")
     if not (BIN / "gcp-storage-emulator").exists():
         pytest.skip("gcp-storage-emulator is not installed (make install installs the test extras)")
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "wb")
     proc = subprocess.Popen([str(BIN / "gcp-storage-emulator"), "start", "--host", "127.0.0.1", "--port", str(port),
@@ -610,7 +588,7 @@ def azure(dataset, tmp_path_factory):
     azurite = REPO / ".azurite" / "node_modules" / ".bin" / "azurite-blob"
     if not azurite.exists():
         pytest.skip("Azurite is not installed: run `make azurite` (npm)")
-    port = _free_port()
+    port = free_port()
     name, key = AZURITE_ACCOUNT
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AZURE_"))}
     env.update(AZURE_STORAGE_CONNECTION_STRING=(f"DefaultEndpointsProtocol=http;AccountName={name};AccountKey={key};"

@@ -1,0 +1,65 @@
+"""A real external Dask cluster on 127.0.0.1: one `dask scheduler` process and `dask worker`
+processes, each in a folder of its own (no shared working directory), as on a cluster whose
+machines share no disk. Used by the benchmarks that measure such a run and by the tests that run
+the pipeline through a scheduler's address."""
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+DASK = Path(sys.executable).parent / "dask"
+
+
+@dataclass
+class Worker:
+    """One `dask worker` process: `nworkers` worker processes of one thread each, run in `folder`
+    (also their --local-directory), with `env` (default: the cluster's)."""
+    folder: Path
+    nworkers: int = 1
+    env: dict | None = None
+    name: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def external_cluster(env: dict, scheduler_folder: Path, workers: Sequence[Worker],
+                     timeout: float = 120) -> Iterator[tuple[str, int]]:
+    """Start the scheduler (in `scheduler_folder`) and `workers`, wait until every worker process
+    has joined, yield (address, the scheduler's pid); stop them all on exit. `env` carries what
+    the workers need to unpickle the tasks (PYTHONPATH of the tree under test, KERAS_HOME)."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [subprocess.Popen([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", ":0"], cwd=scheduler_folder, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        for w in workers:
+            cmd = [str(DASK), "worker", address, "--nworkers", str(w.nworkers), "--nthreads", "1",
+                   "--host", "127.0.0.1", "--dashboard-address", ":0", "--local-directory", str(w.folder)]
+            if w.name:
+                cmd += ["--name", w.name]
+            procs.append(subprocess.Popen(cmd, cwd=w.folder, env=w.env if w.env is not None else env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        from distributed import Client
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(sum(w.nworkers for w in workers), timeout=timeout)
+        yield address, procs[0].pid
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in reversed(procs):
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
