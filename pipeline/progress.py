@@ -148,6 +148,22 @@ def _call_task(task, fn: Callable, star: bool, args: tuple):
 SCATTER_TASKS = 16
 
 
+def submit_scattered(client, fns: Sequence[Callable], tasks: Sequence, star: bool, args: tuple = ()) -> list:
+    """Futures of fns[i](tasks[i], *args) (`star`: fns[i](*tasks[i], *args)) on the Dask `client`.
+    Each task's data (frames of paths or pairs: ~15 MB for 70k pairs; a report task's file lists)
+    goes to the workers as scattered data, not inside the task, where the scheduler holds it and
+    the client's and the in-process scheduler's message logs keep it (a report's thumbnail tasks:
+    ~13 MB of the driver's peak at 100k files); SCATTER_TASKS tasks at a time: one scatter of
+    every task serializes them all at once, into one message per worker. hash=False: fresh keys,
+    so a repeated call never shares data with a finished one."""
+    futures = []
+    for start in range(0, len(tasks), SCATTER_TASKS):
+        data = client.scatter(list(tasks[start:start + SCATTER_TASKS]), hash=False)
+        futures += client.map(_call_task, data, list(fns[start:start + SCATTER_TASKS]), star=star, args=args,
+                              pure=False)
+    return futures
+
+
 def map_tasks(client, fn: Callable, tasks: Sequence, *args, tracker: Tracker | None = None,
               weight: Callable[[object], int] = lambda task: 1, star: bool = False) -> list:
     """[fn(task, *args) for task in tasks] (`star`: fn(*task, *args)), on the Dask `client` when
@@ -174,15 +190,7 @@ def map_tasks(client, fn: Callable, tasks: Sequence, *args, tracker: Tracker | N
     from distributed import as_completed
     if not tasks:
         return []
-    # the tasks' data (frames of paths or pairs: ~15 MB for 70k pairs) goes to the workers as
-    # scattered data, not inside the task graph (which the scheduler holds and warns about),
-    # SCATTER_TASKS tasks at a time: one scatter of every task serializes them all at once,
-    # into one message per worker; hash=False: fresh keys, so a repeated call never shares data
-    # with a finished one
-    futures = []
-    for start in range(0, len(tasks), SCATTER_TASKS):
-        data = client.scatter(tasks[start:start + SCATTER_TASKS], hash=False)
-        futures += client.map(_call_task, data, fn=fn, star=star, args=args, pure=False)
+    futures = submit_scattered(client, [fn] * len(tasks), tasks, star, args)
     weights = {f.key: weight(t) for f, t in zip(futures, tasks)}
     for fut in as_completed(futures, loop=client.loop):  # the client need not be the default one
         if fut.status == "error":
@@ -207,14 +215,7 @@ def completed(client, tasks: Sequence[tuple[Callable, tuple]], threads: int = 1)
                 yield number.pop(fut), fut.result()
         return
     from distributed import as_completed
-    # each task's arguments (lists of image paths) go as scattered data, SCATTER_TASKS tasks at a
-    # time, as in `map_tasks`: inside the task they stay in the client's and the in-process
-    # scheduler's message logs (a report's thumbnail tasks: ~13 MB of the driver's peak at 100k files)
-    futures = []
-    for start in range(0, len(tasks), SCATTER_TASKS):
-        chunk = tasks[start:start + SCATTER_TASKS]
-        data = client.scatter([args for _, args in chunk], hash=False)
-        futures += [client.submit(_call_task, d, fn, True, (), pure=False) for (fn, _), d in zip(chunk, data)]
+    futures = submit_scattered(client, [fn for fn, _ in tasks], [args for _, args in tasks], True)
     number = {fut.key: n for n, fut in enumerate(futures)}
     pending = as_completed(futures, loop=client.loop)  # (the client need not be the default one)
     del futures  # as_completed holds each future until it yields it
