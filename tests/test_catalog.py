@@ -814,3 +814,35 @@ def test_neighbours_table_shares_the_images_path_strings_and_reads_back_as_text(
     assert back["owner"].tolist() == ["a/x.jpg", "a/x.jpg", "b/é y.png", "c.gif"]
     assert back["neighbour"].tolist() == ["b/é y.png", "c.gif", "a/x.jpg", "a/x.jpg"]
     assert back["hash_distance"].tolist() == [3, 5, 3, 5]
+
+
+def test_feature_parts_finds_the_wanted_features_of_these_settings_in_first_seen_order(tmp_path):
+    """Cat.feature_parts: the stored rows of the wanted (sha256, transform) made with these
+    settings, in the order the wanted ones first appear, none from a part that fails its check;
+    `settings_changed` counts wanted features stored with other settings only; the path of each
+    part file is one shared string."""
+    sha = {c: c * 64 for c in "ABCDE"}
+    rows = [("orb", "F1", sha["A"], 0, 10, "p1"), ("orb", "F1", sha["A"], 4, 14, "p1"),
+            ("orb", "F1", sha["B"], 0, 20, "p2"), ("orb", "F1", sha["C"], 0, 30, "p1"),
+            ("orb", "F0", sha["A"], 0, 11, "p0"), ("orb", "F0", sha["D"], 0, 41, "p0"),
+            ("embed", "F1", sha["E"], 0, 50, "p3")]
+    features = pd.DataFrame(rows, columns=["kind", "fp", "sha256", "transform", "key", "part"]).assign(error=None)
+
+    class Checked(catalog.Catalog):
+        def verify_file(self, rel):
+            return rel != "p2"  # p2 fails its checksum
+
+    cat = Checked(tmp_path, features=features)
+    wanted = np.array([sha["C"], sha["A"], None, sha["A"], sha["B"], sha["D"], sha["E"], sha["C"]], dtype=object)
+    found, counts = cat.feature_parts("orb", "F1", wanted, [0, 0, 0, 4, 0, 0, 0, 0])
+    assert found.index.tolist() == [30, 10, 14]
+    assert found.tolist() == [str(tmp_path / "p1")] * 3
+    assert len({id(p) for p in found}) == 1
+    # stored with other settings and not found: D0 (A0 is found)
+    assert counts == {"reused": 3, "settings_changed": 1}
+    empty, counts = cat.feature_parts("embed", "F9", wanted[:2], [0, 0])
+    assert empty.empty and counts == {"reused": 0, "settings_changed": 0}
+    nothing, counts = Checked(tmp_path).feature_parts("orb", "F1", wanted, np.zeros(len(wanted), np.int64))
+    assert nothing.empty and counts == {"reused": 0, "settings_changed": 0}
+    flipped, counts = cat.feature_parts("orb", "F1", wanted[:2], [4, 4])  # A4 only: C has no flipped row
+    assert flipped.index.tolist() == [14] and counts == {"reused": 1, "settings_changed": 0}
