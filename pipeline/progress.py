@@ -216,6 +216,7 @@ def completed(client, tasks: Sequence[tuple[Callable, tuple]], threads: int = 1)
         return
     from distributed import as_completed
     futures = submit_scattered(client, [fn for fn, _ in tasks], [args for _, args in tasks], True)
+    del tasks  # (sent: a caller that passed its only reference holds none of their data from here)
     number = {fut.key: n for n, fut in enumerate(futures)}
     pending = as_completed(futures, loop=client.loop)  # (the client need not be the default one)
     del futures  # as_completed holds each future until it yields it

@@ -667,8 +667,12 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
                              tuple(pair[3:5])))
         jobs += [("pairs", draw_pairs, (todo[i:i + DRAWINGS_PER_TASK], cfg))
                  for i in range(0, len(todo), DRAWINGS_PER_TASK)]
-        for n, result in completed(client, [(fn, args) for _, fn, args in jobs], threads=os.cpu_count() or 1):
-            kind = jobs[n][0]
+        kinds = [kind for kind, _, _ in jobs]
+        # the tasks' file lists are held by nothing here once sent (`completed` lets go of them)
+        pending = completed(client, [(fn, args) for _, fn, args in jobs], threads=os.cpu_count() or 1)
+        del jobs, from_store, decode, todo
+        for n, result in pending:
+            kind = kinds[n]
             for name, made_now in result.items():  # written as each task ends: nothing piles up here
                 if kind == "thumbs":  # (name: the image's position in data["images"])
                     if made_now:

@@ -112,7 +112,8 @@ def _echo_names(names: list[str], suffix: str) -> dict[str, str]:
 def test_completed_yields_every_task_once_and_its_arguments_travel_as_data():
     """progress.completed (the report's pixel work) on a cluster: every task's result once, under
     its own number, more tasks than are scattered at a time; the task arguments (the report's
-    file lists) go to the workers as data, so the tasks the message logs keep name no file."""
+    file lists) go to the workers as data, so the tasks the message logs keep name no file, and
+    the generator lets go of them once sent."""
     from distributed import Client, LocalCluster
 
     from pipeline.progress import SCATTER_TASKS, completed
@@ -122,6 +123,11 @@ def test_completed_yields_every_task_once_and_its_arguments_travel_as_data():
             Client(cluster) as client:
         got = dict(completed(client, tasks))
         kept = client.run_on_scheduler(_tasks_in_scheduler_log) + _tasks_in_client_log(client)
+        # once sent, the generator holds none of the tasks' data (the report frees its file lists)
+        pending = completed(client, [(_echo_names, (["x.jpg"], f"#{n}")) for n in range(3)])
+        first = next(pending)
+        assert "tasks" not in pending.gi_frame.f_locals
+        assert sorted([first, *pending]) == [(n, {"x.jpg": f"x.jpg#{n}"}) for n in range(3)]
     assert sorted(got) == list(range(len(tasks)))
     assert all(got[n] == {name: name + f"#{n}" for name in tasks[n][1][0]} for n in got)
     assert len(kept) >= 3 and not [n for n in range(len(tasks)) if any(f"thumb-{n:03d}".encode() in t for t in kept)]
