@@ -409,6 +409,9 @@ def listed_clusters(images: pd.DataFrame, rcfg: ReportConfig) -> tuple[pd.Index,
     return order[:rcfg.max_clusters], len(order)
 
 
+LINK_ROWS = 65_536  # cluster_links selects over whole clusters of about this many pairs at a time
+
+
 def shown_pairs(images: pd.DataFrame, pairs: pd.DataFrame, rcfg: ReportConfig) -> tuple[np.ndarray, np.ndarray]:
     """(positions of the pairs the report shows, ascending; positions of its closest rejected
     pairs, closest first): the duplicate pairs the listed clusters show (`cluster_links`) and the
@@ -438,7 +441,29 @@ def cluster_links(pairs: pd.DataFrame, cluster: np.ndarray, per_cluster: int) ->
     made the report (and the driver writing it) grow with the pairs, 436k rows for 100k files of
     ~125 copies each, where a reviewer reads one link per image; pairs.parquet has every pair.
     Same selection when called again on the selected pairs (the spanning tree of a strict order
-    is unique, and the selection holds it)."""
+    is unique, and the selection holds it).
+
+    Made for whole clusters of about LINK_ROWS pairs at a time (a cluster's selection depends on
+    its own pairs only; their closeness order within a subset is the same): its working arrays
+    (the order, the graph, the spanning tree) stay bounded as the pairs grow."""
+    keep = np.zeros(len(pairs), bool)
+    if len(pairs) == 0:
+        return keep
+    cluster = np.asarray(cluster, dtype=np.int64)
+    by_cluster = np.argsort(cluster, kind="stable")
+    starts = np.flatnonzero(np.r_[True, cluster[by_cluster][1:] != cluster[by_cluster][:-1]])
+    ends = np.r_[starts[1:], len(cluster)]
+    first = 0
+    while first < len(starts):  # whole clusters, at least one, until about LINK_ROWS pairs
+        last = first + max(1, int(np.searchsorted(ends[first:], starts[first] + LINK_ROWS, side="right")))
+        rows = np.sort(by_cluster[starts[first]:ends[last - 1]])  # (in the pairs' own order)
+        keep[rows] = _links(pairs.iloc[rows], cluster[rows], per_cluster)
+        first = last
+    return keep
+
+
+def _links(pairs: pd.DataFrame, cluster: np.ndarray, per_cluster: int) -> np.ndarray:
+    """`cluster_links` over the pairs of some whole clusters."""
     n = len(pairs)
     keep = np.zeros(n, bool)
     if n == 0:

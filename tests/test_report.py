@@ -641,3 +641,22 @@ def test_a_repeated_pair_row_counts_once_in_the_clusters_links():
                           "orb_inliers": pd.array([None] * 3, dtype="Int32"), "hash_distance": [1, 1, 2]})
     keep = cluster_links(pairs, np.array([7, 7, 7]), 0)
     assert keep.tolist() == [False, True, True]  # (1, 2) by its closer row, then (2, 3)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_cluster_links_made_a_few_clusters_at_a_time_select_the_same_pairs(rows, monkeypatch):
+    """report.LINK_ROWS: the selection made over whole clusters of about that many pairs at a time
+    (a cluster bigger than that alone) is the selection made over all pairs at once."""
+    from pipeline import report
+    images, pairs, _ = _clustered_pairs()
+    dup = pairs[pairs["is_duplicate"].to_numpy()].reset_index(drop=True)
+    cluster = report._cluster_of(images, dup["image_id_a"])
+    rng = np.random.default_rng(rows)
+    shuffled = rng.permutation(len(dup))  # clusters interleaved, not in runs
+    dup, cluster = dup.iloc[shuffled].reset_index(drop=True), cluster[shuffled]
+    for per_cluster in (0, 30):
+        whole = report.cluster_links(dup, cluster, per_cluster)
+        monkeypatch.setattr(report, "LINK_ROWS", rows)
+        assert report.cluster_links(dup, cluster, per_cluster).tolist() == whole.tolist()
+        monkeypatch.setattr(report, "LINK_ROWS", 10**9)
+    assert len(np.unique(cluster)) == 3 and whole.sum() < len(dup)  # (several clusters; a real selection)
