@@ -544,6 +544,18 @@ def screen_embeddings(images: pd.DataFrame, cfg: Config, work_dir: Path | str, c
                               client=client, progress=progress, stage_name="screen-embed")
 
 
+# the internal pair frame's kind and source: categories (a byte a pair; as text, ~9 B a pair
+# each, held by the driver from the candidates to the end of the run)
+PAIR_KINDS = pd.CategoricalDtype(["exact", "near"])
+PAIR_SOURCES = pd.CategoricalDtype(["hash", "embedding", "both"])
+
+
+def _category(n: int, dtype: pd.CategoricalDtype, value: str | None) -> pd.Categorical:
+    """n times `value` (None: missing) as a column of `dtype`."""
+    code = -1 if value is None else dtype.categories.get_loc(value)
+    return pd.Categorical.from_codes(np.full(n, code, np.int8), dtype=dtype)
+
+
 def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] | None = None,
                 timings: dict | None = None, previous: tuple[pd.DataFrame, np.ndarray] | None = None,
                 info: dict | None = None) -> pd.DataFrame:
@@ -554,7 +566,9 @@ def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] 
     unchanged since; then only the lists a change can affect are searched again (same result).
     `info` (a dict) receives the directed lists ("neighbours") and the search counts ("search")."""
     exact = candidates.exact_pairs(images["sha256"], cfg.screen.exact_group_pairs)
-    exact = exact.assign(hash_distance=np.int16(0), transform=np.int8(0), kind="exact")
+    exact = exact.assign(hash_distance=np.int16(0), transform=np.int8(0),
+                         kind=_category(len(exact), PAIR_KINDS, "exact"),
+                         source=_category(len(exact), PAIR_SOURCES, None))
     valid = images["error"].isna() & images["codes"].notna()
     representative = representatives(images)
     codes, mask = screen.unpack_codes(images, cfg.screen)
@@ -576,9 +590,10 @@ def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] 
             timings["embedding_knn"] = time.perf_counter() - t
         near = candidates.union_pairs(near, emb, codes, mask, cfg.screen,
                                       representatives=representative.to_numpy(), client=running(client))
+        near = near.assign(source=pd.Categorical(near["source"], dtype=PAIR_SOURCES))
     else:
-        near = near.assign(source="hash")
-    near = near.assign(kind="near")
+        near = near.assign(source=_category(len(near), PAIR_SOURCES, "hash"))
+    near = near.assign(kind=_category(len(near), PAIR_KINDS, "near"))
     pairs = pd.concat([exact, near], ignore_index=True)
     pairs = pairs.astype({"idx_a": "int64", "idx_b": "int64", "hash_distance": "int16", "transform": "int8"})
     if info is not None:

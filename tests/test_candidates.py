@@ -184,3 +184,29 @@ def test_rotated_variants_match_only_within_their_own_limit():
     assert set(zip(got.idx_a, got.idx_b)) == {(0, 1)}
     wide = near_pairs(codes, mask, cfg(max_distance=8, dihedral_max_distance=8))
     assert {(0, 1), (2, 3)} <= set(zip(wide.idx_a, wide.idx_b))
+
+
+def test_the_runs_pair_frame_holds_kind_and_source_as_one_byte_categories(tmp_path):
+    """run.build_pairs: exact pairs (no source) and hash candidates ("hash"), kind and source as
+    categories of a byte a pair (the driver holds this frame from the candidates to the end)."""
+    from pipeline import run
+    from pipeline.config import load_config
+    from pipeline.progress import Progress
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    Image.fromarray(base).save(tmp_path / "a.png")
+    Image.fromarray(base).save(tmp_path / "a-copy.png")  # the same bytes: an exact pair
+    Image.fromarray(base).resize((48, 32)).save(tmp_path / "a-small.png")  # a near candidate of both
+    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "other.png")
+    cfg = load_config(None, [])
+    images = run.run_screen(tmp_path, cfg, None, Progress(True))
+    pairs = run.build_pairs(images, cfg, None)
+    assert pairs["kind"].dtype == run.PAIR_KINDS and pairs["source"].dtype == run.PAIR_SOURCES
+    assert pairs["kind"].array.codes.dtype == np.int8 and pairs["source"].array.codes.dtype == np.int8
+    paths = images["path"].to_numpy(dtype=object)
+    found = {(paths[a], paths[b], k, s if isinstance(s, str) else None)
+             for a, b, k, s in zip(pairs["idx_a"], pairs["idx_b"], pairs["kind"], pairs["source"])}
+    assert ("a-copy.png", "a.png", "exact", None) in found or ("a.png", "a-copy.png", "exact", None) in found
+    assert {k for _, _, k, _ in found} == {"exact", "near"}
+    assert all((k == "exact") == (s is None) and s in (None, "hash") for _, _, k, s in found)
+    assert not [f for f in found if "other.png" in f[:2]]
