@@ -802,6 +802,8 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                                 emb_parts=None if screen_emb is None else screen_emb["part_path"].tolist())
             tracker.update(len(images))
             del previous
+            if cat is None:  # the directed lists are kept for the catalog's commit only
+                search_info.pop("neighbours", None)
         release_freed_memory()
         reuse["candidates"].update(search_info.get("search", {}))
         timings["candidates"] = time.perf_counter() - t
