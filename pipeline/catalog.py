@@ -481,11 +481,10 @@ class Catalog:
         keys, first = np.unique(at[wanted].astype(np.int64) * 8 + np.asarray(transform, dtype=np.int64)[wanted],
                                 return_index=True)  # the wanted stored keys, each with its first place
         row_keys = np.where(row_codes >= 0, row_codes.astype(np.int64) * 8 + rows["transform"].to_numpy(np.int64), -1)
-        slot = np.minimum(np.searchsorted(keys, row_keys), max(len(keys) - 1, 0))
-        is_wanted = (keys[slot] == row_keys) if len(keys) else np.zeros(len(rows), bool)
+        is_wanted = np.isin(row_keys, keys)
         same = (rows["fp"] == fp).to_numpy(bool)
         take = np.flatnonzero(is_wanted & same)
-        take = take[np.argsort(first[slot[take]], kind="stable")]  # first-seen order
+        take = take[np.argsort(first[np.searchsorted(keys, row_keys[take])], kind="stable")]  # first-seen order
         hit, hit_keys = rows[["key", "part"]].iloc[take], row_keys[take]
         if len(hit):
             parts = {p: self.verify_file(p) for p in pd.unique(hit["part"])}
@@ -495,8 +494,7 @@ class Catalog:
         counts = {"reused": int(len(hit)), "settings_changed": int(len(other)) - int(np.isin(hit_keys, other).sum())}
         part_codes, part_names = pd.factorize(hit["part"])
         full = np.array([self.files.full(p) for p in part_names], dtype=object)
-        series = pd.Series(full.take(part_codes) if len(full) else np.full(len(hit), None, dtype=object),
-                           index=hit["key"].to_numpy(np.int64), dtype=object)
+        series = pd.Series(full.take(part_codes), index=hit["key"].to_numpy(np.int64), dtype=object)
         return series, counts
 
     def orphan_parts(self, kind: str, fp: str, sha_of_cid: pd.Series) -> pd.DataFrame:
