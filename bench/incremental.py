@@ -85,14 +85,11 @@ def same_outputs(a: Path, b: Path) -> None:
         pd.testing.assert_frame_equal(x, y, check_exact=False, atol=FLOAT_ATOL, rtol=0)
 
 
-def search_scale(n: int, seed: int = 0) -> dict:
-    """The candidate search alone at a larger scale: n synthetic aHash-like codes (noisy copies of
-    n/3 centres, 8 dihedral variants), 1 % of them added since the last run: the search from scratch
-    vs the incremental one (checked equal)."""
+def ahash_codes(n: int, seed: int = 0):
+    """n synthetic aHash-like codes: noisy copies of n/3 centres, their 8 dihedral variants
+    (bit permutations of one 8x8 grid, as the screen makes them). -> (codes (n, 9, 1), mask)."""
     import numpy as np
 
-    from pipeline.candidates import directed_neighbours, gained_neighbours, incremental_neighbours
-    from pipeline.config import ScreenConfig
     rng = np.random.default_rng(seed)
     centres = rng.random((n // 3, 8, 8)) < 0.5
     bits = centres[rng.integers(0, len(centres), n)] ^ (rng.random((n, 8, 8)) < 0.04)
@@ -104,6 +101,18 @@ def search_scale(n: int, seed: int = 0) -> dict:
     for v, grid in enumerate(grids):
         codes[:, v, 0] = np.packbits(np.ascontiguousarray(grid(bits)).reshape(n, 64), axis=1).view(">u8")[:, 0]
     mask[:, :8] = True
+    return codes, mask
+
+
+def search_scale(n: int, seed: int = 0) -> dict:
+    """The candidate search alone at a larger scale: n synthetic aHash-like codes (`ahash_codes`),
+    1 % of them added since the last run: the search from scratch vs the incremental one (checked equal)."""
+    import numpy as np
+
+    from pipeline.candidates import directed_neighbours, gained_neighbours, incremental_neighbours
+    from pipeline.config import ScreenConfig
+    rng = np.random.default_rng(seed)
+    codes, mask = ahash_codes(n, seed)
     cfg = ScreenConfig()
     t = time.perf_counter()
     previous = directed_neighbours(codes, mask, cfg)

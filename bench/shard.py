@@ -20,6 +20,17 @@ index shards built and searched on 2 worker processes) against the one-index sea
 (`embedding_pairs`, search_sharding single), both with the kind `embedding_index: auto` picks for
 N (IVF above `embedding_exact_max`): time, planted recall, driver and worker peaks. Then the first
 `--flat-n` vectors with the exact (flat) index both ways, pairs compared.
+
+`python -m bench.shard --incremental` (section "sharded incremental search"): a catalog re-run's
+candidate search on a cluster. N synthetic aHash-like codes (bench/incremental.py's
+`ahash_codes`: 8 dihedral variants each), the lists of a first run, then 1 % of the images
+added (new codes at random rows) and 0.5 % removed: the re-derivation through
+`candidates.incremental_neighbours` on a local cluster of 2 worker processes, three ways, in
+the same run: `search_sharding: single` (the whole re-derivation one task on one worker),
+`auto` (hash partitions searched on the workers against a copy of one index on each) and
+`sharded` (index shards of N / 4 entries), against the search from scratch on the same cluster;
+lists checked equal row for row. Time: median of --repeats; memory: each worker's peak (VmHWM,
+reset before each way).
 """
 from __future__ import annotations
 
@@ -228,6 +239,86 @@ def main_embeddings(args) -> None:
     print(body)
 
 
+def grown(n: int, seed: int = 0, add: float = 0.01, drop: float = 0.005):
+    """A collection of n aHash-like codes after a first run over it, then `add` of new images at
+    random rows and `drop` removed: (codes, mask, previous lists in the new row numbers, same)."""
+    from bench.incremental import ahash_codes
+
+    rng = np.random.default_rng([seed, 1])
+    n_new = int(n * add)
+    every, every_mask = ahash_codes(n + n_new, seed)  # (the added images near old ones as often as old ones are)
+    codes0, mask0, new_codes, new_mask = every[:n], every_mask[:n], every[n:], every_mask[n:]
+    previous = directed_neighbours(codes0, mask0, ScreenConfig())
+    keep = rng.random(n) >= drop
+    order = np.argsort(np.concatenate([np.flatnonzero(keep).astype(float), rng.random(n_new) * n]), kind="stable")
+    codes = np.concatenate([codes0[keep], new_codes])[order]
+    mask = np.concatenate([mask0[keep], new_mask])[order]
+    origin = np.concatenate([np.flatnonzero(keep), -np.ones(n_new, np.int64)])[order]
+    now = np.full(n, -1, np.int64)
+    now[origin[origin >= 0]] = np.flatnonzero(origin >= 0)
+    previous = pd.DataFrame({"owner_a": now[previous["owner_a"].to_numpy()],
+                             "owner_b": now[previous["owner_b"].to_numpy()],
+                             "hash_distance": previous["hash_distance"].to_numpy()})
+    return codes, mask, previous, origin >= 0
+
+
+def main_incremental(args) -> None:
+    from distributed import Client, LocalCluster
+
+    t = time.perf_counter()
+    codes, mask, previous, same = grown(args.n, args.seed)
+    print(f"made {args.n:,} codes and the first run's lists in {time.perf_counter() - t:.0f} s", flush=True)
+    base = ScreenConfig()
+    ways = {"single": dataclasses.replace(base, search_sharding="single"),
+            "auto": base,
+            "sharded": dataclasses.replace(base, search_sharding="sharded",
+                                           search_shard_size=max(1, args.shard_size or len(codes) // 4))}
+    times: dict[str, list] = {w: [] for w in ["scratch", *ways]}
+    peaks: dict[str, list] = {w: [] for w in times}
+    stats = None
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        want = directed_neighbours(codes, mask, base, client=client)  # (also the workers' warm-up)
+        for r in range(args.repeats):
+            for way in times:  # interleaved: the machine's drift falls on every way alike
+                client.run(reset_hwm)
+                t = time.perf_counter()
+                if way == "scratch":
+                    got = directed_neighbours(codes, mask, base, client=client)
+                else:
+                    got, stats = candidates.incremental_neighbours(codes, mask, ways[way], previous, same,
+                                                                   client=client)
+                times[way].append(time.perf_counter() - t)
+                peaks[way].append(max(client.run(vm_hwm).values()))
+                if not got.reset_index(drop=True).equals(want):
+                    raise SystemExit(f"{way}: the lists differ from the search from scratch")
+                print(r, way, f"{times[way][-1]:.2f} s", flush=True)
+                del got
+    from bench.report import median
+    gib = 2**30
+    scratch = median(times["scratch"])
+    rows = [[way, median(ts), f"{median(ts) / scratch:.2f}x", f"{median(peaks[way]) / gib:.2f}",
+             "yes"] for way, ts in times.items()]
+    body = stamp() + (
+        f"\n{len(codes):,} synthetic aHash-like codes (8 dihedral variants each, `bench.incremental.ahash_codes`); "
+        f"the lists of a first run over {args.n:,}, then {stats['added']:,} images added at random rows and "
+        f"0.5 % removed. Default screen settings (threshold 10, K 15). The re-derivation "
+        f"(`candidates.incremental_neighbours`) on a LocalCluster of {args.workers} worker processes x 1 "
+        f"thread, three ways, against the search from scratch on the same cluster; {args.repeats} repeats, "
+        f"interleaved, medians. Worker peak: the largest worker's VmHWM, reset before each search. Every "
+        f"way's lists equal the search from scratch row for row.\n\n")
+    body += table(["search", "median s", "vs scratch", "worker peak GiB", "lists equal"], rows)
+    body += (f"\n- Re-derived: {stats['added']:,} added images' lists, "
+             f"{stats['rederived_gained_neighbour']:,} with a new image within reach, "
+             f"{stats['rederived_lost_neighbour']:,} with a neighbour gone; {stats['lists_reused']:,} reused.\n"
+             f"- single: the codes and the last lists sent to one worker, searched there by one thread; "
+             f"auto: hash partitions, a copy of one index on each worker; sharded: "
+             f"{len(codes) // max(1, args.shard_size or len(codes) // 4)} index shards, every partition probes each.\n")
+    update_section("shard_incremental", "sharded incremental search (catalog re-run on a cluster)", body,
+                   **({"path": args.out} if args.out else {}))
+    print(body)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=None, help="default 10,000,000 (--embeddings: 300,000)")
@@ -247,14 +338,20 @@ def main(argv=None) -> None:
     ap.add_argument("--d", type=int, default=1280, help="--embeddings: dimensions")
     ap.add_argument("--flat-n", type=int, default=20_000, help="--embeddings: vectors of the flat comparison")
     ap.add_argument("--tmp", default=None, help="--embeddings: folder for the vectors' partitions")
+    ap.add_argument("--incremental", action="store_true",
+                    help="a catalog re-run's search instead (see the docstring; --n default 1,000,000)")
+    ap.add_argument("--repeats", type=int, default=3, help="--incremental: repeats (medians)")
     args = ap.parse_args(argv)
     defaults = ({"n": 300_000, "part": 256, "plant": 8, "k": 10} if args.embeddings else
+                {"n": 1_000_000} if args.incremental else
                 {"n": 10_000_000, "part": 250_000, "plant": 500, "k": 15})
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.embeddings:
         return main_embeddings(args)
+    if args.incremental:
+        return main_incremental(args)
     from distributed import Client, LocalCluster, wait
 
     cfg = dataclasses.replace(ScreenConfig(), max_distance=args.threshold, max_candidates=args.k,

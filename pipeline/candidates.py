@@ -25,13 +25,14 @@ row; an embedding-only pair gets `pair_hash_distance` and transform 0). Past
 FAISS index is sharded over the workers (`sharded_embedding_pairs`): with the exact index the
 same pairs.
 
-Parallelism: with `screen.search_sharding` "single", or a catalog re-run's re-derived lists, the
-index is built once in the driver, broadcast to every Dask worker
-(`client.scatter(..., broadcast=True)`), and blocks of query images run as tasks; without a
-client the same blocks run in-process. The result does not depend on the blocking. On a cluster
-(`screen.search_sharding` "auto") the index is built on the workers instead, one shard of it, or
-past `screen.search_shard_size` images several (`sharded_neighbours`, section "sharded search"):
-same lists, and the driver compiles no numba kernel.
+Parallelism: with `screen.search_sharding` "single" the index is built once in the driver,
+broadcast to every Dask worker (`client.scatter(..., broadcast=True)`), and blocks of query images
+run as tasks; without a client the same blocks run in-process. The result does not depend on the
+blocking. On a cluster (`screen.search_sharding` "auto") the index is built on the workers instead,
+one shard of it, or past `screen.search_shard_size` images several (`sharded_neighbours`, section
+"sharded search"): same lists, and the driver compiles no numba kernel. A catalog re-run's
+re-derivation of the lists a change can affect (`incremental_neighbours`) takes the same path on a
+cluster, over hash partitions (`sharded_incremental_neighbours`).
 """
 from __future__ import annotations
 
@@ -445,44 +446,65 @@ def shard_groups(entries: list[int], shard_size: int, n_workers: int = 1) -> lis
     return groups
 
 
+class _Shards:
+    """Index shards over the entries of hash partitions (see the section comment), built on the
+    workers with a client (one shard per worker in turn: the searches follow their large index),
+    in-process without. `one_shard`: one index over every partition, a copy built on each
+    worker (as the driver's single index was broadcast), each item probing one copy."""
+
+    def __init__(self, parts: list, cfg: ScreenConfig, client=None, shard_size: int | None = None,
+                 one_shard: bool = False):
+        self.client, self.one_shard = client, one_shard
+        shard_size = int(shard_size or cfg.search_shard_size)
+        if client is None:
+            entries = [_part_entries(p) for p in parts]
+            groups = ([[i for i, e in enumerate(entries) if e > 0]] if one_shard
+                      else shard_groups(entries, shard_size))
+            self.shards = [_build_shard(cfg, *[parts[i] for i in g]) for g in groups if g]
+            return
+        self.workers = _worker_addresses(client)
+        entries = client.gather(client.map(_part_entries, parts, pure=False))
+        if one_shard:
+            every = [parts[i] for i, e in enumerate(entries) if e > 0]
+            self.shards = [client.submit(_build_shard, cfg, *every, pure=False, workers=[w], allow_other_workers=True)
+                           for w in self.workers] if every else []
+        else:
+            groups = shard_groups(entries, shard_size, len(self.workers))
+            self.shards = [client.submit(_build_shard, cfg, *[parts[i] for i in g], pure=False,
+                                         workers=[self.workers[j % len(self.workers)]], allow_other_workers=True)
+                           for j, g in enumerate(groups)]
+
+    def probe(self, fn, item, j: int, *args) -> list:
+        """fn(shard, item, *args) against every shard (one copy with `one_shard`; `j`: the item's
+        number, which picks it), as results, or futures with a client."""
+        if not self.shards:
+            return []
+        if self.client is None:
+            return [fn(s, item, *args) for s in (self.shards[:1] if self.one_shard else self.shards)]
+        if self.one_shard:
+            c = j % len(self.shards)
+            return [self.client.submit(fn, self.shards[c], item, *args, pure=False,
+                                       workers=[self.workers[c % len(self.workers)]], allow_other_workers=True)]
+        return [self.client.submit(fn, s, item, *args, pure=False) for s in self.shards]
+
+
+def _run(client, fn, *args):
+    """fn(*args) here, or as a task with a client (its future)."""
+    return fn(*args) if client is None else client.submit(fn, *args, pure=False)
+
+
 def sharded_neighbours(parts: list, cfg: ScreenConfig, client=None, shard_size: int | None = None,
                        gather: bool = True, one_shard: bool = False):
     """`directed_neighbours` over hash partitions (or futures of them, e.g. made on the workers),
     with the index sharded (see the section comment; `one_shard`: one index over every partition,
     a copy built on each worker). Returns the directed rows, sorted by owner_a, distance, owner_b, or with
     `gather=False` (and a client) one future per partition of them."""
-    shard_size = int(shard_size or cfg.search_shard_size)
     k = int(cfg.max_candidates)
-    if client is None:
-        groups = shard_groups([_part_entries(p) for p in parts], shard_size)
-        shards = [_build_shard(cfg, *[parts[i] for i in g]) for g in groups]
-        lists = [_merge_lists(k, *[_search_shard(s, p, cfg) for s in shards]) for p in parts]
-        return pd.concat(lists, ignore_index=True) if lists else _empty_directed()
-    workers = _worker_addresses(client)
-    entries = client.gather(client.map(_part_entries, parts, pure=False))
-    if one_shard:
-        # one index over every partition, a copy built on each worker (as the driver's single index
-        # is broadcast), and the partitions searched in turn next to each copy
-        every = [parts[i] for i, e in enumerate(entries) if e > 0]
-        copies = [client.submit(_build_shard, cfg, *every, pure=False, workers=[w], allow_other_workers=True)
-                  for w in workers] if every else []
-        merged = [client.submit(_merge_lists, k, *([client.submit(
-                      _search_shard, copies[j % len(copies)], p, cfg, pure=False,
-                      workers=[workers[j % len(workers)]], allow_other_workers=True)] if copies else []),
-                      pure=False)
-                  for j, p in enumerate(parts)]
-    else:
-        groups = shard_groups(entries, shard_size, len(workers))
-        # one shard per worker in turn: the search tasks follow their (large) index
-        shards = [client.submit(_build_shard, cfg, *[parts[i] for i in g], pure=False,
-                                workers=[workers[j % len(workers)]], allow_other_workers=True)
-                  for j, g in enumerate(groups)]
-        merged = [client.submit(_merge_lists, k, *[client.submit(_search_shard, s, p, cfg, pure=False)
-                                                   for s in shards], pure=False)
-                  for p in parts]
-    if not gather:
+    shards = _Shards(parts, cfg, client, shard_size, one_shard)
+    merged = [_run(client, _merge_lists, k, *shards.probe(_search_shard, p, j, cfg)) for j, p in enumerate(parts)]
+    if client is not None and not gather:
         return merged
-    lists = client.gather(merged)
+    lists = merged if client is None else client.gather(merged)
     return pd.concat(lists, ignore_index=True) if lists else _empty_directed()
 
 
@@ -494,6 +516,12 @@ def hash_partitions(codes: np.ndarray, use: np.ndarray, idx_use: np.ndarray, row
             for s in range(0, img.size, max(rows, 1))]
 
 
+def _partition_rows(n_img: int, client, block_rows: int | None = None) -> int:
+    """Images per hash partition: about 8 per worker thread, 20k-200k."""
+    n_threads = 1 if client is None else max(1, sum(client.nthreads().values()))
+    return int(block_rows or np.clip(-(-n_img // (8 * n_threads)), 20_000, 200_000))
+
+
 def sharded_directed_neighbours(codes: np.ndarray, use: np.ndarray, idx_use: np.ndarray, cfg: ScreenConfig,
                                 client=None, block_rows: int | None = None, one_shard: bool = False) -> pd.DataFrame:
     """`directed_neighbours` for codes the caller already holds: cut into partitions, sent to the
@@ -501,11 +529,7 @@ def sharded_directed_neighbours(codes: np.ndarray, use: np.ndarray, idx_use: np.
     n_img = int((use.any(axis=1) | idx_use.any(axis=1)).sum())
     if n_img == 0:
         return _empty_directed()
-    n_threads = 1
-    if client is not None:
-        n_threads = max(1, sum(client.nthreads().values()))
-    rows = int(block_rows or np.clip(-(-n_img // (8 * n_threads)), 20_000, 200_000))
-    parts = hash_partitions(codes, use, idx_use, rows)
+    parts = hash_partitions(codes, use, idx_use, _partition_rows(n_img, client, block_rows))
     if client is not None:
         parts = client.scatter(parts, hash=False)  # fresh keys: a same-data scatter right after
         # the last search released its futures would share their keys and be cancelled with them
@@ -576,31 +600,41 @@ def reach_pairs(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
     variants (plain and trimmed rows within `max_distance`, dihedral rows within
     `dihedral_max_distance`) is searched with the added images' index entries, uncapped."""
     codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
-    N = codes.shape[0]
-    empty = pd.DataFrame({"owner": np.zeros(0, np.int64), "added": np.zeros(0, np.int64),
-                          "hash_distance": np.zeros(0, np.int16)})
     added = np.asarray(added, bool) & idx_use.any(axis=1)
     owners = np.asarray(owners, bool) & ~added
     if not added.any() or not owners.any():
-        return empty
+        return _owner_reach(codes, use, owners, np.zeros((0, codes.shape[2]), np.uint64), np.zeros(0, np.int64), cfg)
     q_img, q_var = np.nonzero(idx_use & added[:, None])
-    queries = codes[q_img, q_var]
+    found = _owner_reach(codes, use, owners, codes[q_img, q_var], q_img.astype(np.int64), cfg)
+    return (found.sort_values(["owner", "added", "hash_distance"], kind="stable")
+            .drop_duplicates(["owner", "added"], keep="first").reset_index(drop=True))
+
+
+def _owner_reach(codes: np.ndarray, use: np.ndarray, owners: np.ndarray, queries: np.ndarray,
+                 query_img: np.ndarray, cfg: ScreenConfig, img: np.ndarray | None = None) -> pd.DataFrame:
+    """Rows (owner, added, hash_distance) of `reach_pairs`, repeats included: an index over the
+    owners' query rows (prepared `codes`/`use`, `owners` bool over their rows; `img`: their global
+    numbers, default the row numbers) searched with the added images' entries `queries`, owned
+    by `query_img`, uncapped, each owner row at its own limit."""
+    found = [pd.DataFrame({"owner": np.zeros(0, np.int64), "added": np.zeros(0, np.int64),
+                           "hash_distance": np.zeros(0, np.int16)})]
+    if not len(queries) or not owners.any():
+        return found[0]
+    img = np.arange(codes.shape[0], dtype=np.int64) if img is None else np.asarray(img, np.int64)
     ouse = use & owners[:, None]
     dihedral_var = np.zeros(use.shape[1], bool)
     dihedral_var[1:min(8, use.shape[1])] = True
-    found = [empty]
     for rows, limit in ((ouse & ~dihedral_var[None, :], cfg.max_distance),
                         (ouse & dihedral_var[None, :], min(cfg.dihedral_max_distance, cfg.max_distance))):
         e_img, e_var = np.nonzero(rows)
         if e_img.size == 0:
             continue
-        index = make_index(codes[e_img, e_var], e_img.astype(np.int64), cfg.backend, max_distance=limit)
-        a, hit, d, _ = index.search(queries, q_img.astype(np.int64), limit, max(N, 1))
+        index = make_index(codes[e_img, e_var], img[e_img], cfg.backend, max_distance=limit)
+        a, hit, d, _ = index.search(np.ascontiguousarray(queries, np.uint64), query_img, limit,
+                                    max(int(owners.sum()), 1))
         found.append(pd.DataFrame({"owner": hit.astype(np.int64), "added": a.astype(np.int64),
                                    "hash_distance": d.astype(np.int16)}))
-    out = pd.concat(found, ignore_index=True)
-    return (out.sort_values(["owner", "added", "hash_distance"], kind="stable")
-            .drop_duplicates(["owner", "added"], keep="first").reset_index(drop=True))
+    return pd.concat(found, ignore_index=True)
 
 
 def gained_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
@@ -631,10 +665,28 @@ def gained_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenCo
     if index is None:
         img, var = np.nonzero(idx_use)
         index = make_index(codes[img, var], img.astype(np.int64), cfg.backend, max_distance=cfg.max_distance)
+    groups = _reach_queries(codes, use, idx_use, added,
+                            bool((use[:, 1:min(8, V)].any(axis=1) & owners).any()), cfg)
+    for queries, query_owners, limit in groups:
+        if len(queries):
+            _, hit, _, _ = index.search(np.ascontiguousarray(queries, np.uint64),
+                                        query_owners.astype(np.int64), limit, max(N, 1))
+            out[hit] = True
+    return out & owners
+
+
+def _reach_queries(codes: np.ndarray, use: np.ndarray, idx_use: np.ndarray, added: np.ndarray, rotate: bool,
+                   cfg: ScreenConfig, img: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """The rows with which `gained_neighbours` searches the usual index (aHash): the added images'
+    plain and trimmed entries, at max_distance, and with `rotate` (some owner queries with rotated
+    rows) their plain hash and trimmed entry rotated, within dihedral_max_distance. Prepared
+    arrays; `img`: the rows' global image numbers (default the row numbers). -> [(queries, owner
+    of each row, limit)], each group's rows of one image contiguous."""
+    N, V, W = codes.shape
+    img = np.arange(N, dtype=np.int64) if img is None else np.asarray(img, np.int64)
     q_img, q_var = np.nonzero(idx_use & added[:, None])  # plain and trimmed entries, at max_distance
-    groups = [(codes[q_img, q_var], q_img, cfg.max_distance)]
-    owners_rotate = use[:, 1:min(8, V)].any(axis=1) & owners
-    if owners_rotate.any():  # owners query with rotated rows: those match within dihedral_max_distance
+    groups = [(codes[q_img, q_var], img[q_img], cfg.max_distance)]
+    if rotate:  # owners query with rotated rows: those match within dihedral_max_distance
         limit = min(cfg.dihedral_max_distance, cfg.max_distance)
         r_img, r_var = np.nonzero(use[:, 1:min(8, V)] & added[:, None])  # the added plain hash, rotated
         rows, owners_of = [codes[r_img, r_var + 1]], [r_img]
@@ -649,13 +701,8 @@ def gained_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenCo
                 rows.append(np.packbits(turned, axis=1).view(">u8").astype(np.uint64))
                 owners_of.append(t_img)
         order = np.argsort(np.concatenate(owners_of), kind="stable")  # rows of one image contiguous
-        groups.append((np.concatenate(rows)[order], np.concatenate(owners_of)[order], limit))
-    for queries, query_owners, limit in groups:
-        if len(queries):
-            _, hit, _, _ = index.search(np.ascontiguousarray(queries, np.uint64),
-                                        query_owners.astype(np.int64), limit, max(N, 1))
-            out[hit] = True
-    return out & owners
+        groups.append((np.concatenate(rows)[order], img[np.concatenate(owners_of)[order]], limit))
+    return groups
 
 
 @njit(cache=True, nogil=True)
@@ -716,8 +763,25 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
     is within their reach (it may push a neighbour out of the top K). Added images and those are
     searched against the whole index; the result equals a search from scratch.
 
-    With a Dask `client` the whole re-derivation is one task on a worker (the driver compiles no
-    numba kernel; a nightly run re-derives few lists)."""
+    With a Dask `client` the codes are cut into hash partitions, sent to the workers and searched
+    there (`sharded_incremental_neighbours`: one index shard, or past `screen.search_shard_size`
+    images several; the driver compiles no numba kernel), as with `screen.search_sharding`
+    "sharded" without one (in-process); with "single" and a client the whole re-derivation is one
+    task on a worker."""
+    if cfg.search_sharding == "sharded" or (client is not None and cfg.search_sharding == "auto"):
+        codes_p, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
+        n_img = int((use.any(axis=1) | idx_use.any(axis=1)).sum())
+        parts = hash_partitions(codes_p, use, idx_use, _partition_rows(n_img, client))
+        if not parts:
+            return _empty_directed(), {"images": 0, "added": 0, "lists_reused": 0,
+                                       "rederived_lost_neighbour": 0, "rederived_gained_neighbour": 0}
+        same = np.asarray(same, bool)
+        pieces = [x for p, prev in zip(parts, split_previous(previous, parts)) for x in (p, prev, same[p[0]])]
+        if client is not None:  # fresh keys (see sharded_directed_neighbours)
+            pieces = client.scatter(pieces, hash=False)
+        del parts, codes_p
+        return sharded_incremental_neighbours(pieces[::3], pieces[1::3], pieces[2::3], cfg, client=client,
+                                              one_shard=not _sharded(cfg, client, int(idx_use.any(axis=1).sum())))
     if client is not None:
         from .progress import map_tasks
         [(directed, stats)] = map_tasks(client, incremental_neighbours,
@@ -753,6 +817,189 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
              "rederived_lost_neighbour": int((lost & same & ~gained).sum()),
              "rederived_gained_neighbour": int((gained & same).sum())}
     return directed, stats
+
+
+# incremental search over hash partitions (a catalog re-run on a cluster): `incremental_neighbours`
+# with no process holding every hash. Per partition: which of its images are unchanged ("same")
+# or added, which unchanged ones lost a neighbour (a bool per image of the whole collection, built
+# on a worker), which gained one within reach (the added images' rows probe every index shard, or
+# with other hashes each partition's owner rows are indexed and probed by the added entries), then
+# the re-derived lists by the sharded search and the kept ones. The same lists as one index.
+
+
+def _part_changes(part, same) -> tuple[np.ndarray, np.ndarray]:
+    """(same, added) over a partition's images: taking part and unchanged since the lists were made, or not."""
+    taking = part[2][:, PLAIN]
+    same = np.asarray(same, bool) & taking
+    return same, taking & ~same
+
+
+def _same_everywhere(*pieces) -> np.ndarray:
+    """bool over every image number: unchanged and taking part (pieces: (img, changes) per partition)."""
+    ids = [img[ch[0]] for img, ch in zip(pieces[::2], pieces[1::2])]
+    size = max((int(img[-1]) + 1 for img in pieces[::2] if len(img)), default=0)
+    out = np.zeros(size, bool)
+    for i in ids:
+        out[i] = True
+    return out
+
+
+def _part_img(part) -> np.ndarray:
+    return part[0]
+
+
+def _part_flags(part, changes) -> tuple[bool, bool, bool]:
+    """(any added image with an index entry, any unchanged image, any unchanged one querying with rotated rows)."""
+    img, codes, use, idx_use = part
+    same, added = changes
+    return (bool((added & idx_use.any(axis=1)).any()), bool(same.any()),
+            bool((use[:, 1:min(8, use.shape[1])].any(axis=1) & same).any()))
+
+
+def _part_reach_queries(part, changes, rotate: bool, cfg: ScreenConfig) -> list:
+    img, codes, use, idx_use = part
+    added = changes[1] & idx_use.any(axis=1)
+    return _reach_queries(codes, use, idx_use, added, rotate, cfg, img=img)
+
+
+def _shard_hits(index: HammingIndex, groups: list) -> np.ndarray:
+    """Image numbers of `index` within reach of any row of `groups` (`_reach_queries`)."""
+    hits = [np.zeros(0, np.int64)]
+    k = max(int(index.owner_values.size), 1)
+    for queries, owners, limit in groups:
+        if len(queries):
+            hits.append(index.search(np.ascontiguousarray(queries, np.uint64), owners.astype(np.int64), limit, k)[1])
+    return np.unique(np.concatenate(hits))
+
+
+def _union(*ids: np.ndarray) -> np.ndarray:
+    return np.unique(np.concatenate([np.zeros(0, np.int64), *ids]))
+
+
+def _added_entries(*pieces) -> tuple[np.ndarray, np.ndarray]:
+    """Every added image's index entries (rows, owner numbers) (pieces: (part, changes) per partition)."""
+    rows, owners = [], []
+    for part, changes in zip(pieces[::2], pieces[1::2]):
+        img, codes, use, idx_use = part
+        e_img, e_var = np.nonzero(idx_use & changes[1][:, None])
+        rows.append(codes[e_img, e_var])
+        owners.append(img[e_img])
+    W = pieces[0][1].shape[2] if pieces else 1
+    return (np.concatenate(rows) if rows else np.zeros((0, W), np.uint64),
+            np.concatenate(owners).astype(np.int64) if owners else np.zeros(0, np.int64))
+
+
+def _part_owner_reach(part, changes, added_entries, cfg: ScreenConfig) -> np.ndarray:
+    """Other hashes: the partition's unchanged images within reach of an added image, in their own
+    direction (`reach_pairs` with this partition's owners)."""
+    img, codes, use, idx_use = part
+    same, added = changes
+    owners = same & ~(added & idx_use.any(axis=1))
+    found = _owner_reach(codes, use, owners, added_entries[0], added_entries[1], cfg, img=img)
+    return np.unique(found["owner"].to_numpy(np.int64))
+
+
+def _part_redo(part, changes, previous: pd.DataFrame, same_all: np.ndarray, gained_ids: np.ndarray) -> dict:
+    """The partition's images whose lists are searched again: added, or unchanged with a
+    neighbour gone or changed (`lost`) or one within reach of an added image (`gained`)."""
+    img = part[0]
+    same, added = changes
+    prev = previous[previous["owner_a"].to_numpy() >= 0]
+    at = np.searchsorted(img, prev["owner_a"].to_numpy(np.int64))
+    inside = at < len(img)
+    inside[inside] = img[at[inside]] == prev["owner_a"].to_numpy(np.int64)[inside]
+    inside[inside] = same[at[inside]]
+    nb = prev["owner_b"].to_numpy(np.int64)[inside]
+    broken = (nb < 0) | (nb >= len(same_all)) | ~same_all[np.clip(nb, 0, max(len(same_all) - 1, 0))] \
+        if len(same_all) else np.ones(len(nb), bool)
+    lost = np.zeros(len(img), bool)
+    lost[at[inside][broken]] = True
+    gained = np.isin(img, gained_ids) & same
+    return {"redo": added | ((lost | gained) & same), "lost": lost, "gained": gained}
+
+
+def _redo_queries(part, redo: dict):
+    img, codes, use, idx_use = part
+    return img, codes, use & redo["redo"][:, None], idx_use
+
+
+def _part_lists(part, changes, previous: pd.DataFrame, redo: dict, fresh: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """The partition's directed rows (kept and re-derived, sorted as `directed_neighbours`) and its counts."""
+    img, codes, use, _ = part
+    same, added = changes
+    owner = previous["owner_a"].to_numpy(np.int64)
+    at = np.clip(np.searchsorted(img, owner), 0, max(len(img) - 1, 0))
+    keep = (owner >= 0) & (img[at] == owner) if len(img) else np.zeros(len(owner), bool)
+    keep[keep] = same[at[keep]] & ~redo["redo"][at[keep]]
+    directed = (pd.concat([previous[keep], fresh], ignore_index=True)
+                .sort_values(["owner_a", "hash_distance", "owner_b"], kind="stable")
+                .reset_index(drop=True)
+                .astype({"owner_a": "int64", "owner_b": "int64", "hash_distance": "int16"}))
+    lost, gained = redo["lost"], redo["gained"]
+    stats = {"images": int(use[:, PLAIN].sum()), "added": int(added.sum()),
+             "lists_reused": int((same & ~redo["redo"]).sum()),
+             "rederived_lost_neighbour": int((lost & same & ~gained).sum()),
+             "rederived_gained_neighbour": int((gained & same).sum())}
+    return directed[["owner_a", "owner_b", "hash_distance"]], stats
+
+
+def sharded_incremental_neighbours(parts: list, previous: list, same: list, cfg: ScreenConfig, client=None,
+                                   shard_size: int | None = None, one_shard: bool = False, gather: bool = True):
+    """`incremental_neighbours` over hash partitions (or futures of them): `previous[i]` the last
+    run's directed rows owned by partition i's images (current image numbers, owner_b -1 when
+    gone), `same[i]` bool per image of partition i (taking part last time with the same hashes).
+    Returns (directed rows, counts) as `incremental_neighbours`, or with `gather=False` (and a
+    client) one future per partition of (rows, counts). The index is sharded as in
+    `sharded_neighbours`; the driver holds futures and a few flags per partition."""
+    k = int(cfg.max_candidates)
+    run = lambda fn, *args: _run(client, fn, *args)  # noqa: E731
+    get = (lambda xs: xs) if client is None else client.gather
+    changes = [run(_part_changes, p, s) for p, s in zip(parts, same)]
+    flags = get([run(_part_flags, p, c) for p, c in zip(parts, changes)])
+    any_added, any_same = any(f[0] for f in flags), any(f[1] for f in flags)
+    shards = _Shards(parts, cfg, client, shard_size, one_shard)
+    same_all = run(_same_everywhere, *[x for p, c in zip(parts, changes) for x in (run(_part_img, p), c)])
+    gained = [np.zeros(0, np.int64)] * len(parts)
+    if any_added and any_same and cfg.hash == "ahash":
+        rotate = any(f[2] for f in flags)
+        queries = [run(_part_reach_queries, p, c, rotate, cfg) for p, c in zip(parts, changes)]
+        every = run(_union, *[h for j, q in enumerate(queries) for h in shards.probe(_shard_hits, q, j)])
+        gained = [every] * len(parts)
+    elif any_added and any_same:
+        entries = run(_added_entries, *[x for p, c in zip(parts, changes) for x in (p, c)])
+        gained = [run(_part_owner_reach, p, c, entries, cfg) for p, c in zip(parts, changes)]
+    redo = [run(_part_redo, p, c, prev, same_all, g) for p, c, prev, g in zip(parts, changes, previous, gained)]
+    out = []
+    for j, (p, c, prev, r) in enumerate(zip(parts, changes, previous, redo)):
+        q = run(_redo_queries, p, r)
+        fresh = run(_merge_lists, k, *shards.probe(_search_shard, q, j, cfg))
+        out.append(run(_part_lists, p, c, prev, r, fresh))
+    if client is not None and not gather:
+        return out
+    results = get(out)
+    directed = (pd.concat([d for d, _ in results], ignore_index=True) if results else _empty_directed())
+    stats = {key: sum(st[key] for _, st in results) for key in
+             ("images", "added", "lists_reused", "rederived_lost_neighbour", "rederived_gained_neighbour")}
+    return directed, stats
+
+
+def split_previous(previous: pd.DataFrame | None, parts: list) -> list[pd.DataFrame]:
+    """The last run's directed rows cut by the partition owning their owner_a (partitions in
+    ascending image order, as `hash_partitions` makes them)."""
+    prev = previous if previous is not None else _empty_directed()
+    owner = prev["owner_a"].to_numpy(np.int64)
+    order = np.argsort(owner, kind="stable")
+    prev, owner = prev.iloc[order], owner[order]
+    bounds = [int(np.searchsorted(owner, p[0][0])) if len(p[0]) else None for p in parts]
+    out = []
+    for i, p in enumerate(parts):
+        if not len(p[0]):
+            out.append(prev.iloc[:0])
+            continue
+        lo = bounds[i]
+        hi = int(np.searchsorted(owner, p[0][-1], side="right"))
+        out.append(prev.iloc[lo:hi].reset_index(drop=True))
+    return out
 
 
 def _run_block(index: HammingIndex, block, cfg: ScreenConfig) -> pd.DataFrame:

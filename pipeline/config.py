@@ -56,7 +56,8 @@ class ScreenConfig:
     # nearest are merged per query partition (same lists as one index). "auto": with a Dask client
     # the index is built and searched on the workers, sharded past search_shard_size images, one
     # shard below (the driver compiles no search kernel); in-process, one index; "sharded" always
-    # (also in-process, without a client); "single": one index built in the driver.
+    # (also in-process, without a client); "single": one index built in the driver. A catalog
+    # re-run's re-derived lists follow the same switch (`candidates.incremental_neighbours`).
     search_sharding: Literal["auto", "sharded", "single"] = "auto"
     search_shard_size: int = 5_000_000
     exact_group_pairs: int = 50  # exact-copy groups of more than this + 1 files emit a star, not all pairs

@@ -97,3 +97,64 @@ def test_nothing_changed_searches_nothing():
     got, stats = incremental_neighbours(codes, mask, cfg, previous, same)
     assert stats["added"] == 0 and stats["lists_reused"] == int(mask[:, 0].sum())
     pd.testing.assert_frame_equal(got.reset_index(drop=True), directed_neighbours(codes, mask, cfg))
+
+
+@pytest.mark.parametrize("hash_name", ["ahash", "phash"])
+@pytest.mark.parametrize("seed,rows,shard_size", [(0, 37, 1), (1, 100, 120), (2, 64, 10**9), (6, 400, 150)])
+def test_incremental_over_partitions_and_shards_equals_one_index(seed, rows, shard_size, hash_name, monkeypatch):
+    """The partitioned re-derivation (no process holds every hash): the same lists and counts as
+    `incremental_neighbours` in one process, whatever the partitions and shards."""
+    cfg, codes, mask, previous, same = grow(seed, k=2 + seed % 4, n0=600, n_new=40)
+    cfg = dataclasses.replace(cfg, hash=hash_name)
+    rep = np.random.default_rng(seed).random(len(codes)) < 0.97
+    want, want_stats = incremental_neighbours(codes, mask, cfg, previous, same, representatives=rep)
+    p_codes, use, idx_use = candidates._prepare(codes, mask, cfg, rep)
+    parts = candidates.hash_partitions(p_codes, use, idx_use, rows)
+    assert len(parts) > 1
+    got, stats = candidates.sharded_incremental_neighbours(
+        parts, candidates.split_previous(previous, parts), [same[p[0]] for p in parts], cfg,
+        shard_size=shard_size)
+    pd.testing.assert_frame_equal(got, want.reset_index(drop=True))
+    assert stats == want_stats
+    assert stats["lists_reused"] > 0 and stats["rederived_gained_neighbour"] > 0 and stats["added"] > 0
+    pd.testing.assert_frame_equal(got, directed_neighbours(codes, mask, cfg, representatives=rep))
+    # the config switch: "sharded" takes this path in-process too
+    calls, original = [], candidates.sharded_incremental_neighbours
+    monkeypatch.setattr(candidates, "sharded_incremental_neighbours", lambda *a, **k: calls.append(1) or original(*a, **k))
+    switched, switched_stats = incremental_neighbours(
+        codes, mask, dataclasses.replace(cfg, search_sharding="sharded", search_shard_size=shard_size),
+        previous, same, representatives=rep)
+    pd.testing.assert_frame_equal(switched, got)
+    assert switched_stats == want_stats and calls == [1]
+
+
+def test_split_previous_gives_each_row_to_the_partition_of_its_owner():
+    parts = [(np.array([0, 2, 3]),), (np.zeros(0, np.int64),), (np.array([5, 9]),)]
+    prev = pd.DataFrame({"owner_a": [9, -1, 2, 5, 0, 4, 3, 2], "owner_b": [1, 2, 3, 4, 5, 6, 7, 8],
+                         "hash_distance": np.arange(8, dtype=np.int16)})
+    got = candidates.split_previous(prev, parts)
+    assert [g["owner_a"].tolist() for g in got] == [[0, 2, 2, 3], [], [5, 9]]  # (4 and -1: no partition)
+    assert got[0]["owner_b"].tolist() == [5, 3, 8, 7]  # (the order within an owner kept)
+
+
+@pytest.mark.slow
+def test_incremental_on_a_local_cluster_equals_from_scratch(monkeypatch):
+    """A catalog re-run on a cluster: the re-derivation runs on the workers over hash partitions,
+    sharded past search_shard_size and with one index below it; the same lists as from scratch."""
+    distributed = pytest.importorskip("distributed")
+    cfg, codes, mask, previous, same = grow(4, k=3, n0=1500, n_new=60)
+    want = directed_neighbours(codes, mask, cfg)
+    _, want_stats = incremental_neighbours(codes, mask, cfg, previous, same)
+    calls, original = [], candidates.sharded_incremental_neighbours
+    monkeypatch.setattr(candidates, "sharded_incremental_neighbours",
+                        lambda *a, **k: calls.append(k["one_shard"]) or original(*a, **k))
+    monkeypatch.setattr(candidates, "_partition_rows", lambda n, client, rows=None: 250)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        sharded = dataclasses.replace(cfg, search_sharding="sharded", search_shard_size=400)
+        got, stats = incremental_neighbours(codes, mask, sharded, previous, same, client=client)
+        one, one_stats = incremental_neighbours(codes, mask, cfg, previous, same, client=client)
+    assert calls == [False, True]
+    for lists, counts in ((got, stats), (one, one_stats)):
+        pd.testing.assert_frame_equal(lists, want.reset_index(drop=True))
+        assert counts == want_stats
