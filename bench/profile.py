@@ -36,7 +36,7 @@ from bench.report import stamp, table, update_section
 
 # (category, test on (filename, function name)); the first match, innermost frame first, wins
 CATEGORIES = [
-    ("matching", lambda f, n: n in ("_match_kernel", "_good_matches", "_good_matches_reference")),
+    ("matching", lambda f, n: n in ("match_descriptors", "_good_matches", "_good_matches_reference")),
     ("RANSAC", lambda f, n: n == "_ransac"),
     ("pixel check", lambda f, n: n in ("pixel_features", "pixel_thumbnail", "soft_hsv_histogram", "pixel_check",
                                       "ssim_map", "flat_share")),

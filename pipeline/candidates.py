@@ -40,11 +40,10 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from numba import njit
 
 from .config import ScreenConfig
 from .decode import DIHEDRAL_INVERSE
-from .search import HammingIndex, make_index, popcount
+from .search import HammingIndex, make_index
 
 PLAIN = 0
 TRIMMED = 8
@@ -220,44 +219,6 @@ def near_pairs_partition(index: HammingIndex, queries: np.ndarray, query_owners:
     if query_variant is not None:
         out["variant"] = np.asarray(query_variant, dtype=np.int8)[out["query_row"].to_numpy()]
     return out
-
-
-@njit(cache=True, nogil=True)
-def _pair_best(codes, use, idx_use, a, b, order_side, order_var, inverse):
-    """Smallest distance over both directions for each pair, and the transform of the first
-    (in candidate order) query/entry combination achieving it."""
-    n = a.shape[0]
-    V = codes.shape[1]
-    W = codes.shape[2]
-    dist = np.empty(n, np.int16)
-    trans = np.empty(n, np.int8)
-    for i in range(n):
-        best = 1 << 30
-        bt = 0
-        for c in range(order_side.shape[0]):
-            side = order_side[c]
-            v = order_var[c]
-            q = a[i] if side == 0 else b[i]
-            e = b[i] if side == 0 else a[i]
-            if v >= V or not use[q, v]:
-                continue
-            for ev in range(V):
-                if not idx_use[e, ev]:
-                    continue
-                d = 0
-                for w in range(W):
-                    d += popcount(codes[q, v, w] ^ codes[e, ev, w])
-                if d < best:
-                    best = d
-                    if v == 0 or v == 8:
-                        bt = 0
-                    elif side == 0:
-                        bt = inverse[v]
-                    else:
-                        bt = v
-        dist[i] = best
-        trans[i] = bt
-    return dist, trans
 
 
 # candidate order for choosing the transform among equally close matches: (side, variant)
@@ -537,10 +498,11 @@ def sharded_directed_neighbours(codes: np.ndarray, use: np.ndarray, idx_use: np.
 
 
 def _best_over_variants(codes, use, idx_use, a, b) -> tuple[np.ndarray, np.ndarray]:
-    """`_pair_best` with the screen's candidate order: (distance int16, transform int8) per pair."""
+    """`hamming.pair_best` with the screen's candidate order: (distance int16, transform int8) per pair."""
+    from pipeline import hamming  # (numba: imported where the kernel runs)
     order_side = np.array([s for s, _ in _ORDER], dtype=np.int64)
     order_var = np.array([v for _, v in _ORDER], dtype=np.int64)
-    return _pair_best(codes, use, idx_use, a, b, order_side, order_var, np.asarray(DIHEDRAL_INVERSE, dtype=np.int8))
+    return hamming.pair_best(codes, use, idx_use, a, b, order_side, order_var, np.asarray(DIHEDRAL_INVERSE, dtype=np.int8))
 
 
 PAIRS_PER_TASK = 1_000_000  # pairs per `pair_best` task (each task's worker needs every image's codes)
@@ -705,32 +667,6 @@ def _reach_queries(codes: np.ndarray, use: np.ndarray, idx_use: np.ndarray, adde
     return groups
 
 
-@njit(cache=True, nogil=True)
-def _own_direction(codes, use, idx_use, a, b, limit_plain, limit_rotated):
-    """Distance from a's query rows to b's index entries, each row within its limit; -1 if none."""
-    n = a.shape[0]
-    V = codes.shape[1]
-    W = codes.shape[2]
-    out = np.full(n, -1, np.int16)
-    for i in range(n):
-        best = 1 << 30
-        for v in range(V):
-            if not use[a[i], v]:
-                continue
-            limit = limit_rotated if 1 <= v <= 7 else limit_plain
-            for e in range(V):
-                if not idx_use[b[i], e]:
-                    continue
-                d = 0
-                for w in range(W):
-                    d += popcount(codes[a[i], v, w] ^ codes[b[i], e, w])
-                if d <= limit and d < best:
-                    best = d
-        if best < (1 << 30):
-            out[i] = best
-    return out
-
-
 def reach_of(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, added: np.ndarray,
              owners: np.ndarray, representatives: np.ndarray | None = None,
              index: HammingIndex | None = None) -> pd.DataFrame:
@@ -745,7 +681,8 @@ def reach_of(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, add
     o_rows, n_rows = np.flatnonzero(near), np.flatnonzero(added)
     o = np.repeat(o_rows, n_rows.size).astype(np.int64)
     n = np.tile(n_rows, o_rows.size).astype(np.int64)
-    d = _own_direction(codes_p, use, idx_use, o, n, cfg.max_distance,
+    from pipeline import hamming  # (numba: imported where the kernel runs)
+    d = hamming.own_direction(codes_p, use, idx_use, o, n, cfg.max_distance,
                        min(cfg.dihedral_max_distance, cfg.max_distance))
     keep = d >= 0
     return pd.DataFrame({"owner": o[keep], "added": n[keep], "hash_distance": d[keep].astype(np.int16)})

@@ -277,6 +277,7 @@ _SCREEN_SEARCH = {"max_distance", "max_candidates", "backend", "exact_group_pair
 # the code and libraries that make each kind of result: a new version of either invalidates it
 _CODE = {"screen": (["screen.py", "decode.py", "borders.py"], ["pillow", "imagehash", "numpy"]),
          "orb_features": (["verify.py", "decode.py"], ["opencv-python-headless", "opencv-python", "pillow", "numpy"]),
+         "orb_match": (["hamming.py"], ["numba", "llvmlite"]),  # the descriptor matcher (the pair scores)
          "embed": (["confirm.py", "decode.py", "borders.py"],
                    ["tensorflow-cpu", "tensorflow", "keras", "ai-edge-litert", "pillow"])}
 
@@ -314,7 +315,8 @@ def fingerprints(cfg: Config, weights_info: dict | None = None) -> dict[str, str
                  weights_sha256=(weights_info or {}).get("sha256"))
     out = {"screen": _fp(screen), "orb_features": _fp(orb_features), "embed": _fp(embed)}
     out["neighbours"] = _fp([out["screen"], {k: s[k] for k in sorted(_SCREEN_SEARCH)}])
-    out["orb"] = _fp([out["orb_features"], {k: x for k, x in v.items() if k in _ORB_MATCH_ONLY}])
+    out["orb"] = _fp([out["orb_features"], {k: x for k, x in v.items() if k in _ORB_MATCH_ONLY},
+                      _code("orb_match")])
     return out
 
 

@@ -32,8 +32,8 @@ owners at the same or a smaller distance), so only those are visited: a hub of n
 one hash costs O(n x k), not O(n^2). What remains quadratic: a cluster of n *distinct* codes all
 within T of one another (e.g. n blank images with a few bits of noise each) still makes each of
 its members enumerate and verify all n codes (O(n^2) popcounts, output still capped at k per
-image). Kernels are single-threaded numba functions that release the GIL; parallelism comes from
-running blocks of queries in separate Dask tasks.
+image). The kernels (`pipeline/hamming.py`) are single-threaded numba functions that release the
+GIL; parallelism comes from running blocks of queries in separate Dask tasks.
 """
 from __future__ import annotations
 
@@ -43,287 +43,9 @@ from functools import lru_cache
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-from llvmlite import ir
-from numba import njit
-from numba.core import cgutils
-from numba.core import types as nbtypes
-from numba.extending import intrinsic
 
 __all__ = ["HammingIndex", "BruteForceIndex", "MultiIndexHash", "make_index", "pack_hex",
-           "unpack_hex", "hamming", "popcount", "BACKENDS"]
-
-
-# --------------------------------------------------------------------------------------------
-# numba primitives
-
-
-@intrinsic
-def popcount(typingctx, x):
-    """llvm.ctpop.i64: one POPCNT instruction (vectorised to VPOPCNTQ where the CPU has it)."""
-    if not isinstance(x, nbtypes.Integer):
-        return None
-    sig = nbtypes.int64(x)
-
-    def codegen(context, builder, signature, args):
-        val = context.cast(builder, args[0], signature.args[0], nbtypes.uint64)
-        fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
-        return builder.call(fn, [val])
-
-    return sig, codegen
-
-
-@intrinsic
-def _prefetch(typingctx, arr, idx):
-    """llvm.prefetch of arr[idx] (1-D array) into all cache levels; a hint, never faults."""
-    if not isinstance(arr, nbtypes.Array) or arr.ndim != 1 or not isinstance(idx, nbtypes.Integer):
-        return None
-    sig = nbtypes.void(arr, idx)
-
-    def codegen(context, builder, signature, args):
-        aryty, idxty = signature.args
-        ary = context.make_array(aryty)(context, builder, args[0])
-        i = context.cast(builder, args[1], idxty, nbtypes.intp)
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [i], wraparound=False)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _offer(p, d, row, best_d, best_row, touched, nt):
-    """Owner `p` seen at distance `d` from query row `row`: keep its best; returns the new count
-    of touched owners (the first sighting appends `p` to `touched`)."""
-    bd = best_d[p]
-    if bd < 0:
-        touched[nt] = p
-        nt += 1
-        best_d[p] = d
-        best_row[p] = row
-    elif d < bd:
-        best_d[p] = d
-        best_row[p] = row
-    return nt
-
-
-@njit(cache=True, nogil=True)
-def _visit(u, d, row, o, k, optr, olist, best_d, best_row, touched, nt):
-    """Offer distinct code `u` at distance `d` (from query row `row`) to query owner `o`.
-
-    Only the first k owners of u other than o can make o's top-k (owners are sorted ascending).
-    Returns the new number of touched owners.
-    """
-    taken = 0
-    for t in range(optr[u], optr[u + 1]):
-        p = olist[t]
-        if p == o:
-            continue
-        nt = _offer(p, d, row, best_d, best_row, touched, nt)
-        taken += 1
-        if taken >= k:
-            break
-    return nt
-
-
-@njit(cache=True, nogil=True)
-def _flush(o, k, n_owner, best_d, best_row, touched, nt, out_a, out_b, out_d, out_r, n_out):
-    """Emit the top-k of the touched owners by (distance, owner); reset the scratch arrays.
-
-    Returns (out_a, out_b, out_d, out_r, n_out), the output arrays grown when needed.
-    """
-    if nt == 0:
-        return out_a, out_b, out_d, out_r, n_out
-    keys = np.empty(nt, np.int64)
-    for i in range(nt):
-        p = touched[i]
-        keys[i] = np.int64(best_d[p]) * n_owner + p
-    keys.sort()
-    take = min(k, nt)
-    if n_out + take > out_a.shape[0]:
-        cap = max(2 * out_a.shape[0], n_out + take)
-        na = np.empty(cap, np.int64)
-        nb = np.empty(cap, np.int64)
-        nd = np.empty(cap, np.int32)
-        nr = np.empty(cap, np.int64)
-        na[:n_out] = out_a[:n_out]
-        nb[:n_out] = out_b[:n_out]
-        nd[:n_out] = out_d[:n_out]
-        nr[:n_out] = out_r[:n_out]
-        out_a, out_b, out_d, out_r = na, nb, nd, nr
-    for i in range(take):
-        p = keys[i] % n_owner
-        out_a[n_out] = o
-        out_b[n_out] = p
-        out_d[n_out] = best_d[p]
-        out_r[n_out] = best_row[p]
-        n_out += 1
-    for i in range(nt):
-        best_d[touched[i]] = -1
-    return out_a, out_b, out_d, out_r, n_out
-
-
-@njit(cache=True, nogil=True)
-def _alloc(n_groups, k, n_owner):
-    cap = max(1024, n_groups * min(k, 4))
-    best_d = np.full(n_owner, -1, np.int32)
-    best_row = np.zeros(n_owner, np.int64)
-    touched = np.empty(n_owner, np.int64)
-    return (best_d, best_row, touched, np.empty(cap, np.int64), np.empty(cap, np.int64),
-            np.empty(cap, np.int32), np.empty(cap, np.int64))
-
-
-_TILE = 2048
-
-
-@njit(cache=True, nogil=True)
-def _brute_kernel(queries, gstart, gowner, T, k, n_owner, codes, own):
-    """Reference: every query row against every (non-deduplicated) index entry."""
-    M, W = codes.shape
-    G = gowner.shape[0]
-    best_d, best_row, touched, out_a, out_b, out_d, out_r = _alloc(G, k, n_owner)
-    n_out = 0
-    buf = np.empty(_TILE, np.int32)
-    for g in range(G):
-        o = gowner[g]
-        nt = 0
-        for row in range(gstart[g], gstart[g + 1]):
-            for j0 in range(0, M, _TILE):
-                j1 = min(M, j0 + _TILE)
-                if W == 1:
-                    q0 = queries[row, 0]
-                    for j in range(j0, j1):
-                        buf[j - j0] = popcount(q0 ^ codes[j, 0])
-                else:
-                    for j in range(j0, j1):
-                        s = 0
-                        for w in range(W):
-                            s += popcount(queries[row, w] ^ codes[j, w])
-                        buf[j - j0] = s
-                for j in range(j0, j1):
-                    d = buf[j - j0]
-                    if d <= T:
-                        p = own[j]
-                        if p != o:
-                            nt = _offer(p, d, row, best_d, best_row, touched, nt)
-        out_a, out_b, out_d, out_r, n_out = _flush(o, k, n_owner, best_d, best_row, touched, nt,
-                                                   out_a, out_b, out_d, out_r, n_out)
-    return out_a[:n_out], out_b[:n_out], out_d[:n_out], out_r[:n_out]
-
-
-@njit(cache=True, nogil=True)
-def _scan_unique_kernel(queries, gstart, gowner, T, k, n_owner, ucodes, optr, olist):
-    """Linear scan over the distinct codes (MIH's fallback when the threshold is too large)."""
-    U, W = ucodes.shape
-    G = gowner.shape[0]
-    best_d, best_row, touched, out_a, out_b, out_d, out_r = _alloc(G, k, n_owner)
-    n_out = 0
-    for g in range(G):
-        o = gowner[g]
-        nt = 0
-        for row in range(gstart[g], gstart[g + 1]):
-            for u in range(U):
-                d = 0
-                for w in range(W):
-                    d += popcount(queries[row, w] ^ ucodes[u, w])
-                if d <= T:
-                    nt = _visit(u, d, row, o, k, optr, olist, best_d, best_row, touched, nt)
-        out_a, out_b, out_d, out_r, n_out = _flush(o, k, n_owner, best_d, best_row, touched, nt,
-                                                   out_a, out_b, out_d, out_r, n_out)
-    return out_a[:n_out], out_b[:n_out], out_d[:n_out], out_r[:n_out]
-
-
-@njit(cache=True, nogil=True)
-def _mih_kernel(queries, gstart, gowner, T, k, n_owner, cword, cshift, cmask, cr, flips, nflips,
-                ccodes, cids, coff, contiguous, optr, olist):
-    """Multi-index hashing search.
-
-    Chunk ci covers bits [cshift, cshift + len) of word cword[ci] (mask cmask[ci]) and is probed
-    with every flip mask of <= cr[ci] bits (flips[ci, :nflips[ci]]). coff[ci] is the CSR offset
-    table over chunk values; positions index cids[ci] (distinct-code id) and, when `contiguous`,
-    ccodes[ci] (that code's words, in chunk ci's order); otherwise ccodes[0] is indexed by id.
-    Per chunk, the bucket offsets and the first code of every probed bucket are prefetched
-    before any is read, so the cache misses of one query overlap instead of queueing.
-    """
-    W = queries.shape[1]
-    m = cword.shape[0]
-    G = gowner.shape[0]
-    U = cids.shape[1]
-    best_d, best_row, touched, out_a, out_b, out_d, out_r = _alloc(G, k, n_owner)
-    n_out = 0
-    nf_max = flips.shape[1]
-    keys = np.empty(nf_max, np.int64)
-    st = np.empty(nf_max, np.int64)
-    en = np.empty(nf_max, np.int64)
-    coff_flat = coff.reshape(-1)
-    ccodes_flat = ccodes.reshape(-1)
-    row_len = coff.shape[1]
-    for g in range(G):
-        o = gowner[g]
-        nt = 0
-        for row in range(gstart[g], gstart[g + 1]):
-            for ci in range(m):
-                r = cr[ci]
-                if r < 0:
-                    continue
-                nf = nflips[ci]
-                qv = (queries[row, cword[ci]] >> cshift[ci]) & cmask[ci]
-                base_off = ci * row_len
-                for f in range(nf):
-                    key = np.int64(qv ^ flips[ci, f])
-                    keys[f] = key
-                    _prefetch(coff_flat, base_off + key)
-                cc = ci if contiguous else 0
-                for f in range(nf):
-                    key = keys[f]
-                    s = np.int64(coff[ci, key])
-                    st[f] = s
-                    en[f] = np.int64(coff[ci, key + 1])
-                    if contiguous and s < U:
-                        _prefetch(ccodes_flat, (cc * U + s) * W)
-                for f in range(nf):
-                    for pos in range(st[f], en[f]):
-                        cp = pos if contiguous else np.int64(cids[ci, pos])
-                        if W == 1:
-                            d = popcount(queries[row, 0] ^ ccodes[cc, cp, 0])
-                        else:
-                            d = 0
-                            for w in range(W):
-                                d += popcount(queries[row, w] ^ ccodes[cc, cp, w])
-                        if d > T:
-                            continue
-                        # count it only at the first chunk where it qualifies
-                        dup = False
-                        for cj in range(ci):
-                            rj = cr[cj]
-                            if rj >= 0:
-                                wj = cword[cj]
-                                x = ((queries[row, wj] ^ ccodes[cc, cp, wj]) >> cshift[cj]) & cmask[cj]
-                                if popcount(x) <= rj:
-                                    dup = True
-                                    break
-                        if dup:
-                            continue
-                        nt = _visit(cids[ci, pos], d, row, o, k, optr, olist, best_d, best_row,
-                                    touched, nt)
-        out_a, out_b, out_d, out_r, n_out = _flush(o, k, n_owner, best_d, best_row, touched, nt,
-                                                   out_a, out_b, out_d, out_r, n_out)
-    return out_a[:n_out], out_b[:n_out], out_d[:n_out], out_r[:n_out]
-
-
-@njit(cache=True, nogil=True)
-def _pair_distance_kernel(a, b):
-    n, W = a.shape
-    out = np.empty(n, np.int32)
-    for i in range(n):
-        s = 0
-        for w in range(W):
-            s += popcount(a[i, w] ^ b[i, w])
-        out[i] = s
-    return out
+           "unpack_hex", "hamming", "BACKENDS"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +66,8 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = _as_codes(a), _as_codes(b)
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
-    return _pair_distance_kernel(a, b)
+    from pipeline import hamming as kernels
+    return kernels.pair_distance(a, b)
 
 
 def pack_hex(hex_strings) -> np.ndarray:
@@ -437,8 +160,9 @@ class BruteForceIndex(_Base):
         super().__init__(codes, owners)
 
     def search(self, queries, query_owners, max_distance: int, k: int):
+        from pipeline import hamming as kernels  # (numba: imported where a search runs)
         return _search_groups(self, queries, query_owners, max_distance, k,
-                              lambda q, st, gd, T, kk, n: _brute_kernel(
+                              lambda q, st, gd, T, kk, n: kernels.brute_search(
                                   q, st, gd, T, kk, n, self.codes, self.owner_dense))
 
 
@@ -607,6 +331,7 @@ class MultiIndexHash(_Base):
                                       self.optr, self.olist, self.coff, self.cids, self.ccodes))
 
     def search(self, queries, query_owners, max_distance: int, k: int):
+        from pipeline import hamming as kernels  # (numba: imported where a search runs)
         T = int(max_distance)
         radii = _radii(self.lengths, T)
         probes = sum(_n_masks(b, r) for b, r in zip(self.lengths, radii))
@@ -616,7 +341,7 @@ class MultiIndexHash(_Base):
         if per_query >= U or probes > 200_000:
             # the threshold is too large for this chunking: a linear scan is cheaper
             return _search_groups(self, queries, query_owners, T, k,
-                                  lambda q, st, gd, T_, kk, n: _scan_unique_kernel(
+                                  lambda q, st, gd, T_, kk, n: kernels.scan_unique_search(
                                       q, st, gd, T_, kk, n, self.ucodes, self.optr, self.olist))
         m = len(self.lengths)
         nflips = np.array([_n_masks(b, r) for b, r in zip(self.lengths, radii)], dtype=np.int64)
@@ -626,7 +351,7 @@ class MultiIndexHash(_Base):
             flips[ci, :f.size] = f
         cr = np.array(radii, dtype=np.int64)
         return _search_groups(self, queries, query_owners, T, k,
-                              lambda q, st, gd, T_, kk, n: _mih_kernel(
+                              lambda q, st, gd, T_, kk, n: kernels.mih_search(
                                   q, st, gd, T_, kk, n, self.cword, self.cshift, self.cmask, cr,
                                   flips, nflips, self.ccodes, self.cids, self.coff,
                                   self.contiguous, self.optr, self.olist))

@@ -9,7 +9,7 @@ Work is split in two kinds of task so that no process holds every descriptor:
    Features are computed once per (image, transform) key, never per pair.
 2. `verify_partition` — per chunk of pairs: read only the feature partitions the chunk needs
    (`store.read_rows`, cached per worker), match, run RANSAC, return the numbers. Matching is a
-   numba kernel (`_match_kernel`: 2-NN Hamming distances of the descriptors packed as 4 uint64
+   numba kernel (`hamming.match_descriptors`: 2-NN Hamming distances of the descriptors packed as 4 uint64
    words, popcount, ratio test and one-to-one in one compiled call; ~0.15 ms per pair of 500
    keypoints), giving exactly the matches of the earlier cv2 BFMatcher.knnMatch + Python path
    (`_good_matches_reference`, kept for the tests and as the benchmark baseline). The store keeps
@@ -56,7 +56,6 @@ import io
 import cv2
 import numpy as np
 import pandas as pd
-from numba import njit
 from PIL import Image
 
 from . import storage, store
@@ -64,7 +63,6 @@ from .config import Config, VerifyConfig
 from .decode import DecodeError, dihedral, load_image, open_checked, resize_max_side
 from .progress import Progress, map_tasks, stage_of
 from .screen import GRID_DIHEDRAL
-from .search import popcount  # the one ctpop intrinsic, shared with the hash search
 
 STATUSES = ("match", "no-match", "inconclusive")
 RESULT_COLUMNS = ["orb_matches", "orb_inliers", "orb_score", "orb_status", "orb_reason", "ssim", "hist_corr"]
@@ -505,66 +503,6 @@ def _ransac(src: np.ndarray, dst: np.ndarray, cfg: VerifyConfig) -> tuple[np.nda
     return mask.reshape(-1).astype(bool), model
 
 
-@njit(cache=True, nogil=True)
-def _match_kernel(a, bt, ratio):
-    """2-NN Hamming matching a -> b + Lowe ratio test + one-to-one, on packed descriptors.
-
-    `a` (na,4) uint64 and `bt` (4,nb) uint64 (`_packed`), nb >= 2. Per query, two passes that
-    LLVM vectorises: the nb distances (xor + popcount over 4 words) and their minimum d1; then
-    d2 = the minimum over the other entries (d2 == d1 when d1 occurs twice, which fails the ratio
-    test, so the result never depends on how a tie is broken). Kept when d1 < ratio * d2 (the
-    comparison cv2 BFMatcher.knnMatch + the Python loop made, in float64); only then the index
-    of d1 is looked up. One-to-one: a train keypoint picked by several queries goes to the
-    closest (ties: the lower query index). Returns (query idx, train idx) int64 arrays in
-    ascending query order — the same pairs in the same order as `_good_matches_reference`, so
-    RANSAC sees identical input.
-    """
-    na, nb = a.shape[0], bt.shape[1]
-    big = np.int32(1 << 30)
-    best_q = np.full(nb, -1, np.int64)
-    best_d = np.full(nb, big, np.int32)
-    pick = np.full(na, -1, np.int64)
-    dist = np.empty(nb, np.int32)
-    b0, b1, b2, b3 = bt[0], bt[1], bt[2], bt[3]
-    for i in range(na):
-        a0, a1, a2, a3 = a[i, 0], a[i, 1], a[i, 2], a[i, 3]
-        d1 = big
-        for j in range(nb):
-            d = np.int32(popcount(a0 ^ b0[j]) + popcount(a1 ^ b1[j])
-                         + popcount(a2 ^ b2[j]) + popcount(a3 ^ b3[j]))
-            dist[j] = d
-            d1 = min(d1, d)
-        ties = np.int32(0)
-        d2 = big
-        for j in range(nb):
-            d = dist[j]
-            ties += np.int32(d == d1)
-            d2 = min(d2, big if d == d1 else d)
-        if ties > 1:
-            d2 = d1
-        if d1 < ratio * d2:
-            j1 = 0
-            while dist[j1] != d1:
-                j1 += 1
-            pick[i] = j1
-            if d1 < best_d[j1]:
-                best_d[j1] = d1
-                best_q[j1] = i
-    n = 0
-    for i in range(na):
-        if pick[i] >= 0 and best_q[pick[i]] == i:
-            n += 1
-    q = np.empty(n, np.int64)
-    t = np.empty(n, np.int64)
-    k = 0
-    for i in range(na):
-        if pick[i] >= 0 and best_q[pick[i]] == i:
-            q[k] = i
-            t[k] = pick[i]
-            k += 1
-    return q, t
-
-
 def _good_matches(fa: dict, fb: dict, ratio: float) -> tuple[np.ndarray, np.ndarray]:
     """2-NN a->b + Lowe ratio test, one-to-one: (query idx, train idx) arrays.
 
@@ -580,7 +518,8 @@ def _good_matches(fa: dict, fb: dict, ratio: float) -> tuple[np.ndarray, np.ndar
         return _good_matches_reference(fa, fb, ratio)
     a = fa["d64"] if "d64" in fa else _packed(fa["descriptors"])[0]
     bt = fb["d64t"] if "d64t" in fb else _packed(fb["descriptors"])[1]
-    return _match_kernel(a, bt, float(ratio))
+    from pipeline import hamming
+    return hamming.match_descriptors(a, bt, float(ratio))
 
 
 def _good_matches_reference(fa: dict, fb: dict, ratio: float) -> tuple[np.ndarray, np.ndarray]:

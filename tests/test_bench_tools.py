@@ -30,7 +30,7 @@ def test_profile_samples_go_to_the_innermost_activity():
                        _node("/x/pipeline/verify.py", "_keypoint_features", 30),
                        _node("/x/pipeline/store.py", "write_partition", 4)),
                  _node("/x/pipeline/verify.py", "verify_partition", 40,
-                       _node("/x/pipeline/verify.py", "_match_kernel", 25), _node("/x/pipeline/verify.py", "_ransac", 10)))
+                       _node("/x/pipeline/hamming.py", "match_descriptors", 25), _node("/x/pipeline/verify.py", "_ransac", 10)))
     got = profile.categorise(tree)
     assert got["decode"] == 15 and got["resize"] == 5 and got["ORB features"] == 30
     assert got["Parquet / serialisation"] == 4 and got["matching"] == 25 and got["RANSAC"] == 10

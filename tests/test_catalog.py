@@ -381,14 +381,20 @@ def test_the_airflow_example_calls_the_cli_with_valid_arguments():
     assert args.command == "dedupe" and args.out == "X" and not args.no_catalog
 
 
-def test_a_new_version_of_the_orb_code_recomputes_orb_only(grown, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["orb_features", "orb_match"])
+def test_a_new_version_of_the_orb_code_recomputes_orb_only(kind, grown, tmp_path, monkeypatch):
+    """New feature code (verify.py) recomputes the ORB features and the pair scores; a new
+    descriptor matcher (pipeline/hamming.py) the pair scores only; neither the screen nor the embeddings."""
     out = tmp_path / "out"
     shutil.copytree(grown["out"], out)
     real = catalog._code
-    monkeypatch.setattr(catalog, "_code", lambda kind: real(kind) + ("-new" if kind == "orb_features" else ""))
+    monkeypatch.setattr(catalog, "_code", lambda code: real(code) + ("-new" if code == kind else ""))
     reuse = run(grown["data"], out)["reuse"]
     assert reuse["screen"]["screened"] == 0 and reuse["verify"]["pairs_reused"] == 0
-    assert reuse["verify"]["features_redone_settings_changed"] > 0
+    if kind == "orb_features":
+        assert reuse["verify"]["features_redone_settings_changed"] > 0
+    else:
+        assert reuse["verify"]["features_reused"] > 0 and reuse["verify"]["features_computed"] == 0
     assert reuse["confirm"].get("embeddings_computed", 0) == 0
     assert_same_outputs(out, grown["scratch"])
 
