@@ -42,13 +42,13 @@ EMB_SHARD = dict(section="sharded embedding kNN", n=299_776, shards=4, ratio=0.9
 # cascade, default settings, a catalog in OUT, a local cluster of 2 workers; `fit` marks the two
 # points the line is drawn through (the widest span), the others are predicted back
 DRIVER = [dict(name="5k end-to-end subset", section="driver memory per image (whole cascade), this tree",
-               images=5_005, pairs_per_image=6.06, peak_mb=372, fit=False),
+               images=5_005, pairs_per_image=6.06, peak_mb=319, fit=False),
           dict(name="10k end-to-end", section="driver memory per image (whole cascade), this tree",
-               images=10_465, pairs_per_image=6.59, peak_mb=423, fit=True),
+               images=10_465, pairs_per_image=6.59, peak_mb=371, fit=True),
           dict(name="100k scale folder", section="driver memory at the 100k scale folder",
-               images=100_625, pairs_per_image=5.09, peak_mb=694, fit=True)]
-# (the 5k and 10k points measured at 52ce55f, 2026-12-04 02:02 UTC, the 100k point at 52ce55f in a
-# same-run comparison with 8c1c515: 798 -> 694 MB; docs/benchmarks.md, driver_memory_notes)
+               images=100_625, pairs_per_image=5.09, peak_mb=627, fit=True)]
+# (all three measured at fd1c776, 2026-12-04 12:30 and 12:52 UTC, the 5k and 10k points in a
+# same-run comparison with 3fa4620: 374 -> 319 and 430 -> 371 MB; docs/benchmarks.md, driver_memory_notes)
 MODEL_LOAD_S = 2.5  # confirm: model build + weights load once per worker process (confirm section)
 # bytes per image in the store (measured; pairs.parquet scaled by the candidates per image)
 STORE = {
