@@ -759,7 +759,7 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
 # incremental search over hash partitions (a catalog re-run on a cluster): `incremental_neighbours`
 # with no process holding every hash. Per partition: which of its images are unchanged ("same")
 # or added, which unchanged ones lost a neighbour (a bool per image of the whole collection, built
-# on a worker), which gained one within reach (the added images' rows probe every index shard, or
+# on a worker, or in-process without a client), which gained one within reach (the added images' rows probe every index shard, or
 # with other hashes each partition's owner rows are indexed and probed by the added entries), then
 # the re-derived lists by the sharded search and the kept ones. The same lists as one index.
 
@@ -921,8 +921,9 @@ def sharded_incremental_neighbours(parts: list, previous: list, same: list, cfg:
 
 
 def split_previous(previous: pd.DataFrame | None, parts: list) -> list[pd.DataFrame]:
-    """The last run's directed rows cut by the partition owning their owner_a (partitions in
-    ascending image order, as `hash_partitions` makes them)."""
+    """The last run's directed rows cut by partition: each gets the rows whose owner_a lies
+    between its first and last image number (partitions in ascending image order, as
+    `hash_partitions` makes them; a row of an image that takes no part is dropped later)."""
     prev = previous if previous is not None else _empty_directed()
     owner = prev["owner_a"].to_numpy(np.int64)
     order = np.argsort(owner, kind="stable")

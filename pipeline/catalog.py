@@ -277,7 +277,9 @@ _SCREEN_SEARCH = {"max_distance", "max_candidates", "backend", "exact_group_pair
 # the code and libraries that make each kind of result: a new version of either invalidates it
 _CODE = {"screen": (["screen.py", "decode.py", "borders.py"], ["pillow", "imagehash", "numpy"]),
          "orb_features": (["verify.py", "decode.py"], ["opencv-python-headless", "opencv-python", "pillow", "numpy"]),
-         "orb_match": (["hamming.py"], ["numba", "llvmlite"]),  # the descriptor matcher (the pair scores)
+         # the descriptor matcher's module (with the search kernels: an edit to any of them, or a
+         # new numba, re-scores the stored pairs, never their features)
+         "orb_match": (["hamming.py"], ["numba", "llvmlite"]),
          "embed": (["confirm.py", "decode.py", "borders.py"],
                    ["tensorflow-cpu", "tensorflow", "keras", "ai-edge-litert", "pillow"])}
 

@@ -1,5 +1,6 @@
-"""The compiled Hamming kernels (numba): popcount as one instruction, the index searches of
-`pipeline/search.py`, the per-pair distances of `pipeline/candidates.py` and the ORB descriptor
+"""The compiled Hamming kernels (numba): popcount as one instruction, the index searches and the
+row-wise distance of `pipeline/search.py`, a candidate pair's best distance over the screen's
+variants (`pair_best`, `own_direction`) for `pipeline/candidates.py`, and the ORB descriptor
 matcher of `pipeline/verify.py`.
 
 They live apart from the modules that call them, which import this one when they first compute:
@@ -16,8 +17,6 @@ from numba import njit
 from numba.core import cgutils
 from numba.core import types as nbtypes
 from numba.extending import intrinsic
-
-
 
 
 @intrinsic

@@ -363,6 +363,8 @@ class MultiIndexHash(_Base):
 
 @runtime_checkable
 class HammingIndex(Protocol):
+    owner_values: np.ndarray  # the distinct owners of the entries, ascending
+
     def search(self, queries: np.ndarray, query_owners: np.ndarray, max_distance: int, k: int
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
 

@@ -384,7 +384,8 @@ def test_the_airflow_example_calls_the_cli_with_valid_arguments():
 @pytest.mark.parametrize("kind", ["orb_features", "orb_match"])
 def test_a_new_version_of_the_orb_code_recomputes_orb_only(kind, grown, tmp_path, monkeypatch):
     """New feature code (verify.py) recomputes the ORB features and the pair scores; a new
-    descriptor matcher (pipeline/hamming.py) the pair scores only; neither the screen nor the embeddings."""
+    kernel module (pipeline/hamming.py, the descriptor matcher's) the pair scores only; neither
+    the screen nor the embeddings."""
     out = tmp_path / "out"
     shutil.copytree(grown["out"], out)
     real = catalog._code
