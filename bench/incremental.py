@@ -104,6 +104,25 @@ def ahash_codes(n: int, seed: int = 0):
     return codes, mask
 
 
+def grown_collection(codes0, mask0, previous, keep, new_codes, new_mask, positions):
+    """A first run's collection after a change: the old images where `keep`, the new ones inserted
+    at `positions` (in old row units). -> (codes, mask, the first run's directed lists in the new
+    row numbers (-1 for an image removed), same: the old images kept)."""
+    import numpy as np
+
+    old_rows = np.flatnonzero(keep)
+    order = np.argsort(np.concatenate([old_rows.astype(float), positions]), kind="stable")
+    codes = np.concatenate([codes0[keep], new_codes])[order]
+    mask = np.concatenate([mask0[keep], new_mask])[order]
+    origin = np.concatenate([old_rows, -np.ones(len(new_codes), np.int64)])[order]
+    now = np.full(len(codes0), -1, np.int64)
+    now[origin[origin >= 0]] = np.flatnonzero(origin >= 0)
+    previous = pd.DataFrame({"owner_a": now[previous["owner_a"].to_numpy()],
+                             "owner_b": now[previous["owner_b"].to_numpy()],
+                             "hash_distance": previous["hash_distance"].to_numpy()})
+    return codes, mask, previous, origin >= 0
+
+
 def search_scale(n: int, seed: int = 0) -> dict:
     """The candidate search alone at a larger scale: n synthetic aHash-like codes (`ahash_codes`),
     1 % of them added since the last run: the search from scratch vs the incremental one (checked equal)."""

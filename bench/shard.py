@@ -242,24 +242,15 @@ def main_embeddings(args) -> None:
 def grown(n: int, seed: int = 0, add: float = 0.01, drop: float = 0.005):
     """A collection of n aHash-like codes after a first run over it, then `add` of new images at
     random rows and `drop` removed: (codes, mask, previous lists in the new row numbers, same)."""
-    from bench.incremental import ahash_codes
+    from bench.incremental import ahash_codes, grown_collection
 
     rng = np.random.default_rng([seed, 1])
     n_new = int(n * add)
     every, every_mask = ahash_codes(n + n_new, seed)  # (the added images near old ones as often as old ones are)
-    codes0, mask0, new_codes, new_mask = every[:n], every_mask[:n], every[n:], every_mask[n:]
-    previous = directed_neighbours(codes0, mask0, ScreenConfig())
+    previous = directed_neighbours(every[:n], every_mask[:n], ScreenConfig())
     keep = rng.random(n) >= drop
-    order = np.argsort(np.concatenate([np.flatnonzero(keep).astype(float), rng.random(n_new) * n]), kind="stable")
-    codes = np.concatenate([codes0[keep], new_codes])[order]
-    mask = np.concatenate([mask0[keep], new_mask])[order]
-    origin = np.concatenate([np.flatnonzero(keep), -np.ones(n_new, np.int64)])[order]
-    now = np.full(n, -1, np.int64)
-    now[origin[origin >= 0]] = np.flatnonzero(origin >= 0)
-    previous = pd.DataFrame({"owner_a": now[previous["owner_a"].to_numpy()],
-                             "owner_b": now[previous["owner_b"].to_numpy()],
-                             "hash_distance": previous["hash_distance"].to_numpy()})
-    return codes, mask, previous, origin >= 0
+    return grown_collection(every[:n], every_mask[:n], previous, keep, every[n:], every_mask[n:],
+                            rng.random(n_new) * n)
 
 
 def main_incremental(args) -> None:

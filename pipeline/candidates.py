@@ -710,8 +710,7 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
         n_img = int((use.any(axis=1) | idx_use.any(axis=1)).sum())
         parts = hash_partitions(codes_p, use, idx_use, _partition_rows(n_img, client))
         if not parts:
-            return _empty_directed(), {"images": 0, "added": 0, "lists_reused": 0,
-                                       "rederived_lost_neighbour": 0, "rederived_gained_neighbour": 0}
+            return _empty_directed(), dict.fromkeys(INCREMENTAL_COUNTS, 0)
         same = np.asarray(same, bool)
         pieces = [x for p, prev in zip(parts, split_previous(previous, parts)) for x in (p, prev, same[p[0]])]
         if client is not None:  # fresh keys (see sharded_directed_neighbours)
@@ -745,15 +744,23 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
     redo = added | ((lost | gained) & same)
     fresh = directed_neighbours(codes, variant_mask, cfg, representatives=representatives,
                                 query_owners=redo, index=index)
-    kept = prev[~redo[owner]]
+    return _kept_and_fresh(prev[~redo[owner]], fresh, part, same, added, redo, lost, gained)
+
+
+# the counts `incremental_neighbours` reports (run.json: reuse.candidates)
+INCREMENTAL_COUNTS = ("images", "added", "lists_reused", "rederived_lost_neighbour", "rederived_gained_neighbour")
+
+
+def _kept_and_fresh(kept: pd.DataFrame, fresh: pd.DataFrame, taking, same, added, redo, lost,
+                    gained) -> tuple[pd.DataFrame, dict]:
+    """The kept and re-derived lists as `directed_neighbours` sorts them, and the counts (over
+    the images the bool arrays cover)."""
     directed = (pd.concat([kept, fresh], ignore_index=True)
                 .sort_values(["owner_a", "hash_distance", "owner_b"], kind="stable")
                 .reset_index(drop=True)
                 .astype({"owner_a": "int64", "owner_b": "int64", "hash_distance": "int16"}))
-    stats = {"images": int(part.sum()), "added": int(added.sum()), "lists_reused": int((same & ~redo).sum()),
-             "rederived_lost_neighbour": int((lost & same & ~gained).sum()),
-             "rederived_gained_neighbour": int((gained & same).sum())}
-    return directed, stats
+    counts = (taking.sum(), added.sum(), (same & ~redo).sum(), (lost & same & ~gained).sum(), (gained & same).sum())
+    return directed[["owner_a", "owner_b", "hash_distance"]], dict(zip(INCREMENTAL_COUNTS, map(int, counts)))
 
 
 # incremental search over hash partitions (a catalog re-run on a cluster): `incremental_neighbours`
@@ -762,6 +769,14 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
 # on a worker, or in-process without a client), which gained one within reach (the added images' rows probe every index shard, or
 # with other hashes each partition's owner rows are indexed and probed by the added entries), then
 # the re-derived lists by the sharded search and the kept ones. The same lists as one index.
+
+
+def _rows_of(img: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row in `img`, found) of each id among a partition's ascending image numbers."""
+    at = np.searchsorted(img, ids)
+    found = at < len(img)
+    found[found] = img[at[found]] == ids[found]
+    return at, found
 
 
 def _part_changes(part, same) -> tuple[np.ndarray, np.ndarray]:
@@ -841,16 +856,13 @@ def _part_redo(part, changes, previous: pd.DataFrame, same_all: np.ndarray, gain
     neighbour gone or changed (`lost`) or one within reach of an added image (`gained`)."""
     img = part[0]
     same, added = changes
-    prev = previous[previous["owner_a"].to_numpy() >= 0]
-    at = np.searchsorted(img, prev["owner_a"].to_numpy(np.int64))
-    inside = at < len(img)
-    inside[inside] = img[at[inside]] == prev["owner_a"].to_numpy(np.int64)[inside]
+    at, inside = _rows_of(img, previous["owner_a"].to_numpy(np.int64))
     inside[inside] = same[at[inside]]
-    nb = prev["owner_b"].to_numpy(np.int64)[inside]
-    broken = (nb < 0) | (nb >= len(same_all)) | ~same_all[np.clip(nb, 0, max(len(same_all) - 1, 0))] \
-        if len(same_all) else np.ones(len(nb), bool)
+    nb = previous["owner_b"].to_numpy(np.int64)[inside]
+    known = (nb >= 0) & (nb < len(same_all))  # (-1: gone; a number past the last unchanged image)
+    known[known] = same_all[nb[known]]
     lost = np.zeros(len(img), bool)
-    lost[at[inside][broken]] = True
+    lost[at[inside][~known]] = True
     gained = np.isin(img, gained_ids) & same
     return {"redo": added | ((lost | gained) & same), "lost": lost, "gained": gained}
 
@@ -864,20 +876,10 @@ def _part_lists(part, changes, previous: pd.DataFrame, redo: dict, fresh: pd.Dat
     """The partition's directed rows (kept and re-derived, sorted as `directed_neighbours`) and its counts."""
     img, codes, use, _ = part
     same, added = changes
-    owner = previous["owner_a"].to_numpy(np.int64)
-    at = np.clip(np.searchsorted(img, owner), 0, max(len(img) - 1, 0))
-    keep = (owner >= 0) & (img[at] == owner) if len(img) else np.zeros(len(owner), bool)
+    at, keep = _rows_of(img, previous["owner_a"].to_numpy(np.int64))
     keep[keep] = same[at[keep]] & ~redo["redo"][at[keep]]
-    directed = (pd.concat([previous[keep], fresh], ignore_index=True)
-                .sort_values(["owner_a", "hash_distance", "owner_b"], kind="stable")
-                .reset_index(drop=True)
-                .astype({"owner_a": "int64", "owner_b": "int64", "hash_distance": "int16"}))
-    lost, gained = redo["lost"], redo["gained"]
-    stats = {"images": int(use[:, PLAIN].sum()), "added": int(added.sum()),
-             "lists_reused": int((same & ~redo["redo"]).sum()),
-             "rederived_lost_neighbour": int((lost & same & ~gained).sum()),
-             "rederived_gained_neighbour": int((gained & same).sum())}
-    return directed[["owner_a", "owner_b", "hash_distance"]], stats
+    return _kept_and_fresh(previous[keep], fresh, use[:, PLAIN], same, added, redo["redo"], redo["lost"],
+                           redo["gained"])
 
 
 def sharded_incremental_neighbours(parts: list, previous: list, same: list, cfg: ScreenConfig, client=None,
@@ -915,8 +917,7 @@ def sharded_incremental_neighbours(parts: list, previous: list, same: list, cfg:
         return out
     results = get(out)
     directed = (pd.concat([d for d, _ in results], ignore_index=True) if results else _empty_directed())
-    stats = {key: sum(st[key] for _, st in results) for key in
-             ("images", "added", "lists_reused", "rederived_lost_neighbour", "rederived_gained_neighbour")}
+    stats = {key: sum(st[key] for _, st in results) for key in INCREMENTAL_COUNTS}
     return directed, stats
 
 
@@ -928,14 +929,10 @@ def split_previous(previous: pd.DataFrame | None, parts: list) -> list[pd.DataFr
     owner = prev["owner_a"].to_numpy(np.int64)
     order = np.argsort(owner, kind="stable")
     prev, owner = prev.iloc[order], owner[order]
-    bounds = [int(np.searchsorted(owner, p[0][0])) if len(p[0]) else None for p in parts]
     out = []
-    for i, p in enumerate(parts):
-        if not len(p[0]):
-            out.append(prev.iloc[:0])
-            continue
-        lo = bounds[i]
-        hi = int(np.searchsorted(owner, p[0][-1], side="right"))
+    for img, *_ in parts:
+        lo = np.searchsorted(owner, img[0]) if len(img) else 0
+        hi = np.searchsorted(owner, img[-1], side="right") if len(img) else 0
         out.append(prev.iloc[lo:hi].reset_index(drop=True))
     return out
 

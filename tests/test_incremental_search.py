@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bench.incremental import grown_collection
 from pipeline import candidates
 from pipeline.candidates import directed_neighbours, incremental_neighbours
 from pipeline.config import ScreenConfig
@@ -42,17 +43,9 @@ def grow(seed: int, k: int, n0: int = 300, n_new: int = 20, drop: float = 0.05):
     prev = directed_neighbours(codes0, mask0, cfg)
     keep = rng.random(n0) > drop
     new_codes, new_mask = clustered_codes(rng, n_new, centres)
-    old_rows = np.flatnonzero(keep)
-    codes = np.concatenate([codes0[keep], new_codes])
-    mask = np.concatenate([mask0[keep], new_mask])
-    order = np.argsort(np.concatenate([old_rows.astype(float), rng.random(n_new) * n0]), kind="stable")
-    codes, mask = codes[order], mask[order]
-    origin = np.concatenate([old_rows, -np.ones(n_new, np.int64)])[order]
-    now = np.full(n0, -1)
-    now[origin[origin >= 0]] = np.flatnonzero(origin >= 0)
-    previous = pd.DataFrame({"owner_a": now[prev["owner_a"]], "owner_b": now[prev["owner_b"]],
-                             "hash_distance": prev["hash_distance"]})
-    return cfg, codes, mask, previous, origin >= 0
+    codes, mask, previous, same = grown_collection(codes0, mask0, prev, keep, new_codes, new_mask,
+                                                   rng.random(n_new) * n0)
+    return cfg, codes, mask, previous, same
 
 
 @pytest.mark.parametrize("hash_name", ["ahash", "phash"])  # aHash: rotations by permutation; else indexed
