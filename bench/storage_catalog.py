@@ -77,6 +77,18 @@ def object_gets(log_path: Path, since: int, prefix: str) -> int:
     return sum(1 for line in lines if marker in line)
 
 
+def out_requests(log_path: Path, since: int, prefix: str) -> dict[str, int]:
+    """Requests under `prefix` other than the catalog's, by method, after line `since`: the
+    outputs' publish and the report's reuse of the last generation (a server-side copy is a PUT)."""
+    counts: dict[str, int] = {}
+    for line in log_path.read_text(errors="replace").splitlines()[since:]:
+        for method in ("GET", "PUT", "HEAD", "POST", "DELETE"):
+            marker = f"{method} /{BUCKET}/{prefix}/"
+            if marker in line and f"{marker}catalog/" not in line:
+                counts[method] = counts.get(method, 0) + 1
+    return counts
+
+
 def log_lines(log_path: Path) -> int:
     return len(log_path.read_text(errors="replace").splitlines())
 
@@ -116,11 +128,12 @@ def main() -> None:
             upload = time.perf_counter() - t
             data, out, scratch = f"s3://{BUCKET}/data", f"s3://{BUCKET}/out", f"s3://{BUCKET}/scratch"
 
-            def timed(*run_args: str) -> tuple[float, int, dict]:
+            def timed(*run_args: str) -> tuple[float, int, dict, dict]:
                 since = log_lines(log_path)
                 wall = cli(env, data, *run_args)
                 target = run_args[run_args.index("--out") + 1].removeprefix("s3://")
-                return wall, object_gets(log_path, since, "data"), json.loads(fs.cat_file(f"{target}/run.json"))
+                return (wall, object_gets(log_path, since, "data"), json.loads(fs.cat_file(f"{target}/run.json")),
+                        out_requests(log_path, since, target.removeprefix(f"{BUCKET}/")))
 
             first = timed("--out", out)
             print(f"first run: {len(files)} objects, {first[0]:.1f} s, {first[1]} object GETs", flush=True)
@@ -155,7 +168,8 @@ def main() -> None:
     def row(label, r, note):
         m = r[2]
         return [label, f"{r[0]:.1f}", f"{r[0] / fresh[0]:.2f}", r[1], m["reuse"]["screen"].get("screened", m["counts"]["files"])
-                if m["reuse"].get("catalog") else m["counts"]["files"], m["scheduler_used"], note]
+                if m["reuse"].get("catalog") else m["counts"]["files"], m["scheduler_used"],
+                " / ".join(f"{r[3].get(k, 0)}" for k in ("GET", "PUT", "HEAD")), note]
     body = stamp() + (
         f"\n{len(files):,} images (the real photos plus {args.per_source} seeded transformed copies of each, "
         "bench/end_to_end.py's generator) uploaded to a bucket of moto's S3 server on 127.0.0.1 "
@@ -165,10 +179,13 @@ def main() -> None:
         "pairs.parquet and images.parquet, floats within 1e-5). *object GETs*: reads of image objects in the "
         "server's request log (the screen's reads, the ORB and embedding tiers' reads of images whose "
         "features are not stored, and the report's thumbnails and drawings not made before; those of "
-        "unchanged bytes are copied from the last generation's report). No network latency: the seconds "
+        "unchanged bytes are copied from the last generation's report). *OUT requests*: GET / PUT / HEAD "
+        "requests under OUT other than the catalog's (the publish of the outputs and the report; a "
+        "server-side copy is a PUT). No network latency: the seconds "
         "are this machine's work; a real bucket adds its round trips to every request. One run each on a "
         "shared 2-core machine.\n\n")
-    body += table(["run", "wall s", "vs scratch", "object GETs", "files screened", "scheduler", "what"], [
+    body += table(["run", "wall s", "vs scratch", "object GETs", "files screened", "scheduler",
+                   "OUT requests GET / PUT / HEAD", "what"], [
         row("first (empty catalog)", first, "every object read"),
         row("incremental", incremental, f"{reuse['verify']['pairs_verified']} of "
             f"{incremental[2]['counts'].get('verified_pairs', 0)} candidate pairs verified"),

@@ -42,7 +42,7 @@ import uuid
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import jinja2
 import numpy as np
@@ -53,6 +53,9 @@ from pipeline.config import Config, ConfigError, ReportConfig, config_from_dict
 from pipeline.decode import load_image
 from pipeline.progress import completed
 from pipeline.results import RULE_CODES, derive_rule, keeper_ids, normalize_images
+
+if TYPE_CHECKING:
+    from pipeline import storage
 
 log = logging.getLogger("pipeline")
 STATIC = ("app.js", "style.css")
@@ -609,7 +612,7 @@ def _draw_list(data: dict, rcfg: ReportConfig) -> list[int]:
 
 
 def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict,
-                 cfg: Config | None = None, reuse_from: str | Path | None = None,
+                 cfg: Config | None = None, reuse_from: "str | Path | storage.LastReport | None" = None,
                  stored_features: pd.DataFrame | None = None, client=None,
                  rejected_total: int | None = None, cluster_pairs: pd.Series | None = None) -> Path:
     """Write OUT/report/ and OUT/report.html; returns the index page's path.
@@ -617,7 +620,9 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
     `images`/`pairs`: the run's frames (in memory or as read from the Parquet files: abs paths
     are rebuilt from the manifest's root when missing); `cfg` defaults to run.json's config.
     `reuse_from`: an earlier report folder (default: out_dir/report, a rebuild in place) whose
-    thumbnails and drawings of the same bytes and settings are linked instead of made again.
+    thumbnails and drawings of the same bytes and settings are linked instead of made again; or
+    the last report on a store (storage.LastReport), whose files are carried by name (the publish
+    copies them on the server) and are not in `out_dir`.
     `stored_features`: where the verify tier's feature rows are (run.stored_features: by sha256),
     whose thumbnails (when of this report.thumb_size: `thumbs_from_store`) and keypoints
     (`draw_pair`) are taken instead of decoding the files again. `client`: a Dask client whose
@@ -628,7 +633,6 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
     (`duplicate_pairs_per_cluster`) when `pairs` holds only those the report shows (`shown_pairs`:
     a run's)."""
     out_dir = Path(out_dir)
-    earlier = Path(reuse_from) if reuse_from is not None else out_dir / "report"
     if cfg is None:
         cfg, rcfg = _report_config(manifest)
     else:
@@ -651,6 +655,13 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
     tmp = out_dir / f".report-{uuid.uuid4().hex[:12]}"
     (tmp / "thumbs").mkdir(parents=True)
     (tmp / "pairs").mkdir()
+    if reuse_from is None or isinstance(reuse_from, (str, os.PathLike)):
+        earlier = Path(reuse_from) if reuse_from is not None else out_dir / "report"
+
+        def carry(name: str) -> bool:  # ("thumbs/<id>.jpg", "pairs/<name>")
+            return _reuse(earlier / name, tmp / name)
+    else:  # storage.LastReport: its indexes are local, its files stay on the store
+        earlier, carry = reuse_from.folder, reuse_from.carry
     try:
         previous = _made_index(earlier)
         has_thumb = np.zeros(len(listed), dtype=bool)  # by position in data["images"]
@@ -663,8 +674,7 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
             sha, name = sha_at[k], str(ids[k])
             if isinstance(error_at[k], str):
                 continue
-            if previous.get(name) == f"{sha}:{rcfg.thumb_size}" and _reuse(earlier / "thumbs" / f"{name}.jpg",
-                                                                         tmp / "thumbs" / f"{name}.jpg"):
+            if previous.get(name) == f"{sha}:{rcfg.thumb_size}" and carry(f"thumbs/{name}.jpg"):
                 has_thumb[k] = True
             elif sha in where.index:
                 from_store.setdefault(where.at[sha, "part_path"], []).append(
@@ -685,7 +695,7 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
             name = f"{ids[ka]}-{ids[kb]}.jpg"
             drew[name] = f"{sha_at[ka]}:{sha_at[kb]}:{settings}"
             index_of[name] = i
-            if drawn_before.get(name) == drew[name] and _reuse(earlier / "pairs" / name, tmp / "pairs" / name):
+            if drawn_before.get(name) == drew[name] and carry(f"pairs/{name}"):
                 drawing[i] = name
             else:  # run_numbers: orb_matches, orb_inliers (the tier's orientation)
                 todo.append((name, abs_at[ka], abs_at[kb], _draw_sources(where, sha_at[ka], sha_at[kb]),

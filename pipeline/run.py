@@ -1006,7 +1006,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
             tracker.update(min(decide.PART_ROWS, len(order) - start))
             release_freed_memory()  # (the part just written)
 
-    from pipeline.report import PAIR_COLUMNS, duplicate_pairs_per_cluster, shown_pairs
+    from pipeline.report import DRAW_INDEX, PAIR_COLUMNS, THUMB_INDEX, duplicate_pairs_per_cluster, shown_pairs
     cid = images["cluster_id"].astype("Int64")
     clustered = pd.DataFrame({"path": images["path"], "image_id": images["image_id"], "cluster_id": cid.where(cid >= 0)})
     ids = images["image_id"].to_numpy()
@@ -1023,15 +1023,19 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
     report_pairs = contract_pairs(decide.decide_rows(pairs, cfg, changed, order[shown]), images,
                                   columns=PAIR_COLUMNS)
     with progress.stage("write", total=len(images) + len(pairs), unit="row") as tracker, \
-            (storage.last_generation(out) if storage.is_url(out)  # its report's thumbnails are reused
-             else contextlib.nullcontext(out)) as last:  # (OUT/report: a link to the current one, or a copy's folder)
-        (storage.publish if storage.is_url(out) else outdir.publish)(
-            out, run_id, lambda folder: write.write_outputs(folder, images, contract_parts(tracker), manifest,
-                                                            previous_report=last / "report" if last else None,
-                                                            stored_features=thumbs, client=running(client),
-                                                            report_pairs=report_pairs, rules=sorted(rules),
-                                                            rejected_total=int((~dup).sum()),
-                                                            cluster_pairs=cluster_pairs))
+            (storage.last_generation(out, (THUMB_INDEX, DRAW_INDEX)) if storage.is_url(out)
+             else contextlib.nullcontext(out / "report")) as last:  # its report's thumbnails are reused
+        # (locally OUT/report: a link to the current one, or a copy's folder; on a store the last
+        # report's indexes, its files carried over on the server: storage.LastReport)
+
+        def write_into(folder):
+            write.write_outputs(folder, images, contract_parts(tracker), manifest, previous_report=last,
+                                stored_features=thumbs, client=running(client), report_pairs=report_pairs,
+                                rules=sorted(rules), rejected_total=int((~dup).sum()), cluster_pairs=cluster_pairs)
+        if storage.is_url(out):
+            storage.publish(out, run_id, write_into, last=last)
+        else:
+            outdir.publish(out, run_id, write_into)
         tracker.update(len(images))
     return manifest
 

@@ -16,9 +16,12 @@ local code (pipeline/paths.py, pipeline/outdir.py). For a URL:
 * **Publish.** A single PUT is atomic on an object store and there is no rename. `publish` uploads
   the run's files under `OUT/.dedupe/gen-<run id>/`, then writes the pointer object
   `OUT/.dedupe/current` (the commit point: it names the generation), then copies the files to
-  their stable names in OUT with `run.json` last. Each object a reader opens is whole; a reader that
-  must never mix two runs reads `.dedupe/current` and then the generation it names (or checks the
-  sha256 list in `run.json`). The previous generation is kept, older ones are removed.
+  their stable names in OUT with `run.json` last, skipping those OUT already holds with the same
+  bytes (by the listings' content tags). The report's thumbnails and drawings of unchanged images
+  are copied on the server from the last generation (`last_generation`), never downloaded and
+  uploaded again. Each object a reader opens is whole; a reader that must never mix two runs reads
+  `.dedupe/current` and then the generation it names (or checks the sha256 list in `run.json`).
+  The previous generation is kept, older ones are removed.
 * **Lock.** `locked` creates `OUT/.dedupe.lock` with an exclusive create (S3 `If-None-Match: *`);
   a second run finds it and stops naming the holder. The holder rewrites the object every
   LOCK_REFRESH_S (a lease): a run killed outright (kill -9, a lost host) stops renewing it, and the
@@ -450,34 +453,80 @@ def remove_stale_work(out: str, keep: str | None = None) -> list[str]:
     return removed
 
 
-REUSED = ("report/thumbs.json", "report/drawings.json", "report/thumbs/", "report/pairs/")
+class LastReport:
+    """The report of OUT's current generation on the store, for a run that reuses its thumbnails
+    and drawings: its indexes (`indexes`, e.g. thumbs.json) copied to `folder`, a local temporary
+    folder, and the names of its other files (one listing), which stay on the store. The report
+    `carry`s a file of unchanged bytes and settings instead of making it again; `publish` then
+    copies it into the new generation on the server (no download, no upload)."""
+
+    def __init__(self, folder: Path, prefix: str, present: set[str]):
+        self.folder = folder  # the indexes, read by the report (report._made_index)
+        self.prefix = prefix  # the generation's report folder on the store (a path of its filesystem)
+        self._present = present  # its files, relative to `prefix` (e.g. "thumbs/123.jpg")
+        self.carried: list[str] = []
+
+    def carry(self, name: str) -> bool:
+        """Reuse `name` (relative to the report folder, e.g. "thumbs/123.jpg") if the last report
+        has it: True when it will be in the new generation."""
+        if name not in self._present:
+            return False
+        self.carried.append(name)
+        return True
 
 
 @contextlib.contextmanager
-def last_generation(out: str) -> Iterator[Path | None]:
-    """A local copy of what a run reuses from OUT's current generation on the store: its report's
-    thumbnails and drawings with their indexes (REUSED), in a temporary folder removed on exit;
-    None when there is none or the copy fails (then everything is made again). A small GET per
-    thumbnail instead of a GET of each shown image (and a decode, and ORB for each drawing)."""
+def last_generation(out: str, indexes: tuple[str, ...]) -> Iterator[LastReport | None]:
+    """The report of OUT's current generation on the store (LastReport, its `indexes` in a
+    temporary folder removed on exit); None when there is none or it cannot be read (then
+    everything is made again). Two small GETs and a listing, not a GET of every thumbnail."""
     fs, root = filesystem(out)
     with tempfile.TemporaryDirectory(prefix="dedupe-last-") as tmp:
         try:
             gen = f"{root}/{STATE_DIR}/{fs.cat_file(f'{root}/{STATE_DIR}/current').decode('utf-8').strip()}"
             fs.invalidate_cache(f"{gen}/report")
-            wanted = [p for p in fs.find(f"{gen}/report") if p[len(gen) + 1:].startswith(REUSED)]
-            if wanted:  # one batch call (concurrent requests)
-                fs.get(wanted, [str(Path(tmp, p[len(gen) + 1:])) for p in wanted])
-        except Exception as exc:  # no generation yet, or a failed copy (never a partial file reused)
+            present = {p[len(gen) + len("/report/"):] for p in fs.find(f"{gen}/report")}
+            wanted = [name for name in indexes if name in present]
+            if wanted:
+                fs.get([f"{gen}/report/{name}" for name in wanted], [str(Path(tmp, name)) for name in wanted])
+        except Exception as exc:  # no generation yet, or a failed read (never a partial index reused)
             if not isinstance(exc, FileNotFoundError):
-                log.warning("the last report's thumbnails could not be copied (%s); they are made again", exc)
+                log.warning("the last report could not be read (%s); its thumbnails are made again", exc)
             yield None
             return
-        yield Path(tmp)
+        yield LastReport(Path(tmp), f"{gen}/report", present - set(indexes))
 
 
-def publish(out: str, run_id: str, write) -> str:
+def content_tag(info: dict) -> str | None:
+    """A digest of an object's bytes from its listing entry, for telling whether two objects
+    hold the same bytes: S3's ETag (the MD5 of a single-part upload; another form for a multipart
+    one or under SSE-KMS, which two different objects still never share), GCS's md5Hash; None
+    where the backend lists none (Azure's and GCS's "etag" change with every write, content or
+    not, and are never compared across objects)."""
+    for key, prefix in (("md5Hash", "md5:"), ("ETag", "etag:")):
+        value = info.get(key)
+        if isinstance(value, str) and value.strip().strip('"'):
+            return prefix + value.strip().strip('"')
+    return None
+
+
+def _tags(fs, prefix: str) -> dict[str, str | None]:
+    """Relative name -> content_tag of every object under `prefix` (one listing; {} if none)."""
+    fs.invalidate_cache(prefix)
+    try:
+        found = fs.find(prefix, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {name[len(prefix) + 1:]: content_tag(info) for name, info in found.items()
+            if info.get("type", "file") != "directory"}
+
+
+def publish(out: str, run_id: str, write, last: LastReport | None = None) -> str:
     """`write(folder)` fills a local temporary folder; its files become OUT's outputs on the store
-    (see the module docstring for the order and what a reader sees). Returns the generation URL."""
+    (see the module docstring for the order and what a reader sees), with the report files `last`
+    carried (LastReport.carry) copied into the new generation on the server. Files whose bytes
+    OUT already holds under the same name (`content_tag`: e.g. an unchanged thumbnail) are not
+    copied to it again. Returns the generation URL."""
     fs, root = filesystem(out)
     gen_name = f"gen-{run_id}"
     gen = f"{root}/{STATE_DIR}/{gen_name}"
@@ -487,11 +536,16 @@ def publish(out: str, run_id: str, write) -> str:
         write(folder)
         names = sorted((p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
                        key=lambda n: (n == "run.json", n))  # run.json last
+        head = names[:-1] if names and names[-1] == "run.json" else names
+        carried = [f"report/{name}" for name in last.carried] if last is not None else []
         try:  # many small report files: one batch call (concurrent requests), run.json after it
-            head = names[:-1] if names and names[-1] == "run.json" else names
-            for batch in (head, names[len(head):]):
-                if batch:
-                    fs.put([str(folder / n) for n in batch], [f"{gen}/{n}" for n in batch])
+            if head:
+                fs.put([str(folder / n) for n in head], [f"{gen}/{n}" for n in head])
+            if carried:  # server-side copies from the last generation
+                fs.copy([f"{last.prefix}/{n[len('report/'):]}" for n in carried],
+                        [f"{gen}/{n}" for n in carried])
+            if names[len(head):]:
+                fs.put([str(folder / n) for n in names[len(head):]], [f"{gen}/{n}" for n in names[len(head):]])
         except BaseException:
             with contextlib.suppress(Exception):
                 fs.rm(gen, recursive=True)
@@ -502,14 +556,24 @@ def publish(out: str, run_id: str, write) -> str:
     except FileNotFoundError:
         previous = None
     fs.pipe_file(pointer, gen_name.encode("utf-8"))  # the commit point
-    for batch in (head, names[len(head):]):  # server-side copies, batched; run.json last
+    # the stable names: only those whose bytes differ from what OUT holds (a listing of each side;
+    # the generation's also lets the copies skip a HEAD per object), run.json last
+    published = sorted(set(names) | set(carried), key=lambda n: (n == "run.json", n))
+    made = _tags(fs, gen)
+    held = {f"report/{n}": tag for n, tag in _tags(fs, f"{root}/report").items()}
+    with contextlib.suppress(FileNotFoundError):
+        held.update((info["name"].rstrip("/").rsplit("/", 1)[-1], content_tag(info))
+                    for info in fs.ls(root, detail=True, refresh=True) if info.get("type") == "file")
+    todo = [n for n in published if made.get(n) is None or made.get(n) != held.get(n)]
+    head = [n for n in todo if n != "run.json"]
+    for batch in (head, todo[len(head):]):  # server-side copies, batched; run.json last
         if batch:
             fs.copy([f"{gen}/{n}" for n in batch], [f"{root}/{n}" for n in batch])
     # report pages of an older run that this one does not have
-    published = set(names)
-    with contextlib.suppress(FileNotFoundError):
-        stale = [path for path in fs.find(f"{root}/report") if path[len(root) + 1:] not in published]
-        if stale:
+    kept = set(published)
+    stale = [f"{root}/{n}" for n in held if n.startswith("report/") and n not in kept]
+    if stale:
+        with contextlib.suppress(FileNotFoundError):
             fs.rm(stale)
     with contextlib.suppress(FileNotFoundError):
         for path in fs.ls(f"{root}/{STATE_DIR}", detail=False, refresh=True):

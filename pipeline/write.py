@@ -155,14 +155,15 @@ def pairs_frame(pairs: pd.DataFrame, rules: list[str] | None = None) -> pd.DataF
 
 
 def write_outputs(out_dir: Path, images: pd.DataFrame, pairs: pd.DataFrame | Iterable[pd.DataFrame], manifest: dict,
-                  report: bool = True, previous_report: Path | None = None,
+                  report: bool = True, previous_report=None,
                   stored_features: pd.DataFrame | None = None, client=None,
                   report_pairs: pd.DataFrame | None = None, rejected_total: int | None = None,
                   rules: list[str] | None = None, cluster_pairs: pd.Series | None = None) -> None:
     """images/pairs: the run's rows (with abs paths for the report); writes the files into
     `out_dir` (a new generation folder, see pipeline/outdir.py), `run.json` last, listing the
     sha256 of its siblings so a reader can check it holds one run's set. `previous_report`: the
-    last generation's report, whose thumbnails and drawings of unchanged files are reused.
+    last generation's report (a folder, or storage.LastReport on a store), whose thumbnails and
+    drawings of unchanged files are reused.
     `stored_features`: the verify tier's feature rows, for the report's thumbnails and drawings;
     `client`: a Dask client whose workers make them (report.write_report).
 

@@ -9,6 +9,7 @@ talks to anything but 127.0.0.1.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -222,7 +223,6 @@ def test_cascade_on_a_bucket_with_remote_workers_equals_a_local_run(s3, cluster,
     assert manifest["root"] == bucket and manifest["out"] == out
     assert manifest["config"]["storage"]["options"] == {}
     for name, digest in manifest["files"].items():
-        import hashlib
         assert hashlib.sha256(fs.cat_file(f"{root}/{name}")).hexdigest() == digest, name
     assert fs.exists(f"{root}/report/index.html")
     # the report's thumbnails and drawings, made by the remote workers (which share no disk with
@@ -559,6 +559,24 @@ def _store_run_equals_local(env: dict, data: str, out: str, dataset: Path, tmp_p
     assert reuse["catalog_generation"] == 2
     assert reuse["screen"]["screened"] == 0 and reuse["screen"]["reused"] == len(remote[0]), reuse["screen"]
     assert reuse["verify"]["pairs_verified"] == 0
+    # its report's thumbnails and drawings were carried over on the store (storage.LastReport):
+    # OUT's report and the new generation's hold every one, the bytes the local run made
+    code = ("import sys, json, hashlib, fsspec\n"
+            "fs, root = fsspec.core.url_to_fs(sys.argv[1], **json.loads(sys.argv[2]))\n"
+            "gen = root + '/.dedupe/' + fs.cat_file(root + '/.dedupe/current').decode()\n"
+            "print(json.dumps({where: {p[len(base) + 1:]: hashlib.md5(fs.cat_file(p)).hexdigest()\n"
+            "                          for p in fs.find(base + '/report')\n"
+            "                          if p[len(base) + 1:].startswith(('report/thumbs/', 'report/pairs/'))}\n"
+            "                  for where, base in (('out', root), ('gen', gen))}))\n")
+    opts = {"token": "anon", "project": "test"} if out.startswith("gs://") else {}
+    done = subprocess.run([sys.executable, "-c", code, out, json.dumps(opts)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    stored = json.loads(done.stdout)
+    made = {p.relative_to(local_out).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+            for folder in ("thumbs", "pairs") for p in (local_out / "report" / folder).iterdir()}
+    assert made and any(n.startswith("report/pairs/") for n in made)
+    assert stored["out"] == made and stored["gen"] == made
 
     scheme = out.split("://")[0]
     result = _run([f"{scheme}://no-such-bucket/data", "--out", str(tmp_path / "o"), *args], env, tmp_path,
@@ -940,6 +958,70 @@ def test_a_rerun_reads_only_new_and_rewritten_objects(s3, bucket, dataset, tmp_p
     assert _dedupe(data, "--out", str(tmp_path / "scratch"), "--tiers", "screen", "--scheduler", "sync",
                    "--quiet", "--no-catalog") == 0
     _assert_same_outputs(_read_outputs(out, env), _read_outputs(tmp_path / "scratch", env))
+
+
+def _object_puts(log_path: Path, since: int, prefix: str) -> list[str]:
+    """Keys under `prefix` written (PUT: an upload or a server-side copy) after line `since`."""
+    lines = log_path.read_text(errors="replace").splitlines()[since:]
+    marker = f'"PUT /{BUCKET}/{prefix}/'
+    return sorted(line.split(marker, 1)[1].split(" ", 1)[0] for line in lines if marker in line)
+
+
+def _report_objects(fs, prefix: str) -> dict[str, bytes]:
+    fs.invalidate_cache(prefix)
+    return {p[len(prefix) + 1:]: fs.cat_file(p) for p in fs.find(prefix)}
+
+
+def test_a_rerun_carries_the_reports_thumbnails_over_on_the_server(s3, bucket, dataset, tmp_path, monkeypatch):
+    """An unchanged re-run neither downloads the last report's thumbnails and drawings nor uploads
+    them again: the new generation gets them by server-side copies, and OUT's stable names, which
+    already hold those bytes, are not written again. The new generation is still whole (every file
+    of the report, the same bytes), and a rewritten image gets a new thumbnail in both places."""
+    import s3fs
+    env, log_path, client, fs, prefix, data, out, args = _screen_on_bucket(s3, monkeypatch, dataset, "carry")
+    args = [a if a != "screen" else "verify" for a in args]  # (ORB: the report also draws pairs)
+    root = out.removeprefix("s3://")
+    assert _dedupe(data, *args) == 0
+    first = _report_objects(fs, f"{root}/report")
+    assert any(n.startswith("thumbs/") for n in first) and any(n.startswith("pairs/") for n in first)
+    uploaded: list[str] = []
+    real_put = s3fs.S3FileSystem._put_file
+
+    async def spy(self, lpath, rpath, *a, **kw):
+        uploaded.append(rpath)
+        return await real_put(self, lpath, rpath, *a, **kw)
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", spy)
+
+    since = _log_lines(log_path)
+    assert _dedupe(data, *args) == 0
+    gen = f"{root}/.dedupe/{fs.cat_file(f'{root}/.dedupe/current').decode()}"
+    # nothing of the last report was read but its two indexes, no thumbnail or drawing uploaded
+    read = _object_gets(log_path, since, f"{root.removeprefix(BUCKET + '/')}/.dedupe")
+    assert sorted(k.split("/", 1)[-1] for k in read if k != "current") == ["report/drawings.json",
+                                                                          "report/thumbs.json"], read
+    assert not [p for p in uploaded if "/report/thumbs/" in p or "/report/pairs/" in p], uploaded
+    # OUT's stable thumbnails and drawings were not written again: they hold the same bytes
+    rewritten = _object_puts(log_path, since, f"{root.removeprefix(BUCKET + '/')}/report")
+    assert not [k for k in rewritten if k.startswith(("thumbs/", "pairs/"))], rewritten
+    # the generation is whole and the stable report is its copy
+    second, in_gen = _report_objects(fs, f"{root}/report"), _report_objects(fs, f"{gen}/report")
+    assert in_gen == second
+    assert {n: b for n, b in second.items() if n.startswith(("thumbs/", "pairs/"))} == \
+        {n: b for n, b in first.items() if n.startswith(("thumbs/", "pairs/"))}
+    assert json.loads(second["thumbs.json"]) == json.loads(first["thumbs.json"])
+
+    # another photo's bytes under an image's name: its thumbnail is made again, everywhere
+    p0 = next((dataset / "originals").glob("p0.*")).name
+    other = next(p for p in sorted((dataset / "originals" / "2024").iterdir()) if p.suffix == Path(p0).suffix)
+    fs.pipe_file(f"{BUCKET}/{prefix}/originals/{p0}", other.read_bytes())
+    from pipeline.run import image_ids
+    image_id = str(image_ids([f"originals/{p0}"])[0])
+    assert _dedupe(data, *args) == 0
+    gen = f"{root}/.dedupe/{fs.cat_file(f'{root}/.dedupe/current').decode()}"
+    third, in_gen = _report_objects(fs, f"{root}/report"), _report_objects(fs, f"{gen}/report")
+    assert in_gen == third
+    assert third[f"thumbs/{image_id}.jpg"] != first[f"thumbs/{image_id}.jpg"]
+    assert json.loads(third["thumbs.json"])[image_id] != json.loads(first["thumbs.json"])[image_id]
 
 
 # ---------------------------------------------------------------------------------------------
