@@ -1026,7 +1026,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
             (storage.last_generation(out, (THUMB_INDEX, DRAW_INDEX)) if storage.is_url(out)
              else contextlib.nullcontext(out / "report")) as last:  # its report's thumbnails are reused
         # (locally OUT/report: a link to the current one, or a copy's folder; on a store the last
-        # report's indexes, its files carried over on the server: storage.LastReport)
+        # report's indexes, its files carried over on the server: storage.last_generation)
 
         def write_into(folder):
             write.write_outputs(folder, images, contract_parts(tracker), manifest, previous_report=last,

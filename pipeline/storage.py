@@ -18,8 +18,8 @@ local code (pipeline/paths.py, pipeline/outdir.py). For a URL:
   `OUT/.dedupe/current` (the commit point: it names the generation), then copies the files to
   their stable names in OUT with `run.json` last, skipping those OUT already holds with the same
   bytes (by the listings' content tags). The report's thumbnails and drawings of unchanged images
-  are copied on the server from the last generation (`last_generation`), never downloaded and
-  uploaded again. Each object a reader opens is whole; a reader that must never mix two runs reads
+  are copied on the server from the last generation (`last_generation`; on S3 and GCS, whose
+  copies finish within the call), never downloaded and uploaded again. Each object a reader opens is whole; a reader that must never mix two runs reads
   `.dedupe/current` and then the generation it names (or checks the sha256 list in `run.json`).
   The previous generation is kept, older ones are removed.
 * **Lock.** `locked` creates `OUT/.dedupe.lock` with an exclusive create (S3 `If-None-Match: *`);
@@ -475,26 +475,35 @@ class LastReport:
         return True
 
 
+# backends whose server-side copy has finished when the call returns (S3 CopyObject, GCS rewrite);
+# Azure's Copy Blob may still be pending then, so its last report is downloaded instead
+SERVER_COPY = ("s3", "s3a", "gs", "gcs")
+
+
 @contextlib.contextmanager
-def last_generation(out: str, indexes: tuple[str, ...]) -> Iterator[LastReport | None]:
-    """The report of OUT's current generation on the store (LastReport, its `indexes` in a
-    temporary folder removed on exit); None when there is none or it cannot be read (then
-    everything is made again). Two small GETs and a listing, not a GET of every thumbnail."""
+def last_generation(out: str, indexes: tuple[str, ...]) -> Iterator[LastReport | Path | None]:
+    """The report of OUT's current generation on the store, for the new report to reuse: a
+    LastReport (its `indexes` in a temporary folder; two small GETs and a listing, not a GET of
+    every thumbnail) where the backend copies on the server (SERVER_COPY), else a local copy of
+    the report's files (a folder); None when there is none or it cannot be read (then everything
+    is made again). The temporary folder is removed on exit."""
     fs, root = filesystem(out)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    on_server = any(p in SERVER_COPY for p in protocols)
     with tempfile.TemporaryDirectory(prefix="dedupe-last-") as tmp:
         try:
             gen = f"{root}/{STATE_DIR}/{fs.cat_file(f'{root}/{STATE_DIR}/current').decode('utf-8').strip()}"
             fs.invalidate_cache(f"{gen}/report")
             present = {p[len(gen) + len("/report/"):] for p in fs.find(f"{gen}/report")}
-            wanted = [name for name in indexes if name in present]
-            if wanted:
+            wanted = [name for name in present if name in indexes or not on_server]
+            if wanted:  # one batch call (concurrent requests)
                 fs.get([f"{gen}/report/{name}" for name in wanted], [str(Path(tmp, name)) for name in wanted])
         except Exception as exc:  # no generation yet, or a failed read (never a partial index reused)
             if not isinstance(exc, FileNotFoundError):
                 log.warning("the last report could not be read (%s); its thumbnails are made again", exc)
             yield None
             return
-        yield LastReport(Path(tmp), f"{gen}/report", present - set(indexes))
+        yield LastReport(Path(tmp), f"{gen}/report", present - set(indexes)) if on_server else Path(tmp)
 
 
 def content_tag(info: dict) -> str | None:
@@ -521,7 +530,7 @@ def _tags(fs, prefix: str) -> dict[str, str | None]:
             if info.get("type", "file") != "directory"}
 
 
-def publish(out: str, run_id: str, write, last: LastReport | None = None) -> str:
+def publish(out: str, run_id: str, write, last: LastReport | Path | None = None) -> str:
     """`write(folder)` fills a local temporary folder; its files become OUT's outputs on the store
     (see the module docstring for the order and what a reader sees), with the report files `last`
     carried (LastReport.carry) copied into the new generation on the server. Files whose bytes
@@ -537,13 +546,17 @@ def publish(out: str, run_id: str, write, last: LastReport | None = None) -> str
         names = sorted((p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
                        key=lambda n: (n == "run.json", n))  # run.json last
         head = names[:-1] if names and names[-1] == "run.json" else names
-        carried = [f"report/{name}" for name in last.carried] if last is not None else []
+        carried = [f"report/{name}" for name in last.carried] if isinstance(last, LastReport) else []
         try:  # many small report files: one batch call (concurrent requests), run.json after it
             if head:
                 fs.put([str(folder / n) for n in head], [f"{gen}/{n}" for n in head])
             if carried:  # server-side copies from the last generation
-                fs.copy([f"{last.prefix}/{n[len('report/'):]}" for n in carried],
-                        [f"{gen}/{n}" for n in carried])
+                try:
+                    fs.copy([f"{last.prefix}/{n[len('report/'):]}" for n in carried],
+                            [f"{gen}/{n}" for n in carried])
+                except FileNotFoundError as exc:
+                    raise OSError(f"a file of the last report vanished from {_url(fs, last.prefix)} during the run "
+                                  f"({exc}); nothing was published: run again (the next run makes it anew)") from exc
             if names[len(head):]:
                 fs.put([str(folder / n) for n in names[len(head):]], [f"{gen}/{n}" for n in names[len(head):]])
         except BaseException:
@@ -561,6 +574,7 @@ def publish(out: str, run_id: str, write, last: LastReport | None = None) -> str
     published = sorted(set(names) | set(carried), key=lambda n: (n == "run.json", n))
     made = _tags(fs, gen)
     held = {f"report/{n}": tag for n, tag in _tags(fs, f"{root}/report").items()}
+    fs.invalidate_cache(root)  # (adlfs answers ls from its cache even with refresh=True)
     with contextlib.suppress(FileNotFoundError):
         held.update((info["name"].rstrip("/").rsplit("/", 1)[-1], content_tag(info))
                     for info in fs.ls(root, detail=True, refresh=True) if info.get("type") == "file")
@@ -575,6 +589,7 @@ def publish(out: str, run_id: str, write, last: LastReport | None = None) -> str
     if stale:
         with contextlib.suppress(FileNotFoundError):
             fs.rm(stale)
+    fs.invalidate_cache(f"{root}/{STATE_DIR}")
     with contextlib.suppress(FileNotFoundError):
         for path in fs.ls(f"{root}/{STATE_DIR}", detail=False, refresh=True):
             name = path.rstrip("/").rsplit("/", 1)[-1]

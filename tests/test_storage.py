@@ -1024,6 +1024,46 @@ def test_a_rerun_carries_the_reports_thumbnails_over_on_the_server(s3, bucket, d
     assert json.loads(third["thumbs.json"])[image_id] != json.loads(first["thumbs.json"])[image_id]
 
 
+def test_a_carried_file_that_vanished_fails_the_publish_and_keeps_the_last_generation(s3, monkeypatch):
+    """publish's server-side copy of a carried report file whose source is gone: a clear error,
+    the half-made generation removed, OUT's pointer and stable files as they were."""
+    from pipeline import storage
+    _, env, _ = s3
+    _aws_env(monkeypatch, env)
+    fs = _fs(env)
+    out = f"s3://{BUCKET}/vanish/out"
+    root = out.removeprefix("s3://")
+    storage.configure({})
+
+    def report(thumbs: dict[str, bytes]):
+        def write(folder: Path) -> None:
+            (folder / "report" / "thumbs").mkdir(parents=True)
+            (folder / "report" / "thumbs.json").write_text(json.dumps(sorted(thumbs)))
+            for name, data in thumbs.items():
+                (folder / "report" / "thumbs" / name).write_bytes(data)
+            (folder / "run.json").write_text("{}")
+        return write
+    storage.publish(out, "r1", report({"1.jpg": b"one", "2.jpg": b"two"}))
+    with storage.last_generation(out, ("thumbs.json",)) as last:
+        assert isinstance(last, storage.LastReport)
+        assert json.loads((last.folder / "thumbs.json").read_text()) == ["1.jpg", "2.jpg"]
+        assert last.carry("thumbs/1.jpg") and last.carry("thumbs/2.jpg") and not last.carry("thumbs/3.jpg")
+        # a second run carries both, adds a third; the stable names it already holds are not copied
+        storage.publish(out, "r2", report({"3.jpg": b"three"}), last=last)
+    assert fs.cat_file(f"{root}/.dedupe/current") == b"gen-r2"
+    for where in (root, f"{root}/.dedupe/gen-r2"):
+        assert {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in fs.find(f"{where}/report/thumbs")} == \
+            {"1.jpg": b"one", "2.jpg": b"two", "3.jpg": b"three"}
+    with storage.last_generation(out, ("thumbs.json",)) as last:
+        assert last.carry("thumbs/1.jpg")
+        fs.rm_file(f"{root}/.dedupe/gen-r2/report/thumbs/1.jpg")  # gone while the run went on
+        with pytest.raises(OSError, match="vanished .* run again"):
+            storage.publish(out, "r3", report({}), last=last)
+    assert fs.cat_file(f"{root}/.dedupe/current") == b"gen-r2"
+    assert not fs.exists(f"{root}/.dedupe/gen-r3/report/thumbs.json")
+    assert fs.cat_file(f"{root}/report/thumbs/1.jpg") == b"one"
+
+
 # ---------------------------------------------------------------------------------------------
 # ETags: a rewrite that keeps the size and the last-modified time (1 s on S3) is still seen
 
