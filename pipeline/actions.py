@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,7 +66,18 @@ def make_plan(run: Run, keep: Keep = "largest_pixels", prefer: Iterable[str] = (
     return order.sort_values(["_c", "_k", "path"], kind="stable").drop(columns=["_c", "_k"]).reset_index(drop=True)
 
 
-def write_plan(plan: pd.DataFrame, path: str | Path) -> Path:
+def write_plan(plan: pd.DataFrame, path: str | Path) -> Path | str:
+    """The plan as Parquet or CSV (by the name's suffix), written whole or not at all: a local file
+    by rename, or an object on a store (a URL, e.g. OUT/plan.parquet of a run on S3) in one PUT."""
+    from pipeline import storage
+    if storage.is_url(path):
+        if not str(path).endswith((".parquet", ".csv")):
+            raise PlanError(f"plan file {str(path)!r}: use a .parquet or .csv name")
+        with tempfile.TemporaryDirectory(prefix="dedupe-plan-") as tmp:
+            local = write_plan(plan, Path(tmp) / str(path).rsplit("/", 1)[-1])
+            fs, key = storage.filesystem(str(path))
+            fs.put_file(str(local), key)
+        return str(path)
     path = Path(path)
     if path.suffix not in (".parquet", ".csv"):
         raise PlanError(f"plan file {str(path)!r}: use a .parquet or .csv name")
@@ -80,6 +92,9 @@ def write_plan(plan: pd.DataFrame, path: str | Path) -> Path:
 
 
 def read_plan(path: str | Path) -> pd.DataFrame:
+    if "://" in str(path):
+        raise PlanError(f"plan file {str(path)!r} is on a store: `apply` works on local files only; copy the "
+                        "plan down if its files are local, or act on the objects it lists with the store's tools")
     path = Path(path)
     if not path.is_file():
         raise PlanError(f"plan file {str(path)!r} not found: make one with `dedupe plan OUT --keep POLICY`")
@@ -203,6 +218,10 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
         raise PlanError(f"unknown action {action!r}: use one of {', '.join(ACTIONS)}")
     if (action == "move") != (to is not None):
         raise PlanError("--to DIR is needed with --action move (and only with it)")
+    on_store = [p for p in plan["abs_path"] if "://" in str(p)][:1]
+    if on_store:
+        raise PlanError(f"the plan's files are objects on a store ({on_store[0]}, ...): `apply` moves, links and "
+                        "deletes local files only; act on the objects the plan lists with the store's tools")
     to = Path(to).resolve() if to is not None else None
     verb = {"move": "move", "hardlink": "hard-link", "symlink": "symlink", "delete": "delete"}[action]
     out = Outcome()

@@ -165,7 +165,8 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
     weights.add_argument("--from", dest="from_dir", required=True, help="folder holding the .h5 weight files")
 
     plan = sub.add_parser("plan", help="write a keep/remove plan for a finished run's clusters")
-    plan.add_argument("out", help="output folder of a finished run")
+    plan.add_argument("out", help="output folder of a finished run, or its URL on a store (s3://bucket/out: the "
+                                  "plan is written there unless --output says otherwise)")
     plan.add_argument("--keep", required=True, choices=KEEP_POLICIES, help="which member of each cluster to keep")
     plan.add_argument("--prefer", action="append", default=[], metavar="DIR",
                       help="with --keep preferred_folder: a folder (relative to DATA, or absolute) whose files "
@@ -202,8 +203,9 @@ def plan_command(args) -> int:
     try:
         run = load_run(args.out)
         plan = make_plan(run, args.keep, args.prefer)
-        path = write_plan(plan, args.output or os.path.join(args.out, "plan.parquet"))
-    except (FileNotFoundError, PlanError) as exc:
+        path = write_plan(plan, args.output or (f"{args.out.rstrip('/')}/plan.parquet" if "://" in args.out
+                                                else os.path.join(args.out, "plan.parquet")))
+    except (FileNotFoundError, PermissionError, PlanError, ConfigError) as exc:  # (a store's bad credentials too)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     removals = plan[plan["action"] == "remove"]
@@ -243,6 +245,10 @@ def report_command(args) -> int:
     """Rebuild the report with the run's config plus `--set report.*` overrides."""
     from pipeline.config import Config, config_from_dict
     from pipeline.results import load_run
+    if "://" in args.out:
+        print(f"error: {args.out} is on a store: `report` rebuilds a local OUT only (a run on the store publishes "
+              "its report there; copy OUT down to rebuild it with other report.* settings)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         run = load_run(args.out)
         try:

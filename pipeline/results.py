@@ -122,24 +122,30 @@ def normalize_images(images: pd.DataFrame, root: str | None = None) -> pd.DataFr
     if not pd.api.types.is_datetime64_any_dtype(out["mtime"]):
         out["mtime"] = pd.to_datetime(out["mtime"], unit="s", utc=True)
     if "abs_path" not in out:
-        base = Path(root) if root else Path(".")
-        out["abs_path"] = [str(base / p) for p in out["path"]]
+        if root and "://" in str(root):  # objects in a store: their URLs (a Path would fold the "//")
+            base = str(root).rstrip("/")
+            out["abs_path"] = [f"{base}/{p}" for p in out["path"]]
+        else:
+            base = Path(root) if root else Path(".")
+            out["abs_path"] = [str(base / p) for p in out["path"]]
     out["pixels"] = (out["width"].astype("Float64") * out["height"].astype("Float64")).astype("Int64")
     return out
 
 
 @dataclass
 class Run:
-    """One finished run: `images`, `pairs` (with `rule`), `manifest` (run.json), `out_dir`."""
-    out_dir: Path
+    """One finished run: `images`, `pairs` (with `rule`), `manifest` (run.json), `out_dir` (a
+    folder, or the URL of OUT on a store)."""
+    out_dir: Path | str
     images: pd.DataFrame
     pairs: pd.DataFrame
     manifest: dict
 
     @property
-    def root(self) -> Path:
-        """The scanned folder (absolute, as recorded in run.json)."""
-        return Path(self.manifest["root"])
+    def root(self) -> Path | str:
+        """The scanned folder (absolute, as recorded in run.json), or its URL on a store."""
+        root = self.manifest["root"]
+        return root if "://" in root else Path(root)
 
     def duplicates(self) -> pd.DataFrame:
         """Pairs decided as duplicates."""
@@ -165,18 +171,28 @@ class Run:
 
 
 def load_run(out_dir: str | Path) -> Run:
-    """Read OUT/images.parquet, OUT/pairs.parquet and OUT/run.json of a finished run.
+    """Read OUT/images.parquet, OUT/pairs.parquet and OUT/run.json of a finished run. OUT may be
+    a URL on a store (s3://bucket/out, gs://..., az://...; options from `storage.options` of the
+    environment's credentials): the files are read from the generation `OUT/.dedupe/current`
+    names, so the three come from one run even while another run publishes.
 
         >>> run = load_run("out")
+        >>> run = load_run("s3://bucket/out")
         >>> run.pairs.groupby("rule").size()
     """
-    out_dir = Path(out_dir)
-    manifest_path = out_dir / "run.json"
-    if not manifest_path.is_file():  # run.json is written last: without it the run is incomplete
-        raise FileNotFoundError(f"{manifest_path} not found: {out_dir} is not the output folder of a finished run")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    images = normalize_images(pd.read_parquet(out_dir / "images.parquet"), manifest.get("root"))
-    pairs = pd.read_parquet(out_dir / "pairs.parquet")
+    from pipeline import storage
+    out_dir = storage.local_form(out_dir)
+    if storage.is_url(out_dir):
+        out_dir = str(out_dir).rstrip("/")
+        manifest, images, pairs = storage.read_outputs(out_dir)
+    else:
+        out_dir = Path(out_dir)
+        manifest_path = out_dir / "run.json"
+        if not manifest_path.is_file():  # run.json is written last: without it the run is incomplete
+            raise FileNotFoundError(f"{manifest_path} not found: {out_dir} is not the output folder of a finished run")
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        images, pairs = pd.read_parquet(out_dir / "images.parquet"), pd.read_parquet(out_dir / "pairs.parquet")
+    images = normalize_images(images, manifest.get("root"))
     if "rule" not in pairs:
         pairs["rule"] = derive_rule(pairs)
     return Run(out_dir=out_dir, images=images, pairs=pairs, manifest=manifest)

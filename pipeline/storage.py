@@ -45,10 +45,13 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from pipeline import scan
 from pipeline.config import ConfigError, ScanConfig
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("pipeline")
 LOCK_NAME = ".dedupe.lock"
@@ -451,6 +454,29 @@ def remove_stale_work(out: str, keep: str | None = None) -> list[str]:
     if removed:
         log.info("removed %d work prefix(es) left by killed runs: %s", len(removed), ", ".join(removed))
     return removed
+
+
+def read_outputs(out: str) -> tuple[dict, "pd.DataFrame", "pd.DataFrame"]:
+    """(run.json, images.parquet, pairs.parquet) of the run published to OUT on the store, read
+    from the generation `OUT/.dedupe/current` names (one run's set, even while another run copies
+    its files to the stable names); from OUT itself when there is no pointer. FileNotFoundError
+    when OUT holds no finished run."""
+    import pandas as pd
+    fs, root = filesystem(out)
+    try:
+        base = f"{root}/{STATE_DIR}/{fs.cat_file(f'{root}/{STATE_DIR}/current').decode('utf-8').strip()}"
+    except FileNotFoundError:
+        base = root
+    try:
+        manifest = json.loads(fs.cat_file(f"{base}/run.json").decode("utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{out}/run.json not found: {out} is not the output location of a finished run") \
+            from None
+    frames = []
+    for name in ("images.parquet", "pairs.parquet"):
+        with fs.open(f"{base}/{name}", "rb") as fh:
+            frames.append(pd.read_parquet(fh))
+    return manifest, frames[0], frames[1]
 
 
 class LastReport:

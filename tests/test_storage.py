@@ -1064,6 +1064,49 @@ def test_a_carried_file_that_vanished_fails_the_publish_and_keeps_the_last_gener
     assert fs.cat_file(f"{root}/report/thumbs/1.jpg") == b"one"
 
 
+def test_load_run_and_plan_read_a_run_on_the_bucket_and_apply_refuses_objects(s3, bucket, dataset, tmp_path,
+                                                                            monkeypatch, capsys):
+    """`load_run("s3://...")` reads the published generation (not the stable names, which another
+    run may be copying over); `dedupe plan` on OUT in the bucket writes OUT/plan.parquet there (or
+    --output); `apply` and `report` refuse a run on a store with a message, and nothing is touched."""
+    from pipeline.actions import make_plan
+    from pipeline.cli import main
+    from pipeline.results import load_run
+    env, log_path, client, fs, prefix, data, out, args = _screen_on_bucket(s3, monkeypatch, dataset, "plan")
+    assert _dedupe(data, *args) == 0
+    root = out.removeprefix("s3://")
+    images, pairs = _read_outputs(out, env)
+    fs.pipe_file(f"{root}/images.parquet", b"half-copied by another run")  # the stable name, not the generation
+    run = load_run(out + "/")
+    assert run.out_dir == out and run.root == data and run.manifest == _run_json(fs, out)
+    got = run.images.sort_values("path").reset_index(drop=True)
+    assert got["path"].tolist() == images["path"].tolist() and len(run.pairs) == len(pairs)
+    assert got["abs_path"].tolist() == [f"{data}/{p}" for p in images["path"]]
+    assert got["cluster_id"].tolist() == images["cluster_id"].tolist()
+    clustered = got.set_index("path")["cluster_id"]
+    assert clustered["edits/p0_exact_copy.jpg"] == clustered["originals/p0.jpg"]
+
+    assert main(["plan", out, "--keep", "largest_file"]) == 0
+    assert f"{out}/plan.parquet" in capsys.readouterr().out
+    with fs.open(f"{root}/plan.parquet", "rb") as fh:
+        stored = pd.read_parquet(fh)
+    pd.testing.assert_frame_equal(stored, make_plan(run, "largest_file"), check_dtype=False)
+    assert (stored["action"] == "remove").any()
+    assert main(["plan", out, "--keep", "largest_file", "--output", str(tmp_path / "plan.parquet")]) == 0
+    assert main(["plan", f"s3://{BUCKET}/plan/nothing", "--keep", "largest_file"]) == 2
+    assert "not the output location of a finished run" in capsys.readouterr().err
+
+    listed = sorted(fs.find(f"{BUCKET}/{prefix}"))
+    assert main(["apply", f"{out}/plan.parquet", "--action", "delete", "--execute"]) == 2
+    assert "is on a store" in capsys.readouterr().err
+    assert main(["apply", str(tmp_path / "plan.parquet"), "--action", "delete", "--execute"]) == 2
+    assert "objects on a store" in capsys.readouterr().err
+    assert main(["report", out]) == 2
+    assert "rebuilds a local OUT only" in capsys.readouterr().err
+    fs.invalidate_cache(f"{BUCKET}/{prefix}")
+    assert sorted(fs.find(f"{BUCKET}/{prefix}")) == listed  # no object deleted
+
+
 # ---------------------------------------------------------------------------------------------
 # ETags: a rewrite that keeps the size and the last-modified time (1 s on S3) is still seen
 
