@@ -188,7 +188,8 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
     undo.add_argument("log", help="undo log written by `dedupe apply --execute`")
 
     report = sub.add_parser("report", help="rebuild OUT/report/ from a finished run's outputs")
-    report.add_argument("out", help="output folder of a finished run")
+    report.add_argument("out", help="output folder of a finished run, or its URL on a store (a new generation is "
+                                    "published there with the run's files and the rebuilt report)")
     report.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a report setting, e.g. --set report.keep=oldest (repeatable)")
     return parser
@@ -245,10 +246,6 @@ def report_command(args) -> int:
     """Rebuild the report with the run's config plus `--set report.*` overrides."""
     from pipeline.config import Config, config_from_dict
     from pipeline.results import load_run
-    if "://" in args.out:
-        print(f"error: {args.out} is on a store: `report` rebuilds a local OUT only (a run on the store publishes "
-              "its report there; copy OUT down to rebuild it with other report.* settings)", file=sys.stderr)
-        return EXIT_USAGE
     try:
         run = load_run(args.out)
         try:
@@ -259,11 +256,23 @@ def report_command(args) -> int:
         if bad:
             raise ConfigError(f"--set {bad[0]!r}: only report.* settings apply to a rebuilt report")
         cfg = load_config(None, args.overrides, base=base)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     from pipeline.outdir import current_generation
     from pipeline.report import write_report
+    if "://" in args.out:  # a new generation with the run's files and the report made again
+        from datetime import datetime, timezone
+        from pipeline import storage
+        run_id = f"{run.manifest.get('run_id') or 'run'}-report-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}"
+        try:
+            gen = storage.republish_report(args.out, run_id, lambda folder, last: write_report(
+                folder, run.images, run.pairs, run.manifest, cfg, reuse_from=last), of_run=run.manifest.get("run_id"))
+        except (ConfigError, FileNotFoundError) as exc:  # (OUT locked by a run: the holder is named)
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"{args.out.rstrip('/')}/report/index.html (generation {gen})")
+        return EXIT_OK
     # rebuilt inside the run's published generation, which OUT/report and OUT/report.html point into
     print(write_report(current_generation(run.out_dir) or run.out_dir, run.images, run.pairs, run.manifest, cfg))
     return EXIT_OK

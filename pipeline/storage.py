@@ -479,6 +479,32 @@ def read_outputs(out: str) -> tuple[dict, "pd.DataFrame", "pd.DataFrame"]:
     return manifest, frames[0], frames[1]
 
 
+def republish_report(out: str, run_id: str, write_report, of_run: str | None = None) -> str:
+    """`dedupe report` on a store: a new generation holding the current one's run.json and Parquet
+    files (the same bytes) and a report made again by `write_report(folder, last)` (`last`: what
+    `last_generation` gives, whose thumbnails and drawings of the same bytes and settings are
+    carried over), published as a run publishes, under OUT's lock; the files OUT already holds are
+    not copied again. `run_id`: the new generation's name (gen-<run_id>). `of_run`: the run_id the
+    report was made for (ConfigError when another run has published since). Returns its URL."""
+    from pipeline.report import DRAW_INDEX, THUMB_INDEX
+    fs, root = filesystem(out)
+    with locked(out), last_generation(out, (THUMB_INDEX, DRAW_INDEX)) as last:
+        try:
+            gen = f"{root}/{STATE_DIR}/{fs.cat_file(f'{root}/{STATE_DIR}/current').decode('utf-8').strip()}"
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{out}/{STATE_DIR}/current not found: {out} holds no published run") from None
+
+        def write(folder: Path) -> None:
+            names = ("images.parquet", "pairs.parquet", "run.json")
+            fs.get([f"{gen}/{name}" for name in names], [str(folder / name) for name in names])
+            found = json.loads((folder / "run.json").read_text(encoding="utf-8")).get("run_id")
+            if of_run is not None and found != of_run:
+                raise ConfigError(f"{out} was published by another run ({found}) while the report was "
+                                  "being made: run `dedupe report` again")
+            write_report(folder, last)
+        return publish(out, run_id, write, last=last)
+
+
 class LastReport:
     """The report of OUT's current generation on the store, for a run that reuses its thumbnails
     and drawings: its indexes (`indexes`, e.g. thumbs.json) copied to `folder`, a local temporary

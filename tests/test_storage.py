@@ -1064,11 +1064,12 @@ def test_a_carried_file_that_vanished_fails_the_publish_and_keeps_the_last_gener
     assert fs.cat_file(f"{root}/report/thumbs/1.jpg") == b"one"
 
 
-def test_load_run_and_plan_read_a_run_on_the_bucket_and_apply_refuses_objects(s3, bucket, dataset, tmp_path,
+def test_load_run_plan_and_report_on_a_run_in_the_bucket_and_apply_refuses_objects(s3, bucket, dataset, tmp_path,
                                                                             monkeypatch, capsys):
     """`load_run("s3://...")` reads the published generation (not the stable names, which another
     run may be copying over); `dedupe plan` on OUT in the bucket writes OUT/plan.parquet there (or
-    --output); `apply` and `report` refuse a run on a store with a message, and nothing is touched."""
+    --output); `apply` refuses a run on a store with a message, and nothing is touched; `dedupe
+    report` publishes a new generation with the rebuilt report."""
     from pipeline.actions import make_plan
     from pipeline.cli import main
     from pipeline.results import load_run
@@ -1101,10 +1102,30 @@ def test_load_run_and_plan_read_a_run_on_the_bucket_and_apply_refuses_objects(s3
     assert "is on a store" in capsys.readouterr().err
     assert main(["apply", str(tmp_path / "plan.parquet"), "--action", "delete", "--execute"]) == 2
     assert "objects on a store" in capsys.readouterr().err
-    assert main(["report", out]) == 2
-    assert "rebuilds a local OUT only" in capsys.readouterr().err
     fs.invalidate_cache(f"{BUCKET}/{prefix}")
     assert sorted(fs.find(f"{BUCKET}/{prefix}")) == listed  # no object deleted
+
+    # `dedupe report` on the store: a new generation with the run's files (the same bytes) and the
+    # report made again, its thumbnails carried over on the server (no image read, no thumbnail
+    # downloaded); the stable names follow it (the damaged images.parquet is whole again)
+    old_gen = f"{root}/.dedupe/{fs.cat_file(f'{root}/.dedupe/current').decode()}"
+    before = _report_objects(fs, f"{old_gen}/report")
+    since = _log_lines(log_path)
+    assert main(["report", out, "--set", "report.keep=newest"]) == 0
+    assert "report/index.html" in capsys.readouterr().out
+    images_read = _object_gets(log_path, since, prefix)
+    report_read = _object_gets(log_path, since, f"{root.removeprefix(BUCKET + '/')}/.dedupe")
+    new_gen = f"{root}/.dedupe/{fs.cat_file(f'{root}/.dedupe/current').decode()}"
+    assert new_gen != old_gen and fs.exists(old_gen)  # (the previous generation is kept)
+    for name in ("images.parquet", "pairs.parquet", "run.json"):
+        assert fs.cat_file(f"{new_gen}/{name}") == fs.cat_file(f"{old_gen}/{name}") == fs.cat_file(f"{root}/{name}")
+    after, stable = _report_objects(fs, f"{new_gen}/report"), _report_objects(fs, f"{root}/report")
+    assert after == stable and "data.js" in after and b'"newest"' in after["data.js"]
+    assert {n: b for n, b in after.items() if n.startswith("thumbs/")} == \
+        {n: b for n, b in before.items() if n.startswith("thumbs/")}
+    assert images_read == []  # no image read
+    assert report_read and not [k for k in report_read if "/report/thumbs/" in k]
+    assert load_run(out).manifest == run.manifest
 
 
 # ---------------------------------------------------------------------------------------------
