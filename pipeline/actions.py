@@ -68,13 +68,16 @@ def make_plan(run: Run, keep: Keep = "largest_pixels", prefer: Iterable[str] = (
 
 def write_plan(plan: pd.DataFrame, path: str | Path) -> Path | str:
     """The plan as Parquet or CSV (by the name's suffix), written whole or not at all: a local file
-    by rename, or an object on a store (a URL, e.g. OUT/plan.parquet of a run on S3) in one PUT."""
+    by rename, or an object on a store (a URL, e.g. OUT/plan.parquet of a run on S3), uploaded whole
+    (a single or multipart PUT: readers see the old object or the new one)."""
     from pipeline import storage
+    path = storage.local_form(path)
     if storage.is_url(path):
-        if not str(path).endswith((".parquet", ".csv")):
+        name = path.rsplit("/", 1)[-1]
+        if not name.endswith((".parquet", ".csv")) or name in (".parquet", ".csv"):
             raise PlanError(f"plan file {str(path)!r}: use a .parquet or .csv name")
         with tempfile.TemporaryDirectory(prefix="dedupe-plan-") as tmp:
-            local = write_plan(plan, Path(tmp) / str(path).rsplit("/", 1)[-1])
+            local = write_plan(plan, Path(tmp) / name)
             fs, key = storage.filesystem(str(path))
             fs.put_file(str(local), key)
         return str(path)
@@ -92,7 +95,9 @@ def write_plan(plan: pd.DataFrame, path: str | Path) -> Path | str:
 
 
 def read_plan(path: str | Path) -> pd.DataFrame:
-    if "://" in str(path):
+    from pipeline import storage
+    path = storage.local_form(path)
+    if storage.is_url(path):
         raise PlanError(f"plan file {str(path)!r} is on a store: `apply` works on local files only; copy the "
                         "plan down if its files are local, or act on the objects it lists with the store's tools")
     path = Path(path)
@@ -218,7 +223,8 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
         raise PlanError(f"unknown action {action!r}: use one of {', '.join(ACTIONS)}")
     if (action == "move") != (to is not None):
         raise PlanError("--to DIR is needed with --action move (and only with it)")
-    on_store = [p for p in plan["abs_path"] if "://" in str(p)][:1]
+    from pipeline import storage
+    on_store = [p for p in plan["abs_path"] if storage.is_url(p)][:1]
     if on_store:
         raise PlanError(f"the plan's files are objects on a store ({on_store[0]}, ...): `apply` moves, links and "
                         "deletes local files only; act on the objects the plan lists with the store's tools")

@@ -344,7 +344,7 @@ def exists(location: Path | str) -> bool:
         return files.fs.isfile(files._path(MANIFEST))
     except Exception as exc:  # an unreachable store, no access: say what to fix
         if files.remote:
-            raise storage._access_error(str(location), exc, "cannot read the catalog", "--catalog") from None
+            raise storage.access_error(str(location), exc, "cannot read the catalog", "--catalog") from None
         raise
 
 
@@ -387,7 +387,7 @@ class Catalog:
             return cat
         except Exception as exc:
             if cat.files.remote:  # an unreachable store, no access: say what to fix
-                raise storage._access_error(str(cat.directory), exc, "cannot read the catalog", "--catalog") from None
+                raise storage.access_error(str(cat.directory), exc, "cannot read the catalog", "--catalog") from None
             if not isinstance(exc, OSError):
                 raise
             cat._problem(f"{cat.files.full(MANIFEST)}: unreadable manifest ({exc}); the catalog is rebuilt from scratch")

@@ -201,13 +201,20 @@ def plan_command(args) -> int:
     if args.keep == "preferred_folder" and not args.prefer:
         print("error: --keep preferred_folder needs at least one --prefer DIR", file=sys.stderr)
         return EXIT_USAGE
+    from pipeline import storage
+    out = storage.local_form(args.out)  # (file:///x is the folder /x)
     try:
-        run = load_run(args.out)
+        run = load_run(out)
         plan = make_plan(run, args.keep, args.prefer)
-        path = write_plan(plan, args.output or (f"{args.out.rstrip('/')}/plan.parquet" if "://" in args.out
-                                                else os.path.join(args.out, "plan.parquet")))
-    except (FileNotFoundError, PermissionError, PlanError, ConfigError) as exc:  # (a store's bad credentials too)
+        path = write_plan(plan, args.output or (f"{out.rstrip('/')}/plan.parquet" if storage.is_url(out)
+                                                else os.path.join(out, "plan.parquet")))
+    except (FileNotFoundError, PlanError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a store that refuses or does not answer (credentials, endpoint)
+        if not storage.is_url(out):
+            raise
+        print(f"error: {storage.access_error(out, exc, 'output location', 'OUT')}", file=sys.stderr)
         return EXIT_USAGE
     removals = plan[plan["action"] == "remove"]
     print(f"{path}: {plan['cluster_id'].nunique()} clusters, {len(removals)} files to remove "
@@ -246,8 +253,10 @@ def report_command(args) -> int:
     """Rebuild the report with the run's config plus `--set report.*` overrides."""
     from pipeline.config import Config, config_from_dict
     from pipeline.results import load_run
+    from pipeline import storage
+    out = storage.local_form(args.out)  # (file:///x is the folder /x)
     try:
-        run = load_run(args.out)
+        run = load_run(out)
         try:
             base = config_from_dict(run.manifest.get("config") or {})
         except ConfigError:  # another version's config: rebuild with the defaults
@@ -256,22 +265,29 @@ def report_command(args) -> int:
         if bad:
             raise ConfigError(f"--set {bad[0]!r}: only report.* settings apply to a rebuilt report")
         cfg = load_config(None, args.overrides, base=base)
-    except (ConfigError, FileNotFoundError, PermissionError) as exc:
+    except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a store that refuses or does not answer (credentials, endpoint)
+        if not storage.is_url(out):
+            raise
+        print(f"error: {storage.access_error(out, exc, 'output location', 'OUT')}", file=sys.stderr)
         return EXIT_USAGE
     from pipeline.outdir import current_generation
     from pipeline.report import write_report
-    if "://" in args.out:  # a new generation with the run's files and the report made again
+    if storage.is_url(out):  # a new generation with the run's files and the report made again
         from datetime import datetime, timezone
-        from pipeline import storage
         run_id = f"{run.manifest.get('run_id') or 'run'}-report-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}"
         try:
-            gen = storage.republish_report(args.out, run_id, lambda folder, last: write_report(
+            gen = storage.republish_report(out, run_id, lambda folder, last: write_report(
                 folder, run.images, run.pairs, run.manifest, cfg, reuse_from=last), of_run=run.manifest.get("run_id"))
-        except (ConfigError, FileNotFoundError) as exc:  # (OUT locked by a run: the holder is named)
+        except (ConfigError, FileNotFoundError) as exc:  # e.g. OUT locked by a run (the holder is named)
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        print(f"{args.out.rstrip('/')}/report/index.html (generation {gen})")
+        except OSError as exc:  # the store failed midway (nothing was published; the message says what)
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"{out.rstrip('/')}/report/index.html (generation {gen})")
         return EXIT_OK
     # rebuilt inside the run's published generation, which OUT/report and OUT/report.html point into
     print(write_report(current_generation(run.out_dir) or run.out_dir, run.images, run.pairs, run.manifest, cfg))

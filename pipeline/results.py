@@ -122,7 +122,8 @@ def normalize_images(images: pd.DataFrame, root: str | None = None) -> pd.DataFr
     if not pd.api.types.is_datetime64_any_dtype(out["mtime"]):
         out["mtime"] = pd.to_datetime(out["mtime"], unit="s", utc=True)
     if "abs_path" not in out:
-        if root and "://" in str(root):  # objects in a store: their URLs (a Path would fold the "//")
+        from pipeline import storage
+        if root and storage.is_url(root):  # objects in a store: their URLs (a Path would fold the "//")
             base = str(root).rstrip("/")
             out["abs_path"] = [f"{base}/{p}" for p in out["path"]]
         else:
@@ -144,8 +145,9 @@ class Run:
     @property
     def root(self) -> Path | str:
         """The scanned folder (absolute, as recorded in run.json), or its URL on a store."""
+        from pipeline import storage
         root = self.manifest["root"]
-        return root if "://" in root else Path(root)
+        return root if storage.is_url(root) else Path(root)
 
     def duplicates(self) -> pd.DataFrame:
         """Pairs decided as duplicates."""

@@ -154,7 +154,8 @@ def _url(fs, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def _access_error(url: str, exc: Exception, what: str, option: str) -> ConfigError:
+def access_error(url: str, exc: Exception, what: str, option: str) -> ConfigError:
+    """A store's refusal or silence as a ConfigError that says what to fix (exit 2)."""
     if isinstance(exc, TypeError):  # some backends check their options only when first used
         return ConfigError(f"storage.options are not accepted by the {url.split('://')[0]}:// backend ({exc}): "
                            "fix storage.options in the config")
@@ -177,10 +178,10 @@ def check_input(url: str) -> None:
         try:  # an empty prefix, or no bucket at all?
             fs.ls(root.split("/", 1)[0], detail=False, refresh=True)
         except Exception as exc:
-            raise _access_error(url, exc, "input location", "DATA") from None
+            raise access_error(url, exc, "input location", "DATA") from None
         found = []
     except Exception as exc:  # credentials, network, a malformed bucket name
-        raise _access_error(url, exc, "input location", "DATA") from None
+        raise access_error(url, exc, "input location", "DATA") from None
     if not found:
         raise ConfigError(f"input location {url!r} holds no objects: pass DATA=<bucket/prefix of images>")
 
@@ -422,7 +423,7 @@ def locked(out: str, name: str = LOCK_NAME, what: str = "output location", optio
                           f"over {lease_s:.0f} s after its last renewal; to go on now, once you know that "
                           f"run is gone, delete {_url(fs, lock)})") from None
     except Exception as exc:
-        raise _access_error(out, exc, f"cannot write in the {what}", option) from None
+        raise access_error(out, exc, f"cannot write in the {what}", option) from None
     lease = _Lease(fs, lock, data, token, refresh_s if refresh_s is not None else min(LOCK_REFRESH_S, lease_s / 4))
     lease.start()
     try:

@@ -72,6 +72,10 @@ def test_plan_rows(run_dir):
     assert main(["plan", str(run_dir / "out"), "--keep", "shortest_path", "--output", str(run_dir / "p2.csv")]) == 0
     p2 = read_plan(run_dir / "p2.csv")
     assert sorted(p2.loc[p2["action"] == "keep", "path"]) == ["originals/a.jpg", "originals/b.jpg"]
+    # a file:// URL is the local folder (OUT/plan.parquet there, and apply reads it as a local plan)
+    assert main(["plan", f"file://{run_dir / 'out'}", "--keep", "shortest_path"]) == 0
+    assert (run_dir / "out" / "plan.parquet").is_file() and not Path("file:").exists()
+    assert main(["apply", f"file://{run_dir / 'out' / 'plan.parquet'}", "--action", "delete"]) == 0
 
 
 def test_dry_run_changes_nothing(run_dir, capsys):

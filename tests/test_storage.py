@@ -1077,9 +1077,12 @@ def test_load_run_plan_and_report_on_a_run_in_the_bucket_and_apply_refuses_objec
     assert _dedupe(data, *args) == 0
     root = out.removeprefix("s3://")
     images, pairs = _read_outputs(out, env)
-    fs.pipe_file(f"{root}/images.parquet", b"half-copied by another run")  # the stable name, not the generation
+    published = f"{root}/.dedupe/{fs.cat_file(f'{root}/.dedupe/current').decode()}"
+    for name in ("images.parquet", "pairs.parquet", "run.json"):  # the stable names, not the generation
+        fs.pipe_file(f"{root}/{name}", b"half-copied by another run")
     run = load_run(out + "/")
-    assert run.out_dir == out and run.root == data and run.manifest == _run_json(fs, out)
+    assert run.out_dir == out and run.root == data
+    assert run.manifest == json.loads(fs.cat_file(f"{published}/run.json"))
     got = run.images.sort_values("path").reset_index(drop=True)
     assert got["path"].tolist() == images["path"].tolist() and len(run.pairs) == len(pairs)
     assert got["abs_path"].tolist() == [f"{data}/{p}" for p in images["path"]]
@@ -1097,13 +1100,17 @@ def test_load_run_plan_and_report_on_a_run_in_the_bucket_and_apply_refuses_objec
     assert main(["plan", f"s3://{BUCKET}/plan/nothing", "--keep", "largest_file"]) == 2
     assert "not the output location of a finished run" in capsys.readouterr().err
 
-    listed = sorted(fs.find(f"{BUCKET}/{prefix}"))
     assert main(["apply", f"{out}/plan.parquet", "--action", "delete", "--execute"]) == 2
     assert "is on a store" in capsys.readouterr().err
     assert main(["apply", str(tmp_path / "plan.parquet"), "--action", "delete", "--execute"]) == 2
     assert "objects on a store" in capsys.readouterr().err
-    fs.invalidate_cache(f"{BUCKET}/{prefix}")
-    assert sorted(fs.find(f"{BUCKET}/{prefix}")) == listed  # no object deleted
+    assert not (tmp_path / "plan.parquet.log").exists() and not list(tmp_path.glob("*trash*"))
+
+    # a report while a run holds OUT's lock: refused, naming the holder
+    _foreign_lock(fs, f"{root}/.dedupe.lock")
+    assert main(["report", out]) == 2
+    assert "4242" in capsys.readouterr().err
+    fs.rm_file(f"{root}/.dedupe.lock")
 
     # `dedupe report` on the store: a new generation with the run's files (the same bytes) and the
     # report made again, its thumbnails carried over on the server (no image read, no thumbnail
@@ -1126,6 +1133,7 @@ def test_load_run_plan_and_report_on_a_run_in_the_bucket_and_apply_refuses_objec
     assert images_read == []  # no image read
     assert report_read and not [k for k in report_read if "/report/thumbs/" in k]
     assert load_run(out).manifest == run.manifest
+    assert not fs.exists(f"{root}/.dedupe.lock")  # (the report's lock is let go)
 
 
 # ---------------------------------------------------------------------------------------------
