@@ -105,7 +105,7 @@ def keeper_ids(members: pd.DataFrame, keep: Keep = "largest_pixels", prefer: Ite
             raise ValueError("keep='preferred_folder' needs prefer=[folder, ...] (paths relative to the scanned folder)")
         rank = np.full(len(m), len(prefer))
         for i, prefix in reversed(list(enumerate(prefer))):
-            col = "abs_path" if os.path.isabs(prefix) else "path"
+            col = "abs_path" if os.path.isabs(prefix) or "://" in prefix else "path"  # (a store's URL: absolute)
             rank[_in_folder(members[col].astype(str).reset_index(drop=True), prefix)] = i
         m["rank"] = rank
     first = m.sort_values([*order, "path"], kind="stable").drop_duplicates("cluster_id")

@@ -1097,6 +1097,12 @@ def test_load_run_plan_and_report_on_a_run_in_the_bucket_and_apply_refuses_objec
     pd.testing.assert_frame_equal(stored, make_plan(run, "largest_file"), check_dtype=False)
     assert (stored["action"] == "remove").any()
     assert main(["plan", out, "--keep", "largest_file", "--output", str(tmp_path / "plan.parquet")]) == 0
+    # a preferred folder given as its URL, like an absolute local folder
+    for prefer in ("edits", f"{data}/edits/"):
+        assert main(["plan", out, "--keep", "preferred_folder", "--prefer", prefer,
+                     "--output", str(tmp_path / "preferred.csv")]) == 0
+        kept = pd.read_csv(tmp_path / "preferred.csv").query("action == 'keep'")["path"]
+        assert kept.str.startswith("edits/").all(), (prefer, kept.tolist())
     assert main(["plan", f"s3://{BUCKET}/plan/nothing", "--keep", "largest_file"]) == 2
     assert "not the output location of a finished run" in capsys.readouterr().err
 
