@@ -206,8 +206,7 @@ def plan_command(args) -> int:
     try:
         run = load_run(out)
         plan = make_plan(run, args.keep, args.prefer)
-        path = write_plan(plan, args.output or (f"{out.rstrip('/')}/plan.parquet" if storage.is_url(out)
-                                                else os.path.join(out, "plan.parquet")))
+        path = write_plan(plan, args.output or storage.join(out, "plan.parquet"))
     except (FileNotFoundError, PlanError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -287,7 +286,7 @@ def report_command(args) -> int:
         except OSError as exc:  # the store failed midway (nothing was published; the message says what)
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILED
-        print(f"{out.rstrip('/')}/report/index.html (generation {gen})")
+        print(f"{storage.join(out, 'report', 'index.html')} (generation {gen})")
         return EXIT_OK
     # rebuilt inside the run's published generation, which OUT/report and OUT/report.html point into
     print(write_report(current_generation(run.out_dir) or run.out_dir, run.images, run.pairs, run.manifest, cfg))

@@ -105,7 +105,8 @@ def keeper_ids(members: pd.DataFrame, keep: Keep = "largest_pixels", prefer: Ite
             raise ValueError("keep='preferred_folder' needs prefer=[folder, ...] (paths relative to the scanned folder)")
         rank = np.full(len(m), len(prefer))
         for i, prefix in reversed(list(enumerate(prefer))):
-            col = "abs_path" if os.path.isabs(prefix) or "://" in prefix else "path"  # (a store's URL: absolute)
+            from pipeline import storage
+            col = "abs_path" if os.path.isabs(prefix) or storage.is_url(prefix) else "path"  # (a URL: absolute)
             rank[_in_folder(members[col].astype(str).reset_index(drop=True), prefix)] = i
         m["rank"] = rank
     first = m.sort_values([*order, "path"], kind="stable").drop_duplicates("cluster_id")
@@ -122,13 +123,8 @@ def normalize_images(images: pd.DataFrame, root: str | None = None) -> pd.DataFr
     if not pd.api.types.is_datetime64_any_dtype(out["mtime"]):
         out["mtime"] = pd.to_datetime(out["mtime"], unit="s", utc=True)
     if "abs_path" not in out:
-        from pipeline import storage
-        if root and storage.is_url(root):  # objects in a store: their URLs (a Path would fold the "//")
-            base = str(root).rstrip("/")
-            out["abs_path"] = [f"{base}/{p}" for p in out["path"]]
-        else:
-            base = Path(root) if root else Path(".")
-            out["abs_path"] = [str(base / p) for p in out["path"]]
+        from pipeline import storage  # (a store's root: the objects' URLs; a Path would fold the "//")
+        out["abs_path"] = [storage.join(root or ".", p) for p in out["path"]]
     out["pixels"] = (out["width"].astype("Float64") * out["height"].astype("Float64")).astype("Int64")
     return out
 

@@ -457,6 +457,11 @@ def remove_stale_work(out: str, keep: str | None = None) -> list[str]:
     return removed
 
 
+def _current(fs, root: str) -> str:
+    """The name of OUT's current generation (`OUT/.dedupe/current`); FileNotFoundError if none."""
+    return fs.cat_file(f"{root}/{STATE_DIR}/current").decode("utf-8").strip()
+
+
 def read_outputs(out: str) -> tuple[dict, "pd.DataFrame", "pd.DataFrame"]:
     """(run.json, images.parquet, pairs.parquet) of the run published to OUT on the store, read
     from the generation `OUT/.dedupe/current` names (one run's set, even while another run copies
@@ -465,7 +470,7 @@ def read_outputs(out: str) -> tuple[dict, "pd.DataFrame", "pd.DataFrame"]:
     import pandas as pd
     fs, root = filesystem(out)
     try:
-        base = f"{root}/{STATE_DIR}/{fs.cat_file(f'{root}/{STATE_DIR}/current').decode('utf-8').strip()}"
+        base = f"{root}/{STATE_DIR}/{_current(fs, root)}"
     except FileNotFoundError:
         base = root
     try:
@@ -482,26 +487,31 @@ def read_outputs(out: str) -> tuple[dict, "pd.DataFrame", "pd.DataFrame"]:
 
 def republish_report(out: str, run_id: str, write_report, of_run: str | None = None) -> str:
     """`dedupe report` on a store: a new generation holding the current one's run.json and Parquet
-    files (the same bytes) and a report made again by `write_report(folder, last)` (`last`: what
-    `last_generation` gives, whose thumbnails and drawings of the same bytes and settings are
-    carried over), published as a run publishes, under OUT's lock; the files OUT already holds are
-    not copied again. `run_id`: the new generation's name (gen-<run_id>). `of_run`: the run_id the
-    report was made for (ConfigError when another run has published since). Returns its URL."""
+    files (the same bytes: copied on the server where the backend copies there, else downloaded)
+    and a report made again by `write_report(folder, last)` (`last`: what `last_generation` gives,
+    whose thumbnails and drawings of the same bytes and settings are carried over), published as a
+    run publishes, under OUT's lock; the files OUT already holds are not copied again. `run_id`:
+    the new generation's name (gen-<run_id>). `of_run`: the run_id the report was made for
+    (ConfigError when another run has published since). Returns its URL."""
     from pipeline.report import DRAW_INDEX, THUMB_INDEX
     fs, root = filesystem(out)
+    names = ("images.parquet", "pairs.parquet", "run.json")
     with locked(out), last_generation(out, (THUMB_INDEX, DRAW_INDEX)) as last:
         try:
-            gen = f"{root}/{STATE_DIR}/{fs.cat_file(f'{root}/{STATE_DIR}/current').decode('utf-8').strip()}"
+            gen = f"{root}/{STATE_DIR}/{_current(fs, root)}"
         except FileNotFoundError:
             raise FileNotFoundError(f"{out}/{STATE_DIR}/current not found: {out} holds no published run") from None
+        found = json.loads(fs.cat_file(f"{gen}/run.json").decode("utf-8")).get("run_id")
+        if of_run is not None and found != of_run:
+            raise ConfigError(f"{out} was published by another run ({found}) while the report was "
+                              "being made: run `dedupe report` again")
+        on_server = isinstance(last, LastReport) and last.generation == gen
+        if on_server:
+            last.carry_outputs(names)
 
         def write(folder: Path) -> None:
-            names = ("images.parquet", "pairs.parquet", "run.json")
-            fs.get([f"{gen}/{name}" for name in names], [str(folder / name) for name in names])
-            found = json.loads((folder / "run.json").read_text(encoding="utf-8")).get("run_id")
-            if of_run is not None and found != of_run:
-                raise ConfigError(f"{out} was published by another run ({found}) while the report was "
-                                  "being made: run `dedupe report` again")
+            if not on_server:
+                fs.get([f"{gen}/{name}" for name in names], [str(folder / name) for name in names])
             write_report(folder, last)
         return publish(out, run_id, write, last=last)
 
@@ -513,19 +523,24 @@ class LastReport:
     `carry`s a file of unchanged bytes and settings instead of making it again; `publish` then
     copies it into the new generation on the server (no download, no upload)."""
 
-    def __init__(self, folder: Path, prefix: str, present: set[str]):
+    def __init__(self, folder: Path, generation: str, present: set[str]):
         self.folder = folder  # the indexes, read by the report (report._made_index)
-        self.prefix = prefix  # the generation's report folder on the store (a path of its filesystem)
-        self._present = present  # its files, relative to `prefix` (e.g. "thumbs/123.jpg")
-        self.carried: list[str] = []
+        self.generation = generation  # the generation's folder on the store (a path of its filesystem)
+        self._present = present  # its report's files, relative to the report (e.g. "thumbs/123.jpg")
+        self.carried: list[str] = []  # names relative to the generation, copied into the next one
 
     def carry(self, name: str) -> bool:
         """Reuse `name` (relative to the report folder, e.g. "thumbs/123.jpg") if the last report
         has it: True when it will be in the new generation."""
         if name not in self._present:
             return False
-        self.carried.append(name)
+        self.carried.append(f"report/{name}")
         return True
+
+    def carry_outputs(self, names) -> None:
+        """The generation's own files (`names` relative to it, e.g. run.json) go into the next
+        one too (a report rebuilt for the same run)."""
+        self.carried.extend(names)
 
 
 # backends whose server-side copy has finished when the call returns (S3 CopyObject, GCS rewrite);
@@ -545,7 +560,7 @@ def last_generation(out: str, indexes: tuple[str, ...]) -> Iterator[LastReport |
     on_server = any(p in SERVER_COPY for p in protocols)
     with tempfile.TemporaryDirectory(prefix="dedupe-last-") as tmp:
         try:
-            gen = f"{root}/{STATE_DIR}/{fs.cat_file(f'{root}/{STATE_DIR}/current').decode('utf-8').strip()}"
+            gen = f"{root}/{STATE_DIR}/{_current(fs, root)}"
             fs.invalidate_cache(f"{gen}/report")
             present = {p[len(gen) + len("/report/"):] for p in fs.find(f"{gen}/report")}
             wanted = [name for name in present if name in indexes or not on_server]
@@ -556,7 +571,7 @@ def last_generation(out: str, indexes: tuple[str, ...]) -> Iterator[LastReport |
                 log.warning("the last report could not be read (%s); its thumbnails are made again", exc)
             yield None
             return
-        yield LastReport(Path(tmp), f"{gen}/report", present - set(indexes)) if on_server else Path(tmp)
+        yield LastReport(Path(tmp), gen, present - set(indexes)) if on_server else Path(tmp)
 
 
 def content_tag(info: dict) -> str | None:
@@ -599,29 +614,30 @@ def publish(out: str, run_id: str, write, last: LastReport | Path | None = None)
         names = sorted((p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
                        key=lambda n: (n == "run.json", n))  # run.json last
         head = names[:-1] if names and names[-1] == "run.json" else names
-        carried = [f"report/{name}" for name in last.carried] if isinstance(last, LastReport) else []
-        try:  # many small report files: one batch call (concurrent requests), run.json after it
+        carried = sorted(last.carried, key=lambda n: (n == "run.json", n)) if isinstance(last, LastReport) else []
+        try:  # many small report files: one batch call (concurrent requests), run.json after them
             if head:
                 fs.put([str(folder / n) for n in head], [f"{gen}/{n}" for n in head])
-            if carried:  # server-side copies from the last generation
+            for batch in ([n for n in carried if n != "run.json"], [n for n in carried if n == "run.json"]):
+                if not batch:  # server-side copies from the last generation
+                    continue
                 try:
-                    fs.copy([f"{last.prefix}/{n[len('report/'):]}" for n in carried],
-                            [f"{gen}/{n}" for n in carried])
+                    fs.copy([f"{last.generation}/{n}" for n in batch], [f"{gen}/{n}" for n in batch])
                 except FileNotFoundError as exc:
-                    raise OSError(f"a file of the last report vanished from {_url(fs, last.prefix)} during the run "
-                                  f"({exc}); nothing was published: run again (the next run makes it anew)") from exc
+                    raise OSError(f"a file of the last generation vanished from {_url(fs, last.generation)} "
+                                  f"during the run ({exc}); nothing was published: run again (the next run "
+                                  "makes it anew)") from exc
             if names[len(head):]:
                 fs.put([str(folder / n) for n in names[len(head):]], [f"{gen}/{n}" for n in names[len(head):]])
         except BaseException:
             with contextlib.suppress(Exception):
                 fs.rm(gen, recursive=True)
             raise
-    pointer = f"{root}/{STATE_DIR}/current"
     try:
-        previous = fs.cat_file(pointer).decode("utf-8").strip()
+        previous = _current(fs, root)
     except FileNotFoundError:
         previous = None
-    fs.pipe_file(pointer, gen_name.encode("utf-8"))  # the commit point
+    fs.pipe_file(f"{root}/{STATE_DIR}/current", gen_name.encode("utf-8"))  # the commit point
     # the stable names: only those whose bytes differ from what OUT holds (a listing of each side;
     # the generation's also lets the copies skip a HEAD per object), run.json last
     published = sorted(set(names) | set(carried), key=lambda n: (n == "run.json", n))
