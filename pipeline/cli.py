@@ -17,6 +17,8 @@ import time
 from pipeline.config import KEEP_POLICIES, ConfigError, load_config, preset_names
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+STORE_CONFIG_HELP = ("YAML config file (e.g. the nightly run's) whose storage.options open OUT on a store: "
+                     "endpoint, profile, credentials; its other sections are checked, not used")
 
 DEDUPE_EPILOG = """\
 examples:
@@ -157,6 +159,9 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
     query.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting of the catalog's config (its screen hashing settings "
                             "must stay), e.g. --set decide.cosine_threshold=0.8")
+    query.add_argument("--config", default=None, metavar="FILE",
+                       help="YAML config file whose storage.options open a catalog on a store (the "
+                            "catalog's own settings apply otherwise; its other sections are checked, not used)")
     query.add_argument("--scheduler", default="sync",
                        help="'sync' (default: in-process, quickest for a few images), 'local' or an address")
     query.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -172,6 +177,10 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
                       help="with --keep preferred_folder: a folder (relative to DATA, or absolute) whose files "
                            "are kept first (repeatable, best first)")
     plan.add_argument("--output", default=None, help="plan file, .parquet or .csv (default: OUT/plan.parquet)")
+    plan.add_argument("--config", default=None, metavar="FILE", help=STORE_CONFIG_HELP)
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="a storage option for OUT on a store, e.g. --set "
+                           "'storage.options={endpoint_url: http://minio:9000}' (repeatable)")
 
     apply = sub.add_parser("apply", help="carry out a plan on the files (a dry run unless --execute)")
     apply.add_argument("plan", help="plan file from `dedupe plan`")
@@ -191,8 +200,22 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
     report.add_argument("out", help="output folder of a finished run, or its URL on a store (a new generation is "
                                     "published there with the run's files and the rebuilt report)")
     report.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a report setting, e.g. --set report.keep=oldest (repeatable)")
+                        help="override a report setting, e.g. --set report.keep=oldest, or give OUT's store "
+                             "options, --set 'storage.options={...}' (repeatable)")
+    report.add_argument("--config", default=None, metavar="FILE", help=STORE_CONFIG_HELP)
     return parser
+
+
+def store_options(args, allowed: tuple[str, ...] = ()) -> dict:
+    """storage.options for a command that reads a finished run or a catalog (plan, report, query):
+    those of `--config FILE` (the whole file is validated, as a run's), then `--set storage.*`.
+    Other `--set` keys than `allowed` prefixes are refused. ConfigError (exit 2) for a bad file."""
+    overrides = getattr(args, "overrides", [])
+    bad = [o for o in overrides if not o.strip().startswith(("storage.", *allowed))]
+    if bad:
+        known = " and ".join(f"{p}*" for p in (*allowed, "storage."))
+        raise ConfigError(f"--set {bad[0]!r}: only {known} settings apply to `{args.command}`")
+    return load_config(args.config, [o for o in overrides if o.strip().startswith("storage.")]).storage.options
 
 
 def plan_command(args) -> int:
@@ -204,6 +227,7 @@ def plan_command(args) -> int:
     from pipeline import storage
     out = storage.local_form(args.out)  # (file:///x is the folder /x)
     try:
+        storage.configure(store_options(args))
         run = load_run(out)
         plan = make_plan(run, args.keep, args.prefer)
         path = write_plan(plan, args.output or storage.join(out, "plan.parquet"))
@@ -255,15 +279,13 @@ def report_command(args) -> int:
     from pipeline import storage
     out = storage.local_form(args.out)  # (file:///x is the folder /x)
     try:
+        storage.configure(store_options(args, allowed=("report.",)))
         run = load_run(out)
         try:
             base = config_from_dict(run.manifest.get("config") or {})
         except ConfigError:  # another version's config: rebuild with the defaults
             base = Config()
-        bad = [o for o in args.overrides if not o.strip().startswith("report.")]
-        if bad:
-            raise ConfigError(f"--set {bad[0]!r}: only report.* settings apply to a rebuilt report")
-        cfg = load_config(None, args.overrides, base=base)
+        cfg = load_config(None, [o for o in args.overrides if o.strip().startswith("report.")], base=base)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -374,10 +396,12 @@ def _query_command(args) -> int:
         from pipeline.config import config_from_dict
         from pipeline.run import dask_client
         driver_arrow_pool()  # (the catalog's tables are read whole)
-        # workers get the store options given with --set storage.options=… (a catalog on a store)
-        settings = config_from_dict({}, [o for o in args.overrides if o.startswith("storage.")])
+        # the store options of --config and --set storage.*=… (a catalog on a store), which the
+        # workers get too
+        settings = config_from_dict({"storage": {"options": store_options(args, allowed=("",))}})
         with dask_client(settings, args.scheduler) as client:
-            result = query.query(args.images, args.catalog, overrides=args.overrides, add=args.add, client=client)
+            result = query.query(args.images, args.catalog, overrides=args.overrides, add=args.add, client=client,
+                                 storage_options=settings.storage.options)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -59,10 +59,12 @@ def _settings(cat: catalog.Catalog, cfg: Config | None, overrides: list[str] | N
 
 
 def query(paths: list[str | Path], catalog_dir: str | Path, cfg: Config | None = None,
-          overrides: list[str] | None = None, add: bool = False, client=None, progress=None) -> pd.DataFrame:
+          overrides: list[str] | None = None, add: bool = False, client=None, progress=None,
+          storage_options: dict | None = None) -> pd.DataFrame:
     """One row per (query image, catalog image it was compared with): OUTPUT_COLUMNS, duplicates
     first. `cfg`: the settings (default: the catalog's, with `overrides` applied). A query image
-    that cannot be decoded gets one row with `query_error` set."""
+    that cannot be decoded gets one row with `query_error` set. `storage_options`: the store's
+    (a catalog on a store; default: `cfg`'s, else those of `overrides`' storage.*)."""
     cat_dir = storage.local_form(catalog_dir)
     if storage.is_url(cat_dir):
         cat_dir = str(cat_dir).rstrip("/")
@@ -70,8 +72,10 @@ def query(paths: list[str | Path], catalog_dir: str | Path, cfg: Config | None =
             raise ConfigError(f"--add with a catalog on object storage ({cat_dir}) is not supported: upload "
                               "the images into the catalog's DATA prefix and run the batch job again")
         # the store's options before the catalog's config is read: the defaults with --set storage.options=…
-        storage.configure(config_from_dict({}, [o for o in overrides or [] if o.startswith("storage.")])
-                          .storage.options if cfg is None else cfg.storage.options)
+        if storage_options is None:
+            storage_options = config_from_dict({}, [o for o in overrides or [] if o.startswith("storage.")]) \
+                .storage.options if cfg is None else cfg.storage.options
+        storage.configure(storage_options)
     else:
         cat_dir = Path(cat_dir)
     if not catalog.exists(cat_dir):

@@ -168,11 +168,12 @@ class Run:
         return m
 
 
-def load_run(out_dir: str | Path) -> Run:
+def load_run(out_dir: str | Path, storage_options: dict | None = None) -> Run:
     """Read OUT/images.parquet, OUT/pairs.parquet and OUT/run.json of a finished run. OUT may be
-    a URL on a store (s3://bucket/out, gs://..., az://...; options from `storage.options` of the
-    environment's credentials): the files are read from the generation `OUT/.dedupe/current`
-    names, so the three come from one run even while another run publishes.
+    a URL on a store (s3://bucket/out, gs://..., az://...): the files are read from the generation
+    `OUT/.dedupe/current` names, so the three come from one run even while another run publishes.
+    `storage_options`: the store's filesystem options, as `storage.options` in a run's config
+    (default: those this process was configured with, else none: the environment's credentials).
 
         >>> run = load_run("out")
         >>> run = load_run("s3://bucket/out")
@@ -182,7 +183,7 @@ def load_run(out_dir: str | Path) -> Run:
     out_dir = storage.local_form(out_dir)
     if storage.is_url(out_dir):
         out_dir = str(out_dir).rstrip("/")
-        manifest, images, pairs = storage.read_outputs(out_dir)
+        manifest, images, pairs = storage.read_outputs(out_dir, storage_options)
     else:
         out_dir = Path(out_dir)
         manifest_path = out_dir / "run.json"

@@ -122,9 +122,10 @@ def redacted(options: dict) -> dict:
     return {k: clean(k, v) for k, v in options.items()}
 
 
-def filesystem(url: str):
-    """(fsspec filesystem, path without the scheme) for `url`, with this process's options.
-    ConfigError (exit 2) for an unknown scheme, a missing backend or options it refuses."""
+def filesystem(url: str, options: dict | None = None):
+    """(fsspec filesystem, path without the scheme) for `url`, with `options` (default: this
+    process's, `configure`). ConfigError (exit 2) for an unknown scheme, a missing backend or
+    options it refuses."""
     import fsspec
     protocol = url.split("://", 1)[0]
     try:
@@ -136,7 +137,7 @@ def filesystem(url: str):
         raise ConfigError(f"{url!r}: the {protocol}:// backend is not installed ({exc}); install it, e.g. "
                           "pip install 'dedupe-pipeline[gcs]' or '[azure]' (s3fs ships with the package)") from None
     try:
-        fs = cls(**_options)
+        fs = cls(**(_options if options is None else options))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"storage.options are not accepted by the {protocol}:// backend ({exc}): "
                           "fix storage.options in the config") from None
@@ -462,13 +463,13 @@ def _current(fs, root: str) -> str:
     return fs.cat_file(f"{root}/{STATE_DIR}/current").decode("utf-8").strip()
 
 
-def read_outputs(out: str) -> tuple[dict, "pd.DataFrame", "pd.DataFrame"]:
+def read_outputs(out: str, options: dict | None = None) -> tuple[dict, "pd.DataFrame", "pd.DataFrame"]:
     """(run.json, images.parquet, pairs.parquet) of the run published to OUT on the store, read
     from the generation `OUT/.dedupe/current` names (one run's set, even while another run copies
     its files to the stable names); from OUT itself when there is no pointer. FileNotFoundError
-    when OUT holds no finished run."""
+    when OUT holds no finished run. `options`: as for `filesystem`."""
     import pandas as pd
-    fs, root = filesystem(out)
+    fs, root = filesystem(out, options)
     try:
         base = f"{root}/{STATE_DIR}/{_current(fs, root)}"
     except FileNotFoundError:

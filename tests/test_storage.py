@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from bench.cluster import Worker, external_cluster, free_port
 from conftest import kill_when_logged
@@ -1140,6 +1141,66 @@ def test_load_run_plan_and_report_on_a_run_in_the_bucket_and_apply_refuses_objec
     assert report_read and not [k for k in report_read if "/report/thumbs/" in k]
     assert load_run(out).manifest == run.manifest
     assert not fs.exists(f"{root}/.dedupe.lock")  # (the report's lock is let go)
+
+
+def test_plan_report_query_and_load_run_open_the_store_with_the_options_of_a_config_file(
+        s3, bucket, dataset, photo_paths, tmp_path, monkeypatch, capsys):
+    """A user whose credentials and endpoint are in the nightly run's config file (storage.options),
+    not in the environment, passes the same file (or --set storage.*) to plan, report and query,
+    and the options to load_run; without them the store refuses, with exit 2 and a message."""
+    from pipeline import storage
+    from pipeline.cli import main
+    from pipeline.results import load_run
+    env, _, _, fs, _, data, out, args = _screen_on_bucket(s3, monkeypatch, dataset, "options")
+    assert _dedupe(data, *args) == 0
+    root = out.removeprefix("s3://")
+    options = {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"],
+               "endpoint_url": env["AWS_ENDPOINT_URL"]}
+    config = tmp_path / "nightly.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"options": options}, "tiers": "screen"}))
+    inline = "storage.options=" + json.dumps(options)  # (JSON is YAML)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key)  # only the config knows the way in now
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()  # (as a new process: none opened with the environment's keys)
+    try:
+        assert main(["plan", out, "--keep", "largest_file"]) == 2
+        assert "OUT" in capsys.readouterr().err
+        assert main(["plan", out, "--keep", "largest_file", "--config", str(config)]) == 0
+        assert f"{out}/plan.parquet" in capsys.readouterr().out
+        assert fs.exists(f"{root}/plan.parquet")
+        assert main(["plan", out, "--keep", "largest_file", "--set", inline, "--output", str(tmp_path / "p.csv")]) == 0
+        assert (tmp_path / "p.csv").is_file()
+        assert main(["plan", out, "--keep", "largest_file", "--set", "screen.max_distance=3"]) == 2
+        assert "only storage.* settings apply to `plan`" in capsys.readouterr().err
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("storage: {options: [1]}\n")
+        assert main(["plan", out, "--keep", "largest_file", "--config", str(bad)]) == 2
+        assert "expected a mapping" in capsys.readouterr().err
+
+        run = load_run(out, storage_options=options)
+        assert run.manifest == json.loads(fs.cat_file(f"{root}/run.json")) and len(run.images) == run.manifest["counts"]["files"]
+        current = fs.cat_file(f"{root}/.dedupe/current")
+        assert main(["report", out, "--set", "report.keep=newest"]) == 2
+        assert main(["report", out, "--config", str(config), "--set", "report.keep=newest"]) == 0
+        assert "report/index.html" in capsys.readouterr().out
+        assert fs.cat_file(f"{root}/.dedupe/current") != current
+        assert b'"newest"' in fs.cat_file(f"{root}/report/data.js")
+        assert main(["report", out, "--set", inline, "--set", "report.keep=oldest"]) == 0
+        assert b'"oldest"' in fs.cat_file(f"{root}/report/data.js")
+        assert main(["report", out, "--config", str(config), "--set", "decide.cosine_threshold=0.5"]) == 2
+        assert "only report.* and storage.* settings apply to `report`" in capsys.readouterr().err
+
+        image = next(p for p in sorted(dataset.rglob("*")) if p.name == "p0_exact_copy.jpg")
+        catalog = f"{out}/catalog"
+        assert main(["query", str(image), "--catalog", catalog]) == 2
+        assert main(["query", str(image), "--catalog", catalog, "--config", str(config),
+                     "--output", str(tmp_path / "q.csv")]) == 0
+        found = pd.read_csv(tmp_path / "q.csv")
+        assert "originals/p0.jpg" in set(found.loc[found["is_duplicate"], "path"])
+    finally:
+        storage.configure({})
+        s3fs.S3FileSystem.clear_instance_cache()  # (those opened without credentials, for the next tests)
 
 
 # ---------------------------------------------------------------------------------------------
