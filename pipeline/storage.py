@@ -18,8 +18,8 @@ local code (pipeline/paths.py, pipeline/outdir.py). For a URL:
   `OUT/.dedupe/current` (the commit point: it names the generation), then copies the files to
   their stable names in OUT with `run.json` last, skipping those OUT already holds with the same
   bytes (by the listings' content tags). The report's thumbnails and drawings of unchanged images
-  are copied on the server from the last generation (`last_generation`; on S3 and GCS, whose
-  copies finish within the call), never downloaded and uploaded again. Each object a reader opens is whole; a reader that must never mix two runs reads
+  are copied on the server from the last generation (`last_generation`, `server_copy`, which
+  waits for Azure's copies), never downloaded and uploaded again. Each object a reader opens is whole; a reader that must never mix two runs reads
   `.dedupe/current` and then the generation it names (or checks the sha256 list in `run.json`).
   The previous generation is kept, older ones are removed.
 * **Lock.** `locked` creates `OUT/.dedupe.lock` with an exclusive create (S3 `If-None-Match: *`);
@@ -544,9 +544,55 @@ class LastReport:
         self.carried.extend(names)
 
 
-# backends whose server-side copy has finished when the call returns (S3 CopyObject, GCS rewrite);
-# Azure's Copy Blob may still be pending then, so its last report is downloaded instead
-SERVER_COPY = ("s3", "s3a", "gs", "gcs")
+# backends that copy on the server, finished when `server_copy` returns: S3 CopyObject and GCS
+# rewrite by themselves, Azure's Copy Blob (which may answer "pending") waited for by `_azure_copy`
+SERVER_COPY = ("s3", "s3a", "gs", "gcs", "abfs", "az", "abfss")
+AZURE_COPY_POLL_S = 0.2  # between status checks of a pending Copy Blob
+AZURE_COPIES_AT_ONCE = 64
+
+
+def _is_azure(fs) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return any(p in ("abfs", "az", "abfss") for p in protocols)
+
+
+def server_copy(fs, sources: list[str], targets: list[str]) -> None:
+    """Copy each source object to its target on the server (no bytes through this process), every
+    copy finished when this returns. FileNotFoundError when a source is missing."""
+    if _is_azure(fs):
+        from fsspec.asyn import sync
+        sync(fs.loop, _azure_copy, fs, sources, targets)
+    else:
+        fs.copy(sources, targets)
+
+
+async def _azure_copy(fs, sources: list[str], targets: list[str]) -> None:
+    """Azure's Copy Blob, waited for: within one account it usually answers "success", but it may
+    answer "pending" and go on in the background (adlfs's copy returns then), and a pending blob is
+    not yet the source's bytes. Polls each pending copy until it ends; OSError if one fails."""
+    import asyncio
+    from azure.core.exceptions import ResourceNotFoundError
+    gate = asyncio.Semaphore(AZURE_COPIES_AT_ONCE)
+
+    def blob(path: str):
+        container, name, _ = fs.split_path(path)
+        return fs.service_client.get_container_client(container).get_blob_client(name)
+
+    async def one(source: str, target: str) -> None:
+        async with gate:
+            into = blob(target)
+            try:
+                status = (await into.start_copy_from_url(blob(source).url)).get("copy_status")
+            except ResourceNotFoundError:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), source) from None
+            while status == "pending":
+                await asyncio.sleep(AZURE_COPY_POLL_S)
+                status = (await into.get_blob_properties()).copy.status
+            if status not in ("success", None):
+                raise OSError(f"the copy of {source} to {target} on the store ended {status!r}")
+
+    await asyncio.gather(*(one(a, b) for a, b in zip(sources, targets)))
+    fs.invalidate_cache()
 
 
 @contextlib.contextmanager
@@ -578,9 +624,15 @@ def last_generation(out: str, indexes: tuple[str, ...]) -> Iterator[LastReport |
 def content_tag(info: dict) -> str | None:
     """A digest of an object's bytes from its listing entry, for telling whether two objects
     hold the same bytes: S3's ETag (the MD5 of a single-part upload; another form for a multipart
-    one or under SSE-KMS, which two different objects still never share), GCS's md5Hash; None
-    where the backend lists none (Azure's and GCS's "etag" change with every write, content or
-    not, and are never compared across objects)."""
+    one or under SSE-KMS, which two different objects still never share), GCS's md5Hash, Azure's
+    Content-MD5 (set by the service for a blob uploaded in one Put Blob, as OUT's files are, and
+    kept by a copy); None where the backend lists none (Azure's and GCS's "etag" change with every
+    write, content or not, and are never compared across objects)."""
+    settings = info.get("content_settings")  # (adlfs: the SDK's ContentSettings, or a dict)
+    md5 = getattr(settings, "content_md5", None) or (settings.get("content_md5") if isinstance(settings, dict) else None)
+    if isinstance(md5, (bytes, bytearray)) and md5:
+        import base64
+        return "md5:" + base64.b64encode(bytes(md5)).decode("ascii")
     for key, prefix in (("md5Hash", "md5:"), ("ETag", "etag:")):
         value = info.get(key)
         if isinstance(value, str) and value.strip().strip('"'):
@@ -623,7 +675,7 @@ def publish(out: str, run_id: str, write, last: LastReport | Path | None = None)
                 if not batch:  # server-side copies from the last generation
                     continue
                 try:
-                    fs.copy([f"{last.generation}/{n}" for n in batch], [f"{gen}/{n}" for n in batch])
+                    server_copy(fs, [f"{last.generation}/{n}" for n in batch], [f"{gen}/{n}" for n in batch])
                 except FileNotFoundError as exc:
                     raise OSError(f"a file of the last generation vanished from {_url(fs, last.generation)} "
                                   f"during the run ({exc}); nothing was published: run again (the next run "
@@ -652,7 +704,7 @@ def publish(out: str, run_id: str, write, last: LastReport | Path | None = None)
     head = [n for n in todo if n != "run.json"]
     for batch in (head, todo[len(head):]):  # server-side copies, batched; run.json last
         if batch:
-            fs.copy([f"{gen}/{n}" for n in batch], [f"{root}/{n}" for n in batch])
+            server_copy(fs, [f"{gen}/{n}" for n in batch], [f"{root}/{n}" for n in batch])
     # report pages of an older run that this one does not have
     kept = set(published)
     stale = [f"{root}/{n}" for n in held if n.startswith("report/") and n not in kept]

@@ -554,8 +554,22 @@ def _store_run_equals_local(env: dict, data: str, out: str, dataset: Path, tmp_p
     assert isinstance(images.loc["edits/broken.jpg", "error"], str) and "edits/notes.txt" not in images.index
     assert manifest["root"] == data and manifest["reuse"]["catalog"] == f"{out}/catalog"
 
+    tags_before = _report_tags(env, out)
+    requests_log = Path(env["AZURITE_DEBUG_LOG"]) if "AZURITE_DEBUG_LOG" in env else None
+    since = len(requests_log.read_text(errors="replace").splitlines()) if requests_log else 0
     result = _run([data, "--out", out, *args], env, tmp_path)  # nothing changed
     assert result.returncode == 0, result.stderr[-4000:]
+    # OUT's report files of unchanged bytes are not written again: their etags, new at every
+    # write on GCS and Azure, stay (the content tags of both sides compared: storage.content_tag)
+    tags_after = _report_tags(env, out)
+    assert tags_before and tags_after == tags_before
+    if requests_log:  # and the last generation's were copied on the server, not downloaded
+        lines = requests_log.read_text(errors="replace").splitlines()[since:]
+        downloaded = [line for line in lines if "RequestMethod=GET" in line and "/.dedupe/" in line
+                      and ("/report/thumbs/" in line or "/report/pairs/" in line)]
+        copied = [line for line in lines if "RequestMethod=PUT" in line and "/.dedupe/" in line
+                  and "/report/thumbs/" in line and "x-ms-copy-source" in line]
+        assert not downloaded and copied, (len(downloaded), len(copied))
     reuse = fetch()["reuse"]
     assert reuse["catalog_generation"] == 2
     assert reuse["screen"]["screened"] == 0 and reuse["screen"]["reused"] == len(remote[0]), reuse["screen"]
@@ -586,6 +600,19 @@ def _store_run_equals_local(env: dict, data: str, out: str, dataset: Path, tmp_p
     assert f"{scheme}://no-such-bucket/data" in result.stderr
 
 
+def _report_tags(env: dict, out: str) -> dict[str, str]:
+    """Each file of OUT's stable report -> its etag (a fresh process's listing)."""
+    code = ("import sys, json, fsspec\n"
+            "fs, root = fsspec.core.url_to_fs(sys.argv[1], **json.loads(sys.argv[2]))\n"
+            "print(json.dumps({p[len(root) + 1:]: str(i.get('etag') or i.get('ETag'))\n"
+            "                  for p, i in fs.find(root + '/report', detail=True).items()}))\n")
+    opts = {"token": "anon", "project": "test"} if out.startswith("gs://") else {}
+    done = subprocess.run([sys.executable, "-c", code, out, json.dumps(opts)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {n: t for n, t in json.loads(done.stdout).items() if n.startswith(("report/thumbs/", "report/pairs/"))}
+
+
 @pytest.mark.slow
 def test_cascade_on_google_cloud_storage_equals_a_local_run(gcs, dataset, tmp_path):
     """gs:// through the same code (the emulator does not honour exclusive creates, so the lock is
@@ -613,9 +640,12 @@ def azure(dataset, tmp_path_factory):
     env.update(AZURE_STORAGE_CONNECTION_STRING=(f"DefaultEndpointsProtocol=http;AccountName={name};AccountKey={key};"
                                                 f"BlobEndpoint=http://127.0.0.1:{port}/{name};"),
                PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
-    log = open(tmp_path_factory.mktemp("azure") / "azurite.log", "wb")
+    folder = tmp_path_factory.mktemp("azure")
+    log = open(folder / "azurite.log", "wb")
+    env["AZURITE_DEBUG_LOG"] = str(folder / "requests.log")  # every request, for the tests to count
     proc = subprocess.Popen([str(azurite), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
-                             "--skipApiVersionCheck", "--silent"], stdout=log, stderr=subprocess.STDOUT)
+                             "--skipApiVersionCheck", "--silent", "--debug", env["AZURITE_DEBUG_LOG"]],
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
         code = ("import sys, time, adlfs\n"
                 "for _ in range(200):\n"
@@ -1205,6 +1235,81 @@ def test_plan_report_query_and_load_run_open_the_store_with_the_options_of_a_con
 
 # ---------------------------------------------------------------------------------------------
 # ETags: a rewrite that keeps the size and the last-modified time (1 s on S3) is still seen
+
+
+def test_content_tags_from_each_backends_listing_entry():
+    """What tells two objects' bytes equal: S3's ETag, GCS's md5Hash, Azure's Content-MD5 (as
+    adlfs lists it: the SDK's ContentSettings); never Azure's or GCS's etag, new at every write."""
+    import base64
+    from azure.storage.blob import ContentSettings
+    from pipeline import storage
+    digest = hashlib.md5(b"thumb").digest()
+    assert storage.content_tag({"ETag": '"900150983cd24fb0d6963f7d28e17f72"'}) == "etag:900150983cd24fb0d6963f7d28e17f72"
+    assert storage.content_tag({"md5Hash": "kAFQmDzST7DWlj99KOF/cg==", "etag": "CJ3w"}) == "md5:kAFQmDzST7DWlj99KOF/cg=="
+    azure = {"etag": '"0x8DB1F2A3C4D5E6F"', "content_settings": ContentSettings(content_md5=bytearray(digest))}
+    assert storage.content_tag(azure) == "md5:" + base64.b64encode(digest).decode()
+    assert storage.content_tag({"etag": '"0x8DB"', "content_settings": {"content_md5": digest}}) == \
+        storage.content_tag(azure)
+    # a blob put in blocks has no Content-MD5: no tag (it is copied), never its etag
+    assert storage.content_tag({"etag": '"0x8DB"', "content_settings": ContentSettings()}) is None
+    assert storage.content_tag({"etag": "CJ3w"}) is None
+
+
+def test_an_azure_copy_that_answers_pending_is_waited_for(monkeypatch):
+    """Azure's Copy Blob may answer "pending" and finish later: `server_copy` returns only once
+    every copy has ended, fails on a copy that failed, and names a missing source. (Azurite always
+    answers "success", so the service here is a stand-in for the SDK's blob clients.)"""
+    import asyncio
+    from azure.core.exceptions import ResourceNotFoundError
+    from pipeline import storage
+    monkeypatch.setattr(storage, "AZURE_COPY_POLL_S", 0.001)
+    polls: dict[str, int] = {}
+
+    class Blob:
+        def __init__(self, name):
+            self.name, self.url = name, f"https://account.blob.core.windows.net/c/{name}"
+
+        async def start_copy_from_url(self, url):
+            source = url.rsplit("/", 1)[-1]
+            if source == "missing":
+                raise ResourceNotFoundError("The specified blob does not exist.")
+            polls[self.name] = 0
+            return {"copy_status": "pending"}
+
+        async def get_blob_properties(self):
+            polls[self.name] += 1
+            done = polls[self.name] >= 3
+            status = ("failed" if self.name == "broken" else "success") if done else "pending"
+            return type("Props", (), {"copy": type("Copy", (), {"status": status})()})()
+
+    class Service:
+        def get_container_client(self, container):
+            return type("Container", (), {"get_blob_client": staticmethod(Blob)})()
+
+    class FakeAzure:
+        protocol = ("abfs", "az", "abfss")
+        service_client = Service()
+
+        def __init__(self):
+            self.loop = asyncio.new_event_loop()
+            import threading
+            threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+        def split_path(self, path):
+            container, name = path.split("/", 1)
+            return container, name, None
+
+        def invalidate_cache(self, path=None):
+            pass
+
+    fs = FakeAzure()
+    storage.server_copy(fs, ["c/a", "c/b"], ["c/x", "c/y"])
+    assert polls == {"x": 3, "y": 3}  # each polled until it ended
+    with pytest.raises(OSError, match="ended 'failed'"):
+        storage.server_copy(fs, ["c/a"], ["c/broken"])
+    with pytest.raises(FileNotFoundError, match="c/missing"):
+        storage.server_copy(fs, ["c/missing"], ["c/z"])
+    fs.loop.call_soon_threadsafe(fs.loop.stop)
 
 
 def test_etags_are_read_from_each_backends_listing_entry():
