@@ -458,10 +458,26 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
 
 
 def _apply_overrides(cfg: Config, overrides: list[str] | None) -> None:
+    """Each `key=value` in turn. A key that goes on below a mapping setting changes one entry of
+    it (`storage.options.endpoint_url=...` keeps the other options, as from a config file); the
+    mapping's own key replaces it whole (`storage.options={...}`)."""
     for item in overrides or []:
         key, value = parse_override(item)
+        parts = key.split(".")
+        obj, i = cfg, 0
+        while i < len(parts) - 1 and dataclasses.is_dataclass(getattr(obj, parts[i], None)):
+            obj, i = getattr(obj, parts[i]), i + 1
+        if i < len(parts) - 1 and isinstance(getattr(obj, parts[i], None), dict):
+            merged = copy.deepcopy(getattr(obj, parts[i]))
+            entry = merged
+            for part in parts[i + 1:-1]:
+                if not isinstance(entry.get(part), dict):
+                    entry[part] = {}
+                entry = entry[part]
+            entry[parts[-1]] = value
+            parts, value = parts[:i + 1], merged
         nested: Any = value
-        for part in reversed(key.split(".")):
+        for part in reversed(parts):
             nested = {part: nested}
         _apply(cfg, nested)
 

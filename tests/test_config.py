@@ -98,3 +98,21 @@ def test_memory_limits_dask_accepts(value):
 def test_scheduler_addresses_accepted():
     for target in ("auto", "local", "sync", "tcp://127.0.0.1:8786", "tls://scheduler:8786", "10.0.0.5:8786"):
         load_config(None, [f"dask.scheduler={target}"])
+
+
+def test_a_dotted_override_below_a_mapping_changes_one_entry(tmp_path):
+    """`--set storage.options.endpoint_url=...` on top of a config file's options keeps the
+    file's credentials (it used to replace the whole mapping); `storage.options={...}` replaces."""
+    cfg_file = tmp_path / "nightly.yaml"
+    cfg_file.write_text("storage:\n  options: {key: k, secret: s, config_kwargs: {s3: {addressing_style: path}}}\n")
+    cfg = load_config(cfg_file, ["storage.options.endpoint_url=http://127.0.0.1:9000",
+                                 "storage.options.config_kwargs.retries.max_attempts=3",
+                                 "storage.options.secret=s2"])
+    assert cfg.storage.options == {"key": "k", "secret": "s2", "endpoint_url": "http://127.0.0.1:9000",
+                                   "config_kwargs": {"s3": {"addressing_style": "path"},
+                                                     "retries": {"max_attempts": 3}}}
+    assert load_config(cfg_file, ["storage.options={anon: true}"]).storage.options == {"anon": True}
+    assert load_config(None, ["storage.options.anon=true"]).storage.options == {"anon": True}
+    assert Config().storage.options == {}  # (the default is not changed in place)
+    with pytest.raises(ConfigError, match="unknown config key 'screen.no_such'"):
+        load_config(None, ["screen.no_such.x=1"])
