@@ -5,12 +5,16 @@ the pipeline through a scheduler's address."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from distributed import WorkerPlugin
 
 DASK = Path(sys.executable).parent / "dask"
 
@@ -63,3 +67,35 @@ def external_cluster(env: dict, scheduler_folder: Path, workers: Sequence[Worker
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+class KillOnce(WorkerPlugin):
+    """A Dask worker plugin (register it with `client.register_plugin`) that kills its worker
+    process with SIGKILL the first time, cluster-wide, that the worker starts a task running one of
+    the functions `names` (by __name__: the task's own function or one passed to it, as the
+    pipeline's task runner does), as a machine lost mid-task would (the nanny then starts a fresh
+    worker). Each name kills once: a marker file in `folder`, which every worker must see, records
+    it (holding the killed process's pid)."""
+
+    name = "dedupe-kill-once"
+
+    def __init__(self, names: Sequence[str], folder: str | Path):
+        self.names, self.folder = set(names), str(folder)
+
+    def setup(self, worker) -> None:
+        self.worker = worker
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        if finish != "executing":
+            return
+        ts = self.worker.state.tasks.get(key)
+        spec = getattr(ts, "run_spec", None)
+        found = {getattr(x, "__name__", None) for x in (getattr(spec, "func", None), *(getattr(spec, "args", None) or ()))}
+        for name in sorted(self.names & found):
+            try:  # once per name, whichever worker gets there first
+                fd = os.open(Path(self.folder) / f"killed-{name}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -341,7 +341,10 @@ def exists(location: Path | str) -> bool:
     files = _Files(location)
     try:
         files.fs.invalidate_cache(files._path(MANIFEST))
-        return files.fs.isfile(files._path(MANIFEST))
+        # (not fs.isfile, which answers False for every error: a refused key is not "no catalog")
+        return files.fs.info(files._path(MANIFEST)).get("type", "file") != "directory"
+    except FileNotFoundError:
+        return False
     except Exception as exc:  # an unreachable store, no access: say what to fix
         if files.remote:
             raise storage.access_error(str(location), exc, "cannot read the catalog", "--catalog") from None

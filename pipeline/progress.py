@@ -148,20 +148,82 @@ def _call_task(task, fn: Callable, star: bool, args: tuple):
 SCATTER_TASKS = 16
 
 
-def submit_scattered(client, fns: Sequence[Callable], tasks: Sequence, star: bool, args: tuple = ()) -> list:
-    """Futures of fns[i](tasks[i], *args) (`star`: fns[i](*tasks[i], *args)) on the Dask `client`.
-    Each task's data (frames of paths or pairs: ~15 MB for 70k pairs; a report task's file lists)
-    goes to the workers as scattered data, not inside the task, where the scheduler holds it and
-    the client's and the in-process scheduler's message logs keep it (a report's thumbnail tasks:
-    ~13 MB of the driver's peak at 100k files); SCATTER_TASKS tasks at a time: one scatter of
-    every task serializes them all at once, into one message per worker. hash=False: fresh keys,
-    so a repeated call never shares data with a finished one."""
-    futures = []
-    for start in range(0, len(tasks), SCATTER_TASKS):
-        data = client.scatter(list(tasks[start:start + SCATTER_TASKS]), hash=False)
-        futures += client.map(_call_task, data, list(fns[start:start + SCATTER_TASKS]), star=star, args=args,
-                              pure=False)
-    return futures
+RESENDS = 3  # times a task is sent again after a lost worker took its data or result with it
+
+
+class Sent:
+    """Tasks on a Dask cluster, each task's data scattered to the workers rather than put inside
+    the task, where the scheduler holds it and the client's and the in-process scheduler's message
+    logs keep it (a report's thumbnail tasks: ~13 MB of the driver's peak at 100k files), and sent
+    SCATTER_TASKS at a time (one scatter of every task serializes them all at once, into one
+    message per worker). hash=False: fresh keys, so a repeated call never shares data with a
+    finished one.
+
+    Scattered data lives on one worker only, and Dask cannot make it again: a worker that dies
+    (killed for memory, a spot machine reclaimed, kill -9) takes it with it, and its tasks end
+    "cancelled" (also those already finished whose results it held). So each task's data is kept
+    here until its result has been fetched, and a task lost that way is sent again, up to RESENDS
+    times (then the run fails, naming the task: something kills every worker that runs it)."""
+
+    def __init__(self, client):
+        from distributed import as_completed
+        self.client = client
+        self._pending = as_completed(loop=client.loop)  # (the client need not be the default one)
+        self._held: dict[str, tuple] = {}  # future key -> (number, fn, task, star, args, sends)
+        self.resent = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def send(self, items: Sequence[tuple[int, Callable, object]], star: bool = False, args: tuple = (),
+             sends: int = 1) -> None:
+        """Send each (number, fn, task): fn(task, *args), or fn(*task, *args) with `star`."""
+        items = list(items)
+        for start in range(0, len(items), SCATTER_TASKS):
+            chunk = items[start:start + SCATTER_TASKS]
+            data = self.client.scatter([task for _, _, task in chunk], hash=False)
+            futures = self.client.map(_call_task, data, [fn for _, fn, _ in chunk], star=star, args=args, pure=False)
+            for (n, fn, task), fut in zip(chunk, futures):
+                self._held[fut.key] = (n, fn, task, star, args, sends)
+                self._pending.add(fut)
+
+    def results(self, block: bool = True) -> Iterator[tuple[int, object]]:
+        """(number, result) of each task as it finishes, in no set order (`block=False`: only
+        those finished by now); a task's exception is raised here, with its traceback. A task's
+        data is let go of once its result is fetched."""
+        from concurrent.futures import CancelledError
+        finished = self._pending if block else self._pending.next_batch(block=False)
+        for fut in finished:
+            n, fn, task, star, args, sends = self._held.pop(fut.key)
+            try:
+                result = fut.result()
+            except CancelledError as exc:  # its worker left with the task's data (or its result)
+                if sends > RESENDS:
+                    raise RuntimeError(f"task {n} ({getattr(fn, '__name__', fn)}) was lost with its worker "
+                                       f"{sends} times: a worker running it dies (memory? see the workers' "
+                                       "logs)") from exc
+                log.warning("a worker left the cluster with the data of task %d (%s): sending it again",
+                            n, getattr(fn, "__name__", fn))
+                self.resent += 1
+                self.send([(n, fn, task)], star, args, sends + 1)
+                continue
+            del fut, task
+            yield n, result
+
+
+def again_if_lost(what: str, fn: Callable[[], object]):
+    """fn() run again (up to RESENDS times) when a worker that left the cluster took scattered
+    data it needed with it (Dask cancels the tasks that need it): for a step whose tasks pass data
+    between them on the workers (the sharded candidate search), which is made again whole."""
+    from concurrent.futures import CancelledError
+    for sends in range(1, RESENDS + 2):
+        try:
+            return fn()
+        except CancelledError as exc:
+            if sends > RESENDS:
+                raise RuntimeError(f"{what} lost a worker {sends} times: a worker running it dies (memory? "
+                                   "see the workers' logs)") from exc
+            log.warning("a worker left the cluster during %s: running it again", what)
 
 
 def map_tasks(client, fn: Callable, tasks: Sequence, *args, tracker: Tracker | None = None,
@@ -187,17 +249,16 @@ def map_tasks(client, fn: Callable, tasks: Sequence, *args, tracker: Tracker | N
             if tracker is not None:
                 tracker.update(weight(task))
         return results
-    from distributed import as_completed
     if not tasks:
         return []
-    futures = submit_scattered(client, [fn] * len(tasks), tasks, star, args)
-    weights = {f.key: weight(t) for f, t in zip(futures, tasks)}
-    for fut in as_completed(futures, loop=client.loop):  # the client need not be the default one
-        if fut.status == "error":
-            fut.result()  # raise the task's exception here, with its traceback
+    sent = Sent(client)
+    sent.send([(n, fn, task) for n, task in enumerate(tasks)], star, args)
+    results: list = [None] * len(tasks)
+    for n, result in sent.results():
+        results[n] = result
         if tracker is not None:
-            tracker.update(weights[fut.key])
-    return client.gather(futures)
+            tracker.update(weight(tasks[n]))
+    return results
 
 
 def completed(client, tasks: Sequence[tuple[Callable, tuple]], threads: int = 1) -> Iterator[tuple[int, object]]:
@@ -214,14 +275,7 @@ def completed(client, tasks: Sequence[tuple[Callable, tuple]], threads: int = 1)
             for fut in done_order(list(number)):
                 yield number.pop(fut), fut.result()
         return
-    from distributed import as_completed
-    futures = submit_scattered(client, [fn for fn, _ in tasks], [args for _, args in tasks], True)
-    del tasks  # (sent: a caller that passed its only reference holds none of their data from here)
-    number = {fut.key: n for n, fut in enumerate(futures)}
-    pending = as_completed(futures, loop=client.loop)  # (the client need not be the default one)
-    del futures  # as_completed holds each future until it yields it
-    for fut in pending:
-        result = fut.result()  # a task's exception here, with its traceback
-        n = number.pop(fut.key)
-        del fut
-        yield n, result
+    sent = Sent(client)
+    sent.send([(n, fn, args) for n, (fn, args) in enumerate(tasks)], star=True)
+    del tasks  # (sent keeps each task's data until its result is fetched, then lets go of it)
+    yield from sent.results()

@@ -26,7 +26,7 @@ import pandas as pd
 import pipeline
 from pipeline import candidates, catalog, decide, outdir, paths, scan, screen, storage, write
 from pipeline.config import Config, ConfigError, check_scheduler
-from pipeline.progress import Progress, in_process_threads, map_tasks
+from pipeline.progress import Progress, Sent, again_if_lost, in_process_threads, map_tasks
 
 log = logging.getLogger("pipeline")
 TIER_ORDER = {"screen": 0, "verify": 1, "confirm": 2}
@@ -189,7 +189,7 @@ def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Itera
         return
     try:
         client = Client(target, timeout="15s")
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, ValueError) as exc:  # (ValueError: a malformed address, e.g. no port)
         raise ConfigError(f"cannot reach the Dask scheduler at {target!r} ({exc}): check --scheduler, "
                           "DASK_SCHEDULER_ADDRESS or dask.scheduler, or use --scheduler local") from None
     try:
@@ -296,8 +296,17 @@ def _recheck_partition(entries: list[scan.FileEntry], known_sha: list[str], cfg)
     return pd.DataFrame(rows, columns=SCREEN_COLUMNS).astype(_SCREEN_DTYPES)
 
 
+def inside(root: Path | str, folders: Iterable[Path | str]) -> list[Path | str]:
+    """The `folders` that lie inside `root` (a local folder, or a URL prefix on the same store)."""
+    if storage.is_url(root):
+        base = str(root).rstrip("/") + "/"
+        return [f for f in folders if storage.is_url(f) and str(f).rstrip("/").startswith(base)]
+    base_path = Path(root).resolve()
+    return [f for f in folders if not storage.is_url(f) and Path(f).resolve().is_relative_to(base_path)]
+
+
 def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known: catalog.KnownImages | None = None,
-               rehash: bool = False, reuse: dict | None = None) -> pd.DataFrame:
+               rehash: bool = False, reuse: dict | None = None, skip: list[Path | str] | None = None) -> pd.DataFrame:
     """Walk and screen. `known`: the catalog's records (catalog.KnownImages, matched by path); a
     file whose record was made with the same screen settings, with the same size and mtime_ns,
     and the same ETag when both have one (objects on a store: `etag_differs`), is not read (with
@@ -305,8 +314,14 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
     files were screened.
 
     `client`: None (in-process), a Dask client, or an AutoClient, which this function settles
-    (by the number of files it has to read); the later stages then use `auto.resolved()`."""
-    listing = storage.iter_objects(root, cfg.scan) if storage.is_url(root) else scan.iter_files(root, cfg.scan)
+    (by the number of files it has to read); the later stages then use `auto.resolved()`.
+    `skip`: the run's own folders (OUT, the catalog, the work folder), never scanned: inside DATA
+    they would make each run find the last one's thumbnails (`inside`)."""
+    skip = inside(root, skip or [])
+    for folder in skip:
+        log.info("not scanned: %s (this run's output, inside DATA)", folder)
+    listing = storage.iter_objects(root, cfg.scan, skip) if storage.is_url(root) \
+        else scan.iter_files(root, cfg.scan, skip)
     batches = scan.batched(listing, cfg.dask.partition_size)
     frames: list[pd.DataFrame] = []
     reused = _Reused()
@@ -355,34 +370,29 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
     with progress.stage("screen", unit="img") as tracker:
         from collections import deque
         held: deque = deque()  # "auto": tasks walked before the choice is made or the cluster is up
-        futures, pending = [], None  # pending: made with the first task (a lazy client starts then)
-        results: dict[int, pd.DataFrame] = {}  # in-process results by task number
+        sent = None  # progress.Sent: made with the first task (a lazy client starts then)
+        results: dict[int, pd.DataFrame] = {}  # the partitions' frames by task number
 
         def run_here(n, fn, args):
             results[n] = fn(*args)
             tracker.update(len(args[0]))
 
-        files_of: dict[str, int] = {}  # task key -> its number of files (the progress counts them)
+        files_of: dict[int, int] = {}  # task number -> its number of files (the progress counts them)
 
         def submit(n, fn, args):
-            nonlocal pending
-            from distributed import as_completed
+            nonlocal sent
             # the per-file lists go to the workers as data, not inside the task: the client's and
             # the scheduler's message logs (distributed.admin.low-level-log-length: 1000 messages
             # a stream) keep the tasks sent, and with them every screened file's entry (6 MB traced
-            # at 10k files, ten times that at 100k); hash=False: fresh keys, not shared with another task
-            data = client.scatter(list(args[:-1]), hash=False)
-            futures.append((n, client.submit(fn, *data, args[-1], pure=False)))
-            files_of[futures[-1][1].key] = len(args[0])
-            pending = pending or as_completed(loop=client.loop)
-            pending.add(futures[-1][1])
+            # at 10k files, ten times that at 100k); a task a lost worker took is sent again
+            sent = sent or Sent(client)
+            sent.send([(n, fn, args)], star=True)
+            files_of[n] = len(args[0])
 
-        def finished(fut):
-            # counted from the task's files: fetching the frame here would bring every
-            # partition to this process twice (gathered again below)
-            if fut.status == "error":
-                fut.result()  # the task's exception, with its traceback
-            tracker.update(files_of[fut.key])
+        def collect(block: bool) -> None:
+            for n, frame in sent.results(block=block) if sent is not None else []:
+                results[n] = frame
+                tracker.update(files_of.pop(n))
 
         n_tasks = 0
         for batch in batches:  # walk and screen interleave: the total grows until the walk ends
@@ -404,8 +414,7 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
                 while held:
                     submit(*held.popleft())
                 auto = None
-            for fut in pending.next_batch(block=False) if pending is not None else []:
-                finished(fut)
+            collect(block=False)
         if auto is not None:
             auto.walk_done()
             client = auto.resolved()  # None: in-process; else wait for the cluster
@@ -416,17 +425,13 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
                 held.clear()
             while held:
                 submit(*held.popleft())
-        for fut in pending if pending is not None else []:
-            finished(fut)
-        if futures:
-            results.update(zip([n for n, _ in futures], client.gather([f for _, f in futures])))
+        collect(block=True)
         frames = [results[n] for n in sorted(results)]
         tracker.set_total(walked)
     images = (pd.concat(frames, ignore_index=True) if frames
               else pd.DataFrame({c: pd.Series(dtype="object") for c in SCREEN_COLUMNS}))
     frames.clear()  # the partitions' frames: held once, in `images`, from here on
     results.clear()
-    futures.clear()
     if known is not None:
         unchanged = (images["error"] == _UNCHANGED).to_numpy()
         if unchanged.any():
@@ -727,6 +732,8 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
              rehash: bool = False) -> dict:
     # the client stays open to the end: its workers also make the report's thumbnails and drawings
     with dask_client(cfg, scheduler, lazy=cat is not None) as client:
+        if storage.is_url(root) and target_of(cfg, scheduler) not in ("sync", "auto", "local"):
+            storage.check_workers(client, str(root))  # (a cluster's workers have their own environment)
         return _stages(client, root, out, cfg, scheduler, progress, work_dir, weights_info, cat, rehash)
 
 
@@ -756,7 +763,8 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         known = catalog.known_records(cat, fps, root_text, reuse["screen"])
         if high_recall and isinstance(client, AutoClient):  # every image is embedded: load the model during the screen
             client.on_in_process = lambda: ahead.append(_build_model_ahead(cfg))
-        images = run_screen(root, cfg, client, progress, known=known, rehash=rehash, reuse=reuse["screen"])
+        images = run_screen(root, cfg, client, progress, known=known, rehash=rehash, reuse=reuse["screen"],
+                            skip=[out, work_dir, *([cat.directory] if cat is not None else [])])
         del known  # arrays over the catalog's images: not needed past the screen
         release_freed_memory()  # (the screen's partitions, concatenated into `images`)
         if isinstance(client, AutoClient):  # settled by the screen: None (in-process) or the cluster
@@ -798,8 +806,9 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                                               reuse["candidates"])
             if cat is not None:  # the old images and lists: used by the screen and just above only
                 cat.drop_tables("images", "neighbours")
-            pairs = build_pairs(images, cfg, client, timings=timings, previous=previous, info=search_info,
-                                emb_parts=None if screen_emb is None else screen_emb["part_path"].tolist())
+            pairs = again_if_lost("the candidate search", lambda previous=previous: build_pairs(
+                images, cfg, client, timings=timings, previous=previous, info=search_info,
+                emb_parts=None if screen_emb is None else screen_emb["part_path"].tolist()))
             tracker.update(len(images))
             del previous
             if cat is None:  # the directed lists are kept for the catalog's commit only

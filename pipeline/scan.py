@@ -8,11 +8,12 @@ once per real directory, which breaks loops. Nothing is opened for writing.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from pipeline import paths
 from pipeline.config import ScanConfig
@@ -92,10 +93,16 @@ def _classify(abs_path: str, size: int, cfg: ScanConfig) -> tuple[bool, str | No
     return True, "not an image: content matches no known image format"
 
 
-def iter_files(root: str | Path, cfg: ScanConfig) -> Iterator[FileEntry]:
-    """Yield every image file under `root` (depth-first, sorted), one at a time."""
+def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLike] = ()) -> Iterator[FileEntry]:
+    """Yield every image file under `root` (depth-first, sorted), one at a time. `skip`: folders
+    not to go into (the run's own OUT, catalog and work folder when they lie inside DATA), known
+    by device and inode, so a symlink or another spelling of them is skipped too."""
     root_abs = os.path.abspath(root)
     seen_dirs: set[tuple[int, int]] = set()
+    for folder in skip:  # (one not made yet holds nothing to skip)
+        with contextlib.suppress(OSError):
+            st = os.stat(folder)
+            seen_dirs.add((st.st_dev, st.st_ino))
     st = os.stat(root_abs)
     seen_dirs.add((st.st_dev, st.st_ino))
     stack: list[tuple[str, str]] = [(root_abs, "")]

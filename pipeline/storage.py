@@ -45,7 +45,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from pipeline import scan
 from pipeline.config import ConfigError, ScanConfig
@@ -187,10 +187,13 @@ def check_input(url: str) -> None:
         raise ConfigError(f"input location {url!r} holds no objects: pass DATA=<bucket/prefix of images>")
 
 
-def iter_objects(url: str, cfg: ScanConfig) -> Iterator[scan.FileEntry]:
+def iter_objects(url: str, cfg: ScanConfig, skip: Sequence[str] = ()) -> Iterator[scan.FileEntry]:
     """Every image object under `url`, as scan.iter_files gives local files: sorted, depth-first,
-    streamed one listing call ("folder") at a time. abs_path is the object's URL."""
+    streamed one listing call ("folder") at a time. abs_path is the object's URL. `skip`: URLs of
+    prefixes not to go into (the run's own OUT, catalog and work prefix when they lie inside DATA)."""
     fs, root = filesystem(url)
+    scheme = url.split("://", 1)[0]
+    skipped = {filesystem(p)[1] for p in skip if is_url(p) and str(p).split("://", 1)[0] == scheme}
     stack = [root]
     while stack:
         folder = stack.pop()
@@ -206,7 +209,8 @@ def iter_objects(url: str, cfg: ScanConfig) -> Iterator[scan.FileEntry]:
             if not base or name == folder or (cfg.skip_hidden and base.startswith(".")):
                 continue
             if info.get("type") == "directory":
-                subdirs.append(name)
+                if name not in skipped:
+                    subdirs.append(name)
                 continue
             size = int(info.get("size") or 0)
             keep, error = _classify(fs, name, size, cfg)
@@ -263,6 +267,37 @@ def _etag(info: dict) -> str | None:
         if isinstance(value, str) and value.strip().strip('"'):
             return value.strip().strip('"')
     return None
+
+
+def probe(url: str) -> str | None:
+    """Whether this process can open `url` with the options it was given (run on each Dask worker
+    by `check_workers`): None, or what went wrong. One small request (an info call)."""
+    try:
+        fs, path = filesystem(url)
+        fs.info(path)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def check_workers(client, url: str, what: str = "input location") -> None:
+    """ConfigError (exit 2) when some Dask worker cannot open `url`, which this process could:
+    workers that lack the store's credentials or endpoint would otherwise fail their first task
+    with a traceback (or, without the endpoint, ask the public cloud for a bucket of that name)."""
+    try:
+        answers = client.run(probe, url)
+    except Exception as exc:  # e.g. a worker with another version of this package
+        raise ConfigError(f"the Dask workers could not check that they can open {url} ({exc}): every worker "
+                          "needs this package, at the driver's version") from None
+    bad = sorted((worker, error) for worker, error in answers.items() if error)
+    if bad:
+        worker, error = bad[0]
+        raise ConfigError(
+            f"{len(bad)} of {len(answers)} Dask workers cannot open the {what} {url} (e.g. the worker at "
+            f"{worker}: {error}): give every worker the store's credentials (its environment, profile or "
+            "role: the driver's environment variables do not reach the workers) and, for an S3-compatible "
+            "server, the endpoint (storage.options.endpoint_url in the config, which reaches every worker, or "
+            "AWS_ENDPOINT_URL in each worker's environment)")
 
 
 def read_bytes(url: str) -> bytes:

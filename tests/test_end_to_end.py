@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bench.cluster import Worker, external_cluster, free_port
+from bench.cluster import KillOnce, Worker, external_cluster, free_port
 from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,6 +104,29 @@ def test_empty_folder_and_bad_files_complete(tmp_path):
     assert before == {p.name: p.read_bytes() for p in data.iterdir()}  # inputs untouched
 
 
+def test_out_and_catalog_inside_data_are_not_scanned(photo_paths, tmp_path):
+    """A nightly job with OUT (and a catalog) inside DATA: each run would otherwise scan the last
+    run's report thumbnails as new images, and find more "duplicates" every night."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, src in enumerate(photo_paths[:6]):
+        (data / f"p{i}{src.suffix.lower()}").write_bytes(src.read_bytes())
+    (data / "copy.jpg").write_bytes((data / f"p0{photo_paths[0].suffix.lower()}").read_bytes())
+    args = ["--tiers", "verify", "--scheduler", "sync", "--quiet"]
+    runs = []
+    for n in range(2):
+        assert main(["dedupe", str(data), "--out", str(data / "out"), "--catalog", str(data / "catalog"), *args]) == 0
+        runs.append(_frames(data / "out"))
+        assert list((data / "out" / "report" / "thumbs").iterdir())  # (there is something to skip)
+    for images, pairs in runs:
+        assert sorted(images["path"]) == sorted(p.name for p in data.iterdir() if p.is_file())
+        assert len(pairs[pairs["is_duplicate"]]) == 1
+    # a symlink into OUT is the same folder
+    (data / "link").symlink_to(data / "out", target_is_directory=True)
+    assert main(["dedupe", str(data), "--out", str(data / "out"), "--catalog", str(data / "catalog"), *args]) == 0
+    assert sorted(_frames(data / "out")[0]["path"]) == sorted(runs[0][0]["path"])
+
+
 def _frames(out: Path):
     images = pd.read_parquet(out / "images.parquet").sort_values("path").reset_index(drop=True)
     pairs = pd.read_parquet(out / "pairs.parquet").sort_values(["path_a", "path_b"]).reset_index(drop=True)
@@ -146,6 +169,32 @@ def test_real_dask_scheduler_and_worker_give_the_same_output(labelled_dir, model
         labelme = images[images.index.str.contains("labelme-subset")]
         assert len(labelme) == 7 and labelme["cluster_id"].isna().all()
 
+        # a worker process killed (SIGKILL, as a machine lost) the first time it starts a task of
+        # each stage, so the task's scattered data dies with it: the tasks are sent again, the
+        # candidate search is made again, and the outputs are the same
+        from distributed import Client
+        killed = tmp_path / "killed"
+        killed.mkdir()
+        stages = ("_screen_partition", "_build_shard", "_features_task", "_verify_task", "_embed_task",
+                  "make_thumbs", "thumbs_from_store")
+        with Client(address) as client:
+            client.register_plugin(KillOnce(stages, killed))
+        try:
+            result = subprocess.run([sys.executable, "-m", "pipeline", "dedupe", str(data), "--out",
+                                     str(tmp_path / "killed-run"), "--scheduler", address, "--quiet"],
+                                    capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+        finally:
+            with Client(address) as client:
+                client.unregister_worker_plugin(KillOnce.name)
+        assert result.returncode == 0, result.stderr[-3000:]
+        died = {p.name.removeprefix("killed-") for p in killed.iterdir()}
+        # each kill is its own loss: a task sent again, or the candidate search made again
+        assert {"_screen_partition", "_build_shard", "_features_task", "_verify_task"} <= died, died
+        assert "sending it again" in result.stderr and "during the candidate search" in result.stderr
+        again = _frames(tmp_path / "killed-run")
+        pd.testing.assert_frame_equal(again[0], runs["sync"][0])
+        pd.testing.assert_frame_equal(again[1], runs["sync"][1])
+
 
 def test_missing_weights_stop_the_run_before_any_work(tmp_path):
     data = tmp_path / "d"
@@ -171,3 +220,7 @@ def test_unreachable_scheduler_is_a_usage_error(tmp_path):
     result = cli("dedupe", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--tiers", "screen",
                  "--scheduler", f"tcp://127.0.0.1:{free_port()}")
     assert result.returncode == 2 and "cannot reach the Dask scheduler" in result.stderr
+    no_port = cli("dedupe", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--tiers", "screen",
+                  "--scheduler", "tcp://127.0.0.1")  # (a port left off: a malformed address)
+    assert no_port.returncode == 2 and "cannot reach the Dask scheduler at 'tcp://127.0.0.1'" in no_port.stderr
+    assert "Traceback" not in no_port.stderr

@@ -292,8 +292,8 @@ def test_an_object_deleted_after_listing_is_an_error_row(s3, bucket, dataset, tm
     from pipeline import cli, storage
     listed = storage.iter_objects
 
-    def listing_then_delete(url, cfg):
-        for entry in listed(url, cfg):
+    def listing_then_delete(url, cfg, skip=()):
+        for entry in listed(url, cfg, skip):
             if entry.path == "b.jpg":
                 fs.rm_file(f"{prefix}/b.jpg")
             yield entry
@@ -684,6 +684,46 @@ def test_cascade_on_azure_blob_storage_equals_a_local_run(azure, dataset, tmp_pa
     finally:
         holder.communicate("\n", timeout=60)
     assert holder.returncode == 0
+
+
+@pytest.mark.slow
+def test_workers_that_cannot_open_the_bucket_stop_the_run_with_exit_2(s3, bucket, tmp_path):
+    """The driver has the credentials and the endpoint, the cluster's workers do not (their own
+    environment): the run stops before any work, exit 2, naming a worker and what to give them,
+    instead of a traceback from the first task (or, without the endpoint, asking the public
+    cloud for a bucket of that name)."""
+    _, env, _ = s3
+    cases = {"credentials": {k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+             "endpoint": dict({k: v for k, v in env.items() if k != "AWS_ENDPOINT_URL"},
+                              AWS_ENDPOINT_URL="http://127.0.0.1:9")}  # (not the public cloud, even by mistake)
+    for name, worker_env in cases.items():
+        (tmp_path / name / "scheduler").mkdir(parents=True)
+        (tmp_path / name / "worker").mkdir()
+        with external_cluster(env, tmp_path / name / "scheduler",
+                              [Worker(tmp_path / name / "worker", env=worker_env)]) as (address, _):
+            result = _run([bucket, "--out", str(tmp_path / name / "out"), "--scheduler", address, "--tiers",
+                           "screen", "--quiet"], env, tmp_path, timeout=300)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert f"1 of 1 Dask workers cannot open the input location {bucket}" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and "driver's environment variables do not reach" in result.stderr
+        assert not (tmp_path / name / "out" / "images.parquet").exists()
+
+
+def test_out_and_its_catalog_inside_data_on_the_bucket_are_not_scanned(s3, dataset, monkeypatch):
+    """OUT (with its catalog) under DATA's prefix: the next run does not list the last one's
+    report as images."""
+    env, _, _, fs, prefix, data, _, args = _screen_on_bucket(s3, monkeypatch, dataset, "nested")
+    out = f"{data}/out"
+    args = ["--tiers", "verify", "--scheduler", "sync", "--quiet"]
+    for _ in range(2):
+        assert _dedupe(data, "--out", out, *args) == 0
+        images, pairs = _read_outputs(out, env)
+        assert not images["path"].str.startswith("out/").any()
+        assert len(images) == _run_json(fs, out)["counts"]["files"]
+    assert fs.find(f"{out.removeprefix('s3://')}/report/thumbs") and fs.find(f"{out.removeprefix('s3://')}/catalog")
+    expected = sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*") if p.is_file()
+                      and p.name != "notes.txt")
+    assert sorted(images["path"]) == expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1224,6 +1264,11 @@ def test_plan_report_query_and_load_run_open_the_store_with_the_options_of_a_con
         image = next(p for p in sorted(dataset.rglob("*")) if p.name == "p0_exact_copy.jpg")
         catalog = f"{out}/catalog"
         assert main(["query", str(image), "--catalog", catalog]) == 2
+        err = capsys.readouterr().err  # the store refused: not "no catalog" (which says to build one)
+        assert "cannot read the catalog" in err and "no catalog" not in err, err
+        wrong = "storage.options=" + json.dumps(dict(options, secret="not-the-secret"))
+        assert main(["query", str(image), "--catalog", catalog, "--set", wrong]) == 2
+        assert "access denied" in capsys.readouterr().err
         assert main(["query", str(image), "--catalog", catalog, "--config", str(config),
                      "--output", str(tmp_path / "q.csv")]) == 0
         found = pd.read_csv(tmp_path / "q.csv")
@@ -1384,9 +1429,9 @@ def test_an_object_rewritten_within_its_second_during_the_run_is_marked_changed(
     fs.pipe_file(f"{prefix}/a.jpg", photo)
     listed, seen = storage.iter_objects, []
 
-    def put_list_then_rewrite(url, cfg):
+    def put_list_then_rewrite(url, cfg, skip=()):
         fs.pipe_file(f"{prefix}/b.jpg", photo)  # the first PUT, just before the listing
-        for entry in listed(url, cfg):
+        for entry in listed(url, cfg, skip):
             if entry.path == "b.jpg":
                 fs.pipe_file(f"{prefix}/b.jpg", _other_bytes_same_size(photo))
                 seen.append(storage._mtime(fs.info(f"{prefix}/b.jpg", refresh=True)) == entry.mtime)
