@@ -649,7 +649,8 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         raise ConfigError(f"cannot create the output folder {str(out)!r} ({exc.strerror}): "
                           "choose another --out") from None
     remote_out = storage.is_url(out)
-    with storage.locked(out) if remote_out else outdir.locked(out):
+    catalog_lock = storage.join(catalog_dir, catalog.LOCK_NAME) if storage.is_url(catalog_dir) else None
+    with storage.locked(out, also=catalog_lock) if remote_out else outdir.locked(out):
         work_dir = (cfg.work_dir if storage.is_url(cfg.work_dir) else Path(cfg.work_dir)) if cfg.work_dir \
             else storage.join(out, f"{outdir.WORK_PREFIX}{os.getpid()}") if remote_out \
             else out / f"{outdir.WORK_PREFIX}{os.getpid()}"

@@ -424,12 +424,14 @@ class _Lease(threading.Thread):
 
 @contextlib.contextmanager
 def locked(out: str, name: str = LOCK_NAME, what: str = "output location", option: str = "--out",
-           lease_s: float = LOCK_LEASE_S, refresh_s: float | None = None) -> Iterator[None]:
+           lease_s: float = LOCK_LEASE_S, refresh_s: float | None = None, also: str | None = None) -> Iterator[None]:
     """OUT's run lock on a store: the object OUT/.dedupe.lock, created exclusively, renewed every
     `refresh_s` (default: LOCK_REFRESH_S, at most a quarter of the lease), removed at the end. A lock
     left by a run that stopped renewing it `lease_s` ago is taken over (a warning names that run);
     a live one gives a ConfigError naming the holder (or saying what to fix when the lock cannot be
-    made). (`name`, `what`, `option`: the same lock for another prefix, e.g. the catalog.)"""
+    made). (`name`, `what`, `option`: the same lock for another prefix, e.g. the catalog. `also`:
+    the URL of another lock the same run takes next, e.g. its catalog's on a store, named in the
+    message when it is there too: a killed run left both.)"""
     fs, root = filesystem(out)
     lock = f"{root}/{name}"
     token = uuid.uuid4().hex
@@ -454,10 +456,15 @@ def locked(out: str, name: str = LOCK_NAME, what: str = "output location", optio
                         fs.rm_file(lock)
             _create_exclusive(fs, lock, data)
     except FileExistsError:
+        other = ""
+        with contextlib.suppress(Exception):
+            other_fs, other_path = filesystem(also) if also else (None, None)
+            if other_fs is not None and other_fs.exists(other_path):
+                other = f", and {also} if that run held it too (it is there)"
         raise ConfigError(f"the {what} {out!r} is in use by {_holder(_lock_record(fs, lock))}: wait for "
                           f"that run to finish, or choose another {option} (a killed run's lock is taken "
                           f"over {lease_s:.0f} s after its last renewal; to go on now, once you know that "
-                          f"run is gone, delete {_url(fs, lock)})") from None
+                          f"run is gone, delete {_url(fs, lock)}{other})") from None
     except Exception as exc:
         raise access_error(out, exc, f"cannot write in the {what}", option) from None
     lease = _Lease(fs, lock, data, token, refresh_s if refresh_s is not None else min(LOCK_REFRESH_S, lease_s / 4))

@@ -423,6 +423,18 @@ def test_a_live_lock_is_kept_and_a_lock_past_its_lease_is_taken_over(caplog):
         with storage.locked(out, lease_s=5):
             pass
     assert json.loads(fs.cat_file(lock))["token"] == "theirs"  # a live lock is left alone
+    # a killed run left its catalog's lock too: the message names both objects to delete
+    catalog_lock = f"{out}/catalog/.catalog.lock"
+    with pytest.raises(ConfigError, match="in use by pid 4242") as refused:
+        with storage.locked(out, lease_s=5, also=catalog_lock):
+            pass
+    assert "catalog/.catalog.lock" not in str(refused.value)  # (not there: not named)
+    _foreign_lock(fs, f"{root}/catalog/.catalog.lock")
+    with pytest.raises(ConfigError, match=r"delete memory://.*/\.dedupe\.lock, and memory://.*/catalog/\.catalog\.lock "
+                                          "if that run held it too"):
+        with storage.locked(out, lease_s=5, also=catalog_lock):
+            pass
+    fs.rm_file(f"{root}/catalog/.catalog.lock")
     time.sleep(1.2)
     with caplog.at_level("WARNING", logger="pipeline"):
         with storage.locked(out, lease_s=1):
