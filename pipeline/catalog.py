@@ -343,7 +343,7 @@ def exists(location: Path | str) -> bool:
         files.fs.invalidate_cache(files._path(MANIFEST))
         # (not fs.isfile, which answers False for every error: a refused key is not "no catalog")
         return files.fs.info(files._path(MANIFEST)).get("type", "file") != "directory"
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     except Exception as exc:  # an unreachable store, no access: say what to fix
         if files.remote:

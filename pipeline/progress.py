@@ -149,6 +149,15 @@ SCATTER_TASKS = 16
 
 
 RESENDS = 3  # times a task is sent again after a lost worker took its data or result with it
+# why Dask cancels a task when the driver, not a worker, went away: never resent
+NOT_A_LOST_WORKER = ("scheduler-connection-lost", "scheduler-restart", "client-cancel", "cancel")
+
+
+def lost_with_a_worker(exc: BaseException, client) -> bool:
+    """A cancelled task whose data or result a worker that left took with it (Dask: "already
+    forgotten"), not one cancelled because this client lost its scheduler or cancelled it."""
+    reason = str(getattr(exc, "reason", "") or "")
+    return getattr(client, "status", "running") == "running" and not reason.startswith(NOT_A_LOST_WORKER)
 
 
 class Sent:
@@ -198,6 +207,8 @@ class Sent:
             try:
                 result = fut.result()
             except CancelledError as exc:  # its worker left with the task's data (or its result)
+                if not lost_with_a_worker(exc, self.client):
+                    raise
                 if sends > RESENDS:
                     raise RuntimeError(f"task {n} ({getattr(fn, '__name__', fn)}) was lost with its worker "
                                        f"{sends} times: a worker running it dies (memory? see the workers' "
@@ -220,6 +231,8 @@ def again_if_lost(what: str, fn: Callable[[], object]):
         try:
             return fn()
         except CancelledError as exc:
+            if not lost_with_a_worker(exc, None):
+                raise
             if sends > RESENDS:
                 raise RuntimeError(f"{what} lost a worker {sends} times: a worker running it dies (memory? "
                                    "see the workers' logs)") from exc

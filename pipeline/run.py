@@ -317,11 +317,11 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
     (by the number of files it has to read); the later stages then use `auto.resolved()`.
     `skip`: the run's own folders (OUT, the catalog, the work folder), never scanned: inside DATA
     they would make each run find the last one's thumbnails (`inside`)."""
-    skip = inside(root, skip or [])
-    for folder in skip:
+    for folder in inside(root, skip or []):
         log.info("not scanned: %s (this run's output, inside DATA)", folder)
-    listing = storage.iter_objects(root, cfg.scan, skip) if storage.is_url(root) \
-        else scan.iter_files(root, cfg.scan, skip)
+    # (a local folder by device and inode wherever it is: a symlink in DATA may lead to it)
+    listing = storage.iter_objects(root, cfg.scan, inside(root, skip or [])) if storage.is_url(root) \
+        else scan.iter_files(root, cfg.scan, [f for f in skip or [] if not storage.is_url(f)])
     batches = scan.batched(listing, cfg.dask.partition_size)
     frames: list[pd.DataFrame] = []
     reused = _Reused()
@@ -631,6 +631,11 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         if not root.is_dir():
             raise ConfigError(f"input folder {str(root)!r} does not exist or is not a folder: "
                               "pass DATA=<folder of images>")
+    if storage.is_url(root) == storage.is_url(out) and (
+            str(root).rstrip("/") == str(out).rstrip("/") if storage.is_url(out) else Path(root).resolve() == Path(out).resolve()):
+        raise ConfigError(f"--out {str(out)!r} is DATA itself: the outputs would be scanned as images; choose "
+                          f"another folder, e.g. {storage.join(root, 'dedupe-out')} (inside DATA is fine: a run "
+                          "never scans its own OUT)")
     if not storage.is_url(out):
         out = Path(out)
         if out.exists() and not out.is_dir():

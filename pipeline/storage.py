@@ -280,15 +280,31 @@ def probe(url: str) -> str | None:
     return None
 
 
+PROBE_TIMEOUT_S = 60.0  # a worker whose store does not answer within this fails the check
+
+
+async def probe_on_worker(url: str) -> str | None:
+    """`probe` on a Dask worker, off its event loop (a blocking call there would stall the worker)
+    and within PROBE_TIMEOUT_S."""
+    import asyncio
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(probe, url), PROBE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        return f"no answer within {PROBE_TIMEOUT_S:.0f} s"
+
+
 def check_workers(client, url: str, what: str = "input location") -> None:
     """ConfigError (exit 2) when some Dask worker cannot open `url`, which this process could:
     workers that lack the store's credentials or endpoint would otherwise fail their first task
     with a traceback (or, without the endpoint, ask the public cloud for a bucket of that name)."""
-    try:
-        answers = client.run(probe, url)
-    except Exception as exc:  # e.g. a worker with another version of this package
-        raise ConfigError(f"the Dask workers could not check that they can open {url} ({exc}): every worker "
-                          "needs this package, at the driver's version") from None
+    answers = client.run(probe_on_worker, url, on_error="return")
+    for worker, answer in list(answers.items()):
+        if isinstance(answer, AttributeError):  # no probe_on_worker there: another version of the package
+            raise ConfigError(f"the Dask worker at {worker} could not check that it can open {url} ({answer}): "
+                              "every worker needs this package, at the driver's version")
+        if isinstance(answer, BaseException):  # a worker leaving or starting: its tasks go elsewhere
+            log.warning("the Dask worker at %s did not answer the store check (%s)", worker, answer)
+            del answers[worker]
     bad = sorted((worker, error) for worker, error in answers.items() if error)
     if bad:
         worker, error = bad[0]
@@ -590,6 +606,7 @@ class LastReport:
 # rewrite by themselves, Azure's Copy Blob (which may answer "pending") waited for by `_azure_copy`
 SERVER_COPY = ("s3", "s3a", "gs", "gcs", "abfs", "az", "abfss")
 AZURE_COPY_POLL_S = 0.2  # between status checks of a pending Copy Blob
+AZURE_COPY_TIMEOUT_S = 600.0  # a copy still pending after this is aborted, and the publish fails
 AZURE_COPIES_AT_ONCE = 64
 
 
@@ -627,7 +644,14 @@ async def _azure_copy(fs, sources: list[str], targets: list[str]) -> None:
                 status = (await into.start_copy_from_url(blob(source).url)).get("copy_status")
             except ResourceNotFoundError:
                 raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), source) from None
+            deadline = time.monotonic() + AZURE_COPY_TIMEOUT_S
             while status == "pending":
+                if time.monotonic() > deadline:
+                    props = await into.get_blob_properties()
+                    with contextlib.suppress(Exception):
+                        await into.abort_copy(props.copy.id)
+                    raise OSError(f"the copy of {source} to {target} on the store was still pending after "
+                                  f"{AZURE_COPY_TIMEOUT_S:.0f} s: aborted; run again")
                 await asyncio.sleep(AZURE_COPY_POLL_S)
                 status = (await into.get_blob_properties()).copy.status
             if status not in ("success", None):

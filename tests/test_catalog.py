@@ -853,3 +853,11 @@ def test_feature_parts_finds_the_wanted_features_of_these_settings_in_first_seen
     assert nothing.empty and counts == {"reused": 0, "settings_changed": 0}
     flipped, counts = cat.feature_parts("orb", "F1", wanted[:2], [4, 4])  # A4 only: C has no flipped row
     assert flipped.index.tolist() == [14] and counts == {"reused": 1, "settings_changed": 0}
+
+
+def test_a_catalog_path_that_is_a_file_is_no_catalog(tmp_path):
+    """`--catalog` naming a file: "no catalog there" (exit 2 from query), not a traceback."""
+    from pipeline import catalog as catalog_module
+    (tmp_path / "notes.txt").write_text("not a catalog")
+    assert catalog_module.exists(tmp_path / "notes.txt") is False
+    assert catalog_module.exists(tmp_path / "nothing") is False

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,19 @@ def test_out_and_catalog_inside_data_are_not_scanned(photo_paths, tmp_path):
     (data / "link").symlink_to(data / "out", target_is_directory=True)
     assert main(["dedupe", str(data), "--out", str(data / "out"), "--catalog", str(data / "catalog"), *args]) == 0
     assert sorted(_frames(data / "out")[0]["path"]) == sorted(runs[0][0]["path"])
+    # ... also when OUT lies outside DATA and only a symlink leads there
+    (data / "link").unlink()
+    for folder in ("out", "catalog"):  # (another run's OUT inside DATA is data like any other)
+        shutil.rmtree(data / folder)
+    elsewhere = tmp_path / "elsewhere"
+    (data / "to-out").symlink_to(elsewhere, target_is_directory=True)
+    for _ in range(2):
+        assert main(["dedupe", str(data), "--out", str(elsewhere), *args]) == 0
+    assert sorted(_frames(elsewhere)[0]["path"]) == sorted(runs[0][0]["path"])
+    # OUT = DATA itself: refused, saying what to do (its outputs would be scanned as images)
+    before = sorted(p.name for p in data.iterdir())
+    assert main(["dedupe", str(data), "--out", str(data) + "/", *args]) == 2
+    assert sorted(p.name for p in data.iterdir()) == before
 
 
 def _frames(out: Path):
