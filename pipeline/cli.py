@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from pipeline.config import KEEP_POLICIES, ConfigError, load_config, preset_names
 
@@ -202,7 +203,10 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
     report.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a report setting, e.g. --set report.keep=oldest, or give OUT's store "
                              "options, --set 'storage.options={...}' (repeatable)")
-    report.add_argument("--config", default=None, metavar="FILE", help=STORE_CONFIG_HELP)
+    report.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML config file (e.g. the nightly run's): its report section, if any, applies "
+                             "to the rebuilt report (before --set), its storage.options open OUT on a store; "
+                             "its other sections are checked, not used")
     return parser
 
 
@@ -285,6 +289,10 @@ def report_command(args) -> int:
             base = config_from_dict(run.manifest.get("config") or {})
         except ConfigError:  # another version's config: rebuild with the defaults
             base = Config()
+        if args.config:  # the file's report section (the whole file was checked by store_options)
+            from pipeline.config import read_yaml
+            if "report" in read_yaml(Path(args.config)):
+                base.report = load_config(args.config).report
         cfg = load_config(None, [o for o in args.overrides if o.strip().startswith("report.")], base=base)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

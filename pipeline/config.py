@@ -437,7 +437,7 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def _read_yaml(p: Path) -> dict:
+def read_yaml(p: Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found: pass an existing YAML file to --config")
     try:
@@ -488,9 +488,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     then each `key=value` override, then validation."""
     cfg = copy.deepcopy(base) if base is not None else Config()
     if preset:
-        _apply(cfg, _read_yaml(preset_path(preset)))
+        _apply(cfg, read_yaml(preset_path(preset)))
     if path:
-        _apply(cfg, _read_yaml(Path(path)))
+        _apply(cfg, read_yaml(Path(path)))
     _apply_overrides(cfg, overrides)
     _validate(cfg)
     return cfg

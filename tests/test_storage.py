@@ -1271,6 +1271,12 @@ def test_plan_report_query_and_load_run_open_the_store_with_the_options_of_a_con
         assert b'"newest"' in fs.cat_file(f"{root}/report/data.js")
         assert main(["report", out, "--set", inline, "--set", "report.keep=oldest"]) == 0
         assert b'"oldest"' in fs.cat_file(f"{root}/report/data.js")
+        # the file's report section applies too (before --set)
+        config.write_text(yaml.safe_dump({"storage": {"options": options}, "report": {"keep": "shortest_path"}}))
+        assert main(["report", out, "--config", str(config)]) == 0
+        assert b'"shortest_path"' in fs.cat_file(f"{root}/report/data.js")
+        assert main(["report", out, "--config", str(config), "--set", "report.keep=newest"]) == 0
+        assert b'"newest"' in fs.cat_file(f"{root}/report/data.js")
         assert main(["report", out, "--config", str(config), "--set", "decide.cosine_threshold=0.5"]) == 2
         assert "only report.* and storage.* settings apply to `report`" in capsys.readouterr().err
 
