@@ -456,7 +456,10 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
     images["raw_path"] = [None if paths.is_utf8(b) else b for b in raw]
     images["image_id"] = image_ids(raw)
     images["path"] = [paths.text_form(p) for p in images["path"]]
-    images["error"] = [paths.clean_text(e) if isinstance(e, str) else e for e in images["error"]]
+    # (object, never float: a column of no errors read back as all-NaN would refuse the texts a
+    # later step adds, e.g. a --rehash run's "changed during the run")
+    images["error"] = pd.Series([paths.clean_text(e) if isinstance(e, str) else None for e in images["error"]],
+                                index=images.index, dtype=object)
     images = images.sort_values("path", kind="stable").reset_index(drop=True)
     return images[["image_id", *[c for c in images.columns if c != "image_id"]]]
 

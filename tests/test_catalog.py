@@ -131,6 +131,28 @@ def test_rehash_reads_every_file_and_still_reuses_unchanged_content(grown, tmp_p
     assert manifest["reuse"]["screen"]["reused"] == manifest["counts"]["files"]
 
 
+def test_rehash_screens_a_file_whose_content_changed(grown, tmp_path):
+    """--rehash finds the file whose bytes differ from the catalog's and screens it again (the run
+    failed on it: its error column, empty, had been read back as floats)."""
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    target = grown["data"] / "a" / "g0001_original.jpg"
+    original, before = target.read_bytes(), target.stat()
+    target.write_bytes(original + b"\0" * 16)  # trailing bytes: the same picture, another sha256
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    try:
+        manifest = run(grown["data"], out, "--rehash")
+    finally:
+        target.write_bytes(original)
+        os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert manifest["reuse"]["screen"]["screened"] == 1
+    assert manifest["reuse"]["screen"]["why_screened"] == {"content_changed": 1}
+    assert manifest["counts"]["changed_during_run"] == 0
+    images = pd.read_parquet(out / "images.parquet").set_index("path")
+    assert images.loc["a/g0001_original.jpg", "bytes"] == len(original) + 16
+    assert images["error"].isna().all()
+
+
 def test_decide_change_redecides_from_stored_scores(grown, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(grown["out"], out)
