@@ -316,9 +316,15 @@ def undo(log_path: str | Path, echo: Callable[[str], None] = print,
                 continue  # the original is in place: never carried out, or already undone
             out.failed.append((e["path"], f"the original is neither at {held} nor at {src}"))
             continue
+        if e.get("sha256") and os.path.isfile(held) and not os.path.islink(held) \
+                and sha256_file(held) != e["sha256"]:  # (byte for byte, or not at all)
+            out.failed.append((e["path"], f"{held} was changed since `apply` put it there (sha256 differs): "
+                                          "left there"))
+            continue
         if os.path.lexists(src):
             if not _made_by_apply(e, src):
-                out.failed.append((e["path"], f"{src} exists and is not the link `apply` made: left alone"))
+                what = "another file" if e["op"] == "move" else "not the link `apply` made"
+                out.failed.append((e["path"], f"{src} exists and is {what}: left alone"))
                 continue
             os.unlink(src)
         Path(src).parent.mkdir(parents=True, exist_ok=True)

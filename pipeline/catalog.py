@@ -744,6 +744,9 @@ def known_records(cat: Catalog | None, fps: dict, root: str, reuse: dict) -> Kno
         return None
     if cat.root is not None and _root_key(cat.root) != _root_key(root):
         reuse["not_reused"] = f"the catalog was made for another folder ({cat.root})"
+        log.warning("the catalog at %s was made for another folder (%s): this run reads every file of %s "
+                    "and the catalog then holds this folder's records only (keep one OUT, or one --catalog, "
+                    "per DATA)", cat.directory, cat.root, root)
         return KnownImages(_empty(IMAGE_COLUMNS), fps["screen"])
     return KnownImages(cat.images, fps["screen"])
 

@@ -238,6 +238,12 @@ def plan_command(args) -> int:
     except (FileNotFoundError, PlanError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:
+        if storage.is_url(out) or storage.is_url(args.output or ""):
+            print(f"error: {storage.access_error(out, exc, 'output location', 'OUT')}", file=sys.stderr)
+        else:  # e.g. --output in a folder this user cannot write
+            print(f"error: cannot write the plan ({exc}): choose a writable --output", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as exc:  # a store that refuses or does not answer (credentials, endpoint)
         if not storage.is_url(out):
             raise
@@ -318,8 +324,15 @@ def report_command(args) -> int:
             return EXIT_FAILED
         print(f"{storage.join(out, 'report', 'index.html')} (generation {gen})")
         return EXIT_OK
-    # rebuilt inside the run's published generation, which OUT/report and OUT/report.html point into
-    print(write_report(current_generation(run.out_dir) or run.out_dir, run.images, run.pairs, run.manifest, cfg))
+    # rebuilt inside the run's published generation, which OUT/report and OUT/report.html point into,
+    # under OUT's lock: a run publishing meanwhile would drop the rebuilt report
+    from pipeline.outdir import locked
+    try:
+        with locked(Path(run.out_dir)):
+            print(write_report(current_generation(run.out_dir) or run.out_dir, run.images, run.pairs, run.manifest, cfg))
+    except ConfigError as exc:  # another run holds OUT (named), or OUT cannot be written
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -400,6 +413,8 @@ def _query_command(args) -> int:
     try:
         if args.output and os.path.splitext(args.output)[1].lower() not in (".parquet", ".csv", ".json"):
             raise ConfigError(f"--output {args.output!r}: the extension must be .parquet, .csv or .json")
+        if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+            raise ConfigError(f"--output {args.output!r}: its folder does not exist; create it first")
         from pipeline import query
         from pipeline.config import config_from_dict
         from pipeline.run import dask_client

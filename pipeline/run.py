@@ -306,7 +306,8 @@ def inside(root: Path | str, folders: Iterable[Path | str]) -> list[Path | str]:
 
 
 def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known: catalog.KnownImages | None = None,
-               rehash: bool = False, reuse: dict | None = None, skip: list[Path | str] | None = None) -> pd.DataFrame:
+               rehash: bool = False, reuse: dict | None = None, skip: list[Path | str] | None = None,
+               unlisted: list[tuple[str, str]] | None = None) -> pd.DataFrame:
     """Walk and screen. `known`: the catalog's records (catalog.KnownImages, matched by path); a
     file whose record was made with the same screen settings, with the same size and mtime_ns,
     and the same ETag when both have one (objects on a store: `etag_differs`), is not read (with
@@ -316,12 +317,13 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
     `client`: None (in-process), a Dask client, or an AutoClient, which this function settles
     (by the number of files it has to read); the later stages then use `auto.resolved()`.
     `skip`: the run's own folders (OUT, the catalog, the work folder), never scanned: inside DATA
-    they would make each run find the last one's thumbnails (`inside`)."""
+    they would make each run find the last one's thumbnails (`inside`). `unlisted` receives the
+    local folders that could not be listed (their files are left out)."""
     for folder in inside(root, skip or []):
         log.info("not scanned: %s (this run's output, inside DATA)", folder)
     # (a local folder by device and inode wherever it is: a symlink in DATA may lead to it)
     listing = storage.iter_objects(root, cfg.scan, inside(root, skip or [])) if storage.is_url(root) \
-        else scan.iter_files(root, cfg.scan, [f for f in skip or [] if not storage.is_url(f)])
+        else scan.iter_files(root, cfg.scan, [f for f in skip or [] if not storage.is_url(f)], unlisted)
     batches = scan.batched(listing, cfg.dask.partition_size)
     frames: list[pd.DataFrame] = []
     reused = _Reused()
@@ -634,6 +636,12 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         if not root.is_dir():
             raise ConfigError(f"input folder {str(root)!r} does not exist or is not a folder: "
                               "pass DATA=<folder of images>")
+        try:  # (a folder that cannot be listed would read as an empty collection)
+            with paths.scandir(str(root.absolute())):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"input folder {str(root)!r} cannot be listed ({exc.strerror}): give this user "
+                              "read and execute permission on it") from None
     if storage.is_url(root) == storage.is_url(out) and (
             str(root).rstrip("/") == str(out).rstrip("/") if storage.is_url(out) else Path(root).resolve() == Path(out).resolve()):
         raise ConfigError(f"--out {str(out)!r} is DATA itself: the outputs would be scanned as images; choose "
@@ -772,8 +780,16 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         known = catalog.known_records(cat, fps, root_text, reuse["screen"])
         if high_recall and isinstance(client, AutoClient):  # every image is embedded: load the model during the screen
             client.on_in_process = lambda: ahead.append(_build_model_ahead(cfg))
+        unlisted: list[tuple[str, str]] = []
         images = run_screen(root, cfg, client, progress, known=known, rehash=rehash, reuse=reuse["screen"],
-                            skip=[out, work_dir, *([cat.directory] if cat is not None else [])])
+                            skip=[out, work_dir, *([cat.directory] if cat is not None else [])], unlisted=unlisted)
+        if unlisted:
+            log.warning("%d folder(s) could not be listed; their files are left out of this run: %s", len(unlisted),
+                        "; ".join(f"{folder} ({why})" for folder, why in unlisted[:10]))
+        counts["unlisted_folders"] = len(unlisted)
+        if len(images) == 0 and known is not None and len(known) > 0:  # (an unmounted share looks like this)
+            raise ConfigError(f"DATA {root_text} holds no files now, but the catalog knows {len(known)} from it: "
+                              "is it mounted? If the collection really is empty, run with --no-catalog")
         del known  # arrays over the catalog's images: not needed past the screen
         release_freed_memory()  # (the screen's partitions, concatenated into `images`)
         if isinstance(client, AutoClient):  # settled by the screen: None (in-process) or the cluster

@@ -93,10 +93,12 @@ def _classify(abs_path: str, size: int, cfg: ScanConfig) -> tuple[bool, str | No
     return True, "not an image: content matches no known image format"
 
 
-def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLike] = ()) -> Iterator[FileEntry]:
+def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLike] = (),
+               unlisted: list[tuple[str, str]] | None = None) -> Iterator[FileEntry]:
     """Yield every image file under `root` (depth-first, sorted), one at a time. `skip`: folders
     not to go into (the run's own OUT, catalog and work folder when they lie inside DATA), known
-    by device and inode, so a symlink or another spelling of them is skipped too."""
+    by device and inode, so a symlink or another spelling of them is skipped too. `unlisted`
+    receives (folder relative to root, why) for each folder that could not be listed."""
     root_abs = os.path.abspath(root)
     seen_dirs: set[tuple[int, int]] = set()
     for folder in skip:  # (one not made yet holds nothing to skip)
@@ -122,8 +124,10 @@ def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLi
                     except OSError:
                         continue  # a dangling link, or an entry gone since the listing
                     listed.append((entry.name, st))
-        except OSError:
-            continue  # unreadable folder: nothing inside it can be listed
+        except OSError as exc:  # unreadable folder: nothing inside it can be listed
+            if unlisted is not None:
+                unlisted.append((dir_rel or ".", exc.strerror or str(exc)))
+            continue
         subdirs = []
         for name, st in listed:
             rel = f"{dir_rel}/{name}" if dir_rel else name

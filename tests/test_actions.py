@@ -72,6 +72,10 @@ def test_plan_rows(run_dir):
     assert main(["plan", str(run_dir / "out"), "--keep", "shortest_path", "--output", str(run_dir / "p2.csv")]) == 0
     p2 = read_plan(run_dir / "p2.csv")
     assert sorted(p2.loc[p2["action"] == "keep", "path"]) == ["originals/a.jpg", "originals/b.jpg"]
+    # an --output that cannot be written: exit 2 with a message, not a traceback
+    (run_dir / "a-file").write_text("")
+    assert main(["plan", str(run_dir / "out"), "--keep", "shortest_path", "--output",
+                 str(run_dir / "a-file" / "plan.csv")]) == 2
     # a file:// URL is the local folder (OUT/plan.parquet there, and apply reads it as a local plan)
     assert main(["plan", f"file://{run_dir / 'out'}", "--keep", "shortest_path"]) == 0
     assert (run_dir / "out" / "plan.parquet").is_file() and not Path("file:").exists()
@@ -124,6 +128,23 @@ def test_apply_then_undo_restores_the_tree_byte_for_byte(run_dir, action, capsys
     assert not (run_dir / "logs" / "undo.trash").exists()
     assert main(["undo", str(log)]) == 0  # again: nothing left to do, nothing broken
     assert snapshot(data) == before
+
+
+def test_undo_restores_nothing_that_changed_since_apply(run_dir, capsys):
+    """undo restores byte for byte or not at all: a trashed or moved file edited since `apply`
+    stays where it is, named on stderr (exit 1); the others are restored."""
+    data = run_dir / "data"
+    log = run_dir / "undo.jsonl"
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute", "--log", str(log)]) == 0
+    edited = run_dir / "undo.trash" / "copies" / "a_q60.jpg"
+    with open(edited, "ab") as fh:
+        fh.write(b"edited in the trash")
+    capsys.readouterr()
+    assert main(["undo", str(log)]) == 1
+    err = capsys.readouterr().err
+    assert "copies/a_q60.jpg" in err and "changed since `apply`" in err
+    assert edited.is_file() and not (data / "copies" / "a_q60.jpg").exists()
+    assert (data / "copies" / "a_copy.jpg").is_file() and (data / "copies" / "b_half.jpg").is_file()
 
 
 def test_a_file_edited_after_the_run_is_refused(run_dir, capsys):

@@ -351,6 +351,9 @@ def test_query_cli_outputs_and_errors(grown, tmp_path, capsys):
         assert main(["query", image, "--catalog", cat_dir, "--output", str(target)]) == 0
         frame = {"parquet": pd.read_parquet, "csv": pd.read_csv, "json": pd.read_json}[ext](target)
         assert len(frame) and frame["is_duplicate"].any() and "rule" in frame
+    # an --output in a folder that does not exist: refused before any work
+    assert main(["query", image, "--catalog", cat_dir, "--output", str(tmp_path / "no" / "such" / "h.csv")]) == 2
+    assert "its folder does not exist" in capsys.readouterr().err
     copy = tmp_path / "copy.jpg"  # a byte copy of a catalog image, outside the folder
     shutil.copyfile(grown["data"] / "a" / "g0001_original.jpg", copy)
     assert main(["query", image, str(copy), "--catalog", cat_dir]) == 0
@@ -883,3 +886,58 @@ def test_a_catalog_path_that_is_a_file_is_no_catalog(tmp_path):
     (tmp_path / "notes.txt").write_text("not a catalog")
     assert catalog_module.exists(tmp_path / "notes.txt") is False
     assert catalog_module.exists(tmp_path / "nothing") is False
+
+
+def test_an_empty_or_unlistable_data_never_wipes_the_catalog(grown, tmp_path, monkeypatch, caplog):
+    """An unmounted share (DATA empty), a DATA this user cannot list, and a subfolder it cannot
+    list: the first two stop with exit 2 before anything is published (they used to publish empty
+    outputs and leave a catalog that forgot every file), the third is a warning and a count. The
+    permission errors are raised by a stand-in for the listing: the tests may run as root, whom
+    chmod does not stop."""
+    import contextlib
+    from pipeline import paths
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    before = {name: (out / name).read_bytes() for name in ("run.json", "images.parquet")}
+    # the catalog knows the files of grown["data"]: point the same OUT at an empty folder of that name
+    moved = tmp_path / "away"
+    os.replace(grown["data"], moved)
+    grown["data"].mkdir()
+    try:
+        assert main(["dedupe", str(grown["data"]), "--out", str(out), *COMMON]) == 2
+    finally:
+        grown["data"].rmdir()
+        os.replace(moved, grown["data"])
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+    real = paths.scandir
+    denied = set()
+
+    @contextlib.contextmanager
+    def listing(path):
+        if os.path.abspath(path) in denied:
+            raise PermissionError(13, "Permission denied", path)
+        with real(path) as it:
+            yield it
+
+    monkeypatch.setattr(paths, "scandir", listing)
+    denied.add(os.path.abspath(grown["data"]))
+    assert main(["dedupe", str(grown["data"]), "--out", str(out), *COMMON]) == 2
+    assert {name: (out / name).read_bytes() for name in before} == before
+    denied.clear()
+    denied.add(os.path.abspath(grown["data"] / "b"))
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        manifest = run(grown["data"], out)
+    assert manifest["counts"]["unlisted_folders"] == 1
+    assert any("could not be listed" in r.getMessage() and "b (Permission denied)" in r.getMessage()
+               for r in caplog.records)
+    assert not pd.read_parquet(out / "images.parquet")["path"].str.startswith("b/").any()
+
+
+def test_a_catalog_made_for_another_folder_is_a_warning(grown, tmp_path, caplog):
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        manifest = run(grown["data"] / "a", out)
+    assert manifest["reuse"]["screen"]["screened"] == manifest["counts"]["files"]
+    assert any("was made for another folder" in r.getMessage() for r in caplog.records)

@@ -230,6 +230,12 @@ def test_report_command_rebuilds_with_overrides(review_run, tmp_path):
     assert main(["report", str(out), "--set", "screen.max_distance=3"]) == 2
     assert main(["report", str(out), "--set", "report.keep=biggest"]) == 2
     assert main(["report", str(tmp_path / "nothing")]) == 2
+    # while a run holds OUT's lock (it would publish over the rebuilt report): refused, report kept
+    from pipeline import outdir
+    page = (out / "report" / "data.js").read_bytes()
+    with outdir.locked(out):
+        assert main(["report", str(out), "--set", "report.keep=oldest"]) == 2
+    assert (out / "report" / "data.js").read_bytes() == page
 
 
 def test_report_of_the_scale_benchmarks_synthetic_run(photo_paths, tmp_path):
