@@ -229,6 +229,11 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
         raise PlanError(f"the plan's files are objects on a store ({on_store[0]}, ...): `apply` moves, links and "
                         "deletes local files only; act on the objects the plan lists with the store's tools")
     to = Path(to).resolve() if to is not None else None
+    for row in plan.head(1).itertuples():  # the scanned folder: abs_path is DATA/path
+        abs_path, rel = str(row.abs_path), str(row.path)
+        if to is not None and abs_path.endswith(rel) and to.is_relative_to(Path(abs_path[:-len(rel)] or "/").resolve()):
+            raise PlanError(f"--to {str(to)!r} is inside the scanned folder {abs_path[:-len(rel)]!r}: the next run "
+                            "would find the moved files there again; choose a folder outside it")
     verb = {"move": "move", "hardlink": "hard-link", "symlink": "symlink", "delete": "delete"}[action]
     out = Outcome()
     log = UndoLog(Path(log_path)) if execute else None

@@ -249,6 +249,10 @@ def plan_command(args) -> int:
             raise
         print(f"error: {storage.access_error(out, exc, 'output location', 'OUT')}", file=sys.stderr)
         return EXIT_USAGE
+    from pipeline.results import unmatched_folders
+    for folder in unmatched_folders(run.images, args.prefer):
+        print(f"warning: --prefer {folder!r} holds none of the run's files (a folder relative to DATA, or "
+              "absolute): it decides no keeper", file=sys.stderr)
     removals = plan[plan["action"] == "remove"]
     print(f"{path}: {plan['cluster_id'].nunique()} clusters, {len(removals)} files to remove "
           f"({int(removals['bytes'].sum())} bytes), keeper policy {args.keep}")

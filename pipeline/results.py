@@ -113,6 +113,18 @@ def keeper_ids(members: pd.DataFrame, keep: Keep = "largest_pixels", prefer: Ite
     return pd.Series(first["image_id"].to_numpy(), index=first["cluster_id"].to_numpy(), name="keeper")
 
 
+def unmatched_folders(images: pd.DataFrame, prefer: Iterable[str]) -> list[str]:
+    """The `prefer` folders (as keeper_ids matches them) that hold none of `images`: most likely
+    a typo, which would leave every cluster to the fallback order without a word."""
+    from pipeline import storage
+    missing = []
+    for prefix in prefer:
+        col = "abs_path" if os.path.isabs(prefix) or storage.is_url(prefix) else "path"
+        if col in images and not _in_folder(images[col].astype(str).reset_index(drop=True), prefix).any():
+            missing.append(prefix)
+    return missing
+
+
 def normalize_images(images: pd.DataFrame, root: str | None = None) -> pd.DataFrame:
     """Images as the pipeline gives them (in memory: cluster_id -1 for singletons, mtime in
     seconds) or as images.parquet stores them -> cluster_id nullable Int64, mtime UTC timestamps,

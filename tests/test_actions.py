@@ -53,7 +53,7 @@ def run_dir(photo_paths, tmp_path):
     return tmp_path
 
 
-def test_plan_rows(run_dir):
+def test_plan_rows(run_dir, capsys):
     plan = read_plan(run_dir / "plan.parquet")
     assert list(plan.columns) == PLAN_COLUMNS
     assert sorted(plan["path"]) == ["copies/a_copy.jpg", "copies/a_q60.jpg", "copies/b_half.jpg",
@@ -72,6 +72,12 @@ def test_plan_rows(run_dir):
     assert main(["plan", str(run_dir / "out"), "--keep", "shortest_path", "--output", str(run_dir / "p2.csv")]) == 0
     p2 = read_plan(run_dir / "p2.csv")
     assert sorted(p2.loc[p2["action"] == "keep", "path"]) == ["originals/a.jpg", "originals/b.jpg"]
+    # a preferred folder that holds no file of the run (a typo): said, not silently ignored
+    capsys.readouterr()
+    assert main(["plan", str(run_dir / "out"), "--keep", "preferred_folder", "--prefer", "orignals",
+                 "--prefer", "originals", "--output", str(run_dir / "p3.csv")]) == 0
+    err = capsys.readouterr().err
+    assert "--prefer 'orignals' holds none of the run's files" in err and "'originals'" not in err
     # an --output that cannot be written: exit 2 with a message, not a traceback
     (run_dir / "a-file").write_text("")
     assert main(["plan", str(run_dir / "out"), "--keep", "shortest_path", "--output",
@@ -128,6 +134,16 @@ def test_apply_then_undo_restores_the_tree_byte_for_byte(run_dir, action, capsys
     assert not (run_dir / "logs" / "undo.trash").exists()
     assert main(["undo", str(log)]) == 0  # again: nothing left to do, nothing broken
     assert snapshot(data) == before
+
+
+def test_move_into_the_scanned_folder_is_refused(run_dir, capsys):
+    """--to inside DATA: the next nightly run would find the moved files again (and the next plan
+    would move them into DATA/_dupes/_dupes/...)."""
+    before = snapshot(run_dir / "data")
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "move", "--to", str(run_dir / "data" / "_dupes"),
+                 "--execute", "--log", str(run_dir / "undo.jsonl")]) == 2
+    assert "inside the scanned folder" in capsys.readouterr().err
+    assert snapshot(run_dir / "data") == before and not (run_dir / "undo.jsonl").exists()
 
 
 def test_undo_restores_nothing_that_changed_since_apply(run_dir, capsys):
