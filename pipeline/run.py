@@ -172,6 +172,7 @@ def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Itera
         with worker_environ(), \
                 LocalCluster(n_workers=n_workers, threads_per_worker=cfg.dask.threads_per_worker,
                              processes=True, dashboard_address=cfg.dask.dashboard_address or None,
+                             preload=[__name__],  # (dask_setup below, in each worker process)
                              memory_limit=0 if str(cfg.dask.memory_limit).lower() in ("0", "none", "")
                              else cfg.dask.memory_limit,
                              silence_logs=logging.WARNING) as cluster:
@@ -198,6 +199,16 @@ def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Itera
         yield client
     finally:
         client.close()
+
+
+def dask_setup(worker) -> None:
+    """Each local cluster worker process, as it starts (a Dask preload): Ctrl-C on a terminal
+    reaches the whole process group, and each worker printed ~35 lines of KeyboardInterrupt
+    tracebacks; the driver's handling of it (stop, close the cluster, exit 1) is all it needs."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _share_storage_options(client, cfg: Config) -> None:

@@ -16,6 +16,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -269,6 +270,35 @@ def test_a_run_killed_in_any_stage_leaves_the_previous_outputs(fault_data, tmp_p
     leftovers += [n for n in os.listdir(out / outdir.STATE_DIR) if n.startswith("tmp-") or n.endswith(".tmp")]
     assert not leftovers
     assert _is_complete_set(out)
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_local_cluster_stops_quietly(fault_data, tmp_path):
+    """Ctrl-C reaches the terminal's whole process group, the local cluster's workers too: the
+    driver stops (exit 1, says so) and the workers, which leave SIGINT to it (`run.dask_setup`),
+    print no KeyboardInterrupt tracebacks (each printed ~35 lines)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", str(fault_data), "--out", str(tmp_path / "o"),
+                             "--scheduler", "local", "--log-level", "INFO"],
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if "features: started" in line:
+                time.sleep(1)  # (tasks running on the workers)
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        else:
+            pytest.fail("the run ended before its features stage:\n" + "".join(seen[-20:]))
+        seen.append(proc.stderr.read())
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = "".join(seen)
+    assert rc == 1 and "stopped by SIGINT" in err, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
 
 
 def test_a_file_rewritten_between_screen_and_verify_is_marked_not_mixed(photo_paths, tmp_path, monkeypatch):
