@@ -379,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("pipeline")
     previous = signal.signal(signal.SIGTERM, _stop)  # Airflow, systemd, kill: stop cleanly, exit 1
+    previous_int = signal.getsignal(signal.SIGINT)
+    manifest = None
     try:
         if args.catalog is not None and args.no_catalog:
             raise ConfigError("--catalog and --no-catalog contradict each other: pass one of them")
@@ -390,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
         driver_arrow_pool()
         started = time.perf_counter()
         manifest = run(args.data, args.out, cfg, scheduler=args.scheduler, quiet=args.quiet, rehash=args.rehash)
+        # published: a signal from here on must not turn a completed run into a failed one (exit
+        # 143/130 after the outputs were committed made Airflow retry a run that had succeeded)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -402,11 +408,14 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("the run failed; the previous outputs (if any) are untouched")
         return EXIT_FAILED
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if manifest is None:  # (a completed run keeps ignoring them until it returns)
+            signal.signal(signal.SIGTERM, previous)
     c = manifest["counts"]
     log.info("done in %.1fs: %d files (%d errors), %d duplicate pairs, %d clusters -> %s",
              time.perf_counter() - started, c["files"], c["errors"], c["duplicate_pairs"], c["clusters"],
              args.out)
+    signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGINT, previous_int)
     return EXIT_OK
 
 

@@ -301,6 +301,31 @@ def test_ctrl_c_on_a_local_cluster_stops_quietly(fault_data, tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
 
 
+def test_a_signal_after_the_outputs_are_published_keeps_exit_0(photo_paths, tmp_path):
+    """SIGTERM (or SIGINT) arriving once the outputs are committed, e.g. as the run logs "done":
+    the run completed, so it exits 0 (it was killed with 143, and Airflow retried a run that had
+    succeeded)."""
+    data = tmp_path / "d"
+    data.mkdir()
+    for p in photo_paths[:3]:
+        (data / p.name).write_bytes(p.read_bytes())
+    code = ("import logging, os, signal, sys\n"
+            "class Late(logging.Handler):\n"
+            "    def emit(self, record):\n"
+            "        if record.getMessage().startswith('done in'):\n"
+            "            os.kill(os.getpid(), signal.SIGTERM)\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "logging.getLogger('pipeline').addHandler(Late())\n"
+            "from pipeline.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", code, "dedupe", str(data), "--out", str(tmp_path / "o"), "--tiers",
+                           "screen", "--scheduler", "sync", "--quiet"], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "o" / "run.json").is_file()
+
+
 def test_a_file_rewritten_between_screen_and_verify_is_marked_not_mixed(photo_paths, tmp_path, monkeypatch):
     data = tmp_path / "d"
     data.mkdir()
