@@ -63,7 +63,28 @@ def make_plan(run: Run, keep: Keep = "largest_pixels", prefer: Iterable[str] = (
     plan["mtime"] = pd.to_datetime(plan["mtime"], utc=True)
     order = plan.assign(_k=plan["action"] != "keep").reset_index(drop=True)
     order["_c"] = pd.factorize(order["cluster_id"])[0]  # keep the clusters' order (largest first)
-    return order.sort_values(["_c", "_k", "path"], kind="stable").drop(columns=["_c", "_k"]).reset_index(drop=True)
+    plan = order.sort_values(["_c", "_k", "path"], kind="stable").drop(columns=["_c", "_k"]).reset_index(drop=True)
+    plan.attrs["run_id"] = run.manifest.get("run_id")  # (kept in a Parquet plan's metadata: `stale_plan`)
+    return plan
+
+
+def stale_plan(plan: pd.DataFrame, path: str | Path) -> str | None:
+    """Why the plan at `path` may be out of date, or None: a Parquet plan records its run, and a
+    plan kept in OUT (the default OUT/plan.parquet) is compared with the run OUT holds now. Each
+    file is still checked against the plan before anything is done; this says the clusters may
+    have changed."""
+    made_for = plan.attrs.get("run_id")
+    manifest = Path(path).parent / "run.json"
+    if not made_for or not manifest.is_file():
+        return None
+    try:
+        now = json.loads(manifest.read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError):
+        return None
+    if now and now != made_for:
+        return (f"the plan was made for run {made_for}, and {manifest.parent} now holds run {now}: its clusters "
+                "may have changed since; make a new plan with `dedupe plan`")
+    return None
 
 
 def write_plan(plan: pd.DataFrame, path: str | Path) -> Path | str:

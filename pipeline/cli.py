@@ -260,9 +260,12 @@ def plan_command(args) -> int:
 
 
 def apply_command(args) -> int:
-    from pipeline.actions import PlanError, apply_plan, default_log_path, read_plan
+    from pipeline.actions import PlanError, apply_plan, default_log_path, read_plan, stale_plan
     try:
         plan = read_plan(args.plan)
+        why = stale_plan(plan, args.plan)
+        if why:
+            print(f"warning: {why}", file=sys.stderr)
         log = (args.log or default_log_path(args.plan)) if args.execute else None
         outcome = apply_plan(plan, args.action, to=args.to, execute=args.execute, log_path=log)
     except PlanError as exc:

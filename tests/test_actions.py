@@ -136,6 +136,22 @@ def test_apply_then_undo_restores_the_tree_byte_for_byte(run_dir, action, capsys
     assert snapshot(data) == before
 
 
+def test_a_plan_older_than_the_run_in_out_is_flagged(run_dir, capsys):
+    """OUT/plan.parquet records its run: applied after a later run into OUT, `apply` warns that the
+    clusters may have changed (each file is still checked before anything is done)."""
+    out = run_dir / "out"
+    assert main(["plan", str(out), "--keep", "largest_file"]) == 0
+    capsys.readouterr()
+    assert main(["apply", str(out / "plan.parquet"), "--action", "delete"]) == 0  # (a dry run)
+    assert "warning" not in capsys.readouterr().err
+    assert main(["dedupe", str(run_dir / "data"), "--out", str(out), "--tiers", "screen", "--scheduler", "sync",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["apply", str(out / "plan.parquet"), "--action", "delete"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the plan was made for run" in err and "make a new plan" in err
+
+
 def test_move_into_the_scanned_folder_is_refused(run_dir, capsys):
     """--to inside DATA: the next nightly run would find the moved files again (and the next plan
     would move them into DATA/_dupes/_dupes/...)."""
