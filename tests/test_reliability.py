@@ -278,9 +278,12 @@ def test_ctrl_c_on_a_local_cluster_stops_quietly(fault_data, tmp_path):
     driver stops (exit 1, says so) and the workers, which leave SIGINT to it (`run.dask_setup`),
     print no KeyboardInterrupt tracebacks (each printed ~35 lines)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    # (SIGINT as on a terminal: a shell starts background jobs with it ignored, and the tests may
+    # run as one, e.g. `make test &`; Python then never turns it into KeyboardInterrupt)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", str(fault_data), "--out", str(tmp_path / "o"),
                              "--scheduler", "local", "--log-level", "INFO"],
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     try:
         for line in proc.stderr:
