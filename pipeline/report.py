@@ -703,7 +703,7 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
         jobs += [("pairs", draw_pairs, (todo[i:i + DRAWINGS_PER_TASK], cfg))
                  for i in range(0, len(todo), DRAWINGS_PER_TASK)]
         kinds = [kind for kind, _, _ in jobs]
-        # the tasks' file lists are held by nothing here once sent (`completed` lets go of them)
+        # the tasks' file lists are held only by `completed`, each until its task ends (for a resend)
         pending = completed(client, [(fn, args) for _, fn, args in jobs], threads=os.cpu_count() or 1)
         del jobs, from_store, decode, todo
         for n, result in pending:
