@@ -222,6 +222,13 @@ def store_options(args, allowed: tuple[str, ...] = ()) -> dict:
     return load_config(args.config, [o for o in overrides if o.strip().startswith("storage.")]).storage.options
 
 
+def _refused_by_store(out: str, exc: Exception) -> int:
+    """A store that refuses or does not answer (credentials, endpoint): what to fix, exit 2."""
+    from pipeline import storage
+    print(f"error: {storage.access_error(out, exc, 'output location', 'OUT')}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def plan_command(args) -> int:
     from pipeline.actions import PlanError, make_plan, write_plan
     from pipeline.results import load_run
@@ -238,16 +245,12 @@ def plan_command(args) -> int:
     except (FileNotFoundError, PlanError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as exc:
+    except Exception as exc:
         if storage.is_url(out) or storage.is_url(args.output or ""):
-            print(f"error: {storage.access_error(out, exc, 'output location', 'OUT')}", file=sys.stderr)
-        else:  # e.g. --output in a folder this user cannot write
-            print(f"error: cannot write the plan ({exc}): choose a writable --output", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as exc:  # a store that refuses or does not answer (credentials, endpoint)
-        if not storage.is_url(out):
+            return _refused_by_store(out, exc)
+        if not isinstance(exc, OSError):
             raise
-        print(f"error: {storage.access_error(out, exc, 'output location', 'OUT')}", file=sys.stderr)
+        print(f"error: cannot write the plan ({exc}): choose a writable --output", file=sys.stderr)
         return EXIT_USAGE
     from pipeline.results import unmatched_folders
     for folder in unmatched_folders(run.images, args.prefer):
@@ -310,11 +313,10 @@ def report_command(args) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as exc:  # a store that refuses or does not answer (credentials, endpoint)
+    except Exception as exc:
         if not storage.is_url(out):
             raise
-        print(f"error: {storage.access_error(out, exc, 'output location', 'OUT')}", file=sys.stderr)
-        return EXIT_USAGE
+        return _refused_by_store(out, exc)
     from pipeline.outdir import current_generation
     from pipeline.report import write_report
     if storage.is_url(out):  # a new generation with the run's files and the report made again

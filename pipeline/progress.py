@@ -179,7 +179,6 @@ class Sent:
         self.client = client
         self._pending = as_completed(loop=client.loop)  # (the client need not be the default one)
         self._held: dict[str, tuple] = {}  # future key -> (number, fn, task, star, args, sends)
-        self.resent = 0
 
     def __len__(self) -> int:
         return len(self._held)
@@ -215,7 +214,6 @@ class Sent:
                                        "logs)") from exc
                 log.warning("a worker left the cluster with the data of task %d (%s): sending it again",
                             n, getattr(fn, "__name__", fn))
-                self.resent += 1
                 self.send([(n, fn, task)], star, args, sends + 1)
                 continue
             del fut, task

@@ -105,24 +105,24 @@ def keeper_ids(members: pd.DataFrame, keep: Keep = "largest_pixels", prefer: Ite
             raise ValueError("keep='preferred_folder' needs prefer=[folder, ...] (paths relative to the scanned folder)")
         rank = np.full(len(m), len(prefer))
         for i, prefix in reversed(list(enumerate(prefer))):
-            from pipeline import storage
-            col = "abs_path" if os.path.isabs(prefix) or storage.is_url(prefix) else "path"  # (a URL: absolute)
-            rank[_in_folder(members[col].astype(str).reset_index(drop=True), prefix)] = i
+            rank[_in_preferred(members, prefix)] = i
         m["rank"] = rank
     first = m.sort_values([*order, "path"], kind="stable").drop_duplicates("cluster_id")
     return pd.Series(first["image_id"].to_numpy(), index=first["cluster_id"].to_numpy(), name="keeper")
 
 
+def _in_preferred(images: pd.DataFrame, prefix: str) -> np.ndarray:
+    """Which of `images` lie in the preferred folder `prefix`: relative to DATA (`path`), or
+    absolute, a URL included (`abs_path`)."""
+    from pipeline import storage
+    col = "abs_path" if os.path.isabs(prefix) or storage.is_url(prefix) else "path"
+    return _in_folder(images[col].astype(str).reset_index(drop=True), prefix)
+
+
 def unmatched_folders(images: pd.DataFrame, prefer: Iterable[str]) -> list[str]:
     """The `prefer` folders (as keeper_ids matches them) that hold none of `images`: most likely
     a typo, which would leave every cluster to the fallback order without a word."""
-    from pipeline import storage
-    missing = []
-    for prefix in prefer:
-        col = "abs_path" if os.path.isabs(prefix) or storage.is_url(prefix) else "path"
-        if col in images and not _in_folder(images[col].astype(str).reset_index(drop=True), prefix).any():
-            missing.append(prefix)
-    return missing
+    return [prefix for prefix in prefer if not _in_preferred(images, prefix).any()]
 
 
 def normalize_images(images: pd.DataFrame, root: str | None = None) -> pd.DataFrame:

@@ -330,10 +330,11 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
     `skip`: the run's own folders (OUT, the catalog, the work folder), never scanned: inside DATA
     they would make each run find the last one's thumbnails (`inside`). `unlisted` receives the
     local folders that could not be listed (their files are left out)."""
-    for folder in inside(root, skip or []):
+    within = inside(root, skip or [])
+    for folder in within:
         log.info("not scanned: %s (this run's output, inside DATA)", folder)
     # (a local folder by device and inode wherever it is: a symlink in DATA may lead to it)
-    listing = storage.iter_objects(root, cfg.scan, inside(root, skip or [])) if storage.is_url(root) \
+    listing = storage.iter_objects(root, cfg.scan, within) if storage.is_url(root) \
         else scan.iter_files(root, cfg.scan, [f for f in skip or [] if not storage.is_url(f)], unlisted)
     batches = scan.batched(listing, cfg.dask.partition_size)
     frames: list[pd.DataFrame] = []

@@ -610,9 +610,13 @@ AZURE_COPY_TIMEOUT_S = 600.0  # a copy still pending after this is aborted, and 
 AZURE_COPIES_AT_ONCE = 64
 
 
+def _speaks(fs, protocols: tuple[str, ...]) -> bool:
+    """Is `fs` a filesystem of one of `protocols` (fsspec gives one name or a tuple of aliases)?"""
+    return any(p in protocols for p in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol))
+
+
 def _is_azure(fs) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return any(p in ("abfs", "az", "abfss") for p in protocols)
+    return _speaks(fs, ("abfs", "az", "abfss"))
 
 
 def server_copy(fs, sources: list[str], targets: list[str]) -> None:
@@ -669,8 +673,7 @@ def last_generation(out: str, indexes: tuple[str, ...]) -> Iterator[LastReport |
     the report's files (a folder); None when there is none or it cannot be read (then everything
     is made again). The temporary folder is removed on exit."""
     fs, root = filesystem(out)
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    on_server = any(p in SERVER_COPY for p in protocols)
+    on_server = _speaks(fs, SERVER_COPY)
     with tempfile.TemporaryDirectory(prefix="dedupe-last-") as tmp:
         try:
             gen = f"{root}/{STATE_DIR}/{_current(fs, root)}"

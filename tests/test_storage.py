@@ -544,14 +544,9 @@ def _store_run_equals_local(env: dict, data: str, out: str, dataset: Path, tmp_p
     assert result.returncode == 0, result.stderr[-4000:]
 
     def fetch() -> dict:  # the outputs and run.json, read back through fsspec by a fresh process
-        code = ("import sys, json, fsspec\n"
-                "for name in ('images.parquet', 'pairs.parquet', 'run.json'):\n"
-                "    with fsspec.open(f'{sys.argv[1]}/{name}', 'rb', **json.loads(sys.argv[3])) as src:\n"
-                "        open(f'{sys.argv[2]}/{name}', 'wb').write(src.read())\n")
-        opts = {"token": "anon", "project": "test"} if out.startswith("gs://") else {}
-        done = subprocess.run([sys.executable, "-c", code, out, str(tmp_path), json.dumps(opts)], env=env,
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-2000:]
+        _in_a_fresh_process(env, out, "for name in ('images.parquet', 'pairs.parquet', 'run.json'):\n"
+                                      "    with fsspec.open(f'{sys.argv[1]}/{name}', 'rb', **options) as src:\n"
+                                      "        open(f'{sys.argv[3]}/{name}', 'wb').write(src.read())\n", str(tmp_path))
         return json.loads((tmp_path / "run.json").read_text())
 
     manifest = fetch()
@@ -588,18 +583,12 @@ def _store_run_equals_local(env: dict, data: str, out: str, dataset: Path, tmp_p
     assert reuse["verify"]["pairs_verified"] == 0
     # its report's thumbnails and drawings were carried over on the store (storage.LastReport):
     # OUT's report and the new generation's hold every one, the bytes the local run made
-    code = ("import sys, json, hashlib, fsspec\n"
-            "fs, root = fsspec.core.url_to_fs(sys.argv[1], **json.loads(sys.argv[2]))\n"
-            "gen = root + '/.dedupe/' + fs.cat_file(root + '/.dedupe/current').decode()\n"
-            "print(json.dumps({where: {p[len(base) + 1:]: hashlib.md5(fs.cat_file(p)).hexdigest()\n"
-            "                          for p in fs.find(base + '/report')\n"
-            "                          if p[len(base) + 1:].startswith(('report/thumbs/', 'report/pairs/'))}\n"
-            "                  for where, base in (('out', root), ('gen', gen))}))\n")
-    opts = {"token": "anon", "project": "test"} if out.startswith("gs://") else {}
-    done = subprocess.run([sys.executable, "-c", code, out, json.dumps(opts)], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    stored = json.loads(done.stdout)
+    stored = json.loads(_in_a_fresh_process(
+        env, out, "gen = root + '/.dedupe/' + fs.cat_file(root + '/.dedupe/current').decode()\n"
+                  "print(json.dumps({where: {p[len(base) + 1:]: hashlib.md5(fs.cat_file(p)).hexdigest()\n"
+                  "                          for p in fs.find(base + '/report')\n"
+                  "                          if p[len(base) + 1:].startswith(('report/thumbs/', 'report/pairs/'))}\n"
+                  "                  for where, base in (('out', root), ('gen', gen))}))\n"))
     made = {p.relative_to(local_out).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
             for folder in ("thumbs", "pairs") for p in (local_out / "report" / folder).iterdir()}
     assert made and any(n.startswith("report/pairs/") for n in made)
@@ -612,17 +601,26 @@ def _store_run_equals_local(env: dict, data: str, out: str, dataset: Path, tmp_p
     assert f"{scheme}://no-such-bucket/data" in result.stderr
 
 
+def _in_a_fresh_process(env: dict, out: str, code: str, *argv: str) -> str:
+    """What `code` prints, run by a fresh process (nothing cached from the runs) with `fs, root`
+    for OUT, `options` (the store's, for fsspec.open), sys, json, hashlib and fsspec at hand;
+    sys.argv[3:] are `argv`."""
+    options = {"token": "anon", "project": "test"} if out.startswith("gs://") else {}
+    head = ("import sys, json, hashlib, fsspec\n"
+            "options = json.loads(sys.argv[2])\n"
+            "fs, root = fsspec.core.url_to_fs(sys.argv[1], **options)\n")
+    done = subprocess.run([sys.executable, "-c", head + code, out, json.dumps(options), *argv], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
 def _report_tags(env: dict, out: str) -> dict[str, str]:
     """Each file of OUT's stable report -> its etag (a fresh process's listing)."""
-    code = ("import sys, json, fsspec\n"
-            "fs, root = fsspec.core.url_to_fs(sys.argv[1], **json.loads(sys.argv[2]))\n"
-            "print(json.dumps({p[len(root) + 1:]: str(i.get('etag') or i.get('ETag'))\n"
-            "                  for p, i in fs.find(root + '/report', detail=True).items()}))\n")
-    opts = {"token": "anon", "project": "test"} if out.startswith("gs://") else {}
-    done = subprocess.run([sys.executable, "-c", code, out, json.dumps(opts)], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return {n: t for n, t in json.loads(done.stdout).items() if n.startswith(("report/thumbs/", "report/pairs/"))}
+    tags = json.loads(_in_a_fresh_process(env, out, "print(json.dumps({p[len(root) + 1:]: str(i.get('etag') or "
+                                                    "i.get('ETag')) for p, i in fs.find(root + '/report', "
+                                                    "detail=True).items()}))\n"))
+    return {n: t for n, t in tags.items() if n.startswith(("report/thumbs/", "report/pairs/"))}
 
 
 @pytest.mark.slow
