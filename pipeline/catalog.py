@@ -89,6 +89,11 @@ COMPACT_ROWS_PER_PART = 256  # rows per compacted part (as a run writes them: da
 # rows per row group of a table (the commit converts and writes a group at a time: the whole
 # table never exists as Arrow, nor its file in memory)
 TABLE_ROWS_PER_GROUP = 65_536
+# text columns read as categoricals (one string per distinct value, an integer code per row): the
+# evidence and neighbour tables repeat each content, path, fingerprint and reason on many rows and
+# are read whole by a re-run; plain text was ~1.8 kB per image at 10k files (evidence 18.4 -> 4.9 MB)
+DICTIONARY_COLUMNS = {"evidence": ["sha_a", "sha_b", "orb_fp", "orb_status", "orb_reason", "embed_fp"],
+                      "neighbours": ["owner", "neighbour"]}
 # the verify tier's evidence (keypoints, and the pixel check's numbers for flat pairs)
 ORB_COLUMNS = ["orb_matches", "orb_inliers", "orb_score", "orb_status", "orb_reason", "ssim", "hist_corr"]
 
@@ -411,7 +416,7 @@ class Catalog:
             if data is None:
                 continue
             try:
-                frame = pq.read_table(io.BytesIO(data)).to_pandas()
+                frame = pq.read_table(io.BytesIO(data), read_dictionary=DICTIONARY_COLUMNS.get(name)).to_pandas()
             except Exception as exc:  # checked above; still, never trust a table that does not parse
                 cat._problem(f"{entry['file']}: cannot be read ({exc}); rebuilt")
                 continue
@@ -777,10 +782,18 @@ def previous_lists(cat: Catalog | None, images: pd.DataFrame, representative: np
     same = representative & (sha_then == images["sha256"].to_numpy(dtype=object))
     row_of = pd.Series(np.where(same, np.arange(len(images)), -1), index=paths)
     nb = cat.neighbours
-    directed = pd.DataFrame({"owner_a": row_of.reindex(nb["owner"].to_numpy()).fillna(-1).to_numpy(np.int64),
-                             "owner_b": row_of.reindex(nb["neighbour"].to_numpy()).fillna(-1).to_numpy(np.int64),
+    directed = pd.DataFrame({"owner_a": _rows_of_paths(nb["owner"], row_of),
+                             "owner_b": _rows_of_paths(nb["neighbour"], row_of),
                              "hash_distance": nb["hash_distance"].to_numpy(np.int16)})
     return directed, same
+
+
+def _rows_of_paths(column: pd.Series, row_of: pd.Series) -> np.ndarray:
+    """row_of[path] for each path of `column` (-1 where absent), through its distinct values (the
+    table's column is a categorical: DICTIONARY_COLUMNS; no Python string per row)."""
+    codes, distinct = pd.factorize(column)
+    found = row_of.reindex(np.asarray(distinct, dtype=object)).fillna(-1).to_numpy(np.int64)
+    return np.where(codes >= 0, found.take(np.maximum(codes, 0)) if len(found) else -1, -1)
 
 
 def neighbours_table(directed: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:

@@ -117,6 +117,33 @@ def test_unchanged_rerun_reuses_everything(grown, tmp_path):
     assert_same_outputs(out, grown["scratch"])
 
 
+def test_repeated_texts_of_the_evidence_and_neighbour_tables_are_read_once_per_value(grown, tmp_path):
+    """A re-run reads the evidence and neighbour tables whole; their contents, paths, settings and
+    reasons repeat on many rows and are read as categoricals (one string per distinct value),
+    while the files keep plain text columns, so a catalog stays readable as before. A re-run on
+    the loaded tables finds the same lists and evidence (test_unchanged_rerun_reuses_everything)."""
+    import pyarrow.parquet as pq
+    cat = catalog.Catalog.load(grown["out"] / "catalog")
+    for table, columns in catalog.DICTIONARY_COLUMNS.items():
+        frame = getattr(cat, table)
+        assert len(frame) > 0
+        for column in columns:
+            assert isinstance(frame[column].dtype, pd.CategoricalDtype), (table, column)
+        plain = pq.read_table(grown["out"] / "catalog" / cat.manifest["tables"][table]["file"]).to_pandas()
+        for column in columns:  # the same values, the file's type plain text
+            assert frame[column].astype(object).where(frame[column].notna(), None).tolist() == \
+                plain[column].astype(object).where(plain[column].notna(), None).tolist()
+            assert not isinstance(plain[column].dtype, pd.CategoricalDtype)
+        assert frame.memory_usage(deep=True).sum() < plain.memory_usage(deep=True).sum()
+    # the lists in row numbers through the categoricals' distinct paths
+    images = cat.images.sort_values("path").reset_index(drop=True)
+    row_of = pd.Series(np.arange(len(images)), index=images["path"].to_numpy(dtype=object))
+    got = catalog._rows_of_paths(cat.neighbours["owner"], row_of)
+    want = row_of.reindex(cat.neighbours["owner"].astype(object).to_numpy()).fillna(-1).to_numpy(np.int64)
+    assert got.tolist() == want.tolist() and (got >= 0).all()
+    assert catalog._rows_of_paths(pd.Series(["nowhere", None], dtype="category"), row_of).tolist() == [-1, -1]
+
+
 def test_rehash_reads_every_file_and_still_reuses_unchanged_content(grown, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(grown["out"], out)
