@@ -813,25 +813,40 @@ def images_table(images: pd.DataFrame, fps: dict) -> pd.DataFrame:
                        "variant_mask": "int64"})
 
 
-def _pair_keys(*pairs: tuple) -> list[pd.MultiIndex]:
+def _pair_keys(*pairs: tuple) -> list[pd.Index]:
     """Pairs of contents (sha_a, sha_b, transform), several sets of them, as indexes to match on:
-    each sha256 replaced by one integer per distinct value over all the sets (exact). Each column
-    is factorized on its own (an Arrow column by its dictionary encoding, an object column on the
-    strings it shares with the images), and only the distinct values are matched across columns:
-    converting every row's text to one Arrow column first cost ~0.5 kB per pair, the largest item
-    of a re-run's driver peak at 10k files."""
+    each sha256 replaced by one integer per distinct value over all the sets (exact), a missing
+    one by its own. Each column is factorized on its own (an Arrow or categorical column by its
+    dictionary, an object column on the strings it shares with the images) and only the distinct
+    values are matched across columns: converting every row's text to one column first cost ~0.5
+    kB per pair, the largest item of a re-run's driver peak at 10k files. A pair is then one
+    int64, (a * n + b) * 8 + transform, while n * n * 8 fits (n: distinct contents, + 1 for
+    missing), else a MultiIndex of the three."""
     sides = [side for sha_a, sha_b, _ in pairs for side in (sha_a, sha_b)]
     local = [pd.factorize(side if isinstance(side, pd.Series) else pd.Series(np.asarray(side, dtype=object),
                                                                              dtype=object))
              for side in sides]
     distinct = [np.asarray(uniques, dtype=object) for _, uniques in local]  # (at most one per content)
     index = pd.Index(pd.unique(np.concatenate(distinct)) if distinct else np.zeros(0, object), dtype=object)
+    n = len(index) + 1  # (code n - 1: a missing sha256)
     codes = []
-    for (at, _), values in zip(local, distinct):
-        common = index.get_indexer(values) if len(values) else np.zeros(0, np.int64)
-        codes.append(np.where(at >= 0, common.take(np.maximum(at, 0)) if len(common) else -1, -1))
-    return [pd.MultiIndex.from_arrays([codes[2 * i], codes[2 * i + 1], np.asarray(transform, dtype=np.int64)])
-            for i, (_, _, transform) in enumerate(pairs)]
+    for i in range(len(local)):
+        at = local[i][0]
+        local[i] = None  # (each side's own codes go as its common ones are made)
+        common = np.append(index.get_indexer(distinct[i]), n - 1)  # (at = -1, missing, takes the last)
+        codes.append(common.take(at))
+    transforms = [np.asarray(t, dtype=np.int64) for _, _, t in pairs]
+    if n * n < 2 ** 59 and all(((t >= 0) & (t < 8)).all() for t in transforms):
+        out = []
+        for i, t in enumerate(transforms):
+            key = codes[2 * i] * n
+            key += codes[2 * i + 1]
+            key *= 8
+            key += t
+            codes[2 * i] = codes[2 * i + 1] = None
+            out.append(pd.Index(key, dtype=np.int64))
+        return out
+    return [pd.MultiIndex.from_arrays([codes[2 * i], codes[2 * i + 1], t]) for i, t in enumerate(transforms)]
 
 
 def lookup_evidence(cat: Catalog | None, sha_a, sha_b, transform, what: str, fp: str) -> tuple[np.ndarray, pd.DataFrame]:
@@ -855,6 +870,9 @@ def lookup_evidence(cat: Catalog | None, sha_a, sha_b, transform, what: str, fp:
     last = ~stored.duplicated(keep="last")  # one row per pair: the last
     at = stored[last].get_indexer(asked) if n and last.any() else np.full(n, -1, np.int64)
     found = ev.loc[last, columns].reset_index(drop=True).take(at[at >= 0]).reset_index(drop=True)
+    for column in found.columns:  # the texts as objects sharing one string per distinct value: a
+        if isinstance(found[column].dtype, pd.CategoricalDtype):  # categorical's own conversion makes
+            found[column] = pd.Series(shared_text(found[column]), dtype=object)  # one per row (~55 MB at 100k)
     return at >= 0, found
 
 

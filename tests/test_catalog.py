@@ -787,6 +787,30 @@ def test_pair_keys_match_pairs_of_contents_across_arrow_and_object_columns():
     assert k1.get_indexer(k2).tolist() == [0, -1, 1]
 
 
+def test_found_evidence_texts_share_one_string_per_value(tmp_path):
+    """The texts lookup_evidence gives from a loaded table (categoricals) are plain objects holding
+    one string per distinct value: pandas' own conversion of a categorical makes one per row, and
+    a re-run copies them into every pair's row (~55 MB at 100k files)."""
+    h = [c * 64 for c in "ab"]
+    files = catalog._Files(tmp_path)
+    frame = pd.DataFrame({c: [None] * 4 for c in catalog.EVIDENCE_COLUMNS})
+    frame = frame.assign(sha_a=[h[0]] * 4, sha_b=[h[1]] * 4, transform=np.arange(4, dtype=np.int8), orb_fp="o1",
+                         orb_matches=pd.array([9] * 4, dtype="Int32"), orb_status=["match", "no-match"] * 2,
+                         orb_reason=["same reason"] * 4)
+    files.write_table("tables/evidence.parquet", frame)
+    data = (tmp_path / "tables" / "evidence.parquet").read_bytes()
+    import io
+
+    import pyarrow.parquet as pq
+    cat = catalog.Catalog(tmp_path)
+    cat.evidence = pq.read_table(io.BytesIO(data), read_dictionary=catalog.DICTIONARY_COLUMNS["evidence"]).to_pandas()
+    assert isinstance(cat.evidence["orb_reason"].dtype, pd.CategoricalDtype)
+    hit, found = catalog.lookup_evidence(cat, [h[0]] * 4, [h[1]] * 4, [3, 2, 1, 0], "orb", "o1")
+    assert hit.all() and found["orb_status"].tolist() == ["no-match", "match", "no-match", "match"]
+    assert found["orb_reason"].dtype == object and found["orb_status"].dtype == object
+    assert len({id(v) for v in found["orb_reason"]}) == 1 and len({id(v) for v in found["orb_status"]}) == 2
+
+
 def test_tables_are_written_a_row_group_at_a_time(tmp_path, monkeypatch):
     """A table is converted and written TABLE_ROWS_PER_GROUP rows at a time, with the whole
     column's type (a text column that is all None in its first group is still text), and reads back
