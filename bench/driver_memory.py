@@ -11,12 +11,16 @@ earlier commit: `git archive COMMIT | tar -x -C DIR`) alternately with this one,
 run, so the two read as a same-run comparison.
 
     python -m bench.driver_memory [--sizes 5000,0] [--baseline DIR] [--bench-dir /tmp/dedupe-bench]
-                                  [--fresh-model-cache | --rerun | --scale-rounds 4]
+                                  [--fresh-model-cache | --rerun [--catalog-from OUT] | --scale-rounds 4]
 
 `--fresh-model-cache`: every run starts with no TensorFlow Lite conversion in its model cache (the
 first run on a new machine), written to its own section (driver_memory_fresh). `--rerun`: the
 measured run is each OUT's second (the catalog present, nothing changed: a nightly run over an
-unchanged collection), written to its own section (driver_memory_rerun). `--scale-rounds 4`: one
+unchanged collection), written to its own section (driver_memory_rerun); with `--catalog-from OUT`
+(an OUT of an earlier run over the same folder) each measured run starts from a hard-linked copy of
+that OUT instead of a first run of its own (a 100k first run takes ~15 minutes per tree here), and
+`--rerun --scale-rounds 4` then measures the re-run at the 100k folder (driver_memory_rerun_scale).
+`--scale-rounds 4`: one
 size, the 100,625-file folder of bench/scale.py instead of the subsets (section driver_memory_scale),
 the point docs/cost-model.md draws the driver's bytes per image to. `--external`: each size also
 runs with the scheduler in its own process (`dask scheduler` + `dask worker --nworkers 2` on
@@ -97,12 +101,15 @@ def external_cluster(env: dict, workers: int = 2):
 
 
 def run_driver(data: Path, source: Path | None = None, fresh: bool = False, rerun: bool = False,
-               external: bool = False) -> dict:
+               external: bool = False, catalog_from: Path | None = None) -> dict:
     """One CLI run (whole cascade, local cluster): the driver's peak RSS, per stage and overall.
     `fresh`: with an empty model cache (`fresh_model_cache`). `rerun`: the measured run is the
     second into the same OUT (its catalog made by a first, unmeasured run; nothing changed): the
     nightly run over a collection that did not change. `external`: on an `external_cluster`
-    instead (its scheduler's peak RSS is returned too, as "scheduler_peak")."""
+    instead (its scheduler's peak RSS is returned too, as "scheduler_peak"). `catalog_from`: with
+    `rerun`, the OUT (and its catalog) of an earlier run over `data`, hard-linked into the run's OUT
+    instead of a first run (a run replaces its output and catalog files, never writes into them; its
+    lock files, which it rewrites, are left out)."""
     env = dict(os.environ)
     keras_home = tempfile.TemporaryDirectory(prefix="dedupe-drvmem-keras-") if fresh else None
     if keras_home is not None:
@@ -113,7 +120,14 @@ def run_driver(data: Path, source: Path | None = None, fresh: bool = False, reru
             tempfile.TemporaryDirectory(prefix="dedupe-drvmem-") as out:
         cmd = [sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", out,
                "--scheduler", address or "local", "--log-level", "INFO"]
-        if rerun:
+        if rerun and catalog_from is not None:
+            import shutil
+
+            from pipeline import catalog, outdir
+            # (not the lock files: a run rewrites its lock in place, which a link would share)
+            shutil.copytree(catalog_from, out, copy_function=os.link, dirs_exist_ok=True, symlinks=True,
+                            ignore=shutil.ignore_patterns(outdir.LOCK_NAME, catalog.LOCK_NAME))
+        elif rerun:
             first = subprocess.run(cmd, cwd=source or REPO, env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True, errors="replace")
             if first.returncode != 0:
@@ -167,6 +181,9 @@ def main() -> None:
                         help="each run starts with no TensorFlow Lite conversion (a new machine's first run)")
     parser.add_argument("--rerun", action="store_true",
                         help="measure the second run into the same OUT (catalog present, nothing changed)")
+    parser.add_argument("--catalog-from", default=None,
+                        help="with --rerun: an OUT of an earlier run over the same folder to start each "
+                             "measured run from (hard links), instead of a first run")
     parser.add_argument("--scale-rounds", type=int, default=0,
                         help="measure the scale folder of bench/scale.py with this many rounds (4: 100,625 "
                              "files) instead of --sizes")
@@ -181,9 +198,13 @@ def main() -> None:
         parser.error("--fresh-model-cache and --rerun measure different runs: pass one of them")
     if args.scale_rounds < 0:
         parser.error("--scale-rounds: pass the number of rounds (4: 100,625 files), or leave it out")
-    if args.scale_rounds and (args.fresh_model_cache or args.rerun):
-        parser.error("--scale-rounds measures a first run with the model cache as it is: "
-                     "pass it without --fresh-model-cache and --rerun")
+    if args.catalog_from and not args.rerun:
+        parser.error("--catalog-from gives the catalog of a re-run: pass it with --rerun")
+    if args.catalog_from and not (Path(args.catalog_from) / "run.json").is_file():
+        parser.error(f"--catalog-from {args.catalog_from}: not the OUT of a finished run (no run.json)")
+    if args.scale_rounds and args.fresh_model_cache:
+        parser.error("--scale-rounds measures a run with the model cache as it is: "
+                     "pass it without --fresh-model-cache")
     if args.scale_rounds:
         from bench.scale import generate as generate_scale
         folders = [generate_scale(Path(args.bench_dir), args.scale_rounds) / "images"]
@@ -198,7 +219,8 @@ def main() -> None:
         for name, source in trees.items():
             for mode in modes:
                 r = run_driver(folder, source, fresh=args.fresh_model_cache, rerun=args.rerun,
-                               external=mode == "external")
+                               external=mode == "external",
+                               catalog_from=Path(args.catalog_from) if args.catalog_from else None)
                 results[(name, mode, n)] = r
                 print(name, mode, n, round(r["peak"] / 1e6), r["peak_stage"], flush=True)
     rows = []
@@ -230,8 +252,10 @@ def main() -> None:
         + (" Every run starts with an empty model cache (`--fresh-model-cache`: the weight files linked, no "
            "TensorFlow Lite conversion), as the first run on a new machine or container does."
            if args.fresh_model_cache else "")
-        + (" Each measured run is the second into its OUT (`--rerun`: a first, unmeasured run made the "
-           "catalog; no file changed), as a nightly run over an unchanged collection is (\"start\" holds the "
+        + (" Each measured run is the second into its OUT (`--rerun`: "
+           + ("a hard-linked copy of an earlier run's OUT, `--catalog-from`, holds the catalog"
+              if args.catalog_from else "a first, unmeasured run made the catalog")
+           + "; no file changed), as a nightly run over an unchanged collection is (\"start\" holds the "
            "catalog's load): every file, "
            "list and pair score comes from the catalog, so the stages that found nothing to do log no "
            "\"started\" line and their bytes count under the stage before."
@@ -257,6 +281,9 @@ def main() -> None:
         update_section("driver_memory_external" + ("_scale" if args.scale_rounds else ""),
                        "driver memory with the scheduler in its own process"
                        + (" (100k scale folder)" if args.scale_rounds else ""), body, **kwargs)
+    elif args.scale_rounds and args.rerun:
+        update_section("driver_memory_rerun_scale", "driver memory of a re-run at the 100k scale folder", body,
+                       **kwargs)
     elif args.scale_rounds:
         update_section("driver_memory_scale", "driver memory at the 100k scale folder", body, **kwargs)
     elif args.fresh_model_cache:

@@ -134,6 +134,30 @@ def test_driver_memory_rerun_measures_a_second_run_that_reuses_everything(tmp_pa
     assert result["counts"]["files"] == 4 and result["peak"] > 50e6 and "start" in result["stages"]
 
 
+def test_driver_memory_rerun_from_an_earlier_out_links_it_and_leaves_it_as_it_was(tmp_path, models_dir):
+    """`--rerun --catalog-from OUT`: the measured run starts from hard links of an earlier run's OUT
+    (no first run of its own), its catalog serves every file, and that OUT is left as it was."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from bench import driver_memory
+    from pipeline.cli import main
+    rng = np.random.default_rng(6)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(data / f"g{i:04d}_original.png")
+    earlier = tmp_path / "earlier"
+    assert main(["dedupe", str(data), "--out", str(earlier), "--scheduler", "sync", "--quiet"]) == 0
+    before = {p.relative_to(earlier): p.stat().st_mtime_ns for p in earlier.rglob("*")}
+    result = driver_memory.run_driver(data, rerun=True, catalog_from=earlier)
+    assert result["reuse"]["screen"] == {"files": 3, "reused": 3, "screened": 0, "why_screened": {}}
+    assert {p.relative_to(earlier): p.stat().st_mtime_ns for p in earlier.rglob("*")} == before
+    assert json.loads((earlier / "run.json").read_text())["counts"]["files"] == 3
+
+
 def test_driver_memory_external_samples_the_driver_and_its_own_scheduler_apart(tmp_path, models_dir):
     """`--external`: the run goes through a real `dask scheduler` + 2 workers on 127.0.0.1 (the
     scheduler out of the driver), with the same outputs as on a local cluster, and both processes'
