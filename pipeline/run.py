@@ -1027,7 +1027,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                              "transform": pairs["transform"].to_numpy(np.int64)[scored],
                              # (the columns' own arrays: to_numpy() would make a Python object per number;
                              # texts as object Series: an object array alone becomes a `str` column, a copy of
-                             # every pair's reason in Arrow, ~60 MB at 100k files)
+                             # every pair's reason in Arrow, ~50 MB at 100k files)
                              **{c: pd.Series(pairs[c].array.take(scored), dtype=object) if pairs[c].dtype == object
                                 else pairs[c].array.take(scored) for c in (*catalog.ORB_COLUMNS, "cosine")}})
         evidence = catalog.EvidenceTable(cat, present, rows, fps, verified, confirmed)  # (made as it is written)
