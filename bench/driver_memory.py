@@ -202,6 +202,9 @@ def main() -> None:
         parser.error("--catalog-from gives the catalog of a re-run: pass it with --rerun")
     if args.catalog_from and not (Path(args.catalog_from) / "run.json").is_file():
         parser.error(f"--catalog-from {args.catalog_from}: not the OUT of a finished run (no run.json)")
+    if args.scale_rounds and args.rerun and not args.catalog_from:
+        parser.error("--scale-rounds --rerun: pass --catalog-from OUT (an OUT of a first run over the scale "
+                     "folder), rather than a first run of ~15 minutes per tree")
     if args.scale_rounds and args.fresh_model_cache:
         parser.error("--scale-rounds measures a run with the model cache as it is: "
                      "pass it without --fresh-model-cache")

@@ -204,9 +204,19 @@ def test_cost_model_predicts_the_driver_points_back_and_projects_its_memory(tmp_
     assert projected[10_000_000] == pytest.approx((fixed + per_image * 1e4) / 1e3, rel=0.01)
 
 
-def test_driver_memory_scale_rounds_refuses_the_other_runs(monkeypatch, capsys):
+@pytest.mark.parametrize("argv, named", [
+    (["--scale-rounds", "4", "--fresh-model-cache"], "--scale-rounds"),
+    (["--scale-rounds", "4", "--rerun"], "--catalog-from"),  # (not a 100k first run per tree)
+    (["--catalog-from", "{tmp}"], "--catalog-from"),  # (only with --rerun)
+    (["--rerun", "--catalog-from", "{tmp}"], "not the OUT of a finished run"),
+])
+def test_driver_memory_refuses_runs_it_cannot_measure_before_any_work(monkeypatch, capsys, tmp_path, argv, named):
     from bench import driver_memory
-    monkeypatch.setattr("sys.argv", ["driver_memory", "--scale-rounds", "4", "--rerun"])
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the arguments were checked after the data was made")
+    monkeypatch.setattr(driver_memory, "generate", no_data)
+    monkeypatch.setattr("sys.argv", ["driver_memory", *[a.format(tmp=tmp_path) for a in argv]])
     with pytest.raises(SystemExit) as exc:
         driver_memory.main()
-    assert exc.value.code == 2 and "--scale-rounds" in capsys.readouterr().err
+    assert exc.value.code == 2 and named in capsys.readouterr().err
