@@ -125,8 +125,12 @@ def run_driver(data: Path, source: Path | None = None, fresh: bool = False, reru
 
             from pipeline import catalog, outdir
             # (not the lock files: a run rewrites its lock in place, which a link would share)
-            shutil.copytree(catalog_from, out, copy_function=os.link, dirs_exist_ok=True, symlinks=True,
-                            ignore=shutil.ignore_patterns(outdir.LOCK_NAME, catalog.LOCK_NAME))
+            try:
+                shutil.copytree(catalog_from, out, copy_function=os.link, dirs_exist_ok=True, symlinks=True,
+                                ignore=shutil.ignore_patterns(outdir.LOCK_NAME, catalog.LOCK_NAME))
+            except (OSError, shutil.Error) as exc:  # (e.g. EXDEV: a link cannot cross filesystems)
+                raise SystemExit(f"--catalog-from {catalog_from}: cannot hard-link it into {out} ({exc}); put "
+                                 "it on the same filesystem as the temporary folder (TMPDIR)") from None
         elif rerun:
             first = subprocess.run(cmd, cwd=source or REPO, env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True, errors="replace")
@@ -163,6 +167,11 @@ def run_driver(data: Path, source: Path | None = None, fresh: bool = False, reru
         if proc.returncode != 0:
             raise SystemExit(f"pipeline failed ({proc.returncode}): {' '.join(cmd)}\n{''.join(lines[-20:])}")
         manifest = json.loads((Path(out) / "run.json").read_text())
+    screened = (manifest.get("reuse") or {}).get("screen", {}).get("screened")
+    if rerun and screened:  # (a catalog of another folder, or files changed: not the run asked for)
+        raise SystemExit(f"the measured run read {screened} of {data}'s files again: it was not a re-run over an "
+                         "unchanged folder" + (f" (is {catalog_from} an OUT of a run over {data}?)"
+                                               if catalog_from is not None else ""))
     if keras_home is not None:
         keras_home.cleanup()
     top = max(peaks, key=peaks.get)
@@ -202,6 +211,9 @@ def main() -> None:
         parser.error("--catalog-from gives the catalog of a re-run: pass it with --rerun")
     if args.catalog_from and not (Path(args.catalog_from) / "run.json").is_file():
         parser.error(f"--catalog-from {args.catalog_from}: not the OUT of a finished run (no run.json)")
+    if args.catalog_from and not args.scale_rounds and len(args.sizes.split(",")) != 1:
+        parser.error("--catalog-from: an OUT's catalog is one folder's; pass one size (e.g. --sizes 0) or "
+                     "--scale-rounds")
     if args.scale_rounds and args.rerun and not args.catalog_from:
         parser.error("--scale-rounds --rerun: pass --catalog-from OUT (an OUT of a first run over the scale "
                      "folder), rather than a first run of ~15 minutes per tree")

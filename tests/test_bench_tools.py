@@ -156,6 +156,11 @@ def test_driver_memory_rerun_from_an_earlier_out_links_it_and_leaves_it_as_it_wa
     assert result["reuse"]["screen"] == {"files": 3, "reused": 3, "screened": 0, "why_screened": {}}
     assert {p.relative_to(earlier): p.stat().st_mtime_ns for p in earlier.rglob("*")} == before
     assert json.loads((earlier / "run.json").read_text())["counts"]["files"] == 3
+    other = tmp_path / "other"  # an OUT of another folder: its run would read every file, so it is refused
+    other.mkdir()
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(other / "g0009_original.png")
+    with pytest.raises(SystemExit, match="not a re-run over an unchanged folder"):
+        driver_memory.run_driver(other, rerun=True, catalog_from=earlier)
 
 
 def test_driver_memory_external_samples_the_driver_and_its_own_scheduler_apart(tmp_path, models_dir):
@@ -209,6 +214,7 @@ def test_cost_model_predicts_the_driver_points_back_and_projects_its_memory(tmp_
     (["--scale-rounds", "4", "--rerun"], "--catalog-from"),  # (not a 100k first run per tree)
     (["--catalog-from", "{tmp}"], "--catalog-from"),  # (only with --rerun)
     (["--rerun", "--catalog-from", "{tmp}"], "not the OUT of a finished run"),
+    (["--rerun", "--catalog-from", "{tmp}", "--sizes", "5000,0"], "one size"),  # (one folder's catalog)
 ])
 def test_driver_memory_refuses_runs_it_cannot_measure_before_any_work(monkeypatch, capsys, tmp_path, argv, named):
     from bench import driver_memory
@@ -216,6 +222,8 @@ def test_driver_memory_refuses_runs_it_cannot_measure_before_any_work(monkeypatc
     def no_data(*args, **kwargs):
         raise AssertionError("the arguments were checked after the data was made")
     monkeypatch.setattr(driver_memory, "generate", no_data)
+    if named == "one size":  # (an OUT of a finished run, but one folder's)
+        (tmp_path / "run.json").write_text("{}")
     monkeypatch.setattr("sys.argv", ["driver_memory", *[a.format(tmp=tmp_path) for a in argv]])
     with pytest.raises(SystemExit) as exc:
         driver_memory.main()

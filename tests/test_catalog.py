@@ -764,6 +764,8 @@ def test_pair_keys_match_pairs_of_contents_across_arrow_and_object_columns():
     buf = io.BytesIO()
     pq.write_table(pa.table({"sha_a": stored_a, "sha_b": shas[b].tolist(), "transform": t}), buf)
     stored = pq.read_table(io.BytesIO(buf.getvalue())).to_pandas()
+    as_loaded = pq.read_table(io.BytesIO(buf.getvalue()), read_dictionary=["sha_a", "sha_b"]).to_pandas()
+    assert isinstance(as_loaded["sha_a"].dtype, pd.CategoricalDtype)  # (as Catalog.load reads evidence)
     asked_a, asked_b = shas[rng.integers(0, 300, n)], shas[b].copy()
     asked_a[: n // 2] = shas[a[: n // 2]]  # half the asked pairs are stored ones
     asked_t = np.where(np.arange(n) % 3 == 0, (t + 1) % 8, t)  # a third of those with another transform
@@ -783,6 +785,16 @@ def test_pair_keys_match_pairs_of_contents_across_arrow_and_object_columns():
     want = [truth.get((x, y, int(z)), -1) for x, y, z in zip(asked_a, asked_b, asked_t)]
     assert got == want and sum(i >= 0 for i in want) > n // 4
     assert peak < 150 * 2 * n, f"{peak / 2 / n:.0f} B per pair"
+    # the same matches from categorical columns, and through the MultiIndex form (a transform past
+    # 7 does not fit the int64 key's 3 bits)
+    keys, asked = catalog._pair_keys((as_loaded["sha_a"], as_loaded["sha_b"], as_loaded["transform"]),
+                                     (pd.Series(asked_a, dtype=object), pd.Series(asked_b, dtype=object), asked_t))
+    assert keys[~keys.duplicated(keep="first")].get_indexer(asked).tolist() == at.tolist()
+    wide = (stored["transform"] * 2, asked_t * 2)
+    keys, asked = catalog._pair_keys((stored["sha_a"], stored["sha_b"], wide[0]),
+                                     (pd.Series(asked_a, dtype=object), pd.Series(asked_b, dtype=object), wide[1]))
+    assert isinstance(keys, pd.MultiIndex)
+    assert keys[~keys.duplicated(keep="first")].get_indexer(asked).tolist() == at.tolist()
     k1, k2 = catalog._pair_keys(([None, "x"], ["y", "y"], [0, 0]), ([None, None, "x"], ["y", "y", "y"], [0, 1, 0]))
     assert k1.get_indexer(k2).tolist() == [0, -1, 1]
 
