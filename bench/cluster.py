@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -41,12 +42,15 @@ def external_cluster(env: dict, scheduler_folder: Path, workers: Sequence[Worker
     """Start the scheduler (in `scheduler_folder`) and `workers`, wait until every worker process
     has joined, yield (address, the scheduler's pid); stop them all on exit. `env` carries what
     the workers need to unpickle the tasks (PYTHONPATH of the tree under test, KERAS_HOME)."""
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    procs = [subprocess.Popen([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--dashboard-address", ":0"], cwd=scheduler_folder, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    # the scheduler picks its own port and writes its address to a file: a port chosen here and
+    # freed before the scheduler bound it could be taken meanwhile (a worker starting alongside,
+    # a store's server), and the client then waited on a server that never answers it
+    address_file = Path(scheduler_folder) / f"scheduler-{os.getpid()}-{time.monotonic_ns()}.json"
+    procs = [subprocess.Popen([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                               "--dashboard-address", ":0", "--scheduler-file", str(address_file)],
+                              cwd=scheduler_folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
+        address = _wait_for_address(address_file, procs[0], timeout)
         for w in workers:
             cmd = [str(DASK), "worker", address, "--nworkers", str(w.nworkers), "--nthreads", "1",
                    "--host", "127.0.0.1", "--dashboard-address", ":0", "--local-directory", str(w.folder)]
@@ -67,6 +71,22 @@ def external_cluster(env: dict, scheduler_folder: Path, workers: Sequence[Worker
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        address_file.unlink(missing_ok=True)
+
+
+def _wait_for_address(path: Path, proc: subprocess.Popen, timeout: float) -> str:
+    """The address the scheduler wrote to its scheduler file; RuntimeError if it exits or takes
+    longer than `timeout` seconds."""
+    import json
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the dask scheduler exited ({proc.returncode}) before it was listening")
+        try:
+            return json.loads(path.read_text())["address"]
+        except (FileNotFoundError, ValueError, KeyError):  # (not written yet, or half written)
+            time.sleep(0.1)
+    raise RuntimeError(f"the dask scheduler did not write its address within {timeout:.0f} s")
 
 
 class KillOnce(WorkerPlugin):
