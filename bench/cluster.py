@@ -50,7 +50,8 @@ def external_cluster(env: dict, scheduler_folder: Path, workers: Sequence[Worker
                                "--dashboard-address", ":0", "--scheduler-file", str(address_file)],
                               cwd=scheduler_folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        address = _wait_for_address(address_file, procs[0], timeout)
+        from distributed.utils import json_load_robust  # (waits for the file, whole)
+        address = json_load_robust(str(address_file), timeout=timeout)["address"]
         for w in workers:
             cmd = [str(DASK), "worker", address, "--nworkers", str(w.nworkers), "--nthreads", "1",
                    "--host", "127.0.0.1", "--dashboard-address", ":0", "--local-directory", str(w.folder)]
@@ -72,21 +73,6 @@ def external_cluster(env: dict, scheduler_folder: Path, workers: Sequence[Worker
                 proc.kill()
                 proc.wait()
         address_file.unlink(missing_ok=True)
-
-
-def _wait_for_address(path: Path, proc: subprocess.Popen, timeout: float) -> str:
-    """The address the scheduler wrote to its scheduler file; RuntimeError if it exits or takes
-    longer than `timeout` seconds."""
-    import json
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the dask scheduler exited ({proc.returncode}) before it was listening")
-        try:
-            return json.loads(path.read_text())["address"]
-        except (FileNotFoundError, ValueError, KeyError):  # (not written yet, or half written)
-            time.sleep(0.1)
-    raise RuntimeError(f"the dask scheduler did not write its address within {timeout:.0f} s")
 
 
 class KillOnce(WorkerPlugin):

@@ -793,7 +793,7 @@ def _rows_of_paths(column: pd.Series, row_of: pd.Series) -> np.ndarray:
     table's column is a categorical: DICTIONARY_COLUMNS; no Python string per row)."""
     codes, distinct = pd.factorize(column)
     found = row_of.reindex(np.asarray(distinct, dtype=object)).fillna(-1).to_numpy(np.int64)
-    return np.where(codes >= 0, found.take(np.maximum(codes, 0)) if len(found) else -1, -1)
+    return np.append(found, -1).take(codes)  # (a missing path, code -1, takes the last: -1)
 
 
 def neighbours_table(directed: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
