@@ -20,6 +20,8 @@ unchanged collection), written to its own section (driver_memory_rerun); with `-
 (an OUT of an earlier run over the same folder) each measured run starts from a hard-linked copy of
 that OUT instead of a first run of its own (a 100k first run takes ~15 minutes per tree here), and
 `--rerun --scale-rounds 4` then measures the re-run at the 100k folder (driver_memory_rerun_scale).
+`--new-out` (with `--catalog-from`): only that OUT's catalog is linked, into a new OUT (a run beside a
+shared catalog, with no earlier report to take thumbnails and drawings from; sections ..._new_out).
 `--scale-rounds 4`: one
 size, the 100,625-file folder of bench/scale.py instead of the subsets (section driver_memory_scale),
 the point docs/cost-model.md draws the driver's bytes per image to. `--external`: each size also
@@ -101,7 +103,7 @@ def external_cluster(env: dict, workers: int = 2):
 
 
 def run_driver(data: Path, source: Path | None = None, fresh: bool = False, rerun: bool = False,
-               external: bool = False, catalog_from: Path | None = None) -> dict:
+               external: bool = False, catalog_from: Path | None = None, new_out: bool = False) -> dict:
     """One CLI run (whole cascade, local cluster): the driver's peak RSS, per stage and overall.
     `fresh`: with an empty model cache (`fresh_model_cache`). `rerun`: the measured run is the
     second into the same OUT (its catalog made by a first, unmeasured run; nothing changed): the
@@ -109,7 +111,7 @@ def run_driver(data: Path, source: Path | None = None, fresh: bool = False, reru
     instead (its scheduler's peak RSS is returned too, as "scheduler_peak"). `catalog_from`: with
     `rerun`, the OUT (and its catalog) of an earlier run over `data`, hard-linked into the run's OUT
     instead of a first run (a run replaces its output and catalog files, never writes into them; its
-    lock files, which it rewrites, are left out)."""
+    lock files, which it rewrites, are left out); `new_out`: only its catalog, in a new OUT."""
     env = dict(os.environ)
     keras_home = tempfile.TemporaryDirectory(prefix="dedupe-drvmem-keras-") if fresh else None
     if keras_home is not None:
@@ -126,7 +128,9 @@ def run_driver(data: Path, source: Path | None = None, fresh: bool = False, reru
             from pipeline import catalog, outdir
             # (not the lock files: a run rewrites its lock in place, which a link would share)
             try:
-                shutil.copytree(catalog_from, out, copy_function=os.link, dirs_exist_ok=True, symlinks=True,
+                shutil.copytree(catalog_from / "catalog" if new_out else catalog_from,
+                                Path(out) / "catalog" if new_out else out, copy_function=os.link,
+                                dirs_exist_ok=True, symlinks=True,
                                 ignore=shutil.ignore_patterns(outdir.LOCK_NAME, catalog.LOCK_NAME))
             except (OSError, shutil.Error) as exc:  # (e.g. EXDEV: a link cannot cross filesystems)
                 raise SystemExit(f"--catalog-from {catalog_from}: cannot hard-link it into {out} ({exc}); put "
@@ -136,6 +140,7 @@ def run_driver(data: Path, source: Path | None = None, fresh: bool = False, reru
                                    stderr=subprocess.PIPE, text=True, errors="replace")
             if first.returncode != 0:
                 raise SystemExit(f"pipeline failed ({first.returncode}): {' '.join(cmd)}\n{first.stderr[-4000:]}")
+        started = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=source or REPO, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, errors="replace")
         stage = ["start"]
@@ -163,6 +168,7 @@ def run_driver(data: Path, source: Path | None = None, fresh: bool = False, reru
             peaks[stage[0]] = max(peaks.get(stage[0], 0), rss)
             time.sleep(0.1)
         proc.wait()
+        wall = time.perf_counter() - started
         reader.join()
         if proc.returncode != 0:
             raise SystemExit(f"pipeline failed ({proc.returncode}): {' '.join(cmd)}\n{''.join(lines[-20:])}")
@@ -175,7 +181,7 @@ def run_driver(data: Path, source: Path | None = None, fresh: bool = False, reru
     if keras_home is not None:
         keras_home.cleanup()
     top = max(peaks, key=peaks.get)
-    return {"peak": peaks[top], "peak_stage": top, "stages": peaks, "counts": manifest["counts"],
+    return {"peak": peaks[top], "peak_stage": top, "stages": peaks, "counts": manifest["counts"], "wall": wall,
             "reuse": manifest.get("reuse"), "scheduler_peak": sched_peak if external else None}  # (the run.json of trees before 1911e4c has none)
 
 
@@ -193,6 +199,8 @@ def main() -> None:
     parser.add_argument("--catalog-from", default=None,
                         help="with --rerun: an OUT of an earlier run over the same folder to start each "
                              "measured run from (hard links), instead of a first run")
+    parser.add_argument("--new-out", action="store_true",
+                        help="with --catalog-from: link only its catalog, into a new OUT (no earlier report)")
     parser.add_argument("--scale-rounds", type=int, default=0,
                         help="measure the scale folder of bench/scale.py with this many rounds (4: 100,625 "
                              "files) instead of --sizes")
@@ -209,6 +217,10 @@ def main() -> None:
         parser.error("--scale-rounds: pass the number of rounds (4: 100,625 files), or leave it out")
     if args.catalog_from and not args.rerun:
         parser.error("--catalog-from gives the catalog of a re-run: pass it with --rerun")
+    if args.new_out and not args.catalog_from:
+        parser.error("--new-out links the catalog of --catalog-from OUT into a new OUT: pass --catalog-from")
+    if args.new_out and args.catalog_from and not (Path(args.catalog_from) / "catalog" / "manifest.json").is_file():
+        parser.error(f"--new-out: {args.catalog_from} has no catalog in OUT/catalog to link")
     if args.catalog_from and not (Path(args.catalog_from) / "run.json").is_file():
         parser.error(f"--catalog-from {args.catalog_from}: not the OUT of a finished run (no run.json)")
     if args.catalog_from and not args.scale_rounds and len(args.sizes.split(",")) != 1:
@@ -235,7 +247,8 @@ def main() -> None:
             for mode in modes:
                 r = run_driver(folder, source, fresh=args.fresh_model_cache, rerun=args.rerun,
                                external=mode == "external",
-                               catalog_from=Path(args.catalog_from) if args.catalog_from else None)
+                               catalog_from=Path(args.catalog_from) if args.catalog_from else None,
+                               new_out=args.new_out)
                 results[(name, mode, n)] = r
                 print(name, mode, n, round(r["peak"] / 1e6), r["peak_stage"], flush=True)
     rows = []
@@ -248,6 +261,8 @@ def main() -> None:
             sched = "in the driver" if r["scheduler_peak"] is None else f"{r['scheduler_peak'] / 1e6:.0f}"
             row[1:1] = [mode]
             row[-1:-1] = [sched]
+        if args.baseline:  # (one run each: a ratio in the same run, not a time to quote)
+            row.append(f"{r['wall'] / results[('baseline', mode, n)]['wall']:.2f}")
         rows.append(row)
     body = stamp() + (
         "\nThe driver alone (the CLI process, which also hosts the local cluster's scheduler; not the "
@@ -268,7 +283,9 @@ def main() -> None:
            "TensorFlow Lite conversion), as the first run on a new machine or container does."
            if args.fresh_model_cache else "")
         + (" Each measured run is the second into its OUT (`--rerun`: "
-           + ("a hard-linked copy of an earlier run's OUT, `--catalog-from`, holds the catalog"
+           + ("a new OUT holding only a hard-linked copy of an earlier run's catalog, `--catalog-from "
+              "--new-out`: no earlier report" if args.new_out else
+              "a hard-linked copy of an earlier run's OUT, `--catalog-from`, holds the catalog"
               if args.catalog_from else "a first, unmeasured run made the catalog")
            + "; no file changed), as a nightly run over an unchanged collection is (\"start\" holds the "
            "catalog's load): every file, "
@@ -279,6 +296,8 @@ def main() -> None:
     if args.external:
         header[1:1] = ["scheduler"]
         header[-1:-1] = ["scheduler process peak MB"]
+    if args.baseline:
+        header.append("wall time / baseline's")
     body += table(header, rows)
     sizes = sorted({n for _, _, n in results})
     if len(sizes) >= 2:
@@ -297,14 +316,17 @@ def main() -> None:
                        "driver memory with the scheduler in its own process"
                        + (" (100k scale folder)" if args.scale_rounds else ""), body, **kwargs)
     elif args.scale_rounds and args.rerun:
-        update_section("driver_memory_rerun_scale", "driver memory of a re-run at the 100k scale folder", body,
-                       **kwargs)
+        update_section("driver_memory_rerun_scale" + ("_new_out" if args.new_out else ""),
+                       "driver memory of a re-run at the 100k scale folder"
+                       + (", into a new OUT beside the catalog" if args.new_out else ""), body, **kwargs)
     elif args.scale_rounds:
         update_section("driver_memory_scale", "driver memory at the 100k scale folder", body, **kwargs)
     elif args.fresh_model_cache:
         update_section("driver_memory_fresh", "driver memory on a new machine's first run", body, **kwargs)
     elif args.rerun:
-        update_section("driver_memory_rerun", "driver memory of a re-run over an unchanged folder", body, **kwargs)
+        update_section("driver_memory_rerun" + ("_new_out" if args.new_out else ""),
+                       "driver memory of a re-run over an unchanged folder"
+                       + (", into a new OUT beside the catalog" if args.new_out else ""), body, **kwargs)
     else:
         update_section("driver_memory", "driver memory per image (whole cascade)", body, **kwargs)
 

@@ -276,15 +276,30 @@ def completed(client, tasks: Sequence[tuple[Callable, tuple]], threads: int = 1)
     """(task number, result) of each task (fn, args) as it finishes, in no set order: on the Dask
     `client`'s workers when given (each result fetched as its task ends and released once the
     caller moves on, so this process holds only what the caller keeps), else on `threads` threads
-    of this process. For work whose results are written out one by one (the report's pixels)."""
+    of this process, two tasks a thread in flight: tasks that end faster than the caller writes
+    their results out would pile their results up here (the report's thumbnails taken from
+    feature parts, ~1 MB a part: ~+110 MB of a 100k-file run's driver with all tasks submitted)."""
     if not tasks:
         return
     if client is None:
-        from concurrent.futures import ThreadPoolExecutor, as_completed as done_order
-        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="tasks") as pool:
-            number = {pool.submit(fn, *args): n for n, (fn, args) in enumerate(tasks)}
-            for fut in done_order(list(number)):
-                yield number.pop(fut), fut.result()
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+        threads = max(1, threads)
+        queue = iter(enumerate(tasks))
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tasks") as pool:
+            running: dict = {}  # future -> task number
+
+            def top_up() -> None:
+                for n, (fn, args) in queue:
+                    running[pool.submit(fn, *args)] = n
+                    if len(running) >= 2 * threads:
+                        return
+            top_up()
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    n = running.pop(fut)
+                    top_up()  # (the threads go on while the caller handles this result)
+                    yield n, fut.result()
         return
     sent = Sent(client)
     sent.send([(n, fn, args) for n, (fn, args) in enumerate(tasks)], star=True)

@@ -252,16 +252,20 @@ def make_thumbs(wanted: list[tuple[int, str]], size: int) -> dict[int, bytes]:
     return {name: make_thumb(abs_path, size) for name, abs_path in wanted}
 
 
-def thumbs_from_store(part_path: str, wanted: list[tuple[int, int, str]], size: int) -> dict[int, bytes]:
+def thumbs_from_store(part_path: str, wanted: list[tuple[int, int, str]], size: int,
+                      check: str | None = None) -> dict[int, bytes]:
     """Thumbnails the verify tier made while it had the images decoded (feature-store columns
     `report_thumb`, `report_thumb_size`): `wanted` lists (name, key, abs_path) of one part. A
     row without one of this `size` (made with another report.thumb_size, before the column
-    existed, or not at all) falls back to `make_thumb`. Returns name -> JPEG bytes (b"" when
-    none could be made)."""
+    existed, or not at all) falls back to `make_thumb`. `check`: the bytes and sha256 a catalog
+    lists for the part (`store.read_columns`). Returns name -> JPEG bytes (b"" when none could
+    be made)."""
     from pipeline import store
     try:
-        found = store.read_columns(part_path, [w[1] for w in wanted], ["report_thumb", "report_thumb_size"])
-    except Exception:  # an unreadable part: decode instead, as without it
+        found = store.read_columns(part_path, [w[1] for w in wanted], ["report_thumb", "report_thumb_size"],
+                                   check=check)
+    except Exception as exc:  # an unreadable or changed part: decode instead, as without it
+        log.warning("report thumbnails: %s; the images are decoded instead", exc)
         found = pd.DataFrame()
     made = {}
     for name, key, abs_path in wanted:
@@ -275,13 +279,15 @@ def thumbs_from_store(part_path: str, wanted: list[tuple[int, int, str]], size: 
 FEATURE_COLUMNS = ["n_keypoints", "keypoints", "descriptors", "width", "height", "error"]
 
 
-def _stored_rows(part_path: str, keys: list[int], method: str) -> dict[int, dict]:
+def _stored_rows(part_path: str, keys: list[int], method: str, check: str | None = None) -> dict[int, dict]:
     """The verify tier's feature rows for `keys` of one part, as feature dicts (`verify._unpack`);
-    {} when the part cannot be read (the drawing then computes its features)."""
+    {} when the part cannot be read or is not what `check` says (the drawing then computes its
+    features)."""
     from pipeline import store, verify
     try:
-        found = store.read_columns(part_path, keys, FEATURE_COLUMNS)
-    except Exception:
+        found = store.read_columns(part_path, keys, FEATURE_COLUMNS, check=check)
+    except Exception as exc:
+        log.warning("report drawings: %s; their features are computed again", exc)
         return {}
     return {int(k): verify._unpack(row, method) for k, row in zip(found.index, found.to_dict("records"))
             if not (isinstance(row["error"], str) or pd.isna(row["n_keypoints"]))}
@@ -340,11 +346,12 @@ def draw_pair(abs_a: str, abs_b: str, cfg: Config, height: int = DRAW_HEIGHT,
     return buf.getvalue(), {"matches": ev["matches"], "inliers": ev["inliers"], "mirrored": ev["mirrored"]}
 
 
-def draw_pairs(todo: list[tuple[str, str, str, tuple[dict, dict] | None, tuple]], cfg: Config
-               ) -> dict[str, tuple[bytes, dict] | None]:
+def draw_pairs(todo: list[tuple[str, str, str, tuple[dict, dict] | None, tuple]], cfg: Config,
+               checks: dict[str, str] | None = None) -> dict[str, tuple[bytes, dict] | None]:
     """`draw_pair` of each (name, abs_a, abs_b, sources, run_numbers): `sources` each image's
     feature rows {transform: (part, key)} (`_draw_sources`; None: none stored, ORB recomputed),
-    read once per part for the whole list; `run_numbers` the verify tier's orb_matches,
+    read once per part for the whole list (checked against `checks`, part -> its catalog's
+    "<bytes>:<sha256>", when it has one); `run_numbers` the verify tier's orb_matches,
     orb_inliers. Returns name -> draw_pair's result."""
     want: dict[str, set[int]] = {}
     for *_, src, _numbers in todo:
@@ -352,7 +359,7 @@ def draw_pairs(todo: list[tuple[str, str, str, tuple[dict, dict] | None, tuple]]
             want.setdefault(part, set()).add(key)
     rows: dict[int, dict] = {}
     for part, keys in want.items():
-        rows.update(_stored_rows(part, sorted(keys), cfg.verify.method))
+        rows.update(_stored_rows(part, sorted(keys), cfg.verify.method, (checks or {}).get(part)))
     out = {}
     for name, abs_a, abs_b, src, numbers in todo:
         fas, fbs = ({t: rows[key] for t, (_, key) in side.items() if key in rows} for side in src or ({}, {}))
@@ -682,7 +689,11 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
             else:
                 decode.append((k, abs_at[k]))
         del previous
-        jobs += [("thumbs", thumbs_from_store, (part, wanted, rcfg.thumb_size)) for part, wanted in from_store.items()]
+        # a catalog's parts are checked against what it lists by the task that reads them
+        checks = {part: check for column in ("part_path", "mirrored_part_path") if f"{column[:-5]}_check" in where
+                  for part, check in where[[column, f"{column[:-5]}_check"]].dropna().drop_duplicates().to_numpy()}
+        jobs += [("thumbs", thumbs_from_store, (part, wanted, rcfg.thumb_size, checks.get(part)))
+                 for part, wanted in from_store.items()]
         jobs += [("thumbs", make_thumbs, (decode[i:i + THUMBS_PER_TASK], rcfg.thumb_size))
                  for i in range(0, len(decode), THUMBS_PER_TASK)]
         drawn = _draw_list(data, rcfg)
@@ -700,8 +711,10 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
             else:  # run_numbers: orb_matches, orb_inliers (the tier's orientation)
                 todo.append((name, abs_at[ka], abs_at[kb], _draw_sources(where, sha_at[ka], sha_at[kb]),
                              tuple(pair[3:5])))
-        jobs += [("pairs", draw_pairs, (todo[i:i + DRAWINGS_PER_TASK], cfg))
-                 for i in range(0, len(todo), DRAWINGS_PER_TASK)]
+        for i in range(0, len(todo), DRAWINGS_PER_TASK):
+            task = todo[i:i + DRAWINGS_PER_TASK]
+            used = {part for *_, src, _n in task for side in src or () for part, _ in side.values()}
+            jobs.append(("pairs", draw_pairs, (task, cfg, {p: checks[p] for p in used if p in checks})))
         kinds = [kind for kind, _, _ in jobs]
         # the tasks' file lists are held only by `completed`, each until its task ends (for a resend)
         pending = completed(client, [(fn, args) for _, fn, args in jobs], threads=os.cpu_count() or 1)

@@ -903,9 +903,8 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                     made = pd.DataFrame(scores.attrs.pop("features", {"key": [], "part_path": [], "error": []}))
                     counts["verify_features"] = len(made)
                     new_features.append(catalog.new_feature_rows(cat, "orb", fps["orb_features"], made, sha_of_cid))
-                    thumbs = stored_features(pd.concat([pre, pd.Series(made["part_path"].to_numpy(dtype=object),
-                                                                     index=made["key"].to_numpy(np.int64))]),
-                                           sha_of_cid)
+                    made_here = pd.concat([pd.Series(made["part_path"].to_numpy(dtype=object),
+                                                     index=made["key"].to_numpy(np.int64)), pre])
                     _share_texts(scores)
                     for col in scores.columns:
                         _set(pairs, todo, col, scores[col])
@@ -916,6 +915,18 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                     info["why_verified"] = {"settings_changed": stale, "new_pair": int(len(todo)) - stale}
                 reuse["verify"] = info
                 ran_features["orb"] = fps["orb_features"]
+                # the report's thumbnails and drawings come from the feature rows of every near
+                # pair's images, reused pairs too (a new OUT beside a shared catalog has no earlier
+                # report: decoding each shown file was 142 of a 100k-file re-run's 161 s); the
+                # catalog's parts are read and checked by the report's tasks that use them
+                # (each image's rows once: by row number, not a text per pair and side)
+                rows_needed, t_needed = verify.needed_features(ia, ib, tt)
+                wanted = np.unique(rows_needed.astype(np.int64) * 8 + t_needed)
+                del rows_needed, t_needed
+                listed, _ = cat.feature_parts("orb", fps["orb_features"], sha[wanted // 8], wanted % 8, check=False)
+                del wanted
+                thumbs = stored_features(pd.concat([made_here, listed]) if len(todo) else listed, sha_of_cid, cat)
+                made_here = listed = None
             verified = True
             timings["verify"] = time.perf_counter() - t
             counts["verified_pairs"] = len(near)
@@ -1108,13 +1119,17 @@ def output_order(pairs: pd.DataFrame, images: pd.DataFrame) -> np.ndarray:
         .sort_values(["a", "b"], kind="stable").index.to_numpy()
 
 
-def stored_features(part_of: pd.Series, sha_of_id: pd.Series) -> pd.DataFrame:
+def stored_features(part_of: pd.Series, sha_of_id: pd.Series, cat: catalog.Catalog | None = None) -> pd.DataFrame:
     """Where the verify tier's feature rows are, for the report (its thumbnails: every row of a
     decoded file carries one, verify.features_partition; its drawings: the rows' keypoints).
     `part_of`: the rows' key (id * 8 + transform) -> part path; `sha_of_id`: id -> sha256 (ids:
     image rows, or content ids with a catalog). Indexed by sha256, so exact copies share one:
     part_path, key of the content's plain row (else its mirrored one), mirrored_part_path,
-    mirrored_key of its mirrored row (transform 4) when it has one (null otherwise)."""
+    mirrored_key of its mirrored row (transform 4) when it has one (null otherwise). With the
+    catalog `cat`, also part_check and mirrored_part_check: what it lists for each part
+    (`Catalog.part_checks`; null for a part this run made), checked by the report's tasks."""
+    if len(part_of) and part_of.index.duplicated().any():  # (a key found in two places: its first)
+        part_of = part_of[~part_of.index.duplicated()]
     keys = np.asarray(part_of.index, dtype=np.int64)
     frame = pd.DataFrame({"sha256": sha_of_id.reindex(keys // 8).to_numpy(dtype=object),
                           "part_path": part_of.to_numpy(dtype=object), "key": keys})
@@ -1124,6 +1139,11 @@ def stored_features(part_of: pd.Series, sha_of_id: pd.Series) -> pd.DataFrame:
     frame["mirrored_part_path"] = mirrored["part_path"].reindex(frame.index)
     # (nullable Int64 before the reindex: content keys are 63-bit and float64 keeps 53)
     frame["mirrored_key"] = mirrored["key"].astype("Int64").reindex(frame.index)
+    if cat is not None:
+        parts = pd.unique(pd.concat([frame["part_path"], frame["mirrored_part_path"]]).dropna())
+        check_of = pd.Series(cat.part_checks(parts), index=pd.Index(parts, dtype=object), dtype=object)
+        for column in ("part", "mirrored_part"):
+            frame[f"{column}_check"] = check_of.reindex(frame[f"{column}_path"]).to_numpy(dtype=object)
     return frame
 
 

@@ -8,6 +8,7 @@ workers see (as the images are): a shared folder or a store URL (pipeline/storag
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import uuid
@@ -18,6 +19,7 @@ from threading import Lock
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
@@ -135,20 +137,44 @@ def read_rows(paths: list[str], keys) -> pd.DataFrame:
     return found.reindex(wanted)
 
 
-def read_columns(path: str, keys, columns: list[str]) -> pd.DataFrame:
+class PartChecksumError(ValueError):
+    """A part whose bytes are not those its catalog listed (changed or corrupt): not used."""
+
+
+def read_columns(path: str, keys, columns: list[str], check: str | None = None) -> pd.DataFrame:
     """`columns` of the rows for `keys` in one part, indexed by key, reading only the row groups
     that hold them and only those columns (the report's thumbnails without the descriptors); a
     column the part does not have (written before it existed) comes back as nulls. Not cached:
-    for a one-off reader such as the report, not the pair tasks."""
-    pf = pq.ParquetFile(io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path)
+    for a one-off reader such as the report, not the pair tasks.
+
+    `check`: "<bytes>:<sha256>" the part must have (a catalog's part: `Catalog.part_checks`);
+    then the whole file is read and checked first (PartChecksumError when it differs; a local
+    file a MiB at a time, then only the row groups and columns wanted are read from it)."""
+    data = storage.read_bytes(path) if storage.is_url(path) else None
+    if check is not None:
+        size, digest = check.split(":", 1)
+        if data is None:
+            h, n = hashlib.sha256(), 0
+            with open(path, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    h.update(block)
+                    n += len(block)
+        else:
+            h, n = hashlib.sha256(data), len(data)
+        if n != int(size) or h.hexdigest() != digest:
+            raise PartChecksumError(f"{path}: not the bytes its catalog lists (changed or corrupt)")
+    pf = pq.ParquetFile(path if data is None else io.BytesIO(data))
     have = set(pf.schema_arrow.names)
     wanted = np.sort(pd.unique(pd.Series(keys, dtype="int64")).astype(np.int64))
     ranges = _key_ranges(pf.metadata)
     groups = np.flatnonzero(np.searchsorted(wanted, ranges[:, 1], side="right")
                             > np.searchsorted(wanted, ranges[:, 0], side="left"))
-    frame = pf.read_row_groups([int(g) for g in groups], columns=["key", *[c for c in columns if c in have]]) \
-        .to_pandas().set_index("key")
-    frame = frame[frame.index.isin(wanted)]
+    table = pf.read_row_groups([int(g) for g in groups], columns=["key", *[c for c in columns if c in have]])
+    # only the wanted rows become Python objects (a row group's keypoints and descriptors, made
+    # into objects whole for a few of its rows, were the driver's largest item drawing the report)
+    table = table.filter(pc.is_in(table["key"], value_set=pa.array(wanted, pa.int64())))
+    frame = table.to_pandas().set_index("key")
+    del table
     for c in columns:
         if c not in frame:
             frame[c] = None

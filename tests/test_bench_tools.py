@@ -2,6 +2,9 @@
 and the profile attributes each sample to the innermost known activity."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from bench import fastdup, profile
@@ -134,7 +137,7 @@ def test_driver_memory_rerun_measures_a_second_run_that_reuses_everything(tmp_pa
     assert result["counts"]["files"] == 4 and result["peak"] > 50e6 and "start" in result["stages"]
 
 
-def test_driver_memory_rerun_from_an_earlier_out_links_it_and_leaves_it_as_it_was(tmp_path, models_dir):
+def test_driver_memory_rerun_from_an_earlier_out_links_it_and_leaves_it_as_it_was(tmp_path, models_dir, monkeypatch):
     """`--rerun --catalog-from OUT`: the measured run starts from hard links of an earlier run's OUT
     (no first run of its own), its catalog serves every file, and that OUT is left as it was."""
     import json
@@ -156,6 +159,15 @@ def test_driver_memory_rerun_from_an_earlier_out_links_it_and_leaves_it_as_it_wa
     assert result["reuse"]["screen"] == {"files": 3, "reused": 3, "screened": 0, "why_screened": {}}
     assert {p.relative_to(earlier): p.stat().st_mtime_ns for p in earlier.rglob("*")} == before
     assert json.loads((earlier / "run.json").read_text())["counts"]["files"] == 3
+    # --new-out: only the catalog, in a new OUT (a run beside a shared catalog, no earlier report)
+    linked = []
+    real_copytree = shutil.copytree
+    monkeypatch.setattr(shutil, "copytree",
+                        lambda src, dst, *a, **kw: linked.append((src, dst)) or real_copytree(src, dst, *a, **kw))
+    fresh = driver_memory.run_driver(data, rerun=True, catalog_from=earlier, new_out=True)
+    assert fresh["reuse"]["screen"] == {"files": 3, "reused": 3, "screened": 0, "why_screened": {}}
+    assert (Path(linked[0][0]), Path(linked[0][1]).name) == (earlier / "catalog", "catalog")  # (then its folders)
+    assert {p.relative_to(earlier): p.stat().st_mtime_ns for p in earlier.rglob("*")} == before
     other = tmp_path / "other"  # an OUT of another folder: its run would read every file, so it is refused
     other.mkdir()
     Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(other / "g0009_original.png")

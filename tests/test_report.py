@@ -400,6 +400,52 @@ def test_a_catalog_rerun_with_another_thumb_size_decodes_again(review_data, tmp_
             assert max(im.size) == 96
 
 
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_a_new_out_beside_a_shared_catalog_takes_thumbnails_from_it(review_data, tmp_path, monkeypatch, corrupt):
+    """A run into a new OUT that reuses every pair from a shared catalog has no earlier report:
+    its thumbnails and drawings still come from the feature rows the catalog keeps (no file
+    decoded again, no ORB recomputed), as in the run that made them. A catalog part whose bytes
+    are no longer those it lists is not used: its images are decoded instead, and the report is
+    complete all the same (these few images make one part)."""
+    from pipeline.cli import main
+    shared = tmp_path / "catalog"
+    args = ["--tiers", "verify", "--scheduler", "sync", "--quiet", "--catalog", str(shared)]
+    assert main(["dedupe", str(review_data), "--out", str(tmp_path / "first"), *args]) == 0
+    first_decoded = _counting_make_thumb(monkeypatch)  # (counts from here: the second run only)
+    parts = sorted(shared.glob("features/orb/*/*/*.parquet"))
+    assert parts
+    if corrupt:  # same size, one byte changed: only the checksum tells
+        data = bytearray(parts[0].read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        parts[0].write_bytes(bytes(data))
+    drawn_again = []
+    real_evidence = verify.pair_evidence
+    monkeypatch.setattr(verify, "pair_evidence", lambda *a, **k: drawn_again.append(a) or real_evidence(*a, **k))
+    out = tmp_path / "second"
+    assert main(["dedupe", str(review_data), "--out", str(out), *args]) == 0
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["reuse"]["verify"]["pairs_verified"] == 0  # every pair from the catalog
+    first = read_data(tmp_path / "first" / "report")
+    data = read_data(out / "report")
+    shown = [row for row in data["images"] if row[7] is None]
+    assert shown and all(row[8] for row in shown)  # every shown image has its thumbnail
+    run = load_run(out)
+    verified = run.pairs[run.pairs["orb_inliers"].notna()]
+    had_features = set(verified["image_id_a"].astype(str)) | set(verified["image_id_b"].astype(str))
+    path_of = dict(zip(run.images["image_id"].astype(str), run.images["path"]))
+    from_features = [p for p in first_decoded if any(p.endswith(path_of[i]) for i in had_features)]
+    if not corrupt:
+        assert not from_features and not drawn_again
+        assert len([p for p in data["pairs"] if p[11]]) == len([p for p in first["pairs"] if p[11]])
+        for row in shown:  # the very thumbnails the first run wrote
+            name = f"{row[0]}.jpg"
+            assert (out / "report" / "thumbs" / name).read_bytes() == \
+                (tmp_path / "first" / "report" / "thumbs" / name).read_bytes()
+    else:  # the changed part's images were decoded and its drawings' features computed again
+        assert len(parts) == 1 and len(from_features) == len(had_features) and drawn_again
+        assert len([p for p in data["pairs"] if p[11]]) == len([p for p in first["pairs"] if p[11]])
+
+
 @pytest.mark.parametrize("catalog", [False, True])
 def test_drawings_use_the_verify_tiers_features(review_data, tmp_path, monkeypatch, catalog):
     """A run's drawings match the stored feature rows (no ORB recomputed: pair_evidence is not

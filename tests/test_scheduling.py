@@ -133,6 +133,31 @@ def test_completed_yields_every_task_once_and_its_arguments_travel_as_data():
     assert len(kept) >= 3 and not [n for n in range(len(tasks)) if any(f"thumb-{n:03d}".encode() in t for t in kept)]
 
 
+def test_completed_in_process_keeps_two_tasks_a_thread_ahead_of_the_caller():
+    """progress.completed without a cluster: every task's result once, and a caller slower than
+    the tasks (the report writing thumbnails out) never has more than two tasks a thread started
+    and not yet handed to it, so finished results do not pile up in the process."""
+    import threading
+    import time
+
+    from pipeline.progress import completed
+    started, lock = [0], threading.Lock()
+
+    def task(n: int) -> bytes:
+        with lock:
+            started[0] += 1
+        return bytes(1000) + n.to_bytes(4, "little")
+
+    threads, got, ahead = 2, {}, []
+    for n, result in completed(None, [(task, (n,)) for n in range(60)], threads=threads):
+        got[n] = result
+        time.sleep(0.002)  # (the caller writing a result out)
+        with lock:
+            ahead.append(started[0] - len(got))
+    assert sorted(got) == list(range(60)) and all(got[n].endswith(n.to_bytes(4, "little")) for n in got)
+    assert max(ahead) <= 2 * threads, ahead
+
+
 @pytest.mark.slow
 def test_no_tensorflow_in_the_driver_or_the_workers_of_a_verify_run(data, tmp_path):
     """Screen and verify never import TensorFlow (seconds per process, and memory): checked in a

@@ -376,6 +376,20 @@ def test_report_thumbnails_and_features_from_feature_parts_on_a_store(photo_path
     assert len(decoded) == 3  # another size: decoded (here: the stand-in that makes nothing)
     feats = report._stored_rows(part, [0, 8], cfg.verify.method)
     assert sorted(feats) == [0, 8] and len(feats[0]["keypoints"]) > 100
+    # a catalog's part is checked against the bytes and sha256 it lists before it is used
+    import hashlib
+    from pipeline import store
+    data = storage.read_bytes(part)
+    good, bad = f"{len(data)}:{hashlib.sha256(data).hexdigest()}", f"{len(data)}:{'0' * 64}"
+    assert sorted(report._stored_rows(part, [0, 8], cfg.verify.method, good)) == [0, 8]
+    assert report._stored_rows(part, [0, 8], cfg.verify.method, bad) == {}
+    with pytest.raises(store.PartChecksumError, match="not the bytes its catalog lists"):
+        store.read_columns(part, [0], ["report_thumb"], check=f"{len(data) + 1}:{hashlib.sha256(data).hexdigest()}")
+    decoded.clear()
+    assert sorted(report.thumbs_from_store(part, wanted, cfg.report.thumb_size, good)) == ["0", "1", "2"]
+    assert not decoded
+    report.thumbs_from_store(part, wanted, cfg.report.thumb_size, bad)
+    assert len(decoded) == 3  # a part that is not what its catalog lists: decoded instead
 
 
 def test_lock_without_exclusive_create_falls_back_to_check_then_write(monkeypatch):
