@@ -38,8 +38,12 @@ import pandas as pd
 from pipeline.results import Keep, Run
 
 ACTIONS = ("move", "hardlink", "symlink", "delete")
+# raw_path: the exact bytes of a name that is not valid UTF-8 (`path` is then its text form,
+# pipeline/paths.py), null otherwise, as images.parquet's; hexadecimal in a CSV plan; a plan made
+# before it existed is read without it and acts on `abs_path` as before
+RAW_COLUMN = "raw_path"
 PLAN_COLUMNS = ["cluster_id", "path", "abs_path", "action", "keeper", "keeper_abs_path", "bytes", "mtime",
-                "sha256", "image_id"]
+                "sha256", "image_id", RAW_COLUMN]
 
 
 class PlanError(ValueError):
@@ -59,6 +63,8 @@ def make_plan(run: Run, keep: Keep = "largest_pixels", prefer: Iterable[str] = (
         "bytes": members["bytes"].astype("int64").to_numpy(),
         "mtime": pd.to_datetime(members["mtime"], utc=True).dt.floor("us").to_numpy(),
         "sha256": members["sha256"].to_numpy(), "image_id": members["image_id"].astype("int64").to_numpy(),
+        RAW_COLUMN: pd.Series(members[RAW_COLUMN].to_numpy(dtype=object) if RAW_COLUMN in members
+                              else [None] * len(members), dtype=object),
     })
     plan["mtime"] = pd.to_datetime(plan["mtime"], utc=True)
     order = plan.assign(_k=plan["action"] != "keep").reset_index(drop=True)
@@ -110,7 +116,9 @@ def write_plan(plan: pd.DataFrame, path: str | Path) -> Path | str:
     if path.suffix == ".parquet":
         plan.to_parquet(tmp, index=False)
     else:
-        plan.assign(mtime=plan["mtime"].map(lambda t: t.isoformat())).to_csv(tmp, index=False)
+        hexed = {RAW_COLUMN: [bytes(r).hex() if isinstance(r, (bytes, bytearray)) else None
+                              for r in plan[RAW_COLUMN]]} if RAW_COLUMN in plan else {}
+        plan.assign(mtime=plan["mtime"].map(lambda t: t.isoformat()), **hexed).to_csv(tmp, index=False)
     os.replace(tmp, path)
     return path
 
@@ -128,10 +136,20 @@ def read_plan(path: str | Path) -> pd.DataFrame:
         plan = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype={"sha256": str})
     except Exception as exc:
         raise PlanError(f"plan file {str(path)!r} cannot be read: {exc}") from None
-    missing = [c for c in PLAN_COLUMNS if c not in plan]
+    missing = [c for c in PLAN_COLUMNS if c not in plan and c != RAW_COLUMN]
     if missing:
         raise PlanError(f"plan file {str(path)!r} lacks the columns {missing}: make it with `dedupe plan`")
     plan["mtime"] = pd.to_datetime(plan["mtime"], utc=True)
+    if RAW_COLUMN not in plan:
+        plan[RAW_COLUMN] = pd.Series(None, index=plan.index, dtype=object)
+    else:  # (a CSV plan's are hexadecimal)
+        try:
+            plan[RAW_COLUMN] = pd.Series([bytes.fromhex(r) if isinstance(r, str) else
+                                          bytes(r) if isinstance(r, (bytes, bytearray)) else None
+                                          for r in plan[RAW_COLUMN]], index=plan.index, dtype=object)
+        except ValueError:
+            raise PlanError(f"plan file {str(path)!r}: column {RAW_COLUMN} holds a value that is not hexadecimal "
+                            "bytes; make the plan again with `dedupe plan`") from None
     bad = set(plan["action"]) - {"keep", "remove"}
     if bad:
         raise PlanError(f"plan file {str(path)!r}: unknown action(s) {sorted(bad)} (keep or remove)")
@@ -209,27 +227,46 @@ def _link(op: str, keeper: str, dest: str) -> None:
         os.symlink(os.path.relpath(keeper, os.path.dirname(dest)), dest)
 
 
-def _act(op: str, row, to: Path | None, log: UndoLog) -> None:
-    src = row.abs_path
+def file_name(row) -> str:
+    """The row's file as the operating system names it: `abs_path`, or for a name that is not
+    UTF-8 the scanned folder's path and the name's exact bytes (RAW_COLUMN; os.fsdecode: a str
+    that the os functions turn back into those bytes). Without it, such a file's text form names
+    no file and `apply` refused its cluster ("the keeper ... is missing")."""
+    raw = getattr(row, RAW_COLUMN, None)
+    abs_path, rel = str(row.abs_path), str(row.path)
+    if not isinstance(raw, (bytes, bytearray)) or not abs_path.endswith(rel):
+        return abs_path
+    return os.fsdecode(os.fsencode(abs_path[:len(abs_path) - len(rel)]) + bytes(raw))
+
+
+def _relative_name(row) -> str:
+    """The row's path under the scanned folder, as the operating system names it."""
+    raw = getattr(row, RAW_COLUMN, None)
+    return os.fsdecode(bytes(raw)) if isinstance(raw, (bytes, bytearray)) else str(row.path)
+
+
+def _act(op: str, row, src: str, keeper: str, to: Path | None, log: UndoLog) -> None:
+    """`op` on the file `src` (file_name) of a remove row, `keeper` its cluster's keeper's file.
+    The log's paths are the operating system's names (JSON escapes a name's undecodable bytes)."""
     if op == "move":
-        dst = to / row.path
+        dst = to / _relative_name(row)
         if os.path.lexists(dst):
             raise FileExistsError(f"destination {dst} exists")
         dst.parent.mkdir(parents=True, exist_ok=True)
         log.write({"op": "move", "path": row.path, "src": src, "dst": str(dst), "sha256": row.sha256})
         shutil.move(src, dst)
         return
-    trash = log.trash / row.path
+    trash = log.trash / _relative_name(row)
     if os.path.lexists(trash):
         raise FileExistsError(f"trash entry {trash} exists")
     trash.parent.mkdir(parents=True, exist_ok=True)
-    log.write({"op": op, "path": row.path, "src": src, "trash": str(trash), "keeper": row.keeper_abs_path,
+    log.write({"op": op, "path": row.path, "src": src, "trash": str(trash), "keeper": keeper,
                "sha256": row.sha256})
     shutil.move(src, trash)
     if op == "delete":
         return
     try:
-        _link(op, row.keeper_abs_path, src)
+        _link(op, keeper, src)
     except OSError:
         shutil.move(trash, src)  # e.g. a hard link across file systems: put the file back
         raise
@@ -267,17 +304,19 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
                     out.refused.append((r.path, f"its cluster has {len(keepers)} keepers in the plan (needs one)"))
                 continue
             keeper = next(keepers.itertuples())
-            why = changed(keeper.abs_path, keeper)
+            keeper_file = file_name(keeper)
+            why = changed(keeper_file, keeper)
             for r in removals.itertuples():
                 if why is None:  # re-check cheaply per file: an earlier step may have touched it
-                    why_now = None if os.path.exists(keeper.abs_path) else "is missing"
+                    why_now = None if os.path.exists(keeper_file) else "is missing"
                 else:
                     why_now = why
                 if why_now is not None:
                     out.refused.append((r.path, f"the keeper {keeper.path} {why_now}: nothing removed from this cluster"))
                     continue
-                reason = changed(r.abs_path, r)
-                if reason is None and os.path.samefile(r.abs_path, keeper.abs_path):
+                src = file_name(r)
+                reason = changed(src, r)
+                if reason is None and os.path.samefile(src, keeper_file):
                     reason = "is the keeper's own file under another name (same inode)"
                 if reason is not None:
                     out.refused.append((r.path, reason))
@@ -289,7 +328,7 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
                     out.done.append(r.path)
                     continue
                 try:
-                    _act(action, r, to, log)
+                    _act(action, r, src, keeper_file, to, log)
                 except OSError as exc:
                     out.failed.append((r.path, str(exc)))
                     continue

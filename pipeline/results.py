@@ -163,8 +163,9 @@ class Run:
 
     def clusters(self, keep: Keep = "largest_pixels", prefer: Iterable[str] = ()) -> pd.DataFrame:
         """One row per image in a cluster: cluster_id, cluster_size, image_id, path, abs_path,
-        bytes, width, height, pixels, format, mtime, sha256 and `keeper` (True for the member the
-        `keep` policy keeps). Largest clusters first, members by path.
+        bytes, width, height, pixels, format, mtime, sha256, raw_path (the exact bytes of a name
+        that is not UTF-8; when the run's images have the column) and `keeper` (True for the member
+        the `keep` policy keeps). Largest clusters first, members by path.
 
             >>> members = run.clusters(keep="preferred_folder", prefer=["originals"])
             >>> members.groupby("cluster_id").size().describe()
@@ -173,7 +174,7 @@ class Run:
         m["cluster_size"] = m.groupby("cluster_id")["image_id"].transform("size")
         m = m.sort_values(["cluster_size", "cluster_id", "path"], ascending=[False, True, True], kind="stable")
         cols = ["cluster_id", "cluster_size", "image_id", "path", "abs_path", "bytes", "width", "height",
-                "pixels", "format", "mtime", "sha256"]
+                "pixels", "format", "mtime", "sha256", *(["raw_path"] if "raw_path" in m else [])]
         m = m[cols].reset_index(drop=True)
         kept = keeper_ids(m, keep, prefer) if len(m) else pd.Series(dtype="int64")
         m["keeper"] = m["image_id"].to_numpy() == kept.reindex(m["cluster_id"].to_numpy()).to_numpy()

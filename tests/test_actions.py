@@ -261,3 +261,63 @@ def test_usage_errors_exit_2(run_dir, tmp_path, capsys):
         main(["apply", plan, "--action", "shred"])
     assert exc.value.code == 2
     assert "--to DIR is needed with --action move" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("plan_name,action", [("plan.parquet", "hardlink"), ("plan.csv", "move"),
+                                              ("plan.parquet", "delete"), ("plan.csv", "symlink")])
+def test_names_that_are_not_utf8_are_acted_on_and_restored(photo_paths, tmp_path, capsys, plan_name, action):
+    """A name that is not valid UTF-8 (a Latin-1 archive) is in the outputs as its text form, which
+    names no file: the plan keeps the exact bytes (raw_path; hexadecimal in a CSV plan), so such a
+    keeper is found and such a copy is acted on, and undo puts every byte of the tree back."""
+    data = tmp_path / "data"
+    (data / "originals").mkdir(parents=True)
+    (data / "copies").mkdir()
+    a, b = photo_paths[0], photo_paths[len(photo_paths) // 2]
+    keeper_raw = os.path.join(os.fsencode(data), b"originals", b"caf\xe9-a.jpg")  # Latin-1 "café"
+    with open(keeper_raw, "wb") as f:
+        f.write(a.read_bytes())
+    (data / "copies" / "a_copy.jpg").write_bytes(a.read_bytes())
+    (data / "originals" / "b.jpg").write_bytes(b.read_bytes())
+    copy_raw = os.path.join(os.fsencode(data), b"copies", b"b-\xff\xfe-copy.jpg")
+    with open(copy_raw, "wb") as f:
+        f.write(b.read_bytes())
+    out = tmp_path / "out"
+    assert main(["dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync", "--quiet"]) == 0
+    assert main(["plan", str(out), "--keep", "preferred_folder", "--prefer", "originals",
+                 "--output", str(tmp_path / plan_name)]) == 0
+    plan = read_plan(tmp_path / plan_name)
+    raw = dict(zip(plan["path"], plan["raw_path"]))
+    assert raw == {"originals/caf\\xe9-a.jpg": b"originals/caf\xe9-a.jpg", "copies/a_copy.jpg": None,
+                   "originals/b.jpg": None, "copies/b-\\xff\\xfe-copy.jpg": b"copies/b-\xff\xfe-copy.jpg"}
+    before = snapshot(data)
+    log = tmp_path / "logs" / "undo.jsonl"
+    extra = ["--to", str(tmp_path / "moved")] if action == "move" else []
+    capsys.readouterr()
+    assert main(["apply", str(tmp_path / plan_name), "--action", action, "--execute", "--log", str(log), *extra]) == 0
+    assert "refused" not in capsys.readouterr().err
+    after = snapshot(data)
+    keeper_a, copy_b = os.fsdecode(b"originals/caf\xe9-a.jpg"), os.fsdecode(b"copies/b-\xff\xfe-copy.jpg")
+    assert after[keeper_a][:2] == before[keeper_a][:2] and after["originals/b.jpg"][:2] == before["originals/b.jpg"][:2]
+    for removed, keeper in (("copies/a_copy.jpg", keeper_a), (copy_b, "originals/b.jpg")):
+        if action == "move":
+            assert removed not in after and (tmp_path / "moved" / removed).read_bytes() == (data / keeper).read_bytes()
+        elif action == "delete":
+            assert removed not in after and (log.parent / "undo.trash" / removed).is_file()
+        else:
+            assert os.path.samefile(data / removed, data / keeper) and (data / removed).is_symlink() == (action == "symlink")
+    assert main(["undo", str(log)]) == 0
+    assert snapshot(data) == before  # the same names, byte for byte
+
+
+def test_a_plan_made_before_raw_path_existed_still_applies(run_dir, capsys):
+    """A plan without the raw_path column (an older one, or one a script wrote) reads as all names
+    UTF-8 and applies as before."""
+    plan = pd.read_parquet(run_dir / "plan.parquet").drop(columns=["raw_path"])
+    plan.to_parquet(run_dir / "old.parquet", index=False)
+    assert read_plan(run_dir / "old.parquet")["raw_path"].isna().all()
+    capsys.readouterr()
+    assert main(["apply", str(run_dir / "old.parquet"), "--action", "delete"]) == 0
+    assert capsys.readouterr().out.count("would delete:") == 3
+    plan.assign(raw_path="not hex").to_csv(run_dir / "bad.csv", index=False)
+    assert main(["apply", str(run_dir / "bad.csv"), "--action", "delete"]) == 2
+    assert "raw_path holds a value that is not hexadecimal" in capsys.readouterr().err
