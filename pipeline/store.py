@@ -163,7 +163,11 @@ def read_columns(path: str, keys, columns: list[str], check: str | None = None) 
             h, n = hashlib.sha256(data), len(data)
         if n != int(size) or h.hexdigest() != digest:
             raise PartChecksumError(f"{path}: not the bytes its catalog lists (changed or corrupt)")
-    pf = pq.ParquetFile(path if data is None else io.BytesIO(data))
+    # a local part mapped, not read into buffers: only the pages the wanted columns decode from are
+    # touched, and nothing is left in this process's heap (the report's threads reading a 100k
+    # run's parts held ~65 MB more of the driver's peak). Parts are never rewritten in place (a
+    # new name, then a rename), so a mapped file does not change under the reader.
+    pf = pq.ParquetFile(path if data is None else io.BytesIO(data), memory_map=data is None)
     have = set(pf.schema_arrow.names)
     wanted = np.sort(pd.unique(pd.Series(keys, dtype="int64")).astype(np.int64))
     ranges = _key_ranges(pf.metadata)
