@@ -818,7 +818,9 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
             has_sha = images["sha256"].notna().to_numpy()
             cids = np.full(len(images), -1, np.int64)
             cids[has_sha] = catalog.check_content_ids(images.loc[has_sha, "sha256"])
-            sha_of_cid = pd.Series(sha[has_sha], index=cids[has_sha])
+            # (object: the images' own strings; a `str` Series copies each into Arrow, and every
+            # value taken out of it again, e.g. by stored_features, is a new Python string)
+            sha_of_cid = pd.Series(sha[has_sha], index=cids[has_sha], dtype=object)
             sha_of_cid = sha_of_cid[~sha_of_cid.index.duplicated()]
             by_content = _by_content(images, cids)
 
@@ -880,7 +882,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                 counts["verify_features"] = len(scores.attrs.get("features", {}).get("key", []))
                 made = scores.attrs.get("features", {})
                 thumbs = stored_features(pd.Series(made.get("part_path", []), index=made.get("key", []), dtype=object),
-                                       pd.Series(sha))
+                                       pd.Series(sha, dtype=object))
             else:  # pairs already scored with these settings are taken from the catalog
                 sub = pairs.loc[near, ["idx_a", "idx_b", "transform"]]
                 ia, ib = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy()
@@ -1131,19 +1133,23 @@ def stored_features(part_of: pd.Series, sha_of_id: pd.Series, cat: catalog.Catal
     if len(part_of) and part_of.index.duplicated().any():  # (a key found in two places: its first)
         part_of = part_of[~part_of.index.duplicated()]
     keys = np.asarray(part_of.index, dtype=np.int64)
-    frame = pd.DataFrame({"sha256": sha_of_id.reindex(keys // 8).to_numpy(dtype=object),
-                          "part_path": part_of.to_numpy(dtype=object), "key": keys})
+    # texts as object columns sharing the callers' strings (one per part, one per content): pandas
+    # would make `str` columns, a copy of every row's path and sha256 (~320 B a row, 12 MB at 100k)
+    frame = pd.DataFrame({"sha256": pd.Series(sha_of_id.reindex(keys // 8).to_numpy(dtype=object), dtype=object),
+                          "part_path": pd.Series(part_of.to_numpy(dtype=object), dtype=object), "key": keys})
     frame = frame[frame["sha256"].notna() & frame["part_path"].notna()].sort_values("key", kind="stable")
     mirrored = frame[frame["key"] % 8 == 4].drop_duplicates("sha256").set_index("sha256")
     frame = frame.drop_duplicates("sha256").set_index("sha256")
-    frame["mirrored_part_path"] = mirrored["part_path"].reindex(frame.index)
+    frame["mirrored_part_path"] = pd.Series(mirrored["part_path"].reindex(frame.index).to_numpy(dtype=object),
+                                            index=frame.index, dtype=object)
     # (nullable Int64 before the reindex: content keys are 63-bit and float64 keeps 53)
     frame["mirrored_key"] = mirrored["key"].astype("Int64").reindex(frame.index)
     if cat is not None:
         parts = pd.unique(pd.concat([frame["part_path"], frame["mirrored_part_path"]]).dropna())
         check_of = pd.Series(cat.part_checks(parts), index=pd.Index(parts, dtype=object), dtype=object)
         for column in ("part", "mirrored_part"):
-            frame[f"{column}_check"] = check_of.reindex(frame[f"{column}_path"]).to_numpy(dtype=object)
+            frame[f"{column}_check"] = pd.Series(check_of.reindex(frame[f"{column}_path"]).to_numpy(dtype=object),
+                                                 index=frame.index, dtype=object)
     return frame
 
 
