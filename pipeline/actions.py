@@ -133,7 +133,8 @@ def read_plan(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise PlanError(f"plan file {str(path)!r} not found: make one with `dedupe plan OUT --keep POLICY`")
     try:
-        plan = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype={"sha256": str})
+        plan = pd.read_parquet(path) if path.suffix == ".parquet" else \
+            pd.read_csv(path, dtype={"sha256": str, RAW_COLUMN: str})  # (hex "99" is no number)
     except Exception as exc:
         raise PlanError(f"plan file {str(path)!r} cannot be read: {exc}") from None
     missing = [c for c in PLAN_COLUMNS if c not in plan and c != RAW_COLUMN]

@@ -568,6 +568,10 @@ class Catalog:
         fingerprints_.update(fps)
         if neighbours is None:  # this run did not search (nothing to keep)
             neighbours = _empty(NEIGHBOUR_COLUMNS)
+        # parts this run wrote (or adopted): a compaction may leave them unnamed, yet this run's
+        # report still reads its thumbnails and keypoints from them after the commit
+        this_runs = set(pd.unique(features["part"].astype(str))) - set(previous.get("parts", {})) \
+            if len(features) else set()
         features, compacted = self.compact(features, tag)
         for name, frame in (("images", images), ("neighbours", neighbours), ("evidence", evidence),
                             ("features", features)):
@@ -588,7 +592,7 @@ class Catalog:
         # the commit point: every file it names is written
         self.files.write(MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"), durable=True)
         self.manifest = manifest
-        self.collect_garbage(keep=[previous, manifest])
+        self.collect_garbage(keep=[previous, manifest], spare=this_runs)  # (those go with the next commit's)
         return manifest
 
     def compact(self, features: pd.DataFrame, tag: str) -> tuple[pd.DataFrame, list[dict]]:
@@ -644,10 +648,10 @@ class Catalog:
                      len(parts), stored, written, kept)
         return features, done
 
-    def collect_garbage(self, keep: list[dict]) -> list[str]:
+    def collect_garbage(self, keep: list[dict], spare: set[str] = frozenset()) -> list[str]:
         """Remove files under tables/ and features/ that none of the `keep` manifests names (left by
-        killed runs, or superseded two generations ago)."""
-        named = {MANIFEST}
+        killed runs, or superseded two generations ago), except those in `spare`."""
+        named = {MANIFEST, *spare}
         for m in keep:
             named |= {e["file"] for e in m.get("tables", {}).values()}
             named |= set(m.get("parts", {}))

@@ -296,10 +296,14 @@ def completed(client, tasks: Sequence[tuple[Callable, tuple]], threads: int = 1)
             top_up()
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in done:
+                while done:  # (each result let go of once handed over)
+                    fut = done.pop()
                     n = running.pop(fut)
                     top_up()  # (the threads go on while the caller handles this result)
-                    yield n, fut.result()
+                    result = fut.result()
+                    del fut
+                    yield n, result
+                    del result
         return
     sent = Sent(client)
     sent.send([(n, fn, args) for n, (fn, args) in enumerate(tasks)], star=True)

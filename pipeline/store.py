@@ -141,6 +141,13 @@ class PartChecksumError(ValueError):
     """A part whose bytes are not those its catalog listed (changed or corrupt): not used."""
 
 
+# (path, check) pairs this process has checked and found right: the report's drawing tasks open
+# the same parts again and again (a part is ~13 MB to hash), and parts never change in place
+_CHECKED: set[tuple[str, str]] = set()
+_CHECKED_LOCK = Lock()
+_CHECKED_MAX = 65536
+
+
 def read_columns(path: str, keys, columns: list[str], check: str | None = None) -> pd.DataFrame:
     """`columns` of the rows for `keys` in one part, indexed by key, reading only the row groups
     that hold them and only those columns (the report's thumbnails without the descriptors); a
@@ -148,10 +155,11 @@ def read_columns(path: str, keys, columns: list[str], check: str | None = None) 
     for a one-off reader such as the report, not the pair tasks.
 
     `check`: "<bytes>:<sha256>" the part must have (a catalog's part: `Catalog.part_checks`);
-    then the whole file is read and checked first (PartChecksumError when it differs; a local
-    file a MiB at a time, then only the row groups and columns wanted are read from it)."""
+    then the whole file is read and checked first, once per process (PartChecksumError when it
+    differs; a local file a MiB at a time, then only the row groups and columns wanted are read
+    from it)."""
     data = storage.read_bytes(path) if storage.is_url(path) else None
-    if check is not None:
+    if check is not None and (path, check) not in _CHECKED:
         size, digest = check.split(":", 1)
         if data is None:
             h, n = hashlib.sha256(), 0
@@ -163,6 +171,10 @@ def read_columns(path: str, keys, columns: list[str], check: str | None = None) 
             h, n = hashlib.sha256(data), len(data)
         if n != int(size) or h.hexdigest() != digest:
             raise PartChecksumError(f"{path}: not the bytes its catalog lists (changed or corrupt)")
+        with _CHECKED_LOCK:
+            if len(_CHECKED) >= _CHECKED_MAX:
+                _CHECKED.clear()
+            _CHECKED.add((path, check))
     # a local part mapped, not read into buffers: only the pages the wanted columns decode from are
     # touched, and nothing is left in this process's heap (the report's threads reading a 100k
     # run's parts held ~65 MB more of the driver's peak). Parts are never rewritten in place (a

@@ -321,3 +321,14 @@ def test_a_plan_made_before_raw_path_existed_still_applies(run_dir, capsys):
     plan.assign(raw_path="not hex").to_csv(run_dir / "bad.csv", index=False)
     assert main(["apply", str(run_dir / "bad.csv"), "--action", "delete"]) == 2
     assert "raw_path holds a value that is not hexadecimal" in capsys.readouterr().err
+
+
+def test_a_csv_plan_keeps_raw_names_whose_hexadecimal_looks_like_a_number(run_dir):
+    """Hexadecimal of digits only ("99") or of a float's shape ("1e5") is read back as bytes, not
+    as a number that would lose the name."""
+    from pipeline.actions import write_plan
+    plan = read_plan(run_dir / "plan.parquet")
+    raws = [b"\x99", b"\x1e\x05", None, b"\x12\x96", None][:len(plan)]
+    plan["raw_path"] = pd.Series(raws + [None] * (len(plan) - len(raws)), dtype=object)
+    write_plan(plan, run_dir / "digits.csv")
+    assert read_plan(run_dir / "digits.csv")["raw_path"].tolist() == plan["raw_path"].tolist()

@@ -446,6 +446,31 @@ def test_a_new_out_beside_a_shared_catalog_takes_thumbnails_from_it(review_data,
         assert len([p for p in data["pairs"] if p[11]]) == len([p for p in first["pairs"] if p[11]])
 
 
+def test_a_run_that_compacts_its_own_parts_still_reports_from_them(review_data, tmp_path, monkeypatch):
+    """A commit that compacts the feature parts this run wrote leaves them unnamed by any manifest;
+    they stay until the next commit, because this run's report reads its thumbnails and keypoints
+    from them after the commit (before, they were removed at once and every image was decoded)."""
+    from pipeline import catalog
+    from pipeline.cli import main
+    monkeypatch.setattr(catalog, "COMPACT_MAX_PARTS", 0)  # compact whatever there is
+    decoded = _counting_make_thumb(monkeypatch)
+    out = tmp_path / "out"
+    args = ["dedupe", str(review_data), "--out", str(out), "--tiers", "verify", "--scheduler", "sync", "--quiet"]
+    assert main(args) == 0
+    manifest = json.loads((out / "run.json").read_text())
+    assert [c["kind"] for c in manifest["reuse"]["catalog_compacted"]] == ["orb"]
+    own = sorted(p for p in (out / "catalog" / "features").rglob("*.parquet") if "/compact-" not in str(p))
+    assert own  # this run's parts, no longer named, kept for its report
+    run = load_run(out)
+    verified = run.pairs[run.pairs["orb_inliers"].notna()]
+    had_features = set(verified["image_id_a"].astype(str)) | set(verified["image_id_b"].astype(str))
+    path_of = dict(zip(run.images["image_id"].astype(str), run.images["path"]))
+    assert had_features and not [p for p in decoded if any(p.endswith(path_of[i]) for i in had_features)]
+    monkeypatch.setattr(catalog, "COMPACT_MAX_PARTS", 64)
+    assert main(args) == 0  # the next commit removes them
+    assert not [p for p in own if p.exists()]
+
+
 @pytest.mark.parametrize("catalog", [False, True])
 def test_drawings_use_the_verify_tiers_features(review_data, tmp_path, monkeypatch, catalog):
     """A run's drawings match the stored feature rows (no ORB recomputed: pair_evidence is not
