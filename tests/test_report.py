@@ -532,6 +532,25 @@ def test_stored_evidence_finds_the_mirrored_row_on_either_image(photo_paths, tmp
         verify.stored_evidence({4: fa4}, {4: fb0}, cfg)
 
 
+def test_drawing_tasks_group_pairs_by_the_parts_they_read():
+    """Pairs whose feature rows are in the same part go to the same task (each task opens, and for
+    a catalog checks, every part it reads), and each task carries the checks of its own parts."""
+    from pipeline.report import DRAWINGS_PER_TASK, drawing_tasks
+    n = 2 * DRAWINGS_PER_TASK
+    todo = [(f"d{i}.jpg", "a.jpg", "b.jpg", ({0: (f"p{i % 2}", 8 * i)}, {0: (f"p{i % 2}", 8 * i + 8)}), (10, 9))
+            for i in range(n)]  # the parts alternate, as pairs of clusters in page order do
+    tasks = drawing_tasks(todo, {"p0": "1:aa", "p1": "2:bb"})
+    assert sorted(item[0] for task, _ in tasks for item in task) == sorted(item[0] for item in todo)
+    assert all(len(task) <= DRAWINGS_PER_TASK for task, _ in tasks) and len(tasks) == 2
+    opened = [{part for item in task for side in item[3] or () for part, _ in side.values()} for task, _ in tasks]
+    assert opened == [{"p0"}, {"p1"}]  # one part a task (cut in the list's order: both, twice)
+    for (task, checks), parts in zip(tasks, opened):
+        assert checks == {p: {"p0": "1:aa", "p1": "2:bb"}[p] for p in parts}
+    # a pair with no stored rows (its features computed again) is drawn all the same
+    tasks = drawing_tasks([*todo, ("none.jpg", "a.jpg", "b.jpg", None, (3, 2))], {})
+    assert "none.jpg" in [item[0] for task, _ in tasks for item in task] and all(not c for _, c in tasks)
+
+
 def test_where_the_feature_rows_are_keeps_63_bit_keys():
     """Content keys (catalog) are 63-bit: the mirrored row's key must not pass through float64."""
     from pipeline.run import stored_features
