@@ -512,16 +512,18 @@ class Catalog:
         return series, counts
 
     def part_checks(self, full_paths) -> list[str | None]:
-        """"<bytes>:<sha256>" of each absolute part path as the manifest lists it (None for a file
-        it does not list, e.g. a part this run made): what `store.read_columns` checks a part
-        against before it uses it."""
+        """"<bytes>:<sha256>" of each absolute part path as the manifest lists it: what
+        `store.read_columns` checks a part against before it uses it. None for a file it does not
+        list (e.g. a part this run made) and for one this catalog has already checked and found
+        right (`verify_file`: the verify tier's; parts never change in place, so once is enough)."""
         listed = self.manifest.get("parts", {})
         out = []
         for path in full_paths:
             try:
-                entry = listed.get(self.files.rel(path))
+                rel = self.files.rel(path)
             except ValueError:  # (not under the catalog)
-                entry = None
+                rel = None
+            entry = None if rel is None or self._checked.get(rel) else listed.get(rel)
             out.append(f"{entry['bytes']}:{entry['sha256']}" if entry else None)
         return out
 

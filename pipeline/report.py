@@ -710,8 +710,9 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
                 decode.append((k, abs_at[k]))
         del previous
         # a catalog's parts are checked against what it lists by the task that reads them
-        checks = {part: check for column in ("part_path", "mirrored_part_path") if f"{column[:-5]}_check" in where
-                  for part, check in where[[column, f"{column[:-5]}_check"]].dropna().drop_duplicates().to_numpy()}
+        check_columns = (["part_path", "part_check"], ["mirrored_part_path", "mirrored_part_check"])
+        checks = {part: check for columns in check_columns if columns[1] in where
+                  for part, check in where[columns].dropna().drop_duplicates().to_numpy()}
         jobs += [("thumbs", thumbs_from_store, (part, wanted, rcfg.thumb_size, checks.get(part)))
                  for part, wanted in from_store.items()]
         jobs += [("thumbs", make_thumbs, (decode[i:i + THUMBS_PER_TASK], rcfg.thumb_size))
