@@ -31,6 +31,14 @@ the same run: `search_sharding: single` (the whole re-derivation one task on one
 `sharded` (index shards of N / 4 entries), against the search from scratch on the same cluster;
 lists checked equal row for row. Time: median of --repeats; memory: each worker's peak (VmHWM,
 reset before each way).
+
+`python -m bench.shard --routed` (section "routed candidate search"): N random hashes (default
+2,000,000, planted pairs as above) made on the workers, searched three ways on a local cluster of
+2 worker processes, interleaved over --repeats: `search_sharding: sharded` (index shards of
+--shard-size entries, default N / 8, every partition probing every shard), `routed` (slices of one
+multi-index of at most --shard-size entries each, `candidates` "Routed search") and one index (a
+copy on each worker, as "auto" below `search_shard_size`). Lists compared row for row; medians,
+ratios to the sharded search, each way's largest worker peak.
 """
 from __future__ import annotations
 
@@ -310,6 +318,74 @@ def main_incremental(args) -> None:
     print(body)
 
 
+def main_routed(args) -> None:
+    from distributed import Client, LocalCluster, wait
+
+    from bench.report import median
+    cfg = dataclasses.replace(ScreenConfig(), max_distance=args.threshold, max_candidates=args.k,
+                              dihedral=False, trim_borders=False, backend="mih")
+    n_parts = args.n // args.part
+    n = n_parts * args.part
+    shard_size = args.shard_size or max(1, n // 8)
+    ways = {"sharded": dataclasses.replace(cfg, search_sharding="sharded"),
+            "routed": dataclasses.replace(cfg, search_sharding="routed"),
+            "one index": cfg}
+    times: dict[str, list] = {w: [] for w in ways}
+    peaks: dict[str, list] = {w: [] for w in ways}
+    counts = {}
+    gen = dict(n=args.part, n_plant=args.plant, max_d=args.threshold, seed=args.seed)
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        parts = [client.submit(generate, p, **gen, pure=False) for p in range(n_parts)]
+        wait(parts)
+        warm = [client.submit(generate, p, 20_000, 100, args.threshold, 99, pure=False) for p in range(4)]
+        for c in ways.values():  # every kernel compiled or loaded in every worker
+            sharded_neighbours(warm, c, client=client, shard_size=10_000, one_shard=c is cfg)
+        del warm
+        want = None
+        for r in range(args.repeats):
+            for way, c in ways.items():  # interleaved: the machine's drift falls on every way alike
+                client.run(reset_hwm)
+                t = time.perf_counter()
+                got = sharded_neighbours(parts, c, client=client, shard_size=shard_size, one_shard=c is cfg)
+                times[way].append(time.perf_counter() - t)
+                peaks[way].append(max(client.run(vm_hwm).values()))
+                if want is None:
+                    want = got
+                    checks = [check(got[(got["owner_a"] >= p * args.part) & (got["owner_a"] < (p + 1) * args.part)],
+                                    p, args.part, args.plant, args.threshold) for p in range(n_parts)]
+                elif not got.equals(want):
+                    raise SystemExit(f"{way}: the lists differ from the sharded search's")
+                print(r, way, f"{times[way][-1]:.2f} s", flush=True)
+                del got
+        ents = [args.part] * n_parts
+        counts["shards"] = len(shard_groups(ents, shard_size, args.workers))
+        shards = candidates._Shards(parts, ways["routed"], client, shard_size, routed=True)
+        counts["slices"] = len(shards.shards)
+        counts["chunks"] = candidates._routing(cfg, n, 1)
+        del shards
+    gib = 2**30
+    base = median(times["sharded"])
+    planted_total = sum(c["planted"] for c in checks)
+    found_total = sum(c["found"] for c in checks)
+    body = stamp() + (
+        f"\n{n:,} random 64-bit hashes made on the workers in {n_parts} partitions of {args.part:,}, "
+        f"{planted_total:,} planted near pairs at distances 0..{args.threshold}; threshold {args.threshold}, "
+        f"K = {args.k}, plain hashes only. Three ways on a LocalCluster of {args.workers} worker processes x 1 "
+        f"thread: sharded ({counts['shards']} index shards of ~{n // counts['shards']:,} entries, every partition "
+        f"probes each), routed ({counts['slices']} slices of at most {shard_size:,} entries of one multi-index of "
+        f"{counts['chunks']} chunks per word) and one index (a copy built on each worker). "
+        f"{args.repeats} repeats, interleaved, medians; worker peak: the largest worker's VmHWM, reset before "
+        f"each search. Every way's lists equal the sharded search's row for row; planted recall "
+        f"{100 * found_total / max(planted_total, 1):.2f} %.\n\n")
+    body += table(["search", "median s", "vs sharded", "worker peak GiB", "runs (s)"],
+                  [[way, median(ts), f"{median(ts) / base:.2f}x", f"{median(peaks[way]) / gib:.2f}",
+                    ", ".join(f"{t:.1f}" for t in ts)] for way, ts in times.items()])
+    update_section("shard_routed", f"routed candidate search ({n:,} hashes)", body,
+                   **({"path": args.out} if args.out else {}))
+    print(body)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=None, help="default 10,000,000 (--embeddings: 300,000)")
@@ -331,10 +407,13 @@ def main(argv=None) -> None:
     ap.add_argument("--tmp", default=None, help="--embeddings: folder for the vectors' partitions")
     ap.add_argument("--incremental", action="store_true",
                     help="a catalog re-run's search instead (see the docstring; --n default 1,000,000)")
-    ap.add_argument("--repeats", type=int, default=3, help="--incremental: repeats (medians)")
+    ap.add_argument("--repeats", type=int, default=3, help="--incremental, --routed: repeats (medians)")
+    ap.add_argument("--routed", action="store_true",
+                    help="sharded, routed and one-index search compared (see the docstring; --n default 2,000,000)")
     args = ap.parse_args(argv)
     defaults = ({"n": 300_000, "part": 256, "plant": 8, "k": 10} if args.embeddings else
                 {"n": 1_000_000} if args.incremental else
+                {"n": 2_000_000, "part": 250_000, "plant": 500, "k": 15} if args.routed else
                 {"n": 10_000_000, "part": 250_000, "plant": 500, "k": 15})
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -343,6 +422,8 @@ def main(argv=None) -> None:
         return main_embeddings(args)
     if args.incremental:
         return main_incremental(args)
+    if args.routed:
+        return main_routed(args)
     from distributed import Client, LocalCluster, wait
 
     cfg = dataclasses.replace(ScreenConfig(), max_distance=args.threshold, max_candidates=args.k,

@@ -29,8 +29,9 @@ Parallelism: with `screen.search_sharding` "single" the index is built once in t
 broadcast to every Dask worker (`client.scatter(..., broadcast=True)`), and blocks of query images
 run as tasks; without a client the same blocks run in-process. The result does not depend on the
 blocking. On a cluster (`screen.search_sharding` "auto") the index is built on the workers instead,
-one shard of it, or past `screen.search_shard_size` images several (`sharded_neighbours`, section
-"sharded search"): same lists, and the driver compiles no numba kernel. A catalog re-run's
+a copy of one index on each, or past `screen.search_shard_size` images slices of one multi-index
+spread over them (`sharded_neighbours`, sections "sharded search" and "Routed search"): same lists,
+and the driver compiles no numba kernel. A catalog re-run's
 re-derivation of the lists a change can affect (`incremental_neighbours`) takes the same path on a
 cluster, over hash partitions (`sharded_incremental_neighbours`).
 """
@@ -43,7 +44,7 @@ import pandas as pd
 
 from .config import ScreenConfig
 from .decode import DIHEDRAL_INVERSE
-from .search import HammingIndex, make_index
+from .search import ChunkSlice, HammingIndex, chunk_geometry, chunk_values, make_index, plan_chunks
 
 PLAIN = 0
 TRIMMED = 8
@@ -345,13 +346,17 @@ def _worker_addresses(client) -> list[str]:
 
 def _sharded(cfg: ScreenConfig, client, n_entries: int) -> bool:
     mode = cfg.search_sharding
-    if mode == "sharded":
+    if mode in ("sharded", "routed"):
         return True
     return mode == "auto" and client is not None and n_entries > cfg.search_shard_size
 
 
 def _part_entries(part) -> int:
     return int(part[3].sum())
+
+
+def _part_words(part) -> int:
+    return int(part[1].shape[2])
 
 
 def _build_shard(cfg: ScreenConfig, *parts) -> HammingIndex:
@@ -407,16 +412,104 @@ def shard_groups(entries: list[int], shard_size: int, n_workers: int = 1) -> lis
     return groups
 
 
+# Routed search ("routed"): instead of whole indexes over some of the entries, each worker holds
+# slices of one multi-index planned for all of them (`search.ChunkSlice`): chunk c's table over
+# the entries whose chunk-c value starts with a given prefix. The prefixes split each chunk's
+# value range in halves until a slice holds about `search_shard_size` entries (from a histogram
+# of the chunk values' first PREFIX_BITS bits, summed on a worker). Every partition's rows still
+# go to every slice, but a slice probes only the flips that land in it, so each probe and each
+# verification is made once, as in one index, however many slices there are; the sharded
+# search pays the probes once per shard, and its shards' chunks are planned for a shard's
+# entries, not all of them. The entries reach their slices through pieces cut per (partition,
+# slice) on the partition's worker. Each entry lies in one slice per chunk, as a contiguous
+# multi-index holds a copy of its code per chunk.
+
+PREFIX_BITS = 12  # a chunk's values are split on at most their first 12 bits (4,096 slices per chunk)
+MIN_SLICE_ENTRIES = 256  # below this a slice's task costs more than its search
+
+
+def _routing(cfg: ScreenConfig, n_entries: int, W: int) -> int | None:
+    """Chunks per word of the multi-index a routed search spreads over slices, or None when the
+    threshold is too wide for chunking (the multi-index itself would scan linearly)."""
+    if cfg.backend != "mih":
+        return None
+    plan = plan_chunks(n_entries, W, cfg.max_distance)
+    return None if plan["probes"] > 200_000 else int(plan["chunks_per_word"])
+
+
+def _entries(part) -> tuple[np.ndarray, np.ndarray]:
+    """A hash partition's index entries: (codes (n, W), owners)."""
+    img, codes, _, idx_use = part
+    e_img, e_var = np.nonzero(idx_use)
+    return codes[e_img, e_var], img[e_img].astype(np.int64)
+
+
+def _prefix_counts(part, chunks_per_word: int) -> list[np.ndarray]:
+    """Per chunk: how many of the partition's entries start with each value of the chunk's first
+    (up to PREFIX_BITS) bits."""
+    codes, _ = _entries(part)
+    lengths = chunk_geometry(chunks_per_word, codes.shape[1])[0]
+    out = []
+    for ci, b in enumerate(lengths):
+        h = min(b, PREFIX_BITS)
+        top = chunk_values(codes, chunks_per_word, ci) >> np.uint64(b - h)
+        out.append(np.bincount(top.astype(np.int64), minlength=1 << h))
+    return out
+
+
+def _sum_counts(*counts: list[np.ndarray]) -> list[np.ndarray]:
+    return [np.sum(column, axis=0) for column in zip(*counts)]
+
+
+def slice_plan(counts: list[np.ndarray], target: int) -> list[tuple[int, int, int]]:
+    """(chunk, prefix, prefix bits) of the slices: each chunk's value range halved until a part
+    holds at most `target` entries or is one value of the counted bits (empty parts dropped).
+    `counts[c]`: entries per value of chunk c's first log2(len(counts[c])) bits."""
+    out = []
+    for ci, c in enumerate(counts):
+        h = int(len(c)).bit_length() - 1
+        cum = np.concatenate([[0], np.cumsum(c)])
+        stack = [(0, 0)]
+        while stack:
+            prefix, bits = stack.pop()
+            n = cum[(prefix + 1) << (h - bits)] - cum[prefix << (h - bits)]
+            if n == 0:
+                continue
+            if n <= target or bits == h:
+                out.append((ci, prefix, bits))
+            else:
+                stack += [(2 * prefix + 1, bits + 1), (2 * prefix, bits + 1)]
+    return out
+
+
+def _slice_piece(part, chunks_per_word: int, ci: int, prefix: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The partition's entries that belong to one slice: (codes, owners)."""
+    codes, owners = _entries(part)
+    b = chunk_geometry(chunks_per_word, codes.shape[1])[0][ci]
+    keep = (chunk_values(codes, chunks_per_word, ci) >> np.uint64(b - bits)) == np.uint64(prefix)
+    return codes[keep], owners[keep]
+
+
+def _build_slice(chunks_per_word: int, ci: int, prefix: int, bits: int, *pieces) -> ChunkSlice:
+    W = pieces[0][0].shape[1]
+    codes = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros((0, W), np.uint64)
+    owners = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.int64)
+    return ChunkSlice(codes, owners, chunks_per_word, ci, prefix, bits)
+
+
 class _Shards:
     """Index shards over the entries of hash partitions (see the section comment), built on the
     workers with a client (one shard per worker in turn: the searches follow their large index),
     in-process without. `one_shard`: one index over every partition, a copy built on each
-    worker (as the driver's single index was broadcast), each item probing one copy."""
+    worker (as the driver's single index was broadcast), each item probing one copy. `routed`:
+    slices of one multi-index instead (see "Routed search" above)."""
 
     def __init__(self, parts: list, cfg: ScreenConfig, client=None, shard_size: int | None = None,
-                 one_shard: bool = False):
+                 one_shard: bool = False, routed: bool = False):
         self.client, self.one_shard = client, one_shard
         shard_size = int(shard_size or cfg.search_shard_size)
+        if routed and not one_shard and self._slices(parts, cfg, client, shard_size):
+            return
         if client is None:
             entries = [_part_entries(p) for p in parts]
             groups = ([[i for i, e in enumerate(entries) if e > 0]] if one_shard
@@ -434,6 +527,31 @@ class _Shards:
             self.shards = [client.submit(_build_shard, cfg, *[parts[i] for i in g], pure=False,
                                          workers=[self.workers[j % len(self.workers)]], allow_other_workers=True)
                            for j, g in enumerate(groups)]
+
+    def _slices(self, parts: list, cfg: ScreenConfig, client, target: int) -> bool:
+        """Build the routed search's slices (False, nothing built: the threshold is too wide)."""
+        run = lambda fn, *args: _run(client, fn, *args)  # noqa: E731
+        get = (lambda x: x) if client is None else client.gather
+        entries = get([run(_part_entries, p) for p in parts])
+        W = int(get(run(_part_words, parts[0]))) if parts else 1
+        chunks_per_word = _routing(cfg, sum(entries), W)
+        if chunks_per_word is None:
+            return False
+        parts = [p for p, e in zip(parts, entries) if e > 0]
+        plan = slice_plan(get(run(_sum_counts, *[run(_prefix_counts, p, chunks_per_word) for p in parts]))
+                          if parts else [], max(target, MIN_SLICE_ENTRIES))
+        if client is None:
+            self.shards = [_build_slice(chunks_per_word, *s, *[_slice_piece(p, chunks_per_word, *s) for p in parts])
+                           for s in plan]
+            return True
+        self.workers = _worker_addresses(client)
+        self.shards = []
+        for j, s in enumerate(plan):
+            pieces = [client.submit(_slice_piece, p, chunks_per_word, *s, pure=False) for p in parts]
+            self.shards.append(client.submit(_build_slice, chunks_per_word, *s, *pieces, pure=False,
+                                             workers=[self.workers[j % len(self.workers)]],
+                                             allow_other_workers=True))
+        return True
 
     def probe(self, fn, item, j: int, *args) -> list:
         """fn(shard, item, *args) against every shard (one copy with `one_shard`; `j`: the item's
@@ -461,7 +579,7 @@ def sharded_neighbours(parts: list, cfg: ScreenConfig, client=None, shard_size: 
     a copy built on each worker). Returns the directed rows, sorted by owner_a, distance, owner_b, or with
     `gather=False` (and a client) one future per partition of them."""
     k = int(cfg.max_candidates)
-    shards = _Shards(parts, cfg, client, shard_size, one_shard)
+    shards = _Shards(parts, cfg, client, shard_size, one_shard, routed=cfg.search_sharding != "sharded")
     merged = [_run(client, _merge_lists, k, *shards.probe(_search_shard, p, j, cfg)) for j, p in enumerate(parts)]
     if client is not None and not gather:
         return merged
@@ -705,7 +823,7 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
     images several; the driver compiles no numba kernel), as with `screen.search_sharding`
     "sharded" without one (in-process); with "single" and a client the whole re-derivation is one
     task on a worker."""
-    if cfg.search_sharding == "sharded" or (client is not None and cfg.search_sharding == "auto"):
+    if cfg.search_sharding in ("sharded", "routed") or (client is not None and cfg.search_sharding == "auto"):
         codes_p, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
         n_img = int((use.any(axis=1) | idx_use.any(axis=1)).sum())
         parts = hash_partitions(codes_p, use, idx_use, _partition_rows(n_img, client))
@@ -896,7 +1014,7 @@ def sharded_incremental_neighbours(parts: list, previous: list, same: list, cfg:
     changes = [run(_part_changes, p, s) for p, s in zip(parts, same)]
     flags = get([run(_part_flags, p, c) for p, c in zip(parts, changes)])
     any_added, any_same = any(f[0] for f in flags), any(f[1] for f in flags)
-    shards = _Shards(parts, cfg, client, shard_size, one_shard)
+    shards = _Shards(parts, cfg, client, shard_size, one_shard, routed=cfg.search_sharding != "sharded")
     same_all = run(_same_everywhere, *[x for p, c in zip(parts, changes) for x in (run(_part_img, p), c)])
     gained = [np.zeros(0, np.int64)] * len(parts)
     if any_added and any_same and cfg.hash == "ahash":
@@ -1123,11 +1241,11 @@ def embedding_pairs(part_paths, cfg: ScreenConfig, client=None) -> pd.DataFrame:
     `client` and more than `screen.embedding_shard_size` stored embeddings), index shards built on
     the workers (`sharded_embedding_pairs`)."""
     mode = cfg.search_sharding
-    if mode == "sharded" or (mode == "auto" and client is not None):
+    if mode in ("sharded", "routed") or (mode == "auto" and client is not None):  # (routed: as sharded)
         parts = _embedding_parts(part_paths)
         counts = (client.gather(client.map(_count_part, parts, pure=False)) if client is not None
                   else [_count_part(p) for p in parts])
-        if mode == "sharded" or sum(counts) > cfg.embedding_shard_size:
+        if mode != "auto" or sum(counts) > cfg.embedding_shard_size:
             return sharded_embedding_pairs(parts, cfg, client=client, counts=counts)
     index, ids, _ = build_embedding_index(part_paths, cfg)
     if index is None or len(ids) < 2:

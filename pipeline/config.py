@@ -51,14 +51,17 @@ class ScreenConfig:
     max_distance: int = 10  # Hamming distance <= this makes a near candidate pair
     max_candidates: int = 15  # per image: keep only its K nearest (hub guard)
     backend: Literal["mih", "brute"] = "mih"  # multi-index hash or brute force
-    # Sharded search on a Dask cluster: the index is cut into shards of about search_shard_size
-    # entries built on the workers, every query partition probes every shard, and each image's K
-    # nearest are merged per query partition (same lists as one index). "auto": with a Dask client
-    # the index is built and searched on the workers, sharded past search_shard_size images, one
-    # shard below (the driver compiles no search kernel); in-process, one index; "sharded" always
-    # (also in-process, without a client); "single": one index built in the driver. A catalog
-    # re-run's re-derived lists follow the same switch (`candidates.incremental_neighbours`).
-    search_sharding: Literal["auto", "sharded", "single"] = "auto"
+    # Search spread over a Dask cluster, the same lists as one index either way. "routed": one
+    # multi-index planned for every entry, cut into slices of at most search_shard_size entries
+    # (one chunk's table, one range of its values) held by the workers; a query partition goes to
+    # every slice, which probes only the flips landing in it, so the probes are one index's.
+    # "sharded": whole indexes over search_shard_size entries each, every partition probing every
+    # shard (the probes paid once per shard). "auto": with a Dask client the index is built and
+    # searched on the workers, routed past search_shard_size images, one index (a copy on each
+    # worker) below, so the driver compiles no search kernel; in-process, one index. "sharded" and
+    # "routed" apply in-process too; "single": one index built in the driver. A catalog re-run's
+    # re-derived lists follow the same switch (`candidates.incremental_neighbours`).
+    search_sharding: Literal["auto", "sharded", "routed", "single"] = "auto"
     search_shard_size: int = 5_000_000
     exact_group_pairs: int = 50  # exact-copy groups of more than this + 1 files emit a star, not all pairs
     # High-recall mode. "hash": candidates from the hash search only. "hash+embedding": also embed

@@ -277,6 +277,73 @@ def mih_search(queries, gstart, gowner, T, k, n_owner, cword, cshift, cmask, cr,
 
 
 @njit(cache=True, nogil=True)
+def slice_search(queries, gstart, gowner, T, k, n_owner, ci, prefix, low_bits, cword, cshift, cmask, cr,
+                 flips, n_flips, ccodes, cids, coff, optr, olist):
+    """Multi-index hashing within one slice (`search.ChunkSlice`): chunk ci's table over the codes
+    whose chunk value starts with `prefix` (then `low_bits` bits). A query row whose chunk value
+    starts j bits away from `prefix` probes the first n_flips[r - j] masks of `flips` (masks of the
+    low bits by popcount), none when j > r; a code within T is kept only when no earlier chunk
+    already qualifies it (its slice of that chunk keeps it)."""
+    W = queries.shape[1]
+    G = gowner.shape[0]
+    U = ccodes.shape[0]
+    r = cr[ci]
+    best_d, best_row, touched, out_a, out_b, out_d, out_r = _alloc(G, k, n_owner)
+    n_out = 0
+    nf_max = flips.shape[0]
+    keys = np.empty(nf_max, np.int64)
+    st = np.empty(nf_max, np.int64)
+    en = np.empty(nf_max, np.int64)
+    ccodes_flat = ccodes.reshape(-1)
+    low_mask = (np.uint64(1) << np.uint64(low_bits)) - np.uint64(1)
+    for g in range(G):
+        o = gowner[g]
+        nt = 0
+        for row in range(gstart[g], gstart[g + 1]):
+            qv = (queries[row, cword[ci]] >> cshift[ci]) & cmask[ci]
+            j = popcount((qv >> np.uint64(low_bits)) ^ np.uint64(prefix))
+            if j > r:
+                continue
+            nf = n_flips[r - j]
+            ql = qv & low_mask
+            for f in range(nf):
+                key = np.int64(ql ^ flips[f])
+                keys[f] = key
+                _prefetch(coff, key)
+            for f in range(nf):
+                s = coff[keys[f]]
+                st[f] = s
+                en[f] = coff[keys[f] + 1]
+                if s < U:
+                    _prefetch(ccodes_flat, s * W)
+            for f in range(nf):
+                for pos in range(st[f], en[f]):
+                    if W == 1:
+                        d = popcount(queries[row, 0] ^ ccodes[pos, 0])
+                    else:
+                        d = 0
+                        for w in range(W):
+                            d += popcount(queries[row, w] ^ ccodes[pos, w])
+                    if d > T:
+                        continue
+                    dup = False
+                    for cj in range(ci):
+                        rj = cr[cj]
+                        if rj >= 0:
+                            wj = cword[cj]
+                            x = ((queries[row, wj] ^ ccodes[pos, wj]) >> cshift[cj]) & cmask[cj]
+                            if popcount(x) <= rj:
+                                dup = True
+                                break
+                    if dup:
+                        continue
+                    nt = _visit(cids[pos], d, row, o, k, optr, olist, best_d, best_row, touched, nt)
+        out_a, out_b, out_d, out_r, n_out = _flush(o, k, n_owner, best_d, best_row, touched, nt,
+                                                   out_a, out_b, out_d, out_r, n_out)
+    return out_a[:n_out], out_b[:n_out], out_d[:n_out], out_r[:n_out]
+
+
+@njit(cache=True, nogil=True)
 def pair_distance(a, b):
     """Row-wise Hamming distance of two (n, W) uint64 arrays (int32)."""
     n, W = a.shape

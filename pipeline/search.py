@@ -44,7 +44,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["HammingIndex", "BruteForceIndex", "MultiIndexHash", "make_index", "pack_hex",
+__all__ = ["HammingIndex", "BruteForceIndex", "MultiIndexHash", "ChunkSlice", "make_index", "pack_hex",
            "unpack_hex", "hamming", "BACKENDS"]
 
 
@@ -106,7 +106,8 @@ def _groups(query_owners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cut = np.flatnonzero(q[1:] != q[:-1]) + 1
     starts = np.concatenate([[0], cut, [q.size]]).astype(np.int64)
     gowner = q[starts[:-1]]
-    if np.unique(gowner).size != gowner.size:
+    # (ascending owners are distinct; checking that is far cheaper than counting distinct ones)
+    if not np.all(gowner[1:] > gowner[:-1]) and np.unique(gowner).size != gowner.size:
         raise ValueError("the query rows of one owner must be contiguous in `queries`")
     return starts, gowner
 
@@ -249,8 +250,43 @@ def plan_chunks(n_codes: int, W: int, max_distance: int, n_queries: int | None =
         total = Q * per_query + build
         if best is None or total < best["total"]:
             best = {"chunks_per_word": c, "lengths": lengths, "radii": radii,
-                    "cost_per_query": per_query, "total": total}
+                    "cost_per_query": per_query, "total": total,
+                    "probes": sum(_n_masks(b, r) for b, r in zip(lengths, radii))}
     return best
+
+
+def chunk_geometry(chunks_per_word: int, W: int) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """MIH chunks of `chunks_per_word` per 64-bit word: (lengths, word of each chunk, its shift
+    within the word, its value mask)."""
+    lengths = _chunk_lengths(chunks_per_word)
+    shifts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return (lengths * W, np.repeat(np.arange(W, dtype=np.int64), chunks_per_word), np.tile(shifts, W),
+            np.array([(1 << b) - 1 for b in lengths * W], dtype=np.uint64))
+
+
+def _distinct_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct codes (U, W), each entry's row in them)."""
+    W = codes.shape[1]
+    if not codes.shape[0]:
+        return np.zeros((0, W), np.uint64), np.zeros(0, np.int64)
+    if W == 1:
+        ucodes, inv = np.unique(codes[:, 0], return_inverse=True)
+        ucodes = ucodes[:, None]
+    else:
+        view = codes.view(np.dtype((np.void, 8 * W))).reshape(-1)
+        _, first, inv = np.unique(view, return_index=True, return_inverse=True)
+        ucodes = codes[first]
+    return np.ascontiguousarray(ucodes, dtype=np.uint64), inv.reshape(-1).astype(np.int64)
+
+
+def _owner_lists(inv: np.ndarray, owner_dense: np.ndarray, U: int, n_owners: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR of each distinct code's owners, ascending, each (code, owner) once: (optr, olist)."""
+    n_own = max(n_owners, 1)
+    pair = np.unique(inv * n_own + owner_dense)
+    pu, po = pair // n_own, pair % n_own
+    optr = np.zeros(U + 1, np.int64)
+    np.cumsum(np.bincount(pu, minlength=U), out=optr[1:])
+    return optr, po.astype(np.int64)
 
 
 class MultiIndexHash(_Base):
@@ -269,37 +305,18 @@ class MultiIndexHash(_Base):
         super().__init__(codes, owners)
         W = self.W
         # distinct codes and their owners (CSR, owners ascending, each (code, owner) once)
-        if self.codes.shape[0]:
-            if W == 1:
-                ucodes, inv = np.unique(self.codes[:, 0], return_inverse=True)
-                ucodes = ucodes[:, None]
-            else:
-                view = self.codes.view(np.dtype((np.void, 8 * W))).reshape(-1)
-                _, first, inv = np.unique(view, return_index=True, return_inverse=True)
-                ucodes = self.codes[first]
-            inv = inv.reshape(-1).astype(np.int64)
-        else:
-            ucodes, inv = np.zeros((0, W), np.uint64), np.zeros(0, np.int64)
+        ucodes, inv = _distinct_codes(self.codes)
         self.ucodes = np.ascontiguousarray(ucodes, dtype=np.uint64)
         U = self.ucodes.shape[0]
-        pair = np.unique(inv * max(int(self.owner_values.size), 1) + self.owner_dense)
-        n_own = max(int(self.owner_values.size), 1)
-        pu, po = pair // n_own, pair % n_own
-        self.optr = np.zeros(U + 1, np.int64)
-        np.cumsum(np.bincount(pu, minlength=U), out=self.optr[1:])
-        self.olist = po.astype(np.int64)
+        self.optr, self.olist = _owner_lists(inv, self.owner_dense, U, int(self.owner_values.size))
         self.plan = plan_chunks(U, W, int(max_distance))
         c = int(chunks_per_word or self.plan["chunks_per_word"])
         lengths = _chunk_lengths(c)
         if max(lengths) > 30:
             raise ValueError("chunks_per_word must be >= 3 (chunks of <= 22 bits)")
         self.chunks_per_word = c
-        self.lengths = lengths * W
+        self.lengths, self.cword, self.cshift, self.cmask = chunk_geometry(c, W)
         m = len(self.lengths)
-        self.cword = np.repeat(np.arange(W, dtype=np.int64), c)
-        shifts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        self.cshift = np.tile(shifts, W)
-        self.cmask = np.array([(1 << b) - 1 for b in self.lengths], dtype=np.uint64)
         bmax = max(lengths)
         off_dtype = np.int32 if U < 2**31 - 1 else np.int64
         if contiguous is None:
@@ -355,6 +372,82 @@ class MultiIndexHash(_Base):
                                   q, st, gd, T_, kk, n, self.cword, self.cshift, self.cmask, cr,
                                   flips, nflips, self.ccodes, self.cids, self.coff,
                                   self.contiguous, self.optr, self.olist))
+
+
+# --------------------------------------------------------------------------------------------
+# one chunk's table, one value range of it: the pieces of a multi-index spread over workers
+
+
+def chunk_values(codes: np.ndarray, chunks_per_word: int, ci: int) -> np.ndarray:
+    """Chunk `ci`'s value of each code (N, W) under `chunk_geometry(chunks_per_word, W)`."""
+    codes = _as_codes(codes)
+    lengths, cword, cshift, cmask = chunk_geometry(chunks_per_word, codes.shape[1])
+    return (codes[:, cword[ci]] >> np.uint64(cshift[ci])) & cmask[ci]
+
+
+class ChunkSlice(_Base):
+    """The part of a multi-index (`chunks_per_word` chunks per word, as planned for the whole
+    collection) that one worker holds: chunk `ci`'s table over the entries whose chunk value
+    starts with the `prefix_bits` bits `prefix`. Every entry lies in one slice of each chunk.
+
+    A search probes only the flip masks that land in this slice: a query row whose chunk value's
+    first bits differ from `prefix` in j bits probes the flips of the remaining bits within r - j
+    (none when j > r, the chunk's radius), so over all slices of a chunk each probe is made
+    once, as in one index. A code within the threshold is kept only in the slice of the first
+    chunk where it qualifies (as `MultiIndexHash` counts it once), so each (query row, code)
+    lands in exactly one slice; each query owner's top k per slice, merged over the slices by
+    the smallest distance per pair and cut to k, is one index's answer (an owner in the global
+    top k has its true distance in the slice holding its closest entry, and all that beat it
+    there beat it globally)."""
+
+    name = "slice"
+
+    def __init__(self, codes: np.ndarray, owners: np.ndarray, chunks_per_word: int, ci: int,
+                 prefix: int, prefix_bits: int):
+        super().__init__(codes, owners)
+        W = self.W
+        self.lengths, self.cword, self.cshift, self.cmask = chunk_geometry(chunks_per_word, W)
+        self.ci, self.prefix, self.prefix_bits = int(ci), int(prefix), int(prefix_bits)
+        self.low_bits = self.lengths[self.ci] - self.prefix_bits
+        if self.low_bits < 0:
+            raise ValueError(f"a prefix of {prefix_bits} bits is longer than chunk {ci} ({self.lengths[ci]} bits)")
+        self.ucodes, inv = _distinct_codes(self.codes)
+        U = self.ucodes.shape[0]
+        self.optr, self.olist = _owner_lists(inv, self.owner_dense, U, int(self.owner_values.size))
+        vals = chunk_values(self.ucodes, chunks_per_word, self.ci)
+        if U and np.any((vals >> np.uint64(self.low_bits)) != np.uint64(self.prefix)):
+            raise ValueError("every entry of a slice must carry its prefix")
+        low = (vals & np.uint64((1 << self.low_bits) - 1)).astype(np.int64)
+        order = np.argsort(low, kind="stable")
+        self.cids = order.astype(np.int64)
+        self.ccodes = np.ascontiguousarray(self.ucodes[order])
+        self.coff = np.zeros((1 << self.low_bits) + 1, np.int64)
+        np.cumsum(np.bincount(low, minlength=1 << self.low_bits), out=self.coff[1:])
+        self.codes = np.zeros((0, W), np.uint64)
+        self.owner_dense = np.zeros(0, np.int64)
+
+    @property
+    def n_codes(self) -> int:
+        return self.ucodes.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.owner_values, self.ucodes, self.optr, self.olist, self.coff,
+                                      self.cids, self.ccodes))
+
+    def search(self, queries, query_owners, max_distance: int, k: int):
+        from pipeline import hamming as kernels  # (numba: imported where a search runs)
+        T = int(max_distance)
+        radii = _radii(self.lengths, T)
+        r = radii[self.ci]
+        if r < 0 or self.n_codes == 0:
+            return self._empty()
+        flips = _flip_masks(self.low_bits, r)
+        n_flips = np.array([_n_masks(self.low_bits, j) for j in range(r + 1)], dtype=np.int64)
+        return _search_groups(self, queries, query_owners, T, k,
+                              lambda q, st, gd, T_, kk, n: kernels.slice_search(
+                                  q, st, gd, T_, kk, n, self.ci, self.prefix, self.low_bits, self.cword,
+                                  self.cshift, self.cmask, np.array(radii, dtype=np.int64), flips, n_flips,
+                                  self.ccodes, self.cids, self.coff, self.optr, self.olist))
 
 
 # --------------------------------------------------------------------------------------------

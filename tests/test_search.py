@@ -6,8 +6,8 @@ import io
 import numpy as np
 import pytest
 
-from pipeline.search import (BruteForceIndex, MultiIndexHash, hamming, make_index, pack_hex,
-                             plan_chunks, unpack_hex)
+from pipeline.search import (BruteForceIndex, ChunkSlice, MultiIndexHash, chunk_geometry, chunk_values, hamming,
+                             make_index, pack_hex, plan_chunks, unpack_hex)
 
 
 def random_codes(rng, n, W):
@@ -173,6 +173,62 @@ def test_contiguity_required_and_empty():
     assert all(x.size == 0 for x in empty.search(codes, np.arange(10), 5, 2))
     with pytest.raises(ValueError, match="unknown search backend"):
         make_index(codes, np.arange(10), "faiss")
+
+
+def sliced_search(codes, owners, queries, qowners, T, k, cpw, prefix_bits):
+    """Every slice of every chunk (each chunk's values split on their first `prefix_bits` bits),
+    searched and merged as the routed search merges them: smallest distance per pair, top k."""
+    rows = []
+    for ci, b in enumerate(chunk_geometry(cpw, codes.shape[1])[0]):
+        bits = min(prefix_bits, b)
+        top = chunk_values(codes, cpw, ci) >> np.uint64(b - bits)
+        for prefix in np.unique(top):
+            keep = top == prefix
+            a, p, d, r = ChunkSlice(codes[keep], owners[keep], cpw, ci, int(prefix), bits).search(queries, qowners, T, k)
+            rows += list(zip(a.tolist(), d.tolist(), p.tolist()))
+    best = {}
+    for a, d, p in sorted(rows):
+        best.setdefault((a, p), d)
+    out = sorted((a, d, p) for (a, p), d in best.items())
+    order = {o: i for i, o in enumerate(dict.fromkeys(qowners.tolist()))}
+    out.sort(key=lambda x: (order[x[0]], x[1], x[2]))
+    taken, kept = {}, []
+    for a, d, p in out:
+        taken[a] = taken.get(a, 0) + 1
+        if taken[a] <= k:
+            kept.append((a, p, d))
+    return kept
+
+
+@pytest.mark.parametrize("W,T,k,cpw,prefix_bits", [
+    (1, 10, 3, 4, 0), (1, 10, 3, 4, 3), (1, 12, 5, 3, 6), (1, 2, 2, 4, 2), (2, 9, 4, 4, 2), (1, 30, 40, 4, 4),
+])
+def test_chunk_slices_merged_equal_one_index(W, T, k, cpw, prefix_bits):
+    """The slices of a multi-index (one chunk's table, one value prefix each) searched apart and
+    merged give one index's lists, distances included: planted pairs, dense clusters where the k
+    cap bites, several entries per owner, and thresholds where some chunk's radius is -1 (T = 2
+    over 4 chunks) or where every slice answers (T = 30)."""
+    rng = np.random.default_rng(200 + W + T + k)
+    codes, _ = planted(rng, 2000, W, 300, max(T, 1))
+    for i in range(0, 300, 6):  # dense groups: the cap bites
+        for j in range(1, 6):
+            codes[i + j] = flip_bits(rng, codes[i], 1 + j % 3)
+    owners = np.arange(2000, dtype=np.int64) // 2
+    queries = np.concatenate([codes[:600], np.array([flip_bits(rng, c, 2) for c in codes[:600]])])
+    qowners = np.concatenate([owners[:600], owners[:600]])
+    order = np.argsort(qowners, kind="stable")
+    queries, qowners = queries[order], qowners[order]
+    want = BruteForceIndex(codes, owners).search(queries, qowners, T, k)
+    assert sliced_search(codes, owners, queries, qowners, T, k, cpw, prefix_bits) == \
+        list(zip(*(x.tolist() for x in want[:3])))
+    assert len(want[0]) > 200
+
+
+def test_chunk_slice_refuses_an_entry_without_its_prefix():
+    codes = np.array([[0], [1 << 15]], dtype=np.uint64)  # chunk 0 (16 bits): first bit 0, then 1
+    assert ChunkSlice(codes[:1], np.array([0]), 4, 0, 0, 1).n_codes == 1
+    with pytest.raises(ValueError, match="prefix"):
+        ChunkSlice(codes, np.arange(2), 4, 0, 0, 1)
 
 
 def test_plan_prefers_16_bit_chunks_at_1m():

@@ -1,5 +1,5 @@
-"""Sharded candidate search: the same K-nearest lists and pairs as one index, in-process and on a
-real 2-worker LocalCluster, on random and clustered hashes with planted near pairs."""
+"""Sharded and routed candidate search: the same K-nearest lists and pairs as one index, in-process
+and on a real 2-worker LocalCluster, on random and clustered hashes with planted near pairs."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.candidates import (_prepare, directed_neighbours, hash_partitions, near_pairs,
-                                 shard_groups, sharded_neighbours)
+from pipeline.candidates import (_prefix_counts, _prepare, _slice_piece, directed_neighbours, hash_partitions,
+                                 near_pairs, shard_groups, sharded_neighbours, slice_plan)
 from pipeline.config import ScreenConfig
 
 
@@ -52,13 +52,15 @@ CASES = [(1, False), (2, True)]
 
 @pytest.mark.parametrize("seed,clustered", CASES)
 @pytest.mark.parametrize("shard_size,rows", [(1, 500), (700, 333), (2500, 1000), (10**9, 4000)])
-def test_sharded_lists_equal_one_index(seed, clustered, shard_size, rows):
+@pytest.mark.parametrize("mode", ["sharded", "routed"])
+def test_sharded_lists_equal_one_index(seed, clustered, shard_size, rows, mode):
     codes, mask = planted(seed, clustered=clustered)
     c = cfg(max_distance=8, max_candidates=4, dihedral_max_distance=5)
     rep = np.random.default_rng(seed).random(len(codes)) < 0.97
     want = directed_neighbours(codes, mask, c, representatives=rep)
     p_codes, use, idx_use = _prepare(codes, mask, c, rep)
-    got = sharded_neighbours(hash_partitions(p_codes, use, idx_use, rows), c, shard_size=shard_size)
+    got = sharded_neighbours(hash_partitions(p_codes, use, idx_use, rows), cfg(**{**dataclasses.asdict(c),
+                             "search_sharding": mode}), shard_size=shard_size)
     pd.testing.assert_frame_equal(want, got)
     assert len(want) > 1000
     if clustered:  # the cap bites: some lists are full and longer ones were cut
@@ -88,8 +90,33 @@ def test_config_switch_gives_the_same_pairs(monkeypatch):
     assert len(calls) == 1
     pd.testing.assert_frame_equal(off, on)
     pd.testing.assert_frame_equal(off, auto)
+    import pipeline.candidates as candidates
+    built, original = [], candidates._build_slice
+    monkeypatch.setattr(candidates, "_build_slice", lambda *a: built.append(a[:4]) or original(*a))
+    routed = near_pairs(codes, mask, dataclasses.replace(c, search_sharding="routed", search_shard_size=800))
+    assert len(calls) == 2 and len(built) > 4  # slices of one multi-index, not whole shards
+    pd.testing.assert_frame_equal(off, routed)
     got = set(zip(on.idx_a.tolist(), on.idx_b.tolist()))
     assert sum((i, i + 1) in got for i in range(0, 3000, 2)) > 800  # most planted pairs (rotated ones only within 4 bits)
+
+
+def test_slice_plan_puts_every_entry_in_one_slice_of_each_chunk():
+    """Each chunk's value range is halved until a slice holds at most the target (or is one value
+    of the counted bits); the slices of a chunk hold each entry once."""
+    codes, mask = planted(4, n=4000, clustered=True)
+    c = cfg()
+    parts = hash_partitions(*_prepare(codes, mask, c, None), 700)
+    counts = [np.sum(col, axis=0) for col in zip(*[_prefix_counts(p, 4) for p in parts])]
+    total = sum(int(p[3].sum()) for p in parts)
+    for target in (300, 2000, 10**9):
+        plan = slice_plan(counts, target)
+        for ci in range(4):
+            sizes = [sum(len(_slice_piece(p, 4, *s)[0]) for p in parts) for s in plan if s[0] == ci]
+            assert sum(sizes) == total
+            bits = [s[2] for s in plan if s[0] == ci]
+            assert all(n <= target or b == 12 for n, b in zip(sizes, bits)) and min(sizes) > 0
+        assert len(plan) == (4 if target == 10**9 else len(plan)) and (target == 10**9 or len(plan) > 4)
+    assert slice_plan([np.zeros(16, np.int64)], 5) == []
 
 
 def test_shard_groups_cover_every_non_empty_partition_once():
@@ -115,12 +142,15 @@ def test_sharded_on_a_local_cluster_equals_one_index(seed, clustered, monkeypatc
     want_lists = directed_neighbours(codes, mask, c)
     want = near_pairs(codes, mask, c)
     on = dataclasses.replace(c, search_sharding="sharded", search_shard_size=1500)
+    routed = dataclasses.replace(c, search_sharding="routed", search_shard_size=1500)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         # the cached scheduler info as distributed's periodic refresh can leave it (no workers listed)
         monkeypatch.setattr(client, "scheduler_info", lambda *a, **k: {"workers": {}})
         lists = directed_neighbours(codes, mask, on, client=client, block_rows=700)
         got = near_pairs(codes, mask, on, client=client)
+        routed_lists = directed_neighbours(codes, mask, routed, client=client, block_rows=700)
+        auto_routed = near_pairs(codes, mask, dataclasses.replace(routed, search_sharding="auto"), client=client)
         auto = near_pairs(codes, mask, dataclasses.replace(c, search_sharding="auto", search_shard_size=1000),
                           client=client)
         # below search_shard_size: one index, a copy on each worker; each pair's best distance over
@@ -129,7 +159,9 @@ def test_sharded_on_a_local_cluster_equals_one_index(seed, clustered, monkeypatc
         monkeypatch.setattr(candidates, "PAIRS_PER_TASK", 500)
         one = directed_neighbours(codes, mask, c, client=client)
         best = candidates.pairs_from_neighbours(one, codes, mask, c, client=client)
-    assert len(calls) == 4  # every search on the cluster took the sharded path
+    assert len(calls) == 6  # every search on the cluster took the sharded path
+    pd.testing.assert_frame_equal(want_lists, routed_lists)
+    pd.testing.assert_frame_equal(want, auto_routed)
     pd.testing.assert_frame_equal(want_lists, one)
     pd.testing.assert_frame_equal(candidates.pairs_from_neighbours(want_lists, codes, mask, c), best)
     assert len(best) > 2 * 500
