@@ -70,7 +70,8 @@ STORE = {
 
 
 def search_units(n: int, threshold: int, shards: int = 1, shard_entries: int | None = None) -> float:
-    """Cost units of a whole search: every image queries every shard (plan_chunks per shard)."""
+    """Cost units of a whole search: every image queries every shard (plan_chunks per shard).
+    The routed search is one index's cost: shards=1, shard_entries = every entry."""
     per_shard = shard_entries or -(-n // shards)
     return n * shards * plan_chunks(per_shard, 1, threshold)["cost_per_query"]
 

@@ -278,12 +278,13 @@ def mih_search(queries, gstart, gowner, T, k, n_owner, cword, cshift, cmask, cr,
 
 @njit(cache=True, nogil=True)
 def slice_search(queries, gstart, gowner, T, k, n_owner, ci, prefix, low_bits, cword, cshift, cmask, cr,
-                 flips, n_flips, ccodes, cids, coff, optr, olist):
+                 flips, n_flips, ccodes, coff, optr, olist):
     """Multi-index hashing within one slice (`search.ChunkSlice`): chunk ci's table over the codes
     whose chunk value starts with `prefix` (then `low_bits` bits). A query row whose chunk value
     starts j bits away from `prefix` probes the first n_flips[r - j] masks of `flips` (masks of the
     low bits by popcount), none when j > r; a code within T is kept only when no earlier chunk
-    already qualifies it (its slice of that chunk keeps it)."""
+    already qualifies it (its slice of that chunk keeps it). Codes are numbered in the table's
+    order (optr/olist by position)."""
     W = queries.shape[1]
     G = gowner.shape[0]
     U = ccodes.shape[0]
@@ -337,7 +338,7 @@ def slice_search(queries, gstart, gowner, T, k, n_owner, ci, prefix, low_bits, c
                                 break
                     if dup:
                         continue
-                    nt = _visit(cids[pos], d, row, o, k, optr, olist, best_d, best_row, touched, nt)
+                    nt = _visit(pos, d, row, o, k, optr, olist, best_d, best_row, touched, nt)
         out_a, out_b, out_d, out_r, n_out = _flush(o, k, n_owner, best_d, best_row, touched, nt,
                                                    out_a, out_b, out_d, out_r, n_out)
     return out_a[:n_out], out_b[:n_out], out_d[:n_out], out_r[:n_out]

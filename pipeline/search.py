@@ -411,28 +411,30 @@ class ChunkSlice(_Base):
         self.low_bits = self.lengths[self.ci] - self.prefix_bits
         if self.low_bits < 0:
             raise ValueError(f"a prefix of {prefix_bits} bits is longer than chunk {ci} ({self.lengths[ci]} bits)")
-        self.ucodes, inv = _distinct_codes(self.codes)
-        U = self.ucodes.shape[0]
-        self.optr, self.olist = _owner_lists(inv, self.owner_dense, U, int(self.owner_values.size))
-        vals = chunk_values(self.ucodes, chunks_per_word, self.ci)
+        ucodes, inv = _distinct_codes(self.codes)
+        U = ucodes.shape[0]
+        vals = chunk_values(ucodes, chunks_per_word, self.ci)
         if U and np.any((vals >> np.uint64(self.low_bits)) != np.uint64(self.prefix)):
             raise ValueError("every entry of a slice must carry its prefix")
         low = (vals & np.uint64((1 << self.low_bits) - 1)).astype(np.int64)
         order = np.argsort(low, kind="stable")
-        self.cids = order.astype(np.int64)
-        self.ccodes = np.ascontiguousarray(self.ucodes[order])
-        self.coff = np.zeros((1 << self.low_bits) + 1, np.int64)
+        # the distinct codes numbered in the table's order: a bucket's positions are the codes' ids
+        # (no id array, and no second copy of the codes as a multi-index keeps)
+        rank = np.empty(U, np.int64)
+        rank[order] = np.arange(U)
+        self.ccodes = np.ascontiguousarray(ucodes[order])
+        self.optr, self.olist = _owner_lists(rank[inv], self.owner_dense, U, int(self.owner_values.size))
+        self.coff = np.zeros((1 << self.low_bits) + 1, np.int32 if U < 2**31 - 1 else np.int64)
         np.cumsum(np.bincount(low, minlength=1 << self.low_bits), out=self.coff[1:])
         self.codes = np.zeros((0, W), np.uint64)
         self.owner_dense = np.zeros(0, np.int64)
 
     @property
     def n_codes(self) -> int:
-        return self.ucodes.shape[0]
+        return self.ccodes.shape[0]
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.owner_values, self.ucodes, self.optr, self.olist, self.coff,
-                                      self.cids, self.ccodes))
+        return sum(a.nbytes for a in (self.owner_values, self.optr, self.olist, self.coff, self.ccodes))
 
     def search(self, queries, query_owners, max_distance: int, k: int):
         from pipeline import hamming as kernels  # (numba: imported where a search runs)
@@ -447,7 +449,7 @@ class ChunkSlice(_Base):
                               lambda q, st, gd, T_, kk, n: kernels.slice_search(
                                   q, st, gd, T_, kk, n, self.ci, self.prefix, self.low_bits, self.cword,
                                   self.cshift, self.cmask, np.array(radii, dtype=np.int64), flips, n_flips,
-                                  self.ccodes, self.cids, self.coff, self.optr, self.olist))
+                                  self.ccodes, self.coff, self.optr, self.olist))
 
 
 # --------------------------------------------------------------------------------------------
