@@ -36,6 +36,14 @@ SHARD = [dict(section="sharded candidate search", n=10_000_000, threshold=8, sec
               same_run=_SAME_RUN),
          dict(section="sharded candidate search", n=1_000_000, threshold=8, seconds=126.0, cores=2, shards=2,
               same_run=_SAME_RUN)]
+# "routed candidate search (2,000,000 hashes)": slices of one multi-index against shards of 250k
+# entries and a copy of one index on each of the 2 workers, same run; each predicted with the unit
+# of that run's one-index way (median seconds)
+_ROUTED_RUN = dict(n=2_000_000, seconds=68.030)
+ROUTED = [dict(section="routed candidate search", n=2_000_000, threshold=10, seconds=32.280, cores=2, shards=1,
+               routed=True, same_run=_ROUTED_RUN),
+          dict(section="routed candidate search", n=2_000_000, threshold=10, seconds=55.688, cores=2,
+               shards=8, same_run=_ROUTED_RUN)]
 # "sharded embedding kNN": the high-recall mode's kNN, sharded IVF against one IVF index, same run
 EMB_SHARD = dict(section="sharded embedding kNN", n=299_776, shards=4, ratio=0.98)
 # the driver's peak RSS (the CLI process, which also hosts a local cluster's scheduler), whole
@@ -136,7 +144,7 @@ def main(argv=None) -> None:
         pred = (2 * search_units(n, 10, 1, 2 * n) + 7 * search_units(n, 4, 1, 2 * n)) * m["unit"] / p["cores"]
         lines.append(f"| {n:,} images ({p['name']}) | candidates (real hashes, 9 variants) | {p['candidates']:.1f} | "
                      f"{pred:.1f} | {pct(pred, p['candidates'])} |")
-    for s in SEARCH + SHARD:
+    for s in SEARCH + SHARD + ROUTED:
         unit = m["unit"]
         note = ""
         if "same_run" in s:  # a loaded machine: the unit from the one-index search of the same run
@@ -144,7 +152,8 @@ def main(argv=None) -> None:
             unit = b["seconds"] * s["cores"] / search_units(b["n"], s["threshold"])
             note = f"; unit from the same run's one-index {b['n']:,}: {unit * 1e9:.1f} ns"
         pred = search_units(s["n"], s["threshold"], s["shards"]) * unit / s["cores"]
-        what = "one index" if s["shards"] == 1 else f"sharded, {s['shards']} shards"
+        what = ("routed: slices of one index" if s.get("routed") else
+                "one index" if s["shards"] == 1 else f"sharded, {s['shards']} shards")
         lines.append(f"| {s['n']:,} hashes, T = {s['threshold']} ({what}{note}) | search | {s['seconds']:.1f} | "
                      f"{pred:.1f} | {pct(pred, s['seconds'])} |")
     lines += ["", "Fitted points: the 1M one-index search (the unit) and confirm at 100k are 0 % by "
@@ -163,25 +172,32 @@ def main(argv=None) -> None:
               "screen within 4 %; verify 28 % over the model, as this CPU's ORB runs slower per core than the "
               "fitted runs' (a per-core rate is the machine's, so the projections' core-hours are too); confirm "
               "a third of the model, since the TFLite runtime replaced Keras after the fitted run: the "
-              "projections' confirm share is an upper bound.", ""]
+              "projections' confirm share is an upper bound. The 2M-hash points (routed, sharded) take the unit "
+              "of the same run's one-index way (a copy of one index on each worker), which ran at about twice "
+              "its units' time against the others: one index moves between all its chunks' tables for each query "
+              "row, while a slice walks one chunk's table for a whole partition and an index over 250k entries "
+              "fits the caches (in-process at 2M: one index 81 s, slices 46-50 s whether one per chunk or of "
+              "250k entries); so both are over-predicted there.", ""]
     # projections
     rows = []
     for n, cores in ((10_000_000, args.cores_10m), (1_000_000_000, args.cores_1b)):
         pairs = args.pairs_per_image * n
         shards = max(1, -(-2 * n // 5_000_000))  # plain + trimmed entries per image, default shard size
-        # per image: plain + trimmed rows at T = 10 against every shard; the 7 dihedral rows at T = 4
-        search_cs = (2 * search_units(n, 10, shards, 5_000_000) + 7 * search_units(n, 4, shards, 5_000_000)) * m["unit"]
-        stages = {"screen": m["screen"] * n, "candidates (sharded)": search_cs,
+        # per image: plain + trimmed rows at T = 10, the 7 dihedral rows at T = 4; routed (the default
+        # past search_shard_size): one index's probes over all 2n entries; sharded: every shard's
+        sharded_cs = (2 * search_units(n, 10, shards, 5_000_000) + 7 * search_units(n, 4, shards, 5_000_000)) * m["unit"]
+        search_cs = (2 * search_units(n, 10, 1, 2 * n) + 7 * search_units(n, 4, 1, 2 * n)) * m["unit"]
+        stages = {"screen": m["screen"] * n, "candidates (routed)": search_cs,
                   "verify": m["verify_pair"] * pairs, "confirm": m["confirm"] * n, "decide + write": m["write"] * n}
         total = sum(stages.values())
-        rows.append((n, cores, shards, stages, total))
+        rows.append((n, cores, shards, stages, total, sharded_cs))
     lines += ["## Projections", "",
               f"Default settings (aHash with 7 dihedral + 1 trimmed variant, T = 10, K = 15), "
               f"{args.pairs_per_image} near candidates per image (the 100k run's figure; it depends on the "
               "collection), index shards of 5M entries (2 entries per image). Core-hours are at this machine's "
               "per-core speed.", "",
               "| images | stage | core-hours | share |", "|---|---|---|---|"]
-    for n, cores, shards, stages, total in rows:
+    for n, cores, shards, stages, total, _ in rows:
         for st, cs in stages.items():
             lines.append(f"| {n:,} | {st} | {cs / 3600:,.1f} | {100 * cs / total:.0f} % |")
         lines.append(f"| {n:,} | **total** | **{total / 3600:,.0f}** | on {cores:,} cores: **{total / 3600 / cores:.1f} h** |")
@@ -222,13 +238,20 @@ def main(argv=None) -> None:
     for n in (1_000_000, 10_000_000, 1_000_000_000):
         lines.append(f"| {n:,} | {(fixed_mb + per_image_mb * n) / 1e3:,.1f} GB |")
     lines += ["", "## What the model says", ""]
-    n1, _, s1, st1, t1 = rows[1]
+    n1, _, s1, st1, t1, sharded1 = rows[1]
     lines += [
         f"- Per-image decoding and ORB dominate up to ~10M images: screen + verify are ~{100 * (rows[0][3]['screen'] + rows[0][3]['verify']) / rows[0][4]:.0f} % of the work at 10M.",
-        f"- At 1B the hash search as built (every query probes every one of {s1:,} shards) is "
-        f"{100 * st1['candidates (sharded)'] / t1:.0f} % of the work: the probes per query grow with the number of shards. "
-        "Routing each query only to the shards that can hold its neighbours (shards keyed by multi-index chunk "
-        "values, the query sent to the chunk values within its radius) removes that factor; not built yet.",
+        f"- At 1B the hash search is {100 * st1['candidates (routed)'] / t1:.0f} % of the work as routed (slices of "
+        f"one multi-index: each probe made once, as in one index, {st1['candidates (routed)'] / 3600:,.0f} core-hours); "
+        f"with whole index shards (`search_sharding: sharded`, every query probing each of {s1:,} shards of 5M "
+        f"entries) it would be {sharded1 / 3600:,.0f} core-hours, {100 * sharded1 / (t1 - st1['candidates (routed)'] + sharded1):.0f} % "
+        "of the work. What is left at 1B: 64-bit hashes at distance 10 make every query verify millions of codes "
+        "(at random ~1 code in 650 is within 2-3 bits of the query on one of its three 21-22-bit chunks); chunks are capped at 22 bits "
+        "for their offsets tables, a cap the slices could lift (a slice's table covers its prefix's values only), "
+        "which the model puts at ~2.4x fewer units per plain query at 1B (two 32-bit chunks); not built. The units "
+        "over-predict the routed search (the 2M-hash points above): a slice walks one chunk's table for a whole "
+        "partition of queries, which stays in the caches, where one index moves between all its chunks' tables "
+        "for each query row; so the 1B figure is an upper bound.",
         "- Storage is dominated by the ORB features kept in the catalog for images in a near pair.",
         f"- Memory: each worker's needs are bounded by its shard and task sizes (the search and kNN are sharded), the "
         f"driver's grow: ~{(fixed_mb + per_image_mb * 1e7) / 1e3:,.0f} GB at 10M images, "

@@ -1,10 +1,12 @@
-"""Sharded candidate search at scale: `python -m bench.shard` (section "sharded candidate search").
+"""Candidate search at scale: `python -m bench.shard` (section "routed candidate search (10M)";
+with `--way sharded`, section "sharded candidate search").
 
 10,000,000 synthetic 64-bit hashes (no images) generated on the workers in partitions of 250,000,
 with planted near pairs at distances 0..threshold, half inside a partition and half across two
-neighbouring partitions (so a pair's images sit in different index shards). The sharded search
-(`pipeline.candidates.sharded_neighbours`, defaults: threshold 10, K 15, shards of
-`screen.search_shard_size` entries) runs on a local cluster of 2 worker processes; the planted
+neighbouring partitions (so a pair's images sit in different index shards or slices). The search
+spread over the workers (`pipeline.candidates.sharded_neighbours`, defaults: threshold 10, K 15,
+slices, or with `--way sharded` shards, of `screen.search_shard_size` entries) runs on a local
+cluster of 2 worker processes; the planted
 pairs are checked on the workers, so the driver only ever holds futures and counts. Memory: the
 driver's and each worker's peak resident set (VmHWM of /proc/self/status, reset through
 /proc/self/clear_refs before the measured run). Same-run baseline: the first 1,000,000 hashes
@@ -360,10 +362,8 @@ def main_routed(args) -> None:
                 del got
         ents = [args.part] * n_parts
         counts["shards"] = len(shard_groups(ents, shard_size, args.workers))
-        shards = candidates._Shards(parts, ways["routed"], client, shard_size, routed=True)
-        counts["slices"] = len(shards.shards)
-        counts["chunks"] = candidates._routing(cfg, n, 1)
-        del shards
+        counts["chunks"], plan, _ = candidates.routed_plan(parts, ways["routed"], client, shard_size)
+        counts["slices"] = len(plan)
     gib = 2**30
     base = median(times["sharded"])
     planted_total = sum(c["planted"] for c in checks)
@@ -408,6 +408,9 @@ def main(argv=None) -> None:
     ap.add_argument("--incremental", action="store_true",
                     help="a catalog re-run's search instead (see the docstring; --n default 1,000,000)")
     ap.add_argument("--repeats", type=int, default=3, help="--incremental, --routed: repeats (medians)")
+    ap.add_argument("--way", choices=["routed", "sharded"], default="routed",
+                    help="the 10M search: slices of one multi-index (routed, the default past "
+                    "search_shard_size) or whole index shards (section 'sharded candidate search')")
     ap.add_argument("--routed", action="store_true",
                     help="sharded, routed and one-index search compared (see the docstring; --n default 2,000,000)")
     args = ap.parse_args(argv)
@@ -427,11 +430,12 @@ def main(argv=None) -> None:
     from distributed import Client, LocalCluster, wait
 
     cfg = dataclasses.replace(ScreenConfig(), max_distance=args.threshold, max_candidates=args.k,
-                              dihedral=False, trim_borders=False, backend="mih")
+                              dihedral=False, trim_borders=False, backend="mih", search_sharding=args.way)
     shard_size = args.shard_size or cfg.search_shard_size
     n_parts = args.n // args.part
     n = n_parts * args.part
     gen = dict(n=args.part, n_plant=args.plant, max_d=args.threshold, seed=args.seed)
+    n_slices = 0
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         # warm-up: numba kernels loaded in every worker, then every peak reset
@@ -454,6 +458,8 @@ def main(argv=None) -> None:
         worker_peak = client.run(vm_hwm)
         del merged
         n_shards = len(shard_groups([args.part] * n_parts, shard_size, args.workers))
+        if args.way == "routed":
+            n_slices = len(candidates.routed_plan(parts, cfg, client, shard_size)[1])
         planted_total = sum(c["planted"] for c in checks)
         found_total = sum(c["found"] for c in checks)
         rows_total = sum(c["rows"] for c in checks)
@@ -479,31 +485,35 @@ def main(argv=None) -> None:
 
     recall = found_total / max(planted_total, 1)
     gib = 2**30
+    spread = (f"{n_shards} index shards of ~{n // n_shards:,} entries, every partition probes every shard"
+              if args.way == "sharded" else
+              f"search_sharding: routed, {n_slices} slices of one multi-index of at most {shard_size:,} entries each")
     body = stamp() + (
         f"\n{n:,} random 64-bit hashes made on the workers in {n_parts} partitions of {args.part:,}, "
         f"{planted_total:,} planted near pairs at distances 0..{args.threshold} (half across two partitions); "
-        f"threshold {args.threshold}, K = {args.k}, plain hashes only. Sharded search "
-        f"(`sharded_neighbours`, {n_shards} index shards of ~{n // n_shards:,} entries, every partition "
-        f"probes every shard, K-nearest lists merged per partition) on a LocalCluster of {args.workers} "
+        f"threshold {args.threshold}, K = {args.k}, plain hashes only. Search spread over the workers "
+        f"(`sharded_neighbours`, {spread}, K-nearest lists merged per partition) on a LocalCluster of {args.workers} "
         f"worker processes x 1 thread. Peak memory = VmHWM (reset before the run); the driver process "
         f"also hosts the scheduler. One run (a long benchmark).\n\n")
     body += table(
         ["search", "hashes", "shards", "search s", "planted recall", "directed rows", "driver peak GiB",
          "worker peaks GiB"],
-        [["sharded", f"{n:,}", n_shards, t2 - t1, f"{100 * recall:.2f} %", f"{rows_total:,}",
+        [[args.way, f"{n:,}", n_slices or n_shards, t2 - t1, f"{100 * recall:.2f} %", f"{rows_total:,}",
           driver_peak / gib, ", ".join(f"{v / gib:.2f}" for v in worker_peak.values())],
-         ["sharded", f"{nb * args.part:,}", small_shards, t4 - t3, "", f"{len(sharded_small):,}", "", ""],
+         [args.way, f"{nb * args.part:,}", "" if n_slices else small_shards, t4 - t3, "", f"{len(sharded_small):,}",
+          "", ""],
          ["one index (driver builds, broadcast)", f"{nb * args.part:,}", 1, t6 - t5, "",
           f"{len(one_index):,}", "", ""]])
     body += (
         f"\n- Generating the {n:,} hashes on the workers: {t1 - t0:.1f} s (not in the search time).\n"
-        f"- Same-run baseline at {nb * args.part:,}: sharded / one index = "
+        f"- Same-run baseline at {nb * args.part:,}: {args.way} / one index = "
         f"**{(t4 - t3) / max(t6 - t5, 1e-9):.2f}x** the time; lists identical row for row: **{identical}**.\n"
         f"- Driver peak before the warm-up reset: {driver_before / gib:.2f} GiB; after it: "
         f"{driver_idle / gib:.2f} GiB (an idle driver with its scheduler).\n"
         f"- Goal: planted recall 100 %, driver peak < 1 GB at {n:,}: "
         f"{'met' if recall == 1.0 and driver_peak < 1e9 else 'NOT met'}.\n")
-    update_section("shard", "sharded candidate search (10M hashes)", body,
+    update_section("shard" if args.way == "sharded" else "shard_routed_10m",
+                   f"{'sharded' if args.way == 'sharded' else 'routed'} candidate search ({n:,} hashes)", body,
                    **({"path": args.out} if args.out else {}))
     print(body)
 

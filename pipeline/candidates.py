@@ -497,6 +497,24 @@ def _build_slice(chunks_per_word: int, ci: int, prefix: int, bits: int, *pieces)
     return ChunkSlice(codes, owners, chunks_per_word, ci, prefix, bits)
 
 
+def routed_plan(parts: list, cfg: ScreenConfig, client, target: int) -> tuple[int | None, list, list]:
+    """The routed search's (chunks per word, slices as `slice_plan` gives them, the partitions that
+    hold entries); chunks per word None when the threshold is too wide for chunking."""
+    run = lambda fn, *args: _run(client, fn, *args)  # noqa: E731
+    get = (lambda x: x) if client is None else client.gather
+    entries = get([run(_part_entries, p) for p in parts])
+    W = int(get(run(_part_words, parts[0]))) if parts else 1
+    chunks_per_word = _routing(cfg, sum(entries), W)
+    if chunks_per_word is None:
+        return None, [], parts
+    parts = [p for p, e in zip(parts, entries) if e > 0]
+    if client is not None:  # about 4 slices a worker at least, so none idles at the end
+        target = min(target, -(-chunks_per_word * W * sum(entries) // (4 * len(_worker_addresses(client)))))
+    plan = slice_plan(get(run(_sum_counts, *[run(_prefix_counts, p, chunks_per_word) for p in parts]))
+                      if parts else [], max(target, MIN_SLICE_ENTRIES))
+    return chunks_per_word, plan, parts
+
+
 class _Shards:
     """Index shards over the entries of hash partitions (see the section comment), built on the
     workers with a client (one shard per worker in turn: the searches follow their large index),
@@ -530,16 +548,9 @@ class _Shards:
 
     def _slices(self, parts: list, cfg: ScreenConfig, client, target: int) -> bool:
         """Build the routed search's slices (False, nothing built: the threshold is too wide)."""
-        run = lambda fn, *args: _run(client, fn, *args)  # noqa: E731
-        get = (lambda x: x) if client is None else client.gather
-        entries = get([run(_part_entries, p) for p in parts])
-        W = int(get(run(_part_words, parts[0]))) if parts else 1
-        chunks_per_word = _routing(cfg, sum(entries), W)
+        chunks_per_word, plan, parts = routed_plan(parts, cfg, client, target)
         if chunks_per_word is None:
             return False
-        parts = [p for p, e in zip(parts, entries) if e > 0]
-        plan = slice_plan(get(run(_sum_counts, *[run(_prefix_counts, p, chunks_per_word) for p in parts]))
-                          if parts else [], max(target, MIN_SLICE_ENTRIES))
         if client is None:
             self.shards = [_build_slice(chunks_per_word, *s, *[_slice_piece(p, chunks_per_word, *s) for p in parts])
                            for s in plan]
