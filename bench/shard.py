@@ -362,7 +362,7 @@ def main_routed(args) -> None:
                 del got
         ents = [args.part] * n_parts
         counts["shards"] = len(shard_groups(ents, shard_size, args.workers))
-        counts["chunks"], plan, _ = candidates.routed_plan(parts, ways["routed"], client, shard_size)
+        counts["chunks"], _, plan, _ = candidates.routed_plan(parts, ways["routed"], client, shard_size)
         counts["slices"] = len(plan)
     gib = 2**30
     base = median(times["sharded"])
@@ -459,7 +459,7 @@ def main(argv=None) -> None:
         del merged
         n_shards = len(shard_groups([args.part] * n_parts, shard_size, args.workers))
         if args.way == "routed":
-            n_slices = len(candidates.routed_plan(parts, cfg, client, shard_size)[1])
+            n_slices = len(candidates.routed_plan(parts, cfg, client, shard_size)[2])
         planted_total = sum(c["planted"] for c in checks)
         found_total = sum(c["found"] for c in checks)
         rows_total = sum(c["rows"] for c in checks)

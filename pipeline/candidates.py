@@ -490,29 +490,37 @@ def _slice_piece(part, chunks_per_word: int, ci: int, prefix: int, bits: int) ->
     return codes[keep], owners[keep]
 
 
-def _build_slice(chunks_per_word: int, ci: int, prefix: int, bits: int, *pieces) -> ChunkSlice:
-    W = pieces[0][0].shape[1]
+def _build_slice(chunks_per_word: int, W: int, ci: int, prefix: int, bits: int, *pieces) -> ChunkSlice:
     codes = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros((0, W), np.uint64)
     owners = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.int64)
     return ChunkSlice(codes, owners, chunks_per_word, ci, prefix, bits)
 
 
-def routed_plan(parts: list, cfg: ScreenConfig, client, target: int) -> tuple[int | None, list, list]:
-    """The routed search's (chunks per word, slices as `slice_plan` gives them, the partitions that
-    hold entries); chunks per word None when the threshold is too wide for chunking."""
+def _tree_sum(client, counts: list):
+    """The prefix histograms summed a few at a time on the workers (one future), not all in one task."""
+    while len(counts) > 16:
+        counts = [client.submit(_sum_counts, *counts[i:i + 16], pure=False) for i in range(0, len(counts), 16)]
+    return client.submit(_sum_counts, *counts, pure=False)
+
+
+def routed_plan(parts: list, cfg: ScreenConfig, client, target: int) -> tuple[int | None, int, list, list]:
+    """The routed search's (chunks per word, words per code, slices as `slice_plan` gives them, the
+    partitions that hold entries); chunks per word None when the threshold is too wide for chunking."""
     run = lambda fn, *args: _run(client, fn, *args)  # noqa: E731
     get = (lambda x: x) if client is None else client.gather
     entries = get([run(_part_entries, p) for p in parts])
     W = int(get(run(_part_words, parts[0]))) if parts else 1
     chunks_per_word = _routing(cfg, sum(entries), W)
     if chunks_per_word is None:
-        return None, [], parts
+        return None, W, [], parts
     parts = [p for p, e in zip(parts, entries) if e > 0]
-    if client is not None:  # about 4 slices a worker at least, so none idles at the end
+    if client is not None:  # at least about 4 slices a worker, so none idles at the end
         target = min(target, -(-chunks_per_word * W * sum(entries) // (4 * len(_worker_addresses(client)))))
-    plan = slice_plan(get(run(_sum_counts, *[run(_prefix_counts, p, chunks_per_word) for p in parts]))
-                      if parts else [], max(target, MIN_SLICE_ENTRIES))
-    return chunks_per_word, plan, parts
+    counts = [run(_prefix_counts, p, chunks_per_word) for p in parts]
+    if counts:
+        counts = _sum_counts(*counts) if client is None else client.gather(_tree_sum(client, counts))
+    plan = slice_plan(counts, max(target, MIN_SLICE_ENTRIES)) if parts else []
+    return chunks_per_word, W, plan, parts
 
 
 class _Shards:
@@ -548,18 +556,18 @@ class _Shards:
 
     def _slices(self, parts: list, cfg: ScreenConfig, client, target: int) -> bool:
         """Build the routed search's slices (False, nothing built: the threshold is too wide)."""
-        chunks_per_word, plan, parts = routed_plan(parts, cfg, client, target)
+        chunks_per_word, W, plan, parts = routed_plan(parts, cfg, client, target)
         if chunks_per_word is None:
             return False
         if client is None:
-            self.shards = [_build_slice(chunks_per_word, *s, *[_slice_piece(p, chunks_per_word, *s) for p in parts])
+            self.shards = [_build_slice(chunks_per_word, W, *s, *[_slice_piece(p, chunks_per_word, *s) for p in parts])
                            for s in plan]
             return True
         self.workers = _worker_addresses(client)
         self.shards = []
         for j, s in enumerate(plan):
             pieces = [client.submit(_slice_piece, p, chunks_per_word, *s, pure=False) for p in parts]
-            self.shards.append(client.submit(_build_slice, chunks_per_word, *s, *pieces, pure=False,
+            self.shards.append(client.submit(_build_slice, chunks_per_word, W, *s, *pieces, pure=False,
                                              workers=[self.workers[j % len(self.workers)]],
                                              allow_other_workers=True))
         return True

@@ -53,8 +53,11 @@ class ScreenConfig:
     backend: Literal["mih", "brute"] = "mih"  # multi-index hash or brute force
     # Search spread over a Dask cluster, the same lists as one index either way. "routed": one
     # multi-index planned for every entry, cut into slices of at most search_shard_size entries
-    # (one chunk's table, one range of its values) held by the workers; a query partition goes to
-    # every slice, which probes only the flips landing in it, so the probes are one index's.
+    # (one chunk's table, one range of its values; on a cluster also at most a quarter of a
+    # worker's share, at least 256; a value prefix is split on at most 12 bits) held by the
+    # workers; a query partition goes to every slice, which probes only the flips landing in it,
+    # so the probes are one index's. The brute-force backend, or a threshold too wide for chunks
+    # (> 200k probes a query), keeps whole shards. For the embedding kNN "routed" means "sharded".
     # "sharded": whole indexes over search_shard_size entries each, every partition probing every
     # shard (the probes paid once per shard). "auto": with a Dask client the index is built and
     # searched on the workers, routed past search_shard_size images, one index (a copy on each

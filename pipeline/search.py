@@ -396,7 +396,8 @@ class ChunkSlice(_Base):
     once, as in one index. A code within the threshold is kept only in the slice of the first
     chunk where it qualifies (as `MultiIndexHash` counts it once), so each (query row, code)
     lands in exactly one slice; each query owner's top k per slice, merged over the slices by
-    the smallest distance per pair and cut to k, is one index's answer (an owner in the global
+    the smallest distance per pair and cut to k, is one index's (owner, neighbour, distance)
+    lists (query_row may differ on ties across slices; the callers drop it) (an owner in the global
     top k has its true distance in the slice holding its closest entry, and all that beat it
     there beat it globally)."""
 

@@ -133,7 +133,8 @@ def test_split_previous_gives_each_row_to_the_partition_of_its_owner():
 @pytest.mark.slow
 def test_incremental_on_a_local_cluster_equals_from_scratch(monkeypatch):
     """A catalog re-run on a cluster: the re-derivation runs on the workers over hash partitions,
-    sharded past search_shard_size and with one index below it; the same lists as from scratch."""
+    sharded or routed past search_shard_size and with one index below it; the same lists as from
+    scratch."""
     distributed = pytest.importorskip("distributed")
     cfg, codes, mask, previous, same = grow(4, k=3, n0=1500, n_new=60)
     want = directed_neighbours(codes, mask, cfg)
@@ -147,7 +148,9 @@ def test_incremental_on_a_local_cluster_equals_from_scratch(monkeypatch):
         sharded = dataclasses.replace(cfg, search_sharding="sharded", search_shard_size=400)
         got, stats = incremental_neighbours(codes, mask, sharded, previous, same, client=client)
         one, one_stats = incremental_neighbours(codes, mask, cfg, previous, same, client=client)
-    assert calls == [False, True]
-    for lists, counts in ((got, stats), (one, one_stats)):
+        routed, routed_stats = incremental_neighbours(
+            codes, mask, dataclasses.replace(cfg, search_shard_size=400), previous, same, client=client)  # (auto)
+    assert calls == [False, True, False]
+    for lists, counts in ((got, stats), (one, one_stats), (routed, routed_stats)):
         pd.testing.assert_frame_equal(lists, want.reset_index(drop=True))
         assert counts == want_stats

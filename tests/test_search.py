@@ -202,6 +202,7 @@ def sliced_search(codes, owners, queries, qowners, T, k, cpw, prefix_bits):
 
 @pytest.mark.parametrize("W,T,k,cpw,prefix_bits", [
     (1, 10, 3, 4, 0), (1, 10, 3, 4, 3), (1, 12, 5, 3, 6), (1, 2, 2, 4, 2), (2, 9, 4, 4, 2), (1, 30, 40, 4, 4),
+    (1, 10, 3, 8, 8), (1, 10, 4, 3, 12),  # whole chunk values as prefixes (no low bits); 12 of 21-22 bits
 ])
 def test_chunk_slices_merged_equal_one_index(W, T, k, cpw, prefix_bits):
     """The slices of a multi-index (one chunk's table, one value prefix each) searched apart and
