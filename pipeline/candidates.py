@@ -44,7 +44,7 @@ import pandas as pd
 
 from .config import ScreenConfig
 from .decode import DIHEDRAL_INVERSE
-from .search import ChunkSlice, HammingIndex, chunk_geometry, chunk_values, make_index, plan_chunks
+from .search import ChunkSlice, HammingIndex, SliceGroup, chunk_geometry, chunk_values, make_index, plan_chunks
 
 PLAIN = 0
 TRIMMED = 8
@@ -420,12 +420,13 @@ def shard_groups(entries: list[int], shard_size: int, n_workers: int = 1) -> lis
 # go to every slice, but a slice probes only the flips that land in it, so each probe and each
 # verification is made once, as in one index, however many slices there are; the sharded
 # search pays the probes once per shard, and its shards' chunks are planned for a shard's
-# entries, not all of them. The entries reach their slices through pieces cut per (partition,
-# slice) on the partition's worker. Each entry lies in one slice per chunk, as a contiguous
-# multi-index holds a copy of its code per chunk.
+# entries, not all of them. The slices are dealt to the workers in turn and each worker holds its
+# share as one index (`search.SliceGroup`); the entries reach it through a piece per partition cut
+# on the partition's worker, so the tasks are per partition and worker, not per slice. Each entry
+# lies in one slice per chunk, as a contiguous multi-index holds a copy of its code per chunk.
 
 PREFIX_BITS = 12  # a chunk's values are split on at most their first 12 bits (4,096 slices per chunk)
-MIN_SLICE_ENTRIES = 256  # below this a slice's task costs more than its search
+MIN_SLICE_ENTRIES = 256  # below this a slice costs more to search than it saves
 
 
 def _routing(cfg: ScreenConfig, n_entries: int, W: int) -> int | None:
@@ -482,18 +483,28 @@ def slice_plan(counts: list[np.ndarray], target: int) -> list[tuple[int, int, in
     return out
 
 
-def _slice_piece(part, chunks_per_word: int, ci: int, prefix: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """The partition's entries that belong to one slice: (codes, owners)."""
+def _slice_pieces(part, chunks_per_word: int, slices: list[tuple[int, int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The partition's entries that belong to each of `slices` (chunk, prefix, bits): (codes, owners)
+    per slice; the entries and each chunk's values made once."""
     codes, owners = _entries(part)
-    b = chunk_geometry(chunks_per_word, codes.shape[1])[0][ci]
-    keep = (chunk_values(codes, chunks_per_word, ci) >> np.uint64(b - bits)) == np.uint64(prefix)
-    return codes[keep], owners[keep]
+    lengths = chunk_geometry(chunks_per_word, codes.shape[1])[0]
+    values = {ci: chunk_values(codes, chunks_per_word, ci) for ci in {s[0] for s in slices}}
+    out = []
+    for ci, prefix, bits in slices:
+        keep = (values[ci] >> np.uint64(lengths[ci] - bits)) == np.uint64(prefix)
+        out.append((codes[keep], owners[keep]))
+    return out
 
 
-def _build_slice(chunks_per_word: int, W: int, ci: int, prefix: int, bits: int, *pieces) -> ChunkSlice:
-    codes = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros((0, W), np.uint64)
-    owners = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.int64)
-    return ChunkSlice(codes, owners, chunks_per_word, ci, prefix, bits)
+def _build_slices(chunks_per_word: int, W: int, slices: list[tuple[int, int, int]], *pieces) -> SliceGroup:
+    """One worker's slices from their pieces (`_slice_pieces` of every partition), as one index."""
+    built = []
+    for i, s in enumerate(slices):
+        mine = [p[i] for p in pieces]
+        codes = np.concatenate([c for c, _ in mine]) if mine else np.zeros((0, W), np.uint64)
+        owners = np.concatenate([o for _, o in mine]) if mine else np.zeros(0, np.int64)
+        built.append(ChunkSlice(codes, owners, chunks_per_word, *s))
+    return SliceGroup(built)
 
 
 def _tree_sum(client, counts: list):
@@ -559,17 +570,20 @@ class _Shards:
         chunks_per_word, W, plan, parts = routed_plan(parts, cfg, client, target)
         if chunks_per_word is None:
             return False
-        if client is None:
-            self.shards = [_build_slice(chunks_per_word, W, *s, *[_slice_piece(p, chunks_per_word, *s) for p in parts])
-                           for s in plan]
+        if client is None:  # one group of every slice
+            self.shards = [_build_slices(chunks_per_word, W, plan, *[_slice_pieces(p, chunks_per_word, plan)
+                                                                     for p in parts])] if plan else []
             return True
+        # the slices dealt to the workers in turn, each worker's held as one index: one piece task
+        # per partition and worker, one search task per partition and worker
         self.workers = _worker_addresses(client)
         self.shards = []
-        for j, s in enumerate(plan):
-            pieces = [client.submit(_slice_piece, p, chunks_per_word, *s, pure=False) for p in parts]
-            self.shards.append(client.submit(_build_slice, chunks_per_word, W, *s, *pieces, pure=False,
-                                             workers=[self.workers[j % len(self.workers)]],
-                                             allow_other_workers=True))
+        for j, w in enumerate(self.workers):
+            mine = plan[j::len(self.workers)]
+            if mine:
+                pieces = [client.submit(_slice_pieces, p, chunks_per_word, mine, pure=False) for p in parts]
+                self.shards.append(client.submit(_build_slices, chunks_per_word, W, mine, *pieces, pure=False,
+                                                 workers=[w], allow_other_workers=True))
         return True
 
     def probe(self, fn, item, j: int, *args) -> list:

@@ -44,7 +44,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["HammingIndex", "BruteForceIndex", "MultiIndexHash", "ChunkSlice", "make_index", "pack_hex",
+__all__ = ["HammingIndex", "BruteForceIndex", "MultiIndexHash", "ChunkSlice", "SliceGroup", "make_index", "pack_hex",
            "unpack_hex", "hamming", "BACKENDS"]
 
 
@@ -451,6 +451,42 @@ class ChunkSlice(_Base):
                                   q, st, gd, T_, kk, n, self.ci, self.prefix, self.low_bits, self.cword,
                                   self.cshift, self.cmask, np.array(radii, dtype=np.int64), flips, n_flips,
                                   self.ccodes, self.coff, self.optr, self.olist))
+
+
+class SliceGroup:
+    """Several `ChunkSlice`s that one worker holds, searched as one index: each slice's lists
+    merged by the smallest distance per pair (the lowest query row among equals), each query
+    owner's first k by distance then owner (the owners in the order of the queries), as the
+    merge over all slices gives (see `ChunkSlice`)."""
+
+    name = "slices"
+
+    def __init__(self, slices: list[ChunkSlice]):
+        self.slices = list(slices)
+        self.owner_values = (np.unique(np.concatenate([s.owner_values for s in self.slices]))
+                             if self.slices else np.zeros(0, np.int64))
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.slices)
+
+    def search(self, queries, query_owners, max_distance: int, k: int):
+        found = [s.search(queries, query_owners, max_distance, k) for s in self.slices]
+        a, b, d, r = (np.concatenate([f[i] for f in found]) if found else np.zeros(0, np.int64) for i in range(4))
+        if a.size == 0:
+            return a.astype(np.int64), b.astype(np.int64), d.astype(np.int32), r.astype(np.int64)
+        _, gowner = _groups(query_owners)
+        by_owner = np.argsort(gowner, kind="stable")
+        rank = by_owner[np.searchsorted(gowner, a, sorter=by_owner)]  # each row's owner: its place in the queries
+        order = np.lexsort((r, b, d, rank))
+        a, b, d, r, rank = a[order], b[order], d[order], r[order], rank[order]
+        # each (owner, neighbour) at its smallest distance (np.unique's first occurrence in this order)
+        _, first = np.unique(rank * np.int64(2**32) + np.searchsorted(self.owner_values, b), return_index=True)
+        first.sort()  # (still by owner, distance, neighbour)
+        a, b, d, r, rank = a[first], b[first], d[first], r[first], rank[first]
+        starts = np.r_[0, np.flatnonzero(rank[1:] != rank[:-1]) + 1]
+        place = np.arange(a.size) - np.repeat(starts, np.diff(np.r_[starts, a.size]))  # within its owner's run
+        keep = place < k
+        return a[keep], b[keep], d[keep].astype(np.int32), r[keep]
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 
-from pipeline.search import (BruteForceIndex, ChunkSlice, MultiIndexHash, chunk_geometry, chunk_values, hamming,
+from pipeline.search import (BruteForceIndex, ChunkSlice, MultiIndexHash, SliceGroup, chunk_geometry, chunk_values, hamming,
                              make_index, pack_hex, plan_chunks, unpack_hex)
 
 
@@ -223,6 +223,14 @@ def test_chunk_slices_merged_equal_one_index(W, T, k, cpw, prefix_bits):
     assert sliced_search(codes, owners, queries, qowners, T, k, cpw, prefix_bits) == \
         list(zip(*(x.tolist() for x in want[:3])))
     assert len(want[0]) > 200
+    # the slices held as one index (as a worker holds its share): the same four arrays, query row included
+    slices = []
+    for ci, b in enumerate(chunk_geometry(cpw, W)[0]):
+        bits = min(prefix_bits, b)
+        top = chunk_values(codes, cpw, ci) >> np.uint64(b - bits)
+        slices += [ChunkSlice(codes[top == v], owners[top == v], cpw, ci, int(v), bits) for v in np.unique(top)]
+    assert_same(want, SliceGroup(slices).search(queries, qowners, T, k))
+    assert all(x.size == 0 for x in SliceGroup([]).search(queries, qowners, T, k))
 
 
 def test_chunk_slice_refuses_an_entry_without_its_prefix():

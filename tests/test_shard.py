@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.candidates import (_prefix_counts, _prepare, _slice_piece, directed_neighbours, hash_partitions,
+from pipeline.candidates import (_prefix_counts, _prepare, _slice_pieces, directed_neighbours, hash_partitions,
                                  near_pairs, shard_groups, sharded_neighbours, slice_plan)
 from pipeline.config import ScreenConfig
 
@@ -91,10 +91,10 @@ def test_config_switch_gives_the_same_pairs(monkeypatch):
     pd.testing.assert_frame_equal(off, on)
     pd.testing.assert_frame_equal(off, auto)
     import pipeline.candidates as candidates
-    built, original = [], candidates._build_slice
-    monkeypatch.setattr(candidates, "_build_slice", lambda *a: built.append(a[:5]) or original(*a))
+    built, original = [], candidates._build_slices
+    monkeypatch.setattr(candidates, "_build_slices", lambda *a: built.append(a[2]) or original(*a))
     routed = near_pairs(codes, mask, dataclasses.replace(c, search_sharding="routed", search_shard_size=800))
-    assert len(calls) == 2 and len(built) > 4  # slices of one multi-index, not whole shards
+    assert len(calls) == 2 and len(built) == 1 and len(built[0]) > 4  # slices of one multi-index, not whole shards
     pd.testing.assert_frame_equal(off, routed)
     got = set(zip(on.idx_a.tolist(), on.idx_b.tolist()))
     assert sum((i, i + 1) in got for i in range(0, 3000, 2)) > 800  # most planted pairs (rotated ones only within 4 bits)
@@ -111,7 +111,8 @@ def test_slice_plan_puts_every_entry_in_one_slice_of_each_chunk():
     for target in (300, 2000, 10**9):
         plan = slice_plan(counts, target)
         for ci in range(4):
-            sizes = [sum(len(_slice_piece(p, 4, *s)[0]) for p in parts) for s in plan if s[0] == ci]
+            mine = [s for s in plan if s[0] == ci]
+            sizes = np.sum([[len(c) for c, _ in _slice_pieces(p, 4, mine)] for p in parts], axis=0)
             assert sum(sizes) == total
             bits = [s[2] for s in plan if s[0] == ci]
             assert all(n <= target or b == 12 for n, b in zip(sizes, bits)) and min(sizes) > 0
