@@ -39,14 +39,14 @@ SHARD = [dict(section="sharded candidate search", n=10_000_000, threshold=10, se
 # "routed candidate search (2,000,000 hashes)": slices of one multi-index against shards of 250k
 # entries and a copy of one index on each of the 2 workers, same run; each predicted with the unit
 # of that run's one-index way (median seconds)
-_ROUTED_RUN = dict(n=2_000_000, seconds=68.030)
-ROUTED = [dict(section="routed candidate search", n=2_000_000, threshold=10, seconds=32.280, cores=2, shards=1,
+_ROUTED_RUN = dict(n=2_000_000, seconds=71.137)
+ROUTED = [dict(section="routed candidate search", n=2_000_000, threshold=10, seconds=28.165, cores=2, shards=1,
                routed=True, same_run=_ROUTED_RUN),
-          dict(section="routed candidate search", n=2_000_000, threshold=10, seconds=55.688, cores=2,
+          dict(section="routed candidate search", n=2_000_000, threshold=10, seconds=54.813, cores=2,
                shards=8, same_run=_ROUTED_RUN),
           # "routed candidate search (10,000,000 hashes)", with its run's one-index search of 1M
-          dict(section="routed candidate search (10M)", n=10_000_000, threshold=10, seconds=512.372, cores=2,
-               shards=1, routed=True, same_run=dict(n=1_000_000, seconds=17.397))]
+          dict(section="routed candidate search (10M)", n=10_000_000, threshold=10, seconds=562.935, cores=2,
+               shards=1, routed=True, same_run=dict(n=1_000_000, seconds=22.863))]
 # "sharded embedding kNN": the high-recall mode's kNN, sharded IVF against one IVF index, same run
 EMB_SHARD = dict(section="sharded embedding kNN", n=299_776, shards=4, ratio=0.98)
 # the driver's peak RSS (the CLI process, which also hosts a local cluster's scheduler), whole
@@ -173,9 +173,12 @@ def main(argv=None) -> None:
               "their own run's one-index search of the first 1M hashes: the sharded 10M search is under-predicted "
               "by 25 % (the shards' table builds and the merge, which the model does not count; its 1M search, "
               "whose two shards fit the caches better than one index, is over-predicted), the routed one "
-              "over-predicted by 20 %. Measured back to back on a quiet machine, routed took 0.49x the sharded "
-              "search's time at 10M (512 against 1,046 s; 0.43x with each divided by its run's 1M one-index "
-              "time); the model says 0.68x (its units: one index's probes and verifications against two shards'). The 100k folder re-measured later (AMD EPYC, quiet; not fitted): "
+              "over-predicted. Measured back to back on a quiet machine, routed (each slice then built and "
+              "searched in tasks of its own) took 0.49x the sharded search's time at 10M (512 against 1,046 s; "
+              "0.43x with each divided by its run's 1M one-index time); the model says 0.68x (its units: one "
+              "index's probes and verifications against two shards'). The routed point listed is the later "
+              "run, each worker's slices held as one index (563 s on a slower hour: its 1M one-index search "
+              "took 22.9 s against 15.2-17.4 s). The 100k folder re-measured later (AMD EPYC, quiet; not fitted): "
               "screen within 4 %; verify 28 % over the model, as this CPU's ORB runs slower per core than the "
               "fitted runs' (a per-core rate is the machine's, so the projections' core-hours are too); confirm "
               "a third of the model, since the TFLite runtime replaced Keras after the fitted run: the "
