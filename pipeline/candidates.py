@@ -44,7 +44,8 @@ import pandas as pd
 
 from .config import ScreenConfig
 from .decode import DIHEDRAL_INVERSE
-from .search import ChunkSlice, HammingIndex, SliceGroup, chunk_geometry, chunk_values, make_index, plan_chunks
+from .search import (ChunkSlice, HammingIndex, SliceGroup, chunk_geometry, chunk_of, interleave, make_index,
+                     plan_chunks)
 
 PLAIN = 0
 TRIMMED = 8
@@ -450,10 +451,11 @@ def _prefix_counts(part, chunks_per_word: int) -> list[np.ndarray]:
     (up to PREFIX_BITS) bits."""
     codes, _ = _entries(part)
     lengths = chunk_geometry(chunks_per_word, codes.shape[1])[0]
+    ordered = interleave(codes, chunks_per_word)  # (once for every chunk)
     out = []
     for ci, b in enumerate(lengths):
         h = min(b, PREFIX_BITS)
-        top = chunk_values(codes, chunks_per_word, ci) >> np.uint64(b - h)
+        top = chunk_of(ordered, chunks_per_word, ci) >> np.uint64(b - h)
         out.append(np.bincount(top.astype(np.int64), minlength=1 << h))
     return out
 
@@ -488,7 +490,8 @@ def _slice_pieces(part, chunks_per_word: int, slices: list[tuple[int, int, int]]
     per slice; the entries and each chunk's values made once."""
     codes, owners = _entries(part)
     lengths = chunk_geometry(chunks_per_word, codes.shape[1])[0]
-    values = {ci: chunk_values(codes, chunks_per_word, ci) for ci in {s[0] for s in slices}}
+    ordered = interleave(codes, chunks_per_word)
+    values = {ci: chunk_of(ordered, chunks_per_word, ci) for ci in {s[0] for s in slices}}
     out = []
     for ci, prefix, bits in slices:
         keep = (values[ci] >> np.uint64(lengths[ci] - bits)) == np.uint64(prefix)

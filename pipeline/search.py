@@ -17,7 +17,8 @@ Backends
 --------
 * `BruteForceIndex` — the reference: popcount of every query row against every index entry.
   O(Q x M); fine up to ~1e5 entries.
-* `MultiIndexHash` — multi-index hashing (Norouzi et al.): the bits are cut into m chunks; by the
+* `MultiIndexHash` — multi-index hashing (Norouzi et al.): the bits are dealt into m chunks (each
+  word's bit i to chunk i mod m, not runs of neighbouring bits: `interleave`); by the
   pigeonhole principle, if d(q, c) <= T then some chunk i has chunk distance <= r_i whenever
   sum_i (r_i + 1) >= T + 1 (so r_i = floor(T/m) or one less). For each chunk the query enumerates
   every flip mask of <= r_i bits and looks the flipped value up in a CSR table (entries sorted by
@@ -45,7 +46,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 __all__ = ["HammingIndex", "BruteForceIndex", "MultiIndexHash", "ChunkSlice", "SliceGroup", "make_index", "pack_hex",
-           "unpack_hex", "hamming", "BACKENDS"]
+           "unpack_hex", "hamming", "interleave", "chunk_values", "chunk_of", "BACKENDS"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,10 +126,12 @@ class _Base:
         self.W = self.codes.shape[1]
         self.n_entries = self.codes.shape[0]
 
-    def _prepare(self, queries, query_owners, max_distance, k):
+    def _prepare(self, queries, query_owners, max_distance, k, encoded: bool = False):
         queries = _as_codes(queries) if np.asarray(queries).size else np.zeros((0, self.W), np.uint64)
         if queries.shape[1] != self.W:
             raise ValueError(f"queries have {queries.shape[1]} words, the index {self.W}")
+        if not encoded:
+            queries = self._encode(queries)
         query_owners = np.asarray(query_owners, dtype=np.int64)
         if query_owners.shape != (queries.shape[0],):
             raise ValueError("query_owners must have one entry per query row")
@@ -146,6 +149,10 @@ class _Base:
             present = np.zeros(gowner.size, bool)
         gdense = np.where(present, pos_c, -1).astype(np.int64)
         return queries, starts, gowner, gdense
+
+    def _encode(self, codes: np.ndarray) -> np.ndarray:
+        """Codes in the order of bits the index stores them in (the multi-indexes: `interleave`)."""
+        return codes
 
     def _empty(self):
         z = np.zeros(0, np.int64)
@@ -167,8 +174,8 @@ class BruteForceIndex(_Base):
                                   q, st, gd, T, kk, n, self.codes, self.owner_dense))
 
 
-def _search_groups(index: _Base, queries, query_owners, max_distance, k, run):
-    queries, starts, gowner, gdense = index._prepare(queries, query_owners, max_distance, k)
+def _search_groups(index: _Base, queries, query_owners, max_distance, k, run, encoded: bool = False):
+    queries, starts, gowner, gdense = index._prepare(queries, query_owners, max_distance, k, encoded)
     G = gowner.size
     if G == 0 or index.n_entries == 0:
         return index._empty()
@@ -255,9 +262,38 @@ def plan_chunks(n_codes: int, W: int, max_distance: int, n_queries: int | None =
     return best
 
 
+@lru_cache(maxsize=32)
+def _interleave_tables(chunks_per_word: int) -> np.ndarray:
+    """(8, 256) uint64: byte k's value -> its bits at their interleaved places (see `interleave`)."""
+    c = int(chunks_per_word)
+    starts = np.concatenate([[0], np.cumsum(_chunk_lengths(c))[:-1]])
+    dest = [int(starts[i % c]) + i // c for i in range(64)]
+    tables = np.zeros((8, 256), np.uint64)
+    for k in range(8):
+        for v in range(256):
+            tables[k, v] = sum(1 << dest[8 * k + t] for t in range(8) if v >> t & 1)
+    return tables
+
+
+def interleave(codes: np.ndarray, chunks_per_word: int) -> np.ndarray:
+    """Each word's bits reordered so that chunk j of `chunk_geometry(chunks_per_word, W)` holds the
+    word's bits j, j + c, j + 2c, ... (c = chunks per word) instead of a run of neighbours. A
+    permutation of bit places keeps every Hamming distance, so a multi-index is exact over either
+    order; but an aHash's neighbouring bits are neighbouring pixels, and a uniform band of an
+    image (sky, a white background) makes a run of them alike in many images: on the 100k scale
+    folder's codes, runs of 21-22 bits put 30x the verifications of uniformly random codes on
+    each query, bits taken across the image 7x (docs/design-notes.md, "Chunks across the image")."""
+    x = _as_codes(codes)
+    tables = _interleave_tables(int(chunks_per_word))
+    out = tables[0][(x & np.uint64(255)).astype(np.intp)]
+    for k in range(1, 8):
+        out |= tables[k][((x >> np.uint64(8 * k)) & np.uint64(255)).astype(np.intp)]
+    return out
+
+
 def chunk_geometry(chunks_per_word: int, W: int) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
     """MIH chunks of `chunks_per_word` per 64-bit word: (lengths, word of each chunk, its shift
-    within the word, its value mask)."""
+    within the word, its value mask), over codes as `interleave` orders their bits."""
     lengths = _chunk_lengths(chunks_per_word)
     shifts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     return (lengths * W, np.repeat(np.arange(W, dtype=np.int64), chunks_per_word), np.tile(shifts, W),
@@ -306,8 +342,7 @@ class MultiIndexHash(_Base):
         W = self.W
         # distinct codes and their owners (CSR, owners ascending, each (code, owner) once)
         ucodes, inv = _distinct_codes(self.codes)
-        self.ucodes = np.ascontiguousarray(ucodes, dtype=np.uint64)
-        U = self.ucodes.shape[0]
+        U = ucodes.shape[0]
         self.optr, self.olist = _owner_lists(inv, self.owner_dense, U, int(self.owner_values.size))
         self.plan = plan_chunks(U, W, int(max_distance))
         c = int(chunks_per_word or self.plan["chunks_per_word"])
@@ -315,6 +350,7 @@ class MultiIndexHash(_Base):
         if max(lengths) > 30:
             raise ValueError("chunks_per_word must be >= 3 (chunks of <= 22 bits)")
         self.chunks_per_word = c
+        self.ucodes = interleave(ucodes, c)  # (queries too: `_encode`)
         self.lengths, self.cword, self.cshift, self.cmask = chunk_geometry(c, W)
         m = len(self.lengths)
         bmax = max(lengths)
@@ -342,6 +378,9 @@ class MultiIndexHash(_Base):
     @property
     def n_codes(self) -> int:
         return self.ucodes.shape[0]
+
+    def _encode(self, codes: np.ndarray) -> np.ndarray:
+        return interleave(codes, self.chunks_per_word)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.owner_values, self.owner_dense, self.ucodes,
@@ -379,10 +418,15 @@ class MultiIndexHash(_Base):
 
 
 def chunk_values(codes: np.ndarray, chunks_per_word: int, ci: int) -> np.ndarray:
-    """Chunk `ci`'s value of each code (N, W) under `chunk_geometry(chunks_per_word, W)`."""
-    codes = _as_codes(codes)
-    lengths, cword, cshift, cmask = chunk_geometry(chunks_per_word, codes.shape[1])
-    return (codes[:, cword[ci]] >> np.uint64(cshift[ci])) & cmask[ci]
+    """Chunk `ci`'s value of each code (N, W) under `chunk_geometry(chunks_per_word, W)` (its bits
+    taken across the word: `interleave`)."""
+    return chunk_of(interleave(codes, chunks_per_word), chunks_per_word, ci)
+
+
+def chunk_of(interleaved: np.ndarray, chunks_per_word: int, ci: int) -> np.ndarray:
+    """Chunk `ci`'s value of codes already interleaved (one `interleave` for all chunks)."""
+    lengths, cword, cshift, cmask = chunk_geometry(chunks_per_word, interleaved.shape[1])
+    return (interleaved[:, cword[ci]] >> np.uint64(cshift[ci])) & cmask[ci]
 
 
 class ChunkSlice(_Base):
@@ -414,7 +458,9 @@ class ChunkSlice(_Base):
             raise ValueError(f"a prefix of {prefix_bits} bits is longer than chunk {ci} ({self.lengths[ci]} bits)")
         ucodes, inv = _distinct_codes(self.codes)
         U = ucodes.shape[0]
-        vals = chunk_values(ucodes, chunks_per_word, self.ci)
+        self.chunks_per_word = int(chunks_per_word)
+        ucodes = interleave(ucodes, self.chunks_per_word)  # (queries too: `_encode`)
+        vals = chunk_of(ucodes, self.chunks_per_word, self.ci)
         if U and np.any((vals >> np.uint64(self.low_bits)) != np.uint64(self.prefix)):
             raise ValueError("every entry of a slice must carry its prefix")
         low = (vals & np.uint64((1 << self.low_bits) - 1)).astype(np.int64)
@@ -434,10 +480,14 @@ class ChunkSlice(_Base):
     def n_codes(self) -> int:
         return self.ccodes.shape[0]
 
+    def _encode(self, codes: np.ndarray) -> np.ndarray:
+        return interleave(codes, self.chunks_per_word)
+
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.owner_values, self.optr, self.olist, self.coff, self.ccodes))
 
-    def search(self, queries, query_owners, max_distance: int, k: int):
+    def search(self, queries, query_owners, max_distance: int, k: int, encoded: bool = False):
+        """(`encoded`: the queries are interleaved already, as `SliceGroup` does once for its slices.)"""
         from pipeline import hamming as kernels  # (numba: imported where a search runs)
         T = int(max_distance)
         radii = _radii(self.lengths, T)
@@ -450,7 +500,7 @@ class ChunkSlice(_Base):
                               lambda q, st, gd, T_, kk, n: kernels.slice_search(
                                   q, st, gd, T_, kk, n, self.ci, self.prefix, self.low_bits, self.cword,
                                   self.cshift, self.cmask, np.array(radii, dtype=np.int64), flips, n_flips,
-                                  self.ccodes, self.coff, self.optr, self.olist))
+                                  self.ccodes, self.coff, self.optr, self.olist), encoded)
 
 
 class SliceGroup:
@@ -470,7 +520,13 @@ class SliceGroup:
         return sum(s.nbytes() for s in self.slices)
 
     def search(self, queries, query_owners, max_distance: int, k: int):
-        found = [s.search(queries, query_owners, max_distance, k) for s in self.slices]
+        # (the slices of one plan share their order of bits: the queries interleaved once)
+        cpw = {s.chunks_per_word for s in self.slices}
+        if len(cpw) == 1 and np.asarray(queries).size:
+            queries = interleave(queries, cpw.pop())
+            found = [s.search(queries, query_owners, max_distance, k, encoded=True) for s in self.slices]
+        else:
+            found = [s.search(queries, query_owners, max_distance, k) for s in self.slices]
         a, b, d, r = (np.concatenate([f[i] for f in found]) if found else np.zeros(0, np.int64) for i in range(4))
         if a.size == 0:
             return a.astype(np.int64), b.astype(np.int64), d.astype(np.int32), r.astype(np.int64)

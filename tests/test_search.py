@@ -233,8 +233,26 @@ def test_chunk_slices_merged_equal_one_index(W, T, k, cpw, prefix_bits):
     assert all(x.size == 0 for x in SliceGroup([]).search(queries, qowners, T, k))
 
 
+@pytest.mark.parametrize("cpw", [3, 4, 5, 7, 16])
+def test_interleave_takes_each_chunk_across_the_word(cpw):
+    from pipeline.search import interleave
+    single = np.array([[1 << i] for i in range(64)], dtype=np.uint64)
+    for ci, b in enumerate(chunk_geometry(cpw, 1)[0]):
+        vals = chunk_values(single, cpw, ci)
+        # chunk ci holds the word's bits ci, ci + cpw, ci + 2 cpw, ... in that order, and no other bit
+        assert np.flatnonzero(vals).tolist() == list(range(ci, 64, cpw))
+        assert vals[ci::cpw].tolist() == [1 << j for j in range(b)]
+    assert sorted(interleave(single, cpw)[:, 0].tolist()) == [1 << i for i in range(64)]  # a permutation
+    rng = np.random.default_rng(cpw)
+    a, b = (rng.integers(0, 2**63, size=(500, 2), dtype=np.uint64) << np.uint64(1)) | np.uint64(1), \
+        rng.integers(0, 2**63, size=(500, 2), dtype=np.uint64)
+    assert np.array_equal(hamming(interleave(a, cpw), interleave(b, cpw)), hamming(a, b))  # distances kept
+
+
 def test_chunk_slice_refuses_an_entry_without_its_prefix():
-    codes = np.array([[0], [1 << 15]], dtype=np.uint64)  # chunk 0 (16 bits): first bit 0, then 1
+    # chunk 0 of 4 (16 bits: the word's bits 0, 4, ..., 60, interleaved): its first bit is bit 60
+    codes = np.array([[0], [1 << 60]], dtype=np.uint64)
+    assert chunk_values(codes, 4, 0).tolist() == [0, 1 << 15]
     assert ChunkSlice(codes[:1], np.array([0]), 4, 0, 0, 1).n_codes == 1
     with pytest.raises(ValueError, match="prefix"):
         ChunkSlice(codes, np.arange(2), 4, 0, 0, 1)
