@@ -94,19 +94,20 @@ def main(argv=None) -> None:
         search.interleave = candidates.interleave = orders[name]
 
     rows = []
-    factors = {}
+    factors = {}  # (chunks per word, threshold) -> interleaved verifications / random codes
     try:
-        for c in sorted({planned, 3}):
-            got = {}
-            for name in orders:
-                use_order(name)
-                got[name] = verifications(entries, queries, c, T)
-            flat = uniform(U, c, W, T)
-            factors[c] = {k: v / flat for k, v in got.items()}
-            rows.append([f"{c} x {64 // c}-{-(-64 // c)} bits" + (" (planned)" if c == planned else ""),
-                         f"{got['runs']:,.0f}", f"{got['interleaved']:,.0f}", f"{flat:,.0f}",
-                         f"{got['runs'] / flat:.1f}x", f"{got['interleaved'] / flat:.1f}x",
-                         f"{got['interleaved'] / got['runs']:.2f}x"])
+        for c in sorted({planned, 3, 4, 5, 6}):  # (what the planner picks from ~10k to 1B codes)
+            for t in (T, cfg.dihedral_max_distance):  # (the plain rows' threshold, the dihedral rows')
+                got = {}
+                for name in orders:
+                    use_order(name)
+                    got[name] = verifications(entries, queries, c, t)
+                flat = uniform(U, c, W, t)
+                factors[(c, t)] = got["interleaved"] / flat
+                rows.append([f"{c} x {64 // c}-{-(-64 // c)} bits" + (" (planned)" if c == planned else ""), t,
+                             f"{got['runs']:,.0f}", f"{got['interleaved']:,.0f}", f"{flat:,.1f}",
+                             f"{got['runs'] / flat:.1f}x", f"{got['interleaved'] / flat:.1f}x",
+                             f"{got['interleaved'] / got['runs']:.2f}x"])
         times = {name: [] for name in orders}
         want = None
         for r in range(args.repeats + 1):  # the first round compiles the kernels: not counted
@@ -130,11 +131,11 @@ def main(argv=None) -> None:
     body = stamp() + (
         f"\nThe hash codes of a real collection ({len(images):,} images of `{args.catalog}`'s images table; "
         f"default screen: {U:,} distinct index codes, {int(use.sum()):,} query rows with the variants), threshold "
-        f"{T}. *Runs*: each chunk a run of neighbouring bits (a band of the image), the order before; "
+        f"{T} (the dihedral variants' {cfg.dihedral_max_distance}). *Runs*: each chunk a run of neighbouring bits (a band of the image), the order before; "
         "*interleaved*: each word's bits dealt into the chunks in turn (`pipeline.search.interleave`). "
         f"Verifications per query row: over {len(queries):,} sampled query rows, the codes in every probed "
         "bucket, summed over the chunks, against uniformly random codes (U x flips / 2^b per chunk).\n\n")
-    body += table(["chunks per word", "runs", "interleaved", "random codes", "runs / random", "interleaved / random",
+    body += table(["chunks per word", "threshold", "runs", "interleaved", "random codes", "runs / random", "interleaved / random",
                    "interleaved / runs"], rows)
     body += ("\n\nThe one-index search (`candidates.directed_neighbours`, this process, "
              f"{planned} chunks per word as planned), {args.repeats} repeats interleaved, medians; "
@@ -144,8 +145,10 @@ def main(argv=None) -> None:
                    for name, ts in times.items()])
     body += ("\n\nThe verification counts grow with U at a fixed share of codes per bucket, so the factors over "
              "random codes carry to larger collections of the same kind; the cost model "
-             "(`python -m bench.cost_model`) applies the 3-chunk factor of the interleaved order to its "
-             "projections on real codes.")
+             "(`python -m bench.cost_model`) applies the interleaved order's factor for the chunking it plans to "
+             "its projections on real codes.")
+    body += "\n\nFactors for bench/cost_model.py (`CHUNK_SKEW`): " + ", ".join(
+        f"({c}, {t}): {f:.2f}" for (c, t), f in sorted(factors.items())) + "."
     update_section("chunk_order", "multi-index chunks on real hashes", body,
                    **({"path": args.out} if args.out else {}))
     print(body)

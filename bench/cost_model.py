@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.search import plan_chunks
+from pipeline.search import _PROBE_COST, _n_masks, plan_chunks
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "cost-model.md"
 
@@ -47,6 +47,13 @@ ROUTED = [dict(section="routed candidate search", n=2_000_000, threshold=10, sec
           # "routed candidate search (10,000,000 hashes)", with its run's one-index search of 1M
           dict(section="routed candidate search (10M)", n=10_000_000, threshold=10, seconds=562.935, cores=2,
                shards=1, routed=True, same_run=dict(n=1_000_000, seconds=22.863))]
+# "multi-index chunks on real hashes" (bench.chunk_order on the 100k scale folder's catalog):
+# verifications per query of real codes over random codes', per (chunks per word, threshold), with
+# each chunk a run of neighbouring bits (the order of the runs measured before that section) and
+# with the bits interleaved (the order since)
+CHUNK_SKEW = dict(section="multi-index chunks on real hashes", codes=30_565,
+                  runs={(3, 10): 30.3, (3, 4): 30.3, (4, 10): 14.8, (4, 4): 14.8, (5, 10): 7.0, (5, 4): 7.0},
+                  interleaved={(3, 10): 6.9, (3, 4): 6.9, (4, 10): 4.0, (4, 4): 4.0, (5, 10): 1.7, (5, 4): 1.7})
 # "sharded embedding kNN": the high-recall mode's kNN, sharded IVF against one IVF index, same run
 EMB_SHARD = dict(section="sharded embedding kNN", n=299_776, shards=4, ratio=0.98)
 # the driver's peak RSS (the CLI process, which also hosts a local cluster's scheduler), whole
@@ -80,11 +87,17 @@ STORE = {
 }
 
 
-def search_units(n: int, threshold: int, shards: int = 1, shard_entries: int | None = None) -> float:
+def search_units(n: int, threshold: int, shards: int = 1, shard_entries: int | None = None,
+                 skew: dict | None = None) -> float:
     """Cost units of a whole search: every image queries every shard (plan_chunks per shard).
-    The routed search is one index's cost: shards=1, shard_entries = every entry."""
+    The routed search is one index's cost: shards=1, shard_entries = every entry. `skew`: real
+    codes' verifications per query over random codes' for (chunks per word, threshold)
+    (CHUNK_SKEW); without it, random codes (the units of `plan_chunks`)."""
     per_shard = shard_entries or -(-n // shards)
-    return n * shards * plan_chunks(per_shard, 1, threshold)["cost_per_query"]
+    plan = plan_chunks(per_shard, 1, threshold)
+    f = 1.0 if skew is None else skew[(plan["chunks_per_word"], threshold)]
+    per_query = sum(_n_masks(b, r) * (_PROBE_COST + f * per_shard / 2.0 ** b) for b, r in zip(plan["lengths"], plan["radii"]))
+    return n * shards * per_query
 
 
 def fit():
@@ -143,8 +156,9 @@ def main(argv=None) -> None:
             lines.append(f"| {p['images']:,} images ({p['name']}) | {st} | {p[st]:.1f} | {pr[st]:.1f} | {pct(pr[st], p[st])} |")
         # the whole candidates stage of a real run: the hash search (plain + trimmed rows at T = 10,
         # 7 dihedral rows at T = 4, 2 index entries per image) is most of it
-        n = p["images"]
-        pred = (2 * search_units(n, 10, 1, 2 * n) + 7 * search_units(n, 4, 1, 2 * n)) * m["unit"] / p["cores"]
+        # (real codes, as the chunks were then: runs of neighbouring bits)
+        n, skew = p["images"], CHUNK_SKEW["runs"]
+        pred = (2 * search_units(n, 10, 1, 2 * n, skew) + 7 * search_units(n, 4, 1, 2 * n, skew)) * m["unit"] / p["cores"]
         lines.append(f"| {n:,} images ({p['name']}) | candidates (real hashes, 9 variants) | {p['candidates']:.1f} | "
                      f"{pred:.1f} | {pct(pred, p['candidates'])} |")
     for s in SEARCH + SHARD + ROUTED:
@@ -195,19 +209,23 @@ def main(argv=None) -> None:
         shards = max(1, -(-2 * n // 5_000_000))  # plain + trimmed entries per image, default shard size
         # per image: plain + trimmed rows at T = 10, the 7 dihedral rows at T = 4; routed (the default
         # past search_shard_size): one index's probes over all 2n entries; sharded: every shard's
-        sharded_cs = (2 * search_units(n, 10, shards, 5_000_000) + 7 * search_units(n, 4, shards, 5_000_000)) * m["unit"]
-        search_cs = (2 * search_units(n, 10, 1, 2 * n) + 7 * search_units(n, 4, 1, 2 * n)) * m["unit"]
+        # (real codes: the interleaved chunks' skew over random codes, CHUNK_SKEW)
+        skew = CHUNK_SKEW["interleaved"]
+        sharded_cs = (2 * search_units(n, 10, shards, 5_000_000, skew)
+                      + 7 * search_units(n, 4, shards, 5_000_000, skew)) * m["unit"]
+        search_cs = (2 * search_units(n, 10, 1, 2 * n, skew) + 7 * search_units(n, 4, 1, 2 * n, skew)) * m["unit"]
+        random_cs = (2 * search_units(n, 10, 1, 2 * n) + 7 * search_units(n, 4, 1, 2 * n)) * m["unit"]
         stages = {"screen": m["screen"] * n, "candidates (routed)": search_cs,
                   "verify": m["verify_pair"] * pairs, "confirm": m["confirm"] * n, "decide + write": m["write"] * n}
         total = sum(stages.values())
-        rows.append((n, cores, shards, stages, total, sharded_cs))
+        rows.append((n, cores, shards, stages, total, sharded_cs, random_cs))
     lines += ["## Projections", "",
               f"Default settings (aHash with 7 dihedral + 1 trimmed variant, T = 10, K = 15), "
               f"{args.pairs_per_image} near candidates per image (the 100k run's figure; it depends on the "
               "collection), index shards of 5M entries (2 entries per image). Core-hours are at this machine's "
               "per-core speed.", "",
               "| images | stage | core-hours | share |", "|---|---|---|---|"]
-    for n, cores, shards, stages, total, _ in rows:
+    for n, cores, shards, stages, total, *_ in rows:
         for st, cs in stages.items():
             lines.append(f"| {n:,} | {st} | {cs / 3600:,.1f} | {100 * cs / total:.0f} % |")
         lines.append(f"| {n:,} | **total** | **{total / 3600:,.0f}** | on {cores:,} cores: **{total / 3600 / cores:.1f} h** |")
@@ -248,7 +266,7 @@ def main(argv=None) -> None:
     for n in (1_000_000, 10_000_000, 1_000_000_000):
         lines.append(f"| {n:,} | {(fixed_mb + per_image_mb * n) / 1e3:,.1f} GB |")
     lines += ["", "## What the model says", ""]
-    n1, _, s1, st1, t1, sharded1 = rows[1]
+    n1, _, s1, st1, t1, sharded1, random1 = rows[1]
     lines += [
         f"- Per-image decoding and ORB dominate up to ~10M images: screen + verify are ~{100 * (rows[0][3]['screen'] + rows[0][3]['verify']) / rows[0][4]:.0f} % of the work at 10M.",
         f"- At 1B the hash search is {100 * st1['candidates (routed)'] / t1:.0f} % of the work as routed (slices of "
