@@ -23,6 +23,7 @@ hash variants), with the default screen settings. Two measurements:
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import time
 
 import numpy as np
@@ -36,8 +37,11 @@ def _runs(codes, chunks_per_word):  # the chunks as runs of neighbouring bits (t
     return search._as_codes(codes)
 
 
-def verifications(entries: np.ndarray, queries: np.ndarray, chunks_per_word: int, T: int) -> float:
-    """Codes verified per query row over all chunks (each probed bucket's size), in the current order."""
+def verifications(entries: np.ndarray, queries: np.ndarray, own: list[np.ndarray], chunks_per_word: int,
+                  T: int) -> float:
+    """Codes verified per query row over all chunks (each probed bucket's size), in the current
+    order; `entries`: the distinct codes; `own[i]`: the distinct codes of query row i's own image,
+    not counted (the random codes' figure has no such match)."""
     lengths = search.chunk_geometry(chunks_per_word, entries.shape[1])[0]
     radii = search._radii(lengths, T)
     total = 0
@@ -48,7 +52,23 @@ def verifications(entries: np.ndarray, queries: np.ndarray, chunks_per_word: int
         q = search.chunk_values(queries, chunks_per_word, ci)
         for mask in search._flip_masks(b, r):
             total += int(hist[(q ^ mask).astype(np.int64)].sum())
+        for value, mine in zip(q, own):  # (a query's own codes: within radius 0 or a few bits)
+            apart = search.chunk_values(mine, chunks_per_word, ci) ^ value
+            total -= sum(bin(int(x)).count("1") <= r for x in apart)
     return total / max(len(queries), 1)
+
+
+def code_set(prepared, use, idx_use, images, sample: int, seed: int):
+    """(distinct index codes, sampled query rows, each row's own image's distinct codes) of `images` (bool)."""
+    e_img, e_var = np.nonzero(idx_use & images[:, None])
+    entries = np.unique(prepared[e_img, e_var], axis=0)
+    q_img, q_var = np.nonzero(use & images[:, None])
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(q_img.size, size=min(sample, q_img.size), replace=False))
+    first = np.searchsorted(e_img, q_img[pick], side="left")
+    last = np.searchsorted(e_img, q_img[pick], side="right")
+    own = [np.unique(prepared[e_img[a:b], e_var[a:b]], axis=0) for a, b in zip(first, last)]
+    return entries, prepared[q_img[pick], q_var[pick]], own
 
 
 def uniform(U: int, chunks_per_word: int, W: int, T: int) -> float:
@@ -62,6 +82,9 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sample", type=int, default=3000, help="query rows sampled for the verification counts")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--subset", default=None,
+                    help="also count over the images whose catalog path matches this pattern alone "
+                         "(e.g. '*_original.jpg': the scale folder's photos without their copies)")
     ap.add_argument("--out", default=None, help="benchmarks file (default docs/benchmarks.md)")
     args = ap.parse_args(argv)
 
@@ -78,14 +101,14 @@ def main(argv=None) -> None:
     codes, mask = screen.unpack_codes(images, cfg)
     rep = candidates.exact_representatives(images["sha256"])
     prepared, use, idx_use = candidates._prepare(codes, mask, cfg, rep)
-    e_img, e_var = np.nonzero(idx_use)
-    entries = np.unique(prepared[e_img, e_var], axis=0)
-    q_img, q_var = np.nonzero(use)
-    rng = np.random.default_rng(args.seed)
-    pick = rng.choice(q_img.size, size=min(args.sample, q_img.size), replace=False)
-    queries = prepared[q_img[pick], q_var[pick]]
-    U, W, T = entries.shape[0], entries.shape[1], cfg.max_distance
-    planned = search.plan_chunks(U, W, T)["chunks_per_word"]
+    sets = {"all": np.ones(len(images), bool)}
+    if args.subset:
+        sets[args.subset] = np.array([fnmatch.fnmatch(p, args.subset) for p in images["path"]], bool)
+        if not sets[args.subset].any():
+            raise SystemExit(f"--subset {args.subset!r}: no image's path matches")
+    sets = {name: code_set(prepared, use, idx_use, chosen, args.sample, args.seed) for name, chosen in sets.items()}
+    W, T = prepared.shape[2], cfg.max_distance
+    planned = search.plan_chunks(sets["all"][0].shape[0], W, T)["chunks_per_word"]
 
     original = search.interleave
     orders = {"runs": _runs, "interleaved": original}
@@ -94,20 +117,26 @@ def main(argv=None) -> None:
         search.interleave = candidates.interleave = orders[name]
 
     rows = []
-    factors = {}  # (chunks per word, threshold) -> interleaved verifications / random codes
+    factors = {name: {} for name in orders}  # (chunks per word, threshold) -> verifications / random codes
     try:
-        for c in sorted({planned, 3, 4, 5, 6}):  # (what the planner picks from ~10k to 1B codes)
-            for t in (T, cfg.dihedral_max_distance):  # (the plain rows' threshold, the dihedral rows')
-                got = {}
-                for name in orders:
-                    use_order(name)
-                    got[name] = verifications(entries, queries, c, t)
-                flat = uniform(U, c, W, t)
-                factors[(c, t)] = got["interleaved"] / flat
-                rows.append([f"{c} x {64 // c}-{-(-64 // c)} bits" + (" (planned)" if c == planned else ""), t,
-                             f"{got['runs']:,.0f}", f"{got['interleaved']:,.0f}", f"{flat:,.1f}",
-                             f"{got['runs'] / flat:.1f}x", f"{got['interleaved'] / flat:.1f}x",
-                             f"{got['interleaved'] / got['runs']:.2f}x"])
+        for which, (entries, queries, own) in sets.items():
+            U = entries.shape[0]
+            for c in sorted({planned, 3, 4, 5, 6}):  # (what the planner picks from ~10k to 1B codes)
+                for t in (T, cfg.dihedral_max_distance):  # (the plain rows' threshold, the dihedral rows')
+                    got = {}
+                    for name in orders:
+                        use_order(name)
+                        got[name] = verifications(entries, queries, own, c, t)
+                    flat = uniform(U, c, W, t)
+                    if which == "all":
+                        for name in orders:
+                            factors[name][(c, t)] = got[name] / flat
+                    bits = f"{64 // c}" if 64 % c == 0 else f"{64 // c}-{-(-64 // c)}"
+                    rows.append([f"{which}: {U:,} codes, {len(queries):,} query rows",
+                                 f"{c} x {bits} bits" + (" (planned)" if c == planned else ""), t,
+                                 f"{got['runs']:,.1f}", f"{got['interleaved']:,.1f}", f"{flat:,.2f}",
+                                 f"{got['runs'] / flat:.1f}x", f"{got['interleaved'] / flat:.1f}x",
+                                 f"{got['interleaved'] / got['runs']:.2f}x"])
         times = {name: [] for name in orders}
         want = None
         for r in range(args.repeats + 1):  # the first round compiles the kernels: not counted
@@ -130,12 +159,15 @@ def main(argv=None) -> None:
     base = median(times["runs"])
     body = stamp() + (
         f"\nThe hash codes of a real collection ({len(images):,} images of `{args.catalog}`'s images table; "
-        f"default screen: {U:,} distinct index codes, {int(use.sum()):,} query rows with the variants), threshold "
-        f"{T} (the dihedral variants' {cfg.dihedral_max_distance}). *Runs*: each chunk a run of neighbouring bits (a band of the image), the order before; "
+        f"default screen: {sets['all'][0].shape[0]:,} distinct index codes, {int(use.sum()):,} query rows with the "
+        f"variants), threshold {T} (the dihedral variants' {cfg.dihedral_max_distance})"
+        + (f"; and the images whose path matches `{args.subset}` alone" if args.subset else "") + ". "
+        "*Runs*: each chunk a run of neighbouring bits (a band of the image), the order before; "
         "*interleaved*: each word's bits dealt into the chunks in turn (`pipeline.search.interleave`). "
-        f"Verifications per query row: over {len(queries):,} sampled query rows, the codes in every probed "
-        "bucket, summed over the chunks, against uniformly random codes (U x flips / 2^b per chunk).\n\n")
-    body += table(["chunks per word", "threshold", "runs", "interleaved", "random codes", "runs / random", "interleaved / random",
+        f"Verifications per query row: over up to {args.sample:,} sampled query rows, the distinct codes in "
+        "every probed bucket, summed over the chunks, the row's own image's codes left out, against uniformly "
+        "random codes (U x flips / 2^b per chunk, U the distinct codes).\n\n")
+    body += table(["codes", "chunks per word", "threshold", "runs", "interleaved", "random codes", "runs / random", "interleaved / random",
                    "interleaved / runs"], rows)
     body += ("\n\nThe one-index search (`candidates.directed_neighbours`, this process, "
              f"{planned} chunks per word as planned), {args.repeats} repeats interleaved, medians; "
@@ -147,8 +179,8 @@ def main(argv=None) -> None:
              "random codes carry to larger collections of the same kind; the cost model "
              "(`python -m bench.cost_model`) applies the interleaved order's factor for the chunking it plans to "
              "its projections on real codes.")
-    body += "\n\nFactors for bench/cost_model.py (`CHUNK_SKEW`): " + ", ".join(
-        f"({c}, {t}): {f:.2f}" for (c, t), f in sorted(factors.items())) + "."
+    body += "\n\nFactors for bench/cost_model.py (`CHUNK_SKEW`, (chunks per word, threshold): factor): " + "; ".join(
+        f"{name} " + ", ".join(f"({c}, {t}): {f:.2f}" for (c, t), f in sorted(fs.items())) for name, fs in factors.items()) + "."
     update_section("chunk_order", "multi-index chunks on real hashes", body,
                    **({"path": args.out} if args.out else {}))
     print(body)

@@ -49,11 +49,14 @@ ROUTED = [dict(section="routed candidate search", n=2_000_000, threshold=10, sec
                shards=1, routed=True, same_run=dict(n=1_000_000, seconds=22.863))]
 # "multi-index chunks on real hashes" (bench.chunk_order on the 100k scale folder's catalog):
 # verifications per query of real codes over random codes', per (chunks per word, threshold), with
-# each chunk a run of neighbouring bits (the order of the runs measured before that section) and
-# with the bits interleaved (the order since)
+# each chunk a run of neighbouring bits (the order before that section) and with the bits
+# interleaved (the order since). The folder's 805 photos alone, without their copies, give the same
+# factors within ~15 % (7.8 against 6.9 at (3, 10)): it is how photos look, not the copies.
 CHUNK_SKEW = dict(section="multi-index chunks on real hashes", codes=30_565,
-                  runs={(3, 10): 30.3, (3, 4): 30.3, (4, 10): 14.8, (4, 4): 14.8, (5, 10): 7.0, (5, 4): 7.0},
-                  interleaved={(3, 10): 6.9, (3, 4): 6.9, (4, 10): 4.0, (4, 4): 4.0, (5, 10): 1.7, (5, 4): 1.7})
+                  runs={(3, 4): 326.99, (3, 10): 30.33, (4, 4): 92.10, (4, 10): 14.82, (5, 4): 52.38,
+                        (5, 10): 6.95, (6, 4): 20.90, (6, 10): 5.99},
+                  interleaved={(3, 4): 30.45, (3, 10): 6.93, (4, 4): 30.27, (4, 10): 8.34, (5, 4): 3.39,
+                               (5, 10): 1.70, (6, 4): 2.21, (6, 10): 1.64})
 # "sharded embedding kNN": the high-recall mode's kNN, sharded IVF against one IVF index, same run
 EMB_SHARD = dict(section="sharded embedding kNN", n=299_776, shards=4, ratio=0.98)
 # the driver's peak RSS (the CLI process, which also hosts a local cluster's scheduler), whole
@@ -147,7 +150,13 @@ def main(argv=None) -> None:
     lines += ["The hash search: one query costs `plan_chunks(U, W, T)['cost_per_query']` units (bucket probes "
               "x 4 + expected verifications; U = index entries), so a one-index search of N codes costs "
               "N x cost(N) units and the sharded search (S shards of N/S) N x S x cost(N/S): the probes are paid "
-              "once per shard. Unit = core-seconds of the 1M one-index search / its units.", ""]
+              "once per shard. Unit = core-seconds of the 1M one-index search / its units. Those units are "
+              "random codes'. Real aHash codes crowd some buckets (uniform bands of an image, alike across "
+              "photos): the projections multiply the verifications by the factor measured on real codes for "
+              f"the chunking and threshold (benchmarks.md, \"{CHUNK_SKEW['section']}\": with the chunks' bits "
+              f"interleaved, {CHUNK_SKEW['interleaved'][(3, 10)]:.1f}x random codes' at 3 chunks and T = 10, "
+              f"{CHUNK_SKEW['interleaved'][(3, 4)]:.0f}x at T = 4, the dihedral rows' threshold, on a far smaller "
+              "base); the measured points below are random codes' (synthetic) or predicted as such.", ""]
     lines += ["## Measured points predicted back", "",
               "| point | stage | measured s | model s | error |", "|---|---|---|---|---|"]
     for p in (E2E_10K, SCALE_100K, SCALE_100K_RECHECK):
@@ -156,9 +165,8 @@ def main(argv=None) -> None:
             lines.append(f"| {p['images']:,} images ({p['name']}) | {st} | {p[st]:.1f} | {pr[st]:.1f} | {pct(pr[st], p[st])} |")
         # the whole candidates stage of a real run: the hash search (plain + trimmed rows at T = 10,
         # 7 dihedral rows at T = 4, 2 index entries per image) is most of it
-        # (real codes, as the chunks were then: runs of neighbouring bits)
-        n, skew = p["images"], CHUNK_SKEW["runs"]
-        pred = (2 * search_units(n, 10, 1, 2 * n, skew) + 7 * search_units(n, 4, 1, 2 * n, skew)) * m["unit"] / p["cores"]
+        n = p["images"]
+        pred = (2 * search_units(n, 10, 1, 2 * n) + 7 * search_units(n, 4, 1, 2 * n)) * m["unit"] / p["cores"]
         lines.append(f"| {n:,} images ({p['name']}) | candidates (real hashes, 9 variants) | {p['candidates']:.1f} | "
                      f"{pred:.1f} | {pct(pred, p['candidates'])} |")
     for s in SEARCH + SHARD + ROUTED:
@@ -181,9 +189,10 @@ def main(argv=None) -> None:
               "a fixed cost that weighs at 10k and vanishes at scale. Write is about a second in both runs "
               "(rounded to 0.1 s in the tables), so its relative errors say little. The real candidates stage "
               "also does exact pairs, the pair distances and Python around the search: the model counts the "
-              "search only, over random codes: real hashes are clustered (a photo and its copies), so each query "
-              "verifies more codes; at 100k the model is half the measured stage, at 10k the stage is mostly "
-              "fixed costs. Read the candidates projections as a lower bound (about 2x). The 10M searches (sharded, routed) each take the unit of "
+              "search only, over random codes and every entry: the 100k folder's entries collapse into "
+              f"{CHUNK_SKEW['codes']:,} distinct codes (its copies), which the model does not know, and its real codes "
+              "verify more per query than random ones (the projections below count that); at 100k the model is "
+              "half the measured stage, at 10k the stage is mostly fixed costs. The 10M searches (sharded, routed) each take the unit of "
               "their own run's one-index search of the first 1M hashes: the sharded 10M search is under-predicted "
               "by 25 % (the shards' table builds and the merge, which the model does not count; its 1M search, "
               "whose two shards fit the caches better than one index, is over-predicted), the routed one "
@@ -270,16 +279,18 @@ def main(argv=None) -> None:
     lines += [
         f"- Per-image decoding and ORB dominate up to ~10M images: screen + verify are ~{100 * (rows[0][3]['screen'] + rows[0][3]['verify']) / rows[0][4]:.0f} % of the work at 10M.",
         f"- At 1B the hash search is {100 * st1['candidates (routed)'] / t1:.0f} % of the work as routed (slices of "
-        f"one multi-index: each probe made once, as in one index, {st1['candidates (routed)'] / 3600:,.0f} core-hours); "
+        f"one multi-index: each probe made once, as in one index, {st1['candidates (routed)'] / 3600:,.0f} core-hours "
+        f"on real codes; {random1 / 3600:,.0f} on random codes); "
         f"with whole index shards (`search_sharding: sharded`, every query probing each of {s1:,} shards of 5M "
         f"entries) it would be {sharded1 / 3600:,.0f} core-hours, {100 * sharded1 / (t1 - st1['candidates (routed)'] + sharded1):.0f} % "
         "of the work. What is left at 1B: 64-bit hashes at distance 10 make every query verify millions of codes "
-        "(at random ~1 code in 650 is within 2-3 bits of the query on one of its three 21-22-bit chunks); chunks are capped at 22 bits "
-        "for their offsets tables, a cap the slices could lift (a slice's table covers its prefix's values only), "
-        "which the model puts at ~2.4x fewer units per plain query at 1B (two 32-bit chunks); not built. The units "
-        "over-predict the routed search (the 2M-hash points above): a slice walks one chunk's table for a whole "
-        "partition of queries, which stays in the caches, where one index moves between all its chunks' tables "
-        "for each query row; so the 1B figure is an upper bound.",
+        "(at random ~1 code in 650 is within 2-3 bits of the query on one of its three 21-22-bit chunks, and real "
+        "codes crowd the buckets several times more, even with the chunks' bits interleaved); a longer hash "
+        "(more bits per chunk at the same threshold) is what would cut that, and chunks are capped at 22 bits "
+        "for their offsets tables, a cap the slices could lift (a slice's table covers its prefix's values only); "
+        "not built. The units over-predict the routed search on random codes (the 2M-hash points above): a "
+        "slice walks one chunk's table for a whole partition of queries, which stays in the caches, where one "
+        "index moves between all its chunks' tables for each query row.",
         "- Storage is dominated by the ORB features kept in the catalog for images in a near pair.",
         f"- Memory: each worker's needs are bounded by its shard and task sizes (the search and kNN are sharded), the "
         f"driver's grow: ~{(fixed_mb + per_image_mb * 1e7) / 1e3:,.0f} GB at 10M images, "
