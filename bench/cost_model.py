@@ -224,10 +224,12 @@ def main(argv=None) -> None:
                       + 7 * search_units(n, 4, shards, 5_000_000, skew)) * m["unit"]
         search_cs = (2 * search_units(n, 10, 1, 2 * n, skew) + 7 * search_units(n, 4, 1, 2 * n, skew)) * m["unit"]
         random_cs = (2 * search_units(n, 10, 1, 2 * n) + 7 * search_units(n, 4, 1, 2 * n)) * m["unit"]
+        runs = CHUNK_SKEW["runs"]  # (the chunks as runs of neighbouring bits, before they were interleaved)
+        runs_cs = (2 * search_units(n, 10, 1, 2 * n, runs) + 7 * search_units(n, 4, 1, 2 * n, runs)) * m["unit"]
         stages = {"screen": m["screen"] * n, "candidates (routed)": search_cs,
                   "verify": m["verify_pair"] * pairs, "confirm": m["confirm"] * n, "decide + write": m["write"] * n}
         total = sum(stages.values())
-        rows.append((n, cores, shards, stages, total, sharded_cs, random_cs))
+        rows.append((n, cores, shards, stages, total, sharded_cs, random_cs, runs_cs))
     lines += ["## Projections", "",
               f"Default settings (aHash with 7 dihedral + 1 trimmed variant, T = 10, K = 15), "
               f"{args.pairs_per_image} near candidates per image (the 100k run's figure; it depends on the "
@@ -275,12 +277,15 @@ def main(argv=None) -> None:
     for n in (1_000_000, 10_000_000, 1_000_000_000):
         lines.append(f"| {n:,} | {(fixed_mb + per_image_mb * n) / 1e3:,.1f} GB |")
     lines += ["", "## What the model says", ""]
-    n1, _, s1, st1, t1, sharded1, random1 = rows[1]
+    n1, _, s1, st1, t1, sharded1, random1, runs1 = rows[1]
+    runs0, search0 = rows[0][7], rows[0][3]["candidates (routed)"]
     lines += [
         f"- Per-image decoding and ORB dominate up to ~10M images: screen + verify are ~{100 * (rows[0][3]['screen'] + rows[0][3]['verify']) / rows[0][4]:.0f} % of the work at 10M.",
         f"- At 1B the hash search is {100 * st1['candidates (routed)'] / t1:.0f} % of the work as routed (slices of "
         f"one multi-index: each probe made once, as in one index, {st1['candidates (routed)'] / 3600:,.0f} core-hours "
-        f"on real codes; {random1 / 3600:,.0f} on random codes); "
+        f"on real codes; {random1 / 3600:,.0f} on random codes; {runs1 / 3600:,.0f} with the chunks as runs of "
+        f"neighbouring bits, as before they were interleaved, and at 10M {runs0 / 3600:,.1f} against "
+        f"{search0 / 3600:,.1f}); "
         f"with whole index shards (`search_sharding: sharded`, every query probing each of {s1:,} shards of 5M "
         f"entries) it would be {sharded1 / 3600:,.0f} core-hours, {100 * sharded1 / (t1 - st1['candidates (routed)'] + sharded1):.0f} % "
         "of the work. What is left at 1B: 64-bit hashes at distance 10 make every query verify millions of codes "
