@@ -136,7 +136,7 @@ def main(argv=None) -> None:
                                  f"{c} x {bits} bits" + (" (planned)" if c == planned else ""), t,
                                  f"{got['runs']:,.1f}", f"{got['interleaved']:,.1f}", f"{flat:,.2f}",
                                  f"{got['runs'] / flat:.1f}x", f"{got['interleaved'] / flat:.1f}x",
-                                 f"{got['interleaved'] / got['runs']:.2f}x"])
+                                 f"{got['interleaved'] / got['runs']:.2f}x" if got["runs"] else "-"])
         times = {name: [] for name in orders}
         want = None
         for r in range(args.repeats + 1):  # the first round compiles the kernels: not counted

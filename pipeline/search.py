@@ -262,12 +262,22 @@ def plan_chunks(n_codes: int, W: int, max_distance: int, n_queries: int | None =
     return best
 
 
+def _chunk_key(i: int, c: int) -> int:
+    """The chunk a word's bit i is dealt to (before chunk sizes are evened out): in turn (i mod c),
+    which steps across a row of 8 pixels and down the rows; when c shares a factor of 4 or 8 with
+    the row of 8, bits c apart are one column, so each row then starts one chunk further on
+    (diagonals)."""
+    return (i + (i // 8 if math.gcd(c, 8) >= 4 else 0)) % c
+
+
 @lru_cache(maxsize=32)
 def _interleave_tables(chunks_per_word: int) -> np.ndarray:
     """(8, 256) uint64: byte k's value -> its bits at their interleaved places (see `interleave`)."""
     c = int(chunks_per_word)
-    starts = np.concatenate([[0], np.cumsum(_chunk_lengths(c))[:-1]])
-    dest = [int(starts[i % c]) + i // c for i in range(64)]
+    order = sorted(range(64), key=lambda i: (_chunk_key(i, c), i))  # the word's bits in their new order
+    dest = [0] * 64
+    for place, i in enumerate(order):
+        dest[i] = place
     tables = np.zeros((8, 256), np.uint64)
     for k in range(8):
         for v in range(256):
@@ -276,18 +286,23 @@ def _interleave_tables(chunks_per_word: int) -> np.ndarray:
 
 
 def interleave(codes: np.ndarray, chunks_per_word: int) -> np.ndarray:
-    """Each word's bits reordered so that chunk j of `chunk_geometry(chunks_per_word, W)` holds the
-    word's bits j, j + c, j + 2c, ... (c = chunks per word) instead of a run of neighbours. A
-    permutation of bit places keeps every Hamming distance, so a multi-index is exact over either
-    order; but an aHash's neighbouring bits are neighbouring pixels, and a uniform band of an
-    image (sky, a white background) makes a run of them alike in many images: on the 100k scale
-    folder's codes, runs of 21-22 bits put 30x the verifications of uniformly random codes on
-    each query, bits taken across the image 7x (docs/design-notes.md, "Chunks across the image")."""
+    """Each word's bits reordered so that each chunk of `chunk_geometry(chunks_per_word, W)` takes
+    bits from across the image (`_chunk_key`: chunk j holds the word's bits j, j + c, j + 2c, ...,
+    or diagonals when those would be columns) instead of a run of neighbours. A permutation of
+    bit places keeps every Hamming distance, so a multi-index is exact over either order; but an
+    aHash's neighbouring bits are neighbouring pixels, and a uniform band of an image (sky, a white
+    background) makes a run of them alike in many images: on the 100k scale folder's codes, runs
+    of 21-22 bits put 30x the verifications of uniformly random codes on each query, bits taken
+    across the image 7x (docs/design-notes.md, "Chunks across the image")."""
     x = _as_codes(codes)
     tables = _interleave_tables(int(chunks_per_word))
-    out = tables[0][(x & np.uint64(255)).astype(np.intp)]
-    for k in range(1, 8):
-        out |= tables[k][((x >> np.uint64(8 * k)) & np.uint64(255)).astype(np.intp)]
+    out = np.empty_like(x)
+    for s in range(0, x.shape[0], 1 << 18):  # (in blocks: its temporaries stay small beside a large index)
+        block = x[s:s + (1 << 18)]
+        part = tables[0][(block & np.uint64(255)).astype(np.intp)]
+        for k in range(1, 8):
+            part |= tables[k][((block >> np.uint64(8 * k)) & np.uint64(255)).astype(np.intp)]
+        out[s:s + (1 << 18)] = part
     return out
 
 
@@ -425,6 +440,7 @@ def chunk_values(codes: np.ndarray, chunks_per_word: int, ci: int) -> np.ndarray
 
 def chunk_of(interleaved: np.ndarray, chunks_per_word: int, ci: int) -> np.ndarray:
     """Chunk `ci`'s value of codes already interleaved (one `interleave` for all chunks)."""
+    interleaved = _as_codes(interleaved)
     lengths, cword, cshift, cmask = chunk_geometry(chunks_per_word, interleaved.shape[1])
     return (interleaved[:, cword[ci]] >> np.uint64(cshift[ci])) & cmask[ci]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -233,25 +234,32 @@ def test_chunk_slices_merged_equal_one_index(W, T, k, cpw, prefix_bits):
     assert all(x.size == 0 for x in SliceGroup([]).search(queries, qowners, T, k))
 
 
-@pytest.mark.parametrize("cpw", [3, 4, 5, 7, 16])
+@pytest.mark.parametrize("cpw", [3, 4, 5, 6, 7, 8, 12, 16])
 def test_interleave_takes_each_chunk_across_the_word(cpw):
     from pipeline.search import interleave
     single = np.array([[1 << i] for i in range(64)], dtype=np.uint64)
+    assert sorted(interleave(single, cpw)[:, 0].tolist()) == [1 << i for i in range(64)]  # a permutation
+    rows, cols = np.arange(64) // 8, np.arange(64) % 8  # a word's bits as an 8 x 8 aHash grid
     for ci, b in enumerate(chunk_geometry(cpw, 1)[0]):
         vals = chunk_values(single, cpw, ci)
-        # chunk ci holds the word's bits ci, ci + cpw, ci + 2 cpw, ... in that order, and no other bit
-        assert np.flatnonzero(vals).tolist() == list(range(ci, 64, cpw))
-        assert vals[ci::cpw].tolist() == [1 << j for j in range(b)]
-    assert sorted(interleave(single, cpw)[:, 0].tolist()) == [1 << i for i in range(64)]  # a permutation
+        held = np.flatnonzero(vals)
+        assert held.size == b and sorted(vals[held].tolist()) == [1 << j for j in range(b)]
+        if cpw < 8:  # every chunk takes bits from most rows and columns, not a band or a stripe
+            assert np.unique(rows[held]).size >= min(b, 6) and np.unique(cols[held]).size >= min(b, 4)
+        if math.gcd(cpw, 8) < 4:  # dealt in turn: bits ci, ci + c, ci + 2c, ... in that order
+            assert held.tolist() == list(range(ci, 64, cpw))
+            assert vals[held].tolist() == [1 << j for j in range(b)]
     rng = np.random.default_rng(cpw)
-    a, b = (rng.integers(0, 2**63, size=(500, 2), dtype=np.uint64) << np.uint64(1)) | np.uint64(1), \
+    a, b = rng.integers(0, 2**63, size=(500, 2), dtype=np.uint64) << np.uint64(1), \
         rng.integers(0, 2**63, size=(500, 2), dtype=np.uint64)
     assert np.array_equal(hamming(interleave(a, cpw), interleave(b, cpw)), hamming(a, b))  # distances kept
 
 
 def test_chunk_slice_refuses_an_entry_without_its_prefix():
-    # chunk 0 of 4 (16 bits: the word's bits 0, 4, ..., 60, interleaved): its first bit is bit 60
-    codes = np.array([[0], [1 << 60]], dtype=np.uint64)
+    # chunk 0 of 4 (16 bits, taken across the word): the word's bit that is its first (highest) bit
+    single = np.array([[1 << i] for i in range(64)], dtype=np.uint64)
+    top = int(np.flatnonzero(chunk_values(single, 4, 0) == 1 << 15)[0])
+    codes = np.array([[0], [1 << top]], dtype=np.uint64)
     assert chunk_values(codes, 4, 0).tolist() == [0, 1 << 15]
     assert ChunkSlice(codes[:1], np.array([0]), 4, 0, 0, 1).n_codes == 1
     with pytest.raises(ValueError, match="prefix"):
