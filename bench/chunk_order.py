@@ -6,7 +6,8 @@ chunk; every code in a probed bucket is verified. On random codes a bucket holds
 An aHash's bits are pixels, row by row, so a chunk of neighbouring bits is a band of the image, and
 bands that are uniform in many images (sky, white backgrounds, dark corners) pile codes into a
 few buckets. `pipeline.search.interleave` deals each word's bits into the chunks in turn instead
-(chunk j holds bits j, j + c, j + 2c, ...), so every chunk samples the whole image. Distances
+(chunk j holds bits j, j + c, j + 2c, ...; diagonals where those would be columns), so every chunk
+samples the whole image. Distances
 are unchanged, so the search's result is too; only the verifications change.
 
 The codes are a real collection's, from a catalog (the images table a run commits: every image's
@@ -163,7 +164,8 @@ def main(argv=None) -> None:
         f"variants), threshold {T} (the dihedral variants' {cfg.dihedral_max_distance})"
         + (f"; and the images whose path matches `{args.subset}` alone" if args.subset else "") + ". "
         "*Runs*: each chunk a run of neighbouring bits (a band of the image), the order before; "
-        "*interleaved*: each word's bits dealt into the chunks in turn (`pipeline.search.interleave`). "
+        "*interleaved*: each word's bits dealt into the chunks in turn, or in diagonals where turns would be "
+        "columns of the image (at 4 chunks; `pipeline.search.interleave`). "
         f"Verifications per query row: over up to {args.sample:,} sampled query rows, the distinct codes in "
         "every probed bucket, summed over the chunks, the row's own image's codes left out, against uniformly "
         "random codes (U x flips / 2^b per chunk, U the distinct codes).\n\n")

@@ -55,7 +55,7 @@ ROUTED = [dict(section="routed candidate search", n=2_000_000, threshold=10, sec
 CHUNK_SKEW = dict(section="multi-index chunks on real hashes", codes=30_565,
                   runs={(3, 4): 326.99, (3, 10): 30.33, (4, 4): 92.10, (4, 10): 14.82, (5, 4): 52.38,
                         (5, 10): 6.95, (6, 4): 20.90, (6, 10): 5.99},
-                  interleaved={(3, 4): 30.45, (3, 10): 6.93, (4, 4): 30.27, (4, 10): 8.34, (5, 4): 3.39,
+                  interleaved={(3, 4): 30.45, (3, 10): 6.93, (4, 4): 6.55, (4, 10): 3.42, (5, 4): 3.39,
                                (5, 10): 1.70, (6, 4): 2.21, (6, 10): 1.64})
 # "sharded embedding kNN": the high-recall mode's kNN, sharded IVF against one IVF index, same run
 EMB_SHARD = dict(section="sharded embedding kNN", n=299_776, shards=4, ratio=0.98)
