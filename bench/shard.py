@@ -40,7 +40,11 @@ reset before each way).
 --shard-size entries, default N / 8, every partition probing every shard), `routed` (slices of one
 multi-index of at most --shard-size entries each, `candidates` "Routed search") and one index (a
 copy on each worker, as "auto" below `search_shard_size`). Lists compared row for row; medians,
-ratios to the sharded search, each way's largest worker peak.
+ratios to the sharded search, each way's largest worker peak. With `--codes-from CATALOG` (section
+"routed candidate search on a real collection's hashes"): the same three ways on the hashes of a
+real collection instead, a catalog's images table as a run over it committed (default screen: the
+dihedral and trimmed variants too), each way as a run with `--shard-size` (default
+`screen.search_shard_size`) would make it; ratios to one index.
 """
 from __future__ import annotations
 
@@ -386,6 +390,77 @@ def main_routed(args) -> None:
     print(body)
 
 
+def real_partitions(catalog_dir: str, client):
+    """The hash partitions of a real collection (a catalog's images table, default screen), sent to
+    the workers: (futures, config, images, index entries)."""
+    from pipeline import catalog, screen
+    from pipeline.config import Config
+    config = Config()
+    images = catalog.Catalog.load(catalog_dir).images
+    images = images[(images["screen_fp"] == catalog.fingerprints(config)["screen"])
+                    & images["codes"].notna()].reset_index(drop=True)
+    if images.empty:
+        raise SystemExit(f"{catalog_dir}: no images screened with the default settings in its catalog")
+    cfg = config.screen
+    codes, mask = screen.unpack_codes(images, cfg)
+    codes, use, idx_use = candidates._prepare(codes, mask, cfg, candidates.exact_representatives(images["sha256"]))
+    n_img = int((use.any(axis=1) | idx_use.any(axis=1)).sum())
+    parts = candidates.hash_partitions(codes, use, idx_use, candidates._partition_rows(n_img, client))
+    return client.scatter(parts, hash=False), cfg, len(images), int(idx_use.sum())
+
+
+def main_routed_real(args) -> None:
+    """`--routed --codes-from CATALOG`: the three ways on a real collection's hashes (see the docstring)."""
+    from distributed import Client, LocalCluster
+
+    from bench.report import median
+    times: dict[str, list] = {}
+    peaks: dict[str, list] = {}
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        parts, cfg, n_images, n_entries = real_partitions(args.codes_from, client)
+        shard_size = args.shard_size or cfg.search_shard_size  # (each way as a run would set it)
+        ways = {"sharded": dataclasses.replace(cfg, search_sharding="sharded"),
+                "routed": dataclasses.replace(cfg, search_sharding="routed"), "one index": cfg}
+        for c in ways.values():  # every kernel compiled or loaded in every worker
+            sharded_neighbours(parts[:1], c, client=client, shard_size=shard_size, one_shard=c is cfg)
+        want = None
+        for r in range(args.repeats):
+            for way, c in ways.items():  # interleaved: the machine's drift falls on every way alike
+                client.run(reset_hwm)
+                t = time.perf_counter()
+                got = sharded_neighbours(parts, c, client=client, shard_size=shard_size, one_shard=c is cfg)
+                times.setdefault(way, []).append(time.perf_counter() - t)
+                peaks.setdefault(way, []).append(max(client.run(vm_hwm).values()))
+                got = got[["owner_a", "owner_b", "hash_distance"]]
+                if want is None:
+                    want = got
+                elif not got.equals(want):
+                    raise SystemExit(f"{way}: the lists differ from the sharded search's")
+                print(r, way, f"{times[way][-1]:.2f} s", flush=True)
+        chunks, _, plan, _ = candidates.routed_plan(parts, ways["routed"], client, shard_size)
+        n_shards = len(shard_groups(client.gather(client.map(candidates._part_entries, parts)), shard_size,
+                                    args.workers))
+    base = median(times["one index"])
+    body = stamp() + (
+        f"\nThe hashes of a real collection ({n_images:,} images of `{args.codes_from}`'s images table, default "
+        f"screen: {n_entries:,} index entries, the dihedral and trimmed variants querying, threshold "
+        f"{cfg.max_distance}, K = {cfg.max_candidates}) in {len(parts)} partitions on a LocalCluster of "
+        f"{args.workers} worker processes x 1 thread, three ways, each as `screen.search_sharding` sets it "
+        f"with a shard size of {shard_size:,} entries: sharded ({n_shards} index shard(s) of whole partitions), "
+        f"routed ({len(plan)} slices of one multi-index of {chunks} chunks per word, at most a quarter of a "
+        "worker's share each) and one index (a copy built on each worker, what \"auto\" does below "
+        "`screen.search_shard_size`). "
+        f"{args.repeats} repeats, interleaved, medians; worker peak: the largest worker's VmHWM, reset before each "
+        f"search. Every way's lists equal row for row ({len(want):,} directed rows).\n\n")
+    body += table(["search", "median s", "vs one index", "worker peak GiB", "runs (s)"],
+                  [[way, median(ts), f"{median(ts) / base:.2f}x", f"{median(peaks[way]) / 2**30:.2f}",
+                    ", ".join(f"{t:.2f}" for t in ts)] for way, ts in times.items()])
+    update_section("shard_routed_real", "routed candidate search on a real collection's hashes", body,
+                   **({"path": args.out} if args.out else {}))
+    print(body)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=None, help="default 10,000,000 (--embeddings: 300,000)")
@@ -413,6 +488,8 @@ def main(argv=None) -> None:
                     "search_shard_size) or whole index shards (section 'sharded candidate search')")
     ap.add_argument("--routed", action="store_true",
                     help="sharded, routed and one-index search compared (see the docstring; --n default 2,000,000)")
+    ap.add_argument("--codes-from", default=None, metavar="CATALOG",
+                    help="--routed: a real collection's hashes (a catalog folder) instead of random ones")
     args = ap.parse_args(argv)
     defaults = ({"n": 300_000, "part": 256, "plant": 8, "k": 10} if args.embeddings else
                 {"n": 1_000_000} if args.incremental else
@@ -426,7 +503,7 @@ def main(argv=None) -> None:
     if args.incremental:
         return main_incremental(args)
     if args.routed:
-        return main_routed(args)
+        return main_routed_real(args) if args.codes_from else main_routed(args)
     from distributed import Client, LocalCluster, wait
 
     cfg = dataclasses.replace(ScreenConfig(), max_distance=args.threshold, max_candidates=args.k,
