@@ -39,10 +39,10 @@ SHARD = [dict(section="sharded candidate search", n=10_000_000, threshold=10, se
 # "routed candidate search (2,000,000 hashes)": slices of one multi-index against shards of 250k
 # entries and a copy of one index on each of the 2 workers, same run; each predicted with the unit
 # of that run's one-index way (median seconds)
-_ROUTED_RUN = dict(n=2_000_000, seconds=71.137)
-ROUTED = [dict(section="routed candidate search", n=2_000_000, threshold=10, seconds=28.165, cores=2, shards=1,
+_ROUTED_RUN = dict(n=2_000_000, seconds=77.042)
+ROUTED = [dict(section="routed candidate search", n=2_000_000, threshold=10, seconds=31.212, cores=2, shards=1,
                routed=True, same_run=_ROUTED_RUN),
-          dict(section="routed candidate search", n=2_000_000, threshold=10, seconds=54.813, cores=2,
+          dict(section="routed candidate search", n=2_000_000, threshold=10, seconds=74.195, cores=2,
                shards=8, same_run=_ROUTED_RUN),
           # "routed candidate search (10,000,000 hashes)", with its run's one-index search of 1M
           dict(section="routed candidate search (10M)", n=10_000_000, threshold=10, seconds=562.935, cores=2,
