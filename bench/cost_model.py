@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.search import _PROBE_COST, _n_masks, plan_chunks
+from pipeline.search import _PROBE_COST, _chunk_lengths, _n_masks, _radii, plan_chunks
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "cost-model.md"
 
@@ -53,9 +53,9 @@ ROUTED = [dict(section="routed candidate search", n=2_000_000, threshold=10, sec
 # interleaved (the order since). The folder's 805 photos alone, without their copies, give the same
 # factors within ~15 % (7.8 against 6.9 at (3, 10)): it is how photos look, not the copies.
 CHUNK_SKEW = dict(section="multi-index chunks on real hashes", codes=30_565,
-                  runs={(3, 4): 326.99, (3, 10): 30.33, (4, 4): 92.10, (4, 10): 14.82, (5, 4): 52.38,
+                  runs={(2, 4): 4885.67, (2, 10): 151.59, (3, 4): 326.99, (3, 10): 30.33, (4, 4): 92.10, (4, 10): 14.82, (5, 4): 52.38,
                         (5, 10): 6.95, (6, 4): 20.90, (6, 10): 5.99},
-                  interleaved={(3, 4): 30.45, (3, 10): 6.93, (4, 4): 6.55, (4, 10): 3.42, (5, 4): 3.39,
+                  interleaved={(2, 4): 2212.80, (2, 10): 65.34, (3, 4): 30.45, (3, 10): 6.93, (4, 4): 6.55, (4, 10): 3.42, (5, 4): 3.39,
                                (5, 10): 1.70, (6, 4): 2.21, (6, 10): 1.64})
 # "sharded embedding kNN": the high-recall mode's kNN, sharded IVF against one IVF index, same run
 EMB_SHARD = dict(section="sharded embedding kNN", n=299_776, shards=4, ratio=0.98)
@@ -101,6 +101,18 @@ def search_units(n: int, threshold: int, shards: int = 1, shard_entries: int | N
     f = 1.0 if skew is None else skew[(plan["chunks_per_word"], threshold)]
     per_query = sum(_n_masks(b, r) * (_PROBE_COST + f * per_shard / 2.0 ** b) for b, r in zip(plan["lengths"], plan["radii"]))
     return n * shards * per_query
+
+
+def units_per_image(n: int, chunks_per_word: int, skew: dict) -> float:
+    """A one-index search's units per image at `chunks_per_word` (not the planner's choice; 2 is
+    beyond its 22-bit cap): the plain and trimmed rows at T = 10, the 7 dihedral rows at T = 4,
+    over 2n entries, real codes' verifications (`skew`)."""
+    lengths = _chunk_lengths(chunks_per_word)
+    out = 0.0
+    for rows, t in ((2, 10), (7, 4)):
+        out += rows * sum(_n_masks(b, r) * (_PROBE_COST + skew[(chunks_per_word, t)] * 2 * n / 2.0 ** b)
+                          for b, r in zip(lengths, _radii(lengths, t)))
+    return out
 
 
 def fit():
@@ -292,7 +304,12 @@ def main(argv=None) -> None:
         "(at random ~1 code in 650 is within 2-3 bits of the query on one of its three 21-22-bit chunks, and real "
         "codes crowd the buckets several times more, even with the chunks' bits interleaved); a longer hash "
         "(more bits per chunk at the same threshold) is what would cut that, and chunks are capped at 22 bits "
-        "for their offsets tables, a cap the slices could lift (a slice's table covers its prefix's values only); "
+        "for their offsets tables, a cap the slices could lift (a slice's table covers its prefix's values only): "
+        f"two 32-bit chunks would take {units_per_image(n1, 3, CHUNK_SKEW['interleaved']) / units_per_image(n1, 2, CHUNK_SKEW['interleaved']):.1f}x "
+        "fewer units per image than three at 1B with their measured factors (real codes crowd long chunks "
+        f"more: {CHUNK_SKEW['interleaved'][(2, 10)]:.0f}x random codes' verifications at T = 10; "
+        f"{units_per_image(n1, 3, {k: 1 for k in CHUNK_SKEW['interleaved']}) / units_per_image(n1, 2, {k: 1 for k in CHUNK_SKEW['interleaved']}):.1f}x "
+        "on random codes), but each query then makes ~284k probes at T = 10, past the multi-index's 200k limit; "
         "not built. The units over-predict the routed search on random codes (the 2M-hash points above): a "
         "slice walks one chunk's table for a whole partition of queries, which stays in the caches, where one "
         "index moves between all its chunks' tables for each query row.",
