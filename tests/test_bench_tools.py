@@ -240,3 +240,35 @@ def test_driver_memory_refuses_runs_it_cannot_measure_before_any_work(monkeypatc
     with pytest.raises(SystemExit) as exc:
         driver_memory.main()
     assert exc.value.code == 2 and named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cpw", [2, 3, 4])
+def test_chunk_order_counts_what_a_pairwise_check_counts(cpw):
+    """bench.chunk_order's verifications per query row (bucket tables, or sorted values past 24
+    bits) equal a direct count: the distinct codes within each chunk's radius of the row's chunk
+    value, summed over the chunks, the row's own image's codes left out."""
+    import numpy as np
+
+    from bench.chunk_order import code_set, verifications
+    from pipeline import search
+    rng = np.random.default_rng(cpw)
+    base = rng.integers(0, 2**63, size=40, dtype=np.uint64)
+    # 120 images in 40 groups of near copies (a few bits flipped), 2 variants each, one indexed
+    codes = np.repeat(base, 3)[:, None, None] ^ (np.uint64(1) << rng.integers(0, 64, size=(120, 2, 1)).astype(np.uint64))
+    use = np.ones((120, 2), bool)
+    idx_use = np.zeros((120, 2), bool)
+    idx_use[:, 0] = True
+    entries, queries, own = code_set(codes, use, idx_use, np.ones(120, bool), sample=50, seed=0)
+    assert len(queries) == len(own) == 50
+    for T in (4, 10):
+        lengths = search.chunk_geometry(cpw, 1)[0]
+        radii = search._radii(lengths, T)
+        want = 0
+        for ci, r in enumerate(radii):
+            if r < 0:
+                continue
+            ev = search.chunk_values(entries, cpw, ci)
+            for q, mine in zip(search.chunk_values(queries, cpw, ci), own):
+                near = {int(e) for e, v in zip(entries[:, 0], ev) if bin(int(v ^ q)).count("1") <= r}
+                want += len(near - {int(m) for m in mine[:, 0]})
+        assert verifications(entries, queries, own, cpw, T) == pytest.approx(want / 50)
