@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import time
 
 import numpy as np
 
-from bench.report import median, stamp, table, update_section
+from bench.report import interleaved_runs, median, stamp, table, update_section
 from pipeline import candidates, catalog, screen, search
 from pipeline.config import Config
 
@@ -88,6 +87,22 @@ def uniform(U: int, chunks_per_word: int, W: int, T: int) -> float:
     return sum(U * search._n_masks(b, r) / 2.0 ** b for b, r in zip(lengths, search._radii(lengths, T)))
 
 
+def real_codes(catalog_dir: str):
+    """A real collection's hashes from a catalog (the images table a run commits), those the
+    default screen made: (images, screen config, codes (N, V, W), variant mask, representatives)."""
+    images = catalog.Catalog.load(catalog_dir).images
+    if images.empty:
+        raise SystemExit(f"{catalog_dir}: no catalog images table there (run `dedupe` over a collection first)")
+    config = Config()
+    # (the codes the default screen made: another hash size or variant set would not be comparable)
+    images = images[(images["screen_fp"] == catalog.fingerprints(config)["screen"])
+                    & images["codes"].notna()].reset_index(drop=True)
+    if images.empty:
+        raise SystemExit(f"{catalog_dir}: no images screened with the default settings there")
+    codes, mask = screen.unpack_codes(images, config.screen)
+    return images, config.screen, codes, mask, candidates.exact_representatives(images["sha256"])
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--catalog", required=True, help="a catalog folder (OUT/catalog of a run over a real collection)")
@@ -102,18 +117,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="benchmarks file (default docs/benchmarks.md)")
     args = ap.parse_args(argv)
 
-    images = catalog.Catalog.load(args.catalog).images
-    if images.empty:
-        raise SystemExit(f"{args.catalog}: no catalog images table there (run `dedupe` over a collection first)")
-    config = Config()
-    cfg = config.screen
-    # (the codes the default screen made: another hash size or variant set would not be comparable)
-    images = images[(images["screen_fp"] == catalog.fingerprints(config)["screen"])
-                    & images["codes"].notna()].reset_index(drop=True)
-    if images.empty:
-        raise SystemExit(f"{args.catalog}: no images screened with the default settings there")
-    codes, mask = screen.unpack_codes(images, cfg)
-    rep = candidates.exact_representatives(images["sha256"])
+    images, cfg, codes, mask, rep = real_codes(args.catalog)
     prepared, use, idx_use = candidates._prepare(codes, mask, cfg, rep)
     sets = {"all": np.ones(len(images), bool)}
     if args.subset:
@@ -154,22 +158,14 @@ def main(argv=None) -> None:
                                  f"{got['runs']:,.1f}", f"{got['interleaved']:,.1f}", f"{flat:,.2f}",
                                  f"{got['runs'] / flat:.1f}x", f"{got['interleaved'] / flat:.1f}x",
                                  f"{got['interleaved'] / got['runs']:.2f}x" if got["runs"] else "-"])
-        times = {name: [] for name in orders}
-        want = None
-        for r in range(args.repeats + 1):  # the first round compiles the kernels: not counted
-            for name in orders:
-                use_order(name)
-                t = time.perf_counter()
-                found = candidates.directed_neighbours(codes, mask, cfg, representatives=rep)
-                seconds = time.perf_counter() - t
-                if r:
-                    times[name].append(seconds)
-                found = found[["owner_a", "owner_b", "hash_distance"]]
-                if want is None:
-                    want = found
-                elif not found.equals(want):
-                    raise SystemExit(f"{name}: the lists differ from the other order's")
-                print(r, name, f"{seconds:.2f} s", flush=True)
+        def search_in(name):  # the one-index search with that order of bits
+            use_order(name)
+            return candidates.directed_neighbours(codes, mask, cfg, representatives=rep)[
+                ["owner_a", "owner_b", "hash_distance"]]
+
+        # (the warm-up round compiles the kernels: not counted)
+        times, _, want = interleaved_runs({name: lambda name=name: search_in(name) for name in orders},
+                                          args.repeats, warm_up=True)
     finally:
         search.interleave = candidates.interleave = original
 

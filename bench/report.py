@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -70,6 +71,36 @@ def stamp(cmd: str | None = None) -> str:
 
 def median(values) -> float:
     return float(np.median(np.asarray(values, dtype=float)))
+
+
+def interleaved_runs(ways: dict, repeats: int, warm_up: bool = False, before=None, after=None):
+    """Each of `ways` (name -> a callable returning a frame) run `repeats` times, the ways taking
+    turns so that the machine's drift falls on each alike (`warm_up`: one more round first, not
+    counted); `before()` ahead of each run, `after()` behind it (e.g. a memory peak). Every result
+    must equal the first (SystemExit otherwise). Returns (seconds per way, after()'s values per
+    way, the first result)."""
+    times = {name: [] for name in ways}
+    extra = {name: [] for name in ways}
+    first = None
+    for r in range(repeats + int(warm_up)):
+        for name, run in ways.items():
+            if before is not None:
+                before()
+            t = time.perf_counter()
+            got = run()
+            seconds = time.perf_counter() - t
+            counted = r >= int(warm_up)
+            if counted:
+                times[name].append(seconds)
+                if after is not None:
+                    extra[name].append(after())
+            if first is None:
+                first, first_name = got, name
+            elif not got.equals(first):
+                raise SystemExit(f"{name}: the lists differ from {first_name}'s")
+            print(r, name, f"{seconds:.2f} s", flush=True)
+            del got
+    return times, extra, first
 
 
 def table(headers: list[str], rows: list[list]) -> str:

@@ -327,7 +327,7 @@ def main_incremental(args) -> None:
 def main_routed(args) -> None:
     from distributed import Client, LocalCluster, wait
 
-    from bench.report import median
+    from bench.report import interleaved_runs, median
     cfg = dataclasses.replace(ScreenConfig(), max_distance=args.threshold, max_candidates=args.k,
                               dihedral=False, trim_borders=False, backend="mih")
     n_parts = args.n // args.part
@@ -336,8 +336,6 @@ def main_routed(args) -> None:
     ways = {"sharded": dataclasses.replace(cfg, search_sharding="sharded"),
             "routed": dataclasses.replace(cfg, search_sharding="routed"),
             "one index": cfg}
-    times: dict[str, list] = {w: [] for w in ways}
-    peaks: dict[str, list] = {w: [] for w in ways}
     counts = {}
     gen = dict(n=args.part, n_plant=args.plant, max_d=args.threshold, seed=args.seed)
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
@@ -348,22 +346,12 @@ def main_routed(args) -> None:
         for c in ways.values():  # every kernel compiled or loaded in every worker
             sharded_neighbours(warm, c, client=client, shard_size=10_000, one_shard=c is cfg)
         del warm
-        want = None
-        for r in range(args.repeats):
-            for way, c in ways.items():  # interleaved: the machine's drift falls on every way alike
-                client.run(reset_hwm)
-                t = time.perf_counter()
-                got = sharded_neighbours(parts, c, client=client, shard_size=shard_size, one_shard=c is cfg)
-                times[way].append(time.perf_counter() - t)
-                peaks[way].append(max(client.run(vm_hwm).values()))
-                if want is None:
-                    want = got
-                    checks = [check(got[(got["owner_a"] >= p * args.part) & (got["owner_a"] < (p + 1) * args.part)],
-                                    p, args.part, args.plant, args.threshold) for p in range(n_parts)]
-                elif not got.equals(want):
-                    raise SystemExit(f"{way}: the lists differ from the sharded search's")
-                print(r, way, f"{times[way][-1]:.2f} s", flush=True)
-                del got
+        times, peaks, want = interleaved_runs(
+            {way: lambda c=c: sharded_neighbours(parts, c, client=client, shard_size=shard_size, one_shard=c is cfg)
+             for way, c in ways.items()},
+            args.repeats, before=lambda: client.run(reset_hwm), after=lambda: max(client.run(vm_hwm).values()))
+        checks = [check(want[(want["owner_a"] >= p * args.part) & (want["owner_a"] < (p + 1) * args.part)],
+                        p, args.part, args.plant, args.threshold) for p in range(n_parts)]
         ents = [args.part] * n_parts
         counts["shards"] = len(shard_groups(ents, shard_size, args.workers))
         counts["chunks"], _, plan, _ = candidates.routed_plan(parts, ways["routed"], client, shard_size)
@@ -393,17 +381,9 @@ def main_routed(args) -> None:
 def real_partitions(catalog_dir: str, client):
     """The hash partitions of a real collection (a catalog's images table, default screen), sent to
     the workers: (futures, config, images, index entries)."""
-    from pipeline import catalog, screen
-    from pipeline.config import Config
-    config = Config()
-    images = catalog.Catalog.load(catalog_dir).images
-    images = images[(images["screen_fp"] == catalog.fingerprints(config)["screen"])
-                    & images["codes"].notna()].reset_index(drop=True)
-    if images.empty:
-        raise SystemExit(f"{catalog_dir}: no images screened with the default settings in its catalog")
-    cfg = config.screen
-    codes, mask = screen.unpack_codes(images, cfg)
-    codes, use, idx_use = candidates._prepare(codes, mask, cfg, candidates.exact_representatives(images["sha256"]))
+    from bench.chunk_order import real_codes
+    images, cfg, codes, mask, representatives = real_codes(catalog_dir)
+    codes, use, idx_use = candidates._prepare(codes, mask, cfg, representatives)
     n_img = int((use.any(axis=1) | idx_use.any(axis=1)).sum())
     parts = candidates.hash_partitions(codes, use, idx_use, candidates._partition_rows(n_img, client))
     return client.scatter(parts, hash=False), cfg, len(images), int(idx_use.sum())
@@ -413,9 +393,7 @@ def main_routed_real(args) -> None:
     """`--routed --codes-from CATALOG`: the three ways on a real collection's hashes (see the docstring)."""
     from distributed import Client, LocalCluster
 
-    from bench.report import median
-    times: dict[str, list] = {}
-    peaks: dict[str, list] = {}
+    from bench.report import interleaved_runs, median
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         parts, cfg, n_images, n_entries = real_partitions(args.codes_from, client)
@@ -424,20 +402,10 @@ def main_routed_real(args) -> None:
                 "routed": dataclasses.replace(cfg, search_sharding="routed"), "one index": cfg}
         for c in ways.values():  # every kernel compiled or loaded in every worker
             sharded_neighbours(parts[:1], c, client=client, shard_size=shard_size, one_shard=c is cfg)
-        want = None
-        for r in range(args.repeats):
-            for way, c in ways.items():  # interleaved: the machine's drift falls on every way alike
-                client.run(reset_hwm)
-                t = time.perf_counter()
-                got = sharded_neighbours(parts, c, client=client, shard_size=shard_size, one_shard=c is cfg)
-                times.setdefault(way, []).append(time.perf_counter() - t)
-                peaks.setdefault(way, []).append(max(client.run(vm_hwm).values()))
-                got = got[["owner_a", "owner_b", "hash_distance"]]
-                if want is None:
-                    want = got
-                elif not got.equals(want):
-                    raise SystemExit(f"{way}: the lists differ from the sharded search's")
-                print(r, way, f"{times[way][-1]:.2f} s", flush=True)
+        times, peaks, want = interleaved_runs(
+            {way: lambda c=c: sharded_neighbours(parts, c, client=client, shard_size=shard_size, one_shard=c is cfg)[
+                ["owner_a", "owner_b", "hash_distance"]] for way, c in ways.items()},
+            args.repeats, before=lambda: client.run(reset_hwm), after=lambda: max(client.run(vm_hwm).values()))
         chunks, _, plan, _ = candidates.routed_plan(parts, ways["routed"], client, shard_size)
         n_shards = len(shard_groups(client.gather(client.map(candidates._part_entries, parts)), shard_size,
                                     args.workers))

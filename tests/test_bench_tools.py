@@ -272,3 +272,18 @@ def test_chunk_order_counts_what_a_pairwise_check_counts(cpw):
                 near = {int(e) for e, v in zip(entries[:, 0], ev) if bin(int(v ^ q)).count("1") <= r}
                 want += len(near - {int(m) for m in mine[:, 0]})
         assert verifications(entries, queries, own, cpw, T) == pytest.approx(want / 50)
+
+
+def test_interleaved_runs_takes_turns_and_refuses_differing_results():
+    import pandas as pd
+
+    from bench.report import interleaved_runs
+    calls = []
+    ways = {name: (lambda name=name: calls.append(name) or pd.DataFrame({"a": [1, 2]})) for name in ("x", "y")}
+    times, extra, first = interleaved_runs(ways, 2, warm_up=True, after=lambda: len(calls))
+    assert calls == ["x", "y"] * 3  # in turns, the warm-up round first
+    assert [len(times["x"]), len(times["y"])] == [2, 2] and extra == {"x": [3, 5], "y": [4, 6]}
+    assert first.equals(pd.DataFrame({"a": [1, 2]}))
+    ways["z"] = lambda: pd.DataFrame({"a": [1, 3]})
+    with pytest.raises(SystemExit, match="z: the lists differ from x's"):
+        interleaved_runs(ways, 1)
