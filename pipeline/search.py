@@ -18,7 +18,8 @@ Backends
 * `BruteForceIndex` — the reference: popcount of every query row against every index entry.
   O(Q x M); fine up to ~1e5 entries.
 * `MultiIndexHash` — multi-index hashing (Norouzi et al.): the bits are dealt into m chunks (each
-  word's bit i to chunk i mod m, not runs of neighbouring bits: `interleave`); by the
+  word's bit i to chunk i mod m, or along diagonals of the image where that would take columns;
+  not runs of neighbouring bits: `interleave`); by the
   pigeonhole principle, if d(q, c) <= T then some chunk i has chunk distance <= r_i whenever
   sum_i (r_i + 1) >= T + 1 (so r_i = floor(T/m) or one less). For each chunk the query enumerates
   every flip mask of <= r_i bits and looks the flipped value up in a CSR table (entries sorted by
