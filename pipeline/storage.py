@@ -316,16 +316,23 @@ def check_workers(client, url: str, what: str = "input location") -> None:
             "AWS_ENDPOINT_URL in each worker's environment)")
 
 
-def read_bytes(url: str) -> bytes:
-    """The whole object. FileNotFoundError / PermissionError carry a readable strerror (the
-    screen and decode turn them into the row's error)."""
-    fs, path = filesystem(url)
+@contextlib.contextmanager
+def readable_errors(url: str) -> Iterator[None]:
+    """A store's FileNotFoundError / PermissionError with a readable strerror (the screen and
+    decode turn them into the row's error)."""
     try:
-        return fs.cat_file(path)
+        yield
     except FileNotFoundError:
         raise FileNotFoundError(errno.ENOENT, "no such object (deleted after it was listed?)", url) from None
     except PermissionError:
         raise PermissionError(errno.EACCES, "access denied by the store", url) from None
+
+
+def read_bytes(url: str) -> bytes:
+    """The whole object (errors as `readable_errors`)."""
+    fs, path = filesystem(url)
+    with readable_errors(url):
+        return fs.cat_file(path)
 
 
 def open_input(path):

@@ -8,6 +8,7 @@ workers see (as the images are): a shared folder or a store URL (pipeline/storag
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import os
@@ -29,6 +30,10 @@ from pipeline import storage
 # tight and a reader that wants a few keys decodes only the row groups holding them (an incremental
 # run or a query reads a few images out of many parts: ~32 rows each, not a whole ~6 MB ORB part).
 ROW_GROUP_ROWS = 32
+# Statistics are written for the key only: a reader needs each row group's key range, and min/max
+# of the blob columns (descriptors, thumbnails) made a 12-row-group ORB part's footer 147 kB,
+# which a reader on a store fetches before anything else.
+STATISTICS = ["key"]
 
 
 def write_partition(directory: str | Path, part: int, frame: pd.DataFrame | pa.Table) -> str:
@@ -38,7 +43,7 @@ def write_partition(directory: str | Path, part: int, frame: pd.DataFrame | pa.T
     table = table.sort_by("key")
     if storage.is_url(directory):
         buf = io.BytesIO()
-        pq.write_table(table, buf, row_group_size=ROW_GROUP_ROWS)
+        pq.write_table(table, buf, row_group_size=ROW_GROUP_ROWS, write_statistics=STATISTICS)
         final = storage.join(directory, f"part-{part:06d}.parquet")
         storage.write_bytes(final, buf.getvalue())
         return final
@@ -46,9 +51,112 @@ def write_partition(directory: str | Path, part: int, frame: pd.DataFrame | pa.T
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"part-{part:06d}.parquet"
     tmp = directory / f".part-{part:06d}.{uuid.uuid4().hex}.tmp"
-    pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, write_statistics=STATISTICS)
     os.replace(tmp, final)
     return str(final)
+
+
+# A part on a store is read by byte ranges: its footer once per process, then only the spans of
+# the row groups and columns a reader wants. A whole GET per read was ~10x the catalog's bytes in
+# GETs during a first 2,415-image run (each ORB part fetched 10-16 times whole by the pair tasks
+# and the report).
+FOOTER_READ = 64 * 1024  # the first read of a footer (a larger one takes a second read)
+# Spans this close are fetched as one range: a request's round trip on a real store (~20-50 ms)
+# costs more than reading a quarter MiB more, so a pair task's row groups (all columns but the
+# report's thumbnails, ~95 kB a group) come in one range per run of neighbouring groups, while
+# the report's thumbnails still skip a group's descriptors and pixel thumbnails (~0.5 MB each).
+RANGE_GAP = 256 * 1024
+
+
+class _Spans(io.RawIOBase):
+    """A read-only file of `size` bytes of which only `spans` (start -> bytes) were fetched:
+    everything pyarrow reads of a part once its footer is given as metadata. A read outside
+    them is an OSError, never made-up bytes."""
+
+    def __init__(self, size: int, spans: dict[int, bytes]):
+        super().__init__()
+        self._size = size
+        self._starts = sorted(spans)
+        self._spans = spans
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = offset + (0 if whence == io.SEEK_SET else self._pos if whence == io.SEEK_CUR else self._size)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        want = min(len(buffer), self._size - self._pos)
+        if want <= 0:
+            return 0
+        i = bisect.bisect_right(self._starts, self._pos) - 1
+        start = self._starts[i] if i >= 0 else None
+        if start is None or self._pos + want > start + len(self._spans[start]):
+            raise OSError(f"bytes {self._pos}-{self._pos + want} of a part were not fetched")
+        at = self._pos - start
+        buffer[:want] = self._spans[start][at:at + want]
+        self._pos += want
+        return want
+
+
+def read_footer(url: str) -> tuple[bytes, int]:
+    """A stored part's footer (its last bytes, ending in the footer's length and magic) and its
+    size: the size, then its last FOOTER_READ bytes (two requests; a third when the footer is
+    larger). The size is asked afresh: a listing this process made may predate the part."""
+    fs, path = storage.filesystem(url)
+    with storage.readable_errors(url):
+        size = fs.info(path, refresh=True).get("size")
+        if size is None:
+            raise OSError(f"{url}: the store gives no size for this object")
+        size = int(size)
+        tail = fs.cat_file(path, start=max(0, size - FOOTER_READ), end=size)
+        need = int.from_bytes(tail[-8:-4], "little") + 8
+        if len(tail) < need <= size:  # (the footer's head, before what was read)
+            tail = fs.cat_file(path, start=size - need, end=size - len(tail)) + tail
+    return tail[-need:], size
+
+
+def parse_footer(footer: bytes) -> pq.FileMetaData:
+    """The metadata in a footer from `read_footer` (read as a file of its bytes alone: the
+    footer's length comes last, and the footer just before it)."""
+    return pq.read_metadata(pa.BufferReader(footer))
+
+
+def _chunk_span(meta: pq.FileMetaData, group: int, column: int) -> tuple[int, int]:
+    chunk = meta.row_group(group).column(column)
+    start = chunk.data_page_offset
+    # (pyarrow's own rule: a dictionary page counts when it lies before the data pages)
+    if chunk.has_dictionary_page and 0 < (chunk.dictionary_page_offset or 0) < start:
+        start = chunk.dictionary_page_offset
+    return int(start), int(start) + int(chunk.total_compressed_size)
+
+
+def open_ranges(url: str, meta: pq.FileMetaData, size: int, groups: list[int], columns: list[str]) -> pq.ParquetFile:
+    """The part at `url` as a ParquetFile that holds only the byte spans of `columns` in row
+    groups `groups` (neighbouring spans fetched as one range, the ranges fetched together)."""
+    names = meta.schema.to_arrow_schema().names
+    spans = sorted(_chunk_span(meta, g, names.index(c)) for g in groups for c in columns if c in names)
+    merged: list[list[int]] = []
+    for start, end in spans:
+        if merged and start - merged[-1][1] <= RANGE_GAP:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    fs, path = storage.filesystem(url)
+    with storage.readable_errors(url):
+        data = fs.cat_ranges([path] * len(merged), [m[0] for m in merged], [m[1] for m in merged],
+                             on_error="raise") if merged else []
+    # (pre_buffer off: the bytes are in memory already, and pyarrow's pre-buffering would merge
+    # reads across small gaps this did not fetch)
+    return pq.ParquetFile(_Spans(size, {m[0]: d for m, d in zip(merged, data)}), metadata=meta, pre_buffer=False)
 
 
 def _key_ranges(meta: pq.FileMetaData) -> np.ndarray:
@@ -69,28 +177,53 @@ NOT_CACHED = ("report_thumb",)
 
 class _PartitionCache:
     """A small LRU of loaded row groups (DataFrames indexed by key) and of each part's row-group
-    key ranges, one per worker process. Parts are immutable once written (every writer makes a
-    new path), so entries never go stale."""
+    key ranges, one per worker process; for a part on a store also its footer (metadata and
+    size), so a later read fetches only the row groups it lacks. Parts are immutable once
+    written (every writer makes a new path), so entries never go stale."""
 
-    def __init__(self, capacity_rows: int = 4096, capacity_parts: int = 4096):
+    def __init__(self, capacity_rows: int = 4096, capacity_parts: int = 4096,
+                 capacity_footer_bytes: int = 32 << 20):
         self.capacity_rows = capacity_rows  # ~ 16 partitions of 256 images, as before row groups
         self.capacity_parts = capacity_parts
+        # footers kept as their bytes (~15 kB a part), parsed when used: a parsed one holds ~10x
+        # its bytes (~145 kB for 12 row groups of 12 columns)
+        self.capacity_footer_bytes = capacity_footer_bytes
         self._groups: OrderedDict[tuple[str, int], pd.DataFrame] = OrderedDict()
         self._rows = 0
         self._ranges: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._footers: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
+        self._footer_bytes = 0
         self._lock = Lock()
 
-    def _open(self, path: str) -> pq.ParquetFile:
-        return pq.ParquetFile(io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path)
+    def _footer(self, path: str) -> tuple[pq.FileMetaData, int]:
+        """A stored part's metadata and size (its footer fetched once, `read_footer`)."""
+        with self._lock:
+            found = self._footers.get(path)
+            if found is not None:
+                self._footers.move_to_end(path)
+        if found is None:
+            found = read_footer(path)
+            with self._lock:
+                if path not in self._footers:
+                    self._footers[path] = found
+                    self._footer_bytes += len(found[0])
+                while self._footer_bytes > self.capacity_footer_bytes and len(self._footers) > 1:
+                    self._footer_bytes -= len(self._footers.popitem(last=False)[1][0])
+        return parse_footer(found[0]), found[1]
 
     def get(self, path: str, wanted: np.ndarray) -> pd.DataFrame:
         """The part's rows whose key is in `wanted` (sorted int64)."""
+        remote = storage.is_url(path)
         with self._lock:
             ranges = self._ranges.get(path)
-        pf = None
+        pf = meta = None
         if ranges is None:
-            pf = self._open(path)
-            ranges = _key_ranges(pf.metadata)
+            if remote:
+                meta, size = self._footer(path)
+            else:
+                pf = pq.ParquetFile(path)
+                meta = pf.metadata
+            ranges = _key_ranges(meta)
             with self._lock:
                 self._ranges[path] = ranges
                 while len(self._ranges) > self.capacity_parts:
@@ -104,9 +237,14 @@ class _PartitionCache:
                 self._groups.move_to_end((path, g))
         missing = [int(g) for g in need if g not in have]
         if missing:
-            if pf is None:
-                pf = self._open(path)
-            columns = [c for c in pf.schema_arrow.names if c not in NOT_CACHED]
+            if remote:
+                if meta is None:  # (not parsed above)
+                    meta, size = self._footer(path)
+                columns = [c for c in meta.schema.to_arrow_schema().names if c not in NOT_CACHED]
+                pf = open_ranges(path, meta, size, missing, columns)
+            else:
+                pf = pf or pq.ParquetFile(path)
+                columns = [c for c in pf.schema_arrow.names if c not in NOT_CACHED]
             frame = pf.read_row_groups(missing, columns=columns).to_pandas().set_index("key")
             sizes = [pf.metadata.row_group(g).num_rows for g in missing]
             bounds = np.cumsum([0, *sizes])
@@ -157,18 +295,21 @@ def read_columns(path: str, keys, columns: list[str], check: str | None = None) 
     `check`: "<bytes>:<sha256>" the part must have (a catalog's part: `Catalog.part_checks`);
     then the whole file is read and checked first, once per process (PartChecksumError when it
     differs; a local file a MiB at a time, then only the row groups and columns wanted are read
-    from it)."""
-    data = storage.read_bytes(path) if storage.is_url(path) else None
+    from it). A part on a store is otherwise read by ranges: its footer (kept per process, as
+    the pair tasks' cache keeps it) and the spans of the wanted row groups and columns."""
+    remote = storage.is_url(path)
+    data = None
     if check is not None and (path, check) not in _CHECKED:
         size, digest = check.split(":", 1)
-        if data is None:
+        if remote:
+            data = storage.read_bytes(path)
+            h, n = hashlib.sha256(data), len(data)
+        else:
             h, n = hashlib.sha256(), 0
             with open(path, "rb") as fh:
                 while block := fh.read(1 << 20):
                     h.update(block)
                     n += len(block)
-        else:
-            h, n = hashlib.sha256(data), len(data)
         if n != int(size) or h.hexdigest() != digest:
             raise PartChecksumError(f"{path}: not the bytes its catalog lists (changed or corrupt)")
         with _CHECKED_LOCK:
@@ -179,13 +320,20 @@ def read_columns(path: str, keys, columns: list[str], check: str | None = None) 
     # touched, and nothing is left in this process's heap (the report's threads reading a 100k
     # run's parts held ~65 MB more of the driver's peak). Parts are never rewritten in place (a
     # new name, then a rename), so a mapped file does not change under the reader.
-    pf = pq.ParquetFile(path if data is None else io.BytesIO(data), memory_map=data is None)
-    have = set(pf.schema_arrow.names)
+    pf = None
+    if data is not None:
+        pf = pq.ParquetFile(io.BytesIO(data))
+    elif not remote:
+        pf = pq.ParquetFile(path, memory_map=True)
+    meta, file_size = (pf.metadata, None) if pf is not None else _CACHE._footer(path)
+    have = set(meta.schema.to_arrow_schema().names)
     wanted = np.sort(pd.unique(pd.Series(keys, dtype="int64")).astype(np.int64))
-    ranges = _key_ranges(pf.metadata)
-    groups = np.flatnonzero(np.searchsorted(wanted, ranges[:, 1], side="right")
-                            > np.searchsorted(wanted, ranges[:, 0], side="left"))
-    table = pf.read_row_groups([int(g) for g in groups], columns=["key", *[c for c in columns if c in have]])
+    ranges = _key_ranges(meta)
+    groups = [int(g) for g in np.flatnonzero(np.searchsorted(wanted, ranges[:, 1], side="right")
+                                             > np.searchsorted(wanted, ranges[:, 0], side="left"))]
+    if pf is None:
+        pf = open_ranges(path, meta, file_size, groups, ["key", *[c for c in columns if c in have]])
+    table = pf.read_row_groups(groups, columns=["key", *[c for c in columns if c in have]])
     # only the wanted rows become Python objects (a row group's keypoints and descriptors, made
     # into objects whole for a few of its rows, were the driver's largest item drawing the report)
     table = table.filter(pc.is_in(table["key"], value_set=pa.array(wanted, pa.int64())))

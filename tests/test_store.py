@@ -1,10 +1,13 @@
 """The per-image feature store (pipeline/store.py): parts sorted by key in small row groups, and
 readers that decode only the row groups holding the keys they want."""
+import io
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 
-from pipeline import store
+from pipeline import storage, store
 
 
 def _frame(keys, rng):
@@ -69,3 +72,126 @@ def test_part_paths_share_one_string_per_part_file_and_none_where_missing():
     assert len({id(p) for p in got if p is not None}) == 2  # one object per part file
     assert store.part_paths(pd.Series([], dtype=object), keys).isna().all()
     assert len(store.part_paths(part_of, np.zeros(0, np.int64))) == 0
+
+
+class _CountingReads:
+    """Bytes and requests a store-like filesystem serves (wraps MemoryFileSystem.cat_file)."""
+
+    def __init__(self, monkeypatch):
+        import fsspec.implementations.memory as memory
+        self.reads: list[int] = []
+        real = memory.MemoryFileSystem.cat_file
+
+        def cat_file(fs, path, start=None, end=None, **kwargs):
+            data = real(fs, path, start, end, **kwargs)
+            self.reads.append(len(data))
+            return data
+        monkeypatch.setattr(memory.MemoryFileSystem, "cat_file", cat_file)
+
+
+def _blob_frame(n, rng, blob=16_000):
+    return pd.DataFrame({"key": rng.permutation(n).astype(np.int64) * 8,
+                         "descriptors": [rng.bytes(blob) for _ in range(n)],
+                         "report_thumb": [rng.bytes(blob // 4) for _ in range(n)],
+                         "width": np.arange(n, dtype=np.int32)})
+
+
+def _with_statistics(n, rng):
+    """A part as written before the footer kept the key's statistics only: the keypoints' 4 kB
+    values have min/max statistics (pyarrow skips larger ones), ~8 kB a row group."""
+    frame = _blob_frame(n, rng).sort_values("key")
+    return frame.assign(keypoints=[rng.bytes(4000) for _ in range(n)])
+
+
+def test_a_part_on_a_store_is_read_by_ranges_with_the_same_rows(tmp_path, monkeypatch):
+    """A reader of a stored part fetches its footer once per process, then only the spans of the
+    row groups (and, for read_columns, the columns) it wants: not the whole object per read."""
+    rng = np.random.default_rng(3)
+    frame = _blob_frame(300, rng)
+    url = store.write_partition(f"memory://ranges-{tmp_path.name}/feat", 0, frame)
+    local = store.write_partition(tmp_path / "feat", 0, frame)
+    size = len(storage.read_bytes(url))
+    counted = _CountingReads(monkeypatch)
+    keys = np.array([5, 77, 200, 201, 9999], np.int64) * 8  # three row groups; one key in none
+    got = store.read_rows([url], keys)
+    pd.testing.assert_frame_equal(got, store.read_rows([local], keys))
+    assert got.index.tolist() == keys.tolist() and got.iloc[-1].isna().all()
+    first = sum(counted.reads)
+    groups = -(-300 // store.ROW_GROUP_ROWS)
+    assert first < size * 4 / groups, (first, size)  # ~3 of 10 row groups, footer included
+    # the same keys again: cached rows, nothing fetched; another row group: its span only
+    counted.reads.clear()
+    store.read_rows([url], keys[:2])
+    assert counted.reads == []
+    store.read_rows([url], np.array([100 * 8], np.int64))
+    assert len(counted.reads) == 1 and sum(counted.reads) < size / groups * 1.1
+    # read_columns: the wanted columns of the wanted row groups only (here no descriptors)
+    counted.reads.clear()
+    cols = ["report_thumb", "width", "not_in_this_part"]
+    got = store.read_columns(url, keys, cols)
+    pd.testing.assert_frame_equal(got, store.read_columns(local, keys, cols))
+    assert got["not_in_this_part"].isna().all()
+    assert 0 < sum(counted.reads) < size * 4 / groups / 4, counted.reads  # thumbnails are a fifth of a row
+
+
+def test_a_stored_part_with_a_large_footer_and_a_checked_part_read_right(monkeypatch):
+    """A part written before its footer kept the key's statistics only (blob statistics, a footer
+    over store.FOOTER_READ) takes a second footer read; a catalog's part given a check is read
+    whole and checked first, and a vanished part is a readable FileNotFoundError."""
+    import hashlib
+
+    import pyarrow as pa
+    rng = np.random.default_rng(4)
+    frame = _with_statistics(300, rng)
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buf, row_group_size=store.ROW_GROUP_ROWS)
+    data = buf.getvalue()
+    assert pq.read_metadata(io.BytesIO(data)).serialized_size > store.FOOTER_READ
+    url = "memory://ranges-old/feat/part-000000.parquet"
+    storage.write_bytes(url, data)
+    counted = _CountingReads(monkeypatch)
+    keys = np.array([8, 8 * 150], np.int64)
+    got = store.read_columns(url, keys, ["width", "descriptors"])
+    pd.testing.assert_frame_equal(got, frame.set_index("key").loc[keys, ["width", "descriptors"]], check_names=False)
+    footer = pq.read_metadata(io.BytesIO(data)).serialized_size + 8
+    assert counted.reads[:2] == [store.FOOTER_READ, footer - store.FOOTER_READ]  # the footer in two reads
+    assert sum(counted.reads[2:]) < len(data) / 4  # then two of ten row groups' two columns
+    counted.reads.clear()
+    check = f"{len(data)}:{hashlib.sha256(data).hexdigest()}"
+    store.read_columns(url, keys, ["width"], check=check)
+    assert counted.reads == [len(data)]  # checked: the whole part, once
+    with pytest.raises(store.PartChecksumError):
+        store.read_columns(url, keys, ["width"], check=f"{len(data)}:{'0' * 64}")
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        store.read_rows(["memory://ranges-old/feat/gone.parquet"], keys)
+
+
+def test_spans_refuse_a_read_outside_what_was_fetched():
+    f = store._Spans(100, {10: b"abcdef", 50: b"xyz"})
+    f.seek(12)
+    assert f.read(3) == b"cde"
+    f.seek(-50, io.SEEK_END)
+    assert f.read(3) == b"xyz" and f.tell() == 53
+    f.seek(14)
+    with pytest.raises(OSError, match="not fetched"):
+        f.read(4)
+    f.seek(100)
+    assert f.read(5) == b""
+
+
+def test_ranges_read_right_when_no_spans_are_merged(tmp_path, monkeypatch):
+    """Every column chunk fetched as its own range (no gap merged): pyarrow reads nothing else
+    (its pre-buffering, which would merge reads across small gaps, is off for fetched spans)."""
+    monkeypatch.setattr(store, "RANGE_GAP", 0)
+    monkeypatch.setattr(store, "_CACHE", store._PartitionCache())
+    rng = np.random.default_rng(5)
+    frame = _blob_frame(100, rng, blob=300).assign(
+        label=lambda f: pd.Categorical(np.where(f["width"] % 3 == 0, "a", "b")),
+        error=lambda f: np.where(f["width"] % 7 == 0, "bad", None),
+        empty=None)
+    url = store.write_partition(f"memory://ranges-nogap-{tmp_path.name}/feat", 0, frame)
+    local = store.write_partition(tmp_path / "feat", 0, frame)
+    for keys in (np.array([3, 50, 99], np.int64) * 8, np.zeros(0, np.int64), np.array([7], np.int64)):
+        pd.testing.assert_frame_equal(store.read_rows([url], keys), store.read_rows([local], keys))
+        cols = ["label", "error", "empty", "width"]
+        pd.testing.assert_frame_equal(store.read_columns(url, keys, cols), store.read_columns(local, keys, cols))
