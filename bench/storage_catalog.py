@@ -2,9 +2,10 @@
 vs a run from scratch on the same bucket, in the same benchmark run.
 
 The store is moto's S3 server (`moto[server]`, installed by `make install`) on 127.0.0.1, started
-and stopped here: no network latency, so the seconds show the work saved on this machine, not what
-a real bucket's round trips would add. The objects read are counted from the server's own request
-log (GETs of image objects), which is what a store bills and what crosses the network.
+and stopped here, behind bench/moto_counting.py, which logs each request with the bytes it returned.
+With no latency the seconds show the work saved on this machine, not what a real bucket's round
+trips would add; `--latency-ms` delays each response by that much. The requests and the bytes GET
+are counted from the server's own log, which is what a store bills and what crosses the network.
 
 The data: the real photos plus --per-source seeded transformed copies of each (bench/end_to_end.py's
 generator), uploaded once. Steps, each through the real CLI (default scheduler):
@@ -16,7 +17,7 @@ generator), uploaded once. Steps, each through the real CLI (default scheduler):
    floats within 1e-5);
 4. an unchanged re-run into s3://bench/out (listing, catalog, publish: the fixed cost on a store).
 
-    python -m bench.storage_catalog [--per-source 2] [--bench-dir /tmp/dedupe-bench] [--out docs/benchmarks.md]
+    python -m bench.storage_catalog [--per-source 2] [--latency-ms 0] [--bench-dir /tmp/dedupe-bench] [--out docs/benchmarks.md]
 """
 from __future__ import annotations
 
@@ -51,13 +52,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_moto(log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_moto(log_path: Path, latency_ms: float = 0.0) -> tuple[subprocess.Popen, str]:
     if not (BIN / "moto_server").exists():
         raise SystemExit("moto_server is missing: make install installs moto[server]")
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = open(log_path, "wb")
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+    # moto's server with each response's bytes in its log (bench/moto_counting.py)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.moto_counting", str(port), str(latency_ms)], cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -89,6 +91,18 @@ def out_requests(log_path: Path, since: int, prefix: str) -> dict[str, int]:
     return counts
 
 
+def get_bytes(log_path: Path, since: int, prefix: str) -> tuple[int, int]:
+    """(GETs, bytes received) of objects under `prefix` after line `since` (the response bodies'
+    bytes, as bench/moto_counting.py logs them: a ranged GET counts what it returned)."""
+    marker = f'"GET /{BUCKET}/{prefix}/'
+    n = total = 0
+    for line in log_path.read_text(errors="replace").splitlines()[since:]:
+        if marker in line:
+            n += 1
+            total += int(line.split('" ', 1)[1].split()[1])
+    return n, total
+
+
 def log_lines(log_path: Path) -> int:
     return len(log_path.read_text(errors="replace").splitlines())
 
@@ -105,6 +119,9 @@ def main() -> None:
     parser.add_argument("--per-source", type=int, default=2, help="transformed copies per photo")
     parser.add_argument("--bench-dir", default=str(transforms.DEFAULT_BENCH_DIR))
     parser.add_argument("--out", default=None, help="benchmarks markdown file")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="delay each of the server's responses, as a real bucket's round trip would "
+                             "(written to its own section when > 0)")
     args = parser.parse_args()
     if not transforms.DEFAULT_PHOTOS.is_dir():
         raise SystemExit(f"{transforms.DEFAULT_PHOTOS} missing: set SHARED to the shared folder")
@@ -113,7 +130,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dedupe-storage-bench-") as tmp_name:
         tmp = Path(tmp_name)
         log_path = tmp / "moto.log"
-        proc, endpoint = start_moto(log_path)
+        proc, endpoint = start_moto(log_path, args.latency_ms)
         try:
             env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
             env.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_ENDPOINT_URL=endpoint,
@@ -128,12 +145,13 @@ def main() -> None:
             upload = time.perf_counter() - t
             data, out, scratch = f"s3://{BUCKET}/data", f"s3://{BUCKET}/out", f"s3://{BUCKET}/scratch"
 
-            def timed(*run_args: str) -> tuple[float, int, dict, dict]:
+            def timed(*run_args: str) -> tuple[float, int, dict, dict, tuple[int, int]]:
                 since = log_lines(log_path)
                 wall = cli(env, data, *run_args)
                 target = run_args[run_args.index("--out") + 1].removeprefix("s3://")
+                prefix = target.removeprefix(f"{BUCKET}/")
                 return (wall, object_gets(log_path, since, "data"), json.loads(fs.cat_file(f"{target}/run.json")),
-                        out_requests(log_path, since, target.removeprefix(f"{BUCKET}/")))
+                        out_requests(log_path, since, prefix), get_bytes(log_path, since, prefix))
 
             first = timed("--out", out)
             print(f"first run: {len(files)} objects, {first[0]:.1f} s, {first[1]} object GETs", flush=True)
@@ -169,7 +187,8 @@ def main() -> None:
         m = r[2]
         return [label, f"{r[0]:.1f}", f"{r[0] / fresh[0]:.2f}", r[1], m["reuse"]["screen"].get("screened", m["counts"]["files"])
                 if m["reuse"].get("catalog") else m["counts"]["files"], m["scheduler_used"],
-                " / ".join(f"{r[3].get(k, 0)}" for k in ("GET", "PUT", "HEAD")), note]
+                " / ".join(f"{r[3].get(k, 0)}" for k in ("GET", "PUT", "HEAD")),
+                f"{r[4][0]} / {r[4][1] / 1e6:.1f}", note]
     body = stamp() + (
         f"\n{len(files):,} images (the real photos plus {args.per_source} seeded transformed copies of each, "
         "bench/end_to_end.py's generator) uploaded to a bucket of moto's S3 server on 127.0.0.1 "
@@ -181,11 +200,16 @@ def main() -> None:
         "features are not stored, and the report's thumbnails and drawings not made before; those of "
         "unchanged bytes are copied from the last generation's report). *OUT requests*: GET / PUT / HEAD "
         "requests under OUT other than the catalog's (the publish of the outputs and the report; a "
-        "server-side copy is a PUT). No network latency: the seconds "
-        "are this machine's work; a real bucket adds its round trips to every request. One run each on a "
-        "shared 2-core machine.\n\n")
+        "server-side copy is a PUT). *GETs under OUT / MB*: every GET under OUT, the catalog's and the work "
+        "dir's feature parts included, and the bytes they returned (bench/moto_counting.py logs each "
+        "response's size: a ranged GET counts what it returned). " + (
+            f"Each response delayed by {args.latency_ms:g} ms before its first byte (bench/moto_counting.py), "
+            "as a real bucket's round trip would be; requests in flight at once are each delayed. "
+            if args.latency_ms else
+            "No network latency: the seconds are this machine's work; a real bucket adds its round trips to "
+            "every request (`--latency-ms` adds one). ") + "One run each on a shared 2-core machine.\n\n")
     body += table(["run", "wall s", "vs scratch", "object GETs", "files screened", "scheduler",
-                   "OUT requests GET / PUT / HEAD", "what"], [
+                   "OUT requests GET / PUT / HEAD", "GETs under OUT / MB", "what"], [
         row("first (empty catalog)", first, "every object read"),
         row("incremental", incremental, f"{reuse['verify']['pairs_verified']} of "
             f"{incremental[2]['counts'].get('verified_pairs', 0)} candidate pairs verified"),
@@ -195,7 +219,11 @@ def main() -> None:
              f"screen {json.dumps(reuse['screen'])}; verify {json.dumps(reuse.get('verify', {}))}; "
              f"confirm {json.dumps(reuse.get('confirm', {}))}.\n")
     kwargs = {"path": args.out} if args.out else {}
-    update_section("storage_catalog", "incremental runs with the catalog in an S3 bucket", body, **kwargs)
+    if args.latency_ms:
+        update_section("storage_catalog_latency", f"incremental runs with the catalog in an S3 bucket, "
+                       f"{args.latency_ms:g} ms a request", body, **kwargs)
+    else:
+        update_section("storage_catalog", "incremental runs with the catalog in an S3 bucket", body, **kwargs)
     print(body)
 
 

@@ -287,3 +287,32 @@ def test_interleaved_runs_takes_turns_and_refuses_differing_results():
     ways["z"] = lambda: pd.DataFrame({"a": [1, 3]})
     with pytest.raises(SystemExit, match="z: the lists differ from x's"):
         interleaved_runs(ways, 1)
+
+
+def test_counting_s3_server_logs_each_response_s_bytes_and_delay(tmp_path):
+    """bench/moto_counting.py (the storage bench's server): each request's line carries the bytes
+    it returned, so a ranged GET counts what it returned; `--latency-ms` delays every response."""
+    import time
+
+    from bench import storage_catalog
+    if not (storage_catalog.BIN / "moto_server").exists():
+        pytest.skip("moto[server] is not installed (make install installs the test extras)")
+    import s3fs
+    log = tmp_path / "moto.log"
+    proc, endpoint = storage_catalog.start_moto(log, latency_ms=150)
+    try:
+        fs = s3fs.S3FileSystem(key="k", secret="s", endpoint_url=endpoint, skip_instance_cache=True)
+        fs.mkdir(storage_catalog.BUCKET)
+        fs.pipe_file(f"{storage_catalog.BUCKET}/out/catalog/a.bin", bytes(range(256)) * 40)
+        since = storage_catalog.log_lines(log)
+        t = time.perf_counter()
+        assert fs.cat_file(f"{storage_catalog.BUCKET}/out/catalog/a.bin", start=100, end=400) == \
+            (bytes(range(256)) * 40)[100:400]
+        assert time.perf_counter() - t >= 0.15
+        assert fs.cat_file(f"{storage_catalog.BUCKET}/out/catalog/a.bin") == bytes(range(256)) * 40
+        time.sleep(0.2)  # (the line is written once the body is sent)
+        assert storage_catalog.get_bytes(log, since, "out") == (2, 300 + 10_240)
+        assert storage_catalog.get_bytes(log, since, "data") == (0, 0)
+    finally:
+        proc.terminate()
+        proc.wait(30)
