@@ -39,6 +39,7 @@ and rename; on a store a single PUT, atomic by itself).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import itertools
@@ -47,6 +48,7 @@ import logging
 import os
 import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -89,6 +91,7 @@ COMPACT_ROWS_PER_PART = 256  # rows per compacted part (as a run writes them: da
 # rows per row group of a table (the commit converts and writes a group at a time: the whole
 # table never exists as Arrow, nor its file in memory)
 TABLE_ROWS_PER_GROUP = 65_536
+ENTRY_READERS = 8  # new parts the commit reads at once for their size and sha256
 # text columns read as categoricals (one string per distinct value, an integer code per row): the
 # evidence and neighbour tables repeat each content, path, fingerprint and reason on many rows and
 # are read whole by a re-run; plain text was ~1.8 kB per image at 10k files (evidence 18.4 -> 4.9 MB)
@@ -146,6 +149,15 @@ class _Files:
 
     def read(self, rel: str) -> bytes:
         return self.fs.cat_file(self._path(rel))
+
+    def stat(self, rel: str) -> tuple[int, str | None] | None:
+        """(size, entity tag) of an object on a store, asked afresh (None when there is none);
+        the tag is None where the store gives none (storage._etag)."""
+        try:
+            info = self.fs.info(self._path(rel), refresh=True)
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        return int(info.get("size") or 0), storage._etag(info)
 
     def read_or_none(self, rel: str) -> bytes | None:
         """The file's bytes, None when there is none (read, not looked up in a cached listing:
@@ -441,10 +453,33 @@ class Catalog:
         self.problems.append(message)
 
     def verify_file(self, rel: str, entry: dict | None = None) -> bool:
-        """Is `rel` (relative to the catalog) present with the size and sha256 the manifest names?"""
+        """Is `rel` (relative to the catalog) present with the size and sha256 the manifest names?
+        A part on a store whose entry lists the object's entity tag is checked by its size and
+        tag instead (one HEAD, not a GET of ~11 MB: `_tag_checked`)."""
         if rel not in self._checked:
-            self._checked_bytes(rel, entry)
+            entry = entry or self.manifest.get("parts", {}).get(rel)
+            if self.files.remote and entry is not None and entry.get("etag"):
+                self._tag_checked(rel, entry)
+            else:
+                self._checked_bytes(rel, entry)
         return self._checked[rel]
+
+    def _tag_checked(self, rel: str, entry: dict) -> bool:
+        """A stored part is the object the commit hashed when it is there with the same size and
+        entity tag: a store gives an object written again (other bytes, or the same) a new tag,
+        and keeps an object's bytes as written (its own checksums), so the tag stands for the
+        sha256 the commit read. Not for local files (no such tag; a disk can rot)."""
+        found = self.files.stat(rel)
+        if found is None:
+            self._problem(f"{rel}: missing; its records are recomputed")
+        elif found != (entry["bytes"], entry["etag"]):
+            self._problem(f"{rel}: not the object its catalog lists (size or entity tag differs); "
+                          "its records are recomputed")
+        ok = found == (entry["bytes"], entry["etag"])
+        self._checked[rel] = ok
+        if not ok:
+            self.bad_files.add(rel)
+        return ok
 
     def _checked_bytes(self, rel: str, entry: dict | None = None) -> bytes | None:
         """The bytes of `rel` when they are what the manifest names (size and sha256), else None
@@ -512,10 +547,12 @@ class Catalog:
         return series, counts
 
     def part_checks(self, full_paths) -> list[str | None]:
-        """"<bytes>:<sha256>" of each absolute part path as the manifest lists it: what
-        `store.read_columns` checks a part against before it uses it. None for a file it does not
-        list (e.g. a part this run made) and for one this catalog has already checked and found
-        right (`verify_file`: the verify tier's; parts never change in place, so once is enough)."""
+        """"<bytes>:<sha256>" of each absolute part path as the manifest lists it, with
+        ":<entity tag>" for a part on a store whose entry has one (then checked by its size and
+        tag: `verify_file`): what `store.read_columns` checks a part against before it uses it.
+        None for a file it does not list (e.g. a part this run made) and for one this catalog has
+        already checked and found right (`verify_file`: the verify tier's; parts never change in
+        place, so once is enough)."""
         listed = self.manifest.get("parts", {})
         out = []
         for path in full_paths:
@@ -524,7 +561,8 @@ class Catalog:
             except ValueError:  # (not under the catalog)
                 rel = None
             entry = None if rel is None or self._checked.get(rel) else listed.get(rel)
-            out.append(f"{entry['bytes']}:{entry['sha256']}" if entry else None)
+            tag = f":{entry['etag']}" if entry and self.files.remote and entry.get("etag") else ""
+            out.append(f"{entry['bytes']}:{entry['sha256']}{tag}" if entry else None)
         return out
 
     def orphan_parts(self, kind: str, fp: str, sha_of_cid: pd.Series) -> pd.DataFrame:
@@ -578,10 +616,14 @@ class Catalog:
         for name, frame in (("images", images), ("neighbours", neighbours), ("evidence", evidence),
                             ("features", features)):
             tables[name] = self.files.write_table(f"tables/{name}-{tag}.parquet", frame)
-        parts = {}
         old_parts = previous.get("parts", {})
-        for rel in sorted(pd.unique(features["part"].astype(str))) if len(features) else []:
-            parts[rel] = old_parts.get(rel) or _entry(self.files, rel)
+        named = sorted(pd.unique(features["part"].astype(str))) if len(features) else []
+        new_parts = [rel for rel in named if not old_parts.get(rel)]
+        # each new part read once for its size and sha256, ENTRY_READERS at a time (on a store
+        # one GET of ~11 MB each: one after another they added up, ~180 parts at 100k files)
+        with ThreadPoolExecutor(max_workers=max(1, min(ENTRY_READERS, len(new_parts)))) as pool:
+            made = dict(zip(new_parts, pool.map(functools.partial(_entry, self.files), new_parts)))
+        parts = {rel: old_parts.get(rel) or made[rel] for rel in named}
         if config and config.get("storage", {}).get("options"):  # never credentials in the catalog
             config = {**config, "storage": {**config["storage"],
                                             "options": storage.redacted(config["storage"]["options"])}}
@@ -674,13 +716,19 @@ class Catalog:
 
 def _entry(files: _Files, rel: str) -> dict:
     """A file's manifest entry, read a MiB at a time (a feature part is ~13 MB: read whole, each
-    one a transient step in the commit's peak)."""
+    one a transient step in the commit's peak). On a store also the object's entity tag, when it
+    gives one and it is the same before and after the read (so the tag is of the bytes hashed):
+    later runs check the part by its size and tag (`Catalog.verify_file`)."""
+    before = files.stat(rel) if files.remote else None
     digest, size = hashlib.sha256(), 0
     with files.fs.open(files._path(rel), "rb") as fh:
         while block := fh.read(1 << 20):
             digest.update(block)
             size += len(block)
-    return {"file": rel, "bytes": size, "sha256": digest.hexdigest()}
+    entry = {"file": rel, "bytes": size, "sha256": digest.hexdigest()}
+    if before is not None and before[1] and files.stat(rel) == before == (size, before[1]):
+        entry["etag"] = before[1]
+    return entry
 
 
 def _fsync_dir(directory: Path) -> None:

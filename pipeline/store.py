@@ -295,22 +295,29 @@ def read_columns(path: str, keys, columns: list[str], check: str | None = None) 
     `check`: "<bytes>:<sha256>" the part must have (a catalog's part: `Catalog.part_checks`);
     then the whole file is read and checked first, once per process (PartChecksumError when it
     differs; a local file a MiB at a time, then only the row groups and columns wanted are read
-    from it). A part on a store is otherwise read by ranges: its footer (kept per process, as
+    from it). With ":<entity tag>" after it (a part on a store whose catalog lists its tag) the
+    object's size and tag are compared instead (`Catalog.verify_file`). A part on a store is otherwise read by ranges: its footer (kept per process, as
     the pair tasks' cache keeps it) and the spans of the wanted row groups and columns."""
     remote = storage.is_url(path)
     data = None
     if check is not None and (path, check) not in _CHECKED:
-        size, digest = check.split(":", 1)
-        if remote:
+        size, digest, *tag = check.split(":", 2)
+        if remote and tag:  # the object the catalog hashed: same size and entity tag (one HEAD)
+            fs, object_path = storage.filesystem(path)
+            with storage.readable_errors(path):
+                info = fs.info(object_path, refresh=True)
+            same = int(info.get("size") or -1) == int(size) and storage._etag(info) == tag[0]
+        elif remote:
             data = storage.read_bytes(path)
-            h, n = hashlib.sha256(data), len(data)
+            same = len(data) == int(size) and hashlib.sha256(data).hexdigest() == digest
         else:
             h, n = hashlib.sha256(), 0
             with open(path, "rb") as fh:
                 while block := fh.read(1 << 20):
                     h.update(block)
                     n += len(block)
-        if n != int(size) or h.hexdigest() != digest:
+            same = n == int(size) and h.hexdigest() == digest
+        if not same:
             raise PartChecksumError(f"{path}: not the bytes its catalog lists (changed or corrupt)")
         with _CHECKED_LOCK:
             if len(_CHECKED) >= _CHECKED_MAX:

@@ -934,6 +934,55 @@ def test_a_corrupt_catalog_object_is_reported_and_rebuilt(s3, bucket, tmp_path, 
     assert again["problems"] == [] and again["verify"]["pairs_verified"] == 0
 
 
+def test_catalog_parts_in_the_bucket_are_checked_by_size_and_entity_tag(s3, bucket, tmp_path, monkeypatch):
+    """The commit lists each part's entity tag beside its size and sha256; a later run checks a
+    stored part by its size and tag (a HEAD), not by reading it whole to hash it, and a part
+    written again with other bytes of the same size is reported and its features recomputed."""
+    from pipeline import catalog
+    _, env, _ = s3
+    _aws_env(monkeypatch, env)
+    fs = _fs(env)
+    out = f"s3://{BUCKET}/tagged/out"
+    args = ["--tiers", "verify", "--scheduler", "sync", "--quiet"]
+    assert _dedupe(bucket, "--out", out, *args) == 0
+    root = f"{BUCKET}/tagged/out/catalog"
+    manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
+    assert manifest["parts"]
+    for rel, entry in manifest["parts"].items():
+        info = fs.info(f"{root}/{rel}", refresh=True)
+        assert (entry["bytes"], entry["etag"]) == (info["size"], info["ETag"].strip('"')), rel
+    hashed: list[str] = []
+    real = catalog.Catalog._checked_bytes
+    monkeypatch.setattr(catalog.Catalog, "_checked_bytes",
+                        lambda self, rel, entry=None: hashed.append(rel) or real(self, rel, entry))
+    # another ratio: every pair scored again from the stored features (each part checked)
+    assert _dedupe(bucket, "--out", out, *args, "--set", "verify.ratio=0.75") == 0
+    reuse = _run_json(fs, out)["reuse"]
+    assert reuse["problems"] == [] and reuse["verify"]["features_reused"] > 0
+    assert reuse["verify"]["features_computed"] == 0
+    assert hashed and not [rel for rel in hashed if rel in manifest["parts"]]  # (the tables are hashed)
+    part = sorted(manifest["parts"])[0]
+    # the report's check of a part carries its tag: compared, not the bytes hashed
+    from pipeline import storage, store
+    storage.configure({})
+    entry = manifest["parts"][part]
+    check = f"{entry['bytes']}:{entry['sha256']}:{entry['etag']}"
+    assert store.read_columns(f"s3://{root}/{part}", [], ["width"], check=check).empty
+    with pytest.raises(store.PartChecksumError):
+        store.read_columns(f"s3://{root}/{part}", [], ["width"], check=f"{entry['bytes']}:{entry['sha256']}:0{entry['etag']}")
+    body = fs.cat_file(f"{root}/{part}")
+    edited = bytearray(body)
+    edited[len(body) // 2] ^= 0x01  # (inside a column chunk's pages)
+    fs.pipe_file(f"{root}/{part}", bytes(edited))
+    assert _dedupe(bucket, "--out", out, *args, "--set", "verify.ratio=0.7") == 0
+    reuse = _run_json(fs, out)["reuse"]
+    assert [p for p in reuse["problems"] if part in p and "entity tag differs" in p], reuse["problems"]
+    assert reuse["verify"]["features_computed"] > 0  # the part's features made again
+    assert _dedupe(bucket, "--out", str(tmp_path / "scratch"), "--no-catalog", *args,
+                   "--set", "verify.ratio=0.7") == 0
+    _assert_same_outputs(_read_outputs(out, env), _read_outputs(tmp_path / "scratch", env))
+
+
 def test_catalog_parts_in_the_bucket_are_compacted_and_still_give_the_same_results(s3, bucket, tmp_path,
                                                                                   monkeypatch):
     from pipeline import catalog
