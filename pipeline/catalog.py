@@ -91,7 +91,7 @@ COMPACT_ROWS_PER_PART = 256  # rows per compacted part (as a run writes them: da
 # rows per row group of a table (the commit converts and writes a group at a time: the whole
 # table never exists as Arrow, nor its file in memory)
 TABLE_ROWS_PER_GROUP = 65_536
-ENTRY_READERS = 8  # new parts the commit reads at once for their size and sha256
+ENTRY_READERS = 4  # new parts the commit reads at once for their size and sha256
 # text columns read as categoricals (one string per distinct value, an integer code per row): the
 # evidence and neighbour tables repeat each content, path, fingerprint and reason on many rows and
 # are read whole by a re-run; plain text was ~1.8 kB per image at 10k files (evidence 18.4 -> 4.9 MB)
@@ -154,7 +154,7 @@ class _Files:
         """(size, entity tag) of an object on a store, asked afresh (None when there is none);
         the tag is None where the store gives none (storage._etag)."""
         try:
-            info = self.fs.info(self._path(rel), refresh=True)
+            info = storage.fresh_info(self.fs, self._path(rel))
         except (FileNotFoundError, IsADirectoryError):
             return None
         return int(info.get("size") or 0), storage._etag(info)
@@ -386,6 +386,9 @@ class Catalog:
     features: pd.DataFrame = field(default_factory=lambda: _empty(FEATURE_COLUMNS))
     problems: list[str] = field(default_factory=list)
     _checked: dict[str, bool] = field(default_factory=dict)
+    # entity tags of stored files this run hashed and found right (`_checked_bytes`): the commit
+    # adds them to parts listed without one, or with another (a copied catalog)
+    tags: dict[str, str] = field(default_factory=dict)
     bad_files: set[str] = field(default_factory=set)  # failed their check: never listed again
     files: _Files | None = None
 
@@ -468,24 +471,27 @@ class Catalog:
         """A stored part is the object the commit hashed when it is there with the same size and
         entity tag: a store gives an object written again (other bytes, or the same) a new tag,
         and keeps an object's bytes as written (its own checksums), so the tag stands for the
-        sha256 the commit read. Not for local files (no such tag; a disk can rot)."""
+        sha256 the commit read. Another tag with the same size (a copy of the catalog, a
+        metadata update) is settled by hashing the bytes. Not for local files (no such tag; a
+        disk can rot)."""
         found = self.files.stat(rel)
-        if found is None:
-            self._problem(f"{rel}: missing; its records are recomputed")
-        elif found != (entry["bytes"], entry["etag"]):
-            self._problem(f"{rel}: not the object its catalog lists (size or entity tag differs); "
-                          "its records are recomputed")
-        ok = found == (entry["bytes"], entry["etag"])
-        self._checked[rel] = ok
-        if not ok:
-            self.bad_files.add(rel)
-        return ok
+        if found is not None and found[0] == entry["bytes"]:
+            if found[1] == entry["etag"]:
+                self._checked[rel] = True
+                return True
+            return self._checked_bytes(rel, entry) is not None  # another tag: the bytes decide
+        self._problem(f"{rel}: missing; its records are recomputed" if found is None else
+                      f"{rel}: not the size its catalog lists; its records are recomputed")
+        self._checked[rel] = False
+        self.bad_files.add(rel)
+        return False
 
     def _checked_bytes(self, rel: str, entry: dict | None = None) -> bytes | None:
         """The bytes of `rel` when they are what the manifest names (size and sha256), else None
         (reported as a problem)."""
         entry = entry or self.manifest.get("parts", {}).get(rel)
         data = None
+        before = self.files.stat(rel) if self.files.remote and entry is not None else None
         if entry is None:
             self._problem(f"{rel}: not listed in the manifest; not used")
         elif (data := self.files.read_or_none(rel)) is None:
@@ -494,6 +500,8 @@ class Catalog:
             if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 self._problem(f"{rel}: checksum mismatch (corrupt); its records are recomputed")
                 data = None
+        if data is not None and before is not None and before[1] and self.files.stat(rel) == before:
+            self.tags[rel] = before[1]  # the hashed bytes' tag: the commit lists it (checked by it next time)
         self._checked[rel] = data is not None
         if data is None:
             self.bad_files.add(rel)
@@ -620,10 +628,13 @@ class Catalog:
         named = sorted(pd.unique(features["part"].astype(str))) if len(features) else []
         new_parts = [rel for rel in named if not old_parts.get(rel)]
         # each new part read once for its size and sha256, ENTRY_READERS at a time (on a store
-        # one GET of ~11 MB each: one after another they added up, ~180 parts at 100k files)
+        # ~11 MB each: one after another they added up, ~180 parts at 100k files)
         with ThreadPoolExecutor(max_workers=max(1, min(ENTRY_READERS, len(new_parts)))) as pool:
             made = dict(zip(new_parts, pool.map(functools.partial(_entry, self.files), new_parts)))
         parts = {rel: old_parts.get(rel) or made[rel] for rel in named}
+        for rel in set(parts) & set(self.tags):
+            if parts[rel].get("etag") != self.tags[rel]:
+                parts[rel] = {**parts[rel], "etag": self.tags[rel]}
         if config and config.get("storage", {}).get("options"):  # never credentials in the catalog
             config = {**config, "storage": {**config["storage"],
                                             "options": storage.redacted(config["storage"]["options"])}}
@@ -721,7 +732,9 @@ def _entry(files: _Files, rel: str) -> dict:
     later runs check the part by its size and tag (`Catalog.verify_file`)."""
     before = files.stat(rel) if files.remote else None
     digest, size = hashlib.sha256(), 0
-    with files.fs.open(files._path(rel), "rb") as fh:
+    # (4 MiB blocks, a GET each on a store: its file object would otherwise read ahead ~50 MB,
+    # the whole part, for each of the ENTRY_READERS at once)
+    with files.fs.open(files._path(rel), "rb", block_size=4 << 20) as fh:
         while block := fh.read(1 << 20):
             digest.update(block)
             size += len(block)

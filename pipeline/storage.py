@@ -328,6 +328,14 @@ def readable_errors(url: str) -> Iterator[None]:
         raise PermissionError(errno.EACCES, "access denied by the store", url) from None
 
 
+def fresh_info(fs, path: str) -> dict:
+    """`fs.info` of an object as the store has it now, not as a listing this process made (gcsfs
+    answers from its listing cache even with refresh=True, and the workers write objects this
+    process listed before)."""
+    fs.invalidate_cache(path)
+    return fs.info(path, refresh=True)
+
+
 def read_bytes(url: str) -> bytes:
     """The whole object (errors as `readable_errors`)."""
     fs, path = filesystem(url)

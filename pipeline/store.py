@@ -113,7 +113,7 @@ def read_footer(url: str) -> tuple[bytes, int]:
     larger). The size is asked afresh: a listing this process made may predate the part."""
     fs, path = storage.filesystem(url)
     with storage.readable_errors(url):
-        size = fs.info(path, refresh=True).get("size")
+        size = storage.fresh_info(fs, path).get("size")
         if size is None:
             raise OSError(f"{url}: the store gives no size for this object")
         size = int(size)
@@ -296,21 +296,24 @@ def read_columns(path: str, keys, columns: list[str], check: str | None = None) 
     then the whole file is read and checked first, once per process (PartChecksumError when it
     differs; a local file a MiB at a time, then only the row groups and columns wanted are read
     from it). With ":<entity tag>" after it (a part on a store whose catalog lists its tag) the
-    object's size and tag are compared instead (`Catalog.verify_file`). A part on a store is otherwise read by ranges: its footer (kept per process, as
-    the pair tasks' cache keeps it) and the spans of the wanted row groups and columns."""
+    object's size and tag are compared instead, and the part is read and hashed only when they
+    differ (`Catalog.verify_file`). A part on a store is otherwise read by ranges: its footer
+    (kept per process, as the pair tasks' cache keeps it) and the spans of the wanted row groups
+    and columns."""
     remote = storage.is_url(path)
     data = None
     if check is not None and (path, check) not in _CHECKED:
         size, digest, *tag = check.split(":", 2)
+        same = False
         if remote and tag:  # the object the catalog hashed: same size and entity tag (one HEAD)
             fs, object_path = storage.filesystem(path)
             with storage.readable_errors(path):
-                info = fs.info(object_path, refresh=True)
+                info = storage.fresh_info(fs, object_path)
             same = int(info.get("size") or -1) == int(size) and storage._etag(info) == tag[0]
-        elif remote:
+        if remote and not same:  # (another tag, e.g. after a copy: the bytes decide)
             data = storage.read_bytes(path)
             same = len(data) == int(size) and hashlib.sha256(data).hexdigest() == digest
-        else:
+        elif not remote:
             h, n = hashlib.sha256(), 0
             with open(path, "rb") as fh:
                 while block := fh.read(1 << 20):
