@@ -195,3 +195,20 @@ def test_ranges_read_right_when_no_spans_are_merged(tmp_path, monkeypatch):
         pd.testing.assert_frame_equal(store.read_rows([url], keys), store.read_rows([local], keys))
         cols = ["label", "error", "empty", "width"]
         pd.testing.assert_frame_equal(store.read_columns(url, keys, cols), store.read_columns(local, keys, cols))
+
+
+def test_a_catalog_reads_the_keys_of_a_stored_part_by_ranges(tmp_path, monkeypatch):
+    """The parts a run wrote (`catalog.parts_summary`) and a killed run's parts it adopts are
+    listed by their key and error columns: on a store those columns' spans, not the part."""
+    from pipeline import catalog
+    rng = np.random.default_rng(6)
+    frame = _blob_frame(150, rng).assign(error=lambda f: np.where(f["width"] % 5 == 0, "bad", None))
+    directory = f"memory://ranges-keys-{tmp_path.name}/embed"
+    url = store.write_partition(directory, 3, frame)
+    size = len(storage.read_bytes(url))
+    counted = _CountingReads(monkeypatch)
+    got = catalog.parts_summary(directory)
+    assert sum(counted.reads) < size / 20, (counted.reads, size)
+    want = frame.sort_values("key")[["key", "error"]].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got[["key", "error"]], want)
+    assert set(got["part_path"]) == {url}
