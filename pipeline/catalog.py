@@ -496,7 +496,8 @@ class Catalog:
         (reported as a problem)."""
         entry = entry or self.manifest.get("parts", {}).get(rel)
         data = None
-        before = self.files.stat(rel) if self.files.remote and entry is not None else None
+        # (a stored part's tag around the read; not a table's, which is always hashed)
+        before = self.files.stat(rel) if self.files.remote and rel in self.manifest.get("parts", {}) else None
         if entry is None:
             self._problem(f"{rel}: not listed in the manifest; not used")
         elif (data := self.files.read_or_none(rel)) is None:
