@@ -74,9 +74,7 @@ def start_moto(log_path: Path, latency_ms: float = 0.0) -> tuple[subprocess.Pope
 
 def object_gets(log_path: Path, since: int, prefix: str) -> int:
     """GETs of objects under `prefix` (not listings) in the server's log after line `since`."""
-    marker = f'"GET /{BUCKET}/{prefix}/'
-    lines = log_path.read_text(errors="replace").splitlines()[since:]
-    return sum(1 for line in lines if marker in line)
+    return get_bytes(log_path, since, prefix)[0]
 
 
 def out_requests(log_path: Path, since: int, prefix: str) -> dict[str, int]:

@@ -150,14 +150,13 @@ class _Files:
     def read(self, rel: str) -> bytes:
         return self.fs.cat_file(self._path(rel))
 
-    def stat(self, rel: str) -> tuple[int, str | None] | None:
+    def stat(self, rel: str) -> tuple[int | None, str | None] | None:
         """(size, entity tag) of an object on a store, asked afresh (None when there is none);
         the tag is None where the store gives none (storage._etag)."""
         try:
-            info = storage.fresh_info(self.fs, self._path(rel))
+            return storage.size_and_tag(self.fs, self._path(rel))
         except (FileNotFoundError, IsADirectoryError):
             return None
-        return int(info.get("size") or 0), storage._etag(info)
 
     def read_or_none(self, rel: str) -> bytes | None:
         """The file's bytes, None when there is none (read, not looked up in a cached listing:

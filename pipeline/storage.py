@@ -328,12 +328,14 @@ def readable_errors(url: str) -> Iterator[None]:
         raise PermissionError(errno.EACCES, "access denied by the store", url) from None
 
 
-def fresh_info(fs, path: str) -> dict:
-    """`fs.info` of an object as the store has it now, not as a listing this process made (gcsfs
-    answers from its listing cache even with refresh=True, and the workers write objects this
-    process listed before)."""
+def size_and_tag(fs, path: str) -> tuple[int | None, str | None]:
+    """An object's size and entity tag (`_etag`; None where the store gives none) as the store
+    has them now, not as a listing this process made (gcsfs answers from its listing cache even
+    with refresh=True, and the workers write objects this process listed before)."""
     fs.invalidate_cache(path)
-    return fs.info(path, refresh=True)
+    info = fs.info(path, refresh=True)
+    size = info.get("size")
+    return (None if size is None else int(size)), _etag(info)
 
 
 def read_bytes(url: str) -> bytes:

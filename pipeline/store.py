@@ -113,10 +113,9 @@ def read_footer(url: str) -> tuple[bytes, int]:
     larger). The size is asked afresh: a listing this process made may predate the part."""
     fs, path = storage.filesystem(url)
     with storage.readable_errors(url):
-        size = storage.fresh_info(fs, path).get("size")
+        size, _ = storage.size_and_tag(fs, path)
         if size is None:
             raise OSError(f"{url}: the store gives no size for this object")
-        size = int(size)
         tail = fs.cat_file(path, start=max(0, size - FOOTER_READ), end=size)
         need = int.from_bytes(tail[-8:-4], "little") + 8
         if len(tail) < need <= size:  # (the footer's head, before what was read)
@@ -157,6 +156,12 @@ def open_ranges(url: str, meta: pq.FileMetaData, size: int, groups: list[int], c
     # (pre_buffer off: the bytes are in memory already, and pyarrow's pre-buffering would merge
     # reads across small gaps this did not fetch)
     return pq.ParquetFile(_Spans(size, {m[0]: d for m, d in zip(merged, data)}), metadata=meta, pre_buffer=False)
+
+
+def _groups_holding(ranges: np.ndarray, wanted: np.ndarray) -> list[int]:
+    """The row groups whose key range (`_key_ranges`) holds a key of `wanted` (sorted int64)."""
+    return [int(g) for g in np.flatnonzero(np.searchsorted(wanted, ranges[:, 1], side="right")
+                                           > np.searchsorted(wanted, ranges[:, 0], side="left"))]
 
 
 def _key_ranges(meta: pq.FileMetaData) -> np.ndarray:
@@ -228,14 +233,12 @@ class _PartitionCache:
                 self._ranges[path] = ranges
                 while len(self._ranges) > self.capacity_parts:
                     self._ranges.popitem(last=False)
-        # row groups whose key range holds a wanted key
-        need = np.flatnonzero(np.searchsorted(wanted, ranges[:, 1], side="right")
-                              > np.searchsorted(wanted, ranges[:, 0], side="left"))
+        need = _groups_holding(ranges, wanted)
         with self._lock:
             have = {g: self._groups[(path, g)] for g in need if (path, g) in self._groups}
             for g in have:
                 self._groups.move_to_end((path, g))
-        missing = [int(g) for g in need if g not in have]
+        missing = [g for g in need if g not in have]
         if missing:
             if remote:
                 if meta is None:  # (not parsed above)
@@ -308,8 +311,7 @@ def read_columns(path: str, keys, columns: list[str], check: str | None = None) 
         if remote and tag:  # the object the catalog hashed: same size and entity tag (one HEAD)
             fs, object_path = storage.filesystem(path)
             with storage.readable_errors(path):
-                info = storage.fresh_info(fs, object_path)
-            same = int(info.get("size") or -1) == int(size) and storage._etag(info) == tag[0]
+                same = storage.size_and_tag(fs, object_path) == (int(size), tag[0])
         if remote and not same:  # (another tag, e.g. after a copy: the bytes decide)
             data = storage.read_bytes(path)
             same = len(data) == int(size) and hashlib.sha256(data).hexdigest() == digest
@@ -339,8 +341,7 @@ def read_columns(path: str, keys, columns: list[str], check: str | None = None) 
     have = set(meta.schema.to_arrow_schema().names)
     wanted = np.sort(pd.unique(pd.Series(keys, dtype="int64")).astype(np.int64))
     ranges = _key_ranges(meta)
-    groups = [int(g) for g in np.flatnonzero(np.searchsorted(wanted, ranges[:, 1], side="right")
-                                             > np.searchsorted(wanted, ranges[:, 0], side="left"))]
+    groups = _groups_holding(ranges, wanted)
     if pf is None:
         pf = open_ranges(path, meta, file_size, groups, ["key", *[c for c in columns if c in have]])
     table = pf.read_row_groups(groups, columns=["key", *[c for c in columns if c in have]])

@@ -909,14 +909,19 @@ def test_a_second_run_on_a_catalog_in_the_bucket_exits_2_naming_the_holder(s3, b
     assert fs.exists(f"{BUCKET}/lock/catalog/manifest.json") and not fs.exists(f"{BUCKET}/lock/catalog/.catalog.lock")
 
 
-def test_a_corrupt_catalog_object_is_reported_and_rebuilt(s3, bucket, tmp_path, monkeypatch):
+def _verified_into_bucket(s3, bucket: str, monkeypatch, name: str) -> tuple[dict, object, str, list[str], str]:
+    """A first in-process run to the verify tier into s3://BUCKET/`name`/out (its catalog in the
+    bucket): (env, fsspec filesystem, OUT, the run's args, the catalog's bucket path)."""
     _, env, _ = s3
     _aws_env(monkeypatch, env)
-    fs = _fs(env)
-    out = f"s3://{BUCKET}/corrupt/out"
+    out = f"s3://{BUCKET}/{name}/out"
     args = ["--tiers", "verify", "--scheduler", "sync", "--quiet"]
     assert _dedupe(bucket, "--out", out, *args) == 0
-    root = f"{BUCKET}/corrupt/out/catalog"
+    return env, _fs(env), out, args, f"{BUCKET}/{name}/out/catalog"
+
+
+def test_a_corrupt_catalog_object_is_reported_and_rebuilt(s3, bucket, tmp_path, monkeypatch):
+    env, fs, out, args, root = _verified_into_bucket(s3, bucket, monkeypatch, "corrupt")
     manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
     evidence = f"{root}/{manifest['tables']['evidence']['file']}"
     body = fs.cat_file(evidence)
@@ -941,13 +946,7 @@ def test_catalog_parts_in_the_bucket_are_checked_by_size_and_entity_tag(s3, buck
     manifest lists the part's tag; a part rewritten with other bytes of the same size is found
     by its hash, reported, and its features recomputed."""
     from pipeline import catalog, storage, store
-    _, env, _ = s3
-    _aws_env(monkeypatch, env)
-    fs = _fs(env)
-    out = f"s3://{BUCKET}/tagged/out"
-    args = ["--tiers", "verify", "--scheduler", "sync", "--quiet"]
-    assert _dedupe(bucket, "--out", out, *args) == 0
-    root = f"{BUCKET}/tagged/out/catalog"
+    env, fs, out, args, root = _verified_into_bucket(s3, bucket, monkeypatch, "tagged")
 
     def manifest() -> dict:
         return json.loads(fs.cat_file(f"{root}/manifest.json"))
