@@ -9,6 +9,7 @@ workers see (as the images are): a shared folder or a store URL (pipeline/storag
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import io
 import os
@@ -107,12 +108,26 @@ class _Spans(io.RawIOBase):
         return want
 
 
+def _filesystem(url: str):
+    """(fsspec filesystem, its path) for a part: a store's, or the local one for a local path."""
+    if storage.is_url(url):
+        return storage.filesystem(url)
+    from fsspec.implementations.local import LocalFileSystem
+    return LocalFileSystem(), str(url)
+
+
+def _errors(url: str):
+    """A store's missing or forbidden object as a readable error (`storage.readable_errors`); a
+    local file's error is readable as it is."""
+    return storage.readable_errors(url) if storage.is_url(url) else contextlib.nullcontext()
+
+
 def read_footer(url: str) -> tuple[bytes, int]:
-    """A stored part's footer (its last bytes, ending in the footer's length and magic) and its
-    size: the size, then its last FOOTER_READ bytes (two requests; a third when the footer is
-    larger). The size is asked afresh: a listing this process made may predate the part."""
-    fs, path = storage.filesystem(url)
-    with storage.readable_errors(url):
+    """A part's footer (its last bytes, ending in the footer's length and magic) and its size:
+    the size, then its last FOOTER_READ bytes (two requests on a store; a third when the footer
+    is larger). The size is asked afresh: a listing this process made may predate the part."""
+    fs, path = _filesystem(url)
+    with _errors(url):
         size, _ = storage.size_and_tag(fs, path)
         if size is None:
             raise OSError(f"{url}: the store gives no size for this object")
@@ -139,8 +154,10 @@ def _chunk_span(meta: pq.FileMetaData, group: int, column: int) -> tuple[int, in
 
 
 def open_ranges(url: str, meta: pq.FileMetaData, size: int, groups: list[int], columns: list[str]) -> pq.ParquetFile:
-    """The part at `url` as a ParquetFile that holds only the byte spans of `columns` in row
-    groups `groups` (neighbouring spans fetched as one range, the ranges fetched together)."""
+    """The part at `url` (a URL or a local path) as a ParquetFile that holds only the byte spans
+    of `columns` in row groups `groups` (neighbouring spans fetched as one range, the ranges
+    fetched together). A span that comes back short (the part shrank after its footer was read)
+    is an OSError."""
     names = meta.schema.to_arrow_schema().names
     spans = sorted(_chunk_span(meta, g, names.index(c)) for g in groups for c in columns if c in names)
     merged: list[list[int]] = []
@@ -149,10 +166,14 @@ def open_ranges(url: str, meta: pq.FileMetaData, size: int, groups: list[int], c
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([start, end])
-    fs, path = storage.filesystem(url)
-    with storage.readable_errors(url):
+    fs, path = _filesystem(url)
+    with _errors(url):
         data = fs.cat_ranges([path] * len(merged), [m[0] for m in merged], [m[1] for m in merged],
                              on_error="raise") if merged else []
+    for (start, end), got in zip(merged, data):
+        if len(got) != end - start:
+            raise OSError(f"{url}: {len(got)} of bytes {start}-{end} read: the part is shorter than its "
+                          "footer says (truncated or replaced while being read)")
     # (pre_buffer off: the bytes are in memory already, and pyarrow's pre-buffering would merge
     # reads across small gaps this did not fetch)
     return pq.ParquetFile(_Spans(size, {m[0]: d for m, d in zip(merged, data)}), metadata=meta, pre_buffer=False)
@@ -289,6 +310,12 @@ _CHECKED_LOCK = Lock()
 _CHECKED_MAX = 65536
 
 
+def _local_footer(path: str) -> tuple[pq.FileMetaData, int]:
+    """A local part's metadata and size (not cached: reading a local footer is cheap)."""
+    footer, size = read_footer(path)
+    return parse_footer(footer), size
+
+
 def read_columns(path: str, keys, columns: list[str], check: str | None = None) -> pd.DataFrame:
     """`columns` of the rows for `keys` in one part, indexed by key, reading only the row groups
     that hold them and only those columns (the report's thumbnails without the descriptors); a
@@ -328,16 +355,15 @@ def read_columns(path: str, keys, columns: list[str], check: str | None = None) 
             if len(_CHECKED) >= _CHECKED_MAX:
                 _CHECKED.clear()
             _CHECKED.add((path, check))
-    # a local part mapped, not read into buffers: only the pages the wanted columns decode from are
-    # touched, and nothing is left in this process's heap (the report's threads reading a 100k
-    # run's parts held ~65 MB more of the driver's peak). Parts are never rewritten in place (a
-    # new name, then a rename), so a mapped file does not change under the reader.
+    # only the spans of the wanted columns and row groups are read, a local part as a stored one:
+    # not mapped (a read error on a mapped file, e.g. a network share failing, is a SIGBUS that
+    # kills the process; a read is an OSError the report's fallback takes), and not read through
+    # pyarrow's buffers (the report's threads reading a 100k run's parts so held ~65 MB more)
     pf = None
     if data is not None:
         pf = pq.ParquetFile(io.BytesIO(data))
-    elif not remote:
-        pf = pq.ParquetFile(path, memory_map=True)
-    meta, file_size = (pf.metadata, None) if pf is not None else _CACHE._footer(path)
+    meta, file_size = (pf.metadata, None) if pf is not None else \
+        _CACHE._footer(path) if remote else _local_footer(path)
     have = set(meta.schema.to_arrow_schema().names)
     wanted = np.sort(pd.unique(pd.Series(keys, dtype="int64")).astype(np.int64))
     ranges = _key_ranges(meta)
