@@ -39,7 +39,6 @@ and rename; on a store a single PUT, atomic by itself).
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import io
 import itertools
@@ -600,6 +599,10 @@ class Catalog:
         found = found[pd.Index(found["key"] // 8).isin(sha_of_cid.index)]
         return found.drop_duplicates("key", keep="last").reset_index(drop=True)
 
+    def feature_root_folder(self) -> str:
+        """The folder (or prefix) under which every feature part is."""
+        return self.files.full("features")
+
     def feature_root(self, kind: str, fp: str) -> str:
         """Where features of `kind` made with settings `fp` go (verify adds a folder per run)."""
         return self.files.full(f"features/{kind}/{fp}")
@@ -610,9 +613,14 @@ class Catalog:
     # -- writing (the caller holds the lock) --------------------------------------------------
 
     def commit(self, *, root: str, run_id: str, fps: dict, images: pd.DataFrame, neighbours: pd.DataFrame | None,
-               evidence: pd.DataFrame | EvidenceTable, features: pd.DataFrame, config: dict | None = None) -> dict:
+               evidence: pd.DataFrame | EvidenceTable, features: pd.DataFrame, config: dict | None = None,
+               written: dict | None = None) -> dict:
         """Write the new tables, then switch the manifest atomically; remove files no manifest of
-        this or the previous generation names. Returns the new manifest."""
+        this or the previous generation names. Returns the new manifest.
+
+        `written`: the parts the workers wrote, with their writers' sizes and digests
+        (`store.written_anywhere`); with those this process's own (a compaction's), a new part
+        whose state is still the writer's is listed without reading it again."""
         previous = self.manifest
         generation = int(previous.get("generation", 0)) + 1
         tag = f"{generation:06d}-{uuid.uuid4().hex[:8]}"
@@ -632,10 +640,15 @@ class Catalog:
         old_parts = previous.get("parts", {})
         named = sorted(pd.unique(features["part"].astype(str))) if len(features) else []
         new_parts = [rel for rel in named if not old_parts.get(rel)]
-        # each new part read once for its size and sha256, ENTRY_READERS at a time (on a store
-        # ~11 MB each: one after another they added up, ~180 parts at 100k files)
+        by_writer = {}
+        for path, found in {**(written or {}), **store.written(self.feature_root_folder())}.items():
+            with contextlib.suppress(ValueError):  # (a path outside the catalog)
+                by_writer[self.files.rel(path)] = found
+        # each new part's size and sha256: its writer's, when the part is still as written (one
+        # HEAD or stat), else read once, ENTRY_READERS at a time (on a store ~11 MB each: one
+        # after another they added up, ~180 parts at 100k files)
         with ThreadPoolExecutor(max_workers=max(1, min(ENTRY_READERS, len(new_parts)))) as pool:
-            made = dict(zip(new_parts, pool.map(functools.partial(_entry, self.files), new_parts)))
+            made = dict(zip(new_parts, pool.map(lambda rel: _entry(self.files, rel, by_writer.get(rel)), new_parts)))
         parts = {rel: old_parts.get(rel) or made[rel] for rel in named}
         for rel in set(parts) & set(self.tags):
             if parts[rel].get("etag") != self.tags[rel]:
@@ -730,11 +743,23 @@ class Catalog:
         return removed
 
 
-def _entry(files: _Files, rel: str) -> dict:
+def _entry(files: _Files, rel: str, by_writer: tuple[int, str, str] | None = None) -> dict:
+    """A part's manifest entry: its size and sha256, and on a store its entity tag (later runs
+    check the part by its size and tag, `Catalog.verify_file`). `by_writer`: (bytes, sha256,
+    state) from the part's writer (`store.written`); when the part's state now is the one its
+    writer saw, the entry is made from them, else the part is read (`_hashed_entry`)."""
+    if by_writer is not None:
+        size, digest, was = by_writer
+        with contextlib.suppress(OSError):
+            if store.state(files.full(rel)) == (size, was):
+                return {"file": rel, "bytes": size, "sha256": digest, **({"etag": was} if files.remote else {})}
+    return _hashed_entry(files, rel)
+
+
+def _hashed_entry(files: _Files, rel: str) -> dict:
     """A file's manifest entry, read a MiB at a time (a feature part is ~13 MB: read whole, each
     one a transient step in the commit's peak). On a store also the object's entity tag, when it
-    gives one and it is the same before and after the read (so the tag is of the bytes hashed):
-    later runs check the part by its size and tag (`Catalog.verify_file`)."""
+    gives one and it is the same before and after the read (so the tag is of the bytes hashed)."""
     before = files.stat(rel) if files.remote else None
     digest, size = hashlib.sha256(), 0
     # (4 MiB blocks, a GET each on a store: its file object would otherwise read ahead ~50 MB,

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 import pipeline
-from pipeline import candidates, catalog, decide, outdir, paths, scan, screen, storage, write
+from pipeline import candidates, catalog, decide, outdir, paths, scan, screen, storage, store, write
 from pipeline.config import Config, ConfigError, check_scheduler
 from pipeline.progress import Progress, Sent, again_if_lost, in_process_threads, map_tasks
 
@@ -1050,7 +1050,9 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         committed = cat.commit(root=root_text, run_id=run_id, fps=fps,
                                images=catalog.images_table(images, fps),
                                neighbours=catalog.neighbours_table(search_info["neighbours"], images),
-                               evidence=evidence, features=features, config=cfg.to_dict())
+                               evidence=evidence, features=features, config=cfg.to_dict(),
+                               # (the workers' parts: listed by their writers' digests, not read again)
+                               written=store.written_anywhere(running(client), cat.feature_root_folder()))
         reuse["problems"] = list(cat.problems)
         reuse["catalog_generation"] = committed["generation"]
         reuse["catalog_compacted"] = committed.get("compacted", [])

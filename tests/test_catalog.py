@@ -2,6 +2,7 @@
 they affect, and the catalog survives what a scheduler does (locks, kills, corrupt files)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from PIL import Image
 
 from bench import transforms
 from conftest import kill_when_logged
-from pipeline import catalog, outdir
+from pipeline import catalog, outdir, store
 from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -452,8 +453,42 @@ def test_a_new_version_of_the_orb_code_recomputes_orb_only(kind, grown, tmp_path
     assert_same_outputs(out, grown["scratch"])
 
 
+def _spy_hashed_entries(monkeypatch) -> list[str]:
+    """The files the catalog's commit reads to hash (`catalog._hashed_entry`), as they happen."""
+    hashed: list[str] = []
+    real = catalog._hashed_entry
+    monkeypatch.setattr(catalog, "_hashed_entry", lambda files, rel: hashed.append(rel) or real(files, rel))
+    return hashed
+
+
+def test_a_new_part_is_listed_by_its_writers_digest_while_it_is_as_written(tmp_path, monkeypatch):
+    """The commit lists a part this process wrote by the size and sha256 its writer took
+    (`store.written`) while the part's state (size, mtime, inode) is still the one after the
+    write; a part replaced since, or one another process wrote, is read and hashed."""
+    files = catalog._Files(tmp_path / "cat")
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"key": np.arange(0, 800, 8, dtype=np.int64), "blob": [rng.bytes(100) for _ in range(100)]})
+    path = store.write_partition(files.full("features/orb/fp/run"), 0, frame)
+    rel = files.rel(path)
+    by_writer = store.written(files.full("features"))[path]
+    hashed = _spy_hashed_entries(monkeypatch)
+    data = Path(path).read_bytes()
+
+    def right(body: bytes) -> dict:
+        return {"file": rel, "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert catalog._entry(files, rel, by_writer) == right(data) and hashed == []
+    assert store.written(files.full("tables")) == {}  # (only what is under the folder asked)
+    other = bytearray(data)
+    other[len(data) // 2] ^= 0x01
+    tmp = Path(path).with_name("replacement.tmp")
+    tmp.write_bytes(bytes(other))
+    os.replace(tmp, path)  # same size, other bytes, a new file: not what the writer hashed
+    assert catalog._entry(files, rel, by_writer) == right(bytes(other)) and hashed == [rel]
+    assert catalog._entry(files, rel) == right(bytes(other)) and hashed == [rel, rel]  # (none from a writer)
+
+
 @pytest.mark.slow
-def test_incremental_run_on_a_local_cluster_equals_a_run_from_scratch(grown, tmp_path):
+def test_incremental_run_on_a_local_cluster_equals_a_run_from_scratch(grown, tmp_path, monkeypatch):
     # a copy of the folder (the catalog's records are per folder: all files are read again, but
     # features and pair scores are found by content) plus a new image, on a real LocalCluster
     data = tmp_path / "data"
@@ -464,7 +499,15 @@ def test_incremental_run_on_a_local_cluster_equals_a_run_from_scratch(grown, tmp
     shutil.copytree(grown["out"], out)
     args = ["dedupe", str(data), "--out", str(out), "--scheduler", "local", "--quiet",
             "--set", "decide.accept_inliers=60", "--set", "dask.n_workers=2", "--set", "dask.dashboard_address="]
+    hashed = _spy_hashed_entries(monkeypatch)
+    before = set(json.loads((out / "catalog" / catalog.MANIFEST).read_text())["parts"])
     assert main(args) == 0
+    # the workers' parts are listed by their writers' digests (gathered from the workers), not read again
+    parts = json.loads((out / "catalog" / catalog.MANIFEST).read_text())["parts"]
+    assert set(parts) - before and not [rel for rel in hashed if rel.startswith("features/")], hashed
+    for rel in set(parts) - before:
+        data_ = (out / "catalog" / rel).read_bytes()
+        assert (parts[rel]["bytes"], parts[rel]["sha256"]) == (len(data_), hashlib.sha256(data_).hexdigest())
     reuse = json.loads((out / "run.json").read_text())["reuse"]
     assert "another folder" in reuse["screen"]["not_reused"] and reuse["screen"]["reused"] == 0
     assert reuse["candidates"]["added"] == 1 and reuse["candidates"]["lists_reused"] > 0

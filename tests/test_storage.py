@@ -946,7 +946,11 @@ def test_catalog_parts_in_the_bucket_are_checked_by_size_and_entity_tag(s3, buck
     manifest lists the part's tag; a part rewritten with other bytes of the same size is found
     by its hash, reported, and its features recomputed."""
     from pipeline import catalog, storage, store
+    first_hashed: list[str] = []
+    real_hashed = catalog._hashed_entry
+    monkeypatch.setattr(catalog, "_hashed_entry", lambda files, rel: first_hashed.append(rel) or real_hashed(files, rel))
     env, fs, out, args, root = _verified_into_bucket(s3, bucket, monkeypatch, "tagged")
+    monkeypatch.setattr(catalog, "_hashed_entry", real_hashed)
 
     def manifest() -> dict:
         return json.loads(fs.cat_file(f"{root}/manifest.json"))
@@ -956,6 +960,9 @@ def test_catalog_parts_in_the_bucket_are_checked_by_size_and_entity_tag(s3, buck
 
     parts = manifest()["parts"]
     assert parts and all((e["bytes"], e["etag"]) == (fs.size(f"{root}/{rel}"), tag_of(rel)) for rel, e in parts.items())
+    # the first commit listed its parts by their writer's digests: none was read back to hash it
+    assert first_hashed == [] and all(e["sha256"] == hashlib.sha256(fs.cat_file(f"{root}/{rel}")).hexdigest()
+                                      for rel, e in parts.items())
     hashed: list[str] = []
     real = catalog.Catalog._checked_bytes
     monkeypatch.setattr(catalog.Catalog, "_checked_bytes",
