@@ -12,6 +12,7 @@ import bisect
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import uuid
 from collections import OrderedDict
@@ -25,6 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
+
+log = logging.getLogger("pipeline")
 
 
 # Rows per Parquet row group. Parts are written sorted by key, so each row group's key range is
@@ -107,10 +110,17 @@ def written(under: str) -> dict[str, tuple[int, str, str]]:
 
 
 def written_anywhere(client, under: str) -> dict[str, tuple[int, str, str]]:
-    """`written` of this process and of every worker of `client` (None: this process only)."""
+    """`written` of this process and of every worker of `client` (None: this process only). A
+    worker that does not answer gives nothing: its parts are then read and hashed."""
     found = written(under)
     if client is not None:
-        for got in client.run(written, under).values():
+        try:
+            answers = client.run(written, under, on_error="ignore")
+        except Exception as exc:  # (the commit goes on without: it hashes what it is not given)
+            log.warning("the workers' part digests could not be gathered (%s); the new parts are read to hash them",
+                        exc)
+            answers = {}
+        for got in answers.values():
             found.update(got)
     return found
 

@@ -248,3 +248,22 @@ def test_a_local_part_read_for_columns_is_read_by_spans_and_a_shrunk_one_is_an_e
     monkeypatch.setattr(store, "_local_footer", then_truncated)
     with pytest.raises(OSError, match="shorter than its footer says"):
         store.read_columns(path, [8 * 150], ["blob"])
+
+
+def test_the_writers_digests_are_kept_per_process_and_a_failed_gather_gives_this_process_s(tmp_path, caplog):
+    """`written` lists the parts this process wrote under a folder, with the size and sha256 of
+    their bytes; when the workers cannot be asked (`written_anywhere`), the commit still gets
+    this process's (and reads the rest to hash them)."""
+    import hashlib
+    path = store.write_partition(tmp_path / "features" / "orb", 3, _frame([8, 16], np.random.default_rng(7)))
+    data = open(path, "rb").read()
+    size, digest, state = store.written(str(tmp_path / "features"))[path]
+    assert (size, digest) == (len(data), hashlib.sha256(data).hexdigest()) and (size, state) == store.state(path)
+    assert path not in store.written(str(tmp_path / "feat"))  # (a folder, not a name prefix)
+
+    class Unreachable:  # a cluster whose workers cannot be asked
+        def run(self, *args, **kwargs):
+            raise OSError("timed out")
+    with caplog.at_level("WARNING", logger="pipeline"):
+        assert path in store.written_anywhere(Unreachable(), str(tmp_path / "features"))
+    assert "could not be gathered" in caplog.text
