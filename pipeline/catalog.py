@@ -750,7 +750,7 @@ def _entry(files: _Files, rel: str, by_writer: tuple[int, str, str] | None = Non
     writer saw, the entry is made from them, else the part is read (`_hashed_entry`)."""
     if by_writer is not None:
         size, digest, was = by_writer
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(Exception):  # (a failed HEAD or stat: the part is read instead)
             if store.state(files.full(rel)) == (size, was):
                 return {"file": rel, "bytes": size, "sha256": digest, **({"etag": was} if files.remote else {})}
     return _hashed_entry(files, rel)

@@ -118,15 +118,16 @@ def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLi
             if unlisted is not None:
                 unlisted.append((dir_rel or ".", listed.strerror or str(listed)))
             continue
-        names, stats, ids, mtimes = listed
+        names, fields, mtimes, odd = listed
         subdirs = []
-        for i in np.argsort(np.array(names, dtype=str), kind="stable") if names else ():
+        # (in code-point order, as sorted() gives: an object array compares the names themselves)
+        for i in np.argsort(np.array(names, dtype=object), kind="stable") if names else ():
             name = names[i]
-            mode, size, mtime_ns = stats[3 * i:3 * i + 3]
+            mode, size, mtime_ns, dev, ino = odd[i] if i in odd else fields[5 * i:5 * i + 5]
             rel = f"{dir_rel}/{name}" if dir_rel else name
             path = os.path.join(dir_abs, name)
             if stat.S_ISDIR(mode):
-                key = tuple(ids[2 * i:2 * i + 2])  # (st_dev, st_ino)
+                key = (dev, ino)
                 if key in seen_dirs:
                     continue  # symlink loop or a folder reached twice
                 seen_dirs.add(key)
@@ -138,15 +139,17 @@ def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLi
         stack.extend(reversed(subdirs))
 
 
-def _listing(dir_abs: str, cfg: ScanConfig) -> tuple[list[str], array, array, array] | OSError:
-    """A folder's entries to walk, in the order listed: their names and their stat fields as flat
-    arrays (mode, size, mtime_ns; st_dev, st_ino (unsigned); mtime), or the error that kept the
-    folder from being listed. Flat arrays, not an entry and a stat object per file: a folder of
-    100k files held ~100 MB of them at once, and the objects the driver keeps meanwhile (the
-    screen's results arriving) were placed between them, so ~98 MB of the heap stayed taken
-    after they were freed."""
+def _listing(dir_abs: str, cfg: ScanConfig) -> tuple[list[str], array, array, dict] | OSError:
+    """A folder's entries to walk, in the order listed: their names, their stat fields as flat
+    arrays (mode, size, mtime_ns, st_dev, st_ino per entry; mtime) and, by entry number, the
+    fields of an entry that does not fit 64 signed bits (a date after 2262, an odd inode number),
+    or the error that kept the folder from being listed. Flat arrays, not an entry and a stat
+    object per file: a folder of 100k files held ~100 MB of them at once, and the objects the
+    driver keeps meanwhile (the screen's results arriving) were placed between them, so much of
+    that heap stayed taken after they were freed."""
     names: list[str] = []
-    stats, ids, mtimes = array("q"), array("Q"), array("d")
+    fields, mtimes = array("q"), array("d")
+    odd: dict[int, tuple[int, int, int, int, int]] = {}
     try:
         # stat while the folder is open: a folder deeper than PATH_MAX is read through its fd
         with paths.scandir(dir_abs) as it:
@@ -159,13 +162,17 @@ def _listing(dir_abs: str, cfg: ScanConfig) -> tuple[list[str], array, array, ar
                     st = entry.stat(follow_symlinks=True)
                 except OSError:
                     continue  # a dangling link, or an entry gone since the listing
+                values = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
+                try:
+                    fields.extend(array("q", values))  # (all five or none)
+                except OverflowError:
+                    odd[len(names)] = values
+                    fields.extend((0, 0, 0, 0, 0))
                 names.append(entry.name)
-                stats.extend((st.st_mode, st.st_size, st.st_mtime_ns))
-                ids.extend((st.st_dev, st.st_ino))
                 mtimes.append(st.st_mtime)
     except OSError as exc:
         return exc
-    return names, stats, ids, mtimes
+    return names, fields, mtimes, odd
 
 
 def changed_since(abs_paths, sizes, mtimes) -> list[bool]:

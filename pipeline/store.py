@@ -55,6 +55,9 @@ def write_partition(directory: str | Path, part: int, frame: pd.DataFrame | pa.T
     if storage.is_url(directory):
         final = storage.join(directory, f"part-{part:06d}.parquet")
         storage.write_bytes(final, data)
+        # (the object as the store has it now: kept only when it holds these bytes, since a task
+        # run twice at once, e.g. on a worker taken for lost, writes the same name)
+        now = _stored_state(final, hashlib.md5(data, usedforsecurity=False).digest())
     else:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -62,43 +65,57 @@ def write_partition(directory: str | Path, part: int, frame: pd.DataFrame | pa.T
         tmp = directory / f".part-{part:06d}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            now = _local_state(os.fstat(fh.fileno()))  # (this file's: a rename keeps it)
         os.replace(tmp, final)
-    _remember(final, len(data), digest)
+    if now is not None and now[0] == len(data):
+        with _WRITTEN_LOCK:
+            _WRITTEN[final] = (len(data), digest, now[1])
+            _WRITTEN.move_to_end(final)
+            while len(_WRITTEN) > _WRITTEN_MAX:
+                _WRITTEN.popitem(last=False)
     return final
 
 
 # The parts this process wrote: path -> (bytes, sha256, state). The catalog's commit lists each
 # new part by its size and sha256; with the writer's digest it asks only the part's state (one
 # HEAD on a store, a stat locally) instead of reading every byte again (a first 2,415-image run
-# on a store read ~96 MB of its own parts back for this). A part whose state has changed since
+# on a store read ~93 MB of its own parts back for this). A part whose state has changed since
 # (or one another process wrote and this one does not know) is hashed, as before.
 _WRITTEN: OrderedDict[str, tuple[int, str, str]] = OrderedDict()
 _WRITTEN_LOCK = Lock()
-_WRITTEN_MAX = 65536  # (~200 B an entry; a 100k-file run writes a few hundred parts)
+_WRITTEN_MAX = 65536  # (~500 B an entry; a 100k-file run writes a few hundred parts)
+
+
+def _local_state(st: os.stat_result) -> tuple[int, str]:
+    # (not the device: a share mounted on several hosts has another st_dev on each)
+    return st.st_size, f"{st.st_mtime_ns}:{st.st_ino}"
+
+
+def _stored_state(url: str, md5: bytes) -> tuple[int, str] | None:
+    """(size, entity tag) of the object at `url` when its content digest (S3's single-part ETag,
+    GCS's md5Hash, Azure's Content-MD5: `storage.content_tag`) is `md5`; else None (another
+    writer's bytes, or a store that gives no such digest: the commit then hashes the part)."""
+    import base64
+    fs, object_path = storage.filesystem(url)
+    try:
+        fs.invalidate_cache(object_path)
+        info = fs.info(object_path, refresh=True)
+    except Exception:  # (best effort: a failed HEAD only costs the commit a read)
+        return None
+    tag, size = storage._etag(info), info.get("size")
+    ours = {"etag:" + md5.hex(), "md5:" + base64.b64encode(md5).decode("ascii")}
+    return (int(size), tag) if tag and size is not None and storage.content_tag(info) in ours else None
 
 
 def state(path: str) -> tuple[int, str] | None:
     """What identifies a part's bytes now: (size, entity tag) of a stored object, (size,
-    "mtime_ns:inode:device") of a local file; None when the store gives no tag."""
+    "mtime_ns:inode") of a local file; None when the store gives no tag."""
     if storage.is_url(path):
         fs, object_path = storage.filesystem(path)
         size, tag = storage.size_and_tag(fs, object_path)
         return None if size is None or not tag else (size, tag)
-    st = os.stat(path)
-    return st.st_size, f"{st.st_mtime_ns}:{st.st_ino}:{st.st_dev}"
-
-
-def _remember(path: str, size: int, digest: str) -> None:
-    try:
-        now = state(path)
-    except OSError:  # (then the commit hashes it)
-        return
-    if now is None or now[0] != size:
-        return
-    with _WRITTEN_LOCK:
-        _WRITTEN[path] = (size, digest, now[1])
-        while len(_WRITTEN) > _WRITTEN_MAX:
-            _WRITTEN.popitem(last=False)
+    return _local_state(os.stat(path))
 
 
 def written(under: str) -> dict[str, tuple[int, str, str]]:

@@ -78,25 +78,48 @@ def test_a_large_folder_is_listed_without_an_object_per_entry(tmp_path):
     """A folder's listing keeps names and flat arrays of stat fields, not a DirEntry and a stat
     result per file (~900 B a file, allocated all at once for a folder of 100k files, and the
     driver's long-lived objects made meanwhile kept the heap they left): the walk's traced peak
-    stays under 400 B a file, and the entries are the same, in name order, as os.stat gives."""
+    stays under 400 B a file, with a 250-character name among them."""
     import tracemalloc
     folder = tmp_path / "flat"
     folder.mkdir()
-    names = [f"photo_{i:05d}.jpg" for i in range(20_000)]
+    names = [f"photo_{i:05d}.jpg" for i in range(20_000)] + ["x" * 246 + ".jpg"]
     for name in reversed(names):
         (folder / name).write_bytes(b"")
     tracemalloc.start()
     try:
-        found = []
+        first = []
         for entry in iter_files(folder, ScanConfig()):
-            if len(found) < 3:
-                found.append(entry)
-        n = len(names)
+            if len(first) < 3:
+                first.append(entry.path)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak / n < 400, f"{peak / n:.0f} B a file"
-    assert [e.path for e in found] == names[:3]
-    st = os.stat(folder / names[0])
-    assert (found[0].bytes, found[0].mtime, found[0].mtime_ns, found[0].error) == \
-        (st.st_size, st.st_mtime, st.st_mtime_ns, "empty file")
+    assert peak / len(names) < 400, f"{peak / len(names):.0f} B a file"
+    assert first == names[:3]
+
+
+def test_the_listing_is_in_code_point_order_with_every_stat_field(tmp_path):
+    """Every entry as os.stat gives it, in the order sorted() gives the names (upper before lower
+    case, non-ASCII and undecodable names, whose bytes become surrogate escapes, after ASCII);
+    a file dated after 2262 (its mtime_ns beyond 64 signed bits) is listed with its date."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    raw = [b"b.jpg", b"B.jpg", b"a.jpg", "\u00e9t\u00e9.jpg".encode(), "\U0001f600.jpg".encode(), b"\xff\xfe.jpg",
+           b"a" * 250 + b".jpg", b"sub"]
+    for name in raw:
+        path = os.path.join(os.fsencode(folder), name)
+        if name == b"sub":
+            os.mkdir(path)
+            _jpeg(folder / "sub" / "in.jpg")
+        else:
+            with open(path, "wb") as fh:
+                fh.write(b"")
+    late = 2**63 + 10**18  # ns: the year 2294
+    os.utime(os.path.join(os.fsencode(folder), b"b.jpg"), ns=(late, late))
+    got = list(iter_files(folder, ScanConfig()))
+    # (a folder's files, then its subfolders: depth first)
+    assert [e.path for e in got] == sorted(os.fsdecode(n) for n in raw if n != b"sub") + ["sub/in.jpg"]
+    for e in got:
+        st = os.stat(os.fsencode(e.abs_path))
+        assert (e.bytes, e.mtime, e.mtime_ns) == (st.st_size, st.st_mtime, st.st_mtime_ns), e.path
+    assert next(e for e in got if e.path == "b.jpg").mtime_ns == late
