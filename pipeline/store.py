@@ -193,34 +193,30 @@ class _Spans(io.RawIOBase):
         return want
 
 
-def _filesystem(url: str):
-    """(fsspec filesystem, its path) for a part: a store's, or the local one for a local path."""
-    if storage.is_url(url):
-        return storage.filesystem(url)
-    from fsspec.implementations.local import LocalFileSystem
-    return LocalFileSystem(), str(url)
-
-
-def _errors(url: str):
-    """A store's missing or forbidden object as a readable error (`storage.readable_errors`); a
-    local file's error is readable as it is."""
-    return storage.readable_errors(url) if storage.is_url(url) else contextlib.nullcontext()
-
-
 def read_footer(url: str) -> tuple[bytes, int]:
-    """A part's footer (its last bytes, ending in the footer's length and magic) and its size:
-    the size, then its last FOOTER_READ bytes (two requests on a store; a third when the footer
-    is larger). The size is asked afresh: a listing this process made may predate the part."""
-    fs, path = _filesystem(url)
-    with _errors(url):
+    """A stored part's footer (its last bytes, ending in the footer's length and magic) and its
+    size: the size, then its last FOOTER_READ bytes (two requests; a third when the footer is
+    larger). The size is asked afresh: a listing this process made may predate the part."""
+    fs, path = storage.filesystem(url)
+    with storage.readable_errors(url):
         size, _ = storage.size_and_tag(fs, path)
         if size is None:
             raise OSError(f"{url}: the store gives no size for this object")
-        tail = fs.cat_file(path, start=max(0, size - FOOTER_READ), end=size)
-        need = int.from_bytes(tail[-8:-4], "little") + 8
-        if len(tail) < need <= size:  # (the footer's head, before what was read)
-            tail = fs.cat_file(path, start=size - need, end=size - len(tail)) + tail
-    return tail[-need:], size
+        return _footer_from(size, lambda start, end: fs.cat_file(path, start=start, end=end)), size
+
+
+def _footer_from(size: int, read) -> bytes:
+    """The footer of a part of `size` bytes, through `read(start, end)`."""
+    tail = read(max(0, size - FOOTER_READ), size)
+    need = int.from_bytes(tail[-8:-4], "little") + 8
+    if len(tail) < need <= size:  # (the footer's head, before what was read)
+        tail = read(size - need, size - len(tail)) + tail
+    return tail[-need:]
+
+
+def _pread(fd: int):
+    """`read(start, end)` of an open local file (a short read where the file is shorter)."""
+    return lambda start, end: os.pread(fd, end - start, start)
 
 
 def parse_footer(footer: bytes) -> pq.FileMetaData:
@@ -238,11 +234,12 @@ def _chunk_span(meta: pq.FileMetaData, group: int, column: int) -> tuple[int, in
     return int(start), int(start) + int(chunk.total_compressed_size)
 
 
-def open_ranges(url: str, meta: pq.FileMetaData, size: int, groups: list[int], columns: list[str]) -> pq.ParquetFile:
-    """The part at `url` (a URL or a local path) as a ParquetFile that holds only the byte spans
-    of `columns` in row groups `groups` (neighbouring spans fetched as one range, the ranges
-    fetched together). A span that comes back short (the part shrank after its footer was read)
-    is an OSError."""
+def open_ranges(url: str, meta: pq.FileMetaData, size: int, groups: list[int], columns: list[str],
+                fd: int | None = None) -> pq.ParquetFile:
+    """The part at `url` as a ParquetFile that holds only the byte spans of `columns` in row
+    groups `groups` (neighbouring spans fetched as one range, the ranges fetched together), or,
+    with `fd`, read from that open local file. A span that comes back short (the part shrank
+    after its footer was read) is an OSError."""
     names = meta.schema.to_arrow_schema().names
     spans = sorted(_chunk_span(meta, g, names.index(c)) for g in groups for c in columns if c in names)
     merged: list[list[int]] = []
@@ -251,10 +248,13 @@ def open_ranges(url: str, meta: pq.FileMetaData, size: int, groups: list[int], c
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([start, end])
-    fs, path = _filesystem(url)
-    with _errors(url):
-        data = fs.cat_ranges([path] * len(merged), [m[0] for m in merged], [m[1] for m in merged],
-                             on_error="raise") if merged else []
+    if fd is not None:
+        data = [_pread(fd)(start, end) for start, end in merged]
+    else:
+        fs, path = storage.filesystem(url)
+        with storage.readable_errors(url):
+            data = fs.cat_ranges([path] * len(merged), [m[0] for m in merged], [m[1] for m in merged],
+                                 on_error="raise") if merged else []
     for (start, end), got in zip(merged, data):
         if len(got) != end - start:
             raise OSError(f"{url}: {len(got)} of bytes {start}-{end} read: the part is shorter than its "
@@ -395,12 +395,6 @@ _CHECKED_LOCK = Lock()
 _CHECKED_MAX = 65536
 
 
-def _local_footer(path: str) -> tuple[pq.FileMetaData, int]:
-    """A local part's metadata and size (not cached: reading a local footer is cheap)."""
-    footer, size = read_footer(path)
-    return parse_footer(footer), size
-
-
 def read_columns(path: str, keys, columns: list[str], check: str | None = None) -> pd.DataFrame:
     """`columns` of the rows for `keys` in one part, indexed by key, reading only the row groups
     that hold them and only those columns (the report's thumbnails without the descriptors); a
@@ -416,46 +410,53 @@ def read_columns(path: str, keys, columns: list[str], check: str | None = None) 
     (kept per process, as the pair tasks' cache keeps it) and the spans of the wanted row groups
     and columns."""
     remote = storage.is_url(path)
-    data = None
-    if check is not None and (path, check) not in _CHECKED:
-        size, digest, *tag = check.split(":", 2)
-        same = False
-        if remote and tag:  # the object the catalog hashed: same size and entity tag (one HEAD)
-            fs, object_path = storage.filesystem(path)
-            with storage.readable_errors(path):
-                same = storage.size_and_tag(fs, object_path) == (int(size), tag[0])
-        if remote and not same:  # (another tag, e.g. after a copy: the bytes decide)
-            data = storage.read_bytes(path)
-            same = len(data) == int(size) and hashlib.sha256(data).hexdigest() == digest
-        elif not remote:
-            h, n = hashlib.sha256(), 0
-            with open(path, "rb") as fh:
-                while block := fh.read(1 << 20):
+    # a local part is read through one open file, its check included: a part replaced by a
+    # rename meanwhile cannot mix two files' bytes
+    with (contextlib.nullcontext() if remote else open(path, "rb")) as local:
+        data = None
+        if check is not None and (path, check) not in _CHECKED:
+            size, digest, *tag = check.split(":", 2)
+            same = False
+            if remote and tag:  # the object the catalog hashed: same size and entity tag (one HEAD)
+                fs, object_path = storage.filesystem(path)
+                with storage.readable_errors(path):
+                    same = storage.size_and_tag(fs, object_path) == (int(size), tag[0])
+            if remote and not same:  # (another tag, e.g. after a copy: the bytes decide)
+                data = storage.read_bytes(path)
+                same = len(data) == int(size) and hashlib.sha256(data).hexdigest() == digest
+            elif not remote:
+                h, n = hashlib.sha256(), 0
+                while block := local.read(1 << 20):
                     h.update(block)
                     n += len(block)
-            same = n == int(size) and h.hexdigest() == digest
-        if not same:
-            raise PartChecksumError(f"{path}: not the bytes its catalog lists (changed or corrupt)")
-        with _CHECKED_LOCK:
-            if len(_CHECKED) >= _CHECKED_MAX:
-                _CHECKED.clear()
-            _CHECKED.add((path, check))
-    # only the spans of the wanted columns and row groups are read, a local part as a stored one:
-    # not mapped (a read error on a mapped file, e.g. a network share failing, is a SIGBUS that
-    # kills the process; a read is an OSError the report's fallback takes), and not read through
-    # pyarrow's buffers (the report's threads reading a 100k run's parts so held ~65 MB more)
-    pf = None
-    if data is not None:
-        pf = pq.ParquetFile(io.BytesIO(data))
-    meta, file_size = (pf.metadata, None) if pf is not None else \
-        _CACHE._footer(path) if remote else _local_footer(path)
-    have = set(meta.schema.to_arrow_schema().names)
-    wanted = np.sort(pd.unique(pd.Series(keys, dtype="int64")).astype(np.int64))
-    ranges = _key_ranges(meta)
-    groups = _groups_holding(ranges, wanted)
-    if pf is None:
-        pf = open_ranges(path, meta, file_size, groups, ["key", *[c for c in columns if c in have]])
-    table = pf.read_row_groups(groups, columns=["key", *[c for c in columns if c in have]])
+                same = n == int(size) and h.hexdigest() == digest
+            if not same:
+                raise PartChecksumError(f"{path}: not the bytes its catalog lists (changed or corrupt)")
+            with _CHECKED_LOCK:
+                if len(_CHECKED) >= _CHECKED_MAX:
+                    _CHECKED.clear()
+                _CHECKED.add((path, check))
+        # only the spans of the wanted columns and row groups are read, a local part as a stored
+        # one: not mapped (a read error on a mapped file, e.g. a network share failing, is a
+        # SIGBUS that kills the process; a read is an OSError the report's fallback takes), and
+        # not read through pyarrow's buffers (the report's threads reading a 100k run's parts so
+        # held ~65 MB more)
+        pf = None
+        if data is not None:
+            pf = pq.ParquetFile(io.BytesIO(data))
+            meta, file_size = pf.metadata, None
+        elif remote:
+            meta, file_size = _CACHE._footer(path)
+        else:
+            file_size = os.fstat(local.fileno()).st_size
+            meta = parse_footer(_footer_from(file_size, _pread(local.fileno())))
+        have = set(meta.schema.to_arrow_schema().names)
+        wanted = np.sort(pd.unique(pd.Series(keys, dtype="int64")).astype(np.int64))
+        groups = _groups_holding(_key_ranges(meta), wanted)
+        if pf is None:
+            pf = open_ranges(path, meta, file_size, groups, ["key", *[c for c in columns if c in have]],
+                             fd=None if remote else local.fileno())
+        table = pf.read_row_groups(groups, columns=["key", *[c for c in columns if c in have]])
     # only the wanted rows become Python objects (a row group's keypoints and descriptors, made
     # into objects whole for a few of its rows, were the driver's largest item drawing the report)
     table = table.filter(pc.is_in(table["key"], value_set=pa.array(wanted, pa.int64())))

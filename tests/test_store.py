@@ -215,37 +215,31 @@ def test_a_catalog_reads_the_keys_of_a_stored_part_by_ranges(tmp_path, monkeypat
 
 
 def test_a_local_part_read_for_columns_is_read_by_spans_and_a_shrunk_one_is_an_error(tmp_path, monkeypatch):
-    """read_columns reads a local part's wanted spans with plain reads, not a memory map: a part
-    that shrinks under the reader (a failing share, a replaced file) is an OSError the report's
-    fallback takes, not a SIGBUS that kills the process."""
+    """read_columns reads a local part's footer and wanted spans through one open file, not a
+    memory map: a part that shrinks under the reader (a failing share, a replaced file) is an
+    OSError the report's fallback takes, not a SIGBUS that kills the process."""
+    import os
     rng = np.random.default_rng(6)
     keys = np.arange(0, 8 * 200, 8)
     # (16 kB blobs: a row group's blob span, ~0.5 MB, is wider than the gap merged into one read)
     frame = pd.DataFrame({"key": keys, "blob": [rng.bytes(16_384) for _ in keys], "n": np.arange(200, dtype=np.int32)})
     path = store.write_partition(tmp_path, 0, frame)
     fetched = []
-    real = store._filesystem
-
-    def counting(url):
-        fs, p = real(url)
-        cat_ranges = fs.cat_ranges
-        monkeypatch.setattr(fs, "cat_ranges", lambda paths, starts, ends, **kw:
-                            fetched.extend(e - s for s, e in zip(starts, ends)) or cat_ranges(paths, starts, ends, **kw))
-        return fs, p
-    monkeypatch.setattr(store, "_filesystem", counting)
+    pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: fetched.append(n) or pread(fd, n, at))
     got = store.read_columns(path, [8, 16], ["n"])
     assert got["n"].tolist() == [1, 2]
-    size = len(open(path, "rb").read())
-    assert 0 < sum(fetched) < 0.05 * size  # the key and n spans of one row group
+    size = os.path.getsize(path)
+    assert 0 < sum(fetched) < 0.05 * size  # the footer, and the key and n spans of one row group
 
-    footer = store._local_footer
+    footer = store._footer_from
 
-    def then_truncated(p):
-        found = footer(p)
-        with open(p, "r+b") as fh:  # the part shrinks after its footer was read
+    def then_truncated(*args):
+        found = footer(*args)
+        with open(path, "r+b") as fh:  # the part shrinks after its footer was read
             fh.truncate(100)
         return found
-    monkeypatch.setattr(store, "_local_footer", then_truncated)
+    monkeypatch.setattr(store, "_footer_from", then_truncated)
     with pytest.raises(OSError, match="shorter than its footer says"):
         store.read_columns(path, [8 * 150], ["blob"])
 
