@@ -487,6 +487,24 @@ def test_a_new_part_is_listed_by_its_writers_digest_while_it_is_as_written(tmp_p
     assert catalog._entry(files, rel) == right(bytes(other)) and hashed == [rel, rel]  # (none from a writer)
 
 
+def test_a_catalog_reached_through_a_link_lists_its_new_parts_by_their_writers_digests(generated, tmp_path,
+                                                                                        monkeypatch):
+    """A first run whose --catalog is a symlink to the folder: the parts written under the link's
+    path are matched to the catalog's names (resolved), listed without a read, and their
+    sizes and sha256 are their bytes'."""
+    real_folder = tmp_path / "catalogs" / "main"
+    real_folder.mkdir(parents=True)
+    link = tmp_path / "catalog-link"
+    link.symlink_to(real_folder, target_is_directory=True)
+    hashed = _spy_hashed_entries(monkeypatch)
+    run(generated["A"], tmp_path / "out", "--catalog", str(link), "--tiers", "verify")
+    parts = json.loads((real_folder / catalog.MANIFEST).read_text())["parts"]
+    assert parts and not [rel for rel in hashed if rel.startswith("features/")], hashed
+    for rel, entry in parts.items():
+        body = (real_folder / rel).read_bytes()
+        assert (entry["bytes"], entry["sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
+
+
 @pytest.mark.slow
 def test_incremental_run_on_a_local_cluster_equals_a_run_from_scratch(grown, tmp_path, monkeypatch):
     # a copy of the folder (the catalog's records are per folder: all files are read again, but
