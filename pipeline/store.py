@@ -31,9 +31,10 @@ log = logging.getLogger("pipeline")
 
 
 # Rows per Parquet row group. Parts are written sorted by key, so each row group's key range is
-# tight and a reader that wants a few keys decodes only the row groups holding them (an incremental
-# run or a query reads a few images out of many parts: ~32 rows each, not a whole ~6 MB ORB part).
-ROW_GROUP_ROWS = 32
+# tight and a reader that wants a few keys fetches and decodes only the row groups holding them
+# (an incremental run or a query reads a few images out of many parts). A row of an ORB part is
+# ~37 kB: a group of 8 is ~0.3 MB, where one of 32 (before) was ~1.2 MB fetched for one wanted row.
+ROW_GROUP_ROWS = 8
 # Statistics are written for the key only: a reader needs each row group's key range, and min/max
 # of the blob columns (descriptors, thumbnails) made a 12-row-group ORB part's footer 147 kB,
 # which a reader on a store fetches before anything else.
@@ -148,10 +149,10 @@ def written_anywhere(client, under: str) -> dict[str, tuple[int, str, str]]:
 # and the report).
 FOOTER_READ = 64 * 1024  # the first read of a footer (a larger one takes a second read)
 # Spans this close are fetched as one range: a request's round trip on a real store (~20-50 ms)
-# costs more than reading a quarter MiB more, so a pair task's row groups (all columns but the
-# report's thumbnails, ~95 kB a group) come in one range per run of neighbouring groups, while
-# the report's thumbnails still skip a group's descriptors and pixel thumbnails (~0.5 MB each).
-RANGE_GAP = 256 * 1024
+# costs more than reading 64 KiB more, so a pair task's row groups (all columns but the report's
+# thumbnails, ~23 kB a group) come in one range per run of neighbouring groups, while the
+# report's thumbnails still skip a group's descriptors and pixel thumbnails (~120 kB each).
+RANGE_GAP = 64 * 1024
 
 
 class _Spans(io.RawIOBase):
