@@ -328,14 +328,23 @@ def readable_errors(url: str) -> Iterator[None]:
         raise PermissionError(errno.EACCES, "access denied by the store", url) from None
 
 
-def size_and_tag(fs, path: str) -> tuple[int | None, str | None]:
-    """An object's size and entity tag (`_etag`; None where the store gives none) as the store
-    has them now, not as a listing this process made (gcsfs answers from its listing cache even
-    with refresh=True, and the workers write objects this process listed before)."""
+def fresh_info(fs, path: str) -> dict:
+    """An object's listing entry as the store has it now, not as a listing this process made
+    (gcsfs answers from its listing cache even with refresh=True, and the workers write objects
+    this process listed before)."""
     fs.invalidate_cache(path)
-    info = fs.info(path, refresh=True)
+    return fs.info(path, refresh=True)
+
+
+def size_and_tag_of(info: dict) -> tuple[int | None, str | None]:
+    """The size and entity tag (`_etag`; None where the store gives none) in a listing entry."""
     size = info.get("size")
     return (None if size is None else int(size)), _etag(info)
+
+
+def size_and_tag(fs, path: str) -> tuple[int | None, str | None]:
+    """An object's size and entity tag as the store has them now (`fresh_info`)."""
+    return size_and_tag_of(fresh_info(fs, path))
 
 
 def read_bytes(url: str) -> bytes:

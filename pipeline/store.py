@@ -98,15 +98,13 @@ def _stored_state(url: str, md5: bytes) -> tuple[int, str] | None:
     GCS's md5Hash, Azure's Content-MD5: `storage.content_tag`) is `md5`; else None (another
     writer's bytes, or a store that gives no such digest: the commit then hashes the part)."""
     import base64
-    fs, object_path = storage.filesystem(url)
     try:
-        fs.invalidate_cache(object_path)
-        info = fs.info(object_path, refresh=True)
+        info = storage.fresh_info(*storage.filesystem(url))
     except Exception:  # (best effort: a failed HEAD only costs the commit a read)
         return None
-    tag, size = storage._etag(info), info.get("size")
+    size, tag = storage.size_and_tag_of(info)
     ours = {"etag:" + md5.hex(), "md5:" + base64.b64encode(md5).decode("ascii")}
-    return (int(size), tag) if tag and size is not None and storage.content_tag(info) in ours else None
+    return (size, tag) if tag and size is not None and storage.content_tag(info) in ours else None
 
 
 def state(path: str) -> tuple[int, str] | None:
@@ -250,7 +248,7 @@ def open_ranges(url: str, meta: pq.FileMetaData, size: int, groups: list[int], c
         else:
             merged.append([start, end])
     if fd is not None:
-        data = [_pread(fd)(start, end) for start, end in merged]
+        data = [os.pread(fd, end - start, start) for start, end in merged]
     else:
         fs, path = storage.filesystem(url)
         with storage.readable_errors(url):
@@ -419,9 +417,8 @@ def read_columns(path: str, keys, columns: list[str], check: str | None = None) 
             size, digest, *tag = check.split(":", 2)
             same = False
             if remote and tag:  # the object the catalog hashed: same size and entity tag (one HEAD)
-                fs, object_path = storage.filesystem(path)
                 with storage.readable_errors(path):
-                    same = storage.size_and_tag(fs, object_path) == (int(size), tag[0])
+                    same = state(path) == (int(size), tag[0])
             if remote and not same:  # (another tag, e.g. after a copy: the bytes decide)
                 data = storage.read_bytes(path)
                 same = len(data) == int(size) and hashlib.sha256(data).hexdigest() == digest
