@@ -659,29 +659,54 @@ def _best_over_variants(codes, use, idx_use, a, b) -> tuple[np.ndarray, np.ndarr
     return hamming.pair_best(codes, use, idx_use, a, b, order_side, order_var, np.asarray(DIHEDRAL_INVERSE, dtype=np.int8))
 
 
-PAIRS_PER_TASK = 1_000_000  # pairs per `pair_best` task (each task's worker needs every image's codes)
+PAIRS_PER_TASK = 250_000  # pairs per `pair_best` task (it gets the codes of its pairs' rows only)
 
 
-def _best_of_chunk(codes, use, idx_use, chunk) -> tuple[np.ndarray, np.ndarray]:
-    return _best_over_variants(codes, use, idx_use, *chunk)
+def _best_of_chunk(chunk: tuple) -> tuple[np.ndarray, np.ndarray]:
+    return _best_over_variants(*chunk)
+
+
+def _chunk_rows(codes, use, idx_use, a: np.ndarray, b: np.ndarray) -> tuple:
+    """One `pair_best` task's data: the rows its pairs name, and the pairs renumbered over them."""
+    rows = np.concatenate([a, np.sort(b)])  # (`a` ascends from pairs_from_neighbours: two sorted runs merge fast)
+    rows.sort(kind="stable")
+    rows = rows[np.concatenate([[True], rows[1:] != rows[:-1]])] if rows.size else rows
+    return (codes[rows], use[rows], idx_use[rows],
+            np.searchsorted(rows, a).astype(np.int64), np.searchsorted(rows, b).astype(np.int64))
 
 
 def pair_best(codes, use, idx_use, a: np.ndarray, b: np.ndarray, client=None) -> tuple[np.ndarray, np.ndarray]:
     """Each pair's smallest distance over both directions and its transform (prepared arrays, as
     `_prepare` returns them), in this process or, with a Dask `client`, on the workers: there the
     driver never compiles the numba kernel, which costs it ~66 MB of memory for the rest of the
-    run (LLVM and the compiled code). The prepared arrays are scattered once and the pairs go in
-    chunks of PAIRS_PER_TASK, at most one task per worker."""
+    run (LLVM and the compiled code). The pairs go in chunks of PAIRS_PER_TASK, each task with
+    the codes of the rows its pairs name (never every image's: at 10M images those are ~0.9 GB
+    a worker), two tasks a worker in flight, so the driver holds a few chunks' copies at once."""
     if client is None or a.size == 0:
         return _best_over_variants(codes, use, idx_use, a, b)
-    n_tasks = max(1, min(len(client.nthreads()) or 1, -(-a.size // PAIRS_PER_TASK)))
-    cuts = np.linspace(0, a.size, n_tasks + 1).astype(np.int64)
-    arrays = client.scatter([codes, use, idx_use], hash=False)  # (data, not inside the tasks)
-    chunks = client.scatter([(a[s:e], b[s:e]) for s, e in zip(cuts[:-1], cuts[1:])], hash=False)
-    found = client.gather([client.submit(_best_of_chunk, *arrays, chunk, pure=False) for chunk in chunks])
-    del arrays, chunks
-    return (np.concatenate([d for d, _ in found]).astype(np.int16, copy=False),
-            np.concatenate([t for _, t in found]).astype(np.int8, copy=False))
+    from distributed import as_completed
+    dist, trans = np.empty(a.size, np.int16), np.empty(a.size, np.int8)
+    starts = list(range(0, a.size, PAIRS_PER_TASK))
+    in_flight = max(1, 2 * len(client.nthreads()))
+    at: dict = {}
+
+    def send(s: int):
+        e = min(s + PAIRS_PER_TASK, a.size)
+        [data] = client.scatter([_chunk_rows(codes, use, idx_use, a[s:e], b[s:e])], hash=False)  # (data, not in the task)
+        future = client.submit(_best_of_chunk, data, pure=False)
+        at[future.key] = s
+        return future
+
+    running = as_completed([send(s) for s in starts[:in_flight]], loop=client.loop)  # (the run's client is not the default one)
+    waiting = starts[in_flight:]
+    for future in running:
+        d, t = future.result()
+        s = at.pop(future.key)
+        dist[s:s + d.size], trans[s:s + t.size] = d, t
+        del future, d, t
+        if waiting:
+            running.add(send(waiting.pop(0)))
+    return dist, trans
 
 
 def pairs_from_neighbours(directed: pd.DataFrame, codes: np.ndarray, variant_mask: np.ndarray,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import fastdup, profile
@@ -316,3 +317,18 @@ def test_counting_s3_server_logs_each_response_s_bytes_and_delay(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.slow
+def test_pair_best_benchmark_runs_both_trees_and_writes_its_section(tmp_path):
+    """Tiny sizes, this tree as its own baseline: both trees run in their own processes and
+    clusters, their results are compared, and the section names each tree's time and peaks."""
+    from bench import pair_best
+    codes, use, idx_use, a, b = pair_best.data(5000, 3, None)
+    assert (a < b).all() and np.unique(a * 5000 + b).size == a.size and (np.diff(a) >= 0).all()
+    out = tmp_path / "bench.md"
+    assert pair_best.main(["--images", "20000", "--rounds", "1", "--repeats", "1", "--baseline",
+                           str(pair_best.REPO), "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| near rows") or line.startswith("| any rows")]
+    assert len(rows) == 4 and all(float(r.split("|")[6]) > 50 for r in rows)  # worker peaks in MiB

@@ -133,6 +133,25 @@ def test_shard_groups_cover_every_non_empty_partition_once():
     assert shard_groups([0, 0], 10, 2) == []
 
 
+def _scattered_code_rows(monkeypatch, client) -> list[int]:
+    """Rows of every (N, V, W) code array the client scatters from now on (inside lists and tuples)."""
+    seen: list[int] = []
+    scatter = client.scatter
+
+    def walk(item) -> None:
+        if isinstance(item, (list, tuple)):
+            for x in item:
+                walk(x)
+        elif isinstance(item, np.ndarray) and item.ndim == 3:
+            seen.append(item.shape[0])
+
+    def spy(data, *args, **kwargs):
+        walk(data)
+        return scatter(data, *args, **kwargs)
+    monkeypatch.setattr(client, "scatter", spy)
+    return seen
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed,clustered", CASES)
 def test_sharded_on_a_local_cluster_equals_one_index(seed, clustered, monkeypatch):
@@ -159,6 +178,7 @@ def test_sharded_on_a_local_cluster_equals_one_index(seed, clustered, monkeypatc
         import pipeline.candidates as candidates
         monkeypatch.setattr(candidates, "PAIRS_PER_TASK", 500)
         one = directed_neighbours(codes, mask, c, client=client)
+        code_rows = _scattered_code_rows(monkeypatch, client)
         best = candidates.pairs_from_neighbours(one, codes, mask, c, client=client)
     assert len(calls) == 6  # every search on the cluster took the sharded path
     pd.testing.assert_frame_equal(want_lists, routed_lists)
@@ -166,6 +186,8 @@ def test_sharded_on_a_local_cluster_equals_one_index(seed, clustered, monkeypatc
     pd.testing.assert_frame_equal(want_lists, one)
     pd.testing.assert_frame_equal(candidates.pairs_from_neighbours(want_lists, codes, mask, c), best)
     assert len(best) > 2 * 500
+    # each task got the codes of its own pairs' rows (at most two a pair), never all 6000 images'
+    assert len(code_rows) >= 3 and max(code_rows) <= 2 * 500
     pd.testing.assert_frame_equal(want_lists, lists)
     pd.testing.assert_frame_equal(want, got)
     pd.testing.assert_frame_equal(want, auto)
