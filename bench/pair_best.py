@@ -2,12 +2,13 @@
 workers' peak memory, this tree against `--baseline DIR` (another source tree, e.g.
 `git archive COMMIT | tar -x -C DIR`), same data, same run.
 
-    python -m bench.pair_best [--images 2000000] [--pairs-per-image 5] [--rounds 2] [--baseline DIR]
+    python -m bench.pair_best [--images 2000000] [--pairs-per-image 5] [--rounds 2] [--repeats 3]
+                              [--baseline DIR]
 
 Synthetic codes (N images x 9 variants of one 64-bit word, the default screen's layout) and
 unordered pairs of two kinds: "near rows" (each image's partner within 1,000 rows, as copies named
 alike sit side by side in path order) and "any rows" (partners anywhere). Each tree runs in its own
-process (PYTHONPATH) with a LocalCluster of 2 workers: a warm-up call (numba compiles), then
+process (PYTHONPATH) with a LocalCluster of 2 workers: a warm-up on each worker (numba compiles), then
 `--repeats` timed calls; the workers' peak resident set (VmHWM, reset before each call) and the
 results are compared across the trees (they must be equal). Rounds alternate the trees.
 """
@@ -21,8 +22,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-from bench.report import median, stamp, table, update_section
 
 REPO = Path(__file__).resolve().parent.parent
 SPREADS = {"near rows": 1_000, "any rows": None}
@@ -45,6 +44,13 @@ def _rss_mib(dask_worker=None) -> float:
         if line.startswith("VmRSS"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _warm_up(dask_worker=None) -> None:
+    """Compile the kernel in this worker (a warm-up call's one task would reach one worker only)."""
+    from pipeline import candidates
+    z = np.zeros((2, 9, 1), np.uint64)
+    candidates._best_over_variants(z, np.ones((2, 9), bool), np.ones((2, 9), bool), np.array([0]), np.array([1]))
 
 
 def data(n: int, per_image: int, spread: int | None, seed: int = 0):
@@ -72,7 +78,7 @@ def measure(n: int, per_image: int, spread: int | None, repeats: int, out: str) 
     codes, use, idx_use, a, b = data(n, per_image, spread)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
-        candidates.pair_best(codes[:1000], use[:1000], idx_use[:1000], a[:10] % 1000, b[:10] % 1000, client=client)
+        client.run(_warm_up)
         seconds, peaks = [], []
         idle = max(client.run(_rss_mib).values())  # (after the warm-up: numba and the kernel loaded)
         for _ in range(repeats):
@@ -82,7 +88,7 @@ def measure(n: int, per_image: int, spread: int | None, repeats: int, out: str) 
             seconds.append(time.perf_counter() - start)
             peaks.append(max(client.run(_hwm_mib).values()))
     np.savez(out, dist=dist, trans=trans)
-    return {"seconds": median(seconds), "peak": max(peaks), "idle": idle, "pairs": int(a.size),
+    return {"seconds": float(np.median(seconds)), "peak": max(peaks), "idle": idle, "pairs": int(a.size),
             "tree": str(Path(candidates.__file__).parent.parent)}
 
 
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         spread = None if args.one[0] == "any" else int(args.one[0])
         print(json.dumps(measure(args.images, args.pairs_per_image, spread, args.repeats, args.one[1])))
         return 0
+    from bench.report import median, stamp, table, update_section  # (the parent only: a child imports no bench)
     trees = {"this tree": REPO, **({"baseline": Path(args.baseline).resolve()} if args.baseline else {})}
     rows = []
     for label, spread in SPREADS.items():
@@ -108,12 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for tree, root in trees.items():
                 result = f"/tmp/bench-pair-best-{os.getpid()}-{tree.replace(' ', '-')}.npz"
-                # (run as a script: `-m` would put the working directory, this tree, first on the path)
-                proc = subprocess.run([sys.executable, str(REPO / "bench" / "pair_best.py"), "--images", str(args.images),
+                # this file run from / with the tree on PYTHONPATH (`-m` here would put the working
+                # directory, this tree, first; a baseline tree has no bench/pair_best.py)
+                proc = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
+                                       "runpy.run_path(sys.argv[0], run_name='__main__')", __file__,
+                                       "--images", str(args.images),
                                        "--pairs-per-image", str(args.pairs_per_image), "--repeats",
                                        str(args.repeats), "--one", "any" if spread is None else str(spread), result],
-                                      cwd=REPO, capture_output=True, text=True,
-                                      env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(REPO)])))
+                                      cwd="/", capture_output=True, text=True,
+                                      env=dict(os.environ, PYTHONPATH=str(root)))
                 if proc.returncode != 0:
                     raise SystemExit(f"bench.pair_best ({tree}) failed:\n{proc.stderr[-3000:]}")
                 found[tree].append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -137,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         "alternate the trees), the time as a ratio to the baseline's in the same run, and the largest "
         "worker's peak resident set (MiB, VmHWM reset before each call) beside the largest worker's "
         "resident set before the timed calls (numba and the kernel loaded). The trees' results are equal. "
-        "A tree before 2026-12-05 scattered every image's codes and masks once (~90 B an image) and each "
-        "worker fetched them all; since, each task gets the codes of its pairs' rows only, so what a worker "
+        "Up to ffada85, pair_best scattered every image's codes and masks once (~90 B an image) and each "
+        "worker fetched them all; since 09aeca9 each task gets the codes of its pairs' rows only, so what a worker "
         "holds follows its task, and what moves follows the pairs (two rows a pair at most) instead of "
         "images times workers: more bytes than one copy per worker on 2 workers when partners lie anywhere, "
         "fewer on a cluster of many.\n\n")

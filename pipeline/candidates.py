@@ -662,10 +662,6 @@ def _best_over_variants(codes, use, idx_use, a, b) -> tuple[np.ndarray, np.ndarr
 PAIRS_PER_TASK = 250_000  # pairs per `pair_best` task (it gets the codes of its pairs' rows only)
 
 
-def _best_of_chunk(chunk: tuple) -> tuple[np.ndarray, np.ndarray]:
-    return _best_over_variants(*chunk)
-
-
 def _chunk_rows(codes, use, idx_use, a: np.ndarray, b: np.ndarray) -> tuple:
     """One `pair_best` task's data: the rows its pairs name, and the pairs renumbered over them."""
     rows = np.concatenate([a, np.sort(b)])  # (`a` ascends from pairs_from_neighbours: two sorted runs merge fast)
@@ -681,31 +677,26 @@ def pair_best(codes, use, idx_use, a: np.ndarray, b: np.ndarray, client=None) ->
     driver never compiles the numba kernel, which costs it ~66 MB of memory for the rest of the
     run (LLVM and the compiled code). The pairs go in chunks of PAIRS_PER_TASK, each task with
     the codes of the rows its pairs name (never every image's: at 10M images those are ~0.9 GB
-    a worker), two tasks a worker in flight, so the driver holds a few chunks' copies at once."""
+    a worker), two tasks a worker thread in flight, so the driver holds a few chunks' copies at
+    once; a chunk a lost worker took is sent again (`progress.Sent`)."""
     if client is None or a.size == 0:
         return _best_over_variants(codes, use, idx_use, a, b)
-    from distributed import as_completed
+    from pipeline.progress import Sent
     dist, trans = np.empty(a.size, np.int16), np.empty(a.size, np.int8)
-    starts = list(range(0, a.size, PAIRS_PER_TASK))
-    in_flight = max(1, 2 * len(client.nthreads()))
-    at: dict = {}
+    starts = iter(range(0, a.size, PAIRS_PER_TASK))
+    sent = Sent(client)
 
-    def send(s: int):
-        e = min(s + PAIRS_PER_TASK, a.size)
-        [data] = client.scatter([_chunk_rows(codes, use, idx_use, a[s:e], b[s:e])], hash=False)  # (data, not in the task)
-        future = client.submit(_best_of_chunk, data, pure=False)
-        at[future.key] = s
-        return future
+    def send_next() -> None:
+        s = next(starts, None)
+        if s is not None:
+            e = min(s + PAIRS_PER_TASK, a.size)
+            sent.send([(s, _best_over_variants, _chunk_rows(codes, use, idx_use, a[s:e], b[s:e]))], star=True)
 
-    running = as_completed([send(s) for s in starts[:in_flight]], loop=client.loop)  # (the run's client is not the default one)
-    waiting = starts[in_flight:]
-    for future in running:
-        d, t = future.result()
-        s = at.pop(future.key)
+    for _ in range(max(1, 2 * sum(client.nthreads().values()))):
+        send_next()
+    for s, (d, t) in sent.results():  # (each result makes room for the next chunk)
         dist[s:s + d.size], trans[s:s + t.size] = d, t
-        del future, d, t
-        if waiting:
-            running.add(send(waiting.pop(0)))
+        send_next()
     return dist, trans
 
 
