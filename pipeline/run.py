@@ -1059,6 +1059,9 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         manifest["timings_s"]["catalog"] = round(time.perf_counter() - t, 3)
         del evidence, features, committed
         release_freed_memory()
+    # the hashes are in the catalog (or were for the search only): not held through the write
+    # stage, the driver's peak (a bytes object per image, ~105 B; in place: `frame` is `images`)
+    images.drop(columns=["codes", "variant_mask"], inplace=True)
     # pairs.parquet part by part, in its row order, each part decided again (the reasons of one
     # part at a time); the report gets the pairs it shows (the duplicates of the clusters it lists
     # and the closest rejected ones)
