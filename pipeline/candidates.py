@@ -663,12 +663,18 @@ PAIRS_PER_TASK = 250_000  # pairs per `pair_best` task (it gets the codes of its
 
 
 def _chunk_rows(codes, use, idx_use, a: np.ndarray, b: np.ndarray) -> tuple:
-    """One `pair_best` task's data: the rows its pairs name, and the pairs renumbered over them."""
+    """One `pair_best` task's data: the rows its pairs name (ascending), their codes and masks,
+    and the pairs (renumbered over the rows by the task: `_best_of_rows`)."""
     rows = np.concatenate([a, np.sort(b)])  # (`a` ascends from pairs_from_neighbours: two sorted runs merge fast)
     rows.sort(kind="stable")
     rows = rows[np.concatenate([[True], rows[1:] != rows[:-1]])] if rows.size else rows
-    return (codes[rows], use[rows], idx_use[rows],
-            np.searchsorted(rows, a).astype(np.int64), np.searchsorted(rows, b).astype(np.int64))
+    return codes[rows], use[rows], idx_use[rows], rows, a, b
+
+
+def _best_of_rows(codes, use, idx_use, rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_best_over_variants` of the pairs (a, b) given the codes of `rows` only (on a worker: the
+    renumbering, most of a chunk's preparation, is not the driver's, which cuts every chunk)."""
+    return _best_over_variants(codes, use, idx_use, np.searchsorted(rows, a), np.searchsorted(rows, b))
 
 
 def pair_best(codes, use, idx_use, a: np.ndarray, b: np.ndarray, client=None) -> tuple[np.ndarray, np.ndarray]:
@@ -690,7 +696,7 @@ def pair_best(codes, use, idx_use, a: np.ndarray, b: np.ndarray, client=None) ->
         s = next(starts, None)
         if s is not None:
             e = min(s + PAIRS_PER_TASK, a.size)
-            sent.send([(s, _best_over_variants, _chunk_rows(codes, use, idx_use, a[s:e], b[s:e]))], star=True)
+            sent.send([(s, _best_of_rows, _chunk_rows(codes, use, idx_use, a[s:e], b[s:e]))], star=True)
 
     for _ in range(max(1, 2 * sum(client.nthreads().values()))):
         send_next()
