@@ -217,3 +217,26 @@ def test_whole_cascade_same_pairs_with_sharding_forced_on(review_data, review_ru
         pd.testing.assert_frame_equal(want.drop(columns=["abs_path_a", "abs_path_b"], errors="ignore"),
                                       got.drop(columns=["abs_path_a", "abs_path_b"], errors="ignore"))
     assert len(want) > 10
+
+
+@pytest.mark.parametrize("far", [False, True])
+def test_a_pair_best_chunk_with_its_own_rows_gives_what_all_rows_give(far):
+    """A chunk's rows, its codes and its pairs renumbered on the worker (by a table over the rows'
+    span when it is short, else by search): the same distances and transforms as over every row,
+    for pairs in any order, repeated, and partners near or far apart."""
+    from pipeline import candidates
+    rng = np.random.default_rng(7)
+    n, m = 20_000, 300 if far else 4000
+    codes, mask = planted(3, n=n, clustered=True)
+    codes, use, idx_use = _prepare(codes, mask, cfg(), None)
+    a = rng.integers(0, n - 1, m)
+    b = rng.integers(0, n, m) if far else np.minimum(a + 1 + rng.integers(0, 20, m), n - 1)
+    a, b = np.minimum(a, b), np.maximum(a, b)
+    a, b = np.concatenate([a, a[:50]]), np.concatenate([b, b[:50]])  # (repeated pairs, `a` not ascending)
+    chunk = candidates._chunk_rows(codes, use, idx_use, a, b)
+    rows = chunk[3]
+    assert (rows[-1] - rows[0] >= 16 * rows.size) == far  # (each way of renumbering is taken)
+    got = candidates._best_of_rows(*chunk)
+    want = candidates._best_over_variants(codes, use, idx_use, a, b)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
