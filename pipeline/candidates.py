@@ -660,6 +660,7 @@ def _best_over_variants(codes, use, idx_use, a, b) -> tuple[np.ndarray, np.ndarr
 
 
 PAIRS_PER_TASK = 250_000  # pairs per `pair_best` task (it gets the codes of its pairs' rows only)
+PAIR_TASKS_IN_FLIGHT = 8  # at most: the driver holds each one's data (~55 MB) until its result is back
 
 
 def _chunk_rows(codes, use, idx_use, a: np.ndarray, b: np.ndarray) -> tuple:
@@ -687,8 +688,9 @@ def pair_best(codes, use, idx_use, a: np.ndarray, b: np.ndarray, client=None) ->
     driver never compiles the numba kernel, which costs it ~66 MB of memory for the rest of the
     run (LLVM and the compiled code). The pairs go in chunks of PAIRS_PER_TASK, each task with
     the codes of the rows its pairs name (never every image's: at 10M images those are ~0.9 GB
-    a worker), two tasks a worker thread in flight, so the driver holds a few chunks' copies at
-    once; a chunk a lost worker took is sent again (`progress.Sent`)."""
+    a worker), two tasks a worker thread in flight, at most PAIR_TASKS_IN_FLIGHT: the driver
+    holds each one's data until its result is back, so that a chunk a lost worker took is sent
+    again (`progress.Sent`)."""
     if client is None or a.size == 0:
         return _best_over_variants(codes, use, idx_use, a, b)
     from pipeline.progress import Sent
@@ -702,7 +704,7 @@ def pair_best(codes, use, idx_use, a: np.ndarray, b: np.ndarray, client=None) ->
             e = min(s + PAIRS_PER_TASK, a.size)
             sent.send([(s, _best_of_rows, _chunk_rows(codes, use, idx_use, a[s:e], b[s:e]))], star=True)
 
-    for _ in range(max(1, 2 * sum(client.nthreads().values()))):
+    for _ in range(max(1, min(2 * sum(client.nthreads().values()), PAIR_TASKS_IN_FLIGHT))):
         send_next()
     for s, (d, t) in sent.results():  # (each result makes room for the next chunk)
         dist[s:s + d.size], trans[s:s + t.size] = d, t

@@ -1061,7 +1061,8 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         release_freed_memory()
     # the hashes are in the catalog (or were for the search only): not held through the write
     # stage, the driver's peak (a bytes object per image, ~105 B; in place: `frame` is `images`)
-    images.drop(columns=["codes", "variant_mask"], inplace=True)
+    for column in ("codes", "variant_mask"):
+        del images[column]
     # pairs.parquet part by part, in its row order, each part decided again (the reasons of one
     # part at a time); the report gets the pairs it shows (the duplicates of the clusters it lists
     # and the closest rejected ones)
