@@ -32,16 +32,10 @@ def _reset_hwm(dask_worker=None) -> None:
         fh.write("5")
 
 
-def _hwm_mib(dask_worker=None) -> float:
+def _status_mib(field: str, dask_worker=None) -> float:
+    """VmHWM or VmRSS of this process (MiB)."""
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _rss_mib(dask_worker=None) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -80,13 +74,13 @@ def measure(n: int, per_image: int, spread: int | None, repeats: int, out: str) 
             distributed.Client(cluster) as client:
         client.run(_warm_up)
         seconds, peaks = [], []
-        idle = max(client.run(_rss_mib).values())  # (after the warm-up: numba and the kernel loaded)
+        idle = max(client.run(_status_mib, "VmRSS").values())  # (after the warm-up: numba and the kernel loaded)
         for _ in range(repeats):
             client.run(_reset_hwm)
             start = time.perf_counter()
             dist, trans = candidates.pair_best(codes, use, idx_use, a, b, client=client)
             seconds.append(time.perf_counter() - start)
-            peaks.append(max(client.run(_hwm_mib).values()))
+            peaks.append(max(client.run(_status_mib, "VmHWM").values()))
     np.savez(out, dist=dist, trans=trans)
     return {"seconds": float(np.median(seconds)), "peak": max(peaks), "idle": idle, "pairs": int(a.size),
             "tree": str(Path(candidates.__file__).parent.parent)}

@@ -668,14 +668,14 @@ def _chunk_rows(codes, use, idx_use, a: np.ndarray, b: np.ndarray) -> tuple:
     and the pairs (renumbered over the rows by the task: `_best_of_rows`)."""
     rows = np.concatenate([a, np.sort(b)])  # (`a` ascends from pairs_from_neighbours: two sorted runs merge fast)
     rows.sort(kind="stable")
-    rows = rows[np.concatenate([[True], rows[1:] != rows[:-1]])] if rows.size else rows
+    rows = rows[np.concatenate([[True], rows[1:] != rows[:-1]])]  # (a chunk has a pair at least)
     return codes[rows], use[rows], idx_use[rows], rows, a, b
 
 
 def _best_of_rows(codes, use, idx_use, rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`_best_over_variants` of the pairs (a, b) given the codes of `rows` only (on a worker: the
     renumbering, most of a chunk's preparation, is not the driver's, which cuts every chunk)."""
-    if rows.size and rows[-1] - rows[0] < 16 * rows.size:  # a table over the rows' span (at most 64 B a row)
+    if rows[-1] - rows[0] < 16 * rows.size:  # a table over the rows' span (at most 64 B a row)
         at = np.empty(int(rows[-1] - rows[0]) + 1, np.int32)
         at[rows - rows[0]] = np.arange(rows.size, dtype=np.int32)
         return _best_over_variants(codes, use, idx_use, at[a - rows[0]].astype(np.int64), at[b - rows[0]].astype(np.int64))

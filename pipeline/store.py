@@ -248,7 +248,8 @@ def open_ranges(url: str, meta: pq.FileMetaData, size: int, groups: list[int], c
         else:
             merged.append([start, end])
     if fd is not None:
-        data = [os.pread(fd, end - start, start) for start, end in merged]
+        read = _pread(fd)
+        data = [read(start, end) for start, end in merged]
     else:
         fs, path = storage.filesystem(url)
         with storage.readable_errors(url):
