@@ -894,7 +894,8 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
         if not parts:
             return _empty_directed(), dict.fromkeys(INCREMENTAL_COUNTS, 0)
         same = np.asarray(same, bool)
-        pieces = [x for p, prev in zip(parts, split_previous(previous, parts)) for x in (p, prev, same[p[0]])]
+        pieces = [x for p, prev in zip(parts, split_previous(previous, parts, same & use[:, PLAIN]))
+                  for x in (p, prev, same[p[0]])]
         if client is not None:  # fresh keys (see sharded_directed_neighbours)
             pieces = client.scatter(pieces, hash=False)
         del parts, codes_p
@@ -947,9 +948,10 @@ def _kept_and_fresh(kept: pd.DataFrame, fresh: pd.DataFrame, taking, same, added
 
 # incremental search over hash partitions (a catalog re-run on a cluster): `incremental_neighbours`
 # with no process holding every hash. Per partition: which of its images are unchanged ("same")
-# or added, which unchanged ones lost a neighbour (a bool per image of the whole collection, built
-# on a worker, or in-process without a client), which gained one within reach (the added images' rows probe every index shard, or
-# with other hashes each partition's owner rows are indexed and probed by the added entries), then
+# or added, which unchanged ones lost a neighbour (each last-run row says whether its neighbour is
+# unchanged: `split_previous`), which gained one within reach (the added images' rows probe every
+# index shard, or with other hashes each partition's owner rows are indexed and probed by the
+# added entries), then
 # the re-derived lists by the sharded search and the kept ones. The same lists as one index.
 
 
@@ -966,20 +968,6 @@ def _part_changes(part, same) -> tuple[np.ndarray, np.ndarray]:
     taking = part[2][:, PLAIN]
     same = np.asarray(same, bool) & taking
     return same, taking & ~same
-
-
-def _same_everywhere(*pieces) -> np.ndarray:
-    """bool over every image number: unchanged and taking part (pieces: (img, changes) per partition)."""
-    ids = [img[ch[0]] for img, ch in zip(pieces[::2], pieces[1::2])]
-    size = max((int(img[-1]) + 1 for img in pieces[::2] if len(img)), default=0)
-    out = np.zeros(size, bool)
-    for i in ids:
-        out[i] = True
-    return out
-
-
-def _part_img(part) -> np.ndarray:
-    return part[0]
 
 
 def _part_flags(part, changes) -> tuple[bool, bool, bool]:
@@ -1033,16 +1021,15 @@ def _part_owner_reach(part, changes, added_entries, cfg: ScreenConfig) -> np.nda
     return np.unique(found["owner"].to_numpy(np.int64))
 
 
-def _part_redo(part, changes, previous: pd.DataFrame, same_all: np.ndarray, gained_ids: np.ndarray) -> dict:
+def _part_redo(part, changes, previous: pd.DataFrame, gained_ids: np.ndarray) -> dict:
     """The partition's images whose lists are searched again: added, or unchanged with a
-    neighbour gone or changed (`lost`) or one within reach of an added image (`gained`)."""
+    neighbour gone or changed (`lost`: its row's `nb_same` is False) or one within reach of an
+    added image (`gained`)."""
     img = part[0]
     same, added = changes
     at, inside = _rows_of(img, previous["owner_a"].to_numpy(np.int64))
     inside[inside] = same[at[inside]]
-    nb = previous["owner_b"].to_numpy(np.int64)[inside]
-    known = (nb >= 0) & (nb < len(same_all))  # (-1: gone; a number past the last unchanged image)
-    known[known] = same_all[nb[known]]
+    known = previous["nb_same"].to_numpy(bool)[inside]
     lost = np.zeros(len(img), bool)
     lost[at[inside][~known]] = True
     gained = np.isin(img, gained_ids) & same
@@ -1068,7 +1055,8 @@ def sharded_incremental_neighbours(parts: list, previous: list, same: list, cfg:
                                    shard_size: int | None = None, one_shard: bool = False, gather: bool = True):
     """`incremental_neighbours` over hash partitions (or futures of them): `previous[i]` the last
     run's directed rows owned by partition i's images (current image numbers, owner_b -1 when
-    gone), `same[i]` bool per image of partition i (taking part last time with the same hashes).
+    gone), each marked `nb_same` when its owner_b is unchanged and takes part (`split_previous`),
+    `same[i]` bool per image of partition i (taking part last time with the same hashes).
     Returns (directed rows, counts) as `incremental_neighbours`, or with `gather=False` (and a
     client) one future per partition of (rows, counts). The index is sharded as in
     `sharded_neighbours`; the driver holds futures and a few flags per partition."""
@@ -1079,7 +1067,6 @@ def sharded_incremental_neighbours(parts: list, previous: list, same: list, cfg:
     flags = get([run(_part_flags, p, c) for p, c in zip(parts, changes)])
     any_added, any_same = any(f[0] for f in flags), any(f[1] for f in flags)
     shards = _Shards(parts, cfg, client, shard_size, one_shard, routed=cfg.search_sharding != "sharded")
-    same_all = run(_same_everywhere, *[x for p, c in zip(parts, changes) for x in (run(_part_img, p), c)])
     gained = [np.zeros(0, np.int64)] * len(parts)
     if any_added and any_same and cfg.hash == "ahash":
         rotate = any(f[2] for f in flags)
@@ -1089,7 +1076,7 @@ def sharded_incremental_neighbours(parts: list, previous: list, same: list, cfg:
     elif any_added and any_same:
         entries = run(_added_entries, *[x for p, c in zip(parts, changes) for x in (p, c)])
         gained = [run(_part_owner_reach, p, c, entries, cfg) for p, c in zip(parts, changes)]
-    redo = [run(_part_redo, p, c, prev, same_all, g) for p, c, prev, g in zip(parts, changes, previous, gained)]
+    redo = [run(_part_redo, p, c, prev, g) for p, c, prev, g in zip(parts, changes, previous, gained)]
     out = []
     for j, (p, c, prev, r) in enumerate(zip(parts, changes, previous, redo)):
         q = run(_redo_queries, p, r)
@@ -1103,11 +1090,17 @@ def sharded_incremental_neighbours(parts: list, previous: list, same: list, cfg:
     return directed, stats
 
 
-def split_previous(previous: pd.DataFrame | None, parts: list) -> list[pd.DataFrame]:
+def split_previous(previous: pd.DataFrame | None, parts: list, same: np.ndarray) -> list[pd.DataFrame]:
     """The last run's directed rows cut by partition: each gets the rows whose owner_a lies
     between its first and last image number (partitions in ascending image order, as
-    `hash_partitions` makes them; a row of an image that takes no part is dropped later)."""
+    `hash_partitions` makes them; a row of an image that takes no part is dropped later), with
+    `nb_same`: whether its owner_b is unchanged and takes part (`same`, bool over every image
+    number), so that no task needs a flag per image of the collection."""
     prev = previous if previous is not None else _empty_directed()
+    nb = prev["owner_b"].to_numpy(np.int64)
+    known = (nb >= 0) & (nb < len(same))  # (-1: gone)
+    known[known] = same[nb[known]]
+    prev = prev.assign(nb_same=known)
     owner = prev["owner_a"].to_numpy(np.int64)
     order = np.argsort(owner, kind="stable")
     prev, owner = prev.iloc[order], owner[order]

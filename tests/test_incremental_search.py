@@ -105,7 +105,7 @@ def test_incremental_over_partitions_and_shards_equals_one_index(seed, rows, sha
     parts = candidates.hash_partitions(p_codes, use, idx_use, rows)
     assert len(parts) > 1
     got, stats = candidates.sharded_incremental_neighbours(
-        parts, candidates.split_previous(previous, parts), [same[p[0]] for p in parts], cfg,
+        parts, candidates.split_previous(previous, parts, same & use[:, 0]), [same[p[0]] for p in parts], cfg,
         shard_size=shard_size)
     pd.testing.assert_frame_equal(got, want.reset_index(drop=True))
     assert stats == want_stats
@@ -121,13 +121,39 @@ def test_incremental_over_partitions_and_shards_equals_one_index(seed, rows, sha
     assert switched_stats == want_stats and calls == [1]
 
 
+def test_no_partition_task_gets_a_flag_per_image_of_the_collection(monkeypatch):
+    """Each task's flags cover its own partition (or its rows of the last lists), never every
+    image: at 1B images such an array is 1 GB on each worker."""
+    cfg, codes, mask, previous, same = grow(1, k=3, n0=600, n_new=40)
+    p_codes, use, idx_use = candidates._prepare(codes, mask, cfg, None)
+    parts = candidates.hash_partitions(p_codes, use, idx_use, 37)
+    longest, original = [0], candidates._run
+
+    def spy(client, fn, *args):
+        for x in args:
+            for y in (x if isinstance(x, tuple) else (x,)):
+                if isinstance(y, np.ndarray) and y.dtype == bool:
+                    longest[0] = max(longest[0], len(y))
+        return original(client, fn, *args)
+
+    monkeypatch.setattr(candidates, "_run", spy)
+    candidates.sharded_incremental_neighbours(parts, candidates.split_previous(previous, parts, same & use[:, 0]),
+                                              [same[p[0]] for p in parts], cfg)
+    assert 0 < longest[0] <= 37
+
+
 def test_split_previous_gives_each_row_to_the_partition_of_its_owner():
     parts = [(np.array([0, 2, 3]),), (np.zeros(0, np.int64),), (np.array([5, 9]),)]
     prev = pd.DataFrame({"owner_a": [9, -1, 2, 5, 0, 4, 3, 2], "owner_b": [1, 2, 3, 4, 5, 6, 7, 8],
                          "hash_distance": np.arange(8, dtype=np.int16)})
-    got = candidates.split_previous(prev, parts)
+    same = np.array([1, 1, 1, 0, 1, 1, 0, 0, 1, 1], bool)  # (3 and 7 changed)
+    got = candidates.split_previous(prev, parts, same)
     assert [g["owner_a"].tolist() for g in got] == [[0, 2, 2, 3], [], [5, 9]]  # (4 and -1: no partition)
     assert got[0]["owner_b"].tolist() == [5, 3, 8, 7]  # (the order within an owner kept)
+    # each row says whether its neighbour is unchanged: -1 (gone) and numbers past the end are not
+    assert [g["nb_same"].tolist() for g in got] == [[True, False, True, False], [], [True, True]]
+    gone = pd.DataFrame({"owner_a": [0, 0, 2], "owner_b": [-1, 12, 1], "hash_distance": np.zeros(3, np.int16)})
+    assert candidates.split_previous(gone, parts, same)[0]["nb_same"].tolist() == [False, False, True]
 
 
 @pytest.mark.slow
