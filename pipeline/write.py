@@ -113,11 +113,23 @@ def write_table_parts(parts: Iterable[pd.DataFrame], schema: pa.Schema, path: Pa
     return rows
 
 
+def _arrow_text(dtype) -> bool:
+    """Text kept in Arrow by pandas (pandas 3's `str`, `string[pyarrow]`, `ArrowDtype(string)`)."""
+    if isinstance(dtype, pd.StringDtype):
+        return dtype.storage == "pyarrow"
+    return isinstance(dtype, pd.ArrowDtype) and (pa.types.is_string(dtype.pyarrow_dtype)
+                                                 or pa.types.is_large_string(dtype.pyarrow_dtype))
+
+
 def _table(frame: pd.DataFrame, schema: pa.Schema, dtypes: dict | None = None,
            metadata: dict[bytes, bytes] | None = None) -> pa.Table:
     frame = frame[schema.names]
+    # Arrow text is handed to Arrow as it is: the cast to the contract's `object` made a Python
+    # string per row and text column (~20 MB a part of pairs.parquet, at the driver's peak); the
+    # file still records the contract's dtypes (its pandas metadata, made from no rows, below)
+    as_is = [c for c, d in (dtypes or {}).items() if d == "object" and c in frame and _arrow_text(frame[c].dtype)]
     if dtypes:
-        frame = frame.astype(dtypes)
+        frame = frame.astype({c: d for c, d in dtypes.items() if c not in as_is})
     for field in schema:  # a file name quoted in a message may hold undecodable bytes (paths.py)
         if pa.types.is_string(field.type) or (pa.types.is_dictionary(field.type)
                                               and pa.types.is_string(field.type.value_type)):
@@ -126,6 +138,10 @@ def _table(frame: pd.DataFrame, schema: pa.Schema, dtypes: dict | None = None,
                 frame = frame.assign(**{field.name: [paths.clean_text(v) if isinstance(v, str) else v
                                                      for v in col]})
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+    if as_is:
+        empty = frame.iloc[:0].astype(dict.fromkeys(as_is, object))
+        pandas_meta = pa.Table.from_pandas(empty, schema=schema, preserve_index=False).schema.metadata[b"pandas"]
+        table = table.replace_schema_metadata({**table.schema.metadata, b"pandas": pandas_meta})
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     return table
@@ -173,8 +189,9 @@ def write_outputs(out_dir: Path, images: pd.DataFrame, pairs: pd.DataFrame | Ite
     many duplicate pairs each cluster has (report.duplicate_pairs_per_cluster)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = provenance(manifest)
-    # a row group at a time: the cast to the contract's pandas types makes a Python string per
-    # row of each text column (~40 MB at once for 100k files, at the driver's peak)
+    # a row group at a time: the conversion to Arrow holds a copy of the rows converted (the
+    # cast of its text to Python strings was ~40 MB at once for 100k files, before `_table` kept
+    # Arrow text as it is)
     write_table_parts((images_frame(images.iloc[start:start + IMAGE_ROWS_PER_GROUP])
                        for start in range(0, max(len(images), 1), IMAGE_ROWS_PER_GROUP)),
                       IMAGES_SCHEMA, out_dir / "images.parquet", IMAGES_DTYPES, meta)

@@ -56,6 +56,58 @@ def test_images_table_types(tmp_path):
     assert back["raw_path"].tolist() == [None, b"b\xff.jpg"]
 
 
+@pytest.mark.parametrize("text", ["str", "string[pyarrow]", "object"])
+def test_arrow_text_is_written_as_it_is_with_the_contracts_pandas_types(text, tmp_path):
+    """Text columns held in Arrow go to the file without a Python string per row, and the file
+    is the one a cast to the contract's `object` columns writes: same rows, same pandas metadata
+    (so pandas reads the contract's types back)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.write import PAIRS_DTYPES, PAIRS_SCHEMA, _table
+    n = 5
+    frame = pd.DataFrame({
+        "path_a": pd.array(["a/1.jpg", "a/2.jpg", "ü/3.jpg", "b/4.jpg", "b/5.jpg"], dtype=text),
+        "path_b": pd.array(["c/1.jpg", "c/2.jpg", "c/3.jpg", "c/4.jpg", "c/5.jpg"], dtype=text),
+        "image_id_a": range(n), "image_id_b": range(10, 10 + n), "hash_distance": [0, 1, 2, 3, 4],
+        **{c: pd.array([1, None, 3, 4, 5], dtype="Int32") for c in ("orb_matches", "orb_inliers")},
+        **{c: pd.array([0.5, None, 1, 0, 0.25], dtype="Float32") for c in ("orb_score", "cosine", "ssim", "hist_corr")},
+        "stage": pd.Categorical(["screen"] * n, categories=["exact", "screen", "verify", "confirm"]),
+        "is_duplicate": [True, False, True, False, True],
+        "reason": pd.array(["r1", None, "r3", "r4", "r5"], dtype=text),
+        "rule": pd.Categorical(["x"] * n, categories=["x", "y"]),
+    })
+    as_objects = frame.astype({c: object for c in ("path_a", "path_b", "reason")})
+    got, want = _table(frame, PAIRS_SCHEMA, PAIRS_DTYPES), _table(as_objects, PAIRS_SCHEMA, PAIRS_DTYPES)
+    assert got.equals(want, check_metadata=True)
+    pq.write_table(got, tmp_path / "p.parquet")
+    back = pd.read_parquet(tmp_path / "p.parquet")
+    assert back["reason"].isna().tolist() == [False, True, False, False, False]
+    assert back["path_a"].tolist() == frame["path_a"].tolist()
+
+
+def test_arrow_text_makes_no_python_string_per_row():
+    import tracemalloc
+
+    import numpy as np
+
+    from pipeline.write import IMAGES_DTYPES, IMAGES_SCHEMA, _table
+    n = 100_000
+    names = pd.array([f"folder/{i:07d}.jpg" for i in range(n)], dtype="str")
+    frame = pd.DataFrame({"image_id": np.arange(n), "path": names, "bytes": np.ones(n, np.int64),
+                          "mtime": pd.to_datetime(np.full(n, 1.7e9), unit="s", utc=True),
+                          "width": pd.array(np.ones(n), dtype="Int32"), "height": pd.array(np.ones(n), dtype="Int32"),
+                          "format": pd.array(["JPEG"] * n, dtype="str"), "sha256": names, "hash": names,
+                          "error": pd.array([None] * n, dtype="str"), "cluster_id": pd.array(np.ones(n), dtype="Int64"),
+                          "raw_path": [None] * n})
+    tracemalloc.start()
+    try:
+        _table(frame, IMAGES_SCHEMA, IMAGES_DTYPES)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000, peak  # (a Python string per row and text column: ~25 MB)
+
+
 def test_publish_fsyncs_what_the_generation_wrote_not_the_links_it_reused(tmp_path, monkeypatch):
     """A generation's new files and folders are fsynced before the commit; a file hard-linked from
     an earlier generation (a reused report thumbnail) was made durable when that one was published."""
@@ -169,6 +221,11 @@ def test_contract_pairs_are_sorted_by_path_whatever_the_row_order():
         assert set(few.columns) == set(PAIR_COLUMNS) and "path_a" not in few
         pd.testing.assert_frame_equal(few, out[list(few.columns)])
         assert out["reason"].tolist() == [f"r{h}" for h in out["hash_distance"]]
+        # rows handed over in the outputs' order (as a run does, part by part) are not sorted again
+        taken = prs.iloc[run.output_order(prs, imgs)].reset_index(drop=True)
+        pd.testing.assert_frame_equal(run.contract_pairs(taken, imgs, in_order=True), out)
+        pd.testing.assert_frame_equal(run.contract_pairs(taken.iloc[2:5], imgs, in_order=True),
+                                      out.iloc[2:5].reset_index(drop=True))
 
 
 def test_pairs_written_in_parts_are_the_pairs_written_whole(review_data, review_run, tmp_path, monkeypatch):
