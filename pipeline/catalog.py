@@ -1107,7 +1107,10 @@ def new_feature_rows(cat: Catalog, kind: str, fp: str, summary: pd.DataFrame, sh
     if summary is None or not len(summary):
         return _empty(FEATURE_COLUMNS)
     keys = summary["key"].to_numpy(np.int64)
-    parts = [cat.files.rel(p) for p in summary["part_path"]]
+    # named once per part file, not per row: `rel` resolves links (a realpath, an lstat per
+    # folder level), and a 10k-file run's 13.5k rows name 41 files
+    codes, files = pd.factorize(summary["part_path"])
+    parts = np.array([cat.files.rel(p) for p in files] + [None], dtype=object).take(codes)  # (-1: none)
     return pd.DataFrame({"kind": kind, "fp": fp,
                          "sha256": sha_of_cid.reindex(keys // 8).to_numpy(dtype=object),
                          "transform": (keys % 8).astype(np.int8), "key": keys, "part": parts,

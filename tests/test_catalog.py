@@ -1047,6 +1047,26 @@ def test_feature_parts_finds_the_wanted_features_of_these_settings_in_first_seen
     assert flipped.index.tolist() == [14] and counts == {"reused": 1, "settings_changed": 0}
 
 
+def test_new_feature_rows_name_each_part_file_relative_to_the_catalog_once(tmp_path, monkeypatch):
+    """The features a run wrote: a row per key, its part named relative to the catalog (links
+    resolved), with one `rel` call per part file, not per row."""
+    (tmp_path / "cat" / "orb").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "cat")
+    cat = catalog.Catalog(tmp_path / "cat")
+    p1, p2 = str(tmp_path / "cat" / "orb" / "p1.parquet"), str(tmp_path / "link" / "orb" / "p2.parquet")
+    summary = pd.DataFrame({"key": np.array([80, 81, 88, 96, 97], np.int64), "part_path": [p1, p1, p2, p1, p2],
+                            "error": [None, None, "too few keypoints", None, None]})
+    sha_of_cid = pd.Series(["a" * 64, "b" * 64, "c" * 64], index=[10, 11, 12])
+    calls, rel = [], cat.files.rel
+    monkeypatch.setattr(cat.files, "rel", lambda full: calls.append(full) or rel(full))
+    rows = catalog.new_feature_rows(cat, "orb", "F1", summary, sha_of_cid)
+    assert rows["part"].tolist() == ["orb/p1.parquet", "orb/p1.parquet", "orb/p2.parquet", "orb/p1.parquet",
+                                     "orb/p2.parquet"]
+    assert sorted(calls) == sorted([p1, p2])
+    assert rows["sha256"].tolist() == ["a" * 64, "a" * 64, "b" * 64, "c" * 64, "c" * 64]
+    assert rows["transform"].tolist() == [0, 1, 0, 0, 1] and rows["error"].tolist()[2] == "too few keypoints"
+
+
 def test_a_catalog_path_that_is_a_file_is_no_catalog(tmp_path):
     """`--catalog` naming a file: "no catalog there" (exit 2 from query), not a traceback."""
     from pipeline import catalog as catalog_module
