@@ -1049,7 +1049,8 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         cat.drop_tables("evidence", "features")  # (the new tables hold what is kept of them)
         committed = cat.commit(root=root_text, run_id=run_id, fps=fps,
                                images=catalog.images_table(images, fps),
-                               neighbours=catalog.neighbours_table(search_info["neighbours"], images),
+                               # (popped: the lists, 18 B a row, K rows an image, are not held through the write stage)
+                               neighbours=catalog.neighbours_table(search_info.pop("neighbours"), images),
                                evidence=evidence, features=features, config=cfg.to_dict(),
                                # (the workers' parts: listed by their writers' digests, not read again)
                                written=store.written_anywhere(running(client), cat.feature_root_folder()))

@@ -1128,3 +1128,29 @@ def test_a_catalog_made_for_another_folder_is_a_warning(grown, tmp_path, caplog)
         manifest = run(grown["data"] / "a", out)
     assert manifest["reuse"]["screen"]["screened"] == manifest["counts"]["files"]
     assert any("was made for another folder" in r.getMessage() for r in caplog.records)
+
+
+def test_the_search_lists_are_let_go_of_after_the_commit(generated, tmp_path, monkeypatch):
+    """The directed K-nearest lists (18 B a row, up to screen.max_candidates rows an image) are
+    kept for the catalog's commit only, not through the write stage, the driver's peak."""
+    import gc
+    import weakref
+
+    from pipeline import write
+    lists, alive_at_write = [], []
+    table, outputs = catalog.neighbours_table, write.write_outputs
+
+    def neighbours_table(directed, images):
+        lists.append(weakref.ref(directed))
+        return table(directed, images)
+
+    def write_outputs(*args, **kwargs):
+        gc.collect()
+        alive_at_write.append(lists[0]() is not None)
+        return outputs(*args, **kwargs)
+
+    monkeypatch.setattr(catalog, "neighbours_table", neighbours_table)
+    monkeypatch.setattr(write, "write_outputs", write_outputs)
+    manifest = run(generated["A"], tmp_path / "out", "--set", "tiers=screen")
+    assert manifest["counts"]["near_candidates"] > 0 and len(lists) == 1
+    assert alive_at_write == [False]
