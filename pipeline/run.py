@@ -1059,7 +1059,14 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         reuse["catalog_compacted"] = committed.get("compacted", [])
         manifest["timings_s"]["catalog"] = round(time.perf_counter() - t, 3)
         del evidence, features, committed
+        # what the tiers and the commit looked up by content: not held through the write stage
+        # (this run's feature rows, ~0.2 kB each, in Arrow; the set of contents)
+        del present, sha_of_cid, cids, has_sha, by_content
+        new_features.clear()
         release_freed_memory()
+    # nor the tiers' per-pair positions and the sha256 texts as Python strings (~120 B an image)
+    del sha, near, scored
+    confirmed = screen_emb = screen_emb_by_cid = None
     # the hashes are in the catalog (or were for the search only): not held through the write
     # stage, the driver's peak (a bytes object per image, ~105 B; in place: `frame` is `images`)
     for column in ("codes", "variant_mask"):

@@ -1130,27 +1130,33 @@ def test_a_catalog_made_for_another_folder_is_a_warning(grown, tmp_path, caplog)
     assert any("was made for another folder" in r.getMessage() for r in caplog.records)
 
 
-def test_the_search_lists_are_let_go_of_after_the_commit(generated, tmp_path, monkeypatch):
-    """The directed K-nearest lists (18 B a row, up to screen.max_candidates rows an image) are
-    kept for the catalog's commit only, not through the write stage, the driver's peak."""
+def test_what_only_the_commit_reads_is_let_go_of_before_the_write_stage(generated, tmp_path, monkeypatch):
+    """The directed K-nearest lists (18 B a row, up to screen.max_candidates rows an image) and
+    this run's feature rows (~0.2 kB each) are kept for the catalog's commit only, not through the
+    write stage, the driver's peak."""
     import gc
     import weakref
 
     from pipeline import write
-    lists, alive_at_write = [], []
-    table, outputs = catalog.neighbours_table, write.write_outputs
+    kept, alive_at_write = [], []
+    neighbours_table, features_table, outputs = catalog.neighbours_table, catalog.features_table, write.write_outputs
 
-    def neighbours_table(directed, images):
-        lists.append(weakref.ref(directed))
-        return table(directed, images)
+    def lists(directed, images):
+        kept.append(weakref.ref(directed))
+        return neighbours_table(directed, images)
+
+    def features(cat, present, new_features, ran):
+        kept.extend(weakref.ref(f) for f in new_features)
+        return features_table(cat, present, new_features, ran)
 
     def write_outputs(*args, **kwargs):
         gc.collect()
-        alive_at_write.append(lists[0]() is not None)
+        alive_at_write.extend(ref() is not None for ref in kept)
         return outputs(*args, **kwargs)
 
-    monkeypatch.setattr(catalog, "neighbours_table", neighbours_table)
+    monkeypatch.setattr(catalog, "neighbours_table", lists)
+    monkeypatch.setattr(catalog, "features_table", features)
     monkeypatch.setattr(write, "write_outputs", write_outputs)
-    manifest = run(generated["A"], tmp_path / "out", "--set", "tiers=screen")
-    assert manifest["counts"]["near_candidates"] > 0 and len(lists) == 1
-    assert alive_at_write == [False]
+    manifest = run(generated["A"], tmp_path / "out", "--set", "tiers=verify")
+    assert manifest["counts"]["near_candidates"] > 0 and len(kept) >= 2  # the lists and the ORB features made
+    assert alive_at_write == [False] * len(kept)
