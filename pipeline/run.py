@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 import pipeline
 from pipeline import candidates, catalog, decide, outdir, paths, scan, screen, storage, store, write
@@ -1032,7 +1033,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
     }
     if cat is not None:  # the catalog first: the outputs' run.json then says what it committed
         t = time.perf_counter()
-        present = set(sha[has_sha])
+        present = pa.array(sha[has_sha], pa.string())  # (an Arrow array: catalog.among; no set of N strings)
         # sha256 as object columns sharing the images' strings: a str column would copy each
         # 64-character text into Arrow, ~72 B per pair and side, held through the commit
         rows = pd.DataFrame({"sha_a": pd.Series(sha[pairs["idx_a"].to_numpy()[scored]], dtype=object),

@@ -1160,3 +1160,23 @@ def test_what_only_the_commit_reads_is_let_go_of_before_the_write_stage(generate
     manifest = run(generated["A"], tmp_path / "out", "--set", "tiers=verify")
     assert manifest["counts"]["near_candidates"] > 0 and len(kept) >= 2  # the lists and the ORB features made
     assert alive_at_write == [False] * len(kept)
+
+
+@pytest.mark.parametrize("kind", ["str", "object", "category", "large_string"])
+def test_among_finds_the_present_texts_whatever_the_column_and_the_set(kind):
+    """catalog.among (Arrow's lookup, not pandas' isin, which makes an Arrow scalar per text
+    looked for): the rows isin finds, for Arrow, object and categorical text with missing values,
+    the texts given as a set, a list, an object array or an Arrow array."""
+    import pyarrow as pa
+    texts = ["a" * 64, "b" * 64, None, "c" * 64, "a" * 64, "ü" * 3]
+    values = {"str": pd.Series(pd.array(texts, dtype="str")), "object": pd.Series(texts, dtype=object),
+              "category": pd.Series(texts, dtype="category"),
+              "large_string": pd.Series(pd.array(texts, dtype=pd.ArrowDtype(pa.large_string())))}[kind]
+    want = [True, False, False, True, True, True]
+    for present in ({"a" * 64, "c" * 64, "ü" * 3, "zz"}, ["a" * 64, "c" * 64, "ü" * 3, "a" * 64],
+                    np.array(["a" * 64, "c" * 64, "ü" * 3], dtype=object), pa.array(["ü" * 3, "c" * 64, "a" * 64])):
+        got = catalog.among(values, present)
+        assert got.dtype == bool and got.tolist() == want
+        assert got.tolist() == values.isin(present.to_pylist() if isinstance(present, pa.Array) else list(present)).tolist()
+    assert catalog.among(values, set()).tolist() == [False] * len(texts)
+    assert catalog.among(values.iloc[:0], {"a"}).tolist() == []
