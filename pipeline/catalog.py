@@ -59,7 +59,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import outdir, storage, store
+from pipeline import outdir, paths, storage, store
 from pipeline.config import Config, ConfigError
 
 log = logging.getLogger("pipeline")
@@ -840,6 +840,7 @@ class KnownImages:
         self.etag = images["etag"].to_numpy(dtype=object)
         # made with other screen settings (or code): to be screened again
         self.stale = (images["screen_fp"] != screen_fp).to_numpy(bool)
+        self.clean = images["error"].isna().to_numpy(bool)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -849,6 +850,16 @@ class KnownImages:
         if not len(self.images) or not len(paths):
             return np.full(len(paths), -1, np.int64)
         return self._index.get_indexer(pd.Index(paths, dtype=object))
+
+    def images_as_they_were(self, rels: list[str], sizes: np.ndarray, mtime_ns: np.ndarray) -> np.ndarray:
+        """True for each listed file (names relative to the folder, as listed; sizes; mtime_ns)
+        whose record says it is an image as it is: no error, made with these screen settings,
+        the same size and mtime_ns (`scan.iter_files` does not read its first bytes again)."""
+        at = self.find([paths.text_form(r) for r in rels])
+        ok = at >= 0
+        a = at[ok]
+        ok[ok] = ~self.stale[a] & self.clean[a] & (self.bytes[a] == sizes[ok]) & (self.mtime_ns[a] == mtime_ns[ok])
+        return ok
 
     def rows(self, at: np.ndarray, columns: list[str]) -> pd.DataFrame:
         """Those columns of the records at rows `at`."""

@@ -14,7 +14,7 @@ import stat
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -96,12 +96,24 @@ def _classify(abs_path: str, size: int, cfg: ScanConfig) -> tuple[bool, str | No
     return True, "not an image: content matches no known image format"
 
 
+# regular files of a folder classified together (a catalog lookup each), so a folder of a
+# million files holds a bounded list of them at a time
+CLASSIFY_BATCH = 4096
+
+
 def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLike] = (),
-               unlisted: list[tuple[str, str]] | None = None) -> Iterator[FileEntry]:
+               unlisted: list[tuple[str, str]] | None = None,
+               known_images: Callable[[list[str], np.ndarray, np.ndarray], np.ndarray] | None = None,
+               ) -> Iterator[FileEntry]:
     """Yield every image file under `root` (depth-first, sorted), one at a time. `skip`: folders
     not to go into (the run's own OUT, catalog and work folder when they lie inside DATA), known
     by device and inode, so a symlink or another spelling of them is skipped too. `unlisted`
-    receives (folder relative to root, why) for each folder that could not be listed."""
+    receives (folder relative to root, why) for each folder that could not be listed.
+
+    `known_images(rels, sizes, mtime_ns)`: True for the files known to be images as they are (a
+    catalog's records without error, same size and mtime_ns): their first bytes are not read
+    again (an open and a read per file, ~30 us on a local disk and a round trip on a network
+    one, for every file of a nightly run over an unchanged collection)."""
     root_abs = os.path.abspath(root)
     seen_dirs: set[tuple[int, int]] = set()
     for folder in skip:  # (one not made yet holds nothing to skip)
@@ -121,19 +133,30 @@ def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLi
         names, fields, mtimes, odd = listed
         subdirs = []
         # (in code-point order, as sorted() gives: an object array compares the names themselves)
-        for i in np.argsort(np.array(names, dtype=object), kind="stable") if names else ():
-            name = names[i]
-            mode, size, mtime_ns, dev, ino = odd[i] if i in odd else fields[5 * i:5 * i + 5]
-            rel = f"{dir_rel}/{name}" if dir_rel else name
-            path = os.path.join(dir_abs, name)
-            if stat.S_ISDIR(mode):
-                key = (dev, ino)
-                if key in seen_dirs:
-                    continue  # symlink loop or a folder reached twice
-                seen_dirs.add(key)
-                subdirs.append((path, rel))
-            elif stat.S_ISREG(mode):
-                keep, error = _classify(path, size, cfg)
+        order = np.argsort(np.array(names, dtype=object), kind="stable") if names else np.zeros(0, np.int64)
+        for start in range(0, len(order), CLASSIFY_BATCH):
+            files = []  # (entry number, rel, path, size, mtime_ns) of the regular files
+            for i in order[start:start + CLASSIFY_BATCH]:
+                name = names[i]
+                mode, size, mtime_ns, dev, ino = odd[i] if i in odd else fields[5 * i:5 * i + 5]
+                rel = f"{dir_rel}/{name}" if dir_rel else name
+                path = os.path.join(dir_abs, name)
+                if stat.S_ISDIR(mode):
+                    key = (dev, ino)
+                    if key in seen_dirs:
+                        continue  # symlink loop or a folder reached twice
+                    seen_dirs.add(key)
+                    subdirs.append((path, rel))
+                elif stat.S_ISREG(mode):
+                    files.append((i, rel, path, size, mtime_ns))
+            seen = np.zeros(len(files), bool)
+            plain = [j for j, f in enumerate(files) if f[0] not in odd]  # (odd: past 64 bits, no record's)
+            if known_images is not None and plain:
+                seen[plain] = known_images([files[j][1] for j in plain], np.array([files[j][3] for j in plain], np.int64),
+                                           np.array([files[j][4] for j in plain], np.int64))
+            for (i, rel, path, size, mtime_ns), image in zip(files, seen):
+                # (a known image passed the sniff when its record was made: the same bytes pass it)
+                keep, error = (True, None) if image and size <= cfg.max_file_bytes else _classify(path, size, cfg)
                 if keep:
                     yield FileEntry(rel, path, size, mtimes[i], error, mtime_ns)
         stack.extend(reversed(subdirs))

@@ -1180,3 +1180,28 @@ def test_among_finds_the_present_texts_whatever_the_column_and_the_set(kind):
         assert got.tolist() == values.isin(present.to_pylist() if isinstance(present, pa.Array) else list(present)).tolist()
     assert catalog.among(values, set()).tolist() == [False] * len(texts)
     assert catalog.among(values.iloc[:0], {"a"}).tolist() == []
+
+
+def test_a_rerun_opens_only_the_files_its_catalog_cannot_vouch_for(generated, tmp_path, monkeypatch):
+    """A nightly run over a mostly unchanged folder: the listing reads the first bytes of new,
+    changed and error files only (the catalog's clean records, same size and mtime_ns, are
+    images as they are); with --rehash every file is read."""
+    from pipeline import scan
+    data = tmp_path / "data"
+    shutil.copytree(generated["A"], data)
+    first = run(data, tmp_path / "out", "--set", "tiers=screen")
+    errors = set(pd.read_parquet(tmp_path / "out" / "images.parquet").query("error.notna()")["path"])
+    with Image.open(data / "g0001_original.jpg") as im:
+        im.convert("RGB").resize((im.width // 2, im.height // 2)).save(data / "zz_added.jpg", quality=85)
+    touched = sorted(p.name for p in data.iterdir() if p.name not in errors)[3]
+    os.utime(data / touched, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    opened, classify = [], scan._classify
+    monkeypatch.setattr(scan, "_classify", lambda path, size, cfg: opened.append(os.path.basename(path))
+                        or classify(path, size, cfg))
+    again = run(data, tmp_path / "out", "--set", "tiers=screen")
+    assert sorted(opened) == sorted({"zz_added.jpg", touched} | errors)
+    assert again["counts"]["files"] == first["counts"]["files"] + 1
+    assert again["reuse"]["screen"]["reused"] == first["counts"]["files"] - 1
+    opened.clear()
+    run(data, tmp_path / "out", "--set", "tiers=screen", "--rehash")
+    assert len(opened) == again["counts"]["files"]

@@ -59,6 +59,37 @@ def test_order_is_deterministic_and_batches_stream(tmp_path):
     assert sizes == [3, 3, 1]
 
 
+def test_files_known_as_images_are_not_opened_again(tmp_path, monkeypatch):
+    """`known_images` (a catalog's records) spares the first-bytes read of the files it vouches
+    for, folder by folder in bounded batches; the listing is the one a full classification gives,
+    and a vouched-for file over scan.max_file_bytes is still an error row."""
+    import numpy as np
+
+    from pipeline import scan
+    for i in range(9):
+        _jpeg(tmp_path / f"d{i % 2}" / f"{i}.jpg")
+    (tmp_path / "d0" / "notes.txt").write_text("not an image")
+    (tmp_path / "d1" / "fake.jpg").write_bytes(b"not an image either")
+    want = [(e.path, e.bytes, e.error) for e in iter_files(tmp_path, ScanConfig())]
+    opened, asked, classify = [], [], scan._classify
+    monkeypatch.setattr(scan, "_classify", lambda path, size, cfg: opened.append(os.path.basename(path))
+                        or classify(path, size, cfg))
+    monkeypatch.setattr(scan, "CLASSIFY_BATCH", 2)
+    vouched = {f"d{i % 2}/{i}.jpg" for i in range(0, 9, 2)}
+
+    def known_images(rels, sizes, mtime_ns):
+        asked.append(len(rels))
+        assert sizes.dtype == mtime_ns.dtype == np.int64 and (sizes > 0).all()
+        return np.array([r in vouched for r in rels])
+
+    got = [(e.path, e.bytes, e.error) for e in iter_files(tmp_path, ScanConfig(), known_images=known_images)]
+    assert got == want
+    assert sorted(opened) == sorted(["1.jpg", "3.jpg", "5.jpg", "7.jpg", "notes.txt", "fake.jpg"])
+    assert max(asked) <= 2 and sum(asked) == 11  # (every regular file asked about once, two at a time)
+    big = list(iter_files(tmp_path, ScanConfig(max_file_bytes=10), known_images=known_images))
+    assert all(e.error and e.error.startswith("file too large") for e in big if e.path in vouched)
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "ICO"])
 def test_sniff_recognises_pillow_formats(tmp_path, fmt):
     path = tmp_path / "x"
