@@ -1016,18 +1016,26 @@ def _evidence_values(column: str, values) -> np.ndarray | pd.api.extensions.Exte
 
 
 def among(values: pd.Series, present) -> np.ndarray:
-    """bool per row: its text is one of `present` (any texts: a set, an array), by Arrow's hash
-    lookup. pandas' `isin` on Arrow text makes an Arrow scalar of each text looked for, ~11 us
+    """bool per row: its text is one of `present` (contents' sha256: a set, a list, an array),
+    by Arrow's hash lookup. pandas' `isin` on Arrow text makes an Arrow scalar of each text looked for, ~11 us
     each: the catalog's contents check was ~2 minutes of the driver's time at 10M images."""
     if isinstance(values.dtype, pd.CategoricalDtype):  # (looked up on the categories, -1 missing)
         hit = among(pd.Series(values.cat.categories), present)
         return np.append(hit, False)[values.cat.codes.to_numpy()]
-    column = pa.array(values.to_numpy(dtype=object) if values.dtype == object else values.array, from_pandas=True)
-    if not len(column):
+    if not len(values):
         return np.zeros(0, bool)
     if not isinstance(present, (pa.Array, pa.ChunkedArray)):
-        present = pa.array(list(present) if isinstance(present, (set, frozenset)) else present, pa.string())
-    found = pc.is_in(column, value_set=present.cast(column.type))
+        present = list(present) if isinstance(present, (set, frozenset)) else present
+    try:
+        column = (pa.array(values.to_numpy(dtype=object), pa.string(), from_pandas=True) if values.dtype == object
+                  else pa.array(values.array, from_pandas=True))
+        if not isinstance(present, (pa.Array, pa.ChunkedArray)):
+            present = pa.array(present, pa.string(), from_pandas=True)
+        found = pc.is_in(column, value_set=present.cast(column.type))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeEncodeError):
+        # (what Arrow cannot take as text, e.g. numbers or undecodable names: pandas' way)
+        wanted = present.to_pylist() if isinstance(present, (pa.Array, pa.ChunkedArray)) else list(present)
+        return values.isin(wanted).to_numpy(bool)
     return found.fill_null(False).to_numpy(zero_copy_only=False)
 
 

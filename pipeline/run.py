@@ -1174,7 +1174,8 @@ def stored_features(part_of: pd.Series, sha_of_id: pd.Series, cat: catalog.Catal
 def contract_pairs(pairs: pd.DataFrame, images: pd.DataFrame, columns: Iterable[str] | None = None,
                    in_order: bool = False) -> pd.DataFrame:
     """Internal pair rows -> the output contract's columns (plus abs paths for the report), or only
-    `columns` of them (the report's: report.PAIR_COLUMNS, no path texts). `in_order`: the rows
+    `columns` of them (the report's, report.PAIR_COLUMNS, no path texts; a part of pairs.parquet's,
+    write.PAIRS_SCHEMA's, no abs paths). `in_order`: the rows
     are in the outputs' order already (taken in `output_order`'s order), not sorted again: that
     checks every image's path for order and repeats, ~4 s and ~0.3 GB at 10M images, a part.
 

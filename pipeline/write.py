@@ -40,8 +40,9 @@ PAIRS_SCHEMA = pa.schema([
     ("stage", _DICT), ("is_duplicate", pa.bool_()), ("reason", pa.string()), ("rule", _DICT),
     ("ssim", pa.float32()), ("hist_corr", pa.float32()),  # pixel check (verify.pixel_check)
 ])
-# What `pd.read_parquet` gives back for each column (the pandas side of the contract); the frame
-# is cast to these before writing so the file's pandas metadata records them.
+# What `pd.read_parquet` gives back for each column (the pandas side of the contract); the file's
+# pandas metadata records them (the frame is cast to them before writing, but for text kept in
+# Arrow, handed over as it is: `_table`).
 IMAGES_DTYPES = {"image_id": "int64", "path": "object", "bytes": "int64", "width": "Int32",
                  "height": "Int32", "format": "object", "sha256": "object", "hash": "object",
                  "error": "object", "cluster_id": "Int64", "raw_path": "object"}
@@ -139,6 +140,7 @@ def _table(frame: pd.DataFrame, schema: pa.Schema, dtypes: dict | None = None,
                                                      for v in col]})
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
     if as_is:
+        table = table.combine_chunks()  # (a concatenated frame's chunks: the bytes a cast's table writes)
         empty = frame.iloc[:0].astype(dict.fromkeys(as_is, object))
         pandas_meta = pa.Table.from_pandas(empty, schema=schema, preserve_index=False).schema.metadata[b"pandas"]
         table = table.replace_schema_metadata({**table.schema.metadata, b"pandas": pandas_meta})

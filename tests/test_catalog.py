@@ -19,7 +19,7 @@ from PIL import Image
 
 from bench import transforms
 from conftest import kill_when_logged
-from pipeline import catalog, outdir, store
+from pipeline import catalog, outdir, paths, store
 from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -1180,6 +1180,18 @@ def test_among_finds_the_present_texts_whatever_the_column_and_the_set(kind):
         assert got.tolist() == values.isin(present.to_pylist() if isinstance(present, pa.Array) else list(present)).tolist()
     assert catalog.among(values, set()).tolist() == [False] * len(texts)
     assert catalog.among(values.iloc[:0], {"a"}).tolist() == []
+
+
+@pytest.mark.parametrize("values", [[None, None], [np.nan, None], ["a", "b\udcff"], [1.5, np.nan], [1, 2]])
+def test_among_gives_what_isin_gives_for_what_arrow_cannot_take_as_text(values):
+    """All missing, undecodable names, numbers (a table read back with no rows): no error."""
+    present = np.array(["a", "c"], dtype=object)  # (contents: never missing)
+    columns = [pd.Series(values, dtype=object)]
+    if not any(isinstance(v, str) and not paths.is_utf8(v) for v in values):  # (pandas refuses those categories)
+        columns.append(pd.Series(values).astype("category"))
+    for column in columns:
+        for given in (present, set(present.tolist())):
+            assert catalog.among(column, given).tolist() == column.isin(list(given)).tolist()
 
 
 def test_a_rerun_opens_only_the_files_its_catalog_cannot_vouch_for(generated, tmp_path, monkeypatch):
