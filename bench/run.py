@@ -1,7 +1,7 @@
 """`make bench`: every benchmark in turn, each in its own process, each writing its own section of
 docs/benchmarks.md (machine, exact command, medians and same-run ratios).
 
-    python -m bench.run [--out docs/benchmarks.md] [--only search,screen,verify,confirm,embed,end_to_end,profile,worker_alloc,scheduler,scatter,fastdup,floor,storage_catalog,report_stored,driver_memory]
+    python -m bench.run [--out docs/benchmarks.md] [--only search,screen,listing,verify,confirm,embed,end_to_end,profile,worker_alloc,scheduler,scatter,fastdup,floor,storage_catalog,report_stored,driver_memory]
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import argparse
 import subprocess
 import sys
 
-BENCHMARKS = ["search", "screen", "verify", "confirm", "embed", "high_recall", "end_to_end", "calibrate", "profile",
+BENCHMARKS = ["search", "screen", "listing", "verify", "confirm", "embed", "high_recall", "end_to_end", "calibrate", "profile",
               "worker_alloc", "scheduler", "scatter", "fastdup", "floor", "storage_catalog", "report_stored", "driver_memory"]
 
 

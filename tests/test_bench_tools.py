@@ -332,3 +332,21 @@ def test_pair_best_benchmark_runs_both_trees_and_writes_its_section(tmp_path):
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| near rows") or line.startswith("| any rows")]
     assert len(rows) == 4 and all(float(r.split("|")[6]) > 50 for r in rows)  # worker peaks in MiB
+
+
+def test_listing_benchmark_lists_the_same_files_both_ways_and_writes_its_section(tmp_path):
+    """A small folder (images, a mislabelled file, a non-image, a sub-folder): the two listings
+    must agree (the benchmark stops otherwise) and the section gives both rows."""
+    from PIL import Image
+
+    from bench import listing
+    folder = tmp_path / "images"
+    for i in range(6):
+        (folder / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (i, 2 * i, 3 * i)).save(folder / f"d{i % 2}" / f"{i}.jpg")
+    (folder / "fake.jpg").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("no")
+    out = tmp_path / "bench.md"
+    assert listing.main(["--folder", str(folder), "--rounds", "1", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| every") or line.startswith("| catalog")]
+    assert len(rows) == 2 and all(r.split("|")[2].strip() == "7" for r in rows)  # (6 images + the mislabelled one)
