@@ -833,7 +833,10 @@ class KnownImages:
         if images["path"].duplicated(keep="last").any():  # (a catalog holds one row per path)
             images = images.drop_duplicates("path", keep="last")
         self.images = images = images.reset_index(drop=True)
-        self._index = pd.Index(images["path"].to_numpy(dtype=object))
+        # (object, said so: pandas would infer Arrow text, whose index answers a look-up with
+        # objects by making every record's path a Python string and a hash table again, each
+        # call: ~137 ms per 4,096 paths at 1M records, a call per screen batch; 5 ms this way)
+        self._index = pd.Index(images["path"].to_numpy(dtype=object), dtype=object)
         self.bytes = images["bytes"].to_numpy(np.int64)
         self.mtime_ns = images["mtime_ns"].to_numpy(np.int64)
         self.sha256 = images["sha256"].to_numpy(dtype=object)
