@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     body = (stamp() + f"\nThe listing of {len(first):,} files ({folder.name} of {folder.parent.name}), "
             f"page cache warm, median of {args.rounds} rounds taking turns:\n\n"
             + table(["listing", "files", "median s", "time / every file sniffed", "us per file"], rows) + "\n")
-    body += "\n" + lookups(cfg.dask.partition_size, args.rounds)
+    body = body.rstrip() + "\n\n" + lookups(cfg.dask.partition_size, args.rounds)
     update_section("listing", "listing: a catalog re-run's walk, with and without its records vouching for images",
                    body, args.out or DEFAULT_PATH)
     print(body)
