@@ -1027,18 +1027,15 @@ def among(values: pd.Series, present) -> np.ndarray:
         return np.append(hit, False)[values.cat.codes.to_numpy()]
     if not len(values):
         return np.zeros(0, bool)
-    if not isinstance(present, (pa.Array, pa.ChunkedArray)):
-        present = list(present) if isinstance(present, (set, frozenset)) else present
+    arrow = isinstance(present, (pa.Array, pa.ChunkedArray))
     try:
         column = (pa.array(values.to_numpy(dtype=object), pa.string(), from_pandas=True) if values.dtype == object
                   else pa.array(values.array, from_pandas=True))
-        if not isinstance(present, (pa.Array, pa.ChunkedArray)):
-            present = pa.array(present, pa.string(), from_pandas=True)
-        found = pc.is_in(column, value_set=present.cast(column.type))
+        value_set = present if arrow else pa.array(list(present), pa.string(), from_pandas=True)
+        found = pc.is_in(column, value_set=value_set.cast(column.type))
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeEncodeError):
         # (what Arrow cannot take as text, e.g. numbers or undecodable names: pandas' way)
-        wanted = present.to_pylist() if isinstance(present, (pa.Array, pa.ChunkedArray)) else list(present)
-        return values.isin(wanted).to_numpy(bool)
+        return values.isin(present.to_pylist() if arrow else list(present)).to_numpy(bool)
     return found.fill_null(False).to_numpy(zero_copy_only=False)
 
 
