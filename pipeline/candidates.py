@@ -33,7 +33,9 @@ a copy of one index on each, or past `screen.search_shard_size` images slices of
 spread over them (`sharded_neighbours`, sections "sharded search" and "Routed search"): same lists,
 and the driver compiles no numba kernel. A catalog re-run's
 re-derivation of the lists a change can affect (`incremental_neighbours`) takes the same path on a
-cluster, over hash partitions (`sharded_incremental_neighbours`).
+cluster, over hash partitions (`sharded_incremental_neighbours`). There the lists stay on the
+workers and the pairs are made there as well (`Lists`, section "pairs made where the lists
+are"): the driver gathers the pairs, and the lists only when a catalog keeps them.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ TRIMMED = 8
 N_VARIANTS = 9
 
 __all__ = ["exact_pairs", "exact_representatives", "near_pairs", "near_pairs_partition",
-           "directed_neighbours", "pairs_from_neighbours",
+           "directed_neighbours", "pairs_from_neighbours", "Lists",
            "sharded_neighbours", "sharded_directed_neighbours", "hash_partitions", "shard_groups", "reach_pairs", "reach_of", "gained_neighbours", "incremental_neighbours",
            "build_index", "query_variants", "embedding_pairs", "sharded_embedding_pairs", "build_embedding_index",
            "iter_embeddings", "pair_hash_distance", "union_pairs"]
@@ -254,7 +256,7 @@ def near_pairs(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, c
     per task (default: about 8 tasks per worker thread, 20k-200k rows each).
     """
     found = directed_neighbours(codes, variant_mask, cfg, client=client, representatives=representatives,
-                                block_rows=block_rows, index=index)
+                                block_rows=block_rows, index=index, gather=False)
     return pairs_from_neighbours(found, codes, variant_mask, cfg, representatives)
 
 
@@ -266,11 +268,13 @@ def _empty_directed() -> pd.DataFrame:
 def directed_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, client=None,
                         representatives: np.ndarray | None = None, block_rows: int | None = None,
                         index: HammingIndex | None = None,
-                        query_owners: np.ndarray | None = None) -> pd.DataFrame:
+                        query_owners: np.ndarray | None = None, gather: bool = True) -> pd.DataFrame | Lists:
     """Each querying image's K nearest other images (the per-image cap of `near_pairs`): directed
     rows `owner_a` (the querying image), `owner_b`, `hash_distance` (int16), sorted by owner_a,
     distance, owner_b. The index holds every taking-part image; `query_owners` (N,) bool limits
-    which images query (default: all), so a catalog can re-derive only some images' lists."""
+    which images query (default: all), so a catalog can re-derive only some images' lists.
+    `gather=False`: where the search runs on the workers (sharded), its lists stay there
+    (`Lists`, which `pairs_from_neighbours` takes as they are)."""
     codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
     N, V, W = codes.shape
     if index is None and query_owners is None:
@@ -279,7 +283,7 @@ def directed_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Screen
             # on a cluster the index is built and searched on the workers (one shard below
             # search_shard_size): the driver compiles no numba kernel (~66 MB it would keep)
             return sharded_directed_neighbours(codes, use, idx_use, cfg, client=client, block_rows=block_rows,
-                                               one_shard=not spread)
+                                               one_shard=not spread, gather=gather)
     if index is None:
         img, var = np.nonzero(idx_use)
         index = make_index(codes[img, var], img.astype(np.int64), cfg.backend,
@@ -638,17 +642,23 @@ def _partition_rows(n_img: int, client, block_rows: int | None = None) -> int:
 
 
 def sharded_directed_neighbours(codes: np.ndarray, use: np.ndarray, idx_use: np.ndarray, cfg: ScreenConfig,
-                                client=None, block_rows: int | None = None, one_shard: bool = False) -> pd.DataFrame:
+                                client=None, block_rows: int | None = None, one_shard: bool = False,
+                                gather: bool = True) -> pd.DataFrame | Lists:
     """`directed_neighbours` for codes the caller already holds: cut into partitions, sent to the
-    workers, searched there with `sharded_neighbours` (`one_shard`: one index)."""
+    workers, searched there with `sharded_neighbours` (`one_shard`: one index). With `gather=False`
+    (and a client) the lists stay on the workers (`Lists`)."""
     n_img = int((use.any(axis=1) | idx_use.any(axis=1)).sum())
     if n_img == 0:
         return _empty_directed()
     parts = hash_partitions(codes, use, idx_use, _partition_rows(n_img, client, block_rows))
+    firsts = np.array([p[0][0] for p in parts], dtype=np.int64)
     if client is not None:
         parts = client.scatter(parts, hash=False)  # fresh keys: a same-data scatter right after
         # the last search released its futures would share their keys and be cancelled with them
-    return sharded_neighbours(parts, cfg, client=client, one_shard=one_shard)
+    if client is None or gather:
+        return sharded_neighbours(parts, cfg, client=client, one_shard=one_shard)
+    return Lists(client, parts, sharded_neighbours(parts, cfg, client=client, one_shard=one_shard, gather=False),
+                 firsts, codes.shape[0])
 
 
 def _best_over_variants(codes, use, idx_use, a, b) -> tuple[np.ndarray, np.ndarray]:
@@ -712,18 +722,18 @@ def pair_best(codes, use, idx_use, a: np.ndarray, b: np.ndarray, client=None) ->
     return dist, trans
 
 
-def pairs_from_neighbours(directed: pd.DataFrame, codes: np.ndarray, variant_mask: np.ndarray,
+def pairs_from_neighbours(directed: pd.DataFrame | Lists, codes: np.ndarray, variant_mask: np.ndarray,
                           cfg: ScreenConfig, representatives: np.ndarray | None = None,
                           client=None) -> pd.DataFrame:
     """Directed top-K rows -> one row per unordered pair (kept when either side has the other in
     its list), with the pair's smallest distance over both directions and its transform (on the
-    workers with a Dask `client`: `pair_best`)."""
+    workers with a Dask `client`: `pair_best`; lists left on the workers, `Lists`: made there)."""
+    if isinstance(directed, Lists):
+        return directed.pairs()
     codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
     N = max(codes.shape[0], 1)
-    empty = pd.DataFrame({"idx_a": np.zeros(0, np.int64), "idx_b": np.zeros(0, np.int64),
-                          "hash_distance": np.zeros(0, np.int16), "transform": np.zeros(0, np.int8)})
     if directed is None or directed.empty:
-        return empty
+        return _empty_pairs()
     a = np.minimum(directed["owner_a"].to_numpy(np.int64), directed["owner_b"].to_numpy(np.int64))
     b = np.maximum(directed["owner_a"].to_numpy(np.int64), directed["owner_b"].to_numpy(np.int64))
     key = np.unique(a * np.int64(N) + b)
@@ -731,6 +741,117 @@ def pairs_from_neighbours(directed: pd.DataFrame, codes: np.ndarray, variant_mas
     dist, trans = pair_best(codes, use, idx_use, a, b, client=client)
     return pd.DataFrame({"idx_a": a.astype(np.int64), "idx_b": b.astype(np.int64),
                          "hash_distance": dist, "transform": trans})
+
+
+# --------------------------------------------------------------------------------------------
+# pairs made where the lists are: the driver neither holds the lists nor cuts code chunks
+#
+# A sharded search leaves each hash partition's directed lists on a worker (`Lists`). The pairs
+# are made there too. Each list row (o, p) goes, with o's codes (from o's own partition), to the
+# block of partitions that holds p, which has p's codes: a pair's best distance over the variants
+# is computed where both rows' codes are, and the driver sends no codes. A pair listed both ways
+# is made once: at b's block from the row (a, b) (a < b), and at a's block from the row (b, a)
+# only when a's list does not hold b (a's list is in a's block). The driver gathers the pairs,
+# 19 B each, and sorts them; the lists themselves only when it keeps them (a catalog).
+
+MAX_PAIR_BLOCKS = 64  # blocks of partitions the rows are routed to: tasks = partitions x blocks
+# list rows routed at once, ~90 B each with their owner's codes (the workers hold them until their
+# blocks are made): past this the blocks are made in waves, each routing only its blocks' rows
+PAIR_WAVE_ROWS = 20_000_000
+
+
+class Lists:
+    """A sharded search's directed lists, left on the workers: a future per hash partition of its
+    rows (`lists`), the partitions' futures (`parts`), each partition's first image number, and
+    `n`, the image numbers' bound."""
+
+    def __init__(self, client, parts: list, lists: list, firsts: np.ndarray, n: int):
+        self.client, self.parts, self.lists, self.firsts, self.n = client, parts, lists, np.asarray(firsts), int(n)
+
+    def gather(self) -> pd.DataFrame:
+        """The directed rows, as `directed_neighbours` returns them."""
+        rows = self.client.gather(self.lists)
+        return pd.concat(rows, ignore_index=True) if rows else _empty_directed()
+
+    def pairs(self) -> pd.DataFrame:
+        """`pairs_from_neighbours` of the lists, made on the workers (see the section comment)."""
+        client = self.client
+        blocks = [b for b in np.array_split(np.arange(len(self.parts)), min(len(self.parts), MAX_PAIR_BLOCKS))
+                  if b.size]
+        starts = self.firsts[[b[0] for b in blocks]]
+        rows_listed = sum(client.gather([client.submit(len, rows, pure=False) for rows in self.lists]))
+        found = []
+        for wave in np.array_split(np.arange(len(blocks)), min(len(blocks), max(1, -(-rows_listed // PAIR_WAVE_ROWS)))):
+            lo, hi = int(wave[0]), int(wave[-1]) + 1
+            routed = [client.submit(_route_rows, p, rows, starts, lo, hi, pure=False)
+                      for p, rows in zip(self.parts, self.lists)]
+            made = []
+            for j in range(lo, hi):
+                pieces = [client.submit(_piece, r, j - lo, pure=False) for r in routed]
+                made.append(client.submit(_pair_block, self.n, blocks[j].size, *[self.parts[i] for i in blocks[j]],
+                                          *[self.lists[i] for i in blocks[j]], *pieces, pure=False))
+            del routed
+            found += [f for f in client.gather(made) if len(f)]
+        if not found:
+            return _empty_pairs()
+        out = pd.concat(found, ignore_index=True)
+        order = np.argsort(out["idx_a"].to_numpy() * np.int64(self.n) + out["idx_b"].to_numpy(), kind="stable")
+        return out.take(order).reset_index(drop=True)
+
+
+def _empty_pairs() -> pd.DataFrame:
+    return pd.DataFrame({"idx_a": np.zeros(0, np.int64), "idx_b": np.zeros(0, np.int64),
+                         "hash_distance": np.zeros(0, np.int16), "transform": np.zeros(0, np.int8)})
+
+
+def _piece(result, j: int):
+    """Item j of a task's result, as a task where the result is (only that item moves)."""
+    return result[j]
+
+
+def _route_rows(part, rows, starts: np.ndarray, lo: int, hi: int) -> list:
+    """One partition's list rows (o, p) cut by the block holding p (`starts`: each block's first
+    image number), each with o's codes and masks (o is this partition's): for the blocks lo..hi-1,
+    (o, p, codes, use, idx_use) or None."""
+    img, codes, use, idx_use = part
+    o = rows["owner_a"].to_numpy(np.int64)
+    p = rows["owner_b"].to_numpy(np.int64)
+    at = np.searchsorted(img, o)
+    block = np.searchsorted(starts, p, side="right") - 1
+    order = np.argsort(block, kind="stable")
+    bounds = np.searchsorted(block[order], np.arange(len(starts) + 1))
+    out = []
+    for j in range(lo, hi):
+        take = order[bounds[j]:bounds[j + 1]]
+        out.append((o[take], p[take], codes[at[take]], use[at[take]], idx_use[at[take]]) if take.size else None)
+    return out
+
+
+def _pair_block(n: int, n_parts: int, *items) -> pd.DataFrame:
+    """The pairs made at one block of partitions (see the section comment): `items` its
+    partitions, their lists, then the pieces routed to it (`_route_rows`)."""
+    parts, lists = items[:n_parts], items[n_parts:2 * n_parts]
+    pieces = [x for x in items[2 * n_parts:] if x is not None]
+    if not pieces:
+        return _empty_pairs()
+    o, p = np.concatenate([x[0] for x in pieces]), np.concatenate([x[1] for x in pieces])
+    listed = np.concatenate([r["owner_a"].to_numpy(np.int64) * np.int64(n) + r["owner_b"].to_numpy(np.int64)
+                             for r in lists])
+    keep = (o <= p) | ~np.isin(p * np.int64(n) + o, listed)  # (b, a): only when (a, b) is not listed
+    a, b = np.minimum(o, p)[keep], np.maximum(o, p)[keep]
+    _, first = np.unique(a * np.int64(n) + b, return_index=True)
+    rows = np.flatnonzero(keep)[first]
+    a, b, m = a[first], b[first], first.size
+    img = np.concatenate([x[0] for x in parts])
+    at = np.searchsorted(img, p[rows])  # p's rows of the block's partitions
+    # codes, use, idx_use: o's rows (0..m-1, from the pieces), then p's (m..2m-1, from the partitions)
+    local = [np.concatenate([np.concatenate([x[k + 1] for x in pieces])[rows],
+                             np.concatenate([x[k] for x in parts])[at]]) for k in (1, 2, 3)]
+    o_first = o[rows] <= p[rows]
+    mine, theirs = np.arange(m, dtype=np.int64), np.arange(m, 2 * m, dtype=np.int64)
+    dist, trans = _best_over_variants(*local, np.where(o_first, mine, theirs), np.where(o_first, theirs, mine))
+    return pd.DataFrame({"idx_a": a, "idx_b": b, "hash_distance": dist.astype(np.int16),
+                         "transform": trans.astype(np.int8)})
 
 
 def reach_pairs(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
@@ -872,7 +993,8 @@ def reach_of(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, add
 
 def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
                            previous: pd.DataFrame, same: np.ndarray, client=None,
-                           representatives: np.ndarray | None = None) -> tuple[pd.DataFrame, dict]:
+                           representatives: np.ndarray | None = None,
+                           gather: bool = True) -> tuple[pd.DataFrame | Lists, dict]:
     """The K-nearest lists of `directed_neighbours` over all images, re-deriving only those that
     can have changed since `previous` (the last run's directed rows, owner_a/owner_b as current
     row numbers, -1 for an image that is gone or changed).
@@ -886,7 +1008,7 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
     there (`sharded_incremental_neighbours`: one index shard, or past `screen.search_shard_size`
     images several; the driver compiles no numba kernel), as with `screen.search_sharding`
     "sharded" without one (in-process); with "single" and a client the whole re-derivation is one
-    task on a worker."""
+    task on a worker. `gather=False`: lists made on the workers stay there (`Lists`)."""
     if cfg.search_sharding in ("sharded", "routed") or (client is not None and cfg.search_sharding == "auto"):
         codes_p, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
         n_img = int((use.any(axis=1) | idx_use.any(axis=1)).sum())
@@ -896,11 +1018,19 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
         same = np.asarray(same, bool)
         pieces = [x for p, prev in zip(parts, split_previous(previous, parts, same & use[:, PLAIN]))
                   for x in (p, prev, same[p[0]])]
+        firsts, n = np.array([p[0][0] for p in parts], dtype=np.int64), codes_p.shape[0]
         if client is not None:  # fresh keys (see sharded_directed_neighbours)
             pieces = client.scatter(pieces, hash=False)
         del parts, codes_p
-        return sharded_incremental_neighbours(pieces[::3], pieces[1::3], pieces[2::3], cfg, client=client,
-                                              one_shard=not _sharded(cfg, client, int(idx_use.any(axis=1).sum())))
+        one_shard = not _sharded(cfg, client, int(idx_use.any(axis=1).sum()))
+        if client is None or gather:
+            return sharded_incremental_neighbours(pieces[::3], pieces[1::3], pieces[2::3], cfg, client=client,
+                                                  one_shard=one_shard)
+        out = sharded_incremental_neighbours(pieces[::3], pieces[1::3], pieces[2::3], cfg, client=client,
+                                             one_shard=one_shard, gather=False)
+        counts = client.gather([client.submit(_piece, f, 1, pure=False) for f in out])
+        return (Lists(client, pieces[::3], [client.submit(_piece, f, 0, pure=False) for f in out], firsts, n),
+                {key: sum(c[key] for c in counts) for key in INCREMENTAL_COUNTS})
     if client is not None:
         from .progress import map_tasks
         [(directed, stats)] = map_tasks(client, incremental_neighbours,

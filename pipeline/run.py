@@ -583,13 +583,15 @@ def _category(n: int, dtype: pd.CategoricalDtype, value: str | None) -> pd.Categ
 
 def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] | None = None,
                 timings: dict | None = None, previous: tuple[pd.DataFrame, np.ndarray] | None = None,
-                info: dict | None = None) -> pd.DataFrame:
+                info: dict | None = None, keep_lists: bool = True) -> pd.DataFrame:
     """Exact pairs + near candidates (hash; plus embedding neighbours when `emb_parts`, the
     screen embeddings' partition files, are given).
 
     `previous`: the catalog's K-nearest lists (in current row numbers) and which images are
     unchanged since; then only the lists a change can affect are searched again (same result).
-    `info` (a dict) receives the directed lists ("neighbours") and the search counts ("search")."""
+    `info` (a dict) receives the search counts ("search") and, with `keep_lists`, the directed
+    lists ("neighbours"); without it, lists searched on the workers never reach this process
+    (the pairs are made there: `candidates.Lists`)."""
     exact = candidates.exact_pairs(images["sha256"], cfg.screen.exact_group_pairs)
     exact = exact.assign(hash_distance=np.int16(0), transform=np.int8(0),
                          kind=_category(len(exact), PAIR_KINDS, "exact"),
@@ -600,14 +602,16 @@ def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] 
     mask &= valid.to_numpy()[:, None]
     if previous is None:
         directed = candidates.directed_neighbours(codes, mask, cfg.screen, client=client,
-                                                  representatives=representative.to_numpy())
+                                                  representatives=representative.to_numpy(), gather=False)
         search = {"images": int((representative & valid).sum()), "searched": "all (no usable catalog lists)"}
     else:
         directed, search = candidates.incremental_neighbours(codes, mask, cfg.screen, previous[0], previous[1],
                                                              client=running(client),
-                                                             representatives=representative.to_numpy())
+                                                             representatives=representative.to_numpy(), gather=False)
     near = candidates.pairs_from_neighbours(directed, codes, mask, cfg.screen, representative.to_numpy(),
                                             client=running(client))
+    if isinstance(directed, candidates.Lists):  # (the workers let go of them with the futures)
+        directed = directed.gather() if keep_lists and info is not None else None
     if emb_parts is not None:
         t = time.perf_counter()
         emb = candidates.embedding_pairs(emb_parts, cfg.screen, client=client)
@@ -622,7 +626,7 @@ def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] 
     pairs = pd.concat([exact, near], ignore_index=True)
     pairs = pairs.astype({"idx_a": "int64", "idx_b": "int64", "hash_distance": "int16", "transform": "int8"})
     if info is not None:
-        info.update(neighbours=directed, search=search)
+        info.update(search=search, **({"neighbours": directed} if keep_lists else {}))
     return pairs
 
 
@@ -850,11 +854,10 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                 cat.drop_tables("images", "neighbours")
             pairs = again_if_lost("the candidate search", lambda previous=previous: build_pairs(
                 images, cfg, client, timings=timings, previous=previous, info=search_info,
-                emb_parts=None if screen_emb is None else screen_emb["part_path"].tolist()))
+                emb_parts=None if screen_emb is None else screen_emb["part_path"].tolist(),
+                keep_lists=cat is not None))  # (the directed lists are kept for the catalog's commit only)
             tracker.update(len(images))
             del previous
-            if cat is None:  # the directed lists are kept for the catalog's commit only
-                search_info.pop("neighbours", None)
         release_freed_memory()
         reuse["candidates"].update(search_info.get("search", {}))
         timings["candidates"] = time.perf_counter() - t

@@ -189,7 +189,7 @@ def test_real_dask_scheduler_and_worker_give_the_same_output(labelled_dir, model
         from distributed import Client
         killed = tmp_path / "killed"
         killed.mkdir()
-        stages = ("_screen_partition", "_build_shard", "_best_of_rows", "_features_task", "_verify_task",
+        stages = ("_screen_partition", "_build_shard", "_pair_block", "_features_task", "_verify_task",
                   "_embed_task", "make_thumbs", "thumbs_from_store")
         with Client(address) as client:
             client.register_plugin(KillOnce(stages, killed))
@@ -203,7 +203,7 @@ def test_real_dask_scheduler_and_worker_give_the_same_output(labelled_dir, model
         assert result.returncode == 0, result.stderr[-3000:]
         died = {p.name.removeprefix("killed-") for p in killed.iterdir()}
         # each kill is its own loss: a task sent again, or the candidate search made again
-        assert {"_screen_partition", "_build_shard", "_best_of_rows", "_features_task", "_verify_task"} <= died, died
+        assert {"_screen_partition", "_build_shard", "_pair_block", "_features_task", "_verify_task"} <= died, died
         assert "sending it again" in result.stderr and "during the candidate search" in result.stderr
         again = _frames(tmp_path / "killed-run")
         pd.testing.assert_frame_equal(again[0], runs["sync"][0])

@@ -195,6 +195,66 @@ def test_sharded_on_a_local_cluster_equals_one_index(seed, clustered, monkeypatc
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("seed,clustered", CASES)
+def test_pairs_made_on_the_workers_equal_the_drivers(seed, clustered, monkeypatch):
+    """With the search on the workers, the lists stay there and the pairs are made there too
+    (`candidates.Lists`): rows routed with their owner's codes to the partitions of their
+    neighbour. The same pairs, distances and transforms as made in-process from the gathered
+    lists, for fresh and incremental searches over many partitions (one and several blocks of
+    partitions, all at once or in waves), and the driver neither gathers a list nor cuts a code
+    chunk."""
+    distributed = pytest.importorskip("distributed")
+    import pipeline.candidates as candidates
+    codes, mask = planted(seed, n=6000, clustered=clustered)
+    rep = np.random.default_rng(seed).random(len(codes)) < 0.97
+    same = np.random.default_rng(seed + 10).random(len(codes)) < 0.8  # ~20 % of the images added or changed
+    c = cfg(max_distance=9, max_candidates=3, dihedral_max_distance=6)
+    want = near_pairs(codes, mask, c, representatives=rep)
+    previous = directed_neighbours(codes, mask, c, representatives=rep)
+    want_lists, want_counts = candidates.incremental_neighbours(codes, mask, c, previous, same, representatives=rep)
+    want_incremental = candidates.pairs_from_neighbours(want_lists, codes, mask, c, rep)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        gathered = []
+        monkeypatch.setattr(candidates.Lists, "gather", lambda self: gathered.append(1))
+        monkeypatch.setattr(candidates, "pair_best", lambda *a, **k: pytest.fail("the driver cut code chunks"))
+        monkeypatch.setattr(candidates, "_partition_rows", lambda n, client, rows=None: rows or 450)  # 13 partitions
+        waves, submit = [], client.submit
+
+        def spy(fn, *args, **kwargs):  # the blocks each routing task makes: (first, past the last)
+            if fn is candidates._route_rows:
+                waves.append(args[3:5])
+            return submit(fn, *args, **kwargs)
+        monkeypatch.setattr(client, "submit", spy)
+        got = {}
+        # a block per partition, several partitions a block, and the blocks made in waves of a few
+        for blocks, wave_rows, modes in ((64, 10**9, ("auto", "routed")), (4, 10**9, ("auto",)), (64, 500, ("auto",))):
+            monkeypatch.setattr(candidates, "MAX_PAIR_BLOCKS", blocks)
+            monkeypatch.setattr(candidates, "PAIR_WAVE_ROWS", wave_rows)
+            for mode in modes:
+                waves.clear()
+                on = dataclasses.replace(c, search_sharding=mode, search_shard_size=2000)
+                got[blocks, wave_rows, mode] = near_pairs(codes, mask, on, client=client, representatives=rep)
+                lists, counts = candidates.incremental_neighbours(codes, mask, on, previous, same, client=client,
+                                                                  representatives=rep, gather=False)
+                assert isinstance(lists, candidates.Lists) and len(lists.parts) == 13
+                assert counts == want_counts
+                got[blocks, wave_rows, mode, "incremental"] = candidates.pairs_from_neighbours(lists, codes, mask, c, rep)
+                # every block once, in one wave or, past PAIR_WAVE_ROWS rows, several; each routing
+                # task of a wave, one per partition
+                ranges = sorted(set(waves))
+                assert [lo for lo, _ in ranges] == [0] + [hi for _, hi in ranges[:-1]]
+                assert ranges[-1][1] == min(blocks, 13) and len(waves) == 2 * 13 * len(ranges)
+                assert (len(ranges) > 3) == (wave_rows < 10**9)
+        assert not gathered
+        monkeypatch.undo()
+        pd.testing.assert_frame_equal(lists.gather(), want_lists)  # (the lists, when a catalog keeps them)
+    for key, pairs in got.items():
+        pd.testing.assert_frame_equal(pairs, want_incremental if "incremental" in key else want, obj=str(key))
+    assert len(want) > 2000 and (want["transform"] != 0).any()
+
+
+@pytest.mark.slow
 def test_whole_cascade_same_pairs_with_sharding_forced_on(review_data, review_run, tmp_path):
     """The real review set through every tier on a local cluster with the search sharded into
     shards of 4 images: the same images and pairs as the one-index run (sync, `review_run`)."""
