@@ -1059,10 +1059,14 @@ class EvidenceTable:
     (sha_a, sha_b, transform), the last); new pairs follow, sorted by that key when there are old
     rows. Only the row order is worked out here (integer arrays); the rows themselves are made
     `TABLE_ROWS_PER_GROUP` at a time as the table is written (`parts`), so the whole table is
-    never held (at 100k files it was ~110 MB of the driver's peak, on top of `rows`)."""
+    never held (at 100k files it was ~110 MB of the driver's peak, on top of `rows`).
+
+    `values`: a frame holding the ORB_COLUMNS and cosine instead of `rows`, which then has an
+    int64 column `at`, each row's position in `values` (the run's pair frame: its scores are read
+    a part at a time, not copied for every pair first, ~30 B a pair)."""
 
     def __init__(self, cat: Catalog | None, present_sha, rows: pd.DataFrame, fps: dict,
-                 verified: bool, confirmed: np.ndarray | None):
+                 verified: bool, confirmed: np.ndarray | None, values: pd.DataFrame | None = None):
         old = cat.evidence if cat is not None else _empty(EVIDENCE_COLUMNS)
         keep = among(old["sha_a"], present_sha) & among(old["sha_b"], present_sha)
         old = old[keep]
@@ -1090,6 +1094,7 @@ class EvidenceTable:
             added = added[key.sort_values(["sha_a", "sha_b", "transform"], kind="stable").index.to_numpy()]
         self._old = old.reset_index(drop=True)
         self._rows, self._confirmed, self._fps, self._verified = rows, confirmed, fps, verified
+        self._values = values
         # the table's row r takes this run's values from rows[_source[r]] (-1: an old row kept as it was)
         self._source = np.concatenate([np.full(len(old), -1, np.int64), added.astype(np.int64)])
         hit = np.flatnonzero(at >= 0)
@@ -1124,14 +1129,16 @@ class EvidenceTable:
             table[column][where] = _evidence_values(column, values)
 
         scored = np.flatnonzero(mine >= 0)  # the part's rows this run scored
+        # (the scores: in `rows`, or in `values` at the rows' positions)
+        source, at = (rows, mine) if self._values is None else (self._values, rows["at"].to_numpy(np.int64)[mine])
         if self._verified and len(scored):
             for c in ORB_COLUMNS:
-                put(c, scored, rows[c].iloc[mine[scored]])
+                put(c, scored, source[c].iloc[at[scored]])
             put("orb_fp", scored, np.full(len(scored), self._fps["orb"], dtype=object))
         if self._confirmed is not None and len(scored):
             cos = scored[self._confirmed[mine[scored]]]
             if len(cos):
-                put("cosine", cos, rows["cosine"].iloc[mine[cos]])
+                put("cosine", cos, source["cosine"].iloc[at[cos]])
                 put("embed_fp", cos, np.full(len(cos), self._fps["embed"], dtype=object))
         return pd.DataFrame({c: pd.Series(v, dtype=object) if isinstance(v, np.ndarray) and v.dtype == object else v
                              for c, v in table.items()})[EVIDENCE_COLUMNS]

@@ -1044,12 +1044,10 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         rows = pd.DataFrame({"sha_a": pd.Series(sha[pairs["idx_a"].to_numpy()[scored]], dtype=object),
                              "sha_b": pd.Series(sha[pairs["idx_b"].to_numpy()[scored]], dtype=object),
                              "transform": pairs["transform"].to_numpy(np.int64)[scored],
-                             # (the columns' own arrays: to_numpy() would make a Python object per number;
-                             # texts as object Series: an object array alone becomes a `str` column, a copy of
-                             # every pair's reason in Arrow, ~50 MB at 100k files)
-                             **{c: pd.Series(pairs[c].array.take(scored), dtype=object) if pairs[c].dtype == object
-                                else pairs[c].array.take(scored) for c in (*catalog.ORB_COLUMNS, "cosine")}})
-        evidence = catalog.EvidenceTable(cat, present, rows, fps, verified, confirmed)  # (made as it is written)
+                             "at": scored.astype(np.int64)})
+        # (made as it is written, its scores read from `pairs` a part at a time: a copy of each
+        # scored pair's ORB numbers, texts and cosine was ~30 B a pair, held through the commit)
+        evidence = catalog.EvidenceTable(cat, present, rows, fps, verified, confirmed, values=pairs)
         del rows  # (the table holds what it needs of them)
         features = catalog.features_table(cat, present, new_features, ran_features)
         cat.drop_tables("evidence", "features")  # (the new tables hold what is kept of them)

@@ -734,6 +734,18 @@ def test_evidence_table_keeps_old_rows_and_updates_the_scored_pairs(tmp_path, mo
     assert shared["sha_a"].dtype == object
     pd.testing.assert_frame_equal(catalog.EvidenceTable(cat, present, shared, {"orb": "o2", "embed": "e2"}, True,
                                                         [False, False, True, True]).frame(), out)
+    # the run's way: the scores left in its pair frame (`values`, here shuffled among other rows),
+    # each row naming its position there (`at`): the same table, in any group size
+    scores = [c for c in rows.columns if c not in ("sha_a", "sha_b", "transform")]
+    at = np.array([5, 1, 3, 0])
+    values = pd.DataFrame({c: rows[c].iloc[np.argsort(at)].to_numpy() for c in scores}, index=np.arange(6)[np.sort(at)])
+    values = pd.concat([values, rows[scores].iloc[:2].set_axis([2, 4])]).sort_index().reset_index(drop=True)
+    keys = rows[["sha_a", "sha_b", "transform"]].assign(at=at)
+    by_position = catalog.EvidenceTable(cat, present, keys, {"orb": "o2", "embed": "e2"}, True,
+                                        [False, False, True, True], values=values)
+    for size in (2, 5):
+        monkeypatch.setattr(catalog, "TABLE_ROWS_PER_GROUP", size)
+        pd.testing.assert_frame_equal(by_position.frame(), out)
     empty = catalog.EvidenceTable(None, present, rows.iloc[:0], {"orb": "o2", "embed": "e2"}, True, [])
     assert len(empty) == 0 and [len(p) for p in empty.parts()] == [0]
     assert empty.frame().columns.tolist() == catalog.EVIDENCE_COLUMNS
