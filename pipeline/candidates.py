@@ -816,7 +816,7 @@ def _route_rows(part, rows, starts: np.ndarray, lo: int, hi: int) -> list:
     img, codes, use, idx_use = part
     o = rows["owner_a"].to_numpy(np.int64)
     p = rows["owner_b"].to_numpy(np.int64)
-    at = np.searchsorted(img, o)
+    at = _rows_in(img, o, "a list's owner")
     block = np.searchsorted(starts, p, side="right") - 1
     order = np.argsort(block, kind="stable")
     bounds = np.searchsorted(block[order], np.arange(len(starts) + 1))
@@ -825,6 +825,16 @@ def _route_rows(part, rows, starts: np.ndarray, lo: int, hi: int) -> list:
         take = order[bounds[j]:bounds[j + 1]]
         out.append((o[take], p[take], codes[at[take]], use[at[take]], idx_use[at[take]]) if take.size else None)
     return out
+
+
+def _rows_in(img: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
+    """The row of each id among ascending image numbers `img`, every id being there (an image
+    listed by the search takes part, so its partition holds it; else the codes of another image
+    would be read in silence)."""
+    at, found = _rows_of(img, ids)
+    if not found.all():
+        raise RuntimeError(f"candidates: {what} ({int(ids[~found][0])}) is not among its partitions' images")
+    return at
 
 
 def _pair_block(n: int, n_parts: int, *items) -> pd.DataFrame:
@@ -842,8 +852,7 @@ def _pair_block(n: int, n_parts: int, *items) -> pd.DataFrame:
     _, first = np.unique(a * np.int64(n) + b, return_index=True)
     rows = np.flatnonzero(keep)[first]
     a, b, m = a[first], b[first], first.size
-    img = np.concatenate([x[0] for x in parts])
-    at = np.searchsorted(img, p[rows])  # p's rows of the block's partitions
+    at = _rows_in(np.concatenate([x[0] for x in parts]), p[rows], "a listed neighbour")  # (in the block's partitions)
     # codes, use, idx_use: o's rows (0..m-1, from the pieces), then p's (m..2m-1, from the partitions)
     local = [np.concatenate([np.concatenate([x[k + 1] for x in pieces])[rows],
                              np.concatenate([x[k] for x in parts])[at]]) for k in (1, 2, 3)]

@@ -227,8 +227,10 @@ def test_pairs_made_on_the_workers_equal_the_drivers(seed, clustered, monkeypatc
             return submit(fn, *args, **kwargs)
         monkeypatch.setattr(client, "submit", spy)
         got = {}
-        # a block per partition, several partitions a block, and the blocks made in waves of a few
-        for blocks, wave_rows, modes in ((64, 10**9, ("auto", "routed")), (4, 10**9, ("auto",)), (64, 500, ("auto",))):
+        # a block per partition, several partitions a block, and blocks of several partitions made
+        # in waves of two blocks (a wave a third of the rows)
+        for blocks, wave_rows, modes in ((64, 10**9, ("auto", "routed")), (4, 10**9, ("auto",)),
+                                         (6, len(previous) // 3 + 1, ("auto",))):
             monkeypatch.setattr(candidates, "MAX_PAIR_BLOCKS", blocks)
             monkeypatch.setattr(candidates, "PAIR_WAVE_ROWS", wave_rows)
             for mode in modes:
@@ -245,7 +247,7 @@ def test_pairs_made_on_the_workers_equal_the_drivers(seed, clustered, monkeypatc
                 ranges = sorted(set(waves))
                 assert [lo for lo, _ in ranges] == [0] + [hi for _, hi in ranges[:-1]]
                 assert ranges[-1][1] == min(blocks, 13) and len(waves) == 2 * 13 * len(ranges)
-                assert (len(ranges) > 3) == (wave_rows < 10**9)
+                assert len(ranges) == (1 if wave_rows == 10**9 else 3) and max(h - lo for lo, h in ranges) >= 2
         assert not gathered
         monkeypatch.undo()
         pd.testing.assert_frame_equal(lists.gather(), want_lists)  # (the lists, when a catalog keeps them)
@@ -300,3 +302,16 @@ def test_a_pair_best_chunk_with_its_own_rows_gives_what_all_rows_give(far):
     want = candidates._best_over_variants(codes, use, idx_use, a, b)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_a_routed_row_whose_image_is_not_in_its_partitions_stops_the_search():
+    """The pairs made on the workers look each listed image up among its partitions' image
+    numbers: one that is not there is an error, never the codes of the next image read in
+    silence."""
+    from pipeline import candidates
+    img = np.array([2, 5, 9], dtype=np.int64)
+    np.testing.assert_array_equal(candidates._rows_in(img, np.array([9, 2, 5]), "x"), [2, 0, 1])
+    with pytest.raises(RuntimeError, match=r"a listed neighbour \(6\) is not among its partitions' images"):
+        candidates._rows_in(img, np.array([5, 6]), "a listed neighbour")
+    with pytest.raises(RuntimeError, match=r"\(10\)"):
+        candidates._rows_in(img, np.array([10]), "a list's owner")
