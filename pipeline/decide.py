@@ -211,8 +211,9 @@ def _assign(out: pd.DataFrame, stage, dup, reason, rule) -> pd.DataFrame:
 # pairs decided at a time by a run (`decide_rows`): the verdicts' reasons, a string per pair,
 # exist for one part only (the run keeps `is_duplicate` and writes pairs.parquet part by part,
 # each part a row group). A part of the contract's rows is ~0.4 kB a pair (paths included):
-# 65,536 pairs keep it near 25 MB
-PART_ROWS = 65_536
+# 16,384 pairs keep it near 6 MB (a part of 65,536 was +15-18 MB on the driver as it was decided
+# and written, RSS probe of a 100k-file run)
+PART_ROWS = 16_384
 
 
 def decide_rows(pairs: pd.DataFrame, cfg: Config, changed: np.ndarray, rows: np.ndarray) -> pd.DataFrame:
