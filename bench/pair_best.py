@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         spread = None if args.one[0] == "any" else int(args.one[0])
         print(json.dumps(measure(args.images, args.pairs_per_image, spread, args.repeats, args.one[1])))
         return 0
-    from bench.report import median, stamp, table, update_section  # (the parent only: a child imports no bench)
+    from bench.report import median, run_script_in_tree, stamp, table, update_section  # (the parent only: a child imports no bench)
     trees = {"this tree": REPO, **({"baseline": Path(args.baseline).resolve()} if args.baseline else {})}
     rows = []
     for label, spread in SPREADS.items():
@@ -109,18 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for tree, root in trees.items():
                 result = f"/tmp/bench-pair-best-{os.getpid()}-{tree.replace(' ', '-')}.npz"
-                # this file run from / with the tree on PYTHONPATH (`-m` here would put the working
-                # directory, this tree, first; a baseline tree has no bench/pair_best.py)
-                proc = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
-                                       "runpy.run_path(sys.argv[0], run_name='__main__')", __file__,
-                                       "--images", str(args.images),
-                                       "--pairs-per-image", str(args.pairs_per_image), "--repeats",
-                                       str(args.repeats), "--one", "any" if spread is None else str(spread), result],
-                                      cwd="/", capture_output=True, text=True,
-                                      env=dict(os.environ, PYTHONPATH=str(root)))
-                if proc.returncode != 0:
-                    raise SystemExit(f"bench.pair_best ({tree}) failed:\n{proc.stderr[-3000:]}")
-                found[tree].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                out = run_script_in_tree(__file__, root, [
+                    "--images", str(args.images), "--pairs-per-image", str(args.pairs_per_image), "--repeats",
+                    str(args.repeats), "--one", "any" if spread is None else str(spread), result],
+                    f"bench.pair_best ({tree})")
+                found[tree].append(json.loads(out.strip().splitlines()[-1]))
                 with np.load(result) as got:
                     results[tree] = (got["dist"].copy(), got["trans"].copy())
                 os.unlink(result)

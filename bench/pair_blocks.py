@@ -20,8 +20,6 @@ import argparse
 import json
 import os
 import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -94,21 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(measure(args.images, args.repeats, args.one)))
         return 0
-    from bench.report import median, stamp, table, update_section  # (the parent only: a child imports no bench)
+    from bench.report import median, run_script_in_tree, stamp, table, update_section  # (the parent only: a child imports no bench)
     trees = {"this tree": REPO, **({"baseline": Path(args.baseline).resolve()} if args.baseline else {})}
     found: dict[str, list[dict]] = {t: [] for t in trees}
     results = {}
     for _ in range(args.rounds):
         for tree, root in trees.items():
             result = f"/tmp/bench-pair-blocks-{os.getpid()}-{tree.replace(' ', '-')}.npz"
-            # this file run from / with the tree on PYTHONPATH (a baseline tree may have no such bench)
-            proc = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
-                                   "runpy.run_path(sys.argv[0], run_name='__main__')", __file__,
-                                   "--images", str(args.images), "--repeats", str(args.repeats), "--one", result],
-                                  cwd="/", capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(root)))
-            if proc.returncode != 0:
-                raise SystemExit(f"bench.pair_blocks ({tree}) failed:\n{proc.stderr[-3000:]}")
-            found[tree].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            out = run_script_in_tree(__file__, root, ["--images", str(args.images), "--repeats", str(args.repeats),
+                                                      "--one", result], f"bench.pair_blocks ({tree})")
+            found[tree].append(json.loads(out.strip().splitlines()[-1]))
             with np.load(result) as got:
                 results[tree] = {k: got[k].copy() for k in got.files}
             os.unlink(result)

@@ -69,6 +69,18 @@ def stamp(cmd: str | None = None) -> str:
             f"- Date: {when}, commit {git_rev()}\n")
 
 
+def run_script_in_tree(script: str | Path, tree: str | Path, args: list[str], name: str) -> str:
+    """`script` run in a child process with another source `tree` on PYTHONPATH, from / (so that
+    neither this tree nor the working directory comes first; the tree may have no such script):
+    its stdout, or SystemExit with its stderr's end when it fails."""
+    proc = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
+                           "runpy.run_path(sys.argv[0], run_name='__main__')", str(script), *args],
+                          cwd="/", capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(tree)))
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
 def median(values) -> float:
     return float(np.median(np.asarray(values, dtype=float)))
 

@@ -39,6 +39,7 @@ are"): the driver gathers the pairs, and the lists only when a catalog keeps the
 """
 from __future__ import annotations
 
+import operator
 from typing import Iterator
 
 import numpy as np
@@ -787,7 +788,8 @@ class Lists:
                       for p, rows in zip(self.parts, self.lists)]
             made = []
             for j in range(lo, hi):
-                pieces = [client.submit(_piece, r, j - lo, pure=False) for r in routed]
+                # (a piece taken where its routing task's result is: only the piece moves)
+                pieces = [client.submit(operator.getitem, r, j - lo, pure=False) for r in routed]
                 made.append(client.submit(_pair_block, self.n, blocks[j].size, *[self.parts[i] for i in blocks[j]],
                                           *[self.lists[i] for i in blocks[j]], *pieces, pure=False))
             del routed
@@ -802,11 +804,6 @@ class Lists:
 def _empty_pairs() -> pd.DataFrame:
     return pd.DataFrame({"idx_a": np.zeros(0, np.int64), "idx_b": np.zeros(0, np.int64),
                          "hash_distance": np.zeros(0, np.int16), "transform": np.zeros(0, np.int8)})
-
-
-def _piece(result, j: int):
-    """Item j of a task's result, as a task where the result is (only that item moves)."""
-    return result[j]
 
 
 def _route_rows(part, rows, starts: np.ndarray, lo: int, hi: int) -> list:
@@ -1037,8 +1034,8 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
                                                   one_shard=one_shard)
         out = sharded_incremental_neighbours(pieces[::3], pieces[1::3], pieces[2::3], cfg, client=client,
                                              one_shard=one_shard, gather=False)
-        counts = client.gather([client.submit(_piece, f, 1, pure=False) for f in out])
-        return (Lists(client, pieces[::3], [client.submit(_piece, f, 0, pure=False) for f in out], firsts, n),
+        counts = client.gather([client.submit(operator.getitem, f, 1, pure=False) for f in out])
+        return (Lists(client, pieces[::3], [client.submit(operator.getitem, f, 0, pure=False) for f in out], firsts, n),
                 {key: sum(c[key] for c in counts) for key in INCREMENTAL_COUNTS})
     if client is not None:
         from .progress import map_tasks
