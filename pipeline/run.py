@@ -210,6 +210,16 @@ def dask_setup(worker) -> None:
     import threading
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed.worker").addFilter(SchedulerGoneFilter())
+
+
+class SchedulerGoneFilter(logging.Filter):
+    """A local cluster's scheduler lives in the driver, so a worker that cannot reach it is being
+    closed with it (Ctrl-C, a failed run): distributed logs that heartbeat failure with its
+    traceback (~20 lines) when the scheduler goes first, as it can under load. Other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to communicate with scheduler during heartbeat")
 
 
 def _share_storage_options(client, cfg: Config) -> None:

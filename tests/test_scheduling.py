@@ -280,3 +280,27 @@ def test_local_cluster_workers_keep_the_default_allocator_thresholds(monkeypatch
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")
     with dask_client(cfg, "local") as client:
         assert set(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {"1048576"}
+
+
+def _log_from_the_worker(message: str) -> None:
+    import logging
+    try:
+        raise OSError("Timed out trying to connect to tcp://127.0.0.1:1")
+    except OSError:
+        logging.getLogger("distributed.worker").exception(message)
+
+
+def test_local_cluster_workers_do_not_print_the_heartbeat_traceback_of_a_closing_scheduler(capfd):
+    """The local cluster's scheduler lives in the driver: when it closes before a worker (Ctrl-C
+    under load) the worker's failed heartbeat printed distributed's traceback. The workers drop
+    that record (`run.SchedulerGoneFilter`) and still print every other."""
+    from pipeline.config import load_config
+    from pipeline.run import dask_client
+
+    cfg = load_config(None, ["dask.n_workers=1", "dask.dashboard_address="])
+    with dask_client(cfg, "local") as client:
+        client.run(_log_from_the_worker, "Failed to communicate with scheduler during heartbeat.")
+        client.run(_log_from_the_worker, "another worker error")
+    err = capfd.readouterr().err
+    assert "another worker error" in err and "OSError: Timed out" in err, err[-2000:]
+    assert "during heartbeat" not in err, err[-2000:]
