@@ -238,37 +238,46 @@ def again_if_lost(what: str, fn: Callable[[], object]):
 
 
 def map_tasks(client, fn: Callable, tasks: Sequence, *args, tracker: Tracker | None = None,
-              weight: Callable[[object], int] = lambda task: 1, star: bool = False) -> list:
+              weight: Callable[[object], int] = lambda task: 1, star: bool = False,
+              each: Callable[[int, object], None] | None = None) -> list:
     """[fn(task, *args) for task in tasks] (`star`: fn(*task, *args)), on the Dask `client` when
     given, else in this process (on the `in_process_threads` pool when one is active); results
-    in task order. `tracker.update(weight(task))` as each task finishes."""
+    in task order. `tracker.update(weight(task))` as each task finishes.
+
+    `each(number, result)`: called with each task's result as it finishes, in no set order, and
+    the result is not kept (returns an empty list): for a caller that copies the results into
+    arrays of its own, which then never holds them all at once besides."""
     tasks = list(tasks)
+    results: list = [None] * len(tasks) if each is None else []
+
+    def done(n: int, result) -> None:
+        if each is None:
+            results[n] = result
+        else:
+            each(n, result)
+        if tracker is not None:
+            tracker.update(weight(tasks[n]))
+
     if client is None:
         pool = thread_pool()
         if pool is not None and len(tasks) > 1:
             from concurrent.futures import as_completed as done_order
-            futures = [pool.submit(fn, *task, *args) if star else pool.submit(fn, task, *args) for task in tasks]
-            weights = {f: weight(t) for f, t in zip(futures, tasks)}
-            for fut in done_order(futures):
-                fut.result()  # a task's exception here, with its traceback
-                if tracker is not None:
-                    tracker.update(weights[fut])
-            return [f.result() for f in futures]
-        results = []
-        for task in tasks:
-            results.append(fn(*task, *args) if star else fn(task, *args))
-            if tracker is not None:
-                tracker.update(weight(task))
+            number = {(pool.submit(fn, *task, *args) if star else pool.submit(fn, task, *args)): n
+                      for n, task in enumerate(tasks)}
+            for fut in done_order(list(number)):
+                done(number.pop(fut), fut.result())  # (a task's exception here, with its traceback)
+                del fut
+            return results
+        for n, task in enumerate(tasks):
+            done(n, fn(*task, *args) if star else fn(task, *args))
         return results
     if not tasks:
-        return []
+        return results
     sent = Sent(client)
     sent.send([(n, fn, task) for n, task in enumerate(tasks)], star, args)
-    results: list = [None] * len(tasks)
     for n, result in sent.results():
-        results[n] = result
-        if tracker is not None:
-            tracker.update(weight(tasks[n]))
+        done(n, result)
+        del result
     return results
 
 

@@ -790,19 +790,6 @@ def _verify_task(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     return out
 
 
-def _texts_back(result: pd.DataFrame) -> pd.DataFrame:
-    """A `_verify_task` result with its texts as objects again (None for none), each row pointing
-    at the task's one copy of its text (pandas would make a category column of several tasks,
-    concatenated, into Arrow text, and back into a string per row)."""
-    for column in TEXT_COLUMNS:
-        texts = result[column].array
-        out = np.asarray(texts.categories, dtype=object).take(texts.codes) if len(texts.categories) \
-            else np.full(len(texts), None, dtype=object)
-        out[texts.codes < 0] = None
-        result[column] = pd.Series(out, index=result.index, dtype=object)
-    return result
-
-
 # ---------------------------------------------------------------------------------------------
 # Orchestration
 
@@ -922,14 +909,41 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
                                pd.factorize(job["path_a_part"], sort=True)[0]))]
     step = cfg.dask.pairs_per_task
     tasks = [job.iloc[i:i + step] for i in range(0, len(job), step)]
+    collected = _Collected(len(job))
     with stage("verify", total=len(job), unit="pair") as tracker:
-        results = map_tasks(client, _verify_task, tasks, cfg, tracker=tracker, weight=len)
-    # the job (~80 B a pair) and the tasks' own results (~60 B a pair) go as soon as their rows
-    # are copied on (100k files, one run: the verify stage's driver peak 694 -> 664 MB)
-    del tasks, job
-    result = pd.concat([_texts_back(r) for r in results])
-    del results
-    result = result.sort_index()
-    result.index = pairs.index
+        map_tasks(client, _verify_task, tasks, cfg, tracker=tracker, weight=len,
+                  each=lambda _, result: collected.add(result))
+    del tasks, job  # (~80 B a pair)
+    result = collected.frame(pairs.index)
     result.attrs["features"] = summary.to_dict("list")  # plain lists: attrs are compared and copied
     return result
+
+
+class _Collected:
+    """The verify tasks' results copied into one array per column, at their pairs' positions, as
+    each task ends: the driver never holds the tasks' own frames all at once, nor their
+    concatenation and its sorted copy (~60 B a pair each). The status and reason texts, which
+    come as categories (`_verify_task`), point at one Python string per distinct text over all
+    tasks."""
+
+    NUMBERS = {"orb_matches": np.int32, "orb_inliers": np.int32, "orb_score": np.float32,
+               "ssim": np.float32, "hist_corr": np.float32}
+
+    def __init__(self, n: int):
+        self.columns = {c: np.zeros(n, dtype) for c, dtype in self.NUMBERS.items()}
+        self.columns.update({c: np.full(n, None, dtype=object) for c in TEXT_COLUMNS})
+        self._texts: dict[str, str] = {}
+
+    def add(self, result: pd.DataFrame) -> None:
+        at = result.index.to_numpy(np.int64)  # (rows of the job: positions of the pairs)
+        for column in self.NUMBERS:
+            self.columns[column][at] = result[column].to_numpy()
+        for column in TEXT_COLUMNS:
+            texts = result[column].array
+            shared = np.array([self._texts.setdefault(t, t) for t in texts.categories] + [None], dtype=object)
+            self.columns[column][at] = shared.take(texts.codes)  # (code -1, none: the last, None)
+
+    def frame(self, index) -> pd.DataFrame:
+        # (texts as object columns: pandas would make Arrow text of an object array of strings)
+        return pd.DataFrame({c: pd.Series(self.columns[c], index=index, dtype=object, copy=False)
+                             if c in TEXT_COLUMNS else self.columns[c] for c in RESULT_COLUMNS}, index=index, copy=False)

@@ -281,20 +281,30 @@ def test_reference_matcher_gives_the_same_results(small_set, tmp_path):
 
 
 def test_a_verify_task_sends_its_texts_as_categories_and_the_driver_gets_the_same_frame(small_set, tmp_path):
-    """What a Dask task returns carries each distinct status and reason once (categories); turned
-    back in the driver it equals verify_partition's frame (texts as objects, None for none), and
-    rows with the same text share one string."""
+    """What a Dask task returns carries each distinct status and reason once (categories); the
+    driver copies each task's result into its columns as the task ends, in any order
+    (`verify._Collected`), and gets verify_partition's frame (texts as objects, None for none),
+    rows with the same text sharing one string across the tasks."""
     cfg = Config()
     job = _verify_job(small_set, tmp_path, cfg)
     job.loc[job.index[0], "path_a_part"] = None  # an image with no features: an inconclusive row
     plain = verify.verify_partition(job, cfg)
-    sent = verify._verify_task(job, cfg)
-    assert all(isinstance(sent[c].dtype, pd.CategoricalDtype) for c in verify.TEXT_COLUMNS)
-    assert len(sent["orb_status"].cat.categories) < len(sent)
-    back = verify._texts_back(sent)
+    positions = job.reset_index(drop=True)  # (run_verify's job: rows numbered by position)
+    half = len(positions) // 2
+    sent = [verify._verify_task(positions.iloc[half:], cfg), verify._verify_task(positions.iloc[:half], cfg)]
+    assert all(isinstance(task[c].dtype, pd.CategoricalDtype) for task in sent for c in verify.TEXT_COLUMNS)
+    assert len(sent[0]["orb_status"].cat.categories) < len(sent[0])
+    sent[0].loc[sent[0].index[0], "orb_reason"] = None  # (a row with no text: None, not NaN)
+    plain.loc[plain.index[half], "orb_reason"] = None
+    collected = verify._Collected(len(job))
+    for task in sent:  # (the second half ends first)
+        collected.add(task)
+    back = collected.frame(job.index)
     pd.testing.assert_frame_equal(back, plain)
     assert back["orb_status"].dtype == object and back["orb_status"].iloc[0] == "inconclusive"
+    assert back["orb_reason"].iloc[half] is None
     assert len({id(s) for s in back["orb_status"]}) == back["orb_status"].nunique()
+    assert len({id(s) for s in back["orb_reason"].dropna()}) == back["orb_reason"].nunique()
 
 
 def test_pair_evidence_reproduces_the_tier(small_set, tmp_path):
