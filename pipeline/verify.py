@@ -66,6 +66,8 @@ from .screen import GRID_DIHEDRAL
 
 STATUSES = ("match", "no-match", "inconclusive")
 RESULT_COLUMNS = ["orb_matches", "orb_inliers", "orb_score", "orb_status", "orb_reason", "ssim", "hist_corr"]
+RESULT_DTYPES = {"orb_matches": np.int32, "orb_inliers": np.int32, "orb_score": np.float32, "orb_status": object,
+                 "orb_reason": object, "ssim": np.float32, "hist_corr": np.float32}
 DESCRIPTOR = {"orb": (np.uint8, 32), "sift": (np.float32, 128)}  # method -> (dtype, width)
 PIXEL_SIDE = 128  # pixel check: images squashed to this square (grey) before SSIM
 HIST_BINS = (16, 4, 4)  # pixel check: H x S x V histogram bins
@@ -688,9 +690,7 @@ def needs_pixel_check(fa: dict, fb: dict, cfg: VerifyConfig) -> bool:
 
 def _result_frame(results: list[tuple], index) -> pd.DataFrame:
     frame = pd.DataFrame(results, columns=RESULT_COLUMNS, index=index)
-    return frame.astype({"orb_matches": "int32", "orb_inliers": "int32", "orb_score": "float32",
-                         "orb_status": object, "orb_reason": object, "ssim": "float32",
-                         "hist_corr": "float32"})
+    return frame.astype(RESULT_DTYPES)
 
 
 def _sub_batches(paths_a: np.ndarray, paths_b: np.ndarray, max_parts: int,
@@ -926,11 +926,10 @@ class _Collected:
     come as categories (`_verify_task`), point at one Python string per distinct text over all
     tasks."""
 
-    NUMBERS = {"orb_matches": np.int32, "orb_inliers": np.int32, "orb_score": np.float32,
-               "ssim": np.float32, "hist_corr": np.float32}
+    NUMBERS = [c for c in RESULT_COLUMNS if c not in TEXT_COLUMNS]
 
     def __init__(self, n: int):
-        self.columns = {c: np.zeros(n, dtype) for c, dtype in self.NUMBERS.items()}
+        self.columns = {c: np.zeros(n, RESULT_DTYPES[c]) for c in self.NUMBERS}
         self.columns.update({c: np.full(n, None, dtype=object) for c in TEXT_COLUMNS})
         self._texts: dict[str, str] = {}
 
