@@ -12,7 +12,8 @@ default screen settings. Each tree runs in its own
 process (PYTHONPATH) with a LocalCluster of 2 workers: a warm-up call (numba compiles on the
 workers), then `--repeats` timed calls; the driver's and the largest worker's peak resident set
 (VmHWM, reset before each call) are taken above the driver's resident set before the call, which
-holds the codes. The trees' pairs must be equal. Rounds alternate the trees.
+holds the codes, both by the end of the search and over the whole call. The trees' pairs must be
+equal. Rounds alternate the trees.
 """
 from __future__ import annotations
 
@@ -64,19 +65,23 @@ def measure(n: int, repeats: int, out: str) -> dict:
             distributed.Client(cluster) as client:
         small = data(4000, seed=1)
         candidates.near_pairs(*small, cfg, client=client, block_rows=1000)  # (numba compiles on the workers)
-        seconds, driver, workers, pairs = [], [], [], None
+        seconds, driver, search, workers, pairs = [], [], [], [], None
         for _ in range(repeats):
             del pairs  # (the last call's pairs are compared across the trees)
             before = _status_mib("VmRSS")
             _reset_hwm()
             client.run(_reset_hwm)
             start = time.perf_counter()
-            pairs = candidates.near_pairs(codes, mask, cfg, client=client)
+            # near_pairs' two steps, the driver's peak taken after each: the search, the pairs
+            lists = candidates.directed_neighbours(codes, mask, cfg, client=client, gather=False)
+            search.append(_status_mib("VmHWM") - before)
+            pairs = candidates.pairs_from_neighbours(lists, codes, mask, cfg, client=client)
+            del lists
             seconds.append(time.perf_counter() - start)
             driver.append(_status_mib("VmHWM") - before)
             workers.append(max(client.run(_status_mib, "VmHWM").values()))
     np.savez(out, **{c: pairs[c].to_numpy() for c in pairs.columns})
-    return {"seconds": float(np.median(seconds)), "driver": max(driver), "worker": max(workers),
+    return {"seconds": float(np.median(seconds)), "driver": max(driver), "search": max(search), "worker": max(workers),
             "pairs": int(len(pairs)), "tree": str(Path(candidates.__file__).parent.parent)}
 
 
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     for tree in trees:
         secs = median([r["seconds"] for r in found[tree]])
         rows.append([tree, f"{found[tree][0]['pairs']:,}", f"{secs:.1f}", f"{secs / base:.2f}" if base else "-",
-                     f"{max(r['driver'] for r in found[tree]):.0f}", f"{max(r['worker'] for r in found[tree]):.0f}"])
+                     f"{max(r['driver'] for r in found[tree]):.0f}", f"{max(r['search'] for r in found[tree]):.0f}",
+                     f"{max(r['worker'] for r in found[tree]):.0f}"])
     body = stamp() + (
         f"\n`candidates.near_pairs` with a client (the search and the pairs) over {args.images:,} images' "
         "synthetic codes (9 variants of 64 bits, groups of 6 near copies anywhere in row order), default screen "
@@ -121,13 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.repeats} calls per process over {args.rounds} processes per tree (rounds alternate the trees), "
         "the time as a ratio to the baseline's in the same run, the driver's peak above its resident set "
         "before the call (which holds the codes), and the largest worker's peak resident set (MiB, VmHWM "
-        "reset before each call). The trees' pairs are equal. Up to the baseline the driver gathered every "
-        "directed K-nearest list (18 B a row, up to K rows an image), made the pairs from them and sent "
-        "each chunk of pairs with its rows' codes to the workers (`candidates.pair_best`); now the lists "
-        "stay on the workers and the pairs are made there (`candidates.Lists`): the driver gathers the "
-        "pairs only.\n\n")
+        "reset before each call). The trees' pairs are equal. What the stage's pair-making did, by date: "
+        "until 2026-12-05 the driver gathered every directed K-nearest list (18 B a row, up to K rows an "
+        "image), made the pairs from them and sent each chunk of pairs with its rows' codes to the workers "
+        "(`candidates.pair_best`); from 2026-12-05 the lists stay on the workers and the pairs are made there "
+        "(`candidates.Lists`), the driver gathering the blocks, concatenating them and sorting a copy; from "
+        "2026-12-06 the pairs are routed once more on the workers, to the block of their idx_a, and sorted "
+        "there, and the driver copies the blocks in order into its columns a block at a time, with no sort "
+        "of its own; and the hash partitions are sent to the workers one at a time as they are cut "
+        "(`candidates.iter_hash_partitions`), not made all at once and scattered in one call. The driver's "
+        "peak is also given as it stood when the search had returned (the pairs are made after).\n\n")
     body += table(["tree", "pairs", "seconds", "time ratio", "driver peak above start MiB",
-                   "worker peak MiB"], rows)
+                   "of it, by the end of the search MiB", "worker peak MiB"], rows)
     kwargs = {"path": args.out} if args.out else {}
     update_section("pair_blocks", "candidate pairs made on the workers (candidates stage)", body, **kwargs)
     return 0

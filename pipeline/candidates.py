@@ -56,7 +56,7 @@ N_VARIANTS = 9
 
 __all__ = ["exact_pairs", "exact_representatives", "near_pairs", "near_pairs_partition",
            "directed_neighbours", "pairs_from_neighbours", "Lists",
-           "sharded_neighbours", "sharded_directed_neighbours", "hash_partitions", "shard_groups", "reach_pairs", "reach_of", "gained_neighbours", "incremental_neighbours",
+           "sharded_neighbours", "sharded_directed_neighbours", "hash_partitions", "iter_hash_partitions", "shard_groups", "reach_pairs", "reach_of", "gained_neighbours", "incremental_neighbours",
            "build_index", "query_variants", "embedding_pairs", "sharded_embedding_pairs", "build_embedding_index",
            "iter_embeddings", "pair_hash_distance", "union_pairs"]
 
@@ -631,9 +631,15 @@ def sharded_neighbours(parts: list, cfg: ScreenConfig, client=None, shard_size: 
 def hash_partitions(codes: np.ndarray, use: np.ndarray, idx_use: np.ndarray, rows: int) -> list:
     """Prepared arrays (as `_prepare` returns them) -> hash partitions of about `rows` images,
     keeping only images that take part."""
+    return list(iter_hash_partitions(codes, use, idx_use, rows))
+
+
+def iter_hash_partitions(codes: np.ndarray, use: np.ndarray, idx_use: np.ndarray, rows: int) -> Iterator[tuple]:
+    """`hash_partitions`, one at a time (each a copy of its rows: a caller that sends each away
+    before taking the next holds one, not a second copy of every row)."""
     img = np.flatnonzero(use.any(axis=1) | idx_use.any(axis=1)).astype(np.int64)
-    return [(img[s:s + rows], codes[img[s:s + rows]], use[img[s:s + rows]], idx_use[img[s:s + rows]])
-            for s in range(0, img.size, max(rows, 1))]
+    for s in range(0, img.size, max(rows, 1)):
+        yield img[s:s + rows], codes[img[s:s + rows]], use[img[s:s + rows]], idx_use[img[s:s + rows]]
 
 
 def _partition_rows(n_img: int, client, block_rows: int | None = None) -> int:
@@ -651,11 +657,15 @@ def sharded_directed_neighbours(codes: np.ndarray, use: np.ndarray, idx_use: np.
     n_img = int((use.any(axis=1) | idx_use.any(axis=1)).sum())
     if n_img == 0:
         return _empty_directed()
-    parts = hash_partitions(codes, use, idx_use, _partition_rows(n_img, client, block_rows))
-    firsts = np.array([p[0][0] for p in parts], dtype=np.int64)
-    if client is not None:
-        parts = client.scatter(parts, hash=False)  # fresh keys: a same-data scatter right after
-        # the last search released its futures would share their keys and be cancelled with them
+    made = iter_hash_partitions(codes, use, idx_use, _partition_rows(n_img, client, block_rows))
+    firsts, parts = [], []
+    for part in made:  # (each sent as it is cut: the driver holds one partition's copy of its rows)
+        firsts.append(part[0][0])
+        # fresh keys: a same-data scatter right after the last search released its futures would
+        # share their keys and be cancelled with them
+        parts.append(part if client is None else client.scatter([part], hash=False)[0])
+        del part
+    firsts = np.array(firsts, dtype=np.int64)
     if client is None or gather:
         return sharded_neighbours(parts, cfg, client=client, one_shard=one_shard)
     return Lists(client, parts, sharded_neighbours(parts, cfg, client=client, one_shard=one_shard, gather=False),
@@ -752,8 +762,12 @@ def pairs_from_neighbours(directed: pd.DataFrame | Lists, codes: np.ndarray, var
 # block of partitions that holds p, which has p's codes: a pair's best distance over the variants
 # is computed where both rows' codes are, and the driver sends no codes. A pair listed both ways
 # is made once: at b's block from the row (a, b) (a < b), and at a's block from the row (b, a)
-# only when a's list does not hold b (a's list is in a's block). The driver gathers the pairs,
-# 19 B each, and sorts them; the lists themselves only when it keeps them (a catalog).
+# only when a's list does not hold b (a's list is in a's block). A pair is made at a or b's
+# block, so the made pairs are routed once more, by a's block (`_route_pairs`), and each block
+# sorts its own (`_ordered_block`): the blocks cover ascending ranges of image numbers, so in
+# block order they are the pairs in (a, b) order, which the driver copies into its columns a
+# block at a time (`_gather_in_order`, 19 B a pair) with no sort of its own; the lists
+# themselves reach the driver only when it keeps them (a catalog).
 
 MAX_PAIR_BLOCKS = 64  # blocks of partitions the rows are routed to: tasks = partitions x blocks
 # list rows routed at once, ~90 B each with their owner's codes (the workers hold them until their
@@ -781,24 +795,69 @@ class Lists:
                   if b.size]
         starts = self.firsts[[b[0] for b in blocks]]
         rows_listed = sum(client.gather([client.submit(len, rows, pure=False) for rows in self.lists]))
-        found = []
+        made = []  # each block's pairs, left on the workers
         for wave in np.array_split(np.arange(len(blocks)), min(len(blocks), max(1, -(-rows_listed // PAIR_WAVE_ROWS)))):
             lo, hi = int(wave[0]), int(wave[-1]) + 1
             routed = [client.submit(_route_rows, p, rows, starts, lo, hi, pure=False)
                       for p, rows in zip(self.parts, self.lists)]
-            made = []
             for j in range(lo, hi):
                 # (a piece taken where its routing task's result is: only the piece moves)
-                pieces = [client.submit(operator.getitem, r, j - lo, pure=False) for r in routed]
+                pieces = [_piece(client, r, j - lo) for r in routed]
                 made.append(client.submit(_pair_block, self.n, blocks[j].size, *[self.parts[i] for i in blocks[j]],
                                           *[self.lists[i] for i in blocks[j]], *pieces, pure=False))
             del routed
-            found += [f for f in client.gather(made) if len(f)]
-        if not found:
-            return _empty_pairs()
-        out = pd.concat(found, ignore_index=True)
-        order = np.argsort(out["idx_a"].to_numpy() * np.int64(self.n) + out["idx_b"].to_numpy(), kind="stable")
-        return out.take(order).reset_index(drop=True)
+            # (waited for, so that a wave's routed rows are let go of before the next is routed)
+            client.gather([client.submit(len, block, pure=False) for block in made[lo:hi]])
+        # by the block of idx_a, each block sorted: in block order, the pairs in (idx_a, idx_b) order
+        routed = [client.submit(_route_pairs, block, starts, pure=False) for block in made]
+        del made
+        ordered = [client.submit(_ordered_block, *[_piece(client, r, j) for r in routed], pure=False)
+                   for j in range(len(blocks))]
+        del routed
+        return _gather_in_order(client, ordered)
+
+
+def _piece(client, routed, j: int):
+    """The j-th piece of a routing task's result, taken where that result is."""
+    return client.submit(operator.getitem, routed, j, pure=False)
+
+
+def _route_pairs(pairs: pd.DataFrame, starts: np.ndarray) -> list:
+    """One block's pairs cut by the block holding idx_a (`starts`: each block's first image
+    number): a frame or None per block."""
+    block = np.searchsorted(starts, pairs["idx_a"].to_numpy(np.int64), side="right") - 1
+    order = np.argsort(block, kind="stable")
+    bounds = np.searchsorted(block[order], np.arange(len(starts) + 1))
+    return [pairs.take(order[bounds[j]:bounds[j + 1]]).reset_index(drop=True) if bounds[j + 1] > bounds[j] else None
+            for j in range(len(starts))]
+
+
+def _ordered_block(*pieces) -> pd.DataFrame:
+    """The pairs whose idx_a is in one block, sorted by idx_a, idx_b (each pair is made once)."""
+    pieces = [x for x in pieces if x is not None]
+    if not pieces:
+        return _empty_pairs()
+    out = pd.concat(pieces, ignore_index=True)
+    return out.take(np.lexsort((out["idx_b"].to_numpy(), out["idx_a"].to_numpy()))).reset_index(drop=True)
+
+
+def _gather_in_order(client, blocks: list) -> pd.DataFrame:
+    """The blocks' pairs concatenated in block order, fetched a block at a time into columns
+    made to size: the driver holds the pairs once (a gather of every block, their concatenation
+    and a sorted copy were 3 x 19 B a pair at once, plus the sort's keys)."""
+    sizes = np.asarray(client.gather([client.submit(len, b, pure=False) for b in blocks]), dtype=np.int64)
+    empty = _empty_pairs()
+    columns = {c: np.empty(int(sizes.sum()), empty[c].dtype) for c in empty.columns}
+    at = 0
+    for j in range(len(blocks)):
+        if sizes[j]:
+            got = blocks[j].result()
+            for c in columns:
+                columns[c][at:at + sizes[j]] = got[c].to_numpy()
+            at += int(sizes[j])
+            del got
+        blocks[j] = None  # (its pairs let go of on the worker)
+    return pd.DataFrame(columns)
 
 
 def _empty_pairs() -> pd.DataFrame:
@@ -1018,16 +1077,22 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
     if cfg.search_sharding in ("sharded", "routed") or (client is not None and cfg.search_sharding == "auto"):
         codes_p, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
         n_img = int((use.any(axis=1) | idx_use.any(axis=1)).sum())
-        parts = hash_partitions(codes_p, use, idx_use, _partition_rows(n_img, client))
-        if not parts:
+        rows = max(_partition_rows(n_img, client), 1)
+        img = np.flatnonzero(use.any(axis=1) | idx_use.any(axis=1))  # (the partitions' image numbers)
+        if img.size == 0:
             return _empty_directed(), dict.fromkeys(INCREMENTAL_COUNTS, 0)
         same = np.asarray(same, bool)
-        pieces = [x for p, prev in zip(parts, split_previous(previous, parts, same & use[:, PLAIN]))
-                  for x in (p, prev, same[p[0]])]
-        firsts, n = np.array([p[0][0] for p in parts], dtype=np.int64), codes_p.shape[0]
-        if client is not None:  # fresh keys (see sharded_directed_neighbours)
-            pieces = client.scatter(pieces, hash=False)
-        del parts, codes_p
+        prevs = split_previous(previous, [(img[s:s + rows],) for s in range(0, img.size, rows)], same & use[:, PLAIN])
+        firsts, n = img[::rows].astype(np.int64), codes_p.shape[0]
+        del img
+        pieces = []
+        # each partition sent as it is cut, with its rows of the last lists (fresh keys: see
+        # sharded_directed_neighbours): the driver holds one partition's copy of its rows
+        for j, part in enumerate(iter_hash_partitions(codes_p, use, idx_use, rows)):
+            piece, prevs[j] = [part, prevs[j], same[part[0]]], None
+            pieces += piece if client is None else client.scatter(piece, hash=False)
+            del part, piece
+        del prevs, codes_p
         one_shard = not _sharded(cfg, client, int(idx_use.any(axis=1).sum()))
         if client is None or gather:
             return sharded_incremental_neighbours(pieces[::3], pieces[1::3], pieces[2::3], cfg, client=client,

@@ -199,10 +199,11 @@ def test_sharded_on_a_local_cluster_equals_one_index(seed, clustered, monkeypatc
 def test_pairs_made_on_the_workers_equal_the_drivers(seed, clustered, monkeypatch):
     """With the search on the workers, the lists stay there and the pairs are made there too
     (`candidates.Lists`): rows routed with their owner's codes to the partitions of their
-    neighbour. The same pairs, distances and transforms as made in-process from the gathered
-    lists, for fresh and incremental searches over many partitions (one and several blocks of
-    partitions, all at once or in waves), and the driver neither gathers a list nor cuts a code
-    chunk."""
+    neighbour, the pairs made there routed again to the block of their idx_a and sorted there.
+    The same pairs, distances and transforms, in the same (idx_a, idx_b) order, as made in-process
+    from the gathered lists, for fresh and incremental searches over many partitions (one and
+    several blocks of partitions, all at once or in waves), and the driver neither gathers a list
+    nor cuts a code chunk."""
     distributed = pytest.importorskip("distributed")
     import pipeline.candidates as candidates
     codes, mask = planted(seed, n=6000, clustered=clustered)
@@ -221,9 +222,13 @@ def test_pairs_made_on_the_workers_equal_the_drivers(seed, clustered, monkeypatc
         monkeypatch.setattr(candidates, "_partition_rows", lambda n, client, rows=None: rows or 450)  # 13 partitions
         waves, submit = [], client.submit
 
+        ordered = []  # the tasks that sort a block's pairs, routed to it by idx_a
+
         def spy(fn, *args, **kwargs):  # the blocks each routing task makes: (first, past the last)
             if fn is candidates._route_rows:
                 waves.append(args[3:5])
+            if fn is candidates._ordered_block:
+                ordered.append(len(args))
             return submit(fn, *args, **kwargs)
         monkeypatch.setattr(client, "submit", spy)
         got = {}
@@ -235,6 +240,7 @@ def test_pairs_made_on_the_workers_equal_the_drivers(seed, clustered, monkeypatc
             monkeypatch.setattr(candidates, "PAIR_WAVE_ROWS", wave_rows)
             for mode in modes:
                 waves.clear()
+                ordered.clear()
                 on = dataclasses.replace(c, search_sharding=mode, search_shard_size=2000)
                 got[blocks, wave_rows, mode] = near_pairs(codes, mask, on, client=client, representatives=rep)
                 lists, counts = candidates.incremental_neighbours(codes, mask, on, previous, same, client=client,
@@ -248,6 +254,9 @@ def test_pairs_made_on_the_workers_equal_the_drivers(seed, clustered, monkeypatc
                 assert [lo for lo, _ in ranges] == [0] + [hi for _, hi in ranges[:-1]]
                 assert ranges[-1][1] == min(blocks, 13) and len(waves) == 2 * 13 * len(ranges)
                 assert len(ranges) == (1 if wave_rows == 10**9 else 3) and max(h - lo for lo, h in ranges) >= 2
+                # then each block's pairs routed to the block of their idx_a, one sorting task a
+                # block taking a piece from every block (the driver only concatenates them)
+                assert ordered == [min(blocks, 13)] * (2 * min(blocks, 13))
         assert not gathered
         monkeypatch.undo()
         pd.testing.assert_frame_equal(lists.gather(), want_lists)  # (the lists, when a catalog keeps them)
