@@ -239,45 +239,90 @@ def again_if_lost(what: str, fn: Callable[[], object]):
 
 def map_tasks(client, fn: Callable, tasks: Sequence, *args, tracker: Tracker | None = None,
               weight: Callable[[object], int] = lambda task: 1, star: bool = False,
-              each: Callable[[int, object], None] | None = None) -> list:
+              each: Callable[[int, object], None] | None = None, in_flight: int | None = None) -> list:
     """[fn(task, *args) for task in tasks] (`star`: fn(*task, *args)), on the Dask `client` when
     given, else in this process (on the `in_process_threads` pool when one is active); results
     in task order. `tracker.update(weight(task))` as each task finishes.
 
     `each(number, result)`: called with each task's result as it finishes, in no set order, and
     the result is not kept (returns an empty list): for a caller that copies the results into
-    arrays of its own, which then never holds them all at once besides."""
-    tasks = list(tasks)
-    results: list = [None] * len(tasks) if each is None else []
+    arrays of its own, which then never holds them all at once besides.
+
+    `in_flight`: at most this many tasks sent (or queued on the pool) at a time, the next taken
+    from `tasks` as one ends: `tasks` may then be a sequence that makes each task only when it is
+    indexed (e.g. verify's pair tasks), and this process holds the data of those in flight only."""
+    if not (hasattr(tasks, "__len__") and hasattr(tasks, "__getitem__")):
+        tasks = list(tasks)
+    n_tasks = len(tasks)
+    window = n_tasks if in_flight is None else max(1, int(in_flight))
+    results: list = [None] * n_tasks if each is None else []
+    weights: dict[int, int] = {}  # task number -> its weight, taken as it is sent
+    numbers = iter(range(n_tasks))  # the tasks not yet taken
+
+    def take(count: int) -> list[tuple[int, object]]:
+        out = []
+        for n in numbers:
+            task = tasks[n]
+            weights[n] = weight(task)
+            out.append((n, task))
+            if len(out) >= count:
+                break
+        return out
 
     def done(n: int, result) -> None:
         if each is None:
             results[n] = result
         else:
             each(n, result)
+        w = weights.pop(n)
         if tracker is not None:
-            tracker.update(weight(tasks[n]))
+            tracker.update(w)
 
     if client is None:
         pool = thread_pool()
-        if pool is not None and len(tasks) > 1:
-            from concurrent.futures import as_completed as done_order
-            number = {(pool.submit(fn, *task, *args) if star else pool.submit(fn, task, *args)): n
-                      for n, task in enumerate(tasks)}
-            for fut in done_order(list(number)):
-                done(number.pop(fut), fut.result())  # (a task's exception here, with its traceback)
+        if pool is not None and n_tasks > 1:
+            from queue import SimpleQueue
+            # (each task's future put here as it ends: one blocking get a task, which a signal's
+            # exception, e.g. SIGTERM's, interrupts cleanly; a wait() over the running futures
+            # per task took every one's lock each time)
+            finished: SimpleQueue = SimpleQueue()
+            running = 0
+
+            def submit(count: int) -> None:
+                nonlocal running
+                for n, task in take(count):
+                    fut = pool.submit(fn, *task, *args) if star else pool.submit(fn, task, *args)
+                    fut.add_done_callback(lambda f, n=n: finished.put((n, f)))
+                    running += 1
+            submit(window)
+            while running:
+                n, fut = finished.get()
+                running -= 1
+                done(n, fut.result())  # (a task's exception here, with its traceback)
                 del fut
+                submit(window - running)
             return results
-        for n, task in enumerate(tasks):
+        while items := take(1):  # (each task made as it is run)
+            [(n, task)] = items
             done(n, fn(*task, *args) if star else fn(task, *args))
+            del items, task
         return results
-    if not tasks:
+    if not n_tasks:
         return results
     sent = Sent(client)
-    sent.send([(n, fn, task) for n, task in enumerate(tasks)], star, args)
+
+    def send(count: int) -> None:
+        items = take(count)
+        if items:
+            sent.send([(n, fn, task) for n, task in items], star, args)
+    send(window)
     for n, result in sent.results():
         done(n, result)
         del result
+        # topped up a scatter's worth at a time, while half the window is still queued on the
+        # workers (topped up only once all had ended, the workers would wait at every refill)
+        if len(sent) <= window - min(SCATTER_TASKS, max(1, window // 2)):
+            send(window - len(sent))
     return results
 
 

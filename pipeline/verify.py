@@ -61,7 +61,7 @@ from PIL import Image
 from . import storage, store
 from .config import Config, VerifyConfig
 from .decode import DecodeError, dihedral, load_image, open_checked, resize_max_side
-from .progress import Progress, map_tasks, stage_of
+from .progress import SCATTER_TASKS, Progress, map_tasks, stage_of
 from .screen import GRID_DIHEDRAL
 
 STATUSES = ("match", "no-match", "inconclusive")
@@ -893,30 +893,71 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     part_of = pd.concat([known, pd.Series(summary["part_path"].to_numpy(dtype=object),
                                           index=summary["key"].to_numpy(np.int64))])
 
-    # pair tasks, ordered by the feature files they touch
-    # (the path columns share one string per part file: store.part_paths)
-    job = pd.DataFrame({"key_a": key_a, "key_b": key_b,
-                        "transform": pairs["transform"].to_numpy(np.int64),
-                        "path_a_part": store.part_paths(part_of, key_a),
-                        "path_b_part": store.part_paths(part_of, key_b),
-                        "key_b0": key_b0,
-                        "path_b0_part": store.part_paths(part_of, key_b0),
-                        "error_a": pd.Series(err.reindex(idx_a).to_numpy(dtype=object), dtype=object),
-                        "error_b": pd.Series(err.reindex(idx_b).to_numpy(dtype=object), dtype=object)})
-    job.index = np.arange(len(pairs))
-    # sorted by part files (missing first), as codes: sorting the texts copied them per row
-    job = job.iloc[np.lexsort((pd.factorize(job["path_b_part"], sort=True)[0],
-                               pd.factorize(job["path_a_part"], sort=True)[0]))]
-    step = cfg.dask.pairs_per_task
-    tasks = [job.iloc[i:i + step] for i in range(0, len(job), step)]
-    collected = _Collected(len(job))
-    with stage("verify", total=len(job), unit="pair") as tracker:
+    # pair tasks, ordered by the feature files they touch (as codes of the sorted part paths:
+    # sorting the texts copied them per row), each made only as it is sent (`_PairTasks`)
+    tasks = _PairTasks(pairs["transform"].to_numpy(np.int64), key_a, key_b, key_b0, part_of, err,
+                       cfg.dask.pairs_per_task)
+    collected = _Collected(len(pairs))
+    with stage("verify", total=len(pairs), unit="pair") as tracker:
         map_tasks(client, _verify_task, tasks, cfg, tracker=tracker, weight=len,
-                  each=lambda _, result: collected.add(result))
-    del tasks, job  # (~80 B a pair)
+                  each=lambda _, result: collected.add(result), in_flight=tasks_in_flight(client))
+    del tasks
     result = collected.frame(pairs.index)
     result.attrs["features"] = summary.to_dict("list")  # plain lists: attrs are compared and copied
     return result
+
+
+# verify tasks sent at a time per worker thread (`map_tasks(in_flight=...)`, at least two
+# scatters' worth): enough queued on every thread that none waits for the driver to make the next
+TASKS_IN_FLIGHT_PER_THREAD = 4
+
+
+def tasks_in_flight(client) -> int:
+    """How many verify tasks to have sent at once on `client` (None: this process's pool)."""
+    threads = 2 if client is None else max(1, sum(client.nthreads().values()))
+    return max(2 * SCATTER_TASKS, TASKS_IN_FLIGHT_PER_THREAD * threads)
+
+
+class _PairTasks:
+    """The verify tier's tasks, each a frame of `step` pairs (key_a, key_b, transform, the part
+    files of their feature rows, key_b0 and its part, error_a, error_b; indexed by the pairs'
+    positions), in the order of the part files they read (a's, then b's, missing first), made
+    when indexed. `map_tasks(in_flight=...)` indexes each as it is sent, so the driver holds the
+    frames of the tasks in flight only: a frame of every pair and its sorted copy were ~90 B a pair
+    each, the verify stage's largest item (+~70 MB at 100k files)."""
+
+    def __init__(self, transform: np.ndarray, key_a: np.ndarray, key_b: np.ndarray, key_b0: np.ndarray,
+                 part_of: pd.Series, error: pd.Series, step: int):
+        self.transform, self.key_a, self.key_b, self.key_b0 = transform, key_a, key_b, key_b0
+        self.error, self.step = error, max(1, int(step))
+        # each key's part file as a code over the sorted distinct paths (-1: none), and those
+        # paths, one Python string each (see store.part_paths)
+        codes, paths = pd.factorize(part_of, sort=True, use_na_sentinel=True)
+        self.code_of = pd.Series(codes, index=pd.Index(part_of.index, dtype=np.int64))
+        self.paths = np.append(np.asarray(paths, dtype=object), None)  # (code -1 takes the last: None)
+        self.order = np.lexsort((self._codes(key_b), self._codes(key_a)))
+
+    def _codes(self, keys: np.ndarray) -> np.ndarray:
+        return self.code_of.reindex(keys, fill_value=-1).to_numpy(np.int64)
+
+    def _paths(self, keys: np.ndarray) -> pd.Series:
+        return pd.Series(self.paths.take(self._codes(keys)), dtype=object)
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.step)
+
+    def __getitem__(self, n: int) -> pd.DataFrame:
+        if not 0 <= n < len(self):
+            raise IndexError(n)
+        rows = self.order[n * self.step:(n + 1) * self.step]
+        ka, kb, kb0 = self.key_a[rows], self.key_b[rows], self.key_b0[rows]
+        job = pd.DataFrame({"key_a": ka, "key_b": kb, "transform": self.transform[rows],
+                            "path_a_part": self._paths(ka), "path_b_part": self._paths(kb),
+                            "key_b0": kb0, "path_b0_part": self._paths(kb0),
+                            "error_a": pd.Series(self.error.reindex(ka // 8).to_numpy(dtype=object), dtype=object),
+                            "error_b": pd.Series(self.error.reindex(kb // 8).to_numpy(dtype=object), dtype=object)})
+        job.index = rows.astype(np.int64)  # (the pairs' positions: _Collected puts the results there)
+        return job
 
 
 class _Collected:

@@ -2,6 +2,7 @@
 progress in a batch log, the dashboard, presets and the help text."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -157,6 +158,50 @@ def test_tasks_sent_to_a_cluster_a_few_at_a_time_keep_their_order_and_counts(mon
         tasks = [(a, a + 1) for a in range(7)]
         assert map_tasks(client, _pair_times, tasks, 2, star=True) == [a * (a + 1) * 2 for a in range(7)]
         assert map_tasks(client, _times, [], 2) == []
+
+
+class _MadeWhenIndexed:
+    """n tasks (their numbers), each made when indexed: records the most made and not yet
+    handed back (`finished`, called from map_tasks' `each`) at any time."""
+
+    def __init__(self, n: int):
+        self.n, self.made, self.finished, self.most = n, [], 0, 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        self.made.append(i)
+        self.most = max(self.most, len(self.made) - self.finished)
+        return i
+
+    def done(self, number, result):
+        assert result == 10 * number
+        self.finished += 1
+
+
+def test_tasks_in_flight_are_made_as_they_are_sent(monkeypatch):
+    """map_tasks(in_flight=k) takes each task from its sequence only when it sends it, and has
+    at most k made and unfinished at a time: on a cluster (sent a scatter's worth at a time), on
+    the in-process pool and one by one. Every task runs once and the tracker counts them all."""
+    import distributed
+
+    from pipeline import progress
+    from pipeline.progress import in_process_threads
+    monkeypatch.setattr(progress, "SCATTER_TASKS", 2)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        for where, k in ((client, 5), (client, 1), (None, 3), (None, 1)):
+            with (in_process_threads(2) if where is None and k > 1 else contextlib.nullcontext()), \
+                    Progress(quiet=True).stage("verify", total=23, unit="pair") as tracker:
+                tasks = _MadeWhenIndexed(23)
+                assert map_tasks(where, _times, tasks, 10, tracker=tracker, each=tasks.done, in_flight=k) == []
+            assert sorted(tasks.made) == list(range(23)) and tasks.finished == 23 and tracker.done == 23
+            assert 1 <= tasks.most <= k, (where, k, tasks.most)
+            if where is not None and k > 2:
+                assert tasks.most > 2  # (kept topped up, not one at a time)
 
 
 def test_quiet_has_no_heartbeat(caplog):

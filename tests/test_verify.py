@@ -146,13 +146,17 @@ def test_verify_tasks_share_one_path_string_per_part_file(small_set, tmp_path, m
 
     def spy(client, fn, tasks, *args, **kwargs):
         if fn is verify._verify_task:
+            # made as each is sent, a few in flight (not a frame of every pair held for the tier)
+            assert isinstance(tasks, verify._PairTasks) and kwargs["in_flight"] >= 1
             sent.extend(tasks)
         return real(client, fn, tasks, *args, **kwargs)
 
     monkeypatch.setattr(verify, "map_tasks", spy)
     cfg = Config()
     cfg.dask.partition_size = 3  # several part files
+    cfg.dask.pairs_per_task = 3  # several tasks (the results below: the same as in one)
     res = verify.run_verify(pairs, images, cfg, str(tmp_path / "w"))
+    assert len(sent) == 3
     job = pd.concat(sent)
     paths = pd.concat([job["path_a_part"], job["path_b_part"], job["path_b0_part"]])
     assert all(job[c].dtype == object for c in ("path_a_part", "path_b_part", "path_b0_part"))
@@ -160,6 +164,12 @@ def test_verify_tasks_share_one_path_string_per_part_file(small_set, tmp_path, m
     assert len({id(p) for p in paths.dropna()}) == paths.dropna().nunique()
     order = job["path_a_part"].fillna("").tolist()
     assert order == sorted(order)  # tasks grouped by the part files they read
+    # every pair once, at its position; its keys, transform and its images' errors
+    assert sorted(job.index) == list(range(len(pairs)))
+    key_a = pairs["idx_a"].to_numpy() * 8
+    assert (job["key_a"].to_numpy() == key_a[job.index]).all()
+    assert (job["transform"].to_numpy() == pairs["transform"].to_numpy()[job.index]).all()
+    assert (job["error_a"].isna().to_numpy() == images["error"].reindex(pairs["idx_a"]).isna().to_numpy()[job.index]).all()
     monkeypatch.undo()
     cfg2 = Config()
     cfg2.dask.partition_size = 3
