@@ -611,8 +611,9 @@ def run_confirm(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir
     failed = int(summary["error"].notna().sum())
     if failed:
         log.info("confirm: %d of %d (image, transform) embeddings failed", failed, len(summary))
-    task_pairs = pd.DataFrame({"key_a": ka, "key_b": kb,  # (one string per part file: store.part_paths)
-                               "part_a": store.part_paths(part_of, ka), "part_b": store.part_paths(part_of, kb)})
+    parts = store.PartPaths(part_of)  # (one string per part file)
+    task_pairs = pd.DataFrame({"key_a": ka, "key_b": kb,
+                               "part_a": parts.paths(ka), "part_b": parts.paths(kb)})
     task_pairs.index = pairs.index
     pair_chunks = _chunks(task_pairs, cfg.dask.pairs_per_task)
     with stage_of(progress)("confirm", total=len(task_pairs), unit="pair") as tracker:

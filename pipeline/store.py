@@ -467,16 +467,30 @@ def read_columns(path: str, keys, columns: list[str], check: str | None = None) 
     return frame[columns]
 
 
+class PartPaths:
+    """Keys -> their part files (`part_of`: key -> part path), looked up many times: each part
+    path once as a code over the sorted distinct paths (-1: none), and once as a Python string.
+    A pandas `str` column (pandas 3's default for text) makes a new Python string per row when
+    its values are taken out: a verify job's three path columns were ~3 x 100 B per pair in the
+    driver (+200 MB at 100k files), and a frame built from those values turned them into `str`
+    columns again."""
+
+    def __init__(self, part_of: pd.Series):
+        codes, paths = pd.factorize(part_of, sort=True, use_na_sentinel=True)
+        self.code_of = pd.Series(codes, index=pd.Index(part_of.index, dtype=np.int64))
+        self.shared = np.append(np.asarray(paths, dtype=object), None)  # (code -1 takes the last: None)
+
+    def codes(self, keys) -> np.ndarray:
+        """Each key's part file as its code (ordered as the paths sort; -1 where it has none)."""
+        return self.code_of.reindex(np.asarray(keys, dtype=np.int64), fill_value=-1).to_numpy(np.int64)
+
+    def paths(self, keys) -> pd.Series:
+        """Each key's part file (None where it has none), an object column sharing one Python
+        string per part file."""
+        return pd.Series(self.shared.take(self.codes(keys)), dtype=object)
+
+
 def part_paths(part_of: pd.Series, keys) -> pd.Series:
     """The part file of each key (`part_of`: key -> part path; None where it has none), as an
-    object column sharing one Python string per part file. A pandas `str` column (pandas 3's
-    default for text) makes a new Python string per row when its values are taken out: a
-    verify job's three path columns were ~3 x 100 B per pair in the driver (+200 MB at 100k
-    files), and a frame built from those values turned them into `str` columns again."""
-    codes, paths = pd.factorize(part_of, use_na_sentinel=True)
-    code_of = pd.Series(codes, index=part_of.index)
-    at = code_of.reindex(np.asarray(keys, dtype=np.int64), fill_value=-1).to_numpy(np.int64)
-    shared = np.asarray(paths, dtype=object)
-    out = shared.take(np.maximum(at, 0)) if len(shared) else np.full(len(at), None, dtype=object)
-    out[at < 0] = None
-    return pd.Series(out, dtype=object)
+    object column sharing one Python string per part file (`PartPaths`)."""
+    return PartPaths(part_of).paths(keys)

@@ -930,18 +930,8 @@ class _PairTasks:
                  part_of: pd.Series, error: pd.Series, step: int):
         self.transform, self.key_a, self.key_b, self.key_b0 = transform, key_a, key_b, key_b0
         self.error, self.step = error, max(1, int(step))
-        # each key's part file as a code over the sorted distinct paths (-1: none), and those
-        # paths, one Python string each (see store.part_paths)
-        codes, paths = pd.factorize(part_of, sort=True, use_na_sentinel=True)
-        self.code_of = pd.Series(codes, index=pd.Index(part_of.index, dtype=np.int64))
-        self.paths = np.append(np.asarray(paths, dtype=object), None)  # (code -1 takes the last: None)
-        self.order = np.lexsort((self._codes(key_b), self._codes(key_a)))
-
-    def _codes(self, keys: np.ndarray) -> np.ndarray:
-        return self.code_of.reindex(keys, fill_value=-1).to_numpy(np.int64)
-
-    def _paths(self, keys: np.ndarray) -> pd.Series:
-        return pd.Series(self.paths.take(self._codes(keys)), dtype=object)
+        self.parts = store.PartPaths(part_of)
+        self.order = np.lexsort((self.parts.codes(key_b), self.parts.codes(key_a)))
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.step)
@@ -952,8 +942,8 @@ class _PairTasks:
         rows = self.order[n * self.step:(n + 1) * self.step]
         ka, kb, kb0 = self.key_a[rows], self.key_b[rows], self.key_b0[rows]
         job = pd.DataFrame({"key_a": ka, "key_b": kb, "transform": self.transform[rows],
-                            "path_a_part": self._paths(ka), "path_b_part": self._paths(kb),
-                            "key_b0": kb0, "path_b0_part": self._paths(kb0),
+                            "path_a_part": self.parts.paths(ka), "path_b_part": self.parts.paths(kb),
+                            "key_b0": kb0, "path_b0_part": self.parts.paths(kb0),
                             "error_a": pd.Series(self.error.reindex(ka // 8).to_numpy(dtype=object), dtype=object),
                             "error_b": pd.Series(self.error.reindex(kb // 8).to_numpy(dtype=object), dtype=object)})
         job.index = rows.astype(np.int64)  # (the pairs' positions: _Collected puts the results there)
