@@ -47,7 +47,7 @@ from PIL import Image
 
 from pipeline import borders, decode, storage, store
 from pipeline.config import Config, EmbedConfig
-from pipeline.progress import Progress, map_tasks, stage_of
+from pipeline.progress import Progress, map_tasks, stage_of, tasks_in_flight
 from pipeline.weights import PREPROCESS, check_weights_available, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -611,13 +611,38 @@ def run_confirm(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir
     failed = int(summary["error"].notna().sum())
     if failed:
         log.info("confirm: %d of %d (image, transform) embeddings failed", failed, len(summary))
-    parts = store.PartPaths(part_of)  # (one string per part file)
-    task_pairs = pd.DataFrame({"key_a": ka, "key_b": kb,
-                               "part_a": parts.paths(ka), "part_b": parts.paths(kb)})
-    task_pairs.index = pairs.index
-    pair_chunks = _chunks(task_pairs, cfg.dask.pairs_per_task)
-    with stage_of(progress)("confirm", total=len(task_pairs), unit="pair") as tracker:
-        results = map_tasks(client, cosine_partition, pair_chunks, cfg, tracker=tracker, weight=len)
-    cosine = pd.concat(results).reindex(pairs.index).astype(np.float32).rename("cosine")
+    tasks = _CosineTasks(ka, kb, part_of, cfg.dask.pairs_per_task)
+    cosine = np.full(len(pairs), np.nan, np.float32)
+
+    def collect(_, result: pd.Series) -> None:  # (indexed by the pairs' positions)
+        cosine[result.index.to_numpy(np.int64)] = result.to_numpy(np.float32)
+
+    with stage_of(progress)("confirm", total=len(pairs), unit="pair") as tracker:
+        map_tasks(client, cosine_partition, tasks, cfg, tracker=tracker, weight=len, each=collect,
+                  in_flight=tasks_in_flight(client))
+    cosine = pd.Series(cosine, index=pairs.index, name="cosine")
     cosine.attrs = {"embedded_keys": int(len(summary)), "reused_keys": int(len(known))}
     return cosine
+
+
+class _CosineTasks:
+    """The confirm tier's tasks, each a frame of `step` pairs (key_a, key_b and the part files
+    of their embeddings; indexed by the pairs' positions), in the pairs' order, made when indexed:
+    `map_tasks(in_flight=...)` indexes each as it is sent, so the driver holds the frames of the
+    tasks in flight only, not a frame of every pair with its part paths (~40 B a pair)."""
+
+    def __init__(self, key_a: np.ndarray, key_b: np.ndarray, part_of: pd.Series, step: int):
+        self.key_a, self.key_b, self.step = key_a, key_b, max(1, int(step))
+        self.parts = store.PartPaths(part_of)  # (one string per part file)
+
+    def __len__(self) -> int:
+        return -(-len(self.key_a) // self.step)
+
+    def __getitem__(self, n: int) -> pd.DataFrame:
+        if not 0 <= n < len(self):
+            raise IndexError(n)
+        rows = np.arange(n * self.step, min((n + 1) * self.step, len(self.key_a)), dtype=np.int64)
+        ka, kb = self.key_a[rows], self.key_b[rows]
+        job = pd.DataFrame({"key_a": ka, "key_b": kb, "part_a": self.parts.paths(ka), "part_b": self.parts.paths(kb)})
+        job.index = rows  # (the pairs' positions: run_confirm puts the cosines there)
+        return job

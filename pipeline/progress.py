@@ -147,6 +147,17 @@ def _call_task(task, fn: Callable, star: bool, args: tuple):
 # about the same time (docs/benchmarks.md, "driver memory of sending tasks to a cluster")
 SCATTER_TASKS = 16
 
+# tasks sent at a time per worker thread by a stage that makes its tasks as they are sent (the
+# verify and confirm tiers' pair tasks, `map_tasks(in_flight=...)`, at least two scatters' worth):
+# enough queued on every thread that none waits for the driver to make the next
+TASKS_IN_FLIGHT_PER_THREAD = 4
+
+
+def tasks_in_flight(client) -> int:
+    """How many such tasks to have sent at once on `client` (None: this process's pool)."""
+    threads = 2 if client is None else max(1, sum(client.nthreads().values()))
+    return max(2 * SCATTER_TASKS, TASKS_IN_FLIGHT_PER_THREAD * threads)
+
 
 RESENDS = 3  # times a task is sent again after a lost worker took its data or result with it
 # why Dask cancels a task when the driver, not a worker, went away: never resent

@@ -61,7 +61,7 @@ from PIL import Image
 from . import storage, store
 from .config import Config, VerifyConfig
 from .decode import DecodeError, dihedral, load_image, open_checked, resize_max_side
-from .progress import SCATTER_TASKS, Progress, map_tasks, stage_of
+from .progress import Progress, map_tasks, stage_of, tasks_in_flight
 from .screen import GRID_DIHEDRAL
 
 STATUSES = ("match", "no-match", "inconclusive")
@@ -905,17 +905,6 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     result = collected.frame(pairs.index)
     result.attrs["features"] = summary.to_dict("list")  # plain lists: attrs are compared and copied
     return result
-
-
-# verify tasks sent at a time per worker thread (`map_tasks(in_flight=...)`, at least two
-# scatters' worth): enough queued on every thread that none waits for the driver to make the next
-TASKS_IN_FLIGHT_PER_THREAD = 4
-
-
-def tasks_in_flight(client) -> int:
-    """How many verify tasks to have sent at once on `client` (None: this process's pool)."""
-    threads = 2 if client is None else max(1, sum(client.nthreads().values()))
-    return max(2 * SCATTER_TASKS, TASKS_IN_FLIGHT_PER_THREAD * threads)
 
 
 class _PairTasks:

@@ -160,6 +160,49 @@ def _same_cosines(cos1: pd.Series, cos2: pd.Series) -> None:
     np.testing.assert_allclose(cos1.to_numpy(), cos2.to_numpy(), rtol=0, atol=EMB_ATOL)
 
 
+def test_cosine_tasks_are_made_as_they_are_sent(dataset, cfg, inprocess_run, tmp_path, monkeypatch):
+    """The cosine tasks are made as map_tasks sends them (`_CosineTasks`), at most `in_flight`
+    made and unfinished at a time, and each cosine lands at its own pair: the same cosines as the
+    first run's, where tasks of 5 pairs split the pairs in five and the pairs' labels are not
+    their positions."""
+    images, pairs = dataset
+    cos1, _ = inprocess_run
+    import threading
+
+    from pipeline.progress import in_process_threads
+    made, finished, most = [], [0], [0]
+    built = confirm._CosineTasks.__getitem__
+    cosine_partition = confirm.cosine_partition
+
+    def getitem(self, n):
+        made.append(n)
+        most[0] = max(most[0], len(made) - finished[0])
+        job = built(self, n)
+        # positions of the pairs, each key with its own part file, one string per part file
+        assert list(job.index) == list(range(n * 5, min(n * 5 + 5, len(pairs))))
+        assert (job["key_a"].to_numpy() // 8 == pairs["idx_a"].to_numpy()[job.index]).all()
+        assert len({id(p) for p in job["part_a"].dropna()}) == job["part_a"].dropna().nunique()
+        return job
+
+    lock = threading.Lock()
+
+    def counted(job, cfg):
+        result = cosine_partition(job, cfg)
+        with lock:
+            finished[0] += 1
+        return result
+
+    monkeypatch.setattr(confirm._CosineTasks, "__getitem__", getitem)
+    monkeypatch.setattr(confirm, "cosine_partition", counted)
+    monkeypatch.setattr(confirm, "tasks_in_flight", lambda client: 2)
+    with in_process_threads(2):  # (one at a time, tasks are made one at a time anyway)
+        cos2 = confirm.run_confirm(pairs, images, cfg, str(tmp_path))
+    assert len(pairs) > 20 and sorted(made) == list(range(-(-len(pairs) // 5)))
+    assert 1 <= most[0] <= 2
+    assert cos2.index.equals(pairs.index) and cos2.dtype == np.float32
+    _same_cosines(cos1, cos2)
+
+
 def test_rerun_identical(dataset, cfg, inprocess_run, tmp_path):
     images, pairs = dataset
     cos1, emb1 = inprocess_run
