@@ -158,3 +158,23 @@ def test_load_image_draft_keeps_min_side(photo_paths):
     assert min(img.size) >= 100 and max(img.size) < max(full) and fmt == "JPEG"
     with pytest.raises(Exception):
         load_image(io.BytesIO(b"not an image"))
+
+
+def test_screened_rows_are_in_path_order_where_the_walk_is_not(tmp_path, photo_paths):
+    """The walk lists a folder's files before its subfolders ("c.jpg" before "a/x.jpg"); the
+    screen's frame is in path order, numbered from 0, image_id first."""
+    from pipeline import run
+    from pipeline.config import load_config
+    from pipeline.progress import Progress
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(photo_paths[0].read_bytes())
+    (tmp_path / "a-b.jpg").write_bytes(photo_paths[1].read_bytes())
+    (tmp_path / "c.jpg").write_bytes(photo_paths[2].read_bytes())
+    walked = [e.path for e in iter_files(tmp_path, ScanConfig())]
+    assert walked == ["a-b.jpg", "c.jpg", "a/x.jpg"]
+    cfg = load_config(None, ["dask.partition_size=1", "catalog=none"])
+    images = run.run_screen(tmp_path, cfg, None, Progress(quiet=True))
+    assert list(images["path"]) == ["a-b.jpg", "a/x.jpg", "c.jpg"]
+    assert list(images.index) == [0, 1, 2] and images.columns[0] == "image_id"
+    by_path = {e.path: e for e in iter_files(tmp_path, ScanConfig())}
+    assert [by_path[p].bytes for p in images["path"]] == list(images["bytes"])
