@@ -182,14 +182,16 @@ class Sent:
     Scattered data lives on one worker only, and Dask cannot make it again: a worker that dies
     (killed for memory, a spot machine reclaimed, kill -9) takes it with it, and its tasks end
     "cancelled" (also those already finished whose results it held). So each task's data is kept
-    here until its result has been fetched, and a task lost that way is sent again, up to RESENDS
-    times (then the run fails, naming the task: something kills every worker that runs it)."""
+    here, pickled, until its result has been fetched, and a task lost that way is sent again, up to
+    RESENDS times (then the run fails, naming the task: something kills every worker that runs it)."""
 
     def __init__(self, client):
         from distributed import as_completed
+        from distributed.protocol import pickle
+        self._dumps, self._loads = pickle.dumps, pickle.loads  # (Dask's: cloudpickle where pickle cannot)
         self.client = client
         self._pending = as_completed(loop=client.loop)  # (the client need not be the default one)
-        self._held: dict[str, tuple] = {}  # future key -> (number, fn, task, star, args, sends)
+        self._held: dict[str, tuple] = {}  # future key -> (number, fn, task pickled, star, args, sends)
 
     def __len__(self) -> int:
         return len(self._held)
@@ -203,7 +205,10 @@ class Sent:
             data = self.client.scatter([task for _, _, task in chunk], hash=False)
             futures = self.client.map(_call_task, data, [fn for _, fn, _ in chunk], star=star, args=args, pure=False)
             for (n, fn, task), fut in zip(chunk, futures):
-                self._held[fut.key] = (n, fn, task, star, args, sends)
+                # kept as one pickled blob, not the objects: a screen task's file entries are
+                # thousands of small objects, freed only as each task ends, among whose holes the
+                # tasks' results land (Python's small-object arenas, ~1 MiB each, then stay)
+                self._held[fut.key] = (n, fn, self._dumps(task), star, args, sends)
                 self._pending.add(fut)
 
     def results(self, block: bool = True) -> Iterator[tuple[int, object]]:
@@ -213,7 +218,7 @@ class Sent:
         from concurrent.futures import CancelledError
         finished = self._pending if block else self._pending.next_batch(block=False)
         for fut in finished:
-            n, fn, task, star, args, sends = self._held.pop(fut.key)
+            n, fn, blob, star, args, sends = self._held.pop(fut.key)
             try:
                 result = fut.result()
             except CancelledError as exc:  # its worker left with the task's data (or its result)
@@ -225,9 +230,9 @@ class Sent:
                                        "logs)") from exc
                 log.warning("a worker left the cluster with the data of task %d (%s): sending it again",
                             n, getattr(fn, "__name__", fn))
-                self.send([(n, fn, task)], star, args, sends + 1)
+                self.send([(n, fn, self._loads(blob))], star, args, sends + 1)
                 continue
-            del fut, task
+            del fut, blob
             yield n, result
 
 
