@@ -539,8 +539,9 @@ def embed_keys(keys: np.ndarray, images: pd.DataFrame, cfg: Config, out_dir: str
                              "error": pd.Series(dtype=object)})
     cfg = prepare_runtime(cfg)
     idx = keys // 8
-    abs_paths = images["abs_path"].reindex(idx).to_numpy(dtype=object)
-    rows = pd.DataFrame({"key": keys, "abs_path": abs_paths, "transform": (keys % 8).astype(np.int8)})
+    # (the images' own array: `to_numpy` made a Python string per key, each image's in high-recall mode)
+    rows = pd.DataFrame({"key": keys, "abs_path": images["abs_path"].reindex(idx).array,
+                         "transform": (keys % 8).astype(np.int8)})
     chunks = _chunks(rows, task_size(len(rows), cfg, cluster_slots(client)))
     with stage_of(progress)(stage_name, total=len(rows), unit="img") as tracker:
         summaries = map_tasks(client, _embed_task, list(enumerate(chunks)), cfg, out_dir, star=True,
@@ -606,8 +607,7 @@ def run_confirm(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir
     todo = keys[~np.isin(keys, known.index.to_numpy())]
     out_dir = storage.join(work_dir, EMBED_SUBDIR)
     summary = embed_keys(todo, images, cfg, out_dir, client=client, progress=progress)
-    part_of = pd.concat([known, pd.Series(summary["part_path"].to_numpy(dtype=object),
-                                          index=summary["key"].to_numpy(dtype=np.int64))])
+    part_of = pd.concat([known, store.part_of_keys(summary["key"], summary["part_path"])])
     failed = int(summary["error"].notna().sum())
     if failed:
         log.info("confirm: %d of %d (image, transform) embeddings failed", failed, len(summary))

@@ -205,7 +205,7 @@ def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp
             where = cat.feature_root("orb", fps["orb_features"]) if add else tmp / "orb"
             scores = verify.run_verify(job, by_content, cfg, str(where), client=client, progress=progress,
                                        precomputed=pre)
-            made = pd.DataFrame(scores.attrs.pop("features", {"key": [], "part_path": [], "error": []}))
+            made = verify.features_made(scores)
             if add:
                 new_features.append(catalog.new_feature_rows(cat, "orb", fps["orb_features"], made, sha_of_cid))
             for col in scores.columns:

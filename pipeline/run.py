@@ -893,12 +893,11 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
             if cat is None:
                 scores = verify.run_verify(pairs.loc[near, ["idx_a", "idx_b", "transform"]], frame, cfg,
                                            storage.join(work_dir, "orb"), client=client, progress=progress)
+                made = verify.features_made(scores)
                 _share_texts(scores)
                 pairs.loc[near, scores.columns] = scores
-                counts["verify_features"] = len(scores.attrs.get("features", {}).get("key", []))
-                made = scores.attrs.get("features", {})
-                thumbs = stored_features(pd.Series(made.get("part_path", []), index=made.get("key", []), dtype=object),
-                                       pd.Series(sha, dtype=object))
+                counts["verify_features"] = len(made)
+                thumbs = stored_features(store.part_of_keys(made["key"], made["part_path"]), pd.Series(sha, dtype=object))
             else:  # pairs already scored with these settings are taken from the catalog
                 sub = pairs.loc[near, ["idx_a", "idx_b", "transform"]]
                 ia, ib = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy()
@@ -918,11 +917,10 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                     scores = verify.run_verify(job, by_content, cfg,
                                                cat.feature_root("orb", fps["orb_features"]),
                                                client=client, progress=progress, precomputed=pre)
-                    made = pd.DataFrame(scores.attrs.pop("features", {"key": [], "part_path": [], "error": []}))
+                    made = verify.features_made(scores)
                     counts["verify_features"] = len(made)
                     new_features.append(catalog.new_feature_rows(cat, "orb", fps["orb_features"], made, sha_of_cid))
-                    made_here = pd.concat([pd.Series(made["part_path"].to_numpy(dtype=object),
-                                                     index=made["key"].to_numpy(np.int64)), pre])
+                    made_here = pd.concat([store.part_of_keys(made["key"], made["part_path"]), pre])
                     _share_texts(scores)
                     for col in scores.columns:
                         _set(pairs, todo, col, scores[col])

@@ -467,6 +467,19 @@ def read_columns(path: str, keys, columns: list[str], check: str | None = None) 
     return frame[columns]
 
 
+def shared_texts(values) -> np.ndarray:
+    """`values` (texts, e.g. a column of part paths) as an object array holding one Python string
+    per distinct text (None where missing): a `str` column's `to_numpy()` makes a new string per
+    row (~0.1 kB each for a part path, one per feature row)."""
+    codes, distinct = pd.factorize(pd.Series(values), use_na_sentinel=True)
+    return np.append(np.asarray(distinct, dtype=object), None).take(codes)  # (code -1 takes the last: None)
+
+
+def part_of_keys(keys, parts) -> pd.Series:
+    """key -> part path (object, one Python string per part file), from a summary's columns."""
+    return pd.Series(shared_texts(parts), index=pd.Index(np.asarray(keys, dtype=np.int64)), dtype=object)
+
+
 class PartPaths:
     """Keys -> their part files (`part_of`: key -> part path), looked up many times: each part
     path once as a code over the sorted distinct paths (-1: none), and once as a Python string.

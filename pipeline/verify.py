@@ -835,8 +835,8 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     shows two stages: "features" (images) and "verify" (pairs), advanced per finished task.
 
     `precomputed`: features already in a store (a Series key -> part_path, e.g. the catalog's);
-    those keys are not computed again. `result.attrs["features"]` holds the summary (lists key,
-    part_path, n_keypoints, error) of the features computed by this call.
+    those keys are not computed again. `features_made(result)` gives the summary (key, part_path,
+    n_keypoints, error) of the features computed by this call.
     """
     if len(pairs) == 0:
         return _result_frame([], pairs.index)
@@ -863,10 +863,12 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     keys = pd.DataFrame({"idx": need_idx, "transform": need_t}).drop_duplicates()
     keys = keys[~keys["idx"].isin(bad)]
     keys["key"] = feature_key(keys["idx"], keys["transform"])
-    keys["abs_path"] = images.loc[keys["idx"], "abs_path"].to_numpy()
+    # (as the images' own arrays: `to_numpy()` made a Python string per key, ~0.1 kB each, and of
+    # nullable sizes a Python int, held through the features stage as the tasks' results came in)
+    keys["abs_path"] = images.loc[keys["idx"], "abs_path"].array
     for col in ("width", "height"):  # the screen's sizes: the feature task need not open the file for them
         if col in images:
-            keys[col] = images.loc[keys["idx"], col].to_numpy()
+            keys[col] = images.loc[keys["idx"], col].array
     keys["transform"] = keys["transform"].astype("int8")
     known = pd.Series(dtype=object)
     if precomputed is not None and len(precomputed):
@@ -890,8 +892,7 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     summary = (pd.concat(summaries, ignore_index=True) if summaries
                else pd.DataFrame(columns=["key", "part_path", "n_keypoints", "error"]))
     del keys, chunks, summaries, order, rank  # (the feature tasks' file lists: not needed past here)
-    part_of = pd.concat([known, pd.Series(summary["part_path"].to_numpy(dtype=object),
-                                          index=summary["key"].to_numpy(np.int64))])
+    part_of = pd.concat([known, store.part_of_keys(summary["key"], summary["part_path"])])
 
     # pair tasks, ordered by the feature files they touch (as codes of the sorted part paths:
     # sorting the texts copied them per row), each made only as it is sent (`_PairTasks`)
@@ -903,8 +904,31 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
                   each=lambda _, result: collected.add(result), in_flight=tasks_in_flight(client))
     del tasks
     result = collected.frame(pairs.index)
-    result.attrs["features"] = summary.to_dict("list")  # plain lists: attrs are compared and copied
+    result.attrs["features"] = FeaturesMade(summary)
     return result
+
+
+class FeaturesMade:
+    """The features a `run_verify` call computed (a frame: key, part_path, n_keypoints, error), in
+    its result's attrs["features"]: take it with `features_made`. pandas deep-copies attrs into
+    every frame or column made from the result (a column taken from a 100k-file run's scores
+    copied lists of every feature row, ~0.3 s each time) and compares them by value; this holder
+    is neither copied nor compared by value."""
+
+    def __init__(self, frame: pd.DataFrame):
+        self.frame = frame
+
+    def __deepcopy__(self, memo) -> "FeaturesMade":
+        return self
+
+
+def features_made(result: pd.DataFrame) -> pd.DataFrame:
+    """The features `run_verify` computed for `result` (taken out of its attrs), or none."""
+    made = result.attrs.pop("features", None)
+    return made.frame if made is not None else pd.DataFrame({"key": np.zeros(0, np.int64),
+                                                             "part_path": pd.Series(dtype=object),
+                                                             "n_keypoints": np.zeros(0, np.int32),
+                                                             "error": pd.Series(dtype=object)})
 
 
 class _PairTasks:

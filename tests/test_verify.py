@@ -525,7 +525,12 @@ def test_mirrored_hash_on_an_unmirrored_copy_is_checked_plain(lookalike, tmp_pat
     assert res.loc[0, "orb_reason"].endswith(verify.PLAIN_NOTE)
     # a real mirror copy is still accepted by its mirrored features, with no second check
     assert res.loc[1, "orb_status"] == "match" and verify.PLAIN_NOTE not in res.loc[1, "orb_reason"]
-    made = set(res.attrs["features"]["key"])
+    # the summary rides in attrs uncopied: a column taken from the result shares it (pandas
+    # deep-copies attrs; lists of every feature row were copied per column taken)
+    assert res["orb_status"].attrs["features"] is res.attrs["features"]
+    summary = verify.features_made(res)
+    assert "features" not in res.attrs and list(summary.columns) == ["key", "part_path", "n_keypoints", "error"]
+    made = set(summary["key"])
     assert {int(verify.feature_key(1, 0)), int(verify.feature_key(1, 4)), int(verify.feature_key(2, 0))} <= made
     assert int(verify.feature_key(2, 4)) in made
 
