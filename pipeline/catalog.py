@@ -1002,7 +1002,7 @@ def lookup_evidence(cat: Catalog | None, sha_a, sha_b, transform, what: str, fp:
     found = ev.loc[last, columns].reset_index(drop=True).take(at[at >= 0]).reset_index(drop=True)
     for column in found.columns:  # the texts as objects sharing one string per distinct value: a
         if isinstance(found[column].dtype, pd.CategoricalDtype):  # categorical's own conversion makes
-            found[column] = pd.Series(shared_text(found[column]), dtype=object)  # one per row (~55 MB at 100k)
+            found[column] = pd.Series(store.shared_text(found[column]), dtype=object)  # one per row (~55 MB at 100k)
     return at >= 0, found
 
 
@@ -1018,7 +1018,7 @@ def _evidence_values(column: str, values) -> np.ndarray | pd.api.extensions.Exte
     series = pd.Series(values, dtype=object) if not isinstance(values, pd.Series) else values.reset_index(drop=True)
     if column in _EVIDENCE_NUMBERS:
         return pd.to_numeric(series, errors="coerce").astype(_EVIDENCE_NUMBERS[column]).array
-    return shared_text(series)
+    return store.shared_text(series)
 
 
 def among(values: pd.Series, present) -> np.ndarray:
@@ -1040,18 +1040,6 @@ def among(values: pd.Series, present) -> np.ndarray:
         # (what Arrow cannot take as text, e.g. numbers or undecodable names: pandas' way)
         return values.isin(present.to_pylist() if arrow else list(present)).to_numpy(bool)
     return found.fill_null(False).to_numpy(zero_copy_only=False)
-
-
-def shared_text(values) -> np.ndarray:
-    """Text values as an object array holding one Python string per distinct value (None for
-    missing): a stored table's column read back makes a new string per row, and the evidence's
-    sha256, fingerprints and statuses repeat on many rows."""
-    codes, uniques = pd.factorize(pd.Series(values) if not isinstance(values, pd.Series) else values)
-    if not len(uniques):
-        return np.full(len(codes), None, dtype=object)
-    out = np.asarray(uniques, dtype=object).take(codes)  # (a code of -1, missing, is set below)
-    out[codes < 0] = None
-    return out
 
 
 class EvidenceTable:
@@ -1124,7 +1112,7 @@ class EvidenceTable:
         table = {c: _evidence_values(c, old_part[c].reindex(range(n))).copy()  # (copies: filled in place below)
                  for c in EVIDENCE_COLUMNS if c not in ("sha_a", "sha_b", "transform")}
         for c in ("sha_a", "sha_b"):  # (one string per content of the old rows; the run's own for the new)
-            table[c] = np.concatenate([shared_text(old_part[c]), new_part[c].to_numpy(dtype=object)])
+            table[c] = np.concatenate([store.shared_text(old_part[c]), new_part[c].to_numpy(dtype=object)])
         table["transform"] = np.concatenate([old_part["transform"].to_numpy(np.int64),
                                              new_part["transform"].to_numpy(np.int64)]).astype(np.int8)
 

@@ -1135,7 +1135,7 @@ def _share_texts(scores: pd.DataFrame) -> None:
     driver's memory through the write stage of a 100k-file run), and a run has a few thousand."""
     for column in ("orb_status", "orb_reason"):
         if column in scores:
-            scores[column] = pd.Series(catalog.shared_text(scores[column]), index=scores.index, dtype=object)
+            scores[column] = pd.Series(store.shared_text(scores[column]), index=scores.index, dtype=object)
 
 
 def output_order(pairs: pd.DataFrame, images: pd.DataFrame) -> np.ndarray:

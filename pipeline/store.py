@@ -467,17 +467,22 @@ def read_columns(path: str, keys, columns: list[str], check: str | None = None) 
     return frame[columns]
 
 
-def shared_texts(values) -> np.ndarray:
-    """`values` (texts, e.g. a column of part paths) as an object array holding one Python string
-    per distinct text (None where missing): a `str` column's `to_numpy()` makes a new string per
-    row (~0.1 kB each for a part path, one per feature row)."""
-    codes, distinct = pd.factorize(pd.Series(values), use_na_sentinel=True)
-    return np.append(np.asarray(distinct, dtype=object), None).take(codes)  # (code -1 takes the last: None)
+def shared_text(values) -> np.ndarray:
+    """Text values as an object array holding one Python string per distinct value (None for
+    missing): a stored table's column read back, or a `str` column's `to_numpy()`, makes a new
+    string per row, and the evidence's sha256, fingerprints and statuses, or the feature rows'
+    part files, repeat on many rows."""
+    codes, uniques = pd.factorize(pd.Series(values) if not isinstance(values, pd.Series) else values)
+    if not len(uniques):
+        return np.full(len(codes), None, dtype=object)
+    out = np.asarray(uniques, dtype=object).take(codes)  # (a code of -1, missing, is set below)
+    out[codes < 0] = None
+    return out
 
 
 def part_of_keys(keys, parts) -> pd.Series:
     """key -> part path (object, one Python string per part file), from a summary's columns."""
-    return pd.Series(shared_texts(parts), index=pd.Index(np.asarray(keys, dtype=np.int64)), dtype=object)
+    return pd.Series(shared_text(parts), index=pd.Index(np.asarray(keys, dtype=np.int64)), dtype=object)
 
 
 class PartPaths:

@@ -990,7 +990,7 @@ def test_a_rerun_after_the_only_broken_file_is_gone_marks_a_file_changed_during_
 
 
 def test_shared_text_keeps_the_values_with_one_string_per_distinct_one():
-    """catalog.shared_text (the evidence's text, the report's pair rows, the verify tier's texts in
+    """store.shared_text (the evidence's text, the report's pair rows, the verify tier's texts in
     a run: run._share_texts): the same values, missing ones None, equal texts one object."""
     from pipeline.run import _share_texts
     texts = ["orb: 3 inliers of " + str(n % 4) + " matches" for n in range(40)]  # 40 objects, 4 values
@@ -1006,7 +1006,7 @@ def test_shared_text_keeps_the_values_with_one_string_per_distinct_one():
     assert scores["orb_reason"].dtype == object  # (a str column would make a string per row again when set
     # into the run's object columns)
     pd.testing.assert_series_equal(scores["orb_matches"], expected["orb_matches"])
-    assert catalog.shared_text(pd.Series([], dtype=object)).tolist() == []
+    assert store.shared_text(pd.Series([], dtype=object)).tolist() == []
 
 
 def test_neighbours_table_shares_the_images_path_strings_and_reads_back_as_text(tmp_path):
