@@ -212,6 +212,28 @@ def test_features_once_per_image_transform(small_set, tmp_path, monkeypatch):
     assert sorted(seen) == sorted(int(k) for k in need)  # each needed key exactly once
 
 
+def test_feature_tasks_take_the_images_in_their_rows_order(small_set, tmp_path, monkeypatch):
+    """Each feature task covers the next `dask.partition_size` needed images in the order of the
+    `images` frame (path order), whatever their ids (content ids with a catalog, in no order):
+    the grouping a task per block of image rows can make (docs/design-notes.md, step 2)."""
+    images, pairs = small_set
+    ids = np.array([907, 13, 500, 2, 64, 311])  # row i of `images` has id ids[i]
+    images = images.set_axis(pd.Index(ids))
+    pairs = pairs.assign(idx_a=ids[pairs["idx_a"]], idx_b=ids[pairs["idx_b"]])
+    tasks = {}
+    real = verify.features_partition
+
+    def spy(rows, cfg, out_dir, part):
+        tasks[part] = sorted(rows["key"].floordiv(8).unique().tolist())
+        return real(rows, cfg, out_dir, part)
+
+    monkeypatch.setattr(verify, "features_partition", spy)
+    cfg = Config()
+    cfg.dask.partition_size = 2
+    verify.run_verify(pairs, images, cfg, str(tmp_path))
+    assert [tasks[p] for p in sorted(tasks)] == [sorted(ids[:2]), sorted(ids[2:4]), sorted(ids[4:])]
+
+
 def test_deterministic_and_chunking_invariant(small_set, tmp_path):
     images, pairs = small_set
     first = verify.run_verify(pairs, images, Config(), str(tmp_path / "a"))
