@@ -16,17 +16,27 @@ from pipeline.search import _PROBE_COST, _chunk_lengths, _n_masks, _radii, plan_
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "cost-model.md"
 
-# measured points (docs/benchmarks.md; stage seconds are wall seconds on 2 cores)
+# measured points (docs/benchmarks.md; stage seconds are wall seconds on 2 cores), both at a7f718a
+# on the same Intel Xeon, 2026-12-06. `write` is the run's wall time outside its timed stages: the
+# outputs, the report (its thumbnails made by the verify tier's feature tasks), the publish and
+# start-up (run.json times the decide stage and the catalog commit, not the writing)
 E2E_10K = dict(name="10k end-to-end", section="end-to-end run (>= 10,000 images), full cascade row", images=10_465, cores=2,
-               screen=16.0, candidates=0.9, verify=47.2, confirm=9.8, write=0.9, pairs=67_756)
+               screen=25.2, candidates=1.2, verify=88.0, confirm=4.1, write=127.3 - 119.0, pairs=68_655)
 SCALE_100K = dict(name="100k scale", section="scale: candidates and screen cost at 100k+ images, full cascade row", images=100_625,
-                  cores=2, screen=168.0, candidates=2.0, verify=245.0, confirm=26.0, write=1.0,
-                  pairs=round(3.95 * 100_625))
-# the same 100k folder re-measured on this project's later code and another machine (AMD EPYC, quiet):
-# predicted back with the model fitted on the points above, not fitted itself
-SCALE_100K_RECHECK = dict(name="100k re-measured, AMD", section="scale: candidates and screen cost at 100k+ images, "
-                          "first table", images=100_625, cores=2, screen=174.0, candidates=2.0, verify=345.0,
-                          confirm=9.0, write=1.0, pairs=round(3.95 * 100_625))
+                  cores=2, screen=198.0, candidates=3.0, verify=438.0, confirm=13.0, write=681.0 - 654.0,
+                  pairs=397_219)
+# earlier measurements, predicted back with the model fitted on the points above, not fitted
+# themselves: earlier code (no pixel check, no report thumbnails in the feature tasks; confirm on
+# Keras before the TFLite runtime) and, for the last, another machine; their `write` was the
+# write stage alone, not comparable (None: left out)
+EARLIER = [dict(name="10k end-to-end, 78393d0, Intel", section="end-to-end run (>= 10,000 images), earlier run",
+                images=10_465, cores=2, screen=16.0, candidates=0.9, verify=47.2, confirm=9.8, write=None, pairs=67_756),
+           dict(name="100k scale, 99d50ea, Intel", section="scale: candidates and screen cost at 100k+ images, last table",
+                images=100_625, cores=2, screen=168.0, candidates=2.0, verify=245.0, confirm=26.0, write=None,
+                pairs=round(3.95 * 100_625)),
+           dict(name="100k scale, 17109dd, AMD", section="scale: candidates and screen cost at 100k+ images, "
+                "AMD table", images=100_625, cores=2, screen=174.0, candidates=2.0, verify=345.0,
+                confirm=9.0, write=None, pairs=round(3.95 * 100_625))]
 SEARCH = [dict(section="candidate search (one index)", n=1_000_000, threshold=10, seconds=11.749, cores=2, shards=1),
           dict(section="candidate search (one index)", n=100_000, threshold=10, seconds=0.468, cores=2, shards=1)]
 # "sharded candidate search (10,000,000 hashes)" (bench.shard --way sharded, 2026-12-05, quiet
@@ -162,7 +172,7 @@ def main(argv=None) -> None:
              f"| verify (ORB features + match + RANSAC, pixel check) | b x pairs, pairs = {args.pairs_per_image} x images | "
              f"{1e3 * m['verify_pair']:.2f} ms per pair = {1e3 * m['verify_pair'] * args.pairs_per_image:.2f} ms per image | 10k and 100k runs (pooled) |",
              f"| confirm (MobileNet on pairs ORB left open) | {MODEL_LOAD_S} s per worker + c x images | {1e3 * m['confirm']:.2f} ms | 100k run |",
-             f"| decide + write | d x images | {1e3 * m['write']:.3f} ms | 10k and 100k runs (pooled) |", ""]
+             f"| decide, catalog commit, outputs, report (wall time outside the other stages) | d x images | {1e3 * m['write']:.3f} ms | 10k and 100k runs (pooled) |", ""]
     lines += ["The hash search: one query costs `plan_chunks(U, W, T)['cost_per_query']` units (bucket probes "
               "x 4 + expected verifications; U = index entries), so a one-index search of N codes costs "
               "N x cost(N) units and the sharded search (S shards of N/S) N x S x cost(N/S): the probes are paid "
@@ -175,9 +185,11 @@ def main(argv=None) -> None:
               "base); the measured points below are random codes' (synthetic) or predicted as such.", ""]
     lines += ["## Measured points predicted back", "",
               "| point | stage | measured s | model s | error |", "|---|---|---|---|---|"]
-    for p in (E2E_10K, SCALE_100K, SCALE_100K_RECHECK):
+    for p in (E2E_10K, SCALE_100K, *EARLIER):
         pr = predict(m, p)
         for st in ("screen", "verify", "confirm", "write"):
+            if p[st] is None:
+                continue
             lines.append(f"| {p['images']:,} images ({p['name']}) | {st} | {p[st]:.1f} | {pr[st]:.1f} | {pct(pr[st], p[st])} |")
         # the whole candidates stage of a real run: the hash search (plain + trimmed rows at T = 10,
         # 7 dihedral rows at T = 4, 2 index entries per image) is most of it
@@ -202,8 +214,9 @@ def main(argv=None) -> None:
               "show how well one per-image (per-pair) figure serves both. Independent checks: the 100k search, "
               "the candidates stage of both runs, confirm at 10k and the sharded and routed searches. Confirm at 10k is "
               "under-predicted: the 2.5 s per worker counts the model load but not importing TensorFlow, "
-              "a fixed cost that weighs at 10k and vanishes at scale. Write is about a second in both runs "
-              "(rounded to 0.1 s in the tables), so its relative errors say little. The real candidates stage "
+              "a fixed cost that weighs at 10k and vanishes at scale. Write (the run's wall time outside its "
+              "timed stages: the outputs, the report, the publish and the start-up) is under-predicted at 10k "
+              "for the same reason: the start-up is a fixed cost. The real candidates stage "
               "also does exact pairs, the pair distances and Python around the search: the model counts the "
               "search only, over random codes and every entry: the 100k folder's entries collapse into "
               f"{CHUNK_SKEW['codes']:,} distinct codes (its copies), which the model does not know, and its real codes "
@@ -217,11 +230,15 @@ def main(argv=None) -> None:
               "0.43x with each divided by its run's 1M one-index time); the model says 0.68x (its units: one "
               "index's probes and verifications against two shards'). The routed point listed is the later "
               "run, each worker's slices held as one index (563 s on a slower hour: its 1M one-index search "
-              "took 22.9 s against 15.2-17.4 s). The 100k folder re-measured later (AMD EPYC, quiet; not fitted): "
-              "screen within 4 %; verify 28 % over the model, as this CPU's ORB runs slower per core than the "
-              "fitted runs' (a per-core rate is the machine's, so the projections' core-hours are too); confirm "
-              "a third of the model, since the TFLite runtime replaced Keras after the fitted run: the "
-              "projections' confirm share is an upper bound. The 2M-hash points (routed, sharded) take the unit "
+              "took 22.9 s against 15.2-17.4 s). The earlier points (the model was fitted on the first two "
+              "until 2026-12-06; not fitted now) are over-predicted by 30-83 % for verify: that tier did less "
+              "per image then (no pixel check, and the report's thumbnails were made by the report for the "
+              "images it shows, not by the feature tasks for every image in a near pair), and the machines "
+              "differ: on this one, in the same hour, 78393d0 (the 10k point's code) took 64.3 s in the "
+              "verify stage against 78.7 s for a7f718a's parent (`--tiers verify`, benchmarks.md, "
+              "end_to_end), where the 10k point says 47.2 s, so about half of that gap is the machine (a "
+              "per-core rate is the machine's, and so are the projections' core-hours). The 99d50ea point's "
+              "confirm ran on Keras, before the TFLite runtime. The 2M-hash points (routed, sharded) take the unit "
               "of the same run's one-index way (a copy of one index on each worker), which ran at about twice "
               "its units' time against the others: one index moves between all its chunks' tables for each query "
               "row, while a slice walks one chunk's table for a whole partition and an index over 250k entries "
@@ -243,7 +260,7 @@ def main(argv=None) -> None:
         runs = CHUNK_SKEW["runs"]  # (the chunks as runs of neighbouring bits, before they were interleaved)
         runs_cs = (2 * search_units(n, 10, 1, 2 * n, runs) + 7 * search_units(n, 4, 1, 2 * n, runs)) * m["unit"]
         stages = {"screen": m["screen"] * n, "candidates (routed)": search_cs,
-                  "verify": m["verify_pair"] * pairs, "confirm": m["confirm"] * n, "decide + write": m["write"] * n}
+                  "verify": m["verify_pair"] * pairs, "confirm": m["confirm"] * n, "decide, catalog, outputs, report": m["write"] * n}
         total = sum(stages.values())
         rows.append((n, cores, shards, stages, total, sharded_cs, random_cs, runs_cs))
     lines += ["## Projections", "",
