@@ -864,10 +864,8 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     # (docs/design-notes.md, the plan's step 2). Grouping by connected components of the pair
     # graph instead saved <1 % of the verify tasks' part-file reads at 100k files (9,738 against
     # 9,827) and 9 % at 10k (625 against 687), for a label propagation over every pair here.
-    order = pd.unique(keys["idx"].to_numpy())
-    order = order[np.argsort(images.index.get_indexer(order), kind="stable")]
-    rank = pd.Series(np.arange(len(order)), index=order)
-    keys["chunk"] = rank.loc[keys["idx"]].to_numpy() // cfg.dask.partition_size
+    rank = np.unique(images.index.get_indexer(keys["idx"].to_numpy()), return_inverse=True)[1]
+    keys["chunk"] = rank // cfg.dask.partition_size  # (rank: the image's among the needed, by row)
     keys = keys.sort_values(["chunk", "idx", "transform"], kind="stable")
     columns = [c for c in ("key", "abs_path", "transform", "width", "height") if c in keys]
     chunks = [g[columns].reset_index(drop=True) for _, g in keys.groupby("chunk", sort=True)]
@@ -877,7 +875,7 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
                               tracker=tracker, weight=lambda task: int(task[1]["key"].floordiv(8).nunique()))
     summary = (pd.concat(summaries, ignore_index=True) if summaries
                else pd.DataFrame(columns=["key", "part_path", "n_keypoints", "error"]))
-    del keys, chunks, summaries, order, rank  # (the feature tasks' file lists: not needed past here)
+    del keys, chunks, summaries, rank  # (the feature tasks' file lists: not needed past here)
     part_of = pd.concat([known, store.part_of_keys(summary["key"], summary["part_path"])])
 
     # pair tasks, runs of the pairs in their own order, each made only as it is sent (`_PairTasks`)
@@ -940,14 +938,15 @@ class _PairTasks:
     def __getitem__(self, n: int) -> pd.DataFrame:
         if not 0 <= n < len(self):
             raise IndexError(n)
-        rows = np.arange(n * self.step, min((n + 1) * self.step, len(self.key_a)), dtype=np.int64)
+        rows = slice(n * self.step, (n + 1) * self.step)
         ka, kb, kb0 = self.key_a[rows], self.key_b[rows], self.key_b0[rows]
         job = pd.DataFrame({"key_a": ka, "key_b": kb, "transform": self.transform[rows],
                             "path_a_part": self.parts.paths(ka), "path_b_part": self.parts.paths(kb),
                             "key_b0": kb0, "path_b0_part": self.parts.paths(kb0),
                             "error_a": pd.Series(self.error.reindex(ka // 8).to_numpy(dtype=object), dtype=object),
                             "error_b": pd.Series(self.error.reindex(kb // 8).to_numpy(dtype=object), dtype=object)})
-        job.index = rows.astype(np.int64)  # (the pairs' positions: _Collected puts the results there)
+        # (the pairs' positions: _Collected puts the results there)
+        job.index = np.arange(rows.start, rows.start + len(ka), dtype=np.int64)
         return job
 
 
