@@ -508,6 +508,46 @@ class PartPaths:
         return pd.Series(self.shared.take(self.codes(keys)), dtype=object)
 
 
+class RangeParts:
+    """Keys (id * 8 + transform) -> their part files, where each part was written by a task over
+    a range of image rows (verify's feature tasks: the needed images in row order, a run of them
+    each): the tasks' first rows and part files, a number and a string per task, not an entry per
+    key. A key's part is the one whose range holds its image's row (`rows`: the images' ids in
+    row order, an Index; its hash table, which the caller's frame has already, finds the rows).
+
+    `known`: keys whose rows are elsewhere (a catalog's), key -> part path, looked up first.
+    `none`: image rows with no feature rows (failed upstream): their keys have no part (None).
+    Every other key of a row in a task's range must be one that task was given: that holds for
+    the keys a pair needs, which are the keys the tasks were cut from (`verify.run_verify`)."""
+
+    def __init__(self, rows: pd.Index, firsts, paths, known: pd.Series | None = None,
+                 none: np.ndarray | None = None):
+        self.rows = rows
+        self.firsts = np.asarray(firsts, dtype=np.int64)
+        if len(self.firsts) and (np.diff(self.firsts) <= 0).any():
+            raise ValueError("RangeParts: the tasks' first rows must ascend")
+        self.tasks = np.append(shared_text(list(paths)) if len(self.firsts) else np.zeros(0, object), None)
+        if len(self.tasks) != len(self.firsts) + 1:
+            raise ValueError("RangeParts: one part path per task")
+        self.known = PartPaths(known) if known is not None and len(known) else None
+        self.none = none
+
+    def paths(self, keys) -> pd.Series:
+        """Each key's part file (None where it has none: a key < 0, or of a row in `none` or in
+        no task's range), an object column sharing one Python string per part file."""
+        keys = np.asarray(keys, dtype=np.int64)
+        row = np.where(keys >= 0, self.rows.get_indexer(keys // 8), -1)
+        task = np.searchsorted(self.firsts, row, side="right") - 1
+        task[(row < 0) | (task < 0)] = -1  # (-1 takes the last: None)
+        if self.none is not None:
+            task[(row >= 0) & self.none[np.maximum(row, 0)]] = -1
+        out = self.tasks.take(task)
+        if self.known is not None:
+            code = self.known.codes(keys)
+            out = np.where(code >= 0, self.known.shared.take(code), out)
+        return pd.Series(out, dtype=object)
+
+
 def part_paths(part_of: pd.Series, keys) -> pd.Series:
     """The part file of each key (`part_of`: key -> part path; None where it has none), as an
     object column sharing one Python string per part file (`PartPaths`)."""

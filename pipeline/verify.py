@@ -864,8 +864,9 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     # (docs/design-notes.md, the plan's step 2). Grouping by connected components of the pair
     # graph instead saved <1 % of the verify tasks' part-file reads at 100k files (9,738 against
     # 9,827) and 9 % at 10k (625 against 687), for a label propagation over every pair here.
-    rank = np.unique(images.index.get_indexer(keys["idx"].to_numpy()), return_inverse=True)[1]
+    rows, rank = np.unique(images.index.get_indexer(keys["idx"].to_numpy()), return_inverse=True)
     keys["chunk"] = rank // cfg.dask.partition_size  # (rank: the image's among the needed, by row)
+    firsts = rows[::cfg.dask.partition_size]  # (each task's first image row)
     keys = keys.sort_values(["chunk", "idx", "transform"], kind="stable")
     columns = [c for c in ("key", "abs_path", "transform", "width", "height") if c in keys]
     chunks = [g[columns].reset_index(drop=True) for _, g in keys.groupby("chunk", sort=True)]
@@ -873,10 +874,13 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     with stage("features", total=int(keys["idx"].nunique()), unit="img") as tracker:
         summaries = map_tasks(client, _features_task, list(enumerate(chunks)), cfg, out_dir, star=True,
                               tracker=tracker, weight=lambda task: int(task[1]["key"].floordiv(8).nunique()))
+    # each key's part: the task whose range of rows holds its image (a number and a path per
+    # task, not an entry per key: what a pair task made away from the driver can be sent)
+    part_of = store.RangeParts(images.index, firsts, [s["part_path"].iat[0] for s in summaries], known,
+                               none=err.notna().to_numpy())
     summary = (pd.concat(summaries, ignore_index=True) if summaries
                else pd.DataFrame(columns=["key", "part_path", "n_keypoints", "error"]))
-    del keys, chunks, summaries, rank  # (the feature tasks' file lists: not needed past here)
-    part_of = pd.concat([known, store.part_of_keys(summary["key"], summary["part_path"])])
+    del keys, chunks, summaries, rank, rows  # (the feature tasks' file lists: not needed past here)
 
     # pair tasks, runs of the pairs in their own order, each made only as it is sent (`_PairTasks`)
     tasks = _PairTasks(pairs["transform"].to_numpy(np.int64), key_a, key_b, key_b0, part_of, err,
@@ -924,16 +928,24 @@ class _PairTasks:
     loaded 7 % more row groups (simulated over the 10k and 100k runs' pairs, each worker's cache
     included). `map_tasks(in_flight=...)` indexes each as it is sent, so the driver holds the
     frames of the tasks in flight only: a frame of every pair and its sorted copy were ~90 B a pair
-    each, the verify stage's largest item (+~70 MB at 100k files)."""
+    each, the verify stage's largest item (+~70 MB at 100k files). A task's parts and errors come
+    from what is O(feature tasks + failed images), not a map per key or image: the feature tasks'
+    ranges (`store.RangeParts`) and the upstream errors, all a task built on a worker from a pair
+    block would need sent to it (docs/design-notes.md, step 2)."""
 
     def __init__(self, transform: np.ndarray, key_a: np.ndarray, key_b: np.ndarray, key_b0: np.ndarray,
-                 part_of: pd.Series, error: pd.Series, step: int):
+                 parts: store.RangeParts, error: pd.Series, step: int):
         self.transform, self.key_a, self.key_b, self.key_b0 = transform, key_a, key_b, key_b0
-        self.error, self.step = error, max(1, int(step))
-        self.parts = store.PartPaths(part_of)
+        self.step, self.parts = max(1, int(step)), parts
+        self.error = error[error.notna()]  # (the images that failed upstream only: few)
 
     def __len__(self) -> int:
         return -(-len(self.key_a) // self.step)
+
+    def _errors(self, keys: np.ndarray) -> pd.Series:
+        """The upstream error of each key's image (None where it has none)."""
+        found = self.error.index.get_indexer(keys // 8)
+        return pd.Series(np.append(self.error.to_numpy(dtype=object), None).take(found), dtype=object)
 
     def __getitem__(self, n: int) -> pd.DataFrame:
         if not 0 <= n < len(self):
@@ -943,8 +955,7 @@ class _PairTasks:
         job = pd.DataFrame({"key_a": ka, "key_b": kb, "transform": self.transform[rows],
                             "path_a_part": self.parts.paths(ka), "path_b_part": self.parts.paths(kb),
                             "key_b0": kb0, "path_b0_part": self.parts.paths(kb0),
-                            "error_a": pd.Series(self.error.reindex(ka // 8).to_numpy(dtype=object), dtype=object),
-                            "error_b": pd.Series(self.error.reindex(kb // 8).to_numpy(dtype=object), dtype=object)})
+                            "error_a": self._errors(ka), "error_b": self._errors(kb)})
         # (the pairs' positions: _Collected puts the results there)
         job.index = np.arange(rows.start, rows.start + len(ka), dtype=np.int64)
         return job

@@ -74,6 +74,25 @@ def test_part_paths_share_one_string_per_part_file_and_none_where_missing():
     assert len(store.part_paths(part_of, np.zeros(0, np.int64))) == 0
 
 
+def test_range_parts_find_each_keys_part_by_its_images_row():
+    """Parts written by tasks over ranges of image rows: a key's part is the task whose range
+    holds its image's row (ids in no order: content ids); a key listed in `known` is found there,
+    a key of a row in `none`, a key < 0 and a key of a row before the first range have none."""
+    ids = pd.Index(np.array([907, 13, 500, 2, 64, 311, 77], np.int64))  # row i has id ids[i]
+    parts = store.RangeParts(ids, [1, 3, 5], ["/w/p0", "/w/p1", "/w/p2"],
+                             known=pd.Series(["/cat/x"], index=np.array([64 * 8 + 4], np.int64)),
+                             none=np.array([False, False, False, False, False, False, True]))
+    keys = np.array([13 * 8, 500 * 8 + 4, 2 * 8, 64 * 8, 64 * 8 + 4, 311 * 8, 77 * 8, 907 * 8, -1, 1234 * 8],
+                    np.int64)
+    got = parts.paths(keys)
+    assert got.dtype == object and got.index.equals(pd.RangeIndex(len(keys)))
+    assert got.tolist() == ["/w/p0", "/w/p0", "/w/p1", "/w/p1", "/cat/x", "/w/p2", None, None, None, None]
+    assert got[0] is got[1]  # (one string per part file)
+    assert store.RangeParts(ids, [], []).paths(keys).isna().all()
+    with pytest.raises(ValueError, match="ascend"):
+        store.RangeParts(ids, [3, 1], ["/w/a", "/w/b"])
+
+
 class _CountingReads:
     """Bytes and requests a store-like filesystem serves (wraps MemoryFileSystem.cat_file)."""
 

@@ -3,6 +3,8 @@ determinism, errors, and Dask vs in-process equality."""
 from __future__ import annotations
 
 import csv
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,7 +12,7 @@ import pytest
 from PIL import Image
 
 from bench.verify import edit  # the same edits the benchmark scores
-from pipeline import verify
+from pipeline import store, verify
 from pipeline.config import Config
 
 
@@ -232,6 +234,47 @@ def test_feature_tasks_take_the_images_in_their_rows_order(small_set, tmp_path, 
     cfg.dask.partition_size = 2
     verify.run_verify(pairs, images, cfg, str(tmp_path))
     assert [tasks[p] for p in sorted(tasks)] == [sorted(ids[:2]), sorted(ids[2:4]), sorted(ids[4:])]
+
+
+def test_pair_tasks_find_each_features_part_from_the_feature_tasks_ranges(small_set, tmp_path, monkeypatch):
+    """The pair tasks look up a key's part file by the feature task whose range of image rows
+    holds its image (store.RangeParts: a number and a path per task); that is the part the key's
+    row was written to, for every key a pair needs: ids in no order, several tasks, features
+    given as precomputed (found there), and an image failed upstream (no part)."""
+    images, pairs = small_set
+    ids = np.array([907, 13, 500, 2, 64, 311])
+    images = images.set_axis(pd.Index(ids))
+    pairs = pairs.assign(idx_a=ids[pairs["idx_a"]], idx_b=ids[pairs["idx_b"]])
+    made_maps = []
+    real = store.RangeParts
+
+    def spy(*args, **kwargs):
+        made_maps.append(real(*args, **kwargs))
+        return made_maps[-1]
+
+    monkeypatch.setattr(store, "RangeParts", spy)
+    cfg = Config()
+    cfg.dask.partition_size = 2
+    need = np.unique(verify.feature_key(*verify.needed_features(pairs["idx_a"], pairs["idx_b"], pairs["transform"])))
+    first = verify.run_verify(pairs, images, cfg, str(tmp_path / "a"))
+    made = verify.features_made(first)
+    where = store.part_of_keys(made["key"], made["part_path"])
+    assert sorted(where.index) == sorted(need) and where.nunique() == 3
+    assert made_maps[0].paths(need).tolist() == where.reindex(need).tolist()
+
+    # half the keys precomputed (their rows elsewhere), one image failed upstream
+    given = where.iloc[::2].copy()  # (the first run's parts, copied elsewhere)
+    (tmp_path / "catalog").mkdir()
+    given[:] = [shutil.copy(p, tmp_path / "catalog" / f"{k}-{Path(p).name}") for k, p in given.items()]
+    given = given.astype(str).astype(object)
+    images.loc[500, "error"] = "cannot decode: planted"
+    second = verify.run_verify(pairs, images, cfg, str(tmp_path / "b"), precomputed=given)
+    made = verify.features_made(second)
+    want = pd.concat([given[given.index // 8 != 500], store.part_of_keys(made["key"], made["part_path"])])
+    assert not (made["key"] // 8 == 500).any() and not want.index.duplicated().any()
+    got = made_maps[1].paths(need)
+    assert got.tolist() == want.reindex(need).astype(object).where(lambda w: w.notna(), None).tolist()
+    assert got[need // 8 == 500].isna().all() and got[need // 8 != 500].notna().all()
 
 
 def test_deterministic_and_chunking_invariant(small_set, tmp_path):
