@@ -39,12 +39,15 @@ are"): the driver gathers the pairs, and the lists only when a catalog keeps the
 """
 from __future__ import annotations
 
+import io
 import operator
+import shutil
 from typing import Iterator
 
 import numpy as np
 import pandas as pd
 
+from . import storage
 from .config import ScreenConfig
 from .decode import DIHEDRAL_INVERSE
 from .search import (ChunkSlice, HammingIndex, SliceGroup, chunk_geometry, chunk_of, interleave, make_index,
@@ -55,7 +58,7 @@ TRIMMED = 8
 N_VARIANTS = 9
 
 __all__ = ["exact_pairs", "exact_representatives", "near_pairs", "near_pairs_partition",
-           "directed_neighbours", "pairs_from_neighbours", "Lists",
+           "directed_neighbours", "pairs_from_neighbours", "Lists", "SavedLists",
            "sharded_neighbours", "sharded_directed_neighbours", "hash_partitions", "iter_hash_partitions", "shard_groups", "reach_pairs", "reach_of", "gained_neighbours", "incremental_neighbours",
            "build_index", "query_variants", "embedding_pairs", "sharded_embedding_pairs", "build_embedding_index",
            "iter_embeddings", "pair_hash_distance", "union_pairs"]
@@ -788,6 +791,17 @@ class Lists:
         rows = self.client.gather(self.lists)
         return pd.concat(rows, ignore_index=True) if rows else _empty_directed()
 
+    def write(self, directory: str) -> SavedLists:
+        """The lists written by the workers into `directory` (a folder or URL every worker and
+        this process reach, as the feature parts' work dir), a file per partition: for a caller
+        that reads them much later (the catalog's commit), which then holds neither the rows
+        meanwhile nor, once written, the workers' copies (which a lost worker would take)."""
+        paths = [storage.join(directory, f"lists-{j:06d}.parquet") for j in range(len(self.lists))]
+        rows = self.client.gather([self.client.submit(_write_lists, rows, path, pure=False)
+                                   for rows, path in zip(self.lists, paths)])
+        return SavedLists(directory, paths, rows)
+
+
     def pairs(self) -> pd.DataFrame:
         """`pairs_from_neighbours` of the lists, made on the workers (see the section comment)."""
         client = self.client
@@ -815,6 +829,49 @@ class Lists:
                    for j in range(len(blocks))]
         del routed
         return _gather_in_order(client, ordered)
+
+
+def _write_lists(rows: pd.DataFrame, path: str) -> int:
+    """One partition's directed rows as a Parquet file (whole or not at all); returns their count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(rows[["owner_a", "owner_b", "hash_distance"]], preserve_index=False), buf)
+    storage.write_whole(path, buf.getvalue())
+    return len(rows)
+
+
+class SavedLists:
+    """Directed lists as files, one per hash partition in partition order (`Lists.write`), read
+    back a partition at a time (`frames`): the driver holds one partition's rows at once, not
+    every image's K nearest (18 B a row, up to screen.max_candidates rows an image) from the
+    candidate search to the catalog's commit."""
+
+    def __init__(self, directory: str, paths: list[str], rows: list[int]):
+        self.directory, self.paths, self.rows = directory, list(paths), [int(n) for n in rows]
+
+    def __len__(self) -> int:
+        return sum(self.rows)
+
+    def frames(self) -> Iterator[pd.DataFrame]:
+        """Each partition's rows in turn (none for a partition that has none)."""
+        for path, n in zip(self.paths, self.rows):
+            if n:
+                with storage.open_input(path) as fh:
+                    rows = pd.read_parquet(fh)
+                yield rows.astype({"owner_a": "int64", "owner_b": "int64", "hash_distance": "int16"})
+
+    def gather(self) -> pd.DataFrame:
+        """Every row, as `directed_neighbours` returns them."""
+        rows = list(self.frames())
+        return pd.concat(rows, ignore_index=True) if rows else _empty_directed()
+
+    def remove(self) -> None:
+        """Delete the files (their folder)."""
+        if storage.is_url(self.directory):
+            storage.remove_tree(self.directory)
+        else:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _piece(client, routed, j: int):

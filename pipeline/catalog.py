@@ -926,14 +926,67 @@ def _rows_of_paths(column: pd.Series, row_of: pd.Series) -> np.ndarray:
     return np.append(found, -1).take(codes)  # (a missing path, code -1, takes the last: -1)
 
 
-def neighbours_table(directed: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
+def neighbours_table(directed, images: pd.DataFrame) -> "pd.DataFrame | NeighbourTable":
     """Each image's nearest, by path. Object columns sharing the images' path strings: as `str`
     columns each path was copied into Arrow per row, ~K x 2 copies per image held through the
-    commit (the writer converts a row group at a time)."""
+    commit (the writer converts a row group at a time). `directed`: the lists as a frame, or
+    written by the workers (`candidates.SavedLists`), then made a row group at a time as the
+    table is written (`NeighbourTable`)."""
+    if not isinstance(directed, pd.DataFrame):
+        return NeighbourTable(directed, images)
     paths = images["path"].to_numpy(dtype=object)
     return pd.DataFrame({"owner": pd.Series(paths[directed["owner_a"].to_numpy(np.int64)], dtype=object),
                          "neighbour": pd.Series(paths[directed["owner_b"].to_numpy(np.int64)], dtype=object),
                          "hash_distance": directed["hash_distance"].to_numpy(np.int16)})
+
+
+class NeighbourTable:
+    """The neighbours table made as it is written: the lists read back a partition at a time
+    (`lists.frames()`, e.g. `candidates.SavedLists`) and cut into the row groups a whole frame
+    would be cut into (TABLE_ROWS_PER_GROUP rows; the same rows in the same order), each group's
+    image numbers turned into paths (`neighbours_table`) only as it is written: the driver holds
+    one partition's lists and one group, not every image's K nearest (18 B a row as numbers,
+    ~34 B as the table's row)."""
+
+    def __init__(self, lists, images: pd.DataFrame):
+        self.lists, self.images = lists, images
+
+    def __len__(self) -> int:
+        return len(self.lists)
+
+    def parts(self) -> Iterator[pd.DataFrame]:
+        """The table in row order, TABLE_ROWS_PER_GROUP rows at a time (one empty part if none)."""
+        held: list[pd.DataFrame] = []  # read and not yet written, the first from row `start`
+        start = n_held = 0
+        made = False
+        for rows in itertools.chain(self.lists.frames(), [None]):
+            if rows is not None and len(rows):
+                held.append(rows)
+                n_held += len(rows)
+            while n_held >= TABLE_ROWS_PER_GROUP or (rows is None and n_held):
+                pieces, need = [], min(TABLE_ROWS_PER_GROUP, n_held)
+                n_held -= need
+                while need:
+                    left = len(held[0]) - start
+                    pieces.append(held[0].iloc[start:start + min(need, left)])
+                    if left <= need:
+                        held.pop(0)
+                        start, need = 0, need - left
+                    else:
+                        start, need = start + need, 0
+                yield neighbours_table(pd.concat(pieces, ignore_index=True), self.images)
+                made = True
+        if not made:
+            yield neighbours_table(_empty_directed_lists(), self.images)
+
+    def frame(self) -> pd.DataFrame:
+        """The whole table at once (small tables: tests; the commit writes `parts`)."""
+        return pd.concat(list(self.parts()), ignore_index=True)
+
+
+def _empty_directed_lists() -> pd.DataFrame:
+    return pd.DataFrame({"owner_a": np.zeros(0, np.int64), "owner_b": np.zeros(0, np.int64),
+                         "hash_distance": np.zeros(0, np.int16)})
 
 
 def images_table(images: pd.DataFrame, fps: dict) -> pd.DataFrame:

@@ -593,7 +593,7 @@ def _category(n: int, dtype: pd.CategoricalDtype, value: str | None) -> pd.Categ
 
 def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] | None = None,
                 timings: dict | None = None, previous: tuple[pd.DataFrame, np.ndarray] | None = None,
-                info: dict | None = None, keep_lists: bool = True) -> pd.DataFrame:
+                info: dict | None = None, keep_lists: bool = True, lists_dir: str | None = None) -> pd.DataFrame:
     """Exact pairs + near candidates (hash; plus embedding neighbours when `emb_parts`, the
     screen embeddings' partition files, are given).
 
@@ -601,7 +601,8 @@ def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] 
     unchanged since; then only the lists a change can affect are searched again (same result).
     `info` (a dict) receives the search counts ("search") and, with `keep_lists`, the directed
     lists ("neighbours"); without it, lists searched on the workers never reach this process
-    (the pairs are made there: `candidates.Lists`)."""
+    (the pairs are made there: `candidates.Lists`). `lists_dir`: lists searched on the workers and
+    kept are written there by the workers (`candidates.SavedLists`), not gathered here."""
     exact = candidates.exact_pairs(images["sha256"], cfg.screen.exact_group_pairs)
     exact = exact.assign(hash_distance=np.int16(0), transform=np.int8(0),
                          kind=_category(len(exact), PAIR_KINDS, "exact"),
@@ -621,7 +622,10 @@ def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] 
     near = candidates.pairs_from_neighbours(directed, codes, mask, cfg.screen, representative.to_numpy(),
                                             client=running(client))
     if isinstance(directed, candidates.Lists):  # (the workers let go of them with the futures)
-        directed = directed.gather() if keep_lists and info is not None else None
+        if not (keep_lists and info is not None):
+            directed = None
+        else:
+            directed = directed.write(lists_dir) if lists_dir is not None else directed.gather()
     if emb_parts is not None:
         t = time.perf_counter()
         emb = candidates.embedding_pairs(emb_parts, cfg.screen, client=client)
@@ -865,7 +869,9 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
             pairs = again_if_lost("the candidate search", lambda previous=previous: build_pairs(
                 images, cfg, client, timings=timings, previous=previous, info=search_info,
                 emb_parts=None if screen_emb is None else screen_emb["part_path"].tolist(),
-                keep_lists=cat is not None))  # (the directed lists are kept for the catalog's commit only)
+                # (the directed lists are kept for the catalog's commit only: when searched on
+                # the workers, in files there, read back a partition at a time by the commit)
+                keep_lists=cat is not None, lists_dir=storage.join(work_dir, f"lists-{run_id}")))
             tracker.update(len(images))
             del previous
         release_freed_memory()
@@ -1062,10 +1068,13 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         committed = cat.commit(root=root_text, run_id=run_id, fps=fps,
                                images=catalog.images_table(images, fps),
                                # (popped: the lists, 18 B a row, K rows an image, are not held through the write stage)
-                               neighbours=catalog.neighbours_table(search_info.pop("neighbours"), images),
+                               neighbours=catalog.neighbours_table(lists := search_info.pop("neighbours"), images),
                                evidence=evidence, features=features, config=cfg.to_dict(),
                                # (the workers' parts: listed by their writers' digests, not read again)
                                written=store.written_anywhere(running(client), cat.feature_root_folder()))
+        if isinstance(lists, candidates.SavedLists):
+            lists.remove()
+        del lists
         reuse["problems"] = list(cat.problems)
         reuse["catalog_generation"] = committed["generation"]
         reuse["catalog_compacted"] = committed.get("compacted", [])

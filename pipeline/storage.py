@@ -368,6 +368,22 @@ def write_bytes(url: str, data: bytes) -> None:
     fs.pipe_file(path, data)
 
 
+def write_whole(path: str, data: bytes) -> None:
+    """`data` as the file or object `path`, seen whole or not at all by a reader: on a store one
+    PUT (`write_bytes`), a local file written beside it and renamed over (folders made)."""
+    if is_url(path):
+        write_bytes(path, data)
+        return
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def remove_tree(url: str) -> None:
     fs, path = filesystem(url)
     with contextlib.suppress(FileNotFoundError):

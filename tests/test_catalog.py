@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -516,10 +517,19 @@ def test_incremental_run_on_a_local_cluster_equals_a_run_from_scratch(grown, tmp
     out = tmp_path / "out"
     shutil.copytree(grown["out"], out)
     args = ["dedupe", str(data), "--out", str(out), "--scheduler", "local", "--quiet",
-            "--set", "decide.accept_inliers=60", "--set", "dask.n_workers=2", "--set", "dask.dashboard_address="]
+            "--set", "decide.accept_inliers=60", "--set", "dask.n_workers=2", "--set", "dask.dashboard_address=",
+            "--set", f"work_dir={tmp_path / 'work'}"]  # (kept after the run: what is left in it is seen)
     hashed = _spy_hashed_entries(monkeypatch)
     before = set(json.loads((out / "catalog" / catalog.MANIFEST).read_text())["parts"])
+    from pipeline import candidates
+    read_back = []
+    monkeypatch.setattr(candidates.Lists, "gather", lambda self: pytest.fail("the driver gathered the lists"))
+    real_frames = candidates.SavedLists.frames
+    monkeypatch.setattr(candidates.SavedLists, "frames",
+                        lambda self: read_back.append(self.directory) or real_frames(self))
     assert main(args) == 0
+    # the lists were written by the workers and read back by the commit, their files then removed
+    assert len(read_back) == 1 and not Path(read_back[0]).exists()
     # the workers' parts are listed by their writers' digests (gathered from the workers), not read again
     parts = json.loads((out / "catalog" / catalog.MANIFEST).read_text())["parts"]
     assert set(parts) - before and not [rel for rel in hashed if rel.startswith("features/")], hashed
@@ -1025,6 +1035,41 @@ def test_neighbours_table_shares_the_images_path_strings_and_reads_back_as_text(
     assert back["owner"].tolist() == ["a/x.jpg", "a/x.jpg", "b/é y.png", "c.gif"]
     assert back["neighbour"].tolist() == ["b/é y.png", "c.gif", "a/x.jpg", "a/x.jpg"]
     assert back["hash_distance"].tolist() == [3, 5, 3, 5]
+
+
+def test_neighbours_table_from_lists_in_files_is_the_table_of_the_lists_as_a_frame(tmp_path, monkeypatch):
+    """Lists the workers wrote, a file per partition (`candidates.SavedLists`), make the neighbours
+    table a row group at a time as it is written (`NeighbourTable`): the same rows, the same row
+    groups and the same text as the table of every list in one frame; partitions of any size,
+    with none at all; and no rows at all give an empty table of the same columns."""
+    from pipeline import candidates
+    monkeypatch.setattr(catalog, "TABLE_ROWS_PER_GROUP", 5)
+    rng = np.random.default_rng(3)
+    images = pd.DataFrame({"path": pd.Series([f"d{i % 4}/img {i}.jpg" for i in range(40)], dtype=object)})
+    sizes = [7, 0, 3, 2, 11, 5, 1]
+    frames = [pd.DataFrame({"owner_a": rng.integers(0, 40, n), "owner_b": rng.integers(0, 40, n),
+                            "hash_distance": rng.integers(0, 11, n)}).astype(
+        {"owner_a": "int64", "owner_b": "int64", "hash_distance": "int16"}) for n in sizes]
+    paths = [str(tmp_path / "lists" / f"lists-{j:06d}.parquet") for j in range(len(frames))]
+    assert [candidates._write_lists(f, p) for f, p in zip(frames, paths)] == sizes
+    saved = candidates.SavedLists(str(tmp_path / "lists"), paths, sizes)
+    whole = pd.concat(frames, ignore_index=True)
+    pd.testing.assert_frame_equal(saved.gather(), whole)
+    table = catalog.neighbours_table(saved, images)
+    assert isinstance(table, catalog.NeighbourTable) and len(table) == len(whole) == 29
+    assert [len(p) for p in table.parts()] == [5, 5, 5, 5, 5, 4]
+    files = catalog._Files(tmp_path)
+    streamed = files.write_table("tables/streamed.parquet", table)
+    framed = files.write_table("tables/framed.parquet", catalog.neighbours_table(whole, images))
+    a, b = (pq.ParquetFile(tmp_path / e["file"]) for e in (streamed, framed))
+    assert [a.metadata.row_group(i).num_rows for i in range(a.num_row_groups)] == \
+        [b.metadata.row_group(i).num_rows for i in range(b.num_row_groups)]
+    assert a.read().equals(b.read())
+    saved.remove()
+    assert not (tmp_path / "lists").exists()
+    none = catalog.neighbours_table(candidates.SavedLists(str(tmp_path / "x"), [], []), images)
+    back = pd.read_parquet(tmp_path / files.write_table("tables/none.parquet", none)["file"])
+    assert back.columns.tolist() == catalog.NEIGHBOUR_COLUMNS and len(back) == 0
 
 
 def test_feature_parts_finds_the_wanted_features_of_these_settings_in_first_seen_order(tmp_path):
