@@ -73,17 +73,18 @@ EMB_SHARD = dict(section="sharded embedding kNN", n=299_776, shards=4, ratio=0.9
 # cascade, default settings, a catalog in OUT, a local cluster of 2 workers; `fit` marks the two
 # points the line is drawn through (the widest span), the others are predicted back
 DRIVER = [dict(name="5k end-to-end subset", section="driver memory per image (whole cascade), this tree",
-               images=5_005, pairs_per_image=6.06, peak_mb=305, fit=False),
+               images=5_005, pairs_per_image=6.06, peak_mb=306, fit=False),
           dict(name="10k end-to-end", section="driver memory per image (whole cascade), this tree",
-               images=10_465, pairs_per_image=6.59, peak_mb=327, fit=True),
+               images=10_465, pairs_per_image=6.59, peak_mb=328, fit=True),
           dict(name="100k scale folder", section="driver memory at the 100k scale folder",
-               images=100_625, pairs_per_image=5.09, peak_mb=555, fit=True)]
-# (all three measured at 7ea7ad0 on an Intel Xeon, 2026-12-05 20:55-22:03 UTC, each beside
-# 5dbf848 in the same run: 304, 342 and 577 MB, the line through those 315 MB + 2.61 kB per
-# image. Earlier: 304, 344 and 584 MB at 4b24569, 316 MB + 2.66 kB, beside 71f1d92's 318, 367
-# and 615 MB, 338 MB + 2.75 kB; 385, 438 and 692 MB at 09aeca9 on an Intel Xeon whose driver
-# started ~70 MB higher, 409 MB + 2.82 kB; 319, 371 and 627 MB at fd1c776 on an AMD EPYC, 341 MB
-# + 2.84 kB; docs/benchmarks.md, driver_memory_notes)
+               images=100_625, pairs_per_image=5.09, peak_mb=525, fit=True)]
+# (all three measured at b7e010a on an AMD EPYC, 2026-12-06 09:10-09:41 UTC, each beside
+# bab69ee in the same run: 302, 323 and 518 MB, the line through those 300 MB + 2.16 kB per
+# image. Earlier: 305, 327 and 555 MB at 7ea7ad0 on an Intel Xeon, 301 MB + 2.53 kB, beside
+# 5dbf848's 304, 342 and 577 MB, 315 MB + 2.61 kB; 304, 344 and 584 MB at 4b24569, 316 MB +
+# 2.66 kB, beside 71f1d92's 318, 367 and 615 MB, 338 MB + 2.75 kB; 385, 438 and 692 MB at
+# 09aeca9 on an Intel Xeon whose driver started ~70 MB higher, 409 MB + 2.82 kB; 319, 371 and
+# 627 MB at fd1c776 on an AMD EPYC, 341 MB + 2.84 kB; docs/benchmarks.md, driver_memory_notes)
 MODEL_LOAD_S = 2.5  # confirm: model build + weights load once per worker process (confirm section)
 # bytes per image in the store (measured; pairs.parquet scaled by the candidates per image)
 STORE = {
@@ -292,9 +293,10 @@ def main(argv=None) -> None:
               "per image and per candidate pair (docs/design-notes.md, \"Not done\"), so its peak grows with the "
               "folder: a fixed part (imports, the cluster) plus bytes per image, drawn through "
               f"the {a['images']:,} and {b['images']:,}-image points (peak RSS, default settings, a catalog, a local "
-              "cluster of 2 workers; measured on an Intel Xeon, its points each beside the previous code's in the "
-              "same run, whose line is 315 MB + 2.61 kB x images: the candidate pairs are made on the workers and "
-              "the write stage and catalog commit write smaller row groups, docs/benchmarks.md, driver_memory_notes). Bytes per image depend on the candidate pairs per image (each pair's row, "
+              "cluster of 2 workers; measured on an AMD EPYC, its points each beside the previous code's in the "
+              "same run, whose line is 300 MB + 2.16 kB x images: the K-nearest lists a catalog keeps no longer "
+              "pass through the driver, which lowers the stages between the search and the commit, not the peak, "
+              "docs/benchmarks.md, driver_memory_notes). Bytes per image depend on the candidate pairs per image (each pair's row, "
               "its evidence at the catalog commit), so the points' densities are listed. With the scheduler in "
               "a process of its own (an external `dask scheduler`, as on a cluster) the driver's peak is the "
               "same within the noise (363 and 433 MB against 376 and 426 MB at 5,005 and 10,465 images, same "
