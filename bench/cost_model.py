@@ -78,7 +78,7 @@ DRIVER = [dict(name="5k end-to-end subset", section="driver memory per image (wh
                images=10_465, pairs_per_image=6.59, peak_mb=328, fit=True),
           dict(name="100k scale folder", section="driver memory at the 100k scale folder",
                images=100_625, pairs_per_image=5.09, peak_mb=525, fit=True)]
-# (all three measured at b7e010a on an AMD EPYC, 2026-12-06 09:10-09:41 UTC, each beside
+# (all three measured at b7e010a on an AMD EPYC, 2026-12-06 09:10-09:39 UTC, each beside
 # bab69ee in the same run: 302, 323 and 518 MB, the line through those 300 MB + 2.16 kB per
 # image. Earlier: 305, 327 and 555 MB at 7ea7ad0 on an Intel Xeon, 301 MB + 2.53 kB, beside
 # 5dbf848's 304, 342 and 577 MB, 315 MB + 2.61 kB; 304, 344 and 584 MB at 4b24569, 316 MB +
