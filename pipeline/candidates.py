@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import io
 import operator
-import shutil
+import uuid
 from typing import Iterator
 
 import numpy as np
@@ -796,6 +796,9 @@ class Lists:
         this process reach, as the feature parts' work dir), a file per partition: for a caller
         that reads them much later (the catalog's commit), which then holds neither the rows
         meanwhile nor, once written, the workers' copies (which a lost worker would take)."""
+        # (a folder of its own per call: a search made again after a lost worker cuts its
+        # partitions anew, and a write left running from the first try must not replace a file)
+        directory = storage.join(directory, uuid.uuid4().hex[:12])
         paths = [storage.join(directory, f"lists-{j:06d}.parquet") for j in range(len(self.lists))]
         rows = self.client.gather([self.client.submit(_write_lists, rows, path, pure=False)
                                    for rows, path in zip(self.lists, paths)])
@@ -859,6 +862,8 @@ class SavedLists:
             if n:
                 with storage.open_input(path) as fh:
                     rows = pd.read_parquet(fh)
+                if len(rows) != n:
+                    raise RuntimeError(f"candidates: {path} holds {len(rows)} list rows, {n} were written there")
                 yield rows.astype({"owner_a": "int64", "owner_b": "int64", "hash_distance": "int16"})
 
     def gather(self) -> pd.DataFrame:
@@ -868,10 +873,7 @@ class SavedLists:
 
     def remove(self) -> None:
         """Delete the files (their folder)."""
-        if storage.is_url(self.directory):
-            storage.remove_tree(self.directory)
-        else:
-            shutil.rmtree(self.directory, ignore_errors=True)
+        storage.remove_folder(self.directory)
 
 
 def _piece(client, routed, j: int):

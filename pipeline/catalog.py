@@ -615,7 +615,8 @@ class Catalog:
 
     # -- writing (the caller holds the lock) --------------------------------------------------
 
-    def commit(self, *, root: str, run_id: str, fps: dict, images: pd.DataFrame, neighbours: pd.DataFrame | None,
+    def commit(self, *, root: str, run_id: str, fps: dict, images: pd.DataFrame,
+               neighbours: pd.DataFrame | NeighbourTable | None,
                evidence: pd.DataFrame | EvidenceTable, features: pd.DataFrame, config: dict | None = None,
                written: dict | None = None) -> dict:
         """Write the new tables, then switch the manifest atomically; remove files no manifest of
@@ -926,12 +927,14 @@ def _rows_of_paths(column: pd.Series, row_of: pd.Series) -> np.ndarray:
     return np.append(found, -1).take(codes)  # (a missing path, code -1, takes the last: -1)
 
 
-def neighbours_table(directed, images: pd.DataFrame) -> "pd.DataFrame | NeighbourTable":
+def neighbours_table(directed, images: pd.DataFrame) -> "pd.DataFrame | NeighbourTable | None":
     """Each image's nearest, by path. Object columns sharing the images' path strings: as `str`
     columns each path was copied into Arrow per row, ~K x 2 copies per image held through the
     commit (the writer converts a row group at a time). `directed`: the lists as a frame, or
     written by the workers (`candidates.SavedLists`), then made a row group at a time as the
     table is written (`NeighbourTable`)."""
+    if directed is None:  # (no lists: the commit writes an empty table)
+        return None
     if not isinstance(directed, pd.DataFrame):
         return NeighbourTable(directed, images)
     paths = images["path"].to_numpy(dtype=object)

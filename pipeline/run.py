@@ -784,12 +784,22 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
     with dask_client(cfg, scheduler, lazy=cat is not None) as client:
         if storage.is_url(root) and target_of(cfg, scheduler) not in ("sync", "auto", "local"):
             storage.check_workers(client, str(root))  # (a cluster's workers have their own environment)
-        return _stages(client, root, out, cfg, scheduler, progress, work_dir, weights_info, cat, rehash)
+        # where the workers write the K-nearest lists a catalog keeps (candidates.SavedLists):
+        # removed when the stages end, whether they got to the commit or not (a work_dir set in
+        # the config is not removed with the run)
+        lists_dir = storage.join(work_dir, f"lists-{uuid.uuid4().hex[:12]}")
+        try:
+            return _stages(client, root, out, cfg, scheduler, progress, work_dir, weights_info, cat, rehash,
+                           lists_dir)
+        finally:
+            storage.remove_folder(lists_dir)
 
 
 def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: str | None, progress: Progress,
-            work_dir: Path | str, weights_info: dict | None, cat: catalog.Catalog | None, rehash: bool) -> dict:
-    """The stages in order, on `client` (see dask_client)."""
+            work_dir: Path | str, weights_info: dict | None, cat: catalog.Catalog | None, rehash: bool,
+            lists_dir: str) -> dict:
+    """The stages in order, on `client` (see dask_client); `lists_dir`: where the workers write
+    the K-nearest lists a catalog keeps (`build_pairs`)."""
     high_recall = cfg.screen.mode == "hash+embedding"
     started = datetime.now(timezone.utc)
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
@@ -871,7 +881,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                 emb_parts=None if screen_emb is None else screen_emb["part_path"].tolist(),
                 # (the directed lists are kept for the catalog's commit only: when searched on
                 # the workers, in files there, read back a partition at a time by the commit)
-                keep_lists=cat is not None, lists_dir=storage.join(work_dir, f"lists-{run_id}")))
+                keep_lists=cat is not None, lists_dir=lists_dir))
             tracker.update(len(images))
             del previous
         release_freed_memory()

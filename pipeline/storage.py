@@ -37,6 +37,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -388,6 +389,14 @@ def remove_tree(url: str) -> None:
     fs, path = filesystem(url)
     with contextlib.suppress(FileNotFoundError):
         fs.rm(path, recursive=True)
+
+
+def remove_folder(path: str | os.PathLike) -> None:
+    """Delete a folder or a store prefix and everything in it (nothing if it is not there)."""
+    if is_url(path):
+        remove_tree(str(path))
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def changed_since(urls, sizes, mtimes, etags=None) -> list[bool]:

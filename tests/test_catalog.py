@@ -1072,6 +1072,40 @@ def test_neighbours_table_from_lists_in_files_is_the_table_of_the_lists_as_a_fra
     assert back.columns.tolist() == catalog.NEIGHBOUR_COLUMNS and len(back) == 0
 
 
+def test_saved_lists_refuse_a_file_that_is_not_the_one_written(tmp_path):
+    """A list file holding other rows than its writer counted (replaced since) is an error, not
+    a neighbours table silently made of them."""
+    from pipeline import candidates
+    rows = pd.DataFrame({"owner_a": np.array([0, 1], np.int64), "owner_b": np.array([1, 0], np.int64),
+                         "hash_distance": np.array([2, 2], np.int16)})
+    path = str(tmp_path / "lists-000000.parquet")
+    assert candidates._write_lists(rows, path) == 2
+    candidates._write_lists(rows.iloc[:1], path)  # (replaced by a write of another cut)
+    with pytest.raises(RuntimeError, match="holds 1 list rows, 2 were written"):
+        list(candidates.SavedLists(str(tmp_path), [path], [2]).frames())
+
+
+def test_the_lists_files_are_removed_when_a_run_fails_before_its_commit(generated, tmp_path, monkeypatch):
+    """The lists the workers wrote for the catalog's commit are removed when the run fails
+    between the search and the commit, from a work dir the config names (which stays)."""
+    from pipeline import candidates, verify
+    written = []
+    real_write = candidates.Lists.write
+    monkeypatch.setattr(candidates.Lists, "write", lambda self, d: written.append(real_write(self, d)) or written[-1])
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("planted: the verify tier fails")
+
+    monkeypatch.setattr(verify, "run_verify", fails)
+    work = tmp_path / "work"
+    args = ["dedupe", str(generated["A"]), "--out", str(tmp_path / "out"), "--scheduler", "local", "--quiet",
+            "--set", "dask.n_workers=2", "--set", "dask.dashboard_address=", "--set", f"work_dir={work}"]
+    assert main(args) == 1
+    assert len(written) == 1 and len(written[0]) > 0  # (the lists were written, then the run failed)
+    assert not Path(written[0].paths[0]).exists() and work.is_dir()
+    assert not list(work.glob("lists-*"))
+
+
 def test_feature_parts_finds_the_wanted_features_of_these_settings_in_first_seen_order(tmp_path):
     """Cat.feature_parts: the stored rows of the wanted (sha256, transform) made with these
     settings, in the order the wanted ones first appear, none from a part that fails its check;
