@@ -875,7 +875,8 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
         summaries = map_tasks(client, _features_task, list(enumerate(chunks)), cfg, out_dir, star=True,
                               tracker=tracker, weight=lambda task: int(task[1]["key"].floordiv(8).nunique()))
     # each key's part: the task whose range of rows holds its image (a number and a path per
-    # task, not an entry per key: what a pair task made away from the driver can be sent)
+    # task, not an entry per key; the ids' rows come from the images' index, which a task made
+    # from a pair block, whose pairs are rows already, would not need)
     part_of = store.RangeParts(images.index, firsts, [s["part_path"].iat[0] for s in summaries], known,
                                none=err.notna().to_numpy())
     summary = (pd.concat(summaries, ignore_index=True) if summaries
@@ -930,8 +931,10 @@ class _PairTasks:
     frames of the tasks in flight only: a frame of every pair and its sorted copy were ~90 B a pair
     each, the verify stage's largest item (+~70 MB at 100k files). A task's parts and errors come
     from what is O(feature tasks + failed images), not a map per key or image: the feature tasks'
-    ranges (`store.RangeParts`) and the upstream errors, all a task built on a worker from a pair
-    block would need sent to it (docs/design-notes.md, step 2)."""
+    ranges (`store.RangeParts`) and the upstream errors. Here the ids' rows are found through the
+    images' index (O(images)); a task built on a worker from a pair block has its pairs' rows
+    already, and with a catalog would need each row's content id too (docs/design-notes.md,
+    step 2)."""
 
     def __init__(self, transform: np.ndarray, key_a: np.ndarray, key_b: np.ndarray, key_b0: np.ndarray,
                  parts: store.RangeParts, error: pd.Series, step: int):
