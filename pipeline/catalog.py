@@ -945,7 +945,8 @@ def neighbours_table(directed, images: pd.DataFrame) -> "pd.DataFrame | Neighbou
 
 class NeighbourTable:
     """The neighbours table made as it is written: the lists read back a partition at a time
-    (`lists.frames()`, e.g. `candidates.SavedLists`) and cut into the row groups a whole frame
+    (`lists.frames()`, e.g. `candidates.SavedLists`; with no rows at all, `lists.gather()`, the
+    empty lists frame) and cut into the row groups a whole frame
     would be cut into (TABLE_ROWS_PER_GROUP rows; the same rows in the same order), each group's
     image numbers turned into paths (`neighbours_table`) only as it is written: the driver holds
     one partition's lists and one group, not every image's K nearest (18 B a row as numbers,
@@ -979,17 +980,12 @@ class NeighbourTable:
                         start, need = start + need, 0
                 yield neighbours_table(pd.concat(pieces, ignore_index=True), self.images)
                 made = True
-        if not made:
-            yield neighbours_table(_empty_directed_lists(), self.images)
+        if not made:  # (no rows: the lists' own empty frame, so the table's columns are typed)
+            yield neighbours_table(self.lists.gather(), self.images)
 
     def frame(self) -> pd.DataFrame:
         """The whole table at once (small tables: tests; the commit writes `parts`)."""
         return pd.concat(list(self.parts()), ignore_index=True)
-
-
-def _empty_directed_lists() -> pd.DataFrame:
-    return pd.DataFrame({"owner_a": np.zeros(0, np.int64), "owner_b": np.zeros(0, np.int64),
-                         "hash_distance": np.zeros(0, np.int16)})
 
 
 def images_table(images: pd.DataFrame, fps: dict) -> pd.DataFrame:

@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import platform
-import shutil
 import time
 import uuid
 from datetime import datetime, timezone
@@ -713,10 +712,8 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
                 return _cascade(root, out, cfg, scheduler, Progress(quiet), work_dir, weights_info,
                                 cat=cat, rehash=rehash)
         finally:
-            if not cfg.work_dir and storage.is_url(work_dir):
-                storage.remove_tree(work_dir)
-            elif not cfg.work_dir:
-                shutil.rmtree(work_dir, ignore_errors=True)
+            if not cfg.work_dir:
+                storage.remove_folder(work_dir)
 
 
 def _set(pairs: pd.DataFrame, rows, column: str, values) -> None:

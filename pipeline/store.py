@@ -526,7 +526,7 @@ class RangeParts:
         self.firsts = np.asarray(firsts, dtype=np.int64)
         if len(self.firsts) and (np.diff(self.firsts) <= 0).any():
             raise ValueError("RangeParts: the tasks' first rows must ascend")
-        self.tasks = np.append(shared_text(list(paths)) if len(self.firsts) else np.zeros(0, object), None)
+        self.tasks = np.append(shared_text(list(paths)), None)
         if len(self.tasks) != len(self.firsts) + 1:
             raise ValueError("RangeParts: one part path per task")
         self.known = PartPaths(known) if known is not None and len(known) else None
