@@ -216,7 +216,7 @@ class _Files:
         sha256)."""
         if isinstance(frame, pd.DataFrame):
             frame = frame.reset_index(drop=True)
-            schema = pa.Schema.from_pandas(frame, preserve_index=False)  # the whole column's type, not a slice's
+            schema = _schema_of(frame)
             groups = (frame.iloc[start:start + TABLE_ROWS_PER_GROUP] for start in range(0, len(frame), TABLE_ROWS_PER_GROUP))
         else:
             groups = frame.parts()
@@ -282,6 +282,20 @@ class _Files:
         for path in sorted(base.rglob("*"), reverse=True) if base.exists() else []:  # deepest first
             if path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
+
+
+def _schema_of(frame: pd.DataFrame) -> pa.Schema:
+    """The Arrow schema pyarrow infers for `frame` (types and pandas metadata), from the rows
+    holding each column's first value: inferring it from the whole frame converts every object
+    column into Arrow to learn its type (the images table's hash codes and texts, ~12 MB at 100k
+    files, briefly, at the commit). A text column that is all None in the first rows is still
+    text; one that is None throughout has the null type, as from the whole frame. (Each object
+    column holds values of one type, text or bytes, as the catalog's tables do.)"""
+    rows = {0}
+    for column in frame.columns:
+        if len(frame) and frame[column].dtype == object:
+            rows.add(int(frame[column].notna().to_numpy().argmax()))
+    return pa.Schema.from_pandas(frame.iloc[sorted(rows)] if len(frame) else frame, preserve_index=False)
 
 
 def _fp(data) -> str:
@@ -927,30 +941,38 @@ def _rows_of_paths(column: pd.Series, row_of: pd.Series) -> np.ndarray:
     return np.append(found, -1).take(codes)  # (a missing path, code -1, takes the last: -1)
 
 
-def neighbours_table(directed, images: pd.DataFrame) -> "pd.DataFrame | NeighbourTable | None":
-    """Each image's nearest, by path. Object columns sharing the images' path strings: as `str`
-    columns each path was copied into Arrow per row, ~K x 2 copies per image held through the
-    commit (the writer converts a row group at a time). `directed`: the lists as a frame, or
-    written by the workers (`candidates.SavedLists`), then made a row group at a time as the
-    table is written (`NeighbourTable`)."""
-    if directed is None:  # (no lists: the commit writes an empty table)
+def neighbours_table(directed, images: pd.DataFrame) -> "NeighbourTable | None":
+    """Each image's nearest, by path, made a row group at a time as the table is written
+    (`NeighbourTable`). `directed`: the lists as a frame, or written by the workers
+    (`candidates.SavedLists`); None: no lists (the commit writes an empty table)."""
+    if directed is None:
         return None
-    if not isinstance(directed, pd.DataFrame):
-        return NeighbourTable(directed, images)
-    paths = images["path"].to_numpy(dtype=object)
-    return pd.DataFrame({"owner": pd.Series(paths[directed["owner_a"].to_numpy(np.int64)], dtype=object),
-                         "neighbour": pd.Series(paths[directed["owner_b"].to_numpy(np.int64)], dtype=object),
+    return NeighbourTable(directed, images)
+
+
+def _neighbour_rows(directed: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
+    """Lists rows (owner_a, owner_b, hash_distance) as the table's rows: object columns of the
+    paths at those rows only. The images' path column is Arrow text in a run (pandas 3): taken
+    whole into Python strings it made one per image, for every row group (at 10M images ~0.7 s
+    and ~0.6 GB a group, thousands of groups); taken at the group's rows, one per row."""
+    path = images["path"]
+
+    def at(rows: np.ndarray) -> np.ndarray:
+        if path.dtype == object:  # (its own strings: no copy)
+            return path.to_numpy()[rows]
+        return np.asarray(path.array.take(rows), dtype=object)
+    return pd.DataFrame({"owner": pd.Series(at(directed["owner_a"].to_numpy(np.int64)), dtype=object),
+                         "neighbour": pd.Series(at(directed["owner_b"].to_numpy(np.int64)), dtype=object),
                          "hash_distance": directed["hash_distance"].to_numpy(np.int16)})
 
 
 class NeighbourTable:
-    """The neighbours table made as it is written: the lists read back a partition at a time
-    (`lists.frames()`, e.g. `candidates.SavedLists`; with no rows at all, `lists.gather()`, the
-    empty lists frame) and cut into the row groups a whole frame
-    would be cut into (TABLE_ROWS_PER_GROUP rows; the same rows in the same order), each group's
-    image numbers turned into paths (`neighbours_table`) only as it is written: the driver holds
-    one partition's lists and one group, not every image's K nearest (18 B a row as numbers,
-    ~34 B as the table's row)."""
+    """The neighbours table made as it is written: the lists, a frame or read back a partition
+    at a time (`lists.frames()`, e.g. `candidates.SavedLists`; with no rows at all,
+    `lists.gather()`, the empty lists frame), cut into TABLE_ROWS_PER_GROUP rows (the same rows
+    in the same order), each group's image numbers turned into paths (`_neighbour_rows`) only as
+    it is written: the driver holds one partition's lists and one group, not every image's K
+    nearest as paths (~34 B a row; the lists as numbers are 18 B)."""
 
     def __init__(self, lists, images: pd.DataFrame):
         self.lists, self.images = lists, images
@@ -963,7 +985,8 @@ class NeighbourTable:
         held: list[pd.DataFrame] = []  # read and not yet written, the first from row `start`
         start = n_held = 0
         made = False
-        for rows in itertools.chain(self.lists.frames(), [None]):
+        lists = [self.lists] if isinstance(self.lists, pd.DataFrame) else self.lists.frames()
+        for rows in itertools.chain(lists, [None]):
             if rows is not None and len(rows):
                 held.append(rows)
                 n_held += len(rows)
@@ -978,10 +1001,11 @@ class NeighbourTable:
                         start, need = 0, need - left
                     else:
                         start, need = start + need, 0
-                yield neighbours_table(pd.concat(pieces, ignore_index=True), self.images)
+                yield _neighbour_rows(pd.concat(pieces, ignore_index=True), self.images)
                 made = True
         if not made:  # (no rows: the lists' own empty frame, so the table's columns are typed)
-            yield neighbours_table(self.lists.gather(), self.images)
+            empty = self.lists if isinstance(self.lists, pd.DataFrame) else self.lists.gather()
+            yield _neighbour_rows(empty, self.images)
 
     def frame(self) -> pd.DataFrame:
         """The whole table at once (small tables: tests; the commit writes `parts`)."""

@@ -935,6 +935,47 @@ def test_tables_are_written_a_row_group_at_a_time(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == ["e.parquet", "t.parquet"]
 
 
+def test_a_tables_schema_is_the_whole_frames_without_converting_whole_columns(tmp_path, monkeypatch):
+    """write_table infers a frame's schema from the rows holding each column's first value: the
+    file's types and pandas metadata are those pyarrow infers from the whole frame (text, bytes
+    and nullable numbers first set deep in the frame; a column that is None throughout), and
+    pyarrow is never handed the whole frame to infer them (it converts every object column)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    monkeypatch.setattr(catalog, "TABLE_ROWS_PER_GROUP", 8)
+    n = 50
+    frame = pd.DataFrame({
+        "path": pd.Series([f"p{i}" for i in range(n)], dtype="str"),
+        "etag": pd.Series([None] * 30 + [f"e{i}" for i in range(20)], dtype=object),
+        "error": pd.Series([None] * n, dtype=object),
+        "codes": pd.Series([None] * 41 + [bytes([i]) * 9 for i in range(9)], dtype=object),
+        "width": pd.array([None] * 12 + list(range(38)), dtype="Int64"),
+        "bytes": np.arange(n, dtype=np.int64)})
+    frame.index = range(7, 7 + n)  # (not a range from 0: the writer's own)
+    expected = pa.Schema.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+    seen = []
+
+    class Schema:  # (pyarrow's own type cannot be patched: catalog's `pa` is)
+        @staticmethod
+        def from_pandas(df, *args, **kwargs):
+            seen.append(len(df))
+            return pa.Schema.from_pandas(df, *args, **kwargs)
+
+    class Arrow:
+        def __getattr__(self, name):
+            return Schema if name == "Schema" else getattr(pa, name)
+    monkeypatch.setattr(catalog, "pa", Arrow())
+    entry = catalog._Files(tmp_path).write_table("tables/images.parquet", frame)
+    assert seen and max(seen) <= 4  # (row 0 and each object column's first value)
+    written = pq.read_schema(tmp_path / entry["file"])
+    assert written.equals(expected, check_metadata=True)
+    assert pa.types.is_null(written.field("error").type) and pa.types.is_binary(written.field("codes").type)
+    back = pq.read_table(tmp_path / entry["file"]).to_pandas()
+    for column in frame.columns:  # (the same values; text may read back as `str`, None as NaN)
+        assert [None if pd.isna(v) else v for v in back[column]] == \
+            [None if pd.isna(v) else v for v in frame[column]], column
+
+
 def test_known_images_stand_in_for_the_screen_of_unchanged_files(tmp_path):
     """A re-screen matched against the catalog's records (KnownImages, by path) gives the same
     rows as screening the files again; a changed, a new and a stale-settings file are screened,
@@ -1024,7 +1065,7 @@ def test_neighbours_table_shares_the_images_path_strings_and_reads_back_as_text(
     per row), written and read back as the same text."""
     images = pd.DataFrame({"path": pd.Series(["a/x.jpg", "b/é y.png", "c.gif"], dtype=object)})
     directed = pd.DataFrame({"owner_a": [0, 0, 1, 2], "owner_b": [1, 2, 0, 0], "hash_distance": [3, 5, 3, 5]})
-    table = catalog.neighbours_table(directed, images)
+    table = catalog.neighbours_table(directed, images).frame()
     assert table.columns.tolist() == catalog.NEIGHBOUR_COLUMNS
     assert table["owner"].dtype == object and table["neighbour"].dtype == object
     paths = images["path"].tolist()
@@ -1070,6 +1111,41 @@ def test_neighbours_table_from_lists_in_files_is_the_table_of_the_lists_as_a_fra
     none = catalog.neighbours_table(candidates.SavedLists(str(tmp_path / "x"), [], []), images)
     back = pd.read_parquet(tmp_path / files.write_table("tables/none.parquet", none)["file"])
     assert back.columns.tolist() == catalog.NEIGHBOUR_COLUMNS and len(back) == 0
+
+
+def test_neighbours_table_takes_the_paths_of_each_groups_rows_only(tmp_path, monkeypatch):
+    """A row group's paths are taken at its rows from the images' Arrow text (pandas 3's `str`
+    column, as in a run), not by turning the whole column into Python strings for each group (one
+    per image a group: thousands of groups at 10M images); the same table either way, whether the
+    lists are a frame or files."""
+    import tracemalloc
+
+    from pipeline import candidates
+    monkeypatch.setattr(catalog, "TABLE_ROWS_PER_GROUP", 4)
+    n = 200_000
+    images = pd.DataFrame({"path": pd.Series([f"folder {i % 7}/image-{i:08d}.jpg" for i in range(n)], dtype="str")})
+    assert images["path"].dtype != object
+    rng = np.random.default_rng(5)
+    directed = pd.DataFrame({"owner_a": rng.integers(0, n, 10), "owner_b": rng.integers(0, n, 10),
+                             "hash_distance": rng.integers(0, 11, 10)}).astype(
+        {"owner_a": "int64", "owner_b": "int64", "hash_distance": "int16"})
+    paths = [str(tmp_path / "lists-000000.parquet")]
+    candidates._write_lists(directed, paths[0])
+    expected = pd.DataFrame({"owner": images["path"].to_numpy(dtype=object)[directed["owner_a"]],
+                             "neighbour": images["path"].to_numpy(dtype=object)[directed["owner_b"]],
+                             "hash_distance": directed["hash_distance"].to_numpy()})
+    for lists in (candidates.SavedLists(str(tmp_path), paths, [10]), directed):
+        table = catalog.neighbours_table(lists, images)
+        tracemalloc.start()
+        parts = list(table.parts())
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert [len(p) for p in parts] == [4, 4, 2]
+        # (the whole column as Python strings: 200,000 of ~75 B, ~15 MB, three times)
+        assert peak < 2_000_000, f"making 10 rows of the table traced {peak} bytes"
+        got = pd.concat(parts, ignore_index=True)
+        assert got["owner"].dtype == object and got["neighbour"].dtype == object
+        pd.testing.assert_frame_equal(got, expected, check_dtype=False)
 
 
 def test_saved_lists_refuse_a_file_that_is_not_the_one_written(tmp_path):
