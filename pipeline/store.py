@@ -366,7 +366,11 @@ class _PartitionCache:
         if not have:
             return pd.DataFrame()
         found = pd.concat([have[g] for g in sorted(have)]) if len(have) > 1 else next(iter(have.values()))
-        return found.loc[found.index.isin(wanted)]
+        # (by binary search in `wanted`: `isin` hashed all of it for every part, and a caller asks
+        # each of its parts for every key it wants, e.g. one per image, ~50 ms a part at 1M)
+        keys = found.index.to_numpy(np.int64)
+        at = np.minimum(np.searchsorted(wanted, keys), len(wanted) - 1)
+        return found.loc[wanted[at] == keys]
 
 
 _CACHE = _PartitionCache()
