@@ -704,22 +704,27 @@ class Catalog:
             if small <= COMPACT_MAX_PARTS and len(group) >= stored * (1 - COMPACT_DEAD_FRACTION):
                 continue
             out_dir = self.feature_dir(kind, fp, f"compact-{tag}")
-            part_of_key: dict[int, str] = {}
+            # each part's rows found once (a scan of the group per part was O(rows x parts));
+            # the keys written, an array per new part (not a dict entry per key)
+            rows_of = group.groupby(group["part"].astype(str), sort=True).indices
+            new_keys: list[np.ndarray] = []
+            new_paths: list[str] = []
+            corrupt: list[np.ndarray] = []
             buffer: list[pa.Table] = []
 
             def flush() -> None:  # (a part whose error column is all null has type null: promote)
                 merged = pa.concat_tables(buffer, promote_options="default").sort_by("key")
                 buffer.clear()
                 if merged.num_rows:
-                    path = store.write_partition(out_dir, len(set(part_of_key.values())), merged)
-                    part_of_key.update(dict.fromkeys(merged["key"].to_pylist(),
-                                                     self.files.rel(path)))
+                    path = store.write_partition(out_dir, len(new_paths), merged)
+                    new_keys.append(merged["key"].to_numpy())
+                    new_paths.append(self.files.rel(path))
 
             for part in parts:
-                rows = group[group["part"] == part]
+                rows = group.iloc[rows_of[part]]
                 listed = part in self.manifest.get("parts", {})  # else written by this run
                 if listed and not self.verify_file(part):  # corrupt: its features are recomputed later
-                    features = features.drop(index=rows.index)
+                    corrupt.append(rows.index.to_numpy())
                     continue
                 table = self.files.table(part)
                 buffer.append(table.filter(pc.is_in(table["key"], value_set=pa.array(rows["key"].to_numpy(np.int64)))))
@@ -727,11 +732,21 @@ class Catalog:
                     flush()
             if buffer:
                 flush()
+            if corrupt:
+                features = features.drop(index=np.concatenate(corrupt))
+            # each key's new part: the last written that holds it
+            keys = np.concatenate(new_keys) if new_keys else np.zeros(0, np.int64)
+            part_of_key = pd.Series(np.repeat(np.arange(len(new_paths)), [len(k) for k in new_keys]), index=keys)
+            part_of_key = part_of_key[~part_of_key.index.duplicated(keep="last")]
             mine = features.index[(features["kind"] == kind) & (features["fp"] == fp)]
-            features.loc[mine, "part"] = features.loc[mine, "key"].map(part_of_key).to_numpy(dtype=object)
+            at = part_of_key.reindex(features.loc[mine, "key"].to_numpy(np.int64)).to_numpy()
+            found = ~np.isnan(at)
+            features.loc[mine, "part"] = np.where(
+                found, np.append(np.asarray(new_paths, dtype=object), None)[np.where(found, at, -1).astype(np.int64)],
+                None)
             features = features[features["part"].notna()]  # rows whose part did not hold their key
             mine = features.index[(features["kind"] == kind) & (features["fp"] == fp)]
-            written = len(set(part_of_key.values()))
+            written = len(new_paths)
             kept = len(mine)
             done.append({"kind": kind, "fp": fp, "parts_before": len(parts), "rows_stored_before": int(stored),
                          "rows_kept": int(kept), "parts_after": written})

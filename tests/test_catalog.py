@@ -675,6 +675,44 @@ def test_only_small_parts_count_towards_compaction(tmp_path, monkeypatch):
     assert sorted(kept["key"]) == sorted(features["key"])
 
 
+def test_compaction_points_every_kept_row_at_a_new_part_holding_its_key(tmp_path, monkeypatch):
+    """Compacting parts whose rows are interleaved in the table, partly dead, with a listed part
+    that no longer matches its checksum (its rows dropped, to be recomputed), over two settings:
+    each kept row names a new part that holds its key with the bytes it had; the counts match."""
+    import pyarrow.parquet as pq
+
+    from pipeline import store
+    cat = catalog.Catalog(tmp_path / "catalog")
+    rng = np.random.default_rng(7)
+    rows, blobs = [], {}
+    for fp in ("f1", "f2"):
+        for p in range(6):  # 6 parts of 5 rows; keys unique per settings
+            keys = (np.arange(p * 5, p * 5 + 5, dtype=np.int64) + (100 if fp == "f2" else 0)) * 8
+            data = [rng.bytes(12) for _ in keys]
+            blobs.update({(fp, int(k)): b for k, b in zip(keys, data)})
+            path = store.write_partition(cat.feature_dir("orb", fp, f"run-{p}"), p,
+                                         pd.DataFrame({"key": keys, "blob": data}))
+            rel = cat.files.rel(path)
+            if fp == "f1" and p == 2:  # listed with another checksum: corrupt
+                cat.manifest.setdefault("parts", {})[rel] = {"file": rel, "bytes": 1, "sha256": "0" * 64}
+            rows += [{"kind": "orb", "fp": fp, "sha256": f"{k:064d}", "transform": 0, "key": int(k), "part": rel,
+                      "error": None} for k in keys[: 4 if p % 2 else 5]]  # (odd parts: one dead row)
+    features = pd.DataFrame(rows, columns=catalog.FEATURE_COLUMNS).sample(frac=1, random_state=3)
+    monkeypatch.setattr(catalog, "COMPACT_MAX_PARTS", 1)
+    monkeypatch.setattr(catalog, "COMPACT_ROWS_PER_PART", 12)
+    kept, done = cat.compact(features, "t")
+    corrupt = features["part"].str.contains("/run-2/") & (features["fp"] == "f1")
+    assert sorted(kept["key"]) == sorted(features.loc[~corrupt, "key"])
+    assert [(d["fp"], d["parts_before"], d["rows_stored_before"], d["rows_kept"]) for d in done] == \
+        [("f1", 6, 30, 22), ("f2", 6, 30, 27)]
+    for fp, d in zip(("f1", "f2"), done):
+        mine = kept[kept["fp"] == fp]
+        assert mine["part"].nunique() == d["parts_after"] == 2 and mine["part"].str.contains("/compact-t/").all()
+        for part, group in mine.groupby("part"):
+            table = pq.read_table(tmp_path / "catalog" / part).to_pandas().set_index("key")
+            assert all(table.loc[k, "blob"] == blobs[(fp, k)] for k in group["key"])
+
+
 def test_search_settings_key_the_neighbour_lists_not_the_hashes():
     """How the candidate search runs (sharding, shard sizes, K, distances) re-searches from the
     stored hashes; it never re-hashes a catalog's images."""
