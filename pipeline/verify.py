@@ -941,6 +941,8 @@ class _PairTasks:
         self.transform, self.key_a, self.key_b, self.key_b0 = transform, key_a, key_b, key_b0
         self.step, self.parts = max(1, int(step)), parts
         self.error = error[error.notna()]  # (the images that failed upstream only: few)
+        # (their texts, then None for a key not among them: made once, not for each task)
+        self._error_texts = np.append(self.error.to_numpy(dtype=object), None)
 
     def __len__(self) -> int:
         return -(-len(self.key_a) // self.step)
@@ -948,7 +950,7 @@ class _PairTasks:
     def _errors(self, keys: np.ndarray) -> pd.Series:
         """The upstream error of each key's image (None where it has none)."""
         found = self.error.index.get_indexer(keys // 8)
-        return pd.Series(np.append(self.error.to_numpy(dtype=object), None).take(found), dtype=object)
+        return pd.Series(self._error_texts.take(found), dtype=object)
 
     def __getitem__(self, n: int) -> pd.DataFrame:
         if not 0 <= n < len(self):
