@@ -1,6 +1,7 @@
-"""The catalog commit's per-image tables on the driver at a size no real folder here reaches: the
+"""The catalog commit's per-image work on the driver at a size no real folder here reaches: the
 neighbours table (K-nearest lists by path) and the images table, made and written as
-`Catalog.commit` makes and writes them, against another source tree in the same run.
+`Catalog.commit` makes and writes them, and a compaction of the feature parts (`Catalog.compact`),
+against another source tree in the same run.
 
     python -m bench.catalog_commit --baseline DIR [--images 1000000] [--rows-per-image 5]
                                    [--rounds 3] [--out docs/benchmarks.md]
@@ -9,10 +10,12 @@ Synthetic rows shaped as a run's: the images' paths, sha256 and formats as panda
 columns, a 105-byte hash code per image, `--rows-per-image` list rows per image (a 100,625-file run
 has 5.1) written first as the workers write them (`candidates.SavedLists`, one file per 64k rows),
 then `catalog.neighbours_table` of those files and `catalog.images_table` of the frame, each
-written by `catalog._Files.write_table` into a temporary folder. Each measurement is a fresh
+written by `catalog._Files.write_table` into a temporary folder; then one feature row per two
+images in parts of FEATURE_PART_ROWS rows (small parts, as nightly runs leave them: past
+`catalog.COMPACT_MAX_PARTS` of them a commit compacts), compacted. Each measurement is a fresh
 process (the tree given by `--baseline`, e.g. `git archive COMMIT | tar -x -C DIR`, or this one),
 the two alternating each round: wall seconds and the process's peak RSS above its level before
-the table (VmHWM reset), medians over rounds; the tables' sha256 must be the same for both trees.
+the step (VmHWM reset), medians over rounds; the files made must be the same for both trees.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 LIST_FILE_ROWS = 65_536
+FEATURE_PART_ROWS = 100  # (a small part: under catalog.COMPACT_ROWS_PER_PART // 2)
 
 
 def synthetic_images(n: int, seed: int = 0) -> pd.DataFrame:
@@ -86,7 +90,39 @@ def measure(n: int, per_image: int) -> dict:
             out[name] = {"seconds": time.perf_counter() - started, "peak": vm_hwm() - start_rss,
                          "sha256": entry["sha256"],
                          "rows": pq.ParquetFile(Path(tmp) / "catalog" / entry["file"]).metadata.num_rows}
+        saved = images = None  # (let go of before the compaction)
+        out["compaction"] = compaction(catalog.Catalog(Path(tmp) / "catalog"), n // 2, reset_hwm, vm_hwm)
     return out
+
+
+def compaction(cat, n_rows: int, reset_hwm, vm_hwm) -> dict:
+    """`cat.compact` of n_rows feature rows in parts of FEATURE_PART_ROWS: seconds, peak, and a
+    digest of what it made (each row's key and new part, the new parts' bytes)."""
+    from pipeline import store
+    rng = np.random.default_rng(2)
+    keys = np.arange(n_rows, dtype=np.int64) * 8
+    parts = []
+    for j, start in enumerate(range(0, n_rows, FEATURE_PART_ROWS)):
+        chunk = keys[start:start + FEATURE_PART_ROWS]
+        path = store.write_partition(cat.feature_dir("orb", "f1", f"run-{j // 64:05d}"), j % 64,
+                                     pd.DataFrame({"key": chunk, "blob": [rng.bytes(32) for _ in chunk]}))
+        parts += [cat.files.rel(path)] * len(chunk)
+    features = pd.DataFrame({"kind": "orb", "fp": "f1",
+                             "sha256": pd.Series([f"{k:064x}" for k in keys], dtype="str"),
+                             "transform": np.zeros(n_rows, np.int8), "key": keys,
+                             "part": pd.Series(parts, dtype=object),  # (object: a run's, with new rows)
+                             "error": pd.Series(np.full(n_rows, None, dtype=object), dtype=object)})
+    del parts
+    if not reset_hwm():
+        raise SystemExit("cannot reset VmHWM (/proc/self/clear_refs): Linux only")
+    start_rss, started = vm_hwm(), time.perf_counter()
+    kept, done = cat.compact(features, "t")
+    seconds, peak = time.perf_counter() - started, vm_hwm() - start_rss
+    digest = hashlib.sha256(kept[["key", "part"]].sort_values("key").to_csv(index=False).encode())
+    for rel in sorted(set(kept["part"])):
+        digest.update(cat.files.read(rel))
+    return {"seconds": seconds, "peak": peak, "sha256": digest.hexdigest(), "rows": n_rows,
+            "parts": f"{done[0]['parts_before']:,} -> {done[0]['parts_after']:,}" if done else "not compacted"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,27 +151,32 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"bench.catalog_commit --one ({label}) failed:\n{proc.stderr[-3000:]}")
             found[label].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(label, found[label][-1], flush=True)
-    for name in ("neighbours", "images"):
+    steps = ("neighbours", "images", "compaction")
+    for name in steps:
         digests = {r[name]["sha256"] for rs in found.values() for r in rs}
         if len(digests) != 1:
             raise SystemExit(f"the {name} tables differ between the trees: {sorted(digests)}")
     rows = []
-    for name in ("neighbours", "images"):
+    for name in steps:
         base = {k: median([r[name][k] for r in found["baseline"]]) for k in ("seconds", "peak")}
         for label in trees:
             m = {k: median([r[name][k] for r in found[label]]) for k in ("seconds", "peak")}
-            rows.append([name, label, f"{found[label][0][name]['rows']:,}", f"{m['seconds']:.2f}",
+            what = f"{found[label][0][name]['rows']:,}" + (f" ({found[label][0][name]['parts']} parts)"
+                                                            if name == "compaction" else "")
+            rows.append([name, label, what, f"{m['seconds']:.2f}",
                          f"{m['seconds'] / base['seconds']:.2f}", f"{m['peak'] / 2**20:.0f}"])
     body = stamp() + (
         f"\n`python -m bench.catalog_commit --baseline <tree> --images {args.images} --rows-per-image "
         f"{args.rows_per_image} --rounds {args.rounds}`. Synthetic tables of {args.images:,} images "
         f"({args.rows_per_image} K-nearest rows each, read back from the list files the workers write), "
-        "made and written as the catalog commit does; each measurement a fresh process, the trees "
+        f"made and written as the catalog commit does, and {args.images // 2:,} feature rows in parts of "
+        f"{FEATURE_PART_ROWS} compacted (`Catalog.compact`); each measurement a fresh process, the trees "
         f"alternating, medians of {args.rounds} rounds; peak = the process's RSS above its level before "
-        "the table (VmHWM). Both trees wrote the same files (same sha256).\n\n")
-    body += table(["table", "tree", "rows", "seconds", "time / baseline's", "peak MiB"], rows)
+        "the step (VmHWM). Both trees made the same files (same sha256).\n\n")
+    body += table(["step", "tree", "rows", "seconds", "time / baseline's", "peak MiB"], rows)
     kwargs = {"path": args.out} if args.out else {}
-    update_section("catalog_commit", "catalog commit: the neighbours and images tables at 1M images", body, **kwargs)
+    update_section("catalog_commit", "catalog commit at 1M images: the per-image tables and a compaction", body,
+                   **kwargs)
     return 0
 
 
