@@ -410,6 +410,9 @@ class Catalog:
     # adds them to parts listed without one, or with another (a copied catalog)
     tags: dict[str, str] = field(default_factory=dict)
     bad_files: set[str] = field(default_factory=set)  # failed their check: never listed again
+    # rows of the feature parts this run counted (a footer read) or wrote (a compaction's): the
+    # commit lists them in the parts' entries, so a later commit's compaction check reads no footer
+    part_rows: dict[str, int] = field(default_factory=dict)
     files: _Files | None = None
 
     def __post_init__(self):
@@ -668,6 +671,9 @@ class Catalog:
         with ThreadPoolExecutor(max_workers=max(1, min(ENTRY_READERS, len(new_parts)))) as pool:
             made = dict(zip(new_parts, pool.map(lambda rel: _entry(self.files, rel, by_writer.get(rel)), new_parts)))
         parts = {rel: old_parts.get(rel) or made[rel] for rel in named}
+        for rel in set(parts) & set(self.part_rows):  # (rows counted or written by this run)
+            if "rows" not in parts[rel]:
+                parts[rel] = {**parts[rel], "rows": self.part_rows[rel]}
         for rel in set(parts) & set(self.tags):
             if parts[rel].get("etag") != self.tags[rel]:
                 parts[rel] = {**parts[rel], "etag": self.tags[rel]}
@@ -698,7 +704,7 @@ class Catalog:
         features = features.copy()
         for (kind, fp), group in features.groupby(["kind", "fp"], sort=True):
             parts = sorted(pd.unique(group["part"].astype(str)))
-            sizes = [self.files.num_rows(p) for p in parts]
+            sizes = [self._rows_in_part(p) for p in parts]
             stored = sum(sizes)
             small = sum(size < COMPACT_ROWS_PER_PART // 2 for size in sizes)
             if small <= COMPACT_MAX_PARTS and len(group) >= stored * (1 - COMPACT_DEAD_FRACTION):
@@ -719,6 +725,7 @@ class Catalog:
                     path = store.write_partition(out_dir, len(new_paths), merged)
                     new_keys.append(merged["key"].to_numpy())
                     new_paths.append(self.files.rel(path))
+                    self.part_rows[new_paths[-1]] = merged.num_rows
 
             for part in parts:
                 rows = group.iloc[rows_of[part]]
@@ -753,6 +760,21 @@ class Catalog:
             log.info("catalog: compacted %s features (%d parts, %d rows -> %d parts, %d rows)", kind,
                      len(parts), stored, written, kept)
         return features, done
+
+    def _rows_in_part(self, rel: str) -> int:
+        """A feature part's rows: as its manifest entry lists them, else from its footer (a part
+        this run wrote, or one listed by a commit that did not record rows), counted for the
+        commit to list (`part_rows`). A footer read per part and commit was a request per part
+        on a store (~16k parts at 10M images, one after another). 0: unreadable (compaction
+        then checks it)."""
+        rows = self.manifest.get("parts", {}).get(rel, {}).get("rows")
+        if rows is None:
+            rows = self.part_rows.get(rel)
+        if rows is None:
+            rows = self.files.num_rows(rel)
+            if rows:
+                self.part_rows[rel] = rows
+        return int(rows)
 
     def collect_garbage(self, keep: list[dict], spare: set[str] = frozenset()) -> list[str]:
         """Remove files under tables/ and features/ that none of the `keep` manifests names (left by

@@ -641,6 +641,7 @@ def test_feature_parts_are_compacted_and_still_give_the_same_results(grown, tmp_
     for part, rows in cat.features.groupby("part"):
         assert "/compact-" in part
         assert sorted(pq.read_table(out / "catalog" / part, columns=["key"])["key"].to_pylist()) == sorted(rows["key"])
+        assert cat.manifest["parts"][part]["rows"] == len(rows)  # (as written: no footer read later)
     monkeypatch.setattr(catalog, "COMPACT_MAX_PARTS", 64)
     # a matching setting changed: every pair is verified again from the compacted ORB features
     again = run(grown["data"], out, "--set", "verify.ratio=0.7")
@@ -648,6 +649,37 @@ def test_feature_parts_are_compacted_and_still_give_the_same_results(grown, tmp_
     assert again["reuse"]["verify"]["features_computed"] == 0
     run(grown["data"], tmp_path / "scratch", "--no-catalog", "--set", "verify.ratio=0.7")
     assert_same_outputs(out, tmp_path / "scratch")
+
+
+def test_part_entries_list_their_rows_so_a_commit_reads_no_footer(grown, tmp_path, monkeypatch):
+    """Each feature part's manifest entry lists its rows (the compaction check's input): a commit
+    reads the footer only of parts it has no count of (its own new ones; every part of a catalog
+    written before counts were listed, once), not of every part every time, a request per part on
+    a store."""
+    import pyarrow.parquet as pq
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    path = out / "catalog" / catalog.MANIFEST
+
+    def parts() -> dict:
+        return json.loads(path.read_text())["parts"]
+    assert parts() and all(e["rows"] == pq.ParquetFile(out / "catalog" / rel).metadata.num_rows
+                           for rel, e in parts().items())
+    read = []
+    real = catalog._Files.num_rows
+    monkeypatch.setattr(catalog._Files, "num_rows", lambda self, rel: read.append(rel) or real(self, rel))
+    run(grown["data"], out, "--set", "decide.accept_inliers=61")  # (a new decision: nothing new stored)
+    assert read == []
+    manifest = json.loads(path.read_text())
+    for entry in manifest["parts"].values():  # an older catalog's entries: no counts
+        del entry["rows"]
+    path.write_text(json.dumps(manifest))
+    run(grown["data"], out, "--set", "decide.accept_inliers=62")
+    assert sorted(read) == sorted(manifest["parts"])  # each read once, and listed again
+    assert all(e["rows"] == pq.ParquetFile(out / "catalog" / rel).metadata.num_rows for rel, e in parts().items())
+    read.clear()
+    run(grown["data"], out, "--set", "decide.accept_inliers=63")
+    assert read == []
 
 
 def test_only_small_parts_count_towards_compaction(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -242,6 +243,8 @@ def test_cascade_on_a_bucket_with_remote_workers_equals_a_local_run(s3, cluster,
     assert cat["root"] == bucket and cat["parts"] and not fs.exists(f"{root}/catalog/.catalog.lock")
     for rel, entry in cat["parts"].items():
         assert fs.size(f"{root}/catalog/{rel}") == entry["bytes"], rel
+        with fs.open(f"{root}/catalog/{rel}", "rb") as fh:  # (its rows listed: no footer read per commit)
+            assert pq.ParquetFile(fh).metadata.num_rows == entry["rows"], rel
     for cwd in worker_dirs:
         assert not list(cwd.rglob("*.parquet")), cwd
     assert not list(driver.rglob("*.parquet"))
