@@ -289,13 +289,18 @@ def _schema_of(frame: pd.DataFrame) -> pa.Schema:
     holding each column's first value: inferring it from the whole frame converts every object
     column into Arrow to learn its type (the images table's hash codes and texts, ~12 MB at 100k
     files, briefly, at the commit). A text column that is all None in the first rows is still
-    text; one that is None throughout has the null type, as from the whole frame. (Each object
-    column holds values of one type, text or bytes, as the catalog's tables do.)"""
+    text; one that is None throughout has the null type, as from the whole frame. When an object
+    column's first value is not text or bytes (a number, where a later float makes the whole
+    column double; a list; a dict), the schema is inferred from the whole frame, as before."""
     rows = {0}
     for column in frame.columns:
         if len(frame) and frame[column].dtype == object:
             rows.add(int(frame[column].notna().to_numpy().argmax()))
-    return pa.Schema.from_pandas(frame.iloc[sorted(rows)] if len(frame) else frame, preserve_index=False)
+    schema = pa.Schema.from_pandas(frame.iloc[sorted(rows)] if len(frame) else frame, preserve_index=False)
+    plain = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_null)
+    if any(frame[f.name].dtype == object and not any(is_(f.type) for is_ in plain) for f in schema):
+        return pa.Schema.from_pandas(frame, preserve_index=False)
+    return schema
 
 
 def _fp(data) -> str:
@@ -412,7 +417,7 @@ class Catalog:
     bad_files: set[str] = field(default_factory=set)  # failed their check: never listed again
     # rows of the feature parts this run counted (a footer read) or wrote (a compaction's): the
     # commit lists them in the parts' entries, so a later commit's compaction check reads no footer
-    part_rows: dict[str, int] = field(default_factory=dict)
+    part_rows: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     files: _Files | None = None
 
     def __post_init__(self):
@@ -672,7 +677,7 @@ class Catalog:
             made = dict(zip(new_parts, pool.map(lambda rel: _entry(self.files, rel, by_writer.get(rel)), new_parts)))
         parts = {rel: old_parts.get(rel) or made[rel] for rel in named}
         for rel in set(parts) & set(self.part_rows):  # (rows counted or written by this run)
-            if "rows" not in parts[rel]:
+            if parts[rel].get("rows") != self.part_rows[rel]:
                 parts[rel] = {**parts[rel], "rows": self.part_rows[rel]}
         for rel in set(parts) & set(self.tags):
             if parts[rel].get("etag") != self.tags[rel]:
@@ -765,14 +770,17 @@ class Catalog:
         """A feature part's rows: as its manifest entry lists them, else from its footer (a part
         this run wrote, or one listed by a commit that did not record rows), counted for the
         commit to list (`part_rows`). A footer read per part and commit was a request per part
-        on a store (~16k parts at 10M images, one after another). 0: unreadable (compaction
-        then checks it)."""
-        rows = self.manifest.get("parts", {}).get(rel, {}).get("rows")
+        on a store (~16k parts at 10M images, one after another). A listed part's count is
+        recorded only when the file still has the listed size (a replaced file's rows are not
+        listed beside the original's sha256); 0: unreadable (compaction then checks it; a listed
+        part that vanished keeps its listed count, and is found when its features are read)."""
+        entry = self.manifest.get("parts", {}).get(rel)
+        rows = (entry or {}).get("rows")
         if rows is None:
             rows = self.part_rows.get(rel)
         if rows is None:
             rows = self.files.num_rows(rel)
-            if rows:
+            if rows and (entry is None or (self.files.stat(rel) or (None,))[0] == entry.get("bytes")):
                 self.part_rows[rel] = rows
         return int(rows)
 
@@ -1040,7 +1048,7 @@ class NeighbourTable:
                         start, need = start + need, 0
                 yield _neighbour_rows(pd.concat(pieces, ignore_index=True), self.images)
                 made = True
-        if not made:  # (no rows: the lists' own empty frame, so the table's columns are typed)
+        if not made:  # (no rows: the lists' own empty frame; the writer types its empty paths as text)
             empty = self.lists if isinstance(self.lists, pd.DataFrame) else self.lists.gather()
             yield _neighbour_rows(empty, self.images)
 

@@ -673,13 +673,17 @@ def test_part_entries_list_their_rows_so_a_commit_reads_no_footer(grown, tmp_pat
     manifest = json.loads(path.read_text())
     for entry in manifest["parts"].values():  # an older catalog's entries: no counts
         del entry["rows"]
+    odd = sorted(manifest["parts"])[0]  # and one whose file is not the size listed (replaced)
+    manifest["parts"][odd]["bytes"] += 1
     path.write_text(json.dumps(manifest))
     run(grown["data"], out, "--set", "decide.accept_inliers=62")
     assert sorted(read) == sorted(manifest["parts"])  # each read once, and listed again
-    assert all(e["rows"] == pq.ParquetFile(out / "catalog" / rel).metadata.num_rows for rel, e in parts().items())
+    assert all(e["rows"] == pq.ParquetFile(out / "catalog" / rel).metadata.num_rows
+               for rel, e in parts().items() if rel != odd)
+    assert "rows" not in parts()[odd]  # (its file's count is not listed beside another file's sha256)
     read.clear()
     run(grown["data"], out, "--set", "decide.accept_inliers=63")
-    assert read == []
+    assert read == [odd]
 
 
 def test_only_small_parts_count_towards_compaction(tmp_path, monkeypatch):
@@ -1044,6 +1048,16 @@ def test_a_tables_schema_is_the_whole_frames_without_converting_whole_columns(tm
     for column in frame.columns:  # (the same values; text may read back as `str`, None as NaN)
         assert [None if pd.isna(v) else v for v in back[column]] == \
             [None if pd.isna(v) else v for v in frame[column]], column
+    # an object column of numbers whose first is an int and a later one a float: the whole
+    # frame's inference (double), not the first value's (int64, which would store 2.5 as 2)
+    seen.clear()
+    mixed = frame.assign(score=pd.Series([None] * 10 + [1] + [2.5] * 39, dtype=object).to_numpy())
+    entry = catalog._Files(tmp_path).write_table("tables/mixed.parquet", mixed)
+    assert max(seen) == n
+    written = pq.read_schema(tmp_path / entry["file"])
+    assert written.equals(pa.Schema.from_pandas(mixed.reset_index(drop=True), preserve_index=False),
+                          check_metadata=True)
+    assert pq.read_table(tmp_path / entry["file"]).column("score").to_pylist()[10:12] == [1.0, 2.5]
 
 
 def test_known_images_stand_in_for_the_screen_of_unchanged_files(tmp_path):
