@@ -339,6 +339,13 @@ def main(argv=None) -> None:
         "slice walks one chunk's table for a whole partition of queries, which stays in the caches, where one "
         "index moves between all its chunks' tables for each query row.",
         "- Storage is dominated by the ORB features kept in the catalog for images in a near pair.",
+        "- The `d x images` line for decide, the catalog commit, the outputs and the report holds only while "
+        "work done once per part, row group or task looks at that part alone (docs/design-notes.md, \"Work per "
+        "part\"). Until 2026-12-06 the catalog's neighbours table turned every image's path into a Python "
+        "string for each of its row groups, and a compaction scanned every feature row for each part: "
+        "O(images x parts), invisible at the 10k and 100k points the line is drawn through, 31.9 s and 106.8 s "
+        "at 1M synthetic images, 3.7 s and 13.0 s since (docs/benchmarks.md, section catalog_commit), so "
+        "~100x those at 10M had they stayed.",
         f"- Memory: each worker's needs are bounded by its shard and task sizes (the search and kNN are sharded, the pair distances sent in chunks with their own rows' codes), the "
         f"driver's grow: ~{(fixed_mb + per_image_mb * 1e7) / 1e3:,.0f} GB at 10M images, "
         f"~{(fixed_mb + per_image_mb * 1e9) / 1e6:,.0f} TB at 1B. A 10M-image run needs a driver host with that "
