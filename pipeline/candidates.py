@@ -804,7 +804,6 @@ class Lists:
                                    for rows, path in zip(self.lists, paths)])
         return SavedLists(directory, paths, rows)
 
-
     def pairs(self) -> pd.DataFrame:
         """`pairs_from_neighbours` of the lists, made on the workers (see the section comment)."""
         client = self.client

@@ -751,11 +751,8 @@ class Catalog:
             part_of_key = pd.Series(np.repeat(np.arange(len(new_paths)), [len(k) for k in new_keys]), index=keys)
             part_of_key = part_of_key[~part_of_key.index.duplicated(keep="last")]
             mine = features.index[(features["kind"] == kind) & (features["fp"] == fp)]
-            at = part_of_key.reindex(features.loc[mine, "key"].to_numpy(np.int64)).to_numpy()
-            found = ~np.isnan(at)
-            features.loc[mine, "part"] = np.where(
-                found, np.append(np.asarray(new_paths, dtype=object), None)[np.where(found, at, -1).astype(np.int64)],
-                None)
+            at = part_of_key.reindex(features.loc[mine, "key"].to_numpy(np.int64)).fillna(-1).to_numpy(np.int64)
+            features.loc[mine, "part"] = np.append(np.asarray(new_paths, dtype=object), None)[at]  # (-1: None)
             features = features[features["part"].notna()]  # rows whose part did not hold their key
             mine = features.index[(features["kind"] == kind) & (features["fp"] == fp)]
             written = len(new_paths)
