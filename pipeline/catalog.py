@@ -38,6 +38,7 @@ and rename; on a store a single PUT, atomic by itself).
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import io
@@ -316,14 +317,64 @@ _SCREEN_SEARCH = {"max_distance", "max_candidates", "backend", "exact_group_pair
                   "embedding_shard_size", "dihedral_max_distance", "search_sharding", "search_shard_size"}
 
 
-# the code and libraries that make each kind of result: a new version of either invalidates it
+# the code and libraries that make each kind of result: a new version of either invalidates it (of
+# the code, its syntax without docstrings and comments, and without the definitions a module lists
+# in NOT_FINGERPRINTED: `source_fingerprint`)
 _CODE = {"screen": (["screen.py", "decode.py", "borders.py"], ["pillow", "imagehash", "numpy"]),
          "orb_features": (["verify.py", "decode.py"], ["opencv-python-headless", "opencv-python", "pillow", "numpy"]),
-         # the descriptor matcher's module (with the search kernels: an edit to any of them, or a
-         # new numba, re-scores the stored pairs, never their features)
-         "orb_match": (["hamming.py"], ["numba", "llvmlite"]),
+         # what scores a pair beyond its features: the descriptor matcher's module (its search
+         # kernels left out) and the pixel check's grid transforms (screen.GRID_DIHEDRAL); an edit
+         # to either, or a new numba, re-scores the stored pairs, never their features
+         "orb_match": (["hamming.py", "screen.py"], ["numba", "llvmlite"]),
          "embed": (["confirm.py", "decode.py", "borders.py"],
                    ["tensorflow-cpu", "tensorflow", "keras", "ai-edge-litert", "pillow"])}
+
+
+FINGERPRINT_SKIP_LIST = "NOT_FINGERPRINTED"
+
+
+def source_fingerprint(text: str) -> str:
+    """What of a module's source keys the results it computes: its syntax (`ast.unparse`: no
+    comments, no layout) without docstrings and without the top-level definitions the module names
+    in a tuple `NOT_FINGERPRINTED` (the code that only cuts, sends and collects a tier's tasks, which
+    changes often and shapes no feature or score). The module's whole bytes were hashed before:
+    each of verify.py's 45 commits made every catalog compute its ORB features and re-verify its
+    pairs again; replayed with today's list, 15 of them (plumbing or comments only) change
+    nothing. Listing a name the module does not define, or one that a kept definition uses, is
+    an error: a rename or a new call cannot take code that shapes a number out of the
+    fingerprint. A Python whose `ast.unparse` writes the same syntax otherwise gives another
+    fingerprint: that costs a recomputation, never a stale result."""
+    tree = ast.parse(text)
+    skip: set[str] = set()
+    for node in tree.body:
+        if (isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == FINGERPRINT_SKIP_LIST for t in node.targets)):
+            skip = set(ast.literal_eval(node.value)) | {FINGERPRINT_SKIP_LIST}
+
+    def names(node) -> set[str]:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            return {node.name}
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, ast.AnnAssign) else [])
+        return {t.id for t in targets if isinstance(t, ast.Name)}
+
+    defined = set().union(*(names(node) for node in tree.body))
+    if skip - defined - {FINGERPRINT_SKIP_LIST}:
+        raise ValueError(f"{FINGERPRINT_SKIP_LIST} names what the module does not define: "
+                         f"{sorted(skip - defined - {FINGERPRINT_SKIP_LIST})}")
+    kept = [node for node in tree.body if not (names(node) and names(node) <= skip)]
+    # what a kept definition uses shapes its numbers, so it must be kept too
+    used = {n.id for node in kept for n in ast.walk(node) if isinstance(n, ast.Name)} & skip
+    if used:
+        raise ValueError(f"{FINGERPRINT_SKIP_LIST} leaves out what fingerprinted code uses: {sorted(used)}")
+    tree.body = kept
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.unparse(tree).encode()).hexdigest()
 
 
 def _code(kind: str) -> str:
@@ -332,7 +383,7 @@ def _code(kind: str) -> str:
     h = hashlib.sha256()
     here = Path(__file__).resolve().parent
     for name in files:
-        h.update((here / name).read_bytes())
+        h.update(f"{name}={source_fingerprint((here / name).read_text())}".encode())
     for dist in dists:
         try:
             h.update(f"{dist}={metadata.version(dist)}".encode())

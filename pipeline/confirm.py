@@ -54,6 +54,12 @@ log = logging.getLogger(__name__)
 
 EMBED_SUBDIR = "confirm_embeddings"  # under the work dir
 
+# The definitions that only send the tier's tasks and collect their cosines: the catalog's
+# fingerprint of this module leaves them out (`catalog.source_fingerprint`), so editing them keeps
+# every stored embedding and cosine. How keys are cut into tasks stays in it (`embed_keys`,
+# `task_size`): a task's batches are what the model sees together.
+NOT_FINGERPRINTED = ("EMBED_SUBDIR", "run_confirm", "_CosineTasks")
+
 
 # ---------------------------------------------------------------------------------------------
 # TensorFlow set-up (once per process)
@@ -573,6 +579,13 @@ def task_size(n: int, cfg: Config, slots: int) -> int:
     return min(size, max(b, -(-per // b) * b)) if size >= b else size
 
 
+def pair_embedding_keys(idx_a, idx_b, transform) -> tuple[np.ndarray, np.ndarray]:
+    """The embedding keys each pair is compared with: a plain, b turned by the pair's transform
+    (`dihedral(image_b, transform)` aligns b with a)."""
+    return (np.asarray(idx_a, dtype=np.int64) * 8,
+            np.asarray(idx_b, dtype=np.int64) * 8 + np.asarray(transform, dtype=np.int64))
+
+
 def _embed_task(part: int, rows: pd.DataFrame, cfg: Config, out_dir: str) -> pd.DataFrame:
     return embed_partition(rows, cfg, out_dir, part)
 
@@ -595,8 +608,7 @@ def run_confirm(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir
     if len(pairs) == 0:
         return pd.Series(np.zeros(0, np.float32), index=pairs.index, name="cosine")
     check_weights_available(cfg)  # fail fast (and download once, in the driver) before any task
-    ka = pairs["idx_a"].to_numpy(dtype=np.int64) * 8
-    kb = pairs["idx_b"].to_numpy(dtype=np.int64) * 8 + pairs["transform"].to_numpy(dtype=np.int64)
+    ka, kb = pair_embedding_keys(pairs["idx_a"].to_numpy(), pairs["idx_b"].to_numpy(), pairs["transform"].to_numpy())
     keys = np.unique(np.concatenate([ka, kb]))
     known = pd.Series(dtype=object)
     if precomputed is not None and len(precomputed):

@@ -18,6 +18,13 @@ from numba.core import cgutils
 from numba.core import types as nbtypes
 from numba.extending import intrinsic
 
+# The catalog keys the stored pair scores on this module for the ORB matcher
+# (`match_descriptors`, with `popcount`): the search kernels shape no score, so its fingerprint
+# leaves them out (`catalog.source_fingerprint`) and editing them re-scores no stored pair.
+NOT_FINGERPRINTED = ("_prefetch", "_offer", "_visit", "_flush", "_alloc", "_TILE", "brute_search",
+                     "scan_unique_search", "mih_search", "slice_search", "pair_distance", "pair_best",
+                     "own_direction")
+
 
 @intrinsic
 def popcount(typingctx, x):

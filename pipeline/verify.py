@@ -20,7 +20,7 @@ functions in-process (and gives the same numbers: everything is deterministic, R
 
 Feature keys are `idx * 8 + transform` (`feature_key`). Pair semantics: `dihedral(image_b, t)`
 aligns b with a, so a pair needs keys (idx_a, 0) and (idx_b, 0 or 4: ORB handles the turns, only
-the flip changes descriptors; see `run_verify`); a mirrored pair (t >= 4) also needs (idx_b, 0),
+the flip changes descriptors; see `pair_feature_keys`); a mirrored pair (t >= 4) also needs (idx_b, 0),
 because `check_pair` tries it unmirrored when the mirrored check is not a match.
 
 Score (`orb_score`): inliers / min(n_keypoints_a, n_keypoints_b), in [0, 1] — the fraction of the
@@ -77,6 +77,14 @@ FLAT_SHARE = 0.8
 SSIM_TAIL = 1.5  # percent of the overlap allowed to differ (a watermark covers ~1 %)
 
 _local = threading.local()  # cv2 ORB / matcher objects are not shared between threads
+
+# The definitions that only cut, send and collect the tier's tasks. A stored feature or score
+# does not depend on them, so the catalog's fingerprint of this module leaves them out
+# (`catalog.source_fingerprint`) and editing them keeps every catalog's ORB features and pair
+# evidence. What shapes a number (which feature keys a pair is checked with, the checks
+# themselves) stays out of this list.
+NOT_FINGERPRINTED = ("TEXT_COLUMNS", "_verify_task", "_features_task", "run_verify", "FeaturesMade",
+                     "features_made", "_PairTasks", "_Collected")
 
 
 def feature_key(idx, transform):
@@ -776,6 +784,35 @@ def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) 
     return _result_frame(results, pairs.index)
 
 
+def _feature_transform_b(transform) -> np.ndarray:
+    """The transform of b's features a pair is checked with: 0 or 4 (flipped). ORB descriptors are
+    steered to each keypoint's orientation and the affine RANSAC model rotates, so a rotated copy
+    (t = 1-3) matches the plain features; only mirroring changes the descriptors, and every
+    mirrored transform (4-7) is a left-right flip plus a rotation. So at most two feature sets per
+    image: plain and flipped."""
+    return np.where(np.asarray(transform, dtype=np.int64) >= 4, 4, 0)
+
+
+def pair_feature_keys(idx_a, idx_b, transform) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The feature keys each pair (image indices, the pair's transform) is checked with: a plain,
+    b as `_feature_transform_b` says, and b plain for a mirrored pair (`check_pair` also tries it
+    unmirrored; -1 for the others)."""
+    t_b = _feature_transform_b(transform)
+    return (feature_key(idx_a, 0), feature_key(idx_b, t_b),
+            np.where(t_b == 4, feature_key(idx_b, 0), -1))
+
+
+def needed_features(ids_a, ids_b, transform) -> tuple[np.ndarray, np.ndarray]:
+    """(image id, feature transform) of every feature row the pairs need, repeats included:
+    a plain, b plain or flipped (4) as the pair's transform says, and b plain again for the
+    mirrored pairs (`check_pair` also tries them unmirrored). Ids may be indices or sha256s."""
+    t_b = _feature_transform_b(transform)
+    ids_b = np.asarray(ids_b)
+    mirrored = ids_b[t_b == 4]
+    return (np.concatenate([np.asarray(ids_a), ids_b, mirrored]),
+            np.concatenate([np.zeros(len(t_b), np.int64), t_b, np.zeros(len(mirrored), np.int64)]))
+
+
 # the result columns sent back as categories (codes and the distinct texts) by `_verify_task`
 TEXT_COLUMNS = ("orb_status", "orb_reason")
 
@@ -794,15 +831,7 @@ def _verify_task(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
 # Orchestration
 
 
-def needed_features(ids_a, ids_b, transform) -> tuple[np.ndarray, np.ndarray]:
-    """(image id, feature transform) of every feature row the pairs need, repeats included:
-    a plain, b plain or flipped (4) as the pair's transform says, and b plain again for the
-    mirrored pairs (`check_pair` also tries them unmirrored). Ids may be indices or sha256s."""
-    t_b = np.where(np.asarray(transform, dtype=np.int64) >= 4, 4, 0)
-    ids_b = np.asarray(ids_b)
-    mirrored = ids_b[t_b == 4]
-    return (np.concatenate([np.asarray(ids_a), ids_b, mirrored]),
-            np.concatenate([np.zeros(len(t_b), np.int64), t_b, np.zeros(len(mirrored), np.int64)]))
+
 
 
 def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir: str,
@@ -826,16 +855,7 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     out_dir = storage.join(work_dir, f"orb-{uuid.uuid4().hex[:12]}")
     idx_a = pairs["idx_a"].to_numpy(np.int64)
     idx_b = pairs["idx_b"].to_numpy(np.int64)
-    # ORB descriptors are steered to each keypoint's orientation and the affine RANSAC model
-    # rotates, so a rotated copy (t = 1-3) matches the plain features; only mirroring changes the
-    # descriptors, and every mirrored transform (4-7) is a left-right flip plus a rotation. So at
-    # most two feature sets per image: plain and flipped.
-    t_b = np.where(pairs["transform"].to_numpy(np.int64) >= 4, 4, 0)
-    key_a = feature_key(idx_a, 0)
-    key_b = feature_key(idx_b, t_b)
-    # a mirrored pair is also checked plain (`check_pair`): b's plain features too
-    mirrored = t_b == 4
-    key_b0 = np.where(mirrored, feature_key(idx_b, 0), -1)
+    key_a, key_b, key_b0 = pair_feature_keys(idx_a, idx_b, pairs["transform"].to_numpy(np.int64))
 
     # which (image, transform) keys are needed, skipping images that failed upstream
     err = images["error"] if "error" in images else pd.Series(None, index=images.index, dtype=object)

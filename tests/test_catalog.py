@@ -762,6 +762,52 @@ def test_search_settings_key_the_neighbour_lists_not_the_hashes():
     assert fp["screen"] != base["screen"]
 
 
+def _edited(text: str, old: str, new: str) -> str:
+    assert text.count(old) == 1, old
+    return text.replace(old, new)
+
+
+@pytest.mark.parametrize("module, plumbing, shaping", [
+    # (a definition the module leaves out of its fingerprint, one that shapes the numbers)
+    ("verify.py", ('f"orb-{uuid.uuid4().hex[:12]}"', 'f"orb-{uuid.uuid4().hex[:16]}"'),
+     ("def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = None) -> tuple[float, float]:",
+      "def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = None) -> tuple[float, float]:"
+      "\n    fa = dict(fa)")),
+    ("verify.py", ("class _PairTasks:", "class _PairTasks:\n    unused = 1"),
+     ("return np.where(np.asarray(transform, dtype=np.int64) >= 4, 4, 0)",
+      "return np.where(np.asarray(transform, dtype=np.int64) >= 1, 4, 0)")),
+    ("hamming.py", ("    nf_max = flips.shape[1]\n", "    nf_max = int(flips.shape[1])\n"),
+     ("if d1 < ratio * d2:", "if d1 <= ratio * d2:")),
+    ("confirm.py", ("class _CosineTasks:", "class _CosineTasks:\n    unused = 1"),
+     ("* 8 + np.asarray(transform, dtype=np.int64))", "* 8)")),
+])
+def test_code_fingerprint_is_the_syntax_that_shapes_results(module, plumbing, shaping):
+    """A stored result is keyed on the code that computes it (catalog._CODE), read as its syntax:
+    comments, docstrings and the definitions a module lists in NOT_FINGERPRINTED (the tier's task
+    plumbing) may change without invalidating a catalog; an edit to any other definition, or
+    to which feature keys a pair is checked with, invalidates what it computes."""
+    text = (Path(catalog.__file__).parent / module).read_text()
+    base = catalog.source_fingerprint(text)
+    cosmetic = "# a comment\n" + text.replace('"""', '"""Reworded. ', 1).replace("\n\n\n", "\n\n\n# note\n")
+    cosmetic = cosmetic.replace('    """', '    """Reworded too. ', 1)  # (a definition's docstring)
+    assert catalog.source_fingerprint(cosmetic) == base
+    assert catalog.source_fingerprint(_edited(text, *plumbing)) == base
+    assert catalog.source_fingerprint(_edited(text, *shaping)) != base
+
+
+def test_code_fingerprint_refuses_a_skip_list_that_hides_shaping_code():
+    """The skip list must name definitions the module has, and none that kept code uses: what a
+    fingerprinted function calls shapes its numbers."""
+    text = (Path(catalog.__file__).parent / "verify.py").read_text()
+    with pytest.raises(ValueError, match="does not define.*run_verify_renamed"):
+        catalog.source_fingerprint(text.replace('"run_verify",', '"run_verify_renamed", "run_verify",', 1))
+    used = _edited(text, "def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) -> pd.DataFrame:",
+                   "def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) -> pd.DataFrame:"
+                   "\n    _ = _PairTasks")
+    with pytest.raises(ValueError, match="uses.*_PairTasks"):
+        catalog.source_fingerprint(used)
+
+
 def test_evidence_table_keeps_old_rows_and_updates_the_scored_pairs(tmp_path, monkeypatch):
     """Column by column, as the catalog relies on: old rows of contents still present keep their
     order and values (the last of a repeated key), this run's scored pairs overwrite their ORB
