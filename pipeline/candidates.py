@@ -926,16 +926,20 @@ def _empty_pairs() -> pd.DataFrame:
 def _route_rows(part, rows, starts: np.ndarray, lo: int, hi: int) -> list:
     """One partition's list rows (o, p) cut by the block holding p (`starts`: each block's first
     image number), each with o's codes and masks (o is this partition's): for the blocks lo..hi-1,
-    (o, p, codes, use, idx_use) or None."""
+    (o, p, codes, use, idx_use) or None. Only the rows of those blocks are looked up and sorted:
+    a partition is routed once per wave, and a wave's rows are about 1/waves of them."""
     img, codes, use, idx_use = part
-    o = rows["owner_a"].to_numpy(np.int64)
     p = rows["owner_b"].to_numpy(np.int64)
+    wave = p >= starts[lo]
+    if hi < len(starts):
+        wave &= p < starts[hi]
+    o, p = rows["owner_a"].to_numpy(np.int64)[wave], p[wave]
     at = _rows_in(img, o, "a list's owner")
     block = np.searchsorted(starts, p, side="right") - 1
     order = np.argsort(block, kind="stable")
-    bounds = np.searchsorted(block[order], np.arange(len(starts) + 1))
+    bounds = np.searchsorted(block[order], np.arange(lo, hi + 1))
     out = []
-    for j in range(lo, hi):
+    for j in range(hi - lo):
         take = order[bounds[j]:bounds[j + 1]]
         out.append((o[take], p[take], codes[at[take]], use[at[take]], idx_use[at[take]]) if take.size else None)
     return out

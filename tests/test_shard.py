@@ -324,3 +324,26 @@ def test_a_routed_row_whose_image_is_not_in_its_partitions_stops_the_search():
         candidates._rows_in(img, np.array([5, 6]), "a listed neighbour")
     with pytest.raises(RuntimeError, match=r"\(10\)"):
         candidates._rows_in(img, np.array([10]), "a list's owner")
+
+
+def test_a_partitions_list_rows_are_looked_up_and_sorted_in_their_own_wave_only(monkeypatch):
+    """Routing a partition's list rows to the blocks of one wave handles that wave's rows only
+    (a partition is routed once per wave: ~8 waves at 10M images), and the waves together route
+    every row where one wave over all blocks does."""
+    from pipeline import candidates
+    rng = np.random.default_rng(0)
+    img = np.sort(rng.choice(10_000, 500, replace=False)).astype(np.int64)
+    part = (img, rng.integers(0, 2**62, (img.size, 8, 1)), rng.random((img.size, 8)) < 0.5,
+            rng.integers(0, 9, img.size))
+    o = np.repeat(img, 6)
+    rows = pd.DataFrame({"owner_a": o, "owner_b": rng.integers(0, 10_000, o.size)})
+    starts = np.array([0, 1_000, 4_000, 4_500, 9_000], dtype=np.int64)
+    whole = candidates._route_rows(part, rows, starts, 0, 5)
+    looked_up, real = [], candidates._rows_in
+    monkeypatch.setattr(candidates, "_rows_in", lambda img, ids, what: looked_up.append(ids.size) or real(img, ids, what))
+    waves = [candidates._route_rows(part, rows, starts, lo, hi) for lo, hi in ((0, 2), (2, 3), (3, 5))]
+    assert sum(looked_up) == len(rows) and len(looked_up) == 3
+    for got, want in zip([piece for wave in waves for piece in wave], whole):
+        assert got is not None and len(got) == len(want) == 5
+        for x, y in zip(got, want):
+            np.testing.assert_array_equal(x, y)
