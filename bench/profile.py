@@ -84,8 +84,8 @@ def bench_verify_rates(n_photos: int, cfg) -> dict:
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory(prefix="bench-profile-verify-") as tmp:
         images, pairs = bverify.build(n_photos, Path(tmp) / "img")
-        keys = pairs[["idx_a"]].rename(columns={"idx_a": "idx"}).assign(transform=0)
-        keys = pd.concat([keys, pairs[["idx_b", "transform"]].rename(columns={"idx_b": "idx"})]).drop_duplicates()
+        need_idx, need_t = verify.needed_features(pairs["idx_a"], pairs["idx_b"], pairs["transform"])
+        keys = pd.DataFrame({"idx": need_idx, "transform": need_t}).drop_duplicates()
         rows = pd.DataFrame({"key": verify.feature_key(keys["idx"], keys["transform"]),
                              "abs_path": images.loc[keys["idx"], "abs_path"].to_numpy(),
                              "transform": keys["transform"].astype("int8").to_numpy()})
@@ -93,9 +93,7 @@ def bench_verify_rates(n_photos: int, cfg) -> dict:
         summ = verify.features_partition(rows, cfg, tmp, 0)
         f_rate, f_cpu = len(rows) / (time.perf_counter() - t), len(rows) / (time.process_time() - c)
         part = dict(zip(summ["key"], summ["part_path"]))
-        job = pd.DataFrame({"key_a": verify.feature_key(pairs["idx_a"], 0),
-                            "key_b": verify.feature_key(pairs["idx_b"], pairs["transform"])})
-        job["path_a_part"], job["path_b_part"] = job["key_a"].map(part), job["key_b"].map(part)
+        job = verify.pair_job(pairs, part)
         verify.verify_partition(job.iloc[:2], cfg)  # compiled kernel loaded before timing
         t, c = time.perf_counter(), time.process_time()
         verify.verify_partition(job, cfg)

@@ -361,9 +361,8 @@ def main(argv=None) -> int:
                                float(hard.quantile(0.95)), int(neg.max())])
 
             # speed: the same feature/pair tasks the orchestrator would run, timed in-process
-            keys = pd.DataFrame({"idx": np.r_[pairs["idx_a"], pairs["idx_b"]],
-                                 "transform": np.r_[np.zeros(len(pairs), np.int64), pairs["transform"]]}
-                                ).drop_duplicates()
+            need_idx, need_t = verify.needed_features(pairs["idx_a"], pairs["idx_b"], pairs["transform"])
+            keys = pd.DataFrame({"idx": need_idx, "transform": need_t}).drop_duplicates()
             rows = pd.DataFrame({"key": verify.feature_key(keys["idx"], keys["transform"]),
                                  "abs_path": images.loc[keys["idx"], "abs_path"].to_numpy(),
                                  "transform": keys["transform"].astype("int8").to_numpy()})
@@ -387,10 +386,7 @@ def main(argv=None) -> int:
                 old_rows = pd.read_parquet(prev["part_path"].iloc[0])
                 assert new_rows.equals(old_rows), "features differ from the previous path"
             part_of = dict(zip(summ["key"], summ["part_path"]))
-            job = pd.DataFrame({"key_a": verify.feature_key(pairs["idx_a"], 0),
-                                "key_b": verify.feature_key(pairs["idx_b"], pairs["transform"])})
-            job["path_a_part"] = job["key_a"].map(part_of)
-            job["path_b_part"] = job["key_b"].map(part_of)
+            job = verify.pair_job(pairs, part_of)
             verify.verify_partition(job.iloc[:2], cfg)  # numba kernel loaded (cache) before timing
             for rep in range(args.repeats):
                 t0 = time.perf_counter()

@@ -1084,7 +1084,7 @@ def _reach_queries(codes: np.ndarray, use: np.ndarray, idx_use: np.ndarray, adde
         rows, owners_of = [codes[r_img, r_var + 1]], [r_img]
         t_img = np.flatnonzero(idx_use[:, TRIMMED] & added) if V > TRIMMED else np.zeros(0, np.int64)
         if t_img.size:  # the added trimmed hash, rotated (the screen stores no such variant)
-            from .screen import GRID_DIHEDRAL  # how the screen turns an aHash bit grid
+            from .decode import GRID_DIHEDRAL  # how the screen turns an aHash bit grid
             side = cfg.hash_size
             bits = np.unpackbits(codes[t_img, TRIMMED].astype(">u8").view(np.uint8), axis=1)
             grids = bits.reshape(-1, side, side)

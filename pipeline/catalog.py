@@ -322,11 +322,11 @@ _SCREEN_SEARCH = {"max_distance", "max_candidates", "backend", "exact_group_pair
 # in NOT_FINGERPRINTED: `source_fingerprint`)
 _CODE = {"screen": (["screen.py", "decode.py", "borders.py"], ["pillow", "imagehash", "numpy"]),
          "orb_features": (["verify.py", "decode.py"], ["opencv-python-headless", "opencv-python", "pillow", "numpy"]),
-         # what scores a pair beyond its features: the descriptor matcher's module (its search
-         # kernels left out) and the pixel check's grid transforms (screen.GRID_DIHEDRAL); an edit
-         # to either, or a new numba, re-scores the stored pairs, never their features
-         "orb_match": (["hamming.py", "screen.py"], ["numba", "llvmlite"]),
-         "embed": (["confirm.py", "decode.py", "borders.py"],
+         # the descriptor matcher's module (its search kernels left out: an edit to the matcher,
+         # or a new numba, re-scores the stored pairs, never their features)
+         "orb_match": (["hamming.py"], ["numba", "llvmlite"]),
+         # (weights.py: each backbone's input preprocessing)
+         "embed": (["confirm.py", "decode.py", "borders.py", "weights.py"],
                    ["tensorflow-cpu", "tensorflow", "keras", "ai-edge-litert", "pillow"])}
 
 
@@ -339,17 +339,25 @@ def source_fingerprint(text: str) -> str:
     in a tuple `NOT_FINGERPRINTED` (the code that only cuts, sends and collects a tier's tasks, which
     changes often and shapes no feature or score). The module's whole bytes were hashed before:
     each of verify.py's 45 commits made every catalog compute its ORB features and re-verify its
-    pairs again; replayed with today's list, 15 of them (plumbing or comments only) change
-    nothing. Listing a name the module does not define, or one that a kept definition uses, is
-    an error: a rename or a new call cannot take code that shapes a number out of the
-    fingerprint. A Python whose `ast.unparse` writes the same syntax otherwise gives another
-    fingerprint: that costs a recomputation, never a stale result."""
+    pairs again; replayed with today's list, 14 of them (plumbing or comments only) change
+    nothing. So that such a list cannot hide code that shapes a number, it is refused when it
+    names what the module does not define, or what a kept definition uses, or a top-level
+    statement other than a function, a class or a literal, or code that rebinds names outside
+    itself (`global`, `nonlocal`, `globals()`, `setattr`, `exec`). A Python whose `ast.unparse`
+    writes the same syntax otherwise gives another fingerprint: that costs a recomputation,
+    never a stale result."""
     tree = ast.parse(text)
     skip: set[str] = set()
     for node in tree.body:
-        if (isinstance(node, ast.Assign)
-                and any(isinstance(t, ast.Name) and t.id == FINGERPRINT_SKIP_LIST for t in node.targets)):
-            skip = set(ast.literal_eval(node.value)) | {FINGERPRINT_SKIP_LIST}
+        target = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == FINGERPRINT_SKIP_LIST for t in target):
+            try:
+                listed = ast.literal_eval(node.value)
+            except ValueError:
+                listed = None
+            if not (isinstance(listed, tuple) and all(isinstance(x, str) for x in listed)):
+                raise ValueError(f"{FINGERPRINT_SKIP_LIST} must be a literal tuple of names (line {node.lineno})")
+            skip = set(listed) | {FINGERPRINT_SKIP_LIST}
 
     def names(node) -> set[str]:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -358,15 +366,28 @@ def source_fingerprint(text: str) -> str:
             [node.target] if isinstance(node, ast.AnnAssign) else [])
         return {t.id for t in targets if isinstance(t, ast.Name)}
 
+    def refused(msg: str, what) -> ValueError:
+        return ValueError(f"{FINGERPRINT_SKIP_LIST} {msg}: {sorted(what)}")
+
     defined = set().union(*(names(node) for node in tree.body))
     if skip - defined - {FINGERPRINT_SKIP_LIST}:
-        raise ValueError(f"{FINGERPRINT_SKIP_LIST} names what the module does not define: "
-                         f"{sorted(skip - defined - {FINGERPRINT_SKIP_LIST})}")
+        raise refused("names what the module does not define", skip - defined - {FINGERPRINT_SKIP_LIST})
+    skipped = [node for node in tree.body if names(node) and names(node) <= skip]
     kept = [node for node in tree.body if not (names(node) and names(node) <= skip)]
     # what a kept definition uses shapes its numbers, so it must be kept too
     used = {n.id for node in kept for n in ast.walk(node) if isinstance(n, ast.Name)} & skip
     if used:
-        raise ValueError(f"{FINGERPRINT_SKIP_LIST} leaves out what fingerprinted code uses: {sorted(used)}")
+        raise refused("leaves out what fingerprinted code uses", used)
+    for node in skipped:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            try:
+                ast.literal_eval(node.value)
+            except ValueError:
+                raise refused("leaves out a statement that is not a literal", names(node)) from None
+        rebinds = [n for n in ast.walk(node) if isinstance(n, (ast.Global, ast.Nonlocal))
+                   or (isinstance(n, ast.Name) and n.id in ("globals", "setattr", "exec"))]
+        if rebinds:
+            raise refused("leaves out code that rebinds names outside itself", names(node))
     tree.body = kept
     for node in ast.walk(tree):
         body = getattr(node, "body", None)

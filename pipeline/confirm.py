@@ -57,8 +57,10 @@ EMBED_SUBDIR = "confirm_embeddings"  # under the work dir
 # The definitions that only send the tier's tasks and collect their cosines: the catalog's
 # fingerprint of this module leaves them out (`catalog.source_fingerprint`), so editing them keeps
 # every stored embedding and cosine. How keys are cut into tasks stays in it (`embed_keys`,
-# `task_size`): a task's batches are what the model sees together.
+# `task_size`): a task's batches are what the model sees together. An edit to them that does
+# change a stored number (a bug fixed) bumps RESULTS_REVISION, which is in the fingerprint.
 NOT_FINGERPRINTED = ("EMBED_SUBDIR", "run_confirm", "_CosineTasks")
+RESULTS_REVISION = 1
 
 
 # ---------------------------------------------------------------------------------------------

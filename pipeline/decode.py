@@ -52,6 +52,18 @@ DIHEDRAL = [
 ]
 DIHEDRAL_INVERSE = [0, 3, 2, 1, 4, 5, 6, 7]
 DIHEDRAL_NAMES = ["identity", "rot90", "rot180", "rot270", "flip-lr", "transpose", "flip-tb", "transverse"]
+# The same transforms applied to a (rows, cols) array: the screen's hash bit grids, the verify
+# tier's pixel check (here, not in screen.py, so that both results' fingerprints cover them)
+GRID_DIHEDRAL = [
+    lambda a: a,
+    lambda a: np.rot90(a, 1),
+    lambda a: np.rot90(a, 2),
+    lambda a: np.rot90(a, 3),
+    lambda a: a[:, ::-1],
+    lambda a: a.T,
+    lambda a: a[::-1, :],
+    lambda a: a[::-1, ::-1].T,
+]
 
 
 class DecodeError(Exception):

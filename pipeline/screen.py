@@ -23,7 +23,7 @@ from PIL import Image
 from pipeline import paths, scan, storage
 from pipeline.borders import content_box
 from pipeline.config import ScreenConfig
-from pipeline.decode import DecodeError, dihedral, load_image
+from pipeline.decode import GRID_DIHEDRAL, DecodeError, dihedral, load_image
 from pipeline.scan import FileEntry
 
 N_VARIANTS = 9  # 0 plain, 1..7 the other dihedral orientations, 8 the content box (borders, frames cut)
@@ -48,19 +48,6 @@ def hash_words(h: imagehash.ImageHash) -> np.ndarray:
 
 def words_to_hex(words: np.ndarray) -> str:
     return "".join(f"{int(w):016x}" for w in words)
-
-
-# The dihedral transforms of decode.DIHEDRAL applied to a (rows, cols) array.
-GRID_DIHEDRAL = [
-    lambda a: a,
-    lambda a: np.rot90(a, 1),
-    lambda a: np.rot90(a, 2),
-    lambda a: np.rot90(a, 3),
-    lambda a: a[:, ::-1],
-    lambda a: a.T,
-    lambda a: a[::-1, :],
-    lambda a: a[::-1, ::-1].T,
-]
 
 
 def _words(bits: np.ndarray) -> np.ndarray:

@@ -60,9 +60,8 @@ from PIL import Image
 
 from . import storage, store
 from .config import Config, VerifyConfig
-from .decode import DecodeError, dihedral, load_image, open_checked, resize_max_side
+from .decode import GRID_DIHEDRAL, DecodeError, dihedral, load_image, open_checked, resize_max_side
 from .progress import Progress, map_tasks, stage_of, tasks_in_flight
-from .screen import GRID_DIHEDRAL
 
 STATUSES = ("match", "no-match", "inconclusive")
 RESULT_COLUMNS = ["orb_matches", "orb_inliers", "orb_score", "orb_status", "orb_reason", "ssim", "hist_corr"]
@@ -82,9 +81,13 @@ _local = threading.local()  # cv2 ORB / matcher objects are not shared between t
 # does not depend on them, so the catalog's fingerprint of this module leaves them out
 # (`catalog.source_fingerprint`) and editing them keeps every catalog's ORB features and pair
 # evidence. What shapes a number (which feature keys a pair is checked with, the checks
-# themselves) stays out of this list.
+# themselves) stays out of this list, the partition functions take no default for what these
+# definitions give them (JOB_COLUMNS), and tests/test_verify.py checks that run_verify gives each
+# pair what `check_pair` gives its features. An edit to them that does change a stored number
+# (a bug fixed) bumps RESULTS_REVISION, which is in the fingerprint: every catalog recomputes.
 NOT_FINGERPRINTED = ("TEXT_COLUMNS", "_verify_task", "_features_task", "run_verify", "FeaturesMade",
                      "features_made", "_PairTasks", "_Collected")
+RESULTS_REVISION = 1
 
 
 def feature_key(idx, transform):
@@ -727,16 +730,77 @@ def _features_task(part: int, rows: pd.DataFrame, cfg: Config, out_dir: str) -> 
     return features_partition(rows, cfg, out_dir, part)
 
 
-def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) -> pd.DataFrame:
-    """Verify pairs (key_a, key_b, path_a_part, path_b_part, transform) -> RESULT_COLUMNS, same
-    row order (`transform`: the pixel check's alignment and, when >= 4, the unmirrored retry;
-    missing = 0). Optional key_b0, path_b0_part: b's plain row for the mirrored pairs (-1 / null
-    when absent: then only the mirrored check runs), see `check_pair`.
+def _feature_transform_b(transform) -> np.ndarray:
+    """The transform of b's features a pair is checked with: 0 or 4 (flipped). ORB descriptors are
+    steered to each keypoint's orientation and the affine RANSAC model rotates, so a rotated copy
+    (t = 1-3) matches the plain features; only mirroring changes the descriptors, and every
+    mirrored transform (4-7) is a left-right flip plus a rotation. So at most two feature sets per
+    image: plain and flipped."""
+    return np.where(np.asarray(transform, dtype=np.int64) >= 4, 4, 0)
 
-    A key whose path is empty/null (image not decoded upstream) or whose feature row carries an
-    error gives an "inconclusive" row with the reason. `reference=True` matches with the previous
-    cv2 BFMatcher path (`_good_matches_reference`; same numbers, slower: benchmark baseline).
+
+def pair_feature_keys(idx_a, idx_b, transform) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The feature keys each pair (image indices, the pair's transform) is checked with: a plain,
+    b as `_feature_transform_b` says, and b plain for a mirrored pair (`check_pair` also tries it
+    unmirrored; -1 for the others)."""
+    t_b = _feature_transform_b(transform)
+    return (feature_key(idx_a, 0), feature_key(idx_b, t_b),
+            np.where(t_b == 4, feature_key(idx_b, 0), -1))
+
+
+def needed_features(ids_a, ids_b, transform) -> tuple[np.ndarray, np.ndarray]:
+    """(image id, feature transform) of every feature row the pairs need, repeats included:
+    a plain, b plain or flipped (4) as the pair's transform says, and b plain again for the
+    mirrored pairs (`check_pair` also tries them unmirrored). Ids may be indices or sha256s."""
+    t_b = _feature_transform_b(transform)
+    ids_b = np.asarray(ids_b)
+    mirrored = ids_b[t_b == 4]
+    return (np.concatenate([np.asarray(ids_a), ids_b, mirrored]),
+            np.concatenate([np.zeros(len(t_b), np.int64), t_b, np.zeros(len(mirrored), np.int64)]))
+
+
+# verify_partition's input: a pair's feature keys (`pair_feature_keys`) and their part files, its
+# transform, and each image's upstream error (None when it has none)
+JOB_COLUMNS = ("key_a", "key_b", "transform", "path_a_part", "path_b_part", "key_b0", "path_b0_part",
+               "error_a", "error_b")
+
+
+def pair_job(pairs: pd.DataFrame, part_of, error_a=None, error_b=None) -> pd.DataFrame:
+    """`verify_partition`'s input for pairs (idx_a, idx_b, transform) whose feature rows are in
+    the part files `part_of` names (a mapping key -> part file; a key it lacks has none), indexed
+    like `pairs`. For callers of the partition function itself (tests, benchmarks); `run_verify`
+    makes the same frames for its tasks (`_PairTasks`)."""
+    n = len(pairs)
+    ka, kb, kb0 = pair_feature_keys(pairs["idx_a"].to_numpy(np.int64), pairs["idx_b"].to_numpy(np.int64),
+                                    pairs["transform"].to_numpy(np.int64))
+
+    def parts(keys) -> np.ndarray:
+        return np.array([part_of.get(int(k)) if k >= 0 else None for k in keys], dtype=object)
+    none = np.full(n, None, dtype=object)
+    return pd.DataFrame({"key_a": ka, "key_b": kb, "transform": pairs["transform"].to_numpy(np.int64),
+                         "path_a_part": parts(ka), "path_b_part": parts(kb), "key_b0": kb0,
+                         "path_b0_part": parts(kb0),
+                         "error_a": none if error_a is None else np.asarray(error_a, dtype=object),
+                         "error_b": none if error_b is None else np.asarray(error_b, dtype=object)},
+                        index=pairs.index)
+
+
+def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) -> pd.DataFrame:
+    """Verify pairs (JOB_COLUMNS, e.g. `pair_job`) -> RESULT_COLUMNS, same row order
+    (`transform`: the pixel check's alignment and, when >= 4, the unmirrored retry with b's plain
+    row, key_b0 and path_b0_part: -1 / null for the other pairs, see `check_pair`).
+
+    A key whose path is empty/null (image not decoded upstream: its error_a / error_b says why) or
+    whose feature row carries an error gives an "inconclusive" row with the reason.
+    `reference=True` matches with the previous cv2 BFMatcher path (`_good_matches_reference`; same
+    numbers, slower: benchmark baseline).
     """
+    # every column is required: a default filled in here (no transform, no plain row for a
+    # mirrored pair, no upstream error) would change the numbers stored for the pairs, and the
+    # code that makes these frames is not in the stored results' fingerprint (NOT_FINGERPRINTED)
+    missing = [c for c in JOB_COLUMNS if c not in pairs]
+    if missing:
+        raise ValueError(f"verify_partition: the pairs lack {missing} (see pair_job)")
     matcher = _good_matches_reference if reference else _good_matches
     vcfg = cfg.verify
     n = len(pairs)
@@ -745,14 +809,12 @@ def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) 
     kb = pairs["key_b"].to_numpy(np.int64)
     pa = pairs["path_a_part"].fillna("").astype(str).to_numpy()
     pb = pairs["path_b_part"].fillna("").astype(str).to_numpy()
-    err_a = pairs["error_a"].to_numpy() if "error_a" in pairs else np.full(n, None, object)
-    err_b = pairs["error_b"].to_numpy() if "error_b" in pairs else np.full(n, None, object)
-    tr = pairs["transform"].to_numpy(np.int64) if "transform" in pairs else np.zeros(n, np.int64)
-    # b's plain row for the mirrored pairs (run_verify adds it; -1 / "" when not there)
-    kb0 = pairs["key_b0"].to_numpy(np.int64) if "key_b0" in pairs else np.full(n, -1, np.int64)
-    pb0 = (pairs["path_b0_part"].fillna("").astype(str).to_numpy() if "path_b0_part" in pairs
-           else np.full(n, "", object))
-    pb0 = np.where(kb0 >= 0, pb0, "")
+    err_a = pairs["error_a"].to_numpy()
+    err_b = pairs["error_b"].to_numpy()
+    tr = pairs["transform"].to_numpy(np.int64)
+    # b's plain row for the mirrored pairs (-1 / "" for the others)
+    kb0 = pairs["key_b0"].to_numpy(np.int64)
+    pb0 = np.where(kb0 >= 0, pairs["path_b0_part"].fillna("").astype(str).to_numpy(), "")
     todo = []
     for i in range(n):
         if not pa[i] or not pb[i]:
@@ -782,35 +844,6 @@ def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) 
                         fb0 = feats.get(int(kb0[i])) if pb0[i] else None
                         results[i] = check_pair(fa, fb, tr[i], vcfg, fb0, matcher)
     return _result_frame(results, pairs.index)
-
-
-def _feature_transform_b(transform) -> np.ndarray:
-    """The transform of b's features a pair is checked with: 0 or 4 (flipped). ORB descriptors are
-    steered to each keypoint's orientation and the affine RANSAC model rotates, so a rotated copy
-    (t = 1-3) matches the plain features; only mirroring changes the descriptors, and every
-    mirrored transform (4-7) is a left-right flip plus a rotation. So at most two feature sets per
-    image: plain and flipped."""
-    return np.where(np.asarray(transform, dtype=np.int64) >= 4, 4, 0)
-
-
-def pair_feature_keys(idx_a, idx_b, transform) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The feature keys each pair (image indices, the pair's transform) is checked with: a plain,
-    b as `_feature_transform_b` says, and b plain for a mirrored pair (`check_pair` also tries it
-    unmirrored; -1 for the others)."""
-    t_b = _feature_transform_b(transform)
-    return (feature_key(idx_a, 0), feature_key(idx_b, t_b),
-            np.where(t_b == 4, feature_key(idx_b, 0), -1))
-
-
-def needed_features(ids_a, ids_b, transform) -> tuple[np.ndarray, np.ndarray]:
-    """(image id, feature transform) of every feature row the pairs need, repeats included:
-    a plain, b plain or flipped (4) as the pair's transform says, and b plain again for the
-    mirrored pairs (`check_pair` also tries them unmirrored). Ids may be indices or sha256s."""
-    t_b = _feature_transform_b(transform)
-    ids_b = np.asarray(ids_b)
-    mirrored = ids_b[t_b == 4]
-    return (np.concatenate([np.asarray(ids_a), ids_b, mirrored]),
-            np.concatenate([np.zeros(len(t_b), np.int64), t_b, np.zeros(len(mirrored), np.int64)]))
 
 
 # the result columns sent back as categories (codes and the distinct texts) by `_verify_task`

@@ -768,44 +768,80 @@ def _edited(text: str, old: str, new: str) -> str:
 
 
 @pytest.mark.parametrize("module, plumbing, shaping", [
-    # (a definition the module leaves out of its fingerprint, one that shapes the numbers)
+    # (an edit to a definition the module leaves out of its fingerprint, one to a definition
+    # that shapes the numbers)
     ("verify.py", ('f"orb-{uuid.uuid4().hex[:12]}"', 'f"orb-{uuid.uuid4().hex[:16]}"'),
-     ("def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = None) -> tuple[float, float]:",
-      "def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = None) -> tuple[float, float]:"
-      "\n    fa = dict(fa)")),
-    ("verify.py", ("class _PairTasks:", "class _PairTasks:\n    unused = 1"),
+     ("SSIM_TAIL = 1.5", "SSIM_TAIL = 2.0")),
+    ("verify.py", ("        self.step, self.parts = max(1, int(step)), parts\n",
+                   "        self.step, self.parts = max(2, int(step)), parts\n"),
      ("return np.where(np.asarray(transform, dtype=np.int64) >= 4, 4, 0)",
       "return np.where(np.asarray(transform, dtype=np.int64) >= 1, 4, 0)")),
+    ("verify.py", ("        self.error = error[error.notna()]", "        self.error = error.dropna()"),
+     ("RESULTS_REVISION = 1\n", "RESULTS_REVISION = 2\n")),
     ("hamming.py", ("    nf_max = flips.shape[1]\n", "    nf_max = int(flips.shape[1])\n"),
      ("if d1 < ratio * d2:", "if d1 <= ratio * d2:")),
-    ("confirm.py", ("class _CosineTasks:", "class _CosineTasks:\n    unused = 1"),
+    ("confirm.py", ("self.parts = store.PartPaths(part_of)", "self.parts = store.PartPaths(part_of.copy())"),
      ("* 8 + np.asarray(transform, dtype=np.int64))", "* 8)")),
+    ("decode.py", (None, None), ("    lambda a: a[:, ::-1],\n", "    lambda a: a[::-1, :],\n")),
 ])
 def test_code_fingerprint_is_the_syntax_that_shapes_results(module, plumbing, shaping):
     """A stored result is keyed on the code that computes it (catalog._CODE), read as its syntax:
     comments, docstrings and the definitions a module lists in NOT_FINGERPRINTED (the tier's task
-    plumbing) may change without invalidating a catalog; an edit to any other definition, or
-    to which feature keys a pair is checked with, invalidates what it computes."""
+    plumbing) may change without invalidating a catalog; an edit to any other definition, to
+    which feature keys a pair is checked with, or to RESULTS_REVISION invalidates what it
+    computes."""
     text = (Path(catalog.__file__).parent / module).read_text()
     base = catalog.source_fingerprint(text)
     cosmetic = "# a comment\n" + text.replace('"""', '"""Reworded. ', 1).replace("\n\n\n", "\n\n\n# note\n")
     cosmetic = cosmetic.replace('    """', '    """Reworded too. ', 1)  # (a definition's docstring)
     assert catalog.source_fingerprint(cosmetic) == base
-    assert catalog.source_fingerprint(_edited(text, *plumbing)) == base
+    if plumbing[0]:
+        assert catalog.source_fingerprint(_edited(text, *plumbing)) == base
     assert catalog.source_fingerprint(_edited(text, *shaping)) != base
 
 
-def test_code_fingerprint_refuses_a_skip_list_that_hides_shaping_code():
-    """The skip list must name definitions the module has, and none that kept code uses: what a
-    fingerprinted function calls shapes its numbers."""
+def test_every_kinds_code_is_read_as_its_syntax(monkeypatch):
+    """Each module a kind of result is keyed on goes through `source_fingerprint` (a comment in
+    any of them changes no fingerprint)."""
+    read = []
+    real = catalog.source_fingerprint
+    monkeypatch.setattr(catalog, "source_fingerprint", lambda text: read.append(text) or real(text))
+    for kind, (files, _) in catalog._CODE.items():
+        read.clear()
+        catalog._code(kind)
+        here = Path(catalog.__file__).parent
+        assert read == [(here / name).read_text() for name in files], kind
+
+
+@pytest.mark.parametrize("edit, refused", [
+    # a name the module does not define (a rename left behind)
+    (('"run_verify",', '"run_verify_renamed", "run_verify",'), "does not define.*run_verify_renamed"),
+    # a kept definition that uses a left-out one
+    (("    missing = [c for c in JOB_COLUMNS if c not in pairs]\n",
+      "    missing = [c for c in JOB_COLUMNS if c not in pairs]\n    _ = _PairTasks\n"), "uses.*_PairTasks"),
+    # a left-out definition that rebinds a module name, or a non-literal statement
+    (("        self.error = error[error.notna()]",
+      "        global PIXEL_SIDE\n        PIXEL_SIDE = 64\n        self.error = error[error.notna()]"),
+     "rebinds.*_PairTasks"),
+    (('TEXT_COLUMNS = ("orb_status", "orb_reason")', 'TEXT_COLUMNS = tuple(["orb_status", "orb_reason"])'),
+     "not a literal.*TEXT_COLUMNS"),
+    # the list itself: a literal tuple of names, annotated or not
+    (("NOT_FINGERPRINTED = (", "NOT_FINGERPRINTED: tuple = ("), None),
+    (("NOT_FINGERPRINTED = (", "NOT_FINGERPRINTED = str(("), "literal tuple"),
+])
+def test_code_fingerprint_refuses_a_skip_list_that_hides_shaping_code(edit, refused):
+    """The skip list must name definitions the module has, none that kept code uses, and only
+    functions, classes and literals that rebind nothing outside themselves: what a fingerprinted
+    function calls or reads shapes its numbers."""
     text = (Path(catalog.__file__).parent / "verify.py").read_text()
-    with pytest.raises(ValueError, match="does not define.*run_verify_renamed"):
-        catalog.source_fingerprint(text.replace('"run_verify",', '"run_verify_renamed", "run_verify",', 1))
-    used = _edited(text, "def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) -> pd.DataFrame:",
-                   "def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) -> pd.DataFrame:"
-                   "\n    _ = _PairTasks")
-    with pytest.raises(ValueError, match="uses.*_PairTasks"):
-        catalog.source_fingerprint(used)
+    edited = _edited(text, *edit)
+    if edit[1] == "NOT_FINGERPRINTED = str((":
+        edited = edited.replace('"_PairTasks", "_Collected")', '"_PairTasks", "_Collected"))', 1)
+    if refused is None:  # (the annotated list is read as the plain one)
+        assert catalog.source_fingerprint(edited) == catalog.source_fingerprint(text)
+        return
+    with pytest.raises(ValueError, match=refused):
+        catalog.source_fingerprint(edited)
 
 
 def test_evidence_table_keeps_old_rows_and_updates_the_scored_pairs(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from bench.incremental import grown_collection
 from pipeline import candidates
 from pipeline.candidates import directed_neighbours, incremental_neighbours
 from pipeline.config import ScreenConfig
-from pipeline.screen import GRID_DIHEDRAL
+from pipeline.decode import GRID_DIHEDRAL
 
 
 def _words(bits: np.ndarray) -> np.uint64:

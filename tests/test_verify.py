@@ -342,10 +342,53 @@ def _verify_job(small_set, tmp_path, cfg: Config) -> pd.DataFrame:
     part = {int(k): str(p) for p in sorted(tmp_path.glob("orb-*/part-*.parquet"))
             for k in pd.read_parquet(p, columns=["key"])["key"]}
     assert part
-    ka = verify.feature_key(pairs["idx_a"], 0)
-    kb = verify.feature_key(pairs["idx_b"], pairs["transform"])
-    return pd.DataFrame({"key_a": ka, "key_b": kb, "path_a_part": [part.get(int(k)) for k in ka],
-                         "path_b_part": [part.get(int(k)) for k in kb]}, index=pairs.index)
+    return verify.pair_job(pairs, part)
+
+
+def test_the_partition_function_takes_no_default_for_what_the_tasks_give_it(small_set, tmp_path):
+    """A column missing from a verify task's frame is an error, not a default: the code that makes
+    the frames is not in the stored scores' fingerprint (verify.NOT_FINGERPRINTED)."""
+    cfg = Config()
+    job = _verify_job(small_set, tmp_path, cfg)
+    assert list(job.columns) == list(verify.JOB_COLUMNS)
+    for column in ("transform", "key_b0", "error_b"):
+        with pytest.raises(ValueError, match=f"lack.*{column}"):
+            verify.verify_partition(job.drop(columns=column), cfg)
+
+
+def test_run_verify_gives_each_pair_what_check_pair_gives_its_features(small_set, tmp_path):
+    """The tier's task plumbing (verify.NOT_FINGERPRINTED: which task a pair goes in, the frames
+    sent, the results collected) is not in the stored scores' fingerprint, so it must not shape
+    them: with tasks of 3 pairs, each pair's numbers are those `check_pair` gives on its features
+    made straight from its files, with the keys `pair_feature_keys` names (rotated and mirrored
+    pairs, and a corrupt file, included)."""
+    images, pairs = small_set
+    paths = list(images["abs_path"])
+    turned = tmp_path / "turned.png"
+    Image.open(paths[3]).rotate(90, expand=True).save(turned)
+    images = pd.DataFrame({"abs_path": paths + [str(turned)], "error": [None] * (len(paths) + 1)})
+    more = pd.DataFrame({"idx_a": [0, 0, 3], "idx_b": [6, 6, 4], "transform": np.array([1, 5, 6], np.int8)},
+                        index=pd.Index([18, 19, 20]))
+    pairs = pd.concat([pairs, more])
+    cfg = Config()
+    cfg.dask.pairs_per_task = 3
+    res = verify.run_verify(pairs, images, cfg, str(tmp_path / "work"))
+    ka, kb, kb0 = verify.pair_feature_keys(pairs["idx_a"], pairs["idx_b"], pairs["transform"])
+    checked = 0
+    for i, label in enumerate(pairs.index):
+        got = res.loc[label, verify.RESULT_COLUMNS].tolist()
+        a, b, t = int(pairs.at[label, "idx_a"]), int(pairs.at[label, "idx_b"]), int(pairs.at[label, "transform"])
+        if paths[b:b + 1] == [paths[5]]:  # the corrupt file: inconclusive with its decode error
+            assert got[3] == "inconclusive" and "image b not decoded" in got[4], got
+            continue
+        fb0 = _feature_dict(images.at[b, "abs_path"], 0, cfg) if kb0[i] >= 0 else None
+        want = verify.check_pair(_feature_dict(images.at[a, "abs_path"], 0, cfg),
+                                 _feature_dict(images.at[b, "abs_path"], int(kb[i]) % 8, cfg), t, cfg.verify, fb0)
+        assert got[:2] == list(want[:2]) and got[3:5] == list(want[3:5]), (label, got, want)
+        np.testing.assert_allclose(np.array([got[2], got[5], got[6]], float),
+                                   np.array([want[2], want[5], want[6]], float), rtol=1e-6, atol=1e-7)
+        checked += 1
+    assert checked == len(pairs) - 2 and (pairs["transform"] >= 4).sum() == 3
 
 
 def test_reference_matcher_gives_the_same_results(small_set, tmp_path):
@@ -603,7 +646,7 @@ def test_mirrored_hash_on_an_unmirrored_copy_is_checked_plain(lookalike, tmp_pat
 def test_mirrored_turn_is_flip_then_turn_minus_4():
     """decode.DIHEDRAL numbering: t >= 4 is the left-right flip followed by rotation t - 4, so a
     pair kept unmirrored is aligned for the pixel check by turn t - 4 of b's plain picture."""
-    from pipeline.screen import GRID_DIHEDRAL
+    from pipeline.decode import GRID_DIHEDRAL
     probe = np.arange(12).reshape(3, 4)
     for t in range(4, 8):
         assert np.array_equal(GRID_DIHEDRAL[t](probe), GRID_DIHEDRAL[t - 4](GRID_DIHEDRAL[4](probe)))
