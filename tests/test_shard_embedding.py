@@ -218,3 +218,28 @@ def test_whole_high_recall_cascade_same_pairs_with_tiny_shards(review_data, revi
     parts = sorted((work / "embed" / SCREEN_EMBED_SUBDIR).glob("part-*.parquet"))
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
     assert len(parts) >= 4 and rows > 16  # so the kNN ran over several shards of 8
+
+
+@pytest.mark.parametrize("binary", ["binary", "large_binary"])
+def test_embeddings_are_read_from_the_parts_buffer_as_stored(tmp_path, binary):
+    """`iter_embeddings` takes a part's vectors out of its Arrow buffer (no bytes object per row):
+    the transform-0 rows with an embedding, their float32 values exactly as stored, in row
+    order; blobs of different sizes are an error naming the part."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(0)
+    keys = np.arange(40, dtype=np.int64) * 8 + rng.choice([0, 0, 4], 40)
+    vecs = rng.standard_normal((40, 16)).astype("<f4")
+    blobs = [None if i % 7 == 3 else vecs[i].tobytes() for i in range(40)]
+    path = tmp_path / "part-000000.parquet"
+    table = pa.table({"key": keys, "embedding": pa.array(blobs, getattr(pa, binary)())})
+    pq.write_table(table.slice(0, 40), path, row_group_size=16)  # (several chunks)
+    (idx, got), = candidates.iter_embeddings([str(path)])
+    want = [i for i in range(40) if blobs[i] is not None and keys[i] % 8 == 0]
+    np.testing.assert_array_equal(idx, keys[want] // 8)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, vecs[want])
+    blobs[want[0]] = vecs[want[0]][:8].tobytes()  # (a kept row half as long)
+    pq.write_table(pa.table({"key": keys, "embedding": pa.array(blobs, getattr(pa, binary)())}), path)
+    with pytest.raises(ValueError, match="part-000000.parquet: embeddings of different sizes"):
+        list(candidates.iter_embeddings([str(path)]))
