@@ -1287,7 +1287,7 @@ def _part_owner_reach(part, changes, added_entries, cfg: ScreenConfig) -> np.nda
 def _part_redo(part, changes, previous: pd.DataFrame, gained_ids: np.ndarray) -> dict:
     """The partition's images whose lists are searched again: added, or unchanged with a
     neighbour gone or changed (`lost`: its row's `nb_same` is False) or one within reach of an
-    added image (`gained`)."""
+    added image (`gained`: image numbers in `gained_ids`, ascending)."""
     img = part[0]
     same, added = changes
     at, inside = _rows_of(img, previous["owner_a"].to_numpy(np.int64))
@@ -1295,7 +1295,9 @@ def _part_redo(part, changes, previous: pd.DataFrame, gained_ids: np.ndarray) ->
     known = previous["nb_same"].to_numpy(bool)[inside]
     lost = np.zeros(len(img), bool)
     lost[at[inside][~known]] = True
-    gained = np.isin(img, gained_ids) & same
+    # (`gained_ids` is sorted, over the whole collection: a binary search per image of the
+    # partition, where np.isin hashed every gained id again for each partition: 0.8-1.5 s at 1M)
+    gained = _rows_of(np.asarray(gained_ids, dtype=np.int64), img)[1] & same
     return {"redo": added | ((lost | gained) & same), "lost": lost, "gained": gained}
 
 

@@ -142,6 +142,24 @@ def test_no_partition_task_gets_a_flag_per_image_of_the_collection(monkeypatch):
     assert 0 < longest[0] <= 37
 
 
+def test_a_partition_finds_its_gained_images_by_a_binary_search_in_the_collections():
+    """The images within reach of an added one come as ascending numbers over the whole
+    collection; each partition marks its own by a binary search (np.isin hashed all of them for
+    every partition: ~1.5 s a partition at 1M gained). Same marks as np.isin, only where the
+    image is unchanged."""
+    rng = np.random.default_rng(0)
+    img = np.sort(rng.choice(50_000, 2_000, replace=False)).astype(np.int64)
+    part = (img, None, None, None)
+    same = rng.random(img.size) < 0.9
+    changes = (same, ~same)
+    previous = pd.DataFrame({"owner_a": np.zeros(0, np.int64), "owner_b": np.zeros(0, np.int64),
+                             "nb_same": np.zeros(0, bool)})
+    for gained_ids in (np.zeros(0, np.int64), np.unique(rng.integers(0, 50_000, 5_000)), img[::3], np.array([img[-1] + 1])):
+        got = candidates._part_redo(part, changes, previous, gained_ids)
+        np.testing.assert_array_equal(got["gained"], np.isin(img, gained_ids) & same)
+        np.testing.assert_array_equal(got["redo"], ~same | got["gained"])
+
+
 def test_split_previous_gives_each_row_to_the_partition_of_its_owner():
     parts = [(np.array([0, 2, 3]),), (np.zeros(0, np.int64),), (np.array([5, 9]),)]
     prev = pd.DataFrame({"owner_a": [9, -1, 2, 5, 0, 4, 3, 2], "owner_b": [1, 2, 3, 4, 5, 6, 7, 8],
