@@ -122,11 +122,16 @@ def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp
     sha = rows["sha256"].to_numpy(dtype=object)
 
     # exact: every catalog file with the same bytes
-    by_sha = pd.Series(np.arange(n_old), index=old["sha256"].to_numpy(dtype=object))
+    # (the catalog rows holding a query's bytes found in one pass: a comparison of every catalog
+    # row for each query image was ~55 ms a query at 10M images)
+    old_sha = sha[:n_old]
+    with_query_bytes: dict[str, list[int]] = {}
+    for i in np.flatnonzero(pd.Series(old_sha, dtype=object).isin(pd.unique(sha[qvalid])).to_numpy()):
+        with_query_bytes.setdefault(old_sha[i], []).append(int(i))
     ea, eb = [], []
     abs_paths = rows["abs_path"].to_numpy(dtype=object)
     for qi in np.flatnonzero(qvalid):
-        hits = by_sha[by_sha.index == sha[qi]].to_numpy()
+        hits = np.asarray(with_query_bytes.get(sha[qi], []), dtype=np.int64)
         hits = hits[abs_paths[hits] != abs_paths[qi]]  # the catalog's record of the query file itself
         ea += hits.tolist()
         eb += [qi] * len(hits)

@@ -347,11 +347,15 @@ def test_query_of_a_catalog_image_gives_the_batch_pairs(grown):
     from pipeline.query import query
     cat_dir = grown["out"] / "catalog"
     manifest = (cat_dir / catalog.MANIFEST).read_bytes()
-    for rel in ("b/g0001_half.jpg", "a/g0001_original.jpg", "moved/renamed.jpg"):
+    asked = ("b/g0001_half.jpg", "a/g0001_original.jpg", "moved/renamed.jpg")
+    for rel in asked:
         got = query([grown["data"] / rel], cat_dir)
         want = _batch_rows(grown["out"], rel)
         assert (got["query"] == str(grown["data"] / rel)).all()
         _same_rows(got, want)
+    together = query([grown["data"] / rel for rel in asked], cat_dir)  # (one call: each its own rows)
+    for rel in asked:
+        _same_rows(together[together["query"] == str(grown["data"] / rel)], _batch_rows(grown["out"], rel))
     assert (cat_dir / catalog.MANIFEST).read_bytes() == manifest  # nothing added without add=True
 
 
