@@ -194,7 +194,14 @@ def test_incremental_on_a_local_cluster_equals_from_scratch(monkeypatch):
         one, one_stats = incremental_neighbours(codes, mask, cfg, previous, same, client=client)
         routed, routed_stats = incremental_neighbours(
             codes, mask, dataclasses.replace(cfg, search_shard_size=400), previous, same, client=client)  # (auto)
-    assert calls == [False, True, False]
+        # another hash: the images within reach of an added one found per group of partitions
+        other = dataclasses.replace(sharded, hash="phash")
+        other_got, other_stats = incremental_neighbours(codes, mask, other, previous, same, client=client)
+    assert calls == [False, True, False, False]
     for lists, counts in ((got, stats), (one, one_stats), (routed, routed_stats)):
         pd.testing.assert_frame_equal(lists, want.reset_index(drop=True))
         assert counts == want_stats
+    other_want, other_want_stats = incremental_neighbours(codes, mask, dataclasses.replace(cfg, hash="phash"),
+                                                          previous, same)
+    pd.testing.assert_frame_equal(other_got, other_want.reset_index(drop=True))
+    assert other_stats == other_want_stats and other_stats["rederived_gained_neighbour"] > 0
