@@ -1280,11 +1280,13 @@ def _group_owner_reach(cfg: ScreenConfig, n_parts: int, *items) -> list[np.ndarr
     W = parts[0][1].shape[2]
     queries = np.concatenate([np.zeros((0, W), np.uint64), *[rows for rows, _ in added]])
     query_img = np.concatenate([np.zeros(0, np.int64), *[owners for _, owners in added]])
-    img = np.concatenate([p[0] for p in parts])
-    codes = np.concatenate([p[1] for p in parts])
-    use = np.concatenate([p[2] for p in parts])
-    owners = np.concatenate([same & ~(new & p[3].any(axis=1)) for p, (same, new) in zip(parts, changes)])
-    found = np.unique(_owner_reach(codes, use, owners, queries, query_img, cfg, img=img)["owner"].to_numpy(np.int64))
+    # (the owners' rows only, not the group's whole partitions: a group is ~search_shard_size rows)
+    owners = [same & ~(new & p[3].any(axis=1)) for p, (same, new) in zip(parts, changes)]
+    img = np.concatenate([p[0][o] for p, o in zip(parts, owners)])
+    codes = np.concatenate([p[1][o] for p, o in zip(parts, owners)])
+    use = np.concatenate([p[2][o] for p, o in zip(parts, owners)])
+    found = _owner_reach(codes, use, np.ones(len(img), bool), queries, query_img, cfg, img=img)
+    found = np.unique(found["owner"].to_numpy(np.int64))
     # (each partition's, by its range of image numbers: its images are ascending)
     return [found[np.searchsorted(found, p[0][0]):np.searchsorted(found, p[0][-1], side="right")]
             if len(p[0]) else np.zeros(0, np.int64) for p in parts]
@@ -1293,7 +1295,7 @@ def _group_owner_reach(cfg: ScreenConfig, n_parts: int, *items) -> list[np.ndarr
 def _part_redo(part, changes, previous: pd.DataFrame, gained_ids: np.ndarray) -> dict:
     """The partition's images whose lists are searched again: added, or unchanged with a
     neighbour gone or changed (`lost`: its row's `nb_same` is False) or one within reach of an
-    added image (`gained`: image numbers in `gained_ids`, ascending)."""
+    added image (`gained`: image numbers in `gained_ids`)."""
     img = part[0]
     same, added = changes
     at, inside = _rows_of(img, previous["owner_a"].to_numpy(np.int64))
@@ -1303,7 +1305,10 @@ def _part_redo(part, changes, previous: pd.DataFrame, gained_ids: np.ndarray) ->
     lost[at[inside][~known]] = True
     # (`gained_ids` is sorted, over the whole collection: a binary search per image of the
     # partition, where np.isin hashed every gained id again for each partition: 0.8-1.5 s at 1M)
-    gained = _rows_of(np.asarray(gained_ids, dtype=np.int64), img)[1] & same
+    gained_ids = np.asarray(gained_ids, dtype=np.int64)
+    if gained_ids.size > 1 and (gained_ids[1:] < gained_ids[:-1]).any():  # (every caller sorts them: ~1 ms)
+        gained_ids = np.sort(gained_ids)
+    gained = _rows_of(gained_ids, img)[1] & same
     return {"redo": added | ((lost | gained) & same), "lost": lost, "gained": gained}
 
 
@@ -1447,6 +1452,8 @@ def iter_embeddings(part_paths) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         table = pq.read_table(_open_part(path), columns=["key", "embedding"])
         keys = table.column("key").to_numpy().astype(np.int64)
         blobs = table.column("embedding").combine_chunks()
+        if not (pa.types.is_binary(blobs.type) or pa.types.is_large_binary(blobs.type)):  # (as the writers make them)
+            blobs = blobs.cast(pa.large_binary())
         ok = blobs.is_valid().to_numpy(zero_copy_only=False) & (keys % 8 == 0)
         if not ok.any():
             continue
@@ -1454,8 +1461,10 @@ def iter_embeddings(part_paths) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         # (~17 us a row at 1280 dimensions; the sharded search reads each partition once per shard)
         kept = pc.filter(blobs, pa.array(ok))
         width = pc.binary_length(kept).to_numpy()
-        if width.min() != width.max() or width[0] % 4:
+        if width.min() != width.max():
             raise ValueError(f"{path}: embeddings of different sizes ({sorted(set(width.tolist()))[:4]} bytes)")
+        if width[0] % 4:
+            raise ValueError(f"{path}: embeddings of {width[0]} bytes, not a whole number of float32 values")
         offset_type = np.dtype(np.int64 if pa.types.is_large_binary(kept.type) else np.int32)
         offsets = np.frombuffer(kept.buffers()[1], dtype=offset_type, count=len(kept) + 1,
                                 offset=kept.offset * offset_type.itemsize)

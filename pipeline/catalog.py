@@ -343,7 +343,9 @@ def source_fingerprint(text: str) -> str:
     nothing. So that such a list cannot hide code that shapes a number, it is refused when it
     names what the module does not define, or what a kept definition uses, or a top-level
     statement other than a function, a class or a literal, or code that rebinds names outside
-    itself (`global`, `nonlocal`, `globals()`, `setattr`, `exec`). A Python whose `ast.unparse`
+    itself (`global`, `nonlocal`, `globals()`, `vars()`, `setattr`, `exec`, `sys.modules`, a
+    write to an attribute or item of a module-level name: a best effort, as far as the syntax
+    shows it; tests/test_verify.py checks the numbers themselves). A Python whose `ast.unparse`
     writes the same syntax otherwise gives another fingerprint: that costs a recomputation,
     never a stale result."""
     tree = ast.parse(text)
@@ -378,14 +380,27 @@ def source_fingerprint(text: str) -> str:
     used = {n.id for node in kept for n in ast.walk(node) if isinstance(n, ast.Name)} & skip
     if used:
         raise refused("leaves out what fingerprinted code uses", used)
+    module_names = defined | {alias.asname or alias.name.split(".")[0] for node in tree.body
+                              if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+
+    def base(target) -> str | None:  # the name an attribute or item written to hangs on
+        while isinstance(target, (ast.Attribute, ast.Subscript, ast.Starred)):
+            target = target.value
+        return target.id if isinstance(target, ast.Name) else None
+
     for node in skipped:
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
             try:
                 ast.literal_eval(node.value)
             except ValueError:
                 raise refused("leaves out a statement that is not a literal", names(node)) from None
-        rebinds = [n for n in ast.walk(node) if isinstance(n, (ast.Global, ast.Nonlocal))
-                   or (isinstance(n, ast.Name) and n.id in ("globals", "setattr", "exec"))]
+        # (best effort: what left-out code writes outside itself, as far as the syntax shows it)
+        writes = [t for n in ast.walk(node) if isinstance(n, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete))
+                  for t in (n.targets if isinstance(n, (ast.Assign, ast.Delete)) else [n.target])]
+        rebinds = ([n for n in ast.walk(node) if isinstance(n, (ast.Global, ast.Nonlocal))
+                    or (isinstance(n, ast.Name) and n.id in ("globals", "vars", "setattr", "delattr", "exec"))
+                    or (isinstance(n, ast.Attribute) and n.attr in ("__dict__", "modules"))]
+                   + [t for t in writes if not isinstance(t, ast.Name) and base(t) in module_names])
         if rebinds:
             raise refused("leaves out code that rebinds names outside itself", names(node))
     tree.body = kept

@@ -42,6 +42,14 @@ from pipeline.config import ConfigError, EmbedConfig
 
 log = logging.getLogger(__name__)
 
+# What finds, fetches and checks the weights file: the embeddings are keyed on the file's sha256
+# and on the rest of this module (each backbone's preprocessing and input size), so the catalog's
+# fingerprint leaves these out (`catalog.source_fingerprint`): editing them re-embeds nothing.
+NOT_FINGERPRINTED = ("OFFLINE_ENV", "NETWORK_PROBE_TIMEOUT", "DOWNLOAD_TIMEOUT", "offline", "network_available",
+                     "seed_command", "_instructions", "_download", "seed_cache", "weights_command", "_read_sums",
+                     "check_weights_available", "resolve_weights", "verify_file", "weights_url",
+                     "BASE_URLS", "V3_URL")
+
 OFFLINE_ENV = "DEDUPE_OFFLINE"  # set to 1/true/yes: never try to download weights
 DOWNLOAD_HOST = "storage.googleapis.com"  # where Keras downloads its application weights
 DOWNLOAD_PROBE_URL = f"https://{DOWNLOAD_HOST}/tensorflow/keras-applications/"

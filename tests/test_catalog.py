@@ -787,6 +787,8 @@ def _edited(text: str, old: str, new: str) -> str:
     ("confirm.py", ("self.parts = store.PartPaths(part_of)", "self.parts = store.PartPaths(part_of.copy())"),
      ("* 8 + np.asarray(transform, dtype=np.int64))", "* 8)")),
     ("decode.py", (None, None), ("    lambda a: a[:, ::-1],\n", "    lambda a: a[::-1, :],\n")),
+    ("weights.py", ('    log.info("downloading %s -> %s", url, dest)', '    log.info("fetching %s -> %s", url, dest)'),
+     ('"InceptionV3": "inception_v3"', '"InceptionV3": "xception"')),
 ])
 def test_code_fingerprint_is_the_syntax_that_shapes_results(module, plumbing, shaping):
     """A stored result is keyed on the code that computes it (catalog._CODE), read as its syntax:
@@ -829,6 +831,14 @@ def test_every_kinds_code_is_read_as_its_syntax(monkeypatch):
      "rebinds.*_PairTasks"),
     (('TEXT_COLUMNS = ("orb_status", "orb_reason")', 'TEXT_COLUMNS = tuple(["orb_status", "orb_reason"])'),
      "not a literal.*TEXT_COLUMNS"),
+    (("        self.error = error[error.notna()]",
+      "        RESULT_DTYPES['orb_score'] = np.float64\n        self.error = error[error.notna()]"),
+     "rebinds.*_PairTasks"),
+    (("        self.error = error[error.notna()]",
+      "        sys.modules[__name__].PIXEL_SIDE = 64\n        self.error = error[error.notna()]"),
+     "rebinds.*_PairTasks"),
+    (("        self.error = error[error.notna()]",
+      "        vars(store)['x'] = 1\n        self.error = error[error.notna()]"), "rebinds.*_PairTasks"),
     # the list itself: a literal tuple of names, annotated or not
     (("NOT_FINGERPRINTED = (", "NOT_FINGERPRINTED: tuple = ("), None),
     (("NOT_FINGERPRINTED = (", "NOT_FINGERPRINTED = str(("), "literal tuple"),

@@ -195,7 +195,7 @@ def test_incremental_on_a_local_cluster_equals_from_scratch(monkeypatch):
         routed, routed_stats = incremental_neighbours(
             codes, mask, dataclasses.replace(cfg, search_shard_size=400), previous, same, client=client)  # (auto)
         # another hash: the images within reach of an added one found per group of partitions
-        other = dataclasses.replace(sharded, hash="phash")
+        other = dataclasses.replace(sharded, hash="phash", search_shard_size=5000)  # (~2 partitions a group)
         other_got, other_stats = incremental_neighbours(codes, mask, other, previous, same, client=client)
     assert calls == [False, True, False, False]
     for lists, counts in ((got, stats), (one, one_stats), (routed, routed_stats)):

@@ -243,3 +243,7 @@ def test_embeddings_are_read_from_the_parts_buffer_as_stored(tmp_path, binary):
     pq.write_table(pa.table({"key": keys, "embedding": pa.array(blobs, getattr(pa, binary)())}), path)
     with pytest.raises(ValueError, match="part-000000.parquet: embeddings of different sizes"):
         list(candidates.iter_embeddings([str(path)]))
+    odd = [None if b is None else b[:6] for b in blobs]
+    pq.write_table(pa.table({"key": keys, "embedding": pa.array(odd, getattr(pa, binary)())}), path)
+    with pytest.raises(ValueError, match="embeddings of 6 bytes, not a whole number of float32"):
+        list(candidates.iter_embeddings([str(path)]))
