@@ -221,10 +221,11 @@ def test_whole_high_recall_cascade_same_pairs_with_tiny_shards(review_data, revi
 
 
 @pytest.mark.parametrize("binary", ["binary", "large_binary"])
-def test_embeddings_are_read_from_the_parts_buffer_as_stored(tmp_path, binary):
-    """`iter_embeddings` takes a part's vectors out of its Arrow buffer (no bytes object per row):
-    the transform-0 rows with an embedding, their float32 values exactly as stored, in row
-    order; blobs of different sizes are an error naming the part."""
+def test_embeddings_are_read_as_stored_and_misshapen_ones_refused(tmp_path, binary):
+    """`iter_embeddings` gives a part's transform-0 rows with an embedding, their float32 values
+    exactly as stored, in row order, from binary or large binary columns in several chunks; blobs
+    of different sizes, or not whole float32 values, are an error naming the part (they were
+    joined into one misshapen array)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     rng = np.random.default_rng(0)
