@@ -40,6 +40,7 @@ are"): the driver gathers the pairs, and the lists only when a catalog keeps the
 from __future__ import annotations
 
 import io
+import itertools
 import operator
 import uuid
 from typing import Iterator
@@ -1623,9 +1624,10 @@ def embedding_pairs(part_paths, cfg: ScreenConfig, client=None) -> pd.DataFrame:
 # sample one index would take (`ivf_sample`, `_train_ivf_shared`): each partition's queries are
 # assigned to their `embedding_nprobe` lists once (`_assign_lists`), and every shard scans only
 # its part of those lists (`search_preassigned`), so the work per query does not grow with the
-# number of shards and the lists visited are those of one index. Every partition's vectors, read
-# from its file by the task, are searched against every shard, in the
-# batches of the one-index search, for their k + 1 best in the shard. Per partition the shard lists
+# number of shards and the lists visited are those of one index. Every partition's vectors are
+# searched against every shard, in the batches of the one-index search, for their k + 1 best in
+# the shard; on a cluster its file is read once for all the shards and a few partitions are in
+# flight at a time (`_search_partitions`), in this process once per shard (one shard in memory). Per partition the shard lists
 # are merged: the k + 1 best over all shards by (cosine, then index row: shard, row in shard),
 # then the same rule as one index (self dropped, at most k, >= min cosine). The merge is exact:
 # an image among the query's k + 1 best overall is among the k + 1 best of its own shard. With flat
@@ -1645,16 +1647,28 @@ def _build_embedding_shard(paths: list[str], cfg: ScreenConfig, kind: str, threa
     return index, ids
 
 
-def _assign_lists(trained, path: str, threads: int | None = None):
-    """One partition's queries -> (their nprobe lists, distances to those centroids), in the order
-    iter_embeddings gives them: computed once, used by every IVF shard."""
+def _read_vectors(path: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One partition's (idx, vectors) as `iter_embeddings` gives them, read once on a worker for
+    every shard's search of it (each search task read the file again: S reads a partition)."""
+    return list(iter_embeddings([path]))
+
+
+def _vectors_of(source) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A partition's (idx, vectors): from its file (a path) or as `_read_vectors` read them."""
+    return iter_embeddings([source]) if isinstance(source, str) else iter(source)
+
+
+def _assign_lists(trained, source, threads: int | None = None):
+    """One partition's queries (a path or `_read_vectors`) -> (their nprobe lists, distances to
+    those centroids), in the order iter_embeddings gives them: computed once, used by every IVF
+    shard."""
     faiss = _faiss()
     if threads:
         faiss.omp_set_num_threads(threads)
     if trained is None:
         return None
     index = faiss.deserialize_index(trained)
-    found = [index.quantizer.search(vecs, index.nprobe) for _, vecs in iter_embeddings([path])]
+    found = [index.quantizer.search(vecs, index.nprobe) for _, vecs in _vectors_of(source)]
     if not found:
         return None
     return np.concatenate([f[1] for f in found]), np.concatenate([f[0] for f in found])
@@ -1665,9 +1679,9 @@ def _empty_knn(kk: int):
             np.zeros((0, kk), np.int64))
 
 
-def _search_embedding_shard(shard, path: str, shard_no: int, cfg: ScreenConfig, threads: int | None = None,
+def _search_embedding_shard(shard, source, shard_no: int, cfg: ScreenConfig, threads: int | None = None,
                             assigned=None):
-    """One partition's vectors against one shard: (query idx (n,), cosine (n, k+1), neighbour idx
+    """One partition's vectors (a path or `_read_vectors`) against one shard: (query idx (n,), cosine (n, k+1), neighbour idx
     (n, k+1), -1 where none, order key (n, k+1): shard_no << 40 | row in the shard). `assigned`:
     the queries' IVF lists (`_assign_lists`) when the shards share one quantizer."""
     index, ids = shard
@@ -1679,7 +1693,7 @@ def _search_embedding_shard(shard, path: str, shard_no: int, cfg: ScreenConfig, 
         _faiss().omp_set_num_threads(threads)
     take = min(kk, len(ids))
     at = 0  # row of the partition's queries (assigned lists are in the same order)
-    for idx, vecs in iter_embeddings([path]):
+    for idx, vecs in _vectors_of(source):
         for s in range(0, len(idx), _KNN_BATCH):
             q = vecs[s:s + _KNN_BATCH]
             if assigned is None:
@@ -1724,6 +1738,41 @@ def _merge_embedding_lists(cfg: ScreenConfig, *found) -> pd.DataFrame:
     return _pair_rows(*_kept_neighbours(best[0], best[1], best[2], cfg))
 
 
+def _search_partitions(client, parts: list[str], shards: list, cfg: ScreenConfig, trained, window: int) -> list:
+    """Each partition's pairs over every shard, on the workers: its file read once (`_read_vectors`),
+    its IVF lists assigned once, each shard searched with them, the shard lists merged. At most
+    `window` partitions at a time, each let go of as its merge ends, so the workers hold a few
+    partitions' vectors and lists, not every image's (~5 kB and ~0.4 kB an image)."""
+    from distributed import as_completed
+
+    def submit(p: int):
+        vectors = client.submit(_read_vectors, parts[p], pure=False)
+        lists = None if trained is None else client.submit(_assign_lists, trained, vectors, 1, pure=False)
+        searches = [client.submit(_search_embedding_shard, shard, vectors, s, cfg, 1, lists, pure=False)
+                    for s, shard in enumerate(shards)]
+        return client.submit(_merge_embedding_lists, cfg, *searches, pure=False)
+
+    frames: list = [None] * len(parts)
+    todo = iter(range(len(parts)))
+    partition_of = {}
+    first = []
+    for p in itertools.islice(todo, max(1, window)):
+        first.append(submit(p))
+        partition_of[first[-1].key] = p
+    if not first:
+        return frames
+    running = as_completed(first, loop=client.loop)  # (the run's client need not be the default one)
+    del first
+    for merged in running:
+        frames[partition_of.pop(merged.key)] = merged.result()
+        p = next(todo, None)
+        if p is not None:
+            merged = submit(p)
+            partition_of[merged.key] = p
+            running.add(merged)
+    return frames
+
+
 def sharded_embedding_pairs(part_paths, cfg: ScreenConfig, client=None, shard_size: int | None = None,
                             counts: list[int] | None = None) -> pd.DataFrame:
     """`embedding_pairs` with the index sharded (see the section comment): on the `client`'s
@@ -1753,25 +1802,19 @@ def sharded_embedding_pairs(part_paths, cfg: ScreenConfig, client=None, shard_si
     else:
         workers = _worker_addresses(client)
         groups = shard_groups(counts, shard_size, len(workers))
-        trained = assigned = None
+        trained = None
         if kind == "ivf":  # one quantizer for every shard, trained on a worker (the sample never
-            # comes to the driver), and each partition's lists assigned once
+            # comes to the driver)
             samples = [client.submit(ivf_sample, [p], stride, pure=False) for p in parts]
             trained = client.submit(_train_ivf_shared, cfg, nlist, n_train, *samples, pure=False)
-            assigned = [client.submit(_assign_lists, trained, p, 1, pure=False) for p in parts]
             del samples
         # one shard per worker in turn (the search tasks follow their index); FAISS on one thread
         # per task, as the worker's threads already run tasks side by side
         shards = [client.submit(_build_embedding_shard, [parts[i] for i in g], cfg, kind, 1, trained, pure=False,
                                 workers=[workers[j % len(workers)]], allow_other_workers=True)
                   for j, g in enumerate(groups)]
-        merged = [client.submit(_merge_embedding_lists, cfg,
-                                *[client.submit(_search_embedding_shard, shard, path, s, cfg, 1,
-                                                None if assigned is None else assigned[p], pure=False)
-                                  for s, shard in enumerate(shards)], pure=False)
-                  for p, path in enumerate(parts)] if shards else []
-        frames = client.gather(merged)
-        del shards, merged, trained, assigned
+        frames = _search_partitions(client, parts, shards, cfg, trained, window=2 * len(workers)) if shards else []
+        del shards, trained
     frames = [f for f in frames if len(f)]
     if not frames:
         return _empty_embedding_pairs()

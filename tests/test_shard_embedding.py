@@ -188,6 +188,39 @@ def test_sharded_on_a_local_cluster_equals_one_index(planted, monkeypatch):
     assert truth <= _as_set(forced)
 
 
+def test_on_a_cluster_each_partition_is_read_once_for_every_shard(planted, monkeypatch):
+    """The workers read a partition's file once and search every shard with those vectors (and
+    its IVF lists, assigned once): a read per shard was S reads of every embedding. A few
+    partitions at a time; the same pairs as one index (flat) and as the in-process shards (IVF).
+    (Threads in this process, so that the reads can be counted.)"""
+    distributed = pytest.importorskip("distributed")
+    paths, truth = planted
+    c = cfg()
+    want = candidates.embedding_pairs(paths, dataclasses.replace(c, search_sharding="single"))
+    ivf = dataclasses.replace(c, embedding_index="ivf", search_sharding="sharded", embedding_shard_size=760)
+    want_ivf = candidates.sharded_embedding_pairs(paths, ivf)
+    reads, real = [], candidates.iter_embeddings
+    monkeypatch.setattr(candidates, "iter_embeddings", lambda parts: reads.append(tuple(parts)) or real(parts))
+    in_flight, submit = [], candidates._search_partitions
+    monkeypatch.setattr(candidates, "_search_partitions",
+                        lambda *a, **k: in_flight.append(k["window"]) or submit(*a, **k))
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        got = candidates.embedding_pairs(paths, dataclasses.replace(c, search_sharding="sharded",
+                                                                     embedding_shard_size=700), client=client)
+        n_parts = len(candidates._embedding_parts(paths))
+        shard_reads = [r for r in reads if len(r) == 1]  # (a shard's build reads its group's files together)
+        assert sorted(shard_reads) == sorted((p,) for p in candidates._embedding_parts(paths))
+        reads.clear()
+        got_ivf = candidates.embedding_pairs(paths, ivf, client=client)
+        # each partition read twice: its IVF sample (before training) and its vectors for the search
+        assert sorted(r for r in reads if len(r) == 1) == sorted(2 * [(p,) for p in candidates._embedding_parts(paths)])
+    assert n_parts > 4 and in_flight == [4, 4]
+    assert_same_pairs(want, got)
+    assert_same_pairs(want_ivf, got_ivf, tol=0)
+    assert truth <= _as_set(got)
+
+
 @pytest.mark.slow
 def test_whole_high_recall_cascade_same_pairs_with_tiny_shards(review_data, review_run, tmp_path):
     """The real review set in high-recall mode (real MobileNet embeddings) on a local cluster, the
