@@ -22,9 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -137,19 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(measure(args.images, args.rows_per_image)))
         return 0
-    from bench.report import median, stamp, table, update_section
+    from bench.report import median, run_script_in_tree, stamp, table, update_section
     trees = {"baseline": Path(args.baseline).resolve(), "this tree": REPO}
     found: dict[str, list[dict]] = {k: [] for k in trees}
     for _ in range(args.rounds):
         for label, tree in trees.items():
-            # (this file run as a script from the tree: its `pipeline` and `bench` packages)
-            proc = subprocess.run([sys.executable, __file__, "--baseline", str(tree), "--one",
-                                   "--images", str(args.images), "--rows-per-image", str(args.rows_per_image)],
-                                  cwd=tree, capture_output=True, text=True,
-                                  env=dict(os.environ, PYTHONPATH=str(tree)))
-            if proc.returncode != 0:
-                raise SystemExit(f"bench.catalog_commit --one ({label}) failed:\n{proc.stderr[-3000:]}")
-            found[label].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            # (this file run with the tree's `pipeline` package)
+            out = run_script_in_tree(__file__, tree, ["--baseline", str(tree), "--one", "--images", str(args.images),
+                                                      "--rows-per-image", str(args.rows_per_image)],
+                                     f"bench.catalog_commit --one ({label})")
+            found[label].append(json.loads(out.strip().splitlines()[-1]))
             print(label, found[label][-1], flush=True)
     steps = ("neighbours", "images", "compaction")
     for name in steps:
