@@ -1627,9 +1627,10 @@ def embedding_pairs(part_paths, cfg: ScreenConfig, client=None) -> pd.DataFrame:
 # number of shards and the lists visited are those of one index. Every partition's vectors are
 # searched against every shard, in the batches of the one-index search, for their k + 1 best in
 # the shard; on a cluster its file is read once for all the shards and a few partitions are in
-# flight at a time (`_search_partitions`), in this process once per shard (one shard in memory). Per partition the shard lists
-# are merged: the k + 1 best over all shards by (cosine, then index row: shard, row in shard),
-# then the same rule as one index (self dropped, at most k, >= min cosine). The merge is exact:
+# flight at a time (`_search_partitions`), in this process once per shard (one shard in
+# memory). Per partition the shard lists are merged: the k + 1 best over all shards by (cosine,
+# then index row: shard, row in shard), then the same rule as one index (self dropped, at most
+# k, >= min cosine). The merge is exact:
 # an image among the query's k + 1 best overall is among the k + 1 best of its own shard. With flat
 # shards the pairs equal the one-index search's; the only freedom is among exactly equal cosines
 # at the k + 1 cut, where FAISS's own order depends on its internal blocking. The driver holds the
@@ -1681,9 +1682,10 @@ def _empty_knn(kk: int):
 
 def _search_embedding_shard(shard, source, shard_no: int, cfg: ScreenConfig, threads: int | None = None,
                             assigned=None):
-    """One partition's vectors (a path or `_read_vectors`) against one shard: (query idx (n,), cosine (n, k+1), neighbour idx
-    (n, k+1), -1 where none, order key (n, k+1): shard_no << 40 | row in the shard). `assigned`:
-    the queries' IVF lists (`_assign_lists`) when the shards share one quantizer."""
+    """One partition's vectors (a path or `_read_vectors`) against one shard: (query idx (n,),
+    cosine (n, k+1), neighbour idx (n, k+1), -1 where none, order key (n, k+1): shard_no << 40 |
+    row in the shard). `assigned`: the queries' IVF lists (`_assign_lists`) when the shards share
+    one quantizer."""
     index, ids = shard
     kk = int(cfg.embedding_k) + 1
     found = [_empty_knn(kk)]
