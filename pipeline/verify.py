@@ -765,24 +765,31 @@ JOB_COLUMNS = ("key_a", "key_b", "transform", "path_a_part", "path_b_part", "key
                "error_a", "error_b")
 
 
+def job_frame(key_a, key_b, key_b0, transform, parts, error_a, error_b, index) -> pd.DataFrame:
+    """`verify_partition`'s input (JOB_COLUMNS) from the pairs' feature keys (`pair_feature_keys`),
+    `parts` (keys -> each key's part file, None where it has none) and each side's upstream error,
+    indexed by `index` (the values are taken in order, not aligned on their own indexes)."""
+    frame = pd.DataFrame({"key_a": key_a, "key_b": key_b, "transform": transform,
+                          "path_a_part": parts(key_a), "path_b_part": parts(key_b), "key_b0": key_b0,
+                          "path_b0_part": parts(key_b0), "error_a": error_a, "error_b": error_b})
+    frame.index = index
+    return frame
+
+
 def pair_job(pairs: pd.DataFrame, part_of, error_a=None, error_b=None) -> pd.DataFrame:
     """`verify_partition`'s input for pairs (idx_a, idx_b, transform) whose feature rows are in
     the part files `part_of` names (a mapping key -> part file; a key it lacks has none), indexed
     like `pairs`. For callers of the partition function itself (tests, benchmarks); `run_verify`
     makes the same frames for its tasks (`_PairTasks`)."""
-    n = len(pairs)
-    ka, kb, kb0 = pair_feature_keys(pairs["idx_a"].to_numpy(np.int64), pairs["idx_b"].to_numpy(np.int64),
-                                    pairs["transform"].to_numpy(np.int64))
+    transform = pairs["transform"].to_numpy(np.int64)
+    ka, kb, kb0 = pair_feature_keys(pairs["idx_a"].to_numpy(np.int64), pairs["idx_b"].to_numpy(np.int64), transform)
 
     def parts(keys) -> np.ndarray:
         return np.array([part_of.get(int(k)) if k >= 0 else None for k in keys], dtype=object)
-    none = np.full(n, None, dtype=object)
-    return pd.DataFrame({"key_a": ka, "key_b": kb, "transform": pairs["transform"].to_numpy(np.int64),
-                         "path_a_part": parts(ka), "path_b_part": parts(kb), "key_b0": kb0,
-                         "path_b0_part": parts(kb0),
-                         "error_a": none if error_a is None else np.asarray(error_a, dtype=object),
-                         "error_b": none if error_b is None else np.asarray(error_b, dtype=object)},
-                        index=pairs.index)
+    none = np.full(len(pairs), None, dtype=object)
+    return job_frame(ka, kb, kb0, transform, parts,
+                     none if error_a is None else np.asarray(error_a, dtype=object),
+                     none if error_b is None else np.asarray(error_b, dtype=object), pairs.index)
 
 
 def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) -> pd.DataFrame:
@@ -1010,13 +1017,9 @@ class _PairTasks:
             raise IndexError(n)
         rows = slice(n * self.step, (n + 1) * self.step)
         ka, kb, kb0 = self.key_a[rows], self.key_b[rows], self.key_b0[rows]
-        job = pd.DataFrame({"key_a": ka, "key_b": kb, "transform": self.transform[rows],
-                            "path_a_part": self.parts.paths(ka), "path_b_part": self.parts.paths(kb),
-                            "key_b0": kb0, "path_b0_part": self.parts.paths(kb0),
-                            "error_a": self._errors(ka), "error_b": self._errors(kb)})
-        # (the pairs' positions: _Collected puts the results there)
-        job.index = np.arange(rows.start, rows.start + len(ka), dtype=np.int64)
-        return job
+        # (indexed by the pairs' positions: _Collected puts the results there)
+        return job_frame(ka, kb, kb0, self.transform[rows], self.parts.paths, self._errors(ka), self._errors(kb),
+                         np.arange(rows.start, rows.start + len(ka), dtype=np.int64))
 
 
 class _Collected:
