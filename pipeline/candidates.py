@@ -58,6 +58,23 @@ PLAIN = 0
 TRIMMED = 8
 N_VARIANTS = 9
 
+# What makes no K-nearest list a catalog keeps (`catalog._CODE["neighbours"]`): exact pairs, the
+# pairs made from the lists, the embedding kNN of high-recall mode. Editing them keeps every
+# catalog's lists; an edit to the rest (the search, its sharding, the re-run's re-derivation)
+# makes the next re-run search everything again. A change elsewhere (run.py, catalog.py) that
+# changes which lists are made bumps LISTS_REVISION.
+NOT_FINGERPRINTED = ("__all__", "exact_pairs", "build_index", "near_pairs", "hash_partitions",
+                     "PAIRS_PER_TASK", "PAIR_TASKS_IN_FLIGHT", "_chunk_rows", "_best_of_rows", "pair_best",
+                     "pairs_from_neighbours", "reach_of", "_KNN_BATCH", "_faiss", "_open_part",
+                     "_embedding_parts", "iter_embeddings", "_count_part", "_count_rows", "_ivf_nlist",
+                     "_embedding_kind", "_ivf_plan", "ivf_sample", "train_ivf", "_train_ivf_shared",
+                     "build_embedding_index", "_empty_embedding_pairs", "_kept_neighbours", "_pair_rows",
+                     "embedding_pairs", "_build_embedding_shard", "_read_vectors", "_vectors_of",
+                     "_assign_lists", "_empty_knn", "_search_embedding_shard", "_best_of",
+                     "_merge_embedding_lists", "_search_partitions", "sharded_embedding_pairs",
+                     "pair_hash_distance", "union_pairs")
+LISTS_REVISION = 1
+
 __all__ = ["exact_pairs", "exact_representatives", "near_pairs", "near_pairs_partition",
            "directed_neighbours", "pairs_from_neighbours", "Lists", "SavedLists",
            "sharded_neighbours", "sharded_directed_neighbours", "hash_partitions", "iter_hash_partitions", "shard_groups", "reach_pairs", "reach_of", "gained_neighbours", "incremental_neighbours",

@@ -327,13 +327,19 @@ _CODE = {"screen": (["screen.py", "decode.py", "borders.py"], ["pillow", "imageh
          "orb_match": (["hamming.py"], ["numba", "llvmlite"]),
          # (weights.py: each backbone's input preprocessing)
          "embed": (["confirm.py", "decode.py", "borders.py", "weights.py"],
-                   ["tensorflow-cpu", "tensorflow", "keras", "ai-edge-litert", "pillow"])}
+                   ["tensorflow-cpu", "tensorflow", "keras", "ai-edge-litert", "pillow"]),
+         # the K-nearest lists a re-run reuses: the candidate search (its embedding kNN and pair
+         # making left out: neither is stored), the index backends and their kernels (hamming.py
+         # whole: the search kernels it leaves out of the matcher's fingerprint make the lists)
+         "neighbours": (["candidates.py", "search.py", "hamming.py"], ["numba", "llvmlite"])}
+# modules a kind reads whole, its NOT_FINGERPRINTED list ignored (that list is the other kinds')
+_WHOLE = {"neighbours": {"hamming.py"}}
 
 
 FINGERPRINT_SKIP_LIST = "NOT_FINGERPRINTED"
 
 
-def source_fingerprint(text: str) -> str:
+def source_fingerprint(text: str, skip_listed: bool = True) -> str:
     """What of a module's source keys the results it computes: its syntax (`ast.unparse`: no
     comments, no layout) without docstrings and without the top-level definitions the module names
     in a tuple `NOT_FINGERPRINTED` (the code that only cuts, sends and collects a tier's tasks, which
@@ -347,10 +353,10 @@ def source_fingerprint(text: str) -> str:
     write to an attribute or item of a module-level name: a best effort, as far as the syntax
     shows it; tests/test_verify.py checks the numbers themselves). A Python whose `ast.unparse`
     writes the same syntax otherwise gives another fingerprint: that costs a recomputation,
-    never a stale result."""
+    never a stale result. `skip_listed=False` reads the whole module, its list ignored."""
     tree = ast.parse(text)
     skip: set[str] = set()
-    for node in tree.body:
+    for node in tree.body if skip_listed else []:
         target = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
         if any(isinstance(t, ast.Name) and t.id == FINGERPRINT_SKIP_LIST for t in target):
             try:
@@ -419,7 +425,8 @@ def _code(kind: str) -> str:
     h = hashlib.sha256()
     here = Path(__file__).resolve().parent
     for name in files:
-        h.update(f"{name}={source_fingerprint((here / name).read_text())}".encode())
+        text = (here / name).read_text()
+        h.update(f"{name}={source_fingerprint(text, name not in _WHOLE.get(kind, ()))}".encode())
     for dist in dists:
         try:
             h.update(f"{dist}={metadata.version(dist)}".encode())
@@ -445,7 +452,7 @@ def fingerprints(cfg: Config, weights_info: dict | None = None) -> dict[str, str
                  decode_max_pixels=s["max_pixels"],
                  weights_sha256=(weights_info or {}).get("sha256"))
     out = {"screen": _fp(screen), "orb_features": _fp(orb_features), "embed": _fp(embed)}
-    out["neighbours"] = _fp([out["screen"], {k: s[k] for k in sorted(_SCREEN_SEARCH)}])
+    out["neighbours"] = _fp([out["screen"], {k: s[k] for k in sorted(_SCREEN_SEARCH)}, _code("neighbours")])
     out["orb"] = _fp([out["orb_features"], {k: x for k, x in v.items() if k in _ORB_MATCH_ONLY},
                       _code("orb_match")])
     return out
@@ -1043,7 +1050,7 @@ def previous_lists(cat: Catalog | None, images: pd.DataFrame, representative: np
         return None
     if cat.fingerprint("neighbours") != fps["neighbours"] or not len(cat.images):
         reuse["searched_all_because"] = ("no previous lists" if cat.fingerprint("neighbours") is None
-                                         else "screen or search settings changed")
+                                         else "screen or search settings, or the search code, changed")
         return None
     old = cat.images
     old = old[old["screen_fp"] == fps["screen"]].sort_values("path", kind="stable").reset_index(drop=True)

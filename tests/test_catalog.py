@@ -229,7 +229,7 @@ def test_screen_change_rehashes(grown, tmp_path):
     manifest = run(grown["data"], out, "--tiers", "screen", "--set", "screen.border_tolerance=10")
     assert manifest["reuse"]["screen"]["reused"] == 0
     assert manifest["reuse"]["screen"]["why_screened"]["screen_settings_changed"] == manifest["counts"]["files"]
-    assert manifest["reuse"]["candidates"]["searched_all_because"] == "screen or search settings changed"
+    assert manifest["reuse"]["candidates"]["searched_all_because"] == "screen or search settings, or the search code, changed"
 
 
 def test_corrupt_catalog_files_are_reported_and_rebuilt(grown, tmp_path, caplog):
@@ -789,6 +789,12 @@ def _edited(text: str, old: str, new: str) -> str:
     ("decode.py", (None, None), ("    lambda a: a[:, ::-1],\n", "    lambda a: a[::-1, :],\n")),
     ("weights.py", ('    log.info("downloading %s -> %s", url, dest)', '    log.info("fetching %s -> %s", url, dest)'),
      ('"InceptionV3": "inception_v3"', '"InceptionV3": "xception"')),
+    ("candidates.py", ("    keep &= sim >= cfg.embedding_min_cosine\n", "    keep &= sim > cfg.embedding_min_cosine\n"),
+     ("    out = out[out.groupby(\"owner_a\", sort=False).cumcount() < k]\n",
+      "    out = out[out.groupby(\"owner_a\", sort=False).cumcount() <= k]\n")),
+    ("candidates.py", (None, None), ("LISTS_REVISION = 1\n", "LISTS_REVISION = 2\n")),
+    ("search.py", (None, None), ('raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")',
+                                 'raise ValueError(f"shapes differ: {a.shape} and {b.shape}")')),
 ])
 def test_code_fingerprint_is_the_syntax_that_shapes_results(module, plumbing, shaping):
     """A stored result is keyed on the code that computes it (catalog._CODE), read as its syntax:
@@ -811,12 +817,45 @@ def test_every_kinds_code_is_read_as_its_syntax(monkeypatch):
     any of them changes no fingerprint)."""
     read = []
     real = catalog.source_fingerprint
-    monkeypatch.setattr(catalog, "source_fingerprint", lambda text: read.append(text) or real(text))
+    monkeypatch.setattr(catalog, "source_fingerprint", lambda text, *a: read.append(text) or real(text, *a))
     for kind, (files, _) in catalog._CODE.items():
         read.clear()
         catalog._code(kind)
         here = Path(catalog.__file__).parent
         assert read == [(here / name).read_text() for name in files], kind
+
+
+def test_the_search_code_keys_the_neighbour_lists_only(monkeypatch):
+    """The K-nearest lists a re-run reuses are keyed on the search's code: an edit to a search
+    kernel (which hamming.py leaves out of the matcher's fingerprint) or to the candidate search
+    makes the next re-run search again, and invalidates no hash, feature or score; an edit to
+    the embedding kNN (not stored) or the matcher (pair scores only) keeps the lists."""
+    from pipeline.config import load_config
+    here = Path(catalog.__file__).parent
+    texts = {name: (here / name).read_text() for name in ("hamming.py", "candidates.py")}
+    base = catalog.fingerprints(load_config(None, []))
+
+    def with_edit(name, old, new):
+        edited = {**texts, name: _edited(texts[name], old, new)}
+        real = Path.read_text
+        monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: edited[self.name]
+                            if self.parent == here and self.name in edited else real(self, *a, **k))
+        try:
+            return catalog.fingerprints(load_config(None, []))
+        finally:
+            monkeypatch.setattr(Path, "read_text", real)
+
+    def changed(fp):
+        return {kind for kind in base if fp[kind] != base[kind]}
+
+    # a search kernel: its tie between equally distant rows
+    assert changed(with_edit("hamming.py", "    elif d < bd:\n", "    elif d <= bd:\n")) == {"neighbours"}
+    # the merge of a partition's lists over the shards: K + 1 kept
+    assert changed(with_edit("candidates.py", "    out = out[out.groupby(\"owner_a\", sort=False).cumcount() < k]\n",
+                             "    out = out[out.groupby(\"owner_a\", sort=False).cumcount() <= k]\n")) == {"neighbours"}
+    assert changed(with_edit("candidates.py", "    keep &= sim >= cfg.embedding_min_cosine\n",
+                             "    keep &= sim > cfg.embedding_min_cosine\n")) == set()
+    assert changed(with_edit("hamming.py", "if d1 < ratio * d2:", "if d1 <= ratio * d2:")) == {"orb", "neighbours"}
 
 
 @pytest.mark.parametrize("edit, refused", [
