@@ -173,7 +173,9 @@ def run_driver(data: Path, source: Path | None = None, fresh: bool = False, reru
         if proc.returncode != 0:
             raise SystemExit(f"pipeline failed ({proc.returncode}): {' '.join(cmd)}\n{''.join(lines[-20:])}")
         manifest = json.loads((Path(out) / "run.json").read_text())
-    screened = (manifest.get("reuse") or {}).get("screen", {}).get("screened")
+    screen = (manifest.get("reuse") or {}).get("screen", {})
+    # (files whose record is an error are read at every run)
+    screened = screen.get("screened", 0) - screen.get("why_screened", {}).get("failed_last_time", 0)
     if rerun and screened:  # (a catalog of another folder, or files changed: not the run asked for)
         raise SystemExit(f"the measured run read {screened} of {data}'s files again: it was not a re-run over an "
                          "unchanged folder" + (f" (is {catalog_from} an OUT of a run over {data}?)"

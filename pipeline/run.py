@@ -352,7 +352,7 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
     frames: list[pd.DataFrame] = []
     reused = _Reused()
     why = {"new": 0, "changed_size_or_mtime": 0, "changed_etag": 0, "content_changed": 0, "scan_error": 0,
-           "screen_settings_changed": 0}
+           "screen_settings_changed": 0, "failed_last_time": 0}
     walked = 0
 
     def split(batch):
@@ -369,6 +369,12 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
                 todo.append(entry)
             elif known.stale[at]:
                 why["screen_settings_changed"] += 1
+                todo.append(entry)
+            elif not known.clean[at]:
+                # a record of an error is never reused: the cause may be gone with the file
+                # unchanged (a read that failed, permissions, a setting such as
+                # scan.max_file_bytes that is in no fingerprint), and errors are few
+                why["failed_last_time"] += 1
                 todo.append(entry)
             elif rehash and isinstance(known.sha256[at], str):
                 check.append(entry)

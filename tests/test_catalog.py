@@ -1222,8 +1222,14 @@ def test_known_images_stand_in_for_the_screen_of_unchanged_files(tmp_path):
 
     reuse: dict = {}
     again = run_mod.run_screen(data, cfg, None, Progress(True), known=known, reuse=reuse)
-    assert reuse["reused"] == len(first) and reuse["screened"] == 0
-    pd.testing.assert_frame_equal(again, first)
+    # (the broken file's record is an error: read again, with the same outcome)
+    assert reuse["reused"] == len(first) - 1 and reuse["screened"] == 1
+    assert reuse["why_screened"] == {"failed_last_time": 1}
+    # (the same values; a text column of the screened rows alone, all None there, is object with
+    # None where the whole folder's has NaN: both are null in images.parquet)
+    def nulls_as_none(frame):
+        return frame.astype(object).where(frame.notna(), None)
+    pd.testing.assert_frame_equal(nulls_as_none(again), nulls_as_none(first))
 
     Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(data / "p1.png")  # changed
     Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(data / "new.png")
@@ -1231,8 +1237,34 @@ def test_known_images_stand_in_for_the_screen_of_unchanged_files(tmp_path):
     reuse = {}
     mixed = run_mod.run_screen(data, cfg, None, Progress(True), known=catalog.KnownImages(stale, fps["screen"]),
                                reuse=reuse)
-    assert reuse["why_screened"] == {"new": 1, "changed_size_or_mtime": 1, "screen_settings_changed": 1}
+    assert reuse["why_screened"] == {"new": 1, "changed_size_or_mtime": 1, "screen_settings_changed": 1,
+                                     "failed_last_time": 1}
     pd.testing.assert_frame_equal(mixed, run_mod.run_screen(data, cfg, None, Progress(True)))
+
+
+def test_a_file_whose_record_is_an_error_is_read_again_and_its_cause_may_be_gone(tmp_path):
+    """An error in the catalog is not reused: a file too large for scan.max_file_bytes (a setting
+    in no fingerprint: the message says to raise it) or unreadable at the last run is screened
+    again, unchanged, once the cause is gone."""
+    from pipeline import run as run_mod
+    from pipeline.config import load_config
+    from pipeline.progress import Progress
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(data / f"p{i}.png")
+    small = load_config(None, ["scan.max_file_bytes=100"])
+    first = run_mod.run_screen(data, small, None, Progress(True))
+    assert first["error"].str.contains("scan.max_file_bytes").all()
+    cfg = load_config(None, [])
+    fps = catalog.fingerprints(cfg)
+    assert catalog.fingerprints(small)["screen"] == fps["screen"]
+    reuse: dict = {}
+    again = run_mod.run_screen(data, cfg, None, Progress(True),
+                               known=catalog.KnownImages(catalog.images_table(first, fps), fps["screen"]), reuse=reuse)
+    assert reuse["why_screened"] == {"failed_last_time": 3} and reuse["reused"] == 0
+    assert again["error"].isna().all() and again["codes"].notna().all()
 
 
 def test_a_rerun_after_the_only_broken_file_is_gone_marks_a_file_changed_during_the_run(tmp_path, monkeypatch):
