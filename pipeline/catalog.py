@@ -320,18 +320,22 @@ _SCREEN_SEARCH = {"max_distance", "max_candidates", "backend", "exact_group_pair
 # the code and libraries that make each kind of result: a new version of either invalidates it (of
 # the code, its syntax without docstrings and comments, and without the definitions a module lists
 # in NOT_FINGERPRINTED: `source_fingerprint`)
-_CODE = {"screen": (["screen.py", "decode.py", "borders.py"], ["pillow", "imagehash", "numpy"]),
-         "orb_features": (["verify.py", "decode.py"], ["opencv-python-headless", "opencv-python", "pillow", "numpy"]),
+# (decode.py's libraries, in every kind that decodes: Pillow, its HEIC plugin, OpenCV's TIFF
+# fallback; the screen's aHash is imagehash, its pHash SciPy's DCT, its wHash PyWavelets. Tests
+# check that every library the fingerprinted code imports is listed)
+_DECODE_LIBS = ["pillow", "pillow-heif", "opencv-python-headless", "opencv-python", "numpy"]
+_CODE = {"screen": (["screen.py", "decode.py", "borders.py"], [*_DECODE_LIBS, "imagehash", "scipy", "PyWavelets"]),
+         "orb_features": (["verify.py", "decode.py"], _DECODE_LIBS),
          # the descriptor matcher's module (its search kernels left out: an edit to the matcher,
          # or a new numba, re-scores the stored pairs, never their features)
-         "orb_match": (["hamming.py"], ["numba", "llvmlite"]),
+         "orb_match": (["hamming.py"], ["numba", "llvmlite", "numpy"]),
          # (weights.py: each backbone's input preprocessing)
          "embed": (["confirm.py", "decode.py", "borders.py", "weights.py"],
-                   ["tensorflow-cpu", "tensorflow", "keras", "ai-edge-litert", "pillow"]),
+                   [*_DECODE_LIBS, "tensorflow-cpu", "tensorflow", "keras", "ai-edge-litert"]),
          # the K-nearest lists a re-run reuses: the candidate search (its embedding kNN and pair
          # making left out: neither is stored), the index backends and their kernels (hamming.py
          # whole: the search kernels it leaves out of the matcher's fingerprint make the lists)
-         "neighbours": (["candidates.py", "search.py", "hamming.py"], ["numba", "llvmlite"])}
+         "neighbours": (["candidates.py", "search.py", "hamming.py"], ["numba", "llvmlite", "numpy"])}
 # modules a kind reads whole, its NOT_FINGERPRINTED list ignored (that list is the other kinds')
 _WHOLE = {"neighbours": {"hamming.py"}}
 
@@ -340,6 +344,11 @@ FINGERPRINT_SKIP_LIST = "NOT_FINGERPRINTED"
 
 
 def source_fingerprint(text: str, skip_listed: bool = True) -> str:
+    """The hash of `fingerprinted_syntax`: what of a module's source keys the results it computes."""
+    return hashlib.sha256(ast.unparse(fingerprinted_syntax(text, skip_listed)).encode()).hexdigest()
+
+
+def fingerprinted_syntax(text: str, skip_listed: bool = True) -> ast.Module:
     """What of a module's source keys the results it computes: its syntax (`ast.unparse`: no
     comments, no layout) without docstrings and without the top-level definitions the module names
     in a tuple `NOT_FINGERPRINTED` (the code that only cuts, sends and collects a tier's tasks, which
@@ -416,7 +425,7 @@ def source_fingerprint(text: str, skip_listed: bool = True) -> str:
                 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
                 and isinstance(body[0].value.value, str)):
             node.body = body[1:] or [ast.Pass()]
-    return hashlib.sha256(ast.unparse(tree).encode()).hexdigest()
+    return tree
 
 
 def _code(kind: str) -> str:

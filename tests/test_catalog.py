@@ -2,10 +2,12 @@
 they affect, and the catalog survives what a scheduler does (locks, kills, corrupt files)."""
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -823,6 +825,39 @@ def test_every_kinds_code_is_read_as_its_syntax(monkeypatch):
         catalog._code(kind)
         here = Path(catalog.__file__).parent
         assert read == [(here / name).read_text() for name in files], kind
+
+
+# libraries that carry and move the data, shaping no stored number
+_CARRIERS = {"pandas", "pyarrow", "distributed"}
+
+
+def _dist(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_library_the_fingerprinted_code_imports_keys_its_kind():
+    """A new import (a decoder plugin, a search library) in code a kind is keyed on must come with
+    its library's version in that kind's fingerprint (catalog._CODE), or an upgrade of it would
+    leave stored results as the old version made them."""
+    import sys
+    from importlib import metadata
+    dist_of = metadata.packages_distributions()
+    here = Path(catalog.__file__).parent
+    for kind, (files, dists) in catalog._CODE.items():
+        imported = set()
+        for name in files:
+            tree = catalog.fingerprinted_syntax((here / name).read_text(), name not in catalog._WHOLE.get(kind, ()))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    imported |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    imported.add(node.module.split(".")[0])
+        imported -= set(sys.stdlib_module_names) | {"pipeline", "__future__"}
+        assert imported, kind
+        for module in imported:
+            assert module in dist_of, f"{module}: not installed?"
+            names = {_dist(d) for d in dist_of[module]}
+            assert names & ({_dist(d) for d in dists} | _CARRIERS), f"{kind}: {module} ({names}) not in catalog._CODE"
 
 
 def test_the_search_code_keys_the_neighbour_lists_only(monkeypatch):
