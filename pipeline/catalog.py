@@ -654,13 +654,18 @@ class Catalog:
         `check=False`: listed parts are taken unread, for a reader that checks each part it
         opens against `part_checks` (the report: reading every part here was ~2 GB at 100k).
 
+        A stored failure (a row with an error) is not reused but made again: features are made
+        of images the screen decoded, so one that failed here failed for a cause of its own (a
+        read, memory) that may be gone; counted as "failed_last_time".
+
         Matched on integer codes of the stored sha256 values (a transform is 0-7): a frame of the
         wanted texts, two per pair, copied each 64-character value into an Arrow column (+83 MB
         of the driver at the verify tier's start, 100k files, in a first run, which finds
         nothing). The paths share one string per part file."""
         rows = self.features[self.features["kind"] == kind]
         if not len(rows):  # nothing stored of this kind (a first run)
-            return pd.Series([], index=np.zeros(0, np.int64), dtype=object), {"reused": 0, "settings_changed": 0}
+            return (pd.Series([], index=np.zeros(0, np.int64), dtype=object),
+                    {"reused": 0, "settings_changed": 0, "failed_last_time": 0})
         row_codes, stored = pd.factorize(rows["sha256"])  # (the catalog's distinct contents)
         # (both sides object indexes: an array of strings given as is would become a `str` index,
         # copied into Arrow and back into a new Python string per row, +170 MB at 800k)
@@ -672,7 +677,8 @@ class Catalog:
         row_keys = np.where(row_codes >= 0, row_codes.astype(np.int64) * 8 + rows["transform"].to_numpy(np.int64), -1)
         is_wanted = np.isin(row_keys, keys)
         same = (rows["fp"] == fp).to_numpy(bool)
-        take = np.flatnonzero(is_wanted & same)
+        failed = rows["error"].notna().to_numpy(bool)
+        take = np.flatnonzero(is_wanted & same & ~failed)
         take = take[np.argsort(first[np.searchsorted(keys, row_keys[take])], kind="stable")]  # first-seen order
         hit, hit_keys = rows[["key", "part"]].iloc[take], row_keys[take]
         if len(hit) and check:
@@ -680,7 +686,8 @@ class Catalog:
             good = hit["part"].map(parts).astype(bool).to_numpy()
             hit, hit_keys = hit[good], hit_keys[good]
         other = np.unique(row_keys[is_wanted & ~same])  # wanted, stored with other settings
-        counts = {"reused": int(len(hit)), "settings_changed": int(len(other)) - int(np.isin(hit_keys, other).sum())}
+        counts = {"reused": int(len(hit)), "settings_changed": int(len(other)) - int(np.isin(hit_keys, other).sum()),
+                  "failed_last_time": int(len(np.unique(row_keys[is_wanted & same & failed])))}
         part_codes, part_names = pd.factorize(hit["part"])
         full = np.array([self.files.full(p) for p in part_names], dtype=object)
         series = pd.Series(full.take(part_codes), index=hit["key"].to_numpy(np.int64), dtype=object)
@@ -724,8 +731,16 @@ class Catalog:
             return pd.DataFrame({"key": np.zeros(0, np.int64), "part_path": pd.Series(dtype=object),
                                  "error": pd.Series(dtype=object)})
         found = pd.concat(frames, ignore_index=True)
-        found = found[pd.Index(found["key"] // 8).isin(sha_of_cid.index)]
+        found = found[pd.Index(found["key"] // 8).isin(sha_of_cid.index) & found["error"].isna()]  # (as feature_parts)
         return found.drop_duplicates("key", keep="last").reset_index(drop=True)
+
+    def failed_contents(self, kind: str, fp: str) -> np.ndarray:
+        """The sha256 of contents whose stored features of `kind` made with settings `fp` failed:
+        what was scored from them (an inconclusive pair) is scored again with the features made
+        again (`feature_parts`)."""
+        rows = self.features
+        bad = ((rows["kind"] == kind) & (rows["fp"] == fp) & rows["error"].notna()).to_numpy(bool)
+        return pd.unique(rows["sha256"].to_numpy(dtype=object)[bad])
 
     def feature_root_folder(self) -> str:
         """The folder (or prefix) under which every feature part is."""
@@ -1200,11 +1215,14 @@ def _pair_keys(*pairs: tuple) -> list[pd.Index]:
     return [pd.MultiIndex.from_arrays([codes[2 * i], codes[2 * i + 1], t]) for i, t in enumerate(transforms)]
 
 
-def lookup_evidence(cat: Catalog | None, sha_a, sha_b, transform, what: str, fp: str) -> tuple[np.ndarray, pd.DataFrame]:
+def lookup_evidence(cat: Catalog | None, sha_a, sha_b, transform, what: str, fp: str,
+                    failed=None) -> tuple[np.ndarray, pd.DataFrame]:
     """Stored evidence for pairs of contents: (hit mask, frame of the columns of the hits, one row
     per hit in order), `what` = "orb" (ORB_COLUMNS, made with settings `fp`) or "cosine";
     "orb_any"/"cosine_any": made with any settings. Rows only for the hits: a first run asks
-    about every pair and finds none."""
+    about every pair and finds none. Not hits: pairs with a side among `failed` (sha256 texts:
+    contents whose stored features failed, `Catalog.failed_contents`) and stored cosines that
+    are NaN (an embedding failed): both are scored again, their features made again."""
     n = len(sha_a)
     columns = ORB_COLUMNS if what.startswith("orb") else ["cosine"]
     if cat is None or not len(cat.evidence):
@@ -1212,6 +1230,10 @@ def lookup_evidence(cat: Catalog | None, sha_a, sha_b, transform, what: str, fp:
     ev = cat.evidence
     fp_col = "orb_fp" if what.startswith("orb") else "embed_fp"
     keep = (ev[fp_col].notna() if what.endswith("_any") else ev[fp_col] == fp).to_numpy(bool)
+    if not what.startswith("orb"):
+        keep = keep & ev["cosine"].notna().to_numpy(bool)
+    if failed is not None and len(failed):
+        keep = keep & ~(among(ev["sha_a"], failed) | among(ev["sha_b"], failed))
     # only rows of the contents asked about (a query asks about a few of 100k+ rows), and only the
     # columns asked for (one copy of those rows)
     keep = (keep & ev["sha_a"].isin(pd.unique(np.asarray(sha_a, dtype=object))).to_numpy(bool)
@@ -1400,9 +1422,9 @@ def gather_embeddings(part_of: pd.Series, key_of_row: pd.Series, out_dir: str | 
         return pd.DataFrame({"key": np.zeros(0, np.int64), "part_path": pd.Series(dtype=object),
                              "error": pd.Series(dtype=object)})
     parts = part_of.reindex(ckeys)
-    found = store.read_rows(list(pd.unique(parts.dropna())), ckeys[parts.notna().to_numpy()]) \
+    found = store.read_keys(ckeys[parts.notna().to_numpy()], parts.dropna().to_numpy(dtype=object)) \
         if parts.notna().any() else pd.DataFrame(columns=["embedding", "error"])
-    rows = found[~found.index.duplicated()].reindex(ckeys)  # (a content in two parts: either copy)
+    rows = found.reindex(ckeys)  # (read_keys: each key from its own part, once)
     # a key with no part cannot happen after the screen-embed step; kept explicit
     error = rows["error"].where(parts.notna().to_numpy(), "no embedding in the catalog")
     frame = pd.DataFrame({"key": key_of_row.index.to_numpy(np.int64) * 8,

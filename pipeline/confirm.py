@@ -514,12 +514,13 @@ def cosine_partition(pairs: pd.DataFrame, cfg: Config) -> pd.Series:
         return pd.Series(np.zeros(0, np.float32), index=pairs.index, name="cosine")
     ka = pairs["key_a"].to_numpy(dtype=np.int64)
     kb = pairs["key_b"].to_numpy(dtype=np.int64)
-    parts = pd.concat([pairs["part_a"], pairs["part_b"]])
-    paths = sorted({p for p in parts if isinstance(p, str) and p})
-    keys = np.unique(np.concatenate([ka, kb]))
+    parts = pd.concat([pairs["part_a"], pairs["part_b"]]).to_numpy(dtype=object)
+    keys = np.concatenate([ka, kb])
+    stored = np.fromiter((isinstance(p, str) and bool(p) for p in parts), bool, count=len(parts))
     vectors: dict[int, np.ndarray] = {}
-    if paths:
-        found = store.read_rows(paths, keys)
+    if stored.any():
+        # (each key from its own part: a failure made again is in its old part too)
+        found = store.read_keys(keys[stored], parts[stored])
         if "embedding" in found.columns:
             for key, blob in found["embedding"].items():
                 vec = decode_embedding(blob)

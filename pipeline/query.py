@@ -199,7 +199,8 @@ def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp
         from pipeline import verify
         sub = pairs.loc[near_idx]
         ia, ib, tt = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy(), sub["transform"].to_numpy(np.int64)
-        hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "orb", fps["orb"])
+        hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "orb", fps["orb"],
+                                             cat.failed_contents("orb", fps["orb_features"]))
         for col in catalog.ORB_COLUMNS:
             _set(pairs, near_idx[hit], col, found[col])
         todo = near_idx[~hit]

@@ -776,7 +776,8 @@ def _screen_embeddings_from_catalog(cat: catalog.Catalog, images: pd.DataFrame, 
                                            cfg.dask.partition_size)
     info = {"images": int(len(rows)), "embeddings_reused": int(len(rows) - len(todo)),
             "embeddings_computed": int(len(todo)), "embeddings_adopted_from_killed_run": adopted,
-            "embeddings_redone_settings_changed": fcounts["settings_changed"]}
+            "embeddings_redone_settings_changed": fcounts["settings_changed"],
+            "embeddings_redone_failed_last_time": fcounts["failed_last_time"]}
     return screen_emb, part_of, info
 
 
@@ -921,7 +922,9 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                 sub = pairs.loc[near, ["idx_a", "idx_b", "transform"]]
                 ia, ib = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy()
                 tt = sub["transform"].to_numpy(np.int64)
-                hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "orb", fps["orb"])
+                # (a pair scored from features that failed is scored again, its features made again)
+                failed = cat.failed_contents("orb", fps["orb_features"])
+                hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "orb", fps["orb"], failed)
                 for col in catalog.ORB_COLUMNS:
                     _set(pairs, near[hit], col, found[col])
                 todo = near[~hit]
@@ -945,9 +948,15 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                         _set(pairs, todo, col, scores[col])
                     info.update(features_reused=fcounts["reused"], features_computed=int(len(made)),
                                 features_adopted_from_killed_run=adopted,
-                                features_redone_settings_changed=fcounts["settings_changed"])
-                    stale = int(catalog.lookup_evidence(cat, sha[ia[~hit]], sha[ib[~hit]], tt[~hit], "orb_any", "")[0].sum())
-                    info["why_verified"] = {"settings_changed": stale, "new_pair": int(len(todo)) - stale}
+                                features_redone_settings_changed=fcounts["settings_changed"],
+                                features_redone_failed_last_time=fcounts["failed_last_time"])
+                    stale = int(catalog.lookup_evidence(cat, sha[ia[~hit]], sha[ib[~hit]], tt[~hit], "orb_any", "",
+                                                        failed)[0].sum())
+                    retried = int((catalog.among(pd.Series(sha[ia[~hit]], dtype=object), failed)
+                                   | catalog.among(pd.Series(sha[ib[~hit]], dtype=object), failed)).sum()) \
+                        if len(failed) else 0
+                    info["why_verified"] = {"settings_changed": stale, "failed_last_time": retried,
+                                            "new_pair": int(len(todo)) - stale - retried}
                 reuse["verify"] = info
                 ran_features["orb"] = fps["orb_features"]
                 # the report's thumbnails and drawings come from the feature rows of every near
@@ -1015,7 +1024,8 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                     counts["confirm_reused"] = int(cos.attrs.get("reused_keys", 0))
                     info.update(embeddings_reused=fcounts["reused"], embeddings_computed=int(len(made)),
                                 embeddings_adopted_from_killed_run=adopted_emb,
-                                embeddings_redone_settings_changed=fcounts["settings_changed"])
+                                embeddings_redone_settings_changed=fcounts["settings_changed"],
+                                embeddings_redone_failed_last_time=fcounts["failed_last_time"])
                 reuse["confirm"] = info
                 ran_features["embed"] = fps["embed"]
             timings["confirm"] = time.perf_counter() - t

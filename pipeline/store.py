@@ -388,6 +388,22 @@ def read_rows(paths: list[str], keys) -> pd.DataFrame:
     return found.reindex(wanted)
 
 
+def read_keys(keys, paths) -> pd.DataFrame:
+    """Rows for `keys`, each read from its own part file (`paths[i]` holds `keys[i]`), indexed by
+    key, in the order the distinct keys first come. A key may be in more than one part (a stored
+    failure made again is in its old part too): it is read from the part given for it only,
+    where `read_rows` takes it from whichever of its parts holds it first."""
+    keys = np.asarray(keys, dtype=np.int64)
+    codes, distinct = pd.factorize(np.asarray(paths, dtype=object))
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(distinct) + 1))
+    pieces = [_CACHE.get(path, np.unique(keys[order[bounds[c]:bounds[c + 1]]])) for c, path in enumerate(distinct)]
+    pieces = [f for f in pieces if len(f)]
+    found = pd.concat(pieces) if pieces else pd.DataFrame()
+    found = found[~found.index.duplicated()]
+    return found.reindex(pd.Index(pd.unique(keys)))
+
+
 class PartChecksumError(ValueError):
     """A part whose bytes are not those its catalog listed (changed or corrupt): not used."""
 

@@ -835,9 +835,9 @@ def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) 
             for group in _sub_batches(pa[todo], pb[todo], max(2, vcfg.max_open_partitions), pb0[todo]):
                 idx = todo[group]
                 plain = idx[pb0[idx] != ""]
-                paths = list(dict.fromkeys(np.concatenate([pa[idx], pb[idx], pb0[plain]]).tolist()))
-                keys = np.concatenate([ka[idx], kb[idx], kb0[plain]])
-                rows = store.read_rows(paths, keys)
+                # (each key from its own part: a failure made again is in its old part too)
+                rows = store.read_keys(np.concatenate([ka[idx], kb[idx], kb0[plain]]),
+                                       np.concatenate([pa[idx], pb[idx], pb0[plain]]))
                 feats = {}
                 for key, row in zip(rows.index.to_numpy(), rows.to_dict("records")):
                     feats[int(key)] = _unpack(row, vcfg.method)

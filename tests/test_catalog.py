@@ -199,6 +199,61 @@ def test_decide_change_redecides_from_stored_scores(grown, tmp_path):
     assert_same_outputs(out, fresh)
 
 
+def _failing(module, name: str, broken: str):
+    """`module.name` made to fail for files named `broken` (a read that fails once)."""
+    from pipeline.decode import DecodeError
+    real = getattr(module, name)
+
+    def fails(path, *a, **k):
+        if str(path).endswith(broken):
+            raise DecodeError(f"cannot read: {path}: a read that failed once")
+        return real(path, *a, **k)
+    return fails
+
+
+def test_features_that_failed_are_made_again_and_their_pairs_scored_again(generated, tmp_path, monkeypatch):
+    """A stored failure is not a result: an image the screen decoded whose ORB features or
+    embedding failed at the last run (a read that failed, memory) has them made again, and its
+    pairs (inconclusive, or with no cosine) are scored again, so the re-run's outputs equal a
+    run from scratch (before, the failure was reused for as long as the bytes were unchanged)."""
+    from pipeline import confirm, verify
+    data = tmp_path / "data"
+    shutil.copytree(generated["A"], data)
+    run(data, tmp_path / "fresh", "--no-catalog")
+    fresh = pd.read_parquet(tmp_path / "fresh" / "pairs.parquet")
+    # ORB: a file's features fail
+    broken = "g0001_original.jpg"
+    with monkeypatch.context() as m:
+        m.setattr(verify, "_load_bounded", _failing(verify, "_load_bounded", broken))
+        run(data, tmp_path / "orb")
+    pairs = pd.read_parquet(tmp_path / "orb" / "pairs.parquet")
+    failed = pairs[(pairs["path_a"] == broken) | (pairs["path_b"] == broken)]
+    assert len(failed) and failed["reason"].str.contains("a read that failed once").all()
+    reuse = run(data, tmp_path / "orb")["reuse"]
+    assert reuse["verify"]["features_redone_failed_last_time"] >= 1
+    assert reuse["verify"]["why_verified"]["failed_last_time"] == reuse["verify"]["pairs_verified"] == len(failed)
+    assert reuse["verify"]["pairs_reused"] > 0
+    assert_same_outputs(tmp_path / "orb", tmp_path / "fresh")
+    again = run(data, tmp_path / "orb")["reuse"]  # what was made again is reused
+    assert again["verify"]["pairs_verified"] == 0 and again["verify"].get("features_redone_failed_last_time", 0) == 0
+
+    # the model: the embedding of a file whose pairs reach the confirm tier fails (most pairs
+    # do, with ORB's bar for accepting raised)
+    confirming = ("--set", "decide.accept_inliers=400")
+    run(data, tmp_path / "fresh_model", "--no-catalog", *confirming)
+    fresh = pd.read_parquet(tmp_path / "fresh_model" / "pairs.parquet")
+    broken = fresh.loc[fresh["cosine"].notna(), "path_a"].iloc[0]
+    with monkeypatch.context() as m:
+        m.setattr(confirm, "load_input", _failing(confirm, "load_input", broken))
+        run(data, tmp_path / "model", *confirming)
+    pairs = pd.read_parquet(tmp_path / "model" / "pairs.parquet")
+    assert pairs.loc[(pairs["path_a"] == broken) & (pairs["stage"] == "confirm"), "cosine"].isna().all()
+    reuse = run(data, tmp_path / "model", *confirming)["reuse"]
+    assert reuse["confirm"]["embeddings_redone_failed_last_time"] >= 1 and reuse["confirm"]["pairs_embedded"] > 0
+    assert reuse["confirm"]["pairs_reused"] > 0 and reuse["verify"]["pairs_verified"] == 0
+    assert_same_outputs(tmp_path / "model", tmp_path / "fresh_model")
+
+
 def test_verify_change_recomputes_orb_only(grown, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(grown["out"], out)
@@ -1471,14 +1526,16 @@ def test_the_lists_files_are_removed_when_a_run_fails_before_its_commit(generate
 def test_feature_parts_finds_the_wanted_features_of_these_settings_in_first_seen_order(tmp_path):
     """Cat.feature_parts: the stored rows of the wanted (sha256, transform) made with these
     settings, in the order the wanted ones first appear, none from a part that fails its check;
-    `settings_changed` counts wanted features stored with other settings only; the path of each
-    part file is one shared string."""
+    `settings_changed` counts wanted features stored with other settings only; a stored failure
+    is not found (made again) and counted as `failed_last_time`; the path of each part file is
+    one shared string."""
     sha = {c: c * 64 for c in "ABCDE"}
     rows = [("orb", "F1", sha["A"], 0, 10, "p1"), ("orb", "F1", sha["A"], 4, 14, "p1"),
             ("orb", "F1", sha["B"], 0, 20, "p2"), ("orb", "F1", sha["C"], 0, 30, "p1"),
             ("orb", "F0", sha["A"], 0, 11, "p0"), ("orb", "F0", sha["D"], 0, 41, "p0"),
-            ("embed", "F1", sha["E"], 0, 50, "p3")]
+            ("embed", "F1", sha["E"], 0, 50, "p3"), ("orb", "F1", sha["E"], 0, 60, "p1")]
     features = pd.DataFrame(rows, columns=["kind", "fp", "sha256", "transform", "key", "part"]).assign(error=None)
+    features.loc[7, "error"] = "cannot read: a read that failed"  # (E0's ORB features failed)
 
     class Checked(catalog.Catalog):
         def verify_file(self, rel):
@@ -1490,14 +1547,15 @@ def test_feature_parts_finds_the_wanted_features_of_these_settings_in_first_seen
     assert found.index.tolist() == [30, 10, 14]
     assert found.tolist() == [str(tmp_path / "p1")] * 3
     assert len({id(p) for p in found}) == 1
-    # stored with other settings and not found: D0 (A0 is found)
-    assert counts == {"reused": 3, "settings_changed": 1}
+    # stored with other settings and not found: D0 (A0 is found); failed: E0
+    assert counts == {"reused": 3, "settings_changed": 1, "failed_last_time": 1}
+    assert cat.failed_contents("orb", "F1").tolist() == [sha["E"]] and not len(cat.failed_contents("orb", "F0"))
     empty, counts = cat.feature_parts("embed", "F9", wanted[:2], [0, 0])
-    assert empty.empty and counts == {"reused": 0, "settings_changed": 0}
+    assert empty.empty and counts == {"reused": 0, "settings_changed": 0, "failed_last_time": 0}
     nothing, counts = Checked(tmp_path).feature_parts("orb", "F1", wanted, np.zeros(len(wanted), np.int64))
-    assert nothing.empty and counts == {"reused": 0, "settings_changed": 0}
+    assert nothing.empty and counts == {"reused": 0, "settings_changed": 0, "failed_last_time": 0}
     flipped, counts = cat.feature_parts("orb", "F1", wanted[:2], [4, 4])  # A4 only: C has no flipped row
-    assert flipped.index.tolist() == [14] and counts == {"reused": 1, "settings_changed": 0}
+    assert flipped.index.tolist() == [14] and counts == {"reused": 1, "settings_changed": 0, "failed_last_time": 0}
 
 
 def test_new_feature_rows_name_each_part_file_relative_to_the_catalog_once(tmp_path, monkeypatch):

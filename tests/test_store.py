@@ -26,6 +26,23 @@ def test_parts_are_sorted_by_key_in_row_groups(tmp_path):
     assert (np.diff(back) > 0).all()
 
 
+def test_read_keys_takes_each_key_from_its_own_part_when_another_part_has_it_too(tmp_path):
+    """A failure made again: the old part keeps the key's failed row, the new part has the
+    features; each key is read from the part given for it, whatever the order of the parts."""
+    rng = np.random.default_rng(4)
+    old = store.write_partition(tmp_path / "old", 0, _frame([8, 16, 24], rng))
+    new = store.write_partition(tmp_path / "new", 0, _frame([16], rng))
+    old_rows = pq.read_table(old).to_pandas().set_index("key")
+    new_rows = pq.read_table(new).to_pandas().set_index("key")
+    got = store.read_keys([8, 16, 24, 16], [old, new, old, new])
+    assert got.index.tolist() == [8, 16, 24]
+    assert got.loc[16, "blob"] == new_rows.loc[16, "blob"] != old_rows.loc[16, "blob"]
+    assert got.loc[8, "blob"] == old_rows.loc[8, "blob"] and got.loc[24, "blob"] == old_rows.loc[24, "blob"]
+    # (read_rows takes it from the first part holding it)
+    assert store.read_rows([old, new], [8, 16]).loc[16, "blob"] == old_rows.loc[16, "blob"]
+    assert store.read_keys([], []).empty and store.read_keys([40], [old]).loc[40].isna().all()
+
+
 def test_read_rows_decodes_only_the_row_groups_it_needs(tmp_path):
     rng = np.random.default_rng(1)
     frames = [_frame(np.arange(p * 10_000, p * 10_000 + 8 * 200, 8), rng) for p in range(3)]
