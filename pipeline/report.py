@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pipeline")
 STATIC = ("app.js", "style.css")
 THUMB_INDEX = "thumbs.json"  # image_id -> "sha256:thumb_size" of each thumbnail made
-DRAW_INDEX = "drawings.json"  # drawing name -> "sha256_a:sha256_b:settings" of each pair drawn
+DRAW_INDEX = "drawings.json"  # drawing name -> "sha256_a:sha256_b:settings:matches:inliers" of each pair drawn
 DRAW_HEIGHT = 320  # each image's height in a pair drawing (pixels)
 INLIER, OUTLIER = (40, 200, 70), (235, 60, 50)
 THUMBS_PER_TASK = 64  # thumbnails decoded per task (those taken from feature parts: one task per part)
@@ -390,7 +390,8 @@ def drawing_tasks(todo: list[tuple], checks: dict[str, str]) -> list[tuple[list[
 
 def _made_index(report_dir: Path, name: str = THUMB_INDEX) -> dict[str, str]:
     """What an earlier report made (THUMB_INDEX: image_id -> "sha256:size"; DRAW_INDEX: drawing ->
-    "sha_a:sha_b:settings"), reused when the same bytes and settings come again."""
+    "sha_a:sha_b:settings:matches:inliers"), reused when the same bytes, settings and ORB numbers
+    come again."""
     try:
         return json.loads((report_dir / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -398,11 +399,16 @@ def _made_index(report_dir: Path, name: str = THUMB_INDEX) -> dict[str, str]:
 
 
 def _draw_settings(cfg: Config) -> str:
-    """What a drawing depends on besides the two images' bytes: the verify tier's settings."""
+    """What a drawing depends on besides the two images' bytes and the pair's ORB numbers (which
+    choose the evidence drawn: `draw_pairs`): the verify tier's settings, the code and libraries
+    that make ORB's pair scores (their catalog fingerprint: a fix there re-scores a catalog's
+    pairs, and the drawings with them) and this module's, which draws."""
     import hashlib
+    from pipeline import catalog
+    code = catalog.source_fingerprint(Path(__file__).read_text(encoding="utf-8"))
     return hashlib.sha256(json.dumps([dataclasses.asdict(cfg.verify), cfg.screen.max_pixels,
-                                      cfg.screen.max_decode_bytes, DRAW_HEIGHT], sort_keys=True,
-                                     default=str).encode()).hexdigest()[:12]
+                                      cfg.screen.max_decode_bytes, DRAW_HEIGHT, catalog.fingerprints(cfg)["orb"],
+                                      code], sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _reuse(old: Path, new: Path) -> bool:
@@ -725,7 +731,7 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
             pair = data["pairs"][i]
             ka, kb = pair[0], pair[1]
             name = f"{ids[ka]}-{ids[kb]}.jpg"
-            drew[name] = f"{sha_at[ka]}:{sha_at[kb]}:{settings}"
+            drew[name] = f"{sha_at[ka]}:{sha_at[kb]}:{settings}:{pair[3]}:{pair[4]}"  # (+ the run's ORB numbers)
             index_of[name] = i
             if drawn_before.get(name) == drew[name] and carry(f"pairs/{name}"):
                 drawing[i] = name

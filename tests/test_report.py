@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 import shutil
 
@@ -293,6 +294,21 @@ def test_a_new_run_reuses_the_last_reports_thumbnails_and_drawings(review_run, t
     write_report(third, run.images, run.pairs, run.manifest, cfg=cfg, reuse_from=first / "report")
     assert (third / "report" / "thumbs" / thumb.name).read_bytes().endswith(b"reused")
     assert not (third / "report" / "pairs" / drawing.name).read_bytes().endswith(b"reused")
+    # and on the pair's ORB numbers, which choose what is drawn (a release that re-scored the
+    # pair), and on the code that scores and draws
+    drawn = json.loads((first / "report" / "drawings.json").read_text())
+    a, b = (int(x) for x in re.fullmatch(r"(-?\d+)-(-?\d+)", drawing.stem).groups())
+    rescored = run.pairs.copy()
+    at = ((rescored["image_id_a"] == a) & (rescored["image_id_b"] == b)).to_numpy()
+    assert at.sum() == 1
+    rescored.loc[at, "orb_inliers"] += 1
+    fourth = tmp_path / "fourth"
+    fourth.mkdir()
+    write_report(fourth, run.images, rescored, run.manifest, reuse_from=first / "report")
+    assert not (fourth / "report" / "pairs" / drawing.name).read_bytes().endswith(b"reused")
+    again = json.loads((fourth / "report" / "drawings.json").read_text())
+    assert again[drawing.name] != drawn[drawing.name]
+    assert {k: v for k, v in again.items() if k != drawing.name} == {k: v for k, v in drawn.items() if k != drawing.name}
 
 
 def test_drawings_go_one_per_cluster_first():
