@@ -1075,7 +1075,17 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
     }
     if cat is not None:  # the catalog first: the outputs' run.json then says what it committed
         t = time.perf_counter()
-        present = pa.array(sha[has_sha], pa.string())  # (an Arrow array: catalog.among; no set of N strings)
+        kept = has_sha
+        if changed.any():
+            # what the tiers made of a file rewritten during the run may be of its new bytes,
+            # under the sha256 of its old ones: nothing of those contents is kept (made again
+            # at the next run, which reads the file again)
+            kept = has_sha & ~pd.Series(sha, dtype=object).isin(set(sha[changed])).to_numpy(bool)
+            stays = kept[pairs["idx_a"].to_numpy()[scored]] & kept[pairs["idx_b"].to_numpy()[scored]]
+            scored = scored[stays]
+            confirmed = confirmed[stays] if confirmed is not None else None
+            new_features = [f[f["sha256"].isin(set(sha[kept]))] for f in new_features]
+        present = pa.array(sha[kept], pa.string())  # (an Arrow array: catalog.among; no set of N strings)
         # sha256 as object columns sharing the images' strings: a str column would copy each
         # 64-character text into Arrow, ~72 B per pair and side, held through the commit
         rows = pd.DataFrame({"sha_a": pd.Series(sha[pairs["idx_a"].to_numpy()[scored]], dtype=object),

@@ -254,6 +254,33 @@ def test_features_that_failed_are_made_again_and_their_pairs_scored_again(genera
     assert_same_outputs(tmp_path / "model", tmp_path / "fresh_model")
 
 
+def test_nothing_made_of_a_file_rewritten_during_the_run_is_kept(generated, tmp_path, monkeypatch):
+    """The tiers of a file rewritten while the run went on may have read its new bytes, which the
+    catalog would keep under the sha256 of the old: no feature and no evidence of that content is
+    kept, and the next run reads the file again and scores its pairs, equal to a fresh run."""
+    from pipeline import decide, scan
+    data = tmp_path / "data"
+    shutil.copytree(generated["A"], data)
+    changed = "g0001_original.jpg"
+    real = scan.changed_since
+    with monkeypatch.context() as m:
+        m.setattr(scan, "changed_since", lambda paths, sizes, mtimes: [
+            str(p).endswith(changed) or c for p, c in zip(list(paths), real(paths, sizes, mtimes))])
+        first = run(data, tmp_path / "out")
+    assert first["counts"]["changed_during_run"] == 1
+    images = pd.read_parquet(tmp_path / "out" / "images.parquet").set_index("path")
+    assert images.loc[changed, "error"] == decide.CHANGED_ERROR
+    sha = images.loc[changed, "sha256"]
+    cat = catalog.Catalog.load(tmp_path / "out" / "catalog")
+    assert len(cat.features) and not (cat.features["sha256"] == sha).any()
+    assert len(cat.evidence) and not ((cat.evidence["sha_a"] == sha) | (cat.evidence["sha_b"] == sha)).any()
+    reuse = run(data, tmp_path / "out")["reuse"]
+    assert reuse["screen"]["why_screened"] == {"failed_last_time": 1}
+    assert reuse["verify"]["pairs_verified"] > 0 and reuse["verify"]["pairs_reused"] > 0
+    run(data, tmp_path / "fresh", "--no-catalog")
+    assert_same_outputs(tmp_path / "out", tmp_path / "fresh")
+
+
 def test_verify_change_recomputes_orb_only(grown, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(grown["out"], out)
