@@ -654,9 +654,9 @@ class Catalog:
         `check=False`: listed parts are taken unread, for a reader that checks each part it
         opens against `part_checks` (the report: reading every part here was ~2 GB at 100k).
 
-        A stored failure (a row with an error) is not reused but made again: features are made
-        of images the screen decoded, so one that failed here failed for a cause of its own (a
-        read, memory) that may be gone; counted as "failed_last_time".
+        A stored failure whose cause may be gone (`tried_again`: a read, memory) is not reused
+        but made again, counted as "failed_last_time"; any other failure is the bytes' own and
+        is reused like a result.
 
         Matched on integer codes of the stored sha256 values (a transform is 0-7): a frame of the
         wanted texts, two per pair, copied each 64-character value into an Arrow column (+83 MB
@@ -677,7 +677,7 @@ class Catalog:
         row_keys = np.where(row_codes >= 0, row_codes.astype(np.int64) * 8 + rows["transform"].to_numpy(np.int64), -1)
         is_wanted = np.isin(row_keys, keys)
         same = (rows["fp"] == fp).to_numpy(bool)
-        failed = rows["error"].notna().to_numpy(bool)
+        failed = tried_again(rows["error"])
         take = np.flatnonzero(is_wanted & same & ~failed)
         take = take[np.argsort(first[np.searchsorted(keys, row_keys[take])], kind="stable")]  # first-seen order
         hit, hit_keys = rows[["key", "part"]].iloc[take], row_keys[take]
@@ -731,16 +731,19 @@ class Catalog:
             return pd.DataFrame({"key": np.zeros(0, np.int64), "part_path": pd.Series(dtype=object),
                                  "error": pd.Series(dtype=object)})
         found = pd.concat(frames, ignore_index=True)
-        found = found[pd.Index(found["key"] // 8).isin(sha_of_cid.index) & found["error"].isna()]  # (as feature_parts)
+        found = found[pd.Index(found["key"] // 8).isin(sha_of_cid.index) & ~tried_again(found["error"])]  # (as feature_parts)
         return found.drop_duplicates("key", keep="last").reset_index(drop=True)
 
-    def failed_contents(self, kind: str, fp: str) -> np.ndarray:
-        """The sha256 of contents whose stored features of `kind` made with settings `fp` failed:
-        what was scored from them (an inconclusive pair) is scored again with the features made
-        again (`feature_parts`)."""
+    def failed(self, kind: str, fp: str) -> pd.DataFrame:
+        """sha256 and key (content id * 8 + transform) of the stored features of `kind` made with
+        settings `fp` that failed for a cause that may be gone (`tried_again`): `feature_parts`
+        makes them again, and what was scored from them is scored again (`without_failed_scores`)."""
         rows = self.features
-        bad = ((rows["kind"] == kind) & (rows["fp"] == fp) & rows["error"].notna()).to_numpy(bool)
-        return pd.unique(rows["sha256"].to_numpy(dtype=object)[bad])
+        bad = ((rows["kind"] == kind) & (rows["fp"] == fp)).to_numpy(bool, copy=True)
+        bad[bad] = tried_again(rows["error"][bad])
+        # (the failed rows' texts only: the whole column as objects is a Python string per row)
+        return pd.DataFrame({"sha256": rows["sha256"][bad].to_numpy(dtype=object),
+                             "key": rows["key"][bad].to_numpy(np.int64)})
 
     def feature_root_folder(self) -> str:
         """The folder (or prefix) under which every feature part is."""
@@ -1022,6 +1025,7 @@ class KnownImages:
         # made with other screen settings (or code): to be screened again
         self.stale = (images["screen_fp"] != screen_fp).to_numpy(bool)
         self.clean = images["error"].isna().to_numpy(bool)
+        self.retry = tried_again(images["error"])  # (failed for a cause that may be gone: read again)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -1215,14 +1219,66 @@ def _pair_keys(*pairs: tuple) -> list[pd.Index]:
     return [pd.MultiIndex.from_arrays([codes[2 * i], codes[2 * i + 1], t]) for i, t in enumerate(transforms)]
 
 
-def lookup_evidence(cat: Catalog | None, sha_a, sha_b, transform, what: str, fp: str,
-                    failed=None) -> tuple[np.ndarray, pd.DataFrame]:
+# Stored failures whose cause may be gone with the bytes unchanged: a read (I/O, permissions, a
+# file gone for a moment), memory, or a limit in no fingerprint (scan.max_file_bytes; the decode
+# budget, screen.max_decode_bytes, for the tiers). They are tried again at the next run; any other
+# failure (a corrupt or unsupported file, an image ORB finds nothing in) is the bytes' own under the
+# fingerprinted code and settings, and is kept like a result. A file that changed during the run
+# (decide.CHANGED_ERROR) is read again too. (The texts: scan.py, screen.py, decode.py, verify.py,
+# confirm.py, decide.py; tests/test_catalog.py checks that each one is still made there.)
+TRIED_AGAIN = ("cannot read", "permission denied", "file disappeared", "cannot open", "file too large",
+               "image too large to decode", "changed during the run")
+
+
+def tried_again(errors) -> np.ndarray:
+    """bool per error text (None: no failure): a failure to try again (TRIED_AGAIN, or memory)."""
+    codes, distinct = pd.factorize(pd.Series(errors).reset_index(drop=True))  # (a few distinct texts)
+    again = np.array([str(e).startswith(TRIED_AGAIN) or "MemoryError" in str(e) for e in distinct] + [False])
+    return again[codes]
+
+
+def without_failed_scores(evidence: pd.DataFrame, failed: dict, pair_keys: dict) -> pd.DataFrame:
+    """The evidence without the scores made from features that failed for a cause that may be gone
+    (`failed`: kind "orb" / "embed" -> `Catalog.failed`; `pair_keys`: kind -> the feature keys a
+    pair (content ids a and b, transform) is scored with, `verify.pair_feature_keys`,
+    `confirm.pair_embedding_keys`): such a pair is scored again when it is next a candidate, its
+    features made again, where its stored failure (an inconclusive pair, a NaN cosine) was kept
+    as long as the bytes were, even past the features' own retry. A row whose ORB features
+    failed goes; one whose embedding failed loses its cosine only. Only the rows of the failed
+    contents are looked at."""
+    frames = [f for f in failed.values() if len(f)]
+    if not len(evidence) or not frames:
+        return evidence
+    contents = pd.unique(pd.concat(frames)["sha256"].to_numpy(dtype=object))
+    suspect = np.flatnonzero(among(evidence["sha_a"], contents) | among(evidence["sha_b"], contents))
+    if not len(suspect):
+        return evidence
+    rows = evidence.iloc[suspect]
+    ca = content_ids(rows["sha_a"].astype(object))
+    cb = content_ids(rows["sha_b"].astype(object))
+    t = rows["transform"].to_numpy(np.int64)
+    bad = {}
+    for kind, frame in failed.items():
+        bad[kind] = np.zeros(len(rows), bool)
+        if len(frame):
+            for k in pair_keys[kind](ca, cb, t):
+                bad[kind] |= np.isin(k, frame["key"].to_numpy(np.int64))
+    if not any(b.any() for b in bad.values()):
+        return evidence
+    evidence = evidence.copy()
+    if "embed" in bad and bad["embed"].any():  # (a row's ORB numbers stay when only its cosine failed)
+        at = evidence.index[suspect[bad["embed"]]]
+        evidence.loc[at, "cosine"] = pd.NA
+        evidence.loc[at, "embed_fp"] = None
+    return evidence.drop(evidence.index[suspect[bad["orb"]]]) if "orb" in bad else evidence
+
+
+def lookup_evidence(cat: Catalog | None, sha_a, sha_b, transform, what: str, fp: str) -> tuple[np.ndarray, pd.DataFrame]:
     """Stored evidence for pairs of contents: (hit mask, frame of the columns of the hits, one row
     per hit in order), `what` = "orb" (ORB_COLUMNS, made with settings `fp`) or "cosine";
     "orb_any"/"cosine_any": made with any settings. Rows only for the hits: a first run asks
-    about every pair and finds none. Not hits: pairs with a side among `failed` (sha256 texts:
-    contents whose stored features failed, `Catalog.failed_contents`) and stored cosines that
-    are NaN (an embedding failed): both are scored again, their features made again."""
+    about every pair and finds none. (Scores made from features that failed for a cause that may
+    be gone are dropped before: `without_failed_scores`.)"""
     n = len(sha_a)
     columns = ORB_COLUMNS if what.startswith("orb") else ["cosine"]
     if cat is None or not len(cat.evidence):
@@ -1230,10 +1286,6 @@ def lookup_evidence(cat: Catalog | None, sha_a, sha_b, transform, what: str, fp:
     ev = cat.evidence
     fp_col = "orb_fp" if what.startswith("orb") else "embed_fp"
     keep = (ev[fp_col].notna() if what.endswith("_any") else ev[fp_col] == fp).to_numpy(bool)
-    if not what.startswith("orb"):
-        keep = keep & ev["cosine"].notna().to_numpy(bool)
-    if failed is not None and len(failed):
-        keep = keep & ~(among(ev["sha_a"], failed) | among(ev["sha_b"], failed))
     # only rows of the contents asked about (a query asks about a few of 100k+ rows), and only the
     # columns asked for (one copy of those rows)
     keep = (keep & ev["sha_a"].isin(pd.unique(np.asarray(sha_a, dtype=object))).to_numpy(bool)

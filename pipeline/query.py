@@ -195,12 +195,16 @@ def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp
     new_features: list[pd.DataFrame] = []
     near_idx = pairs.index[pairs["kind"] == "near"]
     from pipeline.run import _set
+    if len(near_idx):  # (as a run: scores made from features that failed for a cause that may be gone)
+        from pipeline import confirm, verify
+        cat.evidence = catalog.without_failed_scores(
+            cat.evidence, {"orb": cat.failed("orb", fps["orb_features"]), "embed": cat.failed("embed", fps["embed"])},
+            {"orb": verify.pair_feature_keys, "embed": confirm.pair_embedding_keys})
     if TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"] and len(near_idx):
         from pipeline import verify
         sub = pairs.loc[near_idx]
         ia, ib, tt = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy(), sub["transform"].to_numpy(np.int64)
-        hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "orb", fps["orb"],
-                                             cat.failed_contents("orb", fps["orb_features"]))
+        hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "orb", fps["orb"])
         for col in catalog.ORB_COLUMNS:
             _set(pairs, near_idx[hit], col, found[col])
         todo = near_idx[~hit]

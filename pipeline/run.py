@@ -370,10 +370,10 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
             elif known.stale[at]:
                 why["screen_settings_changed"] += 1
                 todo.append(entry)
-            elif not known.clean[at]:
-                # a record of an error is never reused: the cause may be gone with the file
-                # unchanged (a read that failed, permissions, a setting such as
-                # scan.max_file_bytes that is in no fingerprint), and errors are few
+            elif known.retry[at]:
+                # a record of an error whose cause may be gone with the file unchanged (a read
+                # that failed, permissions, scan.max_file_bytes, which is in no fingerprint) is
+                # not reused: catalog.tried_again
                 why["failed_last_time"] += 1
                 todo.append(entry)
             elif rehash and isinstance(known.sha256[at], str):
@@ -907,6 +907,16 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                            ("ssim", "Float32"), ("hist_corr", "Float32")):
             pairs[col] = pd.Series(pd.NA, index=pairs.index, dtype=dtype)
         near = pairs.index[pairs["kind"] == "near"]
+        failed_orb = np.zeros(0, np.int64)
+        if cat is not None and len(near):
+            # scores made from features that failed for a cause that may be gone are not reused:
+            # the pairs are scored again, their features made again (catalog.tried_again)
+            from pipeline import confirm, verify
+            failed = {"orb": cat.failed("orb", fps["orb_features"]), "embed": cat.failed("embed", fps["embed"])}
+            cat.evidence = catalog.without_failed_scores(cat.evidence, failed, {"orb": verify.pair_feature_keys,
+                                                                                "embed": confirm.pair_embedding_keys})
+            failed_orb = failed["orb"]["key"].to_numpy(np.int64)
+            del failed
         if TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"] and len(near):
             from pipeline import verify
             t = time.perf_counter()
@@ -922,9 +932,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                 sub = pairs.loc[near, ["idx_a", "idx_b", "transform"]]
                 ia, ib = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy()
                 tt = sub["transform"].to_numpy(np.int64)
-                # (a pair scored from features that failed is scored again, its features made again)
-                failed = cat.failed_contents("orb", fps["orb_features"])
-                hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "orb", fps["orb"], failed)
+                hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "orb", fps["orb"])
                 for col in catalog.ORB_COLUMNS:
                     _set(pairs, near[hit], col, found[col])
                 todo = near[~hit]
@@ -950,13 +958,13 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                                 features_adopted_from_killed_run=adopted,
                                 features_redone_settings_changed=fcounts["settings_changed"],
                                 features_redone_failed_last_time=fcounts["failed_last_time"])
-                    stale = int(catalog.lookup_evidence(cat, sha[ia[~hit]], sha[ib[~hit]], tt[~hit], "orb_any", "",
-                                                        failed)[0].sum())
-                    retried = int((catalog.among(pd.Series(sha[ia[~hit]], dtype=object), failed)
-                                   | catalog.among(pd.Series(sha[ib[~hit]], dtype=object), failed)).sum()) \
-                        if len(failed) else 0
-                    info["why_verified"] = {"settings_changed": stale, "failed_last_time": retried,
-                                            "new_pair": int(len(todo)) - stale - retried}
+                    stale = catalog.lookup_evidence(cat, sha[ia[~hit]], sha[ib[~hit]], tt[~hit], "orb_any", "")[0]
+                    retried = np.zeros(len(todo), bool)  # (scored from features that failed: without_failed_scores)
+                    for k in verify.pair_feature_keys(cids[ia[~hit]], cids[ib[~hit]], tt[~hit]):
+                        retried |= np.isin(k, failed_orb)
+                    retried &= ~stale
+                    info["why_verified"] = {"settings_changed": int(stale.sum()), "failed_last_time": int(retried.sum()),
+                                            "new_pair": int(len(todo) - stale.sum() - retried.sum())}
                 reuse["verify"] = info
                 ran_features["orb"] = fps["orb_features"]
                 # the report's thumbnails and drawings come from the feature rows of every near
@@ -1080,11 +1088,12 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
             # what the tiers made of a file rewritten during the run may be of its new bytes,
             # under the sha256 of its old ones: nothing of those contents is kept (made again
             # at the next run, which reads the file again)
-            kept = has_sha & ~pd.Series(sha, dtype=object).isin(set(sha[changed])).to_numpy(bool)
+            tainted = set(sha[changed])
+            kept = has_sha & ~pd.Series(sha, dtype=object).isin(tainted).to_numpy(bool)
             stays = kept[pairs["idx_a"].to_numpy()[scored]] & kept[pairs["idx_b"].to_numpy()[scored]]
             scored = scored[stays]
             confirmed = confirmed[stays] if confirmed is not None else None
-            new_features = [f[f["sha256"].isin(set(sha[kept]))] for f in new_features]
+            new_features = [f[~f["sha256"].isin(tainted)] for f in new_features]
         present = pa.array(sha[kept], pa.string())  # (an Arrow array: catalog.among; no set of N strings)
         # sha256 as object columns sharing the images' strings: a str column would copy each
         # 64-character text into Arrow, ~72 B per pair and side, held through the commit

@@ -212,11 +212,14 @@ def _failing(module, name: str, broken: str):
 
 
 def test_features_that_failed_are_made_again_and_their_pairs_scored_again(generated, tmp_path, monkeypatch):
-    """A stored failure is not a result: an image the screen decoded whose ORB features or
-    embedding failed at the last run (a read that failed, memory) has them made again, and its
-    pairs (inconclusive, or with no cosine) are scored again, so the re-run's outputs equal a
-    run from scratch (before, the failure was reused for as long as the bytes were unchanged)."""
+    """A stored failure whose cause may be gone is not a result: an image the screen decoded
+    whose ORB features or embedding failed at the last run for a read (or memory) has them made
+    again, and its pairs (inconclusive, or with no cosine) are scored again, so the re-run's
+    outputs equal a run from scratch (before, the failure was reused for as long as the bytes
+    were unchanged). A failure that is the bytes' own is reused."""
     from pipeline import confirm, verify
+    from pipeline.decode import DecodeError
+    real_bounded = verify._load_bounded
     data = tmp_path / "data"
     shutil.copytree(generated["A"], data)
     run(data, tmp_path / "fresh", "--no-catalog")
@@ -236,6 +239,16 @@ def test_features_that_failed_are_made_again_and_their_pairs_scored_again(genera
     assert_same_outputs(tmp_path / "orb", tmp_path / "fresh")
     again = run(data, tmp_path / "orb")["reuse"]  # what was made again is reused
     assert again["verify"]["pairs_verified"] == 0 and again["verify"].get("features_redone_failed_last_time", 0) == 0
+
+    # a failure that is the bytes' own (here a decoder's) is kept like a result: not tried again
+    def corrupt(path, *a, **k):
+        raise DecodeError("cannot decode: broken data stream")
+    with monkeypatch.context() as m:
+        m.setattr(verify, "_load_bounded", lambda path, *a, **k: corrupt(path) if str(path).endswith(broken)
+                  else real_bounded(path, *a, **k))
+        run(data, tmp_path / "lasting")
+    reuse = run(data, tmp_path / "lasting")["reuse"]
+    assert reuse["verify"]["pairs_verified"] == 0 and reuse["verify"].get("features_redone_failed_last_time", 0) == 0
 
     # the model: the embedding of a file whose pairs reach the confirm tier fails (most pairs
     # do, with ORB's bar for accepting raised)
@@ -279,6 +292,48 @@ def test_nothing_made_of_a_file_rewritten_during_the_run_is_kept(generated, tmp_
     assert reuse["verify"]["pairs_verified"] > 0 and reuse["verify"]["pairs_reused"] > 0
     run(data, tmp_path / "fresh", "--no-catalog")
     assert_same_outputs(tmp_path / "out", tmp_path / "fresh")
+
+
+def test_which_failures_are_tried_again():
+    """Reads, permissions, memory and limits in no fingerprint are tried again; a corrupt or
+    unsupported file's failure is its bytes' own. Each text tried again is still made by the
+    module that makes it (a reworded message would silently stop its retry)."""
+    errors = pd.Series(["cannot read: Connection reset by peer", None, "not a recognised image format",
+                        "cannot decode: MemoryError: ", "file too large: 9 bytes exceeds scan.max_file_bytes=1",
+                        "no features: OpenCV: (-215) ...", "cannot decode: broken data stream", None,
+                        "permission denied"], dtype="category")
+    assert catalog.tried_again(errors).tolist() == [True, False, False, True, True, False, False, False, True]
+    sources = "".join((Path(catalog.__file__).parent / name).read_text()
+                      for name in ("scan.py", "screen.py", "decode.py", "verify.py", "confirm.py", "decide.py"))
+    for text in catalog.TRIED_AGAIN:
+        assert f'"{text}' in sources or f'f"{text}' in sources or f'("{text}' in sources, text
+
+
+def test_scores_made_from_failed_features_are_dropped_key_by_key():
+    """`without_failed_scores`: a row scored with a failed ORB feature key goes, one whose
+    embedding key failed loses its cosine only; a failed key no pair of a row uses (B's flipped
+    features, for a plain pair) leaves it as it was, so a failure no pair needs again does not
+    make its content's pairs be scored at every run."""
+    from pipeline import confirm, verify
+    sha = {c: (c * 15) + "0" * 49 for c in "ABCD"}  # (content ids from the first 15 hex digits)
+    cid = {c: catalog.content_ids([sha[c]])[0] for c in sha}
+    evidence = pd.DataFrame({
+        "sha_a": [sha["A"], sha["A"], sha["C"], sha["A"]], "sha_b": [sha["B"], sha["B"], sha["B"], sha["D"]],
+        "transform": pd.array([0, 4, 0, 0], dtype="int8"), "orb_fp": ["o"] * 4,
+        "orb_matches": pd.array([0, 0, 7, 9], dtype="Int32"), "cosine": pd.array([0.9, 0.8, None, 0.7], dtype="Float32"),
+        "embed_fp": ["e", "e", None, "e"]})
+    for column in ("sha_a", "sha_b", "orb_fp", "embed_fp"):
+        evidence[column] = evidence[column].astype("category")
+    keys = {"orb": verify.pair_feature_keys, "embed": confirm.pair_embedding_keys}
+    failed = {"orb": pd.DataFrame({"sha256": [sha["B"]], "key": [cid["B"] * 8 + 4]}),  # B flipped
+              "embed": pd.DataFrame({"sha256": [sha["D"]], "key": [cid["D"] * 8]})}  # D plain
+    out = catalog.without_failed_scores(evidence, failed, keys)
+    # A-B and C-B, plain, use B plain: kept; A-B mirrored uses B flipped: gone; A-D's cosine used D
+    assert out.index.tolist() == [0, 2, 3]
+    assert pd.isna(out.loc[3, "cosine"]) and pd.isna(out.loc[3, "embed_fp"]) and out.loc[3, "orb_matches"] == 9
+    assert out.loc[0, "cosine"] == np.float32(0.9) and out.loc[0, "embed_fp"] == "e"
+    assert catalog.without_failed_scores(evidence, {"orb": failed["orb"].iloc[:0]}, keys) is evidence
+    pd.testing.assert_frame_equal(evidence.iloc[[0, 1, 2, 3]], evidence)  # (the input is left as it was)
 
 
 def test_verify_change_recomputes_orb_only(grown, tmp_path):
@@ -1339,14 +1394,9 @@ def test_known_images_stand_in_for_the_screen_of_unchanged_files(tmp_path):
 
     reuse: dict = {}
     again = run_mod.run_screen(data, cfg, None, Progress(True), known=known, reuse=reuse)
-    # (the broken file's record is an error: read again, with the same outcome)
-    assert reuse["reused"] == len(first) - 1 and reuse["screened"] == 1
-    assert reuse["why_screened"] == {"failed_last_time": 1}
-    # (the same values; a text column of the screened rows alone, all None there, is object with
-    # None where the whole folder's has NaN: both are null in images.parquet)
-    def nulls_as_none(frame):
-        return frame.astype(object).where(frame.notna(), None)
-    pd.testing.assert_frame_equal(nulls_as_none(again), nulls_as_none(first))
+    # (the broken file's error is its bytes' own, reused: catalog.tried_again)
+    assert reuse["reused"] == len(first) and reuse["screened"] == 0
+    pd.testing.assert_frame_equal(again, first)
 
     Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(data / "p1.png")  # changed
     Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(data / "new.png")
@@ -1354,8 +1404,7 @@ def test_known_images_stand_in_for_the_screen_of_unchanged_files(tmp_path):
     reuse = {}
     mixed = run_mod.run_screen(data, cfg, None, Progress(True), known=catalog.KnownImages(stale, fps["screen"]),
                                reuse=reuse)
-    assert reuse["why_screened"] == {"new": 1, "changed_size_or_mtime": 1, "screen_settings_changed": 1,
-                                     "failed_last_time": 1}
+    assert reuse["why_screened"] == {"new": 1, "changed_size_or_mtime": 1, "screen_settings_changed": 1}
     pd.testing.assert_frame_equal(mixed, run_mod.run_screen(data, cfg, None, Progress(True)))
 
 
@@ -1562,7 +1611,7 @@ def test_feature_parts_finds_the_wanted_features_of_these_settings_in_first_seen
             ("orb", "F0", sha["A"], 0, 11, "p0"), ("orb", "F0", sha["D"], 0, 41, "p0"),
             ("embed", "F1", sha["E"], 0, 50, "p3"), ("orb", "F1", sha["E"], 0, 60, "p1")]
     features = pd.DataFrame(rows, columns=["kind", "fp", "sha256", "transform", "key", "part"]).assign(error=None)
-    features.loc[7, "error"] = "cannot read: a read that failed"  # (E0's ORB features failed)
+    features.loc[7, "error"] = "cannot read: a read that failed"  # (E0's ORB features failed: tried again)
 
     class Checked(catalog.Catalog):
         def verify_file(self, rel):
@@ -1576,7 +1625,8 @@ def test_feature_parts_finds_the_wanted_features_of_these_settings_in_first_seen
     assert len({id(p) for p in found}) == 1
     # stored with other settings and not found: D0 (A0 is found); failed: E0
     assert counts == {"reused": 3, "settings_changed": 1, "failed_last_time": 1}
-    assert cat.failed_contents("orb", "F1").tolist() == [sha["E"]] and not len(cat.failed_contents("orb", "F0"))
+    assert cat.failed("orb", "F1").to_dict("list") == {"sha256": [sha["E"]], "key": [60]}
+    assert not len(cat.failed("orb", "F0"))
     empty, counts = cat.feature_parts("embed", "F9", wanted[:2], [0, 0])
     assert empty.empty and counts == {"reused": 0, "settings_changed": 0, "failed_last_time": 0}
     nothing, counts = Checked(tmp_path).feature_parts("orb", "F1", wanted, np.zeros(len(wanted), np.int64))
