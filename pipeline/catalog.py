@@ -1025,7 +1025,7 @@ class KnownImages:
         # made with other screen settings (or code): to be screened again
         self.stale = (images["screen_fp"] != screen_fp).to_numpy(bool)
         self.clean = images["error"].isna().to_numpy(bool)
-        self.retry = tried_again(images["error"])  # (failed for a cause that may be gone: read again)
+        self.retry = tried_again(images["error"], screen=True)  # (failed for a cause that may be gone: read again)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -1228,12 +1228,17 @@ def _pair_keys(*pairs: tuple) -> list[pd.Index]:
 # confirm.py, decide.py; tests/test_catalog.py checks that each one is still made there.)
 TRIED_AGAIN = ("cannot read", "permission denied", "file disappeared", "cannot open", "file too large",
                "image too large to decode", "changed during the run")
+# ... except by the screen, which reads a file's bytes before it decodes them from memory (so its
+# "cannot open" is the bytes' own, a corrupt header) and whose fingerprint holds the decode budget
+SCREEN_KEEPS = ("cannot open", "image too large to decode")
 
 
-def tried_again(errors) -> np.ndarray:
-    """bool per error text (None: no failure): a failure to try again (TRIED_AGAIN, or memory)."""
+def tried_again(errors, screen: bool = False) -> np.ndarray:
+    """bool per error text (None: no failure): a failure to try again (TRIED_AGAIN, or memory;
+    `screen`: a screen record's, SCREEN_KEEPS kept)."""
     codes, distinct = pd.factorize(pd.Series(errors).reset_index(drop=True))  # (a few distinct texts)
-    again = np.array([str(e).startswith(TRIED_AGAIN) or "MemoryError" in str(e) for e in distinct] + [False])
+    again = np.array([(str(e).startswith(TRIED_AGAIN) and not (screen and str(e).startswith(SCREEN_KEEPS)))
+                      or "MemoryError" in str(e) for e in distinct] + [False])
     return again[codes]
 
 

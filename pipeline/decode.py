@@ -286,6 +286,8 @@ def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, IndexError,
             TypeError, KeyError, ZeroDivisionError) as exc:
         text = str(exc) or type(exc).__name__
+        if isinstance(exc, MemoryError):  # (named: a failure for memory is tried again, catalog.tried_again)
+            raise DecodeError(f"cannot decode: MemoryError: {text}") from None
         if "truncated" in text.lower():
             raise DecodeError(f"truncated file: {text}") from None
         raise DecodeError(f"cannot decode: {text}") from None

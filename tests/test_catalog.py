@@ -303,10 +303,31 @@ def test_which_failures_are_tried_again():
                         "no features: OpenCV: (-215) ...", "cannot decode: broken data stream", None,
                         "permission denied"], dtype="category")
     assert catalog.tried_again(errors).tolist() == [True, False, False, True, True, False, False, False, True]
+    # the screen reads the bytes before decoding them (its "cannot open" is a corrupt header) and
+    # its fingerprint holds the decode budget
+    screen = pd.Series(["cannot open: Truncated File Read", "image too large to decode: 9x9 RGB needs 1 bytes",
+                        "cannot read: Connection reset by peer"])
+    assert catalog.tried_again(screen, screen=True).tolist() == [False, False, True]
+    assert catalog.tried_again(screen).tolist() == [True, True, True]
     sources = "".join((Path(catalog.__file__).parent / name).read_text()
                       for name in ("scan.py", "screen.py", "decode.py", "verify.py", "confirm.py", "decide.py"))
     for text in catalog.TRIED_AGAIN:
         assert f'"{text}' in sources or f'f"{text}' in sources or f'("{text}' in sources, text
+
+
+def test_a_decode_that_runs_out_of_memory_says_so_and_is_tried_again(tmp_path, monkeypatch):
+    """numpy's allocation error has a message of its own ("Unable to allocate ..."): the decode
+    failure names MemoryError, so the record and features are made again at the next run."""
+    from pipeline import decode
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+
+    def short_of_memory(img):
+        raise MemoryError("Unable to allocate 2.00 PiB for an array")
+    monkeypatch.setattr(decode, "to_rgb", short_of_memory)
+    with pytest.raises(decode.DecodeError) as failed:
+        decode.load_image(str(path))
+    assert "MemoryError" in str(failed.value) and catalog.tried_again([str(failed.value)], screen=True).all()
 
 
 def test_scores_made_from_failed_features_are_dropped_key_by_key():

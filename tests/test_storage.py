@@ -596,9 +596,7 @@ def _store_run_equals_local(env: dict, data: str, out: str, dataset: Path, tmp_p
         assert not downloaded and copied, (len(downloaded), len(copied))
     reuse = fetch()["reuse"]
     assert reuse["catalog_generation"] == 2
-    # (only the broken object is read again: a record that is an error is never reused)
-    assert reuse["screen"]["why_screened"] == {"failed_last_time": 1}, reuse["screen"]
-    assert reuse["screen"]["screened"] == 1 and reuse["screen"]["reused"] == len(remote[0]) - 1, reuse["screen"]
+    assert reuse["screen"]["screened"] == 0 and reuse["screen"]["reused"] == len(remote[0]), reuse["screen"]
     assert reuse["verify"]["pairs_verified"] == 0
     # its report's thumbnails and drawings were carried over on the store (storage.LastReport):
     # OUT's report and the new generation's hold every one, the bytes the local run made
@@ -869,10 +867,8 @@ def test_a_catalog_in_the_bucket_makes_the_rerun_incremental_and_equal_to_a_run_
 
     reuse = second["reuse"]
     new = len(added) + 1  # the moved object is a new key (its content's features are reused)
-    # (and the broken object again: a record that is an error is never reused)
-    assert reuse["screen"]["screened"] == new + 1
-    assert reuse["screen"]["why_screened"] == {"new": new, "failed_last_time": 1}
-    assert reuse["screen"]["reused"] == second["counts"]["files"] - new - 1  # not read again
+    assert reuse["screen"]["screened"] == new and reuse["screen"]["why_screened"] == {"new": new}
+    assert reuse["screen"]["reused"] == second["counts"]["files"] - new  # not read again
     assert reuse["candidates"]["added"] >= 1 and reuse["candidates"]["lists_reused"] > 0
     assert reuse["verify"]["pairs_reused"] > 0 and reuse["verify"]["pairs_verified"] > 0
     assert reuse["confirm"]["pairs_reused"] > 0
@@ -882,12 +878,11 @@ def test_a_catalog_in_the_bucket_makes_the_rerun_incremental_and_equal_to_a_run_
     dup = pairs[pairs["is_duplicate"]]
     assert {f"edits/p10_resize_50b{ext}", f"new/p3_copy{p3.suffix}"} <= set(dup["path_a"]) | set(dup["path_b"])
 
-    # an unchanged re-run reads no object but the broken one (an error is never reused) and
-    # scores no pair
+    # an unchanged re-run reads no object and scores no pair
     result = _run([data, "--out", out, "--scheduler", address, "--quiet", *TIERS], env, driver)
     assert result.returncode == 0, result.stderr[-4000:]
     third = _run_json(fs, out)["reuse"]
-    assert third["screen"]["why_screened"] == {"failed_last_time": 1} and third["verify"]["pairs_verified"] == 0
+    assert third["screen"]["screened"] == 0 and third["verify"]["pairs_verified"] == 0
     assert third.get("confirm", {}).get("pairs_embedded", 0) == 0 and third["catalog_generation"] == 3
     _assert_same_outputs(_read_outputs(out, env), _read_outputs(scratch, env))
     # the catalog's files all come from its last two generations; nothing was written locally
@@ -1105,9 +1100,8 @@ def test_query_against_a_catalog_in_the_bucket(s3, bucket, dataset, tmp_path, mo
 
 
 def test_a_rerun_reads_only_new_and_rewritten_objects(s3, bucket, dataset, tmp_path, monkeypatch):
-    """The server's own request log: the re-run GETs the new object, the rewritten one and the
-    broken one (its record is an error, never reused), and no other image (an object without
-    an image extension may be sniffed, 32 bytes, when listed):
+    """The server's own request log: the re-run GETs the new object and the rewritten one, and
+    no other image (an object without an image extension may be sniffed, 32 bytes, when listed):
     not the screen, and not the report either, which copies the last report's thumbnails of
     unchanged bytes instead of making them again from the images."""
     env, log_path, client, fs, prefix, data, out, args = _screen_on_bucket(s3, monkeypatch, dataset, "reread")
@@ -1123,14 +1117,12 @@ def test_a_rerun_reads_only_new_and_rewritten_objects(s3, bucket, dataset, tmp_p
     fs.pipe_file(f"{BUCKET}/{prefix}/edits/{rewritten}", (dataset / "edits" / rewritten).read_bytes() + b"\0")
     since = _log_lines(log_path)
     assert _dedupe(f"{data}/", *args) == 0  # the same prefix, with its trailing "/"
-    # (and the broken one: a record that is an error is never reused)
     assert set(_object_gets(log_path, since, prefix)) - {"edits/notes.txt"} == {"new/p0_again.jpg",
-                                                                                f"edits/{rewritten}",
-                                                                                "edits/broken.jpg"}
+                                                                                f"edits/{rewritten}"}
     assert fs.find(f"{BUCKET}/reread/out/report/thumbs")  # the report still shows every cluster
     reuse = _run_json(fs, out)["reuse"]["screen"]
-    assert reuse["screened"] == 3 and reuse["reused"] == files - 2
-    assert reuse["why_screened"] == {"new": 1, "changed_size_or_mtime": 1, "failed_last_time": 1}
+    assert reuse["screened"] == 2 and reuse["reused"] == files - 1
+    assert reuse["why_screened"] == {"new": 1, "changed_size_or_mtime": 1}
     assert _dedupe(data, "--out", str(tmp_path / "scratch"), "--tiers", "screen", "--scheduler", "sync",
                    "--quiet", "--no-catalog") == 0
     _assert_same_outputs(_read_outputs(out, env), _read_outputs(tmp_path / "scratch", env))
@@ -1648,10 +1640,9 @@ def test_a_same_size_rewrite_within_the_second_is_screened_again_by_its_etag(s3,
     """The catalog keeps each object's ETag. moto cannot set an object's last-modified time, so
     the same-second case is made on the catalog's side: after a same-size rewrite, the record's
     mtime_ns is set to the new listing's (what a rewrite within the recorded second leaves). Then
-    the re-run reads that object, and only that one (beside the broken one, whose record is an
-    error), because its ETag differs (`changed_etag`), and its outputs equal a run from scratch.
-    A catalog written before ETags were kept (no etag column) still reuses every unchanged
-    object and gains their ETags; with no ETag recorded the
+    the re-run reads that object, and only that one, because its ETag differs (`changed_etag`),
+    and its outputs equal a run from scratch. A catalog written before ETags were kept (no etag
+    column) still reuses every unchanged object and gains their ETags; with no ETag recorded the
     same-second rewrite is missed, which is the limit the ETag removes."""
     import hashlib
     from pipeline import storage
@@ -1678,10 +1669,9 @@ def test_a_same_size_rewrite_within_the_second_is_screened_again_by_its_etag(s3,
     _edit_catalog_images(fs, cat, lambda t: t.drop(columns=["etag"]))
     since = _log_lines(log_path)
     assert _dedupe(data, *args) == 0
-    # (a sniff of notes.txt's head; the broken image, whose record is an error, read again)
-    assert set(_object_gets(log_path, since, prefix)) <= {"edits/notes.txt", "edits/broken.jpg"}
+    assert set(_object_gets(log_path, since, prefix)) <= {"edits/notes.txt"}  # (a sniff of its head)
     reuse = _run_json(fs, out)["reuse"]["screen"]
-    assert reuse["screened"] == 1 and reuse["reused"] == len(listed) - 1, reuse
+    assert reuse["screened"] == 0 and reuse["reused"] == len(listed), reuse
     stored = catalog_images().set_index("path")
     assert all(stored.loc[p, "etag"] == e.etag for p, e in listed.items())
 
@@ -1698,9 +1688,9 @@ def test_a_same_size_rewrite_within_the_second_is_screened_again_by_its_etag(s3,
     _edit_catalog_images(fs, cat, same_second)
     since = _log_lines(log_path)
     assert _dedupe(data, *args) == 0
-    assert set(_object_gets(log_path, since, prefix)) - {"edits/notes.txt", "edits/broken.jpg"} == {target}
+    assert set(_object_gets(log_path, since, prefix)) - {"edits/notes.txt"} == {target}
     reuse = _run_json(fs, out)["reuse"]["screen"]
-    assert reuse["why_screened"] == {"changed_etag": 1, "failed_last_time": 1} and reuse["screened"] == 2, reuse
+    assert reuse["why_screened"] == {"changed_etag": 1} and reuse["screened"] == 1, reuse
     images = _read_outputs(out, env)[0].set_index("path")
     assert images.loc[target, "sha256"] == hashlib.sha256(new).hexdigest() and pd.isna(images.loc[target, "error"])
     assert _dedupe(data, "--out", str(tmp_path / "scratch"), "--tiers", "screen", "--scheduler", "sync",
@@ -1713,7 +1703,7 @@ def test_a_same_size_rewrite_within_the_second_is_screened_again_by_its_etag(s3,
     now = listing()[target]
     _edit_catalog_images(fs, cat, lambda t: same_second(t).drop(columns=["etag"]))
     assert _dedupe(data, *args) == 0
-    assert _run_json(fs, out)["reuse"]["screen"]["why_screened"] == {"failed_last_time": 1}
+    assert _run_json(fs, out)["reuse"]["screen"]["screened"] == 0
     assert _read_outputs(out, env)[0].set_index("path").loc[target, "sha256"] == hashlib.sha256(new).hexdigest()
 
 
