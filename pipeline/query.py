@@ -194,12 +194,9 @@ def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp
     sha_of_cid = sha_of_cid[~sha_of_cid.index.duplicated()]
     new_features: list[pd.DataFrame] = []
     near_idx = pairs.index[pairs["kind"] == "near"]
-    from pipeline.run import _set
-    if len(near_idx):  # (as a run: scores made from features that failed for a cause that may be gone)
-        from pipeline import confirm, verify
-        cat.evidence = catalog.without_failed_scores(
-            cat.evidence, {"orb": cat.failed("orb", fps["orb_features"]), "embed": cat.failed("embed", fps["embed"])},
-            {"orb": verify.pair_feature_keys, "embed": confirm.pair_embedding_keys})
+    from pipeline.run import _set, drop_failed_scores
+    if len(near_idx):  # (as a run)
+        drop_failed_scores(cat, fps)
     if TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"] and len(near_idx):
         from pipeline import verify
         sub = pairs.loc[near_idx]

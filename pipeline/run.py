@@ -750,6 +750,17 @@ def _adopt(cat: catalog.Catalog, kind: str, fp: str, pre: pd.Series, sha_of_cid:
     return pd.concat([pre, extra]), int(len(orphans))
 
 
+def drop_failed_scores(cat: catalog.Catalog, fps: dict) -> np.ndarray:
+    """Drop from `cat.evidence` the scores made from features that failed for a cause that may be
+    gone (catalog.tried_again, catalog.without_failed_scores): those pairs are scored again, their
+    features made again. Returns the failed ORB feature keys."""
+    from pipeline import confirm, verify
+    failed = {"orb": cat.failed("orb", fps["orb_features"]), "embed": cat.failed("embed", fps["embed"])}
+    cat.evidence = catalog.without_failed_scores(cat.evidence, failed, {"orb": verify.pair_feature_keys,
+                                                                        "embed": confirm.pair_embedding_keys})
+    return failed["orb"]["key"].to_numpy(np.int64)
+
+
 def _screen_embeddings_from_catalog(cat: catalog.Catalog, images: pd.DataFrame, cids: np.ndarray,
                                     sha_of_cid: pd.Series, by_content: pd.DataFrame, fps: dict, cfg: Config,
                                     work_dir: Path | str, run_id: str, client, progress: Progress,
@@ -907,16 +918,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                            ("ssim", "Float32"), ("hist_corr", "Float32")):
             pairs[col] = pd.Series(pd.NA, index=pairs.index, dtype=dtype)
         near = pairs.index[pairs["kind"] == "near"]
-        failed_orb = np.zeros(0, np.int64)
-        if cat is not None and len(near):
-            # scores made from features that failed for a cause that may be gone are not reused:
-            # the pairs are scored again, their features made again (catalog.tried_again)
-            from pipeline import confirm, verify
-            failed = {"orb": cat.failed("orb", fps["orb_features"]), "embed": cat.failed("embed", fps["embed"])}
-            cat.evidence = catalog.without_failed_scores(cat.evidence, failed, {"orb": verify.pair_feature_keys,
-                                                                                "embed": confirm.pair_embedding_keys})
-            failed_orb = failed["orb"]["key"].to_numpy(np.int64)
-            del failed
+        failed_orb = drop_failed_scores(cat, fps) if cat is not None and len(near) else np.zeros(0, np.int64)
         if TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"] and len(near):
             from pipeline import verify
             t = time.perf_counter()

@@ -8,7 +8,7 @@ Work is split in two kinds of task so that no process holds every descriptor:
    compute at most `verify.n_features` ORB keypoints, write one Parquet file to the feature store.
    Features are computed once per (image, transform) key, never per pair.
 2. `verify_partition` — per chunk of pairs: read only the feature partitions the chunk needs
-   (`store.read_rows`, cached per worker), match, run RANSAC, return the numbers. Matching is a
+   (`store.read_keys`, cached per worker), match, run RANSAC, return the numbers. Matching is a
    numba kernel (`hamming.match_descriptors`: 2-NN Hamming distances of the descriptors packed as 4 uint64
    words, popcount, ratio test and one-to-one in one compiled call; ~0.15 ms per pair of 500
    keypoints), giving exactly the matches of the earlier cv2 BFMatcher.knnMatch + Python path
