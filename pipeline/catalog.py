@@ -428,7 +428,8 @@ def fingerprinted_syntax(text: str, skip_listed: bool = True) -> ast.Module:
     return tree
 
 
-def _code(kind: str) -> str:
+def code_fingerprint(kind: str) -> str:
+    """The fingerprint of the code and library versions that make one kind of result (`_CODE`)."""
     from importlib import metadata
     files, dists = _CODE[kind]
     h = hashlib.sha256()
@@ -451,19 +452,20 @@ def fingerprints(cfg: Config, weights_info: dict | None = None) -> dict[str, str
     embeddings; screen hashing keys the hashes (and with them everything downstream)."""
     s, v, e = cfg.to_dict()["screen"], cfg.to_dict()["verify"], cfg.to_dict()["embed"]
     screen = {k: x for k, x in s.items() if k not in _SCREEN_SEARCH}
-    screen["code"] = _code("screen")
+    screen["code"] = code_fingerprint("screen")
     orb_features = {k: x for k, x in v.items() if k not in _ORB_MATCH_ONLY | _NO_EFFECT}
     orb_features["decode_max_pixels"] = s["max_pixels"]
-    orb_features["code"] = _code("orb_features")
+    orb_features["code"] = code_fingerprint("orb_features")
     embed = {k: x for k, x in e.items() if k not in _NO_EFFECT}
-    embed["code"] = _code("embed")
+    embed["code"] = code_fingerprint("embed")
     embed.update(border_tolerance=s["border_tolerance"], trim_frames=s["trim_frames"],
                  decode_max_pixels=s["max_pixels"],
                  weights_sha256=(weights_info or {}).get("sha256"))
     out = {"screen": _fp(screen), "orb_features": _fp(orb_features), "embed": _fp(embed)}
-    out["neighbours"] = _fp([out["screen"], {k: s[k] for k in sorted(_SCREEN_SEARCH)}, _code("neighbours")])
+    out["neighbours"] = _fp([out["screen"], {k: s[k] for k in sorted(_SCREEN_SEARCH)},
+                             code_fingerprint("neighbours")])
     out["orb"] = _fp([out["orb_features"], {k: x for k, x in v.items() if k in _ORB_MATCH_ONLY},
-                      _code("orb_match")])
+                      code_fingerprint("orb_match")])
     return out
 
 

@@ -11,7 +11,8 @@ Layout (everything relative, so the folder opens from disk, `file://`, with no n
     OUT/report/app.js, style.css    the app (plain JS): pages, search, filters, pair view
     OUT/report/thumbs/<image_id>.jpg    one per image shown, made once (a rebuild, and the next
                                         run's report, link those of unchanged files: thumbs.json
-                                        records each one's sha256); in a run, taken from the
+                                        records each one's sha256, size and code,
+                                        `_thumb_code`); in a run, taken from the
                                         verify tier's feature rows when it decoded the image
                                         (`thumbs_from_store`), else decoded (`make_thumb`)
     OUT/report/pairs/<id_a>-<id_b>.jpg  ORB matches drawn for `report.draw_pairs` duplicate pairs
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline")
 STATIC = ("app.js", "style.css")
-THUMB_INDEX = "thumbs.json"  # image_id -> "sha256:thumb_size" of each thumbnail made
+THUMB_INDEX = "thumbs.json"  # image_id -> "sha256:thumb_size:code" of each thumbnail made
 DRAW_INDEX = "drawings.json"  # drawing name -> "sha256_a:sha256_b:settings:matches:inliers" of each pair drawn
 DRAW_HEIGHT = 320  # each image's height in a pair drawing (pixels)
 INLIER, OUTLIER = (40, 200, 70), (235, 60, 50)
@@ -389,13 +390,24 @@ def drawing_tasks(todo: list[tuple], checks: dict[str, str]) -> list[tuple[list[
 
 
 def _made_index(report_dir: Path, name: str = THUMB_INDEX) -> dict[str, str]:
-    """What an earlier report made (THUMB_INDEX: image_id -> "sha256:size"; DRAW_INDEX: drawing ->
-    "sha_a:sha_b:settings:matches:inliers"), reused when the same bytes, settings and ORB numbers
-    come again."""
+    """What an earlier report made (THUMB_INDEX: image_id -> "sha256:size:code", `_thumb_code`;
+    DRAW_INDEX: drawing -> "sha_a:sha_b:settings:matches:inliers"), reused when the same bytes,
+    settings, code and ORB numbers come again."""
     try:
         return json.loads((report_dir / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+
+
+def _thumb_code() -> str:
+    """What a thumbnail depends on besides its image's bytes and report.thumb_size: the code and
+    libraries that decode and shrink it, this module's (`make_thumb`, `thumb_from_decoded`) and
+    the ORB features' (the verify tier decodes the pictures `thumbs_from_store` takes them from).
+    A fix to either makes every thumbnail again, not only those of changed files."""
+    import hashlib
+    from pipeline import catalog
+    code = catalog.source_fingerprint(Path(__file__).read_text(encoding="utf-8"))
+    return hashlib.sha256(f"{code}:{catalog.code_fingerprint('orb_features')}".encode()).hexdigest()[:12]
 
 
 def _draw_settings(cfg: Config) -> str:
@@ -696,7 +708,7 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
     else:  # storage.LastReport: its indexes are local, its files stay on the store
         earlier, carry = reuse_from.folder, reuse_from.carry
     try:
-        previous = _made_index(earlier)
+        previous, thumb_code = _made_index(earlier), _thumb_code()
         has_thumb = np.zeros(len(listed), dtype=bool)  # by position in data["images"]
         jobs: list[tuple] = []  # (kind, fn, args): the pixel work, on the cluster or this process's threads
         from_store: dict[str, list] = {}  # feature part -> thumbnails to take from it (by position)
@@ -707,7 +719,7 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
             sha, name = sha_at[k], str(ids[k])
             if isinstance(error_at[k], str):
                 continue
-            if previous.get(name) == f"{sha}:{rcfg.thumb_size}" and carry(f"thumbs/{name}.jpg"):
+            if previous.get(name) == f"{sha}:{rcfg.thumb_size}:{thumb_code}" and carry(f"thumbs/{name}.jpg"):
                 has_thumb[k] = True
             elif sha in where.index:
                 from_store.setdefault(where.at[sha, "part_path"], []).append(
@@ -761,10 +773,11 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
             for piece in iter_script_json(data):
                 fh.write(piece)
             fh.write(";\n")
-        with open(tmp / THUMB_INDEX, "w", encoding="utf-8") as fh:  # image_id -> "sha256:size" of each made
+        with open(tmp / THUMB_INDEX, "w", encoding="utf-8") as fh:  # image_id -> "sha256:size:code" of each made
             fh.write("{")
             for n, k in enumerate(np.flatnonzero(has_thumb)):
-                fh.write(("," if n else "") + json.dumps(str(ids[k])) + ":" + json.dumps(f"{sha_at[k]}:{rcfg.thumb_size}"))
+                fh.write(("," if n else "") + json.dumps(str(ids[k])) + ":"
+                         + json.dumps(f"{sha_at[k]}:{rcfg.thumb_size}:{thumb_code}"))
             fh.write("}")
         (tmp / DRAW_INDEX).write_text(json.dumps(drew), encoding="utf-8")
         for name in STATIC:

@@ -606,8 +606,8 @@ def test_a_new_version_of_the_orb_code_recomputes_orb_only(kind, grown, tmp_path
     the screen nor the embeddings."""
     out = tmp_path / "out"
     shutil.copytree(grown["out"], out)
-    real = catalog._code
-    monkeypatch.setattr(catalog, "_code", lambda code: real(code) + ("-new" if code == kind else ""))
+    real = catalog.code_fingerprint
+    monkeypatch.setattr(catalog, "code_fingerprint", lambda code: real(code) + ("-new" if code == kind else ""))
     reuse = run(grown["data"], out)["reuse"]
     assert reuse["screen"]["screened"] == 0 and reuse["verify"]["pairs_reused"] == 0
     if kind == "orb_features":
@@ -980,7 +980,7 @@ def test_every_kinds_code_is_read_as_its_syntax(monkeypatch):
     monkeypatch.setattr(catalog, "source_fingerprint", lambda text, *a: read.append(text) or real(text, *a))
     for kind, (files, _) in catalog._CODE.items():
         read.clear()
-        catalog._code(kind)
+        catalog.code_fingerprint(kind)
         here = Path(catalog.__file__).parent
         assert read == [(here / name).read_text() for name in files], kind
 

@@ -311,6 +311,31 @@ def test_a_new_run_reuses_the_last_reports_thumbnails_and_drawings(review_run, t
     assert {k: v for k, v in again.items() if k != drawing.name} == {k: v for k, v in drawn.items() if k != drawing.name}
 
 
+def test_a_release_that_decodes_or_shrinks_differently_makes_the_thumbnails_again(review_run, tmp_path, monkeypatch):
+    """A thumbnail is reused on its bytes, its size and the code and libraries that made it (this
+    module's and the ORB features' decode, `report._thumb_code`): a fix there shows on every
+    thumbnail, not only on those of files that changed."""
+    from pipeline import catalog
+    run = load_run(review_run)
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    for d in (first, second, third):
+        d.mkdir()
+    write_report(first, run.images, run.pairs, run.manifest)
+    thumb = sorted((first / "report" / "thumbs").iterdir())[0]
+    thumb.write_bytes(thumb.read_bytes() + b"reused")  # a made thumbnail would not end like this
+    made = json.loads((first / "report" / "thumbs.json").read_text())
+    real = catalog.code_fingerprint
+    monkeypatch.setattr(catalog, "code_fingerprint", lambda kind: real(kind) + ("x" if kind == "orb_features" else ""))
+    write_report(second, run.images, run.pairs, run.manifest, reuse_from=first / "report")
+    assert not (second / "report" / "thumbs" / thumb.name).read_bytes().endswith(b"reused")
+    again = json.loads((second / "report" / "thumbs.json").read_text())
+    assert again.keys() == made.keys() and all(again[k] != made[k] for k in made)
+    monkeypatch.setattr(catalog, "code_fingerprint", real)  # the same code again: reused
+    write_report(third, run.images, run.pairs, run.manifest, reuse_from=first / "report")
+    assert (third / "report" / "thumbs" / thumb.name).read_bytes().endswith(b"reused")
+    assert json.loads((third / "report" / "thumbs.json").read_text()) == made
+
+
 def test_drawings_go_one_per_cluster_first():
     """report.draw_pairs is spent on each cluster's first ORB-seen pair (page order), then each
     cluster's second, ...; rejected drawings come after and only for pairs ORB saw."""
