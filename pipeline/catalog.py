@@ -736,12 +736,13 @@ class Catalog:
         found = found[pd.Index(found["key"] // 8).isin(sha_of_cid.index) & ~tried_again(found["error"])]  # (as feature_parts)
         return found.drop_duplicates("key", keep="last").reset_index(drop=True)
 
-    def failed(self, kind: str, fp: str) -> pd.DataFrame:
+    def failed(self, kind: str, fp: str | None) -> pd.DataFrame:
         """sha256 and key (content id * 8 + transform) of the stored features of `kind` made with
-        settings `fp` that failed for a cause that may be gone (`tried_again`): `feature_parts`
-        makes them again, and what was scored from them is scored again (`without_failed_scores`)."""
+        settings `fp` (None: any settings) that failed for a cause that may be gone
+        (`tried_again`): `feature_parts` makes them again, and what was scored from them is scored
+        again (`without_failed_scores`)."""
         rows = self.features
-        bad = ((rows["kind"] == kind) & (rows["fp"] == fp)).to_numpy(bool, copy=True)
+        bad = ((rows["kind"] == kind) & ((rows["fp"] == fp) if fp is not None else True)).to_numpy(bool, copy=True)
         bad[bad] = tried_again(rows["error"][bad])
         # (the failed rows' texts only: the whole column as objects is a Python string per row)
         return pd.DataFrame({"sha256": rows["sha256"][bad].to_numpy(dtype=object),

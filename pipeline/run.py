@@ -753,12 +753,17 @@ def _adopt(cat: catalog.Catalog, kind: str, fp: str, pre: pd.Series, sha_of_cid:
 def drop_failed_scores(cat: catalog.Catalog, fps: dict) -> np.ndarray:
     """Drop from `cat.evidence` the scores made from features that failed for a cause that may be
     gone (catalog.tried_again, catalog.without_failed_scores): those pairs are scored again, their
-    features made again. Returns the failed ORB feature keys."""
+    features made again. The failures of every stored setting count, not only of `fps`: a run
+    under other settings forgets the other settings' feature rows (`features_table`) but keeps
+    the scores of pairs it did not score again, which a return to those settings would reuse
+    with nothing left to say they came from a failure (a key's score under the other settings
+    is dropped with them: it is made again if it is wanted). Returns the failed ORB feature keys
+    of `fps`."""
     from pipeline import confirm, verify
-    failed = {"orb": cat.failed("orb", fps["orb_features"]), "embed": cat.failed("embed", fps["embed"])}
+    failed = {"orb": cat.failed("orb", None), "embed": cat.failed("embed", None)}
     cat.evidence = catalog.without_failed_scores(cat.evidence, failed, {"orb": verify.pair_feature_keys,
                                                                         "embed": confirm.pair_embedding_keys})
-    return failed["orb"]["key"].to_numpy(np.int64)
+    return cat.failed("orb", fps["orb_features"])["key"].to_numpy(np.int64)
 
 
 def _screen_embeddings_from_catalog(cat: catalog.Catalog, images: pd.DataFrame, cids: np.ndarray,
@@ -918,7 +923,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                            ("ssim", "Float32"), ("hist_corr", "Float32")):
             pairs[col] = pd.Series(pd.NA, index=pairs.index, dtype=dtype)
         near = pairs.index[pairs["kind"] == "near"]
-        failed_orb = drop_failed_scores(cat, fps) if cat is not None and len(near) else np.zeros(0, np.int64)
+        failed_orb = drop_failed_scores(cat, fps) if cat is not None else np.zeros(0, np.int64)
         if TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"] and len(near):
             from pipeline import verify
             t = time.perf_counter()

@@ -357,6 +357,32 @@ def test_scores_made_from_failed_features_are_dropped_key_by_key():
     pd.testing.assert_frame_equal(evidence.iloc[[0, 1, 2, 3]], evidence)  # (the input is left as it was)
 
 
+def test_scores_made_from_features_that_failed_under_other_settings_are_dropped_too(tmp_path):
+    """`run.drop_failed_scores` looks at the failures of every stored setting: a run under other
+    settings forgets the feature rows of the old ones (`features_table`) but keeps the scores of
+    pairs it did not score again, and a return to the old settings would have reused a score made
+    from a failure with nothing left to say so. It returns the failed keys of the run's settings
+    only (those are the features it makes again)."""
+    from pipeline.run import drop_failed_scores
+    sha = {c: (c * 15) + "0" * 49 for c in "ABCD"}
+    cid = {c: catalog.content_ids([sha[c]])[0] for c in sha}
+    features = pd.DataFrame({"kind": ["orb", "orb", "orb"], "fp": ["OLD", "NEW", "NEW"],
+                             "sha256": [sha["B"], sha["D"], sha["A"]], "transform": [0, 0, 0],
+                             "key": [cid["B"] * 8, cid["D"] * 8, cid["A"] * 8], "part": ["p0", "p1", "p1"],
+                             "error": ["cannot read: a read that failed", "cannot read: gone", None]})
+    evidence = pd.DataFrame({
+        "sha_a": [sha["A"], sha["A"], sha["A"]], "sha_b": [sha["B"], sha["C"], sha["D"]],
+        "transform": pd.array([0, 0, 0], dtype="int8"), "orb_fp": ["old", "old", "new"],
+        "orb_matches": pd.array([0, 12, 0], dtype="Int32"), "cosine": pd.array([None, None, None], dtype="Float32"),
+        "embed_fp": [None, None, None]})
+    cat = catalog.Catalog(tmp_path, features=features)
+    cat.evidence = evidence
+    keys = drop_failed_scores(cat, {"orb_features": "NEW", "embed": "E"})
+    assert keys.tolist() == [cid["D"] * 8]
+    # A-B was scored from B's features that failed under the old settings, A-D from D's under the new
+    assert cat.evidence["sha_b"].tolist() == [sha["C"]]
+
+
 def test_verify_change_recomputes_orb_only(grown, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(grown["out"], out)
