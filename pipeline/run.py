@@ -757,13 +757,19 @@ def drop_failed_scores(cat: catalog.Catalog, fps: dict) -> np.ndarray:
     under other settings forgets the other settings' feature rows (`features_table`) but keeps
     the scores of pairs it did not score again, which a return to those settings would reuse
     with nothing left to say they came from a failure (a key's score under the other settings
-    is dropped with them: it is made again if it is wanted). Returns the failed ORB feature keys
-    of `fps`."""
+    is dropped with them: it is made again if it is wanted). Returns the pairs whose stored ORB
+    scores were dropped: (content id a, content id b, transform), for run.json's
+    why_verified.failed_last_time."""
     from pipeline import confirm, verify
     failed = {"orb": cat.failed("orb", None), "embed": cat.failed("embed", None)}
-    cat.evidence = catalog.without_failed_scores(cat.evidence, failed, {"orb": verify.pair_feature_keys,
-                                                                        "embed": confirm.pair_embedding_keys})
-    return cat.failed("orb", fps["orb_features"])["key"].to_numpy(np.int64)
+    before = cat.evidence
+    cat.evidence = catalog.without_failed_scores(before, failed, {"orb": verify.pair_feature_keys,
+                                                                  "embed": confirm.pair_embedding_keys})
+    gone = before.loc[before.index.difference(cat.evidence.index)] if len(cat.evidence) < len(before) \
+        else before.iloc[:0]
+    return pd.MultiIndex.from_arrays([catalog.content_ids(gone["sha_a"].astype(object)),
+                                      catalog.content_ids(gone["sha_b"].astype(object)),
+                                      gone["transform"].to_numpy(np.int64)])
 
 
 def _screen_embeddings_from_catalog(cat: catalog.Catalog, images: pd.DataFrame, cids: np.ndarray,
@@ -923,7 +929,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                            ("ssim", "Float32"), ("hist_corr", "Float32")):
             pairs[col] = pd.Series(pd.NA, index=pairs.index, dtype=dtype)
         near = pairs.index[pairs["kind"] == "near"]
-        failed_orb = drop_failed_scores(cat, fps) if cat is not None else np.zeros(0, np.int64)
+        rescored = drop_failed_scores(cat, fps) if cat is not None else None
         if TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"] and len(near):
             from pipeline import verify
             t = time.perf_counter()
@@ -966,9 +972,9 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                                 features_redone_settings_changed=fcounts["settings_changed"],
                                 features_redone_failed_last_time=fcounts["failed_last_time"])
                     stale = catalog.lookup_evidence(cat, sha[ia[~hit]], sha[ib[~hit]], tt[~hit], "orb_any", "")[0]
-                    retried = np.zeros(len(todo), bool)  # (scored from features that failed: without_failed_scores)
-                    for k in verify.pair_feature_keys(cids[ia[~hit]], cids[ib[~hit]], tt[~hit]):
-                        retried |= np.isin(k, failed_orb)
+                    retried = np.zeros(len(todo), bool)  # (scored from features that failed: drop_failed_scores)
+                    if len(rescored):
+                        retried = pd.MultiIndex.from_arrays([cids[ia[~hit]], cids[ib[~hit]], tt[~hit]]).isin(rescored)
                     retried &= ~stale
                     info["why_verified"] = {"settings_changed": int(stale.sum()), "failed_last_time": int(retried.sum()),
                                             "new_pair": int(len(todo) - stale.sum() - retried.sum())}

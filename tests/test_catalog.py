@@ -361,8 +361,8 @@ def test_scores_made_from_features_that_failed_under_other_settings_are_dropped_
     """`run.drop_failed_scores` looks at the failures of every stored setting: a run under other
     settings forgets the feature rows of the old ones (`features_table`) but keeps the scores of
     pairs it did not score again, and a return to the old settings would have reused a score made
-    from a failure with nothing left to say so. It returns the failed keys of the run's settings
-    only (those are the features it makes again)."""
+    from a failure with nothing left to say so. It returns the pairs whose ORB scores it dropped
+    (for run.json's why_verified.failed_last_time)."""
     from pipeline.run import drop_failed_scores
     sha = {c: (c * 15) + "0" * 49 for c in "ABCD"}
     cid = {c: catalog.content_ids([sha[c]])[0] for c in sha}
@@ -377,8 +377,8 @@ def test_scores_made_from_features_that_failed_under_other_settings_are_dropped_
         "embed_fp": [None, None, None]})
     cat = catalog.Catalog(tmp_path, features=features)
     cat.evidence = evidence
-    keys = drop_failed_scores(cat, {"orb_features": "NEW", "embed": "E"})
-    assert keys.tolist() == [cid["D"] * 8]
+    dropped = drop_failed_scores(cat, {"orb_features": "NEW", "embed": "E"})
+    assert sorted(dropped.tolist()) == sorted([(cid["A"], cid["B"], 0), (cid["A"], cid["D"], 0)])
     # A-B was scored from B's features that failed under the old settings, A-D from D's under the new
     assert cat.evidence["sha_b"].tolist() == [sha["C"]]
 
