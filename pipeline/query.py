@@ -4,11 +4,15 @@ The same cascade and rule as the batch job, for a few images against a catalog b
 (pipeline/catalog.py), with the catalog's settings unless overridden:
 
 1. screen each query image (one read, one decode: sha256, hashes and their variants);
-2. candidates: catalog files with the same sha256 (exact; the query file's own record aside),
-   and near pairs by hash exactly as the
-   batch job forms them: the query's K nearest catalog images, plus each catalog image that would
-   take the query into its own K nearest (its list re-derived from the catalog's hashes; a tie at
-   the K-th distance counts as taken, as the query has no place in the folder's path order);
+2. candidates, as the batch job forms them with the query files in the folder: catalog and
+   query files with the same sha256 (exact; the query file's own record aside, and a record of
+   it with other bytes is no catalog image at all), and near pairs by hash: the query's K
+   nearest catalog and query images, plus each catalog image that would take the query into its
+   own K nearest (its list re-derived from the catalog's hashes and the queries'). The images
+   are numbered in the folder's path order (a query outside the folder after every file in
+   it), as the batch job numbers them: a pair's first image is the first in that order (ORB's
+   numbers depend on it, and the stored scores are found by it), and a tie at a list's K-th
+   distance goes to the first;
 3. verify and confirm with the catalog's stored ORB features, embeddings and pair scores where
    they were made with the same settings, computing only what is missing;
 4. decide with `pipeline.decide` (same `rule` codes).
@@ -39,17 +43,33 @@ TIER_ORDER = {"screen": 0, "verify": 1, "confirm": 2}
 
 
 def _query_entries(paths: list[str | Path]) -> list[scan.FileEntry]:
-    entries = []
+    """One entry per file (a file named twice is asked about once). Its abs path resolves the
+    folders, not the file: a link inside the folder is a file of its own there, as the batch job
+    lists it, not its target."""
+    entries, seen = [], set()
     for p in paths:
         path = Path(p)
         if not path.is_file():
             raise ConfigError(f"query image {str(p)!r} does not exist or is not a file")
+        abs_path = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), path.name)
+        if abs_path in seen:
+            continue
+        seen.add(abs_path)
         st = path.stat()
         with open(path, "rb") as fh:
             head = fh.read(scan.SNIFF_BYTES)
         error = None if scan.sniff(head) else "not an image: content matches no known image format"
-        entries.append(scan.FileEntry(str(p), str(path.resolve()), st.st_size, st.st_mtime, error, st.st_mtime_ns))
+        entries.append(scan.FileEntry(str(p), abs_path, st.st_size, st.st_mtime, error, st.st_mtime_ns))
     return entries
+
+
+def _inside(entries: list[scan.FileEntry], cat: catalog.Catalog) -> list[str | None]:
+    """Each query file's path relative to the catalog's folder, as the batch job would list it
+    (None: outside it, or a catalog on a store)."""
+    if storage.is_url(cat.root):
+        return [None] * len(entries)
+    root = os.path.join(os.path.realpath(str(cat.root)), "")
+    return [Path(e.abs_path[len(root):]).as_posix() if e.abs_path.startswith(root) else None for e in entries]
 
 
 def _settings(cat: catalog.Catalog, cfg: Config | None, overrides: list[str] | None) -> Config:
@@ -98,36 +118,69 @@ def query(paths: list[str | Path], catalog_dir: str | Path, cfg: Config | None =
         if cat.fingerprint("screen") != fps["screen"]:
             raise ConfigError("the catalog's hashes were made with other screen settings than this query's: "
                               "query with the catalog's settings (no --set screen.*) or re-run the batch job")
+        if add:  # what --add stores must be what the batch job would store with the catalog's settings
+            own = catalog.fingerprints(config_from_dict(cat.manifest.get("config") or {}), weights_info)
+            other = [k for k in ("neighbours", "orb_features", "orb", "embed") if own[k] != fps[k]]
+            if other:
+                raise ConfigError(f"--add records the images with the catalog's settings, and this query's "
+                                  f"differ ({', '.join(other)}): drop the --set options that change them, or "
+                                  "run the batch job with the new settings")
+        entries = _query_entries(paths)
+        rel = _inside(entries, cat)
+        if add:  # (before any work)
+            outside = [e.path for e, r in zip(entries, rel) if r is None]
+            if outside:
+                raise ConfigError(f"--add: {outside[0]!r} is not inside the catalog's folder {str(cat.root)!r}: "
+                                  "copy it there first (the catalog mirrors that folder)")
         with tempfile.TemporaryDirectory(prefix="dedupe-query-") as tmp:
-            return _query(_query_entries(paths), cat, cfg, fps, add, Path(tmp), client, progress)
+            return _query(entries, rel, cat, cfg, fps, add, Path(tmp), client, progress)
 
 
-def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp: Path, client, progress):
+def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp: Path,
+           client, progress):
     from pipeline.run import image_ids, representatives  # one definition of both
     old = cat.images.sort_values("path", kind="stable").reset_index(drop=True)
+    q = screen.screen_partition(entries, cfg.screen)
+    # a query file the catalog holds with other bytes (rewritten since) is its new state: its old
+    # record is not a catalog image to compare it with
+    record = pd.Series(q["sha256"].to_numpy(dtype=object), index=[r if r is not None else "" for r in rel])
+    record = record[record.index != ""]
+    at = old["path"].isin(record.index).to_numpy()
+    if at.any():
+        now = record.reindex(old.loc[at, "path"]).to_numpy(dtype=object)
+        stale = old.loc[at, "sha256"].to_numpy(dtype=object) != now
+        old = old.drop(index=old.index[at][stale]).reset_index(drop=True)
     # string joins: a Path per catalog row costs ~1 s per 100k (a store URL keeps its "//")
     prefix = cat.root.rstrip("/") + "/" if storage.is_url(cat.root) else os.path.join(str(Path(cat.root)), "")
     old = old.assign(abs_path=[prefix + p for p in old["path"]])
-    q = screen.screen_partition(entries, cfg.screen)
     n_old = len(old)
     cols = ["path", "abs_path", "sha256", "error", "codes", "variant_mask"]
-    rows = pd.concat([old[cols], q[cols]], ignore_index=True)
+    # the catalog's and the query's files in the folder's path order, numbered as the batch job
+    # numbers its images: a pair's first image is its first in that order (ORB's numbers depend on
+    # which is first, and the stored scores are found by it), and a tie at a list's K-th
+    # distance goes to the first in it. A query file outside the folder sorts after every file in
+    # it, by its own path.
+    key = np.concatenate([old["path"].to_numpy(dtype=object),
+                          np.array([r if r is not None else e.abs_path for e, r in zip(entries, rel)], dtype=object)])
+    late = np.concatenate([np.zeros(n_old, bool), np.array([r is None for r in rel], bool)])
+    order = np.lexsort((key.astype(str), late))
+    rows = pd.concat([old[cols], q[cols]], ignore_index=True).iloc[order].reset_index(drop=True)
+    is_query = order >= n_old
+    old_rep = np.zeros(len(rows), bool)
+    old_rep[np.flatnonzero(~is_query)] = representatives(old).to_numpy()  # (old is in path order)
+    id_paths = np.concatenate([old["path"].to_numpy(dtype=object), np.array(rel, dtype=object)])[order]
     codes, mask = screen.unpack_codes(rows, cfg.screen)
     valid = (rows["error"].isna() & rows["codes"].notna()).to_numpy()
-    is_query = np.arange(len(rows)) >= n_old
-    old_rep = np.zeros(len(rows), bool)
-    old_rep[:n_old] = representatives(old).to_numpy()
     qvalid = is_query & valid
     part = old_rep | qvalid
     sha = rows["sha256"].to_numpy(dtype=object)
 
-    # exact: every catalog file with the same bytes
+    # exact: every catalog file, and every other query file, with the same bytes
     # (the catalog rows holding a query's bytes found in one pass: a comparison of every catalog
     # row for each query image was ~55 ms a query at 10M images)
-    old_sha = sha[:n_old]
     with_query_bytes: dict[str, list[int]] = {}
-    for i in np.flatnonzero(pd.Series(old_sha, dtype=object).isin(pd.unique(sha[qvalid])).to_numpy()):
-        with_query_bytes.setdefault(old_sha[i], []).append(int(i))
+    for i in np.flatnonzero(~is_query & pd.Series(sha, dtype=object).isin(pd.unique(sha[qvalid])).to_numpy()):
+        with_query_bytes.setdefault(sha[i], []).append(int(i))
     ea, eb = [], []
     abs_paths = rows["abs_path"].to_numpy(dtype=object)
     for qi in np.flatnonzero(qvalid):
@@ -135,42 +188,39 @@ def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp
         hits = hits[abs_paths[hits] != abs_paths[qi]]  # the catalog's record of the query file itself
         ea += hits.tolist()
         eb += [qi] * len(hits)
-    exact = pd.DataFrame({"idx_a": np.asarray(ea, np.int64), "idx_b": np.asarray(eb, np.int64),
+        with_query_bytes.setdefault(sha[qi], []).append(int(qi))  # (each later query with these bytes)
+    ea, eb = np.asarray(ea, np.int64), np.asarray(eb, np.int64)
+    exact = pd.DataFrame({"idx_a": np.minimum(ea, eb), "idx_b": np.maximum(ea, eb),
                           "hash_distance": np.int16(0), "transform": np.int8(0), "kind": "exact"})
 
-    # near: the query's K nearest catalog images, and catalog images that would take the query
-    # into their K nearest. A query with the same bytes as a catalog image ("twin") stands for
-    # that image, exactly as a byte copy in the folder does: its pairs are that image's pairs.
+    # near: the query's K nearest catalog images and other queries, and catalog images that would
+    # take the query into their K nearest. A query with the same bytes as a catalog image, or as
+    # a query before it in path order ("twin"), stands for that image, exactly as a byte copy in
+    # the folder does: its pairs are that image's pairs.
     rep_row = pd.Series(np.flatnonzero(old_rep), index=sha[old_rep])
     twin = np.full(len(rows), -1, np.int64)
-    for qi in np.flatnonzero(qvalid):
+    for qi in np.flatnonzero(qvalid):  # (in path order: the first of equal bytes stands)
         if sha[qi] in rep_row.index:
             twin[qi] = int(rep_row[sha[qi]])
+        else:
+            rep_row[sha[qi]] = qi
     fresh = qvalid & (twin < 0)
     part = old_rep | fresh
     asking = fresh.copy()
     asking[twin[twin >= 0]] = True
-    index = candidates.build_index(codes, mask, cfg.screen, representatives=old_rep)
+    index = candidates.build_index(codes, mask, cfg.screen, representatives=part)
     forward = candidates.directed_neighbours(codes, mask, cfg.screen, representatives=part, index=index,
                                              query_owners=asking)
     reach = candidates.reach_of(codes, mask, cfg.screen, added=asking, owners=old_rep, representatives=part,
                                 index=index)
     admitted = reach.iloc[0:0]
-    if len(reach):
-        owners = np.zeros(len(rows), bool)
+    if len(reach):  # (each such owner's K nearest among the catalog's and the query's images, as
+        owners = np.zeros(len(rows), bool)  # the batch job's: does it hold the query?)
         owners[reach["owner"].to_numpy()] = True
         lists = candidates.directed_neighbours(codes, mask, cfg.screen, representatives=old_rep, index=index,
                                                query_owners=owners)
-        count = lists.groupby("owner_a").size()
-        kth = lists.groupby("owner_a")["hash_distance"].max()
-        o, a = reach["owner"].to_numpy(), reach["added"].to_numpy()
-        full = count.reindex(o).fillna(0).to_numpy() >= cfg.screen.max_candidates
-        worst = kth.reindex(o).fillna(np.inf).to_numpy()
-        in_list = pd.MultiIndex.from_arrays([o, a]).isin(
-            pd.MultiIndex.from_arrays([lists["owner_a"].to_numpy(), lists["owner_b"].to_numpy()]))
-        is_twin_row = a < n_old  # a catalog image standing for a query: its own list decides exactly
-        ok = np.where(is_twin_row, in_list, ~full | (reach["hash_distance"].to_numpy() <= worst))
-        admitted = reach[ok]
+        admitted = reach[pd.MultiIndex.from_arrays([reach["owner"].to_numpy(), reach["added"].to_numpy()]).isin(
+            pd.MultiIndex.from_arrays([lists["owner_a"].to_numpy(), lists["owner_b"].to_numpy()]))]
     directed = pd.concat([forward, pd.DataFrame({"owner_a": admitted["owner"].to_numpy(np.int64),
                                                  "owner_b": admitted["added"].to_numpy(np.int64),
                                                  "hash_distance": admitted["hash_distance"].to_numpy(np.int16)})],
@@ -245,24 +295,28 @@ def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp
     pairs = decide.decide(pairs, cfg)
 
     if add:
-        _add(cat, cfg, fps, old, q, entries, pairs, near_idx, confirmed, sha, new_features)
+        _add(cat, cfg, fps, old, q, entries, rel, pairs, near_idx, confirmed, sha, new_features)
 
-    # one output row per (query, catalog image): a pair of two catalog images counts for every
-    # query that is a twin of one of them
+    # one output row per (query, image it was compared with: a catalog image or another query); a
+    # near pair of the image a query is a twin of counts for that query too
     ia, ib = pairs["idx_a"].to_numpy(), pairs["idx_b"].to_numpy()
+    is_near = (pairs["kind"] == "near").to_numpy()
     sel, qrow, crow = [], [], []
-    for i in np.flatnonzero(ib >= n_old):
-        sel.append(i), qrow.append(ib[i]), crow.append(ia[i])
+    for side, other in ((ia, ib), (ib, ia)):
+        i = np.flatnonzero(is_query[side])
+        sel.append(i), qrow.append(side[i]), crow.append(other[i])
     for qi in np.flatnonzero(twin >= 0):
         x = twin[qi]
-        for i in np.flatnonzero(((ia == x) | (ib == x)) & (ib < n_old) & (pairs["kind"] == "near").to_numpy()):
-            sel.append(i), qrow.append(qi), crow.append(ib[i] if ia[i] == x else ia[i])
-    sel, qrow, crow = np.asarray(sel, np.int64), np.asarray(qrow, np.int64), np.asarray(crow, np.int64)
+        for side, other in ((ia, ib), (ib, ia)):
+            i = np.flatnonzero((side == x) & is_near & ~is_query[other])
+            sel.append(i), qrow.append(np.full(len(i), qi)), crow.append(other[i])
+    sel, qrow, crow = (np.concatenate(x).astype(np.int64) for x in (sel, qrow, crow))
     picked = pairs.iloc[sel]
     paths = rows["path"].to_numpy(dtype=object)
+    # (a query's image_id is of its path in the folder, as the batch job's; none outside it)
     out = pd.DataFrame({
         "query": paths[qrow], "path": paths[crow],
-        "image_id": _ids(paths[crow], image_ids),
+        "image_id": _ids(id_paths[crow], image_ids),
         **{c: picked[c].to_numpy() for c in ["hash_distance", "orb_matches", "orb_inliers", "orb_score", "cosine",
                                              "stage", "is_duplicate", "reason", "rule"]},
         "query_error": pd.Series([None] * len(picked), dtype=object)})
@@ -278,26 +332,23 @@ def _query(entries, cat: catalog.Catalog, cfg: Config, fps: dict, add: bool, tmp
     return out.iloc[order][OUTPUT_COLUMNS].reset_index(drop=True)
 
 
-def _ids(paths: np.ndarray, image_ids) -> np.ndarray:
-    """image_id per path (paths may repeat: several queries can meet one catalog image)."""
-    if not len(paths):
-        return np.zeros(0, np.int64)
-    uniq, inverse = np.unique(paths.astype(str), return_inverse=True)
-    return image_ids(uniq)[inverse]
+def _ids(paths: np.ndarray, image_ids) -> pd.array:
+    """image_id per path (paths may repeat: several queries can meet one catalog image); <NA>
+    for None (a query outside the catalog's folder)."""
+    out = pd.array(np.zeros(len(paths), np.int64), dtype="Int64")
+    known = np.array([p is not None for p in paths], bool)
+    if known.any():
+        uniq, inverse = np.unique(paths[known].astype(str), return_inverse=True)
+        out[known] = image_ids(uniq)[inverse]
+    out[~known] = pd.NA
+    return out
 
 
-def _add(cat, cfg, fps, old, q, entries, pairs, near_idx, confirmed, sha, new_features) -> None:
-    """--add: the query images become catalog records (paths relative to the catalog's folder),
-    with their K-nearest lists, features and pair scores."""
+def _add(cat, cfg, fps, old, q, entries, rel, pairs, near_idx, confirmed, sha, new_features) -> None:
+    """--add: the query images become catalog records (`rel`: paths relative to the catalog's
+    folder, all inside it), with their K-nearest lists, features and pair scores."""
     from pipeline.run import representatives
     root = Path(cat.root).resolve()
-    rel = []
-    for e in entries:
-        try:
-            rel.append(Path(e.abs_path).relative_to(root).as_posix())
-        except ValueError:
-            raise ConfigError(f"--add: {e.path!r} is not inside the catalog's folder {str(root)!r}: "
-                              "copy it there first (the catalog mirrors that folder)") from None
     added = q.assign(path=rel, abs_path=[e.abs_path for e in entries], etag=None)  # local files: no ETag
     keep_old = old[~old["path"].isin(rel)]
     images = pd.concat([keep_old.drop(columns=["screen_fp"]), added[catalog.IMAGE_COLUMNS[:-1] + ["abs_path"]]],

@@ -610,6 +610,60 @@ def test_query_add_records_the_image_for_the_next_run(grown, tmp_path):
     assert_same_outputs(out, fresh)
 
 
+def test_query_answers_for_new_files_in_the_folder_as_the_batch_job_would(grown, tmp_path, capsys):
+    """Query files inside the catalog's folder that it does not know yet get the pairs the batch
+    job gives them with those files in the folder: each pair in path order (ORB's numbers depend
+    on which image is first; a query whose path sorted before its partner's was scored the other
+    way round, and its verdict could differ), the queries compared with each other too (near and
+    byte-identical), a file named twice asked about once, a link a file of its own. With --add
+    they are recorded as the batch job would (the next run scores nothing again); --add refuses
+    settings other than the catalog's; a catalog file rewritten since is not its own duplicate."""
+    from pipeline.query import query
+    from pipeline.run import image_ids
+    data, out, fresh = tmp_path / "data", tmp_path / "out", tmp_path / "fresh"
+    shutil.copytree(grown["data"], data)
+    run(data, out)
+    with Image.open(data / "a" / "g0002_original.jpg") as im:
+        small = im.convert("RGB").resize((im.width * 2 // 3, im.height * 2 // 3))
+    small.save(data / "a" / "0000_new.jpg", quality=80)  # (sorts before the photo it copies)
+    small.save(data / "b" / "new_q60.jpg", quality=60)  # near the first: two new files
+    shutil.copyfile(data / "a" / "0000_new.jpg", data / "zz_copy.jpg")  # a byte copy of a new file
+    (data / "zz_link.jpg").symlink_to(data / "a" / "g0001_original.jpg")
+    asked = ["a/0000_new.jpg", "b/new_q60.jpg", "zz_copy.jpg", "zz_link.jpg"]
+    files = [data / r for r in asked]
+    got = query(files + [files[0]], out / "catalog")
+    assert not got.duplicated(["query", "path"]).any()
+    got["path"] = [Path(p).relative_to(data).as_posix() if os.path.isabs(p) else p for p in got["path"]]
+    run(data, fresh, "--no-catalog")
+    batch = pd.read_parquet(fresh / "pairs.parquet")
+    for rel in asked[:2]:
+        _same_rows(got[got["query"] == str(data / rel)], _batch_rows(fresh, rel))
+    new_pair = got[(got["query"] == str(files[0])) & (got["path"] == "b/new_q60.jpg")]
+    assert len(new_pair) == 1 and new_pair["is_duplicate"].all()
+    for rel, original in (("zz_copy.jpg", "a/0000_new.jpg"), ("zz_link.jpg", "a/g0001_original.jpg")):
+        exact = got[(got["query"] == str(data / rel)) & (got["rule"] == "exact_bytes")]
+        assert exact["path"].tolist() == [original]
+        assert ((batch["path_a"] == original) & (batch["path_b"] == rel) & (batch["rule"] == "exact_bytes")).sum() == 1
+    mirrored = got[(got["query"] == str(files[1])) & (got["path"] == "a/0000_new.jpg")]
+    assert mirrored["image_id"].tolist() == image_ids(["a/0000_new.jpg"]).tolist()
+
+    cat_dir = str(out / "catalog")
+    assert main(["query", *map(str, files), "--catalog", cat_dir, "--add", "--set", "verify.max_side=256"]) == 2
+    assert "catalog's settings" in capsys.readouterr().err
+    assert main(["query", *map(str, files), str(files[0]), "--catalog", cat_dir, "--add"]) == 0
+    assert {"zz_link.jpg", *asked} <= set(catalog.Catalog.load(out / "catalog").images["path"])
+    reuse = run(data, out)["reuse"]
+    assert reuse["screen"]["screened"] == 0 and reuse["candidates"]["added"] == 0
+    assert reuse["verify"]["pairs_verified"] == 0 and reuse["confirm"].get("pairs_embedded", 0) == 0
+    assert_same_outputs(out, fresh)
+
+    # a catalog file rewritten since (here recompressed) is not compared with its own old record
+    with Image.open(data / "moved" / "renamed.jpg") as im:
+        im.convert("RGB").save(data / "moved" / "renamed.jpg", quality=50)
+    again = query([data / "moved" / "renamed.jpg"], out / "catalog")
+    assert "moved/renamed.jpg" not in set(again["path"])
+
+
 def test_the_airflow_example_calls_the_cli_with_valid_arguments():
     import ast
     import shlex
