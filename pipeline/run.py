@@ -1034,6 +1034,11 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                                                      np.concatenate([np.zeros_like(tt[~hit]), tt[~hit]]))
                     if screen_emb_by_cid is not None:  # this run's screen embeddings (not listed yet)
                         pre = pd.concat([pre, screen_emb_by_cid[~screen_emb_by_cid.index.isin(pre.index)]])
+                        # (a failed one the screen made again is counted there, not twice)
+                        wanted = np.concatenate([cids[ia[~hit]] * 8, cids[ib[~hit]] * 8 + tt[~hit]])
+                        again = np.intersect1d(np.intersect1d(wanted, cat.failed("embed", fps["embed"])["key"]),
+                                               screen_emb_by_cid.index.to_numpy(np.int64))
+                        fcounts["failed_last_time"] -= len(again)
                     pre, adopted_emb = _adopt(cat, "embed", fps["embed"], pre, sha_of_cid, new_features)
                     edir = cat.feature_dir("embed", fps["embed"], run_id)
                     cos = confirm.run_confirm(job, by_content, cfg, str(edir), client=client,

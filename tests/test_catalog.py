@@ -867,6 +867,26 @@ def test_high_recall_rerun_embeds_only_new_content_and_equals_a_run_from_scratch
     assert_same_outputs(tmp_path / "out", tmp_path / "scratch")
 
 
+def test_a_failed_embedding_the_high_recall_screen_makes_again_is_counted_once(generated, tmp_path, monkeypatch):
+    """High-recall mode with the catalog: an untransformed embedding that failed at the last run
+    is made again by the screen (counted in reuse.screen_embed) and taken from there by the
+    confirm tier, which does not count it again."""
+    from pipeline import confirm
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(generated["A"], data / "a")
+    confirming = ("--preset", "high-recall", "--set", "decide.accept_inliers=400")  # (pairs reach confirm)
+    run(data, tmp_path / "fresh", *confirming, "--no-catalog")
+    pairs = pd.read_parquet(tmp_path / "fresh" / "pairs.parquet")
+    broken = pairs.loc[pairs["cosine"].notna(), "path_a"].iloc[0]
+    with monkeypatch.context() as m:
+        m.setattr(confirm, "load_input", _failing(confirm, "load_input", broken))
+        run(data, out, *confirming)
+    again = run(data, out, *confirming)["reuse"]
+    assert again["screen_embed"]["embeddings_redone_failed_last_time"] == 1
+    assert again["confirm"]["pairs_embedded"] > 0
+    assert again["confirm"].get("embeddings_redone_failed_last_time", 0) == 0
+
+
 def test_feature_parts_are_compacted_and_still_give_the_same_results(grown, tmp_path, monkeypatch):
     """Compaction rewrites only the referenced rows (the deleted files' features go), one part at a
     time, and a re-run reading every feature from the new parts equals a run from scratch."""
