@@ -160,10 +160,11 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
     # which is first, and the stored scores are found by it), and a tie at a list's K-th
     # distance goes to the first in it. A query file outside the folder sorts after every file in
     # it, by its own path.
-    key = np.concatenate([old["path"].to_numpy(dtype=object),
-                          np.array([r if r is not None else e.abs_path for e, r in zip(entries, rel)], dtype=object)])
-    late = np.concatenate([np.zeros(n_old, bool), np.array([r is None for r in rel], bool)])
-    order = np.lexsort((key.astype(str), late))
+    # (the catalog's rows are in that order already: each query goes in at its place, a binary
+    # search, not a sort of every path)
+    ask = sorted(range(len(entries)), key=lambda j: (rel[j] is None, rel[j] or entries[j].abs_path))
+    at = [n_old if rel[j] is None else int(old["path"].array.searchsorted(rel[j])) for j in ask]
+    order = np.insert(np.arange(n_old), at, n_old + np.asarray(ask, np.int64))
     rows = pd.concat([old[cols], q[cols]], ignore_index=True).iloc[order].reset_index(drop=True)
     is_query = order >= n_old
     old_rep = np.zeros(len(rows), bool)
