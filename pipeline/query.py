@@ -5,8 +5,8 @@ The same cascade and rule as the batch job, for a few images against a catalog b
 
 1. screen each query image (one read, one decode: sha256, hashes and their variants);
 2. candidates, as the batch job forms them with the query files in the folder: catalog and
-   query files with the same sha256 (exact; the query file's own record aside, and a record of
-   it with other bytes is no catalog image at all), and near pairs by hash: the query's K
+   query files with the same sha256 (exact; a query file's own record is no catalog image here:
+   the query is that file as it is now), and near pairs by hash: the query's K
    nearest catalog and query images, plus each catalog image that would take the query into its
    own K nearest (its list re-derived from the catalog's hashes and the queries'). The images
    are numbered in the folder's path order (a query outside the folder after every file in
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import candidates, catalog, decide, scan, screen, storage
+from pipeline import candidates, catalog, decide, paths, scan, screen, storage
 from pipeline.config import Config, ConfigError, config_from_dict
 
 log = logging.getLogger("pipeline")
@@ -43,33 +43,41 @@ TIER_ORDER = {"screen": 0, "verify": 1, "confirm": 2}
 
 
 def _query_entries(paths: list[str | Path]) -> list[scan.FileEntry]:
-    """One entry per file (a file named twice is asked about once). Its abs path resolves the
-    folders, not the file: a link inside the folder is a file of its own there, as the batch job
-    lists it, not its target."""
+    """One entry per file: a file named twice, or by two spellings, is asked about once. Its abs
+    path is the path as given, made absolute (nothing resolved: a link inside the folder is a
+    file of its own there, as the batch job lists it, not its target)."""
     entries, seen = [], set()
     for p in paths:
         path = Path(p)
         if not path.is_file():
             raise ConfigError(f"query image {str(p)!r} does not exist or is not a file")
-        abs_path = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), path.name)
-        if abs_path in seen:
+        same = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), path.name)
+        if same in seen:
             continue
-        seen.add(abs_path)
+        seen.add(same)
         st = path.stat()
         with open(path, "rb") as fh:
             head = fh.read(scan.SNIFF_BYTES)
         error = None if scan.sniff(head) else "not an image: content matches no known image format"
-        entries.append(scan.FileEntry(str(p), abs_path, st.st_size, st.st_mtime, error, st.st_mtime_ns))
+        entries.append(scan.FileEntry(str(p), os.path.abspath(path), st.st_size, st.st_mtime, error, st.st_mtime_ns))
     return entries
 
 
 def _inside(entries: list[scan.FileEntry], cat: catalog.Catalog) -> list[str | None]:
-    """Each query file's path relative to the catalog's folder, as the batch job would list it
-    (None: outside it, or a catalog on a store)."""
+    """Each query file's path relative to the catalog's folder as the batch job would list it, the
+    name as the filesystem holds it (None: outside the folder, or a catalog on a store). A file
+    is inside when its path as given is under the folder's, or, with the links of both resolved
+    (a folder reached through a link), its folder is under the folder's."""
     if storage.is_url(cat.root):
         return [None] * len(entries)
-    root = os.path.join(os.path.realpath(str(cat.root)), "")
-    return [Path(e.abs_path[len(root):]).as_posix() if e.abs_path.startswith(root) else None for e in entries]
+    given = os.path.join(os.path.abspath(str(cat.root)), "")
+    real = os.path.join(os.path.realpath(str(cat.root)), "")
+    out = []
+    for e in entries:
+        resolved = os.path.join(os.path.realpath(os.path.dirname(e.abs_path)), os.path.basename(e.abs_path))
+        out.append(Path(e.abs_path[len(given):]).as_posix() if e.abs_path.startswith(given) else
+                   Path(resolved[len(real):]).as_posix() if resolved.startswith(real) else None)
+    return out
 
 
 def _settings(cat: catalog.Catalog, cfg: Config | None, overrides: list[str] | None) -> Config:
@@ -141,15 +149,10 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
     from pipeline.run import image_ids, representatives  # one definition of both
     old = cat.images.sort_values("path", kind="stable").reset_index(drop=True)
     q = screen.screen_partition(entries, cfg.screen)
-    # a query file the catalog holds with other bytes (rewritten since) is its new state: its old
-    # record is not a catalog image to compare it with
-    record = pd.Series(q["sha256"].to_numpy(dtype=object), index=[r if r is not None else "" for r in rel])
-    record = record[record.index != ""]
-    at = old["path"].isin(record.index).to_numpy()
-    if at.any():
-        now = record.reindex(old.loc[at, "path"]).to_numpy(dtype=object)
-        stale = old.loc[at, "sha256"].to_numpy(dtype=object) != now
-        old = old.drop(index=old.index[at][stale]).reset_index(drop=True)
+    # the catalog's record of a query file is not a catalog image to compare it with: the query is
+    # that file as it is now (rewritten since, or not)
+    named = [paths.text_form(r) if r is not None else None for r in rel]  # (as the catalog names files)
+    old = old[~old["path"].isin([r for r in named if r is not None])].reset_index(drop=True)
     # string joins: a Path per catalog row costs ~1 s per 100k (a store URL keeps its "//")
     prefix = cat.root.rstrip("/") + "/" if storage.is_url(cat.root) else os.path.join(str(Path(cat.root)), "")
     old = old.assign(abs_path=[prefix + p for p in old["path"]])
@@ -157,23 +160,29 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
     cols = ["path", "abs_path", "sha256", "error", "codes", "variant_mask"]
     # the catalog's and the query's files in the folder's path order, numbered as the batch job
     # numbers its images: a pair's first image is its first in that order (ORB's numbers depend on
-    # which is first, and the stored scores are found by it), and a tie at a list's K-th
-    # distance goes to the first in it. A query file outside the folder sorts after every file in
-    # it, by its own path.
-    # (the catalog's rows are in that order already: each query goes in at its place, a binary
-    # search, not a sort of every path)
-    ask = sorted(range(len(entries)), key=lambda j: (rel[j] is None, rel[j] or entries[j].abs_path))
-    at = [n_old if rel[j] is None else int(old["path"].array.searchsorted(rel[j])) for j in ask]
-    order = np.insert(np.arange(n_old), at, n_old + np.asarray(ask, np.int64))
-    rows = pd.concat([old[cols], q[cols]], ignore_index=True).iloc[order].reset_index(drop=True)
+    # which is first, and the stored scores are found by it), a tie at a list's K-th distance
+    # goes to the first in it, and so do byte-identical files' pairs. A query file outside the
+    # folder sorts after every file in it, by its own path. (The catalog's rows are in that order
+    # already: the queries go in at their places, found by one binary search, and the rows are
+    # copied once, not the whole table sorted.)
+    ask = sorted(range(len(entries)), key=lambda j: (named[j] is None, named[j] or entries[j].abs_path))
+    inside = [j for j in ask if named[j] is not None]
+    places = np.full(len(ask), n_old, np.int64)
+    if inside:
+        places[:len(inside)] = old["path"].array.searchsorted(np.array([named[j] for j in inside], dtype=object))
+    order = np.insert(np.arange(n_old), places, n_old + np.asarray(ask, np.int64))
+    bounds = np.concatenate([[0], places, [n_old]])
+    pieces = []
+    for k, j in enumerate(ask):
+        pieces += [old.iloc[bounds[k]:bounds[k + 1]][cols], q.iloc[[j]][cols]]
+    rows = pd.concat([*pieces, old.iloc[bounds[-2]:][cols]], ignore_index=True) if ask else old[cols]
+    del pieces
     is_query = order >= n_old
     old_rep = np.zeros(len(rows), bool)
     old_rep[np.flatnonzero(~is_query)] = representatives(old).to_numpy()  # (old is in path order)
-    id_paths = np.concatenate([old["path"].to_numpy(dtype=object), np.array(rel, dtype=object)])[order]
     codes, mask = screen.unpack_codes(rows, cfg.screen)
     valid = (rows["error"].isna() & rows["codes"].notna()).to_numpy()
     qvalid = is_query & valid
-    part = old_rep | qvalid
     sha = rows["sha256"].to_numpy(dtype=object)
 
     # exact: every catalog file, and every other query file, with the same bytes
@@ -182,29 +191,32 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
     with_query_bytes: dict[str, list[int]] = {}
     for i in np.flatnonzero(~is_query & pd.Series(sha, dtype=object).isin(pd.unique(sha[qvalid])).to_numpy()):
         with_query_bytes.setdefault(sha[i], []).append(int(i))
+    # (the first in path order of the catalog's representative and the queries with those bytes
+    # stands for them, as in the batch job)
+    stands = {h: next((i for i in found if old_rep[i]), None) for h, found in with_query_bytes.items()}
     ea, eb = [], []
-    abs_paths = rows["abs_path"].to_numpy(dtype=object)
-    for qi in np.flatnonzero(qvalid):
-        hits = np.asarray(with_query_bytes.get(sha[qi], []), dtype=np.int64)
-        hits = hits[abs_paths[hits] != abs_paths[qi]]  # the catalog's record of the query file itself
-        ea += hits.tolist()
-        eb += [qi] * len(hits)
-        with_query_bytes.setdefault(sha[qi], []).append(int(qi))  # (each later query with these bytes)
+    twin = np.full(len(rows), -1, np.int64)
+    for qi in np.flatnonzero(qvalid):  # (in path order)
+        same = with_query_bytes.setdefault(sha[qi], [])
+        ea += same
+        eb += [qi] * len(same)
+        same.append(int(qi))  # (each later query with these bytes)
+        first = stands.get(sha[qi])
+        if first is None:
+            stands[sha[qi]] = qi
+        elif first > qi:  # a catalog file after the query: the query stands for it
+            old_rep[first] = False
+            stands[sha[qi]] = qi
+        else:
+            twin[qi] = first
     ea, eb = np.asarray(ea, np.int64), np.asarray(eb, np.int64)
     exact = pd.DataFrame({"idx_a": np.minimum(ea, eb), "idx_b": np.maximum(ea, eb),
                           "hash_distance": np.int16(0), "transform": np.int8(0), "kind": "exact"})
 
     # near: the query's K nearest catalog images and other queries, and catalog images that would
-    # take the query into their K nearest. A query with the same bytes as a catalog image, or as
-    # a query before it in path order ("twin"), stands for that image, exactly as a byte copy in
-    # the folder does: its pairs are that image's pairs.
-    rep_row = pd.Series(np.flatnonzero(old_rep), index=sha[old_rep])
-    twin = np.full(len(rows), -1, np.int64)
-    for qi in np.flatnonzero(qvalid):  # (in path order: the first of equal bytes stands)
-        if sha[qi] in rep_row.index:
-            twin[qi] = int(rep_row[sha[qi]])
-        else:
-            rep_row[sha[qi]] = qi
+    # take the query into their K nearest. A query with the same bytes as an image before it in
+    # path order ("twin") stands behind that image, exactly as a byte copy in the folder does:
+    # its pairs are that image's pairs.
     fresh = qvalid & (twin < 0)
     part = old_rep | fresh
     asking = fresh.copy()
@@ -296,7 +308,7 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
     pairs = decide.decide(pairs, cfg)
 
     if add:
-        _add(cat, cfg, fps, old, q, entries, rel, pairs, near_idx, confirmed, sha, new_features)
+        _add(cat, cfg, fps, old, q, entries, named, pairs, near_idx, confirmed, sha, new_features)
 
     # one output row per (query, image it was compared with: a catalog image or another query); a
     # near pair of the image a query is a twin of counts for that query too
@@ -309,50 +321,61 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
     for qi in np.flatnonzero(twin >= 0):
         x = twin[qi]
         for side, other in ((ia, ib), (ib, ia)):
-            i = np.flatnonzero((side == x) & is_near & ~is_query[other])
+            i = np.flatnonzero((side == x) & is_near)
             sel.append(i), qrow.append(np.full(len(i), qi)), crow.append(other[i])
     sel, qrow, crow = (np.concatenate(x).astype(np.int64) for x in (sel, qrow, crow))
     picked = pairs.iloc[sel]
-    paths = rows["path"].to_numpy(dtype=object)
-    # (a query's image_id is of its path in the folder, as the batch job's; none outside it)
+    # (the paths shown only: a Python string for each of 10M rows is ~1 GB) `query` is each query
+    # file as given; `path` the other file as the batch job names it: a catalog file's, and a
+    # query file's in the folder (its image_id of that name) or, outside it, as given (no id)
+    at = order[crow]
+    shown = np.array(rows["path"].take(crow).to_numpy(dtype=object), dtype=object)  # (writable)
+    id_names = np.empty(len(crow), dtype=object)
+    id_names[at < n_old] = shown[at < n_old]
+    for k in np.flatnonzero(at >= n_old):
+        j = at[k] - n_old
+        shown[k] = named[j] if named[j] is not None else paths.text_form(shown[k])
+        id_names[k] = None if rel[j] is None else paths.raw_bytes(rel[j])
     out = pd.DataFrame({
-        "query": paths[qrow], "path": paths[crow],
-        "image_id": _ids(id_paths[crow], image_ids),
+        "query": [paths.text_form(p) for p in rows["path"].take(qrow)], "path": shown,
+        "image_id": _ids(id_names, image_ids),
         **{c: picked[c].to_numpy() for c in ["hash_distance", "orb_matches", "orb_inliers", "orb_score", "cosine",
                                              "stage", "is_duplicate", "reason", "rule"]},
         "query_error": pd.Series([None] * len(picked), dtype=object)})
     failed = q[q["error"].notna() | q["codes"].isna()]
     if len(failed):
-        out = pd.concat([out, pd.DataFrame({"query": failed["path"].to_numpy(dtype=object),
+        out = pd.concat([out, pd.DataFrame({"query": [paths.text_form(p) for p in failed["path"]],
                                             "query_error": failed["error"].to_numpy(dtype=object)})],
                         ignore_index=True)
     out = out.astype({"orb_matches": "Int32", "orb_inliers": "Int32", "orb_score": "Float32", "cosine": "Float32",
                       "hash_distance": "Int16", "image_id": "Int64"})
     dup = out["is_duplicate"].astype(object).where(out["is_duplicate"].notna(), False).to_numpy(dtype=bool)
-    order = np.lexsort((out["path"].fillna("").to_numpy(dtype=str), ~dup, out["query"].to_numpy(dtype=str)))
-    return out.iloc[order][OUTPUT_COLUMNS].reset_index(drop=True)
+    ranked = np.lexsort((out["path"].fillna("").to_numpy(dtype=str), ~dup, out["query"].to_numpy(dtype=str)))
+    return out.iloc[ranked][OUTPUT_COLUMNS].reset_index(drop=True)
 
 
-def _ids(paths: np.ndarray, image_ids) -> pd.array:
-    """image_id per path (paths may repeat: several queries can meet one catalog image); <NA>
-    for None (a query outside the catalog's folder)."""
-    out = pd.array(np.zeros(len(paths), np.int64), dtype="Int64")
-    known = np.array([p is not None for p in paths], bool)
+def _ids(names: np.ndarray, image_ids) -> pd.array:
+    """image_id per name, text or the exact bytes (names may repeat: several queries can meet one
+    catalog image); <NA> for None (a query outside the catalog's folder)."""
+    out = pd.array(np.zeros(len(names), np.int64), dtype="Int64")
+    known = np.array([n is not None for n in names], bool)
     if known.any():
-        uniq, inverse = np.unique(paths[known].astype(str), return_inverse=True)
-        out[known] = image_ids(uniq)[inverse]
+        raw = [n if isinstance(n, bytes) else n.encode("utf-8") for n in names[known]]
+        uniq, inverse = np.unique(np.array(raw, dtype=object), return_inverse=True)
+        out[known] = image_ids(list(uniq))[inverse]
     out[~known] = pd.NA
     return out
 
 
 def _add(cat, cfg, fps, old, q, entries, rel, pairs, near_idx, confirmed, sha, new_features) -> None:
     """--add: the query images become catalog records (`rel`: paths relative to the catalog's
-    folder, all inside it), with their K-nearest lists, features and pair scores."""
+    folder in the catalog's text form, all inside it), with their K-nearest lists, features and
+    pair scores. `old`: the catalog's other records."""
     from pipeline.run import representatives
     root = Path(cat.root).resolve()
-    added = q.assign(path=rel, abs_path=[e.abs_path for e in entries], etag=None)  # local files: no ETag
-    keep_old = old[~old["path"].isin(rel)]
-    images = pd.concat([keep_old.drop(columns=["screen_fp"]), added[catalog.IMAGE_COLUMNS[:-1] + ["abs_path"]]],
+    added = q.assign(path=rel, etag=None)  # local files: no ETag
+    added["abs_path"] = pd.Series([e.abs_path for e in entries], index=added.index, dtype=object)  # (may not be UTF-8)
+    images = pd.concat([old.drop(columns=["screen_fp"]), added[catalog.IMAGE_COLUMNS[:-1] + ["abs_path"]]],
                        ignore_index=True).sort_values("path", kind="stable").reset_index(drop=True)
     rep = representatives(images).to_numpy()
     previous = catalog.previous_lists(cat, images, rep, fps, {})
