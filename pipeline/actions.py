@@ -154,7 +154,46 @@ def read_plan(path: str | Path) -> pd.DataFrame:
     bad = set(plan["action"]) - {"keep", "remove"}
     if bad:
         raise PlanError(f"plan file {str(path)!r}: unknown action(s) {sorted(bad)} (keep or remove)")
+    check_plan(plan, str(path))
     return plan
+
+
+def check_plan(plan: pd.DataFrame, name: str = "the plan") -> None:
+    """Refuse a plan whose rows are not files of one run, each once (an edit may change which
+    member of a cluster is kept, nothing else): a row without a cluster, a path listed twice (a
+    cluster's keeper copied into another cluster as "remove" would have removed every copy), a
+    path that is absolute or climbs out of the scanned folder with "..", a row whose abs_path is
+    not the scanned folder's path joined with its path or whose image_id is not its path's."""
+    from pathlib import PurePosixPath
+    from pipeline.run import image_ids
+
+    def refuse(why: str, rows: pd.DataFrame) -> None:
+        shown = ", ".join(repr(str(p)) for p in rows["path"].head(3))
+        raise PlanError(f"plan file {name!r}: {why} ({shown}{', ...' if len(rows) > 3 else ''}); the plan may be "
+                        "edited only in its action column (one keep row per cluster): make it again with "
+                        "`dedupe plan`")
+
+    if plan["cluster_id"].isna().any():
+        refuse("rows without a cluster_id", plan[plan["cluster_id"].isna()])
+    if plan["path"].isna().any() or plan["abs_path"].isna().any():
+        raise PlanError(f"plan file {name!r}: rows without a path or abs_path; make it again with `dedupe plan`")
+    twice = plan["path"].duplicated(keep=False)
+    if twice.any():
+        refuse("paths listed more than once", plan[twice])
+    rel = [PurePosixPath(str(p)) for p in plan["path"]]
+    climbing = [p.is_absolute() or ".." in p.parts or not p.parts for p in rel]
+    if any(climbing):
+        refuse("paths that are not inside the scanned folder", plan[climbing])
+    paths, abs_paths = plan["path"].astype(str).tolist(), plan["abs_path"].astype(str).tolist()
+    roots = {a[:len(a) - len(p)] if a.endswith("/" + p) else None for a, p in zip(abs_paths, paths)}
+    if None in roots or len(roots) > 1:
+        odd = [not a.endswith("/" + p) or a[:len(a) - len(p)] != next(iter(roots - {None}), None)
+               for a, p in zip(abs_paths, paths)]
+        refuse("rows whose abs_path is not the scanned folder's path joined with their path", plan[odd])
+    names = [bytes(r) if isinstance(r, (bytes, bytearray)) else str(p) for r, p in zip(plan[RAW_COLUMN], paths)]
+    wrong = image_ids(names) != pd.to_numeric(plan["image_id"], errors="coerce").to_numpy()
+    if wrong.any():
+        refuse("rows whose image_id is not their path's", plan[wrong])
 
 
 def sha256_file(path: str | Path) -> str:
@@ -221,11 +260,21 @@ class UndoLog:
             self._f.close()
 
 
+def link_target(keeper: str, dest: str) -> str:
+    """What a symlink at `dest` holds to reach `keeper`: a path relative to dest's folder, so the
+    link survives moving the whole tree, made from the real paths of both (a folder reached
+    through a link: a path relative to the link's name would point beside the real folder)."""
+    return os.path.relpath(os.path.realpath(keeper), os.path.realpath(os.path.dirname(dest)))
+
+
 def _link(op: str, keeper: str, dest: str) -> None:
     if op == "hardlink":
         os.link(keeper, dest)
-    else:  # relative, so the link survives moving the whole tree
-        os.symlink(os.path.relpath(keeper, os.path.dirname(dest)), dest)
+        return
+    os.symlink(link_target(keeper, dest), dest)
+    if not (os.path.exists(dest) and os.path.samefile(dest, keeper)):  # (never leave a dangling link)
+        os.unlink(dest)
+        raise OSError(f"a symlink at {dest} would not reach the keeper {keeper}")
 
 
 def file_name(row) -> str:
@@ -261,8 +310,9 @@ def _act(op: str, row, src: str, keeper: str, to: Path | None, log: UndoLog) -> 
     if os.path.lexists(trash):
         raise FileExistsError(f"trash entry {trash} exists")
     trash.parent.mkdir(parents=True, exist_ok=True)
+    link = {"link": link_target(keeper, src)} if op == "symlink" else {}  # (undo removes only this link)
     log.write({"op": op, "path": row.path, "src": src, "trash": str(trash), "keeper": keeper,
-               "sha256": row.sha256})
+               "sha256": row.sha256, **link})
     shutil.move(src, trash)
     if op == "delete":
         return
@@ -288,14 +338,22 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
         raise PlanError(f"the plan's files are objects on a store ({on_store[0]}, ...): `apply` moves, links and "
                         "deletes local files only; act on the objects the plan lists with the store's tools")
     to = Path(to).resolve() if to is not None else None
+    # (an absolute log: its trash and move targets are written into it, read by `undo` from anywhere)
+    log_path = Path(os.path.abspath(log_path)) if log_path is not None else None
     for row in plan.head(1).itertuples():  # the scanned folder: abs_path is DATA/path
         abs_path, rel = str(row.abs_path), str(row.path)
-        if to is not None and abs_path.endswith(rel) and to.is_relative_to(Path(abs_path[:-len(rel)] or "/").resolve()):
+        root = Path(abs_path[:-len(rel)] or "/").resolve() if abs_path.endswith(rel) else None
+        if to is not None and root is not None and to.is_relative_to(root):
             raise PlanError(f"--to {str(to)!r} is inside the scanned folder {abs_path[:-len(rel)]!r}: the next run "
                             "would find the moved files there again; choose a folder outside it")
+        trash = UndoLog(log_path).trash.resolve() if log_path is not None and action != "move" else None
+        if trash is not None and root is not None and trash.is_relative_to(root):
+            raise PlanError(f"the trash folder {str(trash)!r} (beside the undo log) is inside the scanned folder "
+                            f"{abs_path[:-len(rel)]!r}: the next run would find the files there again; pass "
+                            "--log with a path outside it, or keep the plan outside it")
     verb = {"move": "move", "hardlink": "hard-link", "symlink": "symlink", "delete": "delete"}[action]
     out = Outcome()
-    log = UndoLog(Path(log_path)) if execute else None
+    log = UndoLog(log_path) if execute else None
     try:
         for _, group in plan.groupby("cluster_id", sort=False):
             keepers = group[group["action"] == "keep"]
@@ -346,14 +404,16 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
 
 
 def default_log_path(plan_path: str | Path) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    """undo-<UTC time to the microsecond>.jsonl beside the plan (to the second, two applies
+    started together wrote one log, and one `undo` restored both)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")
     return Path(plan_path).resolve().parent / f"undo-{stamp}.jsonl"
 
 
 def _made_by_apply(entry: dict, path: str) -> bool:
     """Is `path` the link that `apply` put in place of the original?"""
-    if entry["op"] == "symlink":
-        return os.path.islink(path)
+    if entry["op"] == "symlink":  # (a log from before "link" was written: any link)
+        return os.path.islink(path) and os.readlink(path) == entry.get("link", os.readlink(path))
     if entry["op"] == "hardlink":
         return os.path.exists(entry["keeper"]) and os.path.samefile(path, entry["keeper"])
     return False
@@ -367,11 +427,15 @@ def undo(log_path: str | Path, echo: Callable[[str], None] = print,
     if not log_path.is_file():
         raise PlanError(f"undo log {str(log_path)!r} not found")
     entries = []
-    for n, line in enumerate(log_path.read_text(encoding="utf-8").splitlines(), 1):
+    lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 entries.append(json.loads(line))
             except json.JSONDecodeError:
+                if n == len(lines):  # a last line cut short (the machine stopped as it was written): its
+                    warn(f"undo log {str(log_path)!r}, line {n}: cut short; its action was never started")
+                    continue  # action, written after the whole line reached the disk, never began
                 raise PlanError(f"undo log {str(log_path)!r}, line {n}: not JSON") from None
     out = Outcome()
     for e in reversed(entries):
@@ -381,6 +445,13 @@ def undo(log_path: str | Path, echo: Callable[[str], None] = print,
             if os.path.lexists(src) and not _made_by_apply(e, src):
                 continue  # the original is in place: never carried out, or already undone
             out.failed.append((e["path"], f"the original is neither at {held} nor at {src}"))
+            continue
+        if os.path.isfile(src) and not os.path.islink(src) and not _made_by_apply(e, src) \
+                and e.get("sha256") and sha256_file(src) == e["sha256"]:
+            # the original never left: a move to another file system (a copy, then the removal of
+            # the original) was stopped before it ended; what it copied is apply's own, not a file
+            os.unlink(held)
+            echo(f"in place (its interrupted copy at {held} removed): {e['path']}")
             continue
         if e.get("sha256") and os.path.isfile(held) and not os.path.islink(held) \
                 and sha256_file(held) != e["sha256"]:  # (byte for byte, or not at all)

@@ -269,7 +269,8 @@ def apply_command(args) -> int:
         why = stale_plan(plan, args.plan)
         if why:
             print(f"warning: {why}", file=sys.stderr)
-        log = (args.log or default_log_path(args.plan)) if args.execute else None
+        # (a dry run checks where the log and its trash would go, too)
+        log = os.path.abspath(args.log or default_log_path(args.plan))
         outcome = apply_plan(plan, args.action, to=args.to, execute=args.execute, log_path=log)
     except PlanError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -330,5 +330,149 @@ def test_a_csv_plan_keeps_raw_names_whose_hexadecimal_looks_like_a_number(run_di
     plan = read_plan(run_dir / "plan.parquet")
     raws = [b"\x99", b"\x1e\x05", None, b"\x12\x96", None][:len(plan)]
     plan["raw_path"] = pd.Series(raws + [None] * (len(plan) - len(raws)), dtype=object)
+    from pipeline.run import image_ids  # (a plan's image_id is its name's: `check_plan`)
+    plan["image_id"] = image_ids([r if r is not None else p for r, p in zip(plan["raw_path"], plan["path"])])
     write_plan(plan, run_dir / "digits.csv")
     assert read_plan(run_dir / "digits.csv")["raw_path"].tolist() == plan["raw_path"].tolist()
+
+
+@pytest.mark.parametrize("edit, why", [
+    ("keeper_copied", "listed more than once"),  # cluster a's keeper as a "remove" row of cluster b
+    ("outside", "not inside the scanned folder"),  # a file that was never in the run
+    ("abs_path", "abs_path is not the scanned folder's"),
+    ("image_id", "image_id is not their path's"),
+    ("no_cluster", "without a cluster_id"),
+])
+def test_a_plan_edited_beyond_its_action_column_is_refused(run_dir, capsys, edit, why):
+    """A plan may be edited in its action column only: rows that are not the run's files, each
+    once, are refused before anything is done (a keeper copied into another cluster as "remove"
+    removed every copy of its own cluster, exit 0)."""
+    plan = read_plan(run_dir / "plan.parquet")
+    keeper_a = plan[(plan["action"] == "keep") & (plan["path"] == "originals/a.jpg")]
+    other = plan["cluster_id"].loc[plan["path"] == "originals/b.jpg"].iloc[0]
+    outside = run_dir / "elsewhere.jpg"
+    outside.write_bytes((run_dir / "data" / "originals" / "a.jpg").read_bytes())
+    if edit == "keeper_copied":
+        plan = pd.concat([plan, keeper_a.assign(action="remove", cluster_id=other)], ignore_index=True)
+    elif edit == "outside":
+        plan = pd.concat([plan, keeper_a.assign(action="remove", path="../elsewhere.jpg",
+                                                abs_path=str(run_dir / "data" / ".." / "elsewhere.jpg"))],
+                         ignore_index=True)
+    elif edit == "abs_path":
+        plan.loc[plan["path"] == "copies/a_copy.jpg", "abs_path"] = str(outside)
+    elif edit == "image_id":  # (another file of the folder, not in the run, put in a row's place)
+        at = plan["path"] == "copies/a_copy.jpg"
+        plan.loc[at, "abs_path"] = str(run_dir / "data" / "other" / "c.jpg")
+        plan.loc[at, "path"] = "other/c.jpg"
+    else:
+        plan["cluster_id"] = plan["cluster_id"].astype("Int64")
+        plan.loc[plan["path"] == "copies/a_copy.jpg", "cluster_id"] = pd.NA
+    plan.to_csv(run_dir / "edited.csv", index=False)
+    before = snapshot(run_dir / "data")
+    capsys.readouterr()
+    assert main(["apply", str(run_dir / "edited.csv"), "--action", "delete", "--execute",
+                 "--log", str(run_dir / "undo.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert why in err and "dedupe plan" in err
+    assert snapshot(run_dir / "data") == before and outside.is_file() and not (run_dir / "undo.jsonl").exists()
+
+
+def test_a_symlink_in_a_folder_reached_through_a_link_reaches_the_keeper(photo_paths, tmp_path, capsys):
+    """The scan follows a linked folder; a symlink put in it points at the keeper from the real
+    folder (a path relative to the link's name pointed beside it, and dangled)."""
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data.mkdir()
+    elsewhere.mkdir()
+    (data / "k0.jpg").write_bytes(photo_paths[0].read_bytes())
+    (elsewhere / "r0.jpg").write_bytes(photo_paths[0].read_bytes())
+    (data / "sd").mkdir()
+    (data / "sd" / "ext").symlink_to(elsewhere, target_is_directory=True)
+    assert main(["dedupe", str(data), "--out", str(tmp_path / "out"), "--tiers", "screen", "--scheduler", "sync",
+                 "--quiet"]) == 0
+    assert main(["plan", str(tmp_path / "out"), "--keep", "shortest_path"]) == 0
+    plan = read_plan(tmp_path / "out" / "plan.parquet")
+    assert sorted(plan["path"]) == ["k0.jpg", "sd/ext/r0.jpg"]
+    log = tmp_path / "undo.jsonl"
+    assert main(["apply", str(tmp_path / "out" / "plan.parquet"), "--action", "symlink", "--execute",
+                 "--log", str(log)]) == 0
+    assert (elsewhere / "r0.jpg").is_symlink() and os.path.samefile(elsewhere / "r0.jpg", data / "k0.jpg")
+    assert main(["undo", str(log)]) == 0
+    assert not (elsewhere / "r0.jpg").is_symlink()
+    assert (elsewhere / "r0.jpg").read_bytes() == photo_paths[0].read_bytes()
+
+
+def test_undo_works_from_anywhere_with_a_relative_log(run_dir, capsys, monkeypatch):
+    """A relative --log: the log holds absolute paths (its trash's too), so `undo` works from
+    another folder."""
+    before = snapshot(run_dir / "data")
+    monkeypatch.chdir(run_dir)
+    assert main(["apply", "plan.parquet", "--action", "delete", "--execute", "--log", "logs/u.jsonl"]) == 0
+    monkeypatch.chdir("/")
+    assert main(["undo", str(run_dir / "logs" / "u.jsonl")]) == 0
+    assert snapshot(run_dir / "data") == before
+
+
+def test_the_trash_is_never_put_in_the_scanned_folder(run_dir, capsys):
+    """A plan kept in DATA (its default undo log, and the trash beside it, would be there), or a
+    --log in DATA: refused like --to in DATA, as the next run would find the trashed files."""
+    data = run_dir / "data"
+    before = snapshot(data)
+    assert main(["plan", str(run_dir / "out"), "--keep", "preferred_folder", "--prefer", "originals",
+                 "--output", str(data / "plan.csv")]) == 0
+    before = snapshot(data)
+    for args in (["apply", str(data / "plan.csv"), "--action", "delete", "--execute"],
+                 ["apply", str(run_dir / "plan.parquet"), "--action", "symlink", "--log", str(data / "u.jsonl")]):
+        capsys.readouterr()
+        assert main(args) == 2
+        assert "inside the scanned folder" in capsys.readouterr().err
+        assert snapshot(data) == before
+    # a move's log may lie there (it holds no image); its files go to --to
+    assert main(["apply", str(data / "plan.csv"), "--action", "move", "--to", str(run_dir / "moved")]) == 0
+
+
+def test_undo_after_a_move_to_another_file_system_was_stopped(run_dir, capsys):
+    """A delete whose trash is on another file system copies, then removes the original: stopped
+    in between (here: the copy made, or half made, the original still there), `undo` sees the
+    original in place, removes apply's copy, and reports no failure; it stays harmless twice."""
+    data = run_dir / "data"
+    before = snapshot(data)
+    log = run_dir / "undo.jsonl"
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute", "--log", str(log)]) == 0
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    for n, e in enumerate(entries):  # put each original back as if its removal never happened
+        Path(e["src"]).write_bytes(Path(e["trash"]).read_bytes())
+        os.utime(e["src"], ns=(before[e["path"]][3], before[e["path"]][3]))
+        if n == 0:  # and the first copy cut short
+            with open(e["trash"], "r+b") as fh:
+                fh.truncate(100)
+    capsys.readouterr()
+    assert main(["undo", str(log)]) == 0
+    out = capsys.readouterr()
+    assert "not restored" not in out.err and out.out.count("in place") == len(entries)
+    assert snapshot(data) == before and not (run_dir / "undo.trash").exists()
+    assert main(["undo", str(log)]) == 0
+
+
+def test_undo_leaves_a_link_it_did_not_make(run_dir, capsys):
+    """After a symlink apply, a user's own link put at that path is left alone by `undo` (it
+    removed any link there), and a torn last line of the log (a machine that stopped as it was
+    written) is skipped with a warning, the rest restored."""
+    data = run_dir / "data"
+    log = run_dir / "undo.jsonl"
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "symlink", "--execute", "--log", str(log)]) == 0
+    mine = data / "copies" / "a_copy.jpg"
+    mine.unlink()
+    mine.symlink_to(data / "other" / "c.jpg")
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write('{"time": "2026-01-01T00:00:00", "op": "sym')
+    capsys.readouterr()
+    assert main(["undo", str(log)]) == 1
+    err = capsys.readouterr().err
+    assert "cut short" in err and "copies/a_copy.jpg" in err and "not the link `apply` made" in err
+    assert mine.is_symlink() and os.readlink(mine) == str(data / "other" / "c.jpg")
+    assert not (data / "copies" / "a_q60.jpg").is_symlink() and not (data / "copies" / "b_half.jpg").is_symlink()
+
+
+def test_two_applies_at_once_write_two_logs(run_dir):
+    from pipeline.actions import default_log_path
+    assert default_log_path(run_dir / "plan.parquet") != default_log_path(run_dir / "plan.parquet")
