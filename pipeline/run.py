@@ -689,6 +689,13 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output path {str(out)!r} exists and is not a folder: choose another --out")
+    # (Arrow, which writes the Parquet files, takes UTF-8 paths only: such a run failed at its end,
+    # with a traceback, after all the work; DATA's names may be anything)
+    for what, where in (("--out", out), ("the catalog (catalog:)", catalog_dir), ("work_dir", cfg.work_dir)):
+        if where not in (None, "") and not paths.is_utf8(os.path.abspath(str(where)) if not storage.is_url(where)
+                                                   else str(where)):
+            raise ConfigError(f"{what} {paths.text_form(str(where))!r} is not a valid UTF-8 path, and the Parquet "
+                              "writer takes only those: choose a folder whose path is")
     check_scheduler(scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or cfg.dask.scheduler,
                     "--scheduler" if scheduler else "DASK_SCHEDULER_ADDRESS"
                     if os.environ.get("DASK_SCHEDULER_ADDRESS") else "dask.scheduler")

@@ -139,6 +139,13 @@ def test_out_and_catalog_inside_data_are_not_scanned(photo_paths, tmp_path):
     before = sorted(p.name for p in data.iterdir())
     assert main(["dedupe", str(data), "--out", str(data) + "/", *args]) == 2
     assert sorted(p.name for p in data.iterdir()) == before
+    # an OUT, catalog or work_dir whose path is not UTF-8: refused at once (the Parquet writer
+    # takes UTF-8 paths only: the run failed at its end, with a traceback)
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/out-\xe9")
+    for extra in (["--out", odd], ["--out", str(tmp_path / "o2"), "--catalog", odd],
+                  ["--out", str(tmp_path / "o3"), "--set", f"work_dir={odd}"]):
+        assert main(["dedupe", str(data), *extra, *args]) == 2
+        assert not os.path.lexists(odd)
 
 
 def _frames(out: Path):
