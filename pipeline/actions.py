@@ -22,6 +22,7 @@ The pipeline itself never modifies input files; only `apply --execute` does.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -277,16 +278,33 @@ def _link(op: str, keeper: str, dest: str) -> None:
         raise OSError(f"a symlink at {dest} would not reach the keeper {keeper}")
 
 
+@functools.lru_cache(maxsize=64)
+def scanned_folder(text: str) -> str:
+    """The scanned folder whose path the outputs hold as `text` (its text form,
+    pipeline/paths.py), as the operating system names it: the text itself, or, when that names
+    no folder and the text has `\\xNN` escapes, the folder with those bytes (a path that is not
+    UTF-8: every file under it was refused, "the keeper ... is missing")."""
+    from pipeline import paths
+    if "\\x" not in text or os.path.isdir(text):
+        return text
+    other = paths.from_text_form(text)
+    return other if os.path.isdir(other) else text
+
+
 def file_name(row) -> str:
-    """The row's file as the operating system names it: `abs_path`, or for a name that is not
-    UTF-8 the scanned folder's path and the name's exact bytes (RAW_COLUMN; os.fsdecode: a str
-    that the os functions turn back into those bytes). Without it, such a file's text form names
-    no file and `apply` refused its cluster ("the keeper ... is missing")."""
+    """The row's file as the operating system names it: the scanned folder's path
+    (`scanned_folder`) and the row's path, or for a name that is not UTF-8 the name's exact
+    bytes (RAW_COLUMN; os.fsdecode: a str that the os functions turn back into those bytes).
+    Without them, such a file's text form names no file and `apply` refused its cluster ("the
+    keeper ... is missing")."""
     raw = getattr(row, RAW_COLUMN, None)
     abs_path, rel = str(row.abs_path), str(row.path)
-    if not isinstance(raw, (bytes, bytearray)) or not abs_path.endswith(rel):
+    if not abs_path.endswith(rel):
         return abs_path
-    return os.fsdecode(os.fsencode(abs_path[:len(abs_path) - len(rel)]) + bytes(raw))
+    root = scanned_folder(abs_path[:len(abs_path) - len(rel)])
+    if not isinstance(raw, (bytes, bytearray)):
+        return root + rel
+    return os.fsdecode(os.fsencode(root) + bytes(raw))
 
 
 def _relative_name(row) -> str:
@@ -342,7 +360,7 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
     log_path = Path(os.path.abspath(log_path)) if log_path is not None else None
     for row in plan.head(1).itertuples():  # the scanned folder: abs_path is DATA/path
         abs_path, rel = str(row.abs_path), str(row.path)
-        root = Path(abs_path[:-len(rel)] or "/").resolve() if abs_path.endswith(rel) else None
+        root = Path(scanned_folder(abs_path[:-len(rel)]) or "/").resolve() if abs_path.endswith(rel) else None
         if to is not None and root is not None and to.is_relative_to(root):
             raise PlanError(f"--to {str(to)!r} is inside the scanned folder {abs_path[:-len(rel)]!r}: the next run "
                             "would find the moved files there again; choose a folder outside it")

@@ -32,6 +32,15 @@ def text_form(name: str | bytes) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
+def from_text_form(text: str) -> str:
+    """The name `text_form` wrote as `text`, as the os functions take it: each `\\xNN` back to
+    that byte. Ambiguous for a valid name that holds a backslash, an x and two hex digits: a
+    caller tries the text as it is first (`text_form` writes lowercase hex)."""
+    import re
+    raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), text.encode("utf-8", "surrogateescape"))
+    return os.fsdecode(raw)
+
+
 def is_utf8(name: str | bytes) -> bool:
     try:
         name.decode("utf-8") if isinstance(name, bytes) else name.encode("utf-8")

@@ -263,13 +263,16 @@ def test_usage_errors_exit_2(run_dir, tmp_path, capsys):
     assert "--to DIR is needed with --action move" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("plan_name,action", [("plan.parquet", "hardlink"), ("plan.csv", "move"),
-                                              ("plan.parquet", "delete"), ("plan.csv", "symlink")])
-def test_names_that_are_not_utf8_are_acted_on_and_restored(photo_paths, tmp_path, capsys, plan_name, action):
+@pytest.mark.parametrize("plan_name,action,folder", [("plan.parquet", "hardlink", "data"), ("plan.csv", "move", "data"),
+                                                     ("plan.parquet", "delete", "data"),
+                                                     ("plan.csv", "symlink", "data"),
+                                                     ("plan.csv", "delete", os.fsdecode(b"d\xe9/data"))])
+def test_names_that_are_not_utf8_are_acted_on_and_restored(photo_paths, tmp_path, capsys, plan_name, action, folder):
     """A name that is not valid UTF-8 (a Latin-1 archive) is in the outputs as its text form, which
     names no file: the plan keeps the exact bytes (raw_path; hexadecimal in a CSV plan), so such a
-    keeper is found and such a copy is acted on, and undo puts every byte of the tree back."""
-    data = tmp_path / "data"
+    keeper is found and such a copy is acted on, and undo puts every byte of the tree back. The
+    scanned folder's own path may be such a name too (`actions.scanned_folder`)."""
+    data = tmp_path / folder
     (data / "originals").mkdir(parents=True)
     (data / "copies").mkdir()
     a, b = photo_paths[0], photo_paths[len(photo_paths) // 2]
