@@ -133,7 +133,10 @@ def normalize_images(images: pd.DataFrame, root: str | None = None) -> pd.DataFr
     cid = out["cluster_id"].astype("Int64")  # exact for int64 (63-bit ids do not fit a float64)
     out["cluster_id"] = cid.where(cid >= 0)  # in memory, -1 marks a singleton
     if not pd.api.types.is_datetime64_any_dtype(out["mtime"]):
-        out["mtime"] = pd.to_datetime(out["mtime"], unit="s", utc=True)
+        # to the microsecond, as images.parquet keeps it: the same `oldest`/`newest` keeper from the
+        # run's own frame as from the file (two mtimes within a microsecond were a tie in one, not
+        # the other, and the run's report named another keeper than `dedupe plan`)
+        out["mtime"] = pd.to_datetime(out["mtime"], unit="s", utc=True).dt.floor("us")
     if "abs_path" not in out:
         from pipeline import storage  # (a store's root: the objects' URLs; a Path would fold the "//")
         out["abs_path"] = [storage.join(root or ".", p) for p in out["path"]]

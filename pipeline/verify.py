@@ -86,7 +86,7 @@ _local = threading.local()  # cv2 ORB / matcher objects are not shared between t
 # pair what `check_pair` gives its features. An edit to them that does change a stored number
 # (a bug fixed) bumps RESULTS_REVISION, which is in the fingerprint: every catalog recomputes.
 NOT_FINGERPRINTED = ("TEXT_COLUMNS", "_verify_task", "_features_task", "run_verify", "FeaturesMade",
-                     "features_made", "_PairTasks", "_Collected")
+                     "features_made", "_PairTasks", "_Collected", "pair_evidence")
 RESULTS_REVISION = 1
 
 
@@ -575,23 +575,25 @@ def _geometry(fa: dict, fb: dict, cfg: VerifyConfig, matcher=None
     return qi, ti, np.zeros(len(qi), bool), None
 
 
-def pair_evidence(path_a: str, path_b: str, cfg: Config) -> dict:
+def pair_evidence(path_a: str, path_b: str, cfg: Config, expect: tuple[int, int] | None = None) -> dict:
     """The verify tier's evidence for one pair of files, recomputed (for the report's drawings).
 
-    Same decode, ORB features, matching and seeded RANSAC as the run, so the counts equal the
-    run's `orb_matches`/`orb_inliers`. The run knows which dihedral transform aligned b with a;
-    the output does not keep it, so b is tried plain and mirrored (the two feature sets the verify
-    tier uses) and the one with more inliers wins. Returns sizes (w, h) of the two pictures ORB
-    saw, `keypoints_a`/`keypoints_b` (m x 2 float32, xy of the matched keypoints in those
-    pictures, b's mapped back to its unmirrored frame), `inlier` (m bool), `matches`, `inliers`,
-    `mirrored`. Raises DecodeError when a file cannot be decoded.
+    Same decode, ORB features, matching and seeded RANSAC as the run, so the counts can equal the
+    run's `orb_matches`/`orb_inliers`. The run knows which orientation it matched (a against b
+    plain or mirrored, or b against a mirrored); the output does not keep it, so each is tried
+    as `stored_evidence` does, the one giving `expect` (the run's numbers) winning, else the one
+    with the most inliers (without a's mirrored features, a drawing could show another
+    orientation's matches than the numbers beside it). Returns sizes (w, h) of the two pictures
+    ORB saw, `keypoints_a`/`keypoints_b` (m x 2 float32, xy of the matched keypoints in those
+    pictures, each mapped back to its unmirrored frame), `inlier` (m bool), `matches`,
+    `inliers`, `mirrored`. Raises DecodeError when a file cannot be decoded.
     """
     vcfg = cfg.verify
     with _cv_threads(vcfg.opencv_threads):
         base_a, base_b = _load_bounded(path_a, cfg), _load_bounded(path_b, cfg)
-        fa = features(base_a, vcfg)
+        fas = {t: features(dihedral(base_a, t), vcfg) for t in (0, 4)}
         fbs = {t: features(dihedral(base_b, t), vcfg) for t in (0, 4)}
-    return stored_evidence({0: fa}, fbs, cfg)
+    return stored_evidence(fas, fbs, cfg, expect=expect)
 
 
 def stored_evidence(fas: dict[int, dict], fbs: dict[int, dict], cfg: Config,

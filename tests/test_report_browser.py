@@ -181,3 +181,24 @@ def test_a_cluster_with_more_pairs_than_it_lists_says_so(review_run, tmp_path):
         assert count(b, "#clusters .pair-row") == sum(min(8, r[1]) for r in rows)
         eager_images(b)
         assert b.errors() == []
+
+
+def test_a_pair_of_files_the_run_could_not_read_shows_no_null(photo_paths, tmp_path):
+    """Two byte-identical files that are no images make an exact_bytes cluster with no pixel size:
+    the pair view says "?" for it, as the cluster view does (it printed "null×null")."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (data / name).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" + bytes(100))
+    (data / "photo.jpg").write_bytes(photo_paths[0].read_bytes())
+    out = tmp_path / "out"
+    assert main(["dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync", "--quiet"]) == 0
+    with Browser() as b:
+        b.open((out / "report" / "index.html").as_uri())
+        i = b.evaluate("window.DEDUPE_REPORT.pairs.findIndex(function(p){return p[8] === 'exact_bytes'})")
+        assert i >= 0
+        b.evaluate(f"location.hash = 'pair={i}'")
+        b.wait_for(f"document.querySelector('#pair-view[data-pair=\"{i}\"] #evidence')")
+        text = b.evaluate("document.getElementById('pair-view').textContent")
+        assert "null" not in text and "? \u00b7" in text
+        assert b.errors() == []

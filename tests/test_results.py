@@ -158,3 +158,20 @@ def test_rule_derivation_covers_every_branch_of_decide(tiers, rows):
     })
     decided = decide.decide(frame, cfg)
     assert derive_rule(decided).tolist() == [r[5] for r in rows]
+
+
+def test_the_runs_own_frame_and_images_parquet_give_the_same_oldest_keeper():
+    """mtime to the microsecond in both (images.parquet keeps no more): two byte copies whose
+    mtimes differ by 800 ns within one microsecond are a tie broken by path in the run's report
+    as in `dedupe plan` (the run's float seconds made the later path the keeper)."""
+    from pipeline.results import normalize_images
+    from pipeline.write import images_frame
+    base = 1_700_000_000.000_000_1
+    images = pd.DataFrame({"image_id": [1, 2], "path": ["a-copy.jpg", "z-copy.jpg"], "cluster_id": [1, 1],
+                           "bytes": [10, 10], "width": [5, 5], "height": [5, 5],
+                           "mtime": [base + 8e-7, base], "error": [None, None]})
+    in_memory = normalize_images(images, root="/data")
+    from_file = normalize_images(images_frame(images), root="/data")
+    assert (in_memory["mtime"] == from_file["mtime"]).all()
+    for frame in (in_memory, from_file):
+        assert keeper_ids(frame, "oldest").to_dict() == {1: 1}

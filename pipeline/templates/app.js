@@ -77,10 +77,13 @@
     return {page: page, node: el("div", {cls: "pager"}, [prev, "page " + (page + 1) + " of " + pages +
       " (" + total + " shown)", next])};
   }
+  function imageDetails(im) {  // size, pixels, format, mtime ("?" for what the run could not read)
+    return fmtBytes(im[I.bytes]) + " \u00b7 " + (im[I.w] === null ? "?" : im[I.w] + "\u00d7" + im[I.h]) +
+      " \u00b7 " + (im[I.format] || "?") + " \u00b7 " + (im[I.mtime] || "?");
+  }
   function memberFigure(imgIdx, isKeeper) {
     var im = D.images[imgIdx];
-    var details = fmtBytes(im[I.bytes]) + " \u00b7 " + (im[I.w] === null ? "?" : im[I.w] + "\u00d7" + im[I.h]) +
-      " \u00b7 " + (im[I.format] || "?") + " \u00b7 " + (im[I.mtime] || "?");
+    var details = imageDetails(im);
     return el("figure", {cls: "member" + (isKeeper ? " keeper" : "")}, [
       thumb(imgIdx), el("figcaption", null, [
         isKeeper ? el("span", {cls: "badge", text: "keep"}) : null, isKeeper ? " " : null,
@@ -175,15 +178,18 @@
     var sides = el("div", {cls: "side"}, [p[P.a], p[P.b]].map(function (k) {
         var im = D.images[k];
         return el("figure", null, [thumb(k, "big"), el("figcaption", null, [el("span", {cls: "path", text: im[I.path]}), el("br"),
-          el("span", {cls: "muted", text: fmtBytes(im[I.bytes]) + " \u00b7 " + im[I.w] + "\u00d7" + im[I.h] + " \u00b7 " +
-            (im[I.format] || "?") + " \u00b7 " + (im[I.mtime] || "?")})])]);
+          el("span", {cls: "muted", text: imageDetails(im)})])]);
       }));
     if (p[P.drawing]) {
       box.appendChild(el("img", {cls: "drawing", src: "pairs/" + p[P.drawing], alt: "ORB matches between the two images"}));
       box.appendChild(el("p", {cls: "muted"}, ["ORB matches recomputed for this report: ",
         el("span", {cls: "inlier", text: "green = inliers"}), ", ", el("span", {cls: "outlier", text: "red = outliers"}), "."]));
     } else if (p[P.inliers] !== null) {
-      box.appendChild(el("p", {cls: "muted", text: "Matches are drawn for one pair of each of the first clusters only (report.draw_pairs)."}));
+      box.appendChild(el("p", {cls: "muted", text: p[P.dup] ?
+        "Matches are drawn for one pair of each of the first clusters only (report.draw_pairs), and only when " +
+          "they can be drawn as the run found them." :
+        "Matches are drawn for the closest rejected pairs only (report.draw_rejected), and only when they can " +
+          "be drawn as the run found them."}));
     }
     var rows = [
       ["screen: hash distance", fmtNum(p[P.dist])],
