@@ -619,7 +619,6 @@ def test_query_answers_for_new_files_in_the_folder_as_the_batch_job_would(grown,
     they are recorded as the batch job would (the next run scores nothing again); --add refuses
     settings other than the catalog's; a catalog file rewritten since is not its own duplicate."""
     from pipeline.query import query
-    from pipeline.run import image_ids
     data, out, fresh = tmp_path / "data", tmp_path / "out", tmp_path / "fresh"
     shutil.copytree(grown["data"], data)
     run(data, out)
