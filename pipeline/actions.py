@@ -22,7 +22,6 @@ The pipeline itself never modifies input files; only `apply --execute` does.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -278,33 +277,13 @@ def _link(op: str, keeper: str, dest: str) -> None:
         raise OSError(f"a symlink at {dest} would not reach the keeper {keeper}")
 
 
-@functools.lru_cache(maxsize=64)
-def scanned_folder(text: str) -> str:
-    """The scanned folder whose path the outputs hold as `text` (its text form,
-    pipeline/paths.py), as the operating system names it: the text itself, or, when that names
-    no folder and the text has `\\xNN` escapes, the folder with those bytes (a path that is not
-    UTF-8: every file under it was refused, "the keeper ... is missing")."""
-    from pipeline import paths
-    if "\\x" not in text or os.path.isdir(text):
-        return text
-    other = paths.from_text_form(text)
-    return other if os.path.isdir(other) else text
-
-
 def file_name(row) -> str:
-    """The row's file as the operating system names it: the scanned folder's path
-    (`scanned_folder`) and the row's path, or for a name that is not UTF-8 the name's exact
-    bytes (RAW_COLUMN; os.fsdecode: a str that the os functions turn back into those bytes).
-    Without them, such a file's text form names no file and `apply` refused its cluster ("the
-    keeper ... is missing")."""
-    raw = getattr(row, RAW_COLUMN, None)
-    abs_path, rel = str(row.abs_path), str(row.path)
-    if not abs_path.endswith(rel):
-        return abs_path
-    root = scanned_folder(abs_path[:len(abs_path) - len(rel)])
-    if not isinstance(raw, (bytes, bytearray)):
-        return root + rel
-    return os.fsdecode(os.fsencode(root) + bytes(raw))
+    """The row's file as the operating system names it (`paths.os_name`: the scanned folder's
+    path, itself perhaps not UTF-8, and the row's path, or for a name that is not UTF-8 its exact
+    bytes, RAW_COLUMN). Without them, such a file's text form names no file and `apply` refused
+    its cluster ("the keeper ... is missing")."""
+    from pipeline import paths
+    return paths.os_name(str(row.abs_path), str(row.path), getattr(row, RAW_COLUMN, None))
 
 
 def _relative_name(row) -> str:
@@ -350,7 +329,7 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
         raise PlanError(f"unknown action {action!r}: use one of {', '.join(ACTIONS)}")
     if (action == "move") != (to is not None):
         raise PlanError("--to DIR is needed with --action move (and only with it)")
-    from pipeline import storage
+    from pipeline import paths, storage
     on_store = [p for p in plan["abs_path"] if storage.is_url(p)][:1]
     if on_store:
         raise PlanError(f"the plan's files are objects on a store ({on_store[0]}, ...): `apply` moves, links and "
@@ -360,7 +339,7 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
     log_path = Path(os.path.abspath(log_path)) if log_path is not None else None
     for row in plan.head(1).itertuples():  # the scanned folder: abs_path is DATA/path
         abs_path, rel = str(row.abs_path), str(row.path)
-        root = Path(scanned_folder(abs_path[:-len(rel)]) or "/").resolve() if abs_path.endswith(rel) else None
+        root = Path(paths.os_folder(abs_path[:-len(rel)]) or "/").resolve() if abs_path.endswith(rel) else None
         if to is not None and root is not None and to.is_relative_to(root):
             raise PlanError(f"--to {str(to)!r} is inside the scanned folder {abs_path[:-len(rel)]!r}: the next run "
                             "would find the moved files there again; choose a folder outside it")

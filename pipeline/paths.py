@@ -14,6 +14,7 @@ Two things a folder tree can hold that plain `open(path)` and UTF-8 text cannot:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Iterator
 
@@ -39,6 +40,30 @@ def from_text_form(text: str) -> str:
     import re
     raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), text.encode("utf-8", "surrogateescape"))
     return os.fsdecode(raw)
+
+
+@functools.lru_cache(maxsize=64)
+def os_folder(text: str) -> str:
+    """The folder whose path the outputs hold as `text` (its `text_form`), as the operating system
+    names it: the text itself, or, when that names no folder and the text has `\\xNN` escapes,
+    the folder with those bytes (a scanned folder whose own path is not UTF-8)."""
+    if "\\x" not in text or os.path.isdir(text):
+        return text
+    other = from_text_form(text)
+    return other if os.path.isdir(other) else text
+
+
+def os_name(abs_path: str, path: str, raw: bytes | None = None) -> str:
+    """A file as the operating system names it, from the outputs' texts: `abs_path` (the scanned
+    folder's path joined with `path`, both text forms), `path`, and `raw`, the name's exact bytes
+    under the folder when it is not UTF-8 (images.parquet's raw_path). An `abs_path` that does not
+    end with `path` (e.g. a run's own, already the os name: a str, or bytes) is returned as it is."""
+    if not isinstance(abs_path, str) or not abs_path.endswith(path):
+        return abs_path
+    root = os_folder(abs_path[:len(abs_path) - len(path)])
+    if not isinstance(raw, (bytes, bytearray)):
+        return root + path
+    return os.fsdecode(os.fsencode(root) + bytes(raw))
 
 
 def is_utf8(name: str | bytes) -> bool:

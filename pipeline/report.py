@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from pipeline import paths
 from pipeline.config import Config, ConfigError, ReportConfig, config_from_dict
 from pipeline.decode import load_image
 from pipeline.progress import completed
@@ -81,7 +82,7 @@ JSON_ROWS = 4096  # rows of a long list turned into JSON text at a time (iter_sc
 # the image columns the report reads (build_data, keeper_ids, the thumbnails): write_report keeps
 # these only, so its copies of the listed images' rows carry no other column
 IMAGE_COLUMNS = ("image_id", "path", "abs_path", "sha256", "bytes", "mtime", "width", "height", "format", "error",
-                 "cluster_id")
+                 "cluster_id", "raw_path")
 # the pair columns the report reads (build_data, shown_pairs): a run hands it these only
 PAIR_COLUMNS = ("image_id_a", "image_id_b", "hash_distance", "orb_matches", "orb_inliers", "orb_score", "cosine",
                 "stage", "is_duplicate", "reason", "rule")
@@ -702,7 +703,12 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
     listed = data["images"]
     ids = listed.values("image_id")
     at = pd.Index(images["image_id"].astype("int64")).get_indexer(ids)
-    abs_at, sha_at = images["abs_path"].array.take(at), images["sha256"].array.take(at)
+    # the files as the operating system names them (a rebuild reads the outputs' text forms, which
+    # name no file where a name, or the scanned folder's, is not UTF-8: no thumbnail was made)
+    raw_at = images["raw_path"].array.take(at) if "raw_path" in images else [None] * len(at)
+    abs_at = np.array([paths.os_name(a, p, r) for a, p, r in zip(images["abs_path"].array.take(at),
+                                                                 images["path"].array.take(at), raw_at)], dtype=object)
+    sha_at = images["sha256"].array.take(at)
     error_at = listed.values("error")
 
     tmp = out_dir / f".report-{uuid.uuid4().hex[:12]}"

@@ -271,7 +271,7 @@ def test_names_that_are_not_utf8_are_acted_on_and_restored(photo_paths, tmp_path
     """A name that is not valid UTF-8 (a Latin-1 archive) is in the outputs as its text form, which
     names no file: the plan keeps the exact bytes (raw_path; hexadecimal in a CSV plan), so such a
     keeper is found and such a copy is acted on, and undo puts every byte of the tree back. The
-    scanned folder's own path may be such a name too (`actions.scanned_folder`)."""
+    scanned folder's own path may be such a name too (`paths.os_folder`)."""
     data = tmp_path / folder
     (data / "originals").mkdir(parents=True)
     (data / "copies").mkdir()

@@ -804,3 +804,32 @@ def test_cluster_links_made_a_few_clusters_at_a_time_select_the_same_pairs(rows,
         assert report.cluster_links(dup, cluster, per_cluster).tolist() == whole.tolist()
         monkeypatch.setattr(report, "LINK_ROWS", 10**9)
     assert len(np.unique(cluster)) == 3 and whole.sum() < len(dup)  # (several clusters; a real selection)
+
+
+def test_a_rebuilt_report_has_thumbnails_of_names_that_are_not_utf8(photo_paths, tmp_path):
+    """`dedupe report` reads the outputs' text forms, which name no file where a name, or the
+    scanned folder's own path, is not UTF-8: it finds the files by their bytes (raw_path,
+    `paths.os_name`), so every listed image has its thumbnail (a rebuild had none of them)."""
+    import os
+    data = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/d\xe9/data"))
+    data.mkdir(parents=True)
+    with Image.open(photo_paths[0]) as im:
+        rgb = im.convert("RGB")
+    rgb.save(data / "a.jpg", quality=90)
+    rgb.resize((rgb.width // 2, rgb.height // 2)).save(os.fsdecode(os.fsencode(str(data)) + b"/caf\xe9.jpg"),
+                                                       quality=85)
+    out = tmp_path / "out"
+    assert main_report_run(data, out) == 0
+    rebuilt = tmp_path / "rebuilt"  # (the outputs alone: no earlier report to take thumbnails from)
+    rebuilt.mkdir()
+    for name in ("images.parquet", "pairs.parquet", "run.json"):
+        shutil.copy(out / name, rebuilt / name)
+    assert main_report(rebuilt) == 0
+    listed = read_data(rebuilt / "report")["images"]
+    assert len(listed) == 2 and all(row[8] for row in listed)  # [8]: has a thumbnail
+    assert len(list((rebuilt / "report" / "thumbs").iterdir())) == 2
+
+
+def main_report_run(data, out):
+    from pipeline.cli import main
+    return main(["dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync", "--quiet"])
