@@ -149,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         body = (bench_report.stamp() + "\n" +
                 "A synthetic run (`bench/report_scale.py`: the pipeline's columns, every image pointing at one "
                 "of the real photos so thumbnails and drawings are real decodes and real ORB) fed to "
-                "`pipeline.report.write_report` with the default report settings (200 + 50 pairs drawn, "
+                "`pipeline.report.write_report` with the default report settings (200 + 50 pairs to draw, "
                 "500 closest rejected pairs listed, 20 clusters per page). Thumbnails are made with one "
-                "thread per core.\n\n" + bench_report.table(["what", "figure"], rows))
+                "thread per core. The pairs' ORB numbers are made up, so ORB is run again for each pair to "
+                "draw but few drawings are written: a drawing is made only when the matches found are the "
+                "pair's numbers.\n\n" + bench_report.table(["what", "figure"], rows))
         bench_report.update_section("report", "Report generation (100k images, 10k clusters)", body, args.doc)
     return 0
 
