@@ -440,7 +440,10 @@ def _query_command(args) -> int:
         driver_arrow_pool()  # (the catalog's tables are read whole)
         # the store options of --config and --set storage.*=… (a catalog on a store), which the
         # workers get too
-        settings = config_from_dict({"storage": {"options": store_options(args, allowed=("",))}})
+        # (the settings the query's tiers use; dask.*, catalog, work_dir, report.* and scan.* were
+        # accepted and ignored)
+        settings = config_from_dict({"storage": {"options": store_options(
+            args, allowed=("screen.", "verify.", "embed.", "decide.", "tiers="))}})
         with dask_client(settings, args.scheduler) as client:
             result = query.query(args.images, args.catalog, overrides=args.overrides, add=args.add, client=client,
                                  storage_options=settings.storage.options)

@@ -287,6 +287,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if tp is str:
         if value is None:
             return ""
+        if isinstance(value, (list, dict, bool)):  # (str() of a list made a folder named "['a', 'b']")
+            raise ConfigError(f"{key}: expected text, got {value!r}")
         return str(value)
     return value
 
@@ -382,8 +384,49 @@ def _validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if s.mode == "hash+embedding" and cfg.tiers == "screen":
+        raise ConfigError("screen.mode hash+embedding (the high-recall preset) finds candidates the hash "
+                          "misses, which only the verify and confirm tiers can accept: use tiers verify or "
+                          "confirm with it, or screen.mode hash")
+    _check_int_range(cfg)
     check_memory_limit(cfg.dask.memory_limit)
     check_scheduler(cfg.dask.scheduler, "dask.scheduler")
+    check_dashboard(cfg.dask.dashboard_address)
+
+
+# whole-number settings that are byte or pixel counts (64-bit); every other one is handed to C or
+# numba code as a 32-bit int (OpenCV's seed, feature and iteration counts, threads, K), where a
+# larger value failed with a traceback after the screen
+WIDE_INTS = {"scan.max_file_bytes", "screen.max_decode_bytes", "screen.max_pixels"}
+INT32_MAX = 2**31 - 1
+
+
+def _check_int_range(cfg: Config) -> None:
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(sub):
+            continue
+        for f in dataclasses.fields(sub):
+            value, key = getattr(sub, f.name), f"{section.name}.{f.name}"
+            if isinstance(value, bool) or not isinstance(value, int):
+                continue
+            limit = 2**63 - 1 if key in WIDE_INTS else INT32_MAX
+            if abs(value) > limit:
+                raise ConfigError(f"{key}: {value} is too large (at most {limit})")
+    v = cfg.verify
+    if v.n_features * max(1, v.oversample) > INT32_MAX:
+        raise ConfigError(f"verify.n_features x verify.oversample is too large (at most {INT32_MAX})")
+
+
+def check_dashboard(address: str) -> None:
+    """dask.dashboard_address: "" or "none" (no dashboard), ":PORT" or "HOST:PORT"."""
+    text = str(address).strip()
+    if text.lower() in ("", "none", "null"):
+        return
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or " " in host:
+        raise ConfigError(f"dask.dashboard_address: {address!r} is not ':PORT' or 'HOST:PORT' (e.g. :8787), "
+                          "or empty for no dashboard")
 
 
 SCHEDULER_SCHEMES = ("tcp://", "tls://", "inproc://", "ucx://", "ws://", "wss://")
@@ -394,10 +437,12 @@ def check_scheduler(target: str, where: str = "--scheduler") -> None:
     if target in ("auto", "local", "sync"):
         return
     if "://" in target:
-        ok = target.startswith(SCHEDULER_SCHEMES) and len(target.split("://", 1)[1]) > 0
+        rest = target.split("://", 1)[1]
+        port = rest.rpartition(":")[2]
+        ok = target.startswith(SCHEDULER_SCHEMES) and len(rest) > 0 and not (port.isdigit() and not 0 < int(port) <= 65535)
     else:
         host, _, port = target.rpartition(":")
-        ok = bool(host) and port.isdigit()
+        ok = bool(host) and port.isdigit() and 0 < int(port) <= 65535
     if not ok:
         raise ConfigError(f"{where}: {target!r} is not 'auto', 'local', 'sync' or a Dask scheduler address such as "
                           f"tcp://127.0.0.1:8786 (schemes: {', '.join(s[:-3] for s in SCHEDULER_SCHEMES)})")

@@ -205,8 +205,22 @@ def load_run(out_dir: str | Path, storage_options: dict | None = None) -> Run:
         manifest_path = out_dir / "run.json"
         if not manifest_path.is_file():  # run.json is written last: without it the run is incomplete
             raise FileNotFoundError(f"{manifest_path} not found: {out_dir} is not the output folder of a finished run")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        images, pairs = pd.read_parquet(out_dir / "images.parquet"), pd.read_parquet(out_dir / "pairs.parquet")
+        # (what cannot be read is named, with what to do: a traceback, or the bare path, said neither)
+        from pipeline.config import ConfigError
+        damaged = f"{out_dir} is not the output folder of a finished run, or it is damaged: run the job again"
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{manifest_path} cannot be read ({exc}): {damaged}") from None
+        if not isinstance(manifest, dict) or "root" not in manifest:
+            raise ConfigError(f"{manifest_path} is not a dedupe run.json: {damaged}")
+        frames = []
+        for name in ("images.parquet", "pairs.parquet"):
+            try:
+                frames.append(pd.read_parquet(out_dir / name))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{out_dir / name} cannot be read ({exc}): {damaged}") from None
+        images, pairs = frames
     images = normalize_images(images, manifest.get("root"))
     if "rule" not in pairs:
         pairs["rule"] = derive_rule(pairs)

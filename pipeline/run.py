@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import platform
+import tempfile
 import time
 import uuid
 from datetime import datetime, timezone
@@ -661,6 +662,9 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
     catalog's lock, reuses what the catalog knows and commits what it learnt; `rehash` reads every
     file to compare its sha256 instead of trusting an unchanged size and mtime.
     """
+    for what, given in (("DATA", root), ("--out", out)):  # ("" would be the current folder)
+        if isinstance(given, str) and not given.strip():
+            raise ConfigError(f"{what} is empty: pass a folder (e.g. make dedupe DATA=photos OUT=out)")
     root, out = storage.local_form(root), storage.local_form(out)
     catalog_dir = catalog.resolve(cfg, out)  # None, a folder, or a store URL (default: OUT/catalog)
     on_store = [str(p) for p in (root, out, cfg.work_dir, catalog_dir) if storage.is_url(p)]
@@ -685,6 +689,10 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         raise ConfigError(f"--out {str(out)!r} is DATA itself: the outputs would be scanned as images; choose "
                           f"another folder, e.g. {storage.join(root, 'dedupe-out')} (inside DATA is fine: a run "
                           "never scans its own OUT)")
+    if catalog_dir is not None and not storage.is_url(catalog_dir) and not storage.is_url(root) \
+            and Path(catalog_dir).resolve() == Path(root).resolve():
+        raise ConfigError(f"the catalog {str(catalog_dir)!r} is DATA itself: its files would be written among the "
+                          "images; choose another folder (the default is OUT/catalog)")
     if not storage.is_url(out):
         out = Path(out)
         if out.exists() and not out.is_dir():
@@ -709,6 +717,14 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
     except OSError as exc:
         raise ConfigError(f"cannot create the output folder {str(out)!r} ({exc.strerror}): "
                           "choose another --out") from None
+    if cfg.work_dir and not storage.is_url(cfg.work_dir):  # (found only when the tiers wrote there)
+        try:
+            Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=cfg.work_dir):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"work_dir {cfg.work_dir!r} cannot be written ({exc.strerror}): choose a writable "
+                              "folder, or leave work_dir empty (OUT/_work-<pid>)") from None
     remote_out = storage.is_url(out)
     catalog_lock = storage.join(catalog_dir, catalog.LOCK_NAME) if storage.is_url(catalog_dir) else None
     with storage.locked(out, also=catalog_lock) if remote_out else outdir.locked(out):

@@ -479,3 +479,29 @@ def test_undo_leaves_a_link_it_did_not_make(run_dir, capsys):
 def test_two_applies_at_once_write_two_logs(run_dir):
     from pipeline.actions import default_log_path
     assert default_log_path(run_dir / "plan.parquet") != default_log_path(run_dir / "plan.parquet")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("run.json:not json", "run.json cannot be read"),
+    ("run.json:[1, 2]", "is not a dedupe run.json"),
+    ("images.parquet:not parquet", "images.parquet cannot be read"),
+    ("pairs.parquet:", "pairs.parquet cannot be read"),  # (removed)
+])
+def test_plan_and_report_on_a_damaged_out_say_what_is_wrong(run_dir, capsys, damage, message):
+    """A run.json or Parquet file that cannot be read: exit 2 naming the file and what to do (a
+    traceback, exit 1, or the bare path before)."""
+    import shutil as sh
+    out = run_dir / "damaged"
+    sh.copytree(run_dir / "out", out, symlinks=True)
+    name, text = damage.split(":", 1)
+    target = out / name
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    if text:
+        target.write_text(text)
+    for args in (["plan", str(out), "--keep", "largest_file", "--output", str(run_dir / "p.csv")],
+                 ["report", str(out)]):
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and "run the job again" in err and "Traceback" not in err

@@ -586,6 +586,11 @@ def test_query_cli_outputs_and_errors(grown, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["query", image, "--catalog", cat_dir, "--set", "screen.hash=phash"]) == 2
     assert "screen settings" in capsys.readouterr().err
+    for other in ("dask.scheduler=tcp://127.0.0.1:1", "catalog=none", "work_dir=/tmp/x", "report.keep=oldest"):
+        assert main(["query", image, "--catalog", cat_dir, "--set", other]) == 2  # (accepted and ignored)
+        assert "settings apply to `query`" in capsys.readouterr().err
+    assert main(["query", image, "--catalog", cat_dir, "--set", "decide.accept_inliers=30", "--set",
+                 "tiers=verify"]) == 0
 
 
 def test_query_add_records_the_image_for_the_next_run(grown, tmp_path):

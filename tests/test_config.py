@@ -116,3 +116,27 @@ def test_a_dotted_override_below_a_mapping_changes_one_entry(tmp_path):
     assert Config().storage.options == {}  # (the default is not changed in place)
     with pytest.raises(ConfigError, match="unknown config key 'screen.no_such'"):
         load_config(None, ["screen.no_such.x=1"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["catalog=[a, b]"], "catalog: expected text"),  # (str() of it made a folder named "['a', 'b']")
+    (["work_dir={x: 1}"], "work_dir: expected text"),
+    (["verify.seed=3000000000"], "verify.seed: 3000000000 is too large"),  # (OpenCV's C int, after the screen)
+    (["screen.max_candidates=9223372036854775808"], "screen.max_candidates: .* is too large"),
+    (["verify.n_features=2000000000", "verify.oversample=4"], "n_features x verify.oversample is too large"),
+    (["dask.dashboard_address=notahost:xx"], "dask.dashboard_address"),
+    (["dask.scheduler=tcp://127.0.0.1:99999"], "dask.scheduler"),
+    (["dask.scheduler=127.0.0.1:0"], "dask.scheduler"),
+    (["screen.mode=hash+embedding", "tiers=screen"], "use tiers verify or confirm"),
+])
+def test_values_that_would_fail_late_are_refused_at_once(overrides, message):
+    """Values the checks let through and a later step failed on, with a traceback after the
+    screen's work (exit 1), or silently wasted: refused when the config is read (exit 2)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_byte_and_pixel_limits_may_be_64_bit():
+    cfg = load_config(None, ["scan.max_file_bytes=5000000000", "screen.max_decode_bytes=8000000000",
+                             "dask.dashboard_address=", "dask.scheduler=tcp://10.0.0.1:8786"])
+    assert cfg.scan.max_file_bytes == 5_000_000_000

@@ -139,6 +139,17 @@ def test_out_and_catalog_inside_data_are_not_scanned(photo_paths, tmp_path):
     before = sorted(p.name for p in data.iterdir())
     assert main(["dedupe", str(data), "--out", str(data) + "/", *args]) == 2
     assert sorted(p.name for p in data.iterdir()) == before
+    # an empty DATA or --out (`make dedupe OUT=`: the current folder), the catalog in DATA itself,
+    # a work_dir that cannot be written: refused at once, nothing written
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for extra in (["--out", ""], ["--out", str(tmp_path / "o4"), "--catalog", str(data)],
+                  ["--out", str(tmp_path / "o5"), "--set", f"work_dir={blocker}/work"]):
+        before = sorted(p.name for p in data.iterdir())
+        assert main(["dedupe", str(data), *extra, *args]) == 2
+        assert sorted(p.name for p in data.iterdir()) == before
+    assert main(["dedupe", "", "--out", str(tmp_path / "o6"), *args]) == 2
+    assert not (tmp_path / "o6").exists()
     # an OUT, catalog or work_dir whose path is not UTF-8: refused at once (the Parquet writer
     # takes UTF-8 paths only: the run failed at its end, with a traceback)
     odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/out-\xe9")
