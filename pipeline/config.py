@@ -489,12 +489,22 @@ def preset_path(name: str) -> Path:
 
 
 def read_yaml(p: Path) -> dict:
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a folder: pass a YAML file to --config")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found: pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as exc:  # (one line, at the file's line and column, not "<unicode string>")
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}: {exc.problem or exc}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"config file {str(p)!r} cannot be read as YAML: {exc}") from None
+    if data is None:  # (an empty file)
+        return {}
+    if not isinstance(data, dict):  # (0, false or [] read as "no settings" before)
+        raise ConfigError(f"config file {str(p)!r} holds {data!r}: expected a mapping of settings (e.g. screen: ...)")
     return data
 
 

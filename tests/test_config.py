@@ -43,7 +43,7 @@ def test_bad_files(tmp_path):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("screen: [unclosed\n")
-    with pytest.raises(ConfigError, match="cannot be read as YAML"):
+    with pytest.raises(ConfigError, match="is not valid YAML at line"):
         load_config(bad)
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("screen:\n  max_candidates: 0\n")
@@ -140,3 +140,21 @@ def test_byte_and_pixel_limits_may_be_64_bit():
     cfg = load_config(None, ["scan.max_file_bytes=5000000000", "screen.max_decode_bytes=8000000000",
                              "dask.dashboard_address=", "dask.scheduler=tcp://10.0.0.1:8786"])
     assert cfg.scan.max_file_bytes == 5_000_000_000
+
+
+def test_a_config_file_that_is_no_mapping_is_refused_with_where(tmp_path):
+    """A YAML error names the file, line and column in one line; a file of 0, false or [] is not
+    an empty config (it read as one); a folder is a folder, not "not found"."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("screen:\n  max_distance: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml' is not valid YAML at line 3, column 1") as exc:
+        load_config(bad)
+    assert "\n" not in str(exc.value) and "<unicode string>" not in str(exc.value)
+    for text in ("0\n", "false\n", "[]\n"):
+        (tmp_path / "odd.yaml").write_text(text)
+        with pytest.raises(ConfigError, match="expected a mapping of settings"):
+            load_config(tmp_path / "odd.yaml")
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(tmp_path / "empty.yaml") == Config()

@@ -80,7 +80,7 @@ def test_bad_usage_exits_2_with_a_clear_message(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("screen: {max_distance: [1, 2\n")
     bad_cfg = cli("dedupe", str(tmp_path), "--config", str(cfg))
-    assert bad_cfg.returncode == 2 and "cannot be read as YAML" in bad_cfg.stderr
+    assert bad_cfg.returncode == 2 and "is not valid YAML" in bad_cfg.stderr
     no_args = cli("dedupe")
     assert no_args.returncode == 2
 

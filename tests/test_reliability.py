@@ -186,7 +186,7 @@ def _environments(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("config file missing", [str(tmp / "d"), "--out", str(tmp / "o3"), "--config", str(tmp / "no.yaml")],
          "not found"),
         ("config not YAML", [str(tmp / "d"), "--out", str(tmp / "o4"), "--config", str(tmp / "bad.yaml")],
-         "cannot be read as YAML"),
+         "is not valid YAML"),
         ("config not a mapping", [str(tmp / "d"), "--out", str(tmp / "o5"), "--config", str(tmp / "list.yaml")],
          "expected a mapping"),
         ("scheduler not listening", [str(tmp / "d"), "--out", str(tmp / "o6"), "--scheduler",
