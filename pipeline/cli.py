@@ -388,8 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     previous_int = signal.getsignal(signal.SIGINT)
     manifest = None
     try:
-        if args.catalog is not None and args.no_catalog:
-            raise ConfigError("--catalog and --no-catalog contradict each other: pass one of them")
+        set_catalog = [o for o in args.overrides if o.strip().startswith("catalog=")
+                       and o.split("=", 1)[1].strip().lower() not in ("none", "null", "")]
+        if (args.catalog is not None or set_catalog) and args.no_catalog:
+            raise ConfigError(f"{'--catalog' if args.catalog is not None else '--set ' + set_catalog[0]} and "
+                              "--no-catalog contradict each other: pass one of them")
         overrides = list(args.overrides) + ([f"tiers={args.tiers}"] if args.tiers else [])
         overrides += [f"catalog={args.catalog}"] if args.catalog is not None else []
         overrides += ["catalog=none"] if args.no_catalog else []

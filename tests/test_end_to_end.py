@@ -83,6 +83,10 @@ def test_bad_usage_exits_2_with_a_clear_message(tmp_path):
     assert bad_cfg.returncode == 2 and "is not valid YAML" in bad_cfg.stderr
     no_args = cli("dedupe")
     assert no_args.returncode == 2
+    for given in (["--catalog", str(tmp_path / "c")], ["--set", f"catalog={tmp_path / 'c'}"]):
+        both = cli("dedupe", str(tmp_path), "--out", str(tmp_path / "o"), *given, "--no-catalog")
+        assert both.returncode == 2 and "contradict each other" in both.stderr  # (--set's was dropped)
+    assert not (tmp_path / "o").exists()
 
 
 def test_empty_folder_and_bad_files_complete(tmp_path):
