@@ -133,6 +133,20 @@ def target_of(cfg: Config, scheduler: str | None) -> str:
     return scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or cfg.dask.scheduler
 
 
+def check_reachable(target: str, timeout: float = 10.0) -> None:
+    """A scheduler address (tcp:// or host:port) that refuses a TCP connection: ConfigError now,
+    before OUT is made and locked (the client's own attempt took 15 s, after both)."""
+    if target in ("auto", "local", "sync") or ("://" in target and not target.startswith("tcp://")):
+        return
+    host, _, port = target.split("://", 1)[-1].rpartition(":")
+    import socket
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot reach the Dask scheduler at {target!r} ({exc}): check --scheduler, "
+                          "DASK_SCHEDULER_ADDRESS or dask.scheduler, or use --scheduler local") from None
+
+
 def worker_environ():
     """Config for the local cluster's worker processes: glibc's own allocator thresholds instead
     of Dask's default MALLOC_TRIM_THRESHOLD_=65536 (hand freed memory back to the OS at once),
@@ -711,6 +725,7 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
     if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"] or cfg.screen.mode == "hash+embedding":
         from pipeline import weights  # fail before any heavy work when the weights are missing
         weights_info = weights.check_weights_available(cfg.embed)
+    check_reachable(target_of(cfg, scheduler))
     try:
         if not storage.is_url(out):
             out.mkdir(parents=True, exist_ok=True)

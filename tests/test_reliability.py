@@ -201,6 +201,8 @@ def test_bad_environments_exit_2_with_what_to_fix(tmp_path, capsys):
         err = capsys.readouterr().err
         if rc != 2 or needle not in err:
             failures.append(f"{name}: rc={rc}, stderr={err[-300:]!r}")
+        if name == "scheduler not listening" and (tmp_path / "o6").exists():  # (checked before OUT is made)
+            failures.append(f"{name}: OUT was made")
     assert not failures, "\n".join(failures)
 
 
