@@ -140,6 +140,14 @@ def query(paths: list[str | Path], catalog_dir: str | Path, cfg: Config | None =
             if outside:
                 raise ConfigError(f"--add: {outside[0]!r} is not inside the catalog's folder {str(cat.root)!r}: "
                                   "copy it there first (the catalog mirrors that folder)")
+            # (a file the batch job does not list would be dropped from the catalog by its next run)
+            unlisted = [e.path for e, r in zip(entries, rel)
+                        if (cfg.scan.skip_hidden and any(part.startswith(".") for part in r.split("/")))
+                        or (not cfg.scan.follow_symlinks and os.path.islink(e.abs_path))]
+            if unlisted:
+                raise ConfigError(f"--add: {unlisted[0]!r} is a file the batch job does not list (a hidden name, "
+                                  "scan.skip_hidden, or a link, scan.follow_symlinks): its next run would drop it "
+                                  "from the catalog")
         with tempfile.TemporaryDirectory(prefix="dedupe-query-") as tmp:
             return _query(entries, rel, cat, cfg, fps, add, Path(tmp), client, progress)
 

@@ -671,6 +671,12 @@ def test_query_answers_for_new_files_in_the_folder_as_the_batch_job_would(grown,
     assert reuse["verify"]["pairs_verified"] == 0 and reuse["confirm"].get("pairs_embedded", 0) == 0
     assert_same_outputs(out, fresh)
 
+    # a file the batch job does not list (hidden) is not added: its next run would drop it
+    shutil.copyfile(data / "a" / "0000_new.jpg", data / "a" / ".hidden.jpg")
+    capsys.readouterr()
+    assert main(["query", str(data / "a" / ".hidden.jpg"), "--catalog", cat_dir, "--add"]) == 2
+    assert "does not list" in capsys.readouterr().err
+    assert ".hidden.jpg" not in "".join(catalog.Catalog.load(out / "catalog").images["path"])
     # a catalog file rewritten since (here recompressed) is not compared with its own old record
     with Image.open(data / "moved" / "renamed.jpg") as im:
         im.convert("RGB").save(data / "moved" / "renamed.jpg", quality=50)
