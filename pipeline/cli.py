@@ -410,11 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except (KeyboardInterrupt, Stopped) as exc:
         what = signal.Signals(exc.signum).name if isinstance(exc, Stopped) else "SIGINT"
-        print(f"stopped by {what}: temporary files removed; the previous outputs (if any) are untouched",
-              file=sys.stderr)
+        print(f"stopped by {what}: temporary files removed; " + (
+            getattr(exc, "published", None) or "the previous outputs (if any) are untouched"), file=sys.stderr)
         return EXIT_FAILED
-    except Exception:
-        log.exception("the run failed; the previous outputs (if any) are untouched")
+    except Exception as exc:  # (`published`: it failed after the outputs on a store were committed)
+        log.exception(f"the run failed: {exc.published}" if getattr(exc, "published", None)
+                      else "the run failed; the previous outputs (if any) are untouched")
         return EXIT_FAILED
     finally:
         if manifest is None:  # (a completed run keeps ignoring them until it returns)

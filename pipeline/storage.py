@@ -186,6 +186,11 @@ def check_input(url: str) -> None:
         raise access_error(url, exc, "input location", "DATA") from None
     if not found:
         raise ConfigError(f"input location {url!r} holds no objects: pass DATA=<bucket/prefix of images>")
+    if all(f.rstrip("/") == root.rstrip("/") for f in found) and fs.isfile(root):
+        # (one object's URL: its listing is itself, which the scan, listing what is under it,
+        # skips; the run published an empty OUT over the last one and emptied the catalog)
+        raise ConfigError(f"input location {url!r} is an object, not a prefix of objects: pass DATA=<the "
+                          "bucket/prefix that holds the images>")
 
 
 def iter_objects(url: str, cfg: ScanConfig, skip: Sequence[str] = ()) -> Iterator[scan.FileEntry]:
@@ -207,6 +212,11 @@ def iter_objects(url: str, cfg: ScanConfig, skip: Sequence[str] = ()) -> Iterato
         for info in listed:
             name = info["name"].rstrip("/")
             base = name.rsplit("/", 1)[-1]
+            if name == folder and info.get("type") == "directory" and info["name"] != name:
+                # (keys with an empty-named folder, "a//b.jpg": the store's listing gives them
+                # as a folder with the parent's own name, which cannot be listed apart)
+                log.warning("objects under %s// (an empty-named folder in their keys) are not listed: "
+                            "rename them without the double slash", _url(fs, folder))
             if not base or name == folder or (cfg.skip_hidden and base.startswith(".")):
                 continue
             if info.get("type") == "directory":
@@ -412,7 +422,10 @@ def changed_since(urls, sizes, mtimes, etags=None) -> list[bool]:
         if folder not in by_folder:
             fs.invalidate_cache(folder)  # adlfs answers ls from its cache even with refresh=True
             try:
-                by_folder[folder] = {i["name"]: i for i in fs.ls(folder, detail=True, refresh=True)}
+                # (objects only: a key that is also a prefix, g.jpg beside g.jpg/x.jpg, is listed
+                # twice, and the prefix's entry, of size 0, made the object "changed" at every run)
+                by_folder[folder] = {i["name"]: i for i in fs.ls(folder, detail=True, refresh=True)
+                                     if i.get("type") != "directory"}
             except OSError:
                 by_folder[folder] = {}
         info = by_folder[folder].get(path)
@@ -811,6 +824,21 @@ def publish(out: str, run_id: str, write, last: LastReport | Path | None = None)
     except FileNotFoundError:
         previous = None
     fs.pipe_file(f"{root}/{STATE_DIR}/current", gen_name.encode("utf-8"))  # the commit point
+    try:
+        _copy_to_stable_names(fs, root, gen, gen_name, previous, names, carried)
+    except BaseException as exc:  # (the CLI must not say the previous outputs are untouched)
+        exc.published = (f"the new outputs were published ({_url(fs, root)}/{STATE_DIR}/current names "
+                         f"{gen_name}: load_run, plan and report read them), but their copies under OUT's "
+                         "stable names did not all complete, so the files at OUT's top level may mix two runs "
+                         "until the next run copies them again")
+        raise
+    return _url(fs, gen)
+
+
+def _copy_to_stable_names(fs, root: str, gen: str, gen_name: str, previous: str | None, names: list[str],
+                          carried: list[str]) -> None:
+    """After the commit point: the generation's files copied to OUT's stable names, then older
+    report pages and generations removed."""
     # the stable names: only those whose bytes differ from what OUT holds (a listing of each side;
     # the generation's also lets the copies skip a HEAD per object), run.json last
     published = sorted(set(names) | set(carried), key=lambda n: (n == "run.json", n))
@@ -837,4 +865,3 @@ def publish(out: str, run_id: str, write, last: LastReport | Path | None = None)
             name = path.rstrip("/").rsplit("/", 1)[-1]
             if name.startswith("gen-") and name not in (gen_name, previous):
                 fs.rm(path, recursive=True)
-    return _url(fs, gen)

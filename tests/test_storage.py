@@ -1724,3 +1724,57 @@ def test_high_recall_mode_with_the_catalog_in_the_bucket_equals_a_run_from_scrat
     assert reuse["screen_embed"]["embeddings_computed"] == 0 and reuse["screen_embed"]["embeddings_reused"] > 0
     assert _dedupe(bucket, "--out", str(tmp_path / "scratch"), "--no-catalog", *args) == 0
     _assert_same_outputs(_read_outputs(out, env), _read_outputs(tmp_path / "scratch", env))
+
+
+def test_odd_keys_one_objects_url_as_data_and_empty_named_folders(s3, monkeypatch, caplog, tmp_path):
+    """A key that is also a prefix (g.jpg beside g.jpg/x.jpg) is listed twice by the store; the
+    prefix's entry no longer makes the object "changed" at every run. DATA given as one object's
+    URL is refused, exit 2 (the run listed nothing under it and published an empty OUT, emptying
+    the catalog). Objects under an empty-named folder (a//b.jpg), which the listing cannot reach,
+    are named in a warning, not left out in silence."""
+    import logging
+    from pipeline import storage
+    from pipeline.config import ScanConfig
+    _, env, _ = s3
+    _aws_env(monkeypatch, env)
+    fs = _fs(env)
+    b = f"{BUCKET}-odd"
+    fs.mkdir(b)
+    jpeg = b"\xff\xd8\xff" + b"a" * 61
+    for key in ("d/g.jpg", "d/g.jpg/x.jpg", "d/h.jpg", "d//e.jpg"):
+        fs.pipe_file(f"{b}/{key}", jpeg)
+    storage.configure({})
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        listed = list(storage.iter_objects(f"s3://{b}/d", ScanConfig()))
+    assert sorted(e.path for e in listed) == ["g.jpg", "g.jpg/x.jpg", "h.jpg"]
+    assert "empty-named folder" in caplog.text
+    g = next(e for e in listed if e.path == "g.jpg")
+    assert storage.changed_since([g.abs_path], [g.bytes], [g.mtime], [g.etag]) == [False]
+    assert _dedupe(f"s3://{b}/d/h.jpg", "--out", f"s3://{b}/out", "--tiers", "screen", "--scheduler", "sync",
+                   "--quiet") == 2
+    assert not fs.exists(f"{b}/out")
+
+
+def test_a_publish_that_fails_after_its_commit_point_says_so(s3, monkeypatch, caplog, photo_paths):
+    """The copies to OUT's stable names come after the commit point (`current`): a failure there
+    no longer says "the previous outputs are untouched" (readers through `current` already get
+    the new run); it says what was published and what may be mixed."""
+    import logging
+    from pipeline import storage
+    _, env, _ = s3
+    _aws_env(monkeypatch, env)
+    fs = _fs(env)
+    b = f"{BUCKET}-commit"
+    fs.mkdir(b)
+    for p in photo_paths[:3]:
+        fs.put_file(str(p), f"{b}/d/{p.name}")
+
+    def fails(*args, **kwargs):
+        raise OSError("planted: a copy to a stable name failed")
+    monkeypatch.setattr(storage, "_copy_to_stable_names", fails)
+    with caplog.at_level(logging.ERROR, logger="pipeline"):
+        assert _dedupe(f"s3://{b}/d", "--out", f"s3://{b}/out", "--tiers", "screen", "--scheduler", "sync",
+                       "--quiet") == 1
+    assert "the new outputs were published" in caplog.text and "untouched" not in caplog.text
+    current = fs.cat_file(f"{b}/out/.dedupe/current").decode()
+    assert fs.exists(f"{b}/out/.dedupe/{current}/run.json")
