@@ -225,6 +225,9 @@ def iter_objects(url: str, cfg: ScanConfig, skip: Sequence[str] = ()) -> Iterato
                 continue
             size = int(info.get("size") or 0)
             keep, error = _classify(fs, name, size, cfg)
+            if "?versionId=" in name and scheme in ("s3", "s3a"):  # (s3fs reads the rest as a version id)
+                keep, error = True, ("cannot read: the key holds '?versionId=', which the S3 client takes for an "
+                                     "object version: rename the object")
             if keep:
                 mtime = _mtime(info)
                 yield scan.FileEntry(name[len(root) + 1:], _url(fs, name), size, mtime, error,

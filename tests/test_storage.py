@@ -1731,7 +1731,8 @@ def test_odd_keys_one_objects_url_as_data_and_empty_named_folders(s3, monkeypatc
     prefix's entry no longer makes the object "changed" at every run. DATA given as one object's
     URL is refused, exit 2 (the run listed nothing under it and published an empty OUT, emptying
     the catalog). Objects under an empty-named folder (a//b.jpg), which the listing cannot reach,
-    are named in a warning, not left out in silence."""
+    are named in a warning, not left out in silence. A key holding "?versionId=", which the S3
+    client reads as a version, is an error row saying so (it was "no such object")."""
     import logging
     from pipeline import storage
     from pipeline.config import ScanConfig
@@ -1743,10 +1744,12 @@ def test_odd_keys_one_objects_url_as_data_and_empty_named_folders(s3, monkeypatc
     jpeg = b"\xff\xd8\xff" + b"a" * 61
     for key in ("d/g.jpg", "d/g.jpg/x.jpg", "d/h.jpg", "d//e.jpg"):
         fs.pipe_file(f"{b}/{key}", jpeg)
+    _s3_client(env).put_object(Bucket=b, Key="d/v?versionId=2.jpg", Body=jpeg)  # (s3fs cannot name it)
     storage.configure({})
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         listed = list(storage.iter_objects(f"s3://{b}/d", ScanConfig()))
-    assert sorted(e.path for e in listed) == ["g.jpg", "g.jpg/x.jpg", "h.jpg"]
+    assert sorted(e.path for e in listed) == ["g.jpg", "g.jpg/x.jpg", "h.jpg", "v?versionId=2.jpg"]
+    assert "takes for an object version" in next(e.error for e in listed if "versionId" in e.path)
     assert "empty-named folder" in caplog.text
     g = next(e for e in listed if e.path == "g.jpg")
     assert storage.changed_since([g.abs_path], [g.bytes], [g.mtime], [g.etag]) == [False]
