@@ -8,6 +8,7 @@ stopped (SIGTERM, SIGINT): its temporary files are removed and the previous outp
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -414,6 +415,13 @@ def main(argv: list[str] | None = None) -> int:
             getattr(exc, "published", None) or "the previous outputs (if any) are untouched"), file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:  # (`published`: it failed after the outputs on a store were committed)
+        if isinstance(exc, OSError) and not getattr(exc, "published", None) and (
+                exc.errno == errno.ENOSPC or "No space left on device" in str(exc)):
+            # (a full disk is the operator's to fix, not a bug: one line, no traceback)
+            log.error("the run failed: no space left on the device (%s): free some space or choose another "
+                      "--out / work_dir, and run again; the previous outputs (if any) are untouched",
+                      exc.filename or exc)
+            return EXIT_FAILED
         log.exception(f"the run failed: {exc.published}" if getattr(exc, "published", None)
                       else "the run failed; the previous outputs (if any) are untouched")
         return EXIT_FAILED

@@ -89,6 +89,25 @@ def test_bad_usage_exits_2_with_a_clear_message(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_full_disk_is_one_line_and_exit_1(tmp_path, monkeypatch, caplog):
+    """No space left on the device (a full OUT or work_dir disk): exit 1 with one line saying what
+    to do, not a 30-line traceback; nothing is published."""
+    import errno
+    import logging
+    from pipeline import run as run_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "images.parquet"))
+    monkeypatch.setattr(run_module, "_cascade", full)
+    (tmp_path / "d").mkdir()
+    with caplog.at_level(logging.ERROR, logger="pipeline"):
+        assert main(["dedupe", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--tiers", "screen",
+                     "--scheduler", "sync", "--quiet"]) == 1
+    assert "no space left on the device" in caplog.text and "Traceback" not in caplog.text
+    assert all(r.exc_info is None for r in caplog.records)
+    assert not (tmp_path / "o" / "run.json").exists()
+
+
 def test_empty_folder_and_bad_files_complete(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
