@@ -277,14 +277,20 @@ def main_report(out, *overrides):
     return main(["report", str(out), *[a for o in overrides for a in ("--set", o)]])
 
 
+def _a_report_and_two_folders(review_run, tmp_path):
+    """The review run, its report written into tmp_path/first, and empty folders second and third."""
+    run = load_run(review_run)
+    folders = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    for d in folders:
+        d.mkdir()
+    write_report(folders[0], run.images, run.pairs, run.manifest)
+    return run, folders
+
+
 def test_a_new_run_reuses_the_last_reports_thumbnails_and_drawings(review_run, tmp_path):
     """Each run writes its report into a new generation folder: thumbnails and match drawings of
     unchanged bytes (and, for drawings, unchanged verify settings) come from the last report."""
-    run = load_run(review_run)
-    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
-    for d in (first, second, third):
-        d.mkdir()
-    write_report(first, run.images, run.pairs, run.manifest)
+    run, (first, second, third) = _a_report_and_two_folders(review_run, tmp_path)
     thumb = sorted((first / "report" / "thumbs").iterdir())[0]
     drawing = sorted((first / "report" / "pairs").iterdir())[0]
     for f in (thumb, drawing):  # a file made again would not end like this
@@ -323,11 +329,7 @@ def test_a_release_that_decodes_or_shrinks_differently_makes_the_thumbnails_agai
     module's and the ORB features' decode, `report._thumb_code`): a fix there shows on every
     thumbnail, not only on those of files that changed."""
     from pipeline import catalog
-    run = load_run(review_run)
-    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
-    for d in (first, second, third):
-        d.mkdir()
-    write_report(first, run.images, run.pairs, run.manifest)
+    run, (first, second, third) = _a_report_and_two_folders(review_run, tmp_path)
     thumb = sorted((first / "report" / "thumbs").iterdir())[0]
     thumb.write_bytes(thumb.read_bytes() + b"reused")  # a made thumbnail would not end like this
     made = json.loads((first / "report" / "thumbs.json").read_text())
