@@ -310,17 +310,16 @@ def _draw_sources(where: pd.DataFrame, sha_a, sha_b) -> tuple[dict, dict] | None
 
 
 def draw_pair(abs_a: str, abs_b: str, cfg: Config, height: int = DRAW_HEIGHT,
-              stored: tuple[dict, dict, tuple] | None = None,
+              stored: tuple[dict, dict] | None = None,
               expect: tuple[int, int] | None = None) -> tuple[bytes, dict] | None:
     """The two images side by side with the ORB matches as lines (inliers green, outliers red), as
     (JPEG bytes, {matches, inliers, mirrored}): from the verify tier's own feature rows when
-    `stored` gives them (each image's by transform, and the run's orb_matches, orb_inliers:
-    `verify.stored_evidence`), else recomputed with its code (`verify.pair_evidence`, which tries
-    each orientation for `expect`, the run's numbers). None when undecodable, and when the
+    `stored` gives them (each image's by transform: `verify.stored_evidence`), else recomputed
+    with its code (`verify.pair_evidence`); either tries each orientation for `expect`, the
+    run's orb_matches and orb_inliers. None when undecodable, and when the
     matches found are not the run's numbers (a drawing beside numbers it does not show would
     mislead: e.g. 34 green inlier lines on a pair the table says has 16)."""
     from pipeline import verify  # OpenCV only when drawing
-    expect = stored[2] if stored else expect
     try:
         ev = verify.stored_evidence(stored[0], stored[1], cfg, expect=expect) if stored \
             else verify.pair_evidence(abs_a, abs_b, cfg, expect=expect)
@@ -373,7 +372,7 @@ def draw_pairs(todo: list[tuple[str, str, str, tuple[dict, dict] | None, tuple]]
         fas, fbs = ({t: rows[key] for t, (_, key) in side.items() if key in rows} for side in src or ({}, {}))
         # (the run's numbers, when it has both: a pair decided before the verify tier has none)
         expect = tuple(int(n) for n in numbers) if all(isinstance(n, (int, np.integer)) for n in numbers) else None
-        stored = (fas, fbs, expect) if (0 in fas and fbs) or (0 in fbs and 4 in fas) else None
+        stored = (fas, fbs) if (0 in fas and fbs) or (0 in fbs and 4 in fas) else None
         out[name] = draw_pair(abs_a, abs_b, cfg, stored=stored, expect=expect)
     return out
 
