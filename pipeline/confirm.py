@@ -127,7 +127,7 @@ def to_input(img: Image.Image, size: int, mode: str = "squash") -> np.ndarray:
     return arr
 
 
-def load_input(path: str, transform: int, cfg: Config) -> np.ndarray:
+def load_input(path: str | bytes, transform: int, cfg: Config) -> np.ndarray:
     """Decode (draft scale >= input_size), apply the dihedral transform, resize. Raises DecodeError."""
     e = cfg.embed
     img, _, _ = decode.load_image(path, min_side=e.input_size, max_pixels=cfg.screen.max_pixels,
@@ -457,10 +457,11 @@ def decode_embedding(blob) -> np.ndarray | None:
 
 
 def _prepare_chunk(items: list[tuple[int, object, int]], cfg: Config) -> list[tuple[int, np.ndarray | None, str | None]]:
-    """(position, path, transform) -> (position, model-size uint8 array or None, error or None)."""
+    """(position, path, transform) -> (position, model-size uint8 array or None, error or None).
+    A path is str, or bytes for a name that is not UTF-8 (`paths.internal`)."""
     out = []
     for pos, path, t in items:
-        if not isinstance(path, str) or not path:
+        if not isinstance(path, (str, bytes)) or not path:
             out.append((pos, None, "no path for this image"))
             continue
         try:

@@ -233,6 +233,23 @@ def test_embed_partition_records_errors(dataset, cfg, embedder, tmp_path):
     assert np.isnan(cos[6]) and np.isnan(cos[7])
 
 
+def test_a_name_that_is_not_utf8_is_embedded(dataset, cfg, embedder, tmp_path):
+    """Such a name travels as bytes (`paths.internal`); it was refused as "no path for this image",
+    so each of its pairs reached the confirm tier without a cosine and was rejected."""
+    import os
+    import shutil
+    images, _ = dataset
+    odd = os.path.join(os.fsencode(tmp_path), b"copy-\xc3-\xff.jpg")
+    shutil.copyfile(images.abs_path.iloc[0], odd)
+    rows = pd.DataFrame({"key": np.array([8, 16], np.int64), "abs_path": [images.abs_path.iloc[0], odd],
+                         "transform": np.array([0, 0], np.int8)})
+    summary = confirm.embed_partition(rows, cfg, str(tmp_path / "emb"), 0)
+    assert summary.error.isna().all(), summary.error.tolist()
+    pairs = pd.DataFrame({"key_a": [8], "key_b": [16], "part_a": summary.part_path.iloc[0],
+                          "part_b": summary.part_path.iloc[0]})
+    assert confirm.cosine_partition(pairs, cfg).iloc[0] == pytest.approx(1.0, abs=1e-5)  # the same bytes
+
+
 def test_centre_crop_mode_shape():
     img = Image.new("RGB", (300, 100), (10, 20, 30))
     assert confirm.to_input(img, 224, "crop").shape == (224, 224, 3)
