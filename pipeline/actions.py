@@ -33,8 +33,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
+import numpy as np
 import pandas as pd
 
+from pipeline import scan
 from pipeline.results import Keep, Run
 
 ACTIONS = ("move", "hardlink", "symlink", "delete")
@@ -205,7 +207,8 @@ def sha256_file(path: str | Path) -> str:
 
 
 def _us(ts: pd.Timestamp) -> int:
-    return ts.value // 1000
+    """Microseconds since the epoch (not through `ts.value`, nanoseconds, which end in 2262)."""
+    return int(ts.to_datetime64().astype("datetime64[us]").astype(np.int64))
 
 
 def changed(abs_path: str, row) -> str | None:
@@ -218,8 +221,10 @@ def changed(abs_path: str, row) -> str | None:
         return f"cannot be read ({exc.strerror})"
     if st.st_size != int(row.bytes):
         return f"changed since the run: size {int(row.bytes)} -> {st.st_size} bytes"
-    # the run stored st_mtime (a float) to the microsecond: allow its rounding, nothing more
-    if abs(st.st_mtime_ns // 1000 - _us(row.mtime)) > 1:
+    # the run stored the mtime floored to the microsecond, from st_mtime_ns, or from st_mtime (a
+    # float) in older outputs and past 2262 (scan.MTIME_NS_MAX): allow that rounding, nothing more
+    slack = 1 if scan.mtime_ns_exact(st.st_mtime_ns) else 4
+    if abs(st.st_mtime_ns // 1000 - _us(row.mtime)) > slack:
         now = datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat(timespec="seconds")
         return f"changed since the run: modified {now} (run saw {row.mtime.isoformat(timespec='seconds')})"
     if sha256_file(abs_path) != row.sha256:

@@ -59,7 +59,8 @@ def _query_entries(paths: list[str | Path]) -> list[scan.FileEntry]:
         with open(path, "rb") as fh:
             head = fh.read(scan.SNIFF_BYTES)
         error = None if scan.sniff(head) else "not an image: content matches no known image format"
-        entries.append(scan.FileEntry(str(p), os.path.abspath(path), st.st_size, st.st_mtime, error, st.st_mtime_ns))
+        entries.append(scan.FileEntry(str(p), os.path.abspath(path), st.st_size, st.st_mtime, error,
+                                       scan.mtime_ns_64(st.st_mtime_ns)))
     return entries
 
 

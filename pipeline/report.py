@@ -81,7 +81,7 @@ def _static(name: str) -> bytes:
 JSON_ROWS = 4096  # rows of a long list turned into JSON text at a time (iter_script_json)
 # the image columns the report reads (build_data, keeper_ids, the thumbnails): write_report keeps
 # these only, so its copies of the listed images' rows carry no other column
-IMAGE_COLUMNS = ("image_id", "path", "abs_path", "sha256", "bytes", "mtime", "width", "height", "format", "error",
+IMAGE_COLUMNS = ("image_id", "path", "abs_path", "sha256", "bytes", "mtime", "mtime_ns", "width", "height", "format", "error",
                  "cluster_id", "raw_path")
 # the pair columns the report reads (build_data, shown_pairs): a run hands it these only
 PAIR_COLUMNS = ("image_id_a", "image_id_b", "hash_distance", "orb_matches", "orb_inliers", "orb_score", "cosine",

@@ -136,7 +136,8 @@ def normalize_images(images: pd.DataFrame, root: str | None = None) -> pd.DataFr
         # to the microsecond, as images.parquet keeps it: the same `oldest`/`newest` keeper from the
         # run's own frame as from the file (two mtimes within a microsecond were a tie in one, not
         # the other, and the run's report named another keeper than `dedupe plan`)
-        out["mtime"] = pd.to_datetime(out["mtime"], unit="s", utc=True).dt.floor("us")
+        from pipeline.write import utc_mtimes
+        out["mtime"] = utc_mtimes(out)
     if "abs_path" not in out:
         from pipeline import storage  # (a store's root: the objects' URLs; a Path would fold the "//")
         out["abs_path"] = [storage.join(root or ".", p) for p in out["path"]]

@@ -367,7 +367,7 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
     frames: list[pd.DataFrame] = []
     reused = _Reused()
     why = {"new": 0, "changed_size_or_mtime": 0, "changed_etag": 0, "content_changed": 0, "scan_error": 0,
-           "screen_settings_changed": 0, "failed_last_time": 0}
+           "screen_settings_changed": 0, "failed_last_time": 0, "mtime_beyond_64_bits": 0}
     walked = 0
 
     def split(batch):
@@ -396,6 +396,9 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
                 shas.append(known.sha256[at])
             elif known.bytes[at] != entry.bytes or known.mtime_ns[at] != entry.mtime_ns or rehash:
                 why["changed_size_or_mtime"] += 1
+                todo.append(entry)
+            elif not scan.mtime_ns_exact(entry.mtime_ns):  # (clamped: two such dates look equal)
+                why["mtime_beyond_64_bits"] += 1
                 todo.append(entry)
             elif etag_differs(known.etag[at], entry):  # rewritten within the mtime's resolution (1 s on S3)
                 why["changed_etag"] += 1

@@ -52,6 +52,23 @@ _PNM = {b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"P7"}
 SNIFF_BYTES = 32
 
 
+# 64-bit nanoseconds hold dates from 1677-09-21 to 2262-04-11; a file dated outside them (a clock
+# gone wrong, a copied archive) gets the nearest bound as its mtime_ns, which the frames and the
+# catalog keep as int64 (it failed the run), and is never taken as unchanged on it
+# (`mtime_ns_exact`); its outputs' mtime comes from the seconds
+MTIME_NS_MIN, MTIME_NS_MAX = -2 ** 63, 2 ** 63 - 1
+
+
+def mtime_ns_64(ns: int) -> int:
+    """`ns` clamped into int64 (see MTIME_NS_MIN)."""
+    return min(max(int(ns), MTIME_NS_MIN), MTIME_NS_MAX)
+
+
+def mtime_ns_exact(ns):
+    """Is the mtime_ns the file's own (not a clamped bound)? Works on numbers and numpy arrays."""
+    return (ns > MTIME_NS_MIN) & (ns < MTIME_NS_MAX)
+
+
 @dataclass(frozen=True)
 class FileEntry:
     path: str  # relative to the scanned root, POSIX separators
@@ -59,7 +76,7 @@ class FileEntry:
     bytes: int
     mtime: float
     error: str | None = None  # set when the file is listed but cannot be an image
-    mtime_ns: int = 0  # modification time in integer nanoseconds (what the catalog compares)
+    mtime_ns: int = 0  # modification time in integer nanoseconds (what the catalog compares; `mtime_ns_64`)
     etag: str | None = None  # an object's entity tag from the store's listing (None for a local file)
 
 
@@ -158,7 +175,7 @@ def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLi
                 # (a known image passed the sniff when its record was made: the same bytes pass it)
                 keep, error = (True, None) if image and size <= cfg.max_file_bytes else _classify(path, size, cfg)
                 if keep:
-                    yield FileEntry(rel, path, size, mtimes[i], error, mtime_ns)
+                    yield FileEntry(rel, path, size, mtimes[i], error, mtime_ns_64(mtime_ns))
         stack.extend(reversed(subdirs))
 
 

@@ -231,7 +231,7 @@ def iter_objects(url: str, cfg: ScanConfig, skip: Sequence[str] = ()) -> Iterato
             if keep:
                 mtime = _mtime(info)
                 yield scan.FileEntry(name[len(root) + 1:], _url(fs, name), size, mtime, error,
-                                     int(round(mtime * 1e9)), _etag(info))
+                                     scan.mtime_ns_64(round(mtime * 1e9)), _etag(info))
         stack.extend(reversed(subdirs))
 
 

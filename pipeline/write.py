@@ -155,9 +155,23 @@ def write_json(data: dict, path: Path) -> None:
     _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8"))
 
 
+def utc_mtimes(images: pd.DataFrame) -> pd.Series:
+    """images.parquet's mtime: UTC, floored to the microsecond; from the integer nanoseconds where
+    the frame has them (the seconds, a float, put some files 1 us off `os.stat`) and they are the
+    file's own (`scan.mtime_ns_exact`), else from the seconds. Never through nanosecond
+    timestamps, which end in 2262 (a file dated later failed the run)."""
+    from pipeline import scan
+    us = np.floor(images["mtime"].to_numpy(np.float64) * 1e6).astype(np.int64)
+    if "mtime_ns" in images:
+        ns = images["mtime_ns"].to_numpy(np.int64)
+        exact = scan.mtime_ns_exact(ns)
+        us[exact] = ns[exact] // 1000
+    return pd.Series(pd.DatetimeIndex(us.view("datetime64[us]")).tz_localize("UTC"), index=images.index)
+
+
 def images_frame(images: pd.DataFrame) -> pd.DataFrame:
     out = images.copy(deep=False)  # whole columns are replaced below, never written into
-    out["mtime"] = pd.to_datetime(out["mtime"], unit="s", utc=True).dt.floor("us")
+    out["mtime"] = utc_mtimes(out)
     # -1 (singleton) -> null without a float64 detour: ids are 63-bit and float64 keeps 53
     ids = out["cluster_id"].to_numpy(dtype=np.int64)
     out["cluster_id"] = pd.arrays.IntegerArray(ids, ids < 0)

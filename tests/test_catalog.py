@@ -1969,3 +1969,42 @@ def test_known_images_answer_each_batch_without_going_over_every_record():
         tracemalloc.stop()
     assert got.tolist() == [-1, n - 1, 0]
     assert peak < 200_000, peak  # (every record's path as a Python string: ~4 MB)
+
+
+def test_files_dated_past_2262_are_rows_with_their_dates_and_never_taken_as_unchanged(photo_paths, tmp_path):
+    """64-bit nanoseconds end on 2262-04-11. A file dated later failed the whole run (an int64
+    cast, then nanosecond timestamps in images.parquet); now its mtime_ns is clamped to that bound,
+    which a re-run never takes as a match (two such dates would look equal), and images.parquet
+    holds its date. Every file's mtime is its st_mtime_ns floored to the microsecond (from the
+    float seconds, some were 1 us off). `dedupe plan` and `apply` take the rows as they are."""
+    from pipeline import actions, scan
+    data, out, cat = tmp_path / "data", tmp_path / "out", tmp_path / "catalog"
+    data.mkdir()
+    for i, src in enumerate(photo_paths[:6]):
+        shutil.copyfile(src, data / f"p{i}.jpg")
+    shutil.copyfile(photo_paths[0], data / "copy.jpg")
+    Image.open(photo_paths[1]).resize((240, 160)).save(data / "small.jpg", quality=80)
+    later = 10_500_000_000 * 10 ** 9 + 123_456_789  # 2302-09-25
+    os.utime(data / "copy.jpg", ns=(later, later))
+    os.utime(data / "small.jpg", ns=(later - 10 ** 17, later - 10 ** 17))
+    if os.stat(data / "copy.jpg").st_mtime_ns != later:
+        pytest.skip("this file system does not keep dates past 2262")
+    for again in (False, True):
+        assert main(["dedupe", str(data), "--out", str(out), "--catalog", str(cat), "--tiers", "verify",
+                     "--scheduler", "sync", "--quiet"]) == 0
+        images = pd.read_parquet(out / "images.parquet").set_index("path")
+        for path in images.index:
+            st_us = os.stat(data / path).st_mtime_ns // 1000
+            got = int(images.at[path, "mtime"].to_datetime64().astype("datetime64[us]").astype(np.int64))
+            # (past 2262 from the float seconds: within their precision, ~2 us there)
+            assert abs(got - st_us) <= (0 if scan.mtime_ns_exact(st_us * 1000) else 4), path
+        assert images.at["copy.jpg", "mtime"].year == 2302 and images["error"].isna().all()
+        pairs = pd.read_parquet(out / "pairs.parquet")
+        assert set(map(tuple, pairs.loc[pairs["is_duplicate"], ["path_a", "path_b"]].to_numpy())) \
+            >= {("copy.jpg", "p0.jpg"), ("p1.jpg", "small.jpg")}
+    reuse = json.loads((out / "run.json").read_text())["reuse"]
+    assert reuse["screen"]["why_screened"] == {"mtime_beyond_64_bits": 2}, reuse  # clamped, never matched
+    assert main(["plan", str(out), "--keep", "newest"]) == 0
+    plan = actions.read_plan(out / "plan.parquet")
+    assert set(plan.loc[plan["action"] == "keep", "path"]) == {"copy.jpg", "small.jpg"}
+    assert all(actions.changed(actions.file_name(r), r) is None for r in plan.itertuples())
