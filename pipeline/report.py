@@ -64,6 +64,7 @@ STATIC = ("app.js", "style.css")
 THUMB_INDEX = "thumbs.json"  # image_id -> "sha256:thumb_size:code" of each thumbnail made
 DRAW_INDEX = "drawings.json"  # drawing name -> "sha256_a:sha256_b:settings:matches:inliers" of each pair drawn
 DRAW_HEIGHT = 320  # each image's height in a pair drawing (pixels)
+DRAW_MAX_RATIO = 4  # and its width at most this times DRAW_HEIGHT
 INLIER, OUTLIER = (40, 200, 70), (235, 60, 50)
 THUMBS_PER_TASK = 64  # thumbnails decoded per task (those taken from feature parts: one task per part)
 DRAWINGS_PER_TASK = 8  # pair drawings per task (their feature rows read once per part and task)
@@ -329,27 +330,30 @@ def draw_pair(abs_a: str, abs_b: str, cfg: Config, height: int = DRAW_HEIGHT,
         for path in (abs_a, abs_b):
             img, _, _ = load_image(path, min_side=height, max_pixels=cfg.screen.max_pixels,
                                   max_decode_bytes=cfg.screen.max_decode_bytes)
-            w = max(1, round(img.width * height / img.height))
-            shown.append(img.resize((w, height), Image.Resampling.BILINEAR))
+            # `height` tall, or less for a banner wider than DRAW_MAX_RATIO x that (a 20000 x 60
+            # image was a 100k-pixel-wide canvas, past what JPEG holds: the run failed)
+            fit = min(height / img.height, DRAW_MAX_RATIO * height / img.width)
+            shown.append(img.resize((max(1, round(img.width * fit)), max(1, round(img.height * fit))),
+                                    Image.Resampling.BILINEAR))
+        gap = 12
+        canvas = Image.new("RGB", (shown[0].width + gap + shown[1].width, height), (255, 255, 255))
+        canvas.paste(shown[0], (0, 0))
+        canvas.paste(shown[1], (shown[0].width + gap, 0))
+        sa = np.array([shown[0].width / ev["size_a"][0], shown[0].height / ev["size_a"][1]])
+        sb = np.array([shown[1].width / ev["size_b"][0], shown[1].height / ev["size_b"][1]])
+        pa = ev["keypoints_a"] * sa
+        pb = ev["keypoints_b"] * sb + np.array([shown[0].width + gap, 0])
+        draw = ImageDraw.Draw(canvas)
+        for want in (False, True):  # outliers first, inliers on top
+            colour = INLIER if want else OUTLIER
+            for (xa, ya), (xb, yb) in zip(pa[ev["inlier"] == want], pb[ev["inlier"] == want]):
+                draw.line([(xa, ya), (xb, yb)], fill=colour, width=1)
+                for x, y in ((xa, ya), (xb, yb)):
+                    draw.ellipse([x - 2, y - 2, x + 2, y + 2], outline=colour)
+        buf = io.BytesIO()
+        canvas.save(buf, "JPEG", quality=82)
     except Exception:  # (DecodeError, cv2.error on a 1-pixel sliver, ...): no drawing, never a failed run
         return None
-    gap = 12
-    canvas = Image.new("RGB", (shown[0].width + gap + shown[1].width, height), (255, 255, 255))
-    canvas.paste(shown[0], (0, 0))
-    canvas.paste(shown[1], (shown[0].width + gap, 0))
-    sa = np.array([shown[0].width / ev["size_a"][0], height / ev["size_a"][1]])
-    sb = np.array([shown[1].width / ev["size_b"][0], height / ev["size_b"][1]])
-    pa = ev["keypoints_a"] * sa
-    pb = ev["keypoints_b"] * sb + np.array([shown[0].width + gap, 0])
-    draw = ImageDraw.Draw(canvas)
-    for want in (False, True):  # outliers first, inliers on top
-        colour = INLIER if want else OUTLIER
-        for (xa, ya), (xb, yb) in zip(pa[ev["inlier"] == want], pb[ev["inlier"] == want]):
-            draw.line([(xa, ya), (xb, yb)], fill=colour, width=1)
-            for x, y in ((xa, ya), (xb, yb)):
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], outline=colour)
-    buf = io.BytesIO()
-    canvas.save(buf, "JPEG", quality=82)
     return buf.getvalue(), {"matches": ev["matches"], "inliers": ev["inliers"], "mirrored": ev["mirrored"]}
 
 

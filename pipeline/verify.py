@@ -227,7 +227,11 @@ def _keypoint_features(img: Image.Image, cfg: VerifyConfig, orb, descriptor: tup
     dtype, width = descriptor
     small = _bounded(img, cfg)
     grey = np.asarray(small.convert("L"))
-    if cfg.grid > 1:
+    if min(grey.shape) < 2:
+        # (a one-pixel sliver: ORB raises on it, and finds no keypoint below 63 px anyway; a row
+        # with an error had no pixel-check data, so its pairs skipped the check meant for them)
+        kps, desc = (), None
+    elif cfg.grid > 1:
         kps = orb.detect(grey, None)
         if len(kps) > cfg.n_features:
             xy = cv2.KeyPoint_convert(kps).reshape(-1, 2)

@@ -835,3 +835,38 @@ def test_a_rebuilt_report_has_thumbnails_of_names_that_are_not_utf8(photo_paths,
 def main_report_run(data, out):
     from pipeline.cli import main
     return main(["dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync", "--quiet"])
+
+
+def test_slivers_get_the_pixel_check_and_banners_a_drawing(tmp_path):
+    """A one-pixel sliver: ORB raised on it, so its feature row was an error with no pixel-check
+    data, and its pairs went to the confirm tier's cosine alone (a 2 x 2 tile was called a copy of
+    a 20000 x 1 ramp). Now it has no keypoints and the pixel check decides. A banner pair (12000 x
+    70) with keypoints: its drawing was a 55k-pixel-wide canvas, past what JPEG holds, and the
+    run failed writing the report; now each side is at most DRAW_MAX_RATIO x its height wide."""
+    from pipeline.cli import main
+    from pipeline import report
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    ramp = np.linspace(0, 255, 20000).astype(np.uint8)
+    Image.fromarray(np.stack([ramp] * 3, -1)[None]).save(data / "grey_ramp.png")
+    red = np.zeros((1, 20000, 3), np.uint8)
+    red[0, :, 0], red[0, :, 2] = ramp, 40
+    Image.fromarray(red).save(data / "red_ramp.png")
+    Image.fromarray(np.array([[[30, 60, 90], [220, 200, 180]], [[20, 40, 200], [250, 240, 10]]], np.uint8)) \
+        .save(data / "four_pixels.png")
+    rng = np.random.default_rng(3)
+    banner = Image.fromarray(rng.integers(0, 255, (35, 6000, 3), dtype=np.uint8)).resize((12000, 70))
+    banner.save(data / "banner.png")
+    banner.save(data / "banner_copy.jpg", quality=90)
+    assert main(["dedupe", str(data), "--out", str(out), "--tiers", "verify", "--scheduler", "sync",
+                 "--no-catalog", "--quiet"]) == 0
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    thin = pairs[pairs["path_a"].str.contains("ramp|four") & pairs["path_b"].str.contains("ramp|four")]
+    assert len(thin) >= 2 and thin["ssim"].notna().all() and not thin["is_duplicate"].any(), thin
+    assert set(thin["rule"].astype(str)) <= {"verify_pixel_mismatch", "verify_pixel_match"}
+    banners = pairs[(pairs["path_a"] == "banner.png") & (pairs["path_b"] == "banner_copy.jpg")]
+    assert banners["is_duplicate"].all() and len(banners) == 1
+    drawings = list((out / "report").glob("pairs/*.jpg")) or list((out / "report").rglob("*-*.jpg"))
+    assert drawings, sorted(p.name for p in (out / "report").rglob("*"))
+    widest = max(Image.open(p).width for p in drawings)
+    assert widest <= 2 * report.DRAW_MAX_RATIO * report.DRAW_HEIGHT + 12
