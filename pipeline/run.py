@@ -770,10 +770,11 @@ def _set(pairs: pd.DataFrame, rows, column: str, values) -> None:
 
 
 def _by_content(images: pd.DataFrame, cids: np.ndarray) -> pd.DataFrame:
-    """abs_path, error and size of one image per content, indexed by content id (what the verify and
-    confirm tiers key their features by when a catalog is used)."""
+    """abs_path, error, size and the file as the screen saw it (bytes, mtime_ns) of one image per
+    content, indexed by content id (what the verify and confirm tiers key their features by when
+    a catalog is used)."""
     rep = representatives(images).to_numpy()
-    frame = images.loc[rep, ["abs_path", "error", "width", "height"]].copy()
+    frame = images.loc[rep, ["abs_path", "error", "width", "height", "bytes", "mtime_ns"]].copy()
     frame.index = pd.Index(cids[rep], dtype=np.int64)
     return frame
 

@@ -229,6 +229,23 @@ def changed_since(abs_paths, sizes, mtimes) -> list[bool]:
     return flags
 
 
+# a tier's failure for a file rewritten after the screen read it (catalog.TRIED_AGAIN: read again)
+CHANGED_SINCE_SCREEN = "changed during the run: the file was rewritten after the screen read it (size or mtime differ)"
+
+
+def rewritten(path, size, mtime_ns) -> bool:
+    """Is a local file gone, or of another size or mtime_ns than the screen saw (`size`,
+    `mtime_ns`)? What a tier makes of it may be of bytes other than those its sha256 names: the
+    catalog would keep it under that sha256, for whichever file has those bytes at a later run."""
+    try:
+        st = paths.stat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:  # (cannot tell: the tier's own read says what is wrong)
+        return False
+    return st.st_size != int(size) or mtime_ns_64(st.st_mtime_ns) != int(mtime_ns)
+
+
 def batched(entries: Iterator[FileEntry], size: int) -> Iterator[list[FileEntry]]:
     """Group the stream into partitions of `size` files without listing everything first."""
     batch: list[FileEntry] = []

@@ -58,7 +58,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from . import storage, store
+from . import scan, storage, store
 from .config import Config, VerifyConfig
 from .decode import GRID_DIHEDRAL, DecodeError, dihedral, load_image, open_checked, resize_max_side
 from .progress import Progress, map_tasks, stage_of, tasks_in_flight
@@ -399,12 +399,24 @@ def _report_thumb(base: Image.Image | None, group: pd.DataFrame, cfg: Config) ->
     return data, (cfg.report.thumb_size if data else 0)
 
 
+def rewritten_since_screen(path, rows: pd.DataFrame) -> bool:
+    """Was the local file `path` rewritten since the screen read it (`scan.rewritten`; the
+    screen's bytes and mtime_ns on `rows`, when they carry them)? An object on a store is not
+    asked again (a request per object)."""
+    if "mtime_ns" not in rows or storage.is_url(path):
+        return False
+    return scan.rewritten(path, rows["bytes"].iat[0], rows["mtime_ns"].iat[0])
+
+
 def features_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int) -> pd.DataFrame:
     """ORB/SIFT features for `rows` (key, abs_path, transform; optional width, height: the image's
-    size as the screen recorded it) -> one feature-store file.
+    size as the screen recorded it; optional bytes, mtime_ns: the file as the screen saw it) ->
+    one feature-store file.
 
     Each distinct file is decoded once, however many transforms of it are wanted. A decode failure
-    is recorded in `error` (no keypoints), never raised. With `verify.pixel_check` each row also
+    is recorded in `error` (no keypoints), never raised; so is a file rewritten since the screen
+    read it (`rewritten_since_screen`: its features would be filed under the sha256 of other
+    bytes, and a catalog would keep them, or adopt them from a killed run's parts). With `verify.pixel_check` each row also
     carries the image's thumbnail and histogram (`pixel_features`). Each row also carries the
     report's thumbnail of the file (`report_thumb`, `report_thumb_size`: `_report_thumb`, made
     once per file). Returns the small summary key, part_path, n_keypoints, error.
@@ -420,6 +432,8 @@ def features_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int)
                 error = str(exc)
             except Exception as exc:  # never let one file kill the partition
                 error = f"cannot decode: {type(exc).__name__}: {exc}"
+            if base is not None and rewritten_since_screen(path, group):
+                base, error = None, scan.CHANGED_SINCE_SCREEN
             shown = _report_thumb(base, group, cfg)  # (bytes, size), on each row of the file
             for key, t in zip(group["key"].to_numpy(), group["transform"].to_numpy()):
                 if base is None:
@@ -913,7 +927,8 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     # (as the images' own arrays: `to_numpy()` made a Python string per key, ~0.1 kB each, and of
     # nullable sizes a Python int, held through the features stage as the tasks' results came in)
     keys["abs_path"] = images.loc[keys["idx"], "abs_path"].array
-    for col in ("width", "height"):  # the screen's sizes: the feature task need not open the file for them
+    # the screen's sizes (the feature task need not open the file for them) and the file as it saw it
+    for col in ("width", "height", "bytes", "mtime_ns"):
         if col in images:
             keys[col] = images.loc[keys["idx"], col].array
     keys["transform"] = keys["transform"].astype("int8")
@@ -934,7 +949,7 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     keys["chunk"] = rank // cfg.dask.partition_size  # (rank: the image's among the needed, by row)
     firsts = rows[::cfg.dask.partition_size]  # (each task's first image row)
     keys = keys.sort_values(["chunk", "idx", "transform"], kind="stable")
-    columns = [c for c in ("key", "abs_path", "transform", "width", "height") if c in keys]
+    columns = [c for c in ("key", "abs_path", "transform", "width", "height", "bytes", "mtime_ns") if c in keys]
     chunks = [g[columns].reset_index(drop=True) for _, g in keys.groupby("chunk", sort=True)]
     stage = stage_of(progress)
     with stage("features", total=int(keys["idx"].nunique()), unit="img") as tracker:

@@ -250,6 +250,21 @@ def test_a_name_that_is_not_utf8_is_embedded(dataset, cfg, embedder, tmp_path):
     assert confirm.cosine_partition(pairs, cfg).iloc[0] == pytest.approx(1.0, abs=1e-5)  # the same bytes
 
 
+def test_a_file_rewritten_since_the_screen_is_not_embedded(dataset, cfg, embedder, tmp_path):
+    """As the verify tier's feature task: an embedding of a file rewritten after the screen would be
+    filed under the sha256 of the bytes the screen read."""
+    import os
+    from pipeline import scan
+    images, _ = dataset
+    path = images.abs_path.iloc[0]
+    st = os.stat(path)
+    rows = pd.DataFrame({"key": np.array([8, 12], np.int64), "abs_path": [path, path],
+                         "transform": np.array([0, 4], np.int8), "bytes": [st.st_size, st.st_size],
+                         "mtime_ns": [st.st_mtime_ns, st.st_mtime_ns - 1]})
+    summary = confirm.embed_partition(rows, cfg, str(tmp_path / "emb"), 0)
+    assert summary.error.iloc[0] is None and summary.error.iloc[1] == scan.CHANGED_SINCE_SCREEN
+
+
 def test_centre_crop_mode_shape():
     img = Image.new("RGB", (300, 100), (10, 20, 30))
     assert confirm.to_input(img, 224, "crop").shape == (224, 224, 3)
