@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import stat
 import threading
 import warnings
 from pathlib import Path
@@ -187,7 +188,11 @@ def open_checked(path: str | Path, max_pixels: int) -> Image.Image:
     try:
         if storage.is_url(path):  # an object in a store: one GET, decoded from memory
             path = io.BytesIO(storage.read_bytes(path))
-        elif isinstance(path, bytes) or (isinstance(path, str) and paths.is_long(path)):
+        elif not isinstance(path, io.BytesIO) and not stat.S_ISREG(paths.stat(path).st_mode):
+            # (a named pipe's open waits for a writer: `dedupe report` hung on a file of a run
+            # that had become one since)
+            raise DecodeError("cannot read: not a regular file (a pipe, socket or device)")
+        if isinstance(path, bytes) or (isinstance(path, str) and paths.is_long(path)):
             # a name that is not UTF-8 (Pillow opens str paths only), or beyond PATH_MAX
             with paths.open_bytes(path) as fh:
                 path = io.BytesIO(fh.read())
@@ -214,8 +219,26 @@ def open_checked(path: str | Path, max_pixels: int) -> Image.Image:
 # whose format has no reduced-scale decode is shrunk right after decoding, before any conversion
 # copies it (every later step then works on the small copy).
 DEFAULT_MAX_DECODE_BYTES = 512 * 2**20
-_REDUCIBLE = {"L", "LA", "RGB", "RGBA", "RGBX", "RGBa", "I", "F", "I;16", "CMYK"}
+_REDUCIBLE = {"L", "LA", "RGB", "RGBA", "RGBX", "RGBa", "I", "F", "CMYK"}
 REDUCE_ABOVE_PIXELS = 24_000_000
+_REDUCE_BAND_PIXELS = 1 << 22  # a 16-bit image is reduced a band of about this many pixels at a time
+
+
+def _reduce(img: Image.Image, factor: int) -> Image.Image:
+    """Box-reduce by `factor`: Pillow's own for the modes it takes; a 16-bit image (which it
+    refuses: such a file above REDUCE_ABOVE_PIXELS was an error row) as 32-bit "I" a band of rows
+    at a time (the band's copy, not the whole image's, is the extra memory), the same values;
+    any other mode by nearest neighbour."""
+    if img.mode in _REDUCIBLE:
+        return img.reduce(factor)
+    if not img.mode.startswith("I;16"):
+        return img.resize((max(1, img.size[0] // factor), max(1, img.size[1] // factor)), Image.Resampling.NEAREST)
+    w, h = img.size
+    out = Image.new("I", (-(-w // factor), -(-h // factor)))  # (reduce rounds up, as Pillow's)
+    step = factor * max(1, _REDUCE_BAND_PIXELS // (w * factor))
+    for top in range(0, h, step):
+        out.paste(img.crop((0, top, w, min(h, top + step))).convert("I").reduce(factor), (0, top // factor))
+    return out
 
 
 def decoded_bytes(img: Image.Image) -> int:
@@ -232,6 +255,15 @@ def _check_budget(img: Image.Image, max_decode_bytes: int) -> None:
         raise DecodeError(f"image too large to decode: {img.size[0]}x{img.size[1]} {img.mode} needs "
                           f"{need / 2**20:.0f} MiB even at the smallest scale its format allows, above "
                           f"screen.max_decode_bytes={max_decode_bytes}")
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 when there is none, or the EXIF block is broken: the pixels
+    are then taken as stored)."""
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:
+        return 1
 
 
 def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 200_000_000,
@@ -251,11 +283,7 @@ def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 
             drafts = bool(min_side) and fmt in ("JPEG", "HEIF")  # can decode at a reduced scale
             if not drafts:  # refuse by header, before getexif (a PNG's EXIF may follow its pixels:
                 _check_budget(img, max_decode_bytes)  # reading it decodes the whole image)
-            orientation = 1
-            try:
-                orientation = int(img.getexif().get(0x0112, 1) or 1)
-            except Exception:  # broken EXIF block: decode the pixels as stored
-                orientation = 1
+            orientation = _orientation(img)
             w, h = img.size
             full_size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
             if min_side and fmt == "JPEG":
@@ -271,11 +299,12 @@ def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 
             if drafts:
                 _check_budget(img, max_decode_bytes)  # at the draft scale chosen above
             img.load()
+            if orientation in (5, 6, 7, 8) and _orientation(img) == 1:
+                full_size = (w, h)  # (the plugin turned it as it opened it, a TIFF: its size was turned)
             if min_side and img.size[0] * img.size[1] > REDUCE_ABOVE_PIXELS:
                 factor = min(img.size) // min_side
                 if factor >= 2:  # box-reduce now: conversions below then copy the small image
-                    small = (max(1, img.size[0] // factor), max(1, img.size[1] // factor))
-                    img = img.reduce(factor) if img.mode in _REDUCIBLE else img.resize(small, Image.Resampling.NEAREST)
+                    img = _reduce(img, factor)
             if orientation != 1:
                 img = ImageOps.exif_transpose(img)
             img = to_rgb(img)

@@ -181,6 +181,43 @@ def test_16_bit_images(photo):
     assert grey.mean() > 0
 
 
+def test_16_bit_grey_above_the_reduce_threshold(photo, tmp_path):
+    """A 16-bit grey image above decode.REDUCE_ABOVE_PIXELS is box-reduced (Pillow's reduce refuses
+    I;16: it was an error row, "image has wrong mode", and its 8-bit copy was missed), by bands of
+    rows that give the whole reduce's values."""
+    grey = np.asarray(photo.convert("L").resize((6000, 4200), Image.Resampling.BICUBIC), np.uint16) * 257
+    ok, enc = cv2.imencode(".png", grey)
+    assert ok and grey.size > decode.REDUCE_ABOVE_PIXELS
+    img, size, _ = load_image(io.BytesIO(enc.tobytes()), min_side=256)
+    assert size == (6000, 4200) and img.mode == "RGB"
+    eight_bit = hash_of(io.BytesIO(jpeg_bytes(Image.fromarray((grey // 257).astype(np.uint8)))))
+    assert distance(hash_of(io.BytesIO(enc.tobytes())), eight_bit) <= CLOSE
+    sixteen = Image.fromarray(np.random.default_rng(0).integers(0, 65535, (1003, 1501), dtype=np.uint16))
+    assert sixteen.mode == "I;16"
+    banded = decode._reduce(sixteen, 7)
+    assert np.array_equal(np.asarray(banded), np.asarray(sixteen.convert("I").reduce(7)))
+
+
+def test_tiff_turned_by_its_orientation_has_the_turned_size(photo, tmp_path):
+    """Pillow turns a TIFF by its orientation tag as it opens it: its size was turned once more
+    (images.parquet said 321 x 481 for a 481 x 321 picture; a PNG with the same tag was right)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned 90 degrees: shown as stored height x width
+    for fmt in ("TIFF", "PNG", "JPEG"):
+        img, size, _ = load_image(saved(photo, fmt, exif=exif))
+        assert size == (photo.height, photo.width) == img.size, fmt
+
+
+def test_a_named_pipe_is_refused_without_waiting_for_a_writer(photo, tmp_path):
+    """A file of a run that is a named pipe by the time `dedupe report` draws it: opening it waited
+    for a writer forever."""
+    import os
+    fifo = tmp_path / "now-a-pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(DecodeError, match="not a regular file"):
+        load_image(str(fifo))
+
+
 def test_float_tiffs(photo):
     original = hash_of(io.BytesIO(jpeg_bytes(photo)))
     unit = np.asarray(photo, np.float32) / 255
