@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import candidates, catalog, decide, paths, scan, screen, storage
-from pipeline.config import Config, ConfigError, config_from_dict
+from pipeline.config import Config, ConfigError, ScanConfig, config_from_dict
 
 log = logging.getLogger("pipeline")
 
@@ -42,10 +42,12 @@ OUTPUT_COLUMNS = ["query", "path", "image_id", "hash_distance", "orb_matches", "
 TIER_ORDER = {"screen": 0, "verify": 1, "confirm": 2}
 
 
-def _query_entries(paths: list[str | Path]) -> list[scan.FileEntry]:
+def _query_entries(paths: list[str | Path], cfg: ScanConfig) -> list[scan.FileEntry]:
     """One entry per file: a file named twice, or by two spellings, is asked about once. Its abs
     path is the path as given, made absolute (nothing resolved: a link inside the folder is a
-    file of its own there, as the batch job lists it, not its target)."""
+    file of its own there, as the batch job lists it, not its target). Its error as the batch
+    job's listing gives it (`scan.classify`: unreadable, empty, past scan.max_file_bytes, not an
+    image), whatever its name."""
     entries, seen = [], set()
     for p in paths:
         path = Path(p)
@@ -56,9 +58,9 @@ def _query_entries(paths: list[str | Path]) -> list[scan.FileEntry]:
             continue
         seen.add(same)
         st = path.stat()
-        with open(path, "rb") as fh:
-            head = fh.read(scan.SNIFF_BYTES)
-        error = None if scan.sniff(head) else "not an image: content matches no known image format"
+        image, error = scan.classify(os.path.abspath(path), st.st_size, cfg)
+        if not image:  # (not an image, and not named as one: the batch job would not list it)
+            error = "not an image: content matches no known image format"
         entries.append(scan.FileEntry(str(p), os.path.abspath(path), st.st_size, st.st_mtime, error,
                                        scan.mtime_ns_64(st.st_mtime_ns)))
     return entries
@@ -134,7 +136,7 @@ def query(paths: list[str | Path], catalog_dir: str | Path, cfg: Config | None =
                 raise ConfigError(f"--add records the images with the catalog's settings, and this query's "
                                   f"differ ({', '.join(other)}): drop the --set options that change them, or "
                                   "run the batch job with the new settings")
-        entries = _query_entries(paths)
+        entries = _query_entries(paths, cfg.scan)
         rel = _inside(entries, cat)
         if add:  # (before any work)
             outside = [e.path for e, r in zip(entries, rel) if r is None]

@@ -49,6 +49,9 @@ SIGNATURES: list[tuple[int, bytes, str]] = [
     (4, b"ftypavis", "AVIF"),
 ]
 _PNM = {b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"P7"}
+# a BMP's DIB header sizes (core, v2-v5, OS/2): "BM" alone is how "BMW notes.txt" begins too
+_BMP_DIB_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
+_PAM_KEYWORDS = (b"WIDTH", b"HEIGHT", b"DEPTH", b"MAXVAL", b"TUPLTYPE", b"ENDHDR")
 SNIFF_BYTES = 32
 
 
@@ -86,24 +89,30 @@ def sniff(head: bytes) -> str | None:
         if head[offset:offset + len(magic)] == magic:
             if name == "WEBP" and head[:4] != b"RIFF":
                 continue
-            if name == "BMP" and len(head) < 14:
+            if name == "BMP" and (len(head) < 18 or int.from_bytes(head[14:18], "little") not in _BMP_DIB_SIZES):
                 continue
             return name
     if head[:2] in _PNM and len(head) > 2 and head[2:3] in (b" ", b"\n", b"\r", b"\t", b"#"):
-        return "PPM"
+        # then a comment, or the width (P1-P6) or a header keyword (P7): "P1 meeting agenda" is text
+        rest = head[2:].lstrip(b" \n\r\t")
+        if not rest or rest[:1] == b"#" or (rest[:1].isdigit() if head[:2] != b"P7" else rest.startswith(_PAM_KEYWORDS)):
+            return "PPM"
     return None
 
 
-def _classify(abs_path: str, size: int, cfg: ScanConfig) -> tuple[bool, str | None]:
-    """(keep?, error) for one regular file."""
+def classify(abs_path: str, size: int, cfg: ScanConfig) -> tuple[bool, str | None]:
+    """(keep?, error) for one regular file: kept when its name or its first bytes say image."""
     ext_is_image = os.path.splitext(abs_path)[1].lower() in cfg.image_extensions
-    if size > cfg.max_file_bytes:
-        return ext_is_image, f"file too large: {size} bytes exceeds scan.max_file_bytes={cfg.max_file_bytes}"
+    too_large = f"file too large: {size} bytes exceeds scan.max_file_bytes={cfg.max_file_bytes}"
+    if size > cfg.max_file_bytes and ext_is_image:
+        return True, too_large  # (not opened)
     try:
         with paths.open_bytes(abs_path) as fh:
             head = fh.read(SNIFF_BYTES)
     except OSError as exc:
         return ext_is_image, f"cannot read: {exc.strerror or exc}"
+    if size > cfg.max_file_bytes:  # (an image by its bytes alone, e.g. IMG_0002: it was dropped unsaid)
+        return sniff(head) is not None, too_large
     if sniff(head):
         return True, None
     if not ext_is_image:
@@ -152,8 +161,8 @@ def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLi
         # (in code-point order, as sorted() gives: an object array compares the names themselves)
         order = np.argsort(np.array(names, dtype=object), kind="stable") if names else np.zeros(0, np.int64)
         for start in range(0, len(order), CLASSIFY_BATCH):
-            files = []  # (entry number, rel, path, size, mtime_ns) of the regular files
-            for i in order[start:start + CLASSIFY_BATCH]:
+            files = []  # (entry number, rel, path, size, mtime_ns, error) of the regular files (error None)
+            for i in order[start:start + CLASSIFY_BATCH]:  # and of others named as images (`_not_a_file`)
                 name = names[i]
                 mode, size, mtime_ns, dev, ino = odd[i] if i in odd else fields[5 * i:5 * i + 5]
                 rel = f"{dir_rel}/{name}" if dir_rel else name
@@ -165,18 +174,31 @@ def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLi
                     seen_dirs.add(key)
                     subdirs.append((path, rel))
                 elif stat.S_ISREG(mode):
-                    files.append((i, rel, path, size, mtime_ns))
+                    files.append((i, rel, path, size, mtime_ns, None))
+                elif os.path.splitext(name)[1].lower() in cfg.image_extensions:
+                    files.append((i, rel, path, 0, mtime_ns, _not_a_file(mode)))
             seen = np.zeros(len(files), bool)
-            plain = [j for j, f in enumerate(files) if f[0] not in odd]  # (odd: past 64 bits, no record's)
+            # (odd: past 64 bits, no record's)
+            plain = [j for j, f in enumerate(files) if f[0] not in odd and f[5] is None]
             if known_images is not None and plain:
                 seen[plain] = known_images([files[j][1] for j in plain], np.array([files[j][3] for j in plain], np.int64),
                                            np.array([files[j][4] for j in plain], np.int64))
-            for (i, rel, path, size, mtime_ns), image in zip(files, seen):
+            for (i, rel, path, size, mtime_ns, error), image in zip(files, seen):
                 # (a known image passed the sniff when its record was made: the same bytes pass it)
-                keep, error = (True, None) if image and size <= cfg.max_file_bytes else _classify(path, size, cfg)
+                keep, error = (True, error) if error else \
+                    (True, None) if image and size <= cfg.max_file_bytes else classify(path, size, cfg)
                 if keep:
                     yield FileEntry(rel, path, size, mtimes[i], error, mtime_ns_64(mtime_ns))
         stack.extend(reversed(subdirs))
+
+
+def _not_a_file(mode: int) -> str:
+    """The error row of an entry named as an image that is not a file: a link whose target is
+    gone (a share not mounted, a moved folder) or a pipe, socket or device (it was left out
+    unsaid). "cannot read": a catalog looks again at the next run."""
+    if stat.S_ISLNK(mode):
+        return "cannot read: a link to a missing file (its target is gone or cannot be reached)"
+    return "cannot read: not a regular file (a pipe, socket or device)"
 
 
 def _listing(dir_abs: str, cfg: ScanConfig) -> tuple[list[str], array, array, dict] | OSError:
@@ -201,7 +223,12 @@ def _listing(dir_abs: str, cfg: ScanConfig) -> tuple[list[str], array, array, di
                         continue
                     st = entry.stat(follow_symlinks=True)
                 except OSError:
-                    continue  # a dangling link, or an entry gone since the listing
+                    try:  # a dangling link: listed by its own fields (`_not_a_file`)
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue  # an entry gone since the listing
+                    if not stat.S_ISLNK(st.st_mode):
+                        continue
                 values = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
                 try:
                     fields.extend(array("q", values))  # (all five or none)

@@ -236,7 +236,7 @@ def iter_objects(url: str, cfg: ScanConfig, skip: Sequence[str] = ()) -> Iterato
 
 
 def _classify(fs, name: str, size: int, cfg: ScanConfig) -> tuple[bool, str | None]:
-    """As scan._classify, but an object with an image extension is not read here (the screen
+    """As scan.classify, but an object with an image extension is not read here (the screen
     reads it anyway and checks its content): a listing of millions makes no GET per object."""
     ext_is_image = os.path.splitext(name)[1].lower() in cfg.image_extensions
     if size > cfg.max_file_bytes:

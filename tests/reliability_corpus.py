@@ -140,7 +140,8 @@ def _links(root: Path):
     os.symlink("target.jpg", os.path.join(root, "links", "alias.jpg"))
     os.symlink("missing.jpg", os.path.join(root, "links", "dangling.jpg"))
     os.symlink("..", os.path.join(root, "links", "loop"))
-    return [(b"links/target.jpg", "ok"), (b"links/alias.jpg", "ok")]
+    # (a dangling link named as an image: a row saying so, e.g. a share not mounted)
+    return [(b"links/target.jpg", "ok"), (b"links/alias.jpg", "ok"), (b"links/dangling.jpg", "error")]
 
 
 def _folder_named_like_a_file(root: Path):

@@ -593,6 +593,28 @@ def test_query_cli_outputs_and_errors(grown, tmp_path, capsys):
                  "tiers=verify"]) == 0
 
 
+def test_query_files_are_listed_as_the_batch_job_lists_them(grown, tmp_path, monkeypatch):
+    """A query file is classified as the batch job's listing classifies it (`scan.classify`, with
+    the catalog's scan settings): an unreadable one is a row saying so (it was a traceback, and
+    no answer for the other query files), an empty one "empty file" (it was "not an image")."""
+    from pipeline import paths as paths_mod, query
+    image = str(grown["data"] / "b" / "g0001_half.jpg")
+    locked, empty = tmp_path / "locked.jpg", tmp_path / "empty.jpg"
+    shutil.copyfile(image, locked)
+    empty.write_bytes(b"")
+    real_open = paths_mod.open_bytes
+
+    def open_bytes(path, *a, **k):  # (chmod does not stop root, who may run the tests)
+        if os.fsdecode(path).endswith("locked.jpg"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(paths_mod, "open_bytes", open_bytes)
+    hits = query.query([image, str(locked), str(empty)], grown["out"] / "catalog")
+    errors = hits.groupby("query")["query_error"].first()
+    assert errors[str(locked)] == "cannot read: Permission denied" and errors[str(empty)] == "empty file"
+    assert pd.isna(errors[image]) and hits.loc[hits["query"] == image, "is_duplicate"].any()
+
+
 def test_query_add_records_the_image_for_the_next_run(grown, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(grown["data"], data)
@@ -1937,8 +1959,8 @@ def test_a_rerun_opens_only_the_files_its_catalog_cannot_vouch_for(generated, tm
         im.convert("RGB").resize((im.width // 2, im.height // 2)).save(data / "zz_added.jpg", quality=85)
     touched = sorted(p.name for p in data.iterdir() if p.name not in errors)[3]
     os.utime(data / touched, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
-    opened, classify = [], scan._classify
-    monkeypatch.setattr(scan, "_classify", lambda path, size, cfg: opened.append(os.path.basename(path))
+    opened, classify = [], scan.classify
+    monkeypatch.setattr(scan, "classify", lambda path, size, cfg: opened.append(os.path.basename(path))
                         or classify(path, size, cfg))
     again = run(data, tmp_path / "out", "--set", "tiers=screen")
     assert sorted(opened) == sorted({"zz_added.jpg", touched} | errors)

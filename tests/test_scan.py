@@ -39,8 +39,9 @@ def test_symlinks_followed_without_loops(tmp_path):
     os.symlink(tmp_path, tmp_path / "real" / "loop")  # a loop back to the root
     os.symlink(tmp_path / "real" / "x.jpg", tmp_path / "alias.jpg")  # a linked file is listed
     os.symlink(tmp_path / "missing.jpg", tmp_path / "dangling.jpg")
-    paths = [e.path for e in iter_files(tmp_path, ScanConfig())]
-    assert paths == ["alias.jpg", "link/x.jpg"]  # sorted walk: "link" is reached before "real"
+    got = {e.path: e.error for e in iter_files(tmp_path, ScanConfig())}
+    assert list(got) == ["alias.jpg", "dangling.jpg", "link/x.jpg"]  # sorted walk: "link" is reached before "real"
+    assert got["alias.jpg"] is None and got["dangling.jpg"].startswith("cannot read: a link to a missing file")
     assert [e.path for e in iter_files(tmp_path, ScanConfig(follow_symlinks=False))] == ["real/x.jpg"]
 
 
@@ -71,8 +72,8 @@ def test_files_known_as_images_are_not_opened_again(tmp_path, monkeypatch):
     (tmp_path / "d0" / "notes.txt").write_text("not an image")
     (tmp_path / "d1" / "fake.jpg").write_bytes(b"not an image either")
     want = [(e.path, e.bytes, e.error) for e in iter_files(tmp_path, ScanConfig())]
-    opened, asked, classify = [], [], scan._classify
-    monkeypatch.setattr(scan, "_classify", lambda path, size, cfg: opened.append(os.path.basename(path))
+    opened, asked, classify = [], [], scan.classify
+    monkeypatch.setattr(scan, "classify", lambda path, size, cfg: opened.append(os.path.basename(path))
                         or classify(path, size, cfg))
     monkeypatch.setattr(scan, "CLASSIFY_BATCH", 2)
     vouched = {f"d{i % 2}/{i}.jpg" for i in range(0, 9, 2)}
@@ -160,3 +161,51 @@ def test_the_listing_is_in_code_point_order_with_every_stat_field(tmp_path):
     if os.stat(folder / "b.jpg").st_mtime_ns == late:
         late_entry = next(e for e in got if e.path == "b.jpg")
         assert late_entry.mtime_ns == 2**63 - 1 and late_entry.mtime == late / 1e9
+
+
+def test_entries_named_as_images_that_are_not_files_are_error_rows(tmp_path):
+    """A dangling link (a share not mounted), a named pipe or a socket named as an image was left
+    out unsaid; now each is a row whose error says what it is (one the catalog looks at again).
+    Not named as an image, it is still left out, as any other file that is not one."""
+    import socket
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _jpeg(folder / "photo.jpg")
+    os.symlink("/nonexistent/share/IMG_0001.jpg", folder / "IMG_0001.jpg")
+    os.symlink("/nonexistent/share/2023", folder / "2023")
+    os.mkfifo(folder / "pipe.jpg")
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(folder / "sock.png"))
+        got = {e.path: e.error for e in iter_files(folder, ScanConfig())}
+    finally:
+        sock.close()
+    assert got["photo.jpg"] is None and "2023" not in got
+    assert got["IMG_0001.jpg"].startswith("cannot read: a link to a missing file")
+    assert got["pipe.jpg"] == got["sock.png"] == "cannot read: not a regular file (a pipe, socket or device)"
+    assert list(got) == sorted(got)
+    # (links not followed: left out, as any link then; the closed socket's file stays)
+    assert {e.path for e in iter_files(folder, ScanConfig(follow_symlinks=False))} == {"photo.jpg", "pipe.jpg", "sock.png"}
+
+
+def test_text_files_that_begin_like_bmp_or_pnm_are_not_images(tmp_path):
+    """"BM" and "P1 " begin text too ("BMW service notes", "P1 meeting agenda"): such files were
+    listed as broken images. A BMP needs its DIB header size, a PNM its width after the magic."""
+    from pipeline.scan import sniff
+    assert sniff(b"BMW service history: oil change 2021") is None
+    assert sniff(b"P1 meeting agenda\n- budget\n") is None and sniff(b"P3 Sprint notes\n") is None
+    assert sniff(b"P6\n# made by hand\n640 480\n255\n") == sniff(b"P5 12 7 255\n") == "PPM"
+    assert sniff(b"P7\nWIDTH 4\nHEIGHT 2\nDEPTH 3\nMAXVAL 255\n") == "PPM"
+    for name in ("notes.txt", "agenda.md"):
+        (tmp_path / name).write_bytes(b"BMW service history" if name == "notes.txt" else b"P1 meeting agenda\n")
+    assert not list(iter_files(tmp_path, ScanConfig()))
+
+
+def test_an_image_past_max_file_bytes_without_an_image_name_is_a_row(tmp_path):
+    """A camera's extension-less IMG_0002 past scan.max_file_bytes was dropped unsaid (the size
+    was checked before its first bytes); a big.jpg got a row."""
+    _jpeg(tmp_path / "IMG_0002")
+    _jpeg(tmp_path / "big.jpg")
+    (tmp_path / "notes").write_bytes(b"x" * 5000)
+    got = {e.path: e.error for e in iter_files(tmp_path, ScanConfig(max_file_bytes=100))}
+    assert set(got) == {"IMG_0002", "big.jpg"} and all(e.startswith("file too large") for e in got.values())
