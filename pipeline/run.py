@@ -895,7 +895,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
         images = run_screen(root, cfg, client, progress, known=known, rehash=rehash, reuse=reuse["screen"],
                             skip=[out, work_dir, *([cat.directory] if cat is not None else [])], unlisted=unlisted)
         if unlisted:
-            log.warning("%d folder(s) could not be listed; their files are left out of this run: %s", len(unlisted),
+            log.warning("%d folder(s) (or files) could not be listed; they are left out of this run: %s", len(unlisted),
                         "; ".join(f"{folder} ({why})" for folder, why in unlisted[:10]))
         counts["unlisted_folders"] = len(unlisted)
         if len(images) == 0 and known is not None and len(known) > 0:  # (an unmounted share looks like this)

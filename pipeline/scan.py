@@ -157,12 +157,20 @@ def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLi
                 unlisted.append((dir_rel or ".", listed.strerror or str(listed)))
             continue
         names, fields, mtimes, odd = listed
+        clashes = _same_text(names)
+        if clashes and unlisted is not None:
+            for i, text in sorted(clashes.items(), key=lambda c: c[1]):
+                unlisted.append((paths.text_form(f"{dir_rel}/{names[i]}" if dir_rel else names[i]),
+                                 f"its name is not valid UTF-8 and its text form {text!r} is another entry's "
+                                 "name in its folder (the outputs name files by that text): rename one"))
         subdirs = []
         # (in code-point order, as sorted() gives: an object array compares the names themselves)
         order = np.argsort(np.array(names, dtype=object), kind="stable") if names else np.zeros(0, np.int64)
         for start in range(0, len(order), CLASSIFY_BATCH):
             files = []  # (entry number, rel, path, size, mtime_ns, error) of the regular files (error None)
             for i in order[start:start + CLASSIFY_BATCH]:  # and of others named as images (`_not_a_file`)
+                if i in clashes:
+                    continue
                 name = names[i]
                 mode, size, mtime_ns, dev, ino = odd[i] if i in odd else fields[5 * i:5 * i + 5]
                 rel = f"{dir_rel}/{name}" if dir_rel else name
@@ -190,6 +198,25 @@ def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLi
                 if keep:
                     yield FileEntry(rel, path, size, mtimes[i], error, mtime_ns_64(mtime_ns))
         stack.extend(reversed(subdirs))
+
+
+def _same_text(names: list[str]) -> dict[int, str]:
+    """Entry number -> text form of the entries whose name is not valid UTF-8 and whose text form
+    (`paths.text_form`, `\\xNN` for each bad byte) is another entry's name in the folder, or
+    another such name's text (b"x\\xff.jpg" and a valid "x\\\\xff.jpg" both read x\\xff.jpg). The
+    outputs and the catalog name files by that text: two files of one text broke every catalog
+    re-run. The valid name, or else the first in code-point order, is kept."""
+    bad = [i for i, n in enumerate(names) if not n.isascii() and not paths.is_utf8(n)]
+    if not bad:
+        return {}
+    taken = {n for n in names if n.isascii() or paths.is_utf8(n)}
+    clashes = {}
+    for i in sorted(bad, key=lambda i: names[i]):
+        text = paths.text_form(names[i])
+        if text in taken:
+            clashes[i] = text
+        taken.add(text)
+    return clashes
 
 
 def _not_a_file(mode: int) -> str:

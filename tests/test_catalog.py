@@ -2030,3 +2030,25 @@ def test_files_dated_past_2262_are_rows_with_their_dates_and_never_taken_as_unch
     plan = actions.read_plan(out / "plan.parquet")
     assert set(plan.loc[plan["action"] == "keep", "path"]) == {"copy.jpg", "small.jpg"}
     assert all(actions.changed(actions.file_name(r), r) is None for r in plan.itertuples())
+
+
+def test_a_name_whose_text_form_is_another_files_name_is_left_out_and_said(photo_paths, tmp_path, caplog):
+    """b"bad-\\xff.jpg" (not UTF-8) and a valid "bad-\\\\xff.jpg" both read bad-\\xff.jpg, the text
+    the outputs and the catalog name files by: images.parquet had two rows of one path, a pair
+    with path_a == path_b, and every catalog re-run failed (duplicate labels). The valid name is
+    kept; the other is left out, with a warning and a count, until one is renamed."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    raw = os.path.join(os.fsencode(data), b"bad-\xff.jpg")
+    shutil.copyfile(photo_paths[0], raw)
+    shutil.copyfile(photo_paths[1], data / "bad-\\xff.jpg")
+    shutil.copyfile(photo_paths[1], data / "copy.jpg")
+    for _ in range(2):
+        caplog.clear()
+        assert main(["dedupe", str(data), "--out", str(out), "--catalog", str(tmp_path / "cat"), "--tiers", "screen",
+                     "--scheduler", "sync", "--quiet"]) == 0
+        images = pd.read_parquet(out / "images.parquet")
+        assert sorted(images["path"]) == ["bad-\\xff.jpg", "copy.jpg"] and images["raw_path"].isna().all()
+        assert json.loads((out / "run.json").read_text())["counts"]["unlisted_folders"] == 1
+        assert "is another entry's name in its folder" in caplog.text
+    assert os.path.exists(raw)  # (never touched)
