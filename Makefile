@@ -75,8 +75,9 @@ $(FASTDUP_VENV)/.installed:
 eval: install
 	$(PY) -m bench.eval --out docs/benchmarks.md $(ARGS)
 
-# The Airflow DAG example (examples/airflow_dedupe_dag.py) run once with dag.test(), twice over the
-# same OUT (the second run is incremental). Airflow lives in its own virtualenv (from PyPI, ~2 min).
+# The Airflow DAG example (examples/airflow_dedupe_dag.py) run with dag.test(): twice over the same
+# OUT (the second run is incremental), then over a missing folder (exit 2: the task must fail at
+# once, its retries unused). Airflow lives in its own virtualenv (from PyPI, ~2 min).
 AIRFLOW_VENV ?= .venv-airflow
 AIRFLOW_VERSION ?= 2.10.5
 AIRFLOW_DATA ?= $(SHARED)/data/labelled/imagededup_tests
@@ -93,7 +94,11 @@ airflow-example: install weights
 			$(AIRFLOW_VENV)/bin/python examples/run_airflow_example.py examples/airflow_dedupe_dag.py \
 				> $$home/run-$$i.out 2> $$home/run-$$i.log || { tail -20 $$home/run-$$i.log; rm -rf $$home; exit 1; }; \
 			tail -1 $$home/run-$$i.out; \
-		done; rm -rf $$home
+		done && \
+		AIRFLOW_VAR_DEDUPE_DATA="$(abspath $(AIRFLOW_OUT))/no such folder" \
+			$(AIRFLOW_VENV)/bin/python examples/run_airflow_example.py examples/airflow_dedupe_dag.py no-retry \
+			> $$home/run-3.out 2> $$home/run-3.log || { tail -20 $$home/run-3.log; rm -rf $$home; exit 1; }; \
+		tail -1 $$home/run-3.out; rm -rf $$home
 
 clean:
 	rm -rf $(VENV) $(AIRFLOW_VENV) $(FASTDUP_VENV) out .pytest_cache

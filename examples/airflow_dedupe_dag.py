@@ -4,20 +4,39 @@ Each run goes into the same OUT, so it reuses OUT/catalog: only new or changed f
 and only new pairs are scored (README, "Incremental runs and the catalog"). Copy this file into
 your DAGs folder and set the three paths (or the Airflow Variables named below).
 
-Exit codes of the job: 0 done; 1 failed or stopped (retry); 2 configuration error or OUT/catalog
-in use by another run (do not retry blindly: fix the settings, or let the other run finish).
+Exit codes of the job: 0 done; 1 failed or stopped (retried); 2 configuration error or OUT/catalog
+in use by another run: not retried (`DedupeOperator`), since the same settings fail the same way:
+fix them, or let the other run finish.
 """
 from __future__ import annotations
 
+import shlex
 from datetime import datetime, timedelta
 
 from airflow import DAG
+from airflow.exceptions import AirflowException, AirflowFailException
 from airflow.models import Variable
 from airflow.operators.bash import BashOperator
 
 DEDUPE = Variable.get("dedupe_bin", default_var="/srv/dedupe/.venv/bin/dedupe")
 DATA = Variable.get("dedupe_data", default_var="/data/photos")
 OUT = Variable.get("dedupe_out", default_var="/data/dedupe")
+ARGS = [DEDUPE, "dedupe", DATA, "--out", OUT, "--quiet"]
+
+
+class DedupeOperator(BashOperator):
+    """The job as a bash command (Airflow's SIGTERM, on a timeout or "mark failed", stops it
+    cleanly: exit 1, outputs and catalog as they were before the run), whose exit 2 fails the
+    task without its retries."""
+
+    def execute(self, context):
+        try:
+            return super().execute(context)
+        except AirflowException as exc:
+            if str(exc).rstrip(".").endswith("exit code 2"):
+                raise AirflowFailException(f"{exc} (a configuration error, or OUT in use: not retried)") from exc
+            raise
+
 
 with DAG(
     dag_id="dedupe_nightly",
@@ -29,10 +48,8 @@ with DAG(
     default_args={"retries": 2, "retry_delay": timedelta(minutes=10)},
     tags=["dedupe"],
 ) as dag:
-    BashOperator(
+    DedupeOperator(
         task_id="dedupe",
-        bash_command=f"{DEDUPE} dedupe {DATA} --out {OUT} --quiet",
-        # SIGTERM from Airflow (timeout, mark failed) stops the job cleanly: exit 1, outputs and
-        # catalog as they were before the run
+        bash_command=shlex.join(ARGS),  # (quoted: a path may hold spaces)
         execution_timeout=timedelta(hours=6),
     )

@@ -13,10 +13,21 @@ import sys
 from pathlib import Path
 
 
-def main(dag_file: str) -> int:
+def main(dag_file: str, expect: str = "success") -> int:
+    """`expect` "success", or "no-retry": the job exits 2 (e.g. DATA missing), and the task must
+    fail at once, its retries left unused."""
     spec = importlib.util.spec_from_file_location("dedupe_dag", dag_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if expect == "no-retry":
+        run = module.dag.test()
+        states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+        if str(run.state) != "failed" or set(states.values()) != {"failed"}:
+            print(f"DAG run {run.state}, tasks {states}: exit 2 should fail the task without a retry",
+                  file=sys.stderr)
+            return 1
+        print(f"DAG run {run.state} at once on exit 2 (tasks {states}, retries unused)")
+        return 0
     for task in module.dag.tasks:  # a test run fails at once instead of waiting for the retries
         task.retries = 0
     run = module.dag.test()
@@ -32,4 +43,4 @@ def main(dag_file: str) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1]))
+    raise SystemExit(main(*sys.argv[1:3]))

@@ -715,10 +715,13 @@ def test_the_airflow_example_calls_the_cli_with_valid_arguments():
     tree = ast.parse(source)
     command = next(kw.value for node in ast.walk(tree) if isinstance(node, ast.Call)
                    for kw in node.keywords if kw.arg == "bash_command")
-    assert isinstance(command, ast.JoinedStr)
-    text = "".join(v.value if isinstance(v, ast.Constant) else "X" for v in command.values)
-    args = build_parser().parse_args(shlex.split(text)[1:])  # what the DAG runs parses as the job
-    assert args.command == "dedupe" and args.out == "X" and not args.no_catalog
+    # the command is the argument list quoted (a DATA with a space was two arguments: exit 2)
+    assert ast.unparse(command) == "shlex.join(ARGS)"
+    listed = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                  and getattr(node.targets[0], "id", None) == "ARGS")
+    values = ["X Y" if isinstance(v, ast.Name) else v.value for v in listed.elts]
+    args = build_parser().parse_args(shlex.split(shlex.join(values))[1:])  # what the DAG runs parses as the job
+    assert args.command == "dedupe" and args.data == "X Y" and args.out == "X Y" and not args.no_catalog
 
 
 @pytest.mark.parametrize("kind", ["orb_features", "orb_match"])
