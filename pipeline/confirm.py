@@ -467,15 +467,14 @@ def _prepare_chunk(items: list[tuple], cfg: Config) -> list[tuple[int, np.ndarra
             out.append((pos, None, "no path for this image"))
             continue
         try:
-            arr = load_input(path, int(t), cfg)
-            if seen is not None and not storage.is_url(path) and scan.rewritten(path, *seen):
-                out.append((pos, None, scan.CHANGED_SINCE_SCREEN))
-                continue
-            out.append((pos, arr, None))
+            arr, error = load_input(path, int(t), cfg), None
         except decode.DecodeError as exc:
-            out.append((pos, None, str(exc)))
+            arr, error = None, str(exc)
         except Exception as exc:  # never let one bad file kill the partition
-            out.append((pos, None, f"cannot prepare image: {type(exc).__name__}: {exc}"))
+            arr, error = None, f"cannot prepare image: {type(exc).__name__}: {exc}"
+        if seen is not None and not storage.is_url(path) and scan.rewritten(path, *seen):
+            arr, error = None, scan.CHANGED_SINCE_SCREEN  # (a failed decode too: a half-written file)
+        out.append((pos, arr, error))
     return out
 
 

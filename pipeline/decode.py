@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import stat
 import threading
 import warnings
@@ -188,7 +189,7 @@ def open_checked(path: str | Path, max_pixels: int) -> Image.Image:
     try:
         if storage.is_url(path):  # an object in a store: one GET, decoded from memory
             path = io.BytesIO(storage.read_bytes(path))
-        elif not isinstance(path, io.BytesIO) and not stat.S_ISREG(paths.stat(path).st_mode):
+        elif isinstance(path, (str, bytes, os.PathLike)) and not stat.S_ISREG(paths.stat(path).st_mode):
             # (a named pipe's open waits for a writer: `dedupe report` hung on a file of a run
             # that had become one since)
             raise DecodeError("cannot read: not a regular file (a pipe, socket or device)")

@@ -59,7 +59,7 @@ def _query_entries(paths: list[str | Path], cfg: ScanConfig) -> list[scan.FileEn
         seen.add(same)
         st = path.stat()
         image, error = scan.classify(os.path.abspath(path), st.st_size, cfg)
-        if not image:  # (not an image, and not named as one: the batch job would not list it)
+        if not image and not error:  # (not an image, and not named as one: the batch job would not list it)
             error = "not an image: content matches no known image format"
         entries.append(scan.FileEntry(str(p), os.path.abspath(path), st.st_size, st.st_mtime, error,
                                        scan.mtime_ns_64(st.st_mtime_ns)))
@@ -168,7 +168,7 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
     prefix = cat.root.rstrip("/") + "/" if storage.is_url(cat.root) else os.path.join(str(Path(cat.root)), "")
     old = old.assign(abs_path=[prefix + p for p in old["path"]])
     n_old = len(old)
-    cols = ["path", "abs_path", "sha256", "error", "codes", "variant_mask"]
+    cols = ["path", "abs_path", "sha256", "error", "codes", "variant_mask", "bytes", "mtime_ns"]
     # the catalog's and the query's files in the folder's path order, numbered as the batch job
     # numbers its images: a pair's first image is its first in that order (ORB's numbers depend on
     # which is first, and the stored scores are found by it), a tie at a list's K-th distance
@@ -262,7 +262,9 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
     has_sha = rows["sha256"].notna().to_numpy()
     cids = np.full(len(rows), -1, np.int64)
     cids[has_sha] = catalog.check_content_ids(rows.loc[has_sha, "sha256"])
-    by_content = rows.loc[part, ["abs_path", "error"]].set_index(pd.Index(cids[part], dtype=np.int64))
+    # (with each file's bytes and mtime_ns as recorded: the tiers make nothing of a catalog file
+    # rewritten since, which --add would file under the sha256 of its old bytes, verify.rewritten_since_screen)
+    by_content = rows.loc[part, ["abs_path", "error", "bytes", "mtime_ns"]].set_index(pd.Index(cids[part], dtype=np.int64))
     by_content = by_content[~by_content.index.duplicated(keep="first")]
     sha_of_cid = pd.Series(sha[has_sha], index=cids[has_sha])
     sha_of_cid = sha_of_cid[~sha_of_cid.index.duplicated()]

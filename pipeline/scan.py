@@ -93,9 +93,9 @@ def sniff(head: bytes) -> str | None:
                 continue
             return name
     if head[:2] in _PNM and len(head) > 2 and head[2:3] in (b" ", b"\n", b"\r", b"\t", b"#"):
-        # then a comment, or the width (P1-P6) or a header keyword (P7): "P1 meeting agenda" is text
+        # then a comment, the width, or (P7) a header keyword: "P1 meeting agenda" is text
         rest = head[2:].lstrip(b" \n\r\t")
-        if not rest or rest[:1] == b"#" or (rest[:1].isdigit() if head[:2] != b"P7" else rest.startswith(_PAM_KEYWORDS)):
+        if not rest or rest[:1] == b"#" or rest[:1].isdigit() or (head[:2] == b"P7" and rest.startswith(_PAM_KEYWORDS)):
             return "PPM"
     return None
 

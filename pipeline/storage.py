@@ -239,17 +239,16 @@ def _classify(fs, name: str, size: int, cfg: ScanConfig) -> tuple[bool, str | No
     """As scan.classify, but an object with an image extension is not read here (the screen
     reads it anyway and checks its content): a listing of millions makes no GET per object."""
     ext_is_image = os.path.splitext(name)[1].lower() in cfg.image_extensions
-    if size > cfg.max_file_bytes:
-        return ext_is_image, f"file too large: {size} bytes exceeds scan.max_file_bytes={cfg.max_file_bytes}"
+    too_large = f"file too large: {size} bytes exceeds scan.max_file_bytes={cfg.max_file_bytes}"
     if ext_is_image:
-        return True, None
+        return True, too_large if size > cfg.max_file_bytes else None
     if size == 0:
         return False, None
     try:
         head = fs.cat_file(name, start=0, end=scan.SNIFF_BYTES)
     except OSError:
         return False, None
-    return bool(scan.sniff(head)), None
+    return bool(scan.sniff(head)), too_large if size > cfg.max_file_bytes else None
 
 
 def _mtime(info: dict) -> float:

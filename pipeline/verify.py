@@ -432,7 +432,7 @@ def features_partition(rows: pd.DataFrame, cfg: Config, out_dir: str, part: int)
                 error = str(exc)
             except Exception as exc:  # never let one file kill the partition
                 error = f"cannot decode: {type(exc).__name__}: {exc}"
-            if base is not None and rewritten_since_screen(path, group):
+            if rewritten_since_screen(path, group):  # (a failed decode too: a half-written file)
                 base, error = None, scan.CHANGED_SINCE_SCREEN
             shown = _report_thumb(base, group, cfg)  # (bytes, size), on each row of the file
             for key, t in zip(group["key"].to_numpy(), group["transform"].to_numpy()):

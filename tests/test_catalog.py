@@ -2055,3 +2055,24 @@ def test_a_name_whose_text_form_is_another_files_name_is_left_out_and_said(photo
         assert json.loads((out / "run.json").read_text())["counts"]["unlisted_folders"] == 1
         assert "is another entry's name in its folder" in caplog.text
     assert os.path.exists(raw)  # (never touched)
+
+
+def test_query_add_makes_nothing_of_a_catalog_file_rewritten_since_the_batch_run(photo_paths, tmp_path):
+    """`query --add` compares a query with the catalog's files as they are on disk, filed under
+    the sha256 the batch run recorded: a file rewritten since gave features of its new bytes under
+    its old sha256, which the next batch run reused for that file's byte copy (0 inliers against
+    the query it is the original of, instead of ~330)."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    shutil.copyfile(photo_paths[0], data / "a.jpg")
+    shutil.copyfile(photo_paths[0], data / "z_copy.jpg")
+    shutil.copyfile(photo_paths[1], data / "b.jpg")
+    args = ["--preset", "fast", "--scheduler", "sync", "--quiet"]
+    assert main(["dedupe", str(data), "--out", str(out), *args]) == 0
+    Image.open(data / "a.jpg").resize((400, 267)).save(data / "q.jpg", quality=80)
+    shutil.copyfile(photo_paths[2], data / "a.jpg")  # rewritten after the batch run
+    from pipeline.query import query
+    query([data / "q.jpg"], out / "catalog", add=True)
+    assert main(["dedupe", str(data), "--out", str(out), *args]) == 0
+    pairs = pd.read_parquet(out / "pairs.parquet").set_index(["path_a", "path_b"])
+    assert pairs.loc[("q.jpg", "z_copy.jpg"), "is_duplicate"] and pairs.loc[("q.jpg", "z_copy.jpg"), "orb_inliers"] > 100

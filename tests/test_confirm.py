@@ -263,6 +263,11 @@ def test_a_file_rewritten_since_the_screen_is_not_embedded(dataset, cfg, embedde
                          "mtime_ns": [st.st_mtime_ns, st.st_mtime_ns - 1]})
     summary = confirm.embed_partition(rows, cfg, str(tmp_path / "emb"), 0)
     assert summary.error.iloc[0] is None and summary.error.iloc[1] == scan.CHANGED_SINCE_SCREEN
+    half = tmp_path / "half.jpg"  # caught half-written: the failed decode is not the screen's bytes'
+    with open(path, "rb") as fh:
+        half.write_bytes(fh.read()[:2000])
+    cut = confirm.embed_partition(rows.assign(abs_path=str(half)), cfg, str(tmp_path / "emb2"), 1)
+    assert (cut.error == scan.CHANGED_SINCE_SCREEN).all()
 
 
 def test_centre_crop_mode_shape():

@@ -216,6 +216,9 @@ def test_a_named_pipe_is_refused_without_waiting_for_a_writer(photo, tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(DecodeError, match="not a regular file"):
         load_image(str(fifo))
+    photo.save(tmp_path / "p.png")
+    with open(tmp_path / "p.png", "rb") as fh:  # (an open file is still taken as Pillow takes it)
+        assert load_image(fh)[1] == photo.size
 
 
 def test_float_tiffs(photo):

@@ -196,6 +196,7 @@ def test_text_files_that_begin_like_bmp_or_pnm_are_not_images(tmp_path):
     assert sniff(b"P1 meeting agenda\n- budget\n") is None and sniff(b"P3 Sprint notes\n") is None
     assert sniff(b"P6\n# made by hand\n640 480\n255\n") == sniff(b"P5 12 7 255\n") == "PPM"
     assert sniff(b"P7\nWIDTH 4\nHEIGHT 2\nDEPTH 3\nMAXVAL 255\n") == "PPM"
+    assert sniff(b"P7 332\n#XVVERSION:Version 2.28\n") == "PPM"  # (an XV thumbnail, which Pillow reads)
     for name in ("notes.txt", "agenda.md"):
         (tmp_path / name).write_bytes(b"BMW service history" if name == "notes.txt" else b"P1 meeting agenda\n")
     assert not list(iter_files(tmp_path, ScanConfig()))

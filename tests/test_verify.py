@@ -213,7 +213,12 @@ def test_a_file_rewritten_since_the_screen_gets_no_features(tmp_path, few_photos
     assert same["error"].isna().all() and (same["n_keypoints"] > 100).all()
     moved = verify.features_partition(rows.assign(mtime_ns=st.st_mtime_ns - 10**9), Config(), str(tmp_path / "m"), 0)
     resized = verify.features_partition(rows.assign(bytes=st.st_size + 1), Config(), str(tmp_path / "r"), 0)
-    for out in (moved, resized):
+    # caught half-written: its decode fails, and that failure is not the bytes' the screen read
+    # (kept as "truncated file", it was adopted from a killed run's part for good)
+    half = tmp_path / "half.jpg"
+    half.write_bytes(path.read_bytes()[:2000])
+    cut = verify.features_partition(rows.assign(abs_path=str(half)), Config(), str(tmp_path / "h"), 0)
+    for out in (moved, resized, cut):
         assert (out["error"] == scan.CHANGED_SINCE_SCREEN).all() and (out["n_keypoints"] == 0).all()
         assert catalog.tried_again(out["error"]).all()
 
