@@ -61,7 +61,8 @@ def external_cluster(env: dict, scheduler_folder: Path, workers: Sequence[Worker
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         from distributed import Client
         with Client(address, timeout="60s") as client:
-            client.wait_for_workers(sum(w.nworkers for w in workers), timeout=timeout)
+            if workers:  # (none: a scheduler alone)
+                client.wait_for_workers(sum(w.nworkers for w in workers), timeout=timeout)
         yield address, procs[0].pid
     finally:
         for proc in reversed(procs):

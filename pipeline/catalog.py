@@ -114,9 +114,9 @@ def resolve(cfg: Config, out: Path | str) -> Path | str | None:
     value = storage.local_form((cfg.catalog or "").strip())
     if value.lower() in DISABLED:
         return None
-    if value:
-        return value.rstrip("/") if storage.is_url(value) else Path(value)
-    return storage.join(out, "catalog") if storage.is_url(out) else Path(out) / "catalog"
+    if value:  # (absolute: a cluster's workers write its features from their own folders)
+        return value.rstrip("/") if storage.is_url(value) else Path(os.path.abspath(value))
+    return storage.join(out, "catalog") if storage.is_url(out) else Path(os.path.abspath(out)) / "catalog"
 
 
 class _Files:

@@ -108,7 +108,7 @@ def query(paths: list[str | Path], catalog_dir: str | Path, cfg: Config | None =
                 .storage.options if cfg is None else cfg.storage.options
         storage.configure(storage_options)
     else:
-        cat_dir = Path(cat_dir)
+        cat_dir = Path(os.path.abspath(cat_dir))  # (a cluster's workers write under it from their own folders)
     if not catalog.exists(cat_dir):
         raise ConfigError(f"no catalog at {str(cat_dir)!r}: build one with `dedupe dedupe DATA --out OUT` "
                           "(it is kept in OUT/catalog) or pass --catalog DIR")

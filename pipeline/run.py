@@ -134,17 +134,37 @@ def target_of(cfg: Config, scheduler: str | None) -> str:
 
 
 def check_reachable(target: str, timeout: float = 10.0) -> None:
-    """A scheduler address (tcp:// or host:port) that refuses a TCP connection: ConfigError now,
-    before OUT is made and locked (the client's own attempt took 15 s, after both)."""
+    """A scheduler address (tcp:// or host:port) that refuses a TCP connection, or that takes one
+    but does not answer as a Dask scheduler (its dashboard's port, another server): ConfigError
+    now, before OUT is made and locked (the client's own attempt took 15 s after both, or, on a
+    port that never answers, waited forever with OUT locked). Other schemes (tls://, which takes
+    its certificates from Dask's own config) are left to the client."""
     if target in ("auto", "local", "sync") or ("://" in target and not target.startswith("tcp://")):
         return
-    host, _, port = target.split("://", 1)[-1].rpartition(":")
+    import asyncio
     import socket
+    from distributed.comm import connect
+    host, _, port = target.split("://", 1)[-1].rpartition(":")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot reach the Dask scheduler at {target!r} ({exc}): check --scheduler, "
                           "DASK_SCHEDULER_ADDRESS or dask.scheduler, or use --scheduler local") from None
+
+    async def identity():
+        comm = await connect(target if "://" in target else f"tcp://{target}", timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+    try:  # (the outer limit: a server that takes the connection and says nothing is never timed out inside)
+        answer = asyncio.run(asyncio.wait_for(identity(), timeout + 1))
+    except (OSError, ValueError):  # (TimeoutError is an OSError; the TCP connection was taken above)
+        answer = None
+    if not isinstance(answer, dict) or answer.get("type") != "Scheduler":
+        raise ConfigError(f"{target!r} takes a connection but does not answer as a Dask scheduler: check the "
+                          "port (a scheduler listens on 8786 by default; 8787 is its dashboard)")
 
 
 def worker_environ():
@@ -155,6 +175,9 @@ def worker_environ():
     benchmarks.md, profile section). A value set in the environment still wins."""
     import dask
     return dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+
+
+WORKER_WAIT_S = 60.0  # how long a run waits for a first worker on a scheduler that has none
 
 
 @contextlib.contextmanager
@@ -183,10 +206,14 @@ def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Itera
             yield _LazyClient(lambda: stack.enter_context(dask_client(cfg, "local")))
         return
     if target == "local":
-        n_workers = cfg.dask.n_workers or os.cpu_count() or 1
+        n_workers = _local_cores(cfg)
+        # no dashboard: Dask's bokeh pages off, and its scheduler's own HTTP server (always there)
+        # on a free port (None made Dask take :8787 anyway; "none" was taken for a host name)
+        dashboard = str(cfg.dask.dashboard_address).strip().lower() not in ("", "none", "null")
         with worker_environ(), \
                 LocalCluster(n_workers=n_workers, threads_per_worker=cfg.dask.threads_per_worker,
-                             processes=True, dashboard_address=cfg.dask.dashboard_address or None,
+                             processes=True, dashboard_address=cfg.dask.dashboard_address if dashboard else ":0",
+                             scheduler_kwargs=None if dashboard else {"dashboard": False},
                              preload=[__name__],  # (dask_setup below, in each worker process)
                              memory_limit=0 if str(cfg.dask.memory_limit).lower() in ("0", "none", "")
                              else cfg.dask.memory_limit,
@@ -195,7 +222,7 @@ def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Itera
             # another thread than the one that closes it
             client = Client(cluster, set_as_default=False)
             try:
-                if cfg.dask.dashboard_address:
+                if dashboard:
                     log.info("Dask dashboard: %s (%d workers x %d threads)", client.dashboard_link, n_workers,
                              cfg.dask.threads_per_worker)
                 _share_storage_options(client, cfg)
@@ -203,12 +230,21 @@ def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Itera
             finally:
                 client.close()
         return
+    check_reachable(target)  # (`dedupe query` comes here first)
     try:
         client = Client(target, timeout="15s")
-    except (OSError, TimeoutError, ValueError) as exc:  # (ValueError: a malformed address, e.g. no port)
-        raise ConfigError(f"cannot reach the Dask scheduler at {target!r} ({exc}): check --scheduler, "
-                          "DASK_SCHEDULER_ADDRESS or dask.scheduler, or use --scheduler local") from None
+    except Exception as exc:  # (ValueError: a malformed address; TypeError: tls:// without certificates, ...)
+        raise ConfigError(f"cannot reach the Dask scheduler at {target!r} ({type(exc).__name__}: {exc}): check "
+                          "--scheduler, DASK_SCHEDULER_ADDRESS or dask.scheduler (a tls:// scheduler needs "
+                          "Dask's distributed.comm.tls settings), or use --scheduler local") from None
     try:
+        if not client.scheduler_info().get("workers"):
+            log.info("the Dask scheduler at %s has no workers yet: waiting up to %.0f s", target, WORKER_WAIT_S)
+            try:
+                client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+            except TimeoutError:  # (the first task's scatter failed with a 50-line traceback, exit 1)
+                raise ConfigError(f"the Dask scheduler at {target!r} has no workers (waited {WORKER_WAIT_S:.0f} s): "
+                                  f"start some (`dask worker {target}`), or use --scheduler local") from None
         log.info("connected to the Dask scheduler at %s (dashboard: %s)", target, client.dashboard_link)
         _share_storage_options(client, cfg)
         yield client
@@ -711,7 +747,7 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         raise ConfigError(f"the catalog {str(catalog_dir)!r} is DATA itself: its files would be written among the "
                           "images; choose another folder (the default is OUT/catalog)")
     if not storage.is_url(out):
-        out = Path(out)
+        out = Path(os.path.abspath(out))  # (absolute: a cluster's workers write under it from their own folders)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output path {str(out)!r} exists and is not a folder: choose another --out")
     # (Arrow, which writes the Parquet files, takes UTF-8 paths only: such a run failed at its end,
@@ -746,7 +782,7 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
     remote_out = storage.is_url(out)
     catalog_lock = storage.join(catalog_dir, catalog.LOCK_NAME) if storage.is_url(catalog_dir) else None
     with storage.locked(out, also=catalog_lock) if remote_out else outdir.locked(out):
-        work_dir = (cfg.work_dir if storage.is_url(cfg.work_dir) else Path(cfg.work_dir)) if cfg.work_dir \
+        work_dir = (cfg.work_dir if storage.is_url(cfg.work_dir) else Path(os.path.abspath(cfg.work_dir))) if cfg.work_dir \
             else storage.join(out, f"{outdir.WORK_PREFIX}{os.getpid()}") if remote_out \
             else out / f"{outdir.WORK_PREFIX}{os.getpid()}"
         if remote_out:
@@ -850,8 +886,12 @@ def _cascade(root: Path | str, out: Path | str, cfg: Config, scheduler: str | No
              rehash: bool = False) -> dict:
     # the client stays open to the end: its workers also make the report's thumbnails and drawings
     with dask_client(cfg, scheduler, lazy=cat is not None) as client:
-        if storage.is_url(root) and target_of(cfg, scheduler) not in ("sync", "auto", "local"):
-            storage.check_workers(client, str(root))  # (a cluster's workers have their own environment)
+        if target_of(cfg, scheduler) not in ("sync", "auto", "local"):  # (a cluster's workers have their own
+            storage.check_workers(client, str(root))                   # environment and file systems)
+            for what, where in (("output folder", out), ("work_dir", work_dir if cfg.work_dir else None),
+                                ("catalog", cat.directory if cat is not None else None)):
+                if where and not storage.is_url(where):  # (the tiers write there; a store is checked by its writes)
+                    storage.check_workers(client, str(where), what, write=True)
         # where the workers write the K-nearest lists a catalog keeps (candidates.SavedLists):
         # removed when the stages end, whether they got to the commit or not (a work_dir set in
         # the config is not removed with the run)

@@ -282,10 +282,17 @@ def _etag(info: dict) -> str | None:
     return None
 
 
-def probe(url: str) -> str | None:
+def probe(url: str, write: bool = False) -> str | None:
     """Whether this process can open `url` with the options it was given (run on each Dask worker
-    by `check_workers`): None, or what went wrong. One small request (an info call)."""
+    by `check_workers`): None, or what went wrong. One small request (an info call); a local
+    folder is looked at (and, with `write`, checked for write permission)."""
     try:
+        if not is_url(url):
+            if not os.path.isdir(url):
+                return f"no folder {url!r} there"
+            if write and not os.access(url, os.W_OK | os.X_OK):
+                return f"the folder {url!r} is not writable there"
+            return None
         fs, path = filesystem(url)
         fs.info(path)
     except Exception as exc:
@@ -296,21 +303,23 @@ def probe(url: str) -> str | None:
 PROBE_TIMEOUT_S = 60.0  # a worker whose store does not answer within this fails the check
 
 
-async def probe_on_worker(url: str) -> str | None:
+async def probe_on_worker(url: str, write: bool = False) -> str | None:
     """`probe` on a Dask worker, off its event loop (a blocking call there would stall the worker)
     and within PROBE_TIMEOUT_S."""
     import asyncio
     try:
-        return await asyncio.wait_for(asyncio.to_thread(probe, url), PROBE_TIMEOUT_S)
+        return await asyncio.wait_for(asyncio.to_thread(probe, url, write), PROBE_TIMEOUT_S)
     except asyncio.TimeoutError:
         return f"no answer within {PROBE_TIMEOUT_S:.0f} s"
 
 
-def check_workers(client, url: str, what: str = "input location") -> None:
+def check_workers(client, url: str, what: str = "input location", write: bool = False) -> None:
     """ConfigError (exit 2) when some Dask worker cannot open `url`, which this process could:
     workers that lack the store's credentials or endpoint would otherwise fail their first task
-    with a traceback (or, without the endpoint, ask the public cloud for a bucket of that name)."""
-    answers = client.run(probe_on_worker, url, on_error="return")
+    with a traceback (or, without the endpoint, ask the public cloud for a bucket of that name);
+    workers that do not see a local folder at the driver's path read every image as missing (a
+    run of error rows, exit 0) or failed writing a tier's files."""
+    answers = client.run(probe_on_worker, url, write, on_error="return")
     for worker, answer in list(answers.items()):
         if isinstance(answer, AttributeError):  # no probe_on_worker there: another version of the package
             raise ConfigError(f"the Dask worker at {worker} could not check that it can open {url} ({answer}): "
@@ -319,6 +328,12 @@ def check_workers(client, url: str, what: str = "input location") -> None:
             log.warning("the Dask worker at %s did not answer the store check (%s)", worker, answer)
             del answers[worker]
     bad = sorted((worker, error) for worker, error in answers.items() if error)
+    if bad and not is_url(url):
+        worker, error = bad[0]
+        raise ConfigError(
+            f"{len(bad)} of {len(answers)} Dask workers cannot use the {what} {url} (e.g. the worker at {worker}: "
+            f"{error}): every worker needs DATA, OUT and the catalog at the same paths as this process (a shared "
+            "file system mounted at the same place), or put them in object storage (README, running on a cluster)")
     if bad:
         worker, error = bad[0]
         raise ConfigError(

@@ -224,10 +224,27 @@ def test_real_dask_scheduler_and_worker_give_the_same_output(labelled_dir, model
         labelme = images[images.index.str.contains("labelme-subset")]
         assert len(labelme) == 7 and labelme["cluster_id"].isna().all()
 
+        # OUT, the catalog and work_dir given relative to the driver's folder: the workers, each in
+        # its own folder, wrote the tiers' files relative to theirs (exit 1, their files left there)
+        relative = subprocess.run([sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", "rel-out",
+                                   "--catalog", "rel-cat", "--set", "work_dir=rel-work", "--scheduler", address,
+                                   "--tiers", "verify", "--quiet"],
+                                  capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+        assert relative.returncode == 0, relative.stderr[-3000:]
+        assert not any((tmp_path / "workers").rglob("*.parquet"))
+        # a folder the workers do not see at the driver's path: refused before any work (exit 2; it
+        # was a run of "cannot read" rows, exit 0, when it was DATA)
+        from distributed import Client
+        from pipeline import storage
+        from pipeline.config import ConfigError
+        with Client(address) as client:
+            storage.check_workers(client, str(data))
+            with pytest.raises(ConfigError, match="at the same paths as this process"):
+                storage.check_workers(client, str(tmp_path / "seen by the driver only"))
+
         # a worker process killed (SIGKILL, as a machine lost) the first time it starts a task of
         # each stage, so the task's scattered data dies with it: the tasks are sent again, the
         # candidate search is made again, and the outputs are the same
-        from distributed import Client
         killed = tmp_path / "killed"
         killed.mkdir()
         stages = ("_screen_partition", "_build_shard", "_pair_block", "_features_task", "_verify_task",
@@ -279,3 +296,29 @@ def test_unreachable_scheduler_is_a_usage_error(tmp_path):
                   "--scheduler", "tcp://127.0.0.1")  # (a port left off: a malformed address)
     assert no_port.returncode == 2 and "cannot reach the Dask scheduler at 'tcp://127.0.0.1'" in no_port.stderr
     assert "Traceback" not in no_port.stderr
+    # a port that takes the connection and never answers (a scheduler's dashboard port, another
+    # server): the client waited forever, with OUT locked
+    import socket
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        mute = cli("dedupe", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--tiers", "screen",
+                   "--scheduler", f"tcp://127.0.0.1:{silent.getsockname()[1]}")
+    assert mute.returncode == 2 and "does not answer as a Dask scheduler" in mute.stderr, mute.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_scheduler_without_workers_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """A real `dask scheduler` with no worker: the run waits run.WORKER_WAIT_S for one, then exits
+    2 saying so (its first task's scatter failed after ~15 s with a 50-line traceback, exit 1)."""
+    from pipeline import run as run_mod
+    data = tmp_path / "d"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(data / "a.png")
+    (tmp_path / "scheduler").mkdir()
+    monkeypatch.setattr(run_mod, "WORKER_WAIT_S", 2.0)
+    with external_cluster(dict(os.environ, PYTHONPATH=str(REPO)), tmp_path / "scheduler", []) as (address, _):
+        assert main(["dedupe", str(data), "--out", str(tmp_path / "o"), "--tiers", "screen", "--scheduler", address,
+                     "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "has no workers (waited 2 s)" in err and "Traceback" not in err

@@ -304,3 +304,16 @@ def test_local_cluster_workers_do_not_print_the_heartbeat_traceback_of_a_closing
     err = capfd.readouterr().err
     assert "another worker error" in err and "OSError: Timed out" in err, err[-2000:]
     assert "during heartbeat" not in err, err[-2000:]
+
+
+@pytest.mark.parametrize("off", ["", "none"])
+def test_a_local_cluster_without_a_dashboard_leaves_its_port_alone(off):
+    """dask.dashboard_address "" (documented as no dashboard) still took :8787 (Dask's default for
+    None), and "none" was taken for a host name: the cluster failed to start."""
+    cfg = load_config()
+    cfg.dask.dashboard_address = off
+    cfg.dask.n_workers, cfg.dask.threads_per_worker = 1, 1
+    with run.dask_client(cfg, "local") as client:
+        scheduler = client.cluster.scheduler
+        assert scheduler.http_server.port != 8787
+        assert client.submit(sum, [1, 2]).result() == 3
