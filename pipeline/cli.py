@@ -448,7 +448,7 @@ def _query_command(args) -> int:
             raise ConfigError(f"--output {args.output!r}: its folder does not exist; create it first")
         from pipeline import query
         from pipeline.config import config_from_dict
-        from pipeline.run import dask_client
+        from pipeline.run import check_reachable, dask_client, target_of
         driver_arrow_pool()  # (the catalog's tables are read whole)
         # the store options of --config and --set storage.*=… (a catalog on a store), which the
         # workers get too
@@ -456,6 +456,7 @@ def _query_command(args) -> int:
         # accepted and ignored)
         settings = config_from_dict({"storage": {"options": store_options(
             args, allowed=("screen.", "verify.", "embed.", "decide.", "tiers="))}})
+        check_reachable(target_of(settings, args.scheduler))  # (a port that never answers: a wait forever)
         with dask_client(settings, args.scheduler) as client:
             result = query.query(args.images, args.catalog, overrides=args.overrides, add=args.add, client=client,
                                  storage_options=settings.storage.options)

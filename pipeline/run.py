@@ -230,8 +230,7 @@ def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Itera
             finally:
                 client.close()
         return
-    check_reachable(target)  # (`dedupe query` comes here first)
-    try:
+    try:  # (its callers have checked the address first: `check_reachable`)
         client = Client(target, timeout="15s")
     except Exception as exc:  # (ValueError: a malformed address; TypeError: tls:// without certificates, ...)
         raise ConfigError(f"cannot reach the Dask scheduler at {target!r} ({type(exc).__name__}: {exc}): check "

@@ -328,20 +328,17 @@ def check_workers(client, url: str, what: str = "input location", write: bool = 
             log.warning("the Dask worker at %s did not answer the store check (%s)", worker, answer)
             del answers[worker]
     bad = sorted((worker, error) for worker, error in answers.items() if error)
-    if bad and not is_url(url):
-        worker, error = bad[0]
-        raise ConfigError(
-            f"{len(bad)} of {len(answers)} Dask workers cannot use the {what} {url} (e.g. the worker at {worker}: "
-            f"{error}): every worker needs DATA, OUT and the catalog at the same paths as this process (a shared "
-            "file system mounted at the same place), or put them in object storage (README, running on a cluster)")
-    if bad:
-        worker, error = bad[0]
-        raise ConfigError(
-            f"{len(bad)} of {len(answers)} Dask workers cannot open the {what} {url} (e.g. the worker at "
-            f"{worker}: {error}): give every worker the store's credentials (its environment, profile or "
-            "role: the driver's environment variables do not reach the workers) and, for an S3-compatible "
-            "server, the endpoint (storage.options.endpoint_url in the config, which reaches every worker, or "
-            "AWS_ENDPOINT_URL in each worker's environment)")
+    if not bad:
+        return
+    worker, error = bad[0]
+    verb, fix = ("open", "give every worker the store's credentials (its environment, profile or role: the "
+                 "driver's environment variables do not reach the workers) and, for an S3-compatible server, the "
+                 "endpoint (storage.options.endpoint_url in the config, which reaches every worker, or "
+                 "AWS_ENDPOINT_URL in each worker's environment)") if is_url(url) else \
+        ("use", "every worker needs DATA, OUT and the catalog at the same paths as this process (a shared file "
+                "system mounted at the same place), or put them in object storage (README, running on a cluster)")
+    raise ConfigError(f"{len(bad)} of {len(answers)} Dask workers cannot {verb} the {what} {url} (e.g. the worker "
+                      f"at {worker}: {error}): {fix}")
 
 
 @contextlib.contextmanager
