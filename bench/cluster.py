@@ -82,12 +82,13 @@ class KillOnce(WorkerPlugin):
     the functions `names` (by __name__: the task's own function or one passed to it, as the
     pipeline's task runner does), as a machine lost mid-task would (the nanny then starts a fresh
     worker). Each name kills once: a marker file in `folder`, which every worker must see, records
-    it (holding the killed process's pid)."""
+    it (holding the killed process's pid). `for_good`: its nanny too (the `dask worker` process
+    that would start a fresh one), as a machine that does not come back."""
 
     name = "dedupe-kill-once"
 
-    def __init__(self, names: Sequence[str], folder: str | Path):
-        self.names, self.folder = set(names), str(folder)
+    def __init__(self, names: Sequence[str], folder: str | Path, for_good: bool = False):
+        self.names, self.folder, self.for_good = set(names), str(folder), for_good
 
     def setup(self, worker) -> None:
         self.worker = worker
@@ -105,4 +106,6 @@ class KillOnce(WorkerPlugin):
                 continue
             os.write(fd, str(os.getpid()).encode())
             os.close(fd)
+            if self.for_good:
+                os.kill(os.getppid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)

@@ -50,6 +50,7 @@ import pandas as pd
 
 from . import storage
 from .config import ScreenConfig
+from .progress import scatter
 from .decode import DIHEDRAL_INVERSE
 from .search import (ChunkSlice, HammingIndex, SliceGroup, chunk_geometry, chunk_of, interleave, make_index,
                      plan_chunks)
@@ -330,8 +331,8 @@ def directed_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Screen
         parts = [near_pairs_partition(index, queries[s:e], q_img[s:e], cfg, q_var[s:e])
                  for s, e in blocks]
     else:
-        index_future = client.scatter(index, broadcast=True, hash=False)  # fresh keys (see sharded_directed_neighbours)
-        payload = client.scatter([(queries[s:e], q_img[s:e], q_var[s:e]) for s, e in blocks], hash=False)
+        index_future = scatter(client, index, broadcast=True, hash=False)  # fresh keys (see sharded_directed_neighbours)
+        payload = scatter(client, [(queries[s:e], q_img[s:e], q_var[s:e]) for s, e in blocks], hash=False)
         futures = client.map(_run_block, [index_future] * len(blocks), payload,
                              [cfg] * len(blocks), pure=False)
         parts = client.gather(futures)
@@ -684,7 +685,7 @@ def sharded_directed_neighbours(codes: np.ndarray, use: np.ndarray, idx_use: np.
         firsts.append(part[0][0])
         # fresh keys: a same-data scatter right after the last search released its futures would
         # share their keys and be cancelled with them
-        parts.append(part if client is None else client.scatter([part], hash=False)[0])
+        parts.append(part if client is None else scatter(client, [part], hash=False)[0])
         del part
     firsts = np.array(firsts, dtype=np.int64)
     if client is None or gather:
@@ -1170,7 +1171,7 @@ def incremental_neighbours(codes: np.ndarray, variant_mask: np.ndarray, cfg: Scr
         # sharded_directed_neighbours): the driver holds one partition's copy of its rows
         for j, part in enumerate(iter_hash_partitions(codes_p, use, idx_use, rows)):
             piece, prevs[j] = [part, prevs[j], same[part[0]]], None
-            pieces += piece if client is None else client.scatter(piece, hash=False)
+            pieces += piece if client is None else scatter(client, piece, hash=False)
             del part, piece
         del prevs, codes_p
         one_shard = not _sharded(cfg, client, int(idx_use.any(axis=1).sum()))

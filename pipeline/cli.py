@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import KEEP_POLICIES, ConfigError, load_config, preset_names
+from pipeline.progress import NoWorkers
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 STORE_CONFIG_HELP = ("YAML config file (e.g. the nightly run's) whose storage.options open OUT on a store: "
@@ -422,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                       "--out / work_dir, and run again; the previous outputs (if any) are untouched",
                       exc.filename or exc)
             return EXIT_FAILED
+        if isinstance(exc, NoWorkers) and not getattr(exc, "published", None):  # (the cluster's to fix, not a bug: one line, no traceback)
+            log.error("the run failed: %s; the previous outputs (if any) are untouched", exc)
+            return EXIT_FAILED
         log.exception(f"the run failed: {exc.published}" if getattr(exc, "published", None)
                       else "the run failed; the previous outputs (if any) are untouched")
         return EXIT_FAILED
@@ -464,6 +468,9 @@ def _query_command(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        return EXIT_FAILED
+    except NoWorkers as exc:
+        log.error("the query failed: %s", exc)
         return EXIT_FAILED
     except Exception:
         log.exception("the query failed")

@@ -159,6 +159,34 @@ def tasks_in_flight(client) -> int:
     return max(2 * SCATTER_TASKS, TASKS_IN_FLIGHT_PER_THREAD * threads)
 
 
+WORKER_WAIT_S = 60.0  # how long a run waits for a worker on a cluster that has none (first, or all left)
+
+
+class NoWorkers(RuntimeError):
+    """Every worker left the Dask cluster and none came back within WORKER_WAIT_S: the run stops
+    (exit 1) with this message instead of Dask's "No valid workers found" traceback."""
+
+
+def scatter(client, data, **kwargs):
+    """`client.scatter(data, **kwargs)`; on a cluster whose workers have all left (killed for
+    memory, a spot fleet reclaimed), wait up to WORKER_WAIT_S for one to join (a nanny's restart,
+    an autoscaler) and scatter there, else raise NoWorkers saying what happened."""
+    try:
+        return client.scatter(data, **kwargs)
+    except TimeoutError:  # (the scheduler's "No valid workers found", after a short wait of its own)
+        if client.scheduler_info().get("workers"):
+            raise
+    log.warning("no worker is left on the Dask cluster: waiting up to %.0f s for one", WORKER_WAIT_S)
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+    except TimeoutError:
+        address = getattr(getattr(client, "scheduler", None), "address", None) or "(the scheduler)"
+        raise NoWorkers(f"every worker left the Dask cluster at {address} and none came back within "
+                        f"{WORKER_WAIT_S:.0f} s (see the workers' logs: killed for memory?); start workers "
+                        "and run again") from None
+    return client.scatter(data, **kwargs)
+
+
 RESENDS = 3  # times a task is sent again after a lost worker took its data or result with it
 # why Dask cancels a task when the driver, not a worker, went away: never resent
 NOT_A_LOST_WORKER = ("scheduler-connection-lost", "scheduler-restart", "client-cancel", "cancel")
@@ -202,7 +230,7 @@ class Sent:
         items = list(items)
         for start in range(0, len(items), SCATTER_TASKS):
             chunk = items[start:start + SCATTER_TASKS]
-            data = self.client.scatter([task for _, _, task in chunk], hash=False)
+            data = scatter(self.client, [task for _, _, task in chunk], hash=False)
             futures = self.client.map(_call_task, data, [fn for _, fn, _ in chunk], star=star, args=args, pure=False)
             for (n, fn, task), fut in zip(chunk, futures):
                 # kept as one pickled blob, not the objects: a screen task's file entries are

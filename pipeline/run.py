@@ -177,9 +177,6 @@ def worker_environ():
     return dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
 
-WORKER_WAIT_S = 60.0  # how long a run waits for a first worker on a scheduler that has none
-
-
 @contextlib.contextmanager
 def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Iterator[object | None]:
     """None for "sync" (in-process); an AutoClient for "auto"; a LocalCluster for "local" (with
@@ -238,11 +235,12 @@ def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Itera
                           "Dask's distributed.comm.tls settings), or use --scheduler local") from None
     try:
         if not client.scheduler_info().get("workers"):
-            log.info("the Dask scheduler at %s has no workers yet: waiting up to %.0f s", target, WORKER_WAIT_S)
+            wait_s = pipeline.progress.WORKER_WAIT_S
+            log.info("the Dask scheduler at %s has no workers yet: waiting up to %.0f s", target, wait_s)
             try:
-                client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+                client.wait_for_workers(1, timeout=wait_s)
             except TimeoutError:  # (the first task's scatter failed with a 50-line traceback, exit 1)
-                raise ConfigError(f"the Dask scheduler at {target!r} has no workers (waited {WORKER_WAIT_S:.0f} s): "
+                raise ConfigError(f"the Dask scheduler at {target!r} has no workers (waited {wait_s:.0f} s): "
                                   f"start some (`dask worker {target}`), or use --scheduler local") from None
         log.info("connected to the Dask scheduler at %s (dashboard: %s)", target, client.dashboard_link)
         _share_storage_options(client, cfg)

@@ -287,6 +287,37 @@ def test_missing_weights_stop_the_run_before_any_work(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_cluster_whose_workers_all_leave_stops_the_run_with_a_clear_error(tmp_path, monkeypatch, caplog):
+    """The only worker of a real cluster dies for good (its nanny too) at its first feature task:
+    the run waits progress.WORKER_WAIT_S for a worker to join, then fails, exit 1, with one line
+    saying what happened (it failed with Dask's 'No valid workers found' and a 50-line traceback)
+    and nothing published."""
+    from pipeline import progress
+    data = tmp_path / "d"
+    data.mkdir()
+    base = Image.effect_mandelbrot((256, 256), (-2, -1.5, 1, 1.5), 100).convert("RGB")
+    for i in range(4):  # near copies: candidate pairs, so the verify tier computes features
+        base.resize((256 - 16 * i, 256 - 16 * i)).save(data / f"m{i}.jpg", quality=90 - 5 * i)
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "w").mkdir()
+    (tmp_path / "killed").mkdir()
+    monkeypatch.setattr(progress, "WORKER_WAIT_S", 3.0)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with external_cluster(env, tmp_path / "scheduler", [Worker(tmp_path / "w")]) as (address, _):
+        from distributed import Client
+        with Client(address) as client:
+            client.register_plugin(KillOnce(["_features_task"], tmp_path / "killed", for_good=True))
+        code = main(["dedupe", str(data), "--out", str(tmp_path / "o"), "--tiers", "verify", "--no-catalog",
+                     "--scheduler", address, "--quiet"])
+    assert (tmp_path / "killed" / "killed-_features_task").exists()  # (the kill happened where meant)
+    failed = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert code == 1, caplog.text[-3000:]
+    assert len(failed) == 1 and "every worker left the Dask cluster" in failed[0].getMessage() \
+        and "none came back within 3 s" in failed[0].getMessage(), caplog.text[-3000:]
+    assert all(r.exc_info is None for r in caplog.records) and "No valid workers" not in caplog.text
+    assert not (tmp_path / "o" / "pairs.parquet").exists() and not (tmp_path / "o" / "images.parquet").exists()
+
+
 def test_unreachable_scheduler_is_a_usage_error(tmp_path):
     (tmp_path / "d").mkdir()
     result = cli("dedupe", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--tiers", "screen",
@@ -309,14 +340,14 @@ def test_unreachable_scheduler_is_a_usage_error(tmp_path):
 
 
 def test_a_scheduler_without_workers_is_a_usage_error(tmp_path, monkeypatch, capsys):
-    """A real `dask scheduler` with no worker: the run waits run.WORKER_WAIT_S for one, then exits
-    2 saying so (its first task's scatter failed after ~15 s with a 50-line traceback, exit 1)."""
-    from pipeline import run as run_mod
+    """A real `dask scheduler` with no worker: the run waits progress.WORKER_WAIT_S for one, then
+    exits 2 saying so (its first task's scatter failed after ~15 s with a 50-line traceback, exit 1)."""
+    from pipeline import progress
     data = tmp_path / "d"
     data.mkdir()
     Image.new("RGB", (64, 64), (1, 2, 3)).save(data / "a.png")
     (tmp_path / "scheduler").mkdir()
-    monkeypatch.setattr(run_mod, "WORKER_WAIT_S", 2.0)
+    monkeypatch.setattr(progress, "WORKER_WAIT_S", 2.0)
     with external_cluster(dict(os.environ, PYTHONPATH=str(REPO)), tmp_path / "scheduler", []) as (address, _):
         assert main(["dedupe", str(data), "--out", str(tmp_path / "o"), "--tiers", "screen", "--scheduler", address,
                      "--quiet"]) == 2

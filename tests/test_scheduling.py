@@ -317,3 +317,34 @@ def test_a_local_cluster_without_a_dashboard_leaves_its_port_alone(off):
         scheduler = client.cluster.scheduler
         assert scheduler.http_server.port != 8787
         assert client.submit(sum, [1, 2]).result() == 3
+
+
+def test_a_scatter_on_a_cluster_with_no_worker_left_waits_for_one_then_says_so(monkeypatch, caplog):
+    """progress.scatter (every task's data goes through it): with every worker gone, a worker that
+    joins within progress.WORKER_WAIT_S takes the data and the run goes on; none joining is
+    NoWorkers, whose message says what happened (Dask's own error was a TimeoutError, "No valid
+    workers found", after a few seconds, which failed the run with a traceback)."""
+    import threading
+    import time
+
+    from distributed import Client, LocalCluster
+
+    from pipeline import progress
+    monkeypatch.setattr(progress, "WORKER_WAIT_S", 60.0)
+    with LocalCluster(n_workers=0, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        # (the scheduler's own wait for a worker cut to 0.5 s: the worker joins after it gave up)
+        joins = threading.Timer(2.0, cluster.scale, [1])
+        joins.start()
+        [future] = progress.scatter(client, [{"rows": 3}], hash=False, timeout=0.5)
+        joins.join()
+        assert future.result() == {"rows": 3}
+        assert "no worker is left on the Dask cluster: waiting up to 60 s" in caplog.text
+        del future
+        cluster.scale(0)
+        while client.scheduler_info()["workers"]:
+            time.sleep(0.1)
+        monkeypatch.setattr(progress, "WORKER_WAIT_S", 1.0)
+        with pytest.raises(progress.NoWorkers, match="every worker left the Dask cluster at .* none came back "
+                                                     "within 1 s"):
+            progress.scatter(client, [{"rows": 3}], hash=False, timeout=0.5)
