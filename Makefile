@@ -56,7 +56,7 @@ azurite: .azurite/.installed
 	touch $@
 
 # make bench also compares with fastdup (bench/fastdup.py); without network for PyPI that one skips
-bench: install
+bench: install weights
 	-@$(MAKE) --no-print-directory fastdup
 	$(PY) -m bench.run --out docs/benchmarks.md $(ARGS)
 

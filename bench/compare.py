@@ -34,6 +34,11 @@ def render(runs: list[tuple[str, dict]]) -> str:
     sets = list(dict.fromkeys(s for _, run in runs for s in _by_set(run)))
     out = ["Runs compared (pipeline overrides in brackets): " + "; ".join(
         f"**{label}** [{_options(run)}]" for label, run in runs) + "\n"]
+    made = [(label, run["made"]) for label, run in runs if run.get("made")]
+    if made:  # (the stamp above is where the comparison was rendered; each run's own is here)
+        out.append("Each run made on: " + "; ".join(
+            f"**{label}**: {m['machine']}, commit {m['commit']}, {m['date']}, `{m['command']}`" for label, m in made)
+            + "\n")
     rows = []
     for name in sets:
         for label, run in runs:
@@ -47,7 +52,7 @@ def render(runs: list[tuple[str, dict]]) -> str:
                          f"{r['run']['seconds']:.1f}"])
     out.append("### Per set: screen recall (the cascade's ceiling) and final verdicts\n")
     out.append(table(["set", "run", "true pairs", "screen R", "candidates", "final P", "final R", "final F1",
-                      "clusters F1", "wall s"], rows))
+                      "clusters F1", "wall s (one run)"], rows))
     gen = [(label, _by_set(run).get("generated")) for label, run in runs]
     gen = [(label, r) for label, r in gen if r and "score" in r]
     if gen:

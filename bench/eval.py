@@ -41,6 +41,7 @@ MODELS = SHARED / "models"
 SECTION = "eval"
 TITLE = "Accuracy (make eval)"
 HASH_DISTANCE = 10
+EMBED_WEIGHTS = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"  # (the baselines' MobileNet)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ def embedder():
     """The pipeline's own Embedder (pipeline.confirm) when importable, else plain Keras."""
     global _EMBEDDER
     if _EMBEDDER is None:
-        weights = MODELS / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+        weights = MODELS / EMBED_WEIGHTS
         try:
             from pipeline.config import EmbedConfig
             from pipeline.confirm import Embedder
@@ -284,7 +285,7 @@ def render(results: list[dict], args, overrides: list[str]) -> str:
             rows.append([r["set"], r["files"], r["true_pairs"], why, "", "", "", "", "", "", ""])
     body.append("### Pipeline, final decisions\n")
     body.append(report.table(["set", "files", "true pairs", "pairs P", "pairs R", "pairs F1", "clusters P",
-                              "clusters R", "clusters F1", "B³ F1", "wall s"], rows))
+                              "clusters R", "clusters F1", "B³ F1", "wall s (one run)"], rows))
     trows = []
     for r in results:
         s = r.get("score")
@@ -444,10 +445,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     available = labelled_sets()
+    if args.sets == "all" and not available:
+        # (the generated set alone would replace the labelled rows of docs/benchmarks.md)
+        log(f"error: no labelled sets under {LABELLED} (each a folder with labels.csv): set SHARED to the "
+            "shared folder, or pass --sets generated to evaluate the generated set only")
+        return 2
     wanted = ["generated", *available] if args.sets == "all" else [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [s for s in wanted if s != "generated" and s not in available]
     if unknown:
         ap.error(f"unknown set(s) {unknown}; known: generated, {', '.join(available) or '(no labelled sets found)'}")
+    missing = []
+    if "generated" in wanted and not transforms.DEFAULT_PHOTOS.is_dir():
+        missing.append(f"the photos the generated set is made from ({transforms.DEFAULT_PHOTOS})")
+    weights = MODELS / EMBED_WEIGHTS
+    if not args.no_baselines and not args.no_embeddings and not weights.is_file():
+        missing.append(f"the MobileNet weights of the embedding baselines ({weights}; or pass --no-embeddings)")
+    if missing:
+        log("error: missing " + "; ".join(missing) + ": set SHARED to the shared folder")
+        return 2
     results = []
     t_all = time.perf_counter()
     for name in wanted:
@@ -465,8 +480,13 @@ def main(argv: list[str] | None = None) -> int:
     path = report.update_section(SECTION, TITLE, render(results, args, args.overrides), doc)
     log(f"wrote section '{SECTION}' of {path}")
     if args.json:
+        # (where and when these numbers were made: bench.compare puts runs side by side later,
+        # maybe on another machine or commit, and names each run's own)
+        made = {"machine": report.machine(), "commit": report.git_rev(), "command": report.command(),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         Path(args.json).write_text(json.dumps(_jsonable({"overrides": args.overrides, "preset": args.preset, "seed": args.seed,
-                                                         "sources": args.sources, "results": results}), indent=1))
+                                                         "sources": args.sources, "made": made,
+                                                         "results": results}), indent=1))
         log(f"wrote {args.json}")
     failed = [r["set"] for r in results if r.get("run") and not r["run"]["ok"]]
     return 1 if failed else 0

@@ -272,9 +272,11 @@ def _clusters(pairs: pd.DataFrame, images: pd.DataFrame | None, labelled: set[st
 
 def prf(predicted: set, truth: set) -> dict:
     tp = len(predicted & truth)
-    p = tp / len(predicted) if predicted else 1.0
+    # (nothing predicted: no precision to state, shown "–", as a baseline with no cut reaching a
+    # precision is; 1.0 made a run that found nothing read as perfectly precise)
+    p = tp / len(predicted) if predicted else float("nan")
     r = tp / len(truth) if truth else 1.0
-    f = 2 * p * r / (p + r) if p + r else 0.0
+    f = 2 * p * r / (p + r) if predicted and p + r > 0 else 0.0 if predicted or truth else float("nan")
     return {"precision": p, "recall": r, "f1": f, "tp": tp, "fp": len(predicted) - tp,
             "fn": len(truth) - tp, "predicted": len(predicted), "true": len(truth)}
 
@@ -383,6 +385,8 @@ def threshold_sweep(scores: np.ndarray, is_true: np.ndarray, total_true: int, hi
     """For a score per candidate pair (all pairs), precision/recall at every cut.
     -> (thresholds, precision, recall) in order of decreasing closeness."""
     s = scores if higher_is_closer else -scores
+    if len(s) == 0:  # (a set of fewer than two readable files: no pair, no cut)
+        return np.zeros(0, float), np.zeros(0, float), np.zeros(0, float)
     order = np.argsort(-s, kind="stable")
     s_sorted, t_sorted = s[order], is_true[order].astype(np.int64)
     tp = np.cumsum(t_sorted)
@@ -399,7 +403,7 @@ def best_f1(th, precision, recall) -> dict:
     f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
     i = int(np.argmax(f1)) if len(f1) else 0
     if not len(f1):
-        return {"threshold": float("nan"), "precision": 1.0, "recall": 0.0, "f1": 0.0}
+        return {"threshold": float("nan"), "precision": float("nan"), "recall": 0.0, "f1": 0.0}
     return {"threshold": float(th[i]), "precision": float(precision[i]), "recall": float(recall[i]),
             "f1": float(f1[i])}
 

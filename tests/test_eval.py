@@ -162,6 +162,40 @@ def test_threshold_sweep():
     assert list(d_th) == [0, 3, 12] and d_P[1] == 1.0
 
 
+def test_no_pairs_and_no_predictions_are_stated_as_such():
+    """A set of fewer than two readable files has no pair to sweep (it raised IndexError and the
+    whole `make eval` report was lost), and a run that predicts nothing has no precision: "–",
+    not the 1.0 that read as perfect."""
+    th, P, R = sc.threshold_sweep(np.zeros(0), np.zeros(0, bool), 0)
+    assert len(th) == len(P) == len(R) == 0
+    assert np.isnan(sc.best_f1(th, P, R)["precision"]) and np.isnan(sc.at_precision(th, P, R)["precision"])
+    none = sc.prf(set(), {("a", "b")})
+    assert np.isnan(none["precision"]) and none["recall"] == 0.0 and none["f1"] == 0.0
+    nothing = sc.prf(set(), set())
+    assert np.isnan(nothing["precision"]) and np.isnan(nothing["f1"])
+    wrong = sc.prf({("a", "c")}, {("a", "b")})
+    assert wrong["precision"] == 0.0 and wrong["f1"] == 0.0
+    from bench import eval as ev
+    assert ev._f(none["precision"]) == "–" and ev._f(0.5) == "0.500"
+
+
+def test_eval_stops_before_any_work_when_the_shared_data_is_missing(tmp_path, monkeypatch, capsys):
+    """No labelled sets (SHARED wrong): exit 2 saying so, nothing written (the generated set alone
+    replaced the labelled rows of docs/benchmarks.md, exit 0); no photos or no weights: exit 2
+    naming them (a FileNotFoundError or WeightsError traceback once the pipeline had run)."""
+    from bench import eval as ev
+    doc = tmp_path / "benchmarks.md"
+    monkeypatch.setattr(ev, "LABELLED", tmp_path / "no-labelled")
+    assert ev.main(["--out", str(doc), "--bench-dir", str(tmp_path / "b")]) == 2
+    assert "no labelled sets under" in capsys.readouterr().err and not doc.exists()
+    monkeypatch.setattr(ev.transforms, "DEFAULT_PHOTOS", tmp_path / "no-photos")
+    monkeypatch.setattr(ev, "MODELS", tmp_path / "no-models")
+    assert ev.main(["--sets", "generated", "--out", str(doc), "--bench-dir", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "no-photos") in err and str(tmp_path / "no-models") in err and not doc.exists()
+    assert not (tmp_path / "b").exists()
+
+
 def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((folder / "images").iterdir())}
 
