@@ -598,7 +598,7 @@ def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: 
         .sort_values("path", kind="stable").reset_index(drop=True)
     pos = pd.Series(np.arange(len(shown)), index=shown["image_id"].to_numpy())
 
-    mtime = pd.to_datetime(shown["mtime"], utc=True).dt.strftime("%Y-%m-%d %H:%M").array
+    mtime = pd.to_datetime(shown["mtime"], utc=True).dt.strftime("%Y-%m-%d %H:%M UTC").array  # (said: not local time)
     img_rows = Rows(len(shown), image_id=(shown["image_id"].to_numpy(np.int64), lambda v: [str(i) for i in v.tolist()]),
                     path=(shown["path"].array, _texts), bytes=(shown["bytes"].array, _numbers()),
                     width=(shown["width"].array, _numbers()), height=(shown["height"].array, _numbers()),
@@ -621,13 +621,21 @@ def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: 
                      is_duplicate=(pairs["is_duplicate"].astype(bool).to_numpy(), _plain), reason=(reason, _plain),
                      drawing=(np.full(len(pairs), None, dtype=object), _plain), closeness=(closeness, _plain))
 
-    # duplicate pairs of each cluster (both ends in it), in path order
+    # duplicate pairs of each cluster (both ends in it): the links that put each member in it (the
+    # spanning tree cluster_links lists first) closest first, then the others closest first; in
+    # path order, a cluster's first rows (the page shows 8) were the first member's pairs, the
+    # tree's links and the closest pair behind "show all"
     cid_of = pd.Series(images["cluster_id"].fillna(-1).to_numpy(dtype=np.int64), index=images["image_id"].to_numpy())
     ca = cid_of.reindex(pairs["image_id_a"].to_numpy()).to_numpy()
     cb = cid_of.reindex(pairs["image_id_b"].to_numpy()).to_numpy()
     same = (ca == cb) & (ca >= 0) & pairs["is_duplicate"].astype(bool).to_numpy()
-    pair_groups = pd.Series(np.flatnonzero(same)).groupby(ca[same]).apply(list) \
-        if same.any() else pd.Series(dtype=object)
+    rows = np.flatnonzero(same)
+    if len(rows):
+        tree = cluster_links(pairs.iloc[rows], ca[rows], 0)  # (per_cluster 0: the tree's links only)
+        rank = np.empty(len(pairs), np.int64)
+        rank[closeness_order(pairs)] = np.arange(len(pairs))
+        rows = rows[np.lexsort((rank[rows], ~tree, ca[rows]))]
+    pair_groups = pd.Series(rows).groupby(ca[rows], sort=False).apply(list) if len(rows) else pd.Series(dtype=object)
     member_groups = pd.Series(pos.reindex(clustered["image_id"].to_numpy()).to_numpy()) \
         .groupby(clustered["cluster_id"].to_numpy(dtype=np.int64)).apply(lambda s: sorted(s.tolist()))
     cluster_rows = []

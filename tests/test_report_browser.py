@@ -202,3 +202,76 @@ def test_a_pair_of_files_the_run_could_not_read_shows_no_null(photo_paths, tmp_p
         text = b.evaluate("document.getElementById('pair-view').textContent")
         assert "null" not in text and "? \u00b7" in text
         assert b.errors() == []
+
+
+def test_a_big_cluster_reads_closest_links_first_filters_show_their_pairs_and_paths_link_the_originals(
+        photo_paths, tmp_path):
+    """One photo in 14 sizes and brightnesses, in folders with long names (one with '#', '%' and a
+    space): each cluster's rows begin with the links that put its members in it, closest first
+    (they were in path order: the closest pair was row ~80 of 100, behind "show all"); a pair
+    filter puts the pairs that pass it first, marked; long paths wrap inside the window; a path
+    links to its original file; "back" from a pair opened in a fresh tab goes to the list (it did
+    nothing); the filters are not restored by the browser without the list they filter."""
+    from urllib.parse import unquote
+
+    from PIL import ImageEnhance
+    data = tmp_path / "data"
+    deep = data / ("Backup_of_the_family_phone_2019_Samsung_Galaxy_S10_" * 2) / "DCIM #1 100%"
+    deep.mkdir(parents=True)
+    with Image.open(photo_paths[0]) as im:
+        base = im.convert("RGB")
+    base.thumbnail((960, 960))
+    for k in range(14):
+        w = 960 - 40 * k
+        copy = ImageEnhance.Brightness(base.resize((w, w * base.height // base.width))).enhance(0.9 + 0.015 * k)
+        copy.save((deep if k % 2 else data) / f"IMG_20190714_1234{k:02d}_HDR_Camera_Export.jpg", quality=95 - 3 * k)
+    out = tmp_path / "out"
+    assert main(["dedupe", str(data), "--out", str(out), "--tiers", "verify", "--scheduler", "sync", "--quiet"]) == 0
+    run = load_run(out)
+    dup = run.pairs[run.pairs["is_duplicate"]]
+    assert run.clusters()["cluster_id"].nunique() == 1 and len(dup) > 14
+    with Browser() as b:
+        b.open((out / "report" / "index.html").as_uri())
+        [(members, listed)] = b.evaluate("window.DEDUPE_REPORT.clusters.map(function(c){return [c[1], c[3]]})")
+        rows = b.evaluate("window.DEDUPE_REPORT.pairs")
+        inliers = [rows[i][4] for i in listed]
+        tree = listed[:len(members) - 1]
+        # the first len(members) - 1 rows join every member (a spanning tree), the closest pair first,
+        # each part closest first
+        assert {rows[i][k] for i in tree for k in (0, 1)} == set(members)
+        assert inliers[0] == max(inliers)
+        assert [rows[i][4] for i in tree] == sorted((rows[i][4] for i in tree), reverse=True)
+        rest = listed[len(members) - 1:]
+        assert [rows[i][4] for i in rest] == sorted((rows[i][4] for i in rest), reverse=True)
+        assert b.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # (was 1783 px at 1280)
+        b.screenshot(tmp_path / "long-paths.png")
+
+        # a filter that one pair far down the list passes: that pair first, marked
+        weakest_tree = min(rows[i][4] for i in tree)
+        strong = [i for i in rest if rows[i][4] > weakest_tree]
+        target = max(inliers) if not strong else rows[strong[0]][4]
+        set_filter(b, "min-inl", str(target))
+        hits = [i for i in listed if rows[i][4] >= target]
+        first = b.evaluate("Array.from(document.querySelectorAll('#clusters .pair-row')).slice(0, %d)"
+                           ".map(function(r){return r.classList.contains('hit')})" % (len(hits) + 1))
+        assert first[:len(hits)] == [True] * len(hits) and (len(first) == len(hits) or not first[-1])
+        set_filter(b, "min-inl", "")
+        assert b.evaluate("Array.from(document.querySelectorAll('#controls input, #controls select'))"
+                          ".every(function(e){return e.getAttribute('autocomplete') === 'off'})")
+
+        # each shown path links to its original file
+        links = b.evaluate("Array.from(document.querySelectorAll('#clusters .member a.path'))"
+                           ".map(function(a){return [a.textContent, a.href]})")
+        assert len(links) == len(members)
+        for text, href in links:
+            assert href.startswith("file:///") and "#" not in href[len("file://"):].replace("%23", "")
+            assert unquote(href[len("file://"):]) == str(data / text)
+        eager_images(b)
+        assert b.errors() == []
+
+    with Browser() as fresh:  # a pair opened in a tab of its own: "back" shows the list
+        fresh.open((out / "report" / "index.html").as_uri() + f"#pair={listed[0]}")
+        fresh.wait_for("document.getElementById('back')")
+        fresh.evaluate("document.getElementById('back').click()")
+        fresh.wait_for("document.querySelectorAll('#clusters .cluster').length === 1")
+        assert fresh.errors() == []

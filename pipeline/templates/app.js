@@ -9,7 +9,7 @@
            reason: 10, drawing: 11, by: 12};
   var C = {id: 0, members: 1, keeper: 2, pairs: 3, total: 4};
   var app = document.getElementById("app");
-  var state = {view: "clusters", page: 0, pair: null};
+  var state = {view: "clusters", page: 0, pair: null, moves: 0};
   var lowerPaths = D.images.map(function (im) { return im[I.path].toLowerCase(); });
 
   function el(tag, attrs, children) {
@@ -81,13 +81,29 @@
     return fmtBytes(im[I.bytes]) + " \u00b7 " + (im[I.w] === null ? "?" : im[I.w] + "\u00d7" + im[I.h]) +
       " \u00b7 " + (im[I.format] || "?") + " \u00b7 " + (im[I.mtime] || "?");
   }
+  // the original file: file:// + DATA + its path, or the object's URL on a store (which a browser
+  // may not open); none for a name that is not UTF-8 (its text form is not the file's name)
+  function originalHref(im) {
+    var root = D.meta.root, path = im[I.path];
+    if (!root || /\\x[0-9a-fA-F]{2}/.test(root + path)) return null;
+    function enc(t) { return t.split("/").map(encodeURIComponent).join("/"); }
+    var url = /^([a-zA-Z][a-zA-Z0-9+.-]*:\/\/)(.*)$/.exec(root);
+    var base = root.charAt(0) === "/" ? "file://" + enc(root) : url ? url[1] + enc(url[2]) : null;
+    return base === null ? null : base.replace(/\/+$/, "") + "/" + enc(path);
+  }
+  function pathLink(im) {
+    var href = originalHref(im);
+    return href ? el("a", {cls: "path", href: href, target: "_blank", rel: "noopener", title: "open the original",
+                            text: im[I.path]})
+                : el("span", {cls: "path", text: im[I.path]});
+  }
   function memberFigure(imgIdx, isKeeper) {
     var im = D.images[imgIdx];
     var details = imageDetails(im);
     return el("figure", {cls: "member" + (isKeeper ? " keeper" : "")}, [
       thumb(imgIdx), el("figcaption", null, [
         isKeeper ? el("span", {cls: "badge", text: "keep"}) : null, isKeeper ? " " : null,
-        el("span", {cls: "path", text: im[I.path]}), el("br"), el("span", {cls: "muted", text: details})])]);
+        pathLink(im), el("br"), el("span", {cls: "muted", text: details})])]);
   }
   function pairRow(i, rank) {
     var p = D.pairs[i], a = D.images[p[P.a]], b = D.images[p[P.b]];
@@ -107,7 +123,7 @@
     if (ranked) head.unshift("rank");
     return el("table", {cls: "pairs"}, [el("tr", null, head.map(function (h) { return el("th", {text: h}); }))].concat(rows));
   }
-  function clusterBlock(ci) {
+  function clusterBlock(ci, f) {
     var c = D.clusters[ci];
     var box = el("div", {cls: "cluster", id: "cluster-" + c[C.id]}, [
       el("h3", {text: "Cluster " + (ci + 1) + " \u00b7 " + c[C.members].length + " images \u00b7 " +
@@ -119,14 +135,26 @@
         "link of each image" + (tree ? "" : " and the closest others") + " (all " + c[C.total] +
         " are in pairs.parquet)."}));
     }
-    var limit = 8, shown = c[C.pairs].slice(0, limit);
-    var table = pairTable(shown.map(function (i) { return pairRow(i); }));
+    // with a pair filter on, the pairs that pass it come first, marked: the cluster is listed
+    // because of them, and they may be far down its list
+    var order = c[C.pairs];
+    if (f && pairFilterActive(f)) {
+      var hit = order.filter(function (i) { return pairPasses(D.pairs[i], f); });
+      order = hit.concat(order.filter(function (i) { return !pairPasses(D.pairs[i], f); }));
+    }
+    function row(i) {
+      var tr = pairRow(i);
+      if (f && pairFilterActive(f) && pairPasses(D.pairs[i], f)) tr.className += " hit";
+      return tr;
+    }
+    var limit = 8;
+    var table = pairTable(order.slice(0, limit).map(row));
     box.appendChild(table);
-    if (c[C.pairs].length > limit) {
-      var more = el("button", {type: "button", text: "show all " + c[C.pairs].length +
-        (c[C.pairs].length < c[C.total] ? " listed pairs" : " pairs")});
+    if (order.length > limit) {
+      var more = el("button", {type: "button", text: "show all " + order.length +
+        (order.length < c[C.total] ? " listed pairs" : " pairs")});
       more.addEventListener("click", function () {
-        c[C.pairs].slice(limit).forEach(function (i) { table.appendChild(pairRow(i)); });
+        order.slice(limit).forEach(function (i) { table.appendChild(row(i)); });
         more.remove();
       });
       box.appendChild(more);
@@ -142,7 +170,7 @@
     var pg = pager(hits.length, size, go);
     app.appendChild(pg.node);
     var list = el("div", {id: "clusters"});
-    hits.slice(pg.page * size, (pg.page + 1) * size).forEach(function (ci) { list.appendChild(clusterBlock(ci)); });
+    hits.slice(pg.page * size, (pg.page + 1) * size).forEach(function (ci) { list.appendChild(clusterBlock(ci, f)); });
     if (!hits.length) list.appendChild(el("p", {text: D.clusters.length ? "No cluster matches the filters." : "No duplicates found."}));
     app.appendChild(list);
     app.appendChild(pager(hits.length, size, go).node);
@@ -177,7 +205,7 @@
       el("h2", {text: p[P.dup] ? "Duplicate pair" : "Rejected pair"})]);
     var sides = el("div", {cls: "side"}, [p[P.a], p[P.b]].map(function (k) {
         var im = D.images[k];
-        return el("figure", null, [thumb(k, "big"), el("figcaption", null, [el("span", {cls: "path", text: im[I.path]}), el("br"),
+        return el("figure", null, [thumb(k, "big"), el("figcaption", null, [pathLink(im), el("br"),
           el("span", {cls: "muted", text: imageDetails(im)})])]);
       }));
     if (p[P.drawing]) {
@@ -206,7 +234,12 @@
       return el("tr", null, [el("th", {text: r[0]}), el("td", {text: r[1]})]); })));
     box.appendChild(sides);
     app.appendChild(box);
-    document.getElementById("back").addEventListener("click", function (e) { e.preventDefault(); history.back(); });
+    document.getElementById("back").addEventListener("click", function (e) {
+      e.preventDefault();
+      // back in the report's own history; a pair opened in a new tab or from a link has none
+      // (history.back() did nothing there, or left the report): its list instead
+      if (state.moves > 0) history.back(); else location.hash = "view=" + state.view;
+    });
   }
 
   // ---- routing -------------------------------------------------------------------------------
@@ -242,7 +275,9 @@
       if (state.page !== 0) go(0); else render();
     });
   });
-  window.addEventListener("hashchange", render);
+  window.addEventListener("hashchange", function () { state.moves += 1; render(); });
+  // (a page the browser brings back from its cache keeps its old DOM: drawn again from the filters)
+  window.addEventListener("pageshow", function (e) { if (e.persisted) render(); });
   render();
   window.DEDUPE_READY_MS = performance.now();  // navigation start -> first page rendered
   document.body.setAttribute("data-ready", "1");  // for tests
