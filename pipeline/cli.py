@@ -265,15 +265,18 @@ def plan_command(args) -> int:
 
 
 def apply_command(args) -> int:
+    from pipeline import storage
     from pipeline.actions import PlanError, apply_plan, default_log_path, read_plan, stale_plan
     try:
+        # (a dry run checks where the log and its trash would go, too)
+        log = os.path.abspath(storage.local_path(args.log, "--log", PlanError) if args.log
+                              else default_log_path(args.plan))
+        to = storage.local_path(args.to, "--to", PlanError) if args.to is not None else None
         plan = read_plan(args.plan)
         why = stale_plan(plan, args.plan)
         if why:
             print(f"warning: {why}", file=sys.stderr)
-        # (a dry run checks where the log and its trash would go, too)
-        log = os.path.abspath(args.log or default_log_path(args.plan))
-        outcome = apply_plan(plan, args.action, to=args.to, execute=args.execute, log_path=log)
+        outcome = apply_plan(plan, args.action, to=to, execute=args.execute, log_path=log)
     except PlanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -368,6 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     prog = prog_name()
     os.environ.setdefault("DEDUPE_PROG", prog)  # messages deeper down name the same command
     args = build_parser(prog).parse_args(argv)
+    # the Azure SDK logs every HTTP request, headers and all, at INFO: thousands of lines a run on
+    # az://, under --quiet too
+    if getattr(args, "log_level", "INFO") != "DEBUG":
+        logging.getLogger("azure").setLevel(logging.WARNING)
+        # (gcsfs logs each failed request's traceback, ~50 lines, before the error this tool
+        # reports with what to fix)
+        logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     commands = {"plan": plan_command, "apply": apply_command, "undo": undo_command, "report": report_command}
     if args.command in commands:
         return commands[args.command](args)
@@ -445,7 +455,10 @@ def _query_command(args) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("pipeline")
+    from pipeline import storage
     try:
+        if args.output:
+            args.output = storage.local_path(args.output, "--output")
         if args.output and os.path.splitext(args.output)[1].lower() not in (".parquet", ".csv", ".json"):
             raise ConfigError(f"--output {args.output!r}: the extension must be .parquet, .csv or .json")
         if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):

@@ -25,13 +25,13 @@ import os
 import shutil
 import socket
 import stat
-import sys
 import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
+from pipeline import storage
 from pipeline.config import ConfigError
 
 log = logging.getLogger("pipeline")
@@ -69,7 +69,7 @@ def locked(out: Path, name: str = LOCK_NAME, what: str = "output folder",
                               f"to finish, or choose another {option}") from None
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "command": " ".join(sys.argv)[:500]}
+                "command": storage.command_line()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
         yield

@@ -7,6 +7,7 @@ as arguments and returns a frame.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ctypes
 import functools
 import hashlib
@@ -367,9 +368,9 @@ def _recheck_partition(entries: list[scan.FileEntry], known_sha: list[str], cfg)
 
 def inside(root: Path | str, folders: Iterable[Path | str]) -> list[Path | str]:
     """The `folders` that lie inside `root` (a local folder, or a URL prefix on the same store)."""
-    if storage.is_url(root):
-        base = str(root).rstrip("/") + "/"
-        return [f for f in folders if storage.is_url(f) and str(f).rstrip("/").startswith(base)]
+    if storage.is_url(root):  # (by the place, not the text: az:// and abfs:// are one store)
+        return [f for f in folders if storage.is_url(f) and storage.within(str(f), str(root))
+                and storage.location(str(f)) != storage.location(str(root))]
     base_path = Path(root).resolve()
     return [f for f in folders if not storage.is_url(f) and Path(f).resolve().is_relative_to(base_path)]
 
@@ -716,11 +717,14 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         if isinstance(given, str) and not given.strip():
             raise ConfigError(f"{what} is empty: pass a folder (e.g. make dedupe DATA=photos OUT=out)")
     root, out = storage.local_form(root), storage.local_form(out)
+    cfg = dataclasses.replace(cfg, work_dir=storage.local_form(cfg.work_dir))  # (file:///x: the folder /x)
     catalog_dir = catalog.resolve(cfg, out)  # None, a folder, or a store URL (default: OUT/catalog)
     on_store = [str(p) for p in (root, out, cfg.work_dir, catalog_dir) if storage.is_url(p)]
     storage.configure(cfg.storage.options)
     for url in on_store:
-        storage.filesystem(url)  # a bad scheme, a missing backend or refused options: exit 2 now
+        if not storage.filesystem(url)[1].strip("/"):  # (a bad scheme, a missing backend or refused options: exit 2 now)
+            raise ConfigError(f"{url!r} names no bucket or container: give a bucket (and a prefix), e.g. "
+                              f"{url.split('://', 1)[0]}://bucket/prefix")
     if storage.is_url(root):
         storage.check_input(root)
     else:
@@ -735,12 +739,14 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
             raise ConfigError(f"input folder {str(root)!r} cannot be listed ({exc.strerror}): give this user "
                               "read and execute permission on it") from None
     if storage.is_url(root) == storage.is_url(out) and (
-            str(root).rstrip("/") == str(out).rstrip("/") if storage.is_url(out) else Path(root).resolve() == Path(out).resolve()):
+            storage.location(root) == storage.location(out) if storage.is_url(out)
+            else Path(root).resolve() == Path(out).resolve()):
         raise ConfigError(f"--out {str(out)!r} is DATA itself: the outputs would be scanned as images; choose "
                           f"another folder, e.g. {storage.join(root, 'dedupe-out')} (inside DATA is fine: a run "
                           "never scans its own OUT)")
-    if catalog_dir is not None and not storage.is_url(catalog_dir) and not storage.is_url(root) \
-            and Path(catalog_dir).resolve() == Path(root).resolve():
+    if catalog_dir is not None and storage.is_url(catalog_dir) == storage.is_url(root) and (
+            storage.location(str(catalog_dir)) == storage.location(str(root)) if storage.is_url(root)
+            else Path(catalog_dir).resolve() == Path(root).resolve()):
         raise ConfigError(f"the catalog {str(catalog_dir)!r} is DATA itself: its files would be written among the "
                           "images; choose another folder (the default is OUT/catalog)")
     if not storage.is_url(out):

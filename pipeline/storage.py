@@ -63,17 +63,34 @@ LOCK_REFRESH_S = 60.0
 LOCK_LEASE_S = 600.0
 STATE_DIR = ".dedupe"
 WORK_PREFIX = "_work-"
-# keys of storage.options never written to run.json or the Parquet metadata
-SECRET_WORDS = ("secret", "token", "password", "key", "credential", "sas", "signature")
+# keys of storage.options never written to run.json or the Parquet metadata ("connection":
+# adlfs's connection_string / conn_str, which carries the account key)
+SECRET_WORDS = ("secret", "token", "password", "key", "credential", "sas", "signature", "connection", "conn_str")
+# values that are secrets whatever their key is called (an Azure connection string or SAS URL)
+SECRET_VALUES = ("accountkey=", "sharedaccesssignature=", "sig=")
 
 _options: dict = {}
 
 
 def local_form(path: str | os.PathLike) -> str | os.PathLike:
-    """`file:///x` -> `/x`; anything else unchanged."""
+    """`file:///x` (and `file://localhost/x`) -> `/x`, percent-escapes decoded as in any URL
+    (`Path.as_uri()` writes a space as %20); anything else unchanged."""
     if isinstance(path, str) and path.startswith("file://"):
-        return path[len("file://"):] or "/"
+        from urllib.request import url2pathname
+        rest = path[len("file://"):]
+        if rest.startswith("localhost/"):
+            rest = rest[len("localhost"):]
+        return url2pathname(rest) or "/"
     return path
+
+
+def local_path(value: str | os.PathLike, option: str, error=ConfigError) -> str | os.PathLike:
+    """An option that must name a local path (`local_form`): a store URL is refused with
+    `error`, saying so (it was taken for a relative folder named "az:" or "file:")."""
+    value = local_form(value)
+    if is_url(value):
+        raise error(f"{option} {str(value)!r}: a local path is needed here, not a store URL")
+    return value
 
 
 def is_url(path) -> bool:
@@ -114,13 +131,33 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _secret(key, value) -> bool:
+    return any(w in str(key).lower() for w in SECRET_WORDS) or \
+        (isinstance(value, str) and any(w in value.lower() for w in SECRET_VALUES))
+
+
 def redacted(options: dict) -> dict:
     """storage.options for run.json: secret-looking values replaced by "***"."""
     def clean(key, value):
         if isinstance(value, dict):
             return {k: clean(k, v) for k, v in value.items()}
-        return "***" if any(w in str(key).lower() for w in SECRET_WORDS) else value
+        return "***" if _secret(key, value) else value
     return {k: clean(k, v) for k, v in options.items()}
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command as a lock records it (and another run's "in use by" message shows it), with
+    the values of secret-looking `--set storage.options.*` keys, and any secret-looking value,
+    replaced by "***" (`--set storage.options.account_key=...` put the key in OUT's lock)."""
+    out = []
+    for arg in sys.argv if argv is None else argv:
+        key, eq, value = str(arg).partition("=")
+        if eq and key.strip().startswith("storage.") and _secret(key, value):
+            arg = f"{key}=***"
+        elif _secret("", arg):
+            arg = "***"
+        out.append(arg)
+    return " ".join(out)[:500]
 
 
 def filesystem(url: str, options: dict | None = None):
@@ -143,6 +180,20 @@ def filesystem(url: str, options: dict | None = None):
         raise ConfigError(f"storage.options are not accepted by the {protocol}:// backend ({exc}): "
                           "fix storage.options in the config") from None
     return fs, fs._strip_protocol(url).rstrip("/")
+
+
+def location(url: str) -> tuple[str, str]:
+    """Where a store URL points, whatever its spelling: (the backend's class, the path without
+    scheme or trailing slash). az:// and abfs://, s3:// and s3a://, or a container written with
+    its account's host, are one place: comparing the URLs' texts let a run scan its own OUT."""
+    fs, path = filesystem(url)
+    return f"{type(fs).__module__}.{type(fs).__qualname__}", path
+
+
+def within(url: str, prefix: str) -> bool:
+    """`url` is `prefix` or lies under it (both store URLs; see `location`)."""
+    (kind, path), (base_kind, base) = location(url), location(prefix)
+    return kind == base_kind and (path == base or path.startswith(base + "/") or not base)
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
@@ -171,9 +222,38 @@ def access_error(url: str, exc: Exception, what: str, option: str) -> ConfigErro
     return ConfigError(f"{what} {url!r} ({option}): {why}")
 
 
+STORE_SLOW_S = 15.0  # a first call to a store unanswered this long is said to be waiting
+
+
+@contextlib.contextmanager
+def slow_answer_noted(url: str, what: str) -> Iterator[None]:
+    """Logs a warning once when the calls inside take over STORE_SLOW_S: a store's client retries
+    an endpoint that does not answer for a minute or more (Azure's ~90 s, GCS's ~35 s) before the
+    error that stops the run, and the run looked hung meanwhile."""
+    done = threading.Event()
+
+    def note() -> None:
+        if not done.wait(STORE_SLOW_S):
+            log.warning("%s %s: no answer from the store after %.0f s (its client retries); if this goes on, "
+                        "check the endpoint and the network (storage.options, AWS_ENDPOINT_URL, "
+                        "STORAGE_EMULATOR_HOST, the connection string)", what, url, STORE_SLOW_S)
+    threading.Thread(target=note, name="dedupe-store-wait", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 def check_input(url: str) -> None:
     """DATA on a store: the bucket answers and the prefix holds objects; ConfigError otherwise."""
+    with slow_answer_noted(url, "input location"):
+        _check_input(url)
+
+
+def _check_input(url: str) -> None:
     fs, root = filesystem(url)
+    if not root.strip("/"):  # (every path then lost its first character: "hotos/data/...")
+        raise ConfigError(f"input location {url!r} names no bucket or container: pass DATA=<bucket/prefix of images>")
     try:
         found = fs.ls(root, detail=False, refresh=True)
     except FileNotFoundError:
@@ -199,7 +279,8 @@ def iter_objects(url: str, cfg: ScanConfig, skip: Sequence[str] = ()) -> Iterato
     prefixes not to go into (the run's own OUT, catalog and work prefix when they lie inside DATA)."""
     fs, root = filesystem(url)
     scheme = url.split("://", 1)[0]
-    skipped = {filesystem(p)[1] for p in skip if is_url(p) and str(p).split("://", 1)[0] == scheme}
+    kind = location(url)[0]
+    skipped = {path for path_kind, path in (location(p) for p in skip if is_url(p)) if path_kind == kind}
     stack = [root]
     while stack:
         folder = stack.pop()
@@ -228,6 +309,12 @@ def iter_objects(url: str, cfg: ScanConfig, skip: Sequence[str] = ()) -> Iterato
             if "?versionId=" in name and scheme in ("s3", "s3a"):  # (s3fs reads the rest as a version id)
                 keep, error = True, ("cannot read: the key holds '?versionId=', which the S3 client takes for an "
                                      "object version: rename the object")
+            elif keep and fs._strip_protocol(_url(fs, name)).rstrip("/") != name:
+                # (the tiers read an object by its URL: a name the client parses into another one,
+                # e.g. adlfs's "a?b#c.jpg" -> "a#c.jpg?b", or drops characters of, tabs and line
+                # breaks, was read as "deleted after it was listed", which it was not)
+                error = (f"cannot read: the {scheme}:// client takes this name for another as a URL (a '?' "
+                         "before a '#', or a control character): rename the object")
             if keep:
                 mtime = _mtime(info)
                 yield scan.FileEntry(name[len(root) + 1:], _url(fs, name), size, mtime, error,
@@ -531,10 +618,11 @@ def locked(out: str, name: str = LOCK_NAME, what: str = "output location", optio
     token = uuid.uuid4().hex
     data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       "command": " ".join(sys.argv)[:500], "token": token}).encode("utf-8")
+                       "command": command_line(), "token": token}).encode("utf-8")
     try:
         try:
-            _create_exclusive(fs, lock, data)
+            with slow_answer_noted(out, what):
+                _create_exclusive(fs, lock, data)
         except FileExistsError:
             record = _lock_record(fs, lock)
             if record is not None and record["age_s"] <= lease_s:

@@ -28,6 +28,8 @@ import yaml
 
 from bench.cluster import Worker, external_cluster, free_port
 from conftest import kill_when_logged
+from pipeline import run as run_mod
+from pipeline import storage
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -711,6 +713,62 @@ def test_cascade_on_azure_blob_storage_equals_a_local_run(azure, dataset, tmp_pa
     finally:
         holder.communicate("\n", timeout=60)
     assert holder.returncode == 0
+
+
+@pytest.mark.slow
+def test_azure_runs_keep_the_key_out_of_their_outputs_and_logs_and_know_one_place_by_two_names(azure, tmp_path):
+    """On Azurite, from a helper audit of the other stores:
+    - the key given as storage.options.connection_string (adlfs's own option) is in no output,
+      generation or catalog manifest (it was, whole: only keys named like a secret were masked);
+    - no line per HTTP request in the log (the Azure SDK logs each at INFO: thousands a run);
+    - OUT spelled abfs:// inside DATA spelled az:// is not scanned by the next run (its
+      thumbnails were listed as images: the URLs' texts were compared, not the place);
+    - an object whose name the client parses into another as a URL ("a?b#c.jpg") is a row saying
+      to rename it, not "deleted after it was listed";
+    - DATA at the account's root (no container) is refused (every path lost its first letter)."""
+    name, key = AZURITE_ACCOUNT
+    env = dict(azure)
+    connection = env.pop("AZURE_STORAGE_CONNECTION_STRING")
+    config = tmp_path / "az.yaml"
+    config.write_text(json.dumps({"storage": {"options": {"connection_string": connection}}}))
+    _in_a_fresh_process(azure, "az://aphotos/data",
+                        "import os\n"
+                        "from azure.storage.blob import BlobServiceClient\n"
+                        "sizes = fs.du(root, total=False)\n"
+                        "files = sorted((p for p in sizes if p.endswith('.jpg')), key=lambda p: -sizes[p])[:6]\n"
+                        "for p in files:\n"
+                        "    fs.pipe_file('aphotos/own/' + p.rsplit('/', 1)[1], fs.cat_file(p))\n"
+                        "# (through the SDK: adlfs would parse the name as a URL on the way in, too)\n"
+                        "service = BlobServiceClient.from_connection_string(os.environ['AZURE_STORAGE_CONNECTION_STRING'])\n"
+                        "for name in ('odd/a?b#c.jpg', 'odd/plain.jpg'):\n"
+                        "    service.get_blob_client('aphotos', name).upload_blob(fs.cat_file(files[0]), overwrite=True)\n")
+    args = ["--config", str(config), "--tiers", "screen", "--scheduler", "sync", "--quiet"]
+    first = _run(["az://aphotos/own", "--out", "abfs://aphotos/own/out-abfs", *args], env, tmp_path, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "http_logging_policy" not in first.stderr and "Request URL" not in first.stderr
+    assert len(first.stderr.splitlines()) < 40, first.stderr[-3000:]
+    again = _run(["az://aphotos/own", "--out", "abfs://aphotos/own/out-abfs", *args], env, tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    found = json.loads(_in_a_fresh_process(
+        azure, "az://aphotos/own/out-abfs",
+        "import pyarrow.parquet as pq\n"
+        "texts = {p: fs.cat_file(p).decode('latin-1') for p in fs.find(root) if p.endswith(('.json', '.parquet'))}\n"
+        "files = [pq.read_table(fs.open(root + '/images.parquet')).num_rows for _ in range(1)]\n"
+        "manifest = json.loads(fs.cat_file(root + '/run.json'))\n"
+        "print(json.dumps({'leaks': sorted(p for p, t in texts.items() if sys.argv[3] in t),\n"
+        "                  'looked': len(texts), 'files': files[0], 'counts': manifest['counts']}))\n", key))
+    assert found["looked"] >= 6 and found["leaks"] == [], found
+    # (the second run listed DATA's 6 images only, not the first run's OUT and its thumbnails)
+    assert found["counts"]["files"] == found["files"] == 6, found
+
+    odd = _run(["az://aphotos/odd", "--out", str(tmp_path / "odd-out"), "--no-catalog", *args], env, tmp_path,
+               timeout=300)
+    assert odd.returncode == 0, odd.stderr[-3000:]
+    images = pd.read_parquet(tmp_path / "odd-out" / "images.parquet").set_index("path")
+    assert "rename the object" in images.loc["a?b#c.jpg", "error"] and pd.isna(images.loc["plain.jpg", "error"])
+
+    bare = _run(["az://", "--out", str(tmp_path / "bare"), *args], env, tmp_path, timeout=300)
+    assert bare.returncode == 2 and "names no bucket or container" in bare.stderr, bare.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -1781,3 +1839,41 @@ def test_a_publish_that_fails_after_its_commit_point_says_so(s3, monkeypatch, ca
     assert "the new outputs were published" in caplog.text and "untouched" not in caplog.text
     current = fs.cat_file(f"{b}/out/.dedupe/current").decode()
     assert fs.exists(f"{b}/out/.dedupe/{current}/run.json")
+
+
+def test_secrets_file_urls_and_one_store_by_two_names_without_a_server():
+    """storage.redacted masks adlfs's connection string and any value that carries a key or a SAS
+    signature; a lock's command line masks secret --set storage.options values (the key was in
+    OUT/.dedupe.lock and in another run's "in use by" message); file:// URLs decode as URLs
+    (Path.as_uri()'s %20, file://localhost/); a local-only option refuses a store URL; s3:// and
+    s3a:// name one place, so OUT under DATA is known whatever the spelling."""
+    from pipeline.actions import PlanError
+    assert storage.redacted({"connection_string": "DefaultEndpointsProtocol=http;AccountKey=abc;",
+                             "account_name": "acct", "client_kwargs": {"endpoint_url": "http://h/x?sv=1&sig=abc"},
+                             "anon": False}) == {"connection_string": "***", "account_name": "acct",
+                                                 "client_kwargs": {"endpoint_url": "***"}, "anon": False}
+    command = storage.command_line(["dedupe", "dedupe", "az://c/d", "--set", "storage.options.account_key=abc",
+                                    "--set", "storage.options.conn_str=BlobEndpoint=x;AccountKey=abc",
+                                    "--set", "screen.max_distance=8", "--set", "storage.options.anon=false"])
+    assert "abc" not in command and "storage.options.account_key=***" in command
+    assert "screen.max_distance=8" in command and "storage.options.anon=false" in command
+    assert storage.local_form("file:///tmp/my%20photos") == "/tmp/my photos"
+    assert storage.local_form("file://localhost/tmp/x") == "/tmp/x" and storage.local_form("/tmp/x") == "/tmp/x"
+    with pytest.raises(PlanError, match="--to 'az://c/backup': a local path is needed"):
+        storage.local_path("az://c/backup", "--to", PlanError)
+    assert storage.local_path("file:///tmp/b%23", "--to", PlanError) == "/tmp/b#"
+    assert storage.location("s3://bucket/data/") == storage.location("s3a://bucket/data")
+    assert run_mod.inside("s3://bucket/data", ["s3a://bucket/data/out", "s3://bucket/other", "s3a://bucket/data"]) \
+        == ["s3a://bucket/data/out"]
+
+
+def test_local_only_options_refuse_store_urls_and_decode_file_urls(tmp_path, capsys):
+    """`apply --to az://...` was a dry run into ./az:/...; `--to file:///x` moved files into
+    ./file:/x; `query --output az://...` said its folder did not exist."""
+    from pipeline.cli import main
+    plan = tmp_path / "plan.parquet"
+    pd.DataFrame({"cluster_id": pd.Series([], dtype="int64")}).to_parquet(plan)
+    assert main(["apply", str(plan), "--action", "move", "--to", "az://photos/backup"]) == 2
+    assert "a local path is needed here" in capsys.readouterr().err
+    assert main(["query", str(tmp_path / "x.jpg"), "--catalog", str(tmp_path), "--output", "az://c/x.csv"]) == 2
+    assert "--output 'az://c/x.csv': a local path is needed here" in capsys.readouterr().err
