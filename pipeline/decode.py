@@ -30,7 +30,7 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageCms, ImageOps
 
-from pipeline import paths, storage
+from pipeline import paths, scan, storage
 
 # Pillow's own bomb check raises only above 2x MAX_IMAGE_PIXELS; we check the size ourselves.
 Image.MAX_IMAGE_PIXELS = None
@@ -184,6 +184,21 @@ def _opencv_tiff(path, max_pixels: int) -> Image.Image | None:
     return img
 
 
+DNG_VERSION_TAG = 50706
+
+
+def _head(path) -> bytes:
+    """The first bytes of a file or a stream (nothing when they cannot be read)."""
+    try:
+        if hasattr(path, "read"):
+            path.seek(0)
+            return path.read(scan.SNIFF_BYTES)
+        with paths.open_bytes(path) as fh:
+            return fh.read(scan.SNIFF_BYTES)
+    except (OSError, ValueError):
+        return b""
+
+
 def open_checked(path: str | Path, max_pixels: int) -> Image.Image:
     """Open (header only) and check the pixel count; raises DecodeError."""
     try:
@@ -205,9 +220,16 @@ def open_checked(path: str | Path, max_pixels: int) -> Image.Image:
     except Image.UnidentifiedImageError:
         img = _opencv_tiff(path, max_pixels)
         if img is None:
+            said = scan.sniff(_head(path))
+            if said:  # (a truncated AVIF read as "not a recognised image format", as a text file does)
+                raise DecodeError(f"cannot decode: its first bytes say {said}, which its decoder cannot read "
+                                  "(corrupt or truncated?)") from None
             raise DecodeError("not a recognised image format") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DecodeError(f"cannot open: {exc}") from None
+        raise DecodeError(f"cannot open: {str(exc).strip()}") from None
+    if img.format == "TIFF" and DNG_VERSION_TAG in getattr(img, "tag_v2", {}):
+        # (a DNG by any name: its first picture is the camera's small preview, not the photo)
+        raise DecodeError(scan.RAW_ERROR)
     w, h = img.size
     if w <= 0 or h <= 0:
         raise DecodeError(f"invalid image size {w}x{h}")
@@ -284,6 +306,12 @@ def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 
             drafts = bool(min_side) and fmt in ("JPEG", "HEIF")  # can decode at a reduced scale
             if not drafts:  # refuse by header, before getexif (a PNG's EXIF may follow its pixels:
                 _check_budget(img, max_decode_bytes)  # reading it decodes the whole image)
+            if fmt == "PNG":
+                # decoded here, its errors raised: getexif decodes a PNG to find an eXIf chunk past
+                # its pixels, and _orientation, which must not fail on a broken EXIF block, swallowed
+                # a damaged stream's error; the load below then kept the half-decoded pixels (a
+                # damaged copy was paired with its original, and a plan could keep it)
+                img.load()
             orientation = _orientation(img)
             w, h = img.size
             full_size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
@@ -315,7 +343,7 @@ def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 
         raise DecodeError(f"image too large: {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, IndexError,
             TypeError, KeyError, ZeroDivisionError) as exc:
-        text = str(exc) or type(exc).__name__
+        text = str(exc).strip() or type(exc).__name__
         if isinstance(exc, MemoryError):  # (named: a failure for memory is tried again, catalog.tried_again)
             raise DecodeError(f"cannot decode: MemoryError: {text}") from None
         if "truncated" in text.lower():

@@ -47,7 +47,22 @@ SIGNATURES: list[tuple[int, bytes, str]] = [
     (4, b"ftypmsf1", "HEIF"),
     (4, b"ftypavif", "AVIF"),
     (4, b"ftypavis", "AVIF"),
+    # camera RAW formats with signatures of their own (the TIFF-based ones, CR2, NEF, ARW, DNG,
+    # ..., begin as a TIFF: known by RAW_EXTENSIONS here, and a DNG by its tag when decoded)
+    (0, b"IIRO", "RAW"),  # Olympus ORF
+    (0, b"IIRS", "RAW"),
+    (0, b"MMOR", "RAW"),
+    (0, b"IIU\x00", "RAW"),  # Panasonic RW2
+    (0, b"FUJIFILMCCD-RAW", "RAW"),  # Fujifilm RAF
+    (4, b"ftypcrx ", "RAW"),  # Canon CR3
 ]
+# camera RAW files are listed and recorded as errors, not read: most begin as a TIFF whose first
+# picture is a small preview, which was taken for the photo (a 256-pixel "TIFF" paired with its
+# camera JPEG, and a plan could remove the RAW as the smaller copy)
+RAW_EXTENSIONS = frozenset({".3fr", ".ari", ".arw", ".bay", ".cr2", ".cr3", ".crw", ".dcr", ".dng", ".erf", ".fff",
+                            ".iiq", ".k25", ".kdc", ".mef", ".mos", ".mrw", ".nef", ".nrw", ".orf", ".pef", ".raf",
+                            ".raw", ".rw2", ".rwl", ".sr2", ".srf", ".srw", ".x3f"})
+RAW_ERROR = "camera RAW file: not read (RAW decoding is not supported; a JPEG or TIFF export of it is)"
 _PNM = {b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"P7"}
 # a BMP's DIB header sizes (core, v2-v5, OS/2): "BM" alone is how "BMW notes.txt" begins too
 _BMP_DIB_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
@@ -102,7 +117,10 @@ def sniff(head: bytes) -> str | None:
 
 def classify(abs_path: str, size: int, cfg: ScanConfig) -> tuple[bool, str | None]:
     """(keep?, error) for one regular file: kept when its name or its first bytes say image."""
-    ext_is_image = os.path.splitext(abs_path)[1].lower() in cfg.image_extensions
+    ext = os.path.splitext(abs_path)[1].lower()
+    if ext in RAW_EXTENSIONS:  # (not opened)
+        return True, RAW_ERROR
+    ext_is_image = ext in cfg.image_extensions
     too_large = f"file too large: {size} bytes exceeds scan.max_file_bytes={cfg.max_file_bytes}"
     if size > cfg.max_file_bytes and ext_is_image:
         return True, too_large  # (not opened)
@@ -113,7 +131,10 @@ def classify(abs_path: str, size: int, cfg: ScanConfig) -> tuple[bool, str | Non
         return ext_is_image, f"cannot read: {exc.strerror or exc}"
     if size > cfg.max_file_bytes:  # (an image by its bytes alone, e.g. IMG_0002: it was dropped unsaid)
         return sniff(head) is not None, too_large
-    if sniff(head):
+    found = sniff(head)
+    if found == "RAW":
+        return True, RAW_ERROR
+    if found:
         return True, None
     if not ext_is_image:
         return False, None
@@ -187,7 +208,9 @@ def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLi
                     files.append((i, rel, path, 0, mtime_ns, _not_a_file(mode)))
             seen = np.zeros(len(files), bool)
             # (odd: past 64 bits, no record's)
-            plain = [j for j, f in enumerate(files) if f[0] not in odd and f[5] is None]
+            # (a RAW file is classified each time: a catalog may hold one read as its TIFF preview)
+            plain = [j for j, f in enumerate(files) if f[0] not in odd and f[5] is None
+                     and os.path.splitext(f[1])[1].lower() not in RAW_EXTENSIONS]
             if known_images is not None and plain:
                 seen[plain] = known_images([files[j][1] for j in plain], np.array([files[j][3] for j in plain], np.int64),
                                            np.array([files[j][4] for j in plain], np.int64))

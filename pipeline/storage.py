@@ -325,7 +325,10 @@ def iter_objects(url: str, cfg: ScanConfig, skip: Sequence[str] = ()) -> Iterato
 def _classify(fs, name: str, size: int, cfg: ScanConfig) -> tuple[bool, str | None]:
     """As scan.classify, but an object with an image extension is not read here (the screen
     reads it anyway and checks its content): a listing of millions makes no GET per object."""
-    ext_is_image = os.path.splitext(name)[1].lower() in cfg.image_extensions
+    ext = os.path.splitext(name)[1].lower()
+    if ext in scan.RAW_EXTENSIONS:
+        return True, scan.RAW_ERROR
+    ext_is_image = ext in cfg.image_extensions
     too_large = f"file too large: {size} bytes exceeds scan.max_file_bytes={cfg.max_file_bytes}"
     if ext_is_image:
         return True, too_large if size > cfg.max_file_bytes else None
@@ -335,7 +338,10 @@ def _classify(fs, name: str, size: int, cfg: ScanConfig) -> tuple[bool, str | No
         head = fs.cat_file(name, start=0, end=scan.SNIFF_BYTES)
     except OSError:
         return False, None
-    return bool(scan.sniff(head)), too_large if size > cfg.max_file_bytes else None
+    found = scan.sniff(head)
+    if found == "RAW":
+        return True, scan.RAW_ERROR
+    return bool(found), too_large if size > cfg.max_file_bytes else None
 
 
 def _mtime(info: dict) -> float:

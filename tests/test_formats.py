@@ -327,3 +327,39 @@ def test_heic_decodes_in_a_dask_worker_process(photo, tmp_path):
             as cluster, distributed.Client(cluster) as client:
         size, fmt = client.submit(lambda p: load_image(p)[1:], str(path)).result()
     assert size == photo.size and fmt == "HEIF"
+
+
+def test_a_png_damaged_mid_stream_is_an_error_not_half_a_picture(photo):
+    """200 bytes flipped in the middle of a PNG's pixel data: an error (plain Pillow raises too).
+    It decoded with no error, its lower part black (getexif decodes a PNG to find its EXIF, and
+    the orientation lookup swallowed the failure): paired with its intact copy, a plan could keep
+    the damaged one. An intact PNG's EXIF orientation still turns it."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for extra in ({}, {"exif": exif.tobytes()}):
+        good = saved(photo, "PNG", **extra).getvalue()
+        rotten = bytearray(good)
+        for i in range(len(rotten) // 2, len(rotten) // 2 + 200):
+            rotten[i] ^= 0xFF
+        for min_side in (None, 64):
+            with pytest.raises(DecodeError):
+                load_image(io.BytesIO(bytes(rotten)), min_side=min_side)
+        img, size, fmt = load_image(io.BytesIO(good))
+        w, h = photo.size
+        assert fmt == "PNG" and size == ((h, w) if extra else (w, h)) and img.size == size
+
+
+def test_a_truncated_avif_or_heic_says_what_it_is(photo):
+    """A truncated AVIF said "not a recognised image format", as a text file does; a truncated
+    HEIC's reason ended in a line break."""
+    for fmt in ("AVIF", "HEIF"):
+        whole = saved(photo, fmt, quality=80).getvalue()
+        with pytest.raises(DecodeError) as exc:
+            load_image(io.BytesIO(whole[: len(whole) // 2]))
+        text = str(exc.value)
+        assert text == text.strip() and "\n" not in text and "not a recognised image format" not in text
+    with pytest.raises(DecodeError, match="its first bytes say AVIF"):
+        whole = saved(photo, "AVIF", quality=80).getvalue()
+        load_image(io.BytesIO(whole[: len(whole) // 2]))
+    with pytest.raises(DecodeError, match="^not a recognised image format$"):
+        load_image(io.BytesIO(b"plain text, no image at all " * 4))

@@ -210,3 +210,39 @@ def test_an_image_past_max_file_bytes_without_an_image_name_is_a_row(tmp_path):
     (tmp_path / "notes").write_bytes(b"x" * 5000)
     got = {e.path: e.error for e in iter_files(tmp_path, ScanConfig(max_file_bytes=100))}
     assert set(got) == {"IMG_0002", "big.jpg"} and all(e.startswith("file too large") for e in got.values())
+
+
+def test_camera_raw_files_are_error_rows_not_their_previews(tmp_path):
+    """Camera RAW files are recorded as errors, as the README says: most begin as a TIFF whose
+    first picture is the camera's small preview, which was read as the photo (a 256-pixel TIFF
+    paired with its camera JPEG, a plan removing the RAW as the smaller copy); ORF, RW2, RAF and
+    CR3 were left out unsaid. A DNG is known by its tag whatever its name. A re-run with the
+    catalog keeps them errors."""
+    import pandas as pd
+    from PIL import TiffImagePlugin
+
+    from pipeline.cli import main
+    from pipeline.scan import RAW_ERROR
+    data = tmp_path / "data"
+    data.mkdir()
+    photo = Image.effect_mandelbrot((480, 320), (-2, -1, 1, 1), 80).convert("RGB")
+    photo.save(data / "IMG_0001.jpg", quality=92)
+    preview = photo.resize((240, 160))
+    preview.save(data / "IMG_0001.NEF", format="TIFF")  # (a NEF's first directory: its preview)
+    dng = TiffImagePlugin.ImageFileDirectory_v2()
+    dng[50706] = b"\x01\x04\x00\x00"
+    dng.tagtype[50706] = 1
+    preview.save(data / "IMG_0002.dng", format="TIFF", tiffinfo=dng)
+    preview.save(data / "exported.tif", format="TIFF", tiffinfo=dng)  # (a DNG named .tif)
+    for name, head in (("P1010001", b"IIRO\x08\x00\x00\x00"), ("P1010002", b"IIU\x00\x08\x00\x00\x00"),
+                       ("DSCF0001", b"FUJIFILMCCD-RAW 0201FF129502"), ("IMG_0003", b"\x00\x00\x00\x18ftypcrx ")):
+        (data / name).write_bytes(head + bytes(4000))
+    out = tmp_path / "out"
+    for _ in range(2):  # (the second run: with the first one's catalog)
+        assert main(["dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync",
+                     "--quiet"]) == 0
+        images = pd.read_parquet(out / "images.parquet").set_index("path")
+        raw = ["IMG_0001.NEF", "IMG_0002.dng", "exported.tif", "P1010001", "P1010002", "DSCF0001", "IMG_0003"]
+        assert sorted(images.index) == sorted(["IMG_0001.jpg", *raw])
+        assert (images.loc[raw, "error"] == RAW_ERROR).all(), images["error"].to_dict()
+        assert pd.isna(images.loc["IMG_0001.jpg", "error"]) and images["cluster_id"].isna().all()
