@@ -374,6 +374,14 @@ def _validate(cfg: Config) -> None:
         (v.min_keypoints >= 1, "verify.min_keypoints must be >= 1"),
         (v.ransac_threshold > 0, "verify.ransac_threshold must be > 0 (pixels)"),
         (v.min_good_matches >= 3, "verify.min_good_matches must be >= 3 (RANSAC needs 3 points for a model)"),
+        # (settings that contradict each other: every image, or every pair, would fail the same way)
+        (v.n_features >= v.min_keypoints, f"verify.n_features ({v.n_features}) is below verify.min_keypoints "
+                                          f"({v.min_keypoints}): every image would count as having too few "
+                                          "keypoints; raise n_features or lower min_keypoints"),
+        (v.min_good_matches <= v.n_features, f"verify.min_good_matches ({v.min_good_matches}) is above "
+                                             f"verify.n_features ({v.n_features}): no pair could ever be checked"),
+        (s.hash != "whash" or (s.hash_size & (s.hash_size - 1)) == 0,
+         f"screen.hash whash needs a power of 2 for screen.hash_size (8, 16, 32, ...), not {s.hash_size}"),
         (v.opencv_threads >= 0, "verify.opencv_threads must be >= 0"),
         (v.upscale_below >= 0, "verify.upscale_below must be >= 0"),
         (0 < e.alpha <= 1.4, "embed.alpha must be in (0, 1.4] (a MobileNet width multiplier)"),
@@ -488,13 +496,32 @@ def preset_path(name: str) -> Path:
     return path
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, but a key given twice in one mapping is an error: the later one
+    won silently (a second `screen:` section dropped the first's settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):  # (not hashable: left to PyYAML)
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(p: Path) -> dict:
     if p.is_dir():
         raise ConfigError(f"config file {str(p)!r} is a folder: pass a YAML file to --config")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found: pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)
     except yaml.MarkedYAMLError as exc:  # (one line, at the file's line and column, not "<unicode string>")
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -128,6 +128,12 @@ def test_a_dotted_override_below_a_mapping_changes_one_entry(tmp_path):
     (["dask.scheduler=tcp://127.0.0.1:99999"], "dask.scheduler"),
     (["dask.scheduler=127.0.0.1:0"], "dask.scheduler"),
     (["screen.mode=hash+embedding", "tiers=screen"], "use tiers verify or confirm"),
+    # (every image failed "hash_size is not power of 2", exit 0)
+    (["screen.hash=whash", "screen.hash_size=24"], "whash needs a power of 2 for screen.hash_size"),
+    # (every photo "too few keypoints": every pair sent to the pixel check, duplicates lost)
+    (["verify.n_features=10"], r"verify.n_features \(10\) is below verify.min_keypoints \(25\)"),
+    (["verify.n_features=10", "verify.min_keypoints=5", "verify.min_good_matches=11"],
+     r"verify.min_good_matches \(11\) is above verify.n_features \(10\)"),
 ])
 def test_values_that_would_fail_late_are_refused_at_once(overrides, message):
     """Values the checks let through and a later step failed on, with a traceback after the
@@ -158,3 +164,15 @@ def test_a_config_file_that_is_no_mapping_is_refused_with_where(tmp_path):
         load_config(tmp_path)
     (tmp_path / "empty.yaml").write_text("")
     assert load_config(tmp_path / "empty.yaml") == Config()
+    # a key given twice: the later one won silently (a second screen: section dropped the first's)
+    (tmp_path / "twice.yaml").write_text("screen:\n  max_distance: 12\ndecide:\n  accept_inliers: 30\n"
+                                         "screen:\n  dihedral_max_distance: 2\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml' is not valid YAML at line 5, column 1: the key 'screen' is "
+                                          "given twice"):
+        load_config(tmp_path / "twice.yaml")
+    (tmp_path / "twice.yaml").write_text("screen:\n  max_distance: 12\n  max_distance: 3\n")
+    with pytest.raises(ConfigError, match="the key 'max_distance' is given twice"):
+        load_config(tmp_path / "twice.yaml")
+    (tmp_path / "anchors.yaml").write_text("base: &b {max_distance: 12}\nscreen:\n  <<: *b\n  hash_size: 16\n")
+    with pytest.raises(ConfigError, match="base"):  # (merge keys still work; 'base' is just unknown)
+        load_config(tmp_path / "anchors.yaml")
