@@ -682,6 +682,7 @@ def _error_result(side: str, error: str, method: str = "orb") -> tuple:
 
 
 PLAIN_NOTE = "; b unmirrored (the hash's orientation was mirrored)"
+_STATUS_RANK = {"no-match": 0, "inconclusive": 1, "match": 2}
 
 
 def check_pair(fa: dict, fb: dict, transform: int, cfg: VerifyConfig, fb_plain: dict | None = None,
@@ -692,10 +693,11 @@ def check_pair(fa: dict, fb: dict, transform: int, cfg: VerifyConfig, fb_plain: 
     A mirrored transform (>= 4) is the screen's guess: the hash of b's flipped picture was the
     closest, which a nearly symmetric picture can give by chance, and ORB descriptors do not match
     across a mirror. So when that check is not a match and b's plain features (`fb_plain`) are
-    given, a plain against b plain is tried too, and kept only when it is a match; the reason
-    then says b was unmirrored. Only a match: on the 10k benchmark ~600 mirrored pairs found a
-    few more noise inliers unmirrored (3-4 against 0-1) and none of those changed a verdict,
-    while a flat mirrored logo (no match either way, the pixel check decides) must keep the
+    given, a plain against b plain is tried too, and kept only when its verdict is better (a
+    match, or inconclusive against no-match); the reason then says b was unmirrored. Not on more
+    inliers alone: on the 10k benchmark ~600 mirrored pairs found a few more noise inliers
+    unmirrored (3-4 against 0-1, no-match both ways) and none of those changed a verdict, while
+    a flat mirrored logo (inconclusive either way, the pixel check decides) must keep the
     screen's alignment. The pixel check uses the orientation kept: its RANSAC model when there
     is one, else its turn; in decode.DIHEDRAL's numbering every mirrored t is the left-right flip
     followed by the rotation t - 4 (4 = flip, 5 = flip then rot90, ...), so dropping the flip
@@ -704,7 +706,10 @@ def check_pair(fa: dict, fb: dict, transform: int, cfg: VerifyConfig, fb_plain: 
     turn = int(transform)
     if (fb_plain is not None and not fb_plain["error"] and turn >= 4 and result[3] != "match"):
         plain, plain_model = _verify_model(fa, fb_plain, cfg, matcher)
-        if plain[3] == "match":
+        # (a strictly better verdict: a match, or inconclusive against no-match, which sends the
+        # pair on to the confirm tier; an embedding-only pair of high-recall mode comes here
+        # mirrored on purpose, `candidates.union_pairs`, and its plain check must not lose to it)
+        if _STATUS_RANK[plain[3]] > _STATUS_RANK[result[3]]:
             result, model, fb, turn = plain[:4] + (plain[4] + PLAIN_NOTE,), plain_model, fb_plain, turn - 4
     pixels = pixel_check(fa, fb, turn, model) if needs_pixel_check(fa, fb, cfg) else (np.nan, np.nan)
     return result + pixels

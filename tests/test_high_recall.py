@@ -233,9 +233,37 @@ def test_union_keeps_hash_rows_and_fills_distances():
     assert out.loc[0, "hash_distance"] == 3 and out.loc[0, "transform"] == 2 and out.loc[0, "source"] == "both"
     assert out.loc[1, "source"] == "hash" and np.isnan(out.loc[1, "embedding_cosine"])
     row = out.loc[2]
-    assert row["source"] == "embedding" and row["transform"] == 0
+    # (the closest variant's rotation, mirrored: checked both ways round; it was always 0, so a
+    # mirrored copy was checked unmirrored only)
+    prepared = candidates._prepare(codes, mask, cfg, None)
+    assert row["source"] == "embedding" and row["transform"] == candidates.pair_best(
+        *prepared, np.array([3]), np.array([5]))[1][0] % 4 + 4
     # expected: min popcount over a's query variants (0..8) vs b's index variants (0, 8), both ways
     pop = lambda x: bin(int(x)).count("1")  # noqa: E731
     expect = min(min(pop(codes[3, v, 0] ^ codes[5, e, 0]), pop(codes[5, v, 0] ^ codes[3, e, 0]))
                  for v in range(V) for e in (0, 8))
     assert row["hash_distance"] == expect
+
+
+def test_mirrored_heavy_crops_found_by_the_embeddings_are_checked_mirrored(photo_paths, base_cfg, tmp_path):
+    """12 photos and a mirrored 60 % crop of each: the hash misses most (distances 11-32), the
+    embeddings find 11, and the verify tier checks each both ways round: all 11 are duplicates
+    here (none was, all checked unmirrored, where ORB descriptors do not match: 0-5 inliers);
+    no false pair."""
+    if len(photo_paths) < 52:
+        pytest.skip(f"need 52 photos, found {len(photo_paths)}")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, p in enumerate(photo_paths[40:52]):
+        img = ImageOps.exif_transpose(Image.open(p)).convert("RGB")
+        img.thumbnail((640, 640))
+        img.save(data / f"p{i:02d}.jpg", quality=90)
+        w, h = img.size
+        ImageOps.mirror(img.crop((w // 5, h // 5, w * 4 // 5, h * 4 // 5))).save(data / f"p{i:02d}_mcrop.jpg",
+                                                                                  quality=90)
+    out = tmp_path / "out"
+    run.run(data, out, _cfg(base_cfg, "hash+embedding"), scheduler="sync", quiet=True)
+    pairs = _pairs(out)
+    same = pairs["path_a"].str[:3] == pairs["path_b"].str[:3]
+    assert not (pairs["is_duplicate"] & ~same).any()
+    assert int((pairs["is_duplicate"] & same).sum()) >= 10, pairs[same].to_string()

@@ -671,6 +671,23 @@ def test_mirrored_hash_on_an_unmirrored_copy_is_checked_plain(lookalike, tmp_pat
     assert int(verify.feature_key(2, 4)) in made
 
 
+def test_a_plain_check_that_is_inconclusive_beats_a_mirrored_no_match(lookalike):
+    """The plain check is kept when its verdict is better, not only when it is a match: here
+    inconclusive (sent on to the confirm tier) against the mirrored check's no-match (rejected
+    for good). An embedding-only pair of high-recall mode is checked mirrored first on purpose
+    (candidates.union_pairs): an unmirrored copy that ORB cannot settle must not lose its way to
+    the cosine for it."""
+    cfg = Config()
+    cfg.verify.reject_inliers, cfg.verify.match_inliers = 20, 10 ** 4  # (no match; no-match below 20)
+    blur, rotated, _ = lookalike
+    fa = _feature_dict(blur, 0, cfg)
+    fb, fb0 = _feature_dict(rotated, 4, cfg), _feature_dict(rotated, 0, cfg)
+    mirrored = verify.check_pair(fa, fb, 4, cfg.verify)
+    assert mirrored[3] == "no-match", mirrored
+    kept = verify.check_pair(fa, fb, 4, cfg.verify, fb0)
+    assert kept[3] == "inconclusive" and kept[1] >= 20 and kept[4].endswith(verify.PLAIN_NOTE)
+
+
 def test_mirrored_turn_is_flip_then_turn_minus_4():
     """decode.DIHEDRAL numbering: t >= 4 is the left-right flip followed by rotation t - 4, so a
     pair kept unmirrored is aligned for the pixel check by turn t - 4 of b's plain picture."""
