@@ -177,8 +177,12 @@ def filesystem(url: str, options: dict | None = None):
     try:
         fs = cls(**(_options if options is None else options))
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"storage.options are not accepted by the {protocol}:// backend ({exc}): "
-                          "fix storage.options in the config") from None
+        # (a TypeError is an option the backend does not know; a ValueError, often, credentials it
+        # found none of: adlfs with no account says so this way)
+        raise ConfigError(f"storage.options are not accepted by the {protocol}:// backend, or it found no "
+                          f"credentials ({exc}): fix storage.options in the config, or give the store's "
+                          "credentials in its environment variables (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, "
+                          "AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_ACCOUNT_NAME, ...)") from None
     return fs, fs._strip_protocol(url).rstrip("/")
 
 

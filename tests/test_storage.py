@@ -1867,6 +1867,17 @@ def test_secrets_file_urls_and_one_store_by_two_names_without_a_server():
         == ["s3a://bucket/data/out"]
 
 
+def test_an_azure_store_with_no_credentials_says_so(monkeypatch):
+    """adlfs with no account or key refuses to start with a ValueError: the message said only that
+    storage.options were not accepted, with none given."""
+    from pipeline.config import ConfigError
+    pytest.importorskip("adlfs", reason="adlfs is not installed (make install installs the test extras)")
+    for key in [k for k in os.environ if k.startswith("AZURE_")]:
+        monkeypatch.delenv(key)
+    with pytest.raises(ConfigError, match="or it found no credentials .*AZURE_STORAGE_CONNECTION_STRING"):
+        storage.filesystem("az://photos/data", {})
+
+
 def test_local_only_options_refuse_store_urls_and_decode_file_urls(tmp_path, capsys):
     """`apply --to az://...` was a dry run into ./az:/...; `--to file:///x` moved files into
     ./file:/x; `query --output az://...` said its folder did not exist."""
