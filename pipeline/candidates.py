@@ -20,7 +20,7 @@ matches the first of (a plain, b plain, a trimmed, b trimmed, a's dihedral 1..7,
 High-recall mode (`screen.mode: hash+embedding`, see the last section): `embedding_pairs` adds
 each representative image's `screen.embedding_k` nearest neighbours by MobileNet cosine (FAISS,
 exact or IVF), `union_pairs` merges them with the hash pairs (a pair found by both keeps its hash
-row; an embedding-only pair gets its closest variant's distance, and is checked both ways round). Past
+row; an embedding-only pair gets `pair_hash_distance` and transform 0). Past
 `screen.embedding_shard_size` embeddings on a cluster (same `screen.search_sharding` switch), the
 FAISS index is sharded over the workers (`sharded_embedding_pairs`): with the exact index the
 same pairs.
@@ -73,14 +73,14 @@ NOT_FINGERPRINTED = ("__all__", "exact_pairs", "build_index", "near_pairs", "has
                      "embedding_pairs", "_build_embedding_shard", "_read_vectors", "_vectors_of",
                      "_assign_lists", "_empty_knn", "_search_embedding_shard", "_best_of",
                      "_merge_embedding_lists", "_search_partitions", "sharded_embedding_pairs",
-                     "pair_hash_distance", "pair_hash_best", "union_pairs")
+                     "pair_hash_distance", "union_pairs")
 LISTS_REVISION = 1
 
 __all__ = ["exact_pairs", "exact_representatives", "near_pairs", "near_pairs_partition",
            "directed_neighbours", "pairs_from_neighbours", "Lists", "SavedLists",
            "sharded_neighbours", "sharded_directed_neighbours", "hash_partitions", "iter_hash_partitions", "shard_groups", "reach_pairs", "reach_of", "gained_neighbours", "incremental_neighbours",
            "build_index", "query_variants", "embedding_pairs", "sharded_embedding_pairs", "build_embedding_index",
-           "iter_embeddings", "pair_hash_distance", "pair_hash_best", "union_pairs"]
+           "iter_embeddings", "pair_hash_distance", "union_pairs"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1858,30 +1858,15 @@ def pair_hash_distance(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenC
     return dist
 
 
-def pair_hash_best(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, idx_a: np.ndarray,
-                   idx_b: np.ndarray, representatives: np.ndarray | None = None,
-                   client=None) -> tuple[np.ndarray, np.ndarray]:
-    """`pair_hash_distance` and the transform of b that gives it (int8), as a hash pair has."""
-    codes, use, idx_use = _prepare(codes, variant_mask, cfg, representatives)
-    a = np.asarray(idx_a, dtype=np.int64)
-    b = np.asarray(idx_b, dtype=np.int64)
-    if a.size == 0:
-        return np.zeros(0, np.int16), np.zeros(0, np.int8)
-    return pair_best(codes, use, idx_use, a, b, client=client)
-
-
 def union_pairs(hash_pairs: pd.DataFrame, emb_pairs: pd.DataFrame, codes: np.ndarray,
                 variant_mask: np.ndarray, cfg: ScreenConfig,
                 representatives: np.ndarray | None = None, client=None) -> pd.DataFrame:
     """Hash candidates plus embedding neighbours. A pair found by both keeps its hash row; a pair
-    only found by embedding gets the smallest hash distance over the screen's variants, and is
-    checked both ways round: its transform is that variant's rotation, mirrored (t % 4 + 4), and
-    the verify tier checks a mirrored pair plain too and keeps the better verdict
-    (`verify.check_pair`). Its hash is no guide to a mirror (its distances are large both ways):
-    with transform 0, checked unmirrored only, where ORB descriptors do not match, 1 of 20
-    mirrored 60 % crops was found; with the closest variant's transform 8 of 20; both ways 19 of
-    20, and the 20 unmirrored ones all three times. Adds `source` ("hash", "embedding", "both")
-    and `embedding_cosine` (NaN for hash-only pairs); sorted by (idx_a, idx_b)."""
+    only found by embedding gets the smallest hash distance over the screen's variants and
+    transform 0 (the embeddings compared are the untransformed images; the confirm tier embeds
+    it so), and the verify tier checks it both ways round (`verify.checked_transforms`: its
+    hash says nothing of a mirror). Adds `source` ("hash", "embedding", "both") and
+    `embedding_cosine` (NaN for hash-only pairs); sorted by (idx_a, idx_b)."""
     N = max(int(np.asarray(codes).shape[0]), 1)
     hk = hash_pairs["idx_a"].to_numpy(np.int64) * N + hash_pairs["idx_b"].to_numpy(np.int64)
     ek = emb_pairs["idx_a"].to_numpy(np.int64) * N + emb_pairs["idx_b"].to_numpy(np.int64)
@@ -1892,9 +1877,10 @@ def union_pairs(hash_pairs: pd.DataFrame, emb_pairs: pd.DataFrame, codes: np.nda
     out_hash["embedding_cosine"] = cos_of.reindex(hk).to_numpy(np.float32)
     only = emb_pairs[~in_hash]
     a, b = only["idx_a"].to_numpy(np.int64), only["idx_b"].to_numpy(np.int64)
-    dist, turn = pair_hash_best(codes, variant_mask, cfg, a, b, representatives, client=client)
-    extra = pd.DataFrame({"idx_a": a, "idx_b": b, "hash_distance": dist,
-                          "transform": (turn % 4 + 4).astype(np.int8), "source": "embedding",
+    extra = pd.DataFrame({"idx_a": a, "idx_b": b,
+                          "hash_distance": pair_hash_distance(codes, variant_mask, cfg, a, b, representatives,
+                                                              client=client),
+                          "transform": np.zeros(a.size, np.int8), "source": "embedding",
                           "embedding_cosine": only["cosine"].to_numpy(np.float32)})
     out = pd.concat([out_hash, extra], ignore_index=True)
     out = out.sort_values(["idx_a", "idx_b"], kind="stable").reset_index(drop=True)

@@ -1014,13 +1014,16 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                            ("ssim", "Float32"), ("hist_corr", "Float32")):
             pairs[col] = pd.Series(pd.NA, index=pairs.index, dtype=dtype)
         near = pairs.index[pairs["kind"] == "near"]
+        # (embedding-only pairs are checked mirrored and plain: verify.checked_transforms)
+        both_ways = (pairs.loc[near, "source"] == "embedding").to_numpy(bool)
         rescored = drop_failed_scores(cat, fps) if cat is not None else None
         if TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"] and len(near):
             from pipeline import verify
             t = time.perf_counter()
             if cat is None:
-                scores = verify.run_verify(pairs.loc[near, ["idx_a", "idx_b", "transform"]], frame, cfg,
-                                           storage.join(work_dir, "orb"), client=client, progress=progress)
+                scores = verify.run_verify(pairs.loc[near, ["idx_a", "idx_b", "transform"]].assign(both_ways=both_ways),
+                                           frame, cfg, storage.join(work_dir, "orb"), client=client,
+                                           progress=progress)
                 made = verify.features_made(scores)
                 _share_texts(scores)
                 pairs.loc[near, scores.columns] = scores
@@ -1037,10 +1040,11 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                 info = {"pairs_reused": int(hit.sum()), "pairs_verified": int(len(todo))}
                 if len(todo):
                     job = pd.DataFrame({"idx_a": cids[ia[~hit]], "idx_b": cids[ib[~hit]],
-                                        "transform": tt[~hit]}, index=todo)
+                                        "transform": tt[~hit], "both_ways": both_ways[~hit]}, index=todo)
                     pre, fcounts = cat.feature_parts("orb", fps["orb_features"],
                                                      *verify.needed_features(sha[ia[~hit]], sha[ib[~hit]],
-                                                                             tt[~hit]))
+                                                                             verify.checked_transforms(
+                                                                                 tt[~hit], both_ways[~hit])))
                     pre, adopted = _adopt(cat, "orb", fps["orb_features"], pre, sha_of_cid, new_features)
                     scores = verify.run_verify(job, by_content, cfg,
                                                cat.feature_root("orb", fps["orb_features"]),
@@ -1070,7 +1074,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                 # report: decoding each shown file was 142 of a 100k-file re-run's 161 s); the
                 # catalog's parts are read and checked by the report's tasks that use them
                 # (each image's rows once: by row number, not a text per pair and side)
-                rows_needed, t_needed = verify.needed_features(ia, ib, tt)
+                rows_needed, t_needed = verify.needed_features(ia, ib, verify.checked_transforms(tt, both_ways))
                 wanted = np.unique(rows_needed.astype(np.int64) * 8 + t_needed)
                 del rows_needed, t_needed
                 listed, _ = cat.feature_parts("orb", fps["orb_features"], sha[wanted // 8], wanted % 8, check=False)

@@ -755,6 +755,19 @@ def _features_task(part: int, rows: pd.DataFrame, cfg: Config, out_dir: str) -> 
     return features_partition(rows, cfg, out_dir, part)
 
 
+def checked_transforms(transform, both_ways=None) -> np.ndarray:
+    """The transform each pair is checked with (int64): its own, or for a pair marked `both_ways`
+    (high-recall mode's embedding-only pairs, whose hash says nothing of a mirror: its distances
+    are large every way round) its rotation mirrored, t % 4 + 4, which `check_pair` checks
+    mirrored, then plain, keeping the better verdict. Mirrored 60 % crops of 20 photos: 1 found
+    when checked plain only, 19 both ways; their 20 unmirrored crops 20 either way. The pair's
+    own transform stays what the later tiers and the catalog key it by."""
+    t = np.asarray(transform, dtype=np.int64)
+    if both_ways is None:
+        return t
+    return np.where(np.asarray(both_ways, dtype=bool), t % 4 + 4, t)
+
+
 def _feature_transform_b(transform) -> np.ndarray:
     """The transform of b's features a pair is checked with: 0 or 4 (flipped). ORB descriptors are
     steered to each keypoint's orientation and the affine RANSAC model rotates, so a rotated copy
@@ -901,7 +914,8 @@ def _verify_task(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
 
 def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir: str,
                client=None, progress: Progress | None = None, precomputed=None) -> pd.DataFrame:
-    """ORB-verify candidate pairs (idx_a, idx_b, transform) -> RESULT_COLUMNS aligned with `pairs`.
+    """ORB-verify candidate pairs (idx_a, idx_b, transform; optional both_ways, `checked_transforms`)
+    -> RESULT_COLUMNS aligned with `pairs`.
 
     `images` is indexed by idx with abs_path and error. Features are computed once per needed
     (image, transform) key in tasks of `dask.partition_size` images, then pairs are verified in tasks of `dask.pairs_per_task`. With `client`
@@ -920,12 +934,13 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     out_dir = storage.join(work_dir, f"orb-{uuid.uuid4().hex[:12]}")
     idx_a = pairs["idx_a"].to_numpy(np.int64)
     idx_b = pairs["idx_b"].to_numpy(np.int64)
-    key_a, key_b, key_b0 = pair_feature_keys(idx_a, idx_b, pairs["transform"].to_numpy(np.int64))
+    transform = checked_transforms(pairs["transform"], pairs["both_ways"] if "both_ways" in pairs else None)
+    key_a, key_b, key_b0 = pair_feature_keys(idx_a, idx_b, transform)
 
     # which (image, transform) keys are needed, skipping images that failed upstream
     err = images["error"] if "error" in images else pd.Series(None, index=images.index, dtype=object)
     bad = set(images.index[err.notna()].tolist())
-    need_idx, need_t = needed_features(idx_a, idx_b, pairs["transform"].to_numpy(np.int64))
+    need_idx, need_t = needed_features(idx_a, idx_b, transform)
     keys = pd.DataFrame({"idx": need_idx, "transform": need_t}).drop_duplicates()
     keys = keys[~keys["idx"].isin(bad)]
     keys["key"] = feature_key(keys["idx"], keys["transform"])
@@ -970,7 +985,7 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     del keys, chunks, summaries, rank, rows  # (the feature tasks' file lists: not needed past here)
 
     # pair tasks, runs of the pairs in their own order, each made only as it is sent (`_PairTasks`)
-    tasks = _PairTasks(pairs["transform"].to_numpy(np.int64), key_a, key_b, key_b0, part_of, err,
+    tasks = _PairTasks(transform, key_a, key_b, key_b0, part_of, err,
                        cfg.dask.pairs_per_task)
     collected = _Collected(len(pairs))
     with stage("verify", total=len(pairs), unit="pair") as tracker:

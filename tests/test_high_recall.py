@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
-from pipeline import candidates, confirm, run
+from pipeline import candidates, confirm, run, verify
 from pipeline.config import Config, ScreenConfig
 
 pytestmark = pytest.mark.slow
@@ -233,11 +233,9 @@ def test_union_keeps_hash_rows_and_fills_distances():
     assert out.loc[0, "hash_distance"] == 3 and out.loc[0, "transform"] == 2 and out.loc[0, "source"] == "both"
     assert out.loc[1, "source"] == "hash" and np.isnan(out.loc[1, "embedding_cosine"])
     row = out.loc[2]
-    # (the closest variant's rotation, mirrored: checked both ways round; it was always 0, so a
-    # mirrored copy was checked unmirrored only)
-    prepared = candidates._prepare(codes, mask, cfg, None)
-    assert row["source"] == "embedding" and row["transform"] == candidates.pair_best(
-        *prepared, np.array([3]), np.array([5]))[1][0] % 4 + 4
+    # (transform 0, as the kNN compared the pictures; the verify tier checks it both ways round)
+    assert row["source"] == "embedding" and row["transform"] == 0
+    assert list(verify.checked_transforms(out["transform"], out["source"] == "embedding")) == [2, 0, 4]
     # expected: min popcount over a's query variants (0..8) vs b's index variants (0, 8), both ways
     pop = lambda x: bin(int(x)).count("1")  # noqa: E731
     expect = min(min(pop(codes[3, v, 0] ^ codes[5, e, 0]), pop(codes[5, v, 0] ^ codes[3, e, 0]))
@@ -247,9 +245,10 @@ def test_union_keeps_hash_rows_and_fills_distances():
 
 def test_mirrored_heavy_crops_found_by_the_embeddings_are_checked_mirrored(photo_paths, base_cfg, tmp_path):
     """12 photos and a mirrored 60 % crop of each: the hash misses most (distances 11-32), the
-    embeddings find 11, and the verify tier checks each both ways round: all 11 are duplicates
-    here (none was, all checked unmirrored, where ORB descriptors do not match: 0-5 inliers);
-    no false pair."""
+    embeddings find 11, and the verify tier checks each both ways round (verify.checked_transforms):
+    all 11 are duplicates here (none was, all checked unmirrored, where ORB descriptors do not
+    match: 0-5 inliers); no false pair; the confirm tier scores them as the kNN compared them
+    (transform 0: the cosine of a mirrored and turned picture was 0.05-0.15 lower)."""
     if len(photo_paths) < 52:
         pytest.skip(f"need 52 photos, found {len(photo_paths)}")
     data = tmp_path / "data"
