@@ -458,8 +458,15 @@ def main(argv: list[str] | None = None) -> int:
     if "generated" in wanted and not transforms.DEFAULT_PHOTOS.is_dir():
         missing.append(f"the photos the generated set is made from ({transforms.DEFAULT_PHOTOS})")
     weights = MODELS / EMBED_WEIGHTS
-    if not args.no_baselines and not args.no_embeddings and not weights.is_file():
-        missing.append(f"the MobileNet weights of the embedding baselines ({weights}; or pass --no-embeddings)")
+    # (the pipeline's confirm tier needs them too, unless the run is told where others are or
+    # stops before it; the embedding baselines need them whatever the pipeline does)
+    pipeline_needs = not args.no_pipeline and args.preset != "fast" and not any(
+        o.split("=", 1)[0].strip() in ("embed.weights", "tiers") for o in args.overrides)
+    baselines_need = not args.no_baselines and not args.no_embeddings
+    if (pipeline_needs or baselines_need) and not weights.is_file():
+        users = " and ".join(w for w, needs in (("the pipeline's confirm tier", pipeline_needs),
+                                                ("the embedding baselines", baselines_need)) if needs)
+        missing.append(f"the MobileNet weights {users} use ({weights})")
     if missing:
         log("error: missing " + "; ".join(missing) + ": set SHARED to the shared folder")
         return 2

@@ -118,6 +118,8 @@ def interleaved_runs(ways: dict, repeats: int, warm_up: bool = False, before=Non
 def table(headers: list[str], rows: list[list]) -> str:
     def fmt(v):
         if isinstance(v, float):
+            if v != v or v in (float("inf"), float("-inf")):  # (no value: a precision of nothing predicted)
+                return "–"
             return f"{v:.3f}" if abs(v) < 100 else f"{v:,.0f}"
         return str(v)
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

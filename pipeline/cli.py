@@ -277,7 +277,7 @@ def apply_command(args) -> int:
         if why:
             print(f"warning: {why}", file=sys.stderr)
         outcome = apply_plan(plan, args.action, to=to, execute=args.execute, log_path=log)
-    except PlanError as exc:
+    except (PlanError, ConfigError) as exc:  # (ConfigError: a file:// URL of another host)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     verb = "done" if args.execute else "would be done (dry run: nothing changed; add --execute)"
@@ -291,7 +291,7 @@ def undo_command(args) -> int:
     from pipeline.actions import PlanError, undo
     try:
         outcome = undo(args.log)
-    except PlanError as exc:
+    except (PlanError, ConfigError) as exc:  # (ConfigError: a file:// URL of another host)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"{len(outcome.done)} restored, {len(outcome.failed)} not restored")

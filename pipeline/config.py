@@ -500,19 +500,24 @@ class _StrictLoader(yaml.SafeLoader):
     """yaml.safe_load's loader, but a key given twice in one mapping is an error: the later one
     won silently (a second `screen:` section dropped the first's settings)."""
 
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int, float, bool)):  # (not hashable: left to PyYAML)
-                continue
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice in one mapping",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
+    def flatten_mapping(self, node):
+        # (checked here, before merge keys put their mapping's keys in with the node's own, and
+        # once per node: an anchored mapping is flattened again wherever it is merged)
+        checked = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)):  # (not hashable: left to PyYAML)
+                    continue
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice in one "
+                                                            "mapping", key_node.start_mark)
+                seen.add(key)
+        super().flatten_mapping(node)
 
 
 def read_yaml(p: Path) -> dict:

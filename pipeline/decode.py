@@ -221,6 +221,8 @@ def open_checked(path: str | Path, max_pixels: int) -> Image.Image:
         img = _opencv_tiff(path, max_pixels)
         if img is None:
             said = scan.sniff(_head(path))
+            if said == "RAW":  # (an object on a store is not sniffed when its name says image)
+                raise DecodeError(scan.RAW_ERROR) from None
             if said:  # (a truncated AVIF read as "not a recognised image format", as a text file does)
                 raise DecodeError(f"cannot decode: its first bytes say {said}, which its decoder cannot read "
                                   "(corrupt or truncated?)") from None

@@ -59,9 +59,10 @@ SIGNATURES: list[tuple[int, bytes, str]] = [
 # camera RAW files are listed and recorded as errors, not read: most begin as a TIFF whose first
 # picture is a small preview, which was taken for the photo (a 256-pixel "TIFF" paired with its
 # camera JPEG, and a plan could remove the RAW as the smaller copy)
+# (not ".raw": also disk images, audio, plain pixel dumps)
 RAW_EXTENSIONS = frozenset({".3fr", ".ari", ".arw", ".bay", ".cr2", ".cr3", ".crw", ".dcr", ".dng", ".erf", ".fff",
                             ".iiq", ".k25", ".kdc", ".mef", ".mos", ".mrw", ".nef", ".nrw", ".orf", ".pef", ".raf",
-                            ".raw", ".rw2", ".rwl", ".sr2", ".srf", ".srw", ".x3f"})
+                            ".rw2", ".rwl", ".sr2", ".srf", ".srw", ".x3f"})
 RAW_ERROR = "camera RAW file: not read (RAW decoding is not supported; a JPEG or TIFF export of it is)"
 _PNM = {b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"P7"}
 # a BMP's DIB header sizes (core, v2-v5, OS/2): "BM" alone is how "BMW notes.txt" begins too

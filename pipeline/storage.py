@@ -75,19 +75,25 @@ _options: dict = {}
 def local_form(path: str | os.PathLike) -> str | os.PathLike:
     """`file:///x` (and `file://localhost/x`) -> `/x`, percent-escapes decoded as in any URL
     (`Path.as_uri()` writes a space as %20); anything else unchanged."""
-    if isinstance(path, str) and path.startswith("file://"):
-        from urllib.request import url2pathname
-        rest = path[len("file://"):]
-        if rest.startswith("localhost/"):
-            rest = rest[len("localhost"):]
-        return url2pathname(rest) or "/"
+    if isinstance(path, str) and path.lower().startswith("file:"):
+        from urllib.parse import unquote_to_bytes, urlsplit
+        parts = urlsplit(path)
+        if parts.netloc not in ("", "localhost"):  # (file://nas/share: another machine's disk)
+            raise ConfigError(f"{path!r} names a file on another host ({parts.netloc}): mount it and give its "
+                              "local path")
+        # (file:/x and file:///x alike; escapes decoded to the name's bytes: a name that is not
+        # UTF-8, file:///caf%E9, is that name, not a replacement character)
+        return os.fsdecode(unquote_to_bytes(parts.path)) or "/"
     return path
 
 
 def local_path(value: str | os.PathLike, option: str, error=ConfigError) -> str | os.PathLike:
     """An option that must name a local path (`local_form`): a store URL is refused with
     `error`, saying so (it was taken for a relative folder named "az:" or "file:")."""
-    value = local_form(value)
+    try:
+        value = local_form(value)
+    except ConfigError as exc:
+        raise error(f"{option} {exc}") from None
     if is_url(value):
         raise error(f"{option} {str(value)!r}: a local path is needed here, not a store URL")
     return value
@@ -95,7 +101,7 @@ def local_path(value: str | os.PathLike, option: str, error=ConfigError) -> str 
 
 def is_url(path) -> bool:
     """A store URL (scheme://...), not a local path or a file:// URL."""
-    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+    return isinstance(path, str) and "://" in path and not path.lower().startswith("file:")
 
 
 def configure(options: dict | None) -> None:
@@ -151,12 +157,17 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     replaced by "***" (`--set storage.options.account_key=...` put the key in OUT's lock)."""
     out = []
     for arg in sys.argv if argv is None else argv:
-        key, eq, value = str(arg).partition("=")
-        if eq and key.strip().startswith("storage.") and _secret(key, value):
-            arg = f"{key}=***"
-        elif _secret("", arg):
-            arg = "***"
-        out.append(arg)
+        text = str(arg)
+        flag = "--set=" if text.startswith("--set=") else ""
+        key, eq, value = text[len(flag):].partition("=")
+        # (any storage.* value that names a secret-looking key anywhere in it: the README's form is
+        # --set 'storage.options={"key": ..., "secret": ...}')
+        if eq and key.strip().startswith("storage.") and (
+                _secret(key, value) or any(w in value.lower() for w in SECRET_WORDS)):
+            text = f"{flag}{key}=***"
+        elif _secret("", text):
+            text = "***"
+        out.append(text)
     return " ".join(out)[:500]
 
 

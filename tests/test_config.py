@@ -173,6 +173,14 @@ def test_a_config_file_that_is_no_mapping_is_refused_with_where(tmp_path):
     (tmp_path / "twice.yaml").write_text("screen:\n  max_distance: 12\n  max_distance: 3\n")
     with pytest.raises(ConfigError, match="the key 'max_distance' is given twice"):
         load_config(tmp_path / "twice.yaml")
-    (tmp_path / "anchors.yaml").write_text("base: &b {max_distance: 12}\nscreen:\n  <<: *b\n  hash_size: 16\n")
-    with pytest.raises(ConfigError, match="base"):  # (merge keys still work; 'base' is just unknown)
-        load_config(tmp_path / "anchors.yaml")
+    # merge keys still work, an override of a merged key too (not a key given twice), also when
+    # an anchored mapping that merged another is merged again
+    (tmp_path / "merge.yaml").write_text("screen:\n  <<: {max_distance: 12, dihedral_max_distance: 2}\n"
+                                         "  max_distance: 9\n")
+    merged = load_config(tmp_path / "merge.yaml").screen
+    assert (merged.max_distance, merged.dihedral_max_distance) == (9, 2)
+    import yaml
+
+    from pipeline.config import _StrictLoader
+    nested = "b: &b {a: 1}\ntop:\n  c: &c\n    <<: *b\n    a: 2\ne:\n  <<: *c\n"
+    assert yaml.load(nested, Loader=_StrictLoader) == yaml.safe_load(nested)

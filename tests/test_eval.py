@@ -176,7 +176,9 @@ def test_no_pairs_and_no_predictions_are_stated_as_such():
     wrong = sc.prf({("a", "c")}, {("a", "b")})
     assert wrong["precision"] == 0.0 and wrong["f1"] == 0.0
     from bench import eval as ev
+    from bench.report import table
     assert ev._f(none["precision"]) == "–" and ev._f(0.5) == "0.500"
+    assert "| – |" in table(["P"], [[float("nan")]])  # (bench.compare's tables: it printed "nan")
 
 
 def test_eval_stops_before_any_work_when_the_shared_data_is_missing(tmp_path, monkeypatch, capsys):
@@ -194,6 +196,10 @@ def test_eval_stops_before_any_work_when_the_shared_data_is_missing(tmp_path, mo
     err = capsys.readouterr().err
     assert str(tmp_path / "no-photos") in err and str(tmp_path / "no-models") in err and not doc.exists()
     assert not (tmp_path / "b").exists()
+    # the pipeline's confirm tier needs the weights too: --no-embeddings does not make do without
+    assert ev.main(["--sets", "generated", "--no-embeddings", "--out", str(doc),
+                    "--bench-dir", str(tmp_path / "b")]) == 2
+    assert "weights the pipeline's confirm tier use" in capsys.readouterr().err and not doc.exists()
 
 
 def _digest(folder):

@@ -363,3 +363,11 @@ def test_a_truncated_avif_or_heic_says_what_it_is(photo):
         load_image(io.BytesIO(whole[: len(whole) // 2]))
     with pytest.raises(DecodeError, match="^not a recognised image format$"):
         load_image(io.BytesIO(b"plain text, no image at all " * 4))
+
+
+def test_a_raw_file_named_as_a_jpeg_is_a_raw_error():
+    """On a store an object whose name says image is not sniffed at the listing: an ORF named
+    .jpg reached the decoder, which said "corrupt or truncated"; it is a camera RAW file."""
+    from pipeline.scan import RAW_ERROR
+    with pytest.raises(DecodeError, match="^" + RAW_ERROR.replace("(", r"\(").replace(")", r"\)") + "$"):
+        load_image(io.BytesIO(b"IIRO\x08\x00\x00\x00" + bytes(4000)))

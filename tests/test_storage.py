@@ -1848,6 +1848,7 @@ def test_secrets_file_urls_and_one_store_by_two_names_without_a_server():
     (Path.as_uri()'s %20, file://localhost/); a local-only option refuses a store URL; s3:// and
     s3a:// name one place, so OUT under DATA is known whatever the spelling."""
     from pipeline.actions import PlanError
+    from pipeline.config import ConfigError
     assert storage.redacted({"connection_string": "DefaultEndpointsProtocol=http;AccountKey=abc;",
                              "account_name": "acct", "client_kwargs": {"endpoint_url": "http://h/x?sv=1&sig=abc"},
                              "anon": False}) == {"connection_string": "***", "account_name": "acct",
@@ -1857,8 +1858,16 @@ def test_secrets_file_urls_and_one_store_by_two_names_without_a_server():
                                     "--set", "screen.max_distance=8", "--set", "storage.options.anon=false"])
     assert "abc" not in command and "storage.options.account_key=***" in command
     assert "screen.max_distance=8" in command and "storage.options.anon=false" in command
+    # (the README's form, a mapping, and --set=...)
+    command = storage.command_line(["dedupe", "--set", 'storage.options={"key": "AKIA", "secret": "abc"}',
+                                    "--set=storage.options.account_key=abc"])
+    assert "abc" not in command and "AKIA" not in command and "--set=storage.options.account_key=***" in command
     assert storage.local_form("file:///tmp/my%20photos") == "/tmp/my photos"
     assert storage.local_form("file://localhost/tmp/x") == "/tmp/x" and storage.local_form("/tmp/x") == "/tmp/x"
+    assert storage.local_form("file:/tmp/x") == "/tmp/x"  # (one slash: a file URL too, not ./file:/tmp/x)
+    assert storage.local_form("file:///tmp/caf%E9") == os.fsdecode(b"/tmp/caf\xe9")  # (not UTF-8: its bytes)
+    with pytest.raises(ConfigError, match="names a file on another host"):  # (was ./nas/share)
+        storage.local_form("file://nas/share")
     with pytest.raises(PlanError, match="--to 'az://c/backup': a local path is needed"):
         storage.local_path("az://c/backup", "--to", PlanError)
     assert storage.local_path("file:///tmp/b%23", "--to", PlanError) == "/tmp/b#"
