@@ -686,19 +686,19 @@ _STATUS_RANK = {"no-match": 0, "inconclusive": 1, "match": 2}
 
 
 def check_pair(fa: dict, fb: dict, transform: int, cfg: VerifyConfig, fb_plain: dict | None = None,
-               matcher=None) -> tuple:
+               matcher=None, both_ways: bool = False) -> tuple:
     """RESULT_COLUMNS for one pair: keypoints of a (plain) against b turned for `transform`
     (`fb`), then the pixel check when the keypoints cannot settle the pair.
 
     A mirrored transform (>= 4) is the screen's guess: the hash of b's flipped picture was the
     closest, which a nearly symmetric picture can give by chance, and ORB descriptors do not match
     across a mirror. So when that check is not a match and b's plain features (`fb_plain`) are
-    given, a plain against b plain is tried too, and kept only when its verdict is better (a
-    match, or inconclusive against no-match); the reason then says b was unmirrored. Not on more
-    inliers alone: on the 10k benchmark ~600 mirrored pairs found a few more noise inliers
-    unmirrored (3-4 against 0-1, no-match both ways) and none of those changed a verdict, while
-    a flat mirrored logo (inconclusive either way, the pixel check decides) must keep the
-    screen's alignment. The pixel check uses the orientation kept: its RANSAC model when there
+    given, a plain against b plain is tried too, and kept only when it is a match (with
+    `both_ways`, a pair checked mirrored first on purpose, `checked_transforms`: when its verdict
+    is better, inconclusive against no-match too); the reason then says b was unmirrored. Only a
+    match: on the 10k benchmark ~600 mirrored pairs found a few more noise inliers unmirrored
+    (3-4 against 0-1) and none of those changed a verdict, while a flat mirrored logo (no match
+    either way, the pixel check decides) must keep the screen's alignment. The pixel check uses the orientation kept: its RANSAC model when there
     is one, else its turn; in decode.DIHEDRAL's numbering every mirrored t is the left-right flip
     followed by the rotation t - 4 (4 = flip, 5 = flip then rot90, ...), so dropping the flip
     leaves turn t - 4 of b's plain picture."""
@@ -706,10 +706,11 @@ def check_pair(fa: dict, fb: dict, transform: int, cfg: VerifyConfig, fb_plain: 
     turn = int(transform)
     if (fb_plain is not None and not fb_plain["error"] and turn >= 4 and result[3] != "match"):
         plain, plain_model = _verify_model(fa, fb_plain, cfg, matcher)
-        # (a strictly better verdict: a match, or inconclusive against no-match, which sends the
-        # pair on to the confirm tier; an embedding-only pair of high-recall mode comes here
-        # mirrored on purpose, `candidates.union_pairs`, and its plain check must not lose to it)
-        if _STATUS_RANK[plain[3]] > _STATUS_RANK[result[3]]:
+        # (a pair checked `both_ways`, whose mirrored check is no screen's guess, keeps a better
+        # plain verdict, inconclusive against no-match too, which sends it on to the confirm tier;
+        # a hash pair only a match: a few noise inliers unmirrored, 6 of 14, made a false pair of
+        # the fast preset, which accepts an inconclusive pair on its hash distance)
+        if plain[3] == "match" or (both_ways and _STATUS_RANK[plain[3]] > _STATUS_RANK[result[3]]):
             result, model, fb, turn = plain[:4] + (plain[4] + PLAIN_NOTE,), plain_model, fb_plain, turn - 4
     pixels = pixel_check(fa, fb, turn, model) if needs_pixel_check(fa, fb, cfg) else (np.nan, np.nan)
     return result + pixels
@@ -798,28 +799,31 @@ def needed_features(ids_a, ids_b, transform) -> tuple[np.ndarray, np.ndarray]:
 
 
 # verify_partition's input: a pair's feature keys (`pair_feature_keys`) and their part files, its
-# transform, and each image's upstream error (None when it has none)
+# transform, each image's upstream error (None when it has none), and whether it is checked both
+# ways round (`checked_transforms`)
 JOB_COLUMNS = ("key_a", "key_b", "transform", "path_a_part", "path_b_part", "key_b0", "path_b0_part",
-               "error_a", "error_b")
+               "error_a", "error_b", "both_ways")
 
 
-def job_frame(key_a, key_b, key_b0, transform, parts, error_a, error_b, index) -> pd.DataFrame:
+def job_frame(key_a, key_b, key_b0, transform, parts, error_a, error_b, index, both_ways) -> pd.DataFrame:
     """`verify_partition`'s input (JOB_COLUMNS) from the pairs' feature keys (`pair_feature_keys`),
     `parts` (keys -> each key's part file, None where it has none) and each side's upstream error,
     indexed by `index` (the values are taken in order, not aligned on their own indexes)."""
     frame = pd.DataFrame({"key_a": key_a, "key_b": key_b, "transform": transform,
                           "path_a_part": parts(key_a), "path_b_part": parts(key_b), "key_b0": key_b0,
-                          "path_b0_part": parts(key_b0), "error_a": error_a, "error_b": error_b})
+                          "path_b0_part": parts(key_b0), "error_a": error_a, "error_b": error_b,
+                          "both_ways": np.asarray(both_ways, dtype=bool)})
     frame.index = index
     return frame
 
 
 def pair_job(pairs: pd.DataFrame, part_of, error_a=None, error_b=None) -> pd.DataFrame:
-    """`verify_partition`'s input for pairs (idx_a, idx_b, transform) whose feature rows are in
-    the part files `part_of` names (a mapping key -> part file; a key it lacks has none), indexed
-    like `pairs`. For callers of the partition function itself (tests, benchmarks); `run_verify`
-    makes the same frames for its tasks (`_PairTasks`)."""
-    transform = pairs["transform"].to_numpy(np.int64)
+    """`verify_partition`'s input for pairs (idx_a, idx_b, transform; optional both_ways) whose
+    feature rows are in the part files `part_of` names (a mapping key -> part file; a key it lacks
+    has none), indexed like `pairs`. For callers of the partition function itself (tests,
+    benchmarks); `run_verify` makes the same frames for its tasks (`_PairTasks`)."""
+    both_ways = pairs["both_ways"].to_numpy(bool) if "both_ways" in pairs else np.zeros(len(pairs), bool)
+    transform = checked_transforms(pairs["transform"], both_ways)
     ka, kb, kb0 = pair_feature_keys(pairs["idx_a"].to_numpy(np.int64), pairs["idx_b"].to_numpy(np.int64), transform)
 
     def parts(keys) -> np.ndarray:
@@ -827,7 +831,7 @@ def pair_job(pairs: pd.DataFrame, part_of, error_a=None, error_b=None) -> pd.Dat
     none = np.full(len(pairs), None, dtype=object)
     return job_frame(ka, kb, kb0, transform, parts,
                      none if error_a is None else np.asarray(error_a, dtype=object),
-                     none if error_b is None else np.asarray(error_b, dtype=object), pairs.index)
+                     none if error_b is None else np.asarray(error_b, dtype=object), pairs.index, both_ways)
 
 
 def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) -> pd.DataFrame:
@@ -857,6 +861,7 @@ def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) 
     err_a = pairs["error_a"].to_numpy()
     err_b = pairs["error_b"].to_numpy()
     tr = pairs["transform"].to_numpy(np.int64)
+    both = pairs["both_ways"].to_numpy(bool)
     # b's plain row for the mirrored pairs (-1 / "" for the others)
     kb0 = pairs["key_b0"].to_numpy(np.int64)
     pb0 = np.where(kb0 >= 0, pairs["path_b0_part"].fillna("").astype(str).to_numpy(), "")
@@ -887,7 +892,7 @@ def verify_partition(pairs: pd.DataFrame, cfg: Config, reference: bool = False) 
                         results[i] = _error_result(side, e, vcfg.method)
                     else:
                         fb0 = feats.get(int(kb0[i])) if pb0[i] else None
-                        results[i] = check_pair(fa, fb, tr[i], vcfg, fb0, matcher)
+                        results[i] = check_pair(fa, fb, tr[i], vcfg, fb0, matcher, both_ways=both[i])
     return _result_frame(results, pairs.index)
 
 
@@ -934,7 +939,8 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     out_dir = storage.join(work_dir, f"orb-{uuid.uuid4().hex[:12]}")
     idx_a = pairs["idx_a"].to_numpy(np.int64)
     idx_b = pairs["idx_b"].to_numpy(np.int64)
-    transform = checked_transforms(pairs["transform"], pairs["both_ways"] if "both_ways" in pairs else None)
+    both_ways = pairs["both_ways"].to_numpy(bool) if "both_ways" in pairs else np.zeros(len(pairs), bool)
+    transform = checked_transforms(pairs["transform"], both_ways)
     key_a, key_b, key_b0 = pair_feature_keys(idx_a, idx_b, transform)
 
     # which (image, transform) keys are needed, skipping images that failed upstream
@@ -986,7 +992,7 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
 
     # pair tasks, runs of the pairs in their own order, each made only as it is sent (`_PairTasks`)
     tasks = _PairTasks(transform, key_a, key_b, key_b0, part_of, err,
-                       cfg.dask.pairs_per_task)
+                       cfg.dask.pairs_per_task, both_ways)
     collected = _Collected(len(pairs))
     with stage("verify", total=len(pairs), unit="pair") as tracker:
         map_tasks(client, _verify_task, tasks, cfg, tracker=tracker, weight=len,
@@ -1038,8 +1044,9 @@ class _PairTasks:
     step 2)."""
 
     def __init__(self, transform: np.ndarray, key_a: np.ndarray, key_b: np.ndarray, key_b0: np.ndarray,
-                 parts: store.RangeParts, error: pd.Series, step: int):
+                 parts: store.RangeParts, error: pd.Series, step: int, both_ways: np.ndarray):
         self.transform, self.key_a, self.key_b, self.key_b0 = transform, key_a, key_b, key_b0
+        self.both_ways = both_ways
         self.step, self.parts = max(1, int(step)), parts
         self.error = error[error.notna()]  # (the images that failed upstream only: few)
         # (their texts, then None for a key not among them: made once, not for each task)
@@ -1060,7 +1067,7 @@ class _PairTasks:
         ka, kb, kb0 = self.key_a[rows], self.key_b[rows], self.key_b0[rows]
         # (indexed by the pairs' positions: _Collected puts the results there)
         return job_frame(ka, kb, kb0, self.transform[rows], self.parts.paths, self._errors(ka), self._errors(kb),
-                         np.arange(rows.start, rows.start + len(ka), dtype=np.int64))
+                         np.arange(rows.start, rows.start + len(ka), dtype=np.int64), self.both_ways[rows])
 
 
 class _Collected:
