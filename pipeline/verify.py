@@ -698,10 +698,10 @@ def check_pair(fa: dict, fb: dict, transform: int, cfg: VerifyConfig, fb_plain: 
     is better, inconclusive against no-match too); the reason then says b was unmirrored. Only a
     match: on the 10k benchmark ~600 mirrored pairs found a few more noise inliers unmirrored
     (3-4 against 0-1) and none of those changed a verdict, while a flat mirrored logo (no match
-    either way, the pixel check decides) must keep the screen's alignment. The pixel check uses the orientation kept: its RANSAC model when there
-    is one, else its turn; in decode.DIHEDRAL's numbering every mirrored t is the left-right flip
-    followed by the rotation t - 4 (4 = flip, 5 = flip then rot90, ...), so dropping the flip
-    leaves turn t - 4 of b's plain picture."""
+    either way, the pixel check decides) must keep the screen's alignment. The pixel check uses
+    the orientation kept: its RANSAC model when there is one, else its turn; in decode.DIHEDRAL's
+    numbering every mirrored t is the left-right flip followed by the rotation t - 4 (4 = flip,
+    5 = flip then rot90, ...), so dropping the flip leaves turn t - 4 of b's plain picture."""
     result, model = _verify_model(fa, fb, cfg, matcher)
     turn = int(transform)
     if (fb_plain is not None and not fb_plain["error"] and turn >= 4 and result[3] != "match"):
