@@ -83,8 +83,9 @@ def test_clusters_pairs_and_evidence_render(review_run, tmp_path):
         assert count(b, "#clusters .cluster") == want["cluster_id"].nunique() >= 1
         set_filter(b, "min-inl", "")
 
-        # pair view: a confirm-stage pair has every tier's evidence and a drawing
-        i = b.evaluate("window.DEDUPE_REPORT.pairs.findIndex(function(p){return p[6] !== null && p[11]})")
+        # pair view: a confirm-stage duplicate pair has every tier's evidence and a drawing (a
+        # rejected one with a cosine may come first: the run has embedding-only look-alikes)
+        i = b.evaluate("window.DEDUPE_REPORT.pairs.findIndex(function(p){return p[6] !== null && p[11] && p[9]})")
         cosine = b.evaluate(f"window.DEDUPE_REPORT.pairs[{i}][6]")
         b.evaluate(f"location.hash = 'pair={i}'")
         b.wait_for(f"document.querySelector('#pair-view[data-pair=\"{i}\"] img.drawing') && "
