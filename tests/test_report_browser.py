@@ -273,6 +273,16 @@ def test_a_big_cluster_reads_closest_links_first_filters_show_their_pairs_and_pa
     with Browser() as fresh:  # a pair opened in a tab of its own: "back" shows the list
         fresh.open((out / "report" / "index.html").as_uri() + f"#pair={listed[0]}")
         fresh.wait_for("document.getElementById('back')")
+        # the pair view shows the original files (a local DATA), not the 160 px thumbnails
+        fresh.wait_for(ALL_IMAGES_LOADED)
+        shown = fresh.evaluate("Array.from(document.querySelectorAll('#pair-view img.big.original'))"
+                               ".map(function(i){return [i.naturalWidth, decodeURIComponent(i.src)]})")
+        assert len(shown) == 2, shown
+        for width, src in shown:
+            assert src.startswith("file://" + str(data))
+            with Image.open(src[len("file://"):]) as original:
+                assert width == original.size[0] > 160
+        fresh.screenshot(tmp_path / "pair-originals.png")
         fresh.evaluate("document.getElementById('back').click()")
         fresh.wait_for("document.querySelectorAll('#clusters .cluster').length === 1")
         assert fresh.errors() == []

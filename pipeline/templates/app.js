@@ -97,6 +97,17 @@
                             text: im[I.path]})
                 : el("span", {cls: "path", text: im[I.path]});
   }
+  // the pair view's pictures: the original files themselves when the report is read where they
+  // are (a local DATA: their size and detail, to choose a keeper), else, or when the browser
+  // cannot show one (HEIC, TIFF, a moved folder), the thumbnail
+  function bigPicture(imgIdx) {
+    var im = D.images[imgIdx], img = thumb(imgIdx, "big"), href = originalHref(im);
+    if (img.tagName !== "IMG" || !href || href.indexOf("file:") !== 0) return img;
+    img.className = "big original";
+    img.onerror = function () { img.onerror = null; img.className = "big"; img.src = "thumbs/" + im[I.id] + ".jpg"; };
+    img.src = href;
+    return img;
+  }
   function memberFigure(imgIdx, isKeeper) {
     var im = D.images[imgIdx];
     var details = imageDetails(im);
@@ -205,7 +216,7 @@
       el("h2", {text: p[P.dup] ? "Duplicate pair" : "Rejected pair"})]);
     var sides = el("div", {cls: "side"}, [p[P.a], p[P.b]].map(function (k) {
         var im = D.images[k];
-        return el("figure", null, [thumb(k, "big"), el("figcaption", null, [pathLink(im), el("br"),
+        return el("figure", null, [bigPicture(k), el("figcaption", null, [pathLink(im), el("br"),
           el("span", {cls: "muted", text: imageDetails(im)})])]);
       }));
     if (p[P.drawing]) {
