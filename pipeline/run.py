@@ -369,8 +369,7 @@ def _recheck_partition(entries: list[scan.FileEntry], known_sha: list[str], cfg)
 def inside(root: Path | str, folders: Iterable[Path | str]) -> list[Path | str]:
     """The `folders` that lie inside `root` (a local folder, or a URL prefix on the same store)."""
     if storage.is_url(root):  # (by the place, not the text: az:// and abfs:// are one store)
-        return [f for f in folders if storage.is_url(f) and storage.within(str(f), str(root))
-                and storage.location(str(f)) != storage.location(str(root))]
+        return [f for f in folders if storage.is_url(f) and storage.under(str(f), str(root))]
     base_path = Path(root).resolve()
     return [f for f in folders if not storage.is_url(f) and Path(f).resolve().is_relative_to(base_path)]
 

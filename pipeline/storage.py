@@ -205,10 +205,10 @@ def location(url: str) -> tuple[str, str]:
     return f"{type(fs).__module__}.{type(fs).__qualname__}", path
 
 
-def within(url: str, prefix: str) -> bool:
-    """`url` is `prefix` or lies under it (both store URLs; see `location`)."""
+def under(url: str, prefix: str) -> bool:
+    """`url` lies under `prefix`, and is not `prefix` itself (both store URLs; see `location`)."""
     (kind, path), (base_kind, base) = location(url), location(prefix)
-    return kind == base_kind and (path == base or path.startswith(base + "/") or not base)
+    return kind == base_kind and path != base and (path.startswith(base + "/") or not base)
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:

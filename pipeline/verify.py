@@ -756,6 +756,11 @@ def _features_task(part: int, rows: pd.DataFrame, cfg: Config, out_dir: str) -> 
     return features_partition(rows, cfg, out_dir, part)
 
 
+def _both_ways(pairs: pd.DataFrame) -> np.ndarray:
+    """The pairs' optional `both_ways` column (`checked_transforms`), False where it is absent."""
+    return pairs["both_ways"].to_numpy(bool) if "both_ways" in pairs else np.zeros(len(pairs), bool)
+
+
 def checked_transforms(transform, both_ways=None) -> np.ndarray:
     """The transform each pair is checked with (int64): its own, or for a pair marked `both_ways`
     (high-recall mode's embedding-only pairs, whose hash says nothing of a mirror: its distances
@@ -822,7 +827,7 @@ def pair_job(pairs: pd.DataFrame, part_of, error_a=None, error_b=None) -> pd.Dat
     feature rows are in the part files `part_of` names (a mapping key -> part file; a key it lacks
     has none), indexed like `pairs`. For callers of the partition function itself (tests,
     benchmarks); `run_verify` makes the same frames for its tasks (`_PairTasks`)."""
-    both_ways = pairs["both_ways"].to_numpy(bool) if "both_ways" in pairs else np.zeros(len(pairs), bool)
+    both_ways = _both_ways(pairs)
     transform = checked_transforms(pairs["transform"], both_ways)
     ka, kb, kb0 = pair_feature_keys(pairs["idx_a"].to_numpy(np.int64), pairs["idx_b"].to_numpy(np.int64), transform)
 
@@ -939,7 +944,7 @@ def run_verify(pairs: pd.DataFrame, images: pd.DataFrame, cfg: Config, work_dir:
     out_dir = storage.join(work_dir, f"orb-{uuid.uuid4().hex[:12]}")
     idx_a = pairs["idx_a"].to_numpy(np.int64)
     idx_b = pairs["idx_b"].to_numpy(np.int64)
-    both_ways = pairs["both_ways"].to_numpy(bool) if "both_ways" in pairs else np.zeros(len(pairs), bool)
+    both_ways = _both_ways(pairs)
     transform = checked_transforms(pairs["transform"], both_ways)
     key_a, key_b, key_b0 = pair_feature_keys(idx_a, idx_b, transform)
 
