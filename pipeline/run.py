@@ -727,7 +727,8 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
     if storage.is_url(root):
         storage.check_input(root)
     else:
-        root = Path(root)
+        # (absolute: a cluster's workers check and read it from their own folders, as OUT below)
+        root = Path(os.path.abspath(root))
         if not root.is_dir():
             raise ConfigError(f"input folder {str(root)!r} does not exist or is not a folder: "
                               "pass DATA=<folder of images>")
@@ -1003,9 +1004,13 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
             counts["embedding_only_candidates"] = int((pairs["source"] == "embedding").sum())
             counts["hash_and_embedding_candidates"] = int((pairs["source"] == "both").sum())
         log.info("%d exact pairs, %d near candidates", counts["exact_pairs"], counts["near_candidates"])
+        # in-process: TensorFlow loads while the verify tier runs; not in a re-run that read no
+        # file (a threshold changed, nothing new: the catalog has every pair's scores, and a pair it
+        # has not, e.g. after screen.max_distance grew, builds the model when the tier needs it)
         if client is None and not high_recall and counts["near_candidates"] and \
-                TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:
-            ahead.append(_build_model_ahead(cfg))  # in-process: TensorFlow loads while the verify tier runs
+                TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"] and \
+                (cat is None or reuse["screen"].get("screened", len(images)) > 0):
+            ahead.append(_build_model_ahead(cfg))
 
         frame = by_row(images)
         for col, dtype in (("orb_matches", "Int32"), ("orb_inliers", "Int32"), ("orb_score", "Float32"),

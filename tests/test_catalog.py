@@ -184,12 +184,17 @@ def test_rehash_screens_a_file_whose_content_changed(grown, tmp_path):
     assert images["error"].isna().all()
 
 
-def test_decide_change_redecides_from_stored_scores(grown, tmp_path):
+def test_decide_change_redecides_from_stored_scores(grown, tmp_path, monkeypatch):
+    from pipeline import confirm
     out = tmp_path / "out"
     shutil.copytree(grown["out"], out)
     parts_before = sorted((out / "catalog" / "features").rglob("part-*.parquet"))
     change = ["--set", "decide.cosine_threshold=0.9", "--set", "decide.support_inliers=20"]
-    manifest = run(grown["data"], out, *change)
+    models: dict = {}
+    monkeypatch.setattr(confirm, "_MODELS", models)  # (the models this process builds)
+    # ("auto": in-process on a pool of threads, where the model is built ahead of the tiers)
+    manifest = run(grown["data"], out, *change, "--scheduler", "auto")
+    assert models == {}  # no model was built, not even ahead of the tiers (it was, for nothing)
     reuse = manifest["reuse"]
     assert reuse["screen"]["screened"] == 0 and reuse["verify"]["pairs_verified"] == 0
     assert reuse["confirm"]["pairs_embedded"] == 0 and reuse["confirm"]["pairs_reused"] > 0

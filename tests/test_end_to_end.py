@@ -224,9 +224,11 @@ def test_real_dask_scheduler_and_worker_give_the_same_output(labelled_dir, model
         labelme = images[images.index.str.contains("labelme-subset")]
         assert len(labelme) == 7 and labelme["cluster_id"].isna().all()
 
-        # OUT, the catalog and work_dir given relative to the driver's folder: the workers, each in
-        # its own folder, wrote the tiers' files relative to theirs (exit 1, their files left there)
-        relative = subprocess.run([sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", "rel-out",
+        # DATA, OUT, the catalog and work_dir given relative to the driver's folder: the workers, each
+        # in its own folder, wrote the tiers' files relative to theirs (exit 1, their files left
+        # there), and could not find DATA there (exit 2, "cannot use the input location")
+        relative = subprocess.run([sys.executable, "-m", "pipeline", "dedupe", os.path.relpath(data, tmp_path),
+                                   "--out", "rel-out",
                                    "--catalog", "rel-cat", "--set", "work_dir=rel-work", "--scheduler", address,
                                    "--tiers", "verify", "--quiet"],
                                   capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
