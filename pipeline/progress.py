@@ -77,8 +77,12 @@ class Progress:
     @contextlib.contextmanager
     def stage(self, name: str, total: int | None = None, unit: str = "it") -> Iterator[Tracker]:
         bar = None
+        shown = contextlib.ExitStack()
         if self.tty and not self.quiet:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            # log lines above the bar, not written into its line ("...img/s]2026-12-07 ... INFO")
+            shown.enter_context(logging_redirect_tqdm())
             bar = tqdm(total=total, desc=f"{name:<10}", unit=unit, leave=True, dynamic_ncols=True)
         tracker = Tracker(name, total, unit, bar)
         log.info("%s: started%s", name, "" if total is None else f" ({total} {unit})")
@@ -98,6 +102,7 @@ class Progress:
                 beat.join(timeout=1)
             if bar is not None:
                 bar.close()
+            shown.close()
         elapsed = time.monotonic() - tracker.started
         log.info("%s: finished %d %s in %.1fs", name, tracker.done, unit, elapsed)
 

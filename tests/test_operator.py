@@ -135,6 +135,33 @@ def test_batch_log_has_stage_lines_and_a_heartbeat(caplog):
     assert any("ETA" in b for b in beats)
 
 
+def test_log_lines_on_a_terminal_go_above_the_bar_not_into_it(monkeypatch):
+    """On a terminal a stage's tqdm bar holds the last line: a log line written while it was shown
+    ran on from the bar's text ("...img/s]2026-12-07 ... INFO ...")."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    handler = logging.StreamHandler(sys.stderr)  # (as logging.basicConfig sets it up in the CLI)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with Progress(quiet=False, stream=term).stage("screen", total=4, unit="img") as tracker:
+            tracker.update(2)
+            logging.getLogger("pipeline").warning("a line written while the bar is shown")
+            tracker.update(2)
+    finally:
+        root.removeHandler(handler)
+    text = term.getvalue()
+    at = text.index("a line written while the bar is shown")
+    assert text[at - 1] in "\r\n", repr(text[max(0, at - 80):at + 40])
+    assert "img" in text  # (the bar was drawn)
+    assert not any(type(h).__name__ == "_TqdmLoggingHandler" for h in root.handlers)
+
+
 def _times(task, k):
     return task * k
 
