@@ -114,6 +114,10 @@ class VerifyConfig:
     min_good_matches: int = 8  # fewer ratio-test matches -> no RANSAC, zero inliers
     match_inliers: int = 15  # inliers >= this -> status "match"
     reject_inliers: int = 6  # inliers < this (with enough keypoints) -> "no-match"; between: "inconclusive"
+    # a match whose inliers hold less than this share of either picture's keypoints (the most
+    # covered one's, COVER_GRID cells) -> "partial": a shared layout, banner, frame or logo over
+    # different pictures; not accepted on ORB's word (pipeline/verify.py, _coverage). 0 = off
+    min_coverage: float = 0.6
     seed: int = 12345  # OpenCV RNG seed, so RANSAC is deterministic
     opencv_threads: int = 1  # OpenCV threads inside a verify task (Dask parallelises; 0 = leave as is)
     max_open_partitions: int = 8  # a pair task loads at most this many feature files at a time
@@ -334,6 +338,7 @@ def _validate(cfg: Config) -> None:
         (cfg.verify.grid >= 1 and cfg.verify.oversample >= 1, "verify.grid and verify.oversample must be >= 1"),
         (0 < cfg.verify.reject_inliers <= cfg.verify.match_inliers,
          "verify: need 0 < reject_inliers <= match_inliers"),
+        (0 <= cfg.verify.min_coverage <= 1, "verify.min_coverage must be in [0, 1] (0 = off)"),
         (cfg.verify.upscale_below <= cfg.verify.max_side, "verify.upscale_below must be <= verify.max_side"),
         (cfg.verify.ransac_max_iters >= 1, "verify.ransac_max_iters must be >= 1"),
         (0 < cfg.verify.ransac_confidence < 1, "verify.ransac_confidence must be in (0, 1)"),

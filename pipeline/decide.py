@@ -9,6 +9,11 @@ The rule (thresholds in `DecideConfig` and `VerifyConfig`, calibrated in docs/be
   different photos). Only the pairs in between (and the inconclusive ones: too few keypoints) go on
   to the confirm tier (`needs_confirm`). With tiers=verify, "match" (>= `verify.match_inliers`)
   accepts and an inconclusive pair falls back to the screen rule.
+* a "partial" match (inliers on too small a share of the pictures, `verify.min_coverage`: a
+  shared banner, frame, logo or app layout over different pictures) is never accepted on ORB's
+  word: it goes to the confirm tier however many inliers it has, and needs cosine >=
+  `cosine_threshold` there (its inliers give no support); with tiers=verify it falls back to the
+  screen rule as an inconclusive pair does.
 * confirm: a duplicate when cosine >= `cosine_threshold`, or when ORB found some geometry
   (>= `support_inliers`) and cosine >= `cosine_floor` (heavy crops and recolouring lower the
   cosine; the keypoints still agree).
@@ -42,8 +47,10 @@ RULES = {
     "verify_orb_accept": "ORB inliers >= decide.accept_inliers: duplicate without an embedding",
     "verify_orb_reject": "ORB found enough keypoints but fewer than verify.reject_inliers inliers: different",
     "verify_orb_match": "tiers=verify: ORB inliers >= verify.match_inliers: duplicate",
-    "verify_inconclusive_hash_close": "tiers=verify: ORB inconclusive, hash distance <= decide.screen_only_distance: duplicate",
-    "verify_inconclusive_hash_far": "tiers=verify: ORB inconclusive, hash distance > decide.screen_only_distance: different",
+    "verify_inconclusive_hash_close": "tiers=verify: ORB inconclusive (or partial), hash distance <= "
+                                      "decide.screen_only_distance: duplicate",
+    "verify_inconclusive_hash_far": "tiers=verify: ORB inconclusive (or partial), hash distance > "
+                                    "decide.screen_only_distance: different",
     "confirm_cosine": "cosine >= decide.cosine_threshold: duplicate",
     "confirm_cosine_orb": "cosine >= decide.cosine_floor with ORB inliers >= decide.support_inliers: duplicate",
     "confirm_cosine_low": "cosine below the thresholds: different",
@@ -109,8 +116,9 @@ def needs_confirm(pairs: pd.DataFrame, cfg: Config) -> np.ndarray:
     """Near pairs that the verify tier neither rejected nor accepted outright (nor decided by
     the pixel check)."""
     near = (pairs["kind"] == "near").to_numpy()
-    return (near & (_status(pairs) != "no-match") & (_inliers(pairs) < cfg.decide.accept_inliers)
-            & ~pixel_checked(pairs))
+    status = _status(pairs)
+    return (near & (status != "no-match")
+            & ((_inliers(pairs) < cfg.decide.accept_inliers) | (status == "partial")) & ~pixel_checked(pairs))
 
 
 def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
@@ -152,7 +160,7 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     pixel, pixel_dup, _, pixel_reason = pixel_rule(out, cfg)
     if cfg.tiers == "verify":
         match = near & (status == "match")
-        inconclusive = near & (status != "no-match") & ~match & ~pixel
+        inconclusive = near & (status != "no-match") & ~match & ~pixel  # ("partial" too)
         dup[match] = True
         dup[inconclusive] = screen_ok[inconclusive]
         reason[inconclusive] = [f"{r}; hash distance {int(x)} vs screen_only_distance {d.screen_only_distance}"
@@ -163,7 +171,7 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
         _assign_pixel(dup, reason, rule, pixel, pixel_dup, pixel_reason, orb_reason)
         return _assign(out, stage, dup, reason, rule)
 
-    accepted = near & (status != "no-match") & (inliers >= d.accept_inliers)
+    accepted = near & (status != "no-match") & (status != "partial") & (inliers >= d.accept_inliers)
     dup[accepted] = True
     reason[accepted] = [f"duplicate: {r} (>= accept_inliers {d.accept_inliers})" for r in orb_reason[accepted]]
     rule[accepted] = "verify_orb_accept"
@@ -172,7 +180,7 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     confirmed = routed & ~np.isnan(cosine)
     stage[confirmed] = "confirm"
     by_cosine = cosine >= d.cosine_threshold
-    by_support = (inliers >= d.support_inliers) & (cosine >= d.cosine_floor)
+    by_support = (inliers >= d.support_inliers) & (cosine >= d.cosine_floor) & (status != "partial")
     dup[confirmed] = (by_cosine | by_support)[confirmed]
     for i in np.flatnonzero(confirmed):
         if by_cosine[i]:

@@ -1091,7 +1091,9 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
             counts["verify_rejected"] = int((pairs["orb_status"] == "no-match").sum())
             counts["pixel_checked"] = int(pairs["ssim"].notna().sum())
             counts["verify_accepted"] = int(((pairs["kind"] == "near") & (pairs["orb_status"] != "no-match")
+                                             & (pairs["orb_status"] != "partial")
                                              & (pairs["orb_inliers"].fillna(0) >= cfg.decide.accept_inliers)).sum())
+            counts["verify_partial"] = int((pairs["orb_status"] == "partial").sum())
             scores = found = None
             release_freed_memory()  # (the tasks' results, unpickled and copied into `pairs`)
         if TIER_ORDER[cfg.tiers] >= TIER_ORDER["confirm"]:

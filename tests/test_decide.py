@@ -73,3 +73,31 @@ def test_pixel_check_decides_flat_pairs_at_verify():
         assert p["stage"].tolist()[:3] == ["verify"] * 3
         assert p["reason"].iloc[0].startswith("duplicate: pixel check")
     assert decide(pairs, cfg)["stage"].iloc[3] == "confirm"
+
+
+def test_a_partial_match_is_never_accepted_on_orbs_word():
+    """ORB "partial" (its inliers on a shared banner, frame or layout, verify.min_coverage): however
+    many inliers, the pair goes to the confirm tier and needs cosine >= cosine_threshold (the
+    inliers give no support); without an embedding it is different; with tiers=verify the hash
+    distance decides, as for an inconclusive pair."""
+    from pipeline.decide import RULES
+    cfg = Config()
+    d = cfg.decide
+    why = "orb partial: 202 inliers of 204 matches, but on 50% of the pictures' keypoints"
+    rows = [("near", 9, "partial", 202, why, d.cosine_threshold + 0.01),
+            ("near", 9, "partial", 202, why, d.cosine_threshold - 0.01),  # (>= cosine_floor: support would pass)
+            ("near", 9, "partial", 202, why, np.nan),  # embedding failed
+            ("near", 9, "match", 202, "orb: 202 inliers of 204 matches", np.nan)]
+    assert d.cosine_threshold - 0.01 >= d.cosine_floor
+    assert needs_confirm(_pairs(rows), cfg).tolist() == [True, True, True, False]
+    p = decide(_pairs(rows), cfg)
+    assert p["is_duplicate"].tolist() == [True, False, False, True]
+    assert p["rule"].astype(str).tolist() == ["confirm_cosine", "confirm_cosine_low", "confirm_no_embedding",
+                                              "verify_orb_accept"]
+    assert all(why in r for r in p["reason"].iloc[:3])
+    # tiers=verify: as an inconclusive pair, the screen rule (hash distance 9 > screen_only_distance)
+    fast = decide(_pairs(rows + [("near", 2, "partial", 202, why, np.nan)]), load_config(None, ["tiers=verify"]))
+    assert fast["is_duplicate"].tolist() == [False, False, False, True, True]
+    assert fast["rule"].astype(str).tolist() == ["verify_inconclusive_hash_far"] * 3 + [
+        "verify_orb_match", "verify_inconclusive_hash_close"]
+    assert fast["reason"].iloc[0].startswith(why) and set(fast["rule"].astype(str)) <= set(RULES)

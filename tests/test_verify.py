@@ -3,6 +3,7 @@ determinism, errors, and Dask vs in-process equality."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -70,7 +71,9 @@ def test_edits_give_clearly_more_inliers_than_different_photos(few_photos):
         for e in EDITS:
             m, inl, score, status = verify.verify_pair(feats[i], verify.orb_features(edit(im, e), cfg), cfg)
             positives[(i, e)] = inl
-            assert status == "match", (few_photos[i].name, e, m, inl)
+            # (a big "SAMPLE COPY" overlay takes most of the copy's keypoints: its inliers then sit
+            # in a few cells of the original, "partial", and the confirm tier decides the pair)
+            assert status == "match" or (e == "text" and status == "partial"), (few_photos[i].name, e, m, inl)
             assert 0 < score <= 1
     negatives = {}
     for i in range(3):
@@ -500,7 +503,9 @@ def test_sift_accepts_edits_and_rejects_different_photos(few_photos):
         for e in EDITS:
             m, inl, score, status = verify.verify_pair(feats[i], verify.features(edit(im, e), cfg), cfg)
             positives[(i, e)] = inl
-            assert status == "match", (few_photos[i].name, e, m, inl)
+            # (a big "SAMPLE COPY" overlay takes most of the copy's keypoints: its inliers then sit
+            # in a few cells of the original, "partial", and the confirm tier decides the pair)
+            assert status == "match" or (e == "text" and status == "partial"), (few_photos[i].name, e, m, inl)
     for i in range(3):
         for j in range(i + 1, 3):
             m, inl, score, status = verify.verify_pair(feats[i], feats[j], cfg)
@@ -721,3 +726,57 @@ def test_no_match_either_way_keeps_the_screens_orientation(few_photos, tmp_path,
     assert kept == verify.check_pair(fa, fb, 5, cfg.verify)  # the same as with no plain features
     assert (kept[5] > 0.9) == flip  # SSIM of b aligned by the screen's transform
 
+
+
+# -- a match on a shared part only ("partial", verify.min_coverage)
+
+def _banner(img: Image.Image) -> Image.Image:
+    """The same white banner with big text over the top 40 % (a news template, a meme caption)."""
+    from PIL import ImageDraw, ImageFont
+    img = img.convert("RGB").resize((481, 321))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, 0, 481, 128), fill=(250, 250, 250))
+    draw.text((15, 10), "BREAKING NEWS", font=ImageFont.load_default(size=35), fill=(200, 0, 0))
+    draw.text((15, 50), "Storm hits the coast tonight", font=ImageFont.load_default(size=18), fill=0)
+    return img
+
+
+def _viewer(img: Image.Image) -> Image.Image:
+    """A photo viewer's window (title bar, status bar, a column of thumbnails) showing `img` small."""
+    from PIL import ImageDraw, ImageFont
+    canvas = Image.new("RGB", (800, 600), (222, 222, 222))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((0, 0, 800, 40), fill=(60, 63, 70))
+    draw.text((80, 8), "Photo Viewer - IMG_0001.jpg", font=ImageFont.load_default(size=20), fill=(230,) * 3)
+    draw.rectangle((0, 560, 800, 600), fill=(200, 200, 205))
+    draw.text((10, 566), "1 of 200   100%", font=ImageFont.load_default(size=18), fill=(40,) * 3)
+    for k in range(8):
+        draw.rectangle((640, 60 + k * 60, 790, 110 + k * 60), fill=(190, 190, 196))
+    canvas.paste(img.convert("RGB").resize((240, 160)), (200, 200))
+    return canvas
+
+
+@pytest.mark.parametrize("template", [_banner, _viewer])
+def test_different_pictures_under_one_template_are_a_partial_match_not_a_match(photos_dir, tmp_path, template):
+    """Two different photos under the same banner, or shown in the same viewer window: ORB's
+    inliers (29 and 274) all sit on the shared part, which made them duplicates at the verify
+    tier. The same template over one photo and its edited copy stays a match."""
+    cfg = Config()
+    a, b = (Image.open(photos_dir / n) for n in ("bsds__test_100099.jpg", "bsds__test_100007.jpg"))
+    paths = {}
+    for name, img in (("a", template(a)), ("b", template(b)),
+                      ("a_copy", template(a.convert("RGB").resize((400, 267)))),
+                      ("a_grey", template(a.convert("L").convert("RGB")))):
+        paths[name] = tmp_path / f"{name}.jpg"
+        img.save(paths[name], quality=92)  # (coverage 0.55 under the banner, 0.45 in the viewer)
+    fa, fb = (_feature_dict(paths[n], 0, cfg) for n in ("a", "b"))
+    different = verify.check_pair(fa, fb, 0, cfg.verify)
+    assert different[1] >= cfg.verify.match_inliers  # (the geometry of the shared part is there)
+    assert different[3] == "partial", different[4]
+    assert "partial" in different[4] and "min_coverage" in different[4]
+    for copy in ("a_copy", "a_grey"):
+        same = verify.check_pair(fa, _feature_dict(paths[copy], 0, cfg), 0, cfg.verify)
+        assert same[3] == "match", (copy, same[4])
+    # verify.min_coverage 0 turns the check off
+    off = Config(verify=dataclasses.replace(cfg.verify, min_coverage=0.0))
+    assert verify.check_pair(fa, fb, 0, off.verify)[3] == "match"

@@ -1,0 +1,191 @@
+"""Different pictures under one template: the hard negatives of keypoint matching.
+
+The same news banner, logo, photo viewer's window or picture frame over two different photos gives
+ORB a clean geometric match on the shared part (tens to hundreds of inliers), which the labelled
+sets never show. This benchmark builds such a set from the shared photos and runs the pipeline on
+it per preset, each also with `verify.min_coverage=0` (the check that catches them, off) in the
+same run:
+
+    python -m bench.templates                       # writes section "templates" of docs/benchmarks.md
+    python -m bench.templates --sources 4 --print   # a quick look
+
+Per case and source photo A (B another photo): template(A) and template(B) are different pictures;
+template(A) and template(A resized to 80 % and saved at JPEG quality 60) are copies. Reported per
+case: copies found (of --sources) and false pairs (pairs of different pictures called duplicates).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sys
+import tempfile
+from itertools import combinations
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from bench import report
+from bench.eval import SHARED, run_pipeline
+
+SECTION = "templates"
+TITLE = "Different pictures under one template (python -m bench.templates)"
+PHOTOS = SHARED / "data" / "photos"
+
+
+def _font(size: int):
+    return ImageFont.load_default(size=size)
+
+
+def banner(img: Image.Image) -> Image.Image:
+    """A white banner with big text over the top 40 % (a news template, a meme caption)."""
+    img = img.resize((481, 321))
+    d = ImageDraw.Draw(img)
+    d.rectangle((0, 0, 481, 128), fill=(250, 250, 250))
+    d.text((15, 10), "BREAKING NEWS", font=_font(35), fill=(200, 0, 0))
+    d.text((15, 50), "Storm hits the coast tonight", font=_font(18), fill=0)
+    d.text((15, 75), "Live updates - more at 11", font=_font(14), fill=(60, 60, 60))
+    return img
+
+
+def logo(img: Image.Image) -> Image.Image:
+    """A large opaque logo over the middle of the photo."""
+    img = img.resize((481, 321)).convert("RGBA")
+    mark = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    d = ImageDraw.Draw(mark)
+    w, h = img.size
+    d.rounded_rectangle((w * 0.15, h * 0.2, w * 0.85, h * 0.8), radius=30, fill=(200, 30, 40, 230))
+    d.ellipse((w * 0.2, h * 0.28, w * 0.38, h * 0.72), fill=(255, 255, 255, 255))
+    d.text((w * 0.42, h * 0.35), "ACME", font=_font(h // 6), fill=(255, 255, 255, 255))
+    d.text((w * 0.42, h * 0.55), "PHOTO CO.", font=_font(h // 12), fill=(255, 230, 0, 255))
+    return Image.alpha_composite(img, mark).convert("RGB")
+
+
+def viewer(img: Image.Image) -> Image.Image:
+    """A photo viewer's window (title bar, status bar, thumbnails column) showing the photo small."""
+    c = Image.new("RGB", (800, 600), (222, 222, 222))
+    d = ImageDraw.Draw(c)
+    d.rectangle((0, 0, 800, 40), fill=(60, 63, 70))
+    d.text((80, 8), "Photo Viewer - IMG_0001.jpg", font=_font(20), fill=(230, 230, 230))
+    d.rectangle((0, 560, 800, 600), fill=(200, 200, 205))
+    d.text((10, 566), "1 of 200   100%", font=_font(18), fill=(40, 40, 40))
+    for k in range(8):
+        d.rectangle((640, 60 + k * 60, 790, 110 + k * 60), fill=(190, 190, 196))
+    c.paste(img.resize((240, 160)), (200, 200))
+    return c
+
+
+def frame(img: Image.Image, texture: Image.Image) -> Image.Image:
+    """The photo inset into a frame cut from one other photo (the same frame every time)."""
+    c = texture.copy()
+    c.paste(img.resize((320, 214)), (160, 133))
+    return c
+
+
+def mat(img: Image.Image) -> Image.Image:
+    """The photo on a cream mat with a thin brown outline."""
+    c = Image.new("RGB", (640, 480), (245, 240, 225))
+    ImageDraw.Draw(c).rectangle((150, 123, 490, 357), outline=(120, 90, 40), width=10)
+    c.paste(img.resize((320, 214)), (160, 133))
+    return c
+
+
+def make_set(root: Path, sources: int, seed: int = 7) -> pd.DataFrame:
+    """The set under `root` and its labels (path, group_id, case)."""
+    photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+                    and not p.name.startswith("pixabay"))
+    random.Random(seed).shuffle(photos)
+    load = lambda p: ImageOps.exif_transpose(Image.open(p)).convert("RGB")  # noqa: E731
+    texture = load(photos.pop()).resize((640, 480))
+    cases = {"banner": banner, "logo": logo, "viewer": viewer, "frame": lambda im: frame(im, texture),
+             "mat": mat}
+    rows = []
+    for case, template in cases.items():
+        (root / case).mkdir(parents=True, exist_ok=True)
+        for s in range(sources):
+            a, b = load(photos.pop()), load(photos.pop())
+            w, h = a.size
+            edited = a.resize((max(1, w * 4 // 5), max(1, h * 4 // 5)))
+            for name, img, group, quality in (("a", a, "a", 92), ("b", b, "b", 92), ("a_copy", edited, "a", 60)):
+                path = root / case / f"{case}_{s}_{name}.jpg"
+                template(img).save(path, quality=quality)
+                rows.append((f"{case}/{path.name}", f"{case}_{s}_{group}", case))
+    labels = pd.DataFrame(rows, columns=["path", "group_id", "case"])
+    labels.to_csv(root / "labels.csv", index=False)
+    return labels
+
+
+def score_run(out: Path, labels: pd.DataFrame) -> dict:
+    """Per case: copies found and false pairs; overall precision and recall of the duplicates."""
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    group = dict(zip(labels["path"], labels["group_id"]))
+    case = dict(zip(labels["path"], labels["case"]))
+    dup = pairs[pairs["is_duplicate"]]
+    found = {(a, b) for a, b in zip(dup["path_a"], dup["path_b"])}
+    truth = set()
+    for g, paths in labels.groupby("group_id")["path"]:
+        truth.update(combinations(sorted(paths), 2))
+    per = {}
+    for c in labels["case"].unique():
+        per[c] = {"copies": sum(1 for p in truth if case[p[0]] == c and p in found),
+                  "false_pairs": sum(1 for p in found if group[p[0]] != group[p[1]] and c in (case[p[0]], case[p[1]]))}
+    tp = len(found & truth)
+    return {"per_case": per, "precision": tp / len(found) if found else float("nan"),
+            "recall": tp / len(truth) if truth else float("nan"), "pairs": len(found),
+            "false_pairs": len(found - truth)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sources", type=int, default=6, help="source photos per case")
+    ap.add_argument("--presets", default="default,fast,strict,high-recall")
+    ap.add_argument("--out", default=str(report.DEFAULT_PATH), help="benchmarks markdown to update")
+    ap.add_argument("--print", action="store_true", help="print the section instead of writing it")
+    ap.add_argument("--timeout", type=float, default=1800)
+    args = ap.parse_args(argv)
+    if not PHOTOS.is_dir():
+        print(f"error: {PHOTOS} is missing (set SHARED to the folder holding data/photos)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="dedupe-templates-"))
+    try:
+        data = work / "data"
+        labels = make_set(data, args.sources)
+        runs = []
+        for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
+            for label, sets in (("on", []), ("off", ["verify.min_coverage=0"])):
+                out = work / f"out-{preset}-{label}"
+                res = run_pipeline(data, out, ["catalog=none", *sets], args.timeout, preset=preset)
+                if not res["ok"]:
+                    print(f"error: the {preset} run failed:\n{res['stderr'][-2000:]}", file=sys.stderr)
+                    return 1
+                runs.append((preset, label, score_run(out, labels)))
+                print(f"[{preset}, min_coverage {label}] {runs[-1][2]['pairs']} pairs, "
+                      f"{runs[-1][2]['false_pairs']} false", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    cases = list(labels["case"].unique())
+    head = ["preset", "verify.min_coverage", "duplicate pairs", "false pairs", "precision", "recall"] + \
+        [f"{c}: copies / false" for c in cases]
+    rows = [[preset, "default (0.6)" if label == "on" else "0 (off)", r["pairs"], r["false_pairs"],
+             f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
+            + [f"{r['per_case'][c]['copies']}/{args.sources} / {r['per_case'][c]['false_pairs']}" for c in cases]
+            for preset, label, r in runs]
+    body = "\n".join([
+        report.stamp(),
+        f"{len(labels)} files: {len(cases)} templates x {args.sources} source photos; per photo A (B another "
+        "photo): template(A), template(B), and template(A resized to 80 % at JPEG quality 60), which is "
+        "A's copy. A true pair is a photo and its copy under the same template; every other pair is "
+        "different pictures. \"copies\": true pairs found; \"false\": pairs of different pictures "
+        "called duplicates (a pair between two templates counts in both). Each preset is run with "
+        "verify.min_coverage at its default and at 0 (the check off), in the same run.", "",
+        report.table(head, rows), ""])
+    if args.print:
+        print(body)
+    else:
+        print(f"wrote section '{SECTION}' of {report.update_section(SECTION, TITLE, body, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
