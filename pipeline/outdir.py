@@ -179,9 +179,11 @@ def _replace_symlink(link: Path, target: str) -> None:
         raise
 
 
-def publish(out: Path, run_id: str, write: Callable[[Path], None]) -> Path:
+def publish(out: Path, run_id: str, write: Callable[[Path], None],
+            committed: Callable[[], None] | None = None) -> Path:
     """`write(folder)` fills a new generation folder; then it becomes OUT's outputs in one atomic
-    symlink swap. Returns the generation folder. On any error the previous outputs stay."""
+    symlink swap, after which `committed()` is called. Returns the generation folder. On any error
+    before the swap the previous outputs stay."""
     state = out / STATE_DIR
     state.mkdir(exist_ok=True)
     tmp = state / f"tmp-{run_id}"
@@ -196,6 +198,8 @@ def publish(out: Path, run_id: str, write: Callable[[Path], None]) -> Path:
         raise
     previous = os.readlink(state / "current") if (state / "current").is_symlink() else None
     _replace_symlink(state / "current", gen.name)  # the commit point
+    if committed is not None:
+        committed()
     _fsync_dir(state)
     for name in PUBLISHED:  # stable names in OUT, through `current` (made once, or after an old layout)
         if (gen / name).exists():

@@ -63,6 +63,38 @@ class Tracker:
                 f"{_duration(elapsed)} elapsed{eta}")
 
 
+class Stopped(BaseException):
+    """SIGTERM (or SIGINT) received: unwinds the run like Ctrl-C does (a BaseException, so no
+    stage's `except Exception` can swallow it), running every `finally` that removes temporary
+    files. Raised by the CLI's signal handler (pipeline/cli.py), and again by `raise_if_stopped`."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopState:
+    """What the CLI's signal handler has seen during the run. A handler's exception raised while the
+    garbage collector runs a callback (Dask's GC diagnosis, with a local cluster) is printed and
+    dropped ("Exception ignored in ... _gc_callback"), and the run went on to exit 0: the signal
+    is remembered here and raised again at the next stage boundary and before the outputs are
+    published (`raise_if_stopped`). Once they are published (`published`) a signal no longer
+    stops the run: it has succeeded (exit 1 there made Airflow retry it)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.published = False
+
+
+STOP = StopState()
+
+
+def raise_if_stopped() -> None:
+    """Raise `Stopped` when a stop signal came and the run is still going (its first raise lost)."""
+    if STOP.signum is not None and not STOP.published:
+        raise Stopped(STOP.signum)
+
+
 class Progress:
     """Stage trackers: tqdm bars on a terminal, start/heartbeat/end log lines otherwise.
 
@@ -76,6 +108,7 @@ class Progress:
 
     @contextlib.contextmanager
     def stage(self, name: str, total: int | None = None, unit: str = "it") -> Iterator[Tracker]:
+        raise_if_stopped()
         bar = None
         shown = contextlib.ExitStack()
         if self.tty and not self.quiet:

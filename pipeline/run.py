@@ -1285,10 +1285,14 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
             write.write_outputs(folder, images, contract_parts(tracker), manifest, previous_report=last,
                                 stored_features=thumbs, client=running(client), report_pairs=report_pairs,
                                 rules=sorted(rules), rejected_total=int((~dup).sum()), cluster_pairs=cluster_pairs)
+            pipeline.progress.raise_if_stopped()  # (a stop signal whose exception was lost: not published)
+
+        def committed():  # the outputs are the new ones: a signal from here on no longer fails the run
+            pipeline.progress.STOP.published = True
         if storage.is_url(out):
-            storage.publish(out, run_id, write_into, last=last)
+            storage.publish(out, run_id, write_into, last=last, committed=committed)
         else:
-            outdir.publish(out, run_id, write_into)
+            outdir.publish(out, run_id, write_into, committed=committed)
         tracker.update(len(images))
     return manifest
 

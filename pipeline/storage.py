@@ -907,7 +907,7 @@ def _tags(fs, prefix: str) -> dict[str, str | None]:
             if info.get("type", "file") != "directory"}
 
 
-def publish(out: str, run_id: str, write, last: LastReport | Path | None = None) -> str:
+def publish(out: str, run_id: str, write, last: LastReport | Path | None = None, committed=None) -> str:
     """`write(folder)` fills a local temporary folder; its files become OUT's outputs on the store
     (see the module docstring for the order and what a reader sees), with the report files `last`
     carried (LastReport.carry) copied into the new generation on the server. Files whose bytes
@@ -947,6 +947,8 @@ def publish(out: str, run_id: str, write, last: LastReport | Path | None = None)
     except FileNotFoundError:
         previous = None
     fs.pipe_file(f"{root}/{STATE_DIR}/current", gen_name.encode("utf-8"))  # the commit point
+    if committed is not None:
+        committed()
     try:
         _copy_to_stable_names(fs, root, gen, gen_name, previous, names, carried)
     except BaseException as exc:  # (the CLI must not say the previous outputs are untouched)
