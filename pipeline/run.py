@@ -785,7 +785,13 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
     remote_out = storage.is_url(out)
     catalog_lock = storage.join(catalog_dir, catalog.LOCK_NAME) if storage.is_url(catalog_dir) else None
     with storage.locked(out, also=catalog_lock) if remote_out else outdir.locked(out):
-        work_dir = (cfg.work_dir if storage.is_url(cfg.work_dir) else Path(os.path.abspath(cfg.work_dir))) if cfg.work_dir \
+        # a work_dir set in the config gets a folder of this run's own inside it, kept after the run
+        # (what the tiers stored there can be looked at): two runs sharing it wrote their
+        # embeddings under the same part names, each filed by its own image rows, and one read the
+        # other's vectors as its own (exit 0, other pairs)
+        own = f"{outdir.WORK_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        work_dir = (storage.join(cfg.work_dir, own) if storage.is_url(cfg.work_dir)
+                    else Path(os.path.abspath(cfg.work_dir)) / own) if cfg.work_dir \
             else storage.join(out, f"{outdir.WORK_PREFIX}{os.getpid()}") if remote_out \
             else out / f"{outdir.WORK_PREFIX}{os.getpid()}"
         if remote_out:

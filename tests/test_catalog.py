@@ -1768,7 +1768,7 @@ def test_the_lists_files_are_removed_when_a_run_fails_before_its_commit(generate
     assert main(args) == 1
     assert len(written) == 1 and len(written[0]) > 0  # (the lists were written, then the run failed)
     assert not Path(written[0].paths[0]).exists() and work.is_dir()
-    assert not list(work.glob("lists-*"))
+    assert not list(work.rglob("lists-*"))  # (in the run's own folder of work_dir)
 
 
 def test_feature_parts_finds_the_wanted_features_of_these_settings_in_first_seen_order(tmp_path):

@@ -83,6 +83,12 @@ def _cfg(base: Config, mode: str, work_dir: Path | None = None) -> Config:
     return c
 
 
+def _own(work: Path) -> Path:
+    """The run's own folder in a work_dir set in the config (one run per work_dir here)."""
+    [folder] = work.glob("_work-*")
+    return folder
+
+
 def _pairs(out: Path) -> pd.DataFrame:
     return pd.read_parquet(out / "pairs.parquet").sort_values(["path_a", "path_b"]).reset_index(drop=True)
 
@@ -166,7 +172,7 @@ def test_candidates_bounded_by_k_per_image(data, sync_run, hash_run):
     assert counts["embedding_only_candidates"] + counts["hash_and_embedding_candidates"] <= k * n
     assert counts["near_candidates"] <= hash_only + k * n
     # the neighbour search itself against brute force on the same stored embeddings
-    parts = sorted(str(p) for p in (out / "work" / "embed" / run.SCREEN_EMBED_SUBDIR).glob("part-*.parquet"))
+    parts = sorted(str(p) for p in (_own(out / "work") / "embed" / run.SCREEN_EMBED_SUBDIR).glob("part-*.parquet"))
     idx, vecs = map(np.concatenate, zip(*candidates.iter_embeddings(parts)))
     sim = vecs @ vecs.T
     np.fill_diagonal(sim, -np.inf)
@@ -190,7 +196,7 @@ def test_candidates_bounded_by_k_per_image(data, sync_run, hash_run):
 
 def test_confirm_reuses_the_screen_embeddings(sync_run):
     out, manifest, calls = sync_run
-    screen_dir = str(out / "work" / "embed" / run.SCREEN_EMBED_SUBDIR)
+    screen_dir = str(_own(out / "work") / "embed" / run.SCREEN_EMBED_SUBDIR)
     screen_keys = np.concatenate([k for d, k in calls if d == screen_dir])
     confirm_keys = [k for d, k in calls if d != screen_dir]
     confirm_keys = np.concatenate(confirm_keys) if confirm_keys else np.zeros(0, np.int64)
@@ -200,7 +206,7 @@ def test_confirm_reuses_the_screen_embeddings(sync_run):
     assert not np.isin(confirm_keys, screen_keys).any()
     counts = manifest["counts"]
     assert counts["confirm_reused"] > 0 and counts["confirm_embedded"] == len(confirm_keys)
-    assert (confirm_keys.size == 0) or not (_store_keys(out / "work" / "embed" / confirm.EMBED_SUBDIR) % 8 == 0).any()
+    assert (confirm_keys.size == 0) or not (_store_keys(_own(out / "work") / "embed" / confirm.EMBED_SUBDIR) % 8 == 0).any()
 
 
 def test_same_result_on_a_local_cluster(data, base_cfg, sync_run, tmp_path):
@@ -216,7 +222,7 @@ def test_same_result_on_a_local_cluster(data, base_cfg, sync_run, tmp_path):
     pd.testing.assert_frame_equal(a, b)
     assert manifest["counts"]["confirm_reused"] == sync_run[1]["counts"]["confirm_reused"]
     # the confirm tier on the cluster did not embed any untransformed image again
-    assert not (_store_keys(tmp_path / "work" / "embed" / confirm.EMBED_SUBDIR) % 8 == 0).any()
+    assert not (_store_keys(_own(tmp_path / "work") / "embed" / confirm.EMBED_SUBDIR) % 8 == 0).any()
 
 
 def test_union_keeps_hash_rows_and_fills_distances():
@@ -266,3 +272,18 @@ def test_mirrored_heavy_crops_found_by_the_embeddings_are_checked_mirrored(photo
     same = pairs["path_a"].str[:3] == pairs["path_b"].str[:3]
     assert not (pairs["is_duplicate"] & ~same).any()
     assert int((pairs["is_duplicate"] & same).sum()) >= 10, pairs[same].to_string()
+
+
+def test_runs_sharing_a_work_dir_each_write_into_a_folder_of_their_own(data, base_cfg, tmp_path):
+    """A work_dir set in the config, shared by two runs without a catalog (two cron jobs, two
+    collections): each run's embeddings went to the same part names, filed by its own image rows,
+    and a run read the other's vectors as its own (exit 0, other pairs). Each run now writes into
+    a folder of its own there, kept after the run."""
+    work = tmp_path / "work"
+    for name in ("first", "second"):
+        run.run(data[0], tmp_path / name, _cfg(base_cfg, "hash+embedding", work), scheduler="sync", quiet=True)
+    folders = sorted(work.glob("_work-*"))
+    assert len(folders) == 2 and not (work / "embed").exists()
+    for folder in folders:  # (each with its own screen embeddings)
+        assert list((folder / "embed" / run.SCREEN_EMBED_SUBDIR).glob("part-*.parquet"))
+    pd.testing.assert_frame_equal(_pairs(tmp_path / "first"), _pairs(tmp_path / "second"))
