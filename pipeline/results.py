@@ -202,23 +202,29 @@ def load_run(out_dir: str | Path, storage_options: dict | None = None) -> Run:
         out_dir = str(out_dir).rstrip("/")
         manifest, images, pairs = storage.read_outputs(out_dir, storage_options)
     else:
+        from pipeline import outdir
         out_dir = Path(out_dir)
-        manifest_path = out_dir / "run.json"
+        # the three files from the generation `current` names now, resolved once: through OUT's
+        # own links each file was found anew, and a run publishing meanwhile gave one file from
+        # each run (4 of 4,631 loads while 12 runs published)
+        where = outdir.current_generation(out_dir) or out_dir
+        manifest_path = where / "run.json"
         if not manifest_path.is_file():  # run.json is written last: without it the run is incomplete
-            raise FileNotFoundError(f"{manifest_path} not found: {out_dir} is not the output folder of a finished run")
+            raise FileNotFoundError(f"{out_dir / 'run.json'} not found: {out_dir} is not the output folder of a "
+                                    "finished run")
         # (what cannot be read is named, with what to do: a traceback, or the bare path, said neither)
         from pipeline.config import ConfigError
         damaged = f"{out_dir} is not the output folder of a finished run, or it is damaged: run the job again"
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"{manifest_path} cannot be read ({exc}): {damaged}") from None
+            raise ConfigError(f"{out_dir / 'run.json'} cannot be read ({exc}): {damaged}") from None
         if not isinstance(manifest, dict) or "root" not in manifest:
-            raise ConfigError(f"{manifest_path} is not a dedupe run.json: {damaged}")
+            raise ConfigError(f"{out_dir / 'run.json'} is not a dedupe run.json: {damaged}")
         frames = []
         for name in ("images.parquet", "pairs.parquet"):
             try:
-                frames.append(pd.read_parquet(out_dir / name))
+                frames.append(pd.read_parquet(where / name))
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"{out_dir / name} cannot be read ({exc}): {damaged}") from None
         images, pairs = frames

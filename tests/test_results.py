@@ -175,3 +175,32 @@ def test_the_runs_own_frame_and_images_parquet_give_the_same_oldest_keeper():
     assert (in_memory["mtime"] == from_file["mtime"]).all()
     for frame in (in_memory, from_file):
         assert keeper_ids(frame, "oldest").to_dict() == {1: 1}
+
+
+def test_load_run_reads_one_generation_while_another_run_publishes(review_run, tmp_path, monkeypatch):
+    """The three files come from the generation `current` names when load_run starts: through
+    OUT's own links each was found anew, and a run publishing meanwhile gave run.json and
+    images.parquet of one run and pairs.parquet of the next."""
+    import os
+    import shutil
+    from pipeline import outdir, results
+    out = tmp_path / "out"
+    shutil.copytree(review_run, out, symlinks=True)
+    gen = outdir.current_generation(out)
+    other = gen.parent / "gen-next"
+    shutil.copytree(gen, other)
+    pd.read_parquet(gen / "pairs.parquet").head(1).to_parquet(other / "pairs.parquet")
+    real = pd.read_parquet
+    swapped = []
+
+    def read_then_publish(path, *args, **kwargs):
+        frame = real(path, *args, **kwargs)
+        if not swapped:  # another run commits right after the first file was read
+            os.symlink(other.name, gen.parent / "next-link")
+            os.replace(gen.parent / "next-link", gen.parent / "current")
+            swapped.append(path)
+        return frame
+    monkeypatch.setattr(results.pd, "read_parquet", read_then_publish)
+    run = load_run(out)
+    assert swapped and outdir.current_generation(out) == other.resolve()
+    assert len(run.pairs) == len(real(gen / "pairs.parquet")) > 1
