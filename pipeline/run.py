@@ -395,7 +395,8 @@ def run_screen(root: Path | str, cfg: Config, client, progress: Progress, known:
     listing = storage.iter_objects(root, cfg.scan, within) if storage.is_url(root) \
         else scan.iter_files(root, cfg.scan, [f for f in skip or [] if not storage.is_url(f)], unlisted,
                              # (the catalog's images, unchanged, are not opened to be recognised)
-                             known_images=None if known is None or rehash else known.images_as_they_were)
+                             known_images=None if known is None or rehash else known.images_as_they_were,
+                             skip_holding=(outdir.LOCK_NAME, catalog.LOCK_NAME))
     batches = scan.batched(listing, cfg.dask.partition_size)
     frames: list[pd.DataFrame] = []
     reused = _Reused()

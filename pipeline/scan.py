@@ -9,6 +9,7 @@ once per real directory, which breaks loops. Nothing is opened for writing.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 from array import array
@@ -20,6 +21,8 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.config import ScanConfig
+
+log = logging.getLogger("pipeline")
 
 # (offset, magic bytes, format name). Enough to recognise what Pillow can decode.
 SIGNATURES: list[tuple[int, bytes, str]] = [
@@ -152,11 +155,15 @@ CLASSIFY_BATCH = 4096
 def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLike] = (),
                unlisted: list[tuple[str, str]] | None = None,
                known_images: Callable[[list[str], np.ndarray, np.ndarray], np.ndarray] | None = None,
+               skip_holding: Sequence[str] = (),
                ) -> Iterator[FileEntry]:
     """Yield every image file under `root` (depth-first, sorted), one at a time. `skip`: folders
     not to go into (the run's own OUT, catalog and work folder when they lie inside DATA), known
-    by device and inode, so a symlink or another spelling of them is skipped too. `unlisted`
-    receives (folder relative to root, why) for each folder that could not be listed.
+    by device and inode, so a symlink or another spelling of them is skipped too. `skip_holding`:
+    names of files that mark a folder not to go into either (another run's OUT or catalog: its
+    report's thumbnails were scanned as images and paired with their originals); each such folder
+    is logged. `unlisted` receives (folder relative to root, why) for each folder that could not
+    be listed.
 
     `known_images(rels, sizes, mtime_ns)`: True for the files known to be images as they are (a
     catalog's records without error, same size and mtime_ns): their first bytes are not read
@@ -202,6 +209,11 @@ def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLi
                     if key in seen_dirs:
                         continue  # symlink loop or a folder reached twice
                     seen_dirs.add(key)
+                    marker = next((m for m in skip_holding if os.path.lexists(os.path.join(path, m))), None)
+                    if marker is not None:
+                        log.info("not scanned: %s (it holds %s: another run's output or catalog)",
+                                 paths.text_form(rel), marker)
+                        continue
                     subdirs.append((path, rel))
                 elif stat.S_ISREG(mode):
                     files.append((i, rel, path, size, mtime_ns, None))

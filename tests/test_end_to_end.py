@@ -151,13 +151,22 @@ def test_out_and_catalog_inside_data_are_not_scanned(photo_paths, tmp_path):
     assert sorted(_frames(data / "out")[0]["path"]) == sorted(runs[0][0]["path"])
     # ... also when OUT lies outside DATA and only a symlink leads there
     (data / "link").unlink()
-    for folder in ("out", "catalog"):  # (another run's OUT inside DATA is data like any other)
+    for folder in ("out", "catalog"):
         shutil.rmtree(data / folder)
     elsewhere = tmp_path / "elsewhere"
     (data / "to-out").symlink_to(elsewhere, target_is_directory=True)
     for _ in range(2):
         assert main(["dedupe", str(data), "--out", str(elsewhere), *args]) == 0
     assert sorted(_frames(elsewhere)[0]["path"]) == sorted(runs[0][0]["path"])
+    # ... and another run's OUT and catalog inside DATA (a second job over the same photos): its
+    # report's thumbnails were scanned as images and paired with their originals
+    assert main(["dedupe", str(data), "--out", str(data / "other-out"), "--catalog", str(data / "other-cat"),
+                 *args]) == 0
+    assert list((data / "other-out" / "report" / "thumbs").iterdir())
+    assert main(["dedupe", str(data), "--out", str(elsewhere), "--no-catalog", *args]) == 0
+    assert sorted(_frames(elsewhere)[0]["path"]) == sorted(runs[0][0]["path"])
+    for folder in ("other-out", "other-cat"):
+        shutil.rmtree(data / folder)
     # OUT = DATA itself: refused, saying what to do (its outputs would be scanned as images)
     before = sorted(p.name for p in data.iterdir())
     assert main(["dedupe", str(data), "--out", str(data) + "/", *args]) == 2
