@@ -2,7 +2,9 @@
 
 Each run goes into the same OUT, so it reuses OUT/catalog: only new or changed files are read
 and only new pairs are scored (README, "Incremental runs and the catalog"). Copy this file into
-your DAGs folder and set the three paths (or the Airflow Variables named below).
+your DAGs folder and set the Airflow Variables dedupe_bin, dedupe_data and dedupe_out (or edit
+the defaults below). They are read when the task runs (templates), not each time the scheduler
+parses this file: a `Variable.get` at the top of a DAG file asks the metadata database on every parse.
 
 Exit codes of the job: 0 done; 1 failed or stopped (retried); 2 configuration error or OUT/catalog
 in use by another run: not retried (`DedupeOperator`), since the same settings fail the same way:
@@ -10,24 +12,23 @@ fix them, or let the other run finish.
 """
 from __future__ import annotations
 
-import shlex
 from datetime import datetime, timedelta
 
 from airflow import DAG
 from airflow.exceptions import AirflowException, AirflowFailException
-from airflow.models import Variable
 from airflow.operators.bash import BashOperator
 
-DEDUPE = Variable.get("dedupe_bin", default_var="/srv/dedupe/.venv/bin/dedupe")
-DATA = Variable.get("dedupe_data", default_var="/data/photos")
-OUT = Variable.get("dedupe_out", default_var="/data/dedupe")
-ARGS = [DEDUPE, "dedupe", DATA, "--out", OUT, "--quiet"]
+# the task's environment, rendered when it runs (an AIRFLOW_VAR_DEDUPE_* environment variable works too)
+PATHS = {"DEDUPE_BIN": "{{ var.value.get('dedupe_bin', '/srv/dedupe/.venv/bin/dedupe') }}",
+         "DEDUPE_DATA": "{{ var.value.get('dedupe_data', '/data/photos') }}",
+         "DEDUPE_OUT": "{{ var.value.get('dedupe_out', '/data/dedupe') }}"}
+COMMAND = '"$DEDUPE_BIN" dedupe "$DEDUPE_DATA" --out "$DEDUPE_OUT" --quiet'  # (quoted: a path may hold spaces)
 
 
 class DedupeOperator(BashOperator):
     """The job as a bash command (Airflow's SIGTERM, on a timeout or "mark failed", stops it
-    cleanly: exit 1, outputs and catalog as they were before the run), whose exit 2 fails the
-    task without its retries."""
+    cleanly: exit 1, the outputs as they were before the run; the catalog may already hold what
+    the run learnt, which the next run reuses), whose exit 2 fails the task without its retries."""
 
     def execute(self, context):
         try:
@@ -50,6 +51,8 @@ with DAG(
 ) as dag:
     DedupeOperator(
         task_id="dedupe",
-        bash_command=shlex.join(ARGS),  # (quoted: a path may hold spaces)
+        bash_command=COMMAND,
+        env=PATHS,
+        append_env=True,  # (PATH, HOME, credentials: the worker's environment as well)
         execution_timeout=timedelta(hours=6),
     )

@@ -713,20 +713,29 @@ def test_query_answers_for_new_files_in_the_folder_as_the_batch_job_would(grown,
 
 def test_the_airflow_example_calls_the_cli_with_valid_arguments():
     import ast
-    import shlex
+    import subprocess
 
     from pipeline.cli import build_parser
     source = (REPO / "examples" / "airflow_dedupe_dag.py").read_text()
     tree = ast.parse(source)
-    command = next(kw.value for node in ast.walk(tree) if isinstance(node, ast.Call)
-                   for kw in node.keywords if kw.arg == "bash_command")
-    # the command is the argument list quoted (a DATA with a space was two arguments: exit 2)
-    assert ast.unparse(command) == "shlex.join(ARGS)"
-    listed = next(node.value for node in tree.body if isinstance(node, ast.Assign)
-                  and getattr(node.targets[0], "id", None) == "ARGS")
-    values = ["X Y" if isinstance(v, ast.Name) else v.value for v in listed.elts]
-    args = build_parser().parse_args(shlex.split(shlex.join(values))[1:])  # what the DAG runs parses as the job
-    assert args.command == "dedupe" and args.data == "X Y" and args.out == "X Y" and not args.no_catalog
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call)
+                and any(kw.arg == "bash_command" for kw in node.keywords))
+    keywords = {kw.arg: ast.unparse(kw.value) for kw in call.keywords}
+    assert keywords["bash_command"] == "COMMAND" and keywords["env"] == "PATHS"
+    assigned = {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) in ("COMMAND", "PATHS")}
+    # the paths are templates read when the task runs (no Variable.get when the file is parsed)
+    assert all("{{ var.value.get(" in v for v in assigned["PATHS"].values())
+    assert not [node for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "get"
+                and getattr(node.value, "id", None) == "Variable"]
+    # what bash runs, with paths that hold spaces (a DATA with a space was two arguments: exit 2)
+    env = {name: f"/x y/{name.lower()}" for name in assigned["PATHS"]}
+    argv = subprocess.run(["bash", "-c", 'printf "%s\\n" ' + assigned["COMMAND"]], env=env, capture_output=True,
+                          text=True, check=True).stdout.splitlines()
+    assert argv[0] == env["DEDUPE_BIN"]
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "dedupe" and args.data == env["DEDUPE_DATA"] and args.out == env["DEDUPE_OUT"]
+    assert not args.no_catalog
 
 
 @pytest.mark.parametrize("kind", ["orb_features", "orb_match"])
