@@ -795,6 +795,8 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
                     else Path(os.path.abspath(cfg.work_dir)) / own) if cfg.work_dir \
             else storage.join(out, f"{outdir.WORK_PREFIX}{os.getpid()}") if remote_out \
             else out / f"{outdir.WORK_PREFIX}{os.getpid()}"
+        if cfg.work_dir and not storage.is_url(work_dir):  # (made now: a cluster's workers check it first)
+            Path(work_dir).mkdir(parents=True, exist_ok=True)
         if remote_out:
             storage.remove_stale_work(out, keep=work_dir)
         else:
