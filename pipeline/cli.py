@@ -100,7 +100,8 @@ def _stop(signum, frame):
     if STOP.published or STOP.signum is not None:
         return
     STOP.signum = signum
-    raise Stopped(signum)
+    if not STOP.holding:  # (at the commit point: noted, acted on by `progress.commit_point`)
+        raise Stopped(signum)
 
 
 def prog_name() -> str:
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("pipeline")
-    STOP.signum, STOP.published = None, False
+    STOP.reset()
     previous = signal.signal(signal.SIGTERM, _stop)  # Airflow, systemd, kill: stop cleanly, exit 1
     previous_int = signal.signal(signal.SIGINT, _stop)  # Ctrl-C: the same
     manifest = None
@@ -441,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         if manifest is None:  # (a completed run keeps ignoring them until it returns)
             signal.signal(signal.SIGTERM, previous)
             signal.signal(signal.SIGINT, previous_int)
+        STOP.reset()  # (a later run in this process, e.g. pipeline.run.run, starts with none)
     c = manifest["counts"]
     log.info("done in %.1fs: %d files (%d errors), %d duplicate pairs, %d clusters -> %s",
              time.perf_counter() - started, c["files"], c["errors"], c["duplicate_pairs"], c["clusters"],

@@ -77,6 +77,41 @@ def locked(out: Path, name: str = LOCK_NAME, what: str = "output folder",
         os.close(fd)  # releases the lock; the file stays (removing it would race a waiting run)
 
 
+RUN_FOLDER_PREFIX = "run-"  # a run's own folder in a work_dir set in the config: run-<pid>-<id>-<host>
+
+
+def run_folder_name() -> str:
+    """This run's own folder in a configured work_dir (`remove_dead_run_folders` knows it by its
+    pid and host)."""
+    return f"{RUN_FOLDER_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}"
+
+
+def remove_dead_run_folders(work_dir: Path, keep: Path | None = None) -> list[str]:
+    """Remove the run folders in `work_dir` of runs on this host that are no longer running (each
+    run's is kept after it, to be looked at, until the next run here): without this a nightly
+    job with work_dir set kept a copy of every night's features. Another host's are left alone
+    (whether its run is alive cannot be told from here), as is a folder whose pid runs again."""
+    removed = []
+    host = socket.gethostname()
+    for entry in sorted(Path(work_dir).glob(f"{RUN_FOLDER_PREFIX}*-{host}")):
+        if (keep is not None and entry == keep) or not entry.is_dir() or entry.is_symlink():
+            continue
+        try:
+            pid = int(entry.name[len(RUN_FOLDER_PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # (still running, or the pid was taken again: kept)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # (another user's process)
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry.name)
+    return removed
+
+
 def remove_stale_work(out: Path, keep: Path | None = None) -> list[str]:
     """Remove `OUT/_work-*` folders and `OUT/.*.tmp` files of killed runs (only while holding the lock)."""
     removed = []
@@ -180,10 +215,10 @@ def _replace_symlink(link: Path, target: str) -> None:
 
 
 def publish(out: Path, run_id: str, write: Callable[[Path], None],
-            committed: Callable[[], None] | None = None) -> Path:
+            commit_point: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Path:
     """`write(folder)` fills a new generation folder; then it becomes OUT's outputs in one atomic
-    symlink swap, after which `committed()` is called. Returns the generation folder. On any error
-    before the swap the previous outputs stay."""
+    symlink swap, made inside `commit_point()` (the run's: progress.commit_point). Returns the
+    generation folder. On any error before the swap the previous outputs stay."""
     state = out / STATE_DIR
     state.mkdir(exist_ok=True)
     tmp = state / f"tmp-{run_id}"
@@ -197,9 +232,8 @@ def publish(out: Path, run_id: str, write: Callable[[Path], None],
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     previous = os.readlink(state / "current") if (state / "current").is_symlink() else None
-    _replace_symlink(state / "current", gen.name)  # the commit point
-    if committed is not None:
-        committed()
+    with commit_point():
+        _replace_symlink(state / "current", gen.name)  # the commit point
     _fsync_dir(state)
     for name in PUBLISHED:  # stable names in OUT, through `current` (made once, or after an old layout)
         if (gen / name).exists():

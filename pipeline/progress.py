@@ -82,8 +82,12 @@ class StopState:
     stops the run: it has succeeded (exit 1 there made Airflow retry it)."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
         self.signum: int | None = None
         self.published = False
+        self.holding = False  # (the commit point: a signal is noted, not raised; `commit_point`)
 
 
 STOP = StopState()
@@ -93,6 +97,21 @@ def raise_if_stopped() -> None:
     """Raise `Stopped` when a stop signal came and the run is still going (its first raise lost)."""
     if STOP.signum is not None and not STOP.published:
         raise Stopped(STOP.signum)
+
+
+@contextlib.contextmanager
+def commit_point() -> Iterator[None]:
+    """Around the one step that makes a run's outputs the current ones: a stop signal that came
+    before it (its raise lost) stops the run here; one that comes during it is noted, not raised
+    (raised there, after the switch and before the run knew, it said the previous outputs were
+    untouched, and OUT's links were not made); once it has succeeded the run is published."""
+    raise_if_stopped()
+    STOP.holding = True
+    try:
+        yield
+        STOP.published = True
+    finally:
+        STOP.holding = False
 
 
 class Progress:
@@ -110,13 +129,19 @@ class Progress:
     def stage(self, name: str, total: int | None = None, unit: str = "it") -> Iterator[Tracker]:
         raise_if_stopped()
         bar = None
-        shown = contextlib.ExitStack()
-        if self.tty and not self.quiet:
-            from tqdm import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
-            # log lines above the bar, not written into its line ("...img/s]2026-12-07 ... INFO")
-            shown.enter_context(logging_redirect_tqdm())
-            bar = tqdm(total=total, desc=f"{name:<10}", unit=unit, leave=True, dynamic_ncols=True)
+        with contextlib.ExitStack() as shown:
+            if self.tty and not self.quiet:
+                from tqdm import tqdm
+                from tqdm.contrib.logging import logging_redirect_tqdm
+                # log lines above the bar, not written into its line ("...img/s]2026-12-07 ... INFO")
+                shown.enter_context(logging_redirect_tqdm())
+                bar = tqdm(total=total, desc=f"{name:<10}", unit=unit, leave=True, dynamic_ncols=True)
+                shown.callback(bar.close)
+            with self._tracked(name, total, unit, bar) as tracker:
+                yield tracker
+
+    @contextlib.contextmanager
+    def _tracked(self, name: str, total: int | None, unit: str, bar) -> Iterator[Tracker]:
         tracker = Tracker(name, total, unit, bar)
         log.info("%s: started%s", name, "" if total is None else f" ({total} {unit})")
         stop = threading.Event()
@@ -135,7 +160,6 @@ class Progress:
                 beat.join(timeout=1)
             if bar is not None:
                 bar.close()
-            shown.close()
         elapsed = time.monotonic() - tracker.started
         log.info("%s: finished %d %s in %.1fs", name, tracker.done, unit, elapsed)
 

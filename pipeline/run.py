@@ -787,15 +787,16 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
     catalog_lock = storage.join(catalog_dir, catalog.LOCK_NAME) if storage.is_url(catalog_dir) else None
     with storage.locked(out, also=catalog_lock) if remote_out else outdir.locked(out):
         # a work_dir set in the config gets a folder of this run's own inside it, kept after the run
-        # (what the tiers stored there can be looked at): two runs sharing it wrote their
-        # embeddings under the same part names, each filed by its own image rows, and one read the
-        # other's vectors as its own (exit 0, other pairs)
-        own = f"{outdir.WORK_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # until the next run on this host (what the tiers stored there can be looked at): two runs
+        # sharing it wrote their embeddings under the same part names, each filed by its own image
+        # rows, and one read the other's vectors as its own (exit 0, other pairs)
+        own = outdir.run_folder_name()
         work_dir = (storage.join(cfg.work_dir, own) if storage.is_url(cfg.work_dir)
                     else Path(os.path.abspath(cfg.work_dir)) / own) if cfg.work_dir \
             else storage.join(out, f"{outdir.WORK_PREFIX}{os.getpid()}") if remote_out \
             else out / f"{outdir.WORK_PREFIX}{os.getpid()}"
         if cfg.work_dir and not storage.is_url(work_dir):  # (made now: a cluster's workers check it first)
+            outdir.remove_dead_run_folders(Path(work_dir).parent, keep=Path(work_dir))
             Path(work_dir).mkdir(parents=True, exist_ok=True)
         if remote_out:
             storage.remove_stale_work(out, keep=work_dir)
@@ -1295,13 +1296,11 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                                 stored_features=thumbs, client=running(client), report_pairs=report_pairs,
                                 rules=sorted(rules), rejected_total=int((~dup).sum()), cluster_pairs=cluster_pairs)
             pipeline.progress.raise_if_stopped()  # (a stop signal whose exception was lost: not published)
-
-        def committed():  # the outputs are the new ones: a signal from here on no longer fails the run
-            pipeline.progress.STOP.published = True
+        # (a signal from the commit point on no longer fails the run: its outputs are the new ones)
         if storage.is_url(out):
-            storage.publish(out, run_id, write_into, last=last, committed=committed)
+            storage.publish(out, run_id, write_into, last=last, commit_point=pipeline.progress.commit_point)
         else:
-            outdir.publish(out, run_id, write_into, committed=committed)
+            outdir.publish(out, run_id, write_into, commit_point=pipeline.progress.commit_point)
         tracker.update(len(images))
     return manifest
 

@@ -907,7 +907,8 @@ def _tags(fs, prefix: str) -> dict[str, str | None]:
             if info.get("type", "file") != "directory"}
 
 
-def publish(out: str, run_id: str, write, last: LastReport | Path | None = None, committed=None) -> str:
+def publish(out: str, run_id: str, write, last: LastReport | Path | None = None,
+            commit_point=contextlib.nullcontext) -> str:
     """`write(folder)` fills a local temporary folder; its files become OUT's outputs on the store
     (see the module docstring for the order and what a reader sees), with the report files `last`
     carried (LastReport.carry) copied into the new generation on the server. Files whose bytes
@@ -946,9 +947,8 @@ def publish(out: str, run_id: str, write, last: LastReport | Path | None = None,
         previous = _current(fs, root)
     except FileNotFoundError:
         previous = None
-    fs.pipe_file(f"{root}/{STATE_DIR}/current", gen_name.encode("utf-8"))  # the commit point
-    if committed is not None:
-        committed()
+    with commit_point():  # (the run's: progress.commit_point)
+        fs.pipe_file(f"{root}/{STATE_DIR}/current", gen_name.encode("utf-8"))  # the commit point
     try:
         _copy_to_stable_names(fs, root, gen, gen_name, previous, names, carried)
     except BaseException as exc:  # (the CLI must not say the previous outputs are untouched)

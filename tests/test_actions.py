@@ -494,7 +494,8 @@ def test_plan_and_report_on_a_damaged_out_say_what_is_wrong(run_dir, capsys, dam
     out = run_dir / "damaged"
     sh.copytree(run_dir / "out", out, symlinks=True)
     name, text = damage.split(":", 1)
-    target = out / name
+    from pipeline import outdir  # (the files themselves, in the generation OUT's names lead to)
+    target = (outdir.current_generation(out) or out) / name
     if target.is_symlink() or target.exists():
         target.unlink()
     if text:

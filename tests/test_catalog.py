@@ -2090,3 +2090,15 @@ def test_query_add_makes_nothing_of_a_catalog_file_rewritten_since_the_batch_run
     assert main(["dedupe", str(data), "--out", str(out), *args]) == 0
     pairs = pd.read_parquet(out / "pairs.parquet").set_index(["path_a", "path_b"])
     assert pairs.loc[("q.jpg", "z_copy.jpg"), "is_duplicate"] and pairs.loc[("q.jpg", "z_copy.jpg"), "orb_inliers"] > 100
+
+
+def test_a_verdict_only_verify_setting_keeps_the_stored_orb_features():
+    """verify.min_coverage, like match_inliers, shapes the verdict of a pair, not an image's ORB
+    features: changing it recomputes the pair scores from the stored features (it recomputed
+    every image's features)."""
+    from pipeline.config import load_config
+    base = catalog.fingerprints(load_config(None, []))
+    for change in ("verify.min_coverage=0.5", "verify.match_inliers=16"):
+        other = catalog.fingerprints(load_config(None, [change]))
+        assert other["orb_features"] == base["orb_features"], change
+        assert other["orb"] != base["orb"], change

@@ -85,7 +85,7 @@ def _cfg(base: Config, mode: str, work_dir: Path | None = None) -> Config:
 
 def _own(work: Path) -> Path:
     """The run's own folder in a work_dir set in the config (one run per work_dir here)."""
-    [folder] = work.glob("_work-*")
+    [folder] = work.glob("run-*")
     return folder
 
 
@@ -279,10 +279,18 @@ def test_runs_sharing_a_work_dir_each_write_into_a_folder_of_their_own(data, bas
     collections): each run's embeddings went to the same part names, filed by its own image rows,
     and a run read the other's vectors as its own (exit 0, other pairs). Each run now writes into
     a folder of its own there, kept after the run."""
+    import shutil
+    import socket
     work = tmp_path / "work"
+    host = socket.gethostname()
+    dead, elsewhere = work / f"run-4194305-0badc0de-{host}", work / "run-1-0badc0de-another-host"
+    for folder in (dead, elsewhere):  # (a run no longer running on this host; one on another host)
+        (folder / "embed").mkdir(parents=True)
     for name in ("first", "second"):
         run.run(data[0], tmp_path / name, _cfg(base_cfg, "hash+embedding", work), scheduler="sync", quiet=True)
-    folders = sorted(work.glob("_work-*"))
+    assert not dead.exists() and elsewhere.exists()  # (a dead run's folder removed; a live one kept)
+    shutil.rmtree(elsewhere)
+    folders = sorted(work.glob("run-*"))
     assert len(folders) == 2 and not (work / "embed").exists()
     for folder in folders:  # (each with its own screen embeddings)
         assert list((folder / "embed" / run.SCREEN_EMBED_SUBDIR).glob("part-*.parquet"))

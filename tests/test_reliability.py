@@ -363,7 +363,21 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("case", ["lost", "after_commit"])
+_SIGNAL_AT_COMMIT = """
+import os, signal, sys
+from pipeline import cli, outdir
+real = outdir._replace_symlink
+
+def switch_then_signal(link, target):
+    real(link, target)
+    if link.name == "current":  # the commit point itself: the new outputs are the current ones
+        os.kill(os.getpid(), signal.SIGTERM)
+outdir._replace_symlink = switch_then_signal
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("case", ["lost", "after_commit", "at_commit"])
 def test_a_stop_signal_is_not_lost_and_one_after_the_commit_fails_nothing(photo_paths, tmp_path, case):
     """A SIGTERM whose exception was raised inside a garbage-collector callback (Dask's GC
     diagnosis, on a local cluster) was printed as "Exception ignored" and dropped, and the run went
@@ -374,7 +388,7 @@ def test_a_stop_signal_is_not_lost_and_one_after_the_commit_fails_nothing(photo_
     data.mkdir()
     for p in photo_paths[:3]:
         (data / p.name).write_bytes(p.read_bytes())
-    code = _LOST_SIGNAL if case == "lost" else _SIGNAL_AFTER_COMMIT
+    code = {"lost": _LOST_SIGNAL, "after_commit": _SIGNAL_AFTER_COMMIT, "at_commit": _SIGNAL_AT_COMMIT}[case]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-c", code, "dedupe", str(data), "--out", str(tmp_path / "o"), "--tiers",
                            "screen", "--scheduler", "sync", "--quiet"], capture_output=True, text=True, env=env,
@@ -383,9 +397,40 @@ def test_a_stop_signal_is_not_lost_and_one_after_the_commit_fails_nothing(photo_
         assert done.returncode == 1 and "stopped by SIGTERM" in done.stderr, done.stderr[-3000:]
         assert not (tmp_path / "o" / "run.json").exists()
         assert not list((tmp_path / "o" / ".dedupe").glob("*")), "a generation was left"
-    else:
+    else:  # (at the switch itself it said "the previous outputs are untouched", exit 1, no OUT links)
         assert done.returncode == 0, done.stderr[-3000:]
         assert (tmp_path / "o" / "run.json").is_file() and "stopped" not in done.stderr
+
+
+def test_a_stopped_run_leaves_no_stop_behind_in_the_process(photo_paths, tmp_path, monkeypatch):
+    """main() called from Python (a notebook, a test) for a run that a signal stopped: the signal
+    stayed noted in the process, and the next in-process run stopped at its first stage."""
+    import gc
+    from pipeline import cli, progress, write
+    from pipeline.run import run
+    from pipeline.config import load_config
+    data = tmp_path / "d"
+    data.mkdir()
+    for p in photo_paths[:3]:
+        (data / p.name).write_bytes(p.read_bytes())
+    real = write.write_outputs
+
+    def write_then_lose_a_signal(*args, **kwargs):
+        real(*args, **kwargs)
+
+        def collecting(phase, info):
+            if phase == "start":
+                gc.callbacks.remove(collecting)
+                cli._stop(signal.SIGTERM, None)
+        gc.callbacks.append(collecting)
+        gc.collect()
+    monkeypatch.setattr(write, "write_outputs", write_then_lose_a_signal)
+    args = ["dedupe", str(data), "--out", str(tmp_path / "o"), "--tiers", "screen", "--scheduler", "sync", "--quiet"]
+    assert cli.main(args) == 1
+    assert progress.STOP.signum is None
+    monkeypatch.setattr(write, "write_outputs", real)
+    run(data, tmp_path / "o2", load_config(None, ["tiers=screen"]), scheduler="sync", quiet=True)
+    assert (tmp_path / "o2" / "run.json").is_file()
 
 
 def test_a_file_rewritten_between_screen_and_verify_is_marked_not_mixed(photo_paths, tmp_path, monkeypatch):

@@ -248,7 +248,7 @@ def test_whole_high_recall_cascade_same_pairs_with_tiny_shards(review_data, revi
                                       check_exact=False, atol=1e-5, rtol=0)
     assert (got["hash_distance"] > ScreenConfig().max_distance).any() and len(got) > 10  # embedding-only pairs too
     from pipeline.run import SCREEN_EMBED_SUBDIR
-    [own] = work.glob("_work-*")  # (the run's own folder in work_dir)
+    [own] = work.glob("run-*")  # (the run's own folder in work_dir)
     parts = sorted((own / "embed" / SCREEN_EMBED_SUBDIR).glob("part-*.parquet"))
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
     assert len(parts) >= 4 and rows > 16  # so the kNN ran over several shards of 8
