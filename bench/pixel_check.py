@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
              f"(too few keypoints, or both images flat: {int(true[checked].sum())} true, "
              f"{int((~true[checked]).sum())} negatives). What ORB alone said about them:\n"]
     orb_rows = []
-    for status in ("match", "no-match", "inconclusive"):
+    for status in ("match", "partial", "no-match", "inconclusive"):
         m = (p["orb_status"].to_numpy() == status) & checked
         orb_rows.append([status, int((true & m).sum()), int((~true & m).sum())])
     lines.append(table(["ORB status (pixel-checked pairs)", "true pairs", "negatives"], orb_rows))

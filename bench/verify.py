@@ -410,8 +410,8 @@ def main(argv=None) -> int:
                     st = g["orb_status"].value_counts()
                     rows_kind.append([kind, len(g), int(g["orb_inliers"].min()),
                                       float(g["orb_inliers"].median()), int(g["orb_inliers"].max()),
-                                      int(st.get("match", 0)), int(st.get("inconclusive", 0)),
-                                      int(st.get("no-match", 0))])
+                                      int(st.get("match", 0)), int(st.get("partial", 0)),
+                                      int(st.get("inconclusive", 0)), int(st.get("no-match", 0))])
             print(model, rows_model[-1], speed[-1], flush=True)
 
     cfg = Config().verify
@@ -421,7 +421,8 @@ def main(argv=None) -> int:
         f"(edited copies: {', '.join(EDITS)}; mirror with transform=4) and {n_neg} negative pairs "
         f"(each photo with its nearest other photo by aHash, and with a random other photo). "
         f"ORB on images bounded to {cfg.max_side} px, {cfg.n_features} keypoints, ratio {cfg.ratio}, "
-        f"RANSAC threshold {cfg.ransac_threshold} px; status \"match\" at >= {cfg.match_inliers} inliers, "
+        f"RANSAC threshold {cfg.ransac_threshold} px; status \"match\" at >= {cfg.match_inliers} inliers "
+        f"(\"partial\" when they cover less than {cfg.min_coverage} of the pictures' keypoints), "
         f"\"no-match\" below {cfg.reject_inliers}. Speed: one process, one OpenCV thread (= per core), "
         f"median of {args.repeats} runs; pairs/s includes reading the features from the store and RANSAC, "
         f"features are computed once per (image, transform).\n\n"
@@ -434,7 +435,7 @@ def main(argv=None) -> int:
            f"`{default_model}` (identical features and results, asserted):\n\n"
            + table(["implementation", "features/s", "pairs/s"], versus) if versus else "")
         + f"\nPer kind of pair (default model `{default_model}`):\n\n"
-        + table(["kind", "pairs", "min inliers", "median", "max", "match", "inconclusive", "no-match"],
+        + table(["kind", "pairs", "min inliers", "median", "max", "match", "partial", "inconclusive", "no-match"],
                 rows_kind))
     kwargs = {"path": args.out} if args.out else {}
     path = update_section("verify", "verify tier (ORB)", body, **kwargs)
