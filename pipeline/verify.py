@@ -693,10 +693,9 @@ def _coverage(fa: dict, fb: dict, qi: np.ndarray, ti: np.ndarray, mask: np.ndarr
     An edited copy adds things to one side only (a caption, a watermark, a border, a crop's
     missing part), so the other side is covered nearly whole. Two different pictures under the
     same banner, frame, logo or app layout have their own keypoints on both sides, far from the
-    inliers on the shared part. Measured on the inliers >= 15 matches (make eval's sets, high-recall
-    candidates; an audit's hard negatives built from the photos, docs/benchmarks.md): the copies'
-    coverage was >= 0.65 in 2,480 of 2,492 pairs, the shared-banner, logo and layout pairs' below
-    it in 105 of 220."""
+    inliers on the shared part. Measured on the matches of >= 15 inliers (make eval's sets with
+    high-recall candidates; hard negatives built from the photos, bench/templates.py): below 0.6
+    (verify.min_coverage) 4 of 2,492 copies, and 306 of 561 template negatives (docs/design-notes.md)."""
     if model is None or not mask.any():
         return 1.0
     m = np.vstack([model, [0, 0, 1]]) if model.shape == (2, 3) else np.asarray(model, np.float64)
