@@ -22,6 +22,7 @@ import sys
 import tempfile
 from itertools import combinations
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -136,55 +137,77 @@ def score_run(out: Path, labels: pd.DataFrame) -> dict:
             "false_pairs": len(found - truth)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sources", type=int, default=6, help="source photos per case")
+def run_presets(data: Path, labels: pd.DataFrame, presets: str, check: str, timeout: float) -> list | None:
+    """Each preset run on `data` with the check (a config key) at its default and at 0, in the same
+    run: [(preset, "on" | "off", score_run's dict)], or None when a run failed (said on stderr)."""
+    runs = []
+    for preset in [p.strip() for p in presets.split(",") if p.strip()]:
+        for label, sets in (("on", []), ("off", [f"{check}=0"])):
+            out = data.parent / f"out-{preset}-{label}"
+            res = run_pipeline(data, out, ["catalog=none", *sets], timeout, preset=preset)
+            if not res["ok"]:
+                print(f"error: the {preset} run failed:\n{res['stderr_tail']}", file=sys.stderr)
+                return None
+            runs.append((preset, label, score_run(out, labels)))
+            print(f"[{preset}, {check} {label}] {runs[-1][2]['pairs']} pairs, {runs[-1][2]['false_pairs']} false",
+                  flush=True)
+    return runs
+
+
+def preset_table(runs: list, labels: pd.DataFrame, sources: int, check: str, default: str) -> str:
+    """The runs as a markdown table: per preset and setting of the check, overall and per case."""
+    cases = list(labels["case"].unique())
+    head = ["preset", check, "duplicate pairs", "false pairs", "precision", "recall"] + \
+        [f"{c}: copies / false" for c in cases]
+    rows = [[preset, default if label == "on" else "0 (off)", r["pairs"], r["false_pairs"],
+             f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
+            + [f"{r['per_case'][c]['copies']}/{sources} / {r['per_case'][c]['false_pairs']}" for c in cases]
+            for preset, label, r in runs]
+    return report.table(head, rows)
+
+
+def bench_main(argv: list[str] | None, *, doc: str, section: str, title: str, make: Callable,
+               check: str, default: str, describe: Callable[[pd.DataFrame, int], str]) -> int:
+    """The command line of a hard-negatives benchmark (this one, bench/documents.py): make the set
+    with `make(root, sources)`, run each preset with `check` on and off, write or print the table."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--sources", type=int, default=6, help="source pictures per case")
     ap.add_argument("--presets", default="default,fast,strict,high-recall")
     ap.add_argument("--out", default=str(report.DEFAULT_PATH), help="benchmarks markdown to update")
     ap.add_argument("--print", action="store_true", help="print the section instead of writing it")
+    ap.add_argument("--keep", help="make the set and the outputs in this folder and keep them")
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args(argv)
-    if not PHOTOS.is_dir():
-        print(f"error: {PHOTOS} is missing (set SHARED to the folder holding data/photos)", file=sys.stderr)
-        return 2
-    work = Path(tempfile.mkdtemp(prefix="dedupe-templates-"))
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix=f"dedupe-{section}-"))
     try:
-        data = work / "data"
-        labels = make_set(data, args.sources)
-        runs = []
-        for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
-            for label, sets in (("on", []), ("off", ["verify.min_coverage=0"])):
-                out = work / f"out-{preset}-{label}"
-                res = run_pipeline(data, out, ["catalog=none", *sets], args.timeout, preset=preset)
-                if not res["ok"]:
-                    print(f"error: the {preset} run failed:\n{res['stderr'][-2000:]}", file=sys.stderr)
-                    return 1
-                runs.append((preset, label, score_run(out, labels)))
-                print(f"[{preset}, min_coverage {label}] {runs[-1][2]['pairs']} pairs, "
-                      f"{runs[-1][2]['false_pairs']} false", flush=True)
+        labels = make(work / "data", args.sources)
+        runs = run_presets(work / "data", labels, args.presets, check, args.timeout)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    cases = list(labels["case"].unique())
-    head = ["preset", "verify.min_coverage", "duplicate pairs", "false pairs", "precision", "recall"] + \
-        [f"{c}: copies / false" for c in cases]
-    rows = [[preset, "default (0.6)" if label == "on" else "0 (off)", r["pairs"], r["false_pairs"],
-             f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
-            + [f"{r['per_case'][c]['copies']}/{args.sources} / {r['per_case'][c]['false_pairs']}" for c in cases]
-            for preset, label, r in runs]
-    body = "\n".join([
-        report.stamp(),
-        f"{len(labels)} files: {len(cases)} templates x {args.sources} source photos; per photo A (B another "
-        "photo): template(A), template(B), and template(A resized to 80 % at JPEG quality 60), which is "
-        "A's copy. A true pair is a photo and its copy under the same template; every other pair is "
-        "different pictures. \"copies\": true pairs found; \"false\": pairs of different pictures "
-        "called duplicates (a pair between two templates counts in both). Each preset is run with "
-        "verify.min_coverage at its default and at 0 (the check off), in the same run.", "",
-        report.table(head, rows), ""])
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    if runs is None:
+        return 1
+    body = "\n".join([report.stamp(), describe(labels, args.sources), "",
+                      preset_table(runs, labels, args.sources, check, default), ""])
     if args.print:
         print(body)
     else:
-        print(f"wrote section '{SECTION}' of {report.update_section(SECTION, TITLE, body, args.out)}")
+        print(f"wrote section '{section}' of {report.update_section(section, title, body, args.out)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    if not PHOTOS.is_dir():
+        print(f"error: {PHOTOS} is missing (set SHARED to the folder holding data/photos)", file=sys.stderr)
+        return 2
+    return bench_main(argv, doc=__doc__, section=SECTION, title=TITLE, make=make_set, check="verify.min_coverage",
+                      default="default (0.6)", describe=lambda labels, sources: (
+        f"{len(labels)} files: {labels['case'].nunique()} templates x {sources} source photos; per photo A (B "
+        "another photo): template(A), template(B), and template(A resized to 80 % at JPEG quality 60), which is "
+        "A's copy. A true pair is a photo and its copy under the same template; every other pair is "
+        "different pictures. \"copies\": true pairs found; \"false\": pairs of different pictures "
+        "called duplicates (a pair between two templates counts in both). Each preset is run with "
+        "verify.min_coverage at its default and at 0 (the check off), in the same run."))
 
 
 if __name__ == "__main__":

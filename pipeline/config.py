@@ -118,6 +118,13 @@ class VerifyConfig:
     # covered one's, COVER_GRID cells) -> "partial": a shared layout, banner, frame or logo over
     # different pictures; not accepted on ORB's word (pipeline/verify.py, _coverage). 0 = off
     min_coverage: float = 0.6
+    # chance matches: two pages of different text (or tiles, brickwork, a fence) give tens of
+    # ratio-test matches between repeated shapes, a few of which RANSAC lines up by chance (6-31
+    # inliers, 13-32 % of the matches, bench/documents.py); a copy's inliers are most of its matches
+    # (photos: >= 55 % at 20+ matches, make eval's sets). With >= chance_min_matches matches and
+    # inliers below min_inlier_share of them -> "no-match" (pipeline/verify.py). 0 = off
+    min_inlier_share: float = 0.3
+    chance_min_matches: int = 20
     seed: int = 12345  # OpenCV RNG seed, so RANSAC is deterministic
     opencv_threads: int = 1  # OpenCV threads inside a verify task (Dask parallelises; 0 = leave as is)
     max_open_partitions: int = 8  # a pair task loads at most this many feature files at a time
@@ -339,6 +346,8 @@ def _validate(cfg: Config) -> None:
         (0 < cfg.verify.reject_inliers <= cfg.verify.match_inliers,
          "verify: need 0 < reject_inliers <= match_inliers"),
         (0 <= cfg.verify.min_coverage <= 1, "verify.min_coverage must be in [0, 1] (0 = off)"),
+        (0 <= cfg.verify.min_inlier_share < 1, "verify.min_inlier_share must be in [0, 1) (0 = off)"),
+        (cfg.verify.chance_min_matches >= 1, "verify.chance_min_matches must be >= 1"),
         (cfg.verify.upscale_below <= cfg.verify.max_side, "verify.upscale_below must be <= verify.max_side"),
         (cfg.verify.ransac_max_iters >= 1, "verify.ransac_max_iters must be >= 1"),
         (0 < cfg.verify.ransac_confidence < 1, "verify.ransac_confidence must be in (0, 1)"),

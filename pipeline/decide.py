@@ -4,8 +4,9 @@ The rule (thresholds in `DecideConfig` and `VerifyConfig`, calibrated in docs/be
 
 * exact: byte-identical files are duplicates (no further tier runs).
 * tiers=screen: a near pair is a duplicate when its hash distance <= `screen_only_distance`.
-* verify: ORB "no-match" (enough keypoints, fewer than `verify.reject_inliers` inliers) rejects
-  the pair; ORB inliers >= `accept_inliers` accept it (geometry that clear was never seen between
+* verify: ORB "no-match" (enough keypoints, fewer than `verify.reject_inliers` inliers, or many
+  matches of which fewer than `verify.min_inlier_share` agree: letters or tiles matched by chance)
+  rejects the pair; ORB inliers >= `accept_inliers` accept it (geometry that clear was never seen between
   different photos). Only the pairs in between (and the inconclusive ones: too few keypoints) go on
   to the confirm tier (`needs_confirm`). With tiers=verify, "match" (>= `verify.match_inliers`)
   accepts and an inconclusive pair falls back to the screen rule.
@@ -45,7 +46,8 @@ RULES = {
     "screen_hash_close": "tiers=screen: hash distance <= decide.screen_only_distance: duplicate",
     "screen_hash_far": "tiers=screen: hash distance > decide.screen_only_distance: different",
     "verify_orb_accept": "ORB inliers >= decide.accept_inliers: duplicate without an embedding",
-    "verify_orb_reject": "ORB found enough keypoints but fewer than verify.reject_inliers inliers: different",
+    "verify_orb_reject": "ORB found enough keypoints but fewer than verify.reject_inliers inliers, or fewer than "
+                         "verify.min_inlier_share of its matches (repeated shapes matched by chance): different",
     "verify_orb_match": "tiers=verify: ORB inliers >= verify.match_inliers: duplicate",
     "verify_inconclusive_hash_close": "tiers=verify: ORB inconclusive (or partial), hash distance <= "
                                       "decide.screen_only_distance: duplicate",

@@ -26,7 +26,10 @@ because `check_pair` tries it unmirrored when the mirrored check is not a match.
 Score (`orb_score`): inliers / min(n_keypoints_a, n_keypoints_b), in [0, 1] — the fraction of the
 poorer image's keypoints that the geometry explains. The raw `orb_inliers` is what the status
 thresholds use (`verify.match_inliers`, `verify.reject_inliers`); the score is for ranking and
-for analysts comparing pairs of very different keypoint counts.
+for analysts comparing pairs of very different keypoint counts. Many matches of which few are
+inliers (`verify.min_inlier_share` of at least `verify.chance_min_matches`) are "no-match":
+letters of two different pages of text, tiles or a fence match the same shapes elsewhere, and
+RANSAC lines up a few of those by chance (a copy's inliers are most of its matches).
 
 `verify.method: sift` swaps ORB for SIFT (cv2.SIFT_create, 128 float32 per descriptor): the same
 grid spread, ratio test, one-to-one filter and RANSAC, with an L2 2-NN (`_match_l2`). The output
@@ -667,6 +670,11 @@ def _verify_model(fa: dict, fb: dict, cfg: VerifyConfig, matcher=None) -> tuple[
         status = "inconclusive"
         reason = (f"{name} inconclusive: {min(na, nb)} keypoints in image {which} (flat or tiny); "
                   f"{inliers} inliers of {matches} matches")
+    elif matches >= cfg.chance_min_matches and inliers < cfg.min_inlier_share * matches:
+        # many matches, few of them agreeing: repeated shapes (letters, tiles) matched by chance
+        status = "no-match"
+        reason = (f"{name}: {inliers} inliers of {matches} matches, {inliers / matches:.0%} < verify.min_inlier_share "
+                  f"{cfg.min_inlier_share} (chance matches between repeated shapes: text, tiles, patterns)")
     elif inliers >= cfg.match_inliers:
         status, reason = "match", f"{name}: {inliers} inliers of {matches} matches"
         covered = _coverage(fa, fb, qi, ti, mask, model) if cfg.min_coverage > 0 else 1.0

@@ -780,3 +780,39 @@ def test_different_pictures_under_one_template_are_a_partial_match_not_a_match(p
     # verify.min_coverage 0 turns the check off
     off = Config(verify=dataclasses.replace(cfg.verify, min_coverage=0.0))
     assert verify.check_pair(fa, fb, 0, off.verify)[3] == "match"
+
+
+# -- chance matches between repeated shapes (text pages, verify.min_inlier_share)
+
+@pytest.mark.parametrize("layout", ["letter", "code", "receipt"])
+def test_different_documents_of_one_layout_are_no_match_and_their_copies_match(tmp_path, layout):
+    """Two pages of different text in one font and layout: ORB matches letters to the same letters
+    elsewhere and RANSAC lines a handful of them up by chance (6 inliers of 66 matches), which
+    left the pair to the confirm tier, where every page of text has a cosine of 0.87-0.98 with
+    every other: 445 false pairs among 90 documents (bench/documents.py). Many matches of which
+    few agree are chance: "no-match". A page and its copies (resized and re-encoded, scanned
+    askew on grey paper, cropped) stay a match."""
+    import random
+    from bench import documents
+    cfg = Config()
+    rng = random.Random(5)
+    make = documents.LAYOUTS[layout]
+    a, b = make(rng), make(rng)
+    paths = {"a": tmp_path / "a.png", "b": tmp_path / "b.png"}
+    a.save(paths["a"]), b.save(paths["b"])
+    for kind in range(3):
+        copy, quality = documents.copy_of(a, kind, rng)
+        paths[f"copy{kind}"] = tmp_path / f"copy{kind}.jpg"
+        copy.save(paths[f"copy{kind}"], quality=quality)
+    fa, fb = (_feature_dict(paths[n], 0, cfg) for n in ("a", "b"))
+    different = verify.check_pair(fa, fb, 0, cfg.verify)
+    assert different[0] >= cfg.verify.chance_min_matches, different[4]  # (many matches: letters)
+    assert different[3] == "no-match", different[4]
+    assert "min_inlier_share" in different[4] and different[1] < cfg.verify.min_inlier_share * different[0]
+    for kind in range(3):
+        same = verify.check_pair(fa, _feature_dict(paths[f"copy{kind}"], 0, cfg), 0, cfg.verify)
+        assert same[3] in ("match", "partial"), (kind, same[4])  # (a crop may cover < min_coverage)
+        assert same[1] >= cfg.verify.min_inlier_share * same[0], (kind, same[4])
+    # verify.min_inlier_share 0 turns the check off: the chance inliers decide as before
+    off = dataclasses.replace(cfg.verify, min_inlier_share=0.0)
+    assert "min_inlier_share" not in verify.check_pair(fa, fb, 0, off)[4]
