@@ -92,6 +92,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+
+def _counted(n: int, noun: str) -> str:
+    """'1 cluster', '2 clusters'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
 def _stop(signum, frame):
     """SIGTERM and SIGINT during a run: unwind it (`Stopped`), exit 1. A second signal must not
     interrupt the clean-up, and one that comes once the outputs are published must not fail a run
@@ -257,7 +262,7 @@ def plan_command(args) -> int:
         print(f"warning: --prefer {folder!r} holds none of the run's files (a folder relative to DATA, or "
               "absolute): it decides no keeper", file=sys.stderr)
     removals = plan[plan["action"] == "remove"]
-    print(f"{path}: {plan['cluster_id'].nunique()} clusters, {len(removals)} files to remove "
+    print(f"{path}: {_counted(plan['cluster_id'].nunique(), 'cluster')}, {_counted(len(removals), 'file')} to remove "
           f"({int(removals['bytes'].sum())} bytes), keeper policy {args.keep}")
     return EXIT_OK
 
@@ -444,9 +449,9 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, previous_int)
         STOP.reset()  # (a later run in this process, e.g. pipeline.run.run, starts with none)
     c = manifest["counts"]
-    log.info("done in %.1fs: %d files (%d errors), %d duplicate pairs, %d clusters -> %s",
-             time.perf_counter() - started, c["files"], c["errors"], c["duplicate_pairs"], c["clusters"],
-             args.out)
+    log.info("done in %.1fs: %s (%s), %s, %s -> %s", time.perf_counter() - started, _counted(c["files"], "file"),
+             _counted(c["errors"], "error"), _counted(c["duplicate_pairs"], "duplicate pair"),
+             _counted(c["clusters"], "cluster"), args.out)
     if argv is not None:  # called from Python (a test, a notebook): its own handlers back
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
