@@ -1,11 +1,13 @@
-"""Different documents of one layout: text pages, slides, receipts, code and tables.
+"""Different documents of one layout: text pages, slides, receipts, code, tables and charts.
 
 Two pages of different text in the same font and layout look alike to every tier: their aHashes
 are a few bits apart (the same blocks of lines), the embedding sees "a page of text" in both
 (cosine 0.87-0.98), and ORB matches letters to the same letters elsewhere, which RANSAC lines up
-into a handful of inliers by chance. This benchmark generates such documents (no photos needed)
-and runs the pipeline on them per preset, each also with `verify.min_inlier_share=0` (the check
-that catches them, off) in the same run:
+into a handful of inliers by chance. Charts of other figures in one house style are the same
+story with fewer letters: mostly flat, a few chance inliers, and an embedding that sees "a
+chart". This benchmark generates such documents (no photos needed) and runs the pipeline on them
+per preset, each also with the checks that catch them off (`verify.min_inlier_share=0`,
+`verify.semi_flat_share=0`) in the same run:
 
     python -m bench.documents                       # writes section "documents" of docs/benchmarks.md
     python -m bench.documents --sources 4 --print   # a quick look
@@ -128,7 +130,48 @@ def table(rng: random.Random) -> Image.Image:
     return img
 
 
-LAYOUTS = {"letter": letter, "slide": slide, "receipt": receipt, "code": code, "table": table}
+def _axes() -> tuple[Image.Image, ImageDraw.ImageDraw, tuple[int, int, int, int], float]:
+    """A chart's frame in one house style: title, grid lines, axis labels, months."""
+    img = Image.new("RGB", (640, 400), "white")
+    d = ImageDraw.Draw(img)
+    d.text((20, 12), "Monthly revenue (k$)", font=_font(20), fill=(30,) * 3)
+    box = x0, y0, x1, y1 = 60, 50, 620, 360
+    for i in range(6):
+        y = y1 - i * (y1 - y0) / 5
+        d.line((x0, y, x1, y), fill=(225,) * 3)
+        d.text((20, y - 7), f"{i * 20}", font=_font(12), fill=(90,) * 3)
+    d.line((x0, y0, x0, y1), fill=(60,) * 3)
+    d.line((x0, y1, x1, y1), fill=(60,) * 3)
+    step = (x1 - x0) / 12
+    for i, month in enumerate("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()):
+        d.text((x0 + i * step + 10, y1 + 8), month, font=_font(12), fill=(90,) * 3)
+    return img, d, box, step
+
+
+def bar_chart(rng: random.Random) -> Image.Image:
+    """Twelve blue bars of other figures on the same axes (a dashboard's, a report's charts)."""
+    img, d, (x0, y0, x1, y1), step = _axes()
+    for i in range(12):
+        top = y1 - rng.uniform(0.1, 0.95) * (y1 - y0)
+        d.rectangle((x0 + i * step + 8, top, x0 + (i + 1) * step - 8, y1 - 1), fill=(66, 133, 244))
+    return img
+
+
+def line_chart(rng: random.Random) -> Image.Image:
+    """A red line with markers through twelve other figures on the same axes."""
+    img, d, (x0, y0, x1, y1), step = _axes()
+    v, points = rng.uniform(0.3, 0.7), []
+    for i in range(12):
+        v = min(0.95, max(0.05, v + rng.uniform(-0.15, 0.15)))
+        points.append((x0 + i * step + step / 2, y1 - v * (y1 - y0)))
+    d.line(points, fill=(219, 68, 55), width=3)
+    for x, y in points:
+        d.ellipse((x - 4, y - 4, x + 4, y + 4), fill=(219, 68, 55))
+    return img
+
+
+LAYOUTS = {"letter": letter, "slide": slide, "receipt": receipt, "code": code, "table": table,
+           "bar_chart": bar_chart, "line_chart": line_chart}
 
 
 def copy_of(img: Image.Image, kind: int, rng: random.Random) -> tuple[Image.Image, int]:
@@ -164,13 +207,16 @@ def make_set(root: Path, sources: int, seed: int = 11) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     return bench_main(argv, doc=__doc__, section=SECTION, title=TITLE, make=make_set,
-                      check="verify.min_inlier_share", default="default (0.3)", describe=lambda labels, sources: (
+                      check="verify.min_inlier_share,verify.semi_flat_share", default="defaults (0.3, 0.55)",
+                      describe=lambda labels, sources: (
         f"{len(labels)} files: {labels['case'].nunique()} layouts x {sources} documents; per document A (B "
         "another text in the same layout): A, B, and A's copy (by turns resized to 75 % at JPEG quality 70, "
         "scanned: turned 1.5 degrees on grey paper with noise, or its top 85 % at JPEG quality 80). A "
         "true pair is a document and its copy; every other pair is different documents. \"copies\": "
         "true pairs found; \"false\": pairs of different documents called duplicates. Each preset is "
-        "run with verify.min_inlier_share at its default and at 0 (the check off), in the same run."))
+        "run with the two checks that catch them at their defaults and at 0 (off), in the same run: "
+        "verify.min_inlier_share (chance matches between letters) and verify.semi_flat_share (mostly flat "
+        "pairs such as charts decided by the pixel check)."))
 
 
 if __name__ == "__main__":

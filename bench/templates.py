@@ -138,11 +138,12 @@ def score_run(out: Path, labels: pd.DataFrame) -> dict:
 
 
 def run_presets(data: Path, labels: pd.DataFrame, presets: str, check: str, timeout: float) -> list | None:
-    """Each preset run on `data` with the check (a config key) at its default and at 0, in the same
-    run: [(preset, "on" | "off", score_run's dict)], or None when a run failed (said on stderr)."""
+    """Each preset run on `data` with the check (a config key, or several joined by commas) at its
+    default and at 0, in the same run: [(preset, "on" | "off", score_run's dict)], or None when a
+    run failed (said on stderr)."""
     runs = []
     for preset in [p.strip() for p in presets.split(",") if p.strip()]:
-        for label, sets in (("on", []), ("off", [f"{check}=0"])):
+        for label, sets in (("on", []), ("off", [f"{key}=0" for key in check.split(",")])):
             out = data.parent / f"out-{preset}-{label}"
             res = run_pipeline(data, out, ["catalog=none", *sets], timeout, preset=preset)
             if not res["ok"]:
@@ -157,7 +158,7 @@ def run_presets(data: Path, labels: pd.DataFrame, presets: str, check: str, time
 def preset_table(runs: list, labels: pd.DataFrame, sources: int, check: str, default: str) -> str:
     """The runs as a markdown table: per preset and setting of the check, overall and per case."""
     cases = list(labels["case"].unique())
-    head = ["preset", check, "duplicate pairs", "false pairs", "precision", "recall"] + \
+    head = ["preset", check.replace(",", ", "), "duplicate pairs", "false pairs", "precision", "recall"] + \
         [f"{c}: copies / false" for c in cases]
     rows = [[preset, default if label == "on" else "0 (off)", r["pairs"], r["false_pairs"],
              f"{r['precision']:.3f}", f"{r['recall']:.3f}"]

@@ -311,7 +311,8 @@ def _fp(data) -> str:
 # verify keys that only affect matching and the verdict, not the per-image ORB features
 _ORB_MATCH_ONLY = {"ratio", "min_keypoints", "ransac_threshold", "model", "ransac_max_iters",
                    "ransac_confidence", "min_good_matches", "match_inliers", "reject_inliers", "seed",
-                   "min_coverage", "min_inlier_share", "chance_min_matches"}
+                   "min_coverage", "min_inlier_share", "chance_min_matches",
+                   "semi_flat_share"}
 _NO_EFFECT = {"opencv_threads", "max_open_partitions", "download", "batch_size", "threads"}
 _SCREEN_SEARCH = {"max_distance", "max_candidates", "backend", "exact_group_pairs", "mode", "embedding_k",
                   "embedding_min_cosine", "embedding_index", "embedding_exact_max", "embedding_nprobe",

@@ -19,7 +19,8 @@ The rule (thresholds in `DecideConfig` and `VerifyConfig`, calibrated in docs/be
   (>= `support_inliers`) and cosine >= `cosine_floor` (heavy crops and recolouring lower the
   cosine; the keypoints still agree).
 * pixel check (`verify.pixel_check`): a flat pair (too few keypoints, or both images flat: logos,
-  UI screenshots, text on colour) whose pixels were compared is decided at the verify tier, over
+  UI screenshots, text on colour; or both mostly flat, `verify.semi_flat_share`, and ORB
+  undecided: charts, diagrams) whose pixels were compared is decided at the verify tier, over
   ORB's verdict (keypoints on a shared layout match between different graphics): a duplicate
   when SSIM >= `pixel_ssim` and the colour-histogram correlation >= `pixel_hist_corr`,
   different otherwise; it is not embedded.
@@ -57,9 +58,9 @@ RULES = {
     "confirm_cosine_orb": "cosine >= decide.cosine_floor with ORB inliers >= decide.support_inliers: duplicate",
     "confirm_cosine_low": "cosine below the thresholds: different",
     "confirm_no_embedding": "an embedding could not be made: ORB's verdict stands (match: duplicate)",
-    "verify_pixel_match": "flat pair (pixel check): SSIM >= decide.pixel_ssim and colour-histogram "
+    "verify_pixel_match": "flat (or mostly flat, ORB undecided) pair (pixel check): SSIM >= decide.pixel_ssim and colour-histogram "
                           "correlation >= decide.pixel_hist_corr: duplicate",
-    "verify_pixel_mismatch": "flat pair (pixel check): SSIM < decide.pixel_ssim or colour-histogram "
+    "verify_pixel_mismatch": "flat (or mostly flat, ORB undecided) pair (pixel check): SSIM < decide.pixel_ssim or colour-histogram "
                              "correlation < decide.pixel_hist_corr: different",
     "file_changed": "a file was rewritten or removed during the run: not decided (different); the next run includes it",
 }
