@@ -319,6 +319,36 @@ def _residual(t_have: int, t_want: int) -> int:
     return next(r for r in range(8) if np.array_equal(GRID_DIHEDRAL[r](base), want))
 
 
+def _dihedral_maps(side: int) -> list[np.ndarray]:
+    """Per GRID_DIHEDRAL turn t: the 2x3 map x -> the pixel of the array that turn t of a side x
+    side array shows at x ((col, row) coordinates), read off the turned coordinate grids."""
+    rows, cols = np.mgrid[0:side, 0:side].astype(np.float64)
+    maps = []
+    for turn in GRID_DIHEDRAL:
+        tc, tr = turn(cols), turn(rows)  # source column / row shown at each (row, col)
+        # affine from three points: (0, 0), (1, 0) and (0, 1) in (x=col, y=row)
+        origin = np.array([tc[0, 0], tr[0, 0]])
+        ex = np.array([tc[0, 1], tr[0, 1]]) - origin
+        ey = np.array([tc[1, 0], tr[1, 0]]) - origin
+        maps.append(np.column_stack([ex, ey, origin]))
+    return maps
+
+
+_DIHEDRAL_MAPS = _dihedral_maps(PIXEL_SIDE)
+
+
+def _dihedral_near(warp: np.ndarray, side: int) -> int | None:
+    """The GRID_DIHEDRAL turn whose map is within 3 % and 1.5 px of `warp` (thumbnail a ->
+    thumbnail b, 3x3), or None."""
+    if np.abs(warp[2, :2]).max() > 1e-4:  # (a homography's perspective part)
+        return None
+    maps = _DIHEDRAL_MAPS if side == PIXEL_SIDE else _dihedral_maps(side)
+    for turn, m in enumerate(maps):
+        if np.abs(warp[:2, :2] - m[:, :2]).max() <= 0.03 and np.abs(warp[:2, 2] - m[:, 2]).max() <= 1.5:
+            return turn
+    return None
+
+
 def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = None) -> tuple[float, float]:
     """(ssim, hist_corr) of a and b aligned on a. The thumbnails are of the feature rows' images
     (a plain, b turned by fb["transform"]); `model` (a RANSAC 2x3 or 3x3 map from a's keypoint
@@ -340,10 +370,14 @@ def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = N
         to_a = np.diag([fa["width"] / side, fa["height"] / side, 1.0])
         to_thumb_b = np.diag([side / fb["width"], side / fb["height"], 1.0])
         warp = to_thumb_b @ m @ to_a
-        # near the identity (re-encode, resize: the squash aligns them already) a sub-pixel warp
-        # would only blur text edges (measured: SSIM 0.90 -> 0.18 on a resized copy)
-        if np.abs(warp[:2, :2] - np.eye(2)).max() > 0.03 or np.abs(warp[:2, 2]).max() > 1.5 \
-                or np.abs(warp[2, :2]).max() > 1e-4:
+        # near the identity (re-encode, resize: the squash aligns them already) or a quarter turn
+        # or flip of it (the model turned b, whatever the screen's transform said) a sub-pixel
+        # warp would only blur text edges (measured: SSIM 0.90 -> 0.18 on a resized copy; a
+        # slide turned 180 degrees, 0.98 -> 0.48): the exact turn is applied instead
+        turn = _dihedral_near(warp, side)
+        if turn is not None:
+            tb = np.ascontiguousarray(GRID_DIHEDRAL[turn](tb))
+        else:
             flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
             tb = cv2.warpPerspective(tb, warp, (side, side), flags=flags, borderValue=0)
             valid = cv2.warpPerspective(valid, warp, (side, side),
