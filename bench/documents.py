@@ -7,14 +7,15 @@ into a handful of inliers by chance. Charts of other figures in one house style 
 story with fewer letters: mostly flat, a few chance inliers, and an embedding that sees "a
 chart". This benchmark generates such documents (no photos needed) and runs the pipeline on them
 per preset, each also with the checks that catch them off (`verify.min_inlier_share=0`,
-`verify.semi_flat_share=0`) in the same run:
+`verify.semi_flat_share=0`, each alone and both) in the same run:
 
     python -m bench.documents                       # writes section "documents" of docs/benchmarks.md
     python -m bench.documents --sources 4 --print   # a quick look
 
 Per layout and document A (B another text in the same layout): A and B are different documents;
 A and A's copy (by turns: resized to 75 % at JPEG quality 70; scanned, turned 1.5 degrees on
-grey paper with noise; its top 85 % at JPEG quality 80) are copies. Reported per layout: copies
+grey paper with noise; its top 85 % at JPEG quality 80; a thumbnail a fifth of its size) are
+copies. Reported per layout: copies
 found (of --sources) and false pairs (pairs of different documents called duplicates).
 """
 from __future__ import annotations
@@ -175,7 +176,8 @@ LAYOUTS = {"letter": letter, "slide": slide, "receipt": receipt, "code": code, "
 
 
 def copy_of(img: Image.Image, kind: int, rng: random.Random) -> tuple[Image.Image, int]:
-    """An edited copy and the JPEG quality to save it at (kind 0: resized, 1: scanned, 2: cropped)."""
+    """An edited copy and the JPEG quality to save it at (kind 0: resized, 1: scanned, 2: cropped,
+    3: a thumbnail a fifth of its size)."""
     w, h = img.size
     if kind == 0:
         return img.resize((w * 3 // 4, h * 3 // 4), Image.LANCZOS), 70
@@ -184,7 +186,9 @@ def copy_of(img: Image.Image, kind: int, rng: random.Random) -> tuple[Image.Imag
         arr = np.asarray(paper, dtype=np.float32) * 0.9 + 12
         arr += np.random.default_rng(rng.randint(0, 2**31)).normal(0, 6, arr.shape)
         return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6)), 85
-    return img.crop((0, 0, w, h * 85 // 100)), 80
+    if kind == 2:
+        return img.crop((0, 0, w, h * 85 // 100)), 80
+    return img.resize((max(1, w // 5), max(1, h // 5)), Image.LANCZOS), 85
 
 
 def make_set(root: Path, sources: int, seed: int = 11) -> pd.DataFrame:
@@ -195,7 +199,7 @@ def make_set(root: Path, sources: int, seed: int = 11) -> pd.DataFrame:
         (root / case).mkdir(parents=True, exist_ok=True)
         for s in range(sources):
             a, b = layout(rng), layout(rng)
-            edited, quality = copy_of(a, s % 3, rng)
+            edited, quality = copy_of(a, s % 4, rng)
             for name, img, group, q in (("a", a, "a", None), ("b", b, "b", None), ("a_copy", edited, "a", quality)):
                 path = root / case / f"{case}_{s}_{name}.{'png' if q is None else 'jpg'}"
                 img.save(path) if q is None else img.save(path, quality=q)
@@ -211,12 +215,13 @@ def main(argv: list[str] | None = None) -> int:
                       describe=lambda labels, sources: (
         f"{len(labels)} files: {labels['case'].nunique()} layouts x {sources} documents; per document A (B "
         "another text in the same layout): A, B, and A's copy (by turns resized to 75 % at JPEG quality 70, "
-        "scanned: turned 1.5 degrees on grey paper with noise, or its top 85 % at JPEG quality 80). A "
+        "scanned: turned 1.5 degrees on grey paper with noise, its top 85 % at JPEG quality 80, or a thumbnail "
+        "a fifth of its size). A "
         "true pair is a document and its copy; every other pair is different documents. \"copies\": "
         "true pairs found; \"false\": pairs of different documents called duplicates. Each preset is "
-        "run with the two checks that catch them at their defaults and at 0 (off), in the same run: "
-        "verify.min_inlier_share (chance matches between letters) and verify.semi_flat_share (mostly flat "
-        "pairs such as charts decided by the pixel check)."))
+        "run with the two checks that catch them at their defaults, each off (0) alone, and both off, in the same "
+        "run: verify.min_inlier_share (chance matches between letters) and verify.semi_flat_share (mostly flat "
+        "pairs that ORB leaves undecided, such as charts, different when their pixels disagree outright)."))
 
 
 if __name__ == "__main__":

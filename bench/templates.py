@@ -139,12 +139,16 @@ def score_run(out: Path, labels: pd.DataFrame) -> dict:
 
 def run_presets(data: Path, labels: pd.DataFrame, presets: str, check: str, timeout: float) -> list | None:
     """Each preset run on `data` with the check (a config key, or several joined by commas) at its
-    default and at 0, in the same run: [(preset, "on" | "off", score_run's dict)], or None when a
-    run failed (said on stderr)."""
+    default and at 0 (several: each off alone, then all), in the same run: [(preset, "on" or the
+    settings turned off, score_run's dict)], or None when a run failed (said on stderr)."""
+    keys = check.split(",")
+    variants = [("on", [])] + [(f"{key}=0", [f"{key}=0"]) for key in keys]
+    if len(keys) > 1:
+        variants.append((", ".join(f"{key}=0" for key in keys), [f"{key}=0" for key in keys]))
     runs = []
     for preset in [p.strip() for p in presets.split(",") if p.strip()]:
-        for label, sets in (("on", []), ("off", [f"{key}=0" for key in check.split(",")])):
-            out = data.parent / f"out-{preset}-{label}"
+        for label, sets in variants:
+            out = data.parent / f"out-{preset}-{len(runs)}"
             res = run_pipeline(data, out, ["catalog=none", *sets], timeout, preset=preset)
             if not res["ok"]:
                 print(f"error: the {preset} run failed:\n{res['stderr_tail']}", file=sys.stderr)
@@ -160,7 +164,7 @@ def preset_table(runs: list, labels: pd.DataFrame, sources: int, check: str, def
     cases = list(labels["case"].unique())
     head = ["preset", check.replace(",", ", "), "duplicate pairs", "false pairs", "precision", "recall"] + \
         [f"{c}: copies / false" for c in cases]
-    rows = [[preset, default if label == "on" else "0 (off)", r["pairs"], r["false_pairs"],
+    rows = [[preset, default if label == "on" else ("0 (off)" if "," not in check else label), r["pairs"], r["false_pairs"],
              f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
             + [f"{r['per_case'][c]['copies']}/{sources} / {r['per_case'][c]['false_pairs']}" for c in cases]
             for preset, label, r in runs]

@@ -126,9 +126,12 @@ class VerifyConfig:
     min_inlier_share: float = 0.3
     chance_min_matches: int = 20
     # mostly flat pairs (charts, diagrams, maps: both images at least this share flat, below the
-    # flat graphics' 0.8) that ORB leaves inconclusive or partial are decided by the pixel check too:
-    # different charts in one style got 6-17 chance inliers and cosines of 0.79-0.97. 0 = off
+    # flat graphics' 0.8) that ORB leaves inconclusive or partial are compared by pixels too, and
+    # pixels that disagree outright (SSIM < semi_flat_ssim) make them different: charts of other
+    # figures in one style got 6-17 chance inliers and cosines of 0.79-0.97 (SSIM ~0.02; a
+    # chart's copy resized to a third 0.47-0.68). 0 = off
     semi_flat_share: float = 0.55
+    semi_flat_ssim: float = 0.3
     seed: int = 12345  # OpenCV RNG seed, so RANSAC is deterministic
     opencv_threads: int = 1  # OpenCV threads inside a verify task (Dask parallelises; 0 = leave as is)
     max_open_partitions: int = 8  # a pair task loads at most this many feature files at a time
@@ -352,7 +355,10 @@ def _validate(cfg: Config) -> None:
         (0 <= cfg.verify.min_coverage <= 1, "verify.min_coverage must be in [0, 1] (0 = off)"),
         (0 <= cfg.verify.min_inlier_share < 1, "verify.min_inlier_share must be in [0, 1) (0 = off)"),
         (cfg.verify.chance_min_matches >= 1, "verify.chance_min_matches must be >= 1"),
-        (0 <= cfg.verify.semi_flat_share <= 1, "verify.semi_flat_share must be in [0, 1] (0 = off)"),
+        (0 <= cfg.verify.semi_flat_share < 0.8,
+         "verify.semi_flat_share must be in [0, 0.8) (0 = off; from 0.8 the pixel check decides every pair)"),
+        (-1 <= cfg.verify.semi_flat_ssim <= cfg.decide.pixel_ssim,
+         "verify.semi_flat_ssim must be in [-1, decide.pixel_ssim] (pixels that disagree that clearly are different)"),
         (cfg.verify.upscale_below <= cfg.verify.max_side, "verify.upscale_below must be <= verify.max_side"),
         (cfg.verify.ransac_max_iters >= 1, "verify.ransac_max_iters must be >= 1"),
         (0 < cfg.verify.ransac_confidence < 1, "verify.ransac_confidence must be in (0, 1)"),

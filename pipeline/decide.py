@@ -19,8 +19,9 @@ The rule (thresholds in `DecideConfig` and `VerifyConfig`, calibrated in docs/be
   (>= `support_inliers`) and cosine >= `cosine_floor` (heavy crops and recolouring lower the
   cosine; the keypoints still agree).
 * pixel check (`verify.pixel_check`): a flat pair (too few keypoints, or both images flat: logos,
-  UI screenshots, text on colour; or both mostly flat, `verify.semi_flat_share`, and ORB
-  undecided: charts, diagrams) whose pixels were compared is decided at the verify tier, over
+  UI screenshots, text on colour; or both mostly flat, `verify.semi_flat_share`, ORB undecided
+  and the pixels clearly different, `verify.semi_flat_ssim`: charts, diagrams) whose pixels were
+  compared is decided at the verify tier, over
   ORB's verdict (keypoints on a shared layout match between different graphics): a duplicate
   when SSIM >= `pixel_ssim` and the colour-histogram correlation >= `pixel_hist_corr`,
   different otherwise; it is not embedded.
@@ -48,7 +49,8 @@ RULES = {
     "screen_hash_far": "tiers=screen: hash distance > decide.screen_only_distance: different",
     "verify_orb_accept": "ORB inliers >= decide.accept_inliers: duplicate without an embedding",
     "verify_orb_reject": "ORB found enough keypoints but fewer than verify.reject_inliers inliers, or fewer than "
-                         "verify.min_inlier_share of its matches (repeated shapes matched by chance): different",
+                         "verify.min_inlier_share of its matches with >= verify.chance_min_matches of them "
+                         "(repeated shapes matched by chance): different",
     "verify_orb_match": "tiers=verify: ORB inliers >= verify.match_inliers: duplicate",
     "verify_inconclusive_hash_close": "tiers=verify: ORB inconclusive (or partial), hash distance <= "
                                       "decide.screen_only_distance: duplicate",
@@ -58,9 +60,9 @@ RULES = {
     "confirm_cosine_orb": "cosine >= decide.cosine_floor with ORB inliers >= decide.support_inliers: duplicate",
     "confirm_cosine_low": "cosine below the thresholds: different",
     "confirm_no_embedding": "an embedding could not be made: ORB's verdict stands (match: duplicate)",
-    "verify_pixel_match": "flat (or mostly flat, ORB undecided) pair (pixel check): SSIM >= decide.pixel_ssim and colour-histogram "
+    "verify_pixel_match": "flat pair (pixel check): SSIM >= decide.pixel_ssim and colour-histogram "
                           "correlation >= decide.pixel_hist_corr: duplicate",
-    "verify_pixel_mismatch": "flat (or mostly flat, ORB undecided) pair (pixel check): SSIM < decide.pixel_ssim or colour-histogram "
+    "verify_pixel_mismatch": "flat (or mostly flat, ORB undecided, verify.semi_flat_ssim) pair (pixel check): SSIM < decide.pixel_ssim or colour-histogram "
                              "correlation < decide.pixel_hist_corr: different",
     "file_changed": "a file was rewritten or removed during the run: not decided (different); the next run includes it",
 }

@@ -39,10 +39,11 @@ Pixel check (`verify.pixel_check`): keypoints cannot settle pairs of flat images
 screenshots, text on colour): either there are too few of them (ORB inconclusive), or they sit on
 a shared layout, so two different logos in the same shapes or two screens of one app with
 different text match geometrically (bench/pixel_check.py: ORB "matched" 170 of 200 such negatives).
-So when either image has too few keypoints or both are flat (`flat_share` >= FLAT_SHARE), or
-both are mostly flat (>= `verify.semi_flat_share`: charts, diagrams, maps) and ORB left the pair
-undecided (inconclusive or partial: a few chance inliers, which the confirm tier's "a chart"
-cosine would have accepted), the tier compares pixels: the two images squashed to PIXEL_SIDE x PIXEL_SIDE grey, b aligned on a
+So when either image has too few keypoints or both are flat (`flat_share` >= FLAT_SHARE), the
+tier compares pixels (and when both are mostly flat, >= `verify.semi_flat_share`: charts,
+diagrams, maps, and ORB left the pair undecided, a few chance inliers that the confirm tier's "a
+chart" cosine would accept, it compares them too, and lets them decide only when they disagree
+outright, SSIM < `verify.semi_flat_ssim`): the two images squashed to PIXEL_SIDE x PIXEL_SIDE grey, b aligned on a
 with the RANSAC model when the keypoints matched (a crop lines up), else with the pair's dihedral
 transform (the screen's alignment; squashing commutes with flips and quarter turns); then
 `ssim` = the local SSIM that all but the worst SSIM_TAIL percent of the overlap reaches (a
@@ -797,21 +798,35 @@ def check_pair(fa: dict, fb: dict, transform: int, cfg: VerifyConfig, fb_plain: 
         # the fast preset, which accepts an inconclusive pair on its hash distance)
         if plain[3] == "match" or (both_ways and _STATUS_RANK[plain[3]] > _STATUS_RANK[result[3]]):
             result, model, fb, turn = plain[:4] + (plain[4] + PLAIN_NOTE,), plain_model, fb_plain, turn - 4
-    pixels = pixel_check(fa, fb, turn, model) if needs_pixel_check(fa, fb, cfg, result[3]) else (np.nan, np.nan)
+    pixels = (np.nan, np.nan)
+    if needs_pixel_check(fa, fb, cfg):
+        pixels = pixel_check(fa, fb, turn, model)
+    elif semi_flat_undecided(fa, fb, cfg, result[3]):
+        # only pixels that disagree outright decide (different); a copy resized to a third
+        # blurs a line chart's thin lines (SSIM 0.47-0.68) and stays with the cascade
+        ssim, hist = pixel_check(fa, fb, turn, model)
+        if ssim < cfg.semi_flat_ssim:
+            pixels = ssim, hist
     return result + pixels
 
 
-def needs_pixel_check(fa: dict, fb: dict, cfg: VerifyConfig, status: str = "match") -> bool:
+def needs_pixel_check(fa: dict, fb: dict, cfg: VerifyConfig) -> bool:
     """The keypoints cannot settle this pair: too few of them on either image, or both images
-    flat (their keypoints sit on shared shapes and layout, see the module doc), or both mostly
-    flat (`verify.semi_flat_share`: charts, diagrams, maps) and ORB left `status` undecided
-    (inconclusive or partial), which would leave them to an embedding that sees "a chart" in both."""
+    flat (their keypoints sit on shared shapes and layout, see the module doc)."""
     if not (cfg.pixel_check and fa["thumb"] and fb["thumb"]):
         return False
     few = min(len(fa["keypoints"]), len(fb["keypoints"])) < cfg.min_keypoints
-    flat = min(fa["flat"], fb["flat"])
-    undecided = status in ("inconclusive", "partial")
-    return few or flat >= FLAT_SHARE or (undecided and 0 < cfg.semi_flat_share <= flat)
+    return few or min(fa["flat"], fb["flat"]) >= FLAT_SHARE
+
+
+def semi_flat_undecided(fa: dict, fb: dict, cfg: VerifyConfig, status: str) -> bool:
+    """Both images mostly flat (`verify.semi_flat_share`: charts, diagrams, maps) and ORB left the
+    pair undecided (inconclusive or partial: a few chance inliers), which would leave it to an
+    embedding that sees "a chart" in both: their pixels are compared, and decide when they
+    disagree outright (SSIM < `verify.semi_flat_ssim`)."""
+    if not (cfg.pixel_check and cfg.semi_flat_share > 0 and fa["thumb"] and fb["thumb"]):
+        return False
+    return status in ("inconclusive", "partial") and min(fa["flat"], fb["flat"]) >= cfg.semi_flat_share
 
 
 def _result_frame(results: list[tuple], index) -> pd.DataFrame:

@@ -819,12 +819,13 @@ def test_different_documents_of_one_layout_are_no_match_and_their_copies_match(t
 
 
 @pytest.mark.parametrize("layout, seed", [("bar_chart", 3), ("line_chart", 5)])
-def test_different_charts_of_one_style_are_left_to_the_pixel_check(tmp_path, layout, seed):
+def test_different_charts_of_one_style_are_decided_by_their_pixels(tmp_path, layout, seed):
     """Charts of other figures on the same axes are mostly flat (56-75 % of their thumbnails),
     just under the flat graphics' FLAT_SHARE: ORB found a few chance inliers (inconclusive or
     partial) and the confirm tier's cosine, 0.79-0.97 ("a chart"), called 36 of 28 charts' pairs
     duplicates. Pairs that mostly flat which ORB leaves undecided are now compared by pixels
-    (`verify.semi_flat_share`), which tell them apart; a chart's copy still passes."""
+    (`verify.semi_flat_share`), and pixels that disagree outright (SSIM ~0.02 <
+    `verify.semi_flat_ssim`) decide them; a chart's copy is still a match."""
     import random
     from bench import documents
     cfg = Config()
@@ -841,12 +842,30 @@ def test_different_charts_of_one_style_are_left_to_the_pixel_check(tmp_path, lay
     assert cfg.verify.semi_flat_share <= min(fa["flat"], fb["flat"]) < verify.FLAT_SHARE
     different = verify.check_pair(fa, fb, 0, cfg.verify)
     assert different[3] == "inconclusive", different[4]  # (9 and 7 chance inliers)
-    assert different[5] < 0.5, different  # pixel-checked: SSIM ~0.02, far below decide.pixel_ssim
-    same = verify.check_pair(fa, fc, 0, cfg.verify)
-    assert same[3] == "match" or same[5] >= Config().decide.pixel_ssim, same
+    assert different[5] < cfg.verify.semi_flat_ssim, different  # pixel-checked: SSIM ~0.02
+    assert verify.check_pair(fa, fc, 0, cfg.verify)[3] == "match"
     # verify.semi_flat_share 0 turns it off: no pixel check for them
     off = dataclasses.replace(cfg.verify, semi_flat_share=0.0)
     assert np.isnan(verify.check_pair(fa, fb, 0, off)[5])
+
+
+def test_a_small_copy_of_a_chart_is_not_decided_by_its_pixels(tmp_path):
+    """A line chart and its copy at a fifth of its size: ORB is inconclusive (8 inliers of 13) and
+    the thin lines' blur costs SSIM (0.47): pixels that do not disagree outright leave the pair
+    to the cascade (the hash rule, the confirm tier) as before; as a verdict they had made
+    14 of 18 such copies in the fast preset 2 (a review of the semi-flat check)."""
+    import random
+    from bench import documents
+    cfg = Config()
+    chart = documents.LAYOUTS["line_chart"](random.Random(3))
+    chart.save(tmp_path / "a.png")
+    chart.resize((chart.width // 5, chart.height // 5), Image.LANCZOS).save(tmp_path / "small.jpg", quality=85)
+    fa, fb = (_feature_dict(tmp_path / n, 0, cfg) for n in ("a.png", "small.jpg"))
+    assert verify.semi_flat_undecided(fa, fb, cfg.verify, "inconclusive")
+    result = verify.check_pair(fa, fb, 0, cfg.verify)
+    assert result[3] == "inconclusive", result[4]
+    assert cfg.verify.semi_flat_ssim < verify.pixel_check(fa, fb, 0)[0] < cfg.decide.pixel_ssim
+    assert np.isnan(result[5]), result  # not a pixel verdict
 
 
 @pytest.mark.parametrize("turn", [Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_90])
@@ -866,4 +885,4 @@ def test_a_turned_flat_graphic_is_aligned_exactly_by_the_pixel_check(tmp_path, t
     assert min(fa["flat"], fb["flat"]) >= verify.FLAT_SHARE  # (so the pixel check decides)
     result = verify.check_pair(fa, fb, 0, cfg.verify)
     assert result[3] == "match", result[4]
-    assert result[5] >= cfg.decide.pixel_ssim, result  # 0.87 (0.98 when the screen's turn is right)
+    assert result[5] >= cfg.decide.pixel_ssim, result  # 0.87 and 0.98 (0.48 and 0.61 warped)
