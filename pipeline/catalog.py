@@ -328,6 +328,9 @@ _SCREEN_SEARCH = {"max_distance", "max_candidates", "backend", "exact_group_pair
 _DECODE_LIBS = ["pillow", "pillow-heif", "opencv-python-headless", "opencv-python", "numpy"]
 _CODE = {"screen": (["screen.py", "decode.py", "borders.py"], [*_DECODE_LIBS, "imagehash", "scipy", "PyWavelets"]),
          "orb_features": (["verify.py", "decode.py"], _DECODE_LIBS),
+         # how a pair is judged from stored features (verify.py's PAIR_CHECK_ONLY, which the
+         # features' fingerprint leaves out: _SKIP_LISTS); part of the pair evidence's key
+         "orb_check": (["verify.py"], _DECODE_LIBS),
          # the descriptor matcher's module (its search kernels left out: an edit to the matcher,
          # or a new numba, re-scores the stored pairs, never their features)
          "orb_match": (["hamming.py"], ["numba", "llvmlite", "numpy"]),
@@ -340,17 +343,21 @@ _CODE = {"screen": (["screen.py", "decode.py", "borders.py"], [*_DECODE_LIBS, "i
          "neighbours": (["candidates.py", "search.py", "hamming.py"], ["numba", "llvmlite", "numpy"])}
 # modules a kind reads whole, its NOT_FINGERPRINTED list ignored (that list is the other kinds')
 _WHOLE = {"neighbours": {"hamming.py"}}
+# modules a kind reads without more than their NOT_FINGERPRINTED definitions: the per-image
+# features leave out the code that only judges pairs (an edit there re-checks stored pairs and
+# recomputes no image's features; every earlier edit to verify.py recomputed both)
+_SKIP_LISTS = {"orb_features": {"verify.py": ("NOT_FINGERPRINTED", "PAIR_CHECK_ONLY")}}
 
 
 FINGERPRINT_SKIP_LIST = "NOT_FINGERPRINTED"
 
 
-def source_fingerprint(text: str, skip_listed: bool = True) -> str:
+def source_fingerprint(text: str, skip_listed: bool | tuple[str, ...] = True) -> str:
     """The hash of `fingerprinted_syntax`: what of a module's source keys the results it computes."""
     return hashlib.sha256(ast.unparse(fingerprinted_syntax(text, skip_listed)).encode()).hexdigest()
 
 
-def fingerprinted_syntax(text: str, skip_listed: bool = True) -> ast.Module:
+def fingerprinted_syntax(text: str, skip_listed: bool | tuple[str, ...] = True) -> ast.Module:
     """What of a module's source keys the results it computes: its syntax (`ast.unparse`: no
     comments, no layout) without docstrings and without the top-level definitions the module names
     in a tuple `NOT_FINGERPRINTED` (the code that only cuts, sends and collects a tier's tasks, which
@@ -364,19 +371,23 @@ def fingerprinted_syntax(text: str, skip_listed: bool = True) -> ast.Module:
     write to an attribute or item of a module-level name: a best effort, as far as the syntax
     shows it; tests/test_verify.py checks the numbers themselves). A Python whose `ast.unparse`
     writes the same syntax otherwise gives another fingerprint: that costs a recomputation,
-    never a stale result. `skip_listed=False` reads the whole module, its list ignored."""
+    never a stale result. `skip_listed=False` reads the whole module, its list ignored; a tuple
+    names the lists to leave out together (e.g. the features' NOT_FINGERPRINTED and
+    PAIR_CHECK_ONLY: `_SKIP_LISTS`), each held to the same refusals."""
     tree = ast.parse(text)
+    lists = (FINGERPRINT_SKIP_LIST,) if skip_listed is True else tuple(skip_listed or ())
     skip: set[str] = set()
-    for node in tree.body if skip_listed else []:
+    for node in tree.body:
         target = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        if any(isinstance(t, ast.Name) and t.id == FINGERPRINT_SKIP_LIST for t in target):
+        name = next((t.id for t in target if isinstance(t, ast.Name) and t.id in lists), None)
+        if name:
             try:
                 listed = ast.literal_eval(node.value)
             except ValueError:
                 listed = None
             if not (isinstance(listed, tuple) and all(isinstance(x, str) for x in listed)):
-                raise ValueError(f"{FINGERPRINT_SKIP_LIST} must be a literal tuple of names (line {node.lineno})")
-            skip = set(listed) | {FINGERPRINT_SKIP_LIST}
+                raise ValueError(f"{name} must be a literal tuple of names (line {node.lineno})")
+            skip |= set(listed) | {name}
 
     def names(node) -> set[str]:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -389,8 +400,8 @@ def fingerprinted_syntax(text: str, skip_listed: bool = True) -> ast.Module:
         return ValueError(f"{FINGERPRINT_SKIP_LIST} {msg}: {sorted(what)}")
 
     defined = set().union(*(names(node) for node in tree.body))
-    if skip - defined - {FINGERPRINT_SKIP_LIST}:
-        raise refused("names what the module does not define", skip - defined - {FINGERPRINT_SKIP_LIST})
+    if skip - defined:
+        raise refused("names what the module does not define", skip - defined)
     skipped = [node for node in tree.body if names(node) and names(node) <= skip]
     kept = [node for node in tree.body if not (names(node) and names(node) <= skip)]
     # what a kept definition uses shapes its numbers, so it must be kept too
@@ -438,7 +449,8 @@ def code_fingerprint(kind: str) -> str:
     here = Path(__file__).resolve().parent
     for name in files:
         text = (here / name).read_text()
-        h.update(f"{name}={source_fingerprint(text, name not in _WHOLE.get(kind, ()))}".encode())
+        lists = False if name in _WHOLE.get(kind, ()) else _SKIP_LISTS.get(kind, {}).get(name, True)
+        h.update(f"{name}={source_fingerprint(text, lists)}".encode())
     for dist in dists:
         try:
             h.update(f"{dist}={metadata.version(dist)}".encode())
@@ -467,7 +479,7 @@ def fingerprints(cfg: Config, weights_info: dict | None = None) -> dict[str, str
     out["neighbours"] = _fp([out["screen"], {k: s[k] for k in sorted(_SCREEN_SEARCH)},
                              code_fingerprint("neighbours")])
     out["orb"] = _fp([out["orb_features"], {k: x for k, x in v.items() if k in _ORB_MATCH_ONLY},
-                      code_fingerprint("orb_match")])
+                      code_fingerprint("orb_match"), code_fingerprint("orb_check")])
     return out
 
 

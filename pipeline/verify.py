@@ -54,6 +54,7 @@ decode. `pipeline.decide` turns the two numbers into a verdict (thresholds in De
 """
 from __future__ import annotations
 
+import functools
 import threading
 import uuid
 from contextlib import contextmanager
@@ -94,6 +95,16 @@ _local = threading.local()  # cv2 ORB / matcher objects are not shared between t
 # (a bug fixed) bumps RESULTS_REVISION, which is in the fingerprint: every catalog recomputes.
 NOT_FINGERPRINTED = ("TEXT_COLUMNS", "_verify_task", "_features_task", "run_verify", "FeaturesMade",
                      "features_made", "_PairTasks", "_Collected", "pair_evidence")
+# The definitions that only judge pairs from stored features (matching, RANSAC, the statuses, the
+# pixel check). The per-image features' fingerprint leaves them out too (catalog._SKIP_LISTS):
+# an edit to how pairs are judged re-checks the stored pairs, never recomputes every image's
+# features. The pair evidence's fingerprint reads them ("orb_check"). The same refusals hold
+# (catalog.fingerprinted_syntax): no feature code may use what this list names.
+PAIR_CHECK_ONLY = ("STATUSES", "SSIM_TAIL", "COVER_GRID", "ssim_map", "_residual", "_dihedral_maps",
+                   "_dihedral_near", "pixel_check", "_ransac", "_good_matches", "_good_matches_reference",
+                   "verify_pair", "_geometry", "stored_evidence", "_verify", "_verify_model", "_coverage",
+                   "_error_result", "PLAIN_NOTE", "_STATUS_RANK", "check_pair", "needs_pixel_check",
+                   "semi_flat_undecided", "verify_partition")
 RESULTS_REVISION = 1
 
 
@@ -320,6 +331,7 @@ def _residual(t_have: int, t_want: int) -> int:
     return next(r for r in range(8) if np.array_equal(GRID_DIHEDRAL[r](base), want))
 
 
+@functools.lru_cache(maxsize=4)
 def _dihedral_maps(side: int) -> list[np.ndarray]:
     """Per GRID_DIHEDRAL turn t: the 2x3 map x -> the pixel of the array that turn t of a side x
     side array shows at x ((col, row) coordinates), read off the turned coordinate grids."""
@@ -335,16 +347,12 @@ def _dihedral_maps(side: int) -> list[np.ndarray]:
     return maps
 
 
-_DIHEDRAL_MAPS = _dihedral_maps(PIXEL_SIDE)
-
-
 def _dihedral_near(warp: np.ndarray, side: int) -> int | None:
     """The GRID_DIHEDRAL turn whose map is within 3 % and 1.5 px of `warp` (thumbnail a ->
     thumbnail b, 3x3), or None."""
     if np.abs(warp[2, :2]).max() > 1e-4:  # (a homography's perspective part)
         return None
-    maps = _DIHEDRAL_MAPS if side == PIXEL_SIDE else _dihedral_maps(side)
-    for turn, m in enumerate(maps):
+    for turn, m in enumerate(_dihedral_maps(side)):
         if np.abs(warp[:2, :2] - m[:, :2]).max() <= 0.03 and np.abs(warp[:2, 2] - m[:, 2]).max() <= 1.5:
             return turn
     return None

@@ -738,11 +738,11 @@ def test_the_airflow_example_calls_the_cli_with_valid_arguments():
     assert not args.no_catalog
 
 
-@pytest.mark.parametrize("kind", ["orb_features", "orb_match"])
+@pytest.mark.parametrize("kind", ["orb_features", "orb_match", "orb_check"])
 def test_a_new_version_of_the_orb_code_recomputes_orb_only(kind, grown, tmp_path, monkeypatch):
     """New feature code (verify.py) recomputes the ORB features and the pair scores; a new
-    kernel module (pipeline/hamming.py, the descriptor matcher's) the pair scores only; neither
-    the screen nor the embeddings."""
+    kernel module (pipeline/hamming.py, the descriptor matcher's) or new pair checks (verify.py's
+    PAIR_CHECK_ONLY) the pair scores only; neither the screen nor the embeddings."""
     out = tmp_path / "out"
     shutil.copytree(grown["out"], out)
     real = catalog.code_fingerprint
@@ -1248,6 +1248,43 @@ def test_code_fingerprint_refuses_a_skip_list_that_hides_shaping_code(edit, refu
         return
     with pytest.raises(ValueError, match=refused):
         catalog.source_fingerprint(edited)
+
+
+@pytest.mark.parametrize("edit, features_change", [
+    # how pairs are judged (verify.PAIR_CHECK_ONLY): the stored pairs are checked again, no image's
+    # features are made again
+    (("    elif matches >= cfg.chance_min_matches and inliers < cfg.min_inlier_share * matches:",
+      "    elif matches > cfg.chance_min_matches and inliers < cfg.min_inlier_share * matches:"), False),
+    (('_STATUS_RANK = {"no-match": 0, "inconclusive": 1, "partial": 2, "match": 3}',
+      '_STATUS_RANK = {"no-match": 0, "inconclusive": 2, "partial": 1, "match": 3}'), False),
+    (("        if ssim < cfg.semi_flat_ssim:", "        if ssim <= cfg.semi_flat_ssim:"), False),
+    # how an image's features are made: both
+    (("    return np.count_nonzero(spread <= 4) / spread.size", "    return np.count_nonzero(spread <= 5) / spread.size"),
+     True),
+    (("PIXEL_SIDE = 128", "PIXEL_SIDE = 96"), True),
+])
+def test_an_edit_to_how_pairs_are_judged_keeps_the_stored_features(edit, features_change):
+    """verify.py holds both the per-image features and the checks of a pair made from them. The
+    features' fingerprint leaves the checks out (verify.PAIR_CHECK_ONLY, catalog._SKIP_LISTS):
+    every edit to verify.py used to make every catalog compute every image's ORB features again,
+    where a change to a verdict needs only the stored pairs checked again ("orb_check", in the
+    pair evidence's fingerprint)."""
+    text = (Path(catalog.__file__).parent / "verify.py").read_text()
+    edited = _edited(text, *edit)
+    features = catalog._SKIP_LISTS["orb_features"]["verify.py"]
+    assert (catalog.source_fingerprint(edited, features) != catalog.source_fingerprint(text, features)) \
+        == features_change
+    assert catalog.source_fingerprint(edited) != catalog.source_fingerprint(text)  # (orb_check's reading)
+
+
+def test_the_features_fingerprint_refuses_to_leave_out_what_feature_code_uses():
+    """PAIR_CHECK_ONLY is held to NOT_FINGERPRINTED's refusals: a definition the feature code
+    uses cannot be listed (flat_share shapes every feature row's flatness)."""
+    text = (Path(catalog.__file__).parent / "verify.py").read_text()
+    edited = _edited(text, 'PAIR_CHECK_ONLY = ("STATUSES", ', 'PAIR_CHECK_ONLY = ("STATUSES", "flat_share", ')
+    with pytest.raises(ValueError, match="uses.*flat_share"):
+        catalog.source_fingerprint(edited, catalog._SKIP_LISTS["orb_features"]["verify.py"])
+    catalog.source_fingerprint(edited)  # (orb_check reads it whole but for NOT_FINGERPRINTED)
 
 
 def test_evidence_table_keeps_old_rows_and_updates_the_scored_pairs(tmp_path, monkeypatch):
