@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter
 
-from bench.templates import bench_main
+from bench.templates import _font, bench_main  # (Pillow's own font: the same on every machine)
 
 SECTION = "documents"
 TITLE = "Different documents of one layout (python -m bench.documents)"
@@ -39,10 +39,6 @@ WORDS = ("the of and to in is that for it as was with be by on not he this are o
          "take day good how long very new great little own old right big high different small large next "
          "early young important few public same able report market order price total account invoice "
          "meeting project budget quarter review number data table value result sales customer service").split()
-
-
-def _font(size: int):
-    return ImageFont.load_default(size=size)  # Pillow's own font: the same on every machine
 
 
 def _words(rng: random.Random, n: int) -> str:

@@ -104,7 +104,7 @@ PAIR_CHECK_ONLY = ("STATUSES", "SSIM_TAIL", "COVER_GRID", "ssim_map", "_residual
                    "_dihedral_near", "pixel_check", "_ransac", "_good_matches", "_good_matches_reference",
                    "verify_pair", "_geometry", "stored_evidence", "_verify", "_verify_model", "_coverage",
                    "_error_result", "PLAIN_NOTE", "_STATUS_RANK", "check_pair", "needs_pixel_check",
-                   "semi_flat_undecided", "verify_partition")
+                   "semi_flat_undecided", "_has_pixels", "verify_partition")
 RESULTS_REVISION = 1
 
 
@@ -821,10 +821,15 @@ def check_pair(fa: dict, fb: dict, transform: int, cfg: VerifyConfig, fb_plain: 
 def needs_pixel_check(fa: dict, fb: dict, cfg: VerifyConfig) -> bool:
     """The keypoints cannot settle this pair: too few of them on either image, or both images
     flat (their keypoints sit on shared shapes and layout, see the module doc)."""
-    if not (cfg.pixel_check and fa["thumb"] and fb["thumb"]):
+    if not _has_pixels(fa, fb, cfg):
         return False
     few = min(len(fa["keypoints"]), len(fb["keypoints"])) < cfg.min_keypoints
     return few or min(fa["flat"], fb["flat"]) >= FLAT_SHARE
+
+
+def _has_pixels(fa: dict, fb: dict, cfg: VerifyConfig) -> bool:
+    """The pixel check is on and both feature rows carry its thumbnail."""
+    return bool(cfg.pixel_check and fa["thumb"] and fb["thumb"])
 
 
 def semi_flat_undecided(fa: dict, fb: dict, cfg: VerifyConfig, status: str) -> bool:
@@ -832,9 +837,8 @@ def semi_flat_undecided(fa: dict, fb: dict, cfg: VerifyConfig, status: str) -> b
     pair undecided (inconclusive or partial: a few chance inliers), which would leave it to an
     embedding that sees "a chart" in both: their pixels are compared, and decide when they
     disagree outright (SSIM < `verify.semi_flat_ssim`)."""
-    if not (cfg.pixel_check and cfg.semi_flat_share > 0 and fa["thumb"] and fb["thumb"]):
-        return False
-    return status in ("inconclusive", "partial") and min(fa["flat"], fb["flat"]) >= cfg.semi_flat_share
+    return (cfg.semi_flat_share > 0 and status in ("inconclusive", "partial") and _has_pixels(fa, fb, cfg)
+            and min(fa["flat"], fb["flat"]) >= cfg.semi_flat_share)
 
 
 def _result_frame(results: list[tuple], index) -> pd.DataFrame:
