@@ -251,7 +251,7 @@ class StorageConfig:
 @dataclass
 class Config:
     tiers: Literal["screen", "verify", "confirm"] = "confirm"  # last tier to run
-    work_dir: str = ""  # features of a run without catalog, in a folder run-<pid>-<id>-<host> of each run's own (kept until the next run on this host); "" = OUT/_work-<pid> (removed when the run ends)
+    work_dir: str = ""  # features of a run without catalog, in a folder run-<pid>-<id>-<host> of each run's own (kept until the next run); "" = OUT/_work-<pid> (removed when the run ends)
     # The persistent catalog that makes re-runs incremental (pipeline/catalog.py): "" = OUT/catalog,
     # "none" = no catalog (every run starts from nothing), else a folder or a store URL (s3://...).
     catalog: str = ""

@@ -86,29 +86,85 @@ def run_folder_name() -> str:
     return f"{RUN_FOLDER_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}"
 
 
-def remove_dead_run_folders(work_dir: Path, keep: Path | None = None) -> list[str]:
-    """Remove the run folders in `work_dir` of runs on this host that are no longer running (each
-    run's is kept after it, to be looked at, until the next run here): without this a nightly
-    job with work_dir set kept a copy of every night's features. Another host's are left alone
-    (whether its run is alive cannot be told from here), as is a folder whose pid runs again."""
-    removed = []
+RUN_ENDED = "ended"  # written into a run's own folder when the run ends (any way but a kill)
+
+
+def mark_run_ended(folder: str | Path) -> None:
+    """Mark a run's own folder in work_dir as no longer in use: the next run, on any host,
+    removes it (`remove_dead_run_folders`)."""
+    storage.write_whole(storage.join(folder, RUN_ENDED), datetime.now(timezone.utc).isoformat().encode())
+
+
+def _run_folder_owner(name: str) -> tuple[int, str] | None:
+    """(pid, host) of a run folder's name, run-<pid>-<id>-<host>; None for another name."""
+    parts = name[len(RUN_FOLDER_PREFIX):].split("-", 2) if name.startswith(RUN_FOLDER_PREFIX) else []
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[2]:
+        return None
+    return int(parts[0]), parts[2]
+
+
+def _runs_here(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # (another user's process)
+    return True
+
+
+def remove_dead_run_folders(work_dir: str | Path, keep: str | Path | None = None) -> list[str]:
+    """Remove the run folders in `work_dir` (local or on a store) of runs that have ended: each
+    run's is kept after it, to be looked at, until the next run. Without this a nightly job with
+    work_dir set kept a copy of every night's features. A run marks its folder when it ends
+    (`mark_run_ended`); a killed run cannot, so a folder of this host's without the mark goes
+    when its pid no longer runs. One of another host's without the mark (a run there still
+    going, or killed) is kept and named in the log: whether it runs cannot be told from here
+    (a container's host name is new at each run, so such folders would pile up unseen)."""
+    removed, unknown = [], []
     host = socket.gethostname()
-    for entry in sorted(Path(work_dir).glob(f"{RUN_FOLDER_PREFIX}*-{host}")):
-        if (keep is not None and entry == keep) or not entry.is_dir() or entry.is_symlink():
-            continue
+    keep_name = str(keep).rstrip("/").rsplit("/", 1)[-1] if keep is not None else None
+    if storage.is_url(work_dir):
+        fs, root = storage.filesystem(str(work_dir))
         try:
-            pid = int(entry.name[len(RUN_FOLDER_PREFIX):].split("-", 1)[0])
-        except ValueError:
-            continue
+            listed = fs.ls(root, detail=True, refresh=True)
+        except FileNotFoundError:
+            return removed
+        folders = [(e["name"].rstrip("/"), e.get("type") == "directory") for e in listed]
+
+        def ended(path):
+            return fs.exists(f"{path}/{RUN_ENDED}")
+
+        def remove(path):
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(path, recursive=True)
+    else:
         try:
-            os.kill(pid, 0)
-            continue  # (still running, or the pid was taken again: kept)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # (another user's process)
-        shutil.rmtree(entry, ignore_errors=True)
-        removed.append(entry.name)
+            entries = sorted(Path(work_dir).iterdir())
+        except FileNotFoundError:
+            return removed
+        folders = [(str(e), e.is_dir() and not e.is_symlink()) for e in entries]
+
+        def ended(path):
+            return os.path.lexists(os.path.join(path, RUN_ENDED))
+
+        def remove(path):
+            shutil.rmtree(path, ignore_errors=True)
+    for path, is_folder in sorted(folders):
+        name = path.rsplit("/", 1)[-1]
+        owner = _run_folder_owner(name)
+        if not is_folder or owner is None or name == keep_name:
+            continue
+        if ended(path) or (owner[1] == host and not _runs_here(owner[0])):
+            remove(path)
+            removed.append(name)
+        elif owner[1] != host:
+            unknown.append(name)
+    if removed:
+        log.info("removed %d folder(s) of ended runs from work_dir: %s", len(removed), ", ".join(removed))
+    if unknown:
+        log.info("work_dir holds %d folder(s) of runs on other hosts that have not ended, or were killed "
+                 "(remove those no longer running): %s", len(unknown), ", ".join(unknown))
     return removed
 
 

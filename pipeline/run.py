@@ -787,7 +787,7 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
     catalog_lock = storage.join(catalog_dir, catalog.LOCK_NAME) if storage.is_url(catalog_dir) else None
     with storage.locked(out, also=catalog_lock) if remote_out else outdir.locked(out):
         # a work_dir set in the config gets a folder of this run's own inside it, kept after the run
-        # until the next run on this host (what the tiers stored there can be looked at): two runs
+        # until the next run (what the tiers stored there can be looked at): two runs
         # sharing it wrote their embeddings under the same part names, each filed by its own image
         # rows, and one read the other's vectors as its own (exit 0, other pairs)
         own = outdir.run_folder_name()
@@ -795,8 +795,10 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
                     else Path(os.path.abspath(cfg.work_dir)) / own) if cfg.work_dir \
             else storage.join(out, f"{outdir.WORK_PREFIX}{os.getpid()}") if remote_out \
             else out / f"{outdir.WORK_PREFIX}{os.getpid()}"
+        if cfg.work_dir:
+            outdir.remove_dead_run_folders(cfg.work_dir if storage.is_url(work_dir) else Path(work_dir).parent,
+                                           keep=work_dir)
         if cfg.work_dir and not storage.is_url(work_dir):  # (made now: a cluster's workers check it first)
-            outdir.remove_dead_run_folders(Path(work_dir).parent, keep=Path(work_dir))
             Path(work_dir).mkdir(parents=True, exist_ok=True)
         if remote_out:
             storage.remove_stale_work(out, keep=work_dir)
@@ -810,6 +812,9 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         finally:
             if not cfg.work_dir:
                 storage.remove_folder(work_dir)
+            else:
+                with contextlib.suppress(Exception):  # (not to hide the run's own error)
+                    outdir.mark_run_ended(work_dir)
 
 
 def _set(pairs: pd.DataFrame, rows, column: str, values) -> None:

@@ -274,24 +274,32 @@ def test_mirrored_heavy_crops_found_by_the_embeddings_are_checked_mirrored(photo
     assert int((pairs["is_duplicate"] & same).sum()) >= 10, pairs[same].to_string()
 
 
-def test_runs_sharing_a_work_dir_each_write_into_a_folder_of_their_own(data, base_cfg, tmp_path):
+def test_runs_sharing_a_work_dir_each_write_into_a_folder_of_their_own(data, base_cfg, tmp_path, caplog):
     """A work_dir set in the config, shared by two runs without a catalog (two cron jobs, two
     collections): each run's embeddings went to the same part names, filed by its own image rows,
     and a run read the other's vectors as its own (exit 0, other pairs). Each run now writes into
-    a folder of its own there, kept after the run."""
-    import shutil
+    a folder of its own there, kept after the run until the next one: a run marks its folder
+    when it ends, and the next run, on any host, removes the marked ones (a container's host
+    name is new at each run: its folders were never removed)."""
+    import logging
     import socket
+    from pipeline import outdir
     work = tmp_path / "work"
     host = socket.gethostname()
     dead, elsewhere = work / f"run-4194305-0badc0de-{host}", work / "run-1-0badc0de-another-host"
-    for folder in (dead, elsewhere):  # (a run no longer running on this host; one on another host)
+    ended_elsewhere = work / "run-2-0badc0de-another-host"
+    for folder in (dead, elsewhere, ended_elsewhere):  # (a run no longer running on this host; others)
         (folder / "embed").mkdir(parents=True)
-    for name in ("first", "second"):
-        run.run(data[0], tmp_path / name, _cfg(base_cfg, "hash+embedding", work), scheduler="sync", quiet=True)
-    assert not dead.exists() and elsewhere.exists()  # (a dead run's folder removed; a live one kept)
-    shutil.rmtree(elsewhere)
-    folders = sorted(work.glob("run-*"))
-    assert len(folders) == 2 and not (work / "embed").exists()
-    for folder in folders:  # (each with its own screen embeddings)
-        assert list((folder / "embed" / run.SCREEN_EMBED_SUBDIR).glob("part-*.parquet"))
+    outdir.mark_run_ended(ended_elsewhere)
+    caplog.set_level(logging.INFO, logger="pipeline")
+    run.run(data[0], tmp_path / "first", _cfg(base_cfg, "hash+embedding", work), scheduler="sync", quiet=True)
+    assert not dead.exists() and not ended_elsewhere.exists()  # (ended runs' folders removed)
+    assert elsewhere.exists() and elsewhere.name in caplog.text  # (one that may run: kept, named)
+    [first] = [f for f in work.glob("run-*") if f != elsewhere]
+    assert (first / outdir.RUN_ENDED).exists()
+    assert list((first / "embed" / run.SCREEN_EMBED_SUBDIR).glob("part-*.parquet"))
+    run.run(data[0], tmp_path / "second", _cfg(base_cfg, "hash+embedding", work), scheduler="sync", quiet=True)
+    [second] = [f for f in work.glob("run-*") if f != elsewhere]
+    assert second != first and not (work / "embed").exists()  # (the first run's folder went)
+    assert list((second / "embed" / run.SCREEN_EMBED_SUBDIR).glob("part-*.parquet"))
     pd.testing.assert_frame_equal(_pairs(tmp_path / "first"), _pairs(tmp_path / "second"))

@@ -506,6 +506,35 @@ def test_a_lock_in_the_bucket_past_its_lease_is_taken_over(s3, monkeypatch):
 
 
 
+
+def test_work_dir_run_folders_on_a_bucket_go_once_their_runs_end(s3, monkeypatch, caplog):
+    """A work_dir on a store kept every run's folder (every night's features): ended runs' are
+    removed by the next run, as on a local disk; one of another host's that has not ended is
+    kept and named."""
+    import logging
+    import socket
+    from pipeline import outdir
+    _, env, _ = s3
+    _aws_env(monkeypatch, env)
+    storage.configure({})
+    fs = _fs(env)
+    fs.mkdir(f"{BUCKET}-work")
+    work = f"s3://{BUCKET}-work/work"
+    host = socket.gethostname()
+    names = {"ended": "run-1-0badc0de-another-host", "dead": f"run-4194305-0badc0de-{host}",
+             "elsewhere": "run-2-0badc0de-another-host", "live": f"run-{os.getpid()}-0badc0de-{host}",
+             "own": f"run-{os.getpid()}-feedface-{host}"}
+    for name in names.values():
+        fs.pipe_file(f"{BUCKET}-work/work/{name}/embed/part-00000.parquet", b"x")
+    fs.pipe_file(f"{BUCKET}-work/work/notes.txt", b"not a run's")
+    outdir.mark_run_ended(f"{work}/{names['ended']}")
+    caplog.set_level(logging.INFO, logger="pipeline")
+    removed = outdir.remove_dead_run_folders(work, keep=f"{work}/{names['own']}")
+    assert sorted(removed) == sorted([names["ended"], names["dead"]])
+    left = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{BUCKET}-work/work", refresh=True)}
+    assert left == {names["elsewhere"], names["live"], names["own"], "notes.txt"}
+    assert names["elsewhere"] in caplog.text
+
 # ---------------------------------------------------------------------------------------------
 # gs:// through the same code: a Google Cloud Storage emulator on 127.0.0.1
 
