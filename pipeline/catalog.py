@@ -325,7 +325,7 @@ _SCREEN_SEARCH = {"max_distance", "max_candidates", "backend", "exact_group_pair
 # (decode.py's libraries, in every kind that decodes: Pillow, its HEIC plugin, OpenCV's TIFF
 # fallback; the screen's aHash is imagehash, its pHash SciPy's DCT, its wHash PyWavelets. Tests
 # check that every library the fingerprinted code imports is listed)
-_DECODE_LIBS = ["pillow", "pillow-heif", "opencv-python-headless", "opencv-python", "numpy"]
+_DECODE_LIBS = ["pillow", "pillow-heif", "opencv-python-headless", "opencv-python", "numpy", "simplejpeg"]
 _CODE = {"screen": (["screen.py", "decode.py", "borders.py"], [*_DECODE_LIBS, "imagehash", "scipy", "PyWavelets"]),
          "orb_features": (["verify.py", "decode.py"], _DECODE_LIBS),
          # how a pair is judged from stored features (verify.py's PAIR_CHECK_ONLY, which the

@@ -42,6 +42,7 @@ class ScreenConfig:
     # decode: JPEG 1/8, HEIC thumbnails; PNG/TIFF full size) would take more bytes is an error
     max_decode_bytes: int = 512 * 2**20
     decode_size: int = 256  # JPEG draft decodes to the smallest scale >= this (pixels, short side)
+    strict_jpeg: bool = True  # a JPEG whose compressed data libjpeg reports damaged is an error row
     dihedral: bool = True  # also hash flips/90-degree rotations so mirrored/rotated copies meet
     dihedral_max_distance: int = 4  # flipped/rotated hashes match only this close (true copies: 0-2)
     trim_borders: bool = True  # also hash the picture inside uniform borders (letterbox, pillarbox)

@@ -21,6 +21,7 @@ import hashlib
 import io
 import os
 import stat
+import struct
 import threading
 import warnings
 from pathlib import Path
@@ -28,12 +29,23 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pillow_heif
-from PIL import Image, ImageCms, ImageOps
+import simplejpeg
+from PIL import Image, ImageCms, ImageOps, PngImagePlugin
 
 from pipeline import paths, scan, storage
 
 # Pillow's own bomb check raises only above 2x MAX_IMAGE_PIXELS; we check the size ourselves.
 Image.MAX_IMAGE_PIXELS = None
+
+# A PNG's compressed text or profile chunk may decompress to 1 MB (Pillow's default) before the
+# file is refused as a whole: a photo with a 3 MB colour profile or Photoshop's XMP history was an
+# error row. Still bounded, per chunk and per file.
+PngImagePlugin.MAX_TEXT_CHUNK = 32 * 2**20
+PngImagePlugin.MAX_TEXT_MEMORY = 64 * 2**20
+
+# formats decoded at a reduced DCT scale: a camera JPEG with an MPF preview (Nikon, Canon, Fuji)
+# opens as "MPO", a JPEG with a second picture appended; it was decoded at full size by every tier
+JPEG_FORMATS = ("JPEG", "MPO")
 
 # HEIC/HEIF opener, registered at import so every process that decodes (the driver, each Dask
 # worker: they all import this module before decoding) knows the format. One decode thread: Dask
@@ -132,8 +144,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Any mode -> 8-bit sRGB: palette, alpha (composited on white), 16-bit, float, grey, bilevel,
     CMYK; an embedded ICC profile is converted to sRGB (`_icc_transform`)."""
     icc = img.info.get("icc_profile")
-    if img.mode == "RGB" and not icc:
+    if img.mode == "RGB" and not icc and "transparency" not in img.info:
         return img
+    if "transparency" in img.info and img.mode in ("1", "L", "RGB"):
+        # a colour key (PNG tRNS: what optimisers make of an alpha that is only on or off): its
+        # pixels are as transparent as an alpha channel's, composited on white below
+        img = img.convert("RGBA")
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         img = Image.fromarray(to_8bit(np.asarray(img), is_float=False), mode="L")
     elif img.mode == "F":
@@ -199,8 +215,50 @@ def _head(path) -> bytes:
         return b""
 
 
-def open_checked(path: str | Path, max_pixels: int) -> Image.Image:
-    """Open (header only) and check the pixel count; raises DecodeError."""
+_ICON_MAGIC = (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00")  # ICO, CUR
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _icon_pictures(path) -> list[tuple[int, int]]:
+    """The sizes of the pictures an ICO or CUR file holds, read from their own headers; [] for
+    any other file. Pillow decodes an icon's largest picture as it opens the file, before its size
+    can be checked, and the directory's byte-sized width and height say 256 at most whatever the
+    picture is: a 3.5 MB icon holding a 30000x30000 PNG took 3.6 GB to open."""
+    try:
+        fh = path if hasattr(path, "read") else paths.open_bytes(path)
+    except OSError:
+        return []  # (Image.open says why)
+    try:
+        fh.seek(0)
+        head = fh.read(6)
+        if len(head) < 6 or head[:4] not in _ICON_MAGIC:
+            return []
+        sizes = []
+        for i in range(struct.unpack("<H", head[4:6])[0]):
+            fh.seek(6 + 16 * i)
+            entry = fh.read(16)
+            if len(entry) < 16:
+                break
+            fh.seek(struct.unpack("<I", entry[12:16])[0])
+            picture = fh.read(24)
+            if picture[:8] == _PNG_MAGIC and len(picture) >= 24:
+                sizes.append(struct.unpack(">II", picture[16:24]))
+            elif len(picture) >= 12:  # a DIB: its height counts the picture and its mask
+                w, h = struct.unpack("<ii", picture[4:12])
+                sizes.append((abs(w), abs(h) // 2))
+        return sizes
+    except (OSError, struct.error):
+        return []
+    finally:
+        if not hasattr(path, "read"):
+            fh.close()
+        else:
+            fh.seek(0)
+
+
+def open_checked(path: str | Path, max_pixels: int, max_decode_bytes: int | None = None) -> Image.Image:
+    """Open (header only) and check the pixel count; raises DecodeError. `max_decode_bytes`: an icon,
+    which Pillow decodes as it opens it, is refused first when its picture needs more."""
     try:
         if storage.is_url(path):  # an object in a store: one GET, decoded from memory
             path = io.BytesIO(storage.read_bytes(path))
@@ -212,6 +270,13 @@ def open_checked(path: str | Path, max_pixels: int) -> Image.Image:
             # a name that is not UTF-8 (Pillow opens str paths only), or beyond PATH_MAX
             with paths.open_bytes(path) as fh:
                 path = io.BytesIO(fh.read())
+        for w, h in _icon_pictures(path):
+            if w * h > max_pixels:
+                raise DecodeError(f"image too large: the icon holds a {w}x{h} picture, above "
+                                  f"screen.max_pixels={max_pixels}")
+            if max_decode_bytes is not None and 4 * w * h > max_decode_bytes:
+                raise DecodeError(f"image too large to decode: the icon holds a {w}x{h} picture, which needs "
+                                  f"{4 * w * h / 2**20:.0f} MiB, above screen.max_decode_bytes={max_decode_bytes}")
         img = Image.open(path)
     except FileNotFoundError:
         raise DecodeError("file disappeared before it was read") from None
@@ -282,6 +347,23 @@ def _check_budget(img: Image.Image, max_decode_bytes: int) -> None:
                           f"screen.max_decode_bytes={max_decode_bytes}")
 
 
+def _check_progressive_budget(img: Image.Image, size: tuple[int, int], max_decode_bytes: int) -> None:
+    """A progressive JPEG is decoded from all of its DCT coefficients, kept at full size whatever
+    the draft scale (two bytes per sample: 3 B a pixel at 4:2:0, 6 at 4:4:4): a 2.3 MB file of
+    14000x14000 pixels took 1.26 GB where the draft size said 12 MB."""
+    if not (img.info.get("progressive") or img.info.get("progression")):
+        return
+    layers = getattr(img, "layer", None) or [("", 1, 1, 0)] * len(img.getbands())
+    h_max = max(layer[1] for layer in layers)
+    v_max = max(layer[2] for layer in layers)
+    samples = sum(layer[1] * layer[2] for layer in layers) / (h_max * v_max)
+    need = int(2 * samples * size[0] * size[1])
+    if need > max_decode_bytes:
+        raise DecodeError(f"image too large to decode: a progressive JPEG of {size[0]}x{size[1]} keeps all its "
+                          f"coefficients while decoding, {need / 2**20:.0f} MiB, above "
+                          f"screen.max_decode_bytes={max_decode_bytes}")
+
+
 def _orientation(img: Image.Image) -> int:
     """The EXIF orientation tag (1 when there is none, or the EXIF block is broken: the pixels
     are then taken as stored)."""
@@ -291,21 +373,52 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
+def _strict_jpeg(img: Image.Image) -> Image.Image | None:
+    """The pixels of an opened (and drafted) JPEG, decoded by libjpeg-turbo through simplejpeg,
+    which, unlike Pillow, raises on the warnings libjpeg gives for damaged compressed data:
+    Pillow drops them and returns the picture with a band of garbage (two bytes changed in a
+    backup's copy: no error, still paired with the intact original, and a plan kept the damaged
+    file). The same pixels as Pillow's (both are libjpeg-turbo with its default DCT and
+    upsampling: 1,904 decodes of the shared photos, full size and drafted, bit for bit), at the
+    same cost. None for what it does not decode the same (CMYK: Pillow's path)."""
+    if img.mode not in ("RGB", "L"):
+        return None
+    fp = img.fp
+    fp.seek(0)
+    data = fp.read()
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if img.mode == "L" else "RGB",
+                                        min_width=img.size[0], min_height=img.size[1], strict=True)
+    except ValueError as exc:
+        text = str(exc).strip()
+        if "premature end of jpeg file" in text.lower():  # (not "... of data segment": damage)
+            raise DecodeError(f"truncated file: {text}") from None
+        raise DecodeError(f"damaged JPEG data: {text} (its picture decodes only in part; "
+                          "screen.strict_jpeg: false reads it as far as it goes)") from None
+    if pixels.shape[:2] != (img.size[1], img.size[0]):  # (another scale than Pillow's draft)
+        return None
+    out = Image.fromarray(pixels[..., 0] if img.mode == "L" else pixels, img.mode)
+    out.info = dict(img.info)  # (the EXIF orientation and colour profile, read from here on)
+    return out
+
+
 def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 200_000_000,
-               max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> tuple[Image.Image, tuple[int, int], str]:
+               max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+               strict_jpeg: bool = False) -> tuple[Image.Image, tuple[int, int], str]:
     """Decode `path` -> (RGB image, (width, height) of the full image after EXIF rotation, format).
 
     With `min_side`, JPEGs are decoded in draft mode at the smallest DCT scale whose short side is
     still >= min_side, and HEIC/HEIF files from an embedded thumbnail whose short side is >=
     min_side when they have one (the returned image may be larger than min_side; callers resize).
-    Animated images and multi-page TIFFs give their first frame.
+    Animated images and multi-page TIFFs give their first frame. `strict_jpeg` (the screen, which
+    records each file's error): a JPEG whose compressed data libjpeg finds damaged raises.
     """
-    img = open_checked(path, max_pixels)
+    img = open_checked(path, max_pixels, max_decode_bytes)
     fmt = img.format or "UNKNOWN"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Possibly corrupt EXIF data": not fatal
-            drafts = bool(min_side) and fmt in ("JPEG", "HEIF")  # can decode at a reduced scale
+            drafts = bool(min_side) and fmt in (*JPEG_FORMATS, "HEIF")  # can decode at a reduced scale
             if not drafts:  # refuse by header, before getexif (a PNG's EXIF may follow its pixels:
                 _check_budget(img, max_decode_bytes)  # reading it decodes the whole image)
             if fmt == "PNG":
@@ -317,7 +430,7 @@ def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 
             orientation = _orientation(img)
             w, h = img.size
             full_size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-            if min_side and fmt == "JPEG":
+            if min_side and fmt in JPEG_FORMATS:
                 short = min(w, h)
                 scale = max(1, min(8, short // min_side))
                 if scale > 1:
@@ -329,6 +442,12 @@ def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 
                 img.draft(img.mode, (-(-w * min_side // short), -(-h * min_side // short)))
             if drafts:
                 _check_budget(img, max_decode_bytes)  # at the draft scale chosen above
+            if fmt in JPEG_FORMATS:
+                _check_progressive_budget(img, (w, h), max_decode_bytes)
+            strict = _strict_jpeg(img) if strict_jpeg and fmt in JPEG_FORMATS else None
+            if strict is not None:
+                img.close()
+                img = strict
             img.load()
             if orientation in (5, 6, 7, 8) and _orientation(img) == 1:
                 full_size = (w, h)  # (the plugin turned it as it opened it, a TIFF: its size was turned)

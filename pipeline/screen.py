@@ -113,7 +113,8 @@ def _screen_file(entry: FileEntry, cfg: ScreenConfig) -> dict:
         return row
     try:
         img, (width, height), fmt = load_image(io.BytesIO(data), min_side=cfg.decode_size,
-                                               max_pixels=cfg.max_pixels, max_decode_bytes=cfg.max_decode_bytes)
+                                               max_pixels=cfg.max_pixels, max_decode_bytes=cfg.max_decode_bytes,
+                                               strict_jpeg=cfg.strict_jpeg)
         row.update(width=width, height=height, format=fmt)
         codes, mask = image_hashes(img, cfg)
     except DecodeError as exc:

@@ -371,3 +371,163 @@ def test_a_raw_file_named_as_a_jpeg_is_a_raw_error():
     from pipeline.scan import RAW_ERROR
     with pytest.raises(DecodeError, match="^" + RAW_ERROR.replace("(", r"\(").replace(")", r"\)") + "$"):
         load_image(io.BytesIO(b"IIRO\x08\x00\x00\x00" + bytes(4000)))
+
+
+def test_a_camera_jpeg_with_an_mpf_preview_decodes_at_a_reduced_scale(photo):
+    """Nikon, Canon and Fuji JPEGs carry an MPF preview, and Pillow opens them as "MPO": they were
+    decoded at full size by every tier (the screen 8x slower). Now at the draft scale, as JPEG."""
+    big = photo.resize((photo.width * 4, photo.height * 4), Image.Resampling.BICUBIC)
+    plain = saved(big, "JPEG", quality=92)
+    mpo = saved(big, "MPO", quality=92, save_all=True, append_images=[photo])
+    assert Image.open(mpo).format == "MPO"
+    a, size_a, _ = load_image(plain, min_side=64)
+    b, size_b, fmt = load_image(mpo, min_side=64)
+    assert fmt == "MPO" and size_b == size_a == big.size
+    assert b.size == a.size and max(b.size) <= max(big.size) // 4
+    assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 2
+
+
+def test_a_colour_key_transparency_is_composited_on_white_like_an_alpha(photo):
+    """A PNG whose transparency is a colour key (tRNS; what optimisers make of an alpha that is
+    only on or off) kept its key colour: a logo on black hashed as the inverse of the same logo
+    saved with an alpha channel, and the two were never paired."""
+    logo = Image.new("RGB", (240, 160), (0, 0, 0))
+    logo.paste(photo.resize((120, 80)), (60, 40))
+    alpha = Image.new("L", logo.size, 0)
+    alpha.paste(255, (60, 40, 180, 120))
+    rgba = logo.copy()
+    rgba.putalpha(alpha)
+    reference = np.asarray(load_image(saved(rgba, "PNG"))[0], np.int16)
+    grey = logo.convert("L")
+    for keyed in (saved(logo, "PNG", transparency=(0, 0, 0)), saved(grey, "PNG", transparency=0)):
+        img = np.asarray(load_image(keyed)[0], np.int16)
+        assert (img[:30] == 255).all()  # (the keyed border is white, as the alpha one)
+        if keyed.getvalue()[25] == 2:  # (the RGB one: the same pixels as the alpha's)
+            assert np.abs(img - reference).max() <= 1
+    assert distance(hash_of(saved(logo, "PNG", transparency=(0, 0, 0))), hash_of(saved(rgba, "PNG"))) <= CLOSE
+
+
+def test_a_png_with_megabytes_of_metadata_decodes(photo):
+    """Photoshop's XMP history or a large colour profile: more than Pillow's 1 MB per text chunk
+    made a valid PNG an error row."""
+    from PIL import PngImagePlugin
+    xmp = "<x:xmpmeta>" + "".join(f"<rdf:li>xmp.did:{i:032x}</rdf:li>" for i in range(60_000)) + "</x:xmpmeta>"
+    for zipped in (False, True):
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", xmp, zip=zipped)
+        img, size, fmt = load_image(saved(photo, "PNG", pnginfo=info), min_side=64)
+        assert fmt == "PNG" and size == photo.size
+
+
+def _icon_holding(png: bytes, side: int = 0) -> bytes:
+    """An ICO whose directory says side x side (one byte: 0 is 256) and whose picture is `png`."""
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", side, side, 0, 0, 1, 32, len(png), 22) + png
+
+
+def _png_of_zeros(w: int, h: int) -> bytes:
+    """A w x h RGBA PNG of zeros, compressed row by row (a few MB however large)."""
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    z = zlib.compressobj(9)
+    row = b"\0" * (1 + 4 * w)
+    body = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0))
+            + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+def test_an_icon_holding_a_huge_picture_is_refused_before_pillow_decodes_it(photo, monkeypatch):
+    """Pillow decodes an icon's picture as it opens the file, and the directory's sizes are one
+    byte each (256 at most): a 3.5 MB ICO holding a 30000x30000 PNG took 3.6 GB before its size
+    was checked. Its pictures' own headers are read first now; Pillow must never be asked."""
+    huge = io.BytesIO(_icon_holding(_png_of_zeros(12_000, 12_000)))
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    with pytest.raises(DecodeError, match="icon holds a 12000x12000 picture.*max_decode_bytes"):
+        load_image(huge, min_side=64)
+    with pytest.raises(DecodeError, match="icon holds a 12000x12000 picture.*max_pixels"):
+        load_image(huge, min_side=64, max_pixels=100_000_000)
+    assert not opened
+    small = io.BytesIO(_icon_holding(saved(photo.resize((64, 64)), "PNG").getvalue(), 64))
+    img, size, fmt = load_image(small)  # (an ordinary icon still opens)
+    assert fmt == "ICO" and size == (64, 64)
+
+
+def test_a_huge_progressive_jpeg_is_refused_by_what_its_coefficients_take(photo):
+    """A progressive JPEG keeps every DCT coefficient at full size while it decodes, whatever the
+    draft scale: 14000x14000 took 1.26 GB where the draft size said 12 MB. Its baseline twin,
+    decoded at 1/8 within the budget, is still read."""
+    big = photo.resize((4000, 3000))
+    for progressive in (False, True):
+        data = saved(big, "JPEG", quality=80, progressive=progressive, subsampling=0)
+        budget = 40 * 2**20  # (4:4:4 progressive: 6 B a pixel, 69 MiB)
+        if progressive:
+            with pytest.raises(DecodeError, match="progressive JPEG of 4000x3000.*69 MiB"):
+                load_image(data, min_side=64, max_decode_bytes=budget)
+        else:
+            assert load_image(data, min_side=64, max_decode_bytes=budget)[1] == (4000, 3000)
+    assert load_image(saved(big, "JPEG", progressive=True), min_side=64)[1] == (4000, 3000)
+
+
+def _rotten(data: bytes, at: float = 0.45, hits: int = 32) -> bytes:
+    """`data` with `hits` bytes changed ~97 bytes apart from `at` of its length (bit rot in a
+    backup: the same size, the header intact)."""
+    rot = bytearray(data)
+    start = int(len(rot) * at)
+    for i in range(start, start + hits * 97, 97):
+        rot[i] ^= 0x5A
+    return bytes(rot)
+
+
+def test_a_jpeg_damaged_mid_stream_is_an_error_row_and_an_intact_one_decodes_as_before(photo, tmp_path):
+    """Pillow drops libjpeg's "Corrupt JPEG data" warnings: a backup copy with a few bytes
+    changed decoded with no error, a band of garbage at its bottom, was paired with the intact
+    original, and a plan kept it. The screen's JPEG decode now raises on them (grey, RGB and a
+    camera file's MPO alike); `screen.strict_jpeg: false` reads such a file as before. An intact
+    file's pixels are Pillow's (both are libjpeg-turbo)."""
+    from pipeline.scan import FileEntry
+    from pipeline.screen import screen_file
+    big = photo.resize((photo.width * 2, photo.height * 2), Image.Resampling.BICUBIC)
+    for kind, data in (("JPEG", jpeg_bytes(big)), ("JPEG", jpeg_bytes(big.convert("L"))),
+                       ("MPO", saved(big, "MPO", quality=92, save_all=True, append_images=[photo]).getvalue())):
+        for min_side in (None, 64):
+            strict, size, fmt = load_image(io.BytesIO(data), min_side=min_side, strict_jpeg=True)
+            plain = load_image(io.BytesIO(data), min_side=min_side)[0]
+            assert fmt == kind and size == big.size and strict.size == plain.size and strict.mode == "RGB"
+            assert np.abs(np.asarray(strict, np.int16) - np.asarray(plain, np.int16)).max() <= 1
+            # JPEG has no checksum: libjpeg notices most damage, not all (92 % of 72 copies of
+            # the shared photos; here 9 spots of this file)
+            silent_before = refused = 0
+            for at in np.arange(0.1, 0.91, 0.1):
+                rotten = _rotten(data, at)
+                try:
+                    load_image(io.BytesIO(rotten), min_side=min_side)
+                    silent = True
+                except DecodeError:
+                    silent = False
+                try:
+                    load_image(io.BytesIO(rotten), min_side=min_side, strict_jpeg=True)
+                except DecodeError as exc:
+                    assert str(exc).startswith(("damaged JPEG data: ", "cannot decode: ")), str(exc)
+                    refused += 1
+                    silent_before += silent
+            assert refused >= 6 and silent_before >= 3, (kind, min_side, refused, silent_before)
+    cmyk = jpeg_bytes(big.convert("CMYK"))  # (decoded by Pillow, as before)
+    assert load_image(io.BytesIO(cmyk), min_side=64, strict_jpeg=True)[2] == "JPEG"
+    with pytest.raises(DecodeError, match="truncated file"):
+        load_image(io.BytesIO(data[: len(data) * 2 // 3]), min_side=64, strict_jpeg=True)
+
+    def screened(blob: bytes, cfg: ScreenConfig) -> dict:
+        path = tmp_path / "copy.jpg"
+        path.write_bytes(blob)
+        return screen_file(FileEntry(path=path.name, abs_path=str(path), bytes=len(blob), mtime=0.0), cfg)
+
+    rotten = next(r for r in (_rotten(jpeg_bytes(big), at) for at in np.arange(0.1, 0.91, 0.1))
+                  if screened(r, ScreenConfig(strict_jpeg=False))["error"] is None
+                  and screened(r, ScreenConfig())["error"] is not None)
+    row = screened(rotten, ScreenConfig())
+    assert row["error"].startswith("damaged JPEG data: Corrupt JPEG data") and row["sha256"] and row["codes"] is None
+    assert screened(jpeg_bytes(big), ScreenConfig())["error"] is None
+

@@ -1711,14 +1711,11 @@ def _edit_catalog_images(fs, catalog: str, change) -> None:
 
 
 def _other_bytes_same_size(data: bytes) -> bytes:
-    """One bit flipped in a JPEG's entropy-coded data, mid-file and away from any marker (the
-    byte, and the one before it, are not 0xFF, and it stays below 0xF0): other bytes, the same
-    size, still a JPEG."""
+    """A JPEG's first quantisation step changed by one: other bytes, the same size, still a whole
+    JPEG (a bit flipped in its compressed data is damage, an error row of its own)."""
     edited = bytearray(data)
-    i = len(edited) // 2
-    while edited[i] >= 0xF0 or edited[i - 1] == 0xFF:
-        i += 1
-    edited[i] ^= 0x01
+    i = edited.find(b"\xff\xdb") + 5  # (marker, length, precision and table id: its first step)
+    edited[i] = edited[i] + 1 if edited[i] < 0xFE else edited[i] - 1
     return bytes(edited)
 
 
