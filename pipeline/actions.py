@@ -22,6 +22,8 @@ The pipeline itself never modifies input files; only `apply --execute` does.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -46,6 +48,9 @@ ACTIONS = ("move", "hardlink", "symlink", "delete")
 RAW_COLUMN = "raw_path"
 PLAN_COLUMNS = ["cluster_id", "path", "abs_path", "action", "keeper", "keeper_abs_path", "bytes", "mtime",
                 "sha256", "image_id", RAW_COLUMN]
+
+
+_CSV_TEXT = ("path", "abs_path", "action", "keeper", "keeper_abs_path", "sha256", RAW_COLUMN)  # read as text
 
 
 class PlanError(ValueError):
@@ -136,7 +141,9 @@ def read_plan(path: str | Path) -> pd.DataFrame:
         raise PlanError(f"plan file {str(path)!r} not found: make one with `dedupe plan OUT --keep POLICY`")
     try:
         plan = pd.read_parquet(path) if path.suffix == ".parquet" else \
-            pd.read_csv(path, dtype={"sha256": str, RAW_COLUMN: str})  # (hex "99" is no number)
+            pd.read_csv(path, dtype={c: str for c in _CSV_TEXT}, keep_default_na=False,  # (hex "99" is no
+                        na_values={c: [""] for c in PLAN_COLUMNS if c not in _CSV_TEXT})
+        # number, and a file named "NA", "null" or "nan" is no missing value: its row was refused)
     except Exception as exc:
         raise PlanError(f"plan file {str(path)!r} cannot be read: {exc}") from None
     missing = [c for c in PLAN_COLUMNS if c not in plan and c != RAW_COLUMN]
@@ -147,7 +154,7 @@ def read_plan(path: str | Path) -> pd.DataFrame:
         plan[RAW_COLUMN] = pd.Series(None, index=plan.index, dtype=object)
     else:  # (a CSV plan's are hexadecimal)
         try:
-            plan[RAW_COLUMN] = pd.Series([bytes.fromhex(r) if isinstance(r, str) else
+            plan[RAW_COLUMN] = pd.Series([bytes.fromhex(r) if isinstance(r, str) and r else None if isinstance(r, str) else
                                           bytes(r) if isinstance(r, (bytes, bytearray)) else None
                                           for r in plan[RAW_COLUMN]], index=plan.index, dtype=object)
         except ValueError:
@@ -177,7 +184,7 @@ def check_plan(plan: pd.DataFrame, name: str = "the plan") -> None:
 
     if plan["cluster_id"].isna().any():
         refuse("rows without a cluster_id", plan[plan["cluster_id"].isna()])
-    if plan["path"].isna().any() or plan["abs_path"].isna().any():
+    if any((plan[c].isna() | (plan[c].astype(object) == "")).any() for c in ("path", "abs_path")):
         raise PlanError(f"plan file {name!r}: rows without a path or abs_path; make it again with `dedupe plan`")
     twice = plan["path"].duplicated(keep=False)
     if twice.any():
@@ -297,6 +304,33 @@ def _relative_name(row) -> str:
     return os.fsdecode(bytes(raw)) if isinstance(raw, (bytes, bytearray)) else str(row.path)
 
 
+def move_file(src: str | Path, dst: str | Path) -> None:
+    """Move one file to `dst` (not there yet); when it fails, nothing is left at `dst` and `src` is
+    where it was. shutil.move copies whenever the rename fails, for any reason (a source folder
+    that cannot be written: EACCES), and kept its copy when the source could then not be
+    removed, or left a cut one on a full disk: every later try found its destination taken."""
+    try:
+        os.rename(src, dst)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    part = Path(dst).with_name(f".{Path(dst).name}.{os.getpid()}.part")  # (another file system)
+    try:
+        shutil.copy2(src, part, follow_symlinks=False)
+        os.rename(part, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise
+    try:
+        os.unlink(src)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(dst)
+        raise
+
+
 def _act(op: str, row, src: str, keeper: str, to: Path | None, log: UndoLog) -> None:
     """`op` on the file `src` (file_name) of a remove row, `keeper` its cluster's keeper's file.
     The log's paths are the operating system's names (JSON escapes a name's undecodable bytes)."""
@@ -306,7 +340,7 @@ def _act(op: str, row, src: str, keeper: str, to: Path | None, log: UndoLog) -> 
             raise FileExistsError(f"destination {dst} exists")
         dst.parent.mkdir(parents=True, exist_ok=True)
         log.write({"op": "move", "path": row.path, "src": src, "dst": str(dst), "sha256": row.sha256})
-        shutil.move(src, dst)
+        move_file(src, dst)
         return
     trash = log.trash / _relative_name(row)
     if os.path.lexists(trash):
@@ -315,13 +349,13 @@ def _act(op: str, row, src: str, keeper: str, to: Path | None, log: UndoLog) -> 
     link = {"link": link_target(keeper, src)} if op == "symlink" else {}  # (undo removes only this link)
     log.write({"op": op, "path": row.path, "src": src, "trash": str(trash), "keeper": keeper,
                "sha256": row.sha256, **link})
-    shutil.move(src, trash)
+    move_file(src, trash)
     if op == "delete":
         return
     try:
         _link(op, keeper, src)
     except OSError:
-        shutil.move(trash, src)  # e.g. a hard link across file systems: put the file back
+        move_file(trash, src)  # e.g. a hard link across file systems: put the file back
         raise
 
 
@@ -356,8 +390,17 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
     verb = {"move": "move", "hardlink": "hard-link", "symlink": "symlink", "delete": "delete"}[action]
     out = Outcome()
     log = UndoLog(log_path) if execute else None
+    full = False
+    if not execute:
+        for where, what in ((to, "--to"), (log_path.parent if log_path is not None else None, "the undo log's folder")):
+            blocked = _cannot_write(where) if where is not None else None
+            if blocked:
+                warn(f"warning: {what} {str(where)!r}: {blocked}; --execute would fail")
     try:
         for _, group in plan.groupby("cluster_id", sort=False):
+            if full:
+                out.failed.append(("(the rest of the plan)", "stopped: no space left on the device"))
+                break
             keepers = group[group["action"] == "keep"]
             removals = group[group["action"] == "remove"]
             if len(keepers) != 1:
@@ -385,6 +428,10 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
                 target = f" -> {to / r.path}" if action == "move" else (
                     f" -> {keeper.path}" if action in ("hardlink", "symlink") else "")
                 if not execute:
+                    blocked = _cannot_remove(src)
+                    if blocked:
+                        out.failed.append((r.path, f"would fail: {blocked}"))
+                        continue
                     echo(f"would {verb}: {r.path}{target}")
                     out.done.append(r.path)
                     continue
@@ -392,6 +439,9 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
                     _act(action, r, src, keeper_file, to, log)
                 except OSError as exc:
                     out.failed.append((r.path, str(exc)))
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        full = True  # (every later file would fail the same way, each leaving work)
+                        break
                     continue
                 echo(f"{verb}: {r.path}{target}")
                 out.done.append(r.path)
@@ -403,6 +453,27 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
     for path, reason in out.failed:
         warn(f"failed: {path}: {reason}")
     return out
+
+
+def _cannot_remove(path: str) -> str | None:
+    """Why `path` cannot be moved out of its folder (the folder must be writable), or None."""
+    folder = os.path.dirname(path) or "."
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"its folder {folder} cannot be written (removing a file from a folder needs that)"
+    return None
+
+
+def _cannot_write(folder: Path) -> str | None:
+    """Why files cannot be made in `folder` (or, when it does not exist yet, its nearest existing
+    parent), or None."""
+    at = Path(folder)
+    while not at.exists() and at != at.parent:
+        at = at.parent
+    if not at.is_dir():
+        return f"{at} is not a folder"
+    if not os.access(at, os.W_OK | os.X_OK):
+        return f"{at} cannot be written"
+    return None
 
 
 def default_log_path(plan_path: str | Path) -> Path:
@@ -467,7 +538,11 @@ def undo(log_path: str | Path, echo: Callable[[str], None] = print,
                 continue
             os.unlink(src)
         Path(src).parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(held, src)
+        try:
+            move_file(held, src)
+        except OSError as exc:
+            out.failed.append((e["path"], f"cannot put it back from {held}: {exc}"))
+            continue
         echo(f"restored: {e['path']}")
         out.done.append(e["path"])
     trash = log_path.with_name(log_path.stem + ".trash")

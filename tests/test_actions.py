@@ -506,3 +506,86 @@ def test_plan_and_report_on_a_damaged_out_say_what_is_wrong(run_dir, capsys, dam
         assert main(args) == 2
         err = capsys.readouterr().err
         assert message in err and "run the job again" in err and "Traceback" not in err
+
+
+def test_a_csv_plan_keeps_files_named_like_missing_values(photo_paths, tmp_path, capsys):
+    """pandas reads "NA", "null", "nan", "None" as missing: a CSV plan with a file of such a name
+    was refused ("rows without a path"), and making it again gave the same plan."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("NA", "null", "nan.jpg"):
+        (data / name).write_bytes(photo_paths[0].read_bytes())
+    assert main(["dedupe", str(data), "--out", str(tmp_path / "out"), "--tiers", "screen", "--scheduler", "sync",
+                 "--quiet"]) == 0
+    assert main(["plan", str(tmp_path / "out"), "--keep", "shortest_path", "--output", str(tmp_path / "plan.csv")]) == 0
+    plan = read_plan(tmp_path / "plan.csv")
+    assert sorted(plan["path"]) == ["NA", "nan.jpg", "null"] and plan["raw_path"].isna().all()
+    assert main(["apply", str(tmp_path / "plan.csv"), "--action", "delete", "--execute",
+                 "--log", str(tmp_path / "undo.jsonl")]) == 0
+    assert sorted(p.name for p in data.iterdir()) == ["NA"]
+    assert main(["undo", str(tmp_path / "undo.jsonl")]) == 0
+    assert sorted(p.name for p in data.iterdir()) == ["NA", "nan.jpg", "null"]
+
+
+def test_a_move_that_fails_leaves_nothing_behind_and_a_full_disk_stops_apply(run_dir, capsys, monkeypatch):
+    """shutil.move copies whenever a rename fails, whatever the reason: with a source folder that
+    cannot be written, the copy was made, the removal failed, and the copy stayed in --to (every
+    retry then failed: "destination exists"); on a full disk each file left a cut copy and apply
+    went on with the next. Now a failed move leaves the source alone and nothing at the target,
+    and apply stops at the first full-disk error."""
+    import errno
+    import shutil
+    from pipeline import actions
+    data = run_dir / "data"
+    before = snapshot(data)
+    real_rename, real_unlink = os.rename, os.unlink
+
+    def cross_device(src, dst):  # (--to on another file system: every move copies)
+        if str(src).startswith(str(data)):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_rename(src, dst)
+
+    def read_only_folder(path):  # (the source's folder cannot be written)
+        if str(path).startswith(str(data)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_unlink(path)
+
+    monkeypatch.setattr(os, "rename", cross_device)
+    monkeypatch.setattr(os, "unlink", read_only_folder)
+    moved = run_dir / "moved"
+    args = ["apply", str(run_dir / "plan.parquet"), "--action", "move", "--to", str(moved), "--execute",
+            "--log", str(run_dir / "undo.jsonl")]
+    assert main(args) == 1
+    assert "Permission denied" in capsys.readouterr().err
+    assert snapshot(data) == before and not [p for p in moved.rglob("*") if p.is_file()]
+    monkeypatch.setattr(os, "unlink", real_unlink)  # (the folder made writable: a retry works)
+    assert main(args[:-1] + [str(run_dir / "undo2.jsonl")]) == 0
+    assert main(["undo", str(run_dir / "undo2.jsonl")]) == 0 and snapshot(data) == before
+
+    copies = []
+
+    def disk_full(src, dst, **kwargs):
+        copies.append(dst)
+        Path(dst).write_bytes(b"cut sh")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copy2", disk_full)
+    assert main(args[:-1] + [str(run_dir / "undo3.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert len(copies) == 1 and "No space left" in err and "stopped: no space left" in err
+    assert snapshot(data) == before and not [p for p in moved.rglob("*") if p.is_file()]
+    assert actions.move_file is not None
+
+
+def test_a_dry_run_says_what_execute_would_fail_on(run_dir, capsys, monkeypatch):
+    """The dry run said "3 would be done" where --execute then failed on every file: a source
+    folder that cannot be written (nothing can be removed from it) and a --to that cannot be
+    written are named first."""
+    real_access = os.access
+    locked = {str(run_dir / "data" / "copies"), str(run_dir / "moved")}
+    monkeypatch.setattr(os, "access", lambda p, mode: str(p) not in locked and real_access(p, mode))
+    (run_dir / "moved").mkdir()
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "move", "--to", str(run_dir / "moved")]) == 1
+    out = capsys.readouterr()
+    assert f"--to {str(run_dir / 'moved')!r}: {run_dir / 'moved'} cannot be written" in out.err
+    assert out.err.count("would fail: its folder") == 3 and "0 would be done" in out.out
