@@ -81,6 +81,12 @@ HIST_BINS = (16, 4, 4)  # pixel check: H x S x V histogram bins
 # Generated logos/UI/text: >= 0.87; shared photos: median 0.11, 99th percentile 0.85.
 FLAT_SHARE = 0.8
 SSIM_TAIL = 1.5  # percent of the overlap allowed to differ (a watermark covers ~1 %)
+# Structureless pairs (`_structureless`: skies, walls, fog, blank paper, heavy blur): SSIM reads ~1
+# for any two of them, so their mean grey levels must also agree within this many levels. Copies
+# (re-encode, resize, 90 % crop, PNG) move it <= 4.8; a 3 % brightness edit ~6, a corner crop of a
+# strong gradient 7; different blank pictures of another exposure 10-77. Recoloured logos shift up
+# to 12, but have edges: not structureless, not affected.
+PIXEL_MAX_SHIFT = 10.0
 COVER_GRID = 5  # coverage of a match (`_coverage`): cells per side of the grid over each picture
 
 _local = threading.local()  # cv2 ORB / matcher objects are not shared between threads
@@ -102,6 +108,7 @@ NOT_FINGERPRINTED = ("TEXT_COLUMNS", "_verify_task", "_features_task", "run_veri
 # (catalog.fingerprinted_syntax): no feature code may use what this list names.
 PAIR_CHECK_ONLY = ("STATUSES", "SSIM_TAIL", "COVER_GRID", "ssim_map", "_residual", "_dihedral_maps",
                    "_dihedral_near", "pixel_check", "_ransac", "_good_matches", "_good_matches_reference",
+                   "PIXEL_MAX_SHIFT", "_structureless",
                    "verify_pair", "_geometry", "stored_evidence", "_verify", "_verify_model", "_coverage",
                    "_error_result", "PLAIN_NOTE", "_STATUS_RANK", "check_pair", "needs_pixel_check",
                    "semi_flat_undecided", "_has_pixels", "verify_partition")
@@ -323,6 +330,19 @@ def ssim_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
 
 
+def _structureless(t: np.ndarray, valid: np.ndarray) -> bool:
+    """No edges for SSIM to compare: over all but SSIM_TAIL percent of `valid`, the local variance
+    (`ssim_map`'s window) stays below SSIM's own C2, where its structure term reads ~1 whatever the
+    two pictures are (and its luminance term forgives 95 against 130 grey: 0.95)."""
+    x = t.astype(np.float64)
+
+    def blur(a):
+        return cv2.GaussianBlur(a, (7, 7), 1.5, borderType=cv2.BORDER_REFLECT)
+
+    var = blur(x * x) - blur(x) ** 2
+    return float(np.percentile(var[valid], 100 - SSIM_TAIL)) < (0.03 * 255) ** 2
+
+
 def _residual(t_have: int, t_want: int) -> int:
     """r such that turning an image already turned by `t_have` by r gives `t_want`."""
     probe = np.arange(6).reshape(2, 3)
@@ -396,9 +416,13 @@ def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = N
         tb = np.ascontiguousarray(GRID_DIHEDRAL[_residual(fb["transform"], int(transform))](tb))
     ha, hb = np.frombuffer(fa["hist"], np.float32), np.frombuffer(fb["hist"], np.float32)
     hist = float(cv2.compareHist(ha, hb, cv2.HISTCMP_CORREL))  # flips and turns do not change it
-    local = ssim_map(ta, tb)[valid.astype(bool)]
+    inside = valid.astype(bool)
+    local = ssim_map(ta, tb)[inside]
     if local.size < side * side // 10:  # the model puts b mostly outside a: not the same picture
         return 0.0, hist
+    if (abs(float(ta[inside].mean()) - float(tb[inside].mean())) > PIXEL_MAX_SHIFT
+            and _structureless(ta, inside) and _structureless(tb, inside)):
+        return 0.0, hist  # two blank pictures of another brightness: SSIM cannot tell them apart
     return float(np.percentile(local, SSIM_TAIL)), hist
 
 

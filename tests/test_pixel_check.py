@@ -127,3 +127,40 @@ def test_soft_histogram_of_one_colour():
     mid = verify.soft_hsv_histogram(np.full((4, 4, 3), (40, 100, 60), np.uint8)).reshape(verify.HIST_BINS)
     assert mid.max() == np.float32(0.125) and mid.sum() == pytest.approx(1.0, abs=1e-6)
     assert np.count_nonzero(mid) == 27
+
+
+def test_blank_pictures_of_another_brightness_are_different_their_copies_are_not(cfg, tmp_path):
+    """Two plain fields (walls, skies, greys) have no edges, and SSIM's structure term reads ~1
+    for any two of them: grey 95 against grey 130 was a pixel match, 0.94 (an audit: 28 false
+    pairs among 40 near-uniform pictures, every preset). Their means must now agree within
+    verify.PIXEL_MAX_SHIFT levels; a copy (re-encoded, resized, a little brighter) still matches,
+    and so does a logo shifted further in brightness, which has edges."""
+    import io
+    rng = np.random.default_rng(5)
+
+    def field(level, shape=(300, 400)):
+        noise = rng.normal(0, 2.0, shape + (3,))
+        ramp = np.linspace(-3, 3, shape[1])[None, :, None]  # (a little light falloff)
+        return Image.fromarray(np.clip(level + noise + ramp, 0, 255).astype(np.uint8))
+
+    def feats(im):
+        base = verify._bounded(im, cfg.verify)
+        f = verify.features(base, cfg.verify)
+        thumb, hist, flat = verify.pixel_features(base)
+        return dict(f, thumb=thumb, hist=hist, flat=flat, transform=0)
+
+    def reencoded(im, quality=60):
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=quality)
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+    wall = field(95)
+    bar = cfg.decide.pixel_ssim
+    assert verify.pixel_check(feats(wall), feats(field(130)), 0)[0] < bar
+    assert verify.pixel_check(feats(wall), feats(field(112)), 0)[0] < bar
+    for copy in (reencoded(wall), wall.resize((200, 150)), Image.fromarray(
+            np.clip(np.asarray(wall, np.int16) + 5, 0, 255).astype(np.uint8))):
+        assert verify.pixel_check(feats(wall), feats(copy), 0)[0] > bar
+    logo = graphic("logo", _palette(np.random.default_rng(3)), 5, "Harbor")
+    brighter = Image.fromarray(np.clip(np.asarray(logo, np.int16) + 14, 0, 255).astype(np.uint8))
+    assert verify.pixel_check(feats(logo), feats(brighter), 0)[0] > bar
