@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -472,6 +473,14 @@ def _query_command(args) -> int:
             raise ConfigError(f"--output {args.output!r}: the extension must be .parquet, .csv or .json")
         if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
             raise ConfigError(f"--output {args.output!r}: its folder does not exist; create it first")
+        if args.output:  # (before any work: with --add the catalog is written before the output)
+            folder = os.path.dirname(os.path.abspath(args.output))
+            try:
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"--output {args.output!r}: its folder cannot be written ({exc.strerror}); "
+                                  "choose another") from None
         from pipeline import query
         from pipeline.config import config_from_dict
         from pipeline.run import check_reachable, dask_client, target_of
@@ -498,7 +507,12 @@ def _query_command(args) -> int:
         log.exception("the query failed")
         return EXIT_FAILED
     if args.output:
-        query.write_result(result, args.output)
+        try:
+            query.write_result(result, args.output)
+        except OSError as exc:  # (a disk that filled, a folder made read-only since the check)
+            print(f"error: --output {args.output!r} cannot be written ({exc.strerror or exc})"
+                  + ("; the images were added to the catalog" if args.add else ""), file=sys.stderr)
+            return EXIT_FAILED
     else:
         print(query.format_table(result))
     return EXIT_OK

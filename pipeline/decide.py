@@ -236,7 +236,10 @@ def decide_rows(pairs: pd.DataFrame, cfg: Config, changed: np.ndarray, rows: np.
     return mark_changed(decide(pairs.iloc[rows], cfg), changed)
 
 
-def mark_changed(pairs: pd.DataFrame, changed: np.ndarray) -> pd.DataFrame:
+CHANGED_REASON = "a file changed during the run: not decided; the next run includes it"
+
+
+def mark_changed(pairs: pd.DataFrame, changed: np.ndarray, reason: str = CHANGED_REASON) -> pd.DataFrame:
     """Pairs touching an image that changed during the run (`changed`: bool per image row) are
     not duplicates, whatever their scores: the tiers may have seen two versions of the file."""
     hit = changed[pairs["idx_a"].to_numpy()] | changed[pairs["idx_b"].to_numpy()]
@@ -245,7 +248,7 @@ def mark_changed(pairs: pd.DataFrame, changed: np.ndarray) -> pd.DataFrame:
     out = pairs.copy()
     out.loc[hit, "is_duplicate"] = False
     out.loc[hit, "rule"] = "file_changed"
-    out.loc[hit, "reason"] = "a file changed during the run: not decided; the next run includes it"
+    out.loc[hit, "reason"] = reason
     return out
 
 

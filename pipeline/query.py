@@ -60,10 +60,26 @@ def _query_entries(paths: list[str | Path], cfg: ScanConfig) -> list[scan.FileEn
         st = path.stat()
         image, error = scan.classify(os.path.abspath(path), st.st_size, cfg)
         if not image and not error:  # (not an image, and not named as one: the batch job would not list it)
-            error = "not an image: content matches no known image format"
+            error = NOT_LISTED
         entries.append(scan.FileEntry(str(p), os.path.abspath(path), st.st_size, st.st_mtime, error,
                                        scan.mtime_ns_64(st.st_mtime_ns)))
     return entries
+
+
+NOT_LISTED = "not an image: content matches no known image format, nor does its name say image"
+
+
+def _skipped_folder(abs_path: str, root: str) -> str | None:
+    """The folder between the catalog's folder and this file that the batch job does not go into
+    (it holds an OUT's or a catalog's lock file: a run's outputs, thumbnails included), or None."""
+    from pipeline import outdir
+    folder = os.path.dirname(abs_path)
+    root = os.path.abspath(root)
+    while folder.startswith(os.path.join(root, "")) and folder != root:
+        if any(os.path.lexists(os.path.join(folder, m)) for m in (outdir.LOCK_NAME, catalog.LOCK_NAME)):
+            return folder
+        folder = os.path.dirname(folder)
+    return None
 
 
 def _inside(entries: list[scan.FileEntry], cat: catalog.Catalog) -> list[str | None]:
@@ -151,6 +167,14 @@ def query(paths: list[str | Path], catalog_dir: str | Path, cfg: Config | None =
                 raise ConfigError(f"--add: {unlisted[0]!r} is a file the batch job does not list (a hidden name, "
                                   "scan.skip_hidden, or a link, scan.follow_symlinks): its next run would drop it "
                                   "from the catalog")
+            for e in entries:
+                if e.error == NOT_LISTED:
+                    raise ConfigError(f"--add: {e.path!r} is not an image (neither its content nor its name says "
+                                      "so): the batch job does not list it")
+                held = _skipped_folder(e.abs_path, str(cat.root))
+                if held is not None:
+                    raise ConfigError(f"--add: {e.path!r} is in {held!r}, a run's output or catalog folder, which "
+                                      "the batch job does not scan")
         with tempfile.TemporaryDirectory(prefix="dedupe-query-") as tmp:
             return _query(entries, rel, cat, cfg, fps, add, Path(tmp), client, progress)
 
@@ -319,6 +343,12 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
                                                                  catalog.parts_summary(edir), sha_of_cid))
                 _set(pairs, todo, "cosine", cos.astype("float32"))
     pairs = decide.decide(pairs, cfg)
+    # a catalog file compared with a query may have been rewritten or removed since the run that
+    # recorded it: its hashes, features and scores are of its old bytes (a query answered
+    # "duplicate" of a file that was gone, and the reason said a run had seen it change)
+    gone = _changed_since_catalog(old, order, pairs)
+    if gone.any():
+        pairs = decide.mark_changed(pairs, gone, reason=CHANGED_SINCE_CATALOG)
 
     if add:
         _add(cat, cfg, fps, old, q, entries, named, pairs, near_idx, confirmed, sha, new_features)
@@ -365,6 +395,36 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
     dup = out["is_duplicate"].astype(object).where(out["is_duplicate"].notna(), False).to_numpy(dtype=bool)
     ranked = np.lexsort((out["path"].fillna("").to_numpy(dtype=str), ~dup, out["query"].to_numpy(dtype=str)))
     return out.iloc[ranked][OUTPUT_COLUMNS].reset_index(drop=True)
+
+
+CHANGED_SINCE_CATALOG = ("the catalog file was rewritten or removed since the catalog's run: not decided; "
+                         "run the batch job again")
+
+
+def _changed_since_catalog(old: pd.DataFrame, order: np.ndarray, pairs: pd.DataFrame) -> np.ndarray:
+    """Per row (numbered by `order`: a catalog row's is its row of `old`): True for a catalog file
+    in one of the pairs that is gone, or whose size, modification time or ETag is not the one the
+    catalog recorded. Only those files are looked at (a query's pairs name a few)."""
+    changed = np.zeros(len(order), bool)
+    if not len(pairs):
+        return changed
+    seen = np.unique(np.concatenate([pairs["idx_a"].to_numpy(), pairs["idx_b"].to_numpy()]))
+    seen = seen[order[seen] < len(old)]
+    for k in seen:
+        row = old.iloc[int(order[k])]
+        path = row["abs_path"]
+        try:
+            if storage.is_url(path):
+                fs, key = storage.filesystem(path)
+                size, tag = storage.size_and_tag(fs, key)
+                stored = row.get("etag")
+                changed[k] = size != row["bytes"] or (isinstance(stored, str) and tag is not None and tag != stored)
+            else:
+                st = paths.stat(path)
+                changed[k] = st.st_size != row["bytes"] or st.st_mtime_ns != row["mtime_ns"]
+        except OSError:
+            changed[k] = True
+    return changed
 
 
 def _ids(names: np.ndarray, image_ids) -> pd.array:

@@ -642,6 +642,50 @@ def test_query_add_records_the_image_for_the_next_run(grown, tmp_path):
     assert_same_outputs(out, fresh)
 
 
+
+def test_query_of_catalog_files_changed_since_and_mistakes_refused_before_any_work(grown, tmp_path, capsys):
+    """A catalog file removed or rewritten since the catalog's run: a query still called an edited
+    copy a duplicate of it (its stored hashes and features are of the old bytes), and the reason
+    said a run had seen it change. Now such a pair is not decided, rule file_changed, saying
+    why. And refused at once, exit 2, before the catalog is touched: an --output folder that
+    cannot be written (a traceback after --add had written the catalog), and --add of a file the
+    batch job does not list (not an image by content or name; inside a run's OUT in DATA)."""
+    from pipeline import query
+    data = tmp_path / "data"
+    shutil.copytree(grown["data"], data)
+    out = tmp_path / "out"
+    run(data, out)
+    cat_dir = out / "catalog"
+    edited = tmp_path / "edited.jpg"
+    with Image.open(data / "a" / "g0001_original.jpg") as im:
+        im.convert("RGB").resize((im.width * 2 // 3, im.height * 2 // 3)).save(edited, quality=80)
+    hits = query.query([str(edited)], cat_dir)
+    dups = sorted(hits.loc[hits["is_duplicate"].astype(bool), "path"])
+    assert "a/g0001_original.jpg" in dups and (hits["rule"] != "file_changed").all()
+    other = next(p for p in sorted((data / "a").iterdir()) if p.name.startswith("d"))
+    (data / dups[0]).unlink()
+    for name in dups[1:]:
+        (data / name).write_bytes(other.read_bytes())  # (rewritten with another picture)
+    again = query.query([str(edited)], cat_dir).set_index("path")
+    assert (~again.loc[dups, "is_duplicate"].astype(bool)).all()
+    assert (again.loc[dups, "rule"] == "file_changed").all()
+    assert (again.loc[dups, "reason"] == query.CHANGED_SINCE_CATALOG).all()
+
+    image = str(data / "b" / "g0001_half.jpg")
+    before = (cat_dir / catalog.MANIFEST).read_bytes()
+    assert main(["query", image, "--catalog", str(cat_dir), "--add", "--output", "/proc/hits.csv"]) == 2
+    assert "its folder cannot be written" in capsys.readouterr().err
+    notes = data / "notes.txt"
+    notes.write_text("not a picture")
+    held = data / "old-out"
+    held.mkdir()
+    (held / outdir.LOCK_NAME).write_text("")
+    shutil.copyfile(image, held / "thumb.jpg")
+    for path, why in ((notes, "is not an image"), (held / "thumb.jpg", "output or catalog folder")):
+        assert main(["query", str(path), "--catalog", str(cat_dir), "--add"]) == 2
+        assert why in capsys.readouterr().err
+    assert (cat_dir / catalog.MANIFEST).read_bytes() == before
+
 def test_query_answers_for_new_files_in_the_folder_as_the_batch_job_would(grown, tmp_path, capsys):
     """Query files inside the catalog's folder that it does not know yet get the pairs the batch
     job gives them with those files in the folder: each pair in path order (ORB's numbers depend
