@@ -6,6 +6,7 @@
     >>> members = run.clusters(keep="largest_pixels")
     >>> members[members.keeper]                     # one suggested keeper per cluster
     >>> run.pairs[run.pairs.rule == "verify_orb_accept"]
+    >>> run.implied_pairs()                         # every pair the clusters imply
 
 `pairs` always has a `rule` column: the machine-readable code of the decision rule that decided
 the pair (`RULE_CODES`). Outputs written before pairs.parquet carried it get it derived from
@@ -183,6 +184,40 @@ class Run:
         kept = keeper_ids(m, keep, prefer) if len(m) else pd.Series(dtype="int64")
         m["keeper"] = m["image_id"].to_numpy() == kept.reindex(m["cluster_id"].to_numpy()).to_numpy()
         return m
+
+    def implied_pairs(self, max_pairs: int = 10_000_000) -> pd.DataFrame:
+        """Every pair of images in one cluster: cluster_id, image_id_a, path_a, image_id_b, path_b
+        (a before b in path order, as pairs.parquet orders them) and `in_pairs` (True where
+        pairs.parquet holds the pair's evidence; the rest is implied by the clusters'
+        transitivity: the file lists at most K edges per image, never every pair). A cluster of n
+        images has n(n-1)/2 pairs: more than `max_pairs` in all raises ValueError, naming the
+        largest cluster, before anything is made.
+
+            >>> everything = run.implied_pairs()
+            >>> everything[~everything.in_pairs]           # pairs only the clusters imply
+        """
+        m = self.images[self.images["cluster_id"].notna()]
+        m = m.sort_values(["cluster_id", "path"], kind="stable")
+        sizes = m.groupby("cluster_id", sort=False)["image_id"].size()
+        total = int((sizes * (sizes - 1) // 2).sum())
+        if total > max_pairs:
+            raise ValueError(f"the clusters imply {total:,} pairs, above max_pairs={max_pairs:,} (the largest "
+                             f"cluster, {sizes.idxmax()}, has {int(sizes.max()):,} images): raise max_pairs, or "
+                             "expand the clusters you need from run.clusters()")
+        ids, paths_, cids = (m[c].to_numpy() for c in ("image_id", "path", "cluster_id"))
+        starts = np.concatenate([[0], np.cumsum(sizes.to_numpy())])
+        a, b = [], []
+        for start, end in zip(starts[:-1], starts[1:]):
+            i, j = np.triu_indices(int(end - start), k=1)
+            a.append(i + start)
+            b.append(j + start)
+        a = np.concatenate(a) if a else np.zeros(0, np.int64)
+        b = np.concatenate(b) if b else np.zeros(0, np.int64)
+        out = pd.DataFrame({"cluster_id": cids[a], "image_id_a": ids[a], "path_a": paths_[a],
+                            "image_id_b": ids[b], "path_b": paths_[b]})
+        listed = pd.MultiIndex.from_arrays([self.pairs["path_a"], self.pairs["path_b"]])
+        out["in_pairs"] = pd.MultiIndex.from_arrays([out["path_a"], out["path_b"]]).isin(listed)
+        return out
 
 
 def load_run(out_dir: str | Path, storage_options: dict | None = None) -> Run:

@@ -69,6 +69,26 @@ def test_clusters_one_keeper_each(review_run):
     assert len(members) == run.manifest["counts"]["images_in_clusters"]
 
 
+
+def test_implied_pairs_are_every_pair_within_each_cluster(review_run):
+    """DESIGN: pairs.parquet lists evidence edges, not the transitive closure, and "a results
+    API should offer" the expansion: every pair within a cluster, once, a before b in path
+    order, marked where pairs.parquet has its evidence; refused past max_pairs."""
+    run = load_run(review_run)
+    implied = run.implied_pairs()
+    sizes = run.images["cluster_id"].value_counts()
+    assert len(implied) == int((sizes * (sizes - 1) // 2).sum()) > 0
+    assert (implied["path_a"] < implied["path_b"]).all()
+    assert not implied.duplicated(["path_a", "path_b"]).any()
+    cluster_of = run.images.set_index("image_id")["cluster_id"]
+    assert (cluster_of.loc[implied["image_id_a"]].to_numpy() == implied["cluster_id"].to_numpy()).all()
+    assert (cluster_of.loc[implied["image_id_b"]].to_numpy() == implied["cluster_id"].to_numpy()).all()
+    dups = run.duplicates()
+    listed = set(zip(implied.loc[implied["in_pairs"], "path_a"], implied.loc[implied["in_pairs"], "path_b"]))
+    assert set(zip(dups["path_a"], dups["path_b"])) <= listed  # (every duplicate edge lies in a cluster)
+    with pytest.raises(ValueError, match="above max_pairs=1"):
+        run.implied_pairs(max_pairs=1)
+
 def _members():
     t = pd.Timestamp
     return pd.DataFrame({
