@@ -71,6 +71,53 @@ exit codes:
 """
 
 
+PLAN_EPILOG = """\
+examples:
+  {prog} plan out --keep largest_pixels                  out/plan.parquet: one row per clustered image
+  {prog} plan out --keep preferred_folder --prefer originals --output plan.csv
+
+Nothing is changed by `plan`: it writes which member of each cluster to keep and which to
+remove; edit the action column if you like, then `{prog} apply`.
+
+exit codes: 0 written; 2 usage error (no finished run in OUT, --keep preferred_folder without
+  --prefer, an --output that cannot be written)
+"""
+
+APPLY_EPILOG = """\
+examples:
+  {prog} apply out/plan.parquet --action move --to /backup/dupes       a dry run: what would be done
+  {prog} apply out/plan.parquet --action move --to /backup/dupes --execute
+  {prog} apply out/plan.parquet --action delete --execute    into a trash folder beside the undo log
+  {prog} undo out/undo-<time>.jsonl                          put everything back
+
+Actions on each "remove" row: move (to --to, keeping its path under DATA), delete (moved to a
+trash folder beside the undo log, never unlinked: `undo` restores it), hardlink or symlink (the
+file is replaced by a link to its cluster's keeper). Every action is written to the undo log
+before it is done. A file changed since the run (size, mtime or sha256) is refused, and nothing
+is removed from a cluster whose keeper is missing or changed.
+
+exit codes: 0 everything done (or would be); 1 some file refused or failed (each listed on
+  stderr, the others done); 2 usage error (no plan, --action move without --to, --to inside DATA)
+"""
+
+UNDO_EPILOG = """\
+Moves every file an `apply --execute` moved, deleted (into its trash) or replaced by a link back
+to where it was, byte for byte, newest action first; a file changed since `apply` put it aside
+is left there and named. Running it twice does no harm.
+
+exit codes: 0 everything restored; 1 something could not be restored (named on stderr);
+  2 usage error (no such log)
+"""
+
+REPORT_EPILOG = """\
+examples:
+  {prog} report out                                 rebuild out/report/ from out's files
+  {prog} report out --set report.keep=oldest        with another keeper policy shown
+
+exit codes: 0 rebuilt; 2 usage error (no finished run in OUT, OUT in use by a run or not
+  writable, a bad --set); 1 failure
+"""
+
 QUERY_EPILOG = """\
 examples:
   {prog} query new.jpg --catalog out/catalog                 a table on the terminal
@@ -176,7 +223,10 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
     weights = sub.add_parser("weights", help="seed the Keras weights cache from a local folder")
     weights.add_argument("--from", dest="from_dir", required=True, help="folder holding the .h5 weight files")
 
-    plan = sub.add_parser("plan", help="write a keep/remove plan for a finished run's clusters")
+    plan = sub.add_parser("plan", help="write a keep/remove plan for a finished run's clusters",
+                          description="Write a plan: for each cluster of a finished run, which file to "
+                                      "keep and which to remove (nothing is changed).",
+                          epilog=PLAN_EPILOG.format(prog=prog), formatter_class=argparse.RawDescriptionHelpFormatter)
     plan.add_argument("out", help="output folder of a finished run, or its URL on a store (s3://bucket/out: the "
                                   "plan is written there unless --output says otherwise)")
     plan.add_argument("--keep", required=True, choices=KEEP_POLICIES, help="which member of each cluster to keep")
@@ -189,7 +239,9 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
                       help="a storage option for OUT on a store, e.g. --set "
                            "'storage.options={endpoint_url: http://minio:9000}' (repeatable)")
 
-    apply = sub.add_parser("apply", help="carry out a plan on the files (a dry run unless --execute)")
+    apply = sub.add_parser("apply", help="carry out a plan on the files (a dry run unless --execute)",
+                           description="Carry out a plan's removals: a dry run unless --execute.",
+                           epilog=APPLY_EPILOG.format(prog=prog), formatter_class=argparse.RawDescriptionHelpFormatter)
     apply.add_argument("plan", help="plan file from `dedupe plan`")
     apply.add_argument("--action", required=True, choices=["move", "hardlink", "symlink", "delete"],
                        help="what to do with each file to remove")
@@ -200,10 +252,16 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
     mode.add_argument("--execute", dest="execute", action="store_true", help="do it (writes an undo log first)")
     apply.add_argument("--log", default=None, help="undo log (default: undo-<time>.jsonl beside the plan)")
 
-    undo = sub.add_parser("undo", help="restore the files an `apply --execute` changed, from its undo log")
+    undo = sub.add_parser("undo", help="restore the files an `apply --execute` changed, from its undo log",
+                          description="Restore the files an `apply --execute` changed, from its undo log.",
+                          epilog=UNDO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     undo.add_argument("log", help="undo log written by `dedupe apply --execute`")
 
-    report = sub.add_parser("report", help="rebuild OUT/report/ from a finished run's outputs")
+    report = sub.add_parser("report", help="rebuild OUT/report/ from a finished run's outputs",
+                            description="Rebuild the review report of a finished run (its thumbnails "
+                                        "and drawings are reused where they can be).",
+                            epilog=REPORT_EPILOG.format(prog=prog),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("out", help="output folder of a finished run, or its URL on a store (a new generation is "
                                     "published there with the run's files and the rebuilt report)")
     report.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -287,7 +345,8 @@ def apply_command(args) -> int:
     verb = "done" if args.execute else "would be done (dry run: nothing changed; add --execute)"
     print(f"{len(outcome.done)} {verb}, {len(outcome.refused)} refused, {len(outcome.failed)} failed")
     if args.execute and outcome.done:
-        print(f"undo log: {log}  (restore with: dedupe undo {log})")
+        import shlex
+        print(f"undo log: {log}  (restore with: {prog_name()} undo {shlex.quote(log)})")
     return EXIT_OK if outcome.ok else EXIT_FAILED
 
 
@@ -347,7 +406,7 @@ def report_command(args) -> int:
     # under OUT's lock: a run publishing meanwhile would drop the rebuilt report
     from pipeline.outdir import locked
     try:
-        with locked(Path(run.out_dir)):
+        with locked(Path(run.out_dir), option="OUT (the run's folder must be writable to rebuild its report)"):
             print(write_report(current_generation(run.out_dir) or run.out_dir, run.images, run.pairs, run.manifest, cfg))
     except ConfigError as exc:  # another run holds OUT (named), or OUT cannot be written
         print(f"error: {exc}", file=sys.stderr)

@@ -589,3 +589,17 @@ def test_a_dry_run_says_what_execute_would_fail_on(run_dir, capsys, monkeypatch)
     out = capsys.readouterr()
     assert f"--to {str(run_dir / 'moved')!r}: {run_dir / 'moved'} cannot be written" in out.err
     assert out.err.count("would fail: its folder") == 3 and "0 would be done" in out.out
+
+
+def test_each_command_says_what_it_does_and_its_exit_codes_and_the_undo_hint_can_be_pasted(run_dir, capsys):
+    """plan, apply, undo and report had no description and no exit codes in --help; the undo
+    hint said `dedupe` whatever the command was and left a log path with a space unquoted."""
+    for command in ("plan", "apply", "undo", "report"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+        assert "exit codes:" in capsys.readouterr().out
+    log = run_dir / "undo log.jsonl"
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute", "--log", str(log)]) == 0
+    assert f"undo '{log}')" in capsys.readouterr().out
+    assert main(["undo", str(log)]) == 0
