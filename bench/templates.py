@@ -162,11 +162,13 @@ def run_presets(data: Path, labels: pd.DataFrame, presets: str, check: str, time
 def preset_table(runs: list, labels: pd.DataFrame, sources: int, check: str, default: str) -> str:
     """The runs as a markdown table: per preset and setting of the check, overall and per case."""
     cases = list(labels["case"].unique())
+    sizes = labels.groupby(["case", "group_id"]).size()
+    true_pairs = (sizes * (sizes - 1) // 2).groupby(level="case").sum()  # (one a source, here and in documents)
     head = ["preset", check.replace(",", ", "), "duplicate pairs", "false pairs", "precision", "recall"] + \
         [f"{c}: copies / false" for c in cases]
     rows = [[preset, default if label == "on" else ("0 (off)" if "," not in check else label), r["pairs"], r["false_pairs"],
              f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
-            + [f"{r['per_case'][c]['copies']}/{sources} / {r['per_case'][c]['false_pairs']}" for c in cases]
+            + [f"{r['per_case'][c]['copies']}/{int(true_pairs[c])} / {r['per_case'][c]['false_pairs']}" for c in cases]
             for preset, label, r in runs]
     return report.table(head, rows)
 

@@ -133,6 +133,10 @@ class VerifyConfig:
     # chart's copy resized to a third 0.47-0.68). 0 = off
     semi_flat_share: float = 0.55
     semi_flat_ssim: float = 0.3
+    # blank pictures (skies, walls, fog, blur: no edges, where SSIM reads ~1 for any two): both
+    # thumbnails structureless and their mean grey levels more than this apart -> different
+    # (copies move it <= 5; other blank pictures 0.6-77, bench/blank.py). 0 = off
+    blank_max_shift: float = 10.0
     seed: int = 12345  # OpenCV RNG seed, so RANSAC is deterministic
     opencv_threads: int = 1  # OpenCV threads inside a verify task (Dask parallelises; 0 = leave as is)
     max_open_partitions: int = 8  # a pair task loads at most this many feature files at a time
@@ -355,6 +359,7 @@ def _validate(cfg: Config) -> None:
          "verify: need 0 < reject_inliers <= match_inliers"),
         (0 <= cfg.verify.min_coverage <= 1, "verify.min_coverage must be in [0, 1] (0 = off)"),
         (0 <= cfg.verify.min_inlier_share < 1, "verify.min_inlier_share must be in [0, 1) (0 = off)"),
+        (0 <= cfg.verify.blank_max_shift <= 255, "verify.blank_max_shift must be in [0, 255] grey levels (0 = off)"),
         (cfg.verify.chance_min_matches >= 1, "verify.chance_min_matches must be >= 1"),
         (0 <= cfg.verify.semi_flat_share < 0.8,
          "verify.semi_flat_share must be in [0, 0.8) (0 = off; from 0.8 the pixel check decides every pair)"),

@@ -82,11 +82,11 @@ HIST_BINS = (16, 4, 4)  # pixel check: H x S x V histogram bins
 FLAT_SHARE = 0.8
 SSIM_TAIL = 1.5  # percent of the overlap allowed to differ (a watermark covers ~1 %)
 # Structureless pairs (`_structureless`: skies, walls, fog, blank paper, heavy blur): SSIM reads ~1
-# for any two of them, so their mean grey levels must also agree within this many levels. Copies
-# (re-encode, resize, 90 % crop, PNG) move it <= 4.8; a 3 % brightness edit ~6, a corner crop of a
-# strong gradient 7; different blank pictures of another exposure 10-77. Recoloured logos shift up
-# to 12, but have edges: not structureless, not affected.
-PIXEL_MAX_SHIFT = 10.0
+# for any two of them, so their mean grey levels must also agree within verify.blank_max_shift
+# levels. Copies (re-encode, resize, 90 % crop, PNG) move it <= 4.8; a 3 % brightness edit ~6, a
+# corner crop of a strong gradient 7; different blank pictures of another exposure 10-77.
+# Recoloured logos shift up to 12, but have edges: not structureless, not affected.
+PIXEL_MAX_SHIFT = 10.0  # (the default of verify.blank_max_shift)
 COVER_GRID = 5  # coverage of a match (`_coverage`): cells per side of the grid over each picture
 
 _local = threading.local()  # cv2 ORB / matcher objects are not shared between threads
@@ -382,7 +382,7 @@ def _dihedral_near(warp: np.ndarray, side: int, shift: float = 1.5) -> int | Non
     return None
 
 
-def _aligned_ssim(ta: np.ndarray, tb: np.ndarray, valid: np.ndarray) -> float:
+def _aligned_ssim(ta: np.ndarray, tb: np.ndarray, valid: np.ndarray, max_shift: float) -> float:
     """The pixel check's score of two aligned thumbnails over `valid`: SSIM's low tail (0 when
     they hardly overlap, or are two blank pictures of another brightness)."""
     side = ta.shape[0]
@@ -390,13 +390,14 @@ def _aligned_ssim(ta: np.ndarray, tb: np.ndarray, valid: np.ndarray) -> float:
     local = ssim_map(ta, tb)[inside]
     if local.size < side * side // 10:  # the model puts b mostly outside a: not the same picture
         return 0.0
-    if (abs(float(ta[inside].mean()) - float(tb[inside].mean())) > PIXEL_MAX_SHIFT
+    if (max_shift > 0 and abs(float(ta[inside].mean()) - float(tb[inside].mean())) > max_shift
             and _structureless(ta, inside) and _structureless(tb, inside)):
         return 0.0  # two blank pictures of another brightness: SSIM cannot tell them apart
     return float(np.percentile(local, SSIM_TAIL))
 
 
-def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = None) -> tuple[float, float]:
+def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = None,
+                blank_max_shift: float = PIXEL_MAX_SHIFT) -> tuple[float, float]:
     """(ssim, hist_corr) of a and b aligned on a. The thumbnails are of the feature rows' images
     (a plain, b turned by fb["transform"]); `model` (a RANSAC 2x3 or 3x3 map from a's keypoint
     frame to b's) aligns them when given, else the rest of the dihedral `transform`."""
@@ -441,9 +442,9 @@ def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = N
         tb = np.ascontiguousarray(GRID_DIHEDRAL[_residual(fb["transform"], int(transform))](tb))
     ha, hb = np.frombuffer(fa["hist"], np.float32), np.frombuffer(fb["hist"], np.float32)
     hist = float(cv2.compareHist(ha, hb, cv2.HISTCMP_CORREL))  # flips and turns do not change it
-    score = _aligned_ssim(ta, tb, valid)
+    score = _aligned_ssim(ta, tb, valid, blank_max_shift)
     if exact is not None:
-        score = max(score, _aligned_ssim(ta, exact, np.ones((side, side), np.uint8)))
+        score = max(score, _aligned_ssim(ta, exact, np.ones((side, side), np.uint8), blank_max_shift))
     return score, hist
 
 
@@ -853,11 +854,11 @@ def check_pair(fa: dict, fb: dict, transform: int, cfg: VerifyConfig, fb_plain: 
             result, model, fb, turn = plain[:4] + (plain[4] + PLAIN_NOTE,), plain_model, fb_plain, turn - 4
     pixels = (np.nan, np.nan)
     if needs_pixel_check(fa, fb, cfg):
-        pixels = pixel_check(fa, fb, turn, model)
+        pixels = pixel_check(fa, fb, turn, model, cfg.blank_max_shift)
     elif semi_flat_undecided(fa, fb, cfg, result[3]):
         # only pixels that disagree outright decide (different); a copy resized to a third
         # blurs a line chart's thin lines (SSIM 0.47-0.68) and stays with the cascade
-        ssim, hist = pixel_check(fa, fb, turn, model)
+        ssim, hist = pixel_check(fa, fb, turn, model, cfg.blank_max_shift)
         if ssim < cfg.semi_flat_ssim:
             pixels = ssim, hist
     return result + pixels

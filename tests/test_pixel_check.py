@@ -133,7 +133,7 @@ def test_blank_pictures_of_another_brightness_are_different_their_copies_are_not
     """Two plain fields (walls, skies, greys) have no edges, and SSIM's structure term reads ~1
     for any two of them: grey 95 against grey 130 was a pixel match, 0.94 (an audit: 28 false
     pairs among 40 near-uniform pictures, every preset). Their means must now agree within
-    verify.PIXEL_MAX_SHIFT levels; a copy (re-encoded, resized, a little brighter) still matches,
+    verify.blank_max_shift levels; a copy (re-encoded, resized, a little brighter) still matches,
     and so does a logo shifted further in brightness, which has edges."""
     import io
     rng = np.random.default_rng(5)
