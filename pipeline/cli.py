@@ -127,7 +127,8 @@ examples:
 
 output columns: query, path (catalog image, relative to its folder), image_id, hash_distance,
   orb_matches, orb_inliers, orb_score, cosine, stage, is_duplicate, reason, rule (as in
-  pairs.parquet), query_error (why a query image could not be used)
+  pairs.parquet), query_error (why a query image could not be used); a query image compared
+  with nothing has one row with no path, is_duplicate false and the reason "no candidate: ..."
 
 exit codes: 0 done; 2 usage error (no catalog, missing image, bad --output extension, catalog in
   use with --add); 1 failure

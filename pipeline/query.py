@@ -390,6 +390,15 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
         out = pd.concat([out, pd.DataFrame({"query": [paths.text_form(p) for p in failed["path"]],
                                             "query_error": failed["error"].to_numpy(dtype=object)})],
                         ignore_index=True)
+    # a query image compared with nothing gets a row too: in an --output file it was not told
+    # from an image never asked about
+    asked = q.loc[~q.index.isin(failed.index), "path"].map(paths.text_form)
+    alone = asked[~asked.isin(set(out["query"]))]
+    if len(alone):
+        out = pd.concat([out, pd.DataFrame({
+            "query": alone.to_numpy(dtype=object), "is_duplicate": False, "stage": "screen",
+            "reason": f"no candidate: no catalog image within screen.max_distance ({cfg.screen.max_distance}) "
+                      "of its hashes, nor the same bytes"})], ignore_index=True)
     out = out.astype({"orb_matches": "Int32", "orb_inliers": "Int32", "orb_score": "Float32", "cosine": "Float32",
                       "hash_distance": "Int16", "image_id": "Int64"})
     dup = out["is_duplicate"].astype(object).where(out["is_duplicate"].notna(), False).to_numpy(dtype=bool)

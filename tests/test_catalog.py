@@ -526,6 +526,12 @@ COMPARED = ["path", "hash_distance", "orb_matches", "orb_inliers", "orb_score", 
 
 
 def _same_rows(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    """The query's rows are the batch job's pairs of the file; a file with none has one row
+    saying so (no path, not a duplicate, "no candidate")."""
+    alone = got["path"].isna()
+    if alone.any():
+        assert alone.sum() == len(got) == 1 and not len(want) and got["reason"].iloc[0].startswith("no candidate")
+        return
     got = got[COMPARED].sort_values("path").reset_index(drop=True)
     want = want[COMPARED].sort_values("path").reset_index(drop=True)
     for frame in (got, want):
@@ -685,6 +691,21 @@ def test_query_of_catalog_files_changed_since_and_mistakes_refused_before_any_wo
         assert main(["query", str(path), "--catalog", str(cat_dir), "--add"]) == 2
         assert why in capsys.readouterr().err
     assert (cat_dir / catalog.MANIFEST).read_bytes() == before
+
+
+def test_a_query_image_compared_with_nothing_has_a_row_saying_so(grown, tmp_path):
+    """An image with no candidate gave no row at all: in an --output file it could not be told
+    from an image never asked about."""
+    from pipeline import query
+    rng = np.random.default_rng(3)
+    lonely = tmp_path / "lonely.png"
+    Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(lonely)
+    image = str(grown["data"] / "b" / "g0001_half.jpg")
+    hits = query.query([image, str(lonely)], grown["out"] / "catalog")
+    row = hits[hits["query"] == str(lonely)]
+    assert len(row) == 1 and pd.isna(row["path"].iloc[0]) and not row["is_duplicate"].iloc[0]
+    assert row["reason"].iloc[0].startswith("no candidate") and pd.isna(row["query_error"].iloc[0])
+    assert hits.loc[hits["query"] == image, "is_duplicate"].any()
 
 def test_query_answers_for_new_files_in_the_folder_as_the_batch_job_would(grown, tmp_path, capsys):
     """Query files inside the catalog's folder that it does not know yet get the pairs the batch
