@@ -886,3 +886,37 @@ def test_a_turned_flat_graphic_is_aligned_exactly_by_the_pixel_check(tmp_path, t
     result = verify.check_pair(fa, fb, 0, cfg.verify)
     assert result[3] == "match", result[4]
     assert result[5] >= cfg.decide.pixel_ssim, result  # 0.87 and 0.98 (0.48 and 0.61 warped)
+
+
+# -- blank pictures (verify.blank_max_shift)
+
+def test_different_blank_pictures_are_different_and_their_copies_are_not(photos_dir, tmp_path):
+    """bench/blank.py's pictures (plain fields and one wall in other light: no edges): ORB finds
+    no keypoints there and SSIM reads ~1 for any two, so different ones were pixel matches. With
+    their mean grey levels too far apart they are different now; every copy still matches, and
+    with verify.blank_max_shift 0 (off) different ones match again."""
+    from bench import blank
+    cfg = Config()
+    labels = blank.make_set(tmp_path / "set", sources=3)
+    kinds = labels[labels["case"].isin(["field", "wall"])]
+    feats = {p: _feature_dict(tmp_path / "set" / p, 0, cfg) for p in kinds["path"]}
+    group = dict(zip(kinds["path"], kinds["group_id"]))
+    off = dataclasses.replace(cfg.verify, blank_max_shift=0.0)
+
+    def pixel_match(result) -> bool:  # (decide's pixel rule: both numbers at their bars)
+        return result[5] >= cfg.decide.pixel_ssim and result[6] >= cfg.decide.pixel_hist_corr
+
+    different = matched_when_off = copies = 0
+    for i, a in enumerate(sorted(feats)):
+        for b in sorted(feats)[i + 1:]:
+            result = verify.check_pair(feats[a], feats[b], 0, cfg.verify)
+            if group[a] == group[b]:
+                copies += pixel_match(result)
+                assert pixel_match(verify.check_pair(feats[a], feats[b], 0, off)) == pixel_match(result)
+            else:
+                different += 1
+                assert not pixel_match(result), (a, b, result)
+                matched_when_off += pixel_match(verify.check_pair(feats[a], feats[b], 0, off))
+    # (38 of the 40 copy pairs match, the check on or off: two half-size copies of a noisy grey
+    # field lose its hue noise, the histogram's correlation; 31 of 191 different pairs match off)
+    assert copies >= 36 and different > 150 and matched_when_off >= 20
