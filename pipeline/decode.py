@@ -293,7 +293,10 @@ def open_checked(path: str | Path, max_pixels: int, max_decode_bytes: int | None
                                   "(corrupt or truncated?)") from None
             raise DecodeError("not a recognised image format") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DecodeError(f"cannot open: {str(exc).strip()}") from None
+        said = scan.sniff(_head(path))  # (which format's reader failed, for a reader's bare words:
+        # "could not create decoder object" was a truncated WebP)
+        where = f" (its first bytes say {said}: corrupt or truncated?)" if said else ""
+        raise DecodeError(f"cannot open: {str(exc).strip()}{where}") from None
     if img.format == "TIFF" and DNG_VERSION_TAG in getattr(img, "tag_v2", {}):
         # (a DNG by any name: its first picture is the camera's small preview, not the photo)
         raise DecodeError(scan.RAW_ERROR)
@@ -469,7 +472,7 @@ def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 
             raise DecodeError(f"cannot decode: MemoryError: {text}") from None
         if "truncated" in text.lower():
             raise DecodeError(f"truncated file: {text}") from None
-        raise DecodeError(f"cannot decode: {text}") from None
+        raise DecodeError(f"cannot decode: {text} ({fmt} data: corrupt or truncated?)") from None
     return img, full_size, fmt
 
 

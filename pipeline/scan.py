@@ -9,6 +9,7 @@ once per real directory, which breaks loops. Nothing is opened for writing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -218,7 +219,7 @@ def iter_files(root: str | Path, cfg: ScanConfig, skip: Sequence[str | os.PathLi
                 elif stat.S_ISREG(mode):
                     files.append((i, rel, path, size, mtime_ns, None))
                 elif os.path.splitext(name)[1].lower() in cfg.image_extensions:
-                    files.append((i, rel, path, 0, mtime_ns, _not_a_file(mode)))
+                    files.append((i, rel, path, 0, mtime_ns, _not_a_file(mode, path)))
             seen = np.zeros(len(files), bool)
             # (odd: past 64 bits, no record's)
             # (a RAW file is classified each time: a catalog may hold one read as its TIFF preview)
@@ -255,11 +256,16 @@ def _same_text(names: list[str]) -> dict[int, str]:
     return clashes
 
 
-def _not_a_file(mode: int) -> str:
+def _not_a_file(mode: int, path) -> str:
     """The error row of an entry named as an image that is not a file: a link whose target is
-    gone (a share not mounted, a moved folder) or a pipe, socket or device (it was left out
-    unsaid). "cannot read": a catalog looks again at the next run."""
+    gone (a share not mounted, a moved folder), a loop of links, or a pipe, socket or device (it
+    was left out unsaid). "cannot read": a catalog looks again at the next run."""
     if stat.S_ISLNK(mode):
+        try:
+            paths.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "cannot read: a link that leads back to itself (a loop of links)"
         return "cannot read: a link to a missing file (its target is gone or cannot be reached)"
     return "cannot read: not a regular file (a pipe, socket or device)"
 

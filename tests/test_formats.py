@@ -531,3 +531,16 @@ def test_a_jpeg_damaged_mid_stream_is_an_error_row_and_an_intact_one_decodes_as_
     assert row["error"].startswith("damaged JPEG data: Corrupt JPEG data") and row["sha256"] and row["codes"] is None
     assert screened(jpeg_bytes(big), ScreenConfig())["error"] is None
 
+
+
+def test_a_damaged_file_says_which_format_failed(photo):
+    """A reader's own words alone ("could not create decoder object", "decoder error -2") did not
+    say what was wrong: the error names the format its bytes claim and suggests damage."""
+    webp = saved(photo, "WEBP", quality=80).getvalue()
+    with pytest.raises(DecodeError, match=r"^cannot open: .*\(its first bytes say WEBP: corrupt or truncated\?\)"):
+        load_image(io.BytesIO(webp[: len(webp) // 2]), min_side=64)
+    tiff = bytearray(saved(photo, "TIFF", compression="tiff_lzw").getvalue())
+    for i in range(len(tiff) // 3, len(tiff) // 3 + 4000, 7):
+        tiff[i] ^= 0xA5
+    with pytest.raises(DecodeError, match=r"^(cannot decode: .*\(TIFF data: corrupt or truncated\?\)|truncated file)"):
+        load_image(io.BytesIO(bytes(tiff)), min_side=64)

@@ -39,9 +39,11 @@ def test_symlinks_followed_without_loops(tmp_path):
     os.symlink(tmp_path, tmp_path / "real" / "loop")  # a loop back to the root
     os.symlink(tmp_path / "real" / "x.jpg", tmp_path / "alias.jpg")  # a linked file is listed
     os.symlink(tmp_path / "missing.jpg", tmp_path / "dangling.jpg")
+    os.symlink(tmp_path / "itself.jpg", tmp_path / "itself.jpg")  # (a link to itself: a loop, said so)
     got = {e.path: e.error for e in iter_files(tmp_path, ScanConfig())}
-    assert list(got) == ["alias.jpg", "dangling.jpg", "link/x.jpg"]  # sorted walk: "link" is reached before "real"
+    assert list(got) == ["alias.jpg", "dangling.jpg", "itself.jpg", "link/x.jpg"]  # sorted walk: "link" is reached before "real"
     assert got["alias.jpg"] is None and got["dangling.jpg"].startswith("cannot read: a link to a missing file")
+    assert got["itself.jpg"] == "cannot read: a link that leads back to itself (a loop of links)"
     assert [e.path for e in iter_files(tmp_path, ScanConfig(follow_symlinks=False))] == ["real/x.jpg"]
 
 
