@@ -1164,6 +1164,8 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                                 embeddings_redone_failed_last_time=fcounts["failed_last_time"])
                 reuse["confirm"] = info
                 ran_features["embed"] = fps["embed"]
+            elif cat is not None:  # (no pair reached the tier: the key is there all the same)
+                reuse["confirm"] = {"pairs_reused": 0, "pairs_embedded": 0}
             timings["confirm"] = time.perf_counter() - t
             counts["confirmed_pairs"] = len(alive)
 

@@ -108,6 +108,18 @@ def test_a_moved_file_costs_no_feature_work(grown):
     assert set(cat.evidence["sha_a"]) <= present and set(cat.evidence["sha_b"]) <= present
 
 
+
+def test_run_json_has_a_confirm_reuse_entry_when_no_pair_reached_the_tier(photo_paths, tmp_path):
+    """reuse.confirm was missing when no pair reached the confirm tier, and a script reading
+    reuse["confirm"] as the README shows it failed with a KeyError."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in photo_paths[:2]:
+        shutil.copyfile(p, data / p.name)
+    shutil.copyfile(photo_paths[0], data / "copy.jpg")  # (an exact pair: decided without a tier)
+    reuse = run(data, tmp_path / "out")["reuse"]
+    assert reuse["confirm"] == {"pairs_reused": 0, "pairs_embedded": 0}
+
 def test_unchanged_rerun_reuses_everything(grown, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(grown["out"], out)
