@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import stat
 import struct
 import threading
@@ -244,7 +245,10 @@ def _icon_pictures(path) -> list[tuple[int, int]]:
             if picture[:8] == _PNG_MAGIC and len(picture) >= 24:
                 sizes.append(struct.unpack(">II", picture[16:24]))
             elif len(picture) >= 12:  # a DIB: its height counts the picture and its mask
-                w, h = struct.unpack("<ii", picture[4:12])
+                if struct.unpack("<I", picture[:4])[0] == 12:  # (the old core header: 16-bit sizes)
+                    w, h = struct.unpack("<HH", picture[4:8])
+                else:
+                    w, h = struct.unpack("<ii", picture[4:12])
                 sizes.append((abs(w), abs(h) // 2))
         return sizes
     except (OSError, struct.error):
@@ -389,6 +393,8 @@ def _strict_jpeg(img: Image.Image) -> Image.Image | None:
     fp = img.fp
     fp.seek(0)
     data = fp.read()
+    if _arithmetic_coded(data):  # (Pillow, which the other tiers decode with, cannot read them)
+        return None
     try:
         pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if img.mode == "L" else "RGB",
                                         min_width=img.size[0], min_height=img.size[1], strict=True)
@@ -396,13 +402,68 @@ def _strict_jpeg(img: Image.Image) -> Image.Image | None:
         text = str(exc).strip()
         if "premature end of jpeg file" in text.lower():  # (not "... of data segment": damage)
             raise DecodeError(f"truncated file: {text}") from None
-        raise DecodeError(f"damaged JPEG data: {text} (its picture decodes only in part; "
-                          "screen.strict_jpeg: false reads it as far as it goes)") from None
+        if _damaged_data(text, bool(img.info.get("progressive") or img.info.get("progression"))):
+            raise DecodeError(f"damaged JPEG data: {text} (its picture decodes only in part; "
+                              "screen.strict_jpeg: false reads it as far as it goes)") from None
+        return None  # a warning about the headers (a JFIF version, a padding byte, an ICC chunk's
+        # count: the picture is whole) or an error Pillow may not share: Pillow's path decides
     if pixels.shape[:2] != (img.size[1], img.size[0]):  # (another scale than Pillow's draft)
         return None
     out = Image.fromarray(pixels[..., 0] if img.mode == "L" else pixels, img.mode)
     out.info = dict(img.info)  # (the EXIF orientation and colour profile, read from here on)
     return out
+
+
+# libjpeg's warnings about the compressed picture itself; its others are about the headers
+_DAMAGE_WARNINGS = ("premature end of data segment", "bad huffman code", "bad arithmetic code", "instead of rst",
+                    "huffman table")
+_EXTRANEOUS = re.compile(r"extraneous bytes before marker 0x([0-9a-f]{2})", re.IGNORECASE)
+
+
+def _damaged_data(text: str, progressive: bool) -> bool:
+    """Does this libjpeg message say the compressed picture is damaged? Stray bytes before a
+    restart marker or the end of the picture are left by a scan that went astray (bit rot's usual
+    sign), and between a progressive file's scans (before the next scan or its tables) too;
+    before a header marker they are padding."""
+    low = text.lower()
+    if any(w in low for w in _DAMAGE_WARNINGS):
+        return True
+    stray = _EXTRANEOUS.search(text)
+    if stray is None:
+        return False
+    marker = int(stray.group(1), 16)
+    return 0xD0 <= marker <= 0xD9 or (progressive and marker in (0xDA, 0xC4))
+
+
+def _bytes_of(path) -> bytes:
+    """A file's or an object's bytes, for an error's wording (nothing when they cannot be read)."""
+    try:
+        if hasattr(path, "getvalue"):
+            return path.getvalue()
+        if storage.is_url(path):
+            return storage.read_bytes(path)
+        with paths.open_bytes(path) as fh:
+            return fh.read()
+    except Exception:
+        return b""
+
+
+def _arithmetic_coded(data: bytes) -> bool:
+    """Is the JPEG's frame arithmetic-coded (SOF9-SOF15)? Its header segments walked to the frame."""
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return False
+        marker = data[at + 1]
+        if marker == 0xFF:  # (fill byte)
+            at += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker >= 0xC9
+        if marker == 0xDA:
+            return False
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+    return False
 
 
 def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 200_000_000,
@@ -472,6 +533,9 @@ def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 
             raise DecodeError(f"cannot decode: MemoryError: {text}") from None
         if "truncated" in text.lower():
             raise DecodeError(f"truncated file: {text}") from None
+        if fmt in JPEG_FORMATS and _arithmetic_coded(_bytes_of(path)):
+            raise DecodeError(f"cannot decode: {text} (an arithmetic-coded JPEG, a rare variant: corrupt, "
+                              "or one its decoder does not read)") from None
         raise DecodeError(f"cannot decode: {text} ({fmt} data: corrupt or truncated?)") from None
     return img, full_size, fmt
 

@@ -544,3 +544,48 @@ def test_a_damaged_file_says_which_format_failed(photo):
         tiff[i] ^= 0xA5
     with pytest.raises(DecodeError, match=r"^(cannot decode: .*\(TIFF data: corrupt or truncated\?\)|truncated file)"):
         load_image(io.BytesIO(bytes(tiff)), min_side=64)
+
+
+# a 64x48 generated gradient, arithmetic-coded by libjpeg-turbo's `cjpeg -arithmetic`
+ARITHMETIC_JPEG = (
+    "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDAAYEBQYFBAYGBQYHBwYIChAKCgkJChQODwwQFxQYGBcUFhYaHSUfGhsjHBYWICwg"
+    "IyYnKSopGR8tMC0oMCUoKSj/2wBDAQcHBwoIChMKChMoGhYaKCgoKCgoKCgoKCgoKCgoKCgoKCgoKCgoKCgoKCgoKCgoKCgo"
+    "KCgoKCgoKCgoKCgoKCj/yQARCAAwAEADASIAAhEBAxEB/8wACgAQEAUBEBEF/9oADAMBAAIRAxEAPwD/ANuWb0VESRe2S4sH"
+    "dHUrvC1U3gIu3AR71kPAlLFNGCaS0dG1X3xKovQdIWXPIVVGLDJaRfmUmHHiPyNEpxjE1xfwl/7G6JX6mmJNgtmGgbuKcwTb"
+    "1AUIkbRJ5OkhAu4PSmNzr0f1Qjldg6Amrs/YL5ik7p8k6vHlZYfXMO8LjBwUemF5Bz5nwcsNAPR5aYQSttPyneTLRRMCozFN"
+    "BuVUVnFU66gelK2K6y/U5v/Z")
+
+
+def test_header_warnings_are_no_damage_and_an_arithmetic_jpeg_is_read_as_by_the_other_tiers(photo):
+    """libjpeg warns about headers too (a padding byte before a table, an unknown JFIF version, a
+    baseline scan header with Se=0): the picture is whole, and the strict screen made such files
+    error rows. Only warnings about the compressed picture are damage now. An arithmetic-coded
+    JPEG (SOF9) goes the other tiers' way (Pillow's), so that the screen never reads a file they
+    cannot."""
+    import base64
+    base = jpeg_bytes(photo)
+    k = base.find(b"\xff\xdb")
+    j = base.find(b"JFIF\x00")
+    s = base.find(b"\xff\xda")
+    end = s + 2 + int.from_bytes(base[s + 2:s + 4], "big")
+    variants = {"pad before DQT": base[:k] + b"\x00" + base[k:],
+                "JFIF 2.01": base[:j + 5] + b"\x02\x01" + base[j + 7:],
+                "SOS Se=0": base[:end - 2] + b"\x00" + base[end - 1:]}
+    plain = np.asarray(load_image(io.BytesIO(base), min_side=64)[0])
+    for name, data in variants.items():
+        img = load_image(io.BytesIO(data), min_side=64, strict_jpeg=True)[0]
+        assert np.array_equal(np.asarray(img), plain), name
+    arithmetic = base64.b64decode(ARITHMETIC_JPEG)
+    assert decode._arithmetic_coded(arithmetic) and not decode._arithmetic_coded(base)
+    seen = [np.asarray(load_image(io.BytesIO(arithmetic), strict_jpeg=strict)[0]) for strict in (True, False)]
+    assert seen[0].shape == (48, 64, 3) and np.array_equal(seen[0], seen[1])
+
+
+def test_an_icon_with_the_old_bitmap_header_is_read_by_its_own_sizes():
+    """A DIB icon with the 12-byte core header (16-bit width and height) was read as the 40-byte
+    one, and a 32x32 icon refused as 4194336x786432 pixels."""
+    w = h = 32
+    core = struct.pack("<IHHHH", 12, w, 2 * h, 1, 24)
+    pixels = b"\x80" * (w * 3 * h) + b"\x00" * (4 * h)  # (24-bit rows, then the 1-bit mask)
+    icon = _icon_holding(core + pixels, w)
+    assert decode._icon_pictures(io.BytesIO(icon)) == [(32, 32)]
