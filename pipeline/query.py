@@ -190,7 +190,8 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
     old = old[~old["path"].isin([r for r in named if r is not None])].reset_index(drop=True)
     # string joins: a Path per catalog row costs ~1 s per 100k (a store URL keeps its "//")
     prefix = cat.root.rstrip("/") + "/" if storage.is_url(cat.root) else os.path.join(str(Path(cat.root)), "")
-    old = old.assign(abs_path=[prefix + p for p in old["path"]])
+    old = old.assign(abs_path=[prefix + p if "\\x" not in p or storage.is_url(prefix) else _os_name(prefix + p)
+                               for p in old["path"]])
     n_old = len(old)
     cols = ["path", "abs_path", "sha256", "error", "codes", "variant_mask", "bytes", "mtime_ns"]
     # the catalog's and the query's files in the folder's path order, numbered as the batch job
@@ -410,16 +411,28 @@ CHANGED_SINCE_CATALOG = ("the catalog file was rewritten or removed since the ca
                          "run the batch job again")
 
 
+def _os_name(abs_text: str) -> str | bytes:
+    """A catalog file's path as the operating system names it, from its text form (the catalog
+    records a name that is not UTF-8 with `\\xNN` escapes: stat and open found no such file, and
+    its features were "changed during the run"); as the stages' frames carry such a name, bytes."""
+    if os.path.lexists(abs_text):
+        return abs_text
+    return paths.internal(paths.from_text_form(abs_text))
+
+
 def _changed_since_catalog(old: pd.DataFrame, order: np.ndarray, pairs: pd.DataFrame) -> np.ndarray:
     """Per row (numbered by `order`: a catalog row's is its row of `old`): True for a catalog file
-    in one of the pairs that is gone, or whose size, modification time or ETag is not the one the
-    catalog recorded. Only those files are looked at (a query's pairs name a few)."""
+    in a duplicate pair that is gone, or whose size, modification time or ETag is not the one the
+    catalog recorded. Only those files are looked at (a query's duplicates name a few; a pair
+    called different stays so), a store's concurrently."""
     changed = np.zeros(len(order), bool)
-    if not len(pairs):
+    dup = pairs["is_duplicate"].astype(bool).to_numpy() if len(pairs) else np.zeros(0, bool)
+    if not dup.any():
         return changed
-    seen = np.unique(np.concatenate([pairs["idx_a"].to_numpy(), pairs["idx_b"].to_numpy()]))
+    seen = np.unique(np.concatenate([pairs["idx_a"].to_numpy()[dup], pairs["idx_b"].to_numpy()[dup]]))
     seen = seen[order[seen] < len(old)]
-    for k in seen:
+
+    def gone(k: int) -> bool:
         row = old.iloc[int(order[k])]
         path = row["abs_path"]
         try:
@@ -427,12 +440,18 @@ def _changed_since_catalog(old: pd.DataFrame, order: np.ndarray, pairs: pd.DataF
                 fs, key = storage.filesystem(path)
                 size, tag = storage.size_and_tag(fs, key)
                 stored = row.get("etag")
-                changed[k] = size != row["bytes"] or (isinstance(stored, str) and tag is not None and tag != stored)
-            else:
-                st = paths.stat(path)
-                changed[k] = st.st_size != row["bytes"] or st.st_mtime_ns != row["mtime_ns"]
+                return size != row["bytes"] or (isinstance(stored, str) and tag is not None and tag != stored)
+            st = paths.stat(path)
+            return st.st_size != row["bytes"] or st.st_mtime_ns != row["mtime_ns"]
         except OSError:
-            changed[k] = True
+            return True
+
+    if len(seen) > 1 and storage.is_url(old["abs_path"].iloc[0]):
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(min(16, len(seen))) as pool:
+            changed[seen] = list(pool.map(gone, seen))
+    else:
+        changed[seen] = [gone(k) for k in seen]
     return changed
 
 

@@ -705,6 +705,29 @@ def test_query_of_catalog_files_changed_since_and_mistakes_refused_before_any_wo
     assert (cat_dir / catalog.MANIFEST).read_bytes() == before
 
 
+
+def test_a_catalog_file_whose_name_is_not_utf8_is_not_taken_for_a_changed_one(photo_paths, tmp_path):
+    """A catalog file whose name is not UTF-8 was looked for by its text form (`caf\\xe9.jpg`):
+    its features, made at query time, said "changed during the run", and the check for files
+    changed since the catalog's run called it removed. Its own name is used now."""
+    from pipeline import query
+    data = tmp_path / "data"
+    data.mkdir()
+    odd = os.fsdecode(bytes(data) + b"/caf\xe9.jpg")
+    shutil.copyfile(photo_paths[0], odd)
+    for p in photo_paths[1:4]:
+        shutil.copyfile(p, data / p.name)
+    run(data, tmp_path / "out")
+    copy = tmp_path / "copy.jpg"
+    with Image.open(photo_paths[0]) as im:
+        im.convert("RGB").resize((im.width * 3 // 4, im.height * 3 // 4)).save(copy, quality=85)
+    hits = query.query([str(copy)], tmp_path / "out" / "catalog")
+    row = hits[hits["path"] == "caf\\xe9.jpg"]
+    assert len(row) == 1 and row["is_duplicate"].iloc[0] and row["rule"].iloc[0] != "file_changed", row[["is_duplicate", "rule", "reason"]].iloc[0].tolist()
+    os.unlink(odd)  # (gone, it is not a duplicate)
+    again = query.query([str(copy)], tmp_path / "out" / "catalog")
+    assert not again.loc[again["path"] == "caf\\xe9.jpg", "is_duplicate"].astype(bool).any()
+
 def test_a_query_image_compared_with_nothing_has_a_row_saying_so(grown, tmp_path):
     """An image with no candidate gave no row at all: in an --output file it could not be told
     from an image never asked about."""
