@@ -2,6 +2,8 @@
 SSIM and colour histograms, on a generated set other than the one the thresholds were chosen on."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -50,17 +52,21 @@ def test_without_the_pixel_check_keypoints_accept_shared_layouts(flat_set, cfg):
     assert (negatives["orb_status"] == "match").mean() > 0.5
 
 
+def _feats(im: Image.Image, t: int = 0, cfg=None) -> dict:
+    """A feature row as the pixel check sees it, made from a picture (its transform `t`)."""
+    base = verify._bounded(im, cfg.verify)
+    f = verify.features(base, cfg.verify)
+    thumb, hist, flat = verify.pixel_features(base)
+    return dict(f, thumb=thumb, hist=hist, flat=flat, transform=t)
+
+
 def test_alignment_by_dihedral_transform_and_by_ransac_model(cfg):
     rng = np.random.default_rng(11)
     img = graphic("logo", _palette(rng), 5, "Harbor")
     rotated = img.transpose(Image.Transpose.ROTATE_90)  # the screen finds transform 3 (b -> a)
     cropped = img.crop((40, 20, 440, 300)).resize((480, 320))
 
-    def feats(im, t=0):
-        base = verify._bounded(im, cfg.verify)
-        f = verify.features(base, cfg.verify)
-        thumb, hist, flat = verify.pixel_features(base)
-        return dict(f, thumb=thumb, hist=hist, flat=flat, transform=t)
+    feats = functools.partial(_feats, cfg=cfg)
 
     a = feats(img)
     s_aligned, h = verify.pixel_check(a, feats(rotated), 3)
@@ -143,11 +149,7 @@ def test_blank_pictures_of_another_brightness_are_different_their_copies_are_not
         ramp = np.linspace(-3, 3, shape[1])[None, :, None]  # (a little light falloff)
         return Image.fromarray(np.clip(level + noise + ramp, 0, 255).astype(np.uint8))
 
-    def feats(im):
-        base = verify._bounded(im, cfg.verify)
-        f = verify.features(base, cfg.verify)
-        thumb, hist, flat = verify.pixel_features(base)
-        return dict(f, thumb=thumb, hist=hist, flat=flat, transform=0)
+    feats = functools.partial(_feats, cfg=cfg)
 
     def reencoded(im, quality=60):
         buf = io.BytesIO()
@@ -175,11 +177,7 @@ def test_a_turned_copy_whose_model_misses_the_exact_turn_by_pixels_still_matches
     img = graphic("logo", _palette(rng), 5, "Harbor")
     other = graphic("logo", _palette(np.random.default_rng(12)), 5, "Summit")
 
-    def feats(im, t=0):
-        base = verify._bounded(im, cfg.verify)
-        f = verify.features(base, cfg.verify)
-        thumb, hist, flat = verify.pixel_features(base)
-        return dict(f, thumb=thumb, hist=hist, flat=flat, transform=t)
+    feats = functools.partial(_feats, cfg=cfg)
 
     a = feats(img)
     w, h = a["width"], a["height"]
