@@ -371,6 +371,15 @@ def _check_progressive_budget(img: Image.Image, size: tuple[int, int], max_decod
                           f"screen.max_decode_bytes={max_decode_bytes}")
 
 
+def _scale_grey_key(img: Image.Image) -> None:
+    """A 2- or 4-bit grey PNG's colour key (tRNS) in its pixels' 8-bit scale: Pillow scales the
+    pixels (1 of 0-3 is 85) and keeps the key as stored, which then matched nothing."""
+    rawmode = getattr(getattr(img, "png", None), "im_rawmode", "")
+    key = img.info.get("transparency")
+    if rawmode in ("L;2", "L;4") and isinstance(key, int):
+        img.info["transparency"] = key * 255 // ((1 << int(rawmode[2:])) - 1)
+
+
 def _orientation(img: Image.Image) -> int:
     """The EXIF orientation tag (1 when there is none, or the EXIF block is broken: the pixels
     are then taken as stored)."""
@@ -486,6 +495,7 @@ def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 
             if not drafts:  # refuse by header, before getexif (a PNG's EXIF may follow its pixels:
                 _check_budget(img, max_decode_bytes)  # reading it decodes the whole image)
             if fmt == "PNG":
+                _scale_grey_key(img)
                 # decoded here, its errors raised: getexif decodes a PNG to find an eXIf chunk past
                 # its pixels, and _orientation, which must not fail on a broken EXIF block, swallowed
                 # a damaged stream's error; the load below then kept the half-decoded pixels (a

@@ -407,6 +407,36 @@ def test_a_colour_key_transparency_is_composited_on_white_like_an_alpha(photo):
     assert distance(hash_of(saved(logo, "PNG", transparency=(0, 0, 0))), hash_of(saved(rgba, "PNG"))) <= CLOSE
 
 
+
+def _grey_png(bits: int, key: int) -> bytes:
+    """An 8x8 grey PNG of `bits` per pixel: its left half `key` (the tRNS colour key), its right
+    half white."""
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    values = [key] * 4 + [(1 << bits) - 1] * 4
+    acc = n = 0
+    row = bytearray()
+    for v in values:
+        acc, n = (acc << bits) | v, n + bits
+        while n >= 8:
+            n -= 8
+            row.append((acc >> n) & 0xFF)
+    if n:
+        row.append((acc << (8 - n)) & 0xFF)
+    body = zlib.compress((b"\x00" + bytes(row)) * 8)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, bits, 0, 0, 0, 0))
+            + chunk(b"tRNS", struct.pack(">H", key)) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+def test_a_low_bit_grey_colour_key_is_transparent_too():
+    """In a 2- or 4-bit grey PNG Pillow scales the pixels to 8 bits and keeps the tRNS key as
+    stored (1 of 0-3 against pixels of 85), so the key matched nothing and stayed grey."""
+    for bits, key in ((2, 1), (4, 7), (8, 100)):
+        img = np.asarray(load_image(io.BytesIO(_grey_png(bits, key)))[0])
+        assert (img == 255).all(), (bits, img[0, :, 0])
+
 def test_a_png_with_megabytes_of_metadata_decodes(photo):
     """Photoshop's XMP history or a large colour profile: more than Pillow's 1 MB per text chunk
     made a valid PNG an error row."""
