@@ -171,9 +171,12 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def _read_bytes(path) -> bytes:
+    """A file's, a stream's or a store object's bytes (OSError when they cannot be read)."""
     if isinstance(path, io.BytesIO):
         return path.getvalue()
-    with open(path, "rb") as fh:
+    if storage.is_url(path):
+        return storage.read_bytes(path)
+    with paths.open_bytes(path) as fh:
         return fh.read()
 
 
@@ -354,11 +357,16 @@ def _check_budget(img: Image.Image, max_decode_bytes: int) -> None:
                           f"screen.max_decode_bytes={max_decode_bytes}")
 
 
+def _progressive(img: Image.Image) -> bool:
+    """A progressive JPEG (Pillow says so in either key)."""
+    return bool(img.info.get("progressive") or img.info.get("progression"))
+
+
 def _check_progressive_budget(img: Image.Image, size: tuple[int, int], max_decode_bytes: int) -> None:
     """A progressive JPEG is decoded from all of its DCT coefficients, kept at full size whatever
     the draft scale (two bytes per sample: 3 B a pixel at 4:2:0, 6 at 4:4:4): a 2.3 MB file of
     14000x14000 pixels took 1.26 GB where the draft size said 12 MB."""
-    if not (img.info.get("progressive") or img.info.get("progression")):
+    if not _progressive(img):
         return
     layers = getattr(img, "layer", None) or [("", 1, 1, 0)] * len(img.getbands())
     h_max = max(layer[1] for layer in layers)
@@ -411,7 +419,7 @@ def _strict_jpeg(img: Image.Image) -> Image.Image | None:
         text = str(exc).strip()
         if "premature end of jpeg file" in text.lower():  # (not "... of data segment": damage)
             raise DecodeError(f"truncated file: {text}") from None
-        if _damaged_data(text, bool(img.info.get("progressive") or img.info.get("progression"))):
+        if _damaged_data(text, _progressive(img)):
             raise DecodeError(f"damaged JPEG data: {text} (its picture decodes only in part; "
                               "screen.strict_jpeg: false reads it as far as it goes)") from None
         return None  # a warning about the headers (a JFIF version, a padding byte, an ICC chunk's
@@ -442,19 +450,6 @@ def _damaged_data(text: str, progressive: bool) -> bool:
         return False
     marker = int(stray.group(1), 16)
     return 0xD0 <= marker <= 0xD9 or (progressive and marker in (0xDA, 0xC4))
-
-
-def _bytes_of(path) -> bytes:
-    """A file's or an object's bytes, for an error's wording (nothing when they cannot be read)."""
-    try:
-        if hasattr(path, "getvalue"):
-            return path.getvalue()
-        if storage.is_url(path):
-            return storage.read_bytes(path)
-        with paths.open_bytes(path) as fh:
-            return fh.read()
-    except Exception:
-        return b""
 
 
 def _arithmetic_coded(data: bytes) -> bool:
@@ -543,7 +538,11 @@ def load_image(path: str | Path, min_side: int | None = None, max_pixels: int = 
             raise DecodeError(f"cannot decode: MemoryError: {text}") from None
         if "truncated" in text.lower():
             raise DecodeError(f"truncated file: {text}") from None
-        if fmt in JPEG_FORMATS and _arithmetic_coded(_bytes_of(path)):
+        try:  # (the bytes read again for the wording only: a failure here says nothing new)
+            arithmetic = fmt in JPEG_FORMATS and _arithmetic_coded(_read_bytes(path))
+        except Exception:
+            arithmetic = False
+        if arithmetic:
             raise DecodeError(f"cannot decode: {text} (an arithmetic-coded JPEG, a rare variant: corrupt, "
                               "or one its decoder does not read)") from None
         raise DecodeError(f"cannot decode: {text} ({fmt} data: corrupt or truncated?)") from None

@@ -134,10 +134,6 @@ def remove_dead_run_folders(work_dir: str | Path, keep: str | Path | None = None
 
         def ended(path):
             return fs.exists(f"{path}/{RUN_ENDED}")
-
-        def remove(path):
-            with contextlib.suppress(FileNotFoundError):
-                fs.rm(path, recursive=True)
     else:
         try:
             entries = sorted(Path(work_dir).iterdir())
@@ -147,16 +143,13 @@ def remove_dead_run_folders(work_dir: str | Path, keep: str | Path | None = None
 
         def ended(path):
             return os.path.lexists(os.path.join(path, RUN_ENDED))
-
-        def remove(path):
-            shutil.rmtree(path, ignore_errors=True)
     for path, is_folder in sorted(folders):
         name = path.rsplit("/", 1)[-1]
         owner = _run_folder_owner(name)
         if not is_folder or owner is None or name == keep_name:
             continue
         if ended(path) or (owner[1] == host and not _runs_here(owner[0])):
-            remove(path)
+            storage.remove_folder(storage.join(str(work_dir), name) if storage.is_url(work_dir) else path)
             removed.append(name)
         elif owner[1] != host:
             unknown.append(name)

@@ -53,6 +53,15 @@ def os_folder(text: str) -> str:
     return other if os.path.isdir(other) else text
 
 
+def os_file(text: str) -> str | bytes:
+    """The file whose path the outputs (or a catalog) hold as `text`: the text itself, or, when
+    that names nothing and the text has `\\xNN` escapes, the name with those bytes, as the
+    stages' frames carry such a name (`internal`: bytes)."""
+    if "\\x" not in text or os.path.lexists(text):
+        return text
+    return internal(from_text_form(text))
+
+
 def os_name(abs_path: str, path: str, raw: bytes | None = None) -> str:
     """A file as the operating system names it, from the outputs' texts: `abs_path` (the scanned
     folder's path joined with `path`, both text forms), `path`, and `raw`, the name's exact bytes

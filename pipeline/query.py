@@ -190,7 +190,7 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
     old = old[~old["path"].isin([r for r in named if r is not None])].reset_index(drop=True)
     # string joins: a Path per catalog row costs ~1 s per 100k (a store URL keeps its "//")
     prefix = cat.root.rstrip("/") + "/" if storage.is_url(cat.root) else os.path.join(str(Path(cat.root)), "")
-    old = old.assign(abs_path=[prefix + p if "\\x" not in p or storage.is_url(prefix) else _os_name(prefix + p)
+    old = old.assign(abs_path=[prefix + p if storage.is_url(prefix) else paths.os_file(prefix + p)
                                for p in old["path"]])
     n_old = len(old)
     cols = ["path", "abs_path", "sha256", "error", "codes", "variant_mask", "bytes", "mtime_ns"]
@@ -409,15 +409,6 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
 
 CHANGED_SINCE_CATALOG = ("the catalog file was rewritten or removed since the catalog's run: not decided; "
                          "run the batch job again")
-
-
-def _os_name(abs_text: str) -> str | bytes:
-    """A catalog file's path as the operating system names it, from its text form (the catalog
-    records a name that is not UTF-8 with `\\xNN` escapes: stat and open found no such file, and
-    its features were "changed during the run"); as the stages' frames carry such a name, bytes."""
-    if os.path.lexists(abs_text):
-        return abs_text
-    return paths.internal(paths.from_text_form(abs_text))
 
 
 def _changed_since_catalog(old: pd.DataFrame, order: np.ndarray, pairs: pd.DataFrame) -> np.ndarray:

@@ -81,12 +81,6 @@ HIST_BINS = (16, 4, 4)  # pixel check: H x S x V histogram bins
 # Generated logos/UI/text: >= 0.87; shared photos: median 0.11, 99th percentile 0.85.
 FLAT_SHARE = 0.8
 SSIM_TAIL = 1.5  # percent of the overlap allowed to differ (a watermark covers ~1 %)
-# Structureless pairs (`_structureless`: skies, walls, fog, blank paper, heavy blur): SSIM reads ~1
-# for any two of them, so their mean grey levels must also agree within verify.blank_max_shift
-# levels. Copies (re-encode, resize, 90 % crop, PNG) move it <= 4.8; a 3 % brightness edit ~6, a
-# corner crop of a strong gradient 7; different blank pictures of another exposure 10-77.
-# Recoloured logos shift up to 12, but have edges: not structureless, not affected.
-PIXEL_MAX_SHIFT = 10.0  # (the default of verify.blank_max_shift)
 COVER_GRID = 5  # coverage of a match (`_coverage`): cells per side of the grid over each picture
 
 _local = threading.local()  # cv2 ORB / matcher objects are not shared between threads
@@ -108,7 +102,7 @@ NOT_FINGERPRINTED = ("TEXT_COLUMNS", "_verify_task", "_features_task", "run_veri
 # (catalog.fingerprinted_syntax): no feature code may use what this list names.
 PAIR_CHECK_ONLY = ("STATUSES", "SSIM_TAIL", "COVER_GRID", "ssim_map", "_residual", "_dihedral_maps",
                    "_dihedral_near", "pixel_check", "_ransac", "_good_matches", "_good_matches_reference",
-                   "PIXEL_MAX_SHIFT", "_structureless", "DIHEDRAL_NEAR_PX", "_aligned_ssim",
+                   "SSIM_C2", "_ssim_window", "_structureless", "DIHEDRAL_NEAR_PX", "_aligned_ssim",
                    "verify_pair", "_geometry", "stored_evidence", "_verify", "_verify_model", "_coverage",
                    "_error_result", "PLAIN_NOTE", "_STATUS_RANK", "check_pair", "needs_pixel_check",
                    "semi_flat_undecided", "_has_pixels", "verify_partition")
@@ -320,14 +314,18 @@ def ssim_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Local structural similarity (Wang et al. 2004: Gaussian window 7 px, sigma 1.5, K1 0.01,
     K2 0.03, 8-bit range) of two grey images of the same shape, per pixel."""
     x, y = x.astype(np.float64), y.astype(np.float64)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    c1 = (0.01 * 255) ** 2
+    mx, my = _ssim_window(x), _ssim_window(y)
+    vx, vy, cxy = _ssim_window(x * x) - mx * mx, _ssim_window(y * y) - my * my, _ssim_window(x * y) - mx * my
+    return (2 * mx * my + c1) * (2 * cxy + SSIM_C2) / ((mx * mx + my * my + c1) * (vx + vy + SSIM_C2))
 
-    def blur(a):
-        return cv2.GaussianBlur(a, (7, 7), 1.5, borderType=cv2.BORDER_REFLECT)
 
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
-    return (2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+SSIM_C2 = 58.522499999999994  # SSIM's contrast/structure constant, (0.03 * 255) ** 2 (K2 0.03, 8-bit range)
+
+
+def _ssim_window(a: np.ndarray) -> np.ndarray:
+    """SSIM's local mean: a Gaussian window of 7 px, sigma 1.5."""
+    return cv2.GaussianBlur(a, (7, 7), 1.5, borderType=cv2.BORDER_REFLECT)
 
 
 def _structureless(t: np.ndarray, valid: np.ndarray) -> bool:
@@ -335,12 +333,8 @@ def _structureless(t: np.ndarray, valid: np.ndarray) -> bool:
     (`ssim_map`'s window) stays below SSIM's own C2, where its structure term reads ~1 whatever the
     two pictures are (and its luminance term forgives 95 against 130 grey: 0.95)."""
     x = t.astype(np.float64)
-
-    def blur(a):
-        return cv2.GaussianBlur(a, (7, 7), 1.5, borderType=cv2.BORDER_REFLECT)
-
-    var = blur(x * x) - blur(x) ** 2
-    return float(np.percentile(var[valid], 100 - SSIM_TAIL)) < (0.03 * 255) ** 2
+    var = _ssim_window(x * x) - _ssim_window(x) ** 2
+    return float(np.percentile(var[valid], 100 - SSIM_TAIL)) < SSIM_C2
 
 
 def _residual(t_have: int, t_want: int) -> int:
@@ -397,7 +391,7 @@ def _aligned_ssim(ta: np.ndarray, tb: np.ndarray, valid: np.ndarray, max_shift: 
 
 
 def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = None,
-                blank_max_shift: float = PIXEL_MAX_SHIFT) -> tuple[float, float]:
+                blank_max_shift: float = VerifyConfig.blank_max_shift) -> tuple[float, float]:
     """(ssim, hist_corr) of a and b aligned on a. The thumbnails are of the feature rows' images
     (a plain, b turned by fb["transform"]); `model` (a RANSAC 2x3 or 3x3 map from a's keypoint
     frame to b's) aligns them when given, else the rest of the dihedral `transform`."""

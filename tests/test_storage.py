@@ -487,13 +487,8 @@ def test_a_held_lock_is_renewed_so_it_never_looks_abandoned():
 
 def test_a_lock_in_the_bucket_past_its_lease_is_taken_over(s3, monkeypatch):
     """The same against the S3 server, where the age is the object's LastModified (1 s steps)."""
-    _, env, _ = s3
-    _aws_env(monkeypatch, env)
-    from pipeline import storage
     from pipeline.config import ConfigError
-    storage.configure({})
-    fs = _fs(env)
-    fs.mkdir(f"{BUCKET}-lease")
+    fs = _new_bucket(s3, monkeypatch, f"{BUCKET}-lease")
     out = f"s3://{BUCKET}-lease/out"
     _foreign_lock(fs, f"{BUCKET}-lease/out/.dedupe.lock")
     with pytest.raises(ConfigError, match="in use by pid 4242"):
@@ -514,11 +509,7 @@ def test_work_dir_run_folders_on_a_bucket_go_once_their_runs_end(s3, monkeypatch
     import logging
     import socket
     from pipeline import outdir
-    _, env, _ = s3
-    _aws_env(monkeypatch, env)
-    storage.configure({})
-    fs = _fs(env)
-    fs.mkdir(f"{BUCKET}-work")
+    fs = _new_bucket(s3, monkeypatch, f"{BUCKET}-work")
     work = f"s3://{BUCKET}-work/work"
     host = socket.gethostname()
     names = {"ended": "run-1-0badc0de-another-host", "dead": f"run-4194305-0badc0de-{host}",
@@ -852,6 +843,17 @@ def _aws_env(monkeypatch, env: dict) -> None:
         if key.startswith("AWS_"):
             monkeypatch.setenv(key, value)
 
+
+
+def _new_bucket(s3, monkeypatch, name: str):
+    """This process talks to the S3 server (`_aws_env`) with no stored options; a new bucket
+    `name` on it, and an s3fs filesystem to look at it."""
+    _, env, _ = s3
+    _aws_env(monkeypatch, env)
+    storage.configure({})
+    fs = _fs(env)
+    fs.mkdir(name)
+    return fs
 
 def _upload(client, folder: Path, prefix: str) -> None:
     for path in sorted(folder.rglob("*")):
