@@ -76,6 +76,8 @@ IMAGE_COLUMNS = ["path", "bytes", "mtime_ns", "etag", "sha256", "width", "height
 # reader that predates them selects its own columns), so they need no new format
 ADDED_COLUMNS = {"images": ["etag"]}
 NEIGHBOUR_COLUMNS = ["owner", "neighbour", "hash_distance"]
+# (the evidence's "transform": the pair's own, + 8 when it was checked both ways,
+# `verify.evidence_transforms`)
 EVIDENCE_COLUMNS = ["sha_a", "sha_b", "transform", "orb_fp", "orb_matches", "orb_inliers", "orb_score",
                     "orb_status", "orb_reason", "ssim", "hist_corr", "embed_fp", "cosine"]
 FEATURE_COLUMNS = ["kind", "fp", "sha256", "transform", "key", "part", "error"]
@@ -1207,8 +1209,8 @@ def _pair_keys(*pairs: tuple) -> list[pd.Index]:
     dictionary, an object column on the strings it shares with the images) and only the distinct
     values are matched across columns: converting every row's text to one column first cost ~0.5
     kB per pair, the largest item of a re-run's driver peak at 10k files. A pair is then one
-    int64, (a * n + b) * 8 + transform, while n * n * 8 fits (n: distinct contents, + 1 for
-    missing), else a MultiIndex of the three."""
+    int64, (a * n + b) * 16 + transform (the evidence's keys reach 15: `verify.evidence_transforms`),
+    while n * n * 16 fits (n: distinct contents, + 1 for missing), else a MultiIndex of the three."""
     sides = [side for sha_a, sha_b, _ in pairs for side in (sha_a, sha_b)]
     local = [pd.factorize(side if isinstance(side, pd.Series) else pd.Series(np.asarray(side, dtype=object),
                                                                              dtype=object))
@@ -1223,12 +1225,12 @@ def _pair_keys(*pairs: tuple) -> list[pd.Index]:
         common = np.append(index.get_indexer(distinct[i]), n - 1)  # (at = -1, missing, takes the last)
         codes.append(common.take(at))
     transforms = [np.asarray(t, dtype=np.int64) for _, _, t in pairs]
-    if n * n < 2 ** 59 and all(((t >= 0) & (t < 8)).all() for t in transforms):
+    if n * n < 2 ** 58 and all(((t >= 0) & (t < 16)).all() for t in transforms):
         out = []
         for i, t in enumerate(transforms):
             key = codes[2 * i] * n
             key += codes[2 * i + 1]
-            key *= 8
+            key *= 16
             key += t
             codes[2 * i] = codes[2 * i + 1] = None
             out.append(pd.Index(key, dtype=np.int64))
@@ -1240,8 +1242,10 @@ def _pair_keys(*pairs: tuple) -> list[pd.Index]:
 # file gone for a moment), memory, or a limit in no fingerprint (scan.max_file_bytes; the decode
 # budget, screen.max_decode_bytes, for the tiers). They are tried again at the next run; any other
 # failure (a corrupt or unsupported file, an image ORB finds nothing in) is the bytes' own under the
-# fingerprinted code and settings, and is kept like a result. A file that changed during the run
-# (decide.CHANGED_ERROR) is read again too. (The texts: scan.py, screen.py, decode.py, verify.py,
+# fingerprinted code and settings, and is kept like a result. A result made under a higher decode
+# budget is kept when the budget is lowered: the budget bounds memory, not what a result means (a
+# fresh run with the lower budget calls that pair's image "too large to decode"; the re-run keeps
+# its scores). A file that changed during the run (decide.CHANGED_ERROR) is read again too. (The texts: scan.py, screen.py, decode.py, verify.py,
 # confirm.py, decide.py; tests/test_catalog.py checks that each one is still made there.)
 TRIED_AGAIN = ("cannot read", "permission denied", "file disappeared", "cannot open", "file too large",
                "image too large to decode", "changed during the run")

@@ -854,13 +854,18 @@ def drop_failed_scores(cat: catalog.Catalog, fps: dict) -> np.ndarray:
     the scores of pairs it did not score again, which a return to those settings would reuse
     with nothing left to say they came from a failure (a key's score under the other settings
     is dropped with them: it is made again if it is wanted). Returns the pairs whose stored ORB
-    scores were dropped: (content id a, content id b, transform), for run.json's
-    why_verified.failed_last_time."""
+    scores were dropped: (content id a, content id b, evidence key: `verify.evidence_transforms`),
+    for run.json's why_verified.failed_last_time."""
     from pipeline import confirm, verify
+
+    def orb_keys(a, b, key):  # (the features a stored pair was checked with)
+        return verify.pair_feature_keys(a, b, verify.checked_transforms(*verify.evidence_parts(key)))
+
+    def embedding_keys(a, b, key):
+        return confirm.pair_embedding_keys(a, b, verify.evidence_parts(key)[0])
     failed = {"orb": cat.failed("orb", None), "embed": cat.failed("embed", None)}
     before = cat.evidence
-    cat.evidence = catalog.without_failed_scores(before, failed, {"orb": verify.pair_feature_keys,
-                                                                  "embed": confirm.pair_embedding_keys})
+    cat.evidence = catalog.without_failed_scores(before, failed, {"orb": orb_keys, "embed": embedding_keys})
     gone = before.loc[before.index.difference(cat.evidence.index)] if len(cat.evidence) < len(before) \
         else before.iloc[:0]
     return pd.MultiIndex.from_arrays([catalog.content_ids(gone["sha_a"].astype(object)),
@@ -1052,7 +1057,8 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                 sub = pairs.loc[near, ["idx_a", "idx_b", "transform"]]
                 ia, ib = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy()
                 tt = sub["transform"].to_numpy(np.int64)
-                hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "orb", fps["orb"])
+                keys = verify.evidence_transforms(tt, both_ways)  # (how each pair is checked keys its evidence)
+                hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], keys, "orb", fps["orb"])
                 for col in catalog.ORB_COLUMNS:
                     _set(pairs, near[hit], col, found[col])
                 todo = near[~hit]
@@ -1079,10 +1085,10 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                                 features_adopted_from_killed_run=adopted,
                                 features_redone_settings_changed=fcounts["settings_changed"],
                                 features_redone_failed_last_time=fcounts["failed_last_time"])
-                    stale = catalog.lookup_evidence(cat, sha[ia[~hit]], sha[ib[~hit]], tt[~hit], "orb_any", "")[0]
+                    stale = catalog.lookup_evidence(cat, sha[ia[~hit]], sha[ib[~hit]], keys[~hit], "orb_any", "")[0]
                     retried = np.zeros(len(todo), bool)  # (scored from features that failed: drop_failed_scores)
                     if len(rescored):
-                        retried = pd.MultiIndex.from_arrays([cids[ia[~hit]], cids[ib[~hit]], tt[~hit]]).isin(rescored)
+                        retried = pd.MultiIndex.from_arrays([cids[ia[~hit]], cids[ib[~hit]], keys[~hit]]).isin(rescored)
                     retried &= ~stale
                     info["why_verified"] = {"settings_changed": int(stale.sum()), "failed_last_time": int(retried.sum()),
                                             "new_pair": int(len(todo) - stale.sum() - retried.sum())}
@@ -1132,7 +1138,10 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                 sub = pairs.loc[alive, ["idx_a", "idx_b", "transform"]]
                 ia, ib = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy()
                 tt = sub["transform"].to_numpy(np.int64)
-                hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], tt, "cosine", fps["embed"])
+                from pipeline.verify import evidence_transforms
+                hit, found = catalog.lookup_evidence(
+                    cat, sha[ia], sha[ib], evidence_transforms(tt, (pairs.loc[alive, "source"] == "embedding").to_numpy(bool)),
+                    "cosine", fps["embed"])
                 _set(pairs, alive[hit], "cosine", found["cosine"])
                 todo = alive[~hit]
                 info = {"pairs_reused": int(hit.sum()), "pairs_embedded": int(len(todo))}
@@ -1224,12 +1233,15 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
             scored = scored[stays]
             confirmed = confirmed[stays] if confirmed is not None else None
             new_features = [f[~f["sha256"].isin(tainted)] for f in new_features]
+        from pipeline.verify import evidence_transforms
         present = pa.array(sha[kept], pa.string())  # (an Arrow array: catalog.among; no set of N strings)
         # sha256 as object columns sharing the images' strings: a str column would copy each
         # 64-character text into Arrow, ~72 B per pair and side, held through the commit
         rows = pd.DataFrame({"sha_a": pd.Series(sha[pairs["idx_a"].to_numpy()[scored]], dtype=object),
                              "sha_b": pd.Series(sha[pairs["idx_b"].to_numpy()[scored]], dtype=object),
-                             "transform": pairs["transform"].to_numpy(np.int64)[scored],
+                             # (keyed by how each pair was checked: verify.evidence_transforms)
+                             "transform": evidence_transforms(pairs["transform"].to_numpy(np.int64)[scored],
+                                                              (pairs["source"] == "embedding").to_numpy(bool)[scored]),
                              "at": scored.astype(np.int64)})
         # (made as it is written, its scores read from `pairs` a part at a time: a copy of each
         # scored pair's ORB numbers, texts and cosine was ~30 B a pair, held through the commit)

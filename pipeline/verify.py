@@ -105,7 +105,8 @@ PAIR_CHECK_ONLY = ("STATUSES", "SSIM_TAIL", "COVER_GRID", "ssim_map", "_residual
                    "SSIM_C2", "_ssim_window", "_structureless", "DIHEDRAL_NEAR_PX", "_aligned_ssim",
                    "verify_pair", "_geometry", "stored_evidence", "_verify", "_verify_model", "_coverage",
                    "_error_result", "PLAIN_NOTE", "_STATUS_RANK", "check_pair", "needs_pixel_check",
-                   "semi_flat_undecided", "_has_pixels", "verify_partition")
+                   "semi_flat_undecided", "_has_pixels", "verify_partition", "BOTH_WAYS_KEY",
+                   "evidence_transforms", "evidence_parts")
 RESULTS_REVISION = 1
 
 
@@ -928,6 +929,27 @@ def checked_transforms(transform, both_ways=None) -> np.ndarray:
     if both_ways is None:
         return t
     return np.where(np.asarray(both_ways, dtype=bool), t % 4 + 4, t)
+
+
+# A pair's stored ORB evidence is keyed by how it was checked, not only by its transform: a pair
+# checked both ways (mirrored, then plain) and one checked plain only can share transform 0, and
+# a high-recall run's embedding-only pair is a hash pair at the next run once its K nearest move.
+BOTH_WAYS_KEY = 8
+
+
+def evidence_transforms(transform, both_ways=None) -> np.ndarray:
+    """The catalog's key for each pair's evidence (int64): its transform, + BOTH_WAYS_KEY for a
+    pair checked both ways (`checked_transforms`)."""
+    t = np.asarray(transform, dtype=np.int64)
+    if both_ways is None:
+        return t
+    return t + BOTH_WAYS_KEY * np.asarray(both_ways, dtype=bool)
+
+
+def evidence_parts(key) -> tuple[np.ndarray, np.ndarray]:
+    """`evidence_transforms` undone: (transform, both_ways) per stored key."""
+    key = np.asarray(key, dtype=np.int64)
+    return key % BOTH_WAYS_KEY, key >= BOTH_WAYS_KEY
 
 
 def _feature_transform_b(transform) -> np.ndarray:

@@ -1026,6 +1026,31 @@ def test_high_recall_rerun_embeds_only_new_content_and_equals_a_run_from_scratch
     assert_same_outputs(tmp_path / "out", tmp_path / "scratch")
 
 
+def test_a_pair_found_another_way_at_the_next_run_is_not_given_the_other_ways_scores(photos_dir, tmp_path):
+    """High-recall mode: a pair found only by its embeddings is checked mirrored, then plain; a
+    hash pair of the same transform plain only. When the K nearest change between runs a pair moves
+    from one kind to the other, and its stored scores (keyed by how it was checked:
+    verify.evidence_transforms) must not be reused for the other kind: the re-run equals a run
+    from scratch (it gave another stage, rule and ORB figures for 15 of 30 pairs here)."""
+    from PIL import ImageEnhance
+    data = tmp_path / "data"
+    data.mkdir()
+    for n, src in enumerate(sorted(photos_dir.glob("*.jpg"))[:3]):  # a photo and four copies, thrice
+        im = Image.open(src).convert("RGB")
+        w, h = im.size
+        shutil.copyfile(src, data / f"p{n}_0orig.jpg")
+        im.save(data / f"p{n}_1q60.jpg", quality=60)
+        im.resize((w // 2, h // 2)).save(data / f"p{n}_2half.jpg", quality=85)
+        ImageEnhance.Color(im).enhance(0.3).save(data / f"p{n}_3desat.jpg", quality=85)
+        im.crop((w // 20, h // 20, w - w // 20, h - h // 20)).save(data / f"p{n}_4crop.png")
+    run(data, tmp_path / "out", "--preset", "high-recall")
+    fewer = ("--preset", "high-recall", "--set", "screen.max_candidates=1")  # (most pairs now embedding-only)
+    second = run(data, tmp_path / "out", *fewer)
+    assert second["reuse"]["verify"]["pairs_reused"] > 0  # (the stored scores of the pairs found the same way)
+    run(data, tmp_path / "scratch", *fewer, "--no-catalog")
+    assert_same_outputs(tmp_path / "out", tmp_path / "scratch")
+
+
 def test_a_failed_embedding_the_high_recall_screen_makes_again_is_counted_once(generated, tmp_path, monkeypatch):
     """High-recall mode with the catalog: an untransformed embedding that failed at the last run
     is made again by the screen (counted in reuse.screen_embed) and taken from there by the
@@ -1568,11 +1593,16 @@ def test_pair_keys_match_pairs_of_contents_across_arrow_and_object_columns():
     assert got == want and sum(i >= 0 for i in want) > n // 4
     assert peak < 150 * 2 * n, f"{peak / 2 / n:.0f} B per pair"
     # the same matches from categorical columns, and through the MultiIndex form (a transform past
-    # 7 does not fit the int64 key's 3 bits)
+    # 15 does not fit the int64 key's 4 bits; the evidence's keys reach 15: verify.evidence_transforms)
     keys, asked = catalog._pair_keys((as_loaded["sha_a"], as_loaded["sha_b"], as_loaded["transform"]),
                                      (pd.Series(asked_a, dtype=object), pd.Series(asked_b, dtype=object), asked_t))
     assert keys[~keys.duplicated(keep="first")].get_indexer(asked).tolist() == at.tolist()
-    wide = (stored["transform"] * 2, asked_t * 2)
+    both_ways = (stored["transform"] + 8, asked_t + 8)
+    keys, asked = catalog._pair_keys((stored["sha_a"], stored["sha_b"], both_ways[0]),
+                                     (pd.Series(asked_a, dtype=object), pd.Series(asked_b, dtype=object), both_ways[1]))
+    assert not isinstance(keys, pd.MultiIndex)
+    assert keys[~keys.duplicated(keep="first")].get_indexer(asked).tolist() == at.tolist()
+    wide = (stored["transform"] * 3, asked_t * 3)
     keys, asked = catalog._pair_keys((stored["sha_a"], stored["sha_b"], wide[0]),
                                      (pd.Series(asked_a, dtype=object), pd.Series(asked_b, dtype=object), wide[1]))
     assert isinstance(keys, pd.MultiIndex)
