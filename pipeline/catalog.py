@@ -733,7 +733,13 @@ class Catalog:
     def orphan_parts(self, kind: str, fp: str, sha_of_cid: pd.Series) -> pd.DataFrame:
         """Feature parts a killed run finished (complete files: the store writes each part to a
         temporary name and renames it, or as one PUT) but never listed: key, part_path, error of
-        the rows whose content is still present, to be adopted instead of recomputed."""
+        the rows whose content is still present and whose key the catalog does not list already,
+        to be adopted instead of recomputed. (Unlisted parts also hold what the catalog lists
+        elsewhere: the parts a compaction replaced, and those a run wrote that its own compaction
+        took in, stay on disk a generation. Adopted, their rows took the place of the compacted
+        ones, the next commit listed the old parts again and compacted again: every night, each
+        keeping its old parts too, until a night with nothing to verify. Rows of settings the
+        catalog forgot, e.g. before a setting changed and back, are still adopted.)"""
         listed = set(self.manifest.get("parts", {}))
         frames = []
         for rel in self.files.find(f"features/{kind}/{fp}", "part-"):
@@ -750,6 +756,10 @@ class Catalog:
                                  "error": pd.Series(dtype=object)})
         found = pd.concat(frames, ignore_index=True)
         found = found[pd.Index(found["key"] // 8).isin(sha_of_cid.index) & ~tried_again(found["error"])]  # (as feature_parts)
+        rows = self.features
+        mine = ((rows["kind"] == kind) & (rows["fp"] == fp)).to_numpy(bool, copy=True)
+        mine[mine] = ~tried_again(rows["error"][mine])  # (a failure to try again is not a listed key)
+        found = found[~found["key"].isin(rows["key"].to_numpy(np.int64)[mine])]
         return found.drop_duplicates("key", keep="last").reset_index(drop=True)
 
     def failed(self, kind: str, fp: str | None) -> pd.DataFrame:

@@ -1099,6 +1099,33 @@ def test_feature_parts_are_compacted_and_still_give_the_same_results(grown, tmp_
     assert_same_outputs(out, tmp_path / "scratch")
 
 
+def test_the_parts_a_compaction_replaced_are_not_taken_for_a_killed_runs(grown, tmp_path, monkeypatch):
+    """The parts a compaction replaced stay on disk a generation, named by no manifest, as the
+    parts of a killed run are. The next runs must not adopt them: adopted, their rows took the
+    compacted rows' place, the next commit listed the old parts again and compacted again, every
+    night, keeping every old part too (a helper's month of nightly runs: the catalog tripled)."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(grown["data"], data)
+    shutil.copytree(grown["out"], out)
+    with monkeypatch.context() as m:
+        m.setattr(catalog, "COMPACT_MAX_PARTS", 0)  # compact whatever there is
+        assert run(data, out)["reuse"]["catalog_compacted"]
+    features = catalog.Catalog.load(out / "catalog").features
+    compacted = dict(zip(zip(features["kind"], features["key"]), features["part"]))
+    assert all("/compact-" in part for part in compacted.values())
+    for src in sorted((data / "a").glob("g*_original.jpg"))[:2]:  # a new copy each night: pairs to verify
+        with Image.open(src) as im:
+            im.convert("RGB").resize((im.width * 2 // 3, im.height * 2 // 3)).save(data / f"{src.stem}_new.jpg")
+        night = run(data, out)["reuse"]
+        assert night["verify"]["pairs_verified"] > 0
+        assert night["verify"]["features_adopted_from_killed_run"] == 0
+        assert night["catalog_compacted"] == []
+    features = catalog.Catalog.load(out / "catalog").features
+    kept = [(part, compacted[kind, key]) for kind, key, part in zip(features["kind"], features["key"], features["part"])
+            if (kind, key) in compacted]
+    assert kept and all(part == before for part, before in kept)  # (the old keys still in the compacted parts)
+
+
 def test_part_entries_list_their_rows_so_a_commit_reads_no_footer(grown, tmp_path, monkeypatch):
     """Each feature part's manifest entry lists its rows (the compaction check's input): a commit
     reads the footer only of parts it has no count of (its own new ones; every part of a catalog
