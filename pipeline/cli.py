@@ -442,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         # (gcsfs logs each failed request's traceback, ~50 lines, before the error this tool
         # reports with what to fix)
         logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+        # (FAISS's loader logs, at INFO, each CPU build it tries and the ModuleNotFoundError of
+        # those it lacks, 8 lines per high-recall run that read like a failure)
+        logging.getLogger("faiss").setLevel(logging.WARNING)
     commands = {"plan": plan_command, "apply": apply_command, "undo": undo_command, "report": report_command}
     if args.command in commands:
         return commands[args.command](args)

@@ -1,6 +1,7 @@
 """The CLI as a user runs it: outputs per the contract, exit codes, bad input, Dask schedulers."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -87,6 +88,16 @@ def test_bad_usage_exits_2_with_a_clear_message(tmp_path):
         both = cli("dedupe", str(tmp_path), "--out", str(tmp_path / "o"), *given, "--no-catalog")
         assert both.returncode == 2 and "contradict each other" in both.stderr  # (--set's was dropped)
     assert not (tmp_path / "o").exists()
+
+
+def test_library_chatter_is_held_to_warnings(tmp_path):
+    """Libraries that log at INFO what is no news to this tool's user are held to WARNING (at any
+    level but DEBUG): the Azure SDK each request, FAISS's loader each CPU build it tries, 8 lines
+    per high-recall run ("Could not load library ... ModuleNotFoundError") that read like a failure."""
+    for name in ("azure", "faiss"):
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    assert main(["dedupe", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert logging.getLogger("azure").level == logging.getLogger("faiss").level == logging.WARNING
 
 
 def test_a_full_disk_is_one_line_and_exit_1(tmp_path, monkeypatch, caplog):
