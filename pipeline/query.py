@@ -221,7 +221,9 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
     qvalid = is_query & valid
     sha = rows["sha256"].to_numpy(dtype=object)
 
-    # exact: every catalog file, and every other query file, with the same bytes
+    # exact: every catalog file, and every other query file, with the same bytes, paired as the
+    # batch job pairs them (all pairs, or past screen.exact_group_pairs a star from the group's
+    # first file: `candidates.exact_pairs`)
     # (the catalog rows holding a query's bytes found in one pass: a comparison of every catalog
     # row for each query image was ~55 ms a query at 10M images)
     with_query_bytes: dict[str, list[int]] = {}
@@ -230,13 +232,8 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
     # (the first in path order of the catalog's representative and the queries with those bytes
     # stands for them, as in the batch job)
     stands = {h: next((i for i in found if old_rep[i]), None) for h, found in with_query_bytes.items()}
-    ea, eb = [], []
     twin = np.full(len(rows), -1, np.int64)
     for qi in np.flatnonzero(qvalid):  # (in path order)
-        same = with_query_bytes.setdefault(sha[qi], [])
-        ea += same
-        eb += [qi] * len(same)
-        same.append(int(qi))  # (each later query with these bytes)
         first = stands.get(sha[qi])
         if first is None:
             stands[sha[qi]] = qi
@@ -245,8 +242,13 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
             stands[sha[qi]] = qi
         else:
             twin[qi] = first
-    ea, eb = np.asarray(ea, np.int64), np.asarray(eb, np.int64)
-    exact = pd.DataFrame({"idx_a": np.minimum(ea, eb), "idx_b": np.maximum(ea, eb),
+    # (the catalog's files and the queries with a query's bytes, in path order)
+    among = np.sort(np.concatenate([np.asarray([i for found in with_query_bytes.values() for i in found], np.int64),
+                                    np.flatnonzero(qvalid)]))
+    grouped = candidates.exact_pairs(pd.Series(sha[among], dtype=object), cfg.screen.exact_group_pairs)
+    ea, eb = among[grouped["idx_a"].to_numpy()], among[grouped["idx_b"].to_numpy()]
+    asked = is_query[ea] | is_query[eb]  # (the catalog's own pairs are the batch job's)
+    exact = pd.DataFrame({"idx_a": ea[asked], "idx_b": eb[asked],
                           "hash_distance": np.int16(0), "transform": np.int8(0), "kind": "exact"})
 
     # near: the query's K nearest catalog images and other queries, and catalog images that would

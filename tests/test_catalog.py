@@ -742,6 +742,29 @@ def test_a_query_image_compared_with_nothing_has_a_row_saying_so(grown, tmp_path
     assert row["reason"].iloc[0].startswith("no candidate") and pd.isna(row["query_error"].iloc[0])
     assert hits.loc[hits["query"] == image, "is_duplicate"].any()
 
+def test_query_pairs_byte_copies_as_the_batch_job_does_past_the_group_limit(photo_paths, tmp_path):
+    """Past screen.exact_group_pairs, a group of byte copies is paired as a star from its first
+    file (`candidates.exact_pairs`); a query gave each query every copy in the group (4 exact
+    rows where the batch job has 1), whether the query was the group's first file or not."""
+    from pipeline.query import query
+    data, out, fresh = tmp_path / "data", tmp_path / "out", tmp_path / "fresh"
+    data.mkdir()
+    for i in range(4):
+        shutil.copyfile(photo_paths[0], data / f"copy_{i}.jpg")
+    shutil.copyfile(photo_paths[1], data / "other.jpg")
+    star = ("--set", "screen.exact_group_pairs=2")
+    run(data, out, *star)
+    for name in ("a_first.jpg", "zz_last.jpg"):  # (before the group's first file, after it)
+        shutil.copyfile(photo_paths[0], data / name)
+    asked = ["a_first.jpg", "zz_last.jpg", "copy_2.jpg"]
+    got = query([data / name for name in asked], out / "catalog")
+    run(data, fresh, "--no-catalog", *star)
+    for name in asked:
+        mine = got[got["query"] == str(data / name)]
+        _same_rows(mine, _batch_rows(fresh, name))
+    assert len(got[got["query"] == str(data / "zz_last.jpg")]) == 1  # (one exact pair: with a_first.jpg)
+
+
 def test_query_answers_for_new_files_in_the_folder_as_the_batch_job_would(grown, tmp_path, capsys):
     """Query files inside the catalog's folder that it does not know yet get the pairs the batch
     job gives them with those files in the folder: each pair in path order (ORB's numbers depend
