@@ -756,10 +756,15 @@ class Catalog:
                                  "error": pd.Series(dtype=object)})
         found = pd.concat(frames, ignore_index=True)
         found = found[pd.Index(found["key"] // 8).isin(sha_of_cid.index) & ~tried_again(found["error"])]  # (as feature_parts)
+        # (the listed rows with an orphan's key first: a hash of the orphans' keys, not of every
+        # listed one, ~10M; then only those checked for kind, settings, a failure to try again
+        # and a part that failed its check, whose keys a run makes again and may have left here)
         rows = self.features
-        mine = ((rows["kind"] == kind) & (rows["fp"] == fp)).to_numpy(bool, copy=True)
-        mine[mine] = ~tried_again(rows["error"][mine])  # (a failure to try again is not a listed key)
-        found = found[~found["key"].isin(rows["key"].to_numpy(np.int64)[mine])]
+        same_key = rows.iloc[np.flatnonzero(rows["key"].isin(found["key"].to_numpy(np.int64)).to_numpy(bool))]
+        listed_ok = ((same_key["kind"] == kind) & (same_key["fp"] == fp)
+                     & ~same_key["part"].isin(self.bad_files)).to_numpy(bool, copy=True)
+        listed_ok[listed_ok] = ~tried_again(same_key["error"][listed_ok])
+        found = found[~found["key"].isin(same_key["key"].to_numpy(np.int64)[listed_ok])]
         return found.drop_duplicates("key", keep="last").reset_index(drop=True)
 
     def failed(self, kind: str, fp: str | None) -> pd.DataFrame:

@@ -1090,8 +1090,14 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                     if len(rescored):
                         retried = pd.MultiIndex.from_arrays([cids[ia[~hit]], cids[ib[~hit]], keys[~hit]]).isin(rescored)
                     retried &= ~stale
+                    # (stored as checked the other way: found by hash at one run, by embedding
+                    # alone at another; or stored before pairs were keyed by how they are checked)
+                    other = catalog.lookup_evidence(cat, sha[ia[~hit]], sha[ib[~hit]],
+                                                    verify.other_way(keys[~hit]), "orb_any", "")[0]
+                    other &= ~stale & ~retried
                     info["why_verified"] = {"settings_changed": int(stale.sum()), "failed_last_time": int(retried.sum()),
-                                            "new_pair": int(len(todo) - stale.sum() - retried.sum())}
+                                            "checked_another_way": int(other.sum()),
+                                            "new_pair": int(len(todo) - stale.sum() - retried.sum() - other.sum())}
                 reuse["verify"] = info
                 ran_features["orb"] = fps["orb_features"]
                 # the report's thumbnails and drawings come from the feature rows of every near
@@ -1138,11 +1144,18 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                 sub = pairs.loc[alive, ["idx_a", "idx_b", "transform"]]
                 ia, ib = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy()
                 tt = sub["transform"].to_numpy(np.int64)
-                from pipeline.verify import evidence_transforms
-                hit, found = catalog.lookup_evidence(
-                    cat, sha[ia], sha[ib], evidence_transforms(tt, (pairs.loc[alive, "source"] == "embedding").to_numpy(bool)),
-                    "cosine", fps["embed"])
+                from pipeline.verify import evidence_transforms, other_way
+                keys = evidence_transforms(tt, (pairs.loc[alive, "source"] == "embedding").to_numpy(bool))
+                hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], keys, "cosine", fps["embed"])
                 _set(pairs, alive[hit], "cosine", found["cosine"])
+                # (a cosine does not depend on how ORB checked the pair: one stored under the
+                # other way's key serves as well)
+                miss = np.flatnonzero(~hit)
+                if len(miss):
+                    again, found = catalog.lookup_evidence(cat, sha[ia[miss]], sha[ib[miss]], other_way(keys[miss]),
+                                                           "cosine", fps["embed"])
+                    _set(pairs, alive[miss[again]], "cosine", found["cosine"])
+                    hit[miss[again]] = True
                 todo = alive[~hit]
                 info = {"pairs_reused": int(hit.sum()), "pairs_embedded": int(len(todo))}
                 if len(todo):

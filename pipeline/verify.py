@@ -106,7 +106,7 @@ PAIR_CHECK_ONLY = ("STATUSES", "SSIM_TAIL", "COVER_GRID", "ssim_map", "_residual
                    "verify_pair", "_geometry", "stored_evidence", "_verify", "_verify_model", "_coverage",
                    "_error_result", "PLAIN_NOTE", "_STATUS_RANK", "check_pair", "needs_pixel_check",
                    "semi_flat_undecided", "_has_pixels", "verify_partition", "BOTH_WAYS_KEY",
-                   "evidence_transforms", "evidence_parts")
+                   "evidence_transforms", "evidence_parts", "other_way")
 RESULTS_REVISION = 1
 
 
@@ -950,6 +950,12 @@ def evidence_parts(key) -> tuple[np.ndarray, np.ndarray]:
     """`evidence_transforms` undone: (transform, both_ways) per stored key."""
     key = np.asarray(key, dtype=np.int64)
     return key % BOTH_WAYS_KEY, key >= BOTH_WAYS_KEY
+
+
+def other_way(key) -> np.ndarray:
+    """The key of the same pair and transform checked the other way (both ways <-> plain)."""
+    transform, both_ways = evidence_parts(key)
+    return evidence_transforms(transform, ~both_ways)
 
 
 def _feature_transform_b(transform) -> np.ndarray:

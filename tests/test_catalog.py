@@ -522,6 +522,26 @@ def test_features_a_killed_run_finished_are_adopted(grown, tmp_path):
     assert_same_outputs(out, fresh)
 
 
+def test_a_killed_runs_features_of_a_damaged_part_are_adopted(grown, tmp_path):
+    """A listed part that fails its check has its features made again; when that run is killed,
+    the next adopts them, though the catalog still lists their keys (under the damaged part): the
+    parts a compaction replaced, whose keys are listed elsewhere, are the ones not adopted."""
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    parts = sorted(p for p in json.loads((out / "catalog" / catalog.MANIFEST).read_text())["parts"]
+                   if p.startswith("features/orb/"))
+    victim = out / "catalog" / parts[0]
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[:-40] + bytes(40))  # (the same size, other bytes: fails its checksum)
+    changed = ["--set", "verify.ratio=0.76"]  # (the pairs scored again from the stored features)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", str(grown["data"]), "--out", str(out),
+                             *COMMON, *changed], stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO)
+    kill_when_logged(proc, "verify: started")
+    verify = run(grown["data"], out, *changed)["reuse"]["verify"]
+    assert verify["features_adopted_from_killed_run"] > 0 and verify["features_computed"] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # dedupe query
 
@@ -1070,6 +1090,8 @@ def test_a_pair_found_another_way_at_the_next_run_is_not_given_the_other_ways_sc
     fewer = ("--preset", "high-recall", "--set", "screen.max_candidates=1")  # (most pairs now embedding-only)
     second = run(data, tmp_path / "out", *fewer)
     assert second["reuse"]["verify"]["pairs_reused"] > 0  # (the stored scores of the pairs found the same way)
+    why = second["reuse"]["verify"]["why_verified"]
+    assert why["checked_another_way"] == second["reuse"]["verify"]["pairs_verified"] > 0 and why["new_pair"] == 0
     run(data, tmp_path / "scratch", *fewer, "--no-catalog")
     assert_same_outputs(tmp_path / "out", tmp_path / "scratch")
 
@@ -1652,6 +1674,18 @@ def test_pair_keys_match_pairs_of_contents_across_arrow_and_object_columns():
                                      (pd.Series(asked_a, dtype=object), pd.Series(asked_b, dtype=object), both_ways[1]))
     assert not isinstance(keys, pd.MultiIndex)
     assert keys[~keys.duplicated(keep="first")].get_indexer(asked).tolist() == at.tolist()
+    # plain and both-ways keys mixed (verify.evidence_transforms): equal only the same way round
+    way_s, way_a = rng.integers(0, 2, n) * 8, rng.integers(0, 2, n) * 8
+    way_a[: n // 4] = way_s[: n // 4]
+    keys, asked = catalog._pair_keys((stored["sha_a"], stored["sha_b"], stored["transform"] + way_s),
+                                     (pd.Series(asked_a, dtype=object), pd.Series(asked_b, dtype=object), asked_t + way_a))
+    truth_ways = {}
+    for i, key in enumerate(zip(stored_a, shas[b].tolist(), (t + way_s).tolist())):
+        truth_ways.setdefault(key, i)
+    first = ~keys.duplicated(keep="first")
+    got = [int(np.flatnonzero(first)[i]) if i >= 0 else -1 for i in keys[first].get_indexer(asked)]
+    want = [truth_ways.get((x, y, int(z)), -1) for x, y, z in zip(asked_a, asked_b, asked_t + way_a)]
+    assert got == want and sum(i >= 0 for i in want) > n // 16
     wide = (stored["transform"] * 3, asked_t * 3)
     keys, asked = catalog._pair_keys((stored["sha_a"], stored["sha_b"], wide[0]),
                                      (pd.Series(asked_a, dtype=object), pd.Series(asked_b, dtype=object), wide[1]))
