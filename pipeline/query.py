@@ -50,6 +50,9 @@ def _query_entries(paths: list[str | Path], cfg: ScanConfig) -> list[scan.FileEn
     image), whatever its name."""
     entries, seen = [], set()
     for p in paths:
+        if storage.is_url(str(p)):  # (the catalog may be on a store; the images asked about are files here)
+            raise ConfigError(f"query image {str(p)!r} is a URL: query images are local files (copy the object "
+                              "here first; the catalog itself may be on the store)")
         path = Path(p)
         if not path.is_file():
             raise ConfigError(f"query image {str(p)!r} does not exist or is not a file")

@@ -627,6 +627,8 @@ def test_query_cli_outputs_and_errors(grown, tmp_path, capsys):
     assert "no catalog" in capsys.readouterr().err
     assert main(["query", str(tmp_path / "missing.jpg"), "--catalog", cat_dir]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["query", "s3://bucket/data/photo.jpg", "--catalog", cat_dir]) == 2  # (said so, not "does not exist")
+    assert "is a URL: query images are local files" in capsys.readouterr().err
     assert main(["query", image, "--catalog", cat_dir, "--set", "screen.hash=phash"]) == 2
     assert "screen settings" in capsys.readouterr().err
     for other in ("dask.scheduler=tcp://127.0.0.1:1", "catalog=none", "work_dir=/tmp/x", "report.keep=oldest"):
