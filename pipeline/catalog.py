@@ -1260,8 +1260,9 @@ def _pair_keys(*pairs: tuple) -> list[pd.Index]:
 # fingerprinted code and settings, and is kept like a result. A result made under a higher decode
 # budget is kept when the budget is lowered: the budget bounds memory, not what a result means (a
 # fresh run with the lower budget calls that pair's image "too large to decode"; the re-run keeps
-# its scores). A file that changed during the run (decide.CHANGED_ERROR) is read again too. (The texts: scan.py, screen.py, decode.py, verify.py,
-# confirm.py, decide.py; tests/test_catalog.py checks that each one is still made there.)
+# its scores). A file that changed during the run (decide.CHANGED_ERROR) is read again too. (The
+# texts: scan.py, screen.py, decode.py, verify.py, confirm.py, decide.py; tests/test_catalog.py
+# checks that each one is still made there.)
 TRIED_AGAIN = ("cannot read", "permission denied", "file disappeared", "cannot open", "file too large",
                "image too large to decode", "changed during the run")
 # ... except by the screen, which reads a file's bytes before it decodes them from memory (so its

@@ -230,7 +230,8 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
     # (the catalog rows holding a query's bytes found in one pass: a comparison of every catalog
     # row for each query image was ~55 ms a query at 10M images)
     with_query_bytes: dict[str, list[int]] = {}
-    for i in np.flatnonzero(~is_query & pd.Series(sha, dtype=object).isin(pd.unique(sha[qvalid])).to_numpy()):
+    known_copies = ~is_query & pd.Series(sha, dtype=object).isin(pd.unique(sha[qvalid])).to_numpy()
+    for i in np.flatnonzero(known_copies):
         with_query_bytes.setdefault(sha[i], []).append(int(i))
     # (the first in path order of the catalog's representative and the queries with those bytes
     # stands for them, as in the batch job)
@@ -245,9 +246,7 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
             stands[sha[qi]] = qi
         else:
             twin[qi] = first
-    # (the catalog's files and the queries with a query's bytes, in path order)
-    among = np.sort(np.concatenate([np.asarray([i for found in with_query_bytes.values() for i in found], np.int64),
-                                    np.flatnonzero(qvalid)]))
+    among = np.flatnonzero(known_copies | qvalid)  # (the queries and the catalog's files with their bytes)
     grouped = candidates.exact_pairs(pd.Series(sha[among], dtype=object), cfg.screen.exact_group_pairs)
     ea, eb = among[grouped["idx_a"].to_numpy()], among[grouped["idx_b"].to_numpy()]
     asked = is_query[ea] | is_query[eb]  # (the catalog's own pairs are the batch job's)

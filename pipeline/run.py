@@ -1038,8 +1038,10 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                            ("ssim", "Float32"), ("hist_corr", "Float32")):
             pairs[col] = pd.Series(pd.NA, index=pairs.index, dtype=dtype)
         near = pairs.index[pairs["kind"] == "near"]
-        # (embedding-only pairs are checked mirrored and plain: verify.checked_transforms)
-        both_ways = (pairs.loc[near, "source"] == "embedding").to_numpy(bool)
+        # (embedding-only pairs are checked mirrored and plain: verify.checked_transforms; their
+        # stored evidence is keyed so: verify.evidence_transforms), per pair position
+        checked_both = (pairs["source"] == "embedding").to_numpy(bool)
+        both_ways = checked_both[pairs.index.get_indexer(near)]
         rescored = drop_failed_scores(cat, fps) if cat is not None else None
         if TIER_ORDER[cfg.tiers] >= TIER_ORDER["verify"] and len(near):
             from pipeline import verify
@@ -1145,7 +1147,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                 ia, ib = sub["idx_a"].to_numpy(), sub["idx_b"].to_numpy()
                 tt = sub["transform"].to_numpy(np.int64)
                 from pipeline.verify import evidence_transforms, other_way
-                keys = evidence_transforms(tt, (pairs.loc[alive, "source"] == "embedding").to_numpy(bool))
+                keys = evidence_transforms(tt, checked_both[pairs.index.get_indexer(alive)])
                 hit, found = catalog.lookup_evidence(cat, sha[ia], sha[ib], keys, "cosine", fps["embed"])
                 _set(pairs, alive[hit], "cosine", found["cosine"])
                 # (a cosine does not depend on how ORB checked the pair: one stored under the
@@ -1254,7 +1256,7 @@ def _stages(client, root: Path | str, out: Path | str, cfg: Config, scheduler: s
                              "sha_b": pd.Series(sha[pairs["idx_b"].to_numpy()[scored]], dtype=object),
                              # (keyed by how each pair was checked: verify.evidence_transforms)
                              "transform": evidence_transforms(pairs["transform"].to_numpy(np.int64)[scored],
-                                                              (pairs["source"] == "embedding").to_numpy(bool)[scored]),
+                                                              checked_both[scored]),
                              "at": scored.astype(np.int64)})
         # (made as it is written, its scores read from `pairs` a part at a time: a copy of each
         # scored pair's ORB numbers, texts and cosine was ~30 B a pair, held through the commit)
