@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -116,6 +118,11 @@ class Browser:
         return found
 
     def close(self) -> None:
+        # Chromium keeps its singleton socket in a folder of its own under /tmp, linked from the
+        # profile, and leaves it there when it exits: removed with the profile
+        socket_dir = None
+        with contextlib.suppress(OSError):
+            socket_dir = Path(os.readlink(Path(self.profile, "SingletonSocket"))).parent
         try:
             if getattr(self, "ws", None) is not None:
                 try:
@@ -132,6 +139,8 @@ class Browser:
                 self.proc.kill()
                 self.proc.wait(10)
             shutil.rmtree(self.profile, ignore_errors=True)
+            if socket_dir is not None and socket_dir.name.startswith("org.chromium.Chromium."):
+                shutil.rmtree(socket_dir, ignore_errors=True)
 
     def __enter__(self) -> "Browser":
         return self
