@@ -208,25 +208,28 @@ def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Itera
         # no dashboard: Dask's bokeh pages off, and its scheduler's own HTTP server (always there)
         # on a free port (None made Dask take :8787 anyway; "none" was taken for a host name)
         dashboard = str(cfg.dask.dashboard_address).strip().lower() not in ("", "none", "null")
-        with worker_environ(), \
-                LocalCluster(n_workers=n_workers, threads_per_worker=cfg.dask.threads_per_worker,
-                             processes=True, dashboard_address=cfg.dask.dashboard_address if dashboard else ":0",
-                             scheduler_kwargs=None if dashboard else {"dashboard": False},
-                             preload=[__name__],  # (dask_setup below, in each worker process)
-                             memory_limit=0 if str(cfg.dask.memory_limit).lower() in ("0", "none", "")
-                             else cfg.dask.memory_limit,
-                             silence_logs=logging.WARNING) as cluster:
-            # not the default client (a context variable): the auto scheduler starts the cluster in
-            # another thread than the one that closes it
-            client = Client(cluster, set_as_default=False)
-            try:
-                if dashboard:
-                    log.info("Dask dashboard: %s (%d workers x %d threads)", client.dashboard_link, n_workers,
-                             cfg.dask.threads_per_worker)
-                _share_storage_options(client, cfg)
-                yield client
-            finally:
-                client.close()
+        with worker_environ():
+            with _sigint_blocked():  # (while the workers are spawned)
+                cluster = LocalCluster(
+                    n_workers=n_workers, threads_per_worker=cfg.dask.threads_per_worker,
+                    processes=True, dashboard_address=cfg.dask.dashboard_address if dashboard else ":0",
+                    scheduler_kwargs=None if dashboard else {"dashboard": False},
+                    preload=[__name__],  # (dask_setup below, in each worker process)
+                    memory_limit=0 if str(cfg.dask.memory_limit).lower() in ("0", "none", "")
+                    else cfg.dask.memory_limit,
+                    silence_logs=logging.WARNING)
+            with cluster:
+                # not the default client (a context variable): the auto scheduler starts the cluster in
+                # another thread than the one that closes it
+                client = Client(cluster, set_as_default=False)
+                try:
+                    if dashboard:
+                        log.info("Dask dashboard: %s (%d workers x %d threads)", client.dashboard_link, n_workers,
+                                 cfg.dask.threads_per_worker)
+                    _share_storage_options(client, cfg)
+                    yield client
+                finally:
+                    client.close()
         return
     try:  # (its callers have checked the address first: `check_reachable`)
         client = Client(target, timeout="15s")
@@ -248,6 +251,25 @@ def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Itera
         yield client
     finally:
         client.close()
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread while a local cluster starts: the threads it starts inherit
+    the mask, and so do the worker processes they spawn (now and when a worker is restarted), which
+    then never see a terminal's Ctrl-C. `dask_setup` ignores it too, but only once a worker runs its
+    preload: a Ctrl-C while the workers started printed two ~55-line tracebacks (CancelledError,
+    then distributed's "Queue not closed"). The mask is put back on exit, and a Ctrl-C meanwhile
+    still reaches the driver (Python runs its handlers in the main thread)."""
+    import signal
+    from multiprocessing import resource_tracker
+    # (started first: its start blocks and then UNblocks SIGINT in the thread that starts it)
+    resource_tracker.ensure_running()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def dask_setup(worker) -> None:

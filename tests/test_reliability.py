@@ -274,6 +274,32 @@ def test_a_run_killed_in_any_stage_leaves_the_previous_outputs(fault_data, tmp_p
     assert _is_complete_set(out)
 
 
+def _blocked_signals(pid: int | str) -> int:
+    """The signal mask (SigBlk) of a process's main thread, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no SigBlk line for {pid}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal masks from /proc (Linux)")
+def test_a_local_clusters_workers_never_see_ctrl_c_even_as_they_start():
+    """The workers ignore SIGINT once their preload runs (`run.dask_setup`); before that, a Ctrl-C
+    while they started printed two ~55-line tracebacks. They are spawned with SIGINT blocked
+    (`run._sigint_blocked`), and the driver's own thread gets its mask back."""
+    from pipeline.config import load_config
+    from pipeline.run import dask_client
+    sigint = 1 << (signal.SIGINT - 1)
+    cfg = load_config(None, ["dask.n_workers=2", "dask.threads_per_worker=1", "dask.dashboard_address=none"])
+    with dask_client(cfg, "local") as client:
+        pids = list(client.run(os.getpid).values())
+        assert len(pids) == 2
+        for pid in pids:
+            assert _blocked_signals(pid) & sigint, f"worker {pid} can be interrupted by a terminal's Ctrl-C"
+        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # (this thread's mask)
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
 @pytest.mark.slow
 def test_ctrl_c_on_a_local_cluster_stops_quietly(fault_data, tmp_path):
     """Ctrl-C reaches the terminal's whole process group, the local cluster's workers too: the
