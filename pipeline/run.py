@@ -755,9 +755,11 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         if not root.is_dir():
             raise ConfigError(f"input folder {str(root)!r} does not exist or is not a folder: "
                               "pass DATA=<folder of images>")
-        try:  # (a folder that cannot be listed would read as an empty collection)
-            with paths.scandir(str(root.absolute())):
-                pass
+        try:  # (a folder that cannot be listed, or entered, would read as an empty collection)
+            with paths.scandir(str(root.absolute())) as it:
+                for entry in it:
+                    entry.stat(follow_symlinks=False)  # (read permission without execute lists names only)
+                    break
         except OSError as exc:
             raise ConfigError(f"input folder {str(root)!r} cannot be listed ({exc.strerror}): give this user "
                               "read and execute permission on it") from None

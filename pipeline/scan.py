@@ -294,6 +294,8 @@ def _listing(dir_abs: str, cfg: ScanConfig) -> tuple[list[str], array, array, di
                 except OSError:
                     try:  # a dangling link: listed by its own fields (`_not_a_file`)
                         st = entry.stat(follow_symlinks=False)
+                    except PermissionError as exc:  # (a folder that may be read but not entered:
+                        return exc                  # no entry in it can be looked at)
                     except OSError:
                         continue  # an entry gone since the listing
                     if not stat.S_ISLNK(st.st_mode):

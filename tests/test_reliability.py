@@ -518,3 +518,49 @@ def test_bombs_decode_within_the_memory_budget_or_are_refused_by_header(tmp_path
         results[name] = (out[0], int(out[1]))
     assert results["grey"][0] == "ok" and results["grey"][1] < 1024, results
     assert "too large to decode" in results["rgb"][0] and results["rgb"][1] < 512, results
+
+
+def _without_permission_override() -> list[str] | None:
+    """A command prefix under which file modes apply to this user: none needed for an ordinary
+    user; for root, util-linux's setpriv dropping the capabilities that override them; None when
+    root has no setpriv."""
+    if os.geteuid() != 0:
+        return []
+    import shutil
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
+
+
+def test_a_folder_that_may_be_read_but_not_entered_is_not_taken_for_an_empty_one(tmp_path):
+    """Read permission without execute lists a folder's names but no entry can be looked at: as
+    DATA it was a collection of 0 files (exit 0, empty outputs published), as a subfolder its files
+    were left out in silence. Now DATA stops the run (exit 2), a subfolder is named as not listed."""
+    prefix = _without_permission_override()
+    if prefix is None:
+        pytest.skip("running as root without util-linux's setpriv: folder modes do not apply to root")
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    for i, folder in enumerate([data, data / "sub", data / "sub"]):
+        Image.new("RGB", (64, 48), (40 * i, 90, 200 - 50 * i)).save(folder / f"img{i}.png")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+
+    def dedupe(root: Path, out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([*prefix, sys.executable, "-m", "pipeline", "dedupe", str(root), "--out", str(out),
+                               "--tiers", "screen", "--scheduler", "sync", "--no-catalog", "--quiet"],
+                              capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+    (data / "sub").chmod(0o600)
+    try:
+        done = dedupe(data, tmp_path / "o1")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "could not be listed" in done.stderr and "sub (Permission denied)" in done.stderr, done.stderr
+        assert json.loads((tmp_path / "o1" / "run.json").read_text())["counts"]["unlisted_folders"] == 1
+        assert pd.read_parquet(tmp_path / "o1" / "images.parquet")["path"].tolist() == ["img0.png"]
+        done = dedupe(data / "sub", tmp_path / "o2")
+        assert done.returncode == 2 and "cannot be listed (Permission denied)" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+        assert not (tmp_path / "o2").exists()
+    finally:
+        (data / "sub").chmod(0o700)
