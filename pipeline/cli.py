@@ -580,3 +580,6 @@ def _query_command(args) -> int:
         print(query.format_table(result))
     return EXIT_OK
 
+
+if __name__ == "__main__":  # (`python -m pipeline.cli ...` did nothing and exited 0)
+    raise SystemExit(main())

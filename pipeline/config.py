@@ -6,6 +6,7 @@ to fix (the CLI turns `ConfigError` into exit code 2).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import types
@@ -307,7 +308,11 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            hint = ""
+            if isinstance(value, str):
+                with contextlib.suppress(ValueError):  # (YAML 1.1 reads 1e3 as text: a dot and a signed exponent)
+                    hint = f" (write it as {float(value):.1e}: YAML reads an exponent without a dot and a sign as text)"
+            raise ConfigError(f"{key}: expected a number, got {value!r}{hint}")
         return float(value)
     if tp is str:
         if value is None:
@@ -329,7 +334,8 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
             raise ConfigError(f"unknown config key '{full}' (known here: {', '.join(sorted(names))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _apply(current, value, prefix=f"{full}.")
+            # (a section whose keys are all commented out reads as null: nothing in it changes)
+            _apply(current, {} if value is None else value, prefix=f"{full}.")
         else:
             setattr(obj, key, _check_type(full, value, hints[key]))
 
@@ -479,8 +485,10 @@ def check_scheduler(target: str, where: str = "--scheduler") -> None:
         return
     if "://" in target:
         rest = target.split("://", 1)[1]
-        port = rest.rpartition(":")[2]
+        host, _, port = rest.rpartition(":")
         ok = target.startswith(SCHEDULER_SCHEMES) and len(rest) > 0 and not (port.isdigit() and not 0 < int(port) <= 65535)
+        if target.startswith("tcp://"):  # (no port: the client failed with "invalid literal for int()")
+            ok = ok and bool(host) and port.isdigit()
     else:
         host, _, port = target.rpartition(":")
         ok = bool(host) and port.isdigit() and 0 < int(port) <= 65535

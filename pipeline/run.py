@@ -161,11 +161,30 @@ def check_reachable(target: str, timeout: float = 10.0) -> None:
             comm.abort()
     try:  # (the outer limit: a server that takes the connection and says nothing is never timed out inside)
         answer = asyncio.run(asyncio.wait_for(identity(), timeout + 1))
-    except (OSError, ValueError):  # (TimeoutError is an OSError; the TCP connection was taken above)
-        answer = None
+    except Exception:  # (TimeoutError; or a server that speaks first, e.g. SSH, whose banner Dask reads
+        answer = None  # as a message length: MemoryError "Unable to allocate 2.82 EiB")
     if not isinstance(answer, dict) or answer.get("type") != "Scheduler":
         raise ConfigError(f"{target!r} takes a connection but does not answer as a Dask scheduler: check the "
                           "port (a scheduler listens on 8786 by default; 8787 is its dashboard)")
+
+
+def check_dashboard_served(address: str) -> None:
+    """dask.dashboard_address for a local cluster: a host this machine cannot serve on (a name
+    that does not resolve, another machine's address) is a ConfigError now; the cluster's start
+    failed with a ~60-line traceback, after the screen had begun. (A port in use is not an error:
+    Dask serves on another one and says so.)"""
+    import socket
+    text = str(address).strip()
+    host = text.rpartition(":")[0].strip("[]")
+    if text.lower() in ("", "none", "null") or not host:
+        return
+    try:
+        family, kind, _, _, where = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.bind(where)
+    except OSError as exc:
+        raise ConfigError(f"dask.dashboard_address: {address!r} cannot be served on this machine ({exc}): give "
+                          "one of its own addresses (e.g. :8787 or 127.0.0.1:8787), or none for no dashboard") from None
 
 
 def worker_environ():
@@ -774,6 +793,11 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
             else Path(catalog_dir).resolve() == Path(root).resolve()):
         raise ConfigError(f"the catalog {str(catalog_dir)!r} is DATA itself: its files would be written among the "
                           "images; choose another folder (the default is OUT/catalog)")
+    if cfg.work_dir and storage.is_url(cfg.work_dir) == storage.is_url(root) and (
+            storage.location(str(cfg.work_dir)) == storage.location(str(root)) if storage.is_url(root)
+            else Path(cfg.work_dir).resolve() == Path(root).resolve()):
+        raise ConfigError(f"work_dir {str(cfg.work_dir)!r} is DATA itself: the run's working files would be written "
+                          "among the images; choose another folder, or leave work_dir empty (OUT/_work-<pid>)")
     if not storage.is_url(out):
         out = Path(os.path.abspath(out))  # (absolute: a cluster's workers write under it from their own folders)
         if out.exists() and not out.is_dir():
@@ -793,12 +817,8 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         from pipeline import weights  # fail before any heavy work when the weights are missing
         weights_info = weights.check_weights_available(cfg.embed)
     check_reachable(target_of(cfg, scheduler))
-    try:
-        if not storage.is_url(out):
-            out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the output folder {str(out)!r} ({exc.strerror}): "
-                          "choose another --out") from None
+    if target_of(cfg, scheduler) in ("auto", "local"):
+        check_dashboard_served(cfg.dask.dashboard_address)
     if cfg.work_dir and not storage.is_url(cfg.work_dir):  # (found only when the tiers wrote there)
         try:
             Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
@@ -807,6 +827,12 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         except OSError as exc:
             raise ConfigError(f"work_dir {cfg.work_dir!r} cannot be written ({exc.strerror}): choose a writable "
                               "folder, or leave work_dir empty (OUT/_work-<pid>)") from None
+    try:
+        if not storage.is_url(out):
+            out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output folder {str(out)!r} ({exc.strerror}): "
+                          "choose another --out") from None
     remote_out = storage.is_url(out)
     catalog_lock = storage.join(catalog_dir, catalog.LOCK_NAME) if storage.is_url(catalog_dir) else None
     with storage.locked(out, also=catalog_lock) if remote_out else outdir.locked(out):

@@ -131,6 +131,7 @@ def test_a_dotted_override_below_a_mapping_changes_one_entry(tmp_path):
     (["dask.dashboard_address=notahost:xx"], "dask.dashboard_address"),
     (["dask.scheduler=tcp://127.0.0.1:99999"], "dask.scheduler"),
     (["dask.scheduler=127.0.0.1:0"], "dask.scheduler"),
+    (["dask.scheduler=tcp://127.0.0.1"], "dask.scheduler"),  # (no port: the client failed on int())
     (["screen.mode=hash+embedding", "tiers=screen"], "use tiers verify or confirm"),
     # (every image failed "hash_size is not power of 2", exit 0)
     (["screen.hash=whash", "screen.hash_size=24"], "whash needs a power of 2 for screen.hash_size"),
@@ -188,3 +189,21 @@ def test_a_config_file_that_is_no_mapping_is_refused_with_where(tmp_path):
     from pipeline.config import _StrictLoader
     nested = "b: &b {a: 1}\ntop:\n  c: &c\n    <<: *b\n    a: 2\ne:\n  <<: *c\n"
     assert yaml.load(nested, Loader=_StrictLoader) == yaml.safe_load(nested)
+
+
+def test_a_section_left_with_every_key_commented_out_changes_nothing(tmp_path):
+    """`screen:` whose keys are all commented out reads as null: a usual edit of a copied preset,
+    refused before as "expected a mapping of keys"."""
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("screen:\n  # max_distance: 3\nverify:\n  ransac_threshold: 4.0\n")
+    cfg = load_config(cfg_file)
+    assert cfg.screen == Config().screen and cfg.verify.ransac_threshold == 4.0
+
+
+def test_a_number_yaml_reads_as_text_is_refused_with_how_to_write_it(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("verify:\n  ransac_threshold: 1e3\n")  # (YAML 1.1: text without a dot)
+    with pytest.raises(ConfigError, match=r"ransac_threshold: expected a number, got '1e3' \(write it as 1.0e\+03"):
+        load_config(cfg_file)
+    cfg_file.write_text("verify:\n  ransac_threshold: 1.0e+03\n")
+    assert load_config(cfg_file).verify.ransac_threshold == 1000.0

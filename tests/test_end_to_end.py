@@ -1,6 +1,7 @@
 """The CLI as a user runs it: outputs per the contract, exit codes, bad input, Dask schedulers."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -347,7 +348,9 @@ def test_unreachable_scheduler_is_a_usage_error(tmp_path):
     assert result.returncode == 2 and "cannot reach the Dask scheduler" in result.stderr
     no_port = cli("dedupe", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--tiers", "screen",
                   "--scheduler", "tcp://127.0.0.1")  # (a port left off: a malformed address)
-    assert no_port.returncode == 2 and "cannot reach the Dask scheduler at 'tcp://127.0.0.1'" in no_port.stderr
+    # (refused with the address's form: the client's attempt said "invalid literal for int()")
+    assert no_port.returncode == 2 and "'tcp://127.0.0.1' is not 'auto', 'local', 'sync' or a Dask scheduler " \
+        "address such as tcp://127.0.0.1:8786" in no_port.stderr, no_port.stderr
     assert "Traceback" not in no_port.stderr
     # a port that takes the connection and never answers (a scheduler's dashboard port, another
     # server): the client waited forever, with OUT locked
@@ -358,6 +361,22 @@ def test_unreachable_scheduler_is_a_usage_error(tmp_path):
         mute = cli("dedupe", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--tiers", "screen",
                    "--scheduler", f"tcp://127.0.0.1:{silent.getsockname()[1]}")
     assert mute.returncode == 2 and "does not answer as a Dask scheduler" in mute.stderr, mute.stderr[-2000:]
+    # a server that speaks first (SSH's banner): Dask read its bytes as a message length and failed
+    # to allocate 2.82 EiB, a traceback and exit 1
+    import threading
+    with socket.socket() as talker:
+        talker.bind(("127.0.0.1", 0))
+        talker.listen(8)
+
+        def banner():
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = talker.accept()
+                    conn.sendall(b"SSH-2.0-OpenSSH_8.9p1 Ubuntu-3ubuntu0.6\r\n")
+        threading.Thread(target=banner, daemon=True).start()
+        chatty = cli("dedupe", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--tiers", "screen",
+                     "--scheduler", f"tcp://127.0.0.1:{talker.getsockname()[1]}")
+    assert chatty.returncode == 2 and "does not answer as a Dask scheduler" in chatty.stderr, chatty.stderr[-2000:]
     assert not (tmp_path / "o").exists()
 
 
@@ -375,3 +394,11 @@ def test_a_scheduler_without_workers_is_a_usage_error(tmp_path, monkeypatch, cap
                      "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "has no workers (waited 2 s)" in err and "Traceback" not in err
+
+
+def test_the_cli_module_runs_as_the_command_does(tmp_path):
+    """`python -m pipeline.cli ...` (a cron line may call the module) did nothing and exited 0."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "dedupe", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 2 and "does not exist" in done.stderr, done.stderr

@@ -191,6 +191,13 @@ def _environments(tmp: Path) -> list[tuple[str, list[str], str]]:
          "expected a mapping"),
         ("scheduler not listening", [str(tmp / "d"), "--out", str(tmp / "o6"), "--scheduler",
                                      f"tcp://127.0.0.1:{_free_port()}"], "cannot reach the Dask scheduler"),
+        # (the working files were written among the images, and kept there after the run)
+        ("work_dir is DATA", [str(tmp / "d"), "--out", str(tmp / "o7"), "--set", f"work_dir={tmp / 'd'}"],
+         "is DATA itself"),
+        # (the local cluster failed to start: a ~60-line traceback once the screen had begun, exit 1)
+        ("dashboard on no host of this machine", [str(tmp / "d"), "--out", str(tmp / "o8"), "--scheduler", "local",
+                                                  "--set", "dask.dashboard_address=no.such.host.invalid:8787"],
+         "cannot be served on this machine"),
     ]
 
 
@@ -201,7 +208,8 @@ def test_bad_environments_exit_2_with_what_to_fix(tmp_path, capsys):
         err = capsys.readouterr().err
         if rc != 2 or needle not in err:
             failures.append(f"{name}: rc={rc}, stderr={err[-300:]!r}")
-        if name == "scheduler not listening" and (tmp_path / "o6").exists():  # (checked before OUT is made)
+        if name in ("scheduler not listening", "work_dir is DATA", "dashboard on no host of this machine") \
+                and Path(args[2]).exists():  # (checked before OUT is made)
             failures.append(f"{name}: OUT was made")
     assert not failures, "\n".join(failures)
 
