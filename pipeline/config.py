@@ -385,6 +385,12 @@ def _validate(cfg: Config) -> None:
          "decide: pixel_ssim and pixel_hist_corr must be in [-1, 1]"),
         (0 <= cfg.decide.support_inliers <= cfg.decide.accept_inliers,
          "decide: need 0 <= support_inliers <= accept_inliers"),
+        # (a pair with inliers between them was "no-match" at the verify tier, and rejected: a resized
+        # copy with 76 of 76 matches as inliers, under accept_inliers 25 and reject_inliers 200)
+        (cfg.verify.reject_inliers <= cfg.decide.accept_inliers,
+         f"verify.reject_inliers ({cfg.verify.reject_inliers}) is above decide.accept_inliers "
+         f"({cfg.decide.accept_inliers}): a pair with inliers between them would be rejected as well as "
+         "accepted; lower reject_inliers or raise accept_inliers"),
         (cfg.dask.partition_size >= 1, "dask.partition_size must be >= 1"),
         (cfg.dask.pairs_per_task >= 1, "dask.pairs_per_task must be >= 1"),
         (cfg.dask.n_workers >= 0, "dask.n_workers must be >= 0"),

@@ -132,6 +132,9 @@ def test_a_dotted_override_below_a_mapping_changes_one_entry(tmp_path):
     (["dask.scheduler=tcp://127.0.0.1:99999"], "dask.scheduler"),
     (["dask.scheduler=127.0.0.1:0"], "dask.scheduler"),
     (["dask.scheduler=tcp://127.0.0.1"], "dask.scheduler"),  # (no port: the client failed on int())
+    # (a true copy with 76 inliers was rejected as "no-match", under accept_inliers 25)
+    (["verify.reject_inliers=200", "verify.match_inliers=200"],
+     r"verify.reject_inliers \(200\) is above decide.accept_inliers \(25\)"),
     (["screen.mode=hash+embedding", "tiers=screen"], "use tiers verify or confirm"),
     # (every image failed "hash_size is not power of 2", exit 0)
     (["screen.hash=whash", "screen.hash_size=24"], "whash needs a power of 2 for screen.hash_size"),
