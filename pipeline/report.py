@@ -29,6 +29,7 @@ Closeness of a rejected pair (how the "closest rejected" list is ranked): pairs 
 confirm tier come first, by cosine (high first); then pairs the verify tier decided, by ORB
 inliers (more first); then pairs decided on the hash alone, by hash distance (small first). Each
 tier only sees pairs the one before could not settle, so a later tier's pair is the closer call.
+A cluster's pairs are ranked the same way, its byte copies (stage `exact`) before all of them.
 """
 from __future__ import annotations
 
@@ -169,6 +170,15 @@ class Rows:
         return isinstance(other, (list, Rows)) and len(self) == len(other) and list(self) == list(other)
 
 
+def _root_named(root: str | None) -> bool:
+    """Whether the scanned folder's text in the outputs is its name, for the report's links: a
+    local folder's text has `\\xNN` escapes where its name is not UTF-8, or where a valid name holds
+    such text (then the folder by that text exists here). URLs are text."""
+    if not root or "://" in root or "\\x" not in root:
+        return bool(root)
+    return os.path.isdir(root)
+
+
 def _plain(values) -> list:  # numpy numbers and bools as Python's; object arrays as they are
     return values.tolist() if isinstance(values, np.ndarray) else list(values)
 
@@ -194,6 +204,8 @@ def closeness_order(pairs: pd.DataFrame) -> np.ndarray:
     inl = pairs["orb_inliers"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
     dist = pairs["hash_distance"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.inf)
     tier = np.where(~np.isnan(cos), 0, np.where(~np.isnan(inl), 1, 2))
+    if "stage" in pairs:  # byte copies first: no tier looked at them, and none is closer
+        tier[(pairs["stage"] == "exact").to_numpy(dtype=bool, na_value=False)] = -1
     # lexsort: last key first
     return np.lexsort((dist, -np.nan_to_num(inl, nan=-1), -np.nan_to_num(cos, nan=-2), tier))
 
@@ -647,7 +659,8 @@ def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: 
 
     counts = manifest.get("counts", {})
     return {
-        "meta": {"root": manifest.get("root"), "finished": manifest.get("finished"), "counts": counts,
+        "meta": {"root": manifest.get("root"), "root_named": _root_named(manifest.get("root")),
+                 "finished": manifest.get("finished"), "counts": counts,
                  "page_size": rcfg.page_size, "keep": rcfg.keep, "rejected_total": rejected_total,
                  "rejected_limit": rcfg.rejected_pairs, "clusters_total": clusters_total,
                  "errors_total": errors_total},
@@ -659,13 +672,15 @@ def build_data(images: pd.DataFrame, pairs: pd.DataFrame, manifest: dict, rcfg: 
 
 
 def _draw_list(data: dict, rcfg: ReportConfig) -> list[int]:
-    """Pairs to draw: each cluster's first duplicate pair that ORB saw, clusters in page order, then
-    each cluster's second, ... up to draw_pairs; then the draw_rejected closest rejected ones that
-    ORB saw. One per cluster first: the evidence of the first draw_pairs clusters rather than every
+    """Pairs to draw: each cluster's first duplicate pair ORB matched anything in, clusters in page
+    order, then each cluster's second, ... up to draw_pairs; then the draw_rejected closest rejected
+    ones ORB matched anything in. One per cluster first: the evidence of the first draw_pairs clusters rather than every
     pair of the first two or three; and a re-run that grows some clusters draws again only for the
     clusters that moved into the first draw_pairs (the others' drawings are reused)."""
     pairs = data["pairs"]
-    had_orb = [p[4] is not None for p in pairs]
+    # (pairs ORB matched something in: a drawing of no match at all, e.g. a pixel-checked flat
+    # pair's, showed no line under "green = inliers, red = outliers" and took a rejected slot)
+    had_orb = [p[3] is not None and p[3] > 0 for p in pairs]
     per_cluster = [[i for i in cluster[3] if had_orb[i]] for cluster in data["clusters"]]
     picked: list[int] = []
     depth = 0
@@ -791,6 +806,9 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
                     (tmp / "pairs" / name).write_bytes(made_now[0])
                     drawing[index_of[name]] = name
         listed.add("has_thumb", has_thumb)  # [8]: has a thumbnail
+        # [9]: the path's text is the file's name (else a name that is not UTF-8, shown with \xNN
+        # escapes, which no link can name; a valid name may hold such text too)
+        listed.add("named", np.array([not isinstance(r, (bytes, bytearray)) for r in raw_at], dtype=bool))
         drew = {name: v for name, v in drew.items() if drawing[index_of[name]] == name}
         data["meta"]["generated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with open(tmp / "data.js", "w", encoding="utf-8") as fh:

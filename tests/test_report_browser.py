@@ -7,6 +7,7 @@ exception, failed load (a missing thumbnail or script) or JavaScript dialog.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -286,3 +287,37 @@ def test_a_big_cluster_reads_closest_links_first_filters_show_their_pairs_and_pa
         fresh.evaluate("document.getElementById('back').click()")
         fresh.wait_for("document.querySelectorAll('#clusters .cluster').length === 1")
         assert fresh.errors() == []
+
+
+def test_a_name_holding_backslash_x_links_its_file_and_a_malformed_link_still_opens_the_page(photo_paths, tmp_path):
+    """A valid name may hold the text `\\x41`: the page took any such text for the escape of a name
+    that is not UTF-8 and gave it no link (and every file none when DATA's own path held it); the
+    run now says which names are not UTF-8. A link whose %-escape is cut short threw in the page's
+    router and left it at "Loading"."""
+    from urllib.parse import unquote
+    data = tmp_path / "data \\x41"
+    data.mkdir()
+    first, second = photo_paths[0].read_bytes(), photo_paths[1].read_bytes()
+    for name, content in (("lit\\x41.jpg", first), ("plain.jpg", first), ("other.jpg", second)):
+        (data / name).write_bytes(content)
+    with open(os.path.join(os.fsencode(data), b"bad-\xff.jpg"), "wb") as fh:  # (not UTF-8)
+        fh.write(second)
+    out = tmp_path / "out"
+    assert main(["dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync", "--quiet"]) == 0
+    with Browser() as b:
+        b.open((out / "report" / "index.html").as_uri())
+        b.wait_for("document.querySelectorAll('#clusters .cluster').length === 2")
+        links = b.evaluate("Array.from(document.querySelectorAll('#clusters .member .path'))"
+                           ".map(function(e){return [e.textContent, e.tagName, e.href || null]})")
+        by_text = {text: (tag, href) for text, tag, href in links}
+        assert set(by_text) == {"lit\\x41.jpg", "plain.jpg", "other.jpg", "bad-\\xff.jpg"}, links
+        assert by_text["bad-\\xff.jpg"] == ("SPAN", None)  # (its text names no file)
+        for text in ("lit\\x41.jpg", "plain.jpg", "other.jpg"):
+            tag, href = by_text[text]
+            assert tag == "A" and unquote(href[len("file://"):]) == str(data / text)
+        assert b.errors() == []
+    for hash_ in ("#view=%E0%A4%A", "#pair=", "#pair=%zz"):
+        with Browser() as b:
+            b.open((out / "report" / "index.html").as_uri() + hash_)
+            b.wait_for("document.querySelectorAll('#clusters .cluster').length === 2")
+            assert b.errors() == [], hash_

@@ -4,7 +4,7 @@
   "use strict";
   var D = window.DEDUPE_REPORT;
   // row layouts (pipeline/report.py build_data)
-  var I = {id: 0, path: 1, bytes: 2, w: 3, h: 4, format: 5, mtime: 6, error: 7, thumb: 8};
+  var I = {id: 0, path: 1, bytes: 2, w: 3, h: 4, format: 5, mtime: 6, error: 7, thumb: 8, named: 9};
   var P = {a: 0, b: 1, dist: 2, matches: 3, inliers: 4, score: 5, cos: 6, stage: 7, rule: 8, dup: 9,
            reason: 10, drawing: 11, by: 12};
   var C = {id: 0, members: 1, keeper: 2, pairs: 3, total: 4};
@@ -82,10 +82,11 @@
       " \u00b7 " + (im[I.format] || "?") + " \u00b7 " + (im[I.mtime] || "?");
   }
   // the original file: file:// + DATA + its path, or the object's URL on a store (which a browser
-  // may not open); none for a name that is not UTF-8 (its text form is not the file's name)
+  // may not open); none for a name that is not UTF-8 (its text form, with \xNN escapes, is not
+  // the file's name: told by the run, as a valid name may hold such text)
   function originalHref(im) {
     var root = D.meta.root, path = im[I.path];
-    if (!root || /\\x[0-9a-fA-F]{2}/.test(root + path)) return null;
+    if (!root || !D.meta.root_named || !im[I.named]) return null;
     function enc(t) { return t.split("/").map(encodeURIComponent).join("/"); }
     var url = /^([a-zA-Z][a-zA-Z0-9+.-]*:\/\/)(.*)$/.exec(root);
     var base = root.charAt(0) === "/" ? "file://" + enc(root) : url ? url[1] + enc(url[2]) : null;
@@ -259,14 +260,16 @@
     location.hash.replace(/^#/, "").split("&").forEach(function (kv) {
       if (!kv) return;
       var at = kv.indexOf("=");
-      out[decodeURIComponent(at < 0 ? kv : kv.slice(0, at))] = at < 0 ? "" : decodeURIComponent(kv.slice(at + 1));
+      try {  // (a malformed %-escape, e.g. a link cut short, threw and left the page at "Loading")
+        out[decodeURIComponent(at < 0 ? kv : kv.slice(0, at))] = at < 0 ? "" : decodeURIComponent(kv.slice(at + 1));
+      } catch (e) { /* the part is left out */ }
     });
     return out;
   }
   function go(page) { location.hash = "view=" + state.view + "&page=" + (page + 1); }
   function render() {
     var h = parseHash();
-    state.pair = h.pair !== undefined ? Number(h.pair) : null;
+    state.pair = h.pair !== undefined && h.pair !== "" && isFinite(Number(h.pair)) ? Number(h.pair) : null;
     state.view = h.view || (state.pair !== null ? state.view : "clusters");
     state.page = Math.max(0, (Number(h.page) || 1) - 1);
     app.textContent = "";
