@@ -78,6 +78,9 @@ def make_plan(run: Run, keep: Keep = "largest_pixels", prefer: Iterable[str] = (
     order["_c"] = pd.factorize(order["cluster_id"])[0]  # keep the clusters' order (largest first)
     plan = order.sort_values(["_c", "_k", "path"], kind="stable").drop(columns=["_c", "_k"]).reset_index(drop=True)
     plan.attrs["run_id"] = run.manifest.get("run_id")  # (kept in a Parquet plan's metadata: `stale_plan`)
+    from pipeline import storage
+    if not storage.is_url(str(run.out_dir)):  # (and its OUT: `check_plan_against_run`)
+        plan.attrs["out"] = os.path.abspath(str(run.out_dir))
     return plan
 
 
@@ -164,7 +167,34 @@ def read_plan(path: str | Path) -> pd.DataFrame:
     if bad:
         raise PlanError(f"plan file {str(path)!r}: unknown action(s) {sorted(bad)} (keep or remove)")
     check_plan(plan, str(path))
+    check_plan_against_run(plan, path)
     return plan
+
+
+def check_plan_against_run(plan: pd.DataFrame, path: str | Path) -> None:
+    """A Parquet plan records its run and OUT: while OUT holds that run, each row must be a file
+    of it in the cluster the run put it in. An edited cluster_id merged two clusters under one
+    keeper, and a row copied from images.parquet put a photo with no copy in a cluster, and each
+    removed the only copy of a photo. (A CSV plan, or one whose OUT holds a later run,
+    `stale_plan`, is checked against itself only: `check_plan`.)"""
+    made_for, out = plan.attrs.get("run_id"), Path(plan.attrs.get("out") or Path(path).parent)
+    try:
+        if not made_for or json.loads((out / "run.json").read_text(encoding="utf-8")).get("run_id") != made_for:
+            return
+        run = pd.read_parquet(out / "images.parquet", columns=["image_id", "cluster_id"])
+    except (OSError, ValueError):
+        return
+    # (as whole numbers: ids are 64-bit, more than a float tells apart)
+    cluster_of = pd.Series(run["cluster_id"].astype("Int64").array, index=run["image_id"].astype("int64").to_numpy())
+    theirs = cluster_of.reindex(pd.to_numeric(plan["image_id"], errors="coerce").astype("Int64").array).array
+    ours = pd.to_numeric(plan["cluster_id"], errors="coerce").astype("Int64").array
+    wrong = (theirs.isna() | (theirs != ours).fillna(True)).to_numpy(dtype=bool)
+    if wrong.any():
+        rows = plan[wrong]
+        shown = ", ".join(repr(str(p)) for p in rows["path"].head(3))
+        raise PlanError(f"plan file {str(path)!r}: rows that are not in the cluster run {made_for} put them in "
+                        f"({shown}{', ...' if len(rows) > 3 else ''}): the plan may be edited only in its action "
+                        "column (one keep row per cluster): make it again with `dedupe plan`")
 
 
 def check_plan(plan: pd.DataFrame, name: str = "the plan") -> None:
@@ -186,7 +216,8 @@ def check_plan(plan: pd.DataFrame, name: str = "the plan") -> None:
         refuse("rows without a cluster_id", plan[plan["cluster_id"].isna()])
     if any((plan[c].isna() | (plan[c].astype(object) == "")).any() for c in ("path", "abs_path")):
         raise PlanError(f"plan file {name!r}: rows without a path or abs_path; make it again with `dedupe plan`")
-    twice = plan["path"].duplicated(keep=False)
+    # (as written, "./a.jpg" and "a.jpg" were two paths: the keeper could be removed as the other)
+    twice = pd.Series([str(PurePosixPath(str(p))) for p in plan["path"]], index=plan.index).duplicated(keep=False)
     if twice.any():
         refuse("paths listed more than once", plan[twice])
     rel = [PurePosixPath(str(p)) for p in plan["path"]]
@@ -234,8 +265,11 @@ def changed(abs_path: str, row) -> str | None:
     if abs(st.st_mtime_ns // 1000 - _us(row.mtime)) > slack:
         now = datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat(timespec="seconds")
         return f"changed since the run: modified {now} (run saw {row.mtime.isoformat(timespec='seconds')})"
-    if sha256_file(abs_path) != row.sha256:
-        return "changed since the run: content (sha256) differs"
+    try:
+        if sha256_file(abs_path) != row.sha256:
+            return "changed since the run: content (sha256) differs"
+    except OSError as exc:  # (unreadable: a traceback stopped the apply, files already acted on)
+        return f"cannot be read ({exc.strerror})"
     return None
 
 
@@ -376,6 +410,11 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
     to = Path(to).resolve() if to is not None else None
     # (an absolute log: its trash and move targets are written into it, read by `undo` from anywhere)
     log_path = Path(os.path.abspath(log_path)) if log_path is not None else None
+    # (each apply writes a log of its own: the log was appended to whatever file --log named, a
+    # photo too, and `undo` then refused that file as "not JSON")
+    if log_path is not None and os.path.lexists(log_path):
+        raise PlanError(f"the undo log {str(log_path)!r} exists: each apply writes a log of its own; "
+                        "give a new file name, or leave --log out (undo-<time>.jsonl beside the plan)")
     for row in plan.head(1).itertuples():  # the scanned folder: abs_path is DATA/path
         abs_path, rel = str(row.abs_path), str(row.path)
         root = Path(paths.os_folder(abs_path[:-len(rel)]) or "/").resolve() if abs_path.endswith(rel) else None
@@ -420,8 +459,11 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
                     continue
                 src = file_name(r)
                 reason = changed(src, r)
-                if reason is None and os.path.samefile(src, keeper_file):
-                    reason = "is the keeper's own file under another name (same inode)"
+                try:
+                    if reason is None and os.path.samefile(src, keeper_file):
+                        reason = "is the keeper's own file under another name (same inode)"
+                except OSError as exc:  # (gone meanwhile: another apply running at the same time)
+                    reason = f"cannot be looked at ({exc.strerror})"
                 if reason is not None:
                     out.refused.append((r.path, reason))
                     continue

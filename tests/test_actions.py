@@ -603,3 +603,76 @@ def test_each_command_says_what_it_does_and_its_exit_codes_and_the_undo_hint_can
     assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute", "--log", str(log)]) == 0
     assert f"undo '{log}')" in capsys.readouterr().out
     assert main(["undo", str(log)]) == 0
+
+
+def test_a_log_that_exists_is_refused_and_left_as_it_was(run_dir, capsys):
+    """--log naming a file that exists (a photo, by a slip of the shell): apply appended its JSON
+    lines to it, and `undo` then refused the whole file as "not JSON"."""
+    photo = run_dir / "data" / "other" / "c.jpg"
+    before, data_before = photo.read_bytes(), snapshot(run_dir / "data")
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute", "--log", str(photo)]) == 2
+    assert "exists: each apply writes a log of its own" in capsys.readouterr().err
+    assert photo.read_bytes() == before and snapshot(run_dir / "data") == data_before
+
+
+def test_a_plan_row_edited_into_another_cluster_or_spelled_anew_is_refused(run_dir, capsys):
+    """Only the action column may be edited. Refused now, each of which removed the only copy of
+    a photo: a keeper listed again as "./originals/a.jpg" in another cluster (its image_id made
+    for that text), an edited cluster_id merging two clusters under one keeper, and a row of a
+    photo with no copy taken from images.parquet into a cluster (the last two: a Parquet plan,
+    which names its run and OUT)."""
+    from pipeline.run import image_ids
+    plan = pd.read_parquet(run_dir / "plan.parquet")
+    attrs = dict(plan.attrs)
+    assert attrs.get("run_id") and attrs.get("out") == str(run_dir / "out")
+    keeper_a = plan.index[plan["path"] == "originals/a.jpg"][0]
+    keeper_b = plan.index[plan["path"] == "originals/b.jpg"][0]
+    data_before = snapshot(run_dir / "data")
+
+    def refused(edited: pd.DataFrame, needle: str) -> None:
+        edited.attrs = attrs
+        edited.to_parquet(run_dir / "edited.parquet")
+        assert main(["apply", str(run_dir / "edited.parquet"), "--action", "delete", "--execute",
+                     "--log", str(run_dir / f"undo-{len(list(run_dir.glob('undo-*')))}.jsonl")]) == 2
+        err = capsys.readouterr().err
+        assert needle in err, err
+        assert snapshot(run_dir / "data") == data_before
+
+    alias = plan.loc[[keeper_a]].assign(path="./originals/a.jpg", action="remove",
+                                        cluster_id=plan.at[keeper_b, "cluster_id"],
+                                        abs_path=str(run_dir / "data" / "." / "originals" / "a.jpg"),
+                                        image_id=int(image_ids(["./originals/a.jpg"])[0]))
+    refused(pd.concat([plan, alias], ignore_index=True), "paths listed more than once")
+    merged = plan.copy()
+    merged.loc[merged["cluster_id"] == plan.at[keeper_b, "cluster_id"], "cluster_id"] = plan.at[keeper_a, "cluster_id"]
+    merged.loc[keeper_b, "action"] = "remove"
+    refused(merged, "rows that are not in the cluster run")
+    images = pd.read_parquet(run_dir / "out" / "images.parquet").set_index("path")
+    lone = images.loc["other/c.jpg"]
+    added = plan.loc[[keeper_a]].assign(path="other/c.jpg", action="remove", abs_path=str(run_dir / "data" / "other" / "c.jpg"),
+                                        bytes=int(lone["bytes"]), sha256=lone["sha256"], image_id=int(lone["image_id"]),
+                                        mtime=pd.Timestamp(lone["mtime"]))
+    refused(pd.concat([plan, added], ignore_index=True), "rows that are not in the cluster run")
+
+
+def test_a_file_that_cannot_be_read_is_refused_and_the_rest_go_on(run_dir, capsys, monkeypatch):
+    """A removal or a keeper this user cannot read: its sha256 raised PermissionError, a traceback
+    that stopped the apply with files already acted on. (Raised by a stand-in for the read: the
+    tests may run as root, whom file modes do not stop.)"""
+    from pipeline import actions
+    real = actions.sha256_file
+
+    def reading(path):
+        if str(path).endswith("a_q60.jpg"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(actions, "sha256_file", reading)
+    log = run_dir / "undo.jsonl"
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute", "--log", str(log)]) == 1
+    err = capsys.readouterr().err
+    assert "copies/a_q60.jpg" in err and "cannot be read (Permission denied)" in err and "Traceback" not in err
+    assert (run_dir / "data" / "copies" / "a_q60.jpg").exists()
+    assert not (run_dir / "data" / "copies" / "a_copy.jpg").exists()  # (the others went on)
+    assert not (run_dir / "data" / "copies" / "b_half.jpg").exists()
+    assert main(["undo", str(log)]) == 0
