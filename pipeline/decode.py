@@ -404,8 +404,9 @@ def _strict_jpeg(img: Image.Image) -> Image.Image | None:
     backup's copy: no error, still paired with the intact original, and a plan kept the damaged
     file). The same pixels as Pillow's (both are libjpeg-turbo with its default DCT and
     upsampling: 1,904 decodes of the shared photos, full size and drafted, bit for bit), at the
-    same cost. None for what it does not decode the same (CMYK: Pillow's path)."""
-    if img.mode not in ("RGB", "L"):
+    same cost. None for what it does not decode the same (CMYK: Pillow's path, once this has
+    checked its compressed data the same way: a damaged CMYK copy went through as whole)."""
+    if img.mode not in ("RGB", "L", "CMYK"):
         return None
     fp = img.fp
     fp.seek(0)
@@ -413,7 +414,7 @@ def _strict_jpeg(img: Image.Image) -> Image.Image | None:
     if _arithmetic_coded(data):  # (Pillow, which the other tiers decode with, cannot read them)
         return None
     try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if img.mode == "L" else "RGB",
+        pixels = simplejpeg.decode_jpeg(data, colorspace={"L": "GRAY", "CMYK": "CMYK"}.get(img.mode, "RGB"),
                                         min_width=img.size[0], min_height=img.size[1], strict=True)
     except ValueError as exc:
         text = str(exc).strip()
@@ -424,7 +425,8 @@ def _strict_jpeg(img: Image.Image) -> Image.Image | None:
                               "screen.strict_jpeg: false reads it as far as it goes)") from None
         return None  # a warning about the headers (a JFIF version, a padding byte, an ICC chunk's
         # count: the picture is whole) or an error Pillow may not share: Pillow's path decides
-    if pixels.shape[:2] != (img.size[1], img.size[0]):  # (another scale than Pillow's draft)
+    # (a CMYK picture is only checked here; another scale than Pillow's draft: Pillow's path)
+    if img.mode == "CMYK" or pixels.shape[:2] != (img.size[1], img.size[0]):
         return None
     out = Image.fromarray(pixels[..., 0] if img.mode == "L" else pixels, img.mode)
     out.info = dict(img.info)  # (the EXIF orientation and colour profile, read from here on)

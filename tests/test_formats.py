@@ -520,7 +520,10 @@ def test_a_jpeg_damaged_mid_stream_is_an_error_row_and_an_intact_one_decodes_as_
     from pipeline.scan import FileEntry
     from pipeline.screen import screen_file
     big = photo.resize((photo.width * 2, photo.height * 2), Image.Resampling.BICUBIC)
+    # (CMYK: decoded by Pillow, its compressed data checked all the same; a damaged CMYK copy went
+    # through as whole)
     for kind, data in (("JPEG", jpeg_bytes(big)), ("JPEG", jpeg_bytes(big.convert("L"))),
+                       ("JPEG", jpeg_bytes(big.convert("CMYK"))),
                        ("MPO", saved(big, "MPO", quality=92, save_all=True, append_images=[photo]).getvalue())):
         for min_side in (None, 64):
             strict, size, fmt = load_image(io.BytesIO(data), min_side=min_side, strict_jpeg=True)
@@ -544,8 +547,6 @@ def test_a_jpeg_damaged_mid_stream_is_an_error_row_and_an_intact_one_decodes_as_
                     refused += 1
                     silent_before += silent
             assert refused >= 6 and silent_before >= 3, (kind, min_side, refused, silent_before)
-    cmyk = jpeg_bytes(big.convert("CMYK"))  # (decoded by Pillow, as before)
-    assert load_image(io.BytesIO(cmyk), min_side=64, strict_jpeg=True)[2] == "JPEG"
     with pytest.raises(DecodeError, match="truncated file"):
         load_image(io.BytesIO(data[: len(data) * 2 // 3]), min_side=64, strict_jpeg=True)
 
