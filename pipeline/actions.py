@@ -421,6 +421,14 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
         if to is not None and root is not None and to.is_relative_to(root):
             raise PlanError(f"--to {str(to)!r} is inside the scanned folder {abs_path[:-len(rel)]!r}: the next run "
                             "would find the moved files there again; choose a folder outside it")
+        # (--to DATA's parent, DATA holding a folder of its own name: DATA/data/y.jpg went to DATA/y.jpg)
+        if to is not None and root is not None and root.is_relative_to(to):
+            inside = [str(r.path) for r in plan[plan["action"] == "remove"].itertuples()
+                      if (to / _relative_name(r)).is_relative_to(root)]
+            if inside:
+                raise PlanError(f"--to {str(to)!r} holds the scanned folder, and moving {inside[0]!r} there would put "
+                                "it back inside that folder (the next run would find it again); choose a folder "
+                                "outside it")
         trash = UndoLog(log_path).trash.resolve() if log_path is not None and action != "move" else None
         if trash is not None and root is not None and trash.is_relative_to(root):
             raise PlanError(f"the trash folder {str(trash)!r} (beside the undo log) is inside the scanned folder "

@@ -676,3 +676,21 @@ def test_a_file_that_cannot_be_read_is_refused_and_the_rest_go_on(run_dir, capsy
     assert not (run_dir / "data" / "copies" / "a_copy.jpg").exists()  # (the others went on)
     assert not (run_dir / "data" / "copies" / "b_half.jpg").exists()
     assert main(["undo", str(log)]) == 0
+
+
+def test_a_move_to_the_scanned_folders_parent_that_lands_back_in_it_is_refused(photo_paths, tmp_path, capsys):
+    """--to DATA's parent, with DATA holding a folder of its own name: data/data/y.jpg was moved
+    to data/y.jpg, inside DATA again (the next run finds it)."""
+    data = tmp_path / "data"
+    (data / "data").mkdir(parents=True)
+    (data / "x.jpg").write_bytes(photo_paths[0].read_bytes())
+    (data / "data" / "y.jpg").write_bytes(photo_paths[0].read_bytes())
+    assert main(["dedupe", str(data), "--out", str(tmp_path / "out"), "--tiers", "screen", "--scheduler", "sync",
+                 "--quiet"]) == 0
+    assert main(["plan", str(tmp_path / "out"), "--keep", "shortest_path"]) == 0
+    before = snapshot(data)
+    capsys.readouterr()
+    assert main(["apply", str(tmp_path / "out" / "plan.parquet"), "--action", "move", "--to", str(tmp_path),
+                 "--execute"]) == 2
+    assert "would put it back inside that folder" in capsys.readouterr().err
+    assert snapshot(data) == before
