@@ -132,8 +132,8 @@ def classify(abs_path: str, size: int, cfg: ScanConfig) -> tuple[bool, str | Non
     try:
         with paths.open_bytes(abs_path) as fh:
             head = fh.read(SNIFF_BYTES)
-    except OSError as exc:
-        return ext_is_image, f"cannot read: {exc.strerror or exc}"
+    except OSError as exc:  # (a name without an extension may be an image too: IMG_0002 went unsaid)
+        return ext_is_image or not ext, f"cannot read: {exc.strerror or exc}"
     if size > cfg.max_file_bytes:  # (an image by its bytes alone, e.g. IMG_0002: it was dropped unsaid)
         return sniff(head) is not None, too_large
     found = sniff(head)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -566,9 +567,23 @@ def test_a_folder_that_may_be_read_but_not_entered_is_not_taken_for_an_empty_one
         assert "could not be listed" in done.stderr and "sub (Permission denied)" in done.stderr, done.stderr
         assert json.loads((tmp_path / "o1" / "run.json").read_text())["counts"]["unlisted_folders"] == 1
         assert pd.read_parquet(tmp_path / "o1" / "images.parquet")["path"].tolist() == ["img0.png"]
+        # a file this user cannot read is a row saying so, also by a name without an extension
+        # (an image by its bytes, e.g. IMG_0002: it was left out unsaid); not one of another kind
+        shutil.copy(data / "img0.png", data / "IMG_0002")
+        (data / "notes.txt").write_text("not an image")
+        for name in ("IMG_0002", "notes.txt"):
+            (data / name).chmod(0)
+        done = dedupe(data, tmp_path / "o3")
+        assert done.returncode == 0, done.stderr[-2000:]
+        rows = pd.read_parquet(tmp_path / "o3" / "images.parquet").set_index("path")
+        assert sorted(rows.index) == ["IMG_0002", "img0.png"]
+        assert rows.at["IMG_0002", "error"] == "cannot read: Permission denied"
         done = dedupe(data / "sub", tmp_path / "o2")
         assert done.returncode == 2 and "cannot be listed (Permission denied)" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
         assert not (tmp_path / "o2").exists()
     finally:
         (data / "sub").chmod(0o700)
+        for name in ("IMG_0002", "notes.txt"):
+            if (data / name).exists():
+                (data / name).chmod(0o600)
