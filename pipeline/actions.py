@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -338,6 +339,45 @@ def _relative_name(row) -> str:
     return os.fsdecode(bytes(raw)) if isinstance(raw, (bytes, bytearray)) else str(row.path)
 
 
+def _identity(path: str) -> dict:
+    """The file's device and inode, in the log: `undo` tells the original left in place by an
+    interrupted copy from a copy of it put back since (same bytes, another file)."""
+    st = os.stat(path, follow_symlinks=False)
+    return {"dev": st.st_dev, "ino": st.st_ino}
+
+
+def _is_logged_original(e: dict, path: str) -> bool:
+    """Is `path` the very file `apply` logged in `e`? By device and inode where the log has them
+    (a log from before they were written: by the sha256 alone)."""
+    if not os.path.isfile(path) or os.path.islink(path) or not e.get("sha256"):
+        return False
+    if "ino" in e:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino) == (e["dev"], e["ino"])
+    return sha256_file(path) == e["sha256"]
+
+
+def _remove_stale_parts(dst: str | Path) -> None:
+    """A copy to another file system that a kill stopped leaves `.<name>.<pid>.part` beside its
+    destination (`move_file`): removed, unless its process still runs."""
+    dst = Path(dst)
+    with contextlib.suppress(OSError):
+        for part in dst.parent.glob(f".{glob.escape(dst.name)}.*.part"):
+            pid = part.name[len(dst.name) + 2:-len(".part")]
+            if pid.isdigit() and not _running(int(pid)):
+                part.unlink()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def move_file(src: str | Path, dst: str | Path) -> None:
     """Move one file to `dst` (not there yet); when it fails, nothing is left at `dst` and `src` is
     where it was. shutil.move copies whenever the rename fails, for any reason (a source folder
@@ -373,7 +413,7 @@ def _act(op: str, row, src: str, keeper: str, to: Path | None, log: UndoLog) -> 
         if os.path.lexists(dst):
             raise FileExistsError(f"destination {dst} exists")
         dst.parent.mkdir(parents=True, exist_ok=True)
-        log.write({"op": "move", "path": row.path, "src": src, "dst": str(dst), "sha256": row.sha256})
+        log.write({"op": "move", "path": row.path, "src": src, "dst": str(dst), "sha256": row.sha256, **_identity(src)})
         move_file(src, dst)
         return
     trash = log.trash / _relative_name(row)
@@ -382,7 +422,7 @@ def _act(op: str, row, src: str, keeper: str, to: Path | None, log: UndoLog) -> 
     trash.parent.mkdir(parents=True, exist_ok=True)
     link = {"link": link_target(keeper, src)} if op == "symlink" else {}  # (undo removes only this link)
     log.write({"op": op, "path": row.path, "src": src, "trash": str(trash), "keeper": keeper,
-               "sha256": row.sha256, **link})
+               "sha256": row.sha256, **_identity(src), **link})
     move_file(src, trash)
     if op == "delete":
         return
@@ -542,6 +582,50 @@ def _made_by_apply(entry: dict, path: str) -> bool:
     return False
 
 
+def _undo_one(e: dict, out: Outcome, echo: Callable[[str], None]) -> None:
+    """Put back the original of one log entry (see `undo`)."""
+    src = e["src"]
+    held = e["dst"] if e["op"] == "move" else e["trash"]  # where the original is now
+    _remove_stale_parts(held)  # (an apply stopped while it copied there)
+    if not os.path.lexists(held):
+        if os.path.lexists(src) and not _made_by_apply(e, src):
+            return  # the original is in place: never carried out, or already undone
+        out.failed.append((e["path"], f"the original is neither at {held} nor at {src}"))
+        return
+    if not _made_by_apply(e, src) and _is_logged_original(e, src):
+        # the original never left: a move to another file system (a copy, then the removal of
+        # the original) was stopped before it ended; what it copied is apply's own, not a file
+        os.unlink(held)
+        echo(f"in place (its interrupted copy at {held} removed): {e['path']}")
+        return
+    if e.get("sha256") and os.path.isfile(held) and not os.path.islink(held) \
+            and sha256_file(held) != e["sha256"]:  # (byte for byte, or not at all)
+        out.failed.append((e["path"], f"{held} was changed since `apply` put it there (sha256 differs): "
+                                      "left there"))
+        return
+    if os.path.lexists(src):
+        if not _made_by_apply(e, src):
+            what = "not the link `apply` made" if e["op"] in ("hardlink", "symlink") else "another file"
+            out.failed.append((e["path"], f"{src} exists and is {what}: left alone"))
+            return
+        os.unlink(src)
+    # the folder the run scanned, from the entry's path under it: not made again when it is gone
+    # (an unmounted share: the files went into a new folder where the mount point was)
+    root = src[:-len(e["path"])] if src.endswith("/" + e["path"]) else None
+    if root is not None and not os.path.isdir(root):
+        out.failed.append((e["path"], f"the scanned folder {root} is not there (not mounted?): left in {held}"))
+        return
+    Path(src).parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_parts(src)  # (an undo stopped while it copied back)
+    try:
+        move_file(held, src)
+    except OSError as exc:
+        out.failed.append((e["path"], f"cannot put it back from {held}: {exc}"))
+        return
+    echo(f"restored: {e['path']}")
+    out.done.append(e["path"])
+
+
 def undo(log_path: str | Path, echo: Callable[[str], None] = print,
          warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Outcome:
     """Replay an undo log backwards. Entries already undone (or never carried out) are skipped,
@@ -562,39 +646,10 @@ def undo(log_path: str | Path, echo: Callable[[str], None] = print,
                 raise PlanError(f"undo log {str(log_path)!r}, line {n}: not JSON") from None
     out = Outcome()
     for e in reversed(entries):
-        src = e["src"]
-        held = e["dst"] if e["op"] == "move" else e["trash"]  # where the original is now
-        if not os.path.lexists(held):
-            if os.path.lexists(src) and not _made_by_apply(e, src):
-                continue  # the original is in place: never carried out, or already undone
-            out.failed.append((e["path"], f"the original is neither at {held} nor at {src}"))
-            continue
-        if os.path.isfile(src) and not os.path.islink(src) and not _made_by_apply(e, src) \
-                and e.get("sha256") and sha256_file(src) == e["sha256"]:
-            # the original never left: a move to another file system (a copy, then the removal of
-            # the original) was stopped before it ended; what it copied is apply's own, not a file
-            os.unlink(held)
-            echo(f"in place (its interrupted copy at {held} removed): {e['path']}")
-            continue
-        if e.get("sha256") and os.path.isfile(held) and not os.path.islink(held) \
-                and sha256_file(held) != e["sha256"]:  # (byte for byte, or not at all)
-            out.failed.append((e["path"], f"{held} was changed since `apply` put it there (sha256 differs): "
-                                          "left there"))
-            continue
-        if os.path.lexists(src):
-            if not _made_by_apply(e, src):
-                what = "another file" if e["op"] == "move" else "not the link `apply` made"
-                out.failed.append((e["path"], f"{src} exists and is {what}: left alone"))
-                continue
-            os.unlink(src)
-        Path(src).parent.mkdir(parents=True, exist_ok=True)
         try:
-            move_file(held, src)
-        except OSError as exc:
-            out.failed.append((e["path"], f"cannot put it back from {held}: {exc}"))
-            continue
-        echo(f"restored: {e['path']}")
-        out.done.append(e["path"])
+            _undo_one(e, out, echo)
+        except OSError as exc:  # (a file that cannot be read or removed: named, the others go on)
+            out.failed.append((e["path"], f"cannot be restored: {exc}"))
     trash = log_path.with_name(log_path.stem + ".trash")
     if trash.is_dir():  # drop the emptied trash folders (a file left there means a failure above)
         for folder, dirs, files in os.walk(trash, topdown=False):

@@ -442,9 +442,9 @@ def test_undo_after_a_move_to_another_file_system_was_stopped(run_dir, capsys):
     log = run_dir / "undo.jsonl"
     assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute", "--log", str(log)]) == 0
     entries = [json.loads(line) for line in log.read_text().splitlines()]
-    for n, e in enumerate(entries):  # put each original back as if its removal never happened
-        Path(e["src"]).write_bytes(Path(e["trash"]).read_bytes())
-        os.utime(e["src"], ns=(before[e["path"]][3], before[e["path"]][3]))
+    for n, e in enumerate(entries):  # each original back in place, as if its removal never happened,
+        os.rename(e["trash"], e["src"])  # (the same file: a copy put back by hand is another, below)
+        Path(e["trash"]).write_bytes(Path(e["src"]).read_bytes())  # beside apply's copy
         if n == 0:  # and the first copy cut short
             with open(e["trash"], "r+b") as fh:
                 fh.truncate(100)
@@ -694,3 +694,83 @@ def test_a_move_to_the_scanned_folders_parent_that_lands_back_in_it_is_refused(p
                  "--execute"]) == 2
     assert "would put it back inside that folder" in capsys.readouterr().err
     assert snapshot(data) == before
+
+
+def test_undo_leaves_the_trash_alone_when_a_copy_was_put_back_by_hand(run_dir, capsys):
+    """After a delete, the user copies a file back by hand (same bytes, a new file): undo took it
+    for the original left in place by an interrupted copy and deleted the original from the trash
+    (its modification time lost), exit 0. Now that copy is left alone and the original stays in
+    the trash, named (exit 1); the other files are restored."""
+    data = run_dir / "data"
+    log = run_dir / "undo.jsonl"
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute", "--log", str(log)]) == 0
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    mine = entries[0]
+    Path(mine["src"]).write_bytes(Path(mine["trash"]).read_bytes())
+    capsys.readouterr()
+    assert main(["undo", str(log)]) == 1
+    err = capsys.readouterr().err
+    assert f"{mine['src']} exists and is another file: left alone" in err, err
+    assert Path(mine["trash"]).exists()
+    assert all(Path(e["src"]).exists() and not Path(e["trash"]).exists() for e in entries[1:])
+
+
+def test_undo_does_not_make_a_missing_scanned_folder_again(run_dir, capsys):
+    """DATA gone (an unmounted share): undo made its folders again and put the files there, where
+    the share mounts over them. Now it names the folder and leaves the files in the trash."""
+    data = run_dir / "data"
+    log = run_dir / "undo.jsonl"
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute", "--log", str(log)]) == 0
+    os.rename(data, run_dir / "unmounted")
+    capsys.readouterr()
+    assert main(["undo", str(log)]) == 1
+    assert "is not there (not mounted?)" in capsys.readouterr().err
+    assert not data.exists()
+    os.rename(run_dir / "unmounted", data)
+    assert main(["undo", str(log)]) == 0
+    assert not (run_dir / "undo.trash").exists()
+
+
+def test_undo_removes_the_part_files_a_stopped_copy_left(run_dir, capsys, monkeypatch):
+    """A copy to another file system stopped by a kill leaves `.<name>.<pid>.part` beside its
+    destination: in the trash (apply stopped) or in DATA (undo stopped). They stayed, in the
+    user's folder too; undo now removes those of processes that no longer run."""
+    import subprocess
+    import sys
+    from pipeline import actions
+    log = run_dir / "undo.jsonl"
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute", "--log", str(log)]) == 0
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # (a pid no process has now)
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    left = [Path(entries[0]["trash"]).with_name(f".{Path(entries[0]['trash']).name}.{gone}.part"),
+            Path(entries[1]["src"]).with_name(f".{Path(entries[1]['src']).name}.{gone}.part")]
+    ours = Path(entries[2]["src"]).with_name(f".{Path(entries[2]['src']).name}.{os.getpid()}.part")  # (running)
+    for part in (*left, ours):
+        part.write_bytes(b"half a copy")
+    assert main(["undo", str(log)]) == 0
+    assert not any(p.exists() for p in left) and ours.exists()
+    assert actions._running(os.getpid()) and not actions._running(int(gone))
+
+
+def test_undo_names_a_file_it_cannot_read_and_goes_on(run_dir, capsys, monkeypatch):
+    """A file at a restore place this user cannot read: undo stopped with a traceback, the other
+    files left in the trash. (A stand-in raises for the read: the tests may run as root.)"""
+    from pipeline import actions
+    log = run_dir / "undo.jsonl"
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "move", "--to", str(run_dir / "moved"),
+                 "--execute", "--log", str(log)]) == 0
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    real = actions.sha256_file
+
+    def reading(path):
+        if str(path) == entries[0]["dst"]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(actions, "sha256_file", reading)
+    capsys.readouterr()
+    assert main(["undo", str(log)]) == 1
+    err = capsys.readouterr().err
+    assert "Permission denied" in err and entries[0]["path"] in err and "Traceback" not in err
+    assert all(Path(e["src"]).exists() for e in entries[1:])
