@@ -832,7 +832,7 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
             n_clusters=len(data["clusters"]), n_pairs=len(data["pairs"]), n_errors=len(data["errors"]),
             clusters_total=data["meta"]["clusters_total"], errors_total=data["meta"]["errors_total"],
             rules=RULE_CODES, keep=rcfg.keep, decide=(manifest.get("config") or {}).get("decide", {}),
-            tiers=(manifest.get("config") or {}).get("tiers"))
+            verify=(manifest.get("config") or {}).get("verify", {}), tiers=(manifest.get("config") or {}).get("tiers"))
         (tmp / "index.html").write_text(page, encoding="utf-8")
         final = out_dir / "report"
         old = out_dir / f".report-old-{uuid.uuid4().hex[:12]}"

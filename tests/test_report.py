@@ -888,3 +888,25 @@ def test_pairs_orb_matched_nothing_in_are_not_drawn():
     pairs = [[0, 1, 0, None, None], [0, 2, 3, 40, 30], [3, 4, 5, 0, 0], [5, 6, 6, 12, 2], [7, 8, 2, 0, 0]]
     data = {"pairs": pairs, "clusters": [["0", [0, 1, 2], 0, [0, 1], 2]], "rejected": [4, 2, 3]}
     assert _draw_list(data, ReportConfig(draw_pairs=5, draw_rejected=2)) == [1, 3]
+
+
+def test_the_legend_gives_the_thresholds_that_decided_this_run(review_data, review_run, tmp_path):
+    """A screen-only run's pairs are decided by decide.screen_only_distance, a verify run's by
+    verify.match_inliers: the legend named the confirm tier's thresholds for every run (ORB
+    inliers and cosine where neither was looked at), and never the pixel check's."""
+    import html
+    from pipeline.cli import main
+
+    def legend(out: Path) -> str:
+        page = html.unescape(re.sub(r"\s+", " ", (out / "report" / "index.html").read_text(encoding="utf-8")))
+        return page[page.index("Thresholds of this run"):].split("</li>")[0]
+
+    full = legend(review_run)
+    assert "accept at ≥ 25 ORB inliers" in full and "cosine ≥ 0.78" in full and "SSIM ≥ 0.8" in full, full
+    for tiers, wanted, unwanted in (("screen", "duplicate at hash distance ≤ 3", ("ORB", "cosine", "SSIM")),
+                                    ("verify", "duplicate at ≥ 15 ORB inliers", ("cosine",))):
+        out = tmp_path / tiers
+        assert main(["dedupe", str(review_data), "--out", str(out), "--tiers", tiers, "--scheduler", "sync", "--quiet",
+                     "--no-catalog", "--set", "decide.screen_only_distance=3"]) == 0
+        text = legend(out)
+        assert wanted in text and not any(w in text for w in unwanted), text
