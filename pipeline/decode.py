@@ -44,6 +44,12 @@ Image.MAX_IMAGE_PIXELS = None
 PngImagePlugin.MAX_TEXT_CHUNK = 32 * 2**20
 PngImagePlugin.MAX_TEXT_MEMORY = 64 * 2**20
 
+# Pillow's warning about a damaged EXIF block, raised as a file is opened or its orientation read:
+# not fatal (the picture decodes; the orientation is left as it is), and printed without the
+# file's name it is noise on a batch job's stderr (a filter set once: catch_warnings around each
+# call is not thread-safe)
+warnings.filterwarnings("ignore", message=r"(Possibly )?[Cc]orrupt EXIF data", category=UserWarning)
+
 # formats decoded at a reduced DCT scale: a camera JPEG with an MPF preview (Nikon, Canon, Fuji)
 # opens as "MPO", a JPEG with a second picture appended; it was decoded at full size by every tier
 JPEG_FORMATS = ("JPEG", "MPO")

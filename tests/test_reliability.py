@@ -587,3 +587,19 @@ def test_a_folder_that_may_be_read_but_not_entered_is_not_taken_for_an_empty_one
         for name in ("IMG_0002", "notes.txt"):
             if (data / name).exists():
                 (data / name).chmod(0o600)
+
+
+def test_a_broken_exif_block_says_nothing_on_stderr(tmp_path):
+    """Pillow warns "Corrupt EXIF data" as such a file is opened, without its name: on a batch
+    job's stderr, noise (the picture decodes; its row is fine)."""
+    from tests.reliability_corpus import _broken_exif
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "broken_exif.jpg").write_bytes(_broken_exif())
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", str(tmp_path / "o"),
+                           "--tiers", "verify", "--scheduler", "sync", "--quiet"], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "EXIF" not in done.stderr and "Warning" not in done.stderr, done.stderr
+    assert pd.read_parquet(tmp_path / "o" / "images.parquet")["error"].isna().all()
