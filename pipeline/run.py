@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import ctypes
 import functools
 import hashlib
@@ -775,10 +776,10 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
             raise ConfigError(f"input folder {str(root)!r} does not exist or is not a folder: "
                               "pass DATA=<folder of images>")
         try:  # (a folder that cannot be listed, or entered, would read as an empty collection)
-            with paths.scandir(str(root.absolute())) as it:
-                for entry in it:
-                    entry.stat(follow_symlinks=False)  # (read permission without execute lists names only)
-                    break
+            with paths.scandir(str(root.absolute())):
+                pass
+            if not scan.enterable(str(root.absolute())):  # (read permission without execute: names only)
+                raise PermissionError(errno.EACCES, "Permission denied", str(root))
         except OSError as exc:
             raise ConfigError(f"input folder {str(root)!r} cannot be listed ({exc.strerror}): give this user "
                               "read and execute permission on it") from None

@@ -270,6 +270,18 @@ def _not_a_file(mode: int, path) -> str:
     return "cannot read: not a regular file (a pipe, socket or device)"
 
 
+def enterable(folder: str) -> bool:
+    """Can this user look up names in `folder` (execute permission)? Its own `.` is looked up
+    through it. A folder whose path is too long to take here counts as enterable."""
+    try:
+        os.stat(os.path.join(folder, "."))
+    except PermissionError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _listing(dir_abs: str, cfg: ScanConfig) -> tuple[list[str], array, array, dict] | OSError:
     """A folder's entries to walk, in the order listed: their names, their stat fields as flat
     arrays (mode, size, mtime_ns, st_dev, st_ino per entry; mtime) and, by entry number, the
@@ -294,8 +306,10 @@ def _listing(dir_abs: str, cfg: ScanConfig) -> tuple[list[str], array, array, di
                 except OSError:
                     try:  # a dangling link: listed by its own fields (`_not_a_file`)
                         st = entry.stat(follow_symlinks=False)
-                    except PermissionError as exc:  # (a folder that may be read but not entered:
-                        return exc                  # no entry in it can be looked at)
+                    except PermissionError as exc:
+                        if not enterable(dir_abs):  # (read permission without execute: no entry in
+                            return exc               # the folder can be looked at)
+                        continue  # one entry that refuses it (another user's FUSE mount, an ACL)
                     except OSError:
                         continue  # an entry gone since the listing
                     if not stat.S_ISLNK(st.st_mode):

@@ -248,3 +248,44 @@ def test_camera_raw_files_are_error_rows_not_their_previews(tmp_path):
         assert sorted(images.index) == sorted(["IMG_0001.jpg", *raw])
         assert (images.loc[raw, "error"] == RAW_ERROR).all(), images["error"].to_dict()
         assert pd.isna(images.loc["IMG_0001.jpg", "error"]) and images["cluster_id"].isna().all()
+
+
+def test_one_entry_that_refuses_a_look_leaves_its_folder_listed(tmp_path, monkeypatch):
+    """A folder that may be read but not entered is named as not listed; one entry whose look-up
+    alone is refused (another user's FUSE mount point, an ACL) in a folder this user can enter is
+    skipped, the rest listed (a first version of the check dropped the whole folder). The refusal
+    is raised by a stand-in for the entry: the tests may run as root."""
+    import contextlib
+    import errno
+    from pipeline import paths
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "mnt").mkdir()
+    for path in (tmp_path / "a.png", tmp_path / "sub" / "b.png"):
+        Image.new("RGB", (64, 48), (10, 90, 200)).save(path)
+
+    class Refusing:
+        def __init__(self, entry):
+            self._entry, self.name, self.path = entry, entry.name, entry.path
+
+        def is_symlink(self):
+            return self._entry.is_symlink()
+
+        def is_dir(self, **kw):
+            return self._entry.is_dir(**kw)
+
+        def stat(self, follow_symlinks=True):
+            if self.name == "mnt":
+                raise PermissionError(errno.EACCES, "Permission denied", self.path)
+            return self._entry.stat(follow_symlinks=follow_symlinks)
+
+    real = paths.scandir
+
+    @contextlib.contextmanager
+    def listing(path):
+        with real(path) as it:
+            yield (Refusing(e) for e in it)
+
+    monkeypatch.setattr(paths, "scandir", listing)
+    unlisted: list = []
+    found = sorted(f.path for f in iter_files(tmp_path, ScanConfig(), unlisted=unlisted))
+    assert found == ["a.png", "sub/b.png"] and unlisted == []
