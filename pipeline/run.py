@@ -177,15 +177,23 @@ def check_dashboard_served(address: str) -> None:
     import socket
     text = str(address).strip()
     host = text.rpartition(":")[0].strip("[]")
-    if text.lower() in ("", "none", "null") or not host:
+    if text.lower() in ("", "none", "null") or not host or "," in text:  # (a list: Dask's to check)
         return
     try:
-        family, kind, _, _, where = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind) as probe:
-            probe.bind(where)
+        found = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise ConfigError(f"dask.dashboard_address: {address!r} cannot be served on this machine ({exc}): give "
-                          "one of its own addresses (e.g. :8787 or 127.0.0.1:8787), or none for no dashboard") from None
+        problem = exc
+    else:
+        problem = None
+        for family, kind, _, _, where in found:  # (served when any of them can be: as Tornado does)
+            try:
+                with socket.socket(family, kind) as probe:
+                    probe.bind(where)
+                return
+            except OSError as exc:
+                problem = exc
+    raise ConfigError(f"dask.dashboard_address: {address!r} cannot be served on this machine ({problem}): give "
+                      "one of its own addresses (e.g. :8787 or 127.0.0.1:8787), or none for no dashboard")
 
 
 def worker_environ():
@@ -228,6 +236,7 @@ def dask_client(cfg: Config, scheduler: str | None, lazy: bool = False) -> Itera
         # no dashboard: Dask's bokeh pages off, and its scheduler's own HTTP server (always there)
         # on a free port (None made Dask take :8787 anyway; "none" was taken for a host name)
         dashboard = str(cfg.dask.dashboard_address).strip().lower() not in ("", "none", "null")
+        check_dashboard_served(cfg.dask.dashboard_address)  # (the auto scheduler's start: exit 2, not a traceback)
         with worker_environ():
             with _sigint_blocked():  # (while the workers are spawned)
                 cluster = LocalCluster(
@@ -818,7 +827,7 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         from pipeline import weights  # fail before any heavy work when the weights are missing
         weights_info = weights.check_weights_available(cfg.embed)
     check_reachable(target_of(cfg, scheduler))
-    if target_of(cfg, scheduler) in ("auto", "local"):
+    if target_of(cfg, scheduler) == "local":  # ("auto": checked as its cluster starts, if it does)
         check_dashboard_served(cfg.dask.dashboard_address)
     if cfg.work_dir and not storage.is_url(cfg.work_dir):  # (found only when the tiers wrote there)
         try:

@@ -199,6 +199,9 @@ def _environments(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("dashboard on no host of this machine", [str(tmp / "d"), "--out", str(tmp / "o8"), "--scheduler", "local",
                                                   "--set", "dask.dashboard_address=no.such.host.invalid:8787"],
          "cannot be served on this machine"),
+        ("the same, as the auto scheduler starts its cluster",
+         [str(tmp / "d"), "--out", str(tmp / "o9"), "--set", "dask.dashboard_address=no.such.host.invalid:8787",
+          "--set", "dask.auto_max_files=0"], "cannot be served on this machine"),
     ]
 
 
@@ -213,6 +216,9 @@ def test_bad_environments_exit_2_with_what_to_fix(tmp_path, capsys):
                 and Path(args[2]).exists():  # (checked before OUT is made)
             failures.append(f"{name}: OUT was made")
     assert not failures, "\n".join(failures)
+    # (an auto run that stays in-process starts no cluster: its dashboard setting is not refused)
+    assert main(["dedupe", str(tmp_path / "d"), "--out", str(tmp_path / "o10"), "--tiers", "screen", "--quiet",
+                 "--set", "dask.dashboard_address=no.such.host.invalid:8787"]) == 0
 
 
 # ---------------------------------------------------------------------------------------------
