@@ -6,7 +6,6 @@ to fix (the CLI turns `ConfigError` into exit code 2).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import types
@@ -304,15 +303,11 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}{_exponent_hint(value, whole=True)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            hint = ""
-            if isinstance(value, str):
-                with contextlib.suppress(ValueError):  # (YAML 1.1 reads 1e3 as text: a dot and a signed exponent)
-                    hint = f" (write it as {float(value):.1e}: YAML reads an exponent without a dot and a sign as text)"
-            raise ConfigError(f"{key}: expected a number, got {value!r}{hint}")
+            raise ConfigError(f"{key}: expected a number, got {value!r}{_exponent_hint(value)}")
         return float(value)
     if tp is str:
         if value is None:
@@ -321,6 +316,20 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected text, got {value!r}")
         return str(value)
     return value
+
+
+def _exponent_hint(value: Any, whole: bool = False) -> str:
+    """How to write a number YAML 1.1 read as text (`1e3`, `2E8`: PyYAML takes an exponent only
+    after a dot and with a sign), or "" for other values."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    if whole:
+        return f" (write it as {int(number)}: YAML reads {value} as text)" if number.is_integer() else ""
+    return f" (write it as {number!r}: YAML reads {value} as text)"
 
 
 def _apply(obj: Any, data: dict, prefix: str = "") -> None:

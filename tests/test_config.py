@@ -206,7 +206,10 @@ def test_a_section_left_with_every_key_commented_out_changes_nothing(tmp_path):
 def test_a_number_yaml_reads_as_text_is_refused_with_how_to_write_it(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("verify:\n  ransac_threshold: 1e3\n")  # (YAML 1.1: text without a dot)
-    with pytest.raises(ConfigError, match=r"ransac_threshold: expected a number, got '1e3' \(write it as 1.0e\+03"):
+    with pytest.raises(ConfigError, match=r"ransac_threshold: expected a number, got '1e3' \(write it as 1000.0:"):
         load_config(cfg_file)
     cfg_file.write_text("verify:\n  ransac_threshold: 1.0e+03\n")
     assert load_config(cfg_file).verify.ransac_threshold == 1000.0
+    cfg_file.write_text("screen:\n  max_pixels: 2e8\n")  # (a whole-number setting: 2.0e+08 is not one either)
+    with pytest.raises(ConfigError, match=r"max_pixels: expected a whole number, got '2e8' \(write it as 200000000:"):
+        load_config(cfg_file)
