@@ -831,6 +831,7 @@ def write_report(out_dir: str | Path, images: pd.DataFrame, pairs: pd.DataFrame,
             root=manifest.get("root"), finished=manifest.get("finished"), counts=counts,
             n_clusters=len(data["clusters"]), n_pairs=len(data["pairs"]), n_errors=len(data["errors"]),
             clusters_total=data["meta"]["clusters_total"], errors_total=data["meta"]["errors_total"],
+            n_rejected=len(data["rejected"]), rejected_total=data["meta"]["rejected_total"],
             rules=RULE_CODES, keep=rcfg.keep, decide=(manifest.get("config") or {}).get("decide", {}),
             verify=(manifest.get("config") or {}).get("verify", {}), tiers=(manifest.get("config") or {}).get("tiers"))
         (tmp / "index.html").write_text(page, encoding="utf-8")

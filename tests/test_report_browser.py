@@ -316,6 +316,13 @@ def test_a_name_holding_backslash_x_links_its_file_and_a_malformed_link_still_op
             tag, href = by_text[text]
             assert tag == "A" and unquote(href[len("file://"):]) == str(data / text)
         assert b.errors() == []
+        # empty lists say so (a bare table header before), and the rejected tab gives its count
+        assert b.evaluate("document.getElementById('tab-rejected').textContent.replace(/\\s+/g, ' ')") \
+            == "Closest rejected pairs (0)"
+        for view, text in (("rejected", "No pair was rejected."), ("errors", "Every file was read.")):
+            b.evaluate(f"location.hash = 'view={view}'")
+            b.wait_for(f"document.getElementById('app').textContent.indexOf({text!r}) >= 0")
+        assert b.errors() == []
     for hash_ in ("#view=%E0%A4%A", "#pair=", "#pair=%zz"):
         with Browser() as b:
             b.open((out / "report" / "index.html").as_uri() + hash_)

@@ -75,7 +75,7 @@
     prev.addEventListener("click", function () { onPage(page - 1); });
     next.addEventListener("click", function () { onPage(page + 1); });
     return {page: page, node: el("div", {cls: "pager"}, [prev, "page " + (page + 1) + " of " + pages +
-      " (" + total + " shown)", next])};
+      " (" + total + " in all)", next])};
   }
   function imageDetails(im) {  // size, pixels, format, mtime ("?" for what the run could not read)
     return fmtBytes(im[I.bytes]) + " \u00b7 " + (im[I.w] === null ? "?" : im[I.w] + "\u00d7" + im[I.h]) +
@@ -198,6 +198,8 @@
     app.appendChild(pg.node);
     app.appendChild(pairTable(hits.slice(pg.page * size, (pg.page + 1) * size).map(function (x) {
       return pairRow(x[0], x[1]); }), true));
+    if (!hits.length) app.appendChild(el("p", {text: D.rejected.length ? "No rejected pair matches the filters."
+                                                                       : "No pair was rejected."}));
   }
   function viewErrors(f) {
     var hits = D.errors.filter(function (i) { return pathMatches(i, f); });
@@ -207,6 +209,8 @@
       .concat(hits.slice(pg.page * size, (pg.page + 1) * size).map(function (i) {
         return el("tr", {cls: "error-row"}, [el("td", {text: D.images[i][I.path]}), el("td", {text: D.images[i][I.error]})]);
       }))));
+    if (!hits.length) app.appendChild(el("p", {text: D.errors.length ? "No file with an error matches the search."
+                                                                     : "Every file was read."}));
   }
   function viewPair(i) {
     var p = D.pairs[i];
