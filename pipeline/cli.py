@@ -179,7 +179,8 @@ def build_parser(prog: str = "dedupe") -> argparse.ArgumentParser:
     run.add_argument("--out", default="out", help="output folder or URL (default: out)")
     run.add_argument("--preset", default=None, choices=preset_names(),
                      help="named settings: fast, default, high-recall or strict (see below)")
-    run.add_argument("--config", default=None, help="YAML config file (keys as in the default preset)")
+    run.add_argument("--config", default=None, action="append",
+                     help="YAML config file (keys as in the default preset)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set screen.max_distance=12 (repeatable)")
     run.add_argument("--tiers", choices=["screen", "verify", "confirm"], default=None,
@@ -473,6 +474,18 @@ def main(argv: list[str] | None = None) -> int:
         if (args.catalog is not None or set_catalog) and args.no_catalog:
             raise ConfigError(f"{'--catalog' if args.catalog is not None else '--set ' + set_catalog[0]} and "
                               "--no-catalog contradict each other: pass one of them")
+        # (each of these was settled in silence, the flag or the last one winning)
+        set_tiers = [o for o in args.overrides if o.strip().startswith("tiers=")  # (a bad value: said as such)
+                     and o.split("=", 1)[1].strip() in ("screen", "verify", "confirm")]
+        for flag, given, said in (("--catalog", args.catalog, set_catalog), ("--tiers", args.tiers, set_tiers)):
+            if given is not None and said and said[-1].split("=", 1)[1].strip() != str(given):
+                raise ConfigError(f"{flag} {given} and --set {said[-1].strip()} contradict each other: pass one of them")
+        if args.config is not None and len(args.config) > 1:
+            raise ConfigError(f"--config is given {len(args.config)} times (only the last one would apply): put "
+                              "the settings in one file, or give the others' keys with --set")
+        args.config = args.config[0] if args.config else None
+        if args.scheduler is not None and not args.scheduler.strip():
+            raise ConfigError("--scheduler is empty (it meant 'auto'): give auto, local, sync or a scheduler address")
         overrides = list(args.overrides) + ([f"tiers={args.tiers}"] if args.tiers else [])
         overrides += [f"catalog={args.catalog}"] if args.catalog is not None else []
         overrides += ["catalog=none"] if args.no_catalog else []

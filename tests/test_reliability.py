@@ -177,6 +177,7 @@ def _environments(tmp: Path) -> list[tuple[str, list[str], str]]:
     (tmp / "afile").write_text("x")
     (tmp / "bad.yaml").write_text("screen: [unclosed\n")
     (tmp / "list.yaml").write_text("- a\n- b\n")
+    (tmp / "empty.yaml").write_text("")
     locked = tmp / "locked"
     locked.mkdir()
     return [
@@ -199,6 +200,16 @@ def _environments(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("dashboard on no host of this machine", [str(tmp / "d"), "--out", str(tmp / "o8"), "--scheduler", "local",
                                                   "--set", "dask.dashboard_address=no.such.host.invalid:8787"],
          "cannot be served on this machine"),
+        # (settled in silence before: the last --config, the flag over --set, '' meaning auto)
+        ("two config files", [str(tmp / "d"), "--out", str(tmp / "o12"), "--config", str(tmp / "empty.yaml"),
+                              "--config", str(tmp / "empty.yaml")], "--config is given 2 times"),
+        ("--tiers and another --set tiers", [str(tmp / "d"), "--out", str(tmp / "o13"), "--set", "tiers=verify"],
+         "--tiers screen and --set tiers=verify contradict each other"),
+        ("--catalog and another --set catalog", [str(tmp / "d"), "--out", str(tmp / "o14"), "--catalog",
+                                                 str(tmp / "c1"), "--set", f"catalog={tmp / 'c2'}"],
+         "contradict each other"),
+        ("an empty --scheduler", [str(tmp / "d"), "--out", str(tmp / "o15"), "--scheduler", ""],
+         "--scheduler is empty"),
         ("the same, as the auto scheduler starts its cluster",
          [str(tmp / "d"), "--out", str(tmp / "o9"), "--set", "dask.dashboard_address=no.such.host.invalid:8787",
           "--set", "dask.auto_max_files=0"], "cannot be served on this machine"),
