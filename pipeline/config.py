@@ -532,8 +532,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+    except yaml.YAMLError as exc:  # (one line: the whole text of exc was 5, with a "<unicode string>")
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({problem}); quote a text value, "
+                          "e.g. --set 'work_dir=\"/a b\"'") from None
     return key.strip(), value
 
 

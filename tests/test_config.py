@@ -42,6 +42,13 @@ def test_bad_overrides_say_what_to_fix(override, message):
         load_config(None, [override])
 
 
+def test_an_override_that_is_not_yaml_is_one_line():
+    """(It was PyYAML's whole text: 5 lines, with a "<unicode string>" and a caret.)"""
+    with pytest.raises(ConfigError, match=r"value is not valid YAML \(expected the node content") as exc:
+        load_config(None, ["screen.max_distance=[1,"])
+    assert "\n" not in str(exc.value) and "<unicode string>" not in str(exc.value)
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
