@@ -215,6 +215,10 @@ def check_plan(plan: pd.DataFrame, name: str = "the plan") -> None:
 
     if plan["cluster_id"].isna().any():
         refuse("rows without a cluster_id", plan[plan["cluster_id"].isna()])
+    for column in ("cluster_id", "image_id"):  # (64-bit ids: a float tells ids apart only to 53 bits)
+        if pd.api.types.is_float_dtype(plan[column]):
+            raise PlanError(f"plan file {name!r}: its {column} column holds floating-point numbers, which cannot "
+                            "hold 64-bit ids exactly (a table tool's conversion?): make it again with `dedupe plan`")
     if any((plan[c].isna() | (plan[c].astype(object) == "")).any() for c in ("path", "abs_path")):
         raise PlanError(f"plan file {name!r}: rows without a path or abs_path; make it again with `dedupe plan`")
     # (as written, "./a.jpg" and "a.jpg" were two paths: the keeper could be removed as the other)

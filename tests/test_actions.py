@@ -653,6 +653,8 @@ def test_a_plan_row_edited_into_another_cluster_or_spelled_anew_is_refused(run_d
                                         bytes=int(lone["bytes"]), sha256=lone["sha256"], image_id=int(lone["image_id"]),
                                         mtime=pd.Timestamp(lone["mtime"]))
     refused(pd.concat([plan, added], ignore_index=True), "rows that are not in the cluster run")
+    # ids as floats (e.g. a pandas concat with a missing value): named as such, not as every row moved
+    refused(plan.astype({"cluster_id": "float64"}), "its cluster_id column holds floating-point numbers")
 
 
 def test_a_file_that_cannot_be_read_is_refused_and_the_rest_go_on(run_dir, capsys, monkeypatch):
