@@ -306,6 +306,10 @@ def open_checked(path: str | Path, max_pixels: int, max_decode_bytes: int | None
                                   "(corrupt or truncated?)") from None
             raise DecodeError("not a recognised image format") from None
     except (OSError, ValueError, SyntaxError) as exc:
+        if "MAX_TEXT_CHUNK" in str(exc) or "MAX_TEXT_MEMORY" in str(exc):  # (Pillow's words name its constants)
+            raise DecodeError(f"PNG text too large: a text or profile chunk decompresses past the limit of "
+                              f"{PngImagePlugin.MAX_TEXT_CHUNK // 2**20} MiB a chunk, "
+                              f"{PngImagePlugin.MAX_TEXT_MEMORY // 2**20} MiB a file") from None
         said = scan.sniff(_head(path))  # (which format's reader failed, for a reader's bare words:
         # "could not create decoder object" was a truncated WebP)
         where = f" (its first bytes say {said}: corrupt or truncated?)" if said else ""

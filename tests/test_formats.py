@@ -447,6 +447,12 @@ def test_a_png_with_megabytes_of_metadata_decodes(photo):
         info.add_itxt("XML:com.adobe.xmp", xmp, zip=zipped)
         img, size, fmt = load_image(saved(photo, "PNG", pnginfo=info), min_side=64)
         assert fmt == "PNG" and size == photo.size
+    # past the limit (32 MiB a chunk): said so, not Pillow's "MAX_TEXT_CHUNK" and "corrupt or truncated?"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "x" * (33 * 2**20), zip=True)
+    with pytest.raises(DecodeError, match=r"^PNG text too large: a text or profile chunk decompresses past the "
+                                          r"limit of 32 MiB a chunk, 64 MiB a file$"):
+        load_image(saved(photo.resize((64, 48)), "PNG", pnginfo=info), min_side=64)
 
 
 def _icon_holding(png: bytes, side: int = 0) -> bytes:
