@@ -12,7 +12,7 @@ CONFIG ?=
 ARGS ?=
 export SHARED
 
-.PHONY: install test reliability dedupe bench eval weights browser clean airflow-example fastdup azurite
+.PHONY: install test reliability dedupe dedupe-usage bench eval weights browser clean airflow-example fastdup azurite
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,11 @@ test: install
 reliability: install
 	$(PY) -m pytest -q -m reliability
 
-dedupe: install weights
+# (the usage checked first: a missing DATA= is said before any install)
+dedupe-usage:
 	@test -n "$(DATA)" || { echo "usage: make dedupe DATA=path/to/images [OUT=out] [PRESET=default|fast|high-recall|strict] [CONFIG=my.yaml] [ARGS='--set key=value']" >&2; exit 2; }
+
+dedupe: dedupe-usage install weights
 	DEDUPE_PROG=make $(PY) -m pipeline dedupe "$(DATA)" --out "$(OUT)" --preset "$(PRESET)" $(if $(CONFIG),--config "$(CONFIG)") $(ARGS)
 
 # Seed the Keras cache from a local mirror of the weights, when there is one (offline machines).

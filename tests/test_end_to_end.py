@@ -402,3 +402,14 @@ def test_the_cli_module_runs_as_the_command_does(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "dedupe", str(tmp_path / "nope"), "--out",
                            str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert done.returncode == 2 and "does not exist" in done.stderr, done.stderr
+
+
+def test_make_dedupe_without_data_says_its_usage_before_any_install():
+    """`make dedupe` without DATA= ran the install (pip, minutes on a fresh checkout) and the
+    weights' seeding before it said what was missing. (make -n: what make would run, in order.)"""
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    # (--no-print-directory: under `make test` this make is a sub-make, which says where it is first)
+    planned = subprocess.run(["make", "-n", "--no-print-directory", "dedupe", "DATA="], capture_output=True,
+                             text=True, cwd=REPO, timeout=60).stdout.splitlines()
+    assert planned and planned[0].startswith('test -n ""') and "usage: make dedupe DATA=" in planned[0], planned[:3]
