@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import signal
@@ -409,7 +410,17 @@ def report_command(args) -> int:
     from pipeline.outdir import locked
     try:
         with locked(Path(run.out_dir), option="OUT (the run's folder must be writable to rebuild its report)"):
-            print(write_report(current_generation(run.out_dir) or run.out_dir, run.images, run.pairs, run.manifest, cfg))
+            where = current_generation(run.out_dir) or run.out_dir
+            # (a run that published between the read above and the lock: its outputs would have
+            # got the report of the run read, as on a store, `of_run`)
+            try:
+                now = json.loads((Path(where) / "run.json").read_text(encoding="utf-8")).get("run_id")
+            except (OSError, ValueError):
+                now = None
+            if now != run.manifest.get("run_id"):
+                raise ConfigError(f"OUT {str(out)!r} now holds another run ({now}) than the one read "
+                                  f"({run.manifest.get('run_id')}): a run published meanwhile; run `dedupe report` again")
+            print(write_report(where, run.images, run.pairs, run.manifest, cfg))
     except ConfigError as exc:  # another run holds OUT (named), or OUT cannot be written
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -910,3 +910,33 @@ def test_the_legend_gives_the_thresholds_that_decided_this_run(review_data, revi
                      "--no-catalog", "--set", "decide.screen_only_distance=3"]) == 0
         text = legend(out)
         assert wanted in text and not any(w in text for w in unwanted), text
+
+
+def test_a_report_rebuild_does_not_write_into_a_run_published_meanwhile(photo_paths, tmp_path, monkeypatch, capsys):
+    """`dedupe report OUT` read the run, then took OUT's lock and wrote into the generation OUT
+    names: a run that published in between got the report of the run read (its run.json said one
+    run, its report another). Now the rebuild names the change and stops, exit 2."""
+    import json as json_
+    from pipeline import results
+    from pipeline.cli import main
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "out"
+    for folder, photos in ((first, photo_paths[:3]), (second, photo_paths[3:5])):
+        folder.mkdir()
+        for p in photos:
+            (folder / p.name).write_bytes(p.read_bytes())
+    common = ["--tiers", "screen", "--scheduler", "sync", "--no-catalog", "--quiet"]
+    assert main(["dedupe", str(first), "--out", str(out), *common]) == 0
+    read = results.load_run
+
+    def read_then_another_run_publishes(where, *a, **k):
+        run = read(where, *a, **k)
+        assert main(["dedupe", str(second), "--out", str(out), *common]) == 0
+        return run
+
+    monkeypatch.setattr(results, "load_run", read_then_another_run_publishes)
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 2
+    assert "now holds another run" in capsys.readouterr().err
+    now = json_.loads((out / "run.json").read_text())
+    data = (out / "report" / "data.js").read_text()
+    assert now["root"].endswith("second") and str(second) in data and str(first) not in data
