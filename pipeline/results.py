@@ -68,7 +68,12 @@ def derive_rule(pairs: pd.DataFrame) -> pd.Series:
     rule[verify & accepted] = "verify_orb_accept"
     rule[verify & disagrees] = "verify_orb_reject"
     rule[verify & no_embedding] = "confirm_no_embedding"
-    return pd.Series(rule, index=pairs.index, name="rule")
+    # (the pixel check's pairs, and pairs of a file that changed during the run, at any stage:
+    # they were "verify_orb_match" and "exact_bytes", a duplicate's code for a rejected pair)
+    pixel = reason.str.contains(": pixel check SSIM ", regex=False).to_numpy()
+    rule[pixel] = np.where(dup[pixel], "verify_pixel_match", "verify_pixel_mismatch")
+    rule[reason.str.startswith("a file changed during the run").to_numpy()] = "file_changed"
+    return pd.Series(pd.Categorical(rule, categories=list(RULE_CODES)), index=pairs.index, name="rule")
 
 
 def _in_folder(paths: pd.Series, prefix: str) -> np.ndarray:

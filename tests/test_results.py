@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -224,3 +225,25 @@ def test_load_run_reads_one_generation_while_another_run_publishes(review_run, t
     run = load_run(out)
     assert swapped and outdir.current_generation(out) == other.resolve()
     assert len(run.pairs) == len(real(gen / "pairs.parquet")) > 1
+
+
+def test_rule_derivation_covers_the_pixel_check_and_files_changed_during_the_run():
+    """Outputs without a `rule` column: a pixel-checked pair that was rejected came back as
+    "verify_orb_match", a duplicate's code, and a pair of a file changed during the run as its
+    stage's (e.g. "exact_bytes"). The derived column is a category, as the written one."""
+    from pipeline import decide
+    from pipeline.config import load_config
+    cfg = load_config(None, ["tiers=confirm"])
+    frame = pd.DataFrame({
+        "idx_a": [0, 2, 4], "idx_b": [1, 3, 5], "kind": ["near", "near", "exact"],
+        "hash_distance": pd.array([3, 3, 0], dtype="int16"),
+        "orb_status": pd.Series(["inconclusive", "inconclusive", None], dtype=object),
+        "orb_inliers": pd.array([0, 0, None], dtype="Int32"),
+        "orb_reason": ["too few keypoints: 3 and 4", "too few keypoints: 3 and 4", None],
+        "cosine": pd.array([None, None, None], dtype="Float32"),
+        "ssim": pd.array([0.95, 0.2, None], dtype="Float32"), "hist_corr": pd.array([0.9, 0.9, None], dtype="Float32"),
+    })
+    decided = decide.mark_changed(decide.decide(frame, cfg), np.array([False, False, False, False, True, False]))
+    assert decided["rule"].tolist() == ["verify_pixel_match", "verify_pixel_mismatch", "file_changed"]
+    derived = derive_rule(decided.drop(columns="rule"))
+    assert derived.tolist() == decided["rule"].tolist() and derived.dtype == "category"
