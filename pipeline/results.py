@@ -85,8 +85,18 @@ def _in_folder(paths: pd.Series, prefix: str) -> np.ndarray:
 def keeper_ids(members: pd.DataFrame, keep: Keep = "largest_pixels", prefer: Iterable[str] = ()) -> pd.Series:
     """cluster_id -> image_id of the member to keep. `members`: cluster_id, image_id, path,
     abs_path, bytes, width, height, mtime (as `Run.clusters` gives them)."""
+    if isinstance(prefer, str):  # (a string is a list of its letters: "sub" matched no folder, unsaid)
+        prefer = [prefer]
     if callable(keep):
-        return members.groupby("cluster_id", sort=False).apply(lambda g: int(keep(g)), include_groups=False)
+        # (the function gets one cluster's rows, its cluster_id column too; what it returns must be
+        # one of them: an id from elsewhere left the cluster without a keeper, unsaid)
+        def chosen(group: pd.DataFrame) -> int:
+            picked = int(keep(group))
+            if picked not in set(group["image_id"].astype("int64")):
+                raise ValueError(f"keep function returned {picked}, not the image_id of a member of cluster "
+                                 f"{int(group['cluster_id'].iloc[0])}")
+            return picked
+        return members.groupby("cluster_id", sort=False)[list(members.columns)].apply(chosen)
     if keep not in KEEP_POLICIES:
         raise ValueError(f"unknown keep policy {keep!r}: use one of {', '.join(KEEP_POLICIES)} or a callable")
     m = pd.DataFrame({

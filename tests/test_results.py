@@ -113,6 +113,10 @@ def _members():
     ("preferred_folder", ["keep", "b"], {1: 12, 2: 20}),
     ("preferred_folder", ["/d/b/"], {1: 10, 2: 20}),
     (lambda g: g["image_id"].max(), (), {1: 13, 2: 21}),
+    # (a string for prefer: it was a list of its letters, and no folder matched, unsaid)
+    ("preferred_folder", "/d/b/", {1: 10, 2: 20}),
+    # (the function gets the cluster's rows with their cluster_id)
+    (lambda g: int(g["image_id"][g["cluster_id"] == g["cluster_id"].iloc[0]].min()), (), {1: 10, 2: 20}),
 ])
 def test_keeper_policies(keep, prefer, want):
     assert keeper_ids(_members(), keep, prefer).to_dict() == want
@@ -123,6 +127,9 @@ def test_keeper_policy_errors():
         keeper_ids(_members(), "biggest")
     with pytest.raises(ValueError, match="needs prefer"):
         keeper_ids(_members(), "preferred_folder")
+    # a function that names no member of the cluster: that cluster had no keeper, unsaid
+    with pytest.raises(ValueError, match="keep function returned 99, not the image_id of a member of cluster 1"):
+        keeper_ids(_members(), lambda g: 99)
     assert set(KEEP_POLICIES) == {"largest_pixels", "largest_file", "oldest", "newest", "shortest_path",
                                   "preferred_folder"}
 
