@@ -156,7 +156,8 @@ def normalize_images(images: pd.DataFrame, root: str | None = None) -> pd.DataFr
         out["mtime"] = utc_mtimes(out)
     if "abs_path" not in out:
         from pipeline import storage  # (a store's root: the objects' URLs; a Path would fold the "//")
-        out["abs_path"] = [storage.join(root or ".", p) for p in out["path"]]
+        out["abs_path"] = pd.Series([storage.join(root or ".", p) for p in out["path"]], index=out.index,
+                                    dtype=out["path"].dtype)  # (text even with no rows: it was float64)
     out["pixels"] = (out["width"].astype("Float64") * out["height"].astype("Float64")).astype("Int64")
     return out
 
@@ -228,8 +229,11 @@ class Run:
             b.append(j + start)
         a = np.concatenate(a) if a else np.zeros(0, np.int64)
         b = np.concatenate(b) if b else np.zeros(0, np.int64)
-        out = pd.DataFrame({"cluster_id": cids[a], "image_id_a": ids[a], "path_a": paths_[a],
-                            "image_id_b": ids[b], "path_b": paths_[b]})
+        # (the dtypes of clusters() and images.parquet, with rows or none: cluster_id was int64 here
+        # and Int64 there, the paths object when empty)
+        out = pd.DataFrame({"cluster_id": pd.array(cids[a], dtype="Int64"), "image_id_a": ids[a],
+                            "path_a": pd.array(paths_[a], dtype=m["path"].dtype),
+                            "image_id_b": ids[b], "path_b": pd.array(paths_[b], dtype=m["path"].dtype)})
         listed = pd.MultiIndex.from_arrays([self.pairs["path_a"], self.pairs["path_b"]])
         out["in_pairs"] = pd.MultiIndex.from_arrays([out["path_a"], out["path_b"]]).isin(listed)
         return out

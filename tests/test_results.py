@@ -254,3 +254,20 @@ def test_rule_derivation_covers_the_pixel_check_and_files_changed_during_the_run
     assert decided["rule"].tolist() == ["verify_pixel_match", "verify_pixel_mismatch", "file_changed"]
     derived = derive_rule(decided.drop(columns="rule"))
     assert derived.tolist() == decided["rule"].tolist() and derived.dtype == "category"
+
+
+def test_the_api_keeps_its_dtypes_with_no_rows(review_run, tmp_path):
+    """A run of no files: images.abs_path was float64 (made from an empty list); implied_pairs()
+    gave cluster_id as int64 where clusters() gives Int64, and its paths as object when empty."""
+    from pipeline.cli import main
+    (tmp_path / "empty").mkdir()
+    assert main(["dedupe", str(tmp_path / "empty"), "--out", str(tmp_path / "out"), "--tiers", "screen",
+                 "--scheduler", "sync", "--quiet"]) == 0
+    full, empty = load_run(review_run), load_run(tmp_path / "out")
+    for run in (full, empty):
+        assert run.images["abs_path"].dtype == run.images["path"].dtype
+        members, implied = run.clusters(), run.implied_pairs()
+        assert members["abs_path"].dtype == members["path"].dtype
+        assert implied["cluster_id"].dtype == members["cluster_id"].dtype == "Int64"
+        assert implied["path_a"].dtype == implied["path_b"].dtype == run.images["path"].dtype
+    assert len(empty.implied_pairs()) == 0 and len(full.implied_pairs()) > 0
