@@ -533,8 +533,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     finally:
         if manifest is None:  # (a completed run keeps ignoring them until it returns)
-            signal.signal(signal.SIGTERM, previous)
-            signal.signal(signal.SIGINT, previous_int)
+            # called from Python: its own handlers back; the command, which now exits 1 or 2,
+            # ignores them (with the defaults back, a second signal during the interpreter's
+            # shutdown turned exit 1 into 143)
+            back = argv is not None
+            signal.signal(signal.SIGTERM, previous if back else signal.SIG_IGN)
+            signal.signal(signal.SIGINT, previous_int if back else signal.SIG_IGN)
         STOP.reset()  # (a later run in this process, e.g. pipeline.run.run, starts with none)
     c = manifest["counts"]
     log.info("done in %.1fs: %s (%s), %s, %s -> %s", time.perf_counter() - started, _counted(c["files"], "file"),

@@ -8,6 +8,7 @@ the next run cleans up and succeeds. `make reliability` runs this file alone.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -620,3 +621,30 @@ def test_a_broken_exif_block_says_nothing_on_stderr(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "EXIF" not in done.stderr and "Warning" not in done.stderr, done.stderr
     assert pd.read_parquet(tmp_path / "o" / "images.parquet")["error"].isna().all()
+
+
+def test_a_second_signal_while_a_stopped_run_exits_keeps_exit_1(fault_data, tmp_path):
+    """SIGTERM, then another a moment later (a process group's and a direct kill, or Ctrl-C
+    twice): the command put the default handlers back once it had stopped, and the second signal
+    during the interpreter's shutdown made exit 1 into 143."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for gap in (0.01, 0.1):
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", str(fault_data), "--out",
+                                 str(tmp_path / f"o{gap}"), "--scheduler", "sync", "--no-catalog", "--log-level",
+                                 "INFO"], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        seen = []
+        try:
+            for line in proc.stderr:
+                seen.append(line)
+                if "candidates: started" in line:
+                    proc.send_signal(signal.SIGTERM)
+                    time.sleep(gap)
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(signal.SIGTERM)
+                    break
+            seen.append(proc.stderr.read())
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert rc == 1 and "stopped by SIGTERM" in "".join(seen), (gap, rc, "".join(seen)[-2000:])
