@@ -525,6 +525,10 @@ def main(argv: list[str] | None = None) -> int:
                       "--out / work_dir, and run again; the previous outputs (if any) are untouched",
                       exc.filename or exc)
             return EXIT_FAILED
+        from pipeline.outdir import OutReplaced
+        if isinstance(exc, OutReplaced):  # (the operator's doing, not a bug: one line)
+            log.error("the run failed: %s", exc)
+            return EXIT_FAILED
         if isinstance(exc, NoWorkers) and not getattr(exc, "published", None):  # (the cluster's to fix, not a bug: one line, no traceback)
             log.error("the run failed: %s; the previous outputs (if any) are untouched", exc)
             return EXIT_FAILED

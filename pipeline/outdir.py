@@ -50,6 +50,31 @@ def _holder(fd: int) -> str:
             f" ({info.get('command', '')})")
 
 
+class OutReplaced(RuntimeError):
+    """OUT was removed or replaced while a run held its lock: nothing is published."""
+
+
+_HELD: dict[str, int] = {}  # the lock files this process holds (by path): `check_still_locked`
+
+
+def check_still_locked(out: Path, name: str = LOCK_NAME) -> None:
+    """OutReplaced when the lock file this process holds for OUT is no longer OUT's: OUT was
+    removed (or moved) during the run, and another run may have made it again and taken a lock of
+    its own; publishing into it would mix two runs' outputs."""
+    path = os.path.abspath(out / name)
+    fd = _HELD.get(path)
+    if fd is None:
+        return
+    held = os.fstat(fd)
+    try:
+        now = os.stat(path)
+    except OSError:
+        now = None
+    if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+        raise OutReplaced(f"the output folder {str(out)!r} was removed or replaced during the run (its lock file "
+                          "is not the one this run holds): nothing was published; run again")
+
+
 @contextlib.contextmanager
 def locked(out: Path, name: str = LOCK_NAME, what: str = "output folder",
            option: str = "--out") -> Iterator[None]:
@@ -72,8 +97,10 @@ def locked(out: Path, name: str = LOCK_NAME, what: str = "output folder",
                 "command": storage.command_line()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+        _HELD[os.path.abspath(path)] = fd
         yield
     finally:
+        _HELD.pop(os.path.abspath(path), None)
         os.close(fd)  # releases the lock; the file stays (removing it would race a waiting run)
 
 
@@ -268,6 +295,7 @@ def publish(out: Path, run_id: str, write: Callable[[Path], None],
     """`write(folder)` fills a new generation folder; then it becomes OUT's outputs in one atomic
     symlink swap, made inside `commit_point()` (the run's: progress.commit_point). Returns the
     generation folder. On any error before the swap the previous outputs stay."""
+    check_still_locked(out)
     state = out / STATE_DIR
     state.mkdir(exist_ok=True)
     tmp = state / f"tmp-{run_id}"
@@ -279,6 +307,11 @@ def publish(out: Path, run_id: str, write: Callable[[Path], None],
         os.rename(tmp, gen)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        check_still_locked(out)  # (again: writing the generation may have taken minutes)
+    except OutReplaced:
+        shutil.rmtree(gen, ignore_errors=True)  # (not left in the folder another run made)
         raise
     previous = os.readlink(state / "current") if (state / "current").is_symlink() else None
     with commit_point():

@@ -648,3 +648,31 @@ def test_a_second_signal_while_a_stopped_run_exits_keeps_exit_1(fault_data, tmp_
             if proc.poll() is None:
                 proc.kill()
         assert rc == 1 and "stopped by SIGTERM" in "".join(seen), (gap, rc, "".join(seen)[-2000:])
+
+
+def test_an_out_removed_during_the_run_is_not_published_into(fault_data, tmp_path):
+    """OUT removed while a run holds its lock (a clean-up script, an operator): the run made OUT
+    again without its lock file and published, and a second run started meanwhile took a lock of
+    its own and published too. Now the first stops at its publish, one line, exit 1, and leaves
+    nothing in OUT."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", str(fault_data), "--out", str(out),
+                             "--tiers", "screen", "--scheduler", "sync", "--no-catalog", "--log-level", "INFO"],
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if "screen: started" in line:
+                shutil.rmtree(out)
+                break
+        seen.append(proc.stderr.read())
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = "".join(seen)
+    assert rc == 1 and "was removed or replaced during the run" in err and "Traceback" not in err, err[-3000:]
+    if out.exists():  # (made again by the run's own folders, if at all: no generation in it)
+        assert not list((out / ".dedupe").glob("gen-*"))
