@@ -957,7 +957,8 @@ def _screen_embeddings_from_catalog(cat: catalog.Catalog, images: pd.DataFrame, 
     screen_emb = catalog.gather_embeddings(part_of, pd.Series(ckeys, index=rows),
                                            storage.join(work_dir, "embed", SCREEN_EMBED_SUBDIR),
                                            cfg.dask.partition_size)
-    info = {"images": int(len(rows)), "embeddings_reused": int(len(rows) - len(todo)),
+    # (reused: from the catalog; adopted, a killed run's, counted apart as the tiers count them)
+    info = {"images": int(len(rows)), "embeddings_reused": int(len(rows) - len(todo) - adopted),
             "embeddings_computed": int(len(todo)), "embeddings_adopted_from_killed_run": adopted,
             "embeddings_redone_settings_changed": fcounts["settings_changed"],
             "embeddings_redone_failed_last_time": fcounts["failed_last_time"]}

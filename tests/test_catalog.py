@@ -522,6 +522,23 @@ def test_features_a_killed_run_finished_are_adopted(grown, tmp_path):
     assert_same_outputs(out, fresh)
 
 
+def test_screen_embeddings_a_killed_run_finished_are_counted_apart(grown, tmp_path):
+    """High-recall: the screen's embeddings a killed run wrote are adopted by the next run, and
+    run.json counted them among the reused too (the tiers count them apart): reused, computed and
+    adopted now add up to the images embedded."""
+    out = tmp_path / "out"
+    shutil.copytree(grown["out"], out)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", str(grown["data"]), "--out", str(out),
+                             *COMMON, "--preset", "high-recall"], stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=REPO)
+    kill_when_logged(proc, "candidates: started")  # (every screen embedding written, nothing committed)
+    info = run(grown["data"], out, "--preset", "high-recall")["reuse"]["screen_embed"]
+    assert info["embeddings_adopted_from_killed_run"] > 0, info
+    assert info["embeddings_reused"] + info["embeddings_computed"] + info["embeddings_adopted_from_killed_run"] \
+        == info["images"], info
+
+
 def test_a_killed_runs_features_of_a_damaged_part_are_adopted(grown, tmp_path):
     """A listed part that fails its check has its features made again; when that run is killed,
     the next adopts them, though the catalog still lists their keys (under the damaged part): the
@@ -1063,6 +1080,7 @@ def test_high_recall_rerun_embeds_only_new_content_and_equals_a_run_from_scratch
     # B's files are new contents (or byte copies of A's, which are not representatives)
     assert 0 < info["embeddings_computed"] <= sum(1 for _ in generated["B"].iterdir())
     assert info["embeddings_reused"] == info["images"] - info["embeddings_computed"] > 0
+    assert info["embeddings_adopted_from_killed_run"] == 0
     assert second["counts"]["embedding_only_candidates"] == scratch["counts"]["embedding_only_candidates"]
     # an unchanged re-run embeds nothing and still gives the same outputs
     third = run(data, tmp_path / "out", "--preset", "high-recall")
