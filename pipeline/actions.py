@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import scan
+from pipeline.outdir import runs_here
 from pipeline.results import Keep, Run
 
 ACTIONS = ("move", "hardlink", "symlink", "delete")
@@ -368,18 +369,8 @@ def _remove_stale_parts(dst: str | Path) -> None:
     with contextlib.suppress(OSError):
         for part in dst.parent.glob(f".{glob.escape(dst.name)}.*.part"):
             pid = part.name[len(dst.name) + 2:-len(".part")]
-            if pid.isdigit() and not _running(int(pid)):
+            if pid.isdigit() and not runs_here(int(pid)):
                 part.unlink()
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def move_file(src: str | Path, dst: str | Path) -> None:

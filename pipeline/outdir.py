@@ -130,7 +130,8 @@ def _run_folder_owner(name: str) -> tuple[int, str] | None:
     return int(parts[0]), parts[2]
 
 
-def _runs_here(pid: int) -> bool:
+def runs_here(pid: int) -> bool:
+    """Does a process with this pid run on this machine (another user's too)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -175,7 +176,7 @@ def remove_dead_run_folders(work_dir: str | Path, keep: str | Path | None = None
         owner = _run_folder_owner(name)
         if not is_folder or owner is None or name == keep_name:
             continue
-        if ended(path) or (owner[1] == host and not _runs_here(owner[0])):
+        if ended(path) or (owner[1] == host and not runs_here(owner[0])):
             storage.remove_folder(storage.join(str(work_dir), name) if storage.is_url(work_dir) else path)
             removed.append(name)
         elif owner[1] != host:

@@ -703,7 +703,6 @@ def test_undo_leaves_the_trash_alone_when_a_copy_was_put_back_by_hand(run_dir, c
     for the original left in place by an interrupted copy and deleted the original from the trash
     (its modification time lost), exit 0. Now that copy is left alone and the original stays in
     the trash, named (exit 1); the other files are restored."""
-    data = run_dir / "data"
     log = run_dir / "undo.jsonl"
     assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute", "--log", str(log)]) == 0
     entries = [json.loads(line) for line in log.read_text().splitlines()]
@@ -739,7 +738,7 @@ def test_undo_removes_the_part_files_a_stopped_copy_left(run_dir, capsys, monkey
     user's folder too; undo now removes those of processes that no longer run."""
     import subprocess
     import sys
-    from pipeline import actions
+    from pipeline import outdir
     log = run_dir / "undo.jsonl"
     assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute", "--log", str(log)]) == 0
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
@@ -752,7 +751,7 @@ def test_undo_removes_the_part_files_a_stopped_copy_left(run_dir, capsys, monkey
         part.write_bytes(b"half a copy")
     assert main(["undo", str(log)]) == 0
     assert not any(p.exists() for p in left) and ours.exists()
-    assert actions._running(os.getpid()) and not actions._running(int(gone))
+    assert outdir.runs_here(os.getpid()) and not outdir.runs_here(int(gone))
 
 
 def test_undo_names_a_file_it_cannot_read_and_goes_on(run_dir, capsys, monkeypatch):
