@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import scan
-from pipeline.outdir import runs_here
+from pipeline.outdir import run_id_of, runs_here
 from pipeline.results import Keep, Run
 
 ACTIONS = ("move", "hardlink", "symlink", "delete")
@@ -91,16 +91,10 @@ def stale_plan(plan: pd.DataFrame, path: str | Path) -> str | None:
     plan kept in OUT (the default OUT/plan.parquet) is compared with the run OUT holds now. Each
     file is still checked against the plan before anything is done; this says the clusters may
     have changed."""
-    made_for = plan.attrs.get("run_id")
-    manifest = Path(path).parent / "run.json"
-    if not made_for or not manifest.is_file():
-        return None
-    try:
-        now = json.loads(manifest.read_text(encoding="utf-8")).get("run_id")
-    except (OSError, ValueError):
-        return None
+    made_for, out = plan.attrs.get("run_id"), Path(path).parent
+    now = run_id_of(out) if made_for else None
     if now and now != made_for:
-        return (f"the plan was made for run {made_for}, and {manifest.parent} now holds run {now}: its clusters "
+        return (f"the plan was made for run {made_for}, and {out} now holds run {now}: its clusters "
                 "may have changed since; make a new plan with `dedupe plan`")
     return None
 
@@ -180,9 +174,9 @@ def check_plan_against_run(plan: pd.DataFrame, path: str | Path) -> None:
     removed the only copy of a photo. (A CSV plan, or one whose OUT holds a later run,
     `stale_plan`, is checked against itself only: `check_plan`.)"""
     made_for, out = plan.attrs.get("run_id"), Path(plan.attrs.get("out") or Path(path).parent)
+    if not made_for or run_id_of(out) != made_for:
+        return
     try:
-        if not made_for or json.loads((out / "run.json").read_text(encoding="utf-8")).get("run_id") != made_for:
-            return
         run = pd.read_parquet(out / "images.parquet", columns=["image_id", "cluster_id"])
     except (OSError, ValueError):
         return

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import os
 import signal
@@ -407,16 +406,13 @@ def report_command(args) -> int:
         return EXIT_OK
     # rebuilt inside the run's published generation, which OUT/report and OUT/report.html point into,
     # under OUT's lock: a run publishing meanwhile would drop the rebuilt report
-    from pipeline.outdir import locked
+    from pipeline.outdir import locked, run_id_of
     try:
         with locked(Path(run.out_dir), option="OUT (the run's folder must be writable to rebuild its report)"):
             where = current_generation(run.out_dir) or run.out_dir
             # (a run that published between the read above and the lock: its outputs would have
             # got the report of the run read, as on a store, `of_run`)
-            try:
-                now = json.loads((Path(where) / "run.json").read_text(encoding="utf-8")).get("run_id")
-            except (OSError, ValueError):
-                now = None
+            now = run_id_of(where)
             if now != run.manifest.get("run_id"):
                 raise ConfigError(f"OUT {str(out)!r} now holds another run ({now}) than the one read "
                                   f"({run.manifest.get('run_id')}): a run published meanwhile; run `dedupe report` again")

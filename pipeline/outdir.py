@@ -50,6 +50,15 @@ def _holder(fd: int) -> str:
             f" ({info.get('command', '')})")
 
 
+def run_id_of(folder: str | Path) -> str | None:
+    """The run_id in `folder`/run.json (OUT, or one of its generations); None where there is
+    none or it cannot be read."""
+    try:
+        return json.loads((Path(folder) / "run.json").read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class OutReplaced(RuntimeError):
     """OUT was removed or replaced while a run held its lock: nothing is published."""
 

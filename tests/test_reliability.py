@@ -627,27 +627,35 @@ def test_a_second_signal_while_a_stopped_run_exits_keeps_exit_1(fault_data, tmp_
     """SIGTERM, then another a moment later (a process group's and a direct kill, or Ctrl-C
     twice): the command put the default handlers back once it had stopped, and the second signal
     during the interpreter's shutdown made exit 1 into 143."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     for gap in (0.01, 0.1):
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", str(fault_data), "--out",
-                                 str(tmp_path / f"o{gap}"), "--scheduler", "sync", "--no-catalog", "--log-level",
-                                 "INFO"], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-        seen = []
-        try:
-            for line in proc.stderr:
-                seen.append(line)
-                if "candidates: started" in line:
-                    proc.send_signal(signal.SIGTERM)
-                    time.sleep(gap)
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.send_signal(signal.SIGTERM)
-                    break
-            seen.append(proc.stderr.read())
-            rc = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        assert rc == 1 and "stopped by SIGTERM" in "".join(seen), (gap, rc, "".join(seen)[-2000:])
+        def twice(proc, gap=gap):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(gap)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        rc, err = _dedupe_acting_when_logged([str(fault_data), "--out", str(tmp_path / f"o{gap}"), "--scheduler",
+                                              "sync", "--no-catalog"], "candidates: started", twice)
+        assert rc == 1 and "stopped by SIGTERM" in err, (gap, rc, err[-2000:])
+
+
+def _dedupe_acting_when_logged(args: list[str], marker: str, act) -> tuple[int, str]:
+    """`python -m pipeline dedupe *args` at INFO; `act(proc)` once a stderr line holds `marker`.
+    Returns the exit code and the whole stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", *args, "--log-level", "INFO"],
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if marker in line:
+                act(proc)
+                break
+        seen.append(proc.stderr.read())
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return rc, "".join(seen)
 
 
 def test_an_out_removed_during_the_run_is_not_published_into(fault_data, tmp_path):
@@ -656,23 +664,8 @@ def test_an_out_removed_during_the_run_is_not_published_into(fault_data, tmp_pat
     its own and published too. Now the first stops at its publish, one line, exit 1, and leaves
     nothing in OUT."""
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dedupe", str(fault_data), "--out", str(out),
-                             "--tiers", "screen", "--scheduler", "sync", "--no-catalog", "--log-level", "INFO"],
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    seen = []
-    try:
-        for line in proc.stderr:
-            seen.append(line)
-            if "screen: started" in line:
-                shutil.rmtree(out)
-                break
-        seen.append(proc.stderr.read())
-        rc = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    err = "".join(seen)
+    rc, err = _dedupe_acting_when_logged([str(fault_data), "--out", str(out), "--tiers", "screen", "--scheduler",
+                                          "sync", "--no-catalog"], "screen: started", lambda proc: shutil.rmtree(out))
     assert rc == 1 and "was removed or replaced during the run" in err and "Traceback" not in err, err[-3000:]
     if out.exists():  # (made again by the run's own folders, if at all: no generation in it)
         assert not list((out / ".dedupe").glob("gen-*"))
