@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import stat
@@ -39,6 +40,12 @@ LOCK_NAME = ".dedupe.lock"
 WORK_PREFIX = "_work-"
 STATE_DIR = ".dedupe"  # generations and the `current` link
 PUBLISHED = ("images.parquet", "pairs.parquet", "run.json", "report.html", "report")  # linked into OUT
+# in a run's own OUT/_work-<pid> folder, made with it: only folders holding it are a killed run's
+# to remove (a user's `_work-2019` in an OUT given to a run is left alone)
+WORK_MARK = ".dedupe-work"
+_WORK_NAME = re.compile(rf"{re.escape(WORK_PREFIX)}[0-9]+")
+# the temporary names a run gives its files in OUT itself (`_replace_symlink`, the report's page)
+_OUT_TMP = re.compile(r"\.(?:%s)\.[0-9a-f]{8,32}\.tmp" % "|".join(re.escape(n) for n in PUBLISHED))
 
 
 def _holder(fd: int) -> str:
@@ -198,18 +205,29 @@ def remove_dead_run_folders(work_dir: str | Path, keep: str | Path | None = None
     return removed
 
 
+def make_work_folder(folder: Path) -> None:
+    """This run's OUT/_work-<pid> folder, marked as a run's (`remove_stale_work`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / WORK_MARK).write_text(f"{os.getpid()} {socket.gethostname()}\n", encoding="utf-8")
+
+
 def remove_stale_work(out: Path, keep: Path | None = None) -> list[str]:
-    """Remove `OUT/_work-*` folders and `OUT/.*.tmp` files of killed runs (only while holding the lock)."""
-    removed = []
+    """Remove what killed runs left in OUT (only while holding the lock): their marked
+    `OUT/_work-<pid>` folders and their temporary files, `OUT/.<published name>.<hex>.tmp` and
+    those of `OUT/.dedupe`. Nothing else in OUT is touched, whatever its name."""
+    removed, left = [], []
     for entry in sorted(out.glob(f"{WORK_PREFIX}*")):
-        if keep is not None and entry == keep:
+        if keep is not None and entry == keep or not entry.is_dir() or entry.is_symlink():
             continue
-        if entry.is_dir() and not entry.is_symlink():
+        if _WORK_NAME.fullmatch(entry.name) and (entry / WORK_MARK).is_file():
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
+        else:
+            left.append(entry.name)
     for entry in sorted(out.glob(".*.tmp")):  # temporary names of a run killed mid-write
-        entry.unlink(missing_ok=True)
-        removed.append(entry.name)
+        if _OUT_TMP.fullmatch(entry.name) and not entry.is_dir():
+            entry.unlink(missing_ok=True)
+            removed.append(entry.name)
     state = out / STATE_DIR
     for entry in sorted(state.glob("tmp-*")) + sorted(state.glob(".*.tmp")):  # never published
         if entry.is_dir() and not entry.is_symlink():
@@ -219,7 +237,37 @@ def remove_stale_work(out: Path, keep: Path | None = None) -> list[str]:
         removed.append(f"{STATE_DIR}/{entry.name}")
     if removed:
         log.info("removed %d temporary file(s)/folder(s) left by killed runs: %s", len(removed), ", ".join(removed))
+    if left:
+        log.info("left alone in OUT: %s (no run's work folder: a run marks its own with %s)",
+                 ", ".join(left), WORK_MARK)
     return removed
+
+
+def _written_by_a_run(run_json: Path) -> bool:
+    """`run_json` is a real file a run of this tool wrote (OUT of the layout before generations)."""
+    try:
+        return not run_json.is_symlink() and \
+            json.loads(run_json.read_text(encoding="utf-8")).get("tool") == "dedupe-pipeline"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_no_foreign_outputs(out: Path) -> None:
+    """ConfigError (exit 2, nothing changed) when OUT holds, under a name the run publishes, a file,
+    folder or link no run of this tool made: publishing replaces those names (a user's
+    `report/` folder was removed with its files)."""
+    foreign = []
+    for name in PUBLISHED:
+        path = out / name
+        if path.is_symlink():
+            if os.readlink(path) != f"{STATE_DIR}/current/{name}":
+                foreign.append(name)
+        elif os.path.lexists(path):
+            foreign.append(name)
+    if foreign and not _written_by_a_run(out / "run.json"):
+        raise ConfigError(f"--out {str(out)!r} already holds {', '.join(foreign)}, which no run of this tool made, "
+                          "and a run would replace them with its outputs: choose an empty folder or a previous "
+                          "run's OUT (nothing was changed)")
 
 
 FSYNC_THREADS = 32  # concurrent fsyncs share the filesystem's journal commits

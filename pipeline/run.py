@@ -850,6 +850,10 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         # until the next run (what the tiers stored there can be looked at): two runs
         # sharing it wrote their embeddings under the same part names, each filed by its own image
         # rows, and one read the other's vectors as its own (exit 0, other pairs)
+        if not remote_out:
+            outdir.check_no_foreign_outputs(out)
+        else:
+            storage.check_no_foreign_outputs(out)
         own = outdir.run_folder_name()
         work_dir = (storage.join(cfg.work_dir, own) if storage.is_url(cfg.work_dir)
                     else Path(os.path.abspath(cfg.work_dir)) / own) if cfg.work_dir \
@@ -864,6 +868,11 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
             storage.remove_stale_work(out, keep=work_dir)
         else:
             outdir.remove_stale_work(out, keep=work_dir)
+        if not cfg.work_dir:  # (marked as a run's: the next run removes it if this one is killed)
+            if remote_out:
+                storage.make_work_prefix(work_dir)
+            else:
+                outdir.make_work_folder(work_dir)
         try:
             with (catalog.opened(catalog_dir) if catalog_dir is not None
                   else contextlib.nullcontext(None)) as cat:

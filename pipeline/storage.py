@@ -683,8 +683,17 @@ def locked(out: str, name: str = LOCK_NAME, what: str = "output location", optio
                 fs.rm_file(lock)
 
 
+WORK_MARK = ".dedupe-work"  # as outdir.WORK_MARK: in a run's own OUT/_work-<pid> prefix
+
+
+def make_work_prefix(work: str) -> None:
+    """This run's OUT/_work-<pid> prefix, marked as a run's (`remove_stale_work`)."""
+    write_whole(join(work, WORK_MARK), f"{os.getpid()} {socket.gethostname()}\n".encode())
+
+
 def remove_stale_work(out: str, keep: str | None = None) -> list[str]:
-    """Work prefixes (OUT/_work-*) of killed runs (only while holding the lock)."""
+    """Work prefixes (OUT/_work-<pid>) of killed runs, those holding a run's mark (only while
+    holding the lock); nothing else under OUT, whatever its name."""
     fs, root = filesystem(out)
     keep_path = filesystem(keep)[1] if keep and is_url(keep) else None
     removed = []
@@ -694,13 +703,41 @@ def remove_stale_work(out: str, keep: str | None = None) -> list[str]:
         return removed
     for name in sorted(listed):
         name = name.rstrip("/")
-        if name.rsplit("/", 1)[-1].startswith(WORK_PREFIX) and name != keep_path:
+        base = name.rsplit("/", 1)[-1]
+        if (base.startswith(WORK_PREFIX) and base[len(WORK_PREFIX):].isdigit() and name != keep_path
+                and fs.exists(f"{name}/{WORK_MARK}")):
             with contextlib.suppress(FileNotFoundError):
                 fs.rm(name, recursive=True)
-            removed.append(name.rsplit("/", 1)[-1])
+            removed.append(base)
     if removed:
         log.info("removed %d work prefix(es) left by killed runs: %s", len(removed), ", ".join(removed))
     return removed
+
+
+def check_no_foreign_outputs(out: str) -> None:
+    """ConfigError (exit 2, nothing changed) when OUT on the store holds objects under a name the
+    run publishes (images.parquet, pairs.parquet, run.json, report.html, report/) and no run of
+    this tool has published there: publishing overwrites those names and removes report/ objects
+    the new report does not have."""
+    fs, root = filesystem(out)
+    try:
+        _current(fs, root)
+        return  # (OUT holds a run's outputs)
+    except FileNotFoundError:
+        pass
+    try:
+        listed = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False, refresh=True)}
+    except FileNotFoundError:
+        return
+    foreign = [n for n in ("images.parquet", "pairs.parquet", "run.json", "report.html", "report") if n in listed]
+    if "run.json" in listed:  # (the layout before generations: a run's own files)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if json.loads(fs.cat_file(f"{root}/run.json").decode("utf-8")).get("tool") == "dedupe-pipeline":
+                return
+    if foreign:
+        raise ConfigError(f"--out {_url(fs, root)} already holds {', '.join(foreign)}, which no run of this tool "
+                          "published, and a run would replace them with its outputs: choose an empty prefix or a "
+                          "previous run's OUT (nothing was changed)")
 
 
 def _current(fs, root: str) -> str:

@@ -88,12 +88,45 @@ def test_next_run_removes_what_killed_runs_left(tmp_path):
     out = tmp_path / "out"
     (out / "_work-99999" / "orb").mkdir(parents=True)  # as a kill -9 leaves them
     (out / "_work-99999" / "orb" / "part-000000.parquet").write_bytes(b"x")
+    (out / "_work-99999" / outdir.WORK_MARK).write_text("99999 host\n")  # (each run marks its own)
     (out / ".pairs.parquet.0123abcd.tmp").write_bytes(b"half a file")
     (out / ".dedupe" / "tmp-20260101T000000Z-deadbeef").mkdir(parents=True)  # killed mid-write
     assert main(["dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync", "--quiet"]) == 0
     assert sorted(os.listdir(out)) == [".dedupe", ".dedupe.lock", "catalog", "images.parquet", "pairs.parquet",
                                        "report", "report.html", "run.json"]
     assert [p.name for p in (out / ".dedupe").iterdir() if not p.name.startswith("gen-")] == ["current"]
+
+
+@pytest.mark.reliability
+def test_a_run_leaves_what_it_did_not_make_in_out_alone(tmp_path, capsys):
+    """An OUT given to a run may hold the user's own files: a folder `report/` (publishing
+    replaced it with its link, removing the photos in it), a `_work-2019` folder and a `.notes.tmp`
+    (both removed as a killed run's leftovers)."""
+    data = tmp_path / "d"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(data / "a.png")
+    out = tmp_path / "out"
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "mine.png").write_bytes((data / "a.png").read_bytes())
+    args = ["dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds report" in err and "nothing was changed" in err and len(err.strip().splitlines()) == 1
+    assert (out / "report" / "mine.png").is_file() and not (out / ".dedupe").exists()
+    (out / "run.json").write_text("{}")  # (a file of that name, not a run's)
+    (out / "report" / "mine.png").rename(out / "mine.png")
+    (out / "report").rmdir()
+    assert main(args) == 2 and "already holds run.json" in capsys.readouterr().err
+    (out / "run.json").unlink()
+    (out / "_work-2019").mkdir()
+    (out / "_work-2019" / "x.png").write_bytes(b"mine")
+    (out / ".notes.tmp").write_text("mine")
+    assert main(args) == 0
+    assert (out / "_work-2019" / "x.png").read_bytes() == b"mine" and (out / ".notes.tmp").read_text() == "mine"
+    assert (out / "mine.png").is_file()
+    assert main(args) == 0  # (a previous run's OUT: its own links are replaced)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "_work-2019", "catalog", "images.parquet", "mine.png", "pairs.parquet", "report", "report.html", "run.json"]
 
 
 @pytest.mark.reliability
