@@ -44,6 +44,14 @@ PUBLISHED = ("images.parquet", "pairs.parquet", "run.json", "report.html", "repo
 # to remove (a user's `_work-2019` in an OUT given to a run is left alone)
 WORK_MARK = ".dedupe-work"
 _WORK_NAME = re.compile(rf"{re.escape(WORK_PREFIX)}[0-9]+")
+# what the tiers make in a work folder: a run's folder the driver removed while a cluster's workers
+# still wrote into it (a run stopped on an existing cluster) holds these, and not the mark
+WORK_ENTRIES = re.compile(r"embed|orb|(?:orb|lists)-[0-9a-f]{12}")
+
+
+def is_run_work_folder(names: list[str]) -> bool:
+    """Whether a `_work-<pid>` folder holding `names` (its entries' names) is a run's."""
+    return WORK_MARK in names or all(WORK_ENTRIES.fullmatch(n) for n in names)
 # the temporary names a run gives its files in OUT itself (`_replace_symlink`, the report's page)
 _OUT_TMP = re.compile(r"\.(?:%s)\.[0-9a-f]{8,32}\.tmp" % "|".join(re.escape(n) for n in PUBLISHED))
 
@@ -219,7 +227,7 @@ def remove_stale_work(out: Path, keep: Path | None = None) -> list[str]:
     for entry in sorted(out.glob(f"{WORK_PREFIX}*")):
         if keep is not None and entry == keep or not entry.is_dir() or entry.is_symlink():
             continue
-        if _WORK_NAME.fullmatch(entry.name) and (entry / WORK_MARK).is_file():
+        if _WORK_NAME.fullmatch(entry.name) and is_run_work_folder(os.listdir(entry)):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
         else:

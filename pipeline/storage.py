@@ -691,6 +691,14 @@ def make_work_prefix(work: str) -> None:
     write_whole(join(work, WORK_MARK), f"{os.getpid()} {socket.gethostname()}\n".encode())
 
 
+def _is_run_work_prefix(fs, prefix: str) -> bool:
+    from pipeline.outdir import is_run_work_folder
+    try:
+        return is_run_work_folder([n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(prefix, detail=False, refresh=True)])
+    except FileNotFoundError:
+        return False
+
+
 def remove_stale_work(out: str, keep: str | None = None) -> list[str]:
     """Work prefixes (OUT/_work-<pid>) of killed runs, those holding a run's mark (only while
     holding the lock); nothing else under OUT, whatever its name."""
@@ -705,7 +713,7 @@ def remove_stale_work(out: str, keep: str | None = None) -> list[str]:
         name = name.rstrip("/")
         base = name.rsplit("/", 1)[-1]
         if (base.startswith(WORK_PREFIX) and base[len(WORK_PREFIX):].isdigit() and name != keep_path
-                and fs.exists(f"{name}/{WORK_MARK}")):
+                and _is_run_work_prefix(fs, name)):
             with contextlib.suppress(FileNotFoundError):
                 fs.rm(name, recursive=True)
             removed.append(base)

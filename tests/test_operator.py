@@ -89,6 +89,8 @@ def test_next_run_removes_what_killed_runs_left(tmp_path):
     (out / "_work-99999" / "orb").mkdir(parents=True)  # as a kill -9 leaves them
     (out / "_work-99999" / "orb" / "part-000000.parquet").write_bytes(b"x")
     (out / "_work-99999" / outdir.WORK_MARK).write_text("99999 host\n")  # (each run marks its own)
+    # (and one a cluster's workers made again after its run removed it: no mark, a tier's folders only)
+    (out / "_work-99998" / "embed").mkdir(parents=True)
     (out / ".pairs.parquet.0123abcd.tmp").write_bytes(b"half a file")
     (out / ".dedupe" / "tmp-20260101T000000Z-deadbeef").mkdir(parents=True)  # killed mid-write
     assert main(["dedupe", str(data), "--out", str(out), "--tiers", "screen", "--scheduler", "sync", "--quiet"]) == 0
