@@ -39,7 +39,7 @@ from typing import Callable, Iterable, TextIO
 import numpy as np
 import pandas as pd
 
-from pipeline import scan
+from pipeline import paths, scan
 from pipeline.outdir import run_id_of, runs_here
 from pipeline.results import Keep, Run
 
@@ -124,7 +124,10 @@ def write_plan(plan: pd.DataFrame, path: str | Path) -> Path | str:
     else:
         hexed = {RAW_COLUMN: [bytes(r).hex() if isinstance(r, (bytes, bytearray)) else None
                               for r in plan[RAW_COLUMN]]} if RAW_COLUMN in plan else {}
-        plan.assign(mtime=plan["mtime"].map(lambda t: t.isoformat()), **hexed).to_csv(tmp, index=False)
+        # (CRLF, as RFC 4180: a name holding a lone carriage return is then quoted; with "\n" it was
+        # not, and a reader took it for the end of the row)
+        plan.assign(mtime=plan["mtime"].map(lambda t: t.isoformat()), **hexed).to_csv(tmp, index=False,
+                                                                                      lineterminator="\r\n")
     os.replace(tmp, path)
     return path
 
@@ -148,7 +151,11 @@ def read_plan(path: str | Path) -> pd.DataFrame:
     missing = [c for c in PLAN_COLUMNS if c not in plan and c != RAW_COLUMN]
     if missing:
         raise PlanError(f"plan file {str(path)!r} lacks the columns {missing}: make it with `dedupe plan`")
-    plan["mtime"] = pd.to_datetime(plan["mtime"], utc=True)
+    try:
+        plan["mtime"] = pd.to_datetime(plan["mtime"], utc=True)
+    except (ValueError, TypeError) as exc:
+        raise PlanError(f"plan file {str(path)!r}: its mtime column holds a value that is not a time ({exc}); "
+                        "make it again with `dedupe plan`") from None
     if RAW_COLUMN not in plan:
         plan[RAW_COLUMN] = pd.Series(None, index=plan.index, dtype=object)
     else:  # (a CSV plan's are hexadecimal)
@@ -224,13 +231,19 @@ def check_plan(plan: pd.DataFrame, name: str = "the plan") -> None:
     climbing = [p.is_absolute() or ".." in p.parts or not p.parts for p in rel]
     if any(climbing):
         refuse("paths that are not inside the scanned folder", plan[climbing])
+    raws = plan[RAW_COLUMN] if RAW_COLUMN in plan else pd.Series(None, index=plan.index, dtype=object)
+    # (raw_path names the file acted on: one naming ../outside/x.jpg moved a file outside DATA)
+    odd_raw = [isinstance(r, (bytes, bytearray)) and bytes(r).decode("utf-8", "backslashreplace") != str(p)
+               for r, p in zip(raws, plan["path"])]
+    if any(odd_raw):
+        refuse(f"rows whose {RAW_COLUMN} is not the bytes of their path", plan[odd_raw])
     paths, abs_paths = plan["path"].astype(str).tolist(), plan["abs_path"].astype(str).tolist()
     roots = {a[:len(a) - len(p)] if a.endswith("/" + p) else None for a, p in zip(abs_paths, paths)}
     if None in roots or len(roots) > 1:
         odd = [not a.endswith("/" + p) or a[:len(a) - len(p)] != next(iter(roots - {None}), None)
                for a, p in zip(abs_paths, paths)]
         refuse("rows whose abs_path is not the scanned folder's path joined with their path", plan[odd])
-    names = [bytes(r) if isinstance(r, (bytes, bytearray)) else str(p) for r, p in zip(plan[RAW_COLUMN], paths)]
+    names = [bytes(r) if isinstance(r, (bytes, bytearray)) else str(p) for r, p in zip(raws, paths)]
     wrong = image_ids(names) != pd.to_numeric(plan["image_id"], errors="coerce").to_numpy()
     if wrong.any():
         refuse("rows whose image_id is not their path's", plan[wrong])
@@ -458,6 +471,10 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
                 raise PlanError(f"--to {str(to)!r} holds the scanned folder, and moving {inside[0]!r} there would put "
                                 "it back inside that folder (the next run would find it again); choose a folder "
                                 "outside it")
+        if log_path is not None and action != "move" and UndoLog(log_path).trash.is_symlink():
+            raise PlanError(f"the trash folder {str(UndoLog(log_path).trash)!r} (beside the undo log) is a symlink: "
+                            "apply and undo would work in the folder it points at; remove the link, or pass --log "
+                            "with another name")
         trash = UndoLog(log_path).trash.resolve() if log_path is not None and action != "move" else None
         if trash is not None and root is not None and trash.is_relative_to(root):
             raise PlanError(f"the trash folder {str(trash)!r} (beside the undo log) is inside the scanned folder "
@@ -511,7 +528,7 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
                     if blocked:
                         out.failed.append((r.path, f"would fail: {blocked}"))
                         continue
-                    echo(f"would {verb}: {r.path}{target}")
+                    echo(f"would {verb}: {paths.shown(r.path)}{paths.shown(target)}")
                     out.done.append(r.path)
                     continue
                 try:
@@ -522,15 +539,15 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
                         full = True  # (every later file would fail the same way, each leaving work)
                         break
                     continue
-                echo(f"{verb}: {r.path}{target}")
+                echo(f"{verb}: {paths.shown(r.path)}{paths.shown(target)}")
                 out.done.append(r.path)
     finally:
         if log is not None:
             log.close()
     for path, reason in out.refused:
-        warn(f"refused: {path}: {reason}; not touched")
+        warn(f"refused: {paths.shown(path)}: {paths.shown(reason)}; not touched")
     for path, reason in out.failed:
-        warn(f"failed: {path}: {reason}")
+        warn(f"failed: {paths.shown(path)}: {paths.shown(reason)}")
     return out
 
 
@@ -571,6 +588,22 @@ def _made_by_apply(entry: dict, path: str) -> bool:
     return False
 
 
+def _is_copy_of(copy: str, original: str, sha256: str) -> bool:
+    """Is `copy` a copy of `original` (whose sha256 the log has), whole or cut short?"""
+    if not os.path.isfile(copy) or os.path.islink(copy):
+        return False
+    size, whole = os.path.getsize(copy), os.path.getsize(original)
+    if size >= whole:
+        return size == whole and sha256_file(copy) == sha256
+    with open(copy, "rb") as a, open(original, "rb") as b:  # (a prefix of it: a copy stopped midway)
+        while size > 0:
+            chunk = a.read(min(size, 1 << 20))
+            if not chunk or chunk != b.read(len(chunk)):
+                return False
+            size -= len(chunk)
+    return True
+
+
 def _undo_one(e: dict, out: Outcome, echo: Callable[[str], None]) -> None:
     """Put back the original of one log entry (see `undo`)."""
     src = e["src"]
@@ -583,9 +616,14 @@ def _undo_one(e: dict, out: Outcome, echo: Callable[[str], None]) -> None:
         return
     if not _made_by_apply(e, src) and _is_logged_original(e, src):
         # the original never left: a move to another file system (a copy, then the removal of
-        # the original) was stopped before it ended; what it copied is apply's own, not a file
-        os.unlink(held)
-        echo(f"in place (its interrupted copy at {held} removed): {e['path']}")
+        # the original) was stopped before it ended; what it copied is apply's own, not a file,
+        # if it holds the original's bytes (another apply may have put another file of that
+        # name there since: an old log deleted it)
+        if _is_copy_of(held, src, e["sha256"]):
+            os.unlink(held)
+            echo(f"in place (its interrupted copy at {held} removed): {paths.shown(e['path'])}")
+        else:
+            echo(f"in place (another file now at {held}, left alone): {paths.shown(e['path'])}")
         return
     if e.get("sha256") and os.path.isfile(held) and not os.path.islink(held) \
             and sha256_file(held) != e["sha256"]:  # (byte for byte, or not at all)
@@ -611,7 +649,7 @@ def _undo_one(e: dict, out: Outcome, echo: Callable[[str], None]) -> None:
     except OSError as exc:
         out.failed.append((e["path"], f"cannot put it back from {held}: {exc}"))
         return
-    echo(f"restored: {e['path']}")
+    echo(f"restored: {paths.shown(e['path'])}")
     out.done.append(e["path"])
 
 
@@ -640,10 +678,12 @@ def undo(log_path: str | Path, echo: Callable[[str], None] = print,
         except OSError as exc:  # (a file that cannot be read or removed: named, the others go on)
             out.failed.append((e["path"], f"cannot be restored: {exc}"))
     trash = log_path.with_name(log_path.stem + ".trash")
-    if trash.is_dir():  # drop the emptied trash folders (a file left there means a failure above)
+    # drop the emptied trash folders (a file left there means a failure above); never through a
+    # link (made a link since: every empty folder under its target went)
+    if trash.is_dir() and not trash.is_symlink():
         for folder, dirs, files in os.walk(trash, topdown=False):
             if not os.listdir(folder):
                 os.rmdir(folder)
     for path, reason in out.failed:
-        warn(f"not restored: {path}: {reason}")
+        warn(f"not restored: {paths.shown(path)}: {paths.shown(reason)}")
     return out

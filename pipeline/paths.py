@@ -33,6 +33,15 @@ def text_form(name: str | bytes) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]}
+
+
+def shown(text) -> str:
+    """Text quoting a file name, for a terminal: its control characters as `\\xNN` (a name's
+    escape sequences rewrote the lines printed before it, and a newline forged a line of its own)."""
+    return str(text).translate(_CONTROL)
+
+
 def from_text_form(text: str) -> str:
     """The name `text_form` wrote as `text`, as the os functions take it: each `\\xNN` back to
     that byte. Ambiguous for a valid name that holds a backslash, an x and two hex digits: a

@@ -333,6 +333,10 @@ def test_a_csv_plan_keeps_raw_names_whose_hexadecimal_looks_like_a_number(run_di
     plan = read_plan(run_dir / "plan.parquet")
     raws = [b"\x99", b"\x1e\x05", None, b"\x12\x96", None][:len(plan)]
     plan["raw_path"] = pd.Series(raws + [None] * (len(plan) - len(raws)), dtype=object)
+    root = plan["abs_path"].iloc[0][:-len(plan["path"].iloc[0])]  # (a raw name's path is its text form)
+    plan["path"] = [r.decode("utf-8", "backslashreplace") if r is not None else p
+                    for r, p in zip(plan["raw_path"], plan["path"])]
+    plan["abs_path"] = root + plan["path"]
     from pipeline.run import image_ids  # (a plan's image_id is its name's: `check_plan`)
     plan["image_id"] = image_ids([r if r is not None else p for r, p in zip(plan["raw_path"], plan["path"])])
     write_plan(plan, run_dir / "digits.csv")
@@ -345,6 +349,7 @@ def test_a_csv_plan_keeps_raw_names_whose_hexadecimal_looks_like_a_number(run_di
     ("abs_path", "abs_path is not the scanned folder's"),
     ("image_id", "image_id is not their path's"),
     ("no_cluster", "without a cluster_id"),
+    ("raw_path", "raw_path is not the bytes of their path"),  # (it named ../elsewhere.jpg, which was moved)
 ])
 def test_a_plan_edited_beyond_its_action_column_is_refused(run_dir, capsys, edit, why):
     """A plan may be edited in its action column only: rows that are not the run's files, each
@@ -367,6 +372,8 @@ def test_a_plan_edited_beyond_its_action_column_is_refused(run_dir, capsys, edit
         at = plan["path"] == "copies/a_copy.jpg"
         plan.loc[at, "abs_path"] = str(run_dir / "data" / "other" / "c.jpg")
         plan.loc[at, "path"] = "other/c.jpg"
+    elif edit == "raw_path":  # (as a CSV plan holds it: hexadecimal)
+        plan["raw_path"] = [b"../elsewhere.jpg".hex() if p == "copies/a_copy.jpg" else None for p in plan["path"]]
     else:
         plan["cluster_id"] = plan["cluster_id"].astype("Int64")
         plan.loc[plan["path"] == "copies/a_copy.jpg", "cluster_id"] = pd.NA
@@ -775,3 +782,61 @@ def test_undo_names_a_file_it_cannot_read_and_goes_on(run_dir, capsys, monkeypat
     err = capsys.readouterr().err
     assert "Permission denied" in err and entries[0]["path"] in err and "Traceback" not in err
     assert all(Path(e["src"]).exists() for e in entries[1:])
+
+
+def test_an_old_undo_log_leaves_another_applys_file_alone(run_dir, capsys):
+    """A deleted file put back by hand (the original, renamed back), then another file of its
+    name in the trash (another apply's): undo took that file for its own interrupted copy and
+    deleted it, exit 0. The original is in place, and the other file stays."""
+    log = run_dir / "undo.jsonl"
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute", "--log", str(log)]) == 0
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    for e in entries:
+        os.rename(e["trash"], e["src"])
+        Path(e["trash"]).write_bytes(b"another apply's file of that name")
+    capsys.readouterr()
+    assert main(["undo", str(log)]) == 0
+    assert capsys.readouterr().out.count("another file now at") == len(entries)
+    assert all(Path(e["trash"]).read_bytes() == b"another apply's file of that name" for e in entries)
+    assert all(hashlib.sha256(Path(e["src"]).read_bytes()).hexdigest() == e["sha256"] for e in entries)
+
+
+def test_a_trash_folder_that_is_a_link_is_refused_and_undo_never_walks_one(run_dir, capsys):
+    """A trash folder made a link to elsewhere: apply put the files there, and undo removed
+    every empty folder under the link's target."""
+    elsewhere = run_dir / "elsewhere"
+    (elsewhere / "empty" / "folder").mkdir(parents=True)
+    (run_dir / "undo.trash").symlink_to(elsewhere)
+    before = snapshot(run_dir / "data")
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute",
+                 "--log", str(run_dir / "undo.jsonl")]) == 2
+    assert "is a symlink" in capsys.readouterr().err
+    assert snapshot(run_dir / "data") == before and not (run_dir / "undo.jsonl").exists()
+    (run_dir / "undo.jsonl").write_text("")  # (a log with no entry: undo still looks at its trash)
+    assert main(["undo", str(run_dir / "undo.jsonl")]) == 0
+    assert (elsewhere / "empty" / "folder").is_dir()
+
+
+def test_a_name_with_control_characters_round_trips_a_csv_plan_and_is_shown_escaped(photo_paths, tmp_path, capsys):
+    """A carriage return in a name was written unquoted to a CSV plan, which apply then read as
+    two rows (a traceback); an escape sequence in a name was printed as it is, and could erase
+    the dry run's lines before it on a terminal."""
+    data = tmp_path / "data"
+    data.mkdir()
+    odd = "a\rwould delete: b.jpg\x1b[2K.jpg"
+    for name in (odd, "b.jpg"):
+        (data / name).write_bytes(photo_paths[0].read_bytes())
+    assert main(["dedupe", str(data), "--out", str(tmp_path / "out"), "--tiers", "screen", "--scheduler", "sync",
+                 "--quiet"]) == 0
+    assert main(["plan", str(tmp_path / "out"), "--keep", "shortest_path", "--output", str(tmp_path / "plan.csv")]) == 0
+    plan = read_plan(tmp_path / "plan.csv")
+    assert sorted(plan["path"]) == sorted([odd, "b.jpg"])
+    capsys.readouterr()
+    assert main(["apply", str(tmp_path / "plan.csv"), "--action", "delete"]) == 0
+    out = capsys.readouterr().out
+    assert "would delete: a\\x0dwould delete: b.jpg\\x1b[2K.jpg" in out and "\x1b" not in out and "\r" not in out
+    assert main(["apply", str(tmp_path / "plan.csv"), "--action", "delete", "--execute",
+                 "--log", str(tmp_path / "undo.jsonl")]) == 0
+    assert sorted(p.name for p in data.iterdir()) == ["b.jpg"]
+    assert main(["undo", str(tmp_path / "undo.jsonl")]) == 0
+    assert sorted(p.name for p in data.iterdir()) == sorted([odd, "b.jpg"])
