@@ -415,7 +415,8 @@ def _act(op: str, row, src: str, keeper: str, to: Path | None, log: UndoLog) -> 
         if os.path.lexists(dst):
             raise FileExistsError(f"destination {dst} exists")
         dst.parent.mkdir(parents=True, exist_ok=True)
-        log.write({"op": "move", "path": row.path, "src": src, "dst": str(dst), "sha256": row.sha256, **_identity(src)})
+        log.write({"op": "move", "path": row.path, "src": src, "dst": str(dst), "sha256": row.sha256, **_identity(src),
+                   "folder": _real_folder(src)})
         move_file(src, dst)
         return
     trash = log.trash / _relative_name(row)
@@ -424,7 +425,7 @@ def _act(op: str, row, src: str, keeper: str, to: Path | None, log: UndoLog) -> 
     trash.parent.mkdir(parents=True, exist_ok=True)
     link = {"link": link_target(keeper, src)} if op == "symlink" else {}  # (undo removes only this link)
     log.write({"op": op, "path": row.path, "src": src, "trash": str(trash), "keeper": keeper,
-               "sha256": row.sha256, **_identity(src), **link})
+               "sha256": row.sha256, **_identity(src), **link, "folder": _real_folder(src)})
     move_file(src, trash)
     if op == "delete":
         return
@@ -476,6 +477,14 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
                             "apply and undo would work in the folder it points at; remove the link, or pass --log "
                             "with another name")
         trash = UndoLog(log_path).trash.resolve() if log_path is not None and action != "move" else None
+        # (the scan follows folder links once: a folder reached through one is scanned too)
+        linked = _linked_folders(root) if root is not None and (to is not None or trash is not None) else []
+        for where, what in ((to, "--to"), (trash, "the trash folder (beside the undo log)")):
+            through = next((f for f in linked if where is not None and where.is_relative_to(f[1])), None)
+            if through is not None:
+                raise PlanError(f"{what} {str(where)!r} is inside {str(through[1])!r}, which the scanned folder reaches "
+                                f"through its link {str(through[0])!r}: the next run would find the files there again; "
+                                "choose a folder outside it")
         if trash is not None and root is not None and trash.is_relative_to(root):
             raise PlanError(f"the trash folder {str(trash)!r} (beside the undo log) is inside the scanned folder "
                             f"{abs_path[:-len(rel)]!r}: the next run would find the files there again; pass "
@@ -572,6 +581,36 @@ def _cannot_write(folder: Path) -> str | None:
     return None
 
 
+def _linked_folders(root: Path) -> list[tuple[str, Path]]:
+    """(link, its real folder) for each folder link under `root` (a walk of its folders, each real
+    folder once, as the scan walks them)."""
+    found, seen, stack = [], set(), [str(root)]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue
+        seen.add(real)
+        with contextlib.suppress(OSError), os.scandir(folder) as it:
+            for entry in it:
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=True):
+                        if entry.is_symlink():
+                            found.append((entry.path, Path(os.path.realpath(entry.path))))
+                        stack.append(entry.path)
+    return found
+
+
+def _real_folder(path: str) -> str:
+    """The real path of `path`'s folder, or for a folder not there (to be made again) its nearest
+    existing parent's real path joined with the rest."""
+    folder, rest = os.path.dirname(path), []
+    while not os.path.lexists(folder) and folder != os.path.dirname(folder):
+        rest.append(os.path.basename(folder))
+        folder = os.path.dirname(folder)
+    return os.path.join(os.path.realpath(folder), *reversed(rest))
+
+
 def default_log_path(plan_path: str | Path) -> Path:
     """undo-<UTC time to the microsecond>.jsonl beside the plan (to the second, two applies
     started together wrote one log, and one `undo` restored both)."""
@@ -630,18 +669,23 @@ def _undo_one(e: dict, out: Outcome, echo: Callable[[str], None]) -> None:
         out.failed.append((e["path"], f"{held} was changed since `apply` put it there (sha256 differs): "
                                       "left there"))
         return
-    if os.path.lexists(src):
-        if not _made_by_apply(e, src):
-            what = "not the link `apply` made" if e["op"] in ("hardlink", "symlink") else "another file"
-            out.failed.append((e["path"], f"{src} exists and is {what}: left alone"))
-            return
-        os.unlink(src)
     # the folder the run scanned, from the entry's path under it: not made again when it is gone
     # (an unmounted share: the files went into a new folder where the mount point was)
     root = src[:-len(e["path"])] if src.endswith("/" + e["path"]) else None
     if root is not None and not os.path.isdir(root):
         out.failed.append((e["path"], f"the scanned folder {root} is not there (not mounted?): left in {held}"))
         return
+    # (a folder of the path made a link since: the file went where the link points)
+    if "folder" in e and _real_folder(src) != e["folder"]:
+        out.failed.append((e["path"], f"its folder now leads to {_real_folder(src)}, not {e['folder']} as when "
+                                      f"`apply` ran (a link made or changed since): left in {held}"))
+        return
+    if os.path.lexists(src):
+        if not _made_by_apply(e, src):
+            what = "not the link `apply` made" if e["op"] in ("hardlink", "symlink") else "another file"
+            out.failed.append((e["path"], f"{src} exists and is {what}: left alone"))
+            return
+        os.unlink(src)
     Path(src).parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_parts(src)  # (an undo stopped while it copied back)
     try:

@@ -840,3 +840,40 @@ def test_a_name_with_control_characters_round_trips_a_csv_plan_and_is_shown_esca
     assert sorted(p.name for p in data.iterdir()) == ["b.jpg"]
     assert main(["undo", str(tmp_path / "undo.jsonl")]) == 0
     assert sorted(p.name for p in data.iterdir()) == sorted([odd, "b.jpg"])
+
+
+def test_undo_never_restores_through_a_folder_made_a_link_since(run_dir, capsys):
+    """A folder of DATA swapped for a link to another folder after apply: undo (as root) wrote
+    the restored files into the link's target. They stay in the trash, named (exit 1)."""
+    data = run_dir / "data"
+    log = run_dir / "undo.jsonl"
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute", "--log", str(log)]) == 0
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {Path(e["src"]).parent.name for e in entries} == {"copies"}
+    elsewhere = run_dir / "elsewhere"
+    elsewhere.mkdir()
+    (data / "copies").rename(run_dir / "copies-moved-away")
+    (data / "copies").symlink_to(elsewhere)
+    capsys.readouterr()
+    assert main(["undo", str(log)]) == 1
+    assert "its folder now leads to" in capsys.readouterr().err
+    assert list(elsewhere.iterdir()) == [] and all(Path(e["trash"]).is_file() for e in entries)
+    (data / "copies").unlink()  # the folder put back: undo goes through
+    (run_dir / "copies-moved-away").rename(data / "copies")
+    assert main(["undo", str(log)]) == 0 and not any(Path(e["trash"]).exists() for e in entries)
+
+
+def test_a_move_or_trash_into_a_folder_the_scan_reaches_through_a_link_is_refused(run_dir, capsys):
+    """DATA/linked -> outside: a move --to outside/moved was accepted, and the next run listed the
+    moved files again under linked/moved."""
+    outside = run_dir / "outside"
+    outside.mkdir()
+    (run_dir / "data" / "other" / "linked").symlink_to(outside)
+    before = snapshot(run_dir / "data")
+    for args in (["--action", "move", "--to", str(outside / "moved")],
+                 ["--action", "delete", "--log", str(outside / "undo.jsonl")]):
+        capsys.readouterr()
+        assert main(["apply", str(run_dir / "plan.parquet"), *args, "--execute"]) == 2
+        err = capsys.readouterr().err
+        assert "reaches through its link" in err and "linked" in err, err
+    assert snapshot(run_dir / "data") == before and not (outside / "moved").exists()
