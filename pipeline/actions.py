@@ -269,6 +269,9 @@ def changed(abs_path: str, row) -> str | None:
     except FileNotFoundError:
         return "is missing"
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # (the scan reads such a file through its folders)
+            return ("has a path longer than the system's limit for one path (PATH_MAX), which apply cannot act "
+                    "on: act on it by hand, from a folder nearer to it")
         return f"cannot be read ({exc.strerror})"
     if st.st_size != int(row.bytes):
         return f"changed since the run: size {int(row.bytes)} -> {st.st_size} bytes"

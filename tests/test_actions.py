@@ -877,3 +877,30 @@ def test_a_move_or_trash_into_a_folder_the_scan_reaches_through_a_link_is_refuse
         err = capsys.readouterr().err
         assert "reaches through its link" in err and "linked" in err, err
     assert snapshot(run_dir / "data") == before and not (outside / "moved").exists()
+
+
+def test_a_file_past_path_max_is_refused_saying_why(photo_paths, tmp_path, capsys):
+    """The scan reads a file whose path is longer than PATH_MAX (folder by folder); apply refused
+    it as "cannot be read (File name too long)", though the run had read it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "top.jpg").write_bytes(photo_paths[0].read_bytes())
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        for _ in range(21):  # ~4.2 kB of path: made through fds, as no path that long can be opened
+            os.mkdir("d" * 200, dir_fd=fd)
+            nxt = os.open("d" * 200, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        out = os.open("bottom.jpg", os.O_WRONLY | os.O_CREAT, dir_fd=fd)
+        os.write(out, photo_paths[0].read_bytes())
+        os.close(out)
+    finally:
+        os.close(fd)
+    assert main(["dedupe", str(data), "--out", str(tmp_path / "out"), "--tiers", "screen", "--scheduler", "sync",
+                 "--quiet"]) == 0
+    assert main(["plan", str(tmp_path / "out"), "--keep", "shortest_path", "--output", str(tmp_path / "plan.parquet")]) == 0
+    capsys.readouterr()
+    assert main(["apply", str(tmp_path / "plan.parquet"), "--action", "delete"]) == 1
+    err = capsys.readouterr().err
+    assert "longer than the system's limit for one path (PATH_MAX)" in err and "by hand" in err, err[-500:]
