@@ -139,6 +139,13 @@ class VerifyConfig:
     # crop of a strong gradient 7; other blank pictures 0.6-77 (bench/blank.py); recoloured logos
     # up to 12, but they have edges, which this never looks at. 0 = off
     blank_max_shift: float = 10.0
+    # blank pictures of another colour: both structureless, both coloured (saturation >= 64 on most
+    # of them; a grey one's hue is noise) and their HSV histograms correlating below this ->
+    # different. Solid red against solid magenta (grey thumbnails 7 levels apart) correlate 0.65;
+    # colours a hue, saturation or value bin apart 0.60-0.70, coloured blank copies >= 0.92
+    # (bench/blank.py), but a solid colour's JPEG copy moved across a bin edge ~0.63 too (5 % of
+    # them). 0 = off
+    blank_min_hist_corr: float = 0.8
     seed: int = 12345  # OpenCV RNG seed, so RANSAC is deterministic
     opencv_threads: int = 1  # OpenCV threads inside a verify task (Dask parallelises; 0 = leave as is)
     max_open_partitions: int = 8  # a pair task loads at most this many feature files at a time
@@ -377,6 +384,7 @@ def _validate(cfg: Config) -> None:
         (0 <= cfg.verify.min_coverage <= 1, "verify.min_coverage must be in [0, 1] (0 = off)"),
         (0 <= cfg.verify.min_inlier_share < 1, "verify.min_inlier_share must be in [0, 1) (0 = off)"),
         (0 <= cfg.verify.blank_max_shift <= 255, "verify.blank_max_shift must be in [0, 255] grey levels (0 = off)"),
+        (0 <= cfg.verify.blank_min_hist_corr <= 1, "verify.blank_min_hist_corr must be in [0, 1] (0 = off)"),
         (cfg.verify.chance_min_matches >= 1, "verify.chance_min_matches must be >= 1"),
         (0 <= cfg.verify.semi_flat_share < 0.8,
          "verify.semi_flat_share must be in [0, 0.8) (0 = off; from 0.8 the pixel check decides every pair)"),

@@ -101,7 +101,7 @@ NOT_FINGERPRINTED = ("TEXT_COLUMNS", "_verify_task", "_features_task", "run_veri
 # features. The pair evidence's fingerprint reads them ("orb_check"). The same refusals hold
 # (catalog.fingerprinted_syntax): no feature code may use what this list names.
 PAIR_CHECK_ONLY = ("STATUSES", "SSIM_TAIL", "COVER_GRID", "ssim_map", "_residual", "_dihedral_maps",
-                   "_dihedral_near", "pixel_check", "_ransac", "_good_matches", "_good_matches_reference",
+                   "_dihedral_near", "pixel_check", "_coloured", "COLOURED_SHARE", "_ransac", "_good_matches", "_good_matches_reference",
                    "SSIM_C2", "_ssim_window", "_structureless", "DIHEDRAL_NEAR_PX", "_aligned_ssim",
                    "verify_pair", "_geometry", "stored_evidence", "_verify", "_verify_model", "_coverage",
                    "_error_result", "PLAIN_NOTE", "_STATUS_RANK", "check_pair", "needs_pixel_check",
@@ -377,25 +377,42 @@ def _dihedral_near(warp: np.ndarray, side: int, shift: float = 1.5) -> int | Non
     return None
 
 
-def _aligned_ssim(ta: np.ndarray, tb: np.ndarray, valid: np.ndarray, max_shift: float) -> float:
+# a histogram with at least this share of its (soft-binned) mass at saturation bins 2-3 (S >= 128:
+# every pixel of saturation >= 64 puts a quarter there or more) is of a coloured picture, whose
+# hue means something; a grey one's hue is noise (copies of a grey field: correlation 0.48-0.73)
+COLOURED_SHARE = 0.2
+
+
+def _coloured(hist: np.ndarray) -> bool:
+    """A coloured picture (COLOURED_SHARE of its HSV histogram at high saturation), not a grey one."""
+    return float(hist.reshape(HIST_BINS)[:, 2:, :].sum()) >= COLOURED_SHARE
+
+
+def _aligned_ssim(ta: np.ndarray, tb: np.ndarray, valid: np.ndarray, max_shift: float,
+                  recoloured: bool = False) -> float:
     """The pixel check's score of two aligned thumbnails over `valid`: SSIM's low tail (0 when
-    they hardly overlap, or are two blank pictures of another brightness)."""
+    they hardly overlap, or are two blank pictures of another brightness, or, `recoloured`: the
+    colours disagree, of another colour)."""
     side = ta.shape[0]
     inside = valid.astype(bool)
     local = ssim_map(ta, tb)[inside]
     if local.size < side * side // 10:  # the model puts b mostly outside a: not the same picture
         return 0.0
-    if (max_shift > 0 and abs(float(ta[inside].mean()) - float(tb[inside].mean())) > max_shift
-            and _structureless(ta, inside) and _structureless(tb, inside)):
-        return 0.0  # two blank pictures of another brightness: SSIM cannot tell them apart
+    shifted = max_shift > 0 and abs(float(ta[inside].mean()) - float(tb[inside].mean())) > max_shift
+    if (shifted or recoloured) and _structureless(ta, inside) and _structureless(tb, inside):
+        return 0.0  # two blank pictures of another brightness or colour: SSIM cannot tell them apart
     return float(np.percentile(local, SSIM_TAIL))
 
 
 def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = None,
-                blank_max_shift: float = VerifyConfig.blank_max_shift) -> tuple[float, float]:
+                blank_max_shift: float = VerifyConfig.blank_max_shift,
+                blank_min_hist_corr: float = VerifyConfig.blank_min_hist_corr) -> tuple[float, float]:
     """(ssim, hist_corr) of a and b aligned on a. The thumbnails are of the feature rows' images
     (a plain, b turned by fb["transform"]); `model` (a RANSAC 2x3 or 3x3 map from a's keypoint
-    frame to b's) aligns them when given, else the rest of the dihedral `transform`."""
+    frame to b's) aligns them when given, else the rest of the dihedral `transform`. Two blank
+    (structureless) pictures score 0 when their mean grey levels differ by more than
+    `blank_max_shift`, or when both are coloured (`_coloured`) and their histograms correlate
+    below `blank_min_hist_corr` (solid red against solid magenta: grey thumbnails alike)."""
     side = PIXEL_SIDE
     ta = np.frombuffer(fa["thumb"], np.uint8).reshape(side, side)
     tb = np.frombuffer(fb["thumb"], np.uint8).reshape(side, side)
@@ -437,9 +454,10 @@ def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = N
         tb = np.ascontiguousarray(GRID_DIHEDRAL[_residual(fb["transform"], int(transform))](tb))
     ha, hb = np.frombuffer(fa["hist"], np.float32), np.frombuffer(fb["hist"], np.float32)
     hist = float(cv2.compareHist(ha, hb, cv2.HISTCMP_CORREL))  # flips and turns do not change it
-    score = _aligned_ssim(ta, tb, valid, blank_max_shift)
+    recoloured = bool(blank_min_hist_corr > 0 and hist < blank_min_hist_corr and _coloured(ha) and _coloured(hb))
+    score = _aligned_ssim(ta, tb, valid, blank_max_shift, recoloured)
     if exact is not None:
-        score = max(score, _aligned_ssim(ta, exact, np.ones((side, side), np.uint8), blank_max_shift))
+        score = max(score, _aligned_ssim(ta, exact, np.ones((side, side), np.uint8), blank_max_shift, recoloured))
     return score, hist
 
 
@@ -849,11 +867,11 @@ def check_pair(fa: dict, fb: dict, transform: int, cfg: VerifyConfig, fb_plain: 
             result, model, fb, turn = plain[:4] + (plain[4] + PLAIN_NOTE,), plain_model, fb_plain, turn - 4
     pixels = (np.nan, np.nan)
     if needs_pixel_check(fa, fb, cfg):
-        pixels = pixel_check(fa, fb, turn, model, cfg.blank_max_shift)
+        pixels = pixel_check(fa, fb, turn, model, cfg.blank_max_shift, cfg.blank_min_hist_corr)
     elif semi_flat_undecided(fa, fb, cfg, result[3]):
         # only pixels that disagree outright decide (different); a copy resized to a third
         # blurs a line chart's thin lines (SSIM 0.47-0.68) and stays with the cascade
-        ssim, hist = pixel_check(fa, fb, turn, model, cfg.blank_max_shift)
+        ssim, hist = pixel_check(fa, fb, turn, model, cfg.blank_max_shift, cfg.blank_min_hist_corr)
         if ssim < cfg.semi_flat_ssim:
             pixels = ssim, hist
     return result + pixels

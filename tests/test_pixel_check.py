@@ -186,3 +186,41 @@ def test_a_turned_copy_whose_model_misses_the_exact_turn_by_pixels_still_matches
     turned = feats(img.transpose(Image.Transpose.ROTATE_180))
     assert verify.pixel_check(a, turned, 0, model)[0] > cfg.decide.pixel_ssim
     assert verify.pixel_check(a, feats(other.transpose(Image.Transpose.ROTATE_180)), 0, model)[0] < cfg.decide.pixel_ssim
+
+
+def test_blank_pictures_of_another_colour_are_different_their_copies_are_not(cfg):
+    """Solid red (254, 79, 88) and solid magenta (252, 70, 200): grey thumbnails 7 levels apart,
+    SSIM ~1, histogram correlation 0.65 (>= decide.pixel_hist_corr), so they were a pixel match
+    (an audit: 1,692 false pairs among 10,000 random solid colours). Two blank coloured pictures
+    must now correlate >= verify.blank_min_hist_corr; their copies (re-encoded, resized, a little
+    brighter: correlation >= 0.99 here) still match, as do two grey fields (hue is noise there)
+    and a logo recoloured slightly, which has edges."""
+    import io
+
+    feats = functools.partial(_feats, cfg=cfg)
+
+    def reencoded(im, quality=90):
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=quality)
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+    bar, hist_bar = cfg.decide.pixel_ssim, cfg.decide.pixel_hist_corr
+    red, magenta = Image.new("RGB", (800, 600), (254, 79, 88)), Image.new("RGB", (800, 600), (252, 70, 200))
+    ssim, hist = verify.pixel_check(feats(red), feats(magenta), 0)
+    assert hist >= hist_bar and ssim < bar  # (hist 0.65: the histogram alone let them through)
+    small = Image.new("RGB", (16, 16), (252, 70, 200))  # an icon-sized swatch: enlarged, same verdict
+    assert verify.pixel_check(feats(red), feats(small), 0)[0] < bar
+    for copy in (reencoded(red), red.resize((400, 300)), small.resize((64, 64)),
+                 Image.new("RGB", (800, 600), (255, 82, 90))):
+        base = magenta if copy.size == (64, 64) else red
+        ssim, hist = verify.pixel_check(feats(base), feats(copy), 0)
+        assert ssim > bar and hist > 0.99, (copy.size, ssim, hist)
+    # off (0): the old verdict, a pixel match
+    assert verify.pixel_check(feats(red), feats(magenta), 0, blank_min_hist_corr=0.0)[0] > bar
+    # grey fields: hue of near-grey pixels is noise; their copies keep matching on brightness alone
+    rng = np.random.default_rng(5)
+    grey = Image.fromarray(np.clip(120 + rng.normal(0, 2.0, (300, 400, 3)), 0, 255).astype(np.uint8))
+    assert verify.pixel_check(feats(grey), feats(grey.resize((200, 150))), 0)[0] > bar
+    logo = graphic("logo", _palette(np.random.default_rng(3)), 5, "Harbor")
+    tinted = Image.fromarray(np.clip(np.asarray(logo, np.int16) + [12, 0, -12], 0, 255).astype(np.uint8))
+    assert verify.pixel_check(feats(logo), feats(tinted), 0)[0] > bar
