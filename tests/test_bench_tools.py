@@ -350,3 +350,61 @@ def test_listing_benchmark_lists_the_same_files_both_ways_and_writes_its_section
     assert listing.main(["--folder", str(folder), "--rounds", "1", "--out", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| every") or line.startswith("| catalog")]
     assert len(rows) == 2 and all(r.split("|")[2].strip() == "7" for r in rows)  # (6 images + the mislabelled one)
+
+
+def test_edit_types_set_is_the_same_bytes_for_the_same_seed(tmp_path, photos_dir):
+    """bench/edit_types.py: two sources, generated twice -> the same files byte for byte and the
+    same labels (one original + one copy per edit type each; a collage shows 3 more photos)."""
+    from bench import edit_types
+    for name in ("a", "b"):
+        edit_types.generate(tmp_path / name, photos_dir, seed=3, sources=2)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    import pandas as pd
+    labels = pd.read_csv(tmp_path / "a" / "labels.csv")
+    assert len(labels) == 2 * (1 + len(edit_types.EDITS)) == len(files) - 1
+    assert sorted(labels["edit"].unique()) == sorted(["original", *edit_types.EDITS])
+    shows = labels.set_index("path")["shows"].str.split(";")
+    assert all(len(shows[p]) == (4 if p.startswith("collage/") else 1) for p in labels["path"])
+    assert set(shows["collage/g0000.jpg"][1:]).isdisjoint(labels["source"])  # (tiles are not sources)
+
+
+def test_edit_types_scores_direct_pairs_clusters_and_false_pairs():
+    """Recall, where a miss was lost and the false pairs, on a hand-made run: two photos (x, y),
+    each with a rot5 copy and a collage; y's collage has x's photo among its tiles."""
+    import pandas as pd
+
+    from bench import edit_types
+    labels = pd.DataFrame([
+        ("original/g0.jpg", "g0", "original", "x.jpg"), ("rot5/g0.jpg", "g0", "rot5", "x.jpg"),
+        ("collage/g0.jpg", "g0", "collage", "x.jpg;t1.jpg;t2.jpg;t3.jpg"),
+        ("original/g1.jpg", "g1", "original", "y.jpg"), ("rot5/g1.jpg", "g1", "rot5", "y.jpg"),
+        ("collage/g1.jpg", "g1", "collage", "y.jpg;x.jpg;t3.jpg;t4.jpg"),
+    ], columns=["path", "group_id", "edit", "shows"])
+    pairs = pd.DataFrame([
+        ("original/g0.jpg", "rot5/g0.jpg", True, "verify_orb_accept"),       # found
+        ("original/g1.jpg", "rot5/g1.jpg", False, "confirm_cosine_low"),     # lost at confirm
+        ("collage/g0.jpg", "original/g0.jpg", False, "verify_orb_reject"),   # lost at verify
+        ("collage/g1.jpg", "original/g0.jpg", True, "confirm_cosine_orb"),   # a tile of it: true
+        ("collage/g0.jpg", "collage/g1.jpg", True, "verify_orb_accept"),     # share a tile: true
+        ("original/g0.jpg", "rot5/g1.jpg", True, "verify_orb_accept"),       # false
+        ("collage/g0.jpg", "rot5/g1.jpg", False, "verify_orb_reject"),
+    ], columns=["path_a", "path_b", "is_duplicate", "rule"])
+    # (original/g1 and collage/g1 never a candidate: lost at the screen, within distance 3 by hash)
+    clusters = {"original/g0.jpg": 1, "rot5/g0.jpg": 1, "collage/g1.jpg": 1, "collage/g0.jpg": 1, "rot5/g1.jpg": 1,
+                "original/g1.jpg": 2}
+    hashes = {"original/g1.jpg": 0b1111, "collage/g1.jpg": 0b0001}
+    r = edit_types.score(pairs, labels, clusters, hashes, max_distance=3)
+    rot, col = r["edits"]["rot5"], r["edits"]["collage"]
+    assert (rot["n"], rot["found"], rot["cluster"], dict(rot["lost"])) == (2, 1, 1, {"confirm": 1})
+    assert (col["n"], col["found"], col["cluster"], dict(col["lost"])) == (2, 0, 1, {"verify": 1, "screen": 1})
+    assert col["capped"] == 1 and dict(col["rules"]) == {"verify_orb_reject": 1}
+    assert (r["duplicate_pairs"], r["false_pairs"], r["tile_pairs"]) == (4, 1, 2)
+    assert r["false_by_edits"] == {"original + rot5": 1} and r["false_rules"] == {"verify_orb_accept": 1}
+    table = edit_types.edit_table({"default": r})
+    assert "| rot5 | 0.500 (1/2) | 0.500 (1/2) | confirm 1 (cosine_low) |" in table
+    assert "| collage | 0.000 (0/2) | 0.500 (1/2) | screen 1 (1 capped), verify 1 (orb_reject) |" in table
+    assert "| **all edits** | 0.250 (1/4) | 0.500 (2/4) | screen 1, verify 1, confirm 1 |" in table
+    with pytest.raises(ValueError, match="labels.csv does not"):
+        edit_types.score(pairs.assign(path_b="other.jpg"), labels)
