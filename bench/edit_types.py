@@ -447,7 +447,7 @@ def score_out(out: Path, labels: pd.DataFrame) -> dict:
     screen = json.loads((out / "run.json").read_text())["config"]["screen"]
     res = score(pd.read_parquet(out / "pairs.parquet", columns=["path_a", "path_b", "is_duplicate", "rule"]),
                 labels, clusters, hashes, int(screen["max_distance"]))
-    res["screen"] = {k: screen[k] for k in ("hash", "max_distance", "max_candidates", "mode")}
+    res["screen"] = {k: screen[k] for k in ("hash", "max_distance", "max_candidates", "mode", "embedding_k")}
     return res
 
 
@@ -553,6 +553,17 @@ def section(results: dict[str, dict], seconds: dict[str, float], labels: pd.Data
              "other duplicates; *misses lost at*: screen = never a candidate, verify / confirm = rejected there "
              "(its rule). A false pair is a duplicate pair of two images that show no photo in common (a collage "
              "shows its source and 3 other photos; a collage and any of its tiles are a true pair).")
+    per = labels.groupby("group_id").size().max() - 1
+    caps = "; ".join(f"{p}: screen.max_candidates = {r['screen']['max_candidates']}"
+                     + (f", plus screen.embedding_k = {r['screen']['embedding_k']} neighbours by cosine"
+                        if r["screen"]["mode"] != "hash" else "")
+                     for p, r in results.items() if "screen" in r)
+    if caps:
+        intro += (f" Every original has {per} copies in the folder, more than the candidates a run keeps per image "
+                  f"({caps}; a pair is kept when either image has the other among its nearest): a direct pair "
+                  "can be left out while both images are within the hash distance (*capped*: their plain hashes "
+                  "within screen.max_distance, a lower bound, as the trimmed and turned hashes are not counted), "
+                  "and *same cluster* still counts such a copy when other duplicates join it to its original.")
     return "\n".join([report.stamp(), intro, "", "Reading (counts read off the tables below):", "",
                       reading(results), "", edit_table(results), "False pairs per preset:", "",
                       false_table(results, seconds)])
