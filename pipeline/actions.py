@@ -126,7 +126,7 @@ def write_plan(plan: pd.DataFrame, path: str | Path) -> Path | str:
                               for r in plan[RAW_COLUMN]]} if RAW_COLUMN in plan else {}
         # (CRLF, as RFC 4180: a name holding a lone carriage return is then quoted; with "\n" it was
         # not, and a reader took it for the end of the row)
-        plan.assign(mtime=plan["mtime"].map(lambda t: t.isoformat()), **hexed).to_csv(tmp, index=False,
+        plan.assign(mtime=plan["mtime"].map(lambda t: t.isoformat(timespec="microseconds")), **hexed).to_csv(tmp, index=False,
                                                                                       lineterminator="\r\n")
     os.replace(tmp, path)
     return path
@@ -151,11 +151,13 @@ def read_plan(path: str | Path) -> pd.DataFrame:
     missing = [c for c in PLAN_COLUMNS if c not in plan and c != RAW_COLUMN]
     if missing:
         raise PlanError(f"plan file {str(path)!r} lacks the columns {missing}: make it with `dedupe plan`")
-    try:
-        plan["mtime"] = pd.to_datetime(plan["mtime"], utc=True)
-    except (ValueError, TypeError) as exc:
-        raise PlanError(f"plan file {str(path)!r}: its mtime column holds a value that is not a time ({exc}); "
-                        "make it again with `dedupe plan`") from None
+    try:  # (ISO 8601 row by row: a whole second is written without its fraction, and a format
+        # guessed from the first row refused the plan at the first such file)
+        plan["mtime"] = pd.to_datetime(plan["mtime"], utc=True, format="ISO8601")
+    except (ValueError, TypeError):
+        bad = next((v for v in plan["mtime"] if not _is_time(v)), None)
+        raise PlanError(f"plan file {str(path)!r}: its mtime column holds {bad!r}, which is not an ISO 8601 time; "
+                        "put back the value `dedupe plan` wrote") from None
     if RAW_COLUMN not in plan:
         plan[RAW_COLUMN] = pd.Series(None, index=plan.index, dtype=object)
     else:  # (a CSV plan's are hexadecimal)
@@ -172,6 +174,14 @@ def read_plan(path: str | Path) -> pd.DataFrame:
     check_plan(plan, str(path))
     check_plan_against_run(plan, path)
     return plan
+
+
+def _is_time(value) -> bool:
+    try:
+        pd.to_datetime(value, utc=True, format="ISO8601")
+        return True
+    except (ValueError, TypeError):
+        return False
 
 
 def check_plan_against_run(plan: pd.DataFrame, path: str | Path) -> None:
@@ -270,8 +280,8 @@ def changed(abs_path: str, row) -> str | None:
         return "is missing"
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:  # (the scan reads such a file through its folders)
-            return ("has a path longer than the system's limit for one path (PATH_MAX), which apply cannot act "
-                    "on: act on it by hand, from a folder nearer to it")
+            return ("has a path or a name longer than the system's limits (PATH_MAX, NAME_MAX), which apply cannot "
+                    "open: the scan reads it folder by folder; act on such files by hand")
         return f"cannot be read ({exc.strerror})"
     if st.st_size != int(row.bytes):
         return f"changed since the run: size {int(row.bytes)} -> {st.st_size} bytes"
@@ -481,13 +491,17 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
                             "with another name")
         trash = UndoLog(log_path).trash.resolve() if log_path is not None and action != "move" else None
         # (the scan follows folder links once: a folder reached through one is scanned too)
-        linked = _linked_folders(root) if root is not None and (to is not None or trash is not None) else []
+        linked = _linked_folders(root, *_scan_rules(plan)) \
+            if root is not None and (to is not None or trash is not None) else []
         for where, what in ((to, "--to"), (trash, "the trash folder (beside the undo log)")):
             through = next((f for f in linked if where is not None and where.is_relative_to(f[1])), None)
+            if through is None and where is not None and where == to:  # (--to holding such a folder)
+                through = next((f for f in linked if f[1].is_relative_to(to) for r in plan[plan["action"] == "remove"]
+                                .itertuples() if (to / _relative_name(r)).is_relative_to(f[1])), None)
             if through is not None:
-                raise PlanError(f"{what} {str(where)!r} is inside {str(through[1])!r}, which the scanned folder reaches "
-                                f"through its link {str(through[0])!r}: the next run would find the files there again; "
-                                "choose a folder outside it")
+                raise PlanError(f"{what} {str(where)!r} would put files inside {str(through[1])!r}, which the scanned "
+                                f"folder reaches through its link {str(through[0])!r}: the next run would find them "
+                                "there again; choose a folder outside it")
         if trash is not None and root is not None and trash.is_relative_to(root):
             raise PlanError(f"the trash folder {str(trash)!r} (beside the undo log) is inside the scanned folder "
                             f"{abs_path[:-len(rel)]!r}: the next run would find the files there again; pass "
@@ -584,9 +598,26 @@ def _cannot_write(folder: Path) -> str | None:
     return None
 
 
-def _linked_folders(root: Path) -> list[tuple[str, Path]]:
-    """(link, its real folder) for each folder link under `root` (a walk of its folders, each real
-    folder once, as the scan walks them)."""
+def _scan_rules(plan: pd.DataFrame) -> tuple[bool, bool]:
+    """(skip_hidden, follow_symlinks) of the run the plan was made from (its run.json, for a Parquet
+    plan whose OUT still holds it), else the defaults."""
+    from pipeline.config import ScanConfig
+    rules = {"skip_hidden": ScanConfig.skip_hidden, "follow_symlinks": ScanConfig.follow_symlinks}
+    out = plan.attrs.get("out")
+    if out and plan.attrs.get("run_id") and run_id_of(out) == plan.attrs.get("run_id"):
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            scan_cfg = json.loads((Path(out) / "run.json").read_text(encoding="utf-8"))["config"]["scan"]
+            rules.update({k: bool(scan_cfg[k]) for k in rules if k in scan_cfg})
+    return rules["skip_hidden"], rules["follow_symlinks"]
+
+
+def _linked_folders(root: Path, skip_hidden: bool = True, follow_symlinks: bool = True) -> list[tuple[str, Path]]:
+    """(link, its real folder) for each folder link the scan of `root` follows: a walk of its
+    folders by the scan's rules (hidden names, links followed or not, folders holding another
+    run's output or catalog not entered; each real folder once)."""
+    from pipeline import catalog, outdir
+    if not follow_symlinks:
+        return []
     found, seen, stack = [], set(), [str(root)]
     while stack:
         folder = stack.pop()
@@ -594,8 +625,13 @@ def _linked_folders(root: Path) -> list[tuple[str, Path]]:
         if real in seen:
             continue
         seen.add(real)
+        if folder != str(root) and any(os.path.lexists(os.path.join(folder, m))
+                                       for m in (outdir.LOCK_NAME, catalog.LOCK_NAME)):
+            continue
         with contextlib.suppress(OSError), os.scandir(folder) as it:
             for entry in it:
+                if skip_hidden and entry.name.startswith("."):
+                    continue
                 with contextlib.suppress(OSError):
                     if entry.is_dir(follow_symlinks=True):
                         if entry.is_symlink():
@@ -663,9 +699,9 @@ def _undo_one(e: dict, out: Outcome, echo: Callable[[str], None]) -> None:
         # name there since: an old log deleted it)
         if _is_copy_of(held, src, e["sha256"]):
             os.unlink(held)
-            echo(f"in place (its interrupted copy at {held} removed): {paths.shown(e['path'])}")
+            echo(f"in place (its interrupted copy at {paths.shown(held)} removed): {paths.shown(e['path'])}")
         else:
-            echo(f"in place (another file now at {held}, left alone): {paths.shown(e['path'])}")
+            echo(f"in place (another file now at {paths.shown(held)}, left alone): {paths.shown(e['path'])}")
         return
     if e.get("sha256") and os.path.isfile(held) and not os.path.islink(held) \
             and sha256_file(held) != e["sha256"]:  # (byte for byte, or not at all)

@@ -877,6 +877,18 @@ def test_a_move_or_trash_into_a_folder_the_scan_reaches_through_a_link_is_refuse
         err = capsys.readouterr().err
         assert "reaches through its link" in err and "linked" in err, err
     assert snapshot(run_dir / "data") == before and not (outside / "moved").exists()
+    # --to a folder that holds the link's target: copies/a_copy.jpg would land in it
+    (run_dir / "data" / "other" / "linked").unlink()
+    (outside / "copies").mkdir()
+    (run_dir / "data" / "other" / "linked").symlink_to(outside / "copies")
+    capsys.readouterr()
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "move", "--to", str(outside), "--execute"]) == 2
+    assert "reaches through its link" in capsys.readouterr().err
+    # a link the scan does not follow (a hidden name) blocks nothing
+    (run_dir / "data" / "other" / "linked").unlink()
+    (run_dir / "data" / "other" / ".hidden").symlink_to(outside)
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "move", "--to", str(outside / "moved")]) == 0
+    assert snapshot(run_dir / "data") == before
 
 
 def test_a_file_past_path_max_is_refused_saying_why(photo_paths, tmp_path, capsys):
@@ -903,4 +915,31 @@ def test_a_file_past_path_max_is_refused_saying_why(photo_paths, tmp_path, capsy
     capsys.readouterr()
     assert main(["apply", str(tmp_path / "plan.parquet"), "--action", "delete"]) == 1
     err = capsys.readouterr().err
-    assert "longer than the system's limit for one path (PATH_MAX)" in err and "by hand" in err, err[-500:]
+    assert "longer than the system's limits (PATH_MAX, NAME_MAX)" in err and "by hand" in err, err[-500:]
+
+
+def test_a_csv_plan_with_a_whole_second_mtime_applies(run_dir, capsys):
+    """A file modified at a whole second (camera cards, zips) has no fraction in isoformat(): a
+    format guessed from the first row refused the CSV plan (a traceback, then "not a time")."""
+    from pipeline.actions import write_plan
+    data = run_dir / "data"
+    for path in (data / "copies" / "a_copy.jpg", data / "originals" / "b.jpg"):
+        os.utime(path, (1714557600, 1714557600))  # 2024-05-01T10:00:00Z
+    assert main(["dedupe", str(data), "--out", str(run_dir / "out"), "--tiers", "screen", "--scheduler", "sync",
+                 "--quiet"]) == 0
+    assert main(["plan", str(run_dir / "out"), "--keep", "preferred_folder", "--prefer", "originals",
+                 "--output", str(run_dir / "plan.csv")]) == 0
+    plan = read_plan(run_dir / "plan.csv")
+    assert (plan["mtime"] == pd.Timestamp("2024-05-01T10:00:00Z")).sum() == 2
+    capsys.readouterr()
+    assert main(["apply", str(run_dir / "plan.csv"), "--action", "delete"]) == 0
+    # a CSV written before the fix (no fraction on whole seconds), and one edited into a non-time
+    write_plan(plan, run_dir / "old.csv")
+    text = (run_dir / "old.csv").read_text().replace("T10:00:00.000000+00:00", "T10:00:00+00:00")
+    (run_dir / "old.csv").write_text(text)
+    assert read_plan(run_dir / "old.csv")["mtime"].tolist() == plan["mtime"].tolist()
+    (run_dir / "bad.csv").write_text(text.replace("T10:00:00+00:00", "yesterday", 1))
+    capsys.readouterr()
+    assert main(["apply", str(run_dir / "bad.csv"), "--action", "delete"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'2024-05-01yesterday'" in err and "ISO 8601" in err and len(err.splitlines()) == 1, err
