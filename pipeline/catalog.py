@@ -998,6 +998,17 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def check_not_foreign(directory: Path) -> None:
+    """ConfigError for a local folder that holds files but that no catalog was ever opened in
+    (no manifest, no lock file), e.g. the user's own OUT/catalog: a commit removes every file
+    under its tables/ and features/ that no manifest names."""
+    directory = Path(directory)
+    if (directory.is_dir() and not (directory / MANIFEST).exists() and not os.path.lexists(directory / LOCK_NAME)
+            and any(directory.iterdir())):
+        raise ConfigError(f"the catalog folder {str(directory)!r} holds files but no catalog: choose another folder "
+                          "for it (--catalog DIR, or catalog: in the config), or --no-catalog (nothing was changed)")
+
+
 @contextlib.contextmanager
 def opened(directory: str | Path) -> Iterator[Catalog]:
     """Hold the catalog's lock (a second run exits 2 naming the holder) and load it."""
@@ -1009,6 +1020,7 @@ def opened(directory: str | Path) -> Iterator[Catalog]:
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise ConfigError(f"catalog path {str(directory)!r} exists and is not a folder: choose another --catalog")
+        check_not_foreign(directory)
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -51,7 +51,7 @@ WORK_ENTRIES = re.compile(r"embed|orb|(?:orb|lists)-[0-9a-f]{12}")
 
 def is_run_work_folder(names: list[str]) -> bool:
     """Whether a `_work-<pid>` folder holding `names` (its entries' names) is a run's."""
-    return WORK_MARK in names or all(WORK_ENTRIES.fullmatch(n) for n in names)
+    return WORK_MARK in names or (bool(names) and all(WORK_ENTRIES.fullmatch(n) for n in names))
 # the temporary names a run gives its files in OUT itself (`_replace_symlink`, the report's page)
 _OUT_TMP = re.compile(r"\.(?:%s)\.[0-9a-f]{8,32}\.tmp" % "|".join(re.escape(n) for n in PUBLISHED))
 

@@ -844,16 +844,19 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
         raise ConfigError(f"cannot create the output folder {str(out)!r} ({exc.strerror}): "
                           "choose another --out") from None
     remote_out = storage.is_url(out)
+    # (before OUT's lock is taken: a refused OUT is left as it was)
+    if not remote_out:
+        outdir.check_no_foreign_outputs(out)
+    else:
+        storage.check_no_foreign_outputs(out)
+    if catalog_dir is not None and not storage.is_url(catalog_dir):
+        catalog.check_not_foreign(Path(catalog_dir))
     catalog_lock = storage.join(catalog_dir, catalog.LOCK_NAME) if storage.is_url(catalog_dir) else None
     with storage.locked(out, also=catalog_lock) if remote_out else outdir.locked(out):
         # a work_dir set in the config gets a folder of this run's own inside it, kept after the run
         # until the next run (what the tiers stored there can be looked at): two runs
         # sharing it wrote their embeddings under the same part names, each filed by its own image
         # rows, and one read the other's vectors as its own (exit 0, other pairs)
-        if not remote_out:
-            outdir.check_no_foreign_outputs(out)
-        else:
-            storage.check_no_foreign_outputs(out)
         own = outdir.run_folder_name()
         work_dir = (storage.join(cfg.work_dir, own) if storage.is_url(cfg.work_dir)
                     else Path(os.path.abspath(cfg.work_dir)) / own) if cfg.work_dir \

@@ -114,12 +114,19 @@ def test_a_run_leaves_what_it_did_not_make_in_out_alone(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "already holds report" in err and "nothing was changed" in err and len(err.strip().splitlines()) == 1
-    assert (out / "report" / "mine.png").is_file() and not (out / ".dedupe").exists()
+    assert (out / "report" / "mine.png").is_file() and sorted(p.name for p in out.iterdir()) == ["report"]
     (out / "run.json").write_text("{}")  # (a file of that name, not a run's)
     (out / "report" / "mine.png").rename(out / "mine.png")
     (out / "report").rmdir()
     assert main(args) == 2 and "already holds run.json" in capsys.readouterr().err
     (out / "run.json").unlink()
+    (out / "catalog" / "features").mkdir(parents=True)  # (the default catalog's folder, the user's)
+    (out / "catalog" / "features" / "x.txt").write_text("mine")
+    assert main(args) == 2 and "holds files but no catalog" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["catalog", "mine.png"]
+    (out / "catalog" / "features" / "x.txt").rename(out / "x.txt")
+    (out / "catalog" / "features").rmdir()
+    (out / "_work-2020").mkdir()  # (empty: no run's either)
     (out / "_work-2019").mkdir()
     (out / "_work-2019" / "x.png").write_bytes(b"mine")
     (out / ".notes.tmp").write_text("mine")
@@ -128,7 +135,8 @@ def test_a_run_leaves_what_it_did_not_make_in_out_alone(tmp_path, capsys):
     assert (out / "mine.png").is_file()
     assert main(args) == 0  # (a previous run's OUT: its own links are replaced)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "_work-2019", "catalog", "images.parquet", "mine.png", "pairs.parquet", "report", "report.html", "run.json"]
+        "_work-2019", "_work-2020", "catalog", "images.parquet", "mine.png", "pairs.parquet", "report", "report.html",
+        "run.json", "x.txt"]
 
 
 @pytest.mark.reliability

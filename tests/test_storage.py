@@ -1925,3 +1925,26 @@ def test_local_only_options_refuse_store_urls_and_decode_file_urls(tmp_path, cap
     assert "a local path is needed here" in capsys.readouterr().err
     assert main(["query", str(tmp_path / "x.jpg"), "--catalog", str(tmp_path), "--output", "az://c/x.csv"]) == 2
     assert "--output 'az://c/x.csv': a local path is needed here" in capsys.readouterr().err
+
+
+def test_a_run_on_the_store_leaves_what_it_did_not_make_in_out_alone(s3, bucket, monkeypatch, dataset, capsys):
+    """OUT on the store holding the user's report/ objects: publishing overwrote the stable names
+    and removed report/ objects the new report does not have. And only a run's work prefixes (its
+    mark, or a tier's folders only) are removed as a killed run's."""
+    env, _, client, fs, prefix, data, out, args = _screen_on_bucket(s3, monkeypatch, dataset, "foreign")
+    root = out.split("://", 1)[1]
+    fs.pipe_file(f"{root}/report/mine.jpg", b"the user's")
+    assert _dedupe(data, *args) == 2
+    assert "already holds report" in capsys.readouterr().err
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.find(root)) == ["mine.jpg"]  # (no lock object either)
+    fs.rm(f"{root}/report/mine.jpg")
+    fs.pipe_file(f"{root}/_work-2019/x.jpg", b"the user's")
+    fs.pipe_file(f"{root}/_work-123/orb/part-000000.parquet", b"a killed run's")
+    fs.pipe_file(f"{root}/_work-124/.dedupe-work", b"124 host")
+    fs.pipe_file(f"{root}/_work-124/embed/part-000000.parquet", b"a killed run's")
+    assert _dedupe(data, *args) == 0
+    fs.invalidate_cache()
+    left = {p.split(f"{root}/", 1)[1].split("/", 1)[0] for p in fs.find(root)}
+    assert "_work-2019" in left and not {"_work-123", "_work-124"} & left
+    assert fs.cat_file(f"{root}/_work-2019/x.jpg") == b"the user's"
+    assert _dedupe(data, *args) == 0  # (a run's OUT: its own outputs replaced)
