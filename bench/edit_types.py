@@ -8,6 +8,7 @@ This benchmark is that audit made reproducible:
 
     python -m bench.edit_types                        # writes section "edit_types" of docs/benchmarks.md
     python -m bench.edit_types --sources 4 --print    # a quick look
+    python -m bench.edit_types --edits-per-run 0      # all edits in one folder: shows the screen's K cap
 
 Generation (seeded, deterministic: the same seed and arguments give the same files, byte for byte):
 --sources photos sampled from $SHARED/data/photos, each copied untouched (`original/gNNNN.jpg`) and
@@ -16,9 +17,17 @@ repository), with `labels.csv`: path, group_id, edit, params, source, shows. `sh
 shared photo the image shows (";"-joined): its source, and for a collage also its three other
 tiles, which are drawn from photos that are not sources.
 
-Scoring, per preset (one run of the real CLI on the originals and all the edits in one folder,
-`python -m pipeline dedupe DIR --out OUT --preset P --no-catalog`; its pairs.parquet and
-images.parquet):
+Runs, per preset: the real CLI (`python -m pipeline dedupe DIR --out OUT --preset P --no-catalog`;
+its pairs.parquet and images.parquet) on batches of edit types, --edits-per-run at a time (default
+6): each run's DIR holds all the originals and the copies of those edit types only (hard links to
+the set's files, beside the set), so an original has a few copies in a run, as users mostly have,
+fewer than the candidates a run keeps per image (screen.max_candidates). With every edit in one
+folder (`--edits-per-run 0` or `all`) an original has 37 copies, more than that cap, and the recall
+also measures the cap. An edit type's figures come from the run that held it; false pairs are those
+of each run (between its edit types' copies and the originals), a pair reported by several runs
+(two originals) counted once.
+
+Scoring:
 
 - recall of an edit: the direct pair (original, its copy) is in pairs.parquet with is_duplicate;
   "same cluster" also counts a copy joined to its original only through other duplicates.
@@ -350,6 +359,37 @@ def ensure(bench_dir: str | Path, photos_dir: str | Path, seed: int, sources: in
     return out
 
 
+def batches(edits: list[str], per_run: int) -> list[list[str]]:
+    """The edit types split into runs of at most `per_run` (0: all in one run), in order and as
+    even as can be (37 by 6: 6, 6, 5, 5, 5, 5, 5), so that no run is left with one lone edit type."""
+    edits = list(edits)
+    if per_run <= 0 or per_run >= len(edits):
+        return [edits]
+    n = -(-len(edits) // per_run)
+    size, extra = divmod(len(edits), n)
+    out, i = [], 0
+    for b in range(n):
+        j = i + size + (b < extra)
+        out.append(edits[i:j])
+        i = j
+    return out
+
+
+def link_batch(data: Path, dest: Path, edits: list[str]) -> Path:
+    """`dest` holding the set's originals and the copies of `edits` only, at the same relative paths
+    as in `data` (so labels.csv names them), as hard links (copies where links fail); made anew."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    for name in ["original", *edits]:
+        (dest / name).mkdir(parents=True)
+        for f in sorted((data / name).iterdir()):
+            try:
+                os.link(f, dest / name / f.name)
+            except OSError:
+                shutil.copyfile(f, dest / name / f.name)
+    return dest
+
+
 # ---------------------------------------------------------------------------------------------
 # running and scoring
 
@@ -394,7 +434,9 @@ def score(pairs: pd.DataFrame, labels: pd.DataFrame, clusters: dict | None = Non
     -> {"edits": {edit: {"n", "found", "cluster", "lost": Counter(tier), "rules": Counter(rule),
                          "capped"}},
         "duplicate_pairs", "false_pairs", "false_by_edits": Counter("editA + editB"),
-        "false_rules": Counter(rule), "tile_pairs": true duplicate pairs of two groups (collage tiles)}"""
+        "false_rules": Counter(rule), "tile_pairs": true duplicate pairs of two groups (collage tiles),
+        and the pairs behind those counts for merge(): "dup" {(a, b)}, "false" {(a, b): (edits, rule)},
+        "tiles" {(a, b)}}"""
     shows = {p: frozenset(s.split(";")) for p, s in zip(labels["path"], labels["shows"])}
     edit_of = dict(zip(labels["path"], labels["edit"]))
     group_of = dict(zip(labels["path"], labels["group_id"]))
@@ -430,13 +472,39 @@ def score(pairs: pd.DataFrame, labels: pd.DataFrame, clusters: dict | None = Non
         else:
             e["lost"][tier(got[1])] += 1
             e["rules"][got[1]] += 1
-    dup = pairs[pairs["is_duplicate"].astype(bool)]
-    false = [(a, b, str(r)) for a, b, r in zip(dup["path_a"], dup["path_b"], dup["rule"]) if not shows[a] & shows[b]]
-    tile_pairs = sum(1 for a, b in zip(dup["path_a"], dup["path_b"])
-                     if group_of[a] != group_of[b] and shows[a] & shows[b])
-    return {"edits": edits, "duplicate_pairs": len(dup), "false_pairs": len(false),
-            "false_by_edits": Counter(" + ".join(sorted((edit_of[a], edit_of[b]))) for a, b, _ in false),
-            "false_rules": Counter(r for _, _, r in false), "tile_pairs": tile_pairs}
+    dup = {(a, b) if a <= b else (b, a): str(r)
+           for a, b, d, r in zip(pairs["path_a"], pairs["path_b"], pairs["is_duplicate"], pairs["rule"]) if d}
+    false = {k: (" + ".join(sorted((edit_of[k[0]], edit_of[k[1]]))), r)
+             for k, r in dup.items() if not shows[k[0]] & shows[k[1]]}
+    tiles = {k for k in dup if group_of[k[0]] != group_of[k[1]] and shows[k[0]] & shows[k[1]]}
+    return _tally({"edits": edits, "dup": set(dup), "false": false, "tiles": tiles})
+
+
+def _tally(r: dict) -> dict:
+    """r with its pair counts filled in from its pair sets (dup, false, tiles)."""
+    return {**r, "duplicate_pairs": len(r["dup"]), "false_pairs": len(r["false"]),
+            "false_by_edits": Counter(e for e, _ in r["false"].values()),
+            "false_rules": Counter(rule for _, rule in r["false"].values()), "tile_pairs": len(r["tiles"])}
+
+
+def merge(parts: list[dict]) -> dict:
+    """The score() of several runs (batches of edit types, each with all the originals) as one:
+    each edit type's figures come from the one run that held its copies; a pair is counted once
+    however many runs reported it (two originals are in every run), with the first run's rule."""
+    edits, dup, false, tiles = {}, set(), {}, set()
+    for r in parts:
+        both = set(edits) & set(r["edits"])
+        if both:
+            raise ValueError(f"edit types in more than one run: {sorted(both)}")
+        edits.update(r["edits"])
+        dup |= r["dup"]
+        tiles |= r["tiles"]
+        for k, v in r["false"].items():
+            false.setdefault(k, v)
+    out = _tally({"edits": edits, "dup": dup, "false": false, "tiles": tiles})
+    if parts and "screen" in parts[0]:
+        out["screen"] = parts[0]["screen"]
+    return out
 
 
 def score_out(out: Path, labels: pd.DataFrame) -> dict:
@@ -496,7 +564,7 @@ def edit_table(results: dict[str, dict]) -> str:
     return report.table(head, rows)
 
 
-def false_table(results: dict[str, dict], seconds: dict[str, float]) -> str:
+def false_table(results: dict[str, dict], seconds: dict[str, float], runs: int = 1) -> str:
     rows = []
     for p, r in results.items():
         by = ", ".join(f"{k} {n}" for k, n in sorted(r["false_by_edits"].items(), key=lambda x: (-x[1], x[0]))) or "–"
@@ -504,7 +572,8 @@ def false_table(results: dict[str, dict], seconds: dict[str, float]) -> str:
         rows.append([p, f"{r['duplicate_pairs']:,}", r["false_pairs"], by, rules, r["tile_pairs"],
                      f"{seconds[p]:,.0f}"])
     return report.table(["preset", "duplicate pairs", "false pairs", "false pairs by edit types", "decided by",
-                         "collage pairs through a tile (true)", "run wall s"], rows)
+                         "collage pairs through a tile (true)",
+                         "run wall s" + (f" ({runs} runs)" if runs > 1 else "")], rows)
 
 
 def reading(results: dict[str, dict]) -> str:
@@ -543,30 +612,68 @@ def reading(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def section(results: dict[str, dict], seconds: dict[str, float], labels: pd.DataFrame, args, commands: list[str]) -> str:
+def section(results: dict[str, dict], seconds: dict[str, float], labels: pd.DataFrame, args, commands: list[str],
+            runs: list[list[str]] | None = None) -> str:
+    """The section's text; `runs`: the edit types of each run (None or one run: the whole set in one folder)."""
     n_src = int((labels["edit"] == "original").sum())
-    intro = (f"{len(labels):,} files in one folder: {n_src} photos sampled from `$SHARED/data/photos` (seed {args.seed}) "
-             f"and one edited copy of each for {labels['edit'].nunique() - 1} edit types (bench/edit_types.py, "
-             "edits as in the accuracy audit that asked for this benchmark). Each preset is one run of the CLI on the "
-             "whole folder: " + "; ".join(f"`{c}`" for c in commands) + ". *recall*: the direct pair (original, "
-             "copy) reported duplicate; *same cluster*: the copy in its original's cluster, directly or through "
-             "other duplicates; *misses lost at*: screen = never a candidate, verify / confirm = rejected there "
-             "(its rule). A false pair is a duplicate pair of two images that show no photo in common (a collage "
-             "shows its source and 3 other photos; a collage and any of its tiles are a true pair).")
-    per = labels.groupby("group_id").size().max() - 1
-    caps = "; ".join(f"{p}: screen.max_candidates = {r['screen']['max_candidates']}"
-                     + (f", plus screen.embedding_k = {r['screen']['embedding_k']} neighbours by cosine"
-                        if r["screen"]["mode"] != "hash" else "")
-                     for p, r in results.items() if "screen" in r)
-    if caps:
+    n_edits = labels["edit"].nunique() - 1
+    runs = runs or [[e for e in EDITS if e in set(labels["edit"])]]
+    per = max(len(r) for r in runs)  # copies of one original in a run's folder
+    cmds = "; ".join(f"`{c}`" for c in commands)
+    intro = (f"{len(labels):,} files: {n_src} photos sampled from `$SHARED/data/photos` (seed {args.seed}) and one "
+             f"edited copy of each for {n_edits} edit types (bench/edit_types.py, edits as in the accuracy audit that "
+             "asked for this benchmark). ")
+    if len(runs) == 1:
+        intro += ("**Mode: one folder** (`--edits-per-run 0`): each preset is one run of the CLI on the whole set, "
+                  f"so every original has {per} copies in the folder: {cmds}. ")
+    else:
+        sizes = sorted({len(r) for r in runs})
+        intro += (f"**Mode: batches of edit types** (`--edits-per-run {args.edits_per_run}`): each preset is "
+                  f"{len(runs)} runs of the CLI, each on a folder holding the {n_src} originals and the copies of "
+                  f"{' or '.join(map(str, sizes))} edit types (hard links to the set's files): {cmds} (DIR: one run's "
+                  "folder). The runs, in order: " + " | ".join(", ".join(r) for r in runs) + ". An edit type's "
+                  "figures come from the run that held its copies. False pairs are counted within each run, between "
+                  "the copies of its edit types and against the originals (copies of edit types in different runs "
+                  "are never compared); a pair reported by several runs (two originals, in every run) is counted "
+                  "once, as are the duplicate pairs; *run wall s* is the sum of the preset's runs. "
+                  "`--edits-per-run 0` runs the whole set as one folder (every original with "
+                  f"{n_edits} copies, more than the candidates a run keeps per image: the recall then also measures "
+                  "that cap). ")
+    intro += ("*recall*: the direct pair (original, copy) reported duplicate; *same cluster*: the copy in its "
+              "original's cluster, directly or through other duplicates; *misses lost at*: screen = never a "
+              "candidate, verify / confirm = rejected there (its rule). A false pair is a duplicate pair of two "
+              "images that show no photo in common (a collage shows its source and 3 other photos; a collage and "
+              "any of its tiles are a true pair).")
+    screens = {p: r["screen"] for p, r in results.items() if "screen" in r}
+    caps = "; ".join(f"{p}: screen.max_candidates = {sc['max_candidates']}"
+                     + (f", plus screen.embedding_k = {sc['embedding_k']} neighbours by cosine"
+                        if sc["mode"] != "hash" else "")
+                     for p, sc in screens.items())
+    capped = ("their plain hashes within screen.max_distance, a lower bound, as the trimmed and turned hashes are "
+              "not counted")
+    if caps and any(per > int(sc["max_candidates"]) for sc in screens.values()):
         intro += (f" Every original has {per} copies in the folder, more than the candidates a run keeps per image "
                   f"({caps}; a pair is kept when either image has the other among its nearest): a direct pair "
-                  "can be left out while both images are within the hash distance (*capped*: their plain hashes "
-                  "within screen.max_distance, a lower bound, as the trimmed and turned hashes are not counted), "
-                  "and *same cluster* still counts such a copy when other duplicates join it to its original.")
+                  f"can be left out while both images are within the hash distance (*capped*: {capped}), and *same cluster* "
+                  "still counts such a copy when other duplicates join it to its original.")
+    elif caps:
+        intro += (f" An original has at most {per} copies in a run, as a user with a few copies of a photo has, "
+                  "fewer than the candidates a run keeps per image "
+                  f"({caps}; a pair is kept when either image has the other among its nearest). *capped*: a direct "
+                  f"pair left out while both images are within the hash distance, other images being nearer "
+                  f"({capped}).")
     return "\n".join([report.stamp(), intro, "", "Reading (counts read off the tables below):", "",
-                      reading(results), "", edit_table(results), "False pairs per preset:", "",
-                      false_table(results, seconds)])
+                       reading(results), "", edit_table(results), "False pairs per preset:", "",
+                       false_table(results, seconds, len(runs))])
+
+
+def _per_run(value: str) -> int:
+    if value.strip().lower() == "all":
+        return 0
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be 0 (all in one folder), 'all' or a positive count")
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -574,6 +681,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sources", type=int, default=60, help="photos sampled (each edited once per edit type)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--presets", default="default,high-recall")
+    ap.add_argument("--edits-per-run", type=_per_run, default=6, metavar="N",
+                    help="edit types whose copies share a run's folder with all the originals, so that an original "
+                         "has at most N copies in a run (default 6: fewer than the candidates a run keeps per "
+                         "image); 0 or 'all': the whole set in one folder (shows that cap)")
     ap.add_argument("--photos", default=str(DEFAULT_PHOTOS))
     ap.add_argument("--bench-dir", default=str(DEFAULT_BENCH_DIR), help="where the set and the runs' outputs go")
     ap.add_argument("--out", default=str(report.DEFAULT_PATH), help="benchmarks markdown to update")
@@ -593,23 +704,40 @@ def main(argv: list[str] | None = None) -> int:
     data = ensure(bench_dir, args.photos, args.seed, args.sources)
     labels = pd.read_csv(data / "labels.csv")
     print(f"set: {data} ({len(labels)} files, {time.perf_counter() - t0:.0f} s)", flush=True)
+    runs = batches([e for e in EDITS if e in set(labels["edit"])], args.edits_per_run)
+    if len(runs) == 1:  # the whole set, in its own folder
+        folders = [data]
+    else:
+        root = data.parent / f"{data.name}-runs{args.edits_per_run}"
+        folders = [link_batch(data, root / f"run{i:02d}", r) for i, r in enumerate(runs)]
+        print(f"{len(runs)} runs of {'/'.join(str(len(r)) for r in runs)} edit types each: {root}", flush=True)
     results, seconds, commands = {}, {}, []
     for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
         tag = "-" + hashlib.sha256("\n".join(args.set).encode()).hexdigest()[:8] if args.set else ""
-        out = data.parent / f"{data.name}-out" / f"{preset}{tag}"
-        res = run_cli(data, out, preset, args.timeout, args.set)
-        if not res["ok"]:
-            print(f"error: the {preset} run failed:\n{res['stderr_tail']}", file=sys.stderr)
-            return 1
-        results[preset], seconds[preset] = score_out(out, labels), res["seconds"]
+        base = data.parent / f"{data.name}-out" / f"{preset}{tag}"
+        parts, seconds[preset] = [], 0.0
+        for i, (folder, edits) in enumerate(zip(folders, runs)):
+            out = base if len(runs) == 1 else base.with_name(base.name + f"-e{args.edits_per_run}") / f"run{i:02d}"
+            res = run_cli(folder, out, preset, args.timeout, args.set)
+            if not res["ok"]:
+                print(f"error: the {preset} run on {folder} failed:\n{res['stderr_tail']}", file=sys.stderr)
+                return 1
+            parts.append(score_out(out, labels[labels["edit"].isin(["original", *edits])]))
+            seconds[preset] += res["seconds"]
+            if len(runs) > 1:
+                p = parts[-1]
+                print(f"  [{preset}] run {i + 1}/{len(runs)} ({', '.join(edits)}) {res['seconds']:.0f} s: "
+                      f"{sum(e['found'] for e in p['edits'].values())}/{sum(e['n'] for e in p['edits'].values())} "
+                      f"direct pairs, {p['false_pairs']} false pairs", flush=True)
+        results[preset] = merge(parts)
         commands.append(f"python -m pipeline dedupe DIR --out OUT --preset {preset} --no-catalog --quiet"
                         + (" --set embed.weights=$SHARED/models" if MODELS.is_dir() else "")
                         + "".join(f" --set {kv}" for kv in args.set))
         r = results[preset]
         found = sum(e["found"] for e in r["edits"].values())
         n = sum(e["n"] for e in r["edits"].values())
-        print(f"[{preset}] {res['seconds']:.0f} s: {found}/{n} direct pairs, {r['false_pairs']} false pairs", flush=True)
-    body = section(results, seconds, labels, args, commands)
+        print(f"[{preset}] {seconds[preset]:.0f} s: {found}/{n} direct pairs, {r['false_pairs']} false pairs", flush=True)
+    body = section(results, seconds, labels, args, commands, runs)
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
     if args.print:
         print(body)

@@ -408,3 +408,64 @@ def test_edit_types_scores_direct_pairs_clusters_and_false_pairs():
     assert "| **all edits** | 0.250 (1/4) | 0.500 (2/4) | screen 1, verify 1, confirm 1 |" in table
     with pytest.raises(ValueError, match="labels.csv does not"):
         edit_types.score(pairs.assign(path_b="other.jpg"), labels)
+
+
+def test_edit_types_batches_split_the_edit_types_evenly_in_order():
+    from bench import edit_types
+    edits = list(edit_types.EDITS)
+    runs = edit_types.batches(edits, 6)
+    assert [len(r) for r in runs] == [6, 6, 5, 5, 5, 5, 5] and sum(runs, []) == edits
+    assert [len(r) for r in edit_types.batches(list("abcdefghij"), 3)] == [3, 3, 2, 2]
+    assert edit_types.batches(edits, 0) == edit_types.batches(edits, len(edits)) == [edits]
+    assert edit_types._per_run("all") == edit_types._per_run("0") == 0 and edit_types._per_run("6") == 6
+
+
+def test_edit_types_batch_folder_links_the_originals_and_its_edits_only(tmp_path):
+    from bench import edit_types
+    data = tmp_path / "set"
+    for rel in ("original/g0.jpg", "original/g1.png", "rot5/g0.jpg", "mirror/g0.jpg", "labels.csv"):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_bytes(rel.encode())
+    dest = tmp_path / "runs" / "run00"
+    (dest / "stale").mkdir(parents=True)
+    edit_types.link_batch(data, dest, ["rot5"])
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert files == ["original/g0.jpg", "original/g1.png", "rot5/g0.jpg"] and not (dest / "stale").exists()
+    assert all((dest / f).stat().st_ino == (data / f).stat().st_ino for f in files)  # hard links, not copies
+
+
+def test_edit_types_merge_takes_each_edit_from_its_run_and_counts_a_pair_once(tmp_path):
+    """Two runs, each with both originals and one edit type; both runs pair the two originals
+    (falsely): merged, that false pair counts once, each edit keeps its run's figures."""
+    import types
+
+    import pandas as pd
+
+    from bench import edit_types
+    labels = pd.DataFrame([
+        ("original/g0.jpg", "g0", "original", "x.jpg"), ("original/g1.jpg", "g1", "original", "y.jpg"),
+        ("rot5/g0.jpg", "g0", "rot5", "x.jpg"), ("rot5/g1.jpg", "g1", "rot5", "y.jpg"),
+        ("mirror/g0.jpg", "g0", "mirror", "x.jpg"), ("mirror/g1.jpg", "g1", "mirror", "y.jpg"),
+    ], columns=["path", "group_id", "edit", "shows"])
+    cols = ["path_a", "path_b", "is_duplicate", "rule"]
+    oo = ("original/g0.jpg", "original/g1.jpg", True, "confirm_cosine_orb")
+    run1 = pd.DataFrame([oo, ("original/g0.jpg", "rot5/g0.jpg", True, "verify_orb_accept"),
+                         ("original/g1.jpg", "rot5/g1.jpg", True, "verify_orb_accept")], columns=cols)
+    run2 = pd.DataFrame([oo, ("mirror/g0.jpg", "original/g0.jpg", True, "verify_orb_accept"),
+                         ("mirror/g0.jpg", "original/g1.jpg", True, "verify_orb_accept")], columns=cols)
+    parts = [edit_types.score(run, labels[labels["edit"].isin(["original", e])]) for run, e in
+             [(run1, "rot5"), (run2, "mirror")]]
+    r = edit_types.merge(parts)
+    assert {e: (v["n"], v["found"]) for e, v in r["edits"].items()} == {"rot5": (2, 2), "mirror": (2, 1)}
+    assert r["edits"]["mirror"]["lost"] == {"screen": 1}
+    assert (r["duplicate_pairs"], r["false_pairs"]) == (5, 2)
+    assert r["false_by_edits"] == {"original + original": 1, "mirror + original": 1}
+    with pytest.raises(ValueError, match="more than one run"):
+        edit_types.merge([parts[0], parts[0]])
+    args = types.SimpleNamespace(seed=0, edits_per_run=1)
+    text = edit_types.section({"default": r}, {"default": 12.0}, labels, args, ["python -m pipeline dedupe DIR"],
+                              [["rot5"], ["mirror"]])
+    assert "Mode: batches of edit types** (`--edits-per-run 1`)" in text and "rot5 | mirror" in text
+    assert "| default | 5 | 2 | mirror + original 1, original + original 1 |" in text and "run wall s (2 runs)" in text
+    one = edit_types.section({"default": r}, {"default": 12.0}, labels, args, ["python -m pipeline dedupe DIR"])
+    assert "Mode: one folder" in one and "every original has 2 copies" in one
