@@ -77,6 +77,7 @@ $(FASTDUP_VENV)/.installed:
 
 eval: install
 	$(PY) -m bench.eval --out docs/benchmarks.md $(ARGS)
+	$(PY) -m bench.edit_types --out docs/benchmarks.md
 
 # The Airflow DAG example (examples/airflow_dedupe_dag.py) run with dag.test(): twice over the same
 # OUT (the second run is incremental), then over a missing folder (exit 2: the task must fail at
