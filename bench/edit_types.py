@@ -39,14 +39,12 @@ Scoring:
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -330,33 +328,17 @@ def generate(out_dir: str | Path, photos_dir: str | Path = DEFAULT_PHOTOS, seed:
             rows.append([rel, group, edit, params, path.name, ";".join(shows)])
         if not quiet and (gi + 1) % 10 == 0:
             print(f"  generated {gi + 1}/{len(src)} sources", file=sys.stderr, flush=True)
-    tmp = out_dir / "labels.csv.tmp"
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(LABEL_COLUMNS)
-        w.writerows(rows)
-    os.replace(tmp, out_dir / "labels.csv")
-    return out_dir / "labels.csv"
+    from bench.transforms import write_labels
+    return write_labels(out_dir, LABEL_COLUMNS, rows)
 
 
 def ensure(bench_dir: str | Path, photos_dir: str | Path, seed: int, sources: int) -> Path:
     """The set's folder for these arguments, generated once and reused (cached by key)."""
-    out = Path(bench_dir) / f"edit-types-v{SUITE_VERSION}-seed{seed}-s{sources}"
-    stamp = out / "manifest.json"
+    from bench.transforms import cached_set
     want = {"suite_version": SUITE_VERSION, "seed": seed, "sources": sources,
             "photos_dir": str(Path(photos_dir).resolve())}
-    if stamp.exists() and (out / "labels.csv").exists():
-        try:
-            if json.loads(stamp.read_text())["args"] == want:
-                return out
-        except (ValueError, KeyError):
-            pass
-    if stamp.exists():
-        stamp.unlink()
-    labels = generate(out, photos_dir, seed, sources, quiet=False)
-    stamp.write_text(json.dumps({"args": want, "labels_sha256": hashlib.sha256(labels.read_bytes()).hexdigest()},
-                                indent=1))
-    return out
+    return cached_set(Path(bench_dir) / f"edit-types-v{SUITE_VERSION}-seed{seed}-s{sources}", want,
+                      lambda out: generate(out, photos_dir, seed, sources, quiet=False))
 
 
 def batches(edits: list[str], per_run: int) -> list[list[str]]:
@@ -395,25 +377,9 @@ def link_batch(data: Path, dest: Path, edits: list[str]) -> Path:
 
 def run_cli(data: Path, out: Path, preset: str, timeout: float, sets: list[str] = ()) -> dict:
     """`python -m pipeline dedupe DATA --out OUT --preset P --no-catalog --quiet` (+ the shared
-    weights folder, as bench/eval.py passes it) -> {"ok", "seconds", "command", "stderr_tail"}."""
-    if out.exists():
-        shutil.rmtree(out)  # a clean run
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", str(out), "--preset", preset,
-           "--no-catalog", "--quiet"]
-    if MODELS.is_dir():
-        cmd += ["--set", f"embed.weights={MODELS}"]
-    for kv in sets:
-        cmd += ["--set", kv]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-        rc, err = proc.returncode, proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc, err = -1, f"timed out after {timeout:.0f} s\n{exc.stderr or ''}"
-    ok = rc == 0 and (out / "pairs.parquet").exists() and (out / "images.parquet").exists()
-    return {"ok": ok, "seconds": time.perf_counter() - t0, "command": " ".join(cmd),
-            "stderr_tail": "\n".join((err or "").strip().splitlines()[-15:])}
+    weights folder): bench/eval.py's run -> {"ok", "seconds", "command", "stderr_tail", ...}."""
+    from bench.eval import run_pipeline
+    return run_pipeline(data, out, list(sets), timeout, preset=preset, no_catalog=True)
 
 
 def tier(rule: str) -> str:

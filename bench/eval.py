@@ -47,8 +47,10 @@ EMBED_WEIGHTS = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.
 # ---------------------------------------------------------------------------------------------
 # running the pipeline
 
-def run_pipeline(data: Path, out: Path, overrides: list[str], timeout: float, preset: str | None = None) -> dict:
-    """`python -m pipeline dedupe DATA --out OUT --quiet [--preset P] --set ...` -> {"ok", "seconds", "stderr"}."""
+def run_pipeline(data: Path, out: Path, overrides: list[str], timeout: float, preset: str | None = None,
+                 no_catalog: bool = False) -> dict:
+    """`python -m pipeline dedupe DATA --out OUT --quiet [--preset P] [--no-catalog] --set ...` ->
+    {"ok", "returncode", "seconds", "command", "stderr_tail"}."""
     if out.exists():
         shutil.rmtree(out)  # a clean run, not an incremental rerun
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +60,8 @@ def run_pipeline(data: Path, out: Path, overrides: list[str], timeout: float, pr
     cmd = [sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", str(out), "--quiet"]
     if preset:
         cmd += ["--preset", preset]
+    if no_catalog:
+        cmd.append("--no-catalog")
     for s in sets:
         cmd += ["--set", s]
     t0 = time.perf_counter()

@@ -308,10 +308,15 @@ def generate(out_dir: str | Path, photos_dir: str | Path = DEFAULT_PHOTOS, seed:
         rel = f"images/{group}_distractor{path.suffix.lower()}"
         shutil.copyfile(path, out_dir / rel)
         rows.append([rel, group, "distractor", "distractor", path.name])
+    return write_labels(out_dir, LABEL_COLUMNS, rows)
+
+
+def write_labels(out_dir: Path, columns: list[str], rows: list[list]) -> Path:
+    """`out_dir`/labels.csv, written whole or not at all."""
     tmp = out_dir / "labels.csv.tmp"
     with tmp.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(LABEL_COLUMNS)
+        w.writerow(columns)
         w.writerows(rows)
     os.replace(tmp, out_dir / "labels.csv")
     return out_dir / "labels.csv"
@@ -324,10 +329,16 @@ def cache_key(seed: int, sources: int, distractors: int) -> str:
 def ensure(bench_dir: str | Path = DEFAULT_BENCH_DIR, photos_dir: str | Path = DEFAULT_PHOTOS,
            seed: int = 0, sources: int = 150, distractors: int = 150, quiet: bool = True) -> Path:
     """The benchmark folder for these arguments, generated once and reused (cached by key)."""
-    out = Path(bench_dir) / cache_key(seed, sources, distractors)
-    stamp = out / "manifest.json"
     want = {"suite_version": SUITE_VERSION, "seed": seed, "sources": sources,
             "distractors": distractors, "photos_dir": str(Path(photos_dir).resolve())}
+    return cached_set(Path(bench_dir) / cache_key(seed, sources, distractors), want,
+                      lambda out: generate(out, photos_dir, seed, sources, distractors, quiet=quiet))
+
+
+def cached_set(out: Path, want: dict, make) -> Path:
+    """`out`, a generated set made by `make(out)` (which returns its labels.csv) once for the
+    arguments `want` and reused while its manifest.json records the same ones."""
+    stamp = out / "manifest.json"
     if stamp.exists() and (out / "labels.csv").exists():
         try:
             if json.loads(stamp.read_text())["args"] == want:
@@ -336,7 +347,7 @@ def ensure(bench_dir: str | Path = DEFAULT_BENCH_DIR, photos_dir: str | Path = D
             pass
     if stamp.exists():
         stamp.unlink()
-    labels = generate(out, photos_dir, seed, sources, distractors, quiet=quiet)
+    labels = make(out)
     digest = hashlib.sha256(labels.read_bytes()).hexdigest()
     stamp.write_text(json.dumps({"args": want, "labels_sha256": digest}, indent=1))
     return out
