@@ -943,3 +943,18 @@ def test_a_csv_plan_with_a_whole_second_mtime_applies(run_dir, capsys):
     assert main(["apply", str(run_dir / "bad.csv"), "--action", "delete"]) == 2
     err = capsys.readouterr().err.strip()
     assert "'2024-05-01yesterday'" in err and "ISO 8601" in err and len(err.splitlines()) == 1, err
+
+
+def test_an_undo_log_written_before_it_recorded_folders_and_inodes_still_restores(run_dir, capsys):
+    """Logs from before today's keys (each file's real folder, its device and inode): undo
+    restores them as before."""
+    data = run_dir / "data"
+    before = snapshot(data)
+    log = run_dir / "undo.jsonl"
+    assert main(["apply", str(run_dir / "plan.parquet"), "--action", "delete", "--execute", "--log", str(log)]) == 0
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert all({"folder", "dev", "ino"} <= set(e) for e in entries)
+    log.write_text("".join(json.dumps({k: v for k, v in e.items() if k not in ("folder", "dev", "ino")}) + "\n"
+                           for e in entries))
+    assert main(["undo", str(log)]) == 0
+    assert snapshot(data) == before
