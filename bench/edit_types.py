@@ -145,6 +145,7 @@ def watermark(img, rng):
             d.text((xx + (yy // 3) % 50, yy), "\u00a9 ACME PHOTO", font=f, fill=(255, 255, 255, 120))
     layer = layer.rotate(30, resample=Image.Resampling.BICUBIC).crop((w // 2, h // 2, w // 2 + w, h // 2 + h))
     out = Image.alpha_composite(img.convert("RGBA"), layer)
+    # (drawn onto the composite, the big word replaces its pixels: solid white, not blended)
     ImageDraw.Draw(out).text((w // 2, h // 2), "SAMPLE", font=_font(max(8, w // 5)), fill=(255, 255, 255, 170),
                              anchor="mm")
     return out.convert("RGB"), "tiled text, 30 deg"
@@ -189,7 +190,7 @@ def insta(img, rng):
 
 def perspective(img, rng):
     """A keystone: the top edge pulled in by 12 % of the width on each side, then cropped to the
-    middle 76 % of the width (black wedges remain at the top corners)."""
+    middle 76 % of the width, which leaves no black corner."""
     w, h = img.size
     dx = 0.12 * w
     a, b = [], []
