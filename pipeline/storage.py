@@ -726,7 +726,18 @@ def check_no_foreign_outputs(out: str) -> None:
     """ConfigError (exit 2, nothing changed) when OUT on the store holds objects under a name the
     run publishes (images.parquet, pairs.parquet, run.json, report.html, report/) and no run of
     this tool has published there: publishing overwrites those names and removes report/ objects
-    the new report does not have."""
+    the new report does not have. The run's first request to OUT: the store's refusal (options,
+    credentials) is a ConfigError that says what to fix, as the lock's is."""
+    try:
+        with slow_answer_noted(out, "output location"):
+            _check_no_foreign_outputs(out)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise access_error(out, exc, "cannot read the output location", "--out") from None
+
+
+def _check_no_foreign_outputs(out: str) -> None:
     fs, root = filesystem(out)
     try:
         _current(fs, root)
