@@ -1003,8 +1003,12 @@ def check_not_foreign(directory: Path) -> None:
     (no manifest, no lock file), e.g. the user's own OUT/catalog: a commit removes every file
     under its tables/ and features/ that no manifest names."""
     directory = Path(directory)
-    if (directory.is_dir() and not (directory / MANIFEST).exists() and not os.path.lexists(directory / LOCK_NAME)
-            and any(directory.iterdir())):
+    try:
+        foreign = (directory.is_dir() and not (directory / MANIFEST).exists()
+                   and not os.path.lexists(directory / LOCK_NAME) and any(directory.iterdir()))
+    except OSError:  # (one that cannot be read: opening it says so)
+        return
+    if foreign:
         raise ConfigError(f"the catalog folder {str(directory)!r} holds files but no catalog: choose another folder "
                           "for it (--catalog DIR, or catalog: in the config), or --no-catalog (nothing was changed)")
 
