@@ -265,13 +265,16 @@ def check_no_foreign_outputs(out: Path) -> None:
     folder or link no run of this tool made: publishing replaces those names (a user's
     `report/` folder was removed with its files)."""
     foreign = []
-    for name in PUBLISHED:
-        path = out / name
-        if path.is_symlink():
-            if os.readlink(path) != f"{STATE_DIR}/current/{name}":
+    try:
+        for name in PUBLISHED:
+            path = out / name
+            if path.is_symlink():
+                if os.readlink(path) != f"{STATE_DIR}/current/{name}":
+                    foreign.append(name)
+            elif os.path.lexists(path):
                 foreign.append(name)
-        elif os.path.lexists(path):
-            foreign.append(name)
+    except OSError:  # (an OUT that cannot be entered: taking its lock says so, exit 2)
+        return
     if foreign and not _written_by_a_run(out / "run.json"):
         raise ConfigError(f"--out {str(out)!r} already holds {', '.join(foreign)}, which no run of this tool made, "
                           "and a run would replace them with its outputs: choose an empty folder or a previous "

@@ -669,3 +669,28 @@ def test_an_out_removed_during_the_run_is_not_published_into(fault_data, tmp_pat
     assert rc == 1 and "was removed or replaced during the run" in err and "Traceback" not in err, err[-3000:]
     if out.exists():  # (made again by the run's own folders, if at all: no generation in it)
         assert not list((out / ".dedupe").glob("gen-*"))
+
+
+def test_an_out_or_catalog_that_may_not_be_entered_is_a_usage_error(tmp_path):
+    """OUT (or its catalog folder) with read permission and no execute: the check for outputs no
+    run made looked at its entries first and raised a traceback (exit 1), where taking the lock
+    says what to fix (exit 2)."""
+    prefix = _without_permission_override()
+    if prefix is None:
+        pytest.skip("running as root without util-linux's setpriv: folder modes do not apply to root")
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 48), (40, 90, 200)).save(data / "img.png")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for out, closed in ((tmp_path / "o1", tmp_path / "o1"), (tmp_path / "o2", tmp_path / "o2" / "catalog")):
+        closed.mkdir(parents=True)
+        (closed / "x").mkdir()
+        closed.chmod(0o600)
+        try:
+            done = subprocess.run([*prefix, sys.executable, "-m", "pipeline", "dedupe", str(data), "--out", str(out),
+                                   "--tiers", "screen", "--scheduler", "sync", "--quiet"],
+                                  capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        finally:
+            closed.chmod(0o755)
+        assert done.returncode == 2 and "Permission denied" in done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
