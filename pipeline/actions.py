@@ -471,41 +471,40 @@ def apply_plan(plan: pd.DataFrame, action: str, to: str | Path | None = None, ex
     if log_path is not None and os.path.lexists(log_path):
         raise PlanError(f"the undo log {str(log_path)!r} exists: each apply writes a log of its own; "
                         "give a new file name, or leave --log out (undo-<time>.jsonl beside the plan)")
+    trash_folder = UndoLog(log_path).trash if log_path is not None and action != "move" else None
+    if trash_folder is not None and trash_folder.is_symlink():
+        raise PlanError(f"the trash folder {str(trash_folder)!r} (beside the undo log) is a symlink: apply and undo "
+                        "would work in the folder it points at; remove the link, or pass --log with another name")
+    trash = trash_folder.resolve() if trash_folder is not None else None
+    # where each moved file would land (the checks below: never where the next run scans)
+    moved = [(str(r.path), to / _relative_name(r)) for r in plan[plan["action"] == "remove"].itertuples()] \
+        if to is not None else []
     for row in plan.head(1).itertuples():  # the scanned folder: abs_path is DATA/path
         abs_path, rel = str(row.abs_path), str(row.path)
         root = Path(paths.os_folder(abs_path[:-len(rel)]) or "/").resolve() if abs_path.endswith(rel) else None
-        if to is not None and root is not None and to.is_relative_to(root):
+        if root is None:
+            continue
+        if to is not None and to.is_relative_to(root):
             raise PlanError(f"--to {str(to)!r} is inside the scanned folder {abs_path[:-len(rel)]!r}: the next run "
                             "would find the moved files there again; choose a folder outside it")
         # (--to DATA's parent, DATA holding a folder of its own name: DATA/data/y.jpg went to DATA/y.jpg)
-        if to is not None and root is not None and root.is_relative_to(to):
-            inside = [str(r.path) for r in plan[plan["action"] == "remove"].itertuples()
-                      if (to / _relative_name(r)).is_relative_to(root)]
-            if inside:
-                raise PlanError(f"--to {str(to)!r} holds the scanned folder, and moving {inside[0]!r} there would put "
-                                "it back inside that folder (the next run would find it again); choose a folder "
-                                "outside it")
-        if log_path is not None and action != "move" and UndoLog(log_path).trash.is_symlink():
-            raise PlanError(f"the trash folder {str(UndoLog(log_path).trash)!r} (beside the undo log) is a symlink: "
-                            "apply and undo would work in the folder it points at; remove the link, or pass --log "
-                            "with another name")
-        trash = UndoLog(log_path).trash.resolve() if log_path is not None and action != "move" else None
-        # (the scan follows folder links once: a folder reached through one is scanned too)
-        linked = _linked_folders(root, *_scan_rules(plan)) \
-            if root is not None and (to is not None or trash is not None) else []
-        for where, what in ((to, "--to"), (trash, "the trash folder (beside the undo log)")):
-            through = next((f for f in linked if where is not None and where.is_relative_to(f[1])), None)
-            if through is None and where is not None and where == to:  # (--to holding such a folder)
-                through = next((f for f in linked if f[1].is_relative_to(to) for r in plan[plan["action"] == "remove"]
-                                .itertuples() if (to / _relative_name(r)).is_relative_to(f[1])), None)
-            if through is not None:
-                raise PlanError(f"{what} {str(where)!r} would put files inside {str(through[1])!r}, which the scanned "
-                                f"folder reaches through its link {str(through[0])!r}: the next run would find them "
-                                "there again; choose a folder outside it")
-        if trash is not None and root is not None and trash.is_relative_to(root):
+        inside = [path for path, dest in moved if dest.is_relative_to(root)]
+        if inside:
+            raise PlanError(f"--to {str(to)!r} holds the scanned folder, and moving {inside[0]!r} there would put "
+                            "it back inside that folder (the next run would find it again); choose a folder "
+                            "outside it")
+        if trash is not None and trash.is_relative_to(root):
             raise PlanError(f"the trash folder {str(trash)!r} (beside the undo log) is inside the scanned folder "
                             f"{abs_path[:-len(rel)]!r}: the next run would find the files there again; pass "
                             "--log with a path outside it, or keep the plan outside it")
+        # (the scan follows folder links once: a folder reached through one is scanned too)
+        for link, real in _linked_folders(root, *_scan_rules(plan)) if to is not None or trash is not None else []:
+            for where, what, lands in ((to, "--to", [dest for _, dest in moved]),
+                                       (trash, "the trash folder (beside the undo log)", [])):
+                if where is not None and (where.is_relative_to(real) or any(d.is_relative_to(real) for d in lands)):
+                    raise PlanError(f"{what} {str(where)!r} would put files inside {str(real)!r}, which the scanned "
+                                    f"folder reaches through its link {link!r}: the next run would find them there "
+                                    "again; choose a folder outside it")
     verb = {"move": "move", "hardlink": "hard-link", "symlink": "symlink", "delete": "delete"}[action]
     out = Outcome()
     log = UndoLog(log_path) if execute else None
@@ -603,11 +602,11 @@ def _scan_rules(plan: pd.DataFrame) -> tuple[bool, bool]:
     plan whose OUT still holds it), else the defaults."""
     from pipeline.config import ScanConfig
     rules = {"skip_hidden": ScanConfig.skip_hidden, "follow_symlinks": ScanConfig.follow_symlinks}
-    out = plan.attrs.get("out")
-    if out and plan.attrs.get("run_id") and run_id_of(out) == plan.attrs.get("run_id"):
-        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
-            scan_cfg = json.loads((Path(out) / "run.json").read_text(encoding="utf-8"))["config"]["scan"]
-            rules.update({k: bool(scan_cfg[k]) for k in rules if k in scan_cfg})
+    if plan.attrs.get("out") and plan.attrs.get("run_id"):
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, KeyError):
+            manifest = json.loads((Path(plan.attrs["out"]) / "run.json").read_text(encoding="utf-8"))
+            if manifest.get("run_id") == plan.attrs["run_id"]:
+                rules.update({k: bool(v) for k, v in manifest["config"]["scan"].items() if k in rules})
     return rules["skip_hidden"], rules["follow_symlinks"]
 
 

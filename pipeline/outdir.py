@@ -39,19 +39,8 @@ log = logging.getLogger("pipeline")
 LOCK_NAME = ".dedupe.lock"
 WORK_PREFIX = "_work-"
 STATE_DIR = ".dedupe"  # generations and the `current` link
-PUBLISHED = ("images.parquet", "pairs.parquet", "run.json", "report.html", "report")  # linked into OUT
-# in a run's own OUT/_work-<pid> folder, made with it: only folders holding it are a killed run's
-# to remove (a user's `_work-2019` in an OUT given to a run is left alone)
-WORK_MARK = ".dedupe-work"
-_WORK_NAME = re.compile(rf"{re.escape(WORK_PREFIX)}[0-9]+")
-# what the tiers make in a work folder: a run's folder the driver removed while a cluster's workers
-# still wrote into it (a run stopped on an existing cluster) holds these, and not the mark
-WORK_ENTRIES = re.compile(r"embed|orb|(?:orb|lists)-[0-9a-f]{12}")
-
-
-def is_run_work_folder(names: list[str]) -> bool:
-    """Whether a `_work-<pid>` folder holding `names` (its entries' names) is a run's."""
-    return WORK_MARK in names or (bool(names) and all(WORK_ENTRIES.fullmatch(n) for n in names))
+PUBLISHED = storage.PUBLISHED  # linked into OUT
+WORK_MARK = storage.WORK_MARK
 # the temporary names a run gives its files in OUT itself (`_replace_symlink`, the report's page)
 _OUT_TMP = re.compile(r"\.(?:%s)\.[0-9a-f]{8,32}\.tmp" % "|".join(re.escape(n) for n in PUBLISHED))
 
@@ -213,12 +202,6 @@ def remove_dead_run_folders(work_dir: str | Path, keep: str | Path | None = None
     return removed
 
 
-def make_work_folder(folder: Path) -> None:
-    """This run's OUT/_work-<pid> folder, marked as a run's (`remove_stale_work`)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / WORK_MARK).write_text(f"{os.getpid()} {socket.gethostname()}\n", encoding="utf-8")
-
-
 def remove_stale_work(out: Path, keep: Path | None = None) -> list[str]:
     """Remove what killed runs left in OUT (only while holding the lock): their marked
     `OUT/_work-<pid>` folders and their temporary files, `OUT/.<published name>.<hex>.tmp` and
@@ -227,7 +210,7 @@ def remove_stale_work(out: Path, keep: Path | None = None) -> list[str]:
     for entry in sorted(out.glob(f"{WORK_PREFIX}*")):
         if keep is not None and entry == keep or not entry.is_dir() or entry.is_symlink():
             continue
-        if _WORK_NAME.fullmatch(entry.name) and is_run_work_folder(os.listdir(entry)):
+        if storage.is_run_work_folder(entry.name, os.listdir(entry)):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
         else:
@@ -251,15 +234,6 @@ def remove_stale_work(out: Path, keep: Path | None = None) -> list[str]:
     return removed
 
 
-def _written_by_a_run(run_json: Path) -> bool:
-    """`run_json` is a real file a run of this tool wrote (OUT of the layout before generations)."""
-    try:
-        return not run_json.is_symlink() and \
-            json.loads(run_json.read_text(encoding="utf-8")).get("tool") == "dedupe-pipeline"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def check_no_foreign_outputs(out: Path) -> None:
     """ConfigError (exit 2, nothing changed) when OUT holds, under a name the run publishes, a file,
     folder or link no run of this tool made: publishing replaces those names (a user's
@@ -275,7 +249,13 @@ def check_no_foreign_outputs(out: Path) -> None:
                 foreign.append(name)
     except OSError:  # (an OUT that cannot be entered: taking its lock says so, exit 2)
         return
-    if foreign and not _written_by_a_run(out / "run.json"):
+    if not foreign:
+        return
+    try:  # (a real run.json of this tool's: an OUT of the layout before generations)
+        ours = not (out / "run.json").is_symlink() and storage.written_by_a_run((out / "run.json").read_bytes())
+    except OSError:
+        ours = False
+    if not ours:
         raise ConfigError(f"--out {str(out)!r} already holds {', '.join(foreign)}, which no run of this tool made, "
                           "and a run would replace them with its outputs: choose an empty folder or a previous "
                           "run's OUT (nothing was changed)")

@@ -871,11 +871,8 @@ def run(root: str | Path, out: str | Path, cfg: Config, scheduler: str | None = 
             storage.remove_stale_work(out, keep=work_dir)
         else:
             outdir.remove_stale_work(out, keep=work_dir)
-        if not cfg.work_dir:  # (marked as a run's: the next run removes it if this one is killed)
-            if remote_out:
-                storage.make_work_prefix(work_dir)
-            else:
-                outdir.make_work_folder(work_dir)
+        if not cfg.work_dir:  # (made marked as a run's: the next run removes it if this one is killed)
+            storage.mark_work_folder(work_dir)
         try:
             with (catalog.opened(catalog_dir) if catalog_dir is not None
                   else contextlib.nullcontext(None)) as cat:

@@ -37,6 +37,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -683,20 +684,41 @@ def locked(out: str, name: str = LOCK_NAME, what: str = "output location", optio
                 fs.rm_file(lock)
 
 
-WORK_MARK = ".dedupe-work"  # as outdir.WORK_MARK: in a run's own OUT/_work-<pid> prefix
+# OUT's published names (outdir: links through `current`; on a store: copies of the generation's)
+PUBLISHED = ("images.parquet", "pairs.parquet", "run.json", "report.html", "report")
+# in a run's own OUT/_work-<pid> folder or prefix, made with it: only those holding it are a killed
+# run's to remove (a user's `_work-2019` in an OUT given to a run is left alone)
+WORK_MARK = ".dedupe-work"
+# what the tiers make in a work folder: a run's folder the driver removed while a cluster's workers
+# still wrote into it (a run stopped on an existing cluster) holds these, and not the mark
+WORK_ENTRIES = re.compile(r"embed|orb|(?:orb|lists)-[0-9a-f]{12}")
 
 
-def make_work_prefix(work: str) -> None:
-    """This run's OUT/_work-<pid> prefix, marked as a run's (`remove_stale_work`)."""
+def mark_work_folder(work: str | Path) -> None:
+    """This run's OUT/_work-<pid> folder (or prefix), made and marked as a run's (`is_run_work_folder`)."""
     write_whole(join(work, WORK_MARK), f"{os.getpid()} {socket.gethostname()}\n".encode())
 
 
-def _is_run_work_prefix(fs, prefix: str) -> bool:
-    from pipeline.outdir import is_run_work_folder
+def is_run_work_folder(name: str, entries: list[str]) -> bool:
+    """Whether OUT's `name` holding `entries` (their names) is a killed run's work folder."""
+    return (name.startswith(WORK_PREFIX) and name[len(WORK_PREFIX):].isdigit()
+            and (WORK_MARK in entries or (bool(entries) and all(WORK_ENTRIES.fullmatch(n) for n in entries))))
+
+
+def written_by_a_run(run_json: bytes) -> bool:
+    """`run_json` is a run.json this tool wrote (an OUT of the layout before generations)."""
     try:
-        return is_run_work_folder([n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(prefix, detail=False, refresh=True)])
+        return json.loads(run_json.decode("utf-8")).get("tool") == "dedupe-pipeline"
+    except (ValueError, AttributeError):
+        return False
+
+
+def _is_run_work_prefix(fs, prefix: str) -> bool:
+    try:
+        entries = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(prefix, detail=False, refresh=True)]
     except FileNotFoundError:
         return False
+    return is_run_work_folder(prefix.rsplit("/", 1)[-1], entries)
 
 
 def remove_stale_work(out: str, keep: str | None = None) -> list[str]:
@@ -712,8 +734,7 @@ def remove_stale_work(out: str, keep: str | None = None) -> list[str]:
     for name in sorted(listed):
         name = name.rstrip("/")
         base = name.rsplit("/", 1)[-1]
-        if (base.startswith(WORK_PREFIX) and base[len(WORK_PREFIX):].isdigit() and name != keep_path
-                and _is_run_work_prefix(fs, name)):
+        if base.startswith(WORK_PREFIX) and name != keep_path and _is_run_work_prefix(fs, name):
             with contextlib.suppress(FileNotFoundError):
                 fs.rm(name, recursive=True)
             removed.append(base)
@@ -748,10 +769,10 @@ def _check_no_foreign_outputs(out: str) -> None:
         listed = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False, refresh=True)}
     except FileNotFoundError:
         return
-    foreign = [n for n in ("images.parquet", "pairs.parquet", "run.json", "report.html", "report") if n in listed]
+    foreign = [n for n in PUBLISHED if n in listed]
     if "run.json" in listed:  # (the layout before generations: a run's own files)
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            if json.loads(fs.cat_file(f"{root}/run.json").decode("utf-8")).get("tool") == "dedupe-pipeline":
+        with contextlib.suppress(OSError):
+            if written_by_a_run(fs.cat_file(f"{root}/run.json")):
                 return
     if foreign:
         raise ConfigError(f"--out {_url(fs, root)} already holds {', '.join(foreign)}, which no run of this tool "
