@@ -73,14 +73,15 @@ NOT_FINGERPRINTED = ("__all__", "exact_pairs", "build_index", "near_pairs", "has
                      "embedding_pairs", "_build_embedding_shard", "_read_vectors", "_vectors_of",
                      "_assign_lists", "_empty_knn", "_search_embedding_shard", "_best_of",
                      "_merge_embedding_lists", "_search_partitions", "sharded_embedding_pairs",
-                     "pair_hash_distance", "union_pairs")
+                     "pair_hash_distance", "union_pairs", "tied_groups", "_bridge_lists", "tie_bridges",
+                     "with_pairs")
 LISTS_REVISION = 1
 
 __all__ = ["exact_pairs", "exact_representatives", "near_pairs", "near_pairs_partition",
            "directed_neighbours", "pairs_from_neighbours", "Lists", "SavedLists",
            "sharded_neighbours", "sharded_directed_neighbours", "hash_partitions", "iter_hash_partitions", "shard_groups", "reach_pairs", "reach_of", "gained_neighbours", "incremental_neighbours",
            "build_index", "query_variants", "embedding_pairs", "sharded_embedding_pairs", "build_embedding_index",
-           "iter_embeddings", "pair_hash_distance", "union_pairs"]
+           "iter_embeddings", "pair_hash_distance", "union_pairs", "tied_groups", "tie_bridges", "with_pairs"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,7 +281,97 @@ def near_pairs(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, c
     """
     found = directed_neighbours(codes, variant_mask, cfg, client=client, representatives=representatives,
                                 block_rows=block_rows, index=index, gather=False)
-    return pairs_from_neighbours(found, codes, variant_mask, cfg, representatives)
+    near = pairs_from_neighbours(found, codes, variant_mask, cfg, representatives)
+    return with_pairs(near, tie_bridges(codes, variant_mask, cfg, representatives, client=client)[0])
+
+
+# --------------------------------------------------------------------------------------------
+# ties at the K-th distance: many images with one hash
+#
+# An image's list holds its K nearest, ties broken by image number. More than K images with one
+# hash (all their searched variants alike: video frames, burst shots, a page scanned again and
+# again) fill each other's lists with distance-0 ties, so none of them lists an image a bit or two
+# away: two such groups a bit apart were never paired and came out as two clusters (1,500 frames
+# of one scene with three hashes: clusters of 1,321 and 179). The lists are left as they are (a
+# catalog keeps them, a query reproduces them); each such group's first image also gets its K
+# nearest images outside the group, searched with the group's other members left out of the index
+# (`tie_bridges`). Those pairs go on to the verify tier as any candidate does.
+
+
+def tied_groups(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
+                representatives: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Groups of more than `screen.max_candidates` taking-part images whose searched hashes are
+    all alike -> (first: each group's first image, ascending; others: bool (N,), the groups'
+    other members)."""
+    codes, use, _ = _prepare(codes, variant_mask, cfg, representatives)
+    N = codes.shape[0]
+    k = int(cfg.max_candidates)
+    others = np.zeros(N, bool)
+    part = np.flatnonzero(use.any(axis=1))
+    if part.size <= k:
+        return np.zeros(0, np.int64), others
+    # (grouped by the plain hash first, cheap at any size; only the rows of its groups past K
+    # are compared whole)
+    plain = codes[part, PLAIN, :]
+    key = plain[:, 0].copy()
+    for w in range(1, plain.shape[1]):
+        key = key * np.uint64(0x9E3779B97F4A7C15) ^ plain[:, w]
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    rows = part[counts[inverse.reshape(-1)] > k]
+    if rows.size == 0:
+        return np.zeros(0, np.int64), others
+    searched = use[rows]
+    whole = np.concatenate([np.where(searched[:, :, None], codes[rows], np.uint64(0)).reshape(rows.size, -1),
+                            searched.astype(np.uint64)], axis=1)
+    _, inverse, counts = np.unique(whole, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    big = counts[inverse] > k
+    rows, inverse = rows[big], inverse[big]  # (ascending, as `part` is)
+    first_of = np.full(counts.size, N, np.int64)
+    np.minimum.at(first_of, inverse, rows)
+    first = np.unique(first_of[inverse])
+    others[rows] = True
+    others[first] = False
+    return first, others
+
+
+def _bridge_lists(codes_and_mask: tuple, cfg: ScreenConfig, index_rows: np.ndarray,
+                  first: np.ndarray) -> pd.DataFrame:
+    """The groups' first images' K nearest among `index_rows` (bool (N,)), in this process."""
+    codes, variant_mask = codes_and_mask
+    owners = np.zeros(codes.shape[0], bool)
+    owners[first] = True
+    return directed_neighbours(codes, variant_mask, cfg, representatives=index_rows, query_owners=owners)
+
+
+def tie_bridges(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
+                representatives: np.ndarray | None = None, client=None) -> tuple[pd.DataFrame, int]:
+    """Each group of tied images' first image paired with its K nearest images outside the group
+    (see the section comment), the pairs as `pairs_from_neighbours` makes them, and the number
+    of groups. With a Dask `client` the search is one task on a worker (the driver compiles no
+    numba kernel). Nothing is searched when there is no such group."""
+    first, others = tied_groups(codes, variant_mask, cfg, representatives)
+    if first.size == 0:
+        return _empty_pairs(), 0
+    N = np.asarray(codes).shape[0]
+    index_rows = (np.ones(N, bool) if representatives is None else np.asarray(representatives, bool)) & ~others
+    if client is None:
+        found = _bridge_lists((codes, variant_mask), cfg, index_rows, first)
+    else:
+        sent = scatter(client, [(codes, variant_mask)], hash=False)[0]
+        found = client.submit(_bridge_lists, sent, cfg, index_rows, first, pure=False).result()
+        del sent
+    return pairs_from_neighbours(found, codes, variant_mask, cfg, representatives, client=client), int(first.size)
+
+
+def with_pairs(pairs: pd.DataFrame, more: pd.DataFrame) -> pd.DataFrame:
+    """Two frames of pairs (idx_a < idx_b; a pair in both has the same values in each) as one,
+    sorted by (idx_a, idx_b)."""
+    if more.empty:
+        return pairs
+    out = pd.concat([pairs, more[list(pairs.columns)]], ignore_index=True)
+    out = out.drop_duplicates(["idx_a", "idx_b"]).sort_values(["idx_a", "idx_b"], kind="stable")
+    return out.reset_index(drop=True).astype(pairs.dtypes.to_dict())
 
 
 def _empty_directed() -> pd.DataFrame:

@@ -279,6 +279,11 @@ def _query(entries, rel: list[str | None], cat: catalog.Catalog, cfg: Config, fp
                                                  "hash_distance": admitted["hash_distance"].to_numpy(np.int16)})],
                          ignore_index=True)
     near = candidates.pairs_from_neighbours(directed, codes, mask, cfg.screen, part)
+    # (a group of more than K images with one hash: its first image's pairs outside the group,
+    # as the batch job makes them, candidates.tie_bridges; those of the queries' images kept)
+    bridges, _ = candidates.tie_bridges(codes, mask, cfg.screen, part)
+    bridges = bridges[asking[bridges["idx_a"].to_numpy()] | asking[bridges["idx_b"].to_numpy()]]
+    near = candidates.with_pairs(near, bridges)
     near = near[sha[near["idx_a"].to_numpy()] != sha[near["idx_b"].to_numpy()]].assign(kind="near")
     pairs = pd.concat([exact, near], ignore_index=True).astype(
         {"idx_a": "int64", "idx_b": "int64", "hash_distance": "int16", "transform": "int8"})

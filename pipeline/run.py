@@ -729,6 +729,14 @@ def build_pairs(images: pd.DataFrame, cfg: Config, client, emb_parts: list[str] 
                                                              representatives=representative.to_numpy(), gather=False)
     near = candidates.pairs_from_neighbours(directed, codes, mask, cfg.screen, representative.to_numpy(),
                                             client=running(client))
+    # (more than K images with one hash: their lists hold only each other; their first image is
+    # paired with its nearest outside the group too, candidates.tie_bridges)
+    bridges, search["tied_hash_groups"] = candidates.tie_bridges(codes, mask, cfg.screen, representative.to_numpy(),
+                                                                 client=running(client))
+    n_near = len(near)
+    near = candidates.with_pairs(near, bridges)
+    search["tie_bridge_pairs"] = len(near) - n_near
+    del bridges
     if isinstance(directed, candidates.Lists):  # (the workers let go of them with the futures)
         if not (keep_lists and info is not None):
             directed = None

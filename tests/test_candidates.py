@@ -210,3 +210,42 @@ def test_the_runs_pair_frame_holds_kind_and_source_as_one_byte_categories(tmp_pa
     assert {k for _, _, k, _ in found} == {"exact", "near"}
     assert all((k == "exact") == (s is None) and s in (None, "hash") for _, _, k, s in found)
     assert not [f for f in found if "other.png" in f[:2]]
+
+
+def test_groups_of_more_than_k_tied_hashes_are_bridged_by_their_first_image():
+    """More than K images with one hash fill each other's K-nearest lists with distance-0 ties:
+    two such groups a bit apart were never paired (each image's list held only its own group).
+    Each group's first image is now paired with its nearest outside the group as well; the lists
+    and the groups' own pairs are as before, and a group of at most K changes nothing."""
+    from pipeline.candidates import tie_bridges, tied_groups
+    c = cfg(max_distance=4, max_candidates=3)
+    codes = np.zeros((14, 1, 1), np.uint64)
+    codes[0:5] = 0b1010          # group A (5 > K)
+    codes[5:10] = 0b1011         # group B, one bit from A
+    codes[10:12] = 0b111010      # two more, two bits from A: a group of at most K
+    codes[12] = 0xFFFF0000FFFF   # far from everything
+    codes[13] = 0b1010           # A's hash, but a decode error: takes no part
+    mask = np.ones((14, 1), bool)
+    mask[13] = False
+    first, others = tied_groups(codes, mask, c)
+    assert first.tolist() == [0, 5] and np.flatnonzero(others).tolist() == [1, 2, 3, 4, 6, 7, 8, 9]
+    pairs = near_pairs(codes, mask, c)
+    got = set(zip(pairs.idx_a.tolist(), pairs.idx_b.tolist()))
+    assert (0, 5) in got  # the bridge: A's and B's first images, one bit apart
+    bridges, groups = tie_bridges(codes, mask, c)
+    assert groups == 2
+    # A's first image's K nearest outside A: B's first (1 bit), then the two at 2 bits
+    assert set(zip(bridges.idx_a.tolist(), bridges.idx_b.tolist())) == {(0, 5), (0, 10), (0, 11), (5, 10), (5, 11)}
+    row = pairs[(pairs.idx_a == 0) & (pairs.idx_b == 5)].iloc[0]
+    assert (row["hash_distance"], row["transform"]) == (1, 0)
+    # the groups' own pairs are the ties' as before: all of each group's first K+1, the rest with its first K
+    a_pairs = {p for p in got if p[0] < 5 and p[1] < 5}
+    assert a_pairs == {(i, j) for i in range(4) for j in range(i + 1, 4)} | {(0, 4), (1, 4), (2, 4)}
+    # at most K alike: nothing added
+    small = cfg(max_distance=4, max_candidates=5)
+    assert tied_groups(codes, mask, small)[0].size == 0
+    assert tie_bridges(codes, mask, small)[0].empty
+    # byte copies left out (representatives) do not count toward a group
+    rep = np.ones(14, bool)
+    rep[[1, 2]] = False
+    assert tied_groups(codes, mask, c, representatives=rep)[0].tolist() == [5]

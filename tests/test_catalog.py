@@ -2375,3 +2375,59 @@ def test_a_verdict_only_verify_setting_keeps_the_stored_orb_features():
         other = catalog.fingerprints(load_config(None, [change]))
         assert other["orb_features"] == base["orb_features"], change
         assert other["orb"] != base["orb"], change
+
+
+def test_groups_of_copies_with_one_hash_past_k_come_out_as_one_cluster(photos_dir, photo_paths, tmp_path):
+    """More than screen.max_candidates copies with one hash (frames, burst shots) filled each
+    other's K-nearest lists with ties, so a second such group a bit away was never paired: one
+    photo's copies came out as two clusters. The groups' first images are now paired with their
+    nearest outside the group (`candidates.tie_bridges`), in a run, a catalog re-run and a query."""
+    from PIL import ImageDraw
+
+    from pipeline.query import query
+    photo = photos_dir / "bsds__test_100007.jpg"
+    if not photo.exists():
+        pytest.skip(f"{photo} is not in the shared photos")
+    data, out, fresh = tmp_path / "data", tmp_path / "out", tmp_path / "fresh"
+    (data / "a").mkdir(parents=True)
+    (data / "b").mkdir()
+    with Image.open(photo) as im:
+        base = im.convert("RGB")
+    base.thumbnail((900, 900))
+    patched = base.copy()  # one of the hash's 8 x 8 cells painted over: its hash is a bit away
+    w, h = base.width / 8, base.height / 8
+    cell = np.asarray(base.convert("L"))[int(h):int(2 * h), int(w):int(2 * w)]
+    ImageDraw.Draw(patched).rectangle([w, h, 2 * w, 2 * h], fill=(0, 0, 0) if cell.mean() > 128 else (255, 255, 255))
+    scales = np.linspace(0.5, 1.0, 8)  # (resized copies: each group's hash is one code)
+    for folder, picture in (("a", base), ("b", patched)):
+        for i, s in enumerate(scales):
+            picture.resize((int(base.width * s), int(base.height * s))).save(data / folder / f"{i}.jpg", quality=90)
+    for p in photo_paths[:4]:
+        if p != photo:
+            shutil.copyfile(p, data / p.name)
+    k = ("--set", "screen.max_candidates=4")
+    manifest = run(data, out, *k)
+    assert manifest["reuse"]["candidates"]["tied_hash_groups"] == 2
+    assert manifest["reuse"]["candidates"]["tie_bridge_pairs"] >= 1
+    images = pd.read_parquet(out / "images.parquet")
+    copies = images[images["path"].str.match(r"[ab]/")]
+    assert copies["cluster_id"].notna().all() and copies["cluster_id"].nunique() == 1
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    across = pairs[pairs["path_a"].str.startswith("a/") & pairs["path_b"].str.startswith("b/")]
+    assert across["is_duplicate"].any() and set(across["path_a"]) == {"a/0.jpg"}
+    # a re-run from the catalog, after a file is added, equals a run from scratch
+    base.resize((base.width // 3, base.height // 3)).save(data / "a" / "9.jpg", quality=90)
+    again = run(data, out, *k)
+    assert again["reuse"]["candidates"]["tied_hash_groups"] == 2
+    run(data, fresh, "--no-catalog", *k)
+    assert_same_outputs(out, fresh)
+    # on a cluster (the bridges searched in a task on a worker) the same
+    clustered = tmp_path / "clustered"
+    assert main(["dedupe", str(data), "--out", str(clustered), "--scheduler", "local", "--quiet", "--no-catalog",
+                 "--set", "decide.accept_inliers=60", "--set", "dask.n_workers=2",
+                 "--set", "dask.dashboard_address=", *k]) == 0
+    assert json.loads((clustered / "run.json").read_text())["reuse"]["candidates"]["tied_hash_groups"] == 2
+    assert_same_outputs(clustered, fresh)
+    # a query gets the batch job's pairs, the bridge's first image and one of B's alike
+    for rel in ("a/0.jpg", "b/0.jpg", "b/3.jpg"):
+        _same_rows(query([data / rel], out / "catalog"), _batch_rows(fresh, rel))
