@@ -202,6 +202,12 @@ class DecideConfig:
     cosine_threshold: float = 0.78  # cosine alone at or above this: duplicate
     support_inliers: int = 10  # with this much geometry ...
     cosine_floor: float = 0.65  # ... a cosine at or above this suffices
+    # ... or, whatever the cosine, a hash this close and ORB inliers this many, making this share
+    # of its matches (blurred and contrast-changed copies: the embedding moves, the hash and the
+    # geometry do not; no different photos measured so; -1 turns it off)
+    hash_orb_distance: int = 2
+    hash_orb_inliers: int = 8
+    hash_orb_share: float = 0.8
     screen_only_distance: int = 4  # with tiers=screen: duplicates are pairs at <= this distance
     # verify.pixel_check: a flat pair is a duplicate when SSIM >= pixel_ssim and
     # hist_corr >= pixel_hist_corr, different otherwise (calibrated with bench/pixel_check.py)
@@ -402,6 +408,9 @@ def _validate(cfg: Config) -> None:
          "decide: pixel_ssim and pixel_hist_corr must be in [-1, 1]"),
         (0 <= cfg.decide.support_inliers <= cfg.decide.accept_inliers,
          "decide: need 0 <= support_inliers <= accept_inliers"),
+        (cfg.decide.hash_orb_distance >= -1, "decide.hash_orb_distance must be >= -1 (-1: off)"),
+        (cfg.decide.hash_orb_inliers >= 1, "decide.hash_orb_inliers must be >= 1"),
+        (0 <= cfg.decide.hash_orb_share <= 1, "decide.hash_orb_share must be within [0, 1]"),
         # (a pair with inliers between them was "no-match" at the verify tier, and rejected: a resized
         # copy with 76 of 76 matches as inliers, under accept_inliers 25 and reject_inliers 200)
         (cfg.verify.reject_inliers <= cfg.decide.accept_inliers,

@@ -17,7 +17,10 @@ The rule (thresholds in `DecideConfig` and `VerifyConfig`, calibrated in docs/be
   screen rule as an inconclusive pair does.
 * confirm: a duplicate when cosine >= `cosine_threshold`, or when ORB found some geometry
   (>= `support_inliers`) and cosine >= `cosine_floor` (heavy crops and recolouring lower the
-  cosine; the keypoints still agree).
+  cosine; the keypoints still agree), or, whatever the cosine, when the hashes are within
+  `hash_orb_distance` and ORB's inliers are >= `hash_orb_inliers` and >= `hash_orb_share` of
+  its matches (a blurred copy: the embedding moves far, cosine ~0.57, the hash and a small but
+  clean geometry do not; "partial" matches excluded, as above).
 * pixel check (`verify.pixel_check`): a flat pair (too few keypoints, or both images flat: logos,
   UI screenshots, text on colour; or both mostly flat, `verify.semi_flat_share`, ORB undecided
   and the pixels clearly different, `verify.semi_flat_ssim`: charts, diagrams) whose pixels were
@@ -65,6 +68,9 @@ RULES = {
     "verify_pixel_mismatch": "flat (or mostly flat, ORB undecided, verify.semi_flat_ssim) pair (pixel check): SSIM < decide.pixel_ssim or colour-histogram "
                              "correlation < decide.pixel_hist_corr: different",
     "file_changed": "a file was rewritten or removed during the run: not decided (different); the next run includes it",
+    "confirm_hash_orb": "cosine below the thresholds, but hash distance <= decide.hash_orb_distance and ORB inliers >= "
+                        "decide.hash_orb_inliers making >= decide.hash_orb_share of its matches (blurred copies): "
+                        "duplicate",
 }
 CHANGED_ERROR = ("changed during the run (size, mtime or ETag differ from the screen): not compared; the next run "
                  "includes it")
@@ -186,13 +192,21 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     stage[confirmed] = "confirm"
     by_cosine = cosine >= d.cosine_threshold
     by_support = (inliers >= d.support_inliers) & (cosine >= d.cosine_floor) & (status != "partial")
-    dup[confirmed] = (by_cosine | by_support)[confirmed]
+    matches = out["orb_matches"].astype("Float64").to_numpy(np.float64, na_value=np.nan) if "orb_matches" in out \
+        else np.full(n, np.nan)
+    by_hash_orb = ((dist <= d.hash_orb_distance) & (inliers >= d.hash_orb_inliers)
+                   & (inliers >= d.hash_orb_share * matches) & (status != "partial"))
+    dup[confirmed] = (by_cosine | by_support | by_hash_orb)[confirmed]
     for i in np.flatnonzero(confirmed):
         if by_cosine[i]:
             text, rule[i] = f"duplicate: cosine {cosine[i]:.3f} >= {d.cosine_threshold}", "confirm_cosine"
         elif by_support[i]:
             text = f"duplicate: cosine {cosine[i]:.3f} >= {d.cosine_floor} with {inliers[i]} ORB inliers"
             rule[i] = "confirm_cosine_orb"
+        elif by_hash_orb[i]:
+            text = (f"duplicate: cosine {cosine[i]:.3f} < {d.cosine_threshold}, but hash distance {int(dist[i])} "
+                    f"<= {d.hash_orb_distance} and {inliers[i]} of {int(matches[i])} ORB matches inliers")
+            rule[i] = "confirm_hash_orb"
         else:
             text, rule[i] = f"different: cosine {cosine[i]:.3f} < {d.cosine_threshold}", "confirm_cosine_low"
         reason[i] = f"{text}; {orb_reason[i]}"

@@ -101,3 +101,31 @@ def test_a_partial_match_is_never_accepted_on_orbs_word():
     assert fast["rule"].astype(str).tolist() == ["verify_inconclusive_hash_far"] * 3 + [
         "verify_orb_match", "verify_inconclusive_hash_close"]
     assert fast["reason"].iloc[0].startswith(why) and set(fast["rule"].astype(str)) <= set(RULES)
+
+
+def test_a_close_hash_with_a_small_clean_geometry_is_a_duplicate_whatever_the_cosine():
+    """A heavily blurred copy: its embedding moves far (cosine ~0.57), its hash and a small, clean
+    ORB match do not. Hash distance <= decide.hash_orb_distance with inliers >= hash_orb_inliers
+    that are >= hash_orb_share of the matches makes it a duplicate at the confirm tier; one of the
+    three short, a "partial" match, or the rule turned off (-1, the strict preset) leaves it
+    different."""
+    cfg = Config()
+    d = cfg.decide
+    assert (d.hash_orb_distance, d.hash_orb_inliers, d.hash_orb_share) == (2, 8, 0.8)
+    cols = ["kind", "hash_distance", "orb_status", "orb_matches", "orb_inliers", "orb_reason", "cosine"]
+    rows = [("near", 2, "inconclusive", 10, 8, "orb: 8 of 10", 0.57),       # duplicate
+            ("near", 3, "inconclusive", 10, 8, "orb: 8 of 10", 0.57),       # hash a bit further
+            ("near", 2, "inconclusive", 10, 7, "orb: 7 of 10", 0.57),       # too few inliers
+            ("near", 0, "inconclusive", 11, 8, "orb: 8 of 11", 0.57),       # below the share
+            ("near", 0, "partial", 14, 14, "orb partial", 0.57),            # on too little of the pictures
+            ("near", 1, "match", 20, 17, "orb: 17 of 20", 0.80),            # the cosine decides first
+            ("near", 1, "inconclusive", 10, 9, "orb: 9 of 10", np.nan)]     # no embedding: ORB's verdict
+    pairs = pd.DataFrame(rows, columns=cols)
+    p = decide(pairs, cfg)
+    assert p["is_duplicate"].tolist() == [True, False, False, False, False, True, False]
+    assert p["rule"].astype(str).tolist() == ["confirm_hash_orb"] + ["confirm_cosine_low"] * 4 + \
+        ["confirm_cosine", "confirm_no_embedding"]
+    assert p["reason"].iloc[0] == ("duplicate: cosine 0.570 < 0.78, but hash distance 2 <= 2 and 8 of 10 ORB "
+                                   "matches inliers; orb: 8 of 10")
+    strict = decide(pairs, load_config(None, [], preset="strict"))
+    assert not strict["is_duplicate"].iloc[0] and strict["rule"].astype(str).iloc[0] == "confirm_cosine_low"
