@@ -26,12 +26,20 @@ from pipeline.config import Config
 REPO = Path(__file__).resolve().parent.parent
 
 
-def replay(p: pd.DataFrame, accept: int, cos_thr: float, support: int, floor: float) -> np.ndarray:
-    """The decide rule over scored pairs (columns orb_inliers, cosine, rejected)."""
+def replay(p: pd.DataFrame, accept: int, cos_thr: float, support: int, floor: float,
+           hash_orb: tuple[int, int, float] | None = None) -> np.ndarray:
+    """The decide rule over scored pairs (columns orb_inliers, cosine, rejected; with `hash_orb`,
+    (distance, inliers, share) of decide.hash_orb_*: hash_distance, orb_matches and partial too)."""
     inl = p["orb_inliers"].fillna(0).to_numpy()
     cos = p["cosine"].fillna(-1).to_numpy()
     alive = ~p["rejected"].to_numpy()
-    return alive & ((inl >= accept) | (cos >= cos_thr) | ((inl >= support) & (cos >= floor)))
+    dup = (inl >= accept) | (cos >= cos_thr) | ((inl >= support) & (cos >= floor))
+    if hash_orb is not None:
+        distance, inliers, share = hash_orb
+        matches = p["orb_matches"].astype("Float64").fillna(np.inf).to_numpy(np.float64)
+        dup |= ((p["hash_distance"].to_numpy() <= distance) & (inl >= inliers) & (inl >= share * matches)
+                & ~p["partial"].to_numpy())
+    return alive & dup
 
 
 def main() -> None:
@@ -57,6 +65,9 @@ def main() -> None:
     pairs["true"] = pairs["path_a"].map(labels).to_numpy() == pairs["path_b"].map(labels).to_numpy()
     # with accept_inliers out of reach, a near pair left at the verify tier was rejected by ORB
     pairs["rejected"] = pairs["stage"].eq("verify") & ~pairs["is_duplicate"]
+    # (ORB "partial": its inliers give no support, decide.py; with accept_inliers out of reach its
+    # reason says so)
+    pairs["partial"] = pairs["reason"].astype(str).str.contains("partial", regex=False)
     n_true = int(pairs["true"].sum())
     d = Config().decide
     grid = list(itertools.product([15, 20, 25, 30, 40], [0.72, 0.75, 0.78, 0.80, 0.85], [8, 10, 15], [0.55, 0.6, 0.65, 0.7]))
@@ -89,6 +100,21 @@ def main() -> None:
                    "recall", "false positives"],
                   [["**yes**" if r.default else "", r.accept_inliers, r.cosine_threshold, r.support_inliers,
                     r.cosine_floor, r.precision, r.recall, r.fp] for r in shown.itertuples()])
+    # the hash + clean-geometry rule (decide.hash_orb_*) on top of the default thresholds: what it adds
+    base = replay(pairs, d.accept_inliers, d.cosine_threshold, d.support_inliers, d.cosine_floor)
+    added = []
+    for distance, inliers, share in [(d.hash_orb_distance, d.hash_orb_inliers, d.hash_orb_share),
+                                     (2, 6, 0.8), (4, 8, 0.8), (2, 8, 0.6), (10, 8, 0.8), (10, 6, 0.6)]:
+        more = replay(pairs, d.accept_inliers, d.cosine_threshold, d.support_inliers, d.cosine_floor,
+                      (distance, inliers, share)) & ~base
+        added.append(["**yes**" if (distance, inliers, share) == (d.hash_orb_distance, d.hash_orb_inliers,
+                                                                   d.hash_orb_share) else "",
+                      distance, inliers, share, int((more & pairs["true"]).sum()), int((more & ~pairs["true"]).sum())])
+    body += ("\nThe hash + clean geometry rule (`decide.hash_orb_distance`, `hash_orb_inliers`, `hash_orb_share`: "
+             "duplicate whatever the cosine when the hash distance, the inliers and their share of ORB's matches "
+             "all reach it, not partial) on top of the default thresholds above: the pairs it adds.\n\n")
+    body += table(["default", "hash distance <=", "inliers >=", "share >=", "true pairs added", "false pairs added"],
+                  added)
     kwargs = {"path": args.out} if args.out else {}
     update_section("calibration", "decision rule calibration", body, **kwargs)
     print(shown.to_string())
