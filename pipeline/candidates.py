@@ -73,8 +73,7 @@ NOT_FINGERPRINTED = ("__all__", "exact_pairs", "build_index", "near_pairs", "has
                      "embedding_pairs", "_build_embedding_shard", "_read_vectors", "_vectors_of",
                      "_assign_lists", "_empty_knn", "_search_embedding_shard", "_best_of",
                      "_merge_embedding_lists", "_search_partitions", "sharded_embedding_pairs",
-                     "pair_hash_distance", "union_pairs", "tied_groups", "_bridge_lists", "tie_bridges",
-                     "with_pairs")
+                     "pair_hash_distance", "union_pairs", "tied_groups", "tie_bridges", "with_pairs")
 LISTS_REVISION = 1
 
 __all__ = ["exact_pairs", "exact_representatives", "near_pairs", "near_pairs_partition",
@@ -335,32 +334,30 @@ def tied_groups(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
     return first, others
 
 
-def _bridge_lists(codes_and_mask: tuple, cfg: ScreenConfig, index_rows: np.ndarray,
-                  first: np.ndarray) -> pd.DataFrame:
-    """The groups' first images' K nearest among `index_rows` (bool (N,)), in this process."""
-    codes, variant_mask = codes_and_mask
-    owners = np.zeros(codes.shape[0], bool)
-    owners[first] = True
-    return directed_neighbours(codes, variant_mask, cfg, representatives=index_rows, query_owners=owners)
-
-
 def tie_bridges(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
                 representatives: np.ndarray | None = None, client=None) -> tuple[pd.DataFrame, int]:
     """Each group of tied images' first image paired with its K nearest images outside the group
     (see the section comment), the pairs as `pairs_from_neighbours` makes them, and the number
-    of groups. With a Dask `client` the search is one task on a worker (the driver compiles no
-    numba kernel). Nothing is searched when there is no such group."""
+    of groups. With a Dask `client` the search runs on the workers as the main search does
+    (sharded past `screen.search_shard_size`; the driver compiles no numba kernel). Nothing is
+    searched when there is no such group."""
     first, others = tied_groups(codes, variant_mask, cfg, representatives)
     if first.size == 0:
         return _empty_pairs(), 0
     N = np.asarray(codes).shape[0]
     index_rows = (np.ones(N, bool) if representatives is None else np.asarray(representatives, bool)) & ~others
-    if client is None:
-        found = _bridge_lists((codes, variant_mask), cfg, index_rows, first)
-    else:
-        sent = scatter(client, [(codes, variant_mask)], hash=False)[0]
-        found = client.submit(_bridge_lists, sent, cfg, index_rows, first, pure=False).result()
-        del sent
+    owners = np.zeros(N, bool)
+    owners[first] = True
+    found = None
+    if client is not None:  # (as `directed_neighbours` searches on a cluster, the first images querying)
+        prepared, use, idx_use = _prepare(codes, variant_mask, cfg, index_rows)
+        spread = _sharded(cfg, client, int(idx_use.any(axis=1).sum()))
+        if spread or cfg.search_sharding == "auto":
+            found = sharded_directed_neighbours(prepared, use & owners[:, None], idx_use, cfg, client=client,
+                                                one_shard=not spread)
+        del prepared, use, idx_use
+    if found is None:
+        found = directed_neighbours(codes, variant_mask, cfg, representatives=index_rows, query_owners=owners)
     return pairs_from_neighbours(found, codes, variant_mask, cfg, representatives, client=client), int(first.size)
 
 

@@ -163,6 +163,9 @@ def test_dask_cluster_equals_in_process():
     distributed = pytest.importorskip("distributed")
     codes, mask = random_variant_data(12, n=6000)
     rep = np.random.default_rng(3).random(6000) < 0.95
+    # two groups of more than K images with one hash, a bit apart (candidates.tie_bridges)
+    codes[3000:3010], mask[3000:3010], rep[3000:3010] = codes[3000], True, True
+    codes[3010:3016], mask[3010:3016], rep[3010:3016] = codes[3000] ^ np.uint64(1), True, True
     c = cfg(max_distance=9, max_candidates=3, dihedral_max_distance=9)
     local = near_pairs(codes, mask, c, representatives=rep)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
@@ -170,6 +173,7 @@ def test_dask_cluster_equals_in_process():
         remote = near_pairs(codes, mask, c, client=client, representatives=rep, block_rows=1500)
     pd.testing.assert_frame_equal(local, remote)
     assert len(local) > 500
+    assert ((local["idx_a"] == 3000) & (local["idx_b"] == 3010)).any()  # the two groups' first images
 
 
 def test_rotated_variants_match_only_within_their_own_limit():
