@@ -288,8 +288,8 @@ def near_pairs(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, c
 # ties at the K-th distance: many images with one hash
 #
 # An image's list holds its K nearest, ties broken by image number. More than K images with one
-# hash (all their searched variants alike: video frames, burst shots, a page scanned again and
-# again) fill each other's lists with distance-0 ties, so none of them lists an image a bit or two
+# plain hash (video frames, burst shots, a page scanned again and again) fill each other's lists
+# with distance-0 ties, whatever their other variants, so none of them lists an image a bit or two
 # away: two such groups a bit apart were never paired and came out as two clusters (1,500 frames
 # of one scene with three hashes: clusters of 1,321 and 179). The lists are left as they are (a
 # catalog keeps them, a query reproduces them); each such group's first image also gets its K
@@ -299,30 +299,25 @@ def near_pairs(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig, c
 
 def tied_groups(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
                 representatives: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Groups of more than `screen.max_candidates` taking-part images whose searched hashes are
-    all alike -> (first: each group's first image, ascending; others: bool (N,), the groups'
-    other members)."""
+    """Groups of more than `screen.max_candidates` taking-part images with one plain hash (each
+    such image has every other one in its list at distance 0, whatever its other variants) ->
+    (first: each group's first image, ascending; others: bool (N,), the groups' other members)."""
     codes, use, _ = _prepare(codes, variant_mask, cfg, representatives)
     N = codes.shape[0]
     k = int(cfg.max_candidates)
     others = np.zeros(N, bool)
-    part = np.flatnonzero(use.any(axis=1))
+    part = np.flatnonzero(use[:, PLAIN])
     if part.size <= k:
         return np.zeros(0, np.int64), others
-    # (grouped by the plain hash first, cheap at any size; only the rows of its groups past K
-    # are compared whole)
     plain = codes[part, PLAIN, :]
-    key = plain[:, 0].copy()
+    key = plain[:, 0].copy()  # (one number per hash first, cheap at any size; then exactly)
     for w in range(1, plain.shape[1]):
         key = key * np.uint64(0x9E3779B97F4A7C15) ^ plain[:, w]
     _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
     rows = part[counts[inverse.reshape(-1)] > k]
     if rows.size == 0:
         return np.zeros(0, np.int64), others
-    searched = use[rows]
-    whole = np.concatenate([np.where(searched[:, :, None], codes[rows], np.uint64(0)).reshape(rows.size, -1),
-                            searched.astype(np.uint64)], axis=1)
-    _, inverse, counts = np.unique(whole, axis=0, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(codes[rows, PLAIN, :], axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
     big = counts[inverse] > k
     rows, inverse = rows[big], inverse[big]  # (ascending, as `part` is)

@@ -195,7 +195,7 @@ def decide(pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     matches = out["orb_matches"].astype("Float64").to_numpy(np.float64, na_value=np.nan) if "orb_matches" in out \
         else np.full(n, np.nan)
     by_hash_orb = ((dist <= d.hash_orb_distance) & (inliers >= d.hash_orb_inliers)
-                   & (inliers >= d.hash_orb_share * matches) & (status != "partial"))
+                   & (inliers >= d.hash_orb_share * matches) & np.isin(status, ("match", "inconclusive")))
     dup[confirmed] = (by_cosine | by_support | by_hash_orb)[confirmed]
     for i in np.flatnonzero(confirmed):
         if by_cosine[i]:

@@ -253,3 +253,26 @@ def test_groups_of_more_than_k_tied_hashes_are_bridged_by_their_first_image():
     rep = np.ones(14, bool)
     rep[[1, 2]] = False
     assert tied_groups(codes, mask, c, representatives=rep)[0].tolist() == [5]
+
+
+def test_a_group_of_tied_images_is_one_plain_hash_whatever_their_other_variants():
+    """Copies with one plain hash tie at distance 0 in each other's lists whatever their turned,
+    flipped or trimmed hashes (a border found in some copies, a turned hash a bit off): grouped
+    by all their variants, such copies split into small groups and were never bridged (a review
+    finding)."""
+    from pipeline.candidates import tied_groups
+    c = cfg(max_distance=4, max_candidates=3)  # (dihedral and trimmed variants searched)
+    codes = np.zeros((16, 9, 1), np.uint64)
+    codes[:8] = 0b1010   # A
+    codes[8:] = 0b1011   # B, one bit away
+    mask = np.ones((16, 9), bool)
+    mask[:, 8] = False
+    trimmed, turned = codes.copy(), codes.copy()
+    with_border = mask.copy()
+    with_border[::2, 8] = True  # half the copies: a border trimmed, each its own far hash
+    trimmed[::2, 8, 0] = np.arange(8, dtype=np.uint64) * np.uint64(0xF0F0F0F0F0F0) + np.uint64(1 << 40)
+    turned[1::2, 3, 0] ^= np.uint64(1 << 20)  # a turned hash a bit off
+    for cs, m in ((codes, mask), (trimmed, with_border), (turned, mask)):
+        assert tied_groups(cs, m, c)[0].tolist() == [0, 8]
+        pairs = near_pairs(cs, m, c)
+        assert ((pairs["idx_a"] == 0) & (pairs["idx_b"] == 8)).any()

@@ -119,12 +119,13 @@ def test_a_close_hash_with_a_small_clean_geometry_is_a_duplicate_whatever_the_co
             ("near", 0, "inconclusive", 11, 8, "orb: 8 of 11", 0.57),       # below the share
             ("near", 0, "partial", 14, 14, "orb partial", 0.57),            # on too little of the pictures
             ("near", 1, "match", 20, 17, "orb: 17 of 20", 0.80),            # the cosine decides first
-            ("near", 1, "inconclusive", 10, 9, "orb: 9 of 10", np.nan)]     # no embedding: ORB's verdict
+            ("near", 1, "inconclusive", 10, 9, "orb: 9 of 10", np.nan),     # no embedding: ORB's verdict
+            ("near", 1, None, 10, 9, "", 0.57)]                             # (no ORB status: not this rule)
     pairs = pd.DataFrame(rows, columns=cols)
     p = decide(pairs, cfg)
-    assert p["is_duplicate"].tolist() == [True, False, False, False, False, True, False]
+    assert p["is_duplicate"].tolist() == [True, False, False, False, False, True, False, False]
     assert p["rule"].astype(str).tolist() == ["confirm_hash_orb"] + ["confirm_cosine_low"] * 4 + \
-        ["confirm_cosine", "confirm_no_embedding"]
+        ["confirm_cosine", "confirm_no_embedding", "confirm_cosine_low"]
     assert p["reason"].iloc[0] == ("duplicate: cosine 0.570 < 0.78, but hash distance 2 <= 2 and 8 of 10 ORB "
                                    "matches inliers; orb: 8 of 10")
     strict = decide(pairs, load_config(None, [], preset="strict"))
