@@ -344,7 +344,10 @@ def tie_bridges(codes: np.ndarray, variant_mask: np.ndarray, cfg: ScreenConfig,
     owners = np.zeros(N, bool)
     owners[first] = True
     found = None
-    if client is not None:  # (as `directed_neighbours` searches on a cluster, the first images querying)
+    # On a cluster, `directed_neighbours`' own choice of the sharded path, made here with only the
+    # first images querying: that function keys the catalog's stored lists (its code is in their
+    # fingerprint), and a query mask on its sharded path would make every catalog search again
+    if client is not None:
         prepared, use, idx_use = _prepare(codes, variant_mask, cfg, index_rows)
         spread = _sharded(cfg, client, int(idx_use.any(axis=1).sum()))
         if spread or cfg.search_sharding == "auto":
