@@ -313,7 +313,7 @@ def _fp(data) -> str:
 # verify keys that only affect matching and the verdict, not the per-image ORB features
 _ORB_MATCH_ONLY = {"ratio", "min_keypoints", "ransac_threshold", "model", "ransac_max_iters",
                    "ransac_confidence", "min_good_matches", "match_inliers", "reject_inliers", "seed",
-                   "min_coverage", "min_inlier_share", "chance_min_matches",
+                   "min_coverage", "region_mismatch", "min_inlier_share", "chance_min_matches",
                    "semi_flat_share", "semi_flat_ssim", "blank_max_shift", "blank_min_hist_corr"}
 _NO_EFFECT = {"opencv_threads", "max_open_partitions", "download", "batch_size", "threads"}
 _SCREEN_SEARCH = {"max_distance", "max_candidates", "backend", "exact_group_pairs", "mode", "embedding_k",

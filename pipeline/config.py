@@ -119,6 +119,11 @@ class VerifyConfig:
     # covered one's, COVER_GRID cells) -> "partial": a shared layout, banner, frame or logo over
     # different pictures; not accepted on ORB's word (pipeline/verify.py, _coverage). 0 = off
     min_coverage: float = 0.6
+    # a match (scoring below verify.REGION_MAX_SCORE) whose aligned pictures disagree on at least
+    # this share of their textured cells -> "partial": the same layout over different pictures,
+    # where the inliers cover both pictures well enough for min_coverage (pipeline/verify.py,
+    # region_mismatch). 0 = off
+    region_mismatch: float = 0.2
     # chance matches: two pages of different text (or tiles, brickwork, a fence) give tens of
     # ratio-test matches between repeated shapes, a few of which RANSAC lines up by chance (6-31
     # inliers, 13-32 % of the matches, bench/documents.py); a copy's inliers are most of its matches
@@ -388,6 +393,7 @@ def _validate(cfg: Config) -> None:
         (0 < cfg.verify.reject_inliers <= cfg.verify.match_inliers,
          "verify: need 0 < reject_inliers <= match_inliers"),
         (0 <= cfg.verify.min_coverage <= 1, "verify.min_coverage must be in [0, 1] (0 = off)"),
+        (0 <= cfg.verify.region_mismatch <= 1, "verify.region_mismatch must be in [0, 1] (0 = off)"),
         (0 <= cfg.verify.min_inlier_share < 1, "verify.min_inlier_share must be in [0, 1) (0 = off)"),
         (0 <= cfg.verify.blank_max_shift <= 255, "verify.blank_max_shift must be in [0, 255] grey levels (0 = off)"),
         (0 <= cfg.verify.blank_min_hist_corr <= 1, "verify.blank_min_hist_corr must be in [0, 1] (0 = off)"),

@@ -106,7 +106,8 @@ PAIR_CHECK_ONLY = ("STATUSES", "SSIM_TAIL", "COVER_GRID", "ssim_map", "_residual
                    "verify_pair", "_geometry", "stored_evidence", "_verify", "_verify_model", "_coverage",
                    "_error_result", "PLAIN_NOTE", "_STATUS_RANK", "check_pair", "needs_pixel_check",
                    "semi_flat_undecided", "_has_pixels", "verify_partition", "BOTH_WAYS_KEY",
-                   "evidence_transforms", "evidence_parts", "other_way")
+                   "evidence_transforms", "evidence_parts", "other_way", "region_mismatch", "REGION_GRID",
+                   "REGION_SSIM", "REGION_MIN_INSIDE", "REGION_MIN_TEXTURED", "REGION_MAX_SCORE", "REGION_BLUR")
 RESULTS_REVISION = 1
 
 
@@ -787,6 +788,13 @@ def _verify_model(fa: dict, fb: dict, cfg: VerifyConfig, matcher=None) -> tuple[
             reason = (f"{name} partial: {inliers} inliers of {matches} matches, but on {covered:.0%} of the "
                       f"pictures' keypoints (< verify.min_coverage {cfg.min_coverage}): a shared banner, frame, "
                       "logo or layout over different pictures?")
+        elif cfg.region_mismatch > 0 and score < REGION_MAX_SCORE and fa.get("thumb") and fb.get("thumb"):
+            differ = region_mismatch(fa, fb, fa["keypoints"][qi[mask]], fb["keypoints"][ti[mask]])
+            if differ >= cfg.region_mismatch:
+                status = "partial"
+                reason = (f"{name} partial: {inliers} inliers of {matches} matches, but {differ:.0%} of the aligned "
+                          f"pictures' textured cells disagree (>= verify.region_mismatch {cfg.region_mismatch}): "
+                          "a shared banner, frame, logo or layout over different pictures?")
     elif inliers < cfg.reject_inliers:
         status, reason = "no-match", f"{name}: {inliers} inliers of {matches} matches (geometry disagrees)"
     else:
@@ -828,6 +836,84 @@ def _coverage(fa: dict, fb: dict, qi: np.ndarray, ti: np.ndarray, mask: np.ndarr
         held[cell[inl]] = True
         shares.append(float(held[cell[inside]].mean()) if inside.any() else 0.0)
     return max(shares)
+
+
+# the region check (`region_mismatch`): cells per side of the grid over the aligned thumbnails, the
+# local SSIM below which a pixel disagrees, and the share of a cell that must be inside the overlap
+# and textured for the cell to count
+REGION_GRID = 8
+REGION_SSIM = 0.3
+REGION_MIN_INSIDE = 0.5
+REGION_MIN_TEXTURED = 0.2
+# matches scoring at least this (inliers / the poorer picture's keypoints) are not region-checked:
+# the geometry explains most of both pictures (a re-encoded or resized copy scores 0.7-0.9; the
+# template negatives measured scored at most 0.57, bench/templates.py), and the check costs ~0.8 ms
+# a pair (a homography fit, two warps and SSIM on 128 x 128 thumbnails, AMD EPYC)
+REGION_MAX_SCORE = 0.65
+REGION_BLUR = 2.0  # (thumbnail pixels: the Gaussian's sigma)
+
+
+def region_mismatch(fa: dict, fb: dict, src: np.ndarray, dst: np.ndarray) -> float:
+    """Share of the aligned pictures' textured cells whose pixels disagree: a and b's pixel-check
+    thumbnails aligned by a homography fitted (least squares) to the match's inliers `src` (a's
+    keypoints) -> `dst` (b's), local SSIM (`ssim_map`) per pixel, REGION_GRID x REGION_GRID
+    cells of a, counted where REGION_MIN_INSIDE of the cell is inside b and REGION_MIN_TEXTURED
+    of it has texture on either side (local variance above SSIM's C2); a cell disagrees when its
+    mean SSIM is below REGION_SSIM.
+
+    Two different pictures under one banner, logo, frame or app window match on the shared part,
+    often with inliers spread enough for `_coverage`, but once aligned the pictures' own part
+    disagrees as a whole region. Measured (2026-12-08; ORB matches of >= 15 inliers; bench/
+    templates.py's 255 matched negatives, and 448 matched copies of 12 edit kinds of
+    bench/edit_types.py: watermarks, stickers, blur, perspective, letterbox, screenshots, collage
+    tiles...): negatives median 0.29 (0-0.72; 183 of 255 at >= 0.2), copies 444 of 448 below 0.2
+    (a few stickers and collage tiles 0.22-0.26). SSIM is of the thumbnails blurred a little
+    (REGION_BLUR), texture too. The homography is refitted to the inliers, not
+    taken from RANSAC's affine model, which left a skewed copy's corners a few thumbnail pixels off
+    (its cells then read as disagreeing: up to 0.64)."""
+    if len(src) < 4:
+        return 0.0
+    h, _ = cv2.findHomography(src.astype(np.float64), dst.astype(np.float64), 0)
+    if h is None or not np.isfinite(h).all() or abs(h[2, 2]) < 1e-12:
+        return 0.0
+    side = PIXEL_SIDE
+    ta = np.frombuffer(fa["thumb"], np.uint8).reshape(side, side)
+    tb = np.frombuffer(fb["thumb"], np.uint8).reshape(side, side)
+    ratio = max(fa["width"], fa["height"]) / max(1, max(fb["width"], fb["height"]))
+    if ratio > 1.2:  # (as pixel_check: the sharper thumbnail blurred to the other's detail)
+        ta = cv2.GaussianBlur(ta, (0, 0), 0.5 * np.sqrt(ratio * ratio - 1))
+    elif ratio < 1 / 1.2:
+        tb = cv2.GaussianBlur(tb, (0, 0), 0.5 * np.sqrt(1 / (ratio * ratio) - 1))
+    to_a = np.diag([fa["width"] / side, fa["height"] / side, 1.0])
+    to_thumb_b = np.diag([side / fb["width"], side / fb["height"], 1.0])
+    warp = to_thumb_b @ h @ to_a
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    tb = cv2.warpPerspective(tb, warp, (side, side), flags=flags, borderValue=0)
+    inside = cv2.warpPerspective(np.ones((side, side), np.uint8), warp, (side, side),
+                                 flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0)
+    inside = cv2.erode(inside, np.ones((7, 7), np.uint8)).astype(bool)  # (SSIM's window off the edge)
+    # (ssim_map's local statistics, made once for the SSIM and the texture: five windows, not nine),
+    # of the thumbnails blurred a little (REGION_BLUR): a pixel or two of misalignment on thin lines
+    # (a resized chart, a skewed copy) is then no difference, where the two pictures' own textures
+    # still differ (a chart's copy resized to 75 % read as 0.2-0.3 of its cells disagreeing unblurred)
+    x = cv2.GaussianBlur(ta.astype(np.float64), (0, 0), REGION_BLUR)
+    y = cv2.GaussianBlur(tb.astype(np.float64), (0, 0), REGION_BLUR)
+    mx, my = _ssim_window(x), _ssim_window(y)
+    vx, vy = _ssim_window(x * x) - mx * mx, _ssim_window(y * y) - my * my
+    cxy = _ssim_window(x * y) - mx * my
+    c1 = (0.01 * 255) ** 2
+    local = (2 * mx * my + c1) * (2 * cxy + SSIM_C2) / ((mx * mx + my * my + c1) * (vx + vy + SSIM_C2))
+    textured = (vx > SSIM_C2) | (vy > SSIM_C2)
+    c = side // REGION_GRID
+    shape = (REGION_GRID, c, REGION_GRID, c)
+    inside_share = inside.reshape(shape).mean(axis=(1, 3))
+    textured_share = (textured & inside).reshape(shape).sum(axis=(1, 3)) / (c * c)
+    ssim_sum = np.where(inside, local, 0.0).reshape(shape).sum(axis=(1, 3))
+    counted = (inside_share >= REGION_MIN_INSIDE) & (textured_share >= REGION_MIN_TEXTURED)
+    if not counted.any():
+        return 0.0
+    cell_ssim = ssim_sum[counted] / (inside_share[counted] * c * c)
+    return float(np.mean(cell_ssim < REGION_SSIM))
 
 
 def _error_result(side: str, error: str, method: str = "orb") -> tuple:

@@ -777,9 +777,43 @@ def test_different_pictures_under_one_template_are_a_partial_match_not_a_match(p
     for copy in ("a_copy", "a_grey"):
         same = verify.check_pair(fa, _feature_dict(paths[copy], 0, cfg), 0, cfg.verify)
         assert same[3] == "match", (copy, same[4])
-    # verify.min_coverage 0 turns the check off
-    off = Config(verify=dataclasses.replace(cfg.verify, min_coverage=0.0))
+    # verify.min_coverage 0 turns the check off (and verify.region_mismatch 0 the other check that
+    # catches such pairs, pipeline/verify.py region_mismatch)
+    off = Config(verify=dataclasses.replace(cfg.verify, min_coverage=0.0, region_mismatch=0.0))
     assert verify.check_pair(fa, fb, 0, off.verify)[3] == "match"
+
+
+def test_a_logo_over_different_photos_is_partial_by_its_disagreeing_region(photos_dir, tmp_path):
+    """A large logo over two different photos: ORB's 156 inliers sit on the logo, spread enough
+    over both pictures for verify.min_coverage, so the pair was a match. Aligned by those inliers,
+    the photos around the logo disagree (34 % of the textured cells): "partial", left to the
+    confirm tier (`verify.region_mismatch`). The logo over one photo and over its resized or
+    greyed copy stays a match: the aligned pixels agree."""
+    from bench.templates import logo
+    cfg = Config()
+    a, b = (Image.open(photos_dir / n) for n in ("bsds__test_100039.jpg", "bsds__test_103029.jpg"))
+    paths = {}
+    for name, img in (("a", logo(a)), ("b", logo(b)), ("a_copy", logo(a.convert("RGB").resize((400, 267)))),
+                      ("a_grey", logo(a.convert("L").convert("RGB")))):
+        paths[name] = tmp_path / f"{name}.jpg"
+        img.save(paths[name], quality=60 if name == "a_copy" else 92)
+    fa, fb = (_feature_dict(paths[n], 0, cfg) for n in ("a", "b"))
+    off = dataclasses.replace(cfg.verify, region_mismatch=0.0)
+    assert verify.check_pair(fa, fb, 0, off)[3] == "match"  # (min_coverage alone lets it through)
+    different = verify.check_pair(fa, fb, 0, cfg.verify)
+    assert different[3] == "partial", different[4]
+    assert "region_mismatch" in different[4] and different[1] >= cfg.decide.accept_inliers
+    for copy in ("a_copy", "a_grey"):
+        same = verify.check_pair(fa, _feature_dict(paths[copy], 0, cfg), 0, cfg.verify)
+        assert same[3] == "match", (copy, same[4])
+    # the measure itself: a picture against itself disagrees nowhere, b on a third of the cells
+    inl = fa["keypoints"][:50]
+    assert verify.region_mismatch(fa, fa, inl, inl) == 0.0
+    qi, ti, mask, _ = verify._geometry(fa, fb, cfg.verify)
+    assert verify.region_mismatch(fa, fb, fa["keypoints"][qi[mask]], fb["keypoints"][ti[mask]]) >= 0.3
+    # without the pixel check's thumbnails there is nothing to compare: the check stands aside
+    bare = {**fb, "thumb": b""}  # (as a feature row made with verify.pixel_check off)
+    assert verify.check_pair(fa, bare, 0, cfg.verify)[3] == "match"
 
 
 # -- chance matches between repeated shapes (text pages, verify.min_inlier_share)
