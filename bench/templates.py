@@ -3,8 +3,8 @@
 The same news banner, logo, photo viewer's window or picture frame over two different photos gives
 ORB a clean geometric match on the shared part (tens to hundreds of inliers), which the labelled
 sets never show. This benchmark builds such a set from the shared photos and runs the pipeline on
-it per preset, each also with `verify.min_coverage=0` (the check that catches them, off) in the
-same run:
+it per preset, each also with `verify.min_coverage=0` and `verify.region_mismatch=0` (the checks
+that catch them, each off, then both) in the same run:
 
     python -m bench.templates                       # writes section "templates" of docs/benchmarks.md
     python -m bench.templates --sources 4 --print   # a quick look
@@ -207,14 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     if not PHOTOS.is_dir():
         print(f"error: {PHOTOS} is missing (set SHARED to the folder holding data/photos)", file=sys.stderr)
         return 2
-    return bench_main(argv, doc=__doc__, section=SECTION, title=TITLE, make=make_set, check="verify.min_coverage",
-                      default="default (0.6)", describe=lambda labels, sources: (
+    return bench_main(argv, doc=__doc__, section=SECTION, title=TITLE, make=make_set,
+                      check="verify.min_coverage,verify.region_mismatch", default="defaults (0.6, 0.2)",
+                      describe=lambda labels, sources: (
         f"{len(labels)} files: {labels['case'].nunique()} templates x {sources} source photos; per photo A (B "
         "another photo): template(A), template(B), and template(A resized to 80 % at JPEG quality 60), which is "
         "A's copy. A true pair is a photo and its copy under the same template; every other pair is "
         "different pictures. \"copies\": true pairs found; \"false\": pairs of different pictures "
         "called duplicates (a pair between two templates counts in both). Each preset is run with "
-        "verify.min_coverage at its default and at 0 (the check off), in the same run."))
+        "the two checks that catch them at their defaults, each off (0) alone, and both off, in the same "
+        "run: verify.min_coverage (inliers on too small a part of the pictures) and "
+        "verify.region_mismatch (aligned pictures that disagree on a region)."))
 
 
 if __name__ == "__main__":

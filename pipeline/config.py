@@ -122,7 +122,7 @@ class VerifyConfig:
     # a match (scoring below verify.REGION_MAX_SCORE) whose aligned pictures disagree on at least
     # this share of their textured cells -> "partial": the same layout over different pictures,
     # where the inliers cover both pictures well enough for min_coverage (pipeline/verify.py,
-    # region_mismatch). 0 = off
+    # region_mismatch; it compares the pixel check's thumbnails: none with pixel_check off). 0 = off
     region_mismatch: float = 0.2
     # chance matches: two pages of different text (or tiles, brickwork, a fence) give tens of
     # ratio-test matches between repeated shapes, a few of which RANSAC lines up by chance (6-31

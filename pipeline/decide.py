@@ -10,8 +10,9 @@ The rule (thresholds in `DecideConfig` and `VerifyConfig`, calibrated in docs/be
   different photos). Only the pairs in between (and the inconclusive ones: too few keypoints) go on
   to the confirm tier (`needs_confirm`). With tiers=verify, "match" (>= `verify.match_inliers`)
   accepts and an inconclusive pair falls back to the screen rule.
-* a "partial" match (inliers on too small a share of the pictures, `verify.min_coverage`: a
-  shared banner, frame, logo or app layout over different pictures) is never accepted on ORB's
+* a "partial" match (inliers on too small a share of the pictures, `verify.min_coverage`, or
+  aligned pictures that disagree on a region, `verify.region_mismatch`: a shared banner, frame,
+  logo or app layout over different pictures) is never accepted on ORB's
   word: it goes to the confirm tier however many inliers it has, and needs cosine >=
   `cosine_threshold` there (its inliers give no support); with tiers=verify it falls back to the
   screen rule as an inconclusive pair does.

@@ -106,7 +106,7 @@ PAIR_CHECK_ONLY = ("STATUSES", "SSIM_TAIL", "COVER_GRID", "ssim_map", "_residual
                    "verify_pair", "_geometry", "stored_evidence", "_verify", "_verify_model", "_coverage",
                    "_error_result", "PLAIN_NOTE", "_STATUS_RANK", "check_pair", "needs_pixel_check",
                    "semi_flat_undecided", "_has_pixels", "verify_partition", "BOTH_WAYS_KEY",
-                   "evidence_transforms", "evidence_parts", "other_way", "region_mismatch", "REGION_GRID",
+                   "evidence_transforms", "evidence_parts", "other_way", "region_mismatch", "_region_mismatch_by", "REGION_GRID",
                    "REGION_SSIM", "REGION_MIN_INSIDE", "REGION_MIN_TEXTURED", "REGION_MAX_SCORE", "REGION_BLUR")
 RESULTS_REVISION = 1
 
@@ -789,7 +789,7 @@ def _verify_model(fa: dict, fb: dict, cfg: VerifyConfig, matcher=None) -> tuple[
                       f"pictures' keypoints (< verify.min_coverage {cfg.min_coverage}): a shared banner, frame, "
                       "logo or layout over different pictures?")
         elif cfg.region_mismatch > 0 and score < REGION_MAX_SCORE and fa.get("thumb") and fb.get("thumb"):
-            differ = region_mismatch(fa, fb, fa["keypoints"][qi[mask]], fb["keypoints"][ti[mask]])
+            differ = region_mismatch(fa, fb, fa["keypoints"][qi[mask]], fb["keypoints"][ti[mask]], model)
             if differ >= cfg.region_mismatch:
                 status = "partial"
                 reason = (f"{name} partial: {inliers} inliers of {matches} matches, but {differ:.0%} of the aligned "
@@ -853,10 +853,11 @@ REGION_MAX_SCORE = 0.65
 REGION_BLUR = 2.0  # (thumbnail pixels: the Gaussian's sigma)
 
 
-def region_mismatch(fa: dict, fb: dict, src: np.ndarray, dst: np.ndarray) -> float:
+def region_mismatch(fa: dict, fb: dict, src: np.ndarray, dst: np.ndarray, model: np.ndarray | None = None) -> float:
     """Share of the aligned pictures' textured cells whose pixels disagree: a and b's pixel-check
-    thumbnails aligned by a homography fitted (least squares) to the match's inliers `src` (a's
-    keypoints) -> `dst` (b's), local SSIM (`ssim_map`) per pixel, REGION_GRID x REGION_GRID
+    thumbnails aligned by RANSAC's `model` (a's frame -> b's) and by a homography fitted (least
+    squares) to the match's inliers `src` (a's keypoints) -> `dst` (b's), the lower of the two
+    kept; local SSIM (`ssim_map`) per pixel, REGION_GRID x REGION_GRID
     cells of a, counted where REGION_MIN_INSIDE of the cell is inside b and REGION_MIN_TEXTURED
     of it has texture on either side (local variance above SSIM's C2); a cell disagrees when its
     mean SSIM is below REGION_SSIM.
@@ -869,12 +870,27 @@ def region_mismatch(fa: dict, fb: dict, src: np.ndarray, dst: np.ndarray) -> flo
     tiles...): negatives median 0.29 (0-0.72; 183 of 255 at >= 0.2), copies 444 of 448 below 0.2
     (a few stickers and collage tiles 0.22-0.26). SSIM is of the thumbnails blurred a little
     (REGION_BLUR), texture too. The homography is refitted to the inliers, not
-    taken from RANSAC's affine model, which left a skewed copy's corners a few thumbnail pixels off
-    (its cells then read as disagreeing: up to 0.64)."""
-    if len(src) < 4:
-        return 0.0
-    h, _ = cv2.findHomography(src.astype(np.float64), dst.astype(np.float64), 0)
-    if h is None or not np.isfinite(h).all() or abs(h[2, 2]) < 1e-12:
+    taken from RANSAC's affine model alone, which left a skewed copy's corners a few thumbnail
+    pixels off (its cells then read as disagreeing: up to 0.64); nor from the homography alone:
+    inliers in a narrow band (a chart's plotted lines) let it invent a tilt that misaligns the
+    rest (a scanned chart's copy read 0.50 with it, 0.00 with the affine model)."""
+    found = []
+    if model is not None:  # (a copy aligned by either map agrees: the other is not needed)
+        found.append(_region_mismatch_by(fa, fb, np.vstack([model, [0, 0, 1]]) if model.shape == (2, 3) else model))
+        if found[-1] == 0.0:
+            return 0.0
+    if len(src) >= 4:
+        h, _ = cv2.findHomography(src.astype(np.float64), dst.astype(np.float64), 0)
+        if h is not None:
+            found.append(_region_mismatch_by(fa, fb, h))
+    return min(found, default=0.0)
+
+
+def _region_mismatch_by(fa: dict, fb: dict, h: np.ndarray) -> float:
+    """`region_mismatch` of the thumbnails aligned by `h` (3 x 3, a's frame -> b's); 0 for a map
+    that cannot be used."""
+    h = np.asarray(h, np.float64)
+    if not np.isfinite(h).all() or abs(h[2, 2]) < 1e-12:
         return 0.0
     side = PIXEL_SIDE
     ta = np.frombuffer(fa["thumb"], np.uint8).reshape(side, side)

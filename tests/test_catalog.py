@@ -2371,7 +2371,7 @@ def test_a_verdict_only_verify_setting_keeps_the_stored_orb_features():
     base = catalog.fingerprints(load_config(None, []))
     for change in ("verify.min_coverage=0.5", "verify.match_inliers=16", "verify.min_inlier_share=0.2",
                    "verify.chance_min_matches=30", "verify.semi_flat_share=0.7",
-                   "verify.semi_flat_ssim=0.2"):
+                   "verify.semi_flat_ssim=0.2", "verify.region_mismatch=0.3"):
         other = catalog.fingerprints(load_config(None, [change]))
         assert other["orb_features"] == base["orb_features"], change
         assert other["orb"] != base["orb"], change

@@ -33,6 +33,7 @@ def test_overrides_are_typed():
     ("verify.chance_min_matches=0", "verify.chance_min_matches must be >= 1"),
     ("verify.semi_flat_share=0.8", "verify.semi_flat_share must be in"),
     ("verify.semi_flat_ssim=0.9", "verify.semi_flat_ssim must be in"),
+    ("verify.region_mismatch=1.5", "verify.region_mismatch must be in"),
     ("screen.hash_size=5", "multiple of 8"),
     ("screen=3", "expected a mapping"),
     ("novalue", "expected key=value"),
