@@ -106,7 +106,8 @@ PAIR_CHECK_ONLY = ("STATUSES", "SSIM_TAIL", "COVER_GRID", "ssim_map", "_residual
                    "verify_pair", "_geometry", "stored_evidence", "_verify", "_verify_model", "_coverage",
                    "_error_result", "PLAIN_NOTE", "_STATUS_RANK", "check_pair", "needs_pixel_check",
                    "semi_flat_undecided", "_has_pixels", "verify_partition", "BOTH_WAYS_KEY",
-                   "evidence_transforms", "evidence_parts", "other_way", "region_mismatch", "_region_mismatch_by", "REGION_GRID",
+                   "evidence_transforms", "evidence_parts", "other_way", "region_mismatch", "_region_mismatch_by", "_ssim_parts", "_matched_thumbnails",
+                   "_thumbnail_warp", "_warped_onto_a", "REGION_GRID",
                    "REGION_SSIM", "REGION_MIN_INSIDE", "REGION_MIN_TEXTURED", "REGION_MAX_SCORE", "REGION_BLUR")
 RESULTS_REVISION = 1
 
@@ -315,11 +316,16 @@ def pixel_features(img: Image.Image) -> tuple[bytes, bytes, float]:
 def ssim_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Local structural similarity (Wang et al. 2004: Gaussian window 7 px, sigma 1.5, K1 0.01,
     K2 0.03, 8-bit range) of two grey images of the same shape, per pixel."""
+    return _ssim_parts(x, y)[0]
+
+
+def _ssim_parts(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`ssim_map` and the two images' local variances it is made from (SSIM's window)."""
     x, y = x.astype(np.float64), y.astype(np.float64)
     c1 = (0.01 * 255) ** 2
     mx, my = _ssim_window(x), _ssim_window(y)
     vx, vy, cxy = _ssim_window(x * x) - mx * mx, _ssim_window(y * y) - my * my, _ssim_window(x * y) - mx * my
-    return (2 * mx * my + c1) * (2 * cxy + SSIM_C2) / ((mx * mx + my * my + c1) * (vx + vy + SSIM_C2))
+    return (2 * mx * my + c1) * (2 * cxy + SSIM_C2) / ((mx * mx + my * my + c1) * (vx + vy + SSIM_C2)), vx, vy
 
 
 SSIM_C2 = 58.522499999999994  # SSIM's contrast/structure constant, (0.03 * 255) ** 2 (K2 0.03, 8-bit range)
@@ -405,6 +411,42 @@ def _aligned_ssim(ta: np.ndarray, tb: np.ndarray, valid: np.ndarray, max_shift: 
     return float(np.percentile(local, SSIM_TAIL))
 
 
+def _matched_thumbnails(fa: dict, fb: dict) -> tuple[np.ndarray, np.ndarray]:
+    """a's and b's pixel-check thumbnails (PIXEL_SIDE square, grey), the one made from a larger
+    source blurred to the other's detail: it is sharper (text edges), and every resized copy of a
+    graphic with text would lose SSIM at its edges."""
+    side = PIXEL_SIDE
+    ta = np.frombuffer(fa["thumb"], np.uint8).reshape(side, side)
+    tb = np.frombuffer(fb["thumb"], np.uint8).reshape(side, side)
+    ratio = max(fa["width"], fa["height"]) / max(1, max(fb["width"], fb["height"]))
+    if ratio > 1.2:
+        ta = cv2.GaussianBlur(ta, (0, 0), 0.5 * np.sqrt(ratio * ratio - 1))
+    elif ratio < 1 / 1.2:
+        tb = cv2.GaussianBlur(tb, (0, 0), 0.5 * np.sqrt(1 / (ratio * ratio) - 1))
+    return ta, tb
+
+
+def _thumbnail_warp(fa: dict, fb: dict, model: np.ndarray) -> np.ndarray:
+    """A map from a's keypoint frame to b's (2 x 3 or 3 x 3) as a 3 x 3 map between their
+    thumbnails: thumb a -> a's frame -> (model) b's frame -> thumb b."""
+    side = PIXEL_SIDE
+    m = np.vstack([model, [0, 0, 1]]) if model.shape == (2, 3) else model
+    to_a = np.diag([fa["width"] / side, fa["height"] / side, 1.0])
+    to_thumb_b = np.diag([side / fb["width"], side / fb["height"], 1.0])
+    return to_thumb_b @ m @ to_a
+
+
+def _warped_onto_a(tb: np.ndarray, warp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """b's thumbnail warped onto a's by `warp` (`_thumbnail_warp`, applied inverse), and where it
+    lies (uint8 1/0), eroded so that SSIM's window does not see the edge."""
+    side = tb.shape[0]
+    warped = cv2.warpPerspective(tb, warp, (side, side), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                 borderValue=0)
+    valid = cv2.warpPerspective(np.ones((side, side), np.uint8), warp, (side, side),
+                                flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0)
+    return warped, cv2.erode(valid, np.ones((7, 7), np.uint8))
+
+
 def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = None,
                 blank_max_shift: float = VerifyConfig.blank_max_shift,
                 blank_min_hist_corr: float = VerifyConfig.blank_min_hist_corr) -> tuple[float, float]:
@@ -415,23 +457,11 @@ def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = N
     `blank_max_shift`, or when both are coloured (`_coloured`) and their histograms correlate
     below `blank_min_hist_corr` (solid red against solid magenta: grey thumbnails alike)."""
     side = PIXEL_SIDE
-    ta = np.frombuffer(fa["thumb"], np.uint8).reshape(side, side)
-    tb = np.frombuffer(fb["thumb"], np.uint8).reshape(side, side)
-    # a thumbnail made from a larger source is sharper (text edges): blur it to the other's
-    # detail, or every resized copy of a graphic with text loses SSIM at its edges
-    ratio = max(fa["width"], fa["height"]) / max(1, max(fb["width"], fb["height"]))
-    if ratio > 1.2:
-        ta = cv2.GaussianBlur(ta, (0, 0), 0.5 * np.sqrt(ratio * ratio - 1))
-    elif ratio < 1 / 1.2:
-        tb = cv2.GaussianBlur(tb, (0, 0), 0.5 * np.sqrt(1 / (ratio * ratio) - 1))
+    ta, tb = _matched_thumbnails(fa, fb)
     valid = np.ones((side, side), np.uint8)
     exact = None  # (b turned exactly, when the model is a little further from a turn: scored too)
     if model is not None:
-        m = np.vstack([model, [0, 0, 1]]) if model.shape == (2, 3) else model
-        # thumb a -> a's frame -> (model) b's frame -> thumb b; warp with the inverse map
-        to_a = np.diag([fa["width"] / side, fa["height"] / side, 1.0])
-        to_thumb_b = np.diag([side / fb["width"], side / fb["height"], 1.0])
-        warp = to_thumb_b @ m @ to_a
+        warp = _thumbnail_warp(fa, fb, model)
         # near the identity (re-encode, resize: the squash aligns them already) or a quarter turn
         # or flip of it (the model turned b, whatever the screen's transform said) a sub-pixel
         # warp would only blur text edges (measured: SSIM 0.90 -> 0.18 on a resized copy; a
@@ -440,12 +470,8 @@ def pixel_check(fa: dict, fb: dict, transform: int, model: np.ndarray | None = N
         if turn is not None:
             tb = np.ascontiguousarray(GRID_DIHEDRAL[turn](tb))
         else:
-            flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
             unwarped = tb
-            tb = cv2.warpPerspective(tb, warp, (side, side), flags=flags, borderValue=0)
-            valid = cv2.warpPerspective(valid, warp, (side, side),
-                                        flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0)
-            valid = cv2.erode(valid, np.ones((7, 7), np.uint8))  # the SSIM window must not see the edge
+            tb, valid = _warped_onto_a(tb, warp)
             # a turned copy whose model missed the exact turn by a few pixels (a flat logo's 22
             # inliers, 2 px off: warped 0.37, turned 0.975): both are scored, the better kept
             near = _dihedral_near(warp, side, DIHEDRAL_NEAR_PX)
@@ -867,7 +893,7 @@ def region_mismatch(fa: dict, fb: dict, src: np.ndarray, dst: np.ndarray, model:
     disagrees as a whole region. Measured (2026-12-08; ORB matches of >= 15 inliers; bench/
     templates.py's 255 matched negatives, and 448 matched copies of 12 edit kinds of
     bench/edit_types.py: watermarks, stickers, blur, perspective, letterbox, screenshots, collage
-    tiles...): negatives median 0.29 (0-0.72; 183 of 255 at >= 0.2), copies 444 of 448 below 0.2
+    tiles...): negatives median 0.27 (0-0.72; 175 of 255 at >= 0.2), copies 444 of 448 below 0.2
     (a few stickers and collage tiles 0.22-0.26). SSIM is of the thumbnails blurred a little
     (REGION_BLUR), texture too. The homography is refitted to the inliers, not
     taken from RANSAC's affine model alone, which left a skewed copy's corners a few thumbnail
@@ -876,7 +902,7 @@ def region_mismatch(fa: dict, fb: dict, src: np.ndarray, dst: np.ndarray, model:
     rest (a scanned chart's copy read 0.50 with it, 0.00 with the affine model)."""
     found = []
     if model is not None:  # (a copy aligned by either map agrees: the other is not needed)
-        found.append(_region_mismatch_by(fa, fb, np.vstack([model, [0, 0, 1]]) if model.shape == (2, 3) else model))
+        found.append(_region_mismatch_by(fa, fb, model))
         if found[-1] == 0.0:
             return 0.0
     if len(src) >= 4:
@@ -887,39 +913,21 @@ def region_mismatch(fa: dict, fb: dict, src: np.ndarray, dst: np.ndarray, model:
 
 
 def _region_mismatch_by(fa: dict, fb: dict, h: np.ndarray) -> float:
-    """`region_mismatch` of the thumbnails aligned by `h` (3 x 3, a's frame -> b's); 0 for a map
+    """`region_mismatch` of the thumbnails aligned by `h` (2 x 3 or 3 x 3, a's frame -> b's); 0 for a map
     that cannot be used."""
     h = np.asarray(h, np.float64)
-    if not np.isfinite(h).all() or abs(h[2, 2]) < 1e-12:
+    if not np.isfinite(h).all() or (h.shape == (3, 3) and abs(h[2, 2]) < 1e-12):
         return 0.0
-    side = PIXEL_SIDE
-    ta = np.frombuffer(fa["thumb"], np.uint8).reshape(side, side)
-    tb = np.frombuffer(fb["thumb"], np.uint8).reshape(side, side)
-    ratio = max(fa["width"], fa["height"]) / max(1, max(fb["width"], fb["height"]))
-    if ratio > 1.2:  # (as pixel_check: the sharper thumbnail blurred to the other's detail)
-        ta = cv2.GaussianBlur(ta, (0, 0), 0.5 * np.sqrt(ratio * ratio - 1))
-    elif ratio < 1 / 1.2:
-        tb = cv2.GaussianBlur(tb, (0, 0), 0.5 * np.sqrt(1 / (ratio * ratio) - 1))
-    to_a = np.diag([fa["width"] / side, fa["height"] / side, 1.0])
-    to_thumb_b = np.diag([side / fb["width"], side / fb["height"], 1.0])
-    warp = to_thumb_b @ h @ to_a
-    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    tb = cv2.warpPerspective(tb, warp, (side, side), flags=flags, borderValue=0)
-    inside = cv2.warpPerspective(np.ones((side, side), np.uint8), warp, (side, side),
-                                 flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0)
-    inside = cv2.erode(inside, np.ones((7, 7), np.uint8)).astype(bool)  # (SSIM's window off the edge)
-    # (ssim_map's local statistics, made once for the SSIM and the texture: five windows, not nine),
-    # of the thumbnails blurred a little (REGION_BLUR): a pixel or two of misalignment on thin lines
+    ta, tb = _matched_thumbnails(fa, fb)
+    tb, inside = _warped_onto_a(tb, _thumbnail_warp(fa, fb, h))
+    inside = inside.astype(bool)
+    # SSIM of the thumbnails blurred a little (REGION_BLUR): a pixel or two of misalignment on thin lines
     # (a resized chart, a skewed copy) is then no difference, where the two pictures' own textures
     # still differ (a chart's copy resized to 75 % read as 0.2-0.3 of its cells disagreeing unblurred)
-    x = cv2.GaussianBlur(ta.astype(np.float64), (0, 0), REGION_BLUR)
-    y = cv2.GaussianBlur(tb.astype(np.float64), (0, 0), REGION_BLUR)
-    mx, my = _ssim_window(x), _ssim_window(y)
-    vx, vy = _ssim_window(x * x) - mx * mx, _ssim_window(y * y) - my * my
-    cxy = _ssim_window(x * y) - mx * my
-    c1 = (0.01 * 255) ** 2
-    local = (2 * mx * my + c1) * (2 * cxy + SSIM_C2) / ((mx * mx + my * my + c1) * (vx + vy + SSIM_C2))
+    local, vx, vy = _ssim_parts(cv2.GaussianBlur(ta.astype(np.float64), (0, 0), REGION_BLUR),
+                                cv2.GaussianBlur(tb.astype(np.float64), (0, 0), REGION_BLUR))
     textured = (vx > SSIM_C2) | (vy > SSIM_C2)
+    side = PIXEL_SIDE
     c = side // REGION_GRID
     shape = (REGION_GRID, c, REGION_GRID, c)
     inside_share = inside.reshape(shape).mean(axis=(1, 3))
