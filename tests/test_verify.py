@@ -807,10 +807,11 @@ def test_a_logo_over_different_photos_is_partial_by_its_disagreeing_region(photo
         same = verify.check_pair(fa, _feature_dict(paths[copy], 0, cfg), 0, cfg.verify)
         assert same[3] == "match", (copy, same[4])
     # the measure itself: a picture against itself disagrees nowhere, b on a third of the cells
+    # (0.34; asserted against the setting, with room for a cell read otherwise on another CPU)
     inl = fa["keypoints"][:50]
     assert verify.region_mismatch(fa, fa, inl, inl) == 0.0
     qi, ti, mask, model = verify._geometry(fa, fb, cfg.verify)
-    assert verify.region_mismatch(fa, fb, fa["keypoints"][qi[mask]], fb["keypoints"][ti[mask]], model) >= 0.3
+    assert verify.region_mismatch(fa, fb, fa["keypoints"][qi[mask]], fb["keypoints"][ti[mask]], model) >= cfg.verify.region_mismatch
     # without the pixel check's thumbnails there is nothing to compare: the check stands aside
     bare = {**fb, "thumb": b""}  # (as a feature row made with verify.pixel_check off)
     assert verify.check_pair(fa, bare, 0, cfg.verify)[3] == "match"
@@ -833,7 +834,9 @@ def test_a_scanned_chart_copy_is_not_a_region_mismatch(tmp_path, seed):
     fa, fc = _feature_dict(tmp_path / "a.png", 0, cfg), _feature_dict(tmp_path / "copy.jpg", 0, cfg)
     qi, ti, mask, model = verify._geometry(fa, fc, cfg.verify)
     src, dst = fa["keypoints"][qi[mask]], fc["keypoints"][ti[mask]]
-    assert verify.region_mismatch(fa, fc, src, dst) >= 0.4  # (the refitted homography alone)
+    # (the refitted homography alone: 0.4-0.75 here; the bound is the setting's, so that a cell
+    # or two read otherwise on another CPU does not fail the test)
+    assert verify.region_mismatch(fa, fc, src, dst) >= cfg.verify.region_mismatch
     assert verify.region_mismatch(fa, fc, src, dst, model) < cfg.verify.region_mismatch
     assert verify.check_pair(fa, fc, 0, cfg.verify)[3] == "match"
 
